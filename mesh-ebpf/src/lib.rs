@@ -1,0 +1,2 @@
+//! Kernel-side helpers shared by the mesh's eBPF programs.
+#![no_std]
