@@ -10,7 +10,11 @@ fn main() -> anyhow::Result<()> {
     let root_dir = manifest_dir.join("../mesh-ebpf");
     let root_dir = root_dir.to_str().context("mesh-ebpf path is not UTF-8")?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "mesh-ebpf", root_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "mesh-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
     .context(

@@ -34,7 +34,9 @@ pub enum ConfigError {
     NotBpffs { path: PathBuf },
     #[error("cgroup {path}: {source}")]
     CgroupUnreadable { path: PathBuf, source: nix::Error },
-    #[error("cgroup {path} is not a cgroup v2 directory (mount cgroup2 and give a directory inside it)")]
+    #[error(
+        "cgroup {path} is not a cgroup v2 directory (mount cgroup2 and give a directory inside it)"
+    )]
     NotCgroup2 { path: PathBuf },
     #[error("cgroup {path} is listed twice")]
     DuplicateCgroup { path: PathBuf },
@@ -47,12 +49,16 @@ impl AgentConfig {
             return Err(ConfigError::NodeName(self.node_name));
         }
         if !on_bpffs(&self.bpffs_dir) {
-            return Err(ConfigError::NotBpffs { path: self.bpffs_dir });
+            return Err(ConfigError::NotBpffs {
+                path: self.bpffs_dir,
+            });
         }
         let mut seen = HashSet::new();
         for path in &self.cgroups {
-            let fs = statfs(path)
-                .map_err(|source| ConfigError::CgroupUnreadable { path: path.clone(), source })?;
+            let fs = statfs(path).map_err(|source| ConfigError::CgroupUnreadable {
+                path: path.clone(),
+                source,
+            })?;
             if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
                 return Err(ConfigError::NotCgroup2 { path: path.clone() });
             }
@@ -83,7 +89,8 @@ impl fmt::Display for AgentConfig {
 /// RFC 1123 label, as Kubernetes requires for node names' components.
 fn is_dns_label(s: &str) -> bool {
     (1..=63).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -133,7 +140,10 @@ mod tests {
         c.bpffs_dir = "/tmp/mesh-agent-config-test/does-not-exist".into();
         let err = c.validate().unwrap_err();
         assert!(matches!(err, ConfigError::NotBpffs { .. }), "{err}");
-        assert!(err.to_string().contains("/tmp/mesh-agent-config-test"), "{err}");
+        assert!(
+            err.to_string().contains("/tmp/mesh-agent-config-test"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -34,7 +34,10 @@ pub enum DatapathError {
     #[error("loading the kernel programs: {0}")]
     Load(#[source] Box<EbpfError>),
     #[error("kernel program {name}: {source}")]
-    Program { name: &'static str, source: Box<aya::programs::ProgramError> },
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("kernel object has no program {0} (agent and kernel programs out of step)")]
     MissingProgram(&'static str),
     #[error("kernel object has no map {0} (agent and kernel programs out of step)")]
@@ -42,7 +45,11 @@ pub enum DatapathError {
     #[error("starting the kernel log reader: {0}")]
     Logger(#[source] io::Error),
     #[error("pinning map {name} at {path}: {source}")]
-    Pin { name: &'static str, path: PathBuf, source: Box<aya::pin::PinError> },
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        source: Box<aya::pin::PinError>,
+    },
     #[error("bpffs directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
     #[error("opening cgroup {path}: {source}")]
@@ -81,8 +88,14 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
-                .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
-            program.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+                .map_err(|e| DatapathError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+            program.load().map_err(|e| DatapathError::Program {
+                name,
+                source: Box::new(e),
+            })?;
             debug!(program = name, "kernel program loaded");
         }
         let mut datapath = Self {
@@ -98,15 +111,19 @@ impl Datapath {
     }
 
     fn pin_maps(&mut self) -> Result<(), DatapathError> {
-        fs::create_dir_all(&self.pin_dir)
-            .map_err(|source| DatapathError::PinDir { path: self.pin_dir.clone(), source })?;
+        fs::create_dir_all(&self.pin_dir).map_err(|source| DatapathError::PinDir {
+            path: self.pin_dir.clone(),
+            source,
+        })?;
         for name in [names::CGROUP_COUNTERS] {
             let path = self.pin_dir.join(name);
             if path.exists() {
                 // A previous agent died without cleaning up. Its counts are not carried over.
                 warn!(path = %path.display(), "replacing a stale pinned map left by an earlier agent");
-                fs::remove_file(&path)
-                    .map_err(|source| DatapathError::PinDir { path: path.clone(), source })?;
+                fs::remove_file(&path).map_err(|source| DatapathError::PinDir {
+                    path: path.clone(),
+                    source,
+                })?;
             }
             let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
             map.pin(&path).map_err(|e| DatapathError::Pin {
@@ -123,7 +140,10 @@ impl Datapath {
     /// Attaches every cgroup program to the cgroup v2 directory `path`, next to any programs other
     /// tools attached there (link-based attach: ours never replace theirs).
     pub fn attach_cgroup(&mut self, path: &Path) -> Result<AttachedCgroup, DatapathError> {
-        let cgroup_err = |source| DatapathError::Cgroup { path: path.to_path_buf(), source };
+        let cgroup_err = |source| DatapathError::Cgroup {
+            path: path.to_path_buf(),
+            source,
+        };
         let dir = fs::File::open(path).map_err(cgroup_err)?;
         let id = dir.metadata().map_err(cgroup_err)?.ino();
         for name in CGROUP_PROGRAMS {
@@ -132,15 +152,24 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
-                .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+                .map_err(|e| DatapathError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
             // Attached through a bpf_link (kernel >= 5.7, which the agent requires): the kernel
             // always attaches links in multi mode, beside other tools' programs, and rejects
             // any attach flag, so `Single` (no flag) is the right mode here.
             program
                 .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+                .map_err(|e| DatapathError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
         }
-        let attached = AttachedCgroup { path: path.to_path_buf(), id };
+        let attached = AttachedCgroup {
+            path: path.to_path_buf(),
+            id,
+        };
         info!(cgroup = %path.display(), cgroup_id = id, "programs attached to cgroup");
         self.attached.push(attached.clone());
         Ok(attached)
@@ -171,7 +200,9 @@ impl Drop for Datapath {
         }
         match fs::remove_dir(&self.pin_dir) {
             Ok(()) => info!(dir = %self.pin_dir.display(), "pinned maps removed"),
-            Err(e) => warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory"),
+            Err(e) => {
+                warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory")
+            }
         }
     }
 }
@@ -180,7 +211,8 @@ impl Drop for Datapath {
 /// the `log` facade, which the tracing subscriber receives (target `mesh_ebpf`). Stops within
 /// [`LOG_POLL_MS`] of the returned handle being dropped.
 fn spawn_logger(ebpf: &mut Ebpf) -> Result<LoggerHandle, DatapathError> {
-    let mut logger = EbpfLogger::init(ebpf).map_err(|e| DatapathError::Logger(io::Error::other(e)))?;
+    let mut logger =
+        EbpfLogger::init(ebpf).map_err(|e| DatapathError::Logger(io::Error::other(e)))?;
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
@@ -201,7 +233,10 @@ fn spawn_logger(ebpf: &mut Ebpf) -> Result<LoggerHandle, DatapathError> {
             logger.flush();
         })
         .map_err(DatapathError::Logger)?;
-    Ok(LoggerHandle { stop, thread: Some(thread) })
+    Ok(LoggerHandle {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// How often the log thread checks for shutdown when no records arrive.

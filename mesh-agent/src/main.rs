@@ -61,12 +61,22 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
-        Command::Run { node_name, bpffs_dir, cgroups, keep_pins } => {
+        Command::Run {
+            node_name,
+            bpffs_dir,
+            cgroups,
+            keep_pins,
+        } => {
             let bpffs_dir =
                 bpffs_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
-            let config = AgentConfig { node_name, bpffs_dir, cgroups, keep_pins }
-                .validate()
-                .context("invalid configuration")?;
+            let config = AgentConfig {
+                node_name,
+                bpffs_dir,
+                cgroups,
+                keep_pins,
+            }
+            .validate()
+            .context("invalid configuration")?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -61,8 +61,20 @@ mod tests {
 
     #[test]
     fn sum_adds_each_field() {
-        let a = CgroupCounters { connect4: 2, connect6: 1 };
-        let b = CgroupCounters { connect4: 3, connect6: 0 };
-        assert_eq!(a.sum(b), CgroupCounters { connect4: 5, connect6: 1 });
+        let a = CgroupCounters {
+            connect4: 2,
+            connect6: 1,
+        };
+        let b = CgroupCounters {
+            connect4: 3,
+            connect6: 0,
+        };
+        assert_eq!(
+            a.sum(b),
+            CgroupCounters {
+                connect4: 5,
+                connect6: 1
+            }
+        );
     }
 }

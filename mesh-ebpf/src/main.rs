@@ -64,7 +64,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), ProgError> {
     let ip = u32::from_be(sa.user_ip4);
     let port = port_from_ctx(sa.user_port);
     let pid = bpf_get_current_pid_tgid() >> 32;
-    info!(ctx, "connect4 pid={} cgroup={} dst={:i}:{}", pid, cgroup, ip, port);
+    info!(
+        ctx,
+        "connect4 pid={} cgroup={} dst={:i}:{}", pid, cgroup, ip, port
+    );
     Ok(())
 }
 
@@ -78,13 +81,21 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), ProgError> {
     // the address bytes in order. Each word is read separately (the verifier wants 4-byte
     // loads of user_ip6).
     let mut ip = [0u8; 16];
-    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     for (chunk, word) in ip.chunks_exact_mut(4).zip(words) {
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
     let port = port_from_ctx(sa.user_port);
     let pid = bpf_get_current_pid_tgid() >> 32;
-    info!(ctx, "connect6 pid={} cgroup={} dst=[{:i}]:{}", pid, cgroup, ip, port);
+    info!(
+        ctx,
+        "connect6 pid={} cgroup={} dst=[{:i}]:{}", pid, cgroup, ip, port
+    );
     Ok(())
 }
 

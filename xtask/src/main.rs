@@ -1,1 +1,161 @@
-fn main(){}
+//! `cargo xtask <command>`: build, test, demo and benchmark orchestration.
+//!
+//! Every command that needs the toolchain or the kernel runs `setup` first, so a newcomer's first
+//! `cargo xtask test` or `cargo xtask demo` on a fresh machine installs what is missing.
+#![forbid(unsafe_code)]
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    about = "Build, test, demo and benchmark orchestration."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Make this Debian 12 machine able to build and test the project (idempotent; run as root).
+    Setup,
+    /// Build the agent (with its kernel programs) and the test workload.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: formatting, lints, unit tests and the privileged kernel/namespace tests.
+    Test,
+    /// Build a two-node testbed, run the agents and show a counted connection, then tear down.
+    Demo,
+    /// Benchmarks (defined by the benchmarks issue; today this only prepares the machine).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(&root),
+        Cmd::Build { release } => setup::run(&root).and_then(|()| build(&root, release)),
+        Cmd::Test => setup::run(&root).and_then(|()| test(&root)),
+        Cmd::Demo => {
+            setup::run(&root).and_then(|()| build(&root, false)).and_then(|()| demo::run())
+        }
+        Cmd::Bench => setup::run(&root).and_then(|()| {
+            bail!("no benchmarks are defined yet: `cargo xtask bench` gains them with the benchmarks issue")
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Not anyhow's `Debug`, which adds a backtrace when RUST_BACKTRACE is set.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// `cargo` as invoked by the user (the toolchain that runs xtask).
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Runs a step, printing what it runs and how long it took; a failure names the step.
+fn step(name: &str, mut cmd: Command) -> Result<()> {
+    println!("[xtask] {name}: {}", render(&cmd));
+    let start = Instant::now();
+    let status = cmd
+        .status()
+        .with_context(|| format!("{name}: could not start {}", render(&cmd)))?;
+    if !status.success() {
+        bail!("{name} failed ({status}): {}", render(&cmd));
+    }
+    println!(
+        "[xtask] {name}: ok in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn render(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn build(root: &Path, release: bool) -> Result<()> {
+    let mut cmd = cargo(root);
+    cmd.args([
+        "build",
+        "--package",
+        "mesh-agent",
+        "--package",
+        "mesh-tests",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    step("build", cmd)
+}
+
+fn test(root: &Path) -> Result<()> {
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    step("format check", fmt)?;
+    let mut clippy = cargo(root);
+    clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    step("clippy", clippy)?;
+    build(root, false)?;
+    // Unit tests of every crate, then the privileged integration tests (testbed, kernel,
+    // cleanup). They run as root; a test that cannot get what it needs fails with the reason.
+    let mut tests = cargo(root);
+    tests.args(["test", "--all-targets"]);
+    step("tests", tests)?;
+    check_nothing_left()
+}
+
+/// After the tests, no testbed may remain: no namespace, cgroup or bpffs directory.
+fn check_nothing_left() -> Result<()> {
+    let netns = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(mesh_tests::testbed::PREFIX))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let host = mesh_tests::host::require_privileges()?;
+    let dirs: Vec<PathBuf> = [host.cgroup2, host.bpffs]
+        .into_iter()
+        .map(|d| d.join(mesh_tests::testbed::TESTBED_DIR))
+        .filter(|d| d.exists())
+        .collect();
+    if !netns.is_empty() || !dirs.is_empty() {
+        bail!("the tests left testbed state behind: namespaces {netns:?}, directories {dirs:?}");
+    }
+    println!("[xtask] cleanup check: no testbed namespace, cgroup or bpffs directory left");
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Runs the real `mesh-agent` binary on a testbed node and reads what it reports.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{process::run, Error, Node, Process, Result};
+
+/// How long an agent may take to load and attach its programs.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Per-cgroup counters as printed by `mesh-agent stats --json`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct CgroupStats {
+    pub cgroup_id: u64,
+    pub connect4: u64,
+    pub connect6: u64,
+}
+
+/// A `mesh-agent run` process on a node.
+#[derive(Debug)]
+pub struct Agent {
+    process: Process,
+    bpffs_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in `node`'s namespace, attached to `cgroups`, and waits until it
+    /// reports ready.
+    pub fn start(node: &Node, cgroups: &[&Path]) -> Result<Self> {
+        let bin = binary("mesh-agent", "mesh-agent")?;
+        let mut cmd = node.command(&bin);
+        cmd.args(["run", "--node-name", &node.name, "--bpffs-dir"])
+            .arg(&node.bpffs_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            // Errors as one readable line, without anyhow's backtrace.
+            .env("RUST_LIB_BACKTRACE", "0");
+        for cgroup in cgroups {
+            cmd.arg("--attach-cgroup").arg(cgroup);
+        }
+        let mut process = Process::spawn(format!("agent {}", node.name), &mut cmd)?;
+        process.wait_for_line("the agent to report ready", READY_TIMEOUT, |l| {
+            l.contains("agent ready")
+        })?;
+        Ok(Self {
+            process,
+            bpffs_dir: node.bpffs_dir.clone(),
+        })
+    }
+
+    /// Kernel counters, read from the agent's pinned map with `mesh-agent stats`.
+    pub fn stats(&self) -> Result<Vec<CgroupStats>> {
+        let bin = binary("mesh-agent", "mesh-agent")?;
+        let out = run(Command::new(bin)
+            .args(["stats", "--json", "--bpffs-dir"])
+            .arg(&self.bpffs_dir))?;
+        out.lines()
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| Error::Output {
+                    what: "mesh-agent stats --json".into(),
+                    detail: format!("{e}: {l}"),
+                })
+            })
+            .collect()
+    }
+
+    /// Counters of one cgroup; zero when the programs never counted anything for it.
+    pub fn stats_for(&self, cgroup_id: u64) -> Result<CgroupStats> {
+        Ok(self
+            .stats()?
+            .into_iter()
+            .find(|s| s.cgroup_id == cgroup_id)
+            .unwrap_or(CgroupStats {
+                cgroup_id,
+                connect4: 0,
+                connect6: 0,
+            }))
+    }
+
+    /// Waits for a log line of the agent that satisfies `pred`.
+    pub fn wait_for_log(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        self.process.wait_for_line(what, timeout, pred)
+    }
+
+    /// Every line the agent logged so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.process.lines()
+    }
+
+    /// The agent's bpffs pin directory.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// SIGTERM, then checks that the agent exited cleanly.
+    pub fn stop(mut self) -> Result<Vec<String>> {
+        let status = self.process.terminate(Duration::from_secs(10))?;
+        if !status.success() {
+            return Err(Error::Exited {
+                name: self.process.name().to_string(),
+                status: status.to_string(),
+                what: "a clean shutdown".into(),
+                output: self.process.tail(),
+            });
+        }
+        Ok(self.process.lines())
+    }
+
+    /// The underlying process (to kill it hard, or send it signals).
+    pub fn process_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// Path of a binary built from this workspace: `$MESH_<NAME>_BIN` if set, otherwise next to the
+/// running executable (tests run from `target/<profile>/deps`, xtask from `target/<profile>`).
+pub fn binary(name: &str, package: &str) -> Result<PathBuf> {
+    let var = format!("MESH_{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(crate::io_err("locating the running executable"))?;
+    let looked: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .collect();
+    looked
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| Error::BinaryNotFound {
+            name: name.into(),
+            package: package.into(),
+            looked,
+        })
+}
