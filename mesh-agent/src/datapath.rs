@@ -26,6 +26,9 @@ use tracing::{debug, info, warn};
 /// The kernel object built by `build.rs` from the `mesh-ebpf` crate.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
+/// Maps pinned under the agent's bpffs directory (readable by `mesh-agent stats`).
+const PINNED_MAPS: [&str; 1] = [names::CGROUP_COUNTERS];
+
 /// Programs attached to every meshed pod's cgroup.
 const CGROUP_PROGRAMS: [&str; 2] = [names::PROG_CONNECT4, names::PROG_CONNECT6];
 
@@ -115,7 +118,7 @@ impl Datapath {
             path: self.pin_dir.clone(),
             source,
         })?;
-        for name in [names::CGROUP_COUNTERS] {
+        for name in PINNED_MAPS {
             let path = self.pin_dir.join(name);
             if path.exists() {
                 // A previous agent died without cleaning up. Its counts are not carried over.
@@ -201,7 +204,7 @@ impl Drop for Datapath {
         match fs::remove_dir(&self.pin_dir) {
             Ok(()) => info!(dir = %self.pin_dir.display(), "pinned maps removed"),
             Err(e) => {
-                warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory")
+                warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory");
             }
         }
     }

@@ -52,7 +52,7 @@ pub fn read(pin_dir: &Path) -> Result<Vec<CgroupStats>, StatsError> {
             source: Box::new(e),
         })?;
     let mut out = Vec::new();
-    for entry in map.iter() {
+    for entry in &map {
         let (cgroup_id, per_cpu) = entry.map_err(|e| StatsError::Read {
             path: path.clone(),
             source: Box::new(e),

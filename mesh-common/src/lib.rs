@@ -55,8 +55,8 @@ mod tests {
 
     #[test]
     fn counters_have_no_padding() {
-        assert_eq!(core::mem::size_of::<CgroupCounters>(), 16);
-        assert_eq!(core::mem::align_of::<CgroupCounters>(), 8);
+        assert_eq!(size_of::<CgroupCounters>(), 16);
+        assert_eq!(align_of::<CgroupCounters>(), 8);
     }
 
     #[test]

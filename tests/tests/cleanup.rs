@@ -28,6 +28,10 @@ fn fails_on_purpose() {
     })
     .expect("testbed");
     let agent = Agent::start(tb.node(0), &[tb.pod(0, 0).cgroup.as_path()]).expect("agent");
+    #[expect(
+        clippy::zombie_processes,
+        reason = "left running on purpose: teardown must kill it"
+    )]
     let _sleeper = tb
         .pod(1, 0)
         .command("sleep")

@@ -87,6 +87,10 @@ fn names_are_unique_and_everything_is_removed_at_teardown() {
     }
     // A process left running in a pod must not stop the teardown.
     let pod = a.pod(0, 0).clone();
+    #[expect(
+        clippy::zombie_processes,
+        reason = "left running on purpose: teardown must kill it"
+    )]
     let _sleeper = pod
         .command("sleep")
         .arg("600")
