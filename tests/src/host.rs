@@ -67,7 +67,8 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
-fn effective_uid(status: &str) -> Option<u32> {
+/// The effective uid from the `Uid:` line of `/proc/<pid>/status` (real, effective, saved, fs).
+pub fn effective_uid(status: &str) -> Option<u32> {
     // "Uid:\treal\teffective\tsaved\tfs"
     status
         .lines()
@@ -83,20 +84,20 @@ pub struct Mount {
     pub fstype: String,
 }
 
-/// Parses /proc/self/mountinfo: field 5 is the mount point; after the ` - ` separator (which
-/// follows a variable number of optional fields) comes the file system type.
+/// Parses /proc/self/mountinfo: field 5 is the mount point; the file system type follows the
+/// `-` that ends the variable number of optional fields (searched for after field 6, so a mount
+/// point named `-` is not mistaken for it). Lines that do not parse are skipped.
 pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let fstype = right.split(' ').next()?;
-            Some(Mount {
-                mount_point: unescape(mount_point).into(),
-                fstype: fstype.to_string(),
-            })
+    let mount = |line: &str| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let separator = 6 + fields.iter().skip(6).position(|f| *f == "-")?;
+        let fstype = unescape(fields.get(separator + 1)?);
+        Some(Mount {
+            mount_point: unescape(fields.get(4)?).into(),
+            fstype,
         })
-        .collect()
+    };
+    text.lines().filter_map(mount).collect()
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
@@ -140,6 +141,20 @@ mod tests {
         assert_eq!(m[2].fstype, "bpf");
         assert_eq!(m[3].mount_point, Path::new("/mnt/with space"));
         assert_eq!(m[3].fstype, "tmpfs");
+        let odd = parse_mountinfo("1 2 0:3 / - rw - ext4 /dev/sda rw\ngarbage line");
+        assert_eq!(
+            odd,
+            [Mount {
+                mount_point: "-".into(),
+                fstype: "ext4".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn octal_escapes() {
+        assert_eq!(unescape(r"a\011b\134c\012d\040"), "a\tb\\c\nd ");
+        assert_eq!(unescape(r"\134040"), r"\040");
     }
 
     #[test]

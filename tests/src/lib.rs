@@ -28,7 +28,7 @@ use std::{path::PathBuf, time::Duration};
 
 /// Everything that can go wrong building or using a testbed. Each variant says what was being
 /// done, so a failing privileged test reports why it could not run.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum Error {
     #[error("privileged test cannot run: {0}")]
     Privileges(String),
@@ -66,6 +66,14 @@ pub enum Error {
     Output { what: String, detail: String },
     #[error("testbed spec: {0}")]
     Spec(String),
+}
+
+/// `Debug` shows the message: tests `expect()` these errors, and the reason a privileged test
+/// could not run must read plainly in the failure.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -454,15 +454,31 @@ fn kill_cgroup_tree(dir: &Path) -> Result<()> {
 }
 
 /// Removes a cgroup directory and its children, deepest first (cgroup directories are removed
-/// with rmdir; their control files go with them).
+/// with rmdir; their control files go with them). A process that was still joining when the
+/// tree was killed makes rmdir fail with EBUSY: kill again and retry, for a bounded time.
 fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match remove_cgroup_dirs(dir) {
+            Err(Error::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+            {
+                kill_cgroup_tree(dir)?;
+                thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn remove_cgroup_dirs(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
     let entries = fs::read_dir(dir).map_err(crate::io_err(format!("listing {}", dir.display())))?;
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroup_tree(&entry.path())?;
+            remove_cgroup_dirs(&entry.path())?;
         }
     }
     fs::remove_dir(dir).map_err(crate::io_err(format!("removing cgroup {}", dir.display())))

@@ -96,6 +96,16 @@ fn names_are_unique_and_everything_is_removed_at_teardown() {
         .arg("600")
         .spawn()
         .expect("sleep in pod");
+    let procs = pod.cgroup.join("cgroup.procs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&procs).unwrap().trim().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleep never joined {}",
+            procs.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let (id, cgroup, bpffs) = (
         a.id().to_string(),
         a.cgroup_dir().to_path_buf(),
@@ -117,4 +127,41 @@ fn assert_gone(id: &str, cgroup: &Path, bpffs: &Path) {
     assert!(!list.contains(id), "namespaces of {id} left:\n{list}");
     assert!(!cgroup.exists(), "{} left", cgroup.display());
     assert!(!bpffs.exists(), "{} left", bpffs.display());
+}
+
+/// Run by `without_root_a_privileged_test_fails_with_the_reason` as an unprivileged user.
+#[test]
+#[ignore = "run as an unprivileged user by without_root_a_privileged_test_fails_with_the_reason"]
+fn needs_a_testbed() {
+    Testbed::new(TestbedSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })
+    .expect("testbed");
+}
+
+#[test]
+fn without_root_a_privileged_test_fails_with_the_reason() {
+    let exe = std::env::current_exe().unwrap();
+    // As `nobody`: the test must fail, and say why, rather than pass or skip.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args(["--exact", "needs_a_testbed", "--ignored", "--nocapture"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "must fail without root:\n{text}");
+    assert!(
+        text.contains("1 failed"),
+        "the test must have run and failed:\n{text}"
+    );
+    assert!(
+        text.contains("privileged test cannot run: needs root (effective uid is 65534)"),
+        "the failure must give the reason:\n{text}"
+    );
 }

@@ -93,7 +93,8 @@ pub fn run(workspace_root: &Path) -> Result<()> {
 /// Fails up front when we are not root and a step that needs root has work to do.
 fn check_root(workspace_root: &Path) -> Result<()> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let euid = effective_uid(&status).context("no `Uid:` line in /proc/self/status")?;
+    let euid =
+        mesh_tests::host::effective_uid(&status).context("no `Uid:` line in /proc/self/status")?;
     let mut needs = Vec::new();
     for &(name, _, check, _) in STEPS.iter().filter(|step| step.1 && euid != 0) {
         let failed = || format!("step `{name}` failed");
@@ -307,9 +308,14 @@ fn install_cgroup2(_: &Path) -> Result<()> {
     stream(mount, hint)
 }
 
+/// (mount point, file system type) of every mount, parsed by the testbed's host module.
 fn mounts() -> Result<Vec<(String, String)>> {
     let text = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    Ok(parse_mountinfo(&text))
+    let mounts = mesh_tests::host::parse_mountinfo(&text);
+    Ok(mounts
+        .into_iter()
+        .map(|m| (m.mount_point.display().to_string(), m.fstype))
+        .collect())
 }
 
 /// The first executable file called `cmd` in a `PATH` directory.
@@ -386,12 +392,6 @@ fn failure(cmd: &Command, status: ExitStatus, output: &[&str], hint: &str) -> an
 
 // ---- Pure parsing ----
 
-/// The effective uid from the `Uid:` line of `/proc/<pid>/status` (real, effective, saved, fs).
-fn effective_uid(status: &str) -> Option<u32> {
-    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-    uids.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// The packages of `table` whose command is not `found` (on `PATH`), without duplicates.
 fn missing_packages<'a>(table: &[(&str, &'a str)], found: impl Fn(&str) -> bool) -> Vec<&'a str> {
     let mut missing = Vec::new();
@@ -401,24 +401,6 @@ fn missing_packages<'a>(table: &[(&str, &'a str)], found: impl Fn(&str) -> bool)
         }
     }
     missing
-}
-
-/// (mount point, filesystem type) of each line of `/proc/<pid>/mountinfo`: the mount point is
-/// field 5, the type follows the `-` that ends the variable number of optional fields.
-fn parse_mountinfo(text: &str) -> Vec<(String, String)> {
-    let mount = |line: &str| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let separator = 6 + fields.iter().skip(6).position(|f| *f == "-")?;
-        let fstype = unescape(fields.get(separator + 1)?);
-        Some((unescape(fields.get(4)?), fstype))
-    };
-    text.lines().filter_map(mount).collect()
-}
-
-/// Undoes mountinfo's octal escaping of space, tab, newline and backslash.
-fn unescape(field: &str) -> String {
-    let field = field.replace(r"\040", " ").replace(r"\011", "\t");
-    field.replace(r"\012", "\n").replace(r"\134", r"\")
 }
 
 /// What setup needs from `rustc +nightly -vV`.
@@ -495,40 +477,6 @@ fn with_component(components: &str, component: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_fields_with_and_without_optional_fields() {
-        let text = "\
-22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
-42 23 0:39 / /sys/fs/bpf rw,relatime shared:10 master:2 - bpf bpf rw
-50 23 0:40 / /mnt/with\\040space rw - tmpfs none rw
-garbage line
-";
-        let mounts = parse_mountinfo(text);
-        let mounts: Vec<(&str, &str)> = mounts
-            .iter()
-            .map(|(a, t)| (a.as_str(), t.as_str()))
-            .collect();
-        assert_eq!(
-            mounts,
-            [
-                ("/sys", "sysfs"),
-                ("/sys/fs/cgroup/unified", "cgroup2"),
-                ("/sys/fs/bpf", "bpf"),
-                ("/mnt/with space", "tmpfs"),
-            ]
-        );
-        // The separator is found after the optional fields, not in the mount point.
-        let odd = parse_mountinfo("1 2 0:3 / - rw - ext4 /dev/sda rw");
-        assert_eq!(odd, [("-".to_owned(), "ext4".to_owned())]);
-    }
-
-    #[test]
-    fn octal_escapes() {
-        assert_eq!(unescape(r"a\011b\134c\012d\040"), "a\tb\\c\nd ");
-        assert_eq!(unescape(r"\134040"), r"\040");
-    }
 
     const NIGHTLY_VV: &str = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)
 binary: rustc
@@ -624,15 +572,6 @@ LLVM version: 22.1.4
             missing_packages(APT_PACKAGES, |_| false).len(),
             APT_PACKAGES.len()
         );
-    }
-
-    #[test]
-    fn euid_is_the_second_uid() {
-        assert_eq!(
-            effective_uid("Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n"),
-            Some(0)
-        );
-        assert_eq!(effective_uid("Name:\tx\n"), None);
     }
 
     #[test]
