@@ -5,6 +5,8 @@
 //! turns these hooks into the redirect to the agent's listeners.
 #![no_std]
 #![no_main]
+// aya's program macros fix the entry points' signature: the context is passed by value.
+#![allow(clippy::needless_pass_by_value)]
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,

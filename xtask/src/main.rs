@@ -128,6 +128,7 @@ fn test(root: &Path) -> Result<()> {
     let mut clippy = cargo(root);
     clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
     step("clippy", clippy)?;
+    step("clippy (kernel programs)", kernel_clippy(root))?;
     build(root, false)?;
     // Unit tests of every crate, then the privileged integration tests (testbed, kernel,
     // cleanup). They run as root; a test that cannot get what it needs fails with the reason.
@@ -135,6 +136,37 @@ fn test(root: &Path) -> Result<()> {
     tests.args(["test", "--all-targets"]);
     step("tests", tests)?;
     check_nothing_left()
+}
+
+/// Clippy for `mesh-ebpf`, which only builds for the BPF target: nightly, `build-std=core`, and
+/// the `bpf_target_arch` cfg that aya-build sets for real builds.
+fn kernel_clippy(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTFLAGS")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        )
+        .args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "mesh-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args([
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "target/kernel-clippy",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+    cmd
 }
 
 /// After the tests, no testbed may remain: no namespace, cgroup or bpffs directory.

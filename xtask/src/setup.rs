@@ -25,6 +25,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
+    // The offline rust-src fallback unpacks a .tar.xz.
+    ("xz", "xz-utils"),
 ];
 const BPFFS_DIR: &str = "/sys/fs/bpf";
 const CGROUP2_DIR: &str = "/run/mesh/cgroup2";
@@ -167,8 +169,8 @@ fn install_nightly(_: &Path) -> Result<()> {
     let mut rustup = command(&["rustup", "toolchain", "install", "nightly"]);
     rustup.args(["--profile", "minimal"]);
     rustup.env_remove("RUSTUP_TOOLCHAIN");
-    let hint = "check that static.rust-lang.org is reachable and that rustup is installed \
-                (https://rustup.rs)";
+    let hint = "check that the Rust distribution server is reachable and that rustup is \
+                installed";
     stream(rustup, hint)
 }
 
@@ -190,7 +192,7 @@ fn install_src(workspace_root: &Path) -> Result<()> {
     rustup.env_remove("RUSTUP_TOOLCHAIN");
     let hint = format!(
         "install rust-src by hand: `rustup component add rust-src --toolchain nightly` (needs \
-         static.rust-lang.org), or unpack a rust-src tarball of nightly commit {} with `tar -xJf \
+         the Rust distribution server), or unpack a rust-src tarball of nightly commit {} with `tar -xJf \
          <tarball> -C {dir}` and append a line `rust-src` to {dir}/components",
         rustc.commit_hash,
         dir = rustlib.display(),
@@ -273,7 +275,8 @@ fn install_linker(_: &Path) -> Result<()> {
     // Outside the workspace, so that neither its cargo config nor a toolchain file applies.
     cargo.current_dir(env::temp_dir());
     println!("[setup] bpf-linker: building takes 1-4 minutes; cargo's output follows");
-    let hint = "check that crates.io is reachable and that a C linker (`cc`) is installed; the \
+    let hint =
+        "check that the crates registry is reachable and that a C linker (`cc`) is installed; the \
                 command can be rerun by hand";
     stream(cargo, hint)
 }
