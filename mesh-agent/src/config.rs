@@ -2,15 +2,18 @@
 //! and logged at start.
 
 use std::{
-    collections::HashSet,
     fmt,
     path::{Path, PathBuf},
 };
 
 use nix::sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
 
+use crate::cluster::EnrollmentOptions;
+
 /// Default directory under which the agent pins its maps (one subdirectory per node name).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/mesh-agent";
+
+pub use crate::cluster::{DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN};
 
 /// Validated agent configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,8 +22,16 @@ pub struct AgentConfig {
     pub node_name: String,
     /// bpffs directory that holds this agent's pinned maps. Created at start.
     pub bpffs_dir: PathBuf,
-    /// cgroup v2 directories of the pods whose sockets the programs observe.
-    pub cgroups: Vec<PathBuf>,
+    /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services) the agent watches.
+    pub config_dir: PathBuf,
+    /// The agent's own cgroup v2 directory: its sockets are the other end of every pod-local
+    /// leg, so `sockops` is attached there too.
+    pub agent_cgroup: PathBuf,
+    /// Short-cut pod-local legs with sockmap (`sk_msg`).
+    pub sockmap: bool,
+    /// Label key whose value `ambient` enrolls a namespace or pod (`none` opts a pod out).
+    pub label_key: String,
+    pub trust_domain: String,
     /// Leave the pins in place at a clean shutdown (for a restart that adopts them).
     pub keep_pins: bool,
 }
@@ -38,12 +49,16 @@ pub enum ConfigError {
         "cgroup {path} is not a cgroup v2 directory (mount cgroup2 and give a directory inside it)"
     )]
     NotCgroup2 { path: PathBuf },
-    #[error("cgroup {path} is listed twice")]
-    DuplicateCgroup { path: PathBuf },
+    #[error("config directory {path}: {reason}")]
+    ConfigDir { path: PathBuf, reason: String },
+    #[error("finding the agent's own cgroup: {0}")]
+    OwnCgroup(String),
+    #[error("enrollment: {0}")]
+    Enrollment(String),
 }
 
 impl AgentConfig {
-    /// Checks every field against the machine: names, file systems, duplicates.
+    /// Checks every field against the machine: names, file systems, directories.
     pub fn validate(self) -> Result<Self, ConfigError> {
         if !is_dns_label(&self.node_name) {
             return Err(ConfigError::NodeName(self.node_name));
@@ -53,19 +68,27 @@ impl AgentConfig {
                 path: self.bpffs_dir,
             });
         }
-        let mut seen = HashSet::new();
-        for path in &self.cgroups {
-            let fs = statfs(path).map_err(|source| ConfigError::CgroupUnreadable {
-                path: path.clone(),
-                source,
-            })?;
-            if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
-                return Err(ConfigError::NotCgroup2 { path: path.clone() });
-            }
-            if !seen.insert(path) {
-                return Err(ConfigError::DuplicateCgroup { path: path.clone() });
-            }
+        if !self.config_dir.is_dir() {
+            return Err(ConfigError::ConfigDir {
+                path: self.config_dir,
+                reason: "not a directory (or missing)".into(),
+            });
         }
+        let fs = statfs(&self.agent_cgroup).map_err(|source| ConfigError::CgroupUnreadable {
+            path: self.agent_cgroup.clone(),
+            source,
+        })?;
+        if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+            return Err(ConfigError::NotCgroup2 {
+                path: self.agent_cgroup,
+            });
+        }
+        let mut enrollment = EnrollmentOptions::new(self.node_name.clone());
+        enrollment.label_key.clone_from(&self.label_key);
+        enrollment.trust_domain.clone_from(&self.trust_domain);
+        enrollment
+            .validate()
+            .map_err(|e| ConfigError::Enrollment(e.to_string()))?;
         Ok(self)
     }
 }
@@ -74,15 +97,17 @@ impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "node={} bpffs_dir={} keep_pins={} cgroups=[",
+            "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} label_key={} \
+             trust_domain={} keep_pins={}",
             self.node_name,
+            self.config_dir.display(),
             self.bpffs_dir.display(),
+            self.agent_cgroup.display(),
+            self.sockmap,
+            self.label_key,
+            self.trust_domain,
             self.keep_pins
-        )?;
-        for (i, c) in self.cgroups.iter().enumerate() {
-            write!(f, "{}{}", if i == 0 { "" } else { ", " }, c.display())?;
-        }
-        f.write_str("]")
+        )
     }
 }
 
@@ -93,6 +118,33 @@ fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+/// The calling process's cgroup v2 directory: `/proc/self/cgroup`'s `0::<path>` under the
+/// cgroup2 mount point found in `/proc/self/mountinfo`.
+pub fn own_cgroup() -> Result<PathBuf, ConfigError> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p).map_err(|e| ConfigError::OwnCgroup(format!("reading {p}: {e}")))
+    };
+    let cgroup = read("/proc/self/cgroup")?;
+    let rel = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| ConfigError::OwnCgroup("no cgroup v2 entry in /proc/self/cgroup".into()))?;
+    let mountinfo = read("/proc/self/mountinfo")?;
+    let mount = cgroup2_mount(&mountinfo)
+        .ok_or_else(|| ConfigError::OwnCgroup("no cgroup2 file system is mounted".into()))?;
+    Ok(Path::new(&mount).join(rel.trim_start_matches('/')))
+}
+
+/// Mount point of the first cgroup2 mount in a mountinfo text (field 5; the type follows the
+/// ` - ` separator).
+fn cgroup2_mount(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let sep = 6 + fields.iter().skip(6).position(|f| *f == "-")?;
+        (fields.get(sep + 1) == Some(&"cgroup2")).then(|| fields[4].replace("\\040", " "))
+    })
 }
 
 /// True when `path`, or its closest existing ancestor, is on bpffs (the directory itself may not
@@ -112,7 +164,11 @@ mod tests {
         AgentConfig {
             node_name: node.into(),
             bpffs_dir: "/nonexistent".into(),
-            cgroups: vec![],
+            config_dir: "/nonexistent-config".into(),
+            agent_cgroup: "/nonexistent-cgroup".into(),
+            sockmap: true,
+            label_key: DEFAULT_LABEL_KEY.into(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             keep_pins: false,
         }
     }
@@ -148,11 +204,32 @@ mod tests {
 
     #[test]
     fn display_lists_every_field() {
-        let mut c = config("n0");
-        c.cgroups = vec!["/a".into(), "/b".into()];
         assert_eq!(
-            c.to_string(),
-            "node=n0 bpffs_dir=/nonexistent keep_pins=false cgroups=[/a, /b]"
+            config("n0").to_string(),
+            "node=n0 config_dir=/nonexistent-config bpffs_dir=/nonexistent \
+             agent_cgroup=/nonexistent-cgroup sockmap=true label_key=istio.io/dataplane-mode \
+             trust_domain=cluster.local keep_pins=false"
         );
+    }
+
+    #[test]
+    fn cgroup2_mount_point_from_mountinfo() {
+        let text = "22 1 0:21 / /sys rw - sysfs sysfs rw\n\
+                    35 22 0:30 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(text).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
+        assert_eq!(
+            cgroup2_mount("22 1 0:21 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn own_cgroup_is_a_directory() {
+        // Every process has a cgroup v2 entry once cgroup2 is mounted (setup mounts it).
+        let path = own_cgroup().expect("cgroup2 is mounted (cargo xtask setup)");
+        assert!(path.is_dir(), "{}", path.display());
     }
 }

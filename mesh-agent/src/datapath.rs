@@ -1,36 +1,49 @@
-//! The kernel side as seen from the agent: loads the embedded programs, forwards their aya-log
-//! records to `tracing`, attaches them to pod cgroups and pins the shared maps.
+//! The kernel side as seen from the agent: loads the embedded programs with their maps pinned
+//! under the agent's bpffs directory (a restarted agent adopts them), forwards the programs'
+//! aya-log records to `tracing`, and attaches and detaches the programs per pod.
 //!
-//! Dropping a [`Datapath`] detaches every program (the links are owned by it) and, unless
-//! `keep_pins` is set, removes the pins.
+//! Ownership: [`Datapath`] owns the programs and the per-pod links; [`ConnMaps`] (shared with
+//! the proxies) owns the maps touched once per connection.
 
 use std::{
     fs, io,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    net::SocketAddr,
+    os::{
+        fd::{AsFd as _, AsRawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
 use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr},
-    Ebpf, EbpfError,
+    maps::{Array, HashMap, MapData, MapError, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps,
+    },
+    Ebpf, EbpfError, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use mesh_common::names;
+use mesh_common::{names, MeshConfig, PodInfo, SockAddr, SockKey};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
+
+use crate::netns::Netns;
 
 /// The kernel object built by `build.rs` from the `mesh-ebpf` crate.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
-/// Maps pinned under the agent's bpffs directory (readable by `mesh-agent stats`).
-const PINNED_MAPS: [&str; 1] = [names::CGROUP_COUNTERS];
-
-/// Programs attached to every meshed pod's cgroup.
-const CGROUP_PROGRAMS: [&str; 2] = [names::PROG_CONNECT4, names::PROG_CONNECT6];
+/// `cgroup/sock_addr` programs attached to every meshed pod's cgroup.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_GETPEERNAME4,
+    names::PROG_GETPEERNAME6,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -39,153 +52,391 @@ pub enum DatapathError {
     #[error("kernel program {name}: {source}")]
     Program {
         name: &'static str,
-        source: Box<aya::programs::ProgramError>,
+        source: Box<ProgramError>,
     },
     #[error("kernel object has no program {0} (agent and kernel programs out of step)")]
     MissingProgram(&'static str),
     #[error("kernel object has no map {0} (agent and kernel programs out of step)")]
     MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<MapError>,
+    },
     #[error("starting the kernel log reader: {0}")]
     Logger(#[source] io::Error),
-    #[error("pinning map {name} at {path}: {source}")]
-    Pin {
-        name: &'static str,
-        path: PathBuf,
-        source: Box<aya::pin::PinError>,
-    },
     #[error("bpffs directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
     #[error("opening cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
+    #[error("{path} is not a cgroup v2 directory")]
+    NotCgroup2 { path: PathBuf },
+    #[error("attaching {name} to {target}: {source}")]
+    Attach {
+        name: &'static str,
+        target: PathBuf,
+        source: Box<ProgramError>,
+    },
+    #[error("link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("pinning the link of {name} at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        source: Box<aya::pin::PinError>,
+    },
 }
 
-/// A cgroup the programs are attached to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AttachedCgroup {
-    pub path: PathBuf,
-    /// Kernel cgroup id: the inode number of the cgroup v2 directory, the key of the counter map.
-    pub id: u64,
+/// Subdirectory of the pin directory that holds pinned links, one directory per agent instance.
+const LINKS_DIR: &str = "links";
+
+/// Unique per agent process: pid and start time.
+fn instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// The file-descriptor link behind a program-specific link (link-based attach), for pinning.
+fn fd_link<L>(link: L, name: &'static str) -> Result<FdLink, DatapathError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|e| DatapathError::Link {
+        name,
+        source: Box::new(e),
+    })
+}
+
+fn pin_link(link: FdLink, dir: &Path, name: &'static str) -> Result<PinnedLink, DatapathError> {
+    let path = dir.join(name);
+    link.pin(&path).map_err(|e| DatapathError::PinLink {
+        name,
+        path,
+        source: Box::new(e),
+    })
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |e| DatapathError::Program {
+        name,
+        source: Box::new(e),
+    }
+}
+
+fn attach_err(name: &'static str, target: &Path) -> impl FnOnce(ProgramError) -> DatapathError {
+    let target = target.to_path_buf();
+    move |e| DatapathError::Attach {
+        name,
+        target,
+        source: Box::new(e),
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+/// One pod's program attachments, pinned under `<pin-dir>/links/<agent instance>/<pod>/` so
+/// they outlive the agent: while it is down (or restarting) the pod stays captured, and its
+/// connections fail or wait instead of bypassing the mesh. Give them back to
+/// [`Datapath::detach_pod`].
+#[derive(Debug)]
+pub struct PodLinks {
+    pub cgroup_id: u64,
+    dir: PathBuf,
+    pins: Vec<PinnedLink>,
+}
+
+/// Maps used once per connection by the proxies. Cheap to share.
+#[derive(Debug)]
+pub struct ConnMaps {
+    conn_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
+    peer_addr: Mutex<HashMap<MapData, SockKey, SockAddr>>,
+}
+
+impl ConnMaps {
+    /// The original destination of a captured connection, by the client's address; the entry is
+    /// consumed.
+    pub fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let key = SockAddr::from(client);
+        let mut map = self.conn_dst.lock().expect("conn_dst lock");
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        dst.to_std()
+    }
+
+    /// Makes the application's socket `app` (its view: local, remote) report `client` as its
+    /// peer. Must be called before connecting, so the entry exists when the app accepts.
+    pub fn set_peer(&self, app: SockKey, client: SocketAddr) -> Result<(), DatapathError> {
+        self.peer_addr
+            .lock()
+            .expect("peer_addr lock")
+            .insert(app, SockAddr::from(client), 0)
+            .map_err(map_err(names::PEER_ADDR))
+    }
+
+    pub fn clear_peer(&self, app: &SockKey) {
+        let _ = self.peer_addr.lock().expect("peer_addr lock").remove(app);
+    }
 }
 
 /// Loaded kernel programs and their maps.
-#[derive(Debug)]
 pub struct Datapath {
     ebpf: Ebpf,
+    conn: Arc<ConnMaps>,
+    pods: HashMap<MapData, u64, PodInfo>,
+    listeners: SockHash<MapData, SockAddr>,
+    _socks: SockHash<MapData, SockKey>,
+    pin_dir: PathBuf,
+    /// `<pin-dir>/links/<instance>`: this agent's pinned links; other instances' are stale.
+    links_dir: PathBuf,
+    keep_pins: bool,
     /// Kept alive for the programs' lifetime; dropped after `ebpf`, so it flushes last records.
     _logger: LoggerHandle,
-    pin_dir: PathBuf,
-    pinned: Vec<PathBuf>,
-    keep_pins: bool,
-    attached: Vec<AttachedCgroup>,
 }
 
 impl Datapath {
-    /// Loads and verifies the programs, starts the kernel log reader and pins
-    /// the maps under `pin_dir`.
-    pub fn load(pin_dir: &Path, keep_pins: bool) -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(KERNEL_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
-        // The logger must live as long as the programs, or the log ring buffer closes under them.
-        let logger = spawn_logger(&mut ebpf)?;
-        for name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|e| DatapathError::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
-            program.load().map_err(|e| DatapathError::Program {
-                name,
-                source: Box::new(e),
-            })?;
-            debug!(program = name, "kernel program loaded");
-        }
-        let mut datapath = Self {
-            ebpf,
-            _logger: logger,
-            pin_dir: pin_dir.to_path_buf(),
-            pinned: Vec::new(),
-            keep_pins,
-            attached: Vec::new(),
-        };
-        datapath.pin_maps()?;
-        Ok(datapath)
-    }
-
-    fn pin_maps(&mut self) -> Result<(), DatapathError> {
-        fs::create_dir_all(&self.pin_dir).map_err(|source| DatapathError::PinDir {
-            path: self.pin_dir.clone(),
+    /// Loads and verifies the programs with their maps pinned in `pin_dir` (maps already pinned
+    /// there by an earlier agent are adopted), starts the kernel log reader, attaches `sk_msg`
+    /// to the SOCKHASH and `sockops` to the agent's own cgroup `agent_cgroup` (the agent's
+    /// sockets are the other end of every pod-local leg).
+    pub fn load(
+        pin_dir: &Path,
+        keep_pins: bool,
+        sockmap: bool,
+        agent_cgroup: &Path,
+    ) -> Result<Self, DatapathError> {
+        fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_path_buf(),
             source,
         })?;
-        for name in PINNED_MAPS {
-            let path = self.pin_dir.join(name);
-            if path.exists() {
-                // A previous agent died without cleaning up. Its counts are not carried over.
-                warn!(path = %path.display(), "replacing a stale pinned map left by an earlier agent");
-                fs::remove_file(&path).map_err(|source| DatapathError::PinDir {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-            let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-            map.pin(&path).map_err(|e| DatapathError::Pin {
-                name,
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            info!(map = name, path = %path.display(), "map pinned");
-            self.pinned.push(path);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(KERNEL_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let logger = spawn_logger(&mut ebpf)?;
+        for name in SOCK_ADDR_PROGRAMS {
+            sock_addr_program(&mut ebpf, name)?
+                .load()
+                .map_err(prog_err(name))?;
         }
+        sockops_program(&mut ebpf)?
+            .load()
+            .map_err(prog_err(names::PROG_SOCKOPS))?;
+        sk_lookup_program(&mut ebpf)?
+            .load()
+            .map_err(prog_err(names::PROG_SK_LOOKUP))?;
+        let sk_msg: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
+        sk_msg.load().map_err(prog_err(names::PROG_SK_MSG))?;
+
+        let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, names::SOCKS)?;
+        let sk_msg: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
+        sk_msg
+            .attach(socks.fd())
+            .map_err(prog_err(names::PROG_SK_MSG))?;
+
+        let mut config: Array<MapData, MeshConfig> = take_map(&mut ebpf, names::CONFIG)?;
+        let flags = if sockmap { MeshConfig::SOCKMAP } else { 0 };
+        config
+            .set(0, MeshConfig { flags, reserved: 0 }, 0)
+            .map_err(map_err(names::CONFIG))?;
+
+        let cgroup = open_cgroup(agent_cgroup)?;
+        sockops_program(&mut ebpf)?
+            .attach(&cgroup.0, CgroupAttachMode::Single)
+            .map_err(prog_err(names::PROG_SOCKOPS))?;
+        info!(
+            pin_dir = %pin_dir.display(),
+            agent_cgroup = %agent_cgroup.display(),
+            sockmap,
+            "kernel programs loaded"
+        );
+        Ok(Self {
+            conn: Arc::new(ConnMaps {
+                conn_dst: Mutex::new(take_map(&mut ebpf, names::CONN_DST)?),
+                peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
+            }),
+            pods: take_map(&mut ebpf, names::PODS)?,
+            listeners: take_map(&mut ebpf, names::LISTENERS)?,
+            _socks: socks,
+            ebpf,
+            links_dir: pin_dir.join(LINKS_DIR).join(instance_id()),
+            pin_dir: pin_dir.to_path_buf(),
+            keep_pins,
+            _logger: logger,
+        })
+    }
+
+    /// The per-connection maps, for the proxies.
+    pub fn conn_maps(&self) -> Arc<ConnMaps> {
+        Arc::clone(&self.conn)
+    }
+
+    /// Tells the connect hooks of the pod in namespace `netns_cookie` where its outbound
+    /// listener is.
+    pub fn register_pod(&mut self, netns_cookie: u64, info: PodInfo) -> Result<(), DatapathError> {
+        self.pods
+            .insert(netns_cookie, info, 0)
+            .map_err(map_err(names::PODS))
+    }
+
+    pub fn unregister_pod(&mut self, netns_cookie: u64) {
+        let _ = self.pods.remove(&netns_cookie);
+    }
+
+    /// Makes `listener` the target of `sk_lookup` for connections to pod address `addr`.
+    pub fn add_listener(
+        &mut self,
+        addr: SocketAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        let key = SockAddr::from(addr).without_port();
+        self.listeners
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(map_err(names::LISTENERS))
+    }
+
+    pub fn remove_listener(&mut self, addr: SocketAddr) {
+        let _ = self.listeners.remove(&SockAddr::from(addr).without_port());
+    }
+
+    /// Attaches the capture programs to a pod: the cgroup programs to its cgroup v2 directory,
+    /// `sk_lookup` to its network namespace, and pins the links. Link-based: ours are added
+    /// beside other tools' programs on the same hooks, never replacing them.
+    pub fn attach_pod(
+        &mut self,
+        pod: &str,
+        cgroup: &Path,
+        netns: &Netns,
+    ) -> Result<PodLinks, DatapathError> {
+        let (dir, cgroup_id) = open_cgroup(cgroup)?;
+        let links_dir = self.links_dir.join(pod.replace('/', "_"));
+        fs::create_dir_all(&links_dir).map_err(|source| DatapathError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
+        let mut links = PodLinks {
+            cgroup_id,
+            dir: links_dir,
+            pins: Vec::new(),
+        };
+        match self.attach_all(&dir, cgroup, netns, &mut links) {
+            Ok(()) => {
+                debug!(pod, cgroup = %cgroup.display(), cgroup_id, "programs attached");
+                Ok(links)
+            }
+            Err(e) => {
+                // Undo the part that succeeded.
+                self.detach_pod(links);
+                Err(e)
+            }
+        }
+    }
+
+    fn attach_all(
+        &mut self,
+        cgroup: &fs::File,
+        cgroup_path: &Path,
+        netns: &Netns,
+        links: &mut PodLinks,
+    ) -> Result<(), DatapathError> {
+        for name in SOCK_ADDR_PROGRAMS {
+            let program = sock_addr_program(&mut self.ebpf, name)?;
+            // Link attach (kernel >= 5.7): always multi-attach; the kernel rejects flags, so
+            // `Single` (no flag) is the right mode.
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err(name, cgroup_path))?;
+            let link = fd_link(program.take_link(id).map_err(prog_err(name))?, name)?;
+            links.pins.push(pin_link(link, &links.dir, name)?);
+        }
+        let name = names::PROG_SOCKOPS;
+        let program = sockops_program(&mut self.ebpf)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(attach_err(name, cgroup_path))?;
+        let link = fd_link(program.take_link(id).map_err(prog_err(name))?, name)?;
+        links.pins.push(pin_link(link, &links.dir, name)?);
+        let name = names::PROG_SK_LOOKUP;
+        let program = sk_lookup_program(&mut self.ebpf)?;
+        let id = program
+            .attach(netns.file())
+            .map_err(attach_err(name, netns.path()))?;
+        let link = FdLink::from(program.take_link(id).map_err(prog_err(name))?);
+        links.pins.push(pin_link(link, &links.dir, name)?);
         Ok(())
     }
 
-    /// Attaches every cgroup program to the cgroup v2 directory `path`, next to any programs other
-    /// tools attached there (link-based attach: ours never replace theirs).
-    pub fn attach_cgroup(&mut self, path: &Path) -> Result<AttachedCgroup, DatapathError> {
-        let cgroup_err = |source| DatapathError::Cgroup {
-            path: path.to_path_buf(),
-            source,
-        };
-        let dir = fs::File::open(path).map_err(cgroup_err)?;
-        let id = dir.metadata().map_err(cgroup_err)?.ino();
-        for name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|e| DatapathError::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
-            // Attached through a bpf_link (kernel >= 5.7, which the agent requires): the kernel
-            // always attaches links in multi mode, beside other tools' programs, and rejects
-            // any attach flag, so `Single` (no flag) is the right mode here.
-            program
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|e| DatapathError::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
+    /// Detaches a pod's programs and removes their pins.
+    pub fn detach_pod(&mut self, links: PodLinks) {
+        for pin in links.pins {
+            match pin.unpin() {
+                // Dropping the last reference to the link detaches it.
+                Ok(link) => drop(link),
+                Err(e) => warn!(dir = %links.dir.display(), error = %e, "unpinning a link"),
+            }
         }
-        let attached = AttachedCgroup {
-            path: path.to_path_buf(),
-            id,
-        };
-        info!(cgroup = %path.display(), cgroup_id = id, "programs attached to cgroup");
-        self.attached.push(attached.clone());
-        Ok(attached)
+        let _ = fs::remove_dir(&links.dir);
     }
 
-    /// Cgroups the programs are attached to, in attach order.
-    pub fn attached(&self) -> &[AttachedCgroup] {
-        &self.attached
+    /// Detaches the links an earlier agent instance left pinned (call once this instance has
+    /// attached its own, so the pods are never without capture). Returns how many.
+    pub fn remove_stale_links(&mut self) -> usize {
+        let root = self.pin_dir.join(LINKS_DIR);
+        let mut removed = 0;
+        for instance in fs::read_dir(&root).into_iter().flatten().flatten() {
+            if instance.path() == self.links_dir {
+                continue;
+            }
+            for pod in fs::read_dir(instance.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for pin in fs::read_dir(pod.path()).into_iter().flatten().flatten() {
+                    match PinnedLink::from_pin(pin.path()).map(PinnedLink::unpin) {
+                        Ok(Ok(link)) => {
+                            drop(link);
+                            removed += 1;
+                        }
+                        Ok(Err(e)) => {
+                            warn!(path = %pin.path().display(), error = %e, "unpinning a stale link");
+                        }
+                        Err(e) => {
+                            warn!(path = %pin.path().display(), error = %e, "opening a stale link");
+                            let _ = fs::remove_file(pin.path());
+                        }
+                    }
+                }
+                let _ = fs::remove_dir(pod.path());
+            }
+            let _ = fs::remove_dir(instance.path());
+        }
+        if removed > 0 {
+            info!(removed, "detached the links of an earlier agent");
+        }
+        removed
     }
 
     /// Directory holding this agent's pinned maps.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -196,18 +447,65 @@ impl Drop for Datapath {
             info!(dir = %self.pin_dir.display(), "keeping pinned maps");
             return;
         }
-        for path in &self.pinned {
-            if let Err(e) = fs::remove_file(path) {
-                warn!(path = %path.display(), error = %e, "could not remove pinned map");
-            }
-        }
-        match fs::remove_dir(&self.pin_dir) {
+        // Pods were detached (and their links unpinned) before; what is left are the maps.
+        match fs::remove_dir_all(&self.pin_dir) {
             Ok(()) => info!(dir = %self.pin_dir.display(), "pinned maps removed"),
             Err(e) => {
                 warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory");
             }
         }
     }
+}
+
+fn open_cgroup(path: &Path) -> Result<(fs::File, u64), DatapathError> {
+    let err = |source| DatapathError::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fs_type = nix::sys::statfs::statfs(path)
+        .map_err(|e| err(io::Error::from(e)))?
+        .filesystem_type();
+    if fs_type != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(DatapathError::NotCgroup2 {
+            path: path.to_path_buf(),
+        });
+    }
+    let dir = fs::File::open(path).map_err(err)?;
+    let id = dir.metadata().map_err(err)?.ino();
+    Ok((dir, id))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    program(ebpf, name)
+}
+
+fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, DatapathError> {
+    program(ebpf, names::PROG_SOCKOPS)
+}
+
+fn sk_lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, DatapathError> {
+    program(ebpf, names::PROG_SK_LOOKUP)
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
 }
 
 /// Reads the programs' aya-log ring buffer on a thread of its own and forwards the records to

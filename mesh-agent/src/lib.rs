@@ -4,8 +4,14 @@
 //! attaches them to the cgroups of the meshed pods, pins the shared maps under bpffs and turns the
 //! kernel's aya-log records into `tracing` events. Later issues add the capture listeners, HBONE,
 //! policy and telemetry on top of the same structure.
-#![forbid(unsafe_code)]
+// One syscall without a safe wrapper (`netns::netns_cookie`) is allowed case by case.
+#![deny(unsafe_code)]
 
+pub mod agent;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
+pub mod netns;
+pub mod pods;
+pub mod proxy;
 pub mod stats;

@@ -5,12 +5,12 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
-    config::{AgentConfig, DEFAULT_BPFFS_ROOT},
-    datapath::Datapath,
+    agent,
+    config::{
+        own_cgroup, AgentConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
+    },
     stats,
 };
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -31,17 +31,30 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load the kernel programs, attach them and serve until SIGTERM or SIGINT.
+    /// Load the kernel programs, capture the pods the config enrolls on this node, and serve
+    /// until SIGTERM or SIGINT.
     Run {
         /// Name of this node.
         #[arg(long, env = "MESH_NODE_NAME")]
         node_name: String,
+        /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services), watched for changes.
+        #[arg(long, env = "MESH_CONFIG_DIR")]
+        config_dir: PathBuf,
         /// bpffs directory for this agent's pins [default: /sys/fs/bpf/mesh-agent/<node-name>].
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
-        /// cgroup v2 directory of a meshed pod (repeatable).
-        #[arg(long = "attach-cgroup")]
-        cgroups: Vec<PathBuf>,
+        /// The agent's own cgroup v2 directory [default: the one it runs in].
+        #[arg(long)]
+        agent_cgroup: Option<PathBuf>,
+        /// Do not short-cut pod-local legs with sockmap (for measurement).
+        #[arg(long)]
+        no_sockmap: bool,
+        /// Label whose value `ambient` enrolls a namespace or pod.
+        #[arg(long, default_value = DEFAULT_LABEL_KEY)]
+        label_key: String,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// Keep the pinned maps at a clean shutdown.
         #[arg(long)]
         keep_pins: bool,
@@ -63,16 +76,28 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             node_name,
+            config_dir,
             bpffs_dir,
-            cgroups,
+            agent_cgroup,
+            no_sockmap,
+            label_key,
+            trust_domain,
             keep_pins,
         } => {
             let bpffs_dir =
                 bpffs_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
+            let agent_cgroup = match agent_cgroup {
+                Some(c) => c,
+                None => own_cgroup().context("invalid configuration")?,
+            };
             let config = AgentConfig {
                 node_name,
                 bpffs_dir,
-                cgroups,
+                config_dir,
+                agent_cgroup,
+                sockmap: !no_sockmap,
+                label_key,
+                trust_domain,
                 keep_pins,
             }
             .validate()
@@ -82,7 +107,8 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the Tokio runtime")?
-                .block_on(run(config))
+                .block_on(agent::run(config))?;
+            Ok(())
         }
         Command::Stats { bpffs_dir, json } => {
             let rows = stats::read(&bpffs_dir)?;
@@ -99,25 +125,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    info!(%config, version = env!("CARGO_PKG_VERSION"), "mesh-agent starting");
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut datapath = Datapath::load(&config.bpffs_dir, config.keep_pins)?;
-    for cgroup in &config.cgroups {
-        datapath.attach_cgroup(cgroup)?;
-    }
-    info!(cgroups = datapath.attached().len(), pin_dir = %datapath.pin_dir().display(), "agent ready");
-    let signal = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    };
-    info!(signal, "shutting down");
-    drop(datapath);
-    info!("shutdown complete");
-    Ok(())
 }
 
 fn init_tracing(format: LogFormat) {

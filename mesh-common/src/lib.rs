@@ -3,7 +3,7 @@
 //! Every type that crosses the kernel/user boundary is `#[repr(C)]`, built from fixed-width
 //! integers only (no `bool`, no enums with niches) and laid out without implicit padding, so the
 //! two sides agree byte for byte. The `user` feature adds the `aya::Pod` implementations.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
 /// Names of the maps and programs in the kernel object, used by the agent to find them and as
@@ -11,14 +11,115 @@
 pub mod names {
     /// Per-cgroup socket counters, keyed by cgroup id (`u64`), value [`super::CgroupCounters`].
     pub const CGROUP_COUNTERS: &str = "MESH_CGROUP_COUNTERS";
-    /// `cgroup/connect4` program.
+    /// Meshed pods by network-namespace cookie (`u64`), value [`super::PodInfo`].
+    pub const PODS: &str = "MESH_PODS";
+    /// Original destination of a captured `connect()`, by socket cookie (`u64`).
+    pub const ORIG_DST: &str = "MESH_ORIG_DST";
+    /// Original destination by the client's address ([`super::SockAddr`]), for the agent.
+    pub const CONN_DST: &str = "MESH_CONN_DST";
+    /// Address the application must see as its peer, by its socket ([`super::SockKey`]).
+    pub const PEER_ADDR: &str = "MESH_PEER_ADDR";
+    /// SOCKHASH of the local legs' sockets, by [`super::SockKey`]: `sk_msg` redirects within it.
+    pub const SOCKS: &str = "MESH_SOCKS";
+    /// SOCKHASH of the agent's inbound listeners, by pod address ([`super::SockAddr`], port 0).
+    pub const LISTENERS: &str = "MESH_LISTENERS";
+    /// One [`super::MeshConfig`] at index 0.
+    pub const CONFIG: &str = "MESH_CONFIG";
+
     pub const PROG_CONNECT4: &str = "mesh_connect4";
-    /// `cgroup/connect6` program.
     pub const PROG_CONNECT6: &str = "mesh_connect6";
+    pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
+    pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
+    pub const PROG_SOCKOPS: &str = "mesh_sockops";
+    pub const PROG_SK_MSG: &str = "mesh_sk_msg";
+    pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// Maximum number of cgroups (pods) the counter map tracks on one node.
 pub const MAX_CGROUPS: u32 = 16_384;
+/// Maximum number of meshed pods on one node.
+pub const MAX_PODS: u32 = 4_096;
+/// Maximum number of connections being set up or relayed at once on one node.
+pub const MAX_CONNS: u32 = 262_144;
+
+/// Port of the agent's outbound listener in each meshed pod (Istio's 15001).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the agent's inbound plaintext listener in each meshed pod (Istio's 15006).
+pub const INBOUND_PORT: u16 = 15006;
+
+/// `AF_INET` and `AF_INET6` as the kernel numbers them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// An IP address and port as the kernel programs store them: the address in network byte order,
+/// IPv4 in `ip[0]` (rest zero), the port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub ip: [u32; 4],
+    pub port: u32,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+}
+
+impl SockAddr {
+    /// The address with port 0: the key of [`names::LISTENERS`].
+    #[must_use]
+    pub const fn without_port(self) -> Self {
+        Self {
+            ip: self.ip,
+            port: 0,
+            family: self.family,
+        }
+    }
+}
+
+/// Both ends of a TCP socket, from that socket's point of view.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local: SockAddr,
+    pub remote: SockAddr,
+}
+
+impl SockKey {
+    /// The same connection seen from the other socket.
+    #[must_use]
+    pub const fn reversed(self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+        }
+    }
+}
+
+/// A meshed pod's addresses, so its connect hook can send captured connections to the agent's
+/// outbound listener on the pod's own address (which keeps every key unique on the node).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// IPv4 address, network byte order; 0 if the pod has none.
+    pub ipv4: u32,
+    /// IPv6 address, network byte order words; all zero if the pod has none.
+    pub ipv6: [u32; 4],
+    /// Reserved, zero.
+    pub flags: u32,
+    pub reserved: [u32; 2],
+}
+
+/// Settings the agent gives the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// [`MeshConfig::SOCKMAP`] and future flags.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+impl MeshConfig {
+    /// Insert local legs into the SOCKHASH so `sk_msg` short-cuts them.
+    pub const SOCKMAP: u32 = 1;
+}
 
 /// Socket-layer counters for one cgroup (one pod), summed by user space across CPUs.
 ///
@@ -44,19 +145,21 @@ impl CgroupCounters {
 }
 
 #[cfg(feature = "user")]
-#[allow(unsafe_code)]
-// SAFETY: `CgroupCounters` is `repr(C)`, holds only `u64`s, has no padding, and every bit
-// pattern is a valid value.
-unsafe impl aya::Pod for CgroupCounters {}
+mod user;
 
 #[cfg(test)]
 mod tests {
     use super::CgroupCounters;
 
     #[test]
-    fn counters_have_no_padding() {
+    fn shared_types_have_no_padding() {
+        // Size equals the sum of the fields: no implicit padding anywhere.
         assert_eq!(size_of::<CgroupCounters>(), 16);
         assert_eq!(align_of::<CgroupCounters>(), 8);
+        assert_eq!(size_of::<super::SockAddr>(), 24);
+        assert_eq!(size_of::<super::SockKey>(), 48);
+        assert_eq!(size_of::<super::PodInfo>(), 32);
+        assert_eq!(size_of::<super::MeshConfig>(), 8);
     }
 
     #[test]

@@ -21,6 +21,17 @@ pub struct CgroupStats {
     pub connect6: u64,
 }
 
+/// How to start an agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Directory of Kubernetes-style YAML the agent watches.
+    pub config_dir: PathBuf,
+    /// Short-cut pod-local legs with sockmap.
+    pub sockmap: bool,
+    /// Keep pinned maps at exit (for restart tests).
+    pub keep_pins: bool,
+}
+
 /// A `mesh-agent run` process on a node.
 #[derive(Debug)]
 pub struct Agent {
@@ -29,19 +40,24 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent in `node`'s namespace, attached to `cgroups`, and waits until it
-    /// reports ready.
-    pub fn start(node: &Node, cgroups: &[&Path]) -> Result<Self> {
+    /// Starts the agent in `node`'s namespace and cgroup, serving the pods that `options`'
+    /// config directory enrolls on this node, and waits until it reports ready.
+    pub fn start(node: &Node, options: &AgentOptions) -> Result<Self> {
         let bin = binary("mesh-agent", "mesh-agent")?;
         let mut cmd = node.command(&bin);
         cmd.args(["run", "--node-name", &node.name, "--bpffs-dir"])
             .arg(&node.bpffs_dir)
+            .arg("--config-dir")
+            .arg(&options.config_dir)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             // Errors as one readable line, without anyhow's backtrace.
             .env("RUST_LIB_BACKTRACE", "0");
-        for cgroup in cgroups {
-            cmd.arg("--attach-cgroup").arg(cgroup);
+        if !options.sockmap {
+            cmd.arg("--no-sockmap");
+        }
+        if options.keep_pins {
+            cmd.arg("--keep-pins");
         }
         let mut process = Process::spawn(format!("agent {}", node.name), &mut cmd)?;
         process.wait_for_line("the agent to report ready", READY_TIMEOUT, |l| {
@@ -80,6 +96,32 @@ impl Agent {
                 connect4: 0,
                 connect6: 0,
             }))
+    }
+
+    /// Number of log lines so far: a starting point for [`Self::wait_for_log_from`].
+    pub fn log_len(&self) -> usize {
+        self.process.line_count()
+    }
+
+    /// Waits until the agent reports pod `namespace/name` enrolled, in lines from `from` on.
+    pub fn wait_enrolled(&mut self, pod: &str, from: usize) -> Result<()> {
+        let needle = format!("pod={pod} ");
+        self.process
+            .wait_for_line_from(from, &format!("{pod} to be enrolled"), READY_TIMEOUT, |l| {
+                l.contains("pod enrolled") && l.contains(&needle)
+            })
+            .map(drop)
+    }
+
+    /// Waits for a log line satisfying `pred`, among lines from index `from` on.
+    pub fn wait_for_log_from(
+        &mut self,
+        from: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        self.process.wait_for_line_from(from, what, timeout, pred)
     }
 
     /// Waits for a log line of the agent that satisfies `pred`.

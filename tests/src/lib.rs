@@ -14,7 +14,9 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod cluster;
 pub mod host;
+pub mod mesh;
 pub mod plan;
 pub mod probe;
 pub mod process;

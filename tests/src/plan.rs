@@ -10,6 +10,7 @@
 //! | pod subnet of node `i` | 198.19.i.0/24 | fd00:6d65:7368:i::/64 |
 //! | node `i`'s gateway address (on every pod veth) | 198.19.i.1/32 | fd00:6d65:7368:i::1/128 |
 //! | pod `j` of node `i` (`eth0`) | 198.19.i.(j+2)/32 | fd00:6d65:7368:i::(j+2)/128 |
+//! | service `i`'s virtual IP (not on any interface) | 198.18.128.(i+1) | fd00:6d65:7368:fffe::(i+1) |
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -56,6 +57,15 @@ pub fn pod_v4(node: usize, pod: usize) -> Ipv4Addr {
 
 pub fn pod_v6(node: usize, pod: usize) -> Ipv6Addr {
     v6(node_subnet_v6(node), pod + 2)
+}
+
+/// Virtual IP of service `i` (never assigned to any interface: only the agents know it).
+pub fn service_vip_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 128, octet(i + 1))
+}
+
+pub fn service_vip_v6(i: usize) -> Ipv6Addr {
+    v6(0xfffe, i + 1)
 }
 
 /// Pod subnet of a node, in CIDR notation, IPv4.

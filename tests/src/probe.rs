@@ -6,9 +6,14 @@ use crate::{agent::binary, process::run, Pod, Process, Result};
 
 /// Starts an echo server in `pod` listening on `addr` and waits until it is bound.
 pub fn serve(pod: &Pod, addr: SocketAddr) -> Result<Process> {
+    serve_mode(pod, addr, "echo")
+}
+
+/// Starts a server in `mode` (`echo`, `sink`, `greet`) and waits until it is bound.
+pub fn serve_mode(pod: &Pod, addr: SocketAddr, mode: &str) -> Result<Process> {
     let bin = binary("mesh-probe", "mesh-tests")?;
     let mut cmd = pod.command(bin);
-    cmd.args(["serve", &addr.to_string()]);
+    cmd.args(["serve", &addr.to_string(), "--mode", mode]);
     let mut process = Process::spawn(format!("server {}", pod.name), &mut cmd)?;
     process.wait_for_line("the echo server to listen", Duration::from_secs(10), |l| {
         l.starts_with("listening ")
@@ -23,5 +28,23 @@ pub fn connect(pod: &Pod, addr: SocketAddr, message: &str) -> Result<String> {
     let out = run(pod
         .command(bin)
         .args(["connect", &addr.to_string(), message]))?;
+    Ok(out.trim().to_string())
+}
+
+/// Streams `bytes` pseudo-random bytes from `pod` to a `sink` server and checks count and CRC.
+pub fn send(pod: &Pod, addr: SocketAddr, bytes: u64) -> Result<String> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let out = run(pod
+        .command(bin)
+        .args(["send", &addr.to_string(), &bytes.to_string()]))?;
+    Ok(out.trim().to_string())
+}
+
+/// Connects to a `greet` server, reads its greeting before sending, then checks the echo.
+pub fn greeted(pod: &Pod, addr: SocketAddr, message: &str) -> Result<String> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let out = run(pod
+        .command(bin)
+        .args(["greeted", &addr.to_string(), message]))?;
     Ok(out.trim().to_string())
 }

@@ -111,11 +111,27 @@ impl Process {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<String> {
+        self.wait_for_line_from(0, what, timeout, pred)
+    }
+
+    /// Number of lines printed so far (a starting point for [`Self::wait_for_line_from`]).
+    pub fn line_count(&self) -> usize {
+        self.output.0.lock().expect("output lock").lines.len()
+    }
+
+    /// Like [`Self::wait_for_line`], considering only lines from index `from` on.
+    pub fn wait_for_line_from(
+        &mut self,
+        from: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.output;
         let mut out = lock.lock().expect("output lock");
         loop {
-            if let Some(line) = out.lines.iter().find(|l| pred(l)) {
+            if let Some(line) = out.lines.iter().skip(from).find(|l| pred(l)) {
                 return Ok(line.clone());
             }
             if out.open == 0 {

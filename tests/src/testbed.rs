@@ -51,6 +51,8 @@ pub struct Testbed {
     cgroup_dir: PathBuf,
     /// `/sys/fs/bpf/mesh-testbed/<id>`: the agents' pin directories live below it.
     bpffs_dir: PathBuf,
+    /// `$TMPDIR/<id>`: files the tests need (config directories), removed with the testbed.
+    scratch_dir: PathBuf,
     torn_down: bool,
 }
 
@@ -111,6 +113,7 @@ impl Testbed {
             link_netns: format!("{id}-link"),
             cgroup_dir: host.cgroup2.join(TESTBED_DIR).join(&id),
             bpffs_dir: host.bpffs.join(TESTBED_DIR).join(&id),
+            scratch_dir: std::env::temp_dir().join(&id),
             id,
             host,
             nodes: Vec::new(),
@@ -284,6 +287,11 @@ impl Testbed {
         &self.bpffs_dir
     }
 
+    /// A directory for the test's own files, removed with the testbed.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch_dir
+    }
+
     /// Removes everything now and reports the first problem (dropping does the same, but can
     /// only print problems).
     pub fn teardown(mut self) -> Result<()> {
@@ -407,11 +415,14 @@ fn remove(
         note(run(Command::new("ip").args(["netns", "del", ns])).map(drop));
     }
     note(remove_cgroup_tree(cgroup_dir));
-    if bpffs_dir.exists() {
-        note(
-            fs::remove_dir_all(bpffs_dir)
-                .map_err(crate::io_err(format!("removing {}", bpffs_dir.display()))),
-        );
+    // The agents' pins (maps and links) and the scratch directory.
+    for dir in [bpffs_dir.to_path_buf(), std::env::temp_dir().join(id)] {
+        if dir.exists() {
+            note(
+                fs::remove_dir_all(&dir)
+                    .map_err(crate::io_err(format!("removing {}", dir.display()))),
+            );
+        }
     }
     // The shared parents go when the last testbed goes (another may be using them: ignore).
     let _ = fs::remove_dir(host.cgroup2.join(TESTBED_DIR));
@@ -504,6 +515,7 @@ fn sweep_stale_in(host: &Host) -> Vec<String> {
         Path::new(NETNS_DIR),
         &host.cgroup2.join(TESTBED_DIR),
         &host.bpffs.join(TESTBED_DIR),
+        &std::env::temp_dir(),
     ] {
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{process::run, sweep_stale, Agent, Process, Testbed, TestbedSpec};
+use mesh_tests::{mesh::Mesh, process::run, sweep_stale, Process, TestbedSpec};
 
 const RECORD: &str = "MESH_TESTBED_RECORD";
 /// The two tests below run one at a time: a testbed built by one would otherwise sweep the
@@ -22,12 +22,16 @@ const HANG: &str = "MESH_TESTBED_HANG";
 #[test]
 #[ignore = "fails on purpose: run by the cleanup tests in a child process"]
 fn fails_on_purpose() {
-    let tb = Testbed::new(TestbedSpec {
-        nodes: 2,
-        pods_per_node: 1,
-    })
-    .expect("testbed");
-    let agent = Agent::start(tb.node(0), &[tb.pod(0, 0).cgroup.as_path()]).expect("agent");
+    let mesh = Mesh::new(
+        TestbedSpec {
+            nodes: 2,
+            pods_per_node: 1,
+        },
+        true,
+        &[],
+    )
+    .expect("mesh");
+    let (tb, agent) = (&mesh.tb, &mesh.agents[0]);
     #[expect(
         clippy::zombie_processes,
         reason = "left running on purpose: teardown must kill it"
@@ -44,6 +48,7 @@ fn fails_on_purpose() {
         tb.cgroup_dir().display().to_string(),
         tb.bpffs_dir().display().to_string(),
         agent.bpffs_dir().display().to_string(),
+        tb.scratch_dir().display().to_string(),
     ];
     fs::write(&record, lines.join("\n")).expect("write record");
     if std::env::var_os(HANG).is_some() {
@@ -118,7 +123,7 @@ fn a_failing_test_leaves_nothing_behind() {
     );
     let rec = read_record(&record);
     let _ = fs::remove_file(&record);
-    assert_eq!(rec.paths.len(), 3);
+    assert_eq!(rec.paths.len(), 4);
     assert_nothing_left(&rec);
 }
 

@@ -1,26 +1,32 @@
-//! Privileged: the agent loads the kernel programs, attaches them to a pod's cgroup, counts that
-//! pod's connections in a map, and the kernel program's aya-log lines reach the agent's log.
+//! Privileged: the agent loads the kernel programs, attaches them to the cgroups of the pods its
+//! config enrolls, counts those pods' connections in a map, and the kernel program's aya-log
+//! lines reach the agent's log. Bad pod data is reported and the agent keeps serving.
 
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use mesh_tests::{probe, Agent, Testbed, TestbedSpec};
+use mesh_tests::{
+    mesh::{Mesh, NS, PLAIN_NS},
+    probe, Agent, TestbedSpec,
+};
 
 #[test]
 fn agent_counts_a_meshed_pods_connections_and_relays_kernel_logs() {
-    let tb = Testbed::new(TestbedSpec {
+    // n0-p0 meshed, n0-p1 and the server's pod (n1-p0) not.
+    let spec = TestbedSpec {
         nodes: 2,
         pods_per_node: 2,
-    })
-    .expect("testbed");
-    let meshed = tb.pod(0, 0);
-    let unmeshed = tb.pod(0, 1);
-    let server = tb.pod(1, 0);
-    let _srv = probe::serve(server, "[::]:8080".parse().unwrap()).expect("server");
-
-    let mut agent = Agent::start(tb.node(0), &[meshed.cgroup.as_path()]).expect("agent");
+    };
+    let mut mesh = Mesh::new(spec, true, &[(0, 1), (1, 0), (1, 1)]).expect("mesh");
+    let (meshed, unmeshed, server) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(1, 0).clone(),
+    );
+    let _srv = probe::serve(&server, "[::]:8080".parse().unwrap()).expect("server");
+    let agent = &mut mesh.agents[0];
     let meshed_id = meshed.cgroup_id().unwrap();
     let unmeshed_id = unmeshed.cgroup_id().unwrap();
     assert_eq!(
@@ -31,9 +37,9 @@ fn agent_counts_a_meshed_pods_connections_and_relays_kernel_logs() {
 
     let v4 = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
     let v6 = SocketAddr::new(IpAddr::V6(server.ipv6), 8080);
-    probe::connect(meshed, v4, "across nodes, v4").expect("meshed v4");
-    probe::connect(meshed, v6, "across nodes, v6").expect("meshed v6");
-    probe::connect(unmeshed, v4, "not meshed").expect("unmeshed v4");
+    probe::connect(&meshed, v4, "across nodes, v4").expect("meshed v4");
+    probe::connect(&meshed, v6, "across nodes, v6").expect("meshed v6");
+    probe::connect(&unmeshed, v4, "not meshed").expect("unmeshed v4");
 
     let counted = agent.stats_for(meshed_id).unwrap();
     assert_eq!(
@@ -55,7 +61,10 @@ fn agent_counts_a_meshed_pods_connections_and_relays_kernel_logs() {
             l.contains("mesh_ebpf") && l.contains(&format!("cgroup={meshed_id} dst={v4}"))
         })
         .unwrap();
-    assert!(line4.contains("connect4"), "{line4}");
+    assert!(
+        line4.contains("connect4") && line4.contains("captured=1"),
+        "{line4}"
+    );
     agent
         .wait_for_log("the connect6 kernel log line", wait, |l| {
             l.contains("mesh_ebpf") && l.contains(&format!("cgroup={meshed_id} dst={v6}"))
@@ -71,6 +80,7 @@ fn agent_counts_a_meshed_pods_connections_and_relays_kernel_logs() {
 
     let pins = agent.bpffs_dir().to_path_buf();
     assert!(pins.join("MESH_CGROUP_COUNTERS").exists());
+    let agent = mesh.agents.remove(0);
     let logs = agent.stop().expect("clean shutdown");
     assert!(logs.iter().any(|l| l.contains("shutdown complete")));
     assert!(
@@ -81,16 +91,61 @@ fn agent_counts_a_meshed_pods_connections_and_relays_kernel_logs() {
 }
 
 #[test]
-fn agent_rejects_a_cgroup_that_is_not_cgroup_v2() {
-    let tb = Testbed::new(TestbedSpec {
+fn a_pod_the_agent_cannot_capture_is_reported_and_the_others_are_served() {
+    let spec = TestbedSpec {
         nodes: 1,
-        pods_per_node: 0,
-    })
-    .expect("testbed");
-    let err = Agent::start(tb.node(0), &[std::path::Path::new("/proc")]).expect_err("must refuse");
-    let msg = err.to_string();
+        pods_per_node: 2,
+    };
+    let mut mesh = Mesh::new(spec, true, &[(0, 1)]).expect("mesh");
+    let bad = mesh.pod(0, 1).clone();
+    // Enroll the second pod with a cgroup path that is not a cgroup v2 directory.
+    let mut broken = bad.clone();
+    broken.cgroup = "/proc".into();
+    let from = mesh.agents[0].log_len();
+    mesh.files
+        .pod(
+            &broken,
+            "n0",
+            PLAIN_NS,
+            &[(mesh_tests::cluster::DATAPLANE_MODE, "ambient")],
+        )
+        .unwrap();
+    let line = mesh.agents[0]
+        .wait_for_log_from(from, "the enrollment error", Duration::from_secs(10), |l| {
+            l.contains("pod not enrolled") && l.contains(&format!("{PLAIN_NS}/{}", bad.name))
+        })
+        .unwrap();
     assert!(
-        msg.contains("cgroup /proc is not a cgroup v2 directory"),
-        "{msg}"
+        line.contains("/proc"),
+        "the error names the bad path: {line}"
+    );
+    // The good pod is still served.
+    let good = mesh.pod(0, 0).clone();
+    let _srv = probe::serve(&bad, "[::]:8080".parse().unwrap()).expect("server");
+    probe::connect(
+        &good,
+        SocketAddr::new(IpAddr::V4(bad.ipv4), 8080),
+        "still served",
+    )
+    .unwrap();
+    let _ = NS;
+}
+
+#[test]
+fn agent_refuses_a_missing_config_directory_naming_it() {
+    let spec = TestbedSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    };
+    let tb = mesh_tests::Testbed::new(spec).expect("testbed");
+    let options = mesh_tests::agent::AgentOptions {
+        config_dir: "/nonexistent/mesh-config".into(),
+        sockmap: true,
+        keep_pins: false,
+    };
+    let err = Agent::start(tb.node(0), &options).expect_err("must refuse");
+    assert!(
+        err.to_string().contains("/nonexistent/mesh-config"),
+        "{err}"
     );
 }

@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a two-node testbed, an agent per node attached to its pod, one connection
-//! from the pod on node 0 to the pod on node 1, the kernel's log line and counters, teardown.
+//! `cargo xtask demo`: a two-node testbed with a meshed namespace; a client pod reaches a
+//! server pod on the other node through its Service, through both agents; the demo prints the
+//! agents' per-connection log lines and the kernel counters, then tears everything down.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -7,67 +8,85 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use mesh_tests::{probe, Agent, Testbed, TestbedSpec};
+use mesh_tests::{
+    mesh::{Mesh, NS},
+    plan, probe, TestbedSpec,
+};
 
 pub fn run() -> Result<()> {
-    let tb = Testbed::new(TestbedSpec {
+    let spec = TestbedSpec {
         nodes: 2,
         pods_per_node: 1,
-    })
-    .context("building the testbed")?;
-    println!("\n== testbed {} ==", tb.id());
-    for node in tb.nodes() {
+    };
+    println!("\n== building a two-node testbed and starting an agent on each node ==");
+    let mut mesh = Mesh::new(spec, true, &[]).context("building the meshed testbed")?;
+    println!("\n== testbed {} ==", mesh.tb.id());
+    for node in mesh.tb.nodes() {
         println!(
             "node {} (netns {}, link {} / {})",
             node.name, node.netns, node.link_ipv4, node.link_ipv6
         );
         for pod in &node.pods {
-            println!(
-                "  pod {} {} / {} cgroup {}",
-                pod.name,
-                pod.ipv4,
-                pod.ipv6,
-                pod.cgroup.display()
-            );
+            println!("  pod {NS}/{} {} / {}", pod.name, pod.ipv4, pod.ipv6);
         }
     }
-    let (client, server) = (tb.pod(0, 0), tb.pod(1, 0));
+    let (client, server) = (mesh.pod(0, 0).clone(), mesh.pod(1, 0).clone());
 
-    println!("\n== agents: load the kernel programs and attach them to each node's pod ==");
-    let mut agent0 = Agent::start(tb.node(0), &[client.cgroup.as_path()]).context("agent on n0")?;
-    let agent1 = Agent::start(tb.node(1), &[server.cgroup.as_path()]).context("agent on n1")?;
-
+    let vip = plan::service_vip_v4(0);
     println!(
-        "\n== {} connects to {} across nodes ==",
-        client.name, server.name
+        "\n== service {NS}/echo: {vip}:80 -> {}:8080 ==",
+        server.name
     );
-    let _server = probe::serve(server, "[::]:8080".parse()?).context("echo server")?;
-    let target = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
-    let reply = probe::connect(client, target, "hello through the testbed").context("connect")?;
+    mesh.files.pod(&server, "n1", NS, &[("app", "echo")])?;
+    let from = mesh.agents[0].log_len();
+    mesh.files
+        .service(NS, "echo", &[IpAddr::V4(vip)], 80, 8080, ("app", "echo"))?;
+    mesh.agents[0].wait_for_log_from(from, "the service", Duration::from_secs(10), |l| {
+        l.contains("cluster view updated")
+    })?;
+
+    println!("\n== {} connects to {vip}:80 ==", client.name);
+    let mut srv = probe::serve(&server, "[::]:8080".parse()?).context("echo server")?;
+    let reply = probe::connect(
+        &client,
+        SocketAddr::new(IpAddr::V4(vip), 80),
+        "hello through the mesh",
+    )
+    .context("connect through the service")?;
     println!("client: {reply}");
+    let accepted = srv.wait_for_line("the server's accept", Duration::from_secs(10), |l| {
+        l.starts_with("accepted ")
+    })?;
+    println!("server: {accepted}   (the application sees the client pod's own address)");
 
-    let client_id = client.cgroup_id()?;
-    let line = agent0
-        .wait_for_log("the kernel's log line", Duration::from_secs(10), |l| {
-            l.contains("mesh_ebpf") && l.contains(&format!("cgroup={client_id} "))
-        })
-        .context("waiting for the kernel log line")?;
-    println!("\n== agent n0 log line from the kernel program (aya-log → tracing) ==\n{line}");
-
-    println!("\n== kernel counters (pinned map, read with `mesh-agent stats`) ==");
-    for (name, agent, pod) in [("n0", &agent0, client), ("n1", &agent1, server)] {
-        let stats = agent.stats_for(pod.cgroup_id()?)?;
-        println!(
-            "agent {name}: pod {} (cgroup {}): connect4={} connect6={}",
-            pod.name, stats.cgroup_id, stats.connect4, stats.connect6
-        );
+    for (i, direction) in [(0, "outbound"), (1, "inbound")] {
+        let line = mesh.agents[i].wait_for_log(
+            "the connection's log line",
+            Duration::from_secs(10),
+            |l| l.contains("connection closed") && l.contains(direction),
+        )?;
+        println!("\n== agent n{i} ({direction}) ==\n{line}");
     }
+    let kernel =
+        mesh.agents[0].wait_for_log("the kernel's log line", Duration::from_secs(10), |l| {
+            l.contains("mesh_ebpf") && l.contains("captured=1")
+        })?;
+    println!("\n== agent n0, kernel program log (aya-log -> tracing) ==\n{kernel}");
+    let stats = mesh.agents[0].stats_for(client.cgroup_id()?)?;
+    println!(
+        "\n== kernel counters: pod {} connect4={} connect6={} ==",
+        client.name, stats.connect4, stats.connect6
+    );
 
     println!("\n== teardown ==");
-    agent0.stop().context("stopping agent n0")?;
-    agent1.stop().context("stopping agent n1")?;
-    let id = tb.id().to_string();
+    drop(srv);
+    for agent in mesh.agents.drain(..) {
+        agent.stop().context("stopping an agent")?;
+    }
+    let id = mesh.tb.id().to_string();
+    let Mesh { tb, files, .. } = mesh;
+    drop(files);
     tb.teardown().context("tearing down the testbed")?;
-    println!("testbed {id} removed: namespaces, cgroups and pins are gone");
+    println!("testbed {id} removed: namespaces, cgroups, pins and config are gone");
     Ok(())
 }

@@ -171,23 +171,32 @@ fn kernel_clippy(root: &Path) -> Command {
 
 /// After the tests, no testbed may remain: no namespace, cgroup or bpffs directory.
 fn check_nothing_left() -> Result<()> {
-    let netns = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(mesh_tests::testbed::PREFIX))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let testbed_entries = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(mesh_tests::testbed::PREFIX))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let netns = testbed_entries(Path::new("/run/netns"));
+    let scratch = testbed_entries(&std::env::temp_dir());
     let host = mesh_tests::host::require_privileges()?;
     let dirs: Vec<PathBuf> = [host.cgroup2, host.bpffs]
         .into_iter()
         .map(|d| d.join(mesh_tests::testbed::TESTBED_DIR))
         .filter(|d| d.exists())
         .collect();
-    if !netns.is_empty() || !dirs.is_empty() {
-        bail!("the tests left testbed state behind: namespaces {netns:?}, directories {dirs:?}");
+    if !netns.is_empty() || !dirs.is_empty() || !scratch.is_empty() {
+        bail!(
+            "the tests left testbed state behind: namespaces {netns:?}, directories {dirs:?}, \
+             scratch directories {scratch:?}"
+        );
     }
-    println!("[xtask] cleanup check: no testbed namespace, cgroup or bpffs directory left");
+    println!(
+        "[xtask] cleanup check: no testbed namespace, cgroup, bpffs or scratch directory left"
+    );
     Ok(())
 }

@@ -1,0 +1,494 @@
+//! The cluster view read from a directory of Kubernetes YAML files, reloaded when they change.
+//!
+//! Every `*.yaml` / `*.yml` regular file directly in the directory is read (symbolic links are
+//! followed, so a mounted `ConfigMap` works); hidden files and editor leftovers (`.#x.yaml`,
+//! `x.yaml~`, `#x.yaml#`) are ignored. Each file keeps its **last good** objects:
+//!
+//! - a file that cannot be read or parsed keeps the objects of its last good version (none if it
+//!   never had one), and its error is reported;
+//! - when the combined objects do not make a valid [`ClusterState`] (an invalid field, or a
+//!   conflict such as two files claiming the same address), the changed files holding an object
+//!   named in the error are rejected the same way (their last good version stays) and the state
+//!   is built again; if the error names no object of a changed file (a newly labelled namespace
+//!   enrolls a pod that lacks its runtime annotations), every change of that round is rejected,
+//!   so the previous state stays. Rejected files are tried again whenever anything changes.
+//!
+//! Errors are logged once, when they appear, and listed in every snapshot
+//! ([`ClusterState::errors`]) until fixed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    hash::{DefaultHasher, Hash, Hasher},
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
+use tracing::{debug, error, info};
+
+use super::{
+    k8s::{parse_documents, Object, ParseError},
+    state::{ClusterState, EnrollmentOptions, SourceError, StateError},
+};
+
+/// A file whose mtime is at least this old and whose mtime and length did not change is not
+/// read again; a younger one is (a write within the timestamp granularity could keep both).
+const SETTLED: Duration = Duration::from_secs(2);
+
+/// What went wrong reading the directory or one of its files.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("config directory {}: {source}", dir.display())]
+    ReadDir { dir: PathBuf, source: io::Error },
+    #[error("{}: {source}", path.display())]
+    ReadFile { path: PathBuf, source: io::Error },
+    #[error("{}: not UTF-8 text", path.display())]
+    NotUtf8 { path: PathBuf },
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    #[error(
+        "{}: not applied, its last good version stays: {source}{}",
+        path.display(),
+        others_note(others)
+    )]
+    Rejected {
+        path: PathBuf,
+        source: Box<StateError>,
+        /// Other files holding objects named in the error.
+        others: Vec<PathBuf>,
+    },
+    #[error("cluster state: {0}")]
+    State(Box<StateError>),
+}
+
+fn others_note(others: &[PathBuf]) -> String {
+    if others.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = others.iter().map(|p| p.display().to_string()).collect();
+    format!(" (see also {})", names.join(", "))
+}
+
+/// Content identity of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    hash: u64,
+}
+
+#[derive(Debug)]
+struct TrackedFile {
+    /// Listed in the directory at the last scan.
+    present: bool,
+    /// Of the content last read; `None` forces a read at the next scan.
+    fingerprint: Option<Fingerprint>,
+    /// Objects of the current content, if it parsed.
+    parsed: Option<Arc<[Object]>>,
+    /// Objects of this file in the published state.
+    applied: Arc<[Object]>,
+    /// Why the current content could not be read or parsed.
+    problem: Option<String>,
+    /// Why the current content is not applied.
+    rejection: Option<String>,
+}
+
+impl TrackedFile {
+    fn new() -> Self {
+        Self {
+            present: false,
+            fingerprint: None,
+            parsed: None,
+            applied: Arc::from(Vec::new()),
+            problem: None,
+            rejection: None,
+        }
+    }
+
+    /// The objects this file should contribute if they are valid.
+    fn candidate(&self) -> Arc<[Object]> {
+        if self.present {
+            Arc::clone(self.parsed.as_ref().unwrap_or(&self.applied))
+        } else {
+            Arc::from(Vec::new())
+        }
+    }
+
+    /// Records a read or parse problem (the last good objects stay); returns whether it is new,
+    /// and logs it then.
+    fn set_problem(&mut self, problem: &FilesError) -> bool {
+        self.parsed = None;
+        let message = problem.to_string();
+        if self.problem.as_ref() == Some(&message) {
+            return false;
+        }
+        error!(error = %message, "cluster config file not loaded; its last good objects stay");
+        self.problem = Some(message);
+        true
+    }
+
+    /// The file is no longer listed; returns whether that changes anything.
+    fn mark_absent(&mut self, path: &Path) -> bool {
+        let was_reported = self.present || self.problem.is_some();
+        if self.present {
+            info!(file = %path.display(), "cluster config file removed");
+        }
+        self.present = false;
+        self.fingerprint = None;
+        self.parsed = None;
+        self.problem = None;
+        was_reported
+    }
+}
+
+/// A directory of Kubernetes YAML files and the state last built from it.
+#[derive(Debug)]
+pub struct ConfigDir {
+    dir: PathBuf,
+    opts: EnrollmentOptions,
+    files: BTreeMap<PathBuf, TrackedFile>,
+    dir_error: Option<String>,
+    current: Option<Arc<ClusterState>>,
+}
+
+impl ConfigDir {
+    /// A source for `dir`; nothing is read until [`ConfigDir::load`]. Fails if `opts` are invalid.
+    pub fn new(dir: impl Into<PathBuf>, opts: EnrollmentOptions) -> Result<Self, FilesError> {
+        opts.validate()
+            .map_err(|e| FilesError::State(Box::new(e)))?;
+        Ok(Self {
+            dir: dir.into(),
+            opts,
+            files: BTreeMap::new(),
+            dir_error: None,
+            current: None,
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads what changed since the last call and returns the current snapshot: a new one (with
+    /// the next generation, starting at 1) when objects or errors changed, else the same `Arc`.
+    /// Fails only while no snapshot exists yet (the directory cannot be read at the first load);
+    /// later problems are logged and listed in the snapshot's errors. Blocking file I/O.
+    pub fn load(&mut self) -> Result<Arc<ClusterState>, FilesError> {
+        let changed = match self.scan() {
+            Ok(changed) => {
+                if self.dir_error.take().is_some() {
+                    info!(dir = %self.dir.display(), "config directory readable again");
+                    true
+                } else {
+                    changed
+                }
+            }
+            Err(err) => {
+                let Some(current) = &self.current else {
+                    return Err(err);
+                };
+                let message = err.to_string();
+                if self.dir_error.as_ref() == Some(&message) {
+                    return Ok(Arc::clone(current));
+                }
+                error!(error = %message, "cannot read the config directory; the last state stays");
+                self.dir_error = Some(message);
+                true
+            }
+        };
+        match &self.current {
+            Some(current) if !changed => Ok(Arc::clone(current)),
+            _ => self.rebuild(),
+        }
+    }
+
+    /// Updates the tracked files from the directory; returns whether any content changed.
+    fn scan(&mut self) -> Result<bool, FilesError> {
+        let read_dir_error = |source| FilesError::ReadDir {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut listed = BTreeSet::new();
+        for entry in fs::read_dir(&self.dir).map_err(read_dir_error)? {
+            let path = entry.map_err(read_dir_error)?.path();
+            if is_config_file(&path) {
+                listed.insert(path);
+            }
+        }
+        let mut changed = false;
+        for (path, file) in &mut self.files {
+            if !listed.contains(path) {
+                changed |= file.mark_absent(path);
+            }
+        }
+        for path in listed {
+            changed |= self.refresh(path);
+        }
+        Ok(changed)
+    }
+
+    /// Re-reads one listed file if it may have changed; returns whether anything about it changed.
+    fn refresh(&mut self, path: PathBuf) -> bool {
+        let file = self
+            .files
+            .entry(path.clone())
+            .or_insert_with(TrackedFile::new);
+        let meta = match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => meta,
+            // Not a regular file, or removed since the listing.
+            Ok(_) => return file.mark_absent(&path),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return file.mark_absent(&path),
+            Err(source) => {
+                file.present = true;
+                file.fingerprint = None;
+                return file.set_problem(&FilesError::ReadFile { path, source });
+            }
+        };
+        let newly_listed = !file.present;
+        file.present = true;
+        let modified = meta.modified().ok();
+        let settled = modified
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= SETTLED);
+        let unchanged_meta = file
+            .fingerprint
+            .is_some_and(|old| old.len == meta.len() && old.modified == modified);
+        if settled && unchanged_meta {
+            return newly_listed;
+        }
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return file.mark_absent(&path),
+            Err(source) => {
+                file.fingerprint = None;
+                return file.set_problem(&FilesError::ReadFile { path, source });
+            }
+        };
+        let mut hasher = DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        let fingerprint = Fingerprint {
+            len: bytes.len() as u64,
+            modified,
+            hash: hasher.finish(),
+        };
+        let same_content = file
+            .fingerprint
+            .is_some_and(|old| old.len == fingerprint.len && old.hash == fingerprint.hash);
+        file.fingerprint = Some(fingerprint);
+        if same_content {
+            return newly_listed;
+        }
+        let text = String::from_utf8(bytes).map_err(|_| FilesError::NotUtf8 { path: path.clone() });
+        let parsed = text.and_then(|text| {
+            parse_documents(&path.display().to_string(), &text).map_err(FilesError::Parse)
+        });
+        match parsed {
+            Ok(objects) => {
+                debug!(file = %path.display(), objects = objects.len(), "cluster config file read");
+                if file.problem.take().is_some() {
+                    info!(file = %path.display(), "cluster config file parses again");
+                }
+                file.parsed = Some(Arc::from(objects));
+                true
+            }
+            Err(err) => file.set_problem(&err) || newly_listed,
+        }
+    }
+
+    /// Builds the state from every file's candidate objects, rejecting changed files involved in
+    /// validation errors until it builds; publishes a new snapshot if objects or errors changed.
+    fn rebuild(&mut self) -> Result<Arc<ClusterState>, FilesError> {
+        let mut chosen: BTreeMap<PathBuf, Arc<[Object]>> = self
+            .files
+            .iter()
+            .map(|(path, file)| (path.clone(), file.candidate()))
+            .collect();
+        let mut rejections: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let state = loop {
+            let objects = chosen.values().flat_map(|objects| objects.iter());
+            let error = match ClusterState::build(objects, &self.opts) {
+                Ok(state) => break state,
+                Err(error) => error,
+            };
+            // Files whose chosen objects differ from the applied ones (a change to try).
+            let pending: Vec<&PathBuf> = chosen
+                .iter()
+                .filter(|(path, objects)| {
+                    let applied = &self.files[*path].applied;
+                    !Arc::ptr_eq(objects, applied) && objects[..] != applied[..]
+                })
+                .map(|(path, _)| path)
+                .collect();
+            let named = error.objects();
+            let holders: Vec<PathBuf> = chosen
+                .iter()
+                .filter(|(_, objects)| objects.iter().any(|o| named.contains(&&o.object_ref())))
+                .map(|(path, _)| path.clone())
+                .collect();
+            let mut culprits: Vec<PathBuf> = pending
+                .iter()
+                .filter(|path| holders.contains(path))
+                .map(|path| (*path).clone())
+                .collect();
+            if culprits.is_empty() {
+                culprits = pending.into_iter().cloned().collect();
+            }
+            if culprits.is_empty() {
+                // Not expected: with every change rejected this is the last published state.
+                return Err(FilesError::State(Box::new(error)));
+            }
+            for path in culprits {
+                let others = holders.iter().filter(|h| **h != path).cloned().collect();
+                let rejected = FilesError::Rejected {
+                    path: path.clone(),
+                    source: Box::new(error.clone()),
+                    others,
+                };
+                chosen.insert(path.clone(), Arc::clone(&self.files[&path].applied));
+                rejections.insert(path, rejected.to_string());
+            }
+        };
+        Ok(self.apply(chosen, rejections, state))
+    }
+
+    /// Makes `chosen` the applied objects and publishes `state` if objects or errors changed.
+    fn apply(
+        &mut self,
+        mut chosen: BTreeMap<PathBuf, Arc<[Object]>>,
+        mut rejections: BTreeMap<PathBuf, String>,
+        state: ClusterState,
+    ) -> Arc<ClusterState> {
+        let mut objects_changed = false;
+        for (path, file) in &mut self.files {
+            if let Some(objects) = chosen.remove(path) {
+                objects_changed |=
+                    !Arc::ptr_eq(&objects, &file.applied) && objects[..] != file.applied[..];
+                file.applied = objects;
+            }
+            let rejection = rejections.remove(path);
+            match (&rejection, &file.rejection) {
+                (Some(new), old) if old.as_ref() != Some(new) => {
+                    error!(error = %new, "cluster config change rejected");
+                }
+                (None, Some(_)) => info!(file = %path.display(), "cluster config file applied"),
+                _ => {}
+            }
+            file.rejection = rejection;
+        }
+        self.files
+            .retain(|_, file| file.present || !file.applied.is_empty());
+
+        let errors = self.errors();
+        if let Some(current) = &self.current {
+            if !objects_changed && current.errors() == errors.as_slice() {
+                return Arc::clone(current);
+            }
+        }
+        let generation = self.current.as_ref().map_or(1, |c| c.generation() + 1);
+        let state = Arc::new(state.with_status(generation, errors));
+        info!(
+            generation,
+            workloads = state.workloads().len(),
+            services = state.services().len(),
+            errors = state.errors().len(),
+            "cluster state updated"
+        );
+        self.current = Some(Arc::clone(&state));
+        state
+    }
+
+    /// Current problems: the directory's, then each file's.
+    fn errors(&self) -> Vec<SourceError> {
+        let mut errors = Vec::new();
+        if let Some(message) = &self.dir_error {
+            errors.push(SourceError {
+                source: self.dir.display().to_string(),
+                message: message.clone(),
+            });
+        }
+        for (path, file) in &self.files {
+            for message in [&file.problem, &file.rejection].into_iter().flatten() {
+                errors.push(SourceError {
+                    source: path.display().to_string(),
+                    message: message.clone(),
+                });
+            }
+        }
+        errors
+    }
+}
+
+/// `*.yaml` or `*.yml`, not hidden, not an editor's backup or lock file.
+fn is_config_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let yaml = Path::new(name)
+        .extension()
+        .is_some_and(|ext| ext == "yaml" || ext == "yml");
+    yaml && !name.starts_with('.') && !name.starts_with('#') && !name.ends_with('~')
+}
+
+/// Receiver of the snapshots and the watcher task.
+pub type Watcher = (watch::Receiver<Arc<ClusterState>>, JoinHandle<()>);
+
+/// Loads `dir` once (an error if that fails: directory missing or unreadable, invalid `opts`),
+/// then spawns a task that polls it every `interval` (250 ms is a good value) and sends each new
+/// snapshot on the returned channel. The task ends when every receiver is dropped (or abort it).
+///
+/// Must be called within a Tokio runtime. The first load runs on the calling thread; the polls
+/// run on the blocking pool, so file I/O never stalls the runtime's workers.
+pub fn spawn_watcher(
+    dir: impl Into<PathBuf>,
+    opts: EnrollmentOptions,
+    interval: Duration,
+) -> Result<Watcher, FilesError> {
+    let mut config = ConfigDir::new(dir, opts)?;
+    let first = config.load()?;
+    let (tx, rx) = watch::channel(first);
+    let task = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate; the first load is done
+        loop {
+            tokio::select! {
+                () = tx.closed() => {
+                    debug!(dir = %config.dir().display(), "no receivers; config watcher stops");
+                    return;
+                }
+                _ = ticker.tick() => {}
+            }
+            let polled = tokio::task::spawn_blocking(move || {
+                let result = config.load();
+                (config, result)
+            })
+            .await;
+            let result;
+            (config, result) = match polled {
+                Ok(polled) => polled,
+                Err(err) => {
+                    error!(error = %err, "config watcher poll failed; the watcher stops");
+                    return;
+                }
+            };
+            match result {
+                Ok(snapshot) => {
+                    tx.send_if_modified(|current| {
+                        let newer = current.generation() != snapshot.generation();
+                        if newer {
+                            *current = snapshot;
+                        }
+                        newer
+                    });
+                }
+                // `load` only fails before the first snapshot, which exists here.
+                Err(err) => error!(error = %err, "config directory poll failed"),
+            }
+        }
+    });
+    Ok((rx, task))
+}

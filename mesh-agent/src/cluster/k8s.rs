@@ -1,0 +1,671 @@
+//! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service), and the
+//! parser that turns YAML text into them.
+//!
+//! A text holds one or more documents separated by `---`. A document is one object, or a
+//! `kind: List` (or `PodList`, `ServiceList`, `NamespaceList`) whose `items` are objects.
+//! Documents and items of other kinds, or of the known kinds under another `apiVersion` (a
+//! Knative `Service` is not a Kubernetes Service), are skipped with a debug log. A document or
+//! item without `kind` or `apiVersion` is an error. Fields the agent does not read are ignored.
+//!
+//! Parsing checks shapes only (a port is an integer, a label value a string); values are checked
+//! by [`super::ClusterState::build`], which names the object and the field of each problem.
+
+use std::{cell::Cell, collections::BTreeMap, fmt};
+
+use serde::{
+    de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
+    Deserialize, Deserializer,
+};
+use serde_yaml::Value;
+use tracing::debug;
+
+/// Labels or annotations of an object.
+pub type Labels = BTreeMap<String, String>;
+
+/// Namespace of namespaced objects that do not name one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Service account of pods that do not name one.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// One object the agent reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// A `v1` Namespace.
+    Namespace(Namespace),
+    /// A `v1` Pod.
+    Pod(Pod),
+    /// A `v1` Service.
+    Service(Service),
+}
+
+impl Object {
+    /// The object's kind, namespace and name, as used in error messages.
+    pub fn object_ref(&self) -> ObjectRef {
+        match self {
+            Object::Namespace(o) => ObjectRef::cluster_scoped(Kind::Namespace, &o.metadata),
+            Object::Pod(o) => ObjectRef::namespaced(Kind::Pod, &o.metadata),
+            Object::Service(o) => ObjectRef::namespaced(Kind::Service, &o.metadata),
+        }
+    }
+}
+
+/// Kinds of [`Object`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `Namespace`.
+    Namespace,
+    /// `Pod`.
+    Pod,
+    /// `Service`.
+    Service,
+}
+
+impl Kind {
+    fn from_v1(kind: &str) -> Option<Self> {
+        match kind {
+            "Namespace" => Some(Kind::Namespace),
+            "Pod" => Some(Kind::Pod),
+            "Service" => Some(Kind::Service),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+        })
+    }
+}
+
+/// Identifies an object: displayed as `Pod namespace/name`, or `Namespace name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// Kind of the object.
+    pub kind: Kind,
+    /// Namespace, `None` for cluster-scoped kinds (Namespace).
+    pub namespace: Option<String>,
+    /// `metadata.name`.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// The reference to a namespaced object.
+    pub fn namespaced(kind: Kind, metadata: &ObjectMeta) -> Self {
+        Self {
+            kind,
+            namespace: Some(metadata.namespace().to_owned()),
+            name: metadata.name.clone(),
+        }
+    }
+
+    /// The reference to a cluster-scoped object.
+    pub fn cluster_scoped(kind: Kind, metadata: &ObjectMeta) -> Self {
+        Self {
+            kind,
+            namespace: None,
+            name: metadata.name.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(namespace) => write!(f, "{} {namespace}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// `metadata` of any object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct ObjectMeta {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` as written; see [`ObjectMeta::namespace`].
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// `metadata.labels`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub labels: Labels,
+    /// `metadata.annotations`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub annotations: Labels,
+    /// `metadata.uid`.
+    #[serde(default)]
+    pub uid: Option<String>,
+}
+
+impl ObjectMeta {
+    /// The namespace, [`DEFAULT_NAMESPACE`] when absent or empty.
+    pub fn namespace(&self) -> &str {
+        match self.namespace.as_deref() {
+            None | Some("") => DEFAULT_NAMESPACE,
+            Some(namespace) => namespace,
+        }
+    }
+}
+
+/// A `v1` Namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Namespace {
+    /// Name and labels.
+    pub metadata: ObjectMeta,
+}
+
+/// A `v1` Pod.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Pod {
+    /// Name, namespace, labels, annotations, uid.
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: PodSpec,
+    /// `status`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub status: PodStatus,
+}
+
+/// `spec` of a Pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Node the pod is scheduled on; `None` while pending.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// `serviceAccountName` as written; see [`PodSpec::service_account`].
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    /// The pod shares its node's network namespace.
+    #[serde(default, deserialize_with = "nullable")]
+    pub host_network: bool,
+    /// Containers (only their ports are read).
+    #[serde(default, deserialize_with = "nullable")]
+    pub containers: Vec<Container>,
+}
+
+impl PodSpec {
+    /// The service account, [`DEFAULT_SERVICE_ACCOUNT`] when absent or empty.
+    pub fn service_account(&self) -> &str {
+        match self.service_account_name.as_deref() {
+            None | Some("") => DEFAULT_SERVICE_ACCOUNT,
+            Some(name) => name,
+        }
+    }
+}
+
+/// A container of a Pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Container {
+    /// `name`.
+    #[serde(default)]
+    pub name: String,
+    /// `ports`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// A port of a container.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    /// Name a Service's `targetPort` can refer to.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `containerPort` (range-checked when the state is built).
+    pub container_port: i64,
+    /// `protocol`, TCP when absent.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// `status` of a Pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct PodStatus {
+    /// `phase` (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`).
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// `podIP`, the primary address.
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    /// `podIPs`, at most one per address family, primary first.
+    #[serde(default, rename = "podIPs", deserialize_with = "nullable")]
+    pub pod_ips: Vec<PodIp>,
+    /// `conditions`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// An entry of `status.podIPs`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct PodIp {
+    /// `ip`.
+    pub ip: String,
+}
+
+/// An entry of `status.conditions`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct PodCondition {
+    /// `type`, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `status`: `True`, `False` or `Unknown`.
+    pub status: String,
+}
+
+impl Pod {
+    /// Whether the pod has finished (`Succeeded` or `Failed`): its address may already belong to
+    /// another pod.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
+    /// Whether the pod is ready: it has not finished and no `Ready` condition says `False`.
+    pub fn is_ready(&self) -> bool {
+        !self.is_terminated()
+            && !self
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False")
+    }
+}
+
+/// A `v1` Service.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Service {
+    /// Name, namespace, labels.
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub spec: ServiceSpec,
+}
+
+/// `spec` of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct ServiceSpec {
+    /// `clusterIP`: the primary VIP, `None` or empty for a headless service.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    /// `clusterIPs`: all VIPs, at most one per family, `clusterIP` first.
+    #[serde(default, rename = "clusterIPs", deserialize_with = "nullable")]
+    pub cluster_ips: Vec<String>,
+    /// `ports`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<ServicePort>,
+    /// `selector`; absent or empty means the service has no automatic endpoints.
+    #[serde(default, deserialize_with = "nullable")]
+    pub selector: Labels,
+}
+
+/// A port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// `name`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `port` (range-checked when the state is built).
+    pub port: i64,
+    /// `targetPort`: a number, or the name of a container port; the same as `port` when absent.
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    /// `protocol`, TCP when absent.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// A Kubernetes `IntOrString` (a Service's `targetPort`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IntOrString {
+    /// Written as an integer.
+    Int(i64),
+    /// Written as a string.
+    String(String),
+}
+
+impl<'de> Deserialize<'de> for IntOrString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IntOrStringVisitor;
+        impl Visitor<'_> for IntOrStringVisitor {
+            type Value = IntOrString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number or a port name")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IntOrString, E> {
+                Ok(IntOrString::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IntOrString, E> {
+                i64::try_from(v)
+                    .map(IntOrString::Int)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IntOrString, E> {
+                Ok(IntOrString::String(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(IntOrStringVisitor)
+    }
+}
+
+/// `null` reads as the default (Kubernetes manifests often carry `labels:` with nothing after).
+fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Where in a text a problem is: file, document (1-based) and, inside a list, item (0-based).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocPosition {
+    /// The file (or other source) name given to [`parse_documents`].
+    pub file: String,
+    /// Document number, 1-based.
+    pub document: usize,
+    /// Index in the list's `items`, for objects inside a list.
+    pub item: Option<usize>,
+}
+
+impl fmt::Display for DocPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)?;
+        match self.item {
+            Some(item) => write!(f, ", items[{item}]"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why a text could not be parsed. Every variant names the file and document.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The text is not YAML.
+    #[error("{position}: invalid YAML: {source}")]
+    Yaml {
+        position: DocPosition,
+        source: serde_yaml::Error,
+    },
+    /// A document or item is not a mapping.
+    #[error("{position}: not an object (expected a mapping with `apiVersion` and `kind`)")]
+    NotAnObject { position: DocPosition },
+    /// A document or item lacks `kind` or `apiVersion` (or it is not a string).
+    #[error("{position}: no `{field}` (every object needs `apiVersion` and `kind`)")]
+    MissingField {
+        position: DocPosition,
+        field: &'static str,
+    },
+    /// A list's `items` is not a sequence.
+    #[error("{position}: `items` of a {kind} is not a sequence")]
+    ItemsNotASequence { position: DocPosition, kind: String },
+    /// An object of a known kind does not have the expected shape; the message names the
+    /// field path and the line.
+    #[error("{position}: {object}: {source}")]
+    Invalid {
+        position: DocPosition,
+        object: String,
+        source: serde_yaml::Error,
+    },
+}
+
+/// What the typed pass does with one document.
+enum Plan {
+    Skip,
+    One(Kind),
+    List(Vec<Option<Kind>>),
+}
+
+/// Parses every document of `text`; `file` names the source in errors and logs.
+pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Object>, ParseError> {
+    // Pass 1, untyped: find each document's kind (and each list item's), and a readable name for
+    // error messages.
+    let mut plans = Vec::new();
+    let mut names = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let position = DocPosition {
+            file: file.to_owned(),
+            document: index + 1,
+            item: None,
+        };
+        // After a syntax error the iterator repeats the error forever: stop at the first.
+        let value = Value::deserialize(document).map_err(|source| ParseError::Yaml {
+            position: position.clone(),
+            source,
+        })?;
+        let (plan, doc_names) = plan_document(&value, &position)?;
+        plans.push(plan);
+        names.push(doc_names);
+    }
+
+    // Pass 2, typed: deserialize straight from the document so that errors carry the field path
+    // and the line in the file.
+    let mut objects = Vec::new();
+    let documents = serde_yaml::Deserializer::from_str(text);
+    for (index, (document, plan)) in documents.zip(&plans).enumerate() {
+        let current_item = Cell::new(None);
+        let result = match plan {
+            Plan::Skip => continue,
+            Plan::One(kind) => KindSeed(Some(*kind))
+                .deserialize(document)
+                .map(|object| objects.extend(object)),
+            Plan::List(kinds) => ListSeed {
+                kinds,
+                current_item: &current_item,
+            }
+            .deserialize(document)
+            .map(|items| objects.extend(items)),
+        };
+        result.map_err(|source| {
+            let item = current_item.get();
+            ParseError::Invalid {
+                position: DocPosition {
+                    file: file.to_owned(),
+                    document: index + 1,
+                    item,
+                },
+                object: names[index]
+                    .get(item.unwrap_or(0))
+                    .cloned()
+                    .unwrap_or_default(),
+                source,
+            }
+        })?;
+    }
+    Ok(objects)
+}
+
+/// Decides what pass 2 does with a document, and returns a readable name per object in it.
+fn plan_document(value: &Value, position: &DocPosition) -> Result<(Plan, Vec<String>), ParseError> {
+    if value.is_null() {
+        return Ok((Plan::Skip, Vec::new())); // empty document, e.g. after a trailing `---`
+    }
+    let (api_version, kind) = type_of(value, position)?;
+    if api_version == "v1" {
+        if let Some(kind) = Kind::from_v1(kind) {
+            return Ok((Plan::One(kind), vec![display_name(kind, value)]));
+        }
+        if kind == "List" {
+            return plan_list(value, kind, None, position);
+        }
+        if let Some(item_kind) = kind.strip_suffix("List").and_then(Kind::from_v1) {
+            return plan_list(value, kind, Some(item_kind), position);
+        }
+    }
+    log_skipped(position, api_version, kind);
+    Ok((Plan::Skip, Vec::new()))
+}
+
+fn plan_list(
+    value: &Value,
+    list_kind: &str,
+    item_kind: Option<Kind>,
+    position: &DocPosition,
+) -> Result<(Plan, Vec<String>), ParseError> {
+    let items = match value.get("items") {
+        None | Some(Value::Null) => return Ok((Plan::Skip, Vec::new())),
+        Some(Value::Sequence(items)) => items,
+        Some(_) => {
+            return Err(ParseError::ItemsNotASequence {
+                position: position.clone(),
+                kind: list_kind.to_owned(),
+            })
+        }
+    };
+    let mut kinds = Vec::with_capacity(items.len());
+    let mut names = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let position = DocPosition {
+            item: Some(index),
+            ..position.clone()
+        };
+        // Items of a typed list (`PodList`) may omit their own type, as the API server does.
+        let kind = match item_kind {
+            Some(kind) if item.get("kind").is_none() && item.is_mapping() => Some(kind),
+            _ => {
+                let (api_version, kind) = type_of(item, &position)?;
+                let known = Kind::from_v1(kind).filter(|_| api_version == "v1");
+                if known.is_none() {
+                    log_skipped(&position, api_version, kind);
+                }
+                known
+            }
+        };
+        names.push(
+            kind.map(|kind| display_name(kind, item))
+                .unwrap_or_default(),
+        );
+        kinds.push(kind);
+    }
+    Ok((Plan::List(kinds), names))
+}
+
+/// `apiVersion` and `kind` of a document or item.
+fn type_of<'v>(value: &'v Value, position: &DocPosition) -> Result<(&'v str, &'v str), ParseError> {
+    if !value.is_mapping() {
+        return Err(ParseError::NotAnObject {
+            position: position.clone(),
+        });
+    }
+    let field = |field: &'static str| {
+        value
+            .get(field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| ParseError::MissingField {
+                position: position.clone(),
+                field,
+            })
+    };
+    Ok((field("apiVersion")?, field("kind")?))
+}
+
+fn log_skipped(position: &DocPosition, api_version: &str, kind: &str) {
+    debug!(%position, api_version, kind, "skipping an object of a kind the agent does not read");
+}
+
+/// `Kind namespace/name` read from an untyped object, for error messages.
+fn display_name(kind: Kind, value: &Value) -> String {
+    let metadata = value.get("metadata");
+    let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+    let name = field("name").unwrap_or("<no name>");
+    match kind {
+        Kind::Namespace => format!("{kind} {name}"),
+        Kind::Pod | Kind::Service => {
+            let namespace = field("namespace").filter(|ns| !ns.is_empty());
+            format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
+        }
+    }
+}
+
+/// Deserializes one object of a known kind, or skips a value (`None`).
+#[derive(Clone, Copy)]
+struct KindSeed(Option<Kind>);
+
+impl<'de> DeserializeSeed<'de> for KindSeed {
+    type Value = Option<Object>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        Ok(Some(match self.0 {
+            None => {
+                IgnoredAny::deserialize(deserializer)?;
+                return Ok(None);
+            }
+            Some(Kind::Namespace) => Object::Namespace(Namespace::deserialize(deserializer)?),
+            Some(Kind::Pod) => Object::Pod(Pod::deserialize(deserializer)?),
+            Some(Kind::Service) => Object::Service(Service::deserialize(deserializer)?),
+        }))
+    }
+}
+
+/// Deserializes the known items of a list document; records the index of the item being read so
+/// that an error can name it.
+#[derive(Clone, Copy)]
+struct ListSeed<'a> {
+    kinds: &'a [Option<Kind>],
+    current_item: &'a Cell<Option<usize>>,
+}
+
+impl<'de> DeserializeSeed<'de> for ListSeed<'_> {
+    type Value = Vec<Object>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ListSeed<'_> {
+    type Value = Vec<Object>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut objects = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                objects = map.next_value_seed(ItemsSeed(self))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(objects)
+    }
+}
+
+struct ItemsSeed<'a>(ListSeed<'a>);
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = Vec<Object>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemsSeed<'_> {
+    type Value = Vec<Object>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut objects = Vec::new();
+        for index in 0.. {
+            self.0.current_item.set(Some(index));
+            let kind = self.0.kinds.get(index).copied().flatten();
+            match seq.next_element_seed(KindSeed(kind))? {
+                None => break,
+                Some(object) => objects.extend(object),
+            }
+        }
+        self.0.current_item.set(None);
+        Ok(objects)
+    }
+}

@@ -1,0 +1,375 @@
+//! Translation of one Kubernetes object into the agent's types, with the checks of its fields.
+//! [`super::ClusterState::build`] calls these; the cross-object checks (duplicates, conflicts)
+//! and the indexes are there.
+
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
+
+use super::{
+    k8s::{self, IntOrString, Kind, Labels, ObjectRef},
+    state::{
+        Endpoint, EnrollmentOptions, Protocol, Service, ServicePort, StateError, TargetPort,
+        Workload, CGROUP_ANNOTATION, NETNS_ANNOTATION,
+    },
+};
+
+/// A pod during the build: its workload and its object (for named container ports).
+pub(super) struct BuiltPod<'a> {
+    pub(super) workload: Arc<Workload>,
+    pub(super) pod: &'a k8s::Pod,
+}
+
+pub(super) fn pod_ref(pod: &k8s::Pod) -> ObjectRef {
+    ObjectRef::namespaced(Kind::Pod, &pod.metadata)
+}
+
+pub(super) fn service_ref(svc: &k8s::Service) -> ObjectRef {
+    ObjectRef::namespaced(Kind::Service, &svc.metadata)
+}
+
+pub(super) fn workload_ref(workload: &Workload) -> ObjectRef {
+    ObjectRef {
+        kind: Kind::Pod,
+        namespace: Some(workload.namespace.clone()),
+        name: workload.name.clone(),
+    }
+}
+
+pub(super) fn workload_from(
+    pod: &k8s::Pod,
+    ns_labels: Option<&Labels>,
+    opts: &EnrollmentOptions,
+) -> Result<Workload, StateError> {
+    let object = pod_ref(pod);
+    let meta = &pod.metadata;
+    check_name(
+        &object,
+        "metadata.namespace",
+        meta.namespace(),
+        NameRule::Label,
+    )?;
+    check_name(&object, "metadata.name", &meta.name, NameRule::Subdomain)?;
+    let service_account = pod.spec.service_account();
+    check_name(
+        &object,
+        "spec.serviceAccountName",
+        service_account,
+        NameRule::Subdomain,
+    )?;
+
+    let ips = addresses(
+        &object,
+        pod.status.pod_ips.iter().map(|entry| entry.ip.as_str()),
+        ("status.podIPs", "status.podIP"),
+        pod.status.pod_ip.as_deref(),
+    )?;
+    for (c, container) in pod.spec.containers.iter().enumerate() {
+        for (p, port) in container.ports.iter().enumerate() {
+            let field = format!("spec.containers[{c}].ports[{p}]");
+            check_port(
+                &object,
+                format!("{field}.containerPort"),
+                port.container_port,
+            )?;
+            protocol(
+                &object,
+                format!("{field}.protocol"),
+                port.protocol.as_deref(),
+            )?;
+        }
+    }
+    let host_network = pod.spec.host_network;
+    let enrolled = !host_network && opts.is_enrolled(ns_labels, &meta.labels);
+    let netns = annotation_path(&object, meta, NETNS_ANNOTATION)?;
+    let cgroup = annotation_path(&object, meta, CGROUP_ANNOTATION)?;
+    let node = pod.spec.node_name.clone().filter(|node| !node.is_empty());
+    if enrolled && !opts.node_name.is_empty() && node.as_deref() == Some(opts.node_name.as_str()) {
+        for (path, annotation) in [(&netns, NETNS_ANNOTATION), (&cgroup, CGROUP_ANNOTATION)] {
+            if path.is_none() {
+                return Err(StateError::MissingAnnotation {
+                    object,
+                    annotation,
+                    node: opts.node_name.clone(),
+                });
+            }
+        }
+    }
+    Ok(Workload {
+        namespace: meta.namespace().to_owned(),
+        name: meta.name.clone(),
+        uid: meta.uid.clone(),
+        node,
+        service_account: service_account.to_owned(),
+        identity: format!(
+            "spiffe://{}/ns/{}/sa/{service_account}",
+            opts.trust_domain,
+            meta.namespace()
+        ),
+        labels: meta.labels.clone(),
+        ips,
+        ready: pod.is_ready(),
+        enrolled,
+        host_network,
+        netns,
+        cgroup,
+    })
+}
+
+fn annotation_path(
+    object: &ObjectRef,
+    meta: &k8s::ObjectMeta,
+    annotation: &'static str,
+) -> Result<Option<PathBuf>, StateError> {
+    match meta.annotations.get(annotation) {
+        None => Ok(None),
+        Some(value) if value.starts_with('/') => Ok(Some(PathBuf::from(value))),
+        Some(value) => Err(StateError::RelativePath {
+            object: object.clone(),
+            annotation,
+            value: value.clone(),
+        }),
+    }
+}
+
+/// Parses a list of addresses (`podIPs`, `clusterIPs`) and its primary (`podIP`, `clusterIP`):
+/// at most one per family, the primary first. `None` and empty entries are skipped (headless).
+fn addresses<'s>(
+    object: &ObjectRef,
+    list: impl Iterator<Item = &'s str>,
+    (list_field, primary_field): (&'static str, &'static str),
+    primary: Option<&str>,
+) -> Result<Vec<IpAddr>, StateError> {
+    let parse = |value: &str, field: String| {
+        value
+            .parse::<IpAddr>()
+            .map(|ip| ip.to_canonical())
+            .map_err(|_| StateError::InvalidIp {
+                object: object.clone(),
+                field,
+                value: value.to_owned(),
+            })
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for (index, value) in list
+        .enumerate()
+        .filter(|(_, v)| !v.is_empty() && *v != "None")
+    {
+        let field = format!("{list_field}[{index}]");
+        let ip = parse(value, field.clone())?;
+        if ips.iter().any(|other| other.is_ipv4() == ip.is_ipv4()) {
+            return Err(StateError::SecondAddressOfFamily {
+                object: object.clone(),
+                field,
+                ip,
+            });
+        }
+        ips.push(ip);
+    }
+    if let Some(value) = primary.filter(|v| !v.is_empty() && *v != "None") {
+        let ip = parse(value, primary_field.to_owned())?;
+        match ips.first() {
+            None => ips.push(ip),
+            Some(first) if *first == ip => {}
+            Some(first) => {
+                return Err(StateError::PrimaryMismatch {
+                    object: object.clone(),
+                    field: primary_field,
+                    value: ip,
+                    list_field,
+                    first: *first,
+                })
+            }
+        }
+    }
+    Ok(ips)
+}
+
+pub(super) fn service_from(svc: &k8s::Service, pods: &[BuiltPod]) -> Result<Service, StateError> {
+    let object = service_ref(svc);
+    check_name(
+        &object,
+        "metadata.namespace",
+        svc.metadata.namespace(),
+        NameRule::Label,
+    )?;
+    check_name(
+        &object,
+        "metadata.name",
+        &svc.metadata.name,
+        NameRule::Label,
+    )?;
+    let vips = addresses(
+        &object,
+        svc.spec.cluster_ips.iter().map(String::as_str),
+        ("spec.clusterIPs", "spec.clusterIP"),
+        svc.spec.cluster_ip.as_deref(),
+    )?;
+    let selected: Vec<&BuiltPod> = if svc.spec.selector.is_empty() {
+        Vec::new()
+    } else {
+        pods.iter()
+            .filter(|p| p.workload.ready && !p.workload.ips.is_empty())
+            .filter(|p| {
+                let labels = &p.workload.labels;
+                svc.spec
+                    .selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .collect()
+    };
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(svc.spec.ports.len());
+    for (index, spec) in svc.spec.ports.iter().enumerate() {
+        let field = |name: &str| format!("spec.ports[{index}].{name}");
+        let port = check_port(&object, field("port"), spec.port)?;
+        let protocol = protocol(&object, field("protocol"), spec.protocol.as_deref())?;
+        if ports
+            .iter()
+            .any(|p| p.port == port && p.protocol == protocol)
+        {
+            return Err(StateError::RepeatedPort {
+                object,
+                field: field("port"),
+                port,
+                protocol,
+            });
+        }
+        let target_port = match &spec.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(check_port(&object, field("targetPort"), *n)?)
+            }
+            Some(IntOrString::String(name)) if is_port_name(name) => TargetPort::Name(name.clone()),
+            Some(IntOrString::String(name)) => {
+                return Err(StateError::InvalidPortName {
+                    object,
+                    field: field("targetPort"),
+                    value: name.clone(),
+                })
+            }
+        };
+        ports.push(service_port(spec, (port, protocol), target_port, &selected));
+    }
+    Ok(Service {
+        namespace: svc.metadata.namespace().to_owned(),
+        name: svc.metadata.name.clone(),
+        vips,
+        selector: svc.spec.selector.clone(),
+        ports,
+    })
+}
+
+fn service_port(
+    spec: &k8s::ServicePort,
+    (port, protocol): (u16, Protocol),
+    target_port: TargetPort,
+    selected: &[&BuiltPod],
+) -> ServicePort {
+    let mut endpoints = Vec::new();
+    for pod in selected {
+        let resolved = match &target_port {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => named_port(pod.pod, name, protocol),
+        };
+        if let Some(port) = resolved {
+            endpoints.push(Endpoint {
+                workload: Arc::clone(&pod.workload),
+                port,
+            });
+        }
+    }
+    ServicePort::new(spec.name.clone(), (port, protocol), target_port, endpoints)
+}
+
+/// The container port named `name` for `protocol` (already range-checked).
+fn named_port(pod: &k8s::Pod, name: &str, protocol: Protocol) -> Option<u16> {
+    let wanted = protocol.to_string();
+    pod.spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .find(|p| {
+            p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == wanted
+        })
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+fn check_port(object: &ObjectRef, field: String, value: i64) -> Result<u16, StateError> {
+    match u16::try_from(value) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(StateError::InvalidPort {
+            object: object.clone(),
+            field,
+            value,
+        }),
+    }
+}
+
+fn protocol(
+    object: &ObjectRef,
+    field: String,
+    value: Option<&str>,
+) -> Result<Protocol, StateError> {
+    match value {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(StateError::InvalidProtocol {
+            object: object.clone(),
+            field,
+            value: other.to_owned(),
+        }),
+    }
+}
+
+/// IANA service name, as Kubernetes requires of named ports.
+fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum NameRule {
+    /// RFC 1123 label: namespaces, service names.
+    Label,
+    /// RFC 1123 subdomain: pod and service-account names.
+    Subdomain,
+}
+
+pub(super) fn check_name(
+    object: &ObjectRef,
+    field: &str,
+    value: &str,
+    rule: NameRule,
+) -> Result<(), StateError> {
+    let label = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !part.starts_with('-')
+            && !part.ends_with('-')
+    };
+    let (ok, expected) = match rule {
+        NameRule::Label => (value.len() <= 63 && label(value), "DNS label (RFC 1123)"),
+        NameRule::Subdomain => (
+            value.len() <= 253 && value.split('.').all(label),
+            "DNS subdomain (RFC 1123)",
+        ),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::InvalidName {
+            object: object.clone(),
+            field: field.to_owned(),
+            value: value.to_owned(),
+            expected,
+        })
+    }
+}

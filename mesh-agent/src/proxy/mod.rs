@@ -1,0 +1,284 @@
+//! The agent's listeners inside each meshed pod's network namespace, and the relay between a
+//! captured connection and its upstream.
+//!
+//! - `outbound` (port 15001 on the pod's own addresses): connections the pod's applications
+//!   made, redirected by the connect hooks. The original destination comes from the kernel.
+//! - `inbound` (port 15006): connections for the pod from anywhere else, steered by `sk_lookup`.
+//!   The original destination is the accepted socket's local address.
+//!
+//! Every leg the agent opens is created inside a pod's namespace: toward another node from the
+//! source pod's namespace (the packet leaves with the pod's address, like the application's own
+//! would), toward an application from inside that application's pod, over its own address.
+//! A same-node connection therefore never crosses a veth: both legs are pod-local and the
+//! kernel's `sk_msg` short-cut carries them.
+
+mod inbound;
+mod outbound;
+mod relay;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use mesh_common::{SockAddr, SockKey, INBOUND_PORT, OUTBOUND_PORT};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+
+use crate::{
+    datapath::ConnMaps,
+    netns::{Netns, NetnsError},
+};
+
+/// Backlog of every listener the agent opens in a pod.
+const BACKLOG: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("{what} {addr}: {source}")]
+    Io {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("registering the peer address of {addr}: {source}")]
+    Peer {
+        addr: SocketAddr,
+        source: crate::datapath::DatapathError,
+    },
+}
+
+/// A meshed pod on this node, as the proxies see it.
+#[derive(Debug)]
+pub struct LocalPod {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    pub netns: Netns,
+    pub ips: Vec<IpAddr>,
+}
+
+impl LocalPod {
+    /// The pod's address of the same family as `ip`.
+    fn address_like(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == ip.is_ipv4())
+    }
+}
+
+/// Meshed pods of this node by address: the same-node short path.
+pub type LocalPods = HashMap<IpAddr, Arc<LocalPod>>;
+
+/// Where a captured connection should go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Connect to this address (an endpoint of a service, a pod, or the original destination).
+    To {
+        addr: SocketAddr,
+        service: Option<String>,
+    },
+    /// Refuse the connection, with the reason for the log.
+    Refuse(String),
+}
+
+/// Decides where a destination goes (the cluster view implements it).
+pub trait Resolve: Send + Sync + 'static {
+    fn route(&self, dst: SocketAddr) -> Route;
+}
+
+/// What the proxies share.
+pub struct ProxyCtx {
+    pub conn: Arc<ConnMaps>,
+    pub local: watch::Receiver<Arc<LocalPods>>,
+    pub resolver: Arc<dyn Resolve>,
+}
+
+impl std::fmt::Debug for ProxyCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyCtx").finish_non_exhaustive()
+    }
+}
+
+/// The listeners of one pod; their accept loops stop when this is dropped.
+#[derive(Debug)]
+pub struct PodListeners {
+    tasks: Vec<JoinHandle<()>>,
+    /// Inbound listener per pod address, for `sk_lookup` (inserted by the caller).
+    pub inbound: Vec<(IpAddr, std::os::fd::OwnedFd)>,
+}
+
+impl Drop for PodListeners {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Accepts connections on a pod's listener forever, handling each in a task of its own with one
+/// tracing span per connection.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    pod: Arc<LocalPod>,
+    ctx: Arc<ProxyCtx>,
+    direction: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<LocalPod>, Arc<ProxyCtx>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let span = tracing::info_span!("conn", direction, pod = %pod.name, src = %peer);
+                let task = handle(stream, peer, Arc::clone(&pod), Arc::clone(&ctx));
+                tokio::spawn(tracing::Instrument::instrument(task, span));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, direction, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Opens the outbound and inbound listeners of `pod` inside its namespace and starts their
+/// accept loops.
+pub fn start_pod(pod: &Arc<LocalPod>, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, ProxyError> {
+    let mut tasks = Vec::new();
+    let mut inbound = Vec::new();
+    for &ip in &pod.ips {
+        let out = listen(&pod.netns, SocketAddr::new(ip, OUTBOUND_PORT))?;
+        tasks.push(tokio::spawn(accept_loop(
+            out,
+            Arc::clone(pod),
+            Arc::clone(ctx),
+            "outbound",
+            outbound::handle,
+        )));
+        let addr = SocketAddr::new(ip, INBOUND_PORT);
+        let inb = listen(&pod.netns, addr)?;
+        let fd = std::os::fd::AsFd::as_fd(&inb)
+            .try_clone_to_owned()
+            .map_err(|source| ProxyError::Io {
+                what: "duplicating listener",
+                addr,
+                source,
+            })?;
+        inbound.push((ip, fd));
+        tasks.push(tokio::spawn(accept_loop(
+            inb,
+            Arc::clone(pod),
+            Arc::clone(ctx),
+            "inbound",
+            inbound::handle,
+        )));
+    }
+    Ok(PodListeners { tasks, inbound })
+}
+
+fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    netns
+        .run(|| {
+            let socket = new_socket(addr)?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(BACKLOG)
+        })
+        .map_err(|e| match e {
+            NetnsError::Io { source, .. } => ProxyError::Io {
+                what: "listening on",
+                addr,
+                source,
+            },
+            other => ProxyError::Netns(other),
+        })
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+}
+
+/// Connects from inside `netns` to `target`, from the namespace's own address for that family.
+async fn dial_from(netns: &Netns, target: SocketAddr) -> Result<TcpStream, ProxyError> {
+    connect(netns.run(|| new_socket(target))?, target).await
+}
+
+async fn connect(socket: TcpSocket, target: SocketAddr) -> Result<TcpStream, ProxyError> {
+    socket.set_nodelay(true).ok();
+    socket
+        .connect(target)
+        .await
+        .map_err(|source| ProxyError::Io {
+            what: "connecting to",
+            addr: target,
+            source,
+        })
+}
+
+/// Connects to the application at `target` inside `pod`, from the pod's own address, so the
+/// kernel short-cuts the leg; the application sees `client` as its peer.
+async fn dial_app(
+    pod: &LocalPod,
+    target: SocketAddr,
+    client: SocketAddr,
+    conn: &Arc<ConnMaps>,
+) -> Result<(TcpStream, PeerGuard), ProxyError> {
+    let Some(own) = pod.address_like(target.ip()) else {
+        return Err(ProxyError::Io {
+            what: "no pod address of the family of",
+            addr: target,
+            source: io::ErrorKind::AddrNotAvailable.into(),
+        });
+    };
+    let socket = pod.netns.run(|| {
+        let s = new_socket(target)?;
+        s.bind(SocketAddr::new(own, 0))?;
+        Ok(s)
+    })?;
+    let local = socket.local_addr().map_err(|source| ProxyError::Io {
+        what: "binding a leg to",
+        addr: target,
+        source,
+    })?;
+    // The application's socket will see (local: target, remote: our address).
+    let key = SockKey {
+        local: SockAddr::from(target),
+        remote: SockAddr::from(local),
+    };
+    conn.set_peer(key, client)
+        .map_err(|source| ProxyError::Peer {
+            addr: target,
+            source,
+        })?;
+    let guard = PeerGuard {
+        key,
+        conn: Arc::clone(conn),
+    };
+    let stream = connect(socket, target).await?;
+    Ok((stream, guard))
+}
+
+/// Removes a peer-address entry when the connection ends.
+struct PeerGuard {
+    key: SockKey,
+    conn: Arc<ConnMaps>,
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        self.conn.clear_peer(&self.key);
+    }
+}

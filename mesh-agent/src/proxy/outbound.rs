@@ -1,0 +1,65 @@
+//! Port 15001 in each meshed pod: connections the pod's applications made, redirected by the
+//! connect hooks. Each is resolved (service VIP to endpoint, pod IP to pod, anything else as
+//! it was) and connected: to a meshed pod of this node from inside that pod, otherwise from
+//! inside the source pod.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use mesh_common::{INBOUND_PORT, OUTBOUND_PORT};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::{
+    dial_app, dial_from,
+    relay::{relay, ConnInfo},
+    LocalPod, ProxyCtx, Route,
+};
+
+pub(super) async fn handle(
+    down: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<LocalPod>,
+    ctx: Arc<ProxyCtx>,
+) {
+    let started = Instant::now();
+    down.set_nodelay(true).ok();
+    let Some(dst) = ctx.conn.take_orig_dst(peer) else {
+        // Not captured by the kernel (someone dialled the listener directly): nothing to do.
+        warn!("no original destination recorded for this connection; closing it");
+        return;
+    };
+    if dst.ip() == peer.ip() && [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
+        warn!(%dst, "connection to the agent's own port; closing it");
+        return;
+    }
+    let (upstream, service) = match ctx.resolver.route(dst) {
+        Route::To { addr, service } => (addr, service),
+        Route::Refuse(reason) => {
+            warn!(%dst, reason, "connection refused");
+            return;
+        }
+    };
+    let local = ctx.local.borrow().get(&upstream.ip()).cloned();
+    let info = ConnInfo {
+        direction: "outbound",
+        pod: pod.name.clone(),
+        src: peer,
+        dst,
+        upstream,
+        service,
+    };
+    match local {
+        // Same node: straight into the destination pod, over its own address.
+        Some(target) => match dial_app(&target, upstream, peer, &ctx.conn).await {
+            Ok((up, _peer_guard)) => {
+                debug!(%upstream, target = %target.name, "same-node connection");
+                relay(down, up, info, started).await;
+            }
+            Err(e) => warn!(%dst, %upstream, error = %e, "could not reach the destination"),
+        },
+        None => match dial_from(&pod.netns, upstream).await {
+            Ok(up) => relay(down, up, info, started).await,
+            Err(e) => warn!(%dst, %upstream, error = %e, "could not reach the destination"),
+        },
+    }
+}

@@ -1,0 +1,271 @@
+//! `cgroup/connect4|6`: outbound capture. `cgroup/getpeername4|6`: the original client, shown to
+//! the application that the agent connects to.
+
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr, BPF_ANY},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use aya_log_ebpf::info;
+use mesh_common::{CgroupCounters, SockAddr, SockKey, AF_INET, AF_INET6, OUTBOUND_PORT};
+
+use crate::{
+    addr,
+    maps::{MESH_CGROUP_COUNTERS, MESH_ORIG_DST, MESH_PEER_ADDR, MESH_PODS},
+};
+
+/// `SOCK_STREAM`: only TCP is captured (UDP `connect()` runs the same hooks).
+const SOCK_STREAM: u32 = 1;
+/// Verdict of a `cgroup/sock_addr` program that lets the call proceed.
+const ALLOW: i32 = 1;
+
+/// Why a program could not do its work. Capture failures leave the call as the application
+/// made it; the agent sees them as missing map entries.
+pub enum Error {
+    CounterMapFull,
+    OrigDstMapFull,
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the
+    // call; getpeername hooks may write `user_ip*`/`user_port`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(orig) = original_peer(sa, Family::V4) {
+        // A getpeername4 program may only write the IPv4 fields; an IPv6 client cannot be
+        // shown through an IPv4 socket, so that case keeps the agent's address.
+        if orig.family == AF_INET {
+            sa.user_ip4 = orig.ip[0];
+            sa.user_port = u32::from(addr::port_host(orig.port).to_be());
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the
+    // call; getpeername hooks may write `user_ip*`/`user_port`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(orig) = original_peer(sa, Family::V6) {
+        let words = if orig.family == AF_INET {
+            [0, 0, addr::v4_mapped_marker(), orig.ip[0]]
+        } else {
+            orig.ip
+        };
+        sa.user_ip6[0] = words[0];
+        sa.user_ip6[1] = words[1];
+        sa.user_ip6[2] = words[2];
+        sa.user_ip6[3] = words[3];
+        sa.user_port = u32::from(addr::port_host(orig.port).to_be());
+    }
+    ALLOW
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<(), Error> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the
+    // call; connect hooks may write `user_ip*`/`user_port`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return Ok(());
+    }
+    let cgroup = count(Family::V4)?;
+    let dst = addr::v4(sa.user_ip4, addr::port_be_low(sa.user_port));
+    let target = capture(ctx, dst)?;
+    if let Some(t) = target {
+        // A connect4 program may only write the IPv4 fields.
+        sa.user_ip4 = t.ipv4;
+        sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+    }
+    let captured = target.is_some();
+    info!(
+        ctx,
+        "connect4 pid={} cgroup={} dst={:i}:{} captured={}",
+        bpf_get_current_pid_tgid() >> 32,
+        cgroup,
+        u32::from_be(sa_ip4(&dst)),
+        addr::port_host(dst.port),
+        u8::from(captured)
+    );
+    Ok(())
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the
+    // call; connect hooks may write `user_ip*`/`user_port`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return Ok(());
+    }
+    let cgroup = count(Family::V6)?;
+    let ip6 = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let Some(dst) = addr::from_parts(AF_INET6, 0, ip6, addr::port_be_low(sa.user_port)) else {
+        return Ok(());
+    };
+    let target = capture(ctx, dst)?;
+    if let Some(t) = target {
+        let words = if dst.family == AF_INET {
+            // IPv4 through an IPv6 socket: keep it IPv4-mapped.
+            [0, 0, addr::v4_mapped_marker(), t.ipv4]
+        } else {
+            t.ipv6
+        };
+        sa.user_ip6[0] = words[0];
+        sa.user_ip6[1] = words[1];
+        sa.user_ip6[2] = words[2];
+        sa.user_ip6[3] = words[3];
+        sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+    }
+    let captured = target.is_some();
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(ip6) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    info!(
+        ctx,
+        "connect6 pid={} cgroup={} dst=[{:i}]:{} captured={}",
+        bpf_get_current_pid_tgid() >> 32,
+        cgroup,
+        bytes,
+        addr::port_host(dst.port),
+        u8::from(captured)
+    );
+    Ok(())
+}
+
+fn sa_ip4(a: &SockAddr) -> u32 {
+    a.ip[0]
+}
+
+/// The pod's own addresses, where its outbound listener is.
+#[derive(Clone, Copy)]
+struct Listener {
+    ipv4: u32,
+    ipv6: [u32; 4],
+}
+
+/// Decides whether to capture a connection to `dst` and, if so, records `dst` under the
+/// socket's cookie and returns where the agent's outbound listener is. The caller rewrites the
+/// destination (each program may only write its own family's fields).
+fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<Listener>, Error> {
+    // Local destinations stay local: loopback, and the unspecified address.
+    let skip = if dst.family == AF_INET {
+        addr::is_loopback4(dst.ip[0]) || dst.ip[0] == 0
+    } else {
+        addr::is_loopback6(dst.ip) || addr::is_unspecified6(dst.ip)
+    };
+    if skip {
+        return Ok(None);
+    }
+    // SAFETY: helper available to cgroup/sock_addr programs; the context pointer is valid.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain data copied out before any other map call.
+    let Some(pod) = (unsafe { MESH_PODS.get(netns) }).copied() else {
+        // Programs attached but the pod not (yet, or no longer) registered: leave it alone.
+        return Ok(None);
+    };
+    let v4_path = dst.family == AF_INET;
+    if v4_path && pod.ipv4 == 0 || !v4_path && addr::is_unspecified6(pod.ipv6) {
+        return Ok(None);
+    }
+    // A connection straight to the agent's own listener would find no original destination;
+    // let it through unchanged so the agent refuses it.
+    let to_listener = if v4_path {
+        dst.ip[0] == pod.ipv4
+    } else {
+        dst.ip == pod.ipv6
+    };
+    if to_listener && dst.port == u32::from(OUTBOUND_PORT) {
+        return Ok(None);
+    }
+    // SAFETY: helper available to cgroup/sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    MESH_ORIG_DST
+        .insert(cookie, dst, u64::from(BPF_ANY))
+        .map_err(|_| Error::OrigDstMapFull)?;
+    Ok(Some(Listener {
+        ipv4: pod.ipv4,
+        ipv6: pod.ipv6,
+    }))
+}
+
+/// The original client the agent registered for this socket, if any. Reads only: the caller
+/// writes the address fields its program type may write.
+fn original_peer(sa: &bpf_sock_addr, family: Family) -> Option<SockAddr> {
+    // SAFETY: reading the union's pointer member; checked for null before use.
+    let sk: *mut bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null socket pointer provided by the kernel for this call.
+    let sk = unsafe { &*sk };
+    let (local, remote) = match family {
+        Family::V4 => (
+            addr::v4(sk.src_ip4, addr::port_host(sk.src_port)),
+            addr::v4(sa.user_ip4, addr::port_be_low(sa.user_port)),
+        ),
+        Family::V6 => {
+            let src = [sk.src_ip6[0], sk.src_ip6[1], sk.src_ip6[2], sk.src_ip6[3]];
+            let peer = [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ];
+            (
+                addr::from_parts(AF_INET6, 0, src, addr::port_host(sk.src_port))?,
+                addr::from_parts(AF_INET6, 0, peer, addr::port_be_low(sa.user_port))?,
+            )
+        }
+    };
+    // SAFETY: plain data copied out at once.
+    unsafe { MESH_PEER_ADDR.get(SockKey { local, remote }) }.copied()
+}
+
+/// Increments the calling task's cgroup counter and returns the cgroup id.
+fn count(family: Family) -> Result<u64, Error> {
+    // SAFETY: helper without preconditions, available to cgroup sock_addr programs.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if MESH_CGROUP_COUNTERS.get_ptr_mut(cgroup).is_none() {
+        // BPF_NOEXIST: if another CPU inserted first, keep its entry and count on ours below.
+        let _ = MESH_CGROUP_COUNTERS.insert(cgroup, CgroupCounters::default(), 1);
+    }
+    let counters = MESH_CGROUP_COUNTERS
+        .get_ptr_mut(cgroup)
+        .ok_or(Error::CounterMapFull)?;
+    // SAFETY: per-CPU value of this CPU; programs do not migrate between CPUs while running.
+    let counters = unsafe { &mut *counters };
+    match family {
+        Family::V4 => counters.connect4 += 1,
+        Family::V6 => counters.connect6 += 1,
+    }
+    Ok(cgroup)
+}

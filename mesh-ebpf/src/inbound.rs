@@ -1,0 +1,72 @@
+//! `sk_lookup`, attached to each meshed pod's network namespace: every TCP connection that
+//! arrives for the pod's address from elsewhere is given to the agent's inbound listener, so
+//! nothing reaches the application without passing the agent.
+
+use aya_ebpf::{
+    bindings::{bpf_sk_lookup, sk_action},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use mesh_common::AF_INET;
+
+use crate::{addr, maps::MESH_LISTENERS};
+
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the kernel passes a valid `bpf_sk_lookup` for the duration of the call.
+    let lk: &bpf_sk_lookup = unsafe { &*ctx.lookup };
+    if lk.protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let local_ip6 = [
+        lk.local_ip6[0],
+        lk.local_ip6[1],
+        lk.local_ip6[2],
+        lk.local_ip6[3],
+    ];
+    let remote_ip6 = [
+        lk.remote_ip6[0],
+        lk.remote_ip6[1],
+        lk.remote_ip6[2],
+        lk.remote_ip6[3],
+    ];
+    let (Some(local), Some(remote)) = (
+        addr::from_parts(
+            lk.family,
+            lk.local_ip4,
+            local_ip6,
+            addr::port_host(lk.local_port),
+        ),
+        addr::from_parts(
+            lk.family,
+            lk.remote_ip4,
+            remote_ip6,
+            u16::from_be(lk.remote_port),
+        ),
+    ) else {
+        return sk_action::SK_PASS;
+    };
+    // Connections from inside the pod (loopback, or the pod's address to itself: the agent's
+    // leg to the application, and the application's leg to the agent) take the normal path.
+    let from_inside = if remote.family == AF_INET {
+        addr::is_loopback4(remote.ip[0])
+    } else {
+        addr::is_loopback6(remote.ip)
+    };
+    if from_inside || remote.ip == local.ip {
+        return sk_action::SK_PASS;
+    }
+    let key = local.without_port();
+    match MESH_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        // No listener: the agent is not serving this pod right now. Drop the SYN rather than
+        // let the connection reach the application unmeshed; the client retries.
+        Err(_) => sk_action::SK_DROP,
+    }
+}

@@ -1,0 +1,42 @@
+//! Every map of the kernel object. Names are shared with the agent through `mesh_common::names`;
+//! maps the agent pins are pinned by name so a restarted agent adopts them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
+};
+use mesh_common::{
+    CgroupCounters, MeshConfig, PodInfo, SockAddr, SockKey, MAX_CGROUPS, MAX_CONNS, MAX_PODS,
+};
+
+#[map(name = "MESH_CGROUP_COUNTERS")]
+pub static MESH_CGROUP_COUNTERS: PerCpuHashMap<u64, CgroupCounters> =
+    PerCpuHashMap::pinned(MAX_CGROUPS, 0);
+
+#[map(name = "MESH_PODS")]
+pub static MESH_PODS: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
+
+#[map(name = "MESH_ORIG_DST")]
+pub static MESH_ORIG_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
+
+#[map(name = "MESH_CONN_DST")]
+pub static MESH_CONN_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
+
+#[map(name = "MESH_PEER_ADDR")]
+pub static MESH_PEER_ADDR: LruHashMap<SockKey, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
+
+#[map(name = "MESH_SOCKS")]
+pub static MESH_SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_CONNS, 0);
+
+#[map(name = "MESH_LISTENERS")]
+pub static MESH_LISTENERS: SockHash<SockAddr> = SockHash::pinned(MAX_PODS * 2, 0);
+
+#[map(name = "MESH_CONFIG")]
+pub static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
+
+/// Whether the agent asked for the sockmap short-cut.
+pub fn sockmap_enabled() -> bool {
+    MESH_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & MeshConfig::SOCKMAP != 0)
+}

@@ -1,0 +1,412 @@
+//! Privileged: capture and L4 forwarding through the node agents (issue 4's test list).
+//!
+//! Every test builds its own testbed, writes the cluster's objects into a config directory,
+//! starts one agent per node and checks both what the applications see and what the agents log.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use mesh_tests::{
+    mesh::{Mesh, NS, PLAIN_NS},
+    plan, probe, Agent, Pod, Process, TestbedSpec,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+fn mesh(nodes: usize, pods: usize, sockmap: bool, unmeshed: &[(usize, usize)]) -> Mesh {
+    Mesh::new(
+        TestbedSpec {
+            nodes,
+            pods_per_node: pods,
+        },
+        sockmap,
+        unmeshed,
+    )
+    .expect("meshed testbed")
+}
+
+fn v4(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod.ipv4), port)
+}
+
+fn v6(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(pod.ipv6), port)
+}
+
+fn serve(pod: &Pod, mode: &str) -> Process {
+    probe::serve_mode(pod, "[::]:8080".parse().unwrap(), mode).expect("server")
+}
+
+/// The peer the server application saw for its most recent connection.
+fn last_peer(server: &mut Process) -> IpAddr {
+    let line = server
+        .wait_for_line("an accepted connection", LOG_WAIT, |l| {
+            l.starts_with("accepted ")
+        })
+        .unwrap();
+    let line = server
+        .lines()
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with("accepted "))
+        .unwrap_or(line);
+    let peer: SocketAddr = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    peer.ip().to_canonical()
+}
+
+/// Waits for the agent's "connection closed" line for a connection from `src_ip` to `dst`.
+fn closed_line(agent: &mut Agent, direction: &str, src_ip: IpAddr, dst: SocketAddr) -> String {
+    let (direction, src, dst) = (
+        format!("direction=\"{direction}\""),
+        format!("src={src_ip}"),
+        format!("dst={dst}"),
+    );
+    let src6 = format!("src=[{src_ip}]");
+    agent
+        .wait_for_log("the connection's log line", LOG_WAIT, |l| {
+            l.contains("connection closed")
+                && l.contains(&direction)
+                && (l.contains(&src) || l.contains(&src6))
+                && l.contains(&dst)
+        })
+        .unwrap()
+}
+
+#[test]
+fn same_node_pod_to_pod_goes_through_the_agent_and_keeps_the_client_address() {
+    let mut mesh = mesh(1, 2, true, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let mut server = serve(&server_pod, "echo");
+    probe::connect(&client, v4(&server_pod, 8080), "same node").expect("connect");
+    assert_eq!(
+        last_peer(&mut server),
+        IpAddr::V4(client.ipv4),
+        "server must see the client"
+    );
+    let line = closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        client.ipv4.into(),
+        v4(&server_pod, 8080),
+    );
+    assert!(
+        line.contains("bytes_sent=9") && line.contains("bytes_received=9"),
+        "{line}"
+    );
+}
+
+#[test]
+fn cross_node_pod_to_pod_passes_both_agents() {
+    let mut mesh = mesh(2, 1, true, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(1, 0).clone());
+    let mut server = serve(&server_pod, "echo");
+    probe::connect(&client, v4(&server_pod, 8080), "across nodes").expect("connect");
+    assert_eq!(last_peer(&mut server), IpAddr::V4(client.ipv4));
+    closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        client.ipv4.into(),
+        v4(&server_pod, 8080),
+    );
+    closed_line(
+        &mut mesh.agents[1],
+        "inbound",
+        client.ipv4.into(),
+        v4(&server_pod, 8080),
+    );
+}
+
+#[test]
+fn ipv6_same_node_and_cross_node() {
+    let mut mesh = mesh(2, 2, true, &[]);
+    let client = mesh.pod(0, 0).clone();
+    for (node, j) in [(0, 1), (1, 0)] {
+        let server_pod = mesh.pod(node, j).clone();
+        let mut server = serve(&server_pod, "echo");
+        probe::connect(&client, v6(&server_pod, 8080), "over IPv6").expect("connect v6");
+        assert_eq!(last_peer(&mut server), IpAddr::V6(client.ipv6));
+        closed_line(
+            &mut mesh.agents[0],
+            "outbound",
+            client.ipv6.into(),
+            v6(&server_pod, 8080),
+        );
+        if node == 1 {
+            closed_line(
+                &mut mesh.agents[1],
+                "inbound",
+                client.ipv6.into(),
+                v6(&server_pod, 8080),
+            );
+        }
+    }
+}
+
+#[test]
+fn service_with_two_endpoints_spreads_connections_over_both() {
+    let mut mesh = mesh(2, 2, true, &[]);
+    // Endpoints: one on the client's node, one on the other node.
+    let web = [mesh.pod(0, 1).clone(), mesh.pod(1, 0).clone()];
+    for pod in &web {
+        mesh.files
+            .pod(pod, &format!("n{}", pod.node), NS, &[("tier", "web")])
+            .unwrap();
+    }
+    let vip = plan::service_vip_v4(0);
+    let from = mesh.agents[0].log_len();
+    mesh.files
+        .service(
+            NS,
+            "web",
+            &[IpAddr::V4(vip), IpAddr::V6(plan::service_vip_v6(0))],
+            80,
+            8080,
+            ("tier", "web"),
+        )
+        .unwrap();
+    mesh.agents[0]
+        .wait_for_log_from(from, "the service to be known", LOG_WAIT, |l| {
+            l.contains("cluster view updated")
+        })
+        .unwrap();
+    let mut servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();
+    let client = mesh.pod(0, 0).clone();
+    for i in 0..4 {
+        probe::connect(
+            &client,
+            SocketAddr::new(IpAddr::V4(vip), 80),
+            &format!("request {i}"),
+        )
+        .expect("connect through the service");
+    }
+    for (pod, server) in web.iter().zip(&mut servers) {
+        let hits = server
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with("accepted "))
+            .count();
+        assert_eq!(hits, 2, "endpoint {} got {hits} of 4 connections", pod.name);
+    }
+    let line = closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        client.ipv4.into(),
+        SocketAddr::new(IpAddr::V4(vip), 80),
+    );
+    assert!(line.contains("service=\"mesh/web\""), "{line}");
+}
+
+#[test]
+fn unmeshed_pods_are_untouched_and_talk_to_meshed_ones_both_ways() {
+    let mut mesh = mesh(2, 2, true, &[(0, 1), (1, 1)]);
+    let (meshed, plain) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let (meshed_remote, plain_remote) = (mesh.pod(1, 0).clone(), mesh.pod(1, 1).clone());
+    // Unmeshed to unmeshed: no agent involved.
+    let mut s = serve(&plain_remote, "echo");
+    probe::connect(&plain, v4(&plain_remote, 8080), "plain").expect("plain to plain");
+    assert_eq!(last_peer(&mut s), IpAddr::V4(plain.ipv4));
+    drop(s);
+    // Meshed to unmeshed: captured at the source, delivered as is.
+    let mut s = serve(&plain_remote, "echo");
+    probe::connect(&meshed, v4(&plain_remote, 8080), "to plain").expect("meshed to plain");
+    assert_eq!(last_peer(&mut s), IpAddr::V4(meshed.ipv4));
+    closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        meshed.ipv4.into(),
+        v4(&plain_remote, 8080),
+    );
+    // Unmeshed to meshed: captured at the destination.
+    let mut s = serve(&meshed_remote, "echo");
+    probe::connect(&plain, v4(&meshed_remote, 8080), "from plain").expect("plain to meshed");
+    assert_eq!(last_peer(&mut s), IpAddr::V4(plain.ipv4));
+    closed_line(
+        &mut mesh.agents[1],
+        "inbound",
+        plain.ipv4.into(),
+        v4(&meshed_remote, 8080),
+    );
+    // The unmeshed pod's own connections were never captured.
+    let plain_src = format!("src={}:", plain.ipv4);
+    assert!(
+        !mesh.agents[0]
+            .logs()
+            .iter()
+            .any(|l| l.contains("connection closed") && l.contains(&plain_src)),
+        "an unmeshed pod's connection went through its node's agent"
+    );
+}
+
+fn large_transfer(sockmap: bool) {
+    let mesh = mesh(2, 2, sockmap, &[]);
+    let client = mesh.pod(0, 0).clone();
+    for server_pod in [mesh.pod(0, 1).clone(), mesh.pod(1, 0).clone()] {
+        let _server = serve(&server_pod, "sink");
+        let out = probe::send(&client, v4(&server_pod, 8080), 100 << 20).expect("100 MiB transfer");
+        assert!(out.starts_with("sent 104857600 bytes"), "{out}");
+    }
+}
+
+#[test]
+fn large_transfer_is_byte_exact_with_sockmap() {
+    large_transfer(true);
+}
+
+#[test]
+fn large_transfer_is_byte_exact_without_sockmap() {
+    large_transfer(false);
+}
+
+#[test]
+fn half_close_and_server_speaks_first() {
+    let mesh = mesh(2, 2, true, &[]);
+    let client = mesh.pod(0, 0).clone();
+    for server_pod in [mesh.pod(0, 1).clone(), mesh.pod(1, 0).clone()] {
+        // The client shuts its write side, then reads the whole reply.
+        let echo = serve(&server_pod, "echo");
+        // Below the kernel's 128 KiB limit for one command-line argument.
+        let big = "x".repeat(100_000);
+        probe::connect(&client, v4(&server_pod, 8080), &big).expect("half-close echo");
+        drop(echo);
+        // The server writes before the client sends anything.
+        let _greeter = serve(&server_pod, "greet");
+        let out =
+            probe::greeted(&client, v4(&server_pod, 8080), "after the greeting").expect("greeted");
+        // The server greeted the original client (a `[::]` listener shows it IPv4-mapped).
+        let greeting = out
+            .lines()
+            .find(|l| l.starts_with("greeting hello "))
+            .unwrap_or_default();
+        assert!(greeting.contains(&client.ipv4.to_string()), "{out}");
+    }
+}
+
+#[test]
+fn agent_restart_then_new_connections_work() {
+    let mut mesh = mesh(1, 2, true, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let _server = serve(&server_pod, "echo");
+    probe::connect(&client, v4(&server_pod, 8080), "before").expect("before the restart");
+    // Killed hard: no cleanup runs.
+    let mut old = mesh.agents.remove(0);
+    old.process_mut()
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    old.process_mut().wait(Duration::from_secs(10)).unwrap();
+    drop(old);
+    // While the agent is down, a meshed pod's connection fails: it never goes around the mesh.
+    let err = probe::connect(&client, v4(&server_pod, 8080), "while down").expect_err("must fail");
+    assert!(
+        err.to_string().contains("refused") || err.to_string().contains("timed out"),
+        "{err}"
+    );
+    let agent = mesh.start_agent(0).expect("restarted agent");
+    mesh.agents.push(agent);
+    probe::connect(&client, v4(&server_pod, 8080), "after").expect("after the restart");
+    closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        client.ipv4.into(),
+        v4(&server_pod, 8080),
+    );
+}
+
+#[test]
+fn pod_enrolled_and_removed_at_runtime() {
+    let mut mesh = mesh(1, 2, true, &[(0, 0)]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let mut server = serve(&server_pod, "echo");
+    let client_src = format!("src={}:", client.ipv4);
+    let captured = |agent: &Agent| {
+        agent
+            .logs()
+            .iter()
+            .filter(|l| {
+                l.contains("connection closed") && l.contains(&client_src) && l.contains("outbound")
+            })
+            .count()
+    };
+    probe::connect(&client, v4(&server_pod, 8080), "unmeshed").unwrap();
+    assert_eq!(captured(&mesh.agents[0]), 0);
+    // Enroll the running pod: label it; no restart.
+    let from = mesh.agents[0].log_len();
+    mesh.files
+        .pod(
+            &client,
+            "n0",
+            PLAIN_NS,
+            &[(mesh_tests::cluster::DATAPLANE_MODE, "ambient")],
+        )
+        .unwrap();
+    mesh.agents[0]
+        .wait_enrolled(&format!("{PLAIN_NS}/{}", client.name), from)
+        .unwrap();
+    probe::connect(&client, v4(&server_pod, 8080), "meshed").unwrap();
+    closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        client.ipv4.into(),
+        v4(&server_pod, 8080),
+    );
+    assert_eq!(last_peer(&mut server), IpAddr::V4(client.ipv4));
+    // Opt it out again.
+    let from = mesh.agents[0].log_len();
+    mesh.files
+        .pod(
+            &client,
+            "n0",
+            PLAIN_NS,
+            &[(mesh_tests::cluster::DATAPLANE_MODE, "none")],
+        )
+        .unwrap();
+    mesh.agents[0]
+        .wait_for_log_from(from, "the pod to leave the mesh", LOG_WAIT, |l| {
+            l.contains("pod removed from the mesh")
+        })
+        .unwrap();
+    let before = captured(&mesh.agents[0]);
+    probe::connect(&client, v4(&server_pod, 8080), "unmeshed again").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        captured(&mesh.agents[0]),
+        before,
+        "connection captured after opting out"
+    );
+}
+
+#[test]
+fn bad_config_file_is_rejected_and_the_last_state_kept() {
+    let mut mesh = mesh(1, 2, true, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let _server = serve(&server_pod, "echo");
+    let from = mesh.agents[0].log_len();
+    // Break the server pod's own file: its previous content must stay in force.
+    mesh.files
+        .write(
+            &format!("pod-{NS}-{}.yaml", server_pod.name),
+            "kind: Pod\nmetadata: [unclosed\n",
+        )
+        .unwrap();
+    let line = mesh.agents[0]
+        .wait_for_log_from(from, "the error about the bad file", LOG_WAIT, |l| {
+            l.contains("ERROR") && l.contains(&format!("pod-{NS}-{}.yaml", server_pod.name))
+        })
+        .unwrap();
+    assert!(line.contains("pod-mesh-"), "{line}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !mesh.agents[0].logs()[from..]
+            .iter()
+            .any(|l| l.contains("pod removed from the mesh")),
+        "a bad file must not remove what it described"
+    );
+    probe::connect(&client, v4(&server_pod, 8080), "still served").expect("still served");
+    closed_line(
+        &mut mesh.agents[0],
+        "outbound",
+        client.ipv4.into(),
+        v4(&server_pod, 8080),
+    );
+}
