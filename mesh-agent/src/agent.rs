@@ -7,7 +7,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cluster::{self, ClusterState, EnrollmentOptions, Resolution},
@@ -111,7 +111,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     std::future::pending::<()>().await;
                 }
                 let state = Arc::clone(&state_rx.borrow_and_update());
-                info!(generation = state.generation(), "cluster view updated");
+                // The cluster module logs each new state (generation, counts, errors).
+                debug!(generation = state.generation(), "reconciling pods");
                 pods.reconcile(&desired_pods(&state, &config.node_name));
             }
             _ = terminate.recv() => break "SIGTERM",

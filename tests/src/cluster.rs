@@ -78,7 +78,9 @@ impl ClusterFiles {
             cgroup = pod.cgroup.display(),
         );
         text.push_str("  labels:\n");
-        let _ = writeln!(text, "    app: {}", pod.name);
+        if !labels.iter().any(|(k, _)| *k == "app") {
+            let _ = writeln!(text, "    app: {}", pod.name);
+        }
         for (k, v) in labels {
             let _ = writeln!(text, "    {k}: \"{v}\"");
         }

@@ -16,6 +16,9 @@ use nix::{
 
 use crate::{Error, Result};
 
+/// Set (to anything) to stop echoing child processes' output to stderr, as the demo does.
+pub const QUIET_ENV: &str = "MESH_TESTBED_QUIET";
+
 /// How many lines of output an error message shows.
 const TAIL: usize = 40;
 /// How long to wait, after the process exited, for its output pipes to close.
@@ -62,6 +65,8 @@ impl Process {
             .stderr
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>);
+        // Echo children's output to stderr (tests show it on failure) unless told not to.
+        let echo = std::env::var_os(QUIET_ENV).is_none();
         let readers = [stdout, stderr]
             .into_iter()
             .flatten()
@@ -71,7 +76,9 @@ impl Process {
                 thread::spawn(move || {
                     for line in BufReader::new(stream).lines() {
                         let Ok(line) = line else { break };
-                        eprintln!("[{prefix}] {line}");
+                        if echo {
+                            eprintln!("[{prefix}] {line}");
+                        }
                         let (lock, cond) = &*output;
                         lock.lock().expect("output lock").lines.push(line);
                         cond.notify_all();

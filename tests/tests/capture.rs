@@ -168,7 +168,7 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
         .unwrap();
     mesh.agents[0]
         .wait_for_log_from(from, "the service to be known", LOG_WAIT, |l| {
-            l.contains("cluster view updated")
+            l.contains("cluster state updated") && l.contains("services=1")
         })
         .unwrap();
     let mut servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();

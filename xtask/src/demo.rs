@@ -42,7 +42,7 @@ pub fn run() -> Result<()> {
     mesh.files
         .service(NS, "echo", &[IpAddr::V4(vip)], 80, 8080, ("app", "echo"))?;
     mesh.agents[0].wait_for_log_from(from, "the service", Duration::from_secs(10), |l| {
-        l.contains("cluster view updated")
+        l.contains("cluster state updated") && l.contains("services=1")
     })?;
 
     println!("\n== {} connects to {vip}:80 ==", client.name);

@@ -50,9 +50,11 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::run(&root),
         Cmd::Build { release } => setup::run(&root).and_then(|()| build(&root, release)),
         Cmd::Test => setup::run(&root).and_then(|()| test(&root)),
-        Cmd::Demo => {
-            setup::run(&root).and_then(|()| build(&root, false)).and_then(|()| demo::run())
-        }
+        Cmd::Demo => setup::run(&root).and_then(|()| build(&root, false)).and_then(|()| {
+            // The demo prints the lines that matter itself.
+            std::env::set_var(mesh_tests::process::QUIET_ENV, "1");
+            demo::run()
+        }),
         Cmd::Bench => setup::run(&root).and_then(|()| {
             bail!("no benchmarks are defined yet: `cargo xtask bench` gains them with the benchmarks issue")
         }),
