@@ -158,6 +158,11 @@ impl Agent {
         Ok(self.process.lines())
     }
 
+    /// Process id of the agent (for CPU and memory accounting).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The underlying process (to kill it hard, or send it signals).
     pub fn process_mut(&mut self) -> &mut Process {
         &mut self.process

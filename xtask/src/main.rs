@@ -4,6 +4,7 @@
 //! `cargo xtask test` or `cargo xtask demo` on a fresh machine installs what is missing.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -39,8 +40,12 @@ enum Cmd {
     Test,
     /// Build a two-node testbed, run the agents and show a counted connection, then tear down.
     Demo,
-    /// Benchmarks (defined by the benchmarks issue; today this only prepares the machine).
-    Bench,
+    /// Measure the mesh against direct connections (see BENCHMARKS.md).
+    Bench {
+        /// Short measurements, one repetition (under two minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,14 +55,17 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::run(&root),
         Cmd::Build { release } => setup::run(&root).and_then(|()| build(&root, release)),
         Cmd::Test => setup::run(&root).and_then(|()| test(&root)),
-        Cmd::Demo => setup::run(&root).and_then(|()| build(&root, false)).and_then(|()| {
-            // The demo prints the lines that matter itself.
-            std::env::set_var(mesh_tests::process::QUIET_ENV, "1");
-            demo::run()
-        }),
-        Cmd::Bench => setup::run(&root).and_then(|()| {
-            bail!("no benchmarks are defined yet: `cargo xtask bench` gains them with the benchmarks issue")
-        }),
+        Cmd::Demo => setup::run(&root)
+            .and_then(|()| build(&root, false))
+            .and_then(|()| {
+                // The demo prints the lines that matter itself.
+                std::env::set_var(mesh_tests::process::QUIET_ENV, "1");
+                demo::run()
+            }),
+        Cmd::Bench { quick } => setup::run(&root)
+            .and_then(|()| bench::check_tools())
+            .and_then(|()| build(&root, true))
+            .and_then(|()| bench::run(&root, bench::Plan::new(quick))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

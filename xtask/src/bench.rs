@@ -1,0 +1,664 @@
+//! `cargo xtask bench`: the mesh against a direct connection, side by side, in one run.
+//!
+//! One testbed (two nodes; a client pod and a server pod on node 0, a server pod on node 1) and
+//! three modes over the same pods: **direct** (no agent, no programs), **mesh, sockmap off** and
+//! **mesh, sockmap on**. For each mode and each path (same node, across nodes) it measures bulk
+//! throughput with iperf3 (1 and 8 streams), request/response latency with `mesh-probe rr`
+//! (1 KiB, 1 and 64 connections, at a fixed rate and at saturation), the new-connection rate
+//! (`mesh-probe connrate`), CPU per GB moved (the agents' own and the whole machine's: kernel
+//! work does not show in a process's time), and, for the mesh modes, the agents' memory per idle
+//! connection (`mesh-probe hold`).
+//!
+//! Release builds only (debug builds are several times slower). Results: a Markdown table with
+//! each figure's ratio to direct, the raw samples as JSON, and an SVG chart, under
+//! `bench-results/<unix-time>/`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _, Result};
+use mesh_tests::{
+    agent::AgentOptions,
+    cluster::ClusterFiles,
+    mesh::{NS, PLAIN_NS},
+    process, Agent, Pod, Process, Testbed, TestbedSpec,
+};
+use serde_json::{json, Value};
+
+/// How long and how often to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    secs: u64,
+    reps: usize,
+    idle_conns: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                secs: 2,
+                reps: 1,
+                idle_conns: 1_000,
+            }
+        } else {
+            Self {
+                quick,
+                secs: 8,
+                reps: 3,
+                idle_conns: 10_000,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Direct,
+    MeshNoSockmap,
+    MeshSockmap,
+}
+
+impl Mode {
+    const ALL: [Self; 3] = [Self::Direct, Self::MeshNoSockmap, Self::MeshSockmap];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::MeshNoSockmap => "mesh, sockmap off",
+            Self::MeshSockmap => "mesh, sockmap on",
+        }
+    }
+}
+
+/// One figure: its samples (one per repetition), the unit, and whether larger is better.
+#[derive(Debug, Default)]
+struct Figure {
+    samples: Vec<f64>,
+    unit: &'static str,
+    higher_is_better: bool,
+}
+
+/// `(path, metric) -> mode -> figure`.
+type Results = BTreeMap<(String, String), BTreeMap<Mode, Figure>>;
+
+struct Bench {
+    plan: Plan,
+    tb: Testbed,
+    files: ClusterFiles,
+    results: Results,
+}
+
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 7000;
+
+pub fn run(root: &Path, plan: Plan) -> Result<()> {
+    // The measurements use the release binaries; the lookups honour these variables.
+    let release = root.join("target/release");
+    std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
+    std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
+    std::env::set_var(process::QUIET_ENV, "1");
+    let tb = Testbed::new(TestbedSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    })
+    .context("testbed")?;
+    let files = ClusterFiles::new(tb.scratch_dir().join("config"))?;
+    let mut bench = Bench {
+        plan,
+        tb,
+        files,
+        results: Results::new(),
+    };
+    for mode in Mode::ALL {
+        println!("\n== {} ==", mode.label());
+        bench
+            .measure_mode(mode)
+            .with_context(|| format!("measuring {}", mode.label()))?;
+    }
+    let out = root.join("bench-results").join(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .to_string(),
+    );
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let table = bench.markdown();
+    fs::write(out.join("results.md"), &table)?;
+    fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&bench.json())?,
+    )?;
+    fs::write(out.join("throughput.svg"), bench.svg())?;
+    println!(
+        "\n{table}\nraw samples, table and chart in {}",
+        out.display()
+    );
+    Ok(())
+}
+
+impl Bench {
+    /// Writes the config for `mode` (pods meshed or not) and starts the agents it needs.
+    fn start(&mut self, mode: Mode) -> Result<Vec<Agent>> {
+        let ns = if mode == Mode::Direct { PLAIN_NS } else { NS };
+        self.files.namespace(NS, true)?;
+        self.files.namespace(PLAIN_NS, false)?;
+        for node in self.tb.nodes() {
+            for pod in &node.pods {
+                // Move the pod between namespaces: remove the other namespace's file.
+                let other = if ns == NS { PLAIN_NS } else { NS };
+                let _ = self.files.remove(&format!("pod-{other}-{}.yaml", pod.name));
+                self.files.pod(pod, &node.name, ns, &[])?;
+            }
+        }
+        if mode == Mode::Direct {
+            return Ok(Vec::new());
+        }
+        let options = AgentOptions {
+            config_dir: self.files.dir().to_path_buf(),
+            sockmap: mode == Mode::MeshSockmap,
+            keep_pins: false,
+        };
+        let mut agents = Vec::new();
+        for node in self.tb.nodes() {
+            let mut agent = Agent::start(node, &options)?;
+            for pod in &node.pods {
+                agent.wait_enrolled(&format!("{NS}/{}", pod.name), 0)?;
+            }
+            agents.push(agent);
+        }
+        Ok(agents)
+    }
+
+    fn measure_mode(&mut self, mode: Mode) -> Result<()> {
+        let agents = self.start(mode)?;
+        let client = self.tb.pod(0, 0).clone();
+        let paths = [
+            ("same node", self.tb.pod(0, 1).clone()),
+            ("cross node", self.tb.pod(1, 0).clone()),
+        ];
+        for rep in 0..self.plan.reps {
+            for (path, server) in &paths {
+                println!("{path}, repetition {}", rep + 1);
+                self.measure_path(mode, path, &client, server, &agents)?;
+            }
+        }
+        if mode != Mode::Direct {
+            let per_conn = self.idle_memory(&client, &paths[1].1, &agents)?;
+            self.record(
+                "cross node",
+                "agent memory per idle connection",
+                mode,
+                per_conn,
+                "bytes",
+                false,
+            );
+        }
+        for agent in agents {
+            agent.stop()?;
+        }
+        Ok(())
+    }
+
+    fn measure_path(
+        &mut self,
+        mode: Mode,
+        path: &str,
+        client: &Pod,
+        server: &Pod,
+        agents: &[Agent],
+    ) -> Result<()> {
+        for streams in [1, 8] {
+            let (gbps, cpu) = self.iperf(client, server, streams, agents)?;
+            let tput = format!("throughput, {streams} stream(s)");
+            self.record(path, &tput, mode, gbps, "Gbit/s", true);
+            if let Some(agent_s) = cpu.agent_s_per_gb {
+                let metric = format!("agent CPU per GB, {streams} stream(s)");
+                self.record(path, &metric, mode, agent_s, "s/GB", false);
+            }
+            let metric = format!("machine CPU per GB, {streams} stream(s)");
+            self.record(path, &metric, mode, cpu.machine_s_per_gb, "s/GB", false);
+        }
+        let _srv = serve_rr(server)?;
+        let dst = SocketAddr::new(IpAddr::V4(server.ipv4), RR_PORT);
+        for (conns, rate) in [(1, Some(1_000)), (1, None), (64, Some(10_000)), (64, None)] {
+            let label = match rate {
+                Some(r) => format!("{conns} conn, {r} req/s"),
+                None => format!("{conns} conn, saturation"),
+            };
+            let v = self.rr(client, dst, conns, rate)?;
+            for (key, name) in [("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")] {
+                let metric = format!("latency {name} ({label})");
+                self.record(path, &metric, mode, f(&v, key)?, "µs", false);
+            }
+            if rate.is_none() {
+                let metric = format!("requests/s ({label})");
+                self.record(path, &metric, mode, f(&v, "rps")?, "req/s", true);
+            }
+        }
+        let v = self.connrate(client, dst)?;
+        self.record(
+            path,
+            "new connections/s",
+            mode,
+            f(&v, "cps")?,
+            "conn/s",
+            true,
+        );
+        Ok(())
+    }
+
+    fn record(
+        &mut self,
+        path: &str,
+        metric: &str,
+        mode: Mode,
+        value: f64,
+        unit: &'static str,
+        higher: bool,
+    ) {
+        println!("  {metric}: {value:.2} {unit}");
+        let fig = self
+            .results
+            .entry((path.to_string(), metric.to_string()))
+            .or_default()
+            .entry(mode)
+            .or_default();
+        fig.samples.push(value);
+        fig.unit = unit;
+        fig.higher_is_better = higher;
+    }
+
+    fn iperf(
+        &self,
+        client: &Pod,
+        server: &Pod,
+        streams: u32,
+        agents: &[Agent],
+    ) -> Result<(f64, Cpu)> {
+        let mut srv = Process::spawn(
+            "iperf3 server",
+            server
+                .command("iperf3")
+                .args(["-s", "-1", "-p", &IPERF_PORT.to_string()]),
+        )?;
+        srv.wait_for_line("iperf3 to listen", Duration::from_secs(10), |l| {
+            l.contains("Server listening")
+        })?;
+        let before = CpuSample::take(agents)?;
+        let out = process::run(client.command("iperf3").args([
+            "-c",
+            &server.ipv4.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &self.plan.secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ]))?;
+        let after = CpuSample::take(agents)?;
+        srv.wait(Duration::from_secs(10))?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let received = &v["end"]["sum_received"];
+        let bits_per_second = received["bits_per_second"]
+            .as_f64()
+            .context("iperf3: no bits_per_second")?;
+        let bytes = received["bytes"].as_f64().context("iperf3: no bytes")?;
+        Ok((bits_per_second / 1e9, before.per_gb(&after, bytes)))
+    }
+
+    fn rr(&self, client: &Pod, dst: SocketAddr, conns: u32, rate: Option<u32>) -> Result<Value> {
+        let duration_ms = (self.plan.secs * 1000).to_string();
+        let mut args = vec![
+            "rr".to_string(),
+            dst.to_string(),
+            "--conns".into(),
+            conns.to_string(),
+            "--duration-ms".into(),
+            duration_ms,
+        ];
+        if let Some(r) = rate {
+            args.extend(["--rate".into(), r.to_string()]);
+        }
+        probe_json(client, &args)
+    }
+
+    fn connrate(&self, client: &Pod, dst: SocketAddr) -> Result<Value> {
+        let duration_ms = (self.plan.secs * 1000).to_string();
+        probe_json(
+            client,
+            &[
+                "connrate".into(),
+                dst.to_string(),
+                "--duration-ms".into(),
+                duration_ms,
+            ],
+        )
+    }
+
+    /// Opens `idle_conns` connections through the mesh, keeps them idle, and returns how much
+    /// the agents' resident memory grew per connection.
+    fn idle_memory(&self, client: &Pod, server: &Pod, agents: &[Agent]) -> Result<f64> {
+        let _srv = serve_rr(server)?;
+        let before: u64 = agents
+            .iter()
+            .map(|a| rss_bytes(a.pid()))
+            .sum::<Result<u64>>()?;
+        let n = self.plan.idle_conns;
+        let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
+        let dst = SocketAddr::new(IpAddr::V4(server.ipv4), RR_PORT);
+        let mut hold = Process::spawn(
+            "hold",
+            client.command(bin).args([
+                "hold",
+                &dst.to_string(),
+                "--conns",
+                &n.to_string(),
+                "--hold-ms",
+                "3000",
+            ]),
+        )?;
+        hold.wait_for_line(
+            "the connections to be open",
+            Duration::from_secs(120),
+            |l| l.starts_with("holding "),
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        let during: u64 = agents
+            .iter()
+            .map(|a| rss_bytes(a.pid()))
+            .sum::<Result<u64>>()?;
+        hold.wait_success(Duration::from_secs(60))?;
+        #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
+        Ok((during.saturating_sub(before)) as f64 / n as f64)
+    }
+
+    fn markdown(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "| path | metric | {} | {} | {} |",
+            Mode::ALL[0].label(),
+            Mode::ALL[1].label(),
+            Mode::ALL[2].label()
+        );
+        t.push_str("|---|---|---|---|---|\n");
+        for ((path, metric), by_mode) in &self.results {
+            let direct = by_mode.get(&Mode::Direct).map(|fig| median(&fig.samples));
+            let mut row = format!("| {path} | {metric} |");
+            for mode in Mode::ALL {
+                match by_mode.get(&mode) {
+                    Some(fig) => {
+                        let m = median(&fig.samples);
+                        let spread = spread(&fig.samples);
+                        let _ = write!(row, " {m:.2} {}", fig.unit);
+                        if self.plan.reps > 1 {
+                            let _ = write!(row, " ±{spread:.0}%");
+                        }
+                        if let (Some(d), false) = (direct, mode == Mode::Direct) {
+                            if d > 0.0 {
+                                let _ = write!(row, " ({:.2}×)", m / d);
+                            }
+                        }
+                        row.push_str(" |");
+                    }
+                    None => row.push_str(" – |"),
+                }
+            }
+            let _ = writeln!(t, "{row}");
+        }
+        let _ = writeln!(
+            t,
+            "\n{} run: {} s per measurement, {} repetition(s), median (± half the max–min range, as % of the median); (×) is the ratio to direct.",
+            if self.plan.quick { "Quick" } else { "Full" },
+            self.plan.secs,
+            self.plan.reps
+        );
+        t
+    }
+
+    fn json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .results
+            .iter()
+            .flat_map(|((path, metric), by_mode)| {
+                by_mode.iter().map(move |(mode, fig)| {
+                    json!({"path": path, "metric": metric, "mode": mode.label(), "unit": fig.unit,
+                           "samples": fig.samples, "median": median(&fig.samples)})
+                })
+            })
+            .collect();
+        json!({"quick": self.plan.quick, "seconds": self.plan.secs, "repetitions": self.plan.reps, "results": rows})
+    }
+
+    /// A grouped bar chart of the throughput figures.
+    fn svg(&self) -> String {
+        let bars: Vec<(String, Vec<(Mode, f64)>)> = self
+            .results
+            .iter()
+            .filter(|((_, metric), _)| metric.starts_with("throughput"))
+            .map(|((path, metric), by_mode)| {
+                (
+                    format!("{path}, {}", metric.trim_start_matches("throughput, ")),
+                    by_mode
+                        .iter()
+                        .map(|(m, fig)| (*m, median(&fig.samples)))
+                        .collect(),
+                )
+            })
+            .collect();
+        let max = bars
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|(_, x)| *x))
+            .fold(0.0_f64, f64::max)
+            .max(0.1);
+        let (group_w, bar_w, height, top, left) = (190.0, 50.0, 300.0, 40.0, 50.0);
+        #[allow(clippy::cast_precision_loss)]
+        let width = left + group_w * bars.len() as f64 + 20.0;
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"20\" font-size=\"15\">Throughput, Gbit/s (median)</text>\n",
+            top + height + 90.0
+        );
+        let colors = ["#888888", "#4c78a8", "#f58518"];
+        for (g, (label, values)) in bars.iter().enumerate() {
+            #[allow(clippy::cast_precision_loss)]
+            let x0 = left + group_w * g as f64;
+            for (i, (mode, v)) in values.iter().enumerate() {
+                let h = v / max * height;
+                #[allow(clippy::cast_precision_loss)]
+                let x = x0 + bar_w * i as f64;
+                let color = colors[Mode::ALL.iter().position(|m| m == mode).unwrap_or(0)];
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{h}\" fill=\"{color}\"/>",
+                    top + height - h,
+                    bar_w - 6.0
+                );
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{v:.1}</text>",
+                    x + (bar_w - 6.0) / 2.0,
+                    top + height - h - 4.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                "<text x=\"{x0}\" y=\"{}\">{label}</text>",
+                top + height + 18.0
+            );
+        }
+        for (i, mode) in Mode::ALL.iter().enumerate() {
+            #[allow(clippy::cast_precision_loss)]
+            let x = left + 170.0 * i as f64;
+            let y = top + height + 50.0;
+            let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{y}\">{}</text>", y - 10.0, colors[i], x + 16.0, mode.label());
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn f(v: &Value, key: &str) -> Result<f64> {
+    v[key].as_f64().with_context(|| format!("no {key} in {v}"))
+}
+
+fn serve_rr(server: &Pod) -> Result<Process> {
+    let addr: SocketAddr = format!("[::]:{RR_PORT}").parse()?;
+    Ok(mesh_tests::probe::serve_mode(server, addr, "rr")?)
+}
+
+fn probe_json(pod: &Pod, args: &[String]) -> Result<Value> {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
+    let out = process::run(pod.command(bin).args(args))?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no JSON from mesh-probe {args:?}: {out}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line}"))
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
+}
+
+/// Half the max-min range as a percentage of the median.
+fn spread(samples: &[f64]) -> f64 {
+    let (min, max) = samples
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let m = median(samples);
+    if m == 0.0 || samples.len() < 2 {
+        0.0
+    } else {
+        (max - min) / 2.0 / m * 100.0
+    }
+}
+
+/// CPU time of the agents and of the whole machine at one moment.
+struct CpuSample {
+    agent_ticks: Option<u64>,
+    machine_busy_ticks: u64,
+}
+
+struct Cpu {
+    agent_s_per_gb: Option<f64>,
+    machine_s_per_gb: f64,
+}
+
+/// Linux's `USER_HZ` (`/proc` reports CPU time in these ticks).
+const TICKS_PER_SEC: f64 = 100.0;
+
+impl CpuSample {
+    fn take(agents: &[Agent]) -> Result<Self> {
+        let agent_ticks = if agents.is_empty() {
+            None
+        } else {
+            Some(
+                agents
+                    .iter()
+                    .map(|a| process_ticks(a.pid()))
+                    .sum::<Result<u64>>()?,
+            )
+        };
+        let stat = fs::read_to_string("/proc/stat")?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .context("empty /proc/stat")?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+        let busy = cpu.iter().take(8).sum::<u64>()
+            - cpu.get(3).copied().unwrap_or(0)
+            - cpu.get(4).copied().unwrap_or(0);
+        Ok(Self {
+            agent_ticks,
+            machine_busy_ticks: busy,
+        })
+    }
+
+    #[allow(clippy::cast_precision_loss)] // tick counts far below 2^52
+    fn per_gb(&self, after: &Self, bytes: f64) -> Cpu {
+        let gb = (bytes / 1e9).max(1e-9);
+        Cpu {
+            agent_s_per_gb: self
+                .agent_ticks
+                .zip(after.agent_ticks)
+                .map(|(a, b)| (b.saturating_sub(a)) as f64 / TICKS_PER_SEC / gb),
+            machine_s_per_gb: (after
+                .machine_busy_ticks
+                .saturating_sub(self.machine_busy_ticks)) as f64
+                / TICKS_PER_SEC
+                / gb,
+        }
+    }
+}
+
+/// utime + stime of a process, in ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn process_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces; fields after it start past the last ')'.
+    let rest = stat.rsplit_once(')').context("malformed /proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .split_whitespace()
+        .next()
+        .context("empty VmRSS")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+/// The benchmarks need iperf3 in the pods' namespaces; setup installs it.
+pub fn check_tools() -> Result<()> {
+    if !PathBuf::from("/usr/bin/iperf3").exists() {
+        bail!("iperf3 is not installed; run `cargo xtask setup`");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        assert!((median(&[3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!((median(&[4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-9);
+        assert!((spread(&[9.0, 10.0, 11.0]) - 10.0).abs() < 1e-9);
+        assert!(spread(&[5.0]).abs() < 1e-9);
+    }
+
+    #[test]
+    fn process_ticks_of_self_parse() {
+        assert!(process_ticks(std::process::id()).is_ok());
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
+}
