@@ -286,9 +286,13 @@ impl Bench {
     ) -> Result<(f64, Cpu)> {
         let mut srv = Process::spawn(
             "iperf3 server",
-            server
-                .command("iperf3")
-                .args(["-s", "-1", "-p", &IPERF_PORT.to_string()]),
+            server.command("iperf3").args([
+                "-s",
+                "-1",
+                "--forceflush",
+                "-p",
+                &IPERF_PORT.to_string(),
+            ]),
         )?;
         srv.wait_for_line("iperf3 to listen", Duration::from_secs(10), |l| {
             l.contains("Server listening")

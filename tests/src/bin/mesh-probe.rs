@@ -1,11 +1,14 @@
 //! `mesh-probe`: the workload the testbed runs in pods. A small TCP server and client.
 //!
-//! Server: `mesh-probe serve <addr> [--mode echo|sink|greet] [--count N]`. Prints
+//! Server: `mesh-probe serve <addr> [--mode echo|sink|greet|rr] [--count N]`. Prints
 //! `listening <addr>` once bound and `accepted <peer> on <local>` per connection (tests read the
 //! peer to check the application sees the original client). Modes:
 //! - `echo` (default): echoes bytes as they arrive; after the client's EOF, closes its side.
 //! - `sink`: reads to EOF, then answers `<bytes> <crc32>`.
 //! - `greet`: speaks first (`hello <peer>`), then echoes.
+//! - `rr`: request/response for the benchmarks. A request is a 4-byte big-endian length and that
+//!   many bytes; the reply is the same bytes. Until EOF, or until a request whose length has the
+//!   top bit ([`LAST`]) set, after which the server closes first.
 //!
 //! Client:
 //! - `connect <addr> <message>`: sends, half-closes, reads the echo; `echo ok <local> -> <peer>`.
@@ -13,38 +16,84 @@
 //!   count and CRC-32; prints `sent <n> bytes crc=<crc> in <secs>s`.
 //! - `greeted <addr> <message>`: reads the server's greeting before sending anything, then
 //!   behaves like `connect`.
+//!
+//! Benchmark clients (against `serve --mode rr`, a thread per connection) print one line of
+//! JSON at the end, times in microseconds: `rr` (request/response, closed loop or, with `--rate`,
+//! open loop timed from each request's scheduled send, which avoids coordinated omission),
+//! `connrate` (a 1 KiB exchange per new connection) and `hold` (opens N connections, prints
+//! `holding <opened>`, keeps them idle, closes them).
 #![forbid(unsafe_code)]
 
 use std::{
-    io::{BufRead as _, BufReader, Read, Write},
+    fmt::Display,
+    io::{BufRead as _, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
+    str::FromStr,
     thread,
     time::{Duration, Instant},
 };
 
+use serde_json::{json, Value};
+
 const CHUNK: usize = 64 * 1024;
 /// Read timeout of the client's blocking socket.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Message size of the benchmark clients unless `--size` says otherwise.
+const MESSAGE: usize = 1024;
+/// Largest `rr` request; the server checks the length prefix before allocating.
+const MAX_MESSAGE: usize = 16 << 20;
+/// Flag in an `rr` length prefix: the server closes after replying. `connrate` sets it so the
+/// server closes first and `TIME_WAIT` lands on its side, not on the client's ephemeral ports
+/// (all connections go to one address, so the client would run out after ~28k of them).
+const LAST: u32 = 1 << 31;
+/// Pause after a failed connection or exchange, so a dead server does not spin the client.
+const ERROR_BACKOFF: Duration = Duration::from_millis(1);
+/// Stack of the server's per-connection threads (`hold` makes thousands; buffers are on the heap).
+const WORKER_STACK: usize = 256 * 1024;
+
+const USAGE: &str = "usage: mesh-probe <command>
+  serve <addr> [--mode echo|sink|greet|rr] [--count N]
+  connect <addr> <message>
+  greeted <addr> <message>
+  send <addr> <bytes>
+  rr <addr> --conns N --duration-ms D [--rate R] [--size S]
+      R: requests/s over all connections (open loop); without it, closed loop.
+      S: request and reply size in bytes (default 1024).
+  connrate <addr> --duration-ms D [--conns N]
+  hold <addr> --conns N --hold-ms H
+rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
 
 /// Counts `EAGAIN`s a *blocking* read returned before its timeout. On a socket in a sockmap,
 /// the kernel's `tcp_bpf_recvmsg` returns `EAGAIN` when a blocking reader is woken without data
 /// (typically by its own FIN being acknowledged after a half-close). Nothing is lost: the next
 /// read returns the data. The client retries like a robust application would and reports how
-/// often it had to (`spurious_eagain=N`).
+/// often it had to (`spurious_eagain=N`). A socket without a read timeout (the server's) never
+/// times out, so there every `EAGAIN` is spurious.
 struct Reader<'a> {
     stream: &'a TcpStream,
     spurious_eagain: u32,
 }
 
+impl<'a> Reader<'a> {
+    fn new(stream: &'a TcpStream) -> Self {
+        Self {
+            stream,
+            spurious_eagain: 0,
+        }
+    }
+}
+
 impl Read for Reader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let started = Instant::now();
+        // Without a read timeout (the server's sockets), every `EAGAIN` is spurious.
+        let early = |t: Option<Duration>| t.is_none_or(|t| started.elapsed() < t);
         loop {
             match (&mut &*self.stream).read(buf) {
                 Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && started.elapsed() < READ_TIMEOUT =>
+                    if e.kind() == ErrorKind::WouldBlock
+                        && self.stream.read_timeout().is_ok_and(early) =>
                 {
                     self.spurious_eagain += 1;
                 }
@@ -57,19 +106,27 @@ impl Read for Reader<'_> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let usage = |e: String| format!("{e}\n{USAGE}");
     let result = match args.as_slice() {
-        ["serve", addr, rest @ ..] => parse_serve(rest).and_then(|(mode, n)| serve(addr, mode, n)),
+        ["serve", addr, rest @ ..] => parse_serve(rest)
+            .map_err(usage)
+            .and_then(|(mode, n)| serve(addr, mode, n)),
         ["connect", addr, message] => connect(addr, message, false),
         ["greeted", addr, message] => connect(addr, message, true),
         ["send", addr, bytes] => bytes
             .parse()
-            .map_err(|e| format!("bytes {bytes:?}: {e}"))
+            .map_err(|e| usage(format!("bytes {bytes:?}: {e}")))
             .and_then(|n| send(addr, n)),
-        _ => Err(
-            "usage: mesh-probe serve <addr> [--mode echo|sink|greet] [--count N] \
-                  | connect <addr> <message> | greeted <addr> <message> | send <addr> <bytes>"
-                .into(),
-        ),
+        [command @ ("rr" | "connrate" | "hold"), addr, rest @ ..] => {
+            parse_bench(command, addr, rest)
+                .map_err(usage)
+                .and_then(|b| match *command {
+                    "rr" => rr(b),
+                    "connrate" => connrate(b),
+                    _ => hold(b),
+                })
+        }
+        _ => Err(USAGE.into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,34 +137,111 @@ fn main() -> ExitCode {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Echo,
     Sink,
     Greet,
+    Rr,
 }
 
-fn parse_serve(mut rest: &[&str]) -> Result<(Mode, Option<usize>), String> {
-    let (mut mode, mut count) = (Mode::Echo, None);
-    while let [flag, value, tail @ ..] = rest {
-        match *flag {
-            "--mode" => {
-                mode = match *value {
-                    "echo" => Mode::Echo,
-                    "sink" => Mode::Sink,
-                    "greet" => Mode::Greet,
-                    other => return Err(format!("unknown mode {other:?}")),
-                };
-            }
-            "--count" => count = Some(value.parse().map_err(|e| format!("--count: {e}"))?),
-            other => return Err(format!("unknown option {other:?}")),
+fn parse_serve(rest: &[&str]) -> Result<(Mode, Option<usize>), String> {
+    let flags = flags(rest, &["--mode", "--count"])?;
+    let mode = match flag::<String>(&flags, "--mode")?.as_deref() {
+        None | Some("echo") => Mode::Echo,
+        Some("sink") => Mode::Sink,
+        Some("greet") => Mode::Greet,
+        Some("rr") => Mode::Rr,
+        Some(other) => return Err(format!("unknown mode {other:?}")),
+    };
+    Ok((mode, flag(&flags, "--count")?))
+}
+
+/// Options of the benchmark clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bench {
+    addr: SocketAddr,
+    conns: usize,
+    /// `--duration-ms`, or `hold`'s `--hold-ms`.
+    duration: Duration,
+    /// `rr`'s requests per second over all connections; `None` for closed loop.
+    rate: Option<u64>,
+    size: usize,
+}
+
+fn parse_bench(command: &str, addr: &str, rest: &[&str]) -> Result<Bench, String> {
+    let (allowed, time): (&[&str], _) = match command {
+        "rr" => (
+            &["--conns", "--duration-ms", "--rate", "--size"],
+            "--duration-ms",
+        ),
+        "connrate" => (&["--conns", "--duration-ms"], "--duration-ms"),
+        _ => (&["--conns", "--hold-ms"], "--hold-ms"),
+    };
+    let flags = flags(rest, allowed)?;
+    let conns = match positive(&flags, "--conns")? {
+        None if command == "connrate" => 1,
+        conns => conns.ok_or("--conns is required")?,
+    };
+    let ms = if command == "hold" {
+        flag(&flags, time)?
+    } else {
+        positive(&flags, time)?
+    };
+    let size = flag(&flags, "--size")?.unwrap_or(MESSAGE);
+    if !(1..=MAX_MESSAGE).contains(&size) {
+        return Err(format!("--size must be between 1 and {MAX_MESSAGE}"));
+    }
+    Ok(Bench {
+        addr: parse(addr)?,
+        conns,
+        duration: Duration::from_millis(ms.ok_or_else(|| format!("{time} is required"))?),
+        rate: positive(&flags, "--rate")?,
+        size,
+    })
+}
+
+/// `--name value` pairs, each name at most once and one of `allowed`.
+fn flags<'a>(mut rest: &[&'a str], allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    while let [name, tail @ ..] = rest {
+        if !allowed.contains(name) {
+            return Err(format!("unknown option {name:?}"));
         }
+        let [value, tail @ ..] = tail else {
+            return Err(format!("{name} needs a value"));
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("{name} given twice"));
+        }
+        out.push((name, value));
         rest = tail;
     }
-    if rest.is_empty() {
-        Ok((mode, count))
-    } else {
-        Err(format!("unexpected {rest:?}"))
+    Ok(out)
+}
+
+fn flag<T: FromStr>(flags: &[(&str, &str)], name: &str) -> Result<Option<T>, String>
+where
+    T::Err: Display,
+{
+    flags
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.parse().map_err(|e| format!("{name} {v:?}: {e}")))
+        .transpose()
+}
+
+/// A flag that, when given, must be a number of at least 1.
+fn positive<T: FromStr + Default + PartialEq>(
+    flags: &[(&str, &str)],
+    name: &str,
+) -> Result<Option<T>, String>
+where
+    T::Err: Display,
+{
+    match flag::<T>(flags, name)? {
+        Some(v) if v == T::default() => Err(format!("{name} must be at least 1")),
+        other => Ok(other),
     }
 }
 
@@ -116,6 +250,9 @@ fn parse(addr: &str) -> Result<SocketAddr, String> {
 }
 
 fn serve(addr: &str, mode: Mode, count: Option<usize>) -> Result<(), String> {
+    if mode == Mode::Rr {
+        raise_nofile_limit(0);
+    }
     let listener = TcpListener::bind(parse(addr)?).map_err(|e| format!("bind {addr}: {e}"))?;
     println!(
         "listening {}",
@@ -127,11 +264,20 @@ fn serve(addr: &str, mode: Mode, count: Option<usize>) -> Result<(), String> {
         let (stream, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         let local = stream.local_addr().map_err(|e| e.to_string())?;
         println!("accepted {peer} on {local}");
-        workers.push(thread::spawn(move || {
-            if let Err(e) = handle(stream, peer, mode) {
-                eprintln!("mesh-probe: connection from {peer}: {e}");
-            }
-        }));
+        let worker = thread::Builder::new()
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                if let Err(e) = handle(stream, peer, mode) {
+                    eprintln!("mesh-probe: connection from {peer}: {e}");
+                }
+            });
+        match worker {
+            // Without a count the server never joins: keep no handles, which would also keep
+            // every finished thread's stack.
+            Ok(worker) if count.is_some() => workers.push(worker),
+            Ok(_) => {}
+            Err(e) => eprintln!("mesh-probe: connection from {peer}: no thread: {e}"),
+        }
         served += 1;
     }
     for w in workers {
@@ -170,8 +316,40 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, mode: Mode) -> Result<(), Str
             stream.shutdown(Shutdown::Write).map_err(io("shutdown"))?;
             println!("received {n} bytes crc={crc:08x} from {peer}");
         }
+        Mode::Rr => {
+            let eagain = answer_requests(&stream).map_err(io("rr"))?;
+            if eagain > 0 {
+                println!("rr {peer} spurious_eagain={eagain}");
+            }
+        }
     }
     Ok(())
+}
+
+/// The `rr` server loop; returns the spurious `EAGAIN` count. Returning drops (closes) the
+/// stream, which after a [`LAST`] request makes the server the side that closes first.
+fn answer_requests(stream: &TcpStream) -> std::io::Result<u32> {
+    stream.set_nodelay(true)?;
+    // Buffered: one read usually brings the prefix and the request.
+    let mut reader = BufReader::new(Reader::new(stream));
+    let mut buf = Vec::new();
+    while !reader.fill_buf()?.is_empty() {
+        let mut prefix = [0u8; 4];
+        reader.read_exact(&mut prefix)?;
+        let prefix = u32::from_be_bytes(prefix);
+        let len = usize::try_from(prefix & !LAST).unwrap_or(usize::MAX);
+        if len > MAX_MESSAGE {
+            let msg = format!("request of {len} bytes (at most {MAX_MESSAGE})");
+            return Err(std::io::Error::new(ErrorKind::InvalidData, msg));
+        }
+        buf.resize(len, 0);
+        reader.read_exact(&mut buf)?;
+        (&mut { stream }).write_all(&buf)?;
+        if prefix & LAST != 0 {
+            break;
+        }
+    }
+    Ok(reader.get_ref().spurious_eagain)
 }
 
 fn drain(stream: &mut TcpStream) -> std::io::Result<(u64, u32)> {
@@ -200,10 +378,7 @@ fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
 fn connect(addr: &str, message: &str, greeted: bool) -> Result<(), String> {
     let addr = parse(addr)?;
     let mut stream = dial(addr)?;
-    let mut reader = Reader {
-        stream: &stream,
-        spurious_eagain: 0,
-    };
+    let mut reader = Reader::new(&stream);
     let mut echo = String::new();
     if greeted {
         let mut buffered = BufReader::new(&mut reader);
@@ -224,10 +399,7 @@ fn connect(addr: &str, message: &str, greeted: bool) -> Result<(), String> {
     stream
         .shutdown(Shutdown::Write)
         .map_err(|e| format!("shutdown: {e}"))?;
-    let mut reader = Reader {
-        stream: &stream,
-        spurious_eagain: 0,
-    };
+    let mut reader = Reader::new(&stream);
     reader
         .read_to_string(&mut echo)
         .map_err(|e| format!("read: {e}"))?;
@@ -280,10 +452,7 @@ fn send(addr: &str, bytes: u64) -> Result<(), String> {
         .map_err(|e| format!("shutdown: {e}"))?;
     let crc = hasher.finalize();
     let mut reply = String::new();
-    let mut reader = Reader {
-        stream: &stream,
-        spurious_eagain: 0,
-    };
+    let mut reader = Reader::new(&stream);
     reader
         .read_to_string(&mut reply)
         .map_err(|e| format!("read reply: {e}"))?;
@@ -297,4 +466,635 @@ fn send(addr: &str, bytes: u64) -> Result<(), String> {
         reader.spurious_eagain
     );
     Ok(())
+}
+
+/// Sub-buckets per power of two: a bucket spans at most 1/128 of its lower bound.
+const SUB_BITS: u32 = 7;
+const SUB: u64 = 1 << SUB_BITS;
+/// Exact below `2 * SUB`, then `SUB` buckets for each power of two up to 2^63.
+const BUCKETS: usize = (64 - SUB_BITS as usize + 1) << SUB_BITS;
+
+/// Log-linear histogram of microseconds (`HdrHistogram`'s layout with 128 sub-buckets): exact up
+/// to 255 µs, then within 1/128 (0.8%), over the whole `u64` range. 59 KB each.
+#[derive(Clone, Debug)]
+struct Histogram {
+    counts: Vec<u64>,
+    count: u64,
+    sum: u128,
+    max: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; BUCKETS],
+            count: 0,
+            sum: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn index(v: u64) -> usize {
+        let i = if v < SUB {
+            v
+        } else {
+            let shift = u64::from(v.ilog2() - SUB_BITS);
+            (shift << SUB_BITS) + (v >> shift)
+        };
+        usize::try_from(i).expect("bucket index below BUCKETS")
+    }
+
+    /// The lowest value of bucket `i` and its width.
+    fn bucket(i: usize) -> (u64, u64) {
+        let i = i as u64;
+        if i < SUB {
+            return (i, 1);
+        }
+        let shift = (i >> SUB_BITS) - 1;
+        ((SUB + (i & (SUB - 1))) << shift, 1 << shift)
+    }
+
+    fn record(&mut self, v: u64) {
+        self.counts[Self::index(v)] += 1;
+        self.count += 1;
+        self.sum += u128::from(v);
+        self.max = self.max.max(v);
+    }
+
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The smallest value at least `ppm` millionths of the samples are at or below: the middle
+    /// of its bucket, or the exact maximum if no bigger value was recorded. `None` if empty.
+    fn percentile(&self, ppm: u64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (u128::from(self.count) * u128::from(ppm)).div_ceil(1_000_000);
+        let rank = u64::try_from(rank).unwrap_or(u64::MAX).max(1);
+        let mut seen = 0;
+        for (i, &n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen == self.count {
+                return Some(self.max);
+            }
+            if seen >= rank {
+                let (low, width) = Self::bucket(i);
+                return Some((low + (width - 1) / 2).min(self.max));
+            }
+        }
+        None
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // counts and sums of microseconds, far below 2^52
+fn as_f64(n: impl Into<u128>) -> f64 {
+    n.into() as f64
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    round2(as_f64(n) / d.as_secs_f64().max(1e-9))
+}
+
+/// Rounded to the nearest microsecond.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX)
+}
+
+fn sleep_until(t: Instant) {
+    thread::sleep(t.saturating_duration_since(Instant::now()));
+}
+
+/// One benchmark thread: its request, its connection's reply buffer, what it measured.
+struct Client {
+    addr: SocketAddr,
+    request: Vec<u8>,
+    reply: Vec<u8>,
+    latency: Histogram,
+    errors: u64,
+    spurious_eagain: u64,
+}
+
+impl Client {
+    /// The request: a length prefix (with [`LAST`] if `last`) and `size` pseudo-random bytes.
+    fn new(addr: SocketAddr, size: usize, last: bool) -> Self {
+        let len = u32::try_from(size).expect("size checked when parsing");
+        let mut request = (len | if last { LAST } else { 0 }).to_be_bytes().to_vec();
+        request.resize(4 + size, 0);
+        fill(&mut request[4..], &mut 0x2545_F491_4F6C_DD1D);
+        Self {
+            addr,
+            request,
+            reply: vec![0; size],
+            latency: Histogram::default(),
+            errors: 0,
+            spurious_eagain: 0,
+        }
+    }
+
+    /// Counts an error; prints only a thread's first (more would flood stderr).
+    fn error(&mut self, e: &str) {
+        if self.errors == 0 {
+            eprintln!("mesh-probe: {e}");
+        }
+        self.errors += 1;
+    }
+
+    /// A connection with `TCP_NODELAY` (a request is one small write) and a write timeout.
+    fn dial(&mut self) -> Option<TcpStream> {
+        let stream = dial(self.addr).and_then(|s| {
+            s.set_nodelay(true)
+                .and_then(|()| s.set_write_timeout(Some(READ_TIMEOUT)))
+                .map_err(|e| format!("socket options: {e}"))?;
+            Ok(s)
+        });
+        stream.map_err(|e| self.error(&e)).ok()
+    }
+
+    /// Sends the request and reads the reply, which must repeat its payload. `false` on error.
+    fn exchange(&mut self, stream: &TcpStream) -> bool {
+        let mut reader = Reader::new(stream);
+        let result = match (&mut { stream }).write_all(&self.request) {
+            Err(e) => Err(format!("write: {e}")),
+            Ok(()) => match reader.read_exact(&mut self.reply) {
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err("read: EOF".to_string()),
+                Err(e) => Err(format!("read: {e}")),
+                Ok(()) if self.reply != self.request[4..] => Err("the reply differs".to_string()),
+                Ok(()) => Ok(()),
+            },
+        };
+        self.spurious_eagain += u64::from(reader.spurious_eagain);
+        result.map_err(|e| self.error(&e)).is_ok()
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.latency.merge(&other.latency);
+        self.errors += other.errors;
+        self.spurious_eagain += other.spurious_eagain;
+    }
+}
+
+/// Runs `work(index, item)` on a thread per item and merges what they measured.
+fn run_threads<T: Send + 'static>(
+    a: Bench,
+    items: Vec<T>,
+    work: impl Fn(usize, T) -> Client + Send + Clone + 'static,
+) -> Result<Client, String> {
+    let mut threads = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let work = work.clone();
+        let thread = thread::Builder::new().name(format!("conn-{i}"));
+        let thread = thread.spawn(move || work(i, item));
+        threads.push(thread.map_err(|e| format!("starting a thread: {e}"))?);
+    }
+    let mut total = Client::new(a.addr, 0, false);
+    for thread in threads {
+        total.merge(&thread.join().map_err(|_| "a worker thread panicked")?);
+    }
+    Ok(total)
+}
+
+/// When the threads start, together, a little after they are spawned.
+fn start_time() -> Instant {
+    Instant::now() + Duration::from_millis(20)
+}
+
+fn rr(a: Bench) -> Result<(), String> {
+    let mut setup = Client::new(a.addr, 0, false);
+    let streams = (0..a.conns).map(|_| setup.dial().ok_or("rr: could not connect"));
+    let streams = streams.collect::<Result<Vec<_>, _>>()?;
+    let start = start_time();
+    let c = run_threads(a, streams, move |i, stream| rr_worker(a, i, stream, start))?;
+    let fields = vec![
+        ("mode", json!("rr")),
+        ("conns", json!(a.conns)),
+        ("size", json!(a.size)),
+        ("rate", json!(a.rate)),
+    ];
+    report(fields, &c, start.elapsed(), ["requests", "rps"])
+}
+
+/// Prints `fields` and what `c` measured as one line of JSON; `count` and `rate` name the
+/// number of samples and their rate. Fails if there was no sample.
+fn report(
+    mut fields: Vec<(&'static str, Value)>,
+    c: &Client,
+    elapsed: Duration,
+    [count, rate]: [&'static str; 2],
+) -> Result<(), String> {
+    let h = &c.latency;
+    let mean = (h.count > 0).then(|| round2(as_f64(h.sum) / as_f64(h.count)));
+    fields.extend([
+        ("duration_us", json!(micros(elapsed))),
+        (count, json!(h.count)),
+        ("errors", json!(c.errors)),
+        ("p50_us", json!(h.percentile(500_000))),
+        ("p90_us", json!(h.percentile(900_000))),
+        ("p99_us", json!(h.percentile(990_000))),
+        ("p999_us", json!(h.percentile(999_000))),
+        ("max_us", json!(h.percentile(1_000_000))),
+        ("mean_us", json!(mean)),
+        (rate, json!(per_sec(h.count, elapsed))),
+        ("spurious_eagain", json!(c.spurious_eagain)),
+    ]);
+    print_json(fields)?;
+    match h.count {
+        0 => Err(format!("no {count}")),
+        _ => Ok(()),
+    }
+}
+
+/// Prints one line of JSON: an object with the keys in this order (`json!` would sort them).
+fn print_json(fields: Vec<(&str, Value)>) -> Result<(), String> {
+    struct Ordered<'a>(Vec<(&'a str, Value)>);
+    impl serde::Serialize for Ordered<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        }
+    }
+    let line = serde_json::to_string(&Ordered(fields)).map_err(|e| format!("JSON: {e}"))?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Offset of the `k`th request of the whole run on an open-loop schedule of `rate` per second.
+fn scheduled(k: u64, rate: u64) -> Duration {
+    let nanos = u128::from(k) * 1_000_000_000 / u128::from(rate);
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// One `rr` connection. Open loop: connection `i` of `n` sends requests `i`, `i + n`, ... of
+/// the run's schedule, late if the previous reply was, and times each from when it was due; it
+/// sends everything due before the end but gives up at twice the duration. After an error the
+/// next request reconnects.
+fn rr_worker(a: Bench, i: usize, stream: TcpStream, start: Instant) -> Client {
+    if a.rate.is_some() {
+        // Sleeps otherwise overshoot by the default 50 µs slack, which would count as latency.
+        let _ = nix::sys::prctl::set_timerslack(1);
+    }
+    let mut c = Client::new(a.addr, a.size, false);
+    let mut stream = Some(stream);
+    let (end, give_up) = (start + a.duration, start + 2 * a.duration);
+    sleep_until(start);
+    for j in 0u64.. {
+        let due = if let Some(rate) = a.rate {
+            let due = start + scheduled(i as u64 + j * a.conns as u64, rate);
+            if due >= end || Instant::now() >= give_up {
+                break;
+            }
+            sleep_until(due);
+            due
+        } else {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            now
+        };
+        match stream.take().or_else(|| c.dial()) {
+            Some(conn) if c.exchange(&conn) => {
+                c.latency.record(micros(due.elapsed()));
+                stream = Some(conn);
+            }
+            // Do not spin on a dead server.
+            _ => thread::sleep(ERROR_BACKOFF),
+        }
+    }
+    c
+}
+
+fn connrate(a: Bench) -> Result<(), String> {
+    let start = start_time();
+    let c = run_threads(a, vec![(); a.conns], move |_, ()| connrate_worker(a, start))?;
+    report(
+        vec![("mode", json!("connrate"))],
+        &c,
+        start.elapsed(),
+        ["connections", "cps"],
+    )
+}
+
+/// Connects, exchanges a [`LAST`] request, waits for the server to close, closes; again.
+fn connrate_worker(a: Bench, start: Instant) -> Client {
+    let mut c = Client::new(a.addr, MESSAGE, true);
+    sleep_until(start);
+    while Instant::now() < start + a.duration {
+        let began = Instant::now();
+        let Some(stream) = c.dial().filter(|s| c.exchange(s)) else {
+            thread::sleep(ERROR_BACKOFF);
+            continue;
+        };
+        let mut reader = Reader::new(&stream);
+        match reader.read(&mut [0u8; 1]) {
+            Ok(0) => c.latency.record(micros(began.elapsed())),
+            Ok(_) => c.error("data after the reply"),
+            Err(e) => c.error(&format!("waiting for the server to close: {e}")),
+        }
+        c.spurious_eagain += u64::from(reader.spurious_eagain);
+    }
+    c
+}
+
+fn hold(a: Bench) -> Result<(), String> {
+    raise_nofile_limit(a.conns + 16);
+    let mut c = Client::new(a.addr, MESSAGE, false);
+    let held: Vec<TcpStream> = (0..a.conns)
+        .filter_map(|_| c.dial().filter(|s| c.exchange(s)))
+        .collect();
+    println!("holding {}", held.len());
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    thread::sleep(a.duration);
+    let opened = held.len();
+    drop(held);
+    print_json(vec![
+        ("mode", json!("hold")),
+        ("conns", json!(a.conns)),
+        ("opened", json!(opened)),
+        ("errors", json!(c.errors)),
+        ("spurious_eagain", json!(c.spurious_eagain)),
+    ])?;
+    match opened {
+        0 => Err("hold: no connection opened".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Raises the soft limit on open files (sockets) to the hard one; warns if it stays below
+/// `want`. The workspace's `nix` lacks the `resource` feature and `libc::setrlimit` is unsafe,
+/// so util-linux's `prlimit` does it.
+fn raise_nofile_limit(want: usize) {
+    let Some((soft, hard)) = nofile_limits() else {
+        return;
+    };
+    if soft < hard {
+        let status = std::process::Command::new("prlimit")
+            .arg(format!("--pid={}", std::process::id()))
+            .arg(format!("--nofile={hard}:{hard}"))
+            .status();
+        if !status.as_ref().is_ok_and(std::process::ExitStatus::success) {
+            eprintln!("mesh-probe: prlimit --nofile={hard}:{hard}: {status:?}");
+        }
+    }
+    let soft = nofile_limits().map_or(soft, |(soft, _)| soft);
+    if soft < want as u64 {
+        eprintln!("mesh-probe: warning: open files limited to {soft}, {want} wanted");
+    }
+}
+
+/// The soft and hard `RLIMIT_NOFILE` ("unlimited" reads as `u64::MAX`).
+fn nofile_limits() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    let mut fields = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(u64::MAX));
+    Some((fields.next()?, fields.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench(line: &str) -> Result<Bench, String> {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        parse_bench(args[0], args[1], &args[2..])
+    }
+
+    fn filled(values: impl IntoIterator<Item = u64>) -> Histogram {
+        let mut h = Histogram::default();
+        values.into_iter().for_each(|v| h.record(v));
+        h
+    }
+
+    #[test]
+    fn exact_below_256() {
+        let h = filled(1..=100);
+        assert_eq!(h.percentile(500_000), Some(50));
+        assert_eq!(h.percentile(900_000), Some(90));
+        assert_eq!(h.percentile(990_000), Some(99));
+        assert_eq!(h.percentile(999_000), Some(100));
+        assert_eq!(h.percentile(1_000_000), Some(100));
+        assert_eq!(h.percentile(0), Some(1));
+        assert_eq!((h.count, h.sum), (100, 5050));
+        assert_eq!(Histogram::default().percentile(500_000), None);
+    }
+
+    #[test]
+    fn percentiles_within_precision() {
+        let h = filled((1..=100_000).map(|v| v * 10));
+        for (ppm, want) in [
+            (500_000, 500_000.0),
+            (990_000, 990_000.0),
+            (999_000, 999_000.0),
+        ] {
+            let got = as_f64(h.percentile(ppm).expect("samples"));
+            assert!((got - want).abs() / want <= 1.0 / 256.0, "{ppm}: {got}");
+        }
+        assert_eq!(h.percentile(1_000_000), Some(1_000_000));
+        // One slow outlier among fast samples: p99.9 sees it only when it is in the top 0.1%.
+        let h = filled((0..999).map(|_| 20).chain([10_000_000]));
+        assert_eq!(h.percentile(999_000), Some(20));
+        assert_eq!(h.percentile(999_001), Some(10_000_000));
+        // Rank rounds up: of 10 samples, p50 is the 5th and p99 the 10th.
+        let h = filled(1..=10);
+        assert_eq!(h.percentile(500_000), Some(5));
+        assert_eq!(h.percentile(990_000), Some(10));
+    }
+
+    #[test]
+    fn buckets_cover_every_value_within_one_128th() {
+        let mut values: Vec<u64> = (0..2_000).collect();
+        let mut v = 2_000u64;
+        while let Some(next) = v.checked_add(v / 97 + 1) {
+            values.push(next);
+            v = next;
+        }
+        values.extend([10_000_000, (1 << 40) - 1, 1 << 40, u64::MAX]);
+        values.sort_unstable();
+        let mut last = 0;
+        for v in values {
+            let i = Histogram::index(v);
+            assert!(i < BUCKETS && i >= last, "{v}: bucket {i}");
+            last = i;
+            let (low, width) = Histogram::bucket(i);
+            assert!(
+                low <= v && v - low < width,
+                "{v}: bucket {i} = {low}+{width}"
+            );
+            assert!(width == 1 || width <= low / SUB, "{v}: {low}+{width}");
+            // The middle of the bucket stands for every value in it.
+            let h = filled([v, v, v.saturating_add(width)]);
+            let p = as_f64(h.percentile(500_000).expect("samples"));
+            assert!((p - as_f64(v)).abs() <= as_f64(v) / 128.0, "{v}: {p}");
+        }
+        assert_eq!(Histogram::index(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn merge_adds_up() {
+        let mut a = filled(1..=50);
+        a.merge(&filled(51..=100));
+        assert_eq!(a.count, 100);
+        assert_eq!(a.percentile(500_000), Some(50));
+        assert_eq!(a.percentile(1_000_000), Some(100));
+    }
+
+    #[test]
+    fn schedule_spreads_requests_evenly() {
+        assert_eq!(scheduled(0, 1_000), Duration::ZERO);
+        assert_eq!(scheduled(3, 1_000), Duration::from_millis(3));
+        assert_eq!(scheduled(1, 3), Duration::from_nanos(333_333_333));
+        assert_eq!(scheduled(u64::MAX, 1), Duration::from_nanos(u64::MAX));
+    }
+
+    #[test]
+    fn parses_serve() {
+        assert_eq!(parse_serve(&[]), Ok((Mode::Echo, None)));
+        assert_eq!(
+            parse_serve(&["--count", "3", "--mode", "rr"]),
+            Ok((Mode::Rr, Some(3)))
+        );
+        assert_eq!(parse_serve(&["--mode", "sink"]), Ok((Mode::Sink, None)));
+        assert_eq!(parse_serve(&["--mode", "greet"]), Ok((Mode::Greet, None)));
+        for (args, want) in [
+            (&["--mode", "bogus"][..], "unknown mode \"bogus\""),
+            (&["--mode"], "--mode needs a value"),
+            (&["--count", "x"], "--count \"x\""),
+            (&["extra"], "unknown option \"extra\""),
+        ] {
+            let e = parse_serve(args).expect_err(want);
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_the_benchmark_commands() {
+        let addr: SocketAddr = "127.0.0.1:9100".parse().expect("address");
+        let (conns, size, rate) = (4, MESSAGE, None);
+        let duration = Duration::from_secs(2);
+        let b = Bench {
+            addr,
+            conns,
+            duration,
+            rate,
+            size,
+        };
+        assert_eq!(
+            bench("rr 127.0.0.1:9100 --conns 4 --duration-ms 2000"),
+            Ok(b)
+        );
+        assert_eq!(
+            bench("rr 127.0.0.1:9100 --size 64 --rate 1000 --duration-ms 5 --conns 1"),
+            Ok(Bench {
+                conns: 1,
+                duration: Duration::from_millis(5),
+                rate: Some(1000),
+                size: 64,
+                ..b
+            })
+        );
+        assert_eq!(
+            bench("connrate 127.0.0.1:9100 --duration-ms 2000"),
+            Ok(Bench { conns: 1, ..b })
+        );
+        assert_eq!(
+            bench("hold [::1]:9100 --conns 2000 --hold-ms 0"),
+            Ok(Bench {
+                addr: "[::1]:9100".parse().expect("address"),
+                conns: 2000,
+                duration: Duration::ZERO,
+                ..b
+            })
+        );
+        for (line, want) in [
+            ("rr 127.0.0.1:9100 --duration-ms 1", "--conns is required"),
+            ("rr 127.0.0.1:9100 --conns 1", "--duration-ms is required"),
+            (
+                "rr 127.0.0.1:9100 --conns 0 --duration-ms 1",
+                "--conns must be",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns 1 --duration-ms 0",
+                "--duration-ms must",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns 1 --duration-ms 1 --rate 0",
+                "--rate must",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns 1 --duration-ms 1 --size 0",
+                "--size must",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns 1 --duration-ms 1 --size 999999999",
+                "--size must",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns -1 --duration-ms 1",
+                "--conns \"-1\"",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns 1 --conns 2",
+                "--conns given twice",
+            ),
+            (
+                "rr 127.0.0.1:9100 --conns 1 --verbose",
+                "unknown option \"--verbose\"",
+            ),
+            ("rr 127.0.0.1:9100 --conns", "--conns needs a value"),
+            (
+                "rr localhost:9100 --conns 1 --duration-ms 1",
+                "address \"localhost:9100\"",
+            ),
+            (
+                "connrate 127.0.0.1:9100 --duration-ms 1 --rate 5",
+                "unknown option",
+            ),
+            (
+                "connrate 127.0.0.1:9100 --conns 2",
+                "--duration-ms is required",
+            ),
+            ("hold 127.0.0.1:9100 --conns 5", "--hold-ms is required"),
+            ("hold 127.0.0.1:9100 --hold-ms 5", "--conns is required"),
+            (
+                "hold 127.0.0.1:9100 --conns 5 --duration-ms 5",
+                "unknown option",
+            ),
+        ] {
+            let e = bench(line).expect_err(line);
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn requests_carry_their_length() {
+        let addr = "127.0.0.1:1".parse().expect("address");
+        let c = Client::new(addr, 1024, false);
+        assert_eq!((c.request.len(), c.reply.len()), (1028, 1024));
+        assert_eq!(c.request[..4], 1024u32.to_be_bytes());
+        let c = Client::new(addr, 0xA, true);
+        assert_eq!(c.request[..4], (0xA | LAST).to_be_bytes());
+    }
+
+    #[test]
+    fn reads_the_open_files_limit() {
+        let (soft, hard) = nofile_limits().expect("limits");
+        assert!(soft > 0 && soft <= hard, "{soft} {hard}");
+    }
 }
