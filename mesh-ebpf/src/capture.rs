@@ -71,16 +71,12 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     // call; getpeername hooks may write `user_ip*`/`user_port`.
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some(orig) = original_peer(sa, Family::V6) {
-        let words = if orig.family == AF_INET {
-            [0, 0, addr::v4_mapped_marker(), orig.ip[0]]
+        let ip = if orig.family == AF_INET {
+            [orig.ip[0], 0, 0, 0]
         } else {
             orig.ip
         };
-        sa.user_ip6[0] = words[0];
-        sa.user_ip6[1] = words[1];
-        sa.user_ip6[2] = words[2];
-        sa.user_ip6[3] = words[3];
-        sa.user_port = u32::from(addr::port_host(orig.port).to_be());
+        set_user6(sa, orig.family, ip, addr::port_host(orig.port));
     }
     ALLOW
 }
@@ -132,17 +128,12 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
     };
     let target = capture(ctx, dst)?;
     if let Some(t) = target {
-        let words = if dst.family == AF_INET {
-            // IPv4 through an IPv6 socket: keep it IPv4-mapped.
-            [0, 0, addr::v4_mapped_marker(), t.ipv4]
+        let ip = if dst.family == AF_INET {
+            [t.ipv4, 0, 0, 0]
         } else {
             t.ipv6
         };
-        sa.user_ip6[0] = words[0];
-        sa.user_ip6[1] = words[1];
-        sa.user_ip6[2] = words[2];
-        sa.user_ip6[3] = words[3];
-        sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+        set_user6(sa, dst.family, ip, OUTBOUND_PORT);
     }
     let captured = target.is_some();
     let mut bytes = [0u8; 16];
@@ -163,6 +154,21 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
 
 fn sa_ip4(a: &SockAddr) -> u32 {
     a.ip[0]
+}
+
+/// Writes an address into an IPv6 socket's `user_ip6`/`user_port` (only IPv6 programs may):
+/// an IPv4 address (`family` [`AF_INET`], in `ip[0]`) goes in IPv4-mapped.
+fn set_user6(sa: &mut bpf_sock_addr, family: u32, ip: [u32; 4], port: u16) {
+    let words = if family == AF_INET {
+        [0, 0, addr::v4_mapped_marker(), ip[0]]
+    } else {
+        ip
+    };
+    sa.user_ip6[0] = words[0];
+    sa.user_ip6[1] = words[1];
+    sa.user_ip6[2] = words[2];
+    sa.user_ip6[3] = words[3];
+    sa.user_port = u32::from(port.to_be());
 }
 
 /// The pod's own addresses, where its outbound listener is.
