@@ -35,16 +35,19 @@ use serde_json::{json, Value};
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
     pub quick: bool,
+    /// Record `perf` profiles of agent n0 during the 1-stream throughput runs.
+    pub profile: bool,
     secs: u64,
     reps: usize,
     idle_conns: usize,
 }
 
 impl Plan {
-    pub fn new(quick: bool) -> Self {
+    pub fn new(quick: bool, profile: bool) -> Self {
         if quick {
             Self {
                 quick,
+                profile,
                 secs: 2,
                 reps: 1,
                 idle_conns: 1_000,
@@ -52,6 +55,7 @@ impl Plan {
         } else {
             Self {
                 quick,
+                profile,
                 secs: 8,
                 reps: 3,
                 idle_conns: 10_000,
@@ -92,6 +96,8 @@ type Results = BTreeMap<(String, String), BTreeMap<Mode, Figure>>;
 
 struct Bench {
     plan: Plan,
+    /// Where results (and profiles) go.
+    out: PathBuf,
     tb: Testbed,
     files: ClusterFiles,
     results: Results,
@@ -112,8 +118,14 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
     })
     .context("testbed")?;
     let files = ClusterFiles::new(tb.scratch_dir().join("config"))?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let out = root.join("bench-results").join(stamp.to_string());
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut bench = Bench {
         plan,
+        out: out.clone(),
         tb,
         files,
         results: Results::new(),
@@ -124,13 +136,6 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
             .measure_mode(mode)
             .with_context(|| format!("measuring {}", mode.label()))?;
     }
-    let out = root.join("bench-results").join(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            .to_string(),
-    );
-    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let table = bench.markdown();
     fs::write(out.join("results.md"), &table)?;
     fs::write(
@@ -297,6 +302,12 @@ impl Bench {
         srv.wait_for_line("iperf3 to listen", Duration::from_secs(10), |l| {
             l.contains("Server listening")
         })?;
+        let profiler = match agents.first() {
+            Some(agent) if self.plan.profile && streams == 1 => {
+                Some(self.start_profile(agent, server)?)
+            }
+            _ => None,
+        };
         let before = CpuSample::take(agents)?;
         let out = process::run(client.command("iperf3").args([
             "-c",
@@ -311,6 +322,10 @@ impl Bench {
         ]))?;
         let after = CpuSample::take(agents)?;
         srv.wait(Duration::from_secs(10))?;
+        if let Some((mut perf, data)) = profiler {
+            perf.wait(Duration::from_secs(30))?;
+            report_profile(&data)?;
+        }
         let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
         let received = &v["end"]["sum_received"];
         let bits_per_second = received["bits_per_second"]
@@ -318,6 +333,33 @@ impl Bench {
             .context("iperf3: no bits_per_second")?;
         let bytes = received["bytes"].as_f64().context("iperf3: no bytes")?;
         Ok((bits_per_second / 1e9, before.per_gb(&after, bytes)))
+    }
+
+    /// Starts `perf record` (software clock, call graphs) on `agent` for the iperf3 run.
+    fn start_profile(&self, agent: &Agent, server: &Pod) -> Result<(Process, PathBuf)> {
+        let path = if server.node == 0 {
+            "same-node"
+        } else {
+            "cross-node"
+        };
+        let n = fs::read_dir(&self.out).map_or(0, Iterator::count);
+        let data = self.out.join(format!("perf-{n}-{path}.data"));
+        let (pid, secs) = (agent.pid().to_string(), self.plan.secs.to_string());
+        let mut cmd = std::process::Command::new("perf");
+        cmd.args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "499",
+            "-g",
+            "-p",
+            &pid,
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &secs]);
+        Ok((Process::spawn("perf", &mut cmd)?, data))
     }
 
     fn rr(&self, client: &Pod, dst: SocketAddr, conns: u32, rate: Option<u32>) -> Result<Value> {
@@ -509,6 +551,20 @@ impl Bench {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// Writes the profile's top symbols next to it (`<data>.txt`).
+fn report_profile(data: &Path) -> Result<()> {
+    let report = process::run(
+        std::process::Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
+            .args(["--percent-limit", "1.5", "-g", "none", "-i"])
+            .arg(data),
+    )?;
+    let text = data.with_extension("txt");
+    fs::write(&text, report)?;
+    println!("  profile of agent n0: {}", text.display());
+    Ok(())
 }
 
 fn f(v: &Value, key: &str) -> Result<f64> {

@@ -45,6 +45,9 @@ enum Cmd {
         /// Short measurements, one repetition (under two minutes).
         #[arg(long)]
         quick: bool,
+        /// Record perf profiles of the agent during the 1-stream throughput runs.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -62,10 +65,10 @@ fn main() -> ExitCode {
                 std::env::set_var(mesh_tests::process::QUIET_ENV, "1");
                 demo::run()
             }),
-        Cmd::Bench { quick } => setup::run(&root)
+        Cmd::Bench { quick, profile } => setup::run(&root)
             .and_then(|()| bench::check_tools())
             .and_then(|()| build(&root, true))
-            .and_then(|()| bench::run(&root, bench::Plan::new(quick))),
+            .and_then(|()| bench::run(&root, bench::Plan::new(quick, profile))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
