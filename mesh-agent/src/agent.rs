@@ -41,7 +41,7 @@ impl Resolve for ClusterResolver {
                 service, endpoint, ..
             } => Route::To {
                 addr: endpoint,
-                service: Some(service.to_string()),
+                service: Some(Arc::from(service.to_string())),
             },
             Resolution::NoEndpoint { service } => {
                 Route::Refuse(format!("service {service} has no ready endpoint for {dst}"))

@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub trust_domain: String,
     /// Leave the pins in place at a clean shutdown (for a restart that adopts them).
     pub keep_pins: bool,
+    /// Threads of the async runtime that carries every connection (ztunnel's default is 2).
+    pub worker_threads: usize,
 }
 
 /// What is wrong with a configuration. Each variant names the offending value.
@@ -55,13 +57,21 @@ pub enum ConfigError {
     OwnCgroup(String),
     #[error("enrollment: {0}")]
     Enrollment(String),
+    #[error("worker threads: {0} is out of range (1 to {MAX_WORKER_THREADS})")]
+    WorkerThreads(usize),
 }
+
+/// Upper bound of `worker_threads`: a node agent has no use for more.
+pub const MAX_WORKER_THREADS: usize = 64;
 
 impl AgentConfig {
     /// Checks every field against the machine: names, file systems, directories.
     pub fn validate(self) -> Result<Self, ConfigError> {
         if !is_dns_label(&self.node_name) {
             return Err(ConfigError::NodeName(self.node_name));
+        }
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            return Err(ConfigError::WorkerThreads(self.worker_threads));
         }
         if !on_bpffs(&self.bpffs_dir) {
             return Err(ConfigError::NotBpffs {
@@ -98,7 +108,7 @@ impl fmt::Display for AgentConfig {
         write!(
             f,
             "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} label_key={} \
-             trust_domain={} keep_pins={}",
+             trust_domain={} keep_pins={} worker_threads={}",
             self.node_name,
             self.config_dir.display(),
             self.bpffs_dir.display(),
@@ -106,7 +116,8 @@ impl fmt::Display for AgentConfig {
             self.sockmap,
             self.label_key,
             self.trust_domain,
-            self.keep_pins
+            self.keep_pins,
+            self.worker_threads
         )
     }
 }
@@ -170,6 +181,7 @@ mod tests {
             label_key: DEFAULT_LABEL_KEY.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             keep_pins: false,
+            worker_threads: 2,
         }
     }
 
@@ -187,6 +199,19 @@ mod tests {
     fn bad_node_name_is_named_in_the_error() {
         let err = config("Bad_Name").validate().unwrap_err();
         assert!(err.to_string().contains("\"Bad_Name\""), "{err}");
+    }
+
+    #[test]
+    fn worker_threads_out_of_range_are_named() {
+        for bad in [0, MAX_WORKER_THREADS + 1] {
+            let mut c = config("n0");
+            c.worker_threads = bad;
+            let err = c.validate().unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("{bad} is out of range")),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -208,7 +233,7 @@ mod tests {
             config("n0").to_string(),
             "node=n0 config_dir=/nonexistent-config bpffs_dir=/nonexistent \
              agent_cgroup=/nonexistent-cgroup sockmap=true label_key=istio.io/dataplane-mode \
-             trust_domain=cluster.local keep_pins=false"
+             trust_domain=cluster.local keep_pins=false worker_threads=2"
         );
     }
 

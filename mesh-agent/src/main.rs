@@ -58,6 +58,9 @@ enum Command {
         /// Keep the pinned maps at a clean shutdown.
         #[arg(long)]
         keep_pins: bool,
+        /// Threads of the async runtime that carries the connections.
+        #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
+        worker_threads: usize,
     },
     /// Print the per-cgroup counters from an agent's pinned maps.
     Stats {
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             label_key,
             trust_domain,
             keep_pins,
+            worker_threads,
         } => {
             let bpffs_dir =
                 bpffs_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
@@ -99,11 +103,12 @@ fn main() -> anyhow::Result<()> {
                 label_key,
                 trust_domain,
                 keep_pins,
+                worker_threads,
             }
             .validate()
             .context("invalid configuration")?;
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(config.worker_threads)
                 .enable_all()
                 .build()
                 .context("starting the Tokio runtime")?

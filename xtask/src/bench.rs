@@ -32,7 +32,7 @@ use mesh_tests::{
 use serde_json::{json, Value};
 
 /// How long and how often to measure.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Plan {
     pub quick: bool,
     /// Record `perf` profiles of agent n0 during the 1-stream throughput runs.
@@ -40,27 +40,25 @@ pub struct Plan {
     secs: u64,
     reps: usize,
     idle_conns: usize,
+    /// Groups to measure (`throughput`, `latency`, `connrate`, `memory`); empty: all.
+    only: Vec<String>,
 }
 
 impl Plan {
-    pub fn new(quick: bool, profile: bool) -> Self {
-        if quick {
-            Self {
-                quick,
-                profile,
-                secs: 2,
-                reps: 1,
-                idle_conns: 1_000,
-            }
-        } else {
-            Self {
-                quick,
-                profile,
-                secs: 8,
-                reps: 3,
-                idle_conns: 10_000,
-            }
+    pub fn new(quick: bool, profile: bool, only: Vec<String>) -> Self {
+        let (secs, reps, idle_conns) = if quick { (2, 1, 1_000) } else { (8, 3, 10_000) };
+        Self {
+            quick,
+            profile,
+            secs,
+            reps,
+            idle_conns,
+            only,
         }
+    }
+
+    fn wants(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
     }
 }
 
@@ -190,22 +188,25 @@ impl Bench {
             ("same node", self.tb.pod(0, 1).clone()),
             ("cross node", self.tb.pod(1, 0).clone()),
         ];
-        for rep in 0..self.plan.reps {
+        let measures_paths = ["throughput", "latency", "connrate"]
+            .iter()
+            .any(|g| self.plan.wants(g));
+        for rep in (0..self.plan.reps).filter(|_| measures_paths) {
             for (path, server) in &paths {
                 println!("{path}, repetition {}", rep + 1);
                 self.measure_path(mode, path, &client, server, &agents)?;
             }
         }
-        if mode != Mode::Direct {
-            let per_conn = self.idle_memory(&client, &paths[1].1, &agents)?;
-            self.record(
-                "cross node",
-                "agent memory per idle connection",
-                mode,
-                per_conn,
-                "bytes",
-                false,
-            );
+        if mode != Mode::Direct && self.plan.wants("memory") {
+            let per_agent = self.idle_memory(&client, &paths[1].1, &agents)?;
+            let largest = per_agent.iter().copied().fold(0.0, f64::max);
+            let both: f64 = per_agent.iter().sum();
+            for (metric, value) in [
+                ("agent memory per idle connection (largest agent)", largest),
+                ("agent memory per idle connection (both agents)", both),
+            ] {
+                self.record("cross node", metric, mode, value, "bytes", false);
+            }
         }
         for agent in agents {
             agent.stop()?;
@@ -221,7 +222,12 @@ impl Bench {
         server: &Pod,
         agents: &[Agent],
     ) -> Result<()> {
-        for streams in [1, 8] {
+        let streams_cases: &[u32] = if self.plan.wants("throughput") {
+            &[1, 8]
+        } else {
+            &[]
+        };
+        for &streams in streams_cases {
             let (gbps, cpu) = self.iperf(client, server, streams, agents)?;
             let tput = format!("throughput, {streams} stream(s)");
             self.record(path, &tput, mode, gbps, "Gbit/s", true);
@@ -232,9 +238,18 @@ impl Bench {
             let metric = format!("machine CPU per GB, {streams} stream(s)");
             self.record(path, &metric, mode, cpu.machine_s_per_gb, "s/GB", false);
         }
+        if !self.plan.wants("latency") && !self.plan.wants("connrate") {
+            return Ok(());
+        }
         let _srv = serve_rr(server)?;
         let dst = SocketAddr::new(IpAddr::V4(server.ipv4), RR_PORT);
-        for (conns, rate) in [(1, Some(1_000)), (1, None), (64, Some(10_000)), (64, None)] {
+        let rr_cases = [(1, Some(1_000)), (1, None), (64, Some(10_000)), (64, None)];
+        let rr_cases = if self.plan.wants("latency") {
+            &rr_cases[..]
+        } else {
+            &[]
+        };
+        for &(conns, rate) in rr_cases {
             let label = match rate {
                 Some(r) => format!("{conns} conn, {r} req/s"),
                 None => format!("{conns} conn, saturation"),
@@ -248,6 +263,9 @@ impl Bench {
                 let metric = format!("requests/s ({label})");
                 self.record(path, &metric, mode, f(&v, "rps")?, "req/s", true);
             }
+        }
+        if !self.plan.wants("connrate") {
+            return Ok(());
         }
         let v = self.connrate(client, dst)?;
         self.record(
@@ -392,13 +410,11 @@ impl Bench {
     }
 
     /// Opens `idle_conns` connections through the mesh, keeps them idle, and returns how much
-    /// the agents' resident memory grew per connection.
-    fn idle_memory(&self, client: &Pod, server: &Pod, agents: &[Agent]) -> Result<f64> {
+    /// each agent's resident memory grew per connection.
+    fn idle_memory(&self, client: &Pod, server: &Pod, agents: &[Agent]) -> Result<Vec<f64>> {
         let _srv = serve_rr(server)?;
-        let before: u64 = agents
-            .iter()
-            .map(|a| rss_bytes(a.pid()))
-            .sum::<Result<u64>>()?;
+        let rss = || -> Result<Vec<u64>> { agents.iter().map(|a| rss_bytes(a.pid())).collect() };
+        let before = rss()?;
         let n = self.plan.idle_conns;
         let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
         let dst = SocketAddr::new(IpAddr::V4(server.ipv4), RR_PORT);
@@ -419,13 +435,14 @@ impl Bench {
             |l| l.starts_with("holding "),
         )?;
         std::thread::sleep(Duration::from_millis(500));
-        let during: u64 = agents
-            .iter()
-            .map(|a| rss_bytes(a.pid()))
-            .sum::<Result<u64>>()?;
+        let during = rss()?;
         hold.wait_success(Duration::from_secs(60))?;
         #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
-        Ok((during.saturating_sub(before)) as f64 / n as f64)
+        Ok(during
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| d.saturating_sub(*b) as f64 / n as f64)
+            .collect())
     }
 
     fn markdown(&self) -> String {

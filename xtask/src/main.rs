@@ -48,6 +48,9 @@ enum Cmd {
         /// Record perf profiles of the agent during the 1-stream throughput runs.
         #[arg(long)]
         profile: bool,
+        /// Measure only these groups (repeatable): throughput, latency, connrate, memory.
+        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory"])]
+        only: Vec<String>,
     },
 }
 
@@ -65,10 +68,14 @@ fn main() -> ExitCode {
                 std::env::set_var(mesh_tests::process::QUIET_ENV, "1");
                 demo::run()
             }),
-        Cmd::Bench { quick, profile } => setup::run(&root)
+        Cmd::Bench {
+            quick,
+            profile,
+            only,
+        } => setup::run(&root)
             .and_then(|()| bench::check_tools())
             .and_then(|()| build(&root, true))
-            .and_then(|()| bench::run(&root, bench::Plan::new(quick, profile))),
+            .and_then(|()| bench::run(&root, bench::Plan::new(quick, profile, only))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

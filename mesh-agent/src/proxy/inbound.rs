@@ -11,7 +11,7 @@ use tracing::warn;
 
 use super::{
     dial_app,
-    relay::{relay, ConnInfo},
+    relay::{relay, ConnInfo, Relay},
     LocalPod, ProxyCtx,
 };
 
@@ -20,30 +20,33 @@ pub(super) async fn handle(
     peer: SocketAddr,
     pod: Arc<LocalPod>,
     ctx: Arc<ProxyCtx>,
-) {
+) -> Option<Relay> {
     let started = Instant::now();
     down.set_nodelay(true).ok();
     let dst = match down.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {
             warn!(error = %e, "inbound connection without a local address");
-            return;
+            return None;
         }
     };
     if [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
         warn!(%dst, "connection to the agent's own port; closing it");
-        return;
+        return None;
     }
     let info = ConnInfo {
         direction: "inbound",
-        pod: pod.name.clone(),
+        pod: Arc::clone(&pod),
         src: peer,
         dst,
         upstream: dst,
         service: None,
     };
     match dial_app(&pod, dst, peer, &ctx.conn).await {
-        Ok((up, _peer_guard)) => relay(down, up, info, started).await,
-        Err(e) => warn!(%dst, error = %e, "could not reach the application"),
+        Ok((up, peer_guard)) => Some(relay(down, up, info, started).holding(peer_guard)),
+        Err(e) => {
+            warn!(%dst, error = %e, "could not reach the application");
+            None
+        }
     }
 }

@@ -18,9 +18,12 @@ mod relay;
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::Arc,
+    task::{ready, Context, Poll},
 };
 
 use mesh_common::{SockAddr, SockKey, INBOUND_PORT, OUTBOUND_PORT};
@@ -83,7 +86,7 @@ pub enum Route {
     /// Connect to this address (an endpoint of a service, a pod, or the original destination).
     To {
         addr: SocketAddr,
-        service: Option<String>,
+        service: Option<Arc<str>>,
     },
     /// Refuse the connection, with the reason for the log.
     Refuse(String),
@@ -133,18 +136,53 @@ async fn accept_loop<F, Fut>(
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr, Arc<LocalPod>, Arc<ProxyCtx>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    Fut: Future<Output = Option<relay::Relay>> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let span = tracing::info_span!("conn", direction, pod = %pod.name, src = %peer);
-                let task = handle(stream, peer, Arc::clone(&pod), Arc::clone(&ctx));
+                let setup = handle(stream, peer, Arc::clone(&pod), Arc::clone(&ctx));
+                let task = ConnTask::Setup(Box::pin(setup));
                 tokio::spawn(tracing::Instrument::instrument(task, span));
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.name, direction, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A connection's task: its setup (resolution, dialling), then its relay.
+///
+/// A future's size is that of its largest state, for its whole life. The setup is therefore
+/// boxed and freed once the connection is up, and the relay replaces it in place: a long-lived
+/// connection's task holds only the relay's state (a few hundred bytes), not the dialling's.
+// The relay is the state a connection lives in; boxing it would cost one more allocation.
+#[allow(clippy::large_enum_variant)]
+enum ConnTask<S> {
+    Setup(Pin<Box<S>>),
+    Relay(relay::Relay),
+    Done,
+}
+
+impl<S: Future<Output = Option<relay::Relay>>> Future for ConnTask<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                ConnTask::Setup(setup) => match ready!(setup.as_mut().poll(cx)) {
+                    Some(relay) => *this = ConnTask::Relay(relay),
+                    None => *this = ConnTask::Done,
+                },
+                ConnTask::Relay(relay) => {
+                    ready!(Pin::new(relay).poll(cx));
+                    *this = ConnTask::Done;
+                }
+                ConnTask::Done => return Poll::Ready(()),
             }
         }
     }
@@ -272,9 +310,17 @@ async fn dial_app(
 }
 
 /// Removes a peer-address entry when the connection ends.
-struct PeerGuard {
+pub(super) struct PeerGuard {
     key: SockKey,
     conn: Arc<ConnMaps>,
+}
+
+impl std::fmt::Debug for PeerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerGuard")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for PeerGuard {

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::{
     dial_app, dial_from,
-    relay::{relay, ConnInfo},
+    relay::{relay, ConnInfo, Relay},
     LocalPod, ProxyCtx, Route,
 };
 
@@ -20,29 +20,29 @@ pub(super) async fn handle(
     peer: SocketAddr,
     pod: Arc<LocalPod>,
     ctx: Arc<ProxyCtx>,
-) {
+) -> Option<Relay> {
     let started = Instant::now();
     down.set_nodelay(true).ok();
     let Some(dst) = ctx.conn.take_orig_dst(peer) else {
         // Not captured by the kernel (someone dialled the listener directly): nothing to do.
         warn!("no original destination recorded for this connection; closing it");
-        return;
+        return None;
     };
     if dst.ip() == peer.ip() && [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
         warn!(%dst, "connection to the agent's own port; closing it");
-        return;
+        return None;
     }
     let (upstream, service) = match ctx.resolver.route(dst) {
         Route::To { addr, service } => (addr, service),
         Route::Refuse(reason) => {
             warn!(%dst, reason, "connection refused");
-            return;
+            return None;
         }
     };
     let local = ctx.local.borrow().get(&upstream.ip()).cloned();
     let info = ConnInfo {
         direction: "outbound",
-        pod: pod.name.clone(),
+        pod: Arc::clone(&pod),
         src: peer,
         dst,
         upstream,
@@ -51,15 +51,21 @@ pub(super) async fn handle(
     match local {
         // Same node: straight into the destination pod, over its own address.
         Some(target) => match dial_app(&target, upstream, peer, &ctx.conn).await {
-            Ok((up, _peer_guard)) => {
+            Ok((up, peer_guard)) => {
                 debug!(%upstream, target = %target.name, "same-node connection");
-                relay(down, up, info, started).await;
+                Some(relay(down, up, info, started).holding(peer_guard))
             }
-            Err(e) => warn!(%dst, %upstream, error = %e, "could not reach the destination"),
+            Err(e) => {
+                warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                None
+            }
         },
         None => match dial_from(&pod.netns, upstream).await {
-            Ok(up) => relay(down, up, info, started).await,
-            Err(e) => warn!(%dst, %upstream, error = %e, "could not reach the destination"),
+            Ok(up) => Some(relay(down, up, info, started)),
+            Err(e) => {
+                warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                None
+            }
         },
     }
 }
