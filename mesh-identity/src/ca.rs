@@ -1,0 +1,458 @@
+//! The certificate authority interface: what the agent sends (a CSR for one identity), what it
+//! gets back (a certificate chain, never a key) and the roots it trusts.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateSigningRequestParams, PublicKey, SanType};
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, TrustAnchor};
+
+use crate::cert::CertError;
+use crate::spiffe::{Identity, IdentityError};
+
+/// Errors of certificate authorities: refused requests, signing failures and, for the built-in
+/// CA, problems with its files.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The CSR could not be parsed, or its signature does not verify.
+    #[error("the certificate signing request for {identity} is malformed or its signature does not verify: {source}")]
+    InvalidCsr {
+        /// The identity the CSR was sent for.
+        identity: Identity,
+        /// The cause.
+        source: rcgen::Error,
+    },
+    /// The CSR's subject alternative names are not exactly the requested identity.
+    #[error(
+        "the certificate signing request for {identity} names {presented:?}; it must name exactly \
+         that identity as its only subject alternative name"
+    )]
+    CsrNamesMismatch {
+        /// The identity the CSR was sent for.
+        identity: Identity,
+        /// The subject alternative names in the CSR.
+        presented: Vec<String>,
+    },
+    /// The identity belongs to another trust domain than the CA's.
+    #[error("{identity} is not in trust domain {ca_trust_domain}, the only one this CA signs for")]
+    WrongTrustDomain {
+        /// The identity requested.
+        identity: Identity,
+        /// The CA's trust domain.
+        ca_trust_domain: String,
+    },
+    /// A zero lifetime was requested.
+    #[error("a zero certificate lifetime was requested for {identity}")]
+    ZeroLifetime {
+        /// The identity requested.
+        identity: Identity,
+    },
+    /// An explicit validity window is empty, inverted or out of range.
+    #[error("invalid validity window for {identity}: {not_before:?} to {not_after:?}")]
+    InvalidValidity {
+        /// The identity requested.
+        identity: Identity,
+        /// Requested start.
+        not_before: SystemTime,
+        /// Requested end.
+        not_after: SystemTime,
+    },
+    /// Building or signing a certificate failed.
+    #[error("signing the certificate of {identity}: {source}")]
+    Signing {
+        /// The identity requested.
+        identity: Identity,
+        /// The cause.
+        source: rcgen::Error,
+    },
+    /// The system random number generator failed (serial numbers).
+    #[error("the system random number generator failed")]
+    Random,
+    /// A trust bundle entry is not a usable trust anchor.
+    #[error("trust bundle entry {index} is not a usable root certificate: {source}")]
+    InvalidTrustAnchor {
+        /// Position of the certificate in the bundle.
+        index: usize,
+        /// The cause.
+        source: webpki::Error,
+    },
+    /// The CA's trust domain is not valid.
+    #[error("invalid trust domain for the CA: {source}")]
+    InvalidTrustDomain {
+        /// The cause.
+        source: IdentityError,
+    },
+    /// Creating the CA directory failed.
+    #[error("creating CA directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Reading a CA file failed.
+    #[error("reading {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Writing a CA file failed.
+    #[error("writing {path}: {source}")]
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Only one of the root certificate and root key files exists.
+    #[error("{present} exists but {missing} does not; restore it, or remove {present} to create a new root")]
+    IncompleteStore {
+        /// The file that exists.
+        present: PathBuf,
+        /// The file that is missing.
+        missing: PathBuf,
+    },
+    /// The root key file is readable or writable by group or others.
+    #[error("root key file {path} has mode {mode:04o}; it must not be accessible to group or others (chmod 600)")]
+    KeyFileTooOpen {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The root key file does not hold a usable private key.
+    #[error("root key file {path} does not hold a usable private key: {source}")]
+    InvalidRootKey {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: rcgen::Error,
+    },
+    /// The root certificate file does not hold exactly one certificate.
+    #[error("root certificate file {path} holds {count} certificates; expected exactly one")]
+    RootCertCount {
+        /// The certificate file.
+        path: PathBuf,
+        /// How many it holds.
+        count: usize,
+    },
+    /// The root certificate cannot be parsed.
+    #[error("root certificate file {path}: {source}")]
+    InvalidRootCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// The cause.
+        source: CertError,
+    },
+    /// The root certificate cannot be used to sign.
+    #[error("root certificate file {path} cannot be used to issue certificates: {source}")]
+    UnusableRootCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// The cause.
+        source: rcgen::Error,
+    },
+    /// The root certificate is not a CA certificate.
+    #[error("root certificate file {path} holds a certificate that is not a CA (basicConstraints CA:false or absent)")]
+    RootNotCa {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The root key does not belong to the root certificate.
+    #[error(
+        "root key file {key_path} does not hold the key of the root certificate in {cert_path}"
+    )]
+    KeyMismatch {
+        /// The certificate file.
+        cert_path: PathBuf,
+        /// The key file.
+        key_path: PathBuf,
+    },
+    /// The root certificate was made for another trust domain.
+    #[error("root certificate file {path} is for trust domain {found:?}, not {expected:?}")]
+    RootTrustDomainMismatch {
+        /// The certificate file.
+        path: PathBuf,
+        /// The organization (O) of its subject, if any.
+        found: Option<String>,
+        /// The trust domain the CA was opened for.
+        expected: String,
+    },
+    /// Generating the key of a new root failed.
+    #[error("generating the root key pair: {source}")]
+    RootKeyGeneration {
+        /// The cause.
+        source: rcgen::Error,
+    },
+    /// The validity configured for a new root cannot be represented.
+    #[error("a root validity of {validity:?} reaches beyond the dates a certificate can hold")]
+    RootValidityOutOfRange {
+        /// The configured validity.
+        validity: Duration,
+    },
+    /// The root certificate has expired.
+    #[error("root certificate file {path} expired at {not_after:?}; remove it and its key to create a new root")]
+    RootExpired {
+        /// The certificate file.
+        path: PathBuf,
+        /// Its end of validity.
+        not_after: SystemTime,
+    },
+}
+
+/// A request to sign a workload certificate.
+#[derive(Clone)]
+pub struct CsrRequest {
+    /// PKCS #10 CSR in DER, signed by the workload key.
+    pub csr_der: Vec<u8>,
+    /// The identity the certificate is wanted for; the CSR must name exactly this identity.
+    pub identity: Identity,
+    /// The lifetime wanted; `None` leaves it to the CA. CAs may shorten it.
+    pub lifetime: Option<Duration>,
+}
+
+impl fmt::Debug for CsrRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CsrRequest")
+            .field("identity", &self.identity)
+            .field("lifetime", &self.lifetime)
+            .field("csr_len", &self.csr_der.len())
+            .finish()
+    }
+}
+
+/// A certificate chain issued by a CA: leaf first, then any intermediates (roots are optional
+/// and come from the [`TrustBundle`]).
+#[derive(Debug, Clone)]
+pub struct IssuedChain {
+    /// The certificates, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+/// The root certificates (DER) peers' chains are verified against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl TrustBundle {
+    /// A bundle of `roots`, each checked to be usable as a trust anchor.
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, CaError> {
+        for (index, root) in roots.iter().enumerate() {
+            webpki::anchor_from_trusted_cert(root)
+                .map_err(|source| CaError::InvalidTrustAnchor { index, source })?;
+        }
+        Ok(Self { roots })
+    }
+
+    /// The root certificates.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The roots as webpki trust anchors (entries that do not parse are left out; [`Self::new`]
+    /// has already refused them).
+    pub fn trust_anchors(&self) -> Vec<TrustAnchor<'_>> {
+        self.roots
+            .iter()
+            .filter_map(|root| webpki::anchor_from_trusted_cert(root).ok())
+            .collect()
+    }
+
+    /// This bundle followed by the roots of `other` (federation with another trust domain).
+    #[must_use]
+    pub fn merged(&self, other: &TrustBundle) -> TrustBundle {
+        let mut roots = self.roots.clone();
+        roots.extend(
+            other
+                .roots
+                .iter()
+                .filter(|r| !self.roots.contains(r))
+                .cloned(),
+        );
+        TrustBundle { roots }
+    }
+}
+
+/// A boxed, sendable future, as returned by [`CertificateAuthority`] methods.
+pub type CaFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A certificate authority for workload certificates of one trust domain.
+///
+/// The CA never sees nor returns private keys: it signs CSRs. Implementations must refuse a CSR
+/// unless [`verify_csr`] accepts it (the CSR's signature verifies, its only subject alternative
+/// name is the requested identity, in the CA's trust domain). The built-in CA is
+/// [`crate::BuiltinCa`]; external ones (istiod, SPIRE, cert-manager) implement the same trait.
+pub trait CertificateAuthority: Send + Sync {
+    /// The trust domain this CA issues identities of.
+    fn trust_domain(&self) -> &str;
+
+    /// Signs the CSR in `request`, returning the chain (leaf first).
+    fn sign(&self, request: CsrRequest) -> CaFuture<'_, Result<IssuedChain, CaError>>;
+
+    /// The roots that chains issued by this CA verify against.
+    fn trust_bundle(&self) -> TrustBundle;
+}
+
+/// Checks a CSR before signing it: it parses, its signature verifies with the key it carries,
+/// its only subject alternative name is the URI of `request.identity`, and that identity is in
+/// `trust_domain`. Returns the CSR's public key, the one to certify.
+pub fn verify_csr(request: &CsrRequest, trust_domain: &str) -> Result<PublicKey, CaError> {
+    let identity = &request.identity;
+    if identity.trust_domain() != trust_domain {
+        return Err(CaError::WrongTrustDomain {
+            identity: identity.clone(),
+            ca_trust_domain: trust_domain.to_owned(),
+        });
+    }
+    let der = CertificateSigningRequestDer::from(request.csr_der.as_slice());
+    let csr =
+        CertificateSigningRequestParams::from_der(&der).map_err(|source| CaError::InvalidCsr {
+            identity: identity.clone(),
+            source,
+        })?;
+    let names = &csr.params.subject_alt_names;
+    let exact =
+        matches!(names.as_slice(), [SanType::URI(uri)] if uri.as_str() == identity.as_str());
+    if !exact {
+        return Err(CaError::CsrNamesMismatch {
+            identity: identity.clone(),
+            presented: names.iter().map(describe_san).collect(),
+        });
+    }
+    Ok(csr.public_key)
+}
+
+fn describe_san(san: &SanType) -> String {
+    match san {
+        SanType::URI(uri) => format!("URI:{}", uri.as_str()),
+        SanType::DnsName(name) => format!("DNS:{}", name.as_str()),
+        SanType::Rfc822Name(name) => format!("email:{}", name.as_str()),
+        SanType::IpAddress(ip) => format!("IP:{ip}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::WorkloadKey;
+    use rcgen::{CertificateParams, DistinguishedName};
+
+    fn id(td: &str, sa: &str) -> Identity {
+        Identity::new(td, "default", sa).unwrap()
+    }
+
+    fn csr_with_sans(key: &WorkloadKey, sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = sans;
+        params
+            .serialize_request(key.key_pair())
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    fn request(csr_der: Vec<u8>, identity: Identity) -> CsrRequest {
+        CsrRequest {
+            csr_der,
+            identity,
+            lifetime: None,
+        }
+    }
+
+    #[test]
+    fn accepts_a_csr_for_exactly_the_requested_identity() {
+        let key = WorkloadKey::generate().unwrap();
+        let web = id("td", "web");
+        let public_key = verify_csr(&request(key.csr(&web).unwrap(), web), "td").unwrap();
+        assert_eq!(
+            rcgen::PublicKeyData::der_bytes(&public_key),
+            key.public_key_raw()
+        );
+    }
+
+    #[test]
+    fn refuses_a_csr_for_another_identity() {
+        let key = WorkloadKey::generate().unwrap();
+        let csr = key.csr(&id("td", "admin")).unwrap();
+        let err = verify_csr(&request(csr, id("td", "web")), "td").unwrap_err();
+        assert!(
+            matches!(&err, CaError::CsrNamesMismatch { presented, .. }
+                if presented == &["URI:spiffe://td/ns/default/sa/admin".to_owned()]),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_csr_with_extra_names() {
+        let key = WorkloadKey::generate().unwrap();
+        let web = id("td", "web");
+        let csr = csr_with_sans(
+            &key,
+            vec![
+                SanType::URI(web.to_string().try_into().unwrap()),
+                SanType::DnsName("evil.example.com".try_into().unwrap()),
+            ],
+        );
+        let err = verify_csr(&request(csr, web.clone()), "td").unwrap_err();
+        assert!(
+            matches!(&err, CaError::CsrNamesMismatch { presented, .. } if presented.len() == 2),
+            "{err}"
+        );
+        let no_names = csr_with_sans(&key, Vec::new());
+        assert!(matches!(
+            verify_csr(&request(no_names, web), "td"),
+            Err(CaError::CsrNamesMismatch { presented, .. }) if presented.is_empty()
+        ));
+    }
+
+    #[test]
+    fn refuses_another_trust_domain() {
+        let key = WorkloadKey::generate().unwrap();
+        let foreign = id("other.td", "web");
+        let err = verify_csr(&request(key.csr(&foreign).unwrap(), foreign), "td").unwrap_err();
+        assert!(
+            matches!(err, CaError::WrongTrustDomain { ca_trust_domain, .. } if ca_trust_domain == "td")
+        );
+    }
+
+    #[test]
+    fn refuses_a_tampered_csr() {
+        let key = WorkloadKey::generate().unwrap();
+        let web = id("td", "web");
+        let mut csr = key.csr(&web).unwrap();
+        // The last bytes are the signature; flip one.
+        let last = csr.len() - 3;
+        csr[last] ^= 0x01;
+        assert!(matches!(
+            verify_csr(&request(csr, web.clone()), "td"),
+            Err(CaError::InvalidCsr { .. })
+        ));
+        assert!(matches!(
+            verify_csr(&request(b"garbage".to_vec(), web), "td"),
+            Err(CaError::InvalidCsr { .. })
+        ));
+    }
+
+    #[test]
+    fn trust_bundle_refuses_garbage_and_merges_without_duplicates() {
+        assert!(matches!(
+            TrustBundle::new(vec![CertificateDer::from(b"junk".to_vec())]),
+            Err(CaError::InvalidTrustAnchor { index: 0, .. })
+        ));
+        let key = WorkloadKey::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(key.key_pair()).unwrap().der().clone();
+        let a = TrustBundle::new(vec![root]).unwrap();
+        assert_eq!(a.trust_anchors().len(), 1);
+        assert_eq!(a.merged(&a).roots().len(), 1);
+    }
+}
