@@ -1,0 +1,234 @@
+//! [`H2Stream`]: one HBONE tunnel (an HTTP/2 CONNECT stream) as a bidirectional byte stream.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::pool::StreamSlot;
+
+/// Largest amount of send capacity requested from h2 in one go; writes bigger than this are
+/// accepted partially, as `AsyncWrite` allows.
+const MAX_RESERVE: usize = 1 << 24;
+
+/// One established HBONE tunnel: the DATA frames of an HTTP/2 CONNECT stream, as a byte stream.
+///
+/// * **Writes** wait for HTTP/2 send capacity (the peer's stream and connection windows, and
+///   the connection's bounded send buffer) and accept only as many bytes as fit, so a peer that
+///   stops reading stops the writer: nothing is buffered beyond the windows.
+/// * **Reads** hand out the DATA frames' bytes and give flow-control capacity back to the peer
+///   only for the bytes the reader has consumed, so a reader that stops reading stops the peer.
+/// * **`shutdown`** sends `END_STREAM`: a half-close, the peer reads end-of-file and may keep
+///   writing. A read returns end-of-file once the peer has half-closed.
+/// * **Resets**: an `RST_STREAM` from the peer (other than `NO_ERROR`, which by RFC 9113 §8.1
+///   means "stop sending, my side is complete" and reads as end-of-file) or the connection
+///   failing turns into an [`io::Error`] (`ConnectionReset` for a reset, `ConnectionAborted`
+///   for a GOAWAY, the transport's own error for I/O failures).
+/// * **Dropping** the stream before both directions are finished resets it (`RST_STREAM`
+///   `CANCEL`, or `NO_ERROR` from a server that had already half-closed), which the peer sees
+///   as an error: use `shutdown` and read to end-of-file for a clean close.
+///
+/// `flush` is a no-op: h2 writes buffered frames as soon as the connection task runs.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The part of the last DATA frame that the reader has not consumed yet. Its bytes are still
+    /// counted against the peer's window until consumed.
+    pending: Bytes,
+    read_eof: bool,
+    write_closed: bool,
+    /// Pool accounting for client streams; released when the stream is dropped.
+    _slot: Option<StreamSlot>,
+}
+
+impl fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("stream_id", &self.send.stream_id().as_u32())
+            .field("buffered", &self.pending.len())
+            .field("read_eof", &self.read_eof)
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Stream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<StreamSlot>) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_eof: false,
+            write_closed: false,
+            _slot: slot,
+        }
+    }
+
+    /// The HTTP/2 stream id (odd: opened by the client).
+    pub fn stream_id(&self) -> u32 {
+        self.send.stream_id().as_u32()
+    }
+
+    /// Copies buffered bytes into `buf` and gives the flow-control capacity they held back to
+    /// the peer.
+    fn consume_pending(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.pending[..n]);
+        self.pending.advance(n);
+        // Only fails when the stream is already closed, where capacity no longer matters.
+        if let Err(e) = self.recv.flow_control().release_capacity(n) {
+            tracing::trace!(error = %e, "releasing receive capacity failed");
+        }
+    }
+
+    /// Waits for the reason the peer (or the connection) stopped the send side.
+    fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(Reason::NO_ERROR)) => Poll::Ready(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE peer closed the stream (RST_STREAM NO_ERROR)",
+            )),
+            Poll::Ready(Ok(reason)) => Poll::Ready(reset_error(reason)),
+            Poll::Ready(Err(e)) => Poll::Ready(h2_to_io(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn reset_error(reason: Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("HBONE stream reset: {reason}"),
+    )
+}
+
+/// Maps an h2 error on a stream to the closest I/O error.
+pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    if e.is_reset() {
+        return io::Error::new(io::ErrorKind::ConnectionReset, e);
+    }
+    if e.is_go_away() {
+        return io::Error::new(io::ErrorKind::ConnectionAborted, e);
+    }
+    io::Error::other(e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !this.pending.is_empty() {
+                this.consume_pending(buf);
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => this.pending = data,
+                None => this.read_eof = true,
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() => {
+                    // The peer finished and no longer wants our data (RFC 9113 §8.1). h2
+                    // reports it in place of the end of stream it may already have received.
+                    this.read_eof = true;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of an HBONE stream",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let capacity = this.send.capacity();
+            if capacity > 0 {
+                let n = capacity.min(buf.len());
+                return Poll::Ready(
+                    match this
+                        .send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    {
+                        Ok(()) => Ok(n),
+                        Err(e) => Err(h2_to_io(e)),
+                    },
+                );
+            }
+            // Ask for (at most) what this write needs; h2 assigns it as the peer's windows and the
+            // connection's send buffer allow, and wakes us when some is assigned.
+            this.send.reserve_capacity(buf.len().min(MAX_RESERVE));
+            match this.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(None) => {
+                    // The send side is closed: the stream was reset or the connection is gone.
+                    return match this.poll_send_error(cx) {
+                        Poll::Ready(e) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed",
+                        ))),
+                    };
+                }
+                Poll::Pending => {
+                    // A reset does not assign capacity: watch for it too.
+                    return match this.poll_send_error(cx) {
+                        Poll::Ready(e) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        match this.send.send_data(Bytes::new(), true) {
+            Ok(()) => {
+                this.write_closed = true;
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => match this.poll_send_error(cx) {
+                Poll::Ready(err) => Poll::Ready(Err(err)),
+                Poll::Pending => Poll::Ready(Err(h2_to_io(e))),
+            },
+        }
+    }
+}
