@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use mesh_identity::{BuiltinCa, BuiltinCaOptions, CertManager, Identity, ManagerOptions};
+
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
@@ -10,7 +12,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    cluster::{self, ClusterState, EnrollmentOptions, Resolution},
+    cluster::{self, ClusterState, EnrollmentOptions, MtlsMode, Resolution, Workload},
     config::AgentConfig,
     datapath::{Datapath, DatapathError},
     pods::{DesiredPod, PodManager},
@@ -28,6 +30,10 @@ pub enum AgentError {
     Datapath(#[from] DatapathError),
     #[error("installing the {0} handler: {1}")]
     Signal(&'static str, std::io::Error),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] mesh_identity::CaError),
+    #[error("certificate manager: {0}")]
+    Certs(#[from] mesh_identity::ManagerError),
 }
 
 /// Resolves destinations with the newest cluster view.
@@ -38,18 +44,59 @@ impl Resolve for ClusterResolver {
         let state = Arc::clone(&self.0.borrow());
         match state.resolve(dst) {
             Resolution::Service {
-                service, endpoint, ..
+                service,
+                endpoint,
+                workload,
             } => Route::To {
                 addr: endpoint,
                 service: Some(Arc::from(service.to_string())),
+                identity: meshed_identity(&workload),
             },
             Resolution::NoEndpoint { service } => {
                 Route::Refuse(format!("service {service} has no ready endpoint for {dst}"))
             }
-            Resolution::Workload { .. } | Resolution::Passthrough => Route::To {
+            Resolution::Workload { workload } => Route::To {
                 addr: dst,
                 service: None,
+                identity: meshed_identity(&workload),
             },
+            Resolution::Passthrough => Route::To {
+                addr: dst,
+                service: None,
+                identity: None,
+            },
+        }
+    }
+
+    fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String> {
+        let state = Arc::clone(&self.0.borrow());
+        let Some(workload) = state.workload_by_ip(dst.ip()) else {
+            return Ok(());
+        };
+        let decision = state.peer_authentication(workload, dst.port());
+        match decision.mode {
+            MtlsMode::Permissive => Ok(()),
+            MtlsMode::Strict => Err(match &decision.policy {
+                Some(p) => format!(
+                    "mTLS is STRICT for {workload} port {} (PeerAuthentication {p})",
+                    dst.port()
+                ),
+                None => format!("mTLS is STRICT for {workload} port {}", dst.port()),
+            }),
+        }
+    }
+}
+
+/// The identity of a workload that an agent serves (so it speaks HBONE), or `None`.
+fn meshed_identity(workload: &Workload) -> Option<Identity> {
+    if !workload.enrolled || workload.host_network {
+        return None;
+    }
+    match workload.identity.parse() {
+        Ok(id) => Some(id),
+        Err(e) => {
+            warn!(%workload, identity = %workload.identity, error = %e, "workload identity is not a SPIFFE id; using plain TCP");
+            None
         }
     }
 }
@@ -66,11 +113,19 @@ fn desired_pods(state: &ClusterState, node: &str) -> Vec<DesiredPod> {
                 warn!(pod = %w, "enrolled pod without runtime annotations; not captured");
                 return None;
             };
+            let identity = match w.identity.parse() {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(pod = %w, identity = %w.identity, error = %e, "pod identity is not a SPIFFE id; not captured");
+                    return None;
+                }
+            };
             Some(DesiredPod {
                 name: w.to_string(),
                 netns,
                 cgroup,
                 ips: w.ips.clone(),
+                identity,
             })
         })
         .collect()
@@ -93,9 +148,33 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         config.sockmap,
         &config.agent_cgroup,
     )?;
-    let mut pods = PodManager::new(datapath, Arc::new(ClusterResolver(state_rx.clone())));
+    let t = &config.transport;
+    let ca =
+        BuiltinCa::load_or_create(&t.ca_dir, &config.trust_domain, BuiltinCaOptions::default())?;
+    info!(ca_dir = %t.ca_dir.display(), trust_domain = %config.trust_domain, "certificate authority loaded");
+    let certs = Arc::new(CertManager::new(
+        Arc::new(ca),
+        ManagerOptions {
+            lifetime: Some(t.cert_lifetime),
+            ..ManagerOptions::default()
+        },
+    )?);
+    let pool = mesh_hbone::PoolConfig {
+        max_streams_per_connection: t.max_streams_per_connection as usize,
+        idle_timeout: t.pool_idle_timeout,
+        ..mesh_hbone::PoolConfig::default()
+    };
+    let mut pods = PodManager::new(
+        datapath,
+        Arc::new(ClusterResolver(state_rx.clone())),
+        Arc::clone(&certs),
+        t.crypto_provider,
+        pool,
+    );
     let state = Arc::clone(&state_rx.borrow_and_update());
-    pods.reconcile(&desired_pods(&state, &config.node_name));
+    let desired = desired_pods(&state, &config.node_name);
+    certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
+    pods.reconcile(&desired);
     // Our links are in place: now the previous instance's can go, with no gap in capture.
     pods.remove_stale_links();
     info!(
@@ -113,7 +192,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 let state = Arc::clone(&state_rx.borrow_and_update());
                 // The cluster module logs each new state (generation, counts, errors).
                 debug!(generation = state.generation(), "reconciling pods");
-                pods.reconcile(&desired_pods(&state, &config.node_name));
+                let desired = desired_pods(&state, &config.node_name);
+                certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
+                pods.reconcile(&desired);
             }
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",

@@ -4,7 +4,10 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
+    time::Duration,
 };
+
+use mesh_identity::CryptoProvider;
 
 use nix::sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
 
@@ -36,7 +39,30 @@ pub struct AgentConfig {
     pub keep_pins: bool,
     /// Threads of the async runtime that carries every connection (ztunnel's default is 2).
     pub worker_threads: usize,
+    /// Identity and HBONE transport.
+    pub transport: TransportConfig,
 }
+
+/// Workload identity and the HBONE transport between nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Directory of the built-in certificate authority (root certificate and key). On one
+    /// machine every agent points at the same directory and so shares one trust bundle.
+    pub ca_dir: PathBuf,
+    /// rustls crypto provider for every handshake.
+    pub crypto_provider: CryptoProvider,
+    /// Lifetime asked for each workload certificate; it is rotated at about half of it.
+    pub cert_lifetime: Duration,
+    /// Streams one pooled HBONE connection carries at most (ztunnel: 100).
+    pub max_streams_per_connection: u32,
+    /// A pooled HBONE connection without streams for this long is closed (ztunnel: 5 min).
+    pub pool_idle_timeout: Duration,
+}
+
+/// Default lifetime of workload certificates (Istio's default is 24 h).
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Shortest certificate lifetime accepted (rotation at half of it must stay practical).
+pub const MIN_CERT_LIFETIME: Duration = Duration::from_secs(2);
 
 /// What is wrong with a configuration. Each variant names the offending value.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +85,12 @@ pub enum ConfigError {
     Enrollment(String),
     #[error("worker threads: {0} is out of range (1 to {MAX_WORKER_THREADS})")]
     WorkerThreads(usize),
+    #[error("certificate lifetime: {0:?} is shorter than {MIN_CERT_LIFETIME:?}")]
+    CertLifetime(Duration),
+    #[error("HBONE streams per connection: {0} is out of range (1 to 10000)")]
+    MaxStreams(u32),
+    #[error("HBONE pool idle timeout must be positive")]
+    PoolIdleTimeout,
 }
 
 /// Upper bound of `worker_threads`: a node agent has no use for more.
@@ -72,6 +104,16 @@ impl AgentConfig {
         }
         if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
             return Err(ConfigError::WorkerThreads(self.worker_threads));
+        }
+        let t = &self.transport;
+        if t.cert_lifetime < MIN_CERT_LIFETIME {
+            return Err(ConfigError::CertLifetime(t.cert_lifetime));
+        }
+        if !(1..=10_000).contains(&t.max_streams_per_connection) {
+            return Err(ConfigError::MaxStreams(t.max_streams_per_connection));
+        }
+        if t.pool_idle_timeout.is_zero() {
+            return Err(ConfigError::PoolIdleTimeout);
         }
         if !on_bpffs(&self.bpffs_dir) {
             return Err(ConfigError::NotBpffs {
@@ -108,7 +150,8 @@ impl fmt::Display for AgentConfig {
         write!(
             f,
             "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} label_key={} \
-             trust_domain={} keep_pins={} worker_threads={}",
+             trust_domain={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
+             cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s",
             self.node_name,
             self.config_dir.display(),
             self.bpffs_dir.display(),
@@ -117,7 +160,12 @@ impl fmt::Display for AgentConfig {
             self.label_key,
             self.trust_domain,
             self.keep_pins,
-            self.worker_threads
+            self.worker_threads,
+            self.transport.ca_dir.display(),
+            self.transport.crypto_provider,
+            self.transport.cert_lifetime.as_secs(),
+            self.transport.max_streams_per_connection,
+            self.transport.pool_idle_timeout.as_secs(),
         )
     }
 }
@@ -182,6 +230,13 @@ mod tests {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             keep_pins: false,
             worker_threads: 2,
+            transport: TransportConfig {
+                ca_dir: "/nonexistent-ca".into(),
+                crypto_provider: CryptoProvider::AwsLcRs,
+                cert_lifetime: DEFAULT_CERT_LIFETIME,
+                max_streams_per_connection: 100,
+                pool_idle_timeout: Duration::from_secs(300),
+            },
         }
     }
 
@@ -215,6 +270,19 @@ mod tests {
     }
 
     #[test]
+    fn transport_limits_are_checked() {
+        let mut c = config("n0");
+        c.transport.cert_lifetime = Duration::from_secs(1);
+        assert!(matches!(c.validate(), Err(ConfigError::CertLifetime(_))));
+        let mut c = config("n0");
+        c.transport.max_streams_per_connection = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::MaxStreams(0))));
+        let mut c = config("n0");
+        c.transport.pool_idle_timeout = Duration::ZERO;
+        assert!(matches!(c.validate(), Err(ConfigError::PoolIdleTimeout)));
+    }
+
+    #[test]
     fn bpffs_dir_off_bpffs_is_rejected() {
         // `/tmp` is never a bpf filesystem.
         let mut c = config("n0");
@@ -233,7 +301,9 @@ mod tests {
             config("n0").to_string(),
             "node=n0 config_dir=/nonexistent-config bpffs_dir=/nonexistent \
              agent_cgroup=/nonexistent-cgroup sockmap=true label_key=istio.io/dataplane-mode \
-             trust_domain=cluster.local keep_pins=false worker_threads=2"
+             trust_domain=cluster.local keep_pins=false worker_threads=2 \
+             ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
+             max_streams_per_connection=100 pool_idle_timeout=300s"
         );
     }
 

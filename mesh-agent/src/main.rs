@@ -1,13 +1,14 @@
 //! `mesh-agent`: the node agent. `run` serves; `stats` prints the kernel counters.
 
-use std::{io::IsTerminal as _, path::PathBuf};
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
     agent,
     config::{
-        own_cgroup, AgentConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
+        own_cgroup, AgentConfig, TransportConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY,
+        DEFAULT_TRUST_DOMAIN,
     },
     stats,
 };
@@ -61,6 +62,22 @@ enum Command {
         /// Threads of the async runtime that carries the connections.
         #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
         worker_threads: usize,
+        /// Directory of the built-in certificate authority (created on first use; agents on
+        /// one machine share it).
+        #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-agent/ca")]
+        ca_dir: PathBuf,
+        /// rustls crypto provider: aws-lc-rs or ring.
+        #[arg(long, env = "MESH_CRYPTO_PROVIDER", default_value = "aws-lc-rs")]
+        crypto_provider: mesh_identity::CryptoProvider,
+        /// Lifetime of workload certificates, in seconds (rotated at about half of it).
+        #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 86_400)]
+        cert_lifetime_secs: u64,
+        /// Streams one pooled HBONE connection carries at most.
+        #[arg(long, default_value_t = 100)]
+        hbone_max_streams: u32,
+        /// Seconds an HBONE connection without streams stays open.
+        #[arg(long, default_value_t = 300)]
+        hbone_idle_timeout_secs: u64,
     },
     /// Print the per-cgroup counters from an agent's pinned maps.
     Stats {
@@ -87,6 +104,11 @@ fn main() -> anyhow::Result<()> {
             trust_domain,
             keep_pins,
             worker_threads,
+            ca_dir,
+            crypto_provider,
+            cert_lifetime_secs,
+            hbone_max_streams,
+            hbone_idle_timeout_secs,
         } => {
             let bpffs_dir =
                 bpffs_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
@@ -104,6 +126,13 @@ fn main() -> anyhow::Result<()> {
                 trust_domain,
                 keep_pins,
                 worker_threads,
+                transport: TransportConfig {
+                    ca_dir,
+                    crypto_provider,
+                    cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+                    max_streams_per_connection: hbone_max_streams,
+                    pool_idle_timeout: Duration::from_secs(hbone_idle_timeout_secs),
+                },
             }
             .validate()
             .context("invalid configuration")?;

@@ -11,13 +11,17 @@ use std::{
 };
 
 use mesh_common::PodInfo;
+use mesh_identity::{CertManager, CryptoProvider, Identity};
 use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::{
     datapath::{Datapath, DatapathError, PodLinks},
     netns::{Netns, NetnsError},
-    proxy::{self, LocalPod, LocalPods, PodListeners, ProxyCtx, ProxyError},
+    proxy::{
+        self, hbone::HboneConnector, LocalPod, LocalPods, PodListeners, ProxyCtx, ProxyError,
+        Transport,
+    },
 };
 
 /// A pod the cluster view says this agent must capture.
@@ -28,6 +32,7 @@ pub struct DesiredPod {
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
+    pub identity: Identity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +71,26 @@ impl std::fmt::Debug for PodManager {
 }
 
 impl PodManager {
-    pub fn new(datapath: Datapath, resolver: Arc<dyn proxy::Resolve>) -> Self {
+    pub fn new(
+        datapath: Datapath,
+        resolver: Arc<dyn proxy::Resolve>,
+        certs: Arc<CertManager>,
+        provider: CryptoProvider,
+        pool: mesh_hbone::PoolConfig,
+    ) -> Self {
         let (local_tx, local_rx) = watch::channel(Arc::new(LocalPods::new()));
+        let connector = HboneConnector::new(local_rx.clone(), Arc::clone(&certs), provider);
+        let transport = Arc::new(Transport {
+            certs,
+            provider,
+            pool: mesh_hbone::Pool::new(connector, pool),
+            server: mesh_hbone::ServerConfig::default(),
+        });
         let ctx = Arc::new(ProxyCtx {
             conn: datapath.conn_maps(),
             local: local_rx,
             resolver,
+            transport,
         });
         Self {
             datapath,
@@ -138,6 +157,7 @@ impl PodManager {
             name: d.name.clone(),
             netns,
             ips: d.ips.clone(),
+            identity: d.identity.clone(),
         });
         let listeners = proxy::start_pod(&pod, &self.ctx).map_err(|source| EnrollError::Proxy {
             pod: d.name.clone(),

@@ -46,6 +46,9 @@ pub const MAX_CONNS: u32 = 262_144;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the agent's inbound plaintext listener in each meshed pod (Istio's 15006).
 pub const INBOUND_PORT: u16 = 15006;
+/// Port of the agent's HBONE (HTTP/2 CONNECT over mutual TLS) listener in each meshed pod
+/// (Istio's 15008). Reserved: an application of a meshed pod must not listen on it.
+pub const HBONE_PORT: u16 = 15008;
 
 /// `AF_INET` and `AF_INET6` as the kernel numbers them.
 pub const AF_INET: u32 = 2;

@@ -1,13 +1,14 @@
 //! `sk_lookup`, attached to each meshed pod's network namespace: every TCP connection that
 //! arrives for the pod's address from elsewhere is given to the agent's inbound listener, so
-//! nothing reaches the application without passing the agent.
+//! nothing reaches the application without passing the agent. The HBONE port is the exception:
+//! the agent's own HBONE listener is bound to it in the pod, and the normal lookup finds it.
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::AF_INET;
+use mesh_common::{AF_INET, HBONE_PORT};
 
 use crate::{addr, maps::MESH_LISTENERS};
 
@@ -59,7 +60,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     } else {
         addr::is_loopback6(remote.ip)
     };
-    if from_inside || remote.ip == local.ip {
+    if from_inside || remote.ip == local.ip || local.port == u32::from(HBONE_PORT) {
         return sk_action::SK_PASS;
     }
     let key = local.without_port();

@@ -30,6 +30,26 @@ pub struct AgentOptions {
     pub sockmap: bool,
     /// Keep pinned maps at exit (for restart tests).
     pub keep_pins: bool,
+    /// More command-line arguments for `mesh-agent run` (certificate lifetime, pool limits).
+    pub extra_args: Vec<String>,
+}
+
+impl AgentOptions {
+    /// Options for agents serving the pods of `config_dir`. The certificate authority's
+    /// directory is `ca` beside it, shared by every agent of the testbed.
+    pub fn new(config_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config_dir: config_dir.into(),
+            sockmap: true,
+            keep_pins: false,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The built-in certificate authority's directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.config_dir.with_file_name("ca")
+    }
 }
 
 /// A `mesh-agent run` process on a node.
@@ -49,6 +69,9 @@ impl Agent {
             .arg(&node.bpffs_dir)
             .arg("--config-dir")
             .arg(&options.config_dir)
+            .arg("--ca-dir")
+            .arg(options.ca_dir())
+            .args(&options.extra_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             // Errors as one readable line, without anyhow's backtrace.

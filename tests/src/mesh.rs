@@ -41,6 +41,7 @@ impl Mesh {
             config_dir: files.dir().to_path_buf(),
             sockmap,
             keep_pins: false,
+            extra_args: Vec::new(),
         };
         let mut mesh = Self {
             agents: Vec::new(),

@@ -142,6 +142,7 @@ fn agent_refuses_a_missing_config_directory_naming_it() {
         config_dir: "/nonexistent/mesh-config".into(),
         sockmap: true,
         keep_pins: false,
+        extra_args: Vec::new(),
     };
     let err = Agent::start(tb.node(0), &options).expect_err("must refuse");
     assert!(

@@ -169,6 +169,7 @@ impl Bench {
             config_dir: self.files.dir().to_path_buf(),
             sockmap: mode == Mode::MeshSockmap,
             keep_pins: false,
+            extra_args: Vec::new(),
         };
         let mut agents = Vec::new();
         for node in self.tb.nodes() {

@@ -14,7 +14,8 @@
 //!   so the previous state stays. Rejected files are tried again whenever anything changes.
 //!
 //! Errors are logged once, when they appear, and listed in every snapshot
-//! ([`ClusterState::errors`]) until fixed.
+//! ([`ClusterState::errors`]) until fixed. Warnings about valid objects (conflicting
+//! `PeerAuthentications`; [`ClusterState::warnings`]) are logged once too, when they appear.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,7 +28,7 @@ use std::{
 };
 
 use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::{
     k8s::{parse_documents, Object, ParseError},
@@ -390,11 +391,19 @@ impl ConfigDir {
         }
         let generation = self.current.as_ref().map_or(1, |c| c.generation() + 1);
         let state = Arc::new(state.with_status(generation, errors));
+        let previous_warnings = self.current.as_ref().map_or(&[][..], |c| c.warnings());
+        for warning in state.warnings() {
+            if !previous_warnings.contains(warning) {
+                warn!(warning = %warning, "cluster config warning");
+            }
+        }
         info!(
             generation,
             workloads = state.workloads().len(),
             services = state.services().len(),
+            peer_authentications = state.peer_authentications().len(),
             errors = state.errors().len(),
+            warnings = state.warnings().len(),
             "cluster state updated"
         );
         self.current = Some(Arc::clone(&state));

@@ -1,14 +1,18 @@
-//! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service), and the
-//! parser that turns YAML text into them.
+//! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service, and Istio's
+//! `security.istio.io/v1` or `v1beta1` `PeerAuthentication`), and the parser that turns YAML text
+//! into them.
 //!
 //! A text holds one or more documents separated by `---`. A document is one object, or a
-//! `kind: List` (or `PodList`, `ServiceList`, `NamespaceList`) whose `items` are objects.
-//! Documents and items of other kinds, or of the known kinds under another `apiVersion` (a
-//! Knative `Service` is not a Kubernetes Service), are skipped with a debug log. A document or
-//! item without `kind` or `apiVersion` is an error. Fields the agent does not read are ignored.
+//! `kind: List` (or `PodList`, `ServiceList`, `NamespaceList`, or `PeerAuthenticationList` of a
+//! `security.istio.io` version) whose `items` are objects. Documents and items of other kinds, or
+//! of the known kinds under another `apiVersion` (a Knative `Service` is not a Kubernetes
+//! Service), are skipped with a debug log. A document or item without `kind` or `apiVersion` is
+//! an error. Fields the agent does not read are ignored.
 //!
 //! Parsing checks shapes only (a port is an integer, a label value a string); values are checked
-//! by [`super::ClusterState::build`], which names the object and the field of each problem.
+//! by [`super::ClusterState::build`], which names the object and the field of each problem. The
+//! exception is a `PeerAuthentication`'s spec, whose rules are checked when it is parsed (see
+//! [`PeerAuthentication`]), so that its errors carry a line too.
 
 use std::{cell::Cell, collections::BTreeMap, fmt};
 
@@ -18,6 +22,11 @@ use serde::{
 };
 use serde_yaml::Value;
 use tracing::debug;
+
+use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
+pub use super::istio::{
+    MutualTls, PeerAuthMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
+};
 
 /// Labels or annotations of an object.
 pub type Labels = BTreeMap<String, String>;
@@ -37,6 +46,8 @@ pub enum Object {
     Pod(Pod),
     /// A `v1` Service.
     Service(Service),
+    /// A `security.istio.io` `PeerAuthentication`.
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Object {
@@ -46,6 +57,9 @@ impl Object {
             Object::Namespace(o) => ObjectRef::cluster_scoped(Kind::Namespace, &o.metadata),
             Object::Pod(o) => ObjectRef::namespaced(Kind::Pod, &o.metadata),
             Object::Service(o) => ObjectRef::namespaced(Kind::Service, &o.metadata),
+            Object::PeerAuthentication(o) => {
+                ObjectRef::namespaced(Kind::PeerAuthentication, &o.metadata)
+            }
         }
     }
 }
@@ -59,14 +73,20 @@ pub enum Kind {
     Pod,
     /// `Service`.
     Service,
+    /// `PeerAuthentication` (`security.istio.io`).
+    PeerAuthentication,
 }
 
 impl Kind {
-    fn from_v1(kind: &str) -> Option<Self> {
-        match kind {
-            "Namespace" => Some(Kind::Namespace),
-            "Pod" => Some(Kind::Pod),
-            "Service" => Some(Kind::Service),
+    /// The kind read for `apiVersion` and `kind`, if the agent reads it.
+    fn of(api_version: &str, kind: &str) -> Option<Self> {
+        match (api_version, kind) {
+            ("v1", "Namespace") => Some(Kind::Namespace),
+            ("v1", "Pod") => Some(Kind::Pod),
+            ("v1", "Service") => Some(Kind::Service),
+            (version, "PeerAuthentication") if PEER_AUTHENTICATION_VERSIONS.contains(&version) => {
+                Some(Kind::PeerAuthentication)
+            }
             _ => None,
         }
     }
@@ -78,6 +98,7 @@ impl fmt::Display for Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
+            Kind::PeerAuthentication => "PeerAuthentication",
         })
     }
 }
@@ -139,6 +160,10 @@ pub struct ObjectMeta {
     /// `metadata.uid`.
     #[serde(default)]
     pub uid: Option<String>,
+    /// `metadata.creationTimestamp` (RFC 3339) as written; only `PeerAuthentications` use it
+    /// (checked when the state is built).
+    #[serde(default, rename = "creationTimestamp")]
+    pub creation_timestamp: Option<String>,
 }
 
 impl ObjectMeta {
@@ -354,7 +379,7 @@ impl<'de> Deserialize<'de> for IntOrString {
 }
 
 /// `null` reads as the default (Kubernetes manifests often carry `labels:` with nothing after).
-fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+pub(super) fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + Default,
@@ -417,8 +442,26 @@ pub enum ParseError {
 /// What the typed pass does with one document.
 enum Plan {
     Skip,
-    One(Kind),
-    List(Vec<Option<Kind>>),
+    One(Target),
+    List(Vec<Option<Target>>),
+}
+
+/// An object the typed pass reads: its kind, and what it needs to know from the untyped pass.
+#[derive(Clone, Copy)]
+struct Target {
+    kind: Kind,
+    /// A `PeerAuthentication` has a non-empty `spec.selector.matchLabels` (its `portLevelMtls`
+    /// is only valid then, and the two fields may come in any order).
+    match_labels: bool,
+}
+
+impl Target {
+    fn new(kind: Kind, value: &Value) -> Self {
+        Self {
+            kind,
+            match_labels: kind == Kind::PeerAuthentication && has_match_labels(value),
+        }
+    }
 }
 
 /// Parses every document of `text`; `file` names the source in errors and logs.
@@ -451,7 +494,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Object>, ParseError
         let current_item = Cell::new(None);
         let result = match plan {
             Plan::Skip => continue,
-            Plan::One(kind) => KindSeed(Some(*kind))
+            Plan::One(target) => KindSeed(Some(*target))
                 .deserialize(document)
                 .map(|object| objects.extend(object)),
             Plan::List(kinds) => ListSeed {
@@ -486,16 +529,16 @@ fn plan_document(value: &Value, position: &DocPosition) -> Result<(Plan, Vec<Str
         return Ok((Plan::Skip, Vec::new())); // empty document, e.g. after a trailing `---`
     }
     let (api_version, kind) = type_of(value, position)?;
-    if api_version == "v1" {
-        if let Some(kind) = Kind::from_v1(kind) {
-            return Ok((Plan::One(kind), vec![display_name(kind, value)]));
-        }
-        if kind == "List" {
-            return plan_list(value, kind, None, position);
-        }
-        if let Some(item_kind) = kind.strip_suffix("List").and_then(Kind::from_v1) {
-            return plan_list(value, kind, Some(item_kind), position);
-        }
+    if let Some(known) = Kind::of(api_version, kind) {
+        let target = Target::new(known, value);
+        return Ok((Plan::One(target), vec![display_name(known, value)]));
+    }
+    if api_version == "v1" && kind == "List" {
+        return plan_list(value, kind, None, position);
+    }
+    let item_kind = kind.strip_suffix("List");
+    if let Some(item_kind) = item_kind.and_then(|item| Kind::of(api_version, item)) {
+        return plan_list(value, kind, Some(item_kind), position);
     }
     log_skipped(position, api_version, kind);
     Ok((Plan::Skip, Vec::new()))
@@ -529,7 +572,7 @@ fn plan_list(
             Some(kind) if item.get("kind").is_none() && item.is_mapping() => Some(kind),
             _ => {
                 let (api_version, kind) = type_of(item, &position)?;
-                let known = Kind::from_v1(kind).filter(|_| api_version == "v1");
+                let known = Kind::of(api_version, kind);
                 if known.is_none() {
                     log_skipped(&position, api_version, kind);
                 }
@@ -540,7 +583,7 @@ fn plan_list(
             kind.map(|kind| display_name(kind, item))
                 .unwrap_or_default(),
         );
-        kinds.push(kind);
+        kinds.push(kind.map(|kind| Target::new(kind, item)));
     }
     Ok((Plan::List(kinds), names))
 }
@@ -575,7 +618,7 @@ fn display_name(kind: Kind, value: &Value) -> String {
     let name = field("name").unwrap_or("<no name>");
     match kind {
         Kind::Namespace => format!("{kind} {name}"),
-        Kind::Pod | Kind::Service => {
+        Kind::Pod | Kind::Service | Kind::PeerAuthentication => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -584,7 +627,7 @@ fn display_name(kind: Kind, value: &Value) -> String {
 
 /// Deserializes one object of a known kind, or skips a value (`None`).
 #[derive(Clone, Copy)]
-struct KindSeed(Option<Kind>);
+struct KindSeed(Option<Target>);
 
 impl<'de> DeserializeSeed<'de> for KindSeed {
     type Value = Option<Object>;
@@ -595,9 +638,17 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 IgnoredAny::deserialize(deserializer)?;
                 return Ok(None);
             }
-            Some(Kind::Namespace) => Object::Namespace(Namespace::deserialize(deserializer)?),
-            Some(Kind::Pod) => Object::Pod(Pod::deserialize(deserializer)?),
-            Some(Kind::Service) => Object::Service(Service::deserialize(deserializer)?),
+            Some(target) => match target.kind {
+                Kind::Namespace => Object::Namespace(Namespace::deserialize(deserializer)?),
+                Kind::Pod => Object::Pod(Pod::deserialize(deserializer)?),
+                Kind::Service => Object::Service(Service::deserialize(deserializer)?),
+                Kind::PeerAuthentication => Object::PeerAuthentication(
+                    PeerAuthSeed {
+                        match_labels: target.match_labels,
+                    }
+                    .deserialize(deserializer)?,
+                ),
+            },
         }))
     }
 }
@@ -606,7 +657,7 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
 /// that an error can name it.
 #[derive(Clone, Copy)]
 struct ListSeed<'a> {
-    kinds: &'a [Option<Kind>],
+    kinds: &'a [Option<Target>],
     current_item: &'a Cell<Option<usize>>,
 }
 

@@ -1,7 +1,7 @@
-//! The agent's view of the cluster: workloads (pods) and services, built from Kubernetes objects
-//! by one function, [`ClusterState::build`], whatever the source (the directory of YAML files
-//! today, a Kubernetes watch later), and indexed for the lookups the data path makes per
-//! connection.
+//! The agent's view of the cluster: workloads (pods), services and `PeerAuthentication`
+//! policies, built from Kubernetes objects by one function, [`ClusterState::build`], whatever the
+//! source (the directory of YAML files today, a Kubernetes watch later), and indexed for the
+//! lookups the data path makes per connection.
 //!
 //! A [`ClusterState`] is immutable once built and is shared as `Arc<ClusterState>`; a change in
 //! the source produces a new one. The only mutable part is the round-robin cursor of each service
@@ -20,9 +20,10 @@ use std::{
 
 use super::{
     k8s::{self, Kind, Labels, Object, ObjectRef},
+    peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy, DEFAULT_ROOT_NAMESPACE},
     translate::{
-        check_name, pod_ref, service_from, service_ref, workload_from, workload_ref, BuiltPod,
-        NameRule,
+        check_name, is_dns_label, pod_ref, service_from, service_ref, workload_from, workload_ref,
+        BuiltPod, NameRule,
     },
 };
 
@@ -40,7 +41,8 @@ pub const AMBIENT: &str = "ambient";
 /// Value of the enrollment label on a pod that opts out of an enrolled namespace.
 pub const OPT_OUT: &str = "none";
 
-/// How pods are enrolled and identified, and which node this agent serves.
+/// How pods are enrolled and identified, which namespace holds mesh-wide policy, and which node
+/// this agent serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnrollmentOptions {
     /// Label whose value `ambient` (on the namespace or the pod) enrolls a pod, and whose value
@@ -50,19 +52,22 @@ pub struct EnrollmentOptions {
     pub trust_domain: String,
     /// Node this agent serves: enrolled pods on it must carry the runtime annotations.
     pub node_name: String,
+    /// Istio's root namespace: its `PeerAuthentications` without selector are mesh-wide.
+    pub root_namespace: String,
 }
 
 impl EnrollmentOptions {
-    /// Options for `node_name` with the default label key and trust domain.
+    /// Options for `node_name` with the default label key, trust domain and root namespace.
     pub fn new(node_name: impl Into<String>) -> Self {
         Self {
             label_key: DEFAULT_LABEL_KEY.to_owned(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             node_name: node_name.into(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
         }
     }
 
-    /// Checks the label key and the trust domain.
+    /// Checks the label key, the trust domain and the root namespace.
     pub fn validate(&self) -> Result<(), StateError> {
         if self.label_key.is_empty() {
             return Err(StateError::EmptyLabelKey);
@@ -70,6 +75,9 @@ impl EnrollmentOptions {
         let td_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c);
         if self.trust_domain.is_empty() || !self.trust_domain.chars().all(td_char) {
             return Err(StateError::TrustDomain(self.trust_domain.clone()));
+        }
+        if !is_dns_label(&self.root_namespace) {
+            return Err(StateError::RootNamespace(self.root_namespace.clone()));
         }
         Ok(())
     }
@@ -298,13 +306,15 @@ pub struct SourceError {
 }
 
 /// Why objects do not make a valid state. Each variant names the object (`Kind ns/name`) and the
-/// field, except the two about [`EnrollmentOptions`].
+/// field, except the three about [`EnrollmentOptions`].
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StateError {
     #[error("enrollment label key is empty")]
     EmptyLabelKey,
     #[error("trust domain {0:?} is not valid (lowercase letters, digits, '.', '-', '_')")]
     TrustDomain(String),
+    #[error("root namespace {0:?} is not a valid namespace name (DNS label, RFC 1123)")]
+    RootNamespace(String),
     #[error("{object} is defined more than once")]
     Duplicate { object: ObjectRef },
     #[error("{object}: {field}: {value:?} is not a valid {expected}")]
@@ -391,13 +401,21 @@ pub enum StateError {
         addr: SocketAddr,
         other: Box<ObjectRef>,
     },
+    #[error("{object}: {field}: {value:?} is not an RFC 3339 timestamp")]
+    InvalidTimestamp {
+        object: ObjectRef,
+        field: &'static str,
+        value: String,
+    },
 }
 
 impl StateError {
     /// The objects the error is about (none for option errors), to find where they came from.
     pub fn objects(&self) -> Vec<&ObjectRef> {
         match self {
-            StateError::EmptyLabelKey | StateError::TrustDomain(_) => Vec::new(),
+            StateError::EmptyLabelKey
+            | StateError::TrustDomain(_)
+            | StateError::RootNamespace(_) => Vec::new(),
             StateError::DuplicateIp { object, other, .. }
             | StateError::DuplicateServicePort { object, other, .. } => vec![object, &**other],
             StateError::Duplicate { object }
@@ -410,7 +428,8 @@ impl StateError {
             | StateError::PrimaryMismatch { object, .. }
             | StateError::RelativePath { object, .. }
             | StateError::MissingAnnotation { object, .. }
-            | StateError::RepeatedPort { object, .. } => vec![object],
+            | StateError::RepeatedPort { object, .. }
+            | StateError::InvalidTimestamp { object, .. } => vec![object],
         }
     }
 }
@@ -425,6 +444,7 @@ pub struct ClusterState {
     by_node: HashMap<String, Vec<Arc<Workload>>>,
     services: Vec<Arc<Service>>,
     by_addr: HashMap<SocketAddr, (Arc<Service>, usize)>,
+    peer_auth: PeerAuthIndex,
 }
 
 impl ClusterState {
@@ -439,6 +459,7 @@ impl ClusterState {
         let mut namespaces = BTreeMap::new();
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
+        let mut peer_auths = BTreeMap::new();
         for object in objects {
             let duplicate = match object {
                 Object::Namespace(ns) => namespaces.insert(ns.metadata.name.as_str(), ns).is_some(),
@@ -447,6 +468,9 @@ impl ClusterState {
                     .is_some(),
                 Object::Service(svc) => services
                     .insert((svc.metadata.namespace(), svc.metadata.name.as_str()), svc)
+                    .is_some(),
+                Object::PeerAuthentication(pa) => peer_auths
+                    .insert((pa.metadata.namespace(), pa.metadata.name.as_str()), pa)
                     .is_some(),
             };
             if duplicate {
@@ -473,6 +497,7 @@ impl ClusterState {
             by_node: HashMap::new(),
             services: Vec::new(),
             by_addr: HashMap::new(),
+            peer_auth: PeerAuthIndex::default(),
         };
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
         for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
@@ -489,6 +514,11 @@ impl ClusterState {
             let service = Arc::new(service_from(svc, pods)?);
             state.index_service(&service, svc)?;
         }
+        state.peer_auth = PeerAuthIndex::build(
+            peer_auths.into_values(),
+            &opts.root_namespace,
+            &state.workloads,
+        )?;
         Ok(state)
     }
 
@@ -588,6 +618,13 @@ impl ClusterState {
         &self.errors
     }
 
+    /// Problems of valid objects that do not stop the state from being built, one line each:
+    /// conflicting `PeerAuthentications` (the oldest applies), `PeerAuthentications` that apply to
+    /// nothing. The source logs each once, when it appears.
+    pub fn warnings(&self) -> &[String] {
+        self.peer_auth.warnings()
+    }
+
     /// All workloads, sorted by namespace and name.
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads
@@ -614,6 +651,23 @@ impl ClusterState {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let (service, index) = self.by_addr.get(&addr)?;
         Some((service, &service.ports[*index]))
+    }
+
+    /// All `PeerAuthentications`, sorted by namespace and name.
+    pub fn peer_authentications(&self) -> &[Arc<PeerAuthPolicy>] {
+        self.peer_auth.policies()
+    }
+
+    /// The inbound mTLS mode of `workload` on `port` (the workload's port, not a service port),
+    /// and the policy that decided it: the workload's selector policy (its `portLevelMtls` entry
+    /// for `port` first), else its namespace's policy, else the mesh-wide one, skipping `UNSET`
+    /// modes; PERMISSIVE if none sets a mode. `DISABLE` gives [`MtlsMode::Permissive`] (see
+    /// there). Whether the workload is enrolled is not considered; see the [`super::peer_auth`]
+    /// module for the rules.
+    ///
+    /// [`MtlsMode::Permissive`]: super::MtlsMode::Permissive
+    pub fn peer_authentication(&self, workload: &Workload, port: u16) -> PeerAuthDecision {
+        self.peer_auth.decide(workload, port)
     }
 
     /// Where a TCP connection to `dst` goes. A service VIP and port resolves to one of its ready

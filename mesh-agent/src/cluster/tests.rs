@@ -12,13 +12,15 @@ use std::{
 };
 
 use super::{
-    k8s::{parse_documents, IntOrString, Kind, Object},
-    spawn_watcher, ClusterState, ConfigDir, EnrollmentOptions, FilesError, Resolution, StateError,
-    TargetPort,
+    k8s::{parse_documents, IntOrString, Kind, Object, PeerAuthMode},
+    peer_auth::Timestamp,
+    spawn_watcher, ClusterState, ConfigDir, EnrollmentOptions, FilesError, MtlsMode, PeerAuthScope,
+    Resolution, StateError, TargetPort,
 };
 
 const CLUSTER: &str = include_str!("testdata/cluster.yaml");
 const KUBECTL_LIST: &str = include_str!("testdata/kubectl-list.yaml");
+const PEER_AUTHENTICATION: &str = include_str!("testdata/peer-authentication.yaml");
 
 /// Label pairs in a table.
 type Pairs<'a> = &'a [(&'a str, &'a str)];
@@ -1197,4 +1199,923 @@ async fn watcher_first_load_error_is_returned() {
     let err = spawn_watcher(dir.0.join("nope"), opts(), Duration::from_millis(20))
         .expect_err("missing directory");
     assert!(matches!(err, FilesError::ReadDir { .. }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// PeerAuthentication
+
+/// A `security.istio.io/v1` `PeerAuthentication`. Empty arguments leave their field out:
+/// `created` (`metadata.creationTimestamp`), `selector` (`matchLabels` as a flow mapping's
+/// content), `mode` (`spec.mtls`), `ports` (`portLevelMtls` as a flow mapping's content).
+fn peer_auth(
+    ns: &str,
+    name: &str,
+    created: &str,
+    selector: &str,
+    mode: &str,
+    ports: &str,
+) -> String {
+    let optional = |value: &str, line: String| {
+        if value.is_empty() {
+            String::new()
+        } else {
+            line
+        }
+    };
+    [
+        format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\n"),
+        optional(created, format!("  creationTimestamp: \"{created}\"\n")),
+        "spec:\n".to_owned(),
+        optional(selector, format!("  selector:\n    matchLabels: {{{selector}}}\n")),
+        optional(mode, format!("  mtls:\n    mode: {mode}\n")),
+        optional(ports, format!("  portLevelMtls: {{{ports}}}\n")),
+    ]
+    .concat()
+}
+
+/// Pods of the `PeerAuthentication` tests: `shop/web` (app: web, tier: front), `shop/db`
+/// (app: db), `other/web` (app: web) and `istio-system/istiod` (app: istiod).
+fn pa_pods() -> Vec<String> {
+    vec![
+        pod("shop", "web", "n1", "10.0.0.1", "app: web, tier: front"),
+        pod("shop", "db", "n1", "10.0.0.2", "app: db"),
+        pod("other", "web", "n1", "10.0.0.3", "app: web"),
+        pod("istio-system", "istiod", "n1", "10.0.0.4", "app: istiod"),
+    ]
+}
+
+/// The decision for pod `ns/name` on `port`: mode, deciding policy, declared mode, port-level.
+fn decide(
+    state: &ClusterState,
+    workload: &str,
+    port: u16,
+) -> (MtlsMode, Option<String>, PeerAuthMode, bool) {
+    let workload = state
+        .workloads()
+        .iter()
+        .find(|w| w.to_string() == workload)
+        .expect("workload");
+    let decision = state.peer_authentication(workload, port);
+    (
+        decision.mode,
+        decision.policy.as_ref().map(ToString::to_string),
+        decision.declared,
+        decision.port.is_some(),
+    )
+}
+
+/// A case of the decision tables: what, policies, workload, port, and the expected decision as
+/// `MODE policy` (`-` for none), with ` (port)` when a port-level entry decided.
+type DecisionCase<'a> = (&'a str, Vec<String>, &'a str, u16, &'a str);
+
+/// Builds each case's policies with [`pa_pods`] and checks the decision.
+fn assert_decisions(table: Vec<DecisionCase>) {
+    for (case, policies, workload, port, expected) in table {
+        let mut objects = pa_pods();
+        objects.extend(policies);
+        let state = build(&docs(&objects));
+        let (mode, policy, _, port_level) = decide(&state, workload, port);
+        let got = format!(
+            "{mode} {}{}",
+            policy.as_deref().unwrap_or("-"),
+            if port_level { " (port)" } else { "" }
+        );
+        assert_eq!(got, expected, "{case}");
+    }
+}
+
+fn mesh_pa(mode: &str) -> String {
+    peer_auth("istio-system", "default", "", "", mode, "")
+}
+
+fn namespace_pa(ns: &str, mode: &str) -> String {
+    peer_auth(ns, "default", "", "", mode, "")
+}
+
+/// `shop/web`, selecting `app: web`.
+fn web_pa(mode: &str, ports: &str) -> String {
+    peer_auth("shop", "web", "", "app: web", mode, ports)
+}
+
+#[test]
+fn peer_authentication_mesh_and_namespace_scopes() {
+    let (mesh, ns) = (mesh_pa, namespace_pa);
+    assert_decisions(vec![
+        ("no policy", vec![], "shop/web", 80, "PERMISSIVE -"),
+        (
+            "mesh-wide STRICT",
+            vec![mesh("STRICT")],
+            "shop/web",
+            80,
+            "STRICT istio-system/default",
+        ),
+        (
+            "mesh-wide, root namespace",
+            vec![mesh("STRICT")],
+            "istio-system/istiod",
+            80,
+            "STRICT istio-system/default",
+        ),
+        (
+            "namespace overrides mesh",
+            vec![mesh("STRICT"), ns("shop", "PERMISSIVE")],
+            "shop/web",
+            80,
+            "PERMISSIVE shop/default",
+        ),
+        (
+            "other namespace keeps the mesh's",
+            vec![mesh("STRICT"), ns("shop", "PERMISSIVE")],
+            "other/web",
+            80,
+            "STRICT istio-system/default",
+        ),
+        (
+            "policy in another namespace",
+            vec![ns("other", "STRICT")],
+            "shop/web",
+            80,
+            "PERMISSIVE -",
+        ),
+    ]);
+}
+
+#[test]
+fn peer_authentication_workload_selectors() {
+    let empty_selector = peer_auth("shop", "all", "", "", "PERMISSIVE", "")
+        .replace("spec:\n", "spec:\n  selector:\n    matchLabels: {}\n");
+    let in_other = peer_auth("other", "web", "", "app: web", "STRICT", "");
+    let not_db = peer_auth("shop", "x", "", "app: db", "STRICT", "");
+    let two_labels = peer_auth("shop", "x", "", "app: web, tier: back", "STRICT", "");
+    let root_web = peer_auth("istio-system", "web", "", "app: web", "STRICT", "");
+    let root_istiod = peer_auth("istio-system", "istiod", "", "app: istiod", "STRICT", "");
+    let (mesh, ns, web) = (mesh_pa, namespace_pa, web_pa);
+    assert_decisions(vec![
+        (
+            "selector in another namespace",
+            vec![in_other],
+            "shop/web",
+            80,
+            "PERMISSIVE -",
+        ),
+        (
+            "selector overrides namespace",
+            vec![ns("shop", "STRICT"), web("PERMISSIVE", "")],
+            "shop/web",
+            80,
+            "PERMISSIVE shop/web",
+        ),
+        (
+            "not selected: the namespace's",
+            vec![ns("shop", "STRICT"), web("PERMISSIVE", "")],
+            "shop/db",
+            80,
+            "STRICT shop/default",
+        ),
+        (
+            "non-matching selector",
+            vec![not_db],
+            "shop/web",
+            80,
+            "PERMISSIVE -",
+        ),
+        (
+            "selector needs every label",
+            vec![two_labels],
+            "shop/web",
+            80,
+            "PERMISSIVE -",
+        ),
+        (
+            "empty matchLabels is namespace-wide",
+            vec![mesh("STRICT"), empty_selector],
+            "shop/db",
+            80,
+            "PERMISSIVE shop/all",
+        ),
+        (
+            "root-namespace selector ignored",
+            vec![root_web],
+            "shop/web",
+            80,
+            "PERMISSIVE -",
+        ),
+        (
+            "root-namespace selector ignored there too",
+            vec![root_istiod],
+            "istio-system/istiod",
+            80,
+            "PERMISSIVE -",
+        ),
+    ]);
+}
+
+#[test]
+fn peer_authentication_unset_inherits_and_disable_is_permissive() {
+    let (mesh, ns, web) = (mesh_pa, namespace_pa, web_pa);
+    assert_decisions(vec![
+        (
+            "UNSET at every level",
+            vec![mesh("STRICT"), ns("shop", "UNSET"), web("", "")],
+            "shop/web",
+            80,
+            "STRICT istio-system/default",
+        ),
+        (
+            "absent mtls is UNSET",
+            vec![ns("shop", "STRICT"), web("", "")],
+            "shop/web",
+            80,
+            "STRICT shop/default",
+        ),
+        (
+            "only UNSET: the default",
+            vec![mesh("UNSET")],
+            "shop/web",
+            80,
+            "PERMISSIVE -",
+        ),
+        (
+            "STRICT selector under PERMISSIVE",
+            vec![mesh("PERMISSIVE"), web("STRICT", "")],
+            "shop/web",
+            80,
+            "STRICT shop/web",
+        ),
+        (
+            "DISABLE is PERMISSIVE",
+            vec![mesh("STRICT"), ns("shop", "DISABLE")],
+            "shop/web",
+            80,
+            "PERMISSIVE shop/default",
+        ),
+        (
+            "DISABLE selector",
+            vec![ns("shop", "STRICT"), web("DISABLE", "")],
+            "shop/web",
+            80,
+            "PERMISSIVE shop/web",
+        ),
+    ]);
+}
+
+#[test]
+fn peer_authentication_port_level() {
+    let (ns, web) = (namespace_pa, web_pa);
+    let strict_8080_open = || web("STRICT", "8080: {mode: PERMISSIVE}");
+    assert_decisions(vec![
+        (
+            "port-level override",
+            vec![strict_8080_open()],
+            "shop/web",
+            8080,
+            "PERMISSIVE shop/web (port)",
+        ),
+        (
+            "other port: the workload's",
+            vec![strict_8080_open()],
+            "shop/web",
+            80,
+            "STRICT shop/web",
+        ),
+        (
+            "not selected: no port-level",
+            vec![strict_8080_open()],
+            "shop/db",
+            8080,
+            "PERMISSIVE -",
+        ),
+        (
+            "STRICT port, PERMISSIVE namespace",
+            vec![
+                ns("shop", "PERMISSIVE"),
+                web("", "\"9000\": {mode: STRICT}"),
+            ],
+            "shop/web",
+            9000,
+            "STRICT shop/web (port)",
+        ),
+        (
+            "port UNSET: the workload's",
+            vec![
+                ns("shop", "STRICT"),
+                web("PERMISSIVE", "8080: {mode: UNSET}"),
+            ],
+            "shop/web",
+            8080,
+            "PERMISSIVE shop/web",
+        ),
+        (
+            "port and workload UNSET",
+            vec![ns("shop", "STRICT"), web("UNSET", "8080: {mode: UNSET}")],
+            "shop/web",
+            8080,
+            "STRICT shop/default",
+        ),
+        (
+            "port without mode is UNSET",
+            vec![ns("shop", "STRICT"), web("", "8081: {}")],
+            "shop/web",
+            8081,
+            "STRICT shop/default",
+        ),
+        (
+            "port DISABLE is PERMISSIVE",
+            vec![web("STRICT", "8080: {mode: DISABLE}")],
+            "shop/web",
+            8080,
+            "PERMISSIVE shop/web (port)",
+        ),
+    ]);
+}
+
+#[test]
+fn peer_authentication_decision_reports_disable_and_displays() {
+    let state = build(&docs(&[
+        pod("shop", "web", "n1", "10.0.0.1", "app: web"),
+        peer_auth("istio-system", "default", "", "", "STRICT", ""),
+        peer_auth(
+            "shop",
+            "web",
+            "",
+            "app: web",
+            "DISABLE",
+            "8080: {mode: STRICT}",
+        ),
+    ]));
+    let web = &state.workloads()[0];
+    let disabled = state.peer_authentication(web, 80);
+    assert_eq!(
+        (disabled.mode, disabled.declared),
+        (MtlsMode::Permissive, PeerAuthMode::Disable)
+    );
+    assert_eq!(
+        disabled.to_string(),
+        "PERMISSIVE (DISABLE in PeerAuthentication shop/web, workload)"
+    );
+    let port = state.peer_authentication(web, 8080);
+    assert_eq!(port.port, Some(8080));
+    assert_eq!(
+        port.to_string(),
+        "STRICT (PeerAuthentication shop/web, port 8080)"
+    );
+    let empty = build(&pod("shop", "web", "n1", "10.0.0.1", "app: web"));
+    assert_eq!(
+        empty
+            .peer_authentication(&empty.workloads()[0], 80)
+            .to_string(),
+        "PERMISSIVE (no PeerAuthentication sets a mode)"
+    );
+}
+
+#[test]
+fn conflicting_namespace_and_mesh_peer_authentications_oldest_wins_with_a_warning() {
+    let table: Vec<ConflictCase> = vec![
+        (
+            "two namespace-wide: the older, though later by name",
+            vec![
+                peer_auth("shop", "a", "2024-06-01T00:00:00Z", "", "STRICT", ""),
+                peer_auth("shop", "b", "2024-01-01T00:00:00Z", "", "PERMISSIVE", ""),
+            ],
+            "shop/b",
+            &[
+                "PeerAuthentications shop/b, shop/a conflict",
+                "namespace-wide in shop",
+                "the oldest, shop/b, applies",
+            ],
+        ),
+        (
+            "same time: by name",
+            vec![
+                peer_auth("shop", "b", "2024-01-01T00:00:00Z", "", "PERMISSIVE", ""),
+                peer_auth("shop", "a", "2024-01-01T00:00:00Z", "", "STRICT", ""),
+            ],
+            "shop/a",
+            &["the oldest, shop/a, applies"],
+        ),
+        (
+            "offsets are compared as instants",
+            vec![
+                peer_auth("shop", "a", "2024-01-01T01:30:00+02:00", "", "STRICT", ""),
+                peer_auth("shop", "b", "2024-01-01T00:00:00Z", "", "PERMISSIVE", ""),
+            ],
+            "shop/a",
+            &["the oldest, shop/a, applies"],
+        ),
+        (
+            "no timestamp counts as the oldest",
+            vec![
+                peer_auth("shop", "a", "2024-01-01T00:00:00Z", "", "STRICT", ""),
+                peer_auth("shop", "b", "", "", "PERMISSIVE", ""),
+            ],
+            "shop/b",
+            &["the oldest, shop/b, applies"],
+        ),
+        (
+            "two mesh-wide",
+            vec![
+                peer_auth(
+                    "istio-system",
+                    "x",
+                    "2024-02-01T00:00:00Z",
+                    "",
+                    "STRICT",
+                    "",
+                ),
+                peer_auth(
+                    "istio-system",
+                    "y",
+                    "2024-01-01T00:00:00Z",
+                    "",
+                    "PERMISSIVE",
+                    "",
+                ),
+            ],
+            "istio-system/y",
+            &[
+                "istio-system/y, istio-system/x conflict",
+                "mesh-wide (root namespace istio-system)",
+            ],
+        ),
+    ];
+    assert_conflicts(table);
+}
+
+#[test]
+fn conflicting_selector_peer_authentications_oldest_wins_with_a_warning() {
+    let table: Vec<ConflictCase> = vec![(
+        "two selectors of one workload",
+        vec![
+            peer_auth(
+                "shop",
+                "new",
+                "2024-02-01T00:00:00Z",
+                "app: web",
+                "STRICT",
+                "",
+            ),
+            peer_auth(
+                "shop",
+                "old",
+                "2024-01-01T00:00:00Z",
+                "app: web",
+                "PERMISSIVE",
+                "",
+            ),
+        ],
+        "shop/old",
+        &[
+            "shop/old, shop/new conflict",
+            "selecting shop/web, shop/web-2",
+            "the oldest, shop/old, applies",
+        ],
+    )];
+    assert_conflicts(table);
+}
+
+/// A case of the conflict tables: what, policies, deciding policy of `shop/web`, expected parts
+/// of the one warning.
+type ConflictCase<'a> = (&'a str, Vec<String>, &'a str, &'a [&'a str]);
+
+/// Builds each case with pods `shop/web` and `shop/web-2` (app: web) and checks the decision and
+/// the warning.
+fn assert_conflicts(table: Vec<ConflictCase>) {
+    let pods = || {
+        vec![
+            pod("shop", "web", "n1", "10.0.0.1", "app: web"),
+            pod("shop", "web-2", "n1", "10.0.0.2", "app: web"),
+        ]
+    };
+    for (case, policies, winner, warning) in table {
+        let mut objects = pods();
+        objects.extend(policies);
+        let state = build(&docs(&objects));
+        assert_eq!(
+            decide(&state, "shop/web", 80).1.as_deref(),
+            Some(winner),
+            "{case}"
+        );
+        assert_eq!(state.warnings().len(), 1, "{case}: {:?}", state.warnings());
+        for part in warning {
+            assert!(
+                state.warnings()[0].contains(part),
+                "{case}: {:?} lacks {part:?}",
+                state.warnings()
+            );
+        }
+    }
+}
+
+#[test]
+fn policies_of_different_levels_or_namespaces_do_not_conflict() {
+    // A root-namespace selector policy is reported as ignored, though.
+    let state = build(&docs(&[
+        pod("shop", "web", "n1", "10.0.0.1", "app: web"),
+        peer_auth("shop", "default", "", "", "STRICT", ""),
+        peer_auth("shop", "web", "", "app: web", "PERMISSIVE", ""),
+        peer_auth("other", "default", "", "", "STRICT", ""),
+        peer_auth("istio-system", "web", "", "app: web", "STRICT", ""),
+    ]));
+    assert_eq!(state.warnings().len(), 1, "{:?}", state.warnings());
+    assert!(
+        state.warnings()[0].contains("PeerAuthentication istio-system/web is ignored"),
+        "{:?}",
+        state.warnings()
+    );
+}
+
+#[test]
+fn peer_authentications_are_listed_with_their_scope() {
+    let objects = parse_documents("peer-authentication.yaml", PEER_AUTHENTICATION).expect("parses");
+    assert_eq!(objects.len(), 3, "the AuthorizationPolicy is skipped");
+    let mut all = parse(CLUSTER);
+    all.extend(objects);
+    let state = ClusterState::build(&all, &opts()).expect("builds");
+    let listed: Vec<(String, PeerAuthScope, PeerAuthMode)> = state
+        .peer_authentications()
+        .iter()
+        .map(|p| (p.to_string(), p.scope, p.mode))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (
+                "istio-system/default".into(),
+                PeerAuthScope::Mesh,
+                PeerAuthMode::Strict
+            ),
+            (
+                "legacy/default".into(),
+                PeerAuthScope::Namespace,
+                PeerAuthMode::Permissive
+            ),
+            (
+                "shop/web-metrics".into(),
+                PeerAuthScope::Workload,
+                PeerAuthMode::Unset
+            ),
+        ]
+    );
+    let metrics = &state.peer_authentications()[2];
+    assert_eq!(metrics.selector.get("app").map(String::as_str), Some("web"));
+    assert_eq!(
+        metrics.port_level.iter().collect::<Vec<_>>(),
+        [(&9090, &PeerAuthMode::Permissive)]
+    );
+    assert_eq!(
+        metrics.creation_timestamp.as_deref(),
+        Some("2024-05-02T08:30:00Z")
+    );
+    assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+
+    let mode = |workload: &str, port: u16| {
+        let (mode, policy, _, _) = decide(&state, workload, port);
+        format!("{mode} {}", policy.unwrap_or_default())
+    };
+    assert_eq!(mode("shop/web-0", 8080), "STRICT istio-system/default");
+    assert_eq!(mode("shop/web-0", 9090), "PERMISSIVE shop/web-metrics");
+    assert_eq!(mode("shop/batch", 9090), "STRICT istio-system/default");
+    assert_eq!(mode("legacy/old-app", 80), "PERMISSIVE legacy/default");
+}
+
+#[test]
+fn peer_authentication_versions_and_lists() {
+    let v1beta1 = peer_auth("shop", "a", "", "", "STRICT", "")
+        .replace("security.istio.io/v1\n", "security.istio.io/v1beta1\n");
+    let alpha = peer_auth("shop", "b", "", "", "STRICT", "")
+        .replace("security.istio.io/v1\n", "security.istio.io/v1alpha1\n");
+    let objects = parse(&docs(&[v1beta1, alpha]));
+    let names: Vec<String> = objects.iter().map(|o| o.object_ref().to_string()).collect();
+    assert_eq!(names, ["PeerAuthentication shop/a"], "v1alpha1 is not read");
+
+    let typed = "apiVersion: security.istio.io/v1\nkind: PeerAuthenticationList\nitems:\n- metadata: {name: a, namespace: shop}\n  spec: {mtls: {mode: STRICT}}\n";
+    let mixed = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}\n- apiVersion: security.istio.io/v1beta1\n  kind: PeerAuthentication\n  metadata: {name: b, namespace: shop, creationTimestamp: 2024-05-01T10:00:00Z}\n  spec: {selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: STRICT}}}\n";
+    let state = build(&docs(&[typed.to_owned(), mixed.to_owned()]));
+    let listed: Vec<String> = state
+        .peer_authentications()
+        .iter()
+        .map(|p| format!("{p} {:?}", p.creation_timestamp))
+        .collect();
+    assert_eq!(
+        listed,
+        ["shop/a None", "shop/b Some(\"2024-05-01T10:00:00Z\")"]
+    );
+
+    // The same policy under both versions is one object, defined twice.
+    let err = build_err(&docs(&[
+        peer_auth("shop", "a", "", "", "STRICT", ""),
+        peer_auth("shop", "a", "", "", "STRICT", "")
+            .replace("security.istio.io/v1\n", "security.istio.io/v1beta1\n"),
+    ]));
+    assert!(
+        err.contains("PeerAuthentication shop/a is defined more than once"),
+        "{err}"
+    );
+}
+
+#[test]
+fn peer_authentication_spec_forms() {
+    // portLevelMtls before the selector, quoted and unquoted port keys, null fields.
+    let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a, namespace: shop}\nspec:\n  portLevelMtls:\n    8080: {mode: STRICT}\n    \"9090\":\n    \"443\": {mode: null}\n  mtls:\n  selector:\n    matchLabels: {app: web}\n    matchExpressions: []\n";
+    let Object::PeerAuthentication(pa) = &parse(text)[0] else {
+        panic!("not a PeerAuthentication")
+    };
+    assert_eq!(pa.spec.mode(), PeerAuthMode::Unset);
+    let ports: Vec<(u16, PeerAuthMode)> = pa
+        .spec
+        .port_level_mtls
+        .iter()
+        .map(|(port, mtls)| (*port, mtls.mode))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (443, PeerAuthMode::Unset),
+            (8080, PeerAuthMode::Strict),
+            (9090, PeerAuthMode::Unset)
+        ]
+    );
+    let bare = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\n";
+    let Object::PeerAuthentication(pa) = &parse(bare)[0] else {
+        panic!("not a PeerAuthentication")
+    };
+    assert_eq!(pa.metadata.namespace(), "default");
+    assert_eq!(pa.spec.mode(), PeerAuthMode::Unset);
+    assert!(pa.spec.match_labels().is_none() && pa.spec.port_level_mtls.is_empty());
+}
+
+#[test]
+fn peer_authentication_parse_errors_name_file_object_field_and_line() {
+    let spec = |body: &str| {
+        format!(
+            "{}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: x\n  namespace: shop\nspec:\n{body}",
+            namespace("shop", "")
+        )
+    };
+    let web = "  selector:\n    matchLabels: {app: web}\n";
+    // (text, expected parts of the message)
+    let table: Vec<(String, &[&str])> = vec![
+        (
+            spec("  mtls:\n    mode: STRICTER\n"),
+            &[
+                "spec.mtls.mode: unknown variant `STRICTER`",
+                "`UNSET`, `DISABLE`, `PERMISSIVE`, `STRICT`",
+                "line 14 column 11",
+            ],
+        ),
+        (
+            spec("  mtls:\n    mode: strict\n"),
+            &["spec.mtls.mode: unknown variant `strict`", "line 14"],
+        ),
+        (
+            spec(&format!("{web}  portLevelMtls:\n    http: {{mode: STRICT}}\n")),
+            &[
+                "spec.portLevelMtls: invalid value: string \"http\", expected a port number (1-65535)",
+                "line 16",
+            ],
+        ),
+        (
+            spec(&format!("{web}  portLevelMtls:\n    \"80a\": {{mode: STRICT}}\n")),
+            &["spec.portLevelMtls: invalid value: string \"80a\"", "line 16"],
+        ),
+        (
+            spec(&format!("{web}  portLevelMtls:\n    0: {{mode: STRICT}}\n")),
+            &["spec.portLevelMtls: invalid value: integer `0`", "line 16"],
+        ),
+        (
+            spec(&format!("{web}  portLevelMtls:\n    70000: {{mode: STRICT}}\n")),
+            &["spec.portLevelMtls: invalid value: integer `70000`", "line 16"],
+        ),
+        (
+            spec(&format!("{web}  portLevelMtls:\n    8080: {{mode: STRICT}}\n    \"8080\": {{mode: PERMISSIVE}}\n")),
+            &["spec.portLevelMtls: port 8080 is listed twice", "line 17"],
+        ),
+        (
+            spec(&format!("{web}  portLevelMtls:\n    8080: {{mode: OFF}}\n")),
+            &["spec.portLevelMtls.8080.mode: unknown variant `OFF`", "line 16"],
+        ),
+        (
+            spec("  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n"),
+            &[
+                "spec.portLevelMtls: requires a selector with matchLabels",
+                "portLevelMtls requires selector",
+                "line 15",
+            ],
+        ),
+        (
+            spec("  selector:\n    matchLabels: {}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n"),
+            &["spec.portLevelMtls: requires a selector with matchLabels", "line 16"],
+        ),
+        (
+            spec("  selector:\n    matchExpressions:\n    - {key: app, operator: In, values: [web]}\n"),
+            &["spec.selector.matchExpressions: not supported", "line 15"],
+        ),
+        (
+            spec("  mtls: STRICT\n"),
+            &["spec.mtls: invalid type: string \"STRICT\"", "line 13"],
+        ),
+    ];
+    for (text, expected) in table {
+        let err = parse_documents("pa.yaml", &text)
+            .expect_err("must not parse")
+            .to_string();
+        let mut parts = vec!["pa.yaml: document 2: PeerAuthentication shop/x: "];
+        parts.extend(expected);
+        for part in parts {
+            assert!(
+                err.contains(part),
+                "error {err:?} lacks {part:?}, for:\n{text}"
+            );
+        }
+    }
+
+    // Inside a list, the path starts at the item.
+    let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: security.istio.io/v1\n  kind: PeerAuthentication\n  metadata: {name: x, namespace: shop}\n  spec: {mtls: {mode: NOPE}}\n";
+    let err = parse_documents("list.yaml", list)
+        .expect_err("mode")
+        .to_string();
+    assert!(
+        err.starts_with("list.yaml: document 1, items[0]: PeerAuthentication shop/x: items[0].spec.mtls.mode: unknown variant `NOPE`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn peer_authentication_validation_errors_name_object_and_field() {
+    let pa = |ns: &str, name: &str, created: &str| peer_auth(ns, name, created, "", "STRICT", "");
+    assert_errors(vec![
+        (
+            pa("shop", "x", "yesterday"),
+            &[
+                "PeerAuthentication shop/x",
+                "metadata.creationTimestamp",
+                "\"yesterday\" is not an RFC 3339 timestamp",
+            ],
+        ),
+        (
+            pa("shop", "x", "2024-02-30T00:00:00Z"),
+            &["PeerAuthentication shop/x", "metadata.creationTimestamp"],
+        ),
+        (
+            pa("Shop", "x", ""),
+            &[
+                "PeerAuthentication Shop/x",
+                "metadata.namespace",
+                "DNS label",
+            ],
+        ),
+        (
+            pa("shop", "X", ""),
+            &[
+                "PeerAuthentication shop/X",
+                "metadata.name",
+                "DNS subdomain",
+            ],
+        ),
+    ]);
+}
+
+#[test]
+fn rfc3339_timestamps() {
+    let ts = |s: &str| Timestamp::parse_rfc3339(s);
+    assert!(ts("1970-01-01T00:00:00Z") < ts("1970-01-01T00:00:00.000000001Z"));
+    assert_eq!(ts("2024-05-01T12:00:00+02:00"), ts("2024-05-01T10:00:00Z"));
+    assert_eq!(ts("2024-05-01t09:30:00-00:30"), ts("2024-05-01T10:00:00z"));
+    assert_eq!(
+        ts("2024-05-01T10:00:00.5Z"),
+        ts("2024-05-01T10:00:00.500000000999Z")
+    );
+    assert!(ts("1969-12-31T23:59:59Z") < ts("1970-01-01T00:00:00Z"));
+    assert!(ts("2024-02-29T00:00:00Z").is_some(), "leap year");
+    assert!(ts("2024-12-31T23:59:59Z") < ts("2025-01-01T00:00:00Z"));
+    for bad in [
+        "",
+        "2024-05-01",
+        "2024-05-01 10:00:00Z",
+        "2024-05-01T10:00:00",
+        "2024-05-01T10:00:00.Z",
+        "2024-05-01T10:00:00+0200",
+        "2024-13-01T10:00:00Z",
+        "2023-02-29T10:00:00Z",
+        "2024-05-01T24:00:00Z",
+        "2024-05-01T10:00:60Z",
+        "2024-05-01T10:00:00+24:00",
+        "+024-05-01T10:00:00Z",
+        "2024-05-01T10:00:00Zjunk",
+    ] {
+        assert!(ts(bad).is_none(), "{bad:?}");
+    }
+}
+
+#[test]
+fn invalid_root_namespace_is_rejected() {
+    for bad in ["", "Istio-System", "istio.system"] {
+        let options = EnrollmentOptions {
+            root_namespace: bad.to_owned(),
+            ..opts()
+        };
+        assert!(
+            matches!(
+                ClusterState::build(&[], &options),
+                Err(StateError::RootNamespace(_))
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn root_namespace_is_configurable() {
+    let options = EnrollmentOptions {
+        root_namespace: "mesh-root".to_owned(),
+        ..opts()
+    };
+    let objects = parse(&docs(&[
+        pod("shop", "web", "n1", "10.0.0.1", "app: web"),
+        peer_auth("mesh-root", "default", "", "", "STRICT", ""),
+        peer_auth("istio-system", "default", "", "", "PERMISSIVE", ""),
+    ]));
+    let state = ClusterState::build(&objects, &options).expect("builds");
+    assert_eq!(
+        decide(&state, "shop/web", 80).1.as_deref(),
+        Some("mesh-root/default"),
+        "istio-system is an ordinary namespace here"
+    );
+    let scopes: Vec<PeerAuthScope> = state
+        .peer_authentications()
+        .iter()
+        .map(|p| p.scope)
+        .collect();
+    assert_eq!(scopes, [PeerAuthScope::Namespace, PeerAuthScope::Mesh]);
+}
+
+#[test]
+fn bad_peer_authentication_keeps_the_files_last_good_objects() {
+    let dir = TempDir::new("peer-auth");
+    let good = |mode: &str| {
+        docs(&[
+            pod("shop", "web", "n1", "10.0.0.1", "app: web"),
+            peer_auth("shop", "default", "", "", mode, ""),
+            service("shop", "web", "10.96.0.1", "80", "8080", "app: web"),
+        ])
+    };
+    dir.write("shop.yaml", &good("STRICT"));
+    dir.write(
+        "mesh.yaml",
+        &peer_auth("istio-system", "default", "", "", "PERMISSIVE", ""),
+    );
+    let mut config = ConfigDir::new(&dir.0, opts()).expect("options");
+    let first = config.load().expect("loads");
+    assert_eq!(names(&first), ["pod shop/web", "svc shop/web"]);
+    assert_eq!(first.peer_authentications().len(), 2);
+    assert_eq!(decide(&first, "shop/web", 8080).0, MtlsMode::Strict);
+
+    // One bad PeerAuthentication among good objects: the file's last good version stays.
+    let bad = good("STRICT").replace("mode: STRICT", "mode: STRICTLY")
+        + "---\n"
+        + &pod("shop", "new", "n1", "10.0.0.2", "app: web");
+    dir.write("shop.yaml", &bad);
+    let state = config.load().expect("loads");
+    assert_eq!(names(&state), ["pod shop/web", "svc shop/web"]);
+    assert_eq!(state.peer_authentications().len(), 2);
+    assert_eq!(decide(&state, "shop/web", 8080).0, MtlsMode::Strict);
+    let errors = error_messages(&state);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    for part in [
+        "shop.yaml: document 2: PeerAuthentication shop/default: ",
+        "spec.mtls.mode: unknown variant `STRICTLY`",
+        "line",
+    ] {
+        assert!(errors[0].contains(part), "{errors:?} lacks {part:?}");
+    }
+
+    // Invalid value (timestamp): rejected when built; named the same way.
+    let invalid = good("PERMISSIVE").replace(
+        "  namespace: shop\nspec:",
+        "  namespace: shop\n  creationTimestamp: soon\nspec:",
+    );
+    dir.write("shop.yaml", &invalid);
+    let state = config.load().expect("loads");
+    assert_eq!(
+        decide(&state, "shop/web", 8080).0,
+        MtlsMode::Strict,
+        "not applied"
+    );
+    let errors = error_messages(&state);
+    assert!(
+        errors[0].contains("shop.yaml: not applied")
+            && errors[0]
+                .contains("PeerAuthentication shop/default: metadata.creationTimestamp: \"soon\""),
+        "{errors:?}"
+    );
+
+    // Fixed: applied.
+    dir.write("shop.yaml", &good("PERMISSIVE"));
+    let state = config.load().expect("loads");
+    assert!(state.errors().is_empty(), "{:?}", state.errors());
+    let (mode, policy, _, _) = decide(&state, "shop/web", 8080);
+    assert_eq!(
+        (mode, policy.as_deref()),
+        (MtlsMode::Permissive, Some("shop/default"))
+    );
 }

@@ -341,24 +341,31 @@ pub(super) enum NameRule {
     Subdomain,
 }
 
+/// RFC 1123 label: 1-63 lowercase letters, digits and '-', not at either end.
+pub(super) fn is_dns_label(value: &str) -> bool {
+    value.len() <= 63 && is_label_part(value)
+}
+
+/// A label's characters (no length limit: a subdomain limits its total length only).
+fn is_label_part(part: &str) -> bool {
+    !part.is_empty()
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !part.starts_with('-')
+        && !part.ends_with('-')
+}
+
 pub(super) fn check_name(
     object: &ObjectRef,
     field: &str,
     value: &str,
     rule: NameRule,
 ) -> Result<(), StateError> {
-    let label = |part: &str| {
-        !part.is_empty()
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !part.starts_with('-')
-            && !part.ends_with('-')
-    };
     let (ok, expected) = match rule {
-        NameRule::Label => (value.len() <= 63 && label(value), "DNS label (RFC 1123)"),
+        NameRule::Label => (is_dns_label(value), "DNS label (RFC 1123)"),
         NameRule::Subdomain => (
-            value.len() <= 253 && value.split('.').all(label),
+            value.len() <= 253 && value.split('.').all(is_label_part),
             "DNS subdomain (RFC 1123)",
         ),
     };

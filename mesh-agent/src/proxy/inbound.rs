@@ -11,7 +11,7 @@ use tracing::warn;
 
 use super::{
     dial_app,
-    relay::{relay, ConnInfo, Relay},
+    relay::{relay, ConnInfo, Relay, Security},
     LocalPod, ProxyCtx,
 };
 
@@ -34,6 +34,10 @@ pub(super) async fn handle(
         warn!(%dst, "connection to the agent's own port; closing it");
         return None;
     }
+    if let Err(reason) = ctx.resolver.accepts_plaintext(dst) {
+        warn!(%dst, reason, "plaintext connection refused");
+        return None;
+    }
     let info = ConnInfo {
         direction: "inbound",
         pod: Arc::clone(&pod),
@@ -41,6 +45,7 @@ pub(super) async fn handle(
         dst,
         upstream: dst,
         service: None,
+        security: Security::None,
     };
     match dial_app(&pod, dst, peer, &ctx.conn).await {
         Ok((up, peer_guard)) => Some(relay(down, up, info, started).holding(peer_guard)),

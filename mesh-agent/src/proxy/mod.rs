@@ -12,6 +12,7 @@
 //! A same-node connection therefore never crosses a veth: both legs are pod-local and the
 //! kernel's `sk_msg` short-cut carries them.
 
+pub mod hbone;
 mod inbound;
 mod outbound;
 mod relay;
@@ -26,7 +27,8 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use mesh_common::{SockAddr, SockKey, INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::{SockAddr, SockKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use mesh_identity::{CertManager, CryptoProvider, Identity};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
@@ -65,6 +67,8 @@ pub struct LocalPod {
     pub name: String,
     pub netns: Netns,
     pub ips: Vec<IpAddr>,
+    /// The pod's SPIFFE identity (from its namespace and service account).
+    pub identity: Identity,
 }
 
 impl LocalPod {
@@ -87,14 +91,37 @@ pub enum Route {
     To {
         addr: SocketAddr,
         service: Option<Arc<str>>,
+        /// The destination workload's identity when it is meshed (served by an agent): the
+        /// connection then goes over HBONE, unless both pods are on this node.
+        identity: Option<Identity>,
     },
     /// Refuse the connection, with the reason for the log.
     Refuse(String),
 }
 
-/// Decides where a destination goes (the cluster view implements it).
+/// Decides where a destination goes and what a pod accepts (the cluster view implements it).
 pub trait Resolve: Send + Sync + 'static {
     fn route(&self, dst: SocketAddr) -> Route;
+    /// Whether a plaintext connection to `dst` (a meshed pod of this node) is accepted, by the
+    /// pod's `PeerAuthentication`; `Err` carries the reason for the log.
+    fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String>;
+}
+
+/// Identity and HBONE: certificates, the client pool and the server settings.
+pub struct Transport {
+    pub certs: Arc<CertManager>,
+    pub provider: CryptoProvider,
+    pub pool: hbone::HbonePool,
+    pub server: mesh_hbone::ServerConfig,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("provider", &self.provider)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the proxies share.
@@ -102,6 +129,7 @@ pub struct ProxyCtx {
     pub conn: Arc<ConnMaps>,
     pub local: watch::Receiver<Arc<LocalPods>>,
     pub resolver: Arc<dyn Resolve>,
+    pub transport: Arc<Transport>,
 }
 
 impl std::fmt::Debug for ProxyCtx {
@@ -148,6 +176,24 @@ async fn accept_loop<F, Fut>(
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.name, direction, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Accepts HBONE connections on a pod's port 15008, each served in a task of its own (which
+/// runs one task per tunnelled stream).
+async fn hbone_accept_loop(listener: TcpListener, pod: Arc<LocalPod>, ctx: Arc<ProxyCtx>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let span = tracing::info_span!("hbone", pod = %pod.name, peer = %peer);
+                let task = hbone::serve(stream, peer, Arc::clone(&pod), Arc::clone(&ctx));
+                tokio::spawn(tracing::Instrument::instrument(task, span));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, error = %e, "accept failed on the HBONE port");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -218,6 +264,12 @@ pub fn start_pod(pod: &Arc<LocalPod>, ctx: &Arc<ProxyCtx>) -> Result<PodListener
             Arc::clone(ctx),
             "inbound",
             inbound::handle,
+        )));
+        let hbone = listen(&pod.netns, SocketAddr::new(ip, HBONE_PORT))?;
+        tasks.push(tokio::spawn(hbone_accept_loop(
+            hbone,
+            Arc::clone(pod),
+            Arc::clone(ctx),
         )));
     }
     Ok(PodListeners { tasks, inbound })

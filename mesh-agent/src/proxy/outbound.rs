@@ -10,8 +10,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    dial_app, dial_from,
-    relay::{relay, ConnInfo, Relay},
+    dial_app, dial_from, hbone,
+    relay::{relay, ConnInfo, Relay, Security},
     LocalPod, ProxyCtx, Route,
 };
 
@@ -32,27 +32,37 @@ pub(super) async fn handle(
         warn!(%dst, "connection to the agent's own port; closing it");
         return None;
     }
-    let (upstream, service) = match ctx.resolver.route(dst) {
-        Route::To { addr, service } => (addr, service),
+    let (upstream, service, identity) = match ctx.resolver.route(dst) {
+        Route::To {
+            addr,
+            service,
+            identity,
+        } => (addr, service, identity),
         Route::Refuse(reason) => {
             warn!(%dst, reason, "connection refused");
             return None;
         }
     };
     let local = ctx.local.borrow().get(&upstream.ip()).cloned();
-    let info = ConnInfo {
+    let mut info = ConnInfo {
         direction: "outbound",
         pod: Arc::clone(&pod),
         src: peer,
         dst,
         upstream,
         service,
+        security: Security::None,
     };
-    match local {
-        // Same node: straight into the destination pod, over its own address.
-        Some(target) => match dial_app(&target, upstream, peer, &ctx.conn).await {
+    match (local, identity) {
+        // Same node: straight into the destination pod, over its own address. No TLS: the
+        // agent itself knows both pods' identities.
+        (Some(target), _) => match dial_app(&target, upstream, peer, &ctx.conn).await {
             Ok((up, peer_guard)) => {
                 debug!(%upstream, target = %target.name, "same-node connection");
+                info.security = Security::SameNode {
+                    src: pod.identity.clone(),
+                    dst: target.identity.clone(),
+                };
                 Some(relay(down, up, info, started).holding(peer_guard))
             }
             Err(e) => {
@@ -60,7 +70,13 @@ pub(super) async fn handle(
                 None
             }
         },
-        None => match dial_from(&pod.netns, upstream).await {
+        // A meshed workload on another node: HBONE.
+        (None, Some(identity)) => {
+            hbone::outbound(down, &pod, &ctx, identity, info, started).await;
+            None
+        }
+        // Outside the mesh: plain TCP from inside the source pod.
+        (None, None) => match dial_from(&pod.netns, upstream).await {
             Ok(up) => Some(relay(down, up, info, started)),
             Err(e) => {
                 warn!(%dst, %upstream, error = %e, "could not reach the destination");

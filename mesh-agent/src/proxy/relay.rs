@@ -23,6 +23,8 @@ use std::{
 use tokio::{io::AsyncWrite as _, net::TcpStream};
 use tracing::{info, warn};
 
+use mesh_identity::Identity;
+
 use super::{LocalPod, PeerGuard};
 
 /// Size of one copy buffer: large enough that a bulk transfer needs few system calls and that
@@ -184,6 +186,79 @@ pub struct ConnInfo {
     pub dst: SocketAddr,
     pub upstream: SocketAddr,
     pub service: Option<Arc<str>>,
+    pub security: Security,
+}
+
+/// How the connection is secured, with the identities the agent vouches for.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Plain TCP: an unmeshed peer (or a destination outside the mesh).
+    None,
+    /// Both pods on this node: no TLS, identities known to the agent itself.
+    SameNode { src: Identity, dst: Identity },
+    /// HBONE: mutual TLS between the agents, identities proven by certificates.
+    MutualTls { src: Identity, dst: Identity },
+}
+
+impl Security {
+    /// Istio's `connection_security_policy` label value.
+    pub fn policy(&self) -> &'static str {
+        match self {
+            Security::None => "none",
+            Security::SameNode { .. } => "same_node",
+            Security::MutualTls { .. } => "mutual_tls",
+        }
+    }
+
+    fn identities(&self) -> (Option<&Identity>, Option<&Identity>) {
+        match self {
+            Security::None => (None, None),
+            Security::SameNode { src, dst } | Security::MutualTls { src, dst } => {
+                (Some(src), Some(dst))
+            }
+        }
+    }
+}
+
+/// The connection's one log line, when it ends.
+pub fn log_close(info: &ConnInfo, started: Instant, result: io::Result<(u64, u64)>) {
+    let duration_ms = started.elapsed().as_millis();
+    let service = info.service.as_deref().unwrap_or("");
+    let security = info.security.policy();
+    let (src_id, dst_id) = info.security.identities();
+    let src_identity = tracing::field::display(src_id.map_or("", Identity::as_str));
+    let dst_identity = tracing::field::display(dst_id.map_or("", Identity::as_str));
+    match result {
+        Ok((sent, received)) => info!(
+            direction = info.direction,
+            pod = %info.pod.name,
+            src = %info.src,
+            dst = %info.dst,
+            upstream = %info.upstream,
+            service,
+            security,
+            src_identity,
+            dst_identity,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            "connection closed"
+        ),
+        Err(e) => warn!(
+            direction = info.direction,
+            pod = %info.pod.name,
+            src = %info.src,
+            dst = %info.dst,
+            upstream = %info.upstream,
+            service,
+            security,
+            src_identity,
+            dst_identity,
+            duration_ms,
+            error = %e,
+            "connection failed"
+        ),
+    }
 }
 
 /// Relays until both directions have ended, then logs the connection. A plain future (not an
@@ -221,34 +296,7 @@ impl Future for Relay {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let result = ready!(Pin::new(&mut this.copy).poll(cx));
-        let info = &this.info;
-        let duration_ms = this.started.elapsed().as_millis();
-        let service = info.service.as_deref().unwrap_or("");
-        match result {
-            Ok((sent, received)) => info!(
-                direction = info.direction,
-                pod = %info.pod.name,
-                src = %info.src,
-                dst = %info.dst,
-                upstream = %info.upstream,
-                service,
-                bytes_sent = sent,
-                bytes_received = received,
-                duration_ms,
-                "connection closed"
-            ),
-            Err(e) => warn!(
-                direction = info.direction,
-                pod = %info.pod.name,
-                src = %info.src,
-                dst = %info.dst,
-                upstream = %info.upstream,
-                service,
-                duration_ms,
-                error = %e,
-                "connection failed"
-            ),
-        }
+        log_close(&this.info, this.started, result);
         Poll::Ready(())
     }
 }

@@ -1,0 +1,283 @@
+//! HBONE between nodes: the client side (a pool of mutual-TLS HTTP/2 connections, opened from
+//! inside the source pod toward port 15008 of the destination pod) and the server side (port
+//! 15008 in each meshed pod: TLS with the pod's own identity, then one CONNECT stream per
+//! tunnelled connection, relayed to the application from inside the pod).
+//!
+//! Identities: the client presents the source pod's certificate and accepts only a server that
+//! proves the destination workload's identity; the server accepts any client of its trust
+//! domain and learns the source identity from the client's certificate.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use mesh_hbone::{Connect, InboundRequest, Pool, Responder};
+use mesh_identity::{CertManager, CryptoProvider, Identity};
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, sync::watch};
+use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
+use tracing::{debug, warn};
+
+use super::{
+    dial_app, dial_from,
+    relay::{log_close, ConnInfo, Security},
+    LocalPod, LocalPods, ProxyCtx,
+};
+
+/// How long a connection waits for the first certificate of a brand-new workload.
+const CERT_WAIT: Duration = Duration::from_secs(10);
+/// How long a peer may take to finish the TLS handshake on port 15008.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening a tunnel (connection, handshakes, CONNECT and its answer) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Copy buffer per direction of a tunnelled connection.
+const STREAM_BUF: usize = 64 * 1024;
+
+/// What HBONE connections are pooled by: streams share a connection only when they have the
+/// same source pod address, source identity, destination identity and destination.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HboneKey {
+    /// Address of the source pod: the connection is opened from inside it.
+    pub src_ip: IpAddr,
+    pub src: Identity,
+    pub dst: Identity,
+    /// The destination pod's address and port 15008.
+    pub dst_addr: SocketAddr,
+}
+
+/// Opens pooled connections: TCP from inside the source pod, then mutual TLS.
+pub struct HboneConnector {
+    local: watch::Receiver<Arc<LocalPods>>,
+    certs: Arc<CertManager>,
+    provider: CryptoProvider,
+}
+
+impl std::fmt::Debug for HboneConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HboneConnector")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HboneConnector {
+    pub fn new(
+        local: watch::Receiver<Arc<LocalPods>>,
+        certs: Arc<CertManager>,
+        provider: CryptoProvider,
+    ) -> Self {
+        Self {
+            local,
+            certs,
+            provider,
+        }
+    }
+}
+
+impl Connect for HboneConnector {
+    type Io = TlsStream<TcpStream>;
+    type Key = HboneKey;
+
+    async fn connect(&self, key: &HboneKey) -> io::Result<Self::Io> {
+        let pod = self.local.borrow().get(&key.src_ip).cloned();
+        let pod = pod.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("source pod {} is not served by this agent", key.src_ip),
+            )
+        })?;
+        self.certs
+            .wait_for(&key.src, CERT_WAIT)
+            .await
+            .map_err(io::Error::other)?;
+        let config = mesh_identity::client_config(
+            self.provider,
+            self.certs.subscribe(),
+            key.src.clone(),
+            key.dst.clone(),
+        )
+        .map_err(io::Error::other)?;
+        let tcp = dial_from(&pod.netns, key.dst_addr)
+            .await
+            .map_err(io::Error::other)?;
+        // No SNI is sent; the server is authenticated by its SPIFFE id, not by this name.
+        let name = ServerName::try_from("hbone.mesh.invalid").map_err(io::Error::other)?;
+        TlsConnector::from(config).connect(name, tcp).await
+    }
+}
+
+/// The client pool every outbound tunnel goes through.
+pub type HbonePool = Pool<HboneConnector>;
+
+/// Tunnels `down` (a captured connection from `pod`) to `upstream`, a meshed workload on
+/// another node with identity `dst`, and relays until both directions end.
+pub(super) async fn outbound(
+    down: TcpStream,
+    pod: &Arc<LocalPod>,
+    ctx: &ProxyCtx,
+    dst: Identity,
+    mut info: ConnInfo,
+    started: Instant,
+) {
+    let key = HboneKey {
+        src_ip: info.src.ip(),
+        src: pod.identity.clone(),
+        dst: dst.clone(),
+        dst_addr: SocketAddr::new(info.upstream.ip(), HBONE_PORT),
+    };
+    info.security = Security::MutualTls {
+        src: pod.identity.clone(),
+        dst,
+    };
+    let request = mesh_hbone::OutboundRequest::new(info.upstream)
+        .with_forwarded_for(info.src)
+        .with_baggage(baggage(pod, info.service.as_deref()));
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
+    match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
+        Ok(mut stream) => {
+            let mut down = down;
+            let result = tokio::io::copy_bidirectional_with_sizes(
+                &mut down,
+                &mut stream,
+                STREAM_BUF,
+                STREAM_BUF,
+            )
+            .await;
+            log_close(&info, started, result);
+        }
+        Err(e) => warn!(
+            dst = %info.dst, upstream = %info.upstream, peer = %key.dst, error = %e,
+            "could not open the HBONE tunnel"
+        ),
+    }
+}
+
+/// `baggage` of an outbound tunnel, as ztunnel sends it.
+fn baggage(pod: &LocalPod, service: Option<&str>) -> String {
+    let (namespace, name) = pod.name.split_once('/').unwrap_or(("", &pod.name));
+    let mut b = format!("k8s.namespace.name={namespace},k8s.pod.name={name}");
+    if let Some(service) = service {
+        b.push_str(",service.name=");
+        b.push_str(service);
+    }
+    b
+}
+
+/// Serves one TCP connection accepted on port 15008 of `pod`: TLS as the pod's identity, then
+/// HTTP/2 CONNECT streams until the peer goes away. Garbage, a failed handshake or a peer that
+/// never finishes it ends this connection only.
+pub(super) async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<LocalPod>,
+    ctx: Arc<ProxyCtx>,
+) {
+    tcp.set_nodelay(true).ok();
+    let config = match mesh_identity::server_config(
+        ctx.transport.provider,
+        ctx.transport.certs.subscribe(),
+        pod.identity.clone(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "no TLS configuration for the pod's identity; closing");
+            return;
+        }
+    };
+    if let Err(e) = ctx.transport.certs.wait_for(&pod.identity, CERT_WAIT).await {
+        warn!(error = %e, "no certificate for the pod's identity; closing");
+        return;
+    }
+    let accept = TlsAcceptor::from(config).accept(tcp);
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(error = %e, "TLS handshake on the HBONE port failed");
+            return;
+        }
+        Err(_) => {
+            warn!(
+                timeout_s = TLS_HANDSHAKE_TIMEOUT.as_secs(),
+                "TLS handshake on the HBONE port timed out"
+            );
+            return;
+        }
+    };
+    let Some(src) = mesh_identity::peer_identity(tls.get_ref().1) else {
+        // The verifier requires a SPIFFE id, so this cannot happen with a verified peer.
+        warn!("HBONE peer without a SPIFFE identity; closing");
+        return;
+    };
+    debug!(%src, "HBONE connection established");
+    let handler = {
+        let (pod, ctx, src) = (Arc::clone(&pod), Arc::clone(&ctx), src.clone());
+        move |request: InboundRequest, responder: Responder| {
+            let (pod, ctx, src) = (Arc::clone(&pod), Arc::clone(&ctx), src.clone());
+            async move { tunnel(request, responder, peer, &pod, &ctx, src).await }
+        }
+    };
+    if let Err(e) = mesh_hbone::serve_connection(tls, &ctx.transport.server, handler).await {
+        debug!(%src, error = %e, "HBONE connection ended");
+    }
+}
+
+/// One CONNECT stream: checks the target, dials the application from inside the pod, answers
+/// 200 and relays; 400 for a target that is not this pod's, 503 when it cannot be reached.
+async fn tunnel(
+    request: InboundRequest,
+    responder: Responder,
+    peer: SocketAddr,
+    pod: &Arc<LocalPod>,
+    ctx: &ProxyCtx,
+    src: Identity,
+) {
+    let started = Instant::now();
+    let target = request.authority;
+    let reserved = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&target.port());
+    if !pod.ips.contains(&target.ip()) || reserved {
+        warn!(%src, %target, "HBONE request for a target that is not this pod's application");
+        let _ = responder.reject(http::StatusCode::BAD_REQUEST);
+        return;
+    }
+    // The original client, as the source agent saw it; believed only for the address the
+    // tunnel comes from (the source pod's).
+    let client = request
+        .forwarded_for
+        .filter(|f| f.ip().to_canonical() == peer.ip().to_canonical())
+        .unwrap_or(peer);
+    let info = ConnInfo {
+        direction: "inbound",
+        pod: Arc::clone(pod),
+        src: client,
+        dst: target,
+        upstream: target,
+        service: None,
+        security: Security::MutualTls {
+            src: src.clone(),
+            dst: pod.identity.clone(),
+        },
+    };
+    let (mut app, _peer_guard) = match dial_app(pod, target, client, &ctx.conn).await {
+        Ok(leg) => leg,
+        Err(e) => {
+            warn!(%src, %target, error = %e, "could not reach the application");
+            let _ = responder.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let mut stream = match responder.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%src, %target, error = %e, "could not answer the HBONE request");
+            return;
+        }
+    };
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut app, STREAM_BUF, STREAM_BUF)
+            .await;
+    log_close(&info, started, result);
+}
