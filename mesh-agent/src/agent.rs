@@ -141,6 +141,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut options = EnrollmentOptions::new(config.node_name.clone());
     options.label_key.clone_from(&config.label_key);
     options.trust_domain.clone_from(&config.trust_domain);
+    options.root_namespace.clone_from(&config.root_namespace);
     let (mut state_rx, _watcher) = cluster::spawn_watcher(&config.config_dir, options, POLL)?;
     let datapath = Datapath::load(
         &config.bpffs_dir,

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     /// Label key whose value `ambient` enrolls a namespace or pod (`none` opts a pod out).
     pub label_key: String,
     pub trust_domain: String,
+    /// Namespace whose selector-less `PeerAuthentication` is mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
     /// Leave the pins in place at a clean shutdown (for a restart that adopts them).
     pub keep_pins: bool,
     /// Threads of the async runtime that carries every connection (ztunnel's default is 2).
@@ -138,6 +140,7 @@ impl AgentConfig {
         let mut enrollment = EnrollmentOptions::new(self.node_name.clone());
         enrollment.label_key.clone_from(&self.label_key);
         enrollment.trust_domain.clone_from(&self.trust_domain);
+        enrollment.root_namespace.clone_from(&self.root_namespace);
         enrollment
             .validate()
             .map_err(|e| ConfigError::Enrollment(e.to_string()))?;
@@ -150,7 +153,7 @@ impl fmt::Display for AgentConfig {
         write!(
             f,
             "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} label_key={} \
-             trust_domain={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
+             trust_domain={} root_namespace={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s",
             self.node_name,
             self.config_dir.display(),
@@ -159,6 +162,7 @@ impl fmt::Display for AgentConfig {
             self.sockmap,
             self.label_key,
             self.trust_domain,
+            self.root_namespace,
             self.keep_pins,
             self.worker_threads,
             self.transport.ca_dir.display(),
@@ -228,6 +232,7 @@ mod tests {
             sockmap: true,
             label_key: DEFAULT_LABEL_KEY.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            root_namespace: "istio-system".into(),
             keep_pins: false,
             worker_threads: 2,
             transport: TransportConfig {
@@ -301,7 +306,7 @@ mod tests {
             config("n0").to_string(),
             "node=n0 config_dir=/nonexistent-config bpffs_dir=/nonexistent \
              agent_cgroup=/nonexistent-cgroup sockmap=true label_key=istio.io/dataplane-mode \
-             trust_domain=cluster.local keep_pins=false worker_threads=2 \
+             trust_domain=cluster.local root_namespace=istio-system keep_pins=false worker_threads=2 \
              ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
              max_streams_per_connection=100 pool_idle_timeout=300s"
         );

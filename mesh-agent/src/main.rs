@@ -56,6 +56,9 @@ enum Command {
         /// SPIFFE trust domain.
         #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// Namespace whose `PeerAuthentication` without selector applies mesh-wide.
+        #[arg(long, default_value = mesh_agent::cluster::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
         /// Keep the pinned maps at a clean shutdown.
         #[arg(long)]
         keep_pins: bool,
@@ -102,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             no_sockmap,
             label_key,
             trust_domain,
+            root_namespace,
             keep_pins,
             worker_threads,
             ca_dir,
@@ -124,6 +128,7 @@ fn main() -> anyhow::Result<()> {
                 sockmap: !no_sockmap,
                 label_key,
                 trust_domain,
+                root_namespace,
                 keep_pins,
                 worker_threads,
                 transport: TransportConfig {

@@ -318,8 +318,8 @@ impl Inner {
                     info!(
                         %identity,
                         serial = %cert.serial_hex(),
-                        not_after = ?cert.not_after(),
-                        rotate_in = ?delay,
+                        not_after = %time::OffsetDateTime::from(cert.not_after()),
+                        rotate_in_s = delay.as_secs(),
                         "obtained a workload certificate"
                     );
                     if !self.publish(&identity, token, Arc::new(cert)) {

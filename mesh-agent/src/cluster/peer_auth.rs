@@ -34,13 +34,10 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 /// What the agent enforces on inbound connections to a workload port, as ztunnel does.
 ///
-/// There is no "disabled": `PeerAuthentication` `DISABLE` (plaintext only, for sidecars) is
-/// treated as [`MtlsMode::Permissive`]. ztunnel does not disable mTLS: inbound, the agent also
-/// accepts plaintext; outbound, it still uses mTLS (HBONE) to enrolled destinations.
-///
-/// Note: istiod's ambient translation goes further and drops `DISABLE` policies (and port-level
-/// `DISABLE` entries) altogether, so that the parent level's mode applies; here a `DISABLE`
-/// policy is a PERMISSIVE one and overrides its parents like any mode but `UNSET`.
+/// There is no "disabled": as in Istio's ambient mode (istiod drops `DISABLE` policies and
+/// port-level `DISABLE` entries when it translates them for ztunnel), a `DISABLE` mode is
+/// ignored and the parent level's mode applies. ztunnel does not disable mTLS: outbound, the
+/// agent still uses mTLS (HBONE) to enrolled destinations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MtlsMode {
     /// mTLS (HBONE) only: plaintext inbound connections are refused.
@@ -165,7 +162,9 @@ impl PeerAuthDecision {
 
     /// Applies `mode` of `policy` over the parent levels, unless it is `UNSET` (inherit).
     fn apply(&mut self, mode: PeerAuthMode, policy: &Arc<PeerAuthPolicy>, port: Option<u16>) {
-        if mode != PeerAuthMode::Unset {
+        // UNSET inherits; DISABLE is ignored in ambient mode (as istiod's translation for
+        // ztunnel drops it), so the parent level's mode applies to both.
+        if !matches!(mode, PeerAuthMode::Unset | PeerAuthMode::Disable) {
             self.mode = MtlsMode::enforced(mode);
             self.declared = mode;
             self.policy = Some(Arc::clone(policy));
@@ -178,17 +177,13 @@ impl fmt::Display for PeerAuthDecision {
     /// For example:
     ///
     /// - `STRICT (PeerAuthentication shop/default, namespace-wide)`
-    /// - `PERMISSIVE (DISABLE in PeerAuthentication shop/web, port 8080)`
+    /// - `PERMISSIVE (PeerAuthentication shop/web, port 8080)`
     /// - `PERMISSIVE (no PeerAuthentication sets a mode)`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(policy) = &self.policy else {
             return write!(f, "{} (no PeerAuthentication sets a mode)", self.mode);
         };
-        write!(f, "{} (", self.mode)?;
-        if self.declared == PeerAuthMode::Disable {
-            write!(f, "{} in ", self.declared)?;
-        }
-        write!(f, "PeerAuthentication {policy}, ")?;
+        write!(f, "{} (PeerAuthentication {policy}, ", self.mode)?;
         match self.port {
             Some(port) => write!(f, "port {port})"),
             None => write!(f, "{})", policy.scope),

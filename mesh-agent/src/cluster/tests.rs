@@ -1411,7 +1411,7 @@ fn peer_authentication_workload_selectors() {
 }
 
 #[test]
-fn peer_authentication_unset_inherits_and_disable_is_permissive() {
+fn peer_authentication_unset_inherits_and_disable_is_ignored() {
     let (mesh, ns, web) = (mesh_pa, namespace_pa, web_pa);
     assert_decisions(vec![
         (
@@ -1443,18 +1443,18 @@ fn peer_authentication_unset_inherits_and_disable_is_permissive() {
             "STRICT shop/web",
         ),
         (
-            "DISABLE is PERMISSIVE",
+            "DISABLE is ignored",
             vec![mesh("STRICT"), ns("shop", "DISABLE")],
             "shop/web",
             80,
-            "PERMISSIVE shop/default",
+            "STRICT istio-system/default",
         ),
         (
-            "DISABLE selector",
+            "DISABLE selector is ignored",
             vec![ns("shop", "STRICT"), web("DISABLE", "")],
             "shop/web",
             80,
-            "PERMISSIVE shop/web",
+            "STRICT shop/default",
         ),
     ]);
 }
@@ -1520,11 +1520,11 @@ fn peer_authentication_port_level() {
             "STRICT shop/default",
         ),
         (
-            "port DISABLE is PERMISSIVE",
+            "port DISABLE is ignored",
             vec![web("STRICT", "8080: {mode: DISABLE}")],
             "shop/web",
             8080,
-            "PERMISSIVE shop/web (port)",
+            "STRICT shop/web",
         ),
     ]);
 }
@@ -1545,13 +1545,14 @@ fn peer_authentication_decision_reports_disable_and_displays() {
     ]));
     let web = &state.workloads()[0];
     let disabled = state.peer_authentication(web, 80);
+    // DISABLE is ignored: the mesh-wide STRICT applies.
     assert_eq!(
         (disabled.mode, disabled.declared),
-        (MtlsMode::Permissive, PeerAuthMode::Disable)
+        (MtlsMode::Strict, PeerAuthMode::Strict)
     );
     assert_eq!(
         disabled.to_string(),
-        "PERMISSIVE (DISABLE in PeerAuthentication shop/web, workload)"
+        "STRICT (PeerAuthentication istio-system/default, mesh-wide)"
     );
     let port = state.peer_authentication(web, 8080);
     assert_eq!(port.port, Some(8080));
