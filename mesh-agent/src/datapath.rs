@@ -156,10 +156,16 @@ pub struct PodLinks {
 }
 
 /// Maps used once per connection by the proxies. Cheap to share.
-#[derive(Debug)]
 pub struct ConnMaps {
     conn_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
     peer_addr: Mutex<HashMap<MapData, SockKey, SockAddr>>,
+    socks: Mutex<SockHash<MapData, SockKey>>,
+}
+
+impl std::fmt::Debug for ConnMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnMaps").finish_non_exhaustive()
+    }
 }
 
 impl ConnMaps {
@@ -186,6 +192,18 @@ impl ConnMaps {
     pub fn clear_peer(&self, app: &SockKey) {
         let _ = self.peer_addr.lock().expect("peer_addr lock").remove(app);
     }
+
+    /// Takes an application's socket (its view: local, remote) out of the `sk_msg` short-cut, so
+    /// that its further sends take the TCP path and its receiver's window holds it back.
+    ///
+    /// Why: a message redirected into a socket's ingress queue is charged against the system's
+    /// TCP memory, not the receiving socket's buffer, so a sender whose receiver reads slower
+    /// than it writes is never made to wait; it fills kernel memory until its `send` fails with
+    /// `ENOMEM` (measured: iperf3 through an HBONE tunnel slower than the pod-local leg). Safe
+    /// only before anything was redirected *to* this socket: its queued ingress is dropped with it.
+    pub fn leave_shortcut(&self, app: &SockKey) {
+        let _ = self.socks.lock().expect("socks lock").remove(app);
+    }
 }
 
 /// Loaded kernel programs and their maps.
@@ -194,7 +212,6 @@ pub struct Datapath {
     conn: Arc<ConnMaps>,
     pods: HashMap<MapData, u64, PodInfo>,
     listeners: SockHash<MapData, SockAddr>,
-    _socks: SockHash<MapData, SockKey>,
     pin_dir: PathBuf,
     /// `<pin-dir>/links/<instance>`: this agent's pinned links; other instances' are stale.
     links_dir: PathBuf,
@@ -263,10 +280,10 @@ impl Datapath {
             conn: Arc::new(ConnMaps {
                 conn_dst: Mutex::new(take_map(&mut ebpf, names::CONN_DST)?),
                 peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
+                socks: Mutex::new(socks),
             }),
             pods: take_map(&mut ebpf, names::PODS)?,
             listeners: take_map(&mut ebpf, names::LISTENERS)?,
-            _socks: socks,
             ebpf,
             links_dir: pin_dir.join(LINKS_DIR).join(instance_id()),
             pin_dir: pin_dir.to_path_buf(),

@@ -183,12 +183,36 @@ impl Bench {
     }
 
     fn measure_mode(&mut self, mode: Mode) -> Result<()> {
-        let agents = self.start(mode)?;
+        let mut agents = self.start(mode)?;
         let client = self.tb.pod(0, 0).clone();
         let paths = [
             ("same node", self.tb.pod(0, 1).clone()),
             ("cross node", self.tb.pod(1, 0).clone()),
         ];
+        // Memory first, each path in fresh agents: freed buffers the allocator keeps (after bulk
+        // transfers, or the other path's connections) would absorb the idle connections and
+        // hide their cost.
+        if mode != Mode::Direct && self.plan.wants("memory") {
+            for (path, server) in &paths {
+                for agent in agents.drain(..) {
+                    agent.stop()?;
+                }
+                agents = self.start(mode)?;
+                let per_agent = self.idle_memory(&client, server, &agents)?;
+                let largest = per_agent.iter().copied().fold(0.0, f64::max);
+                let both: f64 = per_agent.iter().sum();
+                for (metric, value) in [
+                    ("agent memory per idle connection (largest agent)", largest),
+                    ("agent memory per idle connection (both agents)", both),
+                ] {
+                    self.record(path, metric, mode, value, "bytes", false);
+                }
+            }
+            for agent in agents.drain(..) {
+                agent.stop()?;
+            }
+            agents = self.start(mode)?;
+        }
         let measures_paths = ["throughput", "latency", "connrate"]
             .iter()
             .any(|g| self.plan.wants(g));
@@ -196,17 +220,6 @@ impl Bench {
             for (path, server) in &paths {
                 println!("{path}, repetition {}", rep + 1);
                 self.measure_path(mode, path, &client, server, &agents)?;
-            }
-        }
-        if mode != Mode::Direct && self.plan.wants("memory") {
-            let per_agent = self.idle_memory(&client, &paths[1].1, &agents)?;
-            let largest = per_agent.iter().copied().fold(0.0, f64::max);
-            let both: f64 = per_agent.iter().sum();
-            for (metric, value) in [
-                ("agent memory per idle connection (largest agent)", largest),
-                ("agent memory per idle connection (both agents)", both),
-            ] {
-                self.record("cross node", metric, mode, value, "bytes", false);
             }
         }
         for agent in agents {
@@ -346,6 +359,12 @@ impl Bench {
             report_profile(&data)?;
         }
         let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        if let Some(error) = v["error"].as_str() {
+            bail!(
+                "iperf3 to {} with {streams} stream(s): {error}",
+                server.ipv4
+            );
+        }
         let received = &v["end"]["sum_received"];
         let bits_per_second = received["bits_per_second"]
             .as_f64()

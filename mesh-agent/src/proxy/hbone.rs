@@ -24,7 +24,8 @@ use tracing::{debug, warn};
 
 use super::{
     dial_app, dial_from,
-    relay::{log_close, ConnInfo, Security},
+    relay::{log_close, relay_tunnel, ConnInfo, Relay, Security},
+    stream_copy::StreamCopy,
     LocalPod, LocalPods, ProxyCtx,
 };
 
@@ -34,8 +35,6 @@ const CERT_WAIT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a tunnel (connection, handshakes, CONNECT and its answer) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Copy buffer per direction of a tunnelled connection.
-const STREAM_BUF: usize = 64 * 1024;
 
 /// What HBONE connections are pooled by: streams share a connection only when they have the
 /// same source pod address, source identity, destination identity and destination.
@@ -113,8 +112,8 @@ impl Connect for HboneConnector {
 /// The client pool every outbound tunnel goes through.
 pub type HbonePool = Pool<HboneConnector>;
 
-/// Tunnels `down` (a captured connection from `pod`) to `upstream`, a meshed workload on
-/// another node with identity `dst`, and relays until both directions end.
+/// Opens a tunnel for `down` (a captured connection from `pod`) to `upstream`, a meshed
+/// workload on another node with identity `dst`; returns the relay to run.
 pub(super) async fn outbound(
     down: TcpStream,
     pod: &Arc<LocalPod>,
@@ -122,7 +121,7 @@ pub(super) async fn outbound(
     dst: Identity,
     mut info: ConnInfo,
     started: Instant,
-) {
+) -> Option<Relay> {
     let key = HboneKey {
         src_ip: info.src.ip(),
         src: pod.identity.clone(),
@@ -138,21 +137,14 @@ pub(super) async fn outbound(
         .with_baggage(baggage(pod, info.service.as_deref()));
     let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
-        Ok(mut stream) => {
-            let mut down = down;
-            let result = tokio::io::copy_bidirectional_with_sizes(
-                &mut down,
-                &mut stream,
-                STREAM_BUF,
-                STREAM_BUF,
-            )
-            .await;
-            log_close(&info, started, result);
+        Ok(stream) => Some(relay_tunnel(down, stream, info, started)),
+        Err(e) => {
+            warn!(
+                dst = %info.dst, upstream = %info.upstream, peer = %key.dst, error = %e,
+                "could not open the HBONE tunnel"
+            );
+            None
         }
-        Err(e) => warn!(
-            dst = %info.dst, upstream = %info.upstream, peer = %key.dst, error = %e,
-            "could not open the HBONE tunnel"
-        ),
     }
 }
 
@@ -261,7 +253,7 @@ async fn tunnel(
             dst: pod.identity.clone(),
         },
     };
-    let (mut app, _peer_guard) = match dial_app(pod, target, client, &ctx.conn).await {
+    let (app, _peer_guard) = match Box::pin(dial_app(pod, target, client, &ctx.conn)).await {
         Ok(leg) => leg,
         Err(e) => {
             warn!(%src, %target, error = %e, "could not reach the application");
@@ -269,15 +261,13 @@ async fn tunnel(
             return;
         }
     };
-    let mut stream = match responder.accept() {
+    let stream = match responder.accept() {
         Ok(s) => s,
         Err(e) => {
             warn!(%src, %target, error = %e, "could not answer the HBONE request");
             return;
         }
     };
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut app, STREAM_BUF, STREAM_BUF)
-            .await;
+    let result = StreamCopy::new(stream, app).await;
     log_close(&info, started, result);
 }

@@ -16,6 +16,7 @@ pub mod hbone;
 mod inbound;
 mod outbound;
 mod relay;
+mod stream_copy;
 
 use std::{
     collections::HashMap,

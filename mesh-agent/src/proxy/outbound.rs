@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use mesh_common::{INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::{SockAddr, SockKey, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -72,16 +72,31 @@ pub(super) async fn handle(
         },
         // A meshed workload on another node: HBONE.
         (None, Some(identity)) => {
-            hbone::outbound(down, &pod, &ctx, identity, info, started).await;
-            None
+            leave_shortcut(&down, peer, &ctx);
+            hbone::outbound(down, &pod, &ctx, identity, info, started).await
         }
         // Outside the mesh: plain TCP from inside the source pod.
-        (None, None) => match dial_from(&pod.netns, upstream).await {
-            Ok(up) => Some(relay(down, up, info, started)),
-            Err(e) => {
-                warn!(%dst, %upstream, error = %e, "could not reach the destination");
-                None
+        (None, None) => {
+            leave_shortcut(&down, peer, &ctx);
+            match dial_from(&pod.netns, upstream).await {
+                Ok(up) => Some(relay(down, up, info, started)),
+                Err(e) => {
+                    warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                    None
+                }
             }
-        },
+        }
+    }
+}
+
+/// Toward another node the path is slower than the pod-local leg, and only TCP's own window
+/// holds a fast sender back: take the application's socket out of the `sk_msg` short-cut
+/// before the agent sends it anything (see `ConnMaps::leave_shortcut`).
+fn leave_shortcut(down: &TcpStream, peer: SocketAddr, ctx: &ProxyCtx) {
+    if let Ok(listener) = down.local_addr() {
+        ctx.conn.leave_shortcut(&SockKey {
+            local: SockAddr::from(peer),
+            remote: SockAddr::from(listener),
+        });
     }
 }

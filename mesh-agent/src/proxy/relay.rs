@@ -25,7 +25,9 @@ use tracing::{info, warn};
 
 use mesh_identity::Identity;
 
-use super::{LocalPod, PeerGuard};
+use mesh_hbone::H2Stream;
+
+use super::{stream_copy::StreamCopy, LocalPod, PeerGuard};
 
 /// Size of one copy buffer: large enough that a bulk transfer needs few system calls and that
 /// a direction that fell behind catches up in one read.
@@ -33,18 +35,18 @@ const BUF: usize = 256 * 1024;
 /// Buffers kept for reuse; more are allocated (and freed) under a burst of busy connections.
 const POOL_MAX: usize = 32;
 /// Reads a busy direction may do in one poll before it lets other tasks run.
-const BUDGET: u32 = 16;
+pub(super) const BUDGET: u32 = 16;
 
 static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
-fn take_buffer() -> Box<[u8]> {
+pub(super) fn take_buffer() -> Box<[u8]> {
     POOL.lock()
         .ok()
         .and_then(|mut p| p.pop())
         .unwrap_or_else(|| vec![0; BUF].into_boxed_slice())
 }
 
-fn give_back(buf: Box<[u8]>) {
+pub(super) fn give_back(buf: Box<[u8]>) {
     if let Ok(mut p) = POOL.lock() {
         if p.len() < POOL_MAX {
             p.push(buf);
@@ -265,17 +267,36 @@ pub fn log_close(info: &ConnInfo, started: Instant, result: io::Result<(u64, u64
 /// `async fn`) so that the connection's task holds the copy state and the log fields once.
 pub fn relay(down: TcpStream, up: TcpStream, info: ConnInfo, started: Instant) -> Relay {
     Relay {
-        copy: Copy::new(down, up),
+        copy: Copying::Tcp(Copy::new(down, up)),
         info,
         started,
         guard: None,
     }
 }
 
+/// Relays a captured connection through an HBONE tunnel, like [`relay`].
+pub fn relay_tunnel(down: TcpStream, tunnel: H2Stream, info: ConnInfo, started: Instant) -> Relay {
+    Relay {
+        copy: Copying::Tunnel(Box::new(StreamCopy::new(down, tunnel))),
+        info,
+        started,
+        guard: None,
+    }
+}
+
+/// What a relay copies between.
+#[derive(Debug)]
+enum Copying {
+    /// Two TCP sockets.
+    Tcp(Copy),
+    /// A TCP socket and an HBONE stream (boxed: rarer, and larger).
+    Tunnel(Box<StreamCopy<TcpStream, H2Stream>>),
+}
+
 /// See [`relay`].
 #[derive(Debug)]
 pub struct Relay {
-    copy: Copy,
+    copy: Copying,
     info: ConnInfo,
     started: Instant,
     /// The application's view of its peer, removed when the connection ends.
@@ -295,7 +316,10 @@ impl Future for Relay {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let result = ready!(Pin::new(&mut this.copy).poll(cx));
+        let result = ready!(match &mut this.copy {
+            Copying::Tcp(copy) => Pin::new(copy).poll(cx),
+            Copying::Tunnel(copy) => Pin::new(&mut **copy).poll(cx),
+        });
         log_close(&this.info, this.started, result);
         Poll::Ready(())
     }
