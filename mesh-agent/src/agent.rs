@@ -36,12 +36,15 @@ pub enum AgentError {
     Certs(#[from] mesh_identity::ManagerError),
 }
 
-/// Resolves destinations with the newest cluster view.
-struct ClusterResolver(watch::Receiver<Arc<ClusterState>>);
+/// Resolves destinations with the newest cluster view, for the agent of `node`.
+struct ClusterResolver {
+    state: watch::Receiver<Arc<ClusterState>>,
+    node: String,
+}
 
 impl Resolve for ClusterResolver {
     fn route(&self, dst: SocketAddr) -> Route {
-        let state = Arc::clone(&self.0.borrow());
+        let state = Arc::clone(&self.state.borrow());
         match state.resolve(dst) {
             Resolution::Service {
                 service,
@@ -50,7 +53,7 @@ impl Resolve for ClusterResolver {
             } => Route::To {
                 addr: endpoint,
                 service: Some(Arc::from(service.to_string())),
-                identity: meshed_identity(&workload),
+                identity: self.remote_identity(&workload),
             },
             Resolution::NoEndpoint { service } => {
                 Route::Refuse(format!("service {service} has no ready endpoint for {dst}"))
@@ -58,7 +61,7 @@ impl Resolve for ClusterResolver {
             Resolution::Workload { workload } => Route::To {
                 addr: dst,
                 service: None,
-                identity: meshed_identity(&workload),
+                identity: self.remote_identity(&workload),
             },
             Resolution::Passthrough => Route::To {
                 addr: dst,
@@ -69,7 +72,7 @@ impl Resolve for ClusterResolver {
     }
 
     fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String> {
-        let state = Arc::clone(&self.0.borrow());
+        let state = Arc::clone(&self.state.borrow());
         let Some(workload) = state.workload_by_ip(dst.ip()) else {
             return Ok(());
         };
@@ -87,7 +90,21 @@ impl Resolve for ClusterResolver {
     }
 }
 
-/// The identity of a workload that an agent serves (so it speaks HBONE), or `None`.
+impl ClusterResolver {
+    /// The identity of a workload that another node's agent serves (so it speaks HBONE), or
+    /// `None`. Pods of this node are reached directly (the same-node path when this agent
+    /// serves them, plain TCP when it could not capture them).
+    fn remote_identity(&self, workload: &Workload) -> Option<Identity> {
+        let remote = workload.node.as_deref().is_some_and(|n| n != self.node);
+        if remote {
+            meshed_identity(workload)
+        } else {
+            None
+        }
+    }
+}
+
+/// The identity of a workload that an agent serves, or `None`.
 fn meshed_identity(workload: &Workload) -> Option<Identity> {
     if !workload.enrolled || workload.host_network {
         return None;
@@ -167,7 +184,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     };
     let mut pods = PodManager::new(
         datapath,
-        Arc::new(ClusterResolver(state_rx.clone())),
+        Arc::new(ClusterResolver {
+            state: state_rx.clone(),
+            node: config.node_name.clone(),
+        }),
         Arc::clone(&certs),
         t.crypto_provider,
         pool,

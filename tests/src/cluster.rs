@@ -118,6 +118,35 @@ impl ClusterFiles {
         );
         self.write(&format!("service-{namespace}-{name}.yaml"), &text)
     }
+
+    /// A `security.istio.io/v1` `PeerAuthentication` with `mode` (`STRICT`, `PERMISSIVE`, ...),
+    /// for the workloads of `namespace` whose labels include all of `match_labels` (the whole
+    /// namespace when empty; the whole mesh in the root namespace). Written to
+    /// [`Self::peer_authentication_file`], so writing it again with another mode replaces it.
+    pub fn peer_authentication(
+        &self,
+        namespace: &str,
+        name: &str,
+        mode: &str,
+        match_labels: &[(&str, &str)],
+    ) -> Result<PathBuf> {
+        let mut text = format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n"
+        );
+        if !match_labels.is_empty() {
+            text.push_str("  selector:\n    matchLabels:\n");
+            for (k, v) in match_labels {
+                let _ = writeln!(text, "      {k}: \"{v}\"");
+            }
+        }
+        let _ = writeln!(text, "  mtls:\n    mode: {mode}");
+        self.write(&Self::peer_authentication_file(namespace, name), &text)
+    }
+
+    /// File name of the `PeerAuthentication` `namespace/name` (for [`Self::remove`]).
+    pub fn peer_authentication_file(namespace: &str, name: &str) -> String {
+        format!("peer-authentication-{namespace}-{name}.yaml")
+    }
 }
 
 impl Drop for ClusterFiles {

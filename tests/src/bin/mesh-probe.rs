@@ -22,19 +22,52 @@
 //! open loop timed from each request's scheduled send, which avoids coordinated omission),
 //! `connrate` (a 1 KiB exchange per new connection) and `hold` (opens N connections, prints
 //! `holding <opened>`, keeps them idle, closes them).
+//!
+//! HBONE and robustness clients (for the mesh's security tests):
+//! - `hbone <addr:15008> <target> --ca-dir D --identity ID --expect ID --message M
+//!   [--trust-dir T] [--expired]`: speaks HBONE itself (TLS 1.3 with its own certificate, then an
+//!   HTTP/2 CONNECT to `target`), as a node agent would. Its certificate for `ID` is signed by
+//!   the built-in CA in `D` (created there if missing); with `--expired` it ended an hour ago.
+//!   The server must prove `--expect`, checked against the root in `T` (default `D`). Sends `M`,
+//!   half-closes, checks the echo; prints `result=ok bytes=<n>` (exit 0) or
+//!   `result=refused error=<why>` (exit 1).
+//! - `hbone-serve <addr> --ca-dir D --identity ID`: an HBONE server presenting a certificate for
+//!   `ID` from the CA in `D` and accepting clients of that CA. Echoes every tunnel itself.
+//!   Prints `listening <addr>`, then per connection `tls_ok peer=<addr> identity=<client id>` or
+//!   `tls_error peer=<addr> error=<why>`, and per tunnel `connect authority=<a> identity=<id>`.
+//! - `parallel <addr> --conns N --bytes B [--hold-ms H]`: N concurrent connections, each sends
+//!   its own pseudo-random B bytes and reads them back (all at once, one task each); prints
+//!   `open=<n> failed=<m>` while the verified connections are all still open, holds them H ms,
+//!   then half-closes each and expects end-of-file; prints `ok=<n> failed=<m>`.
+//! - `raw <addr> --send-hex HEX --wait-close-ms W`: sends the bytes, prints `sent <n> bytes`, then
+//!   waits up to W ms for the peer to close: `closed_after_ms=<t> how=eof|reset received=<n>`
+//!   or `still_open received=<n>`.
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::HashMap,
     fmt::Display,
     io::{BufRead as _, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::ExitCode,
     str::FromStr,
+    sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
+use mesh_hbone::{Connect, InboundRequest, OutboundRequest, Pool, PoolConfig, Responder};
+use mesh_identity::{
+    BuiltinCa, BuiltinCaOptions, CertSnapshot, CertificateAuthority as _, CryptoProvider,
+    CsrRequest, Identity, WorkloadCert, WorkloadKey,
+};
 use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    sync::watch,
+};
+use tokio_rustls::{rustls, TlsAcceptor, TlsConnector};
 
 const CHUNK: usize = 64 * 1024;
 /// Read timeout of the client's blocking socket.
@@ -62,6 +95,11 @@ const USAGE: &str = "usage: mesh-probe <command>
       S: request and reply size in bytes (default 1024).
   connrate <addr> --duration-ms D [--conns N]
   hold <addr> --conns N --hold-ms H
+  hbone <addr:15008> <target> --ca-dir D --identity ID --expect ID --message M
+      [--trust-dir T] [--expired]
+  hbone-serve <addr> --ca-dir D --identity ID
+  parallel <addr> --conns N --bytes B [--hold-ms H]
+  raw <addr> --send-hex HEX --wait-close-ms W
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
 
 /// Counts `EAGAIN`s a *blocking* read returned before its timeout. On a socket in a sockmap,
@@ -126,6 +164,14 @@ fn main() -> ExitCode {
                     _ => hold(b),
                 })
         }
+        ["hbone", addr, target, rest @ ..] => parse_hbone(rest, true)
+            .map_err(usage)
+            .and_then(|o| hbone_client(addr, target, &o)),
+        ["hbone-serve", addr, rest @ ..] => parse_hbone(rest, false)
+            .map_err(usage)
+            .and_then(|o| hbone_serve(addr, &o)),
+        ["parallel", addr, rest @ ..] => parallel(addr, rest),
+        ["raw", addr, rest @ ..] => raw(addr, rest),
         _ => Err(USAGE.into()),
     };
     match result {
@@ -867,6 +913,417 @@ fn nofile_limits() -> Option<(u64, u64)> {
     Some((fields.next()?, fields.next()?))
 }
 
+/// How long the `hbone` client may take for everything (connection, handshakes, echo).
+const HBONE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one `parallel` connection may take for its echo, and then for its close.
+const PARALLEL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Server name given to rustls; the mesh's verifiers ignore it (peers are checked by SPIFFE id).
+const TLS_NAME: &str = "hbone.mesh.invalid";
+
+/// Options of `hbone` (client) and `hbone-serve`.
+#[derive(Debug, PartialEq, Eq)]
+struct HboneOpts {
+    /// The built-in CA that signs the probe's own certificate.
+    ca_dir: PathBuf,
+    /// The CA whose root the peer is verified against.
+    trust_dir: PathBuf,
+    identity: Identity,
+    /// Client: the identity the server must prove.
+    expect: Option<Identity>,
+    /// Client: present a certificate whose validity ended an hour ago.
+    expired: bool,
+    /// Client: what to send through the tunnel.
+    message: String,
+}
+
+fn parse_hbone(rest: &[&str], client: bool) -> Result<HboneOpts, String> {
+    // `--expired` takes no value: pick it out where a flag name is expected.
+    let (mut expired, mut pairs, mut i) = (false, Vec::new(), 0);
+    while let Some(&arg) = rest.get(i) {
+        if client && arg == "--expired" {
+            expired = true;
+            i += 1;
+        } else {
+            pairs.extend(rest.get(i..(i + 2).min(rest.len())).unwrap_or_default());
+            i += 2;
+        }
+    }
+    let allowed: &[&str] = if client {
+        &[
+            "--ca-dir",
+            "--trust-dir",
+            "--identity",
+            "--expect",
+            "--message",
+        ]
+    } else {
+        &["--ca-dir", "--identity"]
+    };
+    let flags = flags(&pairs, allowed)?;
+    let id = |name: &str| -> Result<Option<Identity>, String> {
+        flag::<String>(&flags, name)?
+            .map(|s| Identity::parse(&s).map_err(|e| format!("{name} {s:?}: {e}")))
+            .transpose()
+    };
+    let ca_dir: PathBuf = flag(&flags, "--ca-dir")?.ok_or("--ca-dir is required")?;
+    let expect = id("--expect")?;
+    let message: String = flag(&flags, "--message")?.unwrap_or_default();
+    if client && (expect.is_none() || message.is_empty()) {
+        return Err("--expect and a non-empty --message are required".into());
+    }
+    Ok(HboneOpts {
+        trust_dir: flag(&flags, "--trust-dir")?.unwrap_or_else(|| ca_dir.clone()),
+        ca_dir,
+        identity: id("--identity")?.ok_or("--identity is required")?,
+        expect,
+        expired,
+        message,
+    })
+}
+
+/// The probe's certificate for its identity, made as an agent makes one (a fresh key, a CSR,
+/// the built-in CA's signature), with the trust bundle of `trust_dir`, as the snapshots the
+/// mesh's TLS configurations read.
+fn own_certs(o: &HboneOpts) -> Result<watch::Receiver<Arc<CertSnapshot>>, String> {
+    let open = |dir: &Path| {
+        let options = BuiltinCaOptions::default();
+        BuiltinCa::load_or_create(dir, o.identity.trust_domain(), options)
+            .map_err(|e| format!("CA in {}: {e}", dir.display()))
+    };
+    let ca = open(&o.ca_dir)?;
+    let bundle = open(&o.trust_dir)?.trust_bundle();
+    let key = WorkloadKey::generate().map_err(|e| e.to_string())?;
+    let request = CsrRequest {
+        csr_der: key.csr(&o.identity).map_err(|e| e.to_string())?,
+        identity: o.identity.clone(),
+        lifetime: Some(Duration::from_secs(3600)),
+    };
+    let chain = if o.expired {
+        let ago = |secs| SystemTime::now().checked_sub(Duration::from_secs(secs));
+        let (Some(from), Some(to)) = (ago(7200), ago(3600)) else {
+            return Err("clock too close to the epoch".into());
+        };
+        ca.issue_with_validity(&request, from, to)
+    } else {
+        ca.issue(&request)
+    };
+    let chain = chain.map_err(|e| format!("signing: {e}"))?.chain;
+    let cert = WorkloadCert::new(o.identity.clone(), chain, &key).map_err(|e| e.to_string())?;
+    let snapshot = CertSnapshot {
+        certs: HashMap::from([(o.identity.clone(), Arc::new(cert))]),
+        bundle: Arc::new(bundle),
+        generation: 1,
+    };
+    // The receiver keeps the last value after the sender is gone.
+    Ok(watch::channel(Arc::new(snapshot)).1)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+/// An error with its causes, each once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The `hbone` client's pool connector: TCP to the key, then TLS with the probe's certificate.
+struct TlsDial(Arc<rustls::ClientConfig>);
+
+impl Connect for TlsDial {
+    type Io = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+    type Key = SocketAddr;
+
+    async fn connect(&self, key: &SocketAddr) -> std::io::Result<Self::Io> {
+        let tcp = tokio::net::TcpStream::connect(key).await?;
+        tcp.set_nodelay(true)?;
+        let name =
+            rustls::pki_types::ServerName::try_from(TLS_NAME).map_err(std::io::Error::other)?;
+        TlsConnector::from(Arc::clone(&self.0))
+            .connect(name, tcp)
+            .await
+    }
+}
+
+fn hbone_client(addr: &str, target: &str, o: &HboneOpts) -> Result<(), String> {
+    let (addr, target) = (parse(addr)?, parse(target)?);
+    let expect = o.expect.clone().ok_or("--expect is required")?;
+    let config = mesh_identity::client_config(
+        CryptoProvider::default(),
+        own_certs(o)?,
+        o.identity.clone(),
+        expect,
+    )
+    .map_err(|e| e.to_string())?;
+    let message = o.message.as_bytes();
+    let result = runtime()?.block_on(async {
+        let pool = Pool::new(TlsDial(config), PoolConfig::default());
+        tokio::time::timeout(HBONE_TIMEOUT, tunnel_echo(&pool, addr, target, message))
+            .await
+            .unwrap_or_else(|_| Err(format!("no echo within {HBONE_TIMEOUT:?}")))
+    });
+    match result {
+        Ok(()) => {
+            println!("result=ok bytes={}", message.len());
+            Ok(())
+        }
+        Err(e) => {
+            println!("result=refused error={e}");
+            Err("the HBONE tunnel failed".into())
+        }
+    }
+}
+
+/// Opens a tunnel to `target`, sends `message`, half-closes and checks the echo.
+async fn tunnel_echo(
+    pool: &Pool<TlsDial>,
+    addr: SocketAddr,
+    target: SocketAddr,
+    message: &[u8],
+) -> Result<(), String> {
+    let stream = pool
+        .open(&addr, OutboundRequest::new(target))
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let write_and_close = async {
+        wr.write_all(message).await?;
+        wr.shutdown().await
+    };
+    let mut echo = Vec::new();
+    let (sent, read) = tokio::join!(write_and_close, rd.read_to_end(&mut echo));
+    sent.map_err(|e| format!("write: {}", error_chain(&e)))?;
+    read.map_err(|e| format!("read: {}", error_chain(&e)))?;
+    if echo != message {
+        return Err(format!(
+            "echo mismatch: sent {} bytes, got {}",
+            message.len(),
+            echo.len()
+        ));
+    }
+    Ok(())
+}
+
+fn hbone_serve(addr: &str, o: &HboneOpts) -> Result<(), String> {
+    let addr = parse(addr)?;
+    let config =
+        mesh_identity::server_config(CryptoProvider::default(), own_certs(o)?, o.identity.clone())
+            .map_err(|e| e.to_string())?;
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("bind {addr}: {e}"))?;
+        println!(
+            "listening {}",
+            listener.local_addr().map_err(|e| e.to_string())?
+        );
+        loop {
+            let (tcp, peer) = listener
+                .accept()
+                .await
+                .map_err(|e| format!("accept: {e}"))?;
+            tokio::spawn(serve_hbone_connection(tcp, peer, Arc::clone(&config)));
+        }
+    })
+}
+
+/// One connection of `hbone-serve`: TLS, then every CONNECT stream echoed.
+async fn serve_hbone_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let tls = match TlsAcceptor::from(config).accept(tcp).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            println!("tls_error peer={peer} error={}", error_chain(&e));
+            return;
+        }
+    };
+    let client = mesh_identity::peer_identity(tls.get_ref().1)
+        .map_or_else(|| "none".to_string(), |id| id.to_string());
+    println!("tls_ok peer={peer} identity={client}");
+    let handler = move |request: InboundRequest, responder: Responder| {
+        let client = client.clone();
+        async move {
+            println!("connect authority={} identity={client}", request.authority);
+            match responder.accept() {
+                Ok(stream) => {
+                    let (mut rd, mut wr) = tokio::io::split(stream);
+                    let copied = tokio::io::copy(&mut rd, &mut wr).await;
+                    let _ = wr.shutdown().await;
+                    println!("echoed {copied:?}");
+                }
+                Err(e) => println!("answering failed: {e}"),
+            }
+        }
+    };
+    let config = mesh_hbone::ServerConfig::default();
+    if let Err(e) = mesh_hbone::serve_connection(tls, &config, handler).await {
+        println!("connection from {peer} ended: {}", error_chain(&e));
+    }
+}
+
+fn parallel(addr: &str, rest: &[&str]) -> Result<(), String> {
+    let flags = flags(rest, &["--conns", "--bytes", "--hold-ms"])?;
+    let conns: usize = positive(&flags, "--conns")?.ok_or("--conns is required")?;
+    let bytes: usize = positive(&flags, "--bytes")?.ok_or("--bytes is required")?;
+    let hold = Duration::from_millis(flag(&flags, "--hold-ms")?.unwrap_or(0));
+    let addr = parse(addr)?;
+    raise_nofile_limit(conns + 64);
+    let (ok, errors) = runtime()?.block_on(async move {
+        let mut errors = Vec::new();
+        let echoes: Vec<_> = (0..conns)
+            .map(|i| {
+                tokio::spawn(tokio::time::timeout(
+                    PARALLEL_TIMEOUT,
+                    echo_pattern(addr, i, bytes),
+                ))
+            })
+            .collect();
+        let mut open = Vec::new();
+        for echo in echoes {
+            match echo.await {
+                Ok(Ok(Ok(stream))) => open.push(stream),
+                Ok(Ok(Err(e))) => errors.push(e),
+                Ok(Err(_)) => errors.push(format!("no echo within {PARALLEL_TIMEOUT:?}")),
+                Err(e) => errors.push(format!("task: {e}")),
+            }
+        }
+        println!("open={} failed={}", open.len(), conns - open.len());
+        tokio::time::sleep(hold).await;
+        let closes: Vec<_> = open
+            .into_iter()
+            .map(|s| tokio::spawn(tokio::time::timeout(PARALLEL_TIMEOUT, close_after_echo(s))))
+            .collect();
+        let mut ok = 0;
+        for close in closes {
+            match close.await {
+                Ok(Ok(Ok(()))) => ok += 1,
+                Ok(Ok(Err(e))) => errors.push(e),
+                Ok(Err(_)) => errors.push(format!("no end-of-file within {PARALLEL_TIMEOUT:?}")),
+                Err(e) => errors.push(format!("task: {e}")),
+            }
+        }
+        (ok, errors)
+    });
+    println!("ok={ok} failed={}", conns - ok);
+    match errors.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "{} connections failed; first: {first}",
+            errors.len()
+        )),
+    }
+}
+
+/// Connection `i` of `parallel`: sends its own pattern while reading the echo, compares.
+async fn echo_pattern(
+    addr: SocketAddr,
+    i: usize,
+    bytes: usize,
+) -> Result<tokio::net::TcpStream, String> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connection {i}: connect: {e}"))?;
+    let mut data = vec![0u8; bytes];
+    // Distinct and never zero (xorshift's fixed point).
+    let mut state = (0x9E37_79B9_7F4A_7C15 ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)) | 1;
+    fill(&mut data, &mut state);
+    let mut echo = vec![0u8; bytes];
+    {
+        let (mut rd, mut wr) = stream.split();
+        let (sent, read) = tokio::join!(wr.write_all(&data), rd.read_exact(&mut echo));
+        sent.map_err(|e| format!("connection {i}: write: {e}"))?;
+        read.map_err(|e| format!("connection {i}: read: {e}"))?;
+    }
+    if echo != data {
+        let at = echo.iter().zip(&data).position(|(a, b)| a != b);
+        return Err(format!("connection {i}: the echo differs at byte {at:?}"));
+    }
+    Ok(stream)
+}
+
+/// Half-closes a connection whose echo is complete and expects end-of-file, nothing more.
+async fn close_after_echo(mut stream: tokio::net::TcpStream) -> Result<(), String> {
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .await
+        .map_err(|e| format!("reading to end-of-file: {e}"))?;
+    match rest.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} unexpected bytes after the echo")),
+    }
+}
+
+fn raw(addr: &str, rest: &[&str]) -> Result<(), String> {
+    let flags = flags(rest, &["--send-hex", "--wait-close-ms"])?;
+    let data = unhex(&flag::<String>(&flags, "--send-hex")?.unwrap_or_default())?;
+    let wait = Duration::from_millis(
+        positive(&flags, "--wait-close-ms")?.ok_or("--wait-close-ms is required")?,
+    );
+    let mut stream = dial(parse(addr)?)?;
+    stream.write_all(&data).map_err(|e| format!("write: {e}"))?;
+    println!("sent {} bytes", data.len());
+    let started = Instant::now();
+    let (mut received, mut buf) = (0usize, [0u8; 4096]);
+    loop {
+        let left = wait.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            println!("still_open received={received}");
+            return Ok(());
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let how = match stream.read(&mut buf) {
+            Ok(0) => "eof",
+            Ok(n) => {
+                received += n;
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        };
+        let ms = started.elapsed().as_millis();
+        println!("closed_after_ms={ms} how={how} received={received}");
+        return Ok(());
+    }
+}
+
+fn unhex(hex: &str) -> Result<Vec<u8>, String> {
+    if !hex.len().is_multiple_of(2) {
+        return Err(format!("--send-hex: odd length {}", hex.len()));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+                .ok_or_else(|| format!("--send-hex: not hex at {i}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1096,5 +1553,62 @@ mod tests {
     fn reads_the_open_files_limit() {
         let (soft, hard) = nofile_limits().expect("limits");
         assert!(soft > 0 && soft <= hard, "{soft} {hard}");
+    }
+
+    #[test]
+    fn parses_the_hbone_commands() {
+        let args = "--ca-dir /ca --identity spiffe://td/ns/a/sa/b --expired --expect spiffe://td/ns/a/sa/c --message hi";
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let o = parse_hbone(&args, true).expect("client options");
+        assert_eq!(o.ca_dir, Path::new("/ca"));
+        assert_eq!(o.trust_dir, Path::new("/ca"));
+        assert!(o.expired);
+        assert_eq!(o.identity.as_str(), "spiffe://td/ns/a/sa/b");
+        assert_eq!(
+            o.expect.as_ref().map(Identity::as_str),
+            Some("spiffe://td/ns/a/sa/c")
+        );
+        assert_eq!(o.message, "hi");
+        let server = parse_hbone(
+            &["--identity", "spiffe://td/ns/a/sa/b", "--ca-dir", "/x"],
+            false,
+        )
+        .expect("server options");
+        assert!(!server.expired && server.expect.is_none());
+        for (args, client, want) in [
+            (
+                &["--ca-dir", "/x", "--expired"][..],
+                false,
+                "unknown option \"--expired\"",
+            ),
+            (&["--ca-dir", "/x"], false, "--identity is required"),
+            (
+                &["--identity", "spiffe://td/ns/a/sa/b"],
+                false,
+                "--ca-dir is required",
+            ),
+            (
+                &["--ca-dir", "/x", "--identity", "nope"],
+                false,
+                "--identity \"nope\"",
+            ),
+            (
+                &["--ca-dir", "/x", "--identity", "spiffe://td/ns/a/sa/b"],
+                true,
+                "--expect",
+            ),
+        ] {
+            let e = parse_hbone(args, client).expect_err(want);
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn decodes_hex() {
+        assert_eq!(unhex(""), Ok(vec![]));
+        assert_eq!(unhex("00ff7A"), Ok(vec![0, 0xff, 0x7a]));
+        assert!(unhex("abc").is_err());
+        assert!(unhex("zz").is_err());
+        assert!(unhex("é0").is_err());
     }
 }
