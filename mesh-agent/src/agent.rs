@@ -151,6 +151,7 @@ fn desired_pods(state: &ClusterState, node: &str) -> Vec<DesiredPod> {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     info!(%config, version = env!("CARGO_PKG_VERSION"), "mesh-agent starting");
+    raise_open_files_limit();
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| AgentError::Signal("SIGTERM", e))?;
     let mut interrupt =
@@ -225,4 +226,18 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     drop(pods.shutdown(config.keep_pins));
     info!("shutdown complete");
     Ok(())
+}
+
+/// Every relayed connection holds two or more descriptors: raise the soft limit on open files
+/// to the hard one (as ztunnel does), so that thousands of connections do not fail with `EMFILE`.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "could not raise the open files limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open files limit"),
+        Err(e) => warn!(error = %e, "could not read the open files limit"),
+    }
 }
