@@ -228,16 +228,36 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Every relayed connection holds two or more descriptors: raise the soft limit on open files
-/// to the hard one (as ztunnel does), so that thousands of connections do not fail with `EMFILE`.
+/// Every relayed connection holds two or more descriptors: raise the limit on open files (as
+/// ztunnel does), so that thousands of connections do not fail with `EMFILE`. The agent runs
+/// privileged, so it may go past the hard limit up to the kernel's `fs.nr_open` (at most 2^20);
+/// otherwise the soft limit goes up to the hard one.
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
-            Err(e) => warn!(soft, hard, error = %e, "could not raise the open files limit"),
-        },
-        Ok((soft, _)) => info!(limit = soft, "open files limit"),
-        Err(e) => warn!(error = %e, "could not read the open files limit"),
+    const MAX: u64 = 1 << 20;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!(error = %e, "could not read the open files limit");
+            return;
+        }
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let want = nr_open.clamp(hard, MAX.max(hard));
+    for target in [want, hard] {
+        if target <= soft {
+            break;
+        }
+        match setrlimit(Resource::RLIMIT_NOFILE, target, target.max(hard)) {
+            Ok(()) => {
+                info!(from = soft, to = target, "raised the open files limit");
+                return;
+            }
+            Err(e) => warn!(soft, target, error = %e, "could not raise the open files limit"),
+        }
     }
+    info!(limit = soft, "open files limit");
 }

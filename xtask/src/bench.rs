@@ -46,7 +46,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(quick: bool, profile: bool, only: Vec<String>) -> Self {
-        let (secs, reps, idle_conns) = if quick { (2, 1, 1_000) } else { (8, 3, 10_000) };
+        let (secs, reps, idle_conns) = if quick { (2, 1, 1_000) } else { (5, 3, 10_000) };
         Self {
             quick,
             profile,
