@@ -1,7 +1,12 @@
 //! The serving loop: ties the cluster view, the pod manager and the proxies together, and
 //! shuts down cleanly on SIGTERM or SIGINT.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use mesh_identity::{BuiltinCa, BuiltinCaOptions, CertManager, Identity, ManagerOptions};
 
@@ -12,11 +17,22 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    cluster::{self, ClusterState, EnrollmentOptions, MtlsMode, Resolution, Workload},
+    admin::{self, AdminConfig},
+    cluster::{
+        self, AuthzDecision, ClusterState, ConnFacts, DecisionReason, EnrollmentOptions, MtlsMode,
+        Resolution, Verdict, Workload,
+    },
     config::AgentConfig,
     datapath::{Datapath, DatapathError},
+    logging::LogControl,
     pods::{DesiredPod, PodManager},
-    proxy::{Resolve, Route},
+    proxy::{
+        tracker::{AuthzSubject, Tracker},
+        Resolve, Route,
+    },
+    readiness::{BlockReady, Readiness},
+    status::AgentStatus,
+    telemetry::{AccessLog, Telemetry},
 };
 
 /// How often the config directory is polled for changes.
@@ -34,6 +50,10 @@ pub enum AgentError {
     Ca(#[from] mesh_identity::CaError),
     #[error("certificate manager: {0}")]
     Certs(#[from] mesh_identity::ManagerError),
+    #[error(transparent)]
+    AccessLog(#[from] crate::telemetry::AccessLogError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
 }
 
 /// Resolves destinations with the newest cluster view, for the agent of `node`.
@@ -52,8 +72,9 @@ impl Resolve for ClusterResolver {
                 workload,
             } => Route::To {
                 addr: endpoint,
-                service: Some(Arc::from(service.to_string())),
+                service: Some(service),
                 identity: self.remote_identity(&workload),
+                workload: Some(workload),
             },
             Resolution::NoEndpoint { service } => {
                 Route::Refuse(format!("service {service} has no ready endpoint for {dst}"))
@@ -62,11 +83,13 @@ impl Resolve for ClusterResolver {
                 addr: dst,
                 service: None,
                 identity: self.remote_identity(&workload),
+                workload: Some(workload),
             },
             Resolution::Passthrough => Route::To {
                 addr: dst,
                 service: None,
                 identity: None,
+                workload: None,
             },
         }
     }
@@ -88,6 +111,36 @@ impl Resolve for ClusterResolver {
             }),
         }
     }
+
+    fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.state.borrow().workload_by_ip(ip).cloned()
+    }
+
+    fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision {
+        let state = Arc::clone(&self.state.borrow());
+        authorize_in(&state, subject)
+    }
+}
+
+/// `subject`'s decision in `state`. A destination the cluster view does not know as a workload
+/// (it left the view) has no policy: only workloads are selected by `AuthorizationPolicy`.
+fn authorize_in(state: &ClusterState, subject: &AuthzSubject) -> AuthzDecision {
+    let dst_ip = subject.dst.ip().to_canonical();
+    let Some(dst) = state.workload_by_ip(dst_ip) else {
+        return AuthzDecision {
+            verdict: Verdict::Allow,
+            reason: DecisionReason::NoPolicy,
+            policy: None,
+            audited: Vec::new(),
+        };
+    };
+    state.authorize(&ConnFacts {
+        src_ip: subject.src.ip().to_canonical(),
+        src_identity: subject.src_identity.as_ref(),
+        dst_ip,
+        dst_port: subject.dst.port(),
+        dst,
+    })
 }
 
 impl ClusterResolver {
@@ -148,9 +201,14 @@ fn desired_pods(state: &ClusterState, node: &str) -> Vec<DesiredPod> {
         .collect()
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+/// Runs the agent until SIGTERM or SIGINT; `log` changes the log level at run time (admin
+/// endpoint `/logging`).
+pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError> {
     info!(%config, version = env!("CARGO_PKG_VERSION"), "mesh-agent starting");
+    let started = std::time::SystemTime::now();
+    let readiness = Readiness::new();
+    let config_ready = readiness.block("config");
+    let certs_ready = readiness.block("certificates");
     raise_open_files_limit();
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| AgentError::Signal("SIGTERM", e))?;
@@ -167,22 +225,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         config.sockmap,
         &config.agent_cgroup,
     )?;
+    let certs = certificate_manager(&config)?;
     let t = &config.transport;
-    let ca =
-        BuiltinCa::load_or_create(&t.ca_dir, &config.trust_domain, BuiltinCaOptions::default())?;
-    info!(ca_dir = %t.ca_dir.display(), trust_domain = %config.trust_domain, "certificate authority loaded");
-    let certs = Arc::new(CertManager::new(
-        Arc::new(ca),
-        ManagerOptions {
-            lifetime: Some(t.cert_lifetime),
-            ..ManagerOptions::default()
-        },
-    )?);
     let pool = mesh_hbone::PoolConfig {
         max_streams_per_connection: t.max_streams_per_connection as usize,
         idle_timeout: t.pool_idle_timeout,
         ..mesh_hbone::PoolConfig::default()
     };
+    let telemetry = Arc::new(Telemetry::new(AccessLog::start(
+        &config.telemetry.access_log,
+    )?));
+    let tracker = Arc::new(Tracker::default());
     let mut pods = PodManager::new(
         datapath,
         Arc::new(ClusterResolver {
@@ -192,11 +245,28 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::clone(&certs),
         t.crypto_provider,
         pool,
+        Arc::clone(&telemetry),
+        Arc::clone(&tracker),
     );
+    let status = AgentStatus {
+        config: config.clone(),
+        state: state_rx.clone(),
+        certs: Arc::clone(&certs),
+        ctx: Arc::clone(pods.ctx()),
+        started,
+    };
+    let _admin = serve_admin(status, readiness.clone(), log).await?;
     let state = Arc::clone(&state_rx.borrow_and_update());
     let desired = desired_pods(&state, &config.node_name);
     certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
     pods.reconcile(&desired);
+    tokio::spawn(become_ready(
+        state_rx.clone(),
+        config.node_name.clone(),
+        Arc::clone(&certs),
+        config_ready,
+        certs_ready,
+    ));
     // Our links are in place: now the previous instance's can go, with no gap in capture.
     pods.remove_stale_links();
     info!(
@@ -217,6 +287,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 let desired = desired_pods(&state, &config.node_name);
                 certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
                 pods.reconcile(&desired);
+                recheck(&tracker, &state);
             }
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
@@ -226,6 +297,93 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     drop(pods.shutdown(config.keep_pins));
     info!("shutdown complete");
     Ok(())
+}
+
+/// The built-in CA (created in `--ca-dir` on first use) and the certificate manager that asks
+/// it for the workloads' certificates.
+fn certificate_manager(config: &AgentConfig) -> Result<Arc<CertManager>, AgentError> {
+    let t = &config.transport;
+    let ca =
+        BuiltinCa::load_or_create(&t.ca_dir, &config.trust_domain, BuiltinCaOptions::default())?;
+    info!(ca_dir = %t.ca_dir.display(), trust_domain = %config.trust_domain, "certificate authority loaded");
+    Ok(Arc::new(CertManager::new(
+        Arc::new(ca),
+        ManagerOptions {
+            lifetime: Some(t.cert_lifetime),
+            ..ManagerOptions::default()
+        },
+    )?))
+}
+
+/// Starts the admin (15000), metrics (15020) and readiness (15021) servers.
+async fn serve_admin(
+    status: AgentStatus,
+    readiness: Readiness,
+    log: LogControl,
+) -> Result<admin::AdminServers, AgentError> {
+    let t = &status.config.telemetry;
+    let config = AdminConfig {
+        admin: t.admin_addr,
+        metrics: t.metrics_addr,
+        readiness: t.readiness_addr,
+    };
+    Ok(admin::start(&config, Arc::new(status), readiness, log).await?)
+}
+
+/// Drops the readiness blockers: `config` once the cluster view has been read in full (a
+/// snapshot without source errors: every file parsed and applied at least once), then
+/// `certificates` once every identity of this node's enrolled pods at that moment has its
+/// certificate.
+async fn become_ready(
+    mut state_rx: watch::Receiver<Arc<ClusterState>>,
+    node: String,
+    certs: Arc<CertManager>,
+    config_ready: BlockReady,
+    certs_ready: BlockReady,
+) {
+    let state = loop {
+        let state = Arc::clone(&state_rx.borrow_and_update());
+        if state.errors().is_empty() {
+            break state;
+        }
+        info!(
+            errors = state.errors().len(),
+            "not ready: the config has errors (see above); waiting for a clean one"
+        );
+        if state_rx.changed().await.is_err() {
+            return;
+        }
+    };
+    drop(config_ready);
+    let identities: BTreeSet<Identity> = desired_pods(&state, &node)
+        .into_iter()
+        .map(|d| d.identity)
+        .collect();
+    for identity in identities {
+        while let Err(e) = certs.wait_for(&identity, Duration::from_secs(30)).await {
+            warn!(%identity, error = %e, "not ready: still waiting for a certificate");
+        }
+    }
+    drop(certs_ready);
+}
+
+/// Checks every connection this agent authorized against `state`'s policies and closes those
+/// no longer allowed.
+fn recheck(tracker: &Tracker, state: &ClusterState) {
+    if tracker.is_empty() {
+        return;
+    }
+    let revoked = tracker.recheck(|subject| {
+        let decision = authorize_in(state, subject);
+        (decision.verdict == Verdict::Deny).then_some(decision)
+    });
+    if revoked > 0 {
+        info!(
+            revoked,
+            generation = state.generation(),
+            "closing connections the new policy no longer allows"
+        );
+    }
 }
 
 /// Every relayed connection holds two or more descriptors: raise the limit on open files (as

@@ -3,6 +3,7 @@
 
 use std::{
     fmt,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -11,7 +12,7 @@ use mesh_identity::CryptoProvider;
 
 use nix::sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
 
-use crate::cluster::EnrollmentOptions;
+use crate::{cluster::EnrollmentOptions, telemetry::AccessLogTarget};
 
 /// Default directory under which the agent pins its maps (one subdirectory per node name).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/mesh-agent";
@@ -43,7 +44,40 @@ pub struct AgentConfig {
     pub worker_threads: usize,
     /// Identity and HBONE transport.
     pub transport: TransportConfig,
+    /// Metrics, access log, admin and readiness endpoints.
+    pub telemetry: TelemetryConfig,
 }
+
+/// Where the agent reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// Where the JSON access log goes.
+    pub access_log: AccessLogTarget,
+    /// Admin endpoint (`/config_dump`, `/logging`); Istio's is `localhost:15000`.
+    pub admin_addr: SocketAddr,
+    /// Prometheus endpoint (`/metrics`); Istio's is port 15020.
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`); Istio's is port 15021.
+    pub readiness_addr: SocketAddr,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            access_log: AccessLogTarget::Stdout,
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], METRICS_PORT)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], READINESS_PORT)),
+        }
+    }
+}
+
+/// Istio's admin port (localhost only).
+pub const ADMIN_PORT: u16 = 15000;
+/// Istio's metrics port.
+pub const METRICS_PORT: u16 = 15020;
+/// Istio's readiness port.
+pub const READINESS_PORT: u16 = 15021;
 
 /// Workload identity and the HBONE transport between nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +127,14 @@ pub enum ConfigError {
     MaxStreams(u32),
     #[error("HBONE pool idle timeout must be positive")]
     PoolIdleTimeout,
+    #[error("access log {path}: the directory {dir} does not exist")]
+    AccessLogDir { path: PathBuf, dir: PathBuf },
+    #[error("{what} and {other} both listen on {addr}")]
+    SameAddress {
+        what: &'static str,
+        other: &'static str,
+        addr: SocketAddr,
+    },
 }
 
 /// Upper bound of `worker_threads`: a node agent has no use for more.
@@ -116,6 +158,37 @@ impl AgentConfig {
         }
         if t.pool_idle_timeout.is_zero() {
             return Err(ConfigError::PoolIdleTimeout);
+        }
+        if let AccessLogTarget::File(path) = &self.telemetry.access_log {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if !dir.is_dir() {
+                return Err(ConfigError::AccessLogDir {
+                    path: path.clone(),
+                    dir: dir.to_path_buf(),
+                });
+            }
+        }
+        let t = &self.telemetry;
+        let listeners = [
+            ("admin", t.admin_addr),
+            ("metrics", t.metrics_addr),
+            ("readiness", t.readiness_addr),
+        ];
+        for (i, (what, addr)) in listeners.iter().enumerate() {
+            for (other, other_addr) in &listeners[i + 1..] {
+                if addr.port() != 0 && addr.port() == other_addr.port() {
+                    return Err(ConfigError::SameAddress {
+                        what,
+                        other,
+                        addr: *addr,
+                    });
+                }
+            }
         }
         if !on_bpffs(&self.bpffs_dir) {
             return Err(ConfigError::NotBpffs {
@@ -154,7 +227,8 @@ impl fmt::Display for AgentConfig {
             f,
             "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} label_key={} \
              trust_domain={} root_namespace={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
-             cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s",
+             cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s access_log={} \
+             admin={} metrics={} readiness={}",
             self.node_name,
             self.config_dir.display(),
             self.bpffs_dir.display(),
@@ -170,6 +244,10 @@ impl fmt::Display for AgentConfig {
             self.transport.cert_lifetime.as_secs(),
             self.transport.max_streams_per_connection,
             self.transport.pool_idle_timeout.as_secs(),
+            self.telemetry.access_log,
+            self.telemetry.admin_addr,
+            self.telemetry.metrics_addr,
+            self.telemetry.readiness_addr,
         )
     }
 }
@@ -242,7 +320,23 @@ mod tests {
                 max_streams_per_connection: 100,
                 pool_idle_timeout: Duration::from_secs(300),
             },
+            telemetry: TelemetryConfig::default(),
         }
+    }
+
+    #[test]
+    fn telemetry_listeners_and_access_log_are_checked() {
+        let mut c = config("n0");
+        c.telemetry.readiness_addr = "127.0.0.1:15020".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(
+            e, "metrics and readiness both listen on 0.0.0.0:15020",
+            "{e}"
+        );
+        let mut c = config("n0");
+        c.telemetry.access_log = AccessLogTarget::File("/nonexistent-dir/access.log".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent-dir does not exist"), "{e}");
     }
 
     #[test]
@@ -308,7 +402,7 @@ mod tests {
              agent_cgroup=/nonexistent-cgroup sockmap=true label_key=istio.io/dataplane-mode \
              trust_domain=cluster.local root_namespace=istio-system keep_pins=false worker_threads=2 \
              ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
-             max_streams_per_connection=100 pool_idle_timeout=300s"
+             max_streams_per_connection=100 pool_idle_timeout=300s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
         );
     }
 

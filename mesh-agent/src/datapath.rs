@@ -3,7 +3,8 @@
 //! aya-log records to `tracing`, and attaches and detaches the programs per pod.
 //!
 //! Ownership: [`Datapath`] owns the programs and the per-pod links; [`ConnMaps`] (shared with
-//! the proxies) owns the maps touched once per connection.
+//! the proxies) owns the maps touched once per connection, and the fast-path counters (read by
+//! whoever holds it, e.g. a metrics endpoint).
 
 use std::{
     fs, io,
@@ -20,7 +21,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, SockHash},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps,
@@ -28,11 +29,11 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use mesh_common::{names, MeshConfig, PodInfo, SockAddr, SockKey};
+use mesh_common::{names, FastpathCounters, MeshConfig, PodInfo, SockAddr, SockKey};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, stats::FastpathStats};
 
 /// The kernel object built by `build.rs` from the `mesh-ebpf` crate.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -155,11 +156,13 @@ pub struct PodLinks {
     pins: Vec<PinnedLink>,
 }
 
-/// Maps used once per connection by the proxies. Cheap to share.
+/// Maps used once per connection by the proxies, and the fast-path counters. Cheap to share.
 pub struct ConnMaps {
     conn_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
     peer_addr: Mutex<HashMap<MapData, SockKey, SockAddr>>,
     socks: Mutex<SockHash<MapData, SockKey>>,
+    /// Read-only from here (the kernel writes it), so no lock.
+    fastpath: PerCpuArray<MapData, FastpathCounters>,
 }
 
 impl std::fmt::Debug for ConnMaps {
@@ -203,6 +206,16 @@ impl ConnMaps {
     /// only before anything was redirected *to* this socket: its queued ingress is dropped with it.
     pub fn leave_shortcut(&self, app: &SockKey) {
         let _ = self.socks.lock().expect("socks lock").remove(app);
+    }
+
+    /// What `sk_msg` has done since the map was created (a restarted agent adopts the pinned
+    /// map, so the totals carry over), summed over CPUs. One syscall; safe to call from any
+    /// thread at any rate. The CPUs' values are copied one after the other while the kernel
+    /// keeps counting, so a read during traffic is a consistent-enough snapshot, not an atomic
+    /// one.
+    pub fn fastpath(&self) -> Result<FastpathStats, DatapathError> {
+        let per_cpu = self.fastpath.get(&0, 0).map_err(map_err(names::FASTPATH))?;
+        Ok(FastpathStats::from_per_cpu(&per_cpu))
     }
 }
 
@@ -281,6 +294,7 @@ impl Datapath {
                 conn_dst: Mutex::new(take_map(&mut ebpf, names::CONN_DST)?),
                 peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
                 socks: Mutex::new(socks),
+                fastpath: take_map(&mut ebpf, names::FASTPATH)?,
             }),
             pods: take_map(&mut ebpf, names::PODS)?,
             listeners: take_map(&mut ebpf, names::LISTENERS)?,

@@ -7,11 +7,16 @@
 // One syscall without a safe wrapper (`netns::netns_cookie`) is allowed case by case.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod datapath;
+pub mod logging;
 pub mod netns;
 pub mod pods;
 pub mod proxy;
+pub mod readiness;
 pub mod stats;
+pub mod status;
+pub mod telemetry;

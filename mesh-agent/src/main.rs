@@ -1,18 +1,19 @@
 //! `mesh-agent`: the node agent. `run` serves; `stats` prints the kernel counters.
 
-use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent,
     config::{
-        own_cgroup, AgentConfig, TransportConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY,
-        DEFAULT_TRUST_DOMAIN,
+        own_cgroup, AgentConfig, TelemetryConfig, TransportConfig, DEFAULT_BPFFS_ROOT,
+        DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
     },
+    logging::{self, LogFormat},
     stats,
+    telemetry::AccessLogTarget,
 };
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Node agent of the eBPF-accelerated sidecarless mesh")]
@@ -24,12 +25,8 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
+// Parsed once at start and dropped: the size of the `Run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load the kernel programs, capture the pods the config enrolls on this node, and serve
@@ -81,13 +78,26 @@ enum Command {
         /// Seconds an HBONE connection without streams stays open.
         #[arg(long, default_value_t = 300)]
         hbone_idle_timeout_secs: u64,
+        /// Where the JSON access log goes: `-` (standard output), `off`, or a file.
+        #[arg(long, env = "MESH_ACCESS_LOG", default_value = "-")]
+        access_log: AccessLogTarget,
+        /// Admin endpoint (`/config_dump`, `/logging`).
+        #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// Prometheus endpoint (`/metrics`).
+        #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+        metrics_addr: SocketAddr,
+        /// Readiness endpoint (`/healthz/ready`).
+        #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+        readiness_addr: SocketAddr,
     },
-    /// Print the per-cgroup counters from an agent's pinned maps.
+    /// Print the per-cgroup counters and the sockmap fast-path totals from an agent's pinned
+    /// maps.
     Stats {
         /// bpffs directory of the agent.
         #[arg(long)]
         bpffs_dir: PathBuf,
-        /// One JSON object per cgroup instead of a table.
+        /// One JSON object per cgroup, then `{"fastpath":{...}}`, instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -95,7 +105,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Also installs the `log` bridge aya-log needs; `log` changes the level at run time.
+    let log = logging::init(cli.log_format);
     match cli.command {
         Command::Run {
             node_name,
@@ -113,6 +124,10 @@ fn main() -> anyhow::Result<()> {
             cert_lifetime_secs,
             hbone_max_streams,
             hbone_idle_timeout_secs,
+            access_log,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
         } => {
             let bpffs_dir =
                 bpffs_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join(&node_name));
@@ -138,6 +153,12 @@ fn main() -> anyhow::Result<()> {
                     max_streams_per_connection: hbone_max_streams,
                     pool_idle_timeout: Duration::from_secs(hbone_idle_timeout_secs),
                 },
+                telemetry: TelemetryConfig {
+                    access_log,
+                    admin_addr,
+                    metrics_addr,
+                    readiness_addr,
+                },
             }
             .validate()
             .context("invalid configuration")?;
@@ -146,35 +167,34 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the Tokio runtime")?
-                .block_on(agent::run(config))?;
+                .block_on(agent::run(config, log))?;
             Ok(())
         }
         Command::Stats { bpffs_dir, json } => {
             let rows = stats::read(&bpffs_dir)?;
+            let fastpath = stats::read_fastpath(&bpffs_dir)?;
             if json {
                 for row in rows {
                     println!("{}", serde_json::to_string(&row)?);
                 }
+                println!(
+                    "{}",
+                    serde_json::to_string(&stats::FastpathLine { fastpath })?
+                );
             } else {
                 println!("{:>12} {:>10} {:>10}", "CGROUP_ID", "CONNECT4", "CONNECT6");
                 for r in rows {
                     println!("{:>12} {:>10} {:>10}", r.cgroup_id, r.connect4, r.connect6);
                 }
+                println!(
+                    "fastpath: redirected {} msgs {} bytes, passed {} msgs {} bytes",
+                    fastpath.redirected_msgs,
+                    fastpath.redirected_bytes,
+                    fastpath.passed_msgs,
+                    fastpath.passed_bytes
+                );
             }
             Ok(())
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    // aya-log forwards kernel records through the `log` facade; `init()` installs the bridge.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

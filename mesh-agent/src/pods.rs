@@ -77,6 +77,8 @@ impl PodManager {
         certs: Arc<CertManager>,
         provider: CryptoProvider,
         pool: mesh_hbone::PoolConfig,
+        telemetry: Arc<crate::telemetry::Telemetry>,
+        tracker: Arc<proxy::tracker::Tracker>,
     ) -> Self {
         let (local_tx, local_rx) = watch::channel(Arc::new(LocalPods::new()));
         let connector = HboneConnector::new(local_rx.clone(), Arc::clone(&certs), provider);
@@ -91,6 +93,8 @@ impl PodManager {
             local: local_rx,
             resolver,
             transport,
+            telemetry,
+            tracker,
         });
         Self {
             datapath,
@@ -134,6 +138,11 @@ impl PodManager {
         }
         self.publish();
         errors
+    }
+
+    /// What the proxies share (for the admin endpoints).
+    pub fn ctx(&self) -> &Arc<ProxyCtx> {
+        &self.ctx
     }
 
     /// Names of the enrolled pods.

@@ -1,9 +1,9 @@
-//! Reads the pinned counter map, from a running agent or one that kept its pins.
+//! Reads the pinned counter maps, from a running agent or one that kept its pins.
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Map, MapData, MapError, PerCpuHashMap};
-use mesh_common::{names, CgroupCounters};
+use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use mesh_common::{names, CgroupCounters, FastpathCounters};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +35,43 @@ pub struct CgroupStats {
     pub connect6: u64,
 }
 
-/// Reads every cgroup's counters from the map pinned in `pin_dir`, ordered by cgroup id.
-pub fn read(pin_dir: &Path) -> Result<Vec<CgroupStats>, StatsError> {
-    let path = pin_dir.join(names::CGROUP_COUNTERS);
+/// What the `sk_msg` fast path did on the node, summed over CPUs: messages (and their bytes)
+/// moved straight into the peer socket, and those that took the normal TCP path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FastpathStats {
+    pub redirected_msgs: u64,
+    pub redirected_bytes: u64,
+    pub passed_msgs: u64,
+    pub passed_bytes: u64,
+}
+
+impl FastpathStats {
+    /// The sum of every CPU's copy.
+    pub fn from_per_cpu(per_cpu: &[FastpathCounters]) -> Self {
+        let total = per_cpu
+            .iter()
+            .fold(FastpathCounters::default(), |acc, c| acc.sum(*c));
+        Self {
+            redirected_msgs: total.redirected_msgs,
+            redirected_bytes: total.redirected_bytes,
+            passed_msgs: total.passed_msgs,
+            passed_bytes: total.passed_bytes,
+        }
+    }
+}
+
+/// The fast-path line of `mesh-agent stats --json`: `{"fastpath":{...}}`, fields in order.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FastpathLine {
+    pub fastpath: FastpathStats,
+}
+
+/// Opens the map pinned as `name` in `pin_dir` as a `T`.
+fn open_pinned<T>(pin_dir: &Path, name: &str) -> Result<(T, PathBuf), StatsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = pin_dir.join(name);
     let data = MapData::from_pin(&path).map_err(|e| StatsError::Open {
         path: path.clone(),
         source: Box::new(e),
@@ -46,11 +80,17 @@ pub fn read(pin_dir: &Path) -> Result<Vec<CgroupStats>, StatsError> {
         path: path.clone(),
         source: Box::new(e),
     })?;
-    let map: PerCpuHashMap<_, u64, CgroupCounters> =
-        PerCpuHashMap::try_from(map).map_err(|e| StatsError::WrongMap {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
+    let map = T::try_from(map).map_err(|e| StatsError::WrongMap {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    Ok((map, path))
+}
+
+/// Reads every cgroup's counters from the map pinned in `pin_dir`, ordered by cgroup id.
+pub fn read(pin_dir: &Path) -> Result<Vec<CgroupStats>, StatsError> {
+    let (map, path): (PerCpuHashMap<MapData, u64, CgroupCounters>, _) =
+        open_pinned(pin_dir, names::CGROUP_COUNTERS)?;
     let mut out = Vec::new();
     for entry in &map {
         let (cgroup_id, per_cpu) = entry.map_err(|e| StatsError::Read {
@@ -68,4 +108,57 @@ pub fn read(pin_dir: &Path) -> Result<Vec<CgroupStats>, StatsError> {
     }
     out.sort_by_key(|s| s.cgroup_id);
     Ok(out)
+}
+
+/// Reads the fast-path totals from the map pinned in `pin_dir`.
+pub fn read_fastpath(pin_dir: &Path) -> Result<FastpathStats, StatsError> {
+    let (map, path): (PerCpuArray<MapData, FastpathCounters>, _) =
+        open_pinned(pin_dir, names::FASTPATH)?;
+    let per_cpu = map.get(&0, 0).map_err(|e| StatsError::Read {
+        path,
+        source: Box::new(e),
+    })?;
+    Ok(FastpathStats::from_per_cpu(&per_cpu))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fastpath_stats_sum_the_cpus() {
+        let cpu = |r: u64, p: u64| FastpathCounters {
+            redirected_msgs: r,
+            redirected_bytes: r * 100,
+            passed_msgs: p,
+            passed_bytes: p * 10,
+        };
+        assert_eq!(
+            FastpathStats::from_per_cpu(&[cpu(1, 0), cpu(2, 3)]),
+            FastpathStats {
+                redirected_msgs: 3,
+                redirected_bytes: 300,
+                passed_msgs: 3,
+                passed_bytes: 30,
+            }
+        );
+        assert_eq!(FastpathStats::from_per_cpu(&[]), FastpathStats::default());
+    }
+
+    #[test]
+    fn fastpath_json_is_one_object_under_its_name() {
+        let line = serde_json::to_string(&FastpathLine {
+            fastpath: FastpathStats {
+                redirected_msgs: 1,
+                redirected_bytes: 2,
+                passed_msgs: 3,
+                passed_bytes: 4,
+            },
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"fastpath":{"redirected_msgs":1,"redirected_bytes":2,"passed_msgs":3,"passed_bytes":4}}"#
+        );
+    }
 }

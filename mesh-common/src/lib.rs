@@ -25,6 +25,8 @@ pub mod names {
     pub const LISTENERS: &str = "MESH_LISTENERS";
     /// One [`super::MeshConfig`] at index 0.
     pub const CONFIG: &str = "MESH_CONFIG";
+    /// Per-CPU array of one [`super::FastpathCounters`] at index 0: what `sk_msg` did.
+    pub const FASTPATH: &str = "MESH_FASTPATH";
 
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_CONNECT6: &str = "mesh_connect6";
@@ -147,18 +149,53 @@ impl CgroupCounters {
     }
 }
 
+/// What the `sk_msg` program did with the messages of the SOCKHASH's sockets, node-wide, one
+/// copy per CPU (user space sums them).
+///
+/// A message is what one run of `sk_msg` sees: a large `sendmsg()` is cut into several (one
+/// message's scatterlist is bounded), so message counts depend on the senders' calls and the
+/// kernel's chunking; byte counts do not. Only whole `u64` fields: no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastpathCounters {
+    /// Messages moved straight into the peer socket's receive queue.
+    pub redirected_msgs: u64,
+    /// Their bytes.
+    pub redirected_bytes: u64,
+    /// Messages that took the normal TCP path: the peer socket was not in the SOCKHASH (a leg
+    /// that left the short-cut) or the redirect failed.
+    pub passed_msgs: u64,
+    /// Their bytes.
+    pub passed_bytes: u64,
+}
+
+impl FastpathCounters {
+    /// Adds another CPU's (or another snapshot's) counts to this one.
+    #[must_use]
+    pub const fn sum(self, other: Self) -> Self {
+        Self {
+            redirected_msgs: self.redirected_msgs.wrapping_add(other.redirected_msgs),
+            redirected_bytes: self.redirected_bytes.wrapping_add(other.redirected_bytes),
+            passed_msgs: self.passed_msgs.wrapping_add(other.passed_msgs),
+            passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user;
 
 #[cfg(test)]
 mod tests {
-    use super::CgroupCounters;
+    use super::{CgroupCounters, FastpathCounters};
 
     #[test]
     fn shared_types_have_no_padding() {
         // Size equals the sum of the fields: no implicit padding anywhere.
         assert_eq!(size_of::<CgroupCounters>(), 16);
         assert_eq!(align_of::<CgroupCounters>(), 8);
+        assert_eq!(size_of::<FastpathCounters>(), 32);
+        assert_eq!(align_of::<FastpathCounters>(), 8);
         assert_eq!(size_of::<super::SockAddr>(), 24);
         assert_eq!(size_of::<super::SockKey>(), 48);
         assert_eq!(size_of::<super::PodInfo>(), 32);
@@ -180,6 +217,31 @@ mod tests {
             CgroupCounters {
                 connect4: 5,
                 connect6: 1
+            }
+        );
+    }
+
+    #[test]
+    fn fastpath_sum_adds_each_field_and_wraps() {
+        let a = FastpathCounters {
+            redirected_msgs: 1,
+            redirected_bytes: 100,
+            passed_msgs: 2,
+            passed_bytes: u64::MAX,
+        };
+        let b = FastpathCounters {
+            redirected_msgs: 3,
+            redirected_bytes: 50,
+            passed_msgs: 0,
+            passed_bytes: 2,
+        };
+        assert_eq!(
+            a.sum(b),
+            FastpathCounters {
+                redirected_msgs: 4,
+                redirected_bytes: 150,
+                passed_msgs: 2,
+                passed_bytes: 1,
             }
         );
     }

@@ -5,11 +5,14 @@ extern crate std;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::{CgroupCounters, MeshConfig, PodInfo, SockAddr, SockKey, AF_INET, AF_INET6};
+use crate::{
+    CgroupCounters, FastpathCounters, MeshConfig, PodInfo, SockAddr, SockKey, AF_INET, AF_INET6,
+};
 
-// SAFETY (all five): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
+// SAFETY (all six): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
 // by the `shared_types_have_no_padding` test), and every bit pattern is a valid value.
 unsafe impl aya::Pod for CgroupCounters {}
+unsafe impl aya::Pod for FastpathCounters {}
 unsafe impl aya::Pod for SockAddr {}
 unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for PodInfo {}

@@ -11,6 +11,11 @@
 //! Entry points are thin: each calls a `try_*` function and maps its result to the verdict.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic read-modify-write in stable `core` (no compare-and-swap), but the
+// kernel has atomic adds (`BPF_ATOMIC | BPF_ADD`): `sockmap::count` reaches them through the
+// intrinsic. This crate is only ever built with nightly (aya-build, `-Z build-std=core`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // aya's program macros fix the entry points' signature: the context is passed by value.
 #![allow(clippy::needless_pass_by_value)]
 

@@ -3,10 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    CgroupCounters, MeshConfig, PodInfo, SockAddr, SockKey, MAX_CGROUPS, MAX_CONNS, MAX_PODS,
+    CgroupCounters, FastpathCounters, MeshConfig, PodInfo, SockAddr, SockKey, MAX_CGROUPS,
+    MAX_CONNS, MAX_PODS,
 };
 
 #[map(name = "MESH_CGROUP_COUNTERS")]
@@ -33,6 +34,10 @@ pub static MESH_LISTENERS: SockHash<SockAddr> = SockHash::pinned(MAX_PODS * 2, 0
 
 #[map(name = "MESH_CONFIG")]
 pub static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
+
+/// What `sk_msg` did, one entry (index 0), one copy per CPU.
+#[map(name = "MESH_FASTPATH")]
+pub static MESH_FASTPATH: PerCpuArray<FastpathCounters> = PerCpuArray::pinned(1, 0);
 
 /// Whether the agent asked for the sockmap short-cut.
 pub fn sockmap_enabled() -> bool {

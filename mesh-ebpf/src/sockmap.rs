@@ -1,6 +1,7 @@
 //! `sockops`: at connection establishment, hand a captured connection's original destination
 //! to the agent (keyed by the client's address) and insert pod-local legs into the SOCKHASH.
-//! `sk_msg`: send each message of a SOCKHASH socket straight into its peer's receive queue.
+//! `sk_msg`: send each message of a SOCKHASH socket straight into its peer's receive queue, and
+//! count what was redirected and what took the TCP path (`MESH_FASTPATH`).
 //!
 //! Sockets enter the SOCKHASH at the `*_ESTABLISHED` callbacks, before the application can send,
 //! so no byte ever takes the TCP path after one has taken the short-cut (which would reorder).
@@ -15,11 +16,16 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
     EbpfContext as _,
 };
+use core::{
+    ffi::c_long,
+    intrinsics::{atomic_xadd, AtomicOrdering},
+};
+
 use mesh_common::SockKey;
 
 use crate::{
     addr,
-    maps::{sockmap_enabled, MESH_CONN_DST, MESH_ORIG_DST, MESH_SOCKS},
+    maps::{sockmap_enabled, MESH_CONN_DST, MESH_FASTPATH, MESH_ORIG_DST, MESH_SOCKS},
 };
 
 /// Verdict of a `sockops` program (ignored by the kernel for these callbacks).
@@ -96,6 +102,15 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
 
 fn try_sk_msg(ctx: &SkMsgContext) {
     // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
+    let size = unsafe { (*ctx.msg).size };
+    let redirected = redirect(ctx);
+    count(redirected, size);
+}
+
+/// Asks for the message to be moved into the peer socket's receive queue; whether the helper
+/// accepted (`SK_PASS`: the peer is in `MESH_SOCKS`). `false` leaves it to the TCP path.
+fn redirect(ctx: &SkMsgContext) -> bool {
+    // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
     let md = unsafe { &*ctx.msg };
     let local_ip6 = [
         md.local_ip6[0],
@@ -123,12 +138,42 @@ fn try_sk_msg(ctx: &SkMsgContext) {
             addr::port_be_high(md.remote_port),
         ),
     ) else {
-        return;
+        return false;
     };
     // The peer socket's own view of the connection.
     let mut peer = SockKey {
         local: remote,
         remote: local,
     };
-    let _ = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS))
+        == c_long::from(sk_action::SK_PASS)
+}
+
+/// Adds one message of `size` bytes to this CPU's fast-path counters.
+///
+/// Atomic adds although the value is per CPU: `sk_msg` runs in the sending task's context with
+/// only migration disabled, so on a preemptible kernel another sender on the same CPU can run
+/// the program between a plain load and store, and one of the two updates would be lost.
+fn count(redirected: bool, size: u32) {
+    let Some(counters) = MESH_FASTPATH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: `counters` points at this CPU's value of a live map entry, 8-byte aligned (map
+    // values are), valid for the program's run; the kernel side only ever adds to it atomically.
+    // The results are unused, so LLVM emits plain atomic adds (no fetch: any BPF CPU version).
+    unsafe {
+        let (msgs, bytes) = if redirected {
+            (
+                &raw mut (*counters).redirected_msgs,
+                &raw mut (*counters).redirected_bytes,
+            )
+        } else {
+            (
+                &raw mut (*counters).passed_msgs,
+                &raw mut (*counters).passed_bytes,
+            )
+        };
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(msgs, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, u64::from(size));
+    }
 }

@@ -21,6 +21,39 @@ pub struct CgroupStats {
     pub connect6: u64,
 }
 
+/// The `sk_msg` fast path's node-wide totals, the `{"fastpath":{...}}` line of
+/// `mesh-agent stats --json`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct FastpathStats {
+    /// Messages (and their bytes) moved straight into the peer socket's receive queue.
+    pub redirected_msgs: u64,
+    pub redirected_bytes: u64,
+    /// Messages (and their bytes) that took the TCP path: peer not in the SOCKHASH.
+    pub passed_msgs: u64,
+    pub passed_bytes: u64,
+}
+
+impl FastpathStats {
+    /// What was counted since `earlier` (a reading of the same map).
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            redirected_msgs: self.redirected_msgs - earlier.redirected_msgs,
+            redirected_bytes: self.redirected_bytes - earlier.redirected_bytes,
+            passed_msgs: self.passed_msgs - earlier.passed_msgs,
+            passed_bytes: self.passed_bytes - earlier.passed_bytes,
+        }
+    }
+}
+
+/// One line of `mesh-agent stats --json`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StatsLine {
+    Fastpath { fastpath: FastpathStats },
+    Cgroup(CgroupStats),
+}
+
 /// How to start an agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -92,8 +125,16 @@ impl Agent {
         })
     }
 
-    /// Kernel counters, read from the agent's pinned map with `mesh-agent stats`.
-    pub fn stats(&self) -> Result<Vec<CgroupStats>> {
+    /// `mesh-agent stats` as a table, as an operator sees it.
+    pub fn stats_table(&self) -> Result<String> {
+        let bin = binary("mesh-agent", "mesh-agent")?;
+        run(Command::new(bin)
+            .args(["stats", "--bpffs-dir"])
+            .arg(&self.bpffs_dir))
+    }
+
+    /// Every line of `mesh-agent stats --json`, parsed.
+    fn stats_lines(&self) -> Result<Vec<StatsLine>> {
         let bin = binary("mesh-agent", "mesh-agent")?;
         let out = run(Command::new(bin)
             .args(["stats", "--json", "--bpffs-dir"])
@@ -106,6 +147,36 @@ impl Agent {
                 })
             })
             .collect()
+    }
+
+    /// Per-cgroup kernel counters, read from the agent's pinned map with `mesh-agent stats`.
+    pub fn stats(&self) -> Result<Vec<CgroupStats>> {
+        Ok(self
+            .stats_lines()?
+            .into_iter()
+            .filter_map(|l| match l {
+                StatsLine::Cgroup(c) => Some(c),
+                StatsLine::Fastpath { .. } => None,
+            })
+            .collect())
+    }
+
+    /// The `sk_msg` fast path's totals, read from the agent's pinned map with `mesh-agent stats`.
+    pub fn fastpath(&self) -> Result<FastpathStats> {
+        let mut found = self.stats_lines()?.into_iter().filter_map(|l| match l {
+            StatsLine::Fastpath { fastpath } => Some(fastpath),
+            StatsLine::Cgroup(_) => None,
+        });
+        match (found.next(), found.next()) {
+            (Some(f), None) => Ok(f),
+            (first, _) => Err(Error::Output {
+                what: "mesh-agent stats --json".into(),
+                detail: format!(
+                    "expected exactly one fastpath line, found {}",
+                    if first.is_some() { "several" } else { "none" }
+                ),
+            }),
+        }
     }
 
     /// Counters of one cgroup; zero when the programs never counted anything for it.

@@ -16,10 +16,12 @@
 pub mod agent;
 pub mod cluster;
 pub mod host;
+pub mod http;
 pub mod mesh;
 pub mod plan;
 pub mod probe;
 pub mod process;
+pub mod telemetry;
 pub mod testbed;
 
 pub use agent::Agent;

@@ -40,6 +40,22 @@ pub fn send(pod: &Pod, addr: SocketAddr, bytes: u64) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
+/// Over one connection to an `echo` server, sends `bytes` pseudo-random bytes while reading
+/// them back, checks the echo, half-closes and expects end-of-file (`parallel --conns 1`).
+/// Returns the client's output.
+pub fn echo_bytes(pod: &Pod, addr: SocketAddr, bytes: u64) -> Result<String> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let out = run(pod.command(bin).args([
+        "parallel",
+        &addr.to_string(),
+        "--conns",
+        "1",
+        "--bytes",
+        &bytes.to_string(),
+    ]))?;
+    Ok(out.trim().to_string())
+}
+
 /// Connects to a `greet` server, reads its greeting before sending, then checks the echo.
 pub fn greeted(pod: &Pod, addr: SocketAddr, message: &str) -> Result<String> {
     let bin = binary("mesh-probe", "mesh-tests")?;

@@ -9,6 +9,7 @@ use std::{
 };
 
 use mesh_tests::{
+    agent::FastpathStats,
     mesh::{Mesh, NS, PLAIN_NS},
     plan, probe, Agent, Pod, Process, TestbedSpec,
 };
@@ -408,5 +409,156 @@ fn bad_config_file_is_rejected_and_the_last_state_kept() {
         "outbound",
         client.ipv4.into(),
         v4(&server_pod, 8080),
+    );
+}
+
+/// Bytes of the `sink` server's answer to `probe::send` of 1,000,000 bytes:
+/// `"1000000 <crc32 as 8 hex digits>\n"`.
+const SINK_REPLY_1M: u64 = 17;
+
+/// One `echo` exchange of `bytes` each way and one `send` of `bytes` to a `sink`, from the
+/// client pod to `server_pod`; the agents' fast-path deltas over each, `(echo, send)`, one pair
+/// per agent.
+fn fastpath_deltas(
+    mesh: &Mesh,
+    client: &Pod,
+    server_pod: &Pod,
+    bytes: u64,
+) -> Vec<(FastpathStats, FastpathStats)> {
+    let read = || -> Vec<FastpathStats> {
+        mesh.agents
+            .iter()
+            .map(|a| a.fastpath().expect("fast-path counters"))
+            .collect()
+    };
+    let since = |before: &[FastpathStats]| -> Vec<FastpathStats> {
+        read().iter().zip(before).map(|(a, b)| a.since(b)).collect()
+    };
+    let echo = {
+        let _server = serve(server_pod, "echo");
+        let before = read();
+        let out = probe::echo_bytes(client, v4(server_pod, 8080), bytes).expect("echo exchange");
+        assert!(out.ends_with("ok=1 failed=0"), "{out}");
+        since(&before)
+    };
+    let send = {
+        let _server = serve(server_pod, "sink");
+        let before = read();
+        let out = probe::send(client, v4(server_pod, 8080), bytes).expect("send to sink");
+        assert!(out.starts_with(&format!("sent {bytes} bytes")), "{out}");
+        since(&before)
+    };
+    echo.into_iter().zip(send).collect()
+}
+
+/// Same node, sockmap on: every byte is redirected once on each of its two pod-local legs
+/// (client → agent's 15001 socket, agent → server; and back), and nothing takes the TCP path.
+/// Bytes are exact; messages are not (one per `sendmsg` chunk, sizes up to the senders and the
+/// kernel), so they are only bounded.
+#[test]
+fn sockmap_fast_path_counts_each_same_node_byte_once_per_leg() {
+    const BYTES: u64 = 1_000_000;
+    let mesh = mesh(1, 2, true, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let deltas = fastpath_deltas(&mesh, &client, &server_pod, BYTES);
+    let (echo, send) = deltas[0];
+    // BYTES client → server and BYTES back, each over two legs.
+    assert_eq!(echo.redirected_bytes, 4 * BYTES, "echo: {echo:?}");
+    assert_eq!(
+        (echo.passed_msgs, echo.passed_bytes),
+        (0, 0),
+        "echo: {echo:?}"
+    );
+    // At least one message per leg and direction, at most one per byte.
+    assert!(
+        (4..=4 * BYTES).contains(&echo.redirected_msgs),
+        "echo: {echo:?}"
+    );
+    // BYTES to the sink and its 17-byte answer, each over two legs.
+    assert_eq!(
+        send.redirected_bytes,
+        2 * (BYTES + SINK_REPLY_1M),
+        "send: {send:?}"
+    );
+    assert_eq!(
+        (send.passed_msgs, send.passed_bytes),
+        (0, 0),
+        "send: {send:?}"
+    );
+    assert!(
+        (4..=2 * (BYTES + SINK_REPLY_1M)).contains(&send.redirected_msgs),
+        "send: {send:?}"
+    );
+    // The table form prints the same totals after the per-cgroup rows.
+    let total = mesh.agents[0].fastpath().unwrap();
+    let table = mesh.agents[0].stats_table().unwrap();
+    assert_eq!(
+        table.lines().last(),
+        Some(
+            format!(
+                "fastpath: redirected {} msgs {} bytes, passed {} msgs {} bytes",
+                total.redirected_msgs,
+                total.redirected_bytes,
+                total.passed_msgs,
+                total.passed_bytes
+            )
+            .as_str()
+        ),
+        "{table}"
+    );
+}
+
+/// `--no-sockmap`: no socket enters the SOCKHASH, so `sk_msg` never runs and counts nothing,
+/// while the same transfers go through the agent over TCP.
+#[test]
+fn without_sockmap_the_fast_path_counts_nothing() {
+    let mesh = mesh(1, 2, false, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let deltas = fastpath_deltas(&mesh, &client, &server_pod, 1_000_000);
+    let (echo, send) = deltas[0];
+    assert_eq!(echo, FastpathStats::default(), "echo");
+    assert_eq!(send, FastpathStats::default(), "send");
+    assert_eq!(mesh.agents[0].fastpath().unwrap(), FastpathStats::default());
+}
+
+/// Across nodes, the source pod's leg leaves the short-cut (the agent removes the application's
+/// socket from the SOCKHASH right after `accept()`), the destination pod's leg keeps it.
+/// Source node: the agent's socket is still in the map, so every byte it writes toward the
+/// client runs `sk_msg`, finds no peer and is counted as passed; the client's bytes take TCP
+/// without running `sk_msg`, except any it sent before the agent's `accept()` (redirected into
+/// the agent's socket, a race with the client's first write: bounded, not exact).
+/// Destination node: both directions are redirected, exactly once each.
+#[test]
+fn legs_that_left_the_short_cut_count_as_passed() {
+    const BYTES: u64 = 1_000_000;
+    let mesh = mesh(2, 1, true, &[]);
+    let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(1, 0).clone());
+    let deltas = fastpath_deltas(&mesh, &client, &server_pod, BYTES);
+    let ((src_echo, src_send), (dst_echo, dst_send)) = (deltas[0], deltas[1]);
+    assert_eq!(
+        src_echo.passed_bytes, BYTES,
+        "source node, echo: {src_echo:?}"
+    );
+    assert!(
+        src_echo.redirected_bytes <= BYTES,
+        "source node, echo: {src_echo:?}"
+    );
+    assert_eq!(
+        src_send.passed_bytes, SINK_REPLY_1M,
+        "source node, send: {src_send:?}"
+    );
+    assert!(
+        src_send.redirected_bytes <= BYTES,
+        "source node, send: {src_send:?}"
+    );
+    assert_eq!(
+        (dst_echo.redirected_bytes, dst_echo.passed_bytes),
+        (2 * BYTES, 0),
+        "destination node, echo: {dst_echo:?}"
+    );
+    assert_eq!(
+        (dst_send.redirected_bytes, dst_send.passed_bytes),
+        (BYTES + SINK_REPLY_1M, 0),
+        "destination node, send: {dst_send:?}"
     );
 }

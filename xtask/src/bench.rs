@@ -7,7 +7,8 @@
 //! (1 KiB, 1 and 64 connections, at a fixed rate and at saturation), the new-connection rate
 //! (`mesh-probe connrate`), CPU per GB moved (the agents' own and the whole machine's: kernel
 //! work does not show in a process's time), and, for the mesh modes, the agents' memory per idle
-//! connection (`mesh-probe hold`).
+//! connection (`mesh-probe hold`) and the new-connection rate and latency again with an
+//! `AuthorizationPolicy` of 100 rules in force (every connection is checked against it).
 //!
 //! Release builds only (debug builds are several times slower). Results: a Markdown table with
 //! each figure's ratio to direct, the raw samples as JSON, and an SVG chart, under
@@ -40,7 +41,7 @@ pub struct Plan {
     secs: u64,
     reps: usize,
     idle_conns: usize,
-    /// Groups to measure (`throughput`, `latency`, `connrate`, `memory`); empty: all.
+    /// Groups to measure (`throughput`, `latency`, `connrate`, `memory`, `policy`); empty: all.
     only: Vec<String>,
 }
 
@@ -103,6 +104,30 @@ struct Bench {
 
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
+/// Rules of the policy the `policy` group measures with.
+const POLICY_RULES: u16 = 100;
+const POLICY_FILE: &str = "authz-bench.yaml";
+
+/// An ALLOW policy for every pod of [`NS`] with [`POLICY_RULES`] rules: the first ones name
+/// principals and ports that match nothing, the last allows `client` on [`RR_PORT`].
+fn hundred_rule_policy(client: &Pod) -> String {
+    let mut text = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: bench-{POLICY_RULES}-rules\n  namespace: {NS}\nspec:\n  action: ALLOW\n  rules:\n"
+    );
+    for i in 1..POLICY_RULES {
+        let _ = write!(
+            text,
+            "  - from:\n    - source:\n        principals: [\"cluster.local/ns/other-{i}/sa/client\"]\n    to:\n    - operation:\n        ports: [\"{}\"]\n",
+            RR_PORT + i
+        );
+    }
+    let _ = write!(
+        text,
+        "  - from:\n    - source:\n        principals: [\"cluster.local/ns/{NS}/sa/sa-{}\"]\n    to:\n    - operation:\n        ports: [\"{RR_PORT}\"]\n",
+        client.name
+    );
+    text
+}
 
 pub fn run(root: &Path, plan: Plan) -> Result<()> {
     // The measurements use the release binaries; the lookups honour these variables.
@@ -229,9 +254,48 @@ impl Bench {
                 self.measure_path(mode, path, &client, server, &agents)?;
             }
         }
+        if mode != Mode::Direct && self.plan.wants("policy") {
+            self.measure_policy(mode, &client, &paths, &mut agents)?;
+        }
         for agent in agents {
             agent.stop()?;
         }
+        Ok(())
+    }
+
+    /// With an `AuthorizationPolicy` of [`POLICY_RULES`] rules on every pod (the client's rule
+    /// last, so each connection is checked against all of them): new connections per second
+    /// and the 1-connection latency at saturation, per path.
+    fn measure_policy(
+        &mut self,
+        mode: Mode,
+        client: &Pod,
+        paths: &[(&str, Pod)],
+        agents: &mut [Agent],
+    ) -> Result<()> {
+        let from: Vec<usize> = agents.iter().map(Agent::log_len).collect();
+        self.files
+            .write(POLICY_FILE, &hundred_rule_policy(client))?;
+        for (agent, from) in agents.iter_mut().zip(from) {
+            agent.wait_for_log_from(from, "the policy", Duration::from_secs(10), |l| {
+                l.contains("cluster state updated") && l.contains("authorization_policies=1")
+            })?;
+        }
+        for rep in 0..self.plan.reps {
+            for (path, server) in paths {
+                println!("{path}, {POLICY_RULES}-rule policy, repetition {}", rep + 1);
+                let _srv = serve_rr(server)?;
+                let dst = SocketAddr::new(IpAddr::V4(server.ipv4), RR_PORT);
+                let v = self.connrate(client, dst)?;
+                let metric = format!("new connections/s, {POLICY_RULES}-rule policy");
+                self.record(path, &metric, mode, f(&v, "cps")?, "conn/s", true);
+                let v = self.rr(client, dst, 1, None)?;
+                let metric =
+                    format!("latency p50 (1 conn, saturation), {POLICY_RULES}-rule policy");
+                self.record(path, &metric, mode, f(&v, "p50_us")?, "µs", false);
+            }
+        }
+        self.files.remove(POLICY_FILE)?;
         Ok(())
     }
 

@@ -48,8 +48,9 @@ enum Cmd {
         /// Record perf profiles of the agent during the 1-stream throughput runs.
         #[arg(long)]
         profile: bool,
-        /// Measure only these groups (repeatable): throughput, latency, connrate, memory.
-        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory"])]
+        /// Measure only these groups (repeatable): throughput, latency, connrate, memory,
+        /// policy.
+        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy"])]
         only: Vec<String>,
     },
 }

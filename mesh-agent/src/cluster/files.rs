@@ -402,6 +402,7 @@ impl ConfigDir {
             workloads = state.workloads().len(),
             services = state.services().len(),
             peer_authentications = state.peer_authentications().len(),
+            authorization_policies = state.authorization_policies().len(),
             errors = state.errors().len(),
             warnings = state.warnings().len(),
             "cluster state updated"

@@ -243,7 +243,7 @@ impl<'de> Deserialize<'de> for WorkloadSelector {
 }
 
 /// `selector.matchExpressions`: refused unless empty (Istio selects by `matchLabels` only).
-struct NoExpressions;
+pub(super) struct NoExpressions;
 
 impl<'de> Deserialize<'de> for NoExpressions {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -1,18 +1,21 @@
 //! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service, and Istio's
-//! `security.istio.io/v1` or `v1beta1` `PeerAuthentication`), and the parser that turns YAML text
-//! into them.
+//! `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and `AuthorizationPolicy`), and the
+//! parser that turns YAML text into them.
 //!
 //! A text holds one or more documents separated by `---`. A document is one object, or a
-//! `kind: List` (or `PodList`, `ServiceList`, `NamespaceList`, or `PeerAuthenticationList` of a
-//! `security.istio.io` version) whose `items` are objects. Documents and items of other kinds, or
-//! of the known kinds under another `apiVersion` (a Knative `Service` is not a Kubernetes
-//! Service), are skipped with a debug log. A document or item without `kind` or `apiVersion` is
-//! an error. Fields the agent does not read are ignored.
+//! `kind: List` (or `PodList`, `ServiceList`, `NamespaceList`, or `PeerAuthenticationList` or
+//! `AuthorizationPolicyList` of a `security.istio.io` version) whose `items` are objects.
+//! Documents and items of other kinds, or of the known kinds under another `apiVersion` (a
+//! Knative `Service` is not a Kubernetes Service), are skipped with a debug log. A document or
+//! item without `kind` or `apiVersion` is an error. Fields the agent does not read are ignored
+//! (except in an `AuthorizationPolicy` spec, see below).
 //!
 //! Parsing checks shapes only (a port is an integer, a label value a string); values are checked
 //! by [`super::ClusterState::build`], which names the object and the field of each problem. The
-//! exception is a `PeerAuthentication`'s spec, whose rules are checked when it is parsed (see
-//! [`PeerAuthentication`]), so that its errors carry a line too.
+//! exceptions are the specs of `PeerAuthentication` and `AuthorizationPolicy`, whose rules are
+//! checked when they are parsed (see [`PeerAuthentication`] and [`AuthorizationPolicy`]), so that
+//! their errors carry a line too; unknown fields of an `AuthorizationPolicy` spec are errors (a
+//! misspelt field must not silently change what the policy allows).
 
 use std::{cell::Cell, collections::BTreeMap, fmt};
 
@@ -26,6 +29,12 @@ use tracing::debug;
 use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
 pub use super::istio::{
     MutualTls, PeerAuthMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
+};
+use super::istio_authz::AUTHORIZATION_POLICY_VERSIONS;
+pub use super::istio_authz::{
+    Attribute, AuthorizationPolicy, AuthorizationPolicySpec, AuthzAction, AuthzSchemaError,
+    Condition, Operation, PolicyTargetRef, Rule, RuleFrom, RuleTo, ServiceAccountRef, Source,
+    Values,
 };
 
 /// Labels or annotations of an object.
@@ -48,6 +57,8 @@ pub enum Object {
     Service(Service),
     /// A `security.istio.io` `PeerAuthentication`.
     PeerAuthentication(PeerAuthentication),
+    /// A `security.istio.io` `AuthorizationPolicy`.
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Object {
@@ -59,6 +70,9 @@ impl Object {
             Object::Service(o) => ObjectRef::namespaced(Kind::Service, &o.metadata),
             Object::PeerAuthentication(o) => {
                 ObjectRef::namespaced(Kind::PeerAuthentication, &o.metadata)
+            }
+            Object::AuthorizationPolicy(o) => {
+                ObjectRef::namespaced(Kind::AuthorizationPolicy, &o.metadata)
             }
         }
     }
@@ -75,6 +89,8 @@ pub enum Kind {
     Service,
     /// `PeerAuthentication` (`security.istio.io`).
     PeerAuthentication,
+    /// `AuthorizationPolicy` (`security.istio.io`).
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -86,6 +102,11 @@ impl Kind {
             ("v1", "Service") => Some(Kind::Service),
             (version, "PeerAuthentication") if PEER_AUTHENTICATION_VERSIONS.contains(&version) => {
                 Some(Kind::PeerAuthentication)
+            }
+            (version, "AuthorizationPolicy")
+                if AUTHORIZATION_POLICY_VERSIONS.contains(&version) =>
+            {
+                Some(Kind::AuthorizationPolicy)
             }
             _ => None,
         }
@@ -99,6 +120,7 @@ impl fmt::Display for Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         })
     }
 }
@@ -618,7 +640,7 @@ fn display_name(kind: Kind, value: &Value) -> String {
     let name = field("name").unwrap_or("<no name>");
     match kind {
         Kind::Namespace => format!("{kind} {name}"),
-        Kind::Pod | Kind::Service | Kind::PeerAuthentication => {
+        Kind::Pod | Kind::Service | Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -648,6 +670,9 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                     }
                     .deserialize(deserializer)?,
                 ),
+                Kind::AuthorizationPolicy => {
+                    Object::AuthorizationPolicy(AuthorizationPolicy::deserialize(deserializer)?)
+                }
             },
         }))
     }

@@ -1,5 +1,5 @@
-//! The agent's view of the cluster: workloads (pods), services and `PeerAuthentication`
-//! policies, built from Kubernetes objects by one function, [`ClusterState::build`], whatever the
+//! The agent's view of the cluster: workloads (pods), services, and `PeerAuthentication` and
+//! `AuthorizationPolicy` policies, built from Kubernetes objects by one function, [`ClusterState::build`], whatever the
 //! source (the directory of YAML files today, a Kubernetes watch later), and indexed for the
 //! lookups the data path makes per connection.
 //!
@@ -19,6 +19,7 @@ use std::{
 };
 
 use super::{
+    authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
     k8s::{self, Kind, Labels, Object, ObjectRef},
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy, DEFAULT_ROOT_NAMESPACE},
     translate::{
@@ -52,7 +53,9 @@ pub struct EnrollmentOptions {
     pub trust_domain: String,
     /// Node this agent serves: enrolled pods on it must carry the runtime annotations.
     pub node_name: String,
-    /// Istio's root namespace: its `PeerAuthentications` without selector are mesh-wide.
+    /// Istio's root namespace: its `PeerAuthentications` and `AuthorizationPolicies` without
+    /// selector are mesh-wide (and its `AuthorizationPolicies` with a selector select in every
+    /// namespace).
     pub root_namespace: String,
 }
 
@@ -445,6 +448,9 @@ pub struct ClusterState {
     services: Vec<Arc<Service>>,
     by_addr: HashMap<SocketAddr, (Arc<Service>, usize)>,
     peer_auth: PeerAuthIndex,
+    authz: AuthzIndex,
+    /// The indexes' warnings: `PeerAuthentication`'s, then `AuthorizationPolicy`'s.
+    warnings: Vec<String>,
 }
 
 impl ClusterState {
@@ -460,6 +466,7 @@ impl ClusterState {
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
         let mut peer_auths = BTreeMap::new();
+        let mut authz_policies = BTreeMap::new();
         for object in objects {
             let duplicate = match object {
                 Object::Namespace(ns) => namespaces.insert(ns.metadata.name.as_str(), ns).is_some(),
@@ -471,6 +478,9 @@ impl ClusterState {
                     .is_some(),
                 Object::PeerAuthentication(pa) => peer_auths
                     .insert((pa.metadata.namespace(), pa.metadata.name.as_str()), pa)
+                    .is_some(),
+                Object::AuthorizationPolicy(ap) => authz_policies
+                    .insert((ap.metadata.namespace(), ap.metadata.name.as_str()), ap)
                     .is_some(),
             };
             if duplicate {
@@ -498,6 +508,8 @@ impl ClusterState {
             services: Vec::new(),
             by_addr: HashMap::new(),
             peer_auth: PeerAuthIndex::default(),
+            authz: AuthzIndex::default(),
+            warnings: Vec::new(),
         };
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
         for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
@@ -519,6 +531,8 @@ impl ClusterState {
             &opts.root_namespace,
             &state.workloads,
         )?;
+        state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
+        state.warnings = [state.peer_auth.warnings(), state.authz.warnings()].concat();
         Ok(state)
     }
 
@@ -620,9 +634,11 @@ impl ClusterState {
 
     /// Problems of valid objects that do not stop the state from being built, one line each:
     /// conflicting `PeerAuthentications` (the oldest applies), `PeerAuthentications` that apply to
-    /// nothing. The source logs each once, when it appears.
+    /// nothing, then `AuthorizationPolicies` for waypoints (not enforced by the agent), rules with
+    /// HTTP (L7) fields (an ALLOW or AUDIT rule matches nothing, a DENY rule is enforced without
+    /// them), DENY or AUDIT policies without rules. The source logs each once, when it appears.
     pub fn warnings(&self) -> &[String] {
-        self.peer_auth.warnings()
+        &self.warnings
     }
 
     /// All workloads, sorted by namespace and name.
@@ -668,6 +684,22 @@ impl ClusterState {
     /// [`MtlsMode::Permissive`]: super::MtlsMode::Permissive
     pub fn peer_authentication(&self, workload: &Workload, port: u16) -> PeerAuthDecision {
         self.peer_auth.decide(workload, port)
+    }
+
+    /// All `AuthorizationPolicies`, sorted by namespace and name, with their rules as enforced
+    /// (serializable, for the admin interface's config dump).
+    pub fn authorization_policies(&self) -> &[Arc<AuthzPolicy>] {
+        self.authz.policies()
+    }
+
+    /// Whether the `AuthorizationPolicies` let `conn` in, as ztunnel decides at L4: denied if a
+    /// DENY policy that applies to the destination workload matches; else, if ALLOW policies
+    /// apply, allowed only if one matches; else allowed. AUDIT policies that match are listed
+    /// and do not change the verdict. Only the policies that apply to the destination's
+    /// namespace (and the root namespace's) are evaluated. See the [`super::authz`] module for
+    /// the rules.
+    pub fn authorize(&self, conn: &ConnFacts<'_>) -> AuthzDecision {
+        self.authz.decide(conn)
     }
 
     /// Where a TCP connection to `dst` goes. A service VIP and port resolves to one of its ready

@@ -23,10 +23,13 @@ use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
 use super::{
-    dial_app, dial_from,
-    relay::{log_close, relay_tunnel, ConnInfo, Relay, Security},
-    stream_copy::StreamCopy,
+    authorize, dial_app, dial_from,
+    relay::{relay_inbound_tunnel, relay_tunnel, Conn, Relay},
     LocalPod, LocalPods, ProxyCtx,
+};
+use crate::{
+    cluster::Service,
+    telemetry::{ConnInfo, Refusal, Security},
 };
 
 /// How long a connection waits for the first certificate of a brand-new workload.
@@ -112,16 +115,16 @@ impl Connect for HboneConnector {
 /// The client pool every outbound tunnel goes through.
 pub type HbonePool = Pool<HboneConnector>;
 
-/// Opens a tunnel for `down` (a captured connection from `pod`) to `upstream`, a meshed
+/// Opens a tunnel for `down` (a captured connection from `pod`) to `conn`'s upstream, a meshed
 /// workload on another node with identity `dst`; returns the relay to run.
 pub(super) async fn outbound(
     down: TcpStream,
     pod: &Arc<LocalPod>,
     ctx: &ProxyCtx,
     dst: Identity,
-    mut info: ConnInfo,
-    started: Instant,
+    mut conn: Conn,
 ) -> Option<Relay> {
+    let info = &mut conn.info;
     let key = HboneKey {
         src_ip: info.src.ip(),
         src: pod.identity.clone(),
@@ -137,24 +140,32 @@ pub(super) async fn outbound(
         .with_baggage(baggage(pod, info.service.as_deref()));
     let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
-        Ok(stream) => Some(relay_tunnel(down, stream, info, started)),
+        Ok(stream) => Some(relay_tunnel(down, stream, conn)),
         Err(e) => {
             warn!(
                 dst = %info.dst, upstream = %info.upstream, peer = %key.dst, error = %e,
                 "could not open the HBONE tunnel"
             );
+            // 401: the destination's agent denied it by policy.
+            let refusal = match e {
+                mesh_hbone::HboneError::Status(http::StatusCode::UNAUTHORIZED) => {
+                    Refusal::PeerDenied(e.to_string())
+                }
+                e => Refusal::Connect(e.to_string()),
+            };
+            ctx.telemetry.refused(info, conn.started, &refusal);
             None
         }
     }
 }
 
 /// `baggage` of an outbound tunnel, as ztunnel sends it.
-fn baggage(pod: &LocalPod, service: Option<&str>) -> String {
+fn baggage(pod: &LocalPod, service: Option<&Service>) -> String {
     let (namespace, name) = pod.name.split_once('/').unwrap_or(("", &pod.name));
     let mut b = format!("k8s.namespace.name={namespace},k8s.pod.name={name}");
     if let Some(service) = service {
         b.push_str(",service.name=");
-        b.push_str(service);
+        b.push_str(&service.name);
     }
     b
 }
@@ -241,23 +252,25 @@ async fn tunnel(
         .forwarded_for
         .filter(|f| f.ip().to_canonical() == peer.ip().to_canonical())
         .unwrap_or(peer);
-    let info = ConnInfo {
-        direction: "inbound",
-        pod: Arc::clone(pod),
-        src: client,
-        dst: target,
-        upstream: target,
-        service: None,
-        security: Security::MutualTls {
-            src: src.clone(),
-            dst: pod.identity.clone(),
-        },
+    let mut info = ConnInfo::new("inbound", pod, client, target, target);
+    info.security = Security::MutualTls {
+        src: src.clone(),
+        dst: pod.identity.clone(),
     };
-    let (app, _peer_guard) = match Box::pin(dial_app(pod, target, client, &ctx.conn)).await {
+    info.src_workload = ctx.resolver.workload(client.ip());
+    info.dst_workload = ctx.resolver.workload(target.ip());
+    // Authorized before anything is dialled; 401 as ztunnel answers a denied tunnel.
+    let Some(tracked) = authorize(ctx, &mut info, started) else {
+        let _ = responder.reject(http::StatusCode::UNAUTHORIZED);
+        return;
+    };
+    let (app, peer_guard) = match Box::pin(dial_app(pod, target, client, &ctx.conn)).await {
         Ok(leg) => leg,
         Err(e) => {
             warn!(%src, %target, error = %e, "could not reach the application");
             let _ = responder.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+            ctx.telemetry
+                .refused(&info, started, &Refusal::Connect(e.to_string()));
             return;
         }
     };
@@ -268,6 +281,13 @@ async fn tunnel(
             return;
         }
     };
-    let result = StreamCopy::new(stream, app).await;
-    log_close(&info, started, result);
+    let conn = Conn {
+        info,
+        started,
+        telemetry: Arc::clone(&ctx.telemetry),
+        tracked: Some(tracked),
+    };
+    relay_inbound_tunnel(stream, app, conn)
+        .holding(peer_guard)
+        .await;
 }

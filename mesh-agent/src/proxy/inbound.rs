@@ -10,10 +10,11 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use super::{
-    dial_app,
-    relay::{relay, ConnInfo, Relay, Security},
+    authorize, dial_app,
+    relay::{relay, Conn, Relay},
     LocalPod, ProxyCtx,
 };
+use crate::telemetry::{ConnInfo, Refusal};
 
 pub(super) async fn handle(
     down: TcpStream,
@@ -34,23 +35,29 @@ pub(super) async fn handle(
         warn!(%dst, "connection to the agent's own port; closing it");
         return None;
     }
+    let mut info = ConnInfo::new("inbound", &pod, peer, dst, dst);
+    info.src_workload = ctx.resolver.workload(peer.ip());
+    info.dst_workload = ctx.resolver.workload(dst.ip());
     if let Err(reason) = ctx.resolver.accepts_plaintext(dst) {
-        warn!(%dst, reason, "plaintext connection refused");
+        ctx.telemetry
+            .refused(&info, started, &Refusal::MtlsRequired(reason));
         return None;
     }
-    let info = ConnInfo {
-        direction: "inbound",
-        pod: Arc::clone(&pod),
-        src: peer,
-        dst,
-        upstream: dst,
-        service: None,
-        security: Security::None,
-    };
+    let tracked = authorize(&ctx, &mut info, started)?;
     match dial_app(&pod, dst, peer, &ctx.conn).await {
-        Ok((up, peer_guard)) => Some(relay(down, up, info, started).holding(peer_guard)),
+        Ok((up, peer_guard)) => {
+            let conn = Conn {
+                info,
+                started,
+                telemetry: Arc::clone(&ctx.telemetry),
+                tracked: Some(tracked),
+            };
+            Some(relay(down, up, conn).holding(peer_guard))
+        }
         Err(e) => {
             warn!(%dst, error = %e, "could not reach the application");
+            ctx.telemetry
+                .refused(&info, started, &Refusal::Connect(e.to_string()));
             None
         }
     }

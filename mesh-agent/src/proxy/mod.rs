@@ -17,6 +17,7 @@ mod inbound;
 mod outbound;
 mod relay;
 mod stream_copy;
+pub mod tracker;
 
 use std::{
     collections::HashMap,
@@ -37,9 +38,13 @@ use tokio::{
 };
 
 use crate::{
+    cluster::{AuthzDecision, Service, Verdict, Workload},
     datapath::ConnMaps,
     netns::{Netns, NetnsError},
+    telemetry::{ConnInfo, Refusal, Telemetry},
 };
+
+use self::tracker::{AuthzSubject, Tracked, Tracker};
 
 /// Backlog of every listener the agent opens in a pod.
 const BACKLOG: u32 = 1024;
@@ -86,12 +91,15 @@ impl LocalPod {
 pub type LocalPods = HashMap<IpAddr, Arc<LocalPod>>;
 
 /// Where a captured connection should go.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Route {
     /// Connect to this address (an endpoint of a service, a pod, or the original destination).
     To {
         addr: SocketAddr,
-        service: Option<Arc<str>>,
+        /// The service the destination was reached through.
+        service: Option<Arc<Service>>,
+        /// The destination workload, when the cluster view knows it.
+        workload: Option<Arc<Workload>>,
         /// The destination workload's identity when it is meshed (served by an agent): the
         /// connection then goes over HBONE, unless both pods are on this node.
         identity: Option<Identity>,
@@ -106,6 +114,11 @@ pub trait Resolve: Send + Sync + 'static {
     /// Whether a plaintext connection to `dst` (a meshed pod of this node) is accepted, by the
     /// pod's `PeerAuthentication`; `Err` carries the reason for the log.
     fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String>;
+    /// The workload that has address `ip`, if the cluster view knows one.
+    fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>>;
+    /// The destination's `AuthorizationPolicy` decision for a connection (at the destination's
+    /// agent).
+    fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision;
 }
 
 /// Identity and HBONE: certificates, the client pool and the server settings.
@@ -131,6 +144,9 @@ pub struct ProxyCtx {
     pub local: watch::Receiver<Arc<LocalPods>>,
     pub resolver: Arc<dyn Resolve>,
     pub transport: Arc<Transport>,
+    pub telemetry: Arc<Telemetry>,
+    /// Connections this agent authorized as the destination's, re-checked on policy changes.
+    pub tracker: Arc<Tracker>,
 }
 
 impl std::fmt::Debug for ProxyCtx {
@@ -151,6 +167,36 @@ impl Drop for PodListeners {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// At the destination's agent: checks `info`'s connection against `AuthorizationPolicy`. An
+/// allowed connection is tracked (registered before the decision, so that a policy published
+/// meanwhile is applied by the re-check) and its decision kept in `info`; a denied one is
+/// recorded as refused and `None` returned (the caller closes it without dialling anything).
+fn authorize(
+    ctx: &ProxyCtx,
+    info: &mut ConnInfo,
+    started: std::time::Instant,
+) -> Option<Arc<Tracked>> {
+    let subject = AuthzSubject {
+        src: info.src,
+        src_identity: info.security.identities().0.cloned(),
+        dst: info.upstream,
+    };
+    let tracked = ctx.tracker.track(subject.clone());
+    let decision = ctx.resolver.authorize(&subject);
+    match decision.verdict {
+        Verdict::Allow => {
+            info.authz = Some(decision);
+            Some(tracked)
+        }
+        Verdict::Deny => {
+            drop(tracked);
+            ctx.telemetry
+                .refused(info, started, &Refusal::Policy(decision));
+            None
         }
     }
 }

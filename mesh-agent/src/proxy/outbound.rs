@@ -10,10 +10,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    dial_app, dial_from, hbone,
-    relay::{relay, ConnInfo, Relay, Security},
+    authorize, dial_app, dial_from, hbone,
+    relay::{relay, Conn, Relay},
     LocalPod, ProxyCtx, Route,
 };
+use crate::telemetry::{ConnInfo, Refusal, Security};
 
 pub(super) async fn handle(
     down: TcpStream,
@@ -32,56 +33,67 @@ pub(super) async fn handle(
         warn!(%dst, "connection to the agent's own port; closing it");
         return None;
     }
-    let (upstream, service, identity) = match ctx.resolver.route(dst) {
+    let (upstream, service, workload, identity) = match ctx.resolver.route(dst) {
         Route::To {
             addr,
             service,
+            workload,
             identity,
-        } => (addr, service, identity),
+        } => (addr, service, workload, identity),
         Route::Refuse(reason) => {
             warn!(%dst, reason, "connection refused");
             return None;
         }
     };
     let local = ctx.local.borrow().get(&upstream.ip()).cloned();
-    let mut info = ConnInfo {
-        direction: "outbound",
-        pod: Arc::clone(&pod),
-        src: peer,
-        dst,
-        upstream,
-        service,
-        security: Security::None,
+    let mut info = ConnInfo::new("outbound", &pod, peer, dst, upstream);
+    info.service = service;
+    info.dst_workload = workload;
+    info.src_workload = ctx.resolver.workload(peer.ip());
+    let conn = |info, tracked| Conn {
+        info,
+        started,
+        telemetry: Arc::clone(&ctx.telemetry),
+        tracked,
     };
     match (local, identity) {
         // Same node: straight into the destination pod, over its own address. No TLS: the
-        // agent itself knows both pods' identities.
-        (Some(target), _) => match dial_app(&target, upstream, peer, &ctx.conn).await {
-            Ok((up, peer_guard)) => {
-                debug!(%upstream, target = %target.name, "same-node connection");
-                info.security = Security::SameNode {
-                    src: pod.identity.clone(),
-                    dst: target.identity.clone(),
-                };
-                Some(relay(down, up, info, started).holding(peer_guard))
+        // agent itself knows both pods' identities. This agent is also the destination's, so
+        // it authorizes the connection before dialling anything: a refused connection never
+        // reaches the destination, through the kernel short-cut or otherwise.
+        (Some(target), _) => {
+            info.security = Security::SameNode {
+                src: pod.identity.clone(),
+                dst: target.identity.clone(),
+            };
+            let tracked = authorize(&ctx, &mut info, started)?;
+            match dial_app(&target, upstream, peer, &ctx.conn).await {
+                Ok((up, peer_guard)) => {
+                    debug!(%upstream, target = %target.name, "same-node connection");
+                    Some(relay(down, up, conn(info, Some(tracked))).holding(peer_guard))
+                }
+                Err(e) => {
+                    warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                    ctx.telemetry
+                        .refused(&info, started, &Refusal::Connect(e.to_string()));
+                    None
+                }
             }
-            Err(e) => {
-                warn!(%dst, %upstream, error = %e, "could not reach the destination");
-                None
-            }
-        },
+        }
         // A meshed workload on another node: HBONE.
         (None, Some(identity)) => {
             leave_shortcut(&down, peer, &ctx);
-            hbone::outbound(down, &pod, &ctx, identity, info, started).await
+            hbone::outbound(down, &pod, &ctx, identity, conn(info, None)).await
         }
         // Outside the mesh: plain TCP from inside the source pod.
         (None, None) => {
             leave_shortcut(&down, peer, &ctx);
             match dial_from(&pod.netns, upstream).await {
-                Ok(up) => Some(relay(down, up, info, started)),
+                Ok(up) => Some(relay(down, up, conn(info, None))),
                 Err(e) => {
                     warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                    ctx.telemetry
+                        .refused(&info, started, &Refusal::Connect(e.to_string()));
                     None
                 }
             }

@@ -13,21 +13,17 @@
 use std::{
     future::Future,
     io,
-    net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{ready, Context, Poll},
     time::Instant,
 };
 
-use tokio::{io::AsyncWrite as _, net::TcpStream};
-use tracing::{info, warn};
-
-use mesh_identity::Identity;
-
 use mesh_hbone::H2Stream;
+use tokio::{io::AsyncWrite as _, net::TcpStream};
 
-use super::{stream_copy::StreamCopy, LocalPod, PeerGuard};
+use super::{stream_copy::StreamCopy, tracker::Tracked, PeerGuard};
+use crate::telemetry::{ConnInfo, Counters, Telemetry};
 
 /// Size of one copy buffer: large enough that a bulk transfer needs few system calls and that
 /// a direction that fell behind catches up in one read.
@@ -179,135 +175,108 @@ impl Drop for Copy {
     }
 }
 
-/// Who is talking to whom, for the connection's log line.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    pub direction: &'static str,
-    pub pod: Arc<LocalPod>,
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
-    pub upstream: SocketAddr,
-    pub service: Option<Arc<str>>,
-    pub security: Security,
-}
-
-/// How the connection is secured, with the identities the agent vouches for.
-#[derive(Clone, Debug)]
-pub enum Security {
-    /// Plain TCP: an unmeshed peer (or a destination outside the mesh).
-    None,
-    /// Both pods on this node: no TLS, identities known to the agent itself.
-    SameNode { src: Identity, dst: Identity },
-    /// HBONE: mutual TLS between the agents, identities proven by certificates.
-    MutualTls { src: Identity, dst: Identity },
-}
-
-impl Security {
-    /// Istio's `connection_security_policy` label value.
-    pub fn policy(&self) -> &'static str {
-        match self {
-            Security::None => "none",
-            Security::SameNode { .. } => "same_node",
-            Security::MutualTls { .. } => "mutual_tls",
-        }
-    }
-
-    fn identities(&self) -> (Option<&Identity>, Option<&Identity>) {
-        match self {
-            Security::None => (None, None),
-            Security::SameNode { src, dst } | Security::MutualTls { src, dst } => {
-                (Some(src), Some(dst))
-            }
-        }
-    }
-}
-
-/// The connection's one log line, when it ends.
-pub fn log_close(info: &ConnInfo, started: Instant, result: io::Result<(u64, u64)>) {
-    let duration_ms = started.elapsed().as_millis();
-    let service = info.service.as_deref().unwrap_or("");
-    let security = info.security.policy();
-    let (src_id, dst_id) = info.security.identities();
-    let src_identity = tracing::field::display(src_id.map_or("", Identity::as_str));
-    let dst_identity = tracing::field::display(dst_id.map_or("", Identity::as_str));
-    match result {
-        Ok((sent, received)) => info!(
-            direction = info.direction,
-            pod = %info.pod.name,
-            src = %info.src,
-            dst = %info.dst,
-            upstream = %info.upstream,
-            service,
-            security,
-            src_identity,
-            dst_identity,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms,
-            "connection closed"
-        ),
-        Err(e) => warn!(
-            direction = info.direction,
-            pod = %info.pod.name,
-            src = %info.src,
-            dst = %info.dst,
-            upstream = %info.upstream,
-            service,
-            security,
-            src_identity,
-            dst_identity,
-            duration_ms,
-            error = %e,
-            "connection failed"
-        ),
-    }
-}
-
-/// Relays until both directions have ended, then logs the connection. A plain future (not an
-/// `async fn`) so that the connection's task holds the copy state and the log fields once.
-pub fn relay(down: TcpStream, up: TcpStream, info: ConnInfo, started: Instant) -> Relay {
-    Relay {
-        copy: Copying::Tcp(Copy::new(down, up)),
-        info,
-        started,
-        guard: None,
-    }
+/// Relays until both directions have ended (or a policy change revokes the connection), then
+/// records the connection. A plain future (not an `async fn`) so that the connection's task
+/// holds the copy state and the record's fields once.
+pub fn relay(down: TcpStream, up: TcpStream, conn: Conn) -> Relay {
+    Relay::new(Copying::Tcp(Copy::new(down, up)), conn)
 }
 
 /// Relays a captured connection through an HBONE tunnel, like [`relay`].
-pub fn relay_tunnel(down: TcpStream, tunnel: H2Stream, info: ConnInfo, started: Instant) -> Relay {
-    Relay {
-        copy: Copying::Tunnel(Box::new(StreamCopy::new(down, tunnel))),
-        info,
-        started,
-        guard: None,
-    }
+pub fn relay_tunnel(down: TcpStream, tunnel: H2Stream, conn: Conn) -> Relay {
+    Relay::new(
+        Copying::Tunnel(Box::new(StreamCopy::new(down, tunnel))),
+        conn,
+    )
 }
 
-/// What a relay copies between.
+/// Relays an HBONE stream accepted by this agent to the application, like [`relay`].
+pub fn relay_inbound_tunnel(tunnel: H2Stream, app: TcpStream, conn: Conn) -> Relay {
+    Relay::new(
+        Copying::TunnelIn(Box::new(StreamCopy::new(tunnel, app))),
+        conn,
+    )
+}
+
+/// What a relay copies between. In each, the first stream is the source's side, so the
+/// totals are `[to destination, to source]`.
 #[derive(Debug)]
 enum Copying {
     /// Two TCP sockets.
     Tcp(Copy),
     /// A TCP socket and an HBONE stream (boxed: rarer, and larger).
     Tunnel(Box<StreamCopy<TcpStream, H2Stream>>),
+    /// An HBONE stream and a TCP socket.
+    TunnelIn(Box<StreamCopy<H2Stream, TcpStream>>),
+}
+
+impl Copying {
+    fn totals(&self) -> [u64; 2] {
+        match self {
+            Copying::Tcp(c) => c.totals,
+            Copying::Tunnel(c) => c.totals(),
+            Copying::TunnelIn(c) => c.totals(),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(u64, u64)>> {
+        match self {
+            Copying::Tcp(copy) => Pin::new(copy).poll(cx),
+            Copying::Tunnel(copy) => Pin::new(&mut **copy).poll(cx),
+            Copying::TunnelIn(copy) => Pin::new(&mut **copy).poll(cx),
+        }
+    }
+}
+
+/// A connection about to be relayed: its description, where it is counted, and (at the
+/// destination's agent) its authorization, which a policy change may revoke.
+#[derive(Debug)]
+pub struct Conn {
+    pub info: ConnInfo,
+    pub started: Instant,
+    pub telemetry: Arc<Telemetry>,
+    pub tracked: Option<Arc<Tracked>>,
 }
 
 /// See [`relay`].
 #[derive(Debug)]
 pub struct Relay {
     copy: Copying,
-    info: ConnInfo,
-    started: Instant,
+    conn: Box<Conn>,
+    counters: Counters,
+    /// Bytes already added to the counters, `[to destination, to source]`.
+    counted: [u64; 2],
     /// The application's view of its peer, removed when the connection ends.
     guard: Option<PeerGuard>,
 }
 
 impl Relay {
+    fn new(copy: Copying, conn: Conn) -> Self {
+        let counters = conn.telemetry.open(&conn.info);
+        Self {
+            copy,
+            conn: Box::new(conn),
+            counters,
+            counted: [0; 2],
+            guard: None,
+        }
+    }
+
     /// Keeps `guard` until the connection ends.
     pub(super) fn holding(mut self, guard: PeerGuard) -> Self {
         self.guard = Some(guard);
         self
+    }
+
+    /// Adds the bytes moved since the last call to the metrics.
+    fn count(&mut self) -> [u64; 2] {
+        let totals = self.copy.totals();
+        let delta = [totals[0] - self.counted[0], totals[1] - self.counted[1]];
+        if delta != [0, 0] {
+            self.counters.add_bytes(delta[0], delta[1]);
+            self.counted = totals;
+        }
+        totals
     }
 }
 
@@ -316,11 +285,30 @@ impl Future for Relay {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let result = ready!(match &mut this.copy {
-            Copying::Tcp(copy) => Pin::new(copy).poll(cx),
-            Copying::Tunnel(copy) => Pin::new(&mut **copy).poll(cx),
-        });
-        log_close(&this.info, this.started, result);
+        let tracked = this.conn.tracked.as_ref();
+        if let Some(revoked) = tracked
+            .filter(|t| t.poll_revoked(cx))
+            .map(|t| t.revoked_by())
+        {
+            let totals = this.count();
+            let c = &this.conn;
+            c.telemetry.close(
+                &c.info,
+                &this.counters,
+                c.started,
+                totals,
+                &Ok(()),
+                revoked.as_ref(),
+            );
+            // Dropping the relay closes both sides.
+            return Poll::Ready(());
+        }
+        let result = this.copy.poll(cx);
+        let totals = this.count();
+        let result = ready!(result).map(|_| ());
+        let c = &this.conn;
+        c.telemetry
+            .close(&c.info, &this.counters, c.started, totals, &result, None);
         Poll::Ready(())
     }
 }

@@ -53,6 +53,11 @@ impl<A, B> StreamCopy<A, B> {
             totals: [0; 2],
         }
     }
+
+    /// Bytes moved so far, `[a → b, b → a]`.
+    pub fn totals(&self) -> [u64; 2] {
+        self.totals
+    }
 }
 
 /// Advances one direction as far as it can go without blocking.

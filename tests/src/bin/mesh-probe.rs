@@ -42,6 +42,11 @@
 //! - `raw <addr> --send-hex HEX --wait-close-ms W`: sends the bytes, prints `sent <n> bytes`, then
 //!   waits up to W ms for the peer to close: `closed_after_ms=<t> how=eof|reset received=<n>`
 //!   or `still_open received=<n>`.
+//!
+//! HTTP client (for the agent's admin, metrics and readiness servers):
+//! - `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close` (5 s
+//!   timeouts); prints the status code on the first line and the body after it. Exits 0 for any
+//!   response (the caller checks the code), 1 when it cannot connect or read a response.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -100,6 +105,7 @@ const USAGE: &str = "usage: mesh-probe <command>
   hbone-serve <addr> --ca-dir D --identity ID
   parallel <addr> --conns N --bytes B [--hold-ms H]
   raw <addr> --send-hex HEX --wait-close-ms W
+  http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
 
 /// Counts `EAGAIN`s a *blocking* read returned before its timeout. On a socket in a sockmap,
@@ -172,6 +178,7 @@ fn main() -> ExitCode {
             .and_then(|o| hbone_serve(addr, &o)),
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
+        ["http", method, addr, path] => http(method, addr, path),
         _ => Err(USAGE.into()),
     };
     match result {
@@ -1324,6 +1331,199 @@ fn unhex(hex: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
+/// Timeout of `http`'s connect, and of each of its reads and writes.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest response `http` reads (head and body).
+const HTTP_MAX: usize = 16 << 20;
+
+/// `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close`. Prints the
+/// status code on the first line, then the body as received. Any response is a success (the
+/// caller checks the code); failing to connect or to read a response is an error.
+fn http(method: &str, addr: &str, path: &str) -> Result<(), String> {
+    let (status, body) = http_request(method, addr, path)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{status}")
+        .and_then(|()| out.write_all(&body))
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("stdout: {e}"))
+}
+
+/// Sends the request and returns the status code and the (de-chunked) body.
+fn http_request(method: &str, addr: &str, path: &str) -> Result<(u16, Vec<u8>), String> {
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!("method {method:?}: expected upper-case letters"));
+    }
+    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b < 0x20) {
+        return Err(format!(
+            "path {path:?}: must start with / and have no spaces"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| format!("address {addr:?}: {e}"))?
+        .collect();
+    let mut last_error = format!("address {addr:?} resolves to nothing");
+    let mut stream = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, HTTP_TIMEOUT) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last_error = format!("connect {a}: {e}"),
+        }
+    }
+    let mut stream = stream.ok_or(last_error)?;
+    stream
+        .set_read_timeout(Some(HTTP_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(HTTP_TIMEOUT)))
+        .map_err(|e| format!("socket options: {e}"))?;
+    let length = if matches!(method, "GET" | "HEAD") {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-probe\r\nAccept: */*\r\n\
+         {length}Connection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send request: {e}"))?;
+    read_response(&mut stream, method == "HEAD")
+}
+
+/// Reads one HTTP/1.1 response (after any `1xx` interim ones): the status code and the body,
+/// delimited by `Content-Length`, chunked encoding, or the end of the stream.
+fn read_response(stream: &mut impl Read, head_request: bool) -> Result<(u16, Vec<u8>), String> {
+    let mut buf = Vec::new();
+    let mut eof = false;
+    // Reads more into `buf`; `false` at end of stream.
+    let mut fill = |buf: &mut Vec<u8>, eof: &mut bool| -> Result<bool, String> {
+        if *eof {
+            return Ok(false);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = stream
+            .read(&mut chunk)
+            .map_err(|e| format!("read response: {e}"))?;
+        if buf.len() + n > HTTP_MAX {
+            return Err(format!("response larger than {HTTP_MAX} bytes"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        *eof = n == 0;
+        Ok(n > 0)
+    };
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !fill(&mut buf, &mut eof)? {
+                return Err(if buf.is_empty() {
+                    "connection closed without a response".into()
+                } else {
+                    "connection closed within the response head".into()
+                });
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = match status_line.split(' ').collect::<Vec<_>>().as_slice() {
+            [version, code, ..] if version.starts_with("HTTP/1.") && code.len() == 3 => code
+                .parse()
+                .map_err(|_| format!("bad status line {status_line:?}"))?,
+            _ => return Err(format!("bad status line {status_line:?}")),
+        };
+        if (100..200).contains(&status) && status != 101 {
+            continue;
+        }
+        let header = |name: &str| {
+            lines.clone().find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        };
+        if head_request || status == 204 || status == 304 {
+            return Ok((status, Vec::new()));
+        }
+        if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            loop {
+                if let Some(body) = dechunk(&buf)? {
+                    return Ok((status, body));
+                }
+                if !fill(&mut buf, &mut eof)? {
+                    return Err("connection closed within the chunked body".into());
+                }
+            }
+        }
+        if let Some(length) = header("content-length") {
+            let length: usize = length
+                .parse()
+                .map_err(|_| format!("bad Content-Length {length:?}"))?;
+            if length > HTTP_MAX {
+                return Err(format!("Content-Length {length} larger than {HTTP_MAX}"));
+            }
+            while buf.len() < length {
+                if !fill(&mut buf, &mut eof)? {
+                    return Err(format!(
+                        "connection closed after {} of {length} body bytes",
+                        buf.len()
+                    ));
+                }
+            }
+            buf.truncate(length);
+            return Ok((status, buf));
+        }
+        while fill(&mut buf, &mut eof)? {}
+        return Ok((status, buf));
+    }
+}
+
+/// Decodes a chunked body; `None` while `data` does not hold all of it yet.
+fn dechunk(data: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let line_end = |from: usize| {
+        data.get(from..)
+            .and_then(|rest| rest.windows(2).position(|w| w == b"\r\n"))
+            .map(|i| from + i)
+    };
+    let mut body = Vec::new();
+    let mut pos = 0;
+    loop {
+        let Some(end) = line_end(pos) else {
+            return Ok(None);
+        };
+        let line = String::from_utf8_lossy(&data[pos..end]);
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size =
+            usize::from_str_radix(size, 16).map_err(|_| format!("bad chunk size line {line:?}"))?;
+        pos = end + 2;
+        if size == 0 {
+            // Trailer lines up to an empty one.
+            loop {
+                let Some(end) = line_end(pos) else {
+                    return Ok(None);
+                };
+                if end == pos {
+                    return Ok(Some(body));
+                }
+                pos = end + 2;
+            }
+        }
+        let Some(chunk) = data.get(pos..pos + size) else {
+            return Ok(None);
+        };
+        body.extend_from_slice(chunk);
+        pos += size;
+        match data.get(pos..pos + 2) {
+            None | Some(b"\r") => return Ok(None),
+            Some(b"\r\n") => pos += 2,
+            Some(_) => return Err("chunk not followed by CRLF".into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1610,5 +1810,101 @@ mod tests {
         assert!(unhex("abc").is_err());
         assert!(unhex("zz").is_err());
         assert!(unhex("é0").is_err());
+    }
+
+    fn response(raw: &[u8], head: bool) -> Result<(u16, String), String> {
+        read_response(&mut std::io::Cursor::new(raw.to_vec()), head)
+            .map(|(s, b)| (s, String::from_utf8(b).unwrap()))
+    }
+
+    #[test]
+    fn reads_http_responses() {
+        let ok = |s: u16, b: &str| Ok((s, b.to_string()));
+        assert_eq!(
+            response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nready\nextra",
+                false
+            ),
+            ok(200, "ready\n")
+        );
+        assert_eq!(
+            response(
+                b"HTTP/1.1 503 Service Unavailable\r\n\r\nnot ready: x\n",
+                false
+            ),
+            ok(503, "not ready: x\n")
+        );
+        assert_eq!(
+            response(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\n",
+                false
+            ),
+            ok(200, "abcde")
+        );
+        assert_eq!(
+            response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\nno", false),
+            ok(404, "no")
+        );
+        assert_eq!(
+            response(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n", true),
+            ok(200, "")
+        );
+        for (raw, want) in [
+            (&b""[..], "without a response"),
+            (b"HTTP/1.1 200 OK\r\n", "within the response head"),
+            (b"SSH-2.0-x\r\n\r\n", "bad status line"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", "3 of 9"),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+                "chunked body",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                "chunk size",
+            ),
+        ] {
+            let e = response(raw, false).expect_err(want);
+            assert!(e.contains(want), "{raw:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn http_request_against_a_local_server() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 5\r\n\r\nnope\n")
+                .unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let (status, body) =
+            http_request("POST", &addr.to_string(), "/logging?level=debug").unwrap();
+        assert_eq!((status, body.as_slice()), (405, &b"nope\n"[..]));
+        let head = server.join().unwrap();
+        assert!(
+            head.starts_with("POST /logging?level=debug HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
+        assert!(head.contains("\r\nContent-Length: 0\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nHost: {addr}\r\n")), "{head}");
+
+        // Nothing listens on a port just freed: a connection error.
+        let free = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = http_request("GET", &free.to_string(), "/").unwrap_err();
+        assert!(e.starts_with(&format!("connect {free}: ")), "{e}");
+        assert!(http_request("get", "127.0.0.1:1", "/").is_err());
+        assert!(http_request("GET", "127.0.0.1:1", "no-slash").is_err());
     }
 }

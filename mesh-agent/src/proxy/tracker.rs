@@ -1,0 +1,204 @@
+//! The connections this agent authorized as the destination's agent, so that a policy change
+//! can check them again and close those it no longer allows.
+//!
+//! Each authorized connection registers its subject (source address and identity, destination)
+//! and keeps a [`Tracked`] handle; the relay polls the handle, so revoking wakes the relay,
+//! which closes both sockets and logs the connection as revoked. The entry is removed when the
+//! connection ends (the handle's guard is dropped).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    task::Context,
+};
+
+use futures_util::task::AtomicWaker;
+use mesh_identity::Identity;
+
+use crate::cluster::AuthzDecision;
+
+/// What a connection's authorization depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzSubject {
+    /// The original client.
+    pub src: SocketAddr,
+    /// Proven by mTLS, or known to the agent for a pod of its node; `None` for plaintext.
+    pub src_identity: Option<Identity>,
+    /// The destination workload's address and port.
+    pub dst: SocketAddr,
+}
+
+/// One tracked connection.
+#[derive(Debug)]
+pub struct Tracked {
+    id: u64,
+    subject: AuthzSubject,
+    revoked: AtomicBool,
+    /// The decision that revoked the connection (set once, before `revoked`).
+    revoked_by: Mutex<Option<AuthzDecision>>,
+    waker: AtomicWaker,
+    tracker: Arc<Tracker>,
+}
+
+impl Tracked {
+    /// Whether a policy change revoked the connection; registers the task to be woken when it
+    /// is.
+    pub fn poll_revoked(&self, cx: &Context<'_>) -> bool {
+        if self.revoked.load(Ordering::Acquire) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// The decision that revoked the connection.
+    pub fn revoked_by(&self) -> Option<AuthzDecision> {
+        self.revoked_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.tracker
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// The set of tracked connections (one per agent).
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Weak references: the connection owns its `Tracked`.
+    conns: Mutex<HashMap<u64, std::sync::Weak<Tracked>>>,
+    next: AtomicU64,
+}
+
+impl Tracker {
+    /// Registers a connection that was authorized; keep the handle for its life.
+    pub fn track(self: &Arc<Self>, subject: AuthzSubject) -> Arc<Tracked> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let tracked = Arc::new(Tracked {
+            id,
+            subject,
+            revoked: AtomicBool::new(false),
+            revoked_by: Mutex::new(None),
+            waker: AtomicWaker::new(),
+            tracker: Arc::clone(self),
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::downgrade(&tracked));
+        tracked
+    }
+
+    /// Number of tracked connections.
+    pub fn len(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no connection is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks every tracked connection with `decide` and revokes those it denies; returns how
+    /// many were revoked. The lock is held only to collect the connections.
+    pub fn recheck(&self, decide: impl Fn(&AuthzSubject) -> Option<AuthzDecision>) -> usize {
+        let conns: Vec<Arc<Tracked>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let mut revoked = 0;
+        for conn in conns {
+            if conn.revoked.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Some(decision) = decide(&conn.subject) {
+                *conn
+                    .revoked_by
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(decision);
+                conn.revoked.store(true, Ordering::Release);
+                conn.waker.wake();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{future::poll_fn, task::Poll};
+
+    use super::*;
+    use crate::cluster::{DecisionReason, Verdict};
+
+    fn subject(port: u16) -> AuthzSubject {
+        AuthzSubject {
+            src: "10.0.0.1:40000".parse().unwrap(),
+            src_identity: None,
+            dst: SocketAddr::new("10.0.1.1".parse().unwrap(), port),
+        }
+    }
+
+    fn deny() -> AuthzDecision {
+        AuthzDecision {
+            verdict: Verdict::Deny,
+            reason: DecisionReason::DenyMatched,
+            policy: Some(Arc::from("ns/deny")),
+            audited: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn recheck_revokes_only_denied_connections_and_wakes_them() {
+        let tracker = Arc::new(Tracker::default());
+        let a = tracker.track(subject(80));
+        let b = tracker.track(subject(81));
+        assert_eq!(tracker.len(), 2);
+        let waiting = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                poll_fn(|cx| {
+                    if a.poll_revoked(cx) {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
+            })
+        };
+        tokio::task::yield_now().await;
+        let n = tracker.recheck(|s| (s.dst.port() == 80).then(deny));
+        assert_eq!(n, 1);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the revoked connection was woken")
+            .unwrap();
+        assert_eq!(a.revoked_by(), Some(deny()));
+        assert!(b.revoked_by().is_none());
+        // Already revoked: not counted again.
+        assert_eq!(tracker.recheck(|_| Some(deny())), 1);
+        drop(a);
+        drop(b);
+        assert!(tracker.is_empty());
+    }
+}

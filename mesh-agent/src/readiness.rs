@@ -1,0 +1,186 @@
+//! Readiness as guard objects: every part of the agent that must finish before it can serve
+//! holds a [`BlockReady`] and drops it when done. The agent is ready once none is left; the
+//! readiness server (`/healthz/ready`) reports it.
+//!
+//! Blockers must be taken before anything can observe readiness (before the readiness server
+//! starts): a [`Readiness`] without blockers is ready.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use tokio::sync::watch;
+
+/// The blockers still pending, by id (names may repeat).
+#[derive(Debug, Default)]
+struct Blockers {
+    next_id: u64,
+    pending: BTreeMap<u64, String>,
+}
+
+/// Whether the agent is ready to serve: ready once every [`BlockReady`] taken from it was
+/// dropped. Cheap to clone; clones share the state.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    state: Arc<watch::Sender<Blockers>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Readiness {
+    /// A readiness with no blockers (ready until one is taken).
+    pub fn new() -> Self {
+        Self {
+            state: Arc::new(watch::Sender::new(Blockers::default())),
+        }
+    }
+
+    /// A blocker named `what` (e.g. `config`, `certificates`); the agent is not ready until it,
+    /// and every other blocker, is dropped.
+    pub fn block(&self, what: &str) -> BlockReady {
+        let mut id = 0;
+        self.state.send_modify(|b| {
+            id = b.next_id;
+            b.next_id += 1;
+            b.pending.insert(id, what.to_string());
+        });
+        tracing::debug!(blocker = what, "readiness blocked");
+        BlockReady {
+            readiness: self.clone(),
+            id,
+            what: what.to_string(),
+        }
+    }
+
+    /// Whether no blocker is pending.
+    pub fn is_ready(&self) -> bool {
+        self.state.borrow().pending.is_empty()
+    }
+
+    /// Names of the blockers still pending, sorted, each once.
+    pub fn pending(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.state.borrow().pending.values().cloned().collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Resolves once no blocker is pending (at once if none is).
+    pub async fn wait(&self) {
+        let mut rx = self.state.subscribe();
+        // The sender lives in `self`, so the channel cannot close while waiting.
+        let _ = rx.wait_for(|b| b.pending.is_empty()).await;
+    }
+
+    fn unblock(&self, id: u64, what: &str) {
+        let mut now_ready = false;
+        self.state.send_if_modified(|b| {
+            let removed = b.pending.remove(&id).is_some();
+            now_ready = removed && b.pending.is_empty();
+            removed
+        });
+        tracing::debug!("ready: {what} done");
+        if now_ready {
+            tracing::info!("agent is ready to serve");
+        }
+    }
+}
+
+/// Keeps the agent not ready while it exists; dropping it unblocks.
+#[must_use = "readiness is unblocked as soon as the BlockReady is dropped"]
+#[derive(Debug)]
+pub struct BlockReady {
+    readiness: Readiness,
+    id: u64,
+    what: String,
+}
+
+impl BlockReady {
+    /// The name this blocker was taken with.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+impl Drop for BlockReady {
+    fn drop(&mut self) {
+        self.readiness.unblock(self.id, &self.what);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn ready_without_blockers() {
+        let r = Readiness::new();
+        assert!(r.is_ready());
+        assert!(r.pending().is_empty());
+    }
+
+    #[test]
+    fn one_blocker() {
+        let r = Readiness::new();
+        let b = r.block("config");
+        assert_eq!(b.what(), "config");
+        assert!(!r.is_ready());
+        assert_eq!(r.pending(), ["config"]);
+        drop(b);
+        assert!(r.is_ready());
+        assert!(r.pending().is_empty());
+    }
+
+    #[test]
+    fn two_blockers_and_clones_share_state() {
+        let r = Readiness::new();
+        let clone = r.clone();
+        let certs = r.block("certificates");
+        let config = clone.block("config");
+        assert_eq!(r.pending(), ["certificates", "config"]);
+        drop(config);
+        assert!(!r.is_ready());
+        assert_eq!(clone.pending(), ["certificates"]);
+        drop(certs);
+        assert!(r.is_ready() && clone.is_ready());
+    }
+
+    #[test]
+    fn same_name_twice_needs_both_dropped() {
+        let r = Readiness::new();
+        let a = r.block("config");
+        let b = r.block("config");
+        assert_eq!(r.pending(), ["config"]);
+        drop(a);
+        assert!(!r.is_ready());
+        drop(b);
+        assert!(r.is_ready());
+    }
+
+    #[tokio::test]
+    async fn wait_resolves_when_the_last_blocker_goes() {
+        let r = Readiness::new();
+        tokio::time::timeout(Duration::from_secs(1), r.wait())
+            .await
+            .expect("ready without blockers");
+        let a = r.block("a");
+        let b = r.block("b");
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait().await }
+        });
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("wait resolved")
+            .unwrap();
+    }
+}

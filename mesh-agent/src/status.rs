@@ -1,0 +1,399 @@
+//! What the admin endpoints show about a running agent: the Prometheus metrics (Istio's TCP
+//! metrics, the agent's health, the kernel fast path's counters, the process) and the
+//! configuration dump (workloads, services, policies, certificates).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use mesh_identity::{CertManager, CertSnapshot};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::{
+    admin::AdminSource,
+    cluster::{ClusterState, TargetPort},
+    config::AgentConfig,
+    proxy::ProxyCtx,
+    telemetry::{
+        access_log::rfc3339,
+        metrics::{write_counter, write_gauge, write_header, write_sample},
+    },
+};
+
+/// The agent's state, as the admin endpoints read it.
+pub struct AgentStatus {
+    pub config: AgentConfig,
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    pub certs: Arc<CertManager>,
+    pub ctx: Arc<ProxyCtx>,
+    pub started: SystemTime,
+}
+
+impl std::fmt::Debug for AgentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStatus")
+            .field("node", &self.config.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminSource for AgentStatus {
+    fn metrics(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        self.ctx.telemetry.metrics.write_prometheus(&mut out);
+        self.write_agent(&mut out);
+        self.write_fastpath(&mut out);
+        write_process(&mut out, self.started);
+        out
+    }
+
+    fn config_dump(&self) -> Value {
+        let state = Arc::clone(&self.state.borrow());
+        let wanted: Vec<String> = self
+            .certs
+            .wanted()
+            .iter()
+            .map(|i| i.as_str().to_owned())
+            .collect();
+        let snapshot = self.certs.snapshot();
+        json!({
+            "node": self.config.node_name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": self.config.to_string(),
+            "cluster": {
+                "generation": state.generation(),
+                "errors": state.errors().iter().map(|e| json!({"source": e.source, "message": e.message})).collect::<Vec<_>>(),
+                "warnings": state.warnings(),
+            },
+            "workloads": self.workloads_json(&state),
+            "services": services_json(&state),
+            "policies": policies_json(&state),
+            "certificates": {
+                "wanted": wanted,
+                "issued": certificates_json(&snapshot),
+                "generation": snapshot.generation,
+            },
+            "connections": {
+                "authorized_open": self.ctx.tracker.len(),
+            },
+        })
+    }
+}
+
+impl AgentStatus {
+    fn workloads_json(&self, state: &ClusterState) -> Vec<Value> {
+        let local = Arc::clone(&self.ctx.local.borrow());
+        let served: BTreeSet<&str> = local.values().map(|p| p.name.as_str()).collect();
+        state
+            .workloads()
+            .iter()
+            .map(|w| {
+                let name = format!("{}/{}", w.namespace, w.name);
+                json!({
+                    "namespace": w.namespace,
+                    "name": w.name,
+                    "node": w.node,
+                    "service_account": w.service_account,
+                    "identity": w.identity,
+                    "ips": w.ips,
+                    "labels": w.labels,
+                    "ready": w.ready,
+                    "enrolled": w.enrolled,
+                    "captured_by_this_agent": served.contains(name.as_str()),
+                })
+            })
+            .collect()
+    }
+}
+
+fn services_json(state: &ClusterState) -> Vec<Value> {
+    state
+        .services()
+        .iter()
+        .map(|s| {
+            let ports: Vec<Value> = s
+                .ports
+                .iter()
+                .map(|p| {
+                    json!({
+                        "name": p.name,
+                        "port": p.port,
+                        "protocol": p.protocol.to_string(),
+                        "target_port": match &p.target_port {
+                            TargetPort::Number(n) => json!(n),
+                            TargetPort::Name(n) => json!(n),
+                        },
+                        "endpoints": p.endpoints.iter().map(|e| {
+                            format!("{}/{}", e.workload.namespace, e.workload.name)
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({
+                "namespace": s.namespace,
+                "name": s.name,
+                "vips": s.vips,
+                "ports": ports,
+            })
+        })
+        .collect()
+}
+
+fn policies_json(state: &ClusterState) -> Value {
+    let peer_auth: Vec<Value> = state
+        .peer_authentications()
+        .iter()
+        .map(|p| {
+            let port_level: BTreeMap<String, String> = p
+                .port_level
+                .iter()
+                .map(|(k, v)| (k.to_string(), format!("{v:?}")))
+                .collect();
+            json!({
+                "namespace": p.namespace,
+                "name": p.name,
+                "scope": format!("{:?}", p.scope),
+                "selector": p.selector,
+                "mode": format!("{:?}", p.mode),
+                "port_level": port_level,
+            })
+        })
+        .collect();
+    let authz: Vec<Value> = state
+        .authorization_policies()
+        .iter()
+        .map(|p| serde_json::to_value(&**p).unwrap_or_else(|e| json!({"error": e.to_string()})))
+        .collect();
+    json!({
+        "authorization": authz,
+        "peer_authentication": peer_auth,
+    })
+}
+
+fn certificates_json(snapshot: &CertSnapshot) -> Vec<Value> {
+    let now = SystemTime::now();
+    let mut certs: Vec<Value> = snapshot
+        .certs
+        .values()
+        .map(|c| {
+            json!({
+                "identity": c.identity().as_str(),
+                "serial": c.serial_hex(),
+                "not_before": rfc3339(c.not_before()),
+                "not_after": rfc3339(c.not_after()),
+                "rotate_at": rfc3339(c.rotate_at()),
+                "expires_in_secs": c.not_after().duration_since(now).map_or(0, |d| d.as_secs()),
+                "valid": c.is_valid_at(now),
+            })
+        })
+        .collect();
+    certs.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
+    certs
+}
+
+impl AgentStatus {
+    fn write_agent(&self, out: &mut String) {
+        let state = Arc::clone(&self.state.borrow());
+        let local = Arc::clone(&self.ctx.local.borrow());
+        let served: BTreeSet<&str> = local.values().map(|p| p.name.as_str()).collect();
+        write_header(
+            out,
+            "mesh_agent_info",
+            "The agent's version and node",
+            "gauge",
+        );
+        write_sample(
+            out,
+            "mesh_agent_info",
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("node", &self.config.node_name),
+            ],
+            1,
+        );
+        write_gauge(
+            out,
+            "mesh_agent_captured_workloads",
+            "Pods of this node whose traffic the agent captures",
+            served.len(),
+        );
+        write_gauge(
+            out,
+            "mesh_agent_config_generation",
+            "Generation of the cluster view in force",
+            state.generation(),
+        );
+        write_gauge(
+            out,
+            "mesh_agent_config_errors",
+            "Config sources rejected or failing to parse (their last good version is in force)",
+            state.errors().len(),
+        );
+        write_gauge(
+            out,
+            "mesh_agent_config_warnings",
+            "Warnings about valid config (conflicts, fields not enforced)",
+            state.warnings().len(),
+        );
+        write_gauge(
+            out,
+            "mesh_agent_authorization_policies",
+            "AuthorizationPolicies in the cluster view",
+            state.authorization_policies().len(),
+        );
+        write_gauge(
+            out,
+            "mesh_agent_authorized_connections",
+            "Open connections this agent authorized as the destination's (re-checked on policy changes)",
+            self.ctx.tracker.len(),
+        );
+        let log = &self.ctx.telemetry.access_log;
+        write_counter(
+            out,
+            "mesh_agent_access_log_records_total",
+            "Access log records written",
+            log.written(),
+        );
+        write_counter(
+            out,
+            "mesh_agent_access_log_dropped_total",
+            "Access log records dropped because the writer was behind",
+            log.dropped(),
+        );
+        let snapshot = self.certs.snapshot();
+        let mut certs: Vec<(&str, u64)> = snapshot
+            .certs
+            .values()
+            .map(|c| {
+                let expiry = c
+                    .not_after()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                (c.identity().as_str(), expiry)
+            })
+            .collect();
+        certs.sort_unstable();
+        write_header(
+            out,
+            "mesh_agent_certificate_expiration_timestamp_seconds",
+            "When each workload certificate expires (Unix time)",
+            "gauge",
+        );
+        for (identity, expiry) in certs {
+            write_sample(
+                out,
+                "mesh_agent_certificate_expiration_timestamp_seconds",
+                &[("identity", identity)],
+                expiry,
+            );
+        }
+    }
+
+    fn write_fastpath(&self, out: &mut String) {
+        let stats = match self.ctx.conn.fastpath() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "reading the fast-path counters failed");
+                return;
+            }
+        };
+        let help = "Messages and bytes the kernel fast path (sockmap sk_msg) handled on pod-local legs: redirected straight to the peer socket, or passed to the TCP stack";
+        for (name, rows) in [
+            (
+                "mesh_fastpath_messages_total",
+                [
+                    ("redirected", stats.redirected_msgs),
+                    ("passed", stats.passed_msgs),
+                ],
+            ),
+            (
+                "mesh_fastpath_bytes_total",
+                [
+                    ("redirected", stats.redirected_bytes),
+                    ("passed", stats.passed_bytes),
+                ],
+            ),
+        ] {
+            write_header(out, name, help, "counter");
+            for (outcome, v) in rows {
+                write_sample(out, name, &[("outcome", outcome)], v);
+            }
+        }
+    }
+}
+
+/// Prometheus' standard process metrics, from `/proc/self`.
+fn write_process(out: &mut String, started: SystemTime) {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let kb = |key: &str| {
+            status.lines().find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        if let Some(rss) = kb("VmRSS:") {
+            write_gauge(
+                out,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                rss * 1024,
+            );
+        }
+        if let Some(vm) = kb("VmSize:") {
+            write_gauge(
+                out,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                vm * 1024,
+            );
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .and_then(|t| u64::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(100);
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        if let (Some(utime), Some(stime)) = (field(11), field(12)) {
+            #[allow(clippy::cast_precision_loss)]
+            let v = (utime + stime) as f64 / ticks as f64;
+            write_header(
+                out,
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds",
+                "counter",
+            );
+            write_sample(out, "process_cpu_seconds_total", &[], v);
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        write_gauge(
+            out,
+            "process_open_fds",
+            "Number of open file descriptors",
+            dir.count(),
+        );
+    }
+    write_gauge(
+        out,
+        "process_start_time_seconds",
+        "Start time of the process since the Unix epoch in seconds",
+        started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+}

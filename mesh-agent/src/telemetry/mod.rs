@@ -1,0 +1,444 @@
+//! What the agent reports about the connections it carries: Istio's TCP metrics (served on
+//! port 15020 by [`crate::admin`]), the JSON access log, and the per-connection `tracing` line.
+//!
+//! A connection is described once, when it opens, by a [`ConnInfo`]; [`Telemetry::open`]
+//! counts it under each role this agent plays for it (Istio's `reporter`: the source's agent,
+//! the destination's, or both for a same-node connection), and [`Telemetry::close`] writes its
+//! record. A refused connection is counted opened and closed with `response_flags="DENY"` (or
+//! `CONNECT` when the upstream could not be reached), and logged with the decision.
+
+pub mod access_log;
+pub mod labels;
+pub mod metrics;
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::{Instant, SystemTime},
+};
+
+use mesh_identity::Identity;
+use tracing::{info, warn};
+
+use crate::{
+    cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload},
+    proxy::LocalPod,
+};
+
+use self::{
+    access_log::{rfc3339, AccessRecord, Authz, Endpoint},
+    labels::{service_host, workload_name, Peer, PeerLabels, ServiceLabels, TrafficLabels},
+};
+pub use self::{
+    access_log::{AccessLog, AccessLogError, AccessLogTarget},
+    labels::{Reporter, ResponseFlags},
+    metrics::{ConnCounters, Metrics},
+};
+
+/// How the connection is secured, with the identities the agent vouches for.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Plain TCP: an unmeshed peer (or a destination outside the mesh).
+    None,
+    /// Both pods on this node: no TLS, identities known to the agent itself.
+    SameNode { src: Identity, dst: Identity },
+    /// HBONE: mutual TLS between the agents, identities proven by certificates.
+    MutualTls { src: Identity, dst: Identity },
+}
+
+impl Security {
+    /// Istio's `connection_security_policy` label value (`same_node` is ours: no TLS, both
+    /// identities known to the agent).
+    pub fn policy(&self) -> &'static str {
+        match self {
+            Security::None => "none",
+            Security::SameNode { .. } => "same_node",
+            Security::MutualTls { .. } => "mutual_tls",
+        }
+    }
+
+    /// The source's and the destination's identity.
+    pub fn identities(&self) -> (Option<&Identity>, Option<&Identity>) {
+        match self {
+            Security::None => (None, None),
+            Security::SameNode { src, dst } | Security::MutualTls { src, dst } => {
+                (Some(src), Some(dst))
+            }
+        }
+    }
+}
+
+/// Who is talking to whom, described when the connection opens.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// `outbound` (captured from a pod of this node) or `inbound` (for a pod of this node).
+    pub direction: &'static str,
+    /// The pod of this node whose listener accepted the connection.
+    pub pod: Arc<LocalPod>,
+    /// The original client.
+    pub src: SocketAddr,
+    /// The original destination.
+    pub dst: SocketAddr,
+    /// Where the agent connects (the endpoint after service resolution).
+    pub upstream: SocketAddr,
+    /// The service the destination was reached through.
+    pub service: Option<Arc<Service>>,
+    pub security: Security,
+    /// The source workload, when the cluster view knows it.
+    pub src_workload: Option<Arc<Workload>>,
+    /// The destination workload, when the cluster view knows it.
+    pub dst_workload: Option<Arc<Workload>>,
+    /// The authorization decision, when this agent is the destination's.
+    pub authz: Option<AuthzDecision>,
+}
+
+impl ConnInfo {
+    /// A connection described by its direction, pod and addresses; everything else unknown.
+    pub fn new(
+        direction: &'static str,
+        pod: &Arc<LocalPod>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        upstream: SocketAddr,
+    ) -> Self {
+        Self {
+            direction,
+            pod: Arc::clone(pod),
+            src,
+            dst,
+            upstream,
+            service: None,
+            security: Security::None,
+            src_workload: None,
+            dst_workload: None,
+            authz: None,
+        }
+    }
+
+    /// The roles this agent reports the connection under.
+    pub fn reporters(&self) -> &'static [Reporter] {
+        match (self.direction, &self.security) {
+            (_, Security::SameNode { .. }) => &[Reporter::Source, Reporter::Destination],
+            ("inbound", _) => &[Reporter::Destination],
+            _ => &[Reporter::Source],
+        }
+    }
+
+    fn labels(&self, reporter: Reporter, flags: ResponseFlags) -> TrafficLabels {
+        let (src_id, dst_id) = self.security.identities();
+        TrafficLabels {
+            reporter,
+            source: PeerLabels::of(Peer {
+                workload: self.src_workload.as_deref(),
+                identity: src_id,
+            }),
+            destination: PeerLabels::of(Peer {
+                workload: self.dst_workload.as_deref(),
+                identity: dst_id,
+            }),
+            service: ServiceLabels::of(self.service.as_deref()),
+            security: self.security.policy(),
+            response_flags: flags,
+        }
+    }
+}
+
+/// The counters a connection adds its bytes to: one label set per reporter role.
+#[derive(Debug, Default)]
+pub struct Counters {
+    sets: [Option<Arc<ConnCounters>>; 2],
+}
+
+impl Counters {
+    /// Adds bytes moved since the last call.
+    pub fn add_bytes(&self, to_destination: u64, to_source: u64) {
+        for set in self.sets.iter().flatten() {
+            set.add_bytes(to_destination, to_source);
+        }
+    }
+}
+
+/// Why a connection was refused, for its record.
+#[derive(Clone, Debug)]
+pub enum Refusal {
+    /// An `AuthorizationPolicy` denied it.
+    Policy(AuthzDecision),
+    /// `PeerAuthentication` STRICT refused a plaintext connection.
+    MtlsRequired(String),
+    /// The upstream could not be reached.
+    Connect(String),
+    /// The destination's agent denied it (HBONE answer 401), as seen by the source's agent.
+    PeerDenied(String),
+}
+
+/// The agent's metrics and access log.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+}
+
+impl Telemetry {
+    pub fn new(access_log: AccessLog) -> Self {
+        Self {
+            metrics: Metrics::default(),
+            access_log,
+        }
+    }
+
+    /// Counts a connection that opened and will be relayed; returns its counters.
+    pub fn open(&self, info: &ConnInfo) -> Counters {
+        let mut counters = Counters::default();
+        for (slot, &reporter) in counters.sets.iter_mut().zip(info.reporters()) {
+            *slot = Some(
+                self.metrics
+                    .open(info.labels(reporter, ResponseFlags::None)),
+            );
+        }
+        self.active(info).fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = &info.authz {
+            count_decision(&self.metrics, d);
+        }
+        counters
+    }
+
+    fn active(&self, info: &ConnInfo) -> &std::sync::atomic::AtomicI64 {
+        if info.direction == "inbound" {
+            &self.metrics.agent.active_inbound
+        } else {
+            &self.metrics.agent.active_outbound
+        }
+    }
+
+    /// Records a connection refused when it opened: counted opened and closed, logged.
+    pub fn refused(&self, info: &ConnInfo, started: Instant, refusal: &Refusal) {
+        let agent = &self.metrics.agent;
+        let (flags, authz, error) = match refusal {
+            Refusal::Policy(d) => {
+                count_decision(&self.metrics, d);
+                warn!(
+                    src = %info.src, dst = %info.dst,
+                    src_identity = info.security.identities().0.map_or("", Identity::as_str),
+                    policy = d.policy.as_deref().unwrap_or(""),
+                    reason = reason_str(d.reason),
+                    "connection denied by policy"
+                );
+                (ResponseFlags::Denied, Some(authz_of(d, false)), None)
+            }
+            Refusal::MtlsRequired(reason) => {
+                agent.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(dst = %info.dst, src = %info.src, reason, "plaintext connection refused");
+                (
+                    ResponseFlags::Denied,
+                    Some(Authz {
+                        decision: "deny",
+                        reason: "mtls_required",
+                        policy: None,
+                        audit: Vec::new(),
+                    }),
+                    Some(reason.clone()),
+                )
+            }
+            Refusal::PeerDenied(e) => {
+                warn!(src = %info.src, dst = %info.dst, error = %e, "the destination denied the connection");
+                (ResponseFlags::Denied, None, Some(e.clone()))
+            }
+            Refusal::Connect(e) => {
+                agent.connect_failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(d) = &info.authz {
+                    count_decision(&self.metrics, d);
+                }
+                (
+                    ResponseFlags::ConnectFailure,
+                    info.authz.as_ref().map(|d| authz_of(d, false)),
+                    Some(e.clone()),
+                )
+            }
+        };
+        for &reporter in info.reporters() {
+            self.metrics.refused(info.labels(reporter, flags));
+        }
+        self.access_log
+            .write(&Self::record(info, started, [0, 0], authz, flags, error));
+    }
+
+    /// Records a relayed connection that ended: its close, the access log line and the
+    /// connection's `tracing` line. `totals` are the bytes `[to destination, to source]`;
+    /// `revoked` is the decision of a policy change that closed it.
+    pub fn close(
+        &self,
+        info: &ConnInfo,
+        counters: &Counters,
+        started: Instant,
+        totals: [u64; 2],
+        result: &io::Result<()>,
+        revoked: Option<&AuthzDecision>,
+    ) {
+        for set in counters.sets.iter().flatten() {
+            set.close();
+        }
+        self.active(info).fetch_sub(1, Ordering::Relaxed);
+        let authz = match revoked {
+            Some(d) => {
+                self.metrics.agent.revoked.fetch_add(1, Ordering::Relaxed);
+                Some(authz_of(d, true))
+            }
+            None => info.authz.as_ref().map(|d| authz_of(d, false)),
+        };
+        let error = result.as_ref().err().map(ToString::to_string);
+        log_close(info, started, totals, error.as_deref(), revoked);
+        self.access_log.write(&Self::record(
+            info,
+            started,
+            totals,
+            authz,
+            ResponseFlags::None,
+            error,
+        ));
+    }
+
+    fn record(
+        info: &ConnInfo,
+        started: Instant,
+        totals: [u64; 2],
+        authz: Option<Authz>,
+        flags: ResponseFlags,
+        error: Option<String>,
+    ) -> AccessRecord {
+        let (src_id, dst_id) = info.security.identities();
+        let endpoint = |addr: SocketAddr, w: Option<&Workload>, id: Option<&Identity>| Endpoint {
+            addr: addr.to_string(),
+            workload: w.map(|w| w.name.clone()),
+            namespace: w
+                .map(|w| w.namespace.clone())
+                .or_else(|| id.map(|i| i.namespace().to_owned())),
+            identity: id.map(|i| i.as_str().to_owned()),
+        };
+        let reporters = info.reporters();
+        AccessRecord {
+            log: "access",
+            time: rfc3339(SystemTime::now()),
+            reporter: if reporters.len() > 1 {
+                "source_and_destination"
+            } else {
+                reporters[0].as_str()
+            },
+            direction: info.direction,
+            src: endpoint(info.src, info.src_workload.as_deref(), src_id),
+            dst: endpoint(info.dst, info.dst_workload.as_deref(), dst_id),
+            service: info.service.as_deref().map(service_host),
+            upstream: info.upstream.to_string(),
+            connection_security_policy: info.security.policy(),
+            bytes_to_destination: totals[0],
+            bytes_to_source: totals[1],
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            authz,
+            response_flags: flags.as_str(),
+            error,
+        }
+    }
+}
+
+fn count_decision(metrics: &Metrics, d: &AuthzDecision) {
+    let agent = &metrics.agent;
+    match d.verdict {
+        Verdict::Allow => agent.authz_allowed.fetch_add(1, Ordering::Relaxed),
+        Verdict::Deny => agent.authz_denied.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+/// The access log's `reason` for a decision.
+pub fn reason_str(reason: DecisionReason) -> &'static str {
+    match reason {
+        DecisionReason::NoPolicy => "no_policy",
+        DecisionReason::AllowMatched => "allow_matched",
+        DecisionReason::DenyMatched => "deny_matched",
+        DecisionReason::NoAllowMatched => "no_allow_matched",
+    }
+}
+
+fn authz_of(d: &AuthzDecision, revoked: bool) -> Authz {
+    Authz {
+        decision: match (revoked, d.verdict) {
+            (true, _) => "revoked",
+            (false, Verdict::Allow) => "allow",
+            (false, Verdict::Deny) => "deny",
+        },
+        reason: reason_str(d.reason),
+        policy: d.policy.as_deref().map(str::to_owned),
+        audit: d.audited.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The connection's `tracing` line when it ends (the agent's own log, on standard error).
+fn log_close(
+    info: &ConnInfo,
+    started: Instant,
+    totals: [u64; 2],
+    error: Option<&str>,
+    revoked: Option<&AuthzDecision>,
+) {
+    let duration_ms = started.elapsed().as_millis();
+    let service = info
+        .service
+        .as_deref()
+        .map(service_host)
+        .unwrap_or_default();
+    let security = info.security.policy();
+    let (src_id, dst_id) = info.security.identities();
+    let src_identity = tracing::field::display(src_id.map_or("", Identity::as_str));
+    let dst_identity = tracing::field::display(dst_id.map_or("", Identity::as_str));
+    let src_workload = info.src_workload.as_deref().map_or("", workload_name);
+    let dst_workload = info.dst_workload.as_deref().map_or("", workload_name);
+    if let Some(d) = revoked {
+        warn!(
+            direction = info.direction,
+            src = %info.src,
+            dst = %info.dst,
+            src_identity,
+            policy = d.policy.as_deref().unwrap_or(""),
+            reason = reason_str(d.reason),
+            bytes_sent = totals[0],
+            bytes_received = totals[1],
+            duration_ms,
+            "connection closed: no longer allowed by policy"
+        );
+        return;
+    }
+    match error {
+        None => info!(
+            direction = info.direction,
+            pod = %info.pod.name,
+            src = %info.src,
+            dst = %info.dst,
+            upstream = %info.upstream,
+            service,
+            security,
+            src_workload,
+            dst_workload,
+            src_identity,
+            dst_identity,
+            bytes_sent = totals[0],
+            bytes_received = totals[1],
+            duration_ms,
+            "connection closed"
+        ),
+        Some(error) => warn!(
+            direction = info.direction,
+            pod = %info.pod.name,
+            src = %info.src,
+            dst = %info.dst,
+            upstream = %info.upstream,
+            service,
+            security,
+            src_identity,
+            dst_identity,
+            bytes_sent = totals[0],
+            bytes_received = totals[1],
+            duration_ms,
+            error,
+            "connection failed"
+        ),
+    }
+}

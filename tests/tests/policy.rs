@@ -1,0 +1,624 @@
+//! Privileged: L4 `AuthorizationPolicy` enforced by the destination's agent (across nodes over
+//! HBONE, and on one node with the sockmap short-cut on), policy changes applied to open
+//! connections, Istio's TCP metrics and the access log checked against known transfers,
+//! readiness, and a malformed policy that must not replace the one in force.
+//!
+//! Every refusal is paired with an allowed control in the same testbed, so a check that could
+//! not fail would show.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::binary,
+    http::http,
+    mesh::{Mesh, NS},
+    probe,
+    telemetry::{access_records, count, scrape, Sample, ADMIN, READINESS},
+    Agent, Pod, Process, TestbedSpec,
+};
+use serde_json::Value;
+
+const LOG_WAIT: Duration = Duration::from_secs(15);
+const APP_PORT: u16 = 8080;
+
+fn mesh(nodes: usize, pods: usize, sockmap: bool) -> Mesh {
+    Mesh::new(
+        TestbedSpec {
+            nodes,
+            pods_per_node: pods,
+        },
+        sockmap,
+        &[],
+    )
+    .expect("meshed testbed")
+}
+
+fn app(pod: &Pod) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT)
+}
+
+/// Istio's principal of a testbed pod (service account `sa-<pod>`), without `spiffe://`.
+fn principal(pod: &Pod) -> String {
+    format!("cluster.local/ns/{NS}/sa/sa-{}", pod.name)
+}
+
+fn spiffe(pod: &Pod) -> String {
+    format!("spiffe://{}", principal(pod))
+}
+
+/// Writes the `AuthorizationPolicy` `name` in [`NS`] with `spec` (YAML lines indented by two).
+fn write_policy(mesh: &Mesh, name: &str, spec: &str) {
+    let text = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n{spec}"
+    );
+    mesh.files
+        .write(&policy_file(name), &text)
+        .expect("policy file");
+}
+
+fn policy_file(name: &str) -> String {
+    format!("authz-{name}.yaml")
+}
+
+/// The agent on `node`'s `/config_dump`.
+fn config_dump(mesh: &Mesh, node: usize) -> Value {
+    let (status, body) = http(mesh.tb.node(node), "GET", ADMIN, "/config_dump").expect("admin");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("config dump is JSON")
+}
+
+/// Waits until the agent on `node` has `policy` (`namespace/name`) in force with `action`.
+fn wait_policy(mesh: &Mesh, node: usize, name: &str, action: &str) {
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        let dump = config_dump(mesh, node);
+        let found = dump["policies"]["authorization"]
+            .as_array()
+            .is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["name"] == name && p["namespace"] == NS && p["action"] == action)
+            });
+        if found {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy {name} ({action}) never in force on node {node}: {:#}",
+            dump["policies"]
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Connects from `from` to `to`'s echo server: whether the echo came back.
+fn echoes(from: &Pod, to: &Pod) -> bool {
+    probe::connect(from, app(to), "policy probe").is_ok_and(|l| l.starts_with("echo ok"))
+}
+
+/// Whether `server` accepted a connection whose peer is `client` (from its output line on).
+fn accepted_from(server: &Process, from: usize, client: &Pod) -> bool {
+    let needle = format!("accepted {}:", client.ipv4);
+    server.lines()[from..]
+        .iter()
+        .any(|l| l.starts_with(&needle))
+}
+
+/// Waits for `agent`'s access record of a connection from `src` with `decision`.
+fn record(agent: &Agent, from: usize, src: &Pod, decision: &str) -> Value {
+    let deadline = Instant::now() + LOG_WAIT;
+    let src = format!("{}:", src.ipv4);
+    loop {
+        let found = access_records(agent, from).into_iter().find(|r| {
+            r["src"]["addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&src))
+                && r["authz"]["decision"] == decision
+        });
+        if let Some(r) = found {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access record from {src} with decision {decision}: {:#?}",
+            access_records(agent, from)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn allow_and_deny_across_nodes() {
+    let mut mesh = mesh(2, 2, true);
+    let (a, b, dst) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(1, 0).clone(),
+    );
+    let server = probe::serve(&dst, app(&dst)).expect("server");
+    // No policy: both reach it.
+    assert!(
+        echoes(&a, &dst) && echoes(&b, &dst),
+        "control without policy"
+    );
+    // ALLOW only a's principal, for the destination workload (selected by its label).
+    write_policy(
+        &mesh,
+        "allow-a",
+        &format!(
+            "  selector:\n    matchLabels:\n      app: {}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n    to:\n    - operation:\n        ports: [\"{APP_PORT}\"]\n",
+            dst.name,
+            principal(&a)
+        ),
+    );
+    wait_policy(&mesh, 1, "allow-a", "ALLOW");
+    let (log_from, srv_from) = (mesh.agents[1].log_len(), server.lines().len());
+    assert!(echoes(&a, &dst), "the allowed principal is refused");
+    assert!(
+        !echoes(&b, &dst),
+        "a principal the ALLOW policy does not name got through"
+    );
+    assert!(
+        !accepted_from(&server, srv_from, &b),
+        "the denied connection reached the app"
+    );
+    let denied = record(&mesh.agents[1], log_from, &b, "deny");
+    assert_eq!(denied["authz"]["reason"], "no_allow_matched", "{denied:#}");
+    assert_eq!(denied["src"]["identity"], spiffe(&b), "{denied:#}");
+    assert_eq!(denied["response_flags"], "DENY", "{denied:#}");
+    let allowed = record(&mesh.agents[1], log_from, &a, "allow");
+    assert_eq!(
+        allowed["authz"]["policy"],
+        format!("{NS}/allow-a"),
+        "{allowed:#}"
+    );
+    let line = mesh.agents[1]
+        .wait_for_log_from(log_from, "the denial's log line", LOG_WAIT, |l| {
+            l.contains("connection denied by policy")
+        })
+        .unwrap();
+    assert!(line.contains(&spiffe(&b)), "{line}");
+    // The destination's metrics count the denial under the denied principal.
+    let m = scrape(mesh.tb.node(1)).expect("metrics");
+    let denied_opened = count(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", &spiffe(&b)),
+            ("response_flags", "DENY"),
+        ],
+    );
+    assert!(denied_opened >= 1, "no DENY sample for b");
+
+    // DENY wins over ALLOW: a DENY for a on the same port.
+    write_policy(
+        &mesh,
+        "deny-a",
+        &format!(
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [\"{NS}\"]\n        principals: [\"{}\"]\n    when:\n    - key: destination.port\n      values: [\"{APP_PORT}\"]\n",
+            principal(&a)
+        ),
+    );
+    wait_policy(&mesh, 1, "deny-a", "DENY");
+    let log_from = mesh.agents[1].log_len();
+    assert!(!echoes(&a, &dst), "DENY must win over ALLOW");
+    let r = record(&mesh.agents[1], log_from, &a, "deny");
+    assert_eq!(r["authz"]["policy"], format!("{NS}/deny-a"), "{r:#}");
+    assert_eq!(r["authz"]["reason"], "deny_matched", "{r:#}");
+    // Removing both policies restores access.
+    mesh.files.remove(&policy_file("deny-a")).unwrap();
+    mesh.files.remove(&policy_file("allow-a")).unwrap();
+    let deadline = Instant::now() + LOG_WAIT;
+    while !(echoes(&a, &dst) && echoes(&b, &dst)) {
+        assert!(Instant::now() < deadline, "access not restored");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn allow_and_deny_on_one_node_with_sockmap() {
+    let mesh = mesh(1, 3, true);
+    let (a, b, dst) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(0, 2).clone(),
+    );
+    let server = probe::serve(&dst, app(&dst)).expect("server");
+    write_policy(
+        &mesh,
+        "deny-b",
+        &format!(
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
+            principal(&b)
+        ),
+    );
+    wait_policy(&mesh, 0, "deny-b", "DENY");
+    let fast_before = redirected(&mesh);
+    let (log_from, srv_from) = (mesh.agents[0].log_len(), server.lines().len());
+    assert!(
+        !echoes(&b, &dst),
+        "the denied pod got its echo on the same node"
+    );
+    assert!(
+        !accepted_from(&server, srv_from, &b),
+        "the denied connection reached the application"
+    );
+    let denied = record(&mesh.agents[0], log_from, &b, "deny");
+    assert_eq!(
+        denied["connection_security_policy"], "same_node",
+        "{denied:#}"
+    );
+    assert_eq!(denied["bytes_to_destination"], 0, "{denied:#}");
+    // Control: a is allowed, through the same agent and the same short-cut.
+    assert!(echoes(&a, &dst), "control: the allowed pod is refused");
+    assert!(accepted_from(&server, srv_from, &a));
+    let allowed = record(&mesh.agents[0], log_from, &a, "allow");
+    assert_eq!(allowed["authz"]["reason"], "no_policy", "{allowed:#}");
+    assert!(
+        redirected(&mesh) > fast_before,
+        "control: the allowed connection used the sk_msg short-cut"
+    );
+}
+
+/// Bytes the kernel fast path redirected, from the agent on node 0.
+fn redirected(mesh: &Mesh) -> u64 {
+    let m = scrape(mesh.tb.node(0)).expect("metrics");
+    count(
+        &m,
+        "mesh_fastpath_bytes_total",
+        &[("outcome", "redirected")],
+    )
+}
+
+/// A `raw` probe from `from` holding a connection to `to`'s echo server for up to 30 s; it
+/// prints `closed_after_ms=... how=...` when the connection is closed under it.
+fn hold(from: &Pod, to: &Pod) -> Process {
+    let bin = binary("mesh-probe", "mesh-tests").unwrap();
+    let mut cmd = from.command(bin);
+    cmd.args([
+        "raw",
+        &app(to).to_string(),
+        "--send-hex",
+        "68656c6c6f",
+        "--wait-close-ms",
+        "30000",
+    ]);
+    Process::spawn(format!("hold {}", from.name), &mut cmd).expect("raw probe")
+}
+
+#[test]
+fn a_policy_change_closes_open_connections_it_no_longer_allows() {
+    let mut mesh = mesh(2, 2, true);
+    let (remote, local, control, dst) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(1, 1).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(1, 0).clone(),
+    );
+    let mut server = probe::serve(&dst, app(&dst)).expect("server");
+    let mut held: Vec<Process> = [&remote, &local, &control]
+        .iter()
+        .map(|p| hold(p, &dst))
+        .collect();
+    for p in [&remote, &local, &control] {
+        let needle = format!("accepted {}:", p.ipv4);
+        server
+            .wait_for_line("the held connection", LOG_WAIT, |l| l.starts_with(&needle))
+            .unwrap();
+    }
+    // The echo of the 5 bytes came back to each: the connections are up.
+    for h in &mut held {
+        h.wait_for_line("the held connection's echo", LOG_WAIT, |l| {
+            l.starts_with("sent 5 bytes")
+        })
+        .unwrap();
+    }
+    let log_from = mesh.agents[1].log_len();
+    write_policy(
+        &mesh,
+        "deny-two",
+        &format!(
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\", \"{}\"]\n",
+            principal(&remote),
+            principal(&local)
+        ),
+    );
+    for h in &mut held[..2] {
+        let line = h
+            .wait_for_line("the revoked connection to close", LOG_WAIT, |l| {
+                l.starts_with("closed_after_ms=")
+            })
+            .unwrap();
+        assert!(
+            line.contains("received=5"),
+            "the echo came back first: {line}"
+        );
+    }
+    for p in [&remote, &local] {
+        let r = record(&mesh.agents[1], log_from, p, "revoked");
+        assert_eq!(r["authz"]["policy"], format!("{NS}/deny-two"), "{r:#}");
+        assert_eq!(r["bytes_to_destination"], 5, "{r:#}");
+        assert_eq!(r["bytes_to_source"], 5, "{r:#}");
+    }
+    mesh.agents[1]
+        .wait_for_log_from(log_from, "the revocation log line", LOG_WAIT, |l| {
+            l.contains("closing connections the new policy no longer allows")
+        })
+        .unwrap();
+    // Control: the connection the policy does not name stays open.
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !held[2]
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("closed_after_ms=")),
+        "the allowed connection was closed too: {:?}",
+        held[2].lines()
+    );
+    let m = scrape(mesh.tb.node(1)).expect("metrics");
+    assert_eq!(count(&m, "mesh_agent_connections_revoked_total", &[]), 2);
+}
+
+#[test]
+fn metrics_and_access_log_count_the_bytes_of_a_known_transfer() {
+    const BYTES: u32 = 1_000_000;
+    let mesh = mesh(2, 2, true);
+    let (client, remote_dst, local_dst) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(1, 0).clone(),
+        mesh.pod(0, 1).clone(),
+    );
+    let _s1 = probe::serve(&remote_dst, app(&remote_dst)).expect("server");
+    let _s2 = probe::serve(&local_dst, app(&local_dst)).expect("server");
+    let from = [mesh.agents[0].log_len(), mesh.agents[1].log_len()];
+    let fast_before = redirected(&mesh);
+    // Across nodes (HBONE), then on one node (sockmap): BYTES each way, echoed.
+    probe::echo_bytes(&client, app(&remote_dst), u64::from(BYTES)).expect("cross-node transfer");
+    probe::echo_bytes(&client, app(&local_dst), u64::from(BYTES)).expect("same-node transfer");
+    let n = u64::from(BYTES);
+    let wanted = |m: &[Sample], reporter: &str, dst: &Pod, security: &str, name: &str| {
+        count(
+            m,
+            name,
+            &[
+                ("reporter", reporter),
+                ("source_principal", &spiffe(&client)),
+                ("source_workload", &client.name),
+                ("source_workload_namespace", NS),
+                ("destination_principal", &spiffe(dst)),
+                ("destination_workload", &dst.name),
+                ("destination_workload_namespace", NS),
+                ("connection_security_policy", security),
+                ("request_protocol", "tcp"),
+                ("response_flags", "-"),
+            ],
+        )
+    };
+    // Connections close asynchronously after the probe exits: wait for the closes.
+    let deadline = Instant::now() + LOG_WAIT;
+    let (m0, m1) = loop {
+        let (m0, m1) = (
+            scrape(mesh.tb.node(0)).unwrap(),
+            scrape(mesh.tb.node(1)).unwrap(),
+        );
+        let closed = [
+            wanted(
+                &m0,
+                "source",
+                &remote_dst,
+                "mutual_tls",
+                "istio_tcp_connections_closed_total",
+            ),
+            wanted(
+                &m1,
+                "destination",
+                &remote_dst,
+                "mutual_tls",
+                "istio_tcp_connections_closed_total",
+            ),
+            wanted(
+                &m0,
+                "source",
+                &local_dst,
+                "same_node",
+                "istio_tcp_connections_closed_total",
+            ),
+            wanted(
+                &m0,
+                "destination",
+                &local_dst,
+                "same_node",
+                "istio_tcp_connections_closed_total",
+            ),
+        ];
+        if closed.iter().all(|c| *c >= 1) {
+            break (m0, m1);
+        }
+        assert!(Instant::now() < deadline, "closes not counted: {closed:?}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    for (m, reporter, dst, security) in [
+        (&m0, "source", &remote_dst, "mutual_tls"),
+        (&m1, "destination", &remote_dst, "mutual_tls"),
+        (&m0, "source", &local_dst, "same_node"),
+        (&m0, "destination", &local_dst, "same_node"),
+    ] {
+        let what = format!("{reporter} {} {security}", dst.name);
+        let v = |name| wanted(m, reporter, dst, security, name);
+        assert_eq!(v("istio_tcp_connections_opened_total"), 1, "{what}");
+        assert_eq!(v("istio_tcp_connections_closed_total"), 1, "{what}");
+        assert_eq!(
+            v("istio_tcp_received_bytes_total"),
+            n,
+            "{what}: request bytes"
+        );
+        assert_eq!(v("istio_tcp_sent_bytes_total"), n, "{what}: response bytes");
+    }
+    // The same-node legs went through the kernel fast path: each byte crossed two redirected
+    // legs each way (app → agent, agent → app). Other traffic of the agent (none here) could
+    // only add to it.
+    // The cross-node client leg leaves the short-cut when the agent accepts it: at most the
+    // bytes sent before that can be redirected there too.
+    let fast = redirected(&mesh) - fast_before;
+    assert!(
+        (4 * n..=5 * n).contains(&fast),
+        "fast path redirected {fast} bytes, expected {} (at most {})",
+        4 * n,
+        5 * n
+    );
+    check_access_records(&mesh, from, &client, &remote_dst, &local_dst, BYTES);
+}
+
+/// The access log: one record per connection per agent, parsed back and checked against a
+/// transfer of `bytes` each way from `client` to `remote_dst` and to `local_dst`.
+fn check_access_records(
+    mesh: &Mesh,
+    from: [usize; 2],
+    client: &Pod,
+    remote_dst: &Pod,
+    local_dst: &Pod,
+    bytes: u32,
+) {
+    for (agent, dst, security) in [
+        (0, remote_dst, "mutual_tls"),
+        (1, remote_dst, "mutual_tls"),
+        (0, local_dst, "same_node"),
+    ] {
+        let records: Vec<Value> = access_records(&mesh.agents[agent], from[agent])
+            .into_iter()
+            .filter(|r| r["dst"]["workload"] == dst.name.as_str())
+            .collect();
+        assert_eq!(records.len(), 1, "agent {agent}: {records:#?}");
+        let r = &records[0];
+        assert_eq!(r["src"]["workload"], client.name.as_str(), "{r:#}");
+        assert_eq!(r["src"]["namespace"], NS, "{r:#}");
+        assert_eq!(r["src"]["identity"], spiffe(client), "{r:#}");
+        assert_eq!(r["dst"]["identity"], spiffe(dst), "{r:#}");
+        assert_eq!(r["dst"]["addr"], app(dst).to_string(), "{r:#}");
+        assert_eq!(r["connection_security_policy"], security, "{r:#}");
+        assert_eq!(r["bytes_to_destination"], bytes, "{r:#}");
+        assert_eq!(r["bytes_to_source"], bytes, "{r:#}");
+        assert_eq!(r["response_flags"], "-", "{r:#}");
+        assert!(r["duration_ms"].is_u64(), "{r:#}");
+        assert!(
+            r["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{r:#}"
+        );
+        if agent == 1 || security == "same_node" {
+            assert_eq!(r["authz"]["decision"], "allow", "{r:#}");
+            assert_eq!(r["authz"]["reason"], "no_policy", "{r:#}");
+        } else {
+            assert!(
+                r.get("authz").is_none(),
+                "the source's agent does not authorize: {r:#}"
+            );
+        }
+    }
+}
+
+/// Waits until the agent on `node` answers `/healthz/ready` with 200 `ready`.
+fn wait_ready(node: &mesh_tests::Node) {
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        let (status, body) = http(node, "GET", READINESS, "/healthz/ready").unwrap();
+        if status == 200 {
+            assert_eq!(body.trim(), "ready");
+            return;
+        }
+        assert!(Instant::now() < deadline, "never ready: {status} {body}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn readiness_waits_for_a_clean_config_and_certificates() {
+    let mut mesh = mesh(1, 1, true);
+    let node = mesh.tb.node(0).clone();
+    wait_ready(&node);
+    // Restart the agent with a config file that does not parse: not ready until it does.
+    mesh.agents.remove(0).stop().expect("agent stops");
+    mesh.files
+        .write(
+            "broken.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: [not, a, map\n",
+        )
+        .unwrap();
+    let agent = Agent::start(&node, &mesh.options).expect("agent starts");
+    let (status, body) = http(&node, "GET", READINESS, "/healthz/ready").unwrap();
+    assert_eq!(
+        status, 503,
+        "ready with a config file that does not parse: {body}"
+    );
+    assert!(body.contains("config"), "{body}");
+    // Still not ready a while later: the config has not become clean by itself.
+    thread::sleep(Duration::from_secs(1));
+    let (status, _) = http(&node, "GET", READINESS, "/healthz/ready").unwrap();
+    assert_eq!(status, 503);
+    mesh.files.remove("broken.yaml").unwrap();
+    wait_ready(&node);
+    mesh.agents.push(agent);
+    // Once ready, the pod's certificate is in place.
+    let dump = config_dump(&mesh, 0);
+    let issued = dump["certificates"]["issued"].as_array().unwrap();
+    assert!(
+        issued
+            .iter()
+            .any(|c| c["identity"] == spiffe(mesh.pod(0, 0)) && c["valid"] == true),
+        "{issued:#?}"
+    );
+}
+
+#[test]
+fn a_malformed_policy_is_rejected_and_the_previous_one_stays() {
+    let mut mesh = mesh(1, 3, true);
+    let (a, b, dst) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(0, 2).clone(),
+    );
+    let _server = probe::serve(&dst, app(&dst)).expect("server");
+    let deny_b = format!(
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
+        principal(&b)
+    );
+    write_policy(&mesh, "guard", &deny_b);
+    wait_policy(&mesh, 0, "guard", "DENY");
+    assert!(!echoes(&b, &dst) && echoes(&a, &dst), "the policy in force");
+    // The same policy, now with a typo in a field name and a bad address: rejected as a whole.
+    let log_from = mesh.agents[0].log_len();
+    let broken = format!(
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        principles: [\"{}\"]\n        ipBlocks: [\"10.0.0.300/8\"]\n",
+        principal(&a)
+    );
+    write_policy(&mesh, "guard", &broken);
+    let line = mesh.agents[0]
+        .wait_for_log_from(log_from, "the rejection", LOG_WAIT, |l| {
+            l.contains("cluster config file not loaded") && l.contains(&policy_file("guard"))
+        })
+        .unwrap();
+    assert!(
+        line.contains("principles"),
+        "the error names the field: {line}"
+    );
+    assert!(line.contains("line "), "the error names the line: {line}");
+    // Still the previous policy: b denied, a allowed.
+    assert!(
+        !echoes(&b, &dst),
+        "the previous policy is no longer enforced"
+    );
+    assert!(echoes(&a, &dst), "the malformed policy was applied");
+    let dump = config_dump(&mesh, 0);
+    let errors = dump["cluster"]["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| e["source"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(&policy_file("guard")))),
+        "{errors:#?}"
+    );
+    let m = scrape(mesh.tb.node(0)).unwrap();
+    assert_eq!(count(&m, "mesh_agent_config_errors", &[]), 1);
+}
