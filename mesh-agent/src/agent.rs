@@ -122,8 +122,9 @@ impl Resolve for ClusterResolver {
     }
 }
 
-/// `subject`'s decision in `state`. A destination the cluster view does not know as a workload
-/// (it left the view) has no policy: only workloads are selected by `AuthorizationPolicy`.
+/// `subject`'s decision in `state`: `PeerAuthentication` first (a plaintext connection to a
+/// STRICT port is denied), then `AuthorizationPolicy`. A destination the cluster view does not
+/// know as a workload (it left the view) has no policy: only workloads are selected.
 fn authorize_in(state: &ClusterState, subject: &AuthzSubject) -> AuthzDecision {
     let dst_ip = subject.dst.ip().to_canonical();
     let Some(dst) = state.workload_by_ip(dst_ip) else {
@@ -134,6 +135,19 @@ fn authorize_in(state: &ClusterState, subject: &AuthzSubject) -> AuthzDecision {
             audited: Vec::new(),
         };
     };
+    if subject.src_identity.is_none() {
+        let mtls = state.peer_authentication(dst, subject.dst.port());
+        if mtls.mode == MtlsMode::Strict {
+            return AuthzDecision {
+                verdict: Verdict::Deny,
+                reason: DecisionReason::MtlsRequired,
+                policy: mtls
+                    .policy
+                    .map(|p| Arc::from(format!("PeerAuthentication {p}"))),
+                audited: Vec::new(),
+            };
+        }
+    }
     state.authorize(&ConnFacts {
         src_ip: subject.src.ip().to_canonical(),
         src_identity: subject.src_identity.as_ref(),

@@ -196,7 +196,10 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
         client.ipv4.into(),
         SocketAddr::new(IpAddr::V4(vip), 80),
     );
-    assert!(line.contains("service=\"mesh/web\""), "{line}");
+    assert!(
+        line.contains("service=\"web.mesh.svc.cluster.local\""),
+        "{line}"
+    );
 }
 
 #[test]

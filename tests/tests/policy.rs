@@ -561,6 +561,14 @@ fn readiness_waits_for_a_clean_config_and_certificates() {
     mesh.files.remove("broken.yaml").unwrap();
     wait_ready(&node);
     mesh.agents.push(agent);
+    // The admin endpoint changes the log level at run time; a bad level keeps the current one.
+    let (status, body) = http(&node, "POST", ADMIN, "/logging?level=debug").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(&node, "POST", ADMIN, "/logging?level=verbose").unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("verbose"), "{body}");
+    let (_, level) = http(&node, "GET", ADMIN, "/logging").unwrap();
+    assert_eq!(level.trim(), "debug");
     // Once ready, the pod's certificate is in place.
     let dump = config_dump(&mesh, 0);
     let issued = dump["certificates"]["issued"].as_array().unwrap();
@@ -621,4 +629,48 @@ fn a_malformed_policy_is_rejected_and_the_previous_one_stays() {
     );
     let m = scrape(mesh.tb.node(0)).unwrap();
     assert_eq!(count(&m, "mesh_agent_config_errors", &[]), 1);
+}
+
+#[test]
+fn strict_mtls_closes_open_plaintext_connections() {
+    let spec = TestbedSpec {
+        nodes: 1,
+        pods_per_node: 2,
+    };
+    let mut mesh = Mesh::new(spec, true, &[(0, 1)]).expect("meshed testbed");
+    let (dst, plain) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let mut server = probe::serve(&dst, app(&dst)).expect("server");
+    let mut held = hold(&plain, &dst);
+    let needle = format!("accepted {}:", plain.ipv4);
+    server
+        .wait_for_line("the plaintext connection", LOG_WAIT, |l| {
+            l.starts_with(&needle)
+        })
+        .unwrap();
+    held.wait_for_line("the held connection's send", LOG_WAIT, |l| {
+        l.starts_with("sent 5 bytes")
+    })
+    .unwrap();
+    let log_from = mesh.agents[0].log_len();
+    mesh.files
+        .peer_authentication(NS, "strict", "STRICT", &[])
+        .unwrap();
+    let line = held
+        .wait_for_line("the plaintext connection to close", LOG_WAIT, |l| {
+            l.starts_with("closed_after_ms=")
+        })
+        .unwrap();
+    assert!(line.contains("received=5"), "{line}");
+    let r = record(&mesh.agents[0], log_from, &plain, "revoked");
+    assert_eq!(r["authz"]["reason"], "mtls_required", "{r:#}");
+    assert_eq!(
+        r["authz"]["policy"],
+        format!("PeerAuthentication {NS}/strict"),
+        "{r:#}"
+    );
+    mesh.agents[0]
+        .wait_for_log_from(log_from, "the revocation", LOG_WAIT, |l| {
+            l.contains("connection closed: no longer allowed by policy")
+        })
+        .unwrap();
 }

@@ -144,13 +144,18 @@ fn policy_demo(mesh: &mut Mesh, client: &Pod, vip: std::net::Ipv4Addr) -> Result
     );
     anyhow::ensure!(allowed.is_ok(), "the allowed client was refused");
     let denied = probe::connect(&other, target, "denied by policy");
-    println!(
-        "{} -> {target}: {}",
-        other.name,
-        denied
-            .as_ref()
-            .map_or_else(|e| format!("refused ({e})"), Clone::clone)
-    );
+    match &denied {
+        Ok(reply) => println!("{} -> {target}: {reply}", other.name),
+        Err(e) => {
+            let e = e.to_string();
+            let why = e
+                .rsplit("mesh-probe: ")
+                .next()
+                .unwrap_or(&e)
+                .trim_end_matches(')');
+            println!("{} -> {target}: refused by the mesh ({why})", other.name);
+        }
+    }
     anyhow::ensure!(denied.is_err(), "the denied client got through");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let records = loop {

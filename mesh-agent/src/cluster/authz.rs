@@ -96,6 +96,10 @@ pub enum DecisionReason {
     DenyMatched,
     /// ALLOW policies apply to the workload, and none matched: denied.
     NoAllowMatched,
+    /// A plaintext connection to a workload port whose `PeerAuthentication` is STRICT: denied
+    /// (set by the agent, which checks mTLS before `AuthorizationPolicy`; `policy` names the
+    /// `PeerAuthentication`).
+    MtlsRequired,
 }
 
 /// The outcome of [`super::ClusterState::authorize`].

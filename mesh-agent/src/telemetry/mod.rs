@@ -355,6 +355,7 @@ pub fn reason_str(reason: DecisionReason) -> &'static str {
         DecisionReason::AllowMatched => "allow_matched",
         DecisionReason::DenyMatched => "deny_matched",
         DecisionReason::NoAllowMatched => "no_allow_matched",
+        DecisionReason::MtlsRequired => "mtls_required",
     }
 }
 
