@@ -20,7 +20,7 @@ use crate::{
     admin::{self, AdminConfig},
     cluster::{
         self, AuthzDecision, ClusterState, ConnFacts, DecisionReason, EnrollmentOptions, MtlsMode,
-        Resolution, Verdict, Workload,
+        Resolution, Service, Verdict, Workload,
     },
     config::AgentConfig,
     datapath::{Datapath, DatapathError},
@@ -114,6 +114,24 @@ impl Resolve for ClusterResolver {
 
     fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.state.borrow().workload_by_ip(ip).cloned()
+    }
+
+    fn service_of(&self, host: &str, endpoint_ip: IpAddr) -> Option<Arc<Service>> {
+        let rest = host.strip_suffix(".svc.cluster.local")?;
+        let (name, namespace) = rest.split_once('.')?;
+        let state = Arc::clone(&self.state.borrow());
+        let services = state.services();
+        let at = services
+            .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
+            .ok()?;
+        let service = &services[at];
+        let endpoint_ip = endpoint_ip.to_canonical();
+        service
+            .ports
+            .iter()
+            .flat_map(|p| &p.endpoints)
+            .any(|e| e.workload.ips.contains(&endpoint_ip))
+            .then(|| Arc::clone(service))
     }
 
     fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision {

@@ -1,6 +1,6 @@
 //! The CONNECT request as the client builds it and as the server sees it.
 
-use std::net::SocketAddr;
+use std::{fmt::Write as _, net::SocketAddr};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Uri};
@@ -21,6 +21,9 @@ pub struct OutboundRequest {
     pub authority: SocketAddr,
     /// The original client's address; sent as `forwarded: for="<ip:port>"`.
     pub forwarded_for: Option<SocketAddr>,
+    /// The hostname the client asked for (the service, after resolution to `authority`); sent
+    /// as the `host=` parameter of `forwarded`, as ztunnel does.
+    pub forwarded_host: Option<String>,
     /// Sent as the `baggage` header when set.
     pub baggage: Option<String>,
     /// Further headers (for example `traceparent`), appended as given.
@@ -33,6 +36,7 @@ impl OutboundRequest {
         Self {
             authority,
             forwarded_for: None,
+            forwarded_host: None,
             baggage: None,
             headers: HeaderMap::new(),
         }
@@ -42,6 +46,13 @@ impl OutboundRequest {
     #[must_use]
     pub fn with_forwarded_for(mut self, client: SocketAddr) -> Self {
         self.forwarded_for = Some(client);
+        self
+    }
+
+    /// Sets the hostname the client asked for (`forwarded`'s `host=`).
+    #[must_use]
+    pub fn with_forwarded_host(mut self, host: impl Into<String>) -> Self {
+        self.forwarded_host = Some(host.into());
         self
     }
 
@@ -76,13 +87,13 @@ impl OutboundRequest {
             })?;
             headers.insert(BAGGAGE, value);
         }
-        if let Some(client) = self.forwarded_for {
-            let value = HeaderValue::try_from(format_forwarded(client)).map_err(|source| {
-                HboneError::InvalidHeader {
+        if self.forwarded_for.is_some() || self.forwarded_host.is_some() {
+            let text = format_forwarded(self.forwarded_for, self.forwarded_host.as_deref());
+            let value =
+                HeaderValue::try_from(text).map_err(|source| HboneError::InvalidHeader {
                     name: "forwarded",
                     source,
-                }
-            })?;
+                })?;
             headers.insert(FORWARDED, value);
         }
         for (name, value) in &self.headers {
@@ -100,6 +111,9 @@ pub struct InboundRequest {
     /// The original client, parsed from the first `forwarded` element's `for=` parameter;
     /// `None` when the header is absent or holds no `ip:port` there.
     pub forwarded_for: Option<SocketAddr>,
+    /// The `host=` parameter of the first `forwarded` element (the hostname the client asked
+    /// for), unquoted; `None` when absent.
+    pub forwarded_host: Option<String>,
     /// The `baggage` header(s), joined with `,` when repeated; `None` when absent or not
     /// visible ASCII.
     pub baggage: Option<String>,
@@ -113,14 +127,14 @@ impl InboundRequest {
     /// Returns `None` when the authority is not `ip:port`.
     pub(crate) fn parse(uri: &Uri, headers: HeaderMap) -> Option<Self> {
         let authority = parse_authority(uri)?;
-        let forwarded_for = headers
-            .get(FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_forwarded_for);
+        let forwarded = headers.get(FORWARDED).and_then(|v| v.to_str().ok());
+        let forwarded_for = forwarded.and_then(parse_forwarded_for);
+        let forwarded_host = forwarded.and_then(|f| forwarded_param(f, "host"));
         let baggage = join_values(&headers, &BAGGAGE);
         Some(Self {
             authority,
             forwarded_for,
+            forwarded_host,
             baggage,
             headers,
         })
@@ -150,26 +164,57 @@ fn join_values(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     joined
 }
 
-/// `for="1.2.3.4:5"` / `for="[::1]:5"` (RFC 7239 requires the quotes once a port is present).
-pub(crate) fn format_forwarded(client: SocketAddr) -> String {
-    format!("for=\"{client}\"")
+/// `for="1.2.3.4:5"` / `for="[::1]:5"` (RFC 7239 requires the quotes once a port is present),
+/// then `;host="<host>"` when given (quoted: a host is a token only when it has no `:`).
+pub(crate) fn format_forwarded(client: Option<SocketAddr>, host: Option<&str>) -> String {
+    let mut out = String::new();
+    if let Some(client) = client {
+        let _ = write!(out, "for=\"{client}\"");
+    }
+    if let Some(host) = host {
+        if !out.is_empty() {
+            out.push(';');
+        }
+        let escaped = host.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = write!(out, "host=\"{escaped}\"");
+    }
+    out
 }
 
 /// The `for=` parameter of the first element of a `forwarded` header, when it is an `ip:port`.
 pub(crate) fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
+    forwarded_param(value, "for")?.parse().ok()
+}
+
+/// Parameter `name` of the first element of a `forwarded` header, unquoted.
+pub(crate) fn forwarded_param(value: &str, name: &str) -> Option<String> {
     let first = value.split(',').next()?;
     first.split(';').find_map(|pair| {
         let (key, val) = pair.split_once('=')?;
-        if !key.trim().eq_ignore_ascii_case("for") {
+        if !key.trim().eq_ignore_ascii_case(name) {
             return None;
         }
         let val = val.trim();
-        let val = val
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(val);
-        val.parse().ok()
+        Some(
+            match val.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(quoted) => unquote(quoted),
+                None => val.to_owned(),
+            },
+        )
     })
+}
+
+/// The content of an RFC 7230 quoted string: `\x` stands for `x`.
+fn unquote(quoted: &str) -> String {
+    let mut out = String::with_capacity(quoted.len());
+    let mut chars = quoted.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -180,11 +225,36 @@ mod tests {
     fn forwarded_round_trip() {
         for addr in ["10.1.2.3:4567", "[2001:db8::1]:80"] {
             let addr: SocketAddr = addr.parse().unwrap();
-            assert_eq!(parse_forwarded_for(&format_forwarded(addr)), Some(addr));
+            assert_eq!(
+                parse_forwarded_for(&format_forwarded(Some(addr), None)),
+                Some(addr)
+            );
         }
         assert_eq!(
-            format_forwarded("[::1]:9".parse().unwrap()),
+            format_forwarded(Some("[::1]:9".parse().unwrap()), None),
             "for=\"[::1]:9\""
+        );
+        let both = format_forwarded(
+            Some("10.0.0.1:5".parse().unwrap()),
+            Some("web.shop.svc.cluster.local"),
+        );
+        assert_eq!(
+            both,
+            "for=\"10.0.0.1:5\";host=\"web.shop.svc.cluster.local\""
+        );
+        assert_eq!(
+            forwarded_param(&both, "host").as_deref(),
+            Some("web.shop.svc.cluster.local")
+        );
+        assert_eq!(
+            parse_forwarded_for(&both),
+            Some("10.0.0.1:5".parse().unwrap())
+        );
+        let odd = format_forwarded(None, Some("a\"b\\c"));
+        assert_eq!(forwarded_param(&odd, "host").as_deref(), Some("a\"b\\c"));
+        assert_eq!(
+            forwarded_param("for=1.2.3.4:5;host=x.y", "host").as_deref(),
+            Some("x.y")
         );
     }
 

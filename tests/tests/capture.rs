@@ -200,6 +200,24 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
         line.contains("service=\"web.mesh.svc.cluster.local\""),
         "{line}"
     );
+    // The other node's agent learns the service from the HBONE request (`forwarded: host=`).
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        let records = mesh_tests::telemetry::access_records(&mesh.agents[1], 0);
+        let known = records
+            .iter()
+            .filter(|r| r["direction"] == "inbound")
+            .filter(|r| r["service"] == "web.mesh.svc.cluster.local")
+            .count();
+        if known == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inbound records without the service: {records:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

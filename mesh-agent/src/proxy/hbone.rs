@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     cluster::Service,
-    telemetry::{ConnInfo, Refusal, Security},
+    telemetry::{labels::service_host, ConnInfo, Refusal, Security},
 };
 
 /// How long a connection waits for the first certificate of a brand-new workload.
@@ -135,9 +135,12 @@ pub(super) async fn outbound(
         src: pod.identity.clone(),
         dst,
     };
-    let request = mesh_hbone::OutboundRequest::new(info.upstream)
+    let mut request = mesh_hbone::OutboundRequest::new(info.upstream)
         .with_forwarded_for(info.src)
         .with_baggage(baggage(pod, info.service.as_deref()));
+    if let Some(service) = info.service.as_deref() {
+        request = request.with_forwarded_host(service_host(service));
+    }
     let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
         Ok(stream) => Some(relay_tunnel(down, stream, conn)),
@@ -259,6 +262,10 @@ async fn tunnel(
     };
     info.src_workload = ctx.resolver.workload(client.ip());
     info.dst_workload = ctx.resolver.workload(target.ip());
+    info.service = request
+        .forwarded_host
+        .as_deref()
+        .and_then(|host| ctx.resolver.service_of(host, target.ip()));
     // Authorized before anything is dialled; 401 as ztunnel answers a denied tunnel.
     let Some(tracked) = authorize(ctx, &mut info, started) else {
         let _ = responder.reject(http::StatusCode::UNAUTHORIZED);

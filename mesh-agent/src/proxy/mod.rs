@@ -116,6 +116,10 @@ pub trait Resolve: Send + Sync + 'static {
     fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String>;
     /// The workload that has address `ip`, if the cluster view knows one.
     fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>>;
+    /// The service with hostname `host` (`name.namespace.svc.cluster.local`) of which the
+    /// workload at `endpoint_ip` is an endpoint: what a source agent says its client asked for,
+    /// believed only when it leads to this endpoint.
+    fn service_of(&self, host: &str, endpoint_ip: IpAddr) -> Option<Arc<Service>>;
     /// The destination's `AuthorizationPolicy` decision for a connection (at the destination's
     /// agent).
     fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision;
