@@ -94,24 +94,6 @@ impl Resolve for ClusterResolver {
         }
     }
 
-    fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String> {
-        let state = Arc::clone(&self.state.borrow());
-        let Some(workload) = state.workload_by_ip(dst.ip()) else {
-            return Ok(());
-        };
-        let decision = state.peer_authentication(workload, dst.port());
-        match decision.mode {
-            MtlsMode::Permissive => Ok(()),
-            MtlsMode::Strict => Err(match &decision.policy {
-                Some(p) => format!(
-                    "mTLS is STRICT for {workload} port {} (PeerAuthentication {p})",
-                    dst.port()
-                ),
-                None => format!("mTLS is STRICT for {workload} port {}", dst.port()),
-            }),
-        }
-    }
-
     fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.state.borrow().workload_by_ip(ip).cloned()
     }

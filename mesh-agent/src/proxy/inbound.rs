@@ -38,11 +38,6 @@ pub(super) async fn handle(
     let mut info = ConnInfo::new("inbound", &pod, peer, dst, dst);
     info.src_workload = ctx.resolver.workload(peer.ip());
     info.dst_workload = ctx.resolver.workload(dst.ip());
-    if let Err(reason) = ctx.resolver.accepts_plaintext(dst) {
-        ctx.telemetry
-            .refused(&info, started, &Refusal::MtlsRequired(reason));
-        return None;
-    }
     let tracked = authorize(&ctx, &mut info, started)?;
     match dial_app(&pod, dst, peer, &ctx.conn).await {
         Ok((up, peer_guard)) => {

@@ -111,17 +111,14 @@ pub enum Route {
 /// Decides where a destination goes and what a pod accepts (the cluster view implements it).
 pub trait Resolve: Send + Sync + 'static {
     fn route(&self, dst: SocketAddr) -> Route;
-    /// Whether a plaintext connection to `dst` (a meshed pod of this node) is accepted, by the
-    /// pod's `PeerAuthentication`; `Err` carries the reason for the log.
-    fn accepts_plaintext(&self, dst: SocketAddr) -> Result<(), String>;
     /// The workload that has address `ip`, if the cluster view knows one.
     fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>>;
     /// The service with hostname `host` (`name.namespace.svc.cluster.local`) of which the
     /// workload at `endpoint_ip` is an endpoint: what a source agent says its client asked for,
     /// believed only when it leads to this endpoint.
     fn service_of(&self, host: &str, endpoint_ip: IpAddr) -> Option<Arc<Service>>;
-    /// The destination's `AuthorizationPolicy` decision for a connection (at the destination's
-    /// agent).
+    /// The destination's decision for a connection (at the destination's agent):
+    /// `PeerAuthentication` STRICT refuses plaintext, then `AuthorizationPolicy`.
     fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision;
 }
 

@@ -162,10 +162,9 @@ impl Counters {
 /// Why a connection was refused, for its record.
 #[derive(Clone, Debug)]
 pub enum Refusal {
-    /// An `AuthorizationPolicy` denied it.
+    /// An `AuthorizationPolicy` denied it, or `PeerAuthentication` STRICT a plaintext one
+    /// ([`DecisionReason::MtlsRequired`]).
     Policy(AuthzDecision),
-    /// `PeerAuthentication` STRICT refused a plaintext connection.
-    MtlsRequired(String),
     /// The upstream could not be reached.
     Connect(String),
     /// The destination's agent denied it (HBONE answer 401), as seen by the source's agent.
@@ -215,6 +214,12 @@ impl Telemetry {
     pub fn refused(&self, info: &ConnInfo, started: Instant, refusal: &Refusal) {
         let agent = &self.metrics.agent;
         let (flags, authz, error) = match refusal {
+            Refusal::Policy(d) if d.reason == DecisionReason::MtlsRequired => {
+                agent.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+                let policy = d.policy.as_deref().unwrap_or("");
+                warn!(dst = %info.dst, src = %info.src, policy, "plaintext connection refused: mTLS is STRICT");
+                (ResponseFlags::Denied, Some(authz_of(d, false)), None)
+            }
             Refusal::Policy(d) => {
                 count_decision(&self.metrics, d);
                 warn!(
@@ -225,20 +230,6 @@ impl Telemetry {
                     "connection denied by policy"
                 );
                 (ResponseFlags::Denied, Some(authz_of(d, false)), None)
-            }
-            Refusal::MtlsRequired(reason) => {
-                agent.plaintext_refused.fetch_add(1, Ordering::Relaxed);
-                warn!(dst = %info.dst, src = %info.src, reason, "plaintext connection refused");
-                (
-                    ResponseFlags::Denied,
-                    Some(Authz {
-                        decision: "deny",
-                        reason: "mtls_required",
-                        policy: None,
-                        audit: Vec::new(),
-                    }),
-                    Some(reason.clone()),
-                )
             }
             Refusal::PeerDenied(e) => {
                 warn!(src = %info.src, dst = %info.dst, error = %e, "the destination denied the connection");
