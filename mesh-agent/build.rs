@@ -1,14 +1,42 @@
 //! Builds the kernel programs (`mesh-ebpf`) for the BPF target with aya-build, so the agent
-//! binary embeds them. Needs the nightly toolchain with `rust-src` and `bpf-linker`
-//! (`cargo xtask setup` installs both).
+//! binary embeds them. Needs the pinned nightly (or, as a fallback, stable with
+//! `RUSTC_BOOTSTRAP=1`) with `rust-src`, and `bpf-linker` (`cargo xtask setup` installs them; the
+//! pin is in `mesh-ebpf/toolchain.rs`).
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+
+#[path = "../mesh-ebpf/toolchain.rs"]
+mod toolchain;
+
+use toolchain::EbpfToolchain;
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let root_dir = manifest_dir.join("../mesh-ebpf");
     let root_dir = root_dir.to_str().context("mesh-ebpf path is not UTF-8")?;
+    println!("cargo:rerun-if-changed=../mesh-ebpf/toolchain.rs");
+    let chosen = EbpfToolchain::detect().with_context(|| {
+        format!(
+            "no toolchain for the kernel programs: neither {} (rustc {}) nor {} with LLVM {} is \
+             installed; run `cargo xtask setup`",
+            toolchain::PINNED_NIGHTLY,
+            toolchain::PINNED_COMMIT,
+            toolchain::FALLBACK,
+            toolchain::LLVM_MAJOR
+        )
+    })?;
+    if chosen.needs_bootstrap() {
+        // Only the nested build of the kernel crate inherits this (aya-build then passes
+        // `-Z build-std=core` to a stable cargo).
+        std::env::set_var("RUSTC_BOOTSTRAP", "1");
+        println!(
+            "cargo:warning=kernel programs built with {} and RUSTC_BOOTSTRAP=1 ({} is not \
+             installed; `cargo xtask setup` installs it)",
+            toolchain::FALLBACK,
+            toolchain::PINNED_NIGHTLY
+        );
+    }
     // aya-build replays the nested cargo's stderr as build-script warnings; keep its progress
     // lines out of every build's output (compiler diagnostics still come through).
     std::env::set_var("CARGO_TERM_QUIET", "true");
@@ -18,10 +46,13 @@ fn main() -> anyhow::Result<()> {
             root_dir,
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        aya_build::Toolchain::Custom(chosen.rustup_name()),
     )
-    .context(
-        "building the kernel programs (mesh-ebpf) failed; if nightly rust-src or bpf-linker \
-         is missing, run `cargo xtask setup`",
-    )
+    .with_context(|| {
+        format!(
+            "building the kernel programs (mesh-ebpf) with {} failed; if rust-src or bpf-linker \
+             is missing, run `cargo xtask setup`",
+            chosen.rustup_name()
+        )
+    })
 }

@@ -23,7 +23,7 @@ use crate::{
         Resolution, Service, Verdict, Workload,
     },
     config::AgentConfig,
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, Shortcut},
     logging::LogControl,
     pods::{DesiredPod, PodManager},
     proxy::{
@@ -210,9 +210,25 @@ fn desired_pods(state: &ClusterState, node: &str) -> Vec<DesiredPod> {
                 cgroup,
                 ips: w.ips.clone(),
                 identity,
+                shortcut: w.shortcut,
             })
         })
         .collect()
+}
+
+/// The short-cut's settings for this kernel, or `None` (with the reason logged) when the kernel
+/// does not expose what bounds it: then every leg takes the TCP path.
+fn shortcut(budget: u32) -> Option<Shortcut> {
+    match Shortcut::for_running_kernel(budget) {
+        Ok(s) => {
+            info!(budget = s.budget, offsets = ?s.offsets, "sockmap short-cut available to pods that opt in");
+            Some(s)
+        }
+        Err(e) => {
+            warn!(error = %e, "sockmap short-cut unavailable on this kernel; every leg takes the TCP path");
+            None
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT; `log` changes the log level at run time (admin
@@ -233,10 +249,14 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     options.trust_domain.clone_from(&config.trust_domain);
     options.root_namespace.clone_from(&config.root_namespace);
     let (mut state_rx, _watcher) = cluster::spawn_watcher(&config.config_dir, options, POLL)?;
+    let shortcut = config
+        .sockmap
+        .then(|| shortcut(config.shortcut_budget))
+        .flatten();
     let datapath = Datapath::load(
         &config.bpffs_dir,
         config.keep_pins,
-        config.sockmap,
+        shortcut,
         &config.agent_cgroup,
     )?;
     let certs = certificate_manager(&config)?;

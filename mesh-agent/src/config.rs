@@ -31,8 +31,11 @@ pub struct AgentConfig {
     /// The agent's own cgroup v2 directory: its sockets are the other end of every pod-local
     /// leg, so `sockops` is attached there too.
     pub agent_cgroup: PathBuf,
-    /// Short-cut pod-local legs with sockmap (`sk_msg`).
+    /// Offer the `sk_msg` short-cut to the pods that opt in (`mesh.local/sockmap-shortcut`);
+    /// `false` keeps every leg on the TCP path.
     pub sockmap: bool,
+    /// Bytes a short-cut sender may leave unread at its peer before it takes the TCP path.
+    pub shortcut_budget: u32,
     /// Label key whose value `ambient` enrolls a namespace or pod (`none` opts a pod out).
     pub label_key: String,
     pub trust_domain: String,
@@ -119,6 +122,8 @@ pub enum ConfigError {
     OwnCgroup(String),
     #[error("enrollment: {0}")]
     Enrollment(String),
+    #[error("short-cut budget: {0} bytes is out of range ({MIN_SHORTCUT_BUDGET} to {MAX_SHORTCUT_BUDGET})")]
+    ShortcutBudget(u32),
     #[error("worker threads: {0} is out of range (1 to {MAX_WORKER_THREADS})")]
     WorkerThreads(usize),
     #[error("certificate lifetime: {0:?} is shorter than {MIN_CERT_LIFETIME:?}")]
@@ -140,6 +145,10 @@ pub enum ConfigError {
 /// Upper bound of `worker_threads`: a node agent has no use for more.
 pub const MAX_WORKER_THREADS: usize = 64;
 
+pub use mesh_common::MAX_SHORTCUT_BUDGET;
+/// Smallest short-cut budget: one large message must fit.
+pub const MIN_SHORTCUT_BUDGET: u32 = 64 << 10;
+
 impl AgentConfig {
     /// Checks every field against the machine: names, file systems, directories.
     pub fn validate(self) -> Result<Self, ConfigError> {
@@ -148,6 +157,9 @@ impl AgentConfig {
         }
         if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
             return Err(ConfigError::WorkerThreads(self.worker_threads));
+        }
+        if !(MIN_SHORTCUT_BUDGET..=MAX_SHORTCUT_BUDGET).contains(&self.shortcut_budget) {
+            return Err(ConfigError::ShortcutBudget(self.shortcut_budget));
         }
         let t = &self.transport;
         if t.cert_lifetime < MIN_CERT_LIFETIME {
@@ -225,7 +237,7 @@ impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} label_key={} \
+            "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
              trust_domain={} root_namespace={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s access_log={} \
              admin={} metrics={} readiness={}",
@@ -234,6 +246,7 @@ impl fmt::Display for AgentConfig {
             self.bpffs_dir.display(),
             self.agent_cgroup.display(),
             self.sockmap,
+            self.shortcut_budget,
             self.label_key,
             self.trust_domain,
             self.root_namespace,
@@ -308,6 +321,7 @@ mod tests {
             config_dir: "/nonexistent-config".into(),
             agent_cgroup: "/nonexistent-cgroup".into(),
             sockmap: true,
+            shortcut_budget: MAX_SHORTCUT_BUDGET,
             label_key: DEFAULT_LABEL_KEY.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             root_namespace: "istio-system".into(),
@@ -369,6 +383,19 @@ mod tests {
     }
 
     #[test]
+    fn shortcut_budget_out_of_range_is_named() {
+        for bad in [0, MIN_SHORTCUT_BUDGET - 1, MAX_SHORTCUT_BUDGET + 1] {
+            let mut c = config("n0");
+            c.shortcut_budget = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{bad} bytes is out of range")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn transport_limits_are_checked() {
         let mut c = config("n0");
         c.transport.cert_lifetime = Duration::from_secs(1);
@@ -399,7 +426,7 @@ mod tests {
         assert_eq!(
             config("n0").to_string(),
             "node=n0 config_dir=/nonexistent-config bpffs_dir=/nonexistent \
-             agent_cgroup=/nonexistent-cgroup sockmap=true label_key=istio.io/dataplane-mode \
+             agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
              trust_domain=cluster.local root_namespace=istio-system keep_pins=false worker_threads=2 \
              ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
              max_streams_per_connection=100 pool_idle_timeout=300s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"

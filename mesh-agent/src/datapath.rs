@@ -29,7 +29,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use mesh_common::{names, FastpathCounters, MeshConfig, PodInfo, SockAddr, SockKey};
+use mesh_common::{
+    names, FastpathCounters, KernelOffsets, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey,
+    MAX_SHORTCUT_BUDGET,
+};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
@@ -160,7 +163,8 @@ pub struct PodLinks {
 pub struct ConnMaps {
     conn_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
     peer_addr: Mutex<HashMap<MapData, SockKey, SockAddr>>,
-    socks: Mutex<SockHash<MapData, SockKey>>,
+    socks: Mutex<SockHash<MapData, NsSockKey>>,
+    sock_ptrs: Mutex<HashMap<MapData, NsSockKey, u64>>,
     /// Read-only from here (the kernel writes it), so no lock.
     fastpath: PerCpuArray<MapData, FastpathCounters>,
 }
@@ -196,16 +200,20 @@ impl ConnMaps {
         let _ = self.peer_addr.lock().expect("peer_addr lock").remove(app);
     }
 
-    /// Takes an application's socket (its view: local, remote) out of the `sk_msg` short-cut, so
-    /// that its further sends take the TCP path and its receiver's window holds it back.
+    /// Takes an application's socket (its key: namespace, local, remote) out of the `sk_msg`
+    /// short-cut, so that its further sends take the TCP path.
     ///
-    /// Why: a message redirected into a socket's ingress queue is charged against the system's
-    /// TCP memory, not the receiving socket's buffer, so a sender whose receiver reads slower
-    /// than it writes is never made to wait; it fills kernel memory until its `send` fails with
-    /// `ENOMEM` (measured: iperf3 through an HBONE tunnel slower than the pod-local leg). Safe
-    /// only before anything was redirected *to* this socket: its queued ingress is dropped with it.
-    pub fn leave_shortcut(&self, app: &SockKey) {
+    /// Safe only before anything was redirected *to* this socket: its queued ingress is dropped
+    /// with it.
+    pub fn leave_shortcut(&self, app: &NsSockKey) {
         let _ = self.socks.lock().expect("socks lock").remove(app);
+        let _ = self.sock_ptrs.lock().expect("sock_ptrs lock").remove(app);
+    }
+
+    /// The keys of the sockets in the short-cut now (for diagnostics and tests).
+    pub fn shortcut_sockets(&self) -> Vec<NsSockKey> {
+        let socks = self.socks.lock().expect("socks lock");
+        socks.keys().filter_map(Result::ok).collect()
     }
 
     /// What `sk_msg` has done since the map was created (a restarted agent adopts the pinned
@@ -216,6 +224,28 @@ impl ConnMaps {
     pub fn fastpath(&self) -> Result<FastpathStats, DatapathError> {
         let per_cpu = self.fastpath.get(&0, 0).map_err(map_err(names::FASTPATH))?;
         Ok(FastpathStats::from_per_cpu(&per_cpu))
+    }
+}
+
+/// The `sk_msg` short-cut's settings, for pods that opt in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shortcut {
+    /// Bytes a sender may leave unread in its peer's short-cut queue; at most
+    /// [`MAX_SHORTCUT_BUDGET`].
+    pub budget: u32,
+    /// Where the budget's kernel fields are (from the running kernel's BTF).
+    pub offsets: KernelOffsets,
+}
+
+impl Shortcut {
+    /// The short-cut with `budget`, if this kernel exposes what bounds it. The error says why
+    /// not (the caller runs without the short-cut).
+    pub fn for_running_kernel(budget: u32) -> Result<Self, crate::kernel_btf::BtfError> {
+        let offsets = crate::kernel_btf::Btf::from_sys_fs()?.kernel_offsets()?;
+        Ok(Self {
+            budget: budget.min(MAX_SHORTCUT_BUDGET),
+            offsets,
+        })
     }
 }
 
@@ -235,19 +265,22 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads and verifies the programs with their maps pinned in `pin_dir` (maps already pinned
-    /// there by an earlier agent are adopted), starts the kernel log reader, attaches `sk_msg`
-    /// to the SOCKHASH and `sockops` to the agent's own cgroup `agent_cgroup` (the agent's
-    /// sockets are the other end of every pod-local leg).
+    /// there by an earlier agent are adopted when their layout matches), starts the kernel log
+    /// reader, attaches `sk_msg` to the SOCKHASH and `sockops` to the agent's own cgroup
+    /// `agent_cgroup` (the agent's sockets are the other end of every pod-local leg).
+    ///
+    /// `shortcut`: the short-cut's settings, or `None` to keep every leg on the TCP path.
     pub fn load(
         pin_dir: &Path,
         keep_pins: bool,
-        sockmap: bool,
+        shortcut: Option<Shortcut>,
         agent_cgroup: &Path,
     ) -> Result<Self, DatapathError> {
         fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
             path: pin_dir.to_path_buf(),
             source,
         })?;
+        release_incompatible_pins(pin_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(KERNEL_OBJECT)
@@ -267,16 +300,20 @@ impl Datapath {
         let sk_msg: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
         sk_msg.load().map_err(prog_err(names::PROG_SK_MSG))?;
 
-        let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, names::SOCKS)?;
+        let socks: SockHash<MapData, NsSockKey> = take_map(&mut ebpf, names::SOCKS)?;
         let sk_msg: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
         sk_msg
             .attach(socks.fd())
             .map_err(prog_err(names::PROG_SK_MSG))?;
 
         let mut config: Array<MapData, MeshConfig> = take_map(&mut ebpf, names::CONFIG)?;
-        let flags = if sockmap { MeshConfig::SOCKMAP } else { 0 };
+        let mesh_config = shortcut.map_or_else(MeshConfig::default, |s| MeshConfig {
+            flags: MeshConfig::SOCKMAP,
+            budget: s.budget,
+            offsets: s.offsets,
+        });
         config
-            .set(0, MeshConfig { flags, reserved: 0 }, 0)
+            .set(0, mesh_config, 0)
             .map_err(map_err(names::CONFIG))?;
 
         let cgroup = open_cgroup(agent_cgroup)?;
@@ -286,7 +323,8 @@ impl Datapath {
         info!(
             pin_dir = %pin_dir.display(),
             agent_cgroup = %agent_cgroup.display(),
-            sockmap,
+            shortcut = shortcut.is_some(),
+            shortcut_budget = mesh_config.budget,
             "kernel programs loaded"
         );
         Ok(Self {
@@ -294,6 +332,7 @@ impl Datapath {
                 conn_dst: Mutex::new(take_map(&mut ebpf, names::CONN_DST)?),
                 peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
                 socks: Mutex::new(socks),
+                sock_ptrs: Mutex::new(take_map(&mut ebpf, names::SOCK_PTRS)?),
                 fastpath: take_map(&mut ebpf, names::FASTPATH)?,
             }),
             pods: take_map(&mut ebpf, names::PODS)?,
@@ -484,6 +523,66 @@ impl Drop for Datapath {
             Err(e) => {
                 warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory");
             }
+        }
+    }
+}
+
+/// Key size, value size and capacity of every pinned map, as this build's programs declare them.
+fn map_layouts() -> [(&'static str, usize, usize, u32); 10] {
+    use mesh_common::{CgroupCounters, MAX_CGROUPS, MAX_CONNS, MAX_PODS};
+    use std::mem::size_of;
+    [
+        (
+            names::CGROUP_COUNTERS,
+            8,
+            size_of::<CgroupCounters>(),
+            MAX_CGROUPS,
+        ),
+        (names::PODS, 8, size_of::<PodInfo>(), MAX_PODS),
+        (names::ORIG_DST, 8, size_of::<SockAddr>(), MAX_CONNS),
+        (
+            names::CONN_DST,
+            size_of::<SockAddr>(),
+            size_of::<SockAddr>(),
+            MAX_CONNS,
+        ),
+        (
+            names::PEER_ADDR,
+            size_of::<SockKey>(),
+            size_of::<SockAddr>(),
+            MAX_CONNS,
+        ),
+        (names::SOCKS, size_of::<NsSockKey>(), 4, MAX_CONNS),
+        (names::SOCK_PTRS, size_of::<NsSockKey>(), 8, MAX_CONNS),
+        (names::LISTENERS, size_of::<SockAddr>(), 4, MAX_PODS * 2),
+        (names::CONFIG, 4, size_of::<MeshConfig>(), 1),
+        (names::FASTPATH, 4, size_of::<FastpathCounters>(), 1),
+    ]
+}
+
+/// Releases pins an earlier agent left whose layout this build's programs do not share (an
+/// upgrade changed a key or value): adopting them would fail to load or, worse, be read with the
+/// wrong layout. The earlier agent's programs keep their own references to those maps until its
+/// links are detached; this agent creates fresh ones.
+fn release_incompatible_pins(pin_dir: &Path) {
+    for (name, key, value, max) in map_layouts() {
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (key, value, max) {
+            warn!(
+                map = name,
+                found = ?found,
+                expected = ?(key, value, max),
+                "pinned map from an agent of another layout; releasing it"
+            );
+            let _ = fs::remove_file(&path);
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod datapath;
+pub mod kernel_btf;
 pub mod logging;
 pub mod netns;
 pub mod pods;

@@ -44,9 +44,13 @@ enum Command {
         /// The agent's own cgroup v2 directory [default: the one it runs in].
         #[arg(long)]
         agent_cgroup: Option<PathBuf>,
-        /// Do not short-cut pod-local legs with sockmap (for measurement).
+        /// Never short-cut pod-local legs with sockmap, even for pods that opt in.
         #[arg(long)]
         no_sockmap: bool,
+        /// Bytes a short-cut sender may leave unread at its peer before its messages take the
+        /// TCP path (64 KiB to 4 MiB).
+        #[arg(long, default_value_t = mesh_agent::config::MAX_SHORTCUT_BUDGET)]
+        shortcut_budget_bytes: u32,
         /// Label whose value `ambient` enrolls a namespace or pod.
         #[arg(long, default_value = DEFAULT_LABEL_KEY)]
         label_key: String,
@@ -100,6 +104,10 @@ enum Command {
         /// One JSON object per cgroup, then `{"fastpath":{...}}`, instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also list the sockets in the short-cut now (namespace cookie, local and remote
+        /// address), after the totals.
+        #[arg(long)]
+        sockets: bool,
     },
 }
 
@@ -114,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             bpffs_dir,
             agent_cgroup,
             no_sockmap,
+            shortcut_budget_bytes,
             label_key,
             trust_domain,
             root_namespace,
@@ -141,6 +150,7 @@ fn main() -> anyhow::Result<()> {
                 config_dir,
                 agent_cgroup,
                 sockmap: !no_sockmap,
+                shortcut_budget: shortcut_budget_bytes,
                 label_key,
                 trust_domain,
                 root_namespace,
@@ -170,31 +180,56 @@ fn main() -> anyhow::Result<()> {
                 .block_on(agent::run(config, log))?;
             Ok(())
         }
-        Command::Stats { bpffs_dir, json } => {
-            let rows = stats::read(&bpffs_dir)?;
-            let fastpath = stats::read_fastpath(&bpffs_dir)?;
-            if json {
-                for row in rows {
-                    println!("{}", serde_json::to_string(&row)?);
-                }
-                println!(
-                    "{}",
-                    serde_json::to_string(&stats::FastpathLine { fastpath })?
-                );
-            } else {
-                println!("{:>12} {:>10} {:>10}", "CGROUP_ID", "CONNECT4", "CONNECT6");
-                for r in rows {
-                    println!("{:>12} {:>10} {:>10}", r.cgroup_id, r.connect4, r.connect6);
-                }
-                println!(
-                    "fastpath: redirected {} msgs {} bytes, passed {} msgs {} bytes",
-                    fastpath.redirected_msgs,
-                    fastpath.redirected_bytes,
-                    fastpath.passed_msgs,
-                    fastpath.passed_bytes
-                );
-            }
-            Ok(())
+        Command::Stats {
+            bpffs_dir,
+            json,
+            sockets,
+        } => print_stats(&bpffs_dir, json, sockets),
+    }
+}
+
+/// `mesh-agent stats`: the pinned counters (and, with `sockets`, the short-cut's sockets), as a
+/// table or as JSON lines.
+fn print_stats(bpffs_dir: &std::path::Path, json: bool, sockets: bool) -> anyhow::Result<()> {
+    let rows = stats::read(bpffs_dir)?;
+    let fastpath = stats::read_fastpath(bpffs_dir)?;
+    let sockets = if sockets {
+        stats::read_shortcut_sockets(bpffs_dir)?
+    } else {
+        Vec::new()
+    };
+    if json {
+        for row in rows {
+            println!("{}", serde_json::to_string(&row)?);
+        }
+        println!(
+            "{}",
+            serde_json::to_string(&stats::FastpathLine { fastpath })?
+        );
+        for shortcut_socket in sockets {
+            let line = stats::SocketLine { shortcut_socket };
+            println!("{}", serde_json::to_string(&line)?);
+        }
+    } else {
+        println!("{:>12} {:>10} {:>10}", "CGROUP_ID", "CONNECT4", "CONNECT6");
+        for r in rows {
+            println!("{:>12} {:>10} {:>10}", r.cgroup_id, r.connect4, r.connect6);
+        }
+        println!(
+            "fastpath: redirected {} msgs {} bytes, passed {} msgs {} bytes, held {} msgs {} bytes",
+            fastpath.redirected_msgs,
+            fastpath.redirected_bytes,
+            fastpath.passed_msgs,
+            fastpath.passed_bytes,
+            fastpath.held_msgs,
+            fastpath.held_bytes
+        );
+        for s in sockets {
+            println!(
+                "shortcut socket netns={} {} -> {}",
+                s.netns, s.local, s.remote
+            );
         }
     }
+    Ok(())
 }

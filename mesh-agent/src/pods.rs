@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::{
+    cluster::Shortcut,
     datapath::{Datapath, DatapathError, PodLinks},
     netns::{Netns, NetnsError},
     proxy::{
@@ -33,6 +34,8 @@ pub struct DesiredPod {
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
     pub identity: Identity,
+    /// Whether its mesh legs take the `sk_msg` short-cut (when the agent has it).
+    pub shortcut: Shortcut,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +168,7 @@ impl PodManager {
         let pod = Arc::new(LocalPod {
             name: d.name.clone(),
             netns,
+            netns_cookie: cookie,
             ips: d.ips.clone(),
             identity: d.identity.clone(),
         });
@@ -190,7 +194,10 @@ impl PodManager {
             IpAddr::V4(_) => None,
         });
         self.datapath
-            .register_pod(cookie, PodInfo::new(v4, v6))
+            .register_pod(
+                cookie,
+                PodInfo::new(v4, v6, d.shortcut == Shortcut::Enabled),
+            )
             .map_err(dp_err)?;
         let links = match self.datapath.attach_pod(&d.name, &d.cgroup, &pod.netns) {
             Ok(l) => l,

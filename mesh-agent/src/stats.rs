@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
-use mesh_common::{names, CgroupCounters, FastpathCounters};
+use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash};
+use mesh_common::{names, CgroupCounters, FastpathCounters, NsSockKey, SockAddr};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +36,16 @@ pub struct CgroupStats {
 }
 
 /// What the `sk_msg` fast path did on the node, summed over CPUs: messages (and their bytes)
-/// moved straight into the peer socket, and those that took the normal TCP path.
+/// moved straight into the peer socket, those that took the normal TCP path, and those of
+/// short-cut legs held to the TCP path by the budget or to keep the order of bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FastpathStats {
     pub redirected_msgs: u64,
     pub redirected_bytes: u64,
     pub passed_msgs: u64,
     pub passed_bytes: u64,
+    pub held_msgs: u64,
+    pub held_bytes: u64,
 }
 
 impl FastpathStats {
@@ -56,6 +59,8 @@ impl FastpathStats {
             redirected_bytes: total.redirected_bytes,
             passed_msgs: total.passed_msgs,
             passed_bytes: total.passed_bytes,
+            held_msgs: total.held_msgs,
+            held_bytes: total.held_bytes,
         }
     }
 }
@@ -64,6 +69,26 @@ impl FastpathStats {
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct FastpathLine {
     pub fastpath: FastpathStats,
+}
+
+/// A socket in the `sk_msg` short-cut: its network namespace's cookie and its own view of the
+/// connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShortcutSocket {
+    pub netns: u64,
+    pub local: String,
+    pub remote: String,
+}
+
+/// A short-cut socket line of `mesh-agent stats --json --sockets`: `{"shortcut_socket":{...}}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SocketLine {
+    pub shortcut_socket: ShortcutSocket,
+}
+
+fn show(addr: SockAddr) -> String {
+    addr.to_std()
+        .map_or_else(|| format!("{addr:?}"), |a| a.to_string())
 }
 
 /// Opens the map pinned as `name` in `pin_dir` as a `T`.
@@ -121,6 +146,25 @@ pub fn read_fastpath(pin_dir: &Path) -> Result<FastpathStats, StatsError> {
     Ok(FastpathStats::from_per_cpu(&per_cpu))
 }
 
+/// The sockets in the short-cut now, from the SOCKHASH pinned in `pin_dir`, ordered.
+pub fn read_shortcut_sockets(pin_dir: &Path) -> Result<Vec<ShortcutSocket>, StatsError> {
+    let (map, path): (SockHash<MapData, NsSockKey>, _) = open_pinned(pin_dir, names::SOCKS)?;
+    let mut out = Vec::new();
+    for key in map.keys() {
+        let key = key.map_err(|e| StatsError::Read {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        out.push(ShortcutSocket {
+            netns: key.netns,
+            local: show(key.sock.local),
+            remote: show(key.sock.remote),
+        });
+    }
+    out.sort_by(|a, b| (a.netns, &a.local, &a.remote).cmp(&(b.netns, &b.local, &b.remote)));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +176,8 @@ mod tests {
             redirected_bytes: r * 100,
             passed_msgs: p,
             passed_bytes: p * 10,
+            held_msgs: r + p,
+            held_bytes: (r + p) * 1000,
         };
         assert_eq!(
             FastpathStats::from_per_cpu(&[cpu(1, 0), cpu(2, 3)]),
@@ -140,6 +186,8 @@ mod tests {
                 redirected_bytes: 300,
                 passed_msgs: 3,
                 passed_bytes: 30,
+                held_msgs: 6,
+                held_bytes: 6000,
             }
         );
         assert_eq!(FastpathStats::from_per_cpu(&[]), FastpathStats::default());
@@ -153,12 +201,14 @@ mod tests {
                 redirected_bytes: 2,
                 passed_msgs: 3,
                 passed_bytes: 4,
+                held_msgs: 5,
+                held_bytes: 6,
             },
         })
         .unwrap();
         assert_eq!(
             line,
-            r#"{"fastpath":{"redirected_msgs":1,"redirected_bytes":2,"passed_msgs":3,"passed_bytes":4}}"#
+            r#"{"fastpath":{"redirected_msgs":1,"redirected_bytes":2,"passed_msgs":3,"passed_bytes":4,"held_msgs":5,"held_bytes":6}}"#
         );
     }
 }

@@ -301,13 +301,14 @@ impl AgentStatus {
                 return;
             }
         };
-        let help = "Messages and bytes the kernel fast path (sockmap sk_msg) handled on pod-local legs: redirected straight to the peer socket, or passed to the TCP stack";
+        let help = "Messages and bytes the kernel fast path (sockmap sk_msg) handled on pod-local legs: redirected straight to the peer socket, passed to the TCP stack (peer not in the short-cut), or held to TCP (peer's budget full, or earlier TCP bytes unread)";
         for (name, rows) in [
             (
                 "mesh_fastpath_messages_total",
                 [
                     ("redirected", stats.redirected_msgs),
                     ("passed", stats.passed_msgs),
+                    ("held", stats.held_msgs),
                 ],
             ),
             (
@@ -315,6 +316,7 @@ impl AgentStatus {
                 [
                     ("redirected", stats.redirected_bytes),
                     ("passed", stats.passed_bytes),
+                    ("held", stats.held_bytes),
                 ],
             ),
         ] {

@@ -19,8 +19,12 @@ pub mod names {
     pub const CONN_DST: &str = "MESH_CONN_DST";
     /// Address the application must see as its peer, by its socket ([`super::SockKey`]).
     pub const PEER_ADDR: &str = "MESH_PEER_ADDR";
-    /// SOCKHASH of the local legs' sockets, by [`super::SockKey`]: `sk_msg` redirects within it.
+    /// SOCKHASH of the short-cut legs' sockets, by [`super::NsSockKey`]: `sk_msg` redirects
+    /// within it.
     pub const SOCKS: &str = "MESH_SOCKS";
+    /// The kernel address of each socket in [`SOCKS`] (same key, value `u64`), so a sender's
+    /// `sk_msg` can see how much its peer has not read yet.
+    pub const SOCK_PTRS: &str = "MESH_SOCK_PTRS";
     /// SOCKHASH of the agent's inbound listeners, by pod address ([`super::SockAddr`], port 0).
     pub const LISTENERS: &str = "MESH_LISTENERS";
     /// One [`super::MeshConfig`] at index 0.
@@ -43,6 +47,9 @@ pub const MAX_CGROUPS: u32 = 16_384;
 pub const MAX_PODS: u32 = 4_096;
 /// Maximum number of connections being set up or relayed at once on one node.
 pub const MAX_CONNS: u32 = 262_144;
+/// Largest short-cut budget: how many bytes a sender may leave unread in its peer's short-cut
+/// queue before it takes the TCP path (and TCP's flow control) instead.
+pub const MAX_SHORTCUT_BUDGET: u32 = 4 << 20;
 
 /// Port of the agent's outbound listener in each meshed pod (Istio's 15001).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -98,6 +105,28 @@ impl SockKey {
     }
 }
 
+/// A socket's [`SockKey`] qualified by its network namespace's cookie: addresses (even a pod's
+/// own, and always loopback) repeat across namespaces, so a key without the namespace could
+/// name another pod's socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NsSockKey {
+    /// Cookie of the socket's network namespace (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
+    pub netns: u64,
+    pub sock: SockKey,
+}
+
+impl NsSockKey {
+    /// The other socket of the same connection (same namespace).
+    #[must_use]
+    pub const fn peer(self) -> Self {
+        Self {
+            netns: self.netns,
+            sock: self.sock.reversed(),
+        }
+    }
+}
+
 /// A meshed pod's addresses, so its connect hook can send captured connections to the agent's
 /// outbound listener on the pod's own address (which keeps every key unique on the node).
 #[repr(C)]
@@ -107,9 +136,14 @@ pub struct PodInfo {
     pub ipv4: u32,
     /// IPv6 address, network byte order words; all zero if the pod has none.
     pub ipv6: [u32; 4],
-    /// Reserved, zero.
+    /// [`PodInfo::SHORTCUT`]; other bits zero.
     pub flags: u32,
     pub reserved: [u32; 2],
+}
+
+impl PodInfo {
+    /// The pod opted into the `sk_msg` short-cut: its mesh legs enter `MESH_SOCKS`.
+    pub const SHORTCUT: u32 = 1;
 }
 
 /// Settings the agent gives the kernel programs.
@@ -118,12 +152,34 @@ pub struct PodInfo {
 pub struct MeshConfig {
     /// [`MeshConfig::SOCKMAP`] and future flags.
     pub flags: u32,
-    pub reserved: u32,
+    /// Bytes a sender may leave unread in its peer's short-cut queue (at most
+    /// [`MAX_SHORTCUT_BUDGET`]); beyond it, its messages take the TCP path.
+    pub budget: u32,
+    pub offsets: KernelOffsets,
 }
 
 impl MeshConfig {
-    /// Insert local legs into the SOCKHASH so `sk_msg` short-cuts them.
+    /// The short-cut is available: the pods that opted in ([`PodInfo::SHORTCUT`]) have their
+    /// mesh legs inserted into the SOCKHASH, and `sk_msg` short-cuts them.
     pub const SOCKMAP: u32 = 1;
+}
+
+/// Byte offsets of the kernel structure fields the `sk_msg` program reads to hold a sender to
+/// its budget and keep its bytes in order. Read from the running kernel's BTF by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct tcp_sock`, `write_seq` (`u32`): the end of what the socket was given to send.
+    pub tcp_write_seq: u32,
+    /// `struct tcp_sock`, `snd_una` (`u32`): the first byte not yet acknowledged.
+    pub tcp_snd_una: u32,
+    /// `struct sock`, `sk_user_data` (pointer): the socket's psock, tagged in its low bits.
+    pub sk_user_data: u32,
+    /// `struct sock`, `sk_receive_queue.qlen` (`u32`): buffers on the TCP receive queue.
+    pub sk_receive_qlen: u32,
+    /// `struct sk_psock`, `msg_tot_len` (`u32`): bytes queued on the short-cut ingress.
+    pub psock_msg_tot_len: u32,
+    pub reserved: u32,
 }
 
 /// Socket-layer counters for one cgroup (one pod), summed by user space across CPUs.
@@ -167,6 +223,11 @@ pub struct FastpathCounters {
     pub passed_msgs: u64,
     /// Their bytes.
     pub passed_bytes: u64,
+    /// Messages of short-cut legs sent through TCP instead: the peer had a budget's worth
+    /// unread, or earlier TCP-path bytes of the leg were still unread (order is kept).
+    pub held_msgs: u64,
+    /// Their bytes.
+    pub held_bytes: u64,
 }
 
 impl FastpathCounters {
@@ -178,6 +239,8 @@ impl FastpathCounters {
             redirected_bytes: self.redirected_bytes.wrapping_add(other.redirected_bytes),
             passed_msgs: self.passed_msgs.wrapping_add(other.passed_msgs),
             passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
+            held_msgs: self.held_msgs.wrapping_add(other.held_msgs),
+            held_bytes: self.held_bytes.wrapping_add(other.held_bytes),
         }
     }
 }
@@ -194,12 +257,15 @@ mod tests {
         // Size equals the sum of the fields: no implicit padding anywhere.
         assert_eq!(size_of::<CgroupCounters>(), 16);
         assert_eq!(align_of::<CgroupCounters>(), 8);
-        assert_eq!(size_of::<FastpathCounters>(), 32);
+        assert_eq!(size_of::<FastpathCounters>(), 48);
         assert_eq!(align_of::<FastpathCounters>(), 8);
         assert_eq!(size_of::<super::SockAddr>(), 24);
         assert_eq!(size_of::<super::SockKey>(), 48);
+        assert_eq!(size_of::<super::NsSockKey>(), 56);
+        assert_eq!(align_of::<super::NsSockKey>(), 8);
         assert_eq!(size_of::<super::PodInfo>(), 32);
-        assert_eq!(size_of::<super::MeshConfig>(), 8);
+        assert_eq!(size_of::<super::KernelOffsets>(), 24);
+        assert_eq!(size_of::<super::MeshConfig>(), 32);
     }
 
     #[test]
@@ -228,12 +294,16 @@ mod tests {
             redirected_bytes: 100,
             passed_msgs: 2,
             passed_bytes: u64::MAX,
+            held_msgs: 5,
+            held_bytes: 7,
         };
         let b = FastpathCounters {
             redirected_msgs: 3,
             redirected_bytes: 50,
             passed_msgs: 0,
             passed_bytes: 2,
+            held_msgs: 1,
+            held_bytes: 1,
         };
         assert_eq!(
             a.sum(b),
@@ -242,6 +312,8 @@ mod tests {
                 redirected_bytes: 150,
                 passed_msgs: 2,
                 passed_bytes: 1,
+                held_msgs: 6,
+                held_bytes: 8,
             }
         );
     }

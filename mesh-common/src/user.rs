@@ -6,15 +6,17 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    CgroupCounters, FastpathCounters, MeshConfig, PodInfo, SockAddr, SockKey, AF_INET, AF_INET6,
+    CgroupCounters, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET,
+    AF_INET6,
 };
 
-// SAFETY (all six): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
+// SAFETY (all seven): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
 // by the `shared_types_have_no_padding` test), and every bit pattern is a valid value.
 unsafe impl aya::Pod for CgroupCounters {}
 unsafe impl aya::Pod for FastpathCounters {}
 unsafe impl aya::Pod for SockAddr {}
 unsafe impl aya::Pod for SockKey {}
+unsafe impl aya::Pod for NsSockKey {}
 unsafe impl aya::Pod for PodInfo {}
 unsafe impl aya::Pod for MeshConfig {}
 
@@ -73,10 +75,12 @@ impl SockAddr {
 }
 
 impl PodInfo {
-    pub fn new(ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Self {
+    /// A pod's entry: its addresses, and whether its mesh legs take the `sk_msg` short-cut.
+    pub fn new(ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>, shortcut: bool) -> Self {
         Self {
             ipv4: ipv4.map_or(0, ipv4_word),
             ipv6: ipv6.map_or([0; 4], ipv6_words),
+            flags: if shortcut { Self::SHORTCUT } else { 0 },
             ..Self::default()
         }
     }

@@ -20,6 +20,7 @@
 #![allow(clippy::needless_pass_by_value)]
 
 mod addr;
+mod budget;
 mod capture;
 mod inbound;
 mod maps;

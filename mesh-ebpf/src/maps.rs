@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    CgroupCounters, FastpathCounters, MeshConfig, PodInfo, SockAddr, SockKey, MAX_CGROUPS,
-    MAX_CONNS, MAX_PODS,
+    CgroupCounters, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey,
+    MAX_CGROUPS, MAX_CONNS, MAX_PODS,
 };
 
 #[map(name = "MESH_CGROUP_COUNTERS")]
@@ -27,7 +27,13 @@ pub static MESH_CONN_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(MA
 pub static MESH_PEER_ADDR: LruHashMap<SockKey, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
 
 #[map(name = "MESH_SOCKS")]
-pub static MESH_SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_CONNS, 0);
+pub static MESH_SOCKS: SockHash<NsSockKey> = SockHash::pinned(MAX_CONNS, 0);
+
+/// Kernel address (`struct tcp_sock *`) of each socket in `MESH_SOCKS`, same key. Written when
+/// the socket enters the short-cut, removed when it closes; only ever read with
+/// `bpf_probe_read_kernel`.
+#[map(name = "MESH_SOCK_PTRS")]
+pub static MESH_SOCK_PTRS: HashMap<NsSockKey, u64> = HashMap::pinned(MAX_CONNS, 0);
 
 #[map(name = "MESH_LISTENERS")]
 pub static MESH_LISTENERS: SockHash<SockAddr> = SockHash::pinned(MAX_PODS * 2, 0);
@@ -39,9 +45,9 @@ pub static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
 #[map(name = "MESH_FASTPATH")]
 pub static MESH_FASTPATH: PerCpuArray<FastpathCounters> = PerCpuArray::pinned(1, 0);
 
-/// Whether the agent asked for the sockmap short-cut.
-pub fn sockmap_enabled() -> bool {
+/// The agent's settings, if the short-cut is available at all.
+pub fn shortcut_config() -> Option<&'static MeshConfig> {
     MESH_CONFIG
         .get(0)
-        .is_some_and(|c| c.flags & MeshConfig::SOCKMAP != 0)
+        .filter(|c| c.flags & MeshConfig::SOCKMAP != 0)
 }

@@ -1,17 +1,27 @@
 //! `sockops`: at connection establishment, hand a captured connection's original destination
-//! to the agent (keyed by the client's address) and insert pod-local legs into the SOCKHASH.
-//! `sk_msg`: send each message of a SOCKHASH socket straight into its peer's receive queue, and
-//! count what was redirected and what took the TCP path (`MESH_FASTPATH`).
+//! to the agent (keyed by the client's address) and insert the mesh's own pod-local legs into
+//! the SOCKHASH. `sk_msg`: send each message of a SOCKHASH socket straight into its peer's
+//! receive queue while the peer keeps up, through TCP otherwise; count what it did
+//! (`MESH_FASTPATH`).
+//!
+//! **Which sockets enter** (`is_mesh_leg`): only the two legs the mesh owns, both on the pod's
+//! own address (never loopback), of a pod that opted in ([`PodInfo::SHORTCUT`]): the
+//! application's captured connection to the agent's outbound listener with the agent's
+//! accepted socket, and the agent's connection to the application (registered beforehand in
+//! `MESH_PEER_ADDR`) with the application's accepted socket. Keys carry the network namespace's
+//! cookie, so a socket of one pod can never be found under another pod's key. Applications'
+//! own connections (loopback, or to themselves) are never touched.
 //!
 //! Sockets enter the SOCKHASH at the `*_ESTABLISHED` callbacks, before the application can send,
-//! so no byte ever takes the TCP path after one has taken the short-cut (which would reorder).
+//! so no byte can be queued on the TCP path before the short-cut takes over.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, sk_action, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
     macros::{sk_msg, sock_ops},
     programs::{SkMsgContext, SockOpsContext},
     EbpfContext as _,
@@ -21,11 +31,15 @@ use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
 };
 
-use mesh_common::SockKey;
+use mesh_common::{NsSockKey, PodInfo, SockAddr, SockKey, AF_INET, OUTBOUND_PORT};
 
 use crate::{
     addr,
-    maps::{sockmap_enabled, MESH_CONN_DST, MESH_FASTPATH, MESH_ORIG_DST, MESH_SOCKS},
+    budget::{self, Verdict},
+    maps::{
+        shortcut_config, MESH_CONN_DST, MESH_FASTPATH, MESH_ORIG_DST, MESH_PEER_ADDR, MESH_PODS,
+        MESH_SOCKS, MESH_SOCK_PTRS,
+    },
 };
 
 /// Verdict of a `sockops` program (ignored by the kernel for these callbacks).
@@ -40,7 +54,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 #[sk_msg]
 pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     try_sk_msg(&ctx);
-    // SK_PASS: redirected if the redirect above succeeded, the normal path otherwise.
+    // SK_PASS: redirected if the redirect below succeeded, the normal TCP path otherwise.
     sk_action::SK_PASS
 }
 
@@ -74,42 +88,164 @@ fn ops_key(ops: &bpf_sock_ops) -> Option<SockKey> {
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        return Ok(());
-    }
     // SAFETY: the kernel passes a valid `bpf_sock_ops` for the duration of the call.
     let ops = unsafe { &mut *ctx.ops };
+    match op {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            established(ctx, ops, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        }
+        // args[1]: the new state. Only sockets we inserted asked for this callback.
+        // SAFETY: `args` is the union's member for state callbacks.
+        BPF_SOCK_OPS_STATE_CB if unsafe { ops.__bindgen_anon_1.args[1] } == BPF_TCP_CLOSE => {
+            if let Some(key) = ops_key(ops) {
+                // SAFETY: helper available to sockops programs; the context pointer is valid.
+                let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+                let _ = MESH_SOCK_PTRS.remove(NsSockKey { netns, sock: key });
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Result<(), i32> {
     let Some(key) = ops_key(ops) else {
         return Ok(());
     };
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let mut captured = false;
+    if active {
         // SAFETY: helper available to sockops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: plain data copied out at once.
         if let Some(dst) = unsafe { MESH_ORIG_DST.get(cookie) }.copied() {
             MESH_CONN_DST.insert(key.local, dst, u64::from(BPF_ANY))?;
             let _ = MESH_ORIG_DST.remove(cookie);
+            captured = true;
         }
     }
-    // Pod-local legs connect a pod's address to itself: app to the agent's outbound listener,
-    // and the agent to the app. Both sockets live in the same namespace.
-    if key.local.ip == key.remote.ip && key.local.family == key.remote.family && sockmap_enabled() {
-        let mut key = key;
-        MESH_SOCKS.update(&mut key, ops, u64::from(BPF_ANY))?;
+    if shortcut_config().is_none() || !is_mesh_leg(&key, active, captured) {
+        return Ok(());
     }
+    // SAFETY: helper available to sockops programs; the context pointer is valid.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !on_shortcut_pod(netns, key.local) {
+        return Ok(());
+    }
+    // SAFETY: reading the union's pointer member; the helper accepts a null or full socket.
+    let sk = unsafe { ops.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    // SAFETY: `sk` is the full socket of this callback; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return Ok(());
+    }
+    let mut nskey = NsSockKey { netns, sock: key };
+    // The address is only ever read back with `bpf_probe_read_kernel` (see `budget`).
+    MESH_SOCK_PTRS.insert(nskey, tp as u64, u64::from(BPF_ANY))?;
+    let cb_flags = ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if let Err(e) = MESH_SOCKS.update(&mut nskey, &mut *ops, u64::from(BPF_ANY)) {
+        let _ = MESH_SOCK_PTRS.remove(nskey);
+        return Err(e);
+    }
+    // Forget the address when the socket closes (the SOCKHASH forgets the socket itself).
+    // SAFETY: the context is a valid sockops context; the flag only adds a callback.
+    let _ = unsafe {
+        aya_ebpf::helpers::generated::bpf_sock_ops_cb_flags_set(ctx.ops, cb_flags.cast_signed())
+    };
     Ok(())
+}
+
+/// Whether `key` (this socket's view) is one of the two legs the mesh owns. Both ends of a leg
+/// are the pod's own address; the agent's listener port or its registered peer entry says which
+/// side is which.
+fn is_mesh_leg(key: &SockKey, active: bool, captured: bool) -> bool {
+    if key.local.ip != key.remote.ip || key.local.family != key.remote.family {
+        return false;
+    }
+    let outbound = u32::from(OUTBOUND_PORT);
+    if active {
+        // The application's captured connection to the agent's outbound listener, or the
+        // agent's connection to the application (registered in `MESH_PEER_ADDR` beforehand,
+        // under the application's view).
+        // SAFETY: plain data, only tested for presence.
+        (captured && key.remote.port == outbound)
+            || unsafe { MESH_PEER_ADDR.get(key.reversed()) }.is_some()
+    } else {
+        // The agent's accepted socket of an outbound connection, or the application's accepted
+        // socket of the agent's connection.
+        // SAFETY: plain data, only tested for presence.
+        key.local.port == outbound || unsafe { MESH_PEER_ADDR.get(*key) }.is_some()
+    }
+}
+
+/// Whether the namespace `netns` is a registered pod that opted into the short-cut and `local`
+/// is its own address (never loopback: those repeat in every pod).
+fn on_shortcut_pod(netns: u64, local: SockAddr) -> bool {
+    // SAFETY: plain data copied out at once.
+    let Some(pod) = (unsafe { MESH_PODS.get(netns) }).copied() else {
+        return false;
+    };
+    if pod.flags & PodInfo::SHORTCUT == 0 {
+        return false;
+    }
+    if local.family == AF_INET {
+        pod.ipv4 != 0 && local.ip[0] == pod.ipv4
+    } else {
+        !addr::is_unspecified6(pod.ipv6) && local.ip == pod.ipv6
+    }
+}
+
+/// What `sk_msg` did with one message.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Redirected,
+    /// The peer is not in the short-cut (or the redirect failed): the normal TCP path.
+    Passed,
+    /// The peer is, but the budget or the order of bytes asked for the TCP path.
+    Held,
 }
 
 fn try_sk_msg(ctx: &SkMsgContext) {
     // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
     let size = unsafe { (*ctx.msg).size };
-    let redirected = redirect(ctx);
-    count(redirected, size);
+    let outcome = send(ctx, size);
+    count(outcome, size);
 }
 
-/// Asks for the message to be moved into the peer socket's receive queue; whether the helper
-/// accepted (`SK_PASS`: the peer is in `MESH_SOCKS`). `false` leaves it to the TCP path.
-fn redirect(ctx: &SkMsgContext) -> bool {
+/// Redirects the message into the peer socket's receive queue if the peer is in the short-cut
+/// and may take it now.
+fn send(ctx: &SkMsgContext, size: u32) -> Outcome {
+    let Some(key) = msg_key(ctx) else {
+        return Outcome::Passed;
+    };
+    let mut peer = key.peer();
+    // SAFETY: plain data copied out at once.
+    let Some(peer_sk) = (unsafe { MESH_SOCK_PTRS.get(peer) }).copied() else {
+        return Outcome::Passed;
+    };
+    let Some(config) = shortcut_config() else {
+        return Outcome::Passed;
+    };
+    // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
+    let own = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    match budget::verdict(config, own, peer_sk, size) {
+        Verdict::Redirect => {}
+        Verdict::Hold => return Outcome::Held,
+        Verdict::NoPeer => return Outcome::Passed,
+    }
+    if MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS))
+        == c_long::from(sk_action::SK_PASS)
+    {
+        Outcome::Redirected
+    } else {
+        Outcome::Passed
+    }
+}
+
+/// This socket's key, with its namespace.
+fn msg_key(ctx: &SkMsgContext) -> Option<NsSockKey> {
     // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
     let md = unsafe { &*ctx.msg };
     let local_ip6 = [
@@ -124,29 +260,24 @@ fn redirect(ctx: &SkMsgContext) -> bool {
         md.remote_ip6[2],
         md.remote_ip6[3],
     ];
-    let (Some(local), Some(remote)) = (
-        addr::from_parts(
-            md.family,
-            md.local_ip4,
-            local_ip6,
-            addr::port_host(md.local_port),
-        ),
-        addr::from_parts(
-            md.family,
-            md.remote_ip4,
-            remote_ip6,
-            addr::port_be_high(md.remote_port),
-        ),
-    ) else {
-        return false;
-    };
-    // The peer socket's own view of the connection.
-    let mut peer = SockKey {
-        local: remote,
-        remote: local,
-    };
-    MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS))
-        == c_long::from(sk_action::SK_PASS)
+    let local = addr::from_parts(
+        md.family,
+        md.local_ip4,
+        local_ip6,
+        addr::port_host(md.local_port),
+    )?;
+    let remote = addr::from_parts(
+        md.family,
+        md.remote_ip4,
+        remote_ip6,
+        addr::port_be_high(md.remote_port),
+    )?;
+    // SAFETY: helper available to sk_msg programs; the context pointer is valid.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    Some(NsSockKey {
+        netns,
+        sock: SockKey { local, remote },
+    })
 }
 
 /// Adds one message of `size` bytes to this CPU's fast-path counters.
@@ -154,7 +285,7 @@ fn redirect(ctx: &SkMsgContext) -> bool {
 /// Atomic adds although the value is per CPU: `sk_msg` runs in the sending task's context with
 /// only migration disabled, so on a preemptible kernel another sender on the same CPU can run
 /// the program between a plain load and store, and one of the two updates would be lost.
-fn count(redirected: bool, size: u32) {
+fn count(outcome: Outcome, size: u32) {
     let Some(counters) = MESH_FASTPATH.get_ptr_mut(0) else {
         return;
     };
@@ -162,16 +293,19 @@ fn count(redirected: bool, size: u32) {
     // values are), valid for the program's run; the kernel side only ever adds to it atomically.
     // The results are unused, so LLVM emits plain atomic adds (no fetch: any BPF CPU version).
     unsafe {
-        let (msgs, bytes) = if redirected {
-            (
+        let (msgs, bytes) = match outcome {
+            Outcome::Redirected => (
                 &raw mut (*counters).redirected_msgs,
                 &raw mut (*counters).redirected_bytes,
-            )
-        } else {
-            (
+            ),
+            Outcome::Passed => (
                 &raw mut (*counters).passed_msgs,
                 &raw mut (*counters).passed_bytes,
-            )
+            ),
+            Outcome::Held => (
+                &raw mut (*counters).held_msgs,
+                &raw mut (*counters).held_bytes,
+            ),
         };
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(msgs, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, u64::from(size));

@@ -1,6 +1,7 @@
 //! Runs the real `mesh-agent` binary on a testbed node and reads what it reports.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -31,6 +32,13 @@ pub struct FastpathStats {
     /// Messages (and their bytes) that took the TCP path: peer not in the SOCKHASH.
     pub passed_msgs: u64,
     pub passed_bytes: u64,
+    /// Messages (and their bytes) of short-cut legs held to the TCP path: the peer had its
+    /// budget's worth unread, or earlier TCP-path bytes were unread. (Absent from agents built
+    /// before the budget: 0.)
+    #[serde(default)]
+    pub held_msgs: u64,
+    #[serde(default)]
+    pub held_bytes: u64,
 }
 
 impl FastpathStats {
@@ -42,6 +50,8 @@ impl FastpathStats {
             redirected_bytes: self.redirected_bytes - earlier.redirected_bytes,
             passed_msgs: self.passed_msgs - earlier.passed_msgs,
             passed_bytes: self.passed_bytes - earlier.passed_bytes,
+            held_msgs: self.held_msgs - earlier.held_msgs,
+            held_bytes: self.held_bytes - earlier.held_bytes,
         }
     }
 }
@@ -59,7 +69,7 @@ enum StatsLine {
 pub struct AgentOptions {
     /// Directory of Kubernetes-style YAML the agent watches.
     pub config_dir: PathBuf,
-    /// Short-cut pod-local legs with sockmap.
+    /// Offer the sockmap short-cut to pods that opt in (`false`: `--no-sockmap`).
     pub sockmap: bool,
     /// Keep pinned maps at exit (for restart tests).
     pub keep_pins: bool,
@@ -131,6 +141,33 @@ impl Agent {
         run(Command::new(bin)
             .args(["stats", "--bpffs-dir"])
             .arg(&self.bpffs_dir))
+    }
+
+    /// The sockets in the agent's short-cut now (`mesh-agent stats --sockets`): one
+    /// `(netns cookie, local, remote)` per socket.
+    pub fn shortcut_sockets(&self) -> Result<Vec<(u64, SocketAddr, SocketAddr)>> {
+        let bin = binary("mesh-agent", "mesh-agent")?;
+        let out = run(Command::new(bin)
+            .args(["stats", "--sockets", "--bpffs-dir"])
+            .arg(&self.bpffs_dir))?;
+        let bad = |l: &str| Error::Output {
+            what: "mesh-agent stats --sockets".into(),
+            detail: l.to_owned(),
+        };
+        out.lines()
+            .filter_map(|l| l.strip_prefix("shortcut socket netns="))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f.as_slice() {
+                    [netns, local, "->", remote] => Ok((
+                        netns.parse().map_err(|_| bad(l))?,
+                        local.parse().map_err(|_| bad(l))?,
+                        remote.parse().map_err(|_| bad(l))?,
+                    )),
+                    _ => Err(bad(l)),
+                }
+            })
+            .collect()
     }
 
     /// Every line of `mesh-agent stats --json`, parsed.

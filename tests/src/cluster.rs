@@ -16,6 +16,8 @@ use crate::{Pod, Result};
 
 /// Label that enrolls a namespace or pod (Istio ambient's).
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// Annotation that opts a namespace's or pod's mesh legs into the `sk_msg` short-cut.
+pub const SHORTCUT: &str = "mesh.local/sockmap-shortcut";
 
 /// A config directory the tests write objects into.
 #[derive(Debug)]
@@ -52,14 +54,29 @@ impl ClusterFiles {
 
     /// A namespace, enrolled in the mesh when `ambient`.
     pub fn namespace(&self, name: &str, ambient: bool) -> Result<PathBuf> {
-        let labels = if ambient {
-            format!("\n  labels:\n    {DATAPLANE_MODE}: ambient")
-        } else {
-            String::new()
-        };
+        self.namespace_with(name, ambient, &[])
+    }
+
+    /// A namespace, enrolled in the mesh when `ambient`, with `annotations`.
+    pub fn namespace_with(
+        &self,
+        name: &str,
+        ambient: bool,
+        annotations: &[(&str, &str)],
+    ) -> Result<PathBuf> {
+        let mut meta = String::new();
+        if ambient {
+            let _ = write!(meta, "\n  labels:\n    {DATAPLANE_MODE}: ambient");
+        }
+        if !annotations.is_empty() {
+            meta.push_str("\n  annotations:");
+            for (k, v) in annotations {
+                let _ = write!(meta, "\n    {k}: \"{v}\"");
+            }
+        }
         self.write(
             &format!("namespace-{name}.yaml"),
-            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"),
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{meta}\n"),
         )
     }
 

@@ -1,12 +1,27 @@
 //! A meshed testbed: the testbed, its config directory (namespaces and pods written as
 //! Kubernetes objects) and one agent per node, each waited on until it has enrolled its pods.
 
-use crate::{agent::AgentOptions, cluster::ClusterFiles, Agent, Pod, Result, Testbed, TestbedSpec};
+use crate::{
+    agent::AgentOptions,
+    cluster::{ClusterFiles, SHORTCUT},
+    Agent, Pod, Result, Testbed, TestbedSpec,
+};
 
 /// Namespace labelled for the mesh.
 pub const NS: &str = "mesh";
 /// Namespace without the label.
 pub const PLAIN_NS: &str = "plain";
+
+/// How a mesh offers the `sk_msg` short-cut to its pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shortcut {
+    /// The agents run with `--no-sockmap`: every leg takes the TCP path.
+    Off,
+    /// The agents' default: the short-cut is available, but no pod opted in.
+    Default,
+    /// The meshed namespace opts in (`mesh.local/sockmap-shortcut: enabled`).
+    OptedIn,
+}
 
 /// A testbed with its config directory and one agent per node.
 #[derive(Debug)]
@@ -22,10 +37,14 @@ pub struct Mesh {
 
 impl Mesh {
     /// Builds it all. Pods listed in `unmeshed` go to the unlabelled namespace.
-    pub fn new(spec: TestbedSpec, sockmap: bool, unmeshed: &[(usize, usize)]) -> Result<Self> {
+    pub fn new(spec: TestbedSpec, shortcut: Shortcut, unmeshed: &[(usize, usize)]) -> Result<Self> {
         let tb = Testbed::new(spec)?;
         let files = ClusterFiles::new(tb.scratch_dir().join("config"))?;
-        files.namespace(NS, true)?;
+        let annotations: &[(&str, &str)] = match shortcut {
+            Shortcut::OptedIn => &[(SHORTCUT, "enabled")],
+            Shortcut::Off | Shortcut::Default => &[],
+        };
+        files.namespace_with(NS, true, annotations)?;
         files.namespace(PLAIN_NS, false)?;
         for node in tb.nodes() {
             for (j, pod) in node.pods.iter().enumerate() {
@@ -39,7 +58,7 @@ impl Mesh {
         }
         let options = AgentOptions {
             config_dir: files.dir().to_path_buf(),
-            sockmap,
+            sockmap: shortcut != Shortcut::Off,
             keep_pins: false,
             extra_args: Vec::new(),
         };

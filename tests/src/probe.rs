@@ -21,22 +21,61 @@ pub fn serve_mode(pod: &Pod, addr: SocketAddr, mode: &str) -> Result<Process> {
     Ok(process)
 }
 
-/// Connects from `pod` to `addr`, sends `message` and checks the echo. Returns the client's
-/// `echo ok <local> -> <peer>` line.
+/// What a blocking client does with a spurious `EAGAIN` from a read (which the kernel returns
+/// to a blocking reader of a socket in the `sk_msg` short-cut, see `mesh-probe`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eagain {
+    /// Fail, as an application written for blocking sockets would: the default mesh must never
+    /// cause one.
+    Fail,
+    /// Retry, as a robust application would: for pods that opted into the short-cut.
+    Retry,
+}
+
+impl Eagain {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Retry => "retry",
+        }
+    }
+}
+
+/// Connects from `pod` to `addr`, sends `message` and checks the echo; a spurious `EAGAIN`
+/// fails it. Returns the client's `echo ok <local> -> <peer>` line.
 pub fn connect(pod: &Pod, addr: SocketAddr, message: &str) -> Result<String> {
+    connect_with(pod, addr, message, Eagain::Fail)
+}
+
+/// [`connect`], with a choice of what a spurious `EAGAIN` does.
+pub fn connect_with(pod: &Pod, addr: SocketAddr, message: &str, eagain: Eagain) -> Result<String> {
     let bin = binary("mesh-probe", "mesh-tests")?;
-    let out = run(pod
-        .command(bin)
-        .args(["connect", &addr.to_string(), message]))?;
+    let out = run(pod.command(bin).args([
+        "connect",
+        &addr.to_string(),
+        message,
+        "--eagain",
+        eagain.arg(),
+    ]))?;
     Ok(out.trim().to_string())
 }
 
-/// Streams `bytes` pseudo-random bytes from `pod` to a `sink` server and checks count and CRC.
+/// Streams `bytes` pseudo-random bytes from `pod` to a `sink` server and checks count and CRC;
+/// a spurious `EAGAIN` fails it.
 pub fn send(pod: &Pod, addr: SocketAddr, bytes: u64) -> Result<String> {
+    send_with(pod, addr, bytes, Eagain::Fail)
+}
+
+/// [`send`], with a choice of what a spurious `EAGAIN` does.
+pub fn send_with(pod: &Pod, addr: SocketAddr, bytes: u64, eagain: Eagain) -> Result<String> {
     let bin = binary("mesh-probe", "mesh-tests")?;
-    let out = run(pod
-        .command(bin)
-        .args(["send", &addr.to_string(), &bytes.to_string()]))?;
+    let out = run(pod.command(bin).args([
+        "send",
+        &addr.to_string(),
+        &bytes.to_string(),
+        "--eagain",
+        eagain.arg(),
+    ]))?;
     Ok(out.trim().to_string())
 }
 

@@ -11,7 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{mesh::Mesh, process::run, sweep_stale, Process, TestbedSpec};
+use mesh_tests::{
+    mesh::{Mesh, Shortcut},
+    process::run,
+    sweep_stale, Process, TestbedSpec,
+};
 
 const RECORD: &str = "MESH_TESTBED_RECORD";
 /// The two tests below run one at a time: a testbed built by one would otherwise sweep the
@@ -27,7 +31,7 @@ fn fails_on_purpose() {
             nodes: 2,
             pods_per_node: 1,
         },
-        true,
+        Shortcut::Default,
         &[],
     )
     .expect("mesh");

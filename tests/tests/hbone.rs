@@ -18,7 +18,7 @@ use std::{
 
 use mesh_tests::{
     agent::binary,
-    mesh::{Mesh, NS},
+    mesh::{Mesh, Shortcut, NS},
     probe,
     process::run,
     Agent, Node, Pod, Process, TestbedSpec,
@@ -39,7 +39,7 @@ fn mesh(nodes: usize, pods: usize, unmeshed: &[(usize, usize)], extra_args: &[&s
         nodes,
         pods_per_node: pods,
     };
-    let mut mesh = Mesh::new(spec, true, unmeshed).expect("meshed testbed");
+    let mut mesh = Mesh::new(spec, Shortcut::Default, unmeshed).expect("meshed testbed");
     if !extra_args.is_empty() {
         mesh.options.extra_args = extra_args.iter().map(ToString::to_string).collect();
         for agent in mesh.agents.drain(..) {

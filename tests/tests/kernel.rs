@@ -8,7 +8,7 @@ use std::{
 };
 
 use mesh_tests::{
-    mesh::{Mesh, NS, PLAIN_NS},
+    mesh::{Mesh, Shortcut, NS, PLAIN_NS},
     probe, Agent, TestbedSpec,
 };
 
@@ -19,7 +19,7 @@ fn agent_counts_a_meshed_pods_connections_and_relays_kernel_logs() {
         nodes: 2,
         pods_per_node: 2,
     };
-    let mut mesh = Mesh::new(spec, true, &[(0, 1), (1, 0), (1, 1)]).expect("mesh");
+    let mut mesh = Mesh::new(spec, Shortcut::Default, &[(0, 1), (1, 0), (1, 1)]).expect("mesh");
     let (meshed, unmeshed, server) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(0, 1).clone(),
@@ -96,7 +96,7 @@ fn a_pod_the_agent_cannot_capture_is_reported_and_the_others_are_served() {
         nodes: 1,
         pods_per_node: 2,
     };
-    let mut mesh = Mesh::new(spec, true, &[(0, 1)]).expect("mesh");
+    let mut mesh = Mesh::new(spec, Shortcut::Default, &[(0, 1)]).expect("mesh");
     let bad = mesh.pod(0, 1).clone();
     // Enroll the second pod with a cgroup path that is not a cgroup v2 directory.
     let mut broken = bad.clone();

@@ -15,7 +15,7 @@ use std::{
 use mesh_tests::{
     agent::binary,
     http::http,
-    mesh::{Mesh, NS},
+    mesh::{Mesh, Shortcut, NS},
     probe,
     telemetry::{access_records, count, scrape, Sample, ADMIN, READINESS},
     Agent, Pod, Process, TestbedSpec,
@@ -25,13 +25,13 @@ use serde_json::Value;
 const LOG_WAIT: Duration = Duration::from_secs(15);
 const APP_PORT: u16 = 8080;
 
-fn mesh(nodes: usize, pods: usize, sockmap: bool) -> Mesh {
+fn mesh(nodes: usize, pods: usize, shortcut: Shortcut) -> Mesh {
     Mesh::new(
         TestbedSpec {
             nodes,
             pods_per_node: pods,
         },
-        sockmap,
+        shortcut,
         &[],
     )
     .expect("meshed testbed")
@@ -94,9 +94,11 @@ fn wait_policy(mesh: &Mesh, node: usize, name: &str, action: &str) {
     }
 }
 
-/// Connects from `from` to `to`'s echo server: whether the echo came back.
+/// Connects from `from` to `to`'s echo server: whether the echo came back. (A spurious `EAGAIN`,
+/// which pods in the short-cut can see, is retried: these tests are about policy.)
 fn echoes(from: &Pod, to: &Pod) -> bool {
-    probe::connect(from, app(to), "policy probe").is_ok_and(|l| l.starts_with("echo ok"))
+    probe::connect_with(from, app(to), "policy probe", probe::Eagain::Retry)
+        .is_ok_and(|l| l.starts_with("echo ok"))
 }
 
 /// Whether `server` accepted a connection whose peer is `client` (from its output line on).
@@ -132,7 +134,7 @@ fn record(agent: &Agent, from: usize, src: &Pod, decision: &str) -> Value {
 
 #[test]
 fn allow_and_deny_across_nodes() {
-    let mut mesh = mesh(2, 2, true);
+    let mut mesh = mesh(2, 2, Shortcut::Default);
     let (a, b, dst) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(0, 1).clone(),
@@ -221,7 +223,7 @@ fn allow_and_deny_across_nodes() {
 
 #[test]
 fn allow_and_deny_on_one_node_with_sockmap() {
-    let mesh = mesh(1, 3, true);
+    let mesh = mesh(1, 3, Shortcut::OptedIn);
     let (a, b, dst) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(0, 1).clone(),
@@ -292,7 +294,7 @@ fn hold(from: &Pod, to: &Pod) -> Process {
 
 #[test]
 fn a_policy_change_closes_open_connections_it_no_longer_allows() {
-    let mut mesh = mesh(2, 2, true);
+    let mut mesh = mesh(2, 2, Shortcut::Default);
     let (remote, local, control, dst) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(1, 1).clone(),
@@ -366,7 +368,7 @@ fn a_policy_change_closes_open_connections_it_no_longer_allows() {
 #[test]
 fn metrics_and_access_log_count_the_bytes_of_a_known_transfer() {
     const BYTES: u32 = 1_000_000;
-    let mesh = mesh(2, 2, true);
+    let mesh = mesh(2, 2, Shortcut::OptedIn);
     let (client, remote_dst, local_dst) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(1, 0).clone(),
@@ -536,7 +538,7 @@ fn wait_ready(node: &mesh_tests::Node) {
 
 #[test]
 fn readiness_waits_for_a_clean_config_and_certificates() {
-    let mut mesh = mesh(1, 1, true);
+    let mut mesh = mesh(1, 1, Shortcut::Default);
     let node = mesh.tb.node(0).clone();
     wait_ready(&node);
     // Restart the agent with a config file that does not parse: not ready until it does.
@@ -582,7 +584,7 @@ fn readiness_waits_for_a_clean_config_and_certificates() {
 
 #[test]
 fn a_malformed_policy_is_rejected_and_the_previous_one_stays() {
-    let mut mesh = mesh(1, 3, true);
+    let mut mesh = mesh(1, 3, Shortcut::Default);
     let (a, b, dst) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(0, 1).clone(),
@@ -637,7 +639,7 @@ fn strict_mtls_closes_open_plaintext_connections() {
         nodes: 1,
         pods_per_node: 2,
     };
-    let mut mesh = Mesh::new(spec, true, &[(0, 1)]).expect("meshed testbed");
+    let mut mesh = Mesh::new(spec, Shortcut::Default, &[(0, 1)]).expect("meshed testbed");
     let (dst, plain) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
     let mut server = probe::serve(&dst, app(&dst)).expect("server");
     let mut held = hold(&plain, &dst);

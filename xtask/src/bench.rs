@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: the mesh against a direct connection, side by side, in one run.
 //!
 //! One testbed (two nodes; a client pod and a server pod on node 0, a server pod on node 1) and
-//! three modes over the same pods: **direct** (no agent, no programs), **mesh, sockmap off** and
-//! **mesh, sockmap on**. For each mode and each path (same node, across nodes) it measures bulk
+//! three modes over the same pods: **direct** (no agent, no programs), **mesh, sockmap off**
+//! (`--no-sockmap`) and **mesh, sockmap on** (the pods opt into the short-cut), plus, with
+//! `--compare-agent <binary>`, **mesh, compared agent**: another build of the agent (an earlier
+//! commit) with the pods opted in, so two designs are measured in one run. For each mode and each path (same node, across nodes) it measures bulk
 //! throughput with iperf3 (1 and 8 streams), request/response latency with `mesh-probe rr`
 //! (1 KiB, 1 and 64 connections, at a fixed rate and at saturation), the new-connection rate
 //! (`mesh-probe connrate`), CPU per GB moved (the agents' own and the whole machine's: kernel
@@ -25,8 +27,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use mesh_tests::{
-    agent::AgentOptions,
-    cluster::ClusterFiles,
+    agent::{AgentOptions, FastpathStats},
+    cluster::{ClusterFiles, SHORTCUT},
     mesh::{NS, PLAIN_NS},
     process, Agent, Pod, Process, Testbed, TestbedSpec,
 };
@@ -43,10 +45,17 @@ pub struct Plan {
     idle_conns: usize,
     /// Groups to measure (`throughput`, `latency`, `connrate`, `memory`, `policy`); empty: all.
     only: Vec<String>,
+    /// Another agent binary, measured as one more mode.
+    compare_agent: Option<PathBuf>,
 }
 
 impl Plan {
-    pub fn new(quick: bool, profile: bool, only: Vec<String>) -> Self {
+    pub fn new(
+        quick: bool,
+        profile: bool,
+        only: Vec<String>,
+        compare_agent: Option<PathBuf>,
+    ) -> Self {
         let (secs, reps, idle_conns) = if quick { (2, 1, 1_000) } else { (5, 3, 10_000) };
         Self {
             quick,
@@ -55,6 +64,7 @@ impl Plan {
             reps,
             idle_conns,
             only,
+            compare_agent,
         }
     }
 
@@ -68,17 +78,33 @@ enum Mode {
     Direct,
     MeshNoSockmap,
     MeshSockmap,
+    /// `--compare-agent`: another build, pods opted in.
+    MeshCompared,
 }
 
 impl Mode {
-    const ALL: [Self; 3] = [Self::Direct, Self::MeshNoSockmap, Self::MeshSockmap];
+    const ALL: [Self; 4] = [
+        Self::Direct,
+        Self::MeshNoSockmap,
+        Self::MeshSockmap,
+        Self::MeshCompared,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::MeshNoSockmap => "mesh, sockmap off",
             Self::MeshSockmap => "mesh, sockmap on",
+            Self::MeshCompared => "mesh, compared agent",
         }
+    }
+
+    /// The modes `plan` measures.
+    fn of(plan: &Plan) -> Vec<Self> {
+        Self::ALL
+            .into_iter()
+            .filter(|m| *m != Self::MeshCompared || plan.compare_agent.is_some())
+            .collect()
     }
 }
 
@@ -95,6 +121,8 @@ type Results = BTreeMap<(String, String), BTreeMap<Mode, Figure>>;
 
 struct Bench {
     plan: Plan,
+    /// The release build's directory.
+    release: PathBuf,
     /// Where results (and profiles) go.
     out: PathBuf,
     tb: Testbed,
@@ -146,14 +174,20 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
         .map_or(0, |d| d.as_secs());
     let out = root.join("bench-results").join(stamp.to_string());
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if let Some(other) = &plan.compare_agent {
+        if !other.is_file() {
+            bail!("--compare-agent {}: no such file", other.display());
+        }
+    }
     let mut bench = Bench {
         plan,
+        release: release.clone(),
         out: out.clone(),
         tb,
         files,
         results: Results::new(),
     };
-    for mode in Mode::ALL {
+    for mode in Mode::of(&bench.plan) {
         println!("\n== {} ==", mode.label());
         bench
             .measure_mode(mode)
@@ -177,7 +211,13 @@ impl Bench {
     /// Writes the config for `mode` (pods meshed or not) and starts the agents it needs.
     fn start(&mut self, mode: Mode) -> Result<Vec<Agent>> {
         let ns = if mode == Mode::Direct { PLAIN_NS } else { NS };
-        self.files.namespace(NS, true)?;
+        let opted_in = matches!(mode, Mode::MeshSockmap | Mode::MeshCompared);
+        let annotations: &[(&str, &str)] = if opted_in {
+            &[(SHORTCUT, "enabled")]
+        } else {
+            &[]
+        };
+        self.files.namespace_with(NS, true, annotations)?;
         self.files.namespace(PLAIN_NS, false)?;
         for node in self.tb.nodes() {
             for pod in &node.pods {
@@ -190,9 +230,15 @@ impl Bench {
         if mode == Mode::Direct {
             return Ok(Vec::new());
         }
+        // The lookup of the agent binary honours this variable (set to the release build).
+        let agent_bin = match (&self.plan.compare_agent, mode) {
+            (Some(other), Mode::MeshCompared) => other.clone(),
+            _ => self.release.join("mesh-agent"),
+        };
+        std::env::set_var("MESH_MESH_AGENT_BIN", agent_bin);
         let options = AgentOptions {
             config_dir: self.files.dir().to_path_buf(),
-            sockmap: mode == Mode::MeshSockmap,
+            sockmap: mode != Mode::MeshNoSockmap,
             keep_pins: false,
             extra_args: Vec::new(),
         };
@@ -313,9 +359,20 @@ impl Bench {
             &[]
         };
         for &streams in streams_cases {
+            let fast_before = fastpath_total(agents);
             let (gbps, cpu) = self.iperf(client, server, streams, agents)?;
             let tput = format!("throughput, {streams} stream(s)");
             self.record(path, &tput, mode, gbps, "Gbit/s", true);
+            if let (Some(before), Some(after)) = (fast_before, fastpath_total(agents)) {
+                let d = after.since(&before);
+                let shortcut = d.redirected_bytes + d.held_bytes;
+                if shortcut > 0 {
+                    #[allow(clippy::cast_precision_loss)] // byte counts far below 2^52
+                    let held = 100.0 * d.held_bytes as f64 / shortcut as f64;
+                    let metric = format!("short-cut bytes held to TCP, {streams} stream(s)");
+                    self.record(path, &metric, mode, held, "%", false);
+                }
+            }
             if let Some(agent_s) = cpu.agent_s_per_gb {
                 let metric = format!("agent CPU per GB, {streams} stream(s)");
                 self.record(path, &metric, mode, agent_s, "s/GB", false);
@@ -536,19 +593,18 @@ impl Bench {
     }
 
     fn markdown(&self) -> String {
-        let mut t = String::new();
-        let _ = writeln!(
-            t,
-            "| path | metric | {} | {} | {} |",
-            Mode::ALL[0].label(),
-            Mode::ALL[1].label(),
-            Mode::ALL[2].label()
-        );
-        t.push_str("|---|---|---|---|---|\n");
+        let modes = Mode::of(&self.plan);
+        let mut t = String::from("| path | metric |");
+        for mode in &modes {
+            let _ = write!(t, " {} |", mode.label());
+        }
+        t.push_str("\n|---|---|");
+        t.push_str(&"---|".repeat(modes.len()));
+        t.push('\n');
         for ((path, metric), by_mode) in &self.results {
             let direct = by_mode.get(&Mode::Direct).map(|fig| median(&fig.samples));
             let mut row = format!("| {path} | {metric} |");
-            for mode in Mode::ALL {
+            for &mode in &modes {
                 match by_mode.get(&mode) {
                     Some(fig) => {
                         let m = median(&fig.samples);
@@ -621,7 +677,7 @@ impl Bench {
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"20\" font-size=\"15\">Throughput, Gbit/s (median)</text>\n",
             top + height + 90.0
         );
-        let colors = ["#888888", "#4c78a8", "#f58518"];
+        let colors = ["#888888", "#4c78a8", "#f58518", "#54a24b"];
         for (g, (label, values)) in bars.iter().enumerate() {
             #[allow(clippy::cast_precision_loss)]
             let x0 = left + group_w * g as f64;
@@ -649,15 +705,27 @@ impl Bench {
                 top + height + 18.0
             );
         }
-        for (i, mode) in Mode::ALL.iter().enumerate() {
+        for (i, mode) in Mode::of(&self.plan).iter().enumerate() {
             #[allow(clippy::cast_precision_loss)]
             let x = left + 170.0 * i as f64;
             let y = top + height + 50.0;
-            let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{y}\">{}</text>", y - 10.0, colors[i], x + 16.0, mode.label());
+            let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{y}\">{}</text>", y - 10.0, colors[Mode::ALL.iter().position(|m| m == mode).unwrap_or(0)], x + 16.0, mode.label());
         }
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// The fast-path counters of all `agents` together, if every one can be read.
+fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
+    let mut total = FastpathStats::default();
+    for agent in agents {
+        let f = agent.fastpath().ok()?;
+        total.redirected_bytes += f.redirected_bytes;
+        total.passed_bytes += f.passed_bytes;
+        total.held_bytes += f.held_bytes;
+    }
+    (!agents.is_empty()).then_some(total)
 }
 
 /// Writes the profile's top symbols next to it (`<data>.txt`).

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use mesh_tests::{
     http::http,
-    mesh::{Mesh, NS},
+    mesh::{Mesh, Shortcut, NS},
     plan, probe,
     telemetry::{access_records, METRICS},
     Pod, TestbedSpec,
@@ -26,7 +26,8 @@ pub fn run() -> Result<()> {
         pods_per_node: 2,
     };
     println!("\n== building a two-node testbed and starting an agent on each node ==");
-    let mut mesh = Mesh::new(spec, true, &[]).context("building the meshed testbed")?;
+    let mut mesh =
+        Mesh::new(spec, Shortcut::Default, &[]).context("building the meshed testbed")?;
     println!("\n== testbed {} ==", mesh.tb.id());
     for node in mesh.tb.nodes() {
         println!(

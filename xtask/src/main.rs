@@ -7,6 +7,9 @@
 mod bench;
 mod demo;
 mod setup;
+/// The kernel programs' toolchain pin, shared with `mesh-agent/build.rs`.
+#[path = "../../mesh-ebpf/toolchain.rs"]
+mod toolchain;
 
 use std::{
     path::{Path, PathBuf},
@@ -52,6 +55,10 @@ enum Cmd {
         /// policy.
         #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy"])]
         only: Vec<String>,
+        /// Another `mesh-agent` binary (say, an earlier commit's release build) to measure as
+        /// one more mode, pods opted into the short-cut, in the same run.
+        #[arg(long)]
+        compare_agent: Option<PathBuf>,
     },
 }
 
@@ -73,10 +80,14 @@ fn main() -> ExitCode {
             quick,
             profile,
             only,
+            compare_agent,
         } => setup::run(&root)
             .and_then(|()| bench::check_tools())
             .and_then(|()| build(&root, true))
-            .and_then(|()| bench::run(&root, bench::Plan::new(quick, profile, only))),
+            .and_then(|()| {
+                let plan = bench::Plan::new(quick, profile, only, compare_agent);
+                bench::run(&root, plan)
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,7 +160,7 @@ fn test(root: &Path) -> Result<()> {
     let mut clippy = cargo(root);
     clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
     step("clippy", clippy)?;
-    step("clippy (kernel programs)", kernel_clippy(root))?;
+    step("clippy (kernel programs)", kernel_clippy(root)?)?;
     build(root, false)?;
     // Unit tests of every crate, then the privileged integration tests (testbed, kernel,
     // cleanup). They run as root; a test that cannot get what it needs fails with the reason.
@@ -159,10 +170,16 @@ fn test(root: &Path) -> Result<()> {
     check_nothing_left()
 }
 
-/// Clippy for `mesh-ebpf`, which only builds for the BPF target: nightly, `build-std=core`, and
-/// the `bpf_target_arch` cfg that aya-build sets for real builds.
-fn kernel_clippy(root: &Path) -> Command {
+/// Clippy for `mesh-ebpf`, which only builds for the BPF target: the kernel programs'
+/// toolchain (the pinned nightly, or stable with `RUSTC_BOOTSTRAP=1`), `build-std=core`, and the
+/// `bpf_target_arch` cfg that aya-build sets for real builds.
+fn kernel_clippy(root: &Path) -> Result<Command> {
+    let chosen = toolchain::EbpfToolchain::detect()
+        .context("no toolchain for the kernel programs (run `cargo xtask setup`)")?;
     let mut cmd = Command::new("cargo");
+    if chosen.needs_bootstrap() {
+        cmd.env("RUSTC_BOOTSTRAP", "1");
+    }
     cmd.current_dir(root)
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTFLAGS")
@@ -170,8 +187,8 @@ fn kernel_clippy(root: &Path) -> Command {
             "CARGO_ENCODED_RUSTFLAGS",
             format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
         )
+        .arg(format!("+{}", chosen.rustup_name()))
         .args([
-            "+nightly",
             "clippy",
             "--package",
             "mesh-ebpf",
@@ -187,7 +204,7 @@ fn kernel_clippy(root: &Path) -> Command {
             "-D",
             "warnings",
         ]);
-    cmd
+    Ok(cmd)
 }
 
 /// After the tests, no testbed may remain: no namespace, cgroup or bpffs directory.

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::toolchain::{self, EbpfToolchain};
+
 /// (command looked for on `PATH`, Debian package that provides it).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -48,8 +50,13 @@ type Install = fn(&Path) -> Result<()>;
 /// user's `~/.rustup` and `~/.cargo`, so they do not need root.
 const STEPS: &[(&str, bool, Check, Install)] = &[
     ("apt packages", true, check_apt, install_apt),
-    ("nightly toolchain", false, check_nightly, install_nightly),
-    ("rust-src (nightly)", false, check_src, install_src),
+    (
+        "kernel-program toolchain",
+        false,
+        check_toolchain,
+        install_toolchain,
+    ),
+    ("rust-src", false, check_src, install_src),
     ("bpf-linker", false, check_linker, install_linker),
     ("bpffs", true, check_bpffs, install_bpffs),
     ("cgroup2", true, check_cgroup2, install_cgroup2),
@@ -142,57 +149,135 @@ fn install_apt(_: &Path) -> Result<()> {
     stream(install, HINT)
 }
 
-/// `rustc +nightly <args>`: never auto-installs, and ignores an inherited toolchain override.
-fn rustc_nightly(args: &[&str]) -> Command {
-    let mut cmd = command(&["rustc", "+nightly"]);
-    cmd.args(args).env_remove("RUSTUP_TOOLCHAIN");
-    cmd.env("RUSTUP_AUTO_INSTALL", "0");
-    cmd
+/// Set when installing the pinned nightly failed and stable (with `RUSTC_BOOTSTRAP=1`) was
+/// accepted instead, for this run; the next run tries the nightly again.
+static FELL_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `rustc -vV` facts and the sysroot of the toolchain the kernel programs build with.
+fn chosen_toolchain() -> Result<(EbpfToolchain, RustcInfo, PathBuf)> {
+    let chosen = EbpfToolchain::detect().with_context(|| {
+        format!(
+            "neither {} nor {} (LLVM {}) is installed",
+            toolchain::PINNED_NIGHTLY,
+            toolchain::FALLBACK,
+            toolchain::LLVM_MAJOR
+        )
+    })?;
+    let name = chosen.rustup_name();
+    let vv = toolchain::rustc_vv(name).with_context(|| format!("`rustc +{name} -vV` fails"))?;
+    let info = parse_rustc_vv(&vv)?;
+    let mut sysroot = command(&["rustup", "run", name, "rustc", "--print", "sysroot"]);
+    sysroot
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("RUSTUP_AUTO_INSTALL", "0");
+    let hint = format!("reinstall it: `rustup toolchain install {name}`");
+    let sysroot = capture(sysroot, &hint)?;
+    Ok((chosen, info, PathBuf::from(sysroot.trim())))
 }
 
-/// Facts from `rustc +nightly -vV`, and the nightly sysroot.
-fn nightly() -> Result<(RustcInfo, PathBuf)> {
-    const HINT: &str = "(re)install it: `rustup toolchain install nightly --profile minimal`";
-    let info = parse_rustc_vv(&capture(rustc_nightly(&["-vV"]), HINT)?)?;
-    let sysroot = capture(rustc_nightly(&["--print", "sysroot"]), HINT)?;
-    Ok((info, PathBuf::from(sysroot.trim())))
+/// Whether rustup's toolchain `name` has `cargo clippy` (the kernel crate is linted with it).
+fn has_clippy(name: &str) -> bool {
+    let mut clippy = command(&["rustup", "run", name, "cargo-clippy", "--version"]);
+    clippy
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("RUSTUP_AUTO_INSTALL", "0");
+    capture(clippy, "").is_ok()
 }
 
-fn check_nightly(_: &Path) -> Result<State> {
-    Ok(match nightly() {
-        Ok((info, _)) => Present(info.describe()),
-        Err(_) => Missing("`rustc +nightly -vV` fails".to_owned()),
+fn check_toolchain(_: &Path) -> Result<State> {
+    Ok(match EbpfToolchain::detect() {
+        Some(EbpfToolchain::Pinned) if !has_clippy(toolchain::PINNED_NIGHTLY) => Missing(format!(
+            "{} has no clippy component",
+            toolchain::PINNED_NIGHTLY
+        )),
+        Some(EbpfToolchain::Pinned) => Present(format!(
+            "{}, rustc {}, with clippy",
+            toolchain::PINNED_NIGHTLY,
+            toolchain::PINNED_COMMIT
+        )),
+        Some(EbpfToolchain::StableBootstrap)
+            if FELL_BACK.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            Present(format!(
+                "{} with RUSTC_BOOTSTRAP=1 for the kernel crate ({} could not be installed)",
+                toolchain::FALLBACK,
+                toolchain::PINNED_NIGHTLY
+            ))
+        }
+        _ => Missing(format!("{} is not installed", toolchain::PINNED_NIGHTLY)),
     })
 }
 
-fn install_nightly(_: &Path) -> Result<()> {
-    let mut rustup = command(&["rustup", "toolchain", "install", "nightly"]);
-    rustup.args(["--profile", "minimal"]);
+/// Installs the pinned nightly (minimal profile, with `rust-src` and `clippy`; on an installed
+/// toolchain this adds what is missing); if rustup cannot, falls back to the stable toolchain
+/// when its LLVM matches.
+fn install_toolchain(_: &Path) -> Result<()> {
+    let name = toolchain::PINNED_NIGHTLY;
+    let mut rustup = command(&["rustup", "toolchain", "install", name]);
+    rustup.args([
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+        "--component",
+        "clippy",
+    ]);
     rustup.env_remove("RUSTUP_TOOLCHAIN");
     let hint = "check that the Rust distribution server is reachable and that rustup is \
                 installed";
-    stream(rustup, hint)
+    let Err(err) = stream(rustup, hint) else {
+        return Ok(());
+    };
+    let stable = toolchain::rustc_vv(toolchain::FALLBACK);
+    match stable.as_deref().map(toolchain::llvm_major) {
+        Some(Some(toolchain::LLVM_MAJOR)) => {
+            println!(
+                "[setup] kernel-program toolchain: {name} could not be installed; falling back \
+                 to {} with RUSTC_BOOTSTRAP=1 for the kernel crate only (same LLVM {})",
+                toolchain::FALLBACK,
+                toolchain::LLVM_MAJOR
+            );
+            FELL_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        other => Err(err.context(format!(
+            "and the fallback {} is {}",
+            toolchain::FALLBACK,
+            match other {
+                None => "not installed".to_owned(),
+                Some(llvm) => format!("on LLVM {llvm:?}, not {}", toolchain::LLVM_MAJOR),
+            }
+        ))),
+    }
 }
 
 fn check_src(_: &Path) -> Result<State> {
-    let src = nightly()?.1.join("lib/rustlib/src/rust");
+    let (chosen, _, sysroot) = chosen_toolchain()?;
+    let src = sysroot.join("lib/rustlib/src/rust");
     let marker = src.join("library/core/Cargo.toml");
     if marker.is_file() {
-        return Ok(Present(src.display().to_string()));
+        let bootstrap = if chosen.needs_bootstrap() {
+            ", built with RUSTC_BOOTSTRAP=1"
+        } else {
+            ""
+        };
+        let name = chosen.rustup_name();
+        return Ok(Present(format!("{name}{bootstrap}: {}", src.display())));
     }
     Ok(Missing(format!("no {}", marker.display())))
 }
 
 /// `rustup component add`, or offline the matching tarball in `<workspace>/../shared/toolchain`.
 fn install_src(workspace_root: &Path) -> Result<()> {
-    let (rustc, sysroot) = nightly()?;
+    let (chosen, rustc, sysroot) = chosen_toolchain()?;
+    let name = chosen.rustup_name();
     let rustlib = sysroot.join("lib/rustlib");
     let mut rustup = command(&["rustup", "component", "add", "rust-src"]);
-    rustup.args(["--toolchain", "nightly"]);
+    rustup.args(["--toolchain", name]);
     rustup.env_remove("RUSTUP_TOOLCHAIN");
     let hint = format!(
-        "install rust-src by hand: `rustup component add rust-src --toolchain nightly` (needs \
-         the Rust distribution server), or unpack a rust-src tarball of nightly commit {} with `tar -xJf \
+        "install rust-src by hand: `rustup component add rust-src --toolchain {name}` (needs \
+         the Rust distribution server), or unpack a rust-src tarball of commit {} with `tar -xJf \
          <tarball> -C {dir}` and append a line `rust-src` to {dir}/components",
         rustc.commit_hash,
         dir = rustlib.display(),
@@ -211,11 +296,11 @@ fn src_from_tarball(shared: &Path, commit_hash: &str, rustlib: &Path) -> Result<
     let name = matching_tarball(names.iter().map(String::as_str), commit_hash);
     let name = name.with_context(|| {
         let shared = shared.display();
-        format!("no rust-src-<version>-nightly-<hash>.tar.xz in {shared} matches {commit_hash}")
+        format!("no rust-src-<version>-<channel>-<hash>.tar.xz in {shared} matches {commit_hash}")
     })?;
     let tarball = shared.join(name);
     let shown = tarball.display();
-    println!("[setup] rust-src (nightly): rustup failed, unpacking {shown}");
+    println!("[setup] rust-src: rustup failed, unpacking {shown}");
     let hint = "check that xz-utils is installed and the tarball intact";
     let mut tar = command(&["tar", "-xJf"]);
     tar.arg(&tarball).arg("-C").arg(rustlib);
@@ -229,9 +314,9 @@ fn src_from_tarball(shared: &Path, commit_hash: &str, rustlib: &Path) -> Result<
     Ok(())
 }
 
-/// Present when `bpf-linker --version` runs and `ldd` resolves its libLLVM from nightly's `lib/`.
+/// Present when `bpf-linker --version` runs and `ldd` resolves its libLLVM to an existing file
+/// of LLVM [`toolchain::LLVM_MAJOR`] (from either toolchain: both ship that LLVM).
 fn check_linker(_: &Path) -> Result<State> {
-    let lib = nightly()?.1.join("lib");
     let Some(path) = find_on_path("bpf-linker") else {
         return Ok(Missing("bpf-linker is not on PATH".to_owned()));
     };
@@ -243,19 +328,33 @@ fn check_linker(_: &Path) -> Result<State> {
     let mut ldd = command(&["ldd"]);
     ldd.arg(&path).env_remove("LD_LIBRARY_PATH");
     let llvms = ldd_llvm_paths(&capture(ldd, "").unwrap_or_default());
-    let lib = fs::canonicalize(&lib).unwrap_or(lib);
-    let in_lib =
-        |llvm: &&PathBuf| llvm.parent().and_then(|d| fs::canonicalize(d).ok()) == Some(lib.clone());
-    Ok(match (llvms.iter().find(in_lib), llvms.first()) {
+    let right =
+        |llvm: &&PathBuf| llvm.is_file() && llvm_so_major(llvm) == Some(toolchain::LLVM_MAJOR);
+    Ok(match (llvms.iter().find(right), llvms.first()) {
         (Some(llvm), _) => Present(format!("{}, {}", version.trim(), llvm.display())),
-        (None, Some(other)) => Missing(format!("bpf-linker uses {}", other.display())),
+        (None, Some(other)) => Missing(format!(
+            "bpf-linker uses {}, not LLVM {}",
+            other.display(),
+            toolchain::LLVM_MAJOR
+        )),
         (None, None) => Missing("`ldd bpf-linker` shows no libLLVM".to_owned()),
     })
 }
 
-/// `cargo install bpf-linker` with the default (stable) cargo, linked against nightly's libLLVM.
+/// The LLVM major version in a libLLVM file name (`libLLVM.so.22.1-rust-…`, `libLLVM-22…`).
+fn llvm_so_major(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name
+        .strip_prefix("libLLVM.so.")
+        .or_else(|| name.strip_prefix("libLLVM-"))?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// `cargo install bpf-linker` with the default (stable) cargo, linked against the kernel-program
+/// toolchain's libLLVM.
 fn install_linker(_: &Path) -> Result<()> {
-    let (rustc, sysroot) = nightly()?;
+    let (_, rustc, sysroot) = chosen_toolchain()?;
     let lib = sysroot.join("lib");
     let llvm = llvm_link_name(file_names(&lib)?.iter().map(String::as_str));
     let llvm = llvm.with_context(|| format!("no libLLVM*.so in {}", lib.display()))?;
@@ -414,17 +513,10 @@ struct RustcInfo {
     llvm_major: u32,
 }
 
-impl RustcInfo {
-    fn describe(&self) -> String {
-        let short = self.commit_hash.get(..9).unwrap_or(&self.commit_hash);
-        format!("rustc {} {short}, LLVM {}", self.release, self.llvm_major)
-    }
-}
-
 fn parse_rustc_vv(out: &str) -> Result<RustcInfo> {
     let field = |key: &str| {
-        let value = out.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
-        value.with_context(|| format!("no `{key}` line in `rustc +nightly -vV` output:\n{out}"))
+        let value = toolchain::field(out, key);
+        value.with_context(|| format!("no `{key}` line in `rustc -vV` output:\n{out}"))
     };
     let llvm = field("LLVM version:")?;
     let llvm_major = llvm.split('.').next().and_then(|major| major.parse().ok());
@@ -455,12 +547,14 @@ fn llvm_link_name<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<String
         .map(str::to_owned)
 }
 
-/// The `rust-src-<version>-nightly-<shorthash>.tar.xz` among `names` whose short hash (at
-/// least 7 hex digits) starts the commit `hash`.
+/// The `rust-src-<version>-<nightly|stable>-<shorthash>.tar.xz` among `names` whose short hash
+/// (at least 7 hex digits) starts the commit `hash`.
 fn matching_tarball<'a>(names: impl IntoIterator<Item = &'a str>, hash: &str) -> Option<&'a str> {
     let matches = |name: &&str| {
         let stem = name.strip_prefix("rust-src-")?.strip_suffix(".tar.xz")?;
-        let (version, short) = stem.rsplit_once("-nightly-")?;
+        let (version, short) = stem
+            .rsplit_once("-nightly-")
+            .or_else(|| stem.rsplit_once("-stable-"))?;
         let hex = short.len() >= 7 && short.chars().all(|c| c.is_ascii_hexdigit());
         Some(!version.is_empty() && hex && hash.starts_with(short))
     };
@@ -499,7 +593,6 @@ LLVM version: 22.1.4
             llvm_major: 22,
         };
         assert_eq!(info, expected);
-        assert_eq!(info.describe(), "rustc 1.97.0-nightly e50aa6fba, LLVM 22");
         assert!(parse_rustc_vv(&NIGHTLY_VV.replace("LLVM version: 22.1.4\n", "")).is_err());
         assert!(parse_rustc_vv(&NIGHTLY_VV.replace("22.1.4", "x.1")).is_err());
         assert!(parse_rustc_vv(&NIGHTLY_VV.replace("commit-hash", "hash")).is_err());
@@ -553,6 +646,35 @@ LLVM version: 22.1.4
             matching_tarball(["rust-std-1.97.0-nightly-e50aa6fba.tar.xz"], hash),
             None
         );
+        let stable = "rust-src-1.95.0-stable-59807616e.tar.xz";
+        assert_eq!(
+            matching_tarball(
+                [tarball, stable],
+                "59807616e1fa2540724bfbac14d7976d7e4a3860"
+            ),
+            Some(stable)
+        );
+    }
+
+    #[test]
+    fn llvm_major_from_library_names() {
+        let p = |s: &str| llvm_so_major(Path::new(s));
+        assert_eq!(p("/t/lib/libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
+        assert_eq!(p("/t/lib/libLLVM-22-rust-1.95.0-stable.so"), Some(22));
+        assert_eq!(p("/usr/lib/libLLVM-19.so.1"), Some(19));
+        assert_eq!(p("/usr/lib/libc.so.6"), None);
+    }
+
+    #[test]
+    fn toolchain_pin_is_recognised_from_rustc_vv() {
+        assert!(toolchain::is_pinned(NIGHTLY_VV));
+        assert_eq!(
+            toolchain::llvm_major(NIGHTLY_VV),
+            Some(toolchain::LLVM_MAJOR)
+        );
+        let other = NIGHTLY_VV.replace("e50aa6fba4e6", "9eb3be26b46e");
+        assert!(!toolchain::is_pinned(&other));
+        assert_eq!(toolchain::llvm_major("LLVM version: x"), None);
     }
 
     #[test]

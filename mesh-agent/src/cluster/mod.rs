@@ -59,8 +59,8 @@ pub use peer_auth::{
 };
 pub use state::{
     ClusterState, Endpoint, EnrollmentOptions, Protocol, Resolution, Service, ServicePort,
-    SourceError, StateError, TargetPort, Workload, AMBIENT, CGROUP_ANNOTATION, DEFAULT_LABEL_KEY,
-    DEFAULT_TRUST_DOMAIN, NETNS_ANNOTATION, OPT_OUT,
+    Shortcut, SourceError, StateError, TargetPort, Workload, AMBIENT, CGROUP_ANNOTATION,
+    DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN, NETNS_ANNOTATION, OPT_OUT, SHORTCUT_ANNOTATION,
 };
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ use super::{
     k8s::{self, Kind, Labels, Object, ObjectRef},
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy, DEFAULT_ROOT_NAMESPACE},
     translate::{
-        check_name, is_dns_label, pod_ref, service_from, service_ref, workload_from, workload_ref,
-        BuiltPod, NameRule,
+        check_name, is_dns_label, pod_ref, service_from, service_ref, shortcut_annotation,
+        workload_from, workload_ref, BuiltPod, NameRule,
     },
 };
 
@@ -37,6 +37,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const NETNS_ANNOTATION: &str = "mesh.local/netns";
 /// Pod annotation holding the path of the pod's cgroup v2 directory.
 pub const CGROUP_ANNOTATION: &str = "mesh.local/cgroup";
+/// Pod or Namespace annotation opting a workload's mesh legs into the `sk_msg` short-cut:
+/// `enabled` or `disabled` (the default). The pod's annotation wins over its namespace's.
+pub const SHORTCUT_ANNOTATION: &str = "mesh.local/sockmap-shortcut";
 /// Value of the enrollment label that enrolls.
 pub const AMBIENT: &str = "ambient";
 /// Value of the enrollment label on a pod that opts out of an enrolled namespace.
@@ -128,6 +131,17 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     /// Path of the pod's cgroup v2 directory ([`CGROUP_ANNOTATION`]).
     pub cgroup: Option<PathBuf>,
+    /// Whether the pod's mesh legs take the `sk_msg` short-cut ([`SHORTCUT_ANNOTATION`]).
+    pub shortcut: Shortcut,
+}
+
+/// Whether a workload's mesh legs take the kernel's `sk_msg` short-cut: opt-in, by the
+/// [`SHORTCUT_ANNOTATION`] of the pod or else of its namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Shortcut {
+    #[default]
+    Disabled,
+    Enabled,
 }
 
 impl fmt::Display for Workload {
@@ -375,6 +389,13 @@ pub enum StateError {
         annotation: &'static str,
         value: String,
     },
+    #[error("{object}: metadata.annotations[{annotation}]: {value:?} is not {expected}")]
+    InvalidAnnotation {
+        object: ObjectRef,
+        annotation: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error(
         "{object}: metadata.annotations[{annotation}] is missing (enrolled, on this node {node})"
     )]
@@ -430,6 +451,7 @@ impl StateError {
             | StateError::SecondAddressOfFamily { object, .. }
             | StateError::PrimaryMismatch { object, .. }
             | StateError::RelativePath { object, .. }
+            | StateError::InvalidAnnotation { object, .. }
             | StateError::MissingAnnotation { object, .. }
             | StateError::RepeatedPort { object, .. }
             | StateError::InvalidTimestamp { object, .. } => vec![object],
@@ -497,6 +519,7 @@ impl ClusterState {
                 &namespace.metadata.name,
                 NameRule::Label,
             )?;
+            shortcut_annotation(&object, &namespace.metadata)?;
         }
 
         let mut state = ClusterState {
@@ -513,8 +536,8 @@ impl ClusterState {
         };
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
         for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
-            let ns_labels = namespaces.get(namespace).map(|ns| &ns.metadata.labels);
-            let workload = Arc::new(workload_from(pod, ns_labels, opts)?);
+            let ns_meta = namespaces.get(namespace).map(|ns| &ns.metadata);
+            let workload = Arc::new(workload_from(pod, ns_meta, opts)?);
             state.index_workload(&workload, pod)?;
             by_namespace
                 .entry(namespace)

@@ -15,7 +15,7 @@ use super::{
     k8s::{parse_documents, IntOrString, Kind, Object, PeerAuthMode},
     peer_auth::Timestamp,
     spawn_watcher, ClusterState, ConfigDir, EnrollmentOptions, FilesError, MtlsMode, PeerAuthScope,
-    Resolution, StateError, TargetPort,
+    Resolution, Shortcut, StateError, TargetPort, SHORTCUT_ANNOTATION,
 };
 
 const CLUSTER: &str = include_str!("testdata/cluster.yaml");
@@ -324,6 +324,69 @@ fn enrollment_in_the_built_state() {
     );
     assert_eq!(state.workloads_on_node("n1").len(), 1);
     assert_eq!(state.workloads_on_node("n9").len(), 0);
+}
+
+/// The short-cut is opt-in: the pod's annotation wins, else its namespace's, else disabled.
+#[test]
+fn shortcut_is_opt_in_by_pod_or_namespace_annotation() {
+    let annotate = |object: &str, value: &str| {
+        object.replacen(
+            "metadata:\n",
+            &format!("metadata:\n  annotations:\n    {SHORTCUT_ANNOTATION}: {value}\n"),
+            1,
+        )
+    };
+    // The pod's own annotation block: add the short-cut line to it.
+    let pod_with = |name: &str, ip_: &str, value: &str| {
+        pod("shop", name, "n0", ip_, "").replace(
+            "  annotations:\n",
+            &format!("  annotations:\n    {SHORTCUT_ANNOTATION}: {value}\n"),
+        )
+    };
+    let text = docs(&[
+        annotate(
+            &namespace("shop", "istio.io/dataplane-mode: ambient"),
+            "enabled",
+        ),
+        namespace("plain", "istio.io/dataplane-mode: ambient"),
+        pod("shop", "inherits", "n0", "198.19.0.2", ""),
+        pod_with("opts-out", "198.19.0.3", "disabled"),
+        pod("plain", "default", "n0", "198.19.0.4", ""),
+        pod_with("opts-in", "198.19.0.5", "enabled").replace("namespace: shop", "namespace: plain"),
+    ]);
+    let state = build(&text);
+    let shortcut = |ip_: &str| state.workload_by_ip(ip(ip_)).expect("pod").shortcut;
+    assert_eq!(
+        shortcut("198.19.0.2"),
+        Shortcut::Enabled,
+        "namespace opts in"
+    );
+    assert_eq!(shortcut("198.19.0.3"), Shortcut::Disabled, "pod opts out");
+    assert_eq!(shortcut("198.19.0.4"), Shortcut::Disabled, "the default");
+    assert_eq!(shortcut("198.19.0.5"), Shortcut::Enabled, "pod opts in");
+}
+
+#[test]
+fn a_bad_shortcut_annotation_is_refused_naming_object_and_value() {
+    let bad_ns = namespace("shop", "").replacen(
+        "metadata:\n",
+        &format!("metadata:\n  annotations:\n    {SHORTCUT_ANNOTATION}: \"yes\"\n"),
+        1,
+    );
+    let e = build_err(&bad_ns);
+    assert_eq!(
+        e,
+        format!(
+            "Namespace shop: metadata.annotations[{SHORTCUT_ANNOTATION}]: \"yes\" is not \"enabled\" or \"disabled\""
+        )
+    );
+    let bad_pod = pod("shop", "web", "n0", "198.19.0.2", "").replace(
+        "  annotations:\n",
+        &format!("  annotations:\n    {SHORTCUT_ANNOTATION}: \"on\"\n"),
+    );
+    let e = build_err(&bad_pod);
+    assert!(e.starts_with("Pod shop/web: metadata.annotations["), "{e}");
+    assert!(e.contains("\"on\" is not"), "{e}");
 }
 
 #[test]

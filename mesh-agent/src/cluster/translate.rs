@@ -7,8 +7,8 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc};
 use super::{
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
     state::{
-        Endpoint, EnrollmentOptions, Protocol, Service, ServicePort, StateError, TargetPort,
-        Workload, CGROUP_ANNOTATION, NETNS_ANNOTATION,
+        Endpoint, EnrollmentOptions, Protocol, Service, ServicePort, Shortcut, StateError,
+        TargetPort, Workload, CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION,
     },
 };
 
@@ -34,11 +34,13 @@ pub(super) fn workload_ref(workload: &Workload) -> ObjectRef {
     }
 }
 
+/// `pod` as a workload; `ns_meta` is its Namespace object's metadata, if there is one.
 pub(super) fn workload_from(
     pod: &k8s::Pod,
-    ns_labels: Option<&Labels>,
+    ns_meta: Option<&k8s::ObjectMeta>,
     opts: &EnrollmentOptions,
 ) -> Result<Workload, StateError> {
+    let ns_labels: Option<&Labels> = ns_meta.map(|m| &m.labels);
     let object = pod_ref(pod);
     let meta = &pod.metadata;
     check_name(
@@ -81,6 +83,14 @@ pub(super) fn workload_from(
     let enrolled = !host_network && opts.is_enrolled(ns_labels, &meta.labels);
     let netns = annotation_path(&object, meta, NETNS_ANNOTATION)?;
     let cgroup = annotation_path(&object, meta, CGROUP_ANNOTATION)?;
+    // The pod's own setting wins; the namespace's was checked when it was read.
+    let ns_shortcut = ns_meta.and_then(|m| {
+        let object = ObjectRef::cluster_scoped(Kind::Namespace, m);
+        shortcut_annotation(&object, m).ok().flatten()
+    });
+    let shortcut = shortcut_annotation(&object, meta)?
+        .or(ns_shortcut)
+        .unwrap_or_default();
     let node = pod.spec.node_name.clone().filter(|node| !node.is_empty());
     if enrolled && !opts.node_name.is_empty() && node.as_deref() == Some(opts.node_name.as_str()) {
         for (path, annotation) in [(&netns, NETNS_ANNOTATION), (&cgroup, CGROUP_ANNOTATION)] {
@@ -111,7 +121,30 @@ pub(super) fn workload_from(
         host_network,
         netns,
         cgroup,
+        shortcut,
     })
+}
+
+/// The [`SHORTCUT_ANNOTATION`] of an object (`enabled` or `disabled`), `None` when absent.
+pub(super) fn shortcut_annotation(
+    object: &ObjectRef,
+    meta: &k8s::ObjectMeta,
+) -> Result<Option<Shortcut>, StateError> {
+    match meta
+        .annotations
+        .get(SHORTCUT_ANNOTATION)
+        .map(String::as_str)
+    {
+        None => Ok(None),
+        Some("enabled") => Ok(Some(Shortcut::Enabled)),
+        Some("disabled") => Ok(Some(Shortcut::Disabled)),
+        Some(other) => Err(StateError::InvalidAnnotation {
+            object: object.clone(),
+            annotation: SHORTCUT_ANNOTATION,
+            value: other.to_owned(),
+            expected: "\"enabled\" or \"disabled\"",
+        }),
+    }
 }
 
 fn annotation_path(

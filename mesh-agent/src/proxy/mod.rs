@@ -72,6 +72,8 @@ pub struct LocalPod {
     /// `namespace/name`, for logs.
     pub name: String,
     pub netns: Netns,
+    /// The namespace's cookie: it qualifies the pod's keys in the kernel's maps.
+    pub netns_cookie: u64,
     pub ips: Vec<IpAddr>,
     /// The pod's SPIFFE identity (from its namespace and service account).
     pub identity: Identity,

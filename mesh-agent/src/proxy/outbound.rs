@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use mesh_common::{SockAddr, SockKey, INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::{NsSockKey, SockAddr, SockKey, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -82,12 +82,12 @@ pub(super) async fn handle(
         }
         // A meshed workload on another node: HBONE.
         (None, Some(identity)) => {
-            leave_shortcut(&down, peer, &ctx);
+            leave_shortcut(&down, peer, &pod, &ctx);
             hbone::outbound(down, &pod, &ctx, identity, conn(info, None)).await
         }
         // Outside the mesh: plain TCP from inside the source pod.
         (None, None) => {
-            leave_shortcut(&down, peer, &ctx);
+            leave_shortcut(&down, peer, &pod, &ctx);
             match dial_from(&pod.netns, upstream).await {
                 Ok(up) => Some(relay(down, up, conn(info, None))),
                 Err(e) => {
@@ -104,11 +104,14 @@ pub(super) async fn handle(
 /// Toward another node the path is slower than the pod-local leg, and only TCP's own window
 /// holds a fast sender back: take the application's socket out of the `sk_msg` short-cut
 /// before the agent sends it anything (see `ConnMaps::leave_shortcut`).
-fn leave_shortcut(down: &TcpStream, peer: SocketAddr, ctx: &ProxyCtx) {
+fn leave_shortcut(down: &TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &ProxyCtx) {
     if let Ok(listener) = down.local_addr() {
-        ctx.conn.leave_shortcut(&SockKey {
-            local: SockAddr::from(peer),
-            remote: SockAddr::from(listener),
+        ctx.conn.leave_shortcut(&NsSockKey {
+            netns: pod.netns_cookie,
+            sock: SockKey {
+                local: SockAddr::from(peer),
+                remote: SockAddr::from(listener),
+            },
         });
     }
 }

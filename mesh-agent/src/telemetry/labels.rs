@@ -299,6 +299,7 @@ mod tests {
             host_network: false,
             netns: None,
             cgroup: None,
+            shortcut: crate::cluster::Shortcut::Disabled,
         }
     }
 

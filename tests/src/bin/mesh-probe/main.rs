@@ -49,6 +49,8 @@
 //!   response (the caller checks the code), 1 when it cannot connect or read a response.
 #![forbid(unsafe_code)]
 
+mod loop_pair;
+
 use std::{
     collections::HashMap,
     fmt::Display,
@@ -91,10 +93,11 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(1);
 const WORKER_STACK: usize = 256 * 1024;
 
 const USAGE: &str = "usage: mesh-probe <command>
-  serve <addr> [--mode echo|sink|greet|rr] [--count N]
-  connect <addr> <message>
-  greeted <addr> <message>
-  send <addr> <bytes>
+  serve <addr> [--mode echo|sink|greet|rr] [--count N] [--stall-ms S]
+  connect <addr> <message> [--eagain fail|retry]
+  greeted <addr> <message> [--eagain fail|retry]
+  send <addr> <bytes> [--progress-ms P] [--eagain fail|retry]
+  loop-pair --port P --client-port C --token T --duration-ms D
   rr <addr> --conns N --duration-ms D [--rate R] [--size S]
       R: requests/s over all connections (open loop); without it, closed loop.
       S: request and reply size in bytes (default 1024).
@@ -108,21 +111,33 @@ const USAGE: &str = "usage: mesh-probe <command>
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
 
-/// Counts `EAGAIN`s a *blocking* read returned before its timeout. On a socket in a sockmap,
-/// the kernel's `tcp_bpf_recvmsg` returns `EAGAIN` when a blocking reader is woken without data
-/// (typically by its own FIN being acknowledged after a half-close). Nothing is lost: the next
-/// read returns the data. The client retries like a robust application would and reports how
-/// often it had to (`spurious_eagain=N`). A socket without a read timeout (the server's) never
-/// times out, so there every `EAGAIN` is spurious.
+/// A blocking socket's reads, watching for `EAGAIN` before the read timeout. On a socket in a
+/// sockmap, the kernel's `tcp_bpf_recvmsg` returns `EAGAIN` when a blocking reader is woken
+/// without data (typically by its own FIN being acknowledged after a half-close), which an
+/// application written for blocking sockets takes as an error. A socket without a read timeout
+/// (the server's) never times out, so there every `EAGAIN` is spurious.
+///
+/// [`EagainPolicy::Fail`] (the functional clients, `connect`, `greeted`, `send`): such an
+/// `EAGAIN` is an error, as for those applications, so the tests see it. [`EagainPolicy::Count`]
+/// (the benchmark clients and the `rr` server): retry, like a robust application, and report how
+/// often (`spurious_eagain` in their JSON).
 struct Reader<'a> {
     stream: &'a TcpStream,
+    policy: EagainPolicy,
     spurious_eagain: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EagainPolicy {
+    Fail,
+    Count,
+}
+
 impl<'a> Reader<'a> {
-    fn new(stream: &'a TcpStream) -> Self {
+    fn new(stream: &'a TcpStream, policy: EagainPolicy) -> Self {
         Self {
             stream,
+            policy,
             spurious_eagain: 0,
         }
     }
@@ -140,6 +155,12 @@ impl Read for Reader<'_> {
                         && self.stream.read_timeout().is_ok_and(early) =>
                 {
                     self.spurious_eagain += 1;
+                    if self.policy == EagainPolicy::Fail {
+                        return Err(std::io::Error::new(
+                            ErrorKind::WouldBlock,
+                            "spurious EAGAIN: a blocking read returned EAGAIN before its timeout",
+                        ));
+                    }
                 }
                 other => return other,
             }
@@ -154,13 +175,28 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["serve", addr, rest @ ..] => parse_serve(rest)
             .map_err(usage)
-            .and_then(|(mode, n)| serve(addr, mode, n)),
-        ["connect", addr, message] => connect(addr, message, false),
-        ["greeted", addr, message] => connect(addr, message, true),
-        ["send", addr, bytes] => bytes
+            .and_then(|o| serve(addr, o)),
+        [command @ ("connect" | "greeted"), addr, message, rest @ ..] => flags(rest, &["--eagain"])
+            .and_then(|f| eagain_policy(&f))
+            .map_err(usage)
+            .and_then(|policy| connect(addr, message, *command == "greeted", policy)),
+        ["send", addr, bytes, rest @ ..] => bytes
             .parse()
-            .map_err(|e| usage(format!("bytes {bytes:?}: {e}")))
-            .and_then(|n| send(addr, n)),
+            .map_err(|e| format!("bytes {bytes:?}: {e}"))
+            .and_then(|n| {
+                let flags = flags(rest, &["--progress-ms", "--eagain"])?;
+                let progress = positive::<u64>(&flags, "--progress-ms")?;
+                Ok((
+                    n,
+                    progress.map(Duration::from_millis),
+                    eagain_policy(&flags)?,
+                ))
+            })
+            .map_err(usage)
+            .and_then(|(n, progress, policy)| send(addr, n, progress, policy)),
+        ["loop-pair", rest @ ..] => loop_pair::parse(rest)
+            .map_err(usage)
+            .and_then(|o| loop_pair::run(&o)),
         [command @ ("rr" | "connrate" | "hold"), addr, rest @ ..] => {
             parse_bench(command, addr, rest)
                 .map_err(usage)
@@ -198,8 +234,18 @@ enum Mode {
     Rr,
 }
 
-fn parse_serve(rest: &[&str]) -> Result<(Mode, Option<usize>), String> {
-    let flags = flags(rest, &["--mode", "--count"])?;
+/// Options of `serve`.
+#[derive(Clone, Copy, Debug)]
+struct ServeOptions {
+    mode: Mode,
+    /// Serve this many connections, then exit.
+    count: Option<usize>,
+    /// Wait this long after accepting a connection before reading from it (a slow reader).
+    stall: Option<Duration>,
+}
+
+fn parse_serve(rest: &[&str]) -> Result<ServeOptions, String> {
+    let flags = flags(rest, &["--mode", "--count", "--stall-ms"])?;
     let mode = match flag::<String>(&flags, "--mode")?.as_deref() {
         None | Some("echo") => Mode::Echo,
         Some("sink") => Mode::Sink,
@@ -207,7 +253,11 @@ fn parse_serve(rest: &[&str]) -> Result<(Mode, Option<usize>), String> {
         Some("rr") => Mode::Rr,
         Some(other) => return Err(format!("unknown mode {other:?}")),
     };
-    Ok((mode, flag(&flags, "--count")?))
+    Ok(ServeOptions {
+        mode,
+        count: flag(&flags, "--count")?,
+        stall: positive::<u64>(&flags, "--stall-ms")?.map(Duration::from_millis),
+    })
 }
 
 /// Options of the benchmark clients.
@@ -302,7 +352,8 @@ fn parse(addr: &str) -> Result<SocketAddr, String> {
     addr.parse().map_err(|e| format!("address {addr:?}: {e}"))
 }
 
-fn serve(addr: &str, mode: Mode, count: Option<usize>) -> Result<(), String> {
+fn serve(addr: &str, options: ServeOptions) -> Result<(), String> {
+    let ServeOptions { mode, count, stall } = options;
     if mode == Mode::Rr {
         raise_nofile_limit(0);
     }
@@ -320,6 +371,10 @@ fn serve(addr: &str, mode: Mode, count: Option<usize>) -> Result<(), String> {
         let worker = thread::Builder::new()
             .stack_size(WORKER_STACK)
             .spawn(move || {
+                if let Some(stall) = stall {
+                    thread::sleep(stall);
+                    println!("reading from {peer}");
+                }
                 if let Err(e) = handle(stream, peer, mode) {
                     eprintln!("mesh-probe: connection from {peer}: {e}");
                 }
@@ -384,7 +439,7 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, mode: Mode) -> Result<(), Str
 fn answer_requests(stream: &TcpStream) -> std::io::Result<u32> {
     stream.set_nodelay(true)?;
     // Buffered: one read usually brings the prefix and the request.
-    let mut reader = BufReader::new(Reader::new(stream));
+    let mut reader = BufReader::new(Reader::new(stream, EagainPolicy::Count));
     let mut buf = Vec::new();
     while !reader.fill_buf()?.is_empty() {
         let mut prefix = [0u8; 4];
@@ -428,10 +483,21 @@ fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
     Ok(stream)
 }
 
-fn connect(addr: &str, message: &str, greeted: bool) -> Result<(), String> {
+/// `--eagain fail|retry` (default `fail`): what a functional client does with a spurious
+/// `EAGAIN` (see [`Reader`]). `retry` is for sockets in the short-cut, where the kernel can
+/// return one to a blocking reader.
+fn eagain_policy(flags: &[(&str, &str)]) -> Result<EagainPolicy, String> {
+    match flag::<String>(flags, "--eagain")?.as_deref() {
+        None | Some("fail") => Ok(EagainPolicy::Fail),
+        Some("retry") => Ok(EagainPolicy::Count),
+        Some(other) => Err(format!("--eagain {other:?}: fail or retry")),
+    }
+}
+
+fn connect(addr: &str, message: &str, greeted: bool, policy: EagainPolicy) -> Result<(), String> {
     let addr = parse(addr)?;
     let mut stream = dial(addr)?;
-    let mut reader = Reader::new(&stream);
+    let mut reader = Reader::new(&stream, policy);
     let mut echo = String::new();
     if greeted {
         let mut buffered = BufReader::new(&mut reader);
@@ -452,7 +518,7 @@ fn connect(addr: &str, message: &str, greeted: bool) -> Result<(), String> {
     stream
         .shutdown(Shutdown::Write)
         .map_err(|e| format!("shutdown: {e}"))?;
-    let mut reader = Reader::new(&stream);
+    let mut reader = Reader::new(&stream, policy);
     reader
         .read_to_string(&mut echo)
         .map_err(|e| format!("read: {e}"))?;
@@ -464,10 +530,7 @@ fn connect(addr: &str, message: &str, greeted: bool) -> Result<(), String> {
         ));
     }
     let local = stream.local_addr().map_err(|e| e.to_string())?;
-    println!(
-        "echo ok {local} -> {addr} spurious_eagain={}",
-        reader.spurious_eagain
-    );
+    println!("echo ok {local} -> {addr}");
     stream.flush().ok();
     Ok(())
 }
@@ -483,10 +546,30 @@ fn fill(buf: &mut [u8], state: &mut u64) {
     }
 }
 
-fn send(addr: &str, bytes: u64) -> Result<(), String> {
+/// Streams `bytes` pseudo-random bytes to a `sink` server and checks its count and CRC. With
+/// `progress`, a thread prints `written <n>` (bytes the kernel accepted so far) that often, so a
+/// test can see where a blocking writer stops.
+fn send(
+    addr: &str,
+    bytes: u64,
+    progress: Option<Duration>,
+    policy: EagainPolicy,
+) -> Result<(), String> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let addr = parse(addr)?;
     let mut stream = dial(addr)?;
     let started = Instant::now();
+    let written = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let reporter = progress.map(|every| {
+        let (written, done) = (Arc::clone(&written), Arc::clone(&done));
+        thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                println!("written {}", written.load(Ordering::Relaxed));
+                thread::sleep(every);
+            }
+        })
+    });
     let mut hasher = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut state = 0x9E37_79B9_7F4A_7C15_u64;
@@ -499,13 +582,18 @@ fn send(addr: &str, bytes: u64) -> Result<(), String> {
             .write_all(&buf[..n])
             .map_err(|e| format!("write: {e}"))?;
         left -= n as u64;
+        written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    done.store(true, Ordering::Relaxed);
+    if let Some(reporter) = reporter {
+        let _ = reporter.join();
     }
     stream
         .shutdown(Shutdown::Write)
         .map_err(|e| format!("shutdown: {e}"))?;
     let crc = hasher.finalize();
     let mut reply = String::new();
-    let mut reader = Reader::new(&stream);
+    let mut reader = Reader::new(&stream, policy);
     reader
         .read_to_string(&mut reply)
         .map_err(|e| format!("read reply: {e}"))?;
@@ -514,10 +602,7 @@ fn send(addr: &str, bytes: u64) -> Result<(), String> {
         return Err(format!("sink answered {reply:?}, expected {expected:?}"));
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "sent {bytes} bytes crc={crc:08x} in {secs:.3}s spurious_eagain={}",
-        reader.spurious_eagain
-    );
+    println!("sent {bytes} bytes crc={crc:08x} in {secs:.3}s");
     Ok(())
 }
 
@@ -678,7 +763,7 @@ impl Client {
 
     /// Sends the request and reads the reply, which must repeat its payload. `false` on error.
     fn exchange(&mut self, stream: &TcpStream) -> bool {
-        let mut reader = Reader::new(stream);
+        let mut reader = Reader::new(stream, EagainPolicy::Count);
         let result = match (&mut { stream }).write_all(&self.request) {
             Err(e) => Err(format!("write: {e}")),
             Ok(()) => match reader.read_exact(&mut self.reply) {
@@ -849,7 +934,7 @@ fn connrate_worker(a: Bench, start: Instant) -> Client {
             thread::sleep(ERROR_BACKOFF);
             continue;
         };
-        let mut reader = Reader::new(&stream);
+        let mut reader = Reader::new(&stream, EagainPolicy::Count);
         match reader.read(&mut [0u8; 1]) {
             Ok(0) => c.latency.record(micros(began.elapsed())),
             Ok(_) => c.error("data after the reply"),
@@ -1622,17 +1707,22 @@ mod tests {
 
     #[test]
     fn parses_serve() {
-        assert_eq!(parse_serve(&[]), Ok((Mode::Echo, None)));
+        let short = |args: &[&str]| parse_serve(args).map(|o| (o.mode, o.count, o.stall));
+        assert_eq!(short(&[]), Ok((Mode::Echo, None, None)));
         assert_eq!(
-            parse_serve(&["--count", "3", "--mode", "rr"]),
-            Ok((Mode::Rr, Some(3)))
+            short(&["--count", "3", "--mode", "rr"]),
+            Ok((Mode::Rr, Some(3), None))
         );
-        assert_eq!(parse_serve(&["--mode", "sink"]), Ok((Mode::Sink, None)));
-        assert_eq!(parse_serve(&["--mode", "greet"]), Ok((Mode::Greet, None)));
+        assert_eq!(
+            short(&["--mode", "sink", "--stall-ms", "1500"]),
+            Ok((Mode::Sink, None, Some(Duration::from_millis(1500))))
+        );
+        assert_eq!(short(&["--mode", "greet"]), Ok((Mode::Greet, None, None)));
         for (args, want) in [
             (&["--mode", "bogus"][..], "unknown mode \"bogus\""),
             (&["--mode"], "--mode needs a value"),
             (&["--count", "x"], "--count \"x\""),
+            (&["--stall-ms", "0"], "--stall-ms must be at least 1"),
             (&["extra"], "unknown option \"extra\""),
         ] {
             let e = parse_serve(args).expect_err(want);
