@@ -1,7 +1,32 @@
 //! Address helpers: the kernel's contexts store addresses in network byte order and ports in
 //! several encodings; everything is normalised into `SockAddr` (IPv4-mapped IPv6 as IPv4).
 
-use mesh_common::{SockAddr, AF_INET, AF_INET6};
+use mesh_common::{SockAddr, SockKey, AF_INET, AF_INET6};
+
+/// A context's `[u32; 4]` IPv6 field, copied word by word: the verifier allows only 4-byte loads
+/// of context fields, which a whole-array copy would not be.
+macro_rules! ip6_field {
+    ($field:expr) => {
+        [$field[0], $field[1], $field[2], $field[3]]
+    };
+}
+pub(crate) use ip6_field;
+
+/// One end of a connection as `sockops` and `sk_msg` contexts carry it.
+pub struct End {
+    pub ip4: u32,
+    pub ip6: [u32; 4],
+    pub port: u16,
+}
+
+/// A socket's own view of its connection from its context's fields: `local_port` is in host
+/// order, `remote_port` big-endian in the high 16 bits (decode with [`port_be_high`]).
+pub fn conn_key(family: u32, local: &End, remote: &End) -> Option<SockKey> {
+    Some(SockKey {
+        local: from_parts(family, local.ip4, local.ip6, local.port)?,
+        remote: from_parts(family, remote.ip4, remote.ip6, remote.port)?,
+    })
+}
 
 /// The first byte of a network-order IPv4 word.
 pub fn first_octet(ip4: u32) -> u8 {

@@ -117,12 +117,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
         return Ok(());
     }
     let cgroup = count(Family::V6)?;
-    let ip6 = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
+    let ip6 = addr::ip6_field!(sa.user_ip6);
     let Some(dst) = addr::from_parts(AF_INET6, 0, ip6, addr::port_be_low(sa.user_port)) else {
         return Ok(());
     };
@@ -239,13 +234,8 @@ fn original_peer(sa: &bpf_sock_addr, family: Family) -> Option<SockAddr> {
             addr::v4(sa.user_ip4, addr::port_be_low(sa.user_port)),
         ),
         Family::V6 => {
-            let src = [sk.src_ip6[0], sk.src_ip6[1], sk.src_ip6[2], sk.src_ip6[3]];
-            let peer = [
-                sa.user_ip6[0],
-                sa.user_ip6[1],
-                sa.user_ip6[2],
-                sa.user_ip6[3],
-            ];
+            let src = addr::ip6_field!(sk.src_ip6);
+            let peer = addr::ip6_field!(sa.user_ip6);
             (
                 addr::from_parts(AF_INET6, 0, src, addr::port_host(sk.src_port))?,
                 addr::from_parts(AF_INET6, 0, peer, addr::port_be_low(sa.user_port))?,

@@ -25,18 +25,8 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if lk.protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
-    let local_ip6 = [
-        lk.local_ip6[0],
-        lk.local_ip6[1],
-        lk.local_ip6[2],
-        lk.local_ip6[3],
-    ];
-    let remote_ip6 = [
-        lk.remote_ip6[0],
-        lk.remote_ip6[1],
-        lk.remote_ip6[2],
-        lk.remote_ip6[3],
-    ];
+    let local_ip6 = addr::ip6_field!(lk.local_ip6);
+    let remote_ip6 = addr::ip6_field!(lk.remote_ip6);
     let (Some(local), Some(remote)) = (
         addr::from_parts(
             lk.family,

@@ -59,31 +59,19 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 }
 
 fn ops_key(ops: &bpf_sock_ops) -> Option<SockKey> {
-    let local_ip6 = [
-        ops.local_ip6[0],
-        ops.local_ip6[1],
-        ops.local_ip6[2],
-        ops.local_ip6[3],
-    ];
-    let remote_ip6 = [
-        ops.remote_ip6[0],
-        ops.remote_ip6[1],
-        ops.remote_ip6[2],
-        ops.remote_ip6[3],
-    ];
-    let local = addr::from_parts(
+    addr::conn_key(
         ops.family,
-        ops.local_ip4,
-        local_ip6,
-        addr::port_host(ops.local_port),
-    )?;
-    let remote = addr::from_parts(
-        ops.family,
-        ops.remote_ip4,
-        remote_ip6,
-        addr::port_be_high(ops.remote_port),
-    )?;
-    Some(SockKey { local, remote })
+        &addr::End {
+            ip4: ops.local_ip4,
+            ip6: addr::ip6_field!(ops.local_ip6),
+            port: addr::port_host(ops.local_port),
+        },
+        &addr::End {
+            ip4: ops.remote_ip4,
+            ip6: addr::ip6_field!(ops.remote_ip6),
+            port: addr::port_be_high(ops.remote_port),
+        },
+    )
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
@@ -248,36 +236,22 @@ fn send(ctx: &SkMsgContext, size: u32) -> Outcome {
 fn msg_key(ctx: &SkMsgContext) -> Option<NsSockKey> {
     // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
     let md = unsafe { &*ctx.msg };
-    let local_ip6 = [
-        md.local_ip6[0],
-        md.local_ip6[1],
-        md.local_ip6[2],
-        md.local_ip6[3],
-    ];
-    let remote_ip6 = [
-        md.remote_ip6[0],
-        md.remote_ip6[1],
-        md.remote_ip6[2],
-        md.remote_ip6[3],
-    ];
-    let local = addr::from_parts(
+    let sock = addr::conn_key(
         md.family,
-        md.local_ip4,
-        local_ip6,
-        addr::port_host(md.local_port),
-    )?;
-    let remote = addr::from_parts(
-        md.family,
-        md.remote_ip4,
-        remote_ip6,
-        addr::port_be_high(md.remote_port),
+        &addr::End {
+            ip4: md.local_ip4,
+            ip6: addr::ip6_field!(md.local_ip6),
+            port: addr::port_host(md.local_port),
+        },
+        &addr::End {
+            ip4: md.remote_ip4,
+            ip6: addr::ip6_field!(md.remote_ip6),
+            port: addr::port_be_high(md.remote_port),
+        },
     )?;
     // SAFETY: helper available to sk_msg programs; the context pointer is valid.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    Some(NsSockKey {
-        netns,
-        sock: SockKey { local, remote },
-    })
+    Some(NsSockKey { netns, sock })
 }
 
 /// Adds one message of `size` bytes to this CPU's fast-path counters.

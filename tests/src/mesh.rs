@@ -76,6 +76,15 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// `nodes` nodes of `pods_per_node` pods, all meshed.
+    pub fn of(nodes: usize, pods_per_node: usize, shortcut: Shortcut) -> Result<Self> {
+        let spec = TestbedSpec {
+            nodes,
+            pods_per_node,
+        };
+        Self::new(spec, shortcut, &[])
+    }
+
     /// Starts an agent on node `node` and waits until it has enrolled the node's meshed pods.
     pub fn start_agent(&self, node: usize) -> Result<Agent> {
         let mut agent = Agent::start(self.tb.node(node), &self.options)?;

@@ -156,7 +156,7 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
             .unwrap();
     }
     let vip = plan::service_vip_v4(0);
-    let from = mesh.agents[0].log_len();
+    let from: Vec<usize> = mesh.agents.iter().map(Agent::log_len).collect();
     mesh.files
         .service(
             NS,
@@ -167,11 +167,15 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
             ("tier", "web"),
         )
         .unwrap();
-    mesh.agents[0]
-        .wait_for_log_from(from, "the service to be known", LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains("services=1")
-        })
-        .unwrap();
+    // Both agents: the destination's labels its records with the service only once it knows it
+    // (each agent reads the config on its own; under load one can be a poll behind the other).
+    for (agent, from) in mesh.agents.iter_mut().zip(from) {
+        agent
+            .wait_for_log_from(from, "the service to be known", LOG_WAIT, |l| {
+                l.contains("cluster state updated") && l.contains("services=1")
+            })
+            .unwrap();
+    }
     let mut servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();
     let client = mesh.pod(0, 0).clone();
     for i in 0..4 {

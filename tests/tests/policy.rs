@@ -26,15 +26,7 @@ const LOG_WAIT: Duration = Duration::from_secs(15);
 const APP_PORT: u16 = 8080;
 
 fn mesh(nodes: usize, pods: usize, shortcut: Shortcut) -> Mesh {
-    Mesh::new(
-        TestbedSpec {
-            nodes,
-            pods_per_node: pods,
-        },
-        shortcut,
-        &[],
-    )
-    .expect("meshed testbed")
+    Mesh::of(nodes, pods, shortcut).expect("meshed testbed")
 }
 
 fn app(pod: &Pod) -> SocketAddr {

@@ -15,7 +15,7 @@ use std::{
 use mesh_tests::{
     agent::binary,
     mesh::{Mesh, Shortcut},
-    probe, Pod, Process, TestbedSpec,
+    probe, Pod, Process,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,15 +30,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn mesh(nodes: usize, pods: usize, shortcut: Shortcut) -> Mesh {
-    Mesh::new(
-        TestbedSpec {
-            nodes,
-            pods_per_node: pods,
-        },
-        shortcut,
-        &[],
-    )
-    .expect("meshed testbed")
+    Mesh::of(nodes, pods, shortcut).expect("meshed testbed")
+}
+
+/// No socket of the short-cut (`(netns, local, remote)`) is a loopback one.
+fn assert_no_loopback(sockets: &[(u64, SocketAddr, SocketAddr)]) {
+    assert!(
+        sockets
+            .iter()
+            .all(|(_, l, r)| !l.ip().is_loopback() && !r.ip().is_loopback()),
+        "loopback sockets in the short-cut: {sockets:?}"
+    );
 }
 
 /// `mesh-probe <args>` in `pod`, as user `nobody`.
@@ -125,12 +127,7 @@ fn loopback_pairs_of_two_pods_never_see_each_others_bytes() {
     let sockets = mesh.agents[0]
         .shortcut_sockets()
         .expect("short-cut sockets");
-    assert!(
-        sockets
-            .iter()
-            .all(|(_, l, r)| !l.ip().is_loopback() && !r.ip().is_loopback()),
-        "loopback sockets in the short-cut: {sockets:?}"
-    );
+    assert_no_loopback(&sockets);
 
     let victim_counts = loop_pair_result(&mut v);
     let attacker_counts = loop_pair_result(&mut a);
@@ -187,12 +184,7 @@ fn only_the_mesh_legs_enter_the_short_cut() {
     let sockets = mesh.agents[0]
         .shortcut_sockets()
         .expect("short-cut sockets");
-    assert!(
-        sockets
-            .iter()
-            .all(|(_, l, r)| !l.ip().is_loopback() && !r.ip().is_loopback()),
-        "{sockets:?}"
-    );
+    assert_no_loopback(&sockets);
     // The mesh connection's two legs, both ends of each: four sockets, each on its pod's own
     // address talking to itself, in two different namespaces.
     assert_eq!(sockets.len(), 4, "{sockets:?}");
