@@ -176,7 +176,7 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
             })
             .unwrap();
     }
-    let mut servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();
+    let servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();
     let client = mesh.pod(0, 0).clone();
     for i in 0..4 {
         probe::connect(
@@ -186,12 +186,21 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
         )
         .expect("connect through the service");
     }
-    for (pod, server) in web.iter().zip(&mut servers) {
-        let hits = server
+    // A server prints `accepted` before it echoes, but its output reaches us through a reader
+    // thread: wait for the lines rather than read them once.
+    let accepted = |server: &Process| {
+        server
             .lines()
             .iter()
             .filter(|l| l.starts_with("accepted "))
-            .count();
+            .count()
+    };
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    while servers.iter().map(accepted).sum::<usize>() < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (pod, server) in web.iter().zip(&servers) {
+        let hits = accepted(server);
         assert_eq!(hits, 2, "endpoint {} got {hits} of 4 connections", pod.name);
     }
     let line = closed_line(
