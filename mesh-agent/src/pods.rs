@@ -38,6 +38,29 @@ pub struct DesiredPod {
     pub shortcut: Shortcut,
 }
 
+impl DesiredPod {
+    /// Whether `other` is captured the same way (everything but the short-cut setting, which
+    /// is changed in place: a pod is never re-enrolled, and so never uncaptured, for it).
+    fn same_capture(&self, other: &Self) -> bool {
+        Self {
+            shortcut: other.shortcut,
+            ..self.clone()
+        } == *other
+    }
+
+    fn pod_info(&self) -> PodInfo {
+        let v4 = self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        });
+        let v6 = self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        });
+        PodInfo::new(v4, v6, self.shortcut == Shortcut::Enabled)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error("pod {pod}: {source}")]
@@ -115,7 +138,11 @@ impl PodManager {
         let gone: Vec<String> = self
             .enrolled
             .iter()
-            .filter(|(name, e)| wanted.get(name.as_str()).is_none_or(|d| **d != e.spec))
+            .filter(|(name, e)| {
+                wanted
+                    .get(name.as_str())
+                    .is_none_or(|d| !d.same_capture(&e.spec))
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
@@ -125,7 +152,20 @@ impl PodManager {
         }
         let mut errors = Vec::new();
         for d in desired {
-            if self.enrolled.contains_key(&d.name) {
+            if let Some(e) = self.enrolled.get_mut(&d.name) {
+                if e.spec.shortcut != d.shortcut {
+                    // New legs follow the new setting; legs already in the short-cut stay until
+                    // they close.
+                    match self.datapath.register_pod(e.cookie, d.pod_info()) {
+                        Ok(()) => {
+                            info!(pod = %d.name, shortcut = ?d.shortcut, "short-cut setting changed");
+                            e.spec.shortcut = d.shortcut;
+                        }
+                        Err(err) => {
+                            error!(pod = %d.name, error = %err, "changing the short-cut setting");
+                        }
+                    }
+                }
                 continue;
             }
             match self.add(d) {
@@ -185,19 +225,8 @@ impl PodManager {
                 .add_listener(SocketAddr::new(*ip, 0), fd)
                 .map_err(dp_err)?;
         }
-        let v4 = d.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        });
-        let v6 = d.ips.iter().find_map(|ip| match ip {
-            IpAddr::V6(a) => Some(*a),
-            IpAddr::V4(_) => None,
-        });
         self.datapath
-            .register_pod(
-                cookie,
-                PodInfo::new(v4, v6, d.shortcut == Shortcut::Enabled),
-            )
+            .register_pod(cookie, d.pod_info())
             .map_err(dp_err)?;
         let links = match self.datapath.attach_pod(&d.name, &d.cgroup, &pod.netns) {
             Ok(l) => l,
