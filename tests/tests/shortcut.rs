@@ -346,3 +346,70 @@ fn blocking_half_close_clients_never_see_eagain_by_default() {
         failures.len()
     );
 }
+
+/// Opting a running workload in (its namespace's annotation) changes the setting in place: the
+/// pods stay enrolled (no moment without capture), and the next mesh connection's legs enter
+/// the short-cut. Opting out again takes new legs back to TCP.
+#[test]
+fn the_shortcut_setting_changes_in_place() {
+    let _serial = serial();
+    let mesh = mesh(1, 2, Shortcut::Default);
+    let (client, server) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
+    let _echo = probe::serve(&server, app).expect("echo server");
+    let held_connection = |sockets_wanted: usize, mesh: &Mesh| {
+        let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+        let mut cmd = client.command(&bin);
+        cmd.args([
+            "parallel",
+            &app.to_string(),
+            "--conns",
+            "1",
+            "--bytes",
+            "1000",
+            "--hold-ms",
+            "1500",
+        ]);
+        let mut p = Process::spawn("held client", &mut cmd).expect("client");
+        p.wait_for_line("the connection to open", Duration::from_secs(10), |l| {
+            l.starts_with("open=1 ")
+        })
+        .expect("open");
+        let sockets = mesh.agents[0]
+            .shortcut_sockets()
+            .expect("short-cut sockets");
+        assert_eq!(sockets.len(), sockets_wanted, "{sockets:?}");
+        p.wait_success(Duration::from_secs(20)).expect("client");
+    };
+    held_connection(0, &mesh);
+    for (setting, sockets) in [("enabled", 4), ("disabled", 0)] {
+        let from = mesh.agents[0].log_len();
+        mesh.files
+            .namespace_with(
+                mesh_tests::mesh::NS,
+                true,
+                &[(mesh_tests::cluster::SHORTCUT, setting)],
+            )
+            .expect("namespace");
+        // Both pods of the namespace change.
+        let changed = |mesh: &Mesh| {
+            mesh.agents[0].logs()[from..]
+                .iter()
+                .filter(|l| l.contains("short-cut setting changed"))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while changed(&mesh) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "both pods' setting changes in place"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let removed = mesh.agents[0].logs()[from..]
+            .iter()
+            .any(|l| l.contains("removed from the mesh") || l.contains("pod enrolled"));
+        assert!(!removed, "a pod was re-enrolled for a short-cut change");
+        held_connection(sockets, &mesh);
+    }
+}
