@@ -150,3 +150,51 @@ fn agent_refuses_a_missing_config_directory_naming_it() {
         "{err}"
     );
 }
+
+/// An upgrade that changed a map's layout: an earlier agent left `MESH_CONFIG` pinned with its
+/// old 8-byte value (this build's is 32 bytes). The new agent releases that pin with a warning
+/// naming it instead of adopting it, and works: a same-node transfer in the short-cut is
+/// redirected exactly once per leg and direction.
+#[test]
+fn a_pinned_map_of_another_layout_is_released_not_adopted() {
+    const BYTES: u64 = 100_000;
+    let mut mesh = Mesh::of(1, 2, Shortcut::OptedIn).expect("mesh");
+    let mut old = mesh.agents.remove(0);
+    let pins = old.bpffs_dir().to_path_buf();
+    old.process_mut()
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    old.process_mut().wait(Duration::from_secs(10)).unwrap();
+    drop(old);
+    let config = pins.join("MESH_CONFIG");
+    std::fs::remove_file(&config).expect("the earlier agent's pin");
+    mesh_tests::process::run(std::process::Command::new("bpftool").args([
+        "map",
+        "create",
+        config.to_str().unwrap(),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "1",
+        "name",
+        "MESH_CONFIG",
+    ]))
+    .expect("bpftool map create");
+    let agent = mesh.start_agent(0).expect("the new agent");
+    mesh.agents.push(agent);
+    let released = mesh.agents[0].logs().into_iter().find(|l| {
+        l.contains("pinned map from an agent of another layout") && l.contains("MESH_CONFIG")
+    });
+    assert!(released.is_some(), "no warning naming MESH_CONFIG");
+    let (client, server) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
+    let _srv = probe::serve(&server, app).expect("server");
+    let before = mesh.agents[0].fastpath().expect("fast path");
+    probe::echo_bytes(&client, app, BYTES).expect("same-node transfer");
+    let fast = mesh.agents[0].fastpath().expect("fast path").since(&before);
+    assert_eq!(fast.redirected_bytes, 4 * BYTES, "{fast:?}");
+}
