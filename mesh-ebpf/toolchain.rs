@@ -11,6 +11,9 @@ use std::process::Command;
 
 /// rustup's name of the pinned nightly: `rustc 1.97.0-nightly (e50aa6fba 2026-05-19)`.
 pub const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
+/// rustup's floating name, accepted when it happens to be the pinned commit (a machine image may
+/// ship it), so nothing needs downloading there.
+pub const FLOATING_NIGHTLY: &str = "nightly";
 /// The pinned nightly's commit, as the start of `rustc -vV`'s `commit-hash`.
 pub const PINNED_COMMIT: &str = "e50aa6fba";
 /// The fallback toolchain (rustup's name).
@@ -21,8 +24,8 @@ pub const LLVM_MAJOR: u32 = 22;
 /// A toolchain that can build the kernel programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EbpfToolchain {
-    /// [`PINNED_NIGHTLY`].
-    Pinned,
+    /// The pinned commit, under rustup's name [`PINNED_NIGHTLY`] or [`FLOATING_NIGHTLY`].
+    Pinned(&'static str),
     /// [`FALLBACK`] with `RUSTC_BOOTSTRAP=1`.
     StableBootstrap,
 }
@@ -31,7 +34,7 @@ impl EbpfToolchain {
     /// rustup's name of the toolchain.
     pub fn rustup_name(self) -> &'static str {
         match self {
-            Self::Pinned => PINNED_NIGHTLY,
+            Self::Pinned(name) => name,
             Self::StableBootstrap => FALLBACK,
         }
     }
@@ -41,12 +44,14 @@ impl EbpfToolchain {
         self == Self::StableBootstrap
     }
 
-    /// The toolchain to build with on this machine: the pinned nightly if rustup has it (and it
-    /// is the pinned commit), otherwise stable if its LLVM is the same major version; `None` if
-    /// neither is installed.
+    /// The toolchain to build with on this machine: the pinned nightly if rustup has it (under
+    /// its dated name, or as `nightly` when that is the pinned commit), otherwise stable if its
+    /// LLVM is the same major version; `None` if neither is installed.
     pub fn detect() -> Option<Self> {
-        if rustc_vv(PINNED_NIGHTLY).is_some_and(|vv| is_pinned(&vv)) {
-            return Some(Self::Pinned);
+        for name in [PINNED_NIGHTLY, FLOATING_NIGHTLY] {
+            if rustc_vv(name).is_some_and(|vv| is_pinned(&vv)) {
+                return Some(Self::Pinned(name));
+            }
         }
         rustc_vv(FALLBACK)
             .is_some_and(|vv| llvm_major(&vv) == Some(LLVM_MAJOR))

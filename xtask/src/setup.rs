@@ -186,13 +186,11 @@ fn has_clippy(name: &str) -> bool {
 
 fn check_toolchain(_: &Path) -> Result<State> {
     Ok(match EbpfToolchain::detect() {
-        Some(EbpfToolchain::Pinned) if !has_clippy(toolchain::PINNED_NIGHTLY) => Missing(format!(
-            "{} has no clippy component",
-            toolchain::PINNED_NIGHTLY
-        )),
-        Some(EbpfToolchain::Pinned) => Present(format!(
-            "{}, rustc {}, with clippy",
-            toolchain::PINNED_NIGHTLY,
+        Some(EbpfToolchain::Pinned(name)) if !has_clippy(name) => {
+            Missing(format!("{name} has no clippy component"))
+        }
+        Some(EbpfToolchain::Pinned(name)) => Present(format!(
+            "{name}, rustc {}, with clippy",
             toolchain::PINNED_COMMIT
         )),
         Some(EbpfToolchain::StableBootstrap)
@@ -212,6 +210,16 @@ fn check_toolchain(_: &Path) -> Result<State> {
 /// toolchain this adds what is missing); if rustup cannot, falls back to the stable toolchain
 /// when its LLVM matches.
 fn install_toolchain(_: &Path) -> Result<()> {
+    let hint = "check that the Rust distribution server is reachable and that rustup is \
+                installed";
+    // The pinned commit is installed (perhaps as `nightly`) but lacks a component: add it,
+    // without `toolchain install`, which would move a floating `nightly` to today's.
+    if let Some(EbpfToolchain::Pinned(name)) = EbpfToolchain::detect() {
+        let mut add = command(&["rustup", "component", "add", "clippy", "rust-src"]);
+        add.args(["--toolchain", name])
+            .env_remove("RUSTUP_TOOLCHAIN");
+        return stream(add, hint);
+    }
     let name = toolchain::PINNED_NIGHTLY;
     let mut rustup = command(&["rustup", "toolchain", "install", name]);
     rustup.args([
@@ -223,8 +231,6 @@ fn install_toolchain(_: &Path) -> Result<()> {
         "clippy",
     ]);
     rustup.env_remove("RUSTUP_TOOLCHAIN");
-    let hint = "check that the Rust distribution server is reachable and that rustup is \
-                installed";
     let Err(err) = stream(rustup, hint) else {
         return Ok(());
     };
