@@ -332,7 +332,7 @@ fn a_policy_change_closes_open_connections_it_no_longer_allows() {
     // The echo of the 5 bytes came back to each: the connections are up.
     for h in &mut held {
         h.wait_for_line("the held connection's echo", LOG_WAIT, |l| {
-            l.starts_with("sent 5 bytes")
+            l == "received 5"
         })
         .unwrap();
     }
@@ -668,8 +668,8 @@ fn strict_mtls_closes_open_plaintext_connections() {
             l.starts_with(&needle)
         })
         .unwrap();
-    held.wait_for_line("the held connection's send", LOG_WAIT, |l| {
-        l.starts_with("sent 5 bytes")
+    held.wait_for_line("the held connection's echo", LOG_WAIT, |l| {
+        l == "received 5"
     })
     .unwrap();
     let log_from = mesh.agents[0].log_len();

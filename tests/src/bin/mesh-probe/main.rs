@@ -40,8 +40,8 @@
 //!   `open=<n> failed=<m>` while the verified connections are all still open, holds them H ms,
 //!   then half-closes each and expects end-of-file; prints `ok=<n> failed=<m>`.
 //! - `raw <addr> --send-hex HEX --wait-close-ms W`: sends the bytes, prints `sent <n> bytes`, then
-//!   waits up to W ms for the peer to close: `closed_after_ms=<t> how=eof|reset received=<n>`
-//!   or `still_open received=<n>`.
+//!   `received <total>` as bytes arrive, and waits up to W ms for the peer to close:
+//!   `closed_after_ms=<t> how=eof|reset received=<n>` or `still_open received=<n>`.
 //!
 //! HTTP client (for the agent's admin, metrics and readiness servers):
 //! - `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close` (5 s
@@ -1390,6 +1390,8 @@ fn raw(addr: &str, rest: &[&str]) -> Result<(), String> {
             Ok(0) => "eof",
             Ok(n) => {
                 received += n;
+                // Progress, so a caller can wait for the peer's answer before acting.
+                println!("received {received}");
                 continue;
             }
             Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
