@@ -25,7 +25,7 @@ use crate::{
     config::AgentConfig,
     datapath::{Datapath, DatapathError, Shortcut},
     logging::LogControl,
-    pods::{DesiredPod, PodManager},
+    pods::{checks::Host, DesiredPod, PodManager, ProxyParts},
     proxy::{
         tracker::{AuthzSubject, Tracker},
         Resolve, Route,
@@ -37,6 +37,8 @@ use crate::{
 
 /// How often the config directory is polled for changes.
 const POLL: Duration = Duration::from_millis(250);
+/// How often pods that could not be captured are tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -54,6 +56,10 @@ pub enum AgentError {
     AccessLog(#[from] crate::telemetry::AccessLogError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("the agent's own place on the node: {0}")]
+    Host(#[from] crate::pods::checks::Refusal),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Resolves destinations with the newest cluster view, for the agent of `node`.
@@ -239,16 +245,18 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     let readiness = Readiness::new();
     let config_ready = readiness.block("config");
     let certs_ready = readiness.block("certificates");
+    // Declared after the blockers, so dropped before them: however `run` ends (a clean
+    // shutdown or a fatal error), readiness never claims ready on the way down.
+    let _going_down = readiness.not_ready_once_dropped();
     raise_open_files_limit();
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| AgentError::Signal("SIGTERM", e))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| AgentError::Signal("SIGINT", e))?;
+    let signals = Signals::install()?;
     let mut options = EnrollmentOptions::new(config.node_name.clone());
     options.label_key.clone_from(&config.label_key);
     options.trust_domain.clone_from(&config.trust_domain);
     options.root_namespace.clone_from(&config.root_namespace);
-    let (mut state_rx, _watcher) = cluster::spawn_watcher(&config.config_dir, options, POLL)?;
+    let (mut state_rx, _watcher) =
+        cluster::ConfigDir::with_limits(&config.config_dir, options, config.config_limits)?
+            .into_watcher(POLL)?;
     let shortcut = config
         .sockmap
         .then(|| shortcut(config.shortcut_budget))
@@ -270,30 +278,35 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         &config.telemetry.access_log,
     )?));
     let tracker = Arc::new(Tracker::default());
-    let mut pods = PodManager::new(
-        datapath,
-        Arc::new(ClusterResolver {
+    let host = Host::discover(&config.agent_cgroup, &crate::config::cgroup2_root()?)?;
+    let parts = ProxyParts {
+        resolver: Arc::new(ClusterResolver {
             state: state_rx.clone(),
             node: config.node_name.clone(),
         }),
-        Arc::clone(&certs),
-        t.crypto_provider,
+        certs: Arc::clone(&certs),
+        provider: t.crypto_provider,
         pool,
-        Arc::clone(&telemetry),
-        Arc::clone(&tracker),
-    );
+        stream_idle_timeout: t.stream_idle_timeout,
+        telemetry: Arc::clone(&telemetry),
+        tracker: Arc::clone(&tracker),
+    };
+    let mut pods = PodManager::new(datapath, parts, host, readiness.clone());
     let status = AgentStatus {
         config: config.clone(),
         state: state_rx.clone(),
         certs: Arc::clone(&certs),
         ctx: Arc::clone(pods.ctx()),
+        uncaptured: pods.uncaptured(),
         started,
     };
     let _admin = serve_admin(status, readiness.clone(), log).await?;
     let state = Arc::clone(&state_rx.borrow_and_update());
     let desired = desired_pods(&state, &config.node_name);
     certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
-    pods.reconcile(&desired);
+    // Attaches this instance's links, then detaches an earlier instance's (for the pods it
+    // captured itself): no moment without capture.
+    pods.reconcile(&desired).await;
     tokio::spawn(become_ready(
         state_rx.clone(),
         config.node_name.clone(),
@@ -301,36 +314,81 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         config_ready,
         certs_ready,
     ));
-    // Our links are in place: now the previous instance's can go, with no gap in capture.
-    pods.remove_stale_links();
     info!(
         pods = pods.enrolled().count(),
         generation = state.generation(),
         "agent ready"
     );
-    let signal = loop {
-        tokio::select! {
-            changed = state_rx.changed() => {
-                if changed.is_err() {
-                    warn!("cluster view watcher stopped; keeping the last state");
-                    std::future::pending::<()>().await;
-                }
-                let state = Arc::clone(&state_rx.borrow_and_update());
-                // The cluster module logs each new state (generation, counts, errors).
-                debug!(generation = state.generation(), "reconciling pods");
-                let desired = desired_pods(&state, &config.node_name);
-                certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
-                pods.reconcile(&desired);
-                recheck(&tracker, &state);
-            }
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
-        }
-    };
+    let signal = Serving {
+        node: &config.node_name,
+        state_rx,
+        certs: &certs,
+        tracker: &tracker,
+    }
+    .until(signals, &mut pods)
+    .await;
     info!(signal, "shutting down");
-    drop(pods.shutdown(config.keep_pins));
+    drop(pods.shutdown(config.keep_pins).await);
     info!("shutdown complete");
     Ok(())
+}
+
+/// SIGTERM and SIGINT, installed at start.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, AgentError> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())
+                .map_err(|e| AgentError::Signal("SIGTERM", e))?,
+            interrupt: signal(SignalKind::interrupt())
+                .map_err(|e| AgentError::Signal("SIGINT", e))?,
+        })
+    }
+}
+
+/// The serving loop's inputs.
+struct Serving<'a> {
+    node: &'a str,
+    state_rx: watch::Receiver<Arc<ClusterState>>,
+    certs: &'a CertManager,
+    tracker: &'a Tracker,
+}
+
+impl Serving<'_> {
+    /// Applies each new cluster view to the pods (and open connections' policies), retries
+    /// pods that could not be captured, until a signal; returns the signal's name.
+    async fn until(mut self, mut signals: Signals, pods: &mut PodManager) -> &'static str {
+        // Pods that could not be captured are retried while any is left.
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                changed = self.state_rx.changed() => {
+                    if changed.is_err() {
+                        warn!("cluster view watcher stopped; keeping the last state");
+                        std::future::pending::<()>().await;
+                    }
+                    let state = Arc::clone(&self.state_rx.borrow_and_update());
+                    // The cluster module logs each new state (generation, counts, errors).
+                    debug!(generation = state.generation(), "reconciling pods");
+                    let desired = desired_pods(&state, self.node);
+                    self.certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
+                    pods.reconcile(&desired).await;
+                    recheck(self.tracker, &state);
+                }
+                _ = retry.tick(), if pods.has_failures() => {
+                    let state = Arc::clone(&self.state_rx.borrow());
+                    pods.reconcile(&desired_pods(&state, self.node)).await;
+                }
+                _ = signals.terminate.recv() => return "SIGTERM",
+                _ = signals.interrupt.recv() => return "SIGINT",
+            }
+        }
+    }
 }
 
 /// The built-in CA (created in `--ca-dir` on first use) and the certificate manager that asks

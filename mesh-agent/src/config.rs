@@ -12,7 +12,10 @@ use mesh_identity::CryptoProvider;
 
 use nix::sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
 
-use crate::{cluster::EnrollmentOptions, telemetry::AccessLogTarget};
+use crate::{
+    cluster::{EnrollmentOptions, FileLimits, LimitError},
+    telemetry::AccessLogTarget,
+};
 
 /// Default directory under which the agent pins its maps (one subdirectory per node name).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/mesh-agent";
@@ -28,6 +31,9 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services) the agent watches.
     pub config_dir: PathBuf,
+    /// Size and nesting depth limits of each file in `config_dir` (`--config-max-file-bytes`,
+    /// `--config-max-depth`): a file beyond them is refused before it is parsed.
+    pub config_limits: FileLimits,
     /// The agent's own cgroup v2 directory: its sockets are the other end of every pod-local
     /// leg, so `sockops` is attached there too.
     pub agent_cgroup: PathBuf,
@@ -96,7 +102,13 @@ pub struct TransportConfig {
     pub max_streams_per_connection: u32,
     /// A pooled HBONE connection without streams for this long is closed (ztunnel: 5 min).
     pub pool_idle_timeout: Duration,
+    /// An HBONE tunnel (one CONNECT stream) that moves no byte either way for this long is
+    /// closed, at both ends; `None`: never. Default 1 h (Envoy's TCP proxy idle timeout).
+    pub stream_idle_timeout: Option<Duration>,
 }
+
+/// Default of [`TransportConfig::stream_idle_timeout`].
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Default lifetime of workload certificates (Istio's default is 24 h).
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -118,6 +130,8 @@ pub enum ConfigError {
     NotCgroup2 { path: PathBuf },
     #[error("config directory {path}: {reason}")]
     ConfigDir { path: PathBuf, reason: String },
+    #[error(transparent)]
+    ConfigLimits(#[from] LimitError),
     #[error("finding the agent's own cgroup: {0}")]
     OwnCgroup(String),
     #[error("enrollment: {0}")]
@@ -161,6 +175,7 @@ impl AgentConfig {
         if !(MIN_SHORTCUT_BUDGET..=MAX_SHORTCUT_BUDGET).contains(&self.shortcut_budget) {
             return Err(ConfigError::ShortcutBudget(self.shortcut_budget));
         }
+        self.config_limits.validate()?;
         let t = &self.transport;
         if t.cert_lifetime < MIN_CERT_LIFETIME {
             return Err(ConfigError::CertLifetime(t.cert_lifetime));
@@ -237,12 +252,14 @@ impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "node={} config_dir={} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
+            "node={} config_dir={} {} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
              trust_domain={} root_namespace={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
-             cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s access_log={} \
+             cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s \
+             stream_idle_timeout={} access_log={} \
              admin={} metrics={} readiness={}",
             self.node_name,
             self.config_dir.display(),
+            self.config_limits,
             self.bpffs_dir.display(),
             self.agent_cgroup.display(),
             self.sockmap,
@@ -257,6 +274,9 @@ impl fmt::Display for AgentConfig {
             self.transport.cert_lifetime.as_secs(),
             self.transport.max_streams_per_connection,
             self.transport.pool_idle_timeout.as_secs(),
+            self.transport
+                .stream_idle_timeout
+                .map_or_else(|| "never".to_owned(), |t| format!("{}s", t.as_secs())),
             self.telemetry.access_log,
             self.telemetry.admin_addr,
             self.telemetry.metrics_addr,
@@ -291,6 +311,15 @@ pub fn own_cgroup() -> Result<PathBuf, ConfigError> {
     Ok(Path::new(&mount).join(rel.trim_start_matches('/')))
 }
 
+/// The cgroup v2 mount point (from `/proc/self/mountinfo`).
+pub fn cgroup2_root() -> Result<PathBuf, ConfigError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| ConfigError::OwnCgroup(format!("reading /proc/self/mountinfo: {e}")))?;
+    cgroup2_mount(&mountinfo)
+        .map(PathBuf::from)
+        .ok_or_else(|| ConfigError::OwnCgroup("no cgroup2 file system is mounted".into()))
+}
+
 /// Mount point of the first cgroup2 mount in a mountinfo text (field 5; the type follows the
 /// ` - ` separator).
 fn cgroup2_mount(mountinfo: &str) -> Option<String> {
@@ -319,6 +348,7 @@ mod tests {
             node_name: node.into(),
             bpffs_dir: "/nonexistent".into(),
             config_dir: "/nonexistent-config".into(),
+            config_limits: FileLimits::default(),
             agent_cgroup: "/nonexistent-cgroup".into(),
             sockmap: true,
             shortcut_budget: MAX_SHORTCUT_BUDGET,
@@ -333,6 +363,7 @@ mod tests {
                 cert_lifetime: DEFAULT_CERT_LIFETIME,
                 max_streams_per_connection: 100,
                 pool_idle_timeout: Duration::from_secs(300),
+                stream_idle_timeout: Some(DEFAULT_STREAM_IDLE_TIMEOUT),
             },
             telemetry: TelemetryConfig::default(),
         }
@@ -396,6 +427,24 @@ mod tests {
     }
 
     #[test]
+    fn config_file_limits_out_of_range_are_named_with_their_range() {
+        let mut c = config("n0");
+        c.config_limits.max_file_bytes = 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--config-max-file-bytes): 1 bytes is out of range (4096 to 67108864)"),
+            "{err}"
+        );
+        let mut c = config("n0");
+        c.config_limits.max_depth = 1000;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--config-max-depth): 1000 is out of range (16 to 128)"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn transport_limits_are_checked() {
         let mut c = config("n0");
         c.transport.cert_lifetime = Duration::from_secs(1);
@@ -425,11 +474,12 @@ mod tests {
     fn display_lists_every_field() {
         assert_eq!(
             config("n0").to_string(),
-            "node=n0 config_dir=/nonexistent-config bpffs_dir=/nonexistent \
+            "node=n0 config_dir=/nonexistent-config config_max_file_bytes=4194304 \
+             config_max_depth=64 bpffs_dir=/nonexistent \
              agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
              trust_domain=cluster.local root_namespace=istio-system keep_pins=false worker_threads=2 \
              ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
-             max_streams_per_connection=100 pool_idle_timeout=300s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
+             max_streams_per_connection=100 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
         );
     }
 

@@ -42,11 +42,13 @@ use crate::{netns::Netns, stats::FastpathStats};
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 /// `cgroup/sock_addr` programs attached to every meshed pod's cgroup.
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
     names::PROG_CONNECT4,
     names::PROG_CONNECT6,
     names::PROG_GETPEERNAME4,
     names::PROG_GETPEERNAME6,
+    names::PROG_BIND4,
+    names::PROG_BIND6,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,13 @@ pub enum DatapathError {
 
 /// Subdirectory of the pin directory that holds pinned links, one directory per agent instance.
 const LINKS_DIR: &str = "links";
+/// Separates a pod's name from the attachment's number in a links directory's name.
+const LINK_SEQ: char = '@';
+
+/// The part of a links directory's name that names the pod (`namespace_name`).
+pub fn links_name(pod: &str) -> String {
+    pod.replace('/', "_")
+}
 
 /// Unique per agent process: pid and start time.
 fn instance_id() -> String {
@@ -258,6 +267,8 @@ pub struct Datapath {
     pin_dir: PathBuf,
     /// `<pin-dir>/links/<instance>`: this agent's pinned links; other instances' are stale.
     links_dir: PathBuf,
+    /// Attachments made so far (numbers each one's links directory).
+    attachments: u64,
     keep_pins: bool,
     /// Kept alive for the programs' lifetime; dropped after `ebpf`, so it flushes last records.
     _logger: LoggerHandle,
@@ -339,6 +350,7 @@ impl Datapath {
             listeners: take_map(&mut ebpf, names::LISTENERS)?,
             ebpf,
             links_dir: pin_dir.join(LINKS_DIR).join(instance_id()),
+            attachments: 0,
             pin_dir: pin_dir.to_path_buf(),
             keep_pins,
             _logger: logger,
@@ -388,7 +400,12 @@ impl Datapath {
         netns: &Netns,
     ) -> Result<PodLinks, DatapathError> {
         let (dir, cgroup_id) = open_cgroup(cgroup)?;
-        let links_dir = self.links_dir.join(pod.replace('/', "_"));
+        // One directory per attachment: a pod replaced in place (a new cgroup) has its new
+        // links before its old ones go.
+        self.attachments += 1;
+        let links_dir =
+            self.links_dir
+                .join(format!("{}{LINK_SEQ}{}", links_name(pod), self.attachments));
         fs::create_dir_all(&links_dir).map_err(|source| DatapathError::PinDir {
             path: links_dir.clone(),
             source,
@@ -457,9 +474,11 @@ impl Datapath {
         let _ = fs::remove_dir(&links.dir);
     }
 
-    /// Detaches the links an earlier agent instance left pinned (call once this instance has
-    /// attached its own, so the pods are never without capture). Returns how many.
-    pub fn remove_stale_links(&mut self) -> usize {
+    /// Detaches the links earlier agent instances left pinned, except for the pods `keep`
+    /// names (by [`links_name`]): those this instance has not captured itself yet, whose earlier
+    /// links keep them captured (their connections fail rather than bypass the mesh) until it
+    /// has. Returns how many links went.
+    pub fn remove_stale_links(&mut self, keep: impl Fn(&str) -> bool) -> usize {
         let root = self.pin_dir.join(LINKS_DIR);
         let mut removed = 0;
         for instance in fs::read_dir(&root).into_iter().flatten().flatten() {
@@ -471,6 +490,11 @@ impl Datapath {
                 .flatten()
                 .flatten()
             {
+                let name = pod.file_name().to_string_lossy().into_owned();
+                let pod_part = name.split(LINK_SEQ).next().unwrap_or(&name);
+                if keep(pod_part) {
+                    continue;
+                }
                 for pin in fs::read_dir(pod.path()).into_iter().flatten().flatten() {
                     match PinnedLink::from_pin(pin.path()).map(PinnedLink::unpin) {
                         Ok(Ok(link)) => {

@@ -38,6 +38,13 @@ enum Command {
         /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services), watched for changes.
         #[arg(long, env = "MESH_CONFIG_DIR")]
         config_dir: PathBuf,
+        /// Largest config file read, in bytes (4 KiB to 64 MiB); a larger one is refused unread.
+        #[arg(long, default_value_t = mesh_agent::cluster::limits::DEFAULT_MAX_FILE_BYTES)]
+        config_max_file_bytes: u64,
+        /// Deepest nesting of mappings and sequences in a config file (16 to 128); a deeper one
+        /// is refused before it is parsed.
+        #[arg(long, default_value_t = mesh_agent::cluster::limits::DEFAULT_MAX_DEPTH)]
+        config_max_depth: usize,
         /// bpffs directory for this agent's pins [default: /sys/fs/bpf/mesh-agent/<node-name>].
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
@@ -82,6 +89,9 @@ enum Command {
         /// Seconds an HBONE connection without streams stays open.
         #[arg(long, default_value_t = 300)]
         hbone_idle_timeout_secs: u64,
+        /// Seconds an HBONE tunnel may move no byte either way before it is closed (0: never).
+        #[arg(long, default_value_t = 3600)]
+        hbone_stream_idle_timeout_secs: u64,
         /// Where the JSON access log goes: `-` (standard output), `off`, or a file.
         #[arg(long, env = "MESH_ACCESS_LOG", default_value = "-")]
         access_log: AccessLogTarget,
@@ -119,6 +129,8 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             node_name,
             config_dir,
+            config_max_file_bytes,
+            config_max_depth,
             bpffs_dir,
             agent_cgroup,
             no_sockmap,
@@ -133,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             cert_lifetime_secs,
             hbone_max_streams,
             hbone_idle_timeout_secs,
+            hbone_stream_idle_timeout_secs,
             access_log,
             admin_addr,
             metrics_addr,
@@ -148,6 +161,10 @@ fn main() -> anyhow::Result<()> {
                 node_name,
                 bpffs_dir,
                 config_dir,
+                config_limits: mesh_agent::cluster::FileLimits {
+                    max_file_bytes: config_max_file_bytes,
+                    max_depth: config_max_depth,
+                },
                 agent_cgroup,
                 sockmap: !no_sockmap,
                 shortcut_budget: shortcut_budget_bytes,
@@ -162,6 +179,8 @@ fn main() -> anyhow::Result<()> {
                     cert_lifetime: Duration::from_secs(cert_lifetime_secs),
                     max_streams_per_connection: hbone_max_streams,
                     pool_idle_timeout: Duration::from_secs(hbone_idle_timeout_secs),
+                    stream_idle_timeout: (hbone_stream_idle_timeout_secs > 0)
+                        .then(|| Duration::from_secs(hbone_stream_idle_timeout_secs)),
                 },
                 telemetry: TelemetryConfig {
                     access_log,

@@ -14,6 +14,8 @@ use tokio::sync::watch;
 struct Blockers {
     next_id: u64,
     pending: BTreeMap<u64, String>,
+    /// The agent is going down: never ready again.
+    down: bool,
 }
 
 /// Whether the agent is ready to serve: ready once every [`BlockReady`] taken from it was
@@ -54,14 +56,20 @@ impl Readiness {
         }
     }
 
-    /// Whether no blocker is pending.
+    /// Whether no blocker is pending (and the agent is not going down).
     pub fn is_ready(&self) -> bool {
-        self.state.borrow().pending.is_empty()
+        let b = self.state.borrow();
+        b.pending.is_empty() && !b.down
     }
 
-    /// Names of the blockers still pending, sorted, each once.
+    /// Names of the blockers still pending, sorted, each once (`shutting down` when the agent is
+    /// going down).
     pub fn pending(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.state.borrow().pending.values().cloned().collect();
+        let b = self.state.borrow();
+        let mut names: Vec<String> = b.pending.values().cloned().collect();
+        if b.down {
+            names.push("shutting down".to_owned());
+        }
         names.sort();
         names.dedup();
         names
@@ -71,20 +79,43 @@ impl Readiness {
     pub async fn wait(&self) {
         let mut rx = self.state.subscribe();
         // The sender lives in `self`, so the channel cannot close while waiting.
-        let _ = rx.wait_for(|b| b.pending.is_empty()).await;
+        let _ = rx.wait_for(|b| b.pending.is_empty() && !b.down).await;
+    }
+
+    /// A guard that, when dropped, makes the agent not ready for good: held by the serving loop,
+    /// so that however it ends (a clean shutdown or a fatal error) readiness never claims ready
+    /// on the way down, even as the other blockers are dropped after it.
+    pub fn not_ready_once_dropped(&self) -> GoingDown {
+        GoingDown {
+            readiness: self.clone(),
+        }
     }
 
     fn unblock(&self, id: u64, what: &str) {
         let mut now_ready = false;
         self.state.send_if_modified(|b| {
             let removed = b.pending.remove(&id).is_some();
-            now_ready = removed && b.pending.is_empty();
+            now_ready = removed && b.pending.is_empty() && !b.down;
             removed
         });
         tracing::debug!("ready: {what} done");
         if now_ready {
             tracing::info!("agent is ready to serve");
         }
+    }
+}
+
+/// See [`Readiness::not_ready_once_dropped`].
+#[must_use = "the agent goes not ready as soon as this is dropped"]
+#[derive(Debug)]
+pub struct GoingDown {
+    readiness: Readiness,
+}
+
+impl Drop for GoingDown {
+    fn drop(&mut self) {
+        self.readiness.state.send_modify(|b| b.down = true);
+        tracing::debug!("readiness: going down");
     }
 }
 
@@ -159,6 +190,26 @@ mod tests {
         assert!(!r.is_ready());
         drop(b);
         assert!(r.is_ready());
+    }
+
+    #[test]
+    fn never_ready_again_once_going_down() {
+        // The order of a fatal exit: the serving loop's guard goes first, then the blockers
+        // held by tasks that are torn down after it.
+        let r = Readiness::new();
+        let certs = r.block("certificates");
+        let down = r.not_ready_once_dropped();
+        assert_eq!(r.pending(), ["certificates"]);
+        drop(down);
+        assert!(!r.is_ready());
+        drop(certs);
+        assert!(!r.is_ready(), "ready on the way down");
+        assert_eq!(r.pending(), ["shutting down"]);
+        // Even a ready agent goes not ready.
+        let ready = Readiness::new();
+        assert!(ready.is_ready());
+        drop(ready.not_ready_once_dropped());
+        assert!(!ready.is_ready());
     }
 
     #[tokio::test]

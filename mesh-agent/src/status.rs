@@ -30,6 +30,8 @@ pub struct AgentStatus {
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub certs: Arc<CertManager>,
     pub ctx: Arc<ProxyCtx>,
+    /// Pods of this node the agent should capture and does not (or does not serve), and why.
+    pub uncaptured: watch::Receiver<crate::pods::Uncaptured>,
     pub started: SystemTime,
 }
 
@@ -88,12 +90,13 @@ impl AgentStatus {
     fn workloads_json(&self, state: &ClusterState) -> Vec<Value> {
         let local = Arc::clone(&self.ctx.local.borrow());
         let served: BTreeSet<&str> = local.values().map(|p| p.name.as_str()).collect();
+        let uncaptured = Arc::clone(&self.uncaptured.borrow());
         state
             .workloads()
             .iter()
             .map(|w| {
                 let name = format!("{}/{}", w.namespace, w.name);
-                json!({
+                let mut entry = json!({
                     "namespace": w.namespace,
                     "name": w.name,
                     "node": w.node,
@@ -104,7 +107,11 @@ impl AgentStatus {
                     "ready": w.ready,
                     "enrolled": w.enrolled,
                     "captured_by_this_agent": served.contains(name.as_str()),
-                })
+                });
+                if let Some(reason) = uncaptured.get(&name) {
+                    entry["not_captured_because"] = json!(reason);
+                }
+                entry
             })
             .collect()
     }
@@ -220,6 +227,12 @@ impl AgentStatus {
             "mesh_agent_captured_workloads",
             "Pods of this node whose traffic the agent captures",
             served.len(),
+        );
+        write_gauge(
+            out,
+            "mesh_agent_uncaptured_workloads",
+            "Pods of this node the agent should capture and serve but cannot (see /config_dump for why); retried",
+            self.uncaptured.borrow().len(),
         );
         write_gauge(
             out,

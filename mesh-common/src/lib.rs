@@ -36,6 +36,8 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "mesh_connect6";
     pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
+    pub const PROG_BIND4: &str = "mesh_bind4";
+    pub const PROG_BIND6: &str = "mesh_bind6";
     pub const PROG_SOCKOPS: &str = "mesh_sockops";
     pub const PROG_SK_MSG: &str = "mesh_sk_msg";
     pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
@@ -58,6 +60,9 @@ pub const INBOUND_PORT: u16 = 15006;
 /// Port of the agent's HBONE (HTTP/2 CONNECT over mutual TLS) listener in each meshed pod
 /// (Istio's 15008). Reserved: an application of a meshed pod must not listen on it.
 pub const HBONE_PORT: u16 = 15008;
+/// The ports the agent listens on inside every meshed pod. A meshed pod's own processes may not
+/// bind them (TCP, any address): the `cgroup/bind` hooks refuse with `EPERM`.
+pub const RESERVED_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
 
 /// `AF_INET` and `AF_INET6` as the kernel numbers them.
 pub const AF_INET: u32 = 2;

@@ -1,5 +1,7 @@
 //! `cgroup/connect4|6`: outbound capture. `cgroup/getpeername4|6`: the original client, shown to
-//! the application that the agent connects to.
+//! the application that the agent connects to. `cgroup/bind4|6`: a meshed pod's own processes
+//! may not bind the ports the agent listens on in the pod (the agent's sockets are created from
+//! its own cgroup and never meet these hooks).
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, BPF_ANY},
@@ -12,7 +14,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use aya_log_ebpf::info;
-use mesh_common::{CgroupCounters, SockAddr, SockKey, AF_INET, AF_INET6, OUTBOUND_PORT};
+use mesh_common::{
+    CgroupCounters, SockAddr, SockKey, AF_INET, AF_INET6, OUTBOUND_PORT, RESERVED_PORTS,
+};
 
 use crate::{
     addr,
@@ -23,6 +27,8 @@ use crate::{
 const SOCK_STREAM: u32 = 1;
 /// Verdict of a `cgroup/sock_addr` program that lets the call proceed.
 const ALLOW: i32 = 1;
+/// Verdict of a `cgroup/sock_addr` program that refuses the call (`EPERM`).
+const DENY: i32 = 0;
 
 /// Why a program could not do its work. Capture failures leave the call as the application
 /// made it; the agent sees them as missing map entries.
@@ -47,6 +53,41 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     let _ = try_connect6(&ctx);
     ALLOW
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn mesh_bind4(ctx: SockAddrContext) -> i32 {
+    bind_verdict(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn mesh_bind6(ctx: SockAddrContext) -> i32 {
+    bind_verdict(&ctx)
+}
+
+/// Refuses a TCP `bind()` to one of the agent's ports (any address): a pod process that held
+/// one would receive the pod's captured connections, or keep the agent from opening its
+/// listeners, and so take the pod out of the mesh.
+fn bind_verdict(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the call.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let port = addr::port_be_low(sa.user_port);
+    if !RESERVED_PORTS.contains(&port) {
+        return ALLOW;
+    }
+    // SAFETY: helper without preconditions, available to cgroup sock_addr programs.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    info!(
+        ctx,
+        "bind refused pid={} cgroup={} port={}",
+        bpf_get_current_pid_tgid() >> 32,
+        cgroup,
+        port
+    );
+    DENY
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -56,8 +56,9 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let key = local.without_port();
     match MESH_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => sk_action::SK_PASS,
-        // No listener: the agent is not serving this pod right now. Drop the SYN rather than
-        // let the connection reach the application unmeshed; the client retries.
+        // No listener: the agent is not serving this pod right now. Refuse rather than let the
+        // connection reach the application unmeshed: on SK_DROP the kernel finds no socket and
+        // answers the SYN with a reset, so the client sees "connection refused" at once.
         Err(_) => sk_action::SK_DROP,
     }
 }

@@ -3,10 +3,10 @@
 
 use std::fmt;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
@@ -27,6 +27,13 @@ pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long an opener that finds the root key without its certificate waits for the agent that
+/// is publishing the pair (the certificate follows the key within microseconds) before it
+/// reports the store as incomplete.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+/// How often it looks again meanwhile.
+const PUBLISH_POLL: Duration = Duration::from_millis(5);
 
 /// Settings of the built-in CA.
 #[derive(Debug, Clone)]
@@ -64,6 +71,8 @@ pub struct BuiltinCa {
     /// and key usages are used).
     issuer: Certificate,
     key: KeyPair,
+    /// The root certificate as loaded, compared with the file before each signing.
+    root_der: CertificateDer<'static>,
     root_not_after: SystemTime,
     bundle: TrustBundle,
     options: BuiltinCaOptions,
@@ -75,9 +84,13 @@ impl BuiltinCa {
     /// Opens the CA in `dir`, creating the directory (mode 0700) and a new root on first use.
     ///
     /// A new root is self-signed, `CA:true`, keyCertSign, valid for `options.root_validity`, with
-    /// subject `O=<trust_domain>, CN=mesh root CA <random>`; its key file is created with mode 0600. An existing root is
-    /// checked: the key file must not be accessible to group or others, the key must match the
-    /// certificate, and the certificate must be an unexpired CA for `trust_domain`.
+    /// subject `O=<trust_domain>, CN=mesh root CA <random>`; its key file has mode 0600. Both
+    /// files are written under temporary names, flushed, then linked to their names (key first),
+    /// so a root file is never seen half-written, and of several agents creating the root at
+    /// once exactly one publishes it and the others load it. An existing root is checked: the
+    /// files must not be empty, the key file must not be accessible to group or others, the key
+    /// must match the certificate, and the certificate must be an unexpired CA for
+    /// `trust_domain`. Existing files are never replaced.
     pub fn load_or_create(
         dir: &Path,
         trust_domain: &str,
@@ -87,104 +100,22 @@ impl BuiltinCa {
             .map_err(|source| CaError::InvalidTrustDomain { source })?;
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(ROOT_KEY_FILE);
-        let exists = |path: &Path| {
-            path.try_exists().map_err(|source| CaError::ReadFile {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        match (exists(&cert_path)?, exists(&key_path)?) {
-            (true, true) => Self::load(trust_domain, options, cert_path, key_path),
-            (false, false) => Self::create(dir, trust_domain, options, cert_path, key_path),
-            (true, false) => Err(CaError::IncompleteStore {
-                present: cert_path,
-                missing: key_path,
-            }),
-            (false, true) => Err(CaError::IncompleteStore {
-                present: key_path,
-                missing: cert_path,
-            }),
+        let deadline = Instant::now() + PUBLISH_WAIT;
+        loop {
+            // The certificate is looked at first: it is published after the key, so once it is
+            // seen the key is there too, unless the store is really incomplete.
+            match (exists(&cert_path)?, exists(&key_path)?) {
+                (true, true) => return Self::load(trust_domain, options, cert_path, key_path),
+                (false, false) => create_root(dir, trust_domain, &options, &cert_path, &key_path)?,
+                (false, true) => wait_for_cert(&key_path, &cert_path, deadline)?,
+                (true, false) => {
+                    return Err(CaError::IncompleteStore {
+                        present: cert_path,
+                        missing: key_path,
+                    })
+                }
+            }
         }
-    }
-
-    fn create(
-        dir: &Path,
-        trust_domain: &str,
-        options: BuiltinCaOptions,
-        cert_path: PathBuf,
-        key_path: PathBuf,
-    ) -> Result<Self, CaError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| CaError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
-        let root_error = |source| CaError::UnusableRootCert {
-            path: cert_path.clone(),
-            source,
-        };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|source| CaError::RootKeyGeneration { source })?;
-        let now = SystemTime::now();
-        let out_of_range = || CaError::RootValidityOutOfRange {
-            validity: options.root_validity,
-        };
-        let not_before = now.checked_sub(options.clock_skew).unwrap_or(now);
-        let not_after = now
-            .checked_add(options.root_validity)
-            .ok_or_else(out_of_range)?;
-        let mut params = CertificateParams::default();
-        let serial = random_serial()?;
-        // O names the trust domain; the CN, unique per root, keeps the roots of two CAs for the
-        // same trust domain apart, so a chain from the other one fails as UnknownIssuer.
-        params.distinguished_name = organization(trust_domain);
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("mesh root CA {}", hex(&serial.to_bytes()[..8])),
-        );
-        params.serial_number = Some(serial);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = offset_date_time(not_before).ok_or_else(out_of_range)?;
-        params.not_after = offset_date_time(not_after).ok_or_else(out_of_range)?;
-        let root = params.self_signed(&key).map_err(root_error)?;
-
-        write_new_file(&key_path, 0o600, key.serialize_pem().as_bytes())?;
-        if let Err(e) = write_new_file(&cert_path, 0o644, root.pem().as_bytes()) {
-            // Leave no half-created store behind: the next start would refuse it.
-            let _ = std::fs::remove_file(&key_path);
-            return Err(e);
-        }
-        tracing::info!(
-            trust_domain,
-            cert = %cert_path.display(),
-            key = %key_path.display(),
-            "created a new root certificate for the built-in CA"
-        );
-        let bundle = TrustBundle::new(vec![root.der().clone()])?;
-        let root_not_after = parse_cert(root.der())
-            .map_err(|source| CaError::InvalidRootCert {
-                path: cert_path.clone(),
-                source,
-            })?
-            .not_after;
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            issuer: root,
-            key,
-            root_not_after,
-            bundle,
-            options,
-            cert_path,
-            key_path,
-        })
     }
 
     fn load(
@@ -193,27 +124,8 @@ impl BuiltinCa {
         cert_path: PathBuf,
         key_path: PathBuf,
     ) -> Result<Self, CaError> {
-        let key_pem = read_private_file(&key_path)?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::InvalidRootKey {
-            path: key_path.clone(),
-            source,
-        })?;
-        let cert_pem = std::fs::read(&cert_path).map_err(|source| CaError::ReadFile {
-            path: cert_path.clone(),
-            source,
-        })?;
-        let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| CaError::ReadFile {
-                path: cert_path.clone(),
-                source,
-            })?;
-        let [root_der] = <[CertificateDer<'static>; 1]>::try_from(certs).map_err(|certs| {
-            CaError::RootCertCount {
-                path: cert_path.clone(),
-                count: certs.len(),
-            }
-        })?;
+        let key = read_root_key(&key_path)?;
+        let root_der = read_root_cert(&cert_path)?;
         let parsed = parse_cert(&root_der).map_err(|source| CaError::InvalidRootCert {
             path: cert_path.clone(),
             source,
@@ -248,18 +160,42 @@ impl BuiltinCa {
             .map_err(unusable)?
             .self_signed(&key)
             .map_err(unusable)?;
-        let bundle = TrustBundle::new(vec![root_der])?;
+        let bundle = TrustBundle::new(vec![root_der.clone()])?;
         tracing::info!(trust_domain, cert = %cert_path.display(), "loaded the built-in CA's root");
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             issuer,
             key,
+            root_der,
             root_not_after: parsed.not_after,
             bundle,
             options,
             cert_path,
             key_path,
         })
+    }
+
+    /// Checks that the root files still hold the root this CA loaded, with the key file still
+    /// private, so that a root changed or exposed while the agent runs stops the signing.
+    fn check_root_files(&self) -> Result<(), CaError> {
+        let key = read_root_key(&self.key_path)?;
+        if key.serialized_der() != self.key.serialized_der() {
+            return Err(CaError::RootFileReplaced {
+                path: self.key_path.clone(),
+            });
+        }
+        let root_der = read_root_cert(&self.cert_path)?;
+        if root_der != self.root_der {
+            // Name what is wrong with it when it is not a certificate at all.
+            parse_cert(&root_der).map_err(|source| CaError::InvalidRootCert {
+                path: self.cert_path.clone(),
+                source,
+            })?;
+            return Err(CaError::RootFileReplaced {
+                path: self.cert_path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Path of the root certificate file.
@@ -301,6 +237,9 @@ impl BuiltinCa {
     /// Signs `request` for exactly `not_before..not_after`, which may lie in the past (to make
     /// expired certificates in tests) and is not limited by `max_lifetime`. The CSR is checked
     /// as for [`CertificateAuthority::sign`].
+    ///
+    /// Nothing is signed unless the root files still hold the loaded root and the key file is
+    /// still not accessible to group or others (both are read again for every signing).
     pub fn issue_with_validity(
         &self,
         request: &CsrRequest,
@@ -308,6 +247,7 @@ impl BuiltinCa {
         not_after: SystemTime,
     ) -> Result<IssuedChain, CaError> {
         let identity = &request.identity;
+        self.check_root_files()?;
         let public_key = verify_csr(request, &self.trust_domain)?;
         let invalid = || CaError::InvalidValidity {
             identity: identity.clone(),
@@ -388,20 +328,246 @@ fn random_serial() -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Creates `path` (which must not exist) with `mode` and writes `contents` to it durably.
-fn write_new_file(path: &Path, mode: u32, contents: &[u8]) -> Result<(), CaError> {
-    let write_error = |source| CaError::WriteFile {
+/// Whether `path` exists (a broken symbolic link does not).
+fn exists(path: &Path) -> Result<bool, CaError> {
+    path.try_exists().map_err(|source| CaError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Creates a new root and publishes it in `dir`, unless another agent publishes its own first
+/// (then the caller loads that one). Leaves no file behind when it fails.
+fn create_root(
+    dir: &Path,
+    trust_domain: &str,
+    options: &BuiltinCaOptions,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), CaError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CaError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    let (key, root) = new_root(trust_domain, options, cert_path)?;
+    let key_file = TempFile::write(key_path, 0o600, key.serialize_pem().as_bytes())?;
+    let cert_file = TempFile::write(cert_path, 0o644, root.pem().as_bytes())?;
+    // Linking the key decides: link() never replaces a file, so exactly one creator succeeds.
+    if !key_file.publish()? {
+        tracing::debug!(key = %key_path.display(), "another agent created the built-in CA's root first");
+        return Ok(());
+    }
+    let published = match cert_file.publish() {
+        Ok(true) => Ok(()),
+        // A certificate without its key (no agent publishes one) appeared meanwhile.
+        Ok(false) => Err(CaError::IncompleteStore {
+            present: cert_path.to_owned(),
+            missing: key_path.to_owned(),
+        }),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = published {
+        // Take back the key just published (nobody loads a key without its certificate), so
+        // that the directory is as it was.
+        let _ = std::fs::remove_file(key_path);
+        return Err(e);
+    }
+    sync_dir(dir)?;
+    tracing::info!(
+        trust_domain,
+        cert = %cert_path.display(),
+        key = %key_path.display(),
+        "created a new root certificate for the built-in CA"
+    );
+    Ok(())
+}
+
+/// A new self-signed root for `trust_domain` and its key.
+fn new_root(
+    trust_domain: &str,
+    options: &BuiltinCaOptions,
+    cert_path: &Path,
+) -> Result<(KeyPair, Certificate), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| CaError::RootKeyGeneration { source })?;
+    let now = SystemTime::now();
+    let out_of_range = || CaError::RootValidityOutOfRange {
+        validity: options.root_validity,
+    };
+    let not_before = now.checked_sub(options.clock_skew).unwrap_or(now);
+    let not_after = now
+        .checked_add(options.root_validity)
+        .ok_or_else(out_of_range)?;
+    let mut params = CertificateParams::default();
+    let serial = random_serial()?;
+    // O names the trust domain; the CN, unique per root, keeps the roots of two CAs for the
+    // same trust domain apart, so a chain from the other one fails as UnknownIssuer.
+    params.distinguished_name = organization(trust_domain);
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("mesh root CA {}", hex(&serial.to_bytes()[..8])),
+    );
+    params.serial_number = Some(serial);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = offset_date_time(not_before).ok_or_else(out_of_range)?;
+    params.not_after = offset_date_time(not_after).ok_or_else(out_of_range)?;
+    let root = params
+        .self_signed(&key)
+        .map_err(|source| CaError::UnusableRootCert {
+            path: cert_path.to_owned(),
+            source,
+        })?;
+    Ok((key, root))
+}
+
+/// The key is there but its certificate is not: another agent is between its two links, or
+/// the store is incomplete. A key no creator would publish (empty, unparsable, too open) is
+/// reported at once; otherwise this waits a little, until `deadline`.
+fn wait_for_cert(key_path: &Path, cert_path: &Path, deadline: Instant) -> Result<(), CaError> {
+    match read_root_key(key_path) {
+        Ok(_) => {}
+        // Its creator took it back (its certificate could not be published): start over.
+        Err(CaError::ReadFile { source, .. }) if source.kind() == ErrorKind::NotFound => {
+            return Ok(())
+        }
+        Err(e) => return Err(e),
+    }
+    if Instant::now() >= deadline {
+        return Err(CaError::IncompleteStore {
+            present: key_path.to_owned(),
+            missing: cert_path.to_owned(),
+        });
+    }
+    std::thread::sleep(PUBLISH_POLL);
+    Ok(())
+}
+
+/// Flushes `dir` itself, so that the names linked in it survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), CaError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| CaError::SyncDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// The contents of a file to be created, written and flushed under a unique temporary name in
+/// the same directory. The temporary name is removed on drop, whatever happened; once
+/// [published](Self::publish), the final name keeps the contents.
+struct TempFile {
+    /// The name it is published under.
+    path: PathBuf,
+    /// The temporary name.
+    temp: PathBuf,
+}
+
+impl TempFile {
+    /// Writes `contents` to a new temporary file for `path`, with `mode`, and flushes it.
+    fn write(path: &Path, mode: u32, contents: &[u8]) -> Result<Self, CaError> {
+        let temp = temp_name(path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temp);
+        let write_error = |source| CaError::WriteTempFile {
+            path: path.to_owned(),
+            temp: temp.clone(),
+            source,
+        };
+        let mut file = file.map_err(write_error)?;
+        // From here on the temporary file is ours: dropping `this` removes it.
+        let this = Self {
+            path: path.to_owned(),
+            temp: temp.clone(),
+        };
+        file.write_all(contents)
+            .and_then(|()| file.sync_all())
+            .map_err(write_error)?;
+        Ok(this)
+    }
+
+    /// Links the contents to their final name: `Ok(false)` when that name exists already (it
+    /// is never replaced).
+    fn publish(&self) -> Result<bool, CaError> {
+        match std::fs::hard_link(&self.temp, &self.path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(source) => Err(CaError::PublishFile {
+                path: self.path.clone(),
+                temp: self.temp.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.temp) {
+            tracing::warn!(file = %self.temp.display(), error = %e, "could not remove a temporary file of the built-in CA");
+        }
+    }
+}
+
+/// `<dir>/.<name>.<pid>.<random>.tmp` for `<dir>/<name>`: unique to this attempt.
+fn temp_name(path: &Path) -> Result<PathBuf, CaError> {
+    let mut random = [0_u8; 8];
+    fill_random(&mut random).map_err(|_| CaError::Random)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    Ok(path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        hex(&random)
+    )))
+}
+
+/// Reads and parses the root key file: private, not empty, a PKCS #8 key.
+fn read_root_key(path: &Path) -> Result<KeyPair, CaError> {
+    let pem = read_private_file(path)?;
+    if pem.is_empty() {
+        return Err(CaError::EmptyFile {
+            path: path.to_owned(),
+        });
+    }
+    KeyPair::from_pem(&pem).map_err(|source| CaError::InvalidRootKey {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads the root certificate file: not empty, exactly one PEM certificate.
+fn read_root_cert(path: &Path) -> Result<CertificateDer<'static>, CaError> {
+    let read_error = |source| CaError::ReadFile {
         path: path.to_owned(),
         source,
     };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(write_error)?;
-    file.write_all(contents).map_err(write_error)?;
-    file.sync_all().map_err(write_error)
+    let pem = std::fs::read(path).map_err(read_error)?;
+    if pem.is_empty() {
+        return Err(CaError::EmptyFile {
+            path: path.to_owned(),
+        });
+    }
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_error)?;
+    let [root_der] = <[CertificateDer<'static>; 1]>::try_from(certs).map_err(|certs| {
+        CaError::RootCertCount {
+            path: path.to_owned(),
+            count: certs.len(),
+        }
+    })?;
+    Ok(root_der)
 }
 
 /// Reads a file that must not be accessible to group or others (checked on the open file).

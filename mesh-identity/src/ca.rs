@@ -101,13 +101,54 @@ pub enum CaError {
         /// The cause.
         source: std::io::Error,
     },
-    /// Writing a CA file failed.
-    #[error("writing {path}: {source}")]
-    WriteFile {
-        /// The file.
+    /// Writing a new root file under its temporary name failed (a full disk, for instance); the
+    /// temporary file has been removed and nothing was published.
+    #[error("writing the new {path} (through temporary file {temp}, now removed): {source}")]
+    WriteTempFile {
+        /// The file being created.
+        path: PathBuf,
+        /// Its temporary name in the same directory.
+        temp: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Linking a complete temporary file to its final name failed.
+    #[error("publishing {temp} as {path}: {source}")]
+    PublishFile {
+        /// The file being created.
+        path: PathBuf,
+        /// Its temporary name in the same directory.
+        temp: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Flushing the CA directory after publishing a new root failed; the root's files are in
+    /// place but may not survive a crash.
+    #[error("flushing directory {path} to disk after publishing a new root: {source}")]
+    SyncDir {
+        /// The CA directory.
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// A root file is empty, as an interrupted write leaves it.
+    #[error(
+        "{path} is empty (0 bytes), as an interrupted write (a full disk?) leaves it; restore it \
+         from a backup, or remove it and the other root file to create a new root"
+    )]
+    EmptyFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A root file now holds another certificate or key than the one the CA loaded.
+    #[error(
+        "{path} no longer holds the root the CA loaded: it was replaced while the agent ran, so \
+         nothing is signed; restore it, or restart the agents sharing the directory to use the \
+         new root"
+    )]
+    RootFileReplaced {
+        /// The file.
+        path: PathBuf,
     },
     /// Only one of the root certificate and root key files exists.
     #[error("{present} exists but {missing} does not; restore it, or remove {present} to create a new root")]

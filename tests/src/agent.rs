@@ -289,14 +289,17 @@ impl Agent {
         Ok(self.process.lines())
     }
 
+    /// SIGKILL, as a crash or an OOM kill ends it: no cleanup runs, pins and links stay.
+    /// Returns once it has exited.
+    pub fn kill(mut self) -> Result<()> {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL)?;
+        self.process.wait(Duration::from_secs(10))?;
+        Ok(())
+    }
+
     /// Process id of the agent (for CPU and memory accounting).
     pub fn pid(&self) -> u32 {
         self.process.pid()
-    }
-
-    /// The underlying process (to kill it hard, or send it signals).
-    pub fn process_mut(&mut self) -> &mut Process {
-        &mut self.process
     }
 }
 

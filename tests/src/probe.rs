@@ -103,3 +103,57 @@ pub fn greeted(pod: &Pod, addr: SocketAddr, message: &str) -> Result<String> {
         .args(["greeted", &addr.to_string(), message]))?;
     Ok(out.trim().to_string())
 }
+
+/// A `raw` client's options (see `mesh-probe raw`).
+#[derive(Clone, Debug)]
+pub struct Raw<'a> {
+    /// The bytes to send, in hex (empty: send nothing).
+    pub send_hex: &'a str,
+    /// How long to wait for the peer to close.
+    pub wait: Duration,
+    /// Send the bytes again at this interval meanwhile.
+    pub resend: Option<Duration>,
+}
+
+/// Starts a `raw` client in `pod` toward `addr` and waits until it has sent its bytes. It then
+/// prints `received <n>` as bytes arrive and ends with a line that [`raw_end`] reads.
+pub fn raw(pod: &Pod, addr: SocketAddr, name: &str, options: &Raw<'_>) -> Result<Process> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let mut cmd = pod.command(bin);
+    cmd.args(["raw", &addr.to_string(), "--send-hex", options.send_hex])
+        .args(["--wait-close-ms", &options.wait.as_millis().to_string()]);
+    if let Some(every) = options.resend {
+        cmd.args(["--resend-ms", &every.as_millis().to_string()]);
+    }
+    let mut process = Process::spawn(format!("raw {name}"), &mut cmd)?;
+    process.wait_for_line("the bytes to be sent", Duration::from_secs(10), |l| {
+        l.starts_with("sent ")
+    })?;
+    Ok(process)
+}
+
+/// How a `raw` client's connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawEnd {
+    /// The peer closed it (or a write failed) after this long; the client's whole line.
+    Closed { after: Duration, line: String },
+    /// It was still open when the client stopped waiting; the client's whole line.
+    StillOpen { line: String },
+}
+
+/// Waits up to `timeout` for `raw`'s last line.
+pub fn raw_end(process: &mut Process, what: &str, timeout: Duration) -> Result<RawEnd> {
+    let line = process.wait_for_line(what, timeout, |l| {
+        l.starts_with("closed_after_ms=") || l.starts_with("still_open")
+    })?;
+    let after = line
+        .strip_prefix("closed_after_ms=")
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok());
+    Ok(match after {
+        Some(ms) => RawEnd::Closed {
+            after: Duration::from_millis(ms),
+            line,
+        },
+        None => RawEnd::StillOpen { line },
+    })
+}

@@ -332,12 +332,7 @@ fn agent_restart_then_new_connections_work() {
     let _server = serve(&server_pod, "echo");
     probe::connect(&client, v4(&server_pod, 8080), "before").expect("before the restart");
     // Killed hard: no cleanup runs.
-    let mut old = mesh.agents.remove(0);
-    old.process_mut()
-        .signal(nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
-    old.process_mut().wait(Duration::from_secs(10)).unwrap();
-    drop(old);
+    mesh.agents.remove(0).kill().expect("agent killed");
     // While the agent is down, a meshed pod's connection fails: it never goes around the mesh.
     let err = probe::connect(&client, v4(&server_pod, 8080), "while down").expect_err("must fail");
     assert!(

@@ -1,6 +1,6 @@
 //! Privileged: what HBONE between nodes must guarantee (confidentiality on the link, mutual
 //! authentication both ways, `PeerAuthentication`, certificate rotation, pooling, robustness of
-//! port 15008).
+//! port 15008, idle tunnels).
 //!
 //! Every test builds its own two-node testbed with one agent per node, and each refusal is
 //! paired with a control in the same testbed that differs only in the property under test, so
@@ -19,8 +19,9 @@ use std::{
 use mesh_tests::{
     agent::binary,
     mesh::{Mesh, Shortcut, NS},
-    probe,
+    probe::{self, RawEnd},
     process::run,
+    telemetry::{count, scrape},
     Agent, Node, Pod, Process, TestbedSpec,
 };
 use nix::sys::signal::Signal;
@@ -583,17 +584,12 @@ fn garbage_and_half_open_tls_on_the_hbone_port_leave_the_agent_serving() {
     let mut attackers: Vec<(&str, u64, Process)> = attacks
         .into_iter()
         .map(|(name, hex, bound_ms)| {
-            let mut cmd = plain.command(probe_bin());
-            cmd.args([
-                "raw",
-                &v4(&target, HBONE_PORT).to_string(),
-                "--send-hex",
-                &hex,
-            ])
-            .args(["--wait-close-ms", "25000"]);
-            let mut p = Process::spawn(format!("raw {name}"), &mut cmd).expect("raw");
-            p.wait_for_line("the bytes to be sent", LOG_WAIT, |l| l.starts_with("sent "))
-                .unwrap();
+            let options = probe::Raw {
+                send_hex: &hex,
+                wait: Duration::from_secs(25),
+                resend: None,
+            };
+            let p = probe::raw(&plain, v4(&target, HBONE_PORT), name, &options).expect("raw");
             (name, bound_ms, p)
         })
         .collect();
@@ -609,17 +605,10 @@ fn garbage_and_half_open_tls_on_the_hbone_port_leave_the_agent_serving() {
         );
     }
     for (name, bound_ms, p) in &mut attackers {
-        let verdict = p
-            .wait_for_line("the agent to close it", Duration::from_secs(30), |l| {
-                l.starts_with("closed_after_ms=") || l.starts_with("still_open")
-            })
-            .unwrap();
-        let ms: Option<u64> = verdict
-            .strip_prefix("closed_after_ms=")
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok());
+        let end = probe::raw_end(p, "the agent to close it", Duration::from_secs(30)).unwrap();
         assert!(
-            ms.is_some_and(|ms| ms <= *bound_ms),
-            "{name}: {verdict} (bound {bound_ms} ms)"
+            matches!(&end, RawEnd::Closed { after, .. } if after.as_millis() <= u128::from(*bound_ms)),
+            "{name}: {end:?} (bound {bound_ms} ms)"
         );
     }
     // One failed handshake (the garbage), two timed out (the silent peers).
@@ -635,4 +624,94 @@ fn garbage_and_half_open_tls_on_the_hbone_port_leave_the_agent_serving() {
         v4(&target, APP_PORT),
         "mutual_tls",
     );
+}
+
+/// A `raw` probe from `from` to `to`'s echo server that sends 5 bytes (again every `resend`
+/// if given) and waits up to `wait` for the connection to be closed under it.
+fn raw_probe(from: &Pod, to: &Pod, wait: Duration, resend: Option<Duration>) -> Process {
+    let options = probe::Raw {
+        send_hex: "68656c6c6f",
+        wait,
+        resend,
+    };
+    probe::raw(from, v4(to, APP_PORT), &from.name, &options).expect("raw probe")
+}
+
+#[test]
+fn an_idle_tunnel_is_closed_and_a_busy_one_is_not() {
+    // A tunnel that moves nothing for 2 s is closed; one that carries 5 bytes every 500 ms is
+    // kept. Without the timeout, a peer that stops talking holds a stream (and its relay's
+    // memory) on both agents for as long as the connection lives.
+    let mesh = mesh(2, 2, &[], &["--hbone-stream-idle-timeout-secs", "2"]);
+    let (idle_client, busy_client, target) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(1, 0).clone(),
+    );
+    let _server = serve(&target, "echo");
+    let from = mesh.agents[0].log_len();
+    let mut idle = raw_probe(&idle_client, &target, Duration::from_secs(20), None);
+    let busy_every = Duration::from_millis(500);
+    let mut busy = raw_probe(
+        &busy_client,
+        &target,
+        Duration::from_secs(6),
+        Some(busy_every),
+    );
+    for p in [&mut idle, &mut busy] {
+        p.wait_for_line("the echo", LOG_WAIT, |l| l == "received 5")
+            .unwrap();
+    }
+    let end = probe::raw_end(
+        &mut idle,
+        "the idle tunnel to close",
+        Duration::from_secs(25),
+    )
+    .unwrap();
+    assert!(
+        matches!(&end, RawEnd::Closed { after, .. }
+            if (1_500..=10_000).contains(&after.as_millis())),
+        "the idle connection: {end:?} (expected closed after about 2 s)"
+    );
+    let end = probe::raw_end(
+        &mut busy,
+        "the busy connection's end",
+        Duration::from_secs(15),
+    )
+    .unwrap();
+    let RawEnd::StillOpen { line } = &end else {
+        panic!("the busy connection: {end:?} (expected kept open)");
+    };
+    let received: Option<u64> = line
+        .strip_prefix("still_open received=")
+        .and_then(|n| n.parse().ok());
+    assert!(
+        received.is_some_and(|n| n >= 5 * 8),
+        "the busy connection's echoes: {line}"
+    );
+    // Counted and logged with the reason, on whichever agent's timer fired first.
+    let closed_idle: u64 = (0..2)
+        .map(|n| {
+            count(
+                &scrape(mesh.tb.node(n)).expect("metrics"),
+                "mesh_agent_tunnels_idle_closed_total",
+                &[],
+            )
+        })
+        .sum();
+    assert!(closed_idle >= 1, "no idle close counted");
+    let src = format!("src={}:", idle_client.ipv4);
+    let logged = |agent: &Agent, from: usize| {
+        agent.logs()[from..]
+            .iter()
+            .any(|l| l.contains("connection failed") && l.contains(&src) && l.contains("idle for"))
+    };
+    let deadline = Instant::now() + LOG_WAIT;
+    while !(logged(&mesh.agents[0], from) || logged(&mesh.agents[1], 0)) {
+        assert!(
+            Instant::now() < deadline,
+            "no agent logged the idle close of {src} with its reason"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

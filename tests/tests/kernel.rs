@@ -112,7 +112,7 @@ fn a_pod_the_agent_cannot_capture_is_reported_and_the_others_are_served() {
         .unwrap();
     let line = mesh.agents[0]
         .wait_for_log_from(from, "the enrollment error", Duration::from_secs(10), |l| {
-            l.contains("pod not enrolled") && l.contains(&format!("{PLAIN_NS}/{}", bad.name))
+            l.contains("pod not captured") && l.contains(&format!("{PLAIN_NS}/{}", bad.name))
         })
         .unwrap();
     assert!(
@@ -159,13 +159,9 @@ fn agent_refuses_a_missing_config_directory_naming_it() {
 fn a_pinned_map_of_another_layout_is_released_not_adopted() {
     const BYTES: u64 = 100_000;
     let mut mesh = Mesh::of(1, 2, Shortcut::OptedIn).expect("mesh");
-    let mut old = mesh.agents.remove(0);
+    let old = mesh.agents.remove(0);
     let pins = old.bpffs_dir().to_path_buf();
-    old.process_mut()
-        .signal(nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
-    old.process_mut().wait(Duration::from_secs(10)).unwrap();
-    drop(old);
+    old.kill().expect("agent killed");
     let config = pins.join("MESH_CONFIG");
     std::fs::remove_file(&config).expect("the earlier agent's pin");
     mesh_tests::process::run(std::process::Command::new("bpftool").args([

@@ -13,7 +13,6 @@ use std::{
 };
 
 use mesh_tests::{
-    agent::binary,
     http::http,
     mesh::{Mesh, Shortcut, NS},
     probe,
@@ -296,17 +295,12 @@ fn redirected(mesh: &Mesh) -> u64 {
 /// A `raw` probe from `from` holding a connection to `to`'s echo server for up to 30 s; it
 /// prints `closed_after_ms=... how=...` when the connection is closed under it.
 fn hold(from: &Pod, to: &Pod) -> Process {
-    let bin = binary("mesh-probe", "mesh-tests").unwrap();
-    let mut cmd = from.command(bin);
-    cmd.args([
-        "raw",
-        &app(to).to_string(),
-        "--send-hex",
-        "68656c6c6f",
-        "--wait-close-ms",
-        "30000",
-    ]);
-    Process::spawn(format!("hold {}", from.name), &mut cmd).expect("raw probe")
+    let options = probe::Raw {
+        send_hex: "68656c6c6f",
+        wait: Duration::from_secs(30),
+        resend: None,
+    };
+    probe::raw(from, app(to), &from.name, &options).expect("raw probe")
 }
 
 #[test]

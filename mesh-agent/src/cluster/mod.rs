@@ -13,6 +13,8 @@
 //! - [`spawn_watcher`] / [`ConfigDir`]: the objects read from a directory of YAML files, reloaded
 //!   when they change, published as `Arc<ClusterState>` snapshots on a `tokio::sync::watch`
 //!   channel.
+//! - [`limits`]: the size and nesting depth limits of each file ([`FileLimits`]), checked
+//!   before its text reaches the YAML parser.
 //!
 //! Enrollment follows Istio ambient: a pod is enrolled when its namespace has the label
 //! `istio.io/dataplane-mode=ambient` (key configurable), unless the pod has `…=none`; a pod
@@ -45,6 +47,7 @@ mod files;
 mod istio;
 mod istio_authz;
 pub mod k8s;
+pub mod limits;
 pub mod peer_auth;
 mod state;
 mod translate;
@@ -54,6 +57,7 @@ pub use authz::{
     IpBlock, ServiceAccountMatch, StringMatch, Verdict,
 };
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
+pub use limits::{FileLimits, LimitError};
 pub use peer_auth::{
     MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope, DEFAULT_ROOT_NAMESPACE,
 };

@@ -341,6 +341,13 @@ pub enum StateError {
         value: String,
         expected: &'static str,
     },
+    #[error("{object}: {field}: {ip} is {reason}, never a pod's own address")]
+    UnusableAddress {
+        object: ObjectRef,
+        field: &'static str,
+        ip: IpAddr,
+        reason: &'static str,
+    },
     #[error("{object}: {field}: {value:?} is not an IP address")]
     InvalidIp {
         object: ObjectRef,
@@ -445,6 +452,7 @@ impl StateError {
             StateError::Duplicate { object }
             | StateError::InvalidName { object, .. }
             | StateError::InvalidIp { object, .. }
+            | StateError::UnusableAddress { object, .. }
             | StateError::InvalidPort { object, .. }
             | StateError::InvalidPortName { object, .. }
             | StateError::InvalidProtocol { object, .. }

@@ -389,6 +389,31 @@ fn a_bad_shortcut_annotation_is_refused_naming_object_and_value() {
     assert!(e.contains("\"on\" is not"), "{e}");
 }
 
+/// A pod address the agent could not bind its listeners to, or that would capture the node's
+/// own traffic, is refused naming the pod, the address and why.
+#[test]
+fn unusable_pod_addresses_are_refused() {
+    for (bad, why) in [
+        ("0.0.0.0", "unspecified"),
+        ("127.0.0.1", "loopback"),
+        ("169.254.1.1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("::", "unspecified"),
+        ("::1", "loopback"),
+        ("fe80::1", "link-local"),
+        ("ff02::1", "multicast"),
+        ("::ffff:127.0.0.1", "loopback"),
+    ] {
+        let e = build_err(&pod("shop", "web", "n0", &format!("\"{bad}\""), ""));
+        assert!(e.starts_with("Pod shop/web: status.podIPs: "), "{bad}: {e}");
+        assert!(
+            e.ends_with(&format!("is {why}, never a pod's own address")),
+            "{bad}: {e}"
+        );
+    }
+}
+
 #[test]
 fn host_network_pods_are_not_enrolled_nor_indexed_by_ip() {
     let host = |name: &str| {
@@ -1262,6 +1287,195 @@ async fn watcher_first_load_error_is_returned() {
     let err = spawn_watcher(dir.0.join("nope"), opts(), Duration::from_millis(20))
         .expect_err("missing directory");
     assert!(matches!(err, FilesError::ReadDir { .. }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// File limits
+
+/// A DENY `AuthorizationPolicy` in namespace `a`.
+const DENY_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: deny-evil, namespace: a}\nspec:\n  action: DENY\n  rules:\n  \
+    - from: [{source: {namespaces: [evil]}}]\n";
+
+/// The smallest limits accepted.
+fn small_limits() -> super::FileLimits {
+    super::FileLimits {
+        max_file_bytes: super::limits::MIN_MAX_FILE_BYTES,
+        max_depth: super::limits::MIN_MAX_DEPTH,
+    }
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused_unread_and_keeps_its_objects() {
+    let dir = TempDir::new("too-large");
+    dir.write("pods.yaml", &pod("a", "p1", "n1", "10.0.0.1", ""));
+    let mut config = ConfigDir::with_limits(&dir.0, opts(), small_limits()).expect("options");
+    assert_eq!(names(&config.load().expect("loads")), ["pod a/p1"]);
+
+    // Valid objects, more of them than 4 KiB holds.
+    let pods: Vec<String> = (1..30)
+        .map(|i| pod("a", &format!("q{i}"), "n1", &format!("10.0.1.{i}"), ""))
+        .collect();
+    let big = docs(&pods);
+    assert!(big.len() > 4096, "{}", big.len());
+    dir.write("pods.yaml", &big);
+    let state = config.load().expect("loads");
+    assert_eq!(names(&state), ["pod a/p1"], "the last good objects stay");
+    let errors = error_messages(&state);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let expected = format!(
+        "pods.yaml: {} bytes, over the size limit of 4096 bytes (--config-max-file-bytes)",
+        big.len()
+    );
+    assert!(errors[0].contains(&expected), "{errors:?}");
+
+    // A sparse 1 GiB file is refused on its size, in milliseconds, without being read.
+    let huge = fs::File::create(dir.0.join("huge.yaml")).expect("create");
+    huge.set_len(1 << 30).expect("a sparse file");
+    let started = std::time::Instant::now();
+    let state = config.load().expect("loads");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    let errors = error_messages(&state);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("huge.yaml: 1073741824 bytes, over the size limit of 4096")),
+        "{errors:?}"
+    );
+
+    // Within the limit again: applied.
+    dir.remove("huge.yaml");
+    dir.write("pods.yaml", &pod("a", "p2", "n1", "10.0.0.2", ""));
+    let state = config.load().expect("loads");
+    assert_eq!(names(&state), ["pod a/p2"]);
+    assert!(state.errors().is_empty(), "{:?}", state.errors());
+}
+
+#[test]
+fn a_file_nested_too_deep_is_refused_before_parsing_and_keeps_its_objects() {
+    let dir = TempDir::new("too-deep");
+    dir.write("policy.yaml", DENY_POLICY);
+    let mut config = ConfigDir::new(&dir.0, opts()).expect("options");
+    assert_eq!(
+        config.load().expect("loads").authorization_policies().len(),
+        1
+    );
+
+    // Flow style, 200,000 levels: refused in milliseconds, the policy stays in force.
+    dir.write("policy.yaml", &"[".repeat(200_000));
+    let started = std::time::Instant::now();
+    let state = config.load().expect("loads");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(state.authorization_policies().len(), 1, "the policy stays");
+    let errors = error_messages(&state);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains(
+            "policy.yaml: nested 200000 levels deep, over the depth limit of 64 \
+             (--config-max-depth) from line 1, column 65"
+        ),
+        "{errors:?}"
+    );
+
+    // Block style, within what serde_yaml takes but over a lower limit.
+    let mut config = ConfigDir::with_limits(&dir.0, opts(), small_limits()).expect("options");
+    let block: Vec<String> = (0..20)
+        .map(|level| format!("{}k{level}:", "  ".repeat(level)))
+        .collect();
+    dir.write("policy.yaml", &block.join("\n"));
+    let errors = error_messages(&config.load().expect("loads"));
+    assert!(
+        errors[0].contains(
+            "policy.yaml: nested 20 levels deep, over the depth limit of 16 \
+             (--config-max-depth) from line 17, column 33"
+        ),
+        "{errors:?}"
+    );
+}
+
+/// The first state published within `within` for which `wanted` holds (`Err` on timeout).
+async fn first_state(
+    rx: &mut tokio::sync::watch::Receiver<Arc<ClusterState>>,
+    within: Duration,
+    wanted: impl Fn(&ClusterState) -> bool,
+) -> Result<Arc<ClusterState>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(within, async {
+        loop {
+            rx.changed().await.expect("watcher alive");
+            let state = Arc::clone(&rx.borrow_and_update());
+            if wanted(&state) {
+                return state;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn watcher_applies_a_policy_within_a_second_while_a_deep_file_is_refused() {
+    let dir = TempDir::new("watch-deep");
+    dir.write("ns.yaml", &namespace("a", ""));
+    // The agent's own poll interval.
+    let (mut rx, _task) =
+        spawn_watcher(&dir.0, opts(), Duration::from_millis(250)).expect("first load");
+    dir.write("deep.yaml", &"[".repeat(200_000));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let written = std::time::Instant::now();
+    dir.write("policy.yaml", DENY_POLICY);
+    let state = first_state(&mut rx, Duration::from_secs(1), |s| {
+        !s.authorization_policies().is_empty()
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the policy is not applied {:?} after", written.elapsed()));
+    let errors = error_messages(&state);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("deep.yaml: nested 200000 levels deep, over the depth limit of 64")
+            && errors[0].contains("--config-max-depth"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn watcher_applies_other_files_while_a_large_file_is_parsed() {
+    let dir = TempDir::new("watch-slow");
+    dir.write("ns.yaml", &namespace("a", ""));
+    let (mut rx, _task) =
+        spawn_watcher(&dir.0, opts(), Duration::from_millis(50)).expect("first load");
+    // A valid 1 MiB Pod (an ignored field of 500,000 numbers): over a second to parse in a
+    // debug build, a third of one in a release build.
+    let slow = pod("a", "slow", "n1", "10.0.0.1", "")
+        .replace("spec:", &format!("junk: [{}]\nspec:", "1,".repeat(500_000)));
+    dir.write("slow.yaml", &slow);
+    dir.write("policy.yaml", DENY_POLICY);
+    let written = std::time::Instant::now();
+
+    let state = first_state(&mut rx, Duration::from_secs(1), |s| {
+        !s.authorization_policies().is_empty()
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the policy is not applied {:?} after", written.elapsed()));
+    assert!(
+        names(&state).is_empty(),
+        "the policy came first: {:?}",
+        names(&state)
+    );
+    let state = first_state(&mut rx, Duration::from_secs(60), |s| {
+        !s.workloads().is_empty()
+    })
+    .await
+    .expect("the large file is applied once parsed");
+    assert_eq!(names(&state), ["pod a/slow"]);
+    assert_eq!(state.authorization_policies().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

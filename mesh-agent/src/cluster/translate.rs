@@ -64,6 +64,17 @@ pub(super) fn workload_from(
         ("status.podIPs", "status.podIP"),
         pod.status.pod_ip.as_deref(),
     )?;
+    if let Some((ip, reason)) = ips
+        .iter()
+        .find_map(|ip| unusable_pod_address(*ip).map(|reason| (*ip, reason)))
+    {
+        return Err(StateError::UnusableAddress {
+            object,
+            field: "status.podIPs",
+            ip,
+            reason,
+        });
+    }
     for (c, container) in pod.spec.containers.iter().enumerate() {
         for (p, port) in container.ports.iter().enumerate() {
             let field = format!("spec.containers[{c}].ports[{p}]");
@@ -160,6 +171,41 @@ fn annotation_path(
             annotation,
             value: value.clone(),
         }),
+    }
+}
+
+/// Why `ip` can never be a pod's own address, if so: the agent binds its listeners to a pod's
+/// address, and steers the pod's traffic by it.
+pub(super) fn unusable_pod_address(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() {
+                Some("unspecified")
+            } else if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_multicast() {
+                Some("multicast")
+            } else if v4.is_broadcast() {
+                Some("broadcast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unicast_link_local() {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
     }
 }
 

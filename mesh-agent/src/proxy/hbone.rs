@@ -143,7 +143,12 @@ pub(super) async fn outbound(
     }
     let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
-        Ok(stream) => Some(relay_tunnel(down, stream, conn)),
+        Ok(stream) => Some(relay_tunnel(
+            down,
+            stream,
+            conn,
+            ctx.transport.stream_idle_timeout,
+        )),
         Err(e) => {
             warn!(
                 dst = %info.dst, upstream = %info.upstream, peer = %key.dst, error = %e,
@@ -294,7 +299,7 @@ async fn tunnel(
         telemetry: Arc::clone(&ctx.telemetry),
         tracked: Some(tracked),
     };
-    relay_inbound_tunnel(stream, app, conn)
+    relay_inbound_tunnel(stream, app, conn, ctx.transport.stream_idle_timeout)
         .holding(peer_guard)
         .await;
 }

@@ -130,6 +130,8 @@ pub struct Transport {
     pub provider: CryptoProvider,
     pub pool: hbone::HbonePool,
     pub server: mesh_hbone::ServerConfig,
+    /// A tunnel that moves no byte either way for this long is closed (`None`: never).
+    pub stream_idle_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -158,12 +160,30 @@ impl std::fmt::Debug for ProxyCtx {
     }
 }
 
-/// The listeners of one pod; their accept loops stop when this is dropped.
+/// The listeners of one pod; their accept loops stop when this is dropped (the sockets close
+/// once the runtime drops the aborted tasks: [`PodListeners::close`] waits for that).
 #[derive(Debug)]
 pub struct PodListeners {
     tasks: Vec<JoinHandle<()>>,
     /// Inbound listener per pod address, for `sk_lookup` (inserted by the caller).
     pub inbound: Vec<(IpAddr, std::os::fd::OwnedFd)>,
+}
+
+impl PodListeners {
+    /// Stops the accept loops and returns once their listening sockets are closed, so that the
+    /// same addresses can be bound again at once.
+    pub async fn close(mut self) {
+        self.inbound.clear();
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            // Cancelled (or, rarely, finished): either way its future, and so its listener,
+            // is dropped when this returns.
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for PodListeners {
@@ -204,11 +224,15 @@ fn authorize(
     }
 }
 
+/// The pod as the proxies see it now: its identity may change in place (each connection takes
+/// the current one when it is accepted).
+pub type PodView = watch::Receiver<Arc<LocalPod>>;
+
 /// Accepts connections on a pod's listener forever, handling each in a task of its own with one
 /// tracing span per connection.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    pod: Arc<LocalPod>,
+    view: PodView,
     ctx: Arc<ProxyCtx>,
     direction: &'static str,
     handle: F,
@@ -219,13 +243,15 @@ async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let pod = Arc::clone(&view.borrow());
                 let span = tracing::info_span!("conn", direction, pod = %pod.name, src = %peer);
-                let setup = handle(stream, peer, Arc::clone(&pod), Arc::clone(&ctx));
+                let setup = handle(stream, peer, pod, Arc::clone(&ctx));
                 let task = ConnTask::Setup(Box::pin(setup));
                 tokio::spawn(tracing::Instrument::instrument(task, span));
             }
             Err(e) => {
-                tracing::warn!(pod = %pod.name, direction, error = %e, "accept failed");
+                let name = view.borrow().name.clone();
+                tracing::warn!(pod = %name, direction, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -234,16 +260,18 @@ async fn accept_loop<F, Fut>(
 
 /// Accepts HBONE connections on a pod's port 15008, each served in a task of its own (which
 /// runs one task per tunnelled stream).
-async fn hbone_accept_loop(listener: TcpListener, pod: Arc<LocalPod>, ctx: Arc<ProxyCtx>) {
+async fn hbone_accept_loop(listener: TcpListener, view: PodView, ctx: Arc<ProxyCtx>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let pod = Arc::clone(&view.borrow());
                 let span = tracing::info_span!("hbone", pod = %pod.name, peer = %peer);
-                let task = hbone::serve(stream, peer, Arc::clone(&pod), Arc::clone(&ctx));
+                let task = hbone::serve(stream, peer, pod, Arc::clone(&ctx));
                 tokio::spawn(tracing::Instrument::instrument(task, span));
             }
             Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "accept failed on the HBONE port");
+                let name = view.borrow().name.clone();
+                tracing::warn!(pod = %name, error = %e, "accept failed on the HBONE port");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -284,16 +312,21 @@ impl<S: Future<Output = Option<relay::Relay>>> Future for ConnTask<S> {
     }
 }
 
-/// Opens the outbound and inbound listeners of `pod` inside its namespace and starts their
-/// accept loops.
-pub fn start_pod(pod: &Arc<LocalPod>, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, ProxyError> {
-    let mut tasks = Vec::new();
-    let mut inbound = Vec::new();
+/// Opens the outbound and inbound listeners of the pod `view` shows inside its namespace and
+/// starts their accept loops. On an error, the listeners already opened are closed when the
+/// partial result is dropped.
+pub fn start_pod(view: &PodView, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, ProxyError> {
+    let pod = Arc::clone(&view.borrow());
+    let mut listeners = PodListeners {
+        tasks: Vec::new(),
+        inbound: Vec::new(),
+    };
+    let (tasks, inbound) = (&mut listeners.tasks, &mut listeners.inbound);
     for &ip in &pod.ips {
         let out = listen(&pod.netns, SocketAddr::new(ip, OUTBOUND_PORT))?;
         tasks.push(tokio::spawn(accept_loop(
             out,
-            Arc::clone(pod),
+            view.clone(),
             Arc::clone(ctx),
             "outbound",
             outbound::handle,
@@ -310,7 +343,7 @@ pub fn start_pod(pod: &Arc<LocalPod>, ctx: &Arc<ProxyCtx>) -> Result<PodListener
         inbound.push((ip, fd));
         tasks.push(tokio::spawn(accept_loop(
             inb,
-            Arc::clone(pod),
+            view.clone(),
             Arc::clone(ctx),
             "inbound",
             inbound::handle,
@@ -318,11 +351,11 @@ pub fn start_pod(pod: &Arc<LocalPod>, ctx: &Arc<ProxyCtx>) -> Result<PodListener
         let hbone = listen(&pod.netns, SocketAddr::new(ip, HBONE_PORT))?;
         tasks.push(tokio::spawn(hbone_accept_loop(
             hbone,
-            Arc::clone(pod),
+            view.clone(),
             Arc::clone(ctx),
         )));
     }
-    Ok(PodListeners { tasks, inbound })
+    Ok(listeners)
 }
 
 fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener, ProxyError> {

@@ -16,11 +16,11 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{ready, Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use mesh_hbone::H2Stream;
-use tokio::{io::AsyncWrite as _, net::TcpStream};
+use tokio::{io::AsyncWrite as _, net::TcpStream, time::Sleep};
 
 use super::{stream_copy::StreamCopy, tracker::Tracked, PeerGuard};
 use crate::telemetry::{ConnInfo, Counters, Telemetry};
@@ -182,20 +182,65 @@ pub fn relay(down: TcpStream, up: TcpStream, conn: Conn) -> Relay {
     Relay::new(Copying::Tcp(Copy::new(down, up)), conn)
 }
 
-/// Relays a captured connection through an HBONE tunnel, like [`relay`].
-pub fn relay_tunnel(down: TcpStream, tunnel: H2Stream, conn: Conn) -> Relay {
-    Relay::new(
+/// Relays a captured connection through an HBONE tunnel, like [`relay`]; a tunnel that moves
+/// no byte either way for `idle` is closed.
+pub fn relay_tunnel(
+    down: TcpStream,
+    tunnel: H2Stream,
+    conn: Conn,
+    idle: Option<Duration>,
+) -> Relay {
+    let mut relay = Relay::new(
         Copying::Tunnel(Box::new(StreamCopy::new(down, tunnel))),
         conn,
-    )
+    );
+    relay.idle = idle.map(|t| Box::new(Idle::new(t)));
+    relay
 }
 
-/// Relays an HBONE stream accepted by this agent to the application, like [`relay`].
-pub fn relay_inbound_tunnel(tunnel: H2Stream, app: TcpStream, conn: Conn) -> Relay {
-    Relay::new(
+/// Relays an HBONE stream accepted by this agent to the application, like [`relay`]; a tunnel
+/// that moves no byte either way for `idle` is closed.
+pub fn relay_inbound_tunnel(
+    tunnel: H2Stream,
+    app: TcpStream,
+    conn: Conn,
+    idle: Option<Duration>,
+) -> Relay {
+    let mut relay = Relay::new(
         Copying::TunnelIn(Box::new(StreamCopy::new(tunnel, app))),
         conn,
-    )
+    );
+    relay.idle = idle.map(|t| Box::new(Idle::new(t)));
+    relay
+}
+
+/// An idle timeout: a timer pushed back whenever bytes move (boxed: only tunnels have one).
+#[derive(Debug)]
+struct Idle {
+    timeout: Duration,
+    timer: Pin<Box<Sleep>>,
+    /// The totals when the timer was last pushed back.
+    seen: [u64; 2],
+}
+
+impl Idle {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            seen: [0; 2],
+        }
+    }
+
+    /// Whether nothing moved for the timeout (registering the timer with `cx` otherwise).
+    fn expired(&mut self, totals: [u64; 2], cx: &mut Context<'_>) -> bool {
+        if totals != self.seen {
+            self.seen = totals;
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// What a relay copies between. In each, the first stream is the source's side, so the
@@ -248,6 +293,8 @@ pub struct Relay {
     counted: [u64; 2],
     /// The application's view of its peer, removed when the connection ends.
     guard: Option<PeerGuard>,
+    /// Tunnels only: closed after moving nothing for a while.
+    idle: Option<Box<Idle>>,
 }
 
 impl Relay {
@@ -259,6 +306,7 @@ impl Relay {
             counters,
             counted: [0; 2],
             guard: None,
+            idle: None,
         }
     }
 
@@ -305,7 +353,25 @@ impl Future for Relay {
         }
         let result = this.copy.poll(cx);
         let totals = this.count();
-        let result = ready!(result).map(|_| ());
+        let idle_for = match (&result, this.idle.as_mut()) {
+            (Poll::Pending, Some(idle)) => idle.expired(totals, cx).then_some(idle.timeout),
+            _ => None,
+        };
+        let result = match idle_for {
+            Some(timeout) => {
+                this.conn
+                    .telemetry
+                    .metrics
+                    .agent
+                    .tunnels_idle_closed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {timeout:?}: no byte moved either way"),
+                ))
+            }
+            None => ready!(result).map(|_| ()),
+        };
         let c = &this.conn;
         c.telemetry
             .close(&c.info, &this.counters, c.started, totals, &result, None);

@@ -51,6 +51,8 @@ pub struct AgentCounters {
     pub authz_denied: AtomicU64,
     /// Open connections closed because a policy change no longer allows them.
     pub revoked: AtomicU64,
+    /// HBONE tunnels closed after moving no byte for the idle timeout.
+    pub tunnels_idle_closed: AtomicU64,
     pub plaintext_refused: AtomicU64,
     pub connect_failures: AtomicU64,
     /// Connections being relayed now, per reporter role of this agent.
@@ -153,6 +155,12 @@ impl Metrics {
             "mesh_agent_connections_revoked_total",
             "Open connections closed because a policy change no longer allows them",
             a.revoked.load(Ordering::Relaxed),
+        );
+        write_counter(
+            out,
+            "mesh_agent_tunnels_idle_closed_total",
+            "HBONE tunnels closed because no byte moved either way for the idle timeout",
+            a.tunnels_idle_closed.load(Ordering::Relaxed),
         );
         write_counter(
             out,

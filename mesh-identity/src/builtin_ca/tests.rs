@@ -291,7 +291,8 @@ fn a_key_that_does_not_match_the_certificate_is_refused() {
     let key_path = dir.join(ROOT_KEY_FILE);
     std::fs::remove_file(&key_path).unwrap();
     let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    write_new_file(&key_path, 0o600, other.serialize_pem().as_bytes()).unwrap();
+    std::fs::write(&key_path, other.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default()).unwrap_err();
     assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
 }
@@ -372,4 +373,448 @@ fn explicit_validity_windows_make_expired_certificates() {
         ca.issue_with_validity(&request_for(&key, &id, None), now, now - HOUR),
         Err(CaError::InvalidValidity { .. })
     ));
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The directory of a complete store: the two root files and nothing else (no temporary file).
+fn assert_complete_store(dir: &Path) {
+    assert_eq!(
+        names_in(dir),
+        [ROOT_CERT_FILE, ROOT_KEY_FILE],
+        "{}",
+        dir.display()
+    );
+}
+
+/// The root certificate in `dir`'s certificate file, in hex.
+fn root_on_disk(dir: &Path) -> String {
+    hex(&read_root_cert(&dir.join(ROOT_CERT_FILE)).unwrap())
+}
+
+/// A request for a fresh key's certificate for `spiffe://td/ns/default/sa/web`.
+fn issue_web(ca: &BuiltinCa) -> Result<IssuedChain, CaError> {
+    let key = WorkloadKey::generate().unwrap();
+    ca.issue(&request_for(&key, &identity("td", "web"), None))
+}
+
+#[test]
+fn threads_creating_the_root_together_all_load_the_same_one() {
+    const CREATORS: usize = 8;
+    const ROUNDS: usize = 30;
+    for round in 0..ROUNDS {
+        let tmp = TempDir::new("race-threads");
+        let dir = tmp.path().join("ca");
+        let start = std::sync::Barrier::new(CREATORS);
+        let roots: Vec<String> = std::thread::scope(|scope| {
+            let creators: Vec<_> = (0..CREATORS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default())
+                    })
+                })
+                .collect();
+            creators
+                .into_iter()
+                .map(|creator| match creator.join().unwrap() {
+                    Ok(ca) => hex(&ca.trust_bundle().roots()[0]),
+                    Err(e) => panic!("round {round}: {e}"),
+                })
+                .collect()
+        });
+        let on_disk = root_on_disk(&dir);
+        assert!(roots.iter().all(|root| *root == on_disk), "round {round}");
+        assert_complete_store(&dir);
+    }
+}
+
+/// Environment variable naming the CA directory of [`creator_process`].
+const CREATOR_CA_DIR: &str = "MESH_IDENTITY_TEST_CREATOR_CA_DIR";
+
+/// One of the agents of [`processes_creating_the_root_together_all_load_the_same_one`]: opens
+/// the CA in `$MESH_IDENTITY_TEST_CREATOR_CA_DIR` once its standard input closes, and prints
+/// the root it loaded.
+#[test]
+#[ignore = "run as a child process by processes_creating_the_root_together_all_load_the_same_one"]
+fn creator_process() {
+    let Some(dir) = std::env::var_os(CREATOR_CA_DIR) else {
+        eprintln!("{CREATOR_CA_DIR} is not set: nothing to do outside the race test");
+        return;
+    };
+    std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+    match BuiltinCa::load_or_create(Path::new(&dir), "td", BuiltinCaOptions::default()) {
+        Ok(ca) => println!("ROOT={}", hex(&ca.trust_bundle().roots()[0])),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn processes_creating_the_root_together_all_load_the_same_one() {
+    const CREATORS: usize = 4;
+    const ROUNDS: usize = 10;
+    let test_binary = std::env::current_exe().unwrap();
+    let (_crate, module) = module_path!().split_once("::").unwrap();
+    let creator = format!("{module}::creator_process");
+    for round in 0..ROUNDS {
+        let tmp = TempDir::new("race-processes");
+        let dir = tmp.path().join("ca");
+        let mut children: Vec<_> = (0..CREATORS)
+            .map(|_| {
+                std::process::Command::new(&test_binary)
+                    .args([&creator, "--exact", "--ignored", "--nocapture"])
+                    .env(CREATOR_CA_DIR, &dir)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // All of them are started: closing their standard input lets them go at once.
+        for child in &mut children {
+            drop(child.stdin.take());
+        }
+        let roots: Vec<String> = children
+            .into_iter()
+            .map(|child| {
+                let output = child.wait_with_output().unwrap();
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    output.status.success(),
+                    "round {round}: {}\n{stdout}\n{stderr}",
+                    output.status
+                );
+                let root = stdout.split_once("ROOT=").map(|(_, rest)| rest);
+                let root = root.and_then(|rest| rest.split_whitespace().next());
+                root.unwrap_or_else(|| panic!("round {round}: no root printed:\n{stdout}"))
+                    .to_owned()
+            })
+            .collect();
+        let on_disk = root_on_disk(&dir);
+        assert!(roots.iter().all(|root| *root == on_disk), "round {round}");
+        assert_complete_store(&dir);
+    }
+}
+
+#[test]
+fn a_key_published_before_its_certificate_is_waited_for() {
+    let tmp = TempDir::new("publishing");
+    let original = new_ca(&tmp, "td");
+    let dir = tmp.path().join("copy");
+    std::fs::create_dir(&dir).unwrap();
+    // The state another agent leaves between its two links: the key without the certificate.
+    std::fs::copy(original.root_key_path(), dir.join(ROOT_KEY_FILE)).unwrap();
+    let cert_pem = std::fs::read(original.root_cert_path()).unwrap();
+    let opened = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            let staged = dir.join(".cert.tmp");
+            std::fs::write(&staged, &cert_pem).unwrap();
+            std::fs::rename(&staged, dir.join(ROOT_CERT_FILE)).unwrap();
+        });
+        BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default())
+    });
+    assert_eq!(opened.unwrap().trust_bundle(), original.trust_bundle());
+}
+
+#[test]
+fn empty_or_unparsable_root_files_are_named_and_left_in_place() {
+    let tmp = TempDir::new("unparsable");
+    drop(new_ca(&tmp, "td"));
+    let dir = tmp.path().join("ca");
+    let cert_path = dir.join(ROOT_CERT_FILE);
+    let key_path = dir.join(ROOT_KEY_FILE);
+    let key_pem = std::fs::read(&key_path).unwrap();
+    let open = || BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default()).unwrap_err();
+
+    std::fs::write(&key_path, "not a key\n").unwrap();
+    let err = open();
+    assert!(
+        matches!(&err, CaError::InvalidRootKey { path, .. } if *path == key_path),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&key_path.display().to_string()),
+        "{err}"
+    );
+    // Without its certificate, too: no creator publishes such a key, so no waiting for one.
+    std::fs::remove_file(&cert_path).unwrap();
+    let started = Instant::now();
+    let err = open();
+    assert!(
+        matches!(&err, CaError::InvalidRootKey { path, .. } if *path == key_path),
+        "{err}"
+    );
+    assert!(started.elapsed() < PUBLISH_WAIT, "{:?}", started.elapsed());
+    assert_eq!(std::fs::read(&key_path).unwrap(), b"not a key\n");
+    assert!(!cert_path.exists());
+
+    std::fs::write(&key_path, &key_pem).unwrap();
+    File::create(&cert_path).unwrap();
+    let err = open();
+    assert!(
+        matches!(&err, CaError::EmptyFile { path } if *path == cert_path),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&cert_path.display().to_string()) && message.contains("empty (0 bytes)"),
+        "{message}"
+    );
+    assert_eq!(std::fs::metadata(&cert_path).unwrap().len(), 0);
+    assert_eq!(std::fs::read(&key_path).unwrap(), key_pem);
+}
+
+/// Size of the pages a tmpfs allocates (x86-64, aarch64 with 4 KiB pages).
+const PAGE: usize = 4096;
+
+/// A tmpfs of a few pages mounted on a fresh temporary directory: a real file system that
+/// fills up. Unmounted when dropped, also when the test fails.
+struct SmallTmpfs {
+    mount_point: PathBuf,
+    _dir: TempDir,
+}
+
+impl SmallTmpfs {
+    fn mount(tag: &str, pages: usize) -> Self {
+        let dir = TempDir::new(tag);
+        let mount_point = dir.path().join("fs");
+        std::fs::create_dir(&mount_point).unwrap();
+        let options = format!("size={},mode=0700", pages * PAGE);
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mount_point,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some(options.as_str()),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "mounting a tmpfs ({options}) on {}: {e}; this test needs root",
+                mount_point.display()
+            )
+        });
+        Self {
+            mount_point,
+            _dir: dir,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.mount_point
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("unmounting {}: {e}", self.mount_point.display());
+        }
+    }
+}
+
+/// A file at `path` that takes all the free space of its file system.
+fn fill(path: &Path) -> File {
+    let mut file = File::create(path).unwrap();
+    loop {
+        match file.write_all(&[0; PAGE]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::StorageFull => return file,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_no_partial_root_and_a_later_start_creates_it() {
+    let fs = SmallTmpfs::mount("full-disk", 16);
+    let dir = fs.path().join("ca");
+    let filler = fill(&fs.path().join("filler"));
+    // Free one page at a time: no room for the key, then for the key but not the certificate,
+    // then for both.
+    let mut failed_writing = Vec::new();
+    let ca = loop {
+        match BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default()) {
+            Ok(ca) => break ca,
+            Err(CaError::WriteTempFile { path, temp, source }) => {
+                assert_eq!(source.kind(), ErrorKind::StorageFull, "{source}");
+                assert_eq!(temp.parent(), Some(dir.as_path()));
+                // Nothing half-written, no temporary file, nothing that stops the next start.
+                assert_eq!(names_in(&dir), Vec::<String>::new());
+                failed_writing.push(path);
+                assert!(failed_writing.len() < 64, "{failed_writing:?}");
+                let len = filler.metadata().unwrap().len();
+                filler.set_len(len - PAGE as u64).unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(
+        failed_writing.contains(&dir.join(ROOT_KEY_FILE))
+            && failed_writing.contains(&dir.join(ROOT_CERT_FILE)),
+        "{failed_writing:?}"
+    );
+    assert_complete_store(&dir);
+    assert_eq!(mode(&dir.join(ROOT_KEY_FILE)), 0o600);
+    issue_web(&ca).unwrap();
+    let reloaded = BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default()).unwrap();
+    assert_eq!(reloaded.trust_bundle(), ca.trust_bundle());
+}
+
+#[test]
+fn an_empty_key_left_by_a_full_disk_is_named_and_not_replaced() {
+    let fs = SmallTmpfs::mount("empty-key", 16);
+    let dir = fs.path().join("ca");
+    std::fs::create_dir(&dir).unwrap();
+    let key_path = dir.join(ROOT_KEY_FILE);
+    // What a writer that creates the key file in place leaves on a full disk: an empty file.
+    let filler_path = fs.path().join("filler");
+    let filler = fill(&filler_path);
+    let pem = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .serialize_pem();
+    let mut key_file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .unwrap();
+    let full = key_file.write_all(pem.as_bytes()).unwrap_err();
+    assert_eq!(full.kind(), ErrorKind::StorageFull, "{full}");
+    drop((key_file, filler));
+    std::fs::remove_file(&filler_path).unwrap();
+
+    // With room again, the empty key is reported by name, and left for a person to look at.
+    for _ in 0..2 {
+        let err = BuiltinCa::load_or_create(&dir, "td", BuiltinCaOptions::default()).unwrap_err();
+        assert!(
+            matches!(&err, CaError::EmptyFile { path } if *path == key_path),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&key_path.display().to_string()) && message.contains("empty"),
+            "{message}"
+        );
+        assert_eq!(names_in(&dir), [ROOT_KEY_FILE]);
+        assert_eq!(std::fs::metadata(&key_path).unwrap().len(), 0);
+    }
+}
+
+#[tokio::test]
+async fn signing_stops_while_the_key_file_is_open_to_group_or_others() {
+    let tmp = TempDir::new("sign-mode");
+    let ca = new_ca(&tmp, "td");
+    let key_path = ca.root_key_path().to_owned();
+    issue_web(&ca).unwrap();
+    for open_mode in [0o640, 0o604, 0o660, 0o644] {
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(open_mode)).unwrap();
+        let err = issue_web(&ca).unwrap_err();
+        assert!(
+            matches!(&err, CaError::KeyFileTooOpen { path, mode } if *path == key_path && *mode == open_mode),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&key_path.display().to_string())
+                && message.contains(&format!("{open_mode:04o}")),
+            "{message}"
+        );
+    }
+    // Through the CA interface the agent uses, too.
+    let key = WorkloadKey::generate().unwrap();
+    let err = ca
+        .sign(request_for(&key, &identity("td", "web"), None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CaError::KeyFileTooOpen { .. }), "{err}");
+
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    issue_web(&ca).unwrap();
+}
+
+#[test]
+fn signing_stops_while_a_root_file_is_replaced() {
+    let tmp = TempDir::new("sign-replaced");
+    let ca = new_ca(&tmp, "td");
+    let cert_path = ca.root_cert_path().to_owned();
+    let key_path = ca.root_key_path().to_owned();
+    let cert_pem = std::fs::read(&cert_path).unwrap();
+    let key_pem = std::fs::read(&key_path).unwrap();
+    let other_tmp = TempDir::new("sign-replaced-other");
+    let other = new_ca(&other_tmp, "td");
+    issue_web(&ca).unwrap();
+    let refused = |expected: &Path| {
+        let err = issue_web(&ca).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains(&expected.display().to_string()),
+            "{message}"
+        );
+        err
+    };
+
+    std::fs::write(&cert_path, "garbage\n").unwrap();
+    let err = refused(&cert_path);
+    assert!(
+        matches!(err, CaError::RootCertCount { count: 0, .. }),
+        "{err}"
+    );
+    std::fs::write(
+        &cert_path,
+        "-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let err = refused(&cert_path);
+    assert!(matches!(err, CaError::InvalidRootCert { .. }), "{err}");
+    // Another valid root, moved in under the name (a new inode): still not the loaded one.
+    let moved_in = cert_path.with_file_name("other.pem");
+    std::fs::copy(other.root_cert_path(), &moved_in).unwrap();
+    std::fs::rename(&moved_in, &cert_path).unwrap();
+    let err = refused(&cert_path);
+    assert!(matches!(err, CaError::RootFileReplaced { .. }), "{err}");
+    std::fs::write(&cert_path, "").unwrap();
+    let err = refused(&cert_path);
+    assert!(matches!(err, CaError::EmptyFile { .. }), "{err}");
+    std::fs::write(&cert_path, &cert_pem).unwrap();
+    issue_web(&ca).unwrap();
+
+    std::fs::write(&key_path, std::fs::read(other.root_key_path()).unwrap()).unwrap();
+    let err = refused(&key_path);
+    assert!(matches!(err, CaError::RootFileReplaced { .. }), "{err}");
+    std::fs::write(&key_path, "").unwrap();
+    let err = refused(&key_path);
+    assert!(matches!(err, CaError::EmptyFile { .. }), "{err}");
+    std::fs::remove_file(&key_path).unwrap();
+    let err = refused(&key_path);
+    assert!(
+        matches!(&err, CaError::ReadFile { source, .. } if source.kind() == ErrorKind::NotFound),
+        "{err}"
+    );
+    write_private(&key_path, &key_pem);
+    issue_web(&ca).unwrap();
+}
+
+/// Writes a new file with mode 0600.
+fn write_private(path: &Path, contents: &[u8]) {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(contents)
+        .unwrap();
 }

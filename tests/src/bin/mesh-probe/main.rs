@@ -39,9 +39,10 @@
 //!   its own pseudo-random B bytes and reads them back (all at once, one task each); prints
 //!   `open=<n> failed=<m>` while the verified connections are all still open, holds them H ms,
 //!   then half-closes each and expects end-of-file; prints `ok=<n> failed=<m>`.
-//! - `raw <addr> --send-hex HEX --wait-close-ms W`: sends the bytes, prints `sent <n> bytes`, then
-//!   `received <total>` as bytes arrive, and waits up to W ms for the peer to close:
-//!   `closed_after_ms=<t> how=eof|reset received=<n>` or `still_open received=<n>`.
+//! - `raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]`: sends the bytes (again every
+//!   R ms), prints `sent <n> bytes`, then `received <total>` as bytes arrive, and waits up to W ms
+//!   for the peer to close: `closed_after_ms=<t> how=eof|reset|write:<error> received=<n>` or
+//!   `still_open received=<n>`.
 //!
 //! HTTP client (for the agent's admin, metrics and readiness servers):
 //! - `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close` (5 s
@@ -98,6 +99,7 @@ const USAGE: &str = "usage: mesh-probe <command>
   greeted <addr> <message> [--eagain fail|retry]
   send <addr> <bytes> [--progress-ms P] [--eagain fail|retry]
   loop-pair --port P --client-port C --token T --duration-ms D
+  bind <addr>...
   rr <addr> --conns N --duration-ms D [--rate R] [--size S]
       R: requests/s over all connections (open loop); without it, closed loop.
       S: request and reply size in bytes (default 1024).
@@ -107,7 +109,7 @@ const USAGE: &str = "usage: mesh-probe <command>
       [--trust-dir T] [--expired]
   hbone-serve <addr> --ca-dir D --identity ID
   parallel <addr> --conns N --bytes B [--hold-ms H]
-  raw <addr> --send-hex HEX --wait-close-ms W
+  raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
 
@@ -194,6 +196,7 @@ fn main() -> ExitCode {
             })
             .map_err(usage)
             .and_then(|(n, progress, policy)| send(addr, n, progress, policy)),
+        ["bind", addrs @ ..] if !addrs.is_empty() => try_binds(addrs),
         ["loop-pair", rest @ ..] => loop_pair::parse(rest)
             .map_err(usage)
             .and_then(|o| loop_pair::run(&o)),
@@ -532,6 +535,20 @@ fn connect(addr: &str, message: &str, greeted: bool, policy: EagainPolicy) -> Re
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     println!("echo ok {local} -> {addr}");
     stream.flush().ok();
+    Ok(())
+}
+
+/// `bind <addr>...`: tries to listen on each TCP address in turn and prints `bound <addr>` or
+/// `refused <addr> <error>` for each (the mesh refuses its own ports to a meshed pod).
+fn try_binds(addrs: &[&str]) -> Result<(), String> {
+    for addr in addrs {
+        match TcpListener::bind(parse(addr)?) {
+            Ok(l) => {
+                println!("bound {}", l.local_addr().map_err(|e| e.to_string())?);
+            }
+            Err(e) => println!("refused {addr} {e}"),
+        }
+    }
     Ok(())
 }
 
@@ -1367,24 +1384,35 @@ async fn close_after_echo(mut stream: tokio::net::TcpStream) -> Result<(), Strin
 }
 
 fn raw(addr: &str, rest: &[&str]) -> Result<(), String> {
-    let flags = flags(rest, &["--send-hex", "--wait-close-ms"])?;
+    let flags = flags(rest, &["--send-hex", "--wait-close-ms", "--resend-ms"])?;
     let data = unhex(&flag::<String>(&flags, "--send-hex")?.unwrap_or_default())?;
     let wait = Duration::from_millis(
         positive(&flags, "--wait-close-ms")?.ok_or("--wait-close-ms is required")?,
     );
+    let resend = positive::<u64>(&flags, "--resend-ms")?.map(Duration::from_millis);
     let mut stream = dial(parse(addr)?)?;
     stream.write_all(&data).map_err(|e| format!("write: {e}"))?;
     println!("sent {} bytes", data.len());
     let started = Instant::now();
+    let mut next_send = resend.map(|every| started + every);
     let (mut received, mut buf) = (0usize, [0u8; 4096]);
     loop {
+        if let Some(at) = next_send.filter(|at| Instant::now() >= *at) {
+            if let Err(e) = stream.write_all(&data) {
+                let ms = started.elapsed().as_millis();
+                println!("closed_after_ms={ms} how=write:{e} received={received}");
+                return Ok(());
+            }
+            next_send = resend.map(|every| at + every);
+        }
         let left = wait.saturating_sub(started.elapsed());
         if left.is_zero() {
             println!("still_open received={received}");
             return Ok(());
         }
+        let until_send = next_send.map_or(left, |at| at.saturating_duration_since(Instant::now()));
         stream
-            .set_read_timeout(Some(left))
+            .set_read_timeout(Some(left.min(until_send).max(Duration::from_millis(1))))
             .map_err(|e| e.to_string())?;
         let how = match stream.read(&mut buf) {
             Ok(0) => "eof",
