@@ -381,7 +381,13 @@ fn handle(
         Route::SetLogging => set_logging(&state.log, uri.query()),
         Route::Ready => {
             if state.ready.is_ready() {
-                respond(StatusCode::OK, TEXT, "ready\n")
+                let mut body = String::from("ready\n");
+                for note in state.ready.degraded_notes() {
+                    body.push_str("degraded: ");
+                    body.push_str(&note);
+                    body.push('\n');
+                }
+                respond(StatusCode::OK, TEXT, body)
             } else {
                 let pending = state.ready.pending().join(", ");
                 respond(

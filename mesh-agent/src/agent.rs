@@ -18,11 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admin::{self, AdminConfig},
-    cluster::{
-        self, AuthzDecision, ClusterState, ConnFacts, DecisionReason, EnrollmentOptions, MtlsMode,
-        Resolution, Service, Verdict, Workload,
-    },
-    config::AgentConfig,
+    config::{AgentConfig, ClusterSource},
     datapath::{Datapath, DatapathError, Shortcut},
     logging::LogControl,
     pods::{checks::Host, DesiredPod, PodManager, ProxyParts},
@@ -34,6 +30,10 @@ use crate::{
     status::AgentStatus,
     telemetry::{AccessLog, Telemetry},
 };
+use mesh_cluster::{
+    ApiStatus, AuthzDecision, ClusterState, KubeOptions, KubeSource, KubeWatcher, Resolution,
+    RuntimeHandles, Service, Verdict, Workload,
+};
 
 /// How often the config directory is polled for changes.
 const POLL: Duration = Duration::from_millis(250);
@@ -43,7 +43,7 @@ const RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cluster view: {0}")]
-    Cluster(#[from] cluster::FilesError),
+    Cluster(#[from] mesh_cluster::FilesError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error("installing the {0} handler: {1}")]
@@ -60,6 +60,10 @@ pub enum AgentError {
     Host(#[from] crate::pods::checks::Refusal),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("Kubernetes client: {0}")]
+    KubeClient(String),
+    #[error(transparent)]
+    Kube(#[from] mesh_cluster::KubeSourceError),
 }
 
 /// Resolves destinations with the newest cluster view, for the agent of `node`.
@@ -105,14 +109,8 @@ impl Resolve for ClusterResolver {
     }
 
     fn service_of(&self, host: &str, endpoint_ip: IpAddr) -> Option<Arc<Service>> {
-        let rest = host.strip_suffix(".svc.cluster.local")?;
-        let (name, namespace) = rest.split_once('.')?;
         let state = Arc::clone(&self.state.borrow());
-        let services = state.services();
-        let at = services
-            .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
-            .ok()?;
-        let service = &services[at];
+        let service = state.service_by_hostname(host)?;
         let endpoint_ip = endpoint_ip.to_canonical();
         service
             .ports
@@ -123,71 +121,14 @@ impl Resolve for ClusterResolver {
     }
 
     fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision {
-        let state = Arc::clone(&self.state.borrow());
-        authorize_in(&state, subject)
+        self.state.borrow().admit(&subject.as_inbound())
     }
-}
-
-/// `subject`'s decision in `state`: `PeerAuthentication` first (a plaintext connection to a
-/// STRICT port is denied), then `AuthorizationPolicy`. A destination the cluster view does not
-/// know as a workload (it left the view) has no policy: only workloads are selected.
-fn authorize_in(state: &ClusterState, subject: &AuthzSubject) -> AuthzDecision {
-    let dst_ip = subject.dst.ip().to_canonical();
-    let Some(dst) = state.workload_by_ip(dst_ip) else {
-        return AuthzDecision {
-            verdict: Verdict::Allow,
-            reason: DecisionReason::NoPolicy,
-            policy: None,
-            audited: Vec::new(),
-        };
-    };
-    if subject.src_identity.is_none() {
-        let mtls = state.peer_authentication(dst, subject.dst.port());
-        if mtls.mode == MtlsMode::Strict {
-            return AuthzDecision {
-                verdict: Verdict::Deny,
-                reason: DecisionReason::MtlsRequired,
-                policy: mtls
-                    .policy
-                    .map(|p| Arc::from(format!("PeerAuthentication {p}"))),
-                audited: Vec::new(),
-            };
-        }
-    }
-    state.authorize(&ConnFacts {
-        src_ip: subject.src.ip().to_canonical(),
-        src_identity: subject.src_identity.as_ref(),
-        dst_ip,
-        dst_port: subject.dst.port(),
-        dst,
-    })
 }
 
 impl ClusterResolver {
-    /// The identity of a workload that another node's agent serves (so it speaks HBONE), or
-    /// `None`. Pods of this node are reached directly (the same-node path when this agent
-    /// serves them, plain TCP when it could not capture them).
+    /// The identity to tunnel to when `workload` is served by another node's agent.
     fn remote_identity(&self, workload: &Workload) -> Option<Identity> {
-        let remote = workload.node.as_deref().is_some_and(|n| n != self.node);
-        if remote {
-            meshed_identity(workload)
-        } else {
-            None
-        }
-    }
-}
-
-/// The identity of a workload that an agent serves, or `None`.
-fn meshed_identity(workload: &Workload) -> Option<Identity> {
-    if !workload.enrolled || workload.host_network {
-        return None;
-    }
-    match workload.identity.parse() {
-        Ok(id) => Some(id),
-        Err(e) => {
-            warn!(%workload, identity = %workload.identity, error = %e, "workload identity is not a SPIFFE id; using plain TCP");
-            None
-        }
+        workload.tunnel_identity(&self.node).cloned()
     }
 }
 
@@ -203,19 +144,12 @@ fn desired_pods(state: &ClusterState, node: &str) -> Vec<DesiredPod> {
                 warn!(pod = %w, "enrolled pod without runtime annotations; not captured");
                 return None;
             };
-            let identity = match w.identity.parse() {
-                Ok(id) => id,
-                Err(e) => {
-                    warn!(pod = %w, identity = %w.identity, error = %e, "pod identity is not a SPIFFE id; not captured");
-                    return None;
-                }
-            };
             Some(DesiredPod {
                 name: w.to_string(),
                 netns,
                 cgroup,
                 ips: w.ips.clone(),
-                identity,
+                identity: w.identity.clone(),
                 shortcut: w.shortcut,
             })
         })
@@ -237,6 +171,114 @@ fn shortcut(budget: u32) -> Option<Shortcut> {
     }
 }
 
+/// The running cluster source: its snapshots, and what keeps it running (dropped at exit).
+struct Source {
+    state: watch::Receiver<Arc<ClusterState>>,
+    api: Option<watch::Receiver<ApiStatus>>,
+    _running: SourceTasks,
+}
+
+/// Held only to be dropped at exit (which stops the source).
+enum SourceTasks {
+    Files(#[allow(dead_code)] tokio::task::JoinHandle<()>),
+    Kubernetes(
+        #[allow(dead_code)] KubeWatcher,
+        #[allow(dead_code)] tokio::task::JoinHandle<()>,
+    ),
+}
+
+/// Starts the configured source and returns once its first complete view is in: at once for
+/// files, after the first full list of every kind for Kubernetes (readiness says so meanwhile).
+async fn start_source(config: &AgentConfig, readiness: &Readiness) -> Result<Source, AgentError> {
+    let options = config.enrollment();
+    match &config.source {
+        ClusterSource::Files { dir, limits } => {
+            let (state, task) =
+                mesh_cluster::ConfigDir::with_limits(dir, options, *limits)?.into_watcher(POLL)?;
+            Ok(Source {
+                state,
+                api: None,
+                _running: SourceTasks::Files(task),
+            })
+        }
+        ClusterSource::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let options = mesh_cluster::EnrollmentOptions {
+                runtime_handles: RuntimeHandles::Discovered,
+                ..options
+            };
+            let listing = readiness.block("first list from the Kubernetes API");
+            let watcher = KubeSource::new(client, options, KubeOptions::default())?
+                .start()
+                .await?;
+            drop(listing);
+            let api = watcher.status.clone();
+            let note = tokio::spawn(report_api_status(api.clone(), readiness.clone()));
+            Ok(Source {
+                state: watcher.state.clone(),
+                api: Some(api),
+                _running: SourceTasks::Kubernetes(watcher, note),
+            })
+        }
+    }
+}
+
+/// A client for the kubeconfig at `path`, else in-cluster configuration (or `$KUBECONFIG`).
+async fn kube_client(path: Option<&std::path::Path>) -> Result<kube::Client, AgentError> {
+    let named = |e: &dyn std::fmt::Display| match path {
+        Some(path) => AgentError::KubeClient(format!("{}: {e}", path.display())),
+        None => AgentError::KubeClient(e.to_string()),
+    };
+    let config = match path {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| named(&e))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| named(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| named(&e))?,
+    };
+    info!(server = %config.cluster_url, "reading the cluster from the Kubernetes API");
+    kube::Client::try_from(config).map_err(|e| named(&e))
+}
+
+/// Keeps readiness's note on the API server current: while its watches fail, the agent stays
+/// ready (it serves its last view, as ztunnel does while istiod is away) and says since when.
+async fn report_api_status(mut status: watch::Receiver<ApiStatus>, readiness: Readiness) {
+    let mut note = None;
+    let mut noted = None;
+    loop {
+        let since = status.borrow_and_update().unreachable_since;
+        if since != noted {
+            // The old note goes before the new one is logged.
+            drop(note.take());
+            note = since.map(|since| {
+                readiness.degraded(&format!(
+                    "Kubernetes API unreachable since {}; serving the last view",
+                    rfc3339(since)
+                ))
+            });
+            noted = since;
+        }
+        if status.changed().await.is_err() {
+            drop(note);
+            return;
+        }
+    }
+}
+
+/// `time` as RFC 3339 (UTC, seconds).
+fn rfc3339(time: std::time::SystemTime) -> String {
+    let seconds = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    k8s_openapi::jiff::Timestamp::from_second(i64::try_from(seconds).unwrap_or(0))
+        .map_or_else(|_| seconds.to_string(), |t| t.to_string())
+}
+
 /// Runs the agent until SIGTERM or SIGINT; `log` changes the log level at run time (admin
 /// endpoint `/logging`).
 pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError> {
@@ -250,13 +292,8 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     let _going_down = readiness.not_ready_once_dropped();
     raise_open_files_limit();
     let signals = Signals::install()?;
-    let mut options = EnrollmentOptions::new(config.node_name.clone());
-    options.label_key.clone_from(&config.label_key);
-    options.trust_domain.clone_from(&config.trust_domain);
-    options.root_namespace.clone_from(&config.root_namespace);
-    let (mut state_rx, _watcher) =
-        cluster::ConfigDir::with_limits(&config.config_dir, options, config.config_limits)?
-            .into_watcher(POLL)?;
+    let source = start_source(&config, &readiness).await?;
+    let mut state_rx = source.state.clone();
     let shortcut = config
         .sockmap
         .then(|| shortcut(config.shortcut_budget))
@@ -298,6 +335,7 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         certs: Arc::clone(&certs),
         ctx: Arc::clone(pods.ctx()),
         uncaptured: pods.uncaptured(),
+        api: source.api.clone(),
         started,
     };
     let _admin = serve_admin(status, readiness.clone(), log).await?;
@@ -466,7 +504,7 @@ fn recheck(tracker: &Tracker, state: &ClusterState) {
         return;
     }
     let revoked = tracker.recheck(|subject| {
-        let decision = authorize_in(state, subject);
+        let decision = state.admit(&subject.as_inbound());
         (decision.verdict == Verdict::Deny).then_some(decision)
     });
     if revoked > 0 {

@@ -12,15 +12,45 @@ use mesh_identity::CryptoProvider;
 
 use nix::sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC};
 
-use crate::{
-    cluster::{EnrollmentOptions, FileLimits, LimitError},
-    telemetry::AccessLogTarget,
-};
+use crate::telemetry::AccessLogTarget;
+use mesh_cluster::{EnrollmentOptions, FileLimits, LimitError};
 
 /// Default directory under which the agent pins its maps (one subdirectory per node name).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/mesh-agent";
 
-pub use crate::cluster::{DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN};
+pub use mesh_cluster::{DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN};
+
+/// Where the agent learns the cluster: both feed the one `ClusterState::build`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterSource {
+    /// A directory of Kubernetes-style YAML (Namespaces, Pods, Services, Istio policies),
+    /// watched for changes: one machine, the testbed.
+    Files {
+        dir: PathBuf,
+        /// Size and nesting depth limits of each file (`--config-max-file-bytes`,
+        /// `--config-max-depth`): a file beyond them is refused before it is parsed.
+        limits: FileLimits,
+    },
+    /// The Kubernetes API server: the kubeconfig named (`--kubeconfig`), else the in-cluster
+    /// service account (or `$KUBECONFIG`).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+impl fmt::Display for ClusterSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterSource::Files { dir, limits } => {
+                write!(f, "source=files config_dir={} {limits}", dir.display())
+            }
+            ClusterSource::Kubernetes { kubeconfig: None } => {
+                f.write_str("source=kubernetes kubeconfig=in-cluster")
+            }
+            ClusterSource::Kubernetes {
+                kubeconfig: Some(path),
+            } => write!(f, "source=kubernetes kubeconfig={}", path.display()),
+        }
+    }
+}
 
 /// Validated agent configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,11 +59,8 @@ pub struct AgentConfig {
     pub node_name: String,
     /// bpffs directory that holds this agent's pinned maps. Created at start.
     pub bpffs_dir: PathBuf,
-    /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services) the agent watches.
-    pub config_dir: PathBuf,
-    /// Size and nesting depth limits of each file in `config_dir` (`--config-max-file-bytes`,
-    /// `--config-max-depth`): a file beyond them is refused before it is parsed.
-    pub config_limits: FileLimits,
+    /// Where the agent learns the cluster.
+    pub source: ClusterSource,
     /// The agent's own cgroup v2 directory: its sockets are the other end of every pod-local
     /// leg, so `sockops` is attached there too.
     pub agent_cgroup: PathBuf,
@@ -47,6 +74,8 @@ pub struct AgentConfig {
     pub trust_domain: String,
     /// Namespace whose selector-less `PeerAuthentication` is mesh-wide (Istio's root namespace).
     pub root_namespace: String,
+    /// The cluster's DNS domain: services are `<name>.<namespace>.svc.<cluster_domain>`.
+    pub cluster_domain: String,
     /// Leave the pins in place at a clean shutdown (for a restart that adopts them).
     pub keep_pins: bool,
     /// Threads of the async runtime that carries every connection (ztunnel's default is 2).
@@ -130,6 +159,12 @@ pub enum ConfigError {
     NotCgroup2 { path: PathBuf },
     #[error("config directory {path}: {reason}")]
     ConfigDir { path: PathBuf, reason: String },
+    #[error("kubeconfig {path}: not a file (or missing)")]
+    Kubeconfig { path: PathBuf },
+    #[error(
+        "choose one cluster source: --config-dir (files) or --kubeconfig (Kubernetes), not both"
+    )]
+    TwoSources,
     #[error(transparent)]
     ConfigLimits(#[from] LimitError),
     #[error("finding the agent's own cgroup: {0}")]
@@ -175,7 +210,9 @@ impl AgentConfig {
         if !(MIN_SHORTCUT_BUDGET..=MAX_SHORTCUT_BUDGET).contains(&self.shortcut_budget) {
             return Err(ConfigError::ShortcutBudget(self.shortcut_budget));
         }
-        self.config_limits.validate()?;
+        if let ClusterSource::Files { limits, .. } = &self.source {
+            limits.validate()?;
+        }
         let t = &self.transport;
         if t.cert_lifetime < MIN_CERT_LIFETIME {
             return Err(ConfigError::CertLifetime(t.cert_lifetime));
@@ -222,11 +259,19 @@ impl AgentConfig {
                 path: self.bpffs_dir,
             });
         }
-        if !self.config_dir.is_dir() {
-            return Err(ConfigError::ConfigDir {
-                path: self.config_dir,
-                reason: "not a directory (or missing)".into(),
-            });
+        match &self.source {
+            ClusterSource::Files { dir, .. } if !dir.is_dir() => {
+                return Err(ConfigError::ConfigDir {
+                    path: dir.clone(),
+                    reason: "not a directory (or missing)".into(),
+                });
+            }
+            ClusterSource::Kubernetes {
+                kubeconfig: Some(path),
+            } if !path.is_file() => {
+                return Err(ConfigError::Kubeconfig { path: path.clone() });
+            }
+            _ => {}
         }
         let fs = statfs(&self.agent_cgroup).map_err(|source| ConfigError::CgroupUnreadable {
             path: self.agent_cgroup.clone(),
@@ -237,14 +282,24 @@ impl AgentConfig {
                 path: self.agent_cgroup,
             });
         }
-        let mut enrollment = EnrollmentOptions::new(self.node_name.clone());
-        enrollment.label_key.clone_from(&self.label_key);
-        enrollment.trust_domain.clone_from(&self.trust_domain);
-        enrollment.root_namespace.clone_from(&self.root_namespace);
-        enrollment
+        self.enrollment()
             .validate()
             .map_err(|e| ConfigError::Enrollment(e.to_string()))?;
         Ok(self)
+    }
+}
+
+impl AgentConfig {
+    /// The options every build of the cluster model takes, from this configuration.
+    pub fn enrollment(&self) -> EnrollmentOptions {
+        EnrollmentOptions {
+            label_key: self.label_key.clone(),
+            trust_domain: self.trust_domain.clone(),
+            node_name: self.node_name.clone(),
+            root_namespace: self.root_namespace.clone(),
+            cluster_domain: self.cluster_domain.clone(),
+            runtime_handles: mesh_cluster::RuntimeHandles::Annotations,
+        }
     }
 }
 
@@ -252,14 +307,13 @@ impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "node={} config_dir={} {} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
-             trust_domain={} root_namespace={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
+            "node={} {} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
+             trust_domain={} root_namespace={} cluster_domain={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s \
              stream_idle_timeout={} access_log={} \
              admin={} metrics={} readiness={}",
             self.node_name,
-            self.config_dir.display(),
-            self.config_limits,
+            self.source,
             self.bpffs_dir.display(),
             self.agent_cgroup.display(),
             self.sockmap,
@@ -267,6 +321,7 @@ impl fmt::Display for AgentConfig {
             self.label_key,
             self.trust_domain,
             self.root_namespace,
+            self.cluster_domain,
             self.keep_pins,
             self.worker_threads,
             self.transport.ca_dir.display(),
@@ -347,14 +402,17 @@ mod tests {
         AgentConfig {
             node_name: node.into(),
             bpffs_dir: "/nonexistent".into(),
-            config_dir: "/nonexistent-config".into(),
-            config_limits: FileLimits::default(),
+            source: ClusterSource::Files {
+                dir: "/nonexistent-config".into(),
+                limits: FileLimits::default(),
+            },
             agent_cgroup: "/nonexistent-cgroup".into(),
             sockmap: true,
             shortcut_budget: MAX_SHORTCUT_BUDGET,
             label_key: DEFAULT_LABEL_KEY.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             root_namespace: "istio-system".into(),
+            cluster_domain: "cluster.local".into(),
             keep_pins: false,
             worker_threads: 2,
             transport: TransportConfig {
@@ -429,14 +487,26 @@ mod tests {
     #[test]
     fn config_file_limits_out_of_range_are_named_with_their_range() {
         let mut c = config("n0");
-        c.config_limits.max_file_bytes = 1;
+        c.source = ClusterSource::Files {
+            dir: "/nonexistent-config".into(),
+            limits: FileLimits {
+                max_file_bytes: 1,
+                ..FileLimits::default()
+            },
+        };
         let err = c.validate().unwrap_err().to_string();
         assert!(
             err.contains("--config-max-file-bytes): 1 bytes is out of range (4096 to 67108864)"),
             "{err}"
         );
         let mut c = config("n0");
-        c.config_limits.max_depth = 1000;
+        c.source = ClusterSource::Files {
+            dir: "/nonexistent-config".into(),
+            limits: FileLimits {
+                max_depth: 1000,
+                ..FileLimits::default()
+            },
+        };
         let err = c.validate().unwrap_err().to_string();
         assert!(
             err.contains("--config-max-depth): 1000 is out of range (16 to 128)"),
@@ -474,10 +544,10 @@ mod tests {
     fn display_lists_every_field() {
         assert_eq!(
             config("n0").to_string(),
-            "node=n0 config_dir=/nonexistent-config config_max_file_bytes=4194304 \
+            "node=n0 source=files config_dir=/nonexistent-config config_max_file_bytes=4194304 \
              config_max_depth=64 bpffs_dir=/nonexistent \
              agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
-             trust_domain=cluster.local root_namespace=istio-system keep_pins=false worker_threads=2 \
+             trust_domain=cluster.local root_namespace=istio-system cluster_domain=cluster.local keep_pins=false worker_threads=2 \
              ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
              max_streams_per_connection=100 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
         );

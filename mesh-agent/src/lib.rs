@@ -9,10 +9,10 @@
 
 pub mod admin;
 pub mod agent;
-pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod kernel_btf;
+pub mod local_pod;
 pub mod logging;
 pub mod netns;
 pub mod pods;

@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent,
     config::{
-        own_cgroup, AgentConfig, TelemetryConfig, TransportConfig, DEFAULT_BPFFS_ROOT,
-        DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
+        own_cgroup, AgentConfig, ClusterSource, TelemetryConfig, TransportConfig,
+        DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
     },
     logging::{self, LogFormat},
     stats,
@@ -35,15 +35,20 @@ enum Command {
         /// Name of this node.
         #[arg(long, env = "MESH_NODE_NAME")]
         node_name: String,
-        /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services), watched for changes.
+        /// Directory of Kubernetes-style YAML (Namespaces, Pods, Services, Istio policies),
+        /// watched for changes. Without it the agent reads the Kubernetes API.
         #[arg(long, env = "MESH_CONFIG_DIR")]
-        config_dir: PathBuf,
+        config_dir: Option<PathBuf>,
+        /// Kubeconfig of the Kubernetes API server to read the cluster from; without it (and
+        /// without `--config-dir`) the in-cluster service account, or `$KUBECONFIG`.
+        #[arg(long, env = "MESH_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
         /// Largest config file read, in bytes (4 KiB to 64 MiB); a larger one is refused unread.
-        #[arg(long, default_value_t = mesh_agent::cluster::limits::DEFAULT_MAX_FILE_BYTES)]
+        #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_FILE_BYTES)]
         config_max_file_bytes: u64,
         /// Deepest nesting of mappings and sequences in a config file (16 to 128); a deeper one
         /// is refused before it is parsed.
-        #[arg(long, default_value_t = mesh_agent::cluster::limits::DEFAULT_MAX_DEPTH)]
+        #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_DEPTH)]
         config_max_depth: usize,
         /// bpffs directory for this agent's pins [default: /sys/fs/bpf/mesh-agent/<node-name>].
         #[arg(long)]
@@ -65,8 +70,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// Namespace whose `PeerAuthentication` without selector applies mesh-wide.
-        #[arg(long, default_value = mesh_agent::cluster::DEFAULT_ROOT_NAMESPACE)]
+        #[arg(long, default_value = mesh_cluster::DEFAULT_ROOT_NAMESPACE)]
         root_namespace: String,
+        /// The cluster's DNS domain (services are `<name>.<namespace>.svc.<domain>`), as
+        /// kubelet's `--cluster-domain`.
+        #[arg(long, default_value = mesh_cluster::DEFAULT_CLUSTER_DOMAIN)]
+        cluster_domain: String,
         /// Keep the pinned maps at a clean shutdown.
         #[arg(long)]
         keep_pins: bool,
@@ -129,6 +138,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             node_name,
             config_dir,
+            kubeconfig,
             config_max_file_bytes,
             config_max_depth,
             bpffs_dir,
@@ -138,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             label_key,
             trust_domain,
             root_namespace,
+            cluster_domain,
             keep_pins,
             worker_threads,
             ca_dir,
@@ -160,10 +171,19 @@ fn main() -> anyhow::Result<()> {
             let config = AgentConfig {
                 node_name,
                 bpffs_dir,
-                config_dir,
-                config_limits: mesh_agent::cluster::FileLimits {
-                    max_file_bytes: config_max_file_bytes,
-                    max_depth: config_max_depth,
+                source: match (config_dir, kubeconfig) {
+                    (Some(_), Some(_)) => {
+                        return Err(mesh_agent::config::ConfigError::TwoSources)
+                            .context("invalid configuration")
+                    }
+                    (Some(dir), None) => ClusterSource::Files {
+                        dir,
+                        limits: mesh_cluster::FileLimits {
+                            max_file_bytes: config_max_file_bytes,
+                            max_depth: config_max_depth,
+                        },
+                    },
+                    (None, kubeconfig) => ClusterSource::Kubernetes { kubeconfig },
                 },
                 agent_cgroup,
                 sockmap: !no_sockmap,
@@ -171,6 +191,7 @@ fn main() -> anyhow::Result<()> {
                 label_key,
                 trust_domain,
                 root_namespace,
+                cluster_domain,
                 keep_pins,
                 worker_threads,
                 transport: TransportConfig {

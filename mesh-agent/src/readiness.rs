@@ -16,6 +16,8 @@ struct Blockers {
     pending: BTreeMap<u64, String>,
     /// The agent is going down: never ready again.
     down: bool,
+    /// Ways the agent serves in a degraded mode while ready, by id.
+    degraded: BTreeMap<u64, String>,
 }
 
 /// Whether the agent is ready to serve: ready once every [`BlockReady`] taken from it was
@@ -82,6 +84,29 @@ impl Readiness {
         let _ = rx.wait_for(|b| b.pending.is_empty() && !b.down).await;
     }
 
+    /// A note that the agent serves in a degraded way (`what`), listed by the readiness
+    /// endpoint while the returned guard lives; readiness itself is unchanged.
+    pub fn degraded(&self, what: &str) -> Degraded {
+        let mut id = 0;
+        self.state.send_modify(|b| {
+            id = b.next_id;
+            b.next_id += 1;
+            b.degraded.insert(id, what.to_owned());
+        });
+        tracing::warn!(degraded = what, "serving degraded");
+        Degraded {
+            readiness: self.clone(),
+            id,
+        }
+    }
+
+    /// The degraded-mode notes in force, sorted.
+    pub fn degraded_notes(&self) -> Vec<String> {
+        let mut notes: Vec<String> = self.state.borrow().degraded.values().cloned().collect();
+        notes.sort();
+        notes
+    }
+
     /// A guard that, when dropped, makes the agent not ready for good: held by the serving loop,
     /// so that however it ends (a clean shutdown or a fatal error) readiness never claims ready
     /// on the way down, even as the other blockers are dropped after it.
@@ -119,6 +144,23 @@ impl Drop for GoingDown {
     }
 }
 
+/// See [`Readiness::degraded`]: the note goes when this is dropped.
+#[must_use = "the note is removed as soon as the guard is dropped"]
+#[derive(Debug)]
+pub struct Degraded {
+    readiness: Readiness,
+    id: u64,
+}
+
+impl Drop for Degraded {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.readiness.state.send_modify(|b| {
+            b.degraded.remove(&id);
+        });
+    }
+}
+
 /// Keeps the agent not ready while it exists; dropping it unblocks.
 #[must_use = "readiness is unblocked as soon as the BlockReady is dropped"]
 #[derive(Debug)]
@@ -146,6 +188,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn degraded_notes_are_listed_while_held_and_leave_readiness_alone() {
+        let r = Readiness::new();
+        let note = r.degraded("Kubernetes API unreachable");
+        assert!(r.is_ready());
+        assert_eq!(r.degraded_notes(), ["Kubernetes API unreachable"]);
+        drop(note);
+        assert!(r.degraded_notes().is_empty());
+    }
 
     #[test]
     fn ready_without_blockers() {

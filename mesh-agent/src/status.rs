@@ -15,7 +15,6 @@ use tracing::debug;
 
 use crate::{
     admin::AdminSource,
-    cluster::{ClusterState, TargetPort},
     config::AgentConfig,
     proxy::ProxyCtx,
     telemetry::{
@@ -23,6 +22,7 @@ use crate::{
         metrics::{write_counter, write_gauge, write_header, write_sample},
     },
 };
+use mesh_cluster::{ClusterState, TargetPort};
 
 /// The agent's state, as the admin endpoints read it.
 pub struct AgentStatus {
@@ -32,6 +32,8 @@ pub struct AgentStatus {
     pub ctx: Arc<ProxyCtx>,
     /// Pods of this node the agent should capture and does not (or does not serve), and why.
     pub uncaptured: watch::Receiver<crate::pods::Uncaptured>,
+    /// The Kubernetes source's watches, when the agent reads the API.
+    pub api: Option<watch::Receiver<mesh_cluster::ApiStatus>>,
     pub started: SystemTime,
 }
 
@@ -48,6 +50,7 @@ impl AdminSource for AgentStatus {
         let mut out = String::with_capacity(16 * 1024);
         self.ctx.telemetry.metrics.write_prometheus(&mut out);
         self.write_agent(&mut out);
+        self.write_api(&mut out);
         self.write_fastpath(&mut out);
         write_process(&mut out, self.started);
         out
@@ -101,7 +104,7 @@ impl AgentStatus {
                     "name": w.name,
                     "node": w.node,
                     "service_account": w.service_account,
-                    "identity": w.identity,
+                    "identity": w.identity.as_str(),
                     "ips": w.ips,
                     "labels": w.labels,
                     "ready": w.ready,
@@ -203,6 +206,27 @@ fn certificates_json(snapshot: &CertSnapshot) -> Vec<Value> {
 }
 
 impl AgentStatus {
+    /// The Kubernetes source's health, when the agent reads the API.
+    fn write_api(&self, out: &mut String) {
+        if let Some(api) = &self.api {
+            let api = api.borrow().clone();
+            write_gauge(
+                out,
+                "mesh_agent_kubernetes_api_reachable",
+                "1 while every watch of the Kubernetes API works; 0 while the agent serves its last view",
+                usize::from(api.unreachable_since.is_none()),
+            );
+            write_gauge(
+                out,
+                "mesh_agent_kubernetes_api_unreachable_seconds",
+                "Seconds since the Kubernetes API last failed, while it keeps failing (0 when reachable)",
+                api.unreachable_since
+                    .and_then(|since| since.elapsed().ok())
+                    .map_or(0, |d| usize::try_from(d.as_secs()).unwrap_or(usize::MAX)),
+            );
+        }
+    }
+
     fn write_agent(&self, out: &mut String) {
         let state = Arc::clone(&self.state.borrow());
         let local = Arc::clone(&self.ctx.local.borrow());

@@ -409,7 +409,11 @@ impl<C: Connect> Pool<C> {
             return Err(Attempt::Fatal(HboneError::Status(response.status())));
         }
         self.inner.streams_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(H2Stream::new(send, response.into_body(), Some(slot)))
+        Ok(H2Stream::new(
+            send,
+            response.into_body(),
+            Some(Box::new(slot)),
+        ))
     }
 }
 

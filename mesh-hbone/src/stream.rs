@@ -9,8 +9,6 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::pool::StreamSlot;
-
 /// Largest amount of send capacity requested from h2 in one go; writes bigger than this are
 /// accepted partially, as `AsyncWrite` allows.
 const MAX_RESERVE: usize = 1 << 24;
@@ -41,8 +39,10 @@ pub struct H2Stream {
     pending: Bytes,
     read_eof: bool,
     write_closed: bool,
-    /// Pool accounting for client streams; released when the stream is dropped.
-    _slot: Option<StreamSlot>,
+    /// Whatever must live exactly as long as the stream: for client streams, the pool's claim
+    /// on its connection's capacity, released when the stream is dropped. (Opaque here, so the
+    /// stream does not depend on the pool that opens it.)
+    _slot: Option<Box<dyn Send + Sync>>,
 }
 
 impl fmt::Debug for H2Stream {
@@ -57,7 +57,11 @@ impl fmt::Debug for H2Stream {
 }
 
 impl H2Stream {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<StreamSlot>) -> Self {
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        slot: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
         Self {
             send,
             recv,

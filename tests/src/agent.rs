@@ -67,8 +67,11 @@ enum StatsLine {
 /// How to start an agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// Directory of Kubernetes-style YAML the agent watches.
+    /// Directory of Kubernetes-style YAML the agent watches (unless `kubeconfig` is set; the
+    /// built-in CA's directory is `ca` beside it either way).
     pub config_dir: PathBuf,
+    /// Read the cluster from the Kubernetes API with this kubeconfig instead of `config_dir`.
+    pub kubeconfig: Option<PathBuf>,
     /// Offer the sockmap short-cut to pods that opt in (`false`: `--no-sockmap`).
     pub sockmap: bool,
     /// Keep pinned maps at exit (for restart tests).
@@ -83,6 +86,7 @@ impl AgentOptions {
     pub fn new(config_dir: impl Into<PathBuf>) -> Self {
         Self {
             config_dir: config_dir.into(),
+            kubeconfig: None,
             sockmap: true,
             keep_pins: false,
             extra_args: Vec::new(),
@@ -109,10 +113,12 @@ impl Agent {
         let bin = binary("mesh-agent", "mesh-agent")?;
         let mut cmd = node.command(&bin);
         cmd.args(["run", "--node-name", &node.name, "--bpffs-dir"])
-            .arg(&node.bpffs_dir)
-            .arg("--config-dir")
-            .arg(&options.config_dir)
-            .arg("--ca-dir")
+            .arg(&node.bpffs_dir);
+        match &options.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
+            None => cmd.arg("--config-dir").arg(&options.config_dir),
+        };
+        cmd.arg("--ca-dir")
             .arg(options.ca_dir())
             .args(&options.extra_args)
             .env("RUST_LOG", "info")

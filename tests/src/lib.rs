@@ -17,6 +17,7 @@ pub mod agent;
 pub mod cluster;
 pub mod host;
 pub mod http;
+pub mod kube;
 pub mod mesh;
 pub mod plan;
 pub mod probe;

@@ -167,6 +167,13 @@ impl Process {
         }
     }
 
+    /// The exit status if the process has exited, `None` while it runs (does not wait).
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+        self.child
+            .try_wait()
+            .map_err(crate::io_err(format!("checking on {}", self.name)))
+    }
+
     /// Waits for the process to exit on its own.
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -85,6 +85,16 @@ pub struct Pod {
     pub cgroup: PathBuf,
 }
 
+/// A new unique id, `mtb-<pid>-<seq>`, for a testbed or anything else whose leftovers the sweep
+/// must find (the Kubernetes control plane's cgroup and scratch directories use one too).
+pub(crate) fn new_id() -> String {
+    format!(
+        "{PREFIX}{}-{}",
+        std::process::id(),
+        NEXT_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl Testbed {
     /// Builds the testbed. Fails with the reason if the machine cannot host it (not root,
     /// iproute2 or the cgroup2/bpffs mounts missing). Removes leftovers of killed earlier runs
@@ -104,11 +114,7 @@ impl Testbed {
         }
         let host = host::require_privileges()?;
         sweep_stale_in(&host);
-        let id = format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            NEXT_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = new_id();
         let mut tb = Self {
             link_netns: format!("{id}-link"),
             cgroup_dir: host.cgroup2.join(TESTBED_DIR).join(&id),
@@ -324,6 +330,11 @@ impl Drop for Testbed {
 }
 
 impl Node {
+    /// The file of this node's network namespace (for `setns`, `nsenter --net=`).
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(&self.netns)
+    }
+
     /// A command that runs `program` inside this node's network namespace and cgroup.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         in_netns_and_cgroup(&self.netns, &self.cgroup, program)
@@ -396,7 +407,7 @@ fn ip_batch(netns: &str, script: &str) -> Result<()> {
 
 /// Kills every process in the testbed's cgroups, deletes its namespaces, cgroups and bpffs
 /// directory. Keeps going after a failure and returns the first one.
-fn remove(
+pub(crate) fn remove(
     host: &Host,
     id: &str,
     cgroup_dir: &Path,

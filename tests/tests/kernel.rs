@@ -140,6 +140,7 @@ fn agent_refuses_a_missing_config_directory_naming_it() {
     let tb = mesh_tests::Testbed::new(spec).expect("testbed");
     let options = mesh_tests::agent::AgentOptions {
         config_dir: "/nonexistent/mesh-config".into(),
+        kubeconfig: None,
         sockmap: true,
         keep_pins: false,
         extra_args: Vec::new(),

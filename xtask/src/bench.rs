@@ -238,6 +238,7 @@ impl Bench {
         std::env::set_var("MESH_MESH_AGENT_BIN", agent_bin);
         let options = AgentOptions {
             config_dir: self.files.dir().to_path_buf(),
+            kubeconfig: None,
             sockmap: mode != Mode::MeshNoSockmap,
             keep_pins: false,
             extra_args: Vec::new(),

@@ -20,6 +20,9 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::toolchain::{self, EbpfToolchain};
 
+/// The tests' Kubernetes control plane (`mesh-kcp`, built with Go) and its CRD modules.
+mod kcp;
+
 /// (command looked for on `PATH`, Debian package that provides it).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -27,6 +30,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
+    // The control-plane test reaches the API server from a node's namespace with it.
+    ("curl", "curl"),
     // The offline rust-src fallback unpacks a .tar.xz.
     ("xz", "xz-utils"),
 ];
@@ -60,6 +65,7 @@ const STEPS: &[(&str, bool, Check, Install)] = &[
     ("bpf-linker", false, check_linker, install_linker),
     ("bpffs", true, check_bpffs, install_bpffs),
     ("cgroup2", true, check_cgroup2, install_cgroup2),
+    ("kubernetes control plane", false, kcp::check, kcp::install),
 ];
 
 /// Runs every step in order, printing one `[setup]` line per step and a final summary.

@@ -29,7 +29,6 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    cluster::Shortcut,
     datapath::{links_name, Datapath, DatapathError, PodLinks},
     netns::{Netns, NetnsError},
     proxy::{
@@ -38,6 +37,7 @@ use crate::{
     },
     readiness::{BlockReady, Readiness},
 };
+use mesh_cluster::Shortcut;
 
 use self::checks::{Host, NsId, Other, Refusal};
 

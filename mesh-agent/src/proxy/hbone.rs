@@ -27,10 +27,8 @@ use super::{
     relay::{relay_inbound_tunnel, relay_tunnel, Conn, Relay},
     LocalPod, LocalPods, ProxyCtx,
 };
-use crate::{
-    cluster::Service,
-    telemetry::{labels::service_host, ConnInfo, Refusal, Security},
-};
+use crate::telemetry::{ConnInfo, Refusal, Security};
+use mesh_cluster::Service;
 
 /// How long a connection waits for the first certificate of a brand-new workload.
 const CERT_WAIT: Duration = Duration::from_secs(10);
@@ -139,7 +137,7 @@ pub(super) async fn outbound(
         .with_forwarded_for(info.src)
         .with_baggage(baggage(pod, info.service.as_deref()));
     if let Some(service) = info.service.as_deref() {
-        request = request.with_forwarded_host(service_host(service));
+        request = request.with_forwarded_host(service.hostname.clone());
     }
     let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {

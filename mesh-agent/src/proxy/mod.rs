@@ -12,6 +12,7 @@
 //! A same-node connection therefore never crosses a veth: both legs are pod-local and the
 //! kernel's `sk_msg` short-cut carries them.
 
+mod buffers;
 pub mod hbone;
 mod inbound;
 mod outbound;
@@ -20,7 +21,6 @@ mod stream_copy;
 pub mod tracker;
 
 use std::{
-    collections::HashMap,
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
@@ -31,6 +31,8 @@ use std::{
 
 use mesh_common::{SockAddr, SockKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
+
+pub use crate::local_pod::{LocalPod, LocalPods};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
@@ -38,11 +40,11 @@ use tokio::{
 };
 
 use crate::{
-    cluster::{AuthzDecision, Service, Verdict, Workload},
     datapath::ConnMaps,
     netns::{Netns, NetnsError},
     telemetry::{ConnInfo, Refusal, Telemetry},
 };
+use mesh_cluster::{AuthzDecision, Service, Verdict, Workload};
 
 use self::tracker::{AuthzSubject, Tracked, Tracker};
 
@@ -65,32 +67,6 @@ pub enum ProxyError {
         source: crate::datapath::DatapathError,
     },
 }
-
-/// A meshed pod on this node, as the proxies see it.
-#[derive(Debug)]
-pub struct LocalPod {
-    /// `namespace/name`, for logs.
-    pub name: String,
-    pub netns: Netns,
-    /// The namespace's cookie: it qualifies the pod's keys in the kernel's maps.
-    pub netns_cookie: u64,
-    pub ips: Vec<IpAddr>,
-    /// The pod's SPIFFE identity (from its namespace and service account).
-    pub identity: Identity,
-}
-
-impl LocalPod {
-    /// The pod's address of the same family as `ip`.
-    fn address_like(&self, ip: IpAddr) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv4() == ip.is_ipv4())
-    }
-}
-
-/// Meshed pods of this node by address: the same-node short path.
-pub type LocalPods = HashMap<IpAddr, Arc<LocalPod>>;
 
 /// Where a captured connection should go.
 #[derive(Clone, Debug)]

@@ -14,7 +14,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
@@ -22,33 +22,13 @@ use std::{
 use mesh_hbone::H2Stream;
 use tokio::{io::AsyncWrite as _, net::TcpStream, time::Sleep};
 
-use super::{stream_copy::StreamCopy, tracker::Tracked, PeerGuard};
+use super::{
+    buffers::{give_back, take_buffer, BUDGET},
+    stream_copy::StreamCopy,
+    tracker::Tracked,
+    PeerGuard,
+};
 use crate::telemetry::{ConnInfo, Counters, Telemetry};
-
-/// Size of one copy buffer: large enough that a bulk transfer needs few system calls and that
-/// a direction that fell behind catches up in one read.
-const BUF: usize = 256 * 1024;
-/// Buffers kept for reuse; more are allocated (and freed) under a burst of busy connections.
-const POOL_MAX: usize = 32;
-/// Reads a busy direction may do in one poll before it lets other tasks run.
-pub(super) const BUDGET: u32 = 16;
-
-static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
-
-pub(super) fn take_buffer() -> Box<[u8]> {
-    POOL.lock()
-        .ok()
-        .and_then(|mut p| p.pop())
-        .unwrap_or_else(|| vec![0; BUF].into_boxed_slice())
-}
-
-pub(super) fn give_back(buf: Box<[u8]>) {
-    if let Ok(mut p) = POOL.lock() {
-        if p.len() < POOL_MAX {
-            p.push(buf);
-        }
-    }
-}
 
 /// One direction of the copy.
 #[derive(Debug)]

@@ -16,7 +16,7 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::relay::{give_back, take_buffer, BUDGET};
+use super::buffers::{give_back, take_buffer, BUDGET};
 
 /// One direction of the copy.
 #[derive(Debug)]

@@ -19,7 +19,7 @@ use std::{
 use futures_util::task::AtomicWaker;
 use mesh_identity::Identity;
 
-use crate::cluster::AuthzDecision;
+use mesh_cluster::{AuthzDecision, Inbound};
 
 /// What a connection's authorization depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +30,17 @@ pub struct AuthzSubject {
     pub src_identity: Option<Identity>,
     /// The destination workload's address and port.
     pub dst: SocketAddr,
+}
+
+impl AuthzSubject {
+    /// The connection as the cluster model decides on it ([`mesh_cluster::ClusterState::admit`]).
+    pub fn as_inbound(&self) -> Inbound<'_> {
+        Inbound {
+            src: self.src,
+            dst: self.dst,
+            src_identity: self.src_identity.as_ref(),
+        }
+    }
 }
 
 /// One tracked connection.
@@ -148,7 +159,7 @@ mod tests {
     use std::{future::poll_fn, task::Poll};
 
     use super::*;
-    use crate::cluster::{DecisionReason, Verdict};
+    use mesh_cluster::{DecisionReason, Verdict};
 
     fn subject(port: u16) -> AuthzSubject {
         AuthzSubject {

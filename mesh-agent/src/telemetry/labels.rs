@@ -5,14 +5,12 @@ use std::fmt::Write as _;
 
 use mesh_identity::Identity;
 
-use crate::cluster::{Service, Workload};
+use mesh_cluster::{Service, Workload};
 
 /// Value of a label the agent cannot know (Istio writes the same).
 pub const UNKNOWN: &str = "unknown";
 /// Istio's default cluster id, used for `*_cluster`.
 pub const CLUSTER_ID: &str = "Kubernetes";
-/// DNS suffix of service hostnames (`destination_service`).
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Which agent reports: the source's or the destination's (Istio's `reporter`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -113,7 +111,7 @@ impl PeerLabels {
 /// Istio's labels of the destination service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceLabels {
-    /// `name.namespace.svc.cluster.local`.
+    /// The service's hostname ([`Service::hostname`]).
     pub host: String,
     pub name: String,
     pub namespace: String,
@@ -123,7 +121,7 @@ impl ServiceLabels {
     pub fn of(service: Option<&Service>) -> Self {
         match service {
             Some(s) => Self {
-                host: service_host(s),
+                host: s.hostname.clone(),
                 name: s.name.clone(),
                 namespace: s.namespace.clone(),
             },
@@ -210,14 +208,6 @@ pub fn write_label_pairs(out: &mut String, pairs: &[(&str, &str)]) {
     out.push('}');
 }
 
-/// `name.namespace.svc.cluster.local`.
-pub fn service_host(service: &Service) -> String {
-    format!(
-        "{}.{}.svc.{CLUSTER_DOMAIN}",
-        service.name, service.namespace
-    )
-}
-
 /// The workload (`Deployment`, `StatefulSet`, `DaemonSet`) a pod belongs to, from the names its
 /// controller gives it; the pod's own name otherwise (Istio uses the owner reference, which
 /// the agent does not read; the names say the same for the built-in controllers).
@@ -288,7 +278,7 @@ mod tests {
             uid: None,
             node: None,
             service_account: "default".into(),
-            identity: "spiffe://cluster.local/ns/shop/sa/default".into(),
+            identity: Identity::new("cluster.local", "shop", "default").expect("identity"),
             labels: labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -299,7 +289,7 @@ mod tests {
             host_network: false,
             netns: None,
             cgroup: None,
-            shortcut: crate::cluster::Shortcut::Disabled,
+            shortcut: mesh_cluster::Shortcut::Disabled,
         }
     }
 

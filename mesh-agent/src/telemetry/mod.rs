@@ -21,14 +21,12 @@ use std::{
 use mesh_identity::Identity;
 use tracing::{info, warn};
 
-use crate::{
-    cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload},
-    proxy::LocalPod,
-};
+use crate::local_pod::LocalPod;
+use mesh_cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload};
 
 use self::{
     access_log::{rfc3339, AccessRecord, Authz, Endpoint},
-    labels::{service_host, workload_name, Peer, PeerLabels, ServiceLabels, TrafficLabels},
+    labels::{workload_name, Peer, PeerLabels, ServiceLabels, TrafficLabels},
 };
 pub use self::{
     access_log::{AccessLog, AccessLogError, AccessLogTarget},
@@ -318,7 +316,7 @@ impl Telemetry {
             direction: info.direction,
             src: endpoint(info.src, info.src_workload.as_deref(), src_id),
             dst: endpoint(info.dst, info.dst_workload.as_deref(), dst_id),
-            service: info.service.as_deref().map(service_host),
+            service: info.service.as_deref().map(|s| s.hostname.clone()),
             upstream: info.upstream.to_string(),
             connection_security_policy: info.security.policy(),
             bytes_to_destination: totals[0],
@@ -375,7 +373,7 @@ fn log_close(
     let service = info
         .service
         .as_deref()
-        .map(service_host)
+        .map(|s| s.hostname.clone())
         .unwrap_or_default();
     let security = info.security.policy();
     let (src_id, dst_id) = info.security.identities();

@@ -1,0 +1,659 @@
+//! `AuthorizationPolicy` at L4, as ztunnel enforces it: which policies apply to a destination
+//! workload, and whether they let a connection in ([`super::ClusterState::authorize`]).
+//!
+//! **Scope.** A policy in the root namespace ([`super::EnrollmentOptions::root_namespace`])
+//! without a selector (or with empty `matchLabels`) applies to every workload; with a selector,
+//! to the matching workloads of every namespace. Elsewhere, a policy without a selector applies
+//! to the workloads of its namespace, and with a selector to the matching ones. A policy with
+//! `targetRef`/`targetRefs` is for waypoints: the agent skips it, with a warning.
+//!
+//! **Verdict.** A connection is denied if any DENY policy that applies matches it; otherwise, if
+//! any ALLOW policy applies to the workload, one of them must match it (else it is denied);
+//! otherwise it is allowed. AUDIT policies never change the verdict: those that match are listed
+//! in the decision. A policy matches when one of its rules does; a policy without rules matches
+//! nothing (an ALLOW policy without rules therefore denies everything it applies to, Istio's
+//! "allow nothing"), and `rules: [{}]` matches everything.
+//!
+//! **Rules.** `from`, `to` and `when` must all match; `from` matches when one of its sources
+//! does, `to` when one of its operations does, `when` when all its conditions do. Within a
+//! source, an operation or a condition, every field given must match one of its values, and no
+//! value of a `not…` field may match. Principals (`cluster.local/ns/shop/sa/web`, the SPIFFE id
+//! without `spiffe://`) and namespaces are patterns: exact, `*` (any identity), `prefix*` or
+//! `*suffix`. Service accounts are `namespace/name` (`name` alone is in the policy's namespace),
+//! matched exactly. Addresses are single IPs or CIDR blocks; ports are the destination
+//! workload's (after service resolution). `when` keys evaluated: `source.ip`,
+//! `source.namespace`, `source.principal`, `destination.ip`, `destination.port`.
+//!
+//! **Connections without identity** (plaintext): as in ztunnel, no principal, namespace or
+//! service-account value matches them, so a positive field (`principals`, `namespaces`,
+//! `serviceAccounts`, and the `source.principal`/`source.namespace` conditions' `values`) fails,
+//! and a `not…` field (`notPrincipals`, `notNamespaces`, `notServiceAccounts`, `notValues`)
+//! passes. In particular `notPrincipals: ["*"]` matches exactly the connections without
+//! identity: a DENY rule with it refuses plaintext, Istio's idiom.
+//!
+//! **HTTP (L7) fields** (`requestPrincipals`, `remoteIpBlocks`, `hosts`, `methods`, `paths`,
+//! their `not…` forms, and the other `when` keys) cannot be enforced at L4. As istiod does for
+//! ztunnel, an ALLOW or AUDIT rule that uses one matches nothing (it allows less), and a DENY
+//! rule is enforced without them (it denies more: a source or an operation left without fields
+//! matches every connection, a dropped condition always holds). Each such rule is listed in the
+//! state's warnings. (ztunnel's own matcher skips a source or operation left empty, so there
+//! such a DENY rule matches nothing; the agent follows what istiod's warning promises, which
+//! fails closed.) DENY and AUDIT policies without rules are listed in the warnings too.
+//!
+//! Addresses compare IPv4-mapped IPv6 addresses as IPv4. The agent does not change a policy's
+//! meaning otherwise.
+
+use std::{collections::HashMap, fmt, net::IpAddr, sync::Arc};
+
+use mesh_identity::Identity;
+use serde::{Serialize, Serializer};
+
+use super::{
+    error::StateError,
+    k8s::{self, Attribute, AuthzAction, Kind, Labels, ObjectRef, Values},
+    model::Workload,
+    names::{check_name, NameRule},
+};
+pub use crate::ip_block::IpBlock;
+use crate::meta::MetaExt;
+
+/// What the agent knows about a connection when it decides whether to let it in.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnFacts<'a> {
+    /// The connection's source address.
+    pub src_ip: IpAddr,
+    /// Identity proven by mTLS, or known to the agent for a pod of its own node; `None` for
+    /// plaintext.
+    pub src_identity: Option<&'a Identity>,
+    /// The destination workload's address.
+    pub dst_ip: IpAddr,
+    /// The destination workload's port (after service resolution).
+    pub dst_port: u16,
+    /// The destination workload: its namespace and labels select the policies.
+    pub dst: &'a Workload,
+}
+
+/// Whether a connection may proceed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it in.
+    Allow,
+    /// Refuse it.
+    Deny,
+}
+
+/// Why a [`Verdict`] was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionReason {
+    /// No ALLOW or DENY policy applies to the workload: allowed.
+    NoPolicy,
+    /// An ALLOW policy matched (and no DENY policy did).
+    AllowMatched,
+    /// A DENY policy matched.
+    DenyMatched,
+    /// ALLOW policies apply to the workload, and none matched: denied.
+    NoAllowMatched,
+    /// A plaintext connection to a workload port whose `PeerAuthentication` is STRICT: denied
+    /// (set by the agent, which checks mTLS before `AuthorizationPolicy`; `policy` names the
+    /// `PeerAuthentication`).
+    MtlsRequired,
+}
+
+/// The outcome of [`super::ClusterState::authorize`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzDecision {
+    /// Allow or deny.
+    pub verdict: Verdict,
+    /// Why.
+    pub reason: DecisionReason,
+    /// `namespace/name` of the policy that decided (the matching DENY or ALLOW); `None` for
+    /// [`DecisionReason::NoPolicy`] and [`DecisionReason::NoAllowMatched`].
+    pub policy: Option<Arc<str>>,
+    /// `namespace/name` of the AUDIT policies whose rules matched (they never change the
+    /// verdict).
+    pub audited: Vec<Arc<str>>,
+}
+
+impl AuthzDecision {
+    fn new(verdict: Verdict, reason: DecisionReason, policy: Option<&AuthzPolicy>) -> Self {
+        Self {
+            verdict,
+            reason,
+            policy: policy.map(|p| Arc::clone(&p.key)),
+            audited: Vec::new(),
+        }
+    }
+}
+
+/// Which workloads an `AuthorizationPolicy` applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthzScope {
+    /// No selector, in the root namespace: every workload.
+    Mesh,
+    /// A selector in the root namespace: the matching workloads of every namespace.
+    MeshSelector,
+    /// No selector, in another namespace: the workloads of that namespace.
+    Namespace,
+    /// A selector, outside the root namespace: the matching workloads of its namespace.
+    Workload,
+    /// `targetRef`/`targetRefs`: enforced by waypoints, not by the node agent.
+    Waypoint,
+}
+
+impl fmt::Display for AuthzScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthzScope::Mesh => "mesh-wide",
+            AuthzScope::MeshSelector => "mesh-wide selector",
+            AuthzScope::Namespace => "namespace-wide",
+            AuthzScope::Workload => "workload",
+            AuthzScope::Waypoint => "waypoint",
+        })
+    }
+}
+
+/// An `AuthorizationPolicy`, as the agent evaluates it. Displayed as `namespace/name`;
+/// serialized (for the admin interface's config dump) with its rules as enforced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuthzPolicy {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.action`.
+    pub action: AuthzAction,
+    /// Which workloads it applies to.
+    pub scope: AuthzScope,
+    /// `spec.selector.matchLabels`; empty for a mesh- or namespace-wide policy.
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub selector: Labels,
+    /// The rules as enforced at L4: an ALLOW or AUDIT rule with HTTP fields is left out (it
+    /// matches nothing), a DENY rule keeps its L4 part.
+    pub rules: Vec<AuthzRule>,
+    /// `namespace/name`, shared by the decisions that name the policy.
+    #[serde(skip)]
+    key: Arc<str>,
+}
+
+impl fmt::Display for AuthzPolicy {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+impl AuthzPolicy {
+    /// Whether the selector selects `workload` (its namespace is not checked). An empty selector
+    /// selects every workload.
+    pub fn selects(&self, workload: &Workload) -> bool {
+        self.selector
+            .iter()
+            .all(|(key, value)| workload.labels.get(key) == Some(value))
+    }
+
+    /// Whether one of the rules matches the connection.
+    fn matches(&self, conn: &Conn<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(conn))
+    }
+}
+
+/// A rule as enforced: `from`, `to` and `when` must all match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuthzRule {
+    /// Index of the rule in `spec.rules`.
+    pub index: usize,
+    /// Sources, one of which must match; empty matches any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzMatch>,
+    /// Operations, one of which must match; empty matches any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzMatch>,
+    /// Conditions, all of which must match.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<AuthzMatch>,
+}
+
+impl AuthzRule {
+    fn matches(&self, conn: &Conn<'_>) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|m| m.matches(conn)))
+            && (self.to.is_empty() || self.to.iter().any(|m| m.matches(conn)))
+            && self.when.iter().all(|m| m.matches(conn))
+    }
+}
+
+/// One source, operation or condition, as enforced: every non-empty positive field must have a
+/// value that matches, and no value of a `not…` field may match. Without fields, it matches any
+/// connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzMatch {
+    /// Principal patterns (`principals`, `source.principal`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<StringMatch>,
+    /// `notPrincipals`, or `notValues` of `source.principal`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<StringMatch>,
+    /// Namespace patterns (`namespaces`, `source.namespace`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<StringMatch>,
+    /// `notNamespaces`, or `notValues` of `source.namespace`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<StringMatch>,
+    /// `serviceAccounts`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    /// `notServiceAccounts`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
+    /// Source addresses (`ipBlocks`, `source.ip`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<IpBlock>,
+    /// `notIpBlocks`, or `notValues` of `source.ip`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_source_ips: Vec<IpBlock>,
+    /// Destination addresses (`destination.ip`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_ips: Vec<IpBlock>,
+    /// `notValues` of `destination.ip`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ips: Vec<IpBlock>,
+    /// Destination ports (`ports`, `destination.port`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_ports: Vec<u16>,
+    /// `notPorts`, or `notValues` of `destination.port`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ports: Vec<u16>,
+}
+
+impl AuthzMatch {
+    fn matches(&self, conn: &Conn<'_>) -> bool {
+        let principal = |m: &StringMatch| conn.principal.is_some_and(|p| m.matches(p));
+        let namespace = |m: &StringMatch| conn.namespace.is_some_and(|ns| m.matches(ns));
+        let account = |m: &ServiceAccountMatch| {
+            conn.identity
+                .is_some_and(|id| id.namespace() == m.namespace && id.service_account() == m.name)
+        };
+        let dst_port = |port: &u16| *port == conn.dst_port;
+        let src_ip = |block: &IpBlock| block.contains(conn.src_ip);
+        let dst_ip = |block: &IpBlock| block.contains(conn.dst_ip);
+        check(
+            &self.destination_ports,
+            &self.not_destination_ports,
+            dst_port,
+        ) && check(&self.source_ips, &self.not_source_ips, src_ip)
+            && check(&self.destination_ips, &self.not_destination_ips, dst_ip)
+            && check(&self.principals, &self.not_principals, principal)
+            && check(&self.namespaces, &self.not_namespaces, namespace)
+            && check(&self.service_accounts, &self.not_service_accounts, account)
+    }
+}
+
+/// A field and its `not…` form: one of `values` must match (if any), none of `not_values` may.
+fn check<T>(values: &[T], not_values: &[T], matches: impl Fn(&T) -> bool) -> bool {
+    (values.is_empty() || values.iter().any(&matches)) && !not_values.iter().any(matches)
+}
+
+/// A principal or namespace pattern, as Istio writes it (and serialized so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    /// `value`.
+    Exact(String),
+    /// `prefix*`.
+    Prefix(String),
+    /// `*suffix`.
+    Suffix(String),
+    /// `*`: any non-empty value (a connection with an identity).
+    Presence,
+}
+
+impl StringMatch {
+    /// Istio's reading of a pattern: `*` alone is presence, a leading `*` a suffix match (the
+    /// rest taken literally), a trailing `*` a prefix match, anything else exact.
+    pub fn new(pattern: &str) -> Self {
+        if pattern == "*" {
+            StringMatch::Presence
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            StringMatch::Suffix(suffix.to_owned())
+        } else if let Some(prefix) = pattern.strip_suffix('*') {
+            StringMatch::Prefix(prefix.to_owned())
+        } else {
+            StringMatch::Exact(pattern.to_owned())
+        }
+    }
+
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(exact) => value == exact,
+            StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
+            StringMatch::Suffix(suffix) => value.ends_with(suffix.as_str()),
+            StringMatch::Presence => !value.is_empty(),
+        }
+    }
+}
+
+impl fmt::Display for StringMatch {
+    /// The pattern as written.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StringMatch::Exact(exact) => f.write_str(exact),
+            StringMatch::Prefix(prefix) => write!(f, "{prefix}*"),
+            StringMatch::Suffix(suffix) => write!(f, "*{suffix}"),
+            StringMatch::Presence => f.write_str("*"),
+        }
+    }
+}
+
+impl Serialize for StringMatch {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A service account of a source's identity, `namespace/name` (serialized so).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountMatch {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account name.
+    pub name: String,
+}
+
+impl Serialize for ServiceAccountMatch {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}/{}", self.namespace, self.name))
+    }
+}
+
+/// [`ConnFacts`] in the form the matchers read.
+struct Conn<'a> {
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
+    dst_port: u16,
+    identity: Option<&'a Identity>,
+    /// The identity without `spiffe://`: `td/ns/namespace/sa/name`.
+    principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+}
+
+impl<'a> Conn<'a> {
+    fn new(facts: &ConnFacts<'a>) -> Self {
+        let identity = facts.src_identity;
+        Self {
+            src_ip: facts.src_ip.to_canonical(),
+            dst_ip: facts.dst_ip.to_canonical(),
+            dst_port: facts.dst_port,
+            identity,
+            principal: identity.and_then(|id| id.as_str().strip_prefix("spiffe://")),
+            namespace: identity.map(Identity::namespace),
+        }
+    }
+}
+
+/// The policies of one scope group, by action, each sorted by namespace and name.
+#[derive(Debug, Default)]
+struct Group {
+    deny: Vec<Arc<AuthzPolicy>>,
+    allow: Vec<Arc<AuthzPolicy>>,
+    audit: Vec<Arc<AuthzPolicy>>,
+}
+
+impl Group {
+    fn push(&mut self, policy: &Arc<AuthzPolicy>) {
+        let list = match policy.action {
+            AuthzAction::Deny => &mut self.deny,
+            AuthzAction::Allow => &mut self.allow,
+            AuthzAction::Audit => &mut self.audit,
+        };
+        list.push(Arc::clone(policy));
+    }
+}
+
+/// The `AuthorizationPolicies` of a state, indexed for [`AuthzIndex::decide`].
+#[derive(Debug, Default)]
+pub(super) struct AuthzIndex {
+    /// All, sorted by namespace and name.
+    policies: Vec<Arc<AuthzPolicy>>,
+    /// The root namespace's policies (mesh-wide, with or without selector).
+    mesh: Group,
+    /// The other namespaces' policies.
+    namespaces: HashMap<String, Group>,
+    /// Skipped policies and rules with HTTP fields.
+    warnings: Vec<String>,
+}
+
+impl AuthzIndex {
+    /// Translates and indexes `objects`, sorted by namespace and name.
+    pub(super) fn build<'a>(
+        objects: impl IntoIterator<Item = &'a k8s::AuthorizationPolicy>,
+        root_namespace: &str,
+    ) -> Result<Self, StateError> {
+        let mut index = Self::default();
+        for object in objects {
+            let policy = Arc::new(policy_from(object, root_namespace, &mut index.warnings)?);
+            match policy.scope {
+                AuthzScope::Mesh | AuthzScope::MeshSelector => index.mesh.push(&policy),
+                AuthzScope::Namespace | AuthzScope::Workload => index
+                    .namespaces
+                    .entry(policy.namespace.clone())
+                    .or_default()
+                    .push(&policy),
+                AuthzScope::Waypoint => {}
+            }
+            index.policies.push(policy);
+        }
+        Ok(index)
+    }
+
+    /// All policies, sorted by namespace and name.
+    pub(super) fn policies(&self) -> &[Arc<AuthzPolicy>] {
+        &self.policies
+    }
+
+    /// Skipped policies and rules with HTTP fields, one line each.
+    pub(super) fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The decision for a connection: see the module documentation. When several policies
+    /// match, the one named is the first of the root namespace's, then of the workload's
+    /// namespace, each by name.
+    pub(super) fn decide(&self, facts: &ConnFacts<'_>) -> AuthzDecision {
+        let groups = [
+            Some(&self.mesh),
+            self.namespaces.get(facts.dst.namespace.as_str()),
+        ];
+        let applying = |list: fn(&Group) -> &Vec<Arc<AuthzPolicy>>| {
+            groups
+                .into_iter()
+                .flatten()
+                .flat_map(list)
+                .filter(move |policy| policy.selects(facts.dst))
+        };
+        let conn = Conn::new(facts);
+        let audited: Vec<Arc<str>> = applying(|g| &g.audit)
+            .filter(|policy| policy.matches(&conn))
+            .map(|policy| Arc::clone(&policy.key))
+            .collect();
+        let mut decision = if let Some(deny) = applying(|g| &g.deny).find(|p| p.matches(&conn)) {
+            AuthzDecision::new(Verdict::Deny, DecisionReason::DenyMatched, Some(deny))
+        } else {
+            let mut allows = applying(|g| &g.allow).peekable();
+            if allows.peek().is_none() {
+                AuthzDecision::new(Verdict::Allow, DecisionReason::NoPolicy, None)
+            } else if let Some(allow) = allows.find(|p| p.matches(&conn)) {
+                AuthzDecision::new(Verdict::Allow, DecisionReason::AllowMatched, Some(allow))
+            } else {
+                AuthzDecision::new(Verdict::Deny, DecisionReason::NoAllowMatched, None)
+            }
+        };
+        decision.audited = audited;
+        decision
+    }
+}
+
+fn policy_from(
+    ap: &k8s::AuthorizationPolicy,
+    root_namespace: &str,
+    warnings: &mut Vec<String>,
+) -> Result<AuthzPolicy, StateError> {
+    let object = ObjectRef::namespaced(Kind::AuthorizationPolicy, &ap.metadata);
+    let namespace = ap.metadata.namespace();
+    check_name(&object, "metadata.namespace", namespace, NameRule::Label)?;
+    check_name(
+        &object,
+        "metadata.name",
+        ap.metadata.name(),
+        NameRule::Subdomain,
+    )?;
+    let key: Arc<str> = format!("{namespace}/{}", ap.metadata.name()).into();
+    let spec = &ap.spec;
+    let selector = spec.match_labels().cloned().unwrap_or_default();
+    let scope = match (namespace == root_namespace, selector.is_empty()) {
+        _ if !spec.target_refs.is_empty() => AuthzScope::Waypoint,
+        (true, true) => AuthzScope::Mesh,
+        (true, false) => AuthzScope::MeshSelector,
+        (false, true) => AuthzScope::Namespace,
+        (false, false) => AuthzScope::Workload,
+    };
+    let mut rules = Vec::new();
+    if scope == AuthzScope::Waypoint {
+        let targets: Vec<String> = spec.target_refs.iter().map(ToString::to_string).collect();
+        warnings.push(format!(
+            "AuthorizationPolicy {key} targets {} (spec.targetRefs): it is for waypoints, the \
+             node agent does not enforce it",
+            targets.join(", ")
+        ));
+    } else {
+        if spec.rules.is_empty() && spec.action != AuthzAction::Allow {
+            warnings.push(format!(
+                "AuthorizationPolicy {key}: {} policy without rules never matches (`rules: \
+                 [{{}}]` matches every connection)",
+                if spec.action == AuthzAction::Audit {
+                    "an AUDIT"
+                } else {
+                    "a DENY"
+                }
+            ));
+        }
+        for (index, rule) in spec.rules.iter().enumerate() {
+            let (rule, http_fields) = rule_from(index, rule, namespace, spec.action);
+            if !http_fields.is_empty() {
+                warnings.push(http_warning(&key, spec.action, &http_fields));
+            }
+            rules.extend(rule);
+        }
+    }
+    Ok(AuthzPolicy {
+        namespace: namespace.to_owned(),
+        name: ap.metadata.name().to_owned(),
+        action: spec.action,
+        scope,
+        selector,
+        rules,
+        key,
+    })
+}
+
+/// The rule as enforced (`None` for an ALLOW or AUDIT rule with HTTP fields), and the paths of
+/// its HTTP fields.
+fn rule_from(
+    index: usize,
+    rule: &k8s::Rule,
+    namespace: &str,
+    action: AuthzAction,
+) -> (Option<AuthzRule>, Vec<String>) {
+    let mut http_fields = Vec::new();
+    let mut enforced = AuthzRule {
+        index,
+        from: Vec::new(),
+        to: Vec::new(),
+        when: Vec::new(),
+    };
+    for (i, from) in rule.from.iter().enumerate() {
+        let source = &from.source;
+        for field in source.http_fields() {
+            http_fields.push(format!("rules[{index}].from[{i}].source.{field}"));
+        }
+        let account = |sa: &k8s::ServiceAccountRef| ServiceAccountMatch {
+            namespace: sa.namespace.as_deref().unwrap_or(namespace).to_owned(),
+            name: sa.name.clone(),
+        };
+        enforced.from.push(AuthzMatch {
+            principals: patterns(&source.principals),
+            not_principals: patterns(&source.not_principals),
+            namespaces: patterns(&source.namespaces),
+            not_namespaces: patterns(&source.not_namespaces),
+            service_accounts: source.service_accounts.iter().map(account).collect(),
+            not_service_accounts: source.not_service_accounts.iter().map(account).collect(),
+            source_ips: source.ip_blocks.clone(),
+            not_source_ips: source.not_ip_blocks.clone(),
+            ..AuthzMatch::default()
+        });
+    }
+    for (i, to) in rule.to.iter().enumerate() {
+        let operation = &to.operation;
+        for field in operation.http_fields() {
+            http_fields.push(format!("rules[{index}].to[{i}].operation.{field}"));
+        }
+        enforced.to.push(AuthzMatch {
+            destination_ports: operation.ports.clone(),
+            not_destination_ports: operation.not_ports.clone(),
+            ..AuthzMatch::default()
+        });
+    }
+    for (i, condition) in rule.when.iter().enumerate() {
+        let mut m = AuthzMatch::default();
+        match &condition.attribute {
+            Attribute::SourceIp(Values { values, not_values }) => {
+                (m.source_ips, m.not_source_ips) = (values.clone(), not_values.clone());
+            }
+            Attribute::DestinationIp(Values { values, not_values }) => {
+                (m.destination_ips, m.not_destination_ips) = (values.clone(), not_values.clone());
+            }
+            Attribute::DestinationPort(Values { values, not_values }) => {
+                (m.destination_ports, m.not_destination_ports) =
+                    (values.clone(), not_values.clone());
+            }
+            Attribute::SourceNamespace(Values { values, not_values }) => {
+                (m.namespaces, m.not_namespaces) = (patterns(values), patterns(not_values));
+            }
+            Attribute::SourcePrincipal(Values { values, not_values }) => {
+                (m.principals, m.not_principals) = (patterns(values), patterns(not_values));
+            }
+            Attribute::Http => {
+                http_fields.push(format!("rules[{index}].when[{i}] ({})", condition.key));
+                continue;
+            }
+        }
+        enforced.when.push(m);
+    }
+    let dropped = !http_fields.is_empty() && action != AuthzAction::Deny;
+    ((!dropped).then_some(enforced), http_fields)
+}
+
+fn patterns(values: &[String]) -> Vec<StringMatch> {
+    values.iter().map(|v| StringMatch::new(v)).collect()
+}
+
+/// The warning for a rule with HTTP fields (`fields`: their paths).
+fn http_warning(policy: &str, action: AuthzAction, fields: &[String]) -> String {
+    let (are, them) = if fields.len() == 1 {
+        ("is an HTTP (L7) field", "it")
+    } else {
+        ("are HTTP (L7) fields", "them")
+    };
+    let effect = if action == AuthzAction::Deny {
+        format!("this DENY rule is enforced without {them}, so it denies more")
+    } else {
+        format!("this {action} rule matches nothing")
+    };
+    format!(
+        "AuthorizationPolicy {policy}: {} {are} the node agent does not enforce: {effect}",
+        fields.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests;

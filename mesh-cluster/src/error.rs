@@ -1,0 +1,162 @@
+//! Why objects do not make a valid state, and what a source reports.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::{meta::ObjectRef, model::Protocol};
+
+/// A problem reported by a source (for the directory source, one per file), shown by the admin
+/// interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceError {
+    /// Where: for the directory source, the file's path.
+    pub source: String,
+    /// What, in one line.
+    pub message: String,
+}
+
+/// Why objects do not make a valid state. Each variant names the object (`Kind ns/name`) and the
+/// field, except the three about [`EnrollmentOptions`].
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("enrollment label key is empty")]
+    EmptyLabelKey,
+    #[error("trust domain {0:?} is not valid (lowercase letters, digits, '.', '-', '_')")]
+    TrustDomain(String),
+    #[error("root namespace {0:?} is not a valid namespace name (DNS label, RFC 1123)")]
+    RootNamespace(String),
+    #[error("cluster domain {0:?} is not a valid DNS subdomain (RFC 1123)")]
+    ClusterDomain(String),
+    #[error("{object} is defined more than once")]
+    Duplicate { object: ObjectRef },
+    #[error("{object}: {field}: {value:?} is not a valid {expected}")]
+    InvalidName {
+        object: ObjectRef,
+        field: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{object}: {field}: {ip} is {reason}, never a pod's own address")]
+    UnusableAddress {
+        object: ObjectRef,
+        field: &'static str,
+        ip: IpAddr,
+        reason: &'static str,
+    },
+    #[error("{object}: {field}: {value:?} is not an IP address")]
+    InvalidIp {
+        object: ObjectRef,
+        field: String,
+        value: String,
+    },
+    #[error("{object}: {field}: {value} is not a port number (1-65535)")]
+    InvalidPort {
+        object: ObjectRef,
+        field: String,
+        value: i64,
+    },
+    #[error(
+        "{object}: {field}: {value:?} is not a port name (IANA service name; numbers unquoted)"
+    )]
+    InvalidPortName {
+        object: ObjectRef,
+        field: String,
+        value: String,
+    },
+    #[error("{object}: {field}: unknown protocol {value:?} (TCP, UDP or SCTP)")]
+    InvalidProtocol {
+        object: ObjectRef,
+        field: String,
+        value: String,
+    },
+    #[error(
+        "{object}: {field}: {ip} is a second address of its family (at most one IPv4 and one IPv6)"
+    )]
+    SecondAddressOfFamily {
+        object: ObjectRef,
+        field: String,
+        ip: IpAddr,
+    },
+    #[error("{object}: {field} {value} differs from {list_field}[0] {first}")]
+    PrimaryMismatch {
+        object: ObjectRef,
+        field: &'static str,
+        value: IpAddr,
+        list_field: &'static str,
+        first: IpAddr,
+    },
+    #[error("{object}: metadata.annotations[{annotation}]: {value:?} is not an absolute path")]
+    RelativePath {
+        object: ObjectRef,
+        annotation: &'static str,
+        value: String,
+    },
+    #[error("{object}: metadata.annotations[{annotation}]: {value:?} is not {expected}")]
+    InvalidAnnotation {
+        object: ObjectRef,
+        annotation: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error(
+        "{object}: metadata.annotations[{annotation}] is missing (enrolled, on this node {node})"
+    )]
+    MissingAnnotation {
+        object: ObjectRef,
+        annotation: &'static str,
+        node: String,
+    },
+    #[error("{object}: {field}: {ip} is already the address of {other}")]
+    DuplicateIp {
+        object: ObjectRef,
+        field: String,
+        ip: IpAddr,
+        other: Box<ObjectRef>,
+    },
+    #[error("{object}: {field}: {port}/{protocol} is listed twice")]
+    RepeatedPort {
+        object: ObjectRef,
+        field: String,
+        port: u16,
+        protocol: Protocol,
+    },
+    #[error("{object}: {field}: {addr} (TCP) is already claimed by {other}")]
+    DuplicateServicePort {
+        object: ObjectRef,
+        field: String,
+        addr: SocketAddr,
+        other: Box<ObjectRef>,
+    },
+    #[error("{object}: spec.serviceAccountName: no SPIFFE identity can be made of it: {source}")]
+    Identity {
+        object: ObjectRef,
+        source: mesh_identity::IdentityError,
+    },
+}
+
+impl StateError {
+    /// The objects the error is about (none for option errors), to find where they came from.
+    pub fn objects(&self) -> Vec<&ObjectRef> {
+        match self {
+            StateError::EmptyLabelKey
+            | StateError::TrustDomain(_)
+            | StateError::RootNamespace(_)
+            | StateError::ClusterDomain(_) => Vec::new(),
+            StateError::DuplicateIp { object, other, .. }
+            | StateError::DuplicateServicePort { object, other, .. } => vec![object, &**other],
+            StateError::Duplicate { object }
+            | StateError::InvalidName { object, .. }
+            | StateError::InvalidIp { object, .. }
+            | StateError::UnusableAddress { object, .. }
+            | StateError::InvalidPort { object, .. }
+            | StateError::InvalidPortName { object, .. }
+            | StateError::InvalidProtocol { object, .. }
+            | StateError::SecondAddressOfFamily { object, .. }
+            | StateError::PrimaryMismatch { object, .. }
+            | StateError::RelativePath { object, .. }
+            | StateError::InvalidAnnotation { object, .. }
+            | StateError::MissingAnnotation { object, .. }
+            | StateError::RepeatedPort { object, .. }
+            | StateError::Identity { object, .. } => vec![object],
+        }
+    }
+}

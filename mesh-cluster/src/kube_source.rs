@@ -1,0 +1,458 @@
+//! The cluster view watched from the Kubernetes API server: the second source of
+//! [`ClusterState::build`], beside the directory of YAML files.
+//!
+//! One reflector-style watch per kind (kube-rs' `watcher`: a list, then a watch from its
+//! resource version with bookmarks, a fresh list after `410 Gone`, exponential backoff on
+//! errors): Namespaces, Pods, Services, and Istio's `PeerAuthentication` and
+//! `AuthorizationPolicy` (`security.istio.io/v1`). Every change marks the view dirty; a builder
+//! task rebuilds it at most every [`KubeOptions::debounce`] and publishes a new snapshot when
+//! objects or errors changed.
+//!
+//! - **All pods, trimmed.** Destinations anywhere in the cluster must resolve to their workload
+//!   and identity, so every Pod is watched, not only this node's; each is cut down on arrival
+//!   ([`strip::pod`]) to the fields the model reads (about a tenth of a typical Pod), which
+//!   keeps 10,000 pods in a few megabytes (BENCHMARKS.md).
+//! - **Istio objects** arrive as JSON and go through the same parser as the files
+//!   ([`crate::k8s::parse_documents`]), so both sources accept and refuse exactly the same specs
+//!   with the same messages.
+//! - **Last good per object.** An object that does not read or that breaks the state keeps its
+//!   previous version, and its error is listed in the snapshot ([`ClusterState::errors`]), as
+//!   the directory source does per file.
+//! - **First sync.** [`KubeSource::start`] returns once every kind has been listed in full (a
+//!   kind whose CRD is not installed counts as empty, and is watched again with backoff), so the
+//!   agent never acts on a partial view. A kind it cannot list at all keeps it waiting, saying
+//!   why in the log.
+//! - **API server gone.** The last state stays published; [`ApiStatus`] says since when the
+//!   server is unreachable; the watches resume, and re-list if their version expired.
+
+mod backoff;
+mod strip;
+mod units;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service},
+    serde::de::DeserializeOwned,
+};
+use kube::{
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client, Resource,
+};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+use tracing::{debug, error, info, warn};
+
+use self::{
+    backoff::WatchBackoff,
+    units::{Converted, Units},
+};
+use crate::{
+    error::StateError,
+    k8s::{parse_documents, Object},
+    meta::{Kind, ObjectRef},
+    options::EnrollmentOptions,
+    state::ClusterState,
+};
+
+/// Why the Kubernetes source cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    /// The enrollment options are invalid.
+    #[error("cluster state: {0}")]
+    Options(#[source] Box<StateError>),
+    /// The objects already published no longer build a state (not expected: reported, never
+    /// silently dropped).
+    #[error("cluster state: {0}")]
+    State(#[source] Box<StateError>),
+}
+
+/// How the source watches.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// The longest a change waits before the view is rebuilt: changes arriving together are
+    /// applied together.
+    pub debounce: Duration,
+    /// The longest a failing watch waits between tries (see `backoff.rs`).
+    pub max_backoff: Duration,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(8),
+        }
+    }
+}
+
+/// How the watches stand, for readiness and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiStatus {
+    /// Every kind has been listed in full at least once.
+    pub synced: bool,
+    /// Since when the last request to the API server failed, while it keeps failing; `None`
+    /// while the watches are healthy.
+    pub unreachable_since: Option<SystemTime>,
+    /// The last error of each kind whose watch is failing, `Kind: message`.
+    pub errors: Vec<String>,
+    /// Kinds whose resource the API server does not serve (their CRD is not installed).
+    pub not_served: Vec<Kind>,
+}
+
+/// The running source: the snapshots, the watches' status, and the tasks (aborted on drop).
+#[derive(Debug)]
+pub struct KubeWatcher {
+    /// Every new snapshot.
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    /// The watches' health.
+    pub status: watch::Receiver<ApiStatus>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeWatcher {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// What the kind tasks share with the builder.
+#[derive(Debug)]
+struct Shared {
+    units: Mutex<Units>,
+    changed: Notify,
+    kinds: Mutex<BTreeMap<Kind, KindState>>,
+    status: watch::Sender<ApiStatus>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct KindState {
+    synced: bool,
+    not_served: bool,
+    error: Option<(SystemTime, String)>,
+}
+
+/// The Kubernetes API as a source of the cluster view.
+pub struct KubeSource {
+    client: Client,
+    opts: EnrollmentOptions,
+    kube: KubeOptions,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("opts", &self.opts)
+            .field("kube", &self.kube)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeSource {
+    /// A source reading through `client`. Fails if `opts` are invalid.
+    pub fn new(
+        client: Client,
+        opts: EnrollmentOptions,
+        kube: KubeOptions,
+    ) -> Result<Self, KubeSourceError> {
+        opts.validate()
+            .map_err(|e| KubeSourceError::Options(Box::new(e)))?;
+        Ok(Self { client, opts, kube })
+    }
+
+    /// Starts the watches and returns once every kind has been listed, with the first complete
+    /// state published.
+    pub async fn start(self) -> Result<KubeWatcher, KubeSourceError> {
+        let (status_tx, mut status_rx) = watch::channel(ApiStatus::default());
+        let shared = Arc::new(Shared {
+            units: Mutex::new(Units::new(self.opts.clone())),
+            changed: Notify::new(),
+            kinds: Mutex::new(BTreeMap::new()),
+            status: status_tx,
+        });
+        let client = self.client;
+        let max_backoff = self.kube.max_backoff;
+        let mut tasks = vec![
+            spawn_kind(
+                Api::<Namespace>::all(client.clone()),
+                Kind::Namespace,
+                max_backoff,
+                &shared,
+                |ns| Ok(Object::Namespace(ns)),
+            ),
+            spawn_kind(
+                Api::<Pod>::all(client.clone()),
+                Kind::Pod,
+                max_backoff,
+                &shared,
+                |pod| Ok(Object::Pod(strip::pod(pod))),
+            ),
+            spawn_kind(
+                Api::<Service>::all(client.clone()),
+                Kind::Service,
+                max_backoff,
+                &shared,
+                |svc| Ok(Object::Service(svc)),
+            ),
+        ];
+        for kind in [Kind::PeerAuthentication, Kind::AuthorizationPolicy] {
+            let resource = istio_resource(kind);
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            tasks.push(spawn_kind(api, kind, max_backoff, &shared, move |object| {
+                istio_object(kind, &object)
+            }));
+        }
+        let mut synced = false;
+        while !synced {
+            if status_rx.changed().await.is_err() {
+                break;
+            }
+            synced = status_rx.borrow_and_update().synced;
+        }
+        let first = lock(&shared.units)
+            .rebuild()
+            .map_err(|e| KubeSourceError::State(Box::new(e)))?;
+        info!(
+            generation = first.generation(),
+            workloads = first.workloads().len(),
+            "first full list from the Kubernetes API"
+        );
+        let (state_tx, state_rx) = watch::channel(first);
+        tasks.push(tokio::spawn(build_loop(
+            Arc::clone(&shared),
+            state_tx,
+            self.kube.debounce,
+        )));
+        Ok(KubeWatcher {
+            state: state_rx,
+            status: status_rx,
+            tasks,
+        })
+    }
+}
+
+/// Rebuilds and publishes the view after changes, at most every `debounce`.
+async fn build_loop(
+    shared: Arc<Shared>,
+    state: watch::Sender<Arc<ClusterState>>,
+    debounce: Duration,
+) {
+    loop {
+        shared.changed.notified().await;
+        tokio::time::sleep(debounce).await;
+        let rebuilt = lock(&shared.units).rebuild();
+        match rebuilt {
+            Ok(new) => {
+                if !Arc::ptr_eq(&new, &state.borrow()) {
+                    state.send_replace(new);
+                }
+            }
+            Err(e) => error!(error = %e, "cluster view not rebuilt; the last state stays"),
+        }
+    }
+}
+
+/// Spawns the watch of one kind, feeding `shared`.
+fn spawn_kind<K>(
+    api: Api<K>,
+    kind: Kind,
+    max_backoff: Duration,
+    shared: &Arc<Shared>,
+    convert: impl Fn(K) -> Converted + Send + 'static,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let shared = Arc::clone(shared);
+    let key = move |object: &K| {
+        let meta = object.meta();
+        ObjectRef {
+            kind,
+            namespace: (kind != Kind::Namespace)
+                .then(|| crate::meta::MetaExt::namespace(meta).to_owned()),
+            name: crate::meta::MetaExt::name(meta).to_owned(),
+        }
+    };
+    tokio::spawn(async move {
+        let mut listed = BTreeSet::new();
+        let mut stream = watcher(api, watcher::Config::default())
+            .backoff(WatchBackoff::new(max_backoff))
+            .boxed();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    shared.healthy(kind);
+                    let mut units = lock(&shared.units);
+                    match event {
+                        watcher::Event::Init => listed.clear(),
+                        watcher::Event::InitApply(object) => {
+                            let key = key(&object);
+                            listed.insert(key.clone());
+                            units.apply(&key, convert(object));
+                        }
+                        watcher::Event::InitDone => {
+                            units.relisted(kind, &listed);
+                            listed.clear();
+                            drop(units);
+                            shared.synced(kind, false);
+                        }
+                        watcher::Event::Apply(object) => {
+                            units.apply(&key(&object), convert(object));
+                        }
+                        watcher::Event::Delete(object) => units.delete(&key(&object)),
+                    }
+                    shared.changed.notify_one();
+                }
+                Err(e) => shared.failed(kind, &e),
+            }
+        }
+    })
+}
+
+impl Shared {
+    fn healthy(&self, kind: Kind) {
+        let mut kinds = lock(&self.kinds);
+        let state = kinds.entry(kind).or_default();
+        if let Some((_, error)) = state.error.take() {
+            info!(%kind, previous_error = %error, "watch of the Kubernetes API works again");
+            state.not_served = false;
+            self.publish(&kinds);
+        }
+    }
+
+    fn synced(&self, kind: Kind, not_served: bool) {
+        let mut kinds = lock(&self.kinds);
+        let state = kinds.entry(kind).or_default();
+        if !state.synced {
+            debug!(%kind, not_served, "kind listed in full");
+        }
+        state.synced = true;
+        state.not_served = not_served;
+        self.publish(&kinds);
+    }
+
+    fn failed(&self, kind: Kind, error: &watcher::Error) {
+        let message = error.to_string();
+        if is_not_found(error) {
+            let first = !lock(&self.kinds).get(&kind).is_some_and(|s| s.not_served);
+            if first {
+                warn!(%kind, "the API server does not serve this kind (CRD not installed?); read as empty, watched again");
+            }
+            self.synced(kind, true);
+            return;
+        }
+        let mut kinds = lock(&self.kinds);
+        let state = kinds.entry(kind).or_default();
+        match &state.error {
+            Some((_, previous)) if *previous == message => {}
+            _ => {
+                warn!(%kind, error = %message, "watch of the Kubernetes API failed; retrying with backoff, the last state stays");
+            }
+        }
+        let since = state
+            .error
+            .as_ref()
+            .map_or_else(SystemTime::now, |(t, _)| *t);
+        state.error = Some((since, message));
+        self.publish(&kinds);
+    }
+
+    fn publish(&self, kinds: &BTreeMap<Kind, KindState>) {
+        let all = ALL_KINDS
+            .iter()
+            .all(|k| kinds.get(k).is_some_and(|s| s.synced));
+        let status = ApiStatus {
+            synced: all,
+            unreachable_since: kinds
+                .values()
+                .filter_map(|s| s.error.as_ref().map(|e| e.0))
+                .min(),
+            errors: kinds
+                .iter()
+                .filter_map(|(kind, s)| s.error.as_ref().map(|(_, e)| format!("{kind}: {e}")))
+                .collect(),
+            not_served: kinds
+                .iter()
+                .filter(|(_, s)| s.not_served)
+                .map(|(kind, _)| *kind)
+                .collect(),
+        };
+        self.status.send_if_modified(|current| {
+            // Once synced, a source stays synced: later lists only refresh.
+            let status = ApiStatus {
+                synced: status.synced || current.synced,
+                ..status.clone()
+            };
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+}
+
+/// Every kind the source watches.
+const ALL_KINDS: [Kind; 5] = [
+    Kind::Namespace,
+    Kind::Pod,
+    Kind::Service,
+    Kind::PeerAuthentication,
+    Kind::AuthorizationPolicy,
+];
+
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
+        _ => false,
+    }
+}
+
+/// The `security.istio.io/v1` resource of `kind`.
+fn istio_resource(kind: Kind) -> ApiResource {
+    let (name, plural) = match kind {
+        Kind::PeerAuthentication => ("PeerAuthentication", "peerauthentications"),
+        _ => ("AuthorizationPolicy", "authorizationpolicies"),
+    };
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("security.istio.io", "v1", name),
+        plural,
+    )
+}
+
+/// An Istio object from the API, read by the same parser as a file's.
+fn istio_object(kind: Kind, object: &DynamicObject) -> Converted {
+    let name = format!(
+        "{kind} {}/{}",
+        object.metadata.namespace.as_deref().unwrap_or_default(),
+        object.metadata.name.as_deref().unwrap_or_default()
+    );
+    let mut value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    if let Some(map) = value.as_object_mut() {
+        // Read-only bookkeeping the parser need not see.
+        if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.remove("managedFields");
+        }
+        map.remove("status");
+    }
+    let text = serde_yaml::to_string(&value).map_err(|e| e.to_string())?;
+    let mut objects = parse_documents(&name, &text).map_err(|e| e.to_string())?;
+    match (objects.pop(), objects.is_empty()) {
+        (Some(object), true) => Ok(object),
+        _ => Err(format!("{name}: not one {kind}")),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,154 @@
+//! Objects cut down, on arrival, to the fields the model reads: every Pod of the cluster is
+//! held, so what is not read is not kept.
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::options::{CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION};
+
+/// Annotations the model reads; the others (often large: `kubectl.kubernetes.io/
+/// last-applied-configuration`) are dropped.
+const READ_ANNOTATIONS: [&str; 3] = [NETNS_ANNOTATION, CGROUP_ANNOTATION, SHORTCUT_ANNOTATION];
+
+/// `pod` with only: name, namespace, uid, labels, the annotations the model reads, creation
+/// time; node, service account, host network, containers' names and ports; phase, addresses
+/// and the `Ready` condition.
+pub(super) fn pod(pod: Pod) -> Pod {
+    let Pod {
+        metadata,
+        spec,
+        status,
+    } = pod;
+    Pod {
+        metadata: meta(metadata),
+        spec: spec.map(|spec| PodSpec {
+            node_name: spec.node_name,
+            service_account_name: spec.service_account_name,
+            host_network: spec.host_network,
+            containers: spec.containers.into_iter().map(container).collect(),
+            ..PodSpec::default()
+        }),
+        status: status.map(|status| PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            conditions: status.conditions.map(|conditions| {
+                conditions
+                    .into_iter()
+                    .filter(|c| c.type_ == "Ready")
+                    .map(|c| PodCondition {
+                        type_: c.type_,
+                        status: c.status,
+                        ..PodCondition::default()
+                    })
+                    .collect()
+            }),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn meta(metadata: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+        labels: metadata.labels,
+        annotations: metadata.annotations.map(|annotations| {
+            annotations
+                .into_iter()
+                .filter(|(key, _)| READ_ANNOTATIONS.contains(&key.as_str()))
+                .collect()
+        }),
+        creation_timestamp: metadata.creation_timestamp,
+        ..ObjectMeta::default()
+    }
+}
+
+fn container(container: Container) -> Container {
+    Container {
+        name: container.name,
+        ports: container.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|port| ContainerPort {
+                    name: port.name,
+                    container_port: port.container_port,
+                    protocol: port.protocol,
+                    ..ContainerPort::default()
+                })
+                .collect()
+        }),
+        ..Container::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::k8s::PodExt;
+
+    #[test]
+    fn a_stripped_pod_reads_the_same_and_keeps_nothing_else() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "web-0", "namespace": "shop", "uid": "u1",
+                "labels": {"app": "web"},
+                "annotations": {
+                    "mesh.local/sockmap-shortcut": "enabled",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...}"
+                },
+                "managedFields": [{"manager": "kubectl"}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
+            },
+            "spec": {
+                "nodeName": "n1", "serviceAccountName": "web", "hostNetwork": false,
+                "containers": [{"name": "app", "image": "web:1", "env": [{"name": "A", "value": "b"}],
+                                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}],
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.2", "podIPs": [{"ip": "10.0.0.2"}],
+                "conditions": [
+                    {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                    {"type": "PodScheduled", "status": "True"}
+                ],
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "web:1", "imageID": "x"}]
+            }
+        });
+        let full: Pod = serde_json::from_value(json).expect("a pod");
+        let small = pod(full.clone());
+        assert_eq!(small.service_account(), "web");
+        assert_eq!(small.node_name(), Some("n1"));
+        assert!(small.is_ready() && !small.host_network());
+        assert_eq!(
+            small.metadata.annotations,
+            Some(BTreeMap::from([(
+                "mesh.local/sockmap-shortcut".to_owned(),
+                "enabled".to_owned()
+            )]))
+        );
+        assert!(
+            small.metadata.managed_fields.is_none() && small.metadata.owner_references.is_none()
+        );
+        let spec = small.spec.as_ref().expect("spec");
+        assert!(spec.volumes.is_none() && spec.containers[0].image.is_none());
+        assert_eq!(
+            spec.containers[0].ports.as_ref().expect("ports")[0].container_port,
+            8080
+        );
+        let status = small.status.as_ref().expect("status");
+        assert!(status.container_statuses.is_none());
+        assert_eq!(status.conditions.as_ref().expect("conditions").len(), 1);
+        let size = |p: &Pod| serde_json::to_vec(p).expect("json").len();
+        assert!(
+            size(&small) * 10 < size(&full) * 6,
+            "{} vs {}",
+            size(&small),
+            size(&full)
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! The agent's cluster view: which pods (workloads) and services exist, which pods are enrolled
+//! in the mesh, where a connection to an address goes, which inbound mTLS mode applies to a
+//! workload's port, and whether `AuthorizationPolicies` let a connection in.
+//!
+//! - [`k8s`]: the Kubernetes objects read (Namespace, Pod, Service, and Istio's
+//!   `PeerAuthentication` and `AuthorizationPolicy`) and their YAML parser.
+//! - [`peer_auth`]: `PeerAuthentication` scopes, precedence and conflicts, evaluated by
+//!   [`ClusterState::peer_authentication`].
+//! - [`authz`]: `AuthorizationPolicy` scopes and L4 rules, evaluated per connection by
+//!   [`ClusterState::authorize`].
+//! - [`ClusterState::build`]: the one translation from objects to the agent's immutable,
+//!   indexed state; every source (files today, a Kubernetes watch later) goes through it.
+//! - [`spawn_watcher`] / [`ConfigDir`]: the objects read from a directory of YAML files, reloaded
+//!   when they change, published as `Arc<ClusterState>` snapshots on a `tokio::sync::watch`
+//!   channel.
+//! - [`limits`]: the size and nesting depth limits of each file ([`FileLimits`]), checked
+//!   before its text reaches the YAML parser.
+//!
+//! Enrollment follows Istio ambient: a pod is enrolled when its namespace has the label
+//! `istio.io/dataplane-mode=ambient` (key configurable), unless the pod has `…=none`; a pod
+//! label `…=ambient` enrolls it in any namespace. Host-network pods are never enrolled.
+//!
+//! `PeerAuthentication` follows Istio: without selector, mesh-wide in the root namespace
+//! ([`EnrollmentOptions::root_namespace`], default [`DEFAULT_ROOT_NAMESPACE`]) and
+//! namespace-wide elsewhere; with `matchLabels`, for the matching workloads of its namespace. The
+//! workload policy (its `portLevelMtls` entry for the port first) overrides the namespace's, which
+//! overrides the mesh's; `UNSET` inherits; PERMISSIVE applies when nothing sets a mode; the
+//! oldest of competing policies wins. As in ztunnel, the result is STRICT or PERMISSIVE only:
+//! `DISABLE` is enforced as PERMISSIVE ([`MtlsMode`]).
+//!
+//! `AuthorizationPolicy` follows ztunnel (L4): scoped like `PeerAuthentication`, except that a
+//! selector in the root namespace selects workloads of every namespace; a matching DENY policy
+//! denies, then an ALLOW policy must match if any applies, else the connection is allowed; AUDIT
+//! policies are only reported. Rules match on identity (principals, namespaces, service
+//! accounts), addresses and the destination port; HTTP fields make an ALLOW or AUDIT rule match
+//! nothing, and are dropped from a DENY rule (a warning says so). `CUSTOM` is refused when
+//! parsed, and policies with `targetRef(s)`, for waypoints, are skipped with a warning. The spec
+//! is checked when parsed: a file with an invalid policy keeps its previous objects, so the
+//! previous policy stays in force.
+//!
+//! The local stand-in for the container runtime tells the agent where a pod lives through two
+//! annotations, [`NETNS_ANNOTATION`] and [`CGROUP_ANNOTATION`]; enrolled pods on the agent's node
+//! must carry both.
+
+mod assemble;
+pub mod authz;
+mod decision;
+mod error;
+mod files;
+pub mod ip_block;
+mod istio;
+mod istio_authz;
+pub mod k8s;
+mod kube_source;
+pub mod limits;
+pub mod meta;
+mod model;
+mod names;
+mod options;
+pub mod peer_auth;
+mod state;
+mod translate;
+
+pub use authz::{
+    AuthzDecision, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, ConnFacts, DecisionReason,
+    IpBlock, ServiceAccountMatch, StringMatch, Verdict,
+};
+pub use decision::Inbound;
+pub use error::{SourceError, StateError};
+pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
+pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
+pub use limits::{FileLimits, LimitError};
+pub use model::{
+    Endpoint, Protocol, Resolution, Service, ServicePort, Shortcut, TargetPort, Workload,
+};
+pub use options::{
+    EnrollmentOptions, RuntimeHandles, AMBIENT, CGROUP_ANNOTATION, DEFAULT_CLUSTER_DOMAIN,
+    DEFAULT_LABEL_KEY, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, NETNS_ANNOTATION, OPT_OUT,
+    SHORTCUT_ANNOTATION,
+};
+pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
+pub use state::ClusterState;
+
+#[cfg(test)]
+mod tests;

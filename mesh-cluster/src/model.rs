@@ -1,0 +1,246 @@
+//! The model's values, as the data path needs them: workloads (pods), services with their
+//! ports and endpoints, and where a connection to an address goes ([`Resolution`]).
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use mesh_identity::Identity;
+
+use crate::meta::Labels;
+
+/// A pod, as the data path needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// `metadata.uid`, if given.
+    pub uid: Option<String>,
+    /// Node the pod runs on (`None` while not scheduled).
+    pub node: Option<String>,
+    /// Service account.
+    pub service_account: String,
+    /// SPIFFE identity, `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub identity: Identity,
+    /// Labels.
+    pub labels: Labels,
+    /// Addresses, primary first, at most one IPv4 and one IPv6. Empty while none is assigned.
+    pub ips: Vec<IpAddr>,
+    /// Ready to serve: no `Ready` condition says `False`.
+    pub ready: bool,
+    /// Traffic of this pod is captured by the mesh.
+    pub enrolled: bool,
+    /// The pod uses its node's network namespace: it is never enrolled, and its addresses (the
+    /// node's) are not indexed as the pod's.
+    pub host_network: bool,
+    /// Path of the pod's network namespace file ([`crate::NETNS_ANNOTATION`]).
+    pub netns: Option<PathBuf>,
+    /// Path of the pod's cgroup v2 directory ([`crate::CGROUP_ANNOTATION`]).
+    pub cgroup: Option<PathBuf>,
+    /// Whether the pod's mesh legs take the `sk_msg` short-cut ([`crate::SHORTCUT_ANNOTATION`]).
+    pub shortcut: Shortcut,
+}
+
+/// Whether a workload's mesh legs take the kernel's `sk_msg` short-cut: opt-in, by the
+/// [`crate::SHORTCUT_ANNOTATION`] of the pod or else of its namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Shortcut {
+    #[default]
+    Disabled,
+    Enabled,
+}
+
+impl fmt::Display for Workload {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Workload {
+    /// Whether an agent serves the pod (it is enrolled and has a network namespace of its own),
+    /// so that it speaks HBONE on port 15008.
+    pub fn is_meshed(&self) -> bool {
+        self.enrolled && !self.host_network
+    }
+
+    /// The identity to open an HBONE tunnel to, for the agent of `this_node`: the workload's,
+    /// when another node's agent serves it. `None` for pods of this node (reached directly: the
+    /// same-node path when this agent captured them, plain TCP when it could not) and for pods
+    /// outside the mesh.
+    pub fn tunnel_identity(&self, this_node: &str) -> Option<&Identity> {
+        let remote = self.node.as_deref().is_some_and(|node| node != this_node);
+        (remote && self.is_meshed()).then_some(&self.identity)
+    }
+
+    /// The pod's address of the same family as `like`, if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
+}
+
+/// Transport protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP, the only one the mesh captures.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A service port's target, as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// The name of a container port, resolved per pod.
+    Name(String),
+}
+
+/// A Service.
+#[derive(Debug)]
+pub struct Service {
+    /// The service's DNS name, `<name>.<namespace>.svc.<cluster domain>`
+    /// ([`crate::EnrollmentOptions::cluster_domain`]): Istio's `destination_service` and the
+    /// `:authority` a waypoint routes by.
+    pub hostname: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Virtual IPs, at most one per family; empty for a headless service.
+    pub vips: Vec<IpAddr>,
+    /// Selector; empty means no automatic endpoints.
+    pub selector: Labels,
+    /// Ports with their endpoints.
+    pub ports: Vec<ServicePort>,
+}
+
+/// A port of a Service, with its endpoints.
+#[derive(Debug)]
+pub struct ServicePort {
+    /// Port name.
+    pub name: Option<String>,
+    /// Port on the VIPs.
+    pub port: u16,
+    /// Protocol; only TCP ports are indexed for [`ClusterState::resolve`].
+    pub protocol: Protocol,
+    /// Target as written.
+    pub target_port: TargetPort,
+    /// Ready pods that serve this port, sorted by pod name, with the target port resolved.
+    pub endpoints: Vec<Endpoint>,
+    /// Endpoint addresses per family (index into `endpoints`, address).
+    v4: Vec<(usize, SocketAddr)>,
+    v6: Vec<(usize, SocketAddr)>,
+    /// Round-robin cursor, shared by both families; wraps around.
+    next: AtomicUsize,
+}
+
+/// A pod serving a service port.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// The pod.
+    pub workload: Arc<Workload>,
+    /// The target port on that pod.
+    pub port: u16,
+}
+
+impl fmt::Display for Service {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ServicePort {
+    /// A port with its endpoints (in order); indexes them per address family.
+    pub(crate) fn new(
+        name: Option<String>,
+        (port, protocol): (u16, Protocol),
+        target_port: TargetPort,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
+        let family = |v4: bool| -> Vec<(usize, SocketAddr)> {
+            endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(index, ep)| {
+                    let ip = ep.workload.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
+                    Some((index, SocketAddr::new(*ip, ep.port)))
+                })
+                .collect()
+        };
+        let (v4, v6) = (family(true), family(false));
+        Self {
+            name,
+            port,
+            protocol,
+            target_port,
+            endpoints,
+            v4,
+            v6,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Picks the next endpoint with an address of `dst`'s family, round-robin.
+    pub(crate) fn pick(&self, family: IpAddr) -> Option<(&Endpoint, SocketAddr)> {
+        let candidates = if family.is_ipv4() { &self.v4 } else { &self.v6 };
+        if candidates.is_empty() {
+            return None;
+        }
+        // Relaxed: the cursor only spreads load; no other memory depends on it.
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let (index, addr) = candidates[turn];
+        Some((&self.endpoints[index], addr))
+    }
+}
+
+/// Where a connection to a destination address goes.
+#[derive(Clone, Debug)]
+pub enum Resolution {
+    /// A service VIP and TCP port with a ready endpoint of the destination's address family.
+    Service {
+        /// The service.
+        service: Arc<Service>,
+        /// The chosen endpoint: pod address of the destination's family, and target port.
+        endpoint: SocketAddr,
+        /// The pod behind `endpoint`.
+        workload: Arc<Workload>,
+    },
+    /// A service VIP and TCP port with no ready endpoint of the destination's family.
+    NoEndpoint {
+        /// The service.
+        service: Arc<Service>,
+    },
+    /// A pod address (enrolled or not; see [`Workload::enrolled`]).
+    Workload {
+        /// The pod.
+        workload: Arc<Workload>,
+    },
+    /// Nothing the mesh knows: pass the connection through unchanged.
+    Passthrough,
+}

@@ -1,0 +1,337 @@
+//! The agent's view of the cluster: workloads (pods), services, and `PeerAuthentication` and
+//! `AuthorizationPolicy` policies, built from Kubernetes objects by one function, [`ClusterState::build`], whatever the
+//! source (the directory of YAML files today, a Kubernetes watch later), and indexed for the
+//! lookups the data path makes per connection.
+//!
+//! A [`ClusterState`] is immutable once built and is shared as `Arc<ClusterState>`; a change in
+//! the source produces a new one. The only mutable part is the round-robin cursor of each service
+//! port (an atomic), which restarts at the first endpoint in each new state.
+
+use std::{
+    collections::{hash_map::Entry, BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use super::{
+    authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
+    error::{SourceError, StateError},
+    k8s::{self, Kind, Object, ObjectRef},
+    model::{Protocol, Resolution, Service, ServicePort, Workload},
+    names::{check_name, NameRule},
+    options::EnrollmentOptions,
+    peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy},
+    translate::{
+        pod_ref, service_from, service_ref, shortcut_annotation, workload_from, workload_ref,
+        BuiltPod,
+    },
+};
+use crate::{k8s::PodExt, meta::MetaExt};
+
+/// An immutable view of the cluster, with the indexes the data path uses.
+#[derive(Debug)]
+pub struct ClusterState {
+    generation: u64,
+    errors: Vec<SourceError>,
+    workloads: Vec<Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_node: HashMap<String, Vec<Arc<Workload>>>,
+    services: Vec<Arc<Service>>,
+    by_hostname: HashMap<String, Arc<Service>>,
+    by_addr: HashMap<SocketAddr, (Arc<Service>, usize)>,
+    peer_auth: PeerAuthIndex,
+    authz: AuthzIndex,
+    /// The indexes' warnings: `PeerAuthentication`'s, then `AuthorizationPolicy`'s.
+    warnings: Vec<String>,
+}
+
+impl ClusterState {
+    /// Builds and validates the state from `objects`, in any order. Pods that have finished
+    /// (`Succeeded`, `Failed`) are left out: their addresses may already belong to new pods.
+    /// The result has generation 0 and no source errors; the source sets both.
+    pub fn build<'a>(
+        objects: impl IntoIterator<Item = &'a Object>,
+        opts: &EnrollmentOptions,
+    ) -> Result<Self, StateError> {
+        opts.validate()?;
+        let mut namespaces = BTreeMap::new();
+        let mut pods = BTreeMap::new();
+        let mut services = BTreeMap::new();
+        let mut peer_auths = BTreeMap::new();
+        let mut authz_policies = BTreeMap::new();
+        for object in objects {
+            let duplicate = match object {
+                Object::Namespace(ns) => namespaces.insert(ns.metadata.name(), ns).is_some(),
+                Object::Pod(pod) => pods
+                    .insert((pod.metadata.namespace(), pod.metadata.name()), pod)
+                    .is_some(),
+                Object::Service(svc) => services
+                    .insert((svc.metadata.namespace(), svc.metadata.name()), svc)
+                    .is_some(),
+                Object::PeerAuthentication(pa) => peer_auths
+                    .insert((pa.metadata.namespace(), pa.metadata.name()), pa)
+                    .is_some(),
+                Object::AuthorizationPolicy(ap) => authz_policies
+                    .insert((ap.metadata.namespace(), ap.metadata.name()), ap)
+                    .is_some(),
+            };
+            if duplicate {
+                return Err(StateError::Duplicate {
+                    object: object.object_ref(),
+                });
+            }
+        }
+        for namespace in namespaces.values() {
+            let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
+            check_name(
+                &object,
+                "metadata.name",
+                namespace.metadata.name(),
+                NameRule::Label,
+            )?;
+            shortcut_annotation(&object, &namespace.metadata)?;
+        }
+
+        let mut state = ClusterState {
+            generation: 0,
+            errors: Vec::new(),
+            workloads: Vec::new(),
+            by_ip: HashMap::new(),
+            by_node: HashMap::new(),
+            services: Vec::new(),
+            by_hostname: HashMap::new(),
+            by_addr: HashMap::new(),
+            peer_auth: PeerAuthIndex::default(),
+            authz: AuthzIndex::default(),
+            warnings: Vec::new(),
+        };
+        let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
+        for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
+            let ns_meta = namespaces.get(namespace).map(|ns| &ns.metadata);
+            let workload = Arc::new(workload_from(pod, ns_meta, opts)?);
+            state.index_workload(&workload, pod)?;
+            by_namespace
+                .entry(namespace)
+                .or_default()
+                .push(BuiltPod { workload, pod });
+        }
+        for (&(namespace, _), &svc) in &services {
+            let pods = by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+            let service = Arc::new(service_from(svc, pods, opts)?);
+            state.index_service(&service, svc)?;
+        }
+        state.peer_auth = PeerAuthIndex::build(
+            peer_auths.into_values(),
+            &opts.root_namespace,
+            &state.workloads,
+        )?;
+        state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
+        state.warnings = [state.peer_auth.warnings(), state.authz.warnings()].concat();
+        Ok(state)
+    }
+
+    fn index_workload(
+        &mut self,
+        workload: &Arc<Workload>,
+        pod: &k8s::Pod,
+    ) -> Result<(), StateError> {
+        if !workload.host_network {
+            for ip in &workload.ips {
+                if let Some(other) = self.by_ip.insert(*ip, Arc::clone(workload)) {
+                    return Err(StateError::DuplicateIp {
+                        object: pod_ref(pod),
+                        field: "status.podIPs".to_owned(),
+                        ip: *ip,
+                        other: Box::new(workload_ref(&other)),
+                    });
+                }
+            }
+        }
+        if let Some(node) = &workload.node {
+            self.by_node
+                .entry(node.clone())
+                .or_default()
+                .push(Arc::clone(workload));
+        }
+        self.workloads.push(Arc::clone(workload));
+        Ok(())
+    }
+
+    fn index_service(
+        &mut self,
+        service: &Arc<Service>,
+        svc: &k8s::Service,
+    ) -> Result<(), StateError> {
+        let object = || service_ref(svc);
+        for (index, vip) in service.vips.iter().enumerate() {
+            if let Some(owner) = self.by_ip.get(vip) {
+                return Err(StateError::DuplicateIp {
+                    object: object(),
+                    field: if svc
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.cluster_ips.as_ref())
+                        .is_none_or(Vec::is_empty)
+                    {
+                        "spec.clusterIP".to_owned()
+                    } else {
+                        format!("spec.clusterIPs[{index}]")
+                    },
+                    ip: *vip,
+                    other: Box::new(workload_ref(owner)),
+                });
+            }
+        }
+        for (index, port) in service.ports.iter().enumerate() {
+            if port.protocol != Protocol::Tcp {
+                continue;
+            }
+            for vip in &service.vips {
+                let addr = SocketAddr::new(*vip, port.port);
+                match self.by_addr.entry(addr) {
+                    Entry::Occupied(entry) => {
+                        let other = &entry.get().0;
+                        return Err(StateError::DuplicateServicePort {
+                            object: object(),
+                            field: format!("spec.ports[{index}].port"),
+                            addr,
+                            other: Box::new(ObjectRef {
+                                kind: Kind::Service,
+                                namespace: Some(other.namespace.clone()),
+                                name: other.name.clone(),
+                            }),
+                        });
+                    }
+                    Entry::Vacant(entry) => {
+                        entry.insert((Arc::clone(service), index));
+                    }
+                }
+            }
+        }
+        self.services.push(Arc::clone(service));
+        self.by_hostname
+            .insert(service.hostname.clone(), Arc::clone(service));
+        Ok(())
+    }
+
+    /// Sets the generation and the source's current errors (done by the source that publishes).
+    #[must_use]
+    pub(crate) fn with_status(mut self, generation: u64, errors: Vec<SourceError>) -> Self {
+        self.generation = generation;
+        self.errors = errors;
+        self
+    }
+
+    /// Number of this snapshot; each published snapshot has a higher one.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Problems of the source when this snapshot was made (files that failed to parse or were
+    /// rejected; their last good objects are in this state).
+    pub fn errors(&self) -> &[SourceError] {
+        &self.errors
+    }
+
+    /// Problems of valid objects that do not stop the state from being built, one line each:
+    /// conflicting `PeerAuthentications` (the oldest applies), `PeerAuthentications` that apply to
+    /// nothing, then `AuthorizationPolicies` for waypoints (not enforced by the agent), rules with
+    /// HTTP (L7) fields (an ALLOW or AUDIT rule matches nothing, a DENY rule is enforced without
+    /// them), DENY or AUDIT policies without rules. The source logs each once, when it appears.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// All workloads, sorted by namespace and name.
+    pub fn workloads(&self) -> &[Arc<Workload>] {
+        &self.workloads
+    }
+
+    /// Workloads scheduled on `node`, enrolled or not, sorted by namespace and name.
+    pub fn workloads_on_node(&self, node: &str) -> std::slice::Iter<'_, Arc<Workload>> {
+        self.by_node.get(node).map_or(&[][..], Vec::as_slice).iter()
+    }
+
+    /// The pod that has address `ip` (host-network pods excluded). IPv4-mapped IPv6 addresses
+    /// are looked up as IPv4.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    /// All services, sorted by namespace and name.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    /// The service whose hostname ([`Service::hostname`]) is `host`, exactly as written.
+    pub fn service_by_hostname(&self, host: &str) -> Option<&Arc<Service>> {
+        self.by_hostname.get(host)
+    }
+
+    /// The service and port at VIP `addr` (TCP ports only).
+    pub fn service_by_addr(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &ServicePort)> {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        let (service, index) = self.by_addr.get(&addr)?;
+        Some((service, &service.ports[*index]))
+    }
+
+    /// All `PeerAuthentications`, sorted by namespace and name.
+    pub fn peer_authentications(&self) -> &[Arc<PeerAuthPolicy>] {
+        self.peer_auth.policies()
+    }
+
+    /// The inbound mTLS mode of `workload` on `port` (the workload's port, not a service port),
+    /// and the policy that decided it: the workload's selector policy (its `portLevelMtls` entry
+    /// for `port` first), else its namespace's policy, else the mesh-wide one, skipping `UNSET`
+    /// modes; PERMISSIVE if none sets a mode. `DISABLE` gives [`MtlsMode::Permissive`] (see
+    /// there). Whether the workload is enrolled is not considered; see the [`super::peer_auth`]
+    /// module for the rules.
+    ///
+    /// [`MtlsMode::Permissive`]: super::MtlsMode::Permissive
+    pub fn peer_authentication(&self, workload: &Workload, port: u16) -> PeerAuthDecision {
+        self.peer_auth.decide(workload, port)
+    }
+
+    /// All `AuthorizationPolicies`, sorted by namespace and name, with their rules as enforced
+    /// (serializable, for the admin interface's config dump).
+    pub fn authorization_policies(&self) -> &[Arc<AuthzPolicy>] {
+        self.authz.policies()
+    }
+
+    /// Whether the `AuthorizationPolicies` let `conn` in, as ztunnel decides at L4: denied if a
+    /// DENY policy that applies to the destination workload matches; else, if ALLOW policies
+    /// apply, allowed only if one matches; else allowed. AUDIT policies that match are listed
+    /// and do not change the verdict. Only the policies that apply to the destination's
+    /// namespace (and the root namespace's) are evaluated. See the [`super::authz`] module for
+    /// the rules.
+    pub fn authorize(&self, conn: &ConnFacts<'_>) -> AuthzDecision {
+        self.authz.decide(conn)
+    }
+
+    /// Where a TCP connection to `dst` goes. A service VIP and port resolves to one of its ready
+    /// endpoints that has an address of `dst`'s family, chosen **round-robin**: each service port
+    /// keeps an `AtomicUsize` cursor in this (shared) state, advanced by every resolution, so
+    /// concurrent callers spread over the endpoints; a new snapshot starts again at the first.
+    /// IPv4-mapped IPv6 destinations are treated as IPv4.
+    pub fn resolve(&self, dst: SocketAddr) -> Resolution {
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        if let Some((service, index)) = self.by_addr.get(&dst) {
+            return match service.ports[*index].pick(dst.ip()) {
+                Some((endpoint, addr)) => Resolution::Service {
+                    service: Arc::clone(service),
+                    endpoint: addr,
+                    workload: Arc::clone(&endpoint.workload),
+                },
+                None => Resolution::NoEndpoint {
+                    service: Arc::clone(service),
+                },
+            };
+        }
+        match self.by_ip.get(&dst.ip()) {
+            Some(workload) => Resolution::Workload {
+                workload: Arc::clone(workload),
+            },
+            None => Resolution::Passthrough,
+        }
+    }
+}
