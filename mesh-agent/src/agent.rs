@@ -20,7 +20,9 @@ use crate::{
     admin::{self, AdminConfig},
     config::{AgentConfig, ClusterSource},
     datapath::{Datapath, DatapathError, Shortcut},
+    handles::HandleStore,
     logging::LogControl,
+    netns::NetnsRef,
     pods::{checks::Host, DesiredPod, PodManager, ProxyParts},
     proxy::{
         tracker::{AuthzSubject, Tracker},
@@ -62,6 +64,8 @@ pub enum AgentError {
     Config(#[from] crate::config::ConfigError),
     #[error("Kubernetes client: {0}")]
     KubeClient(String),
+    #[error("CNI hand-over socket: {0}")]
+    Handover(String),
     #[error(transparent)]
     Kube(#[from] mesh_cluster::KubeSourceError),
 }
@@ -132,21 +136,28 @@ impl ClusterResolver {
     }
 }
 
-/// The pods of this node the cluster view enrolls, with what the agent needs to capture them.
-/// (The cluster view refuses a state in which an enrolled pod of this node lacks its runtime
-/// annotations, so both are present here.)
-fn desired_pods(state: &ClusterState, node: &str) -> Vec<DesiredPod> {
+/// The pods of this node the cluster view enrolls, with what the agent needs to capture them:
+/// from the stand-in annotations (the file source; the view refuses an enrolled pod of this
+/// node without them), or from the hand-over store on Kubernetes (`handles`).
+fn desired_pods(
+    state: &ClusterState,
+    node: &str,
+    handles: Option<&HandleStore>,
+) -> Vec<DesiredPod> {
     state
         .workloads_on_node(node)
-        .filter(|w| w.enrolled)
+        .filter(|w| w.enrolled && !w.host_network)
         .filter_map(|w| {
+            if let Some(store) = handles {
+                return Some(store.desired(w));
+            }
             let (Some(netns), Some(cgroup)) = (w.netns.clone(), w.cgroup.clone()) else {
                 warn!(pod = %w, "enrolled pod without runtime annotations; not captured");
                 return None;
             };
             Some(DesiredPod {
                 name: w.to_string(),
-                netns,
+                netns: NetnsRef::Path(netns),
                 cgroup,
                 ips: w.ips.clone(),
                 identity: w.identity.clone(),
@@ -175,6 +186,10 @@ fn shortcut(budget: u32) -> Option<Shortcut> {
 struct Source {
     state: watch::Receiver<Arc<ClusterState>>,
     api: Option<watch::Receiver<ApiStatus>>,
+    /// Where pods live (Kubernetes only; the CNI hand-over fills it).
+    handles: Option<Arc<HandleStore>>,
+    /// The API client (Kubernetes only), for the pods' capture events.
+    client: Option<kube::Client>,
     _running: SourceTasks,
 }
 
@@ -198,17 +213,23 @@ async fn start_source(config: &AgentConfig, readiness: &Readiness) -> Result<Sou
             Ok(Source {
                 state,
                 api: None,
+                handles: None,
+                client: None,
                 _running: SourceTasks::Files(task),
             })
         }
-        ClusterSource::Kubernetes { kubeconfig } => {
+        ClusterSource::Kubernetes {
+            kubeconfig,
+            kubepods_cgroup,
+            ..
+        } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
             let options = mesh_cluster::EnrollmentOptions {
                 runtime_handles: RuntimeHandles::Discovered,
                 ..options
             };
             let listing = readiness.block("first list from the Kubernetes API");
-            let watcher = KubeSource::new(client, options, KubeOptions::default())?
+            let watcher = KubeSource::new(client.clone(), options, KubeOptions::default())?
                 .start()
                 .await?;
             drop(listing);
@@ -217,10 +238,46 @@ async fn start_source(config: &AgentConfig, readiness: &Readiness) -> Result<Sou
             Ok(Source {
                 state: watcher.state.clone(),
                 api: Some(api),
+                handles: Some(HandleStore::new(kubepods_cgroup.clone())),
+                client: Some(client),
                 _running: SourceTasks::Kubernetes(watcher, note),
             })
         }
     }
+}
+
+/// On Kubernetes, serves `mesh-cni`'s hand-over socket (pods then reach the store).
+fn spawn_handover(
+    config: &AgentConfig,
+    source: &Source,
+    pods: &PodManager,
+    readiness: &Readiness,
+) -> Result<(), AgentError> {
+    let (Some(store), ClusterSource::Kubernetes { cni_socket, .. }) =
+        (&source.handles, &config.source)
+    else {
+        return Ok(());
+    };
+    if let Some(client) = &source.client {
+        tokio::spawn(crate::capture_events::run(
+            client.clone(),
+            config.node_name.clone(),
+            source.state.clone(),
+            pods.ctx().local.clone(),
+            pods.uncaptured(),
+        ));
+    }
+    crate::handles::cni::spawn(
+        cni_socket.clone(),
+        crate::handles::cni::AgentView {
+            state: source.state.clone(),
+            store: Arc::clone(store),
+            local: pods.ctx().local.clone(),
+            uncaptured: pods.uncaptured(),
+            readiness: readiness.clone(),
+        },
+    )
+    .map_err(|e| AgentError::Handover(e.to_string()))
 }
 
 /// A client for the kubeconfig at `path`, else in-cluster configuration (or `$KUBECONFIG`).
@@ -339,8 +396,9 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         started,
     };
     let _admin = serve_admin(status, readiness.clone(), log).await?;
+    spawn_handover(&config, &source, &pods, &readiness)?;
     let state = Arc::clone(&state_rx.borrow_and_update());
-    let desired = desired_pods(&state, &config.node_name);
+    let desired = desired_pods(&state, &config.node_name, source.handles.as_deref());
     certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
     // Attaches this instance's links, then detaches an earlier instance's (for the pods it
     // captured itself): no moment without capture.
@@ -358,6 +416,8 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         "agent ready"
     );
     let signal = Serving {
+        handles_rx: source.handles.as_ref().map(|h| h.subscribe()),
+        handles: source.handles.clone(),
         node: &config.node_name,
         state_rx,
         certs: &certs,
@@ -388,8 +448,19 @@ impl Signals {
     }
 }
 
+/// Resolves when the hand-over store changed (`true`); never without a store.
+async fn wait_handles(rx: Option<&mut watch::Receiver<u64>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 /// The serving loop's inputs.
 struct Serving<'a> {
+    /// Where pods live, on Kubernetes (the CNI hand-over); `None` with the file source.
+    handles: Option<Arc<HandleStore>>,
+    handles_rx: Option<watch::Receiver<u64>>,
     node: &'a str,
     state_rx: watch::Receiver<Arc<ClusterState>>,
     certs: &'a CertManager,
@@ -413,14 +484,22 @@ impl Serving<'_> {
                     let state = Arc::clone(&self.state_rx.borrow_and_update());
                     // The cluster module logs each new state (generation, counts, errors).
                     debug!(generation = state.generation(), "reconciling pods");
-                    let desired = desired_pods(&state, self.node);
+                    let desired = desired_pods(&state, self.node, self.handles.as_deref());
                     self.certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
                     pods.reconcile(&desired).await;
                     recheck(self.tracker, &state);
                 }
+                changed = wait_handles(self.handles_rx.as_mut()) => {
+                    if changed {
+                        let state = Arc::clone(&self.state_rx.borrow());
+                        let desired = desired_pods(&state, self.node, self.handles.as_deref());
+                        self.certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
+                        pods.reconcile(&desired).await;
+                    }
+                }
                 _ = retry.tick(), if pods.has_failures() => {
                     let state = Arc::clone(&self.state_rx.borrow());
-                    pods.reconcile(&desired_pods(&state, self.node)).await;
+                    pods.reconcile(&desired_pods(&state, self.node, self.handles.as_deref())).await;
                 }
                 _ = signals.terminate.recv() => return "SIGTERM",
                 _ = signals.interrupt.recv() => return "SIGINT",
@@ -485,9 +564,10 @@ async fn become_ready(
         }
     };
     drop(config_ready);
-    let identities: BTreeSet<Identity> = desired_pods(&state, &node)
-        .into_iter()
-        .map(|d| d.identity)
+    let identities: BTreeSet<Identity> = state
+        .workloads_on_node(&node)
+        .filter(|w| w.enrolled && !w.host_network)
+        .map(|w| w.identity.clone())
         .collect();
     for identity in identities {
         while let Err(e) = certs.wait_for(&identity, Duration::from_secs(30)).await {

@@ -33,7 +33,13 @@ pub enum ClusterSource {
     },
     /// The Kubernetes API server: the kubeconfig named (`--kubeconfig`), else the in-cluster
     /// service account (or `$KUBECONFIG`).
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        /// The hand-over socket `mesh-cni` calls (`--cni-socket`).
+        cni_socket: PathBuf,
+        /// Below it, the kubelet's `kubepods` tree of pod cgroups (`--kubepods-cgroup`).
+        kubepods_cgroup: PathBuf,
+    },
 }
 
 impl fmt::Display for ClusterSource {
@@ -42,12 +48,19 @@ impl fmt::Display for ClusterSource {
             ClusterSource::Files { dir, limits } => {
                 write!(f, "source=files config_dir={} {limits}", dir.display())
             }
-            ClusterSource::Kubernetes { kubeconfig: None } => {
-                f.write_str("source=kubernetes kubeconfig=in-cluster")
-            }
             ClusterSource::Kubernetes {
-                kubeconfig: Some(path),
-            } => write!(f, "source=kubernetes kubeconfig={}", path.display()),
+                kubeconfig,
+                cni_socket,
+                kubepods_cgroup,
+            } => write!(
+                f,
+                "source=kubernetes kubeconfig={} cni_socket={} kubepods_cgroup={}",
+                kubeconfig
+                    .as_ref()
+                    .map_or_else(|| "in-cluster".into(), |p| p.display().to_string()),
+                cni_socket.display(),
+                kubepods_cgroup.display()
+            ),
         }
     }
 }
@@ -268,6 +281,7 @@ impl AgentConfig {
             }
             ClusterSource::Kubernetes {
                 kubeconfig: Some(path),
+                ..
             } if !path.is_file() => {
                 return Err(ConfigError::Kubeconfig { path: path.clone() });
             }

@@ -9,8 +9,10 @@
 
 pub mod admin;
 pub mod agent;
+pub mod capture_events;
 pub mod config;
 pub mod datapath;
+pub mod handles;
 pub mod kernel_btf;
 pub mod local_pod;
 pub mod logging;

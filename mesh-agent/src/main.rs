@@ -43,6 +43,13 @@ enum Command {
         /// without `--config-dir`) the in-cluster service account, or `$KUBECONFIG`.
         #[arg(long, env = "MESH_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
+        /// On Kubernetes: the socket on which `mesh-cni` hands new pods over.
+        #[arg(long, default_value = mesh_cni::handover::DEFAULT_SOCKET)]
+        cni_socket: PathBuf,
+        /// On Kubernetes: the cgroup directory holding the kubelet's `kubepods` tree (default:
+        /// the cgroup2 mount).
+        #[arg(long)]
+        kubepods_cgroup: Option<PathBuf>,
         /// Largest config file read, in bytes (4 KiB to 64 MiB); a larger one is refused unread.
         #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_FILE_BYTES)]
         config_max_file_bytes: u64,
@@ -139,6 +146,8 @@ fn main() -> anyhow::Result<()> {
             node_name,
             config_dir,
             kubeconfig,
+            cni_socket,
+            kubepods_cgroup,
             config_max_file_bytes,
             config_max_depth,
             bpffs_dir,
@@ -171,20 +180,13 @@ fn main() -> anyhow::Result<()> {
             let config = AgentConfig {
                 node_name,
                 bpffs_dir,
-                source: match (config_dir, kubeconfig) {
-                    (Some(_), Some(_)) => {
-                        return Err(mesh_agent::config::ConfigError::TwoSources)
-                            .context("invalid configuration")
-                    }
-                    (Some(dir), None) => ClusterSource::Files {
-                        dir,
-                        limits: mesh_cluster::FileLimits {
-                            max_file_bytes: config_max_file_bytes,
-                            max_depth: config_max_depth,
-                        },
-                    },
-                    (None, kubeconfig) => ClusterSource::Kubernetes { kubeconfig },
-                },
+                source: cluster_source(
+                    config_dir,
+                    kubeconfig,
+                    cni_socket,
+                    kubepods_cgroup,
+                    (config_max_file_bytes, config_max_depth),
+                )?,
                 agent_cgroup,
                 sockmap: !no_sockmap,
                 shortcut_budget: shortcut_budget_bytes,
@@ -272,4 +274,36 @@ fn print_stats(bpffs_dir: &std::path::Path, json: bool, sockets: bool) -> anyhow
         }
     }
     Ok(())
+}
+
+/// Where the agent reads the cluster: `--config-dir` (files) or the Kubernetes API (the
+/// kubeconfig named, or in-cluster), never both.
+fn cluster_source(
+    config_dir: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    cni_socket: PathBuf,
+    kubepods_cgroup: Option<PathBuf>,
+    (max_file_bytes, max_depth): (u64, usize),
+) -> anyhow::Result<ClusterSource> {
+    Ok(match (config_dir, kubeconfig) {
+        (Some(_), Some(_)) => {
+            return Err(mesh_agent::config::ConfigError::TwoSources)
+                .context("invalid configuration")
+        }
+        (Some(dir), None) => ClusterSource::Files {
+            dir,
+            limits: mesh_cluster::FileLimits {
+                max_file_bytes,
+                max_depth,
+            },
+        },
+        (None, kubeconfig) => ClusterSource::Kubernetes {
+            kubeconfig,
+            cni_socket,
+            kubepods_cgroup: match kubepods_cgroup {
+                Some(dir) => dir,
+                None => mesh_agent::config::cgroup2_root().context("invalid configuration")?,
+            },
+        },
+    })
 }

@@ -8,9 +8,9 @@
 use std::{
     fs::File,
     io,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
 };
 
 use nix::sched::{setns, CloneFlags};
@@ -27,6 +27,60 @@ pub enum NetnsError {
     Enter { path: PathBuf, source: nix::Error },
     #[error("in network namespace {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("network namespace not known yet: {0}")]
+    Unknown(String),
+}
+
+/// Where a pod's network namespace is, as its source tells it.
+#[derive(Clone, Debug)]
+pub enum NetnsRef {
+    /// A namespace file (the file source's stand-in annotation, `/run/netns/<name>`).
+    Path(PathBuf),
+    /// An open descriptor: handed over by the CNI plugin, or taken from `/proc` (`from` says
+    /// which). Kept open, so the namespace cannot be swapped under the agent by reusing a path.
+    Fd {
+        fd: Arc<OwnedFd>,
+        from: &'static str,
+    },
+    /// Not known yet, and why (a pod waiting for its hand-over): it cannot be captured.
+    Unknown(String),
+}
+
+impl PartialEq for NetnsRef {
+    /// Paths by name; descriptors by the namespace they refer to (device and inode), so the
+    /// same namespace handed over twice is the same.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (NetnsRef::Path(a), NetnsRef::Path(b)) => a == b,
+            (NetnsRef::Fd { fd: a, .. }, NetnsRef::Fd { fd: b, .. }) => {
+                Arc::ptr_eq(a, b) || ns_identity(a).is_some_and(|id| ns_identity(b) == Some(id))
+            }
+            (NetnsRef::Unknown(a), NetnsRef::Unknown(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for NetnsRef {}
+
+impl std::fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetnsRef::Path(path) => write!(f, "{}", path.display()),
+            NetnsRef::Fd { fd, from } => match ns_identity(fd) {
+                Some((_, ino)) => write!(f, "net:[{ino}] ({from})"),
+                None => write!(f, "a namespace descriptor ({from})"),
+            },
+            NetnsRef::Unknown(why) => write!(f, "unknown: {why}"),
+        }
+    }
+}
+
+/// Device and inode of the namespace behind `fd`.
+fn ns_identity(fd: &OwnedFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino))
 }
 
 /// An open network namespace.
@@ -48,6 +102,27 @@ impl Netns {
             file,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Opens the namespace `at` names (a descriptor is duplicated: the original stays with its
+    /// source). An unknown namespace is an error saying why.
+    pub fn open_ref(at: &NetnsRef) -> Result<Self, NetnsError> {
+        match at {
+            NetnsRef::Path(path) => Self::open(path),
+            NetnsRef::Fd { fd, .. } => {
+                init_home()?;
+                let label = PathBuf::from(at.to_string());
+                let file = fd
+                    .try_clone()
+                    .map(File::from)
+                    .map_err(|source| NetnsError::Open {
+                        path: label.clone(),
+                        source,
+                    })?;
+                Ok(Self { file, path: label })
+            }
+            NetnsRef::Unknown(why) => Err(NetnsError::Unknown(why.clone())),
+        }
     }
 
     pub fn path(&self) -> &Path {

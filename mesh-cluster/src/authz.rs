@@ -97,6 +97,11 @@ pub enum DecisionReason {
     /// (set by the agent, which checks mTLS before `AuthorizationPolicy`; `policy` names the
     /// `PeerAuthentication`).
     MtlsRequired,
+    /// The destination is not a workload of the cluster view: denied. The agent only decides
+    /// for pods it captured, so this is a view that lags (a pod handed over by the CNI plugin
+    /// before its address reached the API) or a pod that left it: its policies cannot be known,
+    /// so the connection fails closed.
+    UnknownDestination,
 }
 
 /// The outcome of [`super::ClusterState::authorize`].

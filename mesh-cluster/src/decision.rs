@@ -26,13 +26,14 @@ pub struct Inbound<'a> {
 
 impl ClusterState {
     /// Whether `conn` may reach its destination, and why. A destination the model does not know
-    /// as a workload (it left the view) has no policy: policies select workloads only.
+    /// as a workload is refused ([`DecisionReason::UnknownDestination`]): its policies cannot
+    /// be known (the caller decides only for pods it captured).
     pub fn admit(&self, conn: &Inbound<'_>) -> AuthzDecision {
         let dst_ip = conn.dst.ip().to_canonical();
         let Some(dst) = self.workload_by_ip(dst_ip) else {
             return AuthzDecision {
-                verdict: Verdict::Allow,
-                reason: DecisionReason::NoPolicy,
+                verdict: Verdict::Deny,
+                reason: DecisionReason::UnknownDestination,
                 policy: None,
                 audited: Vec::new(),
             };

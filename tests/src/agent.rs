@@ -71,7 +71,10 @@ pub struct AgentOptions {
     /// built-in CA's directory is `ca` beside it either way).
     pub config_dir: PathBuf,
     /// Read the cluster from the Kubernetes API with this kubeconfig instead of `config_dir`.
+    /// The agent's CNI hand-over socket is then [`AgentOptions::cni_socket`] for its node.
     pub kubeconfig: Option<PathBuf>,
+    /// With `kubeconfig`: the cgroup directory holding the node's `kubepods` tree.
+    pub kubepods_cgroup: Option<PathBuf>,
     /// Offer the sockmap short-cut to pods that opt in (`false`: `--no-sockmap`).
     pub sockmap: bool,
     /// Keep pinned maps at exit (for restart tests).
@@ -87,10 +90,17 @@ impl AgentOptions {
         Self {
             config_dir: config_dir.into(),
             kubeconfig: None,
+            kubepods_cgroup: None,
             sockmap: true,
             keep_pins: false,
             extra_args: Vec::new(),
         }
+    }
+
+    /// The CNI hand-over socket of the agent of `node` (beside the config directory, one per
+    /// node: the nodes of a testbed share one machine).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.config_dir.with_file_name(format!("cni-{node}.sock"))
     }
 
     /// The built-in certificate authority's directory.
@@ -115,7 +125,16 @@ impl Agent {
         cmd.args(["run", "--node-name", &node.name, "--bpffs-dir"])
             .arg(&node.bpffs_dir);
         match &options.kubeconfig {
-            Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
+            Some(kubeconfig) => {
+                cmd.arg("--kubeconfig")
+                    .arg(kubeconfig)
+                    .arg("--cni-socket")
+                    .arg(options.cni_socket(&node.name));
+                if let Some(dir) = &options.kubepods_cgroup {
+                    cmd.arg("--kubepods-cgroup").arg(dir);
+                }
+                &mut cmd
+            }
             None => cmd.arg("--config-dir").arg(&options.config_dir),
         };
         cmd.arg("--ca-dir")

@@ -59,6 +59,7 @@ impl Mesh {
         let options = AgentOptions {
             config_dir: files.dir().to_path_buf(),
             kubeconfig: None,
+            kubepods_cgroup: None,
             sockmap: shortcut != Shortcut::Off,
             keep_pins: false,
             extra_args: Vec::new(),

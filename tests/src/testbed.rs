@@ -307,8 +307,22 @@ impl Testbed {
             &self.id,
             &self.cgroup_dir,
             &self.bpffs_dir,
-            &self.netns,
+            &self.all_netns(),
         )
+    }
+
+    /// Its own namespaces and any other named after it (a testbed kubelet's pods'), those last
+    /// so that they are removed first.
+    fn all_netns(&self) -> Vec<String> {
+        let mut all = self.netns.clone();
+        let others = fs::read_dir(NETNS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| testbed_id_of(n) == Some(self.id.as_str()) && !self.netns.contains(n));
+        all.extend(others);
+        all
     }
 }
 
@@ -322,7 +336,7 @@ impl Drop for Testbed {
             &self.id,
             &self.cgroup_dir,
             &self.bpffs_dir,
-            &self.netns,
+            &self.all_netns(),
         ) {
             eprintln!("testbed {}: cleanup failed: {e}", self.id);
         }

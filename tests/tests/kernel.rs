@@ -141,6 +141,7 @@ fn agent_refuses_a_missing_config_directory_naming_it() {
     let options = mesh_tests::agent::AgentOptions {
         config_dir: "/nonexistent/mesh-config".into(),
         kubeconfig: None,
+        kubepods_cgroup: None,
         sockmap: true,
         keep_pins: false,
         extra_args: Vec::new(),

@@ -12,16 +12,14 @@
 //! so policies are checked in the agent's view, not yet with traffic.
 
 use std::{
-    path::Path,
+    net::SocketAddr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use kube::{
     api::{
         ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -29,10 +27,12 @@ use kube::{
     },
     Api, Client,
 };
+use mesh_cni::handover::{Client as Handover, PodRef, Verdict};
 use mesh_tests::{
     agent::AgentOptions,
     http::http,
-    kube::{register_node, ControlPlane, Credentials},
+    kube::{register_node, ControlPlane},
+    probe,
     telemetry::{scrape, ADMIN, READINESS},
     Agent, Node, Testbed, TestbedSpec,
 };
@@ -41,85 +41,10 @@ use serde_json::{json, Value};
 const SHOP: &str = "shop";
 /// A node no agent of this test serves: its pods are destinations only.
 const OTHER_NODE: &str = "n9";
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
     serde_json::from_value(value).expect("object from JSON")
-}
-
-/// Creates every object of the agent's RBAC manifest (`deploy/rbac/agent.yaml`) as it is.
-async fn apply_agent_rbac(client: &Client) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac/agent.yaml");
-    let text = std::fs::read_to_string(&path).expect("deploy/rbac/agent.yaml");
-    let pp = PostParams::default();
-    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|document| serde::Deserialize::deserialize(document).expect("YAML"))
-        .collect();
-    for value in documents {
-        match value["kind"].as_str().expect("kind") {
-            "Namespace" => drop(
-                Api::<Namespace>::all(client.clone())
-                    .create(&pp, &from_json(value))
-                    .await
-                    .expect("namespace"),
-            ),
-            "ServiceAccount" => drop(
-                Api::<ServiceAccount>::namespaced(client.clone(), "mesh-system")
-                    .create(&pp, &from_json(value))
-                    .await
-                    .expect("service account"),
-            ),
-            "ClusterRole" => drop(
-                Api::<ClusterRole>::all(client.clone())
-                    .create(&pp, &from_json(value))
-                    .await
-                    .expect("cluster role"),
-            ),
-            "ClusterRoleBinding" => drop(
-                Api::<ClusterRoleBinding>::all(client.clone())
-                    .create(&pp, &from_json(value))
-                    .await
-                    .expect("binding"),
-            ),
-            other => panic!("unexpected kind {other} in deploy/rbac/agent.yaml"),
-        }
-    }
-}
-
-/// The agent's own Pod object on `node` (host network, its service account) and a token bound
-/// to it, as kubelet mounts one: the token dies with the Pod.
-async fn agent_token(client: &Client, node: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "mesh-system");
-    let pod: Pod = from_json(json!({
-        "metadata": {"name": format!("mesh-agent-{node}"), "namespace": "mesh-system"},
-        "spec": {"nodeName": node, "hostNetwork": true, "serviceAccountName": "mesh-agent",
-                 "containers": [{"name": "agent", "image": "mesh-agent"}]}
-    }));
-    let pod = pods
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("agent pod");
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "mesh-system");
-    accounts
-        .create_token_request("mesh-agent", &PostParams::default(), &request)
-        .await
-        .expect("token request")
-        .status
-        .and_then(|s| s.token)
-        .expect("a token")
 }
 
 /// A running, ready Pod `name` of service account `sa` on [`OTHER_NODE`] at `ip`, its status
@@ -212,7 +137,7 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
     let mut cp = ControlPlane::start().expect("control plane");
     let tb = Testbed::new(TestbedSpec {
         nodes: 1,
-        pods_per_node: 1,
+        pods_per_node: 3,
     })
     .expect("testbed");
     let node = tb.node(0);
@@ -220,7 +145,6 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
     std::fs::create_dir_all(tb.scratch_dir()).expect("scratch directory");
     let kubeconfig = tb.scratch_dir().join("agent.kubeconfig");
     cp.block_on(async {
-        apply_agent_rbac(&admin).await;
         register_node(&admin, &node.name, node.link_ipv4.into())
             .await
             .expect("node");
@@ -243,17 +167,16 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
             .await
             .expect("service");
     });
-    let token = cp.block_on(agent_token(&admin, &node.name));
-    let server = cp
-        .expose_on(node)
-        .expect("API server in the node's namespace");
-    cp.write_kubeconfig(&kubeconfig, server, &Credentials::Token(token))
-        .expect("kubeconfig");
+    cp.agent_kubeconfig(node, &kubeconfig)
+        .expect("the agent's kubeconfig");
 
     least_privilege(&cp, &kubeconfig);
 
     let mut options = AgentOptions::new(tb.scratch_dir().join("config"));
     options.kubeconfig = Some(kubeconfig.clone());
+    // The directory holding node n0's `kubepods` tree, as the cgroup2 root holds a real
+    // kubelet's.
+    options.kubepods_cgroup = Some(tb.cgroup_dir().join("kubelet-n0"));
     let agent = Agent::start(node, &options).expect("agent on the API");
 
     // The first full list is the view: a workload with its identity, a service with its
@@ -268,9 +191,17 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
     );
 
     policy_through_the_api(&cp, node);
+    let pod_cgroup = handover_then_policy_with_traffic(&cp, &tb, &options);
+    let running_cgroup = labelling_captures_a_running_pod(&cp, &tb, &options);
 
     api_server_outage(&mut cp, node);
     drop(agent);
+    for dir in running_cgroup.ancestors().take(2) {
+        std::fs::remove_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+    for dir in pod_cgroup.ancestors().take(4) {
+        std::fs::remove_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
     cp.teardown().expect("teardown");
 }
 
@@ -383,4 +314,238 @@ fn api_server_outage(cp: &mut ControlPlane, node: &Node) {
         status == 200 && !body.contains("degraded")
     });
     assert_eq!(flag(node, REACHABLE), Some(true));
+}
+
+/// A pod of this node in an enrolled namespace is reported uncaptured until the container
+/// runtime hands it over (`mesh-cni`'s protocol: its network namespace as a descriptor); then
+/// it is captured before the answer, and a DENY created through the API refuses a client's
+/// connection to it, until deleted. Returns the pod's cgroup (to remove once the agent is gone).
+fn handover_then_policy_with_traffic(
+    cp: &ControlPlane,
+    tb: &Testbed,
+    options: &AgentOptions,
+) -> PathBuf {
+    let node = tb.node(0);
+    let (server_pod, client_pod) = (tb.pod(0, 0), tb.pod(0, 1));
+    let admin = cp.client();
+    let uid = cp.block_on(pod_of_node(
+        &admin,
+        (SHOP, "api-0", "api"),
+        node,
+        server_pod,
+    ));
+    // Known, enrolled, on this node, not handed over: reported, holding readiness.
+    let (status, body) = wait_readiness(node, |status, _| status == 503);
+    assert!(body.contains("pod shop/api-0"), "{status} {body}");
+    wait_dump(node, "api-0 reported uncaptured", |d| {
+        workload(d, "api-0").is_some_and(|w| {
+            w["not_captured_because"]
+                .as_str()
+                .is_some_and(|r| r.contains("no hand-over from the CNI plugin"))
+        })
+    });
+
+    wait_event(cp, "api-0", "MeshCaptureFailed");
+
+    // The runtime's hand-over: the pod's cgroup in the kubelet's layout, its namespace as a
+    // descriptor.
+    let pod_cgroup = options
+        .kubepods_cgroup
+        .clone()
+        .expect("kubepods root")
+        .join("kubepods")
+        .join("besteffort")
+        .join(format!("pod{uid}"));
+    std::fs::create_dir_all(&pod_cgroup).expect("pod cgroup");
+    let netns = std::fs::File::open(format!("/run/netns/{}", server_pod.netns)).expect("netns");
+    let client = Handover::connect(&options.cni_socket(&node.name), Duration::from_secs(10))
+        .expect("the agent's hand-over socket");
+    let pod_ref = PodRef {
+        namespace: SHOP.into(),
+        name: "api-0".into(),
+        uid: Some(uid),
+        container_id: "sandbox-api-0".into(),
+        ifname: "eth0".into(),
+        ips: vec![server_pod.ipv4.into()],
+        netns_path: None,
+    };
+    let start = Instant::now();
+    let verdict = client.add(&pod_ref, netns.as_fd()).expect("CNI ADD");
+    println!("CNI ADD → captured: {} ms", start.elapsed().as_millis());
+    assert_eq!(verdict, Verdict::Captured);
+    wait_readiness(node, |status, _| status == 200);
+    wait_event(cp, "api-0", "MeshCaptured");
+    // A pod of a namespace outside the mesh passes at once.
+    let outside = PodRef {
+        namespace: "mesh-system".into(),
+        name: format!("mesh-agent-{}", node.name),
+        uid: None,
+        ..pod_ref.clone()
+    };
+    assert_eq!(
+        client.add(&outside, netns.as_fd()).expect("ADD"),
+        Verdict::NotMeshed
+    );
+
+    // Enforced with traffic: a DENY through the API refuses the client, deleting it lifts it.
+    let _server =
+        probe::serve(server_pod, SocketAddr::new(server_pod.ipv4.into(), 8080)).expect("server");
+    let target = SocketAddr::new(server_pod.ipv4.into(), 8080);
+    assert!(
+        probe::connect(client_pod, target, "before").is_ok(),
+        "allowed at first"
+    );
+    let policies = policies_api(&admin);
+    let deny: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-api", "namespace": SHOP},
+        "spec": {"selector": {"matchLabels": {"app": "api"}}, "action": "DENY", "rules": [{}]}
+    }));
+    cp.block_on(policies.create(&PostParams::default(), &deny))
+        .expect("policy");
+    wait_dump(node, "deny-api in force", |d| has_policy(d, "deny-api"));
+    assert!(
+        probe::connect(client_pod, target, "denied").is_err(),
+        "refused by the DENY"
+    );
+    cp.block_on(policies.delete("deny-api", &DeleteParams::default()))
+        .expect("delete");
+    wait_dump(node, "deny-api lifted", |d| !has_policy(d, "deny-api"));
+    assert!(
+        probe::connect(client_pod, target, "after").is_ok(),
+        "allowed again"
+    );
+    pod_cgroup
+}
+
+/// A pod that runs before its namespace joins the mesh never passes through the CNI plugin
+/// again: labelling the namespace captures it (found from `/proc`: the oldest process of its
+/// cgroup), with no restart; unlabelling releases it. Returns its cgroup.
+fn labelling_captures_a_running_pod(
+    cp: &ControlPlane,
+    tb: &Testbed,
+    options: &AgentOptions,
+) -> PathBuf {
+    let node = tb.node(0);
+    let (server_pod, client_pod) = (tb.pod(0, 2), tb.pod(0, 1));
+    let admin = cp.client();
+    let target = SocketAddr::new(server_pod.ipv4.into(), 8080);
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let uid = cp.block_on(async {
+        let later: Namespace = from_json(json!({"metadata": {"name": "later"}}));
+        namespaces
+            .create(&PostParams::default(), &later)
+            .await
+            .expect("namespace");
+        pod_of_node(&admin, ("later", "run-0", "run"), node, server_pod).await
+    });
+    // Its container runs in its cgroup (the kubelet's burstable layout) and namespace.
+    let cgroup = options
+        .kubepods_cgroup
+        .clone()
+        .expect("kubepods root")
+        .join("kubepods/burstable")
+        .join(format!("pod{uid}"));
+    std::fs::create_dir_all(&cgroup).expect("pod cgroup");
+    let server = probe::serve(server_pod, target).expect("server");
+    std::fs::write(cgroup.join("cgroup.procs"), server.pid().to_string()).expect("into its cgroup");
+    let captured = |d: &Value| {
+        d["workloads"].as_array().is_some_and(|ws| {
+            ws.iter()
+                .any(|w| w["name"] == "run-0" && w["captured_by_this_agent"] == true)
+        })
+    };
+    assert!(!captured(&config_dump(node)), "not enrolled yet");
+
+    // A DENY in the namespace is in force only once the pod is captured.
+    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "authorizationpolicies");
+    let policies: Api<DynamicObject> = Api::namespaced_with(admin.clone(), "later", &resource);
+    let deny: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-run", "namespace": "later"},
+        "spec": {"action": "DENY", "rules": [{}]}
+    }));
+    cp.block_on(policies.create(&PostParams::default(), &deny))
+        .expect("policy");
+    wait_dump(node, "deny-run in the view", |d| has_policy(d, "deny-run"));
+    assert!(
+        probe::connect(client_pod, target, "outside").is_ok(),
+        "not in the mesh: direct"
+    );
+
+    let label = |value: Value| {
+        let patch = json!({"metadata": {"labels": {"istio.io/dataplane-mode": value}}});
+        cp.block_on(namespaces.patch("later", &PatchParams::default(), &Patch::Merge(&patch)))
+            .expect("label");
+    };
+    label(json!("ambient"));
+    let took = wait_dump(node, "run-0 captured after labelling", captured);
+    println!(
+        "namespace labelled → running pod captured: {} ms",
+        took.as_millis()
+    );
+    assert!(
+        probe::connect(client_pod, target, "denied").is_err(),
+        "captured: the DENY applies"
+    );
+    label(Value::Null);
+    wait_dump(node, "run-0 released after unlabelling", |d| !captured(d));
+    assert!(
+        probe::connect(client_pod, target, "released").is_ok(),
+        "released: direct again"
+    );
+    drop(server);
+    cgroup
+}
+
+/// Waits for an Event with `reason` about Pod `shop/<pod>` (the agent's capture state, as
+/// `kubectl describe pod` shows it).
+fn wait_event(cp: &ControlPlane, pod: &str, reason: &str) {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cp.client(), SHOP);
+    let found = cp.block_on(mesh_tests::kube::eventually(
+        &format!("event {reason} on {pod}"),
+        WAIT,
+        || {
+            let events = events.clone();
+            async move {
+                let list = events.list(&ListParams::default()).await.ok()?;
+                list.items
+                    .into_iter()
+                    .find(|e| {
+                        e.reason.as_deref() == Some(reason)
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+                    })
+                    .map(|e| e.note.unwrap_or_default())
+            }
+        },
+    ));
+    let note = found.expect("capture event");
+    println!("event {reason} on {pod}: {note}");
+}
+
+/// Pod `namespace/name` (label `app`) of testbed node `node`, running as testbed pod `at` (its
+/// address): the object and its status, as kubelet would write them. Returns its UID.
+async fn pod_of_node(
+    admin: &Client,
+    (namespace, name, app): (&str, &str, &str),
+    node: &Node,
+    at: &mesh_tests::Pod,
+) -> String {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), namespace);
+    let pod: Pod = from_json(json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+        "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "mesh-probe"}]}
+    }));
+    let created = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let ip = at.ipv4.to_string();
+    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                                   "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("status");
+    created.metadata.uid.expect("uid")
 }

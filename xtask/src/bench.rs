@@ -34,6 +34,8 @@ use mesh_tests::{
 };
 use serde_json::{json, Value};
 
+mod kube;
+
 /// How long and how often to measure.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -43,7 +45,8 @@ pub struct Plan {
     secs: u64,
     reps: usize,
     idle_conns: usize,
-    /// Groups to measure (`throughput`, `latency`, `connrate`, `memory`, `policy`); empty: all.
+    /// Groups to measure (`throughput`, `latency`, `connrate`, `memory`, `policy`, `kube`);
+    /// empty: all but `kube`.
     only: Vec<String>,
     /// Another agent binary, measured as one more mode.
     compare_agent: Option<PathBuf>,
@@ -68,8 +71,9 @@ impl Plan {
         }
     }
 
+    /// Whether `group` is measured: every group but `kube` when none is named.
     fn wants(&self, group: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|g| g == group)
+        self.only.iter().any(|g| g == group) || self.only.iter().all(|g| g == "kube")
     }
 }
 
@@ -163,17 +167,24 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
     std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
     std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
     std::env::set_var(process::QUIET_ENV, "1");
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let out = root.join("bench-results").join(stamp.to_string());
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // `kube` runs only when named: it brings its own control plane and testbed.
+    if plan.only.iter().any(|g| g == "kube") {
+        kube::run(&plan, &out).context("measuring the agent on Kubernetes")?;
+        if plan.only.iter().all(|g| g == "kube") {
+            return Ok(());
+        }
+    }
     let tb = Testbed::new(TestbedSpec {
         nodes: 2,
         pods_per_node: 2,
     })
     .context("testbed")?;
     let files = ClusterFiles::new(tb.scratch_dir().join("config"))?;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let out = root.join("bench-results").join(stamp.to_string());
-    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if let Some(other) = &plan.compare_agent {
         if !other.is_file() {
             bail!("--compare-agent {}: no such file", other.display());
@@ -239,6 +250,7 @@ impl Bench {
         let options = AgentOptions {
             config_dir: self.files.dir().to_path_buf(),
             kubeconfig: None,
+            kubepods_cgroup: None,
             sockmap: mode != Mode::MeshNoSockmap,
             keep_pins: false,
             extra_args: Vec::new(),

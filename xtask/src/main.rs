@@ -52,8 +52,9 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
         /// Measure only these groups (repeatable): throughput, latency, connrate, memory,
-        /// policy.
-        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy"])]
+        /// policy, kube (the agent on a real Kubernetes control plane: memory, watch traffic,
+        /// capture after labelling; only when named).
+        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy", "kube"])]
         only: Vec<String>,
         /// Another `mesh-agent` binary (say, an earlier commit's release build) to measure as
         /// one more mode, pods opted into the short-cut, in the same run.

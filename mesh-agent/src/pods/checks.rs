@@ -27,11 +27,20 @@ pub struct NsId {
 
 impl NsId {
     fn of(path: &Path) -> io::Result<Self> {
-        let m = fs::metadata(path)?;
-        Ok(Self {
+        Ok(Self::from_metadata(&fs::metadata(path)?))
+    }
+
+    /// Of an open namespace: `fstat` on its descriptor, so a path that changed meaning since
+    /// it was opened (or a descriptor without a path) cannot mislead the check.
+    fn of_open(netns: &Netns) -> io::Result<Self> {
+        Ok(Self::from_metadata(&netns.file().metadata()?))
+    }
+
+    fn from_metadata(m: &fs::Metadata) -> Self {
+        Self {
             dev: m.dev(),
             ino: m.ino(),
-        })
+        }
     }
 }
 
@@ -128,7 +137,7 @@ impl Host {
     /// The identity of the namespace `netns` (whose cookie is `cookie`), refused if it is the
     /// agent's or the host's.
     pub fn check_netns(&self, netns: &Netns, cookie: u64) -> Result<NsId, Refusal> {
-        let id = NsId::of(netns.path()).map_err(|source| Refusal::Io {
+        let id = NsId::of_open(netns).map_err(|source| Refusal::Io {
             what: "reading network namespace",
             path: netns.path().to_path_buf(),
             source,

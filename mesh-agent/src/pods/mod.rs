@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{links_name, Datapath, DatapathError, PodLinks},
-    netns::{Netns, NetnsError},
+    netns::{Netns, NetnsError, NetnsRef},
     proxy::{
         self, hbone::HboneConnector, LocalPod, LocalPods, PodListeners, ProxyCtx, ProxyError,
         Transport,
@@ -46,7 +46,7 @@ use self::checks::{Host, NsId, Other, Refusal};
 pub struct DesiredPod {
     /// `namespace/name`.
     pub name: String,
-    pub netns: PathBuf,
+    pub netns: NetnsRef,
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
     pub identity: Identity,
@@ -295,7 +295,7 @@ impl PodManager {
                 pod: d.name.clone(),
             });
         }
-        let netns = Netns::open(&d.netns).map_err(pod_err)?;
+        let netns = Netns::open_ref(&d.netns).map_err(pod_err)?;
         let cookie = netns.cookie().map_err(pod_err)?;
         let netns_id = self.host.check_netns(&netns, cookie).map_err(refused)?;
         checks::check_shared_netns(&netns, netns_id, self.others()).map_err(refused)?;
@@ -383,7 +383,7 @@ impl PodManager {
             let old = e.pod();
             let pod = Arc::new(LocalPod {
                 name: old.name.clone(),
-                netns: Netns::open(&d.netns).map_err(|source| EnrollError::Netns {
+                netns: Netns::open_ref(&d.netns).map_err(|source| EnrollError::Netns {
                     pod: d.name.clone(),
                     source,
                 })?,
@@ -451,7 +451,7 @@ impl PodManager {
             .map_err(dp_err)?;
         let new_pod = Arc::new(LocalPod {
             name: d.name.clone(),
-            netns: Netns::open(&d.netns).map_err(|source| EnrollError::Netns {
+            netns: Netns::open_ref(&d.netns).map_err(|source| EnrollError::Netns {
                 pod: d.name.clone(),
                 source,
             })?,

@@ -345,6 +345,7 @@ pub fn reason_str(reason: DecisionReason) -> &'static str {
         DecisionReason::DenyMatched => "deny_matched",
         DecisionReason::NoAllowMatched => "no_allow_matched",
         DecisionReason::MtlsRequired => "mtls_required",
+        DecisionReason::UnknownDestination => "unknown_destination",
     }
 }
 

@@ -87,12 +87,12 @@ fn admit(
 }
 
 #[test]
-fn a_destination_the_model_does_not_know_has_no_policy() {
+fn a_destination_the_model_does_not_know_is_refused() {
     let state = state(ALLOW_CLI);
     let (verdict, reason, policy) = admit(&state, "10.9.9.9:8080", None);
     assert_eq!(
         (verdict, reason, policy),
-        (Verdict::Allow, DecisionReason::NoPolicy, None)
+        (Verdict::Deny, DecisionReason::UnknownDestination, None)
     );
 }
 

@@ -11,15 +11,18 @@
 //! ([`crate::sweep_stale`]) and noticed by `cargo xtask test`'s final check.
 
 mod access;
+mod agent_access;
 mod components;
 mod control_plane;
 mod crds;
 mod forward;
 mod kubeconfig;
+pub mod kubelet;
 mod objects;
 mod pki;
 mod scratch;
 
+pub use agent_access::{agent_rbac_manifest, AGENT_ACCOUNT, AGENT_NAMESPACE};
 pub use components::{
     Component, Ports, KUBERNETES_SERVICE_IP, SERVICE_ACCOUNT_ISSUER, SERVICE_CIDR_V4,
     SERVICE_CIDR_V6,
@@ -27,6 +30,7 @@ pub use components::{
 pub use control_plane::ControlPlane;
 pub use crds::FIELD_MANAGER;
 pub use kubeconfig::Credentials;
+pub use kubelet::{Kubelet, KubeletOptions};
 pub use objects::{eventually, now, register_node};
 pub use pki::CertFiles;
 

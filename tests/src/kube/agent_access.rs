@@ -1,0 +1,144 @@
+//! A node agent's access to the control plane, as a pod of the agent's `DaemonSet` gets it: the agent's least
+//! RBAC from `deploy/rbac/agent.yaml` (applied as it is), its own Pod object on the node, and a
+//! service-account token bound to that Pod (it dies with the Pod), in a kubeconfig that points
+//! at the API server as exposed inside the node's network namespace. Never the admin's
+//! credentials.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, Pod, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::{api::PostParams, Api, Client};
+use serde_json::{json, Value};
+
+use super::{ControlPlane, Credentials, Error, Result};
+use crate::Node;
+
+/// The namespace and service account of `deploy/rbac/agent.yaml`.
+pub const AGENT_NAMESPACE: &str = "mesh-system";
+pub const AGENT_ACCOUNT: &str = "mesh-agent";
+
+/// `deploy/rbac/agent.yaml`.
+pub fn agent_rbac_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac/agent.yaml")
+}
+
+impl ControlPlane {
+    /// Writes at `path` a kubeconfig for the agent of `node`: applies the agent's RBAC (once;
+    /// later calls find it), creates the agent's Pod on `node`, and binds a token to it.
+    pub fn agent_kubeconfig(&self, node: &Node, path: &Path) -> Result<()> {
+        let admin = self.client();
+        self.block_on(apply_rbac(&admin))?;
+        let token = self.block_on(bound_token(&admin, &node.name))?;
+        let server = self.expose_on(node)?;
+        self.write_kubeconfig(path, server, &Credentials::Token(token))
+    }
+}
+
+fn api_err(what: &str) -> impl FnOnce(kube::Error) -> Error + '_ {
+    move |source| Error::Api {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| Error::Invalid {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Creates each object of the manifest unless it exists (409 is fine: applied before).
+async fn apply_rbac(client: &Client) -> Result<()> {
+    let path = agent_rbac_manifest();
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Invalid {
+        what: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(serde::Deserialize::deserialize)
+        .collect::<Result<_, serde_yaml::Error>>()
+        .map_err(|e| Error::Invalid {
+            what: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    let pp = PostParams::default();
+    for value in documents {
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+        let created = match kind.as_str() {
+            "Namespace" => Api::<Namespace>::all(client.clone())
+                .create(&pp, &parse(value, &kind)?)
+                .await
+                .map(drop),
+            "ServiceAccount" => Api::<ServiceAccount>::namespaced(client.clone(), AGENT_NAMESPACE)
+                .create(&pp, &parse(value, &kind)?)
+                .await
+                .map(drop),
+            "ClusterRole" => Api::<ClusterRole>::all(client.clone())
+                .create(&pp, &parse(value, &kind)?)
+                .await
+                .map(drop),
+            "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
+                .create(&pp, &parse(value, &kind)?)
+                .await
+                .map(drop),
+            other => {
+                return Err(Error::Invalid {
+                    what: path.display().to_string(),
+                    detail: format!("unexpected kind {other:?}"),
+                })
+            }
+        };
+        match created {
+            Ok(()) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(api_err(&format!("creating the agent's {kind}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The agent's own Pod on `node` (host network, its service account) and a token bound to it,
+/// as kubelet mounts one.
+async fn bound_token(client: &Client, node: &str) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    let pod: Pod = parse(
+        json!({
+            "metadata": {"name": format!("mesh-agent-{node}"), "namespace": AGENT_NAMESPACE},
+            "spec": {"nodeName": node, "hostNetwork": true, "serviceAccountName": AGENT_ACCOUNT,
+                     "containers": [{"name": "agent", "image": "mesh-agent"}]}
+        }),
+        "the agent's pod",
+    )?;
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .map_err(api_err("creating the agent's pod"))?;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), AGENT_NAMESPACE)
+        .create_token_request(AGENT_ACCOUNT, &PostParams::default(), &request)
+        .await
+        .map_err(api_err("requesting the agent's bound token"))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| Error::Invalid {
+            what: "the agent's token request".into(),
+            detail: "the answer holds no token".into(),
+        })
+}

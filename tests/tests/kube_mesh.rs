@@ -1,0 +1,233 @@
+//! Privileged, end to end on Kubernetes: the real control plane, the testbed kubelet running
+//! pods through the CNI chain (`mtb-cni`, then the real `mesh-cni`), and the real agent reading
+//! the API with its least RBAC and taking the pods over `mesh-cni`'s hand-over.
+//!
+//! Proven here: a client pod in a labelled namespace whose container connects at start-up
+//! through a Service reaches the server, and the agent carried that very connection (its access
+//! log holds it: captured before its first packet); both pods carry a `MeshCaptured` Event; a
+//! pod created while the agent is down does not start (its sandbox fails, no container runs)
+//! until the agent is back, and is then captured.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Pod, Service},
+    events::v1::Event,
+};
+use kube::{
+    api::{ListParams, PostParams},
+    Api,
+};
+use mesh_tests::{
+    agent::AgentOptions,
+    kube::{eventually, ControlPlane, Kubelet, KubeletOptions},
+    Agent, Testbed, TestbedSpec,
+};
+use serde_json::{json, Value};
+
+const NS: &str = "mesh";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
+    serde_json::from_value(value).expect("object from JSON")
+}
+
+fn echo_deployment() -> Deployment {
+    from_json(json!({
+        "metadata": {"name": "echo", "namespace": NS},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "echo"}}, "template": {
+            "metadata": {"labels": {"app": "echo"}},
+            "spec": {"containers": [{
+                "name": "echo", "image": "mesh-probe",
+                "args": ["serve", "$(POD_IP):8080"],
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "ports": [{"name": "tcp", "containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": "tcp"}, "periodSeconds": 1},
+            }]},
+        }},
+    }))
+}
+
+/// A pod whose only container connects to `target` as soon as it starts, once.
+fn client_pod(name: &str, target: &str) -> Pod {
+    from_json(json!({
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "client", "image": "mesh-probe", "args": ["connect", target, "first-packet"],
+        }]},
+    }))
+}
+
+/// The pod's phase once it is `Succeeded` or `Failed`.
+fn finished(cp: &ControlPlane, name: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(cp.client(), NS);
+    cp.block_on(eventually(&format!("pod {name} to finish"), WAIT, || {
+        let pods = pods.clone();
+        async move {
+            let phase = pods.get(name).await.ok()?.status?.phase?;
+            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+        }
+    }))
+    .expect("pod phase")
+}
+
+fn has_event(cp: &ControlPlane, pod_prefix: &str, reason: &str) -> bool {
+    let events: Api<Event> = Api::namespaced(cp.client(), NS);
+    cp.block_on(events.list(&ListParams::default()))
+        .expect("events")
+        .items
+        .iter()
+        .any(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding
+                    .as_ref()
+                    .and_then(|r| r.name.as_deref())
+                    .is_some_and(|n| n.starts_with(pod_prefix))
+        })
+}
+
+fn wait_event(cp: &ControlPlane, pod_prefix: &str, reason: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !has_event(cp, pod_prefix, reason) {
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} event on {pod_prefix}"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_the_agent() {
+    let mut cp = ControlPlane::start().expect("control plane");
+    let tb = Testbed::new(TestbedSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })
+    .expect("testbed");
+    let node = tb.node(0);
+    std::fs::create_dir_all(tb.scratch_dir()).expect("scratch");
+    let mut options = AgentOptions::new(tb.scratch_dir().join("config"));
+    let kubeconfig = tb.scratch_dir().join("agent.kubeconfig");
+    cp.agent_kubeconfig(node, &kubeconfig)
+        .expect("agent kubeconfig");
+    options.kubeconfig = Some(kubeconfig);
+    let kubelet = Kubelet::start(
+        &cp,
+        &tb,
+        0,
+        &KubeletOptions {
+            cni_socket: Some(options.cni_socket(&node.name)),
+            ..KubeletOptions::default()
+        },
+    )
+    .expect("kubelet");
+    options.kubepods_cgroup = Some(kubelet.kubepods_root().to_path_buf());
+    let agent = Agent::start(node, &options).expect("agent");
+
+    let mesh: Namespace = from_json(
+        json!({"metadata": {"name": NS, "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+    );
+    cp.block_on(Api::<Namespace>::all(cp.client()).create(&PostParams::default(), &mesh))
+        .expect("namespace");
+    cp.wait_service_account(NS, "default", WAIT)
+        .expect("service account");
+    let vip = start_echo(&cp);
+    let pods: Api<Pod> = Api::namespaced(cp.client(), NS);
+
+    // Its very first connection, at start-up, through the Service VIP: carried by the agent.
+    let target = format!("{vip}:80");
+    cp.block_on(pods.create(&PostParams::default(), &client_pod("first", &target)))
+        .expect("client pod");
+    assert_eq!(
+        finished(&cp, "first"),
+        "Succeeded",
+        "{:?}",
+        kubelet.logs(NS, "first", "client")
+    );
+    wait_event(&cp, "first", "MeshCaptured");
+    let first_ip = cp
+        .block_on(pods.get("first"))
+        .expect("first pod")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("its address");
+    let carried = agent.logs().iter().any(|l| {
+        l.contains("\"log\":\"access\"")
+            && l.contains("\"direction\":\"outbound\"")
+            && l.contains(&format!("\"addr\":\"{first_ip}:"))
+            && l.contains("echo.mesh.svc.cluster.local")
+    });
+    assert!(
+        carried,
+        "the agent carried the start-up connection of {first_ip}"
+    );
+
+    // The agent down: a new pod does not start (no container), until the agent is back.
+    agent.kill().expect("kill the agent");
+    cp.block_on(pods.create(&PostParams::default(), &client_pod("late", &target)))
+        .expect("late pod");
+    wait_event(&cp, "late", "FailedCreatePodSandBox");
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        kubelet
+            .pod(NS, "late")
+            .is_none_or(|p| p.containers.iter().all(|c| c.pid.is_none() && !c.running)),
+        "no container of a pod runs before its capture"
+    );
+    let _agent = Agent::start(node, &options).expect("agent back");
+    assert_eq!(
+        finished(&cp, "late"),
+        "Succeeded",
+        "{:?}",
+        kubelet.logs(NS, "late", "client")
+    );
+    wait_event(&cp, "late", "MeshCaptured");
+    drop(kubelet);
+}
+
+/// The `echo` Deployment behind its Service, captured and ready; returns the Service's VIP.
+fn start_echo(cp: &ControlPlane) -> String {
+    let service: Service = from_json(json!({
+        "metadata": {"name": "echo", "namespace": NS},
+        "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": "tcp"}]},
+    }));
+    let service = cp
+        .block_on(
+            Api::<Service>::namespaced(cp.client(), NS).create(&PostParams::default(), &service),
+        )
+        .expect("service");
+    let vip = service.spec.and_then(|s| s.cluster_ip).expect("cluster IP");
+    cp.block_on(
+        Api::<Deployment>::namespaced(cp.client(), NS)
+            .create(&PostParams::default(), &echo_deployment()),
+    )
+    .expect("deployment");
+    wait_event(cp, "echo-", "MeshCaptured");
+    // Ready behind its Service (the readiness probe passed through the agent's capture).
+    let pods: Api<Pod> = Api::namespaced(cp.client(), NS);
+    cp.block_on(eventually("echo ready", WAIT, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("app=echo"))
+                .await
+                .ok()?;
+            list.items
+                .iter()
+                .any(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .then_some(())
+        }
+    }))
+    .expect("echo ready");
+    vip
+}
