@@ -6,7 +6,8 @@
 //! through a Service reaches the server, and the agent carried that very connection (its access
 //! log holds it: captured before its first packet); both pods carry a `MeshCaptured` Event; a
 //! pod created while the agent is down does not start (its sandbox fails, no container runs)
-//! until the agent is back, and is then captured.
+//! until the agent is back, and is then captured; an agent that crashed and restarted re-learns
+//! its running pods from `/proc` (the hand-overs it held are gone) and carries their traffic.
 
 use std::{
     thread,
@@ -101,6 +102,25 @@ fn wait_event(cp: &ControlPlane, pod_prefix: &str, reason: &str) {
     }
 }
 
+/// Whether `agent`'s access log holds a connection from `ip` to the echo Service.
+fn carried(agent: &Agent, ip: &str) -> bool {
+    agent.logs().iter().any(|l| {
+        l.contains("\"log\":\"access\"")
+            && l.contains("\"direction\":\"outbound\"")
+            && l.contains(&format!("\"addr\":\"{ip}:"))
+            && l.contains("echo.mesh.svc.cluster.local")
+    })
+}
+
+/// The pod's address, as its status says.
+fn pod_ip(cp: &ControlPlane, pods: &Api<Pod>, name: &str) -> String {
+    cp.block_on(pods.get(name))
+        .expect("pod")
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("its address")
+}
+
 #[test]
 fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_the_agent() {
     let mut cp = ControlPlane::start().expect("control plane");
@@ -150,20 +170,9 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
         kubelet.logs(NS, "first", "client")
     );
     wait_event(&cp, "first", "MeshCaptured");
-    let first_ip = cp
-        .block_on(pods.get("first"))
-        .expect("first pod")
-        .status
-        .and_then(|s| s.pod_ip)
-        .expect("its address");
-    let carried = agent.logs().iter().any(|l| {
-        l.contains("\"log\":\"access\"")
-            && l.contains("\"direction\":\"outbound\"")
-            && l.contains(&format!("\"addr\":\"{first_ip}:"))
-            && l.contains("echo.mesh.svc.cluster.local")
-    });
+    let first_ip = pod_ip(&cp, &pods, "first");
     assert!(
-        carried,
+        carried(&agent, &first_ip),
         "the agent carried the start-up connection of {first_ip}"
     );
 
@@ -179,7 +188,7 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
             .is_none_or(|p| p.containers.iter().all(|c| c.pid.is_none() && !c.running)),
         "no container of a pod runs before its capture"
     );
-    let _agent = Agent::start(node, &options).expect("agent back");
+    let agent = Agent::start(node, &options).expect("agent back");
     assert_eq!(
         finished(&cp, "late"),
         "Succeeded",
@@ -187,6 +196,27 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
         kubelet.logs(NS, "late", "client")
     );
     wait_event(&cp, "late", "MeshCaptured");
+
+    // The agent crashes and restarts: the hand-overs it held are gone, yet it re-learns the
+    // running echo pod from /proc before it reports ready, and carries new connections to it.
+    agent.kill().expect("kill the agent");
+    let agent = Agent::start(node, &options).expect("agent restarted");
+    let echo_captured = agent
+        .logs()
+        .iter()
+        .any(|l| l.contains("running pod found from /proc") && l.contains("pod=mesh/echo-"));
+    assert!(
+        echo_captured,
+        "the restarted agent re-learnt the echo pod from /proc"
+    );
+    cp.block_on(pods.create(&PostParams::default(), &client_pod("again", &target)))
+        .expect("client pod");
+    assert_eq!(finished(&cp, "again"), "Succeeded");
+    let again_ip = pod_ip(&cp, &pods, "again");
+    assert!(
+        carried(&agent, &again_ip),
+        "the restarted agent carried the connection of {again_ip}"
+    );
     drop(kubelet);
 }
 
