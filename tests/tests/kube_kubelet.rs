@@ -702,7 +702,9 @@ fn crashing_container_restarts_with_backoff(cp: &ControlPlane, kubelet: &Kubelet
                     .first()?
                     .clone();
                 let last_exit = status.last_state.as_ref()?.terminated.as_ref()?.exit_code;
-                (status.restart_count >= 2 && last_exit == 3).then_some(pod)
+                // Sampled while backing off (not in the moment a restart runs it).
+                let backing_off = condition(&pod, "Ready") == Some(false);
+                (status.restart_count >= 2 && last_exit == 3 && backing_off).then_some(pod)
             },
         ))
         .expect("restarts");

@@ -30,11 +30,17 @@ impl ControlPlane {
     /// Writes at `path` a kubeconfig for the agent of `node`: applies the agent's RBAC (once;
     /// later calls find it), creates the agent's Pod on `node`, and binds a token to it.
     pub fn agent_kubeconfig(&self, node: &Node, path: &Path) -> Result<()> {
-        let admin = self.client();
-        self.block_on(apply_rbac(&admin))?;
-        let token = self.block_on(bound_token(&admin, &node.name))?;
+        let token = self.agent_token(&node.name)?;
         let server = self.expose_on(node)?;
         self.write_kubeconfig(path, server, &Credentials::Token(token))
+    }
+
+    /// The agent's RBAC applied (once) and a token for the agent of node `node`, bound to its
+    /// own Pod (created here), for a kubeconfig of the caller's making.
+    pub fn agent_token(&self, node: &str) -> Result<String> {
+        let admin = self.client();
+        self.block_on(apply_rbac(&admin))?;
+        self.block_on(bound_token(&admin, node))
     }
 }
 

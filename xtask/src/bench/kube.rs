@@ -43,11 +43,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use futures_util::{stream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
-    api::{
-        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-        core::v1::{Namespace, Node as KubeNode, Pod, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
-    },
+    api::core::v1::{Namespace, Node as KubeNode, Pod, Service, ServiceAccount},
     jiff::Timestamp,
 };
 use kube::{
@@ -90,8 +86,6 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 const CAPTURE_NS: &str = "bench-capture";
 /// glibc's variable limiting its malloc arenas (one per thread, up to 8 per core, by default).
 const ONE_ARENA: &str = "MALLOC_ARENA_MAX";
-const AGENT_NAMESPACE: &str = "mesh-system";
-const AGENT_ACCOUNT: &str = "mesh-agent";
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The characters of the random suffix of a pod's name (as Kubernetes' `rand.String`).
 const ALNUM: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -454,8 +448,7 @@ impl KubeBench {
                 .push((format!("sim-{k:03}"), Ipv4Addr::new(10, 255, 0, k8 + 1)));
         }
         let nodes = self.nodes.clone();
-        let token = self.rt.block_on(async {
-            apply_agent_rbac(&admin).await?;
+        self.rt.block_on(async {
             stream::iter(nodes.iter().map(|(name, ip)| {
                 let admin = admin.clone();
                 async move {
@@ -466,9 +459,11 @@ impl KubeBench {
             }))
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<_>>()
-            .await?;
-            agent_token(&admin, &node.name).await
+            .await
         })?;
+        let token = cp
+            .agent_token(&node.name)
+            .context("the agent's RBAC and bound token")?;
         self.rt.spawn(heartbeat(admin, nodes));
         let addr = {
             let listener = listen_in(&node.netns_path())?;
@@ -1354,71 +1349,6 @@ async fn heartbeat(admin: Client, nodes: Vec<(String, Ipv4Addr)>) {
         .collect::<Vec<()>>()
         .await;
     }
-}
-
-/// Creates the objects of `deploy/rbac/agent.yaml` as they are.
-async fn apply_agent_rbac(admin: &Client) -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac/agent.yaml");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let pp = PostParams::default();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value: Value = serde::Deserialize::deserialize(document)?;
-        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-        match kind.as_str() {
-            "Namespace" => drop(
-                Api::<Namespace>::all(admin.clone())
-                    .create(&pp, &serde_json::from_value(value)?)
-                    .await?,
-            ),
-            "ServiceAccount" => drop(
-                Api::<ServiceAccount>::namespaced(admin.clone(), AGENT_NAMESPACE)
-                    .create(&pp, &serde_json::from_value(value)?)
-                    .await?,
-            ),
-            "ClusterRole" => drop(
-                Api::<ClusterRole>::all(admin.clone())
-                    .create(&pp, &serde_json::from_value(value)?)
-                    .await?,
-            ),
-            "ClusterRoleBinding" => drop(
-                Api::<ClusterRoleBinding>::all(admin.clone())
-                    .create(&pp, &serde_json::from_value(value)?)
-                    .await?,
-            ),
-            other => bail!("unexpected kind {other} in {}", path.display()),
-        }
-    }
-    Ok(())
-}
-
-/// The agent's own Pod on `node` and a token bound to it, as kubelet mounts one.
-async fn agent_token(admin: &Client, node: &str) -> Result<String> {
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), AGENT_NAMESPACE);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": format!("mesh-agent-{node}"), "namespace": AGENT_NAMESPACE},
-        "spec": {"nodeName": node, "hostNetwork": true, "serviceAccountName": AGENT_ACCOUNT,
-                 "containers": [{"name": "agent", "image": "mesh-agent"}]}
-    }))?;
-    let pod = pods.create(&PostParams::default(), &pod).await?;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    Api::<ServiceAccount>::namespaced(admin.clone(), AGENT_NAMESPACE)
-        .create_token_request(AGENT_ACCOUNT, &PostParams::default(), &request)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .context("the token request's answer holds no token")
 }
 
 /// A listener on `127.0.0.1:<free port>` inside the network namespace at `netns`, made by a
