@@ -391,7 +391,7 @@ fn in_netns_and_cgroup(
 }
 
 /// Runs `ip -n <netns> -batch -` with `script` on stdin; stops at the first failing line.
-fn ip_batch(netns: &str, script: &str) -> Result<()> {
+pub fn ip_batch(netns: &str, script: &str) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["-n", netns, "-batch", "-"])
         .stdin(Stdio::piped())

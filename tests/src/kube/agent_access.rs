@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Namespace, Pod, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
@@ -124,27 +123,11 @@ async fn bound_token(client: &Client, node: &str) -> Result<String> {
         .create(&PostParams::default(), &pod)
         .await
         .map_err(api_err("creating the agent's pod"))?;
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), AGENT_NAMESPACE)
-        .create_token_request(AGENT_ACCOUNT, &PostParams::default(), &request)
+    // Requested as the testbed kubelet requests a pod's token (the same code).
+    super::kubelet::token_for(client, &pod, None, Some(3600))
         .await
-        .map_err(api_err("requesting the agent's bound token"))?
-        .status
-        .and_then(|s| s.token)
-        .ok_or_else(|| Error::Invalid {
-            what: "the agent's token request".into(),
-            detail: "the answer holds no token".into(),
+        .map_err(|detail| Error::Invalid {
+            what: "the agent's bound token".into(),
+            detail,
         })
 }

@@ -27,8 +27,7 @@
 
 use std::{
     fmt::Write as _,
-    fs,
-    io::{self, Read as _},
+    fs, io,
     net::{Ipv4Addr, SocketAddr, TcpListener as StdListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -811,7 +810,7 @@ impl KubeBench {
             let ns = format!("{}-cap{i}", tb.id());
             process::run(Command::new("ip").args(["netns", "add", &ns]))?;
             left.netns.push(ns.clone());
-            ip_batch(
+            mesh_tests::testbed::ip_batch(
                 &ns,
                 &format!(
                     "link set lo up\nlink add eth0 type veth peer name eth1\naddr add {}/32 dev eth0\nlink set eth1 up\nlink set eth0 up\n",
@@ -1414,34 +1413,6 @@ async fn pump(
         }
     }
     let _ = to.shutdown().await;
-}
-
-/// `ip -n <netns> -batch -` with `script` on its standard input.
-fn ip_batch(netns: &str, script: &str) -> Result<()> {
-    let mut child = Command::new("ip")
-        .args(["-n", netns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting ip -batch")?;
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(script.as_bytes())?;
-    }
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_string(&mut stderr)?;
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("ip -n {netns} -batch: {status}: {}", stderr.trim());
-    }
-    Ok(())
 }
 
 /// The value at fraction `q` of sorted `v` (nearest rank).

@@ -283,13 +283,7 @@ fn check(env: &Env, conf: &Conf) -> Result<(), Failure> {
         .prev_result
         .as_ref()
         .ok_or_else(|| fail(INVALID_CONFIG, "CHECK needs a prevResult"))?;
-    let want: Vec<IpAddr> = prev["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|ip| ip["address"].as_str())
-        .filter_map(|a| a.split('/').next()?.parse().ok())
-        .collect();
+    let want = mesh_tests::kube::kubelet::result_ips(prev);
     let have = addresses(netns, &env.ifname)?;
     if let Some(missing) = want.iter().find(|a| !have.contains(a)) {
         return Err(fail(

@@ -38,9 +38,10 @@ mod runtime;
 mod volumes;
 mod worker;
 
-pub use cni::CniCall;
+pub use cni::{result_ips, CniCall};
 pub use layout::{compute_qos, pod_cgroup, QosClass};
 pub use node::LEASE_NAMESPACE;
+pub(crate) use volumes::token_for;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -128,7 +128,7 @@ async fn prepare_one(
 
 /// A token for the pod's service account, bound to the pod (dies with it), for `audience` (or
 /// the API server's own audiences), as kubelet requests it.
-async fn token_for(
+pub(crate) async fn token_for(
     client: &Client,
     pod: &Pod,
     audience: Option<&str>,
