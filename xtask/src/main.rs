@@ -162,6 +162,7 @@ fn test(root: &Path) -> Result<()> {
     clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
     step("clippy", clippy)?;
     step("clippy (kernel programs)", kernel_clippy(root)?)?;
+    check_disk_space(root)?;
     build(root, false)?;
     // Unit tests of every crate, then the privileged integration tests (testbed, kernel,
     // cleanup). They run as root; a test that cannot get what it needs fails with the reason.
@@ -169,6 +170,61 @@ fn test(root: &Path) -> Result<()> {
     tests.args(["test", "--all-targets"]);
     step("tests", tests)?;
     check_nothing_left()
+}
+
+/// What a cold `cargo xtask test` adds to `target/` (measured: about 5 GiB), with a margin for
+/// the testbed's scratch files.
+const TEST_DISK_NEEDED: u64 = 8 << 30;
+
+/// Fails before building when the disk holding `target/` cannot take the test build, naming
+/// what is free and what is needed, instead of the linker dying with `No space left on device`.
+fn check_disk_space(root: &Path) -> Result<()> {
+    let target = root.join("target");
+    let probe = if target.exists() {
+        target
+    } else {
+        root.to_path_buf()
+    };
+    let stat = nix::sys::statvfs::statvfs(&probe)
+        .with_context(|| format!("statvfs {}", probe.display()))?;
+    let free = stat.blocks_available() * stat.fragment_size();
+    let built = dir_size(&root.join("target"));
+    // Tenths of a GiB, exact enough for a message.
+    let gib = |b: u64| format!("{}.{}", b >> 30, ((b & ((1 << 30) - 1)) * 10) >> 30);
+    println!(
+        "[xtask] disk: {} GiB free on {}, target/ holds {} GiB",
+        gib(free),
+        probe.display(),
+        gib(built)
+    );
+    // Whatever target/ holds already counts toward what the build needs.
+    if free + built < TEST_DISK_NEEDED {
+        bail!(
+            "not enough disk for the test build: {} GiB free on {} and {} GiB in target/, \
+             a cold build needs about {} GiB; free some space (for example `cargo clean` in \
+             other checkouts) and rerun",
+            gib(free),
+            probe.display(),
+            gib(built),
+            gib(TEST_DISK_NEEDED)
+        );
+    }
+    Ok(())
+}
+
+/// Bytes held by the files under `dir` (0 when it does not exist); symlinks are not followed.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Clippy for `mesh-ebpf`, which only builds for the BPF target: the kernel programs'
