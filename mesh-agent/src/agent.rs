@@ -34,7 +34,7 @@ use crate::{
 };
 use mesh_cluster::{
     ApiStatus, AuthzDecision, ClusterState, KubeOptions, KubeSource, KubeWatcher, Resolution,
-    RuntimeHandles, Service, Verdict, Workload,
+    Service, Verdict, Workload,
 };
 
 /// How often the config directory is polled for changes.
@@ -87,8 +87,8 @@ impl Resolve for ClusterResolver {
             } => Route::To {
                 addr: endpoint,
                 service: Some(service),
-                identity: self.remote_identity(&workload),
-                workload: Some(workload),
+                identity: workload.as_deref().and_then(|w| self.remote_identity(w)),
+                workload,
             },
             Resolution::NoEndpoint { service } => {
                 Route::Refuse(format!("service {service} has no ready endpoint for {dst}"))
@@ -120,7 +120,7 @@ impl Resolve for ClusterResolver {
             .ports
             .iter()
             .flat_map(|p| &p.endpoints)
-            .any(|e| e.workload.ips.contains(&endpoint_ip))
+            .any(|e| e.addr.ip() == endpoint_ip)
             .then(|| Arc::clone(service))
     }
 
@@ -224,10 +224,6 @@ async fn start_source(config: &AgentConfig, readiness: &Readiness) -> Result<Sou
             ..
         } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
-            let options = mesh_cluster::EnrollmentOptions {
-                runtime_handles: RuntimeHandles::Discovered,
-                ..options
-            };
             let listing = readiness.block("first list from the Kubernetes API");
             let watcher = KubeSource::new(client.clone(), options, KubeOptions::default())?
                 .start()

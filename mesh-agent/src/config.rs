@@ -313,6 +313,7 @@ impl AgentConfig {
             root_namespace: self.root_namespace.clone(),
             cluster_domain: self.cluster_domain.clone(),
             runtime_handles: mesh_cluster::RuntimeHandles::Annotations,
+            endpoints: mesh_cluster::EndpointsFrom::Selectors,
         }
     }
 }

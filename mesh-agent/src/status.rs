@@ -137,9 +137,10 @@ fn services_json(state: &ClusterState) -> Vec<Value> {
                             TargetPort::Number(n) => json!(n),
                             TargetPort::Name(n) => json!(n),
                         },
-                        "endpoints": p.endpoints.iter().map(|e| {
-                            format!("{}/{}", e.workload.namespace, e.workload.name)
-                        }).collect::<Vec<_>>(),
+                        "endpoints": p.endpoints.iter().map(|e| json!({
+                            "address": e.addr,
+                            "pod": e.workload.as_ref().map(|w| format!("{}/{}", w.namespace, w.name)),
+                        })).collect::<Vec<_>>(),
                     })
                 })
                 .collect();

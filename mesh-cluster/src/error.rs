@@ -42,6 +42,20 @@ pub enum StateError {
         ip: IpAddr,
         reason: &'static str,
     },
+    #[error("{object}: {field}: {ip} is {reason}, never an endpoint")]
+    UnusableEndpoint {
+        object: ObjectRef,
+        field: String,
+        ip: IpAddr,
+        reason: &'static str,
+    },
+    #[error("{object}: {field}: {ip} is not of the slice's addressType {address_type}")]
+    AddressFamily {
+        object: ObjectRef,
+        field: String,
+        ip: IpAddr,
+        address_type: String,
+    },
     #[error("{object}: {field}: {value:?} is not an IP address")]
     InvalidIp {
         object: ObjectRef,
@@ -147,6 +161,8 @@ impl StateError {
             | StateError::InvalidName { object, .. }
             | StateError::InvalidIp { object, .. }
             | StateError::UnusableAddress { object, .. }
+            | StateError::UnusableEndpoint { object, .. }
+            | StateError::AddressFamily { object, .. }
             | StateError::InvalidPort { object, .. }
             | StateError::InvalidPortName { object, .. }
             | StateError::InvalidProtocol { object, .. }

@@ -1,9 +1,10 @@
-//! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service, and Istio's
+//! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service,
+//! `discovery.k8s.io/v1` `EndpointSlice`, and Istio's
 //! `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and `AuthorizationPolicy`), and the
 //! parser that turns YAML text into them.
 //!
 //! A text holds one or more documents separated by `---`. A document is one object, or a
-//! `kind: List` (or `PodList`, `ServiceList`, `NamespaceList`, or `PeerAuthenticationList` or
+//! `kind: List` (or `PodList`, `ServiceList`, `EndpointSliceList`, `NamespaceList`, or `PeerAuthenticationList` or
 //! `AuthorizationPolicyList` of a `security.istio.io` version) whose `items` are objects.
 //! Documents and items of other kinds, or of the known kinds under another `apiVersion` (a
 //! Knative `Service` is not a Kubernetes Service), are skipped with a debug log. A document or
@@ -52,6 +53,8 @@ pub enum Object {
     Pod(Pod),
     /// A `v1` Service.
     Service(Service),
+    /// A `discovery.k8s.io/v1` `EndpointSlice`.
+    EndpointSlice(EndpointSlice),
     /// A `security.istio.io` `PeerAuthentication`.
     PeerAuthentication(PeerAuthentication),
     /// A `security.istio.io` `AuthorizationPolicy`.
@@ -65,6 +68,7 @@ impl Object {
             Object::Namespace(o) => ObjectRef::cluster_scoped(Kind::Namespace, &o.metadata),
             Object::Pod(o) => ObjectRef::namespaced(Kind::Pod, &o.metadata),
             Object::Service(o) => ObjectRef::namespaced(Kind::Service, &o.metadata),
+            Object::EndpointSlice(o) => ObjectRef::namespaced(Kind::EndpointSlice, &o.metadata),
             Object::PeerAuthentication(o) => {
                 ObjectRef::namespaced(Kind::PeerAuthentication, &o.metadata)
             }
@@ -79,6 +83,9 @@ pub use k8s_openapi::{
     api::core::v1::{
         Container, ContainerPort, Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
         ServicePort, ServiceSpec,
+    },
+    api::discovery::v1::{
+        Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -149,6 +156,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         ("v1", "Namespace") => Some(Kind::Namespace),
         ("v1", "Pod") => Some(Kind::Pod),
         ("v1", "Service") => Some(Kind::Service),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
         (version, "PeerAuthentication") if PEER_AUTHENTICATION_VERSIONS.contains(&version) => {
             Some(Kind::PeerAuthentication)
         }
@@ -390,7 +398,11 @@ fn display_name(kind: Kind, value: &Value) -> String {
     let name = field("name").unwrap_or("<no name>");
     match kind {
         Kind::Namespace => format!("{kind} {name}"),
-        Kind::Pod | Kind::Service | Kind::PeerAuthentication | Kind::AuthorizationPolicy => {
+        Kind::Pod
+        | Kind::Service
+        | Kind::EndpointSlice
+        | Kind::PeerAuthentication
+        | Kind::AuthorizationPolicy => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -414,6 +426,9 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 Kind::Namespace => Object::Namespace(Namespace::deserialize(deserializer)?),
                 Kind::Pod => Object::Pod(Pod::deserialize(deserializer)?),
                 Kind::Service => Object::Service(Service::deserialize(deserializer)?),
+                Kind::EndpointSlice => {
+                    Object::EndpointSlice(EndpointSlice::deserialize(deserializer)?)
+                }
                 Kind::PeerAuthentication => Object::PeerAuthentication(
                     PeerAuthSeed {
                         match_labels: target.match_labels,

@@ -3,7 +3,7 @@
 //!
 //! One reflector-style watch per kind (kube-rs' `watcher`: a list, then a watch from its
 //! resource version with bookmarks, a fresh list after `410 Gone`, exponential backoff on
-//! errors): Namespaces, Pods, Services, and Istio's `PeerAuthentication` and
+//! errors): Namespaces, Pods, Services, `EndpointSlices`, and Istio's `PeerAuthentication` and
 //! `AuthorizationPolicy` (`security.istio.io/v1`). Every change marks the view dirty; a builder
 //! task rebuilds it at most every [`KubeOptions::debounce`] and publishes a new snapshot when
 //! objects or errors changed.
@@ -39,6 +39,7 @@ use std::{
 use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service},
+    api::discovery::v1::EndpointSlice,
     serde::de::DeserializeOwned,
 };
 use kube::{
@@ -60,7 +61,7 @@ use crate::{
     error::StateError,
     k8s::{parse_documents, Object},
     meta::{Kind, ObjectRef},
-    options::EnrollmentOptions,
+    options::{EndpointsFrom, EnrollmentOptions, RuntimeHandles},
     state::ClusterState,
 };
 
@@ -160,12 +161,20 @@ impl Debug for KubeSource {
 }
 
 impl KubeSource {
-    /// A source reading through `client`. Fails if `opts` are invalid.
+    /// A source reading through `client`. Fails if `opts` are invalid. On a real cluster pods'
+    /// runtime handles are discovered ([`RuntimeHandles::Discovered`]: a Pod's author writes its
+    /// annotations) and endpoints come from the controller manager's slices
+    /// ([`EndpointsFrom::Slices`]), whatever `opts` say.
     pub fn new(
         client: Client,
         opts: EnrollmentOptions,
         kube: KubeOptions,
     ) -> Result<Self, KubeSourceError> {
+        let opts = EnrollmentOptions {
+            runtime_handles: RuntimeHandles::Discovered,
+            endpoints: EndpointsFrom::Slices,
+            ..opts
+        };
         opts.validate()
             .map_err(|e| KubeSourceError::Options(Box::new(e)))?;
         Ok(Self { client, opts, kube })
@@ -204,6 +213,13 @@ impl KubeSource {
                 max_backoff,
                 &shared,
                 |svc| Ok(Object::Service(svc)),
+            ),
+            spawn_kind(
+                Api::<EndpointSlice>::all(client.clone()),
+                Kind::EndpointSlice,
+                max_backoff,
+                &shared,
+                |slice| Ok(Object::EndpointSlice(strip::endpoint_slice(slice))),
             ),
         ];
         for kind in [Kind::PeerAuthentication, Kind::AuthorizationPolicy] {
@@ -402,10 +418,11 @@ impl Shared {
 }
 
 /// Every kind the source watches.
-const ALL_KINDS: [Kind; 5] = [
+const ALL_KINDS: [Kind; 6] = [
     Kind::Namespace,
     Kind::Pod,
     Kind::Service,
+    Kind::EndpointSlice,
     Kind::PeerAuthentication,
     Kind::AuthorizationPolicy,
 ];

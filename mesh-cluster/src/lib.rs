@@ -45,6 +45,7 @@
 mod assemble;
 pub mod authz;
 mod decision;
+mod endpoints;
 mod error;
 mod files;
 pub mod ip_block;
@@ -66,6 +67,7 @@ pub use authz::{
     IpBlock, ServiceAccountMatch, StringMatch, Verdict,
 };
 pub use decision::Inbound;
+pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
@@ -74,9 +76,9 @@ pub use model::{
     Endpoint, Protocol, Resolution, Service, ServicePort, Shortcut, TargetPort, Workload,
 };
 pub use options::{
-    EnrollmentOptions, RuntimeHandles, AMBIENT, CGROUP_ANNOTATION, DEFAULT_CLUSTER_DOMAIN,
-    DEFAULT_LABEL_KEY, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, NETNS_ANNOTATION, OPT_OUT,
-    SHORTCUT_ANNOTATION,
+    EndpointsFrom, EnrollmentOptions, RuntimeHandles, AMBIENT, CGROUP_ANNOTATION,
+    DEFAULT_CLUSTER_DOMAIN, DEFAULT_LABEL_KEY, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN,
+    NETNS_ANNOTATION, OPT_OUT, SHORTCUT_ANNOTATION,
 };
 pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
 pub use state::ClusterState;

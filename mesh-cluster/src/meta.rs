@@ -24,6 +24,8 @@ pub enum Kind {
     Pod,
     /// `Service`.
     Service,
+    /// `EndpointSlice` (`discovery.k8s.io`).
+    EndpointSlice,
     /// `PeerAuthentication` (`security.istio.io`).
     PeerAuthentication,
     /// `AuthorizationPolicy` (`security.istio.io`).
@@ -36,6 +38,7 @@ impl fmt::Display for Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
         })

@@ -133,7 +133,7 @@ pub struct Service {
     pub name: String,
     /// Virtual IPs, at most one per family; empty for a headless service.
     pub vips: Vec<IpAddr>,
-    /// Selector; empty means no automatic endpoints.
+    /// Selector; empty means no automatic endpoints (see [`crate::EndpointsFrom`]).
     pub selector: Labels,
     /// Ports with their endpoints.
     pub ports: Vec<ServicePort>,
@@ -150,7 +150,9 @@ pub struct ServicePort {
     pub protocol: Protocol,
     /// Target as written.
     pub target_port: TargetPort,
-    /// Ready pods that serve this port, sorted by pod name, with the target port resolved.
+    /// The addresses that serve this port, sorted, each once: from the ready pods the selector
+    /// picks (target port resolved per pod), or from the service's `EndpointSlices` (see
+    /// [`crate::EndpointsFrom`]).
     pub endpoints: Vec<Endpoint>,
     /// Endpoint addresses per family (index into `endpoints`, address).
     v4: Vec<(usize, SocketAddr)>,
@@ -159,13 +161,16 @@ pub struct ServicePort {
     next: AtomicUsize,
 }
 
-/// A pod serving a service port.
+/// An address serving a service port.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    /// The pod.
-    pub workload: Arc<Workload>,
-    /// The target port on that pod.
-    pub port: u16,
+    /// Address and target port.
+    pub addr: SocketAddr,
+    /// The pod that has this address, if the cluster has one: its identity is the one the
+    /// connection is tunnelled to. An `EndpointSlice` may name any address (a VM, a pod of
+    /// another cluster); its `targetRef` is not trusted for the identity, the address is
+    /// looked up among the pods.
+    pub workload: Option<Arc<Workload>>,
 }
 
 impl fmt::Display for Service {
@@ -187,10 +192,8 @@ impl ServicePort {
             endpoints
                 .iter()
                 .enumerate()
-                .filter_map(|(index, ep)| {
-                    let ip = ep.workload.ips.iter().find(|ip| ip.is_ipv4() == v4)?;
-                    Some((index, SocketAddr::new(*ip, ep.port)))
-                })
+                .filter(|(_, ep)| ep.addr.is_ipv4() == v4)
+                .map(|(index, ep)| (index, ep.addr))
                 .collect()
         };
         let (v4, v6) = (family(true), family(false));
@@ -228,8 +231,8 @@ pub enum Resolution {
         service: Arc<Service>,
         /// The chosen endpoint: pod address of the destination's family, and target port.
         endpoint: SocketAddr,
-        /// The pod behind `endpoint`.
-        workload: Arc<Workload>,
+        /// The pod behind `endpoint`, if it is a pod's address.
+        workload: Option<Arc<Workload>>,
     },
     /// A service VIP and TCP port with no ready endpoint of the destination's family.
     NoEndpoint {

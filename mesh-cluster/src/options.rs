@@ -49,6 +49,24 @@ pub struct EnrollmentOptions {
     pub cluster_domain: String,
     /// Where a pod's network namespace and cgroup come from.
     pub runtime_handles: RuntimeHandles,
+    /// Where a service's endpoints come from.
+    pub endpoints: EndpointsFrom,
+}
+
+/// Where the model learns a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EndpointsFrom {
+    /// The model plays Kubernetes' endpoint controller (the directory source, which has no
+    /// controller manager): a service with a selector is served by the ready pods it selects in
+    /// its namespace; a service without one by the `EndpointSlices` labelled
+    /// `kubernetes.io/service-name` with its name, as written in the files.
+    #[default]
+    Selectors,
+    /// From `EndpointSlices` only, for every service, as kube-proxy reads them: on a real
+    /// cluster the controller manager keeps them (it knows readiness gates, terminating pods
+    /// and `publishNotReadyAddresses`), and users write their own for services without a
+    /// selector.
+    Slices,
 }
 
 /// Where the model learns a pod's network namespace and cgroup (its runtime handles).
@@ -75,6 +93,7 @@ impl EnrollmentOptions {
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
             runtime_handles: RuntimeHandles::default(),
+            endpoints: EndpointsFrom::default(),
         }
     }
 

@@ -15,6 +15,7 @@ use std::{
 
 use super::{
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
+    endpoints::SliceIndex,
     error::{SourceError, StateError},
     k8s::{self, Kind, Object, ObjectRef},
     model::{Protocol, Resolution, Service, ServicePort, Workload},
@@ -57,6 +58,7 @@ impl ClusterState {
         let mut namespaces = BTreeMap::new();
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
+        let mut slices = BTreeMap::new();
         let mut peer_auths = BTreeMap::new();
         let mut authz_policies = BTreeMap::new();
         for object in objects {
@@ -67,6 +69,9 @@ impl ClusterState {
                     .is_some(),
                 Object::Service(svc) => services
                     .insert((svc.metadata.namespace(), svc.metadata.name()), svc)
+                    .is_some(),
+                Object::EndpointSlice(slice) => slices
+                    .insert((slice.metadata.namespace(), slice.metadata.name()), slice)
                     .is_some(),
                 Object::PeerAuthentication(pa) => peer_auths
                     .insert((pa.metadata.namespace(), pa.metadata.name()), pa)
@@ -115,9 +120,11 @@ impl ClusterState {
                 .or_default()
                 .push(BuiltPod { workload, pod });
         }
+        let slices = SliceIndex::build(slices.into_values())?;
         for (&(namespace, _), &svc) in &services {
             let pods = by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
-            let service = Arc::new(service_from(svc, pods, opts)?);
+            let from = (&slices.index, &state.by_ip);
+            let service = Arc::new(service_from(svc, pods, from, opts)?);
             state.index_service(&service, svc)?;
         }
         state.peer_auth = PeerAuthIndex::build(
@@ -126,7 +133,12 @@ impl ClusterState {
             &state.workloads,
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
-        state.warnings = [state.peer_auth.warnings(), state.authz.warnings()].concat();
+        state.warnings = [
+            slices.warnings,
+            state.peer_auth.warnings().to_vec(),
+            state.authz.warnings().to_vec(),
+        ]
+        .concat();
         Ok(state)
     }
 
@@ -234,7 +246,7 @@ impl ClusterState {
     }
 
     /// Problems of valid objects that do not stop the state from being built, one line each:
-    /// conflicting `PeerAuthentications` (the oldest applies), `PeerAuthentications` that apply to
+    /// `EndpointSlices` left out (`FQDN` slices, slices of no service), conflicting `PeerAuthentications` (the oldest applies), `PeerAuthentications` that apply to
     /// nothing, then `AuthorizationPolicies` for waypoints (not enforced by the agent), rules with
     /// HTTP (L7) fields (an ALLOW or AUDIT rule matches nothing, a DENY rule is enforced without
     /// them), DENY or AUDIT policies without rules. The source logs each once, when it appears.
@@ -320,7 +332,7 @@ impl ClusterState {
                 Some((endpoint, addr)) => Resolution::Service {
                     service: Arc::clone(service),
                     endpoint: addr,
-                    workload: Arc::clone(&endpoint.workload),
+                    workload: endpoint.workload.clone(),
                 },
                 None => Resolution::NoEndpoint {
                     service: Arc::clone(service),

@@ -13,8 +13,8 @@ use std::{
 
 use super::{
     k8s::{parse_documents, IntOrString, Kind, MetaExt, Object, PeerAuthMode, PodExt},
-    spawn_watcher, ClusterState, ConfigDir, EnrollmentOptions, FilesError, MtlsMode, PeerAuthScope,
-    Resolution, Shortcut, StateError, TargetPort, SHORTCUT_ANNOTATION,
+    spawn_watcher, ClusterState, ConfigDir, EndpointsFrom, EnrollmentOptions, FilesError, MtlsMode,
+    PeerAuthScope, Resolution, Shortcut, StateError, TargetPort, SHORTCUT_ANNOTATION,
 };
 
 const CLUSTER: &str = include_str!("testdata/cluster.yaml");
@@ -24,11 +24,11 @@ const PEER_AUTHENTICATION: &str = include_str!("testdata/peer-authentication.yam
 /// Label pairs in a table.
 type Pairs<'a> = &'a [(&'a str, &'a str)];
 
-fn opts() -> EnrollmentOptions {
+pub(crate) fn opts() -> EnrollmentOptions {
     EnrollmentOptions::new("n0")
 }
 
-fn parse(text: &str) -> Vec<Object> {
+pub(crate) fn parse(text: &str) -> Vec<Object> {
     parse_documents("test.yaml", text).expect("parses")
 }
 
@@ -42,11 +42,11 @@ fn build_err(text: &str) -> String {
         .to_string()
 }
 
-fn addr(s: &str) -> SocketAddr {
+pub(crate) fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().expect("IP address")
 }
 
@@ -55,7 +55,7 @@ fn namespace(name: &str, labels: &str) -> String {
 }
 
 /// A running, ready pod on node `node` with its runtime annotations; `ips` comma-separated.
-fn pod(ns: &str, name: &str, node: &str, ips: &str, labels: &str) -> String {
+pub(crate) fn pod(ns: &str, name: &str, node: &str, ips: &str, labels: &str) -> String {
     let ip_list = list(ips, "  - ip: ");
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\n  annotations:\n    mesh.local/netns: /run/netns/{name}\n    mesh.local/cgroup: /sys/fs/cgroup/{name}\nspec:\n  nodeName: {node}\nstatus:\n  phase: Running\n  podIPs:\n{ip_list}"
@@ -63,7 +63,14 @@ fn pod(ns: &str, name: &str, node: &str, ips: &str, labels: &str) -> String {
 }
 
 /// A service with one TCP port; `vips` comma-separated (or `None`).
-fn service(ns: &str, name: &str, vips: &str, port: &str, target: &str, selector: &str) -> String {
+pub(crate) fn service(
+    ns: &str,
+    name: &str,
+    vips: &str,
+    port: &str,
+    target: &str,
+    selector: &str,
+) -> String {
     let vip_list = list(vips, "  - ");
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIPs:\n{vip_list}  ports:\n  - port: {port}\n    targetPort: {target}\n  selector: {{{selector}}}\n"
@@ -79,7 +86,7 @@ fn list(items: &str, prefix: &str) -> String {
         .concat()
 }
 
-fn docs(parts: &[String]) -> String {
+pub(crate) fn docs(parts: &[String]) -> String {
     parts.join("---\n")
 }
 
@@ -153,7 +160,8 @@ fn parses_a_list_and_ignores_unknown_fields_and_kinds() {
         [
             "Namespace demo",
             "Pod demo/echo-7d9f-abcde",
-            "Service demo/echo"
+            "Service demo/echo",
+            "EndpointSlice demo/echo-xyz"
         ]
     );
     let state = ClusterState::build(&objects, &opts()).expect("builds");
@@ -167,6 +175,20 @@ fn parses_a_list_and_ignores_unknown_fields_and_kinds() {
         panic!("service expected");
     };
     assert_eq!(endpoint, addr("198.19.1.7:5678"));
+    // Read as the Kubernetes source reads it, from the controller's slice: the same endpoint.
+    let from_slices = EnrollmentOptions {
+        endpoints: EndpointsFrom::Slices,
+        ..opts()
+    };
+    let state = ClusterState::build(&objects, &from_slices).expect("builds");
+    let Resolution::Service {
+        endpoint, workload, ..
+    } = state.resolve(addr("198.18.200.1:5678"))
+    else {
+        panic!("service expected");
+    };
+    assert_eq!(endpoint, addr("198.19.1.7:5678"));
+    assert_eq!(workload.expect("the pod").name, "echo-7d9f-abcde");
 }
 
 #[test]
@@ -523,7 +545,7 @@ fn readiness_and_finished_pods() {
     let endpoints: Vec<&str> = port
         .endpoints
         .iter()
-        .map(|e| e.workload.name.as_str())
+        .map(|e| e.workload.as_ref().expect("a pod").name.as_str())
         .collect();
     assert_eq!(
         endpoints,
@@ -555,7 +577,7 @@ fn service_selects_ready_pods_of_its_namespace_by_all_selector_labels() {
     let endpoints: Vec<String> = port
         .endpoints
         .iter()
-        .map(|e| e.workload.to_string())
+        .map(|e| e.workload.as_ref().expect("a pod").to_string())
         .collect();
     assert_eq!(endpoints, ["a/match"]);
     assert!(matches!(
@@ -586,7 +608,12 @@ fn named_target_port_resolves_per_pod() {
     let endpoints: Vec<(String, u16)> = port
         .endpoints
         .iter()
-        .map(|e| (e.workload.name.clone(), e.port))
+        .map(|e| {
+            (
+                e.workload.as_ref().expect("a pod").name.clone(),
+                e.addr.port(),
+            )
+        })
         .collect();
     assert_eq!(
         endpoints,
@@ -622,6 +649,7 @@ fn round_robin_alternates_between_two_endpoints() {
             service,
         } => {
             assert_eq!(service.name, "s");
+            let workload = workload.expect("a pod");
             assert_eq!(Some(endpoint.ip()), workload.ip_like(endpoint.ip()));
             endpoint
         }
@@ -720,7 +748,7 @@ fn fixture_cluster_resolves() {
             |_| match state.resolve(addr("[fd00:6d65:7368:ff::10]:80")) {
                 Resolution::Service {
                     endpoint, workload, ..
-                } => format!("{workload} {endpoint}"),
+                } => format!("{} {endpoint}", workload.expect("a pod")),
                 other => panic!("{other:?}"),
             },
         )

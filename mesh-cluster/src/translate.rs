@@ -2,14 +2,15 @@
 //! [`super::ClusterState::build`] calls these; the cross-object checks (duplicates, conflicts)
 //! and the indexes are there.
 
-use std::{net::IpAddr, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
 
 use mesh_identity::Identity;
 
 use super::{
+    endpoints::{PortSources, SliceIndex},
     error::StateError,
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
-    model::{Endpoint, Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
+    model::{Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
     names::{check_name, NameRule},
     options::{
         EnrollmentOptions, RuntimeHandles, CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION,
@@ -295,9 +296,12 @@ fn addresses<'s>(
     Ok(ips)
 }
 
+/// `svc` as a service; `pods` are the pods of its namespace, `slices` and `by_ip` what its
+/// endpoints may come from (see [`crate::endpoints`]).
 pub(super) fn service_from(
     svc: &k8s::Service,
     pods: &[BuiltPod],
+    (slices, by_ip): (&SliceIndex, &HashMap<IpAddr, Arc<Workload>>),
     opts: &EnrollmentOptions,
 ) -> Result<Service, StateError> {
     let object = service_ref(svc);
@@ -337,6 +341,14 @@ pub(super) fn service_from(
             })
             .collect()
     };
+    let sources = PortSources {
+        from: opts.endpoints,
+        service: (svc.metadata.namespace(), svc.metadata.name()),
+        has_selector: !selector.is_empty(),
+        selected: &selected,
+        slices,
+        by_ip,
+    };
     let spec_ports = spec.ports.as_deref().unwrap_or_default();
     let mut ports: Vec<ServicePort> = Vec::with_capacity(spec_ports.len());
     for (index, spec) in spec_ports.iter().enumerate() {
@@ -368,7 +380,13 @@ pub(super) fn service_from(
                 })
             }
         };
-        ports.push(service_port(spec, (port, protocol), target_port, &selected));
+        let endpoints = sources.endpoints(spec.name.as_deref(), protocol, &target_port);
+        ports.push(ServicePort::new(
+            spec.name.clone(),
+            (port, protocol),
+            target_port,
+            endpoints,
+        ));
     }
     Ok(Service {
         hostname: format!(
@@ -383,42 +401,6 @@ pub(super) fn service_from(
         selector,
         ports,
     })
-}
-
-fn service_port(
-    spec: &k8s::ServicePort,
-    (port, protocol): (u16, Protocol),
-    target_port: TargetPort,
-    selected: &[&BuiltPod],
-) -> ServicePort {
-    let mut endpoints = Vec::new();
-    for pod in selected {
-        let resolved = match &target_port {
-            TargetPort::Number(n) => Some(*n),
-            TargetPort::Name(name) => named_port(pod.pod, name, protocol),
-        };
-        if let Some(port) = resolved {
-            endpoints.push(Endpoint {
-                workload: Arc::clone(&pod.workload),
-                port,
-            });
-        }
-    }
-    ServicePort::new(spec.name.clone(), (port, protocol), target_port, endpoints)
-}
-
-/// The container port named `name` for `protocol` (already range-checked).
-fn named_port(pod: &k8s::Pod, name: &str, protocol: Protocol) -> Option<u16> {
-    let wanted = protocol.to_string();
-    pod.spec
-        .as_ref()
-        .map_or(&[][..], |s| &s.containers)
-        .iter()
-        .flat_map(|c| c.ports.as_deref().unwrap_or_default())
-        .find(|p| {
-            p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == wanted
-        })
-        .and_then(|p| u16::try_from(p.container_port).ok())
 }
 
 fn check_port(object: &ObjectRef, field: String, value: i64) -> Result<u16, StateError> {

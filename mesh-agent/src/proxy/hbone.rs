@@ -38,11 +38,16 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What HBONE connections are pooled by: streams share a connection only when they have the
-/// same source pod address, source identity, destination identity and destination.
+/// same source pod (address and network namespace), source identity, destination identity and
+/// destination.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HboneKey {
     /// Address of the source pod: the connection is opened from inside it.
     pub src_ip: IpAddr,
+    /// Cookie of the source pod's network namespace. Addresses are reused: a new pod with a
+    /// gone pod's address and service account must not get the gone pod's connections, which
+    /// live in its (dead) namespace, so the pod incarnation is part of the key.
+    pub src_netns: u64,
     pub src: Identity,
     pub dst: Identity,
     /// The destination pod's address and port 15008.
@@ -84,12 +89,17 @@ impl Connect for HboneConnector {
 
     async fn connect(&self, key: &HboneKey) -> io::Result<Self::Io> {
         let pod = self.local.borrow().get(&key.src_ip).cloned();
-        let pod = pod.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("source pod {} is not served by this agent", key.src_ip),
-            )
-        })?;
+        let pod = pod
+            .filter(|pod| pod.netns_cookie == key.src_netns)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "source pod {} (network namespace {}) is not served by this agent",
+                        key.src_ip, key.src_netns
+                    ),
+                )
+            })?;
         self.certs
             .wait_for(&key.src, CERT_WAIT)
             .await
@@ -125,6 +135,7 @@ pub(super) async fn outbound(
     let info = &mut conn.info;
     let key = HboneKey {
         src_ip: info.src.ip(),
+        src_netns: pod.netns_cookie,
         src: pod.identity.clone(),
         dst: dst.clone(),
         dst_addr: SocketAddr::new(info.upstream.ip(), HBONE_PORT),

@@ -2,6 +2,7 @@
 //! held, so what is not read is not kept.
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::options::{CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION};
@@ -44,6 +45,36 @@ pub(super) fn pod(pod: Pod) -> Pod {
                     .collect()
             }),
             ..PodStatus::default()
+        }),
+    }
+}
+
+/// `slice` with only: name, namespace, labels (its service), address type, ports, and of each
+/// endpoint its addresses and conditions (no `targetRef`, hostname, node, zone or hints: the
+/// model looks pods up by address).
+pub(super) fn endpoint_slice(slice: EndpointSlice) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: slice.metadata.name,
+            namespace: slice.metadata.namespace,
+            labels: slice.metadata.labels,
+            ..ObjectMeta::default()
+        },
+        address_type: slice.address_type,
+        ports: slice.ports,
+        endpoints: slice.endpoints.map(|endpoints| {
+            endpoints
+                .into_iter()
+                .map(|endpoint| Endpoint {
+                    addresses: endpoint.addresses,
+                    conditions: endpoint.conditions.map(|c| EndpointConditions {
+                        ready: c.ready,
+                        serving: c.serving,
+                        terminating: c.terminating,
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect()
         }),
     }
 }

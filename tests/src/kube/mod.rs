@@ -18,6 +18,7 @@ mod crds;
 mod forward;
 mod kubeconfig;
 pub mod kubelet;
+pub mod mesh;
 mod objects;
 mod pki;
 mod scratch;
@@ -31,6 +32,7 @@ pub use control_plane::ControlPlane;
 pub use crds::FIELD_MANAGER;
 pub use kubeconfig::Credentials;
 pub use kubelet::{Kubelet, KubeletOptions};
+pub use mesh::KubeMesh;
 pub use objects::{eventually, now, register_node};
 pub use pki::CertFiles;
 
