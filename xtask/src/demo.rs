@@ -12,6 +12,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+
+/// `cargo xtask demo --kube`.
+mod on_kubernetes;
 use mesh_tests::{
     http::http,
     mesh::{Mesh, Shortcut, NS},
@@ -19,6 +22,7 @@ use mesh_tests::{
     telemetry::{access_records, METRICS},
     Pod, TestbedSpec,
 };
+pub use on_kubernetes::run as run_kube;
 
 pub fn run() -> Result<()> {
     let spec = TestbedSpec {

@@ -42,7 +42,12 @@ enum Cmd {
     /// Run every test: formatting, lints, unit tests and the privileged kernel/namespace tests.
     Test,
     /// Build a two-node testbed, run the agents and show a counted connection, then tear down.
-    Demo,
+    Demo {
+        /// On a real Kubernetes control plane: testbed kubelets, the CNI hand-over, a namespace
+        /// labelled through the API, traffic, access log, metrics and a policy.
+        #[arg(long)]
+        kube: bool,
+    },
     /// Measure the mesh against direct connections (see BENCHMARKS.md).
     Bench {
         /// Short measurements, one repetition (under two minutes).
@@ -70,12 +75,16 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::run(&root),
         Cmd::Build { release } => setup::run(&root).and_then(|()| build(&root, release)),
         Cmd::Test => setup::run(&root).and_then(|()| test(&root)),
-        Cmd::Demo => setup::run(&root)
+        Cmd::Demo { kube } => setup::run(&root)
             .and_then(|()| build(&root, false))
             .and_then(|()| {
                 // The demo prints the lines that matter itself.
                 std::env::set_var(mesh_tests::process::QUIET_ENV, "1");
-                demo::run()
+                if kube {
+                    demo::run_kube()
+                } else {
+                    demo::run()
+                }
             }),
         Cmd::Bench {
             quick,
@@ -146,6 +155,8 @@ fn build(root: &Path, release: bool) -> Result<()> {
         "mesh-agent",
         "--package",
         "mesh-tests",
+        "--package",
+        "mesh-cni",
         "--bins",
     ]);
     if release {
