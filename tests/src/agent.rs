@@ -315,11 +315,11 @@ impl Agent {
     }
 
     /// SIGKILL, as a crash or an OOM kill ends it: no cleanup runs, pins and links stay.
-    /// Returns once it has exited.
-    pub fn kill(mut self) -> Result<()> {
+    /// Returns every line it logged, once it has exited.
+    pub fn kill(mut self) -> Result<Vec<String>> {
         self.process.signal(nix::sys::signal::Signal::SIGKILL)?;
         self.process.wait(Duration::from_secs(10))?;
-        Ok(())
+        Ok(self.process.lines())
     }
 
     /// Process id of the agent (for CPU and memory accounting).

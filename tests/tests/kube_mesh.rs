@@ -12,7 +12,10 @@
 //! reach their endpoints through `EndpointSlices` (the controller manager's, and one written
 //! through the API for a Service without selector).
 
-use std::{thread, time::Duration};
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -85,9 +88,33 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
     );
     mesh.wait_event("late", "MeshCaptured").expect("event");
 
-    // The agent crashes and restarts: the hand-overs it held are gone, yet it re-learns the
-    // running echo pod from /proc before it reports ready, and carries new connections to it.
+    // The agent crashes and restarts under traffic: a steady client connects every 100 ms.
+    // The hand-overs it held are gone, yet it re-learns the running echo and client pods from
+    // /proc before it reports ready, and carries their connections again.
+    mesh.start_probe(
+        "steady",
+        &[
+            "repeat",
+            &target,
+            "--every-ms",
+            "100",
+            "--duration-ms",
+            "10000",
+        ],
+        None,
+    )
+    .expect("steady client");
+    let oks = |lines: &[String]| lines.iter().filter(|l| l.starts_with("echo ok")).count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while oks(&mesh.kubelets[0].logs(NS, "steady", "client")) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the steady client never got going"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     agent.kill().expect("kill the agent");
+    thread::sleep(Duration::from_secs(1));
     let agent = Agent::start(node, &mesh.options[0]).expect("agent restarted");
     let echo_captured = agent
         .logs()
@@ -97,6 +124,7 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
         echo_captured,
         "the restarted agent re-learnt the echo pod from /proc"
     );
+    restarted_under_traffic(&mesh, &agent);
     mesh.start_client("again", &target, None)
         .expect("client pod");
     assert_eq!(mesh.finished("again").expect("phase"), "Succeeded");
@@ -107,6 +135,68 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
     );
     // The pods stop before their agent.
     mesh.kubelets.clear();
+}
+
+/// The steady client's tries across the restart: they failed while the agent was down (closed,
+/// never around the mesh: the failures are one unbroken run), then all succeeded again, each
+/// one carried by the restarted agent.
+fn restarted_under_traffic(mesh: &KubeMesh, agent: &Agent) {
+    assert_eq!(mesh.finished("steady").expect("phase"), "Succeeded");
+    let lines = mesh.kubelets[0].logs(NS, "steady", "client");
+    let tries: Vec<bool> = lines
+        .iter()
+        .filter(|l| l.starts_with("echo ok") || l.starts_with("failed"))
+        .map(|l| l.starts_with("echo ok"))
+        .collect();
+    let first_failure = tries
+        .iter()
+        .position(|ok| !ok)
+        .expect("tries failed while the agent was down");
+    let after = tries[first_failure..]
+        .iter()
+        .position(|ok| *ok)
+        .map(|n| first_failure + n)
+        .expect("tries succeeded after the restart");
+    assert!(
+        tries[after..].iter().all(|ok| *ok),
+        "one run of failures, no try got through while the agent was down: {lines:#?}"
+    );
+    let recovered = tries.len() - after;
+    assert!(recovered >= 5, "{lines:#?}");
+    println!(
+        "steady client: {} tries; {} failed (closed) while the agent restarted, {recovered} carried after; first failure: {:?}",
+        tries.len(),
+        after - first_failure,
+        lines.iter().find(|l| l.starts_with("failed"))
+    );
+    let ip = mesh.pod_ip("steady").expect("address");
+    let carried = || {
+        agent
+            .logs()
+            .iter()
+            .filter(|l| {
+                l.starts_with('{')
+                    && l.contains(&format!("\"addr\":\"{ip}:"))
+                    && l.contains("\"response_flags\":\"-\"")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while carried() < recovered && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        carried(),
+        recovered,
+        "every try after the restart was carried by the restarted agent"
+    );
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("running pod found from /proc") && l.contains("pod=mesh/steady")),
+        "the restarted agent re-learnt the steady client from /proc"
+    );
 }
 
 /// Two nodes: a client pod on n0 reaches the echo pod on n1 through the Service; the hop

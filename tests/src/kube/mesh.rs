@@ -179,11 +179,16 @@ impl KubeMesh {
     /// Creates a pod (on `node` if named) whose only container connects to `target` as soon as
     /// it starts, once, and exits 0 if the echo came back.
     pub fn start_client(&self, name: &str, target: &str, node: Option<&str>) -> Result<()> {
+        self.start_probe(name, &["connect", target, "first-packet"], node)
+    }
+
+    /// Creates a pod (on `node` if named) whose only container runs `mesh-probe` with `args`.
+    pub fn start_probe(&self, name: &str, args: &[&str], node: Option<&str>) -> Result<()> {
         let selector = node.map_or(json!({}), |n| json!({"kubernetes.io/hostname": n}));
         let pod: Pod = from_json(json!({
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": {"restartPolicy": "Never", "nodeSelector": selector, "containers": [{
-                "name": "client", "image": "mesh-probe", "args": ["connect", target, "first-packet"],
+                "name": "client", "image": "mesh-probe", "args": args,
             }]},
         }));
         self.cp

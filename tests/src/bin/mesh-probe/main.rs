@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 mod loop_pair;
+mod repeat;
 
 use std::{
     collections::HashMap,
@@ -96,6 +97,8 @@ const WORKER_STACK: usize = 256 * 1024;
 const USAGE: &str = "usage: mesh-probe <command>
   serve <addr> [--mode echo|sink|greet|rr] [--count N] [--stall-ms S]
   connect <addr> <message> [--eagain fail|retry]
+  repeat <addr> --every-ms E --duration-ms D
+      `connect` every E ms for D ms; one line per try (`echo ok …` or `failed …`), exit 0.
   greeted <addr> <message> [--eagain fail|retry]
   send <addr> <bytes> [--progress-ms P] [--eagain fail|retry]
   loop-pair --port P --client-port C --token T --duration-ms D
@@ -182,6 +185,9 @@ fn main() -> ExitCode {
             .and_then(|f| eagain_policy(&f))
             .map_err(usage)
             .and_then(|policy| connect(addr, message, *command == "greeted", policy)),
+        ["repeat", addr, rest @ ..] => repeat::parse(rest)
+            .map_err(usage)
+            .and_then(|(every, duration)| repeat::run(addr, every, duration)),
         ["send", addr, bytes, rest @ ..] => bytes
             .parse()
             .map_err(|e| format!("bytes {bytes:?}: {e}"))
