@@ -1,6 +1,7 @@
 //! On Kubernetes, each pod's capture state is visible from the API as Events on the Pod
 //! (`kubectl describe pod`, `kubectl get events`): `MeshCaptured` when the agent captures and
-//! serves it, `MeshCaptureFailed` (a warning, with the reason) when it should and cannot.
+//! serves it, `MeshCaptureFailed` (a warning, with the reason) when it should and cannot, and
+//! `MeshReleased` when a running pod leaves the mesh (its namespace or pod label changed).
 //!
 //! Why Events rather than a pod condition or annotation (Istio's ambient mode writes the
 //! annotation `ambient.istio.io/redirection`): writing either needs `patch` on every Pod (or
@@ -47,7 +48,7 @@ pub async fn run(
             if reported.get(pod) == Some(state_now) {
                 continue;
             }
-            let Some(reference) = pod_reference(&state.borrow(), pod) else {
+            let Some(reference) = pod_reference(&state.borrow(), pod, true) else {
                 continue;
             };
             let event = match state_now {
@@ -72,7 +73,30 @@ pub async fn run(
             }
             reported.insert(pod.clone(), state_now.clone());
         }
-        reported.retain(|pod, _| now.contains_key(pod));
+        let left: Vec<String> = reported
+            .keys()
+            .filter(|pod| !now.contains_key(*pod))
+            .cloned()
+            .collect();
+        for pod in left {
+            reported.remove(&pod);
+            // Still there and no longer enrolled: released (a deleted pod needs no event).
+            let Some(reference) = pod_reference(&state.borrow(), &pod, false) else {
+                continue;
+            };
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "MeshReleased".into(),
+                note: Some(format!(
+                    "no longer enrolled; released by the mesh agent of node {node}"
+                )),
+                action: "Release".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(pod, error = %e, "release event not published");
+            }
+        }
         tokio::select! {
             changed = local.changed() => if changed.is_err() { return },
             changed = uncaptured.changed() => if changed.is_err() { return },
@@ -93,13 +117,13 @@ fn current(local: &LocalPods, uncaptured: &Uncaptured) -> BTreeMap<String, Repor
 }
 
 /// The Pod `ns/name` as the Events API refers to it (with its UID, so an event never lands
-/// on a later pod of the same name).
-fn pod_reference(state: &ClusterState, pod: &str) -> Option<ObjectReference> {
+/// on a later pod of the same name), if the view has it with that enrollment.
+fn pod_reference(state: &ClusterState, pod: &str, enrolled: bool) -> Option<ObjectReference> {
     let (namespace, name) = pod.split_once('/')?;
     let w = state
         .workloads()
         .iter()
-        .find(|w| w.namespace == namespace && w.name == name)?;
+        .find(|w| w.namespace == namespace && w.name == name && w.enrolled == enrolled)?;
     Some(ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),

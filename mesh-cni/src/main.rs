@@ -54,6 +54,10 @@ enum Installer {
         /// The binary to install (default: this one).
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// After installing, keep checking the configuration at this period and put the entry
+        /// back when another CNI's installer drops it (runs until killed; 0: install and exit).
+        #[arg(long, default_value_t = 0)]
+        watch_ms: u64,
     },
     /// Remove the mesh-cni entry from the CNI configuration (the binary stays, so DEL of
     /// existing pods keeps working).
@@ -116,6 +120,7 @@ fn installer(command: Installer) -> ExitCode {
             timeout_ms,
             log_level,
             binary,
+            watch_ms,
         } => (|| {
             let binary = match binary {
                 Some(path) => path,
@@ -135,6 +140,15 @@ fn installer(command: Installer) -> ExitCode {
             let changed =
                 install::ensure_installed(&conf_dir, &entry).map_err(|e| e.to_string())?;
             tracing::info!(?changed, "CNI configuration checked");
+            if watch_ms > 0 {
+                tracing::info!(period_ms = watch_ms, conf_dir = %conf_dir.display(), "keeping the entry in place");
+                install::keep_installed(
+                    &conf_dir,
+                    &entry,
+                    std::time::Duration::from_millis(watch_ms),
+                    || false,
+                );
+            }
             Ok(())
         })(),
         Installer::Uninstall { conf_dir } => install::uninstall(&conf_dir)

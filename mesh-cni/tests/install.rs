@@ -281,3 +281,79 @@ fn the_install_command_copies_the_binary_and_uninstall_removes_the_entry() {
         "the binary stays for the DEL of running pods"
     );
 }
+
+/// Kills the watching installer when the test ends, passed or not.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to 5 s for `check`.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `install --watch-ms` keeps the entry: when the primary CNI's installer rewrites its conflist
+/// without it, or replaces it by another CNI's single `.conf`, the entry is back within a
+/// moment; a directory briefly without configuration is waited out.
+#[test]
+fn the_watching_installer_puts_the_entry_back_when_another_cni_rewrites_the_configuration() {
+    let dir = TempDir::new();
+    let (conf_dir, bin_dir) = (dir.join("net.d"), dir.join("bin"));
+    fs::create_dir_all(&conf_dir).unwrap();
+    fs::create_dir_all(&bin_dir).unwrap();
+    let primary = conf_dir.join("10-containerd-net.conflist");
+    write(&primary, CONFLIST, 0o644);
+    let ours = |path: &Path| {
+        fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .is_some_and(|v| {
+                v["plugins"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().filter(|e| e["type"] == PLUGIN_TYPE).count() == 1)
+            })
+    };
+    let _installer = Child(
+        Command::new(env!("CARGO_BIN_EXE_mesh-cni"))
+            .args(["install", "--watch-ms", "50", "--conf-dir"])
+            .arg(&conf_dir)
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .spawn()
+            .unwrap(),
+    );
+    eventually("installed", || ours(&primary));
+
+    // The primary CNI's installer writes its own file again, without our entry.
+    write(&primary, CONFLIST, 0o644);
+    assert!(!ours(&primary));
+    eventually("the entry put back into the rewritten conflist", || {
+        ours(&primary)
+    });
+
+    // The primary CNI is replaced: its file goes, and for a moment there is none.
+    fs::remove_file(&primary).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let cilium = conf_dir.join("05-cilium.conf");
+    write(&cilium, CILIUM, 0o644);
+    let converted = conf_dir.join("05-cilium.conflist");
+    eventually(
+        "the new CNI's configuration converted, with the entry",
+        || ours(&converted) && !cilium.exists(),
+    );
+    let config = json(&converted);
+    assert_eq!(
+        plugins(&config)[0].to_value()["type"],
+        "cilium-cni",
+        "the new primary first"
+    );
+}

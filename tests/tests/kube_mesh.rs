@@ -19,7 +19,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    api::{DeleteParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams},
     Api,
 };
 use mesh_tests::{
@@ -331,5 +331,123 @@ fn endpoints_from_slices(mesh: &KubeMesh, kubelet: &Kubelet) {
             .iter()
             .any(|l| l.contains("service mesh/manual has no ready endpoint")),
         "the agent says why"
+    );
+}
+
+/// Two nodes, pods run by the kubelets: labelling the namespace through the API captures the
+/// running echo pod without a restart (an Event says so) and the next client goes over HBONE;
+/// a DENY `AuthorizationPolicy` created through the API is enforced within a second, and
+/// deleting it lifts it; unlabelling releases the pod (an Event) and traffic goes direct again.
+#[test]
+fn labelling_a_namespace_through_the_api_captures_its_running_pods_and_unlabelling_releases_them() {
+    let mesh = KubeMesh::start(2, NS, false).expect("cluster");
+    mesh.start_echo(Some("n1"), false).expect("echo");
+    // The echo pod's own address: the testbed runs no kube-proxy, so only the mesh makes
+    // Service VIPs work, and the unmeshed clients here need a reachable target.
+    let echo = mesh
+        .cp
+        .block_on(
+            mesh.pods()
+                .list(&kube::api::ListParams::default().labels("app=echo")),
+        )
+        .expect("echo pods")
+        .items
+        .remove(0);
+    let echo_ip = echo.status.and_then(|s| s.pod_ip).expect("echo address");
+    let target = format!("{echo_ip}:8080");
+    let echo_pid = |mesh: &KubeMesh| {
+        mesh.kubelets[1]
+            .pods()
+            .into_iter()
+            .find(|p| p.name.starts_with("echo-"))
+            .and_then(|p| p.containers.first().and_then(|c| c.pid))
+            .expect("echo container process")
+    };
+    let pid = echo_pid(&mesh);
+    // Runs a client pod on n0; returns its phase and whether the mesh carried it: n0's agent
+    // tunnelled it (mutual TLS) and n1's agent let it in. Clients reuse addresses, so only
+    // the log lines written meanwhile count.
+    let run_client = |name: &str| {
+        let from = [mesh.agents[0].log_len(), mesh.agents[1].log_len()];
+        mesh.start_client(name, &target, Some("n0"))
+            .expect("client pod");
+        let phase = mesh.finished(name).expect("phase");
+        let ip = mesh.pod_ip(name).expect("address");
+        let src = format!("\"addr\":\"{ip}:");
+        let logged = |i: usize, direction: &str| {
+            mesh.agents[i].logs()[from[i]..].iter().any(|l| {
+                l.starts_with('{')
+                    && l.contains(&src)
+                    && l.contains(&format!("\"direction\":\"{direction}\""))
+                    && l.contains("\"connection_security_policy\":\"mutual_tls\"")
+            })
+        };
+        (phase, logged(0, "outbound") && logged(1, "inbound"))
+    };
+
+    assert_eq!(
+        run_client("plain"),
+        ("Succeeded".to_owned(), false),
+        "outside the mesh before the label"
+    );
+
+    mesh.label_namespace(true).expect("label");
+    let labelled = Instant::now();
+    mesh.wait_event("echo-", "MeshCaptured").expect("captured");
+    println!(
+        "label to capture of the running echo pod: {} ms",
+        labelled.elapsed().as_millis()
+    );
+    assert_eq!(echo_pid(&mesh), pid, "captured without a restart");
+    assert_eq!(
+        run_client("meshed"),
+        ("Succeeded".to_owned(), true),
+        "over HBONE once labelled"
+    );
+
+    // A DENY for the clients' identity, through the API.
+    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "authorizationpolicies");
+    let policies: Api<DynamicObject> = Api::namespaced_with(mesh.cp.client(), NS, &resource);
+    let policy: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-default", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/mesh/sa/default"]}}]}]},
+    }));
+    let has_policy = |dump: &serde_json::Value| {
+        dump["policies"]["authorization"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-default"))
+    };
+    let created = Instant::now();
+    mesh.cp
+        .block_on(policies.create(&PostParams::default(), &policy))
+        .expect("policy");
+    wait_dump(mesh.tb.node(1), "the policy", has_policy).expect("dump");
+    let enforced = created.elapsed();
+    println!(
+        "policy enforced by n1's agent {} ms after it was created",
+        enforced.as_millis()
+    );
+    assert!(enforced < Duration::from_secs(1), "{enforced:?}");
+    assert_eq!(run_client("denied").0, "Failed", "denied by the policy");
+    mesh.cp
+        .block_on(policies.delete("deny-default", &DeleteParams::default()))
+        .expect("delete the policy");
+    wait_dump(mesh.tb.node(1), "the policy lifted", |d| !has_policy(d)).expect("dump");
+    assert_eq!(
+        run_client("allowed"),
+        ("Succeeded".to_owned(), true),
+        "the policy lifted"
+    );
+
+    mesh.label_namespace(false).expect("unlabel");
+    mesh.wait_event("echo-", "MeshReleased").expect("released");
+    assert_eq!(echo_pid(&mesh), pid, "released without a restart");
+    assert_eq!(
+        run_client("direct"),
+        ("Succeeded".to_owned(), false),
+        "outside the mesh again"
     );
 }

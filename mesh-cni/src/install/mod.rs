@@ -5,10 +5,14 @@
 //! the file we edit. A single-plugin `.conf` (`.json`) becomes a `.conflist` of the same name
 //! (the `.conf` is removed, or it would still sort first), and our entry remembers the original
 //! file name so [`uninstall`] can put it back. Other plugins' entries and unknown fields are
-//! never touched and keep their key order. [`ensure_installed`] is idempotent: the agent calls
-//! it again whenever another CNI rewrites its file.
+//! never touched and keep their key order. [`ensure_installed`] is idempotent; [`keep_installed`]
+//! (`mesh-cni install --watch-ms`) calls it periodically, so an entry another CNI's installer
+//! drops is put back.
 
 mod files;
+mod watch;
+
+pub use watch::keep_installed;
 
 use std::{
     fs, io,
