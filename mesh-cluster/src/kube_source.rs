@@ -26,6 +26,7 @@
 //!   server is unreachable; the watches resume, and re-list if their version expired.
 
 mod backoff;
+mod builder;
 mod strip;
 mod units;
 
@@ -48,13 +49,14 @@ use kube::{
     Api, Client, Resource,
 };
 use tokio::{
-    sync::{watch, Notify},
+    sync::{oneshot, watch},
     task::JoinHandle,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use self::{
     backoff::WatchBackoff,
+    builder::{Change, Pacing},
     units::{Converted, Units},
 };
 use crate::{
@@ -75,14 +77,20 @@ pub enum KubeSourceError {
     /// silently dropped).
     #[error("cluster state: {0}")]
     State(#[source] Box<StateError>),
+    /// The builder thread could not be started, or ended before the first state.
+    #[error("the cluster view's builder thread: {0}")]
+    Builder(String),
 }
 
 /// How the source watches.
 #[derive(Clone, Debug)]
 pub struct KubeOptions {
-    /// The longest a change waits before the view is rebuilt: changes arriving together are
-    /// applied together.
+    /// The shortest time changes gather before the view is rebuilt: changes arriving together
+    /// are applied together.
     pub debounce: Duration,
+    /// The longest: gathering lasts four times the last rebuild when that is longer than
+    /// `debounce`, so the builder stays below a fifth of a core under churn (`builder.rs`).
+    pub max_wait: Duration,
     /// The longest a failing watch waits between tries (see `backoff.rs`).
     pub max_backoff: Duration,
 }
@@ -91,6 +99,7 @@ impl Default for KubeOptions {
     fn default() -> Self {
         Self {
             debounce: Duration::from_millis(50),
+            max_wait: Duration::from_secs(1),
             max_backoff: Duration::from_secs(8),
         }
     }
@@ -128,11 +137,10 @@ impl Drop for KubeWatcher {
     }
 }
 
-/// What the kind tasks share with the builder.
+/// What the kind tasks share: their changes go to the builder, their health to the status.
 #[derive(Debug)]
 struct Shared {
-    units: Mutex<Units>,
-    changed: Notify,
+    changes: std::sync::mpsc::Sender<Change>,
     kinds: Mutex<BTreeMap<Kind, KindState>>,
     status: watch::Sender<ApiStatus>,
 }
@@ -184,9 +192,14 @@ impl KubeSource {
     /// state published.
     pub async fn start(self) -> Result<KubeWatcher, KubeSourceError> {
         let (status_tx, mut status_rx) = watch::channel(ApiStatus::default());
+        let pacing = Pacing {
+            debounce: self.kube.debounce,
+            max_wait: self.kube.max_wait,
+        };
+        let changes = builder::spawn(Units::new(self.opts.clone()), pacing)
+            .map_err(|e| KubeSourceError::Builder(e.to_string()))?;
         let shared = Arc::new(Shared {
-            units: Mutex::new(Units::new(self.opts.clone())),
-            changed: Notify::new(),
+            changes,
             kinds: Mutex::new(BTreeMap::new()),
             status: status_tx,
         });
@@ -236,46 +249,27 @@ impl KubeSource {
             }
             synced = status_rx.borrow_and_update().synced;
         }
-        let first = lock(&shared.units)
-            .rebuild()
+        // Every kind's list was sent to the builder before it counted as synced, so the first
+        // state has them all.
+        let (reply, first) = oneshot::channel();
+        shared.send(Change::First(reply));
+        let state_rx = first
+            .await
+            .map_err(|_| KubeSourceError::Builder("ended before the first state".into()))?
             .map_err(|e| KubeSourceError::State(Box::new(e)))?;
-        info!(
-            generation = first.generation(),
-            workloads = first.workloads().len(),
-            "first full list from the Kubernetes API"
-        );
-        let (state_tx, state_rx) = watch::channel(first);
-        tasks.push(tokio::spawn(build_loop(
-            Arc::clone(&shared),
-            state_tx,
-            self.kube.debounce,
-        )));
+        {
+            let first = state_rx.borrow();
+            info!(
+                generation = first.generation(),
+                workloads = first.workloads().len(),
+                "first full list from the Kubernetes API"
+            );
+        }
         Ok(KubeWatcher {
             state: state_rx,
             status: status_rx,
             tasks,
         })
-    }
-}
-
-/// Rebuilds and publishes the view after changes, at most every `debounce`.
-async fn build_loop(
-    shared: Arc<Shared>,
-    state: watch::Sender<Arc<ClusterState>>,
-    debounce: Duration,
-) {
-    loop {
-        shared.changed.notified().await;
-        tokio::time::sleep(debounce).await;
-        let rebuilt = lock(&shared.units).rebuild();
-        match rebuilt {
-            Ok(new) => {
-                if !Arc::ptr_eq(&new, &state.borrow()) {
-                    state.send_replace(new);
-                }
-            }
-            Err(e) => error!(error = %e, "cluster view not rebuilt; the last state stays"),
-        }
     }
 }
 
@@ -309,26 +303,24 @@ where
             match event {
                 Ok(event) => {
                     shared.healthy(kind);
-                    let mut units = lock(&shared.units);
                     match event {
                         watcher::Event::Init => listed.clear(),
                         watcher::Event::InitApply(object) => {
                             let key = key(&object);
                             listed.insert(key.clone());
-                            units.apply(&key, convert(object));
+                            shared.send(Change::Apply(key, Box::new(convert(object))));
                         }
                         watcher::Event::InitDone => {
-                            units.relisted(kind, &listed);
-                            listed.clear();
-                            drop(units);
+                            shared.send(Change::Relisted(kind, std::mem::take(&mut listed)));
                             shared.synced(kind, false);
                         }
                         watcher::Event::Apply(object) => {
-                            units.apply(&key(&object), convert(object));
+                            shared.send(Change::Apply(key(&object), Box::new(convert(object))));
                         }
-                        watcher::Event::Delete(object) => units.delete(&key(&object)),
+                        watcher::Event::Delete(object) => {
+                            shared.send(Change::Delete(key(&object)));
+                        }
                     }
-                    shared.changed.notify_one();
                 }
                 Err(e) => shared.failed(kind, &e),
             }
@@ -337,6 +329,13 @@ where
 }
 
 impl Shared {
+    /// Hands a change to the builder (it runs as long as the source does).
+    fn send(&self, change: Change) {
+        if self.changes.send(change).is_err() {
+            warn!("the cluster view's builder has stopped; change dropped");
+        }
+    }
+
     fn healthy(&self, kind: Kind) {
         let mut kinds = lock(&self.kinds);
         let state = kinds.entry(kind).or_default();
