@@ -88,8 +88,8 @@ pub struct KubeOptions {
     /// The shortest time changes gather before the view is rebuilt: changes arriving together
     /// are applied together.
     pub debounce: Duration,
-    /// The longest: gathering lasts four times the last rebuild when that is longer than
-    /// `debounce`, so the builder stays below a fifth of a core under churn (`builder.rs`).
+    /// The longest rest after a rebuild: the next one waits four times as long as the last
+    /// took, so under churn the builder stays below a fifth of a core (`builder.rs`).
     pub max_wait: Duration,
     /// The longest a failing watch waits between tries (see `backoff.rs`).
     pub max_backoff: Duration,

@@ -2,13 +2,16 @@
 //! pods through the CNI chain (`mtb-cni`, then the real `mesh-cni`), and the real agent reading
 //! the API with its least RBAC and taking the pods over `mesh-cni`'s hand-over.
 //!
-//! Proven here: a client pod in a labelled namespace whose container connects at start-up
+//! Every test runs two nodes. Proven here: a client pod in a labelled namespace whose container
+//! connects at start-up
 //! through a Service reaches the server, and the agent carried that very connection (its access
 //! log holds it: captured before its first packet); both pods carry a `MeshCaptured` Event; a
 //! pod created while the agent is down does not start (its sandbox fails, no container runs)
 //! until the agent is back, and is then captured; an agent that crashed and restarted re-learns
-//! its running pods from `/proc` (the hand-overs it held are gone) and carries their traffic;
-//! on two nodes, kubelet-run pods talk over HBONE with their SPIFFE identities, and Services
+//! its running pods from `/proc` (the hand-overs it held are gone) and carries their traffic
+//! (a steady client's tries fail closed while it is down, then all are carried again);
+//! labelling a namespace through the API captures its running pods, policy applies within a
+//! second, unlabelling releases them; kubelet-run pods talk over HBONE with their SPIFFE identities, and Services
 //! reach their endpoints through `EndpointSlices` (the controller manager's, and one written
 //! through the API for a Service without selector).
 
@@ -19,12 +22,12 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams},
+    api::{DeleteParams, PostParams},
     Api,
 };
 use mesh_tests::{
     kube::{
-        mesh::{dump_endpoints, from_json, wait_dump, KubeMesh},
+        mesh::{dump_endpoints, dump_has_policy, from_json, wait_dump, KubeMesh},
         Kubelet,
     },
     Agent,
@@ -45,13 +48,14 @@ fn carried(agent: &Agent, ip: &str) -> bool {
 
 #[test]
 fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_the_agent() {
-    let mut mesh = KubeMesh::start(1, NS, true).expect("cluster");
-    let vip = mesh.start_echo(None, true).expect("echo");
+    let mut mesh = KubeMesh::start(2, NS, true).expect("cluster");
+    // Everything on n0 (n1 is there as in a real cluster, with its own agent and kubelet).
+    let vip = mesh.start_echo(Some("n0"), true).expect("echo");
     let kubelet = &mesh.kubelets[0];
 
     // Its very first connection, at start-up, through the Service VIP: carried by the agent.
     let target = format!("{vip}:80");
-    mesh.start_client("first", &target, None)
+    mesh.start_client("first", &target, Some("n0"))
         .expect("client pod");
     assert_eq!(
         mesh.finished("first").expect("phase"),
@@ -68,7 +72,8 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
 
     // The agent down: a new pod does not start (no container), until the agent is back.
     mesh.agents.remove(0).kill().expect("kill the agent");
-    mesh.start_client("late", &target, None).expect("late pod");
+    mesh.start_client("late", &target, Some("n0"))
+        .expect("late pod");
     mesh.wait_event("late", "FailedCreatePodSandBox")
         .expect("event");
     thread::sleep(Duration::from_secs(2));
@@ -101,7 +106,7 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
             "--duration-ms",
             "10000",
         ],
-        None,
+        Some("n0"),
     )
     .expect("steady client");
     let oks = |lines: &[String]| lines.iter().filter(|l| l.starts_with("echo ok")).count();
@@ -125,7 +130,7 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
         "the restarted agent re-learnt the echo pod from /proc"
     );
     restarted_under_traffic(&mesh, &agent);
-    mesh.start_client("again", &target, None)
+    mesh.start_client("again", &target, Some("n0"))
         .expect("client pod");
     assert_eq!(mesh.finished("again").expect("phase"), "Succeeded");
     let again_ip = mesh.pod_ip("again").expect("address");
@@ -244,15 +249,7 @@ fn pods_on_two_nodes_talk_over_hbone_with_their_identities() {
 fn endpoints_from_slices(mesh: &KubeMesh, kubelet: &Kubelet) {
     let cp = &mesh.cp;
     let n0 = mesh.tb.node(0);
-    let echo = cp
-        .block_on(
-            mesh.pods()
-                .list(&kube::api::ListParams::default().labels("app=echo")),
-        )
-        .expect("echo pods")
-        .items
-        .remove(0);
-    let echo_ip = echo.status.and_then(|s| s.pod_ip).expect("echo address");
+    let (_, echo_ip) = mesh.echo_pod().expect("echo pod");
     let dump = wait_dump(n0, "the echo endpoint", |d| {
         dump_endpoints(d, NS, "echo").len() == 1
     })
@@ -344,16 +341,7 @@ fn labelling_a_namespace_through_the_api_captures_its_running_pods_and_unlabelli
     mesh.start_echo(Some("n1"), false).expect("echo");
     // The echo pod's own address: the testbed runs no kube-proxy, so only the mesh makes
     // Service VIPs work, and the unmeshed clients here need a reachable target.
-    let echo = mesh
-        .cp
-        .block_on(
-            mesh.pods()
-                .list(&kube::api::ListParams::default().labels("app=echo")),
-        )
-        .expect("echo pods")
-        .items
-        .remove(0);
-    let echo_ip = echo.status.and_then(|s| s.pod_ip).expect("echo address");
+    let (_, echo_ip) = mesh.echo_pod().expect("echo pod");
     let target = format!("{echo_ip}:8080");
     let echo_pid = |mesh: &KubeMesh| {
         mesh.kubelets[1]
@@ -406,20 +394,9 @@ fn labelling_a_namespace_through_the_api_captures_its_running_pods_and_unlabelli
     );
 
     // A DENY for the clients' identity, through the API.
-    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "authorizationpolicies");
-    let policies: Api<DynamicObject> = Api::namespaced_with(mesh.cp.client(), NS, &resource);
-    let policy: DynamicObject = from_json(json!({
-        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "deny-default", "namespace": NS},
-        "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
-                 "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/mesh/sa/default"]}}]}]},
-    }));
-    let has_policy = |dump: &serde_json::Value| {
-        dump["policies"]["authorization"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-default"))
-    };
+    let policies = mesh.authorization_policies();
+    let policy = mesh.deny_echo_from("deny-default", "cluster.local/ns/mesh/sa/default");
+    let has_policy = |dump: &serde_json::Value| dump_has_policy(dump, "deny-default");
     let created = Instant::now();
     mesh.cp
         .block_on(policies.create(&PostParams::default(), &policy))

@@ -16,7 +16,9 @@ use k8s_openapi::api::{
     events::v1::Event,
 };
 use kube::{
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{
+        ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    },
     Api,
 };
 use serde_json::{json, Value};
@@ -102,6 +104,45 @@ impl KubeMesh {
     /// The namespace's Pods.
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.cp.client(), &self.namespace)
+    }
+
+    /// The echo Deployment's pod and its address.
+    pub fn echo_pod(&self) -> Result<(Pod, String)> {
+        let invalid = |detail: &str| Error::Invalid {
+            what: "the echo pod".into(),
+            detail: detail.into(),
+        };
+        let mut list = self
+            .cp
+            .block_on(self.pods().list(&ListParams::default().labels("app=echo")))
+            .map_err(|source| Error::Api {
+                what: "listing the echo pods".into(),
+                source,
+            })?;
+        let pod = list.items.pop().ok_or_else(|| invalid("none"))?;
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .ok_or_else(|| invalid("no address"))?;
+        Ok((pod, ip))
+    }
+
+    /// The namespace's Istio `AuthorizationPolicies` (`security.istio.io/v1`).
+    pub fn authorization_policies(&self) -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
+        let resource = ApiResource::from_gvk_with_plural(&gvk, "authorizationpolicies");
+        Api::namespaced_with(self.cp.client(), &self.namespace, &resource)
+    }
+
+    /// A DENY `AuthorizationPolicy` `name` for `app=echo`, matching the source `principal`.
+    pub fn deny_echo_from(&self, name: &str, principal: &str) -> DynamicObject {
+        from_json(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
+                     "rules": [{"from": [{"source": {"principals": [principal]}}]}]},
+        }))
     }
 
     /// Sets (`true`) or removes the namespace's mesh label, through the API.
@@ -301,6 +342,13 @@ pub fn wait_dump(node: &Node, what: &str, check: impl Fn(&Value) -> bool) -> Res
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether a config dump holds the `AuthorizationPolicy` `name`.
+pub fn dump_has_policy(dump: &Value, name: &str) -> bool {
+    dump["policies"]["authorization"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["name"] == name))
 }
 
 /// The endpoints of the first port of `namespace/service` in a config dump.

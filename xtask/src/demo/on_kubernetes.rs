@@ -10,17 +10,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use kube::{
-    api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
-    Api,
-};
+use kube::api::PostParams;
 use mesh_tests::{
     http::http,
-    kube::mesh::{dump_endpoints, from_json, wait_dump, KubeMesh, MESH_LABEL},
+    kube::mesh::{dump_endpoints, dump_has_policy, wait_dump, KubeMesh, MESH_LABEL},
     telemetry::{access_records, METRICS},
     Agent,
 };
-use serde_json::json;
 
 const NS: &str = "demo";
 
@@ -46,14 +42,7 @@ pub fn run() -> Result<()> {
     let vip = mesh
         .start_echo(Some("n1"), false)
         .context("starting echo")?;
-    let echo = mesh
-        .cp
-        .block_on(
-            mesh.pods()
-                .list(&::kube::api::ListParams::default().labels("app=echo")),
-        )?
-        .items
-        .remove(0);
+    let (echo, _) = mesh.echo_pod()?;
     let echo_name = echo.metadata.name.clone().unwrap_or_default();
     println!("pod {NS}/{echo_name} ready; Service echo at {vip}:80");
     let dump = wait_dump(mesh.tb.node(0), "the echo endpoint", |d| {
@@ -125,23 +114,14 @@ pub fn run() -> Result<()> {
 fn policy(mesh: &KubeMesh, target: &str) -> Result<()> {
     let principal = format!("cluster.local/ns/{NS}/sa/default");
     println!("\n== AuthorizationPolicy {NS}/deny-default through the API: DENY {principal} to app=echo ==");
-    let gvk = GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy");
-    let resource = ApiResource::from_gvk_with_plural(&gvk, "authorizationpolicies");
-    let api: Api<DynamicObject> = Api::namespaced_with(mesh.cp.client(), NS, &resource);
-    let object: DynamicObject = from_json(json!({
-        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "deny-default", "namespace": NS},
-        "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
-                 "rules": [{"from": [{"source": {"principals": [principal]}}]}]},
-    }));
+    let api = mesh.authorization_policies();
+    let object = mesh.deny_echo_from("deny-default", &principal);
     let created = Instant::now();
     mesh.cp
         .block_on(api.create(&PostParams::default(), &object))
         .context("creating the policy")?;
     wait_dump(mesh.tb.node(1), "the policy at n1", |d| {
-        d["policies"]["authorization"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == "deny-default"))
+        dump_has_policy(d, "deny-default")
     })?;
     println!(
         "enforced by agent n1 {:.0} ms after it was created",
