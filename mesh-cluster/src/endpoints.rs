@@ -21,13 +21,19 @@ use std::{
 };
 
 use super::{
+    address::unusable_pod_address,
     error::StateError,
     k8s::{self, EndpointSlice, Kind, ObjectRef},
     model::{Endpoint, Protocol, TargetPort, Workload},
     options::EndpointsFrom,
-    translate::{unusable_pod_address, BuiltPod},
 };
 use crate::meta::MetaExt;
+
+/// A pod during the build: its workload and its object (for named container ports).
+pub(crate) struct BuiltPod<'a> {
+    pub(crate) workload: Arc<Workload>,
+    pub(crate) pod: &'a k8s::Pod,
+}
 
 /// The label that ties an `EndpointSlice` to its Service (set by the controller manager, and by
 /// anyone who writes slices for a service without selector).

@@ -42,6 +42,7 @@
 //! annotations, [`NETNS_ANNOTATION`] and [`CGROUP_ANNOTATION`]; enrolled pods on the agent's node
 //! must carry both.
 
+mod address;
 mod assemble;
 pub mod authz;
 mod decision;

@@ -15,7 +15,7 @@ use std::{
 
 use super::{
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
-    endpoints::SliceIndex,
+    endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
     k8s::{self, Kind, Object, ObjectRef},
     model::{Protocol, Resolution, Service, ServicePort, Workload},
@@ -24,7 +24,6 @@ use super::{
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy},
     translate::{
         pod_ref, service_from, service_ref, shortcut_annotation, workload_from, workload_ref,
-        BuiltPod,
     },
 };
 use crate::{k8s::PodExt, meta::MetaExt};

@@ -7,7 +7,8 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
 use mesh_identity::Identity;
 
 use super::{
-    endpoints::{PortSources, SliceIndex},
+    address::unusable_pod_address,
+    endpoints::{BuiltPod, PortSources, SliceIndex},
     error::StateError,
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
     model::{Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
@@ -17,12 +18,6 @@ use super::{
     },
 };
 use crate::{k8s::PodExt, meta::MetaExt};
-
-/// A pod during the build: its workload and its object (for named container ports).
-pub(super) struct BuiltPod<'a> {
-    pub(super) workload: Arc<Workload>,
-    pub(super) pod: &'a k8s::Pod,
-}
 
 pub(super) fn pod_ref(pod: &k8s::Pod) -> ObjectRef {
     ObjectRef::namespaced(Kind::Pod, &pod.metadata)
@@ -205,41 +200,6 @@ fn annotation_path(
             annotation,
             value: value.clone(),
         }),
-    }
-}
-
-/// Why `ip` can never be a pod's own address, if so: the agent binds its listeners to a pod's
-/// address, and steers the pod's traffic by it.
-pub(super) fn unusable_pod_address(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => {
-            if v4.is_unspecified() {
-                Some("unspecified")
-            } else if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if v4.is_multicast() {
-                Some("multicast")
-            } else if v4.is_broadcast() {
-                Some("broadcast")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unicast_link_local() {
-                Some("link-local")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else {
-                None
-            }
-        }
     }
 }
 
