@@ -112,6 +112,13 @@ impl Resolve for ClusterResolver {
         self.state.borrow().workload_by_ip(ip).cloned()
     }
 
+    fn workload_named(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        self.state
+            .borrow()
+            .workload_by_name(namespace, name)
+            .cloned()
+    }
+
     fn service_of(&self, host: &str, endpoint_ip: IpAddr) -> Option<Arc<Service>> {
         let state = Arc::clone(&self.state.borrow());
         let service = state.service_by_hostname(host)?;

@@ -253,6 +253,14 @@ impl ClusterState {
         &self.warnings
     }
 
+    /// The workload `namespace/name`, if the view has it (with or without an address yet).
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.workloads
+            .binary_search_by(|w| (w.namespace.as_str(), w.name.as_str()).cmp(&(namespace, name)))
+            .ok()
+            .map(|index| &self.workloads[index])
+    }
+
     /// All workloads, sorted by namespace and name.
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads

@@ -2487,3 +2487,22 @@ fn a_bad_creation_timestamp_is_refused_when_parsed_naming_field_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn workloads_are_found_by_name_with_or_without_an_address() {
+    let no_address = "apiVersion: v1\nkind: Pod\nmetadata: {name: starting, namespace: b}\nspec: {nodeName: n0}\n".to_owned();
+    let state = build(&docs(&[
+        pod("a", "web-1", "n1", "10.0.0.1", "app: x"),
+        pod("b", "api", "n1", "10.0.0.2", "app: y"),
+        no_address,
+    ]));
+    let found = |ns: &str, name: &str| state.workload_by_name(ns, name).map(|w| w.ips.len());
+    assert_eq!(found("a", "web-1"), Some(1));
+    assert_eq!(
+        found("b", "starting"),
+        Some(0),
+        "before its address reached the API"
+    );
+    assert_eq!(found("b", "web-1"), None);
+    assert_eq!(found("a", "web"), None);
+}

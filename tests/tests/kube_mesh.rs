@@ -30,6 +30,7 @@ use mesh_tests::{
         mesh::{dump_endpoints, dump_has_policy, from_json, wait_dump, KubeMesh},
         Kubelet,
     },
+    telemetry::access_records,
     Agent,
 };
 use serde_json::json;
@@ -69,6 +70,15 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
         carried(&mesh.agents[0], &first_ip),
         "the agent carried the start-up connection of {first_ip}"
     );
+    // Its source workload is named although its address reached the API only after the
+    // connection: the agent knows the pod from the hand-over.
+    let named = access_records(&mesh.agents[0], 0).iter().any(|r| {
+        r["src"]["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{first_ip}:")))
+            && r["src"]["workload"] == "first"
+    });
+    assert!(named, "the source workload is named in the access log");
 
     // The agent down: a new pod does not start (no container), until the agent is back.
     mesh.agents.remove(0).kill().expect("kill the agent");

@@ -91,6 +91,8 @@ pub trait Resolve: Send + Sync + 'static {
     fn route(&self, dst: SocketAddr) -> Route;
     /// The workload that has address `ip`, if the cluster view knows one.
     fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>>;
+    /// The workload `namespace/name`, if the cluster view knows it.
+    fn workload_named(&self, namespace: &str, name: &str) -> Option<Arc<Workload>>;
     /// The service with hostname `host` (`name.namespace.svc.cluster.local`) of which the
     /// workload at `endpoint_ip` is an endpoint: what a source agent says its client asked for,
     /// believed only when it leads to this endpoint.

@@ -49,7 +49,12 @@ pub(super) async fn handle(
     let mut info = ConnInfo::new("outbound", &pod, peer, dst, upstream);
     info.service = service;
     info.dst_workload = workload;
-    info.src_workload = ctx.resolver.workload(peer.ip());
+    // The source is this pod; a pod's first connections may come before its address reached
+    // the API (it is captured from the runtime's hand-over), so by name when not by address.
+    info.src_workload = ctx.resolver.workload(peer.ip()).or_else(|| {
+        let (namespace, name) = pod.name.split_once('/')?;
+        ctx.resolver.workload_named(namespace, name)
+    });
     let conn = |info, tracked| Conn {
         info,
         started,
