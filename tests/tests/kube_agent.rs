@@ -1,6 +1,6 @@
 //! Privileged: the agent reading the cluster from a real Kubernetes API server
 //! (`mesh_tests::kube::ControlPlane`), as a node agent does, with the least RBAC of
-//! `deploy/rbac/agent.yaml` and a token bound to its own Pod, never the admin's credentials.
+//! the chart's RBAC (`deploy/chart`) and a token bound to its own Pod, never the admin's credentials.
 //!
 //! Proven here: the first full list makes the agent's view (workloads with their identities,
 //! services with their hostnames); a request outside its role gets 403; an

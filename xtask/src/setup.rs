@@ -20,6 +20,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::toolchain::{self, EbpfToolchain};
 
+/// Helm, built with Go, for the chart's tests.
+mod helm;
 /// The tests' Kubernetes control plane (`mesh-kcp`, built with Go) and its CRD modules.
 mod kcp;
 
@@ -66,6 +68,7 @@ const STEPS: &[(&str, bool, Check, Install)] = &[
     ("bpffs", true, check_bpffs, install_bpffs),
     ("cgroup2", true, check_cgroup2, install_cgroup2),
     ("kubernetes control plane", false, kcp::check, kcp::install),
+    ("helm", false, helm::check, helm::install),
 ];
 
 /// Runs every step in order, printing one `[setup]` line per step and a final summary.

@@ -1,10 +1,11 @@
 //! A node agent's access to the control plane, as a pod of the agent's `DaemonSet` gets it: the agent's least
-//! RBAC from `deploy/rbac/agent.yaml` (applied as it is), its own Pod object on the node, and a
+//! RBAC as the chart renders it (`deploy/chart`, `helm template`, applied as it is), its own Pod object on the node, and a
 //! service-account token bound to that Pod (it dies with the Pod), in a kubeconfig that points
 //! at the API server as exposed inside the node's network namespace. Never the admin's
 //! credentials.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::process::Command;
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, ServiceAccount},
@@ -13,16 +14,37 @@ use k8s_openapi::api::{
 use kube::{api::PostParams, Api, Client};
 use serde_json::{json, Value};
 
-use super::{ControlPlane, Credentials, Error, Result};
+use super::{chart_dir, helm_binary, ControlPlane, Credentials, Error, Result};
 use crate::Node;
 
-/// The namespace and service account of `deploy/rbac/agent.yaml`.
+/// The namespace the chart is installed in, and its release name.
 pub const AGENT_NAMESPACE: &str = "mesh-system";
+pub const RELEASE: &str = "mesh";
+/// The agent's service account: `<release>-agent`.
 pub const AGENT_ACCOUNT: &str = "mesh-agent";
 
-/// `deploy/rbac/agent.yaml`.
-pub fn agent_rbac_manifest() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac/agent.yaml")
+/// The agent's `ServiceAccount`, `ClusterRole` and `ClusterRoleBinding` as the chart renders them
+/// (`helm template`, release [`RELEASE`] in [`AGENT_NAMESPACE`]).
+pub fn agent_rbac_manifest() -> Result<String> {
+    let helm = helm_binary()?;
+    let out = Command::new(&helm)
+        .args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", AGENT_NAMESPACE])
+        .args(["--show-only", "templates/serviceaccount.yaml"])
+        .args(["--show-only", "templates/rbac.yaml"])
+        .output()
+        .map_err(|e| Error::Setup(format!("running {}: {e}", helm.display())))?;
+    if !out.status.success() {
+        return Err(Error::Invalid {
+            what: "helm template of the agent's RBAC".into(),
+            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    String::from_utf8(out.stdout).map_err(|e| Error::Invalid {
+        what: "helm template of the agent's RBAC".into(),
+        detail: e.to_string(),
+    })
 }
 
 impl ControlPlane {
@@ -57,22 +79,25 @@ fn parse<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Result<T> 
     })
 }
 
-/// Creates each object of the manifest unless it exists (409 is fine: applied before).
+/// Creates the namespace and each object of the chart's RBAC unless it exists (409 is fine:
+/// applied before).
 async fn apply_rbac(client: &Client) -> Result<()> {
-    let path = agent_rbac_manifest();
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Invalid {
-        what: path.display().to_string(),
-        detail: e.to_string(),
-    })?;
+    let what = "the chart's RBAC";
+    let text = agent_rbac_manifest()?;
     let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
         .map(serde::Deserialize::deserialize)
-        .collect::<Result<_, serde_yaml::Error>>()
+        .collect::<Result<Vec<Value>, serde_yaml::Error>>()
         .map_err(|e| Error::Invalid {
-            what: path.display().to_string(),
+            what: what.into(),
             detail: e.to_string(),
-        })?;
+        })?
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect();
+    let namespace =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}});
     let pp = PostParams::default();
-    for value in documents {
+    for value in std::iter::once(namespace).chain(documents) {
         let kind = value["kind"].as_str().unwrap_or_default().to_owned();
         let created = match kind.as_str() {
             "Namespace" => Api::<Namespace>::all(client.clone())
@@ -93,7 +118,7 @@ async fn apply_rbac(client: &Client) -> Result<()> {
                 .map(drop),
             other => {
                 return Err(Error::Invalid {
-                    what: path.display().to_string(),
+                    what: what.into(),
                     detail: format!("unexpected kind {other:?}"),
                 })
             }

@@ -23,7 +23,7 @@ mod objects;
 mod pki;
 mod scratch;
 
-pub use agent_access::{agent_rbac_manifest, AGENT_ACCOUNT, AGENT_NAMESPACE};
+pub use agent_access::{agent_rbac_manifest, AGENT_ACCOUNT, AGENT_NAMESPACE, RELEASE};
 pub use components::{
     Component, Ports, KUBERNETES_SERVICE_IP, SERVICE_ACCOUNT_ISSUER, SERVICE_CIDR_V4,
     SERVICE_CIDR_V6,
@@ -94,6 +94,31 @@ pub fn go_module_dir() -> PathBuf {
 
 /// Where `cargo xtask setup` puts `mesh-kcp`, relative to the workspace root.
 pub const BINARY_PATH: &str = "target/kube/bin/mesh-kcp";
+
+/// Where `cargo xtask setup` puts `helm` (built from `tests/helm`), relative to the workspace
+/// root.
+pub const HELM_PATH: &str = "target/kube/bin/helm";
+
+/// The `helm` binary `cargo xtask setup` built.
+pub fn helm_binary() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace");
+    let path = root.join(HELM_PATH);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Setup(format!(
+            "{} is missing; run `cargo xtask setup`, which builds it from tests/helm with Go",
+            path.display()
+        )))
+    }
+}
+
+/// The chart (`deploy/chart`).
+pub fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/chart")
+}
 
 /// The `mesh-kcp` binary: `$MESH_KCP_BIN` if set, otherwise what `cargo xtask setup` built.
 pub fn binary() -> Result<PathBuf> {

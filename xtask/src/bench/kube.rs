@@ -1,6 +1,6 @@
 //! `cargo xtask bench --only kube`: the agent on a real Kubernetes control plane
 //! (`mesh_tests::kube::ControlPlane`), the real release `mesh-agent` in a testbed node, with its
-//! least RBAC (`deploy/rbac/agent.yaml`) and a token bound to its own Pod.
+//! least RBAC (the chart's, `deploy/chart/templates/rbac.yaml`) and a token bound to its own Pod.
 //!
 //! What it reports (issue 14 §5), in one run:
 //!

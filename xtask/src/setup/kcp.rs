@@ -33,9 +33,8 @@ fn binary(root: &Path) -> PathBuf {
 }
 
 /// The Go module's files the binary depends on: go.mod, go.sum and every `.go` file.
-fn sources(root: &Path) -> Result<Vec<PathBuf>> {
-    let dir = root.join(MODULE_DIR);
-    let entries = fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+pub(super) fn sources(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
@@ -48,7 +47,7 @@ fn sources(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn modified(path: &Path) -> Result<SystemTime> {
+pub(super) fn modified(path: &Path) -> Result<SystemTime> {
     let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     meta.modified()
         .with_context(|| format!("reading the time {} was modified", path.display()))
@@ -108,7 +107,7 @@ pub(super) fn check(root: &Path) -> Result<State> {
         return Ok(Missing(format!("no {}", bin.display())));
     }
     let built = modified(&bin)?;
-    for source in sources(root)? {
+    for source in sources(&root.join(MODULE_DIR))? {
         if modified(&source)? > built {
             let (source, bin) = (source.display(), bin.display());
             return Ok(Missing(format!("{source} is newer than {bin}")));

@@ -1,0 +1,255 @@
+//! The Helm chart (`deploy/chart`), with Helm built from its module at the pinned release
+//! (`tests/helm`, by `cargo xtask setup`): `helm lint --strict`; `helm template` renders the
+//! node agent with the least privileges it needs (each capability with its reason in the
+//! template, never `privileged`), the host mounts, scheduling on every node, and the CNI
+//! installer; every rendered object passes the real API server's server-side dry run with
+//! strict field validation (and a misspelt field does not).
+
+use std::process::Command;
+
+use kube::{
+    api::{DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    discovery::{pinned_kind, Scope},
+    Api,
+};
+use mesh_tests::kube::{chart_dir, helm_binary, ControlPlane, AGENT_NAMESPACE, RELEASE};
+use serde_json::{json, Value};
+
+/// `helm <args>`; its stdout, or the failure with its stderr.
+fn helm(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(helm_binary().expect("helm (cargo xtask setup builds it)"))
+        .args(args)
+        .output()
+        .expect("running helm");
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).expect("UTF-8"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The chart's objects as `helm template` renders them with `extra` arguments.
+fn render(extra: &[&str]) -> Vec<Value> {
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("UTF-8 path");
+    let mut args = vec!["template", RELEASE, chart, "--namespace", AGENT_NAMESPACE];
+    args.extend_from_slice(extra);
+    let text = helm(&args).expect("helm template");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind}");
+    found[0]
+}
+
+fn container<'a>(daemonset: &'a Value, name: &str) -> &'a Value {
+    daemonset["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("container {name}"))
+}
+
+fn args(container: &Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string"))
+        .collect()
+}
+
+/// Never privileged: every capability dropped but those the agent needs, each with its
+/// one-line reason just above it in the template.
+fn assert_least_privileges(agent: &Value) {
+    let security = &agent["securityContext"];
+    assert_eq!(security["privileged"], false);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+    let added: Vec<&str> = security["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .map(|c| c.as_str().expect("string"))
+        .collect();
+    assert_eq!(
+        added,
+        [
+            "BPF",
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "SYS_PTRACE",
+            "SYS_RESOURCE"
+        ]
+    );
+    // Each capability has its one-line reason just above it in the template.
+    let template =
+        std::fs::read_to_string(chart_dir().join("templates/daemonset.yaml")).expect("template");
+    let lines: Vec<&str> = template.lines().collect();
+    for capability in &added {
+        let at = lines
+            .iter()
+            .position(|l| l.trim() == format!("- {capability}"))
+            .expect("capability in the template");
+        assert!(
+            lines[at - 1].trim().starts_with('#'),
+            "{capability} has no reason above it"
+        );
+    }
+}
+
+#[test]
+fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("UTF-8 path");
+    helm(&["lint", "--strict", chart]).expect("helm lint --strict");
+    helm(&["lint", "--strict", chart, "--set", "sockmap=false"]).expect("lint, sockmap off");
+
+    let objects = render(&[]);
+    let mut kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "ServiceAccount"
+        ]
+    );
+    let ds = one(&objects, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "mesh-agent");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"operator": "Exists"}]),
+        "every taint"
+    );
+    assert_eq!(
+        (&pod["hostNetwork"], &pod["hostPID"]),
+        (&json!(true), &json!(true))
+    );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        1
+    );
+
+    let agent = container(ds, "agent");
+    assert_least_privileges(agent);
+    assert!(args(agent).contains(&"--node-name=$(NODE_NAME)"));
+    assert!(
+        !args(agent).contains(&"--no-sockmap"),
+        "sockmap on by default"
+    );
+    let mounts: Vec<&str> = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| v["hostPath"]["path"].as_str().expect("host path"))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+            "/var/run/mesh",
+            "/etc/cni/net.d",
+            "/opt/cni/bin"
+        ]
+    );
+
+    let installer = container(ds, "install-cni");
+    assert_eq!(
+        installer["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"]})
+    );
+    assert!(args(installer).contains(&"--watch-ms=1000"));
+    assert!(args(installer).contains(&"--socket=/var/run/mesh/cni.sock"));
+}
+
+#[test]
+fn values_reach_the_agent() {
+    let objects = render(&[
+        "--set",
+        "sockmap=false",
+        "--set",
+        "trustDomain=example.org",
+        "--set",
+        "logLevel=debug",
+    ]);
+    let agent = container(one(&objects, "DaemonSet"), "agent");
+    assert!(args(agent).contains(&"--no-sockmap"));
+    assert!(args(agent).contains(&"--trust-domain=example.org"));
+    let log = agent["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "RUST_LOG")
+        .expect("RUST_LOG");
+    assert_eq!(log["value"], "debug");
+}
+
+#[test]
+fn every_rendered_object_passes_the_api_servers_strict_server_side_dry_run() {
+    let cp = ControlPlane::start().expect("control plane");
+    let client = cp.client();
+    let namespace: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(json!({"metadata": {"name": AGENT_NAMESPACE}})).expect("namespace");
+    cp.block_on(Api::all(client.clone()).create(&PostParams::default(), &namespace))
+        .expect("namespace");
+    let dry_run = |object: &Value| {
+        let gvk = {
+            let (group, version) = match object["apiVersion"]
+                .as_str()
+                .expect("apiVersion")
+                .split_once('/')
+            {
+                Some((group, version)) => (group, version),
+                None => ("", object["apiVersion"].as_str().expect("apiVersion")),
+            };
+            GroupVersionKind::gvk(group, version, object["kind"].as_str().expect("kind"))
+        };
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_owned();
+        let dynamic: DynamicObject = serde_json::from_value(object.clone()).expect("object");
+        cp.block_on(async {
+            let (resource, caps) = pinned_kind(&client, &gvk).await.expect("served kind");
+            let api: Api<DynamicObject> = match caps.scope {
+                Scope::Namespaced => {
+                    Api::namespaced_with(client.clone(), AGENT_NAMESPACE, &resource)
+                }
+                Scope::Cluster => Api::all_with(client.clone(), &resource),
+            };
+            let params = PatchParams::apply("mesh-chart-test")
+                .dry_run()
+                .validation_strict();
+            api.patch(&name, &params, &Patch::Apply(&dynamic)).await
+        })
+    };
+    for values in [&[][..], &["--set", "sockmap=false"][..]] {
+        for object in render(values) {
+            let what = format!("{} {}", object["kind"], object["metadata"]["name"]);
+            if let Err(e) = dry_run(&object) {
+                panic!("{what}: refused by the API server's dry run: {e}");
+            }
+        }
+    }
+    // Not vacuous: a misspelt field is refused.
+    let mut daemonset = one(&render(&[]), "DaemonSet").clone();
+    daemonset["spec"]["template"]["spec"]["hostNetwrok"] = json!(true);
+    match dry_run(&daemonset) {
+        Err(kube::Error::Api(status)) => {
+            assert!(status.message.contains("hostNetwrok"), "{status:?}");
+        }
+        other => panic!("a misspelt field must be refused: {other:?}"),
+    }
+}
