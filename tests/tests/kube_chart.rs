@@ -253,3 +253,28 @@ fn every_rendered_object_passes_the_api_servers_strict_server_side_dry_run() {
         other => panic!("a misspelt field must be refused: {other:?}"),
     }
 }
+
+/// The values schema (`values.schema.json`): a misspelt or mistyped value is refused by name,
+/// never silently ignored.
+#[test]
+fn misspelt_or_mistyped_values_are_refused_by_name() {
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("UTF-8 path");
+    for (value, expected) in [
+        (
+            "trustDomian=example.org",
+            "additional properties 'trustDomian' not allowed",
+        ),
+        ("sockmap=maybe", "at '/sockmap': got string, want boolean"),
+        (
+            "cni.watchMs=10",
+            "at '/cni/watchMs': minimum: got 10, want 100",
+        ),
+        ("logFormat=xml", "at '/logFormat'"),
+        ("host.bpffs=sys/fs/bpf", "at '/host/bpffs'"),
+    ] {
+        let refused = helm(&["template", RELEASE, chart, "--set", value])
+            .expect_err(&format!("{value} must be refused"));
+        assert!(refused.contains(expected), "{value}: {refused}");
+    }
+}
