@@ -101,15 +101,21 @@ pub const HELM_PATH: &str = "target/kube/bin/helm";
 
 /// The `helm` binary `cargo xtask setup` built.
 pub fn helm_binary() -> Result<PathBuf> {
+    built(HELM_PATH, "tests/helm", "")
+}
+
+/// The binary `cargo xtask setup` built at `path` (relative to the workspace root) from the Go
+/// module `module`, or what to do (`or_else`: another way, if any).
+fn built(path: &str, module: &str, or_else: &str) -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate is inside the workspace");
-    let path = root.join(HELM_PATH);
+    let path = root.join(path);
     if path.is_file() {
         Ok(path)
     } else {
         Err(Error::Setup(format!(
-            "{} is missing; run `cargo xtask setup`, which builds it from tests/helm with Go",
+            "{} is missing; run `cargo xtask setup`, which builds it from {module} with Go{or_else}",
             path.display()
         )))
     }
@@ -125,17 +131,9 @@ pub fn binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(BINARY_ENV) {
         return Ok(PathBuf::from(path));
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the workspace");
-    let path = root.join(BINARY_PATH);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::Setup(format!(
-            "{} is missing; run `cargo xtask setup`, which builds it from tests/kube with Go \
-             (or set {BINARY_ENV})",
-            path.display()
-        )))
-    }
+    built(
+        BINARY_PATH,
+        "tests/kube",
+        &format!(" (or set {BINARY_ENV})"),
+    )
 }

@@ -9,8 +9,8 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
-use super::kcp::{modified, sources};
-use super::{capture, command, find_on_path, stream, Missing, Present, State};
+use super::kcp::stale;
+use super::{capture, command, stream, Missing, Present, State};
 
 /// The Go module, relative to the workspace root.
 const MODULE_DIR: &str = "tests/helm";
@@ -19,19 +19,9 @@ const MODULE: &str = "helm.sh/helm/v4";
 const MAIN: &str = "helm.sh/helm/v4/cmd/helm";
 
 pub(super) fn check(root: &Path) -> Result<State> {
-    if find_on_path("go").is_none() {
-        return Ok(Missing("`go` is not on PATH".to_owned()));
-    }
     let bin = root.join(mesh_tests::kube::HELM_PATH);
-    if !bin.is_file() {
-        return Ok(Missing(format!("no {}", bin.display())));
-    }
-    let built = modified(&bin)?;
-    for source in sources(&root.join(MODULE_DIR))? {
-        if modified(&source)? > built {
-            let (source, bin) = (source.display(), bin.display());
-            return Ok(Missing(format!("{source} is newer than {bin}")));
-        }
+    if let Some(why) = stale(&bin, &root.join(MODULE_DIR))? {
+        return Ok(Missing(why));
     }
     Ok(Present(format!(
         "{}; {MODULE}@{}",

@@ -33,7 +33,7 @@ fn binary(root: &Path) -> PathBuf {
 }
 
 /// The Go module's files the binary depends on: go.mod, go.sum and every `.go` file.
-pub(super) fn sources(dir: &Path) -> Result<Vec<PathBuf>> {
+fn sources(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .flatten()
@@ -47,7 +47,7 @@ pub(super) fn sources(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub(super) fn modified(path: &Path) -> Result<SystemTime> {
+fn modified(path: &Path) -> Result<SystemTime> {
     let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     meta.modified()
         .with_context(|| format!("reading the time {} was modified", path.display()))
@@ -98,20 +98,29 @@ fn ldflags(kubernetes: &str) -> String {
     flags.join(" ")
 }
 
-pub(super) fn check(root: &Path) -> Result<State> {
+/// Why `bin`, built from the Go module in `dir`, must be built (again): no `go`, no binary, or
+/// a file of the module newer than it. `None` when it is up to date.
+pub(super) fn stale(bin: &Path, dir: &Path) -> Result<Option<String>> {
     if find_on_path("go").is_none() {
-        return Ok(Missing("`go` is not on PATH".to_owned()));
+        return Ok(Some("`go` is not on PATH".to_owned()));
     }
-    let bin = binary(root);
     if !bin.is_file() {
-        return Ok(Missing(format!("no {}", bin.display())));
+        return Ok(Some(format!("no {}", bin.display())));
     }
-    let built = modified(&bin)?;
-    for source in sources(&root.join(MODULE_DIR))? {
+    let built = modified(bin)?;
+    for source in sources(dir)? {
         if modified(&source)? > built {
             let (source, bin) = (source.display(), bin.display());
-            return Ok(Missing(format!("{source} is newer than {bin}")));
+            return Ok(Some(format!("{source} is newer than {bin}")));
         }
+    }
+    Ok(None)
+}
+
+pub(super) fn check(root: &Path) -> Result<State> {
+    let bin = binary(root);
+    if let Some(why) = stale(&bin, &root.join(MODULE_DIR))? {
+        return Ok(Missing(why));
     }
     Ok(match modules(root)? {
         Ok(found) => Present(format!("{}; {}", bin.display(), found.join(", "))),
