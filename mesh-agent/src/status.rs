@@ -84,6 +84,11 @@ impl AdminSource for AgentStatus {
             },
             "connections": {
                 "authorized_open": self.ctx.tracker.len(),
+                "hbone_pool": {
+                    "connections": self.ctx.transport.pool.connections(),
+                    "active_streams": self.ctx.transport.pool.active_streams(),
+                    "connections_opened": self.ctx.transport.pool.connections_opened(),
+                },
             },
         })
     }

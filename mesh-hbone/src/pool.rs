@@ -313,6 +313,25 @@ impl<C: Connect> Pool<C> {
         }
     }
 
+    /// Takes every connection whose key `close` picks out of the pool: no new stream uses it,
+    /// and it closes (GOAWAY) once its open streams end. For keys that can never be used
+    /// again, such as a source that is gone. Returns how many connections it took.
+    pub fn close_where(&self, mut close: impl FnMut(&C::Key) -> bool) -> usize {
+        let mut closed = Vec::new();
+        self.inner.lock().retain(|key, list| {
+            if close(key) {
+                closed.append(list);
+                false
+            } else {
+                true
+            }
+        });
+        for conn in &closed {
+            conn.close();
+        }
+        closed.len()
+    }
+
     /// Live connections (established or being established) across all keys.
     pub fn connections(&self) -> usize {
         self.inner.lock().values().map(Vec::len).sum()

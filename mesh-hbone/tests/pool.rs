@@ -374,3 +374,49 @@ async fn dropping_the_pool_keeps_open_streams() {
     // end.
     server.next_result(WAIT).await.unwrap();
 }
+
+/// `close_where` takes a key's connections out of the pool: a stream open on one finishes,
+/// the connection then closes, and the next request for that key opens a new one; other keys
+/// keep theirs.
+#[tokio::test]
+async fn connections_of_a_closed_key_end_after_their_streams() {
+    let one = TestServer::start(ServerConfig::default(), echo_handler()).await;
+    let two = TestServer::start(ServerConfig::default(), echo_handler()).await;
+    let pool = Pool::new(TcpConnector::default(), PoolConfig::default());
+    let open = pool
+        .open(&one.addr, OutboundRequest::new(target()))
+        .await
+        .unwrap();
+    let other = pool
+        .open(&two.addr, OutboundRequest::new(target()))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(other, b"b").await.unwrap(), b"b");
+    assert_eq!(pool.close_where(|key| *key == one.addr), 1);
+    assert_eq!(
+        pool.connections_for(&one.addr),
+        0,
+        "out of the pool at once"
+    );
+    assert_eq!(
+        pool.connections_for(&two.addr),
+        1,
+        "the other key keeps its own"
+    );
+    assert_eq!(
+        round_trip(open, b"still served").await.unwrap(),
+        b"still served",
+        "the open stream finishes"
+    );
+    let again = pool
+        .open(&one.addr, OutboundRequest::new(target()))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(again, b"new").await.unwrap(), b"new");
+    assert_eq!(
+        pool.connections_opened(),
+        3,
+        "a new connection for the closed key"
+    );
+    assert_eq!(one.accepted.load(Ordering::SeqCst), 2);
+}

@@ -249,6 +249,17 @@ fn pods_on_two_nodes_talk_over_hbone_with_their_identities() {
         destination,
         "n1's agent received it from the client's identity"
     );
+    // The client pod finished and left the mesh: its pooled HBONE connection (whose socket
+    // lives in its network namespace) is closed, not kept until the idle timeout.
+    wait_dump(
+        mesh.tb.node(0),
+        "the gone pod's HBONE connection closed",
+        |d| {
+            d["connections"]["hbone_pool"]["connections"] == 0
+                && d["connections"]["hbone_pool"]["connections_opened"] == 1
+        },
+    )
+    .expect("config dump");
     endpoints_from_slices(&mesh, &mesh.kubelets[0]);
 }
 

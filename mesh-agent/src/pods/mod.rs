@@ -507,7 +507,22 @@ impl PodManager {
                     .map(move |ip| (ip, Arc::clone(&pod)))
             })
             .collect();
-        self.local_tx.send_replace(Arc::new(next));
+        let local = Arc::new(next);
+        self.local_tx.send_replace(Arc::clone(&local));
+        // Pooled HBONE connections of pods no longer served: their sockets live in the pods'
+        // network namespaces and would keep those alive until the idle timeout; no stream can
+        // use them again (the pool key holds the namespace's cookie).
+        let closed = self.ctx.transport.pool.close_where(|key| {
+            local
+                .get(&key.src_ip)
+                .is_none_or(|pod| pod.netns_cookie != key.src_netns)
+        });
+        if closed > 0 {
+            debug!(
+                closed,
+                "HBONE connections of pods that left the mesh closed"
+            );
+        }
         let report: BTreeMap<String, String> = self
             .failed
             .iter()
