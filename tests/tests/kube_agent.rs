@@ -31,9 +31,9 @@ use mesh_cni::handover::{Client as Handover, PodRef, Verdict};
 use mesh_tests::{
     agent::AgentOptions,
     http::http,
-    kube::{register_node, ControlPlane},
+    kube::{mesh, register_node, ControlPlane},
     probe,
-    telemetry::{scrape, ADMIN, READINESS},
+    telemetry::{scrape, READINESS},
     Agent, Node, Testbed, TestbedSpec,
 };
 use serde_json::{json, Value};
@@ -90,28 +90,18 @@ fn policies_api(client: &Client) -> Api<DynamicObject> {
 }
 
 fn config_dump(node: &Node) -> Value {
-    let (status, body) = http(node, "GET", ADMIN, "/config_dump").expect("admin");
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
+    mesh::config_dump(node).expect("config dump")
 }
 
 /// Waits until `check` holds for the agent's `/config_dump`; returns how long it took.
 fn wait_dump(node: &Node, what: &str, check: impl Fn(&Value) -> bool) -> Duration {
     let start = Instant::now();
-    loop {
-        let dump = config_dump(node);
-        if check(&dump) {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < WAIT, "{what}: {dump:#}");
-        thread::sleep(Duration::from_millis(20));
-    }
+    mesh::wait_dump(node, what, check).expect(what);
+    start.elapsed()
 }
 
 fn has_policy(dump: &Value, name: &str) -> bool {
-    dump["policies"]["authorization"]
-        .as_array()
-        .is_some_and(|p| p.iter().any(|p| p["name"] == name))
+    mesh::dump_has_policy(dump, name)
 }
 
 fn workload<'a>(dump: &'a Value, name: &str) -> Option<&'a Value> {

@@ -340,7 +340,8 @@ pub fn wait_dump(node: &Node, what: &str, check: impl Fn(&Value) -> bool) -> Res
                 detail: format!("{dump:#}"),
             });
         }
-        thread::sleep(Duration::from_millis(50));
+        // Fine enough to time how fast a change reaches the agent.
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

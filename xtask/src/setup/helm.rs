@@ -5,11 +5,11 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::kcp::stale;
+use super::kcp::{mark_built, stale};
 use super::{capture, command, stream, Missing, Present, State};
 
 /// The Go module, relative to the workspace root.
@@ -64,11 +64,7 @@ pub(super) fn install(root: &Path) -> Result<()> {
     );
     let started = Instant::now();
     stream(build, hint)?;
-    // `go build` leaves an up-to-date binary untouched: mark it as built now.
-    let file = fs::File::options().write(true).open(&bin);
-    let file = file.with_context(|| format!("opening {}", bin.display()))?;
-    file.set_modified(SystemTime::now())
-        .with_context(|| format!("touching {}", bin.display()))?;
+    mark_built(&bin)?;
     println!(
         "[setup] helm: built in {:.1}s",
         started.elapsed().as_secs_f64()

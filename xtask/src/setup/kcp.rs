@@ -117,6 +117,15 @@ pub(super) fn stale(bin: &Path, dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// `go build` leaves an up-to-date binary untouched: marks it as built now, so [`stale`]
+/// compares the module's files against this build.
+pub(super) fn mark_built(bin: &Path) -> Result<()> {
+    let file = fs::File::options().write(true).open(bin);
+    let file = file.with_context(|| format!("opening {}", bin.display()))?;
+    file.set_modified(SystemTime::now())
+        .with_context(|| format!("touching {}", bin.display()))
+}
+
 pub(super) fn check(root: &Path) -> Result<State> {
     let bin = binary(root);
     if let Some(why) = stale(&bin, &root.join(MODULE_DIR))? {
@@ -173,12 +182,7 @@ pub(super) fn install(root: &Path) -> Result<()> {
     drop(done);
     let _ = heartbeat.join();
     outcome?;
-    // `go build` leaves an up-to-date binary untouched: mark it as built now, so the check
-    // compares source times against this build.
-    let file = fs::File::options().write(true).open(&bin);
-    let file = file.with_context(|| format!("opening {}", bin.display()))?;
-    file.set_modified(SystemTime::now())
-        .with_context(|| format!("touching {}", bin.display()))?;
+    mark_built(&bin)?;
     let secs = started.elapsed().as_secs_f64();
     println!("[setup] kubernetes control plane: built in {secs:.1}s");
     Ok(())
