@@ -18,8 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admin::{self, AdminConfig},
-    config::{AgentConfig, ClusterSource},
+    config::{AgentConfig, ClusterSource, OnExit},
     datapath::{Datapath, DatapathError, Shortcut},
+    departure,
     handles::HandleStore,
     logging::LogControl,
     netns::NetnsRef,
@@ -52,6 +53,8 @@ pub enum AgentError {
     Signal(&'static str, std::io::Error),
     #[error("certificate authority: {0}")]
     Ca(#[from] mesh_identity::CaError),
+    #[error("remote certificate authority: {0}")]
+    CaClient(#[from] mesh_ca::client::ClientError),
     #[error("certificate manager: {0}")]
     Certs(#[from] mesh_identity::ManagerError),
     #[error(transparent)]
@@ -285,24 +288,9 @@ fn spawn_handover(
 
 /// A client for the kubeconfig at `path`, else in-cluster configuration (or `$KUBECONFIG`).
 async fn kube_client(path: Option<&std::path::Path>) -> Result<kube::Client, AgentError> {
-    let named = |e: &dyn std::fmt::Display| match path {
-        Some(path) => AgentError::KubeClient(format!("{}: {e}", path.display())),
-        None => AgentError::KubeClient(e.to_string()),
-    };
-    let config = match path {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| named(&e))?;
-            kube::Config::from_custom_kubeconfig(
-                kubeconfig,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await
-            .map_err(|e| named(&e))?
-        }
-        None => kube::Config::infer().await.map_err(|e| named(&e))?,
-    };
-    info!(server = %config.cluster_url, "reading the cluster from the Kubernetes API");
-    kube::Client::try_from(config).map_err(|e| named(&e))
+    mesh_cluster::kube_client(path)
+        .await
+        .map_err(|e| AgentError::KubeClient(e.to_string()))
 }
 
 /// Keeps readiness's note on the API server current: while its watches fail, the agent stays
@@ -360,11 +348,11 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         .flatten();
     let datapath = Datapath::load(
         &config.bpffs_dir,
-        config.keep_pins,
+        config.on_exit == OnExit::Keep,
         shortcut,
         &config.agent_cgroup,
     )?;
-    let certs = certificate_manager(&config)?;
+    let certs = certificate_manager(&config, state_rx.clone())?;
     let t = &config.transport;
     let pool = mesh_hbone::PoolConfig {
         max_streams_per_connection: t.max_streams_per_connection as usize,
@@ -399,6 +387,13 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         started,
     };
     let _admin = serve_admin(status, readiness.clone(), log).await?;
+    // Watched from the start: at shutdown it tells an uninstall from a restart.
+    let owner = match (&config.on_exit, &source.client) {
+        (OnExit::AskOwner(owner), Some(client)) => {
+            Some(departure::OwnerWatch::start(client.clone(), owner.clone()))
+        }
+        _ => None,
+    };
     spawn_handover(&config, &source, &pods, &readiness)?;
     let state = Arc::clone(&state_rx.borrow_and_update());
     let desired = desired_pods(&state, &config.node_name, source.handles.as_deref());
@@ -429,7 +424,10 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     .until(signals, &mut pods)
     .await;
     info!(signal, "shutting down");
-    drop(pods.shutdown(config.keep_pins).await);
+    let keep = keep_captured(&config.on_exit, owner.as_ref()).await;
+    let mut datapath = pods.shutdown(keep).await;
+    datapath.set_keep_pins(keep);
+    drop(datapath);
     info!("shutdown complete");
     Ok(())
 }
@@ -511,15 +509,54 @@ impl Serving<'_> {
     }
 }
 
-/// The built-in CA (created in `--ca-dir` on first use) and the certificate manager that asks
-/// it for the workloads' certificates.
-fn certificate_manager(config: &AgentConfig) -> Result<Arc<CertManager>, AgentError> {
+/// Whether a clean shutdown leaves the node's pods captured (and the pins in place) for the
+/// next agent ([`OnExit`]); without an API to ask (files), the safe side.
+async fn keep_captured(on_exit: &OnExit, owner: Option<&departure::OwnerWatch>) -> bool {
+    match (on_exit, owner) {
+        (OnExit::Release, _) => false,
+        (OnExit::AskOwner(_), Some(owner)) => {
+            owner.departure().await == departure::Departure::Restart
+        }
+        (OnExit::Keep | OnExit::AskOwner(_), _) => true,
+    }
+}
+
+/// The certificate manager, asking the CA the configuration names: the remote one
+/// (`--ca-address`, Istio's certificate API; its host resolved through the cluster view, then
+/// DNS), or the built-in one (created in `--ca-dir` on first use).
+fn certificate_manager(
+    config: &AgentConfig,
+    state: watch::Receiver<Arc<ClusterState>>,
+) -> Result<Arc<CertManager>, AgentError> {
     let t = &config.transport;
-    let ca =
-        BuiltinCa::load_or_create(&t.ca_dir, &config.trust_domain, BuiltinCaOptions::default())?;
-    info!(ca_dir = %t.ca_dir.display(), trust_domain = %config.trust_domain, "certificate authority loaded");
+    let ca: Arc<dyn mesh_identity::CertificateAuthority> = if let Some(remote) = &t.remote_ca {
+        let options = mesh_ca::IstioCaOptions::new(
+            remote.address.clone(),
+            remote.root_cert.clone(),
+            remote.token_file.clone(),
+            config.trust_domain.clone(),
+        );
+        let resolver = crate::ca_resolver::ClusterCaResolver::new(state, &config.cluster_domain);
+        let client = mesh_ca::IstioCaClient::new(options, Arc::new(resolver))?;
+        info!(
+            ca = %remote.address,
+            root_cert = %remote.root_cert.display(),
+            token_file = %remote.token_file.display(),
+            trust_domain = %config.trust_domain,
+            "certificates come from a remote CA (Istio's certificate API)"
+        );
+        Arc::new(client)
+    } else {
+        let ca = BuiltinCa::load_or_create(
+            &t.ca_dir,
+            &config.trust_domain,
+            BuiltinCaOptions::default(),
+        )?;
+        info!(ca_dir = %t.ca_dir.display(), trust_domain = %config.trust_domain, "certificates come from the built-in CA");
+        Arc::new(ca)
+    };
     Ok(Arc::new(CertManager::new(
-        Arc::new(ca),
+        ca,
         ManagerOptions {
             lifetime: Some(t.cert_lifetime),
             ..ManagerOptions::default()

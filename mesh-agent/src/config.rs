@@ -89,8 +89,8 @@ pub struct AgentConfig {
     pub root_namespace: String,
     /// The cluster's DNS domain: services are `<name>.<namespace>.svc.<cluster_domain>`.
     pub cluster_domain: String,
-    /// Leave the pins in place at a clean shutdown (for a restart that adopts them).
-    pub keep_pins: bool,
+    /// What a clean shutdown does with the node's pods and pins.
+    pub on_exit: OnExit,
     /// Threads of the async runtime that carries every connection (ztunnel's default is 2).
     pub worker_threads: usize,
     /// Identity and HBONE transport.
@@ -136,6 +136,8 @@ pub struct TransportConfig {
     /// Directory of the built-in certificate authority (root certificate and key). On one
     /// machine every agent points at the same directory and so shares one trust bundle.
     pub ca_dir: PathBuf,
+    /// A remote CA speaking Istio's certificate API (`--ca-address`) instead of the built-in one.
+    pub remote_ca: Option<RemoteCa>,
     /// rustls crypto provider for every handshake.
     pub crypto_provider: CryptoProvider,
     /// Lifetime asked for each workload certificate; it is rotated at about half of it.
@@ -148,6 +150,22 @@ pub struct TransportConfig {
     /// closed, at both ends; `None`: never. Default 1 h (Envoy's TCP proxy idle timeout).
     pub stream_idle_timeout: Option<Duration>,
 }
+
+/// A CA reached over Istio's certificate API: the mesh's CA Deployment, or istiod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteCa {
+    /// `https://<host>:<port>` (`--ca-address`).
+    pub address: String,
+    /// The roots: trust bundle of the mesh, and what the CA's certificate is verified against
+    /// (`--ca-root-cert`).
+    pub root_cert: PathBuf,
+    /// The projected token the agent authenticates with, read at every request
+    /// (`--ca-token-file`).
+    pub token_file: PathBuf,
+}
+
+/// Default of [`RemoteCa::token_file`].
+pub const DEFAULT_CA_TOKEN_FILE: &str = mesh_ca::client::DEFAULT_TOKEN_FILE;
 
 /// Default of [`TransportConfig::stream_idle_timeout`].
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -194,6 +212,10 @@ pub enum ConfigError {
     MaxStreams(u32),
     #[error("HBONE pool idle timeout must be positive")]
     PoolIdleTimeout,
+    #[error("--ca-address: {0}")]
+    CaAddress(#[source] mesh_ca::client::ClientError),
+    #[error("--ca-root-cert {path}: not a file (or missing)")]
+    CaRootCert { path: PathBuf },
     #[error("access log {path}: the directory {dir} does not exist")]
     AccessLogDir { path: PathBuf, dir: PathBuf },
     #[error("{what} and {other} both listen on {addr}")]
@@ -235,6 +257,14 @@ impl AgentConfig {
         }
         if t.pool_idle_timeout.is_zero() {
             return Err(ConfigError::PoolIdleTimeout);
+        }
+        if let Some(remote) = &t.remote_ca {
+            mesh_ca::client::parse_address(&remote.address).map_err(ConfigError::CaAddress)?;
+            if !remote.root_cert.is_file() {
+                return Err(ConfigError::CaRootCert {
+                    path: remote.root_cert.clone(),
+                });
+            }
         }
         if let AccessLogTarget::File(path) = &self.telemetry.access_log {
             let dir = path.parent().unwrap_or(Path::new("."));
@@ -318,12 +348,46 @@ impl AgentConfig {
     }
 }
 
+/// What a clean shutdown (SIGTERM, SIGINT) does with the node's pods and pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnExit {
+    /// Release the pods (programs detached, traffic direct again) and remove the pins.
+    Release,
+    /// Leave the pods captured and the pins in place, for the next agent to adopt
+    /// (`--keep-pins`).
+    Keep,
+    /// Ask the API server about the agent's `DaemonSet` (`--owner-daemonset`): release when it
+    /// is gone or being deleted (an uninstall), keep otherwise ([`crate::departure`]).
+    AskOwner(crate::departure::Owner),
+}
+
+impl OnExit {
+    /// From `--owner-daemonset` (wins) and `--keep-pins`.
+    pub fn from_flags(owner: Option<crate::departure::Owner>, keep_pins: bool) -> Self {
+        match (owner, keep_pins) {
+            (Some(owner), _) => Self::AskOwner(owner),
+            (None, true) => Self::Keep,
+            (None, false) => Self::Release,
+        }
+    }
+}
+
+impl fmt::Display for OnExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Release => f.write_str("release"),
+            Self::Keep => f.write_str("keep"),
+            Self::AskOwner(owner) => write!(f, "ask-daemonset:{owner}"),
+        }
+    }
+}
+
 impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "node={} {} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
-             trust_domain={} root_namespace={} cluster_domain={} keep_pins={} worker_threads={} ca_dir={} crypto_provider={} \
+             trust_domain={} root_namespace={} cluster_domain={} on_exit={} worker_threads={} ca_dir={} ca_address={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s \
              stream_idle_timeout={} access_log={} \
              admin={} metrics={} readiness={}",
@@ -337,9 +401,13 @@ impl fmt::Display for AgentConfig {
             self.trust_domain,
             self.root_namespace,
             self.cluster_domain,
-            self.keep_pins,
+            self.on_exit,
             self.worker_threads,
             self.transport.ca_dir.display(),
+            self.transport
+                .remote_ca
+                .as_ref()
+                .map_or("none", |r| r.address.as_str()),
             self.transport.crypto_provider,
             self.transport.cert_lifetime.as_secs(),
             self.transport.max_streams_per_connection,
@@ -390,13 +458,15 @@ pub fn cgroup2_root() -> Result<PathBuf, ConfigError> {
         .ok_or_else(|| ConfigError::OwnCgroup("no cgroup2 file system is mounted".into()))
 }
 
-/// Mount point of the first cgroup2 mount in a mountinfo text (field 5; the type follows the
-/// ` - ` separator).
+/// Mount point of the first cgroup2 mount of the hierarchy's root in a mountinfo text (field 5;
+/// field 4 is the mounted directory, `/` for the root: a bind mount of a cgroup below it, as a
+/// container may have, does not count; the type follows the ` - ` separator).
 fn cgroup2_mount(mountinfo: &str) -> Option<String> {
     mountinfo.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let sep = 6 + fields.iter().skip(6).position(|f| *f == "-")?;
-        (fields.get(sep + 1) == Some(&"cgroup2")).then(|| fields[4].replace("\\040", " "))
+        (fields.get(sep + 1) == Some(&"cgroup2") && fields.get(3) == Some(&"/"))
+            .then(|| fields[4].replace("\\040", " "))
     })
 }
 
@@ -428,10 +498,11 @@ mod tests {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             root_namespace: "istio-system".into(),
             cluster_domain: "cluster.local".into(),
-            keep_pins: false,
+            on_exit: OnExit::Release,
             worker_threads: 2,
             transport: TransportConfig {
                 ca_dir: "/nonexistent-ca".into(),
+                remote_ca: None,
                 crypto_provider: CryptoProvider::AwsLcRs,
                 cert_lifetime: DEFAULT_CERT_LIFETIME,
                 max_streams_per_connection: 100,
@@ -543,6 +614,32 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_ca_needs_an_https_address_and_its_roots_file() {
+        let remote = |address: &str, root_cert: &str| RemoteCa {
+            address: address.into(),
+            root_cert: root_cert.into(),
+            token_file: DEFAULT_CA_TOKEN_FILE.into(),
+        };
+        let mut c = config("n0");
+        c.transport.remote_ca = Some(remote(
+            "http://mesh-ca.mesh-system.svc:15012",
+            "/etc/hostname",
+        ));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("--ca-address: "), "{err}");
+        let mut c = config("n0");
+        c.transport.remote_ca = Some(remote(
+            "https://mesh-ca.mesh-system.svc:15012",
+            "/nonexistent/root.pem",
+        ));
+        let err = c.validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--ca-root-cert /nonexistent/root.pem: not a file (or missing)"
+        );
+    }
+
+    #[test]
     fn bpffs_dir_off_bpffs_is_rejected() {
         // `/tmp` is never a bpf filesystem.
         let mut c = config("n0");
@@ -562,15 +659,17 @@ mod tests {
             "node=n0 source=files config_dir=/nonexistent-config config_max_file_bytes=4194304 \
              config_max_depth=64 bpffs_dir=/nonexistent \
              agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
-             trust_domain=cluster.local root_namespace=istio-system cluster_domain=cluster.local keep_pins=false worker_threads=2 \
-             ca_dir=/nonexistent-ca crypto_provider=aws-lc-rs cert_lifetime=86400s \
+             trust_domain=cluster.local root_namespace=istio-system cluster_domain=cluster.local on_exit=release worker_threads=2 \
+             ca_dir=/nonexistent-ca ca_address=none crypto_provider=aws-lc-rs cert_lifetime=86400s \
              max_streams_per_connection=100 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
         );
     }
 
     #[test]
     fn cgroup2_mount_point_from_mountinfo() {
+        // A bind mount of a cgroup below the root (a node's kubepods, in a container) first.
         let text = "22 1 0:21 / /sys rw - sysfs sysfs rw\n\
+                    34 22 0:30 /t/kubepods /n/cgroup rw - cgroup2 cgroup2 rw\n\
                     35 22 0:30 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw\n";
         assert_eq!(
             cgroup2_mount(text).as_deref(),

@@ -38,6 +38,10 @@ use tracing::{debug, info, warn};
 
 use crate::{netns::Netns, stats::FastpathStats};
 
+/// The name of the directory that holds every agent's pin directory in the default layout
+/// (`/sys/fs/bpf/mesh-agent/<node>`, `config::DEFAULT_BPFFS_ROOT`, and the chart's).
+const PIN_PARENT: &str = "mesh-agent";
+
 /// The kernel object built by `build.rs` from the `mesh-ebpf` crate.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
@@ -534,6 +538,13 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
+impl Datapath {
+    /// Whether the pins stay when this drops (decided at shutdown: see [`crate::departure`]).
+    pub fn set_keep_pins(&mut self, keep: bool) {
+        self.keep_pins = keep;
+    }
+}
+
 impl Drop for Datapath {
     fn drop(&mut self) {
         // Links are detached, and the log thread stopped, when the fields drop right after this.
@@ -543,7 +554,16 @@ impl Drop for Datapath {
         }
         // Pods were detached (and their links unpinned) before; what is left are the maps.
         match fs::remove_dir_all(&self.pin_dir) {
-            Ok(()) => info!(dir = %self.pin_dir.display(), "pinned maps removed"),
+            Ok(()) => {
+                info!(dir = %self.pin_dir.display(), "pinned maps removed");
+                // The default layout's shared parent (`<bpffs>/mesh-agent`), once no agent of
+                // this machine pins below it: nothing of ours is left in bpffs.
+                if let Some(parent) = self.pin_dir.parent().filter(|p| p.ends_with(PIN_PARENT)) {
+                    if fs::remove_dir(parent).is_ok() {
+                        info!(dir = %parent.display(), "empty pin parent removed");
+                    }
+                }
+            }
             Err(e) => {
                 warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pin directory");
             }

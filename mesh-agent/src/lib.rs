@@ -9,14 +9,19 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca_command;
+pub mod ca_resolver;
 pub mod capture_events;
+pub mod cni_installer;
 pub mod config;
 pub mod datapath;
+pub mod departure;
 pub mod handles;
 pub mod kernel_btf;
 pub mod local_pod;
 pub mod logging;
 pub mod netns;
+pub mod node_taint;
 pub mod pods;
 pub mod proxy;
 pub mod readiness;

@@ -5,9 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    agent,
+    agent, cni_installer,
     config::{
-        own_cgroup, AgentConfig, ClusterSource, TelemetryConfig, TransportConfig,
+        own_cgroup, AgentConfig, ClusterSource, OnExit, RemoteCa, TelemetryConfig, TransportConfig,
         DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
     },
     logging::{self, LogFormat},
@@ -83,9 +83,14 @@ enum Command {
         /// kubelet's `--cluster-domain`.
         #[arg(long, default_value = mesh_cluster::DEFAULT_CLUSTER_DOMAIN)]
         cluster_domain: String,
-        /// Keep the pinned maps at a clean shutdown.
-        #[arg(long)]
+        /// Keep the pods captured and the pinned maps at a clean shutdown.
+        #[arg(long, conflicts_with = "owner_daemonset")]
         keep_pins: bool,
+        /// The `DaemonSet` running this agent (`<namespace>/<name>`): at a clean shutdown the
+        /// agent releases the node only if it is gone or being deleted (an uninstall), and
+        /// otherwise leaves the pods captured for the next agent.
+        #[arg(long)]
+        owner_daemonset: Option<mesh_agent::departure::Owner>,
         /// Threads of the async runtime that carries the connections.
         #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
         worker_threads: usize,
@@ -93,6 +98,18 @@ enum Command {
         /// one machine share it).
         #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-agent/ca")]
         ca_dir: PathBuf,
+        /// A remote CA speaking Istio's certificate API, `https://<host>:<port>` (the mesh's CA
+        /// Deployment, or istiod), instead of the built-in one in `--ca-dir`.
+        #[arg(long, env = "MESH_CA_ADDRESS", requires = "ca_root_cert")]
+        ca_address: Option<String>,
+        /// With `--ca-address`: PEM file of the mesh's root certificates, which also verify the
+        /// CA's own certificate.
+        #[arg(long, env = "MESH_CA_ROOT_CERT", requires = "ca_address")]
+        ca_root_cert: Option<PathBuf>,
+        /// With `--ca-address`: the projected service account token (audience `istio-ca`) sent
+        /// to the CA, read at every request.
+        #[arg(long, env = "MESH_CA_TOKEN_FILE", default_value = mesh_agent::config::DEFAULT_CA_TOKEN_FILE)]
+        ca_token_file: PathBuf,
         /// rustls crypto provider: aws-lc-rs or ring.
         #[arg(long, env = "MESH_CRYPTO_PROVIDER", default_value = "aws-lc-rs")]
         crypto_provider: mesh_identity::CryptoProvider,
@@ -121,6 +138,14 @@ enum Command {
         #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
         readiness_addr: SocketAddr,
     },
+    /// Install the `mesh-cni` plugin (the binary beside this one) and its entry in the CNI
+    /// configuration, keep the entry in place, and at SIGTERM remove the entry if the mesh is
+    /// being uninstalled (the chart's CNI installer container).
+    InstallCni(InstallCniArgs),
+    /// Serve the mesh's certificate authority (Istio's certificate API) as its own Deployment:
+    /// token reviews, node authorization, the root kept in a Secret, the trust bundle published
+    /// in a config map.
+    Ca(mesh_agent::ca_command::CaArgs),
     /// Print the per-cgroup counters and the sockmap fast-path totals from an agent's pinned
     /// maps.
     Stats {
@@ -135,6 +160,41 @@ enum Command {
         #[arg(long)]
         sockets: bool,
     },
+}
+
+/// `mesh-agent install-cni`'s flags.
+#[derive(Debug, clap::Args)]
+struct InstallCniArgs {
+    /// The runtime's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The runtime's CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The agent's hand-over socket, written into the entry.
+    #[arg(long, default_value = mesh_cni::handover::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// How often the entry is checked, in milliseconds (10 to 600000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    watch_ms: u64,
+    /// The `DaemonSet` running the installer (`<namespace>/<name>`): the entry is removed at
+    /// SIGTERM only if it is gone or being deleted. Without it the entry always stays.
+    #[arg(long)]
+    owner_daemonset: Option<mesh_agent::departure::Owner>,
+    /// Kubeconfig for the API [default: in-cluster].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Remove this `NoSchedule` taint from `--node-name` once the agent answers ready at
+    /// `--agent-readiness` and the entry is installed (nodes that join with it get ordinary
+    /// pods only once they are meshed from their first packet).
+    #[arg(long, requires = "node_name")]
+    not_ready_taint: Option<String>,
+    /// This node (with `--not-ready-taint`).
+    #[arg(long, env = "MESH_NODE_NAME")]
+    node_name: Option<String>,
+    /// The agent's readiness endpoint.
+    #[arg(long, default_value = "127.0.0.1:15021")]
+    agent_readiness: SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,8 +219,12 @@ fn main() -> anyhow::Result<()> {
             root_namespace,
             cluster_domain,
             keep_pins,
+            owner_daemonset,
             worker_threads,
             ca_dir,
+            ca_address,
+            ca_root_cert,
+            ca_token_file,
             crypto_provider,
             cert_lifetime_secs,
             hbone_max_streams,
@@ -194,10 +258,15 @@ fn main() -> anyhow::Result<()> {
                 trust_domain,
                 root_namespace,
                 cluster_domain,
-                keep_pins,
+                on_exit: OnExit::from_flags(owner_daemonset, keep_pins),
                 worker_threads,
                 transport: TransportConfig {
                     ca_dir,
+                    remote_ca: ca_address.map(|address| RemoteCa {
+                        address,
+                        root_cert: ca_root_cert.unwrap_or_default(),
+                        token_file: ca_token_file,
+                    }),
                     crypto_provider,
                     cert_lifetime: Duration::from_secs(cert_lifetime_secs),
                     max_streams_per_connection: hbone_max_streams,
@@ -222,6 +291,8 @@ fn main() -> anyhow::Result<()> {
                 .block_on(agent::run(config, log))?;
             Ok(())
         }
+        Command::InstallCni(args) => install_cni(args),
+        Command::Ca(args) => mesh_agent::ca_command::run(args),
         Command::Stats {
             bpffs_dir,
             json,
@@ -306,4 +377,45 @@ fn cluster_source(
             },
         },
     })
+}
+
+/// `mesh-agent install-cni`: the chart's CNI installer container.
+fn install_cni(args: InstallCniArgs) -> anyhow::Result<()> {
+    let InstallCniArgs {
+        conf_dir,
+        bin_dir,
+        socket,
+        watch_ms,
+        owner_daemonset,
+        kubeconfig,
+        not_ready_taint,
+        node_name,
+        agent_readiness,
+    } = args;
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let config = cni_installer::InstallerConfig {
+        conf_dir,
+        bin_dir,
+        binary: cni_installer::plugin_beside(&exe),
+        entry: mesh_cni::install::PluginEntry {
+            agent_socket: socket,
+            ..mesh_cni::install::PluginEntry::default()
+        },
+        period: Duration::from_millis(watch_ms),
+        owner: owner_daemonset,
+        kubeconfig,
+        untaint: not_ready_taint
+            .zip(node_name)
+            .map(|(key, node)| cni_installer::Untaint {
+                node,
+                key,
+                readiness: agent_readiness,
+            }),
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?
+        .block_on(cni_installer::run(config))?;
+    Ok(())
 }

@@ -53,6 +53,7 @@ pub mod ip_block;
 mod istio;
 mod istio_authz;
 pub mod k8s;
+mod kube_client;
 mod kube_source;
 pub mod limits;
 pub mod meta;
@@ -71,6 +72,7 @@ pub use decision::Inbound;
 pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
+pub use kube_client::{client as kube_client, KubeClientError};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
 pub use limits::{FileLimits, LimitError};
 pub use model::{

@@ -589,5 +589,7 @@ fn read_private_file(path: &Path) -> Result<String, CaError> {
     Ok(contents)
 }
 
+mod serving;
+
 #[cfg(test)]
 mod tests;

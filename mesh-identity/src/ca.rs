@@ -244,6 +244,138 @@ pub enum CaError {
         /// Its end of validity.
         not_after: SystemTime,
     },
+    /// The token a remote CA is called with cannot be read (a projected `ServiceAccount` token,
+    /// re-read at every request since the kubelet rotates it).
+    #[error("reading the CA token file {path}: {source}")]
+    TokenFile {
+        /// The token file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The token file is empty.
+    #[error("the CA token file {path} is empty")]
+    EmptyToken {
+        /// The token file.
+        path: PathBuf,
+    },
+    /// The token holds characters that a request header cannot carry.
+    #[error("the CA token in {path} holds characters that a request header cannot carry")]
+    UnusableToken {
+        /// The token file.
+        path: PathBuf,
+    },
+    /// A remote CA could not be reached (name resolution, connection, TLS, timeout).
+    #[error("the CA at {address} is unreachable: {source}")]
+    Unreachable {
+        /// The CA's address (`https://host:port`).
+        address: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A remote CA answered the request with an error.
+    #[error("the CA at {address} refused the certificate of {identity}: {code}: {message}")]
+    Refused {
+        /// The CA's address.
+        address: String,
+        /// The identity requested.
+        identity: Identity,
+        /// The gRPC status code, by name (`Unauthenticated`, `Internal`, ...).
+        code: String,
+        /// The status message, as the CA wrote it.
+        message: String,
+    },
+    /// A remote CA answered with a chain that is not a certificate of the identity requested
+    /// issued under the trust bundle.
+    #[error("the CA at {address} returned an unusable certificate for {identity}: {problem}")]
+    BadResponse {
+        /// The CA's address.
+        address: String,
+        /// The identity requested.
+        identity: Identity,
+        /// What is wrong with the answer.
+        problem: Box<ResponseProblem>,
+    },
+    /// A serving certificate was asked for without any name.
+    #[error("a serving certificate needs at least one DNS name")]
+    NoServingNames,
+    /// A serving certificate's name is not a DNS name.
+    #[error("{name:?} cannot be a DNS name of a serving certificate: {source}")]
+    InvalidServingName {
+        /// The name.
+        name: String,
+        /// The cause.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// A serving certificate's lifetime is zero or beyond the dates a certificate can hold.
+    #[error("a serving certificate lifetime of {lifetime:?} is zero or out of range")]
+    ServingLifetime {
+        /// The lifetime asked for.
+        lifetime: Duration,
+    },
+    /// Signing a serving certificate failed.
+    #[error("signing the serving certificate for {names:?}: {source}")]
+    ServingSigning {
+        /// Its DNS names.
+        names: Vec<String>,
+        /// The cause.
+        source: rcgen::Error,
+    },
+}
+
+/// What is wrong with a remote CA's answer ([`CaError::BadResponse`]).
+#[derive(Debug)]
+pub enum ResponseProblem {
+    /// The chain is empty.
+    EmptyChain,
+    /// An entry of the chain is not exactly one PEM certificate.
+    NotOneCertificate {
+        /// Position in the chain.
+        index: usize,
+        /// How many certificates it holds.
+        count: usize,
+    },
+    /// The leaf certificate cannot be parsed.
+    Unparsable {
+        /// The cause.
+        source: CertError,
+    },
+    /// The leaf does not name exactly the identity requested.
+    IdentityMismatch {
+        /// The SPIFFE ids it names.
+        presented: Vec<Identity>,
+    },
+    /// The chain does not verify to the trust bundle.
+    Untrusted {
+        /// The cause.
+        source: webpki::Error,
+    },
+}
+
+impl fmt::Display for ResponseProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::EmptyChain => f.write_str("the certificate chain is empty"),
+            Self::NotOneCertificate { index, count } => write!(
+                f,
+                "chain entry {index} holds {count} PEM certificates; expected exactly one"
+            ),
+            Self::Unparsable { source } => write!(f, "the leaf certificate: {source}"),
+            Self::IdentityMismatch { presented } => {
+                let names: Vec<&str> = presented.iter().map(Identity::as_str).collect();
+                write!(
+                    f,
+                    "the leaf names {names:?} rather than exactly the identity requested"
+                )
+            }
+            Self::Untrusted { source } => {
+                write!(
+                    f,
+                    "the chain does not verify to the trust bundle: {source:?}"
+                )
+            }
+        }
+    }
 }
 
 /// A request to sign a workload certificate.
@@ -380,120 +512,4 @@ fn describe_san(san: &SanType) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cert::WorkloadKey;
-    use rcgen::{CertificateParams, DistinguishedName};
-
-    fn id(td: &str, sa: &str) -> Identity {
-        Identity::new(td, "default", sa).unwrap()
-    }
-
-    fn csr_with_sans(key: &WorkloadKey, sans: Vec<SanType>) -> Vec<u8> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = sans;
-        params
-            .serialize_request(key.key_pair())
-            .unwrap()
-            .der()
-            .to_vec()
-    }
-
-    fn request(csr_der: Vec<u8>, identity: Identity) -> CsrRequest {
-        CsrRequest {
-            csr_der,
-            identity,
-            lifetime: None,
-        }
-    }
-
-    #[test]
-    fn accepts_a_csr_for_exactly_the_requested_identity() {
-        let key = WorkloadKey::generate().unwrap();
-        let web = id("td", "web");
-        let public_key = verify_csr(&request(key.csr(&web).unwrap(), web), "td").unwrap();
-        assert_eq!(
-            rcgen::PublicKeyData::der_bytes(&public_key),
-            key.public_key_raw()
-        );
-    }
-
-    #[test]
-    fn refuses_a_csr_for_another_identity() {
-        let key = WorkloadKey::generate().unwrap();
-        let csr = key.csr(&id("td", "admin")).unwrap();
-        let err = verify_csr(&request(csr, id("td", "web")), "td").unwrap_err();
-        assert!(
-            matches!(&err, CaError::CsrNamesMismatch { presented, .. }
-                if presented == &["URI:spiffe://td/ns/default/sa/admin".to_owned()]),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn refuses_a_csr_with_extra_names() {
-        let key = WorkloadKey::generate().unwrap();
-        let web = id("td", "web");
-        let csr = csr_with_sans(
-            &key,
-            vec![
-                SanType::URI(web.to_string().try_into().unwrap()),
-                SanType::DnsName("evil.example.com".try_into().unwrap()),
-            ],
-        );
-        let err = verify_csr(&request(csr, web.clone()), "td").unwrap_err();
-        assert!(
-            matches!(&err, CaError::CsrNamesMismatch { presented, .. } if presented.len() == 2),
-            "{err}"
-        );
-        let no_names = csr_with_sans(&key, Vec::new());
-        assert!(matches!(
-            verify_csr(&request(no_names, web), "td"),
-            Err(CaError::CsrNamesMismatch { presented, .. }) if presented.is_empty()
-        ));
-    }
-
-    #[test]
-    fn refuses_another_trust_domain() {
-        let key = WorkloadKey::generate().unwrap();
-        let foreign = id("other.td", "web");
-        let err = verify_csr(&request(key.csr(&foreign).unwrap(), foreign), "td").unwrap_err();
-        assert!(
-            matches!(err, CaError::WrongTrustDomain { ca_trust_domain, .. } if ca_trust_domain == "td")
-        );
-    }
-
-    #[test]
-    fn refuses_a_tampered_csr() {
-        let key = WorkloadKey::generate().unwrap();
-        let web = id("td", "web");
-        let mut csr = key.csr(&web).unwrap();
-        // The last bytes are the signature; flip one.
-        let last = csr.len() - 3;
-        csr[last] ^= 0x01;
-        assert!(matches!(
-            verify_csr(&request(csr, web.clone()), "td"),
-            Err(CaError::InvalidCsr { .. })
-        ));
-        assert!(matches!(
-            verify_csr(&request(b"garbage".to_vec(), web), "td"),
-            Err(CaError::InvalidCsr { .. })
-        ));
-    }
-
-    #[test]
-    fn trust_bundle_refuses_garbage_and_merges_without_duplicates() {
-        assert!(matches!(
-            TrustBundle::new(vec![CertificateDer::from(b"junk".to_vec())]),
-            Err(CaError::InvalidTrustAnchor { index: 0, .. })
-        ));
-        let key = WorkloadKey::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let root = params.self_signed(key.key_pair()).unwrap().der().clone();
-        let a = TrustBundle::new(vec![root]).unwrap();
-        assert_eq!(a.trust_anchors().len(), 1);
-        assert_eq!(a.merged(&a).roots().len(), 1);
-    }
-}
+mod tests;

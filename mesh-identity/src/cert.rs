@@ -124,7 +124,7 @@ impl WorkloadKey {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
     }
 
-    #[cfg(test)]
+    /// The key pair, for the CA to certify its public key.
     pub(crate) fn key_pair(&self) -> &KeyPair {
         &self.key
     }

@@ -34,7 +34,8 @@ mod test_support;
 
 pub use builtin_ca::{BuiltinCa, BuiltinCaOptions};
 pub use ca::{
-    verify_csr, CaError, CaFuture, CertificateAuthority, CsrRequest, IssuedChain, TrustBundle,
+    verify_csr, CaError, CaFuture, CertificateAuthority, CsrRequest, IssuedChain, ResponseProblem,
+    TrustBundle,
 };
 pub use cert::{spiffe_ids_of, CertError, WorkloadCert, WorkloadKey};
 pub use manager::{CertManager, CertSnapshot, ManagerError, ManagerOptions};

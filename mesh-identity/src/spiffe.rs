@@ -242,7 +242,8 @@ pub fn validate_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
     Ok(())
 }
 
-fn validate_namespace(namespace: &str) -> Result<(), IdentityError> {
+/// Checks a Kubernetes namespace name: an RFC 1123 label of at most [`MAX_NAMESPACE_LEN`] bytes.
+pub fn validate_namespace(namespace: &str) -> Result<(), IdentityError> {
     check_dns_name(namespace, MAX_NAMESPACE_LEN, false).map_err(|problem| {
         IdentityError::InvalidNamespace {
             value: namespace.to_owned(),
@@ -251,7 +252,9 @@ fn validate_namespace(namespace: &str) -> Result<(), IdentityError> {
     })
 }
 
-fn validate_service_account(service_account: &str) -> Result<(), IdentityError> {
+/// Checks a Kubernetes service account name: an RFC 1123 subdomain of at most
+/// [`MAX_SERVICE_ACCOUNT_LEN`] bytes.
+pub fn validate_service_account(service_account: &str) -> Result<(), IdentityError> {
     check_dns_name(service_account, MAX_SERVICE_ACCOUNT_LEN, true).map_err(|problem| {
         IdentityError::InvalidServiceAccount {
             value: service_account.to_owned(),

@@ -2,8 +2,11 @@
 //! (`tests/helm`, by `cargo xtask setup`): `helm lint --strict`; `helm template` renders the
 //! node agent with the least privileges it needs (each capability with its reason in the
 //! template, never `privileged`), the host mounts, scheduling on every node, and the CNI
-//! installer; every rendered object passes the real API server's server-side dry run with
-//! strict field validation (and a misspelt field does not).
+//! installer; the CA as its own Deployment (non-root, no capability, read-only root, its state
+//! in memory, TCP readiness, a Service, a disruption budget, its least RBAC), the agents calling
+//! it with a projected token and trusting the root it publishes, or calling istiod instead
+//! (`ca.external.*`); every rendered object passes the real API server's server-side dry run
+//! with strict field validation (and a misspelt field does not).
 
 use std::process::Command;
 
@@ -118,8 +121,18 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
         kinds,
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "DaemonSet",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "Role",
+            "RoleBinding",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
             "ServiceAccount"
         ]
     );
@@ -152,7 +165,7 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
         .as_array()
         .expect("volumes")
         .iter()
-        .map(|v| v["hostPath"]["path"].as_str().expect("host path"))
+        .filter_map(|v| v["hostPath"]["path"].as_str())
         .collect();
     assert_eq!(
         mounts,
@@ -235,7 +248,13 @@ fn every_rendered_object_passes_the_api_servers_strict_server_side_dry_run() {
             api.patch(&name, &params, &Patch::Apply(&dynamic)).await
         })
     };
-    for values in [&[][..], &["--set", "sockmap=false"][..]] {
+    let external = [
+        "--set",
+        "ca.external.address=https://istiod.istio-system.svc:15012",
+        "--set",
+        "ca.external.rootConfigMap=istio-ca-root-cert",
+    ];
+    for values in [&[][..], &["--set", "sockmap=false"][..], &external[..]] {
         for object in render(values) {
             let what = format!("{} {}", object["kind"], object["metadata"]["name"]);
             if let Err(e) = dry_run(&object) {
@@ -252,6 +271,176 @@ fn every_rendered_object_passes_the_api_servers_strict_server_side_dry_run() {
         }
         other => panic!("a misspelt field must be refused: {other:?}"),
     }
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{kind} {name}"))
+}
+
+fn volume<'a>(daemonset: &'a Value, name: &str) -> &'a Value {
+    daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("volume {name}"))
+}
+
+/// The CA: its own Deployment (non-root, no capability, read-only root, the state in memory),
+/// ready once it listens, behind a Service, kept by a disruption budget, with its least RBAC;
+/// the agents call it with a projected token and trust the root it publishes.
+#[test]
+fn the_ca_renders_as_its_own_least_privileged_deployment_and_the_agents_use_it() {
+    let objects = render(&[]);
+    let deployment = named(&objects, "Deployment", "mesh-ca");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "mesh-ca");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let ca = container(deployment, "ca");
+    let ca_args = args(ca);
+    assert_eq!(ca_args[0], "ca");
+    for arg in [
+        "--impersonator=mesh-system/mesh-agent",
+        "--audience=istio-ca",
+        "--max-cert-lifetime=24h",
+        "--root-secret=mesh-ca-root",
+        "--bundle-configmap=mesh-ca-root-cert",
+        "--service-name=mesh-ca",
+        "--state-dir=/var/run/mesh-ca",
+    ] {
+        assert!(ca_args.contains(&arg), "{arg} in {ca_args:?}");
+    }
+    assert_eq!(
+        ca["securityContext"],
+        json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+               "capabilities": {"drop": ["ALL"]}})
+    );
+    assert_eq!(ca["readinessProbe"]["tcpSocket"]["port"], 15012);
+    assert_eq!(
+        ca["env"][0],
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
+    );
+    assert_eq!(pod["volumes"][0]["emptyDir"]["medium"], "Memory");
+    // The agents' selector does not pick the CA's pods.
+    let agents = one(&objects, "DaemonSet");
+    let agent_selector = &agents["spec"]["selector"]["matchLabels"];
+    let ca_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_ne!(
+        agent_selector["app.kubernetes.io/name"],
+        ca_labels["app.kubernetes.io/name"]
+    );
+
+    let service = named(&objects, "Service", "mesh-ca");
+    assert_eq!(
+        service["spec"]["ports"],
+        json!([{"name": "grpc-ca", "port": 15012, "targetPort": 15012, "appProtocol": "grpc"}])
+    );
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let budget = one(&objects, "PodDisruptionBudget");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+
+    let cluster_role = named(&objects, "ClusterRole", "mesh-ca");
+    assert_eq!(
+        cluster_role["rules"],
+        json!([
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}
+        ])
+    );
+    let role = named(&objects, "Role", "mesh-ca");
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mesh-ca-root"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mesh-ca-root-cert"], "verbs": ["get", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}
+        ])
+    );
+    for kind in ["ClusterRoleBinding", "RoleBinding"] {
+        let binding = named(&objects, kind, "mesh-ca");
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "mesh-ca", "namespace": AGENT_NAMESPACE}])
+        );
+    }
+
+    let agent = container(agents, "agent");
+    for arg in [
+        "--ca-address=https://mesh-ca.mesh-system.svc:15012",
+        "--ca-root-cert=/var/run/secrets/mesh-ca/root-cert.pem",
+        "--ca-token-file=/var/run/secrets/tokens/istio-token",
+    ] {
+        assert!(args(agent).contains(&arg), "{arg}");
+    }
+    assert_eq!(
+        volume(agents, "istio-token")["projected"]["sources"],
+        json!([{"serviceAccountToken": {"audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}])
+    );
+    assert_eq!(
+        volume(agents, "ca-root")["configMap"]["name"],
+        "mesh-ca-root-cert"
+    );
+}
+
+/// `ca.external.*`: the agents call istiod (or another CA speaking Istio's API) and trust its
+/// root; no CA of the chart's is rendered. Without any CA the chart refuses to render.
+#[test]
+fn an_external_ca_replaces_the_charts_own() {
+    let objects = render(&[
+        "--set",
+        "ca.external.address=https://istiod.istio-system.svc:15012",
+        "--set",
+        "ca.external.rootConfigMap=istio-ca-root-cert",
+    ]);
+    for (kind, name) in [
+        ("Deployment", "mesh-ca"),
+        ("Service", "mesh-ca"),
+        ("PodDisruptionBudget", "mesh-ca"),
+        ("ClusterRole", "mesh-ca"),
+        ("Role", "mesh-ca"),
+        ("ServiceAccount", "mesh-ca"),
+    ] {
+        assert!(
+            !objects
+                .iter()
+                .any(|o| o["kind"] == kind && o["metadata"]["name"] == name),
+            "{kind} {name} is not rendered"
+        );
+    }
+    let agents = one(&objects, "DaemonSet");
+    assert!(args(container(agents, "agent"))
+        .contains(&"--ca-address=https://istiod.istio-system.svc:15012"));
+    assert_eq!(
+        volume(agents, "ca-root")["configMap"]["name"],
+        "istio-ca-root-cert"
+    );
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("UTF-8 path");
+    let refused =
+        helm(&["template", RELEASE, chart, "--set", "ca.enabled=false"]).expect_err("no CA at all");
+    assert!(
+        refused.contains("ca.enabled=false needs ca.external.address"),
+        "{refused}"
+    );
+    let refused = helm(&[
+        "template",
+        RELEASE,
+        chart,
+        "--set",
+        "ca.external.address=https://istiod.istio-system.svc:15012",
+    ])
+    .expect_err("an external CA without its root");
+    assert!(
+        refused.contains("ca.external.rootConfigMap is required"),
+        "{refused}"
+    );
 }
 
 /// The values schema (`values.schema.json`): a misspelt or mistyped value is refused by name,
@@ -272,6 +461,12 @@ fn misspelt_or_mistyped_values_are_refused_by_name() {
         ),
         ("logFormat=xml", "at '/logFormat'"),
         ("host.bpffs=sys/fs/bpf", "at '/host/bpffs'"),
+        ("ca.replicas=0", "at '/ca/replicas'"),
+        (
+            "ca.external.address=http://istiod:15012",
+            "at '/ca/external/address'",
+        ),
+        ("ca.maxCertLifetime=soon", "at '/ca/maxCertLifetime'"),
     ] {
         let refused = helm(&["template", RELEASE, chart, "--set", value])
             .expect_err(&format!("{value} must be refused"));

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
 };
 use kube::{api::PostParams, Api, Client};
 
-use super::{forward, kubeconfig, ControlPlane, Credentials, Error, Result};
+use super::{forward, kubeconfig, ControlPlane, Credentials, Error, Result, KUBERNETES_SERVICE_IP};
 use crate::Node;
 
 impl ControlPlane {
@@ -95,5 +95,36 @@ impl ControlPlane {
     /// [`Self::expose_in`] the namespace of a testbed node.
     pub fn expose_on(&self, node: &Node) -> Result<SocketAddr> {
         self.expose_in(&node.netns_path())
+    }
+
+    /// Makes the API server reachable on the node at the `kubernetes` Service's address
+    /// ([`KUBERNETES_SERVICE_IP`]`:443`), what kube-proxy does for that one Service on a real
+    /// node: the address goes on the node namespace's loopback device, and a forwarder listens
+    /// on it. Its host-network pods reach it there, and its other pods through their route to
+    /// the node; in-cluster clients (`KUBERNETES_SERVICE_HOST`) verify the API server's own
+    /// certificate, which names that address. Once per node.
+    pub fn expose_service_on(&self, node: &Node) -> Result<SocketAddr> {
+        let listen = SocketAddr::from((KUBERNETES_SERVICE_IP, 443));
+        let netns = node.netns_path();
+        let mut forwarders = self.forwarders.lock().expect("forwarders lock");
+        if let Some(existing) = forwarders
+            .iter()
+            .find(|f| f.netns == netns && f.listen == listen)
+        {
+            return Ok(existing.listen);
+        }
+        crate::process::run(std::process::Command::new("ip").args([
+            "-n",
+            &node.netns,
+            "addr",
+            "replace",
+            &format!("{KUBERNETES_SERVICE_IP}/32"),
+            "dev",
+            "lo",
+        ]))?;
+        let handle = self.runtime().handle();
+        let forwarder = forward::start_at(handle, &netns, listen, self.apiserver_addr())?;
+        forwarders.push(forwarder);
+        Ok(listen)
     }
 }

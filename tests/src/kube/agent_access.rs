@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    api::{DynamicObject, GroupVersionKind, PostParams},
+    Api, Client,
 };
-use kube::{api::PostParams, Api, Client};
 use serde_json::{json, Value};
 
 use super::{chart_dir, helm_binary, ControlPlane, Credentials, Error, Result};
@@ -96,40 +96,38 @@ async fn apply_rbac(client: &Client) -> Result<()> {
         .collect();
     let namespace =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}});
-    let pp = PostParams::default();
     for value in std::iter::once(namespace).chain(documents) {
-        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-        let created = match kind.as_str() {
-            "Namespace" => Api::<Namespace>::all(client.clone())
-                .create(&pp, &parse(value, &kind)?)
-                .await
-                .map(drop),
-            "ServiceAccount" => Api::<ServiceAccount>::namespaced(client.clone(), AGENT_NAMESPACE)
-                .create(&pp, &parse(value, &kind)?)
-                .await
-                .map(drop),
-            "ClusterRole" => Api::<ClusterRole>::all(client.clone())
-                .create(&pp, &parse(value, &kind)?)
-                .await
-                .map(drop),
-            "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
-                .create(&pp, &parse(value, &kind)?)
-                .await
-                .map(drop),
-            other => {
-                return Err(Error::Invalid {
-                    what: what.into(),
-                    detail: format!("unexpected kind {other:?}"),
-                })
-            }
-        };
-        match created {
-            Ok(()) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(e) => return Err(api_err(&format!("creating the agent's {kind}"))(e)),
-        }
+        create_object(client, value).await?;
     }
     Ok(())
+}
+
+/// Creates one object of any kind the API server serves (found by discovery), in its
+/// namespace if it has one; one that exists already (409) is fine.
+pub(crate) async fn create_object(client: &Client, value: Value) -> Result<()> {
+    let object: DynamicObject = parse(value, "a manifest object")?;
+    let types = object.types.clone().unwrap_or_default();
+    let gvk = GroupVersionKind::try_from(&types).map_err(|e| Error::Invalid {
+        what: format!("the apiVersion and kind of {:?}", object.metadata.name),
+        detail: e.to_string(),
+    })?;
+    let (resource, capabilities) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .map_err(api_err(&format!("discovering {}", gvk.kind)))?;
+    let api: Api<DynamicObject> = match (&object.metadata.namespace, capabilities.scope) {
+        (Some(ns), kube::discovery::Scope::Namespaced) => {
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+        _ => Api::all_with(client.clone(), &resource),
+    };
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(api_err(&format!(
+            "creating {} {:?}",
+            gvk.kind, object.metadata.name
+        ))(e)),
+    }
 }
 
 /// The agent's own Pod on `node` (host network, its service account) and a token bound to it,

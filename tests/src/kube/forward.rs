@@ -48,6 +48,17 @@ impl Drop for Forwarder {
 /// file such as `/run/netns/<name>`) to `upstream` in the root namespace.
 pub fn start(runtime: &Handle, netns: &Path, upstream: SocketAddr) -> Result<Forwarder> {
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, upstream.port()));
+    start_at(runtime, netns, listen, upstream)
+}
+
+/// Starts forwarding `listen` (an address of the namespace's own) inside the network namespace
+/// at `netns` to `upstream` in the root namespace.
+pub fn start_at(
+    runtime: &Handle,
+    netns: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> Result<Forwarder> {
     let listener = listen_in(netns, listen)?;
     let listener = {
         let _entered = runtime.enter();

@@ -214,6 +214,15 @@ impl KubeMesh {
                 list.items.iter().any(is_ready).then_some(())
             }
         }))?;
+        // And every agent has the endpoint from the Service's slice (a client started earlier
+        // would be refused: no ready endpoint).
+        if meshed {
+            for node in self.tb.nodes() {
+                wait_dump(node, "the echo endpoint", |d| {
+                    !dump_endpoints(d, &self.namespace, "echo").is_empty()
+                })?;
+            }
+        }
         Ok(vip)
     }
 

@@ -12,10 +12,12 @@
 
 mod access;
 mod agent_access;
+mod ca_access;
 mod components;
 mod control_plane;
 mod crds;
 mod forward;
+pub mod install;
 mod kubeconfig;
 pub mod kubelet;
 pub mod mesh;
@@ -24,6 +26,7 @@ mod pki;
 mod scratch;
 
 pub use agent_access::{agent_rbac_manifest, AGENT_ACCOUNT, AGENT_NAMESPACE, RELEASE};
+pub use ca_access::{ca_access_manifest, CA_ACCOUNT, CA_AUDIENCE};
 pub use components::{
     Component, Ports, KUBERNETES_SERVICE_IP, SERVICE_ACCOUNT_ISSUER, SERVICE_CIDR_V4,
     SERVICE_CIDR_V6,

@@ -35,10 +35,12 @@
 //!   `ID` from the CA in `D` and accepting clients of that CA. Echoes every tunnel itself.
 //!   Prints `listening <addr>`, then per connection `tls_ok peer=<addr> identity=<client id>` or
 //!   `tls_error peer=<addr> error=<why>`, and per tunnel `connect authority=<a> identity=<id>`.
-//! - `parallel <addr> --conns N --bytes B [--hold-ms H]`: N concurrent connections, each sends
-//!   its own pseudo-random B bytes and reads them back (all at once, one task each); prints
-//!   `open=<n> failed=<m>` while the verified connections are all still open, holds them H ms,
-//!   then half-closes each and expects end-of-file; prints `ok=<n> failed=<m>`.
+//! - `parallel <addr> --conns N --bytes B [--hold-ms H] [--again]`: N concurrent connections,
+//!   each sends its own pseudo-random B bytes and reads them back (all at once, one task each);
+//!   prints `open=<n> failed=<m>` while the verified connections are all still open, holds them
+//!   H ms, with `--again` echoes B more bytes on each (a connection cut meanwhile fails here,
+//!   where a plain close could not tell), then half-closes each and expects end-of-file; prints
+//!   `ok=<n> failed=<m>`.
 //! - `raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]`: sends the bytes (again every
 //!   R ms), prints `sent <n> bytes`, then `received <total>` as bytes arrive, and waits up to W ms
 //!   for the peer to close: `closed_after_ms=<t> how=eof|reset|write:<error> received=<n>` or
@@ -111,7 +113,7 @@ const USAGE: &str = "usage: mesh-probe <command>
   hbone <addr:15008> <target> --ca-dir D --identity ID --expect ID --message M
       [--trust-dir T] [--expired]
   hbone-serve <addr> --ca-dir D --identity ID
-  parallel <addr> --conns N --bytes B [--hold-ms H]
+  parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
@@ -1293,7 +1295,9 @@ async fn serve_hbone_connection(
 }
 
 fn parallel(addr: &str, rest: &[&str]) -> Result<(), String> {
-    let flags = flags(rest, &["--conns", "--bytes", "--hold-ms"])?;
+    let again = rest.contains(&"--again");
+    let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--again").collect();
+    let flags = flags(&rest, &["--conns", "--bytes", "--hold-ms"])?;
     let conns: usize = positive(&flags, "--conns")?.ok_or("--conns is required")?;
     let bytes: usize = positive(&flags, "--bytes")?.ok_or("--bytes is required")?;
     let hold = Duration::from_millis(flag(&flags, "--hold-ms")?.unwrap_or(0));
@@ -1322,7 +1326,17 @@ fn parallel(addr: &str, rest: &[&str]) -> Result<(), String> {
         tokio::time::sleep(hold).await;
         let closes: Vec<_> = open
             .into_iter()
-            .map(|s| tokio::spawn(tokio::time::timeout(PARALLEL_TIMEOUT, close_after_echo(s))))
+            .enumerate()
+            .map(|(i, s)| {
+                tokio::spawn(tokio::time::timeout(PARALLEL_TIMEOUT, async move {
+                    let s = if again {
+                        echo_again(s, i, bytes).await?
+                    } else {
+                        s
+                    };
+                    close_after_echo(s).await
+                }))
+            })
             .collect();
         let mut ok = 0;
         for close in closes {
@@ -1368,6 +1382,28 @@ async fn echo_pattern(
     if echo != data {
         let at = echo.iter().zip(&data).position(|(a, b)| a != b);
         return Err(format!("connection {i}: the echo differs at byte {at:?}"));
+    }
+    Ok(stream)
+}
+
+/// Sends connection `i`'s `bytes` pattern again on an open connection and checks the echo.
+async fn echo_again(
+    mut stream: tokio::net::TcpStream,
+    i: usize,
+    bytes: usize,
+) -> Result<tokio::net::TcpStream, String> {
+    let mut data = vec![0u8; bytes];
+    let mut state = (0x2545_F491_4F6C_DD1D ^ (i as u64).wrapping_mul(0x9E37_79B9)) | 1;
+    fill(&mut data, &mut state);
+    let mut echo = vec![0u8; bytes];
+    {
+        let (mut rd, mut wr) = stream.split();
+        let (sent, read) = tokio::join!(wr.write_all(&data), rd.read_exact(&mut echo));
+        sent.map_err(|e| format!("connection {i}: write after the hold: {e}"))?;
+        read.map_err(|e| format!("connection {i}: read after the hold: {e}"))?;
+    }
+    if echo != data {
+        return Err(format!("connection {i}: the echo after the hold differs"));
     }
     Ok(stream)
 }

@@ -3,10 +3,17 @@
 //! becomes the container's program (same pid, nothing left in between).
 //!
 //! ```text
-//! mtb-run run  --cgroup DIR --netns FILE [--bind SRC:DST[:ro]]... [--uid N] [--gid N]
-//!              [--workdir D] -- PROGRAM [ARGS...]
+//! mtb-run run  [--node-bind SRC:DST]... --cgroup DIR --netns FILE [--bind SRC:DST[:ro]]...
+//!              [--uid N] [--gid N] [--workdir D] -- PROGRAM [ARGS...]
 //! mtb-run exec --pid PID --cgroup DIR [--uid N] [--gid N] -- PROGRAM [ARGS...]
+//! mtb-run view [--node-bind SRC:DST]... -- PROGRAM [ARGS...]
 //! ```
+//!
+//! `--node-bind` puts the process into its node's own file system (the testbed kubelet's
+//! `NodeView`): in the process's new mount namespace, `SRC` is bind-mounted on `DST` (an
+//! existing directory of the testbed's) before anything else. `view` does only that (for CNI
+//! plugins, which run on the node, outside containers) and execs `PROGRAM`; the machine's later
+//! mounts still reach it (a slave mount namespace).
 //!
 //! `run` joins the container's cgroup v2 directory, enters the pod's network namespace, makes a
 //! private mount namespace with a fresh tmpfs on `/run` (so `/var/run` too; the host's `/run` is
@@ -42,6 +49,7 @@ struct Options {
     netns: Option<PathBuf>,
     pid: Option<u32>,
     binds: Vec<(PathBuf, PathBuf, bool)>,
+    node_binds: Vec<(PathBuf, PathBuf)>,
     uid: Option<u32>,
     gid: Option<u32>,
     workdir: Option<PathBuf>,
@@ -53,7 +61,8 @@ fn main() -> ExitCode {
     let result = parse(&args).and_then(|(mode, options)| match mode.as_str() {
         "run" => launch(&options),
         "exec" => enter(&options),
-        other => Err(format!("unknown mode {other:?} (run or exec)")),
+        "view" => view(&options),
+        other => Err(format!("unknown mode {other:?} (run, exec or view)")),
     });
     // Only failures return: success execs the program.
     let error = result.err().unwrap_or_default();
@@ -62,7 +71,9 @@ fn main() -> ExitCode {
 }
 
 fn parse(args: &[String]) -> Result<(String, Options), String> {
-    let (mode, mut rest) = args.split_first().ok_or("usage: mtb-run run|exec ...")?;
+    let (mode, mut rest) = args
+        .split_first()
+        .ok_or("usage: mtb-run run|exec|view ...")?;
     let mut o = Options::default();
     while let Some((flag, tail)) = rest.split_first() {
         if flag == "--" {
@@ -80,6 +91,12 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
             "--uid" => o.uid = Some(number(value)?),
             "--gid" => o.gid = Some(number(value)?),
             "--workdir" => o.workdir = Some(value.into()),
+            "--node-bind" => {
+                let (src, dst) = value
+                    .split_once(':')
+                    .ok_or_else(|| format!("--node-bind {value}: expected SRC:DST"))?;
+                o.node_binds.push((src.into(), dst.into()));
+            }
             "--bind" => {
                 let mut parts = value.split(':');
                 let (Some(src), Some(dst)) = (parts.next(), parts.next()) else {
@@ -117,6 +134,7 @@ fn launch(o: &Options) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("making / private: {e}"))?;
+    node_binds(o)?;
     mount(
         Some("tmpfs"),
         "/run",
@@ -144,6 +162,42 @@ fn enter(o: &Options) -> Result<(), String> {
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
     drop_privileges(o)?;
     exec(&o.argv)
+}
+
+/// `view`: a new mount namespace in which the node's binds are made, then the program.
+fn view(o: &Options) -> Result<(), String> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making / a slave: {e}"))?;
+    node_binds(o)?;
+    exec(&o.argv)
+}
+
+/// The `--node-bind` mounts, in order (in a mount namespace of this process's own).
+fn node_binds(o: &Options) -> Result<(), String> {
+    for (src, dst) in &o.node_binds {
+        mount(
+            Some(src.as_path()),
+            dst.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            format!(
+                "node view: bind-mounting {} on {}: {e}",
+                src.display(),
+                dst.display()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn join_cgroup(dir: &Path) -> Result<(), String> {

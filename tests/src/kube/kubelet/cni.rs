@@ -120,6 +120,9 @@ impl ConfList {
 pub struct Cni {
     pub bin_dir: PathBuf,
     pub conf_dir: PathBuf,
+    /// The node's file system, in which the plugins run, and the launcher that enters it.
+    pub view: super::NodeView,
+    pub launcher: PathBuf,
 }
 
 impl Cni {
@@ -251,7 +254,12 @@ impl Cni {
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
             pod.namespace, pod.name, pod.sandbox_id, pod.uid
         );
-        let mut child = tokio::process::Command::new(&binary)
+        // Started in the node's file system (`mtb-run view`), which then execs the plugin.
+        let mut child = tokio::process::Command::new(&self.launcher)
+            .arg("view")
+            .args(self.view.launcher_flags())
+            .arg("--")
+            .arg(&binary)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)

@@ -34,6 +34,7 @@
 mod cni;
 mod layout;
 mod node;
+mod node_view;
 mod runtime;
 mod volumes;
 mod worker;
@@ -41,6 +42,7 @@ mod worker;
 pub use cni::{result_ips, CniCall};
 pub use layout::{compute_qos, pod_cgroup, QosClass};
 pub use node::LEASE_NAMESPACE;
+pub use node_view::NodeView;
 pub(crate) use volumes::token_for;
 
 use std::{
@@ -90,6 +92,9 @@ pub struct KubeletOptions {
     pub max_pods: u32,
     /// Extra Node labels (besides `kubernetes.io/hostname`, `kubernetes.io/os` and `arch`).
     pub labels: BTreeMap<String, String>,
+    /// `NoSchedule` taint keys the Node is registered with (kubelet's
+    /// `--register-with-taints <key>:NoSchedule`).
+    pub register_with_taints: Vec<String>,
     /// First and largest pause between attempts to set up a sandbox (volumes, CNI ADD).
     pub sandbox_backoff: (Duration, Duration),
     /// First and largest pause before restarting a container that exited.
@@ -108,6 +113,7 @@ impl Default for KubeletOptions {
             memory: "8Gi".into(),
             max_pods: 110,
             labels: BTreeMap::new(),
+            register_with_taints: Vec::new(),
             sandbox_backoff: (Duration::from_millis(500), Duration::from_secs(4)),
             restart_backoff: (Duration::from_secs(1), Duration::from_secs(20)),
         }
@@ -173,6 +179,8 @@ struct Ctx {
     images: BTreeMap<String, PathBuf>,
     options: KubeletOptions,
     shared: Arc<Mutex<Shared>>,
+    /// The node's own file system (see [`NodeView`]).
+    view: NodeView,
 }
 
 impl Ctx {
@@ -242,11 +250,7 @@ impl Kubelet {
         } = Binaries::find(options)?;
 
         let dir = tb.scratch_dir().join(format!("kubelet-{}", node.name));
-        let kubepods = tb.cgroup_dir().join(format!("kubepods-{}", node.name));
-        for d in [&kubepods.join("burstable"), &kubepods.join("besteffort")] {
-            std::fs::create_dir_all(d)
-                .map_err(crate::io_err(format!("creating {}", d.display())))?;
-        }
+        let (kubepods, view) = node_view(cp, tb, &node, &dir)?;
         let cni_socket = options
             .cni_socket
             .clone()
@@ -283,6 +287,8 @@ impl Kubelet {
             cni: cni::Cni {
                 bin_dir: dir.join("cni/bin"),
                 conf_dir: dir.join("cni/net.d"),
+                view,
+                launcher: launcher.clone(),
             },
             dir,
             kubepods: kubepods.clone(),
@@ -317,6 +323,7 @@ impl Kubelet {
             images,
             options: options.clone(),
             shared,
+            view: kubelet.cni.view.clone(),
         });
         let handle = kubelet.runtime().handle().clone();
         kubelet.tasks.push(handle.spawn(node::heartbeat(
@@ -621,8 +628,34 @@ fn node_info(node: &crate::Node, options: &KubeletOptions) -> node::NodeInfo {
         addresses: vec![node.link_ipv4.into(), node.link_ipv6.into()],
         capacity: json!({"cpu": options.cpu, "memory": options.memory, "pods": options.max_pods.to_string()}),
         labels,
+        taints: options
+            .register_with_taints
+            .iter()
+            .map(|key| json!({"key": key, "effect": "NoSchedule"}))
+            .collect(),
         ready_since: super::now(),
     }
+}
+
+/// The node's kubepods cgroup (`<testbed cgroup>/kubepods-<node>`, with its `QoS` directories),
+/// its own file system ([`NodeView`]), and the API server at the `kubernetes` Service's address
+/// on the node: in-cluster clients of its pods find it there, as kubelet tells them
+/// (`KUBERNETES_SERVICE_HOST`).
+fn node_view(
+    cp: &ControlPlane,
+    tb: &Testbed,
+    node: &crate::Node,
+    dir: &Path,
+) -> Result<(PathBuf, NodeView)> {
+    let kubepods = tb.cgroup_dir().join(format!("kubepods-{}", node.name));
+    for d in [&kubepods.join("burstable"), &kubepods.join("besteffort")] {
+        std::fs::create_dir_all(d).map_err(crate::io_err(format!("creating {}", d.display())))?;
+    }
+    cp.expose_service_on(node)?;
+    let view = NodeView::new(tb.scratch_dir(), dir, &kubepods).map_err(|e| {
+        crate::io_err(format!("preparing the file system view of {}", node.name))(e)
+    })?;
+    Ok((kubepods, view))
 }
 
 /// Watches the node's pods and runs a worker per pod; on stop, waits for every worker to

@@ -32,6 +32,9 @@ pub struct NodeInfo {
     pub addresses: Vec<IpAddr>,
     pub capacity: Value,
     pub labels: Value,
+    /// Taints the Node is registered with (kubelet's `--register-with-taints`), as
+    /// `spec.taints` JSON.
+    pub taints: Value,
     /// When `Ready` became true (kept across heartbeats).
     pub ready_since: String,
 }
@@ -46,7 +49,7 @@ pub async fn register(client: &Client, info: &NodeInfo) -> Result<Node> {
     let nodes: Api<Node> = Api::all(client.clone());
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": info.name, "labels": info.labels},
-        "spec": {},
+        "spec": {"taints": info.taints},
     }))
     .expect("a Node");
     match nodes.create(&PostParams::default(), &node).await {

@@ -35,6 +35,8 @@ pub type Log = Arc<Mutex<Vec<String>>>;
 #[derive(Clone, Debug)]
 pub struct Launch {
     pub launcher: PathBuf,
+    /// The node's file system, in which the launcher starts.
+    pub view: super::NodeView,
     pub cgroup: PathBuf,
     pub netns: PathBuf,
     /// `(host path, mount path, read-only)`.
@@ -69,6 +71,7 @@ pub fn start(
     let mut command = tokio::process::Command::new(&launch.launcher);
     command
         .arg("run")
+        .args(launch.view.launcher_flags())
         .arg("--cgroup")
         .arg(&launch.cgroup)
         .arg("--netns")

@@ -40,11 +40,12 @@ pub async fn prepare(
     client: &Client,
     pod: &Pod,
     dir: &Path,
+    view: &super::NodeView,
 ) -> Result<BTreeMap<String, Prepared>, String> {
     let mut out = BTreeMap::new();
     let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
     for volume in volumes.into_iter().flatten() {
-        let prepared = prepare_one(client, pod, volume, &dir.join(&volume.name))
+        let prepared = prepare_one(client, pod, volume, &dir.join(&volume.name), view)
             .await
             .map_err(|e| format!("MountVolume.SetUp failed for volume {:?}: {e}", volume.name))?;
         out.insert(volume.name.clone(), prepared);
@@ -57,6 +58,7 @@ async fn prepare_one(
     pod: &Pod,
     volume: &Volume,
     dir: &Path,
+    view: &super::NodeView,
 ) -> Result<Prepared, String> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let read_only = |path: &Path| Prepared {
@@ -64,6 +66,7 @@ async fn prepare_one(
         read_only: true,
     };
     if let Some(host) = &volume.host_path {
+        host_path_ready(&host.path, host.type_.as_deref(), view)?;
         return Ok(Prepared {
             path: PathBuf::from(&host.path),
             read_only: false,
@@ -329,6 +332,32 @@ pub fn field_value(
             .ok_or_else(|| format!("fieldRef {path} is not supported"))?,
     };
     Ok(value)
+}
+
+/// Checks (or creates) a `hostPath` as its `type` asks, in the node's own file system: `""`
+/// checks nothing, `DirectoryOrCreate` creates the directory (mode 0755), `Directory`,
+/// `File`, `Socket` require one.
+fn host_path_ready(path: &str, kind: Option<&str>, view: &super::NodeView) -> Result<(), String> {
+    let on_machine = view.to_machine(Path::new(path));
+    let meta = fs::metadata(&on_machine);
+    match kind.unwrap_or_default() {
+        "" => Ok(()),
+        "DirectoryOrCreate" => create_dir(&on_machine),
+        "Directory" if meta.as_ref().is_ok_and(fs::Metadata::is_dir) => Ok(()),
+        "File" if meta.as_ref().is_ok_and(fs::Metadata::is_file) => Ok(()),
+        "FileOrCreate" => match meta {
+            Ok(_) => Ok(()),
+            Err(_) => fs::write(&on_machine, b"")
+                .map_err(|e| format!("creating {}: {e}", on_machine.display())),
+        },
+        "Socket" if meta.is_ok() => Ok(()),
+        other @ ("Directory" | "File" | "Socket") => Err(format!(
+            "hostPath type check failed: {path} is not a {other}"
+        )),
+        other => Err(format!(
+            "hostPath type {other:?} is not supported by the testbed kubelet"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -270,7 +270,8 @@ impl Worker {
         let mut backoff = first;
         loop {
             let volumes_dir = self.ctx.pods_dir.join(&self.uid).join("volumes");
-            match volumes::prepare(&self.ctx.client, &self.pod, &volumes_dir).await {
+            match volumes::prepare(&self.ctx.client, &self.pod, &volumes_dir, &self.ctx.view).await
+            {
                 Ok(prepared) => {
                     self.volumes = prepared;
                     break;
@@ -622,6 +623,7 @@ impl Worker {
             .or_else(|| pod_context.and_then(|c| c.run_as_group));
         Ok(Launch {
             launcher: self.ctx.launcher.clone(),
+            view: self.ctx.view.clone(),
             cgroup: sandbox.cgroup.clone(),
             netns: sandbox.netns_path.clone(),
             binds,
@@ -651,6 +653,14 @@ impl Worker {
                 format!("{dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
             ),
             ("HOSTNAME".into(), self.name.clone()),
+            // The `kubernetes` Service, as kubelet always sets it (the node forwards it to the
+            // API server: `ControlPlane::expose_service_on`).
+            (
+                "KUBERNETES_SERVICE_HOST".into(),
+                super::super::KUBERNETES_SERVICE_IP.to_string(),
+            ),
+            ("KUBERNETES_SERVICE_PORT".into(), "443".into()),
+            ("KUBERNETES_SERVICE_PORT_HTTPS".into(), "443".into()),
         ];
         if spec.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
             return Err("envFrom is not supported by the testbed kubelet".into());
