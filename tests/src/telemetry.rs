@@ -116,7 +116,13 @@ pub fn count(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> u64 {
 /// The access log records (`"log":"access"` JSON lines) the agent wrote so far, from log line
 /// `from` on.
 pub fn access_records(agent: &Agent, from: usize) -> Vec<serde_json::Value> {
-    agent.logs()[from..]
+    access_records_in(&agent.logs()[from..])
+}
+
+/// The access log records among an agent's output `lines` (a test process's, or an agent pod's
+/// container's).
+pub fn access_records_in(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
         .iter()
         .filter(|l| l.starts_with('{'))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

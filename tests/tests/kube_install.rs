@@ -29,7 +29,11 @@ use kube::{
 };
 use serde_json::json;
 
-use mesh_tests::kube::{install::conflist_names_mesh_cni, mesh::KubeMesh, AGENT_NAMESPACE};
+use mesh_tests::kube::{
+    install::conflist_names_mesh_cni,
+    mesh::{repeat_tries, wait_lines, KubeMesh},
+    AGENT_NAMESPACE,
+};
 
 const NS: &str = "shop";
 
@@ -191,15 +195,7 @@ fn upgrade(mesh: &KubeMesh, target: &str, before: &[String; 2]) {
     };
     held("n0");
     held("n1");
-    let oks = |lines: &[String]| lines.iter().filter(|l| l.starts_with("echo ok")).count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while oks(&mesh.kubelets[0].logs(NS, "steady", "client")) < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "the steady client never got through"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_lines(mesh, 0, "steady", "echo ok", 10).expect("the steady client got through");
 
     let rolled = Instant::now();
     mesh.helm_release("upgrade", &[("cni.watchMs", "500")])
@@ -212,12 +208,7 @@ fn upgrade(mesh: &KubeMesh, target: &str, before: &[String; 2]) {
     assert_ne!(after, *before, "the upgrade replaced the agent pods");
 
     assert_eq!(mesh.finished("steady").expect("phase"), "Succeeded");
-    let lines = mesh.kubelets[0].logs(NS, "steady", "client");
-    let tries: Vec<bool> = lines
-        .iter()
-        .filter(|l| l.starts_with("echo ok") || l.starts_with("failed"))
-        .map(|l| l.starts_with("echo ok"))
-        .collect();
+    let (lines, tries) = repeat_tries(mesh, 0, "steady");
     let ok = tries.iter().filter(|t| **t).count();
     // Runs of failures: each is one agent's restart (closed while it was away).
     let mut runs = Vec::new();

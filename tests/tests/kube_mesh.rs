@@ -27,7 +27,10 @@ use kube::{
 };
 use mesh_tests::{
     kube::{
-        mesh::{dump_endpoints, dump_has_policy, from_json, wait_dump, KubeMesh},
+        mesh::{
+            dump_endpoints, dump_has_policy, from_json, repeat_tries, wait_dump, wait_lines,
+            KubeMesh,
+        },
         Kubelet,
     },
     telemetry::access_records,
@@ -119,15 +122,7 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
         Some("n0"),
     )
     .expect("steady client");
-    let oks = |lines: &[String]| lines.iter().filter(|l| l.starts_with("echo ok")).count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while oks(&mesh.kubelets[0].logs(NS, "steady", "client")) < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "the steady client never got going"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_lines(&mesh, 0, "steady", "echo ok", 5).expect("the steady client got going");
     agent.kill().expect("kill the agent");
     thread::sleep(Duration::from_secs(1));
     let agent = Agent::start(node, &mesh.options[0]).expect("agent restarted");
@@ -157,12 +152,7 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
 /// one carried by the restarted agent.
 fn restarted_under_traffic(mesh: &KubeMesh, agent: &Agent) {
     assert_eq!(mesh.finished("steady").expect("phase"), "Succeeded");
-    let lines = mesh.kubelets[0].logs(NS, "steady", "client");
-    let tries: Vec<bool> = lines
-        .iter()
-        .filter(|l| l.starts_with("echo ok") || l.starts_with("failed"))
-        .map(|l| l.starts_with("echo ok"))
-        .collect();
+    let (lines, tries) = repeat_tries(mesh, 0, "steady");
     let first_failure = tries
         .iter()
         .position(|ok| !ok)

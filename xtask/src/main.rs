@@ -43,8 +43,9 @@ enum Cmd {
     Test,
     /// Build a two-node testbed, run the agents and show a counted connection, then tear down.
     Demo {
-        /// On a real Kubernetes control plane: testbed kubelets, the CNI hand-over, a namespace
-        /// labelled through the API, traffic, access log, metrics and a policy.
+        /// On a real Kubernetes control plane: `helm install` of the chart on two testbed
+        /// kubelets (agents, CNI installer, CA), a namespace labelled through the API, traffic,
+        /// access log, metrics, a policy, then `helm uninstall`.
         #[arg(long)]
         kube: bool,
     },

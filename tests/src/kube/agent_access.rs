@@ -5,7 +5,6 @@
 //! credentials.
 
 use std::path::Path;
-use std::process::Command;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -14,7 +13,7 @@ use kube::{
 };
 use serde_json::{json, Value};
 
-use super::{chart_dir, helm_binary, ControlPlane, Credentials, Error, Result};
+use super::{ControlPlane, Credentials, Error, Result};
 use crate::Node;
 
 /// The namespace the chart is installed in, and its release name.
@@ -26,25 +25,10 @@ pub const AGENT_ACCOUNT: &str = "mesh-agent";
 /// The agent's `ServiceAccount`, `ClusterRole` and `ClusterRoleBinding` as the chart renders them
 /// (`helm template`, release [`RELEASE`] in [`AGENT_NAMESPACE`]).
 pub fn agent_rbac_manifest() -> Result<String> {
-    let helm = helm_binary()?;
-    let out = Command::new(&helm)
-        .args(["template", RELEASE])
-        .arg(chart_dir())
-        .args(["--namespace", AGENT_NAMESPACE])
-        .args(["--show-only", "templates/serviceaccount.yaml"])
-        .args(["--show-only", "templates/rbac.yaml"])
-        .output()
-        .map_err(|e| Error::Setup(format!("running {}: {e}", helm.display())))?;
-    if !out.status.success() {
-        return Err(Error::Invalid {
-            what: "helm template of the agent's RBAC".into(),
-            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    String::from_utf8(out.stdout).map_err(|e| Error::Invalid {
-        what: "helm template of the agent's RBAC".into(),
-        detail: e.to_string(),
-    })
+    super::helm_template(
+        &["serviceaccount.yaml", "rbac.yaml"],
+        "helm template of the agent's RBAC",
+    )
 }
 
 impl ControlPlane {

@@ -7,7 +7,6 @@
 
 use std::{
     path::Path,
-    process::Command,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -16,8 +15,8 @@ use kube::{api::PostParams, Api};
 use serde_json::{json, Value};
 
 use super::{
-    agent_access::create_object, chart_dir, helm_binary, ControlPlane, Credentials, Error, Result,
-    AGENT_NAMESPACE, RELEASE, SERVICE_ACCOUNT_ISSUER,
+    agent_access::create_object, ControlPlane, Credentials, Error, Result, AGENT_NAMESPACE,
+    SERVICE_ACCOUNT_ISSUER,
 };
 
 /// The CA's `ServiceAccount`: `<release>-ca`.
@@ -37,27 +36,10 @@ const ACCESS_KINDS: [&str; 5] = [
 /// The `ServiceAccounts` and RBAC of the chart (`helm template`, release [`RELEASE`] in
 /// [`AGENT_NAMESPACE`]): the agent's and the CA's.
 pub fn ca_access_manifest() -> Result<String> {
-    let helm = helm_binary()?;
-    let out = Command::new(&helm)
-        .args(["template", RELEASE])
-        .arg(chart_dir())
-        .args(["--namespace", AGENT_NAMESPACE])
-        .args(["--show-only", "templates/serviceaccount.yaml"])
-        .args(["--show-only", "templates/rbac.yaml"])
-        .args(["--show-only", "templates/ca.yaml"])
-        .output()
-        .map_err(|e| Error::Setup(format!("running {}: {e}", helm.display())))?;
-    let what = "helm template of the CA's access";
-    if !out.status.success() {
-        return Err(Error::Invalid {
-            what: what.into(),
-            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    String::from_utf8(out.stdout).map_err(|e| Error::Invalid {
-        what: what.into(),
-        detail: e.to_string(),
-    })
+    super::helm_template(
+        &["serviceaccount.yaml", "rbac.yaml", "ca.yaml"],
+        "helm template of the CA's access",
+    )
 }
 
 fn invalid(what: &str) -> impl FnOnce(String) -> Error + '_ {
@@ -164,11 +146,7 @@ impl ControlPlane {
     /// key, so only its expiry is wrong.
     pub fn expired_pod_token(&self, pod: &Pod, audience: &str) -> Result<String> {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let account = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
+        let account = super::kubelet::service_account_of(pod);
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client(), &namespace);
         let account_uid = self
             .block_on(accounts.get(&account))

@@ -10,20 +10,16 @@
 
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::{
-    api::{ListParams, PostParams},
-    Api,
-};
-use serde_json::json;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{api::ListParams, Api};
 
 use super::{
     chart_dir, eventually, helm_binary,
     kubelet::NodeView,
-    mesh::{from_json, KubeMesh, WAIT},
-    ControlPlane, Error, Kubelet, KubeletOptions, Result, AGENT_NAMESPACE, RELEASE,
+    mesh::{KubeMesh, WAIT},
+    Error, Kubelet, KubeletOptions, Result, AGENT_NAMESPACE, RELEASE,
 };
-use crate::{agent::binary, Testbed, TestbedSpec};
+use crate::{agent::binary, Testbed};
 
 /// How long `helm install`, `upgrade` and `uninstall` may wait for the rollout.
 pub const HELM_TIMEOUT: &str = "240s";
@@ -69,13 +65,7 @@ impl KubeMesh {
         meshed: bool,
         taints: &[&str],
     ) -> Result<Self> {
-        let mut cp = ControlPlane::start()?;
-        let tb = Testbed::new(TestbedSpec {
-            nodes,
-            pods_per_node: 1,
-        })?;
-        std::fs::create_dir_all(tb.scratch_dir())
-            .map_err(|e| Error::Setup(format!("creating {}: {e}", tb.scratch_dir().display())))?;
+        let (mut cp, tb) = super::mesh::control_plane_and_testbed(nodes)?;
         let options = KubeletOptions {
             mesh_cni: false,
             images: [("mesh-agent".to_owned(), binary("mesh-agent", "mesh-agent")?)].into(),
@@ -83,18 +73,7 @@ impl KubeMesh {
             ..KubeletOptions::default()
         };
         let kubelets = Kubelet::start_all(&cp, &tb, &options)?;
-        let labels = if meshed {
-            json!({super::mesh::MESH_LABEL: "ambient"})
-        } else {
-            json!({})
-        };
-        let ns: Namespace = from_json(json!({"metadata": {"name": namespace, "labels": labels}}));
-        cp.block_on(Api::<Namespace>::all(cp.client()).create(&PostParams::default(), &ns))
-            .map_err(|source| Error::Api {
-                what: format!("creating namespace {namespace}"),
-                source,
-            })?;
-        cp.wait_service_account(namespace, "default", WAIT)?;
+        super::mesh::create_namespace(&mut cp, namespace, meshed)?;
         Ok(Self {
             kubelets,
             agents: Vec::new(),

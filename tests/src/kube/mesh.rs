@@ -50,13 +50,7 @@ impl KubeMesh {
     /// Starts the control plane, `nodes` nodes with their kubelets and agents, and creates
     /// `namespace`, labelled for the mesh if `meshed`.
     pub fn start(nodes: usize, namespace: &str, meshed: bool) -> Result<Self> {
-        let mut cp = ControlPlane::start()?;
-        let tb = Testbed::new(TestbedSpec {
-            nodes,
-            pods_per_node: 1,
-        })?;
-        std::fs::create_dir_all(tb.scratch_dir())
-            .map_err(|e| Error::Setup(format!("creating {}: {e}", tb.scratch_dir().display())))?;
+        let (mut cp, tb) = control_plane_and_testbed(nodes)?;
         let (mut kubelets, mut agents, mut all_options) = (Vec::new(), Vec::new(), Vec::new());
         for (index, node) in tb.nodes().iter().enumerate() {
             let mut options = AgentOptions::new(tb.scratch_dir().join("config"));
@@ -79,18 +73,7 @@ impl KubeMesh {
             kubelets.push(kubelet);
             all_options.push(options);
         }
-        let labels = if meshed {
-            json!({MESH_LABEL: "ambient"})
-        } else {
-            json!({})
-        };
-        let ns: Namespace = from_json(json!({"metadata": {"name": namespace, "labels": labels}}));
-        cp.block_on(Api::<Namespace>::all(cp.client()).create(&PostParams::default(), &ns))
-            .map_err(|source| Error::Api {
-                what: format!("creating namespace {namespace}"),
-                source,
-            })?;
-        cp.wait_service_account(namespace, "default", WAIT)?;
+        create_namespace(&mut cp, namespace, meshed)?;
         Ok(Self {
             kubelets,
             agents,
@@ -396,6 +379,67 @@ fn echo_deployment(namespace: &str, node: Option<&str>) -> Deployment {
             }]},
         }},
     }))
+}
+
+/// The control plane and a testbed of `nodes` nodes (its scratch directory made).
+pub(super) fn control_plane_and_testbed(nodes: usize) -> Result<(ControlPlane, Testbed)> {
+    let cp = ControlPlane::start()?;
+    let tb = Testbed::new(TestbedSpec {
+        nodes,
+        pods_per_node: 1,
+    })?;
+    std::fs::create_dir_all(tb.scratch_dir())
+        .map_err(|e| Error::Setup(format!("creating {}: {e}", tb.scratch_dir().display())))?;
+    Ok((cp, tb))
+}
+
+/// The output of a `mesh-probe repeat` client (container `client` of pod `pod` on kubelet
+/// `index`), and its tries in order: `true` for an echo, `false` for a failure.
+pub fn repeat_tries(mesh: &KubeMesh, index: usize, pod: &str) -> (Vec<String>, Vec<bool>) {
+    let lines = mesh.kubelets[index].logs(&mesh.namespace, pod, "client");
+    let tries = lines
+        .iter()
+        .filter(|l| l.starts_with("echo ok") || l.starts_with("failed"))
+        .map(|l| l.starts_with("echo ok"))
+        .collect();
+    (lines, tries)
+}
+
+/// Creates the workloads' namespace, labelled for the mesh if `meshed`, and waits for its
+/// `default` service account.
+pub(super) fn create_namespace(cp: &mut ControlPlane, namespace: &str, meshed: bool) -> Result<()> {
+    let labels = if meshed {
+        json!({MESH_LABEL: "ambient"})
+    } else {
+        json!({})
+    };
+    let ns: Namespace = from_json(json!({"metadata": {"name": namespace, "labels": labels}}));
+    cp.block_on(Api::<Namespace>::all(cp.client()).create(&PostParams::default(), &ns))
+        .map_err(|source| Error::Api {
+            what: format!("creating namespace {namespace}"),
+            source,
+        })?;
+    cp.wait_service_account(namespace, "default", WAIT)
+}
+
+/// Waits until container `container` of pod `pod` on kubelet `index` has printed `count`
+/// lines starting with `prefix`.
+pub fn wait_lines(
+    mesh: &KubeMesh,
+    index: usize,
+    pod: &str,
+    prefix: &str,
+    count: usize,
+) -> Result<()> {
+    let kubelet = &mesh.kubelets[index];
+    mesh.cp.block_on(eventually(
+        &format!("{count} lines {prefix:?} from {pod}"),
+        WAIT,
+        || async {
+            let lines = kubelet.logs(&mesh.namespace, pod, "client");
+            (lines.iter().filter(|l| l.starts_with(prefix)).count() >= count).then_some(())
+        },
+    ))
 }
 
 /// A typed object from literal JSON (the literals are the code's own).

@@ -129,6 +129,33 @@ pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/chart")
 }
 
+/// The chart's `templates` as `helm template` renders them (release [`RELEASE`] in
+/// [`AGENT_NAMESPACE`], default values); `what` names them in errors.
+pub fn helm_template(templates: &[&str], what: &str) -> Result<String> {
+    let helm = helm_binary()?;
+    let mut command = std::process::Command::new(&helm);
+    command
+        .args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", AGENT_NAMESPACE]);
+    for template in templates {
+        command.args(["--show-only", &format!("templates/{template}")]);
+    }
+    let out = command
+        .output()
+        .map_err(|e| Error::Setup(format!("running {}: {e}", helm.display())))?;
+    if !out.status.success() {
+        return Err(Error::Invalid {
+            what: what.into(),
+            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    String::from_utf8(out.stdout).map_err(|e| Error::Invalid {
+        what: what.into(),
+        detail: e.to_string(),
+    })
+}
+
 /// The `mesh-kcp` binary: `$MESH_KCP_BIN` if set, otherwise what `cargo xtask setup` built.
 pub fn binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(BINARY_ENV) {

@@ -1,11 +1,12 @@
-//! `cargo xtask demo --kube`: the agent as a Kubernetes node agent. A real control plane
-//! (etcd, kube-apiserver, kube-controller-manager, kube-scheduler), two testbed nodes each
-//! with its testbed kubelet (CNI chain: the testbed's plugin, then `mesh-cni`) and its agent
-//! (least RBAC, a bound token). An echo Deployment runs unmeshed; labelling its namespace
+//! `cargo xtask demo --kube`: the mesh installed with Helm. A real control plane (etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler), two testbed nodes each with its
+//! testbed kubelet, and `helm install` of `deploy/chart`: the kubelets run its DaemonSet (the
+//! agent, and its installer, which chains `mesh-cni` and lifts the node's not-ready taint) and
+//! its CA Deployment (Istio's certificate API). An echo Deployment runs unmeshed; labelling its namespace
 //! through the API captures the running pod; a client pod on the other node then reaches it
 //! through its Service over HBONE, and the demo prints the Events, both agents' access log
 //! records and their metrics. An `AuthorizationPolicy` created through the API then denies the
-//! client. Everything is torn down at the end.
+//! client. `helm uninstall` then leaves nothing behind, and everything is torn down.
 
 use std::time::{Duration, Instant};
 
@@ -13,29 +14,33 @@ use anyhow::{ensure, Context as _, Result};
 use kube::api::PostParams;
 use mesh_tests::{
     http::http,
-    kube::mesh::{dump_endpoints, dump_has_policy, wait_dump, KubeMesh, MESH_LABEL},
-    telemetry::{access_records, METRICS},
-    Agent,
+    kube::{
+        install::conflist_names_mesh_cni,
+        mesh::{dump_endpoints, dump_has_policy, wait_dump, KubeMesh, MESH_LABEL},
+    },
+    telemetry::{access_records_in, METRICS},
 };
 
 const NS: &str = "demo";
+/// The chart's not-ready taint (`notReadyTaint.key`).
+const NOT_READY: &str = "mesh-agent/not-ready";
 
 pub fn run() -> Result<()> {
-    println!("\n== starting a Kubernetes control plane, two nodes, a testbed kubelet and an agent on each ==");
+    println!(
+        "\n== starting a Kubernetes control plane and two nodes, each with a testbed kubelet =="
+    );
     let started = Instant::now();
-    let mesh = KubeMesh::start(2, NS, false).context("starting the cluster")?;
+    let mesh =
+        KubeMesh::without_mesh(2, NS, false, &[NOT_READY]).context("starting the cluster")?;
     println!(
         "API server https://{} (etcd, kube-apiserver, kube-controller-manager, kube-scheduler; {} upstream CRDs), up in {:.1}s",
         mesh.cp.apiserver_addr(),
         mesh.cp.crds().len(),
         started.elapsed().as_secs_f64()
     );
-    for node in mesh.tb.nodes() {
-        println!(
-            "node {}: kubelet registered, agent reading the API with ServiceAccount mesh-system/mesh-agent",
-            node.name
-        );
-    }
+    println!("nodes n0, n1 registered with the taint {NOT_READY}:NoSchedule (no ordinary pod yet)");
+
+    install(&mesh)?;
     println!("namespace {NS}: not labelled, nothing in it is meshed");
 
     println!("\n== echo Deployment and Service in {NS}, on n1 ==");
@@ -67,7 +72,7 @@ pub fn run() -> Result<()> {
 
     println!("\n== client pod on n0 connects to {vip}:80 as it starts ==");
     let target = format!("{vip}:80");
-    let from = [mesh.agents[0].log_len(), mesh.agents[1].log_len()];
+    let from = [agent_lines(&mesh, 0)?.len(), agent_lines(&mesh, 1)?.len()];
     mesh.start_client("client", &target, Some("n0"))?;
     let phase = mesh.finished("client")?;
     println!(
@@ -82,7 +87,7 @@ pub fn run() -> Result<()> {
     );
     let client_ip = mesh.pod_ip("client")?;
     for (i, role) in [(0, "source"), (1, "destination")] {
-        let records = wait_records(&mesh.agents[i], from[i], &client_ip)?;
+        let records = wait_records(&mesh, i, from[i], &client_ip)?;
         println!("\n== agent n{i} ({role}) access log: HBONE, mutual TLS, both identities ==");
         for record in &records {
             println!("{record}");
@@ -102,10 +107,63 @@ pub fn run() -> Result<()> {
         println!("{line}");
     }
 
+    uninstall(&mesh)?;
+
     println!("\n== teardown ==");
     let id = mesh.cp.id().to_owned();
     drop(mesh);
-    println!("control plane {id}, kubelets, agents and testbed removed");
+    println!("control plane {id}, kubelets and testbed removed");
+    Ok(())
+}
+
+/// `helm install` of the chart; prints the agent and CA pods.
+fn install(mesh: &KubeMesh) -> Result<()> {
+    println!("\n== helm install mesh deploy/chart -n mesh-system --wait ==");
+    let installing = Instant::now();
+    mesh.helm_release("install", &[]).context("helm install")?;
+    println!("installed in {:.1}s:", installing.elapsed().as_secs_f64());
+    for pod in mesh.agent_pods()? {
+        println!(
+            "  agent pod {} on {}",
+            pod.metadata.name.unwrap_or_default(),
+            pod.spec.and_then(|s| s.node_name).unwrap_or_default()
+        );
+    }
+    for kubelet in &mesh.kubelets {
+        for pod in kubelet
+            .pods()
+            .iter()
+            .filter(|p| p.name.starts_with("mesh-ca-"))
+        {
+            println!(
+                "  CA pod {} on {} (Istio's certificate API, port 15012)",
+                pod.name,
+                kubelet.node_name()
+            );
+        }
+    }
+    println!("  the installers chained mesh-cni and lifted the not-ready taint once their agent was ready");
+    Ok(())
+}
+
+/// `helm uninstall`: no pin and no `mesh-cni` entry left.
+fn uninstall(mesh: &KubeMesh) -> Result<()> {
+    println!("\n== helm uninstall mesh -n mesh-system --wait ==");
+    let args: Vec<String> = ["uninstall", "mesh", "--namespace", "mesh-system", "--wait"]
+        .map(str::to_owned)
+        .into();
+    mesh.helm(&args).context("helm uninstall")?;
+    mesh.wait_chart_pods_gone(Duration::from_secs(60))?;
+    let pins = mesh.tb.bpffs_dir().join("mesh-agent");
+    ensure!(!pins.exists(), "{} left in bpffs", pins.display());
+    for kubelet in &mesh.kubelets {
+        ensure!(
+            !conflist_names_mesh_cni(kubelet.cni_conf_dir()),
+            "mesh-cni left in {}",
+            kubelet.cni_conf_dir().display()
+        );
+    }
+    println!("agents released their pods and removed their pins; the installers removed the mesh-cni entry");
     Ok(())
 }
 
@@ -127,7 +185,7 @@ fn policy(mesh: &KubeMesh, target: &str) -> Result<()> {
         "enforced by agent n1 {:.0} ms after it was created",
         created.elapsed().as_secs_f64() * 1000.0
     );
-    let from = mesh.agents[1].log_len();
+    let from = agent_lines(mesh, 1)?.len();
     mesh.start_client("denied", target, Some("n0"))?;
     let phase = mesh.finished("denied")?;
     println!(
@@ -137,19 +195,31 @@ fn policy(mesh: &KubeMesh, target: &str) -> Result<()> {
     ensure!(phase == "Failed", "the denied client got through");
     println!("\n== agent n1 (destination) access log ==");
     let denied_ip = mesh.pod_ip("denied")?;
-    for record in wait_records(&mesh.agents[1], from, &denied_ip)? {
+    for record in wait_records(mesh, 1, from, &denied_ip)? {
         println!("{record}");
     }
     Ok(())
 }
 
-/// The agent's access log records after line `from` of connections from `src_ip` (not the
-/// kubelet's readiness probes), once there is one.
-fn wait_records(agent: &Agent, from: usize, src_ip: &str) -> Result<Vec<serde_json::Value>> {
+/// What the agent pod of node `index` printed so far.
+fn agent_lines(mesh: &KubeMesh, index: usize) -> Result<Vec<String>> {
+    let pod = mesh.agent_pod(index)?;
+    Ok(mesh.agent_logs(index, &pod))
+}
+
+/// Node `index`'s agent's access log records after line `from` of connections from `src_ip`
+/// (not the kubelet's readiness probes), once there is one.
+fn wait_records(
+    mesh: &KubeMesh,
+    index: usize,
+    from: usize,
+    src_ip: &str,
+) -> Result<Vec<serde_json::Value>> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let prefix = format!("{src_ip}:");
     loop {
-        let records: Vec<_> = access_records(agent, from)
+        let lines = agent_lines(mesh, index)?;
+        let records: Vec<_> = access_records_in(lines.get(from..).unwrap_or_default())
             .into_iter()
             .filter(|r| {
                 r["src"]["addr"]

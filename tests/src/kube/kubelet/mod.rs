@@ -43,7 +43,7 @@ pub use cni::{result_ips, CniCall};
 pub use layout::{compute_qos, pod_cgroup, QosClass};
 pub use node::LEASE_NAMESPACE;
 pub use node_view::NodeView;
-pub(crate) use volumes::token_for;
+pub(crate) use volumes::{service_account_of, token_for};
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -129,6 +129,14 @@ async fn prepare_one(
     Err("volume type not supported by the testbed kubelet (projected, configMap, secret, emptyDir, hostPath are)".into())
 }
 
+/// The pod's service account (`default` when it names none).
+pub(crate) fn service_account_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into())
+}
+
 /// A token for the pod's service account, bound to the pod (dies with it), for `audience` (or
 /// the API server's own audiences), as kubelet requests it.
 pub(crate) async fn token_for(
@@ -138,11 +146,7 @@ pub(crate) async fn token_for(
     expiration: Option<i64>,
 ) -> Result<String, String> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    let account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".into());
+    let account = service_account_of(pod);
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: Some(
