@@ -209,6 +209,43 @@ fn values_reach_the_agent() {
     assert_eq!(log["value"], "debug");
 }
 
+/// The not-ready taint: the installer lifts the configured key from its own node (and the agent's
+/// RBAC may patch nodes for it); disabled, neither the flag nor the rule is there. Both the
+/// agent and the installer know their DaemonSet (an uninstall tells itself from a restart by it),
+/// and the CA tolerates the taint (the agents need it before any node is ready).
+#[test]
+fn the_not_ready_taint_and_the_owner_reach_the_installer() {
+    let objects = render(&["--set", "notReadyTaint.key=example.com/not-meshed"]);
+    let daemonset = one(&objects, "DaemonSet");
+    let installer = args(container(daemonset, "install-cni"));
+    assert!(installer.contains(&"--not-ready-taint=example.com/not-meshed"));
+    assert!(installer.contains(&"--node-name=$(NODE_NAME)"));
+    for name in ["agent", "install-cni"] {
+        assert!(
+            args(container(daemonset, name)).contains(&"--owner-daemonset=mesh-system/mesh-agent"),
+            "{name}"
+        );
+    }
+    let node_rule = |objects: &[Value]| {
+        named(objects, "ClusterRole", "mesh-agent")["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .any(|r| r["resources"] == json!(["nodes"]) && r["verbs"] == json!(["get", "patch"]))
+    };
+    assert!(node_rule(&objects));
+    let ca = named(&objects, "Deployment", "mesh-ca");
+    assert_eq!(
+        ca["spec"]["template"]["spec"]["tolerations"],
+        json!([{"key": "example.com/not-meshed", "operator": "Exists", "effect": "NoSchedule"}])
+    );
+
+    let objects = render(&["--set", "notReadyTaint.enabled=false"]);
+    let installer = args(container(one(&objects, "DaemonSet"), "install-cni"));
+    assert!(!installer.iter().any(|a| a.starts_with("--not-ready-taint")));
+    assert!(!node_rule(&objects));
+}
+
 #[test]
 fn every_rendered_object_passes_the_api_servers_strict_server_side_dry_run() {
     let cp = ControlPlane::start().expect("control plane");
