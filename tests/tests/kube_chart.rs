@@ -211,7 +211,7 @@ fn values_reach_the_agent() {
 
 /// The not-ready taint: the installer lifts the configured key from its own node (and the agent's
 /// RBAC may patch nodes for it); disabled, neither the flag nor the rule is there. Both the
-/// agent and the installer know their DaemonSet (an uninstall tells itself from a restart by it),
+/// agent and the installer know their `DaemonSet` (an uninstall tells itself from a restart by it),
 /// and the CA tolerates the taint (the agents need it before any node is ready).
 #[test]
 fn the_not_ready_taint_and_the_owner_reach_the_installer() {
