@@ -401,6 +401,7 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     // Attaches this instance's links, then detaches an earlier instance's (for the pods it
     // captured itself): no moment without capture.
     pods.reconcile(&desired).await;
+    tokio::spawn(crate::proxy::trim_copy_buffers());
     tokio::spawn(become_ready(
         state_rx.clone(),
         config.node_name.clone(),

@@ -296,8 +296,10 @@ impl Datapath {
             source,
         })?;
         release_incompatible_pins(pin_dir);
+        let log_level = kernel_log_level() as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .load(KERNEL_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let logger = spawn_logger(&mut ebpf)?;
@@ -680,6 +682,25 @@ where
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     T::try_from(map).map_err(map_err(name))
+}
+
+/// The most verbose level the agent's log filter lets through for the kernel programs' records
+/// (target `mesh_ebpf`) as they are loaded. The programs write nothing more verbose into the ring
+/// buffer, so the per-connection `debug` records (`connect4`/`connect6`) cost nothing unless
+/// asked for at start (`RUST_LOG=info,mesh_ebpf=debug`); `/logging` cannot raise it later.
+fn kernel_log_level() -> aya_log::Level {
+    use tracing::Level;
+    if tracing::enabled!(target: "mesh_ebpf", Level::TRACE) {
+        aya_log::Level::Trace
+    } else if tracing::enabled!(target: "mesh_ebpf", Level::DEBUG) {
+        aya_log::Level::Debug
+    } else if tracing::enabled!(target: "mesh_ebpf", Level::INFO) {
+        aya_log::Level::Info
+    } else if tracing::enabled!(target: "mesh_ebpf", Level::WARN) {
+        aya_log::Level::Warn
+    } else {
+        aya_log::Level::Error
+    }
 }
 
 /// Reads the programs' aya-log ring buffer on a thread of its own and forwards the records to

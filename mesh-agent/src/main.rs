@@ -197,6 +197,12 @@ struct InstallCniArgs {
     agent_readiness: SocketAddr,
 }
 
+/// jemalloc, chosen by measurement (BENCHMARKS.md, "Allocator"): with its background threads
+/// it hands freed memory back to the kernel within seconds, where glibc's arenas kept a loaded
+/// agent at twice its resting size, and mimalloc rested at twice jemalloc's.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Also installs the `log` bridge aya-log needs; `log` changes the level at run time.

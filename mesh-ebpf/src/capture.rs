@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use aya_log_ebpf::info;
+use aya_log_ebpf::{debug, info};
 use mesh_common::{
     CgroupCounters, SockAddr, SockKey, AF_INET, AF_INET6, OUTBOUND_PORT, RESERVED_PORTS,
 };
@@ -138,7 +138,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Error> {
         sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     }
     let captured = target.is_some();
-    info!(
+    debug!(
         ctx,
         "connect4 pid={} cgroup={} dst={:i}:{} captured={}",
         bpf_get_current_pid_tgid() >> 32,
@@ -176,7 +176,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
     for (chunk, word) in bytes.chunks_exact_mut(4).zip(ip6) {
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
-    info!(
+    debug!(
         ctx,
         "connect6 pid={} cgroup={} dst=[{:i}]:{} captured={}",
         bpf_get_current_pid_tgid() >> 32,

@@ -81,7 +81,14 @@ pub struct AgentOptions {
     pub keep_pins: bool,
     /// More command-line arguments for `mesh-agent run` (certificate lifetime, pool limits).
     pub extra_args: Vec<String>,
+    /// The agent's `RUST_LOG`.
+    pub log: String,
 }
+
+/// The tests' log directives: the default `info`, plus the per-connection lines a production
+/// agent does not write (the kernel's `connect4`/`connect6` records and "connection closed"),
+/// which the tests read.
+pub const TEST_LOG: &str = "info,mesh_ebpf=debug,mesh_agent::telemetry=debug";
 
 impl AgentOptions {
     /// Options for agents serving the pods of `config_dir`. The certificate authority's
@@ -94,6 +101,7 @@ impl AgentOptions {
             sockmap: true,
             keep_pins: false,
             extra_args: Vec::new(),
+            log: TEST_LOG.into(),
         }
     }
 
@@ -140,7 +148,7 @@ impl Agent {
         cmd.arg("--ca-dir")
             .arg(options.ca_dir())
             .args(&options.extra_args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &options.log)
             .env("NO_COLOR", "1")
             // Errors as one readable line, without anyhow's backtrace.
             .env("RUST_LIB_BACKTRACE", "0");

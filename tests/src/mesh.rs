@@ -63,6 +63,7 @@ impl Mesh {
             sockmap: shortcut != Shortcut::Off,
             keep_pins: false,
             extra_args: Vec::new(),
+            log: crate::agent::TEST_LOG.into(),
         };
         let mut mesh = Self {
             agents: Vec::new(),

@@ -145,6 +145,7 @@ fn agent_refuses_a_missing_config_directory_naming_it() {
         sockmap: true,
         keep_pins: false,
         extra_args: Vec::new(),
+        log: mesh_tests::agent::TEST_LOG.into(),
     };
     let err = Agent::start(tb.node(0), &options).expect_err("must refuse");
     assert!(

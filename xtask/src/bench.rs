@@ -9,8 +9,10 @@
 //! (1 KiB, 1 and 64 connections, at a fixed rate and at saturation), the new-connection rate
 //! (`mesh-probe connrate`), CPU per GB moved (the agents' own and the whole machine's: kernel
 //! work does not show in a process's time), and, for the mesh modes, the agents' memory per idle
-//! connection (`mesh-probe hold`) and the new-connection rate and latency again with an
-//! `AuthorizationPolicy` of 100 rules in force (every connection is checked against it).
+//! connection (`mesh-probe hold`), both agents' resident memory at the start of the round of path
+//! measurements, right after it and 10 s later (what they keep after load), and the
+//! new-connection rate and latency again with an `AuthorizationPolicy` of 100 rules in force
+//! (every connection is checked against it).
 //!
 //! Release builds only (debug builds are several times slower). Results: a Markdown table with
 //! each figure's ratio to direct, the raw samples as JSON, and an SVG chart, under
@@ -40,7 +42,8 @@ mod kube;
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub quick: bool,
-    /// Record `perf` profiles of agent n0 during the 1-stream throughput runs.
+    /// Record `perf` profiles of agent n0 during the 1-stream throughput runs, and count both
+    /// agents' system calls and context switches per new connection (a second connection run).
     pub profile: bool,
     secs: u64,
     reps: usize,
@@ -139,6 +142,10 @@ const RR_PORT: u16 = 7000;
 /// Rules of the policy the `policy` group measures with.
 const POLICY_RULES: u16 = 100;
 const POLICY_FILE: &str = "authz-bench.yaml";
+/// The "path" of figures about the whole round of path measurements.
+const ROUND: &str = "whole round";
+/// How long the agents are left quiet before their memory is read again.
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// An ALLOW policy for every pod of [`NS`] with [`POLICY_RULES`] rules: the first ones name
 /// principals and ports that match nothing, the last allows `client` on [`RR_PORT`].
@@ -254,6 +261,8 @@ impl Bench {
             sockmap: mode != Mode::MeshNoSockmap,
             keep_pins: false,
             extra_args: Vec::new(),
+            // A production agent's level: no per-connection log lines.
+            log: "info".into(),
         };
         let mut agents = Vec::new();
         for node in self.tb.nodes() {
@@ -307,11 +316,22 @@ impl Bench {
         let measures_paths = ["throughput", "latency", "connrate"]
             .iter()
             .any(|g| self.plan.wants(g));
+        // At rest first: what the start allocated and freed (the kernel's BTF, the first
+        // config) has had the time to go back.
+        let at_start = if mode != Mode::Direct && measures_paths {
+            std::thread::sleep(SETTLE);
+            agents_rss(&agents)?
+        } else {
+            0
+        };
         for rep in (0..self.plan.reps).filter(|_| measures_paths) {
             for (path, server) in &paths {
                 println!("{path}, repetition {}", rep + 1);
                 self.measure_path(mode, path, &client, server, &agents)?;
             }
+        }
+        if mode != Mode::Direct && measures_paths {
+            self.record_round_memory(mode, at_start, &agents)?;
         }
         if mode != Mode::Direct && self.plan.wants("policy") {
             self.measure_policy(mode, &client, &paths, &mut agents)?;
@@ -431,6 +451,27 @@ impl Bench {
             "conn/s",
             true,
         );
+        if self.plan.profile && !agents.is_empty() {
+            self.count_per_connection(mode, path, client, server, dst, agents)?;
+        }
+        Ok(())
+    }
+
+    /// Both agents' resident memory at the start of the round (at rest), right after it, and
+    /// once they have been quiet for [`SETTLE`]: what the agents hold on to after load.
+    fn record_round_memory(&mut self, mode: Mode, at_start: u64, agents: &[Agent]) -> Result<()> {
+        let after = agents_rss(agents)?;
+        std::thread::sleep(SETTLE);
+        let settled = agents_rss(agents)?;
+        #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        for (metric, value) in [
+            ("both agents' RSS at rest before the round", at_start),
+            ("both agents' RSS after the round", after),
+            ("both agents' RSS 10 s after the round", settled),
+        ] {
+            self.record(ROUND, metric, mode, mib(value), "MiB", false);
+        }
         Ok(())
     }
 
@@ -515,14 +556,92 @@ impl Bench {
     }
 
     /// Starts `perf record` (software clock, call graphs) on `agent` for the iperf3 run.
-    fn start_profile(&self, agent: &Agent, server: &Pod) -> Result<(Process, PathBuf)> {
+    /// `--profile`: the new-connection run again, with both agents' system calls and context
+    /// switches counted (`perf stat`) and agent n0 profiled (`perf record`): what a connection
+    /// costs the agents besides CPU time (each context switch is a wake-up on the way); then once
+    /// more under `perf trace`, for the calls by name.
+    fn count_per_connection(
+        &mut self,
+        mode: Mode,
+        path: &str,
+        client: &Pod,
+        server: &Pod,
+        dst: SocketAddr,
+        agents: &[Agent],
+    ) -> Result<()> {
+        let pids: Vec<String> = agents.iter().map(|a| a.pid().to_string()).collect();
+        let counts = self.out_file(server, "perf-stat", "txt");
+        // A second longer than the run, so that it covers all of it.
+        let secs = (self.plan.secs + 1).to_string();
+        let mut stat = std::process::Command::new("perf");
+        stat.args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches",
+        ])
+        .args(["-p", &pids.join(","), "-o"])
+        .arg(&counts)
+        .args(["--", "sleep", &secs]);
+        let mut stat = Process::spawn("perf stat", &mut stat)?;
+        let profiler = match agents.first() {
+            Some(agent) => Some(self.start_profile(agent, server)?),
+            None => None,
+        };
+        let v = self.connrate(client, dst)?;
+        stat.wait_success(Duration::from_secs(30))?;
+        if let Some((mut perf, data)) = profiler {
+            perf.wait(Duration::from_secs(30))?;
+            report_profile(&data)?;
+        }
+        let conns = f(&v, "connections")?.max(1.0);
+        let text = fs::read_to_string(&counts)?;
+        for (event, metric) in [
+            (
+                "raw_syscalls:sys_enter",
+                "agent system calls per new connection",
+            ),
+            (
+                "context-switches",
+                "agent context switches per new connection",
+            ),
+        ] {
+            let count = perf_stat_count(&text, event)
+                .with_context(|| format!("no {event} in {}", counts.display()))?;
+            self.record(path, metric, mode, count / conns, "per conn", false);
+        }
+        // Which calls, per thread: a third run under `perf trace` (slower: not counted above).
+        let calls = self.out_file(server, "perf-trace", "txt");
+        let mut trace = std::process::Command::new("perf");
+        trace
+            .args(["trace", "-s", "-p", &pids.join(","), "-o"])
+            .arg(&calls)
+            .args(["--", "sleep", &secs]);
+        let mut trace = Process::spawn("perf trace", &mut trace)?;
+        let traced = self.connrate(client, dst)?;
+        trace.wait_success(Duration::from_secs(30))?;
+        println!(
+            "  system calls of {} connections by name: {}",
+            f(&traced, "connections")?,
+            calls.display()
+        );
+        Ok(())
+    }
+
+    /// A new file in the results directory, named after the path `server` is on.
+    fn out_file(&self, server: &Pod, what: &str, ext: &str) -> PathBuf {
         let path = if server.node == 0 {
             "same-node"
         } else {
             "cross-node"
         };
         let n = fs::read_dir(&self.out).map_or(0, Iterator::count);
-        let data = self.out.join(format!("perf-{n}-{path}.data"));
+        self.out.join(format!("{what}-{n}-{path}.{ext}"))
+    }
+
+    fn start_profile(&self, agent: &Agent, server: &Pod) -> Result<(Process, PathBuf)> {
+        let data = self.out_file(server, "perf", "data");
         let (pid, secs) = (agent.pid().to_string(), self.plan.secs.to_string());
         let mut cmd = std::process::Command::new("perf");
         cmd.args([
@@ -742,6 +861,16 @@ fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
 }
 
 /// Writes the profile's top symbols next to it (`<data>.txt`).
+/// The count of `event` in `perf stat -x ,` output (`value,unit,event,...` lines).
+fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(',');
+        let value = fields.next()?;
+        let _unit = fields.next()?;
+        (fields.next()? == event).then(|| value.parse().ok())?
+    })
+}
+
 fn report_profile(data: &Path) -> Result<()> {
     let report = process::run(
         std::process::Command::new("perf")
@@ -871,6 +1000,11 @@ fn process_ticks(pid: u32) -> Result<u64> {
     Ok(utime + stime)
 }
 
+/// The agents' resident memory, summed.
+fn agents_rss(agents: &[Agent]) -> Result<u64> {
+    agents.iter().map(|a| rss_bytes(a.pid())).sum()
+}
+
 fn rss_bytes(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: u64 = status
@@ -895,6 +1029,26 @@ pub fn check_tools() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perf_stat_counts_are_read_by_event() {
+        let text = "# started on Fri Dec  4 12:00:00 2026\n\n\
+                    81234,,raw_syscalls:sys_enter,5001234567,100.00,,\n\
+                    4321,,context-switches,5001234567,100.00,,\n";
+        assert_eq!(
+            perf_stat_count(text, "raw_syscalls:sys_enter"),
+            Some(81234.0)
+        );
+        assert_eq!(perf_stat_count(text, "context-switches"), Some(4321.0));
+        assert_eq!(perf_stat_count(text, "cpu-migrations"), None);
+        assert_eq!(
+            perf_stat_count(
+                "<not counted>,,context-switches,0,0.00,,",
+                "context-switches"
+            ),
+            None
+        );
+    }
 
     #[test]
     fn median_and_spread() {

@@ -54,7 +54,8 @@ enum Cmd {
         /// Short measurements, one repetition (under two minutes).
         #[arg(long)]
         quick: bool,
-        /// Record perf profiles of the agent during the 1-stream throughput runs.
+        /// Record perf profiles of the agent during the 1-stream throughput runs and the
+        /// new-connection runs, with system calls and context switches per connection.
         #[arg(long)]
         profile: bool,
         /// Measure only these groups (repeatable): throughput, latency, connrate, memory,

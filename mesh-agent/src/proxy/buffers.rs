@@ -1,8 +1,12 @@
 //! The copy buffers both copies (TCP to TCP in [`super::relay`], TCP to an HBONE stream in
 //! [`super::stream_copy`]) borrow for one read and the writes that follow, and the budget of
 //! reads a busy direction may do before it yields.
+//!
+//! Buffers go back to a pool after each use, so a busy agent does not allocate per read; the
+//! pool gives back to the allocator whatever a whole [`TRIM_EVERY`] did not need, so an agent
+//! returns to its resting size once a burst is over (the memory target in BENCHMARKS.md).
 
-use std::sync::Mutex;
+use std::{sync::Mutex, time::Duration};
 
 /// Size of one copy buffer: large enough that a bulk transfer needs few system calls and that
 /// a direction that fell behind catches up in one read.
@@ -11,20 +15,115 @@ const BUF: usize = 256 * 1024;
 const POOL_MAX: usize = 32;
 /// Reads a busy direction may do in one poll before it lets other tasks run.
 pub(super) const BUDGET: u32 = 16;
+/// How often the pool frees the buffers that were not needed since the previous time: an idle
+/// agent has returned all of them within two periods.
+pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(5);
 
-static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+struct Pool {
+    free: Vec<Box<[u8]>>,
+    /// The fewest buffers `free` held since the last trim: that many were never needed.
+    low: usize,
+}
+
+impl Pool {
+    const fn new() -> Self {
+        Self {
+            free: Vec::new(),
+            low: 0,
+        }
+    }
+
+    fn take(&mut self) -> Option<Box<[u8]>> {
+        let buf = self.free.pop();
+        self.low = self.low.min(self.free.len());
+        buf
+    }
+
+    fn give(&mut self, buf: Box<[u8]>) {
+        if self.free.len() < POOL_MAX {
+            self.free.push(buf);
+        }
+    }
+
+    /// Frees the buffers not needed since the last trim, and says how many.
+    fn trim(&mut self) -> usize {
+        let unused = self.low.min(self.free.len());
+        let keep = self.free.len() - unused;
+        self.free.truncate(keep);
+        self.low = keep;
+        unused
+    }
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool::new());
+
+fn new_buffer() -> Box<[u8]> {
+    vec![0; BUF].into_boxed_slice()
+}
 
 pub(super) fn take_buffer() -> Box<[u8]> {
     POOL.lock()
         .ok()
-        .and_then(|mut p| p.pop())
-        .unwrap_or_else(|| vec![0; BUF].into_boxed_slice())
+        .and_then(|mut p| p.take())
+        .unwrap_or_else(new_buffer)
 }
 
 pub(super) fn give_back(buf: Box<[u8]>) {
     if let Ok(mut p) = POOL.lock() {
-        if p.len() < POOL_MAX {
-            p.push(buf);
+        p.give(buf);
+    }
+}
+
+/// Trims the pool every [`TRIM_EVERY`], forever (the agent runs it for its whole life).
+pub async fn trim_when_idle() {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let freed = POOL.lock().map_or(0, |mut p| p.trim());
+        if freed > 0 {
+            tracing::debug!(freed, "copy buffers returned to the allocator");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_unused_for_a_whole_period_are_freed_and_busy_ones_kept() {
+        let mut pool = Pool::new();
+        let bufs: Vec<_> = (0..4)
+            .map(|_| pool.take().unwrap_or_else(new_buffer))
+            .collect();
+        for b in bufs {
+            pool.give(b);
+        }
+        // All four were in use during the first period.
+        assert_eq!(pool.trim(), 0);
+        assert_eq!(
+            pool.free.len(),
+            4,
+            "buffers used during the period are kept"
+        );
+        // One is used again during the next period: three were never needed.
+        let b = pool.take().expect("pooled");
+        pool.give(b);
+        assert_eq!(pool.trim(), 3);
+        assert_eq!(pool.free.len(), 1);
+        // A quiet period frees the rest.
+        assert_eq!(pool.trim(), 1);
+        assert!(pool.free.is_empty());
+        assert_eq!(pool.trim(), 0);
+    }
+
+    #[test]
+    fn the_pool_keeps_at_most_its_maximum() {
+        let mut pool = Pool::new();
+        for _ in 0..POOL_MAX + 3 {
+            pool.give(new_buffer());
+        }
+        assert_eq!(pool.free.len(), POOL_MAX);
     }
 }

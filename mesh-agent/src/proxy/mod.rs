@@ -32,6 +32,7 @@ use std::{
 use mesh_common::{SockAddr, SockKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
 
+pub use self::buffers::trim_when_idle as trim_copy_buffers;
 pub use crate::local_pod::{LocalPod, LocalPods};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},

@@ -19,7 +19,7 @@ use std::{
 };
 
 use mesh_identity::Identity;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::local_pod::LocalPod;
 use mesh_cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload};
@@ -397,8 +397,10 @@ fn log_close(
         );
         return;
     }
+    // The access log has every closed connection; this line only for debugging (each one a
+    // write to stderr).
     match error {
-        None => info!(
+        None => debug!(
             direction = info.direction,
             pod = %info.pod.name,
             src = %info.src,
