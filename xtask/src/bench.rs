@@ -282,37 +282,6 @@ impl Bench {
             ("same node", self.tb.pod(0, 1).clone()),
             ("cross node", self.tb.pod(1, 0).clone()),
         ];
-        // Memory first, each path in fresh agents: freed buffers the allocator keeps (after bulk
-        // transfers, or the other path's connections) would absorb the idle connections and
-        // hide their cost.
-        if mode != Mode::Direct && self.plan.wants("memory") {
-            for (path, server) in &paths {
-                for agent in agents.drain(..) {
-                    agent.stop()?;
-                }
-                agents = self.start(mode)?;
-                // Same node, one agent holds both legs of every connection (two descriptors
-                // each): half as many keep it under a 20,000 open-files hard limit.
-                let n = if server.node == client.node {
-                    self.plan.idle_conns / 2
-                } else {
-                    self.plan.idle_conns
-                };
-                let per_agent = Self::idle_memory(&client, server, &agents, n)?;
-                let largest = per_agent.iter().copied().fold(0.0, f64::max);
-                let both: f64 = per_agent.iter().sum();
-                for (metric, value) in [
-                    ("agent memory per idle connection (largest agent)", largest),
-                    ("agent memory per idle connection (both agents)", both),
-                ] {
-                    self.record(path, metric, mode, value, "bytes", false);
-                }
-            }
-            for agent in agents.drain(..) {
-                agent.stop()?;
-            }
-            agents = self.start(mode)?;
-        }
         let measures_paths = ["throughput", "latency", "connrate"]
             .iter()
             .any(|g| self.plan.wants(g));
@@ -338,6 +307,46 @@ impl Bench {
         }
         for agent in agents {
             agent.stop()?;
+        }
+        // Memory last: its tens of thousands of connections leave as many client sockets in
+        // TIME_WAIT toward the client pod's own port 15001 for a minute, which slows every
+        // connect of that pod meanwhile (BENCHMARKS.md, "the outbound port's 4-tuples").
+        if mode != Mode::Direct && self.plan.wants("memory") {
+            self.measure_idle_memory(mode, &client, &paths)?;
+        }
+        Ok(())
+    }
+
+    /// Memory per idle connection, each path in freshly started agents: freed buffers the
+    /// allocator keeps (after bulk transfers, or the other path's connections) would absorb
+    /// the idle connections and hide their cost.
+    fn measure_idle_memory(
+        &mut self,
+        mode: Mode,
+        client: &Pod,
+        paths: &[(&str, Pod)],
+    ) -> Result<()> {
+        for (path, server) in paths {
+            let agents = self.start(mode)?;
+            // Same node, one agent holds both legs of every connection (two descriptors
+            // each): half as many keep it under a 20,000 open-files hard limit.
+            let n = if server.node == client.node {
+                self.plan.idle_conns / 2
+            } else {
+                self.plan.idle_conns
+            };
+            let per_agent = Self::idle_memory(client, server, &agents, n)?;
+            let largest = per_agent.iter().copied().fold(0.0, f64::max);
+            let both: f64 = per_agent.iter().sum();
+            for (metric, value) in [
+                ("agent memory per idle connection (largest agent)", largest),
+                ("agent memory per idle connection (both agents)", both),
+            ] {
+                self.record(path, metric, mode, value, "bytes", false);
+            }
+            for agent in agents {
+                agent.stop()?;
+            }
         }
         Ok(())
     }
