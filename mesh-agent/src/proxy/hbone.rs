@@ -196,7 +196,6 @@ pub(super) async fn serve(
     pod: Arc<LocalPod>,
     ctx: Arc<ProxyCtx>,
 ) {
-    tcp.set_nodelay(true).ok();
     let config = match mesh_identity::server_config(
         ctx.transport.provider,
         ctx.transport.certs.subscribe(),

@@ -23,7 +23,6 @@ pub(super) async fn handle(
     ctx: Arc<ProxyCtx>,
 ) -> Option<Relay> {
     let started = Instant::now();
-    down.set_nodelay(true).ok();
     let dst = match down.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {

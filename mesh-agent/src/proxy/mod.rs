@@ -337,11 +337,14 @@ pub fn start_pod(view: &PodView, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, Pr
     Ok(listeners)
 }
 
+/// A listener inside `netns`. `TCP_NODELAY` is set on it once: the sockets it accepts inherit
+/// it (Linux copies the listener's options), which spares a system call per connection.
 fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     netns
         .run(|| {
             let socket = new_socket(addr)?;
             socket.set_reuseaddr(true)?;
+            socket.set_nodelay(true)?;
             socket.bind(addr)?;
             socket.listen(BACKLOG)
         })
@@ -440,5 +443,30 @@ impl std::fmt::Debug for PeerGuard {
 impl Drop for PeerGuard {
     fn drop(&mut self) {
         self.conn.clear_peer(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, path::Path};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_nodelay() {
+        let netns = Netns::open(Path::new("/proc/self/ns/net")).expect("own namespace");
+        let listener =
+            listen(&netns, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(
+            accepted.nodelay().expect("getsockopt"),
+            "accepted without TCP_NODELAY"
+        );
+        assert!(
+            !client.nodelay().expect("getsockopt"),
+            "the client's own is its own"
+        );
     }
 }

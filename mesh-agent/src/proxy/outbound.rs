@@ -23,7 +23,6 @@ pub(super) async fn handle(
     ctx: Arc<ProxyCtx>,
 ) -> Option<Relay> {
     let started = Instant::now();
-    down.set_nodelay(true).ok();
     let Some(dst) = ctx.conn.take_orig_dst(peer) else {
         // Not captured by the kernel (someone dialled the listener directly): nothing to do.
         warn!("no original destination recorded for this connection; closing it");
