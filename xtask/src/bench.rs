@@ -310,7 +310,8 @@ impl Bench {
         }
         // Memory last: its tens of thousands of connections leave as many client sockets in
         // TIME_WAIT toward the client pod's own port 15001 for a minute, which slows every
-        // connect of that pod meanwhile (BENCHMARKS.md, "the outbound port's 4-tuples").
+        // connect of that pod meanwhile (BENCHMARKS.md, "a pod's outbound connections share one
+        // 4-tuple space").
         if mode != Mode::Direct && self.plan.wants("memory") {
             self.measure_idle_memory(mode, &client, &paths)?;
         }
@@ -564,7 +565,6 @@ impl Bench {
         Ok((bits_per_second / 1e9, before.per_gb(&after, bytes)))
     }
 
-    /// Starts `perf record` (software clock, call graphs) on `agent` for the iperf3 run.
     /// `--profile`: the new-connection run again, with both agents' system calls and context
     /// switches counted (`perf stat`) and agent n0 profiled (`perf record`): what a connection
     /// costs the agents besides CPU time (each context switch is a wake-up on the way); then once
@@ -649,6 +649,7 @@ impl Bench {
         self.out.join(format!("{what}-{n}-{path}.{ext}"))
     }
 
+    /// Starts `perf record` (software clock, call graphs) on `agent` for the iperf3 run.
     fn start_profile(&self, agent: &Agent, server: &Pod) -> Result<(Process, PathBuf)> {
         let data = self.out_file(server, "perf", "data");
         let (pid, secs) = (agent.pid().to_string(), self.plan.secs.to_string());
@@ -869,7 +870,6 @@ fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
     (!agents.is_empty()).then_some(total)
 }
 
-/// Writes the profile's top symbols next to it (`<data>.txt`).
 /// The count of `event` in `perf stat -x ,` output (`value,unit,event,...` lines).
 fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
     text.lines().find_map(|line| {
@@ -880,6 +880,7 @@ fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
     })
 }
 
+/// Writes the profile's top symbols next to it (`<data>.txt`).
 fn report_profile(data: &Path) -> Result<()> {
     let report = process::run(
         std::process::Command::new("perf")

@@ -17,7 +17,7 @@ const POOL_MAX: usize = 32;
 pub(super) const BUDGET: u32 = 16;
 /// How often the pool frees the buffers that were not needed since the previous time: an idle
 /// agent has returned all of them within two periods.
-pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(5);
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 struct Pool {
     free: Vec<Box<[u8]>>,
