@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
+    maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps,
@@ -154,6 +154,9 @@ fn attach_err(name: &'static str, target: &Path) -> impl FnOnce(ProgramError) ->
     }
 }
 
+/// `BPF_NOEXIST`: a map update that only creates (`EEXIST` if the key is there).
+const BPF_NOEXIST: u64 = 1;
+
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |e| DatapathError::Map {
         name,
@@ -174,10 +177,12 @@ pub struct PodLinks {
 
 /// Maps used once per connection by the proxies, and the fast-path counters. Cheap to share.
 pub struct ConnMaps {
-    conn_dst: Mutex<HashMap<MapData, SockAddr, SockAddr>>,
+    conn_dst: Mutex<HashMap<MapData, NsSockKey, SockAddr>>,
     peer_addr: Mutex<HashMap<MapData, SockKey, SockAddr>>,
     socks: Mutex<SockHash<MapData, NsSockKey>>,
     sock_ptrs: Mutex<HashMap<MapData, NsSockKey, u64>>,
+    /// Whether `sockops` may insert sockets into the short-cut at all (`MESH_CONFIG`).
+    shortcut: bool,
     /// Read-only from here (the kernel writes it), so no lock.
     fastpath: PerCpuArray<MapData, FastpathCounters>,
 }
@@ -189,28 +194,50 @@ impl std::fmt::Debug for ConnMaps {
 }
 
 impl ConnMaps {
-    /// The original destination of a captured connection, by the client's address; the entry is
-    /// consumed.
-    pub fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
-        let key = SockAddr::from(client);
+    /// The original destination of a captured connection, by the application's socket (`app`:
+    /// its namespace, its address, the outbound listener's); the entry is consumed.
+    pub fn take_orig_dst(&self, app: NsSockKey) -> Option<SocketAddr> {
         let mut map = self.conn_dst.lock().expect("conn_dst lock");
-        let dst = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
+        let dst: SockAddr = match crate::map_take::take(map.map(), &app) {
+            Ok(found) => found?,
+            // Not expected on the kernels the agent supports; the two calls do the same.
+            Err(error) => {
+                debug!(%error, "lookup-and-delete on MESH_CONN_DST; looking up, then deleting");
+                let dst = map.get(&app, 0).ok()?;
+                let _ = map.remove(&app);
+                dst
+            }
+        };
         dst.to_std()
     }
 
     /// Makes the application's socket `app` (its view: local, remote) report `client` as its
     /// peer. Must be called before connecting, so the entry exists when the app accepts.
-    pub fn set_peer(&self, app: SockKey, client: SocketAddr) -> Result<(), DatapathError> {
-        self.peer_addr
-            .lock()
-            .expect("peer_addr lock")
-            .insert(app, SockAddr::from(client), 0)
-            .map_err(map_err(names::PEER_ADDR))
+    ///
+    /// Exclusive: `Ok(false)` if `app` has an entry already, which is another live connection's
+    /// (the entry lives as long as its connection): the caller must not connect with that
+    /// 4-tuple, and must not remove the entry.
+    pub fn claim_peer(&self, app: SockKey, client: SocketAddr) -> Result<bool, DatapathError> {
+        match self.peer_addr.lock().expect("peer_addr lock").insert(
+            app,
+            SockAddr::from(client),
+            BPF_NOEXIST,
+        ) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            Err(e) => Err(map_err(names::PEER_ADDR)(e)),
+        }
     }
 
     pub fn clear_peer(&self, app: &SockKey) {
         let _ = self.peer_addr.lock().expect("peer_addr lock").remove(app);
+    }
+
+    /// Whether this agent's kernel programs put sockets into the `sk_msg` short-cut at all.
+    pub fn shortcut_available(&self) -> bool {
+        self.shortcut
     }
 
     /// Takes an application's socket (its key: namespace, local, remote) out of the `sk_msg`
@@ -350,6 +377,7 @@ impl Datapath {
                 peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
                 socks: Mutex::new(socks),
                 sock_ptrs: Mutex::new(take_map(&mut ebpf, names::SOCK_PTRS)?),
+                shortcut: shortcut.is_some(),
                 fastpath: take_map(&mut ebpf, names::FASTPATH)?,
             }),
             pods: take_map(&mut ebpf, names::PODS)?,
@@ -588,7 +616,7 @@ fn map_layouts() -> [(&'static str, usize, usize, u32); 10] {
         (names::ORIG_DST, 8, size_of::<SockAddr>(), MAX_CONNS),
         (
             names::CONN_DST,
-            size_of::<SockAddr>(),
+            size_of::<NsSockKey>(),
             size_of::<SockAddr>(),
             MAX_CONNS,
         ),

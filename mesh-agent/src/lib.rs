@@ -4,7 +4,8 @@
 //! attaches them to the cgroups of the meshed pods, pins the shared maps under bpffs and turns the
 //! kernel's aya-log records into `tracing` events. Later issues add the capture listeners, HBONE,
 //! policy and telemetry on top of the same structure.
-// One syscall without a safe wrapper (`netns::netns_cookie`) is allowed case by case.
+// Syscalls without a safe wrapper (`netns::netns_cookie`, `map_take::take`) are allowed case by
+// case.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -18,8 +19,10 @@ pub mod datapath;
 pub mod departure;
 pub mod handles;
 pub mod kernel_btf;
+pub mod leg_ports;
 pub mod local_pod;
 pub mod logging;
+pub mod map_take;
 pub mod netns;
 pub mod node_taint;
 pub mod pods;

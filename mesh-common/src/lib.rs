@@ -15,7 +15,8 @@ pub mod names {
     pub const PODS: &str = "MESH_PODS";
     /// Original destination of a captured `connect()`, by socket cookie (`u64`).
     pub const ORIG_DST: &str = "MESH_ORIG_DST";
-    /// Original destination by the client's address ([`super::SockAddr`]), for the agent.
+    /// Original destination of a captured connection by the application's socket
+    /// ([`super::NsSockKey`]: its namespace, its address, the outbound listener), for the agent.
     pub const CONN_DST: &str = "MESH_CONN_DST";
     /// Address the application must see as its peer, by its socket ([`super::SockKey`]).
     pub const PEER_ADDR: &str = "MESH_PEER_ADDR";
@@ -55,6 +56,14 @@ pub const MAX_SHORTCUT_BUDGET: u32 = 4 << 20;
 
 /// Port of the agent's outbound listener in each meshed pod (Istio's 15001).
 pub const OUTBOUND_PORT: u16 = 15001;
+/// Where the agent's outbound listener is in each meshed pod, IPv4: the pod's loopback address.
+/// The connect hooks send captured connections here from the pod's own address. A loopback
+/// destination keeps the application's address as it was and lets `connect()` reuse a
+/// `TIME_WAIT` port (`tcp_tw_reuse` = 2, the default, is for loopback), so connections the
+/// application closes first do not use up the pod's ports (see ARCHITECTURE.md, "Outbound").
+pub const OUTBOUND_IPV4: [u8; 4] = [127, 0, 0, 1];
+/// The same for IPv6: `::1`.
+pub const OUTBOUND_IPV6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// Port of the agent's inbound plaintext listener in each meshed pod (Istio's 15006).
 pub const INBOUND_PORT: u16 = 15006;
 /// Port of the agent's HBONE (HTTP/2 CONNECT over mutual TLS) listener in each meshed pod
@@ -80,6 +89,29 @@ pub struct SockAddr {
 }
 
 impl SockAddr {
+    /// The agent's outbound listener ([`OUTBOUND_IPV4`] or [`OUTBOUND_IPV6`], [`OUTBOUND_PORT`])
+    /// for connections of `family`.
+    #[must_use]
+    #[allow(clippy::cast_lossless)] // `u32::from` is not `const`
+    pub const fn outbound_listener(family: u32) -> Self {
+        let ip = if family == AF_INET {
+            [u32::from_ne_bytes(OUTBOUND_IPV4), 0, 0, 0]
+        } else {
+            let b = OUTBOUND_IPV6;
+            [
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            ]
+        };
+        Self {
+            ip,
+            port: OUTBOUND_PORT as u32,
+            family,
+        }
+    }
+
     /// The address with port 0: the key of [`names::LISTENERS`].
     #[must_use]
     pub const fn without_port(self) -> Self {
@@ -132,8 +164,8 @@ impl NsSockKey {
     }
 }
 
-/// A meshed pod's addresses, so its connect hook can send captured connections to the agent's
-/// outbound listener on the pod's own address (which keeps every key unique on the node).
+/// A meshed pod's addresses: its connect hook binds captured sockets to them (so the
+/// application's address stays the pod's), and its short-cut legs must be on them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
@@ -252,6 +284,8 @@ impl FastpathCounters {
 
 #[cfg(feature = "user")]
 mod user;
+#[cfg(feature = "user")]
+pub use user::outbound_listener;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
     CgroupCounters, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET,
-    AF_INET6,
+    AF_INET6, OUTBOUND_IPV4, OUTBOUND_IPV6, OUTBOUND_PORT,
 };
 
 // SAFETY (all seven): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
@@ -19,6 +19,17 @@ unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for NsSockKey {}
 unsafe impl aya::Pod for PodInfo {}
 unsafe impl aya::Pod for MeshConfig {}
+
+/// The agent's outbound listener in a pod, for connections from the pod's address `ip` (the same
+/// family).
+pub fn outbound_listener(ip: IpAddr) -> SocketAddr {
+    let listener: IpAddr = if ip.is_ipv4() {
+        Ipv4Addr::from(OUTBOUND_IPV4).into()
+    } else {
+        Ipv6Addr::from(OUTBOUND_IPV6).into()
+    };
+    SocketAddr::new(listener, OUTBOUND_PORT)
+}
 
 /// Network-order words of an IPv4 address, as the kernel stores them.
 pub fn ipv4_word(ip: Ipv4Addr) -> u32 {
@@ -100,6 +111,19 @@ mod tests {
         let k = SockAddr::from("1.2.3.4:80".parse::<SocketAddr>().unwrap());
         assert_eq!(k.ip[0].to_ne_bytes(), [1, 2, 3, 4]);
         assert_eq!(k.port, 80);
+    }
+
+    #[test]
+    fn the_outbound_listener_is_on_loopback() {
+        for (family, pod, expected) in [
+            (AF_INET, "198.19.0.2", "127.0.0.1:15001"),
+            (AF_INET6, "fd00::2", "[::1]:15001"),
+        ] {
+            let addr = SockAddr::outbound_listener(family).to_std();
+            assert_eq!(addr, Some(expected.parse().unwrap()));
+            assert_eq!(addr, Some(outbound_listener(pod.parse().unwrap())));
+            assert!(addr.unwrap().ip().is_loopback());
+        }
     }
 
     #[test]

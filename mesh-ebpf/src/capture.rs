@@ -21,6 +21,7 @@ use mesh_common::{
 use crate::{
     addr,
     maps::{MESH_CGROUP_COUNTERS, MESH_ORIG_DST, MESH_PEER_ADDR, MESH_PODS},
+    source::{bind4, bind6},
 };
 
 /// `SOCK_STREAM`: only TCP is captured (UDP `connect()` runs the same hooks).
@@ -132,9 +133,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Error> {
     let cgroup = count(Family::V4)?;
     let dst = addr::v4(sa.user_ip4, addr::port_be_low(sa.user_port));
     let target = capture(ctx, dst)?;
-    if let Some(t) = target {
+    if let Some(pod) = target {
+        bind4(ctx, pod.ipv4);
         // A connect4 program may only write the IPv4 fields.
-        sa.user_ip4 = t.ipv4;
+        sa.user_ip4 = SockAddr::outbound_listener(AF_INET).ip[0];
         sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     }
     let captured = target.is_some();
@@ -163,13 +165,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
         return Ok(());
     };
     let target = capture(ctx, dst)?;
-    if let Some(t) = target {
-        let ip = if dst.family == AF_INET {
-            [t.ipv4, 0, 0, 0]
+    if let Some(pod) = target {
+        let own = if dst.family == AF_INET {
+            [pod.ipv4, 0, 0, 0]
         } else {
-            t.ipv6
+            pod.ipv6
         };
-        set_user6(sa, dst.family, ip, OUTBOUND_PORT);
+        bind6(ctx, dst.family, own);
+        let listener = SockAddr::outbound_listener(dst.family);
+        set_user6(sa, dst.family, listener.ip, OUTBOUND_PORT);
     }
     let captured = target.is_some();
     let mut bytes = [0u8; 16];
@@ -207,17 +211,18 @@ fn set_user6(sa: &mut bpf_sock_addr, family: u32, ip: [u32; 4], port: u16) {
     sa.user_port = u32::from(port.to_be());
 }
 
-/// The pod's own addresses, where its outbound listener is.
+/// The pod's own addresses, the source of its captured connections.
 #[derive(Clone, Copy)]
-struct Listener {
+struct PodAddrs {
     ipv4: u32,
     ipv6: [u32; 4],
 }
 
 /// Decides whether to capture a connection to `dst` and, if so, records `dst` under the
-/// socket's cookie and returns where the agent's outbound listener is. The caller rewrites the
-/// destination (each program may only write its own family's fields).
-fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<Listener>, Error> {
+/// socket's cookie and returns the pod's addresses. The caller binds the socket to the pod's
+/// address and rewrites the destination to the agent's outbound listener (each program may only
+/// write its own family's fields).
+fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<PodAddrs>, Error> {
     // Local destinations stay local: loopback, and the unspecified address.
     let skip = if dst.family == AF_INET {
         addr::is_loopback4(dst.ip[0]) || dst.ip[0] == 0
@@ -238,14 +243,15 @@ fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<Listener>, Err
     if v4_path && pod.ipv4 == 0 || !v4_path && addr::is_unspecified6(pod.ipv6) {
         return Ok(None);
     }
-    // A connection straight to the agent's own listener would find no original destination;
-    // let it through unchanged so the agent refuses it.
-    let to_listener = if v4_path {
+    // A connection to the agent's port on the pod's own address is let through unchanged:
+    // nothing listens there (the agent's listener is on loopback, which is never captured), so
+    // it is refused; captured, it would loop back into the agent.
+    let to_own_port = if v4_path {
         dst.ip[0] == pod.ipv4
     } else {
         dst.ip == pod.ipv6
     };
-    if to_listener && dst.port == u32::from(OUTBOUND_PORT) {
+    if to_own_port && dst.port == u32::from(OUTBOUND_PORT) {
         return Ok(None);
     }
     // SAFETY: helper available to cgroup/sock_addr programs.
@@ -253,7 +259,7 @@ fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<Listener>, Err
     MESH_ORIG_DST
         .insert(cookie, dst, u64::from(BPF_ANY))
         .map_err(|_| Error::OrigDstMapFull)?;
-    Ok(Some(Listener {
+    Ok(Some(PodAddrs {
         ipv4: pod.ipv4,
         ipv6: pod.ipv6,
     }))

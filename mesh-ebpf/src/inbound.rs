@@ -43,12 +43,13 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     ) else {
         return sk_action::SK_PASS;
     };
-    // Connections from inside the pod (loopback, or the pod's address to itself: the agent's
-    // leg to the application, and the application's leg to the agent) take the normal path.
+    // Connections from inside the pod (from or to loopback: the application's leg to the agent;
+    // or the pod's address to itself: the agent's leg to the application) take the normal path.
+    // A packet for a loopback address never arrives from outside the namespace.
     let from_inside = if remote.family == AF_INET {
-        addr::is_loopback4(remote.ip[0])
+        addr::is_loopback4(remote.ip[0]) || addr::is_loopback4(local.ip[0])
     } else {
-        addr::is_loopback6(remote.ip)
+        addr::is_loopback6(remote.ip) || addr::is_loopback6(local.ip)
     };
     if from_inside || remote.ip == local.ip || local.port == u32::from(HBONE_PORT) {
         return sk_action::SK_PASS;

@@ -1,7 +1,8 @@
 //! Kernel programs of the mesh.
 //!
 //! - `capture`: `cgroup/connect4|6` on meshed pods' cgroups send each TCP `connect()` to the
-//!   agent's outbound listener on the pod's own address and remember the original destination;
+//!   agent's outbound listener on the pod's loopback address, from the pod's own address
+//!   (`source`), and remember the original destination;
 //!   `cgroup/getpeername4|6` show an application the original client instead of the agent.
 //! - `sockmap`: `sockops` hands the original destination to the agent and puts both sockets of
 //!   every pod-local leg into a SOCKHASH; `sk_msg` then moves their bytes socket to socket.
@@ -25,6 +26,7 @@ mod capture;
 mod inbound;
 mod maps;
 mod sockmap;
+mod source;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -21,7 +21,7 @@ pub static MESH_PODS: HashMap<u64, PodInfo> = HashMap::pinned(MAX_PODS, 0);
 pub static MESH_ORIG_DST: LruHashMap<u64, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
 
 #[map(name = "MESH_CONN_DST")]
-pub static MESH_CONN_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
+pub static MESH_CONN_DST: LruHashMap<NsSockKey, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);
 
 #[map(name = "MESH_PEER_ADDR")]
 pub static MESH_PEER_ADDR: LruHashMap<SockKey, SockAddr> = LruHashMap::pinned(MAX_CONNS, 0);

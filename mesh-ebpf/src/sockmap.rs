@@ -1,16 +1,16 @@
 //! `sockops`: at connection establishment, hand a captured connection's original destination
-//! to the agent (keyed by the client's address) and insert the mesh's own pod-local legs into
-//! the SOCKHASH. `sk_msg`: send each message of a SOCKHASH socket straight into its peer's
-//! receive queue while the peer keeps up, through TCP otherwise; count what it did
-//! (`MESH_FASTPATH`).
+//! to the agent (keyed by the application's socket, with its namespace) and insert the mesh's
+//! own pod-local legs into the SOCKHASH. `sk_msg`: send each message of a SOCKHASH socket
+//! straight into its peer's receive queue while the peer keeps up, through TCP otherwise; count
+//! what it did (`MESH_FASTPATH`).
 //!
-//! **Which sockets enter** (`is_mesh_leg`): only the two legs the mesh owns, both on the pod's
-//! own address (never loopback), of a pod that opted in ([`PodInfo::SHORTCUT`]): the
-//! application's captured connection to the agent's outbound listener with the agent's
-//! accepted socket, and the agent's connection to the application (registered beforehand in
-//! `MESH_PEER_ADDR`) with the application's accepted socket. Keys carry the network namespace's
-//! cookie, so a socket of one pod can never be found under another pod's key. Applications'
-//! own connections (loopback, or to themselves) are never touched.
+//! **Which sockets enter** (`mesh_leg`): only the two legs the mesh owns, of a pod that opted in
+//! ([`PodInfo::SHORTCUT`]): the application's captured connection (from the pod's own address)
+//! to the agent's outbound listener on loopback, with the agent's accepted socket; and the
+//! agent's connection to the application (both ends the pod's own address, registered
+//! beforehand in `MESH_PEER_ADDR`) with the application's accepted socket. Keys carry the
+//! network namespace's cookie, so a socket of one pod can never be found under another pod's
+//! key. Applications' own connections (loopback, or to themselves) are never touched.
 //!
 //! Sockets enter the SOCKHASH at the `*_ESTABLISHED` callbacks, before the application can send,
 //! so no byte can be queued on the TCP path before the short-cut takes over.
@@ -31,7 +31,7 @@ use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
 };
 
-use mesh_common::{NsSockKey, PodInfo, SockAddr, SockKey, AF_INET, OUTBOUND_PORT};
+use mesh_common::{NsSockKey, PodInfo, SockAddr, SockKey, AF_INET};
 
 use crate::{
     addr,
@@ -100,24 +100,26 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
     let Some(key) = ops_key(ops) else {
         return Ok(());
     };
+    // SAFETY: helper available to sockops programs; the context pointer is valid.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let mut captured = false;
     if active {
         // SAFETY: helper available to sockops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: plain data copied out at once.
         if let Some(dst) = unsafe { MESH_ORIG_DST.get(cookie) }.copied() {
-            MESH_CONN_DST.insert(key.local, dst, u64::from(BPF_ANY))?;
+            let conn = NsSockKey { netns, sock: key };
+            MESH_CONN_DST.insert(conn, dst, u64::from(BPF_ANY))?;
             let _ = MESH_ORIG_DST.remove(cookie);
             captured = true;
         }
     }
-    if shortcut_config().is_none() || !is_mesh_leg(&key, active, captured) {
+    if shortcut_config().is_none() {
         return Ok(());
     }
-    // SAFETY: helper available to sockops programs; the context pointer is valid.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if !on_shortcut_pod(netns, key.local) {
-        return Ok(());
+    match mesh_leg(&key, active, captured) {
+        Some(pod_end) if on_shortcut_pod(netns, pod_end) => {}
+        _ => return Ok(()),
     }
     // SAFETY: reading the union's pointer member; the helper accepts a null or full socket.
     let sk = unsafe { ops.__bindgen_anon_2.sk };
@@ -145,31 +147,33 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
     Ok(())
 }
 
-/// Whether `key` (this socket's view) is one of the two legs the mesh owns. Both ends of a leg
-/// are the pod's own address; the agent's listener port or its registered peer entry says which
-/// side is which.
-fn is_mesh_leg(key: &SockKey, active: bool, captured: bool) -> bool {
-    if key.local.ip != key.remote.ip || key.local.family != key.remote.family {
-        return false;
-    }
-    let outbound = u32::from(OUTBOUND_PORT);
+/// If `key` (this socket's view) is one of the two legs the mesh owns, the end that must be the
+/// pod's own address. The outbound leg runs from the pod's address to the agent's listener on
+/// loopback; both ends of the delivery leg are the pod's address, and the agent's registered
+/// peer entry says which side is which.
+fn mesh_leg(key: &SockKey, active: bool, captured: bool) -> Option<SockAddr> {
+    let listener = SockAddr::outbound_listener(key.local.family);
     if active {
-        // The application's captured connection to the agent's outbound listener, or the
-        // agent's connection to the application (registered in `MESH_PEER_ADDR` beforehand,
-        // under the application's view).
-        // SAFETY: plain data, only tested for presence.
-        (captured && key.remote.port == outbound)
-            || unsafe { MESH_PEER_ADDR.get(key.reversed()) }.is_some()
-    } else {
-        // The agent's accepted socket of an outbound connection, or the application's accepted
-        // socket of the agent's connection.
-        // SAFETY: plain data, only tested for presence.
-        key.local.port == outbound || unsafe { MESH_PEER_ADDR.get(*key) }.is_some()
+        // The application's captured connection to the agent's outbound listener.
+        if captured && key.remote == listener {
+            return Some(key.local);
+        }
+    } else if key.local == listener {
+        // The agent's accepted socket of an outbound connection.
+        return Some(key.remote);
     }
+    if key.local.ip != key.remote.ip || key.local.family != key.remote.family {
+        return None;
+    }
+    // The agent's connection to the application (registered in `MESH_PEER_ADDR` beforehand,
+    // under the application's view), or the application's accepted socket of it.
+    let view = if active { key.reversed() } else { *key };
+    // SAFETY: plain data, only tested for presence.
+    unsafe { MESH_PEER_ADDR.get(view) }.map(|_| key.local)
 }
 
 /// Whether the namespace `netns` is a registered pod that opted into the short-cut and `local`
-/// is its own address (never loopback: those repeat in every pod).
+/// is its own address.
 fn on_shortcut_pod(netns: u64, local: SockAddr) -> bool {
     // SAFETY: plain data copied out at once.
     let Some(pod) = (unsafe { MESH_PODS.get(netns) }).copied() else {

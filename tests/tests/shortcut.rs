@@ -33,13 +33,30 @@ fn mesh(nodes: usize, pods: usize, shortcut: Shortcut) -> Mesh {
     Mesh::of(nodes, pods, shortcut).expect("meshed testbed")
 }
 
-/// No socket of the short-cut (`(netns, local, remote)`) is a loopback one.
-fn assert_no_loopback(sockets: &[(u64, SocketAddr, SocketAddr)]) {
+/// Whether `addr` is the agent's outbound listener in a pod (loopback, port 15001).
+fn is_outbound_listener(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback() && addr.port() == 15_001
+}
+
+/// Every socket of the short-cut (`(netns, local, remote)`) is one of the mesh's legs, with its
+/// pod's end on one of `pod_ips`: the application's captured connection to the outbound
+/// listener (or the agent's accepted end of it), or the agent's connection to an application
+/// (both ends the pod's address). No application's own loopback connection is among them.
+fn assert_only_mesh_legs(sockets: &[(u64, SocketAddr, SocketAddr)], pod_ips: &[IpAddr]) {
+    let pod_end = |l: &SocketAddr, r: &SocketAddr| {
+        if is_outbound_listener(l) {
+            Some(r.ip())
+        } else if is_outbound_listener(r) || l.ip() == r.ip() {
+            Some(l.ip())
+        } else {
+            None
+        }
+    };
     assert!(
         sockets
             .iter()
-            .all(|(_, l, r)| !l.ip().is_loopback() && !r.ip().is_loopback()),
-        "loopback sockets in the short-cut: {sockets:?}"
+            .all(|(_, l, r)| pod_end(l, r).is_some_and(|ip| pod_ips.contains(&ip))),
+        "sockets other than the mesh's legs in the short-cut: {sockets:?}"
     );
 }
 
@@ -85,7 +102,7 @@ fn loop_pair_result(p: &mut Process) -> [u64; 4] {
 /// the very same address and port pair while the victim's connection is running. Both pods opt
 /// into the short-cut. Before the fix both pairs had the same key in the node-wide SOCKHASH and
 /// the victim's bytes went to the attacker (and back). Now neither side sees a single byte of
-/// the other, and no loopback socket of either pod is in the short-cut while a mesh leg is.
+/// the other, and no loopback socket of either pair is in the short-cut while a mesh leg is.
 #[test]
 fn loopback_pairs_of_two_pods_never_see_each_others_bytes() {
     let _serial = serial();
@@ -127,7 +144,10 @@ fn loopback_pairs_of_two_pods_never_see_each_others_bytes() {
     let sockets = mesh.agents[0]
         .shortcut_sockets()
         .expect("short-cut sockets");
-    assert_no_loopback(&sockets);
+    assert_only_mesh_legs(
+        &sockets,
+        &[IpAddr::V4(victim.ipv4), IpAddr::V4(server.ipv4)],
+    );
 
     let victim_counts = loop_pair_result(&mut v);
     let attacker_counts = loop_pair_result(&mut a);
@@ -184,15 +204,30 @@ fn only_the_mesh_legs_enter_the_short_cut() {
     let sockets = mesh.agents[0]
         .shortcut_sockets()
         .expect("short-cut sockets");
-    assert_no_loopback(&sockets);
-    // The mesh connection's two legs, both ends of each: four sockets, each on its pod's own
-    // address talking to itself, in two different namespaces.
+    // The mesh connection's two legs, both ends of each: four sockets in two namespaces. In the
+    // client's, its captured connection from its address to the agent's listener on loopback;
+    // in the server's, the agent's connection from the server's address to itself.
     assert_eq!(sockets.len(), 4, "{sockets:?}");
-    let pod_ips = [IpAddr::V4(client.ipv4), IpAddr::V4(server.ipv4)];
+    assert_only_mesh_legs(
+        &sockets,
+        &[IpAddr::V4(client.ipv4), IpAddr::V4(server.ipv4)],
+    );
+    let outbound: Vec<_> = sockets
+        .iter()
+        .filter(|(_, l, r)| is_outbound_listener(l) || is_outbound_listener(r))
+        .collect();
+    assert_eq!(outbound.len(), 2, "{sockets:?}");
+    assert!(
+        outbound
+            .iter()
+            .all(|(_, l, r)| [l.ip(), r.ip()].contains(&IpAddr::V4(client.ipv4))),
+        "{sockets:?}"
+    );
     assert!(
         sockets
             .iter()
-            .all(|(_, l, r)| l.ip() == r.ip() && pod_ips.contains(&l.ip())),
+            .filter(|s| !outbound.contains(s))
+            .all(|(_, l, r)| l.ip() == r.ip() && l.ip() == IpAddr::V4(server.ipv4)),
         "{sockets:?}"
     );
     let namespaces: std::collections::BTreeSet<u64> = sockets.iter().map(|s| s.0).collect();

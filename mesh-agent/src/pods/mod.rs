@@ -20,7 +20,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{atomic::AtomicBool, Arc},
 };
 
 use mesh_common::PodInfo;
@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{links_name, Datapath, DatapathError, PodLinks},
+    leg_ports::LegPorts,
     netns::{Netns, NetnsError, NetnsRef},
     proxy::{
         self, hbone::HboneConnector, LocalPod, LocalPods, PodListeners, ProxyCtx, ProxyError,
@@ -313,6 +314,8 @@ impl PodManager {
             .map_err(dp_err)?;
         let pod = Arc::new(LocalPod {
             name: d.name.clone(),
+            leg_ports: LegPorts::of(&netns, &d.name),
+            may_shortcut: AtomicBool::new(d.shortcut == Shortcut::Enabled),
             netns,
             netns_cookie: cookie,
             ips: d.ips.clone(),
@@ -381,12 +384,17 @@ impl PodManager {
         }
         if e.spec.identity != d.identity {
             let old = e.pod();
+            let netns = Netns::open_ref(&d.netns).map_err(|source| EnrollError::Netns {
+                pod: d.name.clone(),
+                source,
+            })?;
             let pod = Arc::new(LocalPod {
                 name: old.name.clone(),
-                netns: Netns::open_ref(&d.netns).map_err(|source| EnrollError::Netns {
-                    pod: d.name.clone(),
-                    source,
-                })?,
+                leg_ports: LegPorts::of(&netns, &d.name),
+                may_shortcut: AtomicBool::new(
+                    old.may_shortcut() || d.shortcut == Shortcut::Enabled,
+                ),
+                netns,
                 netns_cookie: old.netns_cookie,
                 ips: old.ips.clone(),
                 identity: d.identity.clone(),
@@ -399,7 +407,10 @@ impl PodManager {
         }
         if e.spec.shortcut != d.shortcut {
             // New legs follow the new setting; legs already in the short-cut stay until they
-            // close.
+            // close. Told before the kernel, so no leg can enter unknown to the proxies.
+            if d.shortcut == Shortcut::Enabled {
+                e.pod().opted_into_shortcut();
+            }
             self.datapath
                 .register_pod(e.cookie, d.pod_info())
                 .map_err(|source| EnrollError::Datapath {
@@ -449,12 +460,15 @@ impl PodManager {
         self.datapath
             .register_pod(e.cookie, d.pod_info())
             .map_err(dp_err)?;
+        let netns = Netns::open_ref(&d.netns).map_err(|source| EnrollError::Netns {
+            pod: d.name.clone(),
+            source,
+        })?;
         let new_pod = Arc::new(LocalPod {
             name: d.name.clone(),
-            netns: Netns::open_ref(&d.netns).map_err(|source| EnrollError::Netns {
-                pod: d.name.clone(),
-                source,
-            })?,
+            leg_ports: LegPorts::of(&netns, &d.name),
+            may_shortcut: AtomicBool::new(d.shortcut == Shortcut::Enabled),
+            netns,
             netns_cookie: e.cookie,
             ips: d.ips.clone(),
             identity: d.identity.clone(),

@@ -1,8 +1,9 @@
 //! The agent's listeners inside each meshed pod's network namespace, and the relay between a
 //! captured connection and its upstream.
 //!
-//! - `outbound` (port 15001 on the pod's own addresses): connections the pod's applications
-//!   made, redirected by the connect hooks. The original destination comes from the kernel.
+//! - `outbound` (port 15001 on the pod's loopback addresses): connections the pod's
+//!   applications made, redirected by the connect hooks from the pod's own address. The
+//!   original destination comes from the kernel.
 //! - `inbound` (port 15006): connections for the pod from anywhere else, steered by `sk_lookup`.
 //!   The original destination is the accepted socket's local address.
 //!
@@ -29,7 +30,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use mesh_common::{SockAddr, SockKey, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::{SockAddr, SockKey, HBONE_PORT, INBOUND_PORT};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
 
 pub use self::buffers::trim_when_idle as trim_copy_buffers;
@@ -302,7 +303,7 @@ pub fn start_pod(view: &PodView, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, Pr
     };
     let (tasks, inbound) = (&mut listeners.tasks, &mut listeners.inbound);
     for &ip in &pod.ips {
-        let out = listen(&pod.netns, SocketAddr::new(ip, OUTBOUND_PORT))?;
+        let out = listen(&pod.netns, mesh_common::outbound_listener(ip))?;
         tasks.push(tokio::spawn(accept_loop(
             out,
             view.clone(),
@@ -398,32 +399,82 @@ async fn dial_app(
             source: io::ErrorKind::AddrNotAvailable.into(),
         });
     };
+    // A port whose 4-tuple another connection of the agent uses (its peer entry exists), or any
+    // other live socket does (the connect is refused), is skipped for the next one.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (socket, local) = bind_leg(pod, own, target)?;
+        // The application's socket will see (local: target, remote: our address).
+        let key = SockKey {
+            local: SockAddr::from(target),
+            remote: SockAddr::from(local),
+        };
+        let claimed = conn
+            .claim_peer(key, client)
+            .map_err(|source| ProxyError::Peer {
+                addr: target,
+                source,
+            })?;
+        if !claimed {
+            if tries < LEG_CONNECT_TRIES {
+                continue;
+            }
+            return Err(ProxyError::Io {
+                what: "finding a free port (every one tried is in use) toward",
+                addr: target,
+                source: io::ErrorKind::AddrInUse.into(),
+            });
+        }
+        let guard = PeerGuard {
+            key,
+            conn: Arc::clone(conn),
+        };
+        socket.set_nodelay(true).ok();
+        match socket.connect(target).await {
+            Ok(stream) => return Ok((stream, guard)),
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable && tries < LEG_CONNECT_TRIES => {}
+            Err(source) => {
+                return Err(ProxyError::Io {
+                    what: "connecting to",
+                    addr: target,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// How many ports a connection to an application tries when each one's 4-tuple is in use.
+const LEG_CONNECT_TRIES: u32 = 8;
+
+/// A socket inside `pod` bound to its address `own` and the next free port of its range (see
+/// `leg_ports`), for a connection to `target`.
+fn bind_leg(
+    pod: &LocalPod,
+    own: IpAddr,
+    target: SocketAddr,
+) -> Result<(TcpSocket, SocketAddr), ProxyError> {
     let socket = pod.netns.run(|| {
         let s = new_socket(target)?;
-        s.bind(SocketAddr::new(own, 0))?;
+        s.set_reuseaddr(true)?;
         Ok(s)
     })?;
-    let local = socket.local_addr().map_err(|source| ProxyError::Io {
+    let err = |source| ProxyError::Io {
         what: "binding a leg to",
         addr: target,
         source,
-    })?;
-    // The application's socket will see (local: target, remote: our address).
-    let key = SockKey {
-        local: SockAddr::from(target),
-        remote: SockAddr::from(local),
     };
-    conn.set_peer(key, client)
-        .map_err(|source| ProxyError::Peer {
-            addr: target,
-            source,
-        })?;
-    let guard = PeerGuard {
-        key,
-        conn: Arc::clone(conn),
-    };
-    let stream = connect(socket, target).await?;
-    Ok((stream, guard))
+    let mut last = io::ErrorKind::AddrInUse.into();
+    for _ in 0..pod.leg_ports.count() {
+        let local = SocketAddr::new(own, pod.leg_ports.next());
+        match socket.bind(local) {
+            Ok(()) => return Ok((socket, local)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(err(last))
 }
 
 /// Removes a peer-address entry when the connection ends.

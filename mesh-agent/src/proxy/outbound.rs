@@ -23,7 +23,15 @@ pub(super) async fn handle(
     ctx: Arc<ProxyCtx>,
 ) -> Option<Relay> {
     let started = Instant::now();
-    let Some(dst) = ctx.conn.take_orig_dst(peer) else {
+    // The application's socket: from its address to the outbound listener, in its namespace.
+    let app = NsSockKey {
+        netns: pod.netns_cookie,
+        sock: SockKey {
+            local: SockAddr::from(peer),
+            remote: SockAddr::outbound_listener(SockAddr::from(peer).family),
+        },
+    };
+    let Some(dst) = ctx.conn.take_orig_dst(app) else {
         // Not captured by the kernel (someone dialled the listener directly): nothing to do.
         warn!("no original destination recorded for this connection; closing it");
         return None;
@@ -86,12 +94,12 @@ pub(super) async fn handle(
         }
         // A meshed workload on another node: HBONE.
         (None, Some(identity)) => {
-            leave_shortcut(&down, peer, &pod, &ctx);
+            leave_shortcut(&app, &pod, &ctx);
             hbone::outbound(down, &pod, &ctx, identity, conn(info, None)).await
         }
         // Outside the mesh: plain TCP from inside the source pod.
         (None, None) => {
-            leave_shortcut(&down, peer, &pod, &ctx);
+            leave_shortcut(&app, &pod, &ctx);
             match dial_from(&pod.netns, upstream).await {
                 Ok(up) => Some(relay(down, up, conn(info, None))),
                 Err(e) => {
@@ -106,16 +114,11 @@ pub(super) async fn handle(
 }
 
 /// Toward another node the path is slower than the pod-local leg, and only TCP's own window
-/// holds a fast sender back: take the application's socket out of the `sk_msg` short-cut
-/// before the agent sends it anything (see `ConnMaps::leave_shortcut`).
-fn leave_shortcut(down: &TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &ProxyCtx) {
-    if let Ok(listener) = down.local_addr() {
-        ctx.conn.leave_shortcut(&NsSockKey {
-            netns: pod.netns_cookie,
-            sock: SockKey {
-                local: SockAddr::from(peer),
-                remote: SockAddr::from(listener),
-            },
-        });
+/// holds a fast sender back: the application's socket `app` leaves the `sk_msg` short-cut before
+/// the agent sends it anything (see `ConnMaps::leave_shortcut`). Two map calls, spared when the
+/// socket cannot be in the short-cut (off on this node, or the pod never opted in).
+fn leave_shortcut(app: &NsSockKey, pod: &LocalPod, ctx: &ProxyCtx) {
+    if ctx.conn.shortcut_available() && pod.may_shortcut() {
+        ctx.conn.leave_shortcut(app);
     }
 }

@@ -3,7 +3,8 @@
 //! Server: `mesh-probe serve <addr> [--mode echo|sink|greet|rr] [--count N]`. Prints
 //! `listening <addr>` once bound and `accepted <peer> on <local>` per connection (tests read the
 //! peer to check the application sees the original client). Modes:
-//! - `echo` (default): echoes bytes as they arrive; after the client's EOF, closes its side.
+//! - `echo` (default): echoes bytes as they arrive; after the client's EOF, closes its side and
+//!   prints `echoed <n> bytes to <peer> (peer at the end <getpeername>)`.
 //! - `sink`: reads to EOF, then answers `<bytes> <crc32>`.
 //! - `greet`: speaks first (`hello <peer>`), then echoes.
 //! - `rr`: request/response for the benchmarks. A request is a 4-byte big-endian length and that
@@ -424,8 +425,13 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, mode: Mode) -> Result<(), Str
                 stream.write_all(&buf[..n]).map_err(io("write"))?;
                 total += n;
             }
+            // The peer as the kernel reports it at the end (`getpeername`, while this side is
+            // still open): the mesh must keep showing the original client all along.
+            let now = stream
+                .peer_addr()
+                .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
             stream.shutdown(Shutdown::Write).map_err(io("shutdown"))?;
-            println!("echoed {total} bytes to {peer}");
+            println!("echoed {total} bytes to {peer} (peer at the end {now})");
         }
         Mode::Sink => {
             let (n, crc) = drain(&mut stream).map_err(io("read"))?;
