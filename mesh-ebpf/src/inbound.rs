@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::{AF_INET, HBONE_PORT};
+use mesh_common::{SockAddr, AF_INET, HBONE_PORT};
 
 use crate::{addr, maps::MESH_LISTENERS};
 
@@ -43,15 +43,21 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     ) else {
         return sk_action::SK_PASS;
     };
-    // Connections from inside the pod (from or to loopback: the application's leg to the agent;
-    // or the pod's address to itself: the agent's leg to the application) take the normal path.
-    // A packet for a loopback address never arrives from outside the namespace.
+    // Connections from inside the pod take the normal path: from loopback; to the agent's
+    // outbound listener (the application's leg to the agent, from the pod's address); or the
+    // pod's address to itself (the agent's leg to the application). Only the listener's port is
+    // exempt among loopback destinations: should the pod route loopback from outside
+    // (`route_localnet`), such a connection still meets the inbound listener's checks.
     let from_inside = if remote.family == AF_INET {
-        addr::is_loopback4(remote.ip[0]) || addr::is_loopback4(local.ip[0])
+        addr::is_loopback4(remote.ip[0])
     } else {
-        addr::is_loopback6(remote.ip) || addr::is_loopback6(local.ip)
+        addr::is_loopback6(remote.ip)
     };
-    if from_inside || remote.ip == local.ip || local.port == u32::from(HBONE_PORT) {
+    if from_inside
+        || local == SockAddr::outbound_listener(local.family)
+        || remote.ip == local.ip
+        || local.port == u32::from(HBONE_PORT)
+    {
         return sk_action::SK_PASS;
     }
     let key = local.without_port();

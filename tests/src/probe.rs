@@ -95,6 +95,28 @@ pub fn echo_bytes(pod: &Pod, addr: SocketAddr, bytes: u64) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
+/// One connection from `pod` to an `echo` server at `addr` that exchanges 1,000 bytes, then
+/// stays open for `hold_ms` before the client half-closes it (`parallel --conns 1 --hold-ms`).
+/// Returns once the connection is open; the process ends when the client is done.
+pub fn hold_one(pod: &Pod, addr: SocketAddr, hold_ms: u64, name: &str) -> Result<Process> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let mut cmd = pod.command(bin);
+    cmd.args([
+        "parallel",
+        &addr.to_string(),
+        "--conns",
+        "1",
+        "--bytes",
+        "1000",
+    ])
+    .args(["--hold-ms", &hold_ms.to_string()]);
+    let mut p = Process::spawn(name, &mut cmd)?;
+    p.wait_for_line("the connection to open", Duration::from_secs(10), |l| {
+        l.starts_with("open=1 ")
+    })?;
+    Ok(p)
+}
+
 /// Connects to a `greet` server, reads its greeting before sending, then checks the echo.
 pub fn greeted(pod: &Pod, addr: SocketAddr, message: &str) -> Result<String> {
     let bin = binary("mesh-probe", "mesh-tests")?;

@@ -74,28 +74,6 @@ fn churn(pod: &Pod, addr: SocketAddr, ms: u64) -> (Vec<SocketAddr>, Vec<String>)
     (ok, failed)
 }
 
-/// One connection from `pod` to `addr` that exchanges 1,000 bytes, then stays open for
-/// `hold_ms` before the client closes it (`mesh-probe parallel`).
-fn held_connection(pod: &Pod, addr: SocketAddr, hold_ms: u64) -> Process {
-    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
-    let mut cmd = pod.command(bin);
-    cmd.args([
-        "parallel",
-        &addr.to_string(),
-        "--conns",
-        "1",
-        "--bytes",
-        "1000",
-    ])
-    .args(["--hold-ms", &hold_ms.to_string()]);
-    let mut p = Process::spawn("held connection", &mut cmd).expect("held connection");
-    p.wait_for_line("the connection to open", Duration::from_secs(10), |l| {
-        l.starts_with("open=1 ")
-    })
-    .expect("open");
-    p
-}
-
 /// The peer the echo `server` application saw at the end of each connection that echoed
 /// `bytes` bytes (its `getpeername` then).
 fn peers_at_the_end(server: &Process, bytes: usize) -> Vec<IpAddr> {
@@ -168,7 +146,7 @@ fn connections_the_client_closes_first_do_not_use_up_its_pods_ports() {
     for (what, addr, server) in targets {
         // Held across the churn, on one of the server pod's 40 ports, which the churn's
         // connections come round to again and again.
-        let mut held = held_connection(&client, addr, 12_000);
+        let mut held = probe::hold_one(&client, addr, 12_000, "held connection").expect("held");
         // Five times the pod's ports: without reuse, every try after the 40th would fail for a
         // minute.
         let mut ok = Vec::new();

@@ -178,26 +178,9 @@ fn only_the_mesh_legs_enter_the_short_cut() {
     let _loop_server = probe::serve(client, local).expect("loopback server");
     let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
     let _echo = probe::serve(server, app).expect("echo server");
-    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
     // Two connections held open: one over loopback inside the client pod, one through the mesh.
     let hold = |addr: SocketAddr, name: &str| {
-        let mut cmd = client.command(&bin);
-        cmd.args([
-            "parallel",
-            &addr.to_string(),
-            "--conns",
-            "1",
-            "--bytes",
-            "1000",
-            "--hold-ms",
-            "3000",
-        ]);
-        let mut p = Process::spawn(name, &mut cmd).expect("held connection");
-        p.wait_for_line("the connection to open", Duration::from_secs(10), |l| {
-            l.starts_with("open=1 ")
-        })
-        .expect("open");
-        p
+        probe::hold_one(client, addr, 3_000, name).expect("held connection")
     };
     let mut over_loopback = hold(local, "loopback client");
     let mut through_mesh = hold(app, "mesh client");
@@ -393,23 +376,7 @@ fn the_shortcut_setting_changes_in_place() {
     let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
     let _echo = probe::serve(&server, app).expect("echo server");
     let held_connection = |sockets_wanted: usize, mesh: &Mesh| {
-        let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
-        let mut cmd = client.command(&bin);
-        cmd.args([
-            "parallel",
-            &app.to_string(),
-            "--conns",
-            "1",
-            "--bytes",
-            "1000",
-            "--hold-ms",
-            "1500",
-        ]);
-        let mut p = Process::spawn("held client", &mut cmd).expect("client");
-        p.wait_for_line("the connection to open", Duration::from_secs(10), |l| {
-            l.starts_with("open=1 ")
-        })
-        .expect("open");
+        let mut p = probe::hold_one(&client, app, 1_500, "held client").expect("client");
         let sockets = mesh.agents[0]
             .shortcut_sockets()
             .expect("short-cut sockets");
