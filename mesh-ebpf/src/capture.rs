@@ -1,5 +1,6 @@
 //! `cgroup/connect4|6`: outbound capture. `cgroup/getpeername4|6`: the original client, shown to
-//! the application that the agent connects to. `cgroup/bind4|6`: a meshed pod's own processes
+//! the application that the agent connects to, and the original destination, shown to the
+//! application whose connection was captured (its socket is connected to the agent's listener). `cgroup/bind4|6`: a meshed pod's own processes
 //! may not bind the ports the agent listens on in the pod (the agent's sockets are created from
 //! its own cgroup and never meet these hooks).
 
@@ -96,7 +97,7 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the
     // call; getpeername hooks may write `user_ip*`/`user_port`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some(orig) = original_peer(sa, Family::V4) {
+    if let Some(orig) = original_peer(&ctx, sa, Family::V4) {
         // A getpeername4 program may only write the IPv4 fields; an IPv6 client cannot be
         // shown through an IPv4 socket, so that case keeps the agent's address.
         if orig.family == AF_INET {
@@ -112,7 +113,7 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the
     // call; getpeername hooks may write `user_ip*`/`user_port`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some(orig) = original_peer(sa, Family::V6) {
+    if let Some(orig) = original_peer(&ctx, sa, Family::V6) {
         let ip = if orig.family == AF_INET {
             [orig.ip[0], 0, 0, 0]
         } else {
@@ -265,9 +266,13 @@ fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<PodAddrs>, Err
     }))
 }
 
-/// The original client the agent registered for this socket, if any. Reads only: the caller
-/// writes the address fields its program type may write.
-fn original_peer(sa: &bpf_sock_addr, family: Family) -> Option<SockAddr> {
+/// The peer this socket's application should see, if not the one the kernel has: the original
+/// client the agent registered for the socket it connected (`MESH_PEER_ADDR`), or, for an
+/// application's captured connection (connected to the agent's outbound listener), the
+/// destination the application asked for (`MESH_ORIG_DST`, kept until the socket closes), as
+/// a `REDIRECT` rule's connection tracking would show it. Reads only: the caller writes the
+/// address fields its program type may write.
+fn original_peer(ctx: &SockAddrContext, sa: &bpf_sock_addr, family: Family) -> Option<SockAddr> {
     // SAFETY: reading the union's pointer member; checked for null before use.
     let sk: *mut bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
     if sk.is_null() {
@@ -290,7 +295,16 @@ fn original_peer(sa: &bpf_sock_addr, family: Family) -> Option<SockAddr> {
         }
     };
     // SAFETY: plain data copied out at once.
-    unsafe { MESH_PEER_ADDR.get(SockKey { local, remote }) }.copied()
+    if let Some(client) = unsafe { MESH_PEER_ADDR.get(SockKey { local, remote }) }.copied() {
+        return Some(client);
+    }
+    if remote != SockAddr::outbound_listener(remote.family) {
+        return None;
+    }
+    // SAFETY: helper available to cgroup/sock_addr programs; the context pointer is valid.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data copied out at once.
+    unsafe { MESH_ORIG_DST.get(cookie) }.copied()
 }
 
 /// Increments the calling task's cgroup counter and returns the cgroup id.

@@ -82,9 +82,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             established(ctx, ops, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
         }
-        // args[1]: the new state. Only sockets we inserted asked for this callback.
+        // args[1]: the new state. Only sockets we inserted or captured asked for this callback.
         // SAFETY: `args` is the union's member for state callbacks.
         BPF_SOCK_OPS_STATE_CB if unsafe { ops.__bindgen_anon_1.args[1] } == BPF_TCP_CLOSE => {
+            // SAFETY: helper available to sockops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = MESH_ORIG_DST.remove(cookie);
             if let Some(key) = ops_key(ops) {
                 // SAFETY: helper available to sockops programs; the context pointer is valid.
                 let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -110,8 +113,16 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
         if let Some(dst) = unsafe { MESH_ORIG_DST.get(cookie) }.copied() {
             let conn = NsSockKey { netns, sock: key };
             MESH_CONN_DST.insert(conn, dst, u64::from(BPF_ANY))?;
-            let _ = MESH_ORIG_DST.remove(cookie);
             captured = true;
+            // The entry stays for the application's `getpeername` until the socket closes,
+            // when the state callback asked for here removes it.
+            // SAFETY: the context is a valid sockops context; the flag only adds a callback.
+            let _ = unsafe {
+                aya_ebpf::helpers::generated::bpf_sock_ops_cb_flags_set(
+                    ctx.ops,
+                    (ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed(),
+                )
+            };
         }
     }
     if shortcut_config().is_none() {

@@ -57,6 +57,14 @@ fn last_peer(server: &mut Process) -> IpAddr {
     peer.ip().to_canonical()
 }
 
+/// The peer the client application saw (`getpeername`) in `connect`'s `echo ok <local> -> <peer>`.
+fn client_saw(line: &str) -> SocketAddr {
+    line.rsplit(" -> ")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peer in {line:?}"))
+}
+
 /// Waits for the agent's "connection closed" line for a connection from `src_ip` to `dst`.
 fn closed_line(agent: &mut Agent, direction: &str, src_ip: IpAddr, dst: SocketAddr) -> String {
     let (direction, src, dst) = (
@@ -80,7 +88,9 @@ fn same_node_pod_to_pod_goes_through_the_agent_and_keeps_the_client_address() {
     let mut mesh = mesh(1, 2, Shortcut::Default, &[]);
     let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
     let mut server = serve(&server_pod, "echo");
-    probe::connect(&client, v4(&server_pod, 8080), "same node").expect("connect");
+    let out = probe::connect(&client, v4(&server_pod, 8080), "same node").expect("connect");
+    // The client sees the destination it asked for, not the agent's listener.
+    assert_eq!(client_saw(&out), v4(&server_pod, 8080), "{out}");
     assert_eq!(
         last_peer(&mut server),
         IpAddr::V4(client.ipv4),
@@ -98,12 +108,58 @@ fn same_node_pod_to_pod_goes_through_the_agent_and_keeps_the_client_address() {
     );
 }
 
+/// A Python client that binds to `argv[1]` (port 0), then sends to `argv[2]`:8080 and prints
+/// the echo.
+const BOUND_CLIENT: &str = "import socket, sys\n\
+    s = socket.socket()\n\
+    s.bind((sys.argv[1], 0))\n\
+    s.connect((sys.argv[2], 8080))\n\
+    s.sendall(b'bound first')\n\
+    s.shutdown(socket.SHUT_WR)\n\
+    print(s.recv(100).decode())\n";
+
+/// A client that binds its socket before connecting (to the wildcard address with a port, or to
+/// loopback) reaches the agent's loopback listener from a loopback address, which every pod
+/// has. The mesh must still see, and show the server, the pod's own address: policy rules on it
+/// (`ipBlocks`) apply to what the agent takes as the source.
+#[test]
+fn a_client_bound_before_connecting_is_still_seen_by_its_pods_address() {
+    let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
+    let client = mesh.pod(0, 0).clone();
+    for (node, j) in [(0, 1), (1, 0)] {
+        let server_pod = mesh.pod(node, j).clone();
+        let mut server = serve(&server_pod, "echo");
+        for bind in ["0.0.0.0", "127.0.0.1"] {
+            let out = mesh_tests::process::run(client.command("python3").args([
+                "-c",
+                BOUND_CLIENT,
+                bind,
+                &server_pod.ipv4.to_string(),
+            ]))
+            .expect("the bound client");
+            assert_eq!(out.trim(), "bound first", "bound to {bind}");
+            assert_eq!(
+                last_peer(&mut server),
+                IpAddr::V4(client.ipv4),
+                "bound to {bind}: the server must see the client pod's address"
+            );
+            closed_line(
+                &mut mesh.agents[0],
+                "outbound",
+                client.ipv4.into(),
+                v4(&server_pod, 8080),
+            );
+        }
+    }
+}
+
 #[test]
 fn cross_node_pod_to_pod_passes_both_agents() {
     let mut mesh = mesh(2, 1, Shortcut::Default, &[]);
     let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(1, 0).clone());
     let mut server = serve(&server_pod, "echo");
-    probe::connect(&client, v4(&server_pod, 8080), "across nodes").expect("connect");
+    let out = probe::connect(&client, v4(&server_pod, 8080), "across nodes").expect("connect");
+    assert_eq!(client_saw(&out), v4(&server_pod, 8080), "{out}");
     assert_eq!(last_peer(&mut server), IpAddr::V4(client.ipv4));
     closed_line(
         &mut mesh.agents[0],
@@ -126,7 +182,8 @@ fn ipv6_same_node_and_cross_node() {
     for (node, j) in [(0, 1), (1, 0)] {
         let server_pod = mesh.pod(node, j).clone();
         let mut server = serve(&server_pod, "echo");
-        probe::connect(&client, v6(&server_pod, 8080), "over IPv6").expect("connect v6");
+        let out = probe::connect(&client, v6(&server_pod, 8080), "over IPv6").expect("connect v6");
+        assert_eq!(client_saw(&out), v6(&server_pod, 8080), "{out}");
         assert_eq!(last_peer(&mut server), IpAddr::V6(client.ipv6));
         closed_line(
             &mut mesh.agents[0],
@@ -179,12 +236,18 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
     let servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();
     let client = mesh.pod(0, 0).clone();
     for i in 0..4 {
-        probe::connect(
+        let out = probe::connect(
             &client,
             SocketAddr::new(IpAddr::V4(vip), 80),
             &format!("request {i}"),
         )
         .expect("connect through the service");
+        // The client sees the service's address it dialled, whichever endpoint answered.
+        assert_eq!(
+            client_saw(&out),
+            SocketAddr::new(IpAddr::V4(vip), 80),
+            "{out}"
+        );
     }
     // A server prints `accepted` before it echoes, but its output reaches us through a reader
     // thread: wait for the lines rather than read them once.

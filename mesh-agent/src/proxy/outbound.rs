@@ -36,6 +36,19 @@ pub(super) async fn handle(
         warn!("no original destination recorded for this connection; closing it");
         return None;
     };
+    // The client as the rest of the mesh sees it (policy, telemetry, the server's view): the
+    // pod's address. A socket the application bound to a wildcard or loopback address before
+    // connecting reaches the loopback listener from a loopback address, which every pod has;
+    // taken as the source, it would slip past rules on the pod's address.
+    let peer = if peer.ip().is_loopback() {
+        let Some(own) = pod.address_like(peer.ip()) else {
+            warn!(%peer, "no pod address of the client's family; closing it");
+            return None;
+        };
+        SocketAddr::new(own, peer.port())
+    } else {
+        peer
+    };
     if dst.ip() == peer.ip() && [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
         warn!(%dst, "connection to the agent's own port; closing it");
         return None;

@@ -12,7 +12,8 @@
 //!   top bit ([`LAST`]) set, after which the server closes first.
 //!
 //! Client:
-//! - `connect <addr> <message>`: sends, half-closes, reads the echo; `echo ok <local> -> <peer>`.
+//! - `connect <addr> <message>`: sends, half-closes, reads the echo; `echo ok <local> -> <peer>`,
+//!   the peer as `getpeername` reported it once connected.
 //! - `send <addr> <bytes>`: streams that many pseudo-random bytes, half-closes, checks the sink's
 //!   count and CRC-32; prints `sent <n> bytes crc=<crc> in <secs>s`.
 //! - `greeted <addr> <message>`: reads the server's greeting before sending anything, then
@@ -514,6 +515,10 @@ fn eagain_policy(flags: &[(&str, &str)]) -> Result<EagainPolicy, String> {
 fn connect(addr: &str, message: &str, greeted: bool, policy: EagainPolicy) -> Result<(), String> {
     let addr = parse(addr)?;
     let mut stream = dial(addr)?;
+    // What the kernel reports as the peer (`getpeername`), while the connection is up.
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
     let mut reader = Reader::new(&stream, policy);
     let mut echo = String::new();
     if greeted {
@@ -547,7 +552,7 @@ fn connect(addr: &str, message: &str, greeted: bool, policy: EagainPolicy) -> Re
         ));
     }
     let local = stream.local_addr().map_err(|e| e.to_string())?;
-    println!("echo ok {local} -> {addr}");
+    println!("echo ok {local} -> {peer}");
     stream.flush().ok();
     Ok(())
 }
