@@ -36,6 +36,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // The offline rust-src fallback unpacks a .tar.xz.
     ("xz", "xz-utils"),
+    // `ports.rs` narrows pods' ephemeral port ranges with it.
+    ("sysctl", "procps"),
+    // `capture.rs` runs a client that binds its socket before connecting.
+    ("python3", "python3"),
 ];
 const BPFFS_DIR: &str = "/sys/fs/bpf";
 const CGROUP2_DIR: &str = "/run/mesh/cgroup2";
