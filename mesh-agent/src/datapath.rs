@@ -197,18 +197,14 @@ impl ConnMaps {
     /// The original destination of a captured connection, by the application's socket (`app`:
     /// its namespace, its address, the outbound listener's); the entry is consumed.
     pub fn take_orig_dst(&self, app: NsSockKey) -> Option<SocketAddr> {
-        let mut map = self.conn_dst.lock().expect("conn_dst lock");
-        let dst: SockAddr = match crate::map_take::take(map.map(), &app) {
-            Ok(found) => found?,
-            // Not expected on the kernels the agent supports; the two calls do the same.
+        let map = self.conn_dst.lock().expect("conn_dst lock");
+        match crate::map_take::take::<_, SockAddr>(map.map(), &app) {
+            Ok(found) => found?.to_std(),
             Err(error) => {
-                debug!(%error, "lookup-and-delete on MESH_CONN_DST; looking up, then deleting");
-                let dst = map.get(&app, 0).ok()?;
-                let _ = map.remove(&app);
-                dst
+                warn!(%error, map = names::CONN_DST, "taking a connection's original destination");
+                None
             }
-        };
-        dst.to_std()
+        }
     }
 
     /// Makes the application's socket `app` (its view: local, remote) report `client` as its

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
     CgroupCounters, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET,
-    AF_INET6, OUTBOUND_IPV4, OUTBOUND_IPV6, OUTBOUND_PORT,
+    AF_INET6,
 };
 
 // SAFETY (all seven): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
@@ -23,12 +23,10 @@ unsafe impl aya::Pod for MeshConfig {}
 /// The agent's outbound listener in a pod, for connections from the pod's address `ip` (the same
 /// family).
 pub fn outbound_listener(ip: IpAddr) -> SocketAddr {
-    let listener: IpAddr = if ip.is_ipv4() {
-        Ipv4Addr::from(OUTBOUND_IPV4).into()
-    } else {
-        Ipv6Addr::from(OUTBOUND_IPV6).into()
-    };
-    SocketAddr::new(listener, OUTBOUND_PORT)
+    let family = if ip.is_ipv4() { AF_INET } else { AF_INET6 };
+    SockAddr::outbound_listener(family)
+        .to_std()
+        .expect("both families convert")
 }
 
 /// Network-order words of an IPv4 address, as the kernel stores them.

@@ -1,8 +1,8 @@
 //! `cgroup/connect4|6`: outbound capture. `cgroup/getpeername4|6`: the original client, shown to
 //! the application that the agent connects to, and the original destination, shown to the
-//! application whose connection was captured (its socket is connected to the agent's listener). `cgroup/bind4|6`: a meshed pod's own processes
-//! may not bind the ports the agent listens on in the pod (the agent's sockets are created from
-//! its own cgroup and never meet these hooks).
+//! application whose connection was captured (its socket is connected to the agent's listener).
+//! `cgroup/bind4|6`: a meshed pod's own processes may not bind the ports the agent listens on in
+//! the pod (the agent's sockets are created from its own cgroup and never meet these hooks).
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, BPF_ANY},

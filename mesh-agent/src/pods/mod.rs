@@ -69,6 +69,20 @@ impl DesiredPod {
     }
 }
 
+/// The proxies' view of the pod `d` in `netns` (cookie `netns_cookie`): its ephemeral range is
+/// read from the namespace; `may_shortcut` as `LocalPod::may_shortcut` says.
+fn local_pod(d: &DesiredPod, netns: Netns, netns_cookie: u64, may_shortcut: bool) -> Arc<LocalPod> {
+    Arc::new(LocalPod {
+        name: d.name.clone(),
+        leg_ports: LegPorts::of(&netns, &d.name),
+        may_shortcut: AtomicBool::new(may_shortcut),
+        netns,
+        netns_cookie,
+        ips: d.ips.clone(),
+        identity: d.identity.clone(),
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error("pod {pod}: {source}")]
@@ -312,15 +326,7 @@ impl PodManager {
         self.datapath
             .register_pod(cookie, d.pod_info())
             .map_err(dp_err)?;
-        let pod = Arc::new(LocalPod {
-            name: d.name.clone(),
-            leg_ports: LegPorts::of(&netns, &d.name),
-            may_shortcut: AtomicBool::new(d.shortcut == Shortcut::Enabled),
-            netns,
-            netns_cookie: cookie,
-            ips: d.ips.clone(),
-            identity: d.identity.clone(),
-        });
+        let pod = local_pod(d, netns, cookie, d.shortcut == Shortcut::Enabled);
         let links = match self.datapath.attach_pod(&d.name, &d.cgroup, &pod.netns) {
             Ok(l) => l,
             Err(e) => {
@@ -388,17 +394,8 @@ impl PodManager {
                 pod: d.name.clone(),
                 source,
             })?;
-            let pod = Arc::new(LocalPod {
-                name: old.name.clone(),
-                leg_ports: LegPorts::of(&netns, &d.name),
-                may_shortcut: AtomicBool::new(
-                    old.may_shortcut() || d.shortcut == Shortcut::Enabled,
-                ),
-                netns,
-                netns_cookie: old.netns_cookie,
-                ips: old.ips.clone(),
-                identity: d.identity.clone(),
-            });
+            let may_shortcut = old.may_shortcut() || d.shortcut == Shortcut::Enabled;
+            let pod = local_pod(d, netns, old.netns_cookie, may_shortcut);
             e.view.send_replace(Arc::clone(&pod));
             if e.listeners.is_some() {
                 self.local_pods_insert(&pod);
@@ -464,15 +461,7 @@ impl PodManager {
             pod: d.name.clone(),
             source,
         })?;
-        let new_pod = Arc::new(LocalPod {
-            name: d.name.clone(),
-            leg_ports: LegPorts::of(&netns, &d.name),
-            may_shortcut: AtomicBool::new(d.shortcut == Shortcut::Enabled),
-            netns,
-            netns_cookie: e.cookie,
-            ips: d.ips.clone(),
-            identity: d.identity.clone(),
-        });
+        let new_pod = local_pod(d, netns, e.cookie, d.shortcut == Shortcut::Enabled);
         e.view.send_replace(new_pod);
         e.spec = d.clone();
         e.cgroup = cgroup;
