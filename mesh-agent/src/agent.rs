@@ -401,6 +401,8 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     // Attaches this instance's links, then detaches an earlier instance's (for the pods it
     // captured itself): no moment without capture.
     pods.reconcile(&desired).await;
+    // The start-up's transients (the kernel's BTF above all) go back now, not over seconds.
+    crate::memory::release_freed();
     tokio::spawn(crate::proxy::trim_copy_buffers());
     tokio::spawn(become_ready(
         state_rx.clone(),
@@ -616,6 +618,7 @@ async fn become_ready(
         }
     }
     drop(certs_ready);
+    crate::memory::release_freed();
 }
 
 /// Checks every connection this agent authorized against `state`'s policies and closes those

@@ -4,8 +4,8 @@
 //! attaches them to the cgroups of the meshed pods, pins the shared maps under bpffs and turns the
 //! kernel's aya-log records into `tracing` events. Later issues add the capture listeners, HBONE,
 //! policy and telemetry on top of the same structure.
-// Syscalls without a safe wrapper (`netns::netns_cookie`, `map_take::take`) are allowed case by
-// case.
+// Syscalls without a safe wrapper (`netns::netns_cookie`, `map_take::take`) and the allocator's
+// control (`memory::release_freed`) are allowed case by case.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +23,7 @@ pub mod leg_ports;
 pub mod local_pod;
 pub mod logging;
 pub mod map_take;
+pub mod memory;
 pub mod netns;
 pub mod node_taint;
 pub mod pods;

@@ -4,7 +4,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +34,13 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// `SETTINGS_MAX_HEADER_LIST_SIZE`. Default 64 KiB.
     pub max_header_list_size: u32,
+    /// `SETTINGS_HEADER_TABLE_SIZE`: the HPACK dynamic table the peer may fill in this
+    /// server's decoder. Default 0 (none). Each CONNECT carries values of its own (`forwarded`
+    /// names the client's port), and a table entry keeps the whole read buffer it was decoded
+    /// from alive; with a 4 KiB table, about 1.1 kB per open tunnel stayed pinned that way
+    /// (BENCHMARKS.md, "HBONE tunnels keep nothing of their request"). A CONNECT's headers are
+    /// a few dozen bytes once per connection: compressing them buys nothing.
+    pub header_table_size: u32,
     /// Per-stream limit on data queued in h2 but not yet written to the transport. Default
     /// 400 KiB.
     pub max_send_buffer_size: usize,
@@ -53,6 +59,7 @@ impl Default for ServerConfig {
             max_frame_size: 1024 * 1024,
             max_concurrent_streams: 200,
             max_header_list_size: 64 * 1024,
+            header_table_size: 0,
             max_send_buffer_size: 400 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
@@ -60,7 +67,9 @@ impl Default for ServerConfig {
     }
 }
 
-/// Handles one well-formed CONNECT request. Called in a task of its own per stream.
+/// Handles one well-formed CONNECT request. The future it returns is the stream's task, spawned
+/// as it is: nothing of the request is held beside it (what the handler keeps of the request,
+/// for as long as it keeps it, is all a tunnel costs besides its relay).
 ///
 /// Implemented for every `Fn(InboundRequest, Responder) -> impl Future<Output = ()>` closure
 /// that is `Send + Sync + 'static`.
@@ -70,7 +79,7 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         request: InboundRequest,
         responder: Responder,
-    ) -> impl Future<Output = ()> + Send;
+    ) -> impl Future<Output = ()> + Send + 'static;
 }
 
 impl<F, Fut> Handler for F
@@ -82,7 +91,7 @@ where
         &self,
         request: InboundRequest,
         responder: Responder,
-    ) -> impl Future<Output = ()> + Send {
+    ) -> impl Future<Output = ()> + Send + 'static {
         self(request, responder)
     }
 }
@@ -187,6 +196,7 @@ where
         .max_frame_size(config.max_frame_size)
         .max_concurrent_streams(config.max_concurrent_streams)
         .max_header_list_size(config.max_header_list_size)
+        .header_table_size(config.header_table_size)
         .max_send_buffer_size(config.max_send_buffer_size);
     let mut conn = match tokio::time::timeout_at(deadline, builder.handshake::<_, Bytes>(io)).await
     {
@@ -195,7 +205,6 @@ where
         Err(_) => return Err(HboneError::HandshakeTimeout(config.handshake_timeout)),
     };
 
-    let handler = Arc::new(handler);
     let ping = conn.ping_pong();
     let mut pings = pin!(keepalive(
         ping,
@@ -209,8 +218,9 @@ where
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    let handler = Arc::clone(&handler);
-                    tokio::spawn(async move { handle_stream(&*handler, request, respond).await });
+                    if let Some(stream) = accept_stream(&handler, request, respond) {
+                        tokio::spawn(stream);
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "HBONE connection failed");
@@ -233,11 +243,13 @@ where
     }
 }
 
-async fn handle_stream<H: Handler>(
+/// Reads a request's HBONE fields and returns its handler's future; answers 400 (and returns
+/// `None`) to anything but a CONNECT to `ip:port`.
+fn accept_stream<H: Handler>(
     handler: &H,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<impl Future<Output = ()> + Send + 'static + use<'_, H>> {
     let (parts, body) = request.into_parts();
     let stream_id = respond.stream_id().as_u32();
     let parsed = if parts.method == Method::CONNECT {
@@ -255,7 +267,7 @@ async fn handle_stream<H: Handler>(
         if let Err(e) = respond.send_response(status_response(StatusCode::BAD_REQUEST), true) {
             tracing::debug!(error = %e, "sending 400 failed");
         }
-        return;
+        return None;
     };
     tracing::debug!(
         stream_id,
@@ -266,5 +278,5 @@ async fn handle_stream<H: Handler>(
     let responder = Responder {
         inner: Some((respond, body)),
     };
-    handler.handle(inbound, responder).await;
+    Some(handler.handle(inbound, responder))
 }

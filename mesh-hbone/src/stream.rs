@@ -82,7 +82,7 @@ impl H2Stream {
     fn consume_pending(&mut self, buf: &mut ReadBuf<'_>) {
         let n = self.pending.len().min(buf.remaining());
         buf.put_slice(&self.pending[..n]);
-        self.pending.advance(n);
+        take_front(&mut self.pending, n);
         // Only fails when the stream is already closed, where capacity no longer matters.
         if let Err(e) = self.recv.flow_control().release_capacity(n) {
             tracing::trace!(error = %e, "releasing receive capacity failed");
@@ -100,6 +100,18 @@ impl H2Stream {
             Poll::Ready(Err(e)) => Poll::Ready(h2_to_io(e)),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// Drops the first `n` bytes of `pending`. Once all are gone it lets go of the frame's buffer:
+/// an emptied slice would still hold the connection's whole read buffer (8 KiB or more, shared
+/// by the frames read with it) for as long as the stream lives, about 1.2 kB per idle tunnel
+/// (BENCHMARKS.md, "HBONE tunnels keep nothing of their request").
+fn take_front(pending: &mut Bytes, n: usize) {
+    if n == pending.len() {
+        *pending = Bytes::new();
+    } else {
+        pending.advance(n);
     }
 }
 
@@ -234,5 +246,31 @@ impl AsyncWrite for H2Stream {
                 Poll::Pending => Poll::Ready(Err(h2_to_io(e))),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::take_front;
+
+    #[test]
+    fn a_consumed_frame_lets_go_of_its_buffer() {
+        // The connection's read buffer, and a DATA frame's bytes sliced out of it.
+        let buffer = Bytes::from(vec![7u8; 8192]);
+        let mut pending = buffer.slice(100..200);
+        take_front(&mut pending, 60);
+        assert_eq!(pending.len(), 40);
+        assert!(
+            !buffer.is_unique(),
+            "a partly read frame still needs its buffer"
+        );
+        take_front(&mut pending, 40);
+        assert!(pending.is_empty());
+        assert!(
+            buffer.is_unique(),
+            "the stream still holds the read buffer after consuming everything"
+        );
     }
 }

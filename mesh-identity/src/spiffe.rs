@@ -116,14 +116,33 @@ impl fmt::Display for NameProblem {
 
 /// A workload identity: the SPIFFE id `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 ///
-/// Cheap to clone (one shared allocation). Equality, hashing and ordering follow the id's text.
+/// Cheap to clone (one shared allocation) and small (24 bytes: connections carry two).
+/// Equality, hashing and ordering follow the id's text.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     uri: Arc<str>,
-    /// Byte ranges of the parts inside `uri`.
-    trust_domain_end: usize,
-    namespace: (usize, usize),
-    service_account_start: usize,
+    /// Byte ranges of the parts inside `uri` (the parts' limits keep it under [`MAX_ID_LEN`]).
+    trust_domain_end: u16,
+    namespace: (u16, u16),
+    service_account_start: u16,
+}
+
+/// The longest SPIFFE id an [`Identity`] can have, from the limits of its parts.
+const MAX_ID_LEN: usize = SCHEME.len()
+    + MAX_TRUST_DOMAIN_LEN
+    + "/ns/".len()
+    + MAX_NAMESPACE_LEN
+    + "/sa/".len()
+    + MAX_SERVICE_ACCOUNT_LEN;
+const _: () = assert!(MAX_ID_LEN <= u16::MAX as usize);
+
+/// An offset inside a validated id, which [`MAX_ID_LEN`] keeps within `u16`.
+fn offset(n: usize) -> u16 {
+    debug_assert!(n <= MAX_ID_LEN);
+    // Truncation cannot happen: `n <= MAX_ID_LEN <= u16::MAX` (asserted at compile time).
+    #[allow(clippy::cast_possible_truncation)]
+    let n = n as u16;
+    n
 }
 
 impl Identity {
@@ -143,9 +162,9 @@ impl Identity {
         let namespace_end = namespace_start + namespace.len();
         Ok(Self {
             uri: uri.into(),
-            trust_domain_end,
-            namespace: (namespace_start, namespace_end),
-            service_account_start: namespace_end + "/sa/".len(),
+            trust_domain_end: offset(trust_domain_end),
+            namespace: (offset(namespace_start), offset(namespace_end)),
+            service_account_start: offset(namespace_end + "/sa/".len()),
         })
     }
 
@@ -178,17 +197,17 @@ impl Identity {
 
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.uri[SCHEME.len()..self.trust_domain_end]
+        &self.uri[SCHEME.len()..usize::from(self.trust_domain_end)]
     }
 
     /// The Kubernetes namespace.
     pub fn namespace(&self) -> &str {
-        &self.uri[self.namespace.0..self.namespace.1]
+        &self.uri[usize::from(self.namespace.0)..usize::from(self.namespace.1)]
     }
 
     /// The Kubernetes service account.
     pub fn service_account(&self) -> &str {
-        &self.uri[self.service_account_start..]
+        &self.uri[usize::from(self.service_account_start)..]
     }
 
     /// The SPIFFE id as text (`spiffe://...`).
@@ -305,6 +324,24 @@ mod tests {
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "web-frontend");
         assert_eq!(id.as_str(), id.to_string());
+    }
+
+    #[test]
+    fn the_longest_parts_keep_their_offsets_and_an_identity_stays_small() {
+        let (td, ns, sa) = (
+            "t".repeat(MAX_TRUST_DOMAIN_LEN),
+            "n".repeat(MAX_NAMESPACE_LEN),
+            "s".repeat(MAX_SERVICE_ACCOUNT_LEN),
+        );
+        let id = Identity::new(&td, &ns, &sa).unwrap();
+        assert_eq!(id.as_str().len(), MAX_ID_LEN);
+        assert_eq!(
+            (id.trust_domain(), id.namespace(), id.service_account()),
+            (td.as_str(), ns.as_str(), sa.as_str())
+        );
+        assert_eq!(Identity::parse(id.as_str()).unwrap(), id);
+        // Every connection carries its source's and destination's: keep it at 24 bytes.
+        assert_eq!(size_of::<Identity>(), 24);
     }
 
     #[test]

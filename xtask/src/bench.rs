@@ -106,6 +106,16 @@ impl Mode {
         }
     }
 
+    /// The label as part of a file name.
+    fn slug(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::MeshNoSockmap => "sockmap-off",
+            Self::MeshSockmap => "sockmap-on",
+            Self::MeshCompared => "compared",
+        }
+    }
+
     /// The modes `plan` measures.
     fn of(plan: &Plan) -> Vec<Self> {
         Self::ALL
@@ -473,14 +483,34 @@ impl Bench {
         let after = agents_rss(agents)?;
         std::thread::sleep(SETTLE);
         let settled = agents_rss(agents)?;
+        // What the settled figure is made of: the heap and stacks, and the binary's pages.
+        let part = |field| -> Result<u64> {
+            agents
+                .iter()
+                .map(|a| status_kib(a.pid(), field))
+                .sum::<Result<u64>>()
+                .map(|k| k * 1024)
+        };
+        let (anon, file) = (part("RssAnon:")?, part("RssFile:")?);
         #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
         for (metric, value) in [
             ("both agents' RSS at rest before the round", at_start),
             ("both agents' RSS after the round", after),
             ("both agents' RSS 10 s after the round", settled),
+            ("both agents' RSS 10 s after the round: anonymous", anon),
+            ("both agents' RSS 10 s after the round: file-backed", file),
         ] {
             self.record(ROUND, metric, mode, mib(value), "MiB", false);
+        }
+        if self.plan.profile {
+            // Where it is, mapping by mapping (`smaps`), for the first agent.
+            if let Some(agent) = agents.first() {
+                let smaps = fs::read_to_string(format!("/proc/{}/smaps", agent.pid()))?;
+                let n = fs::read_dir(&self.out).map_or(0, Iterator::count);
+                let file = self.out.join(format!("smaps-{n}-{}.txt", mode.slug()));
+                fs::write(&file, smaps).with_context(|| format!("writing {}", file.display()))?;
+            }
         }
         Ok(())
     }
@@ -700,10 +730,15 @@ impl Bench {
     }
 
     /// Opens `idle_conns` connections through the mesh, keeps them idle, and returns how much
-    /// each agent's resident memory grew per connection.
+    /// each agent's resident memory grew per connection, read once the agents have been quiet
+    /// for [`SETTLE`]: what the connections' set-up freed (dialling, handshakes, requests) has
+    /// gone back by then, and what is left is what an idle connection keeps.
     fn idle_memory(client: &Pod, server: &Pod, agents: &[Agent], n: usize) -> Result<Vec<f64>> {
         let _srv = serve_rr(server)?;
         let rss = || -> Result<Vec<u64>> { agents.iter().map(|a| rss_bytes(a.pid())).collect() };
+        // Both readings at rest: the agents' start-up also frees memory (the kernel's BTF, the
+        // first config), which goes back within the same time.
+        std::thread::sleep(SETTLE);
         let before = rss()?;
         let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
         let dst = SocketAddr::new(IpAddr::V4(server.ipv4), RR_PORT);
@@ -715,7 +750,7 @@ impl Bench {
                 "--conns",
                 &n.to_string(),
                 "--hold-ms",
-                "3000",
+                &(SETTLE + Duration::from_secs(3)).as_millis().to_string(),
             ]),
         )?;
         hold.wait_for_line(
@@ -723,7 +758,7 @@ impl Bench {
             Duration::from_secs(120),
             |l| l.starts_with("holding "),
         )?;
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(SETTLE);
         let during = rss()?;
         hold.wait_success(Duration::from_secs(60))?;
         #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
@@ -1016,16 +1051,21 @@ fn agents_rss(agents: &[Agent]) -> Result<u64> {
 }
 
 fn rss_bytes(pid: u32) -> Result<u64> {
+    Ok(status_kib(pid, "VmRSS:")? * 1024)
+}
+
+/// A size field of `/proc/<pid>/status` (`VmRSS:`, `RssAnon:`, …), in KiB.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS")?
+        .find_map(|l| l.strip_prefix(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
         .split_whitespace()
         .next()
-        .context("empty VmRSS")?
+        .with_context(|| format!("empty {field}"))?
         .parse()?;
-    Ok(kib * 1024)
+    Ok(kib)
 }
 
 /// The benchmarks need iperf3 in the pods' namespaces; setup installs it.
@@ -1072,5 +1112,7 @@ mod tests {
     fn process_ticks_of_self_parse() {
         assert!(process_ticks(std::process::id()).is_ok());
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(status_kib(std::process::id(), "RssAnon:").unwrap() > 0);
+        assert!(status_kib(std::process::id(), "NoSuchField:").is_err());
     }
 }

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use super::{
     authorize, dial_app, dial_from,
     relay::{relay_inbound_tunnel, relay_tunnel, Conn, Relay},
-    LocalPod, LocalPods, ProxyCtx,
+    ConnTask, LocalPod, LocalPods, ProxyCtx,
 };
 use crate::telemetry::{ConnInfo, Refusal, Security};
 use mesh_cluster::Service;
@@ -160,8 +160,8 @@ pub(super) async fn outbound(
         )),
         Err(e) => {
             warn!(
-                dst = %info.dst, upstream = %info.upstream, peer = %key.dst, error = %e,
-                "could not open the HBONE tunnel"
+                pod = %pod.name, src = %info.src, dst = %info.dst, upstream = %info.upstream,
+                peer = %key.dst, error = %e, "could not open the HBONE tunnel"
             );
             // 401: the destination's agent denied it by policy.
             let refusal = match e {
@@ -232,11 +232,17 @@ pub(super) async fn serve(
         return;
     };
     debug!(%src, "HBONE connection established");
+    // Each stream's task, as for a captured connection: the setup boxed and freed once the
+    // relay runs, so an open tunnel holds its relay and nothing of its request.
     let handler = {
         let (pod, ctx, src) = (Arc::clone(&pod), Arc::clone(&ctx), src.clone());
         move |request: InboundRequest, responder: Responder| {
             let (pod, ctx, src) = (Arc::clone(&pod), Arc::clone(&ctx), src.clone());
-            async move { tunnel(request, responder, peer, &pod, &ctx, src).await }
+            // One span per tunnelled connection, at `debug` as for captured ones (see
+            // `accept_loop`); its parent is the HBONE connection's.
+            let span = tracing::debug_span!("conn", direction = "inbound", src = %peer);
+            let setup = tunnel(request, responder, peer, pod, ctx, src);
+            tracing::Instrument::instrument(ConnTask::Setup(Box::pin(setup)), span)
         }
     };
     if let Err(e) = mesh_hbone::serve_connection(tls, &ctx.transport.server, handler).await {
@@ -245,60 +251,65 @@ pub(super) async fn serve(
 }
 
 /// One CONNECT stream: checks the target, dials the application from inside the pod, answers
-/// 200 and relays; 400 for a target that is not this pod's, 503 when it cannot be reached.
+/// 200 and returns the relay to run; 400 for a target that is not this pod's, 503 when it
+/// cannot be reached.
 async fn tunnel(
     request: InboundRequest,
     responder: Responder,
     peer: SocketAddr,
-    pod: &Arc<LocalPod>,
-    ctx: &ProxyCtx,
+    pod: Arc<LocalPod>,
+    ctx: Arc<ProxyCtx>,
     src: Identity,
-) {
+) -> Option<Relay> {
     let started = Instant::now();
-    let target = request.authority;
+    // What the tunnel needs of its request; the headers are dropped here.
+    let InboundRequest {
+        authority: target,
+        forwarded_for,
+        forwarded_host,
+        ..
+    } = request;
     let reserved = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&target.port());
     if !pod.ips.contains(&target.ip()) || reserved {
-        warn!(%src, %target, "HBONE request for a target that is not this pod's application");
+        warn!(pod = %pod.name, %peer, %src, %target, "HBONE request for a target that is not this pod's application");
         let _ = responder.reject(http::StatusCode::BAD_REQUEST);
-        return;
+        return None;
     }
     // The original client, as the source agent saw it; believed only for the address the
     // tunnel comes from (the source pod's).
-    let client = request
-        .forwarded_for
+    let client = forwarded_for
         .filter(|f| f.ip().to_canonical() == peer.ip().to_canonical())
         .unwrap_or(peer);
-    let mut info = ConnInfo::new("inbound", pod, client, target, target);
+    let mut info = ConnInfo::new("inbound", &pod, client, target, target);
     info.security = Security::MutualTls {
         src: src.clone(),
         dst: pod.identity.clone(),
     };
     info.src_workload = ctx.resolver.workload(client.ip());
     info.dst_workload = ctx.resolver.workload(target.ip());
-    info.service = request
-        .forwarded_host
+    info.service = forwarded_host
         .as_deref()
         .and_then(|host| ctx.resolver.service_of(host, target.ip()));
     // Authorized before anything is dialled; 401 as ztunnel answers a denied tunnel.
-    let Some(tracked) = authorize(ctx, &mut info, started) else {
+    let Some(tracked) = authorize(&ctx, &mut info, started) else {
         let _ = responder.reject(http::StatusCode::UNAUTHORIZED);
-        return;
+        return None;
     };
-    let (app, peer_guard) = match Box::pin(dial_app(pod, target, client, &ctx.conn)).await {
+    let (app, peer_guard) = match dial_app(&pod, target, client, &ctx.conn).await {
         Ok(leg) => leg,
         Err(e) => {
-            warn!(%src, %target, error = %e, "could not reach the application");
+            warn!(pod = %pod.name, %peer, %src, %target, error = %e, "could not reach the application");
             let _ = responder.reject(http::StatusCode::SERVICE_UNAVAILABLE);
             ctx.telemetry
                 .refused(&info, started, &Refusal::Connect(e.to_string()));
-            return;
+            return None;
         }
     };
     let stream = match responder.accept() {
         Ok(s) => s,
         Err(e) => {
-            warn!(%src, %target, error = %e, "could not answer the HBONE request");
-            return;
+            warn!(pod = %pod.name, %peer, %src, %target, error = %e, "could not answer the HBONE request");
+            return None;
         }
     };
     let conn = Conn {
@@ -307,7 +318,8 @@ async fn tunnel(
         telemetry: Arc::clone(&ctx.telemetry),
         tracked: Some(tracked),
     };
-    relay_inbound_tunnel(stream, app, conn, ctx.transport.stream_idle_timeout)
-        .holding(peer_guard)
-        .await;
+    Some(
+        relay_inbound_tunnel(stream, app, conn, ctx.transport.stream_idle_timeout)
+            .holding(peer_guard),
+    )
 }

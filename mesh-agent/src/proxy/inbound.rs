@@ -26,12 +26,12 @@ pub(super) async fn handle(
     let dst = match down.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {
-            warn!(error = %e, "inbound connection without a local address");
+            warn!(pod = %pod.name, src = %peer, error = %e, "inbound connection without a local address");
             return None;
         }
     };
     if [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
-        warn!(%dst, "connection to the agent's own port; closing it");
+        warn!(pod = %pod.name, src = %peer, %dst, "connection to the agent's own port; closing it");
         return None;
     }
     let mut info = ConnInfo::new("inbound", &pod, peer, dst, dst);
@@ -49,7 +49,7 @@ pub(super) async fn handle(
             Some(relay(down, up, conn).holding(peer_guard))
         }
         Err(e) => {
-            warn!(%dst, error = %e, "could not reach the application");
+            warn!(pod = %pod.name, src = %peer, %dst, error = %e, "could not reach the application");
             ctx.telemetry
                 .refused(&info, started, &Refusal::Connect(e.to_string()));
             None

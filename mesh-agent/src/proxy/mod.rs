@@ -210,6 +210,12 @@ pub type PodView = watch::Receiver<Arc<LocalPod>>;
 
 /// Accepts connections on a pod's listener forever, handling each in a task of its own with one
 /// tracing span per connection.
+///
+/// The span is at `debug` level: an `info` span costs about 460 bytes for as long as the
+/// connection lives (the subscriber's slot, its field map and the formatted fields), a fifth of
+/// an idle same-node connection's memory (BENCHMARKS.md, "A span per connection at `debug`").
+/// At the default level it is disabled and costs nothing; the warnings a connection can log
+/// carry its pod and addresses themselves.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     view: PodView,
@@ -224,7 +230,7 @@ async fn accept_loop<F, Fut>(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let pod = Arc::clone(&view.borrow());
-                let span = tracing::info_span!("conn", direction, pod = %pod.name, src = %peer);
+                let span = tracing::debug_span!("conn", direction, pod = %pod.name, src = %peer);
                 let setup = handle(stream, peer, pod, Arc::clone(&ctx));
                 let task = ConnTask::Setup(Box::pin(setup));
                 tokio::spawn(tracing::Instrument::instrument(task, span));

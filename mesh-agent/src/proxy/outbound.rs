@@ -33,7 +33,7 @@ pub(super) async fn handle(
     };
     let Some(dst) = ctx.conn.take_orig_dst(app) else {
         // Not captured by the kernel (someone dialled the listener directly): nothing to do.
-        warn!("no original destination recorded for this connection; closing it");
+        warn!(pod = %pod.name, %peer, "no original destination recorded for this connection; closing it");
         return None;
     };
     // The client as the rest of the mesh sees it (policy, telemetry, the server's view): the
@@ -42,7 +42,7 @@ pub(super) async fn handle(
     // taken as the source, it would slip past rules on the pod's address.
     let peer = if peer.ip().is_loopback() {
         let Some(own) = pod.address_like(peer.ip()) else {
-            warn!(%peer, "no pod address of the client's family; closing it");
+            warn!(pod = %pod.name, %peer, "no pod address of the client's family; closing it");
             return None;
         };
         SocketAddr::new(own, peer.port())
@@ -50,7 +50,7 @@ pub(super) async fn handle(
         peer
     };
     if dst.ip() == peer.ip() && [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
-        warn!(%dst, "connection to the agent's own port; closing it");
+        warn!(pod = %pod.name, src = %peer, %dst, "connection to the agent's own port; closing it");
         return None;
     }
     let (upstream, service, workload, identity) = match ctx.resolver.route(dst) {
@@ -61,7 +61,7 @@ pub(super) async fn handle(
             identity,
         } => (addr, service, workload, identity),
         Route::Refuse(reason) => {
-            warn!(%dst, reason, "connection refused");
+            warn!(pod = %pod.name, src = %peer, %dst, reason, "connection refused");
             return None;
         }
     };
@@ -98,7 +98,7 @@ pub(super) async fn handle(
                     Some(relay(down, up, conn(info, Some(tracked))).holding(peer_guard))
                 }
                 Err(e) => {
-                    warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                    warn!(pod = %pod.name, src = %peer, %dst, %upstream, error = %e, "could not reach the destination");
                     ctx.telemetry
                         .refused(&info, started, &Refusal::Connect(e.to_string()));
                     None
@@ -116,7 +116,7 @@ pub(super) async fn handle(
             match dial_from(&pod.netns, upstream).await {
                 Ok(up) => Some(relay(down, up, conn(info, None))),
                 Err(e) => {
-                    warn!(%dst, %upstream, error = %e, "could not reach the destination");
+                    warn!(pod = %pod.name, src = %peer, %dst, %upstream, error = %e, "could not reach the destination");
                     ctx.telemetry
                         .refused(&info, started, &Refusal::Connect(e.to_string()));
                     None
