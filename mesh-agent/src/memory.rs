@@ -16,6 +16,12 @@ const PURGE_ALL: &CStr = c"arena.4096.purge";
 /// Returns the pages of every arena's freed memory to the kernel. Logs (at `debug`) and goes
 /// on when jemalloc refuses: nothing depends on it but the resident size.
 pub fn release_freed() {
+    if let Err(e) = purge_all() {
+        tracing::debug!(error = %e, "jemalloc would not purge its arenas");
+    }
+}
+
+fn purge_all() -> std::io::Result<()> {
     // SAFETY: `mallctl` with a NUL-terminated name and no old or new value (null pointers,
     // length 0) is how jemalloc's "void" controls are called; `arena.<i>.purge` reads and
     // writes nothing. The call only touches jemalloc's own state, under its own locks.
@@ -29,11 +35,9 @@ pub fn release_freed() {
             0,
         )
     };
-    if rc != 0 {
-        tracing::debug!(
-            error = %std::io::Error::from_raw_os_error(rc),
-            "jemalloc would not purge its arenas"
-        );
+    match rc {
+        0 => Ok(()),
+        rc => Err(std::io::Error::from_raw_os_error(rc)),
     }
 }
 
@@ -45,17 +49,6 @@ mod tests {
     fn purging_is_accepted() {
         // jemalloc is linked into every build of the agent, the tests included (whatever their
         // global allocator): the control must exist and accept the call.
-        // SAFETY: as in `release_freed`.
-        #[allow(unsafe_code)]
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                PURGE_ALL.as_ptr(),
-                ptr::null_mut(),
-                ptr::null_mut(),
-                ptr::null_mut(),
-                0,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::from_raw_os_error(rc));
+        purge_all().expect("arena.<all>.purge");
     }
 }

@@ -299,9 +299,9 @@ impl Bench {
         // config) has had the time to go back.
         let at_start = if mode != Mode::Direct && measures_paths {
             std::thread::sleep(SETTLE);
-            agents_rss(&agents)?
+            RssParts::of(&agents)?
         } else {
-            0
+            RssParts::default()
         };
         for rep in (0..self.plan.reps).filter(|_| measures_paths) {
             for (path, server) in &paths {
@@ -479,27 +479,39 @@ impl Bench {
 
     /// Both agents' resident memory at the start of the round (at rest), right after it, and
     /// once they have been quiet for [`SETTLE`]: what the agents hold on to after load.
-    fn record_round_memory(&mut self, mode: Mode, at_start: u64, agents: &[Agent]) -> Result<()> {
+    fn record_round_memory(
+        &mut self,
+        mode: Mode,
+        at_start: RssParts,
+        agents: &[Agent],
+    ) -> Result<()> {
         let after = agents_rss(agents)?;
         std::thread::sleep(SETTLE);
-        let settled = agents_rss(agents)?;
-        // What the settled figure is made of: the heap and stacks, and the binary's pages.
-        let part = |field| -> Result<u64> {
-            agents
-                .iter()
-                .map(|a| status_kib(a.pid(), field))
-                .sum::<Result<u64>>()
-                .map(|k| k * 1024)
-        };
-        let (anon, file) = (part("RssAnon:")?, part("RssFile:")?);
+        let settled = RssParts::of(agents)?;
         #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        // Each reading at rest also split into the heap and stacks, and the binary's pages (code
+        // the load ran stays mapped: that part grows with what was exercised, not with leaks).
         for (metric, value) in [
-            ("both agents' RSS at rest before the round", at_start),
+            ("both agents' RSS at rest before the round", at_start.total),
+            (
+                "both agents' RSS at rest before the round: anonymous",
+                at_start.anon,
+            ),
+            (
+                "both agents' RSS at rest before the round: file-backed",
+                at_start.file,
+            ),
             ("both agents' RSS after the round", after),
-            ("both agents' RSS 10 s after the round", settled),
-            ("both agents' RSS 10 s after the round: anonymous", anon),
-            ("both agents' RSS 10 s after the round: file-backed", file),
+            ("both agents' RSS 10 s after the round", settled.total),
+            (
+                "both agents' RSS 10 s after the round: anonymous",
+                settled.anon,
+            ),
+            (
+                "both agents' RSS 10 s after the round: file-backed",
+                settled.file,
+            ),
         ] {
             self.record(ROUND, metric, mode, mib(value), "MiB", false);
         }
@@ -1043,6 +1055,31 @@ fn process_ticks(pid: u32) -> Result<u64> {
     let utime: u64 = fields.get(11).context("no utime")?.parse()?;
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
     Ok(utime + stime)
+}
+
+/// The agents' resident memory, summed, and its anonymous and file-backed parts.
+#[derive(Clone, Copy, Debug, Default)]
+struct RssParts {
+    total: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl RssParts {
+    fn of(agents: &[Agent]) -> Result<Self> {
+        let part = |field| -> Result<u64> {
+            agents
+                .iter()
+                .map(|a| status_kib(a.pid(), field))
+                .sum::<Result<u64>>()
+                .map(|k| k * 1024)
+        };
+        Ok(Self {
+            total: part("VmRSS:")?,
+            anon: part("RssAnon:")?,
+            file: part("RssFile:")?,
+        })
+    }
 }
 
 /// The agents' resident memory, summed.
