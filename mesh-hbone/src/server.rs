@@ -37,9 +37,9 @@ pub struct ServerConfig {
     /// `SETTINGS_HEADER_TABLE_SIZE`: the HPACK dynamic table the peer may fill in this
     /// server's decoder. Default 0 (none). Each CONNECT carries values of its own (`forwarded`
     /// names the client's port), and a table entry keeps the whole read buffer it was decoded
-    /// from alive; with a 4 KiB table, about 1.1 kB per open tunnel stayed pinned that way
-    /// (BENCHMARKS.md, "HBONE tunnels keep nothing of their request"). A CONNECT's headers are
-    /// a few dozen bytes once per connection: compressing them buys nothing.
+    /// from alive; with a 4 KiB table, about 150 bytes per open tunnel stayed pinned that way
+    /// (BENCHMARKS.md, "What an idle connection keeps"). A CONNECT's headers are a few dozen
+    /// bytes once per tunnel: compressing them buys nothing.
     pub header_table_size: u32,
     /// Per-stream limit on data queued in h2 but not yet written to the transport. Default
     /// 400 KiB.

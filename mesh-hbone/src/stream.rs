@@ -105,8 +105,8 @@ impl H2Stream {
 
 /// Drops the first `n` bytes of `pending`. Once all are gone it lets go of the frame's buffer:
 /// an emptied slice would still hold the connection's whole read buffer (8 KiB or more, shared
-/// by the frames read with it) for as long as the stream lives, about 1.2 kB per idle tunnel
-/// (BENCHMARKS.md, "HBONE tunnels keep nothing of their request").
+/// by the frames read with it) for as long as the stream lives, about 1.1 kB per idle tunnel
+/// (BENCHMARKS.md, "What an idle connection keeps").
 fn take_front(pending: &mut Bytes, n: usize) {
     if n == pending.len() {
         *pending = Bytes::new();

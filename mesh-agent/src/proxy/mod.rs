@@ -213,7 +213,7 @@ pub type PodView = watch::Receiver<Arc<LocalPod>>;
 ///
 /// The span is at `debug` level: an `info` span costs about 460 bytes for as long as the
 /// connection lives (the subscriber's slot, its field map and the formatted fields), a fifth of
-/// an idle same-node connection's memory (BENCHMARKS.md, "A span per connection at `debug`").
+/// an idle same-node connection's memory (BENCHMARKS.md, "What an idle connection keeps").
 /// At the default level it is disabled and costs nothing; the warnings a connection can log
 /// carry its pod and addresses themselves.
 async fn accept_loop<F, Fut>(
