@@ -519,8 +519,7 @@ impl Bench {
             // Where it is, mapping by mapping (`smaps`), for the first agent.
             if let Some(agent) = agents.first() {
                 let smaps = fs::read_to_string(format!("/proc/{}/smaps", agent.pid()))?;
-                let n = fs::read_dir(&self.out).map_or(0, Iterator::count);
-                let file = self.out.join(format!("smaps-{n}-{}.txt", mode.slug()));
+                let file = self.out_file_tagged("smaps", mode.slug(), "txt");
                 fs::write(&file, smaps).with_context(|| format!("writing {}", file.display()))?;
             }
         }
@@ -687,8 +686,13 @@ impl Bench {
         } else {
             "cross-node"
         };
+        self.out_file_tagged(what, path, ext)
+    }
+
+    /// A new file in the results directory: `<what>-<sequence>-<tag>.<ext>`.
+    fn out_file_tagged(&self, what: &str, tag: &str, ext: &str) -> PathBuf {
         let n = fs::read_dir(&self.out).map_or(0, Iterator::count);
-        self.out.join(format!("{what}-{n}-{path}.{ext}"))
+        self.out.join(format!("{what}-{n}-{tag}.{ext}"))
     }
 
     /// Starts `perf record` (software clock, call graphs) on `agent` for the iperf3 run.
@@ -1067,18 +1071,15 @@ struct RssParts {
 
 impl RssParts {
     fn of(agents: &[Agent]) -> Result<Self> {
-        let part = |field| -> Result<u64> {
-            agents
-                .iter()
-                .map(|a| status_kib(a.pid(), field))
-                .sum::<Result<u64>>()
-                .map(|k| k * 1024)
-        };
-        Ok(Self {
-            total: part("VmRSS:")?,
-            anon: part("RssAnon:")?,
-            file: part("RssFile:")?,
-        })
+        let mut sum = Self::default();
+        for agent in agents {
+            // One reading of each agent's status, so the parts add up to its total.
+            let status = fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+            sum.total += status_kib(&status, "VmRSS:")? * 1024;
+            sum.anon += status_kib(&status, "RssAnon:")? * 1024;
+            sum.file += status_kib(&status, "RssFile:")? * 1024;
+        }
+        Ok(sum)
     }
 }
 
@@ -1088,16 +1089,16 @@ fn agents_rss(agents: &[Agent]) -> Result<u64> {
 }
 
 fn rss_bytes(pid: u32) -> Result<u64> {
-    Ok(status_kib(pid, "VmRSS:")? * 1024)
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status_kib(&status, "VmRSS:")? * 1024)
 }
 
-/// A size field of `/proc/<pid>/status` (`VmRSS:`, `RssAnon:`, …), in KiB.
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+/// A size field of a `/proc/<pid>/status` text (`VmRSS:`, `RssAnon:`, …), in KiB.
+fn status_kib(status: &str, field: &str) -> Result<u64> {
     let kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
+        .with_context(|| format!("no {field} in /proc/<pid>/status"))?
         .split_whitespace()
         .next()
         .with_context(|| format!("empty {field}"))?
@@ -1149,7 +1150,8 @@ mod tests {
     fn process_ticks_of_self_parse() {
         assert!(process_ticks(std::process::id()).is_ok());
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
-        assert!(status_kib(std::process::id(), "RssAnon:").unwrap() > 0);
-        assert!(status_kib(std::process::id(), "NoSuchField:").is_err());
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        assert!(status_kib(&status, "RssAnon:").unwrap() > 0);
+        assert!(status_kib(&status, "NoSuchField:").is_err());
     }
 }

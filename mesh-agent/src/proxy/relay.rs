@@ -271,7 +271,7 @@ pub struct Conn {
 #[derive(Debug)]
 pub struct Relay {
     copy: Copying,
-    conn: Box<Record>,
+    record: Box<Record>,
     counters: Counters,
     /// Tunnels only: closed after moving nothing for a while.
     idle: Option<Box<Idle>>,
@@ -287,20 +287,12 @@ struct Record {
     guard: Option<PeerGuard>,
 }
 
-impl std::ops::Deref for Record {
-    type Target = Conn;
-
-    fn deref(&self) -> &Conn {
-        &self.conn
-    }
-}
-
 impl Relay {
     fn new(copy: Copying, conn: Conn) -> Self {
         let counters = conn.telemetry.open(&conn.info);
         Self {
             copy,
-            conn: Box::new(Record {
+            record: Box::new(Record {
                 conn,
                 counted: [0; 2],
                 guard: None,
@@ -312,14 +304,14 @@ impl Relay {
 
     /// Keeps `guard` until the connection ends.
     pub(super) fn holding(mut self, guard: PeerGuard) -> Self {
-        self.conn.guard = Some(guard);
+        self.record.guard = Some(guard);
         self
     }
 
     /// Adds the bytes moved since the last call to the metrics.
     fn count(&mut self) -> [u64; 2] {
         let totals = self.copy.totals();
-        let counted = &mut self.conn.counted;
+        let counted = &mut self.record.counted;
         let delta = [totals[0] - counted[0], totals[1] - counted[1]];
         if delta != [0, 0] {
             self.counters.add_bytes(delta[0], delta[1]);
@@ -334,13 +326,13 @@ impl Future for Relay {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let tracked = this.conn.tracked.as_ref();
+        let tracked = this.record.conn.tracked.as_ref();
         if let Some(revoked) = tracked
             .filter(|t| t.poll_revoked(cx))
             .map(|t| t.revoked_by())
         {
             let totals = this.count();
-            let c = &this.conn;
+            let c = &this.record.conn;
             c.telemetry.close(
                 &c.info,
                 &this.counters,
@@ -360,7 +352,8 @@ impl Future for Relay {
         };
         let result = match idle_for {
             Some(timeout) => {
-                this.conn
+                this.record
+                    .conn
                     .telemetry
                     .metrics
                     .agent
@@ -373,7 +366,7 @@ impl Future for Relay {
             }
             None => ready!(result).map(|_| ()),
         };
-        let c = &this.conn;
+        let c = &this.record.conn;
         c.telemetry
             .close(&c.info, &this.counters, c.started, totals, &result, None);
         Poll::Ready(())
