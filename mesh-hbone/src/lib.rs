@@ -78,6 +78,7 @@
 
 #![forbid(unsafe_code)]
 
+mod early;
 mod error;
 mod keepalive;
 mod pool;
@@ -85,6 +86,7 @@ mod request;
 mod server;
 mod stream;
 
+pub use early::{EarlyData, NoEarlyData, EARLY_LIMIT};
 pub use error::HboneError;
 pub use pool::{Connect, Pool, PoolConfig};
 pub use request::{InboundRequest, OutboundRequest, BAGGAGE, FORWARDED, TRACEPARENT};

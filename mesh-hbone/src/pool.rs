@@ -18,6 +18,7 @@ use std::io;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Notify};
 
+use crate::early::{Early, EarlyData, NoEarlyData};
 use crate::error::HboneError;
 use crate::keepalive::{keepalive, KeepaliveConfig};
 use crate::request::OutboundRequest;
@@ -298,12 +300,27 @@ impl<C: Connect> Pool<C> {
         key: &C::Key,
         request: OutboundRequest,
     ) -> Result<H2Stream, HboneError> {
+        self.open_early(key, request, &mut NoEarlyData)
+            .await
+            .map(|(stream, _)| stream)
+    }
+
+    /// Like [`Self::open`], sending what `early` has while the answer is on its way (at most
+    /// [`crate::EARLY_LIMIT`] bytes, again on a retry; see [`crate::EarlyData`]). Returns the
+    /// stream and how many early bytes went ahead on it.
+    pub async fn open_early<E: EarlyData + ?Sized>(
+        &self,
+        key: &C::Key,
+        request: OutboundRequest,
+        early: &mut E,
+    ) -> Result<(H2Stream, usize), HboneError> {
+        let mut early = Early::new(early);
         let mut retried = false;
         loop {
             let http_request = request.to_http()?;
             let slot = self.checkout(key);
-            match self.send_on(key, slot, http_request).await {
-                Ok(stream) => return Ok(stream),
+            match self.send_on(key, slot, http_request, &mut early).await {
+                Ok(stream) => return Ok((stream, early.len())),
                 Err(Attempt::Retry(e)) if !retried => {
                     tracing::debug!(?key, error = %e, "HBONE request not sent, retrying");
                     retried = true;
@@ -384,11 +401,12 @@ impl<C: Connect> Pool<C> {
         slot
     }
 
-    async fn send_on(
+    async fn send_on<E: EarlyData + ?Sized>(
         &self,
         key: &C::Key,
         slot: StreamSlot,
         request: Request<()>,
+        early: &mut Early<'_, E>,
     ) -> Result<H2Stream, Attempt> {
         let conn = Arc::clone(&slot.conn);
         let mut state = conn.state.subscribe();
@@ -415,9 +433,26 @@ impl<C: Connect> Pool<C> {
             Attempt::Retry(HboneError::Http2(e))
         };
         let mut sender = sender.ready().await.map_err(retire)?;
-        let (response, send) = sender.send_request(request, false).map_err(retire)?;
+        let (response, mut send) = sender.send_request(request, false).map_err(retire)?;
         drop(sender);
-        let response = match response.await {
+        // Early bytes, within their limit, go right behind the request (h2 buffers them until
+        // the windows allow); a failed send shows in the answer.
+        let mut send_early = |data: Bytes| {
+            if let Err(e) = send.send_data(data, false) {
+                tracing::trace!(error = %e, "early data not sent");
+            }
+        };
+        early.replay().for_each(&mut send_early);
+        let mut response = pin!(response);
+        let answer = std::future::poll_fn(|cx| {
+            if let Poll::Ready(answer) = response.as_mut().poll(cx) {
+                return Poll::Ready(answer);
+            }
+            early.poll_more(cx, &mut send_early);
+            Poll::Pending
+        })
+        .await;
+        let response = match answer {
             Ok(response) => response,
             Err(e) if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
                 return Err(retire(e));

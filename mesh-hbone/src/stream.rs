@@ -83,9 +83,99 @@ impl H2Stream {
         let n = self.pending.len().min(buf.remaining());
         buf.put_slice(&self.pending[..n]);
         take_front(&mut self.pending, n);
+        self.release(n);
+    }
+
+    /// The next bytes the peer sent, as h2 received them (no copy): `None` once the peer has
+    /// half-closed. They keep counting against the peer's windows until [`Self::release`] gives
+    /// their capacity back, which a relay does once it has written them on: a reader that
+    /// stops writing stops the peer. (For callers that copy into a buffer, [`AsyncRead`] does
+    /// both at once.)
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            if !self.pending.is_empty() {
+                return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+            }
+            if self.read_eof {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.poll_frame(cx)) {
+                Ok(Some(data)) => self.pending = data,
+                Ok(None) => self.read_eof = true,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Gives the flow-control capacity of `n` received bytes back to the peer.
+    pub fn release(&mut self, n: usize) {
         // Only fails when the stream is already closed, where capacity no longer matters.
         if let Err(e) = self.recv.flow_control().release_capacity(n) {
             tracing::trace!(error = %e, "releasing receive capacity failed");
+        }
+    }
+
+    /// Sends `data` without copying it, as far as the peer's windows and the connection's
+    /// send buffer allow: `data` keeps what could not be sent yet, and the call is ready once it
+    /// is empty. Flow control as for [`AsyncWrite::poll_write`].
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Err(write_after_shutdown()));
+        }
+        while !data.is_empty() {
+            let capacity = ready!(self.poll_capacity(cx, data.len()))?;
+            let chunk = data.split_to(capacity.min(data.len()));
+            self.send.send_data(chunk, false).map_err(h2_to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next DATA frame's bytes, `None` at the end of the stream (a reset with `NO_ERROR`
+    /// included).
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        Poll::Ready(match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(data)) => Ok(Some(data)),
+            None => Ok(None),
+            Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() => {
+                // The peer finished and no longer wants our data (RFC 9113 §8.1). h2 reports
+                // it in place of the end of stream it may already have received.
+                Ok(None)
+            }
+            Some(Err(e)) => Err(h2_to_io(e)),
+        })
+    }
+
+    /// Waits until some send capacity is assigned for a write of `want` bytes; returns it.
+    fn poll_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        loop {
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity));
+            }
+            // Ask for (at most) what this write needs; h2 assigns it as the peer's windows and the
+            // connection's send buffer allow, and wakes us when some is assigned.
+            self.send.reserve_capacity(want.min(MAX_RESERVE));
+            match self.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(None) => {
+                    // The send side is closed: the stream was reset or the connection is gone.
+                    return match self.poll_send_error(cx) {
+                        Poll::Ready(e) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed",
+                        ))),
+                    };
+                }
+                Poll::Pending => {
+                    // A reset does not assign capacity: watch for it too.
+                    return match self.poll_send_error(cx) {
+                        Poll::Ready(e) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
         }
     }
 
@@ -113,6 +203,13 @@ fn take_front(pending: &mut Bytes, n: usize) {
     } else {
         pending.advance(n);
     }
+}
+
+fn write_after_shutdown() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "write after shutdown of an HBONE stream",
+    )
 }
 
 fn reset_error(reason: Reason) -> io::Error {
@@ -156,15 +253,10 @@ impl AsyncRead for H2Stream {
             if this.read_eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.pending = data,
-                None => this.read_eof = true,
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() => {
-                    // The peer finished and no longer wants our data (RFC 9113 §8.1). h2
-                    // reports it in place of the end of stream it may already have received.
-                    this.read_eof = true;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            match ready!(this.poll_frame(cx)) {
+                Ok(Some(data)) => this.pending = data,
+                Ok(None) => this.read_eof = true,
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -178,53 +270,17 @@ impl AsyncWrite for H2Stream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown of an HBONE stream",
-            )));
+            return Poll::Ready(Err(write_after_shutdown()));
         }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        loop {
-            let capacity = this.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(buf.len());
-                return Poll::Ready(
-                    match this
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    {
-                        Ok(()) => Ok(n),
-                        Err(e) => Err(h2_to_io(e)),
-                    },
-                );
-            }
-            // Ask for (at most) what this write needs; h2 assigns it as the peer's windows and the
-            // connection's send buffer allow, and wakes us when some is assigned.
-            this.send.reserve_capacity(buf.len().min(MAX_RESERVE));
-            match this.send.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
-                Poll::Ready(None) => {
-                    // The send side is closed: the stream was reset or the connection is gone.
-                    return match this.poll_send_error(cx) {
-                        Poll::Ready(e) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            "HBONE stream closed",
-                        ))),
-                    };
-                }
-                Poll::Pending => {
-                    // A reset does not assign capacity: watch for it too.
-                    return match this.poll_send_error(cx) {
-                        Poll::Ready(e) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
-            }
-        }
+        let capacity = ready!(this.poll_capacity(cx, buf.len()))?;
+        let n = capacity.min(buf.len());
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -42,8 +42,9 @@ mod kube;
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub quick: bool,
-    /// Record `perf` profiles of agent n0 during the 1-stream throughput runs, and count both
-    /// agents' system calls and context switches per new connection (a second connection run).
+    /// Record `perf` profiles of each agent during the 1-stream throughput runs, count both
+    /// agents' system calls and context switches per new connection (a second connection run),
+    /// list them by name (a third) and record every process's calls in order (a fourth).
     pub profile: bool,
     secs: u64,
     reps: usize,
@@ -567,11 +568,10 @@ impl Bench {
         srv.wait_for_line("iperf3 to listen", Duration::from_secs(10), |l| {
             l.contains("Server listening")
         })?;
-        let profiler = match agents.first() {
-            Some(agent) if self.plan.profile && streams == 1 => {
-                Some(self.start_profile(agent, server)?)
-            }
-            _ => None,
+        let profilers = if self.plan.profile && streams == 1 {
+            self.start_profiles(agents, server)?
+        } else {
+            Vec::new()
         };
         let before = CpuSample::take(agents)?;
         let out = process::run(client.command("iperf3").args([
@@ -587,10 +587,7 @@ impl Bench {
         ]))?;
         let after = CpuSample::take(agents)?;
         srv.wait(Duration::from_secs(10))?;
-        if let Some((mut perf, data)) = profiler {
-            perf.wait(Duration::from_secs(30))?;
-            report_profile(&data)?;
-        }
+        finish_profiles(profilers)?;
         let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
         if let Some(error) = v["error"].as_str() {
             bail!(
@@ -607,9 +604,9 @@ impl Bench {
     }
 
     /// `--profile`: the new-connection run again, with both agents' system calls and context
-    /// switches counted (`perf stat`) and agent n0 profiled (`perf record`): what a connection
+    /// switches counted (`perf stat`) and each agent profiled (`perf record`): what a connection
     /// costs the agents besides CPU time (each context switch is a wake-up on the way); then once
-    /// more under `perf trace`, for the calls by name.
+    /// more under `perf trace`, for the calls by name, and once more for a timeline.
     fn count_per_connection(
         &mut self,
         mode: Mode,
@@ -635,16 +632,10 @@ impl Bench {
         .arg(&counts)
         .args(["--", "sleep", &secs]);
         let mut stat = Process::spawn("perf stat", &mut stat)?;
-        let profiler = match agents.first() {
-            Some(agent) => Some(self.start_profile(agent, server)?),
-            None => None,
-        };
+        let profilers = self.start_profiles(agents, server)?;
         let v = self.connrate(client, dst)?;
         stat.wait_success(Duration::from_secs(30))?;
-        if let Some((mut perf, data)) = profiler {
-            perf.wait(Duration::from_secs(30))?;
-            report_profile(&data)?;
-        }
+        finish_profiles(profilers)?;
         let conns = f(&v, "connections")?.max(1.0);
         let text = fs::read_to_string(&counts)?;
         for (event, metric) in [
@@ -676,6 +667,22 @@ impl Bench {
             f(&traced, "connections")?,
             calls.display()
         );
+        // The order of events: every process's system calls with their times (client, agents,
+        // server), for 0.3 s a second into a fourth run (started by then): which wake-up waits
+        // for which.
+        let timeline = self.out_file(server, "perf-timeline", "txt");
+        let mut all = std::process::Command::new("sh");
+        all.arg("-c")
+            .arg("sleep 1 && exec perf trace -a -o \"$0\" -- sleep 0.3")
+            .arg(&timeline);
+        let mut all = Process::spawn("perf trace -a", &mut all)?;
+        let connrate = self.connrate(client, dst);
+        all.wait_success(Duration::from_secs(30))?;
+        connrate?;
+        println!(
+            "  timeline of every process's calls: {}",
+            timeline.display()
+        );
         Ok(())
     }
 
@@ -695,9 +702,25 @@ impl Bench {
         self.out.join(format!("{what}-{n}-{tag}.{ext}"))
     }
 
-    /// Starts `perf record` (software clock, call graphs) on `agent` for the iperf3 run.
-    fn start_profile(&self, agent: &Agent, server: &Pod) -> Result<(Process, PathBuf)> {
-        let data = self.out_file(server, "perf", "data");
+    /// Starts `perf record` (software clock, call graphs) on each agent for the next run, one
+    /// profile per agent (`perf-<n>-<path>-agent<i>.data`; agent 0 is the source's).
+    fn start_profiles(&self, agents: &[Agent], server: &Pod) -> Result<Vec<(Process, PathBuf)>> {
+        let path = if server.node == 0 {
+            "same-node"
+        } else {
+            "cross-node"
+        };
+        agents
+            .iter()
+            .enumerate()
+            .map(|(i, agent)| {
+                let data = self.out_file_tagged("perf", &format!("{path}-agent{i}"), "data");
+                self.start_profile(agent, data)
+            })
+            .collect()
+    }
+
+    fn start_profile(&self, agent: &Agent, data: PathBuf) -> Result<(Process, PathBuf)> {
         let (pid, secs) = (agent.pid().to_string(), self.plan.secs.to_string());
         let mut cmd = std::process::Command::new("perf");
         cmd.args([
@@ -931,6 +954,15 @@ fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
     })
 }
 
+/// Waits for the profilers and writes each profile's top symbols next to it.
+fn finish_profiles(profilers: Vec<(Process, PathBuf)>) -> Result<()> {
+    for (mut perf, data) in profilers {
+        perf.wait(Duration::from_secs(30))?;
+        report_profile(&data)?;
+    }
+    Ok(())
+}
+
 /// Writes the profile's top symbols next to it (`<data>.txt`).
 fn report_profile(data: &Path) -> Result<()> {
     let report = process::run(
@@ -941,7 +973,7 @@ fn report_profile(data: &Path) -> Result<()> {
     )?;
     let text = data.with_extension("txt");
     fs::write(&text, report)?;
-    println!("  profile of agent n0: {}", text.display());
+    println!("  agent profile: {}", text.display());
     Ok(())
 }
 

@@ -54,8 +54,9 @@ enum Cmd {
         /// Short measurements, one repetition (under two minutes).
         #[arg(long)]
         quick: bool,
-        /// Record perf profiles of the agent during the 1-stream throughput runs and the
-        /// new-connection runs, with system calls and context switches per connection.
+        /// Record perf profiles of the agents during the 1-stream throughput runs and the
+        /// new-connection runs, with system calls and context switches per connection, and a
+        /// timeline of every process's system calls during a new-connection run.
         #[arg(long)]
         profile: bool,
         /// Measure only these groups (repeatable): throughput, latency, connrate, memory,

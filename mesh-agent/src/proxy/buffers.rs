@@ -1,6 +1,6 @@
-//! The copy buffers both copies (TCP to TCP in [`super::relay`], TCP to an HBONE stream in
-//! [`super::stream_copy`]) borrow for one read and the writes that follow, and the budget of
-//! reads a busy direction may do before it yields.
+//! The copy buffers that the TCP-to-TCP copy ([`super::relay`]) and the reads under TLS
+//! ([`super::read_ahead`]) borrow for one read and what follows it, and the budget of reads a
+//! busy direction may do before it yields.
 //!
 //! Buffers go back to a pool after each use, so a busy agent does not allocate per read; the
 //! pool gives back to the allocator whatever a whole [`TRIM_EVERY`] did not need, so an agent

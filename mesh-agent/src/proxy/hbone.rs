@@ -24,7 +24,9 @@ use tracing::{debug, warn};
 
 use super::{
     authorize, dial_app, dial_from,
+    read_ahead::ReadAhead,
     relay::{relay_inbound_tunnel, relay_tunnel, Conn, Relay},
+    tunnel_copy::ClientFirst,
     ConnTask, LocalPod, LocalPods, ProxyCtx,
 };
 use crate::telemetry::{ConnInfo, Refusal, Security};
@@ -84,7 +86,7 @@ impl HboneConnector {
 }
 
 impl Connect for HboneConnector {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<ReadAhead<TcpStream>>;
     type Key = HboneKey;
 
     async fn connect(&self, key: &HboneKey) -> io::Result<Self::Io> {
@@ -116,7 +118,9 @@ impl Connect for HboneConnector {
             .map_err(io::Error::other)?;
         // No SNI is sent; the server is authenticated by its SPIFFE id, not by this name.
         let name = ServerName::try_from("hbone.mesh.invalid").map_err(io::Error::other)?;
-        TlsConnector::from(config).connect(name, tcp).await
+        TlsConnector::from(config)
+            .connect(name, ReadAhead::new(tcp))
+            .await
     }
 }
 
@@ -150,11 +154,16 @@ pub(super) async fn outbound(
     if let Some(service) = info.service.as_deref() {
         request = request.with_forwarded_host(service.hostname.clone());
     }
-    let opened = tokio::time::timeout(OPEN_TIMEOUT, ctx.transport.pool.open(&key, request)).await;
+    // The client's first bytes go right behind the request (`mesh_hbone::EarlyData`).
+    let mut first = ClientFirst::default();
+    let mut reader = first.reader(&down);
+    let open = ctx.transport.pool.open_early(&key, request, &mut reader);
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, open).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
-        Ok(stream) => Some(relay_tunnel(
+        Ok((stream, _)) => Some(relay_tunnel(
             down,
             stream,
+            first,
             conn,
             ctx.transport.stream_idle_timeout,
         )),
@@ -211,7 +220,7 @@ pub(super) async fn serve(
         warn!(error = %e, "no certificate for the pod's identity; closing");
         return;
     }
-    let accept = TlsAcceptor::from(config).accept(tcp);
+    let accept = TlsAcceptor::from(config).accept(ReadAhead::new(tcp));
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

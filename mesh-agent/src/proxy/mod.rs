@@ -17,9 +17,10 @@ mod buffers;
 pub mod hbone;
 mod inbound;
 mod outbound;
+mod read_ahead;
 mod relay;
-mod stream_copy;
 pub mod tracker;
+mod tunnel_copy;
 
 use std::{
     future::Future,

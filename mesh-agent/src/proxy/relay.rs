@@ -24,8 +24,8 @@ use tokio::{io::AsyncWrite as _, net::TcpStream, time::Sleep};
 
 use super::{
     buffers::{give_back, take_buffer, BUDGET},
-    stream_copy::StreamCopy,
     tracker::Tracked,
+    tunnel_copy::{ClientFirst, TunnelCopy},
     PeerGuard,
 };
 use crate::telemetry::{ConnInfo, Counters, Telemetry};
@@ -164,14 +164,16 @@ pub fn relay(down: TcpStream, up: TcpStream, conn: Conn) -> Relay {
 
 /// Relays a captured connection through an HBONE tunnel, like [`relay`]; a tunnel that moves
 /// no byte either way for `idle` is closed.
+/// `early`: what went ahead on the tunnel while it opened.
 pub fn relay_tunnel(
     down: TcpStream,
     tunnel: H2Stream,
+    early: ClientFirst,
     conn: Conn,
     idle: Option<Duration>,
 ) -> Relay {
     let mut relay = Relay::new(
-        Copying::Tunnel(Box::new(StreamCopy::new(down, tunnel))),
+        Copying::Tunnel(Box::new(TunnelCopy::after_early(down, tunnel, early))),
         conn,
     );
     relay.idle = idle.map(|t| Box::new(Idle::new(t)));
@@ -187,7 +189,7 @@ pub fn relay_inbound_tunnel(
     idle: Option<Duration>,
 ) -> Relay {
     let mut relay = Relay::new(
-        Copying::TunnelIn(Box::new(StreamCopy::new(tunnel, app))),
+        Copying::TunnelIn(Box::new(TunnelCopy::new(app, tunnel))),
         conn,
     );
     relay.idle = idle.map(|t| Box::new(Idle::new(t)));
@@ -230,9 +232,9 @@ enum Copying {
     /// Two TCP sockets.
     Tcp(Copy),
     /// A TCP socket and an HBONE stream (boxed: rarer, and larger).
-    Tunnel(Box<StreamCopy<TcpStream, H2Stream>>),
-    /// An HBONE stream and a TCP socket.
-    TunnelIn(Box<StreamCopy<H2Stream, TcpStream>>),
+    Tunnel(Box<TunnelCopy>),
+    /// An HBONE stream toward a TCP socket (the copy's totals the other way round).
+    TunnelIn(Box<TunnelCopy>),
 }
 
 impl Copying {
@@ -240,15 +242,18 @@ impl Copying {
         match self {
             Copying::Tcp(c) => c.totals,
             Copying::Tunnel(c) => c.totals(),
-            Copying::TunnelIn(c) => c.totals(),
+            Copying::TunnelIn(c) => {
+                let [to_tunnel, to_app] = c.totals();
+                [to_app, to_tunnel]
+            }
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(u64, u64)>> {
         match self {
             Copying::Tcp(copy) => Pin::new(copy).poll(cx),
-            Copying::Tunnel(copy) => Pin::new(&mut **copy).poll(cx),
-            Copying::TunnelIn(copy) => Pin::new(&mut **copy).poll(cx),
+            // (The resolved totals are not read: `totals` orders them.)
+            Copying::Tunnel(copy) | Copying::TunnelIn(copy) => Pin::new(&mut **copy).poll(cx),
         }
     }
 }
