@@ -4,8 +4,9 @@
 //! several DATA frames per `writev`. Half-close passes through both ways.
 //!
 //! [`super::relay`]'s copy is the same idea for two TCP sockets. An idle tunnelled connection
-//! holds no buffer: a direction allocates its read buffer when its socket is readable and lets
-//! go of it once the socket has nothing more.
+//! holds no buffer: a read buffer is allocated for each read (sized by the last one) and lives
+//! on only as the `Bytes` h2 has yet to write, and the queue of frames to write is freed once
+//! it is empty.
 
 use std::{
     collections::VecDeque,
@@ -34,18 +35,10 @@ enum Up {
     /// Reading the socket failed before the copy started (while the tunnel opened): the copy
     /// ends with this error.
     Failed(Option<io::Error>),
-    /// Waiting for the socket. `spare` is what is left of the last read buffer (empty when the
-    /// socket had nothing more), `next` the size of the next one.
-    Reading {
-        spare: BytesMut,
-        next: usize,
-    },
+    /// Waiting for the socket.
+    Reading,
     /// Handing `Bytes` read from the socket to HTTP/2 as its windows allow.
-    Sending {
-        data: Bytes,
-        spare: BytesMut,
-        next: usize,
-    },
+    Sending(Bytes),
     /// EOF read: half-closing the tunnel.
     ShuttingDown,
     Done,
@@ -73,6 +66,9 @@ pub struct TunnelCopy {
     up: Up,
     down: Down,
     totals: [u64; 2],
+    /// Size of the next read buffer, from the last read: one is allocated per read and none is
+    /// kept while the socket has nothing.
+    next_read: usize,
 }
 
 impl TunnelCopy {
@@ -85,10 +81,7 @@ impl TunnelCopy {
     pub fn after_early(tcp: TcpStream, tunnel: H2Stream, early: ClientFirst) -> Self {
         let up = match early.error {
             Some(e) => Up::Failed(Some(e)),
-            None => Up::Reading {
-                spare: BytesMut::new(),
-                next: MIN_READ,
-            },
+            None => Up::Reading,
         };
         Self {
             tcp,
@@ -99,6 +92,7 @@ impl TunnelCopy {
                 eof: false,
             },
             totals: [early.sent, 0],
+            next_read: MIN_READ,
         }
     }
 
@@ -118,45 +112,39 @@ impl TunnelCopy {
                     self.up = Up::Done;
                     return Poll::Ready(Err(e));
                 }
-                Up::Reading { spare, next } => {
+                Up::Reading => {
                     if budget == 0 {
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }
                     budget -= 1;
                     ready!(self.tcp.poll_read_ready(cx))?;
-                    if spare.capacity() - spare.len() < MIN_READ {
-                        *spare = BytesMut::with_capacity(*next);
-                    }
-                    let room = spare.capacity() - spare.len();
-                    match self.tcp.try_read_buf(spare) {
+                    let size = self.next_read;
+                    let mut buf = BytesMut::with_capacity(size);
+                    match self.tcp.try_read_buf(&mut (&mut buf).limit(size)) {
                         Ok(0) => self.up = Up::ShuttingDown,
                         Ok(n) => {
                             // A read that filled the buffer asks for a larger one next time,
                             // a short one for a smaller one.
-                            let next = if n == room {
-                                (*next * 2).min(MAX_READ)
+                            let next = if n == size {
+                                size * 2
                             } else {
-                                (n * 2).next_power_of_two().clamp(MIN_READ, MAX_READ)
+                                (n * 2).next_power_of_two()
                             };
-                            let data = spare.split().freeze();
-                            let spare = std::mem::take(spare);
-                            self.up = Up::Sending { data, spare, next };
+                            self.next_read = next.clamp(MIN_READ, MAX_READ);
+                            self.up = Up::Sending(buf.freeze());
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            // Nothing more for now: let go of the buffer until there is.
-                            *spare = BytesMut::new();
-                        }
+                        // Nothing after all: wait for readiness again.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(e)),
                     }
                 }
-                Up::Sending { data, spare, next } => {
+                Up::Sending(data) => {
                     let before = data.len();
                     let sent = self.tunnel.poll_send(cx, data);
                     self.totals[0] += (before - data.len()) as u64;
                     ready!(sent)?;
-                    let (spare, next) = (std::mem::take(spare), *next);
-                    self.up = Up::Reading { spare, next };
+                    self.up = Up::Reading;
                 }
                 Up::ShuttingDown => {
                     ready!(Pin::new(&mut self.tunnel).poll_shutdown(cx))?;
@@ -230,8 +218,8 @@ impl TunnelCopy {
                     left = 0;
                 }
             }
-            if frames.is_empty() && frames.capacity() > MAX_GATHER {
-                // A burst is over: do not keep its queue.
+            if frames.is_empty() {
+                // All written: an idle tunnel keeps no queue (128 bytes or more).
                 *frames = VecDeque::new();
             }
         }
@@ -409,5 +397,15 @@ mod tests {
         drop(app);
         let result = copy.await.unwrap();
         assert!(result.is_err(), "expected an error, got {result:?}");
+    }
+}
+
+#[cfg(test)]
+mod size {
+    #[test]
+    fn a_tunnels_copy_state_fits_jemallocs_256_byte_class() {
+        // Sockets' kernel buffers aside, this (boxed) is what the copy of an idle tunnel keeps.
+        let size = size_of::<super::TunnelCopy>();
+        assert!(size <= 256, "TunnelCopy is {size} bytes");
     }
 }
