@@ -52,22 +52,31 @@ fn pool() -> Pool<TcpConnector> {
     Pool::new(TcpConnector::default(), PoolConfig::default())
 }
 
-/// The handler answers late; the client's first bytes were sent while it waited, and the
-/// handler reads them, then the rest, exactly once.
-#[tokio::test]
-async fn early_bytes_go_ahead_of_the_answer_and_arrive_once() {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+/// A server whose handler accepts each stream after `delay`, reads it to its end and reports
+/// what it read.
+async fn late_reader(delay: Duration) -> (TestServer, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let handler = move |_req: InboundRequest, responder: Responder| {
         let tx = tx.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(delay).await;
             let mut stream = responder.accept().unwrap();
             let mut got = Vec::new();
             stream.read_to_end(&mut got).await.unwrap();
             tx.send(got).unwrap();
         }
     };
-    let server = TestServer::start(ServerConfig::default(), handler).await;
+    (
+        TestServer::start(ServerConfig::default(), handler).await,
+        rx,
+    )
+}
+
+/// The handler answers late; the client's first bytes were sent while it waited, and the
+/// handler reads them, then the rest, exactly once.
+#[tokio::test]
+async fn early_bytes_go_ahead_of_the_answer_and_arrive_once() {
+    let (server, mut rx) = late_reader(Duration::from_millis(100)).await;
     let pool = pool();
     let mut early = Sent::new(&[b"GET / HTTP/1.1\r\n", b"host: a\r\n"]);
     let (mut stream, sent) = pool
@@ -88,18 +97,7 @@ async fn early_bytes_go_ahead_of_the_answer_and_arrive_once() {
 #[tokio::test]
 async fn early_bytes_stop_at_the_limit() {
     static BIG: [u8; 40_000] = [7; 40_000];
-    let (tx, mut rx) = mpsc::unbounded_channel::<usize>();
-    let handler = move |_req: InboundRequest, responder: Responder| {
-        let tx = tx.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let mut stream = responder.accept().unwrap();
-            let mut got = Vec::new();
-            stream.read_to_end(&mut got).await.unwrap();
-            tx.send(got.len()).unwrap();
-        }
-    };
-    let server = TestServer::start(ServerConfig::default(), handler).await;
+    let (server, mut rx) = late_reader(Duration::from_millis(50)).await;
     let pool = pool();
     let mut early = Sent::new(&[&BIG]);
     let (mut stream, sent) = pool
@@ -115,7 +113,7 @@ async fn early_bytes_stop_at_the_limit() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(got, BIG.len());
+    assert!(got == BIG, "{} bytes arrived", got.len());
 }
 
 /// A refused stream's early bytes are dropped with it; the client sees the status.

@@ -14,6 +14,8 @@
 //! kernel's `sk_msg` short-cut carries them.
 
 mod buffers;
+#[cfg(test)]
+mod copy_tests;
 pub mod hbone;
 mod inbound;
 mod outbound;

@@ -380,26 +380,10 @@ impl Future for Relay {
 
 #[cfg(test)]
 mod tests {
-    use tokio::{
-        io::{AsyncReadExt as _, AsyncWriteExt as _},
-        net::{TcpListener, TcpStream},
-    };
+    use tokio::net::TcpStream;
 
+    use super::super::copy_tests::{half_close_exchange, pair};
     use super::Copy;
-
-    /// A connected pair of loopback sockets.
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| u8::try_from(i % 251).unwrap() ^ seed)
-            .collect()
-    }
 
     /// client <-> down [Copy] up <-> server.
     async fn through_copy() -> (
@@ -415,32 +399,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_directions_are_byte_exact_and_half_close_passes_through() {
-        let (mut client, mut server, copy) = through_copy().await;
-        let request = pattern(3 * 1024 * 1024 + 17, 0x5a);
-        let response = pattern(1024 * 1024 + 3, 0xa5);
-        let req = request.clone();
-        let writer = tokio::spawn(async move {
-            client.write_all(&req).await.unwrap();
-            // Half-close: the server must see EOF while the response still flows back.
-            client.shutdown().await.unwrap();
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert!(got == request, "request corrupted ({} bytes)", got.len());
-        server.write_all(&response).await.unwrap();
-        server.shutdown().await.unwrap();
-        let back = writer.await.unwrap();
-        assert!(
-            back == response,
-            "response corrupted ({} bytes)",
-            back.len()
-        );
+        let (client, mut server, copy) = through_copy().await;
+        let (request, response) = (3 * 1024 * 1024 + 17, 1024 * 1024 + 3);
+        half_close_exchange(client, &mut server, request, response).await;
         let (sent, received) = copy.await.unwrap().unwrap();
-        assert_eq!(sent, request.len() as u64);
-        assert_eq!(received, response.len() as u64);
+        assert_eq!((sent, received), (request as u64, response as u64));
     }
 
     #[tokio::test]

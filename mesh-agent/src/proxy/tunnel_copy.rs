@@ -298,11 +298,11 @@ mod tests {
         Responder, ServerConfig,
     };
     use tokio::{
-        io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::{TcpListener, TcpStream},
         sync::mpsc,
     };
 
+    use super::super::copy_tests::{half_close_exchange, pair};
     use super::TunnelCopy;
 
     /// Plain TCP to the test's HBONE server (no TLS: the copy does not care).
@@ -315,14 +315,6 @@ mod tests {
         async fn connect(&self, key: &SocketAddr) -> io::Result<TcpStream> {
             TcpStream::connect(key).await
         }
-    }
-
-    /// A connected pair of loopback sockets.
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
     }
 
     /// A real HTTP/2 tunnel over loopback: (client end, server end).
@@ -347,44 +339,15 @@ mod tests {
         (client, server, pool)
     }
 
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| u8::try_from(i % 251).unwrap() ^ seed)
-            .collect()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_directions_byte_exact_with_half_close() {
-        let (mut app, leg) = pair().await;
+        let (app, leg) = pair().await;
         let (client_end, mut far_end, _pool) = tunnel().await;
         let copy = tokio::spawn(TunnelCopy::new(leg, client_end));
-        let request = pattern(5 * 1024 * 1024 + 17, 0x5a);
-        let response = pattern(2 * 1024 * 1024 + 3, 0xa5);
-        let req = request.clone();
-        let app_task = tokio::spawn(async move {
-            app.write_all(&req).await.unwrap();
-            // Half-close: the far end must see EOF while the response still flows back.
-            app.shutdown().await.unwrap();
-            let mut back = Vec::new();
-            app.read_to_end(&mut back).await.unwrap();
-            back
-        });
-        let mut got = Vec::new();
-        far_end.read_to_end(&mut got).await.unwrap();
-        assert!(got == request, "request corrupted ({} bytes)", got.len());
-        far_end.write_all(&response).await.unwrap();
-        far_end.shutdown().await.unwrap();
-        let back = app_task.await.unwrap();
-        assert!(
-            back == response,
-            "response corrupted ({} bytes)",
-            back.len()
-        );
+        let (request, response) = (5 * 1024 * 1024 + 17, 2 * 1024 * 1024 + 3);
+        half_close_exchange(app, &mut far_end, request, response).await;
         let (sent, received) = copy.await.unwrap().unwrap();
-        assert_eq!(
-            (sent, received),
-            (request.len() as u64, response.len() as u64)
-        );
+        assert_eq!((sent, received), (request as u64, response as u64));
     }
 
     #[tokio::test]
