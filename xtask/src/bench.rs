@@ -688,12 +688,7 @@ impl Bench {
 
     /// A new file in the results directory, named after the path `server` is on.
     fn out_file(&self, server: &Pod, what: &str, ext: &str) -> PathBuf {
-        let path = if server.node == 0 {
-            "same-node"
-        } else {
-            "cross-node"
-        };
-        self.out_file_tagged(what, path, ext)
+        self.out_file_tagged(what, path_tag(server), ext)
     }
 
     /// A new file in the results directory: `<what>-<sequence>-<tag>.<ext>`.
@@ -705,11 +700,7 @@ impl Bench {
     /// Starts `perf record` (software clock, call graphs) on each agent for the next run, one
     /// profile per agent (`perf-<n>-<path>-agent<i>.data`; agent 0 is the source's).
     fn start_profiles(&self, agents: &[Agent], server: &Pod) -> Result<Vec<(Process, PathBuf)>> {
-        let path = if server.node == 0 {
-            "same-node"
-        } else {
-            "cross-node"
-        };
+        let path = path_tag(server);
         agents
             .iter()
             .enumerate()
@@ -952,6 +943,15 @@ fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
         let _unit = fields.next()?;
         (fields.next()? == event).then(|| value.parse().ok())?
     })
+}
+
+/// The path `server` is on, as results files name it.
+fn path_tag(server: &Pod) -> &'static str {
+    if server.node == 0 {
+        "same-node"
+    } else {
+        "cross-node"
+    }
 }
 
 /// Waits for the profilers and writes each profile's top symbols next to it.

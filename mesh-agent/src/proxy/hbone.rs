@@ -160,10 +160,13 @@ pub(super) async fn outbound(
     let open = ctx.transport.pool.open_early(&key, request, &mut reader);
     let opened = tokio::time::timeout(OPEN_TIMEOUT, open).await;
     match opened.unwrap_or(Err(mesh_hbone::HboneError::ConnectTimeout(OPEN_TIMEOUT))) {
-        Ok((stream, _)) => Some(relay_tunnel(
+        Ok((stream, early)) => Some(relay_tunnel(
             down,
             stream,
-            first,
+            ClientFirst {
+                sent: early as u64,
+                ..first
+            },
             conn,
             ctx.transport.stream_idle_timeout,
         )),

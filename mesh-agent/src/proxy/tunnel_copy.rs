@@ -230,7 +230,7 @@ impl TunnelCopy {
 /// socket into `Bytes` handed to HTTP/2 as they are, as the copy does afterwards.
 #[derive(Debug, Default)]
 pub struct ClientFirst {
-    /// Bytes that went ahead.
+    /// Bytes that went ahead (as the pool counted them).
     pub sent: u64,
     /// The read error that ended the early reads, for the copy to report.
     pub error: Option<io::Error>,
@@ -260,10 +260,7 @@ impl mesh_hbone::EarlyData for ClientFirstReader<'_> {
             match self.tcp.try_read_buf(&mut (&mut buf).limit(limit)) {
                 // End of file: the copy reads it again.
                 Ok(0) => return Poll::Ready(None),
-                Ok(n) => {
-                    self.first.sent += n as u64;
-                    return Poll::Ready(Some(buf.freeze()));
-                }
+                Ok(_) => return Poll::Ready(Some(buf.freeze())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     self.first.error = Some(e);
