@@ -403,7 +403,9 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     pods.reconcile(&desired).await;
     // The start-up's transients (the kernel's BTF above all) go back now, not over seconds.
     crate::memory::release_freed();
-    tokio::spawn(crate::proxy::trim_copy_buffers());
+    // Once the copies go quiet, what a burst freed goes back at once too (`memory.rs`).
+    let on_quiet = crate::memory::release_freed;
+    tokio::spawn(crate::proxy::trim_copy_buffers(on_quiet));
     tokio::spawn(become_ready(
         state_rx.clone(),
         config.node_name.clone(),

@@ -103,7 +103,7 @@ pub struct ProxyParts {
     pub certs: Arc<CertManager>,
     pub provider: CryptoProvider,
     pub pool: mesh_hbone::PoolConfig,
-    /// See [`Transport::stream_idle_timeout`].
+    /// A tunnel that moves no byte either way for this long is closed (`None`: never).
     pub stream_idle_timeout: Option<std::time::Duration>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub tracker: Arc<proxy::tracker::Tracker>,
@@ -186,7 +186,11 @@ impl PodManager {
             provider: parts.provider,
             pool: mesh_hbone::Pool::new(connector, parts.pool),
             server: mesh_hbone::ServerConfig::default(),
-            stream_idle_timeout: parts.stream_idle_timeout,
+            idle: parts.stream_idle_timeout.map(|timeout| {
+                let sweep = proxy::idle::IdleSweep::new(timeout);
+                tokio::spawn(Arc::clone(&sweep).run());
+                sweep
+            }),
         });
         let ctx = Arc::new(ProxyCtx {
             conn: datapath.conn_maps(),

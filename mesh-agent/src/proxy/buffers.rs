@@ -4,7 +4,10 @@
 //!
 //! Buffers go back to a pool after each use, so a busy agent does not allocate per read; the
 //! pool gives back to the allocator whatever a whole [`TRIM_EVERY`] did not need, so an agent
-//! returns to its resting size once a burst is over (the memory target in BENCHMARKS.md).
+//! returns to its resting size once a burst is over (the memory target in BENCHMARKS.md). A
+//! trim that frees the last of them means no copy ran for a whole period: the agent has gone
+//! quiet, and the caller hears of it once (the agent then gives the allocator's freed pages back
+//! to the kernel at once instead of over its decay).
 
 use std::{sync::Mutex, time::Duration};
 
@@ -53,6 +56,13 @@ impl Pool {
         self.low = keep;
         unused
     }
+
+    /// Whether a trim that freed `freed` buffers found the agent quiet: none was needed for a
+    /// whole period, and some were there to free (an idle agent's later trims free nothing and
+    /// are not news).
+    fn went_quiet(&self, freed: usize) -> bool {
+        freed > 0 && self.free.is_empty()
+    }
 }
 
 static POOL: Mutex<Pool> = Mutex::new(Pool::new());
@@ -74,15 +84,23 @@ pub(super) fn give_back(buf: Box<[u8]>) {
     }
 }
 
-/// Trims the pool every [`TRIM_EVERY`], forever (the agent runs it for its whole life).
-pub async fn trim_when_idle() {
+/// Trims the pool every [`TRIM_EVERY`], forever (the agent runs it for its whole life), and
+/// calls `on_quiet` each time a trim frees the last buffer: no copy needed one for a whole
+/// period after a busy one.
+pub async fn trim_when_idle(on_quiet: fn()) {
     let mut tick = tokio::time::interval(TRIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let freed = POOL.lock().map_or(0, |mut p| p.trim());
+        let (freed, quiet) = POOL.lock().map_or((0, false), |mut p| {
+            let freed = p.trim();
+            (freed, p.went_quiet(freed))
+        });
         if freed > 0 {
-            tracing::debug!(freed, "copy buffers returned to the allocator");
+            tracing::debug!(freed, quiet, "copy buffers returned to the allocator");
+        }
+        if quiet {
+            on_quiet();
         }
     }
 }
@@ -112,10 +130,16 @@ mod tests {
         pool.give(b);
         assert_eq!(pool.trim(), 3);
         assert_eq!(pool.free.len(), 1);
-        // A quiet period frees the rest.
+        assert!(!pool.went_quiet(3), "one buffer is still in use");
+        // A quiet period frees the rest: the agent went quiet, once.
         assert_eq!(pool.trim(), 1);
         assert!(pool.free.is_empty());
+        assert!(pool.went_quiet(1));
         assert_eq!(pool.trim(), 0);
+        assert!(
+            !pool.went_quiet(0),
+            "an idle agent's later trims are not news"
+        );
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub(super) async fn outbound(
                 ..first
             },
             conn,
-            ctx.transport.stream_idle_timeout,
+            ctx.transport.idle.as_ref(),
         )),
         Err(e) => {
             warn!(
@@ -330,8 +330,5 @@ async fn tunnel(
         telemetry: Arc::clone(&ctx.telemetry),
         tracked: Some(tracked),
     };
-    Some(
-        relay_inbound_tunnel(stream, app, conn, ctx.transport.stream_idle_timeout)
-            .holding(peer_guard),
-    )
+    Some(relay_inbound_tunnel(stream, app, conn, ctx.transport.idle.as_ref()).holding(peer_guard))
 }

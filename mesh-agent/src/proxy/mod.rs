@@ -17,6 +17,7 @@ mod buffers;
 #[cfg(test)]
 mod copy_tests;
 pub mod hbone;
+pub mod idle;
 mod inbound;
 mod outbound;
 mod read_ahead;
@@ -113,8 +114,9 @@ pub struct Transport {
     pub provider: CryptoProvider,
     pub pool: hbone::HbonePool,
     pub server: mesh_hbone::ServerConfig,
-    /// A tunnel that moves no byte either way for this long is closed (`None`: never).
-    pub stream_idle_timeout: Option<std::time::Duration>,
+    /// A tunnel that moves no byte either way for the sweep's timeout is closed (`None`:
+    /// never).
+    pub idle: Option<Arc<idle::IdleSweep>>,
 }
 
 impl std::fmt::Debug for Transport {

@@ -16,14 +16,15 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{ready, Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use mesh_hbone::H2Stream;
-use tokio::{io::AsyncWrite as _, net::TcpStream, time::Sleep};
+use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{
     buffers::{give_back, take_buffer, BUDGET},
+    idle::{IdleSweep, IdleWatch},
     tracker::Tracked,
     tunnel_copy::{ClientFirst, TunnelCopy},
     PeerGuard,
@@ -170,13 +171,13 @@ pub fn relay_tunnel(
     tunnel: H2Stream,
     early: ClientFirst,
     conn: Conn,
-    idle: Option<Duration>,
+    idle: Option<&Arc<IdleSweep>>,
 ) -> Relay {
     let mut relay = Relay::new(
         Copying::Tunnel(Box::new(TunnelCopy::after_early(down, tunnel, early))),
         conn,
     );
-    relay.idle = idle.map(|t| Box::new(Idle::new(t)));
+    relay.record.idle = idle.map(IdleSweep::watch);
     relay
 }
 
@@ -186,43 +187,14 @@ pub fn relay_inbound_tunnel(
     tunnel: H2Stream,
     app: TcpStream,
     conn: Conn,
-    idle: Option<Duration>,
+    idle: Option<&Arc<IdleSweep>>,
 ) -> Relay {
     let mut relay = Relay::new(
         Copying::TunnelIn(Box::new(TunnelCopy::new(app, tunnel))),
         conn,
     );
-    relay.idle = idle.map(|t| Box::new(Idle::new(t)));
+    relay.record.idle = idle.map(IdleSweep::watch);
     relay
-}
-
-/// An idle timeout: a timer pushed back whenever bytes move (boxed: only tunnels have one).
-#[derive(Debug)]
-struct Idle {
-    timeout: Duration,
-    timer: Pin<Box<Sleep>>,
-    /// The totals when the timer was last pushed back.
-    seen: [u64; 2],
-}
-
-impl Idle {
-    fn new(timeout: Duration) -> Self {
-        Self {
-            timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
-            seen: [0; 2],
-        }
-    }
-
-    /// Whether nothing moved for the timeout (registering the timer with `cx` otherwise).
-    fn expired(&mut self, totals: [u64; 2], cx: &mut Context<'_>) -> bool {
-        if totals != self.seen {
-            self.seen = totals;
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            self.timer.as_mut().reset(deadline);
-        }
-        self.timer.as_mut().poll(cx).is_ready()
-    }
 }
 
 /// What a relay copies between. In each, the first stream is the source's side, so the
@@ -278,8 +250,6 @@ pub struct Relay {
     copy: Copying,
     record: Box<Record>,
     counters: Counters,
-    /// Tunnels only: closed after moving nothing for a while.
-    idle: Option<Box<Idle>>,
 }
 
 /// The boxed part of a [`Relay`].
@@ -290,6 +260,8 @@ struct Record {
     counted: [u64; 2],
     /// The application's view of its peer, removed when the connection ends.
     guard: Option<PeerGuard>,
+    /// Tunnels only: closed after moving nothing for a while.
+    idle: Option<IdleWatch>,
 }
 
 impl Relay {
@@ -301,9 +273,9 @@ impl Relay {
                 conn,
                 counted: [0; 2],
                 guard: None,
+                idle: None,
             }),
             counters,
-            idle: None,
         }
     }
 
@@ -313,16 +285,18 @@ impl Relay {
         self
     }
 
-    /// Adds the bytes moved since the last call to the metrics.
-    fn count(&mut self) -> [u64; 2] {
+    /// Adds the bytes moved since the last call to the metrics; the totals, and whether any
+    /// moved.
+    fn count(&mut self) -> ([u64; 2], bool) {
         let totals = self.copy.totals();
         let counted = &mut self.record.counted;
         let delta = [totals[0] - counted[0], totals[1] - counted[1]];
-        if delta != [0, 0] {
+        let moved = delta != [0, 0];
+        if moved {
             self.counters.add_bytes(delta[0], delta[1]);
             *counted = totals;
         }
-        totals
+        (totals, moved)
     }
 }
 
@@ -336,7 +310,7 @@ impl Future for Relay {
             .filter(|t| t.poll_revoked(cx))
             .map(|t| t.revoked_by())
         {
-            let totals = this.count();
+            let (totals, _) = this.count();
             let c = &this.record.conn;
             c.telemetry.close(
                 &c.info,
@@ -350,9 +324,9 @@ impl Future for Relay {
             return Poll::Ready(());
         }
         let result = this.copy.poll(cx);
-        let totals = this.count();
-        let idle_for = match (&result, this.idle.as_mut()) {
-            (Poll::Pending, Some(idle)) => idle.expired(totals, cx).then_some(idle.timeout),
+        let (totals, moved) = this.count();
+        let idle_for = match (&result, this.record.idle.as_mut()) {
+            (Poll::Pending, Some(idle)) => idle.expired(moved, cx).then(|| idle.timeout()),
             _ => None,
         };
         let result = match idle_for {
@@ -423,6 +397,9 @@ mod tests {
         // trailer (about 112 bytes) must stay within 384.
         let size = size_of::<super::Relay>();
         assert!(size <= 216, "Relay is {size} bytes");
+        // Its boxed record (with a tunnel's idle watch) stays in jemalloc's 384-byte class.
+        let size = size_of::<super::Record>();
+        assert!(size <= 384, "Record is {size} bytes");
     }
 
     #[tokio::test]
