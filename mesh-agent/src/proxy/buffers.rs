@@ -19,8 +19,9 @@ const POOL_MAX: usize = 32;
 /// Reads a busy direction may do in one poll before it lets other tasks run.
 pub(super) const BUDGET: u32 = 16;
 /// How often the pool frees the buffers that were not needed since the previous time: an idle
-/// agent has returned all of them within two periods.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// agent has returned all of them within two periods. Two seconds: a pause that long in a bulk
+/// transfer is rare, and a full pool is 8 MiB an agent should not keep for long once quiet.
+const TRIM_EVERY: Duration = Duration::from_secs(2);
 
 struct Pool {
     free: Vec<Box<[u8]>>,
