@@ -218,9 +218,12 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
     };
     for mode in Mode::of(&bench.plan) {
         println!("\n== {} ==", mode.label());
-        bench
+        let measured = bench
             .measure_mode(mode)
-            .with_context(|| format!("measuring {}", mode.label()))?;
+            .with_context(|| format!("measuring {}", mode.label()));
+        // Absent for direct, which runs no agent.
+        let _ = fs::remove_file(bench.agent_copy(mode));
+        measured?;
     }
     let table = bench.markdown();
     fs::write(out.join("results.md"), &table)?;
@@ -260,10 +263,18 @@ impl Bench {
             return Ok(Vec::new());
         }
         // The lookup of the agent binary honours this variable (set to the release build).
-        let agent_bin = match (&self.plan.compare_agent, mode) {
+        let source = match (&self.plan.compare_agent, mode) {
             (Some(other), Mode::MeshCompared) => other.clone(),
             _ => self.release.join("mesh-agent"),
         };
+        // Every mode runs a fresh copy of its binary, made the same way: an agent's file-backed
+        // RSS depends on how the file's pages sit in the page cache (the kernel maps the cached
+        // pages around each one touched), and the same binary read 1.8 MiB more for both agents
+        // as a copy than as the build's own output (A/A run `1796432973`).
+        let agent_bin = self.agent_copy(mode);
+        fs::copy(&source, &agent_bin).with_context(|| {
+            format!("copying {} to {}", source.display(), agent_bin.display())
+        })?;
         std::env::set_var("MESH_MESH_AGENT_BIN", agent_bin);
         let options = AgentOptions {
             config_dir: self.files.dir().to_path_buf(),
@@ -689,6 +700,11 @@ impl Bench {
     /// A new file in the results directory, named after the path `server` is on.
     fn out_file(&self, server: &Pod, what: &str, ext: &str) -> PathBuf {
         self.out_file_tagged(what, path_tag(server), ext)
+    }
+
+    /// Where `mode` runs its copy of the agent binary (removed once the mode is measured).
+    fn agent_copy(&self, mode: Mode) -> PathBuf {
+        self.out.join(format!("mesh-agent-{}", mode.slug()))
     }
 
     /// A new file in the results directory: `<what>-<sequence>-<tag>.<ext>`.
