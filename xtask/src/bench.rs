@@ -272,9 +272,8 @@ impl Bench {
         // pages around each one touched), and the same binary read 1.8 MiB more for both agents
         // as a copy than as the build's own output (A/A run `1796432973`).
         let agent_bin = self.agent_copy(mode);
-        fs::copy(&source, &agent_bin).with_context(|| {
-            format!("copying {} to {}", source.display(), agent_bin.display())
-        })?;
+        fs::copy(&source, &agent_bin)
+            .with_context(|| format!("copying {} to {}", source.display(), agent_bin.display()))?;
         std::env::set_var("MESH_MESH_AGENT_BIN", agent_bin);
         let options = AgentOptions {
             config_dir: self.files.dir().to_path_buf(),
