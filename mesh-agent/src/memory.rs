@@ -7,8 +7,8 @@
 //! a while, long enough to be what an operator (or a memory limit) sees first. Purging once the
 //! start-up is done hands them back immediately. The same happens once a burst of load is over:
 //! when the copy buffers' pool finds that no copy needed a buffer for a whole period (2 s) and
-//! frees its last ones (`proxy::trim_copy_buffers`, within 4 s). Under load the decay stays in charge:
-//! purging at every short pause would only make the next burst fault the pages in again.
+//! frees its last ones (`proxy::trim_copy_buffers`, within 4 s). Under load the decay stays in
+//! charge: purging at every short pause would only make the next burst fault the pages in again.
 
 use std::{ffi::CStr, ptr};
 

@@ -7,7 +7,7 @@
 //! [`TICKS_PER_TIMEOUT`] times per timeout and wakes every registered tunnel when it does. A
 //! tunnel notes the tick of its last byte ([`IdleWatch`]: 16 bytes, its waker in a shared slab)
 //! and is idle once more than a timeout's worth of ticks has passed without one: it closes
-//! between one timeout and one timeout plus two ticks after its last byte (2 s → 2.0–2.5 s).
+//! between one timeout and one timeout plus a tick after its last byte (2 s → 2.0–2.25 s).
 
 use std::{
     num::NonZeroU32,
@@ -21,8 +21,8 @@ use std::{
 
 use slab::Slab;
 
-/// Ticks of the clock per timeout: the timeout's precision (an eighth of it, late, at most
-/// twice) against how often every idle tunnel is woken to look.
+/// Ticks of the clock per timeout: the timeout's precision (at most an eighth of it late)
+/// against how often every idle tunnel is woken to look.
 const TICKS_PER_TIMEOUT: u32 = 8;
 /// The clock never ticks faster than this, whatever the timeout.
 const MIN_TICK: Duration = Duration::from_millis(10);
@@ -52,10 +52,6 @@ impl IdleSweep {
             now: AtomicU32::new(0),
             wakers: Mutex::new(Slab::new()),
         })
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// Advances the clock every tick and wakes every watched tunnel, for as long as the agent
