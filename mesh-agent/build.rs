@@ -2,7 +2,10 @@
 //! binary embeds them. Needs the pinned nightly (or, as a fallback, stable with
 //! `RUSTC_BOOTSTRAP=1`) with `rust-src`, and `bpf-linker` (`cargo xtask setup` installs them; the
 //! pin is in `mesh-ebpf/toolchain.rs`).
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::Context as _;
 
@@ -10,6 +13,9 @@ use anyhow::Context as _;
 mod toolchain;
 
 use toolchain::EbpfToolchain;
+
+/// The link order of a release's hot functions (see `cargo xtask order`).
+const HOT_FUNCTIONS: &str = "hot-functions.txt";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
@@ -45,6 +51,18 @@ fn main() -> anyhow::Result<()> {
     {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
+    // Releases: the functions a profiled agent ran placed first and together (`cargo xtask
+    // order` writes the list), so the pages the kernel maps around each one run hold code that
+    // runs too. Names the build no longer has are passed over.
+    let hot = manifest_dir.join(HOT_FUNCTIONS);
+    println!("cargo:rerun-if-changed={HOT_FUNCTIONS}");
+    if std::env::var("PROFILE").as_deref() == Ok("release") && hot.is_file() {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            hot.display()
+        );
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
     // aya-build replays the nested cargo's stderr as build-script warnings; keep its progress
     // lines out of every build's output (compiler diagnostics still come through).
     std::env::set_var("CARGO_TERM_QUIET", "true");
@@ -62,5 +80,38 @@ fn main() -> anyhow::Result<()> {
              is missing, run `cargo xtask setup`",
             chosen.rustup_name()
         )
-    })
+    })?;
+    strip_debug(&PathBuf::from(std::env::var("OUT_DIR")?).join(KERNEL_OBJECT))
+}
+
+/// The kernel programs' object, as aya-build leaves it in `OUT_DIR` (`datapath.rs` embeds it).
+const KERNEL_OBJECT: &str = "mesh-ebpf";
+
+/// Drops the kernel object's DWARF (nine tenths of it: 562 of its 634 KiB), which the loader reads
+/// along with the rest and every agent then keeps resident; the BTF made from it (`.BTF`,
+/// `.BTF.ext`, with the line information verifier messages cite) stays. The tool is the host
+/// toolchain's `rust-objcopy` (LLVM's objcopy, shipped with rustc), run with its toolchain's
+/// libraries.
+fn strip_debug(object: &Path) -> anyhow::Result<()> {
+    let rustc = std::env::var("RUSTC")?;
+    let host = std::env::var("HOST")?;
+    let out = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .with_context(|| format!("running {rustc} --print sysroot"))?;
+    let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let objcopy = sysroot.join(format!("lib/rustlib/{host}/bin/rust-objcopy"));
+    let status = Command::new(&objcopy)
+        .env("LD_LIBRARY_PATH", sysroot.join("lib"))
+        .arg("--strip-debug")
+        .arg(object)
+        .status()
+        .with_context(|| format!("running {}", objcopy.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "{} --strip-debug {} failed ({status})",
+        objcopy.display(),
+        object.display()
+    );
+    Ok(())
 }

@@ -777,3 +777,25 @@ impl Drop for LoggerHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KERNEL_OBJECT;
+
+    fn holds(needle: &[u8]) -> bool {
+        KERNEL_OBJECT.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// `build.rs` strips the object's DWARF (which every agent would keep resident) but not
+    /// the BTF the loader and the verifier's messages use.
+    #[test]
+    fn the_embedded_object_has_btf_and_no_dwarf() {
+        assert!(holds(b".BTF.ext"), "no .BTF.ext section");
+        assert!(!holds(b".debug_info"), "the object still carries DWARF");
+        assert!(
+            KERNEL_OBJECT.len() < 200 * 1024,
+            "{} bytes",
+            KERNEL_OBJECT.len()
+        );
+    }
+}

@@ -36,6 +36,8 @@ use mesh_tests::{
 };
 use serde_json::{json, Value};
 
+use crate::{functions, residency};
+
 mod kube;
 
 /// How long and how often to measure.
@@ -54,7 +56,23 @@ pub struct Plan {
     only: Vec<String>,
     /// Another agent binary, measured as one more mode.
     compare_agent: Option<PathBuf>,
+    /// `cargo xtask order`: which pages of the agent binary the agents map, at rest and after
+    /// the round.
+    residency: Option<Residency>,
 }
+
+/// What `cargo xtask order` has the bench record: the binaries are those of `build` (the
+/// profiling build's directory), the agents run a copy of its agent from `scratch` (a file
+/// system with read-ahead off), and the pages of it they map are written to
+/// `resident-<mode>-rest.txt` and `resident-<mode>-round.txt`.
+#[derive(Clone, Debug)]
+pub struct Residency {
+    pub build: PathBuf,
+    pub scratch: PathBuf,
+}
+
+/// How the residency readings' files begin.
+pub const RESIDENT_PREFIX: &str = "resident-";
 
 impl Plan {
     pub fn new(
@@ -72,7 +90,13 @@ impl Plan {
             idle_conns,
             only,
             compare_agent,
+            residency: None,
         }
+    }
+
+    pub fn with_residency(mut self, residency: Residency) -> Self {
+        self.residency = Some(residency);
+        self
     }
 
     /// Whether `group` is measured: every group but `kube` when none is named.
@@ -179,9 +203,14 @@ fn hundred_rule_policy(client: &Pod) -> String {
     text
 }
 
-pub fn run(root: &Path, plan: Plan) -> Result<()> {
-    // The measurements use the release binaries; the lookups honour these variables.
-    let release = root.join("target/release");
+/// Runs the plan; returns the directory of its results.
+pub fn run(root: &Path, plan: Plan) -> Result<PathBuf> {
+    // The measurements use the release binaries (or the profiling build's); the lookups honour
+    // these variables.
+    let release = plan
+        .residency
+        .as_ref()
+        .map_or_else(|| root.join("target/release"), |r| r.build.clone());
     std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
     std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
     std::env::set_var(process::QUIET_ENV, "1");
@@ -194,7 +223,7 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
     if plan.only.iter().any(|g| g == "kube") {
         kube::run(&plan, &out).context("measuring the agent on Kubernetes")?;
         if plan.only.iter().all(|g| g == "kube") {
-            return Ok(());
+            return Ok(out);
         }
     }
     let tb = Testbed::new(TestbedSpec {
@@ -225,7 +254,10 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
         let _ = fs::remove_file(bench.agent_copy(mode));
         measured?;
     }
-    let table = bench.markdown();
+    let mut table = bench.markdown();
+    if bench.plan.residency.is_none() {
+        table.push_str(&hot_functions_found(root, &release.join("mesh-agent"))?);
+    }
     fs::write(out.join("results.md"), &table)?;
     fs::write(
         out.join("results.json"),
@@ -236,7 +268,31 @@ pub fn run(root: &Path, plan: Plan) -> Result<()> {
         "\n{table}\nraw samples, table and chart in {}",
         out.display()
     );
-    Ok(())
+    Ok(out)
+}
+
+/// A line saying how many of the hot-function list (`cargo xtask order`) the measured build
+/// has: a list older than a compiler or dependency upgrade names functions that are gone, and
+/// the agents' resident memory grows back toward the default layout's.
+fn hot_functions_found(root: &Path, agent: &Path) -> Result<String> {
+    let list = root.join(functions::HOT_FUNCTIONS);
+    let Ok(text) = fs::read_to_string(&list) else {
+        return Ok(format!(
+            "\nNo {} (link order by default).\n",
+            list.display()
+        ));
+    };
+    let (found, listed) =
+        functions::Functions::of(agent)?.count_known(functions::listed_names(&text));
+    Ok(format!(
+        "\nHot functions placed first (`{}`): {found} of the {listed} listed are in this build{}.\n",
+        functions::HOT_FUNCTIONS,
+        if found * 10 < listed * 9 {
+            "; the list is stale, run `cargo xtask order`"
+        } else {
+            ""
+        }
+    ))
 }
 
 impl Bench {
@@ -274,6 +330,9 @@ impl Bench {
         let agent_bin = self.agent_copy(mode);
         fs::copy(&source, &agent_bin)
             .with_context(|| format!("copying {} to {}", source.display(), agent_bin.display()))?;
+        if self.plan.residency.is_some() {
+            residency::drop_cached(&agent_bin)?;
+        }
         std::env::set_var("MESH_MESH_AGENT_BIN", agent_bin);
         let options = AgentOptions {
             config_dir: self.files.dir().to_path_buf(),
@@ -314,6 +373,9 @@ impl Bench {
         } else {
             RssParts::default()
         };
+        if measures_paths {
+            self.record_residency(mode, "rest", &agents)?;
+        }
         for rep in (0..self.plan.reps).filter(|_| measures_paths) {
             for (path, server) in &paths {
                 println!("{path}, repetition {}", rep + 1);
@@ -321,6 +383,7 @@ impl Bench {
             }
         }
         if mode != Mode::Direct && measures_paths {
+            self.record_residency(mode, "round", &agents)?;
             self.record_round_memory(mode, at_start, &agents)?;
         }
         if mode != Mode::Direct && self.plan.wants("policy") {
@@ -486,6 +549,20 @@ impl Bench {
             self.count_per_connection(mode, path, client, server, dst, agents)?;
         }
         Ok(())
+    }
+
+    /// With a residency plan: the pages of the agent binary the agents map now
+    /// (`resident-<mode>-<when>.txt`).
+    fn record_residency(&self, mode: Mode, when: &str, agents: &[Agent]) -> Result<()> {
+        if self.plan.residency.is_none() || agents.is_empty() {
+            return Ok(());
+        }
+        let pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+        let pages = residency::file_pages(&self.agent_copy(mode), &pids)?;
+        let file = self
+            .out
+            .join(format!("{RESIDENT_PREFIX}{}-{when}.txt", mode.slug()));
+        residency::write_pages(&file, &pages)
     }
 
     /// Both agents' resident memory at the start of the round (at rest), right after it, and
@@ -703,7 +780,12 @@ impl Bench {
 
     /// Where `mode` runs its copy of the agent binary (removed once the mode is measured).
     fn agent_copy(&self, mode: Mode) -> PathBuf {
-        self.out.join(format!("mesh-agent-{}", mode.slug()))
+        let dir = self
+            .plan
+            .residency
+            .as_ref()
+            .map_or(&self.out, |r| &r.scratch);
+        dir.join(format!("mesh-agent-{}", mode.slug()))
     }
 
     /// A new file in the results directory: `<what>-<sequence>-<tag>.<ext>`.

@@ -6,6 +6,9 @@
 
 mod bench;
 mod demo;
+mod functions;
+mod order;
+mod residency;
 mod setup;
 /// The kernel programs' toolchain pin, shared with `mesh-agent/build.rs`.
 #[path = "../../mesh-ebpf/toolchain.rs"]
@@ -69,6 +72,10 @@ enum Cmd {
         #[arg(long)]
         compare_agent: Option<PathBuf>,
     },
+    /// Profile which functions the agents run (a build with a function per page, the bench's
+    /// round from a file system with read-ahead off) and write them to
+    /// `mesh-agent/hot-functions.txt`, the release link's order (see BENCHMARKS.md).
+    Order,
 }
 
 fn main() -> ExitCode {
@@ -99,8 +106,11 @@ fn main() -> ExitCode {
             .and_then(|()| build(&root, true))
             .and_then(|()| {
                 let plan = bench::Plan::new(quick, profile, only, compare_agent);
-                bench::run(&root, plan)
+                bench::run(&root, plan).map(drop)
             }),
+        Cmd::Order => setup::run(&root)
+            .and_then(|()| bench::check_tools())
+            .and_then(|()| order::run(&root)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,18 +160,21 @@ fn render(cmd: &Command) -> String {
         .join(" ")
 }
 
+/// What `build` builds. Releases are built with this selection, which decides the features of
+/// shared dependencies and so the symbol names the link order (`cargo xtask order`) lists.
+const BUILD_SELECTION: [&str; 7] = [
+    "--package",
+    "mesh-agent",
+    "--package",
+    "mesh-tests",
+    "--package",
+    "mesh-cni",
+    "--bins",
+];
+
 fn build(root: &Path, release: bool) -> Result<()> {
     let mut cmd = cargo(root);
-    cmd.args([
-        "build",
-        "--package",
-        "mesh-agent",
-        "--package",
-        "mesh-tests",
-        "--package",
-        "mesh-cni",
-        "--bins",
-    ]);
+    cmd.arg("build").args(BUILD_SELECTION);
     if release {
         cmd.arg("--release");
     }
