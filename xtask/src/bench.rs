@@ -421,11 +421,16 @@ impl Bench {
                 self.plan.idle_conns
             };
             let per_agent = Self::idle_memory(client, server, &agents, n)?;
-            let largest = per_agent.iter().copied().fold(0.0, f64::max);
-            let both: f64 = per_agent.iter().sum();
+            let largest = per_agent.iter().map(|c| c.total).fold(0.0, f64::max);
+            let both: f64 = per_agent.iter().map(|c| c.total).sum();
+            let largest_anon = per_agent.iter().map(|c| c.anon).fold(0.0, f64::max);
             for (metric, value) in [
                 ("agent memory per idle connection (largest agent)", largest),
                 ("agent memory per idle connection (both agents)", both),
+                (
+                    "agent memory per idle connection, anonymous (largest agent)",
+                    largest_anon,
+                ),
             ] {
                 self.record(path, metric, mode, value, "bytes", false);
             }
@@ -860,9 +865,16 @@ impl Bench {
     /// each agent's resident memory grew per connection, read once the agents have been quiet
     /// for [`SETTLE`]: what the connections' set-up freed (dialling, handshakes, requests) has
     /// gone back by then, and what is left is what an idle connection keeps.
-    fn idle_memory(client: &Pod, server: &Pod, agents: &[Agent], n: usize) -> Result<Vec<f64>> {
+    fn idle_memory(
+        client: &Pod,
+        server: &Pod,
+        agents: &[Agent],
+        n: usize,
+    ) -> Result<Vec<IdleCost>> {
         let _srv = serve_rr(server)?;
-        let rss = || -> Result<Vec<u64>> { agents.iter().map(|a| rss_bytes(a.pid())).collect() };
+        let rss = || -> Result<Vec<RssParts>> {
+            agents.iter().map(|a| RssParts::of_pid(a.pid())).collect()
+        };
         // Both readings at rest: the agents' start-up also frees memory (the kernel's BTF, the
         // first config), which goes back within the same time.
         std::thread::sleep(SETTLE);
@@ -889,10 +901,14 @@ impl Bench {
         let during = rss()?;
         hold.wait_success(Duration::from_secs(60))?;
         #[allow(clippy::cast_precision_loss)] // memory sizes far below 2^52
+        let per_conn = |d: u64, b: u64| d.saturating_sub(b) as f64 / n as f64;
         Ok(during
             .iter()
             .zip(&before)
-            .map(|(d, b)| d.saturating_sub(*b) as f64 / n as f64)
+            .map(|(d, b)| IdleCost {
+                total: per_conn(d.total, b.total),
+                anon: per_conn(d.anon, b.anon),
+            })
             .collect())
     }
 
@@ -1190,6 +1206,16 @@ fn process_ticks(pid: u32) -> Result<u64> {
     Ok(utime + stime)
 }
 
+/// What each idle connection added to an agent's resident memory, in bytes: in all, and of it
+/// anonymous (the heap: what the connection keeps; the rest is code pages the connections
+/// first ran, a cost per agent rather than per connection, which shows once the binary's
+/// run-at-rest functions are placed together, see `cargo xtask order`).
+#[derive(Clone, Copy, Debug)]
+struct IdleCost {
+    total: f64,
+    anon: f64,
+}
+
 /// The agents' resident memory, summed, and its anonymous and file-backed parts.
 #[derive(Clone, Copy, Debug, Default)]
 struct RssParts {
@@ -1202,13 +1228,22 @@ impl RssParts {
     fn of(agents: &[Agent]) -> Result<Self> {
         let mut sum = Self::default();
         for agent in agents {
-            // One reading of each agent's status, so the parts add up to its total.
-            let status = fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-            sum.total += status_kib(&status, "VmRSS:")? * 1024;
-            sum.anon += status_kib(&status, "RssAnon:")? * 1024;
-            sum.file += status_kib(&status, "RssFile:")? * 1024;
+            let one = Self::of_pid(agent.pid())?;
+            sum.total += one.total;
+            sum.anon += one.anon;
+            sum.file += one.file;
         }
         Ok(sum)
+    }
+
+    /// One reading of a process's status, so the parts add up to its total.
+    fn of_pid(pid: u32) -> Result<Self> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        Ok(Self {
+            total: status_kib(&status, "VmRSS:")? * 1024,
+            anon: status_kib(&status, "RssAnon:")? * 1024,
+            file: status_kib(&status, "RssFile:")? * 1024,
+        })
     }
 }
 
