@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::residency::{self, PAGE};
+use crate::{residency::PAGE, setup::capture};
 
 /// The list the release link reads (`mesh-agent/build.rs`).
 pub const HOT_FUNCTIONS: &str = "mesh-agent/hot-functions.txt";
@@ -33,12 +33,14 @@ pub struct Functions {
 impl Functions {
     /// Reads `.text`'s place (`readelf`) and its function symbols (`nm`).
     pub fn of(binary: &Path) -> Result<Self> {
-        let sections = residency::output(Command::new("readelf").arg("-SW").arg(binary))?;
-        let symbols = residency::output(
-            Command::new("nm")
-                .args(["--numeric-sort", "--print-size", "--defined-only"])
-                .arg(binary),
-        )?;
+        const HINT: &str = "readelf and nm come with binutils (apt-get install binutils)";
+        let mut readelf = Command::new("readelf");
+        readelf.arg("-SW").arg(binary);
+        let mut nm = Command::new("nm");
+        nm.args(["--numeric-sort", "--print-size", "--defined-only"])
+            .arg(binary);
+        let sections = capture(readelf, HINT)?;
+        let symbols = capture(nm, HINT)?;
         let functions = Self::parse(&sections, &symbols)
             .with_context(|| format!("no .text section in {}", binary.display()))?;
         if functions.all.is_empty() {

@@ -60,10 +60,11 @@ pub fn run(root: &Path) -> Result<()> {
     let (rest, round) = collect_pages(&out)?;
     let functions = Functions::of(&agent)?;
     let at_rest = functions.touching(&rest);
+    let rest_names: BTreeSet<&str> = at_rest.iter().map(|f| f.name.as_str()).collect();
     let by_round: Vec<&Function> = functions
         .touching(&round)
         .into_iter()
-        .filter(|f| !at_rest.iter().any(|r| r.name == f.name))
+        .filter(|f| !rest_names.contains(f.name.as_str()))
         .collect();
     let list = root.join(HOT_FUNCTIONS);
     fs::write(&list, render(&functions, &at_rest, &by_round))

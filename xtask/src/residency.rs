@@ -21,6 +21,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::setup::capture;
+
 /// The page size of x86-64 and of the binaries' layout.
 pub const PAGE: u64 = 4096;
 
@@ -134,6 +136,10 @@ pub struct ScratchFs {
     mount: PathBuf,
 }
 
+/// What to do when a file-system tool fails.
+const TOOLS_HINT: &str = "the profile runs as root and needs mkfs.ext4 (e2fsprogs), losetup and \
+                          mount (util-linux) and a free loop device";
+
 /// Size of the scratch file system: room for two copies of a profiling build.
 const SCRATCH_MIB: u64 = 512;
 
@@ -146,12 +152,12 @@ impl ScratchFs {
         File::create(&image)
             .and_then(|f| f.set_len(SCRATCH_MIB << 20))
             .with_context(|| format!("creating {}", image.display()))?;
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
-        let device = output(
-            Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&image),
-        )?;
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.args(["-q", "-F"]).arg(&image);
+        run(mkfs)?;
+        let mut losetup = Command::new("losetup");
+        losetup.args(["--find", "--show"]).arg(&image);
+        let device = capture(losetup, TOOLS_HINT)?;
         let fs = Self {
             image,
             device: device.trim().to_owned(),
@@ -164,7 +170,9 @@ impl ScratchFs {
         let ra = format!("/sys/block/{name}/queue/read_ahead_kb");
         fs::write(&ra, "0").with_context(|| format!("turning read-ahead off in {ra}"))?;
         fs::create_dir_all(&fs.mount)?;
-        run(Command::new("mount").arg(&fs.device).arg(&fs.mount))?;
+        let mut mount = Command::new("mount");
+        mount.arg(&fs.device).arg(&fs.mount);
+        run(mount)?;
         Ok(fs)
     }
 
@@ -175,27 +183,19 @@ impl ScratchFs {
 
 impl Drop for ScratchFs {
     fn drop(&mut self) {
-        let _ = run(Command::new("umount").arg(&self.mount));
-        let _ = run(Command::new("losetup").arg("-d").arg(&self.device));
+        let mut umount = Command::new("umount");
+        umount.arg(&self.mount);
+        let _ = run(umount);
+        let mut detach = Command::new("losetup");
+        detach.arg("-d").arg(&self.device);
+        let _ = run(detach);
         let _ = fs::remove_file(&self.image);
     }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    output(cmd).map(drop)
-}
-
-/// A tool's standard output; its failure with its standard error.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
+/// Runs a file-system tool; it needs root and util-linux / e2fsprogs.
+fn run(cmd: Command) -> Result<()> {
+    capture(cmd, TOOLS_HINT).map(drop)
 }
 
 #[cfg(test)]
@@ -219,6 +219,27 @@ mod tests {
             Mapping::parse("7ffd1000-7ffd2000 rw-p 00000000 00:00 0"),
             None
         );
+    }
+
+    /// Needs root (the tests run as root, as `cargo xtask test` requires).
+    #[test]
+    fn a_scratch_fs_mounts_with_read_ahead_off_and_goes_away() {
+        let dir = std::env::temp_dir().join(format!("xtask-scratch-{}", std::process::id()));
+        let scratch = ScratchFs::new(&dir).unwrap();
+        let name = scratch.device.strip_prefix("/dev/").unwrap();
+        let ra = fs::read_to_string(format!("/sys/block/{name}/queue/read_ahead_kb")).unwrap();
+        assert_eq!(ra.trim(), "0");
+        let file = scratch.dir().join("f");
+        fs::write(&file, vec![1u8; 1 << 20]).unwrap();
+        drop_cached(&file).unwrap();
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(mounts.contains(&scratch.device), "{mounts}");
+        let device = scratch.device.clone();
+        drop(scratch);
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(&device), "{mounts}");
+        assert!(!dir.join("scratch.img").exists());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -462,7 +462,7 @@ fn command(argv: &[&str]) -> Command {
 }
 
 /// Runs `cmd` quietly and returns its stdout; errors as [`failure`] says.
-fn capture(mut cmd: Command, hint: &str) -> Result<String> {
+pub(crate) fn capture(mut cmd: Command, hint: &str) -> Result<String> {
     let out = cmd.output();
     let out = out.map_err(|e| anyhow!("could not start `{cmd:?}`: {e}\nwhat to do: {hint}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
