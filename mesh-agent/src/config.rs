@@ -505,7 +505,7 @@ mod tests {
                 remote_ca: None,
                 crypto_provider: CryptoProvider::AwsLcRs,
                 cert_lifetime: DEFAULT_CERT_LIFETIME,
-                max_streams_per_connection: 100,
+                max_streams_per_connection: mesh_hbone::DEFAULT_MAX_STREAMS,
                 pool_idle_timeout: Duration::from_secs(300),
                 stream_idle_timeout: Some(DEFAULT_STREAM_IDLE_TIMEOUT),
             },
@@ -661,7 +661,7 @@ mod tests {
              agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
              trust_domain=cluster.local root_namespace=istio-system cluster_domain=cluster.local on_exit=release worker_threads=2 \
              ca_dir=/nonexistent-ca ca_address=none crypto_provider=aws-lc-rs cert_lifetime=86400s \
-             max_streams_per_connection=100 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
+             max_streams_per_connection=128 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
         );
     }
 

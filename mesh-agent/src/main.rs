@@ -116,8 +116,9 @@ enum Command {
         /// Lifetime of workload certificates, in seconds (rotated at about half of it).
         #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 86_400)]
         cert_lifetime_secs: u64,
-        /// Streams one pooled HBONE connection carries at most.
-        #[arg(long, default_value_t = 100)]
+        /// Streams one pooled HBONE connection carries at most (h2's stream slab grows by
+        /// doubling: a power of two uses every slot it allocates).
+        #[arg(long, default_value_t = mesh_hbone::DEFAULT_MAX_STREAMS)]
         hbone_max_streams: u32,
         /// Seconds an HBONE connection without streams stays open.
         #[arg(long, default_value_t = 300)]

@@ -34,18 +34,21 @@
 //!   400 KiB; client header list 16 KiB, send buffer 4 MiB, push disabled.
 //! * Keepalive: a PING every 10 s, the connection dropped when one goes unanswered for 20 s,
 //!   on both sides.
-//! * Pool: at most 100 streams per connection (further bounded by the server's
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS`), connections without streams closed after 5 minutes,
+//! * Pool: connections without streams closed after 5 minutes,
 //!   concurrent requests for a key share a connection being established instead of each
 //!   opening one, failed and closed connections leave the pool.
 //!
 //! # Differences from ztunnel
 //!
+//! * **Streams per connection**: at most 128 (ztunnel: 100), further bounded by the server's
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS`. h2 keeps a connection's streams in a slab that grows by
+//!   doubling, so 100 streams already pay for 128 slots (about 390 bytes each); at 128 none is
+//!   unused and each connection's own memory is shared by more streams.
 //! * **Connection establishment per key**: ztunnel establishes one connection per key at a
 //!   time (a per-key lock) and stops reusing a connection that reached its stream limit. Here a
 //!   connection being established takes waiting requests up to its stream limit, the next
 //!   request starts the next connection in parallel (1,000 simultaneous requests with a limit
-//!   of 100 open 10 connections at once), and a full connection is reused as soon as a stream
+//!   of 128 open 8 connections at once), and a full connection is reused as soon as a stream
 //!   on it ends.
 //! * **Idle timeout** counts from the moment a connection's last stream ended (ztunnel: from
 //!   the last time the connection was handed out or returned).
@@ -88,7 +91,7 @@ mod stream;
 
 pub use early::{EarlyData, NoEarlyData, EARLY_LIMIT};
 pub use error::HboneError;
-pub use pool::{Connect, Pool, PoolConfig};
+pub use pool::{Connect, Pool, PoolConfig, DEFAULT_MAX_STREAMS};
 pub use request::{InboundRequest, OutboundRequest, BAGGAGE, FORWARDED, TRACEPARENT};
 pub use server::{serve_connection, Handler, Responder, ServerConfig};
 pub use stream::H2Stream;

@@ -46,11 +46,16 @@ pub trait Connect: Send + Sync + 'static {
     fn connect(&self, key: &Self::Key) -> impl Future<Output = io::Result<Self::Io>> + Send;
 }
 
-/// Client-side settings. [`Default`] matches ztunnel's pool.
+/// Default streams per pooled connection: a power of two, the slot count of h2's stream slab.
+pub const DEFAULT_MAX_STREAMS: u32 = 128;
+
+/// Client-side settings. [`Default`] matches ztunnel's pool but for the stream limit.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// Streams per connection before another connection is opened. Default 100. Values below
-    /// 1 count as 1.
+    /// Streams per connection before another connection is opened. Default 128 (ztunnel: 100):
+    /// h2 keeps a connection's streams in a slab that grows by doubling, so 100 streams pay for
+    /// 128 slots; at 128 every slot is used and the connection's own buffers are shared by 28 %
+    /// more streams (BENCHMARKS.md, "Streams per pooled connection"). Values below 1 count as 1.
     pub max_streams_per_connection: usize,
     /// A connection without streams for this long is closed. Default 5 minutes.
     pub idle_timeout: Duration,
@@ -74,7 +79,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            max_streams_per_connection: 100,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS as usize,
             idle_timeout: Duration::from_secs(5 * 60),
             connect_timeout: Duration::from_secs(10),
             initial_stream_window: 4 * 1024 * 1024,

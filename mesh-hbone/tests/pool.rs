@@ -16,8 +16,8 @@ fn target() -> std::net::SocketAddr {
     "10.0.0.1:8080".parse().unwrap()
 }
 
-/// 1,000 simultaneous tunnels of 64 KiB each through one pool with the default cap of 100
-/// streams per connection: all byte-exact, on about ten connections.
+/// 1,000 simultaneous tunnels of 64 KiB each through one pool with the default cap of 128
+/// streams per connection: all byte-exact, on about eight connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_concurrent_streams() {
     const STREAMS: u64 = 1000;
@@ -107,7 +107,7 @@ async fn connections_are_reused_up_to_the_cap() {
 }
 
 /// A server advertising `SETTINGS_MAX_CONCURRENT_STREAMS` 3 gets at most 3 streams per
-/// connection even though the pool's cap is 100.
+/// connection even though the pool's cap is 128.
 #[tokio::test]
 async fn server_stream_limit_is_respected() {
     let config = ServerConfig {

@@ -506,7 +506,8 @@ fn certificate_rotated_under_a_long_lived_stream_keeps_it() {
 #[test]
 fn a_thousand_concurrent_streams_over_pooled_connections_are_byte_exact() {
     const STREAMS: usize = 1000;
-    const PER_CONNECTION: usize = 100;
+    // The agent's default `--hbone-max-streams`.
+    const PER_CONNECTION: usize = mesh_hbone::DEFAULT_MAX_STREAMS as usize;
     let mesh = mesh(2, 1, &[], &[]);
     let (client, target) = (mesh.pod(0, 0).clone(), mesh.pod(1, 0).clone());
     let _server = serve(&target, "echo");

@@ -25,11 +25,11 @@ use tracing::{debug, warn};
 use super::{
     authorize, dial_app, dial_from,
     read_ahead::ReadAhead,
-    relay::{relay_inbound_tunnel, relay_tunnel, Conn, Relay},
+    relay::{relay_inbound_tunnel, relay_tunnel, Conn, Relay, TunnelIn, TunnelOut},
     tunnel_copy::ClientFirst,
     ConnTask, LocalPod, LocalPods, ProxyCtx,
 };
-use crate::telemetry::{ConnInfo, Refusal, Security};
+use crate::telemetry::{ConnInfo, Direction, Refusal, Security};
 use mesh_cluster::Service;
 
 /// How long a connection waits for the first certificate of a brand-new workload.
@@ -135,7 +135,7 @@ pub(super) async fn outbound(
     ctx: &ProxyCtx,
     dst: Identity,
     mut conn: Conn,
-) -> Option<Relay> {
+) -> Option<Relay<TunnelOut>> {
     let info = &mut conn.info;
     let key = HboneKey {
         src_ip: info.src.ip(),
@@ -144,10 +144,7 @@ pub(super) async fn outbound(
         dst: dst.clone(),
         dst_addr: SocketAddr::new(info.upstream.ip(), HBONE_PORT),
     };
-    info.security = Security::MutualTls {
-        src: pod.identity.clone(),
-        dst,
-    };
+    info.security = Security::MutualTls { peer: dst };
     let mut request = mesh_hbone::OutboundRequest::new(info.upstream)
         .with_forwarded_for(info.src)
         .with_baggage(baggage(pod, info.service.as_deref()));
@@ -252,7 +249,8 @@ pub(super) async fn serve(
             let (pod, ctx, src) = (Arc::clone(&pod), Arc::clone(&ctx), src.clone());
             // One span per tunnelled connection, at `debug` as for captured ones (see
             // `accept_loop`); its parent is the HBONE connection's.
-            let span = tracing::debug_span!("conn", direction = "inbound", src = %peer);
+            let span =
+                tracing::debug_span!("conn", direction = Direction::Inbound.as_str(), src = %peer);
             let setup = tunnel(request, responder, peer, pod, ctx, src);
             tracing::Instrument::instrument(ConnTask::Setup(Box::pin(setup)), span)
         }
@@ -272,7 +270,7 @@ async fn tunnel(
     pod: Arc<LocalPod>,
     ctx: Arc<ProxyCtx>,
     src: Identity,
-) -> Option<Relay> {
+) -> Option<Relay<TunnelIn>> {
     let started = Instant::now();
     // What the tunnel needs of its request; the headers are dropped here.
     let InboundRequest {
@@ -292,11 +290,8 @@ async fn tunnel(
     let client = forwarded_for
         .filter(|f| f.ip().to_canonical() == peer.ip().to_canonical())
         .unwrap_or(peer);
-    let mut info = ConnInfo::new("inbound", &pod, client, target, target);
-    info.security = Security::MutualTls {
-        src: src.clone(),
-        dst: pod.identity.clone(),
-    };
+    let mut info = ConnInfo::new(Direction::Inbound, &pod, client, target, target);
+    info.security = Security::MutualTls { peer: src.clone() };
     info.src_workload = ctx.resolver.workload(client.ip());
     info.dst_workload = ctx.resolver.workload(target.ip());
     info.service = forwarded_host

@@ -14,7 +14,7 @@ use super::{
     relay::{relay, Conn, Relay},
     LocalPod, ProxyCtx,
 };
-use crate::telemetry::{ConnInfo, Refusal};
+use crate::telemetry::{ConnInfo, Direction, Refusal};
 
 pub(super) async fn handle(
     down: TcpStream,
@@ -34,7 +34,7 @@ pub(super) async fn handle(
         warn!(pod = %pod.name, src = %peer, %dst, "connection to the agent's own port; closing it");
         return None;
     }
-    let mut info = ConnInfo::new("inbound", &pod, peer, dst, dst);
+    let mut info = ConnInfo::new(Direction::Inbound, &pod, peer, dst, dst);
     info.src_workload = ctx.resolver.workload(peer.ip());
     info.dst_workload = ctx.resolver.workload(dst.ip());
     let tracked = authorize(&ctx, &mut info, started)?;

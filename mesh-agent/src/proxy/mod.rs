@@ -48,7 +48,7 @@ use tokio::{
 use crate::{
     datapath::ConnMaps,
     netns::{Netns, NetnsError},
-    telemetry::{ConnInfo, Refusal, Telemetry},
+    telemetry::{ConnInfo, Direction, Refusal, Telemetry},
 };
 use mesh_cluster::{AuthzDecision, Service, Verdict, Workload};
 
@@ -190,7 +190,7 @@ fn authorize(
 ) -> Option<Arc<Tracked>> {
     let subject = AuthzSubject {
         src: info.src,
-        src_identity: info.security.identities().0.cloned(),
+        src_identity: info.identities().0.cloned(),
         dst: info.upstream,
     };
     let tracked = ctx.tracker.track(subject.clone());
@@ -225,7 +225,7 @@ async fn accept_loop<F, Fut>(
     listener: TcpListener,
     view: PodView,
     ctx: Arc<ProxyCtx>,
-    direction: &'static str,
+    direction: Direction,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr, Arc<LocalPod>, Arc<ProxyCtx>) -> Fut,
@@ -235,14 +235,14 @@ async fn accept_loop<F, Fut>(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let pod = Arc::clone(&view.borrow());
-                let span = tracing::debug_span!("conn", direction, pod = %pod.name, src = %peer);
+                let span = tracing::debug_span!("conn", direction = direction.as_str(), pod = %pod.name, src = %peer);
                 let setup = handle(stream, peer, pod, Arc::clone(&ctx));
                 let task = ConnTask::Setup(Box::pin(setup));
                 tokio::spawn(tracing::Instrument::instrument(task, span));
             }
             Err(e) => {
                 let name = view.borrow().name.clone();
-                tracing::warn!(pod = %name, direction, error = %e, "accept failed");
+                tracing::warn!(pod = %name, direction = direction.as_str(), error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -274,15 +274,17 @@ async fn hbone_accept_loop(listener: TcpListener, view: PodView, ctx: Arc<ProxyC
 /// A future's size is that of its largest state, for its whole life. The setup is therefore
 /// boxed and freed once the connection is up, and the relay replaces it in place: a long-lived
 /// connection's task holds only the relay's state (a few hundred bytes), not the dialling's.
+/// `R`: the relay, [`relay::Relay`] for a captured connection (two TCP sockets or a tunnel: it is
+/// spawned before it knows which), a smaller one for a tunnel this agent accepted.
 // The relay is the state a connection lives in; boxing it would cost one more allocation.
 #[allow(clippy::large_enum_variant)]
-enum ConnTask<S> {
+enum ConnTask<S, R = relay::Relay> {
     Setup(Pin<Box<S>>),
-    Relay(relay::Relay),
+    Relay(R),
     Done,
 }
 
-impl<S: Future<Output = Option<relay::Relay>>> Future for ConnTask<S> {
+impl<S: Future<Output = Option<R>>, R: Future<Output = ()> + Unpin> Future for ConnTask<S, R> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -319,7 +321,7 @@ pub fn start_pod(view: &PodView, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, Pr
             out,
             view.clone(),
             Arc::clone(ctx),
-            "outbound",
+            Direction::Outbound,
             outbound::handle,
         )));
         let addr = SocketAddr::new(ip, INBOUND_PORT);
@@ -336,7 +338,7 @@ pub fn start_pod(view: &PodView, ctx: &Arc<ProxyCtx>) -> Result<PodListeners, Pr
             inb,
             view.clone(),
             Arc::clone(ctx),
-            "inbound",
+            Direction::Inbound,
             inbound::handle,
         )));
         let hbone = listen(&pod.netns, SocketAddr::new(ip, HBONE_PORT))?;
@@ -513,6 +515,33 @@ mod tests {
     use std::{net::Ipv4Addr, path::Path};
 
     use super::*;
+
+    /// A connection's task as spawned, with the relay `R`.
+    type Task<R> = tracing::instrument::Instrumented<ConnTask<std::future::Pending<Option<R>>, R>>;
+
+    #[test]
+    fn a_tunnels_task_is_smaller_than_a_captured_connections() {
+        // Tokio adds about 112 bytes (header, scheduler handle, id, trailer) and rounds a
+        // task's cell up to 128 bytes: a captured connection's task takes 384 (see relay's
+        // size test), a tunnel's, at either end, must stay within 256.
+        let captured = size_of::<Task<relay::Relay>>();
+        assert!(
+            captured <= 256,
+            "a captured connection's task is {captured} bytes"
+        );
+        let inbound = size_of::<Task<relay::Relay<relay::TunnelIn>>>();
+        assert!(
+            inbound <= 128,
+            "an accepted tunnel's task is {inbound} bytes"
+        );
+        // The source's tunnel runs in a task spawned for it alone.
+        let outbound =
+            size_of::<tracing::instrument::Instrumented<relay::Relay<relay::TunnelOut>>>();
+        assert!(
+            outbound <= 128,
+            "an opened tunnel's task is {outbound} bytes"
+        );
+    }
 
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listeners_nodelay() {

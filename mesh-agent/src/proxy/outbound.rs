@@ -14,8 +14,10 @@ use super::{
     relay::{relay, Conn, Relay},
     LocalPod, ProxyCtx, Route,
 };
-use crate::telemetry::{ConnInfo, Refusal, Security};
+use crate::telemetry::{ConnInfo, Direction, Refusal, Security};
 
+/// Sets a captured connection up; returns the relay this task runs next, or `None` when nothing
+/// is left for it: refused, failed, or a tunnel whose relay runs in a task of its own.
 pub(super) async fn handle(
     down: TcpStream,
     peer: SocketAddr,
@@ -66,7 +68,7 @@ pub(super) async fn handle(
         }
     };
     let local = ctx.local.borrow().get(&upstream.ip()).cloned();
-    let mut info = ConnInfo::new("outbound", &pod, peer, dst, upstream);
+    let mut info = ConnInfo::new(Direction::Outbound, &pod, peer, dst, upstream);
     info.service = service;
     info.dst_workload = workload;
     // The source is this pod; a pod's first connections may come before its address reached
@@ -88,8 +90,7 @@ pub(super) async fn handle(
         // reaches the destination, through the kernel short-cut or otherwise.
         (Some(target), _) => {
             info.security = Security::SameNode {
-                src: pod.identity.clone(),
-                dst: target.identity.clone(),
+                peer: target.identity.clone(),
             };
             let tracked = authorize(&ctx, &mut info, started)?;
             match dial_app(&target, upstream, peer, &ctx.conn).await {
@@ -108,7 +109,11 @@ pub(super) async fn handle(
         // A meshed workload on another node: HBONE.
         (None, Some(identity)) => {
             leave_shortcut(&app, &pod, &ctx);
-            hbone::outbound(down, &pod, &ctx, identity, conn(info, None)).await
+            let tunnel = hbone::outbound(down, &pod, &ctx, identity, conn(info, None)).await?;
+            // The tunnel's relay goes on in a task of its own size (see `TunnelOut`); this
+            // one, sized for a relay between two sockets, ends here.
+            tokio::spawn(tracing::Instrument::in_current_span(tunnel));
+            None
         }
         // Outside the mesh: plain TCP from inside the source pod.
         (None, None) => {

@@ -49,7 +49,7 @@ enum Dir {
 /// Copies both directions between `down` and `up` until both have ended; resolves to the bytes
 /// moved `(down → up, up → down)`. The first error ends both.
 #[derive(Debug)]
-struct Copy {
+pub struct Copy {
     down: TcpStream,
     up: TcpStream,
     /// `[down → up, up → down]`.
@@ -160,7 +160,7 @@ impl Drop for Copy {
 /// records the connection. A plain future (not an `async fn`) so that the connection's task
 /// holds the copy state and the record's fields once.
 pub fn relay(down: TcpStream, up: TcpStream, conn: Conn) -> Relay {
-    Relay::new(Copying::Tcp(Copy::new(down, up)), conn)
+    Relay::new(Copy::new(down, up), conn)
 }
 
 /// Relays a captured connection through an HBONE tunnel, like [`relay`]; a tunnel that moves
@@ -172,9 +172,9 @@ pub fn relay_tunnel(
     early: ClientFirst,
     conn: Conn,
     idle: Option<&Arc<IdleSweep>>,
-) -> Relay {
+) -> Relay<TunnelOut> {
     let mut relay = Relay::new(
-        Copying::Tunnel(Box::new(TunnelCopy::after_early(down, tunnel, early))),
+        TunnelOut(Box::new(TunnelCopy::after_early(down, tunnel, early))),
         conn,
     );
     relay.record.idle = idle.map(IdleSweep::watch);
@@ -188,45 +188,65 @@ pub fn relay_inbound_tunnel(
     app: TcpStream,
     conn: Conn,
     idle: Option<&Arc<IdleSweep>>,
-) -> Relay {
-    let mut relay = Relay::new(
-        Copying::TunnelIn(Box::new(TunnelCopy::new(app, tunnel))),
-        conn,
-    );
+) -> Relay<TunnelIn> {
+    let mut relay = Relay::new(TunnelIn(Box::new(TunnelCopy::new(app, tunnel))), conn);
     relay.record.idle = idle.map(IdleSweep::watch);
     relay
 }
 
-/// What a relay copies between. In each, the first stream is the source's side, so the
-/// totals are `[to destination, to source]`.
-#[derive(Debug)]
-enum Copying {
-    /// Two TCP sockets.
-    Tcp(Copy),
-    /// A TCP socket and an HBONE stream (boxed: rarer, and larger).
-    Tunnel(Box<TunnelCopy>),
-    /// An HBONE stream toward a TCP socket (the copy's totals the other way round).
-    TunnelIn(Box<TunnelCopy>),
+/// What a relay copies with: the totals are `[to destination, to source]`.
+pub trait Copier: Unpin {
+    /// Bytes moved so far, `[to destination, to source]`.
+    fn totals(&self) -> [u64; 2];
+    /// Copies until both directions have ended, or the first error.
+    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl Copying {
+/// Two TCP sockets, the source's first: a same-node connection, or one to a destination outside
+/// the mesh. Inline in its relay, and so in the task of every captured connection (spawned
+/// before it knows where the connection goes): that sets the task's size.
+impl Copier for Copy {
     fn totals(&self) -> [u64; 2] {
-        match self {
-            Copying::Tcp(c) => c.totals,
-            Copying::Tunnel(c) => c.totals(),
-            Copying::TunnelIn(c) => {
-                let [to_tunnel, to_app] = c.totals();
-                [to_app, to_tunnel]
-            }
-        }
+        self.totals
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(u64, u64)>> {
-        match self {
-            Copying::Tcp(copy) => Pin::new(copy).poll(cx),
-            // (The resolved totals are not read: `totals` orders them.)
-            Copying::Tunnel(copy) | Copying::TunnelIn(copy) => Pin::new(&mut **copy).poll(cx),
-        }
+    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll(cx).map_ok(drop)
+    }
+}
+
+/// A captured connection's tunnel to another node: the client's socket, then the HBONE stream.
+/// Boxed, so that the relay is small and runs in a task of its own (tokio's 256-byte cell
+/// instead of a captured connection's 384; unit-tested): the captured connection's task ends
+/// once it has opened the tunnel.
+#[derive(Debug)]
+pub struct TunnelOut(Box<TunnelCopy>);
+
+impl Copier for TunnelOut {
+    fn totals(&self) -> [u64; 2] {
+        self.0.totals()
+    }
+
+    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll(cx).map_ok(drop)
+    }
+}
+
+/// An HBONE stream accepted by this agent, toward the application. The destination knows a
+/// tunnel's kind before it spawns its task, which holds this box (tokio's 256-byte cell, as for
+/// [`TunnelOut`]).
+#[derive(Debug)]
+pub struct TunnelIn(Box<TunnelCopy>);
+
+impl Copier for TunnelIn {
+    fn totals(&self) -> [u64; 2] {
+        // The copy's first stream is the application's: its totals run the other way.
+        let [to_tunnel, to_app] = self.0.totals();
+        [to_app, to_tunnel]
+    }
+
+    fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0).poll(cx).map_ok(drop)
     }
 }
 
@@ -244,38 +264,39 @@ pub struct Conn {
 ///
 /// Kept under 216 bytes, so that a connection's task (this, its span and tokio's task header)
 /// fits tokio's 384-byte task cell (cells are 128-byte aligned; at 280 bytes it took 512):
-/// what is only read at the end, or rarely, lives in the boxed [`Record`].
+/// what is only read at the end, or rarely, lives in the boxed [`Record`], itself kept within
+/// jemalloc's 320-byte class (both unit-tested).
 #[derive(Debug)]
-pub struct Relay {
-    copy: Copying,
+pub struct Relay<C = Copy> {
+    copy: C,
     record: Box<Record>,
     counters: Counters,
+    /// Bytes already added to the counters, `[to destination, to source]`.
+    counted: [u64; 2],
 }
 
 /// The boxed part of a [`Relay`].
 #[derive(Debug)]
 struct Record {
     conn: Conn,
-    /// Bytes already added to the counters, `[to destination, to source]`.
-    counted: [u64; 2],
     /// The application's view of its peer, removed when the connection ends.
     guard: Option<PeerGuard>,
     /// Tunnels only: closed after moving nothing for a while.
     idle: Option<IdleWatch>,
 }
 
-impl Relay {
-    fn new(copy: Copying, conn: Conn) -> Self {
+impl<C: Copier> Relay<C> {
+    fn new(copy: C, conn: Conn) -> Self {
         let counters = conn.telemetry.open(&conn.info);
         Self {
             copy,
             record: Box::new(Record {
                 conn,
-                counted: [0; 2],
                 guard: None,
                 idle: None,
             }),
             counters,
+            counted: [0; 2],
         }
     }
 
@@ -289,7 +310,7 @@ impl Relay {
     /// moved.
     fn count(&mut self) -> ([u64; 2], bool) {
         let totals = self.copy.totals();
-        let counted = &mut self.record.counted;
+        let counted = &mut self.counted;
         let delta = [totals[0] - counted[0], totals[1] - counted[1]];
         let moved = delta != [0, 0];
         if moved {
@@ -300,7 +321,7 @@ impl Relay {
     }
 }
 
-impl Future for Relay {
+impl<C: Copier> Future for Relay<C> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -323,7 +344,7 @@ impl Future for Relay {
             // Dropping the relay closes both sides.
             return Poll::Ready(());
         }
-        let result = this.copy.poll(cx);
+        let result = this.copy.poll_copy(cx);
         let (totals, moved) = this.count();
         let idle_for = match (&result, this.record.idle.as_mut()) {
             (Poll::Pending, Some(idle)) => idle.expired(moved, cx).then(|| idle.timeout()),
@@ -343,7 +364,7 @@ impl Future for Relay {
                     format!("idle for {timeout:?}: no byte moved either way"),
                 ))
             }
-            None => ready!(result).map(|_| ()),
+            None => ready!(result),
         };
         let c = &this.record.conn;
         c.telemetry
@@ -397,9 +418,9 @@ mod tests {
         // trailer (about 112 bytes) must stay within 384.
         let size = size_of::<super::Relay>();
         assert!(size <= 216, "Relay is {size} bytes");
-        // Its boxed record (with a tunnel's idle watch) stays in jemalloc's 384-byte class.
+        // Its boxed record (with a tunnel's idle watch) stays in jemalloc's 320-byte class.
         let size = size_of::<super::Record>();
-        assert!(size <= 384, "Record is {size} bytes");
+        assert!(size <= 320, "Record is {size} bytes");
     }
 
     #[tokio::test]

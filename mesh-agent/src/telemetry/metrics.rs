@@ -181,8 +181,8 @@ impl Metrics {
             "gauge",
         );
         for (direction, v) in [
-            ("outbound", &a.active_outbound),
-            ("inbound", &a.active_inbound),
+            (super::Direction::Outbound.as_str(), &a.active_outbound),
+            (super::Direction::Inbound.as_str(), &a.active_inbound),
         ] {
             write_sample(
                 out,

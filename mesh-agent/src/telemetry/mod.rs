@@ -34,15 +34,44 @@ pub use self::{
     metrics::{ConnCounters, Metrics},
 };
 
-/// How the connection is secured, with the identities the agent vouches for.
+/// Which of a pod's listeners a connection came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Captured on its way out of a pod of this node.
+    Outbound,
+    /// On its way into a pod of this node (port 15006, or an HBONE stream on 15008).
+    Inbound,
+}
+
+impl Direction {
+    /// The label value in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the connection is secured, with the peer's identity the agent vouches for; the other
+/// end's is the identity of the connection's pod ([`ConnInfo::identities`]), not kept twice.
 #[derive(Clone, Debug)]
 pub enum Security {
     /// Plain TCP: an unmeshed peer (or a destination outside the mesh).
     None,
-    /// Both pods on this node: no TLS, identities known to the agent itself.
-    SameNode { src: Identity, dst: Identity },
-    /// HBONE: mutual TLS between the agents, identities proven by certificates.
-    MutualTls { src: Identity, dst: Identity },
+    /// Both pods on this node: no TLS, identities known to the agent itself. `peer`: the
+    /// destination pod's.
+    SameNode { peer: Identity },
+    /// HBONE: mutual TLS between the agents, identities proven by certificates. `peer`: the
+    /// other end's (the destination's for an outbound connection, the source's for an inbound
+    /// one).
+    MutualTls { peer: Identity },
 }
 
 impl Security {
@@ -56,13 +85,11 @@ impl Security {
         }
     }
 
-    /// The source's and the destination's identity.
-    pub fn identities(&self) -> (Option<&Identity>, Option<&Identity>) {
+    /// The other end's identity.
+    pub fn peer(&self) -> Option<&Identity> {
         match self {
-            Security::None => (None, None),
-            Security::SameNode { src, dst } | Security::MutualTls { src, dst } => {
-                (Some(src), Some(dst))
-            }
+            Security::None => None,
+            Security::SameNode { peer } | Security::MutualTls { peer } => Some(peer),
         }
     }
 }
@@ -70,8 +97,7 @@ impl Security {
 /// Who is talking to whom, described when the connection opens.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
-    /// `outbound` (captured from a pod of this node) or `inbound` (for a pod of this node).
-    pub direction: &'static str,
+    pub direction: Direction,
     /// The pod of this node whose listener accepted the connection.
     pub pod: Arc<LocalPod>,
     /// The original client.
@@ -94,7 +120,7 @@ pub struct ConnInfo {
 impl ConnInfo {
     /// A connection described by its direction, pod and addresses; everything else unknown.
     pub fn new(
-        direction: &'static str,
+        direction: Direction,
         pod: &Arc<LocalPod>,
         src: SocketAddr,
         dst: SocketAddr,
@@ -114,17 +140,29 @@ impl ConnInfo {
         }
     }
 
+    /// The source's and the destination's identity: the peer's, and the pod's own.
+    pub fn identities(&self) -> (Option<&Identity>, Option<&Identity>) {
+        let Some(peer) = self.security.peer() else {
+            return (None, None);
+        };
+        let own = &self.pod.identity;
+        match self.direction {
+            Direction::Outbound => (Some(own), Some(peer)),
+            Direction::Inbound => (Some(peer), Some(own)),
+        }
+    }
+
     /// The roles this agent reports the connection under.
     pub fn reporters(&self) -> &'static [Reporter] {
         match (self.direction, &self.security) {
             (_, Security::SameNode { .. }) => &[Reporter::Source, Reporter::Destination],
-            ("inbound", _) => &[Reporter::Destination],
+            (Direction::Inbound, _) => &[Reporter::Destination],
             _ => &[Reporter::Source],
         }
     }
 
     fn labels(&self, reporter: Reporter, flags: ResponseFlags) -> TrafficLabels {
-        let (src_id, dst_id) = self.security.identities();
+        let (src_id, dst_id) = self.identities();
         TrafficLabels {
             reporter,
             source: PeerLabels::of(Peer {
@@ -201,7 +239,7 @@ impl Telemetry {
     }
 
     fn active(&self, info: &ConnInfo) -> &std::sync::atomic::AtomicI64 {
-        if info.direction == "inbound" {
+        if info.direction == Direction::Inbound {
             &self.metrics.agent.active_inbound
         } else {
             &self.metrics.agent.active_outbound
@@ -222,7 +260,7 @@ impl Telemetry {
                 count_decision(&self.metrics, d);
                 warn!(
                     src = %info.src, dst = %info.dst,
-                    src_identity = info.security.identities().0.map_or("", Identity::as_str),
+                    src_identity = info.identities().0.map_or("", Identity::as_str),
                     policy = d.policy.as_deref().unwrap_or(""),
                     reason = reason_str(d.reason),
                     "connection denied by policy"
@@ -295,7 +333,7 @@ impl Telemetry {
         flags: ResponseFlags,
         error: Option<String>,
     ) -> AccessRecord {
-        let (src_id, dst_id) = info.security.identities();
+        let (src_id, dst_id) = info.identities();
         let endpoint = |addr: SocketAddr, w: Option<&Workload>, id: Option<&Identity>| Endpoint {
             addr: addr.to_string(),
             workload: w.map(|w| w.name.clone()),
@@ -313,7 +351,7 @@ impl Telemetry {
             } else {
                 reporters[0].as_str()
             },
-            direction: info.direction,
+            direction: info.direction.as_str(),
             src: endpoint(info.src, info.src_workload.as_deref(), src_id),
             dst: endpoint(info.dst, info.dst_workload.as_deref(), dst_id),
             service: info.service.as_deref().map(|s| s.hostname.clone()),
@@ -377,14 +415,14 @@ fn log_close(
         .map(|s| s.hostname.clone())
         .unwrap_or_default();
     let security = info.security.policy();
-    let (src_id, dst_id) = info.security.identities();
+    let (src_id, dst_id) = info.identities();
     let src_identity = tracing::field::display(src_id.map_or("", Identity::as_str));
     let dst_identity = tracing::field::display(dst_id.map_or("", Identity::as_str));
     let src_workload = info.src_workload.as_deref().map_or("", workload_name);
     let dst_workload = info.dst_workload.as_deref().map_or("", workload_name);
     if let Some(d) = revoked {
         warn!(
-            direction = info.direction,
+            direction = info.direction.as_str(),
             src = %info.src,
             dst = %info.dst,
             src_identity,
@@ -401,7 +439,7 @@ fn log_close(
     // write to stderr).
     match error {
         None => debug!(
-            direction = info.direction,
+            direction = info.direction.as_str(),
             pod = %info.pod.name,
             src = %info.src,
             dst = %info.dst,
@@ -418,7 +456,7 @@ fn log_close(
             "connection closed"
         ),
         Some(error) => warn!(
-            direction = info.direction,
+            direction = info.direction.as_str(),
             pod = %info.pod.name,
             src = %info.src,
             dst = %info.dst,
