@@ -34,16 +34,16 @@
 //!   400 KiB; client header list 16 KiB, send buffer 4 MiB, push disabled.
 //! * Keepalive: a PING every 10 s, the connection dropped when one goes unanswered for 20 s,
 //!   on both sides.
-//! * Pool: connections without streams closed after 5 minutes,
-//!   concurrent requests for a key share a connection being established instead of each
-//!   opening one, failed and closed connections leave the pool.
+//! * Pool: connections without streams closed after 5 minutes, concurrent requests for a key
+//!   share a connection being established instead of each opening one, failed and closed
+//!   connections leave the pool.
 //!
 //! # Differences from ztunnel
 //!
 //! * **Streams per connection**: at most 128 (ztunnel: 100), further bounded by the server's
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`. h2 keeps a connection's streams in a slab that grows by
-//!   doubling, so 100 streams already pay for 128 slots (about 390 bytes each); at 128 none is
-//!   unused and each connection's own memory is shared by more streams.
+//!   doubling, so 100 streams already pay for 128 slots (356 bytes each with h2 0.4); at 128
+//!   none is unused and each connection's own memory is shared by more streams.
 //! * **Connection establishment per key**: ztunnel establishes one connection per key at a
 //!   time (a per-key lock) and stops reusing a connection that reached its stream limit. Here a
 //!   connection being established takes waiting requests up to its stream limit, the next
