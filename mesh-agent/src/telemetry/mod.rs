@@ -53,12 +53,6 @@ impl Direction {
     }
 }
 
-impl std::fmt::Display for Direction {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// How the connection is secured, with the peer's identity the agent vouches for; the other
 /// end's is the identity of the connection's pod ([`ConnInfo::identities`]), not kept twice.
 #[derive(Clone, Debug)]
