@@ -30,8 +30,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use mesh_common::{
-    names, FastpathCounters, KernelOffsets, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey,
-    MAX_SHORTCUT_BUDGET,
+    names, DirectPair, FastpathCounters, KernelOffsets, MeshConfig, NsSockKey, PodInfo, SockAddr,
+    SockKey, MAX_SHORTCUT_BUDGET,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
@@ -181,6 +181,7 @@ pub struct ConnMaps {
     peer_addr: Mutex<HashMap<MapData, SockKey, SockAddr>>,
     socks: Mutex<SockHash<MapData, NsSockKey>>,
     sock_ptrs: Mutex<HashMap<MapData, NsSockKey, u64>>,
+    pairs: Mutex<HashMap<MapData, NsSockKey, DirectPair>>,
     /// Whether `sockops` may insert sockets into the short-cut at all (`MESH_CONFIG`).
     shortcut: bool,
     /// Read-only from here (the kernel writes it), so no lock.
@@ -246,6 +247,37 @@ impl ConnMaps {
         let _ = self.sock_ptrs.lock().expect("sock_ptrs lock").remove(app);
     }
 
+    /// Lets the applications of a same-node connection talk straight to each other: `src` is the
+    /// client's socket (its key: namespace, local, remote) on its leg to the agent, `dst` the
+    /// server's socket on the agent's leg to it (see [`DirectPair`]). Call once the connection is
+    /// authorized and both legs are connected, before relaying anything. The pair is removed
+    /// when the returned guard is taken or dropped.
+    ///
+    /// `None` (and nothing written) if an entry could not be written: the connection is then
+    /// relayed as before.
+    pub fn pair_direct(self: &Arc<Self>, src: NsSockKey, dst: NsSockKey) -> Option<Box<Paired>> {
+        let mut pairs = self.pairs.lock().expect("pairs lock");
+        let entries = [(src, dst.peer()), (dst, src.peer())];
+        for (i, (key, far)) in entries.iter().enumerate() {
+            let value = DirectPair {
+                far: *far,
+                bytes: 0,
+            };
+            if let Err(error) = pairs.insert(key, value, 0) {
+                warn!(%error, map = names::PAIRS, "pairing a same-node connection; relaying it");
+                for (key, _) in &entries[..i] {
+                    let _ = pairs.remove(key);
+                }
+                return None;
+            }
+        }
+        Some(Box::new(Paired {
+            maps: Arc::clone(self),
+            keys: [src, dst],
+            taken: false,
+        }))
+    }
+
     /// The keys of the sockets in the short-cut now (for diagnostics and tests).
     pub fn shortcut_sockets(&self) -> Vec<NsSockKey> {
         let socks = self.socks.lock().expect("socks lock");
@@ -260,6 +292,51 @@ impl ConnMaps {
     pub fn fastpath(&self) -> Result<FastpathStats, DatapathError> {
         let per_cpu = self.fastpath.get(&0, 0).map_err(map_err(names::FASTPATH))?;
         Ok(FastpathStats::from_per_cpu(&per_cpu))
+    }
+}
+
+/// A same-node connection whose applications talk straight to each other
+/// ([`ConnMaps::pair_direct`]); removed from the kernel's map when taken or dropped.
+pub struct Paired {
+    maps: Arc<ConnMaps>,
+    /// `[client's socket, server's socket]`.
+    keys: [NsSockKey; 2],
+    taken: bool,
+}
+
+impl std::fmt::Debug for Paired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Paired")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Paired {
+    /// Ends the pairing: each application's later messages go through its leg to the agent.
+    /// Returns the bytes the kernel sent straight across, `[to the server, to the client]`.
+    pub fn take(&mut self) -> [u64; 2] {
+        self.taken = true;
+        let mut map = self.maps.pairs.lock().expect("pairs lock");
+        let mut bytes = [0; 2];
+        for (key, bytes) in self.keys.iter().zip(&mut bytes) {
+            match crate::map_take::take::<_, DirectPair>(map.map(), key) {
+                Ok(found) => *bytes = found.map_or(0, |p| p.bytes),
+                Err(error) => {
+                    warn!(%error, map = names::PAIRS, "ending a same-node pairing");
+                    let _ = map.remove(key);
+                }
+            }
+        }
+        bytes
+    }
+}
+
+impl Drop for Paired {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.take();
+        }
     }
 }
 
@@ -373,6 +450,7 @@ impl Datapath {
                 peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
                 socks: Mutex::new(socks),
                 sock_ptrs: Mutex::new(take_map(&mut ebpf, names::SOCK_PTRS)?),
+                pairs: Mutex::new(take_map(&mut ebpf, names::PAIRS)?),
                 shortcut: shortcut.is_some(),
                 fastpath: take_map(&mut ebpf, names::FASTPATH)?,
             }),
@@ -598,7 +676,7 @@ impl Drop for Datapath {
 }
 
 /// Key size, value size and capacity of every pinned map, as this build's programs declare them.
-fn map_layouts() -> [(&'static str, usize, usize, u32); 10] {
+fn map_layouts() -> [(&'static str, usize, usize, u32); 11] {
     use mesh_common::{CgroupCounters, MAX_CGROUPS, MAX_CONNS, MAX_PODS};
     use std::mem::size_of;
     [
@@ -624,6 +702,12 @@ fn map_layouts() -> [(&'static str, usize, usize, u32); 10] {
         ),
         (names::SOCKS, size_of::<NsSockKey>(), 4, MAX_CONNS),
         (names::SOCK_PTRS, size_of::<NsSockKey>(), 8, MAX_CONNS),
+        (
+            names::PAIRS,
+            size_of::<NsSockKey>(),
+            size_of::<DirectPair>(),
+            MAX_CONNS,
+        ),
         (names::LISTENERS, size_of::<SockAddr>(), 4, MAX_PODS * 2),
         (names::CONFIG, 4, size_of::<MeshConfig>(), 1),
         (names::FASTPATH, 4, size_of::<FastpathCounters>(), 1),

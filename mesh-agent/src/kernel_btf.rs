@@ -247,7 +247,7 @@ impl Btf {
             sk_user_data: self.field_offset("sock", "sk_user_data", 8)?,
             sk_receive_qlen: self.field_offset("sock", "sk_receive_queue.qlen", 4)?,
             psock_msg_tot_len: self.field_offset("sk_psock", "msg_tot_len", 4)?,
-            reserved: 0,
+            sk_state: self.field_offset("sock", "__sk_common.skc_state", 1)?,
         })
     }
 }

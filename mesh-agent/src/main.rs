@@ -336,13 +336,15 @@ fn print_stats(bpffs_dir: &std::path::Path, json: bool, sockets: bool) -> anyhow
             println!("{:>12} {:>10} {:>10}", r.cgroup_id, r.connect4, r.connect6);
         }
         println!(
-            "fastpath: redirected {} msgs {} bytes, passed {} msgs {} bytes, held {} msgs {} bytes",
+            "fastpath: redirected {} msgs {} bytes, passed {} msgs {} bytes, held {} msgs {} bytes, direct {} msgs {} bytes",
             fastpath.redirected_msgs,
             fastpath.redirected_bytes,
             fastpath.passed_msgs,
             fastpath.passed_bytes,
             fastpath.held_msgs,
-            fastpath.held_bytes
+            fastpath.held_bytes,
+            fastpath.direct_msgs,
+            fastpath.direct_bytes
         );
         for s in sockets {
             println!(

@@ -46,6 +46,8 @@ pub struct FastpathStats {
     pub passed_bytes: u64,
     pub held_msgs: u64,
     pub held_bytes: u64,
+    pub direct_msgs: u64,
+    pub direct_bytes: u64,
 }
 
 impl FastpathStats {
@@ -61,6 +63,8 @@ impl FastpathStats {
             passed_bytes: total.passed_bytes,
             held_msgs: total.held_msgs,
             held_bytes: total.held_bytes,
+            direct_msgs: total.direct_msgs,
+            direct_bytes: total.direct_bytes,
         }
     }
 }
@@ -178,6 +182,8 @@ mod tests {
             passed_bytes: p * 10,
             held_msgs: r + p,
             held_bytes: (r + p) * 1000,
+            direct_msgs: r,
+            direct_bytes: r * 7,
         };
         assert_eq!(
             FastpathStats::from_per_cpu(&[cpu(1, 0), cpu(2, 3)]),
@@ -188,6 +194,8 @@ mod tests {
                 passed_bytes: 30,
                 held_msgs: 6,
                 held_bytes: 6000,
+                direct_msgs: 3,
+                direct_bytes: 21,
             }
         );
         assert_eq!(FastpathStats::from_per_cpu(&[]), FastpathStats::default());
@@ -203,12 +211,14 @@ mod tests {
                 passed_bytes: 4,
                 held_msgs: 5,
                 held_bytes: 6,
+                direct_msgs: 7,
+                direct_bytes: 8,
             },
         })
         .unwrap();
         assert_eq!(
             line,
-            r#"{"fastpath":{"redirected_msgs":1,"redirected_bytes":2,"passed_msgs":3,"passed_bytes":4,"held_msgs":5,"held_bytes":6}}"#
+            r#"{"fastpath":{"redirected_msgs":1,"redirected_bytes":2,"passed_msgs":3,"passed_bytes":4,"held_msgs":5,"held_bytes":6,"direct_msgs":7,"direct_bytes":8}}"#
         );
     }
 }

@@ -344,7 +344,7 @@ impl AgentStatus {
                 return;
             }
         };
-        let help = "Messages and bytes the kernel fast path (sockmap sk_msg) handled on pod-local legs: redirected straight to the peer socket, passed to the TCP stack (peer not in the short-cut), or held to TCP (peer's budget full, or earlier TCP bytes unread)";
+        let help = "Messages and bytes the kernel fast path (sockmap sk_msg) handled on pod-local legs: redirected straight to the peer socket, passed to the TCP stack (peer not in the short-cut), held to TCP (peer's budget full, or earlier TCP bytes unread), or sent direct (a same-node connection's application straight to the other application, past both legs)";
         for (name, rows) in [
             (
                 "mesh_fastpath_messages_total",
@@ -352,6 +352,7 @@ impl AgentStatus {
                     ("redirected", stats.redirected_msgs),
                     ("passed", stats.passed_msgs),
                     ("held", stats.held_msgs),
+                    ("direct", stats.direct_msgs),
                 ],
             ),
             (
@@ -360,6 +361,7 @@ impl AgentStatus {
                     ("redirected", stats.redirected_bytes),
                     ("passed", stats.passed_bytes),
                     ("held", stats.held_bytes),
+                    ("direct", stats.direct_bytes),
                 ],
             ),
         ] {

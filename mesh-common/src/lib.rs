@@ -32,6 +32,10 @@ pub mod names {
     pub const CONFIG: &str = "MESH_CONFIG";
     /// Per-CPU array of one [`super::FastpathCounters`] at index 0: what `sk_msg` did.
     pub const FASTPATH: &str = "MESH_FASTPATH";
+    /// Same-node connections spliced application to application, by each application
+    /// socket's [`super::NsSockKey`]: a [`super::DirectPair`] (the agent's socket toward the
+    /// other application, and the bytes sent straight to it). Written by the agent only.
+    pub const PAIRS: &str = "MESH_PAIRS";
 
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_CONNECT6: &str = "mesh_connect6";
@@ -216,7 +220,29 @@ pub struct KernelOffsets {
     pub sk_receive_qlen: u32,
     /// `struct sk_psock`, `msg_tot_len` (`u32`): bytes queued on the short-cut ingress.
     pub psock_msg_tot_len: u32,
-    pub reserved: u32,
+    /// `struct sock`, `__sk_common.skc_state` (`u8`): the TCP state (`TCP_ESTABLISHED`, ...).
+    pub sk_state: u32,
+}
+
+/// A same-node connection whose two applications' sockets talk straight to each other, one
+/// entry per application socket (by its [`NsSockKey`]), written by the agent once it has
+/// authorized and connected the connection.
+///
+/// The connection keeps its two legs (application ↔ agent ↔ application), and the agent keeps
+/// both of its sockets: it still sees each end's FIN and reset, relays whatever the kernel sends
+/// it (bytes sent before the pair existed, or while a direct message would overtake earlier
+/// ones), and closes both legs when the connection ends or a policy revokes it. `sk_msg` sends
+/// an application's message into the other application's socket (`far.peer()`) only while
+/// nothing of that direction is queued anywhere on the two legs, so no byte overtakes another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectPair {
+    /// The agent's socket on the other leg (its connection to the other application): the
+    /// message goes to its peer, the other application's socket.
+    pub far: NsSockKey,
+    /// Bytes `sk_msg` sent straight to the other application; the agent adds them to the
+    /// connection's counts when it ends.
+    pub bytes: u64,
 }
 
 /// Socket-layer counters for one cgroup (one pod), summed by user space across CPUs.
@@ -265,6 +291,11 @@ pub struct FastpathCounters {
     pub held_msgs: u64,
     /// Their bytes.
     pub held_bytes: u64,
+    /// Messages of a same-node connection's application sent straight to the other
+    /// application's socket ([`DirectPair`]), past both legs and the agent.
+    pub direct_msgs: u64,
+    /// Their bytes.
+    pub direct_bytes: u64,
 }
 
 impl FastpathCounters {
@@ -278,6 +309,8 @@ impl FastpathCounters {
             passed_bytes: self.passed_bytes.wrapping_add(other.passed_bytes),
             held_msgs: self.held_msgs.wrapping_add(other.held_msgs),
             held_bytes: self.held_bytes.wrapping_add(other.held_bytes),
+            direct_msgs: self.direct_msgs.wrapping_add(other.direct_msgs),
+            direct_bytes: self.direct_bytes.wrapping_add(other.direct_bytes),
         }
     }
 }
@@ -296,7 +329,7 @@ mod tests {
         // Size equals the sum of the fields: no implicit padding anywhere.
         assert_eq!(size_of::<CgroupCounters>(), 16);
         assert_eq!(align_of::<CgroupCounters>(), 8);
-        assert_eq!(size_of::<FastpathCounters>(), 48);
+        assert_eq!(size_of::<FastpathCounters>(), 64);
         assert_eq!(align_of::<FastpathCounters>(), 8);
         assert_eq!(size_of::<super::SockAddr>(), 24);
         assert_eq!(size_of::<super::SockKey>(), 48);
@@ -305,6 +338,7 @@ mod tests {
         assert_eq!(size_of::<super::PodInfo>(), 32);
         assert_eq!(size_of::<super::KernelOffsets>(), 24);
         assert_eq!(size_of::<super::MeshConfig>(), 32);
+        assert_eq!(size_of::<super::DirectPair>(), 64);
     }
 
     #[test]
@@ -335,6 +369,8 @@ mod tests {
             passed_bytes: u64::MAX,
             held_msgs: 5,
             held_bytes: 7,
+            direct_msgs: 9,
+            direct_bytes: 90,
         };
         let b = FastpathCounters {
             redirected_msgs: 3,
@@ -343,6 +379,8 @@ mod tests {
             passed_bytes: 2,
             held_msgs: 1,
             held_bytes: 1,
+            direct_msgs: 1,
+            direct_bytes: 10,
         };
         assert_eq!(
             a.sum(b),
@@ -353,6 +391,8 @@ mod tests {
                 passed_bytes: 1,
                 held_msgs: 6,
                 held_bytes: 8,
+                direct_msgs: 10,
+                direct_bytes: 100,
             }
         );
     }

@@ -6,11 +6,11 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    CgroupCounters, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET,
-    AF_INET6,
+    CgroupCounters, DirectPair, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr,
+    SockKey, AF_INET, AF_INET6,
 };
 
-// SAFETY (all seven): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
+// SAFETY (all eight): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
 // by the `shared_types_have_no_padding` test), and every bit pattern is a valid value.
 unsafe impl aya::Pod for CgroupCounters {}
 unsafe impl aya::Pod for FastpathCounters {}
@@ -19,6 +19,7 @@ unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for NsSockKey {}
 unsafe impl aya::Pod for PodInfo {}
 unsafe impl aya::Pod for MeshConfig {}
+unsafe impl aya::Pod for DirectPair {}
 
 /// The agent's outbound listener in a pod, for connections from the pod's address `ip` (the same
 /// family).

@@ -82,6 +82,98 @@ fn check(config: &MeshConfig, own: *mut bpf_sock, peer_sk: u64, size: u32) -> Op
     Some(Verdict::Redirect)
 }
 
+/// `TCP_ESTABLISHED` and `TCP_CLOSE_WAIT`: the states in which a socket still sends (the
+/// latter after its peer's FIN).
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE_WAIT: u8 = 8;
+
+/// May the application socket `own` send a message of `size` bytes straight to the other
+/// application's socket `target`, past both legs (`DirectPair`)? `near` is the agent's socket
+/// on `own`'s leg, `far` the agent's socket on `target`'s.
+///
+/// Only while nothing of this direction is on its way anywhere else, so that no byte overtakes
+/// an earlier one (`target` reads its short-cut queue first):
+/// - `own` has every byte it gave TCP acknowledged (so on `near`'s queue or read), and is still
+///   open (established, or after the other side's FIN);
+/// - `near` has nothing unread on either queue: the agent relays what it reads by peeking,
+///   writing on and only then consuming, so a byte is either still queued here or already sent
+///   on through `far`;
+/// - `far` is still open (the agent has not closed it: a connection the agent ended, or whose
+///   agent is gone, never goes direct) and has every byte the agent wrote through TCP
+///   acknowledged (on `target`'s queue or read);
+/// - `target` has read its TCP queue, and has less than the budget unread on its short-cut
+///   queue.
+pub fn direct(
+    config: &MeshConfig,
+    own: *mut bpf_sock,
+    near: u64,
+    far: u64,
+    target: u64,
+    size: u32,
+) -> bool {
+    check_direct(
+        config,
+        own,
+        near as *const u8,
+        far as *const u8,
+        target as *const u8,
+        size,
+    )
+    .unwrap_or(false)
+}
+
+fn check_direct(
+    config: &MeshConfig,
+    own: *mut bpf_sock,
+    near: *const u8,
+    far: *const u8,
+    target: *const u8,
+    size: u32,
+) -> Option<bool> {
+    let off = &config.offsets;
+    if own.is_null() {
+        return None;
+    }
+    // SAFETY: `own` is the socket of this `sk_msg` run; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(own.cast()) }.cast::<u8>();
+    if tp.is_null() {
+        return None;
+    }
+    let sends = |sk: *const u8| -> Option<bool> {
+        let state: u8 = read(sk, off.sk_state)?;
+        Some(state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
+    };
+    let all_acked = |sk: *const u8| -> Option<bool> {
+        let write_seq: u32 = read(sk, off.tcp_write_seq)?;
+        let snd_una: u32 = read(sk, off.tcp_snd_una)?;
+        Some(write_seq == snd_una)
+    };
+    let tcp_unread = |sk: *const u8| -> Option<bool> {
+        let queued: u32 = read(sk, off.sk_receive_qlen)?;
+        Some(queued != 0)
+    };
+    // Bytes on the short-cut queue, `None` without a psock.
+    let shortcut_unread = |sk: *const u8| -> Option<u32> {
+        let user_data: u64 = read(sk, off.sk_user_data)?;
+        if user_data & USER_DATA_PSOCK == 0 {
+            return None;
+        }
+        read(
+            (user_data & !USER_DATA_TAGS) as *const u8,
+            off.psock_msg_tot_len,
+        )
+    };
+    let ok = sends(tp)?
+        && all_acked(tp)?
+        && !tcp_unread(near)?
+        && shortcut_unread(near)? == 0
+        && sends(far)?
+        && all_acked(far)?
+        && !tcp_unread(target)?
+        && u64::from(shortcut_unread(target)?) + u64::from(size) <= u64::from(config.budget);
+    Some(ok)
+}
+
 /// The `T` at `base + offset` in kernel memory, or `None` if it cannot be read.
 fn read<T>(base: *const u8, offset: u32) -> Option<T> {
     // SAFETY: `bpf_probe_read_kernel` copies from any kernel address and returns an error

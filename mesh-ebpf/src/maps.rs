@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    CgroupCounters, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr, SockKey,
-    MAX_CGROUPS, MAX_CONNS, MAX_PODS,
+    CgroupCounters, DirectPair, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr,
+    SockKey, MAX_CGROUPS, MAX_CONNS, MAX_PODS,
 };
 
 #[map(name = "MESH_CGROUP_COUNTERS")]
@@ -34,6 +34,14 @@ pub static MESH_SOCKS: SockHash<NsSockKey> = SockHash::pinned(MAX_CONNS, 0);
 /// `bpf_probe_read_kernel`.
 #[map(name = "MESH_SOCK_PTRS")]
 pub static MESH_SOCK_PTRS: HashMap<NsSockKey, u64> = HashMap::pinned(MAX_CONNS, 0);
+
+/// Same-node connections whose applications talk straight to each other, by each application
+/// socket's key (see `DirectPair`). Written by the agent after authorizing the connection and
+/// removed by it when the connection ends; `sockops` removes a stale entry under the key of a
+/// socket that enters the short-cut (so a pair can never outlive its sockets into a new
+/// connection of the same addresses).
+#[map(name = "MESH_PAIRS")]
+pub static MESH_PAIRS: HashMap<NsSockKey, DirectPair> = HashMap::pinned(MAX_CONNS, 0);
 
 #[map(name = "MESH_LISTENERS")]
 pub static MESH_LISTENERS: SockHash<SockAddr> = SockHash::pinned(MAX_PODS * 2, 0);

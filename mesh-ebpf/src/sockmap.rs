@@ -31,14 +31,14 @@ use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
 };
 
-use mesh_common::{NsSockKey, PodInfo, SockAddr, SockKey, AF_INET};
+use mesh_common::{DirectPair, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET};
 
 use crate::{
     addr,
     budget::{self, Verdict},
     maps::{
-        shortcut_config, MESH_CONN_DST, MESH_FASTPATH, MESH_ORIG_DST, MESH_PEER_ADDR, MESH_PODS,
-        MESH_SOCKS, MESH_SOCK_PTRS,
+        shortcut_config, MESH_CONN_DST, MESH_FASTPATH, MESH_ORIG_DST, MESH_PAIRS, MESH_PEER_ADDR,
+        MESH_PODS, MESH_SOCKS, MESH_SOCK_PTRS,
     },
 };
 
@@ -150,6 +150,9 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
         let _ = MESH_SOCK_PTRS.remove(nskey);
         return Err(e);
     }
+    // A pair left under these addresses by a connection that ended without its agent removing
+    // it (the agent died) names sockets that are gone: never let it reach this new connection.
+    let _ = MESH_PAIRS.remove(nskey);
     // Forget the address when the socket closes (the SOCKHASH forgets the socket itself).
     // SAFETY: the context is a valid sockops context; the flag only adds a callback.
     let _ = unsafe {
@@ -203,6 +206,8 @@ fn on_shortcut_pod(netns: u64, local: SockAddr) -> bool {
 /// What `sk_msg` did with one message.
 #[derive(Clone, Copy)]
 enum Outcome {
+    /// Straight to the other application's socket, past both legs (`DirectPair`).
+    Direct,
     Redirected,
     /// The peer is not in the short-cut (or the redirect failed): the normal TCP path.
     Passed,
@@ -233,6 +238,11 @@ fn send(ctx: &SkMsgContext, size: u32) -> Outcome {
     };
     // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
     let own = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    if let Some(pair) = MESH_PAIRS.get_ptr_mut(key) {
+        if send_direct(ctx, config, own, peer_sk, pair, size) {
+            return Outcome::Direct;
+        }
+    }
     match budget::verdict(config, own, peer_sk, size) {
         Verdict::Redirect => {}
         Verdict::Hold => return Outcome::Held,
@@ -245,6 +255,47 @@ fn send(ctx: &SkMsgContext, size: u32) -> Outcome {
     } else {
         Outcome::Passed
     }
+}
+
+/// Sends the message straight to the other application's socket if nothing of this direction
+/// is queued on either leg (`budget::direct`), and counts it in the pair. `near_sk`: the agent's
+/// socket on this leg.
+fn send_direct(
+    ctx: &SkMsgContext,
+    config: &mesh_common::MeshConfig,
+    own: *mut aya_ebpf::bindings::bpf_sock,
+    near_sk: u64,
+    pair: *mut DirectPair,
+    size: u32,
+) -> bool {
+    // SAFETY: `pair` points at a live map value for the program's run; plain data.
+    let far = unsafe { (*pair).far };
+    let mut target = far.peer();
+    // SAFETY: plain data copied out at once.
+    let (Some(far_sk), Some(target_sk)) = (
+        unsafe { MESH_SOCK_PTRS.get(far) }.copied(),
+        // SAFETY: as above.
+        unsafe { MESH_SOCK_PTRS.get(target) }.copied(),
+    ) else {
+        return false;
+    };
+    if !budget::direct(config, own, near_sk, far_sk, target_sk, size) {
+        return false;
+    }
+    if MESH_SOCKS.redirect_msg(ctx, &mut target, u64::from(BPF_F_INGRESS))
+        != c_long::from(sk_action::SK_PASS)
+    {
+        return false;
+    }
+    // SAFETY: as above; 8-byte aligned (map values are). Senders of one socket are serialized
+    // by its lock, but the agent reads the value concurrently: an atomic add, never torn.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*pair).bytes,
+            u64::from(size),
+        );
+    }
+    true
 }
 
 /// This socket's key, with its namespace.
@@ -283,6 +334,10 @@ fn count(outcome: Outcome, size: u32) {
     // The results are unused, so LLVM emits plain atomic adds (no fetch: any BPF CPU version).
     unsafe {
         let (msgs, bytes) = match outcome {
+            Outcome::Direct => (
+                &raw mut (*counters).direct_msgs,
+                &raw mut (*counters).direct_bytes,
+            ),
             Outcome::Redirected => (
                 &raw mut (*counters).redirected_msgs,
                 &raw mut (*counters).redirected_bytes,

@@ -39,6 +39,12 @@ pub struct FastpathStats {
     pub held_msgs: u64,
     #[serde(default)]
     pub held_bytes: u64,
+    /// Messages (and their bytes) of same-node connections sent from one application straight
+    /// to the other, past both legs. (Absent from agents built before: 0.)
+    #[serde(default)]
+    pub direct_msgs: u64,
+    #[serde(default)]
+    pub direct_bytes: u64,
 }
 
 impl FastpathStats {
@@ -52,6 +58,8 @@ impl FastpathStats {
             passed_bytes: self.passed_bytes - earlier.passed_bytes,
             held_msgs: self.held_msgs - earlier.held_msgs,
             held_bytes: self.held_bytes - earlier.held_bytes,
+            direct_msgs: self.direct_msgs - earlier.direct_msgs,
+            direct_bytes: self.direct_bytes - earlier.direct_bytes,
         }
     }
 }

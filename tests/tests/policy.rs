@@ -284,12 +284,17 @@ fn allow_and_deny_on_one_node_with_sockmap() {
 
 /// Bytes the kernel fast path redirected, from the agent on node 0.
 fn redirected(mesh: &Mesh) -> u64 {
-    let m = scrape(mesh.tb.node(0)).expect("metrics");
-    count(
-        &m,
-        "mesh_fastpath_bytes_total",
-        &[("outcome", "redirected")],
-    )
+    fastpath_bytes(mesh, 0, "redirected")
+}
+
+/// Bytes the kernel sent from one application straight to the other, on `node`.
+fn direct(mesh: &Mesh, node: usize) -> u64 {
+    fastpath_bytes(mesh, node, "direct")
+}
+
+fn fastpath_bytes(mesh: &Mesh, node: usize, outcome: &str) -> u64 {
+    let m = scrape(mesh.tb.node(node)).expect("metrics");
+    count(&m, "mesh_fastpath_bytes_total", &[("outcome", outcome)])
 }
 
 /// A `raw` probe from `from` holding a connection to `to`'s echo server for up to 30 s; it
@@ -303,9 +308,12 @@ fn hold(from: &Pod, to: &Pod) -> Process {
     probe::raw(from, app(to), &from.name, &options).expect("raw probe")
 }
 
+/// The pods opt into the short-cut, so the same-node connection's applications talk straight
+/// to each other (past the agent, `DirectPair`): the revocation must close it all the same, and
+/// its record must count the bytes the kernel sent past the agent.
 #[test]
 fn a_policy_change_closes_open_connections_it_no_longer_allows() {
-    let mut mesh = mesh(2, 2, Shortcut::Default);
+    let mut mesh = mesh(2, 2, Shortcut::OptedIn);
     let (remote, local, control, dst) = (
         mesh.pod(0, 0).clone(),
         mesh.pod(1, 1).clone(),
@@ -330,6 +338,10 @@ fn a_policy_change_closes_open_connections_it_no_longer_allows() {
         })
         .unwrap();
     }
+    assert!(
+        direct(&mesh, 1) > 0,
+        "the same-node connection's echo went straight to its client"
+    );
     let log_from = mesh.agents[1].log_len();
     write_policy(
         &mesh,
@@ -388,7 +400,7 @@ fn metrics_and_access_log_count_the_bytes_of_a_known_transfer() {
     let _s1 = probe::serve(&remote_dst, app(&remote_dst)).expect("server");
     let _s2 = probe::serve(&local_dst, app(&local_dst)).expect("server");
     let from = [mesh.agents[0].log_len(), mesh.agents[1].log_len()];
-    let fast_before = redirected(&mesh);
+    let fast_before = (redirected(&mesh), direct(&mesh, 0));
     // Across nodes (HBONE), then on one node (sockmap): BYTES each way, echoed.
     probe::echo_bytes(&client, app(&remote_dst), u64::from(BYTES)).expect("cross-node transfer");
     probe::echo_bytes(&client, app(&local_dst), u64::from(BYTES)).expect("same-node transfer");
@@ -471,21 +483,33 @@ fn metrics_and_access_log_count_the_bytes_of_a_known_transfer() {
         );
         assert_eq!(v("istio_tcp_sent_bytes_total"), n, "{what}: response bytes");
     }
-    // The same-node legs went through the kernel fast path: each byte crossed two redirected
-    // legs each way (app → agent, agent → app): 4n. The cross-node client leg leaves the
-    // short-cut when the agent accepts it: at most the n bytes sent before that are redirected
-    // there too. Nothing else on node 0 is in the short-cut: before issue 12, any socket pair
-    // with equal addresses was, including this test's own metrics scrapes of the agent over
-    // 127.0.0.1 (about 20 kB each, as many as the wait above took), which is how this count once
-    // reached 5,020,142.
-    let fast = redirected(&mesh) - fast_before;
+    check_fastpath(&mesh, fast_before, n);
+    check_access_records(&mesh, from, &client, &remote_dst, &local_dst, BYTES);
+}
+
+/// The kernel fast path's counts on node 0 since `before` (redirected, direct) for the transfer
+/// of `n` bytes each way in `metrics_and_access_log_count_the_bytes_of_a_known_transfer`.
+fn check_fastpath(mesh: &Mesh, before: (u64, u64), n: u64) {
+    let fast_before = before;
+    // The same-node bytes went through the kernel fast path: each byte either went straight
+    // from one application to the other (counted once, as direct) or crossed two redirected
+    // legs (app → agent, agent → app), so twice the direct bytes plus the redirected ones make
+    // 4n. The cross-node client leg leaves the short-cut when the agent accepts it: at most the
+    // n bytes sent before that are redirected there too. Nothing else on node 0 is in the
+    // short-cut: before issue 12, any socket pair with equal addresses was, including this
+    // test's own metrics scrapes of the agent over 127.0.0.1 (about 20 kB each, as many as the
+    // wait above took), which is how this count once reached 5,020,142.
+    let sent_direct = direct(mesh, 0) - fast_before.1;
+    let fast = redirected(mesh) - fast_before.0 + 2 * sent_direct;
     assert!(
         (4 * n..=5 * n).contains(&fast),
-        "fast path redirected {fast} bytes, expected {} (at most {})",
+        "fast path: {fast} bytes (redirected, and twice {sent_direct} direct), expected {} \
+         (at most {})",
         4 * n,
         5 * n
     );
-    check_access_records(&mesh, from, &client, &remote_dst, &local_dst, BYTES);
+    // The metrics above count them as any other byte.
+    assert!(sent_direct > 0, "no byte went straight across");
 }
 
 /// The access log: one record per connection per agent, parsed back and checked against a

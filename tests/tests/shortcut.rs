@@ -277,7 +277,7 @@ fn a_sender_toward_a_stalled_reader_is_held_to_a_bound() {
     })
     .expect("listening");
     let before = tcp_memory();
-    let held_before = mesh.agents[0].fastpath().expect("fast path").held_bytes;
+    let fast_before = mesh.agents[0].fastpath().expect("fast path");
     let mut cmd = client.command(&bin);
     cmd.args([
         "send",
@@ -326,12 +326,108 @@ fn a_sender_toward_a_stalled_reader_is_held_to_a_bound() {
         "sink: {:?}, sender: {sent}",
         sink.lines()
     );
-    let held = mesh.agents[0].fastpath().expect("fast path").held_bytes - held_before;
-    assert!(held > 0, "the bound held messages to the TCP path");
+    let fast = mesh.agents[0]
+        .fastpath()
+        .expect("fast path")
+        .since(&fast_before);
+    assert!(
+        fast.held_bytes > 0,
+        "the bound held messages to the TCP path"
+    );
+    // Both pods opted in: whenever neither leg held a byte of the client's, its messages went
+    // straight to the server's socket, and the count and CRC above show that no byte overtook
+    // another on the way between the two paths.
+    assert!(fast.direct_bytes > 0, "no message went straight across");
     eprintln!(
-        "held at {stalled_at} bytes (TCP memory +{memory} bytes); {held} bytes took the TCP path; \
-         the rest took {:?}",
+        "held at {stalled_at} bytes (TCP memory +{memory} bytes); {} bytes took the TCP path, \
+         {} went straight across; the rest took {:?}",
+        fast.held_bytes,
+        fast.direct_bytes,
         started.elapsed()
+    );
+}
+
+/// A same-node connection whose applications talk straight to each other (both pods opted in)
+/// must die with its agent, as a relayed one does. The attack: two colluding applications that
+/// keep talking after their agent is gone, ignoring the FIN the kernel sent for each of the
+/// agent's sockets (the client keeps writing, the server keeps reading past EOF). Were the
+/// kernel to go on sending the client's messages straight to the server (the pair outlives the
+/// agent in its pinned map), the connection would run unmediated: no policy, no telemetry. The
+/// kernel sends direct only while the agent's sockets of both legs are open, so the client's
+/// next writes reach the agent's closed socket and are reset, and nothing more reaches the
+/// server.
+#[test]
+fn a_direct_connection_dies_with_its_agent() {
+    const TOTAL: u64 = 1 << 40;
+    let _serial = serial();
+    let mut mesh = mesh(1, 2, Shortcut::OptedIn);
+    let (client, server) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
+    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let mut cmd = server.command(&bin);
+    cmd.args([
+        "serve",
+        &app.to_string(),
+        "--mode",
+        "sink",
+        "--count",
+        "1",
+        "--past-eof-ms",
+        "2000",
+    ]);
+    let mut sink = Process::spawn("sink", &mut cmd).expect("sink");
+    sink.wait_for_line("the sink to listen", Duration::from_secs(10), |l| {
+        l.starts_with("listening ")
+    })
+    .expect("listening");
+    let fast_before = mesh.agents[0].fastpath().expect("fast path");
+    let mut cmd = client.command(&bin);
+    cmd.args([
+        "send",
+        &app.to_string(),
+        &TOTAL.to_string(),
+        "--progress-ms",
+        "50",
+    ]);
+    let mut sender = Process::spawn("sender", &mut cmd).expect("sender");
+    std::thread::sleep(Duration::from_millis(1000));
+    let agent = mesh.agents.remove(0);
+    let fast = agent.fastpath().expect("fast path").since(&fast_before);
+    assert!(
+        fast.direct_bytes > 0,
+        "the connection went straight across before the agent died: {fast:?}"
+    );
+    agent.kill().expect("agent killed");
+    let status = sender
+        .wait(Duration::from_secs(10))
+        .expect("the sender stops once its agent is gone");
+    assert!(
+        !status.success(),
+        "the sender finished {TOTAL} bytes without its agent"
+    );
+    let stopped = written(&sender);
+    sink.wait(Duration::from_secs(10)).expect("sink");
+    let past_eof: u64 = sink
+        .lines()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("past_eof ")?
+                .strip_suffix(" bytes")?
+                .parse()
+                .ok()
+        })
+        .expect("the sink's past_eof line");
+    // What was queued for the server when its leg's FIN came may be read after it; 8 MiB
+    // (two budgets) bounds it. Without the check, the whole second of writing the test waits
+    // (hundreds of megabytes) would arrive.
+    assert!(
+        past_eof <= 8 << 20,
+        "{past_eof} bytes reached the server after its agent died"
+    );
+    eprintln!(
+        "{} bytes went straight across while the agent lived; the sender failed at {stopped} \
+         bytes; {past_eof} bytes reached the server after the agent's FIN",
+        fast.direct_bytes
     );
 }
 

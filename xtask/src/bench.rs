@@ -500,12 +500,14 @@ impl Bench {
             self.record(path, &tput, mode, gbps, "Gbit/s", true);
             if let (Some(before), Some(after)) = (fast_before, fastpath_total(agents)) {
                 let d = after.since(&before);
-                let shortcut = d.redirected_bytes + d.held_bytes;
+                let shortcut = d.redirected_bytes + d.held_bytes + d.direct_bytes;
                 if shortcut > 0 {
                     #[allow(clippy::cast_precision_loss)] // byte counts far below 2^52
-                    let held = 100.0 * d.held_bytes as f64 / shortcut as f64;
+                    let share = |bytes: u64| 100.0 * bytes as f64 / shortcut as f64;
                     let metric = format!("short-cut bytes held to TCP, {streams} stream(s)");
-                    self.record(path, &metric, mode, held, "%", false);
+                    self.record(path, &metric, mode, share(d.held_bytes), "%", false);
+                    let metric = format!("short-cut bytes sent direct, {streams} stream(s)");
+                    self.record(path, &metric, mode, share(d.direct_bytes), "%", true);
                 }
             }
             if let Some(agent_s) = cpu.agent_s_per_gb {
@@ -1059,6 +1061,7 @@ fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
         total.redirected_bytes += f.redirected_bytes;
         total.passed_bytes += f.passed_bytes;
         total.held_bytes += f.held_bytes;
+        total.direct_bytes += f.direct_bytes;
     }
     (!agents.is_empty()).then_some(total)
 }

@@ -504,6 +504,13 @@ impl std::fmt::Debug for PeerGuard {
     }
 }
 
+impl PeerGuard {
+    /// The application's socket of the leg, its own view.
+    pub(super) const fn app_view(&self) -> SockKey {
+        self.key
+    }
+}
+
 impl Drop for PeerGuard {
     fn drop(&mut self) {
         self.conn.clear_peer(&self.key);

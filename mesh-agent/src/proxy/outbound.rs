@@ -96,7 +96,12 @@ pub(super) async fn handle(
             match dial_app(&target, upstream, peer, &ctx.conn).await {
                 Ok((up, peer_guard)) => {
                     debug!(%upstream, target = %target.name, "same-node connection");
-                    Some(relay(down, up, conn(info, Some(tracked))).holding(peer_guard))
+                    let server = NsSockKey {
+                        netns: target.netns_cookie,
+                        sock: peer_guard.app_view(),
+                    };
+                    let relay = relay(down, up, conn(info, Some(tracked))).holding(peer_guard);
+                    Some(pair_direct(relay, app, &pod, server, &target, &ctx))
                 }
                 Err(e) => {
                     warn!(pod = %pod.name, src = %peer, %dst, %upstream, error = %e, "could not reach the destination");
@@ -128,6 +133,28 @@ pub(super) async fn handle(
                 }
             }
         }
+    }
+}
+
+/// A same-node connection between two pods in the short-cut: the applications talk straight to
+/// each other while they can (see `Relay::paired`). `client` and `server` are the applications'
+/// sockets.
+fn pair_direct(
+    relay: Relay,
+    client: NsSockKey,
+    client_pod: &LocalPod,
+    server: NsSockKey,
+    server_pod: &LocalPod,
+    ctx: &ProxyCtx,
+) -> Relay {
+    let both_in =
+        ctx.conn.shortcut_available() && client_pod.may_shortcut() && server_pod.may_shortcut();
+    match both_in
+        .then(|| ctx.conn.pair_direct(client, server))
+        .flatten()
+    {
+        Some(paired) => relay.paired(paired),
+        None => relay,
     }
 }
 

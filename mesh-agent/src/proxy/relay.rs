@@ -19,8 +19,14 @@ use std::{
     time::Instant,
 };
 
+use std::os::fd::AsRawFd as _;
+
 use mesh_hbone::H2Stream;
-use tokio::{io::AsyncWrite as _, net::TcpStream};
+use nix::sys::socket::{recv, MsgFlags};
+use tokio::{
+    io::{AsyncWrite as _, Interest},
+    net::TcpStream,
+};
 
 use super::{
     buffers::{give_back, take_buffer, BUDGET},
@@ -29,19 +35,19 @@ use super::{
     tunnel_copy::{ClientFirst, TunnelCopy},
     PeerGuard,
 };
-use crate::telemetry::{ConnInfo, Counters, Telemetry};
+use crate::{
+    datapath::Paired,
+    telemetry::{ConnInfo, Counters, Telemetry},
+};
 
 /// One direction of the copy.
 #[derive(Debug)]
 enum Dir {
     /// Waiting for the source to become readable; no buffer held.
     Reading,
-    /// Writing `buf[pos..end]` to the destination.
-    Writing {
-        buf: Box<[u8]>,
-        pos: usize,
-        end: usize,
-    },
+    /// Writing `buf[pos..end]` to the destination (a pooled buffer: 256 KiB, so `u32` offsets,
+    /// which keep the copy within its size budget).
+    Writing { buf: Box<[u8]>, pos: u32, end: u32 },
     /// EOF seen and passed on.
     Done,
 }
@@ -55,6 +61,10 @@ pub struct Copy {
     /// `[down → up, up → down]`.
     dirs: [Dir; 2],
     totals: [u64; 2],
+    /// A same-node connection whose applications talk straight to each other while neither
+    /// leg holds a byte of theirs, which the kernel judges from the sockets' queues: the copy
+    /// then reads by peeking, and consumes only what it has written on.
+    direct: Option<Box<Paired>>,
 }
 
 impl Copy {
@@ -64,6 +74,7 @@ impl Copy {
             up,
             dirs: [Dir::Reading, Dir::Reading],
             totals: [0; 2],
+            direct: None,
         }
     }
 
@@ -75,6 +86,7 @@ impl Copy {
             (&self.up, &mut self.down)
         };
         let dir = &mut self.dirs[i];
+        let peek = self.direct.is_some();
         let mut budget = BUDGET;
         loop {
             match dir {
@@ -88,7 +100,15 @@ impl Copy {
                     budget -= 1;
                     ready!(from.poll_read_ready(cx))?;
                     let mut buf = take_buffer();
-                    match from.try_read(&mut buf) {
+                    let read = if peek {
+                        from.try_io(Interest::READABLE, || {
+                            let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+                            Ok(recv(from.as_raw_fd(), &mut buf, flags)?)
+                        })
+                    } else {
+                        from.try_read(&mut buf)
+                    };
+                    match read {
                         Ok(0) => {
                             give_back(buf);
                             *dir = Dir::Done;
@@ -100,7 +120,10 @@ impl Copy {
                                 _ => return Poll::Ready(Ok(())),
                             }
                         }
-                        Ok(end) => *dir = Dir::Writing { buf, pos: 0, end },
+                        Ok(end) => {
+                            let end = u32::try_from(end).expect("a pooled buffer is under 4 GiB");
+                            *dir = Dir::Writing { buf, pos: 0, end };
+                        }
                         // Readiness was spurious (it is cleared now); wait again.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_back(buf),
                         Err(e) => {
@@ -112,10 +135,15 @@ impl Copy {
                 Dir::Writing { buf, pos, end } => {
                     while *pos < *end {
                         ready!(to.poll_write_ready(cx))?;
-                        match to.try_write(&buf[*pos..*end]) {
+                        let (at, upto) = (*pos as usize, *end as usize);
+                        match to.try_write(&buf[at..upto]) {
                             Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                             Ok(n) => {
-                                *pos += n;
+                                if peek {
+                                    consume(from, &mut buf[at..at + n])?;
+                                }
+                                // At most `end - pos`, itself a `u32`.
+                                *pos += u32::try_from(n).expect("within the buffer");
                                 self.totals[i] += n as u64;
                             }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -128,6 +156,21 @@ impl Copy {
                 }
             }
         }
+    }
+}
+
+/// Takes `written.len()` bytes, already peeked and written on, off `from`'s queue (into
+/// `written`, which holds the same bytes).
+fn consume(from: &TcpStream, written: &mut [u8]) -> io::Result<()> {
+    let n = recv(from.as_raw_fd(), written, MsgFlags::MSG_DONTWAIT)?;
+    if n == written.len() {
+        Ok(())
+    } else {
+        // Nothing else reads this socket, so what was peeked is still queued.
+        Err(io::Error::other(format!(
+            "{n} of {} peeked bytes left to consume",
+            written.len()
+        )))
     }
 }
 
@@ -200,6 +243,11 @@ pub trait Copier: Unpin {
     fn totals(&self) -> [u64; 2];
     /// Copies until both directions have ended, or the first error.
     fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Ends what moved past the copy (a same-node pairing): its bytes, `[to destination, to
+    /// source]`.
+    fn end_direct(&mut self) -> [u64; 2] {
+        [0; 2]
+    }
 }
 
 /// Two TCP sockets, the source's first: a same-node connection, or one to a destination outside
@@ -212,6 +260,10 @@ impl Copier for Copy {
 
     fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self).poll(cx).map_ok(drop)
+    }
+
+    fn end_direct(&mut self) -> [u64; 2] {
+        self.direct.as_mut().map_or([0; 2], |d| d.take())
     }
 }
 
@@ -306,6 +358,19 @@ impl<C: Copier> Relay<C> {
         self
     }
 
+    /// Ends a same-node pairing and adds what the kernel sent straight across: the final
+    /// totals.
+    fn finish(&mut self) -> [u64; 2] {
+        let (mut totals, _) = self.count();
+        let [to_dst, to_src] = self.copy.end_direct();
+        if to_dst + to_src > 0 {
+            self.counters.add_bytes(to_dst, to_src);
+            totals[0] += to_dst;
+            totals[1] += to_src;
+        }
+        totals
+    }
+
     /// Adds the bytes moved since the last call to the metrics; the totals, and whether any
     /// moved.
     fn count(&mut self) -> ([u64; 2], bool) {
@@ -321,6 +386,17 @@ impl<C: Copier> Relay<C> {
     }
 }
 
+impl Relay<Copy> {
+    /// The applications of this same-node connection talk straight to each other from now on,
+    /// while neither leg holds a byte of theirs (`paired`, written to the kernel before the relay
+    /// reads anything); the relay moves the rest by peeking, so that a byte it holds stays on
+    /// its socket's queue until written on, where the kernel sees it.
+    pub(super) fn paired(mut self, paired: Box<Paired>) -> Self {
+        self.copy.direct = Some(paired);
+        self
+    }
+}
+
 impl<C: Copier> Future for Relay<C> {
     type Output = ();
 
@@ -331,7 +407,7 @@ impl<C: Copier> Future for Relay<C> {
             .filter(|t| t.poll_revoked(cx))
             .map(|t| t.revoked_by())
         {
-            let (totals, _) = this.count();
+            let totals = this.finish();
             let c = &this.record.conn;
             c.telemetry.close(
                 &c.info,
@@ -345,7 +421,7 @@ impl<C: Copier> Future for Relay<C> {
             return Poll::Ready(());
         }
         let result = this.copy.poll_copy(cx);
-        let (totals, moved) = this.count();
+        let (_, moved) = this.count();
         let idle_for = match (&result, this.record.idle.as_mut()) {
             (Poll::Pending, Some(idle)) => idle.expired(moved, cx).then(|| idle.timeout()),
             _ => None,
@@ -366,6 +442,7 @@ impl<C: Copier> Future for Relay<C> {
             }
             None => ready!(result),
         };
+        let totals = this.finish();
         let c = &this.record.conn;
         c.telemetry
             .close(&c.info, &this.counters, c.started, totals, &result, None);

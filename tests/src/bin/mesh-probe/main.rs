@@ -5,7 +5,9 @@
 //! peer to check the application sees the original client). Modes:
 //! - `echo` (default): echoes bytes as they arrive; after the client's EOF, closes its side and
 //!   prints `echoed <n> bytes to <peer> (peer at the end <getpeername>)`.
-//! - `sink`: reads to EOF, then answers `<bytes> <crc32>`.
+//! - `sink`: reads to EOF, then answers `<bytes> <crc32>`. With `--past-eof-ms P` it plays a
+//!   server that ignores the EOF: it prints `eof after <n> bytes`, keeps reading for P ms and
+//!   prints `past_eof <m> bytes` (what still arrived) before answering.
 //! - `greet`: speaks first (`hello <peer>`), then echoes.
 //! - `rr`: request/response for the benchmarks. A request is a 4-byte big-endian length and that
 //!   many bytes; the reply is the same bytes. Until EOF, or until a request whose length has the
@@ -99,7 +101,7 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(1);
 const WORKER_STACK: usize = 256 * 1024;
 
 const USAGE: &str = "usage: mesh-probe <command>
-  serve <addr> [--mode echo|sink|greet|rr] [--count N] [--stall-ms S]
+  serve <addr> [--mode echo|sink|greet|rr] [--count N] [--stall-ms S] [--past-eof-ms P]
   connect <addr> <message> [--eagain fail|retry]
   repeat <addr> --every-ms E --duration-ms D
       `connect` every E ms for D ms; one line per try (`echo ok …` or `failed …`), exit 0.
@@ -255,10 +257,12 @@ struct ServeOptions {
     count: Option<usize>,
     /// Wait this long after accepting a connection before reading from it (a slow reader).
     stall: Option<Duration>,
+    /// `sink`: keep reading this long after EOF (a server that ignores it).
+    past_eof: Option<Duration>,
 }
 
 fn parse_serve(rest: &[&str]) -> Result<ServeOptions, String> {
-    let flags = flags(rest, &["--mode", "--count", "--stall-ms"])?;
+    let flags = flags(rest, &["--mode", "--count", "--stall-ms", "--past-eof-ms"])?;
     let mode = match flag::<String>(&flags, "--mode")?.as_deref() {
         None | Some("echo") => Mode::Echo,
         Some("sink") => Mode::Sink,
@@ -270,6 +274,7 @@ fn parse_serve(rest: &[&str]) -> Result<ServeOptions, String> {
         mode,
         count: flag(&flags, "--count")?,
         stall: positive::<u64>(&flags, "--stall-ms")?.map(Duration::from_millis),
+        past_eof: positive::<u64>(&flags, "--past-eof-ms")?.map(Duration::from_millis),
     })
 }
 
@@ -366,7 +371,12 @@ fn parse(addr: &str) -> Result<SocketAddr, String> {
 }
 
 fn serve(addr: &str, options: ServeOptions) -> Result<(), String> {
-    let ServeOptions { mode, count, stall } = options;
+    let ServeOptions {
+        mode,
+        count,
+        stall,
+        past_eof,
+    } = options;
     if mode == Mode::Rr {
         raise_nofile_limit(0);
     }
@@ -388,7 +398,7 @@ fn serve(addr: &str, options: ServeOptions) -> Result<(), String> {
                     thread::sleep(stall);
                     println!("reading from {peer}");
                 }
-                if let Err(e) = handle(stream, peer, mode) {
+                if let Err(e) = handle(stream, peer, mode, past_eof) {
                     eprintln!("mesh-probe: connection from {peer}: {e}");
                 }
             });
@@ -407,7 +417,12 @@ fn serve(addr: &str, options: ServeOptions) -> Result<(), String> {
     Ok(())
 }
 
-fn handle(mut stream: TcpStream, peer: SocketAddr, mode: Mode) -> Result<(), String> {
+fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mode: Mode,
+    past_eof: Option<Duration>,
+) -> Result<(), String> {
     let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
     match mode {
         Mode::Echo | Mode::Greet => {
@@ -436,6 +451,11 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, mode: Mode) -> Result<(), Str
         }
         Mode::Sink => {
             let (n, crc) = drain(&mut stream).map_err(io("read"))?;
+            if let Some(past_eof) = past_eof {
+                println!("eof after {n} bytes");
+                let m = read_past_eof(&mut stream, past_eof);
+                println!("past_eof {m} bytes");
+            }
             stream
                 .write_all(format!("{n} {crc:08x}\n").as_bytes())
                 .map_err(io("write"))?;
@@ -490,6 +510,22 @@ fn drain(stream: &mut TcpStream) -> std::io::Result<(u64, u32)> {
         hasher.update(&buf[..got]);
         n += got as u64;
     }
+}
+
+/// Keeps reading for `how_long` after EOF, as a server that ignores it would; the bytes that
+/// still arrived. A read error (a reset) ends it.
+fn read_past_eof(stream: &mut TcpStream, how_long: Duration) -> u64 {
+    let deadline = Instant::now() + how_long;
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => thread::sleep(Duration::from_millis(1)),
+            Ok(got) => n += got as u64,
+            Err(_) => break,
+        }
+    }
+    n
 }
 
 fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
@@ -1791,6 +1827,10 @@ mod tests {
     #[test]
     fn parses_serve() {
         let short = |args: &[&str]| parse_serve(args).map(|o| (o.mode, o.count, o.stall));
+        assert_eq!(
+            parse_serve(&["--mode", "sink", "--past-eof-ms", "200"]).map(|o| o.past_eof),
+            Ok(Some(Duration::from_millis(200)))
+        );
         assert_eq!(short(&[]), Ok((Mode::Echo, None, None)));
         assert_eq!(
             short(&["--count", "3", "--mode", "rr"]),
@@ -1806,6 +1846,7 @@ mod tests {
             (&["--mode"], "--mode needs a value"),
             (&["--count", "x"], "--count \"x\""),
             (&["--stall-ms", "0"], "--stall-ms must be at least 1"),
+            (&["--past-eof-ms", "0"], "--past-eof-ms must be at least 1"),
             (&["extra"], "unknown option \"extra\""),
         ] {
             let e = parse_serve(args).expect_err(want);
