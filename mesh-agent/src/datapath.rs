@@ -278,6 +278,13 @@ impl ConnMaps {
         }))
     }
 
+    /// Removes every pairing; how many there were.
+    fn clear_pairs(&self) -> usize {
+        let mut pairs = self.pairs.lock().expect("pairs lock");
+        let keys: Vec<NsSockKey> = pairs.keys().filter_map(Result::ok).collect();
+        keys.iter().filter(|k| pairs.remove(k).is_ok()).count()
+    }
+
     /// The keys of the sockets in the short-cut now (for diagnostics and tests).
     pub fn shortcut_sockets(&self) -> Vec<NsSockKey> {
         let socks = self.socks.lock().expect("socks lock");
@@ -444,16 +451,27 @@ impl Datapath {
             shortcut_budget = mesh_config.budget,
             "kernel programs loaded"
         );
+        let conn = Arc::new(ConnMaps {
+            conn_dst: Mutex::new(take_map(&mut ebpf, names::CONN_DST)?),
+            peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
+            socks: Mutex::new(socks),
+            sock_ptrs: Mutex::new(take_map(&mut ebpf, names::SOCK_PTRS)?),
+            pairs: Mutex::new(take_map(&mut ebpf, names::PAIRS)?),
+            shortcut: shortcut.is_some(),
+            fastpath: take_map(&mut ebpf, names::FASTPATH)?,
+        });
+        // An earlier agent's connections ended with it (its sockets closed when it exited), and
+        // the kernel never sends direct through a closed agent socket; what it left paired is
+        // only taking room (agents of one node never overlap: the DaemonSet has no surge).
+        let stale = conn.clear_pairs();
+        if stale > 0 {
+            info!(
+                stale,
+                "removed the same-node pairings an earlier agent left"
+            );
+        }
         Ok(Self {
-            conn: Arc::new(ConnMaps {
-                conn_dst: Mutex::new(take_map(&mut ebpf, names::CONN_DST)?),
-                peer_addr: Mutex::new(take_map(&mut ebpf, names::PEER_ADDR)?),
-                socks: Mutex::new(socks),
-                sock_ptrs: Mutex::new(take_map(&mut ebpf, names::SOCK_PTRS)?),
-                pairs: Mutex::new(take_map(&mut ebpf, names::PAIRS)?),
-                shortcut: shortcut.is_some(),
-                fastpath: take_map(&mut ebpf, names::FASTPATH)?,
-            }),
+            conn,
             pods: take_map(&mut ebpf, names::PODS)?,
             listeners: take_map(&mut ebpf, names::LISTENERS)?,
             ebpf,

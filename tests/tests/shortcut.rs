@@ -13,7 +13,7 @@ use std::{
 };
 
 use mesh_tests::{
-    agent::binary,
+    agent::{binary, Agent},
     mesh::{Mesh, Shortcut},
     probe, Pod, Process,
 };
@@ -429,6 +429,19 @@ fn a_direct_connection_dies_with_its_agent() {
          bytes; {past_eof} bytes reached the server after the agent's FIN",
         fast.direct_bytes
     );
+    // The killed agent could not remove its pairing; the next one clears what it left.
+    let node = mesh.tb.node(0).clone();
+    let mut agent = Agent::start(&node, &mesh.options).expect("restarted agent");
+    let line = agent
+        .wait_for_log_from(
+            0,
+            "the stale pairing removed",
+            Duration::from_secs(10),
+            |l| l.contains("removed the same-node pairings an earlier agent left"),
+        )
+        .expect("stale pairings removed");
+    assert!(line.contains("stale=2"), "{line}");
+    mesh.agents.push(agent);
 }
 
 /// The agents' default: the short-cut is offered only to pods that opt in, so a blocking client
