@@ -48,6 +48,13 @@ pub struct FastpathStats {
 }
 
 impl FastpathStats {
+    /// Bytes counted once per pod-local leg crossed: on the same node a byte crosses two legs
+    /// (redirected or held on each), or goes direct, standing for both.
+    #[must_use]
+    pub fn leg_bytes(&self) -> u64 {
+        2 * self.direct_bytes + self.redirected_bytes + self.held_bytes
+    }
+
     /// What was counted since `earlier` (a reading of the same map).
     #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {

@@ -565,11 +565,9 @@ fn sockmap_fast_path_counts_each_same_node_byte_once_per_leg() {
     let (client, server_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
     let deltas = fastpath_deltas(&mesh, &client, &server_pod, BYTES);
     let (echo, send) = deltas[0];
-    // Leg crossings: a direct byte stands for both legs.
-    let legs = |f: &FastpathStats| 2 * f.direct_bytes + f.redirected_bytes + f.held_bytes;
     let msgs = |f: &FastpathStats| f.direct_msgs + f.redirected_msgs + f.held_msgs;
     // BYTES client → server and BYTES back.
-    assert_eq!(legs(&echo), 4 * BYTES, "echo: {echo:?}");
+    assert_eq!(echo.leg_bytes(), 4 * BYTES, "echo: {echo:?}");
     assert!(echo.direct_bytes > 0, "echo: nothing went direct: {echo:?}");
     assert_eq!(
         (echo.passed_msgs, echo.passed_bytes),
@@ -579,7 +577,11 @@ fn sockmap_fast_path_counts_each_same_node_byte_once_per_leg() {
     // At least one message each way, at most one per byte and leg.
     assert!((2..=4 * BYTES).contains(&msgs(&echo)), "echo: {echo:?}");
     // BYTES to the sink and its 17-byte answer.
-    assert_eq!(legs(&send), 2 * (BYTES + SINK_REPLY_1M), "send: {send:?}");
+    assert_eq!(
+        send.leg_bytes(),
+        2 * (BYTES + SINK_REPLY_1M),
+        "send: {send:?}"
+    );
     assert!(send.direct_bytes > 0, "send: nothing went direct: {send:?}");
     assert_eq!(
         (send.passed_msgs, send.passed_bytes),
