@@ -101,8 +101,9 @@ const TCP_CLOSE_WAIT: u8 = 8;
 /// - `far` is still open (the agent has not closed it: a connection the agent ended, or whose
 ///   agent is gone, never goes direct) and has every byte the agent wrote through TCP
 ///   acknowledged (on `target`'s queue or read);
-/// - `target` has read its TCP queue, and has less than the budget unread on its short-cut
-///   queue.
+/// - `target` has read its TCP queue, and has less than twice the budget unread on its
+///   short-cut queue: a direct message stands for both legs, each of which may hold a budget's
+///   worth, so the bound on what a sender leaves unread stays the same.
 pub fn direct(
     config: &MeshConfig,
     own: *mut bpf_sock,
@@ -170,7 +171,7 @@ fn check_direct(
         && sends(far)?
         && all_acked(far)?
         && !tcp_unread(target)?
-        && u64::from(shortcut_unread(target)?) + u64::from(size) <= u64::from(config.budget);
+        && u64::from(shortcut_unread(target)?) + u64::from(size) <= 2 * u64::from(config.budget);
     Some(ok)
 }
 
