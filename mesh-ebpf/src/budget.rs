@@ -50,16 +50,19 @@ pub fn verdict(config: &MeshConfig, own: *mut bpf_sock, peer_sk: u64, size: u32)
     check(config, own, peer_sk, size).unwrap_or(Verdict::Hold)
 }
 
-fn check(config: &MeshConfig, own: *mut bpf_sock, peer_sk: u64, size: u32) -> Option<Verdict> {
-    let off = &config.offsets;
+/// The sender's `tcp_sock`, from the socket of this `sk_msg` run.
+fn own_tcp(own: *mut bpf_sock) -> Option<*const u8> {
     if own.is_null() {
         return None;
     }
     // SAFETY: `own` is the socket of this `sk_msg` run; the helper checks its type.
     let tp = unsafe { bpf_skc_to_tcp_sock(own.cast()) }.cast::<u8>();
-    if tp.is_null() {
-        return None;
-    }
+    (!tp.is_null()).then_some(tp.cast_const())
+}
+
+fn check(config: &MeshConfig, own: *mut bpf_sock, peer_sk: u64, size: u32) -> Option<Verdict> {
+    let off = &config.offsets;
+    let tp = own_tcp(own)?;
     let write_seq: u32 = read(tp, off.tcp_write_seq)?;
     let snd_una: u32 = read(tp, off.tcp_snd_una)?;
     let peer = peer_sk as *const u8;
@@ -132,14 +135,7 @@ fn check_direct(
     size: u32,
 ) -> Option<bool> {
     let off = &config.offsets;
-    if own.is_null() {
-        return None;
-    }
-    // SAFETY: `own` is the socket of this `sk_msg` run; the helper checks its type.
-    let tp = unsafe { bpf_skc_to_tcp_sock(own.cast()) }.cast::<u8>();
-    if tp.is_null() {
-        return None;
-    }
+    let tp = own_tcp(own)?;
     let sends = |sk: *const u8| -> Option<bool> {
         let state: u8 = read(sk, off.sk_state)?;
         Some(state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)

@@ -244,6 +244,35 @@ fn written(p: &Process) -> u64 {
         .unwrap_or(0)
 }
 
+/// A `mesh-probe serve --mode sink` for one connection in `pod` on `app` (with `extra` options),
+/// once it listens.
+fn sink(pod: &Pod, app: SocketAddr, name: &str, extra: &[&str]) -> Process {
+    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let mut cmd = pod.command(&bin);
+    cmd.args(["serve", &app.to_string(), "--mode", "sink", "--count", "1"])
+        .args(extra);
+    let mut sink = Process::spawn(name, &mut cmd).expect("sink");
+    sink.wait_for_line("the sink to listen", Duration::from_secs(10), |l| {
+        l.starts_with("listening ")
+    })
+    .expect("listening");
+    sink
+}
+
+/// A `mesh-probe send` of `total` bytes from `pod` to `app`, reporting progress every 50 ms.
+fn sender(pod: &Pod, app: SocketAddr, total: u64) -> Process {
+    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let mut cmd = pod.command(&bin);
+    cmd.args([
+        "send",
+        &app.to_string(),
+        &total.to_string(),
+        "--progress-ms",
+        "50",
+    ]);
+    Process::spawn("sender", &mut cmd).expect("sender")
+}
+
 /// Same node, short-cut on: a client writes toward a server that accepts and then does not read
 /// for four seconds. The client is held, as TCP would hold it: it stops after a bounded amount
 /// (the budget on each of the two legs, plus TCP's own buffers), the node's TCP memory stays
@@ -259,34 +288,10 @@ fn a_sender_toward_a_stalled_reader_is_held_to_a_bound() {
     let mesh = mesh(1, 2, Shortcut::OptedIn);
     let (client, server) = (mesh.pod(0, 0), mesh.pod(0, 1));
     let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
-    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
-    let mut cmd = server.command(&bin);
-    cmd.args([
-        "serve",
-        &app.to_string(),
-        "--mode",
-        "sink",
-        "--count",
-        "1",
-        "--stall-ms",
-        "4000",
-    ]);
-    let mut sink = Process::spawn("stalled sink", &mut cmd).expect("sink");
-    sink.wait_for_line("the sink to listen", Duration::from_secs(10), |l| {
-        l.starts_with("listening ")
-    })
-    .expect("listening");
+    let mut sink = sink(server, app, "stalled sink", &["--stall-ms", "4000"]);
     let before = tcp_memory();
     let fast_before = mesh.agents[0].fastpath().expect("fast path");
-    let mut cmd = client.command(&bin);
-    cmd.args([
-        "send",
-        &app.to_string(),
-        &TOTAL.to_string(),
-        "--progress-ms",
-        "50",
-    ]);
-    let mut sender = Process::spawn("sender", &mut cmd).expect("sender");
+    let mut sender = sender(client, app, TOTAL);
     // Let the sender run into the bound while the server stalls.
     std::thread::sleep(Duration::from_millis(2500));
     let stalled_at = written(&sender);
@@ -363,33 +368,9 @@ fn a_direct_connection_dies_with_its_agent() {
     let mut mesh = mesh(1, 2, Shortcut::OptedIn);
     let (client, server) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
     let app = SocketAddr::new(IpAddr::V4(server.ipv4), 8080);
-    let bin = binary("mesh-probe", "mesh-tests").expect("mesh-probe");
-    let mut cmd = server.command(&bin);
-    cmd.args([
-        "serve",
-        &app.to_string(),
-        "--mode",
-        "sink",
-        "--count",
-        "1",
-        "--past-eof-ms",
-        "2000",
-    ]);
-    let mut sink = Process::spawn("sink", &mut cmd).expect("sink");
-    sink.wait_for_line("the sink to listen", Duration::from_secs(10), |l| {
-        l.starts_with("listening ")
-    })
-    .expect("listening");
+    let mut sink = sink(&server, app, "sink", &["--past-eof-ms", "2000"]);
     let fast_before = mesh.agents[0].fastpath().expect("fast path");
-    let mut cmd = client.command(&bin);
-    cmd.args([
-        "send",
-        &app.to_string(),
-        &TOTAL.to_string(),
-        "--progress-ms",
-        "50",
-    ]);
-    let mut sender = Process::spawn("sender", &mut cmd).expect("sender");
+    let mut sender = sender(&client, app, TOTAL);
     std::thread::sleep(Duration::from_millis(1000));
     let agent = mesh.agents.remove(0);
     let fast = agent.fastpath().expect("fast path").since(&fast_before);
