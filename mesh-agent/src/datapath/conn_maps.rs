@@ -113,6 +113,8 @@ impl ConnMaps {
         Some(Box::new(Paired {
             maps: Arc::clone(self),
             keys: [src, dst],
+            seen: [0; 2],
+            read_at: 0,
             taken: false,
         }))
     }
@@ -147,6 +149,11 @@ pub struct Paired {
     maps: Arc<ConnMaps>,
     /// `[client's socket, server's socket]`.
     keys: [NsSockKey; 2],
+    /// The bytes the kernel had sent straight across at the last reading, `[to the server, to
+    /// the client]`.
+    seen: [u64; 2],
+    /// The caller's clock at that reading.
+    read_at: u32,
     taken: bool,
 }
 
@@ -159,29 +166,49 @@ impl std::fmt::Debug for Paired {
 }
 
 impl Paired {
+    /// The bytes the kernel has sent straight across, `[to the server, to the client]`, as of
+    /// the last reading ([`Paired::read`], [`Paired::take`]).
+    pub const fn seen(&self) -> [u64; 2] {
+        self.seen
+    }
+
+    /// Reads the kernel's counts again if the caller's clock `now` moved since the last reading
+    /// (two map lookups), so that a long connection's bytes show while it runs.
+    pub fn read(&mut self, now: u32) {
+        if now == self.read_at || self.taken {
+            return;
+        }
+        self.read_at = now;
+        let map = self.maps.pairs.lock().expect("pairs lock");
+        for (key, seen) in self.keys.iter().zip(&mut self.seen) {
+            if let Ok(pair) = map.get(key, 0) {
+                *seen = (*seen).max(pair.bytes);
+            }
+        }
+    }
+
     /// Ends the pairing: each application's later messages go through its leg to the agent.
-    /// Returns the bytes the kernel sent straight across, `[to the server, to the client]`.
-    pub fn take(&mut self) -> [u64; 2] {
+    /// The final counts are then [`Paired::seen`].
+    pub fn take(&mut self) {
+        if self.taken {
+            return;
+        }
         self.taken = true;
         let mut map = self.maps.pairs.lock().expect("pairs lock");
-        let mut bytes = [0; 2];
-        for (key, bytes) in self.keys.iter().zip(&mut bytes) {
+        for (key, seen) in self.keys.iter().zip(&mut self.seen) {
             match crate::map_take::take::<_, DirectPair>(map.map(), key) {
-                Ok(found) => *bytes = found.map_or(0, |p| p.bytes),
+                Ok(found) => *seen = (*seen).max(found.map_or(0, |p| p.bytes)),
                 Err(error) => {
                     warn!(%error, map = names::PAIRS, "ending a same-node pairing");
                     let _ = map.remove(key);
                 }
             }
         }
-        bytes
     }
 }
 
 impl Drop for Paired {
     fn drop(&mut self) {
-        if !self.taken {
-            self.take();
-        }
+        self.take();
     }
 }

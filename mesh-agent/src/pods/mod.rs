@@ -191,6 +191,11 @@ impl PodManager {
                 tokio::spawn(Arc::clone(&sweep).run());
                 sweep
             }),
+            direct_tick: {
+                let tick = proxy::idle::IdleSweep::ticker(proxy::DIRECT_COUNT_TICK);
+                tokio::spawn(Arc::clone(&tick).run());
+                tick
+            },
         });
         let ctx = Arc::new(ProxyCtx {
             conn: datapath.conn_maps(),

@@ -54,6 +54,19 @@ impl IdleSweep {
         })
     }
 
+    /// A clock that only wakes its watches every `tick`, never expiring them: a same-node
+    /// connection whose bytes the kernel sends past the agent looks at the kernel's count on
+    /// each tick, so that its bytes show while it runs.
+    pub fn ticker(tick: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            timeout: Duration::MAX,
+            tick: tick.max(MIN_TICK),
+            ticks: u32::MAX,
+            now: AtomicU32::new(0),
+            wakers: Mutex::new(Slab::new()),
+        })
+    }
+
     /// Advances the clock every tick and wakes every watched tunnel, for as long as the agent
     /// runs.
     pub async fn run(self: Arc<Self>) {
@@ -128,6 +141,11 @@ impl IdleWatch {
 
     pub fn timeout(&self) -> Duration {
         self.sweep.timeout
+    }
+
+    /// The clock's tick now.
+    pub fn now(&self) -> u32 {
+        self.sweep.now()
     }
 }
 

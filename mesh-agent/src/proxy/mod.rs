@@ -117,7 +117,14 @@ pub struct Transport {
     /// A tunnel that moves no byte either way for the sweep's timeout is closed (`None`:
     /// never).
     pub idle: Option<Arc<idle::IdleSweep>>,
+    /// How often a same-node connection sent past the agent adds what the kernel counted to
+    /// its metrics ([`DIRECT_COUNT_TICK`]).
+    pub direct_tick: Arc<idle::IdleSweep>,
 }
+
+/// How often a long same-node connection whose bytes the kernel sends past the agent shows them
+/// in its metrics (two map lookups per connection per tick, only for those connections).
+pub const DIRECT_COUNT_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -153,7 +153,7 @@ fn pair_direct(
         .then(|| ctx.conn.pair_direct(client, server))
         .flatten()
     {
-        Some(paired) => relay.paired(paired),
+        Some(paired) => relay.paired(paired, &ctx.transport.direct_tick),
         None => relay,
     }
 }

@@ -251,27 +251,42 @@ pub trait Copier: Unpin {
     fn totals(&self) -> [u64; 2];
     /// Copies until both directions have ended, or the first error.
     fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    /// Ends what moved past the copy (a same-node pairing): its bytes, `[to destination, to
-    /// source]`.
-    fn end_direct(&mut self) -> [u64; 2] {
-        [0; 2]
-    }
+    /// Ends what moved past the copy (a same-node pairing); its bytes are in the totals from
+    /// then on.
+    fn end_direct(&mut self) {}
+    /// Reads again what moved past the copy if the clock (`now`, in ticks) moved.
+    fn read_direct(&mut self, _now: u32) {}
 }
 
 /// Two TCP sockets, the source's first: a same-node connection, or one to a destination outside
 /// the mesh. Inline in its relay, and so in the task of every captured connection (spawned
 /// before it knows where the connection goes): that sets the task's size.
 impl Copier for Copy {
+    /// With what the kernel sent past the copy, as of its last reading.
     fn totals(&self) -> [u64; 2] {
-        self.totals
+        match &self.direct {
+            Some(direct) => {
+                let [to_dst, to_src] = direct.seen();
+                [self.totals[0] + to_dst, self.totals[1] + to_src]
+            }
+            None => self.totals,
+        }
     }
 
     fn poll_copy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self).poll(cx).map_ok(drop)
     }
 
-    fn end_direct(&mut self) -> [u64; 2] {
-        self.direct.as_mut().map_or([0; 2], |d| d.take())
+    fn end_direct(&mut self) {
+        if let Some(direct) = self.direct.as_mut() {
+            direct.take();
+        }
+    }
+
+    fn read_direct(&mut self, now: u32) {
+        if let Some(direct) = self.direct.as_mut() {
+            direct.read(now);
+        }
     }
 }
 
@@ -366,17 +381,11 @@ impl<C: Copier> Relay<C> {
         self
     }
 
-    /// Ends a same-node pairing and adds what the kernel sent straight across: the final
+    /// Ends a same-node pairing (its last counts join the totals) and counts: the final
     /// totals.
     fn finish(&mut self) -> [u64; 2] {
-        let (mut totals, _) = self.count();
-        let [to_dst, to_src] = self.copy.end_direct();
-        if to_dst + to_src > 0 {
-            self.counters.add_bytes(to_dst, to_src);
-            totals[0] += to_dst;
-            totals[1] += to_src;
-        }
-        totals
+        self.copy.end_direct();
+        self.count().0
     }
 
     /// Adds the bytes moved since the last call to the metrics; the totals, and whether any
@@ -399,8 +408,11 @@ impl Relay<Copy> {
     /// while neither leg holds a byte of theirs (`paired`, written to the kernel before the relay
     /// reads anything); the relay moves the rest by peeking, so that a byte it holds stays on
     /// its socket's queue until written on, where the kernel sees it.
-    pub(super) fn paired(mut self, paired: Box<Paired>) -> Self {
+    /// `tick`: the clock on which it looks at what the kernel sent straight across, so that a
+    /// long connection's bytes show in the metrics while it runs.
+    pub(super) fn paired(mut self, paired: Box<Paired>, tick: &Arc<IdleSweep>) -> Self {
         self.copy.direct = Some(paired);
+        self.record.idle = Some(tick.watch());
         self
     }
 }
@@ -429,6 +441,9 @@ impl<C: Copier> Future for Relay<C> {
             return Poll::Ready(());
         }
         let result = this.copy.poll_copy(cx);
+        if let Some(idle) = this.record.idle.as_ref() {
+            this.copy.read_direct(idle.now());
+        }
         let (_, moved) = this.count();
         let idle_for = match (&result, this.record.idle.as_mut()) {
             (Poll::Pending, Some(idle)) => idle.expired(moved, cx).then(|| idle.timeout()),
