@@ -27,7 +27,7 @@
 use aya_ebpf::{
     bindings::bpf_sock, helpers::bpf_probe_read_kernel, helpers::generated::bpf_skc_to_tcp_sock,
 };
-use mesh_common::MeshConfig;
+use mesh_common::{KernelOffsets, MeshConfig};
 
 /// What to do with a short-cut leg's next message.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -62,27 +62,42 @@ fn own_tcp(own: *mut bpf_sock) -> Option<*const u8> {
 
 fn check(config: &MeshConfig, own: *mut bpf_sock, peer_sk: u64, size: u32) -> Option<Verdict> {
     let off = &config.offsets;
-    let tp = own_tcp(own)?;
-    let write_seq: u32 = read(tp, off.tcp_write_seq)?;
-    let snd_una: u32 = read(tp, off.tcp_snd_una)?;
+    let acked = all_acked(off, own_tcp(own)?)?;
     let peer = peer_sk as *const u8;
-    let user_data: u64 = read(peer, off.sk_user_data)?;
-    if user_data & USER_DATA_PSOCK == 0 {
+    let psock = psock(off, peer)?;
+    if psock.is_null() {
         return Some(Verdict::NoPeer);
     }
-    if write_seq != snd_una {
+    if !acked || tcp_unread(off, peer)? {
         return Some(Verdict::Hold);
     }
-    let queued_tcp: u32 = read(peer, off.sk_receive_qlen)?;
-    if queued_tcp != 0 {
-        return Some(Verdict::Hold);
-    }
-    let psock = (user_data & !USER_DATA_TAGS) as *const u8;
     let queued: u32 = read(psock, off.psock_msg_tot_len)?;
     if u64::from(queued) + u64::from(size) > u64::from(config.budget) {
         return Some(Verdict::Hold);
     }
     Some(Verdict::Redirect)
+}
+
+/// Whether the socket `sk` has every byte it gave TCP acknowledged (`write_seq == snd_una`).
+fn all_acked(off: &KernelOffsets, sk: *const u8) -> Option<bool> {
+    let write_seq: u32 = read(sk, off.tcp_write_seq)?;
+    let snd_una: u32 = read(sk, off.tcp_snd_una)?;
+    Some(write_seq == snd_una)
+}
+
+/// Whether the socket `sk` has buffers on its TCP receive queue.
+fn tcp_unread(off: &KernelOffsets, sk: *const u8) -> Option<bool> {
+    let queued: u32 = read(sk, off.sk_receive_qlen)?;
+    Some(queued != 0)
+}
+
+/// The socket `sk`'s psock; null if it has none (it is not in the short-cut).
+fn psock(off: &KernelOffsets, sk: *const u8) -> Option<*const u8> {
+    let user_data: u64 = read(sk, off.sk_user_data)?;
+    if user_data & USER_DATA_PSOCK == 0 {
+        return Some(core::ptr::null());
+    }
+    Some((user_data & !USER_DATA_TAGS) as *const u8)
 }
 
 /// `TCP_ESTABLISHED` and `TCP_CLOSE_WAIT`: the states in which a socket still sends (the
@@ -140,33 +155,21 @@ fn check_direct(
         let state: u8 = read(sk, off.sk_state)?;
         Some(state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT)
     };
-    let all_acked = |sk: *const u8| -> Option<bool> {
-        let write_seq: u32 = read(sk, off.tcp_write_seq)?;
-        let snd_una: u32 = read(sk, off.tcp_snd_una)?;
-        Some(write_seq == snd_una)
-    };
-    let tcp_unread = |sk: *const u8| -> Option<bool> {
-        let queued: u32 = read(sk, off.sk_receive_qlen)?;
-        Some(queued != 0)
-    };
     // Bytes on the short-cut queue, `None` without a psock.
     let shortcut_unread = |sk: *const u8| -> Option<u32> {
-        let user_data: u64 = read(sk, off.sk_user_data)?;
-        if user_data & USER_DATA_PSOCK == 0 {
+        let psock = psock(off, sk)?;
+        if psock.is_null() {
             return None;
         }
-        read(
-            (user_data & !USER_DATA_TAGS) as *const u8,
-            off.psock_msg_tot_len,
-        )
+        read(psock, off.psock_msg_tot_len)
     };
     let ok = sends(tp)?
-        && all_acked(tp)?
-        && !tcp_unread(near)?
+        && all_acked(off, tp)?
+        && !tcp_unread(off, near)?
         && shortcut_unread(near)? == 0
         && sends(far)?
-        && all_acked(far)?
-        && !tcp_unread(target)?
+        && all_acked(off, far)?
+        && !tcp_unread(off, target)?
         && u64::from(shortcut_unread(target)?) + u64::from(size) <= 2 * u64::from(config.budget);
     Some(ok)
 }

@@ -45,23 +45,21 @@ impl IdleSweep {
     pub fn new(timeout: Duration) -> Arc<Self> {
         let tick = (timeout / TICKS_PER_TIMEOUT).max(MIN_TICK);
         let ticks = u32::try_from(timeout.as_nanos().div_ceil(tick.as_nanos())).unwrap_or(u32::MAX);
-        Arc::new(Self {
-            timeout,
-            tick,
-            ticks,
-            now: AtomicU32::new(0),
-            wakers: Mutex::new(Slab::new()),
-        })
+        Self::with(timeout, tick, ticks)
     }
 
     /// A clock that only wakes its watches every `tick`, never expiring them: a same-node
     /// connection whose bytes the kernel sends past the agent looks at the kernel's count on
     /// each tick, so that its bytes show while it runs.
     pub fn ticker(tick: Duration) -> Arc<Self> {
+        Self::with(Duration::MAX, tick.max(MIN_TICK), u32::MAX)
+    }
+
+    fn with(timeout: Duration, tick: Duration, ticks: u32) -> Arc<Self> {
         Arc::new(Self {
-            timeout: Duration::MAX,
-            tick: tick.max(MIN_TICK),
-            ticks: u32::MAX,
+            timeout,
+            tick,
+            ticks,
             now: AtomicU32::new(0),
             wakers: Mutex::new(Slab::new()),
         })

@@ -356,7 +356,8 @@ struct Record {
     conn: Conn,
     /// The application's view of its peer, removed when the connection ends.
     guard: Option<PeerGuard>,
-    /// Tunnels only: closed after moving nothing for a while.
+    /// Tunnels: closed after moving nothing for a while. A paired same-node connection: its
+    /// place on the clock that has it read the kernel's count (never expires).
     idle: Option<IdleWatch>,
 }
 
