@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent, cni_installer,
     config::{
-        own_cgroup, AgentConfig, ClusterSource, OnExit, RemoteCa, TelemetryConfig, TransportConfig,
-        DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
+        default_worker_threads, own_cgroup, AgentConfig, ClusterSource, OnExit, RemoteCa,
+        TelemetryConfig, TransportConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY,
+        DEFAULT_TRUST_DOMAIN,
     },
     logging::{self, LogFormat},
     stats,
@@ -91,9 +92,10 @@ enum Command {
         /// otherwise leaves the pods captured for the next agent.
         #[arg(long)]
         owner_daemonset: Option<mesh_agent::departure::Owner>,
-        /// Threads of the async runtime that carries the connections.
-        #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2)]
-        worker_threads: usize,
+        /// Threads of the async runtime that carries the connections. Default: 1 when fewer
+        /// than 4 CPUs are available to the agent, otherwise 2 (ztunnel's).
+        #[arg(long, env = "MESH_WORKER_THREADS")]
+        worker_threads: Option<usize>,
         /// Directory of the built-in certificate authority (created on first use; agents on
         /// one machine share it).
         #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-agent/ca")]
@@ -266,7 +268,7 @@ fn main() -> anyhow::Result<()> {
                 root_namespace,
                 cluster_domain,
                 on_exit: OnExit::from_flags(owner_daemonset, keep_pins),
-                worker_threads,
+                worker_threads: worker_threads.unwrap_or_else(default_worker_threads),
                 transport: TransportConfig {
                     ca_dir,
                     remote_ca: ca_address.map(|address| RemoteCa {
