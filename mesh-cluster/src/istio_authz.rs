@@ -24,10 +24,10 @@
 //!   namespace), without wildcard, at most 16, and not set with `principals` or `namespaces`;
 //! - a `when` condition has a `key` Istio knows and `values` or `notValues`.
 
-use std::{fmt, marker::PhantomData, str::FromStr};
+use std::{fmt, str::FromStr};
 
 use serde::{
-    de::{self, value::MapAccessDeserializer, DeserializeOwned, MapAccess, SeqAccess, Visitor},
+    de::{self, MapAccess, Visitor},
     Deserialize, Deserializer, Serialize,
 };
 
@@ -35,6 +35,7 @@ use super::{
     ip_block::{IpBlock, IpBlockError},
     istio::{NoExpressions, WorkloadSelector},
     meta::{nullable, Labels, ObjectMeta},
+    schema::{deserialize_checked, values, Checked, List, Parsed},
 };
 
 /// `apiVersion`s of `AuthorizationPolicy` the agent reads.
@@ -71,10 +72,6 @@ pub enum AuthzSchemaError {
          workloadSelector)"
     )]
     SelectorAndTargetRef(&'static str),
-    #[error("must not be null: expected {0}")]
-    Null(&'static str),
-    #[error("must not be an empty list (leave the field out instead)")]
-    EmptyList,
     #[error("must not be empty: set at least one field (Istio rejects an empty {0})")]
     EmptyMatch(&'static str),
     #[error("empty value not allowed")]
@@ -407,93 +404,6 @@ impl FromStr for ServiceAccountRef {
 // ---------------------------------------------------------------------------------------------
 // Deserialization
 
-/// A spec struct read by the derived `Deserialize` of its `Fields` (which refuse unknown
-/// fields), then checked as a whole inside the visit of its mapping, so that a check's error
-/// carries the mapping's path and line. `null` is refused.
-trait Checked: Sized {
-    type Fields: DeserializeOwned;
-    /// What it is, for error messages (`a rule`).
-    const WHAT: &'static str;
-    fn check(fields: Self::Fields) -> Result<Self, AuthzSchemaError>;
-}
-
-fn deserialize_checked<'de, T: Checked, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<T, D::Error> {
-    struct CheckedVisitor<T>(PhantomData<T>);
-    impl<'de, T: Checked> Visitor<'de> for CheckedVisitor<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(T::WHAT)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<T, E> {
-            Err(E::custom(AuthzSchemaError::Null(T::WHAT)))
-        }
-        fn visit_none<E: de::Error>(self) -> Result<T, E> {
-            self.visit_unit()
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-            let fields = T::Fields::deserialize(MapAccessDeserializer::new(map))?;
-            T::check(fields).map_err(de::Error::custom)
-        }
-    }
-    deserializer.deserialize_any(CheckedVisitor(PhantomData))
-}
-
-/// A list field: `null` reads as empty; with `NON_EMPTY`, `[]` is refused (as Istio does for
-/// `from` and `to`).
-struct List<T, const NON_EMPTY: bool = false>(Vec<T>);
-
-impl<T, const NON_EMPTY: bool> Default for List<T, NON_EMPTY> {
-    fn default() -> Self {
-        List(Vec::new())
-    }
-}
-
-impl<'de, T: Deserialize<'de>, const NON_EMPTY: bool> Deserialize<'de> for List<T, NON_EMPTY> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_option(ListVisitor(PhantomData))
-    }
-}
-
-struct ListVisitor<T, const NON_EMPTY: bool>(PhantomData<T>);
-
-impl<'de, T: Deserialize<'de>, const NON_EMPTY: bool> Visitor<'de> for ListVisitor<T, NON_EMPTY> {
-    type Value = List<T, NON_EMPTY>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list")
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(List::default())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(List::default())
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
-        }
-        if NON_EMPTY && items.is_empty() {
-            return Err(de::Error::custom(AuthzSchemaError::EmptyList));
-        }
-        Ok(List(items))
-    }
-}
-
-/// The values of a list field of [`Parsed`] values.
-fn values<T: Into<U>, U>(list: List<Parsed<T>>) -> Vec<U> {
-    list.0.into_iter().map(|value| value.0.into()).collect()
-}
-
 /// A value of a list of strings: not empty.
 struct Text(String);
 
@@ -511,32 +421,6 @@ impl FromStr for Text {
 impl From<Text> for String {
     fn from(text: Text) -> String {
         text.0
-    }
-}
-
-/// A value parsed with [`FromStr`] from a string, or from an integer's digits (`values: [8080]`),
-/// inside the visit of the value so that an error names its index and line.
-struct Parsed<T>(T);
-
-impl<'de, T: FromStr<Err: fmt::Display>> Deserialize<'de> for Parsed<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ParsedVisitor<T>(PhantomData<T>);
-        impl<T: FromStr<Err: fmt::Display>> Visitor<'_> for ParsedVisitor<T> {
-            type Value = Parsed<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Parsed<T>, E> {
-                v.parse().map(Parsed).map_err(E::custom)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Parsed<T>, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Parsed<T>, E> {
-                self.visit_str(&v.to_string())
-            }
-        }
-        deserializer.deserialize_any(ParsedVisitor(PhantomData))
     }
 }
 
@@ -563,7 +447,7 @@ impl From<Port> for u16 {
 /// `selector`: only `matchLabels` (and an empty `matchExpressions`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SelectorFields {
+pub(crate) struct SelectorFields {
     #[serde(default, deserialize_with = "nullable")]
     match_labels: Labels,
     #[serde(default, rename = "matchExpressions")]
@@ -597,7 +481,7 @@ impl<'de> Deserialize<'de> for NoProvider {
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-struct SpecFields {
+pub(crate) struct SpecFields {
     selector: Option<SelectorFields>,
     target_ref: Option<PolicyTargetRef>,
     target_refs: List<PolicyTargetRef>,
@@ -609,6 +493,7 @@ struct SpecFields {
 }
 
 impl Checked for AuthorizationPolicySpec {
+    type Error = AuthzSchemaError;
     type Fields = SpecFields;
     const WHAT: &'static str = "an AuthorizationPolicy spec";
 
@@ -642,13 +527,14 @@ impl<'de> Deserialize<'de> for AuthorizationPolicySpec {
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct RuleFields {
+pub(crate) struct RuleFields {
     from: List<RuleFrom, true>,
     to: List<RuleTo, true>,
     when: List<Condition>,
 }
 
 impl Checked for Rule {
+    type Error = AuthzSchemaError;
     type Fields = RuleFields;
     const WHAT: &'static str = "a rule (`{}` matches every connection)";
 
@@ -669,7 +555,7 @@ impl<'de> Deserialize<'de> for Rule {
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-struct SourceFields {
+pub(crate) struct SourceFields {
     principals: List<Parsed<Text>>,
     not_principals: List<Parsed<Text>>,
     request_principals: List<Parsed<Text>>,
@@ -685,6 +571,7 @@ struct SourceFields {
 }
 
 impl Checked for Source {
+    type Error = AuthzSchemaError;
     type Fields = SourceFields;
     const WHAT: &'static str = "a source";
 
@@ -734,7 +621,7 @@ impl<'de> Deserialize<'de> for Source {
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-struct OperationFields {
+pub(crate) struct OperationFields {
     ports: List<Parsed<Port>>,
     not_ports: List<Parsed<Port>>,
     hosts: List<Parsed<Text>>,
@@ -746,6 +633,7 @@ struct OperationFields {
 }
 
 impl Checked for Operation {
+    type Error = AuthzSchemaError;
     type Fields = OperationFields;
     const WHAT: &'static str = "an operation";
 
@@ -775,13 +663,14 @@ impl<'de> Deserialize<'de> for Operation {
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-struct ConditionFields {
+pub(crate) struct ConditionFields {
     key: String,
     values: List<Parsed<Text>>,
     not_values: List<Parsed<Text>>,
 }
 
 impl Checked for Condition {
+    type Error = AuthzSchemaError;
     type Fields = ConditionFields;
     const WHAT: &'static str = "a condition";
 

@@ -1,11 +1,12 @@
 //! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service,
 //! `discovery.k8s.io/v1` `EndpointSlice`, and Istio's
-//! `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and `AuthorizationPolicy`), and the
-//! parser that turns YAML text into them.
+//! `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and `AuthorizationPolicy`, and Gateway
+//! API's `gateway.networking.k8s.io/v1` or `v1beta1` `HTTPRoute`), and the parser that turns YAML
+//! text into them.
 //!
 //! A text holds one or more documents separated by `---`. A document is one object, or a
 //! `kind: List` (or `PodList`, `ServiceList`, `EndpointSliceList`, `NamespaceList`, or `PeerAuthenticationList` or
-//! `AuthorizationPolicyList` of a `security.istio.io` version) whose `items` are objects.
+//! `AuthorizationPolicyList` of a `security.istio.io` version, or `HTTPRouteList`) whose `items` are objects.
 //! Documents and items of other kinds, or of the known kinds under another `apiVersion` (a
 //! Knative `Service` is not a Kubernetes Service), are skipped with a debug log. A document or
 //! item without `kind` or `apiVersion` is an error. Fields the agent does not read are ignored
@@ -13,7 +14,7 @@
 //!
 //! Parsing checks shapes only (a port is an integer, a label value a string); values are checked
 //! by [`super::ClusterState::build`], which names the object and the field of each problem. The
-//! exceptions are the specs of `PeerAuthentication` and `AuthorizationPolicy`, whose rules are
+//! exceptions are the specs of `PeerAuthentication`, `AuthorizationPolicy` and `HTTPRoute`, whose rules are
 //! checked when they are parsed (see [`PeerAuthentication`] and [`AuthorizationPolicy`]), so that
 //! their errors carry a line too; unknown fields of an `AuthorizationPolicy` spec are errors (a
 //! misspelt field must not silently change what the policy allows).
@@ -27,6 +28,12 @@ use serde::{
 use serde_yaml::Value;
 use tracing::debug;
 
+use super::gateway_api::HTTP_ROUTE_VERSIONS;
+pub use super::gateway_api::{
+    parse_duration, BackendRef, BackendTarget, Filter, FilterType, HeaderModifier, HttpRoute,
+    HttpRouteSpec, Mirror, ParentRef, PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite,
+    RouteMatch, RouteRule, RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
+};
 use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
 pub use super::istio::{
     MutualTls, PeerAuthMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
@@ -59,6 +66,8 @@ pub enum Object {
     PeerAuthentication(PeerAuthentication),
     /// A `security.istio.io` `AuthorizationPolicy`.
     AuthorizationPolicy(AuthorizationPolicy),
+    /// A `gateway.networking.k8s.io` `HTTPRoute`.
+    HttpRoute(HttpRoute),
 }
 
 impl Object {
@@ -75,6 +84,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => {
                 ObjectRef::namespaced(Kind::AuthorizationPolicy, &o.metadata)
             }
+            Object::HttpRoute(o) => ObjectRef::namespaced(Kind::HttpRoute, &o.metadata),
         }
     }
 }
@@ -163,6 +173,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         (version, "AuthorizationPolicy") if AUTHORIZATION_POLICY_VERSIONS.contains(&version) => {
             Some(Kind::AuthorizationPolicy)
         }
+        (version, "HTTPRoute") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::HttpRoute),
         _ => None,
     }
 }
@@ -402,7 +413,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::Service
         | Kind::EndpointSlice
         | Kind::PeerAuthentication
-        | Kind::AuthorizationPolicy => {
+        | Kind::AuthorizationPolicy
+        | Kind::HttpRoute => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -438,6 +450,7 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 Kind::AuthorizationPolicy => {
                     Object::AuthorizationPolicy(AuthorizationPolicy::deserialize(deserializer)?)
                 }
+                Kind::HttpRoute => Object::HttpRoute(HttpRoute::deserialize(deserializer)?),
             },
         }))
     }

@@ -49,6 +49,8 @@ mod decision;
 mod endpoints;
 mod error;
 mod files;
+mod gateway_api;
+pub mod http_route;
 pub mod ip_block;
 mod istio;
 mod istio_authz;
@@ -61,6 +63,7 @@ mod model;
 mod names;
 mod options;
 pub mod peer_auth;
+mod schema;
 mod state;
 mod translate;
 
@@ -72,6 +75,10 @@ pub use decision::Inbound;
 pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
+pub use http_route::{
+    AttachedRoute, Backend, InvalidBackend, RequestFacts, ResolvedBackend, ResolvedRule,
+    RouteDecision,
+};
 pub use kube_client::{client as kube_client, KubeClientError};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
 pub use limits::{FileLimits, LimitError};

@@ -30,6 +30,8 @@ pub enum Kind {
     PeerAuthentication,
     /// `AuthorizationPolicy` (`security.istio.io`).
     AuthorizationPolicy,
+    /// `HTTPRoute` (`gateway.networking.k8s.io`).
+    HttpRoute,
 }
 
 impl fmt::Display for Kind {
@@ -41,6 +43,7 @@ impl fmt::Display for Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::HttpRoute => "HTTPRoute",
         })
     }
 }

@@ -17,6 +17,7 @@ use super::{
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
+    http_route::{HttpRouteIndex, RequestFacts, RouteDecision},
     k8s::{self, Kind, Object, ObjectRef},
     model::{Protocol, Resolution, Service, ServicePort, Workload},
     names::{check_name, NameRule},
@@ -41,7 +42,9 @@ pub struct ClusterState {
     by_addr: HashMap<SocketAddr, (Arc<Service>, usize)>,
     peer_auth: PeerAuthIndex,
     authz: AuthzIndex,
-    /// The indexes' warnings: `PeerAuthentication`'s, then `AuthorizationPolicy`'s.
+    http_routes: HttpRouteIndex,
+    /// The indexes' warnings: `PeerAuthentication`'s, `AuthorizationPolicy`'s, then
+    /// `HTTPRoute`'s.
     warnings: Vec<String>,
 }
 
@@ -60,6 +63,7 @@ impl ClusterState {
         let mut slices = BTreeMap::new();
         let mut peer_auths = BTreeMap::new();
         let mut authz_policies = BTreeMap::new();
+        let mut http_routes = BTreeMap::new();
         for object in objects {
             let duplicate = match object {
                 Object::Namespace(ns) => namespaces.insert(ns.metadata.name(), ns).is_some(),
@@ -77,6 +81,9 @@ impl ClusterState {
                     .is_some(),
                 Object::AuthorizationPolicy(ap) => authz_policies
                     .insert((ap.metadata.namespace(), ap.metadata.name()), ap)
+                    .is_some(),
+                Object::HttpRoute(route) => http_routes
+                    .insert((route.metadata.namespace(), route.metadata.name()), route)
                     .is_some(),
             };
             if duplicate {
@@ -107,6 +114,7 @@ impl ClusterState {
             by_addr: HashMap::new(),
             peer_auth: PeerAuthIndex::default(),
             authz: AuthzIndex::default(),
+            http_routes: HttpRouteIndex::default(),
             warnings: Vec::new(),
         };
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
@@ -132,13 +140,37 @@ impl ClusterState {
             &state.workloads,
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
+        state.index_routes(http_routes.values().copied())?;
         state.warnings = [
             slices.warnings,
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
+            state.http_routes.warnings().to_vec(),
         ]
         .concat();
         Ok(state)
+    }
+
+    fn index_routes<'a>(
+        &mut self,
+        routes: impl Iterator<Item = &'a k8s::HttpRoute> + Clone,
+    ) -> Result<(), StateError> {
+        for route in routes.clone() {
+            let object = ObjectRef::namespaced(Kind::HttpRoute, &route.metadata);
+            check_name(
+                &object,
+                "metadata.name",
+                route.metadata.name(),
+                NameRule::Subdomain,
+            )?;
+        }
+        let by_name = self
+            .services
+            .iter()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+            .collect();
+        self.http_routes = HttpRouteIndex::build(routes, &by_name);
+        Ok(())
     }
 
     fn index_workload(
@@ -325,6 +357,21 @@ impl ClusterState {
     /// the rules.
     pub fn authorize(&self, conn: &ConnFacts<'_>) -> AuthzDecision {
         self.authz.decide(conn)
+    }
+
+    /// What a waypoint does with an HTTP `request` for `service`'s `port` from a client in
+    /// `client_namespace`: the `HTTPRoute` rule that matches, a 404 when routes attach to the
+    /// port and none matches, or the Service itself when none attaches. See the
+    /// [`super::http_route`] module for attachment and precedence.
+    pub fn route_http(
+        &self,
+        service: &Service,
+        port: u16,
+        client_namespace: &str,
+        request: &RequestFacts<'_>,
+    ) -> RouteDecision<'_> {
+        self.http_routes
+            .decide(service, port, client_namespace, request)
     }
 
     /// Where a TCP connection to `dst` goes. A service VIP and port resolves to one of its ready

@@ -1,0 +1,534 @@
+//! Gateway API's `HTTPRoute` (`gateway.networking.k8s.io` `v1` and `v1beta1`, which have the same
+//! schema): the L7 routes a waypoint applies to traffic for the Services they attach to (GAMMA,
+//! `parentRefs` of kind `Service`). Re-exported by [`super::k8s`], whose parser reads it like the
+//! other kinds; how a request is routed is in [`super::http_route`].
+//!
+//! The rules the Gateway API CRD's schema and its validation rules apply are checked when the
+//! route is parsed, so that an error names the field path and the line, and a file with an invalid
+//! route keeps its last good objects (the route before stays in force). Checked here:
+//!
+//! - every struct of the spec refuses fields it does not know: a misspelt `backendRef` must not
+//!   silently send a route's traffic elsewhere, and a field of a newer release this waypoint does
+//!   not implement (`sessionPersistence`, a `CORS` filter) is refused rather than ignored;
+//! - list lengths: at most 32 `parentRefs`, 16 `hostnames`, 16 `rules`, 64 `matches` per rule and
+//!   128 in all, 16 `filters`, 16 `backendRefs`, 16 `headers` and `queryParams` per match, 16
+//!   headers per `set`, `add` and `remove`; rule `name`s are unique;
+//! - paths start with `/` and hold no `//`, `/./`, `/../`, `%2f` or `#`; regular expressions
+//!   compile (Rust's `regex` syntax, linear time); header and query parameter names are HTTP
+//!   tokens; hostnames are DNS names (a leading `*.` only where Gateway API allows one);
+//! - a filter sets exactly the field its `type` names; `RequestHeaderModifier`,
+//!   `ResponseHeaderModifier`, `RequestRedirect` and `URLRewrite` appear at most once per rule,
+//!   and a redirect and a rewrite not together; `ReplacePrefixMatch` needs exactly one match, of
+//!   type `PathPrefix`; `ExtensionRef`, `CORS` and `ExternalAuth` filters are refused (not
+//!   supported);
+//! - redirect status codes are 301, 302 (the default), 303, 307 or 308; ports 1-65535; backend
+//!   weights 0-1,000,000 (default 1); a `Service` backend names a port; mirroring sets
+//!   `percent` (0-100) or `fraction` (numerator ≤ denominator), not both;
+//! - durations have Gateway API's form (`1h2m3s4ms`: up to four number-unit pairs, units `h`,
+//!   `m`, `s`, `ms`), and `backendRequest` is not longer than `request` (zero: no timeout);
+//! - retry codes are 400-599.
+//!
+//! Names (the route's, its parents' and backends') are checked when the state is built.
+
+use std::{collections::HashSet, fmt, str::FromStr, time::Duration};
+
+use serde::{
+    de::{self, Visitor},
+    Deserialize, Deserializer,
+};
+
+use super::{
+    meta::ObjectMeta,
+    schema::{deserialize_checked, Checked, List, Parsed},
+};
+
+mod de_fields;
+
+/// `apiVersion`s of `HTTPRoute` read.
+pub const HTTP_ROUTE_VERSIONS: [&str; 2] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1beta1",
+];
+
+/// Gateway API's group, the default `group` of a `parentRef`.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Why an `HTTPRoute` spec is refused. The parser prefixes each with the field path and appends
+/// the line.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteSchemaError {
+    #[error("at most {max} entries, found {found}")]
+    TooMany { max: usize, found: usize },
+    #[error("at most 128 matches across all rules, found {0}")]
+    TooManyMatches(usize),
+    #[error("rule name {0:?} is used by more than one rule")]
+    DuplicateRuleName(String),
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0:?} is longer than {1} characters")]
+    TooLong(String, usize),
+    #[error("path {path:?} {problem}")]
+    Path { path: String, problem: &'static str },
+    #[error("{pattern:?} is not a regular expression: {reason}")]
+    Regex { pattern: String, reason: String },
+    #[error("{0:?} is not an HTTP header or parameter name (letters, digits and !#$%&'*+-.^_`|~)")]
+    HeaderName(String),
+    #[error("header {0:?} is listed twice")]
+    DuplicateHeader(String),
+    #[error("rule name {0:?} is not a DNS label (lowercase letters, digits and `-`)")]
+    RuleName(String),
+    #[error("{0:?} is not a hostname{1}")]
+    Hostname(String, &'static str),
+    #[error("{0:?} is not a port number (1-65535)")]
+    Port(i64),
+    #[error("weight {0} is out of range (0-1000000)")]
+    Weight(i64),
+    #[error("{0} is not a redirect status (301, 302, 303, 307 or 308)")]
+    RedirectStatus(i64),
+    #[error("{0} is not an HTTP error status (400-599)")]
+    RetryCode(i64),
+    #[error("{0:?} is not a duration (up to four of <1-5 digits><h|m|s|ms>, as in `1m30s`)")]
+    Duration(String),
+    #[error("backendRequest ({backend:?}) is longer than request ({request:?})")]
+    BackendLongerThanRequest {
+        backend: Duration,
+        request: Duration,
+    },
+    #[error("type {kind} needs the field `{field}`")]
+    FilterField {
+        kind: FilterType,
+        field: &'static str,
+    },
+    #[error("field `{field}` does not go with type {kind}")]
+    FilterExtraField {
+        kind: FilterType,
+        field: &'static str,
+    },
+    #[error("filter type {0} is not supported by this waypoint")]
+    UnsupportedFilter(FilterType),
+    #[error("a rule has at most one {0} filter")]
+    RepeatedFilter(FilterType),
+    #[error("a rule cannot have both a RequestRedirect and a URLRewrite filter")]
+    RedirectAndRewrite,
+    #[error("replacePrefixMatch needs the rule to have exactly one match, of type PathPrefix")]
+    ReplacePrefixWithoutPrefix,
+    #[error("type {kind} needs `{field}`")]
+    PathModifierField {
+        kind: &'static str,
+        field: &'static str,
+    },
+    #[error("`percent` and `fraction` cannot both be set")]
+    PercentAndFraction,
+    #[error("percent {0} is out of range (0-100)")]
+    Percent(i64),
+    #[error("fraction {numerator}/{denominator}: the denominator must be positive and not below the numerator")]
+    Fraction { numerator: i64, denominator: i64 },
+    #[error("a backend of kind Service needs a `port`")]
+    ServiceWithoutPort,
+    #[error("retry attempts {0} is negative")]
+    Attempts(i64),
+}
+
+/// An `HTTPRoute`: the routes for the traffic of the `parentRefs` it attaches to. See the module
+/// documentation for what parsing checks.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct HttpRoute {
+    /// Name, namespace and creation time (the older route wins a tie).
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    pub spec: HttpRouteSpec,
+}
+
+/// `spec` of an `HTTPRoute`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpRouteSpec {
+    /// `parentRefs`: the Services (GAMMA) or Gateways it attaches to.
+    pub parent_refs: Vec<ParentRef>,
+    /// `hostnames`. GAMMA implementations "SHOULD NOT infer any functionality from the hostnames
+    /// field" of a route attached to a Service (GEP-1426); kept for Gateway parents.
+    pub hostnames: Vec<String>,
+    /// `rules`; none means one rule matching every request without backends (a 500).
+    pub rules: Vec<RouteRule>,
+}
+
+/// A `parentRef`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentRef {
+    /// `group`; [`GATEWAY_GROUP`] when absent, `""` for the core group (a Service).
+    pub group: String,
+    /// `kind`; `Gateway` when absent.
+    pub kind: String,
+    /// `namespace`; the route's when absent.
+    pub namespace: Option<String>,
+    /// `name`.
+    pub name: String,
+    /// `sectionName`: a Service port's name, or a Gateway listener's.
+    pub section_name: Option<String>,
+    /// `port`: one port of the Service (or the Gateway).
+    pub port: Option<u16>,
+}
+
+impl ParentRef {
+    /// Whether the parent is a core `Service` (a GAMMA route).
+    pub fn is_service(&self) -> bool {
+        self.group.is_empty() && self.kind == "Service"
+    }
+}
+
+/// A rule of an `HTTPRoute`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteRule {
+    /// `name` (Gateway API 1.2), for telemetry and `sectionName` references.
+    pub name: Option<String>,
+    /// `matches`; `PathPrefix /` when absent. A request matching any of them takes the rule.
+    pub matches: Vec<RouteMatch>,
+    /// `filters`, in order.
+    pub filters: Vec<Filter>,
+    /// `backendRefs`, with their weights.
+    pub backend_refs: Vec<BackendRef>,
+    /// `timeouts`.
+    pub timeouts: Timeouts,
+    /// `retry` (Gateway API 1.2, experimental channel).
+    pub retry: Option<Retry>,
+}
+
+/// A `match` of a rule: all its conditions hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteMatch {
+    /// `path`; `PathPrefix /` when absent.
+    pub path: PathMatch,
+    /// `headers`: each header named has a value that matches (names compared without case).
+    pub headers: Vec<ValueMatch>,
+    /// `queryParams`: each parameter named has a value that matches (names compared exactly).
+    pub query_params: Vec<ValueMatch>,
+    /// `method`.
+    pub method: Option<http::Method>,
+}
+
+/// How a request's path is matched.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PathMatch {
+    /// `Exact`: the whole path.
+    Exact(String),
+    /// `PathPrefix`: whole segments (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`); a
+    /// trailing `/` is ignored.
+    Prefix(String),
+    /// `RegularExpression`: the whole path matches.
+    Regex(Pattern),
+}
+
+/// A header or query parameter condition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueMatch {
+    /// The header's or parameter's name.
+    pub name: String,
+    /// How its value is matched.
+    pub value: StringMatch,
+}
+
+/// How a value is matched.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StringMatch {
+    /// `Exact`.
+    Exact(String),
+    /// `RegularExpression`: the whole value matches.
+    Regex(Pattern),
+}
+
+/// A compiled regular expression, anchored at both ends; compared by its text.
+#[derive(Clone, Debug)]
+pub struct Pattern(regex::Regex);
+
+impl Pattern {
+    /// Whether all of `text` matches.
+    pub fn is_match(&self, text: &str) -> bool {
+        self.0.is_match(text)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl FromStr for Pattern {
+    type Err = RouteSchemaError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value.is_empty() {
+            return Err(RouteSchemaError::Empty);
+        }
+        check_len(value, 1024)?;
+        regex::Regex::new(&format!("^(?:{value})$"))
+            .map(Pattern)
+            .map_err(|error| RouteSchemaError::Regex {
+                pattern: value.to_owned(),
+                reason: error.to_string(),
+            })
+    }
+}
+
+/// The type of a filter, as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+pub enum FilterType {
+    RequestHeaderModifier,
+    ResponseHeaderModifier,
+    RequestRedirect,
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite,
+    RequestMirror,
+    ExtensionRef,
+    #[serde(rename = "CORS")]
+    Cors,
+    ExternalAuth,
+}
+
+impl fmt::Display for FilterType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FilterType::RequestHeaderModifier => "RequestHeaderModifier",
+            FilterType::ResponseHeaderModifier => "ResponseHeaderModifier",
+            FilterType::RequestRedirect => "RequestRedirect",
+            FilterType::UrlRewrite => "URLRewrite",
+            FilterType::RequestMirror => "RequestMirror",
+            FilterType::ExtensionRef => "ExtensionRef",
+            FilterType::Cors => "CORS",
+            FilterType::ExternalAuth => "ExternalAuth",
+        })
+    }
+}
+
+/// A filter of a rule or of a backend.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Filter {
+    /// Headers of the request changed before it is forwarded.
+    RequestHeaderModifier(HeaderModifier),
+    /// Headers of the response changed before it is returned.
+    ResponseHeaderModifier(HeaderModifier),
+    /// The request answered with a redirect, not forwarded.
+    RequestRedirect(Redirect),
+    /// The request's host or path changed before it is forwarded.
+    UrlRewrite(Rewrite),
+    /// A copy of the request sent to another backend, its answer dropped.
+    RequestMirror(Mirror),
+}
+
+impl Filter {
+    /// The filter's type.
+    pub fn kind(&self) -> FilterType {
+        match self {
+            Filter::RequestHeaderModifier(_) => FilterType::RequestHeaderModifier,
+            Filter::ResponseHeaderModifier(_) => FilterType::ResponseHeaderModifier,
+            Filter::RequestRedirect(_) => FilterType::RequestRedirect,
+            Filter::UrlRewrite(_) => FilterType::UrlRewrite,
+            Filter::RequestMirror(_) => FilterType::RequestMirror,
+        }
+    }
+}
+
+/// `set`, `add` and `remove` of a header modifier, applied in that order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderModifier {
+    /// Headers replaced (or added when absent).
+    pub set: Vec<(String, String)>,
+    /// Values appended.
+    pub add: Vec<(String, String)>,
+    /// Headers removed.
+    pub remove: Vec<String>,
+}
+
+/// `requestRedirect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// `scheme`: `http` or `https`; the request's when absent.
+    pub scheme: Option<String>,
+    /// `hostname`; the request's when absent.
+    pub hostname: Option<String>,
+    /// `path`; the request's when absent.
+    pub path: Option<PathModifier>,
+    /// `port`; when absent, the scheme's well-known port if the scheme changes, else the
+    /// request's.
+    pub port: Option<u16>,
+    /// `statusCode`; 302 when absent.
+    pub status: u16,
+}
+
+/// `urlRewrite`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewrite {
+    /// `hostname`: the new `Host` / `:authority`.
+    pub hostname: Option<String>,
+    /// `path`.
+    pub path: Option<PathModifier>,
+}
+
+/// How a redirect or a rewrite changes the path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathModifier {
+    /// `ReplaceFullPath`.
+    Full(String),
+    /// `ReplacePrefixMatch`: the part the rule's `PathPrefix` matched is replaced.
+    Prefix(String),
+}
+
+/// `requestMirror`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// Where the copies go.
+    pub backend: BackendTarget,
+    /// The share of requests mirrored, as `numerator / denominator`; all when neither `percent`
+    /// nor `fraction` is set.
+    pub numerator: u32,
+    /// See `numerator`.
+    pub denominator: u32,
+}
+
+/// A backend: a Service and port (or another kind, which the state refuses to route to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendTarget {
+    /// `group`; `""` (core) when absent.
+    pub group: String,
+    /// `kind`; `Service` when absent.
+    pub kind: String,
+    /// `name`.
+    pub name: String,
+    /// `namespace`; the route's when absent.
+    pub namespace: Option<String>,
+    /// `port`.
+    pub port: Option<u16>,
+}
+
+impl BackendTarget {
+    /// Whether the backend is a core `Service`.
+    pub fn is_service(&self) -> bool {
+        self.group.is_empty() && self.kind == "Service"
+    }
+}
+
+/// A weighted backend of a rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendRef {
+    /// The backend.
+    pub target: BackendTarget,
+    /// `weight`: its share, relative to the rule's other backends; 0 sends it nothing.
+    pub weight: u32,
+    /// `filters` applied to requests sent to this backend only.
+    pub filters: Vec<Filter>,
+}
+
+/// `timeouts`; zero means none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `request`: the whole request, retries included, until the response's headers.
+    pub request: Option<Duration>,
+    /// `backendRequest`: one attempt at a backend.
+    pub backend_request: Option<Duration>,
+}
+
+/// `retry`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retry {
+    /// `codes`: response codes that are retried (besides connection errors).
+    pub codes: Vec<u16>,
+    /// `attempts`: retries after the first attempt; the waypoint's default when absent.
+    pub attempts: Option<u32>,
+    /// `backoff`: the wait before a retry.
+    pub backoff: Option<Duration>,
+}
+
+impl<'de> Deserialize<'de> for HttpRouteSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_checked(deserializer)
+    }
+}
+
+/// Parses a Gateway API duration (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`).
+pub fn parse_duration(text: &str) -> Result<Duration, RouteSchemaError> {
+    let invalid = || RouteSchemaError::Duration(text.to_owned());
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    let mut pairs = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(invalid());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return Err(invalid());
+        };
+        rest = &rest[len..];
+        // At most 99,999 hours: no overflow.
+        total += unit * u32::try_from(number).map_err(|_| invalid())?;
+        pairs += 1;
+    }
+    if pairs == 0 || pairs > 4 {
+        return Err(invalid());
+    }
+    Ok(total)
+}
+
+/// A length limit of a value.
+fn check_len(value: &str, max: usize) -> Result<(), RouteSchemaError> {
+    if value.len() > max {
+        return Err(RouteSchemaError::TooLong(value.to_owned(), max));
+    }
+    Ok(())
+}
+
+/// A list's length limit.
+fn check_count<T>(list: &[T], max: usize) -> Result<(), RouteSchemaError> {
+    if list.len() > max {
+        return Err(RouteSchemaError::TooMany {
+            max,
+            found: list.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Rule names are unique within a route.
+fn check_rule_names(rules: &[RouteRule]) -> Result<(), RouteSchemaError> {
+    let mut seen = HashSet::new();
+    for name in rules.iter().filter_map(|rule| rule.name.as_deref()) {
+        if !seen.insert(name) {
+            return Err(RouteSchemaError::DuplicateRuleName(name.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// An integer field read from a YAML number (or refused with its own error when out of range).
+struct Int(i64);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IntVisitor;
+        impl Visitor<'_> for IntVisitor {
+            type Value = Int;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int, E> {
+                Ok(Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
+                Ok(Int(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+        deserializer.deserialize_i64(IntVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests;

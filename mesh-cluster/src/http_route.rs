@@ -1,0 +1,542 @@
+//! How a waypoint routes an HTTP request for a Service: the `HTTPRoute`s attached to the Service
+//! (GAMMA: a `parentRef` of kind `Service`), indexed per Service port when the state is built, and
+//! the decision per request ([`HttpRouteIndex::decide`]).
+//!
+//! Attachment:
+//! - a `parentRef` `{group: "", kind: Service, name, namespace?}` attaches the route to every TCP
+//!   port of that Service, or to the one its `port` or `sectionName` (the port's name) picks;
+//! - a route in the Service's own namespace is a **producer** route and applies to every client;
+//!   a route in another namespace is a **consumer** route and applies only to clients in the
+//!   route's namespace, where it replaces the producer routes (GAMMA);
+//! - `hostnames` are ignored for Service parents (GEP-1426); Gateway parents are not a
+//!   waypoint's and are skipped;
+//! - a parent Service that does not exist, or a port it does not have, attaches nothing and is
+//!   reported as a warning (Gateway API's `Accepted: False`), as is a route without a Service
+//!   parent.
+//!
+//! Per request, among the matches of every rule of every applicable route, the one with the
+//! highest precedence wins (Gateway API's order): an `Exact` path; the longest `PathPrefix`; a
+//! `RegularExpression` path (implementation-specific: here after every prefix); a method; the
+//! most header matches; the most query parameter matches; then the oldest route
+//! (`creationTimestamp`), the route first by `namespace/name`, and the first rule and match in
+//! list order. When routes attach to the port and none matches, the answer is 404; when none
+//! attaches, the request goes to the Service itself ([`RouteDecision::Default`]).
+//!
+//! Backends are Services of the route's namespace; a backend that does not exist, another kind,
+//! or another namespace (which needs a `ReferenceGrant`, not read yet) is kept as
+//! [`Backend::Invalid`], so that its share of the requests gets a 500 as Gateway API requires,
+//! and is reported as a warning. A rule without backends of non-zero weight answers 500.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::Arc,
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::{
+    gateway_api::{
+        BackendTarget, Filter, HttpRoute, PathMatch, Retry, RouteMatch, StringMatch, Timeouts,
+    },
+    meta::{Kind, MetaExt, ObjectRef},
+    model::Service,
+};
+
+/// What a request is matched on.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    /// Method.
+    pub method: &'a http::Method,
+    /// Path, without the query.
+    pub path: &'a str,
+    /// Query, without the `?`.
+    pub query: Option<&'a str>,
+    /// Headers.
+    pub headers: &'a http::HeaderMap,
+}
+
+/// A route as the waypoint applies it: its rules with their backends resolved.
+#[derive(Debug)]
+pub struct AttachedRoute {
+    /// The `HTTPRoute`.
+    pub object: ObjectRef,
+    /// Its rules, in order.
+    pub rules: Vec<ResolvedRule>,
+}
+
+/// A rule with its backends resolved.
+#[derive(Debug)]
+pub struct ResolvedRule {
+    /// `name`.
+    pub name: Option<String>,
+    /// `matches` (a default `PathPrefix /` when none was written).
+    pub matches: Vec<RouteMatch>,
+    /// `filters`, in order; the mirrors' backends are in [`ResolvedRule::mirrors`].
+    pub filters: Vec<Filter>,
+    /// `backendRefs` with a weight above zero.
+    pub backends: Vec<ResolvedBackend>,
+    /// The mirrors' backends, in the order of their filters.
+    pub mirrors: Vec<Backend>,
+    /// `timeouts`.
+    pub timeouts: Timeouts,
+    /// `retry`.
+    pub retry: Option<Retry>,
+    /// Sum of the backends' weights.
+    total_weight: u64,
+}
+
+impl ResolvedRule {
+    /// The backend for a request, by weight: `roll` is a random number, any `u64`. `None` when
+    /// the rule has no backend of non-zero weight (Gateway API: a 500).
+    pub fn pick_backend(&self, roll: u64) -> Option<&ResolvedBackend> {
+        if self.total_weight == 0 {
+            return None;
+        }
+        let mut point = roll % self.total_weight;
+        for backend in &self.backends {
+            let weight = u64::from(backend.weight);
+            if point < weight {
+                return Some(backend);
+            }
+            point -= weight;
+        }
+        None
+    }
+}
+
+/// A weighted backend of a rule.
+#[derive(Debug)]
+pub struct ResolvedBackend {
+    /// Where its requests go.
+    pub backend: Backend,
+    /// Its share.
+    pub weight: u32,
+    /// Filters for its requests only.
+    pub filters: Vec<Filter>,
+}
+
+/// Where a backend's requests go.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// A port of a Service.
+    Service {
+        /// The Service.
+        service: Arc<Service>,
+        /// The Service's port.
+        port: u16,
+    },
+    /// A reference that does not resolve: its requests get a 500.
+    Invalid(InvalidBackend),
+}
+
+/// Why a backend reference does not resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InvalidBackend {
+    /// Not a core Service.
+    Kind { group: String, kind: String },
+    /// In another namespace than the route: needs a `ReferenceGrant`.
+    CrossNamespace { namespace: String },
+    /// No such Service.
+    NotFound { namespace: String, name: String },
+    /// The Service has no such TCP port.
+    NoPort { service: String, port: u16 },
+}
+
+impl fmt::Display for InvalidBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidBackend::Kind { group, kind } => {
+                write!(f, "kind {kind} (group {group:?}) is not a Service")
+            }
+            InvalidBackend::CrossNamespace { namespace } => write!(
+                f,
+                "a backend in namespace {namespace} needs a ReferenceGrant, which is not read yet"
+            ),
+            InvalidBackend::NotFound { namespace, name } => {
+                write!(f, "Service {namespace}/{name} does not exist")
+            }
+            InvalidBackend::NoPort { service, port } => {
+                write!(f, "Service {service} has no TCP port {port}")
+            }
+        }
+    }
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum RouteDecision<'a> {
+    /// No route attaches to the Service port: the request goes to the Service itself.
+    Default,
+    /// Routes attach to the port, and none matches: 404.
+    NoMatch,
+    /// A rule matched.
+    Matched {
+        /// The route.
+        route: &'a AttachedRoute,
+        /// The rule.
+        rule: &'a ResolvedRule,
+        /// The match that won.
+        matched: &'a RouteMatch,
+    },
+}
+
+/// One match of one rule, with its precedence.
+#[derive(Debug)]
+struct Entry {
+    key: Precedence,
+    route: Arc<AttachedRoute>,
+    rule: usize,
+    index: usize,
+}
+
+/// Sorts ascending from the highest precedence.
+type Precedence = (
+    u8,
+    Reverse<usize>,
+    bool,
+    Reverse<usize>,
+    Reverse<usize>,
+    (bool, Option<Time>),
+    String,
+    usize,
+    usize,
+);
+
+/// The routes of one Service port.
+#[derive(Debug, Default)]
+struct PortRoutes {
+    producer: Vec<Entry>,
+    consumers: BTreeMap<String, Vec<Entry>>,
+}
+
+/// Every Service port's routes.
+#[derive(Debug, Default)]
+pub(crate) struct HttpRouteIndex {
+    ports: HashMap<(String, String, u16), PortRoutes>,
+    warnings: Vec<String>,
+}
+
+impl HttpRouteIndex {
+    /// Attaches `routes` to `services` (found by namespace and name).
+    pub(crate) fn build<'a>(
+        routes: impl IntoIterator<Item = &'a HttpRoute>,
+        services: &HashMap<(&str, &str), &Arc<Service>>,
+    ) -> Self {
+        let mut index = Self::default();
+        for route in routes {
+            index.attach(route, services);
+        }
+        for port in index.ports.values_mut() {
+            port.producer.sort_by(|a, b| a.key.cmp(&b.key));
+            for entries in port.consumers.values_mut() {
+                entries.sort_by(|a, b| a.key.cmp(&b.key));
+            }
+        }
+        index
+    }
+
+    fn attach(&mut self, route: &HttpRoute, services: &HashMap<(&str, &str), &Arc<Service>>) {
+        let object = ObjectRef::namespaced(Kind::HttpRoute, &route.metadata);
+        let namespace = route.metadata.namespace();
+        let rules = route
+            .spec
+            .rules
+            .iter()
+            .map(|rule| resolve_rule(rule, namespace, services, &object, &mut self.warnings))
+            .collect();
+        let attached = Arc::new(AttachedRoute {
+            object: object.clone(),
+            rules,
+        });
+        let mut attached_any = false;
+        for (index, parent) in route.spec.parent_refs.iter().enumerate() {
+            if !parent.is_service() {
+                continue;
+            }
+            let field = format!("spec.parentRefs[{index}]");
+            let parent_ns = parent.namespace.as_deref().unwrap_or(namespace);
+            let Some(service) = services.get(&(parent_ns, parent.name.as_str())) else {
+                self.warnings.push(format!(
+                    "{object}: {field}: Service {parent_ns}/{} does not exist; the route does not \
+                     attach to it",
+                    parent.name
+                ));
+                continue;
+            };
+            let ports: Vec<u16> = service
+                .ports
+                .iter()
+                .filter(|p| p.protocol == crate::model::Protocol::Tcp)
+                .filter(|p| parent.port.is_none_or(|port| p.port == port))
+                .filter(|p| {
+                    parent
+                        .section_name
+                        .as_ref()
+                        .is_none_or(|section| p.name.as_ref() == Some(section))
+                })
+                .map(|p| p.port)
+                .collect();
+            if ports.is_empty() {
+                self.warnings.push(format!(
+                    "{object}: {field}: Service {service} has no TCP port that `port` or \
+                     `sectionName` names; the route does not attach to it"
+                ));
+                continue;
+            }
+            attached_any = true;
+            let consumer = parent_ns != namespace;
+            for port in ports {
+                let key = (service.namespace.clone(), service.name.clone(), port);
+                let routes = self.ports.entry(key).or_default();
+                let entries = if consumer {
+                    routes.consumers.entry(namespace.to_owned()).or_default()
+                } else {
+                    &mut routes.producer
+                };
+                add_entries(entries, &attached, route);
+            }
+        }
+        if !attached_any && route.spec.parent_refs.iter().all(|p| !p.is_service()) {
+            self.warnings.push(format!(
+                "{object}: no parentRef is a Service (group \"\", kind Service): a waypoint \
+                 applies only routes attached to Services"
+            ));
+        }
+    }
+
+    /// The warnings found while attaching, one line each.
+    pub(crate) fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// What to do with `request` from a client in `client_namespace` for `service`'s `port`.
+    pub(crate) fn decide<'a>(
+        &'a self,
+        service: &Service,
+        port: u16,
+        client_namespace: &str,
+        request: &RequestFacts<'_>,
+    ) -> RouteDecision<'a> {
+        let key = (service.namespace.clone(), service.name.clone(), port);
+        let Some(routes) = self.ports.get(&key) else {
+            return RouteDecision::Default;
+        };
+        let entries = routes
+            .consumers
+            .get(client_namespace)
+            .unwrap_or(&routes.producer);
+        if entries.is_empty() {
+            return RouteDecision::Default;
+        }
+        for entry in entries {
+            let rule = &entry.route.rules[entry.rule];
+            let matched = &rule.matches[entry.index];
+            if matches(matched, request) {
+                return RouteDecision::Matched {
+                    route: &entry.route,
+                    rule,
+                    matched,
+                };
+            }
+        }
+        RouteDecision::NoMatch
+    }
+}
+
+fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, route: &HttpRoute) {
+    let created = route.metadata.creation_timestamp.clone();
+    for (rule_index, rule) in attached.rules.iter().enumerate() {
+        for (index, m) in rule.matches.iter().enumerate() {
+            let (class, length) = match &m.path {
+                PathMatch::Exact(path) => (0, path.len()),
+                PathMatch::Prefix(path) => (1, path.trim_end_matches('/').len()),
+                PathMatch::Regex(_) => (2, 0),
+            };
+            let key = (
+                class,
+                Reverse(length),
+                m.method.is_none(),
+                Reverse(m.headers.len()),
+                Reverse(m.query_params.len()),
+                (created.is_none(), created.clone()),
+                format!("{}/{}", route.metadata.namespace(), route.metadata.name()),
+                rule_index,
+                index,
+            );
+            entries.push(Entry {
+                key,
+                route: Arc::clone(attached),
+                rule: rule_index,
+                index,
+            });
+        }
+    }
+}
+
+fn resolve_rule(
+    rule: &crate::gateway_api::RouteRule,
+    namespace: &str,
+    services: &HashMap<(&str, &str), &Arc<Service>>,
+    object: &ObjectRef,
+    warnings: &mut Vec<String>,
+) -> ResolvedRule {
+    let mut resolve = |target: &BackendTarget| {
+        let backend = resolve_backend(target, namespace, services);
+        if let Backend::Invalid(problem) = &backend {
+            warnings.push(format!(
+                "{object}: backend {}: {problem}; its share of the requests gets a 500",
+                target.name
+            ));
+        }
+        backend
+    };
+    let backends: Vec<ResolvedBackend> = rule
+        .backend_refs
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| ResolvedBackend {
+            backend: resolve(&b.target),
+            weight: b.weight,
+            filters: b.filters.clone(),
+        })
+        .collect();
+    let mirrors = rule
+        .filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::RequestMirror(mirror) => Some(resolve(&mirror.backend)),
+            _ => None,
+        })
+        .collect();
+    ResolvedRule {
+        name: rule.name.clone(),
+        matches: rule.matches.clone(),
+        filters: rule.filters.clone(),
+        total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+        backends,
+        mirrors,
+        timeouts: rule.timeouts,
+        retry: rule.retry.clone(),
+    }
+}
+
+fn resolve_backend(
+    target: &BackendTarget,
+    namespace: &str,
+    services: &HashMap<(&str, &str), &Arc<Service>>,
+) -> Backend {
+    if !target.is_service() {
+        return Backend::Invalid(InvalidBackend::Kind {
+            group: target.group.clone(),
+            kind: target.kind.clone(),
+        });
+    }
+    let target_ns = target.namespace.as_deref().unwrap_or(namespace);
+    if target_ns != namespace {
+        return Backend::Invalid(InvalidBackend::CrossNamespace {
+            namespace: target_ns.to_owned(),
+        });
+    }
+    let Some(service) = services.get(&(target_ns, target.name.as_str())) else {
+        return Backend::Invalid(InvalidBackend::NotFound {
+            namespace: target_ns.to_owned(),
+            name: target.name.clone(),
+        });
+    };
+    // Parsing refuses a Service backend without a port.
+    let port = target.port.unwrap_or_default();
+    let has_port = service
+        .ports
+        .iter()
+        .any(|p| p.port == port && p.protocol == crate::model::Protocol::Tcp);
+    if !has_port {
+        return Backend::Invalid(InvalidBackend::NoPort {
+            service: service.to_string(),
+            port,
+        });
+    }
+    Backend::Service {
+        service: Arc::clone(service),
+        port,
+    }
+}
+
+/// Whether `request` meets every condition of `m`.
+pub fn matches(m: &RouteMatch, request: &RequestFacts<'_>) -> bool {
+    let path_ok = match &m.path {
+        PathMatch::Exact(path) => request.path == path,
+        PathMatch::Prefix(prefix) => prefix_matches(prefix, request.path),
+        PathMatch::Regex(pattern) => pattern.is_match(request.path),
+    };
+    path_ok
+        && m.method
+            .as_ref()
+            .is_none_or(|method| method == request.method)
+        && m.headers.iter().all(|h| {
+            header_value(request.headers, &h.name)
+                .is_some_and(|value| value_matches(&h.value, &value))
+        })
+        && m.query_params.iter().all(|q| {
+            query_value(request.query, &q.name).is_some_and(|value| value_matches(&q.value, &value))
+        })
+}
+
+/// `PathPrefix` semantics: whole segments, a trailing `/` of the prefix ignored.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn value_matches(m: &StringMatch, value: &str) -> bool {
+    match m {
+        StringMatch::Exact(expected) => value == expected,
+        StringMatch::Regex(pattern) => pattern.is_match(value),
+    }
+}
+
+/// A header's values joined by `,` (as one value, RFC 9110 §5.3); `None` when absent or not
+/// text.
+fn header_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.to_str().ok()?;
+    let mut joined = first.to_owned();
+    for value in values {
+        joined.push(',');
+        joined.push_str(value.to_str().ok()?);
+    }
+    Some(joined)
+}
+
+/// The first value of query parameter `name`, percent-decoded.
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key)? == name).then(|| percent_decode(value))?
+    })
+}
+
+/// `%XX` decoding; `None` when the result is not UTF-8 or an escape is malformed.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests;
