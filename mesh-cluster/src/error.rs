@@ -104,6 +104,13 @@ pub enum StateError {
         annotation: &'static str,
         value: String,
     },
+    #[error("{object}: metadata.labels[{label}]: {value:?} is not {expected}")]
+    InvalidLabel {
+        object: ObjectRef,
+        label: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("{object}: metadata.annotations[{annotation}]: {value:?} is not {expected}")]
     InvalidAnnotation {
         object: ObjectRef,
@@ -170,6 +177,7 @@ impl StateError {
             | StateError::PrimaryMismatch { object, .. }
             | StateError::RelativePath { object, .. }
             | StateError::InvalidAnnotation { object, .. }
+            | StateError::InvalidLabel { object, .. }
             | StateError::MissingAnnotation { object, .. }
             | StateError::RepeatedPort { object, .. }
             | StateError::Identity { object, .. } => vec![object],

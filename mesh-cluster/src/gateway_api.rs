@@ -50,6 +50,26 @@ pub const HTTP_ROUTE_VERSIONS: [&str; 2] = [
     "gateway.networking.k8s.io/v1beta1",
 ];
 
+/// A Gateway API `Gateway` (`v1` or `v1beta1`). Only its class is read: a Gateway of class
+/// [`crate::waypoint::WAYPOINT_CLASS`] is a waypoint (see [`crate::waypoint`]); Gateways of other
+/// classes are ingress gateways, not the mesh's, and are kept without effect. The rest of the
+/// spec (listeners, addresses) is not read: a waypoint listens on 15008 (HBONE) only.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Gateway {
+    /// Name, namespace and labels (`istio.io/waypoint-for`).
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    pub spec: GatewaySpec,
+}
+
+/// What is read of a `Gateway`'s `spec`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// `gatewayClassName`.
+    pub gateway_class_name: String,
+}
+
 /// Gateway API's group, the default `group` of a `parentRef`.
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 

@@ -1,12 +1,12 @@
 //! The subset of Kubernetes objects the agent reads (`v1` Namespace, Pod and Service,
 //! `discovery.k8s.io/v1` `EndpointSlice`, and Istio's
 //! `security.istio.io/v1` or `v1beta1` `PeerAuthentication` and `AuthorizationPolicy`, and Gateway
-//! API's `gateway.networking.k8s.io/v1` or `v1beta1` `HTTPRoute`), and the parser that turns YAML
+//! API's `gateway.networking.k8s.io/v1` or `v1beta1` `HTTPRoute` and `Gateway`), and the parser that turns YAML
 //! text into them.
 //!
 //! A text holds one or more documents separated by `---`. A document is one object, or a
 //! `kind: List` (or `PodList`, `ServiceList`, `EndpointSliceList`, `NamespaceList`, or `PeerAuthenticationList` or
-//! `AuthorizationPolicyList` of a `security.istio.io` version, or `HTTPRouteList`) whose `items` are objects.
+//! `AuthorizationPolicyList` of a `security.istio.io` version, or `HTTPRouteList` or `GatewayList`) whose `items` are objects.
 //! Documents and items of other kinds, or of the known kinds under another `apiVersion` (a
 //! Knative `Service` is not a Kubernetes Service), are skipped with a debug log. A document or
 //! item without `kind` or `apiVersion` is an error. Fields the agent does not read are ignored
@@ -30,9 +30,10 @@ use tracing::debug;
 
 use super::gateway_api::HTTP_ROUTE_VERSIONS;
 pub use super::gateway_api::{
-    parse_duration, BackendRef, BackendTarget, Filter, FilterType, HeaderModifier, HttpRoute,
-    HttpRouteSpec, Mirror, ParentRef, PathMatch, PathModifier, Pattern, Redirect, Retry, Rewrite,
-    RouteMatch, RouteRule, RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
+    parse_duration, BackendRef, BackendTarget, Filter, FilterType, Gateway, GatewaySpec,
+    HeaderModifier, HttpRoute, HttpRouteSpec, Mirror, ParentRef, PathMatch, PathModifier, Pattern,
+    Redirect, Retry, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch, Timeouts,
+    ValueMatch, GATEWAY_GROUP,
 };
 use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
 pub use super::istio::{
@@ -68,6 +69,8 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     /// A `gateway.networking.k8s.io` `HTTPRoute`.
     HttpRoute(HttpRoute),
+    /// A `gateway.networking.k8s.io` `Gateway`.
+    Gateway(Gateway),
 }
 
 impl Object {
@@ -85,6 +88,7 @@ impl Object {
                 ObjectRef::namespaced(Kind::AuthorizationPolicy, &o.metadata)
             }
             Object::HttpRoute(o) => ObjectRef::namespaced(Kind::HttpRoute, &o.metadata),
+            Object::Gateway(o) => ObjectRef::namespaced(Kind::Gateway, &o.metadata),
         }
     }
 }
@@ -174,6 +178,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
             Some(Kind::AuthorizationPolicy)
         }
         (version, "HTTPRoute") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::HttpRoute),
+        (version, "Gateway") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::Gateway),
         _ => None,
     }
 }
@@ -414,7 +419,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::EndpointSlice
         | Kind::PeerAuthentication
         | Kind::AuthorizationPolicy
-        | Kind::HttpRoute => {
+        | Kind::HttpRoute
+        | Kind::Gateway => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -451,6 +457,7 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                     Object::AuthorizationPolicy(AuthorizationPolicy::deserialize(deserializer)?)
                 }
                 Kind::HttpRoute => Object::HttpRoute(HttpRoute::deserialize(deserializer)?),
+                Kind::Gateway => Object::Gateway(Gateway::deserialize(deserializer)?),
             },
         }))
     }

@@ -45,6 +45,7 @@
 mod address;
 mod assemble;
 pub mod authz;
+mod by_kind;
 mod decision;
 mod endpoints;
 mod error;
@@ -66,6 +67,7 @@ pub mod peer_auth;
 mod schema;
 mod state;
 mod translate;
+pub mod waypoint;
 
 pub use authz::{
     AuthzDecision, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, ConnFacts, DecisionReason,
@@ -92,6 +94,7 @@ pub use options::{
 };
 pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
 pub use state::ClusterState;
+pub use waypoint::{Unavailable, Waypoint, WaypointBinding, WaypointFor};
 
 #[cfg(test)]
 mod tests;

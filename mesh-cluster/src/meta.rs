@@ -32,6 +32,8 @@ pub enum Kind {
     AuthorizationPolicy,
     /// `HTTPRoute` (`gateway.networking.k8s.io`).
     HttpRoute,
+    /// `Gateway` (`gateway.networking.k8s.io`).
+    Gateway,
 }
 
 impl fmt::Display for Kind {
@@ -44,6 +46,7 @@ impl fmt::Display for Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::Gateway => "Gateway",
         })
     }
 }

@@ -8,13 +8,14 @@
 //! port (an atomic), which restarts at the first endpoint in each new state.
 
 use std::{
-    collections::{hash_map::Entry, BTreeMap, HashMap},
+    collections::{hash_map::Entry, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use super::{
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
+    by_kind::ByKind,
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
     http_route::{HttpRouteIndex, RequestFacts, RouteDecision},
@@ -26,6 +27,7 @@ use super::{
     translate::{
         pod_ref, service_from, service_ref, shortcut_annotation, workload_from, workload_ref,
     },
+    waypoint::{Bindings, Waypoint, WaypointBinding, WaypointIndex},
 };
 use crate::{k8s::PodExt, meta::MetaExt};
 
@@ -43,6 +45,8 @@ pub struct ClusterState {
     peer_auth: PeerAuthIndex,
     authz: AuthzIndex,
     http_routes: HttpRouteIndex,
+    waypoints: WaypointIndex,
+    bindings: Bindings,
     /// The indexes' warnings: `PeerAuthentication`'s, `AuthorizationPolicy`'s, then
     /// `HTTPRoute`'s.
     warnings: Vec<String>,
@@ -57,41 +61,16 @@ impl ClusterState {
         opts: &EnrollmentOptions,
     ) -> Result<Self, StateError> {
         opts.validate()?;
-        let mut namespaces = BTreeMap::new();
-        let mut pods = BTreeMap::new();
-        let mut services = BTreeMap::new();
-        let mut slices = BTreeMap::new();
-        let mut peer_auths = BTreeMap::new();
-        let mut authz_policies = BTreeMap::new();
-        let mut http_routes = BTreeMap::new();
-        for object in objects {
-            let duplicate = match object {
-                Object::Namespace(ns) => namespaces.insert(ns.metadata.name(), ns).is_some(),
-                Object::Pod(pod) => pods
-                    .insert((pod.metadata.namespace(), pod.metadata.name()), pod)
-                    .is_some(),
-                Object::Service(svc) => services
-                    .insert((svc.metadata.namespace(), svc.metadata.name()), svc)
-                    .is_some(),
-                Object::EndpointSlice(slice) => slices
-                    .insert((slice.metadata.namespace(), slice.metadata.name()), slice)
-                    .is_some(),
-                Object::PeerAuthentication(pa) => peer_auths
-                    .insert((pa.metadata.namespace(), pa.metadata.name()), pa)
-                    .is_some(),
-                Object::AuthorizationPolicy(ap) => authz_policies
-                    .insert((ap.metadata.namespace(), ap.metadata.name()), ap)
-                    .is_some(),
-                Object::HttpRoute(route) => http_routes
-                    .insert((route.metadata.namespace(), route.metadata.name()), route)
-                    .is_some(),
-            };
-            if duplicate {
-                return Err(StateError::Duplicate {
-                    object: object.object_ref(),
-                });
-            }
-        }
+        let ByKind {
+            namespaces,
+            pods,
+            services,
+            slices,
+            peer_auths,
+            authz_policies,
+            http_routes,
+            gateways,
+        } = ByKind::sort(objects)?;
         for namespace in namespaces.values() {
             let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
             check_name(
@@ -115,6 +94,8 @@ impl ClusterState {
             peer_auth: PeerAuthIndex::default(),
             authz: AuthzIndex::default(),
             http_routes: HttpRouteIndex::default(),
+            waypoints: WaypointIndex::default(),
+            bindings: Bindings::default(),
             warnings: Vec::new(),
         };
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
@@ -141,6 +122,15 @@ impl ClusterState {
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
         state.index_routes(http_routes.values().copied())?;
+        state.waypoints = WaypointIndex::build(gateways.values().copied(), &state.workloads)?;
+        state.bindings = Bindings::build(
+            &state.waypoints,
+            |ns| namespaces.get(ns).map(|n| n.metadata.labels()),
+            services
+                .iter()
+                .map(|(&(ns, name), svc)| (ns, name, svc.metadata.labels())),
+            &state.workloads,
+        );
         state.warnings = [
             slices.warnings,
             state.peer_auth.warnings().to_vec(),
@@ -372,6 +362,36 @@ impl ClusterState {
     ) -> RouteDecision<'_> {
         self.http_routes
             .decide(service, port, client_namespace, request)
+    }
+
+    /// Whether traffic addressed to `service` goes through a waypoint; see the
+    /// [`super::waypoint`] module.
+    pub fn service_waypoint(&self, service: &Service) -> &WaypointBinding {
+        static NONE: WaypointBinding = WaypointBinding::None;
+        self.bindings
+            .services
+            .get(&(service.namespace.clone(), service.name.clone()))
+            .unwrap_or(&NONE)
+    }
+
+    /// Whether traffic addressed to `workload` itself (its own address) goes through a waypoint.
+    pub fn workload_waypoint(&self, workload: &Workload) -> &WaypointBinding {
+        static NONE: WaypointBinding = WaypointBinding::None;
+        self.bindings
+            .workloads
+            .get(&(workload.namespace.clone(), workload.name.clone()))
+            .unwrap_or(&NONE)
+    }
+
+    /// The waypoint `workload` is a pod of, if any: its traffic never goes through a waypoint,
+    /// and a waypoint process finds its own routes by it.
+    pub fn waypoint_of_pod(&self, workload: &Workload) -> Option<&Arc<Waypoint>> {
+        self.waypoints.of_pod(workload)
+    }
+
+    /// All waypoints (`Gateways` of class `istio-waypoint`), sorted by namespace and name.
+    pub fn waypoints(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
+        self.waypoints.all()
     }
 
     /// Where a TCP connection to `dst` goes. A service VIP and port resolves to one of its ready

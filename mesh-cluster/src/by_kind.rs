@@ -1,0 +1,54 @@
+//! The objects of one build, sorted by kind and keyed by namespace and name, each once.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    error::StateError,
+    k8s::{self, Object},
+    meta::{MetaExt, ObjectMeta},
+};
+
+/// Namespaced objects of one kind by (namespace, name).
+pub(crate) type Named<'a, T> = BTreeMap<(&'a str, &'a str), &'a T>;
+
+/// The objects of one build, by kind.
+#[derive(Default)]
+pub(crate) struct ByKind<'a> {
+    pub(crate) namespaces: BTreeMap<&'a str, &'a k8s::Namespace>,
+    pub(crate) pods: Named<'a, k8s::Pod>,
+    pub(crate) services: Named<'a, k8s::Service>,
+    pub(crate) slices: Named<'a, k8s::EndpointSlice>,
+    pub(crate) peer_auths: Named<'a, k8s::PeerAuthentication>,
+    pub(crate) authz_policies: Named<'a, k8s::AuthorizationPolicy>,
+    pub(crate) http_routes: Named<'a, k8s::HttpRoute>,
+    pub(crate) gateways: Named<'a, k8s::Gateway>,
+}
+
+impl<'a> ByKind<'a> {
+    /// Sorts `objects`; an object defined twice is an error naming it.
+    pub(crate) fn sort(objects: impl IntoIterator<Item = &'a Object>) -> Result<Self, StateError> {
+        fn put<'a, T>(map: &mut Named<'a, T>, meta: &'a ObjectMeta, object: &'a T) -> bool {
+            map.insert((meta.namespace(), meta.name()), object)
+                .is_some()
+        }
+        let mut sorted = Self::default();
+        for object in objects {
+            let duplicate = match object {
+                Object::Namespace(ns) => sorted.namespaces.insert(ns.metadata.name(), ns).is_some(),
+                Object::Pod(o) => put(&mut sorted.pods, &o.metadata, o),
+                Object::Service(o) => put(&mut sorted.services, &o.metadata, o),
+                Object::EndpointSlice(o) => put(&mut sorted.slices, &o.metadata, o),
+                Object::PeerAuthentication(o) => put(&mut sorted.peer_auths, &o.metadata, o),
+                Object::AuthorizationPolicy(o) => put(&mut sorted.authz_policies, &o.metadata, o),
+                Object::HttpRoute(o) => put(&mut sorted.http_routes, &o.metadata, o),
+                Object::Gateway(o) => put(&mut sorted.gateways, &o.metadata, o),
+            };
+            if duplicate {
+                return Err(StateError::Duplicate {
+                    object: object.object_ref(),
+                });
+            }
+        }
+        Ok(sorted)
+    }
+}

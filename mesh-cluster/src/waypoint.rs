@@ -1,0 +1,353 @@
+//! Waypoints, as Istio ambient attaches them: which Services (and pods) send their traffic
+//! through which waypoint, and where a waypoint's pods are.
+//!
+//! - A **waypoint** is a Gateway API `Gateway` of class [`WAYPOINT_CLASS`]. Its label
+//!   [`WAYPOINT_FOR`] says which traffic it takes: `service` (the default), `workload`, `all` or
+//!   `none`. Its pods are the pods of its namespace labelled [`GATEWAY_NAME_LABEL`]` = <name>` (as
+//!   the controller's Deployment labels them); the ready ones with an address serve it, each on
+//!   port 15008 (HBONE) under its own identity.
+//! - A **Service** uses a waypoint when its label [`USE_WAYPOINT`] names one, or else its
+//!   Namespace's; the value `none` on the Service opts it out of its namespace's. The waypoint is
+//!   in the labelled object's namespace unless [`USE_WAYPOINT_NAMESPACE`] (on the same object)
+//!   names another. A Service binds only to a waypoint for `service` or `all` traffic.
+//! - A **pod** binds the same way (the pod's labels, then its namespace's) to a waypoint for
+//!   `workload` or `all` traffic; that binding is for traffic addressed to the pod itself.
+//! - A waypoint's own pods never use a waypoint.
+//!
+//! **An unready waypoint fails closed.** A binding to a waypoint that does not exist, does not
+//! take that kind of traffic, or has no ready pod is [`WaypointBinding::Unavailable`]: the source
+//! agent refuses the connection rather than send it past the waypoint. Istio bypasses an unready
+//! waypoint silently, and with it every L7 policy and route the waypoint enforces; its users
+//! report exactly that as a hole (REFERENCE.md). A refused connection is visible (a metric, a log
+//! line naming the reason) and heals when the waypoint is ready; a bypass is neither.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use mesh_common::HBONE_PORT;
+
+use crate::{
+    error::StateError,
+    k8s::Gateway,
+    meta::{Kind, Labels, MetaExt, ObjectRef},
+    model::Workload,
+};
+
+/// The `gatewayClassName` of a waypoint.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// Label of a Service, Pod or Namespace naming the waypoint its traffic goes through.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Label naming the waypoint's namespace, beside [`USE_WAYPOINT`].
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// Label of a waypoint `Gateway`: which traffic it takes.
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// Label of a waypoint's pods naming their `Gateway`.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Which traffic a waypoint takes ([`WAYPOINT_FOR`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointFor {
+    /// Traffic addressed to Services bound to it (the default).
+    Service,
+    /// Traffic addressed to pods bound to it.
+    Workload,
+    /// Both.
+    All,
+    /// Neither.
+    None,
+}
+
+impl WaypointFor {
+    fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "service" => WaypointFor::Service,
+            "workload" => WaypointFor::Workload,
+            "all" => WaypointFor::All,
+            "none" => WaypointFor::None,
+            _ => return None,
+        })
+    }
+
+    /// Whether it takes traffic addressed to Services.
+    pub fn services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    /// Whether it takes traffic addressed to pods.
+    pub fn workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+}
+
+impl fmt::Display for WaypointFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WaypointFor::Service => "service",
+            WaypointFor::Workload => "workload",
+            WaypointFor::All => "all",
+            WaypointFor::None => "none",
+        })
+    }
+}
+
+/// A waypoint and its ready pods.
+#[derive(Debug)]
+pub struct Waypoint {
+    /// Namespace of its `Gateway`.
+    pub namespace: String,
+    /// Name of its `Gateway`.
+    pub name: String,
+    /// Which traffic it takes.
+    pub traffic: WaypointFor,
+    /// Its ready pods with an address, sorted by namespace and name.
+    pub workloads: Vec<Arc<Workload>>,
+    /// Round-robin cursor over `workloads`.
+    next: AtomicUsize,
+}
+
+impl fmt::Display for Waypoint {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Waypoint {
+    /// Picks a ready pod with an address of `family`'s family, round-robin: the pod and its HBONE
+    /// address (port 15008).
+    pub fn pick(&self, family: IpAddr) -> Option<(&Arc<Workload>, SocketAddr)> {
+        let candidates: Vec<(&Arc<Workload>, IpAddr)> = self
+            .workloads
+            .iter()
+            .filter_map(|w| w.ip_like(family).map(|ip| (w, ip)))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        // Relaxed: the cursor only spreads load.
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let (workload, ip) = candidates[turn];
+        Some((workload, SocketAddr::new(ip, HBONE_PORT)))
+    }
+
+    /// Whether `workload` is one of this waypoint's pods (ready or not: by its label).
+    pub fn has_pod(&self, workload: &Workload) -> bool {
+        workload.namespace == self.namespace
+            && workload.labels.get(GATEWAY_NAME_LABEL) == Some(&self.name)
+    }
+}
+
+/// Whether a Service's (or pod's) traffic goes through a waypoint.
+#[derive(Clone, Debug, Default)]
+pub enum WaypointBinding {
+    /// No waypoint: L4 only.
+    #[default]
+    None,
+    /// Through this waypoint, which has a ready pod.
+    Bound(Arc<Waypoint>),
+    /// A waypoint is asked for and cannot take the traffic: refuse it (fail closed).
+    Unavailable(Unavailable),
+}
+
+/// Why a bound waypoint cannot take traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No waypoint `Gateway` of that name.
+    NotFound { namespace: String, name: String },
+    /// The waypoint does not take this kind of traffic.
+    WrongTraffic {
+        waypoint: String,
+        traffic: WaypointFor,
+    },
+    /// The waypoint has no ready pod with an address.
+    NotReady { waypoint: String },
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::NotFound { namespace, name } => {
+                write!(
+                    f,
+                    "no waypoint Gateway {namespace}/{name} (class {WAYPOINT_CLASS})"
+                )
+            }
+            Unavailable::WrongTraffic { waypoint, traffic } => write!(
+                f,
+                "waypoint {waypoint} is for {traffic} traffic ({WAYPOINT_FOR})"
+            ),
+            Unavailable::NotReady { waypoint } => {
+                write!(f, "waypoint {waypoint} has no ready pod")
+            }
+        }
+    }
+}
+
+/// What kind of object a binding is for.
+#[derive(Clone, Copy)]
+pub(crate) enum BoundKind {
+    Service,
+    Workload,
+}
+
+/// The waypoints, by namespace and name.
+#[derive(Debug, Default)]
+pub(crate) struct WaypointIndex {
+    waypoints: BTreeMap<(String, String), Arc<Waypoint>>,
+}
+
+impl WaypointIndex {
+    /// The waypoints among `gateways`, with their ready pods among `workloads`.
+    pub(crate) fn build<'a>(
+        gateways: impl IntoIterator<Item = &'a Gateway>,
+        workloads: &[Arc<Workload>],
+    ) -> Result<Self, StateError> {
+        let mut waypoints = BTreeMap::new();
+        for gateway in gateways {
+            if gateway.spec.gateway_class_name != WAYPOINT_CLASS {
+                continue;
+            }
+            let meta = &gateway.metadata;
+            let traffic = match meta.labels().get(WAYPOINT_FOR) {
+                None => WaypointFor::Service,
+                Some(value) => {
+                    WaypointFor::parse(value).ok_or_else(|| StateError::InvalidLabel {
+                        object: ObjectRef::namespaced(Kind::Gateway, meta),
+                        label: WAYPOINT_FOR,
+                        value: value.clone(),
+                        expected: "service, workload, all or none",
+                    })?
+                }
+            };
+            let (namespace, name) = (meta.namespace().to_owned(), meta.name().to_owned());
+            let pods = workloads
+                .iter()
+                .filter(|w| {
+                    w.namespace == namespace
+                        && w.labels.get(GATEWAY_NAME_LABEL) == Some(&name)
+                        && w.ready
+                        && !w.ips.is_empty()
+                })
+                .cloned()
+                .collect();
+            let waypoint = Waypoint {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                traffic,
+                workloads: pods,
+                next: AtomicUsize::new(0),
+            };
+            waypoints.insert((namespace, name), Arc::new(waypoint));
+        }
+        Ok(Self { waypoints })
+    }
+
+    /// All waypoints, sorted by namespace and name.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
+        self.waypoints.values()
+    }
+
+    /// The waypoint whose pod `workload` is, if any.
+    pub(crate) fn of_pod(&self, workload: &Workload) -> Option<&Arc<Waypoint>> {
+        let name = workload.labels.get(GATEWAY_NAME_LABEL)?;
+        self.waypoints
+            .get(&(workload.namespace.clone(), name.clone()))
+    }
+
+    /// The binding of an object in `namespace` with `labels`, whose Namespace has `ns_labels`.
+    pub(crate) fn bind(
+        &self,
+        kind: BoundKind,
+        namespace: &str,
+        labels: &Labels,
+        ns_labels: Option<&Labels>,
+    ) -> WaypointBinding {
+        let from = if labels.contains_key(USE_WAYPOINT) {
+            labels
+        } else {
+            match ns_labels {
+                Some(ns) if ns.contains_key(USE_WAYPOINT) => ns,
+                _ => return WaypointBinding::None,
+            }
+        };
+        let name = &from[USE_WAYPOINT];
+        if name == "none" || name.is_empty() {
+            return WaypointBinding::None;
+        }
+        let waypoint_ns = from
+            .get(USE_WAYPOINT_NAMESPACE)
+            .map_or(namespace, String::as_str);
+        let Some(waypoint) = self.waypoints.get(&(waypoint_ns.to_owned(), name.clone())) else {
+            return WaypointBinding::Unavailable(Unavailable::NotFound {
+                namespace: waypoint_ns.to_owned(),
+                name: name.clone(),
+            });
+        };
+        let takes = match kind {
+            BoundKind::Service => waypoint.traffic.services(),
+            BoundKind::Workload => waypoint.traffic.workloads(),
+        };
+        if !takes {
+            return WaypointBinding::Unavailable(Unavailable::WrongTraffic {
+                waypoint: waypoint.to_string(),
+                traffic: waypoint.traffic,
+            });
+        }
+        if waypoint.workloads.is_empty() {
+            return WaypointBinding::Unavailable(Unavailable::NotReady {
+                waypoint: waypoint.to_string(),
+            });
+        }
+        WaypointBinding::Bound(Arc::clone(waypoint))
+    }
+}
+
+/// Bindings of Services and pods, by namespace and name.
+#[derive(Debug, Default)]
+pub(crate) struct Bindings {
+    pub(crate) services: HashMap<(String, String), WaypointBinding>,
+    pub(crate) workloads: HashMap<(String, String), WaypointBinding>,
+}
+
+impl Bindings {
+    /// The binding of every Service (namespace, name, labels) and of every pod but the
+    /// waypoints' own; `ns_labels` gives a namespace's labels.
+    pub(crate) fn build<'a>(
+        index: &WaypointIndex,
+        ns_labels: impl Fn(&str) -> Option<&'a Labels>,
+        services: impl Iterator<Item = (&'a str, &'a str, &'a Labels)>,
+        workloads: &[Arc<Workload>],
+    ) -> Self {
+        let mut bindings = Self::default();
+        for (namespace, name, labels) in services {
+            let binding = index.bind(BoundKind::Service, namespace, labels, ns_labels(namespace));
+            let key = (namespace.to_owned(), name.to_owned());
+            bindings.services.insert(key, binding);
+        }
+        for workload in workloads {
+            if index.of_pod(workload).is_some() {
+                continue;
+            }
+            let namespace = workload.namespace.as_str();
+            let binding = index.bind(
+                BoundKind::Workload,
+                namespace,
+                &workload.labels,
+                ns_labels(namespace),
+            );
+            let key = (workload.namespace.clone(), workload.name.clone());
+            bindings.workloads.insert(key, binding);
+        }
+        bindings
+    }
+}
+
+#[cfg(test)]
+mod tests;

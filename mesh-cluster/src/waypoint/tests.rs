@@ -1,0 +1,240 @@
+//! Tests of waypoint attachment: labels on Services, pods and namespaces, `waypoint-for`, the
+//! waypoint's pods, and failing closed when the waypoint cannot take the traffic.
+
+use std::collections::BTreeSet;
+
+use super::{Unavailable, WaypointBinding, WaypointFor};
+use crate::{
+    tests::{docs, ip, opts, parse, pod},
+    ClusterState,
+};
+
+fn namespace(name: &str, labels: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\n")
+}
+
+fn gateway(ns: &str, name: &str, class: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\nspec:\n  gatewayClassName: {class}\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+    )
+}
+
+fn service(ns: &str, name: &str, vip: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80, targetPort: 8080}}]\n  selector: {{app: {name}}}\n"
+    )
+}
+
+/// Namespace `shop` (labels `ns_labels`), waypoint `shop/wp` for `traffic` with two pods,
+/// Services `a` (labels `a_labels`) and `b`, and a pod of `a`.
+fn cluster(ns_labels: &str, a_labels: &str, traffic: &str, extra: &[String]) -> ClusterState {
+    let mut parts = vec![
+        namespace("shop", ns_labels),
+        gateway("shop", "wp", "istio-waypoint", traffic),
+        pod(
+            "shop",
+            "wp-0",
+            "n0",
+            "10.0.1.1",
+            "gateway.networking.k8s.io/gateway-name: wp",
+        ),
+        pod(
+            "shop",
+            "wp-1",
+            "n1",
+            "10.0.1.2",
+            "gateway.networking.k8s.io/gateway-name: wp",
+        ),
+        pod("shop", "a-0", "n0", "10.0.0.1", "app: a"),
+        service("shop", "a", "10.96.0.1", a_labels),
+        service("shop", "b", "10.96.0.2", ""),
+    ];
+    parts.extend(extra.iter().cloned());
+    ClusterState::build(&parse(&docs(&parts)), &opts()).expect("builds")
+}
+
+fn binding(state: &ClusterState, name: &str) -> String {
+    let service = state
+        .service_by_hostname(&format!("{name}.shop.svc.cluster.local"))
+        .expect("service");
+    match state.service_waypoint(service) {
+        WaypointBinding::None => "none".to_owned(),
+        WaypointBinding::Bound(waypoint) => format!("bound {waypoint}"),
+        WaypointBinding::Unavailable(why) => format!("unavailable: {why}"),
+    }
+}
+
+#[test]
+fn a_service_label_binds_it_and_the_waypoint_pods_take_turns() {
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[]);
+    assert_eq!(binding(&state, "a"), "bound shop/wp");
+    assert_eq!(binding(&state, "b"), "none");
+    let service = state
+        .service_by_hostname("a.shop.svc.cluster.local")
+        .expect("a");
+    let WaypointBinding::Bound(waypoint) = state.service_waypoint(service) else {
+        panic!("bound");
+    };
+    assert_eq!(waypoint.traffic, WaypointFor::Service, "the default");
+    let picked: BTreeSet<String> = (0..4)
+        .map(|_| {
+            let (pod, addr) = waypoint.pick(ip("10.96.0.1")).expect("a pod");
+            assert_eq!(addr.port(), 15008);
+            assert_eq!(Some(addr.ip()), pod.ips.first().copied());
+            pod.name.clone()
+        })
+        .collect();
+    assert_eq!(
+        picked,
+        BTreeSet::from(["wp-0".to_owned(), "wp-1".to_owned()])
+    );
+    assert!(waypoint.pick(ip("fd00::1")).is_none(), "no IPv6 pod");
+    let wp0 = state.workload_by_name("shop", "wp-0").expect("wp-0");
+    assert!(waypoint.has_pod(wp0));
+    assert_eq!(
+        state
+            .waypoint_of_pod(wp0)
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("shop/wp")
+    );
+    assert_eq!(state.waypoints().count(), 1);
+}
+
+#[test]
+fn the_namespace_label_binds_every_service_but_those_labelled_none() {
+    let state = cluster(
+        "istio.io/use-waypoint: wp",
+        "istio.io/use-waypoint: none",
+        "",
+        &[],
+    );
+    assert_eq!(binding(&state, "a"), "none");
+    assert_eq!(binding(&state, "b"), "bound shop/wp");
+    // A waypoint in another namespace.
+    let other = [
+        namespace("infra", ""),
+        gateway(
+            "infra",
+            "shared",
+            "istio-waypoint",
+            "istio.io/waypoint-for: all",
+        ),
+        pod(
+            "infra",
+            "shared-0",
+            "n0",
+            "10.0.2.1",
+            "gateway.networking.k8s.io/gateway-name: shared",
+        ),
+    ];
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra",
+        "",
+        &other,
+    );
+    assert_eq!(binding(&state, "a"), "bound infra/shared");
+}
+
+#[test]
+fn a_waypoint_that_cannot_take_the_traffic_fails_closed() {
+    let state = cluster("", "istio.io/use-waypoint: nope", "", &[]);
+    assert_eq!(
+        binding(&state, "a"),
+        "unavailable: no waypoint Gateway shop/nope (class istio-waypoint)"
+    );
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "istio.io/waypoint-for: workload",
+        &[],
+    );
+    assert_eq!(
+        binding(&state, "a"),
+        "unavailable: waypoint shop/wp is for workload traffic (istio.io/waypoint-for)"
+    );
+    // Its pods not ready: fail closed, not bypass.
+    let text = docs(&[
+        gateway("shop", "wp", "istio-waypoint", ""),
+        pod(
+            "shop",
+            "wp-0",
+            "n0",
+            "10.0.1.1",
+            "gateway.networking.k8s.io/gateway-name: wp",
+        )
+        .replace(
+            "  phase: Running\n",
+            "  phase: Running\n  conditions: [{type: Ready, status: \"False\"}]\n",
+        ),
+        service("shop", "a", "10.96.0.1", "istio.io/use-waypoint: wp"),
+    ]);
+    let state = ClusterState::build(&parse(&text), &opts()).expect("builds");
+    assert_eq!(
+        binding(&state, "a"),
+        "unavailable: waypoint shop/wp has no ready pod"
+    );
+    let service = state
+        .service_by_hostname("a.shop.svc.cluster.local")
+        .expect("a");
+    assert!(matches!(
+        state.service_waypoint(service),
+        WaypointBinding::Unavailable(Unavailable::NotReady { .. })
+    ));
+    // A Gateway of another class is no waypoint.
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: ingress",
+        "",
+        &[gateway("shop", "ingress", "istio", "")],
+    );
+    assert!(binding(&state, "a").starts_with("unavailable: no waypoint Gateway shop/ingress"));
+}
+
+#[test]
+fn pods_bind_to_workload_waypoints_and_waypoint_pods_never_do() {
+    let state = cluster(
+        "istio.io/use-waypoint: wp",
+        "",
+        "istio.io/waypoint-for: all",
+        &[],
+    );
+    let a0 = state.workload_by_name("shop", "a-0").expect("a-0");
+    assert!(matches!(
+        state.workload_waypoint(a0),
+        WaypointBinding::Bound(_)
+    ));
+    let wp0 = state.workload_by_name("shop", "wp-0").expect("wp-0");
+    assert!(matches!(
+        state.workload_waypoint(wp0),
+        WaypointBinding::None
+    ));
+    // A service waypoint takes no pod-addressed traffic.
+    let state = cluster("istio.io/use-waypoint: wp", "", "", &[]);
+    let a0 = state.workload_by_name("shop", "a-0").expect("a-0");
+    assert!(matches!(
+        state.workload_waypoint(a0),
+        WaypointBinding::Unavailable(Unavailable::WrongTraffic {
+            traffic: WaypointFor::Service,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_bad_waypoint_for_label_is_refused_naming_the_gateway() {
+    let text = gateway(
+        "shop",
+        "wp",
+        "istio-waypoint",
+        "istio.io/waypoint-for: everything",
+    );
+    let err = ClusterState::build(&parse(&text), &opts())
+        .expect_err("bad label")
+        .to_string();
+    assert_eq!(
+        err,
+        "Gateway shop/wp: metadata.labels[istio.io/waypoint-for]: \"everything\" is not service, workload, all or none"
+    );
+}
