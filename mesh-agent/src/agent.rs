@@ -27,7 +27,7 @@ use crate::{
     pods::{checks::Host, DesiredPod, PodManager, ProxyParts},
     proxy::{
         tracker::{AuthzSubject, Tracker},
-        Resolve, Route,
+        Resolve, Route, WaypointRoute,
     },
     readiness::{BlockReady, Readiness},
     status::AgentStatus,
@@ -80,9 +80,9 @@ struct ClusterResolver {
 }
 
 impl Resolve for ClusterResolver {
-    fn route(&self, dst: SocketAddr) -> Route {
+    fn route(&self, src: Option<&Workload>, dst: SocketAddr) -> Route {
         let state = Arc::clone(&self.state.borrow());
-        match state.resolve(dst) {
+        match state.resolve_from(src, dst) {
             Resolution::Service {
                 service,
                 endpoint,
@@ -108,6 +108,20 @@ impl Resolve for ClusterResolver {
                 identity: None,
                 workload: None,
             },
+            Resolution::Waypoint {
+                service, pod, addr, ..
+            } => Route::Waypoint(WaypointRoute {
+                addr,
+                service,
+                identity: pod.identity.clone(),
+                workload: pod,
+            }),
+            Resolution::WaypointUnavailable { service, reason } => Route::Refuse(match service {
+                Some(service) => {
+                    format!("service {service} uses a waypoint that cannot take it: {reason}")
+                }
+                None => format!("{dst} uses a waypoint that cannot take it: {reason}"),
+            }),
         }
     }
 
@@ -533,31 +547,42 @@ fn certificate_manager(
     config: &AgentConfig,
     state: watch::Receiver<Arc<ClusterState>>,
 ) -> Result<Arc<CertManager>, AgentError> {
-    let t = &config.transport;
+    certificate_manager_for(
+        &config.transport,
+        &config.trust_domain,
+        &config.cluster_domain,
+        state,
+    )
+}
+
+/// The certificate manager for `transport`'s CA, in `trust_domain`; the CA's host is resolved
+/// through `state`'s services of `cluster_domain`, then DNS. Shared with `mesh-agent waypoint`.
+pub fn certificate_manager_for(
+    t: &crate::config::TransportConfig,
+    trust_domain: &str,
+    cluster_domain: &str,
+    state: watch::Receiver<Arc<ClusterState>>,
+) -> Result<Arc<CertManager>, AgentError> {
     let ca: Arc<dyn mesh_identity::CertificateAuthority> = if let Some(remote) = &t.remote_ca {
         let options = mesh_ca::IstioCaOptions::new(
             remote.address.clone(),
             remote.root_cert.clone(),
             remote.token_file.clone(),
-            config.trust_domain.clone(),
+            trust_domain.to_owned(),
         );
-        let resolver = crate::ca_resolver::ClusterCaResolver::new(state, &config.cluster_domain);
+        let resolver = crate::ca_resolver::ClusterCaResolver::new(state, cluster_domain);
         let client = mesh_ca::IstioCaClient::new(options, Arc::new(resolver))?;
         info!(
             ca = %remote.address,
             root_cert = %remote.root_cert.display(),
             token_file = %remote.token_file.display(),
-            trust_domain = %config.trust_domain,
+            trust_domain,
             "certificates come from a remote CA (Istio's certificate API)"
         );
         Arc::new(client)
     } else {
-        let ca = BuiltinCa::load_or_create(
-            &t.ca_dir,
-            &config.trust_domain,
-            BuiltinCaOptions::default(),
-        )?;
-        info!(ca_dir = %t.ca_dir.display(), trust_domain = %config.trust_domain, "certificates come from the built-in CA");
+        let ca = BuiltinCa::load_or_create(&t.ca_dir, trust_domain, BuiltinCaOptions::default())?;
+        info!(ca_dir = %t.ca_dir.display(), trust_domain, "certificates come from the built-in CA");
         Arc::new(ca)
     };
     Ok(Arc::new(CertManager::new(

@@ -32,3 +32,4 @@ pub mod readiness;
 pub mod stats;
 pub mod status;
 pub mod telemetry;
+pub mod waypoint_command;

@@ -149,6 +149,9 @@ enum Command {
     /// token reviews, node authorization, the root kept in a Secret, the trust bundle published
     /// in a config map.
     Ca(mesh_agent::ca_command::CaArgs),
+    /// Serve an L7 waypoint (HTTP routing by Gateway API `HTTPRoutes`) in a waypoint's pod,
+    /// under the waypoint's identity.
+    Waypoint(mesh_agent::waypoint_command::WaypointArgs),
     /// Print the per-cgroup counters and the sockmap fast-path totals from an agent's pinned
     /// maps.
     Stats {
@@ -300,8 +303,18 @@ fn main() -> anyhow::Result<()> {
                 .block_on(agent::run(config, log))?;
             Ok(())
         }
+        other => run_other(other),
+    }
+}
+
+/// The commands other than `run`.
+fn run_other(command: Command) -> anyhow::Result<()> {
+    match command {
+        // Handled by `main`.
+        Command::Run { .. } => unreachable!("`run` is handled by main"),
         Command::InstallCni(args) => install_cni(args),
         Command::Ca(args) => mesh_agent::ca_command::run(args),
+        Command::Waypoint(args) => mesh_agent::waypoint_command::run(args),
         Command::Stats {
             bpffs_dir,
             json,

@@ -180,6 +180,17 @@ impl fmt::Display for Service {
     }
 }
 
+impl Service {
+    /// The next endpoint of TCP port `port` with an address of `family`'s family, round-robin
+    /// (the port's cursor, shared with [`crate::ClusterState::resolve`]).
+    pub fn pick_endpoint(&self, port: u16, family: IpAddr) -> Option<(&Endpoint, SocketAddr)> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == Protocol::Tcp)?
+            .pick(family)
+    }
+}
+
 impl ServicePort {
     /// A port with its endpoints (in order); indexes them per address family.
     pub(crate) fn new(
@@ -246,4 +257,25 @@ pub enum Resolution {
     },
     /// Nothing the mesh knows: pass the connection through unchanged.
     Passthrough,
+    /// A destination bound to a waypoint (a Service's VIP, or a pod's address): the connection
+    /// goes over HBONE to one of the waypoint's pods, with the original destination as
+    /// `:authority`.
+    Waypoint {
+        /// The Service addressed, if a Service's VIP was.
+        service: Option<Arc<Service>>,
+        /// The waypoint.
+        waypoint: Arc<crate::waypoint::Waypoint>,
+        /// The waypoint's pod chosen, whose identity the tunnel requires.
+        pod: Arc<Workload>,
+        /// The pod's HBONE address (port 15008).
+        addr: SocketAddr,
+    },
+    /// A destination bound to a waypoint that cannot take the connection: refuse it (fail
+    /// closed, see [`crate::waypoint`]).
+    WaypointUnavailable {
+        /// The Service addressed, if a Service's VIP was.
+        service: Option<Arc<Service>>,
+        /// Why.
+        reason: crate::waypoint::Unavailable,
+    },
 }

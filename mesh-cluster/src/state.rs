@@ -394,6 +394,53 @@ impl ClusterState {
         self.waypoints.all()
     }
 
+    /// Where a TCP connection from `src` (a pod, when the caller knows it) to `dst` goes, waypoints
+    /// included: a Service VIP bound to a waypoint, or a pod address bound to one, goes to the
+    /// waypoint ([`Resolution::Waypoint`], or [`Resolution::WaypointUnavailable`] when it
+    /// cannot take it), unless `src` is one of that waypoint's own pods; anything else as
+    /// [`Self::resolve`].
+    pub fn resolve_from(&self, src: Option<&Workload>, dst: SocketAddr) -> Resolution {
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        let (service, binding) = match self.by_addr.get(&dst) {
+            Some((service, _)) => (Some(service), self.service_waypoint(service)),
+            None => match self.by_ip.get(&dst.ip()) {
+                Some(workload) => (None, self.workload_waypoint(workload)),
+                None => return Resolution::Passthrough,
+            },
+        };
+        match binding {
+            WaypointBinding::None => self.resolve(dst),
+            WaypointBinding::Bound(waypoint) => {
+                if src.is_some_and(|src| waypoint.has_pod(src)) {
+                    return self.resolve(dst);
+                }
+                match waypoint.pick(dst.ip()) {
+                    Some((pod, addr)) => Resolution::Waypoint {
+                        service: service.cloned(),
+                        waypoint: Arc::clone(waypoint),
+                        pod: Arc::clone(pod),
+                        addr,
+                    },
+                    None => Resolution::WaypointUnavailable {
+                        service: service.cloned(),
+                        reason: crate::waypoint::Unavailable::NotReady {
+                            waypoint: format!("{waypoint} (no pod of the destination's family)"),
+                        },
+                    },
+                }
+            }
+            WaypointBinding::Unavailable(reason) => {
+                if src.is_some_and(|src| self.waypoint_of_pod(src).is_some()) {
+                    return self.resolve(dst);
+                }
+                Resolution::WaypointUnavailable {
+                    service: service.cloned(),
+                    reason: reason.clone(),
+                }
+            }
+        }
+    }
+
     /// Where a TCP connection to `dst` goes. A service VIP and port resolves to one of its ready
     /// endpoints that has an address of `dst`'s family, chosen **round-robin**: each service port
     /// keeps an `AtomicUsize` cursor in this (shared) state, advanced by every resolution, so

@@ -24,6 +24,7 @@ pub mod probe;
 pub mod process;
 pub mod telemetry;
 pub mod testbed;
+pub mod waypoint;
 
 pub use agent::Agent;
 pub use process::Process;

@@ -127,13 +127,16 @@ impl Connect for HboneConnector {
 /// The client pool every outbound tunnel goes through.
 pub type HbonePool = Pool<HboneConnector>;
 
-/// Opens a tunnel for `down` (a captured connection from `pod`) to `conn`'s upstream, a meshed
-/// workload on another node with identity `dst`; returns the relay to run.
+/// Opens a tunnel for `down` (a captured connection from `pod`) to port 15008 of `conn`'s
+/// upstream, which must prove identity `dst` (a meshed workload on another node, or a waypoint's
+/// pod), asking for `authority` (the endpoint itself, or for a waypoint the original
+/// destination); returns the relay to run.
 pub(super) async fn outbound(
     down: TcpStream,
     pod: &Arc<LocalPod>,
     ctx: &ProxyCtx,
     dst: Identity,
+    authority: SocketAddr,
     mut conn: Conn,
 ) -> Option<Relay<TunnelOut>> {
     let info = &mut conn.info;
@@ -145,7 +148,7 @@ pub(super) async fn outbound(
         dst_addr: SocketAddr::new(info.upstream.ip(), HBONE_PORT),
     };
     info.security = Security::MutualTls { peer: dst };
-    let mut request = mesh_hbone::OutboundRequest::new(info.upstream)
+    let mut request = mesh_hbone::OutboundRequest::new(authority)
         .with_forwarded_for(info.src)
         .with_baggage(baggage(pod, info.service.as_deref()));
     if let Some(service) = info.service.as_deref() {

@@ -88,13 +88,29 @@ pub enum Route {
         /// connection then goes over HBONE, unless both pods are on this node.
         identity: Option<Identity>,
     },
+    /// Through a waypoint.
+    Waypoint(WaypointRoute),
     /// Refuse the connection, with the reason for the log.
     Refuse(String),
 }
 
+/// A connection through a waypoint: HBONE to the waypoint pod at `addr` (port 15008), which must
+/// prove `identity`, with the original destination as `:authority`.
+#[derive(Clone, Debug)]
+pub struct WaypointRoute {
+    pub addr: SocketAddr,
+    /// The service the destination was reached through.
+    pub service: Option<Arc<Service>>,
+    /// The waypoint's pod.
+    pub workload: Arc<Workload>,
+    /// The waypoint pod's identity.
+    pub identity: Identity,
+}
+
 /// Decides where a destination goes and what a pod accepts (the cluster view implements it).
 pub trait Resolve: Send + Sync + 'static {
-    fn route(&self, dst: SocketAddr) -> Route;
+    /// Where a connection from `src` (the source pod, when known) to `dst` goes.
+    fn route(&self, src: Option<&Workload>, dst: SocketAddr) -> Route;
     /// The workload that has address `ip`, if the cluster view knows one.
     fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>>;
     /// The workload `namespace/name`, if the cluster view knows it.

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::{
     authorize, dial_app, dial_from, hbone,
     relay::{relay, Conn, Relay},
-    LocalPod, ProxyCtx, Route,
+    LocalPod, ProxyCtx, Route, WaypointRoute,
 };
 use crate::telemetry::{ConnInfo, Direction, Refusal, Security};
 
@@ -38,45 +38,39 @@ pub(super) async fn handle(
         warn!(pod = %pod.name, %peer, "no original destination recorded for this connection; closing it");
         return None;
     };
-    // The client as the rest of the mesh sees it (policy, telemetry, the server's view): the
-    // pod's address. A socket the application bound to a wildcard or loopback address before
-    // connecting reaches the loopback listener from a loopback address, which every pod has;
-    // taken as the source, it would slip past rules on the pod's address.
-    let peer = if peer.ip().is_loopback() {
-        let Some(own) = pod.address_like(peer.ip()) else {
-            warn!(pod = %pod.name, %peer, "no pod address of the client's family; closing it");
-            return None;
+    let peer = client_addr(peer, dst, &pod)?;
+    let src_workload = source_workload(&ctx, &pod, peer);
+    let (upstream, service, workload, identity) =
+        match ctx.resolver.route(src_workload.as_deref(), dst) {
+            Route::To {
+                addr,
+                service,
+                workload,
+                identity,
+            } => (addr, service, workload, identity),
+            Route::Waypoint(via) => {
+                to_waypoint(
+                    down,
+                    &app,
+                    &pod,
+                    &ctx,
+                    via,
+                    (peer, dst, src_workload),
+                    started,
+                )
+                .await;
+                return None;
+            }
+            Route::Refuse(reason) => {
+                warn!(pod = %pod.name, src = %peer, %dst, reason, "connection refused");
+                return None;
+            }
         };
-        SocketAddr::new(own, peer.port())
-    } else {
-        peer
-    };
-    if dst.ip() == peer.ip() && [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
-        warn!(pod = %pod.name, src = %peer, %dst, "connection to the agent's own port; closing it");
-        return None;
-    }
-    let (upstream, service, workload, identity) = match ctx.resolver.route(dst) {
-        Route::To {
-            addr,
-            service,
-            workload,
-            identity,
-        } => (addr, service, workload, identity),
-        Route::Refuse(reason) => {
-            warn!(pod = %pod.name, src = %peer, %dst, reason, "connection refused");
-            return None;
-        }
-    };
     let local = ctx.local.borrow().get(&upstream.ip()).cloned();
     let mut info = ConnInfo::new(Direction::Outbound, &pod, peer, dst, upstream);
     info.service = service;
     info.dst_workload = workload;
-    // The source is this pod; a pod's first connections may come before its address reached
-    // the API (it is captured from the runtime's hand-over), so by name when not by address.
-    info.src_workload = ctx.resolver.workload(peer.ip()).or_else(|| {
-        let (namespace, name) = pod.name.split_once('/')?;
-        ctx.resolver.workload_named(namespace, name)
-    });
+    info.src_workload = src_workload;
     let conn = |info, tracked| Conn {
         info,
         started,
@@ -114,7 +108,8 @@ pub(super) async fn handle(
         // A meshed workload on another node: HBONE.
         (None, Some(identity)) => {
             leave_shortcut(&app, &pod, &ctx);
-            let tunnel = hbone::outbound(down, &pod, &ctx, identity, conn(info, None)).await?;
+            let tunnel =
+                hbone::outbound(down, &pod, &ctx, identity, upstream, conn(info, None)).await?;
             // The tunnel's relay goes on in a task of its own size (see `TunnelOut`); this
             // one, sized for a relay between two sockets, ends here.
             tokio::spawn(tracing::Instrument::in_current_span(tunnel));
@@ -133,6 +128,70 @@ pub(super) async fn handle(
                 }
             }
         }
+    }
+}
+
+/// The client as the rest of the mesh sees it (policy, telemetry, the server's view): the pod's
+/// address. A socket the application bound to a wildcard or loopback address before connecting
+/// reaches the loopback listener from a loopback address, which every pod has; taken as the
+/// source, it would slip past rules on the pod's address. `None` (close it) for a connection to
+/// the agent's own ports.
+fn client_addr(peer: SocketAddr, dst: SocketAddr, pod: &LocalPod) -> Option<SocketAddr> {
+    let peer = if peer.ip().is_loopback() {
+        let Some(own) = pod.address_like(peer.ip()) else {
+            warn!(pod = %pod.name, %peer, "no pod address of the client's family; closing it");
+            return None;
+        };
+        SocketAddr::new(own, peer.port())
+    } else {
+        peer
+    };
+    if dst.ip() == peer.ip() && [OUTBOUND_PORT, INBOUND_PORT].contains(&dst.port()) {
+        warn!(pod = %pod.name, src = %peer, %dst, "connection to the agent's own port; closing it");
+        return None;
+    }
+    Some(peer)
+}
+
+/// The source workload: this pod. A pod's first connections may come before its address reached
+/// the API (it is captured from the runtime's hand-over), so by name when not by address.
+fn source_workload(
+    ctx: &ProxyCtx,
+    pod: &LocalPod,
+    peer: SocketAddr,
+) -> Option<Arc<mesh_cluster::Workload>> {
+    ctx.resolver.workload(peer.ip()).or_else(|| {
+        let (namespace, name) = pod.name.split_once('/')?;
+        ctx.resolver.workload_named(namespace, name)
+    })
+}
+
+/// A connection for a destination bound to a waypoint: always HBONE to the waypoint's pod
+/// (`info.upstream`), also on this node (the waypoint speaks nothing else), with the original
+/// destination as `:authority`. The tunnel's relay runs in a task of its own.
+async fn to_waypoint(
+    down: TcpStream,
+    app: &NsSockKey,
+    pod: &Arc<LocalPod>,
+    ctx: &Arc<ProxyCtx>,
+    via: WaypointRoute,
+    (src, dst, src_workload): (SocketAddr, SocketAddr, Option<Arc<mesh_cluster::Workload>>),
+    started: Instant,
+) {
+    leave_shortcut(app, pod, ctx);
+    let mut info = ConnInfo::new(Direction::Outbound, pod, src, dst, via.addr);
+    info.service = via.service;
+    info.dst_workload = Some(via.workload);
+    info.src_workload = src_workload;
+    let identity = via.identity;
+    let conn = Conn {
+        info,
+        started,
+        telemetry: Arc::clone(&ctx.telemetry),
+        tracked: None,
+    };
+    if let Some(tunnel) = hbone::outbound(down, pod, ctx, identity, dst, conn).await {
+        tokio::spawn(tracing::Instrument::in_current_span(tunnel));
     }
 }
 

@@ -238,3 +238,48 @@ fn a_bad_waypoint_for_label_is_refused_naming_the_gateway() {
         "Gateway shop/wp: metadata.labels[istio.io/waypoint-for]: \"everything\" is not service, workload, all or none"
     );
 }
+
+#[test]
+fn connections_to_a_bound_service_go_to_the_waypoint_except_the_waypoints_own() {
+    use crate::{tests::addr, Resolution};
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[]);
+    let client = state.workload_by_name("shop", "a-0").expect("a-0");
+    match state.resolve_from(Some(client), addr("10.96.0.1:80")) {
+        Resolution::Waypoint {
+            service,
+            waypoint,
+            pod,
+            addr,
+        } => {
+            assert_eq!(service.map(|s| s.name.clone()).as_deref(), Some("a"));
+            assert_eq!(waypoint.to_string(), "shop/wp");
+            assert_eq!(addr.port(), 15008);
+            assert!(pod.name.starts_with("wp-"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The waypoint's own connection to the Service goes to an endpoint.
+    let wp = state.workload_by_name("shop", "wp-0").expect("wp-0");
+    assert!(matches!(
+        state.resolve_from(Some(wp), addr("10.96.0.1:80")),
+        Resolution::Service { .. }
+    ));
+    // An unbound Service and an unknown address are as before.
+    assert!(matches!(
+        state.resolve_from(Some(client), addr("10.96.0.2:80")),
+        Resolution::NoEndpoint { .. }
+    ));
+    assert!(matches!(
+        state.resolve_from(None, addr("192.0.2.1:80")),
+        Resolution::Passthrough
+    ));
+    // A bound Service whose waypoint is gone: refused, not sent past it.
+    let state = cluster("", "istio.io/use-waypoint: gone", "", &[]);
+    assert!(matches!(
+        state.resolve_from(None, addr("10.96.0.1:80")),
+        Resolution::WaypointUnavailable {
+            service: Some(_),
+            ..
+        }
+    ));
+}

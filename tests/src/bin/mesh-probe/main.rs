@@ -50,12 +50,17 @@
 //!   for the peer to close: `closed_after_ms=<t> how=eof|reset|write:<error> received=<n>` or
 //!   `still_open received=<n>`.
 //!
+//! HTTP server (the workload behind the waypoint): `http-echo <addr> --name N [--fail-first K]`,
+//! HTTP/1.1 and h2c; one line of JSON per request naming the backend, method, path, host,
+//! protocol and headers (see `http_echo`).
+//!
 //! HTTP client (for the agent's admin, metrics and readiness servers):
 //! - `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close` (5 s
 //!   timeouts); prints the status code on the first line and the body after it. Exits 0 for any
 //!   response (the caller checks the code), 1 when it cannot connect or read a response.
 #![forbid(unsafe_code)]
 
+mod http_echo;
 mod loop_pair;
 mod repeat;
 
@@ -118,6 +123,7 @@ const USAGE: &str = "usage: mesh-probe <command>
       [--trust-dir T] [--expired]
   hbone-serve <addr> --ca-dir D --identity ID
   parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
+  http-echo <addr> --name N [--fail-first K]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
@@ -230,6 +236,19 @@ fn main() -> ExitCode {
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
         ["http", method, addr, path] => http(method, addr, path),
+        ["http-echo", addr, rest @ ..] => flags(rest, &["--name", "--fail-first"])
+            .and_then(|f| {
+                Ok(http_echo::Options {
+                    name: f
+                        .iter()
+                        .find(|(n, _)| *n == "--name")
+                        .map(|(_, v)| (*v).to_owned())
+                        .ok_or("--name is required")?,
+                    fail_first: flag::<u64>(&f, "--fail-first")?.unwrap_or(0),
+                })
+            })
+            .map_err(usage)
+            .and_then(|o| http_echo::run(addr, o)),
         _ => Err(USAGE.into()),
     };
     match result {

@@ -1,0 +1,145 @@
+//! `mesh-agent waypoint`: the L7 waypoint ([`mesh_waypoint`]) in a waypoint's pod, under the
+//! waypoint's own identity, reading the cluster from a directory of YAML files (the netns
+//! testbed's source; the Kubernetes source comes with the waypoint controller).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use mesh_cluster::{EnrollmentOptions, FileLimits};
+use mesh_identity::Identity;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use crate::config::{RemoteCa, TransportConfig};
+
+/// How often the config directory is checked for changes.
+const POLL: Duration = Duration::from_millis(250);
+
+/// The flags of `mesh-agent waypoint`.
+#[derive(Debug, clap::Args)]
+pub struct WaypointArgs {
+    /// Namespace of the waypoint `Gateway` (and of this pod).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// Name of the waypoint `Gateway` (class `istio-waypoint`).
+    #[arg(long, env = "WAYPOINT_NAME")]
+    name: String,
+    /// Service account of the waypoint's pods, whose identity the waypoint takes [default: the
+    /// Gateway's name, as istiod names a waypoint's service account].
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// Directory of Kubernetes-style YAML (Services, Pods, Gateways, `HTTPRoutes`), watched for
+    /// changes.
+    #[arg(long, env = "MESH_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Largest config file read, in bytes.
+    #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_FILE_BYTES)]
+    config_max_file_bytes: u64,
+    /// Deepest nesting in a config file.
+    #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_DEPTH)]
+    config_max_depth: usize,
+    /// Where HBONE is served.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = mesh_cluster::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = mesh_cluster::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// Directory of the built-in certificate authority (shared with the node agents).
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-agent/ca")]
+    ca_dir: PathBuf,
+    /// A remote CA speaking Istio's certificate API, `https://<host>:<port>`.
+    #[arg(long, env = "MESH_CA_ADDRESS", requires = "ca_root_cert")]
+    ca_address: Option<String>,
+    /// With `--ca-address`: PEM file of the mesh's root certificates.
+    #[arg(long, env = "MESH_CA_ROOT_CERT", requires = "ca_address")]
+    ca_root_cert: Option<PathBuf>,
+    /// With `--ca-address`: the service account token sent to the CA.
+    #[arg(long, env = "MESH_CA_TOKEN_FILE", default_value = crate::config::DEFAULT_CA_TOKEN_FILE)]
+    ca_token_file: PathBuf,
+    /// rustls crypto provider: aws-lc-rs or ring.
+    #[arg(long, env = "MESH_CRYPTO_PROVIDER", default_value = "aws-lc-rs")]
+    crypto_provider: mesh_identity::CryptoProvider,
+    /// Lifetime of the waypoint's certificate, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    cert_lifetime_secs: u64,
+    /// Threads of the async runtime [default: as the agent's, 1 below 4 CPUs, else 2].
+    #[arg(long, env = "MESH_WORKER_THREADS")]
+    worker_threads: Option<usize>,
+}
+
+/// Validates the flags, then serves until SIGTERM or SIGINT.
+pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
+    let service_account = args.service_account.as_deref().unwrap_or(&args.name);
+    let identity = Identity::new(&args.trust_domain, &args.namespace, service_account)
+        .context("invalid configuration: the waypoint's identity")?;
+    let mut options = EnrollmentOptions::new("");
+    options.trust_domain.clone_from(&args.trust_domain);
+    options.cluster_domain.clone_from(&args.cluster_domain);
+    options.validate().context("invalid configuration")?;
+    let transport = TransportConfig {
+        ca_dir: args.ca_dir,
+        remote_ca: args.ca_address.map(|address| RemoteCa {
+            address,
+            root_cert: args.ca_root_cert.unwrap_or_default(),
+            token_file: args.ca_token_file,
+        }),
+        crypto_provider: args.crypto_provider,
+        cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
+        max_streams_per_connection: mesh_hbone::DEFAULT_MAX_STREAMS,
+        pool_idle_timeout: Duration::from_secs(300),
+        stream_idle_timeout: None,
+    };
+    let config = mesh_waypoint::WaypointConfig {
+        namespace: args.namespace,
+        name: args.name,
+        identity: identity.clone(),
+        listen: args.listen,
+        provider: args.crypto_provider,
+    };
+    let limits = FileLimits {
+        max_file_bytes: args.config_max_file_bytes,
+        max_depth: args.config_max_depth,
+    };
+    info!(
+        waypoint = %format_args!("{}/{}", config.namespace, config.name),
+        %identity,
+        config_dir = %args.config_dir.display(),
+        listen = %config.listen,
+        crypto_provider = config.provider.name(),
+        "waypoint configuration"
+    );
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(crate::config::default_worker_threads);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?
+        .block_on(async move {
+            let (state, _source) =
+                mesh_cluster::ConfigDir::with_limits(&args.config_dir, options, limits)?
+                    .into_watcher(POLL)?;
+            let certs = crate::agent::certificate_manager_for(
+                &transport,
+                &args.trust_domain,
+                &args.cluster_domain,
+                state.clone(),
+            )?;
+            certs.set_wanted([identity]);
+            let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+            let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            };
+            mesh_waypoint::serve(config, state, certs, shutdown).await?;
+            info!("waypoint stopped");
+            anyhow::Ok(())
+        })
+}

@@ -1,0 +1,77 @@
+//! The mesh's L7 waypoint: one per waypoint `Gateway` (class `istio-waypoint`), running in the
+//! waypoint's own pods under the waypoint's own identity, as Istio ambient's waypoints do.
+//!
+//! # Path
+//!
+//! 1. A source agent sends a connection for a Service bound to this waypoint (see
+//!    [`mesh_cluster::waypoint`]) over HBONE to a waypoint pod's port 15008, with `:authority`
+//!    the Service's `VIP:port` and the source workload's certificate.
+//! 2. The waypoint ([`listener`]) terminates TLS (mutual, its own certificate, any client of the
+//!    trust domain) and HBONE, checks that the authority is a Service (or pod) bound to it, and
+//!    serves HTTP on the tunnel: HTTP/1.1 or HTTP/2 (h2c, gRPC), told apart by the HTTP/2
+//!    preface.
+//! 3. Each request ([`request`]) is routed by the newest cluster view
+//!    ([`mesh_cluster::ClusterState::route_http`]): the `HTTPRoute` rule that matches, with its
+//!    filters (header modifiers, redirect, URL rewrite, mirror), its weighted backends, its
+//!    timeouts and retries; a 404 when routes attach and none matches; the Service itself when
+//!    no route attaches.
+//! 4. The request goes to an endpoint of the chosen backend ([`upstream`]): over HBONE to the
+//!    endpoint's agent (`endpoint_ip:15008`, `:authority` = `endpoint_ip:targetPort`, the
+//!    waypoint's certificate, the endpoint's identity required), one CONNECT stream per request
+//!    on pooled HTTP/2 connections; in plain TCP to an endpoint outside the mesh.
+//!
+//! The destination agent sees the waypoint's identity (waypoints do not impersonate). Answers
+//! the waypoint makes itself: 404 (no rule matches), 500 (a rule without usable backend, an
+//! invalid backend's share), 503 (no endpoint, or the endpoint cannot be reached), 504 (a
+//! timeout), and the redirects a rule asks for.
+
+mod filters;
+mod listener;
+mod request;
+mod upstream;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_cluster::ClusterState;
+use mesh_identity::{CryptoProvider, Identity};
+use tokio::sync::watch;
+
+pub use listener::serve;
+
+/// What a waypoint process is.
+#[derive(Clone, Debug)]
+pub struct WaypointConfig {
+    /// Namespace of the waypoint `Gateway` (and of its pods).
+    pub namespace: String,
+    /// Name of the waypoint `Gateway`.
+    pub name: String,
+    /// The waypoint's own identity: its pods' service account.
+    pub identity: Identity,
+    /// Where HBONE is served: port 15008 of the pod's addresses.
+    pub listen: SocketAddr,
+    /// TLS crypto provider.
+    pub provider: CryptoProvider,
+}
+
+/// Why the waypoint stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration for {identity}: {source}")]
+    Tls {
+        identity: Identity,
+        source: mesh_identity::TlsError,
+    },
+}
+
+/// What every request of the waypoint shares.
+pub(crate) struct Ctx {
+    pub(crate) config: WaypointConfig,
+    pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+    pub(crate) upstream: Arc<upstream::Upstream>,
+    pub(crate) hbone: mesh_hbone::ServerConfig,
+}

@@ -1,0 +1,163 @@
+//! Port 15008 of the waypoint's pod: TLS as the waypoint (any client of the trust domain, whose
+//! identity its certificate gives), HBONE, and HTTP on each tunnel.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use mesh_cluster::ClusterState;
+use mesh_hbone::{InboundRequest, Responder};
+use mesh_identity::{CertManager, Identity};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{
+    request::{handle, Source, Target},
+    upstream::Upstream,
+    Ctx, WaypointConfig, WaypointError,
+};
+
+/// How long a peer may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HBONE on `config.listen` until `shutdown` completes, routing by the newest view of
+/// `state`, with certificates from `certs` (which must want `config.identity`).
+pub async fn serve(
+    config: WaypointConfig,
+    state: watch::Receiver<Arc<ClusterState>>,
+    certs: Arc<CertManager>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WaypointError> {
+    let tls =
+        mesh_identity::server_config(config.provider, certs.subscribe(), config.identity.clone())
+            .map_err(|source| WaypointError::Tls {
+            identity: config.identity.clone(),
+            source,
+        })?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| WaypointError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    info!(
+        waypoint = %format_args!("{}/{}", config.namespace, config.name),
+        identity = %config.identity,
+        listen = %config.listen,
+        "waypoint serving HBONE"
+    );
+    let upstream = Arc::new(Upstream::new(
+        certs,
+        config.provider,
+        config.identity.clone(),
+    ));
+    let ctx = Arc::new(Ctx {
+        config,
+        state,
+        upstream,
+        hbone: mesh_hbone::ServerConfig::default(),
+    });
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let span = tracing::debug_span!("hbone", %peer);
+                    let task = connection(tcp, peer, acceptor.clone(), Arc::clone(&ctx));
+                    tokio::spawn(task.instrument(span));
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: wait instead of spinning.
+                    warn!(error = %e, "accept on the HBONE port failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// One HBONE connection: TLS, then a task per CONNECT stream.
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<Ctx>,
+) {
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(error = %e, "TLS handshake on the HBONE port failed");
+            return;
+        }
+        Err(_) => {
+            warn!("TLS handshake on the HBONE port timed out");
+            return;
+        }
+    };
+    let Some(src) = mesh_identity::peer_identity(tls.get_ref().1) else {
+        warn!("HBONE peer without a SPIFFE identity; closing");
+        return;
+    };
+    debug!(%src, "HBONE connection established");
+    let handler = {
+        let ctx = Arc::clone(&ctx);
+        move |request: InboundRequest, responder: Responder| {
+            tunnel(request, responder, peer, src.clone(), Arc::clone(&ctx)).in_current_span()
+        }
+    };
+    if let Err(e) = mesh_hbone::serve_connection(tls, &ctx.hbone, handler).await {
+        debug!(error = %e, "HBONE connection ended");
+    }
+}
+
+/// One CONNECT stream: checks that its authority is for this waypoint, answers 200 and serves
+/// HTTP/1.1 or HTTP/2 on it; 400 for an authority that is not.
+async fn tunnel(
+    request: InboundRequest,
+    responder: Responder,
+    peer: SocketAddr,
+    src: Identity,
+    ctx: Arc<Ctx>,
+) {
+    let target = {
+        let state = ctx.state.borrow();
+        let ours = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
+        Target::of(&state, ours, request.authority)
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(why) => {
+            warn!(%src, authority = %request.authority, %why, "HBONE request refused");
+            let _ = responder.reject(http::StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    // The client's address as its agent gives it (authenticated as the source's identity).
+    let source = Source {
+        identity: src,
+        addr: request.forwarded_for.unwrap_or(peer),
+    };
+    let stream = match responder.accept() {
+        Ok(stream) => stream,
+        Err(e) => {
+            debug!(error = %e, "could not answer the HBONE request");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |request| {
+        handle(request, Arc::clone(&ctx), target.clone(), source.clone())
+    });
+    let served = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "HTTP on the tunnel ended");
+    }
+}

@@ -1,0 +1,565 @@
+//! One HTTP request at the waypoint: routed by the newest cluster view, filtered, sent to an
+//! endpoint of the chosen backend (with the rule's timeouts and retries), answered.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use mesh_cluster::{
+    http_route::{Backend, RequestFacts, ResolvedRule},
+    k8s::{Filter, HeaderModifier, RouteMatch},
+    ClusterState, RouteDecision, Service,
+};
+use mesh_identity::Identity;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::{
+    filters::{modify_headers, redirect_location, replace_path},
+    upstream::UpstreamError,
+    Ctx,
+};
+
+/// Bodies both ways: the peer's, streamed, or one the waypoint holds.
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request body kept so that the request can be retried or mirrored; a larger one is
+/// sent once, to the chosen backend only.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Retries when a rule's `retry` gives no `attempts` (Istio's default for its waypoints).
+const DEFAULT_RETRIES: u32 = 2;
+
+/// What a tunnel to the waypoint was opened for.
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    /// A Service bound to this waypoint, by hostname (looked up again in each request's view),
+    /// and its port.
+    Service { hostname: String, port: u16 },
+    /// A pod bound to this waypoint, at its address and port.
+    Workload { addr: SocketAddr },
+}
+
+/// Why a tunnel is not for this waypoint.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotOurs {
+    #[error("{0} is neither a Service port nor a pod the cluster view knows")]
+    Unknown(SocketAddr),
+    #[error("{target} does not use waypoint {waypoint}")]
+    OtherWaypoint { target: String, waypoint: String },
+}
+
+impl Target {
+    /// What `authority` is for this waypoint (`namespace/name`).
+    pub(crate) fn of(
+        state: &ClusterState,
+        (namespace, name): (&str, &str),
+        authority: SocketAddr,
+    ) -> Result<Self, NotOurs> {
+        let ours = |binding: &mesh_cluster::WaypointBinding| match binding {
+            mesh_cluster::WaypointBinding::Bound(w) => w.namespace == namespace && w.name == name,
+            _ => false,
+        };
+        let other = |target: String| NotOurs::OtherWaypoint {
+            target,
+            waypoint: format!("{namespace}/{name}"),
+        };
+        if let Some((service, port)) = state.service_by_addr(authority) {
+            if !ours(state.service_waypoint(service)) {
+                return Err(other(format!("Service {service}")));
+            }
+            return Ok(Target::Service {
+                hostname: service.hostname.clone(),
+                port: port.port,
+            });
+        }
+        if let Some(workload) = state.workload_by_ip(authority.ip()) {
+            if !ours(state.workload_waypoint(workload)) {
+                return Err(other(format!("Pod {workload}")));
+            }
+            return Ok(Target::Workload { addr: authority });
+        }
+        Err(NotOurs::Unknown(authority))
+    }
+}
+
+/// Who sent the request.
+#[derive(Clone, Debug)]
+pub(crate) struct Source {
+    /// Its identity (from its certificate).
+    pub(crate) identity: Identity,
+    /// Its address, as its agent gave it.
+    pub(crate) addr: SocketAddr,
+}
+
+/// Serves one request.
+pub(crate) async fn handle(
+    request: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    target: Target,
+    source: Source,
+) -> Result<Response<Body>, Infallible> {
+    let span = info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        src = %source.identity,
+    );
+    let started = Instant::now();
+    let response = route(request.map(BodyExt::boxed), &ctx, &target, &source)
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        debug!(
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_millis(),
+            "request done"
+        );
+    });
+    Ok(response)
+}
+
+async fn route(
+    mut request: Request<Body>,
+    ctx: &Ctx,
+    target: &Target,
+    source: &Source,
+) -> Response<Body> {
+    let state = Arc::clone(&ctx.state.borrow());
+    append_forwarded_for(request.headers_mut(), source.addr.ip());
+    strip_hop_by_hop(request.headers_mut());
+    let (hostname, port) = match target {
+        Target::Workload { addr } => {
+            let Some(workload) = state.workload_by_ip(addr.ip()) else {
+                return local(StatusCode::SERVICE_UNAVAILABLE, "the pod is gone");
+            };
+            let endpoint = mesh_cluster::Endpoint {
+                addr: *addr,
+                workload: Some(Arc::clone(workload)),
+            };
+            let host = workload.to_string();
+            return match ctx
+                .upstream
+                .send(&endpoint, *addr, &host, source.addr, request)
+                .await
+            {
+                Ok(response) => response.map(BodyExt::boxed),
+                Err(e) => upstream_failed(&e),
+            };
+        }
+        Target::Service { hostname, port } => (hostname, *port),
+    };
+    let Some(service) = state.service_by_hostname(hostname) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "the Service is gone");
+    };
+    let facts = RequestFacts {
+        method: request.method(),
+        path: request.uri().path(),
+        query: request.uri().query(),
+        headers: request.headers(),
+    };
+    match state.route_http(service, port, source.identity.namespace(), &facts) {
+        RouteDecision::Default => {
+            let backend = Backend::Service {
+                service: Arc::clone(service),
+                port,
+            };
+            send(ctx, &backend, request, Plan::default(), source).await
+        }
+        RouteDecision::NoMatch => local(StatusCode::NOT_FOUND, "no route matches"),
+        RouteDecision::Matched { rule, matched, .. } => {
+            matched_rule(ctx, rule, matched, request, port, source).await
+        }
+    }
+}
+
+/// What a matched rule adds to sending a request.
+#[derive(Default)]
+struct Plan<'a> {
+    response_headers: Vec<&'a HeaderModifier>,
+    request_timeout: Option<Duration>,
+    attempt_timeout: Option<Duration>,
+    retry: Option<&'a mesh_cluster::k8s::Retry>,
+    mirrors: Vec<(&'a Backend, u32, u32)>,
+}
+
+async fn matched_rule(
+    ctx: &Ctx,
+    rule: &ResolvedRule,
+    matched: &RouteMatch,
+    mut request: Request<Body>,
+    port: u16,
+    source: &Source,
+) -> Response<Body> {
+    let mut plan = Plan {
+        request_timeout: rule.timeouts.request,
+        attempt_timeout: rule.timeouts.backend_request,
+        retry: rule.retry.as_ref(),
+        ..Plan::default()
+    };
+    let mut mirrors = rule.mirrors.iter();
+    for filter in &rule.filters {
+        match filter {
+            Filter::RequestHeaderModifier(m) => modify_headers(request.headers_mut(), m),
+            Filter::ResponseHeaderModifier(m) => plan.response_headers.push(m),
+            Filter::RequestRedirect(redirect) => {
+                let (status, location) =
+                    redirect_location(redirect, request.uri(), request.headers(), matched, port);
+                return redirect_response(status, &location);
+            }
+            Filter::UrlRewrite(rewrite) => rewrite_request(&mut request, rewrite, matched),
+            Filter::RequestMirror(mirror) => {
+                if let Some(backend) = mirrors.next() {
+                    plan.mirrors
+                        .push((backend, mirror.numerator, mirror.denominator));
+                }
+            }
+        }
+    }
+    let Some(chosen) = rule.pick_backend(fastrand::u64(..)) else {
+        return local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the rule has no backend with a weight",
+        );
+    };
+    for filter in &chosen.filters {
+        match filter {
+            Filter::RequestHeaderModifier(m) => modify_headers(request.headers_mut(), m),
+            Filter::ResponseHeaderModifier(m) => plan.response_headers.push(m),
+            // Parsing refuses redirects, rewrites and mirrors on a backend.
+            Filter::RequestRedirect(_) | Filter::UrlRewrite(_) | Filter::RequestMirror(_) => {}
+        }
+    }
+    send(ctx, &chosen.backend, request, plan, source).await
+}
+
+fn rewrite_request(
+    request: &mut Request<Body>,
+    rewrite: &mesh_cluster::k8s::Rewrite,
+    matched: &RouteMatch,
+) {
+    if let Some(path) = &rewrite.path {
+        let new_path = replace_path(request.uri().path(), path, matched);
+        let query = request
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let mut parts = request.uri().clone().into_parts();
+        match format!("{new_path}{query}").parse() {
+            Ok(pq) => {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *request.uri_mut() = uri;
+                }
+            }
+            Err(e) => {
+                warn!(path = new_path, error = %e, "rewritten path is not a valid URI path; kept the request's");
+            }
+        }
+    }
+    if let Some(host) = &rewrite.hostname {
+        if let Ok(value) = HeaderValue::from_str(host) {
+            request.headers_mut().insert(header::HOST, value);
+        }
+        if request.uri().authority().is_some() {
+            let mut parts = request.uri().clone().into_parts();
+            if let Ok(authority) = host.parse() {
+                parts.authority = Some(authority);
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *request.uri_mut() = uri;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `request` to `backend` as `plan` says: mirrors, retries, timeouts, response headers.
+async fn send(
+    ctx: &Ctx,
+    backend: &Backend,
+    request: Request<Body>,
+    plan: Plan<'_>,
+    source: &Source,
+) -> Response<Body> {
+    let (service, port) = match backend {
+        Backend::Service { service, port } => (service, *port),
+        Backend::Invalid(problem) => {
+            debug!(%problem, "the backend does not resolve");
+            return local(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the backend does not resolve",
+            );
+        }
+    };
+    let replay = replayable(request, &plan).await;
+    for (mirror, numerator, denominator) in &plan.mirrors {
+        if let (Some(copy), Backend::Service { service, port }) = (replay.copy(), mirror) {
+            if fastrand::u32(..*denominator) < *numerator {
+                spawn_mirror(ctx, Arc::clone(service), *port, copy, source.addr);
+            }
+        }
+    }
+    let attempts = async {
+        let mut replay = replay;
+        let retries = plan
+            .retry
+            .map_or(0, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
+        let mut attempt = 0;
+        loop {
+            let Some(request) = replay.take() else {
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the request cannot be sent again",
+                );
+            };
+            let result =
+                one_attempt(ctx, service, port, request, plan.attempt_timeout, source).await;
+            let retry_this = match &result {
+                Ok(response) => plan
+                    .retry
+                    .is_some_and(|r| r.codes.contains(&response.status().as_u16())),
+                Err(Failure::NoEndpoint) => false,
+                Err(Failure::Upstream(UpstreamError::Connect { .. })) => true,
+                Err(Failure::Upstream(UpstreamError::Http { .. }) | Failure::Timeout) => {
+                    plan.retry.is_some()
+                }
+            };
+            if !retry_this || attempt >= retries || !replay.can_replay() {
+                return match result {
+                    Ok(response) => response,
+                    Err(failure) => failure.response(),
+                };
+            }
+            attempt += 1;
+            debug!(attempt, "retrying");
+            if let Some(backoff) = plan.retry.and_then(|r| r.backoff) {
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    };
+    let mut response = match plan.request_timeout {
+        Some(limit) => tokio::time::timeout(limit, attempts)
+            .await
+            .unwrap_or_else(|_| local(StatusCode::GATEWAY_TIMEOUT, "request timeout")),
+        None => attempts.await,
+    };
+    strip_hop_by_hop(response.headers_mut());
+    for modifier in &plan.response_headers {
+        modify_headers(response.headers_mut(), modifier);
+    }
+    response
+}
+
+/// Why an attempt got no response.
+enum Failure {
+    NoEndpoint,
+    Upstream(UpstreamError),
+    Timeout,
+}
+
+impl Failure {
+    fn response(&self) -> Response<Body> {
+        match self {
+            Failure::NoEndpoint => local(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint"),
+            Failure::Upstream(e) => upstream_failed(e),
+            Failure::Timeout => local(StatusCode::GATEWAY_TIMEOUT, "backend request timeout"),
+        }
+    }
+}
+
+async fn one_attempt(
+    ctx: &Ctx,
+    service: &Arc<Service>,
+    port: u16,
+    request: Request<Body>,
+    timeout: Option<Duration>,
+    source: &Source,
+) -> Result<Response<Body>, Failure> {
+    let picked = service
+        .pick_endpoint(port, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .or_else(|| service.pick_endpoint(port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)));
+    let Some((endpoint, addr)) = picked else {
+        return Err(Failure::NoEndpoint);
+    };
+    let sent = ctx
+        .upstream
+        .send(endpoint, addr, &service.hostname, source.addr, request);
+    let result = match timeout {
+        Some(limit) => tokio::time::timeout(limit, sent)
+            .await
+            .map_err(|_| Failure::Timeout)?,
+        None => sent.await,
+    };
+    result
+        .map(|response| response.map(BodyExt::boxed))
+        .map_err(Failure::Upstream)
+}
+
+/// A request that may be sent more than once: its body kept when small enough.
+enum Replay {
+    /// The body is held: any number of copies.
+    Held(http::request::Parts, Bytes),
+    /// Streamed: one send.
+    Once(Option<Request<Body>>),
+}
+
+impl Replay {
+    fn take(&mut self) -> Option<Request<Body>> {
+        match self {
+            Replay::Held(..) => self.copy(),
+            Replay::Once(request) => request.take(),
+        }
+    }
+
+    fn copy(&self) -> Option<Request<Body>> {
+        match self {
+            Replay::Held(parts, body) => {
+                Some(Request::from_parts(parts.clone(), full(body.clone())))
+            }
+            Replay::Once(_) => None,
+        }
+    }
+
+    fn can_replay(&self) -> bool {
+        matches!(self, Replay::Held(..))
+    }
+}
+
+/// Keeps the body when a retry or a mirror may need it and it is small enough.
+async fn replayable(request: Request<Body>, plan: &Plan<'_>) -> Replay {
+    let wanted = plan.retry.is_some() || !plan.mirrors.is_empty() || request.body().is_end_stream();
+    let small = request
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|upper| upper <= REPLAY_LIMIT);
+    if !wanted || !small {
+        return Replay::Once(Some(request));
+    }
+    let (parts, body) = request.into_parts();
+    match body.collect().await {
+        Ok(collected) => Replay::Held(parts, collected.to_bytes()),
+        Err(e) => {
+            debug!(error = %e, "the request body could not be read");
+            Replay::Once(None)
+        }
+    }
+}
+
+fn spawn_mirror(
+    ctx: &Ctx,
+    service: Arc<Service>,
+    port: u16,
+    request: Request<Body>,
+    client: SocketAddr,
+) {
+    let Some((endpoint, addr)) = service
+        .pick_endpoint(port, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .or_else(|| service.pick_endpoint(port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)))
+        .map(|(e, a)| (e.clone(), a))
+    else {
+        debug!(service = %service, "no endpoint to mirror to");
+        return;
+    };
+    let upstream = Arc::clone(&ctx.upstream);
+    tokio::spawn(
+        async move {
+            match upstream
+                .send(&endpoint, addr, &service.hostname, client, request)
+                .await
+            {
+                // The mirror's answer is read and dropped.
+                Ok(response) => drop(response.into_body().collect().await),
+                Err(e) => debug!(error = %e, "mirrored request failed"),
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+fn upstream_failed(error: &UpstreamError) -> Response<Body> {
+    warn!(%error, "no response from the endpoint");
+    local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect",
+    )
+}
+
+/// An answer the waypoint makes itself, with a short text body.
+pub(crate) fn local(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+fn redirect_response(status: StatusCode, location: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = status;
+    match HeaderValue::from_str(location) {
+        Ok(value) => {
+            response.headers_mut().insert(header::LOCATION, value);
+            response
+        }
+        Err(_) => local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the redirect is not a valid URL",
+        ),
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// `x-forwarded-for` gets the client's address appended, as proxies do.
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(before) => format!("{before}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", value);
+    }
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
+/// ones. `te: trailers` stays (gRPC needs it).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}

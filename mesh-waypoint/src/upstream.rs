@@ -1,0 +1,160 @@
+//! Requests to endpoints: over HBONE to a meshed endpoint's agent (one CONNECT stream per
+//! request on pooled, multiplexed HTTP/2 connections, mutual TLS as the waypoint, the endpoint's
+//! identity required), in plain TCP to an endpoint outside the mesh; then HTTP/1.1 or HTTP/2 on
+//! that stream, as the request came.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::{body::Incoming, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_cluster::Endpoint;
+use mesh_common::HBONE_PORT;
+use mesh_hbone::{Connect, OutboundRequest, Pool, PoolConfig};
+use mesh_identity::{CertManager, CryptoProvider, Identity};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+use tracing::debug;
+
+use crate::request::Body;
+
+/// How long the waypoint waits for its own certificate before a connection fails.
+const CERT_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a request did not get a response from the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    /// Nothing was sent: the endpoint (or its agent) could not be reached, or refused the
+    /// tunnel. Safe to try another endpoint.
+    #[error("could not reach {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    /// The exchange failed after the request was (maybe) sent.
+    #[error("request to {addr} failed: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+/// What pooled HBONE connections are keyed by: the endpoint's identity and its HBONE address.
+pub(crate) type Key = (Identity, SocketAddr);
+
+/// Opens HBONE connections as the waypoint.
+pub(crate) struct Connector {
+    certs: Arc<CertManager>,
+    provider: CryptoProvider,
+    own: Identity,
+}
+
+impl Connect for Connector {
+    type Io = TlsStream<TcpStream>;
+    type Key = Key;
+
+    async fn connect(&self, (peer, addr): &Key) -> io::Result<Self::Io> {
+        self.certs
+            .wait_for(&self.own, CERT_WAIT)
+            .await
+            .map_err(io::Error::other)?;
+        let config = mesh_identity::client_config(
+            self.provider,
+            self.certs.subscribe(),
+            self.own.clone(),
+            peer.clone(),
+        )
+        .map_err(io::Error::other)?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        // No SNI: the server is authenticated by its SPIFFE id.
+        let name = ServerName::try_from("hbone.mesh.invalid").map_err(io::Error::other)?;
+        TlsConnector::from(config).connect(name, tcp).await
+    }
+}
+
+/// The waypoint's way to endpoints.
+pub(crate) struct Upstream {
+    pool: Pool<Connector>,
+}
+
+impl Upstream {
+    pub(crate) fn new(certs: Arc<CertManager>, provider: CryptoProvider, own: Identity) -> Self {
+        let connector = Connector {
+            certs,
+            provider,
+            own,
+        };
+        Self {
+            pool: Pool::new(connector, PoolConfig::default()),
+        }
+    }
+
+    /// Sends `request` to `endpoint` (address `addr`, the Service's `host`) for `client`.
+    pub(crate) async fn send(
+        &self,
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        host: &str,
+        client: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let connect_error = |reason: String| UpstreamError::Connect { addr, reason };
+        let Some(workload) = endpoint.workload.as_deref().filter(|w| w.is_meshed()) else {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| connect_error(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            return exchange(tcp, addr, request).await;
+        };
+        let key = (
+            workload.identity.clone(),
+            SocketAddr::new(addr.ip(), HBONE_PORT),
+        );
+        let tunnel = OutboundRequest::new(addr)
+            .with_forwarded_for(client)
+            .with_forwarded_host(host.to_owned());
+        let stream = self
+            .pool
+            .open(&key, tunnel)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        debug!(%addr, peer = %workload.identity, "HBONE stream to the endpoint");
+        exchange(stream, addr, request).await
+    }
+}
+
+/// One request on a fresh byte stream, in the request's HTTP version.
+async fn exchange<IO>(
+    io: IO,
+    addr: SocketAddr,
+    request: Request<Body>,
+) -> Result<Response<Incoming>, UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |source| UpstreamError::Http { addr, source };
+    let io = TokioIo::new(io);
+    if request.version() == http::Version::HTTP_2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "HTTP/2 connection to the endpoint ended");
+            }
+        });
+        sender.send_request(request).await.map_err(http)
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "HTTP/1.1 connection to the endpoint ended");
+            }
+        });
+        sender.send_request(request).await.map_err(http)
+    }
+}

@@ -1,0 +1,48 @@
+//! A `mesh-agent waypoint` process in a testbed pod (the waypoint's own pod: outside the mesh's
+//! capture, it speaks HBONE itself), reading the mesh's config directory and its CA.
+
+use std::{path::Path, time::Duration};
+
+use crate::{agent::binary, agent::AgentOptions, Pod, Process, Result};
+
+/// How long the waypoint may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running waypoint.
+#[derive(Debug)]
+pub struct Waypoint {
+    pub process: Process,
+}
+
+impl Waypoint {
+    /// Starts the waypoint `namespace/name` in `pod` with the agents' config directory and CA,
+    /// and waits until it serves HBONE.
+    pub fn start(pod: &Pod, options: &AgentOptions, namespace: &str, name: &str) -> Result<Self> {
+        Self::start_with(pod, &options.config_dir, &options.ca_dir(), namespace, name)
+    }
+
+    /// [`Self::start`] with an explicit config directory and CA directory.
+    pub fn start_with(
+        pod: &Pod,
+        config_dir: &Path,
+        ca_dir: &Path,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Self> {
+        let bin = binary("mesh-agent", "mesh-agent")?;
+        let mut cmd = pod.command(&bin);
+        cmd.args(["waypoint", "--namespace", namespace, "--name", name])
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--ca-dir")
+            .arg(ca_dir)
+            .env("RUST_LOG", "info,mesh_waypoint=debug")
+            .env("NO_COLOR", "1")
+            .env("RUST_LIB_BACKTRACE", "0");
+        let mut process = Process::spawn(format!("waypoint {namespace}/{name}"), &mut cmd)?;
+        process.wait_for_line("the waypoint to serve HBONE", START_TIMEOUT, |l| {
+            l.contains("waypoint serving HBONE")
+        })?;
+        Ok(Self { process })
+    }
+}

@@ -1,0 +1,283 @@
+//! Privileged: the L7 waypoint in the netns testbed, from files. A client pod's requests to a
+//! Service bound to a waypoint go through its agent over HBONE to the waypoint's pod, which
+//! routes each request by the Service's `HTTPRoute` and sends it over HBONE to an endpoint of the
+//! chosen backend; real curl as the client (HTTP/1.1 and h2c), `mesh-probe http-echo` as the
+//! backends, reporting which backend answered and what it received.
+//!
+//! Layout: node 0 has the client (meshed) and the waypoint's pod (outside the capture, in the
+//! waypoint's namespace); node 1 has the two backends, `v1` and `v2` (meshed).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use mesh_tests::{
+    mesh::{Mesh, Shortcut, NS, PLAIN_NS},
+    plan,
+    waypoint::Waypoint,
+    Pod, Process, TestbedSpec,
+};
+use serde_json::Value;
+
+const LOG_WAIT: Duration = Duration::from_secs(15);
+const APP_PORT: u16 = 8080;
+const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// The testbed: 2 nodes × 2 pods; (0, 1) is the waypoint's pod, outside the mesh.
+struct Bed {
+    mesh: Mesh,
+    _backends: Vec<Process>,
+    waypoint: Waypoint,
+}
+
+impl Bed {
+    fn client(&self) -> &Pod {
+        self.mesh.pod(0, 0)
+    }
+}
+
+fn service_yaml(name: &str, vip_index: usize, selector: (&str, &str), labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{{labels}}}\nspec:\n  clusterIP: {vip}\n  ports:\n  - name: http\n    port: 80\n    targetPort: {APP_PORT}\n  selector:\n    {}: \"{}\"\n",
+        selector.0,
+        selector.1,
+        vip = plan::service_vip_v4(vip_index),
+    )
+}
+
+/// Builds the testbed with Services `web` (bound to waypoint `plain/wp`), `web-v1` and `web-v2`,
+/// the waypoint `Gateway`, `route` as the `HTTPRoute` of `web`, the backends and the waypoint.
+fn bed(route: &str) -> Bed {
+    let spec = TestbedSpec {
+        nodes: 2,
+        pods_per_node: 2,
+    };
+    let mesh = Mesh::new(spec, Shortcut::Default, &[(0, 1)]).expect("meshed testbed");
+    let files = &mesh.files;
+    let wp_pod = mesh.pod(0, 1).clone();
+    files
+        .write(
+            &format!("pod-{PLAIN_NS}-{}.yaml", wp_pod.name),
+            &waypoint_pod(&wp_pod, true),
+        )
+        .unwrap();
+    for (j, version) in [(0, "v1"), (1, "v2")] {
+        let pod = mesh.pod(1, j).clone();
+        files
+            .pod(&pod, "n1", NS, &[("svc", "web"), ("version", version)])
+            .unwrap();
+    }
+    files
+        .write(
+            "gateway-wp.yaml",
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: {PLAIN_NS}\n  labels: {{istio.io/waypoint-for: service}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+            ),
+        )
+        .unwrap();
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    files
+        .write(
+            "service-web.yaml",
+            &service_yaml("web", 0, ("svc", "web"), &bound),
+        )
+        .unwrap();
+    files
+        .write(
+            "service-web-v1.yaml",
+            &service_yaml("web-v1", 1, ("version", "v1"), ""),
+        )
+        .unwrap();
+    files
+        .write(
+            "service-web-v2.yaml",
+            &service_yaml("web-v2", 2, ("version", "v2"), ""),
+        )
+        .unwrap();
+    files.write("httproute-web.yaml", route).unwrap();
+    let backends = [(0, "v1"), (1, "v2")]
+        .iter()
+        .map(|&(j, name)| echo(mesh.pod(1, j), name, &[]))
+        .collect();
+    let mut waypoint =
+        Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp").expect("waypoint starts");
+    waypoint
+        .process
+        .wait_for_line("the waypoint's view of the route", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("services=3")
+        })
+        .expect("the waypoint reads the Services");
+    let mut bed = Bed {
+        mesh,
+        _backends: backends,
+        waypoint,
+    };
+    for agent in &mut bed.mesh.agents {
+        agent
+            .wait_for_log("the Services", LOG_WAIT, |l| {
+                l.contains("cluster state updated") && l.contains("services=3")
+            })
+            .expect("agent reads the Services");
+    }
+    bed
+}
+
+/// The waypoint's pod as the controller's Deployment makes it: labelled with its `Gateway`, out
+/// of the capture, under the waypoint's service account (`wp`, the Gateway's name).
+fn waypoint_pod(pod: &Pod, ready: bool) -> String {
+    let ready = if ready { "True" } else { "False" };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {PLAIN_NS}\n  labels: {{{GATEWAY_NAME}: wp, istio.io/dataplane-mode: none}}\nspec:\n  nodeName: n0\n  serviceAccountName: wp\nstatus:\n  phase: Running\n  conditions: [{{type: Ready, status: \"{ready}\"}}]\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}]\n",
+        name = pod.name,
+        ip = pod.ipv4,
+    )
+}
+
+fn echo(pod: &Pod, name: &str, extra: &[&str]) -> Process {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let mut cmd = pod.command(bin);
+    cmd.args([
+        "http-echo",
+        &SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT).to_string(),
+    ])
+    .args(["--name", name])
+    .args(extra);
+    let mut process = Process::spawn(format!("echo {name}"), &mut cmd).expect("echo server");
+    process
+        .wait_for_line("the echo server", LOG_WAIT, |l| l.starts_with("listening "))
+        .expect("echo server listens");
+    process
+}
+
+/// The canary route of `web`: requests with `x-version: v2` to `web-v2`, the rest 90/10.
+fn canary_route() -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: web, port: 80}}\n  rules:\n  - name: ab\n    matches:\n    - headers: [{{name: x-version, value: v2}}]\n    backendRefs: [{{name: web-v2, port: 80}}]\n  - name: canary\n    backendRefs:\n    - {{name: web-v1, port: 80, weight: 90}}\n    - {{name: web-v2, port: 80, weight: 10}}\n"
+    )
+}
+
+/// Runs curl in `pod` with `args`; its stdout, one echo line per request.
+fn curl(pod: &Pod, args: &[String]) -> Vec<Value> {
+    let out = pod
+        .command("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("running curl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curl failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not an echo line {l:?}")))
+        .collect()
+}
+
+fn url(path: &str) -> String {
+    format!("http://{}{path}", plan::service_vip_v4(0))
+}
+
+fn backends(lines: &[Value]) -> BTreeMap<String, usize> {
+    lines.iter().fold(BTreeMap::new(), |mut counts, line| {
+        *counts
+            .entry(line["backend"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+        counts
+    })
+}
+
+#[test]
+fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
+    let bed = bed(&canary_route());
+    let client = bed.client().clone();
+    // 1,000 requests on one kept-alive connection: the waypoint routes each on its own.
+    let urls: Vec<String> = (0..1000).map(|i| url(&format!("/canary/{i}"))).collect();
+    let lines = curl(&client, &urls);
+    assert_eq!(lines.len(), 1000);
+    let counts = backends(&lines);
+    let v2 = counts.get("v2").copied().unwrap_or(0);
+    eprintln!("canary split: {counts:?}");
+    // Binomial(1000, 0.1): mean 100, standard deviation 9.5; ±4 standard deviations.
+    assert!((62..=138).contains(&v2), "v2 took {v2} of 1000: {counts:?}");
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + v2,
+        1000,
+        "{counts:?}"
+    );
+    // What the backend received: the path, the Service's host, the client's address appended.
+    let first = &lines[0];
+    assert_eq!(first["path"], "/canary/0");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["host"], plan::service_vip_v4(0).to_string());
+    let xff = first["headers"]["x-forwarded-for"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        xff,
+        client.ipv4.to_string(),
+        "x-forwarded-for is the client's address"
+    );
+
+    // Header-based A/B: every request with `x-version: v2` lands on v2.
+    let mut args: Vec<String> = vec!["-H".into(), "x-version: v2".into()];
+    args.extend((0..50).map(|i| url(&format!("/ab/{i}"))));
+    let counts = backends(&curl(&client, &args));
+    assert_eq!(counts, BTreeMap::from([("v2".to_owned(), 50)]));
+
+    // h2c through the waypoint: HTTP/2 end to end.
+    let lines = curl(
+        &client,
+        &[
+            "--http2-prior-knowledge".into(),
+            "-H".into(),
+            "x-version: v2".into(),
+            url("/h2"),
+        ],
+    );
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["protocol"], "HTTP/2.0");
+    assert_eq!(lines[0]["backend"], "v2");
+    drop(bed.waypoint);
+}
+
+#[test]
+fn requests_to_a_service_whose_waypoint_is_not_running_fail_closed() {
+    let bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let Bed {
+        mut mesh, waypoint, ..
+    } = bed;
+    // The waypoint's pod is no longer ready: the source agent refuses the connection instead
+    // of sending it past the waypoint.
+    drop(waypoint);
+    let wp_pod = mesh.pod(0, 1).clone();
+    let from = mesh.agents[0].log_len();
+    let text = waypoint_pod(&wp_pod, false);
+    mesh.files
+        .write(&format!("pod-{PLAIN_NS}-{}.yaml", wp_pod.name), &text)
+        .unwrap();
+    mesh.agents[0]
+        .wait_for_log_from(from, "the unready waypoint", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    let out = client
+        .command("curl")
+        .args(["-sS", "--max-time", "10", &url("/")])
+        .output()
+        .expect("curl");
+    assert!(
+        !out.status.success(),
+        "the request must fail, got {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    mesh.agents[0]
+        .wait_for_log_from(from, "the refusal", LOG_WAIT, |l| {
+            l.contains("connection refused") && l.contains("waypoint plain/wp has no ready pod")
+        })
+        .unwrap();
+    // The backends themselves are still reachable by their own Services, which use no waypoint.
+    let lines = curl(&client, &[format!("http://{}/", plan::service_vip_v4(1))]);
+    assert_eq!(lines[0]["backend"], "v1");
+}
