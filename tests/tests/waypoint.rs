@@ -28,7 +28,8 @@ const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 /// The testbed: 2 nodes × 2 pods; (0, 1) is the waypoint's pod, outside the mesh.
 struct Bed {
     mesh: Mesh,
-    _backends: Vec<Process>,
+    /// The `v1` and `v2` echo servers.
+    backends: Vec<Process>,
     waypoint: Waypoint,
 }
 
@@ -50,6 +51,11 @@ fn service_yaml(name: &str, vip_index: usize, selector: (&str, &str), labels: &s
 /// Builds the testbed with Services `web` (bound to waypoint `plain/wp`), `web-v1` and `web-v2`,
 /// the waypoint `Gateway`, `route` as the `HTTPRoute` of `web`, the backends and the waypoint.
 fn bed(route: &str) -> Bed {
+    bed_with(route, &[], &[])
+}
+
+/// [`bed`], with extra `http-echo` flags for the `v1` and `v2` backends.
+fn bed_with(route: &str, v1_args: &[&str], v2_args: &[&str]) -> Bed {
     let spec = TestbedSpec {
         nodes: 2,
         pods_per_node: 2,
@@ -97,9 +103,9 @@ fn bed(route: &str) -> Bed {
         )
         .unwrap();
     files.write("httproute-web.yaml", route).unwrap();
-    let backends = [(0, "v1"), (1, "v2")]
+    let backends = [(0, "v1", v1_args), (1, "v2", v2_args)]
         .iter()
-        .map(|&(j, name)| echo(mesh.pod(1, j), name, &[]))
+        .map(|&(j, name, args)| echo(mesh.pod(1, j), name, args))
         .collect();
     let mut waypoint =
         Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp").expect("waypoint starts");
@@ -111,7 +117,7 @@ fn bed(route: &str) -> Bed {
         .expect("the waypoint reads the Services");
     let mut bed = Bed {
         mesh,
-        _backends: backends,
+        backends,
         waypoint,
     };
     for agent in &mut bed.mesh.agents {
@@ -158,8 +164,8 @@ fn canary_route() -> String {
     )
 }
 
-/// Runs curl in `pod` with `args`; its stdout, one echo line per request.
-fn curl(pod: &Pod, args: &[String]) -> Vec<Value> {
+/// Runs curl in `pod` with `args`; its stdout.
+fn curl_raw(pod: &Pod, args: &[&str]) -> String {
     let out = pod
         .command("curl")
         .args(["-sS", "--max-time", "60"])
@@ -168,7 +174,13 @@ fn curl(pod: &Pod, args: &[String]) -> Vec<Value> {
         .expect("running curl");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "curl failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs curl in `pod` with `args`; its stdout, one echo line per request.
+fn curl(pod: &Pod, args: &[String]) -> Vec<Value> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    curl_raw(pod, &args)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not an echo line {l:?}")))
         .collect()
@@ -280,4 +292,99 @@ fn requests_to_a_service_whose_waypoint_is_not_running_fail_closed() {
     // The backends themselves are still reachable by their own Services, which use no waypoint.
     let lines = curl(&client, &[format!("http://{}/", plan::service_vip_v4(1))]);
     assert_eq!(lines[0]["backend"], "v1");
+}
+
+/// A route of `web` with one rule (`rule`: YAML at the rule's indentation, without the dash).
+fn one_rule_route(rule: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: web, port: 80}}\n  rules:\n  - {rule}"
+    )
+}
+
+/// How many requests a backend has served so far (its `served` lines).
+fn served(backend: &Process) -> usize {
+    backend.lines().iter().filter(|l| l.starts_with("served ")).count()
+}
+
+#[test]
+fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
+    // v1 fails its first 2 requests, v2 its first 5; the rule retries 503 up to 2 times.
+    let route = |backend: &str| {
+        one_rule_route(&format!(
+            "backendRefs: [{{name: {backend}, port: 80}}]\n    retry: {{codes: [503], attempts: 2, backoff: 10ms}}\n"
+        ))
+    };
+    let bed = bed_with(&route("web-v1"), &["--fail-first", "2"], &["--fail-first", "5"]);
+    let client = bed.client().clone();
+    let code = |path: &str| curl_raw(&client, &["-o", "/dev/null", "-w", "%{http_code}", &url(path)]);
+    assert_eq!(code("/retry"), "200", "two 503s retried into a 200");
+    assert_eq!(served(&bed.backends[0]), 3, "the first attempt and two retries");
+    bed.mesh.files.write("httproute-web.yaml", &route("web-v2")).unwrap();
+    let mut waypoint = bed.waypoint;
+    waypoint
+        .process
+        .wait_for_line("the new route", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("generation=2")
+        })
+        .unwrap();
+    assert_eq!(code("/limit"), "503", "still failing after the last retry");
+    assert_eq!(served(&bed.backends[1]), 3, "no more than the attempt limit");
+    // The next request's third attempt is v2's sixth request, its first 200.
+    assert_eq!(code("/limit"), "200");
+    assert_eq!(served(&bed.backends[1]), 6);
+}
+
+#[test]
+fn timeouts_answer_504_within_tolerance() {
+    // v1 answers after 2 s; the request timeout is 500 ms.
+    let route = one_rule_route(
+        "backendRefs: [{name: web-v1, port: 80}]\n    timeouts: {request: 500ms}\n",
+    );
+    let bed = bed_with(&route, &["--delay-ms", "2000"], &[]);
+    let client = bed.client().clone();
+    let started = std::time::Instant::now();
+    let code = curl_raw(&client, &["-o", "/dev/null", "-w", "%{http_code}", &url("/slow")]);
+    let took = started.elapsed();
+    assert_eq!(code, "504");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1900),
+        "answered after {took:?}, expected about 500 ms"
+    );
+}
+
+#[test]
+fn redirects_rewrites_header_modifiers_and_mirrors() {
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: web, port: 80}}\n  rules:\n  - matches: [{{path: {{value: /old}}}}]\n    filters:\n    - type: RequestRedirect\n      requestRedirect: {{scheme: https, hostname: example.com, statusCode: 301, path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}}}\n  - matches: [{{path: {{value: /app}}}}]\n    filters:\n    - type: URLRewrite\n      urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-added, value: yes}}], remove: [x-secret]}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {{add: [{{name: x-route, value: app}}]}}\n    - type: RequestMirror\n      requestMirror: {{backendRef: {{name: web-v2, port: 80}}}}\n    backendRefs: [{{name: web-v1, port: 80}}]\n"
+    );
+    let bed = bed(&route);
+    let client = bed.client().clone();
+    // Redirect: 301 to https://example.com (443 left out), the prefix replaced, query kept.
+    let out = curl_raw(
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", &url("/old/page?q=1")],
+    );
+    assert_eq!(out, "301 https://example.com/new/page?q=1");
+    // Rewrite and request headers: v1 gets `/x/y`, `x-added`, no `x-secret`.
+    let lines = curl(
+        &client,
+        &["-H".into(), "x-secret: s".into(), url("/app/x/y?z=1")],
+    );
+    assert_eq!(lines[0]["backend"], "v1");
+    assert_eq!(lines[0]["path"], "/x/y?z=1");
+    assert_eq!(lines[0]["headers"]["x-added"][0], "yes");
+    assert!(lines[0]["headers"].get("x-secret").is_none(), "{}", lines[0]);
+    // Response headers: `x-route` added.
+    let head = curl_raw(&client, &["-D", "-", "-o", "/dev/null", &url("/app/")]);
+    assert!(head.to_ascii_lowercase().contains("x-route: app"), "{head}");
+    // Mirror: every `/app` request also reached v2, whose answers were dropped.
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    while served(&bed.backends[1]) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(served(&bed.backends[1]), 2, "both /app requests mirrored to v2");
+    assert_eq!(served(&bed.backends[0]), 2);
+    // Unmatched paths: 404 from the waypoint.
+    let code = curl_raw(&client, &["-o", "/dev/null", "-w", "%{http_code}", &url("/nothing")]);
+    assert_eq!(code, "404");
 }

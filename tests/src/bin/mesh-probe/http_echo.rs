@@ -1,8 +1,11 @@
-//! `http-echo <addr> --name N [--fail-first K]`: the HTTP workload behind the waypoint, answering
+//! `http-echo <addr> --name N [--fail-first K] [--delay-ms D]`: the HTTP workload behind the
+//! waypoint, answering
 //! what the Gateway API conformance echo answers: one line of JSON per request with the backend
 //! (`N`), method, path (with the query), host, protocol and request headers. Serves HTTP/1.1 and
 //! h2c (HTTP/2 without TLS, told apart by its preface) on each connection. With `--fail-first K`
-//! the first K requests get `503` (for retry tests), still with the JSON line.
+//! the first K requests get `503` (for retry tests), still with the JSON line; with `--delay-ms D`
+//! every answer waits D ms (for timeout tests). Prints `served <n> <method> <path> <status>` per
+//! request, so tests count what reached the backend.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +30,7 @@ use serde_json::json;
 pub struct Options {
     pub name: String,
     pub fail_first: u64,
+    pub delay: Option<std::time::Duration>,
 }
 
 /// Serves until killed.
@@ -89,10 +93,19 @@ async fn answer(
         "headers": headers,
         "body_bytes": body,
     });
+    if let Some(delay) = options.delay {
+        tokio::time::sleep(delay).await;
+    }
     let mut response = Response::new(Full::new(Bytes::from(format!("{line}\n"))));
     if n < options.fail_first {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
+    println!(
+        "served {n} {} {} {}",
+        parts.method,
+        parts.uri.path(),
+        response.status().as_u16()
+    );
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),

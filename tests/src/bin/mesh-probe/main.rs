@@ -50,7 +50,8 @@
 //!   for the peer to close: `closed_after_ms=<t> how=eof|reset|write:<error> received=<n>` or
 //!   `still_open received=<n>`.
 //!
-//! HTTP server (the workload behind the waypoint): `http-echo <addr> --name N [--fail-first K]`,
+//! HTTP server (the workload behind the waypoint): `http-echo <addr> --name N [--fail-first K]
+//! [--delay-ms D]`,
 //! HTTP/1.1 and h2c; one line of JSON per request naming the backend, method, path, host,
 //! protocol and headers (see `http_echo`).
 //!
@@ -123,7 +124,7 @@ const USAGE: &str = "usage: mesh-probe <command>
       [--trust-dir T] [--expired]
   hbone-serve <addr> --ca-dir D --identity ID
   parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
-  http-echo <addr> --name N [--fail-first K]
+  http-echo <addr> --name N [--fail-first K] [--delay-ms D]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
@@ -236,7 +237,7 @@ fn main() -> ExitCode {
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
         ["http", method, addr, path] => http(method, addr, path),
-        ["http-echo", addr, rest @ ..] => flags(rest, &["--name", "--fail-first"])
+        ["http-echo", addr, rest @ ..] => flags(rest, &["--name", "--fail-first", "--delay-ms"])
             .and_then(|f| {
                 Ok(http_echo::Options {
                     name: f
@@ -245,6 +246,7 @@ fn main() -> ExitCode {
                         .map(|(_, v)| (*v).to_owned())
                         .ok_or("--name is required")?,
                     fail_first: flag::<u64>(&f, "--fail-first")?.unwrap_or(0),
+                    delay: positive::<u64>(&f, "--delay-ms")?.map(Duration::from_millis),
                 })
             })
             .map_err(usage)
