@@ -102,6 +102,10 @@ pub enum DecisionReason {
     /// before its address reached the API) or a pod that left it: its policies cannot be known,
     /// so the connection fails closed.
     UnknownDestination,
+    /// The destination is behind a waypoint (its own binding, or a Service it serves is bound to
+    /// one), the connection does not come from that waypoint, and no ALLOW policy explicitly
+    /// lets it in: denied (set by [`super::ClusterState::admit`]; `policy` names the waypoint).
+    WaypointBypass,
 }
 
 /// The outcome of [`super::ClusterState::authorize`].

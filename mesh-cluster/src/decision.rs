@@ -1,6 +1,7 @@
 //! The whole inbound decision for one connection, as the destination's agent makes it:
 //! `PeerAuthentication` first (a plaintext connection to a STRICT port is refused), then
-//! `AuthorizationPolicy`. Every data path (the agent's inbound listener, its HBONE server, and
+//! `AuthorizationPolicy`, then the waypoint rule: a pod behind a waypoint takes only connections
+//! from that waypoint, unless an ALLOW policy matched the connection (an explicit allow). Every data path (the agent's inbound listener, its HBONE server, and
 //! later the waypoint) asks [`ClusterState::admit`]; none of them combines the two itself.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -11,6 +12,7 @@ use crate::{
     authz::{AuthzDecision, ConnFacts, DecisionReason, Verdict},
     peer_auth::MtlsMode,
     state::ClusterState,
+    waypoint::Guard,
 };
 
 /// A connection arriving at a workload.
@@ -51,13 +53,25 @@ impl ClusterState {
                 };
             }
         }
-        self.authorize(&ConnFacts {
+        let decision = self.authorize(&ConnFacts {
             src_ip: conn.src.ip().to_canonical(),
             src_identity: conn.src_identity,
             dst_ip,
             dst_port: conn.dst.port(),
             dst,
-        })
+        });
+        if decision.verdict == Verdict::Deny || decision.reason == DecisionReason::AllowMatched {
+            return decision;
+        }
+        match self.waypoint_guard(dst, conn.src.ip(), conn.src_identity) {
+            Guard::Open | Guard::ThroughWaypoint => decision,
+            Guard::Bypassed(waypoints) => AuthzDecision {
+                verdict: Verdict::Deny,
+                reason: DecisionReason::WaypointBypass,
+                policy: Some(Arc::from(format!("waypoint {waypoints}"))),
+                audited: decision.audited,
+            },
+        }
     }
 }
 

@@ -94,7 +94,7 @@ pub use options::{
 };
 pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
 pub use state::ClusterState;
-pub use waypoint::{Unavailable, Waypoint, WaypointBinding, WaypointFor};
+pub use waypoint::{Guard, Unavailable, Waypoint, WaypointBinding, WaypointFor};
 
 #[cfg(test)]
 mod tests;

@@ -131,6 +131,7 @@ impl ClusterState {
                 .map(|(&(ns, name), svc)| (ns, name, svc.metadata.labels())),
             &state.workloads,
         );
+        state.bindings.guard_endpoints(&state.services);
         state.warnings = [
             slices.warnings,
             state.peer_auth.warnings().to_vec(),
@@ -387,6 +388,17 @@ impl ClusterState {
     /// and a waypoint process finds its own routes by it.
     pub fn waypoint_of_pod(&self, workload: &Workload) -> Option<&Arc<Waypoint>> {
         self.waypoints.of_pod(workload)
+    }
+
+    /// Whether a connection from `src_ip` with proven identity `src` to `dst` came through a
+    /// waypoint in front of `dst`.
+    pub fn waypoint_guard(
+        &self,
+        dst: &Workload,
+        src_ip: IpAddr,
+        src: Option<&mesh_identity::Identity>,
+    ) -> crate::waypoint::Guard {
+        self.bindings.check(dst, src_ip.to_canonical(), src)
     }
 
     /// All waypoints (`Gateways` of class `istio-waypoint`), sorted by namespace and name.

@@ -314,6 +314,21 @@ impl WaypointIndex {
 pub(crate) struct Bindings {
     pub(crate) services: HashMap<(String, String), WaypointBinding>,
     pub(crate) workloads: HashMap<(String, String), WaypointBinding>,
+    /// The pods behind a waypoint (bound themselves, or endpoints of a bound Service), with the
+    /// waypoints their traffic must come through (empty when every one is unavailable).
+    pub(crate) guards: HashMap<(String, String), Vec<Arc<Waypoint>>>,
+}
+
+/// Whether a connection to a pod came through a waypoint in front of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// No waypoint is in front of the pod.
+    Open,
+    /// The source is a pod of a waypoint in front of the pod.
+    ThroughWaypoint,
+    /// A waypoint is in front of the pod and the source is none of its pods: `namespace/name`
+    /// of the waypoints (or of the Service bound to an unavailable one).
+    Bypassed(String),
 }
 
 impl Bindings {
@@ -343,9 +358,69 @@ impl Bindings {
                 ns_labels(namespace),
             );
             let key = (workload.namespace.clone(), workload.name.clone());
+            if !matches!(binding, WaypointBinding::None) {
+                bindings.guard(workload, &binding);
+            }
             bindings.workloads.insert(key, binding);
         }
         bindings
+    }
+
+    /// Marks the endpoints of every bound Service of `services` as behind its waypoint.
+    pub(crate) fn guard_endpoints(&mut self, services: &[Arc<crate::model::Service>]) {
+        for service in services {
+            let key = (service.namespace.clone(), service.name.clone());
+            let Some(binding) = self.services.get(&key).cloned() else {
+                continue;
+            };
+            if matches!(binding, WaypointBinding::None) {
+                continue;
+            }
+            let endpoints = service.ports.iter().flat_map(|p| &p.endpoints);
+            for workload in endpoints.filter_map(|e| e.workload.as_deref()) {
+                self.guard(workload, &binding);
+            }
+        }
+    }
+
+    fn guard(&mut self, workload: &Workload, binding: &WaypointBinding) {
+        let key = (workload.namespace.clone(), workload.name.clone());
+        let waypoints = self.guards.entry(key).or_default();
+        if let WaypointBinding::Bound(waypoint) = binding {
+            if !waypoints.iter().any(|w| Arc::ptr_eq(w, waypoint)) {
+                waypoints.push(Arc::clone(waypoint));
+            }
+        }
+    }
+
+    /// Whether a connection from `src_ip` with proven identity `src` to `dst` came through a
+    /// waypoint in front of `dst`: from the address of one of its pods, proving that pod's
+    /// identity (another pod under the waypoint's service account is not the waypoint).
+    pub(crate) fn check(
+        &self,
+        dst: &Workload,
+        src_ip: IpAddr,
+        src: Option<&mesh_identity::Identity>,
+    ) -> Guard {
+        let key = (dst.namespace.clone(), dst.name.clone());
+        let Some(waypoints) = self.guards.get(&key) else {
+            return Guard::Open;
+        };
+        let through = src.is_some_and(|src| {
+            waypoints
+                .iter()
+                .flat_map(|w| &w.workloads)
+                .any(|pod| &pod.identity == src && pod.ips.contains(&src_ip))
+        });
+        if through {
+            return Guard::ThroughWaypoint;
+        }
+        let names: Vec<String> = waypoints.iter().map(ToString::to_string).collect();
+        Guard::Bypassed(if names.is_empty() {
+            "an unavailable waypoint".to_owned()
+        } else {
+            names.join(", ")
+        })
     }
 }
 

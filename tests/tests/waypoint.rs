@@ -253,45 +253,89 @@ fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
     drop(bed.waypoint);
 }
 
+/// Whether a plain curl from `pod` to `target` gets an answer.
+fn answered(pod: &Pod, target: &str) -> bool {
+    pod.command("curl")
+        .args(["-sS", "-o", "/dev/null", "--max-time", "10", target])
+        .status()
+        .expect("curl")
+        .success()
+}
+
 #[test]
-fn requests_to_a_service_whose_waypoint_is_not_running_fail_closed() {
+fn bypassing_the_waypoint_is_refused_unless_allowed_and_an_unready_waypoint_fails_closed() {
     let bed = bed(&canary_route());
     let client = bed.client().clone();
     let Bed {
         mut mesh, waypoint, ..
     } = bed;
+    let v1 = mesh.pod(1, 0).clone();
+    let v1_direct = format!("http://{}:{APP_PORT}/", v1.ipv4);
+    let v1_service = format!("http://{}/", plan::service_vip_v4(1));
+    // Through the waypoint: answered (the control).
+    assert!(answered(&client, &url("/")));
+    // v1 serves `web`, bound to the waypoint: its agent refuses connections that skip it, by
+    // its own unbound Service or by its address.
+    let from = mesh.agents[1].log_len();
+    assert!(
+        !answered(&client, &v1_service),
+        "past the waypoint by web-v1"
+    );
+    assert!(
+        !answered(&client, &v1_direct),
+        "past the waypoint by the pod's address"
+    );
+    mesh.agents[1]
+        .wait_for_log_from(from, "the refusal at v1's agent", LOG_WAIT, |l| {
+            l.contains("\"waypoint_bypass\"") && l.contains("waypoint plain/wp")
+        })
+        .unwrap();
+    // An ALLOW policy that names the client lets it past the waypoint, explicitly.
+    let from = mesh.agents[1].log_len();
+    mesh.files
+        .write(
+            "authz-direct.yaml",
+            &format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: direct\n  namespace: {NS}\nspec:\n  selector: {{matchLabels: {{version: v1}}}}\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/{NS}/sa/sa-{}\"]}}}}]\n",
+                client.name
+            ),
+        )
+        .unwrap();
+    mesh.agents[1]
+        .wait_for_log_from(from, "the policy", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("authorization_policies=1")
+        })
+        .unwrap();
+    assert!(answered(&client, &v1_service), "explicitly allowed");
+    mesh.files.remove("authz-direct.yaml").unwrap();
+
     // The waypoint's pod is no longer ready: the source agent refuses the connection instead
     // of sending it past the waypoint.
     drop(waypoint);
     let wp_pod = mesh.pod(0, 1).clone();
     let from = mesh.agents[0].log_len();
-    let text = waypoint_pod(&wp_pod, false);
     mesh.files
-        .write(&format!("pod-{PLAIN_NS}-{}.yaml", wp_pod.name), &text)
+        .write(
+            &format!("pod-{PLAIN_NS}-{}.yaml", wp_pod.name),
+            &waypoint_pod(&wp_pod, false),
+        )
         .unwrap();
-    mesh.agents[0]
-        .wait_for_log_from(from, "the unready waypoint", LOG_WAIT, |l| {
-            l.contains("cluster state updated")
-        })
-        .unwrap();
-    let out = client
-        .command("curl")
-        .args(["-sS", "--max-time", "10", &url("/")])
-        .output()
-        .expect("curl");
-    assert!(
-        !out.status.success(),
-        "the request must fail, got {:?}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    mesh.agents[0]
-        .wait_for_log_from(from, "the refusal", LOG_WAIT, |l| {
-            l.contains("connection refused") && l.contains("waypoint plain/wp has no ready pod")
-        })
-        .unwrap();
-    // The backends themselves are still reachable by their own Services, which use no waypoint.
-    let lines = curl(&client, &[format!("http://{}/", plan::service_vip_v4(1))]);
-    assert_eq!(lines[0]["backend"], "v1");
+    // Each try fails; once the agent has read the pod's readiness, it says why.
+    let refused = |l: &str| {
+        l.contains("connection refused") && l.contains("waypoint plain/wp has no ready pod")
+    };
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        assert!(
+            !answered(&client, &url("/")),
+            "no answer past an unready waypoint"
+        );
+        if mesh.agents[0].logs()[from..].iter().any(|l| refused(l)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refusal logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A route of `web` with one rule (`rule`: YAML at the rule's indentation, without the dash).
@@ -303,7 +347,11 @@ fn one_rule_route(rule: &str) -> String {
 
 /// How many requests a backend has served so far (its `served` lines).
 fn served(backend: &Process) -> usize {
-    backend.lines().iter().filter(|l| l.starts_with("served ")).count()
+    backend
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("served "))
+        .count()
 }
 
 #[test]
@@ -314,12 +362,28 @@ fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
             "backendRefs: [{{name: {backend}, port: 80}}]\n    retry: {{codes: [503], attempts: 2, backoff: 10ms}}\n"
         ))
     };
-    let bed = bed_with(&route("web-v1"), &["--fail-first", "2"], &["--fail-first", "5"]);
+    let bed = bed_with(
+        &route("web-v1"),
+        &["--fail-first", "2"],
+        &["--fail-first", "5"],
+    );
     let client = bed.client().clone();
-    let code = |path: &str| curl_raw(&client, &["-o", "/dev/null", "-w", "%{http_code}", &url(path)]);
+    let code = |path: &str| {
+        curl_raw(
+            &client,
+            &["-o", "/dev/null", "-w", "%{http_code}", &url(path)],
+        )
+    };
     assert_eq!(code("/retry"), "200", "two 503s retried into a 200");
-    assert_eq!(served(&bed.backends[0]), 3, "the first attempt and two retries");
-    bed.mesh.files.write("httproute-web.yaml", &route("web-v2")).unwrap();
+    assert_eq!(
+        served(&bed.backends[0]),
+        3,
+        "the first attempt and two retries"
+    );
+    bed.mesh
+        .files
+        .write("httproute-web.yaml", &route("web-v2"))
+        .unwrap();
     let mut waypoint = bed.waypoint;
     waypoint
         .process
@@ -328,7 +392,11 @@ fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
         })
         .unwrap();
     assert_eq!(code("/limit"), "503", "still failing after the last retry");
-    assert_eq!(served(&bed.backends[1]), 3, "no more than the attempt limit");
+    assert_eq!(
+        served(&bed.backends[1]),
+        3,
+        "no more than the attempt limit"
+    );
     // The next request's third attempt is v2's sixth request, its first 200.
     assert_eq!(code("/limit"), "200");
     assert_eq!(served(&bed.backends[1]), 6);
@@ -337,13 +405,15 @@ fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
 #[test]
 fn timeouts_answer_504_within_tolerance() {
     // v1 answers after 2 s; the request timeout is 500 ms.
-    let route = one_rule_route(
-        "backendRefs: [{name: web-v1, port: 80}]\n    timeouts: {request: 500ms}\n",
-    );
+    let route =
+        one_rule_route("backendRefs: [{name: web-v1, port: 80}]\n    timeouts: {request: 500ms}\n");
     let bed = bed_with(&route, &["--delay-ms", "2000"], &[]);
     let client = bed.client().clone();
     let started = std::time::Instant::now();
-    let code = curl_raw(&client, &["-o", "/dev/null", "-w", "%{http_code}", &url("/slow")]);
+    let code = curl_raw(
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", &url("/slow")],
+    );
     let took = started.elapsed();
     assert_eq!(code, "504");
     assert!(
@@ -362,7 +432,13 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
     // Redirect: 301 to https://example.com (443 left out), the prefix replaced, query kept.
     let out = curl_raw(
         &client,
-        &["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", &url("/old/page?q=1")],
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            &url("/old/page?q=1"),
+        ],
     );
     assert_eq!(out, "301 https://example.com/new/page?q=1");
     // Rewrite and request headers: v1 gets `/x/y`, `x-added`, no `x-secret`.
@@ -373,7 +449,11 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
     assert_eq!(lines[0]["backend"], "v1");
     assert_eq!(lines[0]["path"], "/x/y?z=1");
     assert_eq!(lines[0]["headers"]["x-added"][0], "yes");
-    assert!(lines[0]["headers"].get("x-secret").is_none(), "{}", lines[0]);
+    assert!(
+        lines[0]["headers"].get("x-secret").is_none(),
+        "{}",
+        lines[0]
+    );
     // Response headers: `x-route` added.
     let head = curl_raw(&client, &["-D", "-", "-o", "/dev/null", &url("/app/")]);
     assert!(head.to_ascii_lowercase().contains("x-route: app"), "{head}");
@@ -382,9 +462,16 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
     while served(&bed.backends[1]) < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(served(&bed.backends[1]), 2, "both /app requests mirrored to v2");
+    assert_eq!(
+        served(&bed.backends[1]),
+        2,
+        "both /app requests mirrored to v2"
+    );
     assert_eq!(served(&bed.backends[0]), 2);
     // Unmatched paths: 404 from the waypoint.
-    let code = curl_raw(&client, &["-o", "/dev/null", "-w", "%{http_code}", &url("/nothing")]);
+    let code = curl_raw(
+        &client,
+        &["-o", "/dev/null", "-w", "%{http_code}", &url("/nothing")],
+    );
     assert_eq!(code, "404");
 }

@@ -378,6 +378,7 @@ pub fn reason_str(reason: DecisionReason) -> &'static str {
         DecisionReason::NoAllowMatched => "no_allow_matched",
         DecisionReason::MtlsRequired => "mtls_required",
         DecisionReason::UnknownDestination => "unknown_destination",
+        DecisionReason::WaypointBypass => "waypoint_bypass",
     }
 }
 

@@ -25,26 +25,26 @@ fn service(ns: &str, name: &str, vip: &str, labels: &str) -> String {
     )
 }
 
+/// A pod of waypoint `shop/wp`, under its own service account `wp`.
+fn waypoint_pod(name: &str, node: &str, ip: &str) -> String {
+    pod(
+        "shop",
+        name,
+        node,
+        ip,
+        "gateway.networking.k8s.io/gateway-name: wp",
+    )
+    .replace("spec:\n", "spec:\n  serviceAccountName: wp\n")
+}
+
 /// Namespace `shop` (labels `ns_labels`), waypoint `shop/wp` for `traffic` with two pods,
 /// Services `a` (labels `a_labels`) and `b`, and a pod of `a`.
 fn cluster(ns_labels: &str, a_labels: &str, traffic: &str, extra: &[String]) -> ClusterState {
     let mut parts = vec![
         namespace("shop", ns_labels),
         gateway("shop", "wp", "istio-waypoint", traffic),
-        pod(
-            "shop",
-            "wp-0",
-            "n0",
-            "10.0.1.1",
-            "gateway.networking.k8s.io/gateway-name: wp",
-        ),
-        pod(
-            "shop",
-            "wp-1",
-            "n1",
-            "10.0.1.2",
-            "gateway.networking.k8s.io/gateway-name: wp",
-        ),
+        waypoint_pod("wp-0", "n0", "10.0.1.1"),
+        waypoint_pod("wp-1", "n1", "10.0.1.2"),
         pod("shop", "a-0", "n0", "10.0.0.1", "app: a"),
         service("shop", "a", "10.96.0.1", a_labels),
         service("shop", "b", "10.96.0.2", ""),
@@ -282,4 +282,83 @@ fn connections_to_a_bound_service_go_to_the_waypoint_except_the_waypoints_own() 
             ..
         }
     ));
+}
+
+#[test]
+fn a_pod_behind_a_waypoint_admits_only_the_waypoint_unless_a_policy_allows_explicitly() {
+    use crate::{decision::Inbound, tests::addr, DecisionReason, Verdict};
+    // `a-0` serves Service `a`, bound to `wp`; `b-0` serves nothing bound.
+    let b0 = pod("shop", "b-0", "n1", "10.0.0.2", "app: b");
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[b0.clone()]);
+    let identity = |name: &str| {
+        state
+            .workload_by_name("shop", name)
+            .expect("pod")
+            .identity
+            .clone()
+    };
+    let (client, waypoint) = (identity("b-0"), identity("wp-0"));
+    let admit = |src: &str, identity: Option<&mesh_identity::Identity>, dst: &str| {
+        let d = state.admit(&Inbound {
+            src: addr(src),
+            dst: addr(dst),
+            src_identity: identity,
+        });
+        (d.verdict, d.reason, d.policy.map(|p| p.to_string()))
+    };
+    assert_eq!(
+        admit("10.0.0.2:40000", Some(&client), "10.0.0.1:8080"),
+        (
+            Verdict::Deny,
+            DecisionReason::WaypointBypass,
+            Some("waypoint shop/wp".to_owned())
+        ),
+        "straight to the pod, past the waypoint"
+    );
+    assert_eq!(
+        admit("10.0.1.1:40000", Some(&waypoint), "10.0.0.1:8080").0,
+        Verdict::Allow,
+        "from the waypoint"
+    );
+    assert_eq!(
+        admit("10.0.0.2:40000", None, "10.0.0.1:8080").1,
+        DecisionReason::WaypointBypass,
+        "plaintext"
+    );
+    assert_eq!(
+        admit("10.0.0.2:40000", Some(&waypoint), "10.0.0.1:8080").1,
+        DecisionReason::WaypointBypass,
+        "the waypoint's identity from another pod's address"
+    );
+    assert_eq!(
+        admit("10.0.0.1:40000", Some(&identity("a-0")), "10.0.0.2:8080").0,
+        Verdict::Allow,
+        "a pod behind no waypoint"
+    );
+    // An ALLOW policy that matches the client lets it past the waypoint, explicitly.
+    let allow = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: direct, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: a}}}}\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n",
+        client.as_str().trim_start_matches("spiffe://")
+    );
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[b0, allow]);
+    let d = state.admit(&Inbound {
+        src: addr("10.0.0.2:40000"),
+        dst: addr("10.0.0.1:8080"),
+        src_identity: Some(&client),
+    });
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Allow, DecisionReason::AllowMatched)
+    );
+    // The waypoint now falls under that ALLOW policy and is not matched by it: denied, as any
+    // source would be (the waypoint rule adds to policies, it never overrides a denial).
+    let d = state.admit(&Inbound {
+        src: addr("10.0.1.1:40000"),
+        dst: addr("10.0.0.1:8080"),
+        src_identity: Some(&waypoint),
+    });
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Deny, DecisionReason::NoAllowMatched)
+    );
 }
