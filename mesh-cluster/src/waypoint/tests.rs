@@ -289,7 +289,12 @@ fn a_pod_behind_a_waypoint_admits_only_the_waypoint_unless_a_policy_allows_expli
     use crate::{decision::Inbound, tests::addr, DecisionReason, Verdict};
     // `a-0` serves Service `a`, bound to `wp`; `b-0` serves nothing bound.
     let b0 = pod("shop", "b-0", "n1", "10.0.0.2", "app: b");
-    let state = cluster("", "istio.io/use-waypoint: wp", "", &[b0.clone()]);
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "",
+        std::slice::from_ref(&b0),
+    );
     let identity = |name: &str| {
         state
             .workload_by_name("shop", name)
