@@ -120,6 +120,56 @@ pub enum TargetPort {
     Name(String),
 }
 
+/// What a Service port carries, as Istio selects it: the port's `appProtocol`, else the prefix of
+/// its name before the first `-` (`http-web`, `grpc`), else unknown (a waypoint sniffs the first
+/// bytes). Case is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// `http`, or Kubernetes' `kubernetes.io/ws` (WebSocket starts as HTTP/1.1).
+    Http,
+    /// `http2`, or Kubernetes' `kubernetes.io/h2c`.
+    Http2,
+    /// `grpc` or `grpc-web`.
+    Grpc,
+    /// Not HTTP, or HTTP the waypoint cannot read (`tcp`, `tls`, `https`, `mongo`, `mysql`,
+    /// `redis`, `kubernetes.io/wss`): passed through as TCP.
+    Opaque,
+    /// Not said, or a value Istio does not know: sniffed.
+    Unknown,
+}
+
+impl AppProtocol {
+    /// The protocol of a port with `app_protocol` and `name`.
+    pub fn of(app_protocol: Option<&str>, name: Option<&str>) -> Self {
+        let known = |value: &str| match value.to_ascii_lowercase().as_str() {
+            "http" | "http1" | "kubernetes.io/ws" => Some(AppProtocol::Http),
+            "http2" | "kubernetes.io/h2c" => Some(AppProtocol::Http2),
+            "grpc" | "grpc-web" => Some(AppProtocol::Grpc),
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => {
+                Some(AppProtocol::Opaque)
+            }
+            _ => None,
+        };
+        if let Some(protocol) = app_protocol.and_then(known) {
+            return protocol;
+        }
+        let prefix = name.map(|n| n.split('-').next().unwrap_or(n));
+        // `grpc-web` as a name is the protocol itself, not `grpc` with a suffix.
+        let whole = name.and_then(known).filter(|p| *p == AppProtocol::Grpc);
+        whole
+            .or_else(|| prefix.and_then(known))
+            .unwrap_or(AppProtocol::Unknown)
+    }
+
+    /// Whether the waypoint serves the port as HTTP without sniffing.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc
+        )
+    }
+}
+
 /// A Service.
 #[derive(Debug)]
 pub struct Service {
@@ -150,6 +200,8 @@ pub struct ServicePort {
     pub protocol: Protocol,
     /// Target as written.
     pub target_port: TargetPort,
+    /// What the port carries, for a waypoint: from `appProtocol`, else the port's name.
+    pub app_protocol: AppProtocol,
     /// The addresses that serve this port, sorted, each once: from the ready pods the selector
     /// picks (target port resolved per pod), or from the service's `EndpointSlices` (see
     /// [`crate::EndpointsFrom`]).
@@ -209,6 +261,7 @@ impl ServicePort {
         };
         let (v4, v6) = (family(true), family(false));
         Self {
+            app_protocol: AppProtocol::Unknown,
             name,
             port,
             protocol,
@@ -279,3 +332,6 @@ pub enum Resolution {
         reason: crate::waypoint::Unavailable,
     },
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,7 +11,7 @@ use super::{
     endpoints::{BuiltPod, PortSources, SliceIndex},
     error::StateError,
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
-    model::{Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
+    model::{AppProtocol, Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
     names::{check_name, NameRule},
     options::{
         EnrollmentOptions, RuntimeHandles, CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION,
@@ -341,12 +341,11 @@ pub(super) fn service_from(
             }
         };
         let endpoints = sources.endpoints(spec.name.as_deref(), protocol, &target_port);
-        ports.push(ServicePort::new(
-            spec.name.clone(),
-            (port, protocol),
-            target_port,
-            endpoints,
-        ));
+        let mut service_port =
+            ServicePort::new(spec.name.clone(), (port, protocol), target_port, endpoints);
+        service_port.app_protocol =
+            AppProtocol::of(spec.app_protocol.as_deref(), spec.name.as_deref());
+        ports.push(service_port);
     }
     Ok(Service {
         hostname: format!(

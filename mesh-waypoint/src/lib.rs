@@ -27,6 +27,7 @@
 
 mod filters;
 mod listener;
+mod protocol;
 mod request;
 mod upstream;
 

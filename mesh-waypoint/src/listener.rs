@@ -14,8 +14,11 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
+use mesh_cluster::AppProtocol;
+
 use crate::{
-    request::{handle, Source, Target},
+    protocol::{sniff, Prefixed, Sniffed},
+    request::{handle, pass_through, Source, Target},
     upstream::Upstream,
     Ctx, WaypointConfig, WaypointError,
 };
@@ -151,11 +154,33 @@ async fn tunnel(
             return;
         }
     };
+    // HTTP when the port says so; TCP when it says something else; otherwise sniffed.
+    let protocol = match &target {
+        Target::Service { protocol, .. } => *protocol,
+        Target::Workload { .. } => AppProtocol::Unknown,
+    };
+    let mut stream = stream;
+    let (sniffed, first) = match protocol {
+        p if p.is_http() => (Sniffed::Http, Vec::new()),
+        AppProtocol::Opaque => (Sniffed::Tcp, Vec::new()),
+        _ => match sniff(&mut stream).await {
+            Ok(found) => found,
+            Err(e) => {
+                debug!(error = %e, "tunnel closed while sniffing");
+                return;
+            }
+        },
+    };
+    let io = Prefixed::new(first, stream);
+    if sniffed == Sniffed::Tcp {
+        pass_through(&ctx, &target, &source, io).await;
+        return;
+    }
     let service = hyper::service::service_fn(move |request| {
         handle(request, Arc::clone(&ctx), target.clone(), source.clone())
     });
     let served = auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await;
     if let Err(e) = served {
         debug!(error = %e, "HTTP on the tunnel ended");

@@ -40,8 +40,12 @@ const DEFAULT_RETRIES: u32 = 2;
 #[derive(Clone, Debug)]
 pub(crate) enum Target {
     /// A Service bound to this waypoint, by hostname (looked up again in each request's view),
-    /// and its port.
-    Service { hostname: String, port: u16 },
+    /// its port and what the port carries.
+    Service {
+        hostname: String,
+        port: u16,
+        protocol: mesh_cluster::AppProtocol,
+    },
     /// A pod bound to this waypoint, at its address and port.
     Workload { addr: SocketAddr },
 }
@@ -77,6 +81,7 @@ impl Target {
             return Ok(Target::Service {
                 hostname: service.hostname.clone(),
                 port: port.port,
+                protocol: port.app_protocol,
             });
         }
         if let Some(workload) = state.workload_by_ip(authority.ip()) {
@@ -153,7 +158,7 @@ async fn route(
                 Err(e) => upstream_failed(&e),
             };
         }
-        Target::Service { hostname, port } => (hostname, *port),
+        Target::Service { hostname, port, .. } => (hostname, *port),
     };
     let Some(service) = state.service_by_hostname(hostname) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "the Service is gone");
@@ -327,9 +332,10 @@ async fn send(
                     .is_some_and(|r| r.codes.contains(&response.status().as_u16())),
                 Err(Failure::NoEndpoint) => false,
                 Err(Failure::Upstream(UpstreamError::Connect { .. })) => true,
-                Err(Failure::Upstream(UpstreamError::Http { .. }) | Failure::Timeout) => {
-                    plan.retry.is_some()
-                }
+                Err(
+                    Failure::Upstream(UpstreamError::Http { .. } | UpstreamError::Relay { .. })
+                    | Failure::Timeout,
+                ) => plan.retry.is_some(),
             };
             if !retry_this || attempt >= retries || !replay.can_replay() {
                 return match result {
@@ -371,6 +377,44 @@ impl Failure {
             Failure::Upstream(e) => upstream_failed(e),
             Failure::Timeout => local(StatusCode::GATEWAY_TIMEOUT, "backend request timeout"),
         }
+    }
+}
+
+/// A tunnel that is not HTTP: its bytes go to an endpoint of the Service (`HTTPRoutes` do not
+/// apply), or to the pod it was for, both ways until both sides are done.
+pub(crate) async fn pass_through<IO>(ctx: &Ctx, target: &Target, source: &Source, mut down: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let state = Arc::clone(&ctx.state.borrow());
+    let picked = match target {
+        Target::Workload { addr } => state.workload_by_ip(addr.ip()).map(|w| {
+            let endpoint = mesh_cluster::Endpoint {
+                addr: *addr,
+                workload: Some(Arc::clone(w)),
+            };
+            (endpoint, *addr, w.to_string())
+        }),
+        Target::Service { hostname, port, .. } => {
+            state.service_by_hostname(hostname).and_then(|service| {
+                let (endpoint, addr) = service
+                    .pick_endpoint(*port, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+                    .or_else(|| service.pick_endpoint(*port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)))?;
+                Some((endpoint.clone(), addr, service.hostname.clone()))
+            })
+        }
+    };
+    let Some((endpoint, addr, host)) = picked else {
+        warn!(?target, "no endpoint for a TCP tunnel");
+        return;
+    };
+    match ctx
+        .upstream
+        .relay(&endpoint, addr, &host, source.addr, &mut down)
+        .await
+    {
+        Ok((sent, received)) => debug!(%addr, sent, received, "TCP tunnel done"),
+        Err(e) => warn!(error = %e, "TCP tunnel failed"),
     }
 }
 

@@ -3,7 +3,14 @@
 //! identity required), in plain TCP to an endpoint outside the mesh; then HTTP/1.1 or HTTP/2 on
 //! that stream, as the request came.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use hyper::{body::Incoming, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -13,7 +20,7 @@ use mesh_hbone::{Connect, OutboundRequest, Pool, PoolConfig};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
@@ -31,6 +38,9 @@ pub(crate) enum UpstreamError {
     /// tunnel. Safe to try another endpoint.
     #[error("could not reach {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
+    /// A TCP tunnel's relay failed.
+    #[error("relay with {addr} failed: {source}")]
+    Relay { addr: SocketAddr, source: io::Error },
     /// The exchange failed after the request was (maybe) sent.
     #[error("request to {addr} failed: {source}")]
     Http {
@@ -90,22 +100,22 @@ impl Upstream {
         }
     }
 
-    /// Sends `request` to `endpoint` (address `addr`, the Service's `host`) for `client`.
-    pub(crate) async fn send(
+    /// A byte stream to `endpoint` (address `addr`, of the Service `host`) for `client`: an
+    /// HBONE tunnel to a meshed endpoint's agent, plain TCP to any other.
+    async fn connect(
         &self,
         endpoint: &Endpoint,
         addr: SocketAddr,
         host: &str,
         client: SocketAddr,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<UpStream, UpstreamError> {
         let connect_error = |reason: String| UpstreamError::Connect { addr, reason };
         let Some(workload) = endpoint.workload.as_deref().filter(|w| w.is_meshed()) else {
             let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|e| connect_error(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
-            return exchange(tcp, addr, request).await;
+            return Ok(UpStream::Tcp(tcp));
         };
         let key = (
             workload.identity.clone(),
@@ -120,7 +130,83 @@ impl Upstream {
             .await
             .map_err(|e| connect_error(e.to_string()))?;
         debug!(%addr, peer = %workload.identity, "HBONE stream to the endpoint");
+        Ok(UpStream::Hbone(stream))
+    }
+
+    /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`.
+    pub(crate) async fn send(
+        &self,
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        host: &str,
+        client: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let stream = self.connect(endpoint, addr, host, client).await?;
         exchange(stream, addr, request).await
+    }
+
+    /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP); returns the
+    /// bytes sent and received.
+    pub(crate) async fn relay<D>(
+        &self,
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        host: &str,
+        client: SocketAddr,
+        down: &mut D,
+    ) -> Result<(u64, u64), UpstreamError>
+    where
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut up = self.connect(endpoint, addr, host, client).await?;
+        tokio::io::copy_bidirectional(down, &mut up)
+            .await
+            .map_err(|source| UpstreamError::Relay { addr, source })
+    }
+}
+
+/// A byte stream to an endpoint.
+enum UpStream {
+    Hbone(mesh_hbone::H2Stream),
+    Tcp(TcpStream),
+}
+
+/// Calls `$method` on whichever stream it is.
+macro_rules! delegate {
+    ($self:ident, $method:ident ( $($arg:expr),* )) => {
+        match $self.get_mut() {
+            UpStream::Hbone(s) => Pin::new(s).$method($($arg),*),
+            UpStream::Tcp(s) => Pin::new(s).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_shutdown(cx))
     }
 }
 

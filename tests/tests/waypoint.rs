@@ -40,8 +40,25 @@ impl Bed {
 }
 
 fn service_yaml(name: &str, vip_index: usize, selector: (&str, &str), labels: &str) -> String {
+    port_service_yaml(
+        name,
+        vip_index,
+        selector,
+        labels,
+        ("name: http", 80, APP_PORT),
+    )
+}
+
+/// A Service with one port: (`name: …` or nothing, port, target port).
+fn port_service_yaml(
+    name: &str,
+    vip_index: usize,
+    selector: (&str, &str),
+    labels: &str,
+    (port_name, port, target): (&str, u16, u16),
+) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{{labels}}}\nspec:\n  clusterIP: {vip}\n  ports:\n  - name: http\n    port: 80\n    targetPort: {APP_PORT}\n  selector:\n    {}: \"{}\"\n",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{{labels}}}\nspec:\n  clusterIP: {vip}\n  ports:\n  - {{{port_name}, port: {port}, targetPort: {target}}}\n  selector:\n    {}: \"{}\"\n",
         selector.0,
         selector.1,
         vip = plan::service_vip_v4(vip_index),
@@ -251,6 +268,60 @@ fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
     assert_eq!(lines[0]["protocol"], "HTTP/2.0");
     assert_eq!(lines[0]["backend"], "v2");
     drop(bed.waypoint);
+}
+
+#[test]
+fn other_protocols_pass_through_the_waypoint_as_tcp() {
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let v2 = bed.mesh.pod(1, 1).clone();
+    let _tcp_echo = mesh_tests::probe::serve(&v2, SocketAddr::new(IpAddr::V4(v2.ipv4), 9000))
+        .expect("TCP echo server");
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    // A port named `tcp` (passed through at once) and an unnamed one (sniffed).
+    for (name, vip, port_name, port) in [
+        ("raw", 3, "name: tcp", 9000),
+        ("any", 4, "appProtocol: example.com/x", 9001),
+    ] {
+        let text = port_service_yaml(
+            name,
+            vip,
+            ("version", "v2"),
+            &bound,
+            (port_name, port, 9000),
+        );
+        bed.mesh
+            .files
+            .write(&format!("service-{name}.yaml"), &text)
+            .unwrap();
+    }
+    bed.waypoint
+        .process
+        .wait_for_line("the TCP Services", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("services=5")
+        })
+        .unwrap();
+    for agent in &mut bed.mesh.agents {
+        agent
+            .wait_for_log("the TCP Services", LOG_WAIT, |l| {
+                l.contains("cluster state updated") && l.contains("services=5")
+            })
+            .unwrap();
+    }
+    for (vip, port) in [(3, 9000), (4, 9001)] {
+        let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(vip)), port);
+        let out = mesh_tests::probe::connect(&client, addr, "not http, byte for byte")
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+        assert!(out.starts_with("echo ok"), "{addr}: {out}");
+    }
+    let done = bed
+        .waypoint
+        .process
+        .lines()
+        .iter()
+        .filter(|l| l.contains("TCP tunnel done"))
+        .count();
+    assert_eq!(done, 2, "both through the waypoint");
 }
 
 /// Whether a plain curl from `pod` to `target` gets an answer.
