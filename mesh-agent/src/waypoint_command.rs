@@ -41,6 +41,12 @@ pub struct WaypointArgs {
     /// Where HBONE is served.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
+    /// Prometheus endpoint (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
     /// SPIFFE trust domain.
     #[arg(long, default_value = mesh_cluster::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -97,6 +103,8 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         name: args.name,
         identity: identity.clone(),
         listen: args.listen,
+        metrics: args.metrics_addr,
+        readiness: args.readiness_addr,
         provider: args.crypto_provider,
     };
     let limits = FileLimits {
@@ -108,6 +116,8 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         %identity,
         config_dir = %args.config_dir.display(),
         listen = %config.listen,
+        metrics = %config.metrics,
+        readiness = %config.readiness,
         crypto_provider = config.provider.name(),
         "waypoint configuration"
     );

@@ -25,10 +25,12 @@
 //! invalid backend's share), 503 (no endpoint, or the endpoint cannot be reached), 504 (a
 //! timeout), and the redirects a rule asks for.
 
+mod admin;
 mod filters;
 mod listener;
 mod protocol;
 mod request;
+mod telemetry;
 mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -50,6 +52,10 @@ pub struct WaypointConfig {
     pub identity: Identity,
     /// Where HBONE is served: port 15008 of the pod's addresses.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served (15020).
+    pub metrics: SocketAddr,
+    /// Where `/healthz/ready` is served (15021).
+    pub readiness: SocketAddr,
     /// TLS crypto provider.
     pub provider: CryptoProvider,
 }
@@ -75,4 +81,5 @@ pub(crate) struct Ctx {
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     pub(crate) upstream: Arc<upstream::Upstream>,
     pub(crate) hbone: mesh_hbone::ServerConfig,
+    pub(crate) metrics: Arc<telemetry::Metrics>,
 }

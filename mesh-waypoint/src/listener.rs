@@ -1,7 +1,15 @@
 //! Port 15008 of the waypoint's pod: TLS as the waypoint (any client of the trust domain, whose
 //! identity its certificate gives), HBONE, and HTTP on each tunnel.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -17,11 +25,24 @@ use tracing::{debug, info, warn, Instrument};
 use mesh_cluster::AppProtocol;
 
 use crate::{
+    admin::{self, Admin},
     protocol::{sniff, Prefixed, Sniffed},
     request::{handle, pass_through, Source, Target},
     upstream::Upstream,
     Ctx, WaypointConfig, WaypointError,
 };
+
+/// How long the waypoint waits for its first certificate before it says so.
+const CERT_WAIT: Duration = Duration::from_secs(60);
+
+/// Aborts a task when dropped (the admin endpoints end with the waypoint).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// How long a peer may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +74,26 @@ pub async fn serve(
         listen = %config.listen,
         "waypoint serving HBONE"
     );
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Admin {
+        metrics: Arc::clone(&metrics),
+        ready: Arc::clone(&ready),
+    };
+    let _metrics_task = AbortOnDrop(admin::listen(config.metrics, admin.clone()).await?);
+    let _readiness_task = AbortOnDrop(admin::listen(config.readiness, admin).await?);
+    let _ready_task = AbortOnDrop(tokio::spawn({
+        let (certs, identity) = (Arc::clone(&certs), config.identity.clone());
+        async move {
+            match certs.wait_for(&identity, CERT_WAIT).await {
+                Ok(_) => {
+                    ready.store(true, Ordering::Relaxed);
+                    info!("waypoint ready");
+                }
+                Err(e) => warn!(error = %e, "no certificate for the waypoint's identity"),
+            }
+        }
+    }));
     let upstream = Arc::new(Upstream::new(
         certs,
         config.provider,
@@ -63,6 +104,7 @@ pub async fn serve(
         state,
         upstream,
         hbone: mesh_hbone::ServerConfig::default(),
+        metrics,
     });
     let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);

@@ -4,7 +4,7 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
 
@@ -22,6 +22,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
     filters::{modify_headers, redirect_location, replace_path},
+    telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upstream::UpstreamError,
     Ctx,
 };
@@ -117,7 +118,17 @@ pub(crate) async fn handle(
         src = %source.identity,
     );
     let started = Instant::now();
-    let response = route(request.map(BodyExt::boxed), &ctx, &target, &source)
+    let (parts, body) = request.into_parts();
+    let source_workload = ctx.state.borrow().workload_by_ip(source.addr.ip()).cloned();
+    let read = Arc::new(AtomicU64::new(0));
+    let mut log = RequestLog::start(
+        &parts,
+        source.identity.clone(),
+        source_workload,
+        Arc::clone(&read),
+    );
+    let request = Request::from_parts(parts, Counted::new(body, read).boxed());
+    let response = route(request, &ctx, &target, &source)
         .instrument(span.clone())
         .await;
     span.in_scope(|| {
@@ -127,7 +138,8 @@ pub(crate) async fn handle(
             "request done"
         );
     });
-    Ok(response)
+    log.respond(&response);
+    Ok(Recorded::wrap(response, log, Arc::clone(&ctx.metrics)).map(BodyExt::boxed))
 }
 
 async fn route(
@@ -142,7 +154,11 @@ async fn route(
     let (hostname, port) = match target {
         Target::Workload { addr } => {
             let Some(workload) = state.workload_by_ip(addr.ip()) else {
-                return local(StatusCode::SERVICE_UNAVAILABLE, "the pod is gone");
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::NoHealthyUpstream,
+                    "the pod is gone",
+                );
             };
             let endpoint = mesh_cluster::Endpoint {
                 addr: *addr,
@@ -154,14 +170,27 @@ async fn route(
                 .send(&endpoint, *addr, &host, source.addr, request)
                 .await
             {
-                Ok(response) => response.map(BodyExt::boxed),
+                Ok(response) => {
+                    let mut response = response.map(BodyExt::boxed);
+                    response.extensions_mut().insert(Outcome {
+                        flag: Flag::None,
+                        upstream: Some(*addr),
+                        workload: endpoint.workload.clone(),
+                        service: None,
+                    });
+                    response
+                }
                 Err(e) => upstream_failed(&e),
             };
         }
         Target::Service { hostname, port, .. } => (hostname, *port),
     };
     let Some(service) = state.service_by_hostname(hostname) else {
-        return local(StatusCode::SERVICE_UNAVAILABLE, "the Service is gone");
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Flag::NoHealthyUpstream,
+            "the Service is gone",
+        );
     };
     let facts = RequestFacts {
         method: request.method(),
@@ -177,7 +206,7 @@ async fn route(
             };
             send(ctx, &backend, request, Plan::default(), source).await
         }
-        RouteDecision::NoMatch => local(StatusCode::NOT_FOUND, "no route matches"),
+        RouteDecision::NoMatch => local(StatusCode::NOT_FOUND, Flag::NoRoute, "no route matches"),
         RouteDecision::Matched { rule, matched, .. } => {
             matched_rule(ctx, rule, matched, request, port, source).await
         }
@@ -230,6 +259,7 @@ async fn matched_rule(
     let Some(chosen) = rule.pick_backend(fastrand::u64(..)) else {
         return local(
             StatusCode::INTERNAL_SERVER_ERROR,
+            Flag::InvalidBackend,
             "the rule has no backend with a weight",
         );
     };
@@ -299,6 +329,7 @@ async fn send(
             debug!(%problem, "the backend does not resolve");
             return local(
                 StatusCode::INTERNAL_SERVER_ERROR,
+                Flag::InvalidBackend,
                 "the backend does not resolve",
             );
         }
@@ -321,6 +352,7 @@ async fn send(
             let Some(request) = replay.take() else {
                 return local(
                     StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UpstreamFailure,
                     "the request cannot be sent again",
                 );
             };
@@ -353,7 +385,13 @@ async fn send(
     let mut response = match plan.request_timeout {
         Some(limit) => tokio::time::timeout(limit, attempts)
             .await
-            .unwrap_or_else(|_| local(StatusCode::GATEWAY_TIMEOUT, "request timeout")),
+            .unwrap_or_else(|_| {
+                local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Flag::Timeout,
+                    "request timeout",
+                )
+            }),
         None => attempts.await,
     };
     strip_hop_by_hop(response.headers_mut());
@@ -373,9 +411,17 @@ enum Failure {
 impl Failure {
     fn response(&self) -> Response<Body> {
         match self {
-            Failure::NoEndpoint => local(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint"),
+            Failure::NoEndpoint => local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::NoHealthyUpstream,
+                "no ready endpoint",
+            ),
             Failure::Upstream(e) => upstream_failed(e),
-            Failure::Timeout => local(StatusCode::GATEWAY_TIMEOUT, "backend request timeout"),
+            Failure::Timeout => local(
+                StatusCode::GATEWAY_TIMEOUT,
+                Flag::Timeout,
+                "backend request timeout",
+            ),
         }
     }
 }
@@ -441,9 +487,14 @@ async fn one_attempt(
             .map_err(|_| Failure::Timeout)?,
         None => sent.await,
     };
-    result
-        .map(|response| response.map(BodyExt::boxed))
-        .map_err(Failure::Upstream)
+    let mut response = result.map_err(Failure::Upstream)?.map(BodyExt::boxed);
+    response.extensions_mut().insert(Outcome {
+        flag: Flag::None,
+        upstream: Some(addr),
+        workload: endpoint.workload.clone(),
+        service: Some(Arc::clone(service)),
+    });
+    Ok(response)
 }
 
 /// A request that may be sent more than once: its body kept when small enough.
@@ -532,14 +583,19 @@ fn upstream_failed(error: &UpstreamError) -> Response<Body> {
     warn!(%error, "no response from the endpoint");
     local(
         StatusCode::SERVICE_UNAVAILABLE,
+        Flag::UpstreamFailure,
         "upstream connect error or disconnect",
     )
 }
 
-/// An answer the waypoint makes itself, with a short text body.
-pub(crate) fn local(status: StatusCode, text: &'static str) -> Response<Body> {
+/// An answer the waypoint makes itself, with a short text body and the flag that says why.
+pub(crate) fn local(status: StatusCode, flag: Flag, text: &'static str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
+    response.extensions_mut().insert(Outcome {
+        flag,
+        ..Outcome::default()
+    });
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -556,6 +612,7 @@ fn redirect_response(status: StatusCode, location: &str) -> Response<Body> {
         }
         Err(_) => local(
             StatusCode::INTERNAL_SERVER_ERROR,
+            Flag::None,
             "the redirect is not a valid URL",
         ),
     }

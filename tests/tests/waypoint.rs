@@ -16,6 +16,7 @@ use std::{
 use mesh_tests::{
     mesh::{Mesh, Shortcut, NS, PLAIN_NS},
     plan,
+    telemetry::{access_records_in, count, parse_prometheus, sum},
     waypoint::Waypoint,
     Pod, Process, TestbedSpec,
 };
@@ -267,7 +268,72 @@ fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["protocol"], "HTTP/2.0");
     assert_eq!(lines[0]["backend"], "v2");
-    drop(bed.waypoint);
+
+    // The waypoint's request metrics, with Istio's names and labels, and its access log.
+    let principal = format!("spiffe://cluster.local/ns/{NS}/sa/sa-{}", client.name);
+    let to_v2 = [
+        ("reporter", "waypoint"),
+        ("destination_service", "web-v2.mesh.svc.cluster.local"),
+        ("destination_service_name", "web-v2"),
+        ("destination_workload", bed.mesh.pod(1, 1).name.as_str()),
+        ("response_code", "200"),
+        ("source_principal", principal.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    assert_eq!(
+        count(&samples, "istio_requests_total", &to_v2),
+        (v2 + 51) as u64
+    );
+    let all = [("reporter", "waypoint")];
+    assert_eq!(count(&samples, "istio_requests_total", &all), 1051);
+    assert_eq!(
+        count(&samples, "istio_request_duration_milliseconds_count", &all),
+        1051
+    );
+    assert_eq!(count(&samples, "istio_response_bytes_count", &all), 1051);
+    assert!(sum(&samples, "istio_response_bytes_sum", &all) > 1051.0 * 100.0);
+    assert_eq!(
+        count(
+            &samples,
+            "istio_requests_total",
+            &[("request_protocol", "http2")]
+        ),
+        1,
+        "the h2c request"
+    );
+    let records = access_records_in(&bed.waypoint.process.lines());
+    assert_eq!(records.len(), 1051);
+    let first = records
+        .iter()
+        .find(|r| r["path"] == "/canary/0")
+        .expect("its record");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["src"]["identity"], principal.as_str());
+    assert_eq!(first["response_flags"], "-");
+    assert!(
+        first["upstream"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(":8080")),
+        "{first}"
+    );
+}
+
+/// The waypoint's metrics, scraped from inside its pod.
+fn waypoint_metrics(pod: &Pod) -> Vec<mesh_tests::telemetry::Sample> {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let out = mesh_tests::process::run(pod.command(bin).args([
+        "http",
+        "GET",
+        "127.0.0.1:15020",
+        "/metrics",
+    ]))
+    .expect("scraping the waypoint");
+    let (status, body) = out.split_once('\n').expect("status line");
+    assert_eq!(status.trim(), "200", "{body}");
+    parse_prometheus(body).expect("Prometheus text")
 }
 
 #[test]

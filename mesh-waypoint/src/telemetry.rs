@@ -1,0 +1,531 @@
+//! What the waypoint reports per request: Istio's request metrics (`istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`, with
+//! `reporter="waypoint"` and Istio's labels), served in Prometheus' text format, and one JSON
+//! access-log line on standard output. Both are written when the response's last byte has gone
+//! (or the client went away first), so duration and sizes are the whole exchange's.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use mesh_cluster::{Service, Workload};
+use mesh_identity::Identity;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use serde_json::json;
+
+/// Istio's duration buckets, in milliseconds.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    2500.0,
+    5000.0,
+    10000.0,
+    30000.0,
+    60000.0,
+    300_000.0,
+    600_000.0,
+    1_800_000.0,
+    3_600_000.0,
+];
+
+/// Size buckets, in bytes: powers of ten up to 100 MB.
+const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Istio's labels of the request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Labels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    request_protocol: &'static str,
+    response_code: u16,
+    grpc_response_status: String,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+/// The waypoint's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    duration: HistogramFamily,
+    request_bytes: HistogramFamily,
+    response_bytes: HistogramFamily,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        let histograms = || HistogramFamily::new_with_constructor(duration_histogram);
+        let sizes = || HistogramFamily::new_with_constructor(size_histogram);
+        let (duration, request_bytes, response_bytes) = (histograms(), sizes(), sizes());
+        registry.register("istio_requests", "Requests", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's start to the response's last byte",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request size: headers and body",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response size: headers and body",
+            response_bytes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub(crate) fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a `String` cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Why the waypoint answered as it did, as Envoy's response flags say it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Flag {
+    /// Nothing to report.
+    #[default]
+    None,
+    /// `NR`: no route matched.
+    NoRoute,
+    /// `UH`: no healthy endpoint.
+    NoHealthyUpstream,
+    /// `UF`: the endpoint could not be reached.
+    UpstreamFailure,
+    /// `UT`: a timeout.
+    Timeout,
+    /// `DC`: the client went away before the response was done.
+    DownstreamClosed,
+    /// `UAEX`-like for the waypoint's own answers: the backend does not resolve (a 500).
+    InvalidBackend,
+}
+
+impl Flag {
+    fn as_str(self) -> &'static str {
+        match self {
+            Flag::None => "-",
+            Flag::NoRoute => "NR",
+            Flag::NoHealthyUpstream => "UH",
+            Flag::UpstreamFailure => "UF",
+            Flag::Timeout => "UT",
+            Flag::DownstreamClosed => "DC",
+            Flag::InvalidBackend => "NC",
+        }
+    }
+}
+
+/// What the response says about where the request went: set in the response's extensions by
+/// whoever made it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Outcome {
+    pub(crate) flag: Flag,
+    /// The endpoint that answered.
+    pub(crate) upstream: Option<SocketAddr>,
+    pub(crate) workload: Option<Arc<Workload>>,
+    /// The backend Service.
+    pub(crate) service: Option<Arc<Service>>,
+}
+
+/// One request's record, completed when its response ends.
+pub(crate) struct RequestLog {
+    started: Instant,
+    method: String,
+    authority: String,
+    path: String,
+    protocol: &'static str,
+    trace_id: Option<String>,
+    source: Identity,
+    source_workload: Option<Arc<Workload>>,
+    request_bytes: Arc<AtomicU64>,
+    status: u16,
+    grpc_status: Option<String>,
+    outcome: Outcome,
+}
+
+impl RequestLog {
+    /// The record of a request, from its head; `request_bytes` counts its body as it is read.
+    pub(crate) fn start(
+        parts: &http::request::Parts,
+        source: Identity,
+        source_workload: Option<Arc<Workload>>,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Self {
+        let authority = parts
+            .uri
+            .authority()
+            .map(ToString::to_string)
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let grpc = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let protocol = match (grpc, parts.version) {
+            (true, _) => "grpc",
+            (false, http::Version::HTTP_2) => "http2",
+            _ => "http",
+        };
+        request_bytes.fetch_add(head_size(&parts.headers), Ordering::Relaxed);
+        Self {
+            started: Instant::now(),
+            method: parts.method.to_string(),
+            authority,
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), ToString::to_string),
+            protocol,
+            trace_id: trace_id(&parts.headers),
+            source,
+            source_workload,
+            request_bytes,
+            status: 0,
+            grpc_status: None,
+            outcome: Outcome::default(),
+        }
+    }
+
+    /// Adds the response's head and what it says about where the request went.
+    pub(crate) fn respond(&mut self, response: &http::Response<impl Body>) {
+        self.status = response.status().as_u16();
+        self.grpc_status = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(outcome) = response.extensions().get::<Outcome>() {
+            self.outcome = outcome.clone();
+        }
+    }
+
+    fn finish(
+        mut self,
+        metrics: &Metrics,
+        response_bytes: u64,
+        trailers_status: Option<String>,
+        complete: bool,
+    ) {
+        if !complete && self.outcome.flag == Flag::None {
+            self.outcome.flag = Flag::DownstreamClosed;
+        }
+        if trailers_status.is_some() {
+            self.grpc_status = trailers_status;
+        }
+        let elapsed = self.started.elapsed();
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let workload = self.outcome.workload.as_deref();
+        let service = self.outcome.service.as_deref();
+        let labels = Labels {
+            reporter: "waypoint",
+            source_workload: self
+                .source_workload
+                .as_deref()
+                .map_or_else(|| "unknown".to_owned(), |w| w.name.clone()),
+            source_workload_namespace: self.source.namespace().to_owned(),
+            source_principal: self.source.as_str().to_owned(),
+            destination_workload: workload.map_or_else(|| "unknown".to_owned(), |w| w.name.clone()),
+            destination_workload_namespace: workload
+                .map_or_else(|| "unknown".to_owned(), |w| w.namespace.clone()),
+            destination_principal: workload
+                .filter(|w| w.is_meshed())
+                .map_or_else(|| "unknown".to_owned(), |w| w.identity.as_str().to_owned()),
+            destination_service: service
+                .map_or_else(|| self.authority.clone(), |s| s.hostname.clone()),
+            destination_service_name: service
+                .map_or_else(|| "unknown".to_owned(), |s| s.name.clone()),
+            destination_service_namespace: service
+                .map_or_else(|| "unknown".to_owned(), |s| s.namespace.clone()),
+            request_protocol: self.protocol,
+            response_code: self.status,
+            grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
+            response_flags: self.outcome.flag.as_str(),
+            connection_security_policy: if workload.is_some_and(Workload::is_meshed) {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+        };
+        metrics.requests.get_or_create(&labels).inc();
+        let millis = elapsed.as_secs_f64() * 1000.0;
+        metrics.duration.get_or_create(&labels).observe(millis);
+        #[allow(clippy::cast_precision_loss)] // Byte counts far below 2^52.
+        {
+            metrics
+                .request_bytes
+                .get_or_create(&labels)
+                .observe(request_bytes as f64);
+            metrics
+                .response_bytes
+                .get_or_create(&labels)
+                .observe(response_bytes as f64);
+        }
+        let time = humantime_now();
+        let line = json!({
+            "log": "access",
+            "time": time,
+            "reporter": "waypoint",
+            "method": self.method,
+            "authority": self.authority,
+            "path": self.path,
+            "protocol": self.protocol,
+            "status": self.status,
+            "grpc_status": self.grpc_status,
+            "duration_ms": elapsed.as_millis(),
+            "src": {"identity": self.source.as_str(), "workload": labels.source_workload},
+            "service": service.map(|s| s.hostname.as_str()),
+            "upstream": self.outcome.upstream.map(|a| a.to_string()),
+            "upstream_workload": workload.map(ToString::to_string),
+            "bytes_received": request_bytes,
+            "bytes_sent": response_bytes,
+            "trace_id": self.trace_id,
+            "response_flags": self.outcome.flag.as_str(),
+        });
+        println!("{line}");
+    }
+}
+
+/// Headers' size on the wire, roughly (name, value, `: ` and CRLF).
+fn head_size(headers: &http::HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+}
+
+/// Now as RFC 3339 with milliseconds, UTC.
+fn humantime_now() -> String {
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A request body that counts the bytes read from it.
+pub(crate) struct Counted {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Counted {
+    pub(crate) fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &frame {
+            if let Some(data) = frame.data_ref() {
+                this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that completes its request's record when it ends or is dropped.
+pub(crate) struct Recorded {
+    inner: crate::request::Body,
+    bytes: u64,
+    grpc_status: Option<String>,
+    log: Option<(RequestLog, Arc<Metrics>)>,
+}
+
+impl Recorded {
+    /// `response`'s body, recorded; the head's size counts towards the response's bytes.
+    pub(crate) fn wrap(
+        response: http::Response<crate::request::Body>,
+        log: RequestLog,
+        metrics: Arc<Metrics>,
+    ) -> http::Response<Self> {
+        let head = head_size(response.headers());
+        response.map(|inner| Self {
+            inner,
+            bytes: head,
+            grpc_status: None,
+            log: Some((log, metrics)),
+        })
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some((log, metrics)) = self.log.take() {
+            log.finish(&metrics, self.bytes, self.grpc_status.take(), complete);
+        }
+    }
+}
+
+impl Body for Recorded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.grpc_status = trailers
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended, so a body dropped at its end is a
+        // complete response; one dropped before is a client that went away.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{civil_from_days, trace_id};
+
+    #[test]
+    fn dates_and_trace_ids() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_792), (2026, 12, 5));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            trace_id(&headers).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        headers.insert("traceparent", "garbage".parse().unwrap());
+        assert_eq!(trace_id(&headers), None);
+    }
+}
