@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
 use mesh_cluster::{
     http_route::{Backend, RequestFacts, ResolvedRule},
     k8s::{Filter, HeaderModifier, RouteMatch},
@@ -127,10 +128,20 @@ pub(crate) async fn handle(
         source_workload,
         Arc::clone(&read),
     );
-    let request = Request::from_parts(parts, Counted::new(body, read).boxed());
-    let response = route(request, &ctx, &target, &source)
+    let mut request = Request::from_parts(parts, Counted::new(body, read).boxed());
+    // An HTTP/1.1 upgrade (WebSocket): once both sides have switched, their bytes are spliced.
+    let upgrading = upgrade_of(request.headers())
+        .is_some()
+        .then(|| hyper::upgrade::on(&mut request));
+    let mut response = route(request, &ctx, &target, &source)
         .instrument(span.clone())
         .await;
+    if let Some(downstream) = upgrading {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(downstream, upstream).instrument(span.clone()));
+        }
+    }
     span.in_scope(|| {
         debug!(
             status = response.status().as_u16(),
@@ -150,7 +161,7 @@ async fn route(
 ) -> Response<Body> {
     let state = Arc::clone(&ctx.state.borrow());
     append_forwarded_for(request.headers_mut(), source.addr.ip());
-    strip_hop_by_hop(request.headers_mut());
+    strip_hop_by_hop_keeping_upgrade(request.headers_mut());
     let (hostname, port) = match target {
         Target::Workload { addr } => {
             let Some(workload) = state.workload_by_ip(addr.ip()) else {
@@ -210,6 +221,22 @@ async fn route(
         RouteDecision::Matched { rule, matched, .. } => {
             matched_rule(ctx, rule, matched, request, port, source).await
         }
+    }
+}
+
+/// Copies the bytes of an upgraded connection both ways once both ends have switched.
+async fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            debug!(error = %e, "the upgrade did not complete");
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((sent, received)) => debug!(sent, received, "upgraded connection done"),
+        Err(e) => debug!(error = %e, "upgraded connection ended"),
     }
 }
 
@@ -394,7 +421,11 @@ async fn send(
             }),
         None => attempts.await,
     };
-    strip_hop_by_hop(response.headers_mut());
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop_keeping_upgrade(response.headers_mut());
+    } else {
+        strip_hop_by_hop(response.headers_mut());
+    }
     for modifier in &plan.response_headers {
         modify_headers(response.headers_mut(), modifier);
     }
@@ -630,6 +661,32 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     };
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert("x-forwarded-for", value);
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`),
+/// such as `websocket`.
+pub(crate) fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1), but keeps an upgrade's
+/// (`Connection: upgrade` and `Upgrade`, which the next hop must see to switch protocols).
+fn strip_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
+    match upgrade_of(headers) {
+        Some(upgrade) => {
+            strip_hop_by_hop(headers);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, upgrade);
+        }
+        None => strip_hop_by_hop(headers),
     }
 }
 

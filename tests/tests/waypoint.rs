@@ -390,6 +390,38 @@ fn other_protocols_pass_through_the_waypoint_as_tcp() {
     assert_eq!(done, 2, "both through the waypoint");
 }
 
+#[test]
+fn a_websocket_echo_through_the_waypoint() {
+    let bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let addr = format!("{}:80", plan::service_vip_v4(0));
+    let out = mesh_tests::process::run(client.command(bin).args([
+        "ws",
+        &addr,
+        "hello over the waypoint",
+        "--count",
+        "20",
+    ]))
+    .expect("WebSocket client");
+    assert!(out.starts_with("ws ok messages=20 backend=v"), "{out}");
+    assert!(out.contains("status=101"), "{out}");
+    let mut waypoint = bed.waypoint;
+    waypoint
+        .process
+        .wait_for_line("the upgraded connection's end", LOG_WAIT, |l| {
+            l.contains("upgraded connection done")
+        })
+        .unwrap();
+    let records = access_records_in(&waypoint.process.lines());
+    assert!(
+        records
+            .iter()
+            .any(|r| r["path"] == "/ws" && r["status"] == 101),
+        "the upgrade's record: {records:?}"
+    );
+}
+
 /// Whether a plain curl from `pod` to `target` gets an answer.
 fn answered(pod: &Pod, target: &str) -> bool {
     pod.command("curl")

@@ -18,6 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Incoming, Request, Response, StatusCode};
 use hyper_util::{
@@ -25,6 +26,10 @@ use hyper_util::{
     server::conn::auto,
 };
 use serde_json::json;
+use tokio_tungstenite::{
+    tungstenite::{handshake::derive_accept_key, protocol::Role, Message},
+    WebSocketStream,
+};
 
 /// Options of `http-echo`.
 pub struct Options {
@@ -53,7 +58,7 @@ pub fn run(addr: &str, options: Options) -> Result<(), String> {
                 let service =
                     hyper::service::service_fn(move |request| answer(request, Arc::clone(&shared)));
                 let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                     .await;
             });
         }
@@ -61,11 +66,40 @@ pub fn run(addr: &str, options: Options) -> Result<(), String> {
 }
 
 async fn answer(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     shared: Arc<(Options, AtomicU64)>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (options, served) = &*shared;
     let n = served.fetch_add(1, Ordering::Relaxed);
+    if let Some(key) = websocket_key(&request) {
+        println!(
+            "served {n} {} {} 101 websocket",
+            request.method(),
+            request.uri().path()
+        );
+        let upgrade = hyper::upgrade::on(&mut request);
+        let name = options.name.clone();
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                ws_echo(TokioIo::new(upgraded), &name).await;
+            }
+        });
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        if let Ok(accept) = http::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+            headers.insert("sec-websocket-accept", accept);
+        }
+        return Ok(response);
+    }
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map_or(0, |b| b.to_bytes().len());
     let headers: BTreeMap<String, Vec<String>> =
@@ -111,4 +145,74 @@ async fn answer(
         http::HeaderValue::from_static("application/json"),
     );
     Ok(response)
+}
+
+/// The `Sec-WebSocket-Key` of a WebSocket upgrade request.
+fn websocket_key(request: &Request<Incoming>) -> Option<String> {
+    let upgrade = request.headers().get(http::header::UPGRADE)?;
+    if !upgrade.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        return None;
+    }
+    let key = request.headers().get("sec-websocket-key")?;
+    key.to_str().ok().map(str::to_owned)
+}
+
+/// Echoes every text or binary message, prefixed with the backend's name, until the client
+/// closes.
+async fn ws_echo<S>(io: S, name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    while let Some(Ok(message)) = ws.next().await {
+        let reply = match message {
+            Message::Text(text) => Message::text(format!("{name}: {text}")),
+            Message::Binary(bytes) => Message::binary(bytes),
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// `ws <addr> <message> --count N`: opens a WebSocket to `ws://<addr>/ws` (the `Host` is the
+/// address), sends the message N times, checks each echo (`<backend>: <message>`); prints
+/// `ws ok messages=<N> backend=<name>`.
+pub fn client(addr: &str, message: &str, count: u64) -> Result<(), String> {
+    let runtime = super::runtime()?;
+    runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let url = format!("ws://{addr}/ws");
+        let (mut ws, response) = tokio_tungstenite::client_async(url, tcp)
+            .await
+            .map_err(|e| format!("WebSocket handshake: {e}"))?;
+        let status = response.status();
+        let mut backend = String::new();
+        for i in 0..count {
+            ws.send(Message::text(format!("{message} {i}")))
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let reply = ws
+                .next()
+                .await
+                .ok_or("closed before the echo")?
+                .map_err(|e| format!("read: {e}"))?;
+            let text = reply.into_text().map_err(|e| format!("not text: {e}"))?;
+            let (name, echoed) = text.split_once(": ").ok_or(format!("bad echo {text:?}"))?;
+            if echoed != format!("{message} {i}") {
+                return Err(format!("echo mismatch: {text:?}"));
+            }
+            name.clone_into(&mut backend);
+        }
+        let _ = ws.close(None).await;
+        println!(
+            "ws ok messages={count} backend={backend} status={}",
+            status.as_u16()
+        );
+        Ok(())
+    })
 }

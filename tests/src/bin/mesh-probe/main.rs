@@ -53,7 +53,8 @@
 //! HTTP server (the workload behind the waypoint): `http-echo <addr> --name N [--fail-first K]
 //! [--delay-ms D]`,
 //! HTTP/1.1 and h2c; one line of JSON per request naming the backend, method, path, host,
-//! protocol and headers (see `http_echo`).
+//! protocol and headers (see `http_echo`); a WebSocket upgrade to it echoes each message as
+//! `<name>: <message>`. WebSocket client: `ws <addr> <message> [--count N]` checks N echoes.
 //!
 //! HTTP client (for the agent's admin, metrics and readiness servers):
 //! - `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close` (5 s
@@ -125,6 +126,7 @@ const USAGE: &str = "usage: mesh-probe <command>
   hbone-serve <addr> --ca-dir D --identity ID
   parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
   http-echo <addr> --name N [--fail-first K] [--delay-ms D]
+  ws <addr> <message> [--count N]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
@@ -237,6 +239,10 @@ fn main() -> ExitCode {
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
         ["http", method, addr, path] => http(method, addr, path),
+        ["ws", addr, message, rest @ ..] => flags(rest, &["--count"])
+            .and_then(|f| Ok(positive::<u64>(&f, "--count")?.unwrap_or(1)))
+            .map_err(usage)
+            .and_then(|count| http_echo::client(addr, message, count)),
         ["http-echo", addr, rest @ ..] => flags(rest, &["--name", "--fail-first", "--delay-ms"])
             .and_then(|f| {
                 Ok(http_echo::Options {
