@@ -71,6 +71,10 @@ pub struct WaypointArgs {
     /// Lifetime of the waypoint's certificate, in seconds.
     #[arg(long, default_value_t = 86_400)]
     cert_lifetime_secs: u64,
+    /// At SIGTERM, how long in-flight requests may take to finish (readiness says not ready
+    /// meanwhile, and no new connection is taken).
+    #[arg(long, default_value_t = 5)]
+    drain_timeout_secs: u64,
     /// Threads of the async runtime [default: as the agent's, 1 below 4 CPUs, else 2].
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -106,6 +110,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         metrics: args.metrics_addr,
         readiness: args.readiness_addr,
         provider: args.crypto_provider,
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
     };
     let limits = FileLimits {
         max_file_bytes: args.config_max_file_bytes,

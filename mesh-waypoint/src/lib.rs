@@ -58,6 +58,8 @@ pub struct WaypointConfig {
     pub readiness: SocketAddr,
     /// TLS crypto provider.
     pub provider: CryptoProvider,
+    /// At shutdown, how long in-flight requests may take to finish.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// Why the waypoint stopped.
@@ -82,4 +84,5 @@ pub(crate) struct Ctx {
     pub(crate) upstream: Arc<upstream::Upstream>,
     pub(crate) hbone: mesh_hbone::ServerConfig,
     pub(crate) metrics: Arc<telemetry::Metrics>,
+    pub(crate) drain: listener::Drain,
 }

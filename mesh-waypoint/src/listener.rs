@@ -13,7 +13,10 @@ use std::{
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
 use mesh_cluster::ClusterState;
 use mesh_hbone::{InboundRequest, Responder};
@@ -41,6 +44,54 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The drain at shutdown: every HTTP connection served on a tunnel is watched; draining asks each
+/// to finish the requests it has and close (HTTP/2 `GOAWAY`, HTTP/1.1 `Connection: close` or
+/// closing when idle), and waits for them, at most the drain timeout. `None` once draining.
+pub(crate) struct Drain(std::sync::Mutex<Option<GracefulShutdown>>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Some(GracefulShutdown::new())))
+    }
+}
+
+impl Drain {
+    /// A watcher for a new connection; `None` once draining.
+    fn watcher(&self) -> Option<Watcher> {
+        let graceful = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        graceful.as_ref().map(GracefulShutdown::watcher)
+    }
+
+    /// Drains, waiting at most `timeout`.
+    async fn run(&self, timeout: Duration) {
+        let graceful = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(graceful) = graceful else {
+            return;
+        };
+        let open = graceful.count();
+        info!(
+            open,
+            timeout_s = timeout.as_secs_f64(),
+            "draining the waypoint's connections"
+        );
+        if tokio::time::timeout(timeout, graceful.shutdown())
+            .await
+            .is_ok()
+        {
+            info!("drained");
+        } else {
+            warn!("drain timeout: closing the connections still open");
+        }
     }
 }
 
@@ -76,6 +127,7 @@ pub async fn serve(
     );
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
+    let admin_ready = Arc::clone(&ready);
     let admin = Admin {
         metrics: Arc::clone(&metrics),
         ready: Arc::clone(&ready),
@@ -99,18 +151,25 @@ pub async fn serve(
         config.provider,
         config.identity.clone(),
     ));
+    let drain_timeout = config.drain_timeout;
     let ctx = Arc::new(Ctx {
         config,
         state,
         upstream,
         hbone: mesh_hbone::ServerConfig::default(),
         metrics,
+        drain: Drain::default(),
     });
     let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => {
+                drop(listener);
+                admin_ready.store(false, Ordering::Relaxed);
+                ctx.drain.run(drain_timeout).await;
+                return Ok(());
+            }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
@@ -218,12 +277,20 @@ async fn tunnel(
         pass_through(&ctx, &target, &source, io).await;
         return;
     }
-    let service = hyper::service::service_fn(move |request| {
-        handle(request, Arc::clone(&ctx), target.clone(), source.clone())
+    // Watched for the drain: at shutdown, the connection finishes its requests and closes.
+    let Some(watcher) = ctx.drain.watcher() else {
+        debug!("draining: HTTP on a new tunnel refused");
+        return;
+    };
+    let service = hyper::service::service_fn({
+        let ctx = Arc::clone(&ctx);
+        move |request| handle(request, Arc::clone(&ctx), target.clone(), source.clone())
     });
-    let served = auto::Builder::new(TokioExecutor::new())
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await;
+        .into_owned();
+    let served = watcher.watch(connection).await;
     if let Err(e) = served {
         debug!(error = %e, "HTTP on the tunnel ended");
     }

@@ -8,7 +8,7 @@ use crate::{agent::binary, agent::AgentOptions, Pod, Process, Result};
 /// How long the waypoint may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running waypoint.
+/// A running waypoint. Its log level is `info,mesh_waypoint=debug`, or `$MESH_WAYPOINT_LOG`.
 #[derive(Debug)]
 pub struct Waypoint {
     pub process: Process,
@@ -36,7 +36,11 @@ impl Waypoint {
             .arg(config_dir)
             .arg("--ca-dir")
             .arg(ca_dir)
-            .env("RUST_LOG", "info,mesh_waypoint=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_WAYPOINT_LOG")
+                    .unwrap_or_else(|_| "info,mesh_waypoint=debug".to_owned()),
+            )
             .env("NO_COLOR", "1")
             .env("RUST_LIB_BACKTRACE", "0");
         let mut process = Process::spawn(format!("waypoint {namespace}/{name}"), &mut cmd)?;

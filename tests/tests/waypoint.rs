@@ -422,6 +422,84 @@ fn a_websocket_echo_through_the_waypoint() {
     );
 }
 
+#[test]
+fn h2_streams_multiplexed_on_one_connection_are_each_routed() {
+    let bed = bed(&canary_route());
+    let client = bed.client().clone();
+    // 200 requests, 50 at a time, multiplexed on one h2c connection by h2load (curl 7.88's
+    // `--parallel` with prior knowledge fails on its own, against any server).
+    let out = client
+        .command("h2load")
+        .args(["-n", "200", "-c", "1", "-m", "50", &url("/mux")])
+        .output()
+        .expect("running h2load");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "h2load: {text}");
+    assert!(
+        text.contains("requests: 200 total, 200 started, 200 done, 200 succeeded"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 200 2xx"), "{text}");
+    assert!(text.contains("Application protocol: h2c"), "{text}");
+    // Each stream was routed on its own: both backends answered.
+    let counts = (0..2).map(|j| served(&bed.backends[j])).collect::<Vec<_>>();
+    assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
+    assert!(
+        counts[1] > 0 && counts[0] > counts[1],
+        "90/10 over the streams: {counts:?}"
+    );
+}
+
+#[test]
+fn a_waypoint_restart_under_load() {
+    let bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let wp_pod = bed.mesh.pod(0, 1).clone();
+    let Bed { mesh, waypoint, .. } = bed;
+    // 600 requests at 100/s, each answered or failed on its own (`000`).
+    let urls: Vec<String> = (0..600).map(|i| url(&format!("/load/{i}"))).collect();
+    let mut cmd = client.command("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "--rate",
+        "100/s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\\n",
+    ])
+    .args(&urls);
+    let mut load = Process::spawn("load", &mut cmd).expect("curl");
+    load.wait_for_line("the load to run", LOG_WAIT, |l| l == "200")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SIGTERM: the waypoint drains (finishes what it has, takes nothing new) and exits.
+    let mut old = waypoint.process;
+    let status = old
+        .terminate(Duration::from_secs(10))
+        .expect("the waypoint stops");
+    assert!(status.success(), "the waypoint exits cleanly: {status}");
+    assert!(old
+        .lines()
+        .iter()
+        .any(|l| l.contains("draining the waypoint's connections")));
+    let _new = Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp").expect("restarts");
+    load.wait(Duration::from_secs(30)).expect("the load ends");
+    let codes: Vec<String> = load.lines().into_iter().filter(|l| l.len() == 3).collect();
+    assert_eq!(codes.len(), 600, "one code per request");
+    let ok = codes.iter().filter(|c| *c == "200").count();
+    let failed = codes.iter().filter(|c| *c == "000").count();
+    eprintln!("waypoint restart under load: {ok} of 600 answered, {failed} failed");
+    assert_eq!(ok + failed, 600, "only answers and failures: {codes:?}");
+    assert!(failed < 300, "{failed} failed");
+    assert!(
+        codes[500..].iter().all(|c| c == "200"),
+        "after the restart, all answered"
+    );
+}
+
 /// Whether a plain curl from `pod` to `target` gets an answer.
 fn answered(pod: &Pod, target: &str) -> bool {
     pod.command("curl")

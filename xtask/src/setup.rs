@@ -32,8 +32,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
-    // The control-plane test reaches the API server from a node's namespace with it.
+    // The control-plane test reaches the API server from a node's namespace with it; the
+    // waypoint tests send HTTP/1.1 and h2c with it.
     ("curl", "curl"),
+    // The waypoint's HTTP/2 multiplexing test, and the L7 benchmarks (h2load, wrk).
+    ("h2load", "nghttp2-client"),
+    ("wrk", "wrk"),
     // The offline rust-src fallback unpacks a .tar.xz.
     ("xz", "xz-utils"),
     // `ports.rs` narrows pods' ephemeral port ranges with it.
