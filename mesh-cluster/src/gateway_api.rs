@@ -147,6 +147,18 @@ pub enum RouteSchemaError {
     ServiceWithoutPort,
     #[error("retry attempts {0} is negative")]
     Attempts(i64),
+    #[error("`{0}` is not supported by this waypoint")]
+    Unsupported(&'static str),
+    #[error("percentage {0} is out of range (0-100)")]
+    PercentValue(f64),
+    #[error("set exactly one of {0}")]
+    OneOf(&'static str),
+    #[error("{0} is not an HTTP status (200-599)")]
+    Status(i64),
+    #[error("unknown retryOn condition {0:?} (5xx, gateway-error, connect-failure, refused-stream, reset, retriable-status-codes, or a status code)")]
+    RetryOn(String),
+    #[error("{0:?} is not a Service host (`name`, `name.namespace`, or `name.namespace.svc[.<domain>]`)")]
+    Host(String),
 }
 
 /// An `HTTPRoute`: the routes for the traffic of the `parentRefs` it attaches to. See the module
@@ -235,6 +247,8 @@ pub enum PathMatch {
     Prefix(String),
     /// `RegularExpression`: the whole path matches.
     Regex(Pattern),
+    /// A `VirtualService`'s `prefix`: a plain string prefix (`/foo` matches `/foobar`).
+    RawPrefix(String),
 }
 
 /// A header or query parameter condition.
@@ -253,6 +267,8 @@ pub enum StringMatch {
     Exact(String),
     /// `RegularExpression`: the whole value matches.
     Regex(Pattern),
+    /// A `VirtualService`'s `prefix`.
+    Prefix(String),
 }
 
 /// A compiled regular expression, anchored at both ends; compared by its text.
@@ -260,6 +276,15 @@ pub enum StringMatch {
 pub struct Pattern(regex::Regex);
 
 impl Pattern {
+    /// A case-insensitive pattern matching `text` exactly (`prefix`: or any text starting
+    /// with it), for a `VirtualService`'s `ignoreUriCase`.
+    pub fn ignoring_case(text: &str, prefix: bool) -> Self {
+        let tail = if prefix { ".*" } else { "" };
+        let pattern = format!("(?i)^(?:{}{tail})$", regex::escape(text));
+        // An escaped literal always compiles.
+        Pattern(regex::Regex::new(&pattern).unwrap_or_else(|_| regex::Regex::new("$^").unwrap()))
+    }
+
     /// Whether all of `text` matches.
     pub fn is_match(&self, text: &str) -> bool {
         self.0.is_match(text)
@@ -390,6 +415,9 @@ pub enum PathModifier {
     Full(String),
     /// `ReplacePrefixMatch`: the part the rule's `PathPrefix` matched is replaced.
     Prefix(String),
+    /// A `VirtualService`'s `rewrite.uri`: replaces the matched prefix when the request matched
+    /// a prefix, the whole path otherwise.
+    Matched(String),
 }
 
 /// `requestMirror`.
@@ -446,15 +474,47 @@ pub struct Timeouts {
     pub backend_request: Option<Duration>,
 }
 
-/// `retry`.
+/// `retry` (an `HTTPRoute`'s, or a `VirtualService`'s `retries`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Retry {
-    /// `codes`: response codes that are retried (besides connection errors).
-    pub codes: Vec<u16>,
+    /// When a failed attempt is retried. An `HTTPRoute`'s `codes`, and connection failures and
+    /// resets.
+    pub on: RetryOn,
     /// `attempts`: retries after the first attempt; the waypoint's default when absent.
     pub attempts: Option<u32>,
     /// `backoff`: the wait before a retry.
     pub backoff: Option<Duration>,
+}
+
+/// When a failed attempt is retried (Envoy's `retryOn` conditions the waypoint implements).
+// Envoy's conditions are independent flags, as `retryOn` lists them.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx answer, a reset, or a timed-out attempt.
+    pub server_errors: bool,
+    /// `gateway-error`: 502, 503, 504, or a timed-out attempt.
+    pub gateway_errors: bool,
+    /// `connect-failure`, `refused-stream`: the endpoint could not be reached.
+    pub connect_failure: bool,
+    /// `reset`: the exchange broke after it started, or the attempt timed out.
+    pub reset: bool,
+    /// Status codes retried (`retriable-status-codes`, `codes`).
+    pub codes: Vec<u16>,
+}
+
+impl RetryOn {
+    /// Whether an answer with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        self.codes.contains(&status)
+            || (self.server_errors && status >= 500)
+            || (self.gateway_errors && (502..=504).contains(&status))
+    }
+
+    /// Whether an attempt that broke or timed out after it was sent is retried.
+    pub fn broken(&self) -> bool {
+        self.reset || self.server_errors || self.gateway_errors
+    }
 }
 
 impl<'de> Deserialize<'de> for HttpRouteSpec {

@@ -83,6 +83,8 @@ pub struct ResolvedRule {
     pub timeouts: Timeouts,
     /// `retry`.
     pub retry: Option<Retry>,
+    /// A `VirtualService`'s `fault`: delays and aborts the waypoint injects.
+    pub fault: Option<crate::istio_traffic::Fault>,
     /// Sum of the backends' weights.
     total_weight: u64,
 }
@@ -126,9 +128,34 @@ pub enum Backend {
         service: Arc<Service>,
         /// The Service's port.
         port: u16,
+        /// Which of its endpoints, and how one is picked (`DestinationRule`).
+        policy: Arc<EndpointPolicy>,
     },
     /// A reference that does not resolve: its requests get a 500.
     Invalid(InvalidBackend),
+}
+
+/// Which endpoints of a Service a backend uses and how the waypoint picks one: a
+/// `DestinationRule` subset's labels and load balancer (the rule's, or the subset's own).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// The subset's name, if a subset was asked for.
+    pub subset: Option<String>,
+    /// The labels every endpoint's pod has (empty: all endpoints).
+    pub labels: crate::meta::Labels,
+    /// How an endpoint is picked.
+    pub load_balancer: crate::istio_traffic::LoadBalancer,
+}
+
+impl EndpointPolicy {
+    /// Whether `endpoint` is in the subset.
+    pub fn admits(&self, endpoint: &crate::model::Endpoint) -> bool {
+        self.labels.is_empty()
+            || endpoint
+                .workload
+                .as_deref()
+                .is_some_and(|w| self.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
 }
 
 /// Why a backend reference does not resolve.
@@ -142,6 +169,10 @@ pub enum InvalidBackend {
     NotFound { namespace: String, name: String },
     /// The Service has no such TCP port.
     NoPort { service: String, port: u16 },
+    /// No `DestinationRule` of the Service defines the subset.
+    NoSubset { service: String, subset: String },
+    /// A `VirtualService` host that names no Service.
+    UnknownHost { host: String },
 }
 
 impl fmt::Display for InvalidBackend {
@@ -160,6 +191,13 @@ impl fmt::Display for InvalidBackend {
             InvalidBackend::NoPort { service, port } => {
                 write!(f, "Service {service} has no TCP port {port}")
             }
+            InvalidBackend::NoSubset { service, subset } => {
+                write!(
+                    f,
+                    "no DestinationRule of Service {service} defines subset {subset:?}"
+                )
+            }
+            InvalidBackend::UnknownHost { host } => write!(f, "host {host:?} names no Service"),
         }
     }
 }
@@ -209,24 +247,48 @@ type Precedence = (
 struct PortRoutes {
     producer: Vec<Entry>,
     consumers: BTreeMap<String, Vec<Entry>>,
+    /// `VirtualService` rules, in order (the first match wins); used when no `HTTPRoute`
+    /// attaches to the port.
+    ordered: Vec<Entry>,
 }
 
 /// Every Service port's routes.
 #[derive(Debug, Default)]
 pub(crate) struct HttpRouteIndex {
     ports: HashMap<(String, String, u16), PortRoutes>,
+    policies: istio::Policies,
     warnings: Vec<String>,
 }
 
+/// The Services by namespace and name.
+pub(crate) type Services<'a> = HashMap<(&'a str, &'a str), &'a Arc<Service>>;
+
 impl HttpRouteIndex {
-    /// Attaches `routes` to `services` (found by namespace and name).
+    /// Attaches `routes` and `virtual_services` to `services` (found by namespace and name), with
+    /// the subsets and load balancers of `destination_rules`.
     pub(crate) fn build<'a>(
         routes: impl IntoIterator<Item = &'a HttpRoute>,
-        services: &HashMap<(&str, &str), &Arc<Service>>,
+        virtual_services: impl IntoIterator<Item = &'a crate::istio_traffic::VirtualService>,
+        destination_rules: impl IntoIterator<Item = &'a crate::istio_traffic::DestinationRule>,
+        services: &Services<'_>,
     ) -> Self {
         let mut index = Self::default();
+        index.policies = istio::Policies::build(destination_rules, services, &mut index.warnings);
         for route in routes {
             index.attach(route, services);
+        }
+        let mut virtual_services: Vec<_> = virtual_services.into_iter().collect();
+        virtual_services.sort_by_key(|vs| {
+            let created = vs.metadata.creation_timestamp.clone();
+            (
+                created.is_none(),
+                created,
+                vs.metadata.namespace().to_owned(),
+                vs.metadata.name().to_owned(),
+            )
+        });
+        for vs in virtual_services {
+            index.attach_virtual_service(vs, services);
         }
         for port in index.ports.values_mut() {
             port.producer.sort_by(|a, b| a.key.cmp(&b.key));
@@ -237,14 +299,22 @@ impl HttpRouteIndex {
         index
     }
 
-    fn attach(&mut self, route: &HttpRoute, services: &HashMap<(&str, &str), &Arc<Service>>) {
+    fn attach(&mut self, route: &HttpRoute, services: &Services<'_>) {
         let object = ObjectRef::namespaced(Kind::HttpRoute, &route.metadata);
         let namespace = route.metadata.namespace();
         let rules = route
             .spec
             .rules
             .iter()
-            .map(|rule| resolve_rule(rule, namespace, services, &object, &mut self.warnings))
+            .map(|rule| {
+                resolve_rule(
+                    rule,
+                    namespace,
+                    (services, &self.policies),
+                    &object,
+                    &mut self.warnings,
+                )
+            })
             .collect();
         let attached = Arc::new(AttachedRoute {
             object: object.clone(),
@@ -311,6 +381,16 @@ impl HttpRouteIndex {
         &self.warnings
     }
 
+    /// The backend for `service`'s own `port` (no route, or the default), with its
+    /// `DestinationRule`'s load balancer.
+    pub(crate) fn default_backend(&self, service: &Arc<Service>, port: u16) -> Backend {
+        Backend::Service {
+            service: Arc::clone(service),
+            port,
+            policy: self.policies.of(service),
+        }
+    }
+
     /// What to do with `request` from a client in `client_namespace` for `service`'s `port`.
     pub(crate) fn decide<'a>(
         &'a self,
@@ -323,10 +403,13 @@ impl HttpRouteIndex {
         let Some(routes) = self.ports.get(&key) else {
             return RouteDecision::Default;
         };
-        let entries = routes
+        let mut entries = routes
             .consumers
             .get(client_namespace)
             .unwrap_or(&routes.producer);
+        if entries.is_empty() {
+            entries = &routes.ordered;
+        }
         if entries.is_empty() {
             return RouteDecision::Default;
         }
@@ -345,6 +428,31 @@ impl HttpRouteIndex {
     }
 }
 
+/// Adds every match of `attached`'s rules, in order (a `VirtualService`'s: no precedence but
+/// their order).
+fn add_ordered(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>) {
+    for (rule_index, rule) in attached.rules.iter().enumerate() {
+        for index in 0..rule.matches.len() {
+            entries.push(Entry {
+                key: (
+                    0,
+                    Reverse(0),
+                    false,
+                    Reverse(0),
+                    Reverse(0),
+                    (false, None),
+                    String::new(),
+                    rule_index,
+                    index,
+                ),
+                route: Arc::clone(attached),
+                rule: rule_index,
+                index,
+            });
+        }
+    }
+}
+
 fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, route: &HttpRoute) {
     let created = route.metadata.creation_timestamp.clone();
     for (rule_index, rule) in attached.rules.iter().enumerate() {
@@ -353,6 +461,7 @@ fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, route: &
                 PathMatch::Exact(path) => (0, path.len()),
                 PathMatch::Prefix(path) => (1, path.trim_end_matches('/').len()),
                 PathMatch::Regex(_) => (2, 0),
+                PathMatch::RawPrefix(path) => (1, path.len()),
             };
             let key = (
                 class,
@@ -378,12 +487,12 @@ fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, route: &
 fn resolve_rule(
     rule: &crate::gateway_api::RouteRule,
     namespace: &str,
-    services: &HashMap<(&str, &str), &Arc<Service>>,
+    (services, policies): (&Services<'_>, &istio::Policies),
     object: &ObjectRef,
     warnings: &mut Vec<String>,
 ) -> ResolvedRule {
     let mut resolve = |target: &BackendTarget| {
-        let backend = resolve_backend(target, namespace, services);
+        let backend = resolve_backend(target, namespace, services, policies);
         if let Backend::Invalid(problem) = &backend {
             warnings.push(format!(
                 "{object}: backend {}: {problem}; its share of the requests gets a 500",
@@ -419,13 +528,15 @@ fn resolve_rule(
         mirrors,
         timeouts: rule.timeouts,
         retry: rule.retry.clone(),
+        fault: None,
     }
 }
 
 fn resolve_backend(
     target: &BackendTarget,
     namespace: &str,
-    services: &HashMap<(&str, &str), &Arc<Service>>,
+    services: &Services<'_>,
+    policies: &istio::Policies,
 ) -> Backend {
     if !target.is_service() {
         return Backend::Invalid(InvalidBackend::Kind {
@@ -460,6 +571,7 @@ fn resolve_backend(
     Backend::Service {
         service: Arc::clone(service),
         port,
+        policy: policies.of(service),
     }
 }
 
@@ -469,6 +581,7 @@ pub fn matches(m: &RouteMatch, request: &RequestFacts<'_>) -> bool {
         PathMatch::Exact(path) => request.path == path,
         PathMatch::Prefix(prefix) => prefix_matches(prefix, request.path),
         PathMatch::Regex(pattern) => pattern.is_match(request.path),
+        PathMatch::RawPrefix(prefix) => request.path.starts_with(prefix.as_str()),
     };
     path_ok
         && m.method
@@ -496,6 +609,7 @@ fn value_matches(m: &StringMatch, value: &str) -> bool {
     match m {
         StringMatch::Exact(expected) => value == expected,
         StringMatch::Regex(pattern) => pattern.is_match(value),
+        StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
     }
 }
 
@@ -537,6 +651,8 @@ fn percent_decode(text: &str) -> Option<String> {
     }
     String::from_utf8(out).ok()
 }
+
+mod istio;
 
 #[cfg(test)]
 mod tests;

@@ -32,8 +32,8 @@ use super::gateway_api::HTTP_ROUTE_VERSIONS;
 pub use super::gateway_api::{
     parse_duration, BackendRef, BackendTarget, Filter, FilterType, Gateway, GatewaySpec,
     HeaderModifier, HttpRoute, HttpRouteSpec, Mirror, ParentRef, PathMatch, PathModifier, Pattern,
-    Redirect, Retry, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch, Timeouts,
-    ValueMatch, GATEWAY_GROUP,
+    Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch,
+    Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
 pub use super::istio::{
@@ -44,6 +44,12 @@ pub use super::istio_authz::{
     Attribute, AuthorizationPolicy, AuthorizationPolicySpec, AuthzAction, AuthzSchemaError,
     Condition, Operation, PolicyTargetRef, Rule, RuleFrom, RuleTo, ServiceAccountRef, Source,
     Values,
+};
+use super::istio_traffic::ISTIO_NETWORKING_VERSIONS;
+pub use super::istio_traffic::{
+    parse_istio_duration, DestinationRule, DestinationRuleSpec, Fault, HashKey, LoadBalancer,
+    Subset, VirtualService, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
+    VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
 };
 pub use crate::meta::{
     Kind, Labels, MetaExt, ObjectMeta, ObjectRef, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT,
@@ -71,6 +77,10 @@ pub enum Object {
     HttpRoute(HttpRoute),
     /// A `gateway.networking.k8s.io` `Gateway`.
     Gateway(Gateway),
+    /// A `networking.istio.io` `VirtualService`.
+    VirtualService(VirtualService),
+    /// A `networking.istio.io` `DestinationRule`.
+    DestinationRule(DestinationRule),
 }
 
 impl Object {
@@ -89,6 +99,8 @@ impl Object {
             }
             Object::HttpRoute(o) => ObjectRef::namespaced(Kind::HttpRoute, &o.metadata),
             Object::Gateway(o) => ObjectRef::namespaced(Kind::Gateway, &o.metadata),
+            Object::VirtualService(o) => ObjectRef::namespaced(Kind::VirtualService, &o.metadata),
+            Object::DestinationRule(o) => ObjectRef::namespaced(Kind::DestinationRule, &o.metadata),
         }
     }
 }
@@ -179,6 +191,12 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         }
         (version, "HTTPRoute") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::HttpRoute),
         (version, "Gateway") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::Gateway),
+        (version, "VirtualService") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
+            Some(Kind::VirtualService)
+        }
+        (version, "DestinationRule") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
+            Some(Kind::DestinationRule)
+        }
         _ => None,
     }
 }
@@ -420,7 +438,9 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::PeerAuthentication
         | Kind::AuthorizationPolicy
         | Kind::HttpRoute
-        | Kind::Gateway => {
+        | Kind::Gateway
+        | Kind::VirtualService
+        | Kind::DestinationRule => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -458,6 +478,12 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 }
                 Kind::HttpRoute => Object::HttpRoute(HttpRoute::deserialize(deserializer)?),
                 Kind::Gateway => Object::Gateway(Gateway::deserialize(deserializer)?),
+                Kind::VirtualService => {
+                    Object::VirtualService(VirtualService::deserialize(deserializer)?)
+                }
+                Kind::DestinationRule => {
+                    Object::DestinationRule(DestinationRule::deserialize(deserializer)?)
+                }
             },
         }))
     }

@@ -55,6 +55,7 @@ pub mod http_route;
 pub mod ip_block;
 mod istio;
 mod istio_authz;
+mod istio_traffic;
 pub mod k8s;
 mod kube_client;
 mod kube_source;
@@ -78,8 +79,8 @@ pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
 pub use http_route::{
-    AttachedRoute, Backend, InvalidBackend, RequestFacts, ResolvedBackend, ResolvedRule,
-    RouteDecision,
+    AttachedRoute, Backend, EndpointPolicy, InvalidBackend, RequestFacts, ResolvedBackend,
+    ResolvedRule, RouteDecision,
 };
 pub use kube_client::{client as kube_client, KubeClientError};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};

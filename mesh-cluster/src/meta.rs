@@ -34,6 +34,10 @@ pub enum Kind {
     HttpRoute,
     /// `Gateway` (`gateway.networking.k8s.io`).
     Gateway,
+    /// `VirtualService` (`networking.istio.io`).
+    VirtualService,
+    /// `DestinationRule` (`networking.istio.io`).
+    DestinationRule,
 }
 
 impl fmt::Display for Kind {
@@ -47,6 +51,8 @@ impl fmt::Display for Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::Gateway => "Gateway",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         })
     }
 }

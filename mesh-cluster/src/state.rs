@@ -70,6 +70,8 @@ impl ClusterState {
             authz_policies,
             http_routes,
             gateways,
+            virtual_services,
+            destination_rules,
         } = ByKind::sort(objects)?;
         for namespace in namespaces.values() {
             let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
@@ -121,7 +123,25 @@ impl ClusterState {
             &state.workloads,
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
-        state.index_routes(http_routes.values().copied())?;
+        let istio_names = virtual_services
+            .values()
+            .map(|o| ObjectRef::namespaced(Kind::VirtualService, &o.metadata))
+            .chain(
+                destination_rules
+                    .values()
+                    .map(|o| ObjectRef::namespaced(Kind::DestinationRule, &o.metadata)),
+            );
+        for object in istio_names {
+            let name = object.name.clone();
+            check_name(&object, "metadata.name", &name, NameRule::Subdomain)?;
+        }
+        state.index_routes(
+            http_routes.values().copied(),
+            (
+                virtual_services.values().copied(),
+                destination_rules.values().copied(),
+            ),
+        )?;
         state.waypoints = WaypointIndex::build(gateways.values().copied(), &state.workloads)?;
         state.bindings = Bindings::build(
             &state.waypoints,
@@ -145,6 +165,10 @@ impl ClusterState {
     fn index_routes<'a>(
         &mut self,
         routes: impl Iterator<Item = &'a k8s::HttpRoute> + Clone,
+        (virtual_services, destination_rules): (
+            impl Iterator<Item = &'a k8s::VirtualService>,
+            impl Iterator<Item = &'a k8s::DestinationRule>,
+        ),
     ) -> Result<(), StateError> {
         for route in routes.clone() {
             let object = ObjectRef::namespaced(Kind::HttpRoute, &route.metadata);
@@ -160,7 +184,8 @@ impl ClusterState {
             .iter()
             .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
             .collect();
-        self.http_routes = HttpRouteIndex::build(routes, &by_name);
+        self.http_routes =
+            HttpRouteIndex::build(routes, virtual_services, destination_rules, &by_name);
         Ok(())
     }
 
@@ -404,6 +429,12 @@ impl ClusterState {
     /// All waypoints (`Gateways` of class `istio-waypoint`), sorted by namespace and name.
     pub fn waypoints(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
         self.waypoints.all()
+    }
+
+    /// The backend for a request to `service`'s own `port` (no route applies), with the load
+    /// balancer its `DestinationRule` sets.
+    pub fn default_backend(&self, service: &Arc<Service>, port: u16) -> crate::http_route::Backend {
+        self.http_routes.default_backend(service, port)
     }
 
     /// Where a TCP connection from `src` (a pod, when the caller knows it) to `dst` goes, waypoints

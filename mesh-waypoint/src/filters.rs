@@ -42,9 +42,21 @@ pub(crate) fn modify_headers(headers: &mut HeaderMap, modifier: &HeaderModifier)
 pub(crate) fn replace_path(path: &str, modifier: &PathModifier, matched: &RouteMatch) -> String {
     match modifier {
         PathModifier::Full(full) => full.clone(),
+        // A `VirtualService`'s `rewrite.uri`: the matched prefix, else the whole path.
+        PathModifier::Matched(replacement) => match &matched.path {
+            PathMatch::RawPrefix(prefix) => {
+                let rest = path.get(prefix.len()..).unwrap_or_default();
+                format!("{replacement}{rest}")
+            }
+            PathMatch::Prefix(_) => {
+                replace_path(path, &PathModifier::Prefix(replacement.clone()), matched)
+            }
+            PathMatch::Exact(_) | PathMatch::Regex(_) => replacement.clone(),
+        },
         PathModifier::Prefix(replacement) => {
             let prefix = match &matched.path {
                 PathMatch::Prefix(prefix) => prefix.trim_end_matches('/'),
+                PathMatch::RawPrefix(prefix) => prefix.as_str(),
                 // Parsing allows `ReplacePrefixMatch` only with one `PathPrefix` match.
                 PathMatch::Exact(_) | PathMatch::Regex(_) => return path.to_owned(),
             };

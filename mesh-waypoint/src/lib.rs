@@ -26,6 +26,7 @@
 //! timeout), and the redirects a rule asks for.
 
 mod admin;
+mod balance;
 mod filters;
 mod listener;
 mod protocol;
@@ -85,4 +86,5 @@ pub(crate) struct Ctx {
     pub(crate) hbone: mesh_hbone::ServerConfig,
     pub(crate) metrics: Arc<telemetry::Metrics>,
     pub(crate) drain: listener::Drain,
+    pub(crate) balancer: Arc<balance::Balancer>,
 }

@@ -159,6 +159,7 @@ pub async fn serve(
         hbone: mesh_hbone::ServerConfig::default(),
         metrics,
         drain: Drain::default(),
+        balancer: Arc::default(),
     });
     let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);

@@ -14,7 +14,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use mesh_cluster::{
-    http_route::{Backend, RequestFacts, ResolvedRule},
+    http_route::{Backend, EndpointPolicy, RequestFacts, ResolvedRule},
     k8s::{Filter, HeaderModifier, RouteMatch},
     ClusterState, RouteDecision, Service,
 };
@@ -22,6 +22,7 @@ use mesh_identity::Identity;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
+    balance::Keys,
     filters::{modify_headers, redirect_location, replace_path},
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upstream::UpstreamError,
@@ -211,10 +212,7 @@ async fn route(
     };
     match state.route_http(service, port, source.identity.namespace(), &facts) {
         RouteDecision::Default => {
-            let backend = Backend::Service {
-                service: Arc::clone(service),
-                port,
-            };
+            let backend = state.default_backend(service, port);
             send(ctx, &backend, request, Plan::default(), source).await
         }
         RouteDecision::NoMatch => local(StatusCode::NOT_FOUND, Flag::NoRoute, "no route matches"),
@@ -283,6 +281,22 @@ async fn matched_rule(
             }
         }
     }
+    let mut delayed = false;
+    if let Some(fault) = &rule.fault {
+        if let Some((delay, share)) = fault.delay {
+            if fastrand::f64() * 100.0 < share {
+                tokio::time::sleep(delay).await;
+                delayed = true;
+            }
+        }
+        if let Some((status, share)) = fault.abort {
+            if fastrand::f64() * 100.0 < share {
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return local(status, Flag::FaultAbort, "fault filter abort");
+            }
+        }
+    }
     let Some(chosen) = rule.pick_backend(fastrand::u64(..)) else {
         return local(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -298,7 +312,15 @@ async fn matched_rule(
             Filter::RequestRedirect(_) | Filter::UrlRewrite(_) | Filter::RequestMirror(_) => {}
         }
     }
-    send(ctx, &chosen.backend, request, plan, source).await
+    let mut response = send(ctx, &chosen.backend, request, plan, source).await;
+    if delayed {
+        if let Some(outcome) = response.extensions_mut().get_mut::<Outcome>() {
+            if outcome.flag == Flag::None {
+                outcome.flag = Flag::FaultDelay;
+            }
+        }
+    }
+    response
 }
 
 fn rewrite_request(
@@ -350,8 +372,12 @@ async fn send(
     plan: Plan<'_>,
     source: &Source,
 ) -> Response<Body> {
-    let (service, port) = match backend {
-        Backend::Service { service, port } => (service, *port),
+    let (service, port, policy) = match backend {
+        Backend::Service {
+            service,
+            port,
+            policy,
+        } => (service, *port, policy),
         Backend::Invalid(problem) => {
             debug!(%problem, "the backend does not resolve");
             return local(
@@ -363,9 +389,18 @@ async fn send(
     };
     let replay = replayable(request, &plan).await;
     for (mirror, numerator, denominator) in &plan.mirrors {
-        if let (Some(copy), Backend::Service { service, port }) = (replay.copy(), mirror) {
+        if let (
+            Some(copy),
+            Backend::Service {
+                service,
+                port,
+                policy,
+            },
+        ) = (replay.copy(), mirror)
+        {
             if fastrand::u32(..*denominator) < *numerator {
-                spawn_mirror(ctx, Arc::clone(service), *port, copy, source.addr);
+                let target = (Arc::clone(service), *port, Arc::clone(policy));
+                spawn_mirror(ctx, target, copy, source.addr);
             }
         }
     }
@@ -383,18 +418,19 @@ async fn send(
                     "the request cannot be sent again",
                 );
             };
-            let result =
-                one_attempt(ctx, service, port, request, plan.attempt_timeout, source).await;
+            let target = (service, port, policy.as_ref());
+            let result = one_attempt(ctx, target, request, plan.attempt_timeout, source).await;
+            let on = plan.retry.map(|r| &r.on);
             let retry_this = match &result {
-                Ok(response) => plan
-                    .retry
-                    .is_some_and(|r| r.codes.contains(&response.status().as_u16())),
+                Ok(response) => on.is_some_and(|on| on.status(response.status().as_u16())),
                 Err(Failure::NoEndpoint) => false,
-                Err(Failure::Upstream(UpstreamError::Connect { .. })) => true,
+                Err(Failure::Upstream(UpstreamError::Connect { .. })) => {
+                    on.is_some_and(|on| on.connect_failure)
+                }
                 Err(
                     Failure::Upstream(UpstreamError::Http { .. } | UpstreamError::Relay { .. })
                     | Failure::Timeout,
-                ) => plan.retry.is_some(),
+                ) => on.is_some_and(mesh_cluster::k8s::RetryOn::broken),
             };
             if !retry_this || attempt >= retries || !replay.can_replay() {
                 return match result {
@@ -497,21 +533,21 @@ where
 
 async fn one_attempt(
     ctx: &Ctx,
-    service: &Arc<Service>,
-    port: u16,
+    (service, port, policy): (&Arc<Service>, u16, &EndpointPolicy),
     request: Request<Body>,
     timeout: Option<Duration>,
     source: &Source,
 ) -> Result<Response<Body>, Failure> {
-    let picked = service
-        .pick_endpoint(port, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-        .or_else(|| service.pick_endpoint(port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)));
-    let Some((endpoint, addr)) = picked else {
+    let keys = Keys {
+        client: source.addr.ip(),
+        headers: request.headers(),
+    };
+    let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
         return Err(Failure::NoEndpoint);
     };
     let sent = ctx
         .upstream
-        .send(endpoint, addr, &service.hostname, source.addr, request);
+        .send(&endpoint, addr, &service.hostname, source.addr, request);
     let result = match timeout {
         Some(limit) => tokio::time::timeout(limit, sent)
             .await
@@ -581,15 +617,15 @@ async fn replayable(request: Request<Body>, plan: &Plan<'_>) -> Replay {
 
 fn spawn_mirror(
     ctx: &Ctx,
-    service: Arc<Service>,
-    port: u16,
+    (service, port, policy): (Arc<Service>, u16, Arc<EndpointPolicy>),
     request: Request<Body>,
     client: SocketAddr,
 ) {
-    let Some((endpoint, addr)) = service
-        .pick_endpoint(port, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-        .or_else(|| service.pick_endpoint(port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)))
-        .map(|(e, a)| (e.clone(), a))
+    let keys = Keys {
+        client: client.ip(),
+        headers: request.headers(),
+    };
+    let Some((endpoint, addr, in_flight)) = ctx.balancer.pick(&service, port, &policy, &keys)
     else {
         debug!(service = %service, "no endpoint to mirror to");
         return;
@@ -602,7 +638,10 @@ fn spawn_mirror(
                 .await
             {
                 // The mirror's answer is read and dropped.
-                Ok(response) => drop(response.into_body().collect().await),
+                Ok(response) => {
+                    drop(response.into_body().collect().await);
+                    drop(in_flight);
+                }
                 Err(e) => debug!(error = %e, "mirrored request failed"),
             }
         }

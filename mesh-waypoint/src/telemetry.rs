@@ -148,8 +148,12 @@ pub(crate) enum Flag {
     Timeout,
     /// `DC`: the client went away before the response was done.
     DownstreamClosed,
-    /// `UAEX`-like for the waypoint's own answers: the backend does not resolve (a 500).
+    /// `NC`: the backend does not resolve (a 500).
     InvalidBackend,
+    /// `FI`: a fault injected an abort.
+    FaultAbort,
+    /// `DI`: a fault injected a delay.
+    FaultDelay,
 }
 
 impl Flag {
@@ -162,6 +166,8 @@ impl Flag {
             Flag::Timeout => "UT",
             Flag::DownstreamClosed => "DC",
             Flag::InvalidBackend => "NC",
+            Flag::FaultAbort => "FI",
+            Flag::FaultDelay => "DI",
         }
     }
 }

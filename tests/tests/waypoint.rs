@@ -500,6 +500,68 @@ fn a_waypoint_restart_under_load() {
     );
 }
 
+#[test]
+fn virtual_service_faults_and_destination_rule_subsets() {
+    let istio = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http:\n  - name: alice\n    match: [{{headers: {{x-user: {{exact: alice}}}}}}]\n    route: [{{destination: {{host: web, subset: v2}}}}]\n  - name: faulty\n    match: [{{uri: {{prefix: /faulty}}}}]\n    fault: {{abort: {{httpStatus: 503, percentage: {{value: 50}}}}}}\n    route: [{{destination: {{host: web, subset: v1}}}}]\n  - name: slow\n    match: [{{uri: {{prefix: /slow}}}}]\n    fault: {{delay: {{fixedDelay: 300ms, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: web, subset: v1}}}}]\n  - name: rest\n    route: [{{destination: {{host: web, subset: v1}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    let bed = bed(&istio);
+    let client = bed.client().clone();
+    // Header-based A/B to DestinationRule subsets of one Service.
+    let urls: Vec<String> = (0..30).map(|i| url(&format!("/ab/{i}"))).collect();
+    assert_eq!(
+        backends(&curl(&client, &urls)),
+        BTreeMap::from([("v1".to_owned(), 30)])
+    );
+    let mut args: Vec<String> = vec!["-H".into(), "x-user: alice".into()];
+    args.extend(urls.iter().cloned());
+    assert_eq!(
+        backends(&curl(&client, &args)),
+        BTreeMap::from([("v2".to_owned(), 30)])
+    );
+    // Abort injected in half of 200 requests, before any backend sees them.
+    let served_before = served(&bed.backends[0]);
+    // `-o` applies to the first URL only: the others' bodies come out too, on lines of their own.
+    let mut args: Vec<&str> = vec!["-o", "/dev/null", "-w", "\\n%{http_code}\\n"];
+    let faulty: Vec<String> = (0..200).map(|i| url(&format!("/faulty/{i}"))).collect();
+    args.extend(faulty.iter().map(String::as_str));
+    let codes = curl_raw(&client, &args);
+    let aborted = codes.lines().filter(|c| *c == "503").count();
+    let ok = codes.lines().filter(|c| *c == "200").count();
+    eprintln!("fault abort 50%: {aborted} of 200 aborted");
+    // Binomial(200, 0.5): standard deviation 7.1; ±5 of them.
+    assert!((65..=135).contains(&aborted), "{aborted} aborted");
+    assert_eq!(aborted + ok, 200);
+    assert_eq!(
+        served(&bed.backends[0]) - served_before,
+        ok,
+        "aborted requests reach no backend"
+    );
+    // A delay injected in every request.
+    let started = std::time::Instant::now();
+    let slow: Vec<String> = (0..3).map(|i| url(&format!("/slow/{i}"))).collect();
+    assert_eq!(curl(&client, &slow).len(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    let fault = [("response_flags", "FI"), ("response_code", "503")];
+    assert_eq!(
+        count(&samples, "istio_requests_total", &fault),
+        aborted as u64
+    );
+    assert_eq!(
+        count(
+            &samples,
+            "istio_requests_total",
+            &[("response_flags", "DI")]
+        ),
+        3
+    );
+}
+
 /// Whether a plain curl from `pod` to `target` gets an answer.
 fn answered(pod: &Pod, target: &str) -> bool {
     pod.command("curl")

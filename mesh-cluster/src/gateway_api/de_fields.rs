@@ -8,8 +8,8 @@ use serde::{de::IgnoredAny, Deserialize};
 use super::{
     check_count, check_len, check_rule_names, parse_duration, BackendRef, BackendTarget, Checked,
     Filter, FilterType, HeaderModifier, HttpRouteSpec, Int, List, ParentRef, Parsed, PathMatch,
-    PathModifier, Redirect, Retry, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch,
-    Timeouts, ValueMatch, GATEWAY_GROUP,
+    PathModifier, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule, RouteSchemaError,
+    StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 
 /// Implements `Deserialize` through [`Checked`] for each type.
@@ -751,7 +751,12 @@ impl Checked for Retry {
             .map(|Int(n)| u32::try_from(n).map_err(|_| RouteSchemaError::Attempts(n)))
             .transpose()?;
         Ok(Self {
-            codes,
+            on: RetryOn {
+                codes,
+                connect_failure: true,
+                reset: true,
+                ..RetryOn::default()
+            },
             attempts,
             backoff: f.backoff.map(|d| d.0 .0),
         })

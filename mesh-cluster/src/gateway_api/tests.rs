@@ -121,9 +121,10 @@ fn parses_every_field() {
     );
     let retry = rule.retry.as_ref().expect("retry");
     assert_eq!(
-        (retry.codes.clone(), retry.attempts),
+        (retry.on.codes.clone(), retry.attempts),
         (vec![503, 502], Some(3))
     );
+    assert!(retry.on.connect_failure && retry.on.reset && !retry.on.server_errors);
     assert_eq!(retry.backoff, Some(Duration::from_millis(100)));
     match &spec.rules[1].filters[0] {
         Filter::RequestRedirect(r) => {

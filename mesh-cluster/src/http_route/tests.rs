@@ -353,8 +353,12 @@ fn weighted_backends_split_by_weight() {
             .expect("backend")
             .backend
         {
-            Backend::Service { service, port: 80 } if service.name == "v2" => v2 += 1,
-            Backend::Service { service, port: 80 } if service.name == "v1" => {}
+            Backend::Service {
+                service, port: 80, ..
+            } if service.name == "v2" => v2 += 1,
+            Backend::Service {
+                service, port: 80, ..
+            } if service.name == "v1" => {}
             other => panic!("{other:?}"),
         }
     }

@@ -1,0 +1,428 @@
+//! Istio's traffic objects in the routing index: `DestinationRule` subsets and load balancers
+//! ([`Policies`]), and `VirtualService` `http` rules translated into the index's rules, kept in
+//! their order (the first rule that matches takes the request, as in Istio).
+//!
+//! - A `VirtualService` applies in the mesh when it names no gateway or names `mesh`; its
+//!   `hosts` are Services (`name` in its namespace, `name.namespace`, or
+//!   `name.namespace.svc[.<domain>]`); a host that names none is reported as a warning.
+//! - Its rules apply to every TCP port of the Service (a `match.port` narrows a match to one);
+//!   when `HTTPRoute`s attach to the port, they are used instead (Gateway API first).
+//! - A destination's port is its `port.number`, else the port the request came to, else the
+//!   Service's only port; a `subset` is a `DestinationRule`'s (the oldest rule of the host that
+//!   defines it); a destination that does not resolve gets a 500 for its share.
+//! - Rules without `retries` get Istio's default: 2 retries on connection failures and 503.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use super::{
+    add_ordered, Backend, EndpointPolicy, HttpRouteIndex, InvalidBackend, ResolvedBackend,
+    ResolvedRule, Services,
+};
+use crate::{
+    gateway_api::{
+        BackendTarget, Filter, HeaderModifier, Mirror, PathMatch, PathModifier, Pattern, Redirect,
+        Retry, RetryOn, Rewrite, RouteMatch, StringMatch, Timeouts, ValueMatch,
+    },
+    istio_traffic::{
+        DestinationRule, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch, VsString, VsTarget,
+    },
+    meta::{Kind, MetaExt, ObjectRef},
+    model::{Protocol, Service},
+};
+
+/// The `DestinationRule` policies of each Service.
+#[derive(Debug, Default)]
+pub(crate) struct Policies {
+    by_service: HashMap<(String, String), ServicePolicy>,
+}
+
+#[derive(Debug)]
+struct ServicePolicy {
+    rule: ObjectRef,
+    default: Arc<EndpointPolicy>,
+    subsets: BTreeMap<String, Arc<EndpointPolicy>>,
+}
+
+impl Policies {
+    pub(crate) fn build<'a>(
+        rules: impl IntoIterator<Item = &'a DestinationRule>,
+        services: &Services<'_>,
+        warnings: &mut Vec<String>,
+    ) -> Self {
+        let mut rules: Vec<&DestinationRule> = rules.into_iter().collect();
+        rules.sort_by_key(|r| {
+            let created = r.metadata.creation_timestamp.clone();
+            (
+                created.is_none(),
+                created,
+                r.metadata.namespace().to_owned(),
+                r.metadata.name().to_owned(),
+            )
+        });
+        let mut policies = Self::default();
+        for rule in rules {
+            let object = ObjectRef::namespaced(Kind::DestinationRule, &rule.metadata);
+            let Some(service) = lookup_host(&rule.spec.host, rule.metadata.namespace(), services)
+            else {
+                warnings.push(format!(
+                    "{object}: spec.host: {:?} names no Service; the rule applies to nothing",
+                    rule.spec.host
+                ));
+                continue;
+            };
+            let key = (service.namespace.clone(), service.name.clone());
+            if let Some(first) = policies.by_service.get(&key) {
+                warnings.push(format!(
+                    "{object}: Service {service} already has {}, the older; this one is ignored",
+                    first.rule
+                ));
+                continue;
+            }
+            let lb = rule.spec.load_balancer.clone().unwrap_or_default();
+            let subsets = rule
+                .spec
+                .subsets
+                .iter()
+                .map(|subset| {
+                    let policy = EndpointPolicy {
+                        subset: Some(subset.name.clone()),
+                        labels: subset.labels.clone(),
+                        load_balancer: subset.load_balancer.clone().unwrap_or_else(|| lb.clone()),
+                    };
+                    (subset.name.clone(), Arc::new(policy))
+                })
+                .collect();
+            let default = Arc::new(EndpointPolicy {
+                load_balancer: lb,
+                ..EndpointPolicy::default()
+            });
+            policies.by_service.insert(
+                key,
+                ServicePolicy {
+                    rule: object,
+                    default,
+                    subsets,
+                },
+            );
+        }
+        policies
+    }
+
+    /// The policy of `service` without a subset.
+    pub(crate) fn of(&self, service: &Service) -> Arc<EndpointPolicy> {
+        self.by_service
+            .get(&(service.namespace.clone(), service.name.clone()))
+            .map_or_else(Arc::default, |p| Arc::clone(&p.default))
+    }
+
+    fn subset(&self, service: &Service, name: &str) -> Option<Arc<EndpointPolicy>> {
+        let policy = self
+            .by_service
+            .get(&(service.namespace.clone(), service.name.clone()))?;
+        policy.subsets.get(name).cloned()
+    }
+}
+
+/// The Service an Istio host names, from `namespace`.
+fn lookup_host<'a>(
+    host: &str,
+    namespace: &str,
+    services: &Services<'a>,
+) -> Option<&'a Arc<Service>> {
+    let parts: Vec<&str> = host.split('.').collect();
+    let (name, ns) = match parts.as_slice() {
+        [name] => (*name, namespace),
+        [name, ns] | [name, ns, "svc", ..] => (*name, *ns),
+        _ => return None,
+    };
+    services.get(&(ns, name)).copied()
+}
+
+impl HttpRouteIndex {
+    /// Adds `vs`'s rules, in order, to every TCP port of each Service it names.
+    pub(super) fn attach_virtual_service(&mut self, vs: &VirtualService, services: &Services<'_>) {
+        if !vs.spec.mesh {
+            return;
+        }
+        let object = ObjectRef::namespaced(Kind::VirtualService, &vs.metadata);
+        let namespace = vs.metadata.namespace();
+        for (index, host) in vs.spec.hosts.iter().enumerate() {
+            let Some(service) = lookup_host(host, namespace, services) else {
+                self.warnings.push(format!(
+                    "{object}: spec.hosts[{index}]: {host:?} names no Service; its rules apply \
+                     to nothing"
+                ));
+                continue;
+            };
+            let ports: Vec<u16> = service
+                .ports
+                .iter()
+                .filter(|p| p.protocol == Protocol::Tcp)
+                .map(|p| p.port)
+                .collect();
+            for port in ports {
+                let rules: Vec<ResolvedRule> = vs
+                    .spec
+                    .http
+                    .iter()
+                    .map(|http| self.translate(http, (namespace, port), services, &object))
+                    .collect();
+                let attached = Arc::new(super::AttachedRoute {
+                    object: object.clone(),
+                    rules,
+                });
+                let key = (service.namespace.clone(), service.name.clone(), port);
+                add_ordered(&mut self.ports.entry(key).or_default().ordered, &attached);
+            }
+        }
+    }
+
+    /// One `http` rule, for the Service port `port`.
+    fn translate(
+        &mut self,
+        http: &VsHttpRoute,
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+        object: &ObjectRef,
+    ) -> ResolvedRule {
+        let matches: Vec<RouteMatch> = if http.matches.is_empty() {
+            vec![any_request()]
+        } else {
+            http.matches
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p == port))
+                .filter_map(|m| self.route_match(m, object))
+                .collect()
+        };
+        let mut filters = Vec::new();
+        filters.extend(header_filters(
+            &http.headers.request,
+            &http.headers.response,
+        ));
+        if let Some(redirect) = &http.redirect {
+            filters.push(Filter::RequestRedirect(Redirect {
+                scheme: redirect.scheme.clone(),
+                hostname: redirect.authority.clone(),
+                path: redirect.uri.clone().map(PathModifier::Full),
+                port: redirect.port,
+                status: redirect.code,
+            }));
+        }
+        if let Some(rewrite) = &http.rewrite {
+            filters.push(Filter::UrlRewrite(Rewrite {
+                hostname: rewrite.authority.clone(),
+                path: rewrite.uri.clone().map(PathModifier::Matched),
+            }));
+        }
+        let mut mirrors = Vec::new();
+        if let Some(mirror) = &http.mirror {
+            // Percent with four decimals, as a fraction of a million.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0-100 checked.
+            let numerator = (http.mirror_percentage.unwrap_or(100.0) * 10_000.0).round() as u32;
+            filters.push(Filter::RequestMirror(Mirror {
+                backend: placeholder_target(&mirror.host),
+                numerator,
+                denominator: 1_000_000,
+            }));
+            mirrors.push(self.destination(mirror, (namespace, port), services, object));
+        }
+        let single = http.route.len() == 1;
+        let backends: Vec<ResolvedBackend> = http
+            .route
+            .iter()
+            .map(|d| ResolvedBackend {
+                backend: self.destination(&d.destination, (namespace, port), services, object),
+                weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
+                filters: header_filters(&d.headers.request, &d.headers.response).collect(),
+            })
+            .filter(|b| b.weight > 0)
+            .collect();
+        let retry = match &http.retries {
+            Some(r) => Some(Retry {
+                on: r.retry_on.clone(),
+                attempts: Some(r.attempts),
+                backoff: None,
+            }),
+            None => Some(Retry {
+                on: RetryOn {
+                    connect_failure: true,
+                    codes: vec![503],
+                    ..RetryOn::default()
+                },
+                attempts: Some(2),
+                backoff: None,
+            }),
+        };
+        ResolvedRule {
+            name: http.name.clone(),
+            matches,
+            filters,
+            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+            backends,
+            mirrors,
+            timeouts: Timeouts {
+                request: http.timeout.filter(|t| !t.is_zero()),
+                backend_request: http.retries.as_ref().and_then(|r| r.per_try_timeout),
+            },
+            retry,
+            fault: http.fault.clone(),
+        }
+    }
+
+    fn route_match(&mut self, m: &VsMatch, object: &ObjectRef) -> Option<RouteMatch> {
+        let path = match &m.uri {
+            None => PathMatch::RawPrefix(String::new()),
+            Some(VsString::Exact(path)) if m.ignore_uri_case => {
+                PathMatch::Regex(Pattern::ignoring_case(path, false))
+            }
+            Some(VsString::Prefix(prefix)) if m.ignore_uri_case => {
+                PathMatch::Regex(Pattern::ignoring_case(prefix, true))
+            }
+            Some(VsString::Exact(path)) => PathMatch::Exact(path.clone()),
+            Some(VsString::Prefix(prefix)) => PathMatch::RawPrefix(prefix.clone()),
+            Some(VsString::Regex(pattern)) => PathMatch::Regex(pattern.clone()),
+        };
+        let method = match &m.method {
+            None => None,
+            Some(VsString::Exact(method)) => {
+                let Ok(parsed) = method.parse::<http::Method>() else {
+                    self.warnings.push(format!(
+                        "{object}: method {method:?} is not an HTTP method; the match never \
+                         matches"
+                    ));
+                    return None;
+                };
+                Some(parsed)
+            }
+            Some(_) => {
+                self.warnings.push(format!(
+                    "{object}: a method match by prefix or regex is not supported; the match \
+                     never matches"
+                ));
+                return None;
+            }
+        };
+        let values = |map: &BTreeMap<String, VsString>| {
+            map.iter()
+                .map(|(name, value)| ValueMatch {
+                    name: name.clone(),
+                    value: match value {
+                        VsString::Exact(v) => StringMatch::Exact(v.clone()),
+                        VsString::Prefix(v) => StringMatch::Prefix(v.clone()),
+                        VsString::Regex(p) => StringMatch::Regex(p.clone()),
+                    },
+                })
+                .collect()
+        };
+        Some(RouteMatch {
+            path,
+            headers: values(&m.headers),
+            query_params: values(&m.query_params),
+            method,
+        })
+    }
+
+    /// A `destination` (or `mirror`) for a request that came to `port`.
+    fn destination(
+        &mut self,
+        target: &VsTarget,
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+        object: &ObjectRef,
+    ) -> Backend {
+        let backend = self.resolve_destination(target, (namespace, port), services);
+        if let Backend::Invalid(problem) = &backend {
+            self.warnings.push(format!(
+                "{object}: destination {}: {problem}; its share of the requests gets a 500",
+                target.host
+            ));
+        }
+        backend
+    }
+
+    fn resolve_destination(
+        &self,
+        target: &VsTarget,
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+    ) -> Backend {
+        let Some(service) = lookup_host(&target.host, namespace, services) else {
+            return Backend::Invalid(InvalidBackend::UnknownHost {
+                host: target.host.clone(),
+            });
+        };
+        let tcp: Vec<u16> = service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Tcp)
+            .map(|p| p.port)
+            .collect();
+        let chosen = match target.port {
+            Some(p) => tcp.contains(&p).then_some(p),
+            None if tcp.contains(&port) => Some(port),
+            None => (tcp.len() == 1).then(|| tcp[0]),
+        };
+        let Some(chosen) = chosen else {
+            return Backend::Invalid(InvalidBackend::NoPort {
+                service: service.to_string(),
+                port: target.port.unwrap_or(port),
+            });
+        };
+        let policy = match &target.subset {
+            None => self.policies.of(service),
+            Some(name) => match self.policies.subset(service, name) {
+                Some(policy) => policy,
+                None => {
+                    return Backend::Invalid(InvalidBackend::NoSubset {
+                        service: service.to_string(),
+                        subset: name.clone(),
+                    })
+                }
+            },
+        };
+        Backend::Service {
+            service: Arc::clone(service),
+            port: chosen,
+            policy,
+        }
+    }
+}
+
+/// A match of every request.
+fn any_request() -> RouteMatch {
+    RouteMatch {
+        path: PathMatch::RawPrefix(String::new()),
+        headers: Vec::new(),
+        query_params: Vec::new(),
+        method: None,
+    }
+}
+
+/// The header modifiers of Istio's `headers` (request, then response).
+fn header_filters(request: &VsHeaderOps, response: &VsHeaderOps) -> impl Iterator<Item = Filter> {
+    let modifier = |ops: &VsHeaderOps| {
+        let empty = ops.set.is_empty() && ops.add.is_empty() && ops.remove.is_empty();
+        (!empty).then(|| HeaderModifier {
+            set: ops.set.clone().into_iter().collect(),
+            add: ops.add.clone().into_iter().collect(),
+            remove: ops.remove.clone(),
+        })
+    };
+    let request = modifier(request).map(Filter::RequestHeaderModifier);
+    let response = modifier(response).map(Filter::ResponseHeaderModifier);
+    request.into_iter().chain(response)
+}
+
+/// The `Mirror` filter's target as written (its resolved backend is in the rule's `mirrors`).
+fn placeholder_target(host: &str) -> BackendTarget {
+    BackendTarget {
+        group: String::new(),
+        kind: "Service".to_owned(),
+        name: host.to_owned(),
+        namespace: None,
+        port: None,
+    }
+}

@@ -1,0 +1,270 @@
+//! Istio's traffic objects for the waypoint (`networking.istio.io` `v1`, `v1beta1` and
+//! `v1alpha3`, which share a schema): `VirtualService` (HTTP routes in order, with fault
+//! injection, retries with `retryOn`, subsets) and `DestinationRule` (subsets by labels, load
+//! balancers). Re-exported by [`super::k8s`]; a `VirtualService` is translated into the same rules
+//! as an `HTTPRoute` ([`crate::gateway_api::RouteRule`]) and applied by
+//! [`crate::http_route`].
+//!
+//! Checked when parsed, each error naming the field path and the line: every struct refuses
+//! fields it does not know, and the fields of features this waypoint does not implement
+//! (`tcp`, `tls`, `corsPolicy`, `delegate`, `directResponse`, `sourceLabels`, …) are refused by
+//! name rather than ignored; `gateways` other than `mesh` make the `VirtualService` an ingress
+//! one, skipped by the waypoint; string matches set exactly one of `exact`, `prefix`, `regex`;
+//! regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
+//! 308; abort statuses 200-599; durations are Istio's (`1h`, `1.5s`, `100ms`); `retryOn` names
+//! conditions Envoy knows or status codes; a `DestinationRule`'s load balancer sets one of
+//! `simple` and `consistentHash`, and a consistent hash one key.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+use super::{
+    gateway_api::{Pattern, RetryOn, RouteSchemaError},
+    meta::{Labels, ObjectMeta},
+    schema::deserialize_checked,
+};
+
+mod de_fields;
+
+/// `apiVersion`s of `VirtualService` and `DestinationRule` read.
+pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+
+/// A `VirtualService`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct VirtualService {
+    /// Name, namespace, creation time (older first when several apply).
+    pub metadata: ObjectMeta,
+    /// `spec`.
+    pub spec: VirtualServiceSpec,
+}
+
+/// `spec` of a `VirtualService`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VirtualServiceSpec {
+    /// `hosts`: the Services it routes (short names are in its namespace).
+    pub hosts: Vec<String>,
+    /// Whether it applies in the mesh (`gateways` absent, or naming `mesh`).
+    pub mesh: bool,
+    /// `http`, in order: the first rule that matches takes the request.
+    pub http: Vec<VsHttpRoute>,
+}
+
+/// An `http` rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VsHttpRoute {
+    pub name: Option<String>,
+    /// `match`; none matches every request.
+    pub matches: Vec<VsMatch>,
+    pub route: Vec<VsDestination>,
+    pub redirect: Option<VsRedirect>,
+    pub rewrite: Option<VsRewrite>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<VsRetries>,
+    pub fault: Option<Fault>,
+    pub mirror: Option<VsTarget>,
+    /// `mirrorPercentage.value`; all requests when a mirror is set without it.
+    pub mirror_percentage: Option<f64>,
+    pub headers: VsHeaders,
+}
+
+/// A `match`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VsMatch {
+    pub uri: Option<VsString>,
+    pub headers: BTreeMap<String, VsString>,
+    pub query_params: BTreeMap<String, VsString>,
+    pub method: Option<VsString>,
+    pub port: Option<u16>,
+    pub ignore_uri_case: bool,
+}
+
+/// Istio's `StringMatch`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VsString {
+    Exact(String),
+    Prefix(String),
+    Regex(Pattern),
+}
+
+/// A `route` entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VsDestination {
+    pub destination: VsTarget,
+    /// `weight`; when no entry has one, the only entry takes all.
+    pub weight: Option<u32>,
+    pub headers: VsHeaders,
+}
+
+/// A `destination` (or `mirror`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsTarget {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+}
+
+/// `headers`: request and response operations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VsHeaders {
+    pub request: VsHeaderOps,
+    pub response: VsHeaderOps,
+}
+
+/// `set`, `add`, `remove`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VsHeaderOps {
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+/// `redirect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsRedirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    /// `redirectCode`; 301 when absent.
+    pub code: u16,
+}
+
+/// `rewrite`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsRewrite {
+    /// Replaces the matched prefix (a `prefix` match) or the whole path.
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+/// `retries`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsRetries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+}
+
+/// `fault`: injected by the waypoint before the request goes anywhere.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    /// `delay.fixedDelay` for `delay.percentage.value` per cent of requests.
+    pub delay: Option<(Duration, f64)>,
+    /// `abort.httpStatus` for `abort.percentage.value` per cent of requests.
+    pub abort: Option<(u16, f64)>,
+}
+
+/// A `DestinationRule`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct DestinationRule {
+    pub metadata: ObjectMeta,
+    pub spec: DestinationRuleSpec,
+}
+
+/// `spec` of a `DestinationRule`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    /// `trafficPolicy.loadBalancer`; round robin when absent.
+    pub load_balancer: Option<LoadBalancer>,
+    pub subsets: Vec<Subset>,
+}
+
+/// A `subset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subset {
+    pub name: String,
+    /// `labels`: the endpoints' pods have all of them.
+    pub labels: Labels,
+    /// Its own `trafficPolicy.loadBalancer`, over the rule's.
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// How the waypoint picks an endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    /// Two endpoints drawn at random, the one with fewer requests in flight (Envoy's).
+    LeastRequest,
+    Random,
+    /// The same key to the same endpoint while the endpoints stay.
+    ConsistentHash(HashKey),
+}
+
+/// What a consistent hash is over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// `httpHeaderName`.
+    Header(String),
+    /// `httpCookie.name`.
+    Cookie(String),
+    /// `useSourceIp`.
+    SourceIp,
+}
+
+impl<'de> Deserialize<'de> for VirtualServiceSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_checked(deserializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for DestinationRuleSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_checked(deserializer)
+    }
+}
+
+/// Parses Istio's duration (`protobuf` `Duration` as Istio writes it): a decimal number and a
+/// unit, `h`, `m`, `s`, `ms`, `us` or `ns`, possibly several (`1m30s`).
+pub fn parse_istio_duration(text: &str) -> Result<Duration, RouteSchemaError> {
+    let invalid = || RouteSchemaError::Duration(text.to_owned());
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'.')
+            .count();
+        let number: f64 = rest[..number_len].parse().map_err(|_| invalid())?;
+        rest = &rest[number_len..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let seconds = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(invalid()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(number * seconds).map_err(|_| invalid())?;
+    }
+    Ok(total)
+}
+
+/// A list field that Istio allows and this waypoint does not implement.
+pub(crate) fn unsupported(field: &'static str) -> RouteSchemaError {
+    RouteSchemaError::Unsupported(field)
+}
+
+/// A percentage (0-100).
+pub(crate) fn percentage(value: f64) -> Result<f64, RouteSchemaError> {
+    if (0.0..=100.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(RouteSchemaError::PercentValue(value))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,643 @@
+//! The fields of `VirtualService` and `DestinationRule` as written, and their checks.
+
+use std::{collections::BTreeMap, str::FromStr, time::Duration};
+
+use serde::{de::IgnoredAny, Deserialize};
+
+use super::{
+    parse_istio_duration, percentage, unsupported, DestinationRuleSpec, Fault, HashKey,
+    LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
+    VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
+};
+use crate::{
+    gateway_api::{Pattern, RetryOn, RouteSchemaError},
+    meta::{nullable, Labels},
+    schema::{Checked, List, Parsed},
+};
+
+/// Implements `Deserialize` through [`Checked`].
+macro_rules! checked {
+    ($($ty:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                crate::schema::deserialize_checked(deserializer)
+            }
+        }
+    )*};
+}
+
+checked!(
+    VsHttpRoute,
+    VsMatch,
+    VsString,
+    VsDestination,
+    VsTarget,
+    Subset,
+    LoadBalancer
+);
+
+/// Refuses a field that is present (a feature this waypoint does not implement).
+fn refuse<T>(value: Option<&T>, field: &'static str) -> Result<(), RouteSchemaError> {
+    match value {
+        Some(_) => Err(unsupported(field)),
+        None => Ok(()),
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct VsSpecFields {
+    hosts: List<String>,
+    gateways: List<String>,
+    http: List<VsHttpRoute>,
+    export_to: List<String>,
+    tcp: Option<IgnoredAny>,
+    tls: Option<IgnoredAny>,
+}
+
+impl Checked for VirtualServiceSpec {
+    type Error = RouteSchemaError;
+    type Fields = VsSpecFields;
+    const WHAT: &'static str = "a VirtualService spec";
+
+    fn check(f: VsSpecFields) -> Result<Self, RouteSchemaError> {
+        refuse(f.tcp.as_ref(), "tcp")?;
+        refuse(f.tls.as_ref(), "tls")?;
+        if f.hosts.0.is_empty() {
+            return Err(RouteSchemaError::Empty);
+        }
+        let _ = f.export_to;
+        let gateways = f.gateways.0;
+        Ok(Self {
+            hosts: f.hosts.0,
+            mesh: gateways.is_empty() || gateways.iter().any(|g| g == "mesh"),
+            http: f.http.0,
+        })
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct HttpFields {
+    name: Option<String>,
+    #[serde(rename = "match")]
+    matches: List<VsMatch>,
+    route: List<VsDestination>,
+    redirect: Option<RedirectFields>,
+    rewrite: Option<RewriteFields>,
+    timeout: Option<Parsed<IstioDuration>>,
+    retries: Option<RetriesFields>,
+    fault: Option<FaultFields>,
+    mirror: Option<VsTarget>,
+    mirror_percentage: Option<PercentFields>,
+    headers: Option<HeadersFields>,
+    cors_policy: Option<IgnoredAny>,
+    delegate: Option<IgnoredAny>,
+    direct_response: Option<IgnoredAny>,
+    mirrors: Option<IgnoredAny>,
+}
+
+impl Checked for VsHttpRoute {
+    type Error = RouteSchemaError;
+    type Fields = HttpFields;
+    const WHAT: &'static str = "an http route";
+
+    fn check(f: HttpFields) -> Result<Self, RouteSchemaError> {
+        refuse(f.cors_policy.as_ref(), "corsPolicy")?;
+        refuse(f.delegate.as_ref(), "delegate")?;
+        refuse(f.direct_response.as_ref(), "directResponse")?;
+        refuse(f.mirrors.as_ref(), "mirrors")?;
+        if f.redirect.is_some() && !f.route.0.is_empty() {
+            return Err(RouteSchemaError::OneOf("`route` and `redirect`"));
+        }
+        if f.redirect.is_none() && f.route.0.is_empty() {
+            return Err(RouteSchemaError::OneOf("`route` and `redirect`"));
+        }
+        let weights: Vec<Option<u32>> = f.route.0.iter().map(|d| d.weight).collect();
+        if weights.len() > 1 && weights.iter().any(Option::is_none) {
+            return Err(RouteSchemaError::OneOf(
+                "`weight` on every destination of a route with several",
+            ));
+        }
+        Ok(Self {
+            name: f.name,
+            matches: f.matches.0,
+            route: f.route.0,
+            redirect: f.redirect.map(RedirectFields::check).transpose()?,
+            rewrite: f.rewrite.map(|r| VsRewrite {
+                uri: r.uri,
+                authority: r.authority,
+            }),
+            timeout: f.timeout.map(|d| d.0 .0),
+            retries: f.retries.map(RetriesFields::check).transpose()?,
+            fault: f.fault.map(FaultFields::check).transpose()?,
+            mirror: f.mirror,
+            mirror_percentage: f
+                .mirror_percentage
+                .map(|p| percentage(p.value))
+                .transpose()?,
+            headers: f.headers.map(HeadersFields::check).unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct MatchFields {
+    name: Option<String>,
+    uri: Option<VsString>,
+    #[serde(deserialize_with = "nullable")]
+    headers: BTreeMap<String, VsString>,
+    #[serde(deserialize_with = "nullable")]
+    query_params: BTreeMap<String, VsString>,
+    method: Option<VsString>,
+    port: Option<u32>,
+    ignore_uri_case: bool,
+    scheme: Option<IgnoredAny>,
+    authority: Option<IgnoredAny>,
+    source_labels: Option<IgnoredAny>,
+    source_namespace: Option<IgnoredAny>,
+    without_headers: Option<IgnoredAny>,
+    gateways: Option<IgnoredAny>,
+}
+
+impl Checked for VsMatch {
+    type Error = RouteSchemaError;
+    type Fields = MatchFields;
+    const WHAT: &'static str = "a match";
+
+    fn check(f: MatchFields) -> Result<Self, RouteSchemaError> {
+        refuse(f.scheme.as_ref(), "scheme")?;
+        refuse(f.authority.as_ref(), "authority")?;
+        refuse(f.source_labels.as_ref(), "sourceLabels")?;
+        refuse(f.source_namespace.as_ref(), "sourceNamespace")?;
+        refuse(f.without_headers.as_ref(), "withoutHeaders")?;
+        refuse(f.gateways.as_ref(), "gateways")?;
+        let _ = f.name;
+        let port = f
+            .port
+            .map(|p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or(RouteSchemaError::Port(i64::from(p)))
+            })
+            .transpose()?;
+        Ok(Self {
+            uri: f.uri,
+            headers: f
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            query_params: f.query_params,
+            method: f.method,
+            port,
+            ignore_uri_case: f.ignore_uri_case,
+        })
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct StringFields {
+    exact: Option<String>,
+    prefix: Option<String>,
+    regex: Option<String>,
+}
+
+impl Checked for VsString {
+    type Error = RouteSchemaError;
+    type Fields = StringFields;
+    const WHAT: &'static str = "a string match";
+
+    fn check(f: StringFields) -> Result<Self, RouteSchemaError> {
+        match (f.exact, f.prefix, f.regex) {
+            (Some(exact), None, None) => Ok(VsString::Exact(exact)),
+            (None, Some(prefix), None) => Ok(VsString::Prefix(prefix)),
+            (None, None, Some(regex)) => Ok(VsString::Regex(Pattern::from_str(&regex)?)),
+            _ => Err(RouteSchemaError::OneOf("`exact`, `prefix`, `regex`")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DestinationFields {
+    destination: VsTarget,
+    weight: Option<u32>,
+    headers: Option<HeadersFields>,
+}
+
+impl Checked for VsDestination {
+    type Error = RouteSchemaError;
+    type Fields = DestinationFields;
+    const WHAT: &'static str = "a route destination";
+
+    fn check(f: DestinationFields) -> Result<Self, RouteSchemaError> {
+        if let Some(w) = f.weight.filter(|w| *w > 100) {
+            return Err(RouteSchemaError::Weight(i64::from(w)));
+        }
+        Ok(Self {
+            destination: f.destination,
+            weight: f.weight,
+            headers: f.headers.map(HeadersFields::check).unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PortFields {
+    number: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TargetFields {
+    host: String,
+    subset: Option<String>,
+    port: Option<PortFields>,
+}
+
+impl Checked for VsTarget {
+    type Error = RouteSchemaError;
+    type Fields = TargetFields;
+    const WHAT: &'static str = "a destination";
+
+    fn check(f: TargetFields) -> Result<Self, RouteSchemaError> {
+        if f.host.is_empty() {
+            return Err(RouteSchemaError::Empty);
+        }
+        let port = f
+            .port
+            .map(|p| {
+                u16::try_from(p.number)
+                    .ok()
+                    .filter(|n| *n != 0)
+                    .ok_or(RouteSchemaError::Port(i64::from(p.number)))
+            })
+            .transpose()?;
+        Ok(Self {
+            host: f.host,
+            subset: f.subset,
+            port,
+        })
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HeaderOpsFields {
+    #[serde(deserialize_with = "nullable")]
+    set: BTreeMap<String, String>,
+    #[serde(deserialize_with = "nullable")]
+    add: BTreeMap<String, String>,
+    remove: List<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HeadersFields {
+    request: Option<HeaderOpsFields>,
+    response: Option<HeaderOpsFields>,
+}
+
+impl HeadersFields {
+    fn check(self) -> VsHeaders {
+        let ops = |o: Option<HeaderOpsFields>| {
+            o.map(|o| VsHeaderOps {
+                set: o.set,
+                add: o.add,
+                remove: o.remove.0,
+            })
+            .unwrap_or_default()
+        };
+        VsHeaders {
+            request: ops(self.request),
+            response: ops(self.response),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RedirectFields {
+    uri: Option<String>,
+    authority: Option<String>,
+    port: Option<u32>,
+    scheme: Option<String>,
+    redirect_code: Option<u32>,
+    derive_port: Option<IgnoredAny>,
+}
+
+impl RedirectFields {
+    fn check(self) -> Result<VsRedirect, RouteSchemaError> {
+        refuse(self.derive_port.as_ref(), "derivePort")?;
+        let code = match self.redirect_code.unwrap_or(301) {
+            code @ (301 | 302 | 303 | 307 | 308) => u16::try_from(code).unwrap_or(301),
+            code => return Err(RouteSchemaError::RedirectStatus(i64::from(code))),
+        };
+        let port = self
+            .port
+            .map(|p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or(RouteSchemaError::Port(i64::from(p)))
+            })
+            .transpose()?;
+        Ok(VsRedirect {
+            uri: self.uri,
+            authority: self.authority,
+            port,
+            scheme: self.scheme,
+            code,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RewriteFields {
+    uri: Option<String>,
+    authority: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RetriesFields {
+    attempts: u32,
+    per_try_timeout: Option<Parsed<IstioDuration>>,
+    retry_on: Option<String>,
+    retry_remote_localities: Option<IgnoredAny>,
+}
+
+impl RetriesFields {
+    fn check(self) -> Result<VsRetries, RouteSchemaError> {
+        refuse(
+            self.retry_remote_localities.as_ref(),
+            "retryRemoteLocalities",
+        )?;
+        let mut on = RetryOn::default();
+        // Istio's default conditions when `retryOn` is absent.
+        let conditions = self.retry_on.as_deref().unwrap_or(
+            "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        );
+        let mut retriable_codes = false;
+        for condition in conditions
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
+            match condition {
+                "5xx" => on.server_errors = true,
+                "gateway-error" => on.gateway_errors = true,
+                "connect-failure" | "refused-stream" => on.connect_failure = true,
+                "reset" | "reset-before-request" => on.reset = true,
+                "retriable-status-codes" => retriable_codes = true,
+                // gRPC conditions: the status is in the trailers; not retried on here.
+                "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
+                | "resource-exhausted" => {}
+                code => match code.parse::<u16>() {
+                    Ok(code @ 100..=599) => on.codes.push(code),
+                    _ => return Err(RouteSchemaError::RetryOn(code.to_owned())),
+                },
+            }
+        }
+        if retriable_codes && on.codes.is_empty() {
+            // Envoy's retriable status codes default to none; Istio's default policy means 503.
+            on.codes.push(503);
+        }
+        Ok(VsRetries {
+            attempts: self.attempts,
+            per_try_timeout: self.per_try_timeout.map(|d| d.0 .0),
+            retry_on: on,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PercentFields {
+    value: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct DelayFields {
+    fixed_delay: Parsed<IstioDuration>,
+    percentage: Option<PercentFields>,
+    percent: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct AbortFields {
+    http_status: Option<i64>,
+    percentage: Option<PercentFields>,
+    grpc_status: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultFields {
+    delay: Option<DelayFields>,
+    abort: Option<AbortFields>,
+}
+
+impl FaultFields {
+    fn check(self) -> Result<Fault, RouteSchemaError> {
+        let delay = self
+            .delay
+            .map(|d| {
+                refuse(d.percent.as_ref(), "percent (use percentage)")?;
+                let share = d.percentage.map_or(Ok(100.0), |p| percentage(p.value))?;
+                Ok::<_, RouteSchemaError>((d.fixed_delay.0 .0, share))
+            })
+            .transpose()?;
+        let abort = self
+            .abort
+            .map(|a| {
+                refuse(a.grpc_status.as_ref(), "grpcStatus")?;
+                let status = match a.http_status {
+                    Some(code @ 200..=599) => u16::try_from(code).unwrap_or(500),
+                    Some(code) => return Err(RouteSchemaError::Status(code)),
+                    None => return Err(RouteSchemaError::OneOf("`httpStatus`")),
+                };
+                let share = a.percentage.map_or(Ok(100.0), |p| percentage(p.value))?;
+                Ok((status, share))
+            })
+            .transpose()?;
+        Ok(Fault { delay, abort })
+    }
+}
+
+/// An Istio duration.
+pub(crate) struct IstioDuration(Duration);
+
+impl FromStr for IstioDuration {
+    type Err = RouteSchemaError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        parse_istio_duration(value).map(IstioDuration)
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct TrafficPolicyFields {
+    load_balancer: Option<LoadBalancer>,
+    connection_pool: Option<IgnoredAny>,
+    outlier_detection: Option<IgnoredAny>,
+    tls: Option<IgnoredAny>,
+    port_level_settings: Option<IgnoredAny>,
+}
+
+impl TrafficPolicyFields {
+    fn check(self) -> Result<Option<LoadBalancer>, RouteSchemaError> {
+        refuse(self.connection_pool.as_ref(), "connectionPool")?;
+        refuse(self.outlier_detection.as_ref(), "outlierDetection")?;
+        refuse(self.tls.as_ref(), "tls")?;
+        refuse(self.port_level_settings.as_ref(), "portLevelSettings")?;
+        Ok(self.load_balancer)
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct DrSpecFields {
+    host: String,
+    traffic_policy: Option<TrafficPolicyFields>,
+    subsets: List<Subset>,
+    export_to: List<String>,
+    workload_selector: Option<IgnoredAny>,
+}
+
+impl Checked for DestinationRuleSpec {
+    type Error = RouteSchemaError;
+    type Fields = DrSpecFields;
+    const WHAT: &'static str = "a DestinationRule spec";
+
+    fn check(f: DrSpecFields) -> Result<Self, RouteSchemaError> {
+        refuse(f.workload_selector.as_ref(), "workloadSelector")?;
+        if f.host.is_empty() {
+            return Err(RouteSchemaError::Empty);
+        }
+        let _ = f.export_to;
+        Ok(Self {
+            host: f.host,
+            load_balancer: f
+                .traffic_policy
+                .map(TrafficPolicyFields::check)
+                .transpose()?
+                .flatten(),
+            subsets: f.subsets.0,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct SubsetFields {
+    name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    labels: Labels,
+    traffic_policy: Option<TrafficPolicyFields>,
+}
+
+impl Checked for Subset {
+    type Error = RouteSchemaError;
+    type Fields = SubsetFields;
+    const WHAT: &'static str = "a subset";
+
+    fn check(f: SubsetFields) -> Result<Self, RouteSchemaError> {
+        if f.name.is_empty() {
+            return Err(RouteSchemaError::Empty);
+        }
+        Ok(Self {
+            name: f.name,
+            labels: f.labels,
+            load_balancer: f
+                .traffic_policy
+                .map(TrafficPolicyFields::check)
+                .transpose()?
+                .flatten(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CookieFields {
+    name: String,
+    ttl: Option<IgnoredAny>,
+    path: Option<IgnoredAny>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct HashFields {
+    http_header_name: Option<String>,
+    http_cookie: Option<CookieFields>,
+    use_source_ip: Option<bool>,
+    http_query_parameter_name: Option<IgnoredAny>,
+    ring_hash: Option<IgnoredAny>,
+    maglev: Option<IgnoredAny>,
+    minimum_ring_size: Option<IgnoredAny>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct LoadBalancerFields {
+    simple: Option<String>,
+    consistent_hash: Option<HashFields>,
+    locality_lb_setting: Option<IgnoredAny>,
+    warmup_duration_secs: Option<IgnoredAny>,
+    warmup: Option<IgnoredAny>,
+}
+
+impl Checked for LoadBalancer {
+    type Error = RouteSchemaError;
+    type Fields = LoadBalancerFields;
+    const WHAT: &'static str = "a load balancer";
+
+    fn check(f: LoadBalancerFields) -> Result<Self, RouteSchemaError> {
+        refuse(f.locality_lb_setting.as_ref(), "localityLbSetting")?;
+        refuse(f.warmup_duration_secs.as_ref(), "warmupDurationSecs")?;
+        refuse(f.warmup.as_ref(), "warmup")?;
+        match (f.simple.as_deref(), f.consistent_hash) {
+            (Some("ROUND_ROBIN" | "UNSPECIFIED"), None) => Ok(LoadBalancer::RoundRobin),
+            (Some("LEAST_REQUEST" | "LEAST_CONN"), None) => Ok(LoadBalancer::LeastRequest),
+            (Some("RANDOM"), None) => Ok(LoadBalancer::Random),
+            (Some("PASSTHROUGH"), None) => Err(unsupported("simple: PASSTHROUGH")),
+            (Some(_), None) => Err(RouteSchemaError::OneOf(
+                "ROUND_ROBIN, LEAST_REQUEST, RANDOM for `simple`",
+            )),
+            (None, Some(hash)) => {
+                refuse(
+                    hash.http_query_parameter_name.as_ref(),
+                    "httpQueryParameterName",
+                )?;
+                let _ = (hash.ring_hash, hash.maglev, hash.minimum_ring_size);
+                let key = match (hash.http_header_name, hash.http_cookie, hash.use_source_ip) {
+                    (Some(header), None, None | Some(false)) => {
+                        HashKey::Header(header.to_ascii_lowercase())
+                    }
+                    (None, Some(cookie), None | Some(false)) => {
+                        let _ = (cookie.ttl, cookie.path);
+                        HashKey::Cookie(cookie.name)
+                    }
+                    (None, None, Some(true)) => HashKey::SourceIp,
+                    _ => {
+                        return Err(RouteSchemaError::OneOf(
+                            "`httpHeaderName`, `httpCookie`, `useSourceIp`",
+                        ))
+                    }
+                };
+                Ok(LoadBalancer::ConsistentHash(key))
+            }
+            _ => Err(RouteSchemaError::OneOf("`simple`, `consistentHash`")),
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Tests of `VirtualService` and `DestinationRule`: parsing and checks, and how their rules route
+//! (order, subsets, faults, retries, rewrites).
+
+use std::{sync::Arc, time::Duration};
+
+use super::{parse_istio_duration, HashKey, LoadBalancer, VsString};
+use crate::{
+    http_route::{Backend, RequestFacts, RouteDecision},
+    k8s::{parse_documents, Filter, Object, PathMatch, PathModifier},
+    tests::{docs, opts, parse, pod, service},
+    ClusterState,
+};
+
+fn vs(body: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\n  namespace: shop\nspec:\n{body}"
+    )
+}
+
+fn dr(body: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata:\n  name: web\n  namespace: shop\nspec:\n{body}"
+    )
+}
+
+#[test]
+fn parses_a_virtual_service_and_a_destination_rule() {
+    let text = docs(&[
+        vs(r#"  hosts: [web]
+  http:
+  - name: ab
+    match:
+    - uri: {prefix: /api}
+      headers: {X-User: {exact: alice}}
+      queryParams: {v: {regex: "[0-9]+"}}
+      ignoreUriCase: true
+      port: 80
+    route:
+    - destination: {host: web, subset: v2, port: {number: 80}}
+      headers: {request: {set: {x-ab: "b"}}}
+    fault:
+      delay: {fixedDelay: 1.5s, percentage: {value: 10}}
+      abort: {httpStatus: 503, percentage: {value: 2.5}}
+    retries: {attempts: 3, perTryTimeout: 200ms, retryOn: "5xx,connect-failure,418"}
+    timeout: 2s
+    rewrite: {uri: /v2, authority: api.internal}
+    mirror: {host: shadow}
+    mirrorPercentage: {value: 12.5}
+  - route:
+    - destination: {host: web, subset: v1}
+      weight: 90
+    - destination: {host: web, subset: v2}
+      weight: 10
+"#),
+        dr(r"  host: web.shop.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: X-User}}}
+"),
+    ]);
+    let objects = parse_documents("istio.yaml", &text).expect("parses");
+    let (Object::VirtualService(vs), Object::DestinationRule(dr)) = (&objects[0], &objects[1])
+    else {
+        panic!("{objects:?}");
+    };
+    assert!(vs.spec.mesh);
+    let ab = &vs.spec.http[0];
+    assert_eq!(ab.matches[0].uri, Some(VsString::Prefix("/api".into())));
+    assert!(
+        ab.matches[0].headers.contains_key("x-user"),
+        "header names lowercased"
+    );
+    assert_eq!(ab.matches[0].port, Some(80));
+    let fault = ab.fault.as_ref().expect("fault");
+    assert_eq!(fault.delay, Some((Duration::from_millis(1500), 10.0)));
+    assert_eq!(fault.abort, Some((503, 2.5)));
+    let retries = ab.retries.as_ref().expect("retries");
+    assert_eq!(retries.attempts, 3);
+    assert!(retries.retry_on.server_errors && retries.retry_on.connect_failure);
+    assert_eq!(retries.retry_on.codes, vec![418]);
+    assert_eq!(ab.timeout, Some(Duration::from_secs(2)));
+    assert_eq!(ab.mirror_percentage, Some(12.5));
+    assert_eq!(vs.spec.http[1].route[0].weight, Some(90));
+    assert_eq!(dr.spec.load_balancer, Some(LoadBalancer::LeastRequest));
+    assert_eq!(
+        dr.spec.subsets[1].load_balancer,
+        Some(LoadBalancer::ConsistentHash(HashKey::Header(
+            "x-user".into()
+        )))
+    );
+    assert_eq!(
+        parse_istio_duration("1m30.5s").ok(),
+        Some(Duration::from_millis(90_500))
+    );
+    assert!(parse_istio_duration("10").is_err() && parse_istio_duration("1d").is_err());
+}
+
+fn assert_errors(table: &[(String, &[&str])]) {
+    for (text, expected) in table {
+        let err = parse_documents("istio.yaml", text)
+            .expect_err("must not parse")
+            .to_string();
+        for part in *expected {
+            assert!(err.contains(part), "error {err:?} lacks {part:?}");
+        }
+    }
+}
+
+#[test]
+fn checks_name_the_field_and_line() {
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {}\n"),
+            &["VirtualService shop/web: spec.http[0]: `corsPolicy` is not supported", "line 9"],
+        ),
+        (vs("  hosts: [web]\n  tcp: []\n"), &["`tcp` is not supported"]),
+        (
+            vs("  hosts: [web]\n  http:\n  - match: [{uri: {exact: /a, prefix: /b}}]\n    route: [{destination: {host: web}}]\n"),
+            &["spec.http[0].match[0].uri: set exactly one of `exact`, `prefix`, `regex`", "line 9"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {abort: {httpStatus: 700}}\n"),
+            &["700 is not an HTTP status"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {delay: {fixedDelay: 1s, percentage: {value: 101}}}\n"),
+            &["percentage 101 is out of range"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    retries: {attempts: 2, retryOn: \"sometimes\"}\n"),
+            &["unknown retryOn condition \"sometimes\""],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    timeout: 10\n"),
+            &["spec.http[0].timeout", "\"10\" is not a duration"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n      weight: 50\n    - destination: {host: web2}\n"),
+            &["set exactly one of `weight` on every destination"],
+        ),
+        (vs("  hosts: [web]\n  http:\n  - {}\n"), &["set exactly one of `route` and `redirect`"]),
+        (
+            dr("  host: web\n  trafficPolicy: {loadBalancer: {simple: FASTEST}}\n"),
+            &["DestinationRule shop/web: spec.trafficPolicy.loadBalancer: set exactly one of ROUND_ROBIN"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {outlierDetection: {}}\n"),
+            &["`outlierDetection` is not supported"],
+        ),
+        (
+            dr("  host: web\n  subsets: [{name: v1, labelz: {a: b}}]\n"),
+            &["spec.subsets[0]: unknown field `labelz`"],
+        ),
+    ]);
+}
+
+/// `shop/web` (VIP 10.96.0.1:80, pods web-0 `version: v1`, web-1 `version: v2`) with `extra`.
+fn cluster(extra: &[String]) -> ClusterState {
+    let mut parts = vec![
+        pod("shop", "web-0", "n1", "10.0.0.1", "app: web, version: v1"),
+        pod("shop", "web-1", "n1", "10.0.0.2", "app: web, version: v2"),
+        service("shop", "web", "10.96.0.1", "80", "8080", "app: web"),
+    ];
+    parts.extend(extra.iter().cloned());
+    ClusterState::build(&parse(&docs(&parts)), &opts()).expect("builds")
+}
+
+fn decide<'a>(state: &'a ClusterState, path: &str, headers: &[(&str, &str)]) -> RouteDecision<'a> {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        map.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    // Leaked for the test: the decision borrows the state only.
+    let map: &'static http::HeaderMap = Box::leak(Box::new(map));
+    let path: &'static str = Box::leak(path.to_owned().into_boxed_str());
+    let service = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    let facts = RequestFacts {
+        method: &http::Method::GET,
+        path,
+        query: None,
+        headers: map,
+    };
+    state.route_http(&service, 80, "client", &facts)
+}
+
+#[test]
+fn virtual_service_rules_route_in_order_to_subsets() {
+    let state = cluster(&[
+        vs(r"  hosts: [web]
+  http:
+  - name: alice
+    match: [{headers: {x-user: {exact: alice}}}]
+    route: [{destination: {host: web, subset: v2}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+  - name: api
+    match: [{uri: {prefix: /api}}]
+    rewrite: {uri: /v2}
+    route: [{destination: {host: web, subset: v1}}]
+  - name: rest
+    route:
+    - {destination: {host: web, subset: v1}, weight: 75}
+    - {destination: {host: web, subset: v3}, weight: 25}
+"),
+        dr("  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n"),
+    ]);
+    let rule = |d: RouteDecision<'_>| match d {
+        RouteDecision::Matched { rule, .. } => rule.name.clone().unwrap_or_default(),
+        other => panic!("{other:?}"),
+    };
+    // In order: alice's header wins over the later `/api` prefix, as Istio orders rules.
+    assert_eq!(
+        rule(decide(&state, "/api/x", &[("x-user", "alice")])),
+        "alice"
+    );
+    assert_eq!(
+        rule(decide(&state, "/apix", &[])),
+        "api",
+        "a plain string prefix"
+    );
+    assert_eq!(rule(decide(&state, "/", &[])), "rest");
+    let RouteDecision::Matched { rule: alice, .. } = decide(&state, "/", &[("x-user", "alice")])
+    else {
+        panic!("alice");
+    };
+    assert_eq!(
+        alice.fault.as_ref().and_then(|f| f.abort),
+        Some((418, 100.0))
+    );
+    match &alice.backends[0].backend {
+        Backend::Service { policy, .. } => {
+            assert_eq!(policy.subset.as_deref(), Some("v2"));
+            let web = state
+                .service_by_hostname("web.shop.svc.cluster.local")
+                .unwrap();
+            let admitted: Vec<_> = web.ports[0]
+                .endpoints
+                .iter()
+                .filter(|e| policy.admits(e))
+                .collect();
+            assert_eq!(admitted.len(), 1);
+            assert_eq!(admitted[0].addr.ip().to_string(), "10.0.0.2");
+        }
+        other @ Backend::Invalid(_) => panic!("{other:?}"),
+    }
+    let retry = alice.retry.as_ref().expect("Istio's default retries");
+    assert_eq!(
+        (retry.attempts, retry.on.codes.clone()),
+        (Some(2), vec![503])
+    );
+    let RouteDecision::Matched {
+        rule: api, matched, ..
+    } = decide(&state, "/api/x", &[])
+    else {
+        panic!("api");
+    };
+    assert_eq!(matched.path, PathMatch::RawPrefix("/api".into()));
+    assert!(
+        matches!(&api.filters[0], Filter::UrlRewrite(r) if r.path == Some(PathModifier::Matched("/v2".into())))
+    );
+    // A subset no DestinationRule defines: that share gets a 500, and a warning says why.
+    let RouteDecision::Matched { rule: rest, .. } = decide(&state, "/", &[]) else {
+        panic!("rest");
+    };
+    assert!(matches!(rest.backends[1].backend, Backend::Invalid(_)));
+    assert!(
+        state.warnings().iter().any(|w| w.contains("VirtualService shop/web: destination web: no DestinationRule of Service shop/web defines subset \"v3\"")),
+        "{:?}",
+        state.warnings()
+    );
+}
+
+#[test]
+fn http_routes_come_first_and_ingress_virtual_services_are_skipped() {
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web}]\n  rules:\n  - name: gateway-api\n    backendRefs: [{name: web, port: 80}]\n".to_owned();
+    let virtual_service =
+        vs("  hosts: [web]\n  http:\n  - name: istio\n    route: [{destination: {host: web}}]\n");
+    let state = cluster(&[route, virtual_service.clone()]);
+    assert!(
+        matches!(decide(&state, "/", &[]), RouteDecision::Matched { rule, .. } if rule.name.as_deref() == Some("gateway-api"))
+    );
+    let state = cluster(&[virtual_service]);
+    assert!(
+        matches!(decide(&state, "/", &[]), RouteDecision::Matched { rule, .. } if rule.name.as_deref() == Some("istio"))
+    );
+    let ingress = vs("  hosts: [web]\n  gateways: [istio-system/ingress]\n  http:\n  - route: [{destination: {host: web}}]\n");
+    let state = cluster(&[ingress]);
+    assert!(matches!(decide(&state, "/", &[]), RouteDecision::Default));
+    // A host that names no Service, and a DestinationRule of none.
+    let state = cluster(&[
+        vs("  hosts: [nope]\n  http:\n  - route: [{destination: {host: web}}]\n"),
+        dr("  host: gone\n"),
+    ]);
+    let warnings = state.warnings().join("\n");
+    assert!(
+        warnings.contains("VirtualService shop/web: spec.hosts[0]: \"nope\" names no Service"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("DestinationRule shop/web: spec.host: \"gone\" names no Service"),
+        "{warnings}"
+    );
+}

@@ -1,0 +1,182 @@
+//! Tests of endpoint picking.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
+
+use http::HeaderMap;
+use mesh_cluster::{
+    k8s::{parse_documents, HashKey, LoadBalancer},
+    ClusterState, EndpointPolicy, EnrollmentOptions, Service,
+};
+
+use super::{Balancer, Keys};
+
+/// Service `shop/web` with pods `web-0..n` (labels `version: v<i % 2>`), all ready.
+fn service(n: usize) -> (ClusterState, Arc<Service>) {
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, targetPort: 8080}]\n  selector: {app: web}\n",
+    );
+    for i in 0..n {
+        let _ = write!(
+            text,
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: shop, labels: {{app: web, version: v{}}}}}\nspec: {{nodeName: n1}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.0.0.{}}}]}}\n",
+            i % 2,
+            i + 1
+        );
+    }
+    let objects = parse_documents("t.yaml", &text).expect("parses");
+    let state = ClusterState::build(&objects, &EnrollmentOptions::new("n0")).expect("builds");
+    let svc = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .expect("web"),
+    );
+    (state, svc)
+}
+
+fn policy(lb: LoadBalancer, labels: &[(&str, &str)]) -> EndpointPolicy {
+    EndpointPolicy {
+        subset: None,
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        load_balancer: lb,
+    }
+}
+
+fn keys(headers: &HeaderMap) -> Keys<'_> {
+    Keys {
+        client: "10.1.0.1".parse::<IpAddr>().unwrap(),
+        headers,
+    }
+}
+
+fn picks(
+    balancer: &Arc<Balancer>,
+    svc: &Service,
+    policy: &EndpointPolicy,
+    headers: &HeaderMap,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let (endpoint, _, _guard) = balancer
+            .pick(svc, 80, policy, &keys(headers))
+            .expect("an endpoint");
+        *counts.entry(endpoint.addr.ip().to_string()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_takes_turns_within_the_subset() {
+    let (_state, svc) = service(4);
+    let balancer = Arc::new(Balancer::default());
+    let none = HeaderMap::new();
+    let all = picks(
+        &balancer,
+        &svc,
+        &policy(LoadBalancer::RoundRobin, &[]),
+        &none,
+        8,
+    );
+    assert_eq!(all.values().copied().collect::<Vec<_>>(), vec![2, 2, 2, 2]);
+    let v1 = picks(
+        &balancer,
+        &svc,
+        &policy(LoadBalancer::RoundRobin, &[("version", "v1")]),
+        &none,
+        6,
+    );
+    assert_eq!(
+        v1,
+        BTreeMap::from([("10.0.0.2".to_owned(), 3), ("10.0.0.4".to_owned(), 3)])
+    );
+    let nobody = policy(LoadBalancer::RoundRobin, &[("version", "v9")]);
+    assert!(
+        balancer.pick(&svc, 80, &nobody, &keys(&none)).is_none(),
+        "an empty subset"
+    );
+}
+
+#[test]
+fn consistent_hash_keeps_a_key_on_its_endpoint() {
+    let (_state, svc) = service(4);
+    let balancer = Arc::new(Balancer::default());
+    let by_header = policy(
+        LoadBalancer::ConsistentHash(HashKey::Header("x-user".into())),
+        &[],
+    );
+    let mut spread = BTreeMap::new();
+    for user in 0..40 {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", format!("user-{user}").parse().unwrap());
+        let counts = picks(&balancer, &svc, &by_header, &headers, 5);
+        assert_eq!(
+            counts.len(),
+            1,
+            "user-{user} always on one endpoint: {counts:?}"
+        );
+        *spread
+            .entry(counts.into_keys().next().unwrap())
+            .or_insert(0) += 1;
+    }
+    assert!(
+        spread.len() >= 3,
+        "40 users spread over the endpoints: {spread:?}"
+    );
+    // A cookie, and the source address.
+    let mut headers = HeaderMap::new();
+    headers.insert("cookie", "a=1; session=abc".parse().unwrap());
+    let by_cookie = policy(
+        LoadBalancer::ConsistentHash(HashKey::Cookie("session".into())),
+        &[],
+    );
+    assert_eq!(picks(&balancer, &svc, &by_cookie, &headers, 5).len(), 1);
+    let by_ip = policy(LoadBalancer::ConsistentHash(HashKey::SourceIp), &[]);
+    assert_eq!(
+        picks(&balancer, &svc, &by_ip, &HeaderMap::new(), 5).len(),
+        1
+    );
+}
+
+#[test]
+fn least_request_avoids_a_busy_endpoint_and_counts_go_back() {
+    let (_state, svc) = service(2);
+    let balancer = Arc::new(Balancer::default());
+    let lr = policy(LoadBalancer::LeastRequest, &[]);
+    let none = HeaderMap::new();
+    // Hold 10 requests on whichever endpoint comes first.
+    let (busy, busy_addr, _) = balancer.pick(&svc, 80, &lr, &keys(&none)).unwrap();
+    drop(busy);
+    let held: Vec<_> = (0..10)
+        .map(|_| {
+            let p = policy(
+                LoadBalancer::RoundRobin,
+                &[(
+                    "version",
+                    if busy_addr.ip().to_string().ends_with(".1") {
+                        "v0"
+                    } else {
+                        "v1"
+                    },
+                )],
+            );
+            balancer.pick(&svc, 80, &p, &keys(&none)).unwrap().2
+        })
+        .collect();
+    assert_eq!(balancer.load(busy_addr), 10);
+    let counts = picks(&balancer, &svc, &lr, &none, 100);
+    let to_busy = counts
+        .get(&busy_addr.ip().to_string())
+        .copied()
+        .unwrap_or(0);
+    // The busy one wins only when both draws are it (a quarter of the time).
+    assert!(to_busy < 45, "{counts:?}");
+    drop(held);
+    assert_eq!(
+        balancer.load(busy_addr),
+        0,
+        "counts go back when requests end"
+    );
+}
