@@ -22,6 +22,7 @@ pub(crate) struct ByKind<'a> {
     pub(crate) authz_policies: Named<'a, k8s::AuthorizationPolicy>,
     pub(crate) http_routes: Named<'a, k8s::HttpRoute>,
     pub(crate) gateways: Named<'a, k8s::Gateway>,
+    pub(crate) grpc_routes: Named<'a, k8s::GrpcRoute>,
     pub(crate) virtual_services: Named<'a, k8s::VirtualService>,
     pub(crate) destination_rules: Named<'a, k8s::DestinationRule>,
 }
@@ -44,6 +45,7 @@ impl<'a> ByKind<'a> {
                 Object::AuthorizationPolicy(o) => put(&mut sorted.authz_policies, &o.metadata, o),
                 Object::HttpRoute(o) => put(&mut sorted.http_routes, &o.metadata, o),
                 Object::Gateway(o) => put(&mut sorted.gateways, &o.metadata, o),
+                Object::GrpcRoute(o) => put(&mut sorted.grpc_routes, &o.metadata, o),
                 Object::VirtualService(o) => put(&mut sorted.virtual_services, &o.metadata, o),
                 Object::DestinationRule(o) => put(&mut sorted.destination_rules, &o.metadata, o),
             };

@@ -50,6 +50,30 @@ pub const HTTP_ROUTE_VERSIONS: [&str; 2] = [
     "gateway.networking.k8s.io/v1beta1",
 ];
 
+/// A Gateway API `GRPCRoute` (`v1`): gRPC routes, read into the same rules as an `HTTPRoute`'s
+/// (a method match is a match on the request's path, `/<service>/<method>`; filters are the
+/// header modifiers and mirroring). Checked when parsed as Gateway API's schema says: a method
+/// match names a service or a method (`Exact`: a service is dot-separated identifiers, a method
+/// one identifier; `RegularExpression`: each compiles); redirects and rewrites are not gRPC
+/// filters.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct GrpcRoute {
+    /// Name, namespace and creation time.
+    pub metadata: ObjectMeta,
+    /// `spec`, as the rules the waypoint applies.
+    pub spec: GrpcRouteSpec,
+}
+
+/// `spec` of a `GRPCRoute`, in the form of an `HTTPRoute`'s.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GrpcRouteSpec(pub HttpRouteSpec);
+
+impl<'de> Deserialize<'de> for GrpcRouteSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_checked(deserializer)
+    }
+}
+
 /// A Gateway API `Gateway` (`v1` or `v1beta1`). Only its class is read: a Gateway of class
 /// [`crate::waypoint::WAYPOINT_CLASS`] is a waypoint (see [`crate::waypoint`]); Gateways of other
 /// classes are ingress gateways, not the mesh's, and are kept without effect. The rest of the
@@ -159,6 +183,12 @@ pub enum RouteSchemaError {
     RetryOn(String),
     #[error("{0:?} is not a Service host (`name`, `name.namespace`, or `name.namespace.svc[.<domain>]`)")]
     Host(String),
+    #[error("{0:?} is not a gRPC {1} name")]
+    GrpcName(String, &'static str),
+    #[error("a method match names a service, a method or both")]
+    EmptyMethodMatch,
+    #[error("filter type {0} is not a GRPCRoute filter")]
+    NotGrpcFilter(FilterType),
 }
 
 /// An `HTTPRoute`: the routes for the traffic of the `parentRefs` it attaches to. See the module

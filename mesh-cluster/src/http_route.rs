@@ -38,9 +38,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::{
     gateway_api::{
-        BackendTarget, Filter, HttpRoute, PathMatch, Retry, RouteMatch, StringMatch, Timeouts,
+        BackendTarget, Filter, HttpRouteSpec, PathMatch, Retry, RouteMatch, StringMatch, Timeouts,
     },
-    meta::{Kind, MetaExt, ObjectRef},
+    meta::{Kind, MetaExt, ObjectMeta, ObjectRef},
     model::Service,
 };
 
@@ -267,15 +267,15 @@ impl HttpRouteIndex {
     /// Attaches `routes` and `virtual_services` to `services` (found by namespace and name), with
     /// the subsets and load balancers of `destination_rules`.
     pub(crate) fn build<'a>(
-        routes: impl IntoIterator<Item = &'a HttpRoute>,
+        routes: impl IntoIterator<Item = (Kind, &'a ObjectMeta, &'a HttpRouteSpec)>,
         virtual_services: impl IntoIterator<Item = &'a crate::istio_traffic::VirtualService>,
         destination_rules: impl IntoIterator<Item = &'a crate::istio_traffic::DestinationRule>,
         services: &Services<'_>,
     ) -> Self {
         let mut index = Self::default();
         index.policies = istio::Policies::build(destination_rules, services, &mut index.warnings);
-        for route in routes {
-            index.attach(route, services);
+        for (kind, meta, spec) in routes {
+            index.attach((ObjectRef::namespaced(kind, meta), meta, spec), services);
         }
         let mut virtual_services: Vec<_> = virtual_services.into_iter().collect();
         virtual_services.sort_by_key(|vs| {
@@ -299,11 +299,13 @@ impl HttpRouteIndex {
         index
     }
 
-    fn attach(&mut self, route: &HttpRoute, services: &Services<'_>) {
-        let object = ObjectRef::namespaced(Kind::HttpRoute, &route.metadata);
-        let namespace = route.metadata.namespace();
-        let rules = route
-            .spec
+    fn attach(
+        &mut self,
+        (object, meta, spec): (ObjectRef, &ObjectMeta, &HttpRouteSpec),
+        services: &Services<'_>,
+    ) {
+        let namespace = meta.namespace();
+        let rules = spec
             .rules
             .iter()
             .map(|rule| {
@@ -321,7 +323,7 @@ impl HttpRouteIndex {
             rules,
         });
         let mut attached_any = false;
-        for (index, parent) in route.spec.parent_refs.iter().enumerate() {
+        for (index, parent) in spec.parent_refs.iter().enumerate() {
             if !parent.is_service() {
                 continue;
             }
@@ -365,10 +367,10 @@ impl HttpRouteIndex {
                 } else {
                     &mut routes.producer
                 };
-                add_entries(entries, &attached, route);
+                add_entries(entries, &attached, meta);
             }
         }
-        if !attached_any && route.spec.parent_refs.iter().all(|p| !p.is_service()) {
+        if !attached_any && spec.parent_refs.iter().all(|p| !p.is_service()) {
             self.warnings.push(format!(
                 "{object}: no parentRef is a Service (group \"\", kind Service): a waypoint \
                  applies only routes attached to Services"
@@ -453,8 +455,8 @@ fn add_ordered(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>) {
     }
 }
 
-fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, route: &HttpRoute) {
-    let created = route.metadata.creation_timestamp.clone();
+fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, meta: &ObjectMeta) {
+    let created = meta.creation_timestamp.clone();
     for (rule_index, rule) in attached.rules.iter().enumerate() {
         for (index, m) in rule.matches.iter().enumerate() {
             let (class, length) = match &m.path {
@@ -470,7 +472,7 @@ fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, route: &
                 Reverse(m.headers.len()),
                 Reverse(m.query_params.len()),
                 (created.is_none(), created.clone()),
-                format!("{}/{}", route.metadata.namespace(), route.metadata.name()),
+                format!("{}/{}", meta.namespace(), meta.name()),
                 rule_index,
                 index,
             );

@@ -30,10 +30,10 @@ use tracing::debug;
 
 use super::gateway_api::HTTP_ROUTE_VERSIONS;
 pub use super::gateway_api::{
-    parse_duration, BackendRef, BackendTarget, Filter, FilterType, Gateway, GatewaySpec,
-    HeaderModifier, HttpRoute, HttpRouteSpec, Mirror, ParentRef, PathMatch, PathModifier, Pattern,
-    Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch,
-    Timeouts, ValueMatch, GATEWAY_GROUP,
+    parse_duration, BackendRef, BackendTarget, Filter, FilterType, Gateway, GatewaySpec, GrpcRoute,
+    GrpcRouteSpec, HeaderModifier, HttpRoute, HttpRouteSpec, Mirror, ParentRef, PathMatch,
+    PathModifier, Pattern, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule,
+    RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
 pub use super::istio::{
@@ -77,6 +77,8 @@ pub enum Object {
     HttpRoute(HttpRoute),
     /// A `gateway.networking.k8s.io` `Gateway`.
     Gateway(Gateway),
+    /// A `gateway.networking.k8s.io` `GRPCRoute`.
+    GrpcRoute(GrpcRoute),
     /// A `networking.istio.io` `VirtualService`.
     VirtualService(VirtualService),
     /// A `networking.istio.io` `DestinationRule`.
@@ -99,6 +101,7 @@ impl Object {
             }
             Object::HttpRoute(o) => ObjectRef::namespaced(Kind::HttpRoute, &o.metadata),
             Object::Gateway(o) => ObjectRef::namespaced(Kind::Gateway, &o.metadata),
+            Object::GrpcRoute(o) => ObjectRef::namespaced(Kind::GrpcRoute, &o.metadata),
             Object::VirtualService(o) => ObjectRef::namespaced(Kind::VirtualService, &o.metadata),
             Object::DestinationRule(o) => ObjectRef::namespaced(Kind::DestinationRule, &o.metadata),
         }
@@ -191,6 +194,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         }
         (version, "HTTPRoute") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::HttpRoute),
         (version, "Gateway") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::Gateway),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Some(Kind::GrpcRoute),
         (version, "VirtualService") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
             Some(Kind::VirtualService)
         }
@@ -439,6 +443,7 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::AuthorizationPolicy
         | Kind::HttpRoute
         | Kind::Gateway
+        | Kind::GrpcRoute
         | Kind::VirtualService
         | Kind::DestinationRule => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
@@ -478,6 +483,7 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 }
                 Kind::HttpRoute => Object::HttpRoute(HttpRoute::deserialize(deserializer)?),
                 Kind::Gateway => Object::Gateway(Gateway::deserialize(deserializer)?),
+                Kind::GrpcRoute => Object::GrpcRoute(GrpcRoute::deserialize(deserializer)?),
                 Kind::VirtualService => {
                     Object::VirtualService(VirtualService::deserialize(deserializer)?)
                 }

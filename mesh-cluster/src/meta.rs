@@ -34,6 +34,8 @@ pub enum Kind {
     HttpRoute,
     /// `Gateway` (`gateway.networking.k8s.io`).
     Gateway,
+    /// `GRPCRoute` (`gateway.networking.k8s.io`).
+    GrpcRoute,
     /// `VirtualService` (`networking.istio.io`).
     VirtualService,
     /// `DestinationRule` (`networking.istio.io`).
@@ -51,6 +53,7 @@ impl fmt::Display for Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::Gateway => "Gateway",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
         })

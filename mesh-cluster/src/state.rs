@@ -15,7 +15,7 @@ use std::{
 
 use super::{
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
-    by_kind::ByKind,
+    by_kind::{ByKind, Named},
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
     http_route::{HttpRouteIndex, RequestFacts, RouteDecision},
@@ -70,6 +70,7 @@ impl ClusterState {
             authz_policies,
             http_routes,
             gateways,
+            grpc_routes,
             virtual_services,
             destination_rules,
         } = ByKind::sort(objects)?;
@@ -123,24 +124,9 @@ impl ClusterState {
             &state.workloads,
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
-        let istio_names = virtual_services
-            .values()
-            .map(|o| ObjectRef::namespaced(Kind::VirtualService, &o.metadata))
-            .chain(
-                destination_rules
-                    .values()
-                    .map(|o| ObjectRef::namespaced(Kind::DestinationRule, &o.metadata)),
-            );
-        for object in istio_names {
-            let name = object.name.clone();
-            check_name(&object, "metadata.name", &name, NameRule::Subdomain)?;
-        }
         state.index_routes(
-            http_routes.values().copied(),
-            (
-                virtual_services.values().copied(),
-                destination_rules.values().copied(),
-            ),
+            (&http_routes, &grpc_routes),
+            (&virtual_services, &destination_rules),
         )?;
         state.waypoints = WaypointIndex::build(gateways.values().copied(), &state.workloads)?;
         state.bindings = Bindings::build(
@@ -162,30 +148,50 @@ impl ClusterState {
         Ok(state)
     }
 
-    fn index_routes<'a>(
+    /// Checks the routing objects' names and builds the routing index.
+    fn index_routes(
         &mut self,
-        routes: impl Iterator<Item = &'a k8s::HttpRoute> + Clone,
+        (http_routes, grpc_routes): (&Named<'_, k8s::HttpRoute>, &Named<'_, k8s::GrpcRoute>),
         (virtual_services, destination_rules): (
-            impl Iterator<Item = &'a k8s::VirtualService>,
-            impl Iterator<Item = &'a k8s::DestinationRule>,
+            &Named<'_, k8s::VirtualService>,
+            &Named<'_, k8s::DestinationRule>,
         ),
     ) -> Result<(), StateError> {
-        for route in routes.clone() {
-            let object = ObjectRef::namespaced(Kind::HttpRoute, &route.metadata);
-            check_name(
-                &object,
-                "metadata.name",
-                route.metadata.name(),
-                NameRule::Subdomain,
-            )?;
+        let routes = http_routes
+            .values()
+            .map(|r| (Kind::HttpRoute, &r.metadata, &r.spec))
+            .chain(
+                grpc_routes
+                    .values()
+                    .map(|r| (Kind::GrpcRoute, &r.metadata, &r.spec.0)),
+            );
+        let istio = virtual_services
+            .values()
+            .map(|o| (Kind::VirtualService, &o.metadata))
+            .chain(
+                destination_rules
+                    .values()
+                    .map(|o| (Kind::DestinationRule, &o.metadata)),
+            );
+        let names = routes
+            .clone()
+            .map(|(kind, meta, _)| (kind, meta))
+            .chain(istio);
+        for (kind, meta) in names {
+            let object = ObjectRef::namespaced(kind, meta);
+            check_name(&object, "metadata.name", meta.name(), NameRule::Subdomain)?;
         }
         let by_name = self
             .services
             .iter()
             .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
             .collect();
-        self.http_routes =
-            HttpRouteIndex::build(routes, virtual_services, destination_rules, &by_name);
+        self.http_routes = HttpRouteIndex::build(
+            routes,
+            virtual_services.values().copied(),
+            destination_rules.values().copied(),
+            &by_name,
+        );
         Ok(())
     }
 

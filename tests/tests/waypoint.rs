@@ -562,6 +562,113 @@ fn virtual_service_faults_and_destination_rule_subsets() {
     );
 }
 
+#[test]
+fn grpc_unary_and_streaming_calls_routed_by_a_grpc_route() {
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    // A gRPC health server on each backend, answering SERVING for its own name only.
+    let _servers: Vec<Process> = [(0, "v1"), (1, "v2")]
+        .iter()
+        .map(|&(j, name)| {
+            let pod = bed.mesh.pod(1, j).clone();
+            let mut cmd = pod.command(&bin);
+            cmd.args(["grpc-serve", &format!("{}:7070", pod.ipv4), "--name", name]);
+            let mut p = Process::spawn(format!("grpc {name}"), &mut cmd).expect("gRPC server");
+            p.wait_for_line("the gRPC server", LOG_WAIT, |l| l.starts_with("listening "))
+                .expect("listens");
+            p
+        })
+        .collect();
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let files = &bed.mesh.files;
+    for (name, vip, selector, labels) in [
+        ("grpc", 5, ("svc", "web"), bound.as_str()),
+        ("grpc-v1", 6, ("version", "v1"), ""),
+        ("grpc-v2", 7, ("version", "v2"), ""),
+    ] {
+        let text = port_service_yaml(name, vip, selector, labels, ("name: grpc", 7070, 7070));
+        files.write(&format!("service-{name}.yaml"), &text).unwrap();
+    }
+    files
+        .write(
+            "grpcroute.yaml",
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: grpc, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: grpc}}]\n  rules:\n  - matches: [{{method: {{service: grpc.health.v1.Health, method: Watch}}}}]\n    backendRefs: [{{name: grpc-v2, port: 7070}}]\n  - backendRefs:\n    - {{name: grpc-v1, port: 7070, weight: 80}}\n    - {{name: grpc-v2, port: 7070, weight: 20}}\n"
+            ),
+        )
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line("the gRPC Services", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("services=6")
+        })
+        .unwrap();
+    for agent in &mut bed.mesh.agents {
+        agent
+            .wait_for_log("the gRPC Services", LOG_WAIT, |l| {
+                l.contains("cluster state updated") && l.contains("services=6")
+            })
+            .unwrap();
+    }
+    let addr = format!("{}:7070", plan::service_vip_v4(5));
+    // 200 unary calls on one h2c connection, split 80/20 between the backends.
+    let out = mesh_tests::process::run(client.command(&bin).args([
+        "grpc",
+        &addr,
+        "--service",
+        "v1",
+        "--count",
+        "200",
+    ]))
+    .expect("gRPC client");
+    let field = |name: &str| -> usize {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {out:?}"))
+    };
+    let (v1, v2) = (field("serving"), field("not_found"));
+    eprintln!("gRPC 80/20: v1 {v1}, v2 {v2}");
+    assert_eq!(v1 + v2, 200);
+    // Binomial(200, 0.8): standard deviation 5.7; ±5 of them.
+    assert!((132..=188).contains(&v1), "v1 took {v1} of 200");
+    // A server-streaming call, matched by its method: always v2.
+    let watch = |service: &str| {
+        client
+            .command(&bin)
+            .args(["grpc", &addr, "--service", service, "--watch"])
+            .output()
+            .expect("gRPC watch")
+    };
+    let on_v2 = watch("v2");
+    assert_eq!(
+        String::from_utf8_lossy(&on_v2.stdout).trim(),
+        "watch status=SERVING"
+    );
+    let not_v1 = watch("v1");
+    assert!(!not_v1.status.success(), "v1's name is unknown to v2");
+    assert!(String::from_utf8_lossy(&not_v1.stderr).contains("service not registered"));
+    // gRPC statuses from the trailers, in the waypoint's metrics.
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    let grpc = |status: &str| {
+        count(
+            &samples,
+            "istio_requests_total",
+            &[
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", status),
+            ],
+        )
+    };
+    assert_eq!(grpc("0"), v1 as u64, "the SERVING checks");
+    assert_eq!(
+        grpc("5"),
+        v2 as u64 + 1,
+        "NOT_FOUND: the checks v2 answered and the refused watch"
+    );
+}
+
 /// Whether a plain curl from `pod` to `target` gets an answer.
 fn answered(pod: &Pod, target: &str) -> bool {
     pod.command("curl")

@@ -7,9 +7,9 @@ use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
     check_count, check_len, check_rule_names, parse_duration, BackendRef, BackendTarget, Checked,
-    Filter, FilterType, HeaderModifier, HttpRouteSpec, Int, List, ParentRef, Parsed, PathMatch,
-    PathModifier, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule, RouteSchemaError,
-    StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
+    Filter, FilterType, GrpcRouteSpec, HeaderModifier, HttpRouteSpec, Int, List, ParentRef, Parsed,
+    PathMatch, PathModifier, Pattern, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule,
+    RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 
 /// Implements `Deserialize` through [`Checked`] for each type.
@@ -859,5 +859,163 @@ fn port(Int(value): Int) -> Result<u16, RouteSchemaError> {
     match u16::try_from(value) {
         Ok(port) if port != 0 => Ok(port),
         _ => Err(RouteSchemaError::Port(value)),
+    }
+}
+
+/// A `GRPCRoute` rule, read as an `HTTPRoute` rule.
+pub(crate) struct GrpcRule(RouteRule);
+
+/// A `GRPCRoute` match, read as an `HTTPRoute` match on the path.
+pub(crate) struct GrpcMatch(RouteMatch);
+
+checked!(GrpcRule, GrpcMatch);
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct GrpcSpecFields {
+    parent_refs: List<ParentRef>,
+    hostnames: List<Parsed<Hostname>>,
+    rules: List<GrpcRule>,
+}
+
+impl Checked for GrpcRouteSpec {
+    type Error = RouteSchemaError;
+    type Fields = GrpcSpecFields;
+    const WHAT: &'static str = "a GRPCRoute spec";
+
+    fn check(f: GrpcSpecFields) -> Result<Self, RouteSchemaError> {
+        let spec = HttpRouteSpec::check(SpecFields {
+            parent_refs: f.parent_refs,
+            hostnames: f.hostnames,
+            rules: List(f.rules.0.into_iter().map(|r| r.0).collect()),
+        })?;
+        Ok(GrpcRouteSpec(spec))
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct GrpcRuleFields {
+    name: Option<String>,
+    matches: List<GrpcMatch>,
+    filters: List<Filter>,
+    backend_refs: List<BackendRef>,
+}
+
+impl Checked for GrpcRule {
+    type Error = RouteSchemaError;
+    type Fields = GrpcRuleFields;
+    const WHAT: &'static str = "a rule";
+
+    fn check(f: GrpcRuleFields) -> Result<Self, RouteSchemaError> {
+        if let Some(filter) = f
+            .filters
+            .0
+            .iter()
+            .find(|filter| matches!(filter, Filter::RequestRedirect(_) | Filter::UrlRewrite(_)))
+        {
+            return Err(RouteSchemaError::NotGrpcFilter(filter.kind()));
+        }
+        let rule = RouteRule::check(RuleFields {
+            name: f.name,
+            matches: List(f.matches.0.into_iter().map(|m| m.0).collect()),
+            filters: f.filters,
+            backend_refs: f.backend_refs,
+            timeouts: None,
+            retry: None,
+        })?;
+        Ok(GrpcRule(rule))
+    }
+}
+
+#[derive(Deserialize)]
+enum MethodMatchType {
+    Exact,
+    RegularExpression,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MethodFields {
+    #[serde(rename = "type")]
+    kind: Option<MethodMatchType>,
+    service: Option<String>,
+    method: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct GrpcMatchFields {
+    method: Option<MethodFields>,
+    headers: List<ValueFields>,
+}
+
+impl Checked for GrpcMatch {
+    type Error = RouteSchemaError;
+    type Fields = GrpcMatchFields;
+    const WHAT: &'static str = "a match";
+
+    fn check(f: GrpcMatchFields) -> Result<Self, RouteSchemaError> {
+        check_count(&f.headers.0, 16)?;
+        let path = match f.method {
+            None => PathMatch::Prefix("/".to_owned()),
+            Some(m) => grpc_path(m)?,
+        };
+        Ok(GrpcMatch(RouteMatch {
+            path,
+            headers: f
+                .headers
+                .0
+                .into_iter()
+                .map(ValueFields::check)
+                .collect::<Result<_, _>>()?,
+            query_params: Vec::new(),
+            method: None,
+        }))
+    }
+}
+
+/// A method match as a match on the path, `/<service>/<method>`.
+fn grpc_path(m: MethodFields) -> Result<PathMatch, RouteSchemaError> {
+    let ident = |s: &str| {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match (
+        m.kind.unwrap_or(MethodMatchType::Exact),
+        m.service,
+        m.method,
+    ) {
+        (_, None, None) => Err(RouteSchemaError::EmptyMethodMatch),
+        (MethodMatchType::Exact, service, method) => {
+            if let Some(s) = service.as_deref().filter(|s| !s.split('.').all(ident)) {
+                return Err(RouteSchemaError::GrpcName(s.to_owned(), "service"));
+            }
+            if let Some(m) = method.as_deref().filter(|m| !ident(m)) {
+                return Err(RouteSchemaError::GrpcName(m.to_owned(), "method"));
+            }
+            Ok(match (service, method) {
+                (Some(service), Some(method)) => PathMatch::Exact(format!("/{service}/{method}")),
+                (Some(service), None) => PathMatch::RawPrefix(format!("/{service}/")),
+                (None, Some(method)) => {
+                    PathMatch::Regex(format!("/[^/]+/{}", regex::escape(&method)).parse()?)
+                }
+                (None, None) => unreachable!("refused above"),
+            })
+        }
+        (MethodMatchType::RegularExpression, service, method) => {
+            // Each part is checked as a pattern of its own first, so its error names it.
+            for part in service.iter().chain(method.iter()) {
+                part.parse::<Pattern>()?;
+            }
+            let service = service.unwrap_or_else(|| "[^/]+".to_owned());
+            let method = method.unwrap_or_else(|| "[^/]+".to_owned());
+            Ok(PathMatch::Regex(
+                format!("/(?:{service})/(?:{method})").parse()?,
+            ))
+        }
     }
 }

@@ -317,3 +317,49 @@ fn schema_errors_name_field_and_line() {
     .to_string();
     assert!(err.contains("missing field `spec`"), "{err}");
 }
+
+#[test]
+fn grpc_routes_read_as_path_matches() {
+    let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: grpc}]\n  rules:\n  - matches:\n    - method: {service: grpc.health.v1.Health, method: Watch}\n    - method: {service: pkg.Svc}\n      headers: [{name: x-v, value: \"2\"}]\n    - method: {method: Check}\n    - method: {type: RegularExpression, service: \"pkg\\\\..*\"}\n    backendRefs: [{name: grpc, port: 7070}]\n  - {}\n";
+    let objects = parse_documents("grpc.yaml", text).expect("parses");
+    let [Object::GrpcRoute(route)] = objects.as_slice() else {
+        panic!("{objects:?}");
+    };
+    let rules = &route.spec.0.rules;
+    let paths: Vec<&PathMatch> = rules[0].matches.iter().map(|m| &m.path).collect();
+    assert_eq!(
+        paths[0],
+        &PathMatch::Exact("/grpc.health.v1.Health/Watch".into())
+    );
+    assert_eq!(paths[1], &PathMatch::RawPrefix("/pkg.Svc/".into()));
+    assert!(
+        matches!(paths[2], PathMatch::Regex(p) if p.is_match("/a.B/Check") && !p.is_match("/a.B/Checks"))
+    );
+    assert!(
+        matches!(paths[3], PathMatch::Regex(p) if p.is_match("/pkg.X/Y") && !p.is_match("/other.X/Y"))
+    );
+    assert_eq!(rules[0].matches[1].headers[0].name, "x-v");
+    assert_eq!(
+        rules[1].matches[0].path,
+        PathMatch::Prefix("/".into()),
+        "no match: every call"
+    );
+    let bad = |rule: &str| {
+        let doc = text.replace(
+            "  rules:\n  - matches:",
+            &format!("  rules:\n{rule}\n  - matches:"),
+        );
+        parse_documents("grpc.yaml", &doc)
+            .expect_err("refused")
+            .to_string()
+    };
+    assert!(bad("  - matches: [{method: {}}]")
+        .contains("spec.rules[0].matches[0]: a method match names a service, a method or both"));
+    assert!(bad("  - matches: [{method: {service: \"a..b\"}}]")
+        .contains("\"a..b\" is not a gRPC service name"));
+    assert!(
+        bad("  - filters: [{type: URLRewrite, urlRewrite: {hostname: a.b}}]")
+            .contains("filter type URLRewrite is not a GRPCRoute filter")
+    );
+    assert!(bad("  - matches: [{path: {value: /}}]").contains("unknown field `path`"));
+}

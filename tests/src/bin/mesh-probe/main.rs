@@ -55,6 +55,8 @@
 //! HTTP/1.1 and h2c; one line of JSON per request naming the backend, method, path, host,
 //! protocol and headers (see `http_echo`); a WebSocket upgrade to it echoes each message as
 //! `<name>: <message>`. WebSocket client: `ws <addr> <message> [--count N]` checks N echoes.
+//! gRPC: `grpc-serve <addr> --name N` and `grpc <addr> --service S [--count C] [--watch]` (the
+//! standard health service, see `grpc`).
 //!
 //! HTTP client (for the agent's admin, metrics and readiness servers):
 //! - `http <METHOD> <host:port> <path>`: one HTTP/1.1 request with `Connection: close` (5 s
@@ -62,6 +64,7 @@
 //!   response (the caller checks the code), 1 when it cannot connect or read a response.
 #![forbid(unsafe_code)]
 
+mod grpc;
 mod http_echo;
 mod loop_pair;
 mod repeat;
@@ -127,6 +130,8 @@ const USAGE: &str = "usage: mesh-probe <command>
   parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
   http-echo <addr> --name N [--fail-first K] [--delay-ms D]
   ws <addr> <message> [--count N]
+  grpc-serve <addr> --name N
+  grpc <addr> --service S [--count C] [--watch]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
@@ -239,6 +244,22 @@ fn main() -> ExitCode {
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
         ["http", method, addr, path] => http(method, addr, path),
+        ["grpc-serve", addr, "--name", name] => grpc::serve(addr, name),
+        ["grpc", addr, rest @ ..] => {
+            let watch = rest.contains(&"--watch");
+            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--watch").collect();
+            flags(&rest, &["--service", "--count"])
+                .and_then(|f| {
+                    let service = f
+                        .iter()
+                        .find(|(n, _)| *n == "--service")
+                        .map(|(_, v)| (*v).to_owned())
+                        .ok_or("--service is required")?;
+                    Ok((service, positive::<u64>(&f, "--count")?.unwrap_or(1)))
+                })
+                .map_err(usage)
+                .and_then(|(service, count)| grpc::client(addr, &service, count, watch))
+        }
         ["ws", addr, message, rest @ ..] => flags(rest, &["--count"])
             .and_then(|f| Ok(positive::<u64>(&f, "--count")?.unwrap_or(1)))
             .map_err(usage)
