@@ -39,6 +39,7 @@ use serde_json::{json, Value};
 use crate::{functions, residency};
 
 mod kube;
+mod l7;
 
 /// How long and how often to measure.
 #[derive(Clone, Debug)]
@@ -99,9 +100,9 @@ impl Plan {
         self
     }
 
-    /// Whether `group` is measured: every group but `kube` when none is named.
+    /// Whether `group` is measured: every group but `kube` and `l7` when none is named.
     fn wants(&self, group: &str) -> bool {
-        self.only.iter().any(|g| g == group) || self.only.iter().all(|g| g == "kube")
+        self.only.iter().any(|g| g == group) || self.only.iter().all(|g| g == "kube" || g == "l7")
     }
 }
 
@@ -223,6 +224,13 @@ pub fn run(root: &Path, plan: Plan) -> Result<PathBuf> {
     if plan.only.iter().any(|g| g == "kube") {
         kube::run(&plan, &out).context("measuring the agent on Kubernetes")?;
         if plan.only.iter().all(|g| g == "kube") {
+            return Ok(out);
+        }
+    }
+    // `l7` too: the waypoint against direct HTTP, on a testbed of its own.
+    if plan.only.iter().any(|g| g == "l7") {
+        l7::run(&plan, &out).context("measuring the waypoint")?;
+        if plan.only.iter().all(|g| g == "kube" || g == "l7") {
             return Ok(out);
         }
     }

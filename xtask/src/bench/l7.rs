@@ -1,0 +1,301 @@
+//! `cargo xtask bench --only l7`: HTTP through the waypoint against a direct connection, in one
+//! run, with the release binaries.
+//!
+//! The testbed: node 0 holds the client, the waypoint's pod (outside the capture) and one
+//! backend; node 1 the other backend. Two Services bound to the waypoint, `local` (the backend
+//! on the client's node) and `remote`, without routes (the waypoint parses each request and
+//! sends it to the Service's endpoint over HBONE). Each backend is `mesh-probe http-echo`
+//! (HTTP/1.1 and h2c, a JSON echo of about 250 bytes). The client is h2load.
+//!
+//! For each path (same node, cross node) and protocol (HTTP/1.1, h2c), through the waypoint
+//! (agents and waypoint running) and then direct (agents stopped, the client to the backend
+//! pod's address):
+//!
+//! - **saturation**: requests/s over 8 connections (HTTP/1.1) or 2 connections of 16 streams
+//!   (h2c), for the run's duration;
+//! - **1,000 req/s**: 10 connections at 100 requests/s each (h2load's `--rps`), request time
+//!   mean, standard deviation and max as h2load reports them (it reports no percentiles), and,
+//!   through the waypoint, the waypoint's CPU time over the run (vCPU at 1,000 req/s) and its
+//!   resident memory after it.
+//!
+//! Results: `l7.md` and `l7.json` under `bench-results/<unix-time>/`.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use mesh_tests::{
+    mesh::{Mesh, Shortcut, NS, PLAIN_NS},
+    plan, process,
+    waypoint::Waypoint,
+    Pod, Process, TestbedSpec,
+};
+use serde_json::{json, Value};
+
+use super::{process_ticks, rss_bytes, Plan, TICKS_PER_SEC};
+
+const APP_PORT: u16 = 8080;
+
+/// One measured case.
+#[derive(Debug)]
+struct Case {
+    path: &'static str,
+    protocol: &'static str,
+    mode: &'static str,
+    saturation_rps: f64,
+    mean_ms: f64,
+    sd_ms: f64,
+    max_ms: f64,
+    /// Through the waypoint: its vCPU at 1,000 req/s and its RSS after, in bytes.
+    waypoint: Option<(f64, u64)>,
+}
+
+pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
+    let secs = plan.secs.max(3);
+    let mesh = Mesh::new(
+        TestbedSpec {
+            nodes: 2,
+            pods_per_node: 3,
+        },
+        Shortcut::Default,
+        &[(0, 1)],
+    )
+    .context("meshed testbed")?;
+    let (client, wp_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
+    let backends = [("local", mesh.pod(0, 2).clone()), ("remote", mesh.pod(1, 0).clone())];
+    write_objects(&mesh, &wp_pod, &backends)?;
+    let _servers: Vec<Process> = backends
+        .iter()
+        .map(|(name, pod)| echo(pod, name))
+        .collect::<Result<_>>()?;
+    let mut waypoint = Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp")?;
+    waypoint.process.wait_for_line("the Services", Duration::from_secs(15), |l| {
+        l.contains("cluster state updated") && l.contains("services=2")
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut cases = Vec::new();
+    for (index, (name, _)) in backends.iter().enumerate() {
+        let url = format!("http://{}/", plan::service_vip_v4(index));
+        let path = if *name == "local" { "same node" } else { "cross node" };
+        for protocol in ["HTTP/1.1", "h2c"] {
+            println!("l7: {path}, {protocol}, through the waypoint");
+            let case = measure(&client, &url, (path, protocol, "waypoint"), secs, Some(waypoint.process.pid()))?;
+            cases.push(case);
+        }
+    }
+    drop(waypoint);
+    let Mesh { agents, .. } = mesh;
+    for agent in agents {
+        agent.stop().context("stopping an agent for the direct runs")?;
+    }
+    for (name, pod) in &backends {
+        let url = format!("http://{}/", SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT));
+        let path = if *name == "local" { "same node" } else { "cross node" };
+        for protocol in ["HTTP/1.1", "h2c"] {
+            println!("l7: {path}, {protocol}, direct");
+            cases.push(measure(&client, &url, (path, protocol, "direct"), secs, None)?);
+        }
+    }
+    let table = markdown(&cases);
+    fs::write(out.join("l7.md"), &table)?;
+    fs::write(out.join("l7.json"), serde_json::to_string_pretty(&json_of(&cases))?)?;
+    println!("\n{table}\nin {}", out.display());
+    Ok(())
+}
+
+fn write_objects(mesh: &Mesh, wp_pod: &Pod, backends: &[(&str, Pod); 2]) -> Result<()> {
+    let files = &mesh.files;
+    files.write(
+        &format!("pod-{PLAIN_NS}-{}.yaml", wp_pod.name),
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {PLAIN_NS}\n  labels: {{gateway.networking.k8s.io/gateway-name: wp, istio.io/dataplane-mode: none}}\nspec:\n  nodeName: n0\n  serviceAccountName: wp\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}]\n",
+            name = wp_pod.name,
+            ip = wp_pod.ipv4,
+        ),
+    )?;
+    files.write(
+        "gateway-wp.yaml",
+        &format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: {PLAIN_NS}}}\nspec: {{gatewayClassName: istio-waypoint}}\n"),
+    )?;
+    for (index, (name, pod)) in backends.iter().enumerate() {
+        files.pod(pod, &format!("n{}", pod.node), NS, &[("role", name)])?;
+        files.write(
+            &format!("service-{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80, targetPort: {APP_PORT}}}]\n  selector: {{role: {name}}}\n",
+                vip = plan::service_vip_v4(index),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn echo(pod: &Pod, name: &str) -> Result<Process> {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
+    let mut cmd = pod.command(bin);
+    cmd.args(["http-echo", &format!("{}:{APP_PORT}", pod.ipv4), "--name", name]);
+    let mut p = Process::spawn(format!("echo {name}"), &mut cmd)?;
+    p.wait_for_line("the echo server", Duration::from_secs(10), |l| l.starts_with("listening "))?;
+    Ok(p)
+}
+
+/// Saturation, then 1,000 req/s, for one URL and protocol.
+fn measure(
+    client: &Pod,
+    url: &str,
+    (path, protocol, mode): (&'static str, &'static str, &'static str),
+    secs: u64,
+    waypoint: Option<u32>,
+) -> Result<Case> {
+    let h1 = protocol == "HTTP/1.1";
+    let mut saturation: Vec<String> = vec![
+        "-D".into(),
+        secs.to_string(),
+        "--warm-up-time".into(),
+        "1".into(),
+    ];
+    if h1 {
+        saturation.extend(["--h1".into(), "-c".into(), "8".into(), "-m".into(), "1".into()]);
+    } else {
+        saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
+    }
+    let sat = h2load(client, &saturation, url)?;
+    let total = 1000 * secs;
+    let mut rate: Vec<String> = vec![
+        "-n".into(),
+        total.to_string(),
+        "-c".into(),
+        "10".into(),
+        "-m".into(),
+        "1".into(),
+        "--rps".into(),
+        "100".into(),
+    ];
+    if h1 {
+        rate.push("--h1".into());
+    }
+    let before = waypoint.map(process_ticks).transpose()?;
+    let started = Instant::now();
+    let paced = h2load(client, &rate, url)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let waypoint = match (waypoint, before) {
+        (Some(pid), Some(before)) => {
+            let ticks = process_ticks(pid)? - before;
+            #[allow(clippy::cast_precision_loss)]
+            let vcpu = ticks as f64 / TICKS_PER_SEC / elapsed;
+            Some((vcpu, rss_bytes(pid)?))
+        }
+        _ => None,
+    };
+    Ok(Case {
+        path,
+        protocol,
+        mode,
+        saturation_rps: sat.rps,
+        mean_ms: paced.mean_ms,
+        sd_ms: paced.sd_ms,
+        max_ms: paced.max_ms,
+        waypoint,
+    })
+}
+
+/// What an h2load run reports.
+struct H2load {
+    rps: f64,
+    mean_ms: f64,
+    sd_ms: f64,
+    max_ms: f64,
+}
+
+fn h2load(client: &Pod, args: &[String], url: &str) -> Result<H2load> {
+    let out = process::run(client.command("h2load").args(args).arg(url))
+        .context("h2load")?;
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .context("no requests line")?;
+    if !failed.contains(" 0 failed, 0 errored") {
+        bail!("h2load had failures: {failed}");
+    }
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .context("no req/s")?
+        .parse()?;
+    let times: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("time for request:"))
+        .context("no request times")?
+        .split_whitespace()
+        .take(4)
+        .map(duration_ms)
+        .collect::<Result<_>>()?;
+    Ok(H2load {
+        rps,
+        max_ms: times[1],
+        mean_ms: times[2],
+        sd_ms: times[3],
+    })
+}
+
+/// h2load's `123us`, `1.23ms`, `1.5s` in milliseconds.
+fn duration_ms(text: &str) -> Result<f64> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        bail!("not an h2load duration: {text}");
+    };
+    Ok(number.parse::<f64>()? * scale)
+}
+
+fn markdown(cases: &[Case]) -> String {
+    let mut t = String::from(
+        "| path | protocol | mode | req/s at saturation | vs direct | mean / sd / max at 1,000 req/s (ms) | added mean | waypoint vCPU at 1,000 req/s | waypoint RSS |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for c in cases {
+        let direct = cases
+            .iter()
+            .find(|d| d.mode == "direct" && d.path == c.path && d.protocol == c.protocol);
+        let ratio = direct.map_or(String::new(), |d| format!("{:.2}×", c.saturation_rps / d.saturation_rps));
+        let added = direct.map_or(String::new(), |d| format!("{:+.3} ms", c.mean_ms - d.mean_ms));
+        let (vcpu, rss) = c.waypoint.map_or((String::new(), String::new()), |(v, r)| {
+            #[allow(clippy::cast_precision_loss)]
+            let mib = r as f64 / 1_048_576.0;
+            (format!("{v:.3}"), format!("{mib:.1} MiB"))
+        });
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {:.0} | {ratio} | {:.3} / {:.3} / {:.1} | {added} | {vcpu} | {rss} |",
+            c.path, c.protocol, c.mode, c.saturation_rps, c.mean_ms, c.sd_ms, c.max_ms
+        );
+    }
+    t
+}
+
+fn json_of(cases: &[Case]) -> Value {
+    Value::Array(
+        cases
+            .iter()
+            .map(|c| {
+                json!({
+                    "path": c.path, "protocol": c.protocol, "mode": c.mode,
+                    "saturation_rps": c.saturation_rps, "mean_ms": c.mean_ms, "sd_ms": c.sd_ms,
+                    "max_ms": c.max_ms,
+                    "waypoint_vcpu_at_1000": c.waypoint.map(|w| w.0),
+                    "waypoint_rss_bytes": c.waypoint.map(|w| w.1),
+                })
+            })
+            .collect(),
+    )
+}
