@@ -64,8 +64,9 @@ enum Cmd {
         profile: bool,
         /// Measure only these groups (repeatable): throughput, latency, connrate, memory,
         /// policy, kube (the agent on a real Kubernetes control plane: memory, watch traffic,
-        /// capture after labelling; only when named).
-        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy", "kube"])]
+        /// capture after labelling; only when named), l7 (HTTP through the waypoint against
+        /// direct; only when named).
+        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy", "kube", "l7"])]
         only: Vec<String>,
         /// Another `mesh-agent` binary (say, an earlier commit's release build) to measure as
         /// one more mode, pods opted into the short-cut, in the same run.
