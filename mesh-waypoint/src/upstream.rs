@@ -4,15 +4,20 @@
 //! that stream, as the request came.
 
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
 
-use hyper::{body::Incoming, Request, Response};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    Request, Response,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_cluster::Endpoint;
 use mesh_common::HBONE_PORT;
@@ -83,9 +88,57 @@ impl Connect for Connector {
     }
 }
 
-/// The waypoint's way to endpoints.
+/// The waypoint's way to endpoints: HBONE tunnels from the pool, and the HTTP connections on
+/// them kept for the next requests.
 pub(crate) struct Upstream {
     pool: Pool<Connector>,
+    reuse: Reuse,
+}
+
+/// What HTTP connections to an endpoint are kept by: its address and, in the mesh, the identity
+/// its tunnel proved (a new pod at a gone pod's address never gets the gone pod's connections).
+type EndpointKey = (SocketAddr, Option<Identity>);
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const IDLE_PER_ENDPOINT: usize = 64;
+
+/// HTTP connections to endpoints kept open: idle HTTP/1.1 connections (one request at a time
+/// each), and one HTTP/2 connection per endpoint that every request shares.
+#[derive(Default)]
+struct Reuse {
+    h1: Mutex<HashMap<EndpointKey, Vec<http1::SendRequest<Body>>>>,
+    h2: Mutex<HashMap<EndpointKey, http2::SendRequest<Body>>>,
+}
+
+impl Reuse {
+    /// An HTTP/1.1 connection to `key` ready for a request; those that closed are dropped.
+    fn h1(&self, key: &EndpointKey) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let senders = idle.get_mut(key)?;
+        senders.retain(|s| !s.is_closed());
+        let ready = senders.iter().position(http1::SendRequest::is_ready)?;
+        Some(senders.swap_remove(ready))
+    }
+
+    /// Keeps an HTTP/1.1 connection for the next request (it is ready again once its response
+    /// has been read).
+    fn keep_h1(&self, key: EndpointKey, sender: http1::SendRequest<Body>) {
+        let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let senders = idle.entry(key).or_default();
+        if senders.len() < IDLE_PER_ENDPOINT {
+            senders.push(sender);
+        }
+    }
+
+    fn h2(&self, key: &EndpointKey) -> Option<http2::SendRequest<Body>> {
+        let shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.get(key).filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn keep_h2(&self, key: EndpointKey, sender: http2::SendRequest<Body>) {
+        let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.insert(key, sender);
+    }
 }
 
 impl Upstream {
@@ -97,6 +150,7 @@ impl Upstream {
         };
         Self {
             pool: Pool::new(connector, PoolConfig::default()),
+            reuse: Reuse::default(),
         }
     }
 
@@ -133,17 +187,76 @@ impl Upstream {
         Ok(UpStream::Hbone(stream))
     }
 
-    /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`.
+    /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`, on a
+    /// kept connection when one is ready (a request it could not take goes on a new one), else
+    /// on a new connection, kept afterwards. An upgrade (WebSocket) always gets a connection of
+    /// its own.
     pub(crate) async fn send(
         &self,
         endpoint: &Endpoint,
         addr: SocketAddr,
         host: &str,
         client: SocketAddr,
-        request: Request<Body>,
+        mut request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let http = |source| UpstreamError::Http { addr, source };
+        let identity = endpoint
+            .workload
+            .as_deref()
+            .filter(|w| w.is_meshed())
+            .map(|w| w.identity.clone());
+        let key = (addr, identity);
+        let h2 = request.version() == http::Version::HTTP_2;
+        let upgrade = request.headers().contains_key(http::header::UPGRADE);
+        if h2 {
+            if let Some(mut sender) = self.reuse.h2(&key) {
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(response),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(http(e.into_error())),
+                    },
+                }
+            }
+        } else if !upgrade {
+            while let Some(mut sender) = self.reuse.h1(&key) {
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        self.reuse.keep_h1(key, sender);
+                        return Ok(response);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(http(e.into_error())),
+                    },
+                }
+            }
+        }
         let stream = self.connect(endpoint, addr, host, client).await?;
-        exchange(stream, addr, request).await
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(http)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    debug!(error = %e, "HTTP/2 connection to the endpoint ended");
+                }
+            });
+            self.reuse.keep_h2(key, sender.clone());
+            return sender.send_request(request).await.map_err(http);
+        }
+        let (mut sender, connection) = http1::handshake(io).await.map_err(http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "HTTP/1.1 connection to the endpoint ended");
+            }
+        });
+        let response = sender.send_request(request).await.map_err(http)?;
+        if !upgrade {
+            self.reuse.keep_h1(key, sender);
+        }
+        Ok(response)
     }
 
     /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP); returns the
@@ -207,40 +320,5 @@ impl AsyncWrite for UpStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, poll_shutdown(cx))
-    }
-}
-
-/// One request on a fresh byte stream, in the request's HTTP version.
-async fn exchange<IO>(
-    io: IO,
-    addr: SocketAddr,
-    request: Request<Body>,
-) -> Result<Response<Incoming>, UpstreamError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let http = |source| UpstreamError::Http { addr, source };
-    let io = TokioIo::new(io);
-    if request.version() == http::Version::HTTP_2 {
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(http)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "HTTP/2 connection to the endpoint ended");
-            }
-        });
-        sender.send_request(request).await.map_err(http)
-    } else {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(http)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(error = %e, "HTTP/1.1 connection to the endpoint ended");
-            }
-        });
-        sender.send_request(request).await.map_err(http)
     }
 }

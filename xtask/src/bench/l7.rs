@@ -67,43 +67,76 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
     )
     .context("meshed testbed")?;
     let (client, wp_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
-    let backends = [("local", mesh.pod(0, 2).clone()), ("remote", mesh.pod(1, 0).clone())];
+    let backends = [
+        ("local", mesh.pod(0, 2).clone()),
+        ("remote", mesh.pod(1, 0).clone()),
+    ];
     write_objects(&mesh, &wp_pod, &backends)?;
     let _servers: Vec<Process> = backends
         .iter()
         .map(|(name, pod)| echo(pod, name))
         .collect::<Result<_>>()?;
     let mut waypoint = Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp")?;
-    waypoint.process.wait_for_line("the Services", Duration::from_secs(15), |l| {
-        l.contains("cluster state updated") && l.contains("services=2")
-    })?;
+    waypoint
+        .process
+        .wait_for_line("the Services", Duration::from_secs(15), |l| {
+            l.contains("cluster state updated") && l.contains("services=2")
+        })?;
     std::thread::sleep(Duration::from_secs(1));
     let mut cases = Vec::new();
     for (index, (name, _)) in backends.iter().enumerate() {
         let url = format!("http://{}/", plan::service_vip_v4(index));
-        let path = if *name == "local" { "same node" } else { "cross node" };
+        let path = if *name == "local" {
+            "same node"
+        } else {
+            "cross node"
+        };
         for protocol in ["HTTP/1.1", "h2c"] {
             println!("l7: {path}, {protocol}, through the waypoint");
-            let case = measure(&client, &url, (path, protocol, "waypoint"), secs, Some(waypoint.process.pid()))?;
+            let case = measure(
+                &client,
+                &url,
+                (path, protocol, "waypoint"),
+                secs,
+                Some(waypoint.process.pid()),
+            )?;
             cases.push(case);
         }
     }
     drop(waypoint);
     let Mesh { agents, .. } = mesh;
     for agent in agents {
-        agent.stop().context("stopping an agent for the direct runs")?;
+        agent
+            .stop()
+            .context("stopping an agent for the direct runs")?;
     }
     for (name, pod) in &backends {
-        let url = format!("http://{}/", SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT));
-        let path = if *name == "local" { "same node" } else { "cross node" };
+        let url = format!(
+            "http://{}/",
+            SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT)
+        );
+        let path = if *name == "local" {
+            "same node"
+        } else {
+            "cross node"
+        };
         for protocol in ["HTTP/1.1", "h2c"] {
             println!("l7: {path}, {protocol}, direct");
-            cases.push(measure(&client, &url, (path, protocol, "direct"), secs, None)?);
+            cases.push(measure(
+                &client,
+                &url,
+                (path, protocol, "direct"),
+                secs,
+                None,
+            )?);
         }
     }
     let table = markdown(&cases);
     fs::write(out.join("l7.md"), &table)?;
-    fs::write(out.join("l7.json"), serde_json::to_string_pretty(&json_of(&cases))?)?;
+    fs::write(
+        out.join("l7.json"),
+        serde_json::to_string_pretty(&json_of(&cases))?,
+    )?;
     println!("\n{table}\nin {}", out.display());
     Ok(())
 }
@@ -138,9 +171,16 @@ fn write_objects(mesh: &Mesh, wp_pod: &Pod, backends: &[(&str, Pod); 2]) -> Resu
 fn echo(pod: &Pod, name: &str) -> Result<Process> {
     let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
     let mut cmd = pod.command(bin);
-    cmd.args(["http-echo", &format!("{}:{APP_PORT}", pod.ipv4), "--name", name]);
+    cmd.args([
+        "http-echo",
+        &format!("{}:{APP_PORT}", pod.ipv4),
+        "--name",
+        name,
+    ]);
     let mut p = Process::spawn(format!("echo {name}"), &mut cmd)?;
-    p.wait_for_line("the echo server", Duration::from_secs(10), |l| l.starts_with("listening "))?;
+    p.wait_for_line("the echo server", Duration::from_secs(10), |l| {
+        l.starts_with("listening ")
+    })?;
     Ok(p)
 }
 
@@ -160,7 +200,13 @@ fn measure(
         "1".into(),
     ];
     if h1 {
-        saturation.extend(["--h1".into(), "-c".into(), "8".into(), "-m".into(), "1".into()]);
+        saturation.extend([
+            "--h1".into(),
+            "-c".into(),
+            "8".into(),
+            "-m".into(),
+            "1".into(),
+        ]);
     } else {
         saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
     }
@@ -213,8 +259,7 @@ struct H2load {
 }
 
 fn h2load(client: &Pod, args: &[String], url: &str) -> Result<H2load> {
-    let out = process::run(client.command("h2load").args(args).arg(url))
-        .context("h2load")?;
+    let out = process::run(client.command("h2load").args(args).arg(url)).context("h2load")?;
     let failed = out
         .lines()
         .find(|l| l.starts_with("requests:"))
@@ -267,8 +312,12 @@ fn markdown(cases: &[Case]) -> String {
         let direct = cases
             .iter()
             .find(|d| d.mode == "direct" && d.path == c.path && d.protocol == c.protocol);
-        let ratio = direct.map_or(String::new(), |d| format!("{:.2}×", c.saturation_rps / d.saturation_rps));
-        let added = direct.map_or(String::new(), |d| format!("{:+.3} ms", c.mean_ms - d.mean_ms));
+        let ratio = direct.map_or(String::new(), |d| {
+            format!("{:.2}×", c.saturation_rps / d.saturation_rps)
+        });
+        let added = direct.map_or(String::new(), |d| {
+            format!("{:+.3} ms", c.mean_ms - d.mean_ms)
+        });
         let (vcpu, rss) = c.waypoint.map_or((String::new(), String::new()), |(v, r)| {
             #[allow(clippy::cast_precision_loss)]
             let mib = r as f64 / 1_048_576.0;
