@@ -57,7 +57,7 @@ struct Case {
 
 pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
     let secs = plan.secs.max(3);
-    let mesh = Mesh::new(
+    let mut mesh = Mesh::new(
         TestbedSpec {
             nodes: 2,
             pods_per_node: 3,
@@ -66,6 +66,15 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
         &[(0, 1)],
     )
     .context("meshed testbed")?;
+    // The agents again at a production agent's level (the testbed starts them at the tests').
+    mesh.options.log = "info".into();
+    for agent in mesh.agents.drain(..) {
+        agent.stop().context("stopping an agent")?;
+    }
+    for node in 0..2 {
+        let agent = mesh.start_agent(node)?;
+        mesh.agents.push(agent);
+    }
     let (client, wp_pod) = (mesh.pod(0, 0).clone(), mesh.pod(0, 1).clone());
     let backends = [
         ("local", mesh.pod(0, 2).clone()),
@@ -76,6 +85,9 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
         .iter()
         .map(|(name, pod)| echo(pod, name))
         .collect::<Result<_>>()?;
+    // At `info`, as a deployed waypoint runs (the tests' `mesh_waypoint=debug` writes lines per
+    // request).
+    std::env::set_var("MESH_WAYPOINT_LOG", "info");
     let mut waypoint = Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp")?;
     waypoint
         .process
