@@ -53,6 +53,8 @@ pub fn run(addr: &str, options: Options) -> Result<(), String> {
                 .accept()
                 .await
                 .map_err(|e| format!("accept: {e}"))?;
+            // As Go's and most HTTP servers do: no Nagle delay between a response's frames.
+            let _ = tcp.set_nodelay(true);
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
                 let service =
