@@ -18,6 +18,7 @@ pub mod config;
 pub mod datapath;
 pub mod departure;
 pub mod handles;
+pub mod identity_flags;
 pub mod kernel_btf;
 pub mod leg_ports;
 pub mod local_pod;

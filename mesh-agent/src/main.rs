@@ -7,9 +7,8 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent, cni_installer,
     config::{
-        default_worker_threads, own_cgroup, AgentConfig, ClusterSource, OnExit, RemoteCa,
-        TelemetryConfig, TransportConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY,
-        DEFAULT_TRUST_DOMAIN,
+        default_worker_threads, own_cgroup, AgentConfig, ClusterSource, OnExit, TelemetryConfig,
+        TransportConfig, DEFAULT_BPFFS_ROOT, DEFAULT_LABEL_KEY, DEFAULT_TRUST_DOMAIN,
     },
     logging::{self, LogFormat},
     stats,
@@ -96,28 +95,8 @@ enum Command {
         /// than 4 CPUs are available to the agent, otherwise 2 (ztunnel's).
         #[arg(long, env = "MESH_WORKER_THREADS")]
         worker_threads: Option<usize>,
-        /// Directory of the built-in certificate authority (created on first use; agents on
-        /// one machine share it).
-        #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-agent/ca")]
-        ca_dir: PathBuf,
-        /// A remote CA speaking Istio's certificate API, `https://<host>:<port>` (the mesh's CA
-        /// Deployment, or istiod), instead of the built-in one in `--ca-dir`.
-        #[arg(long, env = "MESH_CA_ADDRESS", requires = "ca_root_cert")]
-        ca_address: Option<String>,
-        /// With `--ca-address`: PEM file of the mesh's root certificates, which also verify the
-        /// CA's own certificate.
-        #[arg(long, env = "MESH_CA_ROOT_CERT", requires = "ca_address")]
-        ca_root_cert: Option<PathBuf>,
-        /// With `--ca-address`: the projected service account token (audience `istio-ca`) sent
-        /// to the CA, read at every request.
-        #[arg(long, env = "MESH_CA_TOKEN_FILE", default_value = mesh_agent::config::DEFAULT_CA_TOKEN_FILE)]
-        ca_token_file: PathBuf,
-        /// rustls crypto provider: aws-lc-rs or ring.
-        #[arg(long, env = "MESH_CRYPTO_PROVIDER", default_value = "aws-lc-rs")]
-        crypto_provider: mesh_identity::CryptoProvider,
-        /// Lifetime of workload certificates, in seconds (rotated at about half of it).
-        #[arg(long, env = "MESH_CERT_LIFETIME_SECS", default_value_t = 86_400)]
-        cert_lifetime_secs: u64,
+        #[command(flatten)]
+        identity: mesh_agent::identity_flags::IdentityFlags,
         /// Streams one pooled HBONE connection carries at most (h2's stream slab grows by
         /// doubling: a power of two uses every slot it allocates).
         #[arg(long, default_value_t = mesh_hbone::DEFAULT_MAX_STREAMS)]
@@ -233,12 +212,7 @@ fn main() -> anyhow::Result<()> {
             keep_pins,
             owner_daemonset,
             worker_threads,
-            ca_dir,
-            ca_address,
-            ca_root_cert,
-            ca_token_file,
-            crypto_provider,
-            cert_lifetime_secs,
+            identity,
             hbone_max_streams,
             hbone_idle_timeout_secs,
             hbone_stream_idle_timeout_secs,
@@ -273,14 +247,10 @@ fn main() -> anyhow::Result<()> {
                 on_exit: OnExit::from_flags(owner_daemonset, keep_pins),
                 worker_threads: worker_threads.unwrap_or_else(default_worker_threads),
                 transport: TransportConfig {
-                    ca_dir,
-                    remote_ca: ca_address.map(|address| RemoteCa {
-                        address,
-                        root_cert: ca_root_cert.unwrap_or_default(),
-                        token_file: ca_token_file,
-                    }),
-                    crypto_provider,
-                    cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+                    remote_ca: identity.remote_ca(),
+                    cert_lifetime: identity.cert_lifetime(),
+                    crypto_provider: identity.crypto_provider,
+                    ca_dir: identity.ca_dir,
                     max_streams_per_connection: hbone_max_streams,
                     pool_idle_timeout: Duration::from_secs(hbone_idle_timeout_secs),
                     stream_idle_timeout: (hbone_stream_idle_timeout_secs > 0)

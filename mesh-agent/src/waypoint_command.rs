@@ -10,7 +10,7 @@ use mesh_identity::Identity;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
-use crate::config::{RemoteCa, TransportConfig};
+use crate::config::TransportConfig;
 
 /// How often the config directory is checked for changes.
 const POLL: Duration = Duration::from_millis(250);
@@ -53,24 +53,8 @@ pub struct WaypointArgs {
     /// The cluster's DNS domain.
     #[arg(long, default_value = mesh_cluster::DEFAULT_CLUSTER_DOMAIN)]
     cluster_domain: String,
-    /// Directory of the built-in certificate authority (shared with the node agents).
-    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-agent/ca")]
-    ca_dir: PathBuf,
-    /// A remote CA speaking Istio's certificate API, `https://<host>:<port>`.
-    #[arg(long, env = "MESH_CA_ADDRESS", requires = "ca_root_cert")]
-    ca_address: Option<String>,
-    /// With `--ca-address`: PEM file of the mesh's root certificates.
-    #[arg(long, env = "MESH_CA_ROOT_CERT", requires = "ca_address")]
-    ca_root_cert: Option<PathBuf>,
-    /// With `--ca-address`: the service account token sent to the CA.
-    #[arg(long, env = "MESH_CA_TOKEN_FILE", default_value = crate::config::DEFAULT_CA_TOKEN_FILE)]
-    ca_token_file: PathBuf,
-    /// rustls crypto provider: aws-lc-rs or ring.
-    #[arg(long, env = "MESH_CRYPTO_PROVIDER", default_value = "aws-lc-rs")]
-    crypto_provider: mesh_identity::CryptoProvider,
-    /// Lifetime of the waypoint's certificate, in seconds.
-    #[arg(long, default_value_t = 86_400)]
-    cert_lifetime_secs: u64,
+    #[command(flatten)]
+    identity_flags: crate::identity_flags::IdentityFlags,
     /// At SIGTERM, how long in-flight requests may take to finish (readiness says not ready
     /// meanwhile, and no new connection is taken).
     #[arg(long, default_value_t = 5)]
@@ -89,15 +73,13 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
     options.trust_domain.clone_from(&args.trust_domain);
     options.cluster_domain.clone_from(&args.cluster_domain);
     options.validate().context("invalid configuration")?;
+    let flags = &args.identity_flags;
+    let provider = flags.crypto_provider;
     let transport = TransportConfig {
-        ca_dir: args.ca_dir,
-        remote_ca: args.ca_address.map(|address| RemoteCa {
-            address,
-            root_cert: args.ca_root_cert.unwrap_or_default(),
-            token_file: args.ca_token_file,
-        }),
-        crypto_provider: args.crypto_provider,
-        cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
+        remote_ca: flags.remote_ca(),
+        cert_lifetime: flags.cert_lifetime(),
+        crypto_provider: provider,
+        ca_dir: flags.ca_dir.clone(),
         max_streams_per_connection: mesh_hbone::DEFAULT_MAX_STREAMS,
         pool_idle_timeout: Duration::from_secs(300),
         stream_idle_timeout: None,
@@ -109,7 +91,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         listen: args.listen,
         metrics: args.metrics_addr,
         readiness: args.readiness_addr,
-        provider: args.crypto_provider,
+        provider,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
     };
     let limits = FileLimits {

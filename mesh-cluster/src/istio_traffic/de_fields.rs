@@ -174,15 +174,7 @@ impl Checked for VsMatch {
         refuse(f.without_headers.as_ref(), "withoutHeaders")?;
         refuse(f.gateways.as_ref(), "gateways")?;
         let _ = f.name;
-        let port = f
-            .port
-            .map(|p| {
-                u16::try_from(p)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or(RouteSchemaError::Port(i64::from(p)))
-            })
-            .transpose()?;
+        let port = f.port.map(istio_port).transpose()?;
         Ok(Self {
             uri: f.uri,
             headers: f
@@ -269,15 +261,7 @@ impl Checked for VsTarget {
         if f.host.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
-        let port = f
-            .port
-            .map(|p| {
-                u16::try_from(p.number)
-                    .ok()
-                    .filter(|n| *n != 0)
-                    .ok_or(RouteSchemaError::Port(i64::from(p.number)))
-            })
-            .transpose()?;
+        let port = f.port.map(|p| istio_port(p.number)).transpose()?;
         Ok(Self {
             host: f.host,
             subset: f.subset,
@@ -338,15 +322,7 @@ impl RedirectFields {
             code @ (301 | 302 | 303 | 307 | 308) => u16::try_from(code).unwrap_or(301),
             code => return Err(RouteSchemaError::RedirectStatus(i64::from(code))),
         };
-        let port = self
-            .port
-            .map(|p| {
-                u16::try_from(p)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or(RouteSchemaError::Port(i64::from(p)))
-            })
-            .transpose()?;
+        let port = self.port.map(istio_port).transpose()?;
         Ok(VsRedirect {
             uri: self.uri,
             authority: self.authority,
@@ -471,6 +447,14 @@ impl FaultFields {
             .transpose()?;
         Ok(Fault { delay, abort })
     }
+}
+
+/// A port number as Istio writes it (a `uint32`): 1-65535.
+fn istio_port(port: u32) -> Result<u16, RouteSchemaError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(RouteSchemaError::Port(i64::from(port)))
 }
 
 /// An Istio duration.
