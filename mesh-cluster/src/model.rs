@@ -11,6 +11,7 @@ use std::{
     },
 };
 
+use mesh_common::HBONE_PORT;
 use mesh_identity::Identity;
 
 use crate::meta::Labels;
@@ -317,7 +318,7 @@ pub enum Resolution {
         /// The Service addressed, if a Service's VIP was.
         service: Option<Arc<Service>>,
         /// The waypoint.
-        waypoint: Arc<crate::waypoint::Waypoint>,
+        waypoint: Arc<Waypoint>,
         /// The waypoint's pod chosen, whose identity the tunnel requires.
         pod: Arc<Workload>,
         /// The pod's HBONE address (port 15008).
@@ -329,8 +330,177 @@ pub enum Resolution {
         /// The Service addressed, if a Service's VIP was.
         service: Option<Arc<Service>>,
         /// Why.
-        reason: crate::waypoint::Unavailable,
+        reason: Unavailable,
     },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waypoints (attached by `crate::waypoint`)
+
+/// The `gatewayClassName` of a waypoint.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// Label of a Service, Pod or Namespace naming the waypoint its traffic goes through.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Label naming the waypoint's namespace, beside [`USE_WAYPOINT`].
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// Label of a waypoint `Gateway`: which traffic it takes.
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// Label of a waypoint's pods naming their `Gateway`.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Which traffic a waypoint takes ([`WAYPOINT_FOR`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointFor {
+    /// Traffic addressed to Services bound to it (the default).
+    Service,
+    /// Traffic addressed to pods bound to it.
+    Workload,
+    /// Both.
+    All,
+    /// Neither.
+    None,
+}
+
+impl WaypointFor {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "service" => WaypointFor::Service,
+            "workload" => WaypointFor::Workload,
+            "all" => WaypointFor::All,
+            "none" => WaypointFor::None,
+            _ => return None,
+        })
+    }
+
+    /// Whether it takes traffic addressed to Services.
+    pub fn services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    /// Whether it takes traffic addressed to pods.
+    pub fn workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+}
+
+impl fmt::Display for WaypointFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WaypointFor::Service => "service",
+            WaypointFor::Workload => "workload",
+            WaypointFor::All => "all",
+            WaypointFor::None => "none",
+        })
+    }
+}
+
+/// A waypoint and its ready pods.
+#[derive(Debug)]
+pub struct Waypoint {
+    /// Namespace of its `Gateway`.
+    pub namespace: String,
+    /// Name of its `Gateway`.
+    pub name: String,
+    /// Which traffic it takes.
+    pub traffic: WaypointFor,
+    /// Its ready pods with an address, sorted by namespace and name.
+    pub workloads: Vec<Arc<Workload>>,
+    /// Round-robin cursor over `workloads`.
+    next: AtomicUsize,
+}
+
+impl fmt::Display for Waypoint {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Waypoint {
+    /// A waypoint with its ready pods.
+    pub(crate) fn new(
+        namespace: String,
+        name: String,
+        traffic: WaypointFor,
+        workloads: Vec<Arc<Workload>>,
+    ) -> Self {
+        Self {
+            namespace,
+            name,
+            traffic,
+            workloads,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Picks a ready pod with an address of `family`'s family, round-robin: the pod and its HBONE
+    /// address (port 15008).
+    pub fn pick(&self, family: IpAddr) -> Option<(&Arc<Workload>, SocketAddr)> {
+        let candidates: Vec<(&Arc<Workload>, IpAddr)> = self
+            .workloads
+            .iter()
+            .filter_map(|w| w.ip_like(family).map(|ip| (w, ip)))
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        // Relaxed: the cursor only spreads load.
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let (workload, ip) = candidates[turn];
+        Some((workload, SocketAddr::new(ip, HBONE_PORT)))
+    }
+
+    /// Whether `workload` is one of this waypoint's pods (ready or not: by its label).
+    pub fn has_pod(&self, workload: &Workload) -> bool {
+        workload.namespace == self.namespace
+            && workload.labels.get(GATEWAY_NAME_LABEL) == Some(&self.name)
+    }
+}
+
+/// Whether a Service's (or pod's) traffic goes through a waypoint.
+#[derive(Clone, Debug, Default)]
+pub enum WaypointBinding {
+    /// No waypoint: L4 only.
+    #[default]
+    None,
+    /// Through this waypoint, which has a ready pod.
+    Bound(Arc<Waypoint>),
+    /// A waypoint is asked for and cannot take the traffic: refuse it (fail closed).
+    Unavailable(Unavailable),
+}
+
+/// Why a bound waypoint cannot take traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No waypoint `Gateway` of that name.
+    NotFound { namespace: String, name: String },
+    /// The waypoint does not take this kind of traffic.
+    WrongTraffic {
+        waypoint: String,
+        traffic: WaypointFor,
+    },
+    /// The waypoint has no ready pod with an address.
+    NotReady { waypoint: String },
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::NotFound { namespace, name } => {
+                write!(
+                    f,
+                    "no waypoint Gateway {namespace}/{name} (class {WAYPOINT_CLASS})"
+                )
+            }
+            Unavailable::WrongTraffic { waypoint, traffic } => write!(
+                f,
+                "waypoint {waypoint} is for {traffic} traffic ({WAYPOINT_FOR})"
+            ),
+            Unavailable::NotReady { waypoint } => {
+                write!(f, "waypoint {waypoint} has no ready pod")
+            }
+        }
+    }
 }
 
 #[cfg(test)]

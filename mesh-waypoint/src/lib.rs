@@ -27,6 +27,7 @@
 
 mod admin;
 mod balance;
+mod body;
 mod filters;
 mod listener;
 mod protocol;

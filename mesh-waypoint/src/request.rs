@@ -10,7 +10,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use mesh_cluster::{
@@ -21,16 +21,15 @@ use mesh_cluster::{
 use mesh_identity::Identity;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::body::Body;
 use crate::{
     balance::Keys,
+    body::full,
     filters::{modify_headers, redirect_location, replace_path},
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upstream::UpstreamError,
     Ctx,
 };
-
-/// Bodies both ways: the peer's, streamed, or one the waypoint holds.
-pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Largest request body kept so that the request can be retried or mirrored; a larger one is
 /// sent once, to the chosen backend only.
@@ -686,10 +685,6 @@ fn redirect_response(status: StatusCode, location: &str) -> Response<Body> {
             "the redirect is not a valid URL",
         ),
     }
-}
-
-fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// `x-forwarded-for` gets the client's address appended, as proxies do.

@@ -436,7 +436,7 @@ impl Body for Counted {
 
 /// A response body that completes its request's record when it ends or is dropped.
 pub(crate) struct Recorded {
-    inner: crate::request::Body,
+    inner: crate::body::Body,
     bytes: u64,
     grpc_status: Option<String>,
     log: Option<(RequestLog, Arc<Metrics>)>,
@@ -445,7 +445,7 @@ pub(crate) struct Recorded {
 impl Recorded {
     /// `response`'s body, recorded; the head's size counts towards the response's bytes.
     pub(crate) fn wrap(
-        response: http::Response<crate::request::Body>,
+        response: http::Response<crate::body::Body>,
         log: RequestLog,
         metrics: Arc<Metrics>,
     ) -> http::Response<Self> {

@@ -31,7 +31,7 @@ use tokio::{
 use tokio_rustls::{client::TlsStream, TlsConnector};
 use tracing::debug;
 
-use crate::request::Body;
+use crate::body::Body;
 
 /// How long the waypoint waits for its own certificate before a connection fails.
 const CERT_WAIT: Duration = Duration::from_secs(10);
