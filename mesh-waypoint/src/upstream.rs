@@ -8,7 +8,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -108,7 +111,12 @@ const IDLE_PER_ENDPOINT: usize = 64;
 struct Reuse {
     h1: Mutex<HashMap<EndpointKey, Vec<http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<EndpointKey, http2::SendRequest<Body>>>,
+    /// HTTP/1.1 connections kept so far (the sweep's clock).
+    keeps: AtomicUsize,
 }
+
+/// Every this many kept HTTP/1.1 connections, the closed ones of every endpoint are dropped.
+const SWEEP_EVERY: usize = 1024;
 
 impl Reuse {
     /// An HTTP/1.1 connection to `key` ready for a request; those that closed are dropped.
@@ -124,6 +132,14 @@ impl Reuse {
     /// has been read).
     fn keep_h1(&self, key: EndpointKey, sender: http1::SendRequest<Body>) {
         let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        // Now and then, connections that closed (an endpoint that went away, a server that ended
+        // them) leave, so gone endpoints do not keep entries.
+        if self.keeps.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == 0 {
+            idle.retain(|_, senders| {
+                senders.retain(|s| !s.is_closed());
+                !senders.is_empty()
+            });
+        }
         let senders = idle.entry(key).or_default();
         if senders.len() < IDLE_PER_ENDPOINT {
             senders.push(sender);
@@ -137,6 +153,9 @@ impl Reuse {
 
     fn keep_h2(&self, key: EndpointKey, sender: http2::SendRequest<Body>) {
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        // A new connection is kept only when the last one closed or none was: the time to
+        // drop the other closed ones.
+        shared.retain(|_, s| !s.is_closed());
         shared.insert(key, sender);
     }
 }
