@@ -134,7 +134,11 @@ impl Reuse {
         let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         // Now and then, connections that closed (an endpoint that went away, a server that ended
         // them) leave, so gone endpoints do not keep entries.
-        if self.keeps.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == 0 {
+        if self
+            .keeps
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SWEEP_EVERY)
+        {
             idle.retain(|_, senders| {
                 senders.retain(|s| !s.is_closed());
                 !senders.is_empty()
