@@ -24,10 +24,6 @@ pub struct WaypointArgs {
     /// Name of the waypoint `Gateway` (class `istio-waypoint`).
     #[arg(long, env = "WAYPOINT_NAME")]
     name: String,
-    /// Service account of the waypoint's pods, whose identity the waypoint takes [default: the
-    /// Gateway's name, as istiod names a waypoint's service account].
-    #[arg(long, env = "SERVICE_ACCOUNT")]
-    service_account: Option<String>,
     /// Directory of Kubernetes-style YAML (Services, Pods, Gateways, `HTTPRoutes`), watched for
     /// changes.
     #[arg(long, env = "MESH_CONFIG_DIR")]
@@ -66,8 +62,9 @@ pub struct WaypointArgs {
 
 /// Validates the flags, then serves until SIGTERM or SIGINT.
 pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
-    let service_account = args.service_account.as_deref().unwrap_or(&args.name);
-    let identity = Identity::new(&args.trust_domain, &args.namespace, service_account)
+    // A waypoint's pods run under the service account named after its Gateway (the model
+    // takes no other pod for the waypoint's).
+    let identity = Identity::new(&args.trust_domain, &args.namespace, &args.name)
         .context("invalid configuration: the waypoint's identity")?;
     let mut options = EnrollmentOptions::new("");
     options.trust_domain.clone_from(&args.trust_domain);

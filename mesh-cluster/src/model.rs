@@ -345,7 +345,8 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// Label of a waypoint `Gateway`: which traffic it takes.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
-/// Label of a waypoint's pods naming their `Gateway`.
+/// Label of a waypoint's pods naming their `Gateway`; the pods also run under the service account
+/// named after it.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
 /// Which traffic a waypoint takes ([`WAYPOINT_FOR`]).
@@ -450,10 +451,12 @@ impl Waypoint {
         Some((workload, SocketAddr::new(ip, HBONE_PORT)))
     }
 
-    /// Whether `workload` is one of this waypoint's pods (ready or not: by its label).
+    /// Whether `workload` is one of this waypoint's pods (ready or not): labelled with its
+    /// Gateway, under its service account.
     pub fn has_pod(&self, workload: &Workload) -> bool {
         workload.namespace == self.namespace
             && workload.labels.get(GATEWAY_NAME_LABEL) == Some(&self.name)
+            && workload.service_account == self.name
     }
 }
 

@@ -143,6 +143,7 @@ impl ClusterState {
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
             state.http_routes.warnings().to_vec(),
+            state.waypoints.warnings().to_vec(),
         ]
         .concat();
         Ok(state)

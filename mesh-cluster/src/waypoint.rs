@@ -50,6 +50,7 @@ pub(crate) enum BoundKind {
 #[derive(Debug, Default)]
 pub(crate) struct WaypointIndex {
     waypoints: BTreeMap<(String, String), Arc<Waypoint>>,
+    warnings: Vec<String>,
 }
 
 impl WaypointIndex {
@@ -59,6 +60,7 @@ impl WaypointIndex {
         workloads: &[Arc<Workload>],
     ) -> Result<Self, StateError> {
         let mut waypoints = BTreeMap::new();
+        let mut warnings = Vec::new();
         for gateway in gateways {
             if gateway.spec.gateway_class_name != WAYPOINT_CLASS {
                 continue;
@@ -76,20 +78,38 @@ impl WaypointIndex {
                 }
             };
             let (namespace, name) = (meta.namespace().to_owned(), meta.name().to_owned());
-            let pods = workloads
-                .iter()
-                .filter(|w| {
-                    w.namespace == namespace
-                        && w.labels.get(GATEWAY_NAME_LABEL) == Some(&name)
-                        && w.ready
-                        && !w.ips.is_empty()
-                })
-                .cloned()
-                .collect();
+            let labelled = workloads.iter().filter(|w| {
+                w.namespace == namespace && w.labels.get(GATEWAY_NAME_LABEL) == Some(&name)
+            });
+            let mut pods = Vec::new();
+            for pod in labelled {
+                // A waypoint runs under its own service account, named after its Gateway (as
+                // istiod and the controller create it): a pod merely labelled is not it.
+                if pod.service_account != name {
+                    warnings.push(format!(
+                        "Pod {pod}: labelled {GATEWAY_NAME_LABEL}={name} but runs as service \
+                         account {:?}, not {name:?}; it is not a pod of waypoint \
+                         {namespace}/{name}",
+                        pod.service_account
+                    ));
+                    continue;
+                }
+                if pod.ready && !pod.ips.is_empty() {
+                    pods.push(Arc::clone(pod));
+                }
+            }
             let waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
             waypoints.insert((namespace, name), Arc::new(waypoint));
         }
-        Ok(Self { waypoints })
+        Ok(Self {
+            waypoints,
+            warnings,
+        })
+    }
+
+    /// Pods labelled as a waypoint's that are not its, one line each.
+    pub(crate) fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// All waypoints, sorted by namespace and name.
@@ -102,6 +122,7 @@ impl WaypointIndex {
         let name = workload.labels.get(GATEWAY_NAME_LABEL)?;
         self.waypoints
             .get(&(workload.namespace.clone(), name.clone()))
+            .filter(|w| w.has_pod(workload))
     }
 
     /// The binding of an object in `namespace` with `labels`, whose Namespace has `ns_labels`.

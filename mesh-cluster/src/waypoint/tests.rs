@@ -126,7 +126,8 @@ fn the_namespace_label_binds_every_service_but_those_labelled_none() {
             "n0",
             "10.0.2.1",
             "gateway.networking.k8s.io/gateway-name: shared",
-        ),
+        )
+        .replace("spec:\n", "spec:\n  serviceAccountName: shared\n"),
     ];
     let state = cluster(
         "",
@@ -365,5 +366,36 @@ fn a_pod_behind_a_waypoint_admits_only_the_waypoint_unless_a_policy_allows_expli
     assert_eq!(
         (d.verdict, d.reason),
         (Verdict::Deny, DecisionReason::NoAllowMatched)
+    );
+}
+
+#[test]
+fn a_pod_merely_labelled_as_the_waypoints_is_not_it() {
+    // Same label, another service account: no waypoint pod, no skipping, no admission.
+    let impostor = pod(
+        "shop",
+        "fake",
+        "n0",
+        "10.0.9.9",
+        "gateway.networking.k8s.io/gateway-name: wp",
+    );
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[impostor]);
+    let fake = state.workload_by_name("shop", "fake").expect("fake");
+    assert!(state.waypoint_of_pod(fake).is_none());
+    let service = state
+        .service_by_hostname("a.shop.svc.cluster.local")
+        .expect("a");
+    let WaypointBinding::Bound(waypoint) = state.service_waypoint(service) else {
+        panic!("bound");
+    };
+    assert_eq!(waypoint.workloads.len(), 2, "the two real ones");
+    assert!(matches!(
+        state.resolve_from(Some(fake), crate::tests::addr("10.96.0.1:80")),
+        crate::Resolution::Waypoint { .. }
+    ));
+    assert!(
+        state.warnings().iter().any(|w| w.contains("Pod shop/fake: labelled gateway.networking.k8s.io/gateway-name=wp but runs as service account \"default\"")),
+        "{:?}",
+        state.warnings()
     );
 }
