@@ -13,10 +13,10 @@
 //!
 //! - **saturation**: requests/s over 8 connections (HTTP/1.1) or 2 connections of 16 streams
 //!   (h2c), for the run's duration;
-//! - **1,000 req/s**: 10 connections at 100 requests/s each (h2load's `--rps`), request time
-//!   mean, standard deviation and max as h2load reports them (it reports no percentiles), and,
-//!   through the waypoint, the waypoint's CPU time over the run (vCPU at 1,000 req/s) and its
-//!   resident memory after it.
+//! - **1,000 req/s**: `mesh-probe http-load`, open loop (a request held back by the one before
+//!   is timed from when it was due), 10 HTTP/1.1 connections or 2 h2c connections: p50, p99 and
+//!   max latency, and, through the waypoint, the waypoint's CPU time over the run (vCPU at
+//!   1,000 req/s) and its resident memory after it.
 //!
 //! Results: `l7.md` and `l7.json` under `bench-results/<unix-time>/`.
 
@@ -48,8 +48,8 @@ struct Case {
     protocol: &'static str,
     mode: &'static str,
     saturation_rps: f64,
-    mean_ms: f64,
-    sd_ms: f64,
+    p50_ms: f64,
+    p99_ms: f64,
     max_ms: f64,
     /// Through the waypoint: its vCPU at 1,000 req/s and its RSS after, in bytes.
     waypoint: Option<(f64, u64)>,
@@ -223,24 +223,41 @@ fn measure(
         saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
     }
     let sat = h2load(client, &saturation, url)?;
-    let total = 1000 * secs;
+    let host = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
     let mut rate: Vec<String> = vec![
-        "-n".into(),
-        total.to_string(),
-        "-c".into(),
-        "10".into(),
-        "-m".into(),
-        "1".into(),
-        "--rps".into(),
-        "100".into(),
+        "http-load".into(),
+        host,
+        "--rate".into(),
+        "1000".into(),
+        "--duration-ms".into(),
+        (secs * 1000).to_string(),
+        "--conns".into(),
+        if h1 { "10" } else { "2" }.into(),
     ];
-    if h1 {
-        rate.push("--h1".into());
+    if !h1 {
+        rate.push("--h2".into());
     }
     let before = waypoint.map(process_ticks).transpose()?;
     let started = Instant::now();
-    let paced = h2load(client, &rate, url)?;
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
+    let paced: Value = serde_json::from_str(
+        process::run(client.command(bin).args(&rate))
+            .context("mesh-probe http-load")?
+            .trim(),
+    )
+    .context("http-load's JSON")?;
     let elapsed = started.elapsed().as_secs_f64();
+    let us = |key: &str| -> Result<f64> {
+        paced[key]
+            .as_f64()
+            .with_context(|| format!("http-load: no {key}"))
+    };
+    if paced["errors"].as_u64() != Some(0) {
+        bail!("http-load had errors: {paced}");
+    }
     let waypoint = match (waypoint, before) {
         (Some(pid), Some(before)) => {
             let ticks = process_ticks(pid)? - before;
@@ -255,19 +272,16 @@ fn measure(
         protocol,
         mode,
         saturation_rps: sat.rps,
-        mean_ms: paced.mean_ms,
-        sd_ms: paced.sd_ms,
-        max_ms: paced.max_ms,
+        p50_ms: us("p50_us")? / 1000.0,
+        p99_ms: us("p99_us")? / 1000.0,
+        max_ms: us("max_us")? / 1000.0,
         waypoint,
     })
 }
 
-/// What an h2load run reports.
+/// What an h2load run reports that is used: requests/s.
 struct H2load {
     rps: f64,
-    mean_ms: f64,
-    sd_ms: f64,
-    max_ms: f64,
 }
 
 fn h2load(client: &Pod, args: &[String], url: &str) -> Result<H2load> {
@@ -286,39 +300,12 @@ fn h2load(client: &Pod, args: &[String], url: &str) -> Result<H2load> {
         .and_then(|r| r.strip_suffix(" req/s"))
         .context("no req/s")?
         .parse()?;
-    let times: Vec<f64> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("time for request:"))
-        .context("no request times")?
-        .split_whitespace()
-        .take(4)
-        .map(duration_ms)
-        .collect::<Result<_>>()?;
-    Ok(H2load {
-        rps,
-        max_ms: times[1],
-        mean_ms: times[2],
-        sd_ms: times[3],
-    })
-}
-
-/// h2load's `123us`, `1.23ms`, `1.5s` in milliseconds.
-fn duration_ms(text: &str) -> Result<f64> {
-    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
-        (n, 1e-3)
-    } else if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1e3)
-    } else {
-        bail!("not an h2load duration: {text}");
-    };
-    Ok(number.parse::<f64>()? * scale)
+    Ok(H2load { rps })
 }
 
 fn markdown(cases: &[Case]) -> String {
     let mut t = String::from(
-        "| path | protocol | mode | req/s at saturation | vs direct | mean / sd / max at 1,000 req/s (ms) | added mean | waypoint vCPU at 1,000 req/s | waypoint RSS |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | waypoint vCPU at 1,000 req/s | waypoint RSS |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cases {
         let direct = cases
@@ -328,7 +315,11 @@ fn markdown(cases: &[Case]) -> String {
             format!("{:.2}×", c.saturation_rps / d.saturation_rps)
         });
         let added = direct.map_or(String::new(), |d| {
-            format!("{:+.3} ms", c.mean_ms - d.mean_ms)
+            format!(
+                "{:+.3} / {:+.3} ms",
+                c.p50_ms - d.p50_ms,
+                c.p99_ms - d.p99_ms
+            )
         });
         let (vcpu, rss) = c.waypoint.map_or((String::new(), String::new()), |(v, r)| {
             #[allow(clippy::cast_precision_loss)]
@@ -338,7 +329,7 @@ fn markdown(cases: &[Case]) -> String {
         let _ = writeln!(
             t,
             "| {} | {} | {} | {:.0} | {ratio} | {:.3} / {:.3} / {:.1} | {added} | {vcpu} | {rss} |",
-            c.path, c.protocol, c.mode, c.saturation_rps, c.mean_ms, c.sd_ms, c.max_ms
+            c.path, c.protocol, c.mode, c.saturation_rps, c.p50_ms, c.p99_ms, c.max_ms
         );
     }
     t
@@ -351,7 +342,7 @@ fn json_of(cases: &[Case]) -> Value {
             .map(|c| {
                 json!({
                     "path": c.path, "protocol": c.protocol, "mode": c.mode,
-                    "saturation_rps": c.saturation_rps, "mean_ms": c.mean_ms, "sd_ms": c.sd_ms,
+                    "saturation_rps": c.saturation_rps, "p50_ms": c.p50_ms, "p99_ms": c.p99_ms,
                     "max_ms": c.max_ms,
                     "waypoint_vcpu_at_1000": c.waypoint.map(|w| w.0),
                     "waypoint_rss_bytes": c.waypoint.map(|w| w.1),

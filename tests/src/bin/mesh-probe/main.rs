@@ -66,6 +66,7 @@
 
 mod grpc;
 mod http_echo;
+mod http_load;
 mod loop_pair;
 mod repeat;
 
@@ -130,6 +131,8 @@ const USAGE: &str = "usage: mesh-probe <command>
   parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
   http-echo <addr> --name N [--fail-first K] [--delay-ms D]
   ws <addr> <message> [--count N]
+  http-load <addr> --rate R [--duration-ms D] [--conns N] [--h2]
+      Open-loop GET / at R requests/s; one JSON line with p50/p90/p99/max in µs.
   grpc-serve <addr> --name N
   grpc <addr> --service S [--count C] [--watch]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
@@ -259,6 +262,23 @@ fn main() -> ExitCode {
                 })
                 .map_err(usage)
                 .and_then(|(service, count)| grpc::client(addr, &service, count, watch))
+        }
+        ["http-load", addr, rest @ ..] => {
+            let h2 = rest.contains(&"--h2");
+            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--h2").collect();
+            flags(&rest, &["--rate", "--duration-ms", "--conns"])
+                .and_then(|f| {
+                    Ok(http_load::Options {
+                        rate: positive::<u64>(&f, "--rate")?.ok_or("--rate is required")?,
+                        duration: Duration::from_millis(
+                            positive::<u64>(&f, "--duration-ms")?.unwrap_or(5_000),
+                        ),
+                        conns: positive::<u64>(&f, "--conns")?.unwrap_or(10),
+                        h2,
+                    })
+                })
+                .map_err(usage)
+                .and_then(|o| http_load::run(addr, &o))
         }
         ["ws", addr, message, rest @ ..] => flags(rest, &["--count"])
             .and_then(|f| Ok(positive::<u64>(&f, "--count")?.unwrap_or(1)))
