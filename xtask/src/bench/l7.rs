@@ -223,10 +223,12 @@ fn measure(
         saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
     }
     let sat = h2load(client, &saturation, url)?;
-    let host = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:80")
+    };
     let mut rate: Vec<String> = vec![
         "http-load".into(),
         host,

@@ -23,6 +23,12 @@ pub struct Options {
     pub h2: bool,
 }
 
+// Rates, counts and quantile positions are far below 2^52: the conversions are exact.
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 pub fn run(addr: &str, options: &Options) -> Result<(), String> {
     let addr = addr.to_owned();
     let (rate, duration, conns, h2) = (options.rate, options.duration, options.conns, options.h2);
