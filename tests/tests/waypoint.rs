@@ -442,7 +442,7 @@ fn h2_streams_multiplexed_on_one_connection_are_each_routed() {
     assert!(text.contains("status codes: 200 2xx"), "{text}");
     assert!(text.contains("Application protocol: h2c"), "{text}");
     // Each stream was routed on its own: both backends answered.
-    let counts = (0..2).map(|j| served(&bed.backends[j])).collect::<Vec<_>>();
+    let counts = served_settled(&[&bed.backends[0], &bed.backends[1]], 200);
     assert_eq!(counts.iter().sum::<usize>(), 200, "{counts:?}");
     assert!(
         counts[1] > 0 && counts[0] > counts[1],
@@ -533,7 +533,7 @@ fn virtual_service_faults_and_destination_rule_subsets() {
     assert!((65..=135).contains(&aborted), "{aborted} aborted");
     assert_eq!(aborted + ok, 200);
     assert_eq!(
-        served(&bed.backends[0]) - served_before,
+        served_settled(&[&bed.backends[0]], served_before + ok)[0] - served_before,
         ok,
         "aborted requests reach no backend"
     );
@@ -770,6 +770,22 @@ fn served(backend: &Process) -> usize {
         .count()
 }
 
+/// How many requests the backends have served, once their output has caught up with at least
+/// `at_least` in all (a line is read from the pipe a moment after the answer went out), or after
+/// the log wait if it never does.
+fn served_settled(backends: &[&Process], at_least: usize) -> Vec<usize> {
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        let counts: Vec<usize> = backends.iter().map(|b| served(b)).collect();
+        if counts.iter().sum::<usize>() >= at_least || std::time::Instant::now() >= deadline {
+            // A moment more, so that a count above `at_least` would show.
+            std::thread::sleep(Duration::from_millis(100));
+            return backends.iter().map(|b| served(b)).collect();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
     // v1 fails its first 2 requests, v2 its first 5; the rule retries 503 up to 2 times.
@@ -792,8 +808,8 @@ fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
     };
     assert_eq!(code("/retry"), "200", "two 503s retried into a 200");
     assert_eq!(
-        served(&bed.backends[0]),
-        3,
+        served_settled(&[&bed.backends[0]], 3),
+        [3],
         "the first attempt and two retries"
     );
     bed.mesh
@@ -809,13 +825,13 @@ fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
         .unwrap();
     assert_eq!(code("/limit"), "503", "still failing after the last retry");
     assert_eq!(
-        served(&bed.backends[1]),
-        3,
+        served_settled(&[&bed.backends[1]], 3),
+        [3],
         "no more than the attempt limit"
     );
     // The next request's third attempt is v2's sixth request, its first 200.
     assert_eq!(code("/limit"), "200");
-    assert_eq!(served(&bed.backends[1]), 6);
+    assert_eq!(served_settled(&[&bed.backends[1]], 6), [6]);
 }
 
 #[test]
@@ -883,7 +899,7 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
         2,
         "both /app requests mirrored to v2"
     );
-    assert_eq!(served(&bed.backends[0]), 2);
+    assert_eq!(served_settled(&[&bed.backends[0]], 2), [2]);
     // Unmatched paths: 404 from the waypoint.
     let code = curl_raw(
         &client,

@@ -247,57 +247,11 @@ fn main() -> ExitCode {
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
         ["http", method, addr, path] => http(method, addr, path),
-        ["grpc-serve", addr, "--name", name] => grpc::serve(addr, name),
-        ["grpc", addr, rest @ ..] => {
-            let watch = rest.contains(&"--watch");
-            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--watch").collect();
-            flags(&rest, &["--service", "--count"])
-                .and_then(|f| {
-                    let service = f
-                        .iter()
-                        .find(|(n, _)| *n == "--service")
-                        .map(|(_, v)| (*v).to_owned())
-                        .ok_or("--service is required")?;
-                    Ok((service, positive::<u64>(&f, "--count")?.unwrap_or(1)))
-                })
+        [command @ ("grpc-serve" | "grpc" | "http-load" | "ws" | "http-echo"), ..] => {
+            l7_command(command, &args[1..])
                 .map_err(usage)
-                .and_then(|(service, count)| grpc::client(addr, &service, count, watch))
+                .and_then(|run| run())
         }
-        ["http-load", addr, rest @ ..] => {
-            let h2 = rest.contains(&"--h2");
-            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--h2").collect();
-            flags(&rest, &["--rate", "--duration-ms", "--conns"])
-                .and_then(|f| {
-                    Ok(http_load::Options {
-                        rate: positive::<u64>(&f, "--rate")?.ok_or("--rate is required")?,
-                        duration: Duration::from_millis(
-                            positive::<u64>(&f, "--duration-ms")?.unwrap_or(5_000),
-                        ),
-                        conns: positive::<u64>(&f, "--conns")?.unwrap_or(10),
-                        h2,
-                    })
-                })
-                .map_err(usage)
-                .and_then(|o| http_load::run(addr, &o))
-        }
-        ["ws", addr, message, rest @ ..] => flags(rest, &["--count"])
-            .and_then(|f| Ok(positive::<u64>(&f, "--count")?.unwrap_or(1)))
-            .map_err(usage)
-            .and_then(|count| http_echo::client(addr, message, count)),
-        ["http-echo", addr, rest @ ..] => flags(rest, &["--name", "--fail-first", "--delay-ms"])
-            .and_then(|f| {
-                Ok(http_echo::Options {
-                    name: f
-                        .iter()
-                        .find(|(n, _)| *n == "--name")
-                        .map(|(_, v)| (*v).to_owned())
-                        .ok_or("--name is required")?,
-                    fail_first: flag::<u64>(&f, "--fail-first")?.unwrap_or(0),
-                    delay: positive::<u64>(&f, "--delay-ms")?.map(Duration::from_millis),
-                })
-            })
-            .map_err(usage)
-            .and_then(|o| http_echo::run(addr, o)),
         _ => Err(USAGE.into()),
     };
     match result {
@@ -306,6 +260,62 @@ fn main() -> ExitCode {
             eprintln!("mesh-probe: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The HTTP, WebSocket and gRPC commands (the waypoint's workloads and clients): the command
+/// to run, or why its arguments are wrong.
+fn l7_command<'a>(
+    command: &str,
+    args: &'a [&'a str],
+) -> Result<Box<dyn FnOnce() -> Result<(), String> + 'a>, String> {
+    match (command, args) {
+        ("grpc-serve", [addr, "--name", name]) => Ok(Box::new(move || grpc::serve(addr, name))),
+        ("grpc", [addr, rest @ ..]) => {
+            let watch = rest.contains(&"--watch");
+            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--watch").collect();
+            let f = flags(&rest, &["--service", "--count"])?;
+            let service = f
+                .iter()
+                .find(|(n, _)| *n == "--service")
+                .map(|(_, v)| (*v).to_owned())
+                .ok_or("--service is required")?;
+            let count = positive::<u64>(&f, "--count")?.unwrap_or(1);
+            Ok(Box::new(move || grpc::client(addr, &service, count, watch)))
+        }
+        ("http-load", [addr, rest @ ..]) => {
+            let h2 = rest.contains(&"--h2");
+            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--h2").collect();
+            let f = flags(&rest, &["--rate", "--duration-ms", "--conns"])?;
+            let options = http_load::Options {
+                rate: positive::<u64>(&f, "--rate")?.ok_or("--rate is required")?,
+                duration: Duration::from_millis(
+                    positive::<u64>(&f, "--duration-ms")?.unwrap_or(5_000),
+                ),
+                conns: positive::<u64>(&f, "--conns")?.unwrap_or(10),
+                h2,
+            };
+            Ok(Box::new(move || http_load::run(addr, &options)))
+        }
+        ("ws", [addr, message, rest @ ..]) => {
+            let f = flags(rest, &["--count"])?;
+            let count = positive::<u64>(&f, "--count")?.unwrap_or(1);
+            Ok(Box::new(move || http_echo::client(addr, message, count)))
+        }
+        ("http-echo", [addr, rest @ ..]) => {
+            let f = flags(rest, &["--name", "--fail-first", "--delay-ms"])?;
+            let options = http_echo::Options {
+                name: f
+                    .iter()
+                    .find(|(n, _)| *n == "--name")
+                    .map(|(_, v)| (*v).to_owned())
+                    .ok_or("--name is required")?,
+                fail_first: flag::<u64>(&f, "--fail-first")?.unwrap_or(0),
+                delay: positive::<u64>(&f, "--delay-ms")?.map(Duration::from_millis),
+            };
+            Ok(Box::new(move || http_echo::run(addr, options)))
+        }
+        _ => Err(format!("{command}: missing arguments")),
     }
 }
 
