@@ -233,17 +233,6 @@ impl fmt::Display for Service {
     }
 }
 
-impl Service {
-    /// The next endpoint of TCP port `port` with an address of `family`'s family, round-robin
-    /// (the port's cursor, shared with [`crate::ClusterState::resolve`]).
-    pub fn pick_endpoint(&self, port: u16, family: IpAddr) -> Option<(&Endpoint, SocketAddr)> {
-        self.ports
-            .iter()
-            .find(|p| p.port == port && p.protocol == Protocol::Tcp)?
-            .pick(family)
-    }
-}
-
 impl ServicePort {
     /// A port with its endpoints (in order); indexes them per address family.
     pub(crate) fn new(

@@ -3,7 +3,7 @@
 
 use std::{
     convert::Infallible,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
@@ -120,7 +120,9 @@ pub(crate) async fn handle(
     );
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let source_workload = ctx.state.borrow().workload_by_ip(source.addr.ip()).cloned();
+    // One view of the cluster for the whole request.
+    let state = Arc::clone(&ctx.state.borrow());
+    let source_workload = state.workload_by_ip(source.addr.ip()).cloned();
     let read = Arc::new(AtomicU64::new(0));
     let mut log = RequestLog::start(
         &parts,
@@ -133,7 +135,7 @@ pub(crate) async fn handle(
     let upgrading = upgrade_of(request.headers())
         .is_some()
         .then(|| hyper::upgrade::on(&mut request));
-    let mut response = route(request, &ctx, &target, &source)
+    let mut response = route(request, &ctx, &state, &target, &source)
         .instrument(span.clone())
         .await;
     if let Some(downstream) = upgrading {
@@ -156,10 +158,10 @@ pub(crate) async fn handle(
 async fn route(
     mut request: Request<Body>,
     ctx: &Ctx,
+    state: &ClusterState,
     target: &Target,
     source: &Source,
 ) -> Response<Body> {
-    let state = Arc::clone(&ctx.state.borrow());
     append_forwarded_for(request.headers_mut(), source.addr.ip());
     strip_hop_by_hop_keeping_upgrade(request.headers_mut());
     let (hostname, port) = match target {
@@ -505,18 +507,31 @@ where
                 addr: *addr,
                 workload: Some(Arc::clone(w)),
             };
-            (endpoint, *addr, w.to_string())
+            (endpoint, *addr, w.to_string(), None)
         }),
+        // The Service's own backend, picked as its `DestinationRule` says, as for HTTP.
         Target::Service { hostname, port, .. } => {
             state.service_by_hostname(hostname).and_then(|service| {
-                let (endpoint, addr) = service
-                    .pick_endpoint(*port, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-                    .or_else(|| service.pick_endpoint(*port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)))?;
-                Some((endpoint.clone(), addr, service.hostname.clone()))
+                let Backend::Service {
+                    service,
+                    port,
+                    policy,
+                } = state.default_backend(service, *port)
+                else {
+                    return None;
+                };
+                let keys = Keys {
+                    client: source.addr.ip(),
+                    headers: &HeaderMap::new(),
+                };
+                let (endpoint, addr, in_flight) =
+                    ctx.balancer.pick(&service, port, &policy, &keys)?;
+                Some((endpoint, addr, service.hostname.clone(), Some(in_flight)))
             })
         }
     };
-    let Some((endpoint, addr, host)) = picked else {
+    // `_in_flight`: counted for least request while the tunnel lasts.
+    let Some((endpoint, addr, host, _in_flight)) = picked else {
         warn!(?target, "no endpoint for a TCP tunnel");
         return;
     };
