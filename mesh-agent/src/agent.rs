@@ -9,6 +9,7 @@ use std::{
 };
 
 use mesh_identity::{BuiltinCa, BuiltinCaOptions, CertManager, Identity, ManagerOptions};
+use mesh_trace::Tracer;
 
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -71,6 +72,8 @@ pub enum AgentError {
     Handover(String),
     #[error(transparent)]
     Kube(#[from] mesh_cluster::KubeSourceError),
+    #[error(transparent)]
+    Tracing(#[from] mesh_trace::ExportError),
 }
 
 /// Resolves destinations with the newest cluster view, for the agent of `node`.
@@ -341,6 +344,19 @@ fn rfc3339(time: std::time::SystemTime) -> String {
         .map_or_else(|_| seconds.to_string(), |t| t.to_string())
 }
 
+/// The access log and the tracer, as configured (within the runtime: the span exporter's
+/// channel runs on it).
+fn telemetry(config: &AgentConfig) -> Result<Arc<Telemetry>, AgentError> {
+    let tracer = Tracer::new(&config.telemetry.tracing.trace_config(
+        "mesh-agent",
+        vec![("k8s.node.name", config.node_name.clone())],
+    ))?;
+    Ok(Arc::new(Telemetry::new(
+        AccessLog::start(&config.telemetry.access_log)?,
+        tracer,
+    )))
+}
+
 /// Runs the agent until SIGTERM or SIGINT; `log` changes the log level at run time (admin
 /// endpoint `/logging`).
 pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError> {
@@ -373,9 +389,7 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         idle_timeout: t.pool_idle_timeout,
         ..mesh_hbone::PoolConfig::default()
     };
-    let telemetry = Arc::new(Telemetry::new(AccessLog::start(
-        &config.telemetry.access_log,
-    )?));
+    let telemetry = telemetry(&config)?;
     let tracker = Arc::new(Tracker::default());
     let host = Host::discover(&config.agent_cgroup, &crate::config::cgroup2_root()?)?;
     let parts = ProxyParts {
@@ -447,6 +461,9 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     let mut datapath = pods.shutdown(keep).await;
     datapath.set_keep_pins(keep);
     drop(datapath);
+    // The last spans out; the exporter blocks, so not on a runtime worker.
+    let spans = telemetry.tracer.clone();
+    let _ = tokio::task::spawn_blocking(move || spans.shutdown()).await;
     info!("shutdown complete");
     Ok(())
 }

@@ -111,6 +111,8 @@ pub struct TelemetryConfig {
     pub metrics_addr: SocketAddr,
     /// Readiness endpoint (`/healthz/ready`); Istio's is port 15021.
     pub readiness_addr: SocketAddr,
+    /// Where spans go.
+    pub tracing: crate::tracing_flags::TracingSettings,
 }
 
 impl Default for TelemetryConfig {
@@ -120,6 +122,7 @@ impl Default for TelemetryConfig {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], METRICS_PORT)),
             readiness_addr: SocketAddr::from(([0, 0, 0, 0], READINESS_PORT)),
+            tracing: crate::tracing_flags::TracingSettings::default(),
         }
     }
 }
@@ -412,7 +415,7 @@ impl fmt::Display for AgentConfig {
              trust_domain={} root_namespace={} cluster_domain={} on_exit={} worker_threads={} ca_dir={} ca_address={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s \
              stream_idle_timeout={} access_log={} \
-             admin={} metrics={} readiness={}",
+             admin={} metrics={} readiness={} {}",
             self.node_name,
             self.source,
             self.bpffs_dir.display(),
@@ -441,6 +444,7 @@ impl fmt::Display for AgentConfig {
             self.telemetry.admin_addr,
             self.telemetry.metrics_addr,
             self.telemetry.readiness_addr,
+            self.telemetry.tracing,
         )
     }
 }
@@ -689,7 +693,7 @@ mod tests {
              agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
              trust_domain=cluster.local root_namespace=istio-system cluster_domain=cluster.local on_exit=release worker_threads=2 \
              ca_dir=/nonexistent-ca ca_address=none crypto_provider=aws-lc-rs cert_lifetime=86400s \
-             max_streams_per_connection=128 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021"
+             max_streams_per_connection=128 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021 tracing=off"
         );
     }
 

@@ -33,4 +33,5 @@ pub mod readiness;
 pub mod stats;
 pub mod status;
 pub mod telemetry;
+pub mod tracing_flags;
 pub mod waypoint_command;

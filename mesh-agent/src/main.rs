@@ -97,6 +97,8 @@ enum Command {
         worker_threads: Option<usize>,
         #[command(flatten)]
         identity: mesh_agent::identity_flags::IdentityFlags,
+        #[command(flatten)]
+        tracing: mesh_agent::tracing_flags::TracingFlags,
         /// Streams one pooled HBONE connection carries at most (h2's stream slab grows by
         /// doubling: a power of two uses every slot it allocates).
         #[arg(long, default_value_t = mesh_hbone::DEFAULT_MAX_STREAMS)]
@@ -213,6 +215,7 @@ fn main() -> anyhow::Result<()> {
             owner_daemonset,
             worker_threads,
             identity,
+            tracing,
             hbone_max_streams,
             hbone_idle_timeout_secs,
             hbone_stream_idle_timeout_secs,
@@ -261,6 +264,7 @@ fn main() -> anyhow::Result<()> {
                     admin_addr,
                     metrics_addr,
                     readiness_addr,
+                    tracing: tracing.settings().context("invalid configuration")?,
                 },
             }
             .validate()

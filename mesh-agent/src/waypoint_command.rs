@@ -51,6 +51,8 @@ pub struct WaypointArgs {
     cluster_domain: String,
     #[command(flatten)]
     identity_flags: crate::identity_flags::IdentityFlags,
+    #[command(flatten)]
+    tracing_flags: crate::tracing_flags::TracingFlags,
     /// At SIGTERM, how long in-flight requests may take to finish (readiness says not ready
     /// meanwhile, and no new connection is taken).
     #[arg(long, default_value_t = 5)]
@@ -91,6 +93,10 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         provider,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
     };
+    let tracing = args
+        .tracing_flags
+        .settings()
+        .context("invalid configuration")?;
     let limits = FileLimits {
         max_file_bytes: args.config_max_file_bytes,
         max_depth: args.config_max_depth,
@@ -103,6 +109,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         metrics = %config.metrics,
         readiness = %config.readiness,
         crypto_provider = config.provider.name(),
+        %tracing,
         "waypoint configuration"
     );
     let threads = args
@@ -124,6 +131,13 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
                 state.clone(),
             )?;
             certs.set_wanted([identity]);
+            let tracer = mesh_trace::Tracer::new(&tracing.trace_config(
+                "mesh-waypoint",
+                vec![
+                    ("k8s.namespace.name", config.namespace.clone()),
+                    ("mesh.waypoint", config.name.clone()),
+                ],
+            ))?;
             let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
             let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
             let shutdown = async move {
@@ -132,7 +146,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
                     _ = interrupt.recv() => {}
                 }
             };
-            mesh_waypoint::serve(config, state, certs, shutdown).await?;
+            mesh_waypoint::serve(config, state, certs, tracer, shutdown).await?;
             info!("waypoint stopped");
             anyhow::Ok(())
         })

@@ -119,8 +119,9 @@ pub struct AuthzDecision {
     /// [`DecisionReason::NoPolicy`] and [`DecisionReason::NoAllowMatched`].
     pub policy: Option<Arc<str>>,
     /// `namespace/name` of the AUDIT policies whose rules matched (they never change the
-    /// verdict).
-    pub audited: Vec<Arc<str>>,
+    /// verdict). A boxed slice, not a `Vec`: a decision lives in every inbound connection's
+    /// record, whose size is held to an allocation class.
+    pub audited: Box<[Arc<str>]>,
 }
 
 impl AuthzDecision {
@@ -129,7 +130,7 @@ impl AuthzDecision {
             verdict,
             reason,
             policy: policy.map(|p| Arc::clone(&p.key)),
-            audited: Vec::new(),
+            audited: Box::default(),
         }
     }
 }
@@ -497,7 +498,7 @@ impl AuthzIndex {
                 AuthzDecision::new(Verdict::Deny, DecisionReason::NoAllowMatched, None)
             }
         };
-        decision.audited = audited;
+        decision.audited = audited.into_boxed_slice();
         decision
     }
 }

@@ -37,7 +37,7 @@ impl ClusterState {
                 verdict: Verdict::Deny,
                 reason: DecisionReason::UnknownDestination,
                 policy: None,
-                audited: Vec::new(),
+                audited: Box::default(),
             };
         };
         if conn.src_identity.is_none() {
@@ -49,7 +49,7 @@ impl ClusterState {
                     policy: mtls
                         .policy
                         .map(|p| Arc::from(format!("PeerAuthentication {p}"))),
-                    audited: Vec::new(),
+                    audited: Box::default(),
                 };
             }
         }

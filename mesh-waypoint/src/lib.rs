@@ -20,6 +20,10 @@
 //!    waypoint's certificate, the endpoint's identity required), one CONNECT stream per request
 //!    on pooled HTTP/2 connections; in plain TCP to an endpoint outside the mesh.
 //!
+//! 5. Each request gets a span ([`mesh_trace`]): the child of the request's own `traceparent`,
+//!    else of the tunnel's (the source agent's connection), else a new trace; its context goes
+//!    on in the request's `traceparent` and in the CONNECT of a new tunnel to the endpoint.
+//!
 //! The destination agent sees the waypoint's identity (waypoints do not impersonate). Answers
 //! the waypoint makes itself: 404 (no rule matches), 500 (a rule without usable backend, an
 //! invalid backend's share), 503 (no endpoint, or the endpoint cannot be reached), 504 (a
@@ -86,6 +90,7 @@ pub(crate) struct Ctx {
     pub(crate) upstream: Arc<upstream::Upstream>,
     pub(crate) hbone: mesh_hbone::ServerConfig,
     pub(crate) metrics: Arc<telemetry::Metrics>,
+    pub(crate) tracer: mesh_trace::Tracer,
     pub(crate) drain: listener::Drain,
     pub(crate) balancer: Arc<balance::Balancer>,
 }

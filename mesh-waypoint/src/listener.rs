@@ -21,6 +21,7 @@ use hyper_util::{
 use mesh_cluster::ClusterState;
 use mesh_hbone::{InboundRequest, Responder};
 use mesh_identity::{CertManager, Identity};
+use mesh_trace::{TraceContext, Tracer};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
@@ -99,11 +100,13 @@ impl Drain {
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HBONE on `config.listen` until `shutdown` completes, routing by the newest view of
-/// `state`, with certificates from `certs` (which must want `config.identity`).
+/// `state`, with certificates from `certs` (which must want `config.identity`), a span per
+/// request to `tracer` (flushed once drained).
 pub async fn serve(
     config: WaypointConfig,
     state: watch::Receiver<Arc<ClusterState>>,
     certs: Arc<CertManager>,
+    tracer: Tracer,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WaypointError> {
     let tls =
@@ -158,6 +161,7 @@ pub async fn serve(
         upstream,
         hbone: mesh_hbone::ServerConfig::default(),
         metrics,
+        tracer,
         drain: Drain::default(),
         balancer: Arc::default(),
     });
@@ -169,6 +173,9 @@ pub async fn serve(
                 drop(listener);
                 admin_ready.store(false, Ordering::Relaxed);
                 ctx.drain.run(drain_timeout).await;
+                // The last spans out; the exporter blocks, so not on a runtime worker.
+                let tracer = ctx.tracer.clone();
+                let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
                 return Ok(());
             }
             accepted = listener.accept() => match accepted {
@@ -248,6 +255,7 @@ async fn tunnel(
     let source = Source {
         identity: src,
         addr: request.forwarded_for.unwrap_or(peer),
+        trace: TraceContext::from_headers(&request.headers),
     };
     let stream = match responder.accept() {
         Ok(stream) => stream,

@@ -19,6 +19,7 @@ use mesh_cluster::{
     ClusterState, RouteDecision, Service,
 };
 use mesh_identity::Identity;
+use mesh_trace::{TraceContext, TRACEPARENT};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::body::Body;
@@ -103,6 +104,8 @@ pub(crate) struct Source {
     pub(crate) identity: Identity,
     /// Its address, as its agent gave it.
     pub(crate) addr: SocketAddr,
+    /// The trace context of the tunnel's CONNECT (the source agent's connection span).
+    pub(crate) trace: Option<TraceContext>,
 }
 
 /// Serves one request.
@@ -119,7 +122,12 @@ pub(crate) async fn handle(
         src = %source.identity,
     );
     let started = Instant::now();
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    // This request's span: the child of the request's own context (the application's trace),
+    // else of the tunnel's, else a new trace; the endpoint sees this span as its parent.
+    let parent = TraceContext::from_headers(&parts.headers).or(source.trace);
+    let trace = TraceContext::child_or_root(parent.as_ref(), ctx.tracer.sampler());
+    parts.headers.insert(TRACEPARENT, trace.header_value());
     // One view of the cluster for the whole request.
     let state = Arc::clone(&ctx.state.borrow());
     let source_workload = state.workload_by_ip(source.addr.ip()).cloned();
@@ -129,6 +137,7 @@ pub(crate) async fn handle(
         source.identity.clone(),
         source_workload,
         Arc::clone(&read),
+        (trace, parent.map(|p| p.span_id)),
     );
     let mut request = Request::from_parts(parts, Counted::new(body, read).boxed());
     // An HTTP/1.1 upgrade (WebSocket): once both sides have switched, their bytes are spliced.
@@ -152,7 +161,8 @@ pub(crate) async fn handle(
         );
     });
     log.respond(&response);
-    Ok(Recorded::wrap(response, log, Arc::clone(&ctx.metrics)).map(BodyExt::boxed))
+    let reporters = (Arc::clone(&ctx.metrics), ctx.tracer.clone());
+    Ok(Recorded::wrap(response, log, reporters).map(BodyExt::boxed))
 }
 
 async fn route(
@@ -537,7 +547,13 @@ where
     };
     match ctx
         .upstream
-        .relay(&endpoint, addr, &host, source.addr, &mut down)
+        .relay(
+            &endpoint,
+            addr,
+            &host,
+            (source.addr, source.trace),
+            &mut down,
+        )
         .await
     {
         Ok((sent, received)) => debug!(%addr, sent, received, "TCP tunnel done"),

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use mesh_cluster::{Service, Workload};
 use mesh_identity::Identity;
+use mesh_trace::{FinishedSpan, KeyValue, SpanKind, TraceContext, Tracer};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -191,7 +192,9 @@ pub(crate) struct RequestLog {
     authority: String,
     path: String,
     protocol: &'static str,
-    trace_id: Option<String>,
+    /// The request's span and its parent's span id.
+    trace: (TraceContext, Option<u64>),
+    wall_start: SystemTime,
     source: Identity,
     source_workload: Option<Arc<Workload>>,
     request_bytes: Arc<AtomicU64>,
@@ -201,12 +204,14 @@ pub(crate) struct RequestLog {
 }
 
 impl RequestLog {
-    /// The record of a request, from its head; `request_bytes` counts its body as it is read.
+    /// The record of a request, from its head; `request_bytes` counts its body as it is read;
+    /// `trace` is the request's span and its parent's span id.
     pub(crate) fn start(
         parts: &http::request::Parts,
         source: Identity,
         source_workload: Option<Arc<Workload>>,
         request_bytes: Arc<AtomicU64>,
+        trace: (TraceContext, Option<u64>),
     ) -> Self {
         let authority = parts
             .uri
@@ -239,7 +244,8 @@ impl RequestLog {
                 .path_and_query()
                 .map_or_else(|| "/".to_owned(), ToString::to_string),
             protocol,
-            trace_id: trace_id(&parts.headers),
+            trace,
+            wall_start: SystemTime::now(),
             source,
             source_workload,
             request_bytes,
@@ -264,7 +270,7 @@ impl RequestLog {
 
     fn finish(
         mut self,
-        metrics: &Metrics,
+        (metrics, tracer): &(Arc<Metrics>, Tracer),
         response_bytes: u64,
         trailers_status: Option<String>,
         complete: bool,
@@ -341,10 +347,51 @@ impl RequestLog {
             "upstream_workload": workload.map(ToString::to_string),
             "bytes_received": request_bytes,
             "bytes_sent": response_bytes,
-            "trace_id": self.trace_id,
+            "trace_id": self.trace.0.trace_id_hex(),
             "response_flags": self.outcome.flag.as_str(),
         });
         println!("{line}");
+        if self.trace.0.sampled {
+            tracer.record(self.span(&labels, response_bytes, request_bytes));
+        }
+    }
+
+    /// The request's span, with OpenTelemetry's HTTP attribute names and Istio's.
+    fn span(&self, labels: &Labels, response_bytes: u64, request_bytes: u64) -> FinishedSpan {
+        let (context, parent) = self.trace;
+        #[allow(clippy::cast_possible_wrap, reason = "byte counts far below 2^63")]
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", self.method.clone()),
+            KeyValue::new("url.path", self.path.clone()),
+            KeyValue::new("server.address", self.authority.clone()),
+            KeyValue::new("http.response.status_code", i64::from(self.status)),
+            KeyValue::new("network.protocol.name", self.protocol),
+            KeyValue::new("istio.response_flags", labels.response_flags),
+            KeyValue::new("istio.source_principal", labels.source_principal.clone()),
+            KeyValue::new(
+                "istio.destination_service",
+                labels.destination_service.clone(),
+            ),
+            KeyValue::new("http.request.body.size", request_bytes as i64),
+            KeyValue::new("http.response.body.size", response_bytes as i64),
+        ];
+        if let Some(upstream) = self.outcome.upstream {
+            attributes.push(KeyValue::new("upstream.address", upstream.to_string()));
+        }
+        if let Some(status) = &self.grpc_status {
+            attributes.push(KeyValue::new("rpc.grpc.status_code", status.clone()));
+        }
+        let failed = self.status >= 500 || self.outcome.flag != Flag::None;
+        FinishedSpan {
+            name: format!("{} {}", self.method, labels.destination_service),
+            kind: SpanKind::Server,
+            context,
+            parent,
+            start: self.wall_start,
+            end: self.wall_start + self.started.elapsed(),
+            attributes,
+            error: failed.then(|| format!("{} {}", self.status, self.outcome.flag.as_str())),
+        }
     }
 }
 
@@ -354,14 +401,6 @@ fn head_size(headers: &http::HeaderMap) -> u64 {
         .iter()
         .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
         .sum()
-}
-
-/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
-fn trace_id(headers: &http::HeaderMap) -> Option<String> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
-    let mut parts = value.split('-');
-    let (_version, id) = (parts.next()?, parts.next()?);
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
 }
 
 /// Now as RFC 3339 with milliseconds, UTC.
@@ -439,7 +478,7 @@ pub(crate) struct Recorded {
     inner: crate::body::Body,
     bytes: u64,
     grpc_status: Option<String>,
-    log: Option<(RequestLog, Arc<Metrics>)>,
+    log: Option<(RequestLog, (Arc<Metrics>, Tracer))>,
 }
 
 impl Recorded {
@@ -447,20 +486,20 @@ impl Recorded {
     pub(crate) fn wrap(
         response: http::Response<crate::body::Body>,
         log: RequestLog,
-        metrics: Arc<Metrics>,
+        reporters: (Arc<Metrics>, Tracer),
     ) -> http::Response<Self> {
         let head = head_size(response.headers());
         response.map(|inner| Self {
             inner,
             bytes: head,
             grpc_status: None,
-            log: Some((log, metrics)),
+            log: Some((log, reporters)),
         })
     }
 
     fn finish(&mut self, complete: bool) {
-        if let Some((log, metrics)) = self.log.take() {
-            log.finish(&metrics, self.bytes, self.grpc_status.take(), complete);
+        if let Some((log, reporters)) = self.log.take() {
+            log.finish(&reporters, self.bytes, self.grpc_status.take(), complete);
         }
     }
 }
@@ -513,25 +552,12 @@ impl Drop for Recorded {
 
 #[cfg(test)]
 mod tests {
-    use super::{civil_from_days, trace_id};
+    use super::civil_from_days;
 
     #[test]
-    fn dates_and_trace_ids() {
+    fn dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_792), (2026, 12, 5));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-                .parse()
-                .unwrap(),
-        );
-        assert_eq!(
-            trace_id(&headers).as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        headers.insert("traceparent", "garbage".parse().unwrap());
-        assert_eq!(trace_id(&headers), None);
     }
 }

@@ -26,6 +26,7 @@ use mesh_cluster::Endpoint;
 use mesh_common::HBONE_PORT;
 use mesh_hbone::{Connect, OutboundRequest, Pool, PoolConfig};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
+use mesh_trace::{TraceContext, TRACEPARENT};
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -178,13 +179,14 @@ impl Upstream {
     }
 
     /// A byte stream to `endpoint` (address `addr`, of the Service `host`) for `client`: an
-    /// HBONE tunnel to a meshed endpoint's agent, plain TCP to any other.
+    /// HBONE tunnel to a meshed endpoint's agent (its CONNECT carrying `trace`, the span that
+    /// opens it), plain TCP to any other.
     async fn connect(
         &self,
         endpoint: &Endpoint,
         addr: SocketAddr,
         host: &str,
-        client: SocketAddr,
+        (client, trace): (SocketAddr, Option<TraceContext>),
     ) -> Result<UpStream, UpstreamError> {
         let connect_error = |reason: String| UpstreamError::Connect { addr, reason };
         let Some(workload) = endpoint.workload.as_deref().filter(|w| w.is_meshed()) else {
@@ -198,9 +200,12 @@ impl Upstream {
             workload.identity.clone(),
             SocketAddr::new(addr.ip(), HBONE_PORT),
         );
-        let tunnel = OutboundRequest::new(addr)
+        let mut tunnel = OutboundRequest::new(addr)
             .with_forwarded_for(client)
             .with_forwarded_host(host.to_owned());
+        if let Some(trace) = trace {
+            tunnel = tunnel.with_header(TRACEPARENT, trace.header_value());
+        }
         let stream = self
             .pool
             .open(&key, tunnel)
@@ -255,7 +260,9 @@ impl Upstream {
                 }
             }
         }
-        let stream = self.connect(endpoint, addr, host, client).await?;
+        // A new connection's tunnel is traced as the request that opens it.
+        let trace = TraceContext::from_headers(request.headers());
+        let stream = self.connect(endpoint, addr, host, (client, trace)).await?;
         let io = TokioIo::new(stream);
         if h2 {
             let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
@@ -282,14 +289,14 @@ impl Upstream {
         Ok(response)
     }
 
-    /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP); returns the
-    /// bytes sent and received.
+    /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP) for `client`,
+    /// in the trace of the tunnel it came in (`trace`); returns the bytes sent and received.
     pub(crate) async fn relay<D>(
         &self,
         endpoint: &Endpoint,
         addr: SocketAddr,
         host: &str,
-        client: SocketAddr,
+        client: (SocketAddr, Option<TraceContext>),
         down: &mut D,
     ) -> Result<(u64, u64), UpstreamError>
     where

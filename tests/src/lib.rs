@@ -17,6 +17,7 @@ pub mod agent;
 pub mod cluster;
 pub mod host;
 pub mod http;
+pub mod jaeger;
 pub mod kube;
 pub mod mesh;
 pub mod plan;
@@ -72,6 +73,8 @@ pub enum Error {
     Output { what: String, detail: String },
     #[error("testbed spec: {0}")]
     Spec(String),
+    #[error("a test tool is missing: {0}")]
+    ToolMissing(String),
 }
 
 /// `Debug` shows the message: tests `expect()` these errors, and the reason a privileged test

@@ -38,7 +38,19 @@ pub struct Mesh {
 impl Mesh {
     /// Builds it all. Pods listed in `unmeshed` go to the unlabelled namespace.
     pub fn new(spec: TestbedSpec, shortcut: Shortcut, unmeshed: &[(usize, usize)]) -> Result<Self> {
+        Self::new_with(spec, shortcut, unmeshed, |_| Vec::new())
+    }
+
+    /// [`Self::new`], with more arguments for every agent, chosen once the testbed exists (a
+    /// collector in one of its pods).
+    pub fn new_with(
+        spec: TestbedSpec,
+        shortcut: Shortcut,
+        unmeshed: &[(usize, usize)],
+        agent_args: impl FnOnce(&Testbed) -> Vec<String>,
+    ) -> Result<Self> {
         let tb = Testbed::new(spec)?;
+        let extra_args = agent_args(&tb);
         let files = ClusterFiles::new(tb.scratch_dir().join("config"))?;
         let annotations: &[(&str, &str)] = match shortcut {
             Shortcut::OptedIn => &[(SHORTCUT, "enabled")],
@@ -62,7 +74,7 @@ impl Mesh {
             kubepods_cgroup: None,
             sockmap: shortcut != Shortcut::Off,
             keep_pins: false,
-            extra_args: Vec::new(),
+            extra_args,
             log: crate::agent::TEST_LOG.into(),
         };
         let mut mesh = Self {

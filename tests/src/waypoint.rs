@@ -1,7 +1,7 @@
 //! A `mesh-agent waypoint` process in a testbed pod (the waypoint's own pod: outside the mesh's
 //! capture, it speaks HBONE itself), reading the mesh's config directory and its CA.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use crate::{agent::binary, agent::AgentOptions, Pod, Process, Result};
 
@@ -18,24 +18,25 @@ impl Waypoint {
     /// Starts the waypoint `namespace/name` in `pod` with the agents' config directory and CA,
     /// and waits until it serves HBONE.
     pub fn start(pod: &Pod, options: &AgentOptions, namespace: &str, name: &str) -> Result<Self> {
-        Self::start_with(pod, &options.config_dir, &options.ca_dir(), namespace, name)
+        Self::start_with(pod, options, namespace, name, &[])
     }
 
-    /// [`Self::start`] with an explicit config directory and CA directory.
+    /// [`Self::start`] with more command-line arguments (`--tracing-endpoint`…).
     pub fn start_with(
         pod: &Pod,
-        config_dir: &Path,
-        ca_dir: &Path,
+        options: &AgentOptions,
         namespace: &str,
         name: &str,
+        extra: &[String],
     ) -> Result<Self> {
         let bin = binary("mesh-agent", "mesh-agent")?;
         let mut cmd = pod.command(&bin);
         cmd.args(["waypoint", "--namespace", namespace, "--name", name])
             .arg("--config-dir")
-            .arg(config_dir)
+            .arg(&options.config_dir)
             .arg("--ca-dir")
-            .arg(ca_dir)
+            .arg(options.ca_dir())
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("MESH_WAYPOINT_LOG")

@@ -14,6 +14,7 @@ use std::{
 };
 
 use mesh_tests::{
+    jaeger::{self, Jaeger},
     mesh::{Mesh, Shortcut, NS, PLAIN_NS},
     plan,
     telemetry::{access_records_in, count, parse_prometheus, sum},
@@ -32,6 +33,8 @@ struct Bed {
     /// The `v1` and `v2` echo servers.
     backends: Vec<Process>,
     waypoint: Waypoint,
+    /// Jaeger, in the waypoint's pod, when the bed is traced.
+    jaeger: Option<Jaeger>,
 }
 
 impl Bed {
@@ -74,11 +77,37 @@ fn bed(route: &str) -> Bed {
 
 /// [`bed`], with extra `http-echo` flags for the `v1` and `v2` backends.
 fn bed_with(route: &str, v1_args: &[&str], v2_args: &[&str]) -> Bed {
+    bed_full(route, v1_args, v2_args, false)
+}
+
+/// The flags that send every trace a proxy starts to `endpoint`.
+fn tracing_args(endpoint: &str) -> Vec<String> {
+    vec![
+        "--tracing-endpoint".into(),
+        endpoint.into(),
+        "--tracing-sampling".into(),
+        "100".into(),
+    ]
+}
+
+/// [`bed_with`]; `traced`: a real Jaeger in the waypoint's pod, and the agents and the waypoint
+/// exporting every trace to it.
+fn bed_full(route: &str, v1_args: &[&str], v2_args: &[&str], traced: bool) -> Bed {
     let spec = TestbedSpec {
         nodes: 2,
         pods_per_node: 2,
     };
-    let mesh = Mesh::new(spec, Shortcut::Default, &[(0, 1)]).expect("meshed testbed");
+    let mut jaeger = None;
+    let mesh = Mesh::new_with(spec, Shortcut::Default, &[(0, 1)], |tb| {
+        if !traced {
+            return Vec::new();
+        }
+        let started = Jaeger::start(tb.pod(0, 1), tb.scratch_dir()).expect("Jaeger starts");
+        let args = tracing_args(&started.endpoint());
+        jaeger = Some(started);
+        args
+    })
+    .expect("meshed testbed");
     let files = &mesh.files;
     let wp_pod = mesh.pod(0, 1).clone();
     files
@@ -125,8 +154,14 @@ fn bed_with(route: &str, v1_args: &[&str], v2_args: &[&str]) -> Bed {
         .iter()
         .map(|&(j, name, args)| echo(mesh.pod(1, j), name, args))
         .collect();
-    let mut waypoint =
-        Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp").expect("waypoint starts");
+    // The waypoint shares Jaeger's pod: its collector is on the loopback.
+    let waypoint_args = if traced {
+        tracing_args(&format!("http://127.0.0.1:{}", jaeger::OTLP_PORT))
+    } else {
+        Vec::new()
+    };
+    let mut waypoint = Waypoint::start_with(&wp_pod, &mesh.options, PLAIN_NS, "wp", &waypoint_args)
+        .expect("waypoint starts");
     waypoint
         .process
         .wait_for_line("the waypoint's view of the route", LOG_WAIT, |l| {
@@ -137,6 +172,7 @@ fn bed_with(route: &str, v1_args: &[&str], v2_args: &[&str]) -> Bed {
         mesh,
         backends,
         waypoint,
+        jaeger,
     };
     for agent in &mut bed.mesh.agents {
         agent
@@ -906,4 +942,167 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
         &["-o", "/dev/null", "-w", "%{http_code}", &url("/nothing")],
     );
     assert_eq!(code, "404");
+}
+
+/// The spans of a trace as Jaeger gives them: `(service, span id, parent span id, name)`.
+fn spans_of(trace: &Value) -> Vec<(String, String, Option<String>, String)> {
+    let processes = &trace["processes"];
+    trace["spans"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|span| {
+            let process = span["processID"].as_str().unwrap_or_default();
+            let parent = span["references"]
+                .as_array()
+                .and_then(|refs| refs.iter().find(|r| r["refType"] == "CHILD_OF"))
+                .and_then(|r| r["spanID"].as_str())
+                .map(str::to_owned);
+            (
+                processes[process]["serviceName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                span["spanID"].as_str().unwrap_or_default().to_owned(),
+                parent,
+                span["operationName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The values of resource attribute `key` of a trace's processes (Jaeger's process tags).
+fn process_tags(trace: &Value, key: &str) -> Vec<String> {
+    trace["processes"]
+        .as_object()
+        .into_iter()
+        .flat_map(|p| p.values())
+        .filter_map(|p| p["tags"].as_array())
+        .flatten()
+        .filter(|t| t["key"] == key)
+        .filter_map(|t| t["value"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The `traceparent` an echo line's request carried, as `(trace id, parent span id)`.
+fn traceparent_of(line: &Value) -> (String, String) {
+    let value = line["headers"]["traceparent"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("the backend got no traceparent: {line}"));
+    let fields: Vec<&str> = value.split('-').collect();
+    assert_eq!(fields.len(), 4, "{value}");
+    assert_eq!(fields[3], "01", "sampled: {value}");
+    (fields[1].to_owned(), fields[2].to_owned())
+}
+
+#[test]
+fn spans_from_the_source_through_the_waypoint_to_the_destination_share_one_trace() {
+    let route = one_rule_route("backendRefs: [{name: web-v1, port: 80}]\n");
+    let mut bed = bed_full(&route, &[], &[], true);
+    let client = bed.client().clone();
+
+    // A request without trace context: the source agent starts the trace in its CONNECT, the
+    // waypoint continues it in the request and in its own CONNECT to the endpoint.
+    let first = curl(&client, &[url("/traced")]);
+    let (trace_id, waypoint_span) = traceparent_of(&first[0]);
+    // A request of an application's own trace: the waypoint's span joins it.
+    let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let app_span = "00f067aa0ba902b7";
+    let second = curl(
+        &client,
+        &[
+            "-H".into(),
+            format!("traceparent: 00-{app_trace}-{app_span}-01"),
+            "-H".into(),
+            "tracestate: vendor=kept".into(),
+            url("/app-traced"),
+        ],
+    );
+    let (second_trace, second_parent) = traceparent_of(&second[0]);
+    assert_eq!(second_trace, app_trace, "the application's trace is kept");
+    assert_ne!(
+        second_parent, app_span,
+        "the waypoint's own span is the parent"
+    );
+    assert_eq!(second[0]["headers"]["tracestate"][0], "vendor=kept");
+
+    // The waypoint's access log names the traces.
+    let wp_logs = bed.waypoint.process.lines();
+    for id in [trace_id.as_str(), app_trace] {
+        assert!(
+            wp_logs
+                .iter()
+                .any(|l| l.contains("\"log\":\"access\"") && l.contains(id)),
+            "waypoint access log names trace {id}"
+        );
+    }
+    // The waypoint's tunnel to the endpoint ends when it stops (it keeps its connections), so
+    // does the destination agent's span; the waypoint flushes its spans as it goes.
+    bed.waypoint
+        .process
+        .terminate(Duration::from_secs(10))
+        .expect("the waypoint stops");
+    let jaeger = bed.jaeger.as_ref().expect("traced bed");
+    let trace = jaeger
+        .wait_trace(&trace_id, 3, Duration::from_secs(30))
+        .expect("the trace in Jaeger");
+    let spans = spans_of(&trace);
+    eprintln!("trace {trace_id}: {spans:#?}");
+    let find = |service: &str, name_start: &str| {
+        spans
+            .iter()
+            .find(|(s, _, _, n)| s == service && n.starts_with(name_start))
+            .unwrap_or_else(|| panic!("no {service} span {name_start}…: {spans:#?}"))
+            .clone()
+    };
+    let source = find("mesh-agent", "outbound");
+    let waypoint = find("mesh-waypoint", "GET");
+    let destination = find("mesh-agent", "inbound");
+    assert_eq!(source.2, None, "the source agent's span is the root");
+    assert_eq!(
+        waypoint.1, waypoint_span,
+        "the backend saw the waypoint's span"
+    );
+    assert_eq!(
+        waypoint.2.as_ref(),
+        Some(&source.1),
+        "waypoint ← source agent"
+    );
+    assert_eq!(
+        destination.2.as_ref(),
+        Some(&waypoint.1),
+        "destination agent ← waypoint"
+    );
+    assert!(source.3.contains("web.mesh.svc"), "{source:?}");
+    let nodes = process_tags(&trace, "k8s.node.name");
+    assert!(
+        nodes.iter().any(|n| n == "n0") && nodes.iter().any(|n| n == "n1"),
+        "both agents: {nodes:?}"
+    );
+
+    // The application's trace holds the waypoint's span, the child of the application's.
+    let app = jaeger
+        .wait_trace(app_trace, 1, Duration::from_secs(30))
+        .expect("the application's trace in Jaeger");
+    let app_spans = spans_of(&app);
+    assert!(
+        app_spans
+            .iter()
+            .any(|(s, id, parent, _)| s == "mesh-waypoint"
+                && *id == second_parent
+                && parent.as_deref() == Some(app_span)),
+        "{app_spans:#?}"
+    );
+    // The source agent's access log names its trace too.
+    let agent_logs = bed.mesh.agents[0].logs();
+    assert!(
+        agent_logs
+            .iter()
+            .any(|l| l.contains("\"log\":\"access\"") && l.contains(&trace_id)),
+        "source agent access log names trace {trace_id}"
+    );
 }

@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::toolchain::{self, EbpfToolchain};
 
 /// Helm, built with Go, for the chart's tests.
-mod helm;
+mod go_tool;
 /// The tests' Kubernetes control plane (`mesh-kcp`, built with Go) and its CRD modules.
 mod kcp;
 
@@ -76,7 +76,13 @@ const STEPS: &[(&str, bool, Check, Install)] = &[
     ("bpffs", true, check_bpffs, install_bpffs),
     ("cgroup2", true, check_cgroup2, install_cgroup2),
     ("kubernetes control plane", false, kcp::check, kcp::install),
-    ("helm", false, helm::check, helm::install),
+    ("helm", false, go_tool::check_helm, go_tool::install_helm),
+    (
+        "jaeger",
+        false,
+        go_tool::check_jaeger,
+        go_tool::install_jaeger,
+    ),
 ];
 
 /// Runs every step in order, printing one `[setup]` line per step and a final summary.

@@ -17,6 +17,7 @@ use std::{
 use mesh_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use mesh_hbone::{Connect, InboundRequest, Pool, Responder};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
+use mesh_trace::{TraceContext, TRACEPARENT};
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
@@ -148,9 +149,14 @@ pub(super) async fn outbound(
         dst_addr: SocketAddr::new(info.upstream.ip(), HBONE_PORT),
     };
     info.security = Security::MutualTls { peer: dst };
+    // The connection's span starts a trace; the waypoint or the destination's agent continues
+    // it from the CONNECT's `traceparent`.
+    let trace = TraceContext::root(ctx.telemetry.tracer.sampler());
+    info.set_trace(trace, None, &ctx.telemetry.tracer);
     let mut request = mesh_hbone::OutboundRequest::new(authority)
         .with_forwarded_for(info.src)
-        .with_baggage(baggage(pod, info.service.as_deref()));
+        .with_baggage(baggage(pod, info.service.as_deref()))
+        .with_header(TRACEPARENT, trace.header_value());
     if let Some(service) = info.service.as_deref() {
         request = request.with_forwarded_host(service.hostname.clone());
     }
@@ -275,6 +281,10 @@ async fn tunnel(
     src: Identity,
 ) -> Option<Relay<TunnelIn>> {
     let started = Instant::now();
+    // The tunnel's span: the child of the CONNECT's context (the source agent's connection, or
+    // the waypoint's request), else a new trace.
+    let parent = TraceContext::from_headers(&request.headers);
+    let trace = TraceContext::child_or_root(parent.as_ref(), ctx.telemetry.tracer.sampler());
     // What the tunnel needs of its request; the headers are dropped here.
     let InboundRequest {
         authority: target,
@@ -295,6 +305,7 @@ async fn tunnel(
         .unwrap_or(peer);
     let mut info = ConnInfo::new(Direction::Inbound, &pod, client, target, target);
     info.security = Security::MutualTls { peer: src.clone() };
+    info.set_trace(trace, parent.map(|p| p.span_id), &ctx.telemetry.tracer);
     info.src_workload = ctx.resolver.workload(client.ip());
     info.dst_workload = ctx.resolver.workload(target.ip());
     info.service = forwarded_host

@@ -204,7 +204,7 @@ mod tests {
             verdict: Verdict::Deny,
             reason: DecisionReason::DenyMatched,
             policy: Some(Arc::from("ns/deny")),
-            audited: Vec::new(),
+            audited: Box::default(),
         }
     }
 

@@ -122,6 +122,9 @@ pub struct AccessRecord {
     pub response_flags: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The trace of a connection carried over HBONE (W3C trace id, 32 hex digits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// The access log writer.
@@ -300,6 +303,7 @@ mod tests {
             }),
             response_flags: "DENY",
             error: None,
+            trace_id: None,
         };
         log.write(&record);
         log.write(&record);

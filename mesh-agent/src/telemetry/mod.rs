@@ -19,6 +19,7 @@ use std::{
 };
 
 use mesh_identity::Identity;
+use mesh_trace::{FinishedSpan, KeyValue, SpanKind, TraceContext, Tracer};
 use tracing::{debug, warn};
 
 use crate::local_pod::LocalPod;
@@ -109,9 +110,30 @@ pub struct ConnInfo {
     pub dst_workload: Option<Arc<Workload>>,
     /// The authorization decision, when this agent is the destination's.
     pub authz: Option<AuthzDecision>,
+    /// The connection's span, for a connection carried over HBONE whose trace is sampled and
+    /// exported ([`ConnInfo::set_trace`]). Boxed: the record of an untraced connection stays
+    /// within its allocation class (`proxy::relay`'s size test).
+    pub trace: Option<Box<ConnTrace>>,
+}
+
+/// A connection's span: a new trace at the source's agent (its context sent in the CONNECT),
+/// the child of the CONNECT's context at the destination's.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnTrace {
+    pub context: TraceContext,
+    /// The parent span's id, when the span has one.
+    pub parent: Option<u64>,
 }
 
 impl ConnInfo {
+    /// Keeps the connection's span when `tracer` will export it (a sampled trace, spans
+    /// exported); otherwise the context was only propagated.
+    pub fn set_trace(&mut self, context: TraceContext, parent: Option<u64>, tracer: &Tracer) {
+        if context.sampled && tracer.exporting() {
+            self.trace = Some(Box::new(ConnTrace { context, parent }));
+        }
+    }
+
     /// A connection described by its direction, pod and addresses; everything else unknown.
     pub fn new(
         direction: Direction,
@@ -131,6 +153,7 @@ impl ConnInfo {
             src_workload: None,
             dst_workload: None,
             authz: None,
+            trace: None,
         }
     }
 
@@ -201,18 +224,20 @@ pub enum Refusal {
     PeerDenied(String),
 }
 
-/// The agent's metrics and access log.
+/// The agent's metrics, access log and spans.
 #[derive(Debug)]
 pub struct Telemetry {
     pub metrics: Metrics,
     pub access_log: AccessLog,
+    pub tracer: Tracer,
 }
 
 impl Telemetry {
-    pub fn new(access_log: AccessLog) -> Self {
+    pub fn new(access_log: AccessLog, tracer: Tracer) -> Self {
         Self {
             metrics: Metrics::default(),
             access_log,
+            tracer,
         }
     }
 
@@ -280,8 +305,64 @@ impl Telemetry {
         for &reporter in info.reporters() {
             self.metrics.refused(info.labels(reporter, flags));
         }
+        let why = error.clone().unwrap_or_else(|| flags.as_str().to_owned());
+        self.span(info, started, [0, 0], Some(why));
         self.access_log
             .write(&Self::record(info, started, [0, 0], authz, flags, error));
+    }
+
+    /// Exports the connection's span when it has one and its trace is sampled.
+    fn span(&self, info: &ConnInfo, started: Instant, totals: [u64; 2], error: Option<String>) {
+        let Some(ConnTrace { context, parent }) = info.trace.as_deref().copied() else {
+            return;
+        };
+        let (src_id, dst_id) = info.identities();
+        let end = SystemTime::now();
+        #[allow(clippy::cast_possible_wrap, reason = "byte counts far below 2^63")]
+        let mut attributes = vec![
+            KeyValue::new("mesh.direction", info.direction.as_str()),
+            KeyValue::new("client.address", info.src.to_string()),
+            KeyValue::new("server.address", info.dst.to_string()),
+            KeyValue::new("upstream.address", info.upstream.to_string()),
+            KeyValue::new("istio.connection_security_policy", info.security.policy()),
+            KeyValue::new("mesh.bytes_to_destination", totals[0] as i64),
+            KeyValue::new("mesh.bytes_to_source", totals[1] as i64),
+        ];
+        if let Some(id) = src_id {
+            attributes.push(KeyValue::new(
+                "istio.source_principal",
+                id.as_str().to_owned(),
+            ));
+        }
+        if let Some(id) = dst_id {
+            attributes.push(KeyValue::new(
+                "istio.destination_principal",
+                id.as_str().to_owned(),
+            ));
+        }
+        if let Some(service) = info.service.as_deref() {
+            attributes.push(KeyValue::new(
+                "istio.destination_service",
+                service.hostname.clone(),
+            ));
+        }
+        let target = info
+            .service
+            .as_deref()
+            .map_or_else(|| info.dst.to_string(), |s| s.hostname.clone());
+        self.tracer.record(FinishedSpan {
+            name: format!("{} {target}", info.direction.as_str()),
+            kind: match info.direction {
+                Direction::Outbound => SpanKind::Client,
+                Direction::Inbound => SpanKind::Server,
+            },
+            context,
+            parent,
+            start: end.checked_sub(started.elapsed()).unwrap_or(end),
+            end,
+            attributes,
+            error,
+        });
     }
 
     /// Records a relayed connection that ended: its close, the access log line and the
@@ -309,6 +390,10 @@ impl Telemetry {
         };
         let error = result.as_ref().err().map(ToString::to_string);
         log_close(info, started, totals, error.as_deref(), revoked);
+        let span_error = error
+            .clone()
+            .or_else(|| revoked.map(|_| "closed by a policy change".to_owned()));
+        self.span(info, started, totals, span_error);
         self.access_log.write(&Self::record(
             info,
             started,
@@ -357,6 +442,7 @@ impl Telemetry {
             authz,
             response_flags: flags.as_str(),
             error,
+            trace_id: info.trace.as_ref().map(|t| t.context.trace_id_hex()),
         }
     }
 }

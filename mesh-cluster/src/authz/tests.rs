@@ -125,7 +125,7 @@ fn decision(verdict: Verdict, reason: DecisionReason, policy: Option<&str>) -> A
         verdict,
         reason,
         policy: policy.map(Arc::from),
-        audited: Vec::new(),
+        audited: Box::default(),
     }
 }
 
