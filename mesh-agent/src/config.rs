@@ -415,7 +415,7 @@ impl fmt::Display for AgentConfig {
              trust_domain={} root_namespace={} cluster_domain={} on_exit={} worker_threads={} ca_dir={} ca_address={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s \
              stream_idle_timeout={} access_log={} \
-             admin={} metrics={} readiness={} {}",
+             admin={} metrics={} readiness={} tracing={}",
             self.node_name,
             self.source,
             self.bpffs_dir.display(),

@@ -15,6 +15,7 @@ pub mod ca_resolver;
 pub mod capture_events;
 pub mod cni_installer;
 pub mod config;
+pub mod controller_command;
 pub mod datapath;
 pub mod departure;
 pub mod handles;

@@ -130,6 +130,9 @@ enum Command {
     /// token reviews, node authorization, the root kept in a Secret, the trust bundle published
     /// in a config map.
     Ca(mesh_agent::ca_command::CaArgs),
+    /// Run the waypoint controller: every `Gateway` of class `istio-waypoint` gets the
+    /// `ServiceAccount`, `Deployment` and `Service` that run it.
+    WaypointController(mesh_agent::controller_command::ControllerArgs),
     /// Serve an L7 waypoint (HTTP routing by Gateway API `HTTPRoutes`) in a waypoint's pod,
     /// under the waypoint's identity.
     Waypoint(mesh_agent::waypoint_command::WaypointArgs),
@@ -288,6 +291,7 @@ fn run_other(command: Command) -> anyhow::Result<()> {
         Command::Run { .. } => unreachable!("`run` is handled by main"),
         Command::InstallCni(args) => install_cni(args),
         Command::Ca(args) => mesh_agent::ca_command::run(args),
+        Command::WaypointController(args) => mesh_agent::controller_command::run(args),
         Command::Waypoint(args) => mesh_agent::waypoint_command::run(args),
         Command::Stats {
             bpffs_dir,

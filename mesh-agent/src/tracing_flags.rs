@@ -62,12 +62,8 @@ impl TracingSettings {
 impl std::fmt::Display for TracingSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.endpoint {
-            Some(endpoint) => write!(
-                f,
-                "tracing={endpoint} sampling={}%",
-                self.sampler.as_percent()
-            ),
-            None => f.write_str("tracing=off"),
+            Some(endpoint) => write!(f, "{endpoint} sampling={}%", self.sampler.as_percent()),
+            None => f.write_str("off"),
         }
     }
 }

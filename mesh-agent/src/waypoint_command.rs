@@ -1,6 +1,7 @@
 //! `mesh-agent waypoint`: the L7 waypoint ([`mesh_waypoint`]) in a waypoint's pod, under the
-//! waypoint's own identity, reading the cluster from a directory of YAML files (the netns
-//! testbed's source; the Kubernetes source comes with the waypoint controller).
+//! waypoint's own identity, reading the cluster from the Kubernetes API (in-cluster, or
+//! `--kubeconfig`; its `ServiceAccount` bound to the chart's `mesh-waypoint` role) or from a
+//! directory of YAML files (`--config-dir`, the netns testbed's source).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -25,9 +26,12 @@ pub struct WaypointArgs {
     #[arg(long, env = "WAYPOINT_NAME")]
     name: String,
     /// Directory of Kubernetes-style YAML (Services, Pods, Gateways, `HTTPRoutes`), watched for
-    /// changes.
-    #[arg(long, env = "MESH_CONFIG_DIR")]
-    config_dir: PathBuf,
+    /// changes, instead of the Kubernetes API.
+    #[arg(long, env = "MESH_CONFIG_DIR", conflicts_with = "kubeconfig")]
+    config_dir: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API [default: in-cluster].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// Largest config file read, in bytes.
     #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_FILE_BYTES)]
     config_max_file_bytes: u64,
@@ -84,8 +88,8 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         stream_idle_timeout: None,
     };
     let config = mesh_waypoint::WaypointConfig {
-        namespace: args.namespace,
-        name: args.name,
+        namespace: args.namespace.clone(),
+        name: args.name.clone(),
         identity: identity.clone(),
         listen: args.listen,
         metrics: args.metrics_addr,
@@ -104,7 +108,11 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
     info!(
         waypoint = %format_args!("{}/{}", config.namespace, config.name),
         %identity,
-        config_dir = %args.config_dir.display(),
+        source = %match (&args.config_dir, &args.kubeconfig) {
+            (Some(dir), _) => format!("files {}", dir.display()),
+            (None, Some(path)) => format!("kubernetes {}", path.display()),
+            (None, None) => "kubernetes in-cluster".to_owned(),
+        },
         listen = %config.listen,
         metrics = %config.metrics,
         readiness = %config.readiness,
@@ -121,9 +129,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the Tokio runtime")?
         .block_on(async move {
-            let (state, _source) =
-                mesh_cluster::ConfigDir::with_limits(&args.config_dir, options, limits)?
-                    .into_watcher(POLL)?;
+            let (state, _source) = cluster_source(&args, options, limits).await?;
             let certs = crate::agent::certificate_manager_for(
                 &transport,
                 &args.trust_domain,
@@ -150,4 +156,40 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
             info!("waypoint stopped");
             anyhow::Ok(())
         })
+}
+
+/// What keeps the cluster view current; held only to be dropped when the waypoint stops.
+enum SourceTasks {
+    /// The directory's poll task (it ends once the view has no receiver).
+    Files(#[allow(dead_code)] tokio::task::JoinHandle<()>),
+    /// The watches (aborted on drop).
+    Kubernetes(#[allow(dead_code)] mesh_cluster::KubeWatcher),
+}
+
+/// The cluster view: watched files, or the Kubernetes API with the routes a waypoint reads.
+async fn cluster_source(
+    args: &WaypointArgs,
+    options: EnrollmentOptions,
+    limits: FileLimits,
+) -> anyhow::Result<(
+    tokio::sync::watch::Receiver<std::sync::Arc<mesh_cluster::ClusterState>>,
+    SourceTasks,
+)> {
+    if let Some(dir) = &args.config_dir {
+        let (state, task) =
+            mesh_cluster::ConfigDir::with_limits(dir, options, limits)?.into_watcher(POLL)?;
+        return Ok((state, SourceTasks::Files(task)));
+    }
+    let client = mesh_cluster::kube_client(args.kubeconfig.as_deref())
+        .await
+        .context("Kubernetes client")?;
+    let kube = mesh_cluster::KubeOptions {
+        routes: true,
+        ..mesh_cluster::KubeOptions::default()
+    };
+    info!("listing the cluster from the Kubernetes API");
+    let watcher = mesh_cluster::KubeSource::new(client, options, kube)?
+        .start()
+        .await?;
+    Ok((watcher.state.clone(), SourceTasks::Kubernetes(watcher)))
 }

@@ -3,16 +3,18 @@
 //!
 //! One reflector-style watch per kind (kube-rs' `watcher`: a list, then a watch from its
 //! resource version with bookmarks, a fresh list after `410 Gone`, exponential backoff on
-//! errors): Namespaces, Pods, Services, `EndpointSlices`, and Istio's `PeerAuthentication` and
-//! `AuthorizationPolicy` (`security.istio.io/v1`). Every change marks the view dirty; a builder
-//! task rebuilds it at most every [`KubeOptions::debounce`] and publishes a new snapshot when
+//! errors): Namespaces, Pods, Services, `EndpointSlices`, Istio's `PeerAuthentication` and
+//! `AuthorizationPolicy` (`security.istio.io/v1`), the waypoint `Gateways`
+//! (`gateway.networking.k8s.io/v1`), and for a waypoint ([`KubeOptions::routes`]) also
+//! `HTTPRoutes`, `GRPCRoutes`, `VirtualServices` and `DestinationRules`. Every change marks the
+//! view dirty; a builder task rebuilds it at most every [`KubeOptions::debounce`] and publishes a new snapshot when
 //! objects or errors changed.
 //!
 //! - **All pods, trimmed.** Destinations anywhere in the cluster must resolve to their workload
 //!   and identity, so every Pod is watched, not only this node's; each is cut down on arrival
 //!   ([`strip::pod`]) to the fields the model reads (about a tenth of a typical Pod), which
 //!   keeps 10,000 pods in a few megabytes (BENCHMARKS.md).
-//! - **Istio objects** arrive as JSON and go through the same parser as the files
+//! - **Istio and Gateway API objects** arrive as JSON and go through the same parser as the files
 //!   ([`crate::k8s::parse_documents`]), so both sources accept and refuse exactly the same specs
 //!   with the same messages.
 //! - **Last good per object.** An object that does not read or that breaks the state keeps its
@@ -93,6 +95,10 @@ pub struct KubeOptions {
     pub max_wait: Duration,
     /// The longest a failing watch waits between tries (see `backoff.rs`).
     pub max_backoff: Duration,
+    /// Also watch the objects only a waypoint reads (`HTTPRoute`, `GRPCRoute`,
+    /// `VirtualService`, `DestinationRule`). A node agent watches `Gateways` (which Service or
+    /// pod goes through which waypoint) but not these, and its RBAC does not grant them.
+    pub routes: bool,
 }
 
 impl Default for KubeOptions {
@@ -101,6 +107,7 @@ impl Default for KubeOptions {
             debounce: Duration::from_millis(50),
             max_wait: Duration::from_secs(1),
             max_backoff: Duration::from_secs(8),
+            routes: false,
         }
     }
 }
@@ -142,6 +149,8 @@ impl Drop for KubeWatcher {
 struct Shared {
     changes: std::sync::mpsc::Sender<Change>,
     kinds: Mutex<BTreeMap<Kind, KindState>>,
+    /// Every kind watched: synced once each has been listed.
+    expected: Vec<Kind>,
     status: watch::Sender<ApiStatus>,
 }
 
@@ -201,6 +210,7 @@ impl KubeSource {
         let shared = Arc::new(Shared {
             changes,
             kinds: Mutex::new(BTreeMap::new()),
+            expected: watched_kinds(self.kube.routes),
             status: status_tx,
         });
         let client = self.client;
@@ -235,11 +245,13 @@ impl KubeSource {
                 |slice| Ok(Object::EndpointSlice(strip::endpoint_slice(slice))),
             ),
         ];
-        for kind in [Kind::PeerAuthentication, Kind::AuthorizationPolicy] {
-            let resource = istio_resource(kind);
+        for &kind in &shared.expected {
+            let Some(resource) = dynamic_resource(kind) else {
+                continue;
+            };
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
             tasks.push(spawn_kind(api, kind, max_backoff, &shared, move |object| {
-                istio_object(kind, &object)
+                dynamic_object(kind, &object)
             }));
         }
         let mut synced = false;
@@ -384,7 +396,8 @@ impl Shared {
     }
 
     fn publish(&self, kinds: &BTreeMap<Kind, KindState>) {
-        let all = ALL_KINDS
+        let all = self
+            .expected
             .iter()
             .all(|k| kinds.get(k).is_some_and(|s| s.synced));
         let status = ApiStatus {
@@ -416,15 +429,28 @@ impl Shared {
     }
 }
 
-/// Every kind the source watches.
-const ALL_KINDS: [Kind; 6] = [
-    Kind::Namespace,
-    Kind::Pod,
-    Kind::Service,
-    Kind::EndpointSlice,
-    Kind::PeerAuthentication,
-    Kind::AuthorizationPolicy,
-];
+/// The kinds the source watches: the node agent's (`routes: false`), or also the routes a
+/// waypoint reads.
+fn watched_kinds(routes: bool) -> Vec<Kind> {
+    let mut kinds = vec![
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
+        Kind::Gateway,
+    ];
+    if routes {
+        kinds.extend([
+            Kind::HttpRoute,
+            Kind::GrpcRoute,
+            Kind::VirtualService,
+            Kind::DestinationRule,
+        ]);
+    }
+    kinds
+}
 
 fn is_not_found(error: &watcher::Error) -> bool {
     match error {
@@ -434,20 +460,47 @@ fn is_not_found(error: &watcher::Error) -> bool {
     }
 }
 
-/// The `security.istio.io/v1` resource of `kind`.
-fn istio_resource(kind: Kind) -> ApiResource {
-    let (name, plural) = match kind {
-        Kind::PeerAuthentication => ("PeerAuthentication", "peerauthentications"),
-        _ => ("AuthorizationPolicy", "authorizationpolicies"),
+/// The API resource of a custom kind (Istio's, the Gateway API's), at the version the source
+/// reads; `None` for the built-in kinds, watched with their typed APIs.
+fn dynamic_resource(kind: Kind) -> Option<ApiResource> {
+    let (group, version, name, plural) = match kind {
+        Kind::PeerAuthentication => (
+            "security.istio.io",
+            "v1",
+            "PeerAuthentication",
+            "peerauthentications",
+        ),
+        Kind::AuthorizationPolicy => (
+            "security.istio.io",
+            "v1",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        ),
+        Kind::Gateway => ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+        Kind::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+        Kind::GrpcRoute => ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+        Kind::VirtualService => (
+            "networking.istio.io",
+            "v1",
+            "VirtualService",
+            "virtualservices",
+        ),
+        Kind::DestinationRule => (
+            "networking.istio.io",
+            "v1",
+            "DestinationRule",
+            "destinationrules",
+        ),
+        Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => return None,
     };
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("security.istio.io", "v1", name),
+    Some(ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, name),
         plural,
-    )
+    ))
 }
 
-/// An Istio object from the API, read by the same parser as a file's.
-fn istio_object(kind: Kind, object: &DynamicObject) -> Converted {
+/// A custom object from the API, read by the same parser as a file's.
+fn dynamic_object(kind: Kind, object: &DynamicObject) -> Converted {
     let name = format!(
         "{kind} {}/{}",
         object.metadata.namespace.as_deref().unwrap_or_default(),

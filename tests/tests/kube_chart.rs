@@ -122,9 +122,13 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
         [
             "ClusterRole",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "DaemonSet",
+            "Deployment",
             "Deployment",
             "PodDisruptionBudget",
             "Role",
@@ -132,6 +136,7 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
             "RoleBinding",
             "RoleBinding",
             "Service",
+            "ServiceAccount",
             "ServiceAccount",
             "ServiceAccount"
         ]
@@ -509,4 +514,70 @@ fn misspelt_or_mistyped_values_are_refused_by_name() {
             .expect_err(&format!("{value} must be refused"));
         assert!(refused.contains(expected), "{value}: {refused}");
     }
+}
+
+#[test]
+fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
+    let objects = render(&[]);
+    let deployment = named(&objects, "Deployment", "mesh-waypoint-controller");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "mesh-waypoint-controller");
+    let controller = container(deployment, "controller");
+    assert_eq!(
+        controller["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"]})
+    );
+    let controller_args = args(controller);
+    for expected in [
+        "waypoint-controller",
+        "--waypoint-image=mesh-agent:0.1.0",
+        "--ca-address=https://mesh-ca.mesh-system.svc:15012",
+        "--ca-root-configmap=mesh-system/mesh-ca-root-cert",
+        "--waypoint-cluster-role=mesh-waypoint",
+    ] {
+        assert!(
+            controller_args.contains(&expected),
+            "{expected} in {controller_args:?}"
+        );
+    }
+    assert!(
+        !controller_args
+            .iter()
+            .any(|a| a.starts_with("--waypoint-tracing")),
+        "no tracing unless asked"
+    );
+    // It may bind the waypoint role and no other.
+    let role = named(&objects, "ClusterRole", "mesh-waypoint-controller");
+    let bind: Vec<&Value> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| {
+            r["verbs"]
+                .as_array()
+                .is_some_and(|v| v.contains(&json!("bind")))
+        })
+        .collect();
+    assert_eq!(bind.len(), 1, "{bind:?}");
+    assert_eq!(bind[0]["resourceNames"], json!(["mesh-waypoint"]));
+    // The waypoint role reads only.
+    let waypoint = named(&objects, "ClusterRole", "mesh-waypoint");
+    for rule in waypoint["rules"].as_array().expect("rules") {
+        assert_eq!(rule["verbs"], json!(["list", "watch"]), "{rule}");
+    }
+    // Tracing handed to every waypoint; the controller off.
+    let traced = render(&[
+        "--set",
+        "waypointController.tracing.endpoint=http://jaeger.obs:4317",
+        "--set",
+        "waypointController.tracing.sampling=10",
+    ]);
+    let deployment = named(&traced, "Deployment", "mesh-waypoint-controller");
+    let traced_args = args(container(deployment, "controller"));
+    assert!(traced_args.contains(&"--waypoint-tracing-endpoint=http://jaeger.obs:4317"));
+    assert!(traced_args.contains(&"--waypoint-tracing-sampling=10"));
+    let off = render(&["--set", "waypointController.enabled=false"]);
+    assert!(!off
+        .iter()
+        .any(|o| o["metadata"]["name"] == "mesh-waypoint-controller"));
 }

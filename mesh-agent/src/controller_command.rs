@@ -1,0 +1,107 @@
+//! `mesh-agent waypoint-controller`: the waypoint controller ([`mesh_controller`]) as the
+//! chart's `Deployment` runs it.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+/// The flags of `mesh-agent waypoint-controller`.
+#[derive(Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Kubeconfig for the Kubernetes API [default: in-cluster].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The image the waypoints run (the mesh's, holding `mesh-agent`).
+    #[arg(long)]
+    waypoint_image: String,
+    /// The waypoints' `imagePullPolicy`.
+    #[arg(long, default_value = "IfNotPresent")]
+    waypoint_image_pull_policy: String,
+    /// `RUST_LOG` of the waypoints.
+    #[arg(long, default_value = "info")]
+    waypoint_log_level: String,
+    /// The mesh's CA, `https://<host>:<port>`, where waypoints get their certificates.
+    #[arg(long)]
+    ca_address: String,
+    /// The `ConfigMap` holding the CA's root (`root-cert.pem`), `<namespace>/<name>`; copied
+    /// into each waypoint's namespace.
+    #[arg(long)]
+    ca_root_configmap: String,
+    /// The audience of the waypoints' tokens for the CA.
+    #[arg(long, default_value = "istio-ca")]
+    ca_audience: String,
+    /// The `ClusterRole` that lets a waypoint read its cluster view (the chart's).
+    #[arg(long)]
+    waypoint_cluster_role: String,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = mesh_cluster::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = mesh_cluster::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// Where the waypoints export their spans (`--tracing-endpoint` of each).
+    #[arg(long)]
+    waypoint_tracing_endpoint: Option<String>,
+    /// The waypoints' sampling percentage (`--tracing-sampling` of each).
+    #[arg(long, default_value_t = 1.0)]
+    waypoint_tracing_sampling: f64,
+}
+
+/// Validates the flags, then runs until SIGTERM or SIGINT.
+pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    let (root_ns, root_name) = args
+        .ca_root_configmap
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .context("invalid configuration: --ca-root-configmap must be <namespace>/<name>")?;
+    mesh_trace::Sampler::percent(args.waypoint_tracing_sampling)
+        .context("invalid configuration: --waypoint-tracing-sampling")?;
+    let mut extra_args = Vec::new();
+    if let Some(endpoint) = &args.waypoint_tracing_endpoint {
+        extra_args.push(format!("--tracing-endpoint={endpoint}"));
+        extra_args.push(format!(
+            "--tracing-sampling={}",
+            args.waypoint_tracing_sampling
+        ));
+    }
+    let template = mesh_controller::WaypointTemplate {
+        image: args.waypoint_image,
+        pull_policy: args.waypoint_image_pull_policy,
+        ca_address: args.ca_address,
+        ca_root: (root_ns.to_owned(), root_name.to_owned()),
+        ca_audience: args.ca_audience,
+        cluster_role: args.waypoint_cluster_role,
+        trust_domain: args.trust_domain,
+        cluster_domain: args.cluster_domain,
+        log_level: args.waypoint_log_level,
+        extra_args,
+    };
+    info!(?template, "waypoint controller configuration");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?
+        .block_on(async move {
+            let client = mesh_cluster::kube_client(args.kubeconfig.as_deref())
+                .await
+                .context("Kubernetes client")?;
+            let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+            let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+                let _ = stop_tx.send(());
+            });
+            mesh_controller::run(client, template, async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+            anyhow::Ok(())
+        })
+}

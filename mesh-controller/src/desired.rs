@@ -1,0 +1,386 @@
+//! What a waypoint `Gateway` becomes: the objects the controller applies for it, as pure
+//! functions of the `Gateway` and the controller's configuration (unit-tested here; applied by
+//! `reconcile.rs`).
+//!
+//! - `ServiceAccount` `<gateway>`: the waypoint's own identity
+//!   (`spiffe://<td>/ns/<ns>/sa/<gateway>`); the model takes only pods under it as the
+//!   waypoint's.
+//! - `Deployment` `<gateway>`: pods labelled `gateway.networking.k8s.io/gateway-name=<gateway>`
+//!   and `istio.io/dataplane-mode=none` (they speak HBONE themselves), running
+//!   `mesh-agent waypoint` with their certificate from the mesh's CA (a projected token of the
+//!   CA's audience, the CA's root from a `ConfigMap`), ready when `/healthz/ready` (15021) is.
+//! - `Service` `<gateway>`: 15008 (HBONE) and 15021, the Gateway's address.
+//! - The CA's root `ConfigMap`, copied into the Gateway's namespace (a pod mounts only its own
+//!   namespace's).
+//! - `ClusterRoleBinding` `mesh-waypoint.<namespace>.<gateway>`: the waypoint's account to the
+//!   chart's read-only waypoint role (the cluster view with its routes).
+//!
+//! The namespaced objects are owned by the `Gateway` (deleted with it by the garbage
+//! collector); the binding is cluster-scoped, so the controller deletes it itself.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Service, ServiceAccount},
+        rbac::v1::ClusterRoleBinding,
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use mesh_cluster::waypoint::{GATEWAY_NAME_LABEL, WAYPOINT_CLASS};
+use serde_json::{json, Value};
+
+/// The label on everything the controller makes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "mesh-waypoint-controller");
+/// The labels of a binding naming the `Gateway` it is for.
+pub const GATEWAY_NAMESPACE_LABEL: &str = "mesh.local/waypoint-namespace";
+/// See [`GATEWAY_NAMESPACE_LABEL`].
+pub const GATEWAY_LABEL: &str = "mesh.local/waypoint-name";
+/// Istio's enrolment label: `none` keeps the waypoint's pods out of the node agent's capture.
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// Where the waypoint container finds the CA's root and its token.
+const CA_ROOT_DIR: &str = "/var/run/secrets/mesh-ca";
+const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+
+/// How the controller makes waypoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointTemplate {
+    /// The image holding `mesh-agent` (the mesh's own).
+    pub image: String,
+    /// `IfNotPresent`, `Always`, `Never`.
+    pub pull_policy: String,
+    /// The mesh's CA (`https://<host>:<port>`).
+    pub ca_address: String,
+    /// The `ConfigMap` (`namespace`, `name`) holding the CA's root (`root-cert.pem`).
+    pub ca_root: (String, String),
+    /// The audience of the token sent to the CA.
+    pub ca_audience: String,
+    /// The `ClusterRole` that lets a waypoint read its cluster view.
+    pub cluster_role: String,
+    /// SPIFFE trust domain and cluster DNS domain.
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    /// `RUST_LOG` of the waypoints.
+    pub log_level: String,
+    /// Extra arguments of every waypoint (`--tracing-endpoint=…`).
+    pub extra_args: Vec<String>,
+}
+
+/// Why a `Gateway` is not turned into a waypoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAWaypoint {
+    /// Another class: another controller's.
+    #[error("class {0:?} is not {WAYPOINT_CLASS}")]
+    OtherClass(String),
+    /// Without namespace, name or uid (not an object read from the API).
+    #[error("the Gateway has no {0}")]
+    Incomplete(&'static str),
+}
+
+/// A waypoint `Gateway` as the controller needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaypointGateway {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl WaypointGateway {
+    /// Reads `gateway` (a `gateway.networking.k8s.io` `Gateway` as JSON); refuses other classes.
+    pub fn of(gateway: &Value) -> Result<Self, NotAWaypoint> {
+        let class = gateway["spec"]["gatewayClassName"]
+            .as_str()
+            .unwrap_or_default();
+        if class != WAYPOINT_CLASS {
+            return Err(NotAWaypoint::OtherClass(class.to_owned()));
+        }
+        let field = |name: &'static str| {
+            gateway["metadata"][name]
+                .as_str()
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .ok_or(NotAWaypoint::Incomplete(name))
+        };
+        Ok(Self {
+            namespace: field("namespace")?,
+            name: field("name")?,
+            uid: field("uid")?,
+        })
+    }
+
+    /// The owner reference its namespaced objects carry.
+    fn owner(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: "Gateway".into(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        }
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (GATEWAY_NAME_LABEL.to_owned(), self.name.clone()),
+            (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
+        ])
+    }
+
+    fn metadata(&self) -> Value {
+        json!({
+            "name": self.name,
+            "namespace": self.namespace,
+            "labels": self.labels(),
+            "ownerReferences": [self.owner()],
+        })
+    }
+
+    /// The name of its `ClusterRoleBinding`.
+    pub fn binding_name(&self) -> String {
+        format!("mesh-waypoint.{}.{}", self.namespace, self.name)
+    }
+
+    /// Its `ServiceAccount`.
+    pub fn service_account(&self) -> ServiceAccount {
+        from_json(json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": self.metadata(),
+        }))
+    }
+
+    /// Its `Service`: HBONE and the readiness port, on its pods.
+    pub fn service(&self) -> Service {
+        from_json(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": self.metadata(),
+            "spec": {
+                "selector": {GATEWAY_NAME_LABEL: self.name},
+                "ports": [
+                    {"name": "mesh", "port": 15008, "targetPort": 15008, "protocol": "TCP"},
+                    {"name": "status-port", "port": 15021, "targetPort": 15021,
+                     "protocol": "TCP"},
+                ],
+            },
+        }))
+    }
+
+    /// Its binding to the waypoints' read-only `ClusterRole`.
+    pub fn cluster_role_binding(&self, template: &WaypointTemplate) -> ClusterRoleBinding {
+        let mut labels = BTreeMap::from([
+            (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
+            (GATEWAY_NAMESPACE_LABEL.to_owned(), self.namespace.clone()),
+        ]);
+        labels.insert(GATEWAY_LABEL.to_owned(), self.name.clone());
+        from_json(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": self.binding_name(), "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": template.cluster_role},
+            "subjects": [{"kind": "ServiceAccount", "name": self.name,
+                          "namespace": self.namespace}],
+        }))
+    }
+
+    /// Its `Deployment`.
+    pub fn deployment(&self, template: &WaypointTemplate) -> Deployment {
+        let mut args = vec![
+            "waypoint".to_owned(),
+            format!("--namespace={}", self.namespace),
+            format!("--name={}", self.name),
+            format!("--trust-domain={}", template.trust_domain),
+            format!("--cluster-domain={}", template.cluster_domain),
+            format!("--ca-address={}", template.ca_address),
+            format!("--ca-root-cert={CA_ROOT_DIR}/root-cert.pem"),
+            format!("--ca-token-file={TOKEN_DIR}/istio-token"),
+        ];
+        args.extend(template.extra_args.iter().cloned());
+        let mut pod_labels = BTreeMap::from([
+            (GATEWAY_NAME_LABEL.to_owned(), self.name.clone()),
+            (DATAPLANE_MODE.to_owned(), "none".to_owned()),
+        ]);
+        pod_labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
+        from_json(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": self.metadata(),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {GATEWAY_NAME_LABEL: self.name}},
+                "template": {
+                    "metadata": {"labels": pod_labels},
+                    "spec": {
+                        "serviceAccountName": self.name,
+                        // The drain (5 s by default) fits well inside.
+                        "terminationGracePeriodSeconds": 30,
+                        "containers": [{
+                            "name": "waypoint",
+                            "image": template.image,
+                            "imagePullPolicy": template.pull_policy,
+                            "command": ["mesh-agent"],
+                            "args": args,
+                            "env": [{"name": "RUST_LOG", "value": template.log_level}],
+                            "ports": [
+                                {"name": "mesh", "containerPort": 15008},
+                                {"name": "metrics", "containerPort": 15020},
+                                {"name": "status-port", "containerPort": 15021},
+                            ],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/healthz/ready", "port": 15021},
+                                "periodSeconds": 2,
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "runAsNonRoot": true,
+                                "runAsUser": 1337,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "istio-token", "mountPath": TOKEN_DIR,
+                                 "readOnly": true},
+                                {"name": "ca-root", "mountPath": CA_ROOT_DIR, "readOnly": true},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "istio-token", "projected": {"sources": [
+                                {"serviceAccountToken": {"audience": template.ca_audience,
+                                 "expirationSeconds": 43200, "path": "istio-token"}},
+                            ]}},
+                            {"name": "ca-root", "configMap": {"name": template.ca_root.1}},
+                        ],
+                    },
+                },
+            },
+        }))
+    }
+}
+
+/// The CA's root `ConfigMap` copied into `namespace` (only its `root-cert.pem`).
+pub fn ca_root_copy(
+    template: &WaypointTemplate,
+    namespace: &str,
+    root_pem: &str,
+) -> k8s_openapi::api::core::v1::ConfigMap {
+    from_json(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": template.ca_root.1, "namespace": namespace,
+                     "labels": {MANAGED_BY.0: MANAGED_BY.1}},
+        "data": {"root-cert.pem": root_pem},
+    }))
+}
+
+/// Builds a typed object from JSON written in this module (its shape is fixed here; a failure
+/// is a bug, caught by the unit tests).
+fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
+    serde_json::from_value(value).expect("the object written here has the type's shape")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template() -> WaypointTemplate {
+        WaypointTemplate {
+            image: "mesh-agent:0.1.0".into(),
+            pull_policy: "IfNotPresent".into(),
+            ca_address: "https://mesh-ca.mesh-system.svc:15012".into(),
+            ca_root: ("mesh-system".into(), "mesh-ca-root-cert".into()),
+            ca_audience: "istio-ca".into(),
+            cluster_role: "mesh-waypoint".into(),
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+            log_level: "info".into(),
+            extra_args: vec!["--tracing-endpoint=http://jaeger:4317".into()],
+        }
+    }
+
+    fn gateway(class: &str) -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "reviews-wp", "namespace": "shop", "uid": "u-1"},
+            "spec": {"gatewayClassName": class,
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+        })
+    }
+
+    #[test]
+    fn only_waypoint_gateways() {
+        assert_eq!(
+            WaypointGateway::of(&gateway("istio")),
+            Err(NotAWaypoint::OtherClass("istio".into()))
+        );
+        let mut no_uid = gateway(WAYPOINT_CLASS);
+        no_uid["metadata"].as_object_mut().unwrap().remove("uid");
+        assert_eq!(
+            WaypointGateway::of(&no_uid),
+            Err(NotAWaypoint::Incomplete("uid"))
+        );
+        let wp = WaypointGateway::of(&gateway(WAYPOINT_CLASS)).unwrap();
+        assert_eq!(
+            (wp.namespace.as_str(), wp.name.as_str()),
+            ("shop", "reviews-wp")
+        );
+    }
+
+    #[test]
+    fn the_deployment_runs_the_waypoint_under_its_own_account_outside_the_capture() {
+        let wp = WaypointGateway::of(&gateway(WAYPOINT_CLASS)).unwrap();
+        let deployment = serde_json::to_value(wp.deployment(&template())).unwrap();
+        let pod = &deployment["spec"]["template"];
+        assert_eq!(pod["spec"]["serviceAccountName"], "reviews-wp");
+        assert_eq!(pod["metadata"]["labels"][GATEWAY_NAME_LABEL], "reviews-wp");
+        assert_eq!(pod["metadata"]["labels"][DATAPLANE_MODE], "none");
+        assert_eq!(
+            deployment["spec"]["selector"]["matchLabels"][GATEWAY_NAME_LABEL],
+            "reviews-wp"
+        );
+        let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        for expected in [
+            "waypoint",
+            "--namespace=shop",
+            "--name=reviews-wp",
+            "--ca-address=https://mesh-ca.mesh-system.svc:15012",
+            "--tracing-endpoint=http://jaeger:4317",
+        ] {
+            assert!(args.contains(&expected), "{expected} in {args:?}");
+        }
+        assert_eq!(
+            pod["spec"]["volumes"][1]["configMap"]["name"],
+            "mesh-ca-root-cert"
+        );
+        assert_eq!(
+            pod["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "istio-ca"
+        );
+        let owner = &deployment["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (owner["kind"].as_str(), owner["uid"].as_str()),
+            (Some("Gateway"), Some("u-1"))
+        );
+    }
+
+    #[test]
+    fn account_service_and_binding() {
+        let wp = WaypointGateway::of(&gateway(WAYPOINT_CLASS)).unwrap();
+        let sa = serde_json::to_value(wp.service_account()).unwrap();
+        assert_eq!(sa["metadata"]["name"], "reviews-wp");
+        assert_eq!(sa["kind"], "ServiceAccount");
+        let svc = serde_json::to_value(wp.service()).unwrap();
+        assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
+        assert_eq!(svc["spec"]["selector"][GATEWAY_NAME_LABEL], "reviews-wp");
+        let crb = serde_json::to_value(wp.cluster_role_binding(&template())).unwrap();
+        assert_eq!(crb["metadata"]["name"], "mesh-waypoint.shop.reviews-wp");
+        assert_eq!(crb["roleRef"]["name"], "mesh-waypoint");
+        assert_eq!(crb["subjects"][0]["namespace"], "shop");
+        assert_eq!(crb["metadata"]["labels"][GATEWAY_LABEL], "reviews-wp");
+        let cm = serde_json::to_value(ca_root_copy(&template(), "shop", "PEM")).unwrap();
+        assert_eq!(cm["metadata"]["namespace"], "shop");
+        assert_eq!(cm["data"]["root-cert.pem"], "PEM");
+    }
+}

@@ -1,0 +1,273 @@
+//! The control loop: kube-rs' `Controller` over waypoint `Gateways` and the `Deployments` they
+//! own. Each reconcile applies the desired objects (`desired.rs`) with server-side apply (field
+//! manager [`FIELD_MANAGER`]: a user's changes to other fields stay), then writes the
+//! `Gateway`'s status: its address (the `Service`'s) and `Accepted`/`Programmed` (its pods
+//! ready). Failures are retried with backoff; nothing else stops the loop. A sweep removes the
+//! bindings of `Gateways` that are gone.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service, ServiceAccount},
+        rbac::v1::ClusterRoleBinding,
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    },
+    runtime::{controller::Action, watcher, Controller},
+    Api, Client, Resource,
+};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::{
+    desired::{ca_root_copy, NotAWaypoint, WaypointGateway, WaypointTemplate, MANAGED_BY},
+    ControllerError,
+};
+
+/// The field manager of every apply.
+pub const FIELD_MANAGER: &str = "mesh-waypoint-controller";
+/// How often bindings of deleted `Gateways` are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How soon a waypoint whose pods are not ready yet is looked at again.
+const NOT_READY_RECHECK: Duration = Duration::from_secs(5);
+
+/// `gateway.networking.k8s.io/v1` `Gateway`.
+pub fn gateway_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+        "gateways",
+    )
+}
+
+struct Ctx {
+    client: Client,
+    template: WaypointTemplate,
+}
+
+/// Runs the controller until `shutdown` completes.
+pub async fn run(
+    client: Client,
+    template: WaypointTemplate,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let resource = gateway_resource();
+    let gateways = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    let deployments = Api::<Deployment>::all(client.clone());
+    let ctx = Arc::new(Ctx { client, template });
+    let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ctx)));
+    info!(image = %ctx.template.image, "waypoint controller started");
+    Controller::new_with(gateways, watcher::Config::default(), resource)
+        .owns(deployments, watcher::Config::default().labels(&managed))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((gateway, _)) => debug!(gateway = %gateway, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+    sweeper.abort();
+    info!("waypoint controller stopped");
+}
+
+async fn reconcile(gateway: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ControllerError> {
+    let value =
+        serde_json::to_value(&*gateway).map_err(|e| ControllerError::Gateway(e.to_string()))?;
+    let waypoint = match WaypointGateway::of(&value) {
+        Ok(w) => w,
+        Err(NotAWaypoint::OtherClass(_)) => return Ok(Action::await_change()),
+        Err(e @ NotAWaypoint::Incomplete(_)) => {
+            return Err(ControllerError::Gateway(e.to_string()))
+        }
+    };
+    if gateway.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let (client, template) = (&ctx.client, &ctx.template);
+    let ns = waypoint.namespace.as_str();
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let failed = |what: String| move |source| ControllerError::Api { what, source };
+    // The CA's root where the waypoint's pods can mount it.
+    let (root_ns, root_name) = &template.ca_root;
+    if root_ns != ns {
+        let roots: Api<ConfigMap> = Api::namespaced(client.clone(), root_ns);
+        let root = roots
+            .get_opt(root_name)
+            .await
+            .map_err(failed(format!("reading ConfigMap {root_ns}/{root_name}")))?
+            .and_then(|cm| cm.data?.remove("root-cert.pem"))
+            .ok_or_else(|| ControllerError::CaRoot(format!("{root_ns}/{root_name}")))?;
+        let copy = ca_root_copy(template, ns, &root);
+        Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .patch(root_name, &apply, &Patch::Apply(&copy))
+            .await
+            .map_err(failed(format!("applying ConfigMap {ns}/{root_name}")))?;
+    }
+    let name = waypoint.name.as_str();
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .patch(name, &apply, &Patch::Apply(waypoint.service_account()))
+        .await
+        .map_err(failed(format!("applying ServiceAccount {ns}/{name}")))?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            &waypoint.binding_name(),
+            &apply,
+            &Patch::Apply(waypoint.cluster_role_binding(template)),
+        )
+        .await
+        .map_err(failed(format!(
+            "applying ClusterRoleBinding {}",
+            waypoint.binding_name()
+        )))?;
+    let service = Api::<Service>::namespaced(client.clone(), ns)
+        .patch(name, &apply, &Patch::Apply(waypoint.service()))
+        .await
+        .map_err(failed(format!("applying Service {ns}/{name}")))?;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), ns)
+        .patch(name, &apply, &Patch::Apply(waypoint.deployment(template)))
+        .await
+        .map_err(failed(format!("applying Deployment {ns}/{name}")))?;
+    let ready = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let address = service.spec.and_then(|s| s.cluster_ip);
+    write_status(client, &gateway, address.as_deref(), ready > 0).await?;
+    Ok(if ready > 0 {
+        Action::await_change()
+    } else {
+        Action::requeue(NOT_READY_RECHECK)
+    })
+}
+
+/// The `Gateway`'s status: its address and whether its waypoint is ready.
+async fn write_status(
+    client: &Client,
+    gateway: &DynamicObject,
+    address: Option<&str>,
+    ready: bool,
+) -> Result<(), ControllerError> {
+    let (ns, name) = (
+        gateway.metadata.namespace.clone().unwrap_or_default(),
+        gateway.metadata.name.clone().unwrap_or_default(),
+    );
+    let generation = gateway.metadata.generation.unwrap_or(0);
+    let now = Timestamp::now().to_string();
+    let condition = |kind: &str, ok: bool, reason: &str, message: &str| {
+        json!({
+            "type": kind, "status": if ok { "True" } else { "False" }, "reason": reason,
+            "message": message, "observedGeneration": generation, "lastTransitionTime": now,
+        })
+    };
+    let addresses: Vec<_> = address
+        .filter(|a| !a.is_empty() && *a != "None")
+        .map(|a| json!({"type": "IPAddress", "value": a}))
+        .into_iter()
+        .collect();
+    let status = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "status": {
+            "addresses": addresses,
+            "conditions": [
+                condition("Accepted", true, "Accepted", "waypoint resources applied"),
+                if ready {
+                    condition("Programmed", true, "Programmed", "a waypoint pod is ready")
+                } else {
+                    condition("Programmed", false, "Pending", "no waypoint pod is ready yet")
+                },
+            ],
+        },
+    });
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &gateway_resource());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&name, &params, &Patch::Apply(&status))
+        .await
+        .map(drop)
+        .map_err(|source| ControllerError::Api {
+            what: format!("writing the status of Gateway {ns}/{name}"),
+            source,
+        })
+}
+
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "the signature kube-rs' Controller calls"
+)]
+fn error_policy(gateway: Arc<DynamicObject>, error: &ControllerError, _ctx: Arc<Ctx>) -> Action {
+    warn!(
+        gateway = %format_args!(
+            "{}/{}",
+            gateway.metadata.namespace.as_deref().unwrap_or_default(),
+            gateway.metadata.name.as_deref().unwrap_or_default()
+        ),
+        error = %error,
+        "waypoint not reconciled; retrying"
+    );
+    Action::requeue(NOT_READY_RECHECK)
+}
+
+async fn sweep_forever(ctx: Arc<Ctx>) {
+    loop {
+        if let Err(e) = sweep(&ctx.client).await {
+            warn!(error = %e, "sweeping the bindings of deleted waypoints failed");
+        }
+        tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+/// Deletes the bindings whose `Gateway` is gone or no longer a waypoint.
+async fn sweep(client: &Client) -> Result<(), ControllerError> {
+    use crate::desired::{GATEWAY_LABEL, GATEWAY_NAMESPACE_LABEL};
+    let bindings = Api::<ClusterRoleBinding>::all(client.clone());
+    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    let list = bindings
+        .list(&ListParams::default().labels(&managed))
+        .await
+        .map_err(|source| ControllerError::Api {
+            what: "listing the waypoints' ClusterRoleBindings".into(),
+            source,
+        })?;
+    for binding in list.items {
+        let labels = binding.meta().labels.clone().unwrap_or_default();
+        let (Some(ns), Some(name)) = (
+            labels.get(GATEWAY_NAMESPACE_LABEL),
+            labels.get(GATEWAY_LABEL),
+        ) else {
+            continue;
+        };
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &gateway_resource());
+        let gateway = api
+            .get_opt(name)
+            .await
+            .map_err(|source| ControllerError::Api {
+                what: format!("reading Gateway {ns}/{name}"),
+                source,
+            })?;
+        let current = gateway
+            .and_then(|g| serde_json::to_value(g).ok())
+            .is_some_and(|g| WaypointGateway::of(&g).is_ok());
+        if !current {
+            let binding_name = binding.meta().name.clone().unwrap_or_default();
+            info!(binding = %binding_name, gateway = %format_args!("{ns}/{name}"), "waypoint gone; deleting its ClusterRoleBinding");
+            bindings
+                .delete(&binding_name, &DeleteParams::default())
+                .await
+                .map(drop)
+                .map_err(|source| ControllerError::Api {
+                    what: format!("deleting ClusterRoleBinding {binding_name}"),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}

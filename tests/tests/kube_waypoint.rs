@@ -1,0 +1,324 @@
+//! Privileged, end to end on the real control plane: the L7 waypoint as users deploy it. The
+//! chart is installed (agents, CA, waypoint controller, all run by the testbed kubelets from the
+//! image `mesh-agent`); the test creates only what a user writes: two echo `Deployments`, their
+//! `Services` (`web` labelled `istio.io/use-waypoint`), a `Gateway` of class `istio-waypoint`
+//! and an `HTTPRoute`, through the API.
+//!
+//! Proven here: the controller turns the `Gateway` into a `ServiceAccount`, `Deployment` and
+//! `Service` owned by it, copies the CA's root and binds the waypoint role; the kubelet runs the
+//! waypoint pod under its own account, it gets its certificate from the CA with its own token
+//! and reads its routes from the API; the `Gateway`'s status gets the `Service`'s address and
+//! `Programmed`; a client pod's requests (real curl) are routed by the `HTTPRoute` (header A/B
+//! to `web-v2`, the rest to `web-v1`) through its node agent, the waypoint and the endpoints'
+//! agents; the route changed through the API applies; deleting the `Gateway` removes what the
+//! controller made (the garbage collector the namespaced objects, the controller the binding),
+//! and the Service's traffic then fails closed (its waypoint is gone).
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Pod, Service, ServiceAccount},
+    rbac::v1::ClusterRoleBinding,
+};
+use kube::{
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+        PostParams,
+    },
+    Api,
+};
+use mesh_tests::kube::{
+    eventually,
+    mesh::{from_json, KubeMesh, WAIT},
+};
+use serde_json::{json, Value};
+
+const NS: &str = "shop";
+const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+
+fn gvk(group: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), plural)
+}
+
+fn gateways(mesh: &KubeMesh) -> Api<DynamicObject> {
+    let resource = gvk("gateway.networking.k8s.io", "Gateway", "gateways");
+    Api::namespaced_with(mesh.cp.client(), NS, &resource)
+}
+
+fn routes(mesh: &KubeMesh) -> Api<DynamicObject> {
+    let resource = gvk("gateway.networking.k8s.io", "HTTPRoute", "httproutes");
+    Api::namespaced_with(mesh.cp.client(), NS, &resource)
+}
+
+fn create<K>(mesh: &KubeMesh, api: &Api<K>, object: &K, what: &str)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    mesh.cp
+        .block_on(api.create(&PostParams::default(), object))
+        .unwrap_or_else(|e| panic!("creating {what}: {e}"));
+}
+
+/// An echo `Deployment` `echo-<version>` (`mesh-probe http-echo`, answering with its name).
+fn echo(version: &str) -> Deployment {
+    from_json(json!({
+        "metadata": {"name": format!("echo-{version}"), "namespace": NS},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web", "version": version}},
+          "template": {
+            "metadata": {"labels": {"app": "web", "version": version}},
+            "spec": {"containers": [{
+                "name": "echo", "image": "mesh-probe",
+                "args": ["http-echo", "$(POD_IP):8080", "--name", version],
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+            }]},
+          }},
+    }))
+}
+
+fn service(name: &str, selector: &Value, labels: &Value) -> Service {
+    from_json(json!({
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": {"selector": selector,
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+}
+
+/// The route of `web`: `x-version: v2` to `web-v2`, the rest to `default`.
+fn route(default: &str) -> DynamicObject {
+    from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [
+                {"matches": [{"headers": [{"name": "x-version", "value": "v2"}]}],
+                 "backendRefs": [{"name": "web-v2", "port": 80}]},
+                {"backendRefs": [{"name": default, "port": 80}]},
+            ],
+        },
+    }))
+}
+
+/// A client pod on `node` running `script` with `sh -c` (curl is on its path).
+fn client(mesh: &KubeMesh, name: &str, node: &str, script: &str) {
+    let pod: Pod = from_json(json!({
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"restartPolicy": "Never", "nodeSelector": {"kubernetes.io/hostname": node},
+                 "containers": [{"name": "client", "image": "shell", "args": ["-c", script]}]},
+    }));
+    create(mesh, &mesh.pods(), &pod, &format!("pod {name}"));
+}
+
+/// The `backend` of each echo line the client printed.
+fn backends(mesh: &KubeMesh, node: usize, pod: &str) -> Vec<String> {
+    assert_eq!(
+        mesh.finished(pod).expect("client ends"),
+        "Succeeded",
+        "{:?}",
+        mesh.kubelets[node].logs(NS, pod, "client")
+    );
+    mesh.kubelets[node]
+        .logs(NS, pod, "client")
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["backend"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn condition(gateway: &Value, kind: &str) -> Option<String> {
+    gateway["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+/// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
+/// `HTTPRoute`. Returns `web`'s VIP.
+fn deploy(mesh: &KubeMesh) -> String {
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    for version in ["v1", "v2"] {
+        create(mesh, &deployments, &echo(version), "an echo Deployment");
+        let name = format!("web-{version}");
+        let svc = service(
+            &name,
+            &json!({"app": "web", "version": version}),
+            &json!({}),
+        );
+        create(mesh, &services, &svc, &name);
+    }
+    let bound = json!({"istio.io/use-waypoint": "wp"});
+    create(
+        mesh,
+        &services,
+        &service("web", &json!({"app": "web"}), &bound),
+        "web",
+    );
+    let gateway: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": NS, "labels": {"istio.io/waypoint-for": "service"}},
+        "spec": {"gatewayClassName": "istio-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    }));
+    create(mesh, &gateways(mesh), &gateway, "the waypoint Gateway");
+    create(mesh, &routes(mesh), &route("web-v1"), "the HTTPRoute");
+    mesh.cp
+        .block_on(services.get("web"))
+        .expect("web")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("web's VIP")
+}
+
+/// The controller's objects, owned by the `Gateway`; the waypoint pod ready under its account;
+/// the `Gateway`'s status.
+fn check_controller_objects(mesh: &KubeMesh) {
+    let started = Instant::now();
+    let programmed = mesh
+        .cp
+        .block_on(eventually("the Gateway Programmed", WAIT * 2, || async {
+            let gw = gateways(mesh).get("wp").await.ok()?;
+            let gw = serde_json::to_value(gw).ok()?;
+            (condition(&gw, "Programmed").as_deref() == Some("True")).then_some(gw)
+        }))
+        .expect("the waypoint runs");
+    eprintln!("Gateway programmed after {:?}", started.elapsed());
+    let address = programmed["status"]["addresses"][0]["value"]
+        .as_str()
+        .unwrap_or_default();
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    let wp_service = mesh
+        .cp
+        .block_on(services.get("wp"))
+        .expect("the waypoint's Service");
+    assert_eq!(
+        wp_service.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some(address),
+        "the Gateway's address is its Service's"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    let wp_deployment = mesh
+        .cp
+        .block_on(deployments.get("wp"))
+        .expect("Deployment wp");
+    let owner = &wp_deployment
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Gateway", "wp")
+    );
+    let accounts: Api<ServiceAccount> = Api::namespaced(mesh.cp.client(), NS);
+    mesh.cp
+        .block_on(accounts.get("wp"))
+        .expect("ServiceAccount wp");
+    let selector = ListParams::default().labels(&format!("{GATEWAY_NAME}=wp"));
+    let wp_pods = mesh
+        .cp
+        .block_on(mesh.pods().list(&selector))
+        .expect("waypoint pods");
+    assert_eq!(
+        wp_pods.items[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref()),
+        Some("wp")
+    );
+    let bindings: Api<ClusterRoleBinding> = Api::all(mesh.cp.client());
+    mesh.cp
+        .block_on(bindings.get("mesh-waypoint.shop.wp"))
+        .expect("the waypoint's binding");
+}
+
+/// Header A/B from a meshed client pod (real curl): 10 plain requests to v1, 5 with
+/// `x-version: v2` to v2.
+fn ab_requests(mesh: &KubeMesh, vip: &str) {
+    let script = format!(
+        "for i in $(seq 1 10); do curl -sS --max-time 10 http://{vip}/a -w '\\n' || exit 1; done; \
+         for i in $(seq 1 5); do curl -sS --max-time 10 -H 'x-version: v2' http://{vip}/b -w '\\n' || exit 1; done"
+    );
+    client(mesh, "ab", "n0", &script);
+    let seen = backends(mesh, 0, "ab");
+    assert_eq!(seen.len(), 15, "{seen:?}");
+    assert!(seen[..10].iter().all(|b| b == "v1"), "{seen:?}");
+    assert!(seen[10..].iter().all(|b| b == "v2"), "header A/B: {seen:?}");
+}
+
+/// The route changed through the API (the default to v2) applies.
+fn route_change(mesh: &KubeMesh, vip: &str) {
+    let patch = serde_json::to_value(route("web-v2")).expect("route JSON");
+    mesh.cp
+        .block_on(routes(mesh).patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": patch["spec"]})),
+        ))
+        .expect("route patched");
+    let script_once = format!("curl -sS --max-time 10 http://{vip}/c -w '\\n'");
+    let changed = (0..30).any(|i| {
+        let name = format!("after-{i}");
+        client(mesh, &name, "n1", &script_once);
+        if backends(mesh, 1, &name) == ["v2"] {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        false
+    });
+    assert!(changed, "the patched route applies");
+}
+
+/// The `Gateway` deleted: what the controller made goes, and web's traffic fails closed.
+fn delete_gateway(mesh: &KubeMesh, vip: &str) {
+    mesh.cp
+        .block_on(gateways(mesh).delete("wp", &DeleteParams::default()))
+        .expect("Gateway deleted");
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    let bindings: Api<ClusterRoleBinding> = Api::all(mesh.cp.client());
+    mesh.cp
+        .block_on(eventually("the waypoint's objects gone", WAIT, || async {
+            let gone = deployments.get_opt("wp").await.ok()?.is_none()
+                && services.get_opt("wp").await.ok()?.is_none()
+                && bindings
+                    .get_opt("mesh-waypoint.shop.wp")
+                    .await
+                    .ok()?
+                    .is_none();
+            gone.then_some(())
+        }))
+        .expect("garbage collected and swept");
+    client(
+        mesh,
+        "closed",
+        "n0",
+        &format!("curl -sS --max-time 5 http://{vip}/d && exit 1 || exit 0"),
+    );
+    assert_eq!(
+        mesh.finished("closed").expect("ends"),
+        "Succeeded",
+        "web fails closed"
+    );
+}
+
+#[test]
+fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
+    let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
+    let vip = deploy(&mesh);
+    check_controller_objects(&mesh);
+    ab_requests(&mesh, &vip);
+    route_change(&mesh, &vip);
+    delete_gateway(&mesh, &vip);
+}
