@@ -11,6 +11,8 @@ use std::{
 use mesh_identity::{BuiltinCa, BuiltinCaOptions, CertManager, Identity, ManagerOptions};
 use mesh_trace::Tracer;
 
+use crate::node_addrs::NodeAddrs;
+
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
@@ -74,6 +76,8 @@ pub enum AgentError {
     Kube(#[from] mesh_cluster::KubeSourceError),
     #[error(transparent)]
     Tracing(#[from] mesh_trace::ExportError),
+    #[error("reading the node's addresses: {0}")]
+    NodeAddrs(nix::Error),
 }
 
 /// Resolves destinations with the newest cluster view, for the agent of `node`.
@@ -357,6 +361,37 @@ fn telemetry(config: &AgentConfig) -> Result<Arc<Telemetry>, AgentError> {
     )))
 }
 
+/// What the pods' proxies share: the resolver, the HBONE pool's settings, telemetry, the
+/// tracker, and the node's addresses (kept current by a task that runs as long as the agent).
+fn proxy_parts(
+    config: &AgentConfig,
+    state: watch::Receiver<Arc<ClusterState>>,
+    certs: Arc<CertManager>,
+    telemetry: Arc<Telemetry>,
+    tracker: Arc<Tracker>,
+) -> Result<ProxyParts, AgentError> {
+    let t = &config.transport;
+    let node = Arc::new(NodeAddrs::discover().map_err(AgentError::NodeAddrs)?);
+    drop(node.spawn_refresh());
+    Ok(ProxyParts {
+        resolver: Arc::new(ClusterResolver {
+            state,
+            node: config.node_name.clone(),
+        }),
+        certs,
+        provider: t.crypto_provider,
+        pool: mesh_hbone::PoolConfig {
+            max_streams_per_connection: t.max_streams_per_connection as usize,
+            idle_timeout: t.pool_idle_timeout,
+            ..mesh_hbone::PoolConfig::default()
+        },
+        stream_idle_timeout: t.stream_idle_timeout,
+        telemetry,
+        tracker,
+        node,
+    })
+}
+
 /// Runs the agent until SIGTERM or SIGINT; `log` changes the log level at run time (admin
 /// endpoint `/logging`).
 pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError> {
@@ -383,27 +418,16 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         &config.agent_cgroup,
     )?;
     let certs = certificate_manager(&config, state_rx.clone())?;
-    let t = &config.transport;
-    let pool = mesh_hbone::PoolConfig {
-        max_streams_per_connection: t.max_streams_per_connection as usize,
-        idle_timeout: t.pool_idle_timeout,
-        ..mesh_hbone::PoolConfig::default()
-    };
     let telemetry = telemetry(&config)?;
     let tracker = Arc::new(Tracker::default());
     let host = Host::discover(&config.agent_cgroup, &crate::config::cgroup2_root()?)?;
-    let parts = ProxyParts {
-        resolver: Arc::new(ClusterResolver {
-            state: state_rx.clone(),
-            node: config.node_name.clone(),
-        }),
-        certs: Arc::clone(&certs),
-        provider: t.crypto_provider,
-        pool,
-        stream_idle_timeout: t.stream_idle_timeout,
-        telemetry: Arc::clone(&telemetry),
-        tracker: Arc::clone(&tracker),
-    };
+    let parts = proxy_parts(
+        &config,
+        state_rx.clone(),
+        Arc::clone(&certs),
+        Arc::clone(&telemetry),
+        Arc::clone(&tracker),
+    )?;
     let mut pods = PodManager::new(datapath, parts, host, readiness.clone());
     let status = AgentStatus {
         config: config.clone(),

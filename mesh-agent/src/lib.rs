@@ -27,6 +27,7 @@ pub mod logging;
 pub mod map_take;
 pub mod memory;
 pub mod netns;
+pub mod node_addrs;
 pub mod node_taint;
 pub mod pods;
 pub mod proxy;

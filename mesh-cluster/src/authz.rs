@@ -106,6 +106,10 @@ pub enum DecisionReason {
     /// one), the connection does not come from that waypoint, and no ALLOW policy explicitly
     /// lets it in: denied (set by [`super::ClusterState::admit`]; `policy` names the waypoint).
     WaypointBypass,
+    /// The connection comes from the destination's own node (its host network: the kubelet's
+    /// health probes), which no policy holds, as in Istio ambient, where the node's probes never
+    /// reach ztunnel: allowed (set by [`super::ClusterState::admit`]).
+    NodeLocal,
 }
 
 /// The outcome of [`super::ClusterState::authorize`].

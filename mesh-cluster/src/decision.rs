@@ -24,6 +24,20 @@ pub struct Inbound<'a> {
     pub dst: SocketAddr,
     /// The source's identity, proven by mutual TLS; `None` for plaintext.
     pub src_identity: Option<&'a Identity>,
+    /// Where the connection comes from, as the destination's agent saw it.
+    pub origin: Origin,
+}
+
+/// Where an inbound connection comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The network: another pod, another node, anything else. Every rule applies.
+    Network,
+    /// The destination's own node: a plaintext connection from an address of the node's host
+    /// network namespace (the kubelet's health probes, host-network processes). Another pod
+    /// cannot open one: a spoofed node address gets its replies delivered to the node, never
+    /// to the spoofer, so the TCP handshake does not complete.
+    Node,
 }
 
 impl ClusterState {
@@ -31,6 +45,16 @@ impl ClusterState {
     /// as a workload is refused ([`DecisionReason::UnknownDestination`]): its policies cannot
     /// be known (the caller decides only for pods it captured).
     pub fn admit(&self, conn: &Inbound<'_>) -> AuthzDecision {
+        // The node's own connections (its kubelet's probes) are held to nothing: a pod behind
+        // a waypoint, under STRICT mTLS or a DENY-all policy stays probe-able, as in Istio.
+        if conn.origin == Origin::Node && conn.src_identity.is_none() {
+            return AuthzDecision {
+                verdict: Verdict::Allow,
+                reason: DecisionReason::NodeLocal,
+                policy: None,
+                audited: Box::default(),
+            };
+        }
         let dst_ip = conn.dst.ip().to_canonical();
         let Some(dst) = self.workload_by_ip(dst_ip) else {
             return AuthzDecision {

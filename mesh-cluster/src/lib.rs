@@ -74,7 +74,7 @@ pub use authz::{
     AuthzDecision, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, ConnFacts, DecisionReason,
     IpBlock, ServiceAccountMatch, StringMatch, Verdict,
 };
-pub use decision::Inbound;
+pub use decision::{Inbound, Origin};
 pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};

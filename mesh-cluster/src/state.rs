@@ -137,7 +137,9 @@ impl ClusterState {
                 .map(|(&(ns, name), svc)| (ns, name, svc.metadata.labels())),
             &state.workloads,
         );
-        state.bindings.guard_endpoints(&state.services);
+        state
+            .bindings
+            .guard_endpoints(&state.services, &state.workloads, &state.waypoints);
         state.warnings = [
             slices.warnings,
             state.peer_auth.warnings().to_vec(),

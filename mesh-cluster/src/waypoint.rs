@@ -230,8 +230,17 @@ impl Bindings {
         bindings
     }
 
-    /// Marks the endpoints of every bound Service of `services` as behind its waypoint.
-    pub(crate) fn guard_endpoints(&mut self, services: &[Arc<crate::model::Service>]) {
+    /// Marks every pod a bound Service of `services` serves as behind its waypoint: the pods
+    /// its selector picks, ready or not (a pod that fails its probes is still the Service's, and
+    /// must not become reachable past the waypoint while it is out of the endpoints), and its
+    /// endpoints (a Service without selector, from its `EndpointSlices`). The waypoint's own
+    /// pods are never behind it.
+    pub(crate) fn guard_endpoints(
+        &mut self,
+        services: &[Arc<crate::model::Service>],
+        workloads: &[Arc<Workload>],
+        index: &WaypointIndex,
+    ) {
         for service in services {
             let key = (service.namespace.clone(), service.name.clone());
             let Some(binding) = self.services.get(&key).cloned() else {
@@ -240,9 +249,23 @@ impl Bindings {
             if matches!(binding, WaypointBinding::None) {
                 continue;
             }
-            let endpoints = service.ports.iter().flat_map(|p| &p.endpoints);
-            for workload in endpoints.filter_map(|e| e.workload.as_deref()) {
-                self.guard(workload, &binding);
+            let selected = workloads.iter().filter(|w| {
+                !service.selector.is_empty()
+                    && w.namespace == service.namespace
+                    && service
+                        .selector
+                        .iter()
+                        .all(|(key, value)| w.labels.get(key) == Some(value))
+            });
+            let endpoints = service
+                .ports
+                .iter()
+                .flat_map(|p| &p.endpoints)
+                .filter_map(|e| e.workload.as_ref());
+            for workload in selected.chain(endpoints) {
+                if index.of_pod(workload).is_none() {
+                    self.guard(workload, &binding);
+                }
             }
         }
     }

@@ -12,7 +12,9 @@
 //! to `web-v2`, the rest to `web-v1`) through its node agent, the waypoint and the endpoints'
 //! agents; the route changed through the API applies; deleting the `Gateway` removes what the
 //! controller made (the garbage collector the namespaced objects, the controller the binding),
-//! and the Service's traffic then fails closed (its waypoint is gone).
+//! and the Service's traffic then fails closed (its waypoint is gone). The echo pods' HTTP
+//! readiness probes (the kubelet's, from the node) pass although the pods are behind the
+//! waypoint: the node's own connections are no bypass.
 
 use std::time::{Duration, Instant};
 
@@ -79,7 +81,10 @@ fn echo(version: &str) -> Deployment {
                 "args": ["http-echo", "$(POD_IP):8080", "--name", version],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 "ports": [{"name": "http", "containerPort": 8080}],
-                "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+                // An HTTP probe, from the kubelet on the node: the pod is behind a waypoint,
+                // and the node's own connections are no bypass.
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                                   "periodSeconds": 1},
             }]},
           }},
     }))
@@ -313,12 +318,35 @@ fn delete_gateway(mesh: &KubeMesh, vip: &str) {
     );
 }
 
+/// The echo pods stay ready behind the waypoint: their HTTP probes come from the node, which is
+/// no bypass. Checked after several probe periods (three failures would have made them
+/// unready).
+fn echo_pods_stay_ready(mesh: &KubeMesh) {
+    std::thread::sleep(Duration::from_secs(4));
+    let selector = ListParams::default().labels("app=web");
+    let pods = mesh
+        .cp
+        .block_on(mesh.pods().list(&selector))
+        .expect("echo pods");
+    assert_eq!(pods.items.len(), 2);
+    for pod in pods.items {
+        let ready = pod
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        assert!(ready, "{:?} stays ready", pod.metadata.name);
+    }
+}
+
 #[test]
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
     let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
     let vip = deploy(&mesh);
     check_controller_objects(&mesh);
     ab_requests(&mesh, &vip);
+    echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     delete_gateway(&mesh, &vip);
 }

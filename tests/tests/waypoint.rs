@@ -742,6 +742,34 @@ fn bypassing_the_waypoint_is_refused_unless_allowed_and_an_unready_waypoint_fail
             l.contains("\"waypoint_bypass\"") && l.contains("waypoint plain/wp")
         })
         .unwrap();
+    // The node itself (its kubelet's health probes, from the node's own address on the pod's
+    // link) is no bypass: an HTTP probe from v1's node answers, logged as the node's.
+    let from = mesh.agents[1].log_len();
+    let node = mesh.tb.node(1).clone();
+    let probe = node
+        .command("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg(&v1_direct)
+        .output()
+        .expect("curl from the node");
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout),
+        "200",
+        "the node's probe"
+    );
+    mesh.agents[1]
+        .wait_for_log_from(from, "the node's probe in the access log", LOG_WAIT, |l| {
+            l.contains("\"log\":\"access\"") && l.contains("\"node_local\"")
+        })
+        .unwrap();
     // An ALLOW policy that names the client lets it past the waypoint, explicitly.
     let from = mesh.agents[1].log_len();
     mesh.files

@@ -107,6 +107,7 @@ pub struct ProxyParts {
     pub stream_idle_timeout: Option<std::time::Duration>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub tracker: Arc<proxy::tracker::Tracker>,
+    pub node: Arc<crate::node_addrs::NodeAddrs>,
 }
 
 impl std::fmt::Debug for ProxyParts {
@@ -204,6 +205,7 @@ impl PodManager {
             transport,
             telemetry: parts.telemetry,
             tracker: parts.tracker,
+            node: parts.node,
         });
         Self {
             datapath,

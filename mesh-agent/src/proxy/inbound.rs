@@ -44,7 +44,7 @@ pub(super) async fn handle(
                 info,
                 started,
                 telemetry: Arc::clone(&ctx.telemetry),
-                tracked: Some(tracked),
+                tracked,
             };
             Some(relay(down, up, conn).holding(peer_guard))
         }

@@ -160,6 +160,9 @@ pub struct ProxyCtx {
     pub telemetry: Arc<Telemetry>,
     /// Connections this agent authorized as the destination's, re-checked on policy changes.
     pub tracker: Arc<Tracker>,
+    /// The node's own addresses: a plaintext connection from one is the node's
+    /// ([`mesh_cluster::Origin::Node`]).
+    pub node: Arc<crate::node_addrs::NodeAddrs>,
 }
 
 impl std::fmt::Debug for ProxyCtx {
@@ -202,21 +205,31 @@ impl Drop for PodListeners {
     }
 }
 
+/// An admitted connection's place in the tracker: `None` for the node's own connections, which
+/// no policy change revokes (they are let in whatever the policies say).
+pub(crate) type Admitted = Option<Arc<Tracked>>;
+
 /// At the destination's agent: checks `info`'s connection against `AuthorizationPolicy`. An
-/// allowed connection is tracked (registered before the decision, so that a policy published
-/// meanwhile is applied by the re-check) and its decision kept in `info`; a denied one is
-/// recorded as refused and `None` returned (the caller closes it without dialling anything).
-fn authorize(
-    ctx: &ProxyCtx,
-    info: &mut ConnInfo,
-    started: std::time::Instant,
-) -> Option<Arc<Tracked>> {
+/// allowed connection from the network is tracked (registered before the decision, so that a
+/// policy published meanwhile is applied by the re-check) and its decision kept in `info`; a
+/// denied one is recorded as refused and `None` returned (the caller closes it without dialling
+/// anything). A plaintext connection from one of the node's own addresses is the node's
+/// ([`mesh_cluster::Origin::Node`]: the kubelet's probes).
+fn authorize(ctx: &ProxyCtx, info: &mut ConnInfo, started: std::time::Instant) -> Option<Admitted> {
+    let src_identity = info.identities().0.cloned();
+    let origin = if src_identity.is_none() && ctx.node.contains(info.src.ip()) {
+        mesh_cluster::Origin::Node
+    } else {
+        mesh_cluster::Origin::Network
+    };
     let subject = AuthzSubject {
         src: info.src,
-        src_identity: info.identities().0.cloned(),
+        src_identity,
         dst: info.upstream,
+        origin,
     };
-    let tracked = ctx.tracker.track(subject.clone());
+    let tracked =
+        (origin == mesh_cluster::Origin::Network).then(|| ctx.tracker.track(subject.clone()));
     let decision = ctx.resolver.authorize(&subject);
     match decision.verdict {
         Verdict::Allow => {

@@ -16,7 +16,7 @@ use std::{
 use futures_util::task::AtomicWaker;
 use mesh_identity::Identity;
 
-use mesh_cluster::{AuthzDecision, Inbound};
+use mesh_cluster::{AuthzDecision, Inbound, Origin};
 
 /// What a connection's authorization depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub struct AuthzSubject {
     pub src_identity: Option<Identity>,
     /// The destination workload's address and port.
     pub dst: SocketAddr,
+    /// The node itself, or the network. Only connections from the network are tracked (the
+    /// node's are let in whatever the policies say, so no change revokes them).
+    pub origin: Origin,
 }
 
 impl AuthzSubject {
@@ -36,6 +39,7 @@ impl AuthzSubject {
             src: self.src,
             dst: self.dst,
             src_identity: self.src_identity.as_ref(),
+            origin: self.origin,
         }
     }
 }
@@ -85,6 +89,7 @@ impl Tracked {
             src: self.src.into(),
             src_identity: self.src_identity.clone(),
             dst: self.dst.into(),
+            origin: Origin::Network,
         }
     }
 
@@ -196,6 +201,7 @@ mod tests {
             src: "10.0.0.1:40000".parse().unwrap(),
             src_identity: None,
             dst: SocketAddr::new("10.0.1.1".parse().unwrap(), port),
+            origin: Origin::Network,
         }
     }
 

@@ -465,6 +465,7 @@ pub fn reason_str(reason: DecisionReason) -> &'static str {
         DecisionReason::MtlsRequired => "mtls_required",
         DecisionReason::UnknownDestination => "unknown_destination",
         DecisionReason::WaypointBypass => "waypoint_bypass",
+        DecisionReason::NodeLocal => "node_local",
     }
 }
 

@@ -78,6 +78,7 @@ fn admit(
         src: addr("10.0.0.3:40000"),
         dst: addr(dst),
         src_identity,
+        origin: crate::Origin::Network,
     });
     (
         decision.verdict,
@@ -158,4 +159,41 @@ fn an_ipv4_mapped_destination_is_the_ipv4_workload() {
         (verdict, reason),
         (Verdict::Deny, DecisionReason::MtlsRequired)
     );
+}
+
+#[test]
+fn the_nodes_own_plaintext_connections_are_held_to_nothing_and_only_they() {
+    // STRICT on 8080 and an ALLOW for `cli` only: a plaintext connection from the network is
+    // refused; the same from the node (its kubelet's probe) is let in, even to an address the
+    // view does not know yet (a pod probed before its address reached the API).
+    let state = state(&format!("{STRICT_ON_8080}{ALLOW_CLI}"));
+    let from = |origin, dst: &str, identity: Option<&Identity>| {
+        let d = state.admit(&Inbound {
+            src: addr("10.0.0.1:40000"),
+            dst: addr(dst),
+            src_identity: identity,
+            origin,
+        });
+        (d.verdict, d.reason)
+    };
+    let node = crate::Origin::Node;
+    let network = crate::Origin::Network;
+    assert_eq!(
+        from(network, "10.0.0.2:8080", None),
+        (Verdict::Deny, DecisionReason::MtlsRequired)
+    );
+    assert_eq!(
+        from(network, "10.0.0.2:9090", None),
+        (Verdict::Deny, DecisionReason::NoAllowMatched)
+    );
+    for dst in ["10.0.0.2:8080", "10.0.0.2:9090", "10.9.9.9:80"] {
+        assert_eq!(
+            from(node, dst, None),
+            (Verdict::Allow, DecisionReason::NodeLocal),
+            "{dst}"
+        );
+    }
+    // With an identity it is a tunnel, not the node: the policies decide.
+    let other = id("other");
+    assert_eq!(from(node, "10.0.0.2:8080", Some(&other)).0, Verdict::Deny);
 }

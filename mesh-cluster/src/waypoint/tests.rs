@@ -309,6 +309,7 @@ fn a_pod_behind_a_waypoint_admits_only_the_waypoint_unless_a_policy_allows_expli
             src: addr(src),
             dst: addr(dst),
             src_identity: identity,
+            origin: crate::Origin::Network,
         });
         (d.verdict, d.reason, d.policy.map(|p| p.to_string()))
     };
@@ -351,6 +352,7 @@ fn a_pod_behind_a_waypoint_admits_only_the_waypoint_unless_a_policy_allows_expli
         src: addr("10.0.0.2:40000"),
         dst: addr("10.0.0.1:8080"),
         src_identity: Some(&client),
+        origin: crate::Origin::Network,
     });
     assert_eq!(
         (d.verdict, d.reason),
@@ -362,6 +364,7 @@ fn a_pod_behind_a_waypoint_admits_only_the_waypoint_unless_a_policy_allows_expli
         src: addr("10.0.1.1:40000"),
         dst: addr("10.0.0.1:8080"),
         src_identity: Some(&waypoint),
+        origin: crate::Origin::Network,
     });
     assert_eq!(
         (d.verdict, d.reason),
@@ -397,5 +400,43 @@ fn a_pod_merely_labelled_as_the_waypoints_is_not_it() {
         state.warnings().iter().any(|w| w.contains("Pod shop/fake: labelled gateway.networking.k8s.io/gateway-name=wp but runs as service account \"default\"")),
         "{:?}",
         state.warnings()
+    );
+}
+
+#[test]
+fn a_pod_out_of_its_services_endpoints_stays_behind_the_waypoint() {
+    // `a-1` is selected by Service `a` (bound to `wp`) but not ready, so not an endpoint: it is
+    // still `a`'s pod, and connections past the waypoint stay refused (a probe that fails must
+    // not open the pod to everyone, nor flap its guard with its readiness).
+    use crate::{decision::Inbound, tests::addr, DecisionReason, Verdict};
+    let unready = format!(
+        "{}\n  conditions: [{{type: Ready, status: \"False\"}}]\n",
+        pod("shop", "a-1", "n1", "10.0.0.3", "app: a").trim_end()
+    );
+    let b0 = pod("shop", "b-0", "n1", "10.0.0.2", "app: b");
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[unready, b0]);
+    let a = state
+        .service_by_hostname("a.shop.svc.cluster.local")
+        .expect("a");
+    let endpoints: Vec<String> = a.ports[0]
+        .endpoints
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect();
+    assert_eq!(endpoints, ["10.0.0.1:8080"], "a-1 is not an endpoint");
+    let client = state
+        .workload_by_name("shop", "b-0")
+        .expect("b-0")
+        .identity
+        .clone();
+    let d = state.admit(&Inbound {
+        src: addr("10.0.0.2:40000"),
+        dst: addr("10.0.0.3:8080"),
+        src_identity: Some(&client),
+        origin: crate::Origin::Network,
+    });
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Deny, DecisionReason::WaypointBypass)
     );
 }
