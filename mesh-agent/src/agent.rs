@@ -116,9 +116,14 @@ impl Resolve for ClusterResolver {
                 workload: None,
             },
             Resolution::Waypoint {
-                service, pod, addr, ..
+                service,
+                pod,
+                addr,
+                authority,
+                ..
             } => Route::Waypoint(WaypointRoute {
                 addr,
+                authority,
                 service,
                 identity: pod.identity.clone(),
                 workload: pod,

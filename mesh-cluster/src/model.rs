@@ -312,6 +312,9 @@ pub enum Resolution {
         pod: Arc<Workload>,
         /// The pod's HBONE address (port 15008).
         addr: SocketAddr,
+        /// The tunnel's `:authority`: the original destination, or, for a Service without
+        /// waypoint whose chosen endpoint has one, that endpoint (`pod_ip:port`).
+        authority: SocketAddr,
     },
     /// A destination bound to a waypoint that cannot take the connection: refuse it (fail
     /// closed, see [`crate::waypoint`]).
@@ -337,6 +340,21 @@ pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 /// Label of a waypoint's pods naming their `Gateway`; the pods also run under the service account
 /// named after it.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Label of a waypoint `Gateway` naming the service account (of its namespace) whose workloads
+/// it serves: the per-service-account waypoint the controller makes. The account's pods, and
+/// the Services whose pods all run under it, go through it unless their own
+/// [`USE_WAYPOINT`] label says otherwise.
+pub const FOR_SERVICE_ACCOUNT: &str = "mesh.local/waypoint-for-service-account";
+/// Label of a Namespace or `ServiceAccount` asking the controller for a waypoint per service
+/// account ([`PER_SERVICE_ACCOUNT`]; `none` on a `ServiceAccount` opts it out of its
+/// namespace's).
+pub const WAYPOINT_MODE: &str = "mesh.local/waypoint";
+/// The value of [`WAYPOINT_MODE`] that gives every service account its own waypoint.
+pub const PER_SERVICE_ACCOUNT: &str = "per-service-account";
+/// The name of the per-service-account waypoint of `account`.
+pub fn service_account_waypoint(account: &str) -> String {
+    format!("{account}-waypoint")
+}
 
 /// Which traffic a waypoint takes ([`WAYPOINT_FOR`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -129,12 +129,14 @@ impl ClusterState {
             (&virtual_services, &destination_rules),
         )?;
         state.waypoints = WaypointIndex::build(gateways.values().copied(), &state.workloads)?;
+        let accounts = crate::waypoint::service_accounts(&state.services, &state.workloads);
         state.bindings = Bindings::build(
             &state.waypoints,
             |ns| namespaces.get(ns).map(|n| n.metadata.labels()),
-            services
-                .iter()
-                .map(|(&(ns, name), svc)| (ns, name, svc.metadata.labels())),
+            services.iter().map(|(&(ns, name), svc)| {
+                let account = accounts.get(&(ns.to_owned(), name.to_owned()));
+                (ns, name, svc.metadata.labels(), account.map(String::as_str))
+            }),
             &state.workloads,
         );
         state
@@ -461,6 +463,7 @@ impl ClusterState {
             },
         };
         match binding {
+            WaypointBinding::None if service.is_some() => self.through_endpoint_waypoint(src, dst),
             WaypointBinding::None => self.resolve(dst),
             WaypointBinding::Bound(waypoint) => {
                 if src.is_some_and(|src| waypoint.has_pod(src)) {
@@ -472,6 +475,7 @@ impl ClusterState {
                         waypoint: Arc::clone(waypoint),
                         pod: Arc::clone(pod),
                         addr,
+                        authority: dst,
                     },
                     None => Resolution::WaypointUnavailable {
                         service: service.cloned(),
@@ -490,6 +494,52 @@ impl ClusterState {
                     reason: reason.clone(),
                 }
             }
+        }
+    }
+
+    /// A Service without waypoint: its endpoint, chosen as [`Self::resolve`] does; when that
+    /// endpoint's pod is bound to a waypoint for workload traffic (a per-service-account
+    /// waypoint, or its own label), through that waypoint with the endpoint as `:authority`
+    /// (as ztunnel does), so that the destination's agent sees it come through its waypoint.
+    fn through_endpoint_waypoint(&self, src: Option<&Workload>, dst: SocketAddr) -> Resolution {
+        let resolved = self.resolve(dst);
+        let Resolution::Service {
+            service,
+            endpoint,
+            workload: Some(workload),
+        } = &resolved
+        else {
+            return resolved;
+        };
+        match self.workload_waypoint(workload) {
+            WaypointBinding::None => resolved,
+            WaypointBinding::Bound(waypoint) if src.is_some_and(|s| waypoint.has_pod(s)) => {
+                resolved
+            }
+            WaypointBinding::Bound(waypoint) => match waypoint.pick(endpoint.ip()) {
+                Some((pod, addr)) => Resolution::Waypoint {
+                    service: Some(Arc::clone(service)),
+                    waypoint: Arc::clone(waypoint),
+                    pod: Arc::clone(pod),
+                    addr,
+                    authority: *endpoint,
+                },
+                None => Resolution::WaypointUnavailable {
+                    service: Some(Arc::clone(service)),
+                    reason: crate::waypoint::Unavailable::NotReady {
+                        waypoint: format!("{waypoint} (no pod of the destination's family)"),
+                    },
+                },
+            },
+            WaypointBinding::Unavailable(_)
+                if src.is_some_and(|s| self.waypoint_of_pod(s).is_some()) =>
+            {
+                resolved
+            }
+            WaypointBinding::Unavailable(reason) => Resolution::WaypointUnavailable {
+                service: Some(Arc::clone(service)),
+                reason: reason.clone(),
+            },
         }
     }
 

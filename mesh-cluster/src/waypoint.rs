@@ -35,8 +35,9 @@ use crate::{
 };
 
 pub use crate::model::{
-    Unavailable, Waypoint, WaypointBinding, WaypointFor, GATEWAY_NAME_LABEL, USE_WAYPOINT,
-    USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS, WAYPOINT_FOR,
+    service_account_waypoint, Unavailable, Waypoint, WaypointBinding, WaypointFor,
+    FOR_SERVICE_ACCOUNT, GATEWAY_NAME_LABEL, PER_SERVICE_ACCOUNT, USE_WAYPOINT,
+    USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS, WAYPOINT_FOR, WAYPOINT_MODE,
 };
 
 /// What kind of object a binding is for.
@@ -46,21 +47,25 @@ pub(crate) enum BoundKind {
     Workload,
 }
 
-/// The waypoints, by namespace and name.
+/// The waypoints, by namespace and name, and by the service account they serve.
 #[derive(Debug, Default)]
 pub(crate) struct WaypointIndex {
     waypoints: BTreeMap<(String, String), Arc<Waypoint>>,
+    /// Per-service-account waypoints ([`FOR_SERVICE_ACCOUNT`]), by namespace and account.
+    accounts: HashMap<(String, String), Arc<Waypoint>>,
     warnings: Vec<String>,
 }
 
 impl WaypointIndex {
-    /// The waypoints among `gateways`, with their ready pods among `workloads`.
+    /// The waypoints among `gateways` (sorted by namespace and name), with their ready pods
+    /// among `workloads`.
     pub(crate) fn build<'a>(
-        gateways: impl IntoIterator<Item = &'a Gateway>,
+        gateways: impl IntoIterator<Item = &'a Gateway> + Clone,
         workloads: &[Arc<Workload>],
     ) -> Result<Self, StateError> {
         let mut waypoints = BTreeMap::new();
         let mut warnings = Vec::new();
+        let gateways_for_accounts = gateways.clone().into_iter();
         for gateway in gateways {
             if gateway.spec.gateway_class_name != WAYPOINT_CLASS {
                 continue;
@@ -101,8 +106,31 @@ impl WaypointIndex {
             let waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
             waypoints.insert((namespace, name), Arc::new(waypoint));
         }
+        // Per-service-account waypoints, in name order: a second one for an account is reported
+        // and ignored.
+        let mut accounts: HashMap<(String, String), Arc<Waypoint>> = HashMap::new();
+        for gateway in gateways_for_accounts {
+            let meta = &gateway.metadata;
+            let Some(account) = meta.labels().get(FOR_SERVICE_ACCOUNT) else {
+                continue;
+            };
+            let key = (meta.namespace().to_owned(), meta.name().to_owned());
+            let Some(waypoint) = waypoints.get(&key) else {
+                continue;
+            };
+            let slot = (key.0.clone(), account.clone());
+            if let Some(first) = accounts.get(&slot) {
+                warnings.push(format!(
+                    "waypoint {waypoint} is also for service account {}/{account}, which                      waypoint {first} serves; ignored",
+                    key.0
+                ));
+                continue;
+            }
+            accounts.insert(slot, Arc::clone(waypoint));
+        }
         Ok(Self {
             waypoints,
+            accounts,
             warnings,
         })
     }
@@ -125,16 +153,23 @@ impl WaypointIndex {
             .filter(|w| w.has_pod(workload))
     }
 
-    /// The binding of an object in `namespace` with `labels`, whose Namespace has `ns_labels`.
+    /// The binding of an object in `namespace` with `labels`, whose Namespace has `ns_labels`,
+    /// serving `account` (a pod's service account, or the one every pod of a Service runs
+    /// under): its own [`USE_WAYPOINT`] label, else the account's waypoint
+    /// ([`FOR_SERVICE_ACCOUNT`]), else its namespace's label.
     pub(crate) fn bind(
         &self,
         kind: BoundKind,
-        namespace: &str,
+        (namespace, account): (&str, Option<&str>),
         labels: &Labels,
         ns_labels: Option<&Labels>,
     ) -> WaypointBinding {
         let from = if labels.contains_key(USE_WAYPOINT) {
             labels
+        } else if let Some(waypoint) =
+            account.and_then(|a| self.accounts.get(&(namespace.to_owned(), a.to_owned())))
+        {
+            return Self::binding_to(waypoint, kind);
         } else {
             match ns_labels {
                 Some(ns) if ns.contains_key(USE_WAYPOINT) => ns,
@@ -154,6 +189,12 @@ impl WaypointIndex {
                 name: name.clone(),
             });
         };
+        Self::binding_to(waypoint, kind)
+    }
+
+    /// A binding of `kind` to `waypoint`: unavailable when it does not take that traffic or has
+    /// no ready pod.
+    fn binding_to(waypoint: &Arc<Waypoint>, kind: BoundKind) -> WaypointBinding {
         let takes = match kind {
             BoundKind::Service => waypoint.traffic.services(),
             BoundKind::Workload => waypoint.traffic.workloads(),
@@ -171,6 +212,54 @@ impl WaypointIndex {
         }
         WaypointBinding::Bound(Arc::clone(waypoint))
     }
+}
+
+/// The one service account the pods of each Service run under, when they share one: its
+/// selector's pods, ready or not (or, without selector, its endpoints'), by namespace and name.
+/// A Service whose pods run under several accounts, or that has none, is not listed.
+pub(crate) fn service_accounts(
+    services: &[Arc<crate::model::Service>],
+    workloads: &[Arc<Workload>],
+) -> HashMap<(String, String), String> {
+    let mut accounts = HashMap::new();
+    for service in services {
+        let mut found: Option<&str> = None;
+        let mut shared = true;
+        for workload in serving(service, workloads) {
+            match found {
+                None => found = Some(&workload.service_account),
+                Some(account) if account == workload.service_account => {}
+                Some(_) => shared = false,
+            }
+        }
+        if let (Some(account), true) = (found, shared) {
+            let key = (service.namespace.clone(), service.name.clone());
+            accounts.insert(key, account.to_owned());
+        }
+    }
+    accounts
+}
+
+/// The pods that serve `service`: those its selector picks in its namespace, ready or not, and
+/// its endpoints' (a Service without selector has only those).
+fn serving<'a>(
+    service: &'a crate::model::Service,
+    workloads: &'a [Arc<Workload>],
+) -> impl Iterator<Item = &'a Arc<Workload>> {
+    let selected = workloads.iter().filter(move |w| {
+        !service.selector.is_empty()
+            && w.namespace == service.namespace
+            && service
+                .selector
+                .iter()
+                .all(|(key, value)| w.labels.get(key) == Some(value))
+    });
+    let endpoints = service
+        .ports
+        .iter()
+        .flat_map(|p| &p.endpoints)
+        .filter_map(|e| e.workload.as_ref());
+    selected.chain(endpoints)
 }
 
 /// Bindings of Services and pods, by namespace and name.
@@ -196,17 +285,23 @@ pub enum Guard {
 }
 
 impl Bindings {
-    /// The binding of every Service (namespace, name, labels) and of every pod but the
-    /// waypoints' own; `ns_labels` gives a namespace's labels.
+    /// The binding of every Service (namespace, name, labels, the one service account its pods
+    /// run under if they share one) and of every pod but the waypoints' own; `ns_labels` gives
+    /// a namespace's labels.
     pub(crate) fn build<'a>(
         index: &WaypointIndex,
         ns_labels: impl Fn(&str) -> Option<&'a Labels>,
-        services: impl Iterator<Item = (&'a str, &'a str, &'a Labels)>,
+        services: impl Iterator<Item = (&'a str, &'a str, &'a Labels, Option<&'a str>)>,
         workloads: &[Arc<Workload>],
     ) -> Self {
         let mut bindings = Self::default();
-        for (namespace, name, labels) in services {
-            let binding = index.bind(BoundKind::Service, namespace, labels, ns_labels(namespace));
+        for (namespace, name, labels, account) in services {
+            let binding = index.bind(
+                BoundKind::Service,
+                (namespace, account),
+                labels,
+                ns_labels(namespace),
+            );
             let key = (namespace.to_owned(), name.to_owned());
             bindings.services.insert(key, binding);
         }
@@ -217,7 +312,7 @@ impl Bindings {
             let namespace = workload.namespace.as_str();
             let binding = index.bind(
                 BoundKind::Workload,
-                namespace,
+                (namespace, Some(workload.service_account.as_str())),
                 &workload.labels,
                 ns_labels(namespace),
             );
@@ -249,20 +344,7 @@ impl Bindings {
             if matches!(binding, WaypointBinding::None) {
                 continue;
             }
-            let selected = workloads.iter().filter(|w| {
-                !service.selector.is_empty()
-                    && w.namespace == service.namespace
-                    && service
-                        .selector
-                        .iter()
-                        .all(|(key, value)| w.labels.get(key) == Some(value))
-            });
-            let endpoints = service
-                .ports
-                .iter()
-                .flat_map(|p| &p.endpoints)
-                .filter_map(|e| e.workload.as_ref());
-            for workload in selected.chain(endpoints) {
+            for workload in serving(service, workloads) {
                 if index.of_pod(workload).is_none() {
                     self.guard(workload, &binding);
                 }

@@ -4,9 +4,12 @@
 //! ([`desired`]): its `ServiceAccount` (the waypoint's own identity), a `Deployment` of
 //! `mesh-agent waypoint` pods, their `Service`, the CA's root in the `Gateway`'s namespace, and
 //! a binding to the read-only waypoint role; then it writes the `Gateway`'s status
-//! ([`reconcile`]). It runs as `mesh-agent waypoint-controller`, a `Deployment` of the chart
+//! ([`reconcile`]). It also gives each service account that asks for one (a label on it or on
+//! its namespace) a waypoint `Gateway` of its own ([`accounts`]). It runs as `mesh-agent waypoint-controller`, a `Deployment` of the chart
 //! with its own account and RBAC (apart from the CA, which holds the signing key).
 
+pub mod account_loop;
+pub mod accounts;
 pub mod desired;
 pub mod reconcile;
 

@@ -51,30 +51,39 @@ struct Ctx {
     template: WaypointTemplate,
 }
 
-/// Runs the controller until `shutdown` completes.
+/// Runs the controller until `shutdown` completes: the waypoint `Gateways` turned into what
+/// runs them, and the per-service-account `Gateways` ([`crate::accounts`]).
 pub async fn run(
     client: Client,
     template: WaypointTemplate,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let resource = gateway_resource();
     let gateways = Api::<DynamicObject>::all_with(client.clone(), &resource);
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let deployments = Api::<Deployment>::all(client.clone());
-    let ctx = Arc::new(Ctx { client, template });
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        template,
+    });
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ctx)));
     info!(image = %ctx.template.image, "waypoint controller started");
-    Controller::new_with(gateways, watcher::Config::default(), resource)
+    let waypoints = Controller::new_with(gateways, watcher::Config::default(), resource)
         .owns(deployments, watcher::Config::default().labels(&managed))
-        .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
                 Ok((gateway, _)) => debug!(gateway = %gateway, "reconciled"),
                 Err(e) => debug!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    // Stopping drops the loops: every reconcile is an idempotent apply, the next controller
+    // picks up where this one left.
+    tokio::select! {
+        () = waypoints => {}
+        () = crate::account_loop::run(client) => {}
+        () = shutdown => {}
+    }
     sweeper.abort();
     info!("waypoint controller stopped");
 }

@@ -37,6 +37,8 @@ use mesh_tests::kube::{
 use serde_json::{json, Value};
 
 const NS: &str = "shop";
+/// One control plane at a time: two would compete for the machine's two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 
 fn gvk(group: &str, kind: &str, plural: &str) -> ApiResource {
@@ -71,12 +73,17 @@ where
 
 /// An echo `Deployment` `echo-<version>` (`mesh-probe http-echo`, answering with its name).
 fn echo(version: &str) -> Deployment {
+    echo_as(version, "default")
+}
+
+/// [`echo`] under service account `account`.
+fn echo_as(version: &str, account: &str) -> Deployment {
     from_json(json!({
         "metadata": {"name": format!("echo-{version}"), "namespace": NS},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web", "version": version}},
           "template": {
             "metadata": {"labels": {"app": "web", "version": version}},
-            "spec": {"containers": [{
+            "spec": {"serviceAccountName": account, "containers": [{
                 "name": "echo", "image": "mesh-probe",
                 "args": ["http-echo", "$(POD_IP):8080", "--name", version],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
@@ -342,6 +349,9 @@ fn echo_pods_stay_ready(mesh: &KubeMesh) {
 
 #[test]
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
     let vip = deploy(&mesh);
     check_controller_objects(&mesh);
@@ -349,4 +359,177 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     delete_gateway(&mesh, &vip);
+}
+
+/// The echo `Deployments` under service account `reviews`, their Services (no waypoint label)
+/// and the route of `web`. Returns `web`'s VIP.
+fn deploy_under_an_account(mesh: &KubeMesh) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(mesh.cp.client(), NS);
+    let reviews: ServiceAccount =
+        from_json(json!({"metadata": {"name": "reviews", "namespace": NS}}));
+    create(mesh, &accounts, &reviews, "ServiceAccount reviews");
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    for version in ["v1", "v2"] {
+        create(
+            mesh,
+            &deployments,
+            &echo_as(version, "reviews"),
+            "an echo Deployment",
+        );
+        let name = format!("web-{version}");
+        let svc = service(
+            &name,
+            &json!({"app": "web", "version": version}),
+            &json!({}),
+        );
+        create(mesh, &services, &svc, &name);
+    }
+    create(
+        mesh,
+        &services,
+        &service("web", &json!({"app": "web"}), &json!({})),
+        "web",
+    );
+    create(mesh, &routes(mesh), &route("web-v1"), "the HTTPRoute");
+    mesh.cp
+        .block_on(services.get("web"))
+        .expect("web")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("web's VIP")
+}
+
+/// Sets (or with `Null` removes) the namespace's `mesh.local/waypoint` label.
+fn set_waypoint_mode(mesh: &KubeMesh, value: &Value) {
+    let patch = json!({"metadata": {"labels": {"mesh.local/waypoint": value}}});
+    mesh.cp
+        .block_on(
+            Api::<k8s_openapi::api::core::v1::Namespace>::all(mesh.cp.client()).patch(
+                NS,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .expect("namespace labelled");
+}
+
+/// The account's waypoint: a Gateway owned by the account, made into a waypoint, ready, under
+/// its own identity.
+fn account_waypoint_runs(mesh: &KubeMesh) {
+    let gateway = mesh
+        .cp
+        .block_on(eventually(
+            "reviews-waypoint Programmed",
+            WAIT * 2,
+            || async {
+                let gw = gateways(mesh).get("reviews-waypoint").await.ok()?;
+                let gw = serde_json::to_value(gw).ok()?;
+                (condition(&gw, "Programmed").as_deref() == Some("True")).then_some(gw)
+            },
+        ))
+        .expect("the account's waypoint runs");
+    assert_eq!(
+        gateway["metadata"]["labels"]["mesh.local/waypoint-for-service-account"],
+        "reviews"
+    );
+    assert_eq!(
+        gateway["metadata"]["ownerReferences"][0]["kind"],
+        "ServiceAccount"
+    );
+    let accounts: Api<ServiceAccount> = Api::namespaced(mesh.cp.client(), NS);
+    mesh.cp
+        .block_on(accounts.get("reviews-waypoint"))
+        .expect("the waypoint's own identity");
+}
+
+/// A request to the v1 pod's own address goes through the account's waypoint (its access log
+/// names it) and is answered.
+fn pod_address_through_the_waypoint(mesh: &KubeMesh) {
+    let selector = ListParams::default().labels("app=web,version=v1");
+    let v1 = mesh
+        .cp
+        .block_on(mesh.pods().list(&selector))
+        .expect("v1 pod");
+    let v1_ip = v1.items[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("v1's address");
+    client(
+        mesh,
+        "direct",
+        "n0",
+        &format!("curl -sS --max-time 10 http://{v1_ip}:8080/direct -w '\\n'"),
+    );
+    assert_eq!(backends(mesh, 0, "direct"), ["v1"]);
+    let waypoint_logs: Vec<String> = mesh
+        .kubelets
+        .iter()
+        .flat_map(|k| {
+            k.pods()
+                .into_iter()
+                .filter(|p| p.name.starts_with("reviews-waypoint-"))
+                .flat_map(|p| k.logs(NS, &p.name, "waypoint"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        waypoint_logs
+            .iter()
+            .any(|l| l.contains("\"log\":\"access\"") && l.contains("/direct")),
+        "the pod-address request went through the account's waypoint"
+    );
+}
+
+/// The setting removed: the waypoint goes, and web's traffic is direct (no route: the header no
+/// longer picks v2 every time).
+fn setting_removed(mesh: &KubeMesh, vip: &str) {
+    set_waypoint_mode(mesh, &Value::Null);
+    mesh.cp
+        .block_on(eventually("reviews-waypoint gone", WAIT, || async {
+            gateways(mesh)
+                .get_opt("reviews-waypoint")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }))
+        .expect("the account's waypoint deleted");
+    let script = format!(
+        "for i in $(seq 1 6); do curl -sS --max-time 10 -H 'x-version: v2' http://{vip}/e -w '\\n' || exit 1; done"
+    );
+    let direct_again = (0..30).any(|i| {
+        let name = format!("plain-{i}");
+        client(mesh, &name, "n1", &script);
+        if backends(mesh, 1, &name).iter().any(|b| b == "v1") {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        false
+    });
+    assert!(
+        direct_again,
+        "web's traffic direct again, not routed by the waypoint"
+    );
+}
+
+/// The per-service-account setting on the namespace: the echo pods' account `reviews` gets its
+/// waypoint `reviews-waypoint` (a `Gateway` the controller makes, owned by the account, then
+/// run like any other), which takes the Service `web` (all its pods run under `reviews`, and it
+/// has no label of its own) and the pods' own addresses; removing the setting removes the
+/// waypoint and the traffic goes direct again.
+#[test]
+fn one_namespace_label_gives_each_service_account_its_own_waypoint() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
+    let vip = deploy_under_an_account(&mesh);
+    set_waypoint_mode(&mesh, &json!("per-service-account"));
+    account_waypoint_runs(&mesh);
+    // web's traffic goes through it (the route's header A/B applies) without any label on web.
+    ab_requests(&mesh, &vip);
+    pod_address_through_the_waypoint(&mesh);
+    setting_removed(&mesh, &vip);
 }

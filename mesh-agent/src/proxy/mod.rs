@@ -99,6 +99,9 @@ pub enum Route {
 #[derive(Clone, Debug)]
 pub struct WaypointRoute {
     pub addr: SocketAddr,
+    /// The tunnel's `:authority`: the original destination, or the Service's endpoint chosen
+    /// when only that endpoint's pod is behind the waypoint.
+    pub authority: SocketAddr,
     /// The service the destination was reached through.
     pub service: Option<Arc<Service>>,
     /// The waypoint's pod.

@@ -168,7 +168,7 @@ fn source_workload(
 
 /// A connection for a destination bound to a waypoint: always HBONE to the waypoint's pod
 /// (`info.upstream`), also on this node (the waypoint speaks nothing else), with the original
-/// destination as `:authority`. The tunnel's relay runs in a task of its own.
+/// destination (or the endpoint behind the waypoint) as `:authority`. The tunnel's relay runs in a task of its own.
 async fn to_waypoint(
     down: TcpStream,
     app: &NsSockKey,
@@ -183,14 +183,14 @@ async fn to_waypoint(
     info.service = via.service;
     info.dst_workload = Some(via.workload);
     info.src_workload = src_workload;
-    let identity = via.identity;
+    let (identity, authority) = (via.identity, via.authority);
     let conn = Conn {
         info,
         started,
         telemetry: Arc::clone(&ctx.telemetry),
         tracked: None,
     };
-    if let Some(tunnel) = hbone::outbound(down, pod, ctx, identity, dst, conn).await {
+    if let Some(tunnel) = hbone::outbound(down, pod, ctx, identity, authority, conn).await {
         tokio::spawn(tracing::Instrument::in_current_span(tunnel));
     }
 }

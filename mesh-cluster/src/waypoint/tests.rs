@@ -251,7 +251,9 @@ fn connections_to_a_bound_service_go_to_the_waypoint_except_the_waypoints_own() 
             waypoint,
             pod,
             addr,
+            authority,
         } => {
+            assert_eq!(authority, crate::tests::addr("10.96.0.1:80"), "the VIP");
             assert_eq!(service.map(|s| s.name.clone()).as_deref(), Some("a"));
             assert_eq!(waypoint.to_string(), "shop/wp");
             assert_eq!(addr.port(), 15008);
@@ -438,5 +440,131 @@ fn a_pod_out_of_its_services_endpoints_stays_behind_the_waypoint() {
     assert_eq!(
         (d.verdict, d.reason),
         (Verdict::Deny, DecisionReason::WaypointBypass)
+    );
+}
+
+/// Waypoint `shop/reviews-waypoint` for the workloads of service account `reviews`, with a
+/// ready pod; pods `r-0` (ready) and `r-1` (not ready) under `reviews` behind Service `r`,
+/// pod `o-0` under `other` behind Service `o`, and Service `mixed` over `r-0` and `o-0`.
+fn per_account(extra: &[String]) -> ClusterState {
+    let under = |name: &str, ip: &str, labels: &str, account: &str| {
+        pod("shop", name, "n0", ip, labels).replace(
+            "spec:\n",
+            &format!("spec:\n  serviceAccountName: {account}\n"),
+        )
+    };
+    let wp = pod(
+        "shop",
+        "reviews-waypoint-0",
+        "n1",
+        "10.0.1.9",
+        "gateway.networking.k8s.io/gateway-name: reviews-waypoint",
+    )
+    .replace("spec:\n", "spec:\n  serviceAccountName: reviews-waypoint\n");
+    let unready = format!(
+        "{}\n  conditions: [{{type: Ready, status: \"False\"}}]\n",
+        under("r-1", "10.0.0.2", "app: r, mix: \"yes\"", "reviews").trim_end()
+    );
+    let mut parts = vec![
+        namespace("shop", ""),
+        gateway(
+            "shop",
+            "reviews-waypoint",
+            "istio-waypoint",
+            "istio.io/waypoint-for: all, mesh.local/waypoint-for-service-account: reviews",
+        ),
+        wp,
+        under("r-0", "10.0.0.1", "app: r, mix: \"yes\"", "reviews"),
+        unready,
+        under("o-0", "10.0.0.3", "app: o, mix: \"yes\"", "other"),
+        service("shop", "r", "10.96.0.1", ""),
+        service("shop", "o", "10.96.0.2", ""),
+        service("shop", "mixed", "10.96.0.3", "").replace("{app: mixed}", "{mix: \"yes\"}"),
+    ];
+    parts.extend(extra.iter().cloned());
+    ClusterState::build(&parse(&docs(&parts)), &opts()).expect("builds")
+}
+
+#[test]
+fn a_service_accounts_waypoint_takes_its_pods_and_the_services_that_are_only_its() {
+    let state = per_account(&[]);
+    assert_eq!(binding(&state, "r"), "bound shop/reviews-waypoint");
+    assert_eq!(binding(&state, "o"), "none", "another account");
+    assert_eq!(binding(&state, "mixed"), "none", "pods of two accounts");
+    for (pod, bound) in [("r-0", true), ("r-1", true), ("o-0", false)] {
+        let workload = state.workload_by_name("shop", pod).expect("pod");
+        assert_eq!(
+            matches!(state.workload_waypoint(workload), WaypointBinding::Bound(_)),
+            bound,
+            "{pod}"
+        );
+    }
+    // An explicit label wins over the account's waypoint, `none` included.
+    let state = per_account(&[
+        service("shop", "r2", "10.96.0.4", "istio.io/use-waypoint: none")
+            .replace("{app: r2}", "{app: r}"),
+    ]);
+    assert_eq!(binding(&state, "r2"), "none");
+}
+
+#[test]
+fn through_a_service_without_waypoint_to_a_pod_behind_one_goes_through_that_waypoint() {
+    use crate::{tests::addr, Resolution};
+    // `mixed` has no waypoint; its endpoint `r-0` is behind its account's: the connection goes
+    // to that waypoint with the endpoint as authority. `o-0` is reached directly.
+    let state = per_account(&[]);
+    let client = state.workload_by_name("shop", "o-0").expect("o-0");
+    let mut seen = BTreeSet::new();
+    for _ in 0..4 {
+        match state.resolve_from(Some(client), addr("10.96.0.3:80")) {
+            Resolution::Waypoint {
+                waypoint,
+                authority,
+                ..
+            } => {
+                assert_eq!(waypoint.to_string(), "shop/reviews-waypoint");
+                assert_eq!(authority, addr("10.0.0.1:8080"), "the endpoint");
+                seen.insert("waypoint");
+            }
+            Resolution::Service { endpoint, .. } => {
+                assert_eq!(endpoint, addr("10.0.0.3:8080"));
+                seen.insert("direct");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen.len(), 2, "both endpoints: {seen:?}");
+    // The waypoint's own connection goes to the endpoint.
+    let wp = state
+        .workload_by_name("shop", "reviews-waypoint-0")
+        .expect("waypoint pod");
+    for _ in 0..4 {
+        assert!(!matches!(
+            state.resolve_from(Some(wp), addr("10.96.0.3:80")),
+            Resolution::Waypoint { .. }
+        ));
+    }
+}
+
+#[test]
+fn two_waypoints_for_one_account_the_first_by_name_serves_it() {
+    let second = gateway(
+        "shop",
+        "another",
+        "istio-waypoint",
+        "istio.io/waypoint-for: all, mesh.local/waypoint-for-service-account: reviews",
+    );
+    let state = per_account(&[second]);
+    assert_eq!(
+        binding(&state, "r"),
+        "unavailable: waypoint shop/another has no ready pod"
+    );
+    assert!(
+        state
+            .warnings()
+            .iter()
+            .any(|w| w.contains("also for service account shop/reviews")),
+        "{:?}",
+        state.warnings()
     );
 }
