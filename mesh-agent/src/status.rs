@@ -19,7 +19,7 @@ use crate::{
     proxy::ProxyCtx,
     telemetry::{
         access_log::rfc3339,
-        metrics::{write_counter, write_gauge, write_header, write_sample},
+        exposition::{Exposition, Kind},
     },
 };
 use mesh_cluster::{ClusterState, TargetPort};
@@ -47,13 +47,13 @@ impl std::fmt::Debug for AgentStatus {
 
 impl AdminSource for AgentStatus {
     fn metrics(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
+        let mut out = Exposition::default();
         self.ctx.telemetry.metrics.write_prometheus(&mut out);
         self.write_agent(&mut out);
         self.write_api(&mut out);
         self.write_fastpath(&mut out);
         write_process(&mut out, self.started);
-        out
+        out.encode()
     }
 
     fn config_dump(&self) -> Value {
@@ -213,18 +213,14 @@ fn certificates_json(snapshot: &CertSnapshot) -> Vec<Value> {
 
 impl AgentStatus {
     /// The Kubernetes source's health, when the agent reads the API.
-    fn write_api(&self, out: &mut String) {
+    fn write_api(&self, out: &mut Exposition) {
         if let Some(api) = &self.api {
             let api = api.borrow().clone();
-            write_gauge(
-                out,
-                "mesh_agent_kubernetes_api_reachable",
+            out.gauge("mesh_agent_kubernetes_api_reachable",
                 "1 while every watch of the Kubernetes API works; 0 while the agent serves its last view",
                 usize::from(api.unreachable_since.is_none()),
             );
-            write_gauge(
-                out,
-                "mesh_agent_kubernetes_api_unreachable_seconds",
+            out.gauge("mesh_agent_kubernetes_api_unreachable_seconds",
                 "Seconds since the Kubernetes API last failed, while it keeps failing (0 when reachable)",
                 api.unreachable_since
                     .and_then(|since| since.elapsed().ok())
@@ -233,76 +229,62 @@ impl AgentStatus {
         }
     }
 
-    fn write_agent(&self, out: &mut String) {
+    fn write_agent(&self, out: &mut Exposition) {
         let state = Arc::clone(&self.state.borrow());
         let local = Arc::clone(&self.ctx.local.borrow());
         let served: BTreeSet<&str> = local.values().map(|p| p.name.as_str()).collect();
-        write_header(
-            out,
+        out.family(
             "mesh_agent_info",
             "The agent's version and node",
-            "gauge",
-        );
-        write_sample(
-            out,
-            "mesh_agent_info",
+            Kind::Gauge,
+        )
+        .sample(
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
                 ("node", &self.config.node_name),
             ],
-            1,
+            1_u64,
         );
-        write_gauge(
-            out,
+        out.gauge(
             "mesh_agent_captured_workloads",
             "Pods of this node whose traffic the agent captures",
             served.len(),
         );
-        write_gauge(
-            out,
-            "mesh_agent_uncaptured_workloads",
+        out.gauge("mesh_agent_uncaptured_workloads",
             "Pods of this node the agent should capture and serve but cannot (see /config_dump for why); retried",
             self.uncaptured.borrow().len(),
         );
-        write_gauge(
-            out,
+        out.gauge(
             "mesh_agent_config_generation",
             "Generation of the cluster view in force",
             state.generation(),
         );
-        write_gauge(
-            out,
+        out.gauge(
             "mesh_agent_config_errors",
             "Config sources rejected or failing to parse (their last good version is in force)",
             state.errors().len(),
         );
-        write_gauge(
-            out,
+        out.gauge(
             "mesh_agent_config_warnings",
             "Warnings about valid config (conflicts, fields not enforced)",
             state.warnings().len(),
         );
-        write_gauge(
-            out,
+        out.gauge(
             "mesh_agent_authorization_policies",
             "AuthorizationPolicies in the cluster view",
             state.authorization_policies().len(),
         );
-        write_gauge(
-            out,
-            "mesh_agent_authorized_connections",
+        out.gauge("mesh_agent_authorized_connections",
             "Open connections this agent authorized as the destination's (re-checked on policy changes)",
             self.ctx.tracker.len(),
         );
         let log = &self.ctx.telemetry.access_log;
-        write_counter(
-            out,
+        out.counter(
             "mesh_agent_access_log_records_total",
             "Access log records written",
             log.written(),
         );
-        write_counter(
-            out,
+        out.counter(
             "mesh_agent_access_log_dropped_total",
             "Access log records dropped because the writer was behind",
             log.dropped(),
@@ -320,23 +302,17 @@ impl AgentStatus {
             })
             .collect();
         certs.sort_unstable();
-        write_header(
-            out,
+        let family = out.family(
             "mesh_agent_certificate_expiration_timestamp_seconds",
             "When each workload certificate expires (Unix time)",
-            "gauge",
+            Kind::Gauge,
         );
         for (identity, expiry) in certs {
-            write_sample(
-                out,
-                "mesh_agent_certificate_expiration_timestamp_seconds",
-                &[("identity", identity)],
-                expiry,
-            );
+            family.sample(&[("identity", identity)], expiry);
         }
     }
 
-    fn write_fastpath(&self, out: &mut String) {
+    fn write_fastpath(&self, out: &mut Exposition) {
         let stats = match self.ctx.conn.fastpath() {
             Ok(s) => s,
             Err(e) => {
@@ -365,16 +341,16 @@ impl AgentStatus {
                 ],
             ),
         ] {
-            write_header(out, name, help, "counter");
+            let family = out.family(name, help, Kind::Counter);
             for (outcome, v) in rows {
-                write_sample(out, name, &[("outcome", outcome)], v);
+                family.sample(&[("outcome", outcome)], v);
             }
         }
     }
 }
 
 /// Prometheus' standard process metrics, from `/proc/self`.
-fn write_process(out: &mut String, started: SystemTime) {
+fn write_process(out: &mut Exposition, started: SystemTime) {
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
         let kb = |key: &str| {
             status.lines().find_map(|l| {
@@ -386,16 +362,14 @@ fn write_process(out: &mut String, started: SystemTime) {
             })
         };
         if let Some(rss) = kb("VmRSS:") {
-            write_gauge(
-                out,
+            out.gauge(
                 "process_resident_memory_bytes",
                 "Resident memory size in bytes",
                 rss * 1024,
             );
         }
         if let Some(vm) = kb("VmSize:") {
-            write_gauge(
-                out,
+            out.gauge(
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes",
                 vm * 1024,
@@ -418,25 +392,21 @@ fn write_process(out: &mut String, started: SystemTime) {
         if let (Some(utime), Some(stime)) = (field(11), field(12)) {
             #[allow(clippy::cast_precision_loss)]
             let v = (utime + stime) as f64 / ticks as f64;
-            write_header(
-                out,
+            out.counter(
                 "process_cpu_seconds_total",
                 "Total user and system CPU time spent in seconds",
-                "counter",
+                v,
             );
-            write_sample(out, "process_cpu_seconds_total", &[], v);
         }
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        write_gauge(
-            out,
+        out.gauge(
             "process_open_fds",
             "Number of open file descriptors",
             dir.count(),
         );
     }
-    write_gauge(
-        out,
+    out.gauge(
         "process_start_time_seconds",
         "Start time of the process since the Unix epoch in seconds",
         started

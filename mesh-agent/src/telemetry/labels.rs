@@ -1,8 +1,6 @@
 //! Istio's traffic labels, derived from the cluster view the way Istio derives them, so that
 //! existing Istio dashboards (Grafana's "Istio Workload", Kiali) read the agent's metrics.
 
-use std::fmt::Write as _;
-
 use mesh_identity::Identity;
 
 use mesh_cluster::{Service, Workload};
@@ -147,9 +145,9 @@ pub struct TrafficLabels {
 }
 
 impl TrafficLabels {
-    /// Writes `{name="value",...}` in Prometheus text format.
-    pub fn write_prometheus(&self, out: &mut String) {
-        let pairs: [(&str, &str); 23] = [
+    /// The label pairs, in Istio's order.
+    pub fn pairs(&self) -> [(&str, &str); 23] {
+        [
             ("reporter", self.reporter.as_str()),
             ("source_workload", &self.source.workload),
             ("source_canonical_service", &self.source.canonical_service),
@@ -182,30 +180,8 @@ impl TrafficLabels {
             ("request_protocol", "tcp"),
             ("response_flags", self.response_flags.as_str()),
             ("connection_security_policy", self.security),
-        ];
-        write_label_pairs(out, &pairs);
+        ]
     }
-}
-
-/// Writes `{a="x",b="y"}` with Prometheus escaping (backslash, double quote, newline).
-pub fn write_label_pairs(out: &mut String, pairs: &[(&str, &str)]) {
-    out.push('{');
-    for (i, (name, value)) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{name}=\"");
-        for c in value.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-    }
-    out.push('}');
 }
 
 /// The workload (`Deployment`, `StatefulSet`, `DaemonSet`) a pod belongs to, from the names its
@@ -335,13 +311,6 @@ mod tests {
         let bare = pod("cart-1", &[]);
         assert_eq!(canonical_service(&bare), "cart-1");
         assert_eq!(canonical_revision(&bare), "latest");
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        let mut out = String::new();
-        write_label_pairs(&mut out, &[("a", "x\"y\\z\nw"), ("b", "plain")]);
-        assert_eq!(out, r#"{a="x\"y\\z\nw",b="plain"}"#);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Istio's TCP metrics (`istio_tcp_*`) and the agent's own counters, kept in memory and written
-//! in Prometheus text format on demand.
+//! Istio's TCP metrics (`istio_tcp_*`) and the agent's own counters, kept in memory and read
+//! into an [`Exposition`] (written by `prometheus-client`) at each scrape.
 //!
 //! A connection looks up its label set once, when it opens, and keeps the [`ConnCounters`] of
 //! it; bytes are then added with one atomic add per read, so a long-lived connection shows its
@@ -7,14 +7,16 @@
 
 use std::{
     collections::HashMap,
-    fmt::Write as _,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
 };
 
-use super::labels::{write_label_pairs, TrafficLabels};
+use super::{
+    exposition::{Exposition, Kind},
+    labels::TrafficLabels,
+};
 
 /// Counters of one label set.
 #[derive(Debug, Default)]
@@ -84,9 +86,9 @@ impl Metrics {
         self.open(labels).close();
     }
 
-    /// Writes the four `istio_tcp_*` families in Prometheus text format, label sets sorted so
-    /// that the output is stable.
-    pub fn write_prometheus(&self, out: &mut String) {
+    /// Adds the four `istio_tcp_*` families and the agent's counters to `out`, label sets
+    /// sorted so that the output is stable.
+    pub fn write_prometheus(&self, out: &mut Exposition) {
         let mut rows: Vec<(Arc<TrafficLabels>, [u64; 4])> = {
             let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
             families
@@ -123,107 +125,64 @@ impl Metrics {
                 "The size of total bytes received during request in case of a TCP connection",
             ),
         ];
-        for (i, (name, help)) in families.iter().enumerate() {
-            write_header(out, name, help, "counter");
+        for (i, (name, help)) in families.into_iter().enumerate() {
+            let family = out.family(name, help, Kind::Counter);
             for (labels, values) in &rows {
-                out.push_str(name);
-                labels.write_prometheus(out);
-                let _ = writeln!(out, " {}", values[i]);
+                family.sample(&labels.pairs(), values[i]);
             }
         }
         self.write_agent(out);
     }
 
-    fn write_agent(&self, out: &mut String) {
+    fn write_agent(&self, out: &mut Exposition) {
         let a = &self.agent;
-        write_header(
-            out,
+        out.family(
             "mesh_agent_authorization_decisions_total",
             "Connections checked against AuthorizationPolicy when they opened, by decision",
-            "counter",
+            Kind::Counter,
+        )
+        .sample(
+            &[("decision", "allow")],
+            a.authz_allowed.load(Ordering::Relaxed),
+        )
+        .sample(
+            &[("decision", "deny")],
+            a.authz_denied.load(Ordering::Relaxed),
         );
-        for (decision, v) in [("allow", &a.authz_allowed), ("deny", &a.authz_denied)] {
-            write_sample(
-                out,
-                "mesh_agent_authorization_decisions_total",
-                &[("decision", decision)],
-                v.load(Ordering::Relaxed),
-            );
-        }
-        write_counter(
-            out,
+        out.counter(
             "mesh_agent_connections_revoked_total",
             "Open connections closed because a policy change no longer allows them",
             a.revoked.load(Ordering::Relaxed),
         );
-        write_counter(
-            out,
+        out.counter(
             "mesh_agent_tunnels_idle_closed_total",
             "HBONE tunnels closed because no byte moved either way for the idle timeout",
             a.tunnels_idle_closed.load(Ordering::Relaxed),
         );
-        write_counter(
-            out,
+        out.counter(
             "mesh_agent_plaintext_refused_total",
             "Plaintext connections refused by PeerAuthentication STRICT",
             a.plaintext_refused.load(Ordering::Relaxed),
         );
-        write_counter(
-            out,
+        out.counter(
             "mesh_agent_upstream_connect_failures_total",
             "Connections whose upstream could not be reached",
             a.connect_failures.load(Ordering::Relaxed),
         );
-        write_header(
-            out,
+        out.family(
             "mesh_agent_active_connections",
             "Connections being relayed now, by direction",
-            "gauge",
+            Kind::Gauge,
+        )
+        .sample(
+            &[("direction", super::Direction::Outbound.as_str())],
+            a.active_outbound.load(Ordering::Relaxed),
+        )
+        .sample(
+            &[("direction", super::Direction::Inbound.as_str())],
+            a.active_inbound.load(Ordering::Relaxed),
         );
-        for (direction, v) in [
-            (super::Direction::Outbound.as_str(), &a.active_outbound),
-            (super::Direction::Inbound.as_str(), &a.active_inbound),
-        ] {
-            write_sample(
-                out,
-                "mesh_agent_active_connections",
-                &[("direction", direction)],
-                v.load(Ordering::Relaxed),
-            );
-        }
     }
-}
-
-/// `# HELP` and `# TYPE` lines.
-pub fn write_header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// One sample line.
-pub fn write_sample(
-    out: &mut String,
-    name: &str,
-    labels: &[(&str, &str)],
-    value: impl std::fmt::Display + Copy,
-) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        write_label_pairs(out, labels);
-    }
-    let _ = writeln!(out, " {value}");
-}
-
-/// A counter without labels, with its header.
-pub fn write_counter(out: &mut String, name: &str, help: &str, value: u64) {
-    write_header(out, name, help, "counter");
-    write_sample(out, name, &[], value);
-}
-
-/// A gauge without labels, with its header.
-pub fn write_gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display + Copy) {
-    write_header(out, name, help, "gauge");
-    write_sample(out, name, &[], value);
 }
 
 #[cfg(test)]
@@ -254,8 +213,9 @@ mod tests {
         b.add_bytes(1, 0);
         a.close();
         m.refused(labels(Reporter::Destination, ResponseFlags::Denied));
-        let mut out = String::new();
-        m.write_prometheus(&mut out);
+        let mut exposition = Exposition::default();
+        m.write_prometheus(&mut exposition);
+        let out = exposition.encode();
         let line = |name: &str, flags: &str| {
             out.lines()
                 .find(|l| l.starts_with(name) && l.contains(&format!("response_flags=\"{flags}\"")))

@@ -8,6 +8,7 @@
 //! `CONNECT` when the upstream could not be reached), and logged with the decision.
 
 pub mod access_log;
+pub mod exposition;
 pub mod labels;
 pub mod metrics;
 
