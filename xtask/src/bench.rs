@@ -40,6 +40,7 @@ use crate::{functions, residency};
 
 mod kube;
 mod l7;
+mod nginx;
 
 /// How long and how often to measure.
 #[derive(Clone, Debug)]

@@ -38,6 +38,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The waypoint's HTTP/2 multiplexing test, and the L7 benchmarks (h2load, wrk).
     ("h2load", "nghttp2-client"),
     ("wrk", "wrk"),
+    // The L7 benchmarks' reference: a C reverse proxy on the same rig (never started as a
+    // service: see `install_apt`).
+    ("nginx", "nginx-light"),
     // The offline rust-src fallback unpacks a .tar.xz.
     ("xz", "xz-utils"),
     // `ports.rs` narrows pods' ephemeral port ranges with it.
@@ -169,8 +172,27 @@ fn install_apt(_: &Path) -> Result<()> {
     let mut install = command(&["apt-get", "install", "-y", "--no-install-recommends"]);
     install.env("DEBIAN_FRONTEND", "noninteractive");
     install.args(missing_apt_packages());
-    stream(install, HINT)
+    // A package's service (nginx's) must not start on the machine's own network: Debian's
+    // policy-rc.d (exit 101: "action forbidden") holds it back, for this install only.
+    let policy = Path::new(POLICY_RC_D);
+    let placed = !policy.exists();
+    if placed {
+        fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts during its install\nexit 101\n",
+        )
+        .and_then(|()| fs::set_permissions(policy, fs::Permissions::from_mode(0o755)))
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+    }
+    let installed = stream(install, HINT);
+    if placed {
+        fs::remove_file(policy).with_context(|| format!("removing {POLICY_RC_D}"))?;
+    }
+    installed
 }
+
+/// Debian's hook that tells package scripts whether they may start services.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// Set when installing the pinned nightly failed and stable (with `RUSTC_BOOTSTRAP=1`) was
 /// accepted instead, for this run; the next run tries the nightly again.

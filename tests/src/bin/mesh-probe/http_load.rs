@@ -90,10 +90,17 @@ async fn connection(
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let io = TokioIo::new(tcp);
+    // HTTP/1.1 as clients send it: origin-form and a `Host` header (hyper's connection API
+    // adds none, and a proxy such as nginx refuses a request without it); HTTP/2 takes
+    // `:authority` from the URI.
     let request = || {
-        Request::get(format!("http://{addr}/"))
-            .body(Empty::<Bytes>::new())
-            .expect("a valid request")
+        if h2 {
+            Request::get(format!("http://{addr}/"))
+        } else {
+            Request::get("/").header(hyper::header::HOST, addr.as_str())
+        }
+        .body(Empty::<Bytes>::new())
+        .expect("a valid request")
     };
     let mut latencies = Vec::new();
     let mut errors = 0;
