@@ -38,15 +38,7 @@ impl NodeAddrs {
 
     /// Reads the addresses again; whether they changed.
     pub fn refresh(&self) -> Result<bool, nix::Error> {
-        let read: HashSet<IpAddr> = nix::ifaddrs::getifaddrs()?
-            .filter_map(|a| a.address)
-            .filter_map(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| IpAddr::V4(v4.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-            })
-            .map(|ip| ip.to_canonical())
-            .collect();
+        let read = local_addresses()?;
         let mut current = self.addrs.write().unwrap_or_else(PoisonError::into_inner);
         if **current == read {
             return Ok(false);
@@ -72,6 +64,20 @@ impl NodeAddrs {
             }
         })
     }
+}
+
+/// The addresses configured on the interfaces of the calling thread's network namespace
+/// (IPv4-mapped IPv6 folded into IPv4, as the cluster model keeps them).
+pub fn local_addresses() -> Result<HashSet<IpAddr>, nix::Error> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .map(|ip| ip.to_canonical())
+        .collect())
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     accounts::{gateway, is_accounts, wants_waypoint},
-    reconcile::{gateway_resource, FIELD_MANAGER},
+    resources::{gateway_resource, FIELD_MANAGER},
     ControllerError,
 };
 

@@ -12,6 +12,7 @@ pub mod account_loop;
 pub mod accounts;
 pub mod desired;
 pub mod reconcile;
+pub mod resources;
 
 pub use desired::{WaypointGateway, WaypointTemplate};
 pub use reconcile::run;

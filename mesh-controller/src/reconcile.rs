@@ -17,34 +17,23 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    api::{
-        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-    },
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
     runtime::{controller::Action, watcher, Controller},
     Api, Client, Resource,
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+pub use crate::resources::{gateway_resource, FIELD_MANAGER};
 use crate::{
     desired::{ca_root_copy, NotAWaypoint, WaypointGateway, WaypointTemplate, MANAGED_BY},
     ControllerError,
 };
 
-/// The field manager of every apply.
-pub const FIELD_MANAGER: &str = "mesh-waypoint-controller";
 /// How often bindings of deleted `Gateways` are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How soon a waypoint whose pods are not ready yet is looked at again.
 const NOT_READY_RECHECK: Duration = Duration::from_secs(5);
-
-/// `gateway.networking.k8s.io/v1` `Gateway`.
-pub fn gateway_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
-        "gateways",
-    )
-}
 
 struct Ctx {
     client: Client,

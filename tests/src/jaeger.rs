@@ -18,18 +18,7 @@ pub const JAEGER_PATH: &str = "target/kube/bin/jaeger";
 
 /// The `jaeger` binary `cargo xtask setup` built.
 pub fn binary() -> Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the workspace");
-    let path = root.join(JAEGER_PATH);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::ToolMissing(format!(
-            "{} is missing; run `cargo xtask setup`, which builds it from tests/jaeger with Go",
-            path.display()
-        )))
-    }
+    crate::built_tool(JAEGER_PATH, "tests/jaeger", "")
 }
 
 /// The OTLP/gRPC port.

@@ -88,6 +88,23 @@ impl std::fmt::Debug for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Helper for `map_err` on I/O results.
+/// The binary `cargo xtask setup` built at `path` (relative to the workspace root) from the Go
+/// module `module`, or what to do (`or_else`: another way, if any).
+pub(crate) fn built_tool(path: &str, module: &str, or_else: &str) -> Result<PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace");
+    let path = root.join(path);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::ToolMissing(format!(
+            "{} is missing; run `cargo xtask setup`, which builds it from {module} with Go{or_else}",
+            path.display()
+        )))
+    }
+}
+
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }

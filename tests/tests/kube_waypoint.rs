@@ -71,12 +71,8 @@ where
         .unwrap_or_else(|e| panic!("creating {what}: {e}"));
 }
 
-/// An echo `Deployment` `echo-<version>` (`mesh-probe http-echo`, answering with its name).
-fn echo(version: &str) -> Deployment {
-    echo_as(version, "default")
-}
-
-/// [`echo`] under service account `account`.
+/// An echo `Deployment` `echo-<version>` (`mesh-probe http-echo`, answering with its name)
+/// under service account `account`.
 fn echo_as(version: &str, account: &str) -> Deployment {
     from_json(json!({
         "metadata": {"name": format!("echo-{version}"), "namespace": NS},
@@ -158,10 +154,29 @@ fn condition(gateway: &Value, kind: &str) -> Option<String> {
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
 /// `HTTPRoute`. Returns `web`'s VIP.
 fn deploy(mesh: &KubeMesh) -> String {
+    let vip = deploy_echoes(mesh, "default", &json!({"istio.io/use-waypoint": "wp"}));
+    let gateway: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": NS, "labels": {"istio.io/waypoint-for": "service"}},
+        "spec": {"gatewayClassName": "istio-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    }));
+    create(mesh, &gateways(mesh), &gateway, "the waypoint Gateway");
+    vip
+}
+
+/// The echo `Deployments` (under service account `account`), `web-v1`, `web-v2`, and `web`
+/// (labelled `web_labels`) with its route. Returns `web`'s VIP.
+fn deploy_echoes(mesh: &KubeMesh, account: &str, web_labels: &Value) -> String {
     let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
     let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
     for version in ["v1", "v2"] {
-        create(mesh, &deployments, &echo(version), "an echo Deployment");
+        create(
+            mesh,
+            &deployments,
+            &echo_as(version, account),
+            "an echo Deployment",
+        );
         let name = format!("web-{version}");
         let svc = service(
             &name,
@@ -170,20 +185,8 @@ fn deploy(mesh: &KubeMesh) -> String {
         );
         create(mesh, &services, &svc, &name);
     }
-    let bound = json!({"istio.io/use-waypoint": "wp"});
-    create(
-        mesh,
-        &services,
-        &service("web", &json!({"app": "web"}), &bound),
-        "web",
-    );
-    let gateway: DynamicObject = from_json(json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-        "metadata": {"name": "wp", "namespace": NS, "labels": {"istio.io/waypoint-for": "service"}},
-        "spec": {"gatewayClassName": "istio-waypoint",
-                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
-    }));
-    create(mesh, &gateways(mesh), &gateway, "the waypoint Gateway");
+    let web = service("web", &json!({"app": "web"}), web_labels);
+    create(mesh, &services, &web, "web");
     create(mesh, &routes(mesh), &route("web-v1"), "the HTTPRoute");
     mesh.cp
         .block_on(services.get("web"))
@@ -368,36 +371,7 @@ fn deploy_under_an_account(mesh: &KubeMesh) -> String {
     let reviews: ServiceAccount =
         from_json(json!({"metadata": {"name": "reviews", "namespace": NS}}));
     create(mesh, &accounts, &reviews, "ServiceAccount reviews");
-    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
-    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
-    for version in ["v1", "v2"] {
-        create(
-            mesh,
-            &deployments,
-            &echo_as(version, "reviews"),
-            "an echo Deployment",
-        );
-        let name = format!("web-{version}");
-        let svc = service(
-            &name,
-            &json!({"app": "web", "version": version}),
-            &json!({}),
-        );
-        create(mesh, &services, &svc, &name);
-    }
-    create(
-        mesh,
-        &services,
-        &service("web", &json!({"app": "web"}), &json!({})),
-        "web",
-    );
-    create(mesh, &routes(mesh), &route("web-v1"), "the HTTPRoute");
-    mesh.cp
-        .block_on(services.get("web"))
-        .expect("web")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("web's VIP")
+    deploy_echoes(mesh, "reviews", &json!({}))
 }
 
 /// Sets (or with `Null` removes) the namespace's `mesh.local/waypoint` label.

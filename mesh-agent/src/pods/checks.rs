@@ -219,16 +219,7 @@ pub fn check_shared_netns<'a>(
 /// The addresses configured on the interfaces of the calling thread's network namespace
 /// (IPv4-mapped IPv6 folded into IPv4, as the cluster model keeps them).
 fn local_addresses() -> io::Result<HashSet<IpAddr>> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-    Ok(addrs
-        .filter_map(|a| a.address)
-        .filter_map(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        })
-        .map(|ip| ip.to_canonical())
-        .collect())
+    crate::node_addrs::local_addresses().map_err(io::Error::from)
 }
 
 #[cfg(test)]

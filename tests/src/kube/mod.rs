@@ -110,18 +110,7 @@ pub fn helm_binary() -> Result<PathBuf> {
 /// The binary `cargo xtask setup` built at `path` (relative to the workspace root) from the Go
 /// module `module`, or what to do (`or_else`: another way, if any).
 fn built(path: &str, module: &str, or_else: &str) -> Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the workspace");
-    let path = root.join(path);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::Setup(format!(
-            "{} is missing; run `cargo xtask setup`, which builds it from {module} with Go{or_else}",
-            path.display()
-        )))
-    }
+    Ok(crate::built_tool(path, module, or_else)?)
 }
 
 /// The chart (`deploy/chart`).
