@@ -106,9 +106,9 @@ pub enum DecisionReason {
     /// one), the connection does not come from that waypoint, and no ALLOW policy explicitly
     /// lets it in: denied (set by [`super::ClusterState::admit`]; `policy` names the waypoint).
     WaypointBypass,
-    /// The connection comes from the destination's own node (its host network: the kubelet's
-    /// health probes), which no policy holds, as in Istio ambient, where the node's probes never
-    /// reach ztunnel: allowed (set by [`super::ClusterState::admit`]).
+    /// The destination is behind a waypoint and the plaintext connection comes from its own
+    /// node (its host network: the kubelet's health probes), which is no bypass; the policies
+    /// allowed it (set by [`super::ClusterState::admit`]).
     NodeLocal,
 }
 

@@ -36,7 +36,10 @@ pub enum Origin {
     /// The destination's own node: a plaintext connection from an address of the node's host
     /// network namespace (the kubelet's health probes, host-network processes). Another pod
     /// cannot open one: a spoofed node address gets its replies delivered to the node, never
-    /// to the spoofer, so the TCP handshake does not complete.
+    /// to the spoofer, so the TCP handshake does not complete. Only the waypoint rule lets it
+    /// through ([`crate::DecisionReason::NodeLocal`]): traffic from outside the cluster that
+    /// a node masquerades (a `NodePort`) carries the node's address too, so STRICT mTLS and
+    /// `AuthorizationPolicy` hold for it as for any plaintext source.
     Node,
 }
 
@@ -45,16 +48,6 @@ impl ClusterState {
     /// as a workload is refused ([`DecisionReason::UnknownDestination`]): its policies cannot
     /// be known (the caller decides only for pods it captured).
     pub fn admit(&self, conn: &Inbound<'_>) -> AuthzDecision {
-        // The node's own connections (its kubelet's probes) are held to nothing: a pod behind
-        // a waypoint, under STRICT mTLS or a DENY-all policy stays probe-able, as in Istio.
-        if conn.origin == Origin::Node && conn.src_identity.is_none() {
-            return AuthzDecision {
-                verdict: Verdict::Allow,
-                reason: DecisionReason::NodeLocal,
-                policy: None,
-                audited: Box::default(),
-            };
-        }
         let dst_ip = conn.dst.ip().to_canonical();
         let Some(dst) = self.workload_by_ip(dst_ip) else {
             return AuthzDecision {
@@ -89,6 +82,15 @@ impl ClusterState {
         }
         match self.waypoint_guard(dst, conn.src.ip(), conn.src_identity) {
             Guard::Open | Guard::ThroughWaypoint => decision,
+            // The node's own connection (its kubelet's probe) is no bypass: the pod stays
+            // probe-able behind its waypoint. Only the waypoint rule gives way: STRICT mTLS and
+            // the policies above hold for it as for any plaintext source.
+            Guard::Bypassed(_) if conn.origin == Origin::Node && conn.src_identity.is_none() => {
+                AuthzDecision {
+                    reason: DecisionReason::NodeLocal,
+                    ..decision
+                }
+            }
             Guard::Bypassed(waypoints) => AuthzDecision {
                 verdict: Verdict::Deny,
                 reason: DecisionReason::WaypointBypass,

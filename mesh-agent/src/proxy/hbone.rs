@@ -337,7 +337,7 @@ async fn tunnel(
         info,
         started,
         telemetry: Arc::clone(&ctx.telemetry),
-        tracked,
+        tracked: Some(tracked),
     };
     Some(relay_inbound_tunnel(stream, app, conn, ctx.transport.idle.as_ref()).holding(peer_guard))
 }

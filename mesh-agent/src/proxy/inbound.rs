@@ -44,7 +44,7 @@ pub(super) async fn handle(
                 info,
                 started,
                 telemetry: Arc::clone(&ctx.telemetry),
-                tracked,
+                tracked: Some(tracked),
             };
             Some(relay(down, up, conn).holding(peer_guard))
         }

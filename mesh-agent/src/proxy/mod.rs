@@ -208,17 +208,17 @@ impl Drop for PodListeners {
     }
 }
 
-/// An admitted connection's place in the tracker: `None` for the node's own connections, which
-/// no policy change revokes (they are let in whatever the policies say).
-pub(crate) type Admitted = Option<Arc<Tracked>>;
-
 /// At the destination's agent: checks `info`'s connection against `AuthorizationPolicy`. An
-/// allowed connection from the network is tracked (registered before the decision, so that a
-/// policy published meanwhile is applied by the re-check) and its decision kept in `info`; a
-/// denied one is recorded as refused and `None` returned (the caller closes it without dialling
-/// anything). A plaintext connection from one of the node's own addresses is the node's
-/// ([`mesh_cluster::Origin::Node`]: the kubelet's probes).
-fn authorize(ctx: &ProxyCtx, info: &mut ConnInfo, started: std::time::Instant) -> Option<Admitted> {
+/// allowed connection is tracked (registered before the decision, so that a policy published
+/// meanwhile is applied by the re-check) and its decision kept in `info`; a denied one is
+/// recorded as refused and `None` returned (the caller closes it without dialling anything). A
+/// plaintext connection from one of the node's own addresses is the node's
+/// ([`mesh_cluster::Origin::Node`]: the kubelet's probes, no bypass of a waypoint).
+fn authorize(
+    ctx: &ProxyCtx,
+    info: &mut ConnInfo,
+    started: std::time::Instant,
+) -> Option<Arc<Tracked>> {
     let src_identity = info.identities().0.cloned();
     let origin = if src_identity.is_none() && ctx.node.contains(info.src.ip()) {
         mesh_cluster::Origin::Node
@@ -231,8 +231,7 @@ fn authorize(ctx: &ProxyCtx, info: &mut ConnInfo, started: std::time::Instant) -
         dst: info.upstream,
         origin,
     };
-    let tracked =
-        (origin == mesh_cluster::Origin::Network).then(|| ctx.tracker.track(subject.clone()));
+    let tracked = ctx.tracker.track(subject.clone());
     let decision = ctx.resolver.authorize(&subject);
     match decision.verdict {
         Verdict::Allow => {

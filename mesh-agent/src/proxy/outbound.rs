@@ -94,7 +94,7 @@ pub(super) async fn handle(
                         netns: target.netns_cookie,
                         sock: peer_guard.app_view(),
                     };
-                    let relay = relay(down, up, conn(info, tracked)).holding(peer_guard);
+                    let relay = relay(down, up, conn(info, Some(tracked))).holding(peer_guard);
                     Some(pair_direct(relay, app, &pod, server, &target, &ctx))
                 }
                 Err(e) => {

@@ -27,8 +27,7 @@ pub struct AuthzSubject {
     pub src_identity: Option<Identity>,
     /// The destination workload's address and port.
     pub dst: SocketAddr,
-    /// The node itself, or the network. Only connections from the network are tracked (the
-    /// node's are let in whatever the policies say, so no change revokes them).
+    /// The node itself, or the network (kept for the re-checks).
     pub origin: Origin,
 }
 
@@ -67,12 +66,21 @@ impl From<Addr> for SocketAddr {
     }
 }
 
+/// The source as policy sees it: its address and where it comes from, in the same 20 bytes
+/// (the origin fills the address's padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Source {
+    ip: IpAddr,
+    port: u16,
+    origin: Origin,
+}
+
 /// One tracked connection: 112 bytes, so that with its reference counts it takes jemalloc's
 /// 128-byte class (unit-tested). Its subject is kept compact and rebuilt for a re-check, which
 /// is rare; its place in the tracker is its address.
 #[derive(Debug)]
 pub struct Tracked {
-    src: Addr,
+    src: Source,
     dst: Addr,
     src_identity: Option<Identity>,
     /// The decision that revoked the connection, once one has. Boxed: rare, and every open
@@ -86,10 +94,10 @@ impl Tracked {
     /// What the connection's authorization depends on.
     fn subject(&self) -> AuthzSubject {
         AuthzSubject {
-            src: self.src.into(),
+            src: SocketAddr::new(self.src.ip, self.src.port),
             src_identity: self.src_identity.clone(),
             dst: self.dst.into(),
-            origin: Origin::Network,
+            origin: self.src.origin,
         }
     }
 
@@ -135,7 +143,11 @@ impl Tracker {
     /// Registers a connection that was authorized; keep the handle for its life.
     pub fn track(self: &Arc<Self>, subject: AuthzSubject) -> Arc<Tracked> {
         let tracked = Arc::new(Tracked {
-            src: subject.src.into(),
+            src: Source {
+                ip: subject.src.ip(),
+                port: subject.src.port(),
+                origin: subject.origin,
+            },
             dst: subject.dst.into(),
             src_identity: subject.src_identity,
             revoked_by: OnceLock::new(),

@@ -162,38 +162,30 @@ fn an_ipv4_mapped_destination_is_the_ipv4_workload() {
 }
 
 #[test]
-fn the_nodes_own_plaintext_connections_are_held_to_nothing_and_only_they() {
-    // STRICT on 8080 and an ALLOW for `cli` only: a plaintext connection from the network is
-    // refused; the same from the node (its kubelet's probe) is let in, even to an address the
-    // view does not know yet (a pod probed before its address reached the API).
+fn the_nodes_own_plaintext_connections_are_held_to_strict_mtls_and_policy() {
+    // A `NodePort`'s traffic from outside the cluster reaches the pod from the node's address
+    // too: the node's connections get no exemption from STRICT mTLS nor from policy.
     let state = state(&format!("{STRICT_ON_8080}{ALLOW_CLI}"));
-    let from = |origin, dst: &str, identity: Option<&Identity>| {
+    for origin in [crate::Origin::Network, crate::Origin::Node] {
         let d = state.admit(&Inbound {
             src: addr("10.0.0.1:40000"),
-            dst: addr(dst),
-            src_identity: identity,
+            dst: addr("10.0.0.2:8080"),
+            src_identity: None,
             origin,
         });
-        (d.verdict, d.reason)
-    };
-    let node = crate::Origin::Node;
-    let network = crate::Origin::Network;
-    assert_eq!(
-        from(network, "10.0.0.2:8080", None),
-        (Verdict::Deny, DecisionReason::MtlsRequired)
-    );
-    assert_eq!(
-        from(network, "10.0.0.2:9090", None),
-        (Verdict::Deny, DecisionReason::NoAllowMatched)
-    );
-    for dst in ["10.0.0.2:8080", "10.0.0.2:9090", "10.9.9.9:80"] {
         assert_eq!(
-            from(node, dst, None),
-            (Verdict::Allow, DecisionReason::NodeLocal),
-            "{dst}"
+            (d.verdict, d.reason),
+            (Verdict::Deny, DecisionReason::MtlsRequired)
+        );
+        let d = state.admit(&Inbound {
+            src: addr("10.0.0.1:40000"),
+            dst: addr("10.0.0.2:9090"),
+            src_identity: None,
+            origin,
+        });
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::Deny, DecisionReason::NoAllowMatched)
         );
     }
-    // With an identity it is a tunnel, not the node: the policies decide.
-    let other = id("other");
-    assert_eq!(from(node, "10.0.0.2:8080", Some(&other)).0, Verdict::Deny);
 }

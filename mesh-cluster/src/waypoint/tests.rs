@@ -568,3 +568,38 @@ fn two_waypoints_for_one_account_the_first_by_name_serves_it() {
         state.warnings()
     );
 }
+
+#[test]
+fn the_nodes_own_plaintext_connection_is_no_bypass() {
+    // `a-0` is behind `wp`: its kubelet's probe (plaintext from the node) passes the waypoint
+    // rule, named `node_local`; the same from the network does not; with an identity it is a
+    // tunnel, not the node.
+    use crate::{decision::Inbound, tests::addr, DecisionReason, Origin, Verdict};
+    let state = cluster("", "istio.io/use-waypoint: wp", "", &[]);
+    let admit = |origin, identity: Option<&mesh_identity::Identity>| {
+        let d = state.admit(&Inbound {
+            src: addr("10.0.9.1:40000"),
+            dst: addr("10.0.0.1:8080"),
+            src_identity: identity,
+            origin,
+        });
+        (d.verdict, d.reason)
+    };
+    assert_eq!(
+        admit(Origin::Node, None),
+        (Verdict::Allow, DecisionReason::NodeLocal)
+    );
+    assert_eq!(
+        admit(Origin::Network, None),
+        (Verdict::Deny, DecisionReason::WaypointBypass)
+    );
+    let someone = state
+        .workload_by_name("shop", "a-0")
+        .expect("a-0")
+        .identity
+        .clone();
+    assert_eq!(
+        admit(Origin::Node, Some(&someone)).1,
+        DecisionReason::WaypointBypass
+    );
+}
