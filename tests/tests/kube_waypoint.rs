@@ -507,3 +507,171 @@ fn one_namespace_label_gives_each_service_account_its_own_waypoint() {
     pod_address_through_the_waypoint(&mesh);
     setting_removed(&mesh, &vip);
 }
+
+fn virtual_services(mesh: &KubeMesh) -> Api<DynamicObject> {
+    let resource = gvk("networking.istio.io", "VirtualService", "virtualservices");
+    Api::namespaced_with(mesh.cp.client(), NS, &resource)
+}
+
+fn destination_rules(mesh: &KubeMesh) -> Api<DynamicObject> {
+    let resource = gvk("networking.istio.io", "DestinationRule", "destinationrules");
+    Api::namespaced_with(mesh.cp.client(), NS, &resource)
+}
+
+/// Runs `script` in a new client pod on n0 until `done` holds for its echo backends (each
+/// line's `backend`, or the status curl printed), or fails after 30 tries.
+fn until_seen(
+    mesh: &KubeMesh,
+    prefix: &str,
+    script: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let mut last = Vec::new();
+    for i in 0..30 {
+        let name = format!("{prefix}-{i}");
+        client(mesh, &name, "n0", script);
+        assert_eq!(
+            mesh.finished(&name).expect("client ends"),
+            "Succeeded",
+            "{:?}",
+            mesh.kubelets[0].logs(NS, &name, "client")
+        );
+        last = mesh.kubelets[0]
+            .logs(NS, &name, "client")
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                // An echo's JSON line names its backend; anything else (a status) is kept.
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(Value::is_object)
+                    .map_or_else(
+                        || l.trim().to_owned(),
+                        |v| v["backend"].as_str().unwrap_or("?").to_owned(),
+                    )
+            })
+            .collect();
+        if done(&last) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("{prefix}: never as expected; last: {last:?}");
+}
+
+/// Patches the route of `web` to `route`'s spec.
+fn patch_route(mesh: &KubeMesh, route: &DynamicObject) {
+    let patch = serde_json::to_value(route).expect("JSON");
+    mesh.cp
+        .block_on(routes(mesh).patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": patch["spec"]})),
+        ))
+        .expect("route patched");
+}
+
+/// A canary, 90/10 over 200 requests: v2's share within ±4 standard deviations (20 ± 17).
+fn canary_from_the_api(mesh: &KubeMesh, vip: &str) {
+    patch_route(
+        mesh,
+        &from_json(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [
+                    {"name": "web-v1", "port": 80, "weight": 90},
+                    {"name": "web-v2", "port": 80, "weight": 10},
+                ]}],
+            },
+        })),
+    );
+    let urls: Vec<String> = (0..200).map(|i| format!("http://{vip}/c/{i}")).collect();
+    let script = format!("curl -sS --max-time 30 -w '\\n' {}", urls.join(" "));
+    let seen = until_seen(mesh, "canary", &script, |seen| {
+        seen.len() == 200 && seen.iter().any(|b| b == "v2")
+    });
+    let v2 = seen.iter().filter(|b| *b == "v2").count();
+    eprintln!("canary on Kubernetes: {v2} of 200 to v2");
+    assert!((3..=37).contains(&v2), "v2 took {v2} of 200");
+}
+
+/// A request timeout of 300 ms to a backend asked (by the rule's header filter) to answer in
+/// 1 s: 504.
+fn timeout_from_the_api(mesh: &KubeMesh, vip: &str) {
+    patch_route(
+        mesh,
+        &from_json(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}],
+                           "timeouts": {"request": "300ms"},
+                           "filters": [{"type": "RequestHeaderModifier",
+                                        "requestHeaderModifier": {
+                                            "add": [{"name": "x-delay-ms", "value": "1000"}]}}]}],
+            },
+        })),
+    );
+    let script =
+        format!("curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/t");
+    until_seen(mesh, "timeout", &script, |seen| seen == ["504"]);
+}
+
+/// Istio's traffic objects: the `HTTPRoute` removed, a `VirtualService` aborting `/abort` with
+/// 418 and sending `x-user: alice` to the `DestinationRule`'s subset v2, the rest to v1.
+fn istio_objects_from_the_api(mesh: &KubeMesh, vip: &str) {
+    mesh.cp
+        .block_on(routes(mesh).delete("web", &DeleteParams::default()))
+        .expect("route deleted");
+    let dr: DynamicObject = from_json(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"host": "web", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ], "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}},
+    }));
+    let vs: DynamicObject = from_json(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"hosts": ["web"], "http": [
+            {"name": "abort", "match": [{"uri": {"prefix": "/abort"}}],
+             "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+             "route": [{"destination": {"host": "web", "subset": "v1"}}]},
+            {"name": "alice", "match": [{"headers": {"x-user": {"exact": "alice"}}}],
+             "route": [{"destination": {"host": "web", "subset": "v2"}}]},
+            {"name": "rest", "route": [{"destination": {"host": "web", "subset": "v1"}}]},
+        ]},
+    }));
+    create(mesh, &destination_rules(mesh), &dr, "the DestinationRule");
+    create(mesh, &virtual_services(mesh), &vs, "the VirtualService");
+    let script = format!(
+        "curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/abort/1; \
+         for i in 1 2 3; do curl -sS --max-time 10 -H 'x-user: alice' http://{vip}/a -w '\\n' || exit 1; done; \
+         for i in 1 2 3; do curl -sS --max-time 10 http://{vip}/b -w '\\n' || exit 1; done"
+    );
+    let seen = until_seen(mesh, "istio", &script, |seen| {
+        seen == ["418", "v2", "v2", "v2", "v1", "v1", "v1"]
+    });
+    eprintln!("VirtualService on Kubernetes: {seen:?}");
+}
+
+/// The L7 objects as the API server stores and returns them (with its defaults filled in),
+/// read by the waypoint from the API: a weighted canary `HTTPRoute`, its request timeout, and
+/// an Istio `VirtualService` with an injected abort and a header route to a `DestinationRule`
+/// subset.
+#[test]
+fn canary_timeout_fault_and_subsets_from_the_api() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
+    let vip = deploy(&mesh);
+    check_controller_objects(&mesh);
+    canary_from_the_api(&mesh, &vip);
+    timeout_from_the_api(&mesh, &vip);
+    istio_objects_from_the_api(&mesh, &vip);
+}

@@ -4,7 +4,8 @@
 //! (`N`), method, path (with the query), host, protocol and request headers. Serves HTTP/1.1 and
 //! h2c (HTTP/2 without TLS, told apart by its preface) on each connection. With `--fail-first K`
 //! the first K requests get `503` (for retry tests), still with the JSON line; with `--delay-ms D`
-//! every answer waits D ms (for timeout tests). Prints `served <n> <method> <path> <status>` per
+//! every answer waits D ms (for timeout tests), and a request with `x-delay-ms: D` waits D ms
+//! itself (at most 10 s). Prints `served <n> <method> <path> <status>` per
 //! request, so tests count what reached the backend.
 
 use std::{
@@ -129,7 +130,14 @@ async fn answer(
         "headers": headers,
         "body_bytes": body,
     });
-    if let Some(delay) = options.delay {
+    // A request may ask for its own delay (`x-delay-ms`, at most 10 s), as the timeout test
+    // on Kubernetes does through a route's header filter.
+    let asked = parts
+        .headers
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(|ms| std::time::Duration::from_millis(ms.min(10_000)));
+    if let Some(delay) = asked.or(options.delay) {
         tokio::time::sleep(delay).await;
     }
     let mut response = Response::new(Full::new(Bytes::from(format!("{line}\n"))));
