@@ -32,8 +32,10 @@ impl NodeAddrs {
 
     /// Whether `ip` is one of the node's addresses.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let addrs = Arc::clone(&self.addrs.read().unwrap_or_else(PoisonError::into_inner));
-        addrs.contains(&ip.to_canonical())
+        self.addrs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&ip.to_canonical())
     }
 
     /// Reads the addresses again; whether they changed.

@@ -464,36 +464,7 @@ impl ClusterState {
         };
         match binding {
             WaypointBinding::None if service.is_some() => self.through_endpoint_waypoint(src, dst),
-            WaypointBinding::None => self.resolve(dst),
-            WaypointBinding::Bound(waypoint) => {
-                if src.is_some_and(|src| waypoint.has_pod(src)) {
-                    return self.resolve(dst);
-                }
-                match waypoint.pick(dst.ip()) {
-                    Some((pod, addr)) => Resolution::Waypoint {
-                        service: service.cloned(),
-                        waypoint: Arc::clone(waypoint),
-                        pod: Arc::clone(pod),
-                        addr,
-                        authority: dst,
-                    },
-                    None => Resolution::WaypointUnavailable {
-                        service: service.cloned(),
-                        reason: crate::waypoint::Unavailable::NotReady {
-                            waypoint: format!("{waypoint} (no pod of the destination's family)"),
-                        },
-                    },
-                }
-            }
-            WaypointBinding::Unavailable(reason) => {
-                if src.is_some_and(|src| self.waypoint_of_pod(src).is_some()) {
-                    return self.resolve(dst);
-                }
-                Resolution::WaypointUnavailable {
-                    service: service.cloned(),
-                    reason: reason.clone(),
-                }
-            }
+            binding => self.through(binding, src, service.cloned(), dst, || self.resolve(dst)),
         }
     }
 
@@ -511,21 +482,37 @@ impl ClusterState {
         else {
             return resolved;
         };
-        match self.workload_waypoint(workload) {
-            WaypointBinding::None => resolved,
+        let (service, endpoint) = (Arc::clone(service), *endpoint);
+        let binding = self.workload_waypoint(workload);
+        self.through(binding, src, Some(service), endpoint, move || resolved)
+    }
+
+    /// Where a connection from `src` for `authority` goes under `binding`: `direct` when there
+    /// is no waypoint or `src` is a waypoint's own pod; else over HBONE to a pod of the waypoint
+    /// (of `authority`'s family), or refused when the waypoint cannot take it (fail closed).
+    fn through(
+        &self,
+        binding: &WaypointBinding,
+        src: Option<&Workload>,
+        service: Option<Arc<Service>>,
+        authority: SocketAddr,
+        direct: impl FnOnce() -> Resolution,
+    ) -> Resolution {
+        match binding {
+            WaypointBinding::None => direct(),
             WaypointBinding::Bound(waypoint) if src.is_some_and(|s| waypoint.has_pod(s)) => {
-                resolved
+                direct()
             }
-            WaypointBinding::Bound(waypoint) => match waypoint.pick(endpoint.ip()) {
+            WaypointBinding::Bound(waypoint) => match waypoint.pick(authority.ip()) {
                 Some((pod, addr)) => Resolution::Waypoint {
-                    service: Some(Arc::clone(service)),
+                    service,
                     waypoint: Arc::clone(waypoint),
                     pod: Arc::clone(pod),
                     addr,
-                    authority: *endpoint,
+                    authority,
                 },
                 None => Resolution::WaypointUnavailable {
-                    service: Some(Arc::clone(service)),
+                    service,
                     reason: crate::waypoint::Unavailable::NotReady {
                         waypoint: format!("{waypoint} (no pod of the destination's family)"),
                     },
@@ -534,10 +521,10 @@ impl ClusterState {
             WaypointBinding::Unavailable(_)
                 if src.is_some_and(|s| self.waypoint_of_pod(s).is_some()) =>
             {
-                resolved
+                direct()
             }
             WaypointBinding::Unavailable(reason) => Resolution::WaypointUnavailable {
-                service: Some(Arc::clone(service)),
+                service,
                 reason: reason.clone(),
             },
         }
