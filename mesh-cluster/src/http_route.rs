@@ -22,8 +22,13 @@
 //! list order. When routes attach to the port and none matches, the answer is 404; when none
 //! attaches, the request goes to the Service itself ([`RouteDecision::Default`]).
 //!
-//! Backends are Services of the route's namespace; a backend that does not exist, another kind,
-//! or another namespace (which needs a `ReferenceGrant`, not read yet) is kept as
+//! Backends are Services of the route's namespace, or the parent Service itself (a consumer
+//! route sending its namespace's requests on to the Service they were for: GEP-1294, which lets
+//! mesh routes reach other namespaces without a `ReferenceGrant` where that widens no one's
+//! reach). Any other Service of another namespace is not: the waypoint would reach it under the
+//! waypoint's own identity, which its policies may allow where they refuse the route's clients,
+//! so it needs a `ReferenceGrant` (not read yet). A backend that does not exist, another kind,
+//! or another namespace is kept as
 //! [`Backend::Invalid`], so that its share of the requests gets a 500 as Gateway API requires,
 //! and is reported as a warning. A rule without backends of non-zero weight answers 500.
 
@@ -305,23 +310,6 @@ impl HttpRouteIndex {
         services: &Services<'_>,
     ) {
         let namespace = meta.namespace();
-        let rules = spec
-            .rules
-            .iter()
-            .map(|rule| {
-                resolve_rule(
-                    rule,
-                    namespace,
-                    (services, &self.policies),
-                    &object,
-                    &mut self.warnings,
-                )
-            })
-            .collect();
-        let attached = Arc::new(AttachedRoute {
-            object: object.clone(),
-            rules,
-        });
         let mut attached_any = false;
         for (index, parent) in spec.parent_refs.iter().enumerate() {
             if !parent.is_service() {
@@ -358,6 +346,25 @@ impl HttpRouteIndex {
                 continue;
             }
             attached_any = true;
+            // Resolved for each parent: a backend in the parent's namespace may be the parent.
+            let mut warnings = Vec::new();
+            let rules = spec
+                .rules
+                .iter()
+                .map(|rule| {
+                    let context = (services, &self.policies, service.as_ref());
+                    resolve_rule(rule, namespace, context, &object, &mut warnings)
+                })
+                .collect();
+            for warning in warnings {
+                if !self.warnings.contains(&warning) {
+                    self.warnings.push(warning);
+                }
+            }
+            let attached = Arc::new(AttachedRoute {
+                object: object.clone(),
+                rules,
+            });
             let consumer = parent_ns != namespace;
             for port in ports {
                 let key = (service.namespace.clone(), service.name.clone(), port);
@@ -489,12 +496,12 @@ fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, meta: &O
 fn resolve_rule(
     rule: &crate::gateway_api::RouteRule,
     namespace: &str,
-    (services, policies): (&Services<'_>, &istio::Policies),
+    (services, policies, parent): (&Services<'_>, &istio::Policies, &Service),
     object: &ObjectRef,
     warnings: &mut Vec<String>,
 ) -> ResolvedRule {
     let mut resolve = |target: &BackendTarget| {
-        let backend = resolve_backend(target, namespace, services, policies);
+        let backend = resolve_backend(target, (namespace, parent), services, policies);
         if let Backend::Invalid(problem) = &backend {
             warnings.push(format!(
                 "{object}: backend {}: {problem}; its share of the requests gets a 500",
@@ -534,9 +541,10 @@ fn resolve_rule(
     }
 }
 
+/// The backend `target` of a route in `namespace` attached to Service `parent`.
 fn resolve_backend(
     target: &BackendTarget,
-    namespace: &str,
+    (namespace, parent): (&str, &Service),
     services: &Services<'_>,
     policies: &istio::Policies,
 ) -> Backend {
@@ -547,7 +555,8 @@ fn resolve_backend(
         });
     }
     let target_ns = target.namespace.as_deref().unwrap_or(namespace);
-    if target_ns != namespace {
+    let is_parent = target_ns == parent.namespace && target.name == parent.name;
+    if target_ns != namespace && !is_parent {
         return Backend::Invalid(InvalidBackend::CrossNamespace {
             namespace: target_ns.to_owned(),
         });

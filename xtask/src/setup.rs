@@ -86,6 +86,12 @@ const STEPS: &[(&str, bool, Check, Install)] = &[
         go_tool::check_jaeger,
         go_tool::install_jaeger,
     ),
+    (
+        "gamma conformance",
+        false,
+        go_tool::check_gamma,
+        go_tool::install_gamma,
+    ),
 ];
 
 /// Runs every step in order, printing one `[setup]` line per step and a final summary.

@@ -414,6 +414,57 @@ fn invalid_backends_keep_their_share_and_warn() {
     assert!(only_rule(&state).pick_backend(7).is_none());
 }
 
+/// The backends a client in `client_ns` gets for `/`: each a Service's `ns/name`, or why not.
+fn backends_for(state: &ClusterState, client_ns: &str) -> Vec<String> {
+    let request = req("GET", "/", &[]);
+    let facts = RequestFacts {
+        method: &request.method,
+        path: &request.path,
+        query: None,
+        headers: &request.headers,
+    };
+    match state.route_http(web(state), 80, client_ns, &facts) {
+        RouteDecision::Matched { rule, .. } => rule
+            .backends
+            .iter()
+            .map(|b| match &b.backend {
+                Backend::Service { service, .. } => service.to_string(),
+                Backend::Invalid(problem) => problem.to_string(),
+            })
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_consumer_route_may_send_to_its_parent_and_nowhere_else_in_the_parents_namespace() {
+    // GAMMA's consumer route (the conformance suite's MeshConsumerRoute): from namespace
+    // `client`, on to `shop/web` itself, without a ReferenceGrant.
+    let state = cluster(&[route(
+        "client",
+        "to-parent",
+        "",
+        "  - backendRefs:\n    - {name: web, namespace: shop, port: 80}\n",
+    )]);
+    assert_eq!(backends_for(&state, "client"), ["shop/web"]);
+    assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+    // Another Service of the parent's namespace would be reached under the waypoint's
+    // identity, which its policies may allow where they refuse the client: refused (a 500).
+    let state = cluster(&[route(
+        "client",
+        "elsewhere",
+        "",
+        "  - backendRefs:\n    - {name: v1, namespace: shop, port: 80}\n",
+    )]);
+    assert_eq!(backends_for(&state, "client").len(), 1);
+    assert!(
+        backends_for(&state, "client")[0].contains("needs a ReferenceGrant"),
+        "{:?}",
+        backends_for(&state, "client")
+    );
+    assert_eq!(state.warnings().len(), 1, "{:?}", state.warnings());
+}
+
 #[test]
 fn routes_without_a_service_parent_warn() {
     let gateway_only = route("shop", "r", "", "  - {}\n").replace(

@@ -75,21 +75,33 @@ pub fn start_at(
     })
 }
 
-/// Creates, binds and returns a non-blocking listener inside the network namespace at `netns`,
-/// from a thread of its own (which ends right after: only its socket stays in the namespace).
+/// Creates, binds and returns a non-blocking listener inside the network namespace at `netns`.
 fn listen_in(netns: &Path, addr: SocketAddr) -> Result<StdListener> {
-    let path = netns.to_path_buf();
-    let bind = move || -> io::Result<StdListener> {
-        let ns = File::open(&path)?;
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let listener = StdListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    };
     let what = format!(
         "listening on {addr} inside network namespace {}",
         netns.display()
     );
+    socket_in(netns, what, move || {
+        let listener = StdListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+}
+
+/// Runs `make` (which creates a socket) inside the network namespace at `netns`, from a thread
+/// of its own (which ends right after: only its socket stays in the namespace); `what` names
+/// it in errors.
+pub(super) fn socket_in<T, F>(netns: &Path, what: String, make: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+{
+    let path = netns.to_path_buf();
+    let bind = move || -> io::Result<T> {
+        let ns = File::open(&path)?;
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        make()
+    };
     thread::Builder::new()
         .name("kcp-netns-bind".into())
         .spawn(bind)

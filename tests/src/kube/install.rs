@@ -52,7 +52,19 @@ impl KubeMesh {
         meshed: bool,
         values: &[(&str, &str)],
     ) -> Result<Self> {
-        let mesh = Self::without_mesh(nodes, namespace, meshed, &[])?;
+        Self::install_with(nodes, namespace, meshed, values, |_| {})
+    }
+
+    /// [`Self::install`] with the kubelets' options changed by `adjust` (more images, the
+    /// cluster DNS).
+    pub fn install_with(
+        nodes: usize,
+        namespace: &str,
+        meshed: bool,
+        values: &[(&str, &str)],
+        adjust: impl FnOnce(&mut KubeletOptions),
+    ) -> Result<Self> {
+        let mesh = Self::cluster(nodes, namespace, meshed, &[], adjust)?;
         mesh.helm_release("install", values)?;
         Ok(mesh)
     }
@@ -65,13 +77,24 @@ impl KubeMesh {
         meshed: bool,
         taints: &[&str],
     ) -> Result<Self> {
+        Self::cluster(nodes, namespace, meshed, taints, |_| {})
+    }
+
+    fn cluster(
+        nodes: usize,
+        namespace: &str,
+        meshed: bool,
+        taints: &[&str],
+        adjust: impl FnOnce(&mut KubeletOptions),
+    ) -> Result<Self> {
         let (mut cp, tb) = super::mesh::control_plane_and_testbed(nodes)?;
-        let options = KubeletOptions {
+        let mut options = KubeletOptions {
             mesh_cni: false,
             images: [("mesh-agent".to_owned(), binary("mesh-agent", "mesh-agent")?)].into(),
             register_with_taints: taints.iter().map(|t| (*t).to_owned()).collect(),
             ..KubeletOptions::default()
         };
+        adjust(&mut options);
         let kubelets = Kubelet::start_all(&cp, &tb, &options)?;
         super::mesh::create_namespace(&mut cp, namespace, meshed)?;
         Ok(Self {

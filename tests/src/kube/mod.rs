@@ -14,8 +14,10 @@ mod access;
 mod agent_access;
 mod ca_access;
 mod components;
+pub mod conformance;
 mod control_plane;
 mod crds;
+pub mod dns;
 mod forward;
 pub mod install;
 mod kubeconfig;
@@ -105,6 +107,15 @@ pub const HELM_PATH: &str = "target/kube/bin/helm";
 /// The `helm` binary `cargo xtask setup` built.
 pub fn helm_binary() -> Result<PathBuf> {
     built(HELM_PATH, "tests/helm", "")
+}
+
+/// Where `cargo xtask setup` puts the Gateway API conformance suite's test binary (built from
+/// `tests/gamma`), relative to the workspace root.
+pub const GAMMA_PATH: &str = "target/kube/bin/gamma-conformance";
+
+/// The conformance suite's binary `cargo xtask setup` built.
+pub fn gamma_binary() -> Result<PathBuf> {
+    built(GAMMA_PATH, "tests/gamma", "")
 }
 
 /// The binary `cargo xtask setup` built at `path` (relative to the workspace root) from the Go

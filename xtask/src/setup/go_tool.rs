@@ -1,7 +1,8 @@
-//! Setup steps `helm` and `jaeger`: each builds a test tool from its Go module at the release
-//! its tools module pins (`tests/helm`, `tests/jaeger`; every k8s.io module at the control
-//! plane's release) into `target/kube/bin`. Helm serves the chart's tests (`deploy/chart`),
-//! Jaeger the tracing test. Rebuilt only when the binary is missing or older than a file of its
+//! Setup steps `helm`, `jaeger` and `gamma conformance`: each builds a test tool from its Go
+//! module at the release its tools module pins (`tests/helm`, `tests/jaeger`, `tests/gamma`;
+//! every k8s.io module at the control plane's release) into `target/kube/bin`. Helm serves the
+//! chart's tests (`deploy/chart`), Jaeger the tracing test, and the Gateway API's conformance
+//! suite (a Go test binary) the mesh conformance test. Rebuilt only when the binary is missing or older than a file of its
 //! module; the Go build cache keeps it quick after the first time.
 
 use std::fs;
@@ -22,6 +23,8 @@ pub(super) struct GoTool {
     /// The module it comes from, and its main package.
     module: &'static str,
     main: &'static str,
+    /// A test binary (`go test -c`) rather than a program.
+    test: bool,
     /// Where it goes, relative to the workspace root.
     bin: &'static str,
     /// `-X` stamps its own release build sets, given the release.
@@ -36,6 +39,7 @@ pub(super) const HELM: GoTool = GoTool {
     module_dir: "tests/helm",
     module: "helm.sh/helm/v4",
     main: "helm.sh/helm/v4/cmd/helm",
+    test: false,
     bin: mesh_tests::kube::HELM_PATH,
     stamp: |version| format!("-X helm.sh/helm/v4/internal/version.version={version}"),
     first_build: "about 2 minutes",
@@ -47,10 +51,24 @@ pub(super) const JAEGER: GoTool = GoTool {
     module_dir: "tests/jaeger",
     module: "github.com/jaegertracing/jaeger",
     main: "github.com/jaegertracing/jaeger/cmd/jaeger",
+    test: false,
     bin: mesh_tests::jaeger::JAEGER_PATH,
     stamp: |version| {
         format!("-X github.com/jaegertracing/jaeger/internal/version.latestVersion={version}")
     },
+    first_build: "about 3 minutes",
+};
+
+/// The Gateway API conformance suite with the harness that runs it against the mesh
+/// (`tests/gamma`), a test binary.
+pub(super) const GAMMA: GoTool = GoTool {
+    name: "gamma conformance",
+    module_dir: "tests/gamma",
+    module: "sigs.k8s.io/gateway-api/conformance",
+    main: ".",
+    test: true,
+    bin: mesh_tests::kube::GAMMA_PATH,
+    stamp: |_| String::new(),
     first_build: "about 3 minutes",
 };
 
@@ -68,6 +86,14 @@ pub(super) fn check_jaeger(root: &Path) -> Result<State> {
 
 pub(super) fn install_jaeger(root: &Path) -> Result<()> {
     JAEGER.install(root)
+}
+
+pub(super) fn check_gamma(root: &Path) -> Result<State> {
+    GAMMA.check(root)
+}
+
+pub(super) fn install_gamma(root: &Path) -> Result<()> {
+    GAMMA.install(root)
 }
 
 impl GoTool {
@@ -108,7 +134,11 @@ impl GoTool {
         let out_dir = bin.parent().context("the binary's directory")?;
         fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
         let ldflags = format!("-ldflags=-s -w {}", (self.stamp)(&version));
-        let mut build = command(&["go", "build", "-trimpath", "-buildvcs=false"]);
+        let mut build = if self.test {
+            command(&["go", "test", "-c", "-trimpath", "-buildvcs=false"])
+        } else {
+            command(&["go", "build", "-trimpath", "-buildvcs=false"])
+        };
         build
             .arg(ldflags)
             .arg("-o")

@@ -67,6 +67,7 @@
 mod grpc;
 mod http_echo;
 mod http_load;
+mod istio_echo;
 mod loop_pair;
 mod repeat;
 
@@ -200,7 +201,33 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let usage = |e: String| format!("{e}\n{USAGE}");
-    let result = match args.as_slice() {
+    // Run under the Istio echo image's own names (`server`, its entry point, and `client`, what
+    // the conformance suite execs), it is that image's program.
+    let program = std::env::args().next().unwrap_or_default();
+    let program = Path::new(&program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let result = match (program.as_str(), args.as_slice()) {
+        ("server", args) => istio_echo::serve(args),
+        ("client", args) => istio_echo::client(args),
+        (_, ["istio-echo", rest @ ..]) => istio_echo::serve(rest),
+        (_, ["echo-client", rest @ ..]) => istio_echo::client(rest),
+        (_, args) => subcommand(args, usage),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The other commands.
+fn subcommand(args: &[&str], usage: impl Fn(String) -> String) -> Result<(), String> {
+    match args {
         ["serve", addr, rest @ ..] => parse_serve(rest)
             .map_err(usage)
             .and_then(|o| serve(addr, o)),
@@ -253,13 +280,6 @@ fn main() -> ExitCode {
                 .and_then(|run| run())
         }
         _ => Err(USAGE.into()),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mesh-probe: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 

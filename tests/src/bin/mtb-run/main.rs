@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! mtb-run run  [--node-bind SRC:DST]... --cgroup DIR --netns FILE [--bind SRC:DST[:ro]]...
-//!              [--uid N] [--gid N] [--workdir D] -- PROGRAM [ARGS...]
+//!              [--resolv-conf FILE] [--uid N] [--gid N] [--workdir D] -- PROGRAM [ARGS...]
 //! mtb-run exec --pid PID --cgroup DIR [--uid N] [--gid N] -- PROGRAM [ARGS...]
 //! mtb-run view [--node-bind SRC:DST]... -- PROGRAM [ARGS...]
 //! ```
@@ -18,7 +18,9 @@
 //! `run` joins the container's cgroup v2 directory, enters the pod's network namespace, makes a
 //! private mount namespace with a fresh tmpfs on `/run` (so `/var/run` too; the host's `/run` is
 //! never changed), bind-mounts the volumes below it (`DST` must be below `/run` or `/var/run`),
-//! drops to the uid/gid (supplementary groups cleared), and execs `PROGRAM` (found through the
+//! with `--resolv-conf` puts `FILE` read-only over `/etc/resolv.conf` (the pod's cluster DNS, as
+//! kubelet writes it; the host's file is never written), drops to the uid/gid (supplementary
+//! groups cleared), and execs `PROGRAM` (found through the
 //! `PATH` it was given) with the environment it was given.
 //!
 //! `exec` runs a command inside a running container (exec probes): it joins the cgroup and
@@ -53,6 +55,7 @@ struct Options {
     uid: Option<u32>,
     gid: Option<u32>,
     workdir: Option<PathBuf>,
+    resolv_conf: Option<PathBuf>,
     argv: Vec<String>,
 }
 
@@ -91,6 +94,7 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
             "--uid" => o.uid = Some(number(value)?),
             "--gid" => o.gid = Some(number(value)?),
             "--workdir" => o.workdir = Some(value.into()),
+            "--resolv-conf" => o.resolv_conf = Some(value.into()),
             "--node-bind" => {
                 let (src, dst) = value
                     .split_once(':')
@@ -145,6 +149,10 @@ fn launch(o: &Options) -> Result<(), String> {
     .map_err(|e| format!("mounting a tmpfs on /run: {e}"))?;
     for (src, dst, ro) in &o.binds {
         bind(src, dst, *ro)?;
+    }
+    if let Some(file) = &o.resolv_conf {
+        // Over the existing file only: nothing is created or written outside the private /run.
+        mount_bind(file, Path::new("/etc/resolv.conf"), true)?;
     }
     let workdir = o.workdir.clone().unwrap_or_else(|| "/".into());
     chdir(&workdir).map_err(|e| format!("chdir {}: {e}", workdir.display()))?;
@@ -229,6 +237,14 @@ fn bind(src: &Path, dst: &Path, ro: bool) -> Result<(), String> {
         }
         fs::write(dst, "").map_err(|e| format!("creating {}: {e}", dst.display()))?;
     }
+    mount_bind(src, dst, ro)?;
+    // Mount points made here are reachable by the container's user.
+    let _ = fs::set_permissions("/run", fs::Permissions::from_mode(0o755));
+    Ok(())
+}
+
+/// Bind-mounts `src` on the existing `dst`, read-only if `ro`.
+fn mount_bind(src: &Path, dst: &Path, ro: bool) -> Result<(), String> {
     mount(
         Some(src),
         dst,
@@ -247,8 +263,6 @@ fn bind(src: &Path, dst: &Path, ro: bool) -> Result<(), String> {
         )
         .map_err(|e| format!("making {} read-only: {e}", dst.display()))?;
     }
-    // Mount points made here are reachable by the container's user.
-    let _ = fs::set_permissions("/run", fs::Permissions::from_mode(0o755));
     Ok(())
 }
 

@@ -99,6 +99,11 @@ pub struct KubeletOptions {
     pub sandbox_backoff: (Duration, Duration),
     /// First and largest pause before restarting a container that exited.
     pub restart_backoff: (Duration, Duration),
+    /// kubelet's `--cluster-dns`: the name server written into the `/etc/resolv.conf` of pods
+    /// with `dnsPolicy: ClusterFirst` (the default) off the host network, with the search path
+    /// `<namespace>.svc.cluster.local svc.cluster.local cluster.local` and `ndots:5`. `None`:
+    /// pods see the node's own file.
+    pub cluster_dns: Option<IpAddr>,
 }
 
 impl Default for KubeletOptions {
@@ -116,6 +121,7 @@ impl Default for KubeletOptions {
             register_with_taints: Vec::new(),
             sandbox_backoff: (Duration::from_millis(500), Duration::from_secs(4)),
             restart_backoff: (Duration::from_secs(1), Duration::from_secs(20)),
+            cluster_dns: None,
         }
     }
 }
@@ -181,6 +187,8 @@ struct Ctx {
     shared: Arc<Mutex<Shared>>,
     /// The node's own file system (see [`NodeView`]).
     view: NodeView,
+    /// Where each running container is described for `exec` ([`Kubelet::exec_dir`]).
+    exec_dir: PathBuf,
 }
 
 impl Ctx {
@@ -324,7 +332,10 @@ impl Kubelet {
             options: options.clone(),
             shared,
             view: kubelet.cni.view.clone(),
+            exec_dir: kubelet.exec_dir(),
         });
+        std::fs::create_dir_all(&ctx.exec_dir)
+            .map_err(crate::io_err("creating the kubelet's exec directory"))?;
         let handle = kubelet.runtime().handle().clone();
         kubelet.tasks.push(handle.spawn(node::heartbeat(
             client,
@@ -383,6 +394,15 @@ impl Kubelet {
     /// namespace).
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// Where the kubelet describes each running container, as a runtime keeps its state: a
+    /// file `<namespace>_<pod>_<container>.json` holding `argv`, the command line that enters
+    /// the container (the launcher's `exec` mode, as exec probes run, ending in `--`; the
+    /// command to run follows), and `env`, its environment as `NAME=value`. Written when the
+    /// container starts, removed when it ends. The conformance suite's `pods/exec` runs there.
+    pub fn exec_dir(&self) -> PathBuf {
+        self.dir.join("exec")
     }
 
     /// Its directory (pods' volumes, CNI files, address records), removed with it.

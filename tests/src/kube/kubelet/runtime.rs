@@ -41,6 +41,8 @@ pub struct Launch {
     pub netns: PathBuf,
     /// `(host path, mount path, read-only)`.
     pub binds: Vec<(PathBuf, String, bool)>,
+    /// The pod's `/etc/resolv.conf`, if it has one of its own.
+    pub resolv_conf: Option<PathBuf>,
     pub uid: Option<i64>,
     pub gid: Option<i64>,
     pub workdir: Option<String>,
@@ -81,6 +83,9 @@ pub fn start(
         command
             .arg("--bind")
             .arg(format!("{}:{dst}{ro}", src.display()));
+    }
+    if let Some(file) = &launch.resolv_conf {
+        command.arg("--resolv-conf").arg(file);
     }
     if let Some(uid) = launch.uid {
         command.arg("--uid").arg(uid.to_string());
@@ -222,6 +227,26 @@ pub enum ProbeAction {
     },
 }
 
+/// The launcher's arguments that run a command inside a running container (process `pid`, its
+/// cgroup `cgroup`) as `uid`/`gid`, ending in `--`: the command follows.
+pub fn exec_args(pid: u32, cgroup: &Path, uid: Option<i64>, gid: Option<i64>) -> Vec<String> {
+    let mut args = vec![
+        "exec".to_owned(),
+        "--pid".to_owned(),
+        pid.to_string(),
+        "--cgroup".to_owned(),
+        cgroup.display().to_string(),
+    ];
+    if let Some(uid) = uid {
+        args.extend(["--uid".to_owned(), uid.to_string()]);
+    }
+    if let Some(gid) = gid {
+        args.extend(["--gid".to_owned(), gid.to_string()]);
+    }
+    args.push("--".to_owned());
+    args
+}
+
 /// Runs one probe: `Ok` on success, else why it failed. Network probes dial from the network
 /// namespace at `node_netns`.
 pub async fn probe(
@@ -252,16 +277,7 @@ pub async fn probe(
         } => {
             let mut command = tokio::process::Command::new(launcher);
             command
-                .args(["exec", "--pid", &pid.to_string(), "--cgroup"])
-                .arg(cgroup);
-            if let Some(uid) = uid {
-                command.arg("--uid").arg(uid.to_string());
-            }
-            if let Some(gid) = gid {
-                command.arg("--gid").arg(gid.to_string());
-            }
-            command
-                .arg("--")
+                .args(exec_args(pid, &cgroup, uid, gid))
                 .args(&argv)
                 .env_clear()
                 .envs(env)

@@ -551,7 +551,37 @@ impl Worker {
         slot.probe_busy = false;
         slot.probe_next =
             readiness(&slot.spec).map(|p| Instant::now() + secs(p.initial_delay_seconds, 0));
+        self.publish_exec(i, &launch, pid);
         Ok(())
+    }
+
+    /// Describes the container just started in slot `i` for `exec`: how to enter it, and its
+    /// environment. A failure is only echoed: the container runs on, without `exec`.
+    fn publish_exec(&self, i: usize, launch: &Launch, pid: u32) {
+        let mut argv = vec![launch.launcher.display().to_string()];
+        argv.extend(runtime::exec_args(
+            pid,
+            &launch.cgroup,
+            launch.uid,
+            launch.gid,
+        ));
+        let env: Vec<String> = launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let file = exec_file(
+            &self.ctx.exec_dir,
+            &self.namespace,
+            &self.name,
+            &self.slots[i].spec.name,
+        );
+        let body = json!({"argv": argv, "env": env}).to_string();
+        if let Err(e) = std::fs::write(&file, body) {
+            super::echo(
+                &launch.label,
+                &format!(
+                    "cannot describe the container for exec in {}: {e}",
+                    file.display()
+                ),
+            );
+        }
     }
 
     /// The container's command line, environment, mounts and user.
@@ -621,12 +651,14 @@ impl Worker {
         let gid = context
             .and_then(|c| c.run_as_group)
             .or_else(|| pod_context.and_then(|c| c.run_as_group));
+        let resolv_conf = self.resolv_conf().map_err(config_error)?;
         Ok(Launch {
             launcher: self.ctx.launcher.clone(),
             view: self.ctx.view.clone(),
             cgroup: sandbox.cgroup.clone(),
             netns: sandbox.netns_path.clone(),
             binds,
+            resolv_conf,
             uid,
             gid: gid.or(uid.map(|_| 0)),
             workdir: spec.working_dir.clone(),
@@ -634,6 +666,29 @@ impl Worker {
             env,
             label: format!("{}/{}/{}", self.ctx.node, self.name, spec.name),
         })
+    }
+
+    /// The pod's `/etc/resolv.conf` as kubelet writes it with `--cluster-dns` (see
+    /// [`super::KubeletOptions::cluster_dns`]), for `dnsPolicy: ClusterFirst` off the host
+    /// network; `None` where the pod keeps the node's file.
+    fn resolv_conf(&self) -> Result<Option<PathBuf>, String> {
+        let Some(server) = self.ctx.options.cluster_dns else {
+            return Ok(None);
+        };
+        let policy = self.pod.spec.as_ref().and_then(|s| s.dns_policy.as_deref());
+        if self.host_network || !matches!(policy, None | Some("ClusterFirst")) {
+            return Ok(None);
+        }
+        let file = self.ctx.pods_dir.join(&self.uid).join("resolv.conf");
+        let ns = &self.namespace;
+        let body = format!(
+            "search {ns}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {server}\noptions ndots:5\n"
+        );
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        std::fs::write(&file, body).map_err(|e| format!("writing {}: {e}", file.display()))?;
+        Ok(Some(file))
     }
 
     /// `PATH` (with the image binaries' directory first), `HOSTNAME`, then the container's
@@ -726,6 +781,12 @@ impl Worker {
         slot.pid = None;
         slot.ready = false;
         slot.probe_next = None;
+        let _ = std::fs::remove_file(exec_file(
+            &self.ctx.exec_dir,
+            &self.namespace,
+            &self.name,
+            &slot.spec.name,
+        ));
         if let Some(cgroup) = slot.cgroup.take() {
             let _ = runtime::remove_cgroup(&cgroup).await;
         }
@@ -1303,4 +1364,9 @@ fn container_status(slot: &Slot) -> Value {
         "state": state_json(&slot.state),
         "lastState": slot.last_state.as_ref().map_or_else(|| json!({}), state_json),
     })
+}
+
+/// The file of [`super::Kubelet::exec_dir`] that describes a container.
+fn exec_file(dir: &std::path::Path, namespace: &str, pod: &str, container: &str) -> PathBuf {
+    dir.join(format!("{namespace}_{pod}_{container}.json"))
 }

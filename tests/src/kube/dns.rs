@@ -1,0 +1,201 @@
+//! The testbed's cluster DNS: what `CoreDNS`'s `kubernetes` plugin answers, served on every node
+//! at the `kube-dns` Service's address as `NodeLocal DNSCache` serves it (the address on the node
+//! namespace's loopback, a UDP server there), so pods reach it through their route to the node.
+//! Pods get it from the testbed kubelet with [`super::kubelet::KubeletOptions::cluster_dns`].
+//!
+//! It answers `A` queries for `<service>.<namespace>.svc.cluster.local` with the Service's
+//! cluster IPv4 address, from a reflector of the API server's Services; `AAAA` and other types
+//! of a known name get an empty answer (the testbed's pods use IPv4), unknown names in
+//! `cluster.local` `NXDOMAIN`, and names outside it `REFUSED`: the testbed has no upstream
+//! resolver. Headless Services are not served. The `kube-dns` Service (in `kube-system`,
+//! without selector) is created to hold the address, so no other Service is given it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket},
+    pin::pin,
+};
+
+use futures_util::StreamExt as _;
+use hickory_proto::{
+    op::{Message, MessageType, Metadata, ResponseCode},
+    rr::{rdata::A, RData, Record, RecordType},
+};
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{reflector, watcher, WatchStreamExt as _},
+    Api, ResourceExt as _,
+};
+use serde_json::json;
+use tokio::{net::UdpSocket, task::JoinHandle};
+
+use super::{forward, ControlPlane, Error, Result};
+use crate::Node;
+
+/// The `kube-dns` Service's address, and so the pods' name server.
+pub const CLUSTER_DNS_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 10);
+/// The cluster's domain.
+const DOMAIN: &str = "svc.cluster.local";
+/// Time to live of the answers, in seconds (`CoreDNS`'s default).
+const TTL: u32 = 5;
+
+/// The cluster DNS; dropping it stops the servers and the reflector.
+#[derive(Debug)]
+pub struct ClusterDns {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ClusterDns {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Starts the cluster DNS on `nodes` (see the module's documentation).
+    pub fn serve_dns_on(&self, nodes: &[Node]) -> Result<ClusterDns> {
+        let services: Api<Service> = Api::all(self.client());
+        let kube_dns: Api<Service> = Api::namespaced(self.client(), "kube-system");
+        let object = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                         "labels": {"k8s-app": "kube-dns"}},
+            "spec": {"clusterIP": CLUSTER_DNS_IP.to_string(), "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ]},
+        });
+        self.block_on(kube_dns.patch(
+            "kube-dns",
+            &PatchParams::apply(super::crds::FIELD_MANAGER),
+            &Patch::Apply(&object),
+        ))
+        .map_err(|e| Error::Api {
+            what: "creating the kube-dns Service".into(),
+            source: e,
+        })?;
+        let (store, writer) = reflector::store();
+        let handle = self.runtime().handle().clone();
+        let mut tasks = vec![handle.spawn(async move {
+            let stream = watcher(services, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .applied_objects();
+            let mut stream = pin!(stream);
+            while stream.next().await.is_some() {}
+        })];
+        self.block_on(store.wait_until_ready())
+            .map_err(|e| Error::Setup(format!("the cluster DNS's Service reflector: {e}")))?;
+        for node in nodes {
+            crate::process::run(std::process::Command::new("ip").args([
+                "-n",
+                &node.netns,
+                "addr",
+                "replace",
+                &format!("{CLUSTER_DNS_IP}/32"),
+                "dev",
+                "lo",
+            ]))?;
+            let addr = SocketAddr::from((CLUSTER_DNS_IP, 53));
+            let what = format!("the cluster DNS on {addr} in node {}", node.name);
+            let socket = forward::socket_in(&node.netns_path(), what.clone(), move || {
+                let socket = StdUdpSocket::bind(addr)?;
+                socket.set_nonblocking(true)?;
+                Ok(socket)
+            })?;
+            let socket = {
+                let _entered = handle.enter();
+                UdpSocket::from_std(socket).map_err(crate::io_err(what))?
+            };
+            tasks.push(handle.spawn(serve(socket, store.clone())));
+        }
+        Ok(ClusterDns { tasks })
+    }
+}
+
+/// Answers queries on `socket` for ever.
+async fn serve(socket: UdpSocket, services: reflector::Store<Service>) {
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buffer).await else {
+            continue;
+        };
+        let Some(answer) = answer(&buffer[..n], &services) else {
+            continue;
+        };
+        let _ = socket.send_to(&answer, peer).await;
+    }
+}
+
+/// The answer to the query in `packet`; `None` for what is no query (nothing is sent back).
+fn answer(packet: &[u8], services: &reflector::Store<Service>) -> Option<Vec<u8>> {
+    let request = Message::from_vec(packet).ok()?;
+    if request.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let mut response = Message::new(
+        request.metadata.id,
+        MessageType::Response,
+        request.metadata.op_code,
+    );
+    response.metadata = Metadata::response_from_request(&request.metadata);
+    response.metadata.authoritative = true;
+    let Some(query) = request.queries.first() else {
+        response.metadata.response_code = ResponseCode::FormErr;
+        return response.to_vec().ok();
+    };
+    response.queries.push(query.clone());
+    let name = query.name().to_lowercase().to_ascii();
+    match resolve(name.trim_end_matches('.'), services) {
+        Resolved::Outside => response.metadata.response_code = ResponseCode::Refused,
+        Resolved::Unknown => response.metadata.response_code = ResponseCode::NXDomain,
+        Resolved::Address(ip) => {
+            if query.query_type() == RecordType::A {
+                response.answers.push(Record::from_rdata(
+                    query.name().clone(),
+                    TTL,
+                    RData::A(A(ip)),
+                ));
+            }
+        }
+    }
+    response.to_vec().ok()
+}
+
+/// What a name is.
+#[derive(Debug, PartialEq, Eq)]
+enum Resolved {
+    /// Not in the cluster's domain.
+    Outside,
+    /// In it, but no Service with an IPv4 cluster address has that name.
+    Unknown,
+    Address(Ipv4Addr),
+}
+
+fn resolve(name: &str, services: &reflector::Store<Service>) -> Resolved {
+    let Some(rest) = name.strip_suffix(DOMAIN).and_then(|r| r.strip_suffix('.')) else {
+        return if name == "cluster.local" || name.ends_with(".cluster.local") {
+            Resolved::Unknown
+        } else {
+            Resolved::Outside
+        };
+    };
+    let Some((service, namespace)) = rest.split_once('.') else {
+        return Resolved::Unknown;
+    };
+    let found = services
+        .state()
+        .into_iter()
+        .find(|s| s.name_any() == service && s.namespace().as_deref() == Some(namespace));
+    let ip = found
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.cluster_ip.as_deref())
+        .and_then(|ip| ip.parse::<IpAddr>().ok());
+    match ip {
+        Some(IpAddr::V4(ip)) => Resolved::Address(ip),
+        _ => Resolved::Unknown,
+    }
+}
