@@ -33,6 +33,7 @@ mod admin;
 mod balance;
 mod body;
 mod filters;
+mod grpc_reply;
 mod listener;
 mod protocol;
 mod request;

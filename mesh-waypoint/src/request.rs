@@ -27,6 +27,7 @@ use crate::{
     balance::Keys,
     body::full,
     filters::{modify_headers, redirect_location, replace_path},
+    grpc_reply::{for_grpc, is_grpc, LocalReply},
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upstream::UpstreamError,
     Ctx,
@@ -139,6 +140,7 @@ pub(crate) async fn handle(
         Arc::clone(&read),
         (trace, parent.map(|p| p.span_id)),
     );
+    let grpc = is_grpc(&parts.headers);
     let mut request = Request::from_parts(parts, Counted::new(body, read).boxed());
     // An HTTP/1.1 upgrade (WebSocket): once both sides have switched, their bytes are spliced.
     let upgrading = upgrade_of(request.headers())
@@ -147,6 +149,9 @@ pub(crate) async fn handle(
     let mut response = route(request, &ctx, &state, &target, &source)
         .instrument(span.clone())
         .await;
+    if grpc {
+        response = for_grpc(response);
+    }
     if let Some(downstream) = upgrading {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
@@ -696,6 +701,7 @@ pub(crate) fn local(status: StatusCode, flag: Flag, text: &'static str) -> Respo
         flag,
         ..Outcome::default()
     });
+    response.extensions_mut().insert(LocalReply(text));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
