@@ -25,6 +25,7 @@ pub(crate) struct ByKind<'a> {
     pub(crate) grpc_routes: Named<'a, k8s::GrpcRoute>,
     pub(crate) virtual_services: Named<'a, k8s::VirtualService>,
     pub(crate) destination_rules: Named<'a, k8s::DestinationRule>,
+    pub(crate) reference_grants: Named<'a, k8s::ReferenceGrant>,
 }
 
 impl<'a> ByKind<'a> {
@@ -48,6 +49,7 @@ impl<'a> ByKind<'a> {
                 Object::GrpcRoute(o) => put(&mut sorted.grpc_routes, &o.metadata, o),
                 Object::VirtualService(o) => put(&mut sorted.virtual_services, &o.metadata, o),
                 Object::DestinationRule(o) => put(&mut sorted.destination_rules, &o.metadata, o),
+                Object::ReferenceGrant(o) => put(&mut sorted.reference_grants, &o.metadata, o),
             };
             if duplicate {
                 return Err(StateError::Duplicate {

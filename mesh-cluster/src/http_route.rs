@@ -25,10 +25,11 @@
 //! Backends are Services of the route's namespace, or the parent Service itself (a consumer
 //! route sending its namespace's requests on to the Service they were for: GEP-1294, which lets
 //! mesh routes reach other namespaces without a `ReferenceGrant` where that widens no one's
-//! reach). Any other Service of another namespace is not: the waypoint would reach it under the
-//! waypoint's own identity, which its policies may allow where they refuse the route's clients,
-//! so it needs a `ReferenceGrant` (not read yet). A backend that does not exist, another kind,
-//! or another namespace is kept as
+//! reach). Any other Service of another namespace needs a `ReferenceGrant` of that namespace
+//! (for the route's kind and namespace, all Services or that one; [`crate::reference_grant`]):
+//! the waypoint would reach it under the waypoint's own identity, which its policies may allow
+//! where they refuse the route's clients. A backend that does not exist, another kind, or
+//! another namespace without a grant is kept as
 //! [`Backend::Invalid`], so that its share of the requests gets a 500 as Gateway API requires,
 //! and is reported as a warning. A rule without backends of non-zero weight answers 500.
 
@@ -47,6 +48,7 @@ use crate::{
     },
     meta::{Kind, MetaExt, ObjectMeta, ObjectRef},
     model::Service,
+    reference_grant::ServiceGrants,
 };
 
 /// What a request is matched on.
@@ -188,7 +190,8 @@ impl fmt::Display for InvalidBackend {
             }
             InvalidBackend::CrossNamespace { namespace } => write!(
                 f,
-                "a backend in namespace {namespace} needs a ReferenceGrant, which is not read yet"
+                "a backend in namespace {namespace} needs a ReferenceGrant there that lets the \
+                 route's kind and namespace refer to it"
             ),
             InvalidBackend::NotFound { namespace, name } => {
                 write!(f, "Service {namespace}/{name} does not exist")
@@ -273,14 +276,20 @@ impl HttpRouteIndex {
     /// the subsets and load balancers of `destination_rules`.
     pub(crate) fn build<'a>(
         routes: impl IntoIterator<Item = (Kind, &'a ObjectMeta, &'a HttpRouteSpec)>,
-        virtual_services: impl IntoIterator<Item = &'a crate::istio_traffic::VirtualService>,
-        destination_rules: impl IntoIterator<Item = &'a crate::istio_traffic::DestinationRule>,
+        (virtual_services, destination_rules): (
+            impl IntoIterator<Item = &'a crate::istio_traffic::VirtualService>,
+            impl IntoIterator<Item = &'a crate::istio_traffic::DestinationRule>,
+        ),
+        grants: &ServiceGrants,
         services: &Services<'_>,
     ) -> Self {
         let mut index = Self::default();
         index.policies = istio::Policies::build(destination_rules, services, &mut index.warnings);
         for (kind, meta, spec) in routes {
-            index.attach((ObjectRef::namespaced(kind, meta), meta, spec), services);
+            index.attach(
+                (ObjectRef::namespaced(kind, meta), meta, spec),
+                (services, grants),
+            );
         }
         let mut virtual_services: Vec<_> = virtual_services.into_iter().collect();
         virtual_services.sort_by_key(|vs| {
@@ -307,7 +316,7 @@ impl HttpRouteIndex {
     fn attach(
         &mut self,
         (object, meta, spec): (ObjectRef, &ObjectMeta, &HttpRouteSpec),
-        services: &Services<'_>,
+        (services, grants): (&Services<'_>, &ServiceGrants),
     ) {
         let namespace = meta.namespace();
         let mut attached_any = false;
@@ -352,8 +361,14 @@ impl HttpRouteIndex {
                 .rules
                 .iter()
                 .map(|rule| {
-                    let context = (services, &self.policies, service.as_ref());
-                    resolve_rule(rule, namespace, context, &object, &mut warnings)
+                    let context = Resolving {
+                        services,
+                        policies: &self.policies,
+                        grants,
+                        parent: service,
+                        route: &object,
+                    };
+                    resolve_rule(rule, &context, &mut warnings)
                 })
                 .collect();
             for warning in warnings {
@@ -493,19 +508,28 @@ fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, meta: &O
     }
 }
 
+/// What a route's backends are resolved with.
+struct Resolving<'a> {
+    services: &'a Services<'a>,
+    policies: &'a istio::Policies,
+    grants: &'a ServiceGrants,
+    /// The parent Service the rules are resolved for.
+    parent: &'a Service,
+    /// The route.
+    route: &'a ObjectRef,
+}
+
 fn resolve_rule(
     rule: &crate::gateway_api::RouteRule,
-    namespace: &str,
-    (services, policies, parent): (&Services<'_>, &istio::Policies, &Service),
-    object: &ObjectRef,
+    context: &Resolving<'_>,
     warnings: &mut Vec<String>,
 ) -> ResolvedRule {
     let mut resolve = |target: &BackendTarget| {
-        let backend = resolve_backend(target, (namespace, parent), services, policies);
+        let backend = resolve_backend(target, context);
         if let Backend::Invalid(problem) = &backend {
             warnings.push(format!(
-                "{object}: backend {}: {problem}; its share of the requests gets a 500",
-                target.name
+                "{}: backend {}: {problem}; its share of the requests gets a 500",
+                context.route, target.name
             ));
         }
         backend
@@ -541,13 +565,16 @@ fn resolve_rule(
     }
 }
 
-/// The backend `target` of a route in `namespace` attached to Service `parent`.
-fn resolve_backend(
-    target: &BackendTarget,
-    (namespace, parent): (&str, &Service),
-    services: &Services<'_>,
-    policies: &istio::Policies,
-) -> Backend {
+/// The backend `target` of a route, for its parent Service `context.parent`.
+fn resolve_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
+    let Resolving {
+        services,
+        policies,
+        grants,
+        parent,
+        route,
+    } = context;
+    let namespace = route.namespace.as_deref().unwrap_or_default();
     if !target.is_service() {
         return Backend::Invalid(InvalidBackend::Kind {
             group: target.group.clone(),
@@ -556,7 +583,8 @@ fn resolve_backend(
     }
     let target_ns = target.namespace.as_deref().unwrap_or(namespace);
     let is_parent = target_ns == parent.namespace && target.name == parent.name;
-    if target_ns != namespace && !is_parent {
+    let granted = grants.allows(route.kind, namespace, target_ns, &target.name);
+    if target_ns != namespace && !is_parent && !granted {
         return Backend::Invalid(InvalidBackend::CrossNamespace {
             namespace: target_ns.to_owned(),
         });

@@ -51,6 +51,8 @@ pub use super::istio_traffic::{
     Subset, VirtualService, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
     VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
 };
+use super::reference_grant::REFERENCE_GRANT_VERSIONS;
+pub use super::reference_grant::{GrantFrom, GrantTo, ReferenceGrant, ReferenceGrantSpec};
 pub use crate::meta::{
     Kind, Labels, MetaExt, ObjectMeta, ObjectRef, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT,
 };
@@ -83,6 +85,8 @@ pub enum Object {
     VirtualService(VirtualService),
     /// A `networking.istio.io` `DestinationRule`.
     DestinationRule(DestinationRule),
+    /// A `gateway.networking.k8s.io` `ReferenceGrant`.
+    ReferenceGrant(ReferenceGrant),
 }
 
 impl Object {
@@ -104,6 +108,7 @@ impl Object {
             Object::GrpcRoute(o) => ObjectRef::namespaced(Kind::GrpcRoute, &o.metadata),
             Object::VirtualService(o) => ObjectRef::namespaced(Kind::VirtualService, &o.metadata),
             Object::DestinationRule(o) => ObjectRef::namespaced(Kind::DestinationRule, &o.metadata),
+            Object::ReferenceGrant(o) => ObjectRef::namespaced(Kind::ReferenceGrant, &o.metadata),
         }
     }
 }
@@ -200,6 +205,9 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         }
         (version, "DestinationRule") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
             Some(Kind::DestinationRule)
+        }
+        (version, "ReferenceGrant") if REFERENCE_GRANT_VERSIONS.contains(&version) => {
+            Some(Kind::ReferenceGrant)
         }
         _ => None,
     }
@@ -445,7 +453,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::Gateway
         | Kind::GrpcRoute
         | Kind::VirtualService
-        | Kind::DestinationRule => {
+        | Kind::DestinationRule
+        | Kind::ReferenceGrant => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -489,6 +498,9 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 }
                 Kind::DestinationRule => {
                     Object::DestinationRule(DestinationRule::deserialize(deserializer)?)
+                }
+                Kind::ReferenceGrant => {
+                    Object::ReferenceGrant(ReferenceGrant::deserialize(deserializer)?)
                 }
             },
         }))

@@ -447,6 +447,7 @@ fn watched_kinds(routes: bool) -> Vec<Kind> {
             Kind::GrpcRoute,
             Kind::VirtualService,
             Kind::DestinationRule,
+            Kind::ReferenceGrant,
         ]);
     }
     kinds
@@ -479,6 +480,13 @@ fn dynamic_resource(kind: Kind) -> Option<ApiResource> {
         Kind::Gateway => ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
         Kind::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
         Kind::GrpcRoute => ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+        // v1beta1: served by every release with the kind (v1 since Gateway API 1.5).
+        Kind::ReferenceGrant => (
+            "gateway.networking.k8s.io",
+            "v1beta1",
+            "ReferenceGrant",
+            "referencegrants",
+        ),
         Kind::VirtualService => (
             "networking.istio.io",
             "v1",

@@ -65,6 +65,7 @@ mod model;
 mod names;
 mod options;
 pub mod peer_auth;
+mod reference_grant;
 mod schema;
 mod state;
 mod translate;

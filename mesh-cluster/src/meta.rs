@@ -40,6 +40,8 @@ pub enum Kind {
     VirtualService,
     /// `DestinationRule` (`networking.istio.io`).
     DestinationRule,
+    /// `ReferenceGrant` (`gateway.networking.k8s.io`).
+    ReferenceGrant,
 }
 
 impl fmt::Display for Kind {
@@ -56,6 +58,7 @@ impl fmt::Display for Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::ReferenceGrant => "ReferenceGrant",
         })
     }
 }

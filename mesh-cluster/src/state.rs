@@ -29,7 +29,7 @@ use super::{
     },
     waypoint::{Bindings, Waypoint, WaypointBinding, WaypointIndex},
 };
-use crate::{k8s::PodExt, meta::MetaExt};
+use crate::{k8s::PodExt, meta::MetaExt, reference_grant::ServiceGrants};
 
 /// An immutable view of the cluster, with the indexes the data path uses.
 #[derive(Debug)]
@@ -73,6 +73,7 @@ impl ClusterState {
             grpc_routes,
             virtual_services,
             destination_rules,
+            reference_grants,
         } = ByKind::sort(objects)?;
         for namespace in namespaces.values() {
             let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
@@ -127,6 +128,7 @@ impl ClusterState {
         state.index_routes(
             (&http_routes, &grpc_routes),
             (&virtual_services, &destination_rules),
+            &reference_grants,
         )?;
         state.waypoints = WaypointIndex::build(gateways.values().copied(), &state.workloads)?;
         let accounts = crate::waypoint::service_accounts(&state.services, &state.workloads);
@@ -161,6 +163,7 @@ impl ClusterState {
             &Named<'_, k8s::VirtualService>,
             &Named<'_, k8s::DestinationRule>,
         ),
+        reference_grants: &Named<'_, k8s::ReferenceGrant>,
     ) -> Result<(), StateError> {
         let routes = http_routes
             .values()
@@ -177,6 +180,11 @@ impl ClusterState {
                 destination_rules
                     .values()
                     .map(|o| (Kind::DestinationRule, &o.metadata)),
+            )
+            .chain(
+                reference_grants
+                    .values()
+                    .map(|o| (Kind::ReferenceGrant, &o.metadata)),
             );
         let names = routes
             .clone()
@@ -193,8 +201,11 @@ impl ClusterState {
             .collect();
         self.http_routes = HttpRouteIndex::build(
             routes,
-            virtual_services.values().copied(),
-            destination_rules.values().copied(),
+            (
+                virtual_services.values().copied(),
+                destination_rules.values().copied(),
+            ),
+            &ServiceGrants::build(reference_grants.values().copied()),
             &by_name,
         );
         Ok(())

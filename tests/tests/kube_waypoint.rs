@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Pod, Service, ServiceAccount},
+    core::v1::{Namespace, Pod, Service, ServiceAccount},
     rbac::v1::ClusterRoleBinding,
 };
 use kube::{
@@ -369,13 +369,11 @@ fn deploy_under_an_account(mesh: &KubeMesh) -> String {
 fn set_waypoint_mode(mesh: &KubeMesh, value: &Value) {
     let patch = json!({"metadata": {"labels": {"mesh.local/waypoint": value}}});
     mesh.cp
-        .block_on(
-            Api::<k8s_openapi::api::core::v1::Namespace>::all(mesh.cp.client()).patch(
-                NS,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            ),
-        )
+        .block_on(Api::<Namespace>::all(mesh.cp.client()).patch(
+            NS,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ))
         .expect("namespace labelled");
 }
 
@@ -891,6 +889,67 @@ fn mirror_from_the_api(mesh: &KubeMesh, vip: &str) {
     );
 }
 
+/// A route of `web` sending `/other` to a Service of namespace `backend`: a 500 until that
+/// namespace's `ReferenceGrant` lets `shop`'s `HTTPRoutes` refer to it, then its answer.
+fn reference_grant_from_the_api(mesh: &KubeMesh, vip: &str) {
+    let namespaces: Api<Namespace> = Api::all(mesh.cp.client());
+    let ns: Namespace = from_json(json!({"metadata": {"name": "backend"}}));
+    create(mesh, &namespaces, &ns, "namespace backend");
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), "backend");
+    let deployment: Deployment = from_json(json!({
+        "metadata": {"name": "other", "namespace": "backend"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "other"}},
+          "template": {
+            "metadata": {"labels": {"app": "other"}},
+            "spec": {"containers": [{
+                "name": "echo", "image": "mesh-probe",
+                "args": ["http-echo", "$(POD_IP):8080", "--name", "other"],
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            }]},
+          }},
+    }));
+    create(mesh, &deployments, &deployment, "backend/other");
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), "backend");
+    let svc: Service = from_json(json!({
+        "metadata": {"name": "other", "namespace": "backend"},
+        "spec": {"selector": {"app": "other"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }));
+    create(mesh, &services, &svc, "backend/other");
+    patch_route(
+        mesh,
+        &from_json(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/other"}}],
+                     "backendRefs": [{"name": "other", "namespace": "backend", "port": 80}]},
+                    {"backendRefs": [{"name": "web-v1", "port": 80}]},
+                ],
+            },
+        })),
+    );
+    let status =
+        format!("curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/other");
+    until_seen(mesh, 0, "ungranted", &status, |seen| seen == ["500"]);
+    let grants = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1beta1", "ReferenceGrant"),
+        "referencegrants",
+    );
+    let grants: Api<DynamicObject> = Api::namespaced_with(mesh.cp.client(), "backend", &grants);
+    let grant: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "from-shop", "namespace": "backend"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": NS}],
+                 "to": [{"group": "", "kind": "Service", "name": "other"}]},
+    }));
+    create(mesh, &grants, &grant, "the ReferenceGrant");
+    let body = format!("curl -sS --max-time 10 http://{vip}/other -w '\\n'");
+    until_seen(mesh, 0, "granted", &body, |seen| seen == ["other"]);
+}
+
 /// WebSocket, h2 multiplexing (h2load: 200 requests, 50 streams at a time on one h2c
 /// connection) and gRPC unary and server-streaming calls (a tonic client), through the
 /// waypoint.
@@ -1044,6 +1103,7 @@ fn retries_delay_mirror_protocols_bypass_and_restart_from_the_api() {
     check_controller_objects(&mesh);
     retries_and_delay_from_the_api(&mesh);
     mirror_from_the_api(&mesh, &vip);
+    reference_grant_from_the_api(&mesh, &vip);
     protocols_through_the_waypoint(&mesh, &vip);
     bypass_refused(&mesh);
     restart_under_load(&mesh, &vip);

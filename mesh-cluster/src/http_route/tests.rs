@@ -466,6 +466,45 @@ fn a_consumer_route_may_send_to_its_parent_and_nowhere_else_in_the_parents_names
 }
 
 #[test]
+fn a_reference_grant_lets_a_route_reach_a_service_of_another_namespace() {
+    let backend = "  - backendRefs:\n    - {name: api, namespace: other, port: 80}\n";
+    let api = [
+        pod("other", "api-0", "n0", "10.0.0.9", "app: api"),
+        service("other", "api", "10.96.0.20", "80", "8080", "app: api"),
+    ];
+    let grant = |from_kind: &str, from_ns: &str, to: &str| {
+        format!("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: other}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}]\n  to: [{{group: \"\", kind: Service{to}}}]\n")
+    };
+    let with = |extra: Option<String>| {
+        let mut routes: Vec<String> = api.to_vec();
+        routes.push(route("shop", "r", "", backend));
+        routes.extend(extra);
+        cluster(&routes)
+    };
+    assert!(backends_for(&with(None), "shop")[0].contains("needs a ReferenceGrant"));
+    assert_eq!(
+        backends_for(&with(Some(grant("HTTPRoute", "shop", ""))), "shop"),
+        ["other/api"]
+    );
+    assert_eq!(
+        backends_for(
+            &with(Some(grant("HTTPRoute", "shop", ", name: api"))),
+            "shop"
+        ),
+        ["other/api"]
+    );
+    // A grant for another Service, another kind of route, or another namespace: none.
+    for wrong in [
+        grant("HTTPRoute", "shop", ", name: web"),
+        grant("GRPCRoute", "shop", ""),
+        grant("HTTPRoute", "elsewhere", ""),
+    ] {
+        let state = with(Some(wrong));
+        assert!(backends_for(&state, "shop")[0].contains("needs a ReferenceGrant"));
+    }
+}
+
+#[test]
 fn routes_without_a_service_parent_warn() {
     let gateway_only = route("shop", "r", "", "  - {}\n").replace(
         "{group: \"\", kind: Service, name: web, namespace: shop}",
