@@ -186,7 +186,6 @@ impl WaypointGateway {
     /// Its `Deployment`.
     pub fn deployment(&self, template: &WaypointTemplate) -> Deployment {
         let mut args = vec![
-            "waypoint".to_owned(),
             format!("--namespace={}", self.namespace),
             format!("--name={}", self.name),
             format!("--trust-domain={}", template.trust_domain),
@@ -217,7 +216,7 @@ impl WaypointGateway {
                             "name": "waypoint",
                             "image": template.image,
                             "imagePullPolicy": template.pull_policy,
-                            "command": ["mesh-agent"],
+                            "command": ["mesh-waypoint"],
                             "args": args,
                             "env": [{"name": "RUST_LOG", "value": template.log_level}],
                             "ports": [
@@ -341,8 +340,8 @@ mod tests {
             .iter()
             .filter_map(Value::as_str)
             .collect();
+        assert_eq!(pod["spec"]["containers"][0]["command"][0], "mesh-waypoint");
         for expected in [
-            "waypoint",
             "--namespace=shop",
             "--name=reviews-wp",
             "--ca-address=https://mesh-ca.mesh-system.svc:15012",

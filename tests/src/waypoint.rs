@@ -29,9 +29,9 @@ impl Waypoint {
         name: &str,
         extra: &[String],
     ) -> Result<Self> {
-        let bin = binary("mesh-agent", "mesh-agent")?;
+        let bin = binary("mesh-waypoint", "mesh-agent")?;
         let mut cmd = pod.command(&bin);
-        cmd.args(["waypoint", "--namespace", namespace, "--name", name])
+        cmd.args(["--namespace", namespace, "--name", name])
             .arg("--config-dir")
             .arg(&options.config_dir)
             .arg("--ca-dir")
