@@ -214,6 +214,7 @@ pub fn run(root: &Path, plan: Plan) -> Result<PathBuf> {
         .as_ref()
         .map_or_else(|| root.join("target/release"), |r| r.build.clone());
     std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
+    std::env::set_var("MESH_MESH_WAYPOINT_BIN", release.join("mesh-waypoint"));
     std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
     std::env::set_var(process::QUIET_ENV, "1");
     let stamp = SystemTime::now()
