@@ -341,14 +341,21 @@ fn echo_pods_stay_ready(mesh: &KubeMesh) {
     }
 }
 
-#[test]
-fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
-    let _serial = SERIAL
+/// The cluster with the chart installed, what a user writes ([`deploy`]) and the controller's
+/// objects checked; returns `web`'s VIP, holding the serial lock (dropped last).
+fn deployed() -> (std::sync::MutexGuard<'static, ()>, KubeMesh, String) {
+    let serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
     let vip = deploy(&mesh);
     check_controller_objects(&mesh);
+    (serial, mesh, vip)
+}
+
+#[test]
+fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
+    let (_serial, mesh, vip) = deployed();
     ab_requests(&mesh, &vip);
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
@@ -541,6 +548,21 @@ fn until_seen(
     panic!("{prefix}: never as expected; last: {last:?}");
 }
 
+/// Patches the route of `web` to have `rules`.
+fn patch_rules(mesh: &KubeMesh, rules: &Value) {
+    patch_route(
+        mesh,
+        &from_json(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": rules,
+            },
+        })),
+    );
+}
+
 /// Patches the route of `web` to `route`'s spec.
 fn patch_route(mesh: &KubeMesh, route: &DynamicObject) {
     let patch = serde_json::to_value(route).expect("JSON");
@@ -555,19 +577,12 @@ fn patch_route(mesh: &KubeMesh, route: &DynamicObject) {
 
 /// A canary, 90/10 over 1,000 requests: v2's share within ±4 standard deviations (100 ± 38).
 fn canary_from_the_api(mesh: &KubeMesh, vip: &str) {
-    patch_route(
+    patch_rules(
         mesh,
-        &from_json(json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": NS},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
-                "rules": [{"backendRefs": [
-                    {"name": "web-v1", "port": 80, "weight": 90},
-                    {"name": "web-v2", "port": 80, "weight": 10},
-                ]}],
-            },
-        })),
+        &json!([{"backendRefs": [
+            {"name": "web-v1", "port": 80, "weight": 90},
+            {"name": "web-v2", "port": 80, "weight": 10},
+        ]}]),
     );
     let urls: Vec<String> = (0..1000).map(|i| format!("http://{vip}/c/{i}")).collect();
     let script = format!("curl -sS --max-time 30 -w '\\n' {}", urls.join(" "));
@@ -582,20 +597,13 @@ fn canary_from_the_api(mesh: &KubeMesh, vip: &str) {
 /// A request timeout of 300 ms to a backend asked (by the rule's header filter) to answer in
 /// 1 s: 504.
 fn timeout_from_the_api(mesh: &KubeMesh, vip: &str) {
-    patch_route(
+    patch_rules(
         mesh,
-        &from_json(json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": NS},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
-                "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}],
+        &json!([{"backendRefs": [{"name": "web-v1", "port": 80}],
                            "timeouts": {"request": "300ms"},
                            "filters": [{"type": "RequestHeaderModifier",
                                         "requestHeaderModifier": {
-                                            "add": [{"name": "x-delay-ms", "value": "1000"}]}}]}],
-            },
-        })),
+                                            "add": [{"name": "x-delay-ms", "value": "1000"}]}}]}]),
     );
     let script =
         format!("curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/t");
@@ -647,12 +655,7 @@ fn istio_objects_from_the_api(mesh: &KubeMesh, vip: &str) {
 /// subset.
 #[test]
 fn canary_timeout_fault_and_subsets_from_the_api() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
-    let vip = deploy(&mesh);
-    check_controller_objects(&mesh);
+    let (_serial, mesh, vip) = deployed();
     canary_from_the_api(&mesh, &vip);
     timeout_from_the_api(&mesh, &vip);
     istio_objects_from_the_api(&mesh, &vip);
@@ -731,9 +734,14 @@ fn served(mesh: &KubeMesh, prefix: &str, path: &str) -> usize {
 
 /// A `Deployment` `name` running `mesh-probe` with `args`, ready once it listens on `port`.
 fn workload_deployment(mesh: &KubeMesh, name: &str, args: &[&str], port: u16) {
-    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    deployment_in(mesh, NS, name, args, port);
+}
+
+/// [`workload_deployment`] in namespace `namespace`.
+fn deployment_in(mesh: &KubeMesh, namespace: &str, name: &str, args: &[&str], port: u16) {
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), namespace);
     let deployment: Deployment = from_json(json!({
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
           "template": {
             "metadata": {"labels": {"app": name}},
@@ -860,23 +868,16 @@ fn retries_and_delay_from_the_api(mesh: &KubeMesh) {
 
 /// `web`'s route mirrors to `web-v2`: the answer is v1's, and v2 sees the request too.
 fn mirror_from_the_api(mesh: &KubeMesh, vip: &str) {
-    patch_route(
+    patch_rules(
         mesh,
-        &from_json(json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": NS},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
-                "rules": [
-                    // Tells when the waypoint has this route.
-                    {"matches": [{"path": {"type": "PathPrefix", "value": "/probe-mirror"}}],
-                     "backendRefs": [{"name": "web-v2", "port": 80}]},
-                    {"backendRefs": [{"name": "web-v1", "port": 80}],
-                     "filters": [{"type": "RequestMirror", "requestMirror": {
-                         "backendRef": {"name": "web-v2", "port": 80}}}]},
-                ],
-            },
-        })),
+        &json!([
+            // Tells when the waypoint has this route.
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/probe-mirror"}}],
+             "backendRefs": [{"name": "web-v2", "port": 80}]},
+            {"backendRefs": [{"name": "web-v1", "port": 80}],
+             "filters": [{"type": "RequestMirror", "requestMirror": {
+                 "backendRef": {"name": "web-v2", "port": 80}}}]},
+        ]),
     );
     let probe = format!("curl -sS --max-time 10 http://{vip}/probe-mirror -w '\\n'");
     until_seen(mesh, 0, "mirror-in", &probe, |seen| seen == ["v2"]);
@@ -895,20 +896,8 @@ fn reference_grant_from_the_api(mesh: &KubeMesh, vip: &str) {
     let namespaces: Api<Namespace> = Api::all(mesh.cp.client());
     let ns: Namespace = from_json(json!({"metadata": {"name": "backend"}}));
     create(mesh, &namespaces, &ns, "namespace backend");
-    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), "backend");
-    let deployment: Deployment = from_json(json!({
-        "metadata": {"name": "other", "namespace": "backend"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "other"}},
-          "template": {
-            "metadata": {"labels": {"app": "other"}},
-            "spec": {"containers": [{
-                "name": "echo", "image": "mesh-probe",
-                "args": ["http-echo", "$(POD_IP):8080", "--name", "other"],
-                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-            }]},
-          }},
-    }));
-    create(mesh, &deployments, &deployment, "backend/other");
+    let echo = ["http-echo", "$(POD_IP):8080", "--name", "other"];
+    deployment_in(mesh, "backend", "other", &echo, 8080);
     let services: Api<Service> = Api::namespaced(mesh.cp.client(), "backend");
     let svc: Service = from_json(json!({
         "metadata": {"name": "other", "namespace": "backend"},
@@ -916,20 +905,13 @@ fn reference_grant_from_the_api(mesh: &KubeMesh, vip: &str) {
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
     }));
     create(mesh, &services, &svc, "backend/other");
-    patch_route(
+    patch_rules(
         mesh,
-        &from_json(json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": NS},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
-                "rules": [
-                    {"matches": [{"path": {"type": "PathPrefix", "value": "/other"}}],
-                     "backendRefs": [{"name": "other", "namespace": "backend", "port": 80}]},
-                    {"backendRefs": [{"name": "web-v1", "port": 80}]},
-                ],
-            },
-        })),
+        &json!([
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/other"}}],
+             "backendRefs": [{"name": "other", "namespace": "backend", "port": 80}]},
+            {"backendRefs": [{"name": "web-v1", "port": 80}]},
+        ]),
     );
     let status =
         format!("curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/other");
@@ -1095,12 +1077,7 @@ fn restart_under_load(mesh: &KubeMesh, vip: &str) {
 /// the waypoint's pod replaced under load.
 #[test]
 fn retries_delay_mirror_protocols_bypass_and_restart_from_the_api() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
-    let vip = deploy(&mesh);
-    check_controller_objects(&mesh);
+    let (_serial, mesh, vip) = deployed();
     retries_and_delay_from_the_api(&mesh);
     mirror_from_the_api(&mesh, &vip);
     reference_grant_from_the_api(&mesh, &vip);

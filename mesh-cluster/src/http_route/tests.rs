@@ -323,6 +323,11 @@ fn port_and_section_name_pick_the_ports_a_route_attaches_to() {
 }
 
 fn only_rule(state: &ClusterState) -> &ResolvedRule {
+    rule_of(state, "shop")
+}
+
+/// The rule that takes `GET /` from a client in `client_ns`.
+fn rule_of<'a>(state: &'a ClusterState, client_ns: &str) -> &'a ResolvedRule {
     let request = req("GET", "/", &[]);
     let facts = RequestFacts {
         method: &request.method,
@@ -330,7 +335,7 @@ fn only_rule(state: &ClusterState) -> &ResolvedRule {
         query: None,
         headers: &request.headers,
     };
-    match state.route_http(web(state), 80, "shop", &facts) {
+    match state.route_http(web(state), 80, client_ns, &facts) {
         RouteDecision::Matched { rule, .. } => rule,
         other => panic!("{other:?}"),
     }
@@ -416,24 +421,14 @@ fn invalid_backends_keep_their_share_and_warn() {
 
 /// The backends a client in `client_ns` gets for `/`: each a Service's `ns/name`, or why not.
 fn backends_for(state: &ClusterState, client_ns: &str) -> Vec<String> {
-    let request = req("GET", "/", &[]);
-    let facts = RequestFacts {
-        method: &request.method,
-        path: &request.path,
-        query: None,
-        headers: &request.headers,
-    };
-    match state.route_http(web(state), 80, client_ns, &facts) {
-        RouteDecision::Matched { rule, .. } => rule
-            .backends
-            .iter()
-            .map(|b| match &b.backend {
-                Backend::Service { service, .. } => service.to_string(),
-                Backend::Invalid(problem) => problem.to_string(),
-            })
-            .collect(),
-        other => panic!("{other:?}"),
-    }
+    rule_of(state, client_ns)
+        .backends
+        .iter()
+        .map(|b| match &b.backend {
+            Backend::Service { service, .. } => service.to_string(),
+            Backend::Invalid(problem) => problem.to_string(),
+        })
+        .collect()
 }
 
 #[test]
