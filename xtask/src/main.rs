@@ -177,8 +177,10 @@ fn build(root: &Path, release: bool) -> Result<()> {
     step("build", build_command(root, release))
 }
 
+/// The binaries' build, as `build`, `demo` and `test` run it: one non-incremental build (see
+/// [`test_cargo`]), so the demo's binaries serve the tests after it.
 fn build_command(root: &Path, release: bool) -> Command {
-    let mut cmd = cargo(root);
+    let mut cmd = test_cargo(root);
     cmd.arg("build").args(BUILD_SELECTION);
     if release {
         cmd.arg("--release");
@@ -203,9 +205,7 @@ fn test(root: &Path) -> Result<()> {
     step("clippy", clippy)?;
     step("clippy (kernel programs)", kernel_clippy(root)?)?;
     check_disk_space(root)?;
-    let mut build = build_command(root, false);
-    build.env("CARGO_INCREMENTAL", "0");
-    step("build", build)?;
+    build(root, false)?;
     // Unit tests of every crate, then the privileged integration tests (testbed, kernel,
     // cleanup). They run as root; a test that cannot get what it needs fails with the reason.
     let mut tests = test_cargo(root);
