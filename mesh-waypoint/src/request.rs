@@ -27,7 +27,7 @@ use crate::{
     balance::Keys,
     body::full,
     filters::{modify_headers, redirect_location, replace_path},
-    grpc_reply::{for_grpc, is_grpc, LocalReply},
+    grpc_reply::{for_grpc, LocalReply},
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upstream::UpstreamError,
     Ctx,
@@ -140,7 +140,7 @@ pub(crate) async fn handle(
         Arc::clone(&read),
         (trace, parent.map(|p| p.span_id)),
     );
-    let grpc = is_grpc(&parts.headers);
+    let grpc = log.is_grpc();
     let mut request = Request::from_parts(parts, Counted::new(body, read).boxed());
     // An HTTP/1.1 upgrade (WebSocket): once both sides have switched, their bytes are spliced.
     let upgrading = upgrade_of(request.headers())

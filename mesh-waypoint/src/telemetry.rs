@@ -225,10 +225,7 @@ impl RequestLog {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
-        let grpc = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let grpc = crate::grpc_reply::is_grpc(&parts.headers);
         let protocol = match (grpc, parts.version) {
             (true, _) => "grpc",
             (false, http::Version::HTTP_2) => "http2",
@@ -253,6 +250,11 @@ impl RequestLog {
             grpc_status: None,
             outcome: Outcome::default(),
         }
+    }
+
+    /// Whether the request is gRPC (its `content-type`).
+    pub(crate) fn is_grpc(&self) -> bool {
+        self.protocol == "grpc"
     }
 
     /// Adds the response's head and what it says about where the request went.

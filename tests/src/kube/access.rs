@@ -113,18 +113,25 @@ impl ControlPlane {
         {
             return Ok(existing.listen);
         }
-        crate::process::run(std::process::Command::new("ip").args([
-            "-n",
-            &node.netns,
-            "addr",
-            "replace",
-            &format!("{KUBERNETES_SERVICE_IP}/32"),
-            "dev",
-            "lo",
-        ]))?;
+        address_on_loopback(node, KUBERNETES_SERVICE_IP)?;
         let handle = self.runtime().handle();
         let forwarder = forward::start_at(handle, &netns, listen, self.apiserver_addr())?;
         forwarders.push(forwarder);
         Ok(listen)
     }
+}
+
+/// Puts `ip` on the loopback device of `node`'s namespace, where a Service's address is served
+/// on the node (the `kubernetes` Service's forwarder, the cluster DNS).
+pub(super) fn address_on_loopback(node: &Node, ip: std::net::Ipv4Addr) -> Result<()> {
+    crate::process::run(std::process::Command::new("ip").args([
+        "-n",
+        &node.netns,
+        "addr",
+        "replace",
+        &format!("{ip}/32"),
+        "dev",
+        "lo",
+    ]))?;
+    Ok(())
 }

@@ -89,15 +89,7 @@ impl ControlPlane {
         self.block_on(store.wait_until_ready())
             .map_err(|e| Error::Setup(format!("the cluster DNS's Service reflector: {e}")))?;
         for node in nodes {
-            crate::process::run(std::process::Command::new("ip").args([
-                "-n",
-                &node.netns,
-                "addr",
-                "replace",
-                &format!("{CLUSTER_DNS_IP}/32"),
-                "dev",
-                "lo",
-            ]))?;
+            super::access::address_on_loopback(node, CLUSTER_DNS_IP)?;
             let addr = SocketAddr::from((CLUSTER_DNS_IP, 53));
             let what = format!("the cluster DNS on {addr} in node {}", node.name);
             let socket = forward::socket_in(&node.netns_path(), what.clone(), move || {
