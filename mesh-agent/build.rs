@@ -14,8 +14,10 @@ mod toolchain;
 
 use toolchain::EbpfToolchain;
 
-/// The link order of a release's hot functions (see `cargo xtask order`).
+/// The link order of a release's hot functions (see `cargo xtask order`): the agent's, and
+/// the waypoint's.
 const HOT_FUNCTIONS: &str = "hot-functions.txt";
+const WAYPOINT_HOT_FUNCTIONS: &str = "waypoint-hot-functions.txt";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
@@ -51,17 +53,25 @@ fn main() -> anyhow::Result<()> {
     {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
-    // Releases: the functions a profiled agent ran placed first and together (`cargo xtask
-    // order` writes the list), so the pages the kernel maps around each one run hold code that
-    // runs too. Names the build no longer has are passed over.
-    let hot = manifest_dir.join(HOT_FUNCTIONS);
-    println!("cargo:rerun-if-changed={HOT_FUNCTIONS}");
-    if std::env::var("PROFILE").as_deref() == Ok("release") && hot.is_file() {
-        println!(
-            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-            hot.display()
-        );
-        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    // Releases: the functions a profiled program ran placed first and together (`cargo xtask
+    // order` writes the lists: the agent's, and the waypoint's for `mesh-waypoint`), so the
+    // pages the kernel maps around each one run hold code that runs too. Names a build no
+    // longer has are passed over.
+    if std::env::var("PROFILE").as_deref() == Ok("release") {
+        for (bin, list) in [
+            ("mesh-agent", HOT_FUNCTIONS),
+            ("mesh-waypoint", WAYPOINT_HOT_FUNCTIONS),
+        ] {
+            let path = manifest_dir.join(list);
+            println!("cargo:rerun-if-changed={list}");
+            if path.is_file() {
+                println!(
+                    "cargo:rustc-link-arg-bin={bin}=-Wl,--symbol-ordering-file={}",
+                    path.display()
+                );
+                println!("cargo:rustc-link-arg-bin={bin}=-Wl,--no-warn-symbol-ordering");
+            }
+        }
     }
     // aya-build replays the nested cargo's stderr as build-script warnings; keep its progress
     // lines out of every build's output (compiler diagnostics still come through).

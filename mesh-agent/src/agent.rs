@@ -332,7 +332,7 @@ async fn report_api_status(mut status: watch::Receiver<ApiStatus>, readiness: Re
             note = since.map(|since| {
                 readiness.degraded(&format!(
                     "Kubernetes API unreachable since {}; serving the last view",
-                    rfc3339(since)
+                    mesh_trace::rfc3339(since)
                 ))
             });
             noted = since;
@@ -342,15 +342,6 @@ async fn report_api_status(mut status: watch::Receiver<ApiStatus>, readiness: Re
             return;
         }
     }
-}
-
-/// `time` as RFC 3339 (UTC, seconds).
-fn rfc3339(time: std::time::SystemTime) -> String {
-    let seconds = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    k8s_openapi::jiff::Timestamp::from_second(i64::try_from(seconds).unwrap_or(0))
-        .map_or_else(|_| seconds.to_string(), |t| t.to_string())
 }
 
 /// The access log and the tracer, as configured (within the runtime: the span exporter's
@@ -490,9 +481,13 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     let mut datapath = pods.shutdown(keep).await;
     datapath.set_keep_pins(keep);
     drop(datapath);
-    // The last spans out; the exporter blocks, so not on a runtime worker.
-    let spans = telemetry.tracer.clone();
-    let _ = tokio::task::spawn_blocking(move || spans.shutdown()).await;
+    // The last spans and access log lines out; both block, so not on a runtime worker.
+    let last = Arc::clone(&telemetry);
+    let _ = tokio::task::spawn_blocking(move || {
+        last.tracer.shutdown();
+        last.access_log.close();
+    })
+    .await;
     info!("shutdown complete");
     Ok(())
 }

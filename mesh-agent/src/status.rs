@@ -18,8 +18,8 @@ use crate::{
     config::AgentConfig,
     proxy::ProxyCtx,
     telemetry::{
-        access_log::rfc3339,
         exposition::{Exposition, Kind},
+        rfc3339,
     },
 };
 use mesh_cluster::{ClusterState, TargetPort};

@@ -61,6 +61,10 @@ pub struct WaypointArgs {
     /// meanwhile, and no new connection is taken).
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
+    /// Where the JSON access log (a line per request) goes: `-` (standard output), `off`, or a
+    /// file.
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value = "-")]
+    access_log: mesh_trace::AccessLogTarget,
     /// Threads of the async runtime [default: as the agent's, 1 below 4 CPUs, else 2].
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -96,6 +100,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         readiness: args.readiness_addr,
         provider,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        access_log: args.access_log.clone(),
     };
     let tracing = args
         .tracing_flags
@@ -117,6 +122,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         metrics = %config.metrics,
         readiness = %config.readiness,
         crypto_provider = config.provider.name(),
+        access_log = %config.access_log,
         %tracing,
         "waypoint configuration"
     );

@@ -1,17 +1,21 @@
-//! Distributed tracing for the mesh's proxies.
+//! Distributed tracing and the access log for the mesh's proxies.
 //!
 //! - [`TraceContext`]: W3C `traceparent`, read from a CONNECT or a request, a child made for the
 //!   proxy's own span, written on to the next hop.
 //! - [`Tracer`]: samples new traces and exports each finished, sampled span over OTLP/gRPC
 //!   through the OpenTelemetry SDK.
+//! - [`AccessLog`]: the JSON access log, written by a thread of its own in batches.
 //!
 //! Who makes which span (ARCHITECTURE.md, "Tracing"): the source agent one per outbound
 //! connection (a new trace, its context in the HBONE CONNECT), the waypoint one per request
 //! (the child of the request's `traceparent`, else of the CONNECT's), the destination agent one
 //! per inbound tunnel (the child of the CONNECT's).
 
+pub mod access_log;
 mod context;
 mod export;
+
+pub use access_log::{rfc3339, AccessLog, AccessLogError, AccessLogTarget};
 
 pub use context::{Sampler, SamplerError, TraceContext, TraceparentError, TRACEPARENT, TRACESTATE};
 pub use export::{ExportError, FinishedSpan, SpanKind, TraceConfig, Tracer};

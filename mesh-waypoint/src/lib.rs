@@ -67,6 +67,8 @@ pub struct WaypointConfig {
     pub provider: CryptoProvider,
     /// At shutdown, how long in-flight requests may take to finish.
     pub drain_timeout: std::time::Duration,
+    /// Where the JSON access log (a line per request) goes.
+    pub access_log: mesh_trace::AccessLogTarget,
 }
 
 /// Why the waypoint stopped.
@@ -82,6 +84,8 @@ pub enum WaypointError {
         identity: Identity,
         source: mesh_identity::TlsError,
     },
+    #[error(transparent)]
+    AccessLog(#[from] mesh_trace::AccessLogError),
 }
 
 /// What every request of the waypoint shares.
@@ -90,8 +94,7 @@ pub(crate) struct Ctx {
     pub(crate) state: watch::Receiver<Arc<ClusterState>>,
     pub(crate) upstream: Arc<upstream::Upstream>,
     pub(crate) hbone: mesh_hbone::ServerConfig,
-    pub(crate) metrics: Arc<telemetry::Metrics>,
-    pub(crate) tracer: mesh_trace::Tracer,
+    pub(crate) reporters: Arc<telemetry::Reporters>,
     pub(crate) drain: listener::Drain,
     pub(crate) balancer: Arc<balance::Balancer>,
 }

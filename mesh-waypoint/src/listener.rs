@@ -32,6 +32,7 @@ use crate::{
     admin::{self, Admin},
     protocol::{sniff, Prefixed, Sniffed},
     request::{handle, pass_through, Source, Target},
+    telemetry::Reporters,
     upstream::Upstream,
     Ctx, WaypointConfig, WaypointError,
 };
@@ -129,6 +130,7 @@ pub async fn serve(
         "waypoint serving HBONE"
     );
     let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let access_log = mesh_trace::AccessLog::start(&config.access_log)?;
     let ready = Arc::new(AtomicBool::new(false));
     let admin_ready = Arc::clone(&ready);
     let admin = Admin {
@@ -160,8 +162,11 @@ pub async fn serve(
         state,
         upstream,
         hbone: mesh_hbone::ServerConfig::default(),
-        metrics,
-        tracer,
+        reporters: Arc::new(Reporters {
+            metrics,
+            tracer,
+            access_log,
+        }),
         drain: Drain::default(),
         balancer: Arc::default(),
     });
@@ -173,9 +178,14 @@ pub async fn serve(
                 drop(listener);
                 admin_ready.store(false, Ordering::Relaxed);
                 ctx.drain.run(drain_timeout).await;
-                // The last spans out; the exporter blocks, so not on a runtime worker.
-                let tracer = ctx.tracer.clone();
-                let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
+                // The last spans and access log lines out; both block, so not on a runtime
+                // worker.
+                let reporters = Arc::clone(&ctx.reporters);
+                let _ = tokio::task::spawn_blocking(move || {
+                    reporters.tracer.shutdown();
+                    reporters.access_log.close();
+                })
+                .await;
                 return Ok(());
             }
             accepted = listener.accept() => match accepted {

@@ -1,8 +1,9 @@
 //! What the waypoint reports per request: Istio's request metrics (`istio_requests_total`,
 //! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`, with
 //! `reporter="waypoint"` and Istio's labels), served in Prometheus' text format, and one JSON
-//! access-log line on standard output. Both are written when the response's last byte has gone
-//! (or the client went away first), so duration and sizes are the whole exchange's.
+//! access-log line (standard output by default, written in batches by the log's own thread:
+//! [`mesh_trace::AccessLog`]). Both are written when the response's last byte has gone (or the
+//! client went away first), so duration and sizes are the whole exchange's.
 
 use std::{
     net::SocketAddr,
@@ -19,13 +20,13 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use mesh_cluster::{Service, Workload};
 use mesh_identity::Identity;
-use mesh_trace::{FinishedSpan, KeyValue, SpanKind, TraceContext, Tracer};
+use mesh_trace::{AccessLog, FinishedSpan, KeyValue, SpanKind, TraceContext, Tracer};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
-use serde_json::json;
+use serde::Serialize;
 
 /// Istio's duration buckets, in milliseconds.
 const DURATION_BUCKETS: [f64; 19] = [
@@ -131,6 +132,47 @@ impl Metrics {
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
         text
     }
+}
+
+/// Where each request is reported: metrics, its span, its access log line.
+pub(crate) struct Reporters {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tracer: Tracer,
+    pub(crate) access_log: AccessLog,
+}
+
+/// A request's access log line.
+#[derive(Serialize)]
+struct AccessLine<'a> {
+    /// Always `access`: tells these lines from the waypoint's own logs.
+    log: &'static str,
+    time: String,
+    reporter: &'static str,
+    method: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    protocol: &'static str,
+    status: u16,
+    grpc_status: Option<&'a str>,
+    duration_ms: u64,
+    src: AccessSource<'a>,
+    service: Option<&'a str>,
+    /// The endpoint's address.
+    upstream: Option<SocketAddr>,
+    /// The endpoint's pod, `namespace/name`.
+    upstream_workload: Option<String>,
+    bytes_received: u64,
+    bytes_sent: u64,
+    /// W3C trace id, 32 hex digits.
+    trace_id: String,
+    response_flags: &'static str,
+}
+
+/// Who sent the request, in its access log line.
+#[derive(Serialize)]
+struct AccessSource<'a> {
+    identity: &'a str,
+    workload: &'a str,
 }
 
 /// Why the waypoint answered as it did, as Envoy's response flags say it.
@@ -272,7 +314,7 @@ impl RequestLog {
 
     fn finish(
         mut self,
-        (metrics, tracer): &(Arc<Metrics>, Tracer),
+        reporters: &Reporters,
         response_bytes: u64,
         trailers_status: Option<String>,
         complete: bool,
@@ -317,6 +359,7 @@ impl RequestLog {
                 "none"
             },
         };
+        let metrics = &reporters.metrics;
         metrics.requests.get_or_create(&labels).inc();
         let millis = elapsed.as_secs_f64() * 1000.0;
         metrics.duration.get_or_create(&labels).observe(millis);
@@ -331,30 +374,33 @@ impl RequestLog {
                 .get_or_create(&labels)
                 .observe(response_bytes as f64);
         }
-        let time = humantime_now();
-        let line = json!({
-            "log": "access",
-            "time": time,
-            "reporter": "waypoint",
-            "method": self.method,
-            "authority": self.authority,
-            "path": self.path,
-            "protocol": self.protocol,
-            "status": self.status,
-            "grpc_status": self.grpc_status,
-            "duration_ms": elapsed.as_millis(),
-            "src": {"identity": self.source.as_str(), "workload": labels.source_workload},
-            "service": service.map(|s| s.hostname.as_str()),
-            "upstream": self.outcome.upstream.map(|a| a.to_string()),
-            "upstream_workload": workload.map(ToString::to_string),
-            "bytes_received": request_bytes,
-            "bytes_sent": response_bytes,
-            "trace_id": self.trace.0.trace_id_hex(),
-            "response_flags": self.outcome.flag.as_str(),
+        reporters.access_log.write(&AccessLine {
+            log: "access",
+            time: mesh_trace::rfc3339(SystemTime::now()),
+            reporter: "waypoint",
+            method: &self.method,
+            authority: &self.authority,
+            path: &self.path,
+            protocol: self.protocol,
+            status: self.status,
+            grpc_status: self.grpc_status.as_deref(),
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            src: AccessSource {
+                identity: self.source.as_str(),
+                workload: &labels.source_workload,
+            },
+            service: service.map(|s| s.hostname.as_str()),
+            upstream: self.outcome.upstream,
+            upstream_workload: workload.map(ToString::to_string),
+            bytes_received: request_bytes,
+            bytes_sent: response_bytes,
+            trace_id: self.trace.0.trace_id_hex(),
+            response_flags: self.outcome.flag.as_str(),
         });
-        println!("{line}");
         if self.trace.0.sampled {
-            tracer.record(self.span(&labels, response_bytes, request_bytes));
+            reporters
+                .tracer
+                .record(self.span(&labels, response_bytes, request_bytes));
         }
     }
 
@@ -405,37 +451,6 @@ fn head_size(headers: &http::HeaderMap) -> u64 {
         .sum()
 }
 
-/// Now as RFC 3339 with milliseconds, UTC.
-fn humantime_now() -> String {
-    let since = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to a (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
-}
-
 /// A request body that counts the bytes read from it.
 pub(crate) struct Counted {
     inner: Incoming,
@@ -480,7 +495,7 @@ pub(crate) struct Recorded {
     inner: crate::body::Body,
     bytes: u64,
     grpc_status: Option<String>,
-    log: Option<(RequestLog, (Arc<Metrics>, Tracer))>,
+    log: Option<(RequestLog, Arc<Reporters>)>,
 }
 
 impl Recorded {
@@ -488,7 +503,7 @@ impl Recorded {
     pub(crate) fn wrap(
         response: http::Response<crate::body::Body>,
         log: RequestLog,
-        reporters: (Arc<Metrics>, Tracer),
+        reporters: Arc<Reporters>,
     ) -> http::Response<Self> {
         let head = head_size(response.headers());
         response.map(|inner| Self {
@@ -549,17 +564,5 @@ impl Drop for Recorded {
         // complete response; one dropped before is a client that went away.
         let complete = self.inner.is_end_stream();
         self.finish(complete);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::civil_from_days;
-
-    #[test]
-    fn dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_792), (2026, 12, 5));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 }

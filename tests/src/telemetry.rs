@@ -130,6 +130,24 @@ pub fn access_records_in(lines: &[String]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The access log records in `lines()` once `done` says they are all there (the proxies write
+/// their access log in batches, up to tens of milliseconds after the connection or request),
+/// or, after `wait`, those there are.
+pub fn access_records_once(
+    lines: impl Fn() -> Vec<String>,
+    wait: std::time::Duration,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let records = access_records_in(&lines());
+        if done(&records) || std::time::Instant::now() >= deadline {
+            return records;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

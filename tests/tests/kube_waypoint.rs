@@ -433,21 +433,24 @@ fn pod_address_through_the_waypoint(mesh: &KubeMesh) {
         &format!("curl -sS --max-time 10 http://{v1_ip}:8080/direct -w '\\n'"),
     );
     assert_eq!(backends(mesh, 0, "direct"), ["v1"]);
-    let waypoint_logs: Vec<String> = mesh
-        .kubelets
-        .iter()
-        .flat_map(|k| {
-            k.pods()
-                .into_iter()
-                .filter(|p| p.name.starts_with("reviews-waypoint-"))
-                .flat_map(|p| k.logs(NS, &p.name, "waypoint"))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(
-        waypoint_logs
+    // The waypoint writes its access log in batches: its line may come a little later.
+    let waypoint_logs = || -> Vec<String> {
+        mesh.kubelets
             .iter()
-            .any(|l| l.contains("\"log\":\"access\"") && l.contains("/direct")),
+            .flat_map(|k| {
+                k.pods()
+                    .into_iter()
+                    .filter(|p| p.name.starts_with("reviews-waypoint-"))
+                    .flat_map(|p| k.logs(NS, &p.name, "waypoint"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let direct = mesh_tests::telemetry::access_records_once(waypoint_logs, WAIT, |records| {
+        records.iter().any(|r| r["path"] == "/direct")
+    });
+    assert!(
+        direct.iter().any(|r| r["path"] == "/direct"),
         "the pod-address request went through the account's waypoint"
     );
 }

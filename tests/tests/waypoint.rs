@@ -17,7 +17,7 @@ use mesh_tests::{
     jaeger::{self, Jaeger},
     mesh::{Mesh, Shortcut, NS, PLAIN_NS},
     plan,
-    telemetry::{access_records_in, count, parse_prometheus, sum},
+    telemetry::{access_records_once, count, parse_prometheus, sum},
     waypoint::Waypoint,
     Pod, Process, TestbedSpec,
 };
@@ -339,7 +339,11 @@ fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
         1,
         "the h2c request"
     );
-    let records = access_records_in(&bed.waypoint.process.lines());
+    let records = access_records_once(
+        || bed.waypoint.process.lines(),
+        LOG_WAIT,
+        |r| r.len() >= 1051,
+    );
     assert_eq!(records.len(), 1051);
     let first = records
         .iter()
@@ -449,11 +453,14 @@ fn a_websocket_echo_through_the_waypoint() {
             l.contains("upgraded connection done")
         })
         .unwrap();
-    let records = access_records_in(&waypoint.process.lines());
+    let upgraded = |r: &Value| r["path"] == "/ws" && r["status"] == 101;
+    let records = access_records_once(
+        || waypoint.process.lines(),
+        LOG_WAIT,
+        |r| r.iter().any(upgraded),
+    );
     assert!(
-        records
-            .iter()
-            .any(|r| r["path"] == "/ws" && r["status"] == 101),
+        records.iter().any(upgraded),
         "the upgrade's record: {records:?}"
     );
 }
@@ -1059,14 +1066,15 @@ fn spans_from_the_source_through_the_waypoint_to_the_destination_share_one_trace
     assert_eq!(second[0]["headers"]["tracestate"][0], "vendor=kept");
 
     // The waypoint's access log names the traces.
-    let wp_logs = bed.waypoint.process.lines();
-    for id in [trace_id.as_str(), app_trace] {
-        assert!(
-            wp_logs
-                .iter()
-                .any(|l| l.contains("\"log\":\"access\"") && l.contains(id)),
-            "waypoint access log names trace {id}"
-        );
+    let ids = [trace_id.as_str(), app_trace];
+    let named = |records: &[Value], id: &str| records.iter().any(|r| r["trace_id"] == id);
+    let records = access_records_once(
+        || bed.waypoint.process.lines(),
+        LOG_WAIT,
+        |r| ids.iter().all(|id| named(r, id)),
+    );
+    for id in ids {
+        assert!(named(&records, id), "waypoint access log names trace {id}");
     }
     // The waypoint's tunnel to the endpoint ends when it stops (it keeps its connections), so
     // does the destination agent's span; the waypoint flushes its spans as it goes.

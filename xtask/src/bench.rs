@@ -40,6 +40,7 @@ use crate::{functions, residency};
 
 mod kube;
 mod l7;
+pub use l7::WAYPOINT_RESIDENT_PREFIX;
 mod nginx;
 
 /// How long and how often to measure.
@@ -103,8 +104,19 @@ impl Plan {
 
     /// Whether `group` is measured: every group but `kube` and `l7` when none is named.
     fn wants(&self, group: &str) -> bool {
-        self.only.iter().any(|g| g == group) || self.only.iter().all(|g| g == "kube" || g == "l7")
+        self.only.iter().any(|g| g == group) || self.only.iter().all(|g| only_when_named(g))
     }
+
+    /// `l7-waypoint`: the L7 group's waypoint cases alone (no direct or nginx runs), to
+    /// profile the waypoint.
+    fn waypoint_only(&self) -> bool {
+        self.only.iter().any(|g| g == "l7-waypoint")
+    }
+}
+
+/// The groups measured only when named.
+fn only_when_named(group: &str) -> bool {
+    matches!(group, "kube" | "l7" | "l7-waypoint")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -230,9 +242,9 @@ pub fn run(root: &Path, plan: Plan) -> Result<PathBuf> {
         }
     }
     // `l7` too: the waypoint against direct HTTP, on a testbed of its own.
-    if plan.only.iter().any(|g| g == "l7") {
+    if plan.only.iter().any(|g| g == "l7" || g == "l7-waypoint") {
         l7::run(&plan, &out).context("measuring the waypoint")?;
-        if plan.only.iter().all(|g| g == "kube" || g == "l7") {
+        if plan.only.iter().all(|g| only_when_named(g)) {
             return Ok(out);
         }
     }
@@ -266,7 +278,11 @@ pub fn run(root: &Path, plan: Plan) -> Result<PathBuf> {
     }
     let mut table = bench.markdown();
     if bench.plan.residency.is_none() {
-        table.push_str(&hot_functions_found(root, &release.join("mesh-agent"))?);
+        table.push_str(&hot_functions_found(
+            root,
+            functions::HOT_FUNCTIONS,
+            &release.join("mesh-agent"),
+        )?);
     }
     fs::write(out.join("results.md"), &table)?;
     fs::write(
@@ -287,8 +303,8 @@ pub fn run(root: &Path, plan: Plan) -> Result<PathBuf> {
 /// layout's. A few suffice: each function outside the list maps pages of its own among the
 /// cold code (32 missing names of 4,003 cost 0.7-0.9 MiB at rest in `1796454874`), so the list
 /// is called stale beyond 0.5 %.
-fn hot_functions_found(root: &Path, agent: &Path) -> Result<String> {
-    let list = root.join(functions::HOT_FUNCTIONS);
+fn hot_functions_found(root: &Path, list_path: &str, binary: &Path) -> Result<String> {
+    let list = root.join(list_path);
     let Ok(text) = fs::read_to_string(&list) else {
         return Ok(format!(
             "\nNo {} (link order by default).\n",
@@ -296,10 +312,9 @@ fn hot_functions_found(root: &Path, agent: &Path) -> Result<String> {
         ));
     };
     let (found, listed) =
-        functions::Functions::of(agent)?.count_known(functions::listed_names(&text));
+        functions::Functions::of(binary)?.count_known(functions::listed_names(&text));
     Ok(format!(
-        "\nHot functions placed first (`{}`): {found} of the {listed} listed are in this build{}.\n",
-        functions::HOT_FUNCTIONS,
+        "\nHot functions placed first (`{list_path}`): {found} of the {listed} listed are in this build{}.\n",
         if found * 200 < listed * 199 {
             "; the list is stale, run `cargo xtask order`"
         } else {
@@ -1077,7 +1092,7 @@ fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
 }
 
 /// The count of `event` in `perf stat -x ,` output (`value,unit,event,...` lines).
-fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
+pub(super) fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let mut fields = line.split(',');
         let value = fields.next()?;
@@ -1105,7 +1120,7 @@ fn finish_profiles(profilers: Vec<(Process, PathBuf)>) -> Result<()> {
 }
 
 /// Writes the profile's top symbols next to it (`<data>.txt`).
-fn report_profile(data: &Path) -> Result<()> {
+pub(super) fn report_profile(data: &Path) -> Result<()> {
     let report = process::run(
         std::process::Command::new("perf")
             .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])

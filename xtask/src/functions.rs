@@ -1,5 +1,5 @@
-//! The agent binary's functions (`readelf`, `nm`) and the hot-function list that names them
-//! (`cargo xtask order` writes it; the bench checks how much of it a build has).
+//! A binary's functions (`readelf`, `nm`) and the hot-function lists that name them, one per
+//! program (`cargo xtask order` writes them; the bench checks how much of each a build has).
 
 use std::{collections::BTreeSet, path::Path, process::Command};
 
@@ -7,8 +7,11 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{residency::PAGE, setup::capture};
 
-/// The list the release link reads (`mesh-agent/build.rs`).
+/// The agent's list, which the release link of `mesh-agent` reads (`mesh-agent/build.rs`).
 pub const HOT_FUNCTIONS: &str = "mesh-agent/hot-functions.txt";
+/// The waypoint's list, which the release link of `mesh-waypoint` reads.
+pub const WAYPOINT_HOT_FUNCTIONS: &str = "mesh-agent/waypoint-hot-functions.txt";
+
 /// A function of the binary's `.text`: its name, and where its code is in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Function {

@@ -65,18 +65,23 @@ enum Cmd {
         /// Measure only these groups (repeatable): throughput, latency, connrate, memory,
         /// policy, kube (the agent on a real Kubernetes control plane: memory, watch traffic,
         /// capture after labelling; only when named), l7 (HTTP through the waypoint against
-        /// direct; only when named).
-        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy", "kube", "l7"])]
+        /// direct and nginx; only when named), l7-waypoint (l7's waypoint cases alone).
+        #[arg(long, value_parser = ["throughput", "latency", "connrate", "memory", "policy", "kube", "l7", "l7-waypoint"])]
         only: Vec<String>,
         /// Another `mesh-agent` binary (say, an earlier commit's release build) to measure as
         /// one more mode, pods opted into the short-cut, in the same run.
         #[arg(long)]
         compare_agent: Option<PathBuf>,
     },
-    /// Profile which functions the agents run (a build with a function per page, the bench's
-    /// round from a file system with read-ahead off) and write them to
-    /// `mesh-agent/hot-functions.txt`, the release link's order (see BENCHMARKS.md).
-    Order,
+    /// Profile which functions the agent and the waypoint run (a build with a function per
+    /// page, the bench's rounds from a file system with read-ahead off) and write them to
+    /// `mesh-agent/hot-functions.txt` and `mesh-agent/waypoint-hot-functions.txt`, the release
+    /// links' order (see BENCHMARKS.md).
+    Order {
+        /// Only these programs' lists (repeatable): agent, waypoint [default: both].
+        #[arg(long, value_parser = ["agent", "waypoint"])]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,9 +114,9 @@ fn main() -> ExitCode {
                 let plan = bench::Plan::new(quick, profile, only, compare_agent);
                 bench::run(&root, plan).map(drop)
             }),
-        Cmd::Order => setup::run(&root)
+        Cmd::Order { only } => setup::run(&root)
             .and_then(|()| bench::check_tools())
-            .and_then(|()| order::run(&root)),
+            .and_then(|()| order::run(&root, &only)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,17 +1,21 @@
-//! `cargo xtask order`: the link order of the agent's hot functions, from a profiled run.
+//! `cargo xtask order`: the link order of the agent's and the waypoint's hot functions, from
+//! profiled runs.
 //!
-//! An agent's resident memory is mostly its binary's pages, and the kernel maps 64 KiB of cached
+//! A proxy's resident memory is mostly its binary's pages, and the kernel maps 64 KiB of cached
 //! file around each page a process touches (fault-around). In the default layout the functions
-//! an agent runs are spread over the whole text, so nearly all of it ended up resident. This
-//! command finds the functions the agents run and writes them, in that order, to
-//! `mesh-agent/hot-functions.txt`, which the release link places first (`mesh-agent/build.rs`,
+//! a proxy runs are spread over the whole text, so nearly all of it ended up resident. This
+//! command finds the functions each program runs and writes them, in that order, to
+//! `mesh-agent/hot-functions.txt` (the agent) and `mesh-agent/waypoint-hot-functions.txt`
+//! (`mesh-waypoint`), which the release link of each places first (`mesh-agent/build.rs`,
 //! `--symbol-ordering-file`):
 //!
 //! 1. a profiling build: the release profile with every function aligned to its own page
 //!    (`-C llvm-args=-align-all-functions=12`), so a touched page names one function;
-//! 2. the bench's round (throughput, latency and new connections, sockmap off and on) with the
-//!    agents running a copy of it from a file system whose read-ahead is off, its pages dropped
-//!    from the cache first: the pages mapped are then those touched ([`residency`]);
+//! 2. the bench's round with the program running a copy of it from a file system whose
+//!    read-ahead is off, its pages dropped from the cache first: the pages mapped are then those
+//!    touched ([`residency`]). The agent's: throughput, latency and new connections, sockmap off
+//!    and on. The waypoint's: the L7 group's waypoint cases (HTTP/1.1 and h2c, same node and
+//!    cross node);
 //! 3. the functions touched at rest (start-up, the config, idle) first, then those the round
 //!    added, each group in the default order.
 //!
@@ -32,33 +36,73 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     bench,
-    functions::{mib, Function, Functions, HOT_FUNCTIONS},
+    functions::{mib, Function, Functions, HOT_FUNCTIONS, WAYPOINT_HOT_FUNCTIONS},
     residency::{self, ScratchFs},
 };
 
 /// Where the profiling build goes (its own target directory: other flags).
 const PROFILE_TARGET: &str = "target/order";
 
-pub fn run(root: &Path) -> Result<()> {
+/// A program whose functions are ordered: its binary, the bench groups that profile it, the
+/// residency readings that are its own, and its list.
+struct Program {
+    binary: &'static str,
+    groups: &'static [&'static str],
+    /// Whether a residency reading (by file name) is this program's.
+    readings: fn(&str) -> bool,
+    list: &'static str,
+}
+
+const PROGRAMS: [(&str, Program); 2] = [
+    (
+        "agent",
+        Program {
+            binary: "mesh-agent",
+            groups: &["throughput", "latency", "connrate"],
+            readings: |name| !name.starts_with(bench::WAYPOINT_RESIDENT_PREFIX),
+            list: HOT_FUNCTIONS,
+        },
+    ),
+    (
+        "waypoint",
+        Program {
+            binary: "mesh-waypoint",
+            groups: &["l7-waypoint"],
+            readings: |name| name.starts_with(bench::WAYPOINT_RESIDENT_PREFIX),
+            list: WAYPOINT_HOT_FUNCTIONS,
+        },
+    ),
+];
+
+/// Writes the lists of the programs named in `only` (all when empty).
+pub fn run(root: &Path, only: &[String]) -> Result<()> {
     let build = profiling_build(root)?;
-    let agent = build.join("mesh-agent");
     let scratch = ScratchFs::new(&root.join(PROFILE_TARGET).join("scratch"))
         .context("a file system with read-ahead off (a loop device)")?;
+    for (name, program) in &PROGRAMS {
+        if only.is_empty() || only.iter().any(|o| o == name) {
+            order(root, &build, &scratch, program)
+                .with_context(|| format!("ordering the {name}'s functions"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Profiles `program` (the profiling `build`, run from `scratch`) and writes its list.
+fn order(root: &Path, build: &Path, scratch: &ScratchFs, program: &Program) -> Result<()> {
     let plan = bench::Plan::new(
         true,
         false,
-        ["throughput", "latency", "connrate"]
-            .map(String::from)
-            .to_vec(),
+        program.groups.iter().map(|g| (*g).to_owned()).collect(),
         None,
     )
     .with_residency(bench::Residency {
-        build,
+        build: build.to_path_buf(),
         scratch: scratch.dir().to_path_buf(),
     });
     let out = bench::run(root, plan)?;
-    let (rest, round) = collect_pages(&out)?;
-    let functions = Functions::of(&agent)?;
+    let (rest, round) = collect_pages(&out, program.readings)?;
+    let functions = Functions::of(&build.join(program.binary))?;
     let at_rest = functions.touching(&rest);
     let rest_names: BTreeSet<&str> = at_rest.iter().map(|f| f.name.as_str()).collect();
     let by_round: Vec<&Function> = functions
@@ -66,9 +110,12 @@ pub fn run(root: &Path) -> Result<()> {
         .into_iter()
         .filter(|f| !rest_names.contains(f.name.as_str()))
         .collect();
-    let list = root.join(HOT_FUNCTIONS);
-    fs::write(&list, render(&functions, &at_rest, &by_round))
-        .with_context(|| format!("writing {}", list.display()))?;
+    let list = root.join(program.list);
+    fs::write(
+        &list,
+        render(program.binary, &functions, &at_rest, &by_round),
+    )
+    .with_context(|| format!("writing {}", list.display()))?;
     println!(
         "{}: {}; profile in {}",
         list.display(),
@@ -97,8 +144,9 @@ fn profiling_build(root: &Path) -> Result<PathBuf> {
     Ok(root.join(PROFILE_TARGET).join("release"))
 }
 
-/// The pages mapped at rest and after the round, over both mesh modes.
-fn collect_pages(out: &Path) -> Result<(BTreeSet<u64>, BTreeSet<u64>)> {
+/// The pages mapped at rest and after the round, over all modes, in the readings that are the
+/// program's (`readings`, by file name).
+fn collect_pages(out: &Path, readings: fn(&str) -> bool) -> Result<(BTreeSet<u64>, BTreeSet<u64>)> {
     let mut rest = BTreeSet::new();
     let mut round = BTreeSet::new();
     for entry in fs::read_dir(out)? {
@@ -107,7 +155,7 @@ fn collect_pages(out: &Path) -> Result<(BTreeSet<u64>, BTreeSet<u64>)> {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        if name.starts_with(bench::RESIDENT_PREFIX) {
+        if name.starts_with(bench::RESIDENT_PREFIX) && readings(name) {
             let pages = residency::read_pages(&path)?;
             if name.ends_with("-rest.txt") {
                 rest.extend(pages);
@@ -137,11 +185,16 @@ fn summary(functions: &Functions, at_rest: &[&Function], by_round: &[&Function])
 }
 
 /// The list: a header saying what it is, the functions at rest, then the round's.
-fn render(functions: &Functions, at_rest: &[&Function], by_round: &[&Function]) -> String {
+fn render(
+    binary: &str,
+    functions: &Functions,
+    at_rest: &[&Function],
+    by_round: &[&Function],
+) -> String {
     let mut text = String::new();
     let _ = writeln!(
         text,
-        "# The agent's hot functions in link order, written by `cargo xtask order` (do not edit)."
+        "# {binary}'s hot functions in link order, written by `cargo xtask order` (do not edit)."
     );
     let _ = writeln!(text, "# {}.", summary(functions, at_rest, by_round));
     for f in at_rest.iter().chain(by_round) {
@@ -165,7 +218,7 @@ mod tests {
 ";
         let functions = Functions::parse(readelf, nm).expect(".text");
         let all = functions.all();
-        let list = render(&functions, &[&all[0]], &[&all[1]]);
+        let list = render("mesh-agent", &functions, &[&all[0]], &[&all[1]]);
         assert!(list.starts_with("# "), "{list}");
         let names: Vec<&str> = crate::functions::listed_names(&list).collect();
         assert_eq!(names, ["rest", "round"]);

@@ -27,11 +27,12 @@ use crate::local_pod::LocalPod;
 use mesh_cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload};
 
 use self::{
-    access_log::{rfc3339, AccessRecord, Authz, Endpoint},
+    access_log::{AccessRecord, Authz, Endpoint},
     labels::{workload_name, Peer, PeerLabels, ServiceLabels, TrafficLabels},
 };
+pub use mesh_trace::{rfc3339, AccessLog, AccessLogError, AccessLogTarget};
+
 pub use self::{
-    access_log::{AccessLog, AccessLogError, AccessLogTarget},
     labels::{Reporter, ResponseFlags},
     metrics::{ConnCounters, Metrics},
 };

@@ -27,7 +27,7 @@ use std::{
     fmt::Write as _,
     fs,
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -41,6 +41,11 @@ use mesh_tests::{
 use serde_json::{json, Value};
 
 use super::{nginx, process_ticks, rss_bytes, Plan, TICKS_PER_SEC};
+use crate::residency;
+
+/// How the waypoint's residency readings' files begin (`cargo xtask order`): `-rest.txt` once
+/// it serves, `-round.txt` after its cases.
+pub const WAYPOINT_RESIDENT_PREFIX: &str = "resident-waypoint-";
 
 const APP_PORT: u16 = 8080;
 
@@ -55,12 +60,25 @@ struct Case {
     p99_ms: f64,
     max_ms: f64,
     /// Through a proxy (the waypoint, or nginx): its vCPU at 1,000 req/s and its RSS after, in
-    /// bytes.
-    waypoint: Option<(f64, u64)>,
+    /// bytes, all and file-backed (its binary's and libraries' pages).
+    waypoint: Option<(f64, u64, u64)>,
+    /// `--profile`, through a proxy: its system calls and context switches per request at
+    /// 1,000 req/s (a second paced run, under `perf stat` and `perf record`).
+    per_request: Option<PerRequest>,
+}
+
+/// How each case is measured: for how long, and where profiles go (`--profile`).
+#[derive(Clone, Copy)]
+struct How<'a> {
+    secs: u64,
+    profiles: Option<&'a Path>,
 }
 
 pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
-    let secs = plan.secs.max(3);
+    let how = How {
+        secs: plan.secs.max(3),
+        profiles: plan.profile.then_some(out),
+    };
     let mut mesh = Mesh::new(
         TestbedSpec {
             nodes: 2,
@@ -92,6 +110,7 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
     // At `info`, as a deployed waypoint runs (the tests' `mesh_waypoint=debug` writes lines per
     // request).
     std::env::set_var("MESH_WAYPOINT_LOG", "info");
+    let copy = waypoint_copy(plan)?;
     let mut waypoint = Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp")?;
     waypoint
         .process
@@ -99,6 +118,13 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
             l.contains("cluster state updated") && l.contains("services=2")
         })?;
     std::thread::sleep(Duration::from_secs(1));
+    let record_pages = |when: &str| -> Result<()> {
+        let Some(copy) = &copy else { return Ok(()) };
+        let pages = residency::file_pages(copy, &[waypoint.process.pid()])?;
+        let file = out.join(format!("{WAYPOINT_RESIDENT_PREFIX}{when}.txt"));
+        residency::write_pages(&file, &pages)
+    };
+    record_pages("rest")?;
     let mut cases = Vec::new();
     for (index, (name, _)) in backends.iter().enumerate() {
         let url = format!("http://{}/", plan::service_vip_v4(index));
@@ -108,13 +134,17 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
                 &client,
                 &url,
                 (path_of(name), protocol, "waypoint"),
-                secs,
+                how,
                 Some(waypoint.process.pid()),
             )?;
             cases.push(case);
         }
     }
+    record_pages("round")?;
     drop(waypoint);
+    if plan.waypoint_only() {
+        return write_results(&cases, plan, out);
+    }
     let Mesh { agents, .. } = mesh;
     for agent in agents {
         agent
@@ -132,20 +162,49 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
                 &client,
                 &url,
                 (path_of(name), protocol, "direct"),
-                secs,
+                how,
                 None,
             )?);
         }
     }
-    cases.extend(nginx_cases(&client, &wp_pod, &backends, secs, out)?);
-    let table = markdown(&cases);
+    cases.extend(nginx_cases(&client, &wp_pod, &backends, how, out)?);
+    write_results(&cases, plan, out)
+}
+
+/// `l7.md` and `l7.json` under `out`, the table on standard output too, with how much of the
+/// waypoint's hot-function list the measured build has.
+fn write_results(cases: &[Case], plan: &Plan, out: &Path) -> Result<()> {
+    let mut table = markdown(cases);
+    if plan.residency.is_none() {
+        let binary = mesh_tests::agent::binary("mesh-waypoint", "mesh-agent")?;
+        table.push_str(&super::hot_functions_found(
+            &crate::workspace_root(),
+            crate::functions::WAYPOINT_HOT_FUNCTIONS,
+            &binary,
+        )?);
+    }
     fs::write(out.join("l7.md"), &table)?;
     fs::write(
         out.join("l7.json"),
-        serde_json::to_string_pretty(&json_of(&cases))?,
+        serde_json::to_string_pretty(&json_of(cases))?,
     )?;
     println!("\n{table}\nin {}", out.display());
     Ok(())
+}
+
+/// `cargo xtask order`: the waypoint runs a copy of the profiling build's from the file system
+/// without read-ahead, its pages out of the cache; `None` otherwise.
+fn waypoint_copy(plan: &Plan) -> Result<Option<PathBuf>> {
+    let Some(r) = &plan.residency else {
+        return Ok(None);
+    };
+    let copy = r.scratch.join("mesh-waypoint");
+    let build = r.build.join("mesh-waypoint");
+    fs::copy(&build, &copy)
+        .with_context(|| format!("copying {} to {}", build.display(), copy.display()))?;
+    residency::drop_cached(&copy)?;
+    std::env::set_var("MESH_MESH_WAYPOINT_BIN", &copy);
+    Ok(Some(copy))
 }
 
 /// "same node" for the backend on the client's node, "cross node" for the other.
@@ -163,7 +222,7 @@ fn nginx_cases(
     client: &Pod,
     wp_pod: &Pod,
     backends: &[(&str, Pod); 2],
-    secs: u64,
+    how: How<'_>,
     out: &Path,
 ) -> Result<Vec<Case>> {
     let listeners: Vec<nginx::Listener> = backends
@@ -191,7 +250,7 @@ fn nginx_cases(
                 client,
                 &url,
                 (path_of(name), protocol, "nginx"),
-                secs,
+                how,
                 Some(proxy.pid()),
             )?);
         }
@@ -247,9 +306,10 @@ fn measure(
     client: &Pod,
     url: &str,
     (path, protocol, mode): (&'static str, &'static str, &'static str),
-    secs: u64,
+    how: How<'_>,
     waypoint: Option<u32>,
 ) -> Result<Case> {
+    let secs = how.secs;
     let h1 = protocol == "HTTP/1.1";
     let mut saturation: Vec<String> = vec![
         "-D".into(),
@@ -292,13 +352,7 @@ fn measure(
     }
     let before = waypoint.map(process_ticks).transpose()?;
     let started = Instant::now();
-    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
-    let paced: Value = serde_json::from_str(
-        process::run(client.command(bin).args(&rate))
-            .context("mesh-probe http-load")?
-            .trim(),
-    )
-    .context("http-load's JSON")?;
+    let paced = http_load(client, &rate)?;
     let elapsed = started.elapsed().as_secs_f64();
     let us = |key: &str| -> Result<f64> {
         paced[key]
@@ -308,12 +362,25 @@ fn measure(
     if paced["errors"].as_u64() != Some(0) {
         bail!("http-load had errors: {paced}");
     }
-    let waypoint = match (waypoint, before) {
+    let proxy = match (waypoint, before) {
         (Some(pid), Some(before)) => {
             let ticks = process_ticks(pid)? - before;
             #[allow(clippy::cast_precision_loss)]
             let vcpu = ticks as f64 / TICKS_PER_SEC / elapsed;
-            Some((vcpu, rss_bytes(pid)?))
+            let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let file = super::status_kib(&status, "RssFile:")? * 1024;
+            Some((vcpu, rss_bytes(pid)?, file))
+        }
+        _ => None,
+    };
+    let per_request = match (waypoint, how.profiles) {
+        (Some(pid), Some(dir)) => {
+            let tag = format!(
+                "{mode}-{}-{}",
+                path.replace(' ', "-"),
+                if h1 { "h1" } else { "h2c" }
+            );
+            Some(profile_paced(client, &rate, pid, secs, &dir.join(tag))?)
         }
         _ => None,
     };
@@ -325,8 +392,127 @@ fn measure(
         p50_ms: us("p50_us")? / 1000.0,
         p99_ms: us("p99_us")? / 1000.0,
         max_ms: us("max_us")? / 1000.0,
-        waypoint,
+        waypoint: proxy,
+        per_request,
     })
+}
+
+/// One run of `mesh-probe http-load` in `client` with `args`: its JSON report.
+fn http_load(client: &Pod, args: &[String]) -> Result<Value> {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
+    serde_json::from_str(
+        process::run(client.command(bin).args(args))
+            .context("mesh-probe http-load")?
+            .trim(),
+    )
+    .context("http-load's JSON")
+}
+
+/// What `--profile` counts per request of a paced run, in the proxy's process (all threads).
+#[derive(Clone, Copy, Debug)]
+struct PerRequest {
+    syscalls: f64,
+    /// Switches away from a thread that waited (for an event): each a wake-up to come.
+    voluntary: f64,
+    /// A thread preempted while it had work.
+    involuntary: f64,
+}
+
+/// `--profile`: the paced run again with the proxy `pid` under `perf stat` (system calls) and
+/// `perf record` (where its CPU goes, `<base>.perf.txt`, and with callees counted in,
+/// `<base>.children.txt`), its threads' context switches read
+/// before and after: its calls and switches per request. Then once more for a timeline of its
+/// system calls (`perf trace`, 0.2 s a second into the run: `<base>.trace.txt`).
+fn profile_paced(
+    client: &Pod,
+    rate: &[String],
+    pid: u32,
+    secs: u64,
+    base: &Path,
+) -> Result<PerRequest> {
+    let (pid_arg, wait) = (pid.to_string(), (secs + 1).to_string());
+    let counts = base.with_extension("stat.txt");
+    let mut stat = std::process::Command::new("perf");
+    stat.args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter"])
+        .args(["-p", &pid_arg, "-o"])
+        .arg(&counts)
+        .args(["--", "sleep", &wait]);
+    let mut stat = Process::spawn("perf stat", &mut stat)?;
+    let data = base.with_extension("perf.data");
+    let mut record = std::process::Command::new("perf");
+    record
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "999",
+            "--call-graph",
+            "dwarf,16384",
+        ])
+        .args(["-p", &pid_arg, "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &wait]);
+    let mut record = Process::spawn("perf record", &mut record)?;
+    let switches_before = context_switches(pid)?;
+    let paced = http_load(client, rate)?;
+    let switches_after = context_switches(pid)?;
+    stat.wait_success(Duration::from_secs(30))?;
+    record.wait(Duration::from_secs(30))?;
+    super::report_profile(&data)?;
+    // Where the time goes with what each function calls counted in (the release build keeps
+    // its unwind tables).
+    let children = process::run(
+        std::process::Command::new("perf")
+            .args(["report", "--stdio", "--children", "--sort", "symbol"])
+            .args(["--percent-limit", "2", "-g", "none", "-i"])
+            .arg(&data),
+    )?;
+    fs::write(base.with_extension("children.txt"), children)?;
+    let requests = paced["requests"]
+        .as_f64()
+        .with_context(|| format!("http-load: no requests in {paced}"))?
+        .max(1.0);
+    let text = fs::read_to_string(&counts)?;
+    let syscalls = super::perf_stat_count(&text, "raw_syscalls:sys_enter")
+        .with_context(|| format!("no system calls counted in {}", counts.display()))?;
+    let timeline = base.with_extension("trace.txt");
+    let mut trace = std::process::Command::new("sh");
+    trace
+        .arg("-c")
+        .arg("sleep 1 && exec perf trace -p \"$0\" -o \"$1\" -- sleep 0.2")
+        .arg(&pid_arg)
+        .arg(&timeline);
+    let mut trace = Process::spawn("perf trace", &mut trace)?;
+    let traced = http_load(client, rate);
+    trace.wait_success(Duration::from_secs(30))?;
+    traced?;
+    #[allow(clippy::cast_precision_loss)]
+    let per = |n: u64| n as f64 / requests;
+    Ok(PerRequest {
+        syscalls: syscalls / requests,
+        voluntary: per(switches_after.0 - switches_before.0),
+        involuntary: per(switches_after.1 - switches_before.1),
+    })
+}
+
+/// The voluntary and involuntary context switches of all `pid`'s threads so far.
+fn context_switches(pid: u32) -> Result<(u64, u64)> {
+    let mut sums = (0, 0);
+    let tasks = format!("/proc/{pid}/task");
+    for task in fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let status = fs::read_to_string(task?.path().join("status"))?;
+        for line in status.lines() {
+            let field =
+                |name: &str| -> Option<u64> { line.strip_prefix(name)?.trim().parse().ok() };
+            if let Some(n) = field("voluntary_ctxt_switches:") {
+                sums.0 += n;
+            } else if let Some(n) = field("nonvoluntary_ctxt_switches:") {
+                sums.1 += n;
+            }
+        }
+    }
+    Ok(sums)
 }
 
 /// What an h2load run reports that is used: requests/s.
@@ -362,7 +548,7 @@ fn h2load(client: &Pod, args: &[String], url: &str, in_flight: u64) -> Result<H2
 
 fn markdown(cases: &[Case]) -> String {
     let mut t = String::from(
-        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | proxy vCPU at 1,000 req/s | proxy RSS |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | proxy vCPU at 1,000 req/s | proxy RSS (file-backed) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cases {
         let direct = cases
@@ -378,16 +564,35 @@ fn markdown(cases: &[Case]) -> String {
                 c.p99_ms - d.p99_ms
             )
         });
-        let (vcpu, rss) = c.waypoint.map_or((String::new(), String::new()), |(v, r)| {
-            #[allow(clippy::cast_precision_loss)]
-            let mib = r as f64 / 1_048_576.0;
-            (format!("{v:.3}"), format!("{mib:.1} MiB"))
-        });
+        let (vcpu, rss) = c
+            .waypoint
+            .map_or((String::new(), String::new()), |(v, r, file)| {
+                #[allow(clippy::cast_precision_loss)]
+                let mib = |bytes: u64| bytes as f64 / 1_048_576.0;
+                (
+                    format!("{v:.3}"),
+                    format!("{:.1} MiB ({:.1} file)", mib(r), mib(file)),
+                )
+            });
         let _ = writeln!(
             t,
             "| {} | {} | {} | {:.0} | {ratio} | {:.3} / {:.3} / {:.1} | {added} | {vcpu} | {rss} |",
             c.path, c.protocol, c.mode, c.saturation_rps, c.p50_ms, c.p99_ms, c.max_ms
         );
+    }
+    if cases.iter().any(|c| c.per_request.is_some()) {
+        t.push_str(
+            "\n`--profile`, a second paced run at 1,000 req/s:\n\n| path | protocol | proxy | system calls per request | context switches per request: voluntary (waits) / involuntary |\n|---|---|---|---|---|\n",
+        );
+        for c in cases {
+            if let Some(p) = c.per_request {
+                let _ = writeln!(
+                    t,
+                    "| {} | {} | {} | {:.1} | {:.2} / {:.2} |",
+                    c.path, c.protocol, c.mode, p.syscalls, p.voluntary, p.involuntary
+                );
+            }
+        }
     }
     t
 }
@@ -403,6 +608,10 @@ fn json_of(cases: &[Case]) -> Value {
                     "max_ms": c.max_ms,
                     "waypoint_vcpu_at_1000": c.waypoint.map(|w| w.0),
                     "waypoint_rss_bytes": c.waypoint.map(|w| w.1),
+                    "waypoint_rss_file_bytes": c.waypoint.map(|w| w.2),
+                    "proxy_syscalls_per_request": c.per_request.map(|p| p.syscalls),
+                    "proxy_voluntary_switches_per_request": c.per_request.map(|p| p.voluntary),
+                    "proxy_involuntary_switches_per_request": c.per_request.map(|p| p.involuntary),
                 })
             })
             .collect(),
