@@ -81,6 +81,8 @@ pub enum AccessLogError {
 pub struct AccessLog {
     /// The queue to the writer and the writer's thread; `None` when the log is off or closed.
     writer: Mutex<Option<(SyncSender<String>, JoinHandle<()>)>>,
+    /// The log is off: records are not even encoded.
+    off: bool,
     dropped: AtomicU64,
     written: AtomicU64,
 }
@@ -128,18 +130,19 @@ impl AccessLog {
 
     fn with(writer: Option<(SyncSender<String>, JoinHandle<()>)>) -> Self {
         Self {
+            off: writer.is_none(),
             writer: Mutex::new(writer),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
         }
     }
 
-    /// Queues one record, as a line of JSON.
+    /// Queues one record, as a line of JSON (encoded before the queue is touched, so proxy
+    /// threads logging at once do not wait on each other's encoding).
     pub fn write(&self, record: &impl Serialize) {
-        let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((queue, _)) = writer.as_ref() else {
+        if self.off {
             return;
-        };
+        }
         let mut line = match serde_json::to_string(record) {
             Ok(l) => l,
             Err(e) => {
@@ -148,7 +151,17 @@ impl AccessLog {
             }
         };
         line.push('\n');
-        match queue.try_send(line) {
+        let sent = match self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            // Closed: the process is ending.
+            None => return,
+            Some((queue, _)) => queue.try_send(line),
+        };
+        match sent {
             Ok(()) => {
                 self.written.fetch_add(1, Ordering::Relaxed);
             }

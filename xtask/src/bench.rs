@@ -742,18 +742,12 @@ impl Bench {
         let counts = self.out_file(server, "perf-stat", "txt");
         // A second longer than the run, so that it covers all of it.
         let secs = (self.plan.secs + 1).to_string();
-        let mut stat = std::process::Command::new("perf");
-        stat.args([
-            "stat",
-            "-x",
-            ",",
-            "-e",
+        let mut stat = perf_stat(
             "raw_syscalls:sys_enter,context-switches",
-        ])
-        .args(["-p", &pids.join(","), "-o"])
-        .arg(&counts)
-        .args(["--", "sleep", &secs]);
-        let mut stat = Process::spawn("perf stat", &mut stat)?;
+            &pids.join(","),
+            &counts,
+            &secs,
+        )?;
         let profilers = self.start_profiles(agents, server)?;
         let v = self.connrate(client, dst)?;
         stat.wait_success(Duration::from_secs(30))?;
@@ -1092,6 +1086,16 @@ fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
 }
 
 /// The count of `event` in `perf stat -x ,` output (`value,unit,event,...` lines).
+/// `perf stat` counting `events` of processes `pids` (comma-separated) for `secs` seconds, its
+/// counts in CSV to `out` (read with [`perf_stat_count`]).
+fn perf_stat(events: &str, pids: &str, out: &Path, secs: &str) -> Result<Process> {
+    let mut stat = std::process::Command::new("perf");
+    stat.args(["stat", "-x", ",", "-e", events, "-p", pids, "-o"])
+        .arg(out)
+        .args(["--", "sleep", secs]);
+    Ok(Process::spawn("perf stat", &mut stat)?)
+}
+
 pub(super) fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let mut fields = line.split(',');

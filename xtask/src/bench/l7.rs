@@ -352,7 +352,7 @@ fn measure(
     }
     let before = waypoint.map(process_ticks).transpose()?;
     let started = Instant::now();
-    let paced = http_load(client, &rate)?;
+    let paced = super::probe_json(client, &rate)?;
     let elapsed = started.elapsed().as_secs_f64();
     let us = |key: &str| -> Result<f64> {
         paced[key]
@@ -397,17 +397,6 @@ fn measure(
     })
 }
 
-/// One run of `mesh-probe http-load` in `client` with `args`: its JSON report.
-fn http_load(client: &Pod, args: &[String]) -> Result<Value> {
-    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests")?;
-    serde_json::from_str(
-        process::run(client.command(bin).args(args))
-            .context("mesh-probe http-load")?
-            .trim(),
-    )
-    .context("http-load's JSON")
-}
-
 /// What `--profile` counts per request of a paced run, in the proxy's process (all threads).
 #[derive(Clone, Copy, Debug)]
 struct PerRequest {
@@ -432,12 +421,7 @@ fn profile_paced(
 ) -> Result<PerRequest> {
     let (pid_arg, wait) = (pid.to_string(), (secs + 1).to_string());
     let counts = base.with_extension("stat.txt");
-    let mut stat = std::process::Command::new("perf");
-    stat.args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter"])
-        .args(["-p", &pid_arg, "-o"])
-        .arg(&counts)
-        .args(["--", "sleep", &wait]);
-    let mut stat = Process::spawn("perf stat", &mut stat)?;
+    let mut stat = super::perf_stat("raw_syscalls:sys_enter", &pid_arg, &counts, &wait)?;
     let data = base.with_extension("perf.data");
     let mut record = std::process::Command::new("perf");
     record
@@ -455,7 +439,7 @@ fn profile_paced(
         .args(["--", "sleep", &wait]);
     let mut record = Process::spawn("perf record", &mut record)?;
     let switches_before = context_switches(pid)?;
-    let paced = http_load(client, rate)?;
+    let paced = super::probe_json(client, rate)?;
     let switches_after = context_switches(pid)?;
     stat.wait_success(Duration::from_secs(30))?;
     record.wait(Duration::from_secs(30))?;
@@ -484,7 +468,7 @@ fn profile_paced(
         .arg(&pid_arg)
         .arg(&timeline);
     let mut trace = Process::spawn("perf trace", &mut trace)?;
-    let traced = http_load(client, rate);
+    let traced = super::probe_json(client, rate);
     trace.wait_success(Duration::from_secs(30))?;
     traced?;
     #[allow(clippy::cast_precision_loss)]
