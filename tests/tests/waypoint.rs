@@ -416,9 +416,18 @@ fn other_protocols_pass_through_the_waypoint_as_tcp() {
     }
     for (vip, port) in [(3, 9000), (4, 9001)] {
         let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(vip)), port);
+        let from = bed.waypoint.process.line_count();
         let out = mesh_tests::probe::connect(&client, addr, "not http, byte for byte")
             .unwrap_or_else(|e| panic!("{addr}: {e}"));
         assert!(out.starts_with("echo ok"), "{addr}: {out}");
+        // The waypoint logs the tunnel once both halves have closed, which can be just
+        // after the client has its echo: wait for the line rather than racing it.
+        bed.waypoint
+            .process
+            .wait_for_line_from(from, "the TCP tunnel's end at the waypoint", LOG_WAIT, |l| {
+                l.contains("TCP tunnel done")
+            })
+            .unwrap_or_else(|e| panic!("{addr} did not pass through the waypoint: {e}"));
     }
     let done = bed
         .waypoint
@@ -427,7 +436,7 @@ fn other_protocols_pass_through_the_waypoint_as_tcp() {
         .iter()
         .filter(|l| l.contains("TCP tunnel done"))
         .count();
-    assert_eq!(done, 2, "both through the waypoint");
+    assert_eq!(done, 2, "both through the waypoint, and nothing else");
 }
 
 #[test]
