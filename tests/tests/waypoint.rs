@@ -424,9 +424,12 @@ fn other_protocols_pass_through_the_waypoint_as_tcp() {
         // after the client has its echo: wait for the line rather than racing it.
         bed.waypoint
             .process
-            .wait_for_line_from(from, "the TCP tunnel's end at the waypoint", LOG_WAIT, |l| {
-                l.contains("TCP tunnel done")
-            })
+            .wait_for_line_from(
+                from,
+                "the TCP tunnel's end at the waypoint",
+                LOG_WAIT,
+                |l| l.contains("TCP tunnel done"),
+            )
             .unwrap_or_else(|e| panic!("{addr} did not pass through the waypoint: {e}"));
     }
     let done = bed
