@@ -12,7 +12,7 @@
 //! pod's address):
 //!
 //! - **saturation**: requests/s over 8 connections (HTTP/1.1) or 2 connections of 16 streams
-//!   (h2c), for the run's duration;
+//!   (h2c), for the run's duration, and through a proxy its vCPU per 1,000 req/s there;
 //! - **1,000 req/s**: `mesh-probe http-load`, open loop (a request held back by the one before
 //!   is timed from when it was due), 10 HTTP/1.1 connections or 2 h2c connections: p50, p99 and
 //!   max latency, and, through the waypoint, the waypoint's CPU time over the run (vCPU at
@@ -62,6 +62,10 @@ struct Case {
     /// Through a proxy (the waypoint, or nginx): its vCPU at 1,000 req/s and its RSS after, in
     /// bytes, all and file-backed (its binary's and libraries' pages).
     waypoint: Option<(f64, u64, u64)>,
+    /// Through a proxy: its vCPU per 1,000 req/s during the saturation run (its CPU time over
+    /// the run, warm-up included, against the requests/s h2load measured): the cost of a
+    /// request's work when requests queue up, without a wake-up for each.
+    saturation_vcpu: Option<f64>,
     /// `--profile`, through a proxy: its system calls and context switches per request at
     /// 1,000 req/s (a second paced run, under `perf stat` and `perf record`).
     per_request: Option<PerRequest>,
@@ -330,7 +334,18 @@ fn measure(
     }
     // At most this many requests are in flight when h2load's timed run ends (and may be cut).
     let in_flight = if h1 { 8 } else { 2 * 16 };
+    let sat_before = waypoint.map(process_ticks).transpose()?;
+    let sat_started = Instant::now();
     let sat = h2load(client, &saturation, url, in_flight)?;
+    let saturation_vcpu = match (waypoint, sat_before) {
+        (Some(pid), Some(before)) => {
+            let ticks = process_ticks(pid)? - before;
+            #[allow(clippy::cast_precision_loss)]
+            let vcpu = ticks as f64 / TICKS_PER_SEC / sat_started.elapsed().as_secs_f64();
+            Some(vcpu / (sat.rps / 1000.0))
+        }
+        _ => None,
+    };
     let host = url.trim_start_matches("http://").trim_end_matches('/');
     let host = if host.contains(':') {
         host.to_owned()
@@ -393,6 +408,7 @@ fn measure(
         p99_ms: us("p99_us")? / 1000.0,
         max_ms: us("max_us")? / 1000.0,
         waypoint: proxy,
+        saturation_vcpu,
         per_request,
     })
 }
@@ -532,7 +548,7 @@ fn h2load(client: &Pod, args: &[String], url: &str, in_flight: u64) -> Result<H2
 
 fn markdown(cases: &[Case]) -> String {
     let mut t = String::from(
-        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | proxy vCPU at 1,000 req/s | proxy RSS (file-backed) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | proxy vCPU at 1,000 req/s (per 1,000 req/s at saturation) | proxy RSS (file-backed) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cases {
         let direct = cases
@@ -553,8 +569,11 @@ fn markdown(cases: &[Case]) -> String {
             .map_or((String::new(), String::new()), |(v, r, file)| {
                 #[allow(clippy::cast_precision_loss)]
                 let mib = |bytes: u64| bytes as f64 / 1_048_576.0;
+                let at_load = c
+                    .saturation_vcpu
+                    .map_or(String::new(), |s| format!(" ({s:.3})"));
                 (
-                    format!("{v:.3}"),
+                    format!("{v:.3}{at_load}"),
                     format!("{:.1} MiB ({:.1} file)", mib(r), mib(file)),
                 )
             });
@@ -591,6 +610,7 @@ fn json_of(cases: &[Case]) -> Value {
                     "saturation_rps": c.saturation_rps, "p50_ms": c.p50_ms, "p99_ms": c.p99_ms,
                     "max_ms": c.max_ms,
                     "waypoint_vcpu_at_1000": c.waypoint.map(|w| w.0),
+                    "proxy_vcpu_per_1000_at_saturation": c.saturation_vcpu,
                     "waypoint_rss_bytes": c.waypoint.map(|w| w.1),
                     "waypoint_rss_file_bytes": c.waypoint.map(|w| w.2),
                     "proxy_syscalls_per_request": c.per_request.map(|p| p.syscalls),
