@@ -146,6 +146,7 @@ fn connections_the_client_closes_first_do_not_use_up_its_pods_ports() {
     for (what, addr, server) in targets {
         // Held across the churn, on one of the server pod's 40 ports, which the churn's
         // connections come round to again and again.
+        let seen_before = peers_at_the_end(&servers[server], 1_000).len();
         let mut held = probe::hold_one(&client, addr, 12_000, "held connection").expect("held");
         // Five times the pod's ports: without reuse, every try after the 40th would fail for a
         // minute.
@@ -179,8 +180,20 @@ fn connections_the_client_closes_first_do_not_use_up_its_pods_ports() {
         // The held connection's server still saw the client at its end.
         held.wait_success(Duration::from_secs(30))
             .expect("the held connection");
-        // (The server's latest 1,000-byte connection: earlier targets' came before it.)
-        let peers = peers_at_the_end(&servers[server], 1_000);
+        // (The server's latest 1,000-byte connection: earlier targets' came before it. The
+        // server prints it when it sees the end, which can be just after the client exits.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let peers = loop {
+            let peers = peers_at_the_end(&servers[server], 1_000);
+            if peers.len() > seen_before || std::time::Instant::now() >= deadline {
+                break peers;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            peers.len() > seen_before,
+            "{what}: the server never reported the held connection's end: {peers:?}"
+        );
         assert_eq!(
             peers.last(),
             Some(&client_ip(&addr)),
