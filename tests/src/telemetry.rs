@@ -138,11 +138,22 @@ pub fn access_records_once(
     wait: std::time::Duration,
     done: impl Fn(&[serde_json::Value]) -> bool,
 ) -> Vec<serde_json::Value> {
+    access_records_in(&lines_once(lines, wait, |l| done(&access_records_in(l))))
+}
+
+/// `lines()` once `done` holds for them, or, after `wait`, as they are then: for a proxy's log
+/// lines that follow what the test saw end (an access record is written in the log's next
+/// batch, a moment after the connection closed).
+pub fn lines_once(
+    lines: impl Fn() -> Vec<String>,
+    wait: std::time::Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
     let deadline = std::time::Instant::now() + wait;
     loop {
-        let records = access_records_in(&lines());
-        if done(&records) || std::time::Instant::now() >= deadline {
-            return records;
+        let now = lines();
+        if done(&now) || std::time::Instant::now() >= deadline {
+            return now;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

@@ -29,13 +29,18 @@ use kube::{
 };
 use serde_json::json;
 
-use mesh_tests::kube::{
-    install::conflist_names_mesh_cni,
-    mesh::{repeat_tries, wait_lines, KubeMesh},
-    AGENT_NAMESPACE,
+use mesh_tests::{
+    kube::{
+        install::conflist_names_mesh_cni,
+        mesh::{repeat_tries, wait_lines, KubeMesh},
+        AGENT_NAMESPACE,
+    },
+    telemetry::lines_once,
 };
 
 const NS: &str = "shop";
+/// How long an agent's access record may take to reach its log after the connection ended.
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
 /// Access-log records of the agent's `lines` for connections from `ip` carried with mutual TLS
 /// in `direction`, and completed (no response flag).
@@ -129,18 +134,28 @@ fn helm_install_upgrade_and_uninstall_on_two_nodes() {
         .expect("client");
     assert_eq!(mesh.finished("first").expect("phase"), "Succeeded");
     let ip = mesh.pod_ip("first").expect("address");
+    let outbound = lines_once(
+        || mesh.agent_logs(0, &before[0]),
+        LOG_WAIT,
+        |l| carried(l, &ip, "outbound") > 0,
+    );
     assert_eq!(
-        carried(&mesh.agent_logs(0, &before[0]), &ip, "outbound"),
+        carried(&outbound, &ip, "outbound"),
         1,
         "n0's agent tunnelled the first connection over mutual TLS"
     );
-    let inbound = mesh.agent_logs(1, &before[1]);
+    let known = |l: &String| {
+        l.contains("\"direction\":\"inbound\"")
+            && l.contains(&format!("\"addr\":\"{ip}:"))
+            && l.contains(&format!("spiffe://cluster.local/ns/{NS}/sa/default"))
+    };
+    let inbound = lines_once(
+        || mesh.agent_logs(1, &before[1]),
+        LOG_WAIT,
+        |l| l.iter().any(known),
+    );
     assert!(
-        inbound
-            .iter()
-            .any(|l| l.contains("\"direction\":\"inbound\"")
-                && l.contains(&format!("\"addr\":\"{ip}:"))
-                && l.contains(&format!("spiffe://cluster.local/ns/{NS}/sa/default"))),
+        inbound.iter().any(known),
         "n1's agent knew the client by its identity"
     );
 

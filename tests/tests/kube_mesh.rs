@@ -33,21 +33,28 @@ use mesh_tests::{
         },
         Kubelet,
     },
-    telemetry::access_records,
+    telemetry::{access_records_in, lines_once},
     Agent,
 };
 use serde_json::json;
 
 const NS: &str = "mesh";
+/// How long an agent's access record may take to reach its log after the connection ended
+/// (the log is written in batches).
+const LOG_WAIT: Duration = Duration::from_secs(10);
 
-/// Whether `agent`'s access log holds a connection from `ip` to the echo Service.
+/// Whether `agent`'s access log holds a connection from `ip` to the echo Service (waiting for
+/// it a while).
 fn carried(agent: &Agent, ip: &str) -> bool {
-    agent.logs().iter().any(|l| {
+    let hit = |l: &String| {
         l.contains("\"log\":\"access\"")
             && l.contains("\"direction\":\"outbound\"")
             && l.contains(&format!("\"addr\":\"{ip}:"))
             && l.contains("echo.mesh.svc.cluster.local")
-    })
+    };
+    lines_once(|| agent.logs(), LOG_WAIT, |l| l.iter().any(hit))
+        .iter()
+        .any(hit)
 }
 
 #[test]
@@ -75,7 +82,8 @@ fn pods_the_kubelet_starts_are_captured_before_their_first_packet_and_wait_for_t
     );
     // Its source workload is named although its address reached the API only after the
     // connection: the agent knows the pod from the hand-over.
-    let named = access_records(&mesh.agents[0], 0).iter().any(|r| {
+    // (`carried` above waited for the record.)
+    let named = access_records_in(&mesh.agents[0].logs()).iter().any(|r| {
         r["src"]["addr"]
             .as_str()
             .is_some_and(|a| a.starts_with(&format!("{first_ip}:")))
@@ -312,12 +320,15 @@ fn endpoints_from_slices(mesh: &KubeMesh, kubelet: &Kubelet) {
         agent_lines()
     );
     let ip = mesh.pod_ip("via-slice").expect("address");
-    let tunnelled = mesh.agents[0].logs().iter().any(|l| {
+    let hbone = |l: &String| {
         l.contains("\"direction\":\"outbound\"")
             && l.contains(&format!("\"addr\":\"{ip}:"))
             && l.contains("manual.mesh.svc.cluster.local")
             && l.contains("\"connection_security_policy\":\"mutual_tls\"")
-    });
+    };
+    let tunnelled = lines_once(|| mesh.agents[0].logs(), LOG_WAIT, |l| l.iter().any(hbone))
+        .iter()
+        .any(hbone);
     assert!(tunnelled, "the slice's endpoint was reached over HBONE");
 
     cp.block_on(slices.delete("manual-1", &DeleteParams::default()))

@@ -16,7 +16,7 @@ use mesh_tests::{
     http::http,
     mesh::{Mesh, Shortcut, NS},
     probe,
-    telemetry::{access_records, count, scrape, Sample, ADMIN, READINESS},
+    telemetry::{access_records, access_records_once, count, scrape, Sample, ADMIN, READINESS},
     Agent, Pod, Process, TestbedSpec,
 };
 use serde_json::Value;
@@ -576,10 +576,16 @@ fn check_access_records(
         (1, remote_dst, "mutual_tls"),
         (0, local_dst, "same_node"),
     ] {
-        let records: Vec<Value> = access_records(&mesh.agents[agent], from[agent])
-            .into_iter()
-            .filter(|r| r["dst"]["workload"] == dst.name.as_str())
-            .collect();
+        // The metrics counted the close; its record follows in the log's next batch.
+        let of_dst = |r: &Value| r["dst"]["workload"] == dst.name.as_str();
+        let records: Vec<Value> = access_records_once(
+            || mesh.agents[agent].logs()[from[agent]..].to_vec(),
+            LOG_WAIT,
+            |records| records.iter().any(of_dst),
+        )
+        .into_iter()
+        .filter(of_dst)
+        .collect();
         assert_eq!(records.len(), 1, "agent {agent}: {records:#?}");
         let r = &records[0];
         assert_eq!(r["src"]["workload"], client.name.as_str(), "{r:#}");
