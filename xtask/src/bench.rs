@@ -1085,7 +1085,6 @@ fn fastpath_total(agents: &[Agent]) -> Option<FastpathStats> {
     (!agents.is_empty()).then_some(total)
 }
 
-/// The count of `event` in `perf stat -x ,` output (`value,unit,event,...` lines).
 /// `perf stat` counting `events` of processes `pids` (comma-separated) for `secs` seconds, its
 /// counts in CSV to `out` (read with [`perf_stat_count`]).
 fn perf_stat(events: &str, pids: &str, out: &Path, secs: &str) -> Result<Process> {
@@ -1096,6 +1095,7 @@ fn perf_stat(events: &str, pids: &str, out: &Path, secs: &str) -> Result<Process
     Ok(Process::spawn("perf stat", &mut stat)?)
 }
 
+/// The count of `event` in `perf stat -x ,` output (`value,unit,event,...` lines).
 pub(super) fn perf_stat_count(text: &str, event: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let mut fields = line.split(',');

@@ -339,10 +339,7 @@ fn measure(
     let sat = h2load(client, &saturation, url, in_flight)?;
     let saturation_vcpu = match (waypoint, sat_before) {
         (Some(pid), Some(before)) => {
-            let ticks = process_ticks(pid)? - before;
-            #[allow(clippy::cast_precision_loss)]
-            let vcpu = ticks as f64 / TICKS_PER_SEC / sat_started.elapsed().as_secs_f64();
-            Some(vcpu / (sat.rps / 1000.0))
+            Some(vcpu_since(pid, before, sat_started.elapsed())? / (sat.rps / 1000.0))
         }
         _ => None,
     };
@@ -368,7 +365,7 @@ fn measure(
     let before = waypoint.map(process_ticks).transpose()?;
     let started = Instant::now();
     let paced = super::probe_json(client, &rate)?;
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     let us = |key: &str| -> Result<f64> {
         paced[key]
             .as_f64()
@@ -379,9 +376,7 @@ fn measure(
     }
     let proxy = match (waypoint, before) {
         (Some(pid), Some(before)) => {
-            let ticks = process_ticks(pid)? - before;
-            #[allow(clippy::cast_precision_loss)]
-            let vcpu = ticks as f64 / TICKS_PER_SEC / elapsed;
+            let vcpu = vcpu_since(pid, before, elapsed)?;
             let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
             let file = super::status_kib(&status, "RssFile:")? * 1024;
             Some((vcpu, rss_bytes(pid)?, file))
@@ -411,6 +406,14 @@ fn measure(
         saturation_vcpu,
         per_request,
     })
+}
+
+/// The CPUs process `pid` kept busy on average over the `elapsed` time since its CPU time was
+/// `before` (clock ticks).
+fn vcpu_since(pid: u32, before: u64, elapsed: Duration) -> Result<f64> {
+    let ticks = process_ticks(pid)? - before;
+    #[allow(clippy::cast_precision_loss)]
+    Ok(ticks as f64 / TICKS_PER_SEC / elapsed.as_secs_f64())
 }
 
 /// What `--profile` counts per request of a paced run, in the proxy's process (all threads).
