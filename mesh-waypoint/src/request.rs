@@ -136,10 +136,14 @@ pub(crate) async fn handle(
     let state = Arc::clone(&ctx.state.borrow());
     let source_workload = state.workload_by_ip(source.addr.ip()).cloned();
     let read = Arc::new(AtomicU64::new(0));
+    let addressed = match &target {
+        Target::Service { hostname, .. } => state.service_by_hostname(hostname).cloned(),
+        Target::Workload { .. } => None,
+    };
     let mut log = RequestLog::start(
         &parts,
-        source.identity.clone(),
-        source_workload,
+        (source.identity.clone(), source_workload),
+        addressed,
         Arc::clone(&read),
         (trace, parent.map(|p| p.span_id)),
     );

@@ -153,7 +153,7 @@ struct AccessLine<'a> {
     path: &'a str,
     protocol: &'static str,
     status: u16,
-    grpc_status: Option<&'a str>,
+    grpc_status: Option<u8>,
     duration_ms: u64,
     src: AccessSource<'a>,
     service: Option<&'a str>,
@@ -173,6 +173,33 @@ struct AccessLine<'a> {
 struct AccessSource<'a> {
     identity: &'a str,
     workload: &'a str,
+}
+
+/// A gRPC status code as a response or its trailers give it (`grpc-status`): 0 to 16. Any other
+/// value is read as `UNKNOWN` (2), as gRPC clients read a malformed status, so what a backend
+/// sends cannot add label values of its own to the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GrpcStatus(u8);
+
+impl GrpcStatus {
+    /// `UNKNOWN`.
+    const UNKNOWN: Self = Self(2);
+    /// The highest code gRPC defines (`UNAUTHENTICATED`).
+    const LAST: u8 = 16;
+
+    /// The status a `grpc-status` value says.
+    pub(crate) fn of(value: &http::HeaderValue) -> Self {
+        std::str::from_utf8(value.as_bytes())
+            .ok()
+            .and_then(|text| text.parse::<u8>().ok())
+            .filter(|code| *code <= Self::LAST)
+            .map_or(Self::UNKNOWN, Self)
+    }
+
+    /// The code.
+    pub(crate) fn code(self) -> u8 {
+        self.0
+    }
 }
 
 /// Why the waypoint answered as it did, as Envoy's response flags say it.
@@ -240,18 +267,22 @@ pub(crate) struct RequestLog {
     source: Identity,
     source_workload: Option<Arc<Workload>>,
     request_bytes: Arc<AtomicU64>,
+    /// The Service the tunnel was addressed to (its VIP), if any: what the metrics name as the
+    /// destination service when the response says no other (the waypoint's own answers).
+    addressed: Option<Arc<Service>>,
     status: u16,
-    grpc_status: Option<String>,
+    grpc_status: Option<GrpcStatus>,
     outcome: Outcome,
 }
 
 impl RequestLog {
     /// The record of a request, from its head; `request_bytes` counts its body as it is read;
-    /// `trace` is the request's span and its parent's span id.
+    /// `trace` is the request's span and its parent's span id; `addressed` the Service whose
+    /// VIP the tunnel was for.
     pub(crate) fn start(
         parts: &http::request::Parts,
-        source: Identity,
-        source_workload: Option<Arc<Workload>>,
+        (source, source_workload): (Identity, Option<Arc<Workload>>),
+        addressed: Option<Arc<Service>>,
         request_bytes: Arc<AtomicU64>,
         trace: (TraceContext, Option<u64>),
     ) -> Self {
@@ -288,6 +319,7 @@ impl RequestLog {
             source,
             source_workload,
             request_bytes,
+            addressed,
             status: 0,
             grpc_status: None,
             outcome: Outcome::default(),
@@ -302,11 +334,7 @@ impl RequestLog {
     /// Adds the response's head and what it says about where the request went.
     pub(crate) fn respond(&mut self, response: &http::Response<impl Body>) {
         self.status = response.status().as_u16();
-        self.grpc_status = response
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        self.grpc_status = response.headers().get("grpc-status").map(GrpcStatus::of);
         if let Some(outcome) = response.extensions().get::<Outcome>() {
             self.outcome = outcome.clone();
         }
@@ -316,7 +344,7 @@ impl RequestLog {
         mut self,
         reporters: &Reporters,
         response_bytes: u64,
-        trailers_status: Option<String>,
+        trailers_status: Option<GrpcStatus>,
         complete: bool,
     ) {
         if !complete && self.outcome.flag == Flag::None {
@@ -328,7 +356,12 @@ impl RequestLog {
         let elapsed = self.started.elapsed();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         let workload = self.outcome.workload.as_deref();
-        let service = self.outcome.service.as_deref();
+        // Never the request's own `Host`: a client could make every request a new label set.
+        let service = self
+            .outcome
+            .service
+            .as_deref()
+            .or(self.addressed.as_deref());
         let labels = Labels {
             reporter: "waypoint",
             source_workload: self
@@ -344,14 +377,17 @@ impl RequestLog {
                 .filter(|w| w.is_meshed())
                 .map_or_else(|| "unknown".to_owned(), |w| w.identity.as_str().to_owned()),
             destination_service: service
-                .map_or_else(|| self.authority.clone(), |s| s.hostname.clone()),
+                .map_or_else(|| "unknown".to_owned(), |s| s.hostname.clone()),
             destination_service_name: service
                 .map_or_else(|| "unknown".to_owned(), |s| s.name.clone()),
             destination_service_namespace: service
                 .map_or_else(|| "unknown".to_owned(), |s| s.namespace.clone()),
             request_protocol: self.protocol,
             response_code: self.status,
-            grpc_response_status: self.grpc_status.clone().unwrap_or_default(),
+            grpc_response_status: self
+                .grpc_status
+                .map(|status| status.code().to_string())
+                .unwrap_or_default(),
             response_flags: self.outcome.flag.as_str(),
             connection_security_policy: if workload.is_some_and(Workload::is_meshed) {
                 "mutual_tls"
@@ -383,7 +419,7 @@ impl RequestLog {
             path: &self.path,
             protocol: self.protocol,
             status: self.status,
-            grpc_status: self.grpc_status.as_deref(),
+            grpc_status: self.grpc_status.map(GrpcStatus::code),
             duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             src: AccessSource {
                 identity: self.source.as_str(),
@@ -426,8 +462,11 @@ impl RequestLog {
         if let Some(upstream) = self.outcome.upstream {
             attributes.push(KeyValue::new("upstream.address", upstream.to_string()));
         }
-        if let Some(status) = &self.grpc_status {
-            attributes.push(KeyValue::new("rpc.grpc.status_code", status.clone()));
+        if let Some(status) = self.grpc_status {
+            attributes.push(KeyValue::new(
+                "rpc.grpc.status_code",
+                i64::from(status.code()),
+            ));
         }
         let failed = self.status >= 500 || self.outcome.flag != Flag::None;
         FinishedSpan {
@@ -494,7 +533,7 @@ impl Body for Counted {
 pub(crate) struct Recorded {
     inner: crate::body::Body,
     bytes: u64,
-    grpc_status: Option<String>,
+    grpc_status: Option<GrpcStatus>,
     log: Option<(RequestLog, Arc<Reporters>)>,
 }
 
@@ -537,10 +576,7 @@ impl Body for Recorded {
                     this.bytes += data.len() as u64;
                 }
                 if let Some(trailers) = frame.trailers_ref() {
-                    this.grpc_status = trailers
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
+                    this.grpc_status = trailers.get("grpc-status").map(GrpcStatus::of);
                 }
             }
             Poll::Ready(None) => this.finish(true),
@@ -564,5 +600,119 @@ impl Drop for Recorded {
         // complete response; one dropped before is a client that went away.
         let complete = self.inner.is_end_stream();
         self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_trace::{AccessLogTarget, Sampler};
+
+    fn reporters() -> Reporters {
+        Reporters {
+            metrics: Arc::new(Metrics::new()),
+            tracer: Tracer::disabled(),
+            access_log: AccessLog::start(&AccessLogTarget::Off).expect("a log that is off"),
+        }
+    }
+
+    fn web() -> Arc<Service> {
+        Arc::new(Service {
+            hostname: "web.mesh.svc.cluster.local".into(),
+            namespace: "mesh".into(),
+            name: "web".into(),
+            vips: Vec::new(),
+            selector: std::collections::BTreeMap::default(),
+            ports: Vec::new(),
+        })
+    }
+
+    /// A request with `Host: host` that the waypoint answers itself (404, no route).
+    fn answered_locally(reporters: &Reporters, host: &str, addressed: Option<Arc<Service>>) {
+        let (parts, ()) = http::Request::get("/nothing")
+            .header(http::header::HOST, host)
+            .body(())
+            .expect("a request")
+            .into_parts();
+        let source = Identity::parse("spiffe://cluster.local/ns/mesh/sa/client").expect("an id");
+        let trace = TraceContext::root(Sampler::percent(0.0).expect("0 %"));
+        let mut log = RequestLog::start(
+            &parts,
+            (source, None),
+            addressed,
+            Arc::default(),
+            (trace, None),
+        );
+        let mut response = http::Response::new(crate::body::full(Bytes::new()));
+        *response.status_mut() = http::StatusCode::NOT_FOUND;
+        response.extensions_mut().insert(Outcome {
+            flag: Flag::NoRoute,
+            ..Outcome::default()
+        });
+        log.respond(&response);
+        log.finish(reporters, 0, None, true);
+    }
+
+    fn request_series(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The attack: a client sends each request with another `Host`, which no route matches.
+    /// Were the `Host` the destination service's label, every request would add a series to
+    /// each of the four families, without bound.
+    #[test]
+    fn hosts_a_client_makes_up_add_no_series_to_the_metrics() {
+        let reporters = reporters();
+        for i in 0..100 {
+            answered_locally(&reporters, &format!("attacker-{i}.example"), Some(web()));
+        }
+        let series = request_series(&reporters.metrics);
+        assert_eq!(series.len(), 1, "{series:#?}");
+        assert!(
+            series[0].contains(r#"destination_service="web.mesh.svc.cluster.local""#)
+                && series[0].contains(r#"destination_service_name="web""#)
+                && series[0].contains(r#"response_flags="NR""#)
+                && series[0].ends_with(" 100"),
+            "{}",
+            series[0]
+        );
+        // A tunnel addressed to a pod rather than a Service: `unknown`, still one series.
+        for i in 0..100 {
+            answered_locally(&reporters, &format!("other-{i}.example"), None);
+        }
+        let series = request_series(&reporters.metrics);
+        assert_eq!(series.len(), 2, "{series:#?}");
+        assert!(series
+            .iter()
+            .any(|s| s.contains(r#"destination_service="unknown""#) && s.ends_with(" 100")));
+        assert!(!reporters.metrics.encode().contains(".example"));
+    }
+
+    #[test]
+    fn grpc_statuses_outside_grpcs_codes_read_as_unknown() {
+        let of = |text: &'static str| GrpcStatus::of(&http::HeaderValue::from_static(text)).code();
+        assert_eq!(of("0"), 0);
+        assert_eq!(of("14"), 14);
+        assert_eq!(of("16"), 16);
+        for malformed in [
+            "17",
+            "255",
+            "256",
+            "-1",
+            "",
+            "ok",
+            "1e3",
+            " 3",
+            "99999999999",
+        ] {
+            assert_eq!(of(malformed), 2, "{malformed:?}");
+        }
+        let bytes = http::HeaderValue::from_bytes(b"\xff").expect("an opaque value");
+        assert_eq!(GrpcStatus::of(&bytes).code(), 2);
     }
 }

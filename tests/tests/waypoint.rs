@@ -989,6 +989,33 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
         &["-o", "/dev/null", "-w", "%{http_code}", &url("/nothing")],
     );
     assert_eq!(code, "404");
+    // A client making up a `Host` per request (the attack: a label set per request in the
+    // waypoint's metrics, without bound): its 404s are counted under the Service it addressed.
+    let url_nothing = url("/nothing");
+    let hosts: Vec<String> = (0..20)
+        .map(|i| format!("Host: made-up-{i}.example"))
+        .collect();
+    let mut args: Vec<&str> = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        if i > 0 {
+            args.push("--next");
+        }
+        args.extend(["-sS", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", host]);
+        args.push(&url_nothing);
+    }
+    let codes = curl_raw(&client, &args);
+    assert_eq!(codes.lines().filter(|c| *c == "404").count(), 20, "{codes}");
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    let no_route = [
+        ("destination_service", "web.mesh.svc.cluster.local"),
+        ("response_flags", "NR"),
+    ];
+    assert_eq!(count(&samples, "istio_requests_total", &no_route), 21);
+    let made_up: Vec<_> = samples
+        .iter()
+        .filter(|s| s.labels.values().any(|v| v.contains(".example")))
+        .collect();
+    assert!(made_up.is_empty(), "{made_up:#?}");
 }
 
 /// The spans of a trace as Jaeger gives them: `(service, span id, parent span id, name)`.
