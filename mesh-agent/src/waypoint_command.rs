@@ -65,6 +65,10 @@ pub struct WaypointArgs {
     /// file.
     #[arg(long, env = "MESH_ACCESS_LOG", default_value = "-")]
     access_log: mesh_trace::AccessLogTarget,
+    /// Most mirrored requests in flight at once (`RequestMirror`, `VirtualService` `mirror`);
+    /// beyond it a mirror is skipped and counted.
+    #[arg(long, default_value_t = mesh_waypoint::DEFAULT_MAX_MIRRORS_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_mirrors_in_flight: u32,
     /// Threads of the async runtime [default: as the agent's, 1 below 4 CPUs, else 2].
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
@@ -101,6 +105,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         provider,
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         access_log: args.access_log.clone(),
+        max_mirrors_in_flight: args.max_mirrors_in_flight,
     };
     let tracing = args
         .tracing_flags
@@ -123,6 +128,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         readiness = %config.readiness,
         crypto_provider = config.provider.name(),
         access_log = %config.access_log,
+        max_mirrors_in_flight = config.max_mirrors_in_flight,
         %tracing,
         "waypoint configuration"
     );

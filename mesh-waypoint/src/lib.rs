@@ -69,7 +69,20 @@ pub struct WaypointConfig {
     pub drain_timeout: std::time::Duration,
     /// Where the JSON access log (a line per request) goes.
     pub access_log: mesh_trace::AccessLogTarget,
+    /// Most mirrored requests in flight at once; a mirror beyond it is skipped and counted
+    /// (`mesh_waypoint_mirrors_skipped_total`), so clients cannot pile up copies of their
+    /// requests toward a slow mirror. Each also ends at the route's request timeout, else after
+    /// [`MIRROR_TIMEOUT`].
+    pub max_mirrors_in_flight: u32,
 }
+
+/// How long a mirrored request may take when its route sets no request timeout (Envoy's default
+/// route timeout).
+pub const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The default of [`WaypointConfig::max_mirrors_in_flight`] (Envoy's default circuit breaker:
+/// 1,024 requests per cluster).
+pub const DEFAULT_MAX_MIRRORS_IN_FLIGHT: u32 = 1024;
 
 /// Why the waypoint stopped.
 #[derive(Debug, thiserror::Error)]
@@ -97,4 +110,6 @@ pub(crate) struct Ctx {
     pub(crate) reporters: Arc<telemetry::Reporters>,
     pub(crate) drain: listener::Drain,
     pub(crate) balancer: Arc<balance::Balancer>,
+    /// Permits for mirrored requests in flight ([`WaypointConfig::max_mirrors_in_flight`]).
+    pub(crate) mirrors: Arc<tokio::sync::Semaphore>,
 }

@@ -157,6 +157,9 @@ pub async fn serve(
         config.identity.clone(),
     ));
     let drain_timeout = config.drain_timeout;
+    let mirrors = Arc::new(tokio::sync::Semaphore::new(
+        config.max_mirrors_in_flight as usize,
+    ));
     let ctx = Arc::new(Ctx {
         config,
         state,
@@ -169,6 +172,7 @@ pub async fn serve(
         }),
         drain: Drain::default(),
         balancer: Arc::default(),
+        mirrors,
     });
     let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);

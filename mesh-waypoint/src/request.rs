@@ -423,7 +423,7 @@ async fn send(
         {
             if fastrand::u32(..*denominator) < *numerator {
                 let target = (Arc::clone(service), *port, Arc::clone(policy));
-                spawn_mirror(ctx, target, copy, source.addr);
+                spawn_mirror(ctx, target, copy, (source.addr, plan.request_timeout));
             }
         }
     }
@@ -657,12 +657,20 @@ async fn replayable(request: Request<Body>, plan: &Plan<'_>) -> Replay {
     }
 }
 
+/// Sends a copy of a request to a mirror, its answer read and dropped, within `timeout` (else
+/// [`crate::MIRROR_TIMEOUT`]); skipped and counted when as many mirrors are in flight as the
+/// waypoint allows.
 fn spawn_mirror(
     ctx: &Ctx,
     (service, port, policy): (Arc<Service>, u16, Arc<EndpointPolicy>),
     request: Request<Body>,
-    client: SocketAddr,
+    (client, timeout): (SocketAddr, Option<Duration>),
 ) {
+    let Ok(permit) = Arc::clone(&ctx.mirrors).try_acquire_owned() else {
+        ctx.reporters.metrics.mirror_skipped();
+        debug!(service = %service, "mirror skipped: as many mirrors in flight as allowed");
+        return;
+    };
     let keys = Keys {
         client: client.ip(),
         headers: request.headers(),
@@ -673,19 +681,23 @@ fn spawn_mirror(
         return;
     };
     let upstream = Arc::clone(&ctx.upstream);
+    let exchange = async move {
+        let response = upstream
+            .send(&endpoint, addr, &service.hostname, client, request)
+            .await?;
+        // The mirror's answer is read and dropped.
+        drop(response.into_body().collect().await);
+        Ok::<_, UpstreamError>(())
+    };
+    let timeout = timeout.unwrap_or(crate::MIRROR_TIMEOUT);
     tokio::spawn(
         async move {
-            match upstream
-                .send(&endpoint, addr, &service.hostname, client, request)
-                .await
-            {
-                // The mirror's answer is read and dropped.
-                Ok(response) => {
-                    drop(response.into_body().collect().await);
-                    drop(in_flight);
-                }
-                Err(e) => debug!(error = %e, "mirrored request failed"),
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "mirrored request failed"),
+                Err(_) => debug!(?timeout, "mirrored request timed out"),
             }
+            drop((in_flight, permit));
         }
         .in_current_span(),
     );

@@ -88,6 +88,8 @@ pub(crate) struct Labels {
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
+    /// Mirrored requests not sent: as many were in flight as the waypoint allows.
+    mirrors_skipped: Counter,
     duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
@@ -101,6 +103,12 @@ impl Metrics {
         let sizes = || HistogramFamily::new_with_constructor(size_histogram);
         let (duration, request_bytes, response_bytes) = (histograms(), sizes(), sizes());
         registry.register("istio_requests", "Requests", requests.clone());
+        let mirrors_skipped = Counter::default();
+        registry.register(
+            "mesh_waypoint_mirrors_skipped",
+            "Mirrored requests not sent because as many mirrors were in flight as allowed",
+            mirrors_skipped.clone(),
+        );
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration, from the request's start to the response's last byte",
@@ -119,10 +127,16 @@ impl Metrics {
         Self {
             registry,
             requests,
+            mirrors_skipped,
             duration,
             request_bytes,
             response_bytes,
         }
+    }
+
+    /// Counts a mirror not sent.
+    pub(crate) fn mirror_skipped(&self) {
+        self.mirrors_skipped.inc();
     }
 
     /// The metrics in Prometheus' text format.

@@ -77,7 +77,7 @@ fn bed(route: &str) -> Bed {
 
 /// [`bed`], with extra `http-echo` flags for the `v1` and `v2` backends.
 fn bed_with(route: &str, v1_args: &[&str], v2_args: &[&str]) -> Bed {
-    bed_full(route, v1_args, v2_args, false)
+    bed_full(route, (v1_args, v2_args), false, &[])
 }
 
 /// The flags that send every trace a proxy starts to `endpoint`.
@@ -92,7 +92,14 @@ fn tracing_args(endpoint: &str) -> Vec<String> {
 
 /// [`bed_with`]; `traced`: a real Jaeger in the waypoint's pod, and the agents and the waypoint
 /// exporting every trace to it.
-fn bed_full(route: &str, v1_args: &[&str], v2_args: &[&str], traced: bool) -> Bed {
+/// The bed: `route` for `web`, the backends started with `args` (v1's, v2's), traced to Jaeger
+/// or not, the waypoint with `waypoint_extra` flags too.
+fn bed_full(
+    route: &str,
+    (v1_args, v2_args): (&[&str], &[&str]),
+    traced: bool,
+    waypoint_extra: &[&str],
+) -> Bed {
     let spec = TestbedSpec {
         nodes: 2,
         pods_per_node: 2,
@@ -155,11 +162,12 @@ fn bed_full(route: &str, v1_args: &[&str], v2_args: &[&str], traced: bool) -> Be
         .map(|&(j, name, args)| echo(mesh.pod(1, j), name, args))
         .collect();
     // The waypoint shares Jaeger's pod: its collector is on the loopback.
-    let waypoint_args = if traced {
+    let mut waypoint_args = if traced {
         tracing_args(&format!("http://127.0.0.1:{}", jaeger::OTLP_PORT))
     } else {
         Vec::new()
     };
+    waypoint_args.extend(waypoint_extra.iter().map(|&a| a.to_owned()));
     let mut waypoint = Waypoint::start_with(&wp_pod, &mesh.options, PLAIN_NS, "wp", &waypoint_args)
         .expect("waypoint starts");
     waypoint
@@ -1018,6 +1026,45 @@ fn redirects_rewrites_header_modifiers_and_mirrors() {
     assert!(made_up.is_empty(), "{made_up:#?}");
 }
 
+/// The attack: a client sends requests that a route mirrors to a backend that answers slowly (or
+/// never), each leaving a copy in flight. The waypoint holds at most `--max-mirrors-in-flight`;
+/// beyond that mirrors are skipped and counted, the requests themselves unaffected; a mirror
+/// ends at the route's request timeout, which frees its place.
+#[test]
+fn mirrors_in_flight_are_bounded_and_end_at_the_timeout() {
+    let route = one_rule_route(
+        "filters:\n    - type: RequestMirror\n      requestMirror: {backendRef: {name: web-v2, port: 80}}\n    backendRefs: [{name: web-v1, port: 80}]\n    timeouts: {request: 3s}\n",
+    );
+    let bed = bed_full(
+        &route,
+        (&[], &["--delay-ms", "60000"]),
+        false,
+        &["--max-mirrors-in-flight", "3"],
+    );
+    let client = bed.client().clone();
+    let skipped = || {
+        count(
+            &waypoint_metrics(bed.mesh.pod(0, 1)),
+            "mesh_waypoint_mirrors_skipped_total",
+            &[],
+        )
+    };
+    let send = |n: usize| {
+        let started = std::time::Instant::now();
+        let lines = curl(&client, &vec![url("/m"); n]);
+        assert_eq!(backends(&lines), BTreeMap::from([("v1".to_owned(), n)]));
+        started.elapsed()
+    };
+    // Three mirrors held by the slow v2, five skipped; the requests are answered at once.
+    let took = send(8);
+    assert!(took < Duration::from_secs(2), "8 requests took {took:?}");
+    assert_eq!(skipped(), 5);
+    // After the route's 3 s timeout the three mirrors have ended: three more go, one is skipped.
+    std::thread::sleep(Duration::from_secs(4));
+    send(4);
+    assert_eq!(skipped(), 6);
+}
+
 /// The spans of a trace as Jaeger gives them: `(service, span id, parent span id, name)`.
 fn spans_of(trace: &Value) -> Vec<(String, String, Option<String>, String)> {
     let processes = &trace["processes"];
@@ -1076,7 +1123,7 @@ fn traceparent_of(line: &Value) -> (String, String) {
 #[test]
 fn spans_from_the_source_through_the_waypoint_to_the_destination_share_one_trace() {
     let route = one_rule_route("backendRefs: [{name: web-v1, port: 80}]\n");
-    let mut bed = bed_full(&route, &[], &[], true);
+    let mut bed = bed_full(&route, (&[], &[]), true, &[]);
     let client = bed.client().clone();
 
     // A request without trace context: the source agent starts the trace in its CONNECT, the
