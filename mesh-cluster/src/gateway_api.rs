@@ -305,6 +305,15 @@ pub enum StringMatch {
 #[derive(Clone, Debug)]
 pub struct Pattern(regex::Regex);
 
+/// Most memory one compiled pattern may take, and its matcher's cache. The regex crate allows
+/// 10 MiB, and a short pattern of counted Unicode classes reaches it (`\w{1,200}` in 25
+/// characters, compiled in about a second): every route or `VirtualService` a tenant writes is
+/// compiled by the waypoints it reaches, so such patterns would let one tenant take their
+/// memory and time. 1 MiB holds what routes match on (`/api/v\d+/users/\w+(/.*)?` takes about
+/// 57 KiB, `\w+@\w+\.\w+` 150 KiB); Envoy's RE2 limit is stricter still (a program of 100
+/// instructions).
+pub const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
 impl Pattern {
     /// A case-insensitive pattern matching `text` exactly (`prefix`: or any text starting
     /// with it), for a `VirtualService`'s `ignoreUriCase`.
@@ -335,7 +344,10 @@ impl FromStr for Pattern {
             return Err(RouteSchemaError::Empty);
         }
         check_len(value, 1024)?;
-        regex::Regex::new(&format!("^(?:{value})$"))
+        regex::RegexBuilder::new(&format!("^(?:{value})$"))
+            .size_limit(PATTERN_SIZE_LIMIT)
+            .dfa_size_limit(PATTERN_SIZE_LIMIT)
+            .build()
             .map(Pattern)
             .map_err(|error| RouteSchemaError::Regex {
                 pattern: value.to_owned(),

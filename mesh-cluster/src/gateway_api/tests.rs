@@ -236,6 +236,11 @@ fn schema_errors_name_field_and_line() {
             "  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/(a\"}}]\n",
             &["\"/(a\" is not a regular expression"],
         ),
+        (
+            // 25 characters that compile to about 10 MiB: refused, not built.
+            "  rules:\n  - matches: [{headers: [{type: RegularExpression, name: x, value: \"\\\\w{1,200}\"}]}]\n",
+            &["spec.rules[0].matches[0]", "exceeds size limit"],
+        ),
         ("  rules:\n  - matches: [{headers: [{name: \"a b\", value: c}]}]\n", &["\"a b\" is not an HTTP header"]),
         ("  rules:\n  - matches: [{method: FETCH}]\n", &["unknown variant `FETCH`"]),
         (
