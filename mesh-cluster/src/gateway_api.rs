@@ -105,6 +105,8 @@ pub enum RouteSchemaError {
     TooMany { max: usize, found: usize },
     #[error("at most 128 matches across all rules, found {0}")]
     TooManyMatches(usize),
+    #[error("at most {MAX_PATTERNS} regular expressions across all rules, found {0}")]
+    TooManyPatterns(usize),
     #[error("rule name {0:?} is used by more than one rule")]
     DuplicateRuleName(String),
     #[error("must not be empty")]
@@ -290,6 +292,20 @@ pub struct ValueMatch {
     pub value: StringMatch,
 }
 
+impl RouteMatch {
+    /// How many regular expressions it holds.
+    pub(crate) fn patterns(&self) -> usize {
+        let path = usize::from(matches!(self.path, PathMatch::Regex(_)));
+        let values = self
+            .headers
+            .iter()
+            .chain(&self.query_params)
+            .filter(|m| matches!(m.value, StringMatch::Regex(_)))
+            .count();
+        path + values
+    }
+}
+
 /// How a value is matched.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StringMatch {
@@ -306,13 +322,17 @@ pub enum StringMatch {
 pub struct Pattern(regex::Regex);
 
 /// Most memory one compiled pattern may take, and its matcher's cache. The regex crate allows
-/// 10 MiB, and a short pattern of counted Unicode classes reaches it (`\w{1,200}` in 25
-/// characters, compiled in about a second): every route or `VirtualService` a tenant writes is
-/// compiled by the waypoints it reaches, so such patterns would let one tenant take their
-/// memory and time. 1 MiB holds what routes match on (`/api/v\d+/users/\w+(/.*)?` takes about
-/// 57 KiB, `\w+@\w+\.\w+` 150 KiB); Envoy's RE2 limit is stricter still (a program of 100
-/// instructions).
-pub const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// 10 MiB, and nine characters of a counted Unicode class come near it (`\w{1,200}`; `\w{1,50}`
+/// takes 2.5 MiB): every route or `VirtualService` a tenant writes is compiled by the waypoints
+/// it reaches, so such patterns would let one tenant take their memory and time. 256 KiB holds
+/// what routes match on (`/api/v\d+/users/\w+(/.*)?` takes about 57 KiB, `\w+@\w+\.\w+` 150
+/// KiB); Envoy's RE2 limit is stricter still (a program of 100 instructions).
+pub const PATTERN_SIZE_LIMIT: usize = 256 << 10;
+
+/// Most regular expressions in one route or `VirtualService`: with [`PATTERN_SIZE_LIMIT`], one
+/// object can make a waypoint hold at most 16 MiB of compiled patterns (Gateway API would allow
+/// 128 matches of 33 patterns each).
+pub const MAX_PATTERNS: usize = 64;
 
 impl Pattern {
     /// A case-insensitive pattern matching `text` exactly (`prefix`: or any text starting

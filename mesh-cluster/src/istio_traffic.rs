@@ -83,6 +83,19 @@ pub struct VsMatch {
     pub ignore_uri_case: bool,
 }
 
+impl VsMatch {
+    /// How many regular expressions it holds.
+    pub(crate) fn patterns(&self) -> usize {
+        self.uri
+            .iter()
+            .chain(self.headers.values())
+            .chain(self.query_params.values())
+            .chain(&self.method)
+            .filter(|s| matches!(s, VsString::Regex(_)))
+            .count()
+    }
+}
+
 /// Istio's `StringMatch`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum VsString {

@@ -9,7 +9,7 @@ use super::{
     check_count, check_len, check_rule_names, parse_duration, BackendRef, BackendTarget, Checked,
     Filter, FilterType, GrpcRouteSpec, HeaderModifier, HttpRouteSpec, Int, List, ParentRef, Parsed,
     PathMatch, PathModifier, Pattern, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule,
-    RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
+    RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP, MAX_PATTERNS,
 };
 
 /// Implements `Deserialize` through [`Checked`] for each type.
@@ -54,6 +54,16 @@ impl Checked for HttpRouteSpec {
         let matches: usize = fields.rules.0.iter().map(|rule| rule.matches.len()).sum();
         if matches > 128 {
             return Err(RouteSchemaError::TooManyMatches(matches));
+        }
+        let patterns: usize = fields
+            .rules
+            .0
+            .iter()
+            .flat_map(|rule| &rule.matches)
+            .map(RouteMatch::patterns)
+            .sum();
+        if patterns > MAX_PATTERNS {
+            return Err(RouteSchemaError::TooManyPatterns(patterns));
         }
         check_rule_names(&fields.rules.0)?;
         Ok(Self {

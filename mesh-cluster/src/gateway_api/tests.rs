@@ -219,6 +219,41 @@ fn assert_parse_errors(table: &[(&str, &[&str])]) {
 }
 
 #[test]
+fn at_most_64_regular_expressions_per_route() {
+    let headers = |n: usize| -> String {
+        let list: Vec<String> = (0..n)
+            .map(|i| format!("{{type: RegularExpression, name: h{i}, value: \"v{i}.*\"}}"))
+            .collect();
+        format!("    - headers: [{}]\n", list.join(", "))
+    };
+    // Four matches of 16 header patterns: 64, accepted.
+    let route = |last: usize| {
+        doc(&format!(
+            "  rules:\n  - matches:\n{}{}{}{}",
+            headers(16),
+            headers(16),
+            headers(16),
+            headers(last)
+        ))
+    };
+    let objects = parse_documents("route.yaml", &route(16)).expect("64 patterns parse");
+    assert_eq!(objects.len(), 1);
+    // One more, in a path: refused, naming the count.
+    let more = route(16).replace(
+        "  - matches:\n",
+        "  - matches:\n    - path: {type: RegularExpression, value: \"/a.*\"}\n",
+    );
+    let err = parse_documents("route.yaml", &more)
+        .expect_err("65 patterns must not parse")
+        .to_string();
+    assert!(
+        err.contains("HTTPRoute shop/r: spec")
+            && err.contains("at most 64 regular expressions across all rules, found 65"),
+        "{err}"
+    );
+}
+
+#[test]
 fn schema_errors_name_field_and_line() {
     assert_parse_errors(&[
         ("  rules:\n  - backendRef: [{name: a, port: 1}]\n", &["spec.rules[0]: unknown field `backendRef`", "line 8"]),
@@ -237,7 +272,7 @@ fn schema_errors_name_field_and_line() {
             &["\"/(a\" is not a regular expression"],
         ),
         (
-            // 25 characters that compile to about 10 MiB: refused, not built.
+            // Nine characters that compile to about 10 MiB: refused, not built.
             "  rules:\n  - matches: [{headers: [{type: RegularExpression, name: x, value: \"\\\\w{1,200}\"}]}]\n",
             &["spec.rules[0].matches[0]", "exceeds size limit"],
         ),

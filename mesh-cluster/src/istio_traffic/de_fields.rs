@@ -67,6 +67,16 @@ impl Checked for VirtualServiceSpec {
             return Err(RouteSchemaError::Empty);
         }
         let _ = f.export_to;
+        let patterns: usize = f
+            .http
+            .0
+            .iter()
+            .flat_map(|route| &route.matches)
+            .map(VsMatch::patterns)
+            .sum();
+        if patterns > crate::gateway_api::MAX_PATTERNS {
+            return Err(RouteSchemaError::TooManyPatterns(patterns));
+        }
         let gateways = f.gateways.0;
         Ok(Self {
             hosts: f.hosts.0,

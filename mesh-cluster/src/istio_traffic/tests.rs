@@ -1,7 +1,7 @@
 //! Tests of `VirtualService` and `DestinationRule`: parsing and checks, and how their rules route
 //! (order, subsets, faults, retries, rewrites).
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use super::{parse_istio_duration, HashKey, LoadBalancer, VsString};
 use crate::{
@@ -111,7 +111,19 @@ fn assert_errors(table: &[(String, &[&str])]) {
 
 #[test]
 fn checks_name_the_field_and_line() {
+    // 65 regular expressions in one object: more than a waypoint compiles for it.
+    let many = (0..65).fold(String::new(), |mut text, i| {
+        let _ = write!(
+            text,
+            "  - match: [{{uri: {{regex: \"/p{i}/.*\"}}}}]\n    route: [{{destination: {{host: web}}}}]\n"
+        );
+        text
+    });
     assert_errors(&[
+        (
+            vs(&format!("  hosts: [web]\n  http:\n{many}")),
+            &["VirtualService shop/web: spec", "at most 64 regular expressions across all rules, found 65"],
+        ),
         (
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {}\n"),
             &["VirtualService shop/web: spec.http[0]: `corsPolicy` is not supported", "line 9"],
