@@ -628,6 +628,15 @@ fn check_len(value: &str, max: usize) -> Result<(), RouteSchemaError> {
     Ok(())
 }
 
+/// The limit of regular expressions in one object ([`MAX_PATTERNS`]), given each match's count.
+pub(crate) fn check_patterns(counts: impl Iterator<Item = usize>) -> Result<(), RouteSchemaError> {
+    let patterns: usize = counts.sum();
+    if patterns > MAX_PATTERNS {
+        return Err(RouteSchemaError::TooManyPatterns(patterns));
+    }
+    Ok(())
+}
+
 /// A list's length limit.
 fn check_count<T>(list: &[T], max: usize) -> Result<(), RouteSchemaError> {
     if list.len() > max {

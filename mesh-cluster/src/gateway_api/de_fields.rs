@@ -6,10 +6,10 @@ use std::{collections::HashSet, str::FromStr, time::Duration};
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    check_count, check_len, check_rule_names, parse_duration, BackendRef, BackendTarget, Checked,
-    Filter, FilterType, GrpcRouteSpec, HeaderModifier, HttpRouteSpec, Int, List, ParentRef, Parsed,
-    PathMatch, PathModifier, Pattern, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule,
-    RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP, MAX_PATTERNS,
+    check_count, check_len, check_patterns, check_rule_names, parse_duration, BackendRef,
+    BackendTarget, Checked, Filter, FilterType, GrpcRouteSpec, HeaderModifier, HttpRouteSpec, Int,
+    List, ParentRef, Parsed, PathMatch, PathModifier, Pattern, Redirect, Retry, RetryOn, Rewrite,
+    RouteMatch, RouteRule, RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 
 /// Implements `Deserialize` through [`Checked`] for each type.
@@ -55,16 +55,14 @@ impl Checked for HttpRouteSpec {
         if matches > 128 {
             return Err(RouteSchemaError::TooManyMatches(matches));
         }
-        let patterns: usize = fields
-            .rules
-            .0
-            .iter()
-            .flat_map(|rule| &rule.matches)
-            .map(RouteMatch::patterns)
-            .sum();
-        if patterns > MAX_PATTERNS {
-            return Err(RouteSchemaError::TooManyPatterns(patterns));
-        }
+        check_patterns(
+            fields
+                .rules
+                .0
+                .iter()
+                .flat_map(|rule| &rule.matches)
+                .map(RouteMatch::patterns),
+        )?;
         check_rule_names(&fields.rules.0)?;
         Ok(Self {
             parent_refs: fields.parent_refs.0,

@@ -67,16 +67,13 @@ impl Checked for VirtualServiceSpec {
             return Err(RouteSchemaError::Empty);
         }
         let _ = f.export_to;
-        let patterns: usize = f
-            .http
-            .0
-            .iter()
-            .flat_map(|route| &route.matches)
-            .map(VsMatch::patterns)
-            .sum();
-        if patterns > crate::gateway_api::MAX_PATTERNS {
-            return Err(RouteSchemaError::TooManyPatterns(patterns));
-        }
+        crate::gateway_api::check_patterns(
+            f.http
+                .0
+                .iter()
+                .flat_map(|route| &route.matches)
+                .map(VsMatch::patterns),
+        )?;
         let gateways = f.gateways.0;
         Ok(Self {
             hosts: f.hosts.0,
