@@ -136,6 +136,8 @@ pub(crate) async fn handle(
     let state = Arc::clone(&ctx.state.borrow());
     let source_workload = state.workload_by_ip(source.addr.ip()).cloned();
     let read = Arc::new(AtomicU64::new(0));
+    // The Service the tunnel was addressed to, looked up once: the route starts from it and the
+    // record counts the waypoint's own answers under it.
     let addressed = match &target {
         Target::Service { hostname, .. } => state.service_by_hostname(hostname).cloned(),
         Target::Workload { .. } => None,
@@ -143,7 +145,7 @@ pub(crate) async fn handle(
     let mut log = RequestLog::start(
         &parts,
         (source.identity.clone(), source_workload),
-        addressed,
+        addressed.clone(),
         Arc::clone(&read),
         (trace, parent.map(|p| p.span_id)),
     );
@@ -153,9 +155,15 @@ pub(crate) async fn handle(
     let upgrading = upgrade_of(request.headers())
         .is_some()
         .then(|| hyper::upgrade::on(&mut request));
-    let mut response = route(request, &ctx, &state, &target, &source)
-        .instrument(span.clone())
-        .await;
+    let mut response = route(
+        request,
+        &ctx,
+        &state,
+        (&target, addressed.as_ref()),
+        &source,
+    )
+    .instrument(span.clone())
+    .await;
     if grpc {
         response = for_grpc(response);
     }
@@ -177,16 +185,18 @@ pub(crate) async fn handle(
     Ok(Recorded::wrap(response, log, reporters).map(BodyExt::boxed))
 }
 
+/// Routes `request`, which came through a tunnel to `target` (the Service it names, as `handle`
+/// looked it up: `None` when it is gone).
 async fn route(
     mut request: Request<Body>,
     ctx: &Ctx,
     state: &ClusterState,
-    target: &Target,
+    (target, addressed): (&Target, Option<&Arc<Service>>),
     source: &Source,
 ) -> Response<Body> {
     append_forwarded_for(request.headers_mut(), source.addr.ip());
     strip_hop_by_hop_keeping_upgrade(request.headers_mut());
-    let (hostname, port) = match target {
+    let port = match target {
         Target::Workload { addr } => {
             let Some(workload) = state.workload_by_ip(addr.ip()) else {
                 return local(
@@ -218,9 +228,9 @@ async fn route(
                 Err(e) => upstream_failed(&e),
             };
         }
-        Target::Service { hostname, port, .. } => (hostname, *port),
+        Target::Service { port, .. } => *port,
     };
-    let Some(service) = state.service_by_hostname(hostname) else {
+    let Some(service) = addressed else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             Flag::NoHealthyUpstream,

@@ -203,7 +203,8 @@ impl GrpcStatus {
 
     /// The status a `grpc-status` value says.
     pub(crate) fn of(value: &http::HeaderValue) -> Self {
-        std::str::from_utf8(value.as_bytes())
+        value
+            .to_str()
             .ok()
             .and_then(|text| text.parse::<u8>().ok())
             .filter(|code| *code <= Self::LAST)
