@@ -415,6 +415,17 @@ impl HttpRouteIndex {
         }
     }
 
+    /// Whether any route (an `HTTPRoute`, a `GRPCRoute` or a `VirtualService`'s HTTP rules)
+    /// attaches to `service`'s `port`, for any client.
+    pub(crate) fn routes_attach(&self, service: &Service, port: u16) -> bool {
+        let key = (service.namespace.clone(), service.name.clone(), port);
+        self.ports.get(&key).is_some_and(|routes| {
+            !routes.producer.is_empty()
+                || !routes.ordered.is_empty()
+                || routes.consumers.values().any(|entries| !entries.is_empty())
+        })
+    }
+
     /// What to do with `request` from a client in `client_namespace` for `service`'s `port`.
     pub(crate) fn decide<'a>(
         &'a self,

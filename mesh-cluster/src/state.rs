@@ -20,7 +20,7 @@ use super::{
     error::{SourceError, StateError},
     http_route::{HttpRouteIndex, RequestFacts, RouteDecision},
     k8s::{self, Kind, Object, ObjectRef},
-    model::{Protocol, Resolution, Service, ServicePort, Workload},
+    model::{AppProtocol, Protocol, Resolution, Service, ServicePort, Workload},
     names::{check_name, NameRule},
     options::EnrollmentOptions,
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy},
@@ -410,6 +410,22 @@ impl ClusterState {
     ) -> RouteDecision<'_> {
         self.http_routes
             .decide(service, port, client_namespace, request)
+    }
+
+    /// What a waypoint serves on `service`'s `port`: what the port declares, except that an
+    /// undeclared port ([`AppProtocol::Unknown`]) to which routes attach is HTTP. Routes say the
+    /// port carries HTTP; were it sniffed, a client that sent something the sniffer does not
+    /// take for HTTP (a method it does not list, a blank line first), or nothing for a while,
+    /// would pass as TCP to the Service around the routes, to a server that may read it as
+    /// HTTP all the same. A server-first protocol on such a port must be declared (`tcp`,
+    /// `mysql`, ...), as Istio asks of undeclared ports.
+    pub fn waypoint_protocol(&self, service: &Service, port: &ServicePort) -> AppProtocol {
+        match port.app_protocol {
+            AppProtocol::Unknown if self.http_routes.routes_attach(service, port.port) => {
+                AppProtocol::Http
+            }
+            declared => declared,
+        }
     }
 
     /// Whether traffic addressed to `service` goes through a waypoint; see the

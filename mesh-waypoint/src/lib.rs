@@ -36,8 +36,10 @@ mod filters;
 mod grpc_reply;
 mod listener;
 mod protocol;
+mod relay;
 mod request;
 mod telemetry;
+mod upgrade;
 mod upstream;
 
 use std::{net::SocketAddr, sync::Arc};

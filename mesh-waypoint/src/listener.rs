@@ -12,7 +12,7 @@ use std::{
 };
 
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{
         conn::auto,
         graceful::{GracefulShutdown, Watcher},
@@ -36,6 +36,14 @@ use crate::{
     upstream::Upstream,
     Ctx, WaypointConfig, WaypointError,
 };
+
+/// How long a client has to send a request's head (HTTP/1.1), from when the connection waits
+/// for one: nginx's `client_header_timeout`.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The most an HTTP/1.1 request head may take (its line and headers); a larger one gets 431.
+/// Envoy's default limit is 60 KiB (`max_request_headers_kb`); hyper's own 400 KiB.
+pub(crate) const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// How long the waypoint waits for its first certificate before it says so.
 const CERT_WAIT: Duration = Duration::from_secs(60);
@@ -309,8 +317,7 @@ async fn tunnel(
         let ctx = Arc::clone(&ctx);
         move |request| handle(request, Arc::clone(&ctx), target.clone(), source.clone())
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let connection = builder
+    let connection = http_server()
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
     let served = watcher.watch(connection).await;
@@ -318,3 +325,21 @@ async fn tunnel(
         debug!(error = %e, "HTTP on the tunnel ended");
     }
 }
+
+/// How the waypoint serves HTTP on a tunnel: HTTP/1.1 or HTTP/2 (by the preface). A request
+/// head must come whole within [`HEADER_READ_TIMEOUT`] and fit [`MAX_REQUEST_HEAD`]: a client
+/// that sends a head slowly, or never ends it, holds the tunnel and its buffer that long, no
+/// longer (hyper's header timeout needs a timer, without which it is silently off). The timeout
+/// also ends a kept-alive connection idle that long, as servers do.
+fn http_server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    builder
+}
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::TokioIo;
 use mesh_cluster::{
     http_route::{Backend, EndpointPolicy, RequestFacts, ResolvedRule},
     k8s::{Filter, HeaderModifier, RouteMatch},
@@ -29,6 +28,7 @@ use crate::{
     filters::{modify_headers, redirect_location, replace_path},
     grpc_reply::{for_grpc, LocalReply},
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
+    upgrade::{splice, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade, UpgradeAsk},
     upstream::UpstreamError,
     Ctx,
 };
@@ -85,7 +85,7 @@ impl Target {
             return Ok(Target::Service {
                 hostname: service.hostname.clone(),
                 port: port.port,
-                protocol: port.app_protocol,
+                protocol: state.waypoint_protocol(service, port),
             });
         }
         if let Some(workload) = state.workload_by_ip(authority.ip()) {
@@ -151,19 +151,28 @@ pub(crate) async fn handle(
     );
     let grpc = log.is_grpc();
     let mut request = Request::from_parts(parts, Counted::new(body, read).boxed());
-    // An HTTP/1.1 upgrade (WebSocket): once both sides have switched, their bytes are spliced.
-    let upgrading = upgrade_of(request.headers())
-        .is_some()
-        .then(|| hyper::upgrade::on(&mut request));
-    let mut response = route(
-        request,
-        &ctx,
-        &state,
-        (&target, addressed.as_ref()),
-        &source,
-    )
-    .instrument(span.clone())
-    .await;
+    // An HTTP/1.1 upgrade: WebSocket's bytes are spliced once both sides have switched; `h2c`
+    // is served without it (`route` removes it with the other hop-by-hop headers); any other
+    // is refused (see the `upgrade` module).
+    let ask = UpgradeAsk::of(request.headers());
+    let upgrading = (ask == UpgradeAsk::WebSocket).then(|| hyper::upgrade::on(&mut request));
+    let mut response = if ask == UpgradeAsk::Refused {
+        local(
+            StatusCode::FORBIDDEN,
+            Flag::None,
+            "only WebSocket upgrades are allowed",
+        )
+    } else {
+        route(
+            request,
+            &ctx,
+            &state,
+            (&target, addressed.as_ref()),
+            &source,
+        )
+        .instrument(span.clone())
+        .await
+    };
     if grpc {
         response = for_grpc(response);
     }
@@ -252,22 +261,6 @@ async fn route(
         RouteDecision::Matched { rule, matched, .. } => {
             matched_rule(ctx, rule, matched, request, port, source).await
         }
-    }
-}
-
-/// Copies the bytes of an upgraded connection both ways once both ends have switched.
-async fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (down, up) = match tokio::try_join!(downstream, upstream) {
-        Ok(both) => both,
-        Err(e) => {
-            debug!(error = %e, "the upgrade did not complete");
-            return;
-        }
-    };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((sent, received)) => debug!(sent, received, "upgraded connection done"),
-        Err(e) => debug!(error = %e, "upgraded connection ended"),
     }
 }
 
@@ -420,25 +413,26 @@ async fn send(
             );
         }
     };
-    let replay = replayable(request, &plan).await;
-    for (mirror, numerator, denominator) in &plan.mirrors {
-        if let (
-            Some(copy),
-            Backend::Service {
-                service,
-                port,
-                policy,
-            },
-        ) = (replay.copy(), mirror)
-        {
-            if fastrand::u32(..*denominator) < *numerator {
-                let target = (Arc::clone(service), *port, Arc::clone(policy));
-                spawn_mirror(ctx, target, copy, (source.addr, plan.request_timeout));
+    // Reading a body to keep for retries and mirrors is part of the request, inside its
+    // timeout: a client that stops sending gets the route's 504, not a task held open.
+    let attempts = async {
+        let mut replay = replayable(request, &plan).await;
+        for (mirror, numerator, denominator) in &plan.mirrors {
+            if let (
+                Some(copy),
+                Backend::Service {
+                    service,
+                    port,
+                    policy,
+                },
+            ) = (replay.copy(), mirror)
+            {
+                if fastrand::u32(..*denominator) < *numerator {
+                    let target = (Arc::clone(service), *port, Arc::clone(policy));
+                    spawn_mirror(ctx, target, copy, (source.addr, plan.request_timeout));
+                }
             }
         }
-    }
-    let attempts = async {
-        let mut replay = replay;
         let retries = plan
             .retry
             .map_or(0, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
@@ -761,63 +755,5 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     };
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert("x-forwarded-for", value);
-    }
-}
-
-/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`),
-/// such as `websocket`.
-pub(crate) fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
-}
-
-/// Removes the hop-by-hop headers (RFC 9110 §7.6.1), but keeps an upgrade's
-/// (`Connection: upgrade` and `Upgrade`, which the next hop must see to switch protocols).
-fn strip_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
-    match upgrade_of(headers) {
-        Some(upgrade) => {
-            strip_hop_by_hop(headers);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, upgrade);
-        }
-        None => strip_hop_by_hop(headers),
-    }
-}
-
-/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): those `Connection` names and the fixed
-/// ones. `te: trailers` stays (gRPC needs it).
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty())
-        .collect();
-    for name in named {
-        headers.remove(name.as_str());
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("trailers"));
-    if !te_trailers {
-        headers.remove(header::TE);
     }
 }

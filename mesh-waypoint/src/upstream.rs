@@ -40,6 +40,11 @@ use crate::body::Body;
 /// How long the waypoint waits for its own certificate before a connection fails.
 const CERT_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a TCP connect to an endpoint outside the mesh may take (Istio's default
+/// `connectTimeout`, and the HBONE pool's): an endpoint that drops the handshake fails the
+/// attempt instead of holding it for the kernel's two minutes of retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a request did not get a response from the endpoint.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
@@ -190,8 +195,9 @@ impl Upstream {
     ) -> Result<UpStream, UpstreamError> {
         let connect_error = |reason: String| UpstreamError::Connect { addr, reason };
         let Some(workload) = endpoint.workload.as_deref().filter(|w| w.is_meshed()) else {
-            let tcp = TcpStream::connect(addr)
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
+                .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
                 .map_err(|e| connect_error(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
             return Ok(UpStream::Tcp(tcp));
@@ -303,7 +309,7 @@ impl Upstream {
         D: AsyncRead + AsyncWrite + Unpin,
     {
         let mut up = self.connect(endpoint, addr, host, client).await?;
-        tokio::io::copy_bidirectional(down, &mut up)
+        crate::relay::relay(down, &mut up, crate::relay::IDLE_TIMEOUT)
             .await
             .map_err(|source| UpstreamError::Relay { addr, source })
     }

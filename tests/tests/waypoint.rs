@@ -1228,3 +1228,156 @@ fn spans_from_the_source_through_the_waypoint_to_the_destination_share_one_trace
         "source agent access log names trace {trace_id}"
     );
 }
+
+/// Sends `payload` on a TCP connection from `pod` to `addr`, after `delay_ms` of silence, and
+/// returns what came back (up to the end of an answer's head, at most 4 KiB) before the peer
+/// closed or `wait_s` passed, as text.
+fn raw_exchange(pod: &Pod, addr: SocketAddr, delay_ms: u64, payload: &[u8], wait_s: u64) -> String {
+    use std::io::Write as _;
+    const SCRIPT: &str = "import socket, sys, time
+addr, port, delay, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+payload = sys.stdin.buffer.read()
+s = socket.create_connection((addr, port), timeout=wait)
+time.sleep(delay / 1000)
+got = b''
+try:
+    s.sendall(payload)
+    while b'\\r\\n\\r\\n' not in got and len(got) < 4096:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+except OSError as e:
+    sys.stderr.write(repr(e))
+sys.stdout.write(got.decode('latin-1'))
+";
+    let mut child = pod
+        .command("python3")
+        .args(["-c", SCRIPT])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .arg(delay_ms.to_string())
+        .arg(wait_s.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running python3");
+    let mut stdin = child.stdin.take().expect("python3's stdin");
+    stdin.write_all(payload).expect("the payload to python3");
+    drop(stdin);
+    let out = child.wait_with_output().expect("python3's output");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The status line of an HTTP/1.1 answer, or what came instead.
+fn status_line(answer: &str) -> &str {
+    answer.lines().next().unwrap_or("(nothing)")
+}
+
+#[test]
+fn a_routed_port_is_http_whatever_a_client_sends_first() {
+    // Service `open` has an undeclared port (no name Istio knows, no appProtocol), which a
+    // waypoint would sniff, and a route that sends `/public` to v1 and answers anything else
+    // 404; `/stalled` is retried and has a 1 s request timeout.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: open\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: open, port: 8081}}\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /public}}}}]\n    backendRefs: [{{name: web-v1, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: /stalled}}}}]\n    backendRefs: [{{name: web-v1, port: 80}}]\n    timeouts: {{request: 1s}}\n    retry: {{codes: [503], attempts: 2}}\n"
+    );
+    bed.mesh.files.write("httproute-open.yaml", &route).unwrap();
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let service = port_service_yaml(
+        "open",
+        3,
+        ("version", "v1"),
+        &bound,
+        ("name: site", 8081, APP_PORT),
+    );
+    bed.mesh.files.write("service-open.yaml", &service).unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line("Service open", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("services=4")
+        })
+        .unwrap();
+    for agent in &mut bed.mesh.agents {
+        agent
+            .wait_for_log("Service open", LOG_WAIT, |l| {
+                l.contains("cluster state updated") && l.contains("services=4")
+            })
+            .unwrap();
+    }
+    let open = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 8081);
+    let request =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: open\r\nConnection: close\r\n\r\n");
+    let public = raw_exchange(&client, open, 0, request("/public").as_bytes(), 10);
+    assert!(public.starts_with("HTTP/1.1 200"), "{public}");
+    // Each is what the waypoint must answer itself. The first three would have gone past the
+    // sniffer as TCP, to the Service's pod, which answers any path (an HTTP server skips a
+    // blank line before a request and takes any method).
+    let upgrade =
+        "GET /public HTTP/1.1\r\nHost: open\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n";
+    let big = format!(
+        "GET /public HTTP/1.1\r\nHost: open\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let stalled = "POST /stalled HTTP/1.1\r\nHost: open\r\nContent-Length: 100\r\n\r\nonly part";
+    let attacks: [(&str, u64, String, &str); 6] = [
+        (
+            "a blank line first",
+            0,
+            format!("\r\n{}", request("/secret")),
+            "404",
+        ),
+        (
+            "a method the sniffer does not list",
+            0,
+            request("/secret").replacen("GET", "PROPFIND", 1),
+            "404",
+        ),
+        (
+            "silence past the sniffing timeout",
+            1_500,
+            request("/secret"),
+            "404",
+        ),
+        // An upgrade other than WebSocket: refused, as Envoy refuses one it is not configured
+        // for (a backend that switched would take the connection's later requests past the
+        // routes).
+        (
+            "an upgrade to a made-up protocol",
+            0,
+            upgrade.to_owned(),
+            "403",
+        ),
+        // A head larger than the waypoint reads: 431, not a 400 KiB buffer held for it.
+        ("a 100 KiB head", 0, big, "431"),
+        // A body announced and not sent, on a retried route: the body is read for the retries
+        // within the request timeout, so 504 after about 1 s, not a request held open.
+        ("a body that stalls", 0, stalled.to_owned(), "504"),
+    ];
+    let mut failed = Vec::new();
+    for (what, delay_ms, payload, status) in attacks {
+        let started = std::time::Instant::now();
+        let answer = raw_exchange(&client, open, delay_ms, payload.as_bytes(), 10);
+        let took = started.elapsed();
+        let line = status_line(&answer);
+        if !line.starts_with(&format!("HTTP/1.1 {status}")) {
+            failed.push(format!("{what}: {status} expected, got {line:?}"));
+        } else if took > Duration::from_millis(delay_ms) + Duration::from_secs(5) {
+            failed.push(format!("{what}: answered after {took:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert_eq!(
+        served(&bed.backends[0]),
+        1,
+        "v1 saw the one /public request and nothing else"
+    );
+}

@@ -530,3 +530,42 @@ fn a_bad_route_name_is_refused_when_built() {
         "{err}"
     );
 }
+
+#[test]
+fn an_undeclared_port_that_routes_attach_to_is_served_as_http() {
+    use crate::model::AppProtocol::{self, Grpc, Http, Opaque, Unknown};
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n  - {name: db, port: 3306, targetPort: 3306}\n  - {name: mysql, port: 3307, targetPort: 3307}\n  - {name: grpc-api, port: 9090, targetPort: 9090}\n";
+    let build = |extra: Option<String>| {
+        let mut parts = vec![
+            pod("shop", "web-0", "n0", "10.0.0.1", "app: web"),
+            service.to_owned(),
+        ];
+        parts.extend(extra);
+        ClusterState::build(&parse(&docs(&parts)), &opts()).expect("builds")
+    };
+    let protocols = |state: &ClusterState| -> Vec<AppProtocol> {
+        let service = web(state);
+        service
+            .ports
+            .iter()
+            .map(|port| state.waypoint_protocol(service, port))
+            .collect()
+    };
+    // No route: undeclared ports are sniffed.
+    assert_eq!(protocols(&build(None)), [Unknown, Unknown, Opaque, Grpc]);
+    // A route on the whole Service: its undeclared ports are HTTP; declared ones stay.
+    let whole = route("shop", "r", "", "  - name: only\n");
+    assert_eq!(protocols(&build(Some(whole))), [Http, Http, Opaque, Grpc]);
+    // A route on one port: that port alone.
+    let one = route("shop", "r", ", port: 3306", "  - name: only\n");
+    assert_eq!(protocols(&build(Some(one))), [Unknown, Http, Opaque, Grpc]);
+    // A consumer route (another namespace's) counts too: its clients' requests are routed.
+    let consumer = route("shop-client", "r", "", "  - name: only\n");
+    assert_eq!(
+        protocols(&build(Some(consumer))),
+        [Http, Http, Opaque, Grpc]
+    );
+    // A VirtualService's HTTP rules too.
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: shop}\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n".to_owned();
+    assert_eq!(protocols(&build(Some(vs))), [Http, Http, Opaque, Grpc]);
+}

@@ -18,8 +18,10 @@
 //!   max latency, and, through the waypoint, the waypoint's CPU time over the run (vCPU at
 //!   1,000 req/s) and its resident memory after it.
 //!
-//! Then the reference: nginx in the waypoint's pod as a plain reverse proxy (`nginx.rs`), the
-//! agents stopped, measured the same way (its process's CPU and memory in the proxy columns).
+//! Then the references (`nginx.rs`), the agents stopped, measured the same way (the proxy
+//! columns are nginx's process): nginx in the waypoint's pod as a plain reverse proxy, and nginx
+//! there doing the waypoint hop's cryptography (mutual TLS in and out, in a chain of three nginx
+//! processes standing for source agent, waypoint and destination agent; HTTP/1.1).
 //!
 //! Results: `l7.md` and `l7.json` under `bench-results/<unix-time>/`.
 
@@ -172,6 +174,7 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
         }
     }
     cases.extend(nginx_cases(&client, &wp_pod, &backends, how, out)?);
+    cases.extend(nginx_tls_cases(&client, &wp_pod, &backends, how, out)?);
     write_results(&cases, plan, out)
 }
 
@@ -238,10 +241,17 @@ fn nginx_cases(
                 port,
                 backend,
                 h2c,
+                tls_in: false,
+                tls_to: None,
             })
         })
         .collect();
-    let proxy = nginx::start(wp_pod, &out.join("nginx"), &listeners)?;
+    let instance = nginx::Instance {
+        dir: out.join("nginx"),
+        certs: None,
+        access_log: true,
+    };
+    let proxy = nginx::start(wp_pod, &instance, &listeners)?;
     let mut cases = Vec::new();
     for (i, (name, _)) in backends.iter().enumerate() {
         for (protocol, listener) in [
@@ -258,6 +268,107 @@ fn nginx_cases(
                 Some(proxy.pid()),
             )?);
         }
+    }
+    Ok(cases)
+}
+
+/// The second reference: nginx doing the waypoint hop's cryptography. A chain of three nginx
+/// processes, each one worker, keep-alive on every leg: one in the client's pod (plain HTTP in,
+/// mutual TLS 1.3 out, as the source agent), one in the waypoint's pod (mutual TLS in and out,
+/// an access-log line per request: the measured hop), one in each backend's pod (mutual TLS in,
+/// plain HTTP to the backend, as the destination agent). HTTP/1.1 only: nginx speaks HTTP/1.1
+/// to upstreams, so the measured hop sees HTTP/1.1 over TLS whatever the client speaks. What it
+/// does not do that the waypoint does: HTTP/2 framing of the tunnels (HBONE), routing by the
+/// cluster model, Istio's metrics.
+fn nginx_tls_cases(
+    client: &Pod,
+    wp_pod: &Pod,
+    backends: &[(&str, Pod); 2],
+    how: How<'_>,
+    out: &Path,
+) -> Result<Vec<Case>> {
+    const DST_PORT: u16 = 8443;
+    let dir = out.join("nginx-tls");
+    let certs = nginx::Certs::issue(&dir.join("certs"), &["src", "wp", "dst"])?;
+    let mut processes = Vec::new();
+    for (name, pod) in backends {
+        let listener = nginx::Listener {
+            port: DST_PORT,
+            backend: SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT),
+            h2c: false,
+            tls_in: true,
+            tls_to: None,
+        };
+        let instance = nginx::Instance {
+            dir: dir.join(format!("dst-{name}")),
+            certs: Some((&certs, "dst")),
+            access_log: false,
+        };
+        processes.push(nginx::start(pod, &instance, &[listener])?);
+    }
+    let hop = |i: usize, tls_in: bool, backend: SocketAddr, peer: &'static str| nginx::Listener {
+        port: 9081 + u16::try_from(i).unwrap_or(0),
+        backend,
+        h2c: false,
+        tls_in,
+        tls_to: Some(peer),
+    };
+    let wp_listeners: Vec<_> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, (_, pod))| {
+            hop(
+                i,
+                true,
+                SocketAddr::new(IpAddr::V4(pod.ipv4), DST_PORT),
+                "dst",
+            )
+        })
+        .collect();
+    let src_listeners: Vec<_> = wp_listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            hop(
+                i,
+                false,
+                SocketAddr::new(IpAddr::V4(wp_pod.ipv4), l.port),
+                "wp",
+            )
+        })
+        .collect();
+    let measured = nginx::start(
+        wp_pod,
+        &nginx::Instance {
+            dir: dir.join("wp"),
+            certs: Some((&certs, "wp")),
+            access_log: true,
+        },
+        &wp_listeners,
+    )?;
+    processes.push(nginx::start(
+        client,
+        &nginx::Instance {
+            dir: dir.join("src"),
+            certs: Some((&certs, "src")),
+            access_log: false,
+        },
+        &src_listeners,
+    )?);
+    let mut cases = Vec::new();
+    for ((name, _), listener) in backends.iter().zip(&src_listeners) {
+        println!(
+            "l7: {}, HTTP/1.1, through nginx with mutual TLS",
+            path_of(name)
+        );
+        let url = format!("http://{}:{}/", client.ipv4, listener.port);
+        cases.push(measure(
+            client,
+            &url,
+            (path_of(name), "HTTP/1.1", "nginx, mTLS"),
+            how,
+            Some(measured.pid()),
+        )?);
     }
     Ok(cases)
 }
