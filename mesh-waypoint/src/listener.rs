@@ -164,6 +164,8 @@ pub async fn serve(
         config.provider,
         config.identity.clone(),
     ));
+    // Kept connections to endpoints no request uses any more are let go on a timer.
+    let _sweeper = AbortOnDrop(upstream.sweep_on_a_timer());
     let drain_timeout = config.drain_timeout;
     let mirrors = Arc::new(tokio::sync::Semaphore::new(
         config.max_mirrors_in_flight as usize,

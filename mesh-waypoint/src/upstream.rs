@@ -3,15 +3,13 @@
 //! identity required), in plain TCP to an endpoint outside the mesh; then HTTP/1.1 or HTTP/2 on
 //! that stream, as the request came.
 
+mod reuse;
+
 use std::{
-    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, PoisonError,
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -33,9 +31,15 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
+
 use tracing::debug;
 
 use crate::body::Body;
+use reuse::Reuse;
+
+/// How often kept connections to endpoints are looked over, to let go of those unused for
+/// [`reuse::KEPT_IDLE`].
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long the waypoint waits for its own certificate before a connection fails.
 const CERT_WAIT: Duration = Duration::from_secs(10);
@@ -104,72 +108,6 @@ pub(crate) struct Upstream {
     reuse: Reuse,
 }
 
-/// What HTTP connections to an endpoint are kept by: its address and, in the mesh, the identity
-/// its tunnel proved (a new pod at a gone pod's address never gets the gone pod's connections).
-type EndpointKey = (SocketAddr, Option<Identity>);
-
-/// Most idle HTTP/1.1 connections kept per endpoint.
-const IDLE_PER_ENDPOINT: usize = 64;
-
-/// HTTP connections to endpoints kept open: idle HTTP/1.1 connections (one request at a time
-/// each), and one HTTP/2 connection per endpoint that every request shares.
-#[derive(Default)]
-struct Reuse {
-    h1: Mutex<HashMap<EndpointKey, Vec<http1::SendRequest<Body>>>>,
-    h2: Mutex<HashMap<EndpointKey, http2::SendRequest<Body>>>,
-    /// HTTP/1.1 connections kept so far (the sweep's clock).
-    keeps: AtomicUsize,
-}
-
-/// Every this many kept HTTP/1.1 connections, the closed ones of every endpoint are dropped.
-const SWEEP_EVERY: usize = 1024;
-
-impl Reuse {
-    /// An HTTP/1.1 connection to `key` ready for a request; those that closed are dropped.
-    fn h1(&self, key: &EndpointKey) -> Option<http1::SendRequest<Body>> {
-        let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let senders = idle.get_mut(key)?;
-        senders.retain(|s| !s.is_closed());
-        let ready = senders.iter().position(http1::SendRequest::is_ready)?;
-        Some(senders.swap_remove(ready))
-    }
-
-    /// Keeps an HTTP/1.1 connection for the next request (it is ready again once its response
-    /// has been read).
-    fn keep_h1(&self, key: EndpointKey, sender: http1::SendRequest<Body>) {
-        let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        // Now and then, connections that closed (an endpoint that went away, a server that ended
-        // them) leave, so gone endpoints do not keep entries.
-        if self
-            .keeps
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(SWEEP_EVERY)
-        {
-            idle.retain(|_, senders| {
-                senders.retain(|s| !s.is_closed());
-                !senders.is_empty()
-            });
-        }
-        let senders = idle.entry(key).or_default();
-        if senders.len() < IDLE_PER_ENDPOINT {
-            senders.push(sender);
-        }
-    }
-
-    fn h2(&self, key: &EndpointKey) -> Option<http2::SendRequest<Body>> {
-        let shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        shared.get(key).filter(|s| !s.is_closed()).cloned()
-    }
-
-    fn keep_h2(&self, key: EndpointKey, sender: http2::SendRequest<Body>) {
-        let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        // A new connection is kept only when the last one closed or none was: the time to
-        // drop the other closed ones.
-        shared.retain(|_, s| !s.is_closed());
-        shared.insert(key, sender);
-    }
-}
-
 impl Upstream {
     pub(crate) fn new(certs: Arc<CertManager>, provider: CryptoProvider, own: Identity) -> Self {
         let connector = Connector {
@@ -219,6 +157,20 @@ impl Upstream {
             .map_err(|e| connect_error(e.to_string()))?;
         debug!(%addr, peer = %workload.identity, "HBONE stream to the endpoint");
         Ok(UpStream::Hbone(stream))
+    }
+
+    /// Lets go of the kept connections unused for [`reuse::KEPT_IDLE`] (and those that
+    /// closed) every [`SWEEP_INTERVAL`], until the task is aborted.
+    pub(crate) fn sweep_on_a_timer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let upstream = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                upstream.reuse.sweep();
+            }
+        })
     }
 
     /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`, on a
