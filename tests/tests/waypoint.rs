@@ -41,6 +41,20 @@ impl Bed {
     fn client(&self) -> &Pod {
         self.mesh.pod(0, 0)
     }
+
+    /// Waits until the waypoint and both agents see `count` Services (`what`: which, for the
+    /// error).
+    fn wait_for_services(&mut self, count: usize, what: &str) {
+        let seen = format!("services={count}");
+        let updated = |l: &str| l.contains("cluster state updated") && l.contains(&seen);
+        self.waypoint
+            .process
+            .wait_for_line(what, LOG_WAIT, updated)
+            .unwrap();
+        for agent in &mut self.mesh.agents {
+            agent.wait_for_log(what, LOG_WAIT, updated).unwrap();
+        }
+    }
 }
 
 fn service_yaml(name: &str, vip_index: usize, selector: (&str, &str), labels: &str) -> String {
@@ -168,27 +182,15 @@ fn bed_full(
         Vec::new()
     };
     waypoint_args.extend(waypoint_extra.iter().map(|&a| a.to_owned()));
-    let mut waypoint = Waypoint::start_with(&wp_pod, &mesh.options, PLAIN_NS, "wp", &waypoint_args)
+    let waypoint = Waypoint::start_with(&wp_pod, &mesh.options, PLAIN_NS, "wp", &waypoint_args)
         .expect("waypoint starts");
-    waypoint
-        .process
-        .wait_for_line("the waypoint's view of the route", LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains("services=3")
-        })
-        .expect("the waypoint reads the Services");
     let mut bed = Bed {
         mesh,
         backends,
         waypoint,
         jaeger,
     };
-    for agent in &mut bed.mesh.agents {
-        agent
-            .wait_for_log("the Services", LOG_WAIT, |l| {
-                l.contains("cluster state updated") && l.contains("services=3")
-            })
-            .expect("agent reads the Services");
-    }
+    bed.wait_for_services(3, "the Services");
     bed
 }
 
@@ -409,19 +411,7 @@ fn other_protocols_pass_through_the_waypoint_as_tcp() {
             .write(&format!("service-{name}.yaml"), &text)
             .unwrap();
     }
-    bed.waypoint
-        .process
-        .wait_for_line("the TCP Services", LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains("services=5")
-        })
-        .unwrap();
-    for agent in &mut bed.mesh.agents {
-        agent
-            .wait_for_log("the TCP Services", LOG_WAIT, |l| {
-                l.contains("cluster state updated") && l.contains("services=5")
-            })
-            .unwrap();
-    }
+    bed.wait_for_services(5, "the TCP Services");
     for (vip, port) in [(3, 9000), (4, 9001)] {
         let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(vip)), port);
         let from = bed.waypoint.process.line_count();
@@ -661,19 +651,7 @@ fn grpc_unary_and_streaming_calls_routed_by_a_grpc_route() {
             ),
         )
         .unwrap();
-    bed.waypoint
-        .process
-        .wait_for_line("the gRPC Services", LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains("services=6")
-        })
-        .unwrap();
-    for agent in &mut bed.mesh.agents {
-        agent
-            .wait_for_log("the gRPC Services", LOG_WAIT, |l| {
-                l.contains("cluster state updated") && l.contains("services=6")
-            })
-            .unwrap();
-    }
+    bed.wait_for_services(6, "the gRPC Services");
     let addr = format!("{}:7070", plan::service_vip_v4(5));
     // 200 unary calls on one h2c connection, split 80/20 between the backends.
     let out = mesh_tests::process::run(client.command(&bin).args([
@@ -1300,19 +1278,7 @@ fn a_routed_port_is_http_whatever_a_client_sends_first() {
         ("name: site", 8081, APP_PORT),
     );
     bed.mesh.files.write("service-open.yaml", &service).unwrap();
-    bed.waypoint
-        .process
-        .wait_for_line("Service open", LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains("services=4")
-        })
-        .unwrap();
-    for agent in &mut bed.mesh.agents {
-        agent
-            .wait_for_log("Service open", LOG_WAIT, |l| {
-                l.contains("cluster state updated") && l.contains("services=4")
-            })
-            .unwrap();
-    }
+    bed.wait_for_services(4, "Service open");
     let open = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 8081);
     let request =
         |path: &str| format!("GET {path} HTTP/1.1\r\nHost: open\r\nConnection: close\r\n\r\n");
