@@ -509,8 +509,15 @@ fn a_waypoint_restart_under_load() {
     let client = bed.client().clone();
     let wp_pod = bed.mesh.pod(0, 1).clone();
     let Bed { mesh, waypoint, .. } = bed;
-    // 600 requests at 100/s, each answered or failed on its own (`000`).
-    let urls: Vec<String> = (0..600).map(|i| url(&format!("/load/{i}"))).collect();
+    // 600 requests at 100/s, each answered or failed on its own (`000`). `-o` applies to one
+    // URL: each gets its own, so no body runs into the next status code.
+    let urls = (0..600).flat_map(|i| {
+        [
+            "-o".to_owned(),
+            "/dev/null".to_owned(),
+            url(&format!("/load/{i}")),
+        ]
+    });
     let mut cmd = client.command("curl");
     cmd.args([
         "-sS",
@@ -518,12 +525,10 @@ fn a_waypoint_restart_under_load() {
         "5",
         "--rate",
         "100/s",
-        "-o",
-        "/dev/null",
         "-w",
         "%{http_code}\\n",
     ])
-    .args(&urls);
+    .args(urls);
     let mut load = Process::spawn("load", &mut cmd).expect("curl");
     load.wait_for_line("the load to run", LOG_WAIT, |l| l == "200")
         .unwrap();
