@@ -83,6 +83,7 @@
 
 mod early;
 mod error;
+pub mod idle;
 mod keepalive;
 mod pool;
 mod request;

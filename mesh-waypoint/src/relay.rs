@@ -1,77 +1,68 @@
 //! Bytes relayed both ways between two streams (a TCP tunnel passed through, an upgraded
-//! connection), ended once neither side has sent a byte for a while: a connection a client
-//! opened and forgot, or holds open on purpose, does not keep its tunnel, its stream toward the
-//! endpoint and their buffers for ever. Envoy's TCP proxy ends such a connection after an hour
-//! (`idle_timeout`), as this does.
+//! connection), ended once neither side has sent a byte for [`IDLE_TIMEOUT`]: a connection a
+//! client opened and forgot, or holds open on purpose, does not keep its tunnel, its stream
+//! toward the endpoint and their buffers for ever. Envoy's TCP proxy ends such a connection
+//! after an hour (`idle_timeout`), as this does. The clock is the agent's: one
+//! [`IdleSweep`] for the process, a 16-byte [`IdleWatch`] per relay.
 
 use std::{
+    future::{poll_fn, Future as _},
     io,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Instant,
-};
+use mesh_hbone::idle::{IdleSweep, IdleWatch};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How long a relayed connection may go without a byte either way.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
+/// The waypoint's idle clock for relays ([`IdleSweep::run`] must be spawned).
+pub(crate) fn sweep() -> std::sync::Arc<IdleSweep> {
+    IdleSweep::new(IDLE_TIMEOUT)
+}
+
 /// Copies `a` to `b` and `b` to `a` until both are done (as
-/// [`tokio::io::copy_bidirectional`]), or until neither has carried a byte for `idle`: then
-/// [`io::ErrorKind::TimedOut`]. The bytes `a` sent and `b` sent, when done.
-pub(crate) async fn relay<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
+/// [`tokio::io::copy_bidirectional`]), or until `idle` says neither has carried a byte for its
+/// timeout: then [`io::ErrorKind::TimedOut`]. The bytes `a` sent and `b` sent, when done.
+pub(crate) async fn relay<A, B>(a: &mut A, b: &mut B, mut idle: IdleWatch) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let start = Instant::now();
-    // Milliseconds from `start` to the last byte either way.
-    let last = AtomicU64::new(0);
+    let moved = AtomicBool::new(false);
     let mut a = Active {
         io: a,
-        start,
-        last: &last,
+        moved: &moved,
     };
     let mut b = Active {
         io: b,
-        start,
-        last: &last,
+        moved: &moved,
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
-    loop {
-        let quiet_until = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-        tokio::select! {
-            done = &mut copy => return done,
-            () = tokio::time::sleep_until(quiet_until) => {
-                let seen = start + Duration::from_millis(last.load(Ordering::Relaxed));
-                if seen + idle <= Instant::now() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no byte either way for {idle:?}"),
-                    ));
-                }
-            }
+    poll_fn(|cx| {
+        if let Poll::Ready(done) = copy.as_mut().poll(cx) {
+            return Poll::Ready(done);
         }
-    }
+        if idle.expired(moved.swap(false, Ordering::Relaxed), cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no byte either way for {:?}", idle.timeout()),
+            )));
+        }
+        Poll::Pending
+    })
+    .await
 }
 
-/// A stream that notes when it last carried bytes.
+/// A stream that notes that it carried bytes.
 struct Active<'a, T: ?Sized> {
     io: &'a mut T,
-    start: Instant,
-    last: &'a AtomicU64,
-}
-
-impl<T: ?Sized> Active<'_, T> {
-    fn moved(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
+    moved: &'a AtomicBool,
 }
 
 impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Active<'_, T> {
@@ -84,7 +75,7 @@ impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Active<'_, T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.moved();
+            this.moved.store(true, Ordering::Relaxed);
         }
         polled
     }
@@ -99,7 +90,7 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Active<'_, T> {
         let this = self.get_mut();
         let polled = Pin::new(&mut *this.io).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.moved();
+            this.moved.store(true, Ordering::Relaxed);
         }
         polled
     }
@@ -117,18 +108,23 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Active<'_, T> {
 mod tests {
     use std::time::Duration;
 
+    use mesh_hbone::idle::IdleSweep;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::relay;
 
     #[tokio::test(start_paused = true)]
     async fn a_relay_ends_after_the_idle_time_and_not_while_bytes_move() {
-        let idle = Duration::from_secs(60);
+        let idle = Duration::from_secs(80);
+        // Ticks of 10 s: a relay ends 80-90 s after its last byte.
+        let sweep = IdleSweep::new(idle);
+        tokio::spawn(std::sync::Arc::clone(&sweep).run());
         let (mut client, mut a) = tokio::io::duplex(1024);
         let (mut b, mut server) = tokio::io::duplex(1024);
         let started = tokio::time::Instant::now();
-        let relayed = tokio::spawn(async move { relay(&mut a, &mut b, idle).await });
-        // A byte every 50 s for 200 s: never idle for 60 s.
+        let watch = sweep.watch();
+        let relayed = tokio::spawn(async move { relay(&mut a, &mut b, watch).await });
+        // A byte every 50 s for 200 s: never idle for 80 s.
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_secs(50)).await;
             client.write_all(b"x").await.unwrap();
@@ -144,16 +140,18 @@ mod tests {
             "ends idle"
         );
         assert!(
-            took >= Duration::from_secs(260) && took < Duration::from_secs(262),
-            "ended after {took:?}: 60 s after the last byte at 200 s"
+            took >= Duration::from_secs(280) && took <= Duration::from_secs(291),
+            "ended after {took:?}: 80-90 s after the last byte at 200 s"
         );
     }
 
     #[tokio::test]
     async fn a_relay_that_both_sides_end_reports_the_bytes() {
+        let sweep = super::sweep();
         let (mut client, mut a) = tokio::io::duplex(1024);
         let (mut b, mut server) = tokio::io::duplex(1024);
-        let relayed = tokio::spawn(async move { relay(&mut a, &mut b, super::IDLE_TIMEOUT).await });
+        let watch = sweep.watch();
+        let relayed = tokio::spawn(async move { relay(&mut a, &mut b, watch).await });
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();

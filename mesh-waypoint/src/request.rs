@@ -179,7 +179,8 @@ pub(crate) async fn handle(
     if let Some(downstream) = upgrading {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice(downstream, upstream).instrument(span.clone()));
+            let idle = ctx.upstream.idle_watch();
+            tokio::spawn(splice(downstream, upstream, idle).instrument(span.clone()));
         }
     }
     span.in_scope(|| {

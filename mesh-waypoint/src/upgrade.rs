@@ -110,6 +110,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub(crate) async fn splice(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    idle: mesh_hbone::idle::IdleWatch,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(both) => both,
@@ -119,7 +120,7 @@ pub(crate) async fn splice(
         }
     };
     let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    match crate::relay::relay(&mut down, &mut up, crate::relay::IDLE_TIMEOUT).await {
+    match crate::relay::relay(&mut down, &mut up, idle).await {
         Ok((sent, received)) => debug!(sent, received, "upgraded connection done"),
         Err(e) => debug!(error = %e, "upgraded connection ended"),
     }

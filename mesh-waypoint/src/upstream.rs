@@ -22,7 +22,10 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_cluster::Endpoint;
 use mesh_common::HBONE_PORT;
-use mesh_hbone::{Connect, OutboundRequest, Pool, PoolConfig};
+use mesh_hbone::{
+    idle::{IdleSweep, IdleWatch},
+    Connect, OutboundRequest, Pool, PoolConfig,
+};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
 use mesh_trace::{TraceContext, TRACEPARENT};
 use rustls::pki_types::ServerName;
@@ -106,6 +109,8 @@ impl Connect for Connector {
 pub(crate) struct Upstream {
     pool: Pool<Connector>,
     reuse: Reuse,
+    /// The idle clock of relayed connections (TCP passed through, upgraded ones).
+    idle: Arc<IdleSweep>,
 }
 
 impl Upstream {
@@ -118,6 +123,7 @@ impl Upstream {
         Self {
             pool: Pool::new(connector, PoolConfig::default()),
             reuse: Reuse::default(),
+            idle: crate::relay::sweep(),
         }
     }
 
@@ -159,18 +165,28 @@ impl Upstream {
         Ok(UpStream::Hbone(stream))
     }
 
-    /// Lets go of the kept connections unused for [`reuse::KEPT_IDLE`] (and those that
-    /// closed) every [`SWEEP_INTERVAL`], until the task is aborted.
+    /// Runs the timers, until the task is aborted: every [`SWEEP_INTERVAL`] it lets go of the
+    /// kept connections unused for [`reuse::KEPT_IDLE`] (and those that closed), and it runs
+    /// the relays' idle clock.
     pub(crate) fn sweep_on_a_timer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let upstream = Arc::clone(self);
-        tokio::spawn(async move {
+        let kept = async move {
             let mut every = tokio::time::interval(SWEEP_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
                 upstream.reuse.sweep();
             }
+        };
+        let idle = Arc::clone(&self.idle).run();
+        tokio::spawn(async move {
+            tokio::join!(kept, idle);
         })
+    }
+
+    /// A place on the relays' idle clock, for a connection relayed from now on.
+    pub(crate) fn idle_watch(&self) -> IdleWatch {
+        self.idle.watch()
     }
 
     /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`, on a
@@ -261,7 +277,7 @@ impl Upstream {
         D: AsyncRead + AsyncWrite + Unpin,
     {
         let mut up = self.connect(endpoint, addr, host, client).await?;
-        crate::relay::relay(down, &mut up, crate::relay::IDLE_TIMEOUT)
+        crate::relay::relay(down, &mut up, self.idle.watch())
             .await
             .map_err(|source| UpstreamError::Relay { addr, source })
     }

@@ -17,7 +17,7 @@ mod buffers;
 #[cfg(test)]
 mod copy_tests;
 pub mod hbone;
-pub mod idle;
+pub use mesh_hbone::idle;
 mod inbound;
 mod outbound;
 mod read_ahead;

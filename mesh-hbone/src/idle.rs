@@ -1,9 +1,10 @@
-//! Idle timeouts of HBONE tunnels, kept by one sweeper for the whole agent instead of a timer
-//! per tunnel.
+//! Idle timeouts of relayed connections (the agent's HBONE tunnels and relays, the waypoint's
+//! TCP pass-through and upgraded connections), kept by one sweeper per process instead of a
+//! timer per connection.
 //!
 //! A tokio `Sleep` per tunnel cost about 170 bytes for the tunnel's life (the timer entry and
 //! its box), and every poll that moved bytes pushed it back: a clock read and a trip through
-//! the timer wheel's lock on the data path. Here the agent keeps one coarse clock: it advances
+//! the timer wheel's lock on the data path. Here a process keeps one coarse clock: it advances
 //! [`TICKS_PER_TIMEOUT`] times per timeout and wakes every registered tunnel when it does. A
 //! tunnel notes the tick of its last byte ([`IdleWatch`]: 16 bytes, its waker in a shared slab)
 //! and is idle once more than a timeout's worth of ticks has passed without one: it closes
@@ -27,7 +28,7 @@ const TICKS_PER_TIMEOUT: u32 = 8;
 /// The clock never ticks faster than this, whatever the timeout.
 const MIN_TICK: Duration = Duration::from_millis(10);
 
-/// The agent's idle clock for tunnels closed after `timeout` without a byte either way.
+/// A process's idle clock for tunnels closed after `timeout` without a byte either way.
 #[derive(Debug)]
 pub struct IdleSweep {
     timeout: Duration,
@@ -65,7 +66,7 @@ impl IdleSweep {
         })
     }
 
-    /// Advances the clock every tick and wakes every watched tunnel, for as long as the agent
+    /// Advances the clock every tick and wakes every watched tunnel, for as long as the process
     /// runs.
     pub async fn run(self: Arc<Self>) {
         let mut interval = tokio::time::interval(self.tick);
