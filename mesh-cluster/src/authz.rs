@@ -5,7 +5,8 @@
 //! without a selector (or with empty `matchLabels`) applies to every workload; with a selector,
 //! to the matching workloads of every namespace. Elsewhere, a policy without a selector applies
 //! to the workloads of its namespace, and with a selector to the matching ones. A policy with
-//! `targetRef`/`targetRefs` is for waypoints: the agent skips it, with a warning.
+//! `targetRef`/`targetRefs` is for waypoints (the node agent skips it): see the [`waypoint`]
+//! module, which enforces it on each request with its HTTP fields.
 //!
 //! **Verdict.** A connection is denied if any DENY policy that applies matches it; otherwise, if
 //! any ALLOW policy applies to the workload, one of them must match it (else it is denied);
@@ -56,6 +57,10 @@ use super::{
 };
 pub use crate::ip_block::IpBlock;
 use crate::meta::MetaExt;
+pub use crate::path_pattern::PathPattern;
+
+pub mod waypoint;
+pub use waypoint::{HttpFacts, PolicyTarget, WaypointFacts};
 
 /// What the agent knows about a connection when it decides whether to let it in.
 #[derive(Clone, Copy, Debug)]
@@ -182,9 +187,16 @@ pub struct AuthzPolicy {
     /// `spec.selector.matchLabels`; empty for a mesh- or namespace-wide policy.
     #[serde(skip_serializing_if = "Labels::is_empty")]
     pub selector: Labels,
-    /// The rules as enforced at L4: an ALLOW or AUDIT rule with HTTP fields is left out (it
-    /// matches nothing), a DENY rule keeps its L4 part.
+    /// The rules as enforced on a connection (by the node agent; by a waypoint on TCP it passes
+    /// through): an ALLOW or AUDIT rule with HTTP fields is left out (it matches nothing), a
+    /// DENY rule keeps its L4 part.
     pub rules: Vec<AuthzRule>,
+    /// For a waypoint's policy (`targetRefs`): what it targets, and its rules as enforced on an
+    /// HTTP request, every field included.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<PolicyTarget>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_rules: Vec<AuthzRule>,
     /// `namespace/name`, shared by the decisions that name the policy.
     #[serde(skip)]
     key: Arc<str>,
@@ -206,9 +218,15 @@ impl AuthzPolicy {
             .all(|(key, value)| workload.labels.get(key) == Some(value))
     }
 
-    /// Whether one of the rules matches the connection.
+    /// Whether one of the rules matches: the request's rules for an HTTP request, else the
+    /// connection's.
     fn matches(&self, conn: &Conn<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(conn))
+        let rules = if conn.http.is_some() {
+            &self.http_rules
+        } else {
+            &self.rules
+        };
+        rules.iter().any(|rule| rule.matches(conn))
     }
 }
 
@@ -278,6 +296,55 @@ pub struct AuthzMatch {
     /// `notPorts`, or `notValues` of `destination.port`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ports: Vec<u16>,
+    /// HTTP: `hosts`, lower case, matched against the request's authority with and without
+    /// its port, ignoring case.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<StringMatch>,
+    /// HTTP: `notHosts`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<StringMatch>,
+    /// HTTP: `methods`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<StringMatch>,
+    /// HTTP: `notMethods`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<StringMatch>,
+    /// HTTP: `paths`, against the normalized path without its query.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathPattern>,
+    /// HTTP: `notPaths`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<PathPattern>,
+    /// HTTP: the client's address (`remoteIpBlocks`, `remote.ip`): the source's, as the
+    /// waypoint trusts no `X-Forwarded-For` hop.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remote_ips: Vec<IpBlock>,
+    /// HTTP: `notRemoteIpBlocks`, or `notValues` of `remote.ip`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ips: Vec<IpBlock>,
+    /// HTTP: `request.headers[...]` conditions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    /// HTTP: attributes a request never has here (a JWT's: `requestPrincipals`,
+    /// `request.auth.*`; `connection.sni`) of which the match asks a value: it matches nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requires_absent: Vec<String>,
+}
+
+/// A `request.headers[name]` condition: one of `values` must match the header (its values
+/// joined by `,`), none of `not_values`; an absent header matches no value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// The header's name, lower case, or a pseudo-header (`:authority`, `:method`, `:path`,
+    /// `:scheme`).
+    pub name: String,
+    /// `values`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<StringMatch>,
+    /// `notValues`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<StringMatch>,
 }
 
 impl AuthzMatch {
@@ -300,6 +367,27 @@ impl AuthzMatch {
             && check(&self.principals, &self.not_principals, principal)
             && check(&self.namespaces, &self.not_namespaces, namespace)
             && check(&self.service_accounts, &self.not_service_accounts, account)
+            && self.http_matches(conn)
+    }
+
+    /// The HTTP fields; a connection without a request (they are never set on the rules a
+    /// connection is checked against) matches no value and passes every `not…`.
+    fn http_matches(&self, conn: &Conn<'_>) -> bool {
+        let http = conn.http.as_ref();
+        let remote_ip = |block: &IpBlock| block.contains(conn.src_ip);
+        let host = |m: &StringMatch| http.is_some_and(|h| h.host_matches(m));
+        let method = |m: &StringMatch| http.is_some_and(|h| m.matches(h.method));
+        let path = |p: &PathPattern| http.is_some_and(|h| p.matches(h.path));
+        self.requires_absent.is_empty()
+            && check(&self.remote_ips, &self.not_remote_ips, remote_ip)
+            && check(&self.hosts, &self.not_hosts, host)
+            && check(&self.methods, &self.not_methods, method)
+            && check(&self.paths, &self.not_paths, path)
+            && self.headers.iter().all(|header| {
+                let value = http.and_then(|h| h.header(&header.name));
+                let matches = |m: &StringMatch| value.as_deref().is_some_and(|v| m.matches(v));
+                check(&header.values, &header.not_values, matches)
+            })
     }
 }
 
@@ -380,7 +468,7 @@ impl Serialize for ServiceAccountMatch {
     }
 }
 
-/// [`ConnFacts`] in the form the matchers read.
+/// [`ConnFacts`] (or a waypoint's [`WaypointFacts`]) in the form the matchers read.
 struct Conn<'a> {
     src_ip: IpAddr,
     dst_ip: IpAddr,
@@ -389,18 +477,34 @@ struct Conn<'a> {
     /// The identity without `spiffe://`: `td/ns/namespace/sa/name`.
     principal: Option<&'a str>,
     namespace: Option<&'a str>,
+    /// The request, at a waypoint serving HTTP.
+    http: Option<HttpFacts<'a>>,
 }
 
 impl<'a> Conn<'a> {
     fn new(facts: &ConnFacts<'a>) -> Self {
-        let identity = facts.src_identity;
+        Self::of(
+            facts.src_ip,
+            facts.src_identity,
+            (facts.dst_ip, facts.dst_port),
+            None,
+        )
+    }
+
+    fn of(
+        src_ip: IpAddr,
+        identity: Option<&'a Identity>,
+        (dst_ip, dst_port): (IpAddr, u16),
+        http: Option<HttpFacts<'a>>,
+    ) -> Self {
         Self {
-            src_ip: facts.src_ip.to_canonical(),
-            dst_ip: facts.dst_ip.to_canonical(),
-            dst_port: facts.dst_port,
+            src_ip: src_ip.to_canonical(),
+            dst_ip: dst_ip.to_canonical(),
+            dst_port,
             identity,
             principal: identity.and_then(|id| id.as_str().strip_prefix("spiffe://")),
             namespace: identity.map(Identity::namespace),
+            http,
         }
     }
 }
@@ -433,6 +537,8 @@ pub(super) struct AuthzIndex {
     mesh: Group,
     /// The other namespaces' policies.
     namespaces: HashMap<String, Group>,
+    /// The waypoints' policies (`targetRefs`), by target.
+    waypoints: waypoint::WaypointPolicies,
     /// Skipped policies and rules with HTTP fields.
     warnings: Vec<String>,
 }
@@ -453,7 +559,7 @@ impl AuthzIndex {
                     .entry(policy.namespace.clone())
                     .or_default()
                     .push(&policy),
-                AuthzScope::Waypoint => {}
+                AuthzScope::Waypoint => index.waypoints.push(&policy),
             }
             index.policies.push(policy);
         }
@@ -485,26 +591,50 @@ impl AuthzIndex {
                 .flat_map(list)
                 .filter(move |policy| policy.selects(facts.dst))
         };
-        let conn = Conn::new(facts);
-        let audited: Vec<Arc<str>> = applying(|g| &g.audit)
-            .filter(|policy| policy.matches(&conn))
-            .map(|policy| Arc::clone(&policy.key))
-            .collect();
-        let mut decision = if let Some(deny) = applying(|g| &g.deny).find(|p| p.matches(&conn)) {
-            AuthzDecision::new(Verdict::Deny, DecisionReason::DenyMatched, Some(deny))
-        } else {
-            let mut allows = applying(|g| &g.allow).peekable();
-            if allows.peek().is_none() {
-                AuthzDecision::new(Verdict::Allow, DecisionReason::NoPolicy, None)
-            } else if let Some(allow) = allows.find(|p| p.matches(&conn)) {
-                AuthzDecision::new(Verdict::Allow, DecisionReason::AllowMatched, Some(allow))
-            } else {
-                AuthzDecision::new(Verdict::Deny, DecisionReason::NoAllowMatched, None)
-            }
-        };
-        decision.audited = audited.into_boxed_slice();
-        decision
+        verdict(applying, &Conn::new(facts))
     }
+
+    /// The decision of waypoint `namespace/name` for a request or a connection through it to
+    /// `service` (`namespace`, `name`; `None` for a pod bound to the waypoint): see the
+    /// [`waypoint`] module.
+    pub(super) fn decide_at_waypoint(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<(&str, &str)>,
+        facts: &WaypointFacts<'_>,
+    ) -> AuthzDecision {
+        let groups = self.waypoints.groups(waypoint, service);
+        let applying = |list: fn(&Group) -> &Vec<Arc<AuthzPolicy>>| {
+            groups.into_iter().flatten().flat_map(list)
+        };
+        verdict(applying, &facts.conn())
+    }
+}
+
+/// DENY first, then ALLOW, with the AUDIT policies that match listed, among the policies that
+/// `applying` gives for each action.
+fn verdict<'p, I: Iterator<Item = &'p Arc<AuthzPolicy>>>(
+    applying: impl Fn(fn(&Group) -> &Vec<Arc<AuthzPolicy>>) -> I,
+    conn: &Conn<'_>,
+) -> AuthzDecision {
+    let audited: Vec<Arc<str>> = applying(|g| &g.audit)
+        .filter(|policy| policy.matches(conn))
+        .map(|policy| Arc::clone(&policy.key))
+        .collect();
+    let mut decision = if let Some(deny) = applying(|g| &g.deny).find(|p| p.matches(conn)) {
+        AuthzDecision::new(Verdict::Deny, DecisionReason::DenyMatched, Some(deny))
+    } else {
+        let mut allows = applying(|g| &g.allow).peekable();
+        if allows.peek().is_none() {
+            AuthzDecision::new(Verdict::Allow, DecisionReason::NoPolicy, None)
+        } else if let Some(allow) = allows.find(|p| p.matches(conn)) {
+            AuthzDecision::new(Verdict::Allow, DecisionReason::AllowMatched, Some(allow))
+        } else {
+            AuthzDecision::new(Verdict::Deny, DecisionReason::NoAllowMatched, None)
+        }
+    };
+    decision.audited = audited.into_boxed_slice();
+    decision
 }
 
 fn policy_from(
@@ -531,32 +661,55 @@ fn policy_from(
         (false, true) => AuthzScope::Namespace,
         (false, false) => AuthzScope::Workload,
     };
-    let mut rules = Vec::new();
-    if scope == AuthzScope::Waypoint {
-        let targets: Vec<String> = spec.target_refs.iter().map(ToString::to_string).collect();
-        warnings.push(format!(
-            "AuthorizationPolicy {key} targets {} (spec.targetRefs): it is for waypoints, the \
-             node agent does not enforce it",
-            targets.join(", ")
-        ));
+    let for_waypoints = scope == AuthzScope::Waypoint;
+    let targets = if for_waypoints {
+        waypoint::targets(
+            &key,
+            (namespace, root_namespace),
+            &spec.target_refs,
+            warnings,
+        )
     } else {
-        if spec.rules.is_empty() && spec.action != AuthzAction::Allow {
-            warnings.push(format!(
-                "AuthorizationPolicy {key}: {} policy without rules never matches (`rules: \
-                 [{{}}]` matches every connection)",
-                if spec.action == AuthzAction::Audit {
-                    "an AUDIT"
-                } else {
-                    "a DENY"
-                }
-            ));
+        Vec::new()
+    };
+    if spec.rules.is_empty() && spec.action != AuthzAction::Allow {
+        warnings.push(format!(
+            "AuthorizationPolicy {key}: {} policy without rules never matches (`rules: \
+             [{{}}]` matches every {})",
+            if spec.action == AuthzAction::Audit {
+                "an AUDIT"
+            } else {
+                "a DENY"
+            },
+            if for_waypoints {
+                "request"
+            } else {
+                "connection"
+            },
+        ));
+    }
+    let mut rules = Vec::new();
+    let mut http_rules = Vec::new();
+    for (index, rule) in spec.rules.iter().enumerate() {
+        let (enforced, http_fields) =
+            rule_from(index, rule, namespace, spec.action, Layer::Connection);
+        // A waypoint's policy is enforced with its HTTP fields on requests; its rules as a
+        // connection sees them only apply to TCP it passes through (see the `waypoint` module).
+        if !for_waypoints && !http_fields.is_empty() {
+            warnings.push(http_warning(&key, spec.action, &http_fields));
         }
-        for (index, rule) in spec.rules.iter().enumerate() {
-            let (rule, http_fields) = rule_from(index, rule, namespace, spec.action);
-            if !http_fields.is_empty() {
-                warnings.push(http_warning(&key, spec.action, &http_fields));
+        rules.extend(enforced);
+        if for_waypoints {
+            let (enforced, unevaluated) =
+                rule_from(index, rule, namespace, spec.action, Layer::Request);
+            if !unevaluated.is_empty() {
+                warnings.push(waypoint::unevaluated_warning(
+                    &key,
+                    spec.action,
+                    &unevaluated,
+                ));
             }
-            rules.extend(rule);
+            http_rules.extend(enforced);
         }
     }
     Ok(AuthzPolicy {
@@ -566,19 +719,31 @@ fn policy_from(
         scope,
         selector,
         rules,
+        targets,
+        http_rules,
         key,
     })
 }
 
-/// The rule as enforced (`None` for an ALLOW or AUDIT rule with HTTP fields), and the paths of
-/// its HTTP fields.
+/// Which fields a rule is enforced with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    /// A connection (the node agent; TCP through a waypoint): the L4 fields.
+    Connection,
+    /// An HTTP request at a waypoint: every field.
+    Request,
+}
+
+/// The rule as enforced at `layer` (`None` for an ALLOW or AUDIT rule with a field the layer
+/// cannot evaluate), and the paths of those fields.
 fn rule_from(
     index: usize,
     rule: &k8s::Rule,
     namespace: &str,
     action: AuthzAction,
+    layer: Layer,
 ) -> (Option<AuthzRule>, Vec<String>) {
-    let mut http_fields = Vec::new();
+    let mut unenforced = Vec::new();
     let mut enforced = AuthzRule {
         index,
         from: Vec::new(),
@@ -586,65 +751,165 @@ fn rule_from(
         when: Vec::new(),
     };
     for (i, from) in rule.from.iter().enumerate() {
-        let source = &from.source;
-        for field in source.http_fields() {
-            http_fields.push(format!("rules[{index}].from[{i}].source.{field}"));
-        }
-        let account = |sa: &k8s::ServiceAccountRef| ServiceAccountMatch {
-            namespace: sa.namespace.as_deref().unwrap_or(namespace).to_owned(),
-            name: sa.name.clone(),
-        };
-        enforced.from.push(AuthzMatch {
-            principals: patterns(&source.principals),
-            not_principals: patterns(&source.not_principals),
-            namespaces: patterns(&source.namespaces),
-            not_namespaces: patterns(&source.not_namespaces),
-            service_accounts: source.service_accounts.iter().map(account).collect(),
-            not_service_accounts: source.not_service_accounts.iter().map(account).collect(),
-            source_ips: source.ip_blocks.clone(),
-            not_source_ips: source.not_ip_blocks.clone(),
-            ..AuthzMatch::default()
-        });
+        let at = format!("rules[{index}].from[{i}].source");
+        enforced.from.push(source_match(
+            &from.source,
+            namespace,
+            layer,
+            (&at, &mut unenforced),
+        ));
     }
     for (i, to) in rule.to.iter().enumerate() {
-        let operation = &to.operation;
-        for field in operation.http_fields() {
-            http_fields.push(format!("rules[{index}].to[{i}].operation.{field}"));
-        }
-        enforced.to.push(AuthzMatch {
-            destination_ports: operation.ports.clone(),
-            not_destination_ports: operation.not_ports.clone(),
-            ..AuthzMatch::default()
-        });
+        let at = format!("rules[{index}].to[{i}].operation");
+        enforced.to.push(operation_match(
+            &to.operation,
+            layer,
+            (&at, &mut unenforced),
+        ));
     }
     for (i, condition) in rule.when.iter().enumerate() {
-        let mut m = AuthzMatch::default();
-        match &condition.attribute {
-            Attribute::SourceIp(Values { values, not_values }) => {
-                (m.source_ips, m.not_source_ips) = (values.clone(), not_values.clone());
-            }
-            Attribute::DestinationIp(Values { values, not_values }) => {
-                (m.destination_ips, m.not_destination_ips) = (values.clone(), not_values.clone());
-            }
-            Attribute::DestinationPort(Values { values, not_values }) => {
-                (m.destination_ports, m.not_destination_ports) =
-                    (values.clone(), not_values.clone());
-            }
-            Attribute::SourceNamespace(Values { values, not_values }) => {
-                (m.namespaces, m.not_namespaces) = (patterns(values), patterns(not_values));
-            }
-            Attribute::SourcePrincipal(Values { values, not_values }) => {
-                (m.principals, m.not_principals) = (patterns(values), patterns(not_values));
-            }
-            Attribute::Http => {
-                http_fields.push(format!("rules[{index}].when[{i}] ({})", condition.key));
-                continue;
+        match condition_match(condition, namespace, layer) {
+            Some(m) => enforced.when.push(m),
+            None => unenforced.push(format!("rules[{index}].when[{i}] ({})", condition.key)),
+        }
+    }
+    let dropped = !unenforced.is_empty() && action != AuthzAction::Deny;
+    ((!dropped).then_some(enforced), unenforced)
+}
+
+/// A service account of a rule of a policy in `namespace` (where `name` alone is).
+fn account_match(sa: &k8s::ServiceAccountRef, namespace: &str) -> ServiceAccountMatch {
+    ServiceAccountMatch {
+        namespace: sa.namespace.as_deref().unwrap_or(namespace).to_owned(),
+        name: sa.name.clone(),
+    }
+}
+
+/// A `from[].source` as enforced at `layer`; the fields it cannot enforce are pushed to
+/// `unenforced`, named under `at`.
+fn source_match(
+    source: &k8s::Source,
+    namespace: &str,
+    layer: Layer,
+    (at, unenforced): (&str, &mut Vec<String>),
+) -> AuthzMatch {
+    let accounts = |list: &[k8s::ServiceAccountRef]| {
+        list.iter().map(|sa| account_match(sa, namespace)).collect()
+    };
+    let mut m = AuthzMatch {
+        principals: patterns(&source.principals),
+        not_principals: patterns(&source.not_principals),
+        namespaces: patterns(&source.namespaces),
+        not_namespaces: patterns(&source.not_namespaces),
+        service_accounts: accounts(&source.service_accounts),
+        not_service_accounts: accounts(&source.not_service_accounts),
+        source_ips: source.ip_blocks.clone(),
+        not_source_ips: source.not_ip_blocks.clone(),
+        ..AuthzMatch::default()
+    };
+    match layer {
+        Layer::Request => {
+            m.remote_ips.clone_from(&source.remote_ip_blocks);
+            m.not_remote_ips.clone_from(&source.not_remote_ip_blocks);
+            // No JWT is validated: no request has a principal.
+            if !source.request_principals.is_empty() {
+                m.requires_absent.push("requestPrincipals".to_owned());
             }
         }
-        enforced.when.push(m);
+        Layer::Connection => {
+            for field in source.http_fields() {
+                unenforced.push(format!("{at}.{field}"));
+            }
+        }
     }
-    let dropped = !http_fields.is_empty() && action != AuthzAction::Deny;
-    ((!dropped).then_some(enforced), http_fields)
+    m
+}
+
+/// A `to[].operation` as enforced at `layer`; the fields it cannot enforce are pushed to
+/// `unenforced`, named under `at`.
+fn operation_match(
+    operation: &k8s::Operation,
+    layer: Layer,
+    (at, unenforced): (&str, &mut Vec<String>),
+) -> AuthzMatch {
+    let mut m = AuthzMatch {
+        destination_ports: operation.ports.clone(),
+        not_destination_ports: operation.not_ports.clone(),
+        ..AuthzMatch::default()
+    };
+    match layer {
+        Layer::Request => {
+            let hosts = |hosts: &[String]| {
+                hosts
+                    .iter()
+                    .map(|h| StringMatch::new(&h.to_ascii_lowercase()))
+                    .collect()
+            };
+            m.hosts = hosts(&operation.hosts);
+            m.not_hosts = hosts(&operation.not_hosts);
+            m.methods = patterns(&operation.methods);
+            m.not_methods = patterns(&operation.not_methods);
+            m.paths.clone_from(&operation.paths);
+            m.not_paths.clone_from(&operation.not_paths);
+        }
+        Layer::Connection => {
+            for field in operation.http_fields() {
+                unenforced.push(format!("{at}.{field}"));
+            }
+        }
+    }
+    m
+}
+
+/// A `when` condition as enforced at `layer`; `None` when the layer cannot evaluate it.
+fn condition_match(
+    condition: &k8s::Condition,
+    namespace: &str,
+    layer: Layer,
+) -> Option<AuthzMatch> {
+    let request = layer == Layer::Request;
+    let mut m = AuthzMatch::default();
+    match &condition.attribute {
+        Attribute::SourceIp(Values { values, not_values }) => {
+            (m.source_ips, m.not_source_ips) = (values.clone(), not_values.clone());
+        }
+        Attribute::DestinationIp(Values { values, not_values }) => {
+            (m.destination_ips, m.not_destination_ips) = (values.clone(), not_values.clone());
+        }
+        Attribute::DestinationPort(Values { values, not_values }) => {
+            (m.destination_ports, m.not_destination_ports) = (values.clone(), not_values.clone());
+        }
+        Attribute::SourceNamespace(Values { values, not_values }) => {
+            (m.namespaces, m.not_namespaces) = (patterns(values), patterns(not_values));
+        }
+        Attribute::SourcePrincipal(Values { values, not_values }) => {
+            (m.principals, m.not_principals) = (patterns(values), patterns(not_values));
+        }
+        Attribute::RemoteIp(Values { values, not_values }) if request => {
+            (m.remote_ips, m.not_remote_ips) = (values.clone(), not_values.clone());
+        }
+        Attribute::SourceServiceAccount(Values { values, not_values }) if request => {
+            let accounts = |list: &[k8s::ServiceAccountRef]| {
+                list.iter().map(|sa| account_match(sa, namespace)).collect()
+            };
+            (m.service_accounts, m.not_service_accounts) = (accounts(values), accounts(not_values));
+        }
+        Attribute::RequestHeader { name, values } if request => {
+            m.headers.push(HeaderMatch {
+                name: name.clone(),
+                values: patterns(&values.values),
+                not_values: patterns(&values.not_values),
+            });
+        }
+        // `notValues` always pass; a value is never there.
+        Attribute::Absent(values) if request => {
+            if !values.values.is_empty() {
+                m.requires_absent.push(condition.key.clone());
+            }
+        }
+        _ => return None,
+    }
+    Some(m)
 }
 
 fn patterns(values: &[String]) -> Vec<StringMatch> {

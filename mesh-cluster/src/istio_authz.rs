@@ -22,7 +22,12 @@
 //!   strings (as Istio does) or numbers;
 //! - `serviceAccounts`/`notServiceAccounts` are `namespace/name` (or `name`, in the policy's
 //!   namespace), without wildcard, at most 16, and not set with `principals` or `namespaces`;
-//! - a `when` condition has a `key` Istio knows and `values` or `notValues`.
+//! - a `when` condition has a `key` Istio knows and `values` or `notValues`; a
+//!   `request.headers[name]` key names a valid header (or `:authority`, `:method`, `:path`,
+//!   `:scheme`);
+//! - `paths` and `notPaths` are Istio's patterns, and a path with `{`/`}` a valid template
+//!   ([`crate::path_pattern`]);
+//! - a `targetRefs` entry has only `group`, `kind`, `name` and `namespace`.
 
 use std::{fmt, str::FromStr};
 
@@ -35,6 +40,7 @@ use super::{
     ip_block::{IpBlock, IpBlockError},
     istio::{NoExpressions, WorkloadSelector},
     meta::{nullable, Labels, ObjectMeta},
+    path_pattern::{PathPattern, PathPatternError},
     schema::{deserialize_checked, values, Checked, List, Parsed},
 };
 
@@ -78,6 +84,10 @@ pub enum AuthzSchemaError {
     EmptyValue,
     #[error(transparent)]
     IpBlock(#[from] IpBlockError),
+    #[error(transparent)]
+    Path(#[from] PathPatternError),
+    #[error("{0:?} is not an HTTP header name")]
+    HeaderName(String),
     #[error("{0} is not a port number (1-65535)")]
     InvalidPort(String),
     #[error("{value:?} is not a service account (`namespace/name` or `name`): {problem}")]
@@ -125,8 +135,8 @@ pub struct AuthorizationPolicySpec {
     /// `selector`: the workloads it applies to. `None`, or empty `matchLabels`, makes it
     /// namespace-wide (mesh-wide in the root namespace).
     pub selector: Option<WorkloadSelector>,
-    /// `targetRef` and `targetRefs` (a Gateway, Service or `ServiceEntry`): the policy is for
-    /// waypoints, and the node agent does not enforce it.
+    /// `targetRef` and `targetRefs` (a Gateway, `GatewayClass`, Service or `ServiceEntry`):
+    /// the policy is for waypoints, which enforce it; the node agent does not.
     pub target_refs: Vec<PolicyTargetRef>,
     /// `action`; `ALLOW` when absent.
     pub action: AuthzAction,
@@ -144,9 +154,9 @@ impl AuthorizationPolicySpec {
     }
 }
 
-/// A `targetRef` (or an entry of `targetRefs`); only read to name it in warnings.
+/// A `targetRef` (or an entry of `targetRefs`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PolicyTargetRef {
     /// `group`, empty for the core group.
     pub group: String,
@@ -154,6 +164,8 @@ pub struct PolicyTargetRef {
     pub kind: String,
     /// `name`.
     pub name: String,
+    /// `namespace`: empty, or the policy's own (Istio refuses any other).
+    pub namespace: String,
 }
 
 impl fmt::Display for PolicyTargetRef {
@@ -299,25 +311,25 @@ pub struct Operation {
     pub methods: Vec<String>,
     /// `notMethods` (L7).
     pub not_methods: Vec<String>,
-    /// `paths` (L7).
-    pub paths: Vec<String>,
+    /// `paths` (L7), checked as Istio does (templates included).
+    pub paths: Vec<PathPattern>,
     /// `notPaths` (L7).
-    pub not_paths: Vec<String>,
+    pub not_paths: Vec<PathPattern>,
 }
 
 impl Operation {
     /// The HTTP (L7) fields it sets, by their YAML names.
     pub fn http_fields(&self) -> Vec<&'static str> {
         [
-            ("hosts", &self.hosts),
-            ("notHosts", &self.not_hosts),
-            ("methods", &self.methods),
-            ("notMethods", &self.not_methods),
-            ("paths", &self.paths),
-            ("notPaths", &self.not_paths),
+            ("hosts", self.hosts.is_empty()),
+            ("notHosts", self.not_hosts.is_empty()),
+            ("methods", self.methods.is_empty()),
+            ("notMethods", self.not_methods.is_empty()),
+            ("paths", self.paths.is_empty()),
+            ("notPaths", self.not_paths.is_empty()),
         ]
         .into_iter()
-        .filter_map(|(name, values)| (!values.is_empty()).then_some(name))
+        .filter_map(|(name, empty)| (!empty).then_some(name))
         .collect()
     }
 }
@@ -344,10 +356,40 @@ pub enum Attribute {
     DestinationIp(Values<IpBlock>),
     /// `destination.port`: the destination workload's port.
     DestinationPort(Values<u16>),
-    /// An attribute Istio knows that ztunnel does not evaluate: `request.*`, `remote.ip`,
-    /// `source.serviceAccount`, `connection.sni`, `experimental.*`. Its values are checked as
-    /// Istio does, and not kept.
-    Http,
+    /// `remote.ip` (L7): the client's address as `X-Forwarded-For` gives it; the waypoint
+    /// trusts no hop, so it is the source's address.
+    RemoteIp(Values<IpBlock>),
+    /// `source.serviceAccount` (L7 in Istio): the service account of the source's identity.
+    SourceServiceAccount(Values<ServiceAccountRef>),
+    /// `request.headers[name]` (L7): the header's values, joined by `,`; patterns as in
+    /// `principals`. `name` is lower case (or a pseudo-header: `:authority`, `:method`,
+    /// `:path`, `:scheme`).
+    RequestHeader {
+        name: String,
+        values: Values<String>,
+    },
+    /// `request.auth.*` and `request.auth.claims[...]` (a JWT's, L7), `connection.sni` (L7):
+    /// attributes the waypoint never has (it validates no JWT; the HTTP inside a tunnel is not
+    /// TLS), so a value never matches and a `notValues` always passes, as in Istio without a
+    /// `RequestAuthentication`.
+    Absent(Values<String>),
+    /// `experimental.envoy.filters.*` and `request.experimental.inline.headers[...]`: Envoy's
+    /// internals, which nothing here evaluates; values checked as Istio does, not kept.
+    Unevaluated,
+}
+
+impl Attribute {
+    /// Whether the node agent (L4) cannot enforce it.
+    pub fn is_http(&self) -> bool {
+        matches!(
+            self,
+            Attribute::RemoteIp(_)
+                | Attribute::SourceServiceAccount(_)
+                | Attribute::RequestHeader { .. }
+                | Attribute::Absent(_)
+                | Attribute::Unevaluated
+        )
+    }
 }
 
 /// `values` and `notValues` of a condition.
@@ -628,8 +670,8 @@ pub(crate) struct OperationFields {
     not_hosts: List<Parsed<Text>>,
     methods: List<Parsed<Text>>,
     not_methods: List<Parsed<Text>>,
-    paths: List<Parsed<Text>>,
-    not_paths: List<Parsed<Text>>,
+    paths: List<Parsed<PathPattern>>,
+    not_paths: List<Parsed<PathPattern>>,
 }
 
 impl Checked for Operation {
@@ -703,18 +745,12 @@ impl Checked for Condition {
             }
             "source.namespace" => Attribute::SourceNamespace(values),
             "source.principal" => Attribute::SourcePrincipal(values),
-            "remote.ip" => {
-                typed::<IpBlock>(&values)?;
-                Attribute::Http
-            }
-            "source.serviceAccount" => {
-                typed::<ServiceAccountRef>(&values)?;
-                Attribute::Http
-            }
+            "remote.ip" => Attribute::RemoteIp(typed(&values)?),
+            "source.serviceAccount" => Attribute::SourceServiceAccount(typed(&values)?),
             "request.auth.principal"
             | "request.auth.audiences"
             | "request.auth.presenter"
-            | "connection.sni" => Attribute::Http,
+            | "connection.sni" => Attribute::Absent(values),
             "destination.namespace" => return Err(unsupported("use metadata.namespace")),
             "destination.name" | "destination.user" => {
                 return Err(unsupported("only in Istio's v1alpha1 RBAC"))
@@ -722,12 +758,26 @@ impl Checked for Condition {
             _ if key.starts_with("destination.labels") => {
                 return Err(unsupported("use the workload selector"))
             }
+            _ if key.starts_with("request.headers[") => {
+                let name = check_map_key(&key)?.to_ascii_lowercase();
+                let pseudo = [":authority", ":method", ":path", ":scheme"];
+                if !pseudo.contains(&name.as_str())
+                    && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                {
+                    return Err(AuthzSchemaError::HeaderName(name));
+                }
+                Attribute::RequestHeader { name, values }
+            }
+            _ if key.starts_with("request.auth.claims") => {
+                check_map_key(&key)?;
+                Attribute::Absent(values)
+            }
             _ if MAP_KEY_PREFIXES
                 .iter()
                 .any(|prefix| key.starts_with(prefix)) =>
             {
                 check_map_key(&key)?;
-                Attribute::Http
+                Attribute::Unevaluated
             }
             _ => return Err(AuthzSchemaError::UnknownAttribute(key)),
         };
@@ -774,10 +824,12 @@ const MAP_KEY_PREFIXES: [&str; 4] = [
     "experimental.envoy.filters.",
 ];
 
-/// Istio's check of `request.headers[name]` and similar keys.
-fn check_map_key(key: &str) -> Result<(), AuthzSchemaError> {
+/// Istio's check of `request.headers[name]` and similar keys; the entry's name.
+fn check_map_key(key: &str) -> Result<&str, AuthzSchemaError> {
     match key.find('[') {
-        Some(open) if key.ends_with(']') && open > 0 && open + 2 < key.len() => Ok(()),
+        Some(open) if key.ends_with(']') && open > 0 && open + 2 < key.len() => {
+            Ok(&key[open + 1..key.len() - 1])
+        }
         _ => Err(AuthzSchemaError::BadMapKey(key.to_owned())),
     }
 }

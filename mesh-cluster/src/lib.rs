@@ -64,6 +64,7 @@ pub mod meta;
 mod model;
 mod names;
 mod options;
+pub mod path_pattern;
 pub mod peer_auth;
 mod reference_grant;
 mod schema;
@@ -73,7 +74,8 @@ pub mod waypoint;
 
 pub use authz::{
     AuthzDecision, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, ConnFacts, DecisionReason,
-    IpBlock, ServiceAccountMatch, StringMatch, Verdict,
+    HeaderMatch, HttpFacts, IpBlock, PathPattern, PolicyTarget, ServiceAccountMatch, StringMatch,
+    Verdict, WaypointFacts,
 };
 pub use decision::{Inbound, Origin};
 pub use endpoints::SERVICE_NAME_LABEL;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{
-    authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts},
+    authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts, WaypointFacts},
     by_kind::{ByKind, Named},
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
@@ -395,6 +395,20 @@ impl ClusterState {
     /// the rules.
     pub fn authorize(&self, conn: &ConnFacts<'_>) -> AuthzDecision {
         self.authz.decide(conn)
+    }
+
+    /// Whether the waypoint `namespace/name` lets a request (or a TCP connection it passes
+    /// through) to `service` go on, by the `AuthorizationPolicies` that target it, its class or
+    /// `service` (`None` for a pod bound to the waypoint). See the [`super::authz::waypoint`]
+    /// module for the attributes and rules.
+    pub fn authorize_at_waypoint(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<&Service>,
+        facts: &WaypointFacts<'_>,
+    ) -> AuthzDecision {
+        let service = service.map(|s| (s.namespace.as_str(), s.name.as_str()));
+        self.authz.decide_at_waypoint(waypoint, service, facts)
     }
 
     /// What a waypoint does with an HTTP `request` for `service`'s `port` from a client in

@@ -35,6 +35,7 @@ mod body;
 mod filters;
 mod grpc_reply;
 mod listener;
+mod path;
 mod protocol;
 mod relay;
 mod request;

@@ -9,13 +9,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use mesh_cluster::{
     http_route::{Backend, EndpointPolicy, RequestFacts, ResolvedRule},
     k8s::{Filter, HeaderModifier, RouteMatch},
-    ClusterState, RouteDecision, Service,
+    AuthzDecision, ClusterState, HttpFacts, RouteDecision, Service, Verdict, WaypointFacts,
 };
 use mesh_identity::Identity;
 use mesh_trace::{TraceContext, TRACEPARENT};
@@ -49,6 +50,8 @@ pub(crate) enum Target {
         hostname: String,
         port: u16,
         protocol: mesh_cluster::AppProtocol,
+        /// The VIP and port the client dialled.
+        vip: SocketAddr,
     },
     /// A pod bound to this waypoint, at its address and port.
     Workload { addr: SocketAddr },
@@ -86,6 +89,7 @@ impl Target {
                 hostname: service.hostname.clone(),
                 port: port.port,
                 protocol: state.waypoint_protocol(service, port),
+                vip: authority,
             });
         }
         if let Some(workload) = state.workload_by_ip(authority.ip()) {
@@ -96,6 +100,44 @@ impl Target {
         }
         Err(NotOurs::Unknown(authority))
     }
+
+    /// The address the client dialled.
+    fn dialled(&self) -> SocketAddr {
+        match self {
+            Target::Service { vip, .. } => *vip,
+            Target::Workload { addr } => *addr,
+        }
+    }
+}
+
+/// The `AuthorizationPolicies` of waypoint `ctx` on a request (`http`) or a TCP tunnel
+/// (`None`) to `target` (`addressed`: its Service, when it is one) from `source`.
+fn authorize(
+    ctx: &Ctx,
+    state: &ClusterState,
+    (target, addressed): (&Target, Option<&Service>),
+    source: &Source,
+    http: Option<HttpFacts<'_>>,
+) -> AuthzDecision {
+    let facts = WaypointFacts {
+        src_ip: source.addr.ip(),
+        src_identity: &source.identity,
+        dst: target.dialled(),
+        http,
+    };
+    let waypoint = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
+    state.authorize_at_waypoint(waypoint, addressed, &facts)
+}
+
+/// What the access log says of a decision that denied or audited; `None` otherwise.
+fn authz_note(decision: &AuthzDecision) -> Option<String> {
+    let audited = decision.audited.iter().map(|p| format!("audited by {p}"));
+    let denied = (decision.verdict == Verdict::Deny).then(|| match &decision.policy {
+        Some(policy) => format!("denied by {policy}"),
+        None => "denied: no ALLOW policy matched".to_owned(),
+    });
+    let notes: Vec<String> = denied.into_iter().chain(audited).collect();
+    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// Who sent the request.
@@ -127,6 +169,8 @@ pub(crate) async fn handle(
     );
     let started = Instant::now();
     let (mut parts, body) = request.into_parts();
+    // Policies and routes read the normalized path, and the endpoint gets it (see `path`).
+    let normalized = crate::path::normalize_uri(&mut parts.uri);
     // This request's span: the child of the request's own context (the application's trace),
     // else of the tunnel's, else a new trace; the endpoint sees this span as its parent.
     let parent = TraceContext::from_headers(&parts.headers).or(source.trace);
@@ -156,7 +200,33 @@ pub(crate) async fn handle(
     // is refused (see the `upgrade` module).
     let ask = UpgradeAsk::of(request.headers());
     let upgrading = (ask == UpgradeAsk::WebSocket).then(|| hyper::upgrade::on(&mut request));
-    let mut response = if ask == UpgradeAsk::Refused {
+    // The waypoint's `AuthorizationPolicies`, before any route, redirect or fault.
+    let decision = normalized.then(|| {
+        let uri = request.uri();
+        let http = HttpFacts {
+            method: request.method().as_str(),
+            authority: log.authority(),
+            path: uri.path(),
+            path_and_query: uri.path_and_query().map_or("/", PathAndQuery::as_str),
+            headers: request.headers(),
+        };
+        authorize(
+            &ctx,
+            &state,
+            (&target, addressed.as_deref()),
+            &source,
+            Some(http),
+        )
+    });
+    if let Some(note) = decision.as_ref().and_then(authz_note) {
+        span.in_scope(|| debug!(authz = %note, "authorization"));
+        log.authz(note);
+    }
+    let mut response = if !normalized {
+        local(StatusCode::BAD_REQUEST, Flag::None, "invalid path")
+    } else if decision.is_some_and(|d| d.verdict == Verdict::Deny) {
+        local(StatusCode::FORBIDDEN, Flag::None, "RBAC: access denied")
+    } else if ask == UpgradeAsk::Refused {
         local(
             StatusCode::FORBIDDEN,
             Flag::None,
@@ -528,6 +598,21 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let state = Arc::clone(&ctx.state.borrow());
+    let addressed = match target {
+        Target::Service { hostname, .. } => state.service_by_hostname(hostname).cloned(),
+        Target::Workload { .. } => None,
+    };
+    // The policies as a connection sees them: an ALLOW rule with HTTP fields matches nothing.
+    let decision = authorize(ctx, &state, (target, addressed.as_deref()), source, None);
+    if decision.verdict == Verdict::Deny {
+        warn!(
+            src = %source.identity,
+            ?target,
+            authz = authz_note(&decision).unwrap_or_default(),
+            "TCP tunnel refused by policy"
+        );
+        return;
+    }
     let picked = match target {
         Target::Workload { addr } => state.workload_by_ip(addr.ip()).map(|w| {
             let endpoint = mesh_cluster::Endpoint {
@@ -537,25 +622,22 @@ where
             (endpoint, *addr, w.to_string(), None)
         }),
         // The Service's own backend, picked as its `DestinationRule` says, as for HTTP.
-        Target::Service { hostname, port, .. } => {
-            state.service_by_hostname(hostname).and_then(|service| {
-                let Backend::Service {
-                    service,
-                    port,
-                    policy,
-                } = state.default_backend(service, *port)
-                else {
-                    return None;
-                };
-                let keys = Keys {
-                    client: source.addr.ip(),
-                    headers: &HeaderMap::new(),
-                };
-                let (endpoint, addr, in_flight) =
-                    ctx.balancer.pick(&service, port, &policy, &keys)?;
-                Some((endpoint, addr, service.hostname.clone(), Some(in_flight)))
-            })
-        }
+        Target::Service { port, .. } => addressed.as_ref().and_then(|service| {
+            let Backend::Service {
+                service,
+                port,
+                policy,
+            } = state.default_backend(service, *port)
+            else {
+                return None;
+            };
+            let keys = Keys {
+                client: source.addr.ip(),
+                headers: &HeaderMap::new(),
+            };
+            let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
+            Some((endpoint, addr, service.hostname.clone(), Some(in_flight)))
+        }),
     };
     // `_in_flight`: counted for least request while the tunnel lasts.
     let Some((endpoint, addr, host, _in_flight)) = picked else {

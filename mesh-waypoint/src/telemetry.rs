@@ -180,6 +180,9 @@ struct AccessLine<'a> {
     /// W3C trace id, 32 hex digits.
     trace_id: String,
     response_flags: &'static str,
+    /// The policy that denied the request, or those that audited it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authz: Option<&'a str>,
 }
 
 /// Who sent the request, in its access log line.
@@ -288,6 +291,8 @@ pub(crate) struct RequestLog {
     status: u16,
     grpc_status: Option<GrpcStatus>,
     outcome: Outcome,
+    /// What the `AuthorizationPolicies` did, when they denied or audited.
+    authz: Option<String>,
 }
 
 impl RequestLog {
@@ -338,10 +343,21 @@ impl RequestLog {
             status: 0,
             grpc_status: None,
             outcome: Outcome::default(),
+            authz: None,
         }
     }
 
     /// Whether the request is gRPC (its `content-type`).
+    /// The request's authority (`:authority`, else `Host`), as sent.
+    pub(crate) fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// Notes what the `AuthorizationPolicies` did (for the access log).
+    pub(crate) fn authz(&mut self, note: String) {
+        self.authz = Some(note);
+    }
+
     pub(crate) fn is_grpc(&self) -> bool {
         self.protocol == "grpc"
     }
@@ -447,6 +463,7 @@ impl RequestLog {
             bytes_sent: response_bytes,
             trace_id: self.trace.0.trace_id_hex(),
             response_flags: self.outcome.flag.as_str(),
+            authz: self.authz.as_deref(),
         });
         if self.trace.0.sampled {
             reporters

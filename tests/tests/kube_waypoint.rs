@@ -10,7 +10,8 @@
 //! and reads its routes from the API; the `Gateway`'s status gets the `Service`'s address and
 //! `Programmed`; a client pod's requests (real curl) are routed by the `HTTPRoute` (header A/B
 //! to `web-v2`, the rest to `web-v1`) through its node agent, the waypoint and the endpoints'
-//! agents; the route changed through the API applies; deleting the `Gateway` removes what the
+//! agents; the route changed through the API applies; an `AuthorizationPolicy` targeting the
+//! Service is enforced by the waypoint with its HTTP fields, and lifted when deleted; deleting the `Gateway` removes what the
 //! controller made (the garbage collector the namespaced objects, the controller the binding),
 //! and the Service's traffic then fails closed (its waypoint is gone). The echo pods' HTTP
 //! readiness probes (the kubelet's, from the node) pass although the pods are behind the
@@ -353,12 +354,49 @@ fn deployed() -> (std::sync::MutexGuard<'static, ()>, KubeMesh, String) {
     (serial, mesh, vip)
 }
 
+/// An `AuthorizationPolicy` targeting `web` (Istio's waypoint form), created through the API:
+/// the waypoint enforces its HTTP fields (GET only, never `/admin` however spelled); deleted,
+/// everything is served again.
+fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
+    let resource = gvk(
+        "security.istio.io",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    );
+    let policies: Api<DynamicObject> = Api::namespaced_with(mesh.cp.client(), NS, &resource);
+    let policy: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "web-read-only", "namespace": NS},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+            "action": "ALLOW",
+            "rules": [{"to": [{"operation": {"methods": ["GET"], "notPaths": ["/admin", "/admin/*"]}}]}],
+        },
+    }));
+    create(mesh, &policies, &policy, "the AuthorizationPolicy");
+    let statuses = format!(
+        "for req in 'GET /x' 'POST /x' 'GET /admin' 'GET /%61dmin/a' 'GET /b/../admin'; do \
+         set -- $req; curl -sS --max-time 10 --path-as-is -X $1 -o /dev/null -w '%{{http_code}}\n' \
+         http://{vip}$2 || exit 1; done"
+    );
+    until_seen(mesh, 0, "authz", &statuses, |seen| {
+        seen == ["200", "403", "403", "403", "403"]
+    });
+    mesh.cp
+        .block_on(policies.delete("web-read-only", &DeleteParams::default()))
+        .expect("policy deleted");
+    until_seen(mesh, 0, "unauthz", &statuses, |seen| {
+        seen == ["200", "200", "200", "200", "200"]
+    });
+}
+
 #[test]
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
     let (_serial, mesh, vip) = deployed();
     ab_requests(&mesh, &vip);
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
+    waypoint_policy(&mesh, &vip);
     delete_gateway(&mesh, &vip);
 }
 

@@ -1352,3 +1352,173 @@ fn a_routed_port_is_http_whatever_a_client_sends_first() {
         "v1 saw the one /public request and nothing else"
     );
 }
+
+/// An `AuthorizationPolicy` `namespace/name` with `spec` (YAML, indented by two).
+fn authz_policy(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{spec}"
+    )
+}
+
+/// Waits until the waypoint sees `count` `AuthorizationPolicies`.
+fn wait_for_policies(bed: &mut Bed, count: usize) {
+    let seen = format!("authorization_policies={count}");
+    bed.waypoint
+        .process
+        .wait_for_line(&seen, LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains(&seen)
+        })
+        .unwrap();
+}
+
+#[test]
+fn authorization_policies_at_the_waypoint_enforce_http_fields_whatever_the_path_spelling() {
+    // Before, a policy with `targetRefs` was enforced nowhere: every request below reached a
+    // backend. Now the waypoint enforces it on each request, with its HTTP fields, on the path
+    // as it normalizes it (and sends on), so `/./admin` or `/%61dmin` are `/admin`.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let principal = format!("cluster.local/ns/{NS}/sa/sa-{}", client.name);
+    let files = &bed.mesh.files;
+    // Service `web`: only this client, only GET, only with `x-team: blue`; never `/admin`.
+    let allow = format!(
+        "  targetRefs: [{{kind: Service, group: \"\", name: web}}]\n  rules:\n  - from: [{{source: {{principals: [\"{principal}\"]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n    when: [{{key: \"request.headers[x-team]\", values: [blue]}}]\n"
+    );
+    let deny_admin = "  targetRefs: [{kind: Service, name: web}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin, /admin/*]}}]\n";
+    // The waypoint itself (its Gateway, in its namespace): every Service it serves.
+    let deny_gateway = "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/gw/{*}/blocked\"]}}]\n";
+    // A TCP Service through the waypoint whose only ALLOW rule needs HTTP: nothing passes.
+    let allow_raw = "  targetRefs: [{kind: Service, name: raw}]\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n";
+    for (file, text) in [
+        (
+            "authz-web-allow.yaml",
+            authz_policy(NS, "web-allow", &allow),
+        ),
+        (
+            "authz-web-deny.yaml",
+            authz_policy(NS, "web-deny-admin", deny_admin),
+        ),
+        (
+            "authz-wp.yaml",
+            authz_policy(PLAIN_NS, "wp-deny", deny_gateway),
+        ),
+        ("authz-raw.yaml", authz_policy(NS, "raw-allow", allow_raw)),
+    ] {
+        files.write(file, &text).unwrap();
+    }
+    let v2 = bed.mesh.pod(1, 1).clone();
+    let _tcp_echo = mesh_tests::probe::serve(&v2, SocketAddr::new(IpAddr::V4(v2.ipv4), 9000))
+        .expect("TCP echo server");
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let raw = port_service_yaml(
+        "raw",
+        3,
+        ("version", "v2"),
+        &bound,
+        ("name: tcp", 9000, 9000),
+    );
+    files.write("service-raw.yaml", &raw).unwrap();
+    bed.wait_for_services(4, "Service raw");
+    wait_for_policies(&mut bed, 4);
+
+    let web = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(0)), 80);
+    let ask = |method: &str, path: &str, team: bool| {
+        let team = if team { "X-Team: blue\r\n" } else { "" };
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: web\r\n{team}Content-Length: 0\r\nConnection: close\r\n\r\n");
+        raw_exchange(&client, web, 0, request.as_bytes(), 10)
+    };
+    // (method, path as sent, with the header, the status expected)
+    let table: &[(&str, &str, bool, &str)] = &[
+        ("GET", "/", true, "200"),
+        ("GET", "/", false, "403"),
+        ("POST", "/", true, "403"),
+        ("GET", "/admin", true, "403"),
+        ("GET", "/admin/users", true, "403"),
+        ("GET", "/./admin", true, "403"),
+        ("GET", "/x/../admin", true, "403"),
+        ("GET", "/%61dmin", true, "403"),
+        ("GET", "/%2e%2e/admin/users", true, "403"),
+        ("GET", "/administrator", true, "200"),
+        ("GET", "/gw/a/blocked", true, "403"),
+        ("GET", "/gw/a/b/blocked", true, "200"),
+        ("GET", "/x/../public?p=/admin", true, "200"),
+    ];
+    let mut failed = Vec::new();
+    for (method, path, team, status) in table {
+        let answer = ask(method, path, *team);
+        let line = status_line(&answer);
+        if !line.starts_with(&format!("HTTP/1.1 {status}")) {
+            failed.push(format!(
+                "{method} {path} (x-team: {team}): {status} expected, got {line:?}"
+            ));
+        } else if *status == "403" && !answer.contains("RBAC: access denied") {
+            failed.push(format!(
+                "{method} {path}: 403 without Envoy's body: {answer:?}"
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    // The endpoint got the normalized path.
+    let echoed = ask("GET", "/x/../public?p=/admin", true);
+    let body = echoed.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(
+        body.contains(r#""path":"/public?p=/admin""#) || body.contains(r#""path":"/public""#),
+        "{echoed}"
+    );
+    let allowed = table.iter().filter(|case| case.3 == "200").count() + 1;
+    let counts = served_settled(&[&bed.backends[0], &bed.backends[1]], allowed);
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        allowed,
+        "only the allowed requests reached a backend"
+    );
+
+    // The access log names what denied each request.
+    let records = access_records_once(
+        || bed.waypoint.process.lines(),
+        LOG_WAIT,
+        |r| r.len() > table.len(),
+    );
+    let authz_of = |path: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["path"] == path)
+            .map(|r| r["authz"].as_str().unwrap_or("-").to_owned())
+            .collect()
+    };
+    assert_eq!(authz_of("/admin"), ["denied by mesh/web-deny-admin"; 4]);
+    assert_eq!(authz_of("/gw/a/blocked"), ["denied by plain/wp-deny"]);
+    assert!(
+        authz_of("/").contains(&"denied: no ALLOW policy matched".to_owned()),
+        "{:?}",
+        authz_of("/")
+    );
+
+    // TCP through the waypoint: as in Istio, a DENY rule whose fields are all HTTP holds for
+    // every connection (the Gateway's `wp-deny`), and an ALLOW rule with one matches none
+    // (`raw-allow`, once `wp-deny` is gone).
+    let raw_addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 9000);
+    let tcp_refused = |bed: &mut Bed, why: &str| {
+        let from = bed.waypoint.process.line_count();
+        let out = mesh_tests::probe::connect(&client, raw_addr, "not http")
+            .unwrap_or_else(|e| e.to_string());
+        assert!(!out.starts_with("echo ok"), "{out}");
+        bed.waypoint
+            .process
+            .wait_for_line_from(from, "the refusal of the TCP tunnel", LOG_WAIT, |l| {
+                l.contains("TCP tunnel refused by policy") && l.contains(why)
+            })
+            .unwrap();
+    };
+    tcp_refused(&mut bed, "denied by plain/wp-deny");
+
+    // Policies change without a restart: with the DENYs gone, `/admin` is served, and TCP is
+    // still refused by the ALLOW policy.
+    bed.mesh.files.remove("authz-web-deny.yaml").unwrap();
+    bed.mesh.files.remove("authz-wp.yaml").unwrap();
+    wait_for_policies(&mut bed, 2);
+    assert!(status_line(&ask("GET", "/%61dmin", true)).starts_with("HTTP/1.1 200"));
+    assert!(status_line(&ask("GET", "/%61dmin", false)).starts_with("HTTP/1.1 403"));
+    tcp_refused(&mut bed, "no ALLOW policy matched");
+}

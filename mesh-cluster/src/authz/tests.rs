@@ -37,13 +37,13 @@ fn pod_yaml((ns, name, sa, labels, ips): (&str, &str, &str, &str, &str)) -> Stri
 }
 
 /// An `AuthorizationPolicy` `ns/name` with `spec` (YAML, indented by two).
-fn policy(ns: &str, name: &str, spec: &str) -> String {
+pub(super) fn policy(ns: &str, name: &str, spec: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}"
     )
 }
 
-fn state_with(opts: &EnrollmentOptions, policies: &[String]) -> ClusterState {
+pub(super) fn state_with(opts: &EnrollmentOptions, policies: &[String]) -> ClusterState {
     let mut docs: Vec<String> = PODS.iter().copied().map(pod_yaml).collect();
     docs.extend_from_slice(policies);
     let objects = parse_documents("test.yaml", &docs.join("---\n")).expect("parses");
@@ -842,23 +842,20 @@ fn root_namespace_is_configurable() {
 }
 
 #[test]
-fn waypoint_policies_are_skipped_with_a_warning() {
+fn the_node_agent_skips_waypoint_policies() {
     let spec = "  targetRefs:\n  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}\n  - {kind: Service, name: web}\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n";
     let state = cluster(&[policy("shop", "w", spec)]);
     assert_eq!(authorize(&state, &plain()), no_policy());
-    assert_eq!(
-        state.warnings(),
-        ["AuthorizationPolicy shop/w targets Gateway/waypoint, Service/web (spec.targetRefs): it is for waypoints, the node agent does not enforce it"]
-    );
+    // Enforced by the waypoints, with its HTTP fields: nothing to warn about.
+    assert!(state.warnings().is_empty(), "{:?}", state.warnings());
     let listed = &state.authorization_policies()[0];
+    // At L4 (TCP through the waypoint) the ALLOW rule with an HTTP field matches nothing; on a
+    // request it is enforced whole.
     assert_eq!(
-        (listed.scope, listed.rules.len()),
-        (AuthzScope::Waypoint, 0)
+        (listed.scope, listed.rules.len(), listed.http_rules.len()),
+        (AuthzScope::Waypoint, 0, 1)
     );
 }
-
-// ---------------------------------------------------------------------------------------------
-// HTTP (L7) fields
 
 #[test]
 fn http_fields_make_allow_and_audit_rules_match_nothing() {

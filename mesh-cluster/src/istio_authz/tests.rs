@@ -151,8 +151,8 @@ fn parses_every_field() {
         not_hosts: strings(&["b.example"]),
         methods: strings(&["GET"]),
         not_methods: strings(&["POST"]),
-        paths: strings(&["/a"]),
-        not_paths: strings(&["/b"]),
+        paths: vec!["/a".parse().unwrap()],
+        not_paths: vec!["/b".parse().unwrap()],
     };
     assert_eq!(
         operation.http_fields(),
@@ -208,7 +208,16 @@ fn parses_every_field() {
                     not_values: Vec::new(),
                 })
             ),
-            condition("request.headers[x-token]", Attribute::Http),
+            condition(
+                "request.headers[x-token]",
+                Attribute::RequestHeader {
+                    name: "x-token".to_owned(),
+                    values: Values {
+                        values: strings(&["t"]),
+                        not_values: Vec::new(),
+                    },
+                }
+            ),
         ]
     );
 }
@@ -649,33 +658,115 @@ fn condition_errors() {
 #[test]
 fn attributes_ztunnel_does_not_evaluate_parse_as_http() {
     let when = |condition: &str| -> String { format!("  rules:\n  - when:\n    - {condition}\n") };
-    // Every attribute Istio knows parses; those ztunnel does not evaluate are `Http`.
-    for key in [
-        "request.headers[x-token]",
-        "request.experimental.inline.headers[x-token]",
-        "request.auth.principal",
-        "request.auth.audiences",
-        "request.auth.presenter",
-        "request.auth.claims[iss]",
-        "remote.ip",
-        "source.serviceAccount",
-        "connection.sni",
-        "experimental.envoy.filters.network.mysql_proxy[db.table]",
-    ] {
-        let value = if key == "remote.ip" {
-            "10.0.0.1"
-        } else {
-            "a/b"
-        };
+    // Every attribute Istio knows parses; those ztunnel does not evaluate are HTTP ones, kept
+    // typed for the waypoint.
+    let text = |values: &[&str]| Values {
+        values: strings(values),
+        not_values: Vec::new(),
+    };
+    let table = [
+        (
+            "request.headers[X-Token]",
+            "a/b",
+            Attribute::RequestHeader {
+                name: "x-token".to_owned(),
+                values: text(&["a/b"]),
+            },
+        ),
+        (
+            "request.headers[:authority]",
+            "a/b",
+            Attribute::RequestHeader {
+                name: ":authority".to_owned(),
+                values: text(&["a/b"]),
+            },
+        ),
+        (
+            "request.experimental.inline.headers[x-token]",
+            "a/b",
+            Attribute::Unevaluated,
+        ),
+        (
+            "request.auth.principal",
+            "a/b",
+            Attribute::Absent(text(&["a/b"])),
+        ),
+        (
+            "request.auth.audiences",
+            "a/b",
+            Attribute::Absent(text(&["a/b"])),
+        ),
+        (
+            "request.auth.presenter",
+            "a/b",
+            Attribute::Absent(text(&["a/b"])),
+        ),
+        (
+            "request.auth.claims[iss]",
+            "a/b",
+            Attribute::Absent(text(&["a/b"])),
+        ),
+        ("connection.sni", "a/b", Attribute::Absent(text(&["a/b"]))),
+        (
+            "remote.ip",
+            "10.0.0.1",
+            Attribute::RemoteIp(Values {
+                values: vec!["10.0.0.1".parse().unwrap()],
+                not_values: Vec::new(),
+            }),
+        ),
+        (
+            "source.serviceAccount",
+            "a/b",
+            Attribute::SourceServiceAccount(Values {
+                values: vec!["a/b".parse().unwrap()],
+                not_values: Vec::new(),
+            }),
+        ),
+        (
+            "experimental.envoy.filters.network.mysql_proxy[db.table]",
+            "a/b",
+            Attribute::Unevaluated,
+        ),
+    ];
+    for (key, value, attribute) in table {
         let policy = parse_one(&doc(&when(&format!(
             "{{key: \"{key}\", values: [\"{value}\"]}}"
         ))));
-        assert_eq!(
-            policy.spec.rules[0].when[0].attribute,
-            Attribute::Http,
-            "{key}"
-        );
+        let parsed = &policy.spec.rules[0].when[0].attribute;
+        assert_eq!(parsed, &attribute, "{key}");
+        assert!(parsed.is_http(), "{key}");
     }
+}
+
+#[test]
+fn waypoint_fields_are_checked_when_read() {
+    let when = |condition: &str| -> String { format!("  rules:\n  - when:\n    - {condition}\n") };
+    let to = |operation: &str| -> String {
+        format!("  rules:\n  - to:\n    - operation: {operation}\n")
+    };
+    let table = [
+        (
+            when("{key: \"request.headers[bad name]\", values: [x]}"),
+            &["spec.rules[0].when[0]: \"bad name\" is not an HTTP header name"][..],
+        ),
+        (
+            to("{paths: [\"/a\", \"/{**}/b/{*}\"]}"),
+            &[
+                "spec.rules[0].to[0].operation.paths[1]: \"/{**}/b/{*}\" is not a valid path \
+                 template: `{**}` must be the last operator",
+            ][..],
+        ),
+        (
+            to("{notPaths: [\"/a/{*}.txt\"]}"),
+            &["spec.rules[0].to[0].operation.notPaths[0]: \"/a/{*}.txt\" is not a valid path template"][..],
+        ),
+        (
+            "  targetRefs:\n  - {kind: Service, name: a, sectionName: http}\n".to_owned(),
+            &["unknown field `sectionName`"][..],
+        ),
+    ];
+    assert_parse_errors(&table);
 }
 
 #[test]

@@ -1,0 +1,257 @@
+//! `AuthorizationPolicy` at a waypoint: the policies with `targetRef`/`targetRefs`, enforced on
+//! each HTTP request with every field, as Istio's waypoints do
+//! ([`super::super::ClusterState::authorize_at_waypoint`]).
+//!
+//! **Targets** (each in the policy's namespace; a `namespace` other than it is refused, as
+//! Istio refuses it):
+//! - `Gateway` (`gateway.networking.k8s.io`): every request and connection through that
+//!   waypoint;
+//! - `Service` (core): those addressed to that Service (its VIP and port), at whichever waypoint
+//!   serves it;
+//! - `GatewayClass` `istio-waypoint` (`gateway.networking.k8s.io`), only from the root
+//!   namespace: every waypoint.
+//!
+//! Any other target (a `ServiceEntry`, which this mesh does not model, another kind, another
+//! class) applies to nothing, with a warning. A policy with a selector is not a waypoint's: the
+//! destination's node agent enforces it, and there the source is the waypoint's identity.
+//!
+//! **Verdict**: as at L4 (DENY, then ALLOW, AUDIT listed), among the policies that target the
+//! waypoint's class, the waypoint, or the Service a request is addressed to. A denied request
+//! gets 403 (`RBAC: access denied`, as Envoy answers; gRPC's `PERMISSION_DENIED`) before any
+//! route, redirect or fault.
+//!
+//! **What a request's attributes are here**: the source's identity is the one its certificate
+//! proved (the source workload's, which its agent presents); its address (`source.ip`,
+//! `ipBlocks`) is what its agent gave in `Forwarded`; `remote.ip` (`remoteIpBlocks`) is the
+//! same, as no `X-Forwarded-For` hop is trusted. The destination (`destination.ip`,
+//! `destination.port`, `ports`) is the address the client dialled: the Service's VIP and port,
+//! or the pod's address and port. `hosts` match the request's authority (`:authority`, else
+//! `Host`) ignoring case, with or without its port. `paths` match the path as the waypoint
+//! normalized it (and sends it on), without the query. `methods` match exactly. A header
+//! condition reads the header's values joined by `,`. No JWT is validated (Istio's
+//! `RequestAuthentication` is not read), so no request has `requestPrincipals` or
+//! `request.auth.*`: a value asked of them never matches, a `not…` always passes; `DENY` with
+//! `notRequestPrincipals: ["*"]` refuses every request. `connection.sni` is absent as well (the
+//! HTTP in a tunnel is plain). `experimental.envoy.filters.*` cannot be evaluated: an ALLOW or
+//! AUDIT rule with one matches nothing, a DENY rule holds without it.
+//!
+//! **TCP passed through** (a port that does not carry HTTP): the rules as the node agent would
+//! enforce them (an ALLOW rule with HTTP fields matches nothing, a DENY rule keeps its L4 part),
+//! so no HTTP-only rule lets a connection through.
+
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use http::HeaderMap;
+use mesh_identity::Identity;
+use serde::Serialize;
+
+use super::{AuthzAction, AuthzPolicy, Conn, Group, StringMatch};
+use crate::k8s::PolicyTargetRef;
+
+/// The class of the waypoints' `Gateway`s.
+const WAYPOINT_CLASS: &str = "istio-waypoint";
+
+/// Gateway API's group.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// What a waypoint's policy applies to (in the policy's namespace).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "name")]
+pub enum PolicyTarget {
+    /// A waypoint `Gateway`: everything through it.
+    Gateway(String),
+    /// `GatewayClass` `istio-waypoint`, from the root namespace: every waypoint.
+    GatewayClass(String),
+    /// A `Service`: what is addressed to it, at its waypoint.
+    Service(String),
+}
+
+/// What a waypoint knows of a request, or of a connection it passes through as TCP.
+#[derive(Clone, Copy, Debug)]
+pub struct WaypointFacts<'a> {
+    /// The client's address, as its agent gave it.
+    pub src_ip: IpAddr,
+    /// The client's identity, from its certificate.
+    pub src_identity: &'a Identity,
+    /// The address the client dialled: a Service's VIP and port, or a pod's address and port.
+    pub dst: SocketAddr,
+    /// The request; `None` for TCP passed through.
+    pub http: Option<HttpFacts<'a>>,
+}
+
+impl<'a> WaypointFacts<'a> {
+    pub(super) fn conn(&self) -> Conn<'a> {
+        Conn::of(
+            self.src_ip,
+            Some(self.src_identity),
+            (self.dst.ip(), self.dst.port()),
+            self.http,
+        )
+    }
+}
+
+/// An HTTP request, as a waypoint's policy reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpFacts<'a> {
+    /// `:method`.
+    pub method: &'a str,
+    /// `:authority` (or `Host`), as sent.
+    pub authority: &'a str,
+    /// The path, normalized, without the query.
+    pub path: &'a str,
+    /// The path with its query (`:path`).
+    pub path_and_query: &'a str,
+    /// The request's headers.
+    pub headers: &'a HeaderMap,
+}
+
+impl HttpFacts<'_> {
+    /// Whether `pattern` (lower case) matches the authority, with or without its port,
+    /// ignoring case.
+    pub(super) fn host_matches(&self, pattern: &StringMatch) -> bool {
+        let authority = self.authority.to_ascii_lowercase();
+        let host = match authority.rsplit_once(':') {
+            // Not the colons of an IPv6 address without a port (`[::1]`).
+            Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                Some(host)
+            }
+            _ => None,
+        };
+        pattern.matches(&authority) || host.is_some_and(|h| pattern.matches(h))
+    }
+
+    /// A header's values joined by `,` (pseudo-headers included); `None` when absent.
+    pub(super) fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        match name {
+            ":authority" => return Some(Cow::Borrowed(self.authority)),
+            ":method" => return Some(Cow::Borrowed(self.method)),
+            ":path" => return Some(Cow::Borrowed(self.path_and_query)),
+            ":scheme" => return Some(Cow::Borrowed("http")),
+            _ => {}
+        }
+        let mut values = self.headers.get_all(name).iter();
+        let first = values.next()?;
+        let mut joined = String::from_utf8_lossy(first.as_bytes());
+        for value in values {
+            let joined = joined.to_mut();
+            joined.push(',');
+            joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+        Some(joined)
+    }
+}
+
+/// The waypoints' policies, by target.
+#[derive(Debug, Default)]
+pub(super) struct WaypointPolicies {
+    /// `GatewayClass` `istio-waypoint` (root namespace).
+    every: Group,
+    /// By the `Gateway`'s namespace, then name.
+    gateways: HashMap<String, HashMap<String, Group>>,
+    /// By the `Service`'s namespace, then name.
+    services: HashMap<String, HashMap<String, Group>>,
+}
+
+impl WaypointPolicies {
+    pub(super) fn push(&mut self, policy: &Arc<AuthzPolicy>) {
+        for target in &policy.targets {
+            let (map, name) = match target {
+                PolicyTarget::GatewayClass(_) => {
+                    self.every.push(policy);
+                    continue;
+                }
+                PolicyTarget::Gateway(name) => (&mut self.gateways, name),
+                PolicyTarget::Service(name) => (&mut self.services, name),
+            };
+            map.entry(policy.namespace.clone())
+                .or_default()
+                .entry(name.clone())
+                .or_default()
+                .push(policy);
+        }
+    }
+
+    /// The groups that apply to `waypoint`, and to `service` when given.
+    pub(super) fn groups(
+        &self,
+        (namespace, name): (&str, &str),
+        service: Option<(&str, &str)>,
+    ) -> [Option<&Group>; 3] {
+        [
+            Some(&self.every),
+            lookup(&self.gateways, (namespace, name)),
+            service.and_then(|s| lookup(&self.services, s)),
+        ]
+    }
+}
+
+fn lookup<'m>(
+    map: &'m HashMap<String, HashMap<String, Group>>,
+    (namespace, name): (&str, &str),
+) -> Option<&'m Group> {
+    map.get(namespace).and_then(|names| names.get(name))
+}
+
+/// The targets of policy `key` in `namespace`, and a warning for each that applies to nothing.
+pub(super) fn targets(
+    key: &str,
+    (namespace, root_namespace): (&str, &str),
+    refs: &[PolicyTargetRef],
+    warnings: &mut Vec<String>,
+) -> Vec<PolicyTarget> {
+    let mut targets = Vec::new();
+    for (index, target) in refs.iter().enumerate() {
+        let group = target.group.as_str();
+        let found = match target.kind.as_str() {
+            _ if !target.namespace.is_empty() && target.namespace != namespace => {
+                Err("a policy can only target objects of its own namespace (Istio refuses others)")
+            }
+            "Gateway" if group == GATEWAY_GROUP => Ok(PolicyTarget::Gateway(target.name.clone())),
+            "Service" if group.is_empty() || group == "core" => {
+                Ok(PolicyTarget::Service(target.name.clone()))
+            }
+            "GatewayClass" if group == GATEWAY_GROUP && target.name == WAYPOINT_CLASS => {
+                if namespace == root_namespace {
+                    Ok(PolicyTarget::GatewayClass(target.name.clone()))
+                } else {
+                    Err("only a policy of the root namespace may target the waypoints' class")
+                }
+            }
+            "GatewayClass" if group == GATEWAY_GROUP => {
+                Err("only the waypoints' class, `istio-waypoint`, has waypoints")
+            }
+            "ServiceEntry" => Err("this mesh does not model ServiceEntries"),
+            "Gateway" | "GatewayClass" | "Service" => Err("not of the kind's API group"),
+            _ => Err("waypoints enforce policies on Gateways, GatewayClasses and Services"),
+        };
+        match found {
+            Ok(target) => targets.push(target),
+            Err(why) => warnings.push(format!(
+                "AuthorizationPolicy {key}: targetRefs[{index}] ({target}, group {group:?}) \
+                 applies to nothing: {why}"
+            )),
+        }
+    }
+    targets
+}
+
+/// The warning for a rule of a waypoint's policy with fields nothing evaluates.
+pub(super) fn unevaluated_warning(policy: &str, action: AuthzAction, fields: &[String]) -> String {
+    let effect = if action == AuthzAction::Deny {
+        "this DENY rule holds without them, so it denies more".to_owned()
+    } else {
+        format!("this {action} rule matches nothing")
+    };
+    format!(
+        "AuthorizationPolicy {policy}: {} cannot be evaluated by the waypoint: {effect}",
+        fields.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests;
