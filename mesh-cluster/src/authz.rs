@@ -595,18 +595,16 @@ impl AuthzIndex {
     }
 
     /// The decision of waypoint `namespace/name` for a request or a connection through it to
-    /// `service` (`namespace`, `name`; `None` for a pod bound to the waypoint): see the
-    /// [`waypoint`] module.
+    /// `services` (`namespace`, `name`: the one addressed, or those serving the pod addressed):
+    /// see the [`waypoint`] module.
     pub(super) fn decide_at_waypoint(
         &self,
         waypoint: (&str, &str),
-        service: Option<(&str, &str)>,
+        services: &[(&str, &str)],
         facts: &WaypointFacts<'_>,
     ) -> AuthzDecision {
-        let groups = self.waypoints.groups(waypoint, service);
-        let applying = |list: fn(&Group) -> &Vec<Arc<AuthzPolicy>>| {
-            groups.into_iter().flatten().flat_map(list)
-        };
+        let groups = self.waypoints.groups(waypoint, services);
+        let applying = |list: fn(&Group) -> &Vec<Arc<AuthzPolicy>>| groups.clone().flat_map(list);
         verdict(applying, &facts.conn())
     }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{
-    authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts, WaypointFacts},
+    authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts, PolicyTarget, WaypointFacts},
     by_kind::{ByKind, Named},
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
@@ -47,6 +47,10 @@ pub struct ClusterState {
     http_routes: HttpRouteIndex,
     waypoints: WaypointIndex,
     bindings: Bindings,
+    /// For each pod (namespace, name) that a Service targeted by a waypoint's
+    /// `AuthorizationPolicy` serves: those Services (namespace, name), whose policies also
+    /// hold for requests a waypoint takes to the pod's own address.
+    policy_services: HashMap<(String, String), Vec<(String, String)>>,
     /// The indexes' warnings: `PeerAuthentication`'s, `AuthorizationPolicy`'s, then
     /// `HTTPRoute`'s.
     warnings: Vec<String>,
@@ -100,6 +104,7 @@ impl ClusterState {
             http_routes: HttpRouteIndex::default(),
             waypoints: WaypointIndex::default(),
             bindings: Bindings::default(),
+            policy_services: HashMap::new(),
             warnings: Vec::new(),
         };
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
@@ -144,15 +149,97 @@ impl ClusterState {
         state
             .bindings
             .guard_endpoints(&state.services, &state.workloads, &state.waypoints);
+        state.policy_services = state.index_policy_services();
+        let unenforced = state.unenforced_waypoint_policies();
         state.warnings = [
             slices.warnings,
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
+            unenforced,
             state.http_routes.warnings().to_vec(),
             state.waypoints.warnings().to_vec(),
         ]
         .concat();
         Ok(state)
+    }
+
+    /// The pods served by Services that waypoints' policies target, with those Services.
+    fn index_policy_services(&self) -> HashMap<(String, String), Vec<(String, String)>> {
+        let mut index: HashMap<(String, String), Vec<(String, String)>> = HashMap::new();
+        let targeted = self.authz.policies().iter().flat_map(|policy| {
+            policy
+                .targets
+                .iter()
+                .filter_map(move |target| match target {
+                    PolicyTarget::Service(name) => Some((policy.namespace.as_str(), name.as_str())),
+                    PolicyTarget::Gateway(_) | PolicyTarget::GatewayClass(_) => None,
+                })
+        });
+        for (namespace, name) in targeted {
+            let Some(service) = self
+                .services
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name)
+            else {
+                continue;
+            };
+            let key = (namespace.to_owned(), name.to_owned());
+            for workload in crate::waypoint::serving(service, &self.workloads) {
+                let services = index
+                    .entry((workload.namespace.clone(), workload.name.clone()))
+                    .or_default();
+                if !services.contains(&key) {
+                    services.push(key.clone());
+                }
+            }
+        }
+        index
+    }
+
+    /// A warning for each target of a waypoint's `AuthorizationPolicy` that nothing enforces:
+    /// a Service that no waypoint serves (its traffic goes straight to its pods, whose agents
+    /// do not read such a policy), a `Gateway` that is no waypoint. Istio users hit exactly
+    /// this: the policy is in the cluster and nothing enforces it.
+    fn unenforced_waypoint_policies(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for policy in self.authz.policies() {
+            let namespace = policy.namespace.as_str();
+            for target in &policy.targets {
+                match target {
+                    PolicyTarget::Service(name) => {
+                        let unbound = self
+                            .services
+                            .iter()
+                            .find(|s| s.namespace == namespace && &s.name == name)
+                            .is_some_and(|s| {
+                                matches!(self.service_waypoint(s), WaypointBinding::None)
+                            });
+                        if unbound {
+                            warnings.push(format!(
+                                "AuthorizationPolicy {policy} targets Service {namespace}/{name}, \
+                                 which no waypoint serves: nothing enforces it (bind the Service \
+                                 to a waypoint with `istio.io/use-waypoint`, or use a selector)"
+                            ));
+                        }
+                    }
+                    PolicyTarget::Gateway(name) => {
+                        let known = self
+                            .waypoints
+                            .all()
+                            .any(|w| w.namespace == namespace && &w.name == name);
+                        if !known {
+                            warnings.push(format!(
+                                "AuthorizationPolicy {policy} targets Gateway {namespace}/{name}, \
+                                 which is not a waypoint (class `istio-waypoint`): nothing \
+                                 enforces it"
+                            ));
+                        }
+                    }
+                    PolicyTarget::GatewayClass(_) => {}
+                }
+            }
+        }
+        warnings
     }
 
     /// Checks the routing objects' names and builds the routing index.
@@ -399,16 +486,39 @@ impl ClusterState {
 
     /// Whether the waypoint `namespace/name` lets a request (or a TCP connection it passes
     /// through) to `service` go on, by the `AuthorizationPolicies` that target it, its class or
-    /// `service` (`None` for a pod bound to the waypoint). See the [`super::authz::waypoint`]
-    /// module for the attributes and rules.
+    /// `service`. `None`: addressed to a pod bound to the waypoint (`facts.dst`), to which the
+    /// policies of the Services serving it apply as well (stricter than Istio, which applies
+    /// them only to traffic addressed to the Service: a client could otherwise dodge a
+    /// Service's policy by dialling its pods). See the [`super::authz::waypoint`] module for
+    /// the attributes and rules.
     pub fn authorize_at_waypoint(
         &self,
         waypoint: (&str, &str),
         service: Option<&Service>,
         facts: &WaypointFacts<'_>,
     ) -> AuthzDecision {
-        let service = service.map(|s| (s.namespace.as_str(), s.name.as_str()));
-        self.authz.decide_at_waypoint(waypoint, service, facts)
+        let addressed;
+        let of_pod: Vec<(&str, &str)>;
+        let serving: &[(&str, &str)] = if let Some(s) = service {
+            addressed = [(s.namespace.as_str(), s.name.as_str())];
+            &addressed
+        } else {
+            of_pod = self
+                .workload_by_ip(facts.dst.ip())
+                .and_then(|w| {
+                    self.policy_services
+                        .get(&(w.namespace.clone(), w.name.clone()))
+                })
+                .map(|services| {
+                    services
+                        .iter()
+                        .map(|(ns, name)| (ns.as_str(), name.as_str()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            &of_pod
+        };
+        self.authz.decide_at_waypoint(waypoint, serving, facts)
     }
 
     /// What a waypoint does with an HTTP `request` for `service`'s `port` from a client in

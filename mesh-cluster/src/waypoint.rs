@@ -242,7 +242,7 @@ pub(crate) fn service_accounts(
 
 /// The pods that serve `service`: those its selector picks in its namespace, ready or not, and
 /// its endpoints' (a Service without selector has only those).
-fn serving<'a>(
+pub(crate) fn serving<'a>(
     service: &'a crate::model::Service,
     workloads: &'a [Arc<Workload>],
 ) -> impl Iterator<Item = &'a Arc<Workload>> {

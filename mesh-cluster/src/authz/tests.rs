@@ -846,8 +846,12 @@ fn the_node_agent_skips_waypoint_policies() {
     let spec = "  targetRefs:\n  - {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}\n  - {kind: Service, name: web}\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n";
     let state = cluster(&[policy("shop", "w", spec)]);
     assert_eq!(authorize(&state, &plain()), no_policy());
-    // Enforced by the waypoints, with its HTTP fields: nothing to warn about.
-    assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+    // Enforced by the waypoints, with its HTTP fields: the only warning is that this cluster
+    // has no such waypoint (and no Service `web` to warn about).
+    assert_eq!(
+        state.warnings(),
+        ["AuthorizationPolicy shop/w targets Gateway shop/waypoint, which is not a waypoint (class `istio-waypoint`): nothing enforces it"]
+    );
     let listed = &state.authorization_policies()[0];
     // At L4 (TCP through the waypoint) the ALLOW rule with an HTTP field matches nothing; on a
     // request it is enforced whole.

@@ -7,12 +7,15 @@
 //! - `Gateway` (`gateway.networking.k8s.io`): every request and connection through that
 //!   waypoint;
 //! - `Service` (core): those addressed to that Service (its VIP and port), at whichever waypoint
-//!   serves it;
+//!   serves it; and, stricter than Istio, those a waypoint takes to the address of a pod the
+//!   Service serves (a workload waypoint), so that dialling the pods does not dodge the
+//!   Service's policy;
 //! - `GatewayClass` `istio-waypoint` (`gateway.networking.k8s.io`), only from the root
 //!   namespace: every waypoint.
 //!
 //! Any other target (a `ServiceEntry`, which this mesh does not model, another kind, another
-//! class) applies to nothing, with a warning. A policy with a selector is not a waypoint's: the
+//! class) applies to nothing, with a warning; so do a Service that no waypoint serves and a
+//! `Gateway` that is no waypoint (the state's warnings: nothing enforces such a policy). A policy with a selector is not a waypoint's: the
 //! destination's node agent enforces it, and there the source is the waypoint's identity.
 //!
 //! **Verdict**: as at L4 (DENY, then ALLOW, AUDIT listed), among the policies that target the
@@ -176,17 +179,15 @@ impl WaypointPolicies {
         }
     }
 
-    /// The groups that apply to `waypoint`, and to `service` when given.
-    pub(super) fn groups(
-        &self,
-        (namespace, name): (&str, &str),
-        service: Option<(&str, &str)>,
-    ) -> [Option<&Group>; 3] {
-        [
-            Some(&self.every),
-            lookup(&self.gateways, (namespace, name)),
-            service.and_then(|s| lookup(&self.services, s)),
-        ]
+    /// The groups that apply to `waypoint` and to `services`.
+    pub(super) fn groups<'a>(
+        &'a self,
+        waypoint: (&'a str, &'a str),
+        services: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Group> + Clone + 'a {
+        std::iter::once(&self.every)
+            .chain(lookup(&self.gateways, waypoint))
+            .chain(services.iter().filter_map(|&s| lookup(&self.services, s)))
     }
 }
 

@@ -10,7 +10,9 @@ use super::super::tests::{policy, state_with};
 use super::{HttpFacts, WaypointFacts};
 use crate::{AuthzDecision, ClusterState, DecisionReason, EnrollmentOptions, Verdict};
 
-const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  clusterIP: 10.96.0.11\n  selector: {app: db}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+/// Services `web` and `db` of `shop`, bound to its waypoint `waypoint`, and a Service
+/// `lonely` no waypoint serves.
+const SERVICES: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}\nspec:\n  clusterIP: 10.96.0.11\n  selector: {app: db}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: lonely, namespace: shop}\nspec:\n  clusterIP: 10.96.0.12\n  selector: {app: db}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
 
 fn cluster(policies: &[&str]) -> ClusterState {
     let mut docs: Vec<String> = vec![SERVICES.to_owned()];
@@ -62,6 +64,11 @@ impl Ask {
         self.waypoint = (ns, name);
         self
     }
+    /// Addressed to the pod of the Service, not to the Service.
+    fn addressed_to_the_pod(mut self) -> Self {
+        self.service = None;
+        self
+    }
     fn tcp(mut self) -> Self {
         self.tcp = true;
         self
@@ -77,7 +84,10 @@ impl Ask {
         });
         let dst: SocketAddr = match self.service {
             Some("db") => "10.96.0.11:80",
-            _ => "10.96.0.10:80",
+            Some(_) => "10.96.0.10:80",
+            // The pods `shop/web` and `shop/db` of the fixture.
+            None if self.authority.starts_with("db") => "10.0.1.2:8080",
+            None => "10.0.1.1:8080",
         }
         .parse()
         .unwrap();
@@ -383,4 +393,69 @@ fn audit_policies_are_listed() {
         [std::sync::Arc::from("shop/watch-posts")]
     );
     assert!(ask("web", "GET", "/").decide(&state).audited.is_empty());
+}
+
+#[test]
+fn policies_nothing_enforces_are_warned_about() {
+    let service = policy(
+        "shop",
+        "s",
+        "  targetRefs: [{kind: Service, name: lonely}, {kind: Service, name: web}, {kind: Service, name: not-yet}]\n  action: DENY\n  rules: [{}]\n",
+    );
+    let gateway = policy(
+        "shop",
+        "g",
+        "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ghost}, {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n  rules: [{}]\n",
+    );
+    let state = cluster(&[&service, &gateway]);
+    assert_eq!(
+        state.warnings(),
+        [
+            "AuthorizationPolicy shop/g targets Gateway shop/ghost, which is not a waypoint (class `istio-waypoint`): nothing enforces it",
+            "AuthorizationPolicy shop/s targets Service shop/lonely, which no waypoint serves: nothing enforces it (bind the Service to a waypoint with `istio.io/use-waypoint`, or use a selector)",
+        ]
+    );
+}
+
+#[test]
+fn a_service_policy_also_holds_for_its_pods_addresses() {
+    // Stricter than Istio: through a workload waypoint, dialling `web`'s pod does not dodge
+    // the policies of `web`; the pod of `db` and `lonely` has both Services' policies.
+    let deny = policy(
+        "shop",
+        "web-no-admin",
+        "  targetRefs: [{kind: Service, name: web}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin]}}]\n",
+    );
+    let db = policy(
+        "shop",
+        "db-get",
+        "  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
+    );
+    let lonely = policy(
+        "shop",
+        "lonely-put",
+        "  targetRefs: [{kind: Service, name: lonely}]\n  rules:\n  - to: [{operation: {methods: [PUT]}}]\n",
+    );
+    let state = cluster(&[&deny, &db, &lonely]);
+    let db_pod = |method| {
+        ask("db", method, "/")
+            .authority("db.shop")
+            .addressed_to_the_pod()
+    };
+    assert_table(
+        &state,
+        &[
+            (
+                ask("web", "GET", "/admin").addressed_to_the_pod(),
+                DENIED_BY("shop/web-no-admin"),
+            ),
+            (ask("web", "GET", "/").addressed_to_the_pod(), NO_POLICY),
+            // Either Service's ALLOW lets a request in, as it would through that Service.
+            (db_pod("GET"), ALLOWED_BY("shop/db-get")),
+            (db_pod("PUT"), ALLOWED_BY("shop/lonely-put")),
+            (db_pod("POST"), NO_ALLOW),
+            // Addressed to `db`, only `db`'s policies.
+            (ask("db", "PUT", "/"), NO_ALLOW),
+        ],
+    );
 }
