@@ -69,6 +69,7 @@ pub mod peer_auth;
 mod reference_grant;
 mod schema;
 mod state;
+pub mod string_match;
 mod translate;
 pub mod waypoint;
 

@@ -10,6 +10,8 @@
 
 use std::{fmt, str::FromStr};
 
+use crate::string_match::StringMatch;
+
 /// Why a path is not a valid pattern.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PathPatternError {
@@ -34,14 +36,8 @@ pub enum Segment {
 /// A parsed path pattern; displayed as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathPattern {
-    /// `*`: any path.
-    Any,
-    /// `prefix*`.
-    Prefix(String),
-    /// `*suffix`.
-    Suffix(String),
-    /// An exact path.
-    Exact(String),
+    /// Exact, `prefix*`, `*suffix` or `*` (any path).
+    Plain(StringMatch),
     /// A template: the segments before `{**}` (all of them without one), and the literal
     /// segments after it.
     Template {
@@ -59,15 +55,7 @@ impl FromStr for PathPattern {
             return Err(PathPatternError::Empty);
         }
         if !path.contains(['{', '}']) {
-            return Ok(if path == "*" {
-                PathPattern::Any
-            } else if let Some(suffix) = path.strip_prefix('*') {
-                PathPattern::Suffix(suffix.to_owned())
-            } else if let Some(prefix) = path.strip_suffix('*') {
-                PathPattern::Prefix(prefix.to_owned())
-            } else {
-                PathPattern::Exact(path.to_owned())
-            });
+            return Ok(PathPattern::Plain(StringMatch::new(path)));
         }
         let invalid = |problem| PathPatternError::Template {
             path: path.to_owned(),
@@ -107,10 +95,7 @@ impl PathPattern {
     /// Whether `path` (normalized, without its query) matches.
     pub fn matches(&self, path: &str) -> bool {
         match self {
-            PathPattern::Any => !path.is_empty(),
-            PathPattern::Prefix(prefix) => path.starts_with(prefix.as_str()),
-            PathPattern::Suffix(suffix) => path.ends_with(suffix.as_str()),
-            PathPattern::Exact(exact) => path == exact,
+            PathPattern::Plain(pattern) => pattern.matches(path),
             PathPattern::Template { head, rest, .. } => {
                 let segments: Vec<&str> = path.split('/').collect();
                 let fits = |pattern: &Segment, segment: &&str| match pattern {
@@ -142,10 +127,7 @@ impl fmt::Display for PathPattern {
     /// The pattern as written.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PathPattern::Any => f.write_str("*"),
-            PathPattern::Prefix(prefix) => write!(f, "{prefix}*"),
-            PathPattern::Suffix(suffix) => write!(f, "*{suffix}"),
-            PathPattern::Exact(exact) => f.write_str(exact),
+            PathPattern::Plain(pattern) => pattern.fmt(f),
             PathPattern::Template { written, .. } => f.write_str(written),
         }
     }
@@ -165,6 +147,18 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// `written` parses, displays as written, matches each of `inside` and none of `outside`.
+    fn assert_matches(written: &str, inside: &[&str], outside: &[&str]) {
+        let p = pattern(written);
+        assert_eq!(p.to_string(), written);
+        for path in inside {
+            assert!(p.matches(path), "{written} should match {path}");
+        }
+        for path in outside {
+            assert!(!p.matches(path), "{written} should not match {path}");
+        }
+    }
+
     #[test]
     fn plain_patterns_are_istio_string_matches() {
         let table: &[(&str, &[&str], &[&str])] = &[
@@ -174,14 +168,7 @@ mod tests {
             ("/admin", &["/admin"], &["/admin/", "/Admin", "/admin/x"]),
         ];
         for (written, inside, outside) in table {
-            let p = pattern(written);
-            assert_eq!(p.to_string(), *written);
-            for path in *inside {
-                assert!(p.matches(path), "{written} should match {path}");
-            }
-            for path in *outside {
-                assert!(!p.matches(path), "{written} should not match {path}");
-            }
+            assert_matches(written, inside, outside);
         }
     }
 
@@ -215,15 +202,11 @@ mod tests {
             ),
         ];
         for (written, inside, outside) in table {
-            let p = pattern(written);
-            assert!(matches!(p, PathPattern::Template { .. }), "{written}");
-            assert_eq!(p.to_string(), *written);
-            for path in *inside {
-                assert!(p.matches(path), "{written} should match {path}");
-            }
-            for path in *outside {
-                assert!(!p.matches(path), "{written} should not match {path}");
-            }
+            assert!(
+                matches!(pattern(written), PathPattern::Template { .. }),
+                "{written}"
+            );
+            assert_matches(written, inside, outside);
         }
     }
 
