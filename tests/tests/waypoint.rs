@@ -713,6 +713,54 @@ fn grpc_unary_and_streaming_calls_routed_by_a_grpc_route() {
         v2 as u64 + 1,
         "NOT_FOUND: the checks v2 answered and the refused watch"
     );
+    grpc_method_denied_by_policy(&mut bed, &bin, &addr);
+}
+
+/// An `AuthorizationPolicy` denying the streaming method of the Service at `addr` (by its path,
+/// as Istio writes gRPC methods): the client gets `PERMISSION_DENIED` with Envoy's message, unary
+/// calls go on.
+fn grpc_method_denied_by_policy(bed: &mut Bed, bin: &std::path::Path, addr: &str) {
+    let client = bed.client().clone();
+    let deny = "  targetRefs: [{kind: Service, name: grpc}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/grpc.health.v1.Health/Watch]}}]\n";
+    bed.mesh
+        .files
+        .write("authz-grpc.yaml", &authz_policy(NS, "no-watch", deny))
+        .unwrap();
+    wait_for_policies(bed, 1);
+    let denied = client
+        .command(bin)
+        .args(["grpc", addr, "--service", "v2", "--watch"])
+        .output()
+        .expect("gRPC watch");
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success(), "the watch is denied");
+    assert!(
+        stderr.to_lowercase().contains("permission") && stderr.contains("RBAC: access denied"),
+        "{stderr}"
+    );
+    let unary = mesh_tests::process::run(client.command(bin).args([
+        "grpc",
+        addr,
+        "--service",
+        "v1",
+        "--count",
+        "1",
+    ]))
+    .expect("a unary call is still allowed");
+    assert!(
+        unary.contains("serving=") || unary.contains("not_found="),
+        "{unary}"
+    );
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    let denied_count = count(
+        &samples,
+        "istio_requests_total",
+        &[("request_protocol", "grpc"), ("grpc_response_status", "7")],
+    );
+    assert_eq!(
+        denied_count, 1,
+        "the denied watch, counted as PERMISSION_DENIED"
+    );
 }
 
 /// Whether a plain curl from `pod` to `target` gets an answer.
