@@ -172,8 +172,9 @@ impl fmt::Display for AuthzScope {
     }
 }
 
-/// An `AuthorizationPolicy`, as the agent evaluates it. Displayed as `namespace/name`;
-/// serialized (for the admin interface's config dump) with its rules as enforced.
+/// An `AuthorizationPolicy`, as the agents and the waypoints evaluate it. Displayed as
+/// `namespace/name`; serialized (for the admin interface's config dump) with its rules as
+/// enforced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AuthzPolicy {
     /// Namespace.
@@ -191,11 +192,13 @@ pub struct AuthzPolicy {
     /// through): an ALLOW or AUDIT rule with HTTP fields is left out (it matches nothing), a
     /// DENY rule keeps its L4 part.
     pub rules: Vec<AuthzRule>,
-    /// For a waypoint's policy (`targetRefs`): what it targets, and its rules as enforced on an
-    /// HTTP request, every field included.
+    /// For a waypoint's policy (`targetRefs`): what it targets (those that apply to nothing
+    /// are left out, with a warning).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<PolicyTarget>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// For a waypoint's policy: its rules as enforced on an HTTP request, every field included
+    /// (an ALLOW or AUDIT rule with a field nothing evaluates is left out).
+    #[serde(rename = "httpRules", skip_serializing_if = "Vec::is_empty")]
     pub http_rules: Vec<AuthzRule>,
     /// `namespace/name`, shared by the decisions that name the policy.
     #[serde(skip)]

@@ -459,3 +459,31 @@ fn a_service_policy_also_holds_for_its_pods_addresses() {
         ],
     );
 }
+
+#[test]
+fn a_waypoint_policy_serializes_for_the_config_dump() {
+    let p = policy(
+        "shop",
+        "web-viewer",
+        "  targetRefs: [{kind: Service, name: web}, {kind: ServiceEntry, group: networking.istio.io, name: x}]\n  rules:\n  - to: [{operation: {methods: [GET], hosts: [Web.Example], paths: [\"/a/{*}\"]}}]\n    when: [{key: \"request.headers[X-Team]\", notValues: [red]}]\n",
+    );
+    let state = cluster(&[&p]);
+    let dump = serde_json::to_value(&*state.authorization_policies()[0]).expect("serializes");
+    assert_eq!(
+        dump,
+        serde_json::json!({
+            "namespace": "shop",
+            "name": "web-viewer",
+            "action": "ALLOW",
+            "scope": "waypoint",
+            // On a connection, the ALLOW rule with HTTP fields matches nothing.
+            "rules": [],
+            "targets": [{"kind": "Service", "name": "web"}],
+            "httpRules": [{
+                "index": 0,
+                "to": [{"hosts": ["web.example"], "methods": ["GET"], "paths": ["/a/{*}"]}],
+                "when": [{"headers": [{"name": "x-team", "notValues": ["red"]}]}],
+            }],
+        })
+    );
+}
