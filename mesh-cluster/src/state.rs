@@ -47,7 +47,7 @@ pub struct ClusterState {
     http_routes: HttpRouteIndex,
     waypoints: WaypointIndex,
     bindings: Bindings,
-    /// For each pod (namespace, name) that a Service targeted by a waypoint's
+    /// For each pod (namespace, name) that a Service of its namespace targeted by a waypoint's
     /// `AuthorizationPolicy` serves: those Services (namespace, name), whose policies also
     /// hold for requests a waypoint takes to the pod's own address.
     policy_services: HashMap<(String, String), Vec<(String, String)>>,
@@ -184,7 +184,12 @@ impl ClusterState {
                 continue;
             };
             let key = (namespace.to_owned(), name.to_owned());
-            for workload in crate::waypoint::serving(service, &self.workloads) {
+            // Only pods of the Service's own namespace: a Service of another namespace whose
+            // `EndpointSlice` lists a pod's address would otherwise add its own (permissive)
+            // ALLOW policy to that pod's.
+            let serving = crate::waypoint::serving(service, &self.workloads)
+                .filter(|w| w.namespace == service.namespace);
+            for workload in serving {
                 let services = index
                     .entry((workload.namespace.clone(), workload.name.clone()))
                     .or_default();

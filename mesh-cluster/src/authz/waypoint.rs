@@ -7,9 +7,10 @@
 //! - `Gateway` (`gateway.networking.k8s.io`): every request and connection through that
 //!   waypoint;
 //! - `Service` (core): those addressed to that Service (its VIP and port), at whichever waypoint
-//!   serves it; and, stricter than Istio, those a waypoint takes to the address of a pod the
-//!   Service serves (a workload waypoint), so that dialling the pods does not dodge the
-//!   Service's policy;
+//!   serves it; and, stricter than Istio, those a waypoint takes to the address of a pod of
+//!   its namespace that the Service serves (a workload waypoint), so that dialling the pods
+//!   does not dodge the Service's policy (a Service of another namespace whose
+//!   `EndpointSlice` lists the pod cannot add its own);
 //! - `GatewayClass` `istio-waypoint` (`gateway.networking.k8s.io`), only from the root
 //!   namespace: every waypoint.
 //!

@@ -487,3 +487,43 @@ fn a_waypoint_policy_serializes_for_the_config_dump() {
         })
     );
 }
+
+#[test]
+fn a_service_of_another_namespace_cannot_lend_a_pod_its_policies() {
+    // Service `lure` of namespace `other` has no selector and an `EndpointSlice` listing the
+    // address of `shop/web`'s pod, and an ALLOW policy that allows everything. Were its policy
+    // counted for that pod, it would widen `web`'s ALLOW (GET only) for requests to the pod.
+    let lure = "apiVersion: v1\nkind: Service\nmetadata: {name: lure, namespace: other}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: lure-1, namespace: other, labels: {kubernetes.io/service-name: lure}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.1.1]}]\nports: [{name: http, port: 8080}]\n";
+    let open = policy(
+        "other",
+        "lure-open",
+        "  targetRefs: [{kind: Service, name: lure}]\n  rules: [{}]\n",
+    );
+    let web = policy(
+        "shop",
+        "web-get",
+        "  targetRefs: [{kind: Service, name: web}]\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
+    );
+    let state = cluster(&[lure, &open, &web]);
+    let lure_service = state
+        .service_by_hostname("lure.other.svc.cluster.local")
+        .expect("lure");
+    assert!(
+        lure_service.ports[0]
+            .endpoints
+            .iter()
+            .any(|e| e.addr.ip().to_string() == "10.0.1.1"),
+        "the lure lists the pod: {:?}",
+        lure_service.ports[0].endpoints
+    );
+    assert_table(
+        &state,
+        &[
+            (ask("web", "POST", "/").addressed_to_the_pod(), NO_ALLOW),
+            (
+                ask("web", "GET", "/").addressed_to_the_pod(),
+                ALLOWED_BY("shop/web-get"),
+            ),
+        ],
+    );
+}
