@@ -1,5 +1,6 @@
 //! `AuthorizationPolicy` at L4, as ztunnel enforces it: which policies apply to a destination
-//! workload, and whether they let a connection in ([`super::ClusterState::authorize`]).
+//! workload, and whether they let a connection in ([`super::ClusterState::authorize`]); and at
+//! the waypoints, on each request with its HTTP fields (the [`waypoint`] module).
 //!
 //! **Scope.** A policy in the root namespace ([`super::EnrollmentOptions::root_namespace`])
 //! without a selector (or with empty `matchLabels`) applies to every workload; with a selector,
