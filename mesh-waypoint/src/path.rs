@@ -1,28 +1,51 @@
-//! A request's path, normalized before anything reads it (policy, routes) and sent on so: as
-//! Envoy does with Istio's default (`BASE`, RFC 3986): percent-encoded unreserved characters
-//! decoded, other escapes in upper case, `.` and `..` segments removed. Otherwise a policy that
-//! denies `/admin` would let `/./admin`, `/x/../admin` or `/%61dmin` through to a server that
-//! reads them as `/admin`. Slashes are not merged and `%2F` stays encoded, as in `BASE`.
+//! A request's path, normalized before anything reads it (policy, routes) and sent on so. This
+//! is Istio's `MERGE_SLASHES`: its default `BASE` (Envoy's `normalize_path`: RFC 3986, with
+//! percent-encoded unreserved characters decoded, other escapes in upper case, `.` and `..`
+//! segments removed, and backslashes made slashes), then runs of slashes merged into one.
+//! Istio recommends `MERGE_SLASHES` against CVE-2021-31920; its default, `BASE`, lets
+//! `//admin` past a DENY on `/admin` to a server that merges slashes itself. Without
+//! normalization, `/./admin`, `/x/../admin`, `/%61dmin` or `/\admin` would pass it the same way.
+//! `%2F` stays encoded (Istio's `DECODE_AND_MERGE_SLASHES`, which may break applications, is
+//! not taken), and a path with `%00` is refused, as Istio refuses it.
 
 use std::borrow::Cow;
 
 use http::{uri::PathAndQuery, Uri};
 
-/// The normalized form of `path` (no query).
-pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
-    let decoded = decode_unreserved(path);
-    if !has_dot_segment(&decoded) {
-        return decoded;
+/// The normalized form of `path` (no query); `None` for a path Istio refuses (`%00`).
+pub(crate) fn normalize(path: &str) -> Option<Cow<'_, str>> {
+    if path
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+    {
+        return None;
     }
-    Cow::Owned(remove_dot_segments(&decoded))
+    let decoded = decode_unreserved(path);
+    let slashed = if decoded.contains('\\') {
+        Cow::Owned(decoded.replace('\\', "/"))
+    } else {
+        decoded
+    };
+    let dotted = if has_dot_segment(&slashed) {
+        Cow::Owned(remove_dot_segments(&slashed))
+    } else {
+        slashed
+    };
+    Some(if dotted.contains("//") {
+        Cow::Owned(merge_slashes(&dotted))
+    } else {
+        dotted
+    })
 }
 
-/// Rewrites `uri`'s path to its normalized form; `false` when the result is not a valid URI
-/// (the request is then refused).
+/// Rewrites `uri`'s path to its normalized form; `false` when the path is refused or the result
+/// is not a valid URI (the request then gets 400).
 pub(crate) fn normalize_uri(uri: &mut Uri) -> bool {
     let normalized = match normalize(uri.path()) {
-        Cow::Borrowed(_) => return true,
-        Cow::Owned(path) => path,
+        None => return false,
+        Some(Cow::Borrowed(_)) => return true,
+        Some(Cow::Owned(path)) => path,
     };
     let with_query = match uri.query() {
         Some(query) => format!("{normalized}?{query}"),
@@ -40,6 +63,17 @@ pub(crate) fn normalize_uri(uri: &mut Uri) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// `path` with each run of slashes made one.
+fn merge_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if c != '/' || !out.ends_with('/') {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn is_unreserved(byte: u8) -> bool {
@@ -137,16 +171,23 @@ mod tests {
             ("/x/%2e%2e/admin", "/admin"),
             ("/a%2fb", "/a%2Fb"),
             ("/a%2Fb/../c", "/c"),
-            ("//admin", "//admin"),
+            ("//admin", "/admin"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a//../b", "/a/b"),
+            ("/\\admin", "/admin"),
+            ("/a\\..\\admin", "/admin"),
             ("/a%", "/a%"),
             ("/a%4", "/a%4"),
             ("/a%zz", "/a%zz"),
             ("/caf%C3%A9", "/caf%C3%A9"),
             ("/..a/b..", "/..a/b.."),
         ] {
-            assert_eq!(normalize(raw), normalized, "{raw}");
+            assert_eq!(normalize(raw).as_deref(), Some(normalized), "{raw}");
         }
-        assert!(matches!(normalize("/plain/path"), Cow::Borrowed(_)));
+        for refused in ["/a%00", "/%00/b", "/a/%00?x"] {
+            assert_eq!(normalize(refused), None, "{refused}");
+        }
+        assert!(matches!(normalize("/plain/path"), Some(Cow::Borrowed(_))));
     }
 
     #[test]
@@ -157,5 +198,7 @@ mod tests {
         let mut uri: Uri = "/%61?q".parse().unwrap();
         assert!(normalize_uri(&mut uri));
         assert_eq!(uri.to_string(), "/a?q");
+        let mut uri: Uri = "/a%00b".parse().unwrap();
+        assert!(!normalize_uri(&mut uri), "refused");
     }
 }

@@ -375,18 +375,18 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
     }));
     create(mesh, &policies, &policy, "the AuthorizationPolicy");
     let statuses = format!(
-        "for req in 'GET /x' 'POST /x' 'GET /admin' 'GET /%61dmin/a' 'GET /b/../admin'; do \
+        "for req in 'GET /x' 'POST /x' 'GET /admin' 'GET /%61dmin/a' 'GET /b/../admin' 'GET //admin'; do \
          set -- $req; curl -sS --max-time 10 --path-as-is -X $1 -o /dev/null -w '%{{http_code}}\n' \
          http://{vip}$2 || exit 1; done"
     );
     until_seen(mesh, 0, "authz", &statuses, |seen| {
-        seen == ["200", "403", "403", "403", "403"]
+        seen == ["200", "403", "403", "403", "403", "403"]
     });
     mesh.cp
         .block_on(policies.delete("web-read-only", &DeleteParams::default()))
         .expect("policy deleted");
     until_seen(mesh, 0, "unauthz", &statuses, |seen| {
-        seen == ["200", "200", "200", "200", "200"]
+        seen == ["200", "200", "200", "200", "200", "200"]
     });
 }
 

@@ -1423,7 +1423,8 @@ fn wait_for_policies(bed: &mut Bed, count: usize) {
 fn authorization_policies_at_the_waypoint_enforce_http_fields_whatever_the_path_spelling() {
     // Before, a policy with `targetRefs` was enforced nowhere: every request below reached a
     // backend. Now the waypoint enforces it on each request, with its HTTP fields, on the path
-    // as it normalizes it (and sends on), so `/./admin` or `/%61dmin` are `/admin`.
+    // as it normalizes it (and sends on), so `/./admin`, `/%61dmin`, `//admin` or `/\admin`
+    // are `/admin`; a path with `%00` is refused.
     let mut bed = bed(&canary_route());
     let client = bed.client().clone();
     let principal = format!("cluster.local/ns/{NS}/sa/sa-{}", client.name);
@@ -1487,6 +1488,9 @@ fn authorization_policies_at_the_waypoint_enforce_http_fields_whatever_the_path_
         ("GET", "/x/../admin", true, "403"),
         ("GET", "/%61dmin", true, "403"),
         ("GET", "/%2e%2e/admin/users", true, "403"),
+        ("GET", "//admin", true, "403"),
+        ("GET", "/\\admin", true, "403"),
+        ("GET", "/x%00y", true, "400"),
         ("GET", "/administrator", true, "200"),
         ("GET", "/gw/a/blocked", true, "403"),
         ("GET", "/gw/a/b/blocked", true, "200"),
@@ -1535,7 +1539,7 @@ fn authorization_policies_at_the_waypoint_enforce_http_fields_whatever_the_path_
             .map(|r| r["authz"].as_str().unwrap_or("-").to_owned())
             .collect()
     };
-    assert_eq!(authz_of("/admin"), ["denied by mesh/web-deny-admin"; 4]);
+    assert_eq!(authz_of("/admin"), ["denied by mesh/web-deny-admin"; 6]);
     assert_eq!(authz_of("/gw/a/blocked"), ["denied by plain/wp-deny"]);
     assert!(
         authz_of("/").contains(&"denied: no ALLOW policy matched".to_owned()),
