@@ -156,12 +156,14 @@ fn rule_from(
     ((!dropped).then_some(enforced), unenforced)
 }
 
-/// A service account of a rule of a policy in `namespace` (where `name` alone is).
-fn account_match(sa: &k8s::ServiceAccountRef, namespace: &str) -> ServiceAccountMatch {
-    ServiceAccountMatch {
-        namespace: sa.namespace.as_deref().unwrap_or(namespace).to_owned(),
-        name: sa.name.clone(),
-    }
+/// The service accounts of a rule of a policy in `namespace` (where `name` alone is).
+fn accounts(list: &[k8s::ServiceAccountRef], namespace: &str) -> Vec<ServiceAccountMatch> {
+    list.iter()
+        .map(|sa| ServiceAccountMatch {
+            namespace: sa.namespace.as_deref().unwrap_or(namespace).to_owned(),
+            name: sa.name.clone(),
+        })
+        .collect()
 }
 
 /// A `from[].source` as enforced at `layer`; the fields it cannot enforce are pushed to
@@ -172,16 +174,13 @@ fn source_match(
     layer: Layer,
     (at, unenforced): (&str, &mut Vec<String>),
 ) -> AuthzMatch {
-    let accounts = |list: &[k8s::ServiceAccountRef]| {
-        list.iter().map(|sa| account_match(sa, namespace)).collect()
-    };
     let mut m = AuthzMatch {
         principals: patterns(&source.principals),
         not_principals: patterns(&source.not_principals),
         namespaces: patterns(&source.namespaces),
         not_namespaces: patterns(&source.not_namespaces),
-        service_accounts: accounts(&source.service_accounts),
-        not_service_accounts: accounts(&source.not_service_accounts),
+        service_accounts: accounts(&source.service_accounts, namespace),
+        not_service_accounts: accounts(&source.not_service_accounts, namespace),
         source_ips: source.ip_blocks.clone(),
         not_source_ips: source.not_ip_blocks.clone(),
         ..AuthzMatch::default()
@@ -268,10 +267,8 @@ fn condition_match(
             (m.remote_ips, m.not_remote_ips) = (values.clone(), not_values.clone());
         }
         Attribute::SourceServiceAccount(Values { values, not_values }) if request => {
-            let accounts = |list: &[k8s::ServiceAccountRef]| {
-                list.iter().map(|sa| account_match(sa, namespace)).collect()
-            };
-            (m.service_accounts, m.not_service_accounts) = (accounts(values), accounts(not_values));
+            (m.service_accounts, m.not_service_accounts) =
+                (accounts(values, namespace), accounts(not_values, namespace));
         }
         Attribute::RequestHeader { name, values } if request => {
             m.headers.push(HeaderMatch {
