@@ -136,6 +136,7 @@ impl Publisher {
             services = state.services().len(),
             peer_authentications = state.peer_authentications().len(),
             authorization_policies = state.authorization_policies().len(),
+            request_authentications = state.request_authentications(),
             errors = state.errors().len(),
             warnings = state.warnings().len(),
             "cluster state updated"

@@ -45,14 +45,15 @@
 //! Addresses compare IPv4-mapped IPv6 addresses as IPv4. The agent does not change a policy's
 //! meaning otherwise.
 
-use std::{collections::HashMap, fmt, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, fmt, net::IpAddr, sync::Arc};
 
 use mesh_identity::Identity;
 use serde::{Serialize, Serializer};
 
 use super::{
+    authn::VerifiedJwt,
     error::StateError,
-    k8s::{self, AuthzAction, Labels},
+    k8s::{self, AuthAttribute, AuthzAction, Labels},
     model::Workload,
 };
 pub use crate::ip_block::IpBlock;
@@ -328,10 +329,52 @@ pub struct AuthzMatch {
     /// HTTP: `request.headers[...]` conditions.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
-    /// HTTP: attributes a request never has here (a JWT's: `requestPrincipals`,
-    /// `request.auth.*`; `connection.sni`) of which the match asks a value: it matches nothing.
+    /// HTTP: the verified JWT's attributes (`requestPrincipals`, `request.auth.*`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request_auth: Vec<AuthMatch>,
+    /// HTTP: attributes a request never has here (`connection.sni`) of which the match asks a
+    /// value: it matches nothing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub requires_absent: Vec<String>,
+}
+
+/// A condition on the request's verified JWT: one of `values` must match one of the
+/// attribute's values, none of `not_values` any; a request without a JWT has no value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthMatch {
+    /// What it reads of the JWT.
+    pub attribute: AuthAttribute,
+    /// `values`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<StringMatch>,
+    /// `notValues`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<StringMatch>,
+}
+
+impl AuthMatch {
+    fn matches(&self, jwt: Option<&VerifiedJwt>) -> bool {
+        let found: Vec<Cow<'_, str>> = match (jwt, &self.attribute) {
+            (None, _) => Vec::new(),
+            (Some(jwt), AuthAttribute::Principal) => vec![Cow::Borrowed(jwt.principal.as_str())],
+            (Some(jwt), AuthAttribute::Audiences) => jwt
+                .audiences
+                .iter()
+                .map(|a| Cow::Borrowed(a.as_str()))
+                .collect(),
+            (Some(jwt), AuthAttribute::Presenter) => jwt
+                .presenter
+                .iter()
+                .map(|p| Cow::Borrowed(p.as_str()))
+                .collect(),
+            (Some(jwt), AuthAttribute::Claim(path)) => {
+                jwt.claim(path).into_iter().map(Cow::Owned).collect()
+            }
+        };
+        let matches = |m: &StringMatch| found.iter().any(|v| m.matches(v));
+        check(&self.values, &self.not_values, matches)
+    }
 }
 
 /// A `request.headers[name]` condition: one of `values` must match the header (its values
@@ -382,6 +425,10 @@ impl AuthzMatch {
         let method = |m: &StringMatch| http.is_some_and(|h| m.matches(h.method));
         let path = |p: &PathPattern| http.is_some_and(|h| p.matches(h.path));
         self.requires_absent.is_empty()
+            && self
+                .request_auth
+                .iter()
+                .all(|m| m.matches(http.and_then(|h| h.jwt)))
             && check(&self.remote_ips, &self.not_remote_ips, remote_ip)
             && check(&self.hosts, &self.not_hosts, host)
             && check(&self.methods, &self.not_methods, method)

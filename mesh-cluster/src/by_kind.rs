@@ -26,6 +26,7 @@ pub(crate) struct ByKind<'a> {
     pub(crate) virtual_services: Named<'a, k8s::VirtualService>,
     pub(crate) destination_rules: Named<'a, k8s::DestinationRule>,
     pub(crate) reference_grants: Named<'a, k8s::ReferenceGrant>,
+    pub(crate) request_authns: Named<'a, k8s::RequestAuthentication>,
 }
 
 impl<'a> ByKind<'a> {
@@ -50,6 +51,7 @@ impl<'a> ByKind<'a> {
                 Object::VirtualService(o) => put(&mut sorted.virtual_services, &o.metadata, o),
                 Object::DestinationRule(o) => put(&mut sorted.destination_rules, &o.metadata, o),
                 Object::ReferenceGrant(o) => put(&mut sorted.reference_grants, &o.metadata, o),
+                Object::RequestAuthentication(o) => put(&mut sorted.request_authns, &o.metadata, o),
             };
             if duplicate {
                 return Err(StateError::Duplicate {

@@ -368,10 +368,15 @@ pub enum Attribute {
         name: String,
         values: Values<String>,
     },
-    /// `request.auth.*` and `request.auth.claims[...]` (a JWT's, L7), `connection.sni` (L7):
-    /// attributes the waypoint never has (it validates no JWT; the HTTP inside a tunnel is not
-    /// TLS), so a value never matches and a `notValues` always passes, as in Istio without a
-    /// `RequestAuthentication`.
+    /// `request.auth.principal`, `request.auth.audiences`, `request.auth.presenter` and
+    /// `request.auth.claims[...]` (L7): of the request's verified JWT (`RequestAuthentication`);
+    /// a request without one has no value (a value never matches, a `notValues` passes).
+    RequestAuth {
+        attribute: AuthAttribute,
+        values: Values<String>,
+    },
+    /// `connection.sni` (L7): an attribute the waypoint never has (the HTTP inside a tunnel is
+    /// not TLS), so a value never matches and a `notValues` always passes.
     Absent(Values<String>),
     /// `experimental.envoy.filters.*` and `request.experimental.inline.headers[...]`: Envoy's
     /// internals, which nothing here evaluates; values checked as Istio does, not kept.
@@ -384,12 +389,28 @@ impl Attribute {
         matches!(
             self,
             Attribute::RemoteIp(_)
+                | Attribute::RequestAuth { .. }
                 | Attribute::SourceServiceAccount(_)
                 | Attribute::RequestHeader { .. }
                 | Attribute::Absent(_)
                 | Attribute::Unevaluated
         )
     }
+}
+
+/// What a `request.auth.*` condition (or `requestPrincipals`) reads of a verified JWT.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthAttribute {
+    /// `iss/sub`.
+    Principal,
+    /// Each of `aud`.
+    Audiences,
+    /// `azp`.
+    Presenter,
+    /// A claim, by its names from the top (`request.auth.claims[a][b]`: `a`, `b`); a list
+    /// claim matches when one of its values does.
+    Claim(Vec<String>),
 }
 
 /// `values` and `notValues` of a condition.
@@ -496,6 +517,14 @@ pub(crate) struct SelectorFields {
     _match_expressions: Option<NoExpressions>,
 }
 
+impl SelectorFields {
+    pub(crate) fn into_selector(self) -> WorkloadSelector {
+        WorkloadSelector {
+            match_labels: self.match_labels,
+        }
+    }
+}
+
 /// `provider`: refused unless `null` (it only goes with CUSTOM).
 struct NoProvider;
 
@@ -551,9 +580,7 @@ impl Checked for AuthorizationPolicySpec {
             return Err(AuthzSchemaError::SelectorAndTargetRef(target_field));
         }
         Ok(Self {
-            selector: fields.selector.map(|s| WorkloadSelector {
-                match_labels: s.match_labels,
-            }),
+            selector: fields.selector.map(SelectorFields::into_selector),
             target_refs,
             action: fields.action,
             rules: fields.rules.0,
@@ -747,10 +774,19 @@ impl Checked for Condition {
             "source.principal" => Attribute::SourcePrincipal(values),
             "remote.ip" => Attribute::RemoteIp(typed(&values)?),
             "source.serviceAccount" => Attribute::SourceServiceAccount(typed(&values)?),
-            "request.auth.principal"
-            | "request.auth.audiences"
-            | "request.auth.presenter"
-            | "connection.sni" => Attribute::Absent(values),
+            "request.auth.principal" => Attribute::RequestAuth {
+                attribute: AuthAttribute::Principal,
+                values,
+            },
+            "request.auth.audiences" => Attribute::RequestAuth {
+                attribute: AuthAttribute::Audiences,
+                values,
+            },
+            "request.auth.presenter" => Attribute::RequestAuth {
+                attribute: AuthAttribute::Presenter,
+                values,
+            },
+            "connection.sni" => Attribute::Absent(values),
             "destination.namespace" => return Err(unsupported("use metadata.namespace")),
             "destination.name" | "destination.user" => {
                 return Err(unsupported("only in Istio's v1alpha1 RBAC"))
@@ -768,9 +804,21 @@ impl Checked for Condition {
                 }
                 Attribute::RequestHeader { name, values }
             }
-            _ if key.starts_with("request.auth.claims") => {
-                check_map_key(&key)?;
-                Attribute::Absent(values)
+            _ if key.starts_with("request.auth.claims[") => {
+                let path: Vec<String> = check_map_key(&key)?
+                    .split("][")
+                    .map(str::to_owned)
+                    .collect();
+                if path
+                    .iter()
+                    .any(|name| name.is_empty() || name.contains(['[', ']']))
+                {
+                    return Err(AuthzSchemaError::BadMapKey(key));
+                }
+                Attribute::RequestAuth {
+                    attribute: AuthAttribute::Claim(path),
+                    values,
+                }
             }
             _ if MAP_KEY_PREFIXES
                 .iter()

@@ -39,11 +39,16 @@ use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS}
 pub use super::istio::{
     MutualTls, PeerAuthMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
 };
+use super::istio_authn::REQUEST_AUTHENTICATION_VERSIONS;
+pub use super::istio_authn::{
+    AuthnSchemaError, ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication,
+    RequestAuthenticationSpec,
+};
 use super::istio_authz::AUTHORIZATION_POLICY_VERSIONS;
 pub use super::istio_authz::{
-    Attribute, AuthorizationPolicy, AuthorizationPolicySpec, AuthzAction, AuthzSchemaError,
-    Condition, Operation, PolicyTargetRef, Rule, RuleFrom, RuleTo, ServiceAccountRef, Source,
-    Values,
+    Attribute, AuthAttribute, AuthorizationPolicy, AuthorizationPolicySpec, AuthzAction,
+    AuthzSchemaError, Condition, Operation, PolicyTargetRef, Rule, RuleFrom, RuleTo,
+    ServiceAccountRef, Source, Values,
 };
 use super::istio_traffic::ISTIO_NETWORKING_VERSIONS;
 pub use super::istio_traffic::{
@@ -87,6 +92,8 @@ pub enum Object {
     DestinationRule(DestinationRule),
     /// A `gateway.networking.k8s.io` `ReferenceGrant`.
     ReferenceGrant(ReferenceGrant),
+    /// A `security.istio.io` `RequestAuthentication`.
+    RequestAuthentication(RequestAuthentication),
 }
 
 impl Object {
@@ -109,6 +116,9 @@ impl Object {
             Object::VirtualService(o) => ObjectRef::namespaced(Kind::VirtualService, &o.metadata),
             Object::DestinationRule(o) => ObjectRef::namespaced(Kind::DestinationRule, &o.metadata),
             Object::ReferenceGrant(o) => ObjectRef::namespaced(Kind::ReferenceGrant, &o.metadata),
+            Object::RequestAuthentication(o) => {
+                ObjectRef::namespaced(Kind::RequestAuthentication, &o.metadata)
+            }
         }
     }
 }
@@ -208,6 +218,11 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         }
         (version, "ReferenceGrant") if REFERENCE_GRANT_VERSIONS.contains(&version) => {
             Some(Kind::ReferenceGrant)
+        }
+        (version, "RequestAuthentication")
+            if REQUEST_AUTHENTICATION_VERSIONS.contains(&version) =>
+        {
+            Some(Kind::RequestAuthentication)
         }
         _ => None,
     }
@@ -454,7 +469,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::GrpcRoute
         | Kind::VirtualService
         | Kind::DestinationRule
-        | Kind::ReferenceGrant => {
+        | Kind::ReferenceGrant
+        | Kind::RequestAuthentication => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -501,6 +517,9 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 }
                 Kind::ReferenceGrant => {
                     Object::ReferenceGrant(ReferenceGrant::deserialize(deserializer)?)
+                }
+                Kind::RequestAuthentication => {
+                    Object::RequestAuthentication(RequestAuthentication::deserialize(deserializer)?)
                 }
             },
         }))

@@ -448,6 +448,7 @@ fn watched_kinds(routes: bool) -> Vec<Kind> {
             Kind::VirtualService,
             Kind::DestinationRule,
             Kind::ReferenceGrant,
+            Kind::RequestAuthentication,
         ]);
     }
     kinds
@@ -486,6 +487,12 @@ fn dynamic_resource(kind: Kind) -> Option<ApiResource> {
             "v1beta1",
             "ReferenceGrant",
             "referencegrants",
+        ),
+        Kind::RequestAuthentication => (
+            "security.istio.io",
+            "v1",
+            "RequestAuthentication",
+            "requestauthentications",
         ),
         Kind::VirtualService => (
             "networking.istio.io",

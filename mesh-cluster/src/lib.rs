@@ -44,6 +44,7 @@
 
 mod address;
 mod assemble;
+pub mod authn;
 pub mod authz;
 mod by_kind;
 mod decision;
@@ -54,6 +55,7 @@ mod gateway_api;
 pub mod http_route;
 pub mod ip_block;
 mod istio;
+mod istio_authn;
 mod istio_authz;
 mod istio_traffic;
 pub mod k8s;
@@ -66,6 +68,7 @@ mod names;
 mod options;
 pub mod path_pattern;
 pub mod peer_auth;
+mod policy_target;
 mod reference_grant;
 mod schema;
 mod state;
@@ -73,10 +76,11 @@ pub mod string_match;
 mod translate;
 pub mod waypoint;
 
+pub use authn::{Authenticated, JwtRefusal, TokenSource, VerifiedJwt};
 pub use authz::{
-    AuthzDecision, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, ConnFacts, DecisionReason,
-    HeaderMatch, HttpFacts, IpBlock, PathPattern, PolicyTarget, ServiceAccountMatch, StringMatch,
-    Verdict, WaypointFacts,
+    AuthMatch, AuthzDecision, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, ConnFacts,
+    DecisionReason, HeaderMatch, HttpFacts, IpBlock, PathPattern, PolicyTarget,
+    ServiceAccountMatch, StringMatch, Verdict, WaypointFacts,
 };
 pub use decision::{Inbound, Origin};
 pub use endpoints::SERVICE_NAME_LABEL;

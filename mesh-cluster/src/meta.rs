@@ -42,6 +42,8 @@ pub enum Kind {
     DestinationRule,
     /// `ReferenceGrant` (`gateway.networking.k8s.io`).
     ReferenceGrant,
+    /// `RequestAuthentication` (`security.istio.io`).
+    RequestAuthentication,
 }
 
 impl fmt::Display for Kind {
@@ -59,6 +61,7 @@ impl fmt::Display for Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::RequestAuthentication => "RequestAuthentication",
         })
     }
 }

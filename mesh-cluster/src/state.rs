@@ -14,6 +14,7 @@ use std::{
 };
 
 use super::{
+    authn::{AuthnIndex, JwtProvider},
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts, PolicyTarget, WaypointFacts},
     by_kind::{ByKind, Named},
     endpoints::{BuiltPod, SliceIndex},
@@ -44,6 +45,7 @@ pub struct ClusterState {
     by_addr: HashMap<SocketAddr, (Arc<Service>, usize)>,
     peer_auth: PeerAuthIndex,
     authz: AuthzIndex,
+    authn: AuthnIndex,
     http_routes: HttpRouteIndex,
     waypoints: WaypointIndex,
     bindings: Bindings,
@@ -78,6 +80,7 @@ impl ClusterState {
             virtual_services,
             destination_rules,
             reference_grants,
+            request_authns,
         } = ByKind::sort(objects)?;
         for namespace in namespaces.values() {
             let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
@@ -101,6 +104,7 @@ impl ClusterState {
             by_addr: HashMap::new(),
             peer_auth: PeerAuthIndex::default(),
             authz: AuthzIndex::default(),
+            authn: AuthnIndex::default(),
             http_routes: HttpRouteIndex::default(),
             waypoints: WaypointIndex::default(),
             bindings: Bindings::default(),
@@ -130,6 +134,7 @@ impl ClusterState {
             &state.workloads,
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
+        state.authn = AuthnIndex::build(request_authns.into_values(), &opts.root_namespace)?;
         state.index_routes(
             (&http_routes, &grpc_routes),
             (&virtual_services, &destination_rules),
@@ -155,6 +160,7 @@ impl ClusterState {
             slices.warnings,
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
+            state.authn.warnings().to_vec(),
             unenforced,
             state.http_routes.warnings().to_vec(),
             state.waypoints.warnings().to_vec(),
@@ -166,15 +172,12 @@ impl ClusterState {
     /// The pods served by Services that waypoints' policies target, with those Services.
     fn index_policy_services(&self) -> HashMap<(String, String), Vec<(String, String)>> {
         let mut index: HashMap<(String, String), Vec<(String, String)>> = HashMap::new();
-        let targeted = self.authz.policies().iter().flat_map(|policy| {
-            policy
-                .targets
-                .iter()
-                .filter_map(move |target| match target {
-                    PolicyTarget::Service(name) => Some((policy.namespace.as_str(), name.as_str())),
-                    PolicyTarget::Gateway(_) | PolicyTarget::GatewayClass(_) => None,
-                })
-        });
+        let targeted = self
+            .waypoint_policy_targets()
+            .filter_map(|(_, namespace, target)| match target {
+                PolicyTarget::Service(name) => Some((namespace, name.as_str())),
+                PolicyTarget::Gateway(_) | PolicyTarget::GatewayClass(_) => None,
+            });
         for (namespace, name) in targeted {
             let Some(service) = self
                 .services
@@ -201,15 +204,35 @@ impl ClusterState {
         index
     }
 
-    /// A warning for each target of a waypoint's `AuthorizationPolicy` that nothing enforces:
+    /// Each target of the waypoints' policies (`AuthorizationPolicy`, `RequestAuthentication`):
+    /// the policy (`Kind namespace/name`), its namespace and the target.
+    fn waypoint_policy_targets(&self) -> impl Iterator<Item = (String, &str, &PolicyTarget)> {
+        let authorization = self.authz.policies().iter().flat_map(|policy| {
+            let what = format!("AuthorizationPolicy {policy}");
+            let namespace = policy.namespace.as_str();
+            policy
+                .targets
+                .iter()
+                .map(move |target| (what.clone(), namespace, target))
+        });
+        let authentication = self.authn.all().iter().flat_map(|ra| {
+            let what = format!("RequestAuthentication {}", ra.key);
+            let namespace = ra.namespace.as_str();
+            ra.targets
+                .iter()
+                .map(move |target| (what.clone(), namespace, target))
+        });
+        authorization.chain(authentication)
+    }
+
+    /// A warning for each target of a waypoint's policy that nothing enforces:
     /// a Service that no waypoint serves (its traffic goes straight to its pods, whose agents
     /// do not read such a policy), a `Gateway` that is no waypoint. Istio users hit exactly
     /// this: the policy is in the cluster and nothing enforces it.
     fn unenforced_waypoint_policies(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        for policy in self.authz.policies() {
-            let namespace = policy.namespace.as_str();
-            for target in &policy.targets {
+        for (policy, namespace, target) in self.waypoint_policy_targets() {
+            {
                 match target {
                     PolicyTarget::Service(name) => {
                         let unbound = self
@@ -221,7 +244,7 @@ impl ClusterState {
                             });
                         if unbound {
                             warnings.push(format!(
-                                "AuthorizationPolicy {policy} targets Service {namespace}/{name}, \
+                                "{policy} targets Service {namespace}/{name}, \
                                  which no waypoint serves: nothing enforces it (bind the Service \
                                  to a waypoint with `istio.io/use-waypoint`, or use a selector)"
                             ));
@@ -234,7 +257,7 @@ impl ClusterState {
                             .any(|w| w.namespace == namespace && &w.name == name);
                         if !known {
                             warnings.push(format!(
-                                "AuthorizationPolicy {policy} targets Gateway {namespace}/{name}, \
+                                "{policy} targets Gateway {namespace}/{name}, \
                                  which is not a waypoint (class `istio-waypoint`): nothing \
                                  enforces it"
                             ));
@@ -479,6 +502,11 @@ impl ClusterState {
         self.authz.policies()
     }
 
+    /// How many `RequestAuthentications` there are.
+    pub fn request_authentications(&self) -> usize {
+        self.authn.all().len()
+    }
+
     /// Whether the `AuthorizationPolicies` let `conn` in, as ztunnel decides at L4: denied if a
     /// DENY policy that applies to the destination workload matches; else, if ALLOW policies
     /// apply, allowed only if one matches; else allowed. AUDIT policies that match are listed
@@ -502,28 +530,82 @@ impl ClusterState {
         service: Option<&Service>,
         facts: &WaypointFacts<'_>,
     ) -> AuthzDecision {
-        let addressed;
-        let of_pod: Vec<(&str, &str)>;
-        let serving: &[(&str, &str)] = if let Some(s) = service {
-            addressed = [(s.namespace.as_str(), s.name.as_str())];
-            &addressed
-        } else {
-            of_pod = self
-                .workload_by_ip(facts.dst.ip())
-                .and_then(|w| {
-                    self.policy_services
-                        .get(&(w.namespace.clone(), w.name.clone()))
-                })
-                .map(|services| {
-                    services
-                        .iter()
-                        .map(|(ns, name)| (ns.as_str(), name.as_str()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            &of_pod
+        let serving = self.policy_services_of(service, facts.dst.ip());
+        self.authz.decide_at_waypoint(waypoint, &serving, facts)
+    }
+
+    /// The Services whose waypoint policies apply to a request: `service`, when addressed to
+    /// one; else the Services of the pod at `dst` that waypoints' policies target.
+    fn policy_services_of<'s>(
+        &'s self,
+        service: Option<&'s Service>,
+        dst: IpAddr,
+    ) -> Vec<(&'s str, &'s str)> {
+        if let Some(s) = service {
+            return vec![(s.namespace.as_str(), s.name.as_str())];
+        }
+        self.workload_by_ip(dst)
+            .and_then(|w| {
+                self.policy_services
+                    .get(&(w.namespace.clone(), w.name.clone()))
+            })
+            .map(|services| {
+                services
+                    .iter()
+                    .map(|(ns, name)| (ns.as_str(), name.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The `jwksUri`s of the `RequestAuthentication` rules waypoint `namespace/name` may
+    /// apply (its class's, its own, its Services'), with their fetch `timeout`s, each once.
+    pub fn jwks_uris_at_waypoint(
+        &self,
+        (namespace, name): (&str, &str),
+    ) -> Vec<(String, Option<std::time::Duration>)> {
+        let ours = |ra_namespace: &str, target: &PolicyTarget| match target {
+            PolicyTarget::GatewayClass(_) => true,
+            PolicyTarget::Gateway(gateway) => ra_namespace == namespace && gateway == name,
+            PolicyTarget::Service(service) => self
+                .services
+                .iter()
+                .find(|s| s.namespace == ra_namespace && &s.name == service)
+                .is_some_and(|s| match self.service_waypoint(s) {
+                    WaypointBinding::Bound(w) => w.namespace == namespace && w.name == name,
+                    _ => false,
+                }),
         };
-        self.authz.decide_at_waypoint(waypoint, serving, facts)
+        let mut uris: Vec<(String, Option<std::time::Duration>)> = Vec::new();
+        for ra in self.authn.all() {
+            if !ra.targets.iter().any(|t| ours(&ra.namespace, t)) {
+                continue;
+            }
+            for provider in &ra.providers {
+                if let crate::authn::JwtKeys::Remote(uri) = &provider.keys {
+                    if !uris.iter().any(|(u, _)| u == uri) {
+                        uris.push((uri.clone(), provider.timeout));
+                    }
+                }
+            }
+        }
+        uris
+    }
+
+    /// The `RequestAuthentication` rules that apply at waypoint `namespace/name` to a request
+    /// for `service` (or, `None`, for the pod at `dst`), in order; see [`super::authn`]. Check
+    /// a request's tokens against them with [`super::authn::authenticate`].
+    pub fn jwt_rules_at_waypoint(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<&Service>,
+        dst: IpAddr,
+    ) -> Vec<&JwtProvider> {
+        if self.authn.all().is_empty() {
+            return Vec::new();
+        }
+        let serving = self.policy_services_of(service, dst);
+        self.authn.providers(waypoint, &serving)
     }
 
     /// What a waypoint does with an HTTP `request` for `service`'s `port` from a client in

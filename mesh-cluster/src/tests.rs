@@ -2047,7 +2047,7 @@ fn policies_of_different_levels_or_namespaces_do_not_conflict() {
 #[test]
 fn peer_authentications_are_listed_with_their_scope() {
     let objects = parse_documents("peer-authentication.yaml", PEER_AUTHENTICATION).expect("parses");
-    assert_eq!(objects.len(), 3, "the RequestAuthentication is skipped");
+    assert_eq!(objects.len(), 3, "the Telemetry is skipped");
     let mut all = parse(CLUSTER);
     all.extend(objects);
     let state = ClusterState::build(&all, &opts()).expect("builds");

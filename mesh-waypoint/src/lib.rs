@@ -34,6 +34,7 @@ mod balance;
 mod body;
 mod filters;
 mod grpc_reply;
+mod jwks;
 mod listener;
 mod path;
 mod protocol;
@@ -115,4 +116,6 @@ pub(crate) struct Ctx {
     pub(crate) balancer: Arc<balance::Balancer>,
     /// Permits for mirrored requests in flight ([`WaypointConfig::max_mirrors_in_flight`]).
     pub(crate) mirrors: Arc<tokio::sync::Semaphore>,
+    /// The key sets of `RequestAuthentication` rules with `jwksUri`.
+    pub(crate) jwks: Arc<jwks::JwksCache>,
 }

@@ -170,7 +170,14 @@ pub async fn serve(
     let mirrors = Arc::new(tokio::sync::Semaphore::new(
         config.max_mirrors_in_flight as usize,
     ));
+    let jwks = Arc::new(crate::jwks::JwksCache::default());
+    let _jwks_task = AbortOnDrop(tokio::spawn(crate::jwks::keep_fetched(
+        Arc::clone(&jwks),
+        (config.namespace.clone(), config.name.clone()),
+        state.clone(),
+    )));
     let ctx = Arc::new(Ctx {
+        jwks,
         config,
         state,
         upstream,
@@ -191,15 +198,7 @@ pub async fn serve(
             () = &mut shutdown => {
                 drop(listener);
                 admin_ready.store(false, Ordering::Relaxed);
-                ctx.drain.run(drain_timeout).await;
-                // The last spans and access log lines out; both block, so not on a runtime
-                // worker.
-                let reporters = Arc::clone(&ctx.reporters);
-                let _ = tokio::task::spawn_blocking(move || {
-                    reporters.tracer.shutdown();
-                    reporters.access_log.close();
-                })
-                .await;
+                shut_down(&ctx, drain_timeout).await;
                 return Ok(());
             }
             accepted = listener.accept() => match accepted {
@@ -217,6 +216,18 @@ pub async fn serve(
             },
         }
     }
+}
+
+/// Lets the requests in flight finish (within `drain_timeout`), then sends the last spans and
+/// access log lines out (both block, so not on a runtime worker).
+async fn shut_down(ctx: &Ctx, drain_timeout: Duration) {
+    ctx.drain.run(drain_timeout).await;
+    let reporters = Arc::clone(&ctx.reporters);
+    let _ = tokio::task::spawn_blocking(move || {
+        reporters.tracer.shutdown();
+        reporters.access_log.close();
+    })
+    .await;
 }
 
 /// One HBONE connection: TLS, then a task per CONNECT stream.

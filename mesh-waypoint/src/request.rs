@@ -16,7 +16,8 @@ use hyper::body::{Body as _, Incoming};
 use mesh_cluster::{
     http_route::{Backend, EndpointPolicy, RequestFacts, ResolvedRule},
     k8s::{Filter, HeaderModifier, RouteMatch},
-    AuthzDecision, ClusterState, HttpFacts, RouteDecision, Service, Verdict, WaypointFacts,
+    Authenticated, AuthzDecision, ClusterState, HttpFacts, JwtRefusal, RouteDecision, Service,
+    TokenSource, Verdict, WaypointFacts,
 };
 use mesh_identity::Identity;
 use mesh_trace::{TraceContext, TRACEPARENT};
@@ -129,6 +130,106 @@ fn authorize(
     state.authorize_at_waypoint(waypoint, addressed, &facts)
 }
 
+/// What the policies make of a request: its verified tokens' header edits, or the waypoint's
+/// answer (401, 403); and what the access log says of it.
+struct Admitted {
+    outcome: Admission,
+    note: Option<String>,
+}
+
+/// Whether a request goes on.
+enum Admission {
+    /// On, with these header edits.
+    Pass(Authenticated),
+    /// Answered by the waypoint.
+    Answer(Response<Body>),
+}
+
+/// The waypoint's `RequestAuthentications`, then its `AuthorizationPolicies`, on `request`.
+fn admit<B>(
+    ctx: &Ctx,
+    state: &ClusterState,
+    (target, addressed): (&Target, Option<&Service>),
+    source: &Source,
+    request: &Request<B>,
+    log: &RequestLog,
+) -> Admitted {
+    let authenticated = match authenticate(ctx, state, (target, addressed), request) {
+        Ok(authenticated) => authenticated,
+        Err(refusal) => {
+            return Admitted {
+                outcome: Admission::Answer(unauthenticated(
+                    refusal,
+                    log.authority(),
+                    request.uri().path(),
+                )),
+                note: Some(format!("token refused: {refusal}")),
+            }
+        }
+    };
+    let uri = request.uri();
+    let http = HttpFacts {
+        method: request.method().as_str(),
+        authority: log.authority(),
+        path: uri.path(),
+        path_and_query: uri.path_and_query().map_or("/", PathAndQuery::as_str),
+        headers: request.headers(),
+        jwt: authenticated.jwt.as_ref(),
+    };
+    let decision = authorize(ctx, state, (target, addressed), source, Some(http));
+    let note = authz_note(&decision);
+    let outcome = if decision.verdict == Verdict::Deny {
+        Admission::Answer(local(
+            StatusCode::FORBIDDEN,
+            Flag::None,
+            "RBAC: access denied",
+        ))
+    } else {
+        Admission::Pass(authenticated)
+    };
+    Admitted { outcome, note }
+}
+
+/// The tokens of `request` to waypoint `ctx` for `target` (`addressed`: its Service, when it is
+/// one), checked against the `RequestAuthentications` that apply.
+fn authenticate<B>(
+    ctx: &Ctx,
+    state: &ClusterState,
+    (target, addressed): (&Target, Option<&Service>),
+    request: &Request<B>,
+) -> Result<Authenticated, JwtRefusal> {
+    let waypoint = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
+    let rules = state.jwt_rules_at_waypoint(waypoint, addressed, target.dialled().ip());
+    let source = TokenSource {
+        headers: request.headers(),
+        query: request.uri().query(),
+    };
+    mesh_cluster::authn::authenticate(&rules, &source, &ctx.jwks.fetched())
+}
+
+/// The request sent on: verified tokens' headers removed (unless forwarded), output headers
+/// replaced by the verified tokens' payload and claims.
+fn apply_authenticated(headers: &mut HeaderMap, authenticated: Authenticated) {
+    for name in &authenticated.remove {
+        headers.remove(name);
+    }
+    for (name, value) in authenticated.add {
+        headers.append(name, value);
+    }
+}
+
+/// The 401 of a refused token, as Envoy answers it.
+fn unauthenticated(refusal: JwtRefusal, authority: &str, path: &str) -> Response<Body> {
+    let mut response = local(StatusCode::UNAUTHORIZED, Flag::None, refusal.reason());
+    let challenge = format!("Bearer realm=\"http://{authority}{path}\", error=\"invalid_token\"");
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
 /// What the access log says of a decision that denied or audited; `None` otherwise.
 fn authz_note(decision: &AuthzDecision) -> Option<String> {
     let audited = decision.audited.iter().map(|p| format!("audited by {p}"));
@@ -200,48 +301,45 @@ pub(crate) async fn handle(
     // is refused (see the `upgrade` module).
     let ask = UpgradeAsk::of(request.headers());
     let upgrading = (ask == UpgradeAsk::WebSocket).then(|| hyper::upgrade::on(&mut request));
-    // The waypoint's `AuthorizationPolicies`, before any route, redirect or fault.
-    let decision = normalized.then(|| {
-        let uri = request.uri();
-        let http = HttpFacts {
-            method: request.method().as_str(),
-            authority: log.authority(),
-            path: uri.path(),
-            path_and_query: uri.path_and_query().map_or("/", PathAndQuery::as_str),
-            headers: request.headers(),
-        };
-        authorize(
+    // The waypoint's `RequestAuthentications`, then its `AuthorizationPolicies`, before any
+    // route, redirect or fault.
+    let admitted = normalized.then(|| {
+        let admitted = admit(
             &ctx,
             &state,
             (&target, addressed.as_deref()),
             &source,
-            Some(http),
-        )
+            &request,
+            &log,
+        );
+        if let Some(note) = &admitted.note {
+            span.in_scope(|| debug!(authz = %note, "authentication and authorization"));
+        }
+        admitted
     });
-    if let Some(note) = decision.as_ref().and_then(authz_note) {
-        span.in_scope(|| debug!(authz = %note, "authorization"));
+    if let Some(note) = admitted.as_ref().and_then(|a| a.note.clone()) {
         log.authz(note);
     }
-    let mut response = if !normalized {
-        local(StatusCode::BAD_REQUEST, Flag::None, "invalid path")
-    } else if decision.is_some_and(|d| d.verdict == Verdict::Deny) {
-        local(StatusCode::FORBIDDEN, Flag::None, "RBAC: access denied")
-    } else if ask == UpgradeAsk::Refused {
-        local(
+    let mut response = match admitted.map(|a| a.outcome) {
+        None => local(StatusCode::BAD_REQUEST, Flag::None, "invalid path"),
+        Some(Admission::Answer(answer)) => answer,
+        Some(Admission::Pass(_)) if ask == UpgradeAsk::Refused => local(
             StatusCode::FORBIDDEN,
             Flag::None,
             "only WebSocket upgrades are allowed",
-        )
-    } else {
-        route(
-            request,
-            &ctx,
-            &state,
-            (&target, addressed.as_ref()),
-            &source,
-        )
-        .instrument(span.clone())
-        .await
+        ),
+        Some(Admission::Pass(authenticated)) => {
+            apply_authenticated(request.headers_mut(), authenticated);
+            route(
+                request,
+                &ctx,
+                &state,
+                (&target, addressed.as_ref()),
+                &source,
+            )
+            .instrument(span.clone())
+            .await
+        }
     };
     if grpc {
         response = for_grpc(response);

@@ -390,6 +390,77 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
     });
 }
 
+/// A `RequestAuthentication` targeting `web` (its key set inline) and Istio's "require a JWT"
+/// policy, created through the API: a valid token is served, a request without one is denied
+/// (403), an expired one refused (401); deleted, everything is served again.
+fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    const EC_PEM: &str = include_str!("../../mesh-cluster/src/testdata/jwt-test-ec.pem");
+    const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
+    let authns: Api<DynamicObject> = Api::namespaced_with(
+        mesh.cp.client(),
+        NS,
+        &gvk(
+            "security.istio.io",
+            "RequestAuthentication",
+            "requestauthentications",
+        ),
+    );
+    let policies: Api<DynamicObject> = Api::namespaced_with(
+        mesh.cp.client(),
+        NS,
+        &gvk(
+            "security.istio.io",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        ),
+    );
+    let authn: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+        "metadata": {"name": "web-jwt", "namespace": NS},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+            "jwtRules": [{"issuer": "https://idp.example", "jwks": JWKS}],
+        },
+    }));
+    let require: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "require-jwt", "namespace": NS},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"notRequestPrincipals": ["*"]}}]}],
+        },
+    }));
+    create(mesh, &authns, &authn, "the RequestAuthentication");
+    create(mesh, &policies, &require, "the AuthorizationPolicy");
+    let now = jsonwebtoken::get_current_timestamp();
+    let key = EncodingKey::from_ec_pem(EC_PEM.as_bytes()).expect("test key");
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("ec-1".to_owned());
+    let token = |exp: u64| {
+        let claims = json!({"iss": "https://idp.example", "sub": "alice", "exp": exp});
+        jsonwebtoken::encode(&header, &claims, &key).expect("signs")
+    };
+    let (good, expired) = (token(now + 3600), token(now - 3600));
+    let statuses = format!(
+        "for t in '{good}' '' '{expired}'; do \
+         curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\n' -H \"Authorization: Bearer $t\" \
+         http://{vip}/x || exit 1; done"
+    );
+    until_seen(mesh, 0, "jwt", &statuses, |seen| {
+        seen == ["200", "403", "401"]
+    });
+    for (api, name) in [(&authns, "web-jwt"), (&policies, "require-jwt")] {
+        mesh.cp
+            .block_on(api.delete(name, &DeleteParams::default()))
+            .expect("deleted");
+    }
+    until_seen(mesh, 0, "unjwt", &statuses, |seen| {
+        seen == ["200", "200", "200"]
+    });
+}
+
 #[test]
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
     let (_serial, mesh, vip) = deployed();
@@ -397,6 +468,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     waypoint_policy(&mesh, &vip);
+    waypoint_jwt(&mesh, &vip);
     delete_gateway(&mesh, &vip);
 }
 

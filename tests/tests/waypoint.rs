@@ -1574,3 +1574,262 @@ fn authorization_policies_at_the_waypoint_enforce_http_fields_whatever_the_path_
     assert!(status_line(&ask("GET", "/%61dmin", false)).starts_with("HTTP/1.1 403"));
     tcp_refused(&mut bed, "no ALLOW policy matched");
 }
+
+/// Test-only signing keys (`mesh-cluster`'s unit tests use them too) and their public halves.
+const JWT_EC_PEM: &str = include_str!("../../mesh-cluster/src/testdata/jwt-test-ec.pem");
+const JWT_RSA_PEM: &str = include_str!("../../mesh-cluster/src/testdata/jwt-test-rsa.pem");
+const JWKS_EC: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
+const JWKS_RSA: &str = r#"{"keys": [{"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "e": "AQAB", "n": "rBemd8WKL_6b1TNK7VylB3JXouy-GQ0ZtvDA1Gn0TcKHj9_x7YWrBHsoXoAdn0iDQfWL7JnKzcGtuZTT5TtgJ_NI59bzeXqw1XP4TCo8TCx1HseJuNyRtr1Jiwypa3yNQrYT2r7sgftn5QxkS0Hbk6ZA-tHaiUMvhVQg0DQNZSboN9OD_yOqkRwpchM0fjNqZikkGghE_gt7W86f1FwkrEhNOktjJv-G4im0vhJtwpWpw33jTkV5-ffB-4JDq9nAYSTOFCtQQFKeeAXzKlXqTomED2_vF3Fl30cLJUjvqqkY28NtIGqDMwiYTUC1Lsk6vwXLG8a2YXAvKngwih7ITw"}]}"#;
+
+/// A token of `claims` signed with the test EC key (`ES256`, `kid` `ec-1`) or RSA key.
+fn jwt(rsa: bool, claims: &Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let (alg, kid, key) = if rsa {
+        (
+            Algorithm::RS256,
+            "rsa-1",
+            EncodingKey::from_rsa_pem(JWT_RSA_PEM.as_bytes()),
+        )
+    } else {
+        (
+            Algorithm::ES256,
+            "ec-1",
+            EncodingKey::from_ec_pem(JWT_EC_PEM.as_bytes()),
+        )
+    };
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &key.expect("test key")).expect("signs")
+}
+
+/// curl from `pod` to Service `web` at `path` with `headers`: the status, the answer's head and
+/// its body.
+fn curl_answer(pod: &Pod, path: &str, headers: &[String]) -> (u16, String, String) {
+    let mut args: Vec<&str> = vec!["-i"];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    let target = url(path);
+    args.push(&target);
+    let out = curl_raw(pod, &args);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// `web`'s JWT rules (issuer `a` with its keys inline and a claim to a header, issuer `b` with
+/// its keys at `keys_addr`), Istio's "require a JWT" and an ALLOW of `a`'s `dev` group and of
+/// anyone of `b`.
+fn write_jwt_policies(bed: &mut Bed, keys_addr: SocketAddr) {
+    let jwks_rsa = serde_json::to_string(&format!("http://{keys_addr}/jwks.json")).unwrap();
+    let jwks_ec = serde_json::to_string(JWKS_EC).unwrap();
+    let authn = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: web-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: web}}]\n  jwtRules:\n  - issuer: https://a.example\n    jwks: {jwks_ec}\n    outputClaimToHeaders: [{{header: x-jwt-team, claim: team}}]\n  - issuer: https://b.example\n    jwksUri: {jwks_rsa}\n"
+    );
+    let require = "  targetRefs: [{kind: Service, name: web}]\n  action: DENY\n  rules:\n  - from: [{source: {notRequestPrincipals: [\"*\"]}}]\n";
+    let allow = "  targetRefs: [{kind: Service, name: web}]\n  rules:\n  - from: [{source: {requestPrincipals: [\"https://a.example/*\"]}}]\n    when: [{key: \"request.auth.claims[groups]\", values: [dev]}]\n  - from: [{source: {requestPrincipals: [\"https://b.example/*\"]}}]\n";
+    let files = &bed.mesh.files;
+    files.write("authn-web.yaml", &authn).unwrap();
+    files
+        .write(
+            "authz-require.yaml",
+            &authz_policy(NS, "require-jwt", require),
+        )
+        .unwrap();
+    files
+        .write("authz-allow.yaml", &authz_policy(NS, "jwt-allow", allow))
+        .unwrap();
+    wait_for_policies(bed, 2);
+    bed.waypoint
+        .process
+        .wait_for_line("the RequestAuthentication", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("request_authentications=1")
+        })
+        .unwrap();
+}
+
+/// A request of the JWT test: what it is, its headers, its path, the status and 401 reason.
+type JwtCase = (&'static str, Vec<String>, String, u16, &'static str);
+
+/// The JWT test's requests, and a valid token of issuer `b` (whose keys are fetched).
+fn jwt_cases() -> (Vec<JwtCase>, String) {
+    let now = jsonwebtoken::get_current_timestamp();
+    let a = |extra: Value| {
+        let mut claims = serde_json::json!({"iss": "https://a.example", "sub": "alice", "exp": now + 600, "groups": ["dev"], "team": "blue"});
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        jwt(false, &claims)
+    };
+    let bearer = |token: &str| format!("Authorization: Bearer {token}");
+    let good = a(serde_json::json!({}));
+    let ops = a(serde_json::json!({"groups": ["ops"]}));
+    let expired = a(serde_json::json!({"exp": now - 600}));
+    let stranger = jwt(
+        false,
+        &serde_json::json!({"iss": "https://evil.example", "sub": "x"}),
+    );
+    let forged = {
+        let parts: Vec<&str> = good.split('.').collect();
+        let other = a(serde_json::json!({"sub": "root"}));
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            other.split('.').nth(1).unwrap(),
+            parts[2]
+        )
+    };
+    let b = jwt(
+        true,
+        &serde_json::json!({"iss": "https://b.example", "sub": "bob", "exp": now + 600}),
+    );
+
+    // (what, headers, path, status, the 401's reason)
+    let table: Vec<JwtCase> = vec![
+        ("no token", vec![], "/".into(), 403, ""),
+        (
+            "a valid token of a group the policy allows",
+            vec![bearer(&good), "x-jwt-team: forged".into()],
+            "/".into(),
+            200,
+            "",
+        ),
+        (
+            "the token in the query",
+            vec![],
+            format!("/?access_token={good}"),
+            200,
+            "",
+        ),
+        (
+            "a valid token of another group",
+            vec![bearer(&ops)],
+            "/".into(),
+            403,
+            "",
+        ),
+        (
+            "an expired token",
+            vec![bearer(&expired)],
+            "/".into(),
+            401,
+            "Jwt is expired",
+        ),
+        (
+            "a token whose payload was swapped",
+            vec![bearer(&forged)],
+            "/".into(),
+            401,
+            "Jwt verification fails",
+        ),
+        (
+            "an issuer no rule has",
+            vec![bearer(&stranger)],
+            "/".into(),
+            401,
+            "Jwt issuer is not configured",
+        ),
+        (
+            "a token of the jwksUri issuer before its keys are served",
+            vec![bearer(&b)],
+            "/".into(),
+            401,
+            "Jwks remote fetch is failed",
+        ),
+    ];
+    (table, b)
+}
+
+/// What is wrong with the answer to `case`, if anything.
+fn check_jwt_case(client: &Pod, (what, headers, path, status, reason): &JwtCase) -> Option<String> {
+    let (got, head, body) = curl_answer(client, path, headers);
+    if got != *status {
+        return Some(format!(
+            "{what}: {status} expected, got {got}: {head} {body}"
+        ));
+    }
+    if *status == 401
+        && !(body.trim() == *reason
+            && head
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer realm=\"http://"))
+    {
+        return Some(format!(
+            "{what}: 401 without Envoy's answer: {head} {body:?}"
+        ));
+    }
+    if *status == 200 {
+        // The backend got neither the token's header nor the client's forged claim header,
+        // and the claim the rule outputs.
+        let echo: Value = serde_json::from_str(body.trim()).expect("an echo line");
+        let headers = &echo["headers"];
+        if !headers["authorization"].is_null()
+            || headers["x-jwt-team"] != serde_json::json!(["blue"])
+        {
+            return Some(format!("{what}: the backend got {headers}"));
+        }
+    }
+    None
+}
+
+#[test]
+fn request_authentication_validates_tokens_for_the_waypoints_policies() {
+    // Before, no `RequestAuthentication` was read: a policy asking for a JWT principal matched
+    // no request, so Istio's "require a JWT" refused everyone and "allow these principals"
+    // allowed no one. Now the waypoint checks the tokens (inline keys, and keys it fetches
+    // from `jwksUri`), refuses a bad one with 401, and the policies read the verified token.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let waypoint_pod = bed.mesh.pod(0, 1).clone();
+    let keys_addr = SocketAddr::new(IpAddr::V4(waypoint_pod.ipv4), 18080);
+    write_jwt_policies(&mut bed, keys_addr);
+
+    let (cases, b) = jwt_cases();
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|case| check_jwt_case(&client, case))
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+
+    // The access log says why each was refused.
+    let records = access_records_once(
+        || bed.waypoint.process.lines(),
+        LOG_WAIT,
+        |r| r.len() >= cases.len(),
+    );
+    let notes: Vec<&str> = records.iter().filter_map(|r| r["authz"].as_str()).collect();
+    for expected in [
+        "token refused: Jwt is expired",
+        "token refused: Jwks remote fetch is failed",
+        "denied by mesh/require-jwt",
+        "denied: no ALLOW policy matched",
+    ] {
+        assert!(notes.contains(&expected), "{expected:?} in {notes:?}");
+    }
+
+    // Serve the key set: the waypoint fetches it (retrying), and the token passes.
+    let keys_dir = std::env::temp_dir().join(format!("mesh-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::write(keys_dir.join("jwks.json"), JWKS_RSA).unwrap();
+    let mut server_cmd = waypoint_pod.command("python3");
+    server_cmd
+        .args(["-u", "-m", "http.server", "18080", "--bind"])
+        .arg(waypoint_pod.ipv4.to_string())
+        .arg("--directory")
+        .arg(&keys_dir);
+    let _keys_server = Process::spawn("jwks", &mut server_cmd).expect("python3 http.server");
+    bed.waypoint
+        .process
+        .wait_for_line("the key set fetched", Duration::from_secs(90), |l| {
+            l.contains("fetched a JSON Web Key Set")
+        })
+        .unwrap();
+    let (status, head, body) = curl_answer(&client, "/", &[format!("Authorization: Bearer {b}")]);
+    let _ = std::fs::remove_dir_all(&keys_dir);
+    assert_eq!(status, 200, "{head} {body}");
+}

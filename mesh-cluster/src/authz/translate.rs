@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use super::{
-    waypoint, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, HeaderMatch, ServiceAccountMatch,
-    StringMatch,
+    waypoint, AuthMatch, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, HeaderMatch,
+    ServiceAccountMatch, StringMatch,
 };
 use crate::{
     error::StateError,
-    k8s::{self, Attribute, AuthzAction, Kind, ObjectRef, Values},
+    k8s::{self, Attribute, AuthAttribute, AuthzAction, Kind, ObjectRef, Values},
     meta::MetaExt,
     names::{check_name, NameRule},
 };
@@ -42,8 +42,8 @@ pub(super) fn policy_from(
     };
     let for_waypoints = scope == AuthzScope::Waypoint;
     let targets = if for_waypoints {
-        waypoint::targets(
-            &key,
+        crate::policy_target::targets(
+            &format!("AuthorizationPolicy {key}"),
             (namespace, root_namespace),
             &spec.target_refs,
             warnings,
@@ -189,9 +189,12 @@ fn source_match(
         Layer::Request => {
             m.remote_ips.clone_from(&source.remote_ip_blocks);
             m.not_remote_ips.clone_from(&source.not_remote_ip_blocks);
-            // No JWT is validated: no request has a principal.
-            if !source.request_principals.is_empty() {
-                m.requires_absent.push("requestPrincipals".to_owned());
+            if !source.request_principals.is_empty() || !source.not_request_principals.is_empty() {
+                m.request_auth.push(AuthMatch {
+                    attribute: AuthAttribute::Principal,
+                    values: patterns(&source.request_principals),
+                    not_values: patterns(&source.not_request_principals),
+                });
             }
         }
         Layer::Connection => {
@@ -273,6 +276,13 @@ fn condition_match(
         Attribute::RequestHeader { name, values } if request => {
             m.headers.push(HeaderMatch {
                 name: name.clone(),
+                values: patterns(&values.values),
+                not_values: patterns(&values.not_values),
+            });
+        }
+        Attribute::RequestAuth { attribute, values } if request => {
+            m.request_auth.push(AuthMatch {
+                attribute: attribute.clone(),
                 values: patterns(&values.values),
                 not_values: patterns(&values.not_values),
             });

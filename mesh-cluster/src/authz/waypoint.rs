@@ -45,35 +45,17 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use http::HeaderMap;
 use mesh_identity::Identity;
-use serde::Serialize;
 
 use super::{AuthzAction, AuthzPolicy, Conn, Group, StringMatch};
-use crate::k8s::PolicyTargetRef;
-
-/// The class of the waypoints' `Gateway`s.
-const WAYPOINT_CLASS: &str = "istio-waypoint";
-
-/// Gateway API's group.
-const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
-
-/// What a waypoint's policy applies to (in the policy's namespace).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", content = "name")]
-pub enum PolicyTarget {
-    /// A waypoint `Gateway`: everything through it.
-    Gateway(String),
-    /// `GatewayClass` `istio-waypoint`, from the root namespace: every waypoint.
-    GatewayClass(String),
-    /// A `Service`: what is addressed to it, at its waypoint.
-    Service(String),
-}
+use crate::authn::VerifiedJwt;
+use crate::policy_target::ByTarget;
+pub use crate::policy_target::PolicyTarget;
 
 /// What a waypoint knows of a request, or of a connection it passes through as TCP.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +94,8 @@ pub struct HttpFacts<'a> {
     pub path_and_query: &'a str,
     /// The request's headers.
     pub headers: &'a HeaderMap,
+    /// Its verified JWT (`RequestAuthentication`), if it carried one.
+    pub jwt: Option<&'a VerifiedJwt>,
 }
 
 impl HttpFacts<'_> {
@@ -152,31 +136,12 @@ impl HttpFacts<'_> {
 
 /// The waypoints' policies, by target.
 #[derive(Debug, Default)]
-pub(super) struct WaypointPolicies {
-    /// `GatewayClass` `istio-waypoint` (root namespace).
-    every: Group,
-    /// By the `Gateway`'s namespace, then name.
-    gateways: HashMap<String, HashMap<String, Group>>,
-    /// By the `Service`'s namespace, then name.
-    services: HashMap<String, HashMap<String, Group>>,
-}
+pub(super) struct WaypointPolicies(ByTarget<Group>);
 
 impl WaypointPolicies {
     pub(super) fn push(&mut self, policy: &Arc<AuthzPolicy>) {
         for target in &policy.targets {
-            let (map, name) = match target {
-                PolicyTarget::GatewayClass(_) => {
-                    self.every.push(policy);
-                    continue;
-                }
-                PolicyTarget::Gateway(name) => (&mut self.gateways, name),
-                PolicyTarget::Service(name) => (&mut self.services, name),
-            };
-            map.entry(policy.namespace.clone())
-                .or_default()
-                .entry(name.clone())
-                .or_default()
-                .push(policy);
+            self.0.entry(&policy.namespace, target).push(policy);
         }
     }
 
@@ -186,60 +151,8 @@ impl WaypointPolicies {
         waypoint: (&'a str, &'a str),
         services: &'a [(&'a str, &'a str)],
     ) -> impl Iterator<Item = &'a Group> + Clone + 'a {
-        std::iter::once(&self.every)
-            .chain(lookup(&self.gateways, waypoint))
-            .chain(services.iter().filter_map(|&s| lookup(&self.services, s)))
+        self.0.applying(waypoint, services)
     }
-}
-
-fn lookup<'m>(
-    map: &'m HashMap<String, HashMap<String, Group>>,
-    (namespace, name): (&str, &str),
-) -> Option<&'m Group> {
-    map.get(namespace).and_then(|names| names.get(name))
-}
-
-/// The targets of policy `key` in `namespace`, and a warning for each that applies to nothing.
-pub(super) fn targets(
-    key: &str,
-    (namespace, root_namespace): (&str, &str),
-    refs: &[PolicyTargetRef],
-    warnings: &mut Vec<String>,
-) -> Vec<PolicyTarget> {
-    let mut targets = Vec::new();
-    for (index, target) in refs.iter().enumerate() {
-        let group = target.group.as_str();
-        let found = match target.kind.as_str() {
-            _ if !target.namespace.is_empty() && target.namespace != namespace => {
-                Err("a policy can only target objects of its own namespace (Istio refuses others)")
-            }
-            "Gateway" if group == GATEWAY_GROUP => Ok(PolicyTarget::Gateway(target.name.clone())),
-            "Service" if group.is_empty() || group == "core" => {
-                Ok(PolicyTarget::Service(target.name.clone()))
-            }
-            "GatewayClass" if group == GATEWAY_GROUP && target.name == WAYPOINT_CLASS => {
-                if namespace == root_namespace {
-                    Ok(PolicyTarget::GatewayClass(target.name.clone()))
-                } else {
-                    Err("only a policy of the root namespace may target the waypoints' class")
-                }
-            }
-            "GatewayClass" if group == GATEWAY_GROUP => {
-                Err("only the waypoints' class, `istio-waypoint`, has waypoints")
-            }
-            "ServiceEntry" => Err("this mesh does not model ServiceEntries"),
-            "Gateway" | "GatewayClass" | "Service" => Err("not of the kind's API group"),
-            _ => Err("waypoints enforce policies on Gateways, GatewayClasses and Services"),
-        };
-        match found {
-            Ok(target) => targets.push(target),
-            Err(why) => warnings.push(format!(
-                "AuthorizationPolicy {key}: targetRefs[{index}] ({target}, group {group:?}) \
-                 applies to nothing: {why}"
-            )),
-        }
-    }
-    targets
 }
 
 /// The warning for a rule of a waypoint's policy with fields nothing evaluates.

@@ -7,7 +7,7 @@ use super::{
     AuthorizationPolicy, AuthzAction, Condition, IpBlock, Operation, PolicyTargetRef, Rule,
     RuleFrom, RuleTo, ServiceAccountRef, Source, Values,
 };
-use crate::k8s::{parse_documents, Attribute, MetaExt, Object};
+use crate::k8s::{parse_documents, Attribute, AuthAttribute, MetaExt, Object};
 
 /// The document of policy `shop/x` with `body` as its spec; the spec's fields start at line 7.
 fn doc(body: &str) -> String {
@@ -621,6 +621,10 @@ fn condition_errors() {
             &["bad key \"request.auth.claims[]\""],
         ),
         (
+            when("{key: \"request.auth.claims[a][]\", values: [a]}"),
+            &["bad key \"request.auth.claims[a][]\""],
+        ),
+        (
             when("{key: source.ip, values: [10.0.0.1, 10.0.0.256]}"),
             &[
                 "spec.rules[0].when[0]: values[1]: \"10.0.0.256\" is not an IP address or CIDR",
@@ -689,22 +693,42 @@ fn attributes_ztunnel_does_not_evaluate_parse_as_http() {
         (
             "request.auth.principal",
             "a/b",
-            Attribute::Absent(text(&["a/b"])),
+            Attribute::RequestAuth {
+                attribute: AuthAttribute::Principal,
+                values: text(&["a/b"]),
+            },
         ),
         (
             "request.auth.audiences",
             "a/b",
-            Attribute::Absent(text(&["a/b"])),
+            Attribute::RequestAuth {
+                attribute: AuthAttribute::Audiences,
+                values: text(&["a/b"]),
+            },
         ),
         (
             "request.auth.presenter",
             "a/b",
-            Attribute::Absent(text(&["a/b"])),
+            Attribute::RequestAuth {
+                attribute: AuthAttribute::Presenter,
+                values: text(&["a/b"]),
+            },
         ),
         (
             "request.auth.claims[iss]",
             "a/b",
-            Attribute::Absent(text(&["a/b"])),
+            Attribute::RequestAuth {
+                attribute: AuthAttribute::Claim(vec!["iss".to_owned()]),
+                values: text(&["a/b"]),
+            },
+        ),
+        (
+            "request.auth.claims[org][team]",
+            "a/b",
+            Attribute::RequestAuth {
+                attribute: AuthAttribute::Claim(vec!["org".to_owned(), "team".to_owned()]),
+                values: text(&["a/b"]),
+            },
         ),
         ("connection.sni", "a/b", Attribute::Absent(text(&["a/b"]))),
         (

@@ -31,6 +31,7 @@ struct Ask {
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
     tcp: bool,
+    jwt: Option<crate::VerifiedJwt>,
 }
 
 fn ask(service: &'static str, method: &'static str, path: &'static str) -> Ask {
@@ -44,6 +45,7 @@ fn ask(service: &'static str, method: &'static str, path: &'static str) -> Ask {
         path,
         headers: Vec::new(),
         tcp: false,
+        jwt: None,
     }
 }
 
@@ -71,6 +73,30 @@ impl Ask {
     }
     fn tcp(mut self) -> Self {
         self.tcp = true;
+        self
+    }
+    /// With a verified JWT of these claims.
+    fn jwt(mut self, claims: &str) -> Self {
+        let claims: serde_json::Value = serde_json::from_str(claims).unwrap();
+        let text = |name: &str| {
+            claims
+                .get(name)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        self.jwt = Some(crate::VerifiedJwt {
+            principal: format!("{}/{}", text("iss"), text("sub")),
+            audiences: match claims.get("aud") {
+                Some(serde_json::Value::String(a)) => vec![a.clone()],
+                _ => Vec::new(),
+            },
+            presenter: claims
+                .get("azp")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+            claims,
+        });
         self
     }
 
@@ -106,6 +132,7 @@ impl Ask {
                 path,
                 path_and_query: self.path,
                 headers: &headers,
+                jwt: self.jwt.as_ref(),
             }),
         };
         state.authorize_at_waypoint(self.waypoint, service.as_deref(), &facts)
@@ -292,37 +319,62 @@ fn hosts_headers_ip_blocks_and_service_accounts() {
 }
 
 #[test]
-fn no_request_has_a_jwt_principal() {
-    // Istio's idiom "deny requests without a JWT" denies everything: no JWT is validated.
+fn jwt_attributes_read_the_verified_token() {
+    // Istio's idiom "deny requests without a JWT".
     let deny = policy(
         "shop",
         "require-jwt",
         "  targetRefs: [{kind: Service, name: web}]\n  action: DENY\n  rules:\n  - from: [{source: {notRequestPrincipals: [\"*\"]}}]\n",
     );
-    // An ALLOW asking for one matches nothing.
+    // Each rule reads another attribute of the token.
     let allow = policy(
         "shop",
         "jwt-users",
-        "  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - from: [{source: {requestPrincipals: [\"*\"]}}]\n  - when: [{key: \"request.auth.claims[iss]\", values: [me]}]\n  - when: [{key: request.auth.principal, notValues: [x]}]\n",
+        "  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - from: [{source: {requestPrincipals: [\"https://idp/*\"], notRequestPrincipals: [\"https://idp/mallory\"]}}]\n    to: [{operation: {methods: [GET]}}]\n  - when: [{key: \"request.auth.claims[groups]\", values: [admins]}]\n  - when: [{key: \"request.auth.claims[org][team]\", values: [blue]}, {key: request.auth.audiences, values: [db]}, {key: request.auth.presenter, notValues: [evil-cli]}]\n",
     );
     let state = cluster(&[&deny, &allow]);
     assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+    let alice = r#"{"iss": "https://idp", "sub": "alice"}"#;
+    let mallory = r#"{"iss": "https://idp", "sub": "mallory"}"#;
+    let admin = r#"{"iss": "https://other", "sub": "root", "groups": ["dev", "admins"]}"#;
+    let blue = r#"{"iss": "https://other", "sub": "b", "aud": "db", "azp": "cli", "org": {"team": "blue"}}"#;
+    let blue_evil = r#"{"iss": "https://other", "sub": "b", "aud": "db", "azp": "evil-cli", "org": {"team": "blue"}}"#;
     assert_table(
         &state,
         &[
             (ask("web", "GET", "/"), DENIED_BY("shop/require-jwt")),
-            // The third rule only has a `notValues` of an absent attribute: it matches.
-            (ask("db", "GET", "/"), ALLOWED_BY("shop/jwt-users")),
+            (ask("web", "GET", "/").jwt(alice), NO_POLICY),
+            (
+                ask("db", "GET", "/").jwt(alice),
+                ALLOWED_BY("shop/jwt-users"),
+            ),
+            (ask("db", "POST", "/").jwt(alice), NO_ALLOW),
+            (ask("db", "GET", "/").jwt(mallory), NO_ALLOW),
+            (
+                ask("db", "POST", "/").jwt(admin),
+                ALLOWED_BY("shop/jwt-users"),
+            ),
+            (
+                ask("db", "POST", "/").jwt(blue),
+                ALLOWED_BY("shop/jwt-users"),
+            ),
+            (ask("db", "POST", "/").jwt(blue_evil), NO_ALLOW),
+            // Without a token, no value of a JWT attribute matches.
+            (ask("db", "GET", "/"), NO_ALLOW),
         ],
     );
-    let only_values = policy(
+    // `connection.sni` is never there: a value of it matches nothing, a `notValues` passes.
+    let sni = policy(
         "shop",
-        "jwt-users",
-        "  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - from: [{source: {requestPrincipals: [\"*\"]}}]\n  - when: [{key: \"request.auth.claims[iss]\", values: [me]}]\n  - when: [{key: connection.sni, values: [db]}]\n",
+        "sni",
+        "  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - when: [{key: connection.sni, values: [db]}]\n  - when: [{key: connection.sni, notValues: [x]}]\n    to: [{operation: {methods: [PUT]}}]\n",
     );
     assert_table(
-        &cluster(&[&only_values]),
-        &[(ask("db", "GET", "/"), NO_ALLOW)],
+        &cluster(&[&sni]),
+        &[
+            (ask("db", "GET", "/"), NO_ALLOW),
+            (ask("db", "PUT", "/"), ALLOWED_BY("shop/sni")),
+        ],
     );
 }
 

@@ -1,0 +1,236 @@
+//! The key sets of the `RequestAuthentication` rules with `jwksUri`, fetched by the waypoint
+//! (in Istio, istiod fetches them and hands them to its Envoy waypoints inline).
+//!
+//! For every `jwksUri` of the rules this waypoint may apply
+//! ([`ClusterState::jwks_uris_at_waypoint`]), a `GET` over HTTP or HTTPS (the server's
+//! certificate checked against the Mozilla roots), within the rule's `timeout` (5 s by
+//! default, Istio's), a body of at most [`MAX_BODY`] that must be a JSON Web Key Set. A set is
+//! fetched again every [`REFRESH`] (Istio's default refresh interval); a failed fetch is
+//! retried after 1 s, doubling up to a minute, and the last good set stays in use meanwhile.
+//! Until a rule's set has been fetched once, its tokens are refused ("Jwks remote fetch is
+//! failed"): it fails closed. Requests without a token are not affected.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use mesh_cluster::{authn::FetchedKeys, ClusterState};
+use tokio::{net::TcpStream, sync::watch, time::Instant};
+use tracing::{info, warn};
+
+/// How often a fetched set is fetched again (Istio's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+const REFRESH: Duration = Duration::from_secs(20 * 60);
+/// A fetch's timeout when the rule gives none (Istio's default).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first and the longest pause before a failed fetch is tried again.
+const RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// The largest key set read.
+const MAX_BODY: usize = 1 << 20;
+
+/// Why a key set could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JwksError {
+    #[error("not an http or https URL with a host")]
+    Url,
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the request: {0}")]
+    Request(#[from] http::Error),
+    #[error("answered {0}")]
+    Status(http::StatusCode),
+    #[error("reading the body (at most {MAX_BODY} bytes): {0}")]
+    Body(String),
+    #[error("{0}")]
+    Keys(#[from] mesh_cluster::k8s::AuthnSchemaError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The fetched sets, by URI, as requests read them.
+#[derive(Debug, Default)]
+pub(crate) struct JwksCache {
+    fetched: RwLock<Arc<FetchedKeys>>,
+}
+
+impl JwksCache {
+    /// The sets fetched so far.
+    pub(crate) fn fetched(&self) -> Arc<FetchedKeys> {
+        Arc::clone(
+            &self
+                .fetched
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn publish(&self, keys: FetchedKeys) {
+        *self
+            .fetched
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+    }
+}
+
+/// When a URI is to be fetched next, and how long to wait after a failure.
+struct Due {
+    at: Instant,
+    backoff: Duration,
+}
+
+/// Keeps `cache` holding the sets of the rules that waypoint `namespace/name` may apply, as the
+/// cluster view (`state`) changes. Runs until the view's sender is gone.
+pub(crate) async fn keep_fetched(
+    cache: Arc<JwksCache>,
+    waypoint: (String, String),
+    mut state: watch::Receiver<Arc<ClusterState>>,
+) {
+    let mut due: HashMap<String, Due> = HashMap::new();
+    loop {
+        let wanted = state
+            .borrow_and_update()
+            .jwks_uris_at_waypoint((&waypoint.0, &waypoint.1));
+        let mut keys: FetchedKeys = (*cache.fetched()).clone();
+        keys.retain(|uri, _| wanted.iter().any(|(u, _)| u == uri));
+        due.retain(|uri, _| wanted.iter().any(|(u, _)| u == uri));
+        let now = Instant::now();
+        for (uri, timeout) in &wanted {
+            let entry = due.entry(uri.clone()).or_insert(Due {
+                at: now,
+                backoff: RETRY.0,
+            });
+            if entry.at > now {
+                continue;
+            }
+            let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+            match fetch(uri, timeout).await {
+                Ok(set) => {
+                    info!(jwks_uri = %uri, keys = set.len(), "fetched a JSON Web Key Set");
+                    keys.insert(uri.clone(), set.into());
+                    *entry = Due {
+                        at: Instant::now() + REFRESH,
+                        backoff: RETRY.0,
+                    };
+                }
+                Err(error) => {
+                    warn!(
+                        jwks_uri = %uri,
+                        %error,
+                        retry_in = ?entry.backoff,
+                        kept = keys.contains_key(uri),
+                        "cannot fetch a JSON Web Key Set: its tokens are refused until it is \
+                         (a set fetched before stays in use)"
+                    );
+                    entry.at = Instant::now() + entry.backoff;
+                    entry.backoff = (entry.backoff * 2).min(RETRY.1);
+                }
+            }
+        }
+        cache.publish(keys);
+        let next = due.values().map(|d| d.at).min();
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = sleep_until(next) => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Fetches and reads the key set at `uri`.
+async fn fetch(
+    uri: &str,
+    timeout: Duration,
+) -> Result<Vec<mesh_cluster::authn::JwtKey>, JwksError> {
+    let body = tokio::time::timeout(timeout, get(uri))
+        .await
+        .map_err(|_| JwksError::Timeout(timeout))??;
+    let text = String::from_utf8_lossy(&body);
+    Ok(mesh_cluster::authn::parse_jwks(&text)?)
+}
+
+async fn get(uri: &str) -> Result<Bytes, JwksError> {
+    let parsed: http::Uri = uri.parse().map_err(|_| JwksError::Url)?;
+    let host = parsed.host().ok_or(JwksError::Url)?.to_owned();
+    let tls = match parsed.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(JwksError::Url),
+    };
+    let port = parsed.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = TcpStream::connect((bare, port))
+        .await
+        .map_err(JwksError::Connect)?;
+    let authority = parsed
+        .authority()
+        .map_or_else(|| host.clone(), ToString::to_string);
+    let path = parsed.path_and_query().map_or("/", |p| p.as_str());
+    let request = http::Request::get(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())?;
+    let response = if tls {
+        let name =
+            rustls::pki_types::ServerName::try_from(bare.to_owned()).map_err(|_| JwksError::Url)?;
+        let stream = tls_connector()
+            .connect(name, stream)
+            .await
+            .map_err(JwksError::Tls)?;
+        send(stream, request).await?
+    } else {
+        send(stream, request).await?
+    };
+    if response.status() != http::StatusCode::OK {
+        return Err(JwksError::Status(response.status()));
+    }
+    Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|e| JwksError::Body(e.to_string()))
+}
+
+async fn send<S>(
+    stream: S,
+    request: http::Request<Empty<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, JwksError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender.send_request(request).await?)
+}
+
+/// TLS toward key-set servers: the Mozilla roots, as a browser would check them.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("aws-lc-rs supports the default TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
