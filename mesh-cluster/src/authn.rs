@@ -43,7 +43,7 @@ use std::{collections::HashMap, sync::Arc};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{
     errors::ErrorKind,
-    jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet},
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, PublicKeyUse},
     Algorithm, DecodingKey, Validation,
 };
 use serde_json::Value;
@@ -100,6 +100,9 @@ pub fn parse_jwks(text: &str) -> Result<Vec<JwtKey>, AuthnSchemaError> {
 }
 
 fn key_of(jwk: &Jwk) -> Result<JwtKey, String> {
+    if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+        return Err("`use: enc`: an encryption key does not verify signatures".to_owned());
+    }
     let of_type: &[Algorithm] = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => &[
             Algorithm::RS256,
@@ -277,7 +280,7 @@ fn scalar(value: &Value) -> Option<String> {
 #[derive(Clone, Debug, Default)]
 pub struct Authenticated {
     /// The first verified token.
-    pub jwt: Option<VerifiedJwt>,
+    pub jwt: Option<Arc<VerifiedJwt>>,
     /// Headers to remove from the request sent on (verified tokens' headers; output headers).
     pub remove: Vec<HeaderName>,
     /// Headers to set on it (output headers of verified tokens).
@@ -488,7 +491,7 @@ fn provider_of(
 pub fn authenticate(
     providers: &[&JwtProvider],
     request: &TokenSource<'_>,
-    fetched: &FetchedKeys,
+    (fetched, cache): (&FetchedKeys, &VerifiedTokens),
 ) -> Result<Authenticated, JwtRefusal> {
     let mut outcome = Authenticated::default();
     if providers.is_empty() {
@@ -515,28 +518,51 @@ pub fn authenticate(
         let Some(token) = location.find(request) else {
             continue;
         };
-        let issuer = issuer_of(&token)?;
-        let provider = providers
-            .iter()
-            .find(|p| p.issuer == issuer && p.locations.contains(location))
-            .ok_or(JwtRefusal::UnknownIssuer)?;
-        let keys: &[JwtKey] = match &provider.keys {
-            JwtKeys::Inline(keys) => keys,
-            JwtKeys::Remote(uri) => fetched.get(uri).ok_or(JwtRefusal::KeysUnavailable)?,
-            JwtKeys::Missing => return Err(JwtRefusal::KeysUnavailable),
+        let cached = cache.get(&token, |policy, rule| {
+            let provider = providers.iter().find(|p| {
+                Arc::ptr_eq(&p.policy, policy) && p.rule == rule && p.locations.contains(location)
+            })?;
+            Some((*provider, keys_of(provider, fetched).ok()?))
+        });
+        let (provider, jwt) = if let Some(hit) = cached {
+            hit
+        } else {
+            let issuer = issuer_of(&token)?;
+            let provider = *providers
+                .iter()
+                .find(|p| p.issuer == issuer && p.locations.contains(location))
+                .ok_or(JwtRefusal::UnknownIssuer)?;
+            let keys = keys_of(provider, fetched)?;
+            let jwt = Arc::new(verified(verify(&token, provider, keys)?));
+            cache.put(
+                &token,
+                cache::Verified::new(provider, keys, Arc::clone(&jwt)),
+            );
+            (provider, jwt)
         };
-        let claims = verify(&token, provider, keys)?;
         if let TokenLocation::Header { name, .. } = location {
             if !provider.forward_original_token {
                 outcome.remove.push(name.clone());
             }
         }
-        add_outputs(&mut outcome.add, provider, &token, &claims);
+        add_outputs(&mut outcome.add, provider, &token, &jwt.claims);
         if outcome.jwt.is_none() {
-            outcome.jwt = Some(verified(claims));
+            outcome.jwt = Some(jwt);
         }
     }
     Ok(outcome)
+}
+
+/// The keys `provider` verifies with.
+fn keys_of<'k>(
+    provider: &'k JwtProvider,
+    fetched: &'k FetchedKeys,
+) -> Result<&'k Arc<[JwtKey]>, JwtRefusal> {
+    match &provider.keys {
+        JwtKeys::Inline(keys) => Ok(keys),
+        JwtKeys::Remote(uri) => fetched.get(uri).ok_or(JwtRefusal::KeysUnavailable),
+        JwtKeys::Missing => Err(JwtRefusal::KeysUnavailable),
+    }
 }
 
 /// The `iss` of a token, read before it is verified (to choose the rule).
@@ -642,6 +668,9 @@ fn add_outputs(
         }
     }
 }
+
+mod cache;
+pub use cache::VerifiedTokens;
 
 #[cfg(test)]
 mod tests;

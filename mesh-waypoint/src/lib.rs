@@ -118,4 +118,6 @@ pub(crate) struct Ctx {
     pub(crate) mirrors: Arc<tokio::sync::Semaphore>,
     /// The key sets of `RequestAuthentication` rules with `jwksUri`.
     pub(crate) jwks: Arc<jwks::JwksCache>,
+    /// Tokens verified recently ([`mesh_cluster::authn::VerifiedTokens`]).
+    pub(crate) verified_tokens: mesh_cluster::authn::VerifiedTokens,
 }

@@ -178,6 +178,7 @@ pub async fn serve(
     )));
     let ctx = Arc::new(Ctx {
         jwks,
+        verified_tokens: mesh_cluster::authn::VerifiedTokens::default(),
         config,
         state,
         upstream,

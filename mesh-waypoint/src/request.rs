@@ -174,7 +174,7 @@ fn admit<B>(
         path: uri.path(),
         path_and_query: uri.path_and_query().map_or("/", PathAndQuery::as_str),
         headers: request.headers(),
-        jwt: authenticated.jwt.as_ref(),
+        jwt: authenticated.jwt.as_deref(),
     };
     let decision = authorize(ctx, state, (target, addressed), source, Some(http));
     let note = authz_note(&decision);
@@ -204,7 +204,7 @@ fn authenticate<B>(
         headers: request.headers(),
         query: request.uri().query(),
     };
-    mesh_cluster::authn::authenticate(&rules, &source, &ctx.jwks.fetched())
+    mesh_cluster::authn::authenticate(&rules, &source, (&ctx.jwks.fetched(), &ctx.verified_tokens))
 }
 
 /// The request sent on: verified tokens' headers removed (unless forwarded), output headers

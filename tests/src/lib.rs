@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod host;
 pub mod http;
 pub mod jaeger;
+pub mod jwt;
 pub mod kube;
 pub mod mesh;
 pub mod plan;

@@ -394,9 +394,6 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
 /// policy, created through the API: a valid token is served, a request without one is denied
 /// (403), an expired one refused (401); deleted, everything is served again.
 fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    const EC_PEM: &str = include_str!("../../mesh-cluster/src/testdata/jwt-test-ec.pem");
-    const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
     let authns: Api<DynamicObject> = Api::namespaced_with(
         mesh.cp.client(),
         NS,
@@ -420,7 +417,7 @@ fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
         "metadata": {"name": "web-jwt", "namespace": NS},
         "spec": {
             "targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
-            "jwtRules": [{"issuer": "https://idp.example", "jwks": JWKS}],
+            "jwtRules": [{"issuer": "https://idp.example", "jwks": mesh_tests::jwt::JWKS_EC}],
         },
     }));
     let require: DynamicObject = from_json(json!({
@@ -434,13 +431,10 @@ fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
     }));
     create(mesh, &authns, &authn, "the RequestAuthentication");
     create(mesh, &policies, &require, "the AuthorizationPolicy");
-    let now = jsonwebtoken::get_current_timestamp();
-    let key = EncodingKey::from_ec_pem(EC_PEM.as_bytes()).expect("test key");
-    let mut header = Header::new(Algorithm::ES256);
-    header.kid = Some("ec-1".to_owned());
+    let now = mesh_tests::jwt::now();
     let token = |exp: u64| {
         let claims = json!({"iss": "https://idp.example", "sub": "alice", "exp": exp});
-        jsonwebtoken::encode(&header, &claims, &key).expect("signs")
+        mesh_tests::jwt::sign(mesh_tests::jwt::TestKey::Ec, &claims)
     };
     let (good, expired) = (token(now + 3600), token(now - 3600));
     let statuses = format!(

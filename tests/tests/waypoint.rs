@@ -15,6 +15,7 @@ use std::{
 
 use mesh_tests::{
     jaeger::{self, Jaeger},
+    jwt::{self, sign, TestKey},
     mesh::{Mesh, Shortcut, NS, PLAIN_NS},
     plan,
     telemetry::{access_records_once, count, parse_prometheus, sum},
@@ -1575,33 +1576,6 @@ fn authorization_policies_at_the_waypoint_enforce_http_fields_whatever_the_path_
     tcp_refused(&mut bed, "no ALLOW policy matched");
 }
 
-/// Test-only signing keys (`mesh-cluster`'s unit tests use them too) and their public halves.
-const JWT_EC_PEM: &str = include_str!("../../mesh-cluster/src/testdata/jwt-test-ec.pem");
-const JWT_RSA_PEM: &str = include_str!("../../mesh-cluster/src/testdata/jwt-test-rsa.pem");
-const JWKS_EC: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
-const JWKS_RSA: &str = r#"{"keys": [{"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "e": "AQAB", "n": "rBemd8WKL_6b1TNK7VylB3JXouy-GQ0ZtvDA1Gn0TcKHj9_x7YWrBHsoXoAdn0iDQfWL7JnKzcGtuZTT5TtgJ_NI59bzeXqw1XP4TCo8TCx1HseJuNyRtr1Jiwypa3yNQrYT2r7sgftn5QxkS0Hbk6ZA-tHaiUMvhVQg0DQNZSboN9OD_yOqkRwpchM0fjNqZikkGghE_gt7W86f1FwkrEhNOktjJv-G4im0vhJtwpWpw33jTkV5-ffB-4JDq9nAYSTOFCtQQFKeeAXzKlXqTomED2_vF3Fl30cLJUjvqqkY28NtIGqDMwiYTUC1Lsk6vwXLG8a2YXAvKngwih7ITw"}]}"#;
-
-/// A token of `claims` signed with the test EC key (`ES256`, `kid` `ec-1`) or RSA key.
-fn jwt(rsa: bool, claims: &Value) -> String {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let (alg, kid, key) = if rsa {
-        (
-            Algorithm::RS256,
-            "rsa-1",
-            EncodingKey::from_rsa_pem(JWT_RSA_PEM.as_bytes()),
-        )
-    } else {
-        (
-            Algorithm::ES256,
-            "ec-1",
-            EncodingKey::from_ec_pem(JWT_EC_PEM.as_bytes()),
-        )
-    };
-    let mut header = Header::new(alg);
-    header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, claims, &key.expect("test key")).expect("signs")
-}
-
 /// curl from `pod` to Service `web` at `path` with `headers`: the status, the answer's head and
 /// its body.
 fn curl_answer(pod: &Pod, path: &str, headers: &[String]) -> (u16, String, String) {
@@ -1626,7 +1600,7 @@ fn curl_answer(pod: &Pod, path: &str, headers: &[String]) -> (u16, String, Strin
 /// anyone of `b`.
 fn write_jwt_policies(bed: &mut Bed, keys_addr: SocketAddr) {
     let jwks_rsa = serde_json::to_string(&format!("http://{keys_addr}/jwks.json")).unwrap();
-    let jwks_ec = serde_json::to_string(JWKS_EC).unwrap();
+    let jwks_ec = serde_json::to_string(jwt::JWKS_EC).unwrap();
     let authn = format!(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: web-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: web}}]\n  jwtRules:\n  - issuer: https://a.example\n    jwks: {jwks_ec}\n    outputClaimToHeaders: [{{header: x-jwt-team, claim: team}}]\n  - issuer: https://b.example\n    jwksUri: {jwks_rsa}\n"
     );
@@ -1657,21 +1631,21 @@ type JwtCase = (&'static str, Vec<String>, String, u16, &'static str);
 
 /// The JWT test's requests, and a valid token of issuer `b` (whose keys are fetched).
 fn jwt_cases() -> (Vec<JwtCase>, String) {
-    let now = jsonwebtoken::get_current_timestamp();
+    let now = jwt::now();
     let a = |extra: Value| {
         let mut claims = serde_json::json!({"iss": "https://a.example", "sub": "alice", "exp": now + 600, "groups": ["dev"], "team": "blue"});
         claims
             .as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        jwt(false, &claims)
+        sign(TestKey::Ec, &claims)
     };
     let bearer = |token: &str| format!("Authorization: Bearer {token}");
     let good = a(serde_json::json!({}));
     let ops = a(serde_json::json!({"groups": ["ops"]}));
     let expired = a(serde_json::json!({"exp": now - 600}));
-    let stranger = jwt(
-        false,
+    let stranger = sign(
+        TestKey::Ec,
         &serde_json::json!({"iss": "https://evil.example", "sub": "x"}),
     );
     let forged = {
@@ -1684,8 +1658,8 @@ fn jwt_cases() -> (Vec<JwtCase>, String) {
             parts[2]
         )
     };
-    let b = jwt(
-        true,
+    let b = sign(
+        TestKey::Rsa,
         &serde_json::json!({"iss": "https://b.example", "sub": "bob", "exp": now + 600}),
     );
 
@@ -1815,7 +1789,7 @@ fn request_authentication_validates_tokens_for_the_waypoints_policies() {
     // Serve the key set: the waypoint fetches it (retrying), and the token passes.
     let keys_dir = std::env::temp_dir().join(format!("mesh-jwks-{}", std::process::id()));
     std::fs::create_dir_all(&keys_dir).unwrap();
-    std::fs::write(keys_dir.join("jwks.json"), JWKS_RSA).unwrap();
+    std::fs::write(keys_dir.join("jwks.json"), jwt::JWKS_RSA).unwrap();
     let mut server_cmd = waypoint_pod.command("python3");
     server_cmd
         .args(["-u", "-m", "http.server", "18080", "--bind"])

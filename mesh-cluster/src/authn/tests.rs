@@ -7,18 +7,15 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use super::{authenticate, Authenticated, FetchedKeys, JwtRefusal, TokenSource};
+use super::{authenticate, Authenticated, FetchedKeys, JwtRefusal, TokenSource, VerifiedTokens};
 use crate::{k8s::parse_documents, ClusterState, EnrollmentOptions};
 
 /// Test-only keys (generated for these tests; never used elsewhere).
 const EC_PEM: &str = include_str!("../testdata/jwt-test-ec.pem");
 const RSA_PEM: &str = include_str!("../testdata/jwt-test-rsa.pem");
-/// The public halves, as a JSON Web Key Set; `oct` is the HS256 secret `secret-of-32-bytes..`.
-const JWKS: &str = r#"{"keys": [
-  {"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "use": "sig",
-   "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}
-]}"#;
-const RSA_JWKS: &str = r#"{"keys": [{"kty": "RSA", "kid": "rsa-1", "e": "AQAB", "n": "rBemd8WKL_6b1TNK7VylB3JXouy-GQ0ZtvDA1Gn0TcKHj9_x7YWrBHsoXoAdn0iDQfWL7JnKzcGtuZTT5TtgJ_NI59bzeXqw1XP4TCo8TCx1HseJuNyRtr1Jiwypa3yNQrYT2r7sgftn5QxkS0Hbk6ZA-tHaiUMvhVQg0DQNZSboN9OD_yOqkRwpchM0fjNqZikkGghE_gt7W86f1FwkrEhNOktjJv-G4im0vhJtwpWpw33jTkV5-ffB-4JDq9nAYSTOFCtQQFKeeAXzKlXqTomED2_vF3Fl30cLJUjvqqkY28NtIGqDMwiYTUC1Lsk6vwXLG8a2YXAvKngwih7ITw"}]}"#;
+/// Their public halves, as JSON Web Key Sets (`kid` `ec-1`, `rsa-1`).
+const JWKS: &str = include_str!("../testdata/jwt-test-ec.jwks.json");
+const RSA_JWKS: &str = include_str!("../testdata/jwt-test-rsa.jwks.json");
 
 const ISSUER: &str = "https://issuer.example";
 
@@ -94,7 +91,11 @@ fn check(
         headers: &map,
         query,
     };
-    authenticate(&rules, &source, &FetchedKeys::new())
+    authenticate(
+        &rules,
+        &source,
+        (&FetchedKeys::new(), &VerifiedTokens::default()),
+    )
 }
 
 fn bearer(token: &str) -> String {
@@ -293,12 +294,17 @@ fn rules_apply_by_target_and_add_up() {
     let ps_token = bearer(&sign(Algorithm::PS256, None, &claims));
     let ec_token = bearer(&token(&good_claims()));
     // At `web`, both policies apply: each issuer's tokens verify with its own keys.
-    for header in [&rsa_token, &ps_token, &ec_token] {
+    for header in [&rsa_token, &ec_token] {
         assert!(check(&state, "web", &[("authorization", header)], None)
             .unwrap()
             .jwt
             .is_some());
     }
+    // The RSA key's `alg` is RS256: a PS256 token is not one it verifies.
+    assert_eq!(
+        check(&state, "web", &[("authorization", &ps_token)], None).err(),
+        Some(JwtRefusal::NoKey)
+    );
     // At `db`, only the Gateway's: the other issuer is not configured there.
     assert!(check(&state, "db", &[("authorization", &rsa_token)], None)
         .unwrap()
@@ -350,10 +356,21 @@ fn keys_from_a_uri_fail_closed_until_fetched() {
         headers: &headers,
         query: None,
     };
-    assert!(authenticate(&rules, &source, &fetched)
+    let cache = VerifiedTokens::default();
+    assert!(authenticate(&rules, &source, (&fetched, &cache))
         .unwrap()
         .jwt
         .is_some());
+    // Fetched again (a new set, here without the key), the cached verification does not hold.
+    let mut refetched = FetchedKeys::new();
+    refetched.insert(
+        "http://keys.example/jwks.json".to_owned(),
+        super::parse_jwks(RSA_JWKS).unwrap().into(),
+    );
+    assert_eq!(
+        authenticate(&rules, &source, (&refetched, &cache)).err(),
+        Some(JwtRefusal::NoKey)
+    );
 }
 
 #[test]
@@ -375,4 +392,78 @@ fn policies_nothing_applies_are_warned_about() {
     ] {
         assert!(warnings.contains(expected), "{expected:?} in {warnings}");
     }
+}
+
+#[test]
+fn a_verified_token_is_checked_once_per_rule_and_key_set() {
+    let cache = VerifiedTokens::default();
+    let header = bearer(&token(&good_claims()));
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, header.parse().unwrap());
+    let source = TokenSource {
+        headers: &headers,
+        query: None,
+    };
+    let at = |state: &ClusterState| {
+        let service = state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .cloned();
+        let rules: Vec<super::JwtProvider> = state
+            .jwt_rules_at_waypoint(
+                ("shop", "waypoint"),
+                service.as_deref(),
+                "10.96.0.10".parse().unwrap(),
+            )
+            .into_iter()
+            .cloned()
+            .collect();
+        rules
+    };
+    let first = state(&[web_rule("")]);
+    let rules = at(&first);
+    let refs: Vec<&super::JwtProvider> = rules.iter().collect();
+    let fetched = FetchedKeys::new();
+    let one = authenticate(&refs, &source, (&fetched, &cache))
+        .unwrap()
+        .jwt
+        .unwrap();
+    let two = authenticate(&refs, &source, (&fetched, &cache))
+        .unwrap()
+        .jwt
+        .unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&one, &two),
+        "the second use is the cached verification"
+    );
+    assert_eq!(cache.len(), 1);
+    // A new cluster view whose rule has other keys: the token is checked again, and refused.
+    let rsa = serde_json::to_string(RSA_JWKS).unwrap();
+    let changed = state(&[request_authn(
+        "web-jwt",
+        &format!("  targetRefs: [{{kind: Service, name: web}}]\n  jwtRules:\n  - issuer: {ISSUER}\n    jwks: {rsa}\n"),
+    )]);
+    let rules = at(&changed);
+    let refs: Vec<&super::JwtProvider> = rules.iter().collect();
+    assert_eq!(
+        authenticate(&refs, &source, (&fetched, &cache)).err(),
+        Some(JwtRefusal::NoKey)
+    );
+    // Bounded: past its capacity it starts over.
+    let rules = at(&first);
+    let refs: Vec<&super::JwtProvider> = rules.iter().collect();
+    for n in 0..super::cache::CAPACITY + 10 {
+        let mut claims = good_claims();
+        claims["n"] = json!(n);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            bearer(&token(&claims)).parse().unwrap(),
+        );
+        let source = TokenSource {
+            headers: &headers,
+            query: None,
+        };
+        assert!(authenticate(&refs, &source, (&fetched, &cache)).is_ok());
+    }
+    assert!(cache.len() <= super::cache::CAPACITY, "{}", cache.len());
 }

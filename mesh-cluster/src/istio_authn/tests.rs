@@ -47,6 +47,9 @@ fn parses_every_field() {
 fn refuses_what_istio_refuses_naming_field_and_line() {
     let bad_key = r#"{"keys": [{"kty": "EC", "crv": "P-256", "alg": "RS256", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
     let bad_key = serde_json::to_string(bad_key).unwrap();
+    let enc_key =
+        serde_json::to_string(r#"{"keys": [{"kty": "oct", "use": "enc", "k": "c2VjcmV0"}]}"#)
+            .unwrap();
     for (body, expected) in [
         (
             "  jwtRules: [{audiences: [a]}]\n",
@@ -63,6 +66,10 @@ fn refuses_what_istio_refuses_naming_field_and_line() {
         (
             &format!("  jwtRules: [{{issuer: a, jwks: {bad_key}}}]\n"),
             "jwks.keys[0]: alg RS256 does not sign with this key's type",
+        ),
+        (
+            &format!("  jwtRules: [{{issuer: a, jwks: {enc_key}}}]\n"),
+            "jwks.keys[0]: `use: enc`: an encryption key does not verify signatures",
         ),
         (
             "  jwtRules: [{issuer: a, jwksUri: \"ftp://x/k\"}]\n",

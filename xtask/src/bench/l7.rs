@@ -124,9 +124,10 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
             l.contains("cluster state updated") && l.contains("services=2")
         })?;
     std::thread::sleep(Duration::from_secs(1));
+    let waypoint_pid = waypoint.process.pid();
     let record_pages = |when: &str| -> Result<()> {
         let Some(copy) = &copy else { return Ok(()) };
-        let pages = residency::file_pages(copy, &[waypoint.process.pid()])?;
+        let pages = residency::file_pages(copy, &[waypoint_pid])?;
         let file = out.join(format!("{WAYPOINT_RESIDENT_PREFIX}{when}.txt"));
         residency::write_pages(&file, &pages)
     };
@@ -141,11 +142,12 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
                 &url,
                 (path_of(name), protocol, "waypoint"),
                 how,
-                Some(waypoint.process.pid()),
+                (Some(waypoint.process.pid()), &[]),
             )?;
             cases.push(case);
         }
     }
+    cases.push(jwt_case(&mesh, &mut waypoint, &client, how)?);
     record_pages("round")?;
     drop(waypoint);
     if plan.waypoint_only() {
@@ -169,7 +171,7 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
                 &url,
                 (path_of(name), protocol, "direct"),
                 how,
-                None,
+                (None, &[]),
             )?);
         }
     }
@@ -265,7 +267,7 @@ fn nginx_cases(
                 &url,
                 (path_of(name), protocol, "nginx"),
                 how,
-                Some(proxy.pid()),
+                (Some(proxy.pid()), &[]),
             )?);
         }
     }
@@ -367,7 +369,7 @@ fn nginx_tls_cases(
             &url,
             (path_of(name), "HTTP/1.1", "nginx, mTLS"),
             how,
-            Some(measured.pid()),
+            (Some(measured.pid()), &[]),
         )?);
     }
     Ok(cases)
@@ -416,13 +418,52 @@ fn echo(pod: &Pod, name: &str) -> Result<Process> {
     Ok(p)
 }
 
-/// Saturation, then 1,000 req/s, for one URL and protocol.
+/// Same node, HTTP/1.1 through the waypoint, each request with a token that a
+/// `RequestAuthentication` checks and an `AuthorizationPolicy` requires (its principal): what
+/// JWT validation adds (the same token each time, as a client sends it until it expires).
+fn jwt_case(mesh: &Mesh, waypoint: &mut Waypoint, client: &Pod, how: How<'_>) -> Result<Case> {
+    let jwks = serde_json::to_string(mesh_tests::jwt::JWKS_EC)?;
+    mesh.files.write(
+        "authn-local.yaml",
+        &format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: local-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: local}}]\n  jwtRules: [{{issuer: https://idp.example, jwks: {jwks}}}]\n"),
+    )?;
+    mesh.files.write(
+        "authz-local.yaml",
+        &format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: local-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: local}}]\n  rules: [{{from: [{{source: {{requestPrincipals: [\"https://idp.example/*\"]}}}}]}}]\n"),
+    )?;
+    waypoint
+        .process
+        .wait_for_line("the JWT policies", Duration::from_secs(15), |l| {
+            l.contains("cluster state updated")
+                && l.contains("authorization_policies=1")
+                && l.contains("request_authentications=1")
+        })?;
+    let claims =
+        json!({"iss": "https://idp.example", "sub": "bench", "exp": mesh_tests::jwt::now() + 3600});
+    let token = mesh_tests::jwt::sign(mesh_tests::jwt::TestKey::Ec, &claims);
+    println!("l7: same node, HTTP/1.1, through the waypoint, with a JWT");
+    let url = format!("http://{}/", plan::service_vip_v4(0));
+    let header = format!("authorization: Bearer {token}");
+    let case = measure(
+        client,
+        &url,
+        ("same node", "HTTP/1.1", "waypoint, JWT"),
+        how,
+        (Some(waypoint.process.pid()), &[header]),
+    )?;
+    mesh.files.remove("authn-local.yaml")?;
+    mesh.files.remove("authz-local.yaml")?;
+    Ok(case)
+}
+
+/// Saturation, then 1,000 req/s, for one URL and protocol; `waypoint`: the proxy's process, and
+/// `headers` sent with every request.
 fn measure(
     client: &Pod,
     url: &str,
     (path, protocol, mode): (&'static str, &'static str, &'static str),
     how: How<'_>,
-    waypoint: Option<u32>,
+    (waypoint, headers): (Option<u32>, &[String]),
 ) -> Result<Case> {
     let secs = how.secs;
     let h1 = protocol == "HTTP/1.1";
@@ -442,6 +483,9 @@ fn measure(
         ]);
     } else {
         saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
+    }
+    for header in headers {
+        saturation.extend(["-H".into(), header.clone()]);
     }
     // At most this many requests are in flight when h2load's timed run ends (and may be cut).
     let in_flight = if h1 { 8 } else { 2 * 16 };
@@ -472,6 +516,9 @@ fn measure(
     ];
     if !h1 {
         rate.push("--h2".into());
+    }
+    for header in headers {
+        rate.extend(["--header".into(), header.clone()]);
     }
     let before = waypoint.map(process_ticks).transpose()?;
     let started = Instant::now();

@@ -1,5 +1,5 @@
-//! `http-load <host:port> --rate R --duration-ms D [--conns N] [--h2]`: open-loop HTTP load,
-//! `GET /` at R requests/s spread over N connections (HTTP/1.1, kept alive) or N h2c
+//! `http-load <host:port> --rate R --duration-ms D [--conns N] [--h2] [--header 'name: value']...`:
+//! open-loop HTTP load, `GET /` (with those headers) at R requests/s spread over N connections (HTTP/1.1, kept alive) or N h2c
 //! connections (`--h2`, each request a stream of its own), for D ms. A request held back by the
 //! answer before it (HTTP/1.1) is timed from when it was due, so a slow answer counts against
 //! the requests it delays (no coordinated omission); one sent on time is timed from when the
@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
-use hyper::Request;
+use hyper::{
+    header::{HeaderName, HeaderValue},
+    Request,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
@@ -21,6 +24,20 @@ pub struct Options {
     pub duration: Duration,
     pub conns: u64,
     pub h2: bool,
+    /// Sent with every request.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// A `--header` value, `name: value`.
+pub fn header(text: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("--header {text:?}: expected `name: value`"))?;
+    let name = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|e| format!("--header {text:?}: {e}"))?;
+    let value =
+        HeaderValue::from_str(value.trim()).map_err(|e| format!("--header {text:?}: {e}"))?;
+    Ok((name, value))
 }
 
 // Rates, counts and quantile positions are far below 2^52: the conversions are exact.
@@ -32,6 +49,7 @@ pub struct Options {
 pub fn run(addr: &str, options: &Options) -> Result<(), String> {
     let addr = addr.to_owned();
     let (rate, duration, conns, h2) = (options.rate, options.duration, options.conns, options.h2);
+    let headers = std::sync::Arc::new(options.headers.clone());
     super::runtime()?.block_on(async move {
         let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
         let start = Instant::now() + Duration::from_millis(100);
@@ -42,10 +60,9 @@ pub fn run(addr: &str, options: &Options) -> Result<(), String> {
             let first = start + per_conn.mul_f64(c as f64 / conns as f64);
             tasks.push(tokio::spawn(connection(
                 addr,
-                first,
-                per_conn,
-                start + duration,
+                (first, per_conn, start + duration),
                 h2,
+                std::sync::Arc::clone(&headers),
             )));
         }
         let mut latencies = Vec::new();
@@ -80,10 +97,9 @@ type Latencies = (Vec<Duration>, u64);
 
 async fn connection(
     addr: String,
-    first: Instant,
-    interval: Duration,
-    end: Instant,
+    (first, interval, end): (Instant, Duration, Instant),
     h2: bool,
+    headers: std::sync::Arc<Vec<(HeaderName, HeaderValue)>>,
 ) -> Result<Latencies, String> {
     let tcp = tokio::net::TcpStream::connect(&addr)
         .await
@@ -94,13 +110,17 @@ async fn connection(
     // adds none, and a proxy such as nginx refuses a request without it); HTTP/2 takes
     // `:authority` from the URI.
     let request = || {
-        if h2 {
+        let mut builder = if h2 {
             Request::get(format!("http://{addr}/"))
         } else {
             Request::get("/").header(hyper::header::HOST, addr.as_str())
+        };
+        for (name, value) in headers.iter() {
+            builder = builder.header(name, value);
         }
-        .body(Empty::<Bytes>::new())
-        .expect("a valid request")
+        builder
+            .body(Empty::<Bytes>::new())
+            .expect("a valid request")
     };
     let mut latencies = Vec::new();
     let mut errors = 0;

@@ -132,7 +132,7 @@ const USAGE: &str = "usage: mesh-probe <command>
   parallel <addr> --conns N --bytes B [--hold-ms H] [--again]
   http-echo <addr> --name N [--fail-first K] [--delay-ms D]
   ws <addr> <message> [--count N]
-  http-load <addr> --rate R [--duration-ms D] [--conns N] [--h2]
+  http-load <addr> --rate R [--duration-ms D] [--conns N] [--h2] [--header 'name: value']...
       Open-loop GET / at R requests/s; one JSON line with p50/p90/p99/max in µs.
   grpc-serve <addr> --name N
   grpc <addr> --service S [--count C] [--watch]
@@ -305,8 +305,18 @@ fn l7_command<'a>(
         }
         ("http-load", [addr, rest @ ..]) => {
             let h2 = rest.contains(&"--h2");
-            let rest: Vec<&str> = rest.iter().copied().filter(|a| *a != "--h2").collect();
-            let f = flags(&rest, &["--rate", "--duration-ms", "--conns"])?;
+            let mut headers = Vec::new();
+            let mut others: Vec<&str> = Vec::new();
+            let mut args = rest.iter().copied().filter(|a| *a != "--h2");
+            while let Some(arg) = args.next() {
+                if arg == "--header" {
+                    let header = args.next().ok_or("--header needs a value")?;
+                    headers.push(http_load::header(header)?);
+                } else {
+                    others.push(arg);
+                }
+            }
+            let f = flags(&others, &["--rate", "--duration-ms", "--conns"])?;
             let options = http_load::Options {
                 rate: positive::<u64>(&f, "--rate")?.ok_or("--rate is required")?,
                 duration: Duration::from_millis(
@@ -314,6 +324,7 @@ fn l7_command<'a>(
                 ),
                 conns: positive::<u64>(&f, "--conns")?.unwrap_or(10),
                 h2,
+                headers,
             };
             Ok(Box::new(move || http_load::run(addr, &options)))
         }
