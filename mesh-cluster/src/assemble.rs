@@ -137,6 +137,7 @@ impl Publisher {
             peer_authentications = state.peer_authentications().len(),
             authorization_policies = state.authorization_policies().len(),
             request_authentications = state.request_authentications(),
+            envoy_filters = state.envoy_filters(),
             errors = state.errors().len(),
             warnings = state.warnings().len(),
             "cluster state updated"

@@ -27,6 +27,7 @@ pub(crate) struct ByKind<'a> {
     pub(crate) destination_rules: Named<'a, k8s::DestinationRule>,
     pub(crate) reference_grants: Named<'a, k8s::ReferenceGrant>,
     pub(crate) request_authns: Named<'a, k8s::RequestAuthentication>,
+    pub(crate) envoy_filters: Named<'a, k8s::EnvoyFilter>,
 }
 
 impl<'a> ByKind<'a> {
@@ -52,6 +53,7 @@ impl<'a> ByKind<'a> {
                 Object::DestinationRule(o) => put(&mut sorted.destination_rules, &o.metadata, o),
                 Object::ReferenceGrant(o) => put(&mut sorted.reference_grants, &o.metadata, o),
                 Object::RequestAuthentication(o) => put(&mut sorted.request_authns, &o.metadata, o),
+                Object::EnvoyFilter(o) => put(&mut sorted.envoy_filters, &o.metadata, o),
             };
             if duplicate {
                 return Err(StateError::Duplicate {

@@ -50,6 +50,11 @@ pub use super::istio_authz::{
     AuthzSchemaError, Condition, Operation, PolicyTargetRef, Rule, RuleFrom, RuleTo,
     ServiceAccountRef, Source, Values,
 };
+use super::istio_envoy_filter::ENVOY_FILTER_VERSIONS;
+pub use super::istio_envoy_filter::{
+    ConfigPatch, EnvoyFilter, EnvoyFilterSchemaError, EnvoyFilterSpec, LocalRateLimit,
+    RateLimitPatch, RuntimeFraction,
+};
 use super::istio_traffic::ISTIO_NETWORKING_VERSIONS;
 pub use super::istio_traffic::{
     parse_istio_duration, DestinationRule, DestinationRuleSpec, Fault, HashKey, LoadBalancer,
@@ -94,6 +99,8 @@ pub enum Object {
     ReferenceGrant(ReferenceGrant),
     /// A `security.istio.io` `RequestAuthentication`.
     RequestAuthentication(RequestAuthentication),
+    /// A `networking.istio.io` `EnvoyFilter`.
+    EnvoyFilter(EnvoyFilter),
 }
 
 impl Object {
@@ -119,6 +126,7 @@ impl Object {
             Object::RequestAuthentication(o) => {
                 ObjectRef::namespaced(Kind::RequestAuthentication, &o.metadata)
             }
+            Object::EnvoyFilter(o) => ObjectRef::namespaced(Kind::EnvoyFilter, &o.metadata),
         }
     }
 }
@@ -223,6 +231,9 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
             if REQUEST_AUTHENTICATION_VERSIONS.contains(&version) =>
         {
             Some(Kind::RequestAuthentication)
+        }
+        (version, "EnvoyFilter") if ENVOY_FILTER_VERSIONS.contains(&version) => {
+            Some(Kind::EnvoyFilter)
         }
         _ => None,
     }
@@ -470,7 +481,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::VirtualService
         | Kind::DestinationRule
         | Kind::ReferenceGrant
-        | Kind::RequestAuthentication => {
+        | Kind::RequestAuthentication
+        | Kind::EnvoyFilter => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -521,6 +533,7 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 Kind::RequestAuthentication => {
                     Object::RequestAuthentication(RequestAuthentication::deserialize(deserializer)?)
                 }
+                Kind::EnvoyFilter => Object::EnvoyFilter(EnvoyFilter::deserialize(deserializer)?),
             },
         }))
     }

@@ -449,6 +449,7 @@ fn watched_kinds(routes: bool) -> Vec<Kind> {
             Kind::DestinationRule,
             Kind::ReferenceGrant,
             Kind::RequestAuthentication,
+            Kind::EnvoyFilter,
         ]);
     }
     kinds
@@ -493,6 +494,13 @@ fn dynamic_resource(kind: Kind) -> Option<ApiResource> {
             "v1",
             "RequestAuthentication",
             "requestauthentications",
+        ),
+        // v1alpha3: its only version.
+        Kind::EnvoyFilter => (
+            "networking.istio.io",
+            "v1alpha3",
+            "EnvoyFilter",
+            "envoyfilters",
         ),
         Kind::VirtualService => (
             "networking.istio.io",

@@ -7,7 +7,11 @@
 //! - [`peer_auth`]: `PeerAuthentication` scopes, precedence and conflicts, evaluated by
 //!   [`ClusterState::peer_authentication`].
 //! - [`authz`]: `AuthorizationPolicy` scopes and L4 rules, evaluated per connection by
-//!   [`ClusterState::authorize`].
+//!   [`ClusterState::authorize`], and at the waypoints per request with every HTTP field
+//!   ([`ClusterState::authorize_at_waypoint`]).
+//! - [`authn`]: `RequestAuthentication` at the waypoints: which JWT rules apply, and whether a
+//!   request's tokens are valid.
+//! - [`ratelimit`]: the local rate limits of Istio's `EnvoyFilter` at the waypoints.
 //! - [`ClusterState::build`]: the one translation from objects to the agent's immutable,
 //!   indexed state; every source (files today, a Kubernetes watch later) goes through it.
 //! - [`spawn_watcher`] / [`ConfigDir`]: the objects read from a directory of YAML files, reloaded
@@ -57,6 +61,7 @@ pub mod ip_block;
 mod istio;
 mod istio_authn;
 mod istio_authz;
+mod istio_envoy_filter;
 mod istio_traffic;
 pub mod k8s;
 mod kube_client;
@@ -69,6 +74,7 @@ mod options;
 pub mod path_pattern;
 pub mod peer_auth;
 mod policy_target;
+pub mod ratelimit;
 mod reference_grant;
 mod schema;
 mod state;

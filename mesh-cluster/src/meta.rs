@@ -44,6 +44,8 @@ pub enum Kind {
     ReferenceGrant,
     /// `RequestAuthentication` (`security.istio.io`).
     RequestAuthentication,
+    /// `EnvoyFilter` (`networking.istio.io`).
+    EnvoyFilter,
 }
 
 impl fmt::Display for Kind {
@@ -62,6 +64,7 @@ impl fmt::Display for Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::ReferenceGrant => "ReferenceGrant",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::EnvoyFilter => "EnvoyFilter",
         })
     }
 }

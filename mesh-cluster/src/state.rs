@@ -25,6 +25,7 @@ use super::{
     names::{check_name, NameRule},
     options::EnrollmentOptions,
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy},
+    ratelimit::{RateLimit, RateLimitIndex},
     translate::{
         pod_ref, service_from, service_ref, shortcut_annotation, workload_from, workload_ref,
     },
@@ -46,6 +47,7 @@ pub struct ClusterState {
     peer_auth: PeerAuthIndex,
     authz: AuthzIndex,
     authn: AuthnIndex,
+    rate_limits: RateLimitIndex,
     http_routes: HttpRouteIndex,
     waypoints: WaypointIndex,
     bindings: Bindings,
@@ -59,6 +61,29 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// A state without objects, to be filled by [`Self::build`].
+    fn empty() -> Self {
+        ClusterState {
+            generation: 0,
+            errors: Vec::new(),
+            workloads: Vec::new(),
+            by_ip: HashMap::new(),
+            by_node: HashMap::new(),
+            services: Vec::new(),
+            by_hostname: HashMap::new(),
+            by_addr: HashMap::new(),
+            peer_auth: PeerAuthIndex::default(),
+            authz: AuthzIndex::default(),
+            authn: AuthnIndex::default(),
+            rate_limits: RateLimitIndex::default(),
+            http_routes: HttpRouteIndex::default(),
+            waypoints: WaypointIndex::default(),
+            bindings: Bindings::default(),
+            policy_services: HashMap::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     /// Builds and validates the state from `objects`, in any order. Pods that have finished
     /// (`Succeeded`, `Failed`) are left out: their addresses may already belong to new pods.
     /// The result has generation 0 and no source errors; the source sets both.
@@ -81,6 +106,7 @@ impl ClusterState {
             destination_rules,
             reference_grants,
             request_authns,
+            envoy_filters,
         } = ByKind::sort(objects)?;
         for namespace in namespaces.values() {
             let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
@@ -93,24 +119,7 @@ impl ClusterState {
             shortcut_annotation(&object, &namespace.metadata)?;
         }
 
-        let mut state = ClusterState {
-            generation: 0,
-            errors: Vec::new(),
-            workloads: Vec::new(),
-            by_ip: HashMap::new(),
-            by_node: HashMap::new(),
-            services: Vec::new(),
-            by_hostname: HashMap::new(),
-            by_addr: HashMap::new(),
-            peer_auth: PeerAuthIndex::default(),
-            authz: AuthzIndex::default(),
-            authn: AuthnIndex::default(),
-            http_routes: HttpRouteIndex::default(),
-            waypoints: WaypointIndex::default(),
-            bindings: Bindings::default(),
-            policy_services: HashMap::new(),
-            warnings: Vec::new(),
-        };
+        let mut state = ClusterState::empty();
         let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
         for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
             let ns_meta = namespaces.get(namespace).map(|ns| &ns.metadata);
@@ -135,6 +144,8 @@ impl ClusterState {
         )?;
         state.authz = AuthzIndex::build(authz_policies.into_values(), &opts.root_namespace)?;
         state.authn = AuthnIndex::build(request_authns.into_values(), &opts.root_namespace)?;
+        state.rate_limits =
+            RateLimitIndex::build(envoy_filters.into_values(), &opts.root_namespace)?;
         state.index_routes(
             (&http_routes, &grpc_routes),
             (&virtual_services, &destination_rules),
@@ -161,6 +172,7 @@ impl ClusterState {
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
             state.authn.warnings().to_vec(),
+            state.rate_limits.warnings().to_vec(),
             unenforced,
             state.http_routes.warnings().to_vec(),
             state.waypoints.warnings().to_vec(),
@@ -222,7 +234,9 @@ impl ClusterState {
                 .iter()
                 .map(move |target| (what.clone(), namespace, target))
         });
-        authorization.chain(authentication)
+        authorization
+            .chain(authentication)
+            .chain(self.rate_limits.targets())
     }
 
     /// A warning for each target of a waypoint's policy that nothing enforces:
@@ -500,6 +514,27 @@ impl ClusterState {
     /// (serializable, for the admin interface's config dump).
     pub fn authorization_policies(&self) -> &[Arc<AuthzPolicy>] {
         self.authz.policies()
+    }
+
+    /// How many `EnvoyFilters` there are.
+    pub fn envoy_filters(&self) -> usize {
+        self.rate_limits.len()
+    }
+
+    /// The local rate limits (`EnvoyFilter`) that apply at waypoint `namespace/name` to a
+    /// request to `dst` (a Service's VIP and port, or a pod's address and port) for `service`
+    /// (`None`: addressed to a pod), in order; see [`super::ratelimit`].
+    pub fn rate_limits_at_waypoint(
+        &self,
+        waypoint: (&str, &str),
+        service: Option<&Service>,
+        dst: SocketAddr,
+    ) -> Vec<&Arc<RateLimit>> {
+        if self.rate_limits.len() == 0 {
+            return Vec::new();
+        }
+        let serving = self.policy_services_of(service, dst.ip());
+        self.rate_limits.applying(waypoint, &serving, dst)
     }
 
     /// How many `RequestAuthentications` there are.

@@ -15,6 +15,11 @@ use crate::body::{full, Body};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalReply(pub(crate) &'static str);
 
+/// The gRPC status of an answer the waypoint made itself, when not the one its HTTP status maps
+/// to (a local rate limit's `RESOURCE_EXHAUSTED`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GrpcCode(pub(crate) u8);
+
 /// Whether a request is gRPC (its `content-type`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -53,7 +58,10 @@ pub(crate) fn for_grpc(mut response: Response<Body>) -> Response<Body> {
     let Some(LocalReply(text)) = response.extensions().get::<LocalReply>().copied() else {
         return response;
     };
-    let code = grpc_code(response.status());
+    let code = response
+        .extensions()
+        .get::<GrpcCode>()
+        .map_or_else(|| grpc_code(response.status()), |c| c.0);
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.remove(header::CONTENT_LENGTH);

@@ -10,7 +10,9 @@
 //!    trust domain) and HBONE, checks that the authority is a Service (or pod) bound to it, and
 //!    serves HTTP on the tunnel: HTTP/1.1 or HTTP/2 (h2c, gRPC), told apart by the HTTP/2
 //!    preface.
-//! 3. Each request ([`request`]) is routed by the newest cluster view
+//! 3. Each request ([`request`]) has its tokens checked (`RequestAuthentication`: 401), then
+//!    the `AuthorizationPolicies` (403), then the local rate limits ([`ratelimit`]: 429), and
+//!    is routed by the newest cluster view
 //!    ([`mesh_cluster::ClusterState::route_http`]): the `HTTPRoute` rule that matches, with its
 //!    filters (header modifiers, redirect, URL rewrite, mirror), its weighted backends, its
 //!    timeouts and retries; a 404 when routes attach and none matches; the Service itself when
@@ -38,6 +40,7 @@ mod jwks;
 mod listener;
 mod path;
 mod protocol;
+mod ratelimit;
 mod relay;
 mod request;
 mod telemetry;
@@ -120,4 +123,6 @@ pub(crate) struct Ctx {
     pub(crate) jwks: Arc<jwks::JwksCache>,
     /// Tokens verified recently ([`mesh_cluster::authn::VerifiedTokens`]).
     pub(crate) verified_tokens: mesh_cluster::authn::VerifiedTokens,
+    /// The waypoint's token buckets of local rate limits ([`ratelimit`]).
+    pub(crate) buckets: ratelimit::Buckets,
 }

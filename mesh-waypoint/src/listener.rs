@@ -179,6 +179,7 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         jwks,
         verified_tokens: mesh_cluster::authn::VerifiedTokens::default(),
+        buckets: crate::ratelimit::Buckets::default(),
         config,
         state,
         upstream,
@@ -292,6 +293,7 @@ async fn tunnel(
         identity: src,
         addr: request.forwarded_for.unwrap_or(peer),
         trace: TraceContext::from_headers(&request.headers),
+        buckets: Arc::default(),
     };
     let stream = match responder.accept() {
         Ok(stream) => stream,

@@ -28,7 +28,8 @@ use crate::{
     balance::Keys,
     body::full,
     filters::{modify_headers, redirect_location, replace_path},
-    grpc_reply::{for_grpc, LocalReply},
+    grpc_reply::{for_grpc, GrpcCode, LocalReply},
+    ratelimit::Limited,
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upgrade::{splice, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade, UpgradeAsk},
     upstream::UpstreamError,
@@ -139,13 +140,14 @@ struct Admitted {
 
 /// Whether a request goes on.
 enum Admission {
-    /// On, with these header edits.
-    Pass(Authenticated),
+    /// On, with these header edits, and these headers for its response (`x-ratelimit-*`).
+    Pass(Authenticated, HeaderMap),
     /// Answered by the waypoint.
     Answer(Response<Body>),
 }
 
-/// The waypoint's `RequestAuthentications`, then its `AuthorizationPolicies`, on `request`.
+/// The waypoint's `RequestAuthentications`, then its `AuthorizationPolicies`, then its local
+/// rate limits, on `request`.
 fn admit<B>(
     ctx: &Ctx,
     state: &ClusterState,
@@ -178,14 +180,30 @@ fn admit<B>(
     };
     let decision = authorize(ctx, state, (target, addressed), source, Some(http));
     let note = authz_note(&decision);
-    let outcome = if decision.verdict == Verdict::Deny {
-        Admission::Answer(local(
-            StatusCode::FORBIDDEN,
-            Flag::None,
-            "RBAC: access denied",
-        ))
-    } else {
-        Admission::Pass(authenticated)
+    if decision.verdict == Verdict::Deny {
+        let denied = local(StatusCode::FORBIDDEN, Flag::None, "RBAC: access denied");
+        return Admitted {
+            outcome: Admission::Answer(denied),
+            note,
+        };
+    }
+    let waypoint = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
+    let limits = state.rate_limits_at_waypoint(waypoint, addressed, target.dialled());
+    let buckets = (&ctx.buckets, &*source.buckets);
+    let outcome = match crate::ratelimit::check(&limits, buckets, Instant::now()) {
+        Limited::Pass(headers) => Admission::Pass(authenticated, headers),
+        Limited::Refused { limit, headers } => {
+            let mut refused = local(
+                crate::ratelimit::status(&limit),
+                Flag::RateLimited,
+                "local_rate_limited",
+            );
+            refused.headers_mut().extend(headers);
+            if limit.resource_exhausted {
+                refused.extensions_mut().insert(GrpcCode(8));
+            }
+            Admission::Answer(refused)
+        }
     };
     Admitted { outcome, note }
 }
@@ -250,6 +268,8 @@ pub(crate) struct Source {
     pub(crate) addr: SocketAddr,
     /// The trace context of the tunnel's CONNECT (the source agent's connection span).
     pub(crate) trace: Option<TraceContext>,
+    /// The tunnel's own token buckets (limits with `local_rate_limit_per_downstream_connection`).
+    pub(crate) buckets: Arc<crate::ratelimit::Buckets>,
 }
 
 /// Serves one request.
@@ -323,14 +343,14 @@ pub(crate) async fn handle(
     let mut response = match admitted.map(|a| a.outcome) {
         None => local(StatusCode::BAD_REQUEST, Flag::None, "invalid path"),
         Some(Admission::Answer(answer)) => answer,
-        Some(Admission::Pass(_)) if ask == UpgradeAsk::Refused => local(
+        Some(Admission::Pass(..)) if ask == UpgradeAsk::Refused => local(
             StatusCode::FORBIDDEN,
             Flag::None,
             "only WebSocket upgrades are allowed",
         ),
-        Some(Admission::Pass(authenticated)) => {
+        Some(Admission::Pass(authenticated, limit_headers)) => {
             apply_authenticated(request.headers_mut(), authenticated);
-            route(
+            let mut response = route(
                 request,
                 &ctx,
                 &state,
@@ -338,7 +358,9 @@ pub(crate) async fn handle(
                 &source,
             )
             .instrument(span.clone())
-            .await
+            .await;
+            response.headers_mut().extend(limit_headers);
+            response
         }
     };
     if grpc {

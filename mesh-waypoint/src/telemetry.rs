@@ -242,6 +242,8 @@ pub(crate) enum Flag {
     FaultAbort,
     /// `DI`: a fault injected a delay.
     FaultDelay,
+    /// `RL`: a local rate limit refused it.
+    RateLimited,
 }
 
 impl Flag {
@@ -256,6 +258,7 @@ impl Flag {
             Flag::InvalidBackend => "NC",
             Flag::FaultAbort => "FI",
             Flag::FaultDelay => "DI",
+            Flag::RateLimited => "RL",
         }
     }
 }

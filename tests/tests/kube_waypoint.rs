@@ -455,6 +455,59 @@ fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
     });
 }
 
+/// Istio's documented local rate limit (an `EnvoyFilter`) targeting `web`, created through the
+/// API: a bucket of 3 (never refilled within the test), then 429 with Envoy's body; deleted,
+/// everything is served again.
+fn waypoint_rate_limit(mesh: &KubeMesh, vip: &str) {
+    let filters: Api<DynamicObject> = Api::namespaced_with(
+        mesh.cp.client(),
+        NS,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("networking.istio.io", "v1alpha3", "EnvoyFilter"),
+            "envoyfilters",
+        ),
+    );
+    let filter: DynamicObject = from_json(json!({
+        "apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+        "metadata": {"name": "web-limit", "namespace": NS},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+            "configPatches": [{
+                "applyTo": "HTTP_FILTER",
+                "match": {"context": "WAYPOINT", "waypoint": {"portNumber": 80}},
+                "patch": {"operation": "INSERT_BEFORE", "value": {
+                    "name": "envoy.filters.http.local_ratelimit",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                        "stat_prefix": "http_local_rate_limiter",
+                        "token_bucket": {"max_tokens": 3, "tokens_per_fill": 3, "fill_interval": "3600s"},
+                        "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                        "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                    },
+                }},
+            }],
+        },
+    }));
+    create(mesh, &filters, &filter, "the EnvoyFilter");
+    let statuses = format!(
+        "for i in 1 2 3 4 5 6; do \
+         curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\n' http://{vip}/x || exit 1; done"
+    );
+    // Runs before the waypoint sees the filter are all 200; the first run after spends the
+    // bucket (whatever is left of it), and every request past it is 429.
+    until_seen(mesh, 0, "limited", &statuses, |seen| {
+        let limited = seen.iter().position(|s| s == "429");
+        limited.is_some_and(|first| seen[first..].iter().all(|s| s == "429"))
+            && seen.iter().all(|s| s == "200" || s == "429")
+    });
+    mesh.cp
+        .block_on(filters.delete("web-limit", &DeleteParams::default()))
+        .expect("deleted");
+    until_seen(mesh, 0, "unlimited", &statuses, |seen| {
+        seen == ["200", "200", "200", "200", "200", "200"]
+    });
+}
+
 #[test]
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
     let (_serial, mesh, vip) = deployed();
@@ -463,6 +516,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     route_change(&mesh, &vip);
     waypoint_policy(&mesh, &vip);
     waypoint_jwt(&mesh, &vip);
+    waypoint_rate_limit(&mesh, &vip);
     delete_gateway(&mesh, &vip);
 }
 

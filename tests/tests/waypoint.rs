@@ -1807,3 +1807,111 @@ fn request_authentication_validates_tokens_for_the_waypoints_policies() {
     let _ = std::fs::remove_dir_all(&keys_dir);
     assert_eq!(status, 200, "{head} {body}");
 }
+
+/// An `EnvoyFilter` as Istio documents local rate limiting, for a waypoint: `name`, targeting
+/// `target` (YAML flow), in `context`, with a bucket of `max_tokens` (never refilled within a
+/// test).
+fn rate_limit_filter(name: &str, target: &str, context: &str, max_tokens: u32) -> String {
+    // Istio's rule: a `waypoint` match only with context WAYPOINT.
+    let on = if context == "WAYPOINT" {
+        "waypoint"
+    } else {
+        "listener"
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  targetRefs: [{target}]\n  configPatches:\n  - applyTo: HTTP_FILTER\n    match:\n      context: {context}\n      {on}: {{portNumber: 80}}\n    patch:\n      operation: INSERT_BEFORE\n      value:\n        name: envoy.filters.http.local_ratelimit\n        typed_config:\n          \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct\n          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit\n          value:\n            stat_prefix: http_local_rate_limiter\n            token_bucket: {{max_tokens: {max_tokens}, tokens_per_fill: {max_tokens}, fill_interval: 3600s}}\n            filter_enabled: {{runtime_key: local_rate_limit_enabled, default_value: {{numerator: 100, denominator: HUNDRED}}}}\n            filter_enforced: {{runtime_key: local_rate_limit_enforced, default_value: {{numerator: 100, denominator: HUNDRED}}}}\n            response_headers_to_add: [{{append_action: APPEND_IF_EXISTS_OR_ADD, header: {{key: x-local-rate-limit, value: \"true\"}}}}]\n            enable_x_ratelimit_headers: DRAFT_VERSION_03\n"
+    )
+}
+
+/// Waits until the waypoint sees `count` `EnvoyFilters`.
+fn wait_for_envoy_filters(bed: &mut Bed, count: usize) {
+    let seen = format!("envoy_filters={count}");
+    bed.waypoint
+        .process
+        .wait_for_line(&seen, LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains(&seen)
+        })
+        .unwrap();
+}
+
+#[test]
+fn local_rate_limits_by_envoy_filter_refuse_with_429() {
+    // Before, no `EnvoyFilter` was read: Istio's documented way to rate-limit requests at a
+    // waypoint limited nothing. Now its local rate limit is enforced: a bucket of 5, and every
+    // request past it answered 429 before it reaches a backend.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let files = &bed.mesh.files;
+    let web = "{kind: Service, group: \"\", name: web}";
+    files
+        .write(
+            "ef-web.yaml",
+            &rate_limit_filter("web-limit", web, "WAYPOINT", 5),
+        )
+        .unwrap();
+    // A filter for sidecars' inbound listeners: not a waypoint's, so it applies to nothing.
+    let gateway = "{kind: Gateway, group: gateway.networking.k8s.io, name: wp}";
+    files
+        .write(
+            "ef-sidecar.yaml",
+            &rate_limit_filter("sidecar-limit", gateway, "SIDECAR_INBOUND", 1),
+        )
+        .unwrap();
+    wait_for_envoy_filters(&mut bed, 2);
+    bed.waypoint
+        .process
+        .wait_for_line("the warning", LOG_WAIT, |l| {
+            l.contains("context SIDECAR_INBOUND does not apply to waypoints")
+        })
+        .unwrap();
+
+    let answers: Vec<(u16, String, String)> =
+        (0..12).map(|_| curl_answer(&client, "/", &[])).collect();
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(
+        statuses,
+        [[200; 5].as_slice(), &[429; 7]].concat(),
+        "{answers:#?}"
+    );
+    for (i, (status, head, body)) in answers.iter().enumerate() {
+        let head = head.to_ascii_lowercase();
+        let remaining = format!("x-ratelimit-remaining: {}", 4usize.saturating_sub(i));
+        assert!(
+            head.contains("x-ratelimit-limit: 5") && head.contains(&remaining),
+            "{head}"
+        );
+        if *status == 429 {
+            assert_eq!(body.trim(), "local_rate_limited");
+            assert!(head.contains("x-local-rate-limit: true"), "{head}");
+        }
+    }
+    let served = served_settled(&[&bed.backends[0], &bed.backends[1]], 5);
+    assert_eq!(
+        served.iter().sum::<usize>(),
+        5,
+        "only the first five reached a backend"
+    );
+    let metrics = waypoint_metrics(&bed.mesh.pod(0, 1).clone());
+    let limited = [("response_code", "429"), ("response_flags", "RL")];
+    assert_eq!(count(&metrics, "istio_requests_total", &limited), 7);
+
+    // The filter changed (a bucket of 100): a new bucket, full.
+    bed.mesh
+        .files
+        .write(
+            "ef-web.yaml",
+            &rate_limit_filter("web-limit", web, "WAYPOINT", 100),
+        )
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line("the new filter", LOG_WAIT, |l| {
+            l.contains("cluster state updated") && l.contains("generation=")
+        })
+        .unwrap();
+    let fresh = (0..40)
+        .map(|_| curl_answer(&client, "/", &[]))
+        .find(|a| a.1.to_ascii_lowercase().contains("x-ratelimit-limit: 100"));
+    let (status, head, _) = fresh.expect("the new limit applies");
+    assert_eq!(status, 200, "{head}");
+}

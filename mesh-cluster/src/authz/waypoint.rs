@@ -32,11 +32,11 @@
 //! or the pod's address and port. `hosts` match the request's authority (`:authority`, else
 //! `Host`) ignoring case, with or without its port. `paths` match the path as the waypoint
 //! normalized it (and sends it on), without the query. `methods` match exactly. A header
-//! condition reads the header's values joined by `,`. No JWT is validated (Istio's
-//! `RequestAuthentication` is not read), so no request has `requestPrincipals` or
-//! `request.auth.*`: a value asked of them never matches, a `not…` always passes; `DENY` with
-//! `notRequestPrincipals: ["*"]` refuses every request. `connection.sni` is absent as well (the
-//! HTTP in a tunnel is plain). `experimental.envoy.filters.*` cannot be evaluated: an ALLOW or
+//! condition reads the header's values joined by `,`. `requestPrincipals` (`iss/sub`) and
+//! `request.auth.*` read the request's verified JWT ([`crate::authn`]); a request without one has
+//! none: a value asked of them never matches, a `not…` always passes, so `DENY` with
+//! `notRequestPrincipals: ["*"]` requires a token. `connection.sni` is always absent (the HTTP
+//! in a tunnel is plain). `experimental.envoy.filters.*` cannot be evaluated: an ALLOW or
 //! AUDIT rule with one matches nothing, a DENY rule holds without it.
 //!
 //! **TCP passed through** (a port that does not carry HTTP): the rules as the node agent would
