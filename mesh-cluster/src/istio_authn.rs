@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{
     istio::WorkloadSelector,
-    istio_authz::{PolicyTargetRef, SelectorFields},
+    istio_authz::{target_refs, PolicyTargetRef, SelectorFields},
     istio_traffic::parse_istio_duration,
     meta::{nullable, ObjectMeta},
     schema::{deserialize_checked, Checked, List},
@@ -142,16 +142,12 @@ impl Checked for RequestAuthenticationSpec {
     const WHAT: &'static str = "a RequestAuthentication spec";
 
     fn check(fields: SpecFields) -> Result<Self, AuthnSchemaError> {
-        let mut target_refs = fields.target_refs.0;
-        let target_field = if fields.target_ref.is_some() {
-            "targetRef"
-        } else {
-            "targetRefs"
-        };
-        target_refs.extend(fields.target_ref);
-        if fields.selector.is_some() && !target_refs.is_empty() {
-            return Err(AuthnSchemaError::SelectorAndTargetRef(target_field));
-        }
+        let target_refs = target_refs(
+            fields.target_ref,
+            fields.target_refs.0,
+            fields.selector.is_some(),
+        )
+        .map_err(AuthnSchemaError::SelectorAndTargetRef)?;
         Ok(Self {
             selector: fields.selector.map(SelectorFields::into_selector),
             target_refs,

@@ -168,6 +168,26 @@ pub struct PolicyTargetRef {
     pub namespace: String,
 }
 
+/// `targetRef` and `targetRefs` as one list; refused (naming the field given) beside a
+/// selector, as Istio refuses it.
+pub(crate) fn target_refs(
+    one: Option<PolicyTargetRef>,
+    many: Vec<PolicyTargetRef>,
+    selector: bool,
+) -> Result<Vec<PolicyTargetRef>, &'static str> {
+    let field = if one.is_some() {
+        "targetRef"
+    } else {
+        "targetRefs"
+    };
+    let mut refs = many;
+    refs.extend(one);
+    if selector && !refs.is_empty() {
+        return Err(field);
+    }
+    Ok(refs)
+}
+
 impl fmt::Display for PolicyTargetRef {
     /// `kind/name`, e.g. `Gateway/waypoint`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -569,16 +589,12 @@ impl Checked for AuthorizationPolicySpec {
     const WHAT: &'static str = "an AuthorizationPolicy spec";
 
     fn check(fields: SpecFields) -> Result<Self, AuthzSchemaError> {
-        let mut target_refs = fields.target_refs.0;
-        let target_field = if fields.target_ref.is_some() {
-            "targetRef"
-        } else {
-            "targetRefs"
-        };
-        target_refs.extend(fields.target_ref);
-        if fields.selector.is_some() && !target_refs.is_empty() {
-            return Err(AuthzSchemaError::SelectorAndTargetRef(target_field));
-        }
+        let target_refs = target_refs(
+            fields.target_ref,
+            fields.target_refs.0,
+            fields.selector.is_some(),
+        )
+        .map_err(AuthzSchemaError::SelectorAndTargetRef)?;
         Ok(Self {
             selector: fields.selector.map(SelectorFields::into_selector),
             target_refs,

@@ -25,7 +25,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{
     istio::WorkloadSelector,
-    istio_authz::PolicyTargetRef,
+    istio_authz::{target_refs, PolicyTargetRef},
     meta::{nullable, Labels, ObjectMeta},
     schema::{deserialize_checked, Checked, List},
 };
@@ -48,10 +48,10 @@ const TYPED_STRUCT_TYPES: [&str; 2] = [
 #[derive(Debug, thiserror::Error)]
 pub enum EnvoyFilterSchemaError {
     #[error(
-        "`workloadSelector` and `targetRefs` cannot both be set (Istio: only one of targetRefs or \
-         workloadSelector)"
+        "`workloadSelector` and `{0}` cannot both be set (Istio: only one of targetRefs or \
+         workloadSelector can be set)"
     )]
-    SelectorAndTargetRef,
+    SelectorAndTargetRef(&'static str),
     #[error("configPatches[{index}]: {problem}")]
     Patch { index: usize, problem: String },
 }
@@ -222,11 +222,12 @@ impl Checked for EnvoyFilterSpec {
     const WHAT: &'static str = "an EnvoyFilter spec";
 
     fn check(fields: SpecFields) -> Result<Self, EnvoyFilterSchemaError> {
-        let mut target_refs = fields.target_refs.0;
-        target_refs.extend(fields.target_ref);
-        if fields.workload_selector.is_some() && !target_refs.is_empty() {
-            return Err(EnvoyFilterSchemaError::SelectorAndTargetRef);
-        }
+        let target_refs = target_refs(
+            fields.target_ref,
+            fields.target_refs.0,
+            fields.workload_selector.is_some(),
+        )
+        .map_err(EnvoyFilterSchemaError::SelectorAndTargetRef)?;
         Ok(Self {
             workload_selector: fields.workload_selector.map(|s| WorkloadSelector {
                 match_labels: s.labels,

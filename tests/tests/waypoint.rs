@@ -1411,7 +1411,13 @@ fn authz_policy(namespace: &str, name: &str, spec: &str) -> String {
 
 /// Waits until the waypoint sees `count` `AuthorizationPolicies`.
 fn wait_for_policies(bed: &mut Bed, count: usize) {
-    let seen = format!("authorization_policies={count}");
+    wait_for_objects(bed, "authorization_policies", count);
+}
+
+/// Waits until the waypoint's cluster view has `count` objects of the `kind` its log names
+/// (`authorization_policies`, `envoy_filters`, ...).
+fn wait_for_objects(bed: &mut Bed, kind: &str, count: usize) {
+    let seen = format!("{kind}={count}");
     bed.waypoint
         .process
         .wait_for_line(&seen, LOG_WAIT, |l| {
@@ -1618,12 +1624,7 @@ fn write_jwt_policies(bed: &mut Bed, keys_addr: SocketAddr) {
         .write("authz-allow.yaml", &authz_policy(NS, "jwt-allow", allow))
         .unwrap();
     wait_for_policies(bed, 2);
-    bed.waypoint
-        .process
-        .wait_for_line("the RequestAuthentication", LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains("request_authentications=1")
-        })
-        .unwrap();
+    wait_for_objects(bed, "request_authentications", 1);
 }
 
 /// A request of the JWT test: what it is, its headers, its path, the status and 401 reason.
@@ -1823,17 +1824,6 @@ fn rate_limit_filter(name: &str, target: &str, context: &str, max_tokens: u32) -
     )
 }
 
-/// Waits until the waypoint sees `count` `EnvoyFilters`.
-fn wait_for_envoy_filters(bed: &mut Bed, count: usize) {
-    let seen = format!("envoy_filters={count}");
-    bed.waypoint
-        .process
-        .wait_for_line(&seen, LOG_WAIT, |l| {
-            l.contains("cluster state updated") && l.contains(&seen)
-        })
-        .unwrap();
-}
-
 #[test]
 fn local_rate_limits_by_envoy_filter_refuse_with_429() {
     // Before, no `EnvoyFilter` was read: Istio's documented way to rate-limit requests at a
@@ -1857,7 +1847,7 @@ fn local_rate_limits_by_envoy_filter_refuse_with_429() {
             &rate_limit_filter("sidecar-limit", gateway, "SIDECAR_INBOUND", 1),
         )
         .unwrap();
-    wait_for_envoy_filters(&mut bed, 2);
+    wait_for_objects(&mut bed, "envoy_filters", 2);
     bed.waypoint
         .process
         .wait_for_line("the warning", LOG_WAIT, |l| {
