@@ -190,9 +190,11 @@ fn admit<B>(
     let waypoint = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
     let limits = state.rate_limits_at_waypoint(waypoint, addressed, target.dialled());
     let buckets = (&ctx.buckets, &*source.buckets);
+    let mut note = note;
     let outcome = match crate::ratelimit::check(&limits, buckets, Instant::now()) {
         Limited::Pass(headers) => Admission::Pass(authenticated, headers),
         Limited::Refused { limit, headers } => {
+            note = Some(format!("rate limited by {}", limit.policy));
             let mut refused = local(
                 crate::ratelimit::status(&limit),
                 Flag::RateLimited,

@@ -1884,6 +1884,10 @@ fn local_rate_limits_by_envoy_filter_refuse_with_429() {
     let metrics = waypoint_metrics(&bed.mesh.pod(0, 1).clone());
     let limited = [("response_code", "429"), ("response_flags", "RL")];
     assert_eq!(count(&metrics, "istio_requests_total", &limited), 7);
+    // The access log names the filter.
+    let records = access_records_once(|| bed.waypoint.process.lines(), LOG_WAIT, |r| r.len() >= 12);
+    let notes: Vec<&str> = records.iter().filter_map(|r| r["authz"].as_str()).collect();
+    assert_eq!(notes, ["rate limited by mesh/web-limit"; 7]);
 
     // The filter changed (a bucket of 100): a new bucket, full.
     bed.mesh
