@@ -234,3 +234,118 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
     .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fetcher against real local servers: a key set served over HTTP, and every way a
+    //! server can fail it (a status, garbage, too much, silence, an untrusted certificate).
+
+    use std::sync::Arc;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::{fetch, JwksError, MAX_BODY};
+
+    const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
+
+    /// Serves one answer of `status` and `body` to every connection on a loopback port; with
+    /// `silent`, reads the request and answers nothing.
+    async fn serve(status: &'static str, body: Arc<Vec<u8>>, silent: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let body = Arc::clone(&body);
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = tcp.read(&mut request).await;
+                    if silent {
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                        return;
+                    }
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    let _ = tcp.write_all(&body).await;
+                });
+            }
+        });
+        format!("http://{addr}/keys.json")
+    }
+
+    fn short() -> std::time::Duration {
+        std::time::Duration::from_millis(500)
+    }
+
+    #[tokio::test]
+    async fn a_key_set_served_over_http_is_read() {
+        let uri = serve("200 OK", Arc::new(JWKS.as_bytes().to_vec()), false).await;
+        let keys = fetch(&uri, short()).await.expect("fetched");
+        assert_eq!(keys.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_failure_is_named() {
+        let not_found = serve("404 Not Found", Arc::new(b"no".to_vec()), false).await;
+        let garbage = serve("200 OK", Arc::new(b"<html>".to_vec()), false).await;
+        let huge = serve("200 OK", Arc::new(vec![b' '; MAX_BODY + 1]), false).await;
+        let silent = serve("200 OK", Arc::new(Vec::new()), true).await;
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            format!("http://{addr}/k")
+        };
+        for (uri, expected) in [
+            (not_found, "answered 404 Not Found"),
+            (garbage, "jwks: not a JSON Web Key Set"),
+            (huge, "reading the body (at most 1048576 bytes)"),
+            (silent, "no answer within 500ms"),
+            (closed, "connecting: Connection refused"),
+            ("ftp://example.com/k".to_owned(), "not an http or https URL"),
+        ] {
+            let error = fetch(&uri, short()).await.expect_err(&uri).to_string();
+            assert!(error.contains(expected), "{expected:?} in {error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_https_server_must_have_a_certificate_the_roots_trust() {
+        // A self-signed certificate for `localhost`: no root trusts it, so the set is not
+        // fetched (and its issuer's tokens stay refused).
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let error = fetch(&format!("https://localhost:{port}/keys.json"), short())
+            .await
+            .expect_err("an untrusted certificate");
+        assert!(matches!(error, JwksError::Tls(_)), "{error}");
+        assert!(error.to_string().contains("UnknownIssuer"), "{error}");
+    }
+}
