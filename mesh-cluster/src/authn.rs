@@ -51,9 +51,9 @@ use serde_json::Value;
 use crate::{
     error::StateError,
     istio_authn::AuthnSchemaError,
-    k8s::{self, Kind, ObjectRef},
+    k8s::{self, Kind},
     meta::MetaExt,
-    names::{check_name, NameRule},
+    names::policy_key,
     policy_target::{self, ByTarget, PolicyTarget},
 };
 
@@ -388,16 +388,8 @@ fn translate(
     root_namespace: &str,
     warnings: &mut Vec<String>,
 ) -> Result<RequestAuthn, StateError> {
-    let object = ObjectRef::namespaced(Kind::RequestAuthentication, &ra.metadata);
+    let key = policy_key(Kind::RequestAuthentication, &ra.metadata)?;
     let namespace = ra.metadata.namespace();
-    check_name(&object, "metadata.namespace", namespace, NameRule::Label)?;
-    check_name(
-        &object,
-        "metadata.name",
-        ra.metadata.name(),
-        NameRule::Subdomain,
-    )?;
-    let key: Arc<str> = format!("{namespace}/{}", ra.metadata.name()).into();
     let what = format!("RequestAuthentication {key}");
     let spec = &ra.spec;
     if spec.target_refs.is_empty() {

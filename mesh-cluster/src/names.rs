@@ -1,6 +1,11 @@
 //! Kubernetes' name rules (RFC 1123 labels and subdomains), checked on every name the model reads.
 
-use crate::{error::StateError, meta::ObjectRef};
+use std::sync::Arc;
+
+use crate::{
+    error::StateError,
+    meta::{Kind, MetaExt, ObjectMeta, ObjectRef},
+};
 
 #[derive(Clone, Copy)]
 pub(crate) enum NameRule {
@@ -50,4 +55,18 @@ pub(crate) fn check_name(
             expected,
         })
     }
+}
+
+/// The key of a policy object (`namespace/name`), once its namespace (a label) and name (a
+/// subdomain) are checked.
+pub(crate) fn policy_key(kind: Kind, meta: &ObjectMeta) -> Result<Arc<str>, StateError> {
+    let object = ObjectRef::namespaced(kind, meta);
+    check_name(
+        &object,
+        "metadata.namespace",
+        meta.namespace(),
+        NameRule::Label,
+    )?;
+    check_name(&object, "metadata.name", meta.name(), NameRule::Subdomain)?;
+    Ok(format!("{}/{}", meta.namespace(), meta.name()).into())
 }

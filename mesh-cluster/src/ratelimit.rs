@@ -33,9 +33,9 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use crate::{
     error::StateError,
     istio_envoy_filter::{fill_interval, fraction_of, ConfigPatch, RateLimitPatch},
-    k8s::{self, Kind, ObjectRef},
+    k8s::{self, Kind},
     meta::MetaExt,
-    names::{check_name, NameRule},
+    names::policy_key,
     policy_target::{self, ByTarget, PolicyTarget},
 };
 
@@ -151,16 +151,8 @@ fn translate(
     root_namespace: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Filter, StateError> {
-    let object = ObjectRef::namespaced(Kind::EnvoyFilter, &ef.metadata);
+    let key = policy_key(Kind::EnvoyFilter, &ef.metadata)?;
     let namespace = ef.metadata.namespace();
-    check_name(&object, "metadata.namespace", namespace, NameRule::Label)?;
-    check_name(
-        &object,
-        "metadata.name",
-        ef.metadata.name(),
-        NameRule::Subdomain,
-    )?;
-    let key: Arc<str> = format!("{namespace}/{}", ef.metadata.name()).into();
     let what = format!("EnvoyFilter {key}");
     let spec = &ef.spec;
     let targets = policy_target::targets(

@@ -9,6 +9,13 @@
 //! retried after 1 s, doubling up to a minute, and the last good set stays in use meanwhile.
 //! Until a rule's set has been fetched once, its tokens are refused ("Jwks remote fetch is
 //! failed"): it fails closed. Requests without a token are not affected.
+//!
+//! **Where it does not go.** A `RequestAuthentication` is a tenant's object, and the waypoint
+//! (outside the capture, under its own identity) fetches what it names: a tenant could point it
+//! at addresses its own pods may not reach. The waypoint refuses key sets on loopback,
+//! link-local (the cloud metadata endpoint, `169.254.169.254`), unspecified and multicast
+//! addresses, by every address the host resolves to. Its answer never reaches the tenant (only
+//! whether its tokens pass), and cluster addresses stay allowed (an in-cluster issuer).
 
 use std::{
     collections::HashMap,
@@ -39,6 +46,16 @@ pub(crate) enum JwksError {
     Url,
     #[error("connecting: {0}")]
     Connect(std::io::Error),
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{host} is only at loopback, link-local, unspecified or multicast addresses ({addrs}): \
+         the waypoint does not fetch key sets from itself, its node or the metadata endpoint"
+    )]
+    Forbidden { host: String, addrs: String },
     #[error("TLS: {0}")]
     Tls(std::io::Error),
     #[error("HTTP: {0}")]
@@ -154,19 +171,53 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// Which addresses a fetch may go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// Not loopback, link-local, unspecified or multicast ones (the waypoint's).
+    Remote,
+    /// Loopback too (the unit tests' servers).
+    #[cfg(test)]
+    Loopback,
+}
+
+impl Reach {
+    fn allows(self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let link_local = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        let local = ip.is_unspecified() || ip.is_multicast() || link_local;
+        match self {
+            Reach::Remote => !local && !ip.is_loopback(),
+            #[cfg(test)]
+            Reach::Loopback => !local,
+        }
+    }
+}
+
 /// Fetches and reads the key set at `uri`.
 async fn fetch(
     uri: &str,
     timeout: Duration,
 ) -> Result<Vec<mesh_cluster::authn::JwtKey>, JwksError> {
-    let body = tokio::time::timeout(timeout, get(uri))
+    fetch_within(uri, timeout, Reach::Remote).await
+}
+
+async fn fetch_within(
+    uri: &str,
+    timeout: Duration,
+    reach: Reach,
+) -> Result<Vec<mesh_cluster::authn::JwtKey>, JwksError> {
+    let body = tokio::time::timeout(timeout, get(uri, reach))
         .await
         .map_err(|_| JwksError::Timeout(timeout))??;
     let text = String::from_utf8_lossy(&body);
     Ok(mesh_cluster::authn::parse_jwks(&text)?)
 }
 
-async fn get(uri: &str) -> Result<Bytes, JwksError> {
+async fn get(uri: &str, reach: Reach) -> Result<Bytes, JwksError> {
     let parsed: http::Uri = uri.parse().map_err(|_| JwksError::Url)?;
     let host = parsed.host().ok_or(JwksError::Url)?.to_owned();
     let tls = match parsed.scheme_str() {
@@ -176,7 +227,26 @@ async fn get(uri: &str) -> Result<Bytes, JwksError> {
     };
     let port = parsed.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let stream = TcpStream::connect((bare, port))
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((bare, port))
+        .await
+        .map_err(|source| JwksError::Resolve {
+            host: host.clone(),
+            source,
+        })?
+        .collect();
+    let allowed: Vec<std::net::SocketAddr> = resolved
+        .iter()
+        .copied()
+        .filter(|a| reach.allows(a.ip()))
+        .collect();
+    if allowed.is_empty() {
+        let addrs: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
+        return Err(JwksError::Forbidden {
+            host,
+            addrs: addrs.join(", "),
+        });
+    }
+    let stream = TcpStream::connect(&allowed[..])
         .await
         .map_err(JwksError::Connect)?;
     let authority = parsed
@@ -247,7 +317,7 @@ mod tests {
         net::TcpListener,
     };
 
-    use super::{fetch, JwksError, MAX_BODY};
+    use super::{fetch, fetch_within, JwksError, Reach, MAX_BODY};
 
     const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
 
@@ -285,7 +355,9 @@ mod tests {
     #[tokio::test]
     async fn a_key_set_served_over_http_is_read() {
         let uri = serve("200 OK", Arc::new(JWKS.as_bytes().to_vec()), false).await;
-        let keys = fetch(&uri, short()).await.expect("fetched");
+        let keys = fetch_within(&uri, short(), Reach::Loopback)
+            .await
+            .expect("fetched");
         assert_eq!(keys.len(), 1);
     }
 
@@ -309,7 +381,10 @@ mod tests {
             (closed, "connecting: Connection refused"),
             ("ftp://example.com/k".to_owned(), "not an http or https URL"),
         ] {
-            let error = fetch(&uri, short()).await.expect_err(&uri).to_string();
+            let error = fetch_within(&uri, short(), Reach::Loopback)
+                .await
+                .expect_err(&uri)
+                .to_string();
             assert!(error.contains(expected), "{expected:?} in {error:?}");
         }
     }
@@ -342,10 +417,30 @@ mod tests {
                 let _ = acceptor.accept(tcp).await;
             }
         });
-        let error = fetch(&format!("https://localhost:{port}/keys.json"), short())
+        let uri = format!("https://localhost:{port}/keys.json");
+        let error = fetch_within(&uri, short(), Reach::Loopback)
             .await
             .expect_err("an untrusted certificate");
         assert!(matches!(error, JwksError::Tls(_)), "{error}");
         assert!(error.to_string().contains("UnknownIssuer"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn loopback_link_local_and_metadata_addresses_are_refused() {
+        let served = serve("200 OK", Arc::new(JWKS.as_bytes().to_vec()), false).await;
+        for uri in [
+            served.as_str(),
+            "http://localhost:9/keys",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[fe80::1]:80/k",
+            "http://0.0.0.0/k",
+            "http://[::ffff:127.0.0.1]/k",
+        ] {
+            let error = fetch(uri, short()).await.expect_err(uri);
+            assert!(
+                matches!(error, JwksError::Forbidden { .. }),
+                "{uri}: {error}"
+            );
+        }
     }
 }

@@ -3,17 +3,15 @@
 //! nothing, a DENY rule keeps its L4 part) and, for a waypoint's policy, for a request (every
 //! field). See the parent module for what each field means.
 
-use std::sync::Arc;
-
 use super::{
     waypoint, AuthMatch, AuthzMatch, AuthzPolicy, AuthzRule, AuthzScope, HeaderMatch,
     ServiceAccountMatch, StringMatch,
 };
 use crate::{
     error::StateError,
-    k8s::{self, Attribute, AuthAttribute, AuthzAction, Kind, ObjectRef, Values},
+    k8s::{self, Attribute, AuthAttribute, AuthzAction, Kind, Values},
     meta::MetaExt,
-    names::{check_name, NameRule},
+    names::policy_key,
 };
 
 pub(super) fn policy_from(
@@ -21,16 +19,8 @@ pub(super) fn policy_from(
     root_namespace: &str,
     warnings: &mut Vec<String>,
 ) -> Result<AuthzPolicy, StateError> {
-    let object = ObjectRef::namespaced(Kind::AuthorizationPolicy, &ap.metadata);
+    let key = policy_key(Kind::AuthorizationPolicy, &ap.metadata)?;
     let namespace = ap.metadata.namespace();
-    check_name(&object, "metadata.namespace", namespace, NameRule::Label)?;
-    check_name(
-        &object,
-        "metadata.name",
-        ap.metadata.name(),
-        NameRule::Subdomain,
-    )?;
-    let key: Arc<str> = format!("{namespace}/{}", ap.metadata.name()).into();
     let spec = &ap.spec;
     let selector = spec.match_labels().cloned().unwrap_or_default();
     let scope = match (namespace == root_namespace, selector.is_empty()) {
