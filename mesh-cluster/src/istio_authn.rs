@@ -23,6 +23,7 @@ use super::{
     istio::WorkloadSelector,
     istio_authz::{target_refs, PolicyTargetRef, SelectorFields},
     istio_traffic::parse_istio_duration,
+    jwks::JwksError,
     meta::{nullable, ObjectMeta},
     schema::{deserialize_checked, Checked, List},
 };
@@ -197,7 +198,10 @@ impl Checked for JwtRule {
             }
         }
         if let Some(jwks) = &f.jwks {
-            crate::authn::check_jwks(jwks)?;
+            crate::jwks::parse_jwks(jwks).map_err(|e| match e {
+                JwksError::Set(problem) => AuthnSchemaError::Jwks(problem),
+                JwksError::Key { index, problem } => AuthnSchemaError::JwksKey { index, problem },
+            })?;
         }
         if let Some(uri) = &f.jwks_uri {
             check_uri(uri)?;

@@ -63,6 +63,7 @@ mod istio_authn;
 mod istio_authz;
 mod istio_envoy_filter;
 mod istio_traffic;
+pub mod jwks;
 pub mod k8s;
 mod kube_client;
 mod kube_source;

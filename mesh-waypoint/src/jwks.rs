@@ -67,7 +67,7 @@ pub(crate) enum JwksError {
     #[error("reading the body (at most {MAX_BODY} bytes): {0}")]
     Body(String),
     #[error("{0}")]
-    Keys(#[from] mesh_cluster::k8s::AuthnSchemaError),
+    Keys(#[from] mesh_cluster::jwks::JwksError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
 }
@@ -198,10 +198,7 @@ impl Reach {
 }
 
 /// Fetches and reads the key set at `uri`.
-async fn fetch(
-    uri: &str,
-    timeout: Duration,
-) -> Result<Vec<mesh_cluster::authn::JwtKey>, JwksError> {
+async fn fetch(uri: &str, timeout: Duration) -> Result<Vec<mesh_cluster::jwks::JwtKey>, JwksError> {
     fetch_within(uri, timeout, Reach::Remote).await
 }
 
@@ -209,12 +206,12 @@ async fn fetch_within(
     uri: &str,
     timeout: Duration,
     reach: Reach,
-) -> Result<Vec<mesh_cluster::authn::JwtKey>, JwksError> {
+) -> Result<Vec<mesh_cluster::jwks::JwtKey>, JwksError> {
     let body = tokio::time::timeout(timeout, get(uri, reach))
         .await
         .map_err(|_| JwksError::Timeout(timeout))??;
     let text = String::from_utf8_lossy(&body);
-    Ok(mesh_cluster::authn::parse_jwks(&text)?)
+    Ok(mesh_cluster::jwks::parse_jwks(&text)?)
 }
 
 async fn get(uri: &str, reach: Reach) -> Result<Bytes, JwksError> {
@@ -375,7 +372,7 @@ mod tests {
         };
         for (uri, expected) in [
             (not_found, "answered 404 Not Found"),
-            (garbage, "jwks: not a JSON Web Key Set"),
+            (garbage, "not a JSON Web Key Set"),
             (huge, "reading the body (at most 1048576 bytes)"),
             (silent, "no answer within 500ms"),
             (closed, "connecting: Connection refused"),

@@ -340,7 +340,7 @@ fn keys_from_a_uri_fail_closed_until_fetched() {
     let mut fetched = FetchedKeys::new();
     fetched.insert(
         "http://keys.example/jwks.json".to_owned(),
-        super::parse_jwks(JWKS).unwrap().into(),
+        crate::jwks::parse_jwks(JWKS).unwrap().into(),
     );
     let mut headers = HeaderMap::new();
     headers.insert(http::header::AUTHORIZATION, header.parse().unwrap());
@@ -365,7 +365,7 @@ fn keys_from_a_uri_fail_closed_until_fetched() {
     let mut refetched = FetchedKeys::new();
     refetched.insert(
         "http://keys.example/jwks.json".to_owned(),
-        super::parse_jwks(RSA_JWKS).unwrap().into(),
+        crate::jwks::parse_jwks(RSA_JWKS).unwrap().into(),
     );
     assert_eq!(
         authenticate(&rules, &source, (&refetched, &cache)).err(),
