@@ -106,6 +106,17 @@ mod tests {
         let r = for_grpc(reply(StatusCode::IM_A_TEAPOT, "fault filter abort 100%"));
         assert_eq!(r.headers()["grpc-status"], "2");
         assert_eq!(r.headers()["grpc-message"], "fault filter abort 100%25");
+        // A local rate limit: UNAVAILABLE, or RESOURCE_EXHAUSTED when its filter says so.
+        let r = for_grpc(reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited"));
+        assert_eq!(r.headers()["grpc-status"], "14");
+        let mut exhausted = reply(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
+        exhausted.extensions_mut().insert(GrpcCode(8));
+        let r = for_grpc(exhausted);
+        assert_eq!(r.headers()["grpc-status"], "8");
+        assert_eq!(r.headers()["grpc-message"], "local_rate_limited");
+        // 401: a refused token.
+        let r = for_grpc(reply(StatusCode::UNAUTHORIZED, "Jwt is expired"));
+        assert_eq!(r.headers()["grpc-status"], "16");
     }
 
     #[test]

@@ -269,6 +269,24 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_per_connection_has_a_bucket_per_tunnel() {
+        let mut per_tunnel = limit(1, 1, 60_000);
+        Arc::get_mut(&mut per_tunnel).unwrap().per_connection = true;
+        let waypoint = Buckets::default();
+        let (one, two) = (Buckets::default(), Buckets::default());
+        let now = Instant::now();
+        let passes = |tunnel: &Buckets| {
+            matches!(
+                check(&[&per_tunnel], (&waypoint, tunnel), now),
+                Limited::Pass(_)
+            )
+        };
+        assert!(passes(&one) && !passes(&one), "one token per tunnel");
+        assert!(passes(&two), "another tunnel has its own");
+        assert!(waypoint.buckets.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn disabled_or_unenforced_limits_refuse_nothing() {
         let mut off = limit(1, 1, 60_000);
         Arc::get_mut(&mut off).unwrap().enabled = 0.0;
