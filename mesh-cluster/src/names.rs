@@ -57,16 +57,19 @@ pub(crate) fn check_name(
     }
 }
 
-/// The key of a policy object (`namespace/name`), once its namespace (a label) and name (a
-/// subdomain) are checked.
-pub(crate) fn policy_key(kind: Kind, meta: &ObjectMeta) -> Result<Arc<str>, StateError> {
-    let object = ObjectRef::namespaced(kind, meta);
+/// Checks a namespaced object's namespace (a label) and name (a subdomain).
+pub(crate) fn check_namespaced(object: &ObjectRef, meta: &ObjectMeta) -> Result<(), StateError> {
     check_name(
-        &object,
+        object,
         "metadata.namespace",
         meta.namespace(),
         NameRule::Label,
     )?;
-    check_name(&object, "metadata.name", meta.name(), NameRule::Subdomain)?;
+    check_name(object, "metadata.name", meta.name(), NameRule::Subdomain)
+}
+
+/// The key of a policy object (`namespace/name`), once its names are checked.
+pub(crate) fn policy_key(kind: Kind, meta: &ObjectMeta) -> Result<Arc<str>, StateError> {
+    check_namespaced(&ObjectRef::namespaced(kind, meta), meta)?;
     Ok(format!("{}/{}", meta.namespace(), meta.name()).into())
 }

@@ -12,7 +12,7 @@ use super::{
     error::StateError,
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
     model::{AppProtocol, Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
-    names::{check_name, NameRule},
+    names::{check_name, check_namespaced, NameRule},
     options::{
         EnrollmentOptions, RuntimeHandles, CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION,
     },
@@ -44,13 +44,7 @@ pub(super) fn workload_from(
     let ns_labels: Option<&Labels> = ns_meta.map(MetaExt::labels);
     let object = pod_ref(pod);
     let meta = &pod.metadata;
-    check_name(
-        &object,
-        "metadata.namespace",
-        meta.namespace(),
-        NameRule::Label,
-    )?;
-    check_name(&object, "metadata.name", meta.name(), NameRule::Subdomain)?;
+    check_namespaced(&object, meta)?;
     let service_account = pod.service_account();
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
