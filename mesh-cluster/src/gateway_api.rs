@@ -175,6 +175,12 @@ pub enum RouteSchemaError {
     Attempts(i64),
     #[error("`{0}` is not supported by this waypoint")]
     Unsupported(&'static str),
+    #[error(
+        "trafficPolicy.tls.mode {0}: the waypoint reaches the mesh's endpoints over HBONE, mutual TLS with their \
+         identities (ISTIO_MUTUAL, the only mode it takes); it does not originate TLS to servers \
+         outside the mesh"
+    )]
+    TlsMode(String),
     #[error("percentage {0} is out of range (0-100)")]
     PercentValue(f64),
     #[error("set exactly one of {0}")]

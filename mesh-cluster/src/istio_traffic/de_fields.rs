@@ -481,15 +481,28 @@ pub(crate) struct TrafficPolicyFields {
     load_balancer: Option<LoadBalancer>,
     connection_pool: Option<IgnoredAny>,
     outlier_detection: Option<IgnoredAny>,
-    tls: Option<IgnoredAny>,
+    tls: Option<ClientTls>,
     port_level_settings: Option<IgnoredAny>,
+}
+
+/// `trafficPolicy.tls`: `ISTIO_MUTUAL` (often written in `DestinationRules` from older Istio
+/// docs) is what the waypoint does toward the mesh's endpoints anyway; other modes, and the
+/// fields that go with them, are refused.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ClientTls {
+    mode: Option<String>,
 }
 
 impl TrafficPolicyFields {
     fn check(self) -> Result<Option<LoadBalancer>, RouteSchemaError> {
         refuse(self.connection_pool.as_ref(), "connectionPool")?;
         refuse(self.outlier_detection.as_ref(), "outlierDetection")?;
-        refuse(self.tls.as_ref(), "tls")?;
+        if let Some(ClientTls { mode: Some(mode) }) = self.tls {
+            if mode != "ISTIO_MUTUAL" {
+                return Err(RouteSchemaError::TlsMode(mode));
+            }
+        }
         refuse(self.port_level_settings.as_ref(), "portLevelSettings")?;
         Ok(self.load_balancer)
     }

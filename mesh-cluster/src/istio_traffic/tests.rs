@@ -53,7 +53,7 @@ fn parses_a_virtual_service_and_a_destination_rule() {
       weight: 10
 "#),
         dr(r"  host: web.shop.svc.cluster.local
-  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}, tls: {mode: ISTIO_MUTUAL}}
   subsets:
   - {name: v1, labels: {version: v1}}
   - name: v2
@@ -161,6 +161,14 @@ fn checks_name_the_field_and_line() {
         (
             dr("  host: web\n  trafficPolicy: {outlierDetection: {}}\n"),
             &["`outlierDetection` is not supported"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {tls: {mode: SIMPLE}}\n"),
+            &["spec: trafficPolicy.tls.mode SIMPLE: the waypoint reaches the mesh's endpoints over HBONE"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL, sni: x}}\n"),
+            &["unknown field `sni`"],
         ),
         (
             dr("  host: web\n  subsets: [{name: v1, labelz: {a: b}}]\n"),
