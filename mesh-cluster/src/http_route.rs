@@ -152,6 +152,8 @@ pub struct EndpointPolicy {
     pub labels: crate::meta::Labels,
     /// How an endpoint is picked.
     pub load_balancer: crate::istio_traffic::LoadBalancer,
+    /// Which endpoints are left out for failing (`outlierDetection`).
+    pub outlier_detection: Option<crate::istio_traffic::OutlierDetection>,
 }
 
 impl EndpointPolicy {

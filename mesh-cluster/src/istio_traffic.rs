@@ -185,7 +185,31 @@ pub struct DestinationRuleSpec {
     pub host: String,
     /// `trafficPolicy.loadBalancer`; round robin when absent.
     pub load_balancer: Option<LoadBalancer>,
+    /// `trafficPolicy.outlierDetection`.
+    pub outlier_detection: Option<OutlierDetection>,
     pub subsets: Vec<Subset>,
+}
+
+/// `outlierDetection`: endpoints that keep failing are left out for a while (Envoy's outlier
+/// detection, with Istio's defaults).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// `consecutive5xxErrors`: 5xx answers (and failures to reach it) in a row that eject an
+    /// endpoint; 5 when absent, 0 turns it off.
+    pub consecutive_5xx: u32,
+    /// `consecutiveGatewayErrors`: 502, 503, 504 (and failures to reach it) in a row; off (0)
+    /// when absent.
+    pub consecutive_gateway: u32,
+    /// `interval`: how often ejections are reconsidered (10 s).
+    pub interval: Duration,
+    /// `baseEjectionTime`: an ejection lasts this times the endpoint's ejections so far (30 s),
+    /// at most 300 s (Envoy's `max_ejection_time`).
+    pub base_ejection_time: Duration,
+    /// `maxEjectionPercent`: an endpoint is ejected only while fewer than this share are (10).
+    pub max_ejection_percent: u32,
+    /// `minHealthPercent`: below this share of endpoints not ejected, ejections are ignored
+    /// (Envoy's panic mode; 0, off).
+    pub min_health_percent: u32,
 }
 
 /// A `subset`.
@@ -196,6 +220,8 @@ pub struct Subset {
     pub labels: Labels,
     /// Its own `trafficPolicy.loadBalancer`, over the rule's.
     pub load_balancer: Option<LoadBalancer>,
+    /// Its own `trafficPolicy.outlierDetection`, over the rule's.
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// How the waypoint picks an endpoint.

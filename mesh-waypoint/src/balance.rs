@@ -3,19 +3,80 @@
 //! (per backend), random, least request (two drawn at random, the one with fewer requests in
 //! flight, as Envoy does) or a consistent hash (rendezvous hashing over the endpoints, so a key
 //! keeps its endpoint while that endpoint stays, and only the keys of an endpoint that goes move).
+//!
+//! **Outlier detection** (the policy's `outlierDetection`, as Envoy's): every answer of an
+//! endpoint is recorded ([`Balancer::record`]); `consecutive5xxErrors` 5xx answers in a row (a
+//! failure to reach it counts as one), or `consecutiveGatewayErrors` 502/503/504 in a row, eject
+//! it for `baseEjectionTime` times its ejections so far (at most 300 s), provided fewer than
+//! `maxEjectionPercent` of the candidates are ejected already (the first ejection among few
+//! endpoints always is, as in Envoy). An ejected endpoint is not picked until its time is up,
+//! unless fewer than `minHealthPercent` of the candidates are left (panic: all are candidates
+//! again). Its ejection count goes down by one for every `interval` it spends back in without
+//! being ejected. Per waypoint replica, as Envoy's per proxy.
 
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use http::HeaderMap;
 use mesh_cluster::{
-    k8s::{HashKey, LoadBalancer},
+    k8s::{HashKey, LoadBalancer, OutlierDetection},
     Endpoint, EndpointPolicy, Service,
 };
+
+/// The longest ejection (Envoy's default `max_ejection_time`).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// What an endpoint's answer (or its absence) was, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// An HTTP status.
+    Status(u16),
+    /// It could not be reached, or did not answer in time.
+    Unreachable,
+}
+
+/// An endpoint's record for outlier detection.
+#[derive(Debug, Default)]
+struct Health {
+    /// 5xx answers in a row.
+    errors_5xx: u32,
+    /// 502/503/504 answers in a row.
+    errors_gateway: u32,
+    /// Ejected until then.
+    ejected_until: Option<Instant>,
+    /// Its ejections so far (the next lasts this many base times, plus one).
+    ejections: u32,
+    /// Since when it counts as back in (for the count to go down).
+    back_since: Option<Instant>,
+}
+
+impl Health {
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| until > now)
+    }
+
+    /// The ejection count, lowered for every `interval` spent back in.
+    fn settle(&mut self, policy: &OutlierDetection, now: Instant) {
+        if let Some(until) = self.ejected_until.filter(|until| *until <= now) {
+            self.ejected_until = None;
+            self.back_since = Some(until);
+        }
+        if let Some(since) = self.back_since {
+            let interval = policy.interval.as_nanos().max(1);
+            let spent = now.saturating_duration_since(since).as_nanos() / interval;
+            let spent = u32::try_from(spent).unwrap_or(u32::MAX);
+            if spent > 0 {
+                self.ejections = self.ejections.saturating_sub(spent);
+                self.back_since = Some(now);
+            }
+        }
+    }
+}
 
 /// What a consistent hash can key on.
 pub(crate) struct Keys<'a> {
@@ -28,6 +89,8 @@ pub(crate) struct Keys<'a> {
 pub(crate) struct Balancer {
     cursors: Mutex<HashMap<String, usize>>,
     in_flight: Mutex<HashMap<SocketAddr, usize>>,
+    /// Outlier detection's records, by endpoint.
+    health: Mutex<HashMap<SocketAddr, Health>>,
 }
 
 /// A request in flight to an endpoint (for least request), until dropped.
@@ -62,17 +125,12 @@ impl Balancer {
         policy: &EndpointPolicy,
         keys: &Keys<'_>,
     ) -> Option<(Endpoint, SocketAddr, InFlight)> {
-        let endpoints = service
-            .ports
-            .iter()
-            .find(|p| p.port == port && p.protocol == mesh_cluster::Protocol::Tcp)?
-            .endpoints
-            .iter()
-            .filter(|e| policy.admits(e));
-        let (v4, v6): (Vec<&Endpoint>, Vec<&Endpoint>) = endpoints.partition(|e| e.addr.is_ipv4());
-        let candidates = if v4.is_empty() { v6 } else { v4 };
+        let mut candidates = candidates(service, port, policy);
         if candidates.is_empty() {
             return None;
+        }
+        if let Some(outlier) = &policy.outlier_detection {
+            self.leave_out_ejected(&mut candidates, outlier, Instant::now());
         }
         let chosen = match &policy.load_balancer {
             LoadBalancer::RoundRobin => {
@@ -123,6 +181,89 @@ impl Balancer {
         Some((chosen.clone(), addr, guard))
     }
 
+    /// `candidates` without the ejected endpoints, unless too few would be left.
+    fn leave_out_ejected(
+        &self,
+        candidates: &mut Vec<&Endpoint>,
+        outlier: &OutlierDetection,
+        now: Instant,
+    ) {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ejected = |e: &&Endpoint| {
+            health.get_mut(&e.addr).is_some_and(|h| {
+                h.settle(outlier, now);
+                h.ejected(now)
+            })
+        };
+        let kept: Vec<&Endpoint> = candidates.iter().copied().filter(|e| !ejected(e)).collect();
+        let healthy_percent = kept.len() * 100 / candidates.len();
+        let panic = healthy_percent < outlier.min_health_percent as usize;
+        if !kept.is_empty() && !panic {
+            *candidates = kept;
+        } else if kept.is_empty() && !panic && outlier.max_ejection_percent >= 100 {
+            // Every endpoint ejected and none allowed back: as Envoy, no healthy endpoint.
+            candidates.clear();
+        }
+    }
+
+    /// Records `answer` from `addr`, an endpoint of `service`'s `port` that `policy` picked;
+    /// ejects it when it has failed too often in a row (when the policy detects outliers).
+    pub(crate) fn record(
+        &self,
+        (service, port, policy): (&Service, u16, &EndpointPolicy),
+        addr: SocketAddr,
+        answer: Answer,
+        now: Instant,
+    ) {
+        let Some(outlier) = &policy.outlier_detection else {
+            return;
+        };
+        let candidates = candidates(service, port, policy);
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let (is_5xx, is_gateway) = match answer {
+            Answer::Status(code) => ((500..600).contains(&code), matches!(code, 502..=504)),
+            Answer::Unreachable => (true, true),
+        };
+        if !is_5xx {
+            // A success: its counts start over (nothing to keep for an endpoint never failing).
+            if let Some(h) = health.get_mut(&addr) {
+                h.errors_5xx = 0;
+                h.errors_gateway = 0;
+            }
+            return;
+        }
+        let already = candidates
+            .iter()
+            .filter(|e| health.get(&e.addr).is_some_and(|h| h.ejected(now)))
+            .count();
+        let h = health.entry(addr).or_default();
+        h.settle(outlier, now);
+        if h.ejected(now) {
+            return;
+        }
+        h.errors_5xx += 1;
+        if is_gateway {
+            h.errors_gateway += 1;
+        } else {
+            h.errors_gateway = 0;
+        }
+        let tripped = (outlier.consecutive_5xx > 0 && h.errors_5xx >= outlier.consecutive_5xx)
+            || (outlier.consecutive_gateway > 0 && h.errors_gateway >= outlier.consecutive_gateway);
+        let room = already * 100 < outlier.max_ejection_percent as usize * candidates.len().max(1);
+        if tripped && room {
+            h.ejections += 1;
+            let time = outlier
+                .base_ejection_time
+                .saturating_mul(h.ejections)
+                .min(MAX_EJECTION);
+            h.ejected_until = Some(now + time);
+            h.back_since = None;
+            h.errors_5xx = 0;
+            h.errors_gateway = 0;
+            tracing::debug!(endpoint = %addr, ejected_for = ?time, "outlier ejected");
+        }
+    }
+
     /// Requests in flight to `addr` now.
     #[cfg(test)]
     fn load(&self, addr: SocketAddr) -> usize {
@@ -131,6 +272,25 @@ impl Balancer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         counts.get(&addr).copied().unwrap_or(0)
+    }
+}
+
+/// The endpoints of `service`'s `port` that `policy` admits: its IPv4 ones, else its IPv6 ones.
+fn candidates<'s>(service: &'s Service, port: u16, policy: &EndpointPolicy) -> Vec<&'s Endpoint> {
+    let Some(endpoints) = service
+        .ports
+        .iter()
+        .find(|p| p.port == port && p.protocol == mesh_cluster::Protocol::Tcp)
+        .map(|p| &p.endpoints)
+    else {
+        return Vec::new();
+    };
+    let admitted = endpoints.iter().filter(|e| policy.admits(e));
+    let (v4, v6): (Vec<&Endpoint>, Vec<&Endpoint>) = admitted.partition(|e| e.addr.is_ipv4());
+    if v4.is_empty() {
+        v6
+    } else {
+        v4
     }
 }
 

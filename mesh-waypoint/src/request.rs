@@ -25,7 +25,7 @@ use tracing::{debug, debug_span, warn, Instrument};
 
 use crate::body::Body;
 use crate::{
-    balance::Keys,
+    balance::{Answer, Keys},
     body::full,
     filters::{modify_headers, redirect_location, replace_path},
     grpc_reply::{for_grpc, GrpcCode, LocalReply},
@@ -800,11 +800,17 @@ async fn one_attempt(
         .upstream
         .send(&endpoint, addr, &service.hostname, source.addr, request);
     let result = match timeout {
-        Some(limit) => tokio::time::timeout(limit, sent)
-            .await
-            .map_err(|_| Failure::Timeout)?,
-        None => sent.await,
+        Some(limit) => tokio::time::timeout(limit, sent).await,
+        None => Ok(sent.await),
     };
+    // What the endpoint did, for outlier detection (its `DestinationRule`'s).
+    let answer = match &result {
+        Ok(Ok(response)) => Answer::Status(response.status().as_u16()),
+        Ok(Err(_)) | Err(_) => Answer::Unreachable,
+    };
+    ctx.balancer
+        .record((service, port, policy), addr, answer, Instant::now());
+    let result = result.map_err(|_| Failure::Timeout)?;
     let mut response = result.map_err(Failure::Upstream)?.map(BodyExt::boxed);
     response.extensions_mut().insert(Outcome {
         flag: Flag::None,

@@ -1909,3 +1909,35 @@ fn local_rate_limits_by_envoy_filter_refuse_with_429() {
     let (status, head, _) = fresh.expect("the new limit applies");
     assert_eq!(status, 200, "{head}");
 }
+
+#[test]
+fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
+    // Before, a `DestinationRule` with `outlierDetection` was refused whole. Now the waypoint
+    // leaves out an endpoint that answered 5xx twice in a row: of 20 requests spread round
+    // robin over `web`'s two pods, v2 (which always answers 503) gets two, then none.
+    let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
+    let mut bed = bed_with(&route, &[], &["--fail-first", "1000"]);
+    let client = bed.client().clone();
+    let rule = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    tls: {{mode: ISTIO_MUTUAL}}\n    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}\n"
+    );
+    let from = bed.waypoint.process.line_count();
+    bed.mesh
+        .files
+        .write("destinationrule-web.yaml", &rule)
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the DestinationRule", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    let statuses: Vec<u16> = (0..20).map(|_| curl_answer(&client, "/", &[]).0).collect();
+    let failed = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(
+        failed, 2,
+        "two 503s from v2, then it is left out: {statuses:?}"
+    );
+    assert!(statuses[4..].iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(served(&bed.backends[1]), 2, "v2 answered twice");
+}

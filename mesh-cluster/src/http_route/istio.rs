@@ -91,12 +91,17 @@ impl Policies {
                         subset: Some(subset.name.clone()),
                         labels: subset.labels.clone(),
                         load_balancer: subset.load_balancer.clone().unwrap_or_else(|| lb.clone()),
+                        outlier_detection: subset
+                            .outlier_detection
+                            .clone()
+                            .or_else(|| rule.spec.outlier_detection.clone()),
                     };
                     (subset.name.clone(), Arc::new(policy))
                 })
                 .collect();
             let default = Arc::new(EndpointPolicy {
                 load_balancer: lb,
+                outlier_detection: rule.spec.outlier_detection.clone(),
                 ..EndpointPolicy::default()
             });
             policies.by_service.insert(

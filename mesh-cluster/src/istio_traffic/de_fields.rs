@@ -6,8 +6,8 @@ use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
     parse_istio_duration, percentage, unsupported, DestinationRuleSpec, Fault, HashKey,
-    LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
-    VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
+    LoadBalancer, OutlierDetection, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps,
+    VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
 };
 use crate::{
     gateway_api::{Pattern, RetryOn, RouteSchemaError},
@@ -480,7 +480,7 @@ impl FromStr for IstioDuration {
 pub(crate) struct TrafficPolicyFields {
     load_balancer: Option<LoadBalancer>,
     connection_pool: Option<IgnoredAny>,
-    outlier_detection: Option<IgnoredAny>,
+    outlier_detection: Option<OutlierFields>,
     tls: Option<ClientTls>,
     port_level_settings: Option<IgnoredAny>,
 }
@@ -494,17 +494,82 @@ pub(crate) struct ClientTls {
     mode: Option<String>,
 }
 
+/// `outlierDetection`, as Istio writes it.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct OutlierFields {
+    #[serde(rename = "consecutive5xxErrors")]
+    consecutive_5xx_errors: Option<u32>,
+    consecutive_gateway_errors: Option<u32>,
+    /// Deprecated in Istio for `consecutive5xxErrors`.
+    consecutive_errors: Option<u32>,
+    interval: Option<Parsed<IstioDuration>>,
+    base_ejection_time: Option<Parsed<IstioDuration>>,
+    max_ejection_percent: Option<u32>,
+    min_health_percent: Option<u32>,
+    split_external_local_origin_errors: Option<bool>,
+    consecutive_local_origin_failures: Option<IgnoredAny>,
+}
+
+impl OutlierFields {
+    fn check(self) -> Result<OutlierDetection, RouteSchemaError> {
+        if self.split_external_local_origin_errors == Some(true) {
+            return Err(unsupported(
+                "outlierDetection.splitExternalLocalOriginErrors",
+            ));
+        }
+        refuse(
+            self.consecutive_local_origin_failures.as_ref(),
+            "outlierDetection.consecutiveLocalOriginFailures",
+        )?;
+        for value in [self.max_ejection_percent, self.min_health_percent]
+            .into_iter()
+            .flatten()
+        {
+            percentage(f64::from(value))?;
+        }
+        let time = |d: Option<Parsed<IstioDuration>>, default: u64| {
+            d.map_or(Duration::from_secs(default), |d| d.0 .0)
+        };
+        let outlier = OutlierDetection {
+            consecutive_5xx: self
+                .consecutive_5xx_errors
+                .or(self.consecutive_errors)
+                .unwrap_or(5),
+            consecutive_gateway: self.consecutive_gateway_errors.unwrap_or(0),
+            interval: time(self.interval, 10),
+            base_ejection_time: time(self.base_ejection_time, 30),
+            max_ejection_percent: self.max_ejection_percent.unwrap_or(10),
+            min_health_percent: self.min_health_percent.unwrap_or(0),
+        };
+        if outlier.interval < Duration::from_millis(1)
+            || outlier.base_ejection_time < Duration::from_millis(1)
+        {
+            return Err(RouteSchemaError::Unsupported(
+                "outlierDetection with an interval or baseEjectionTime under 1ms",
+            ));
+        }
+        Ok(outlier)
+    }
+}
+
+/// What a `trafficPolicy` sets.
+type PolicyParts = (Option<LoadBalancer>, Option<OutlierDetection>);
+
 impl TrafficPolicyFields {
-    fn check(self) -> Result<Option<LoadBalancer>, RouteSchemaError> {
+    fn check(self) -> Result<PolicyParts, RouteSchemaError> {
         refuse(self.connection_pool.as_ref(), "connectionPool")?;
-        refuse(self.outlier_detection.as_ref(), "outlierDetection")?;
+        let outlier = self
+            .outlier_detection
+            .map(OutlierFields::check)
+            .transpose()?;
         if let Some(ClientTls { mode: Some(mode) }) = self.tls {
             if mode != "ISTIO_MUTUAL" {
                 return Err(RouteSchemaError::TlsMode(mode));
             }
         }
         refuse(self.port_level_settings.as_ref(), "portLevelSettings")?;
-        Ok(self.load_balancer)
+        Ok((self.load_balancer, outlier))
     }
 }
 
@@ -529,13 +594,15 @@ impl Checked for DestinationRuleSpec {
             return Err(RouteSchemaError::Empty);
         }
         let _ = f.export_to;
+        let (load_balancer, outlier_detection) = f
+            .traffic_policy
+            .map(TrafficPolicyFields::check)
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self {
             host: f.host,
-            load_balancer: f
-                .traffic_policy
-                .map(TrafficPolicyFields::check)
-                .transpose()?
-                .flatten(),
+            load_balancer,
+            outlier_detection,
             subsets: f.subsets.0,
         })
     }
@@ -559,14 +626,16 @@ impl Checked for Subset {
         if f.name.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
+        let (load_balancer, outlier_detection) = f
+            .traffic_policy
+            .map(TrafficPolicyFields::check)
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self {
             name: f.name,
             labels: f.labels,
-            load_balancer: f
-                .traffic_policy
-                .map(TrafficPolicyFields::check)
-                .transpose()?
-                .flatten(),
+            load_balancer,
+            outlier_detection,
         })
     }
 }

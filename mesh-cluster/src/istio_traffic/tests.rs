@@ -53,7 +53,10 @@ fn parses_a_virtual_service_and_a_destination_rule() {
       weight: 10
 "#),
         dr(r"  host: web.shop.svc.cluster.local
-  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}, tls: {mode: ISTIO_MUTUAL}}
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    tls: {mode: ISTIO_MUTUAL}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 50}
   subsets:
   - {name: v1, labels: {version: v1}}
   - name: v2
@@ -85,6 +88,28 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     assert_eq!(ab.mirror_percentage, Some(12.5));
     assert_eq!(vs.spec.http[1].route[0].weight, Some(90));
     assert_eq!(dr.spec.load_balancer, Some(LoadBalancer::LeastRequest));
+    let outlier = dr
+        .spec
+        .outlier_detection
+        .as_ref()
+        .expect("outlierDetection");
+    assert_eq!(
+        (outlier.consecutive_5xx, outlier.consecutive_gateway),
+        (3, 0),
+        "gateway errors off unless set"
+    );
+    assert_eq!(
+        (outlier.interval, outlier.base_ejection_time),
+        (Duration::from_secs(5), Duration::from_secs(60))
+    );
+    assert_eq!(
+        (outlier.max_ejection_percent, outlier.min_health_percent),
+        (50, 0)
+    );
+    assert_eq!(
+        dr.spec.subsets[0].outlier_detection, None,
+        "the rule's applies"
+    );
     assert_eq!(
         dr.spec.subsets[1].load_balancer,
         Some(LoadBalancer::ConsistentHash(HashKey::Header(
@@ -159,8 +184,20 @@ fn checks_name_the_field_and_line() {
             &["DestinationRule shop/web: spec.trafficPolicy.loadBalancer: set exactly one of ROUND_ROBIN"],
         ),
         (
-            dr("  host: web\n  trafficPolicy: {outlierDetection: {}}\n"),
-            &["`outlierDetection` is not supported"],
+            dr("  host: web\n  trafficPolicy: {outlierDetection: {splitExternalLocalOriginErrors: true}}\n"),
+            &["`outlierDetection.splitExternalLocalOriginErrors` is not supported"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}\n"),
+            &["percentage 150 is out of range"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {outlierDetection: {baseEjectionTime: soon}}\n"),
+            &["\"soon\" is not a duration"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n"),
+            &["`connectionPool` is not supported"],
         ),
         (
             dr("  host: web\n  trafficPolicy: {tls: {mode: SIMPLE}}\n"),

@@ -4,11 +4,11 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
 
 use http::HeaderMap;
 use mesh_cluster::{
-    k8s::{parse_documents, HashKey, LoadBalancer},
+    k8s::{parse_documents, HashKey, LoadBalancer, OutlierDetection},
     ClusterState, EndpointPolicy, EnrollmentOptions, Service,
 };
 
-use super::{Balancer, Keys};
+use super::{Answer, Balancer, Keys};
 
 /// Service `shop/web` with pods `web-0..n` (labels `version: v<i % 2>`), all ready.
 fn service(n: usize) -> (ClusterState, Arc<Service>) {
@@ -41,6 +41,7 @@ fn policy(lb: LoadBalancer, labels: &[(&str, &str)]) -> EndpointPolicy {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         load_balancer: lb,
+        outlier_detection: None,
     }
 }
 
@@ -179,4 +180,84 @@ fn least_request_avoids_a_busy_endpoint_and_counts_go_back() {
         0,
         "counts go back when requests end"
     );
+}
+
+fn outliers(consecutive_5xx: u32, max_ejection_percent: u32) -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx,
+        consecutive_gateway: 0,
+        interval: std::time::Duration::from_secs(10),
+        base_ejection_time: std::time::Duration::from_secs(30),
+        max_ejection_percent,
+        min_health_percent: 0,
+    }
+}
+
+#[test]
+fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
+    let (_state, svc) = service(3);
+    let mut policy = policy(LoadBalancer::RoundRobin, &[]);
+    policy.outlier_detection = Some(outliers(2, 100));
+    let balancer = Arc::new(Balancer::default());
+    let bad: std::net::SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let now = std::time::Instant::now();
+    let record = |answer, at| balancer.record((&svc, 80, &policy), bad, answer, at);
+    // A 503, a 200 (the count starts over), then two failures in a row: ejected.
+    record(Answer::Status(503), now);
+    record(Answer::Status(200), now);
+    record(Answer::Status(503), now);
+    let headers = HeaderMap::new();
+    assert_eq!(
+        picks(&balancer, &svc, &policy, &headers, 30).len(),
+        3,
+        "still in"
+    );
+    record(Answer::Unreachable, now);
+    let counts = picks(&balancer, &svc, &policy, &headers, 30);
+    assert!(!counts.contains_key("10.0.0.1:8080"), "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 30);
+    // Back after its ejection time (30 s); the second ejection lasts twice as long.
+    let later = now + std::time::Duration::from_secs(31);
+    let mut candidates: Vec<&mesh_cluster::Endpoint> = super::candidates(&svc, 80, &policy);
+    balancer.leave_out_ejected(
+        &mut candidates,
+        policy.outlier_detection.as_ref().unwrap(),
+        later,
+    );
+    assert_eq!(candidates.len(), 3, "back in");
+    record(Answer::Status(500), later);
+    record(Answer::Status(500), later);
+    let mut candidates = super::candidates(&svc, 80, &policy);
+    let after_first_length = later + std::time::Duration::from_secs(31);
+    balancer.leave_out_ejected(
+        &mut candidates,
+        policy.outlier_detection.as_ref().unwrap(),
+        after_first_length,
+    );
+    assert_eq!(candidates.len(), 2, "ejected for 60 s this time");
+}
+
+#[test]
+fn no_more_than_max_ejection_percent_are_ejected() {
+    let (_state, svc) = service(4);
+    let mut policy = policy(LoadBalancer::Random, &[]);
+    // 30 %: of four, the first ejection (0 % ejected) is allowed, the second (25 %) too, the
+    // third (50 %) not.
+    policy.outlier_detection = Some(outliers(1, 30));
+    let balancer = Arc::new(Balancer::default());
+    let now = std::time::Instant::now();
+    for i in 1..=4 {
+        let addr = format!("10.0.0.{i}:8080").parse().unwrap();
+        balancer.record((&svc, 80, &policy), addr, Answer::Status(503), now);
+    }
+    let counts = picks(&balancer, &svc, &policy, &HeaderMap::new(), 200);
+    assert_eq!(counts.len(), 2, "two ejected, two left: {counts:?}");
+    // Without outlier detection, nothing is recorded or left out.
+    let plain = policy_without_outliers();
+    let counts = picks(&balancer, &svc, &plain, &HeaderMap::new(), 200);
+    assert_eq!(counts.len(), 4);
+}
+
+fn policy_without_outliers() -> EndpointPolicy {
+    policy(LoadBalancer::Random, &[])
 }
