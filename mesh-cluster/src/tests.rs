@@ -2506,3 +2506,27 @@ fn workloads_are_found_by_name_with_or_without_an_address() {
     assert_eq!(found("b", "web-1"), None);
     assert_eq!(found("a", "web"), None);
 }
+
+/// The README's policy examples, read as a user would apply them: each parses, and together
+/// they build a state with no warning (a misspelt field in the docs would be refused here).
+#[test]
+fn the_readmes_policy_examples_are_read_as_written() {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let blocks: Vec<&str> = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .filter(|block| block.starts_with("apiVersion:"))
+        .collect();
+    assert!(blocks.len() >= 4, "the README's examples: {}", blocks.len());
+    let mut objects = Vec::new();
+    for block in &blocks {
+        objects.extend(parse_documents("README.md", block).unwrap_or_else(|e| panic!("{e}")));
+    }
+    let state = ClusterState::build(&objects, &opts()).expect("builds");
+    assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+    assert_eq!(state.request_authentications(), 1);
+    assert_eq!(state.envoy_filters(), 1);
+    assert!(state.authorization_policies().len() >= 3);
+}
