@@ -49,7 +49,12 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
 
 fn gvk(group: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), plural)
+    gvk_at(group, "v1", kind, plural)
+}
+
+/// A kind served at another version than `v1` (Istio's `EnvoyFilter`: `v1alpha3`).
+fn gvk_at(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
 fn gateways(mesh: &KubeMesh) -> Api<DynamicObject> {
@@ -462,8 +467,10 @@ fn waypoint_rate_limit(mesh: &KubeMesh, vip: &str) {
     let filters: Api<DynamicObject> = Api::namespaced_with(
         mesh.cp.client(),
         NS,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("networking.istio.io", "v1alpha3", "EnvoyFilter"),
+        &gvk_at(
+            "networking.istio.io",
+            "v1alpha3",
+            "EnvoyFilter",
             "envoyfilters",
         ),
     );
