@@ -175,6 +175,12 @@ pub enum RouteSchemaError {
     Attempts(i64),
     #[error("`{0}` is not supported by this waypoint")]
     Unsupported(&'static str),
+    #[error("{field} must not be negative or over 4294967295, found {value}")]
+    Count { field: &'static str, value: i64 },
+    #[error("{0} must be at least 1ms")]
+    TooShort(&'static str),
+    #[error("http.h2UpgradePolicy UPGRADE and http.useClientProtocol true contradict each other")]
+    UpgradeAndClientProtocol,
     #[error(
         "trafficPolicy.tls.mode {0}: the waypoint reaches the mesh's endpoints over HBONE, mutual TLS with their \
          identities (ISTIO_MUTUAL, the only mode it takes); it does not originate TLS to servers \

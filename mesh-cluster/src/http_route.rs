@@ -154,6 +154,8 @@ pub struct EndpointPolicy {
     pub load_balancer: crate::istio_traffic::LoadBalancer,
     /// Which endpoints are left out for failing (`outlierDetection`).
     pub outlier_detection: Option<crate::istio_traffic::OutlierDetection>,
+    /// Limits and settings of the connections and requests (`connectionPool`).
+    pub connection_pool: Option<Arc<crate::istio_traffic::ConnectionPool>>,
 }
 
 impl EndpointPolicy {

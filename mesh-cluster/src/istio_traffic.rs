@@ -26,6 +26,9 @@ use super::{
 };
 
 mod de_fields;
+mod pool;
+
+pub use pool::{ConnectionPool, Http2Keepalive, TcpKeepalive};
 
 /// `apiVersion`s of `VirtualService` and `DestinationRule` read.
 pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = [
@@ -187,6 +190,8 @@ pub struct DestinationRuleSpec {
     pub load_balancer: Option<LoadBalancer>,
     /// `trafficPolicy.outlierDetection`.
     pub outlier_detection: Option<OutlierDetection>,
+    /// `trafficPolicy.connectionPool`.
+    pub connection_pool: Option<ConnectionPool>,
     pub subsets: Vec<Subset>,
 }
 
@@ -222,6 +227,8 @@ pub struct Subset {
     pub load_balancer: Option<LoadBalancer>,
     /// Its own `trafficPolicy.outlierDetection`, over the rule's.
     pub outlier_detection: Option<OutlierDetection>,
+    /// Its own `trafficPolicy.connectionPool`, in place of the rule's.
+    pub connection_pool: Option<ConnectionPool>,
 }
 
 /// How the waypoint picks an endpoint.

@@ -34,6 +34,7 @@
 mod admin;
 mod balance;
 mod body;
+mod breaker;
 mod filters;
 mod grpc_reply;
 mod jwks;
@@ -125,4 +126,6 @@ pub(crate) struct Ctx {
     pub(crate) verified_tokens: mesh_cluster::authn::VerifiedTokens,
     /// The waypoint's token buckets of local rate limits ([`ratelimit`]).
     pub(crate) buckets: ratelimit::Buckets,
+    /// The destinations' circuit breakers (`connectionPool` limits, [`breaker`]).
+    pub(crate) breakers: breaker::Breakers,
 }

@@ -167,9 +167,6 @@ pub async fn serve(
     // Kept connections to endpoints no request uses any more are let go on a timer.
     let _sweeper = AbortOnDrop(upstream.sweep_on_a_timer());
     let drain_timeout = config.drain_timeout;
-    let mirrors = Arc::new(tokio::sync::Semaphore::new(
-        config.max_mirrors_in_flight as usize,
-    ));
     let jwks = Arc::new(crate::jwks::JwksCache::default());
     let _jwks_task = AbortOnDrop(tokio::spawn(crate::jwks::keep_fetched(
         Arc::clone(&jwks),
@@ -180,6 +177,10 @@ pub async fn serve(
         jwks,
         verified_tokens: mesh_cluster::authn::VerifiedTokens::default(),
         buckets: crate::ratelimit::Buckets::default(),
+        breakers: crate::breaker::Breakers::default(),
+        mirrors: Arc::new(tokio::sync::Semaphore::new(
+            config.max_mirrors_in_flight as usize,
+        )),
         config,
         state,
         upstream,
@@ -191,7 +192,6 @@ pub async fn serve(
         }),
         drain: Drain::default(),
         balancer: Arc::default(),
-        mirrors,
     });
     let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);

@@ -27,6 +27,7 @@ use crate::body::Body;
 use crate::{
     balance::{Answer, Keys},
     body::full,
+    breaker::Overflow,
     filters::{modify_headers, redirect_location, replace_path},
     grpc_reply::{for_grpc, GrpcCode, LocalReply},
     ratelimit::Limited,
@@ -414,7 +415,7 @@ async fn route(
             let host = workload.to_string();
             return match ctx
                 .upstream
-                .send(&endpoint, *addr, &host, source.addr, request)
+                .send(&endpoint, (*addr, &host), source.addr, request, None)
                 .await
             {
                 Ok(response) => {
@@ -630,6 +631,8 @@ async fn send(
             .retry
             .map_or(0, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
         let mut attempt = 0;
+        // A retry in flight, counted against the destination's `maxRetries`.
+        let mut retrying = None;
         loop {
             let Some(request) = replay.take() else {
                 return local(
@@ -640,19 +643,18 @@ async fn send(
             };
             let target = (service, port, policy.as_ref());
             let result = one_attempt(ctx, target, request, plan.attempt_timeout, source).await;
-            let on = plan.retry.map(|r| &r.on);
-            let retry_this = match &result {
-                Ok(response) => on.is_some_and(|on| on.status(response.status().as_u16())),
-                Err(Failure::NoEndpoint) => false,
-                Err(Failure::Upstream(UpstreamError::Connect { .. })) => {
-                    on.is_some_and(|on| on.connect_failure)
+            let retry_this = worth_retrying(&result, plan.retry);
+            let mut done = !retry_this || attempt >= retries || !replay.can_replay();
+            if let (false, Some(pool)) = (done, policy.connection_pool.as_deref()) {
+                let destination = (service.as_ref(), port, policy.subset.as_deref());
+                retrying = ctx.breakers.retry(destination, pool);
+                if retrying.is_none() {
+                    debug!("not retried: as many retries in flight as maxRetries allows");
+                    done = true;
                 }
-                Err(
-                    Failure::Upstream(UpstreamError::Http { .. } | UpstreamError::Relay { .. })
-                    | Failure::Timeout,
-                ) => on.is_some_and(mesh_cluster::k8s::RetryOn::broken),
-            };
-            if !retry_this || attempt >= retries || !replay.can_replay() {
+            }
+            if done {
+                drop(retrying);
                 return match result {
                     Ok(response) => response,
                     Err(failure) => failure.response(),
@@ -688,9 +690,34 @@ async fn send(
     response
 }
 
+/// Whether an attempt's `result` is one `retry` asks to try again.
+fn worth_retrying(
+    result: &Result<Response<Body>, Failure>,
+    retry: Option<&mesh_cluster::k8s::Retry>,
+) -> bool {
+    let on = retry.map(|r| &r.on);
+    match result {
+        Ok(response) => on.is_some_and(|on| on.status(response.status().as_u16())),
+        Err(Failure::NoEndpoint | Failure::Overflow(_)) => false,
+        Err(Failure::Upstream(UpstreamError::Connect { .. })) => {
+            on.is_some_and(|on| on.connect_failure)
+        }
+        Err(
+            Failure::Upstream(
+                UpstreamError::Http { .. }
+                | UpstreamError::Relay { .. }
+                | UpstreamError::Lasted { .. },
+            )
+            | Failure::Timeout,
+        ) => on.is_some_and(mesh_cluster::k8s::RetryOn::broken),
+    }
+}
+
 /// Why an attempt got no response.
 enum Failure {
     NoEndpoint,
+    /// A circuit breaker of the destination refused it.
+    Overflow(Overflow),
     Upstream(UpstreamError),
     Timeout,
 }
@@ -703,6 +730,18 @@ impl Failure {
                 Flag::NoHealthyUpstream,
                 "no ready endpoint",
             ),
+            Failure::Overflow(overflow) => {
+                debug!(%overflow, "refused by the destination's circuit breaker");
+                let mut refused = local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::Overflow,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                );
+                refused
+                    .headers_mut()
+                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+                refused
+            }
             Failure::Upstream(e) => upstream_failed(e),
             Failure::Timeout => local(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -758,23 +797,61 @@ where
                 headers: &HeaderMap::new(),
             };
             let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
-            Some((endpoint, addr, service.hostname.clone(), Some(in_flight)))
+            let host = service.hostname.clone();
+            Some((
+                endpoint,
+                addr,
+                host,
+                Some((in_flight, service, port, policy)),
+            ))
         }),
     };
-    // `_in_flight`: counted for least request while the tunnel lasts.
-    let Some((endpoint, addr, host, _in_flight)) = picked else {
+    let Some((endpoint, addr, host, destination)) = picked else {
         warn!(?target, "no endpoint for a TCP tunnel");
         return;
     };
+    // `_in_flight`: counted for least request while the tunnel lasts; `_connection`: one of
+    // the destination's `maxConnections`, refused beyond them.
+    let (_in_flight, pool, _connection) = match destination {
+        Some((in_flight, service, port, policy)) => {
+            let Some(pool) = policy.connection_pool.clone() else {
+                return relay(ctx, (&endpoint, addr, &host), source, &mut down, None).await;
+            };
+            let at = (service.as_ref(), port, policy.subset.as_deref());
+            match ctx.breakers.connection(at, &pool, addr, false).await {
+                Ok(slot) => (Some(in_flight), Some(pool), slot),
+                Err(overflow) => {
+                    warn!(%overflow, ?target, "TCP tunnel refused by the destination's circuit breaker (UO)");
+                    return;
+                }
+            }
+        }
+        None => (None, None, None),
+    };
+    relay(
+        ctx,
+        (&endpoint, addr, &host),
+        source,
+        &mut down,
+        pool.as_deref(),
+    )
+    .await;
+}
+
+/// Relays a TCP tunnel's bytes to `endpoint` and back.
+async fn relay<IO>(
+    ctx: &Ctx,
+    (endpoint, addr, host): (&mesh_cluster::Endpoint, SocketAddr, &str),
+    source: &Source,
+    down: &mut IO,
+    pool: Option<&mesh_cluster::k8s::ConnectionPool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let client = (source.addr, source.trace);
     match ctx
         .upstream
-        .relay(
-            &endpoint,
-            addr,
-            &host,
-            (source.addr, source.trace),
-            &mut down,
-        )
+        .relay(endpoint, (addr, host), client, down, pool)
         .await
     {
         Ok((sent, received)) => debug!(%addr, sent, received, "TCP tunnel done"),
@@ -789,6 +866,15 @@ async fn one_attempt(
     timeout: Option<Duration>,
     source: &Source,
 ) -> Result<Response<Body>, Failure> {
+    let pool = policy.connection_pool.as_ref();
+    let destination = (service.as_ref(), port, policy.subset.as_deref());
+    let in_flight = match pool {
+        Some(pool) => ctx
+            .breakers
+            .request(destination, pool)
+            .map_err(Failure::Overflow)?,
+        None => None,
+    };
     let keys = Keys {
         client: source.addr.ip(),
         headers: request.headers(),
@@ -796,9 +882,22 @@ async fn one_attempt(
     let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
         return Err(Failure::NoEndpoint);
     };
-    let sent = ctx
-        .upstream
-        .send(&endpoint, addr, &service.hostname, source.addr, request);
+    // An HTTP/1.1 request holds one of the destination's connections until its answer is read.
+    let connection = match pool {
+        Some(pool) if request.version() != http::Version::HTTP_2 => ctx
+            .breakers
+            .connection(destination, pool, addr, true)
+            .await
+            .map_err(Failure::Overflow)?,
+        _ => None,
+    };
+    let sent = ctx.upstream.send(
+        &endpoint,
+        (addr, &service.hostname),
+        source.addr,
+        request,
+        pool,
+    );
     let result = match timeout {
         Some(limit) => tokio::time::timeout(limit, sent).await,
         None => Ok(sent.await),
@@ -812,6 +911,9 @@ async fn one_attempt(
         .record((service, port, policy), addr, answer, Instant::now());
     let result = result.map_err(|_| Failure::Timeout)?;
     let mut response = result.map_err(Failure::Upstream)?.map(BodyExt::boxed);
+    if in_flight.is_some() || connection.is_some() {
+        response = response.map(|body| crate::body::hold(body, (in_flight, connection)));
+    }
     response.extensions_mut().insert(Outcome {
         flag: Flag::None,
         upstream: Some(addr),
@@ -886,6 +988,20 @@ fn spawn_mirror(
         debug!(service = %service, "mirror skipped: as many mirrors in flight as allowed");
         return;
     };
+    // A mirror counts among its destination's requests in flight, and is skipped beyond them.
+    let counted = match policy.connection_pool.as_deref() {
+        Some(pool) => match ctx
+            .breakers
+            .request((&service, port, policy.subset.as_deref()), pool)
+        {
+            Ok(slot) => slot,
+            Err(overflow) => {
+                debug!(service = %service, %overflow, "mirror skipped");
+                return;
+            }
+        },
+        None => None,
+    };
     let keys = Keys {
         client: client.ip(),
         headers: request.headers(),
@@ -897,9 +1013,9 @@ fn spawn_mirror(
     };
     let upstream = Arc::clone(&ctx.upstream);
     let exchange = async move {
-        let response = upstream
-            .send(&endpoint, addr, &service.hostname, client, request)
-            .await?;
+        let to = (addr, service.hostname.as_str());
+        let pool = policy.connection_pool.as_ref();
+        let response = upstream.send(&endpoint, to, client, request, pool).await?;
         // The mirror's answer is read and dropped.
         drop(response.into_body().collect().await);
         Ok::<_, UpstreamError>(())
@@ -912,7 +1028,7 @@ fn spawn_mirror(
                 Ok(Err(e)) => debug!(error = %e, "mirrored request failed"),
                 Err(_) => debug!(?timeout, "mirrored request timed out"),
             }
-            drop((in_flight, permit));
+            drop((in_flight, permit, counted));
         }
         .in_current_span(),
     );

@@ -244,6 +244,8 @@ pub(crate) enum Flag {
     FaultDelay,
     /// `RL`: a local rate limit refused it.
     RateLimited,
+    /// `UO`: a circuit breaker of the destination (`connectionPool`) refused it.
+    Overflow,
 }
 
 impl Flag {
@@ -259,6 +261,7 @@ impl Flag {
             Flag::FaultAbort => "FI",
             Flag::FaultDelay => "DI",
             Flag::RateLimited => "RL",
+            Flag::Overflow => "UO",
         }
     }
 }

@@ -19,8 +19,8 @@ use hyper::{
     client::conn::{http1, http2},
     Request, Response,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_cluster::Endpoint;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_cluster::{k8s::ConnectionPool, Endpoint};
 use mesh_common::HBONE_PORT;
 use mesh_hbone::{
     idle::{IdleSweep, IdleWatch},
@@ -62,6 +62,9 @@ pub(crate) enum UpstreamError {
     /// A TCP tunnel's relay failed.
     #[error("relay with {addr} failed: {source}")]
     Relay { addr: SocketAddr, source: io::Error },
+    /// A TCP tunnel reached its `maxConnectionDuration`.
+    #[error("tunnel to {addr} ended at its maxConnectionDuration ({limit:?})")]
+    Lasted { addr: SocketAddr, limit: Duration },
     /// The exchange failed after the request was (maybe) sent.
     #[error("request to {addr} failed: {source}")]
     Http {
@@ -111,6 +114,8 @@ pub(crate) struct Upstream {
     reuse: Reuse,
     /// The idle clock of relayed connections (TCP passed through, upgraded ones).
     idle: Arc<IdleSweep>,
+    /// The idle clocks of destinations with their own `tcp.idleTimeout`, by timeout.
+    idle_clocks: std::sync::Mutex<std::collections::HashMap<Duration, Arc<IdleSweep>>>,
 }
 
 impl Upstream {
@@ -124,26 +129,34 @@ impl Upstream {
             pool: Pool::new(connector, PoolConfig::default()),
             reuse: Reuse::default(),
             idle: crate::relay::sweep(),
+            idle_clocks: std::sync::Mutex::default(),
         }
     }
 
     /// A byte stream to `endpoint` (address `addr`, of the Service `host`) for `client`: an
     /// HBONE tunnel to a meshed endpoint's agent (its CONNECT carrying `trace`, the span that
-    /// opens it), plain TCP to any other.
+    /// opens it), plain TCP to any other; within the destination's `connectTimeout`.
     async fn connect(
         &self,
         endpoint: &Endpoint,
-        addr: SocketAddr,
-        host: &str,
+        (addr, host): (SocketAddr, &str),
         (client, trace): (SocketAddr, Option<TraceContext>),
+        pool: Option<&ConnectionPool>,
     ) -> Result<UpStream, UpstreamError> {
         let connect_error = |reason: String| UpstreamError::Connect { addr, reason };
+        let limit = pool
+            .and_then(|p| p.connect_timeout)
+            .unwrap_or(CONNECT_TIMEOUT);
+        let late = || connect_error(format!("no answer within {limit:?} (connectTimeout)"));
         let Some(workload) = endpoint.workload.as_deref().filter(|w| w.is_meshed()) else {
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            let tcp = tokio::time::timeout(limit, TcpStream::connect(addr))
                 .await
-                .map_err(|_| connect_error(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+                .map_err(|_| late())?
                 .map_err(|e| connect_error(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
+            if let Some(keepalive) = pool.and_then(|p| p.tcp_keepalive.as_ref()) {
+                keep_alive(&tcp, keepalive).map_err(|e| connect_error(e.to_string()))?;
+            }
             return Ok(UpStream::Tcp(tcp));
         };
         let key = (
@@ -156,10 +169,9 @@ impl Upstream {
         if let Some(trace) = trace {
             tunnel = tunnel.with_header(TRACEPARENT, trace.header_value());
         }
-        let stream = self
-            .pool
-            .open(&key, tunnel)
+        let stream = tokio::time::timeout(limit, self.pool.open(&key, tunnel))
             .await
+            .map_err(|_| late())?
             .map_err(|e| connect_error(e.to_string()))?;
         debug!(%addr, peer = %workload.identity, "HBONE stream to the endpoint");
         Ok(UpStream::Hbone(stream))
@@ -191,15 +203,15 @@ impl Upstream {
 
     /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`, on a
     /// kept connection when one is ready (a request it could not take goes on a new one), else
-    /// on a new connection, kept afterwards. An upgrade (WebSocket) always gets a connection of
-    /// its own.
+    /// on a new connection, kept afterwards as the destination's `pool` allows. An upgrade
+    /// (WebSocket) always gets a connection of its own.
     pub(crate) async fn send(
         &self,
         endpoint: &Endpoint,
-        addr: SocketAddr,
-        host: &str,
+        (addr, host): (SocketAddr, &str),
         client: SocketAddr,
         mut request: Request<Body>,
+        pool: Option<&Arc<ConnectionPool>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let http = |source| UpstreamError::Http { addr, source };
         let identity = endpoint
@@ -207,7 +219,9 @@ impl Upstream {
             .as_deref()
             .filter(|w| w.is_meshed())
             .map(|w| w.identity.clone());
-        let key = (addr, identity);
+        // Connections are kept by destination settings too: a destination's limits never apply
+        // to another's connections.
+        let key = (addr, identity, pool.cloned());
         let h2 = request.version() == http::Version::HTTP_2;
         let upgrade = request.headers().contains_key(http::header::UPGRADE);
         if h2 {
@@ -221,10 +235,10 @@ impl Upstream {
                 }
             }
         } else if !upgrade {
-            while let Some(mut sender) = self.reuse.h1(&key) {
-                match sender.try_send_request(request).await {
+            while let Some(mut kept) = self.reuse.h1(&key) {
+                match kept.sender.try_send_request(request).await {
                     Ok(response) => {
-                        self.reuse.keep_h1(key, sender);
+                        self.reuse.keep_h1(key, kept);
                         return Ok(response);
                     }
                     Err(mut e) => match e.take_message() {
@@ -236,12 +250,21 @@ impl Upstream {
         }
         // A new connection's tunnel is traced as the request that opens it.
         let trace = TraceContext::from_headers(request.headers());
-        let stream = self.connect(endpoint, addr, host, (client, trace)).await?;
+        let pool = pool.map(AsRef::as_ref);
+        let stream = self
+            .connect(endpoint, (addr, host), (client, trace), pool)
+            .await?;
         let io = TokioIo::new(stream);
         if h2 {
-            let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(http)?;
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            if let Some(ping) = pool.and_then(|p| p.http2_keepalive.as_ref()) {
+                builder
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(ping.interval)
+                    .keep_alive_timeout(ping.timeout)
+                    .keep_alive_while_idle(true);
+            }
+            let (mut sender, connection) = builder.handshake(io).await.map_err(http)?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     debug!(error = %e, "HTTP/2 connection to the endpoint ended");
@@ -258,29 +281,78 @@ impl Upstream {
         });
         let response = sender.send_request(request).await.map_err(http)?;
         if !upgrade {
-            self.reuse.keep_h1(key, sender);
+            self.reuse.keep_h1(key, reuse::Kept::new(sender));
         }
         Ok(response)
     }
 
     /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP) for `client`,
-    /// in the trace of the tunnel it came in (`trace`); returns the bytes sent and received.
+    /// in the trace of the tunnel it came in (`trace`), within the destination's `pool`
+    /// (its `connectTimeout`, `idleTimeout` and `maxConnectionDuration`); returns the bytes
+    /// sent and received.
     pub(crate) async fn relay<D>(
         &self,
         endpoint: &Endpoint,
-        addr: SocketAddr,
-        host: &str,
+        to: (SocketAddr, &str),
         client: (SocketAddr, Option<TraceContext>),
         down: &mut D,
+        pool: Option<&ConnectionPool>,
     ) -> Result<(u64, u64), UpstreamError>
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut up = self.connect(endpoint, addr, host, client).await?;
-        crate::relay::relay(down, &mut up, self.idle.watch())
-            .await
-            .map_err(|source| UpstreamError::Relay { addr, source })
+        let addr = to.0;
+        let mut up = self.connect(endpoint, to, client, pool).await?;
+        let idle = match pool.and_then(|p| p.tcp_idle_timeout) {
+            None => Some(self.idle.watch()),
+            Some(Duration::ZERO) => None,
+            Some(timeout) => Some(self.idle_for(timeout)),
+        };
+        let relayed = async {
+            match idle {
+                Some(idle) => crate::relay::relay(down, &mut up, idle).await,
+                None => tokio::io::copy_bidirectional(down, &mut up).await,
+            }
+        };
+        let relayed = match pool.and_then(|p| p.max_connection_duration) {
+            Some(limit) => tokio::time::timeout(limit, relayed)
+                .await
+                .map_err(|_| UpstreamError::Lasted { addr, limit })?,
+            None => relayed.await,
+        };
+        relayed.map_err(|source| UpstreamError::Relay { addr, source })
     }
+
+    /// A place on the idle clock of `timeout` (a destination's `tcp.idleTimeout`), the clock
+    /// started when it is the first for that time.
+    fn idle_for(&self, timeout: Duration) -> IdleWatch {
+        let mut clocks = self
+            .idle_clocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let clock = clocks.entry(timeout).or_insert_with(|| {
+            let clock = IdleSweep::new(timeout);
+            tokio::spawn(Arc::clone(&clock).run());
+            clock
+        });
+        clock.watch()
+    }
+}
+
+/// Turns on TCP keep-alive on `tcp` as `keepalive` says (the kernel's defaults for what it
+/// leaves out).
+fn keep_alive(tcp: &TcpStream, keepalive: &mesh_cluster::k8s::TcpKeepalive) -> io::Result<()> {
+    let mut params = socket2::TcpKeepalive::new();
+    if let Some(time) = keepalive.time {
+        params = params.with_time(time);
+    }
+    if let Some(interval) = keepalive.interval {
+        params = params.with_interval(interval);
+    }
+    if let Some(probes) = keepalive.probes {
+        params = params.with_retries(probes);
+    }
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
 }
 
 /// A byte stream to an endpoint.

@@ -817,6 +817,37 @@ fn istio_objects_from_the_api(mesh: &KubeMesh, vip: &str) {
     eprintln!("VirtualService on Kubernetes: {seen:?}");
 }
 
+/// Istio's circuit breaker given to the `DestinationRule` through the API (the CRD's schema
+/// checks it): with `http2MaxRequests: 1`, a request while a slow one is in flight gets 503; the
+/// pool removed, both are served.
+fn circuit_breaker_from_the_api(mesh: &KubeMesh, vip: &str) {
+    let pool = |pool: Value| {
+        let patch = json!({"spec": {"trafficPolicy": {"connectionPool": pool}}});
+        mesh.cp
+            .block_on(destination_rules(mesh).patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ))
+            .expect("DestinationRule patched");
+    };
+    pool(json!({
+        "tcp": {"connectTimeout": "5s", "tcpKeepalive": {"time": "60s"}},
+        "http": {"http2MaxRequests": 1, "maxRetries": 1, "idleTimeout": "30s"},
+    }));
+    let script = format!(
+        "curl -sS -o /dev/null -w 'slow %{{http_code}}\\n' --max-time 10 -H 'x-delay-ms: 2000' http://{vip}/b & \
+         sleep 0.5; curl -sS -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/b; wait"
+    );
+    until_seen(mesh, 0, "breaker", &script, |seen| {
+        seen == ["503", "slow 200"]
+    });
+    pool(Value::Null);
+    until_seen(mesh, 0, "unbroken", &script, |seen| {
+        seen == ["200", "slow 200"]
+    });
+}
+
 /// The L7 objects as the API server stores and returns them (with its defaults filled in),
 /// read by the waypoint from the API: a weighted canary `HTTPRoute`, its request timeout, and
 /// an Istio `VirtualService` with an injected abort and a header route to a `DestinationRule`
@@ -827,6 +858,7 @@ fn canary_timeout_fault_and_subsets_from_the_api() {
     canary_from_the_api(&mesh, &vip);
     timeout_from_the_api(&mesh, &vip);
     istio_objects_from_the_api(&mesh, &vip);
+    circuit_breaker_from_the_api(&mesh, &vip);
 }
 
 /// Runs `mesh-probe` with `args` in a new pod on node `node` to the end; its output.

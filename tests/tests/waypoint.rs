@@ -1941,3 +1941,125 @@ fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
     assert!(statuses[4..].iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(served(&bed.backends[1]), 2, "v2 answered twice");
 }
+
+/// Runs `requests` at once from `pod` (one curl each, every request asking the echo to wait
+/// `delay_ms`), `pause` apart; each answer with the time it took.
+fn at_once(
+    pod: &Pod,
+    requests: usize,
+    headers: &[String],
+    pause: Duration,
+) -> Vec<((u16, String, String), Duration)> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = (0..requests)
+            .map(|i| {
+                std::thread::sleep(pause * u32::from(i > 0));
+                scope.spawn(move || {
+                    let started = std::time::Instant::now();
+                    let answer = curl_answer(pod, "/", headers);
+                    (answer, started.elapsed())
+                })
+            })
+            .collect();
+        running.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
+    // Before, a `DestinationRule` with `connectionPool` was refused whole (Istio's
+    // circuit-breaking task could not be followed). Now its limits hold at the waypoint.
+    let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
+    let mut bed = bed_with(&route, &[], &[]);
+    let client = bed.client().clone();
+    let apply = |bed: &mut Bed, pool: &str| {
+        let rule = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}\n    connectionPool: {pool}\n"
+        );
+        let from = bed.waypoint.process.line_count();
+        bed.mesh
+            .files
+            .write("destinationrule-web.yaml", &rule)
+            .unwrap();
+        bed.waypoint
+            .process
+            .wait_for_line_from(from, "the DestinationRule", LOG_WAIT, |l| {
+                l.contains("cluster state updated")
+            })
+            .unwrap();
+    };
+    // Every request to one endpoint (the same `x-user`), each answered after 1.5 s.
+    let slow = ["x-user: alice".to_owned(), "x-delay-ms: 1500".to_owned()];
+
+    // Istio's circuit-breaking task: one connection, one request waiting for it. Of three at
+    // once, the first is served, the second waits for its connection and is served after it,
+    // the third is refused at once.
+    apply(
+        &mut bed,
+        "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}",
+    );
+    let answers = at_once(&client, 3, &slow, Duration::from_millis(300));
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0 .0).collect();
+    assert_eq!(statuses, [200, 200, 503], "{answers:#?}");
+    let ((_, head, body), took) = &answers[2];
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-envoy-overloaded: true"),
+        "{head}"
+    );
+    assert_eq!(
+        body.trim(),
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    );
+    assert!(
+        *took < Duration::from_millis(1500),
+        "refused at once: {took:?}"
+    );
+    assert!(
+        answers[1].1 >= Duration::from_millis(2500),
+        "the second waited for the first's connection: {:?}",
+        answers[1].1
+    );
+
+    // `http2MaxRequests: 2`: two in flight; a third at once is refused, whatever the endpoint.
+    apply(&mut bed, "{http: {http2MaxRequests: 2}}");
+    let mixed = |user: &str| vec![format!("x-user: {user}"), "x-delay-ms: 1500".to_owned()];
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let running: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, user)| {
+                let headers = mixed(user);
+                let client = &client;
+                scope.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300) * u32::try_from(i).unwrap());
+                    curl_answer(client, "/", &headers).0
+                })
+            })
+            .collect();
+        running.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(answers, [200, 200, 503]);
+    // Once they are done, their places are free again.
+    assert_eq!(curl_answer(&client, "/", &slow[..1]).0, 200);
+
+    // Istio's metrics and the access log say why (`UO`).
+    let metrics = waypoint_metrics(&bed.mesh.pod(0, 1).clone());
+    let refused = [("response_code", "503"), ("response_flags", "UO")];
+    assert_eq!(count(&metrics, "istio_requests_total", &refused), 2);
+    let records = access_records_once(|| bed.waypoint.process.lines(), LOG_WAIT, |r| r.len() >= 7);
+    let flags: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["response_flags"].as_str())
+        .collect();
+    assert_eq!(
+        flags.iter().filter(|f| **f == "UO").count(),
+        2,
+        "{records:#?}"
+    );
+
+    // Without the rule's pool, nothing is limited: three at once are served.
+    apply(&mut bed, "{http: {idleTimeout: 1h}}");
+    let answers = at_once(&client, 3, &slow, Duration::from_millis(100));
+    assert!(answers.iter().all(|a| a.0 .0 == 200), "{answers:#?}");
+}

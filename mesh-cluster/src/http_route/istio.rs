@@ -82,6 +82,7 @@ impl Policies {
                 continue;
             }
             let lb = rule.spec.load_balancer.clone().unwrap_or_default();
+            let pool = rule.spec.connection_pool.clone().map(Arc::new);
             let subsets = rule
                 .spec
                 .subsets
@@ -95,6 +96,11 @@ impl Policies {
                             .outlier_detection
                             .clone()
                             .or_else(|| rule.spec.outlier_detection.clone()),
+                        connection_pool: subset
+                            .connection_pool
+                            .as_ref()
+                            .map(|p| Arc::new(p.clone()))
+                            .or_else(|| pool.clone()),
                     };
                     (subset.name.clone(), Arc::new(policy))
                 })
@@ -102,6 +108,7 @@ impl Policies {
             let default = Arc::new(EndpointPolicy {
                 load_balancer: lb,
                 outlier_detection: rule.spec.outlier_detection.clone(),
+                connection_pool: pool,
                 ..EndpointPolicy::default()
             });
             policies.by_service.insert(

@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, str::FromStr, time::Duration};
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    parse_istio_duration, percentage, unsupported, DestinationRuleSpec, Fault, HashKey,
-    LoadBalancer, OutlierDetection, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps,
-    VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
+    parse_istio_duration, percentage, unsupported, ConnectionPool, DestinationRuleSpec, Fault,
+    HashKey, LoadBalancer, OutlierDetection, Subset, VirtualServiceSpec, VsDestination,
+    VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
+    VsTarget,
 };
 use crate::{
     gateway_api::{Pattern, RetryOn, RouteSchemaError},
@@ -33,7 +34,8 @@ checked!(
     VsDestination,
     VsTarget,
     Subset,
-    LoadBalancer
+    LoadBalancer,
+    ConnectionPool
 );
 
 /// Refuses a field that is present (a feature this waypoint does not implement).
@@ -465,7 +467,7 @@ fn istio_port(port: u32) -> Result<u16, RouteSchemaError> {
 }
 
 /// An Istio duration.
-pub(crate) struct IstioDuration(Duration);
+pub(crate) struct IstioDuration(pub(crate) Duration);
 
 impl FromStr for IstioDuration {
     type Err = RouteSchemaError;
@@ -479,7 +481,7 @@ impl FromStr for IstioDuration {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct TrafficPolicyFields {
     load_balancer: Option<LoadBalancer>,
-    connection_pool: Option<IgnoredAny>,
+    connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierFields>,
     tls: Option<ClientTls>,
     port_level_settings: Option<IgnoredAny>,
@@ -554,11 +556,15 @@ impl OutlierFields {
 }
 
 /// What a `trafficPolicy` sets.
-type PolicyParts = (Option<LoadBalancer>, Option<OutlierDetection>);
+#[derive(Default)]
+struct PolicyParts {
+    load_balancer: Option<LoadBalancer>,
+    outlier_detection: Option<OutlierDetection>,
+    connection_pool: Option<ConnectionPool>,
+}
 
 impl TrafficPolicyFields {
     fn check(self) -> Result<PolicyParts, RouteSchemaError> {
-        refuse(self.connection_pool.as_ref(), "connectionPool")?;
         let outlier = self
             .outlier_detection
             .map(OutlierFields::check)
@@ -569,7 +575,11 @@ impl TrafficPolicyFields {
             }
         }
         refuse(self.port_level_settings.as_ref(), "portLevelSettings")?;
-        Ok((self.load_balancer, outlier))
+        Ok(PolicyParts {
+            load_balancer: self.load_balancer,
+            outlier_detection: outlier,
+            connection_pool: self.connection_pool,
+        })
     }
 }
 
@@ -594,15 +604,16 @@ impl Checked for DestinationRuleSpec {
             return Err(RouteSchemaError::Empty);
         }
         let _ = f.export_to;
-        let (load_balancer, outlier_detection) = f
+        let policy = f
             .traffic_policy
             .map(TrafficPolicyFields::check)
             .transpose()?
             .unwrap_or_default();
         Ok(Self {
             host: f.host,
-            load_balancer,
-            outlier_detection,
+            load_balancer: policy.load_balancer,
+            outlier_detection: policy.outlier_detection,
+            connection_pool: policy.connection_pool,
             subsets: f.subsets.0,
         })
     }
@@ -626,7 +637,7 @@ impl Checked for Subset {
         if f.name.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
-        let (load_balancer, outlier_detection) = f
+        let policy = f
             .traffic_policy
             .map(TrafficPolicyFields::check)
             .transpose()?
@@ -634,8 +645,9 @@ impl Checked for Subset {
         Ok(Self {
             name: f.name,
             labels: f.labels,
-            load_balancer,
-            outlier_detection,
+            load_balancer: policy.load_balancer,
+            outlier_detection: policy.outlier_detection,
+            connection_pool: policy.connection_pool,
         })
     }
 }

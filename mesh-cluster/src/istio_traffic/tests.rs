@@ -123,6 +123,133 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     assert!(parse_istio_duration("10").is_err() && parse_istio_duration("1d").is_err());
 }
 
+#[test]
+fn parses_a_connection_pool_as_istio_writes_it() {
+    let text = dr(r"  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 100
+        connectTimeout: 30ms
+        tcpKeepalive: {time: 7200s, interval: 75s, probes: 9}
+        maxConnectionDuration: 1h
+        idleTimeout: 0s
+      http:
+        http1MaxPendingRequests: 0
+        http2MaxRequests: 1000
+        maxRequestsPerConnection: 10
+        maxRetries: 3
+        idleTimeout: 10m
+        h2UpgradePolicy: DEFAULT
+        useClientProtocol: true
+        http2KeepAlive: {interval: 30s}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 1}}}
+");
+    let objects = parse_documents("istio.yaml", &text).expect("parses");
+    let Object::DestinationRule(dr) = &objects[0] else {
+        panic!("{objects:?}");
+    };
+    let pool = dr.spec.connection_pool.as_ref().expect("connectionPool");
+    let secs = Duration::from_secs;
+    assert_eq!(pool.max_connections, Some(100));
+    assert_eq!(pool.connect_timeout, Some(Duration::from_millis(30)));
+    let keepalive = pool.tcp_keepalive.as_ref().expect("tcpKeepalive");
+    assert_eq!(
+        (keepalive.time, keepalive.interval, keepalive.probes),
+        (Some(secs(7200)), Some(secs(75)), Some(9))
+    );
+    assert_eq!(pool.max_connection_duration, Some(secs(3600)));
+    assert_eq!(pool.tcp_idle_timeout, Some(Duration::ZERO), "0s: never");
+    assert_eq!(pool.http1_max_pending_requests, None, "0 is no limit");
+    assert_eq!(pool.http2_max_requests, Some(1000));
+    assert_eq!(pool.max_requests_per_connection, Some(10));
+    assert_eq!(pool.max_retries, Some(3));
+    assert_eq!(pool.idle_timeout, Some(secs(600)));
+    let ping = pool.http2_keepalive.as_ref().expect("http2KeepAlive");
+    assert_eq!((ping.interval, ping.timeout), (secs(30), secs(3)));
+    assert!(pool.limits());
+    assert_eq!(dr.spec.subsets[0].connection_pool, None);
+    assert_eq!(
+        dr.spec.subsets[1]
+            .connection_pool
+            .as_ref()
+            .map(|p| (p.http1_max_pending_requests, p.max_connections)),
+        Some((Some(1), None))
+    );
+
+    // A subset's pool replaces the rule's whole (Istio's merge), the others keep the rule's.
+    let state = cluster(std::slice::from_ref(&text));
+    let service = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    let policy = state.default_backend(&service, 80);
+    let Backend::Service { policy, .. } = policy else {
+        panic!("{policy:?}");
+    };
+    assert_eq!(policy.connection_pool.as_deref(), Some(pool));
+    let split = vs("  hosts: [web]\n  http:\n  - route:\n    - {destination: {host: web, subset: v1}, weight: 50}\n    - {destination: {host: web, subset: v2}, weight: 50}\n");
+    let state = cluster(&[text, split]);
+    let RouteDecision::Matched { rule, .. } = decide(&state, "/", &[]) else {
+        panic!("the VirtualService's rule");
+    };
+    let pools: Vec<_> = rule
+        .backends
+        .iter()
+        .map(|b| match &b.backend {
+            Backend::Service { policy, .. } => policy
+                .connection_pool
+                .as_ref()
+                .map(|p| (p.http1_max_pending_requests, p.max_connections)),
+            Backend::Invalid(why) => panic!("{why}"),
+        })
+        .collect();
+    assert_eq!(pools, [Some((None, Some(100))), Some((Some(1), None))]);
+}
+
+#[test]
+fn connection_pool_checks_name_the_field_and_line() {
+    assert_errors(&[
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {}}\n"),
+            &["spec.trafficPolicy.connectionPool: set exactly one of `tcp` or `http`, or both"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: -1}}}\n"),
+            &["spec.trafficPolicy.connectionPool: http.http1MaxPendingRequests must not be negative", "found -1"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 0s}}}\n"),
+            &["tcp.connectTimeout must be at least 1ms"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {tcp: {maxConections: 1}}}\n"),
+            &["unknown field `maxConections`"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE, useClientProtocol: true}}}\n"),
+            &["h2UpgradePolicy UPGRADE and http.useClientProtocol true contradict each other"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}\n"),
+            &["`http.h2UpgradePolicy: UPGRADE` is not supported"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: 10}}}\n"),
+            &["`http.maxConcurrentStreams` is not supported"],
+        ),
+        (
+            dr("  host: web\n  subsets:\n  - name: v1\n    trafficPolicy: {connectionPool: {http: {http2KeepAlive: {timeout: 1s}}}}\n"),
+            &["spec.subsets[0].trafficPolicy.connectionPool: set exactly one of `interval` for `http.http2KeepAlive`", "line 10"],
+        ),
+    ]);
+}
+
 fn assert_errors(table: &[(String, &[&str])]) {
     for (text, expected) in table {
         let err = parse_documents("istio.yaml", text)
@@ -194,10 +321,6 @@ fn checks_name_the_field_and_line() {
         (
             dr("  host: web\n  trafficPolicy: {outlierDetection: {baseEjectionTime: soon}}\n"),
             &["\"soon\" is not a duration"],
-        ),
-        (
-            dr("  host: web\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n"),
-            &["`connectionPool` is not supported"],
         ),
         (
             dr("  host: web\n  trafficPolicy: {tls: {mode: SIMPLE}}\n"),

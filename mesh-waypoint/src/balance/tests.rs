@@ -42,6 +42,7 @@ fn policy(lb: LoadBalancer, labels: &[(&str, &str)]) -> EndpointPolicy {
             .collect(),
         load_balancer: lb,
         outlier_detection: None,
+        connection_pool: None,
     }
 }
 

@@ -1,29 +1,35 @@
 //! HTTP connections to endpoints kept open for the next requests: idle HTTP/1.1 connections
 //! (one request at a time each), and one HTTP/2 connection per endpoint that every request
-//! shares. A kept connection unused for [`KEPT_IDLE`] is let go (its handle dropped, so hyper
-//! closes it once its last response is read), as Envoy ends an idle upstream connection: an
-//! endpoint a client stopped calling does not keep connections, tunnels and the far agent's legs
-//! open for ever. Closed ones leave as they are found.
+//! shares. A kept connection unused for [`KEPT_IDLE`] (or its destination's
+//! `connectionPool.http.idleTimeout`) is let go (its handle dropped, so hyper closes it once its
+//! last response is read), as Envoy ends an idle upstream connection: an endpoint a client
+//! stopped calling does not keep connections, tunnels and the far agent's legs open for ever.
+//! Closed ones leave as they are found. A destination's `maxRequestsPerConnection` and
+//! `maxConnectionDuration` end a connection's reuse too, and its `maxConnections` bounds the
+//! idle ones kept.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
     },
     time::Duration,
 };
 
 use hyper::client::conn::{http1, http2};
+use mesh_cluster::k8s::ConnectionPool;
 use mesh_identity::Identity;
 use tokio::time::Instant;
 
 use crate::body::Body;
 
 /// What HTTP connections to an endpoint are kept by: its address and, in the mesh, the identity
-/// its tunnel proved (a new pod at a gone pod's address never gets the gone pod's connections).
-pub(super) type EndpointKey = (SocketAddr, Option<Identity>);
+/// its tunnel proved (a new pod at a gone pod's address never gets the gone pod's connections),
+/// and the settings of the destination that opened them (`connectionPool`: connections are not
+/// shared between destinations with different settings, as Envoy's pools are per cluster).
+pub(super) type EndpointKey = (SocketAddr, Option<Identity>, Option<Arc<ConnectionPool>>);
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const IDLE_PER_ENDPOINT: usize = 64;
@@ -36,22 +42,46 @@ const SWEEP_EVERY: usize = 1024;
 /// tunnel's HBONE connection, then without streams, closes too.
 pub(crate) const KEPT_IDLE: Duration = Duration::from_secs(5 * 60);
 
-/// A kept connection and when it was last used.
-struct Kept<S> {
+/// A kept connection: when it was opened and last used, and the requests it carried.
+pub(super) struct Kept<S> {
+    born: Instant,
     used: Instant,
-    sender: S,
+    uses: u32,
+    pub(super) sender: S,
 }
 
 impl<S> Kept<S> {
-    fn fresh(&self, now: Instant) -> bool {
-        now.duration_since(self.used) < KEPT_IDLE
+    /// A connection just opened for a request.
+    pub(super) fn new(sender: S) -> Self {
+        let now = Instant::now();
+        Self {
+            born: now,
+            used: now,
+            uses: 1,
+            sender,
+        }
+    }
+
+    /// Whether it may carry another request, now, under `pool`.
+    fn fresh(&self, now: Instant, pool: Option<&ConnectionPool>) -> bool {
+        let idle = pool.and_then(|p| p.idle_timeout).unwrap_or(KEPT_IDLE);
+        now.duration_since(self.used) < idle
+            && pool
+                .and_then(|p| p.max_connection_duration)
+                .is_none_or(|most| now.duration_since(self.born) < most)
+            && pool
+                .and_then(|p| p.max_requests_per_connection)
+                .is_none_or(|most| self.uses < most)
     }
 }
 
+type H1 = Kept<http1::SendRequest<Body>>;
+type H2 = Kept<http2::SendRequest<Body>>;
+
 #[derive(Default)]
 pub(super) struct Reuse {
-    h1: Mutex<HashMap<EndpointKey, Vec<Kept<http1::SendRequest<Body>>>>>,
-    h2: Mutex<HashMap<EndpointKey, Kept<http2::SendRequest<Body>>>>,
+    h1: Mutex<HashMap<EndpointKey, Vec<H1>>>,
+    h2: Mutex<HashMap<EndpointKey, H2>>,
     /// HTTP/1.1 connections kept so far (the sweep's clock).
     keeps: AtomicUsize,
 }
@@ -59,19 +89,33 @@ pub(super) struct Reuse {
 impl Reuse {
     /// An HTTP/1.1 connection to `key` ready for a request; those that closed or went unused
     /// too long are dropped.
-    pub(super) fn h1(&self, key: &EndpointKey) -> Option<http1::SendRequest<Body>> {
+    pub(super) fn h1(&self, key: &EndpointKey) -> Option<H1> {
         let now = Instant::now();
         let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = idle.get_mut(key)?;
-        kept.retain(|k| !k.sender.is_closed() && k.fresh(now));
+        kept.retain(|k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
         let ready = kept.iter().rposition(|k| k.sender.is_ready())?;
-        Some(kept.swap_remove(ready).sender)
+        let mut chosen = kept.swap_remove(ready);
+        chosen.uses += 1;
+        Some(chosen)
     }
 
     /// Keeps an HTTP/1.1 connection for the next request (it is ready again once its response
-    /// has been read).
-    pub(super) fn keep_h1(&self, key: EndpointKey, sender: http1::SendRequest<Body>) {
+    /// has been read), unless its destination's settings say it has done its share.
+    pub(super) fn keep_h1(&self, key: EndpointKey, mut kept: H1) {
         let now = Instant::now();
+        let pool = key.2.as_deref();
+        kept.used = now;
+        if !kept.fresh(now, pool) {
+            return;
+        }
+        let most = pool
+            .and_then(|p| p.max_connections)
+            .map_or(IDLE_PER_ENDPOINT, |n| {
+                usize::try_from(n)
+                    .unwrap_or(usize::MAX)
+                    .min(IDLE_PER_ENDPOINT)
+            });
         let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         // Now and then, connections that closed (an endpoint that went away, a server that ended
         // them) or expired leave, so gone endpoints do not keep entries.
@@ -82,32 +126,43 @@ impl Reuse {
         {
             sweep_h1(&mut idle, now);
         }
-        let kept = idle.entry(key).or_default();
-        if kept.len() < IDLE_PER_ENDPOINT {
-            kept.push(Kept { used: now, sender });
+        let kept_there = idle.entry(key).or_default();
+        if kept_there.len() < most {
+            kept_there.push(kept);
         }
     }
 
-    /// The HTTP/2 connection to `key`, unless it closed or went unused too long.
+    /// The HTTP/2 connection to `key`, unless it closed or went unused too long (or has carried
+    /// its destination's `maxRequestsPerConnection`: then this request is its last).
     pub(super) fn h2(&self, key: &EndpointKey) -> Option<http2::SendRequest<Body>> {
         let now = Instant::now();
+        let pool = key.2.as_deref();
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = shared.get_mut(key)?;
-        if kept.sender.is_closed() || !kept.fresh(now) {
+        if kept.sender.is_closed() || !kept.fresh(now, pool) {
             shared.remove(key);
             return None;
         }
         kept.used = now;
-        Some(kept.sender.clone())
+        kept.uses += 1;
+        let sender = kept.sender.clone();
+        if !kept.fresh(now, pool) {
+            shared.remove(key);
+        }
+        Some(sender)
     }
 
+    /// Keeps a new HTTP/2 connection (which carries its first request) for the next requests.
     pub(super) fn keep_h2(&self, key: EndpointKey, sender: http2::SendRequest<Body>) {
         let now = Instant::now();
+        let kept = Kept::new(sender);
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         // A new connection is kept only when the last one closed, expired or none was: the time
         // to drop the other closed and expired ones.
-        shared.retain(|_, k| !k.sender.is_closed() && k.fresh(now));
-        shared.insert(key, Kept { used: now, sender });
+        shared.retain(|key, k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
+        if kept.fresh(now, key.2.as_deref()) {
+            shared.insert(key, kept);
+        }
     }
 
     /// Drops the closed and expired connections of every endpoint (on a timer, so that an
@@ -121,7 +176,7 @@ impl Reuse {
         self.h2
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, k| !k.sender.is_closed() && k.fresh(now));
+            .retain(|key, k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
     }
 
     /// How many connections are kept (HTTP/1.1, HTTP/2).
@@ -133,22 +188,23 @@ impl Reuse {
     }
 }
 
-fn sweep_h1(idle: &mut HashMap<EndpointKey, Vec<Kept<http1::SendRequest<Body>>>>, now: Instant) {
-    idle.retain(|_, kept| {
-        kept.retain(|k| !k.sender.is_closed() && k.fresh(now));
+fn sweep_h1(idle: &mut HashMap<EndpointKey, Vec<H1>>, now: Instant) {
+    idle.retain(|key, kept| {
+        kept.retain(|k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
         !kept.is_empty()
     });
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{convert::Infallible, time::Duration};
+    use std::{convert::Infallible, sync::Arc, time::Duration};
 
     use http_body_util::BodyExt as _;
     use hyper::{client::conn::http1, Request, Response};
     use hyper_util::rt::TokioIo;
+    use mesh_cluster::k8s::ConnectionPool;
 
-    use super::{Reuse, KEPT_IDLE};
+    use super::{Kept, Reuse, KEPT_IDLE};
     use crate::body::Body;
 
     /// An HTTP/1.1 connection to an in-memory server; the server's task ends when it closes.
@@ -174,15 +230,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_kept_connection_is_reused_then_let_go_when_idle() {
         let reuse = Reuse::default();
-        let key = ("10.0.0.1:80".parse().unwrap(), None);
+        let key = ("10.0.0.1:80".parse().unwrap(), None, None);
         let (mut sender, served) = connection().await;
         let response = sender.send_request(get()).await.unwrap();
         response.into_body().collect().await.unwrap();
-        reuse.keep_h1(key.clone(), sender);
+        reuse.keep_h1(key.clone(), Kept::new(sender));
         // Used again within the idle time: the same connection, kept again.
         tokio::time::sleep(KEPT_IDLE.saturating_sub(Duration::from_secs(1))).await;
         let mut again = reuse.h1(&key).expect("kept and fresh");
-        let response = again.send_request(get()).await.unwrap();
+        let response = again.sender.send_request(get()).await.unwrap();
         response.into_body().collect().await.unwrap();
         reuse.keep_h1(key.clone(), again);
         assert_eq!(reuse.kept(), (1, 0));
@@ -200,10 +256,89 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_expired_connection_is_not_handed_out() {
         let reuse = Reuse::default();
-        let key = ("10.0.0.2:80".parse().unwrap(), None);
+        let key = ("10.0.0.2:80".parse().unwrap(), None, None);
         let (sender, _served) = connection().await;
-        reuse.keep_h1(key.clone(), sender);
+        reuse.keep_h1(key.clone(), Kept::new(sender));
         tokio::time::sleep(KEPT_IDLE).await;
         assert!(reuse.h1(&key).is_none(), "expired, without a sweep");
+    }
+
+    /// A connection ready for its first request, as kept.
+    async fn ready() -> Kept<http1::SendRequest<Body>> {
+        let (mut sender, _served) = connection().await;
+        sender.ready().await.unwrap();
+        Kept::new(sender)
+    }
+
+    /// Sends a request on `kept` and reads its answer.
+    async fn exchange(kept: &mut Kept<http1::SendRequest<Body>>) {
+        let response = kept.sender.send_request(get()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destinations_connection_pool_ends_reuse() {
+        let reuse = Reuse::default();
+        let pool = |f: fn(&mut ConnectionPool)| {
+            let mut pool = ConnectionPool::default();
+            f(&mut pool);
+            Some(Arc::new(pool))
+        };
+        let addr: std::net::SocketAddr = "10.0.0.3:80".parse().unwrap();
+
+        // `maxRequestsPerConnection: 2`: the connection carries two requests, then goes.
+        let key = (
+            addr,
+            None,
+            pool(|p| p.max_requests_per_connection = Some(2)),
+        );
+        let mut kept = ready().await;
+        exchange(&mut kept).await;
+        reuse.keep_h1(key.clone(), kept);
+        let mut second = reuse.h1(&key).expect("one request so far");
+        exchange(&mut second).await;
+        reuse.keep_h1(key.clone(), second);
+        assert!(reuse.h1(&key).is_none(), "two requests carried");
+        // Another destination's connections (no settings) are not this one's.
+        let plain = (addr, None, None);
+        reuse.keep_h1(plain.clone(), ready().await);
+        assert!(reuse.h1(&key).is_none());
+        assert!(reuse.h1(&plain).is_some());
+
+        // `http.idleTimeout: 10s`: unused for 10 s, it goes (not after the default 5 min).
+        let key = (
+            addr,
+            None,
+            pool(|p| p.idle_timeout = Some(Duration::from_secs(10))),
+        );
+        reuse.keep_h1(key.clone(), ready().await);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        let kept = reuse.h1(&key).expect("used within its idle time");
+        reuse.keep_h1(key.clone(), kept);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(reuse.h1(&key).is_none(), "idle for its idleTimeout");
+
+        // `tcp.maxConnectionDuration: 30s`: used all the time, it still goes at 30 s of age.
+        let key = (
+            addr,
+            None,
+            pool(|p| p.max_connection_duration = Some(Duration::from_secs(30))),
+        );
+        reuse.keep_h1(key.clone(), ready().await);
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(14)).await;
+            let kept = reuse.h1(&key).expect("younger than 30 s");
+            reuse.keep_h1(key.clone(), kept);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(reuse.h1(&key).is_none(), "30 s old");
+
+        // `tcp.maxConnections: 2`: at most two idle connections kept for the endpoint.
+        let key = (addr, None, pool(|p| p.max_connections = Some(2)));
+        for _ in 0..3 {
+            reuse.keep_h1(key.clone(), ready().await);
+        }
+        assert!(reuse.h1(&key).is_some() && reuse.h1(&key).is_some());
+        assert!(reuse.h1(&key).is_none(), "the third was not kept");
     }
 }

@@ -1,0 +1,236 @@
+//! Circuit breakers: the limits of a `DestinationRule`'s `connectionPool` on the requests,
+//! connections and retries to one destination (a Service port, or a subset of it), counted as
+//! Envoy counts them per cluster, per waypoint replica.
+//!
+//! - `http.http2MaxRequests`: requests in flight to the destination, whatever their protocol;
+//!   one more is refused at once.
+//! - `tcp.maxConnections`: connections in use. An HTTP/1.1 connection carries one request at a
+//!   time, so a request holds one until its response is read; a TCP tunnel holds one while it
+//!   lasts. A request that finds them all in use waits, as one of at most
+//!   `http.http1MaxPendingRequests`, until one is free; beyond that it is refused. A tunnel is
+//!   refused at once. An endpoint none of whose connections is in use may always have one (so a
+//!   limit below the number of endpoints does not leave endpoints out), as Envoy's pools always
+//!   may open their first. HTTP/2 requests share one connection per endpoint and are limited by
+//!   `http2MaxRequests`.
+//! - `http.maxRetries`: retries in flight to the destination; a request that would be retried
+//!   beyond them gets the answer it had.
+//!
+//! A refusal is Envoy's: 503 with `x-envoy-overloaded: true`, flag `UO`. The counts are kept
+//! by destination (not by policy object): a new cluster view keeps them, and new limits apply
+//! to what is counted already.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+};
+
+use mesh_cluster::{k8s::ConnectionPool, Service};
+use tokio::sync::Notify;
+
+/// A destination: the Service (namespace/name), its port and the subset.
+type Destination = (String, u16, Option<String>);
+
+/// What is in use at one destination.
+#[derive(Default)]
+struct Counts {
+    /// Requests in flight.
+    requests: AtomicU32,
+    /// Retries in flight.
+    retries: AtomicU32,
+    connections: Mutex<Connections>,
+    /// Woken when a connection is free again.
+    freed: Notify,
+}
+
+#[derive(Default)]
+struct Connections {
+    /// In use, in all.
+    busy: u32,
+    /// In use, by endpoint.
+    by_endpoint: HashMap<SocketAddr, u32>,
+    /// Requests waiting for one.
+    pending: u32,
+}
+
+/// Why a request or a tunnel was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Overflow {
+    /// `http.http2MaxRequests` requests were in flight.
+    #[error("{0} requests in flight to the destination (http.http2MaxRequests)")]
+    Requests(u32),
+    /// `tcp.maxConnections` connections were in use, and `http.http1MaxPendingRequests`
+    /// requests waited for one (none for a tunnel).
+    #[error("{0} connections in use at the destination (tcp.maxConnections), and {1} requests waiting (http.http1MaxPendingRequests)")]
+    Connections(u32, u32),
+}
+
+/// The waypoint's circuit breakers, by destination.
+#[derive(Default)]
+pub(crate) struct Breakers {
+    by_destination: Mutex<HashMap<Destination, Arc<Counts>>>,
+}
+
+/// A request in flight (or a retry), counted until dropped.
+pub(crate) struct Slot {
+    counts: Arc<Counts>,
+    which: Which,
+}
+
+enum Which {
+    Request,
+    Retry,
+    Connection(SocketAddr),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        match self.which {
+            Which::Request => {
+                self.counts.requests.fetch_sub(1, Ordering::AcqRel);
+            }
+            Which::Retry => {
+                self.counts.retries.fetch_sub(1, Ordering::AcqRel);
+            }
+            Which::Connection(addr) => {
+                let mut connections = lock(&self.counts.connections);
+                connections.busy = connections.busy.saturating_sub(1);
+                if let Some(n) = connections.by_endpoint.get_mut(&addr) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        connections.by_endpoint.remove(&addr);
+                    }
+                }
+                drop(connections);
+                self.counts.freed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// A request waiting for a connection, counted until dropped (also when its request is given
+/// up, as by a timeout).
+struct Pending<'a>(&'a Counts);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut connections = lock(&self.0.connections);
+        connections.pending = connections.pending.saturating_sub(1);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes one of `limit` (none: no limit) from `count`.
+fn take(count: &AtomicU32, limit: Option<u32>) -> bool {
+    let Some(limit) = limit else {
+        count.fetch_add(1, Ordering::AcqRel);
+        return true;
+    };
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < limit).then(|| n + 1)
+        })
+        .is_ok()
+}
+
+impl Breakers {
+    fn counts(&self, service: &Service, port: u16, subset: Option<&str>) -> Arc<Counts> {
+        let key = (service.to_string(), port, subset.map(str::to_owned));
+        Arc::clone(lock(&self.by_destination).entry(key).or_default())
+    }
+
+    /// A request to the destination, unless `http2MaxRequests` are in flight; `None` when
+    /// `pool` limits nothing that is counted.
+    pub(crate) fn request(
+        &self,
+        (service, port, subset): (&Service, u16, Option<&str>),
+        pool: &ConnectionPool,
+    ) -> Result<Option<Slot>, Overflow> {
+        if !pool.limits() {
+            return Ok(None);
+        }
+        let counts = self.counts(service, port, subset);
+        if !take(&counts.requests, pool.http2_max_requests) {
+            return Err(Overflow::Requests(pool.http2_max_requests.unwrap_or(0)));
+        }
+        Ok(Some(Slot {
+            counts,
+            which: Which::Request,
+        }))
+    }
+
+    /// A retry of a request to the destination, unless `maxRetries` are in flight.
+    pub(crate) fn retry(
+        &self,
+        (service, port, subset): (&Service, u16, Option<&str>),
+        pool: &ConnectionPool,
+    ) -> Option<Slot> {
+        let limit = pool.max_retries?;
+        let counts = self.counts(service, port, subset);
+        // Built only when taken: a slot dropped gives its place back.
+        take(&counts.retries, Some(limit)).then(|| Slot {
+            counts,
+            which: Which::Retry,
+        })
+    }
+
+    /// A connection to `endpoint` at the destination, once one is free (waiting as one of
+    /// `http1MaxPendingRequests` when `wait`, else refused at once); `None` when `pool` sets no
+    /// `maxConnections`.
+    pub(crate) async fn connection(
+        &self,
+        (service, port, subset): (&Service, u16, Option<&str>),
+        pool: &ConnectionPool,
+        endpoint: SocketAddr,
+        wait: bool,
+    ) -> Result<Option<Slot>, Overflow> {
+        let Some(max) = pool.max_connections else {
+            return Ok(None);
+        };
+        let max_pending = if wait {
+            pool.http1_max_pending_requests.unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        let counts = self.counts(service, port, subset);
+        let mut pending = None;
+        loop {
+            let freed = counts.freed.notified();
+            tokio::pin!(freed);
+            {
+                let mut connections = lock(&counts.connections);
+                let at_endpoint = connections.by_endpoint.get(&endpoint).copied();
+                if connections.busy < max || at_endpoint.is_none() {
+                    connections.busy += 1;
+                    *connections.by_endpoint.entry(endpoint).or_default() += 1;
+                    drop(connections);
+                    drop(pending);
+                    return Ok(Some(Slot {
+                        counts: Arc::clone(&counts),
+                        which: Which::Connection(endpoint),
+                    }));
+                }
+                if pending.is_none() {
+                    if connections.pending >= max_pending {
+                        return Err(Overflow::Connections(max, max_pending));
+                    }
+                    connections.pending += 1;
+                    pending = Some(Pending(&counts));
+                }
+                // Registered before the lock is let go, so a connection freed in between wakes
+                // this request.
+                freed.as_mut().enable();
+            }
+            freed.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! Tests of the circuit breakers.
+
+use std::{sync::Arc, time::Duration};
+
+use mesh_cluster::{
+    k8s::{parse_documents, ConnectionPool},
+    ClusterState, EnrollmentOptions, Service,
+};
+
+use super::{Breakers, Overflow};
+
+/// Service `shop/web`.
+fn web() -> Arc<Service> {
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, targetPort: 8080}]\n  selector: {app: web}\n";
+    let objects = parse_documents("t.yaml", text).expect("parses");
+    let state = ClusterState::build(&objects, &EnrollmentOptions::new("n0")).expect("builds");
+    Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .expect("web"),
+    )
+}
+
+fn pool(f: impl FnOnce(&mut ConnectionPool)) -> ConnectionPool {
+    let mut pool = ConnectionPool::default();
+    f(&mut pool);
+    pool
+}
+
+#[test]
+fn requests_beyond_http2_max_requests_are_refused_and_their_places_come_back() {
+    let breakers = Breakers::default();
+    let web = web();
+    let limited = pool(|p| p.http2_max_requests = Some(2));
+    let at = (web.as_ref(), 80, None);
+    let first = breakers.request(at, &limited).expect("1 of 2");
+    let second = breakers.request(at, &limited).expect("2 of 2");
+    assert!(first.is_some() && second.is_some());
+    assert_eq!(
+        breakers.request(at, &limited).err(),
+        Some(Overflow::Requests(2))
+    );
+    // Another subset and another port are other destinations.
+    assert!(breakers
+        .request((web.as_ref(), 80, Some("v2")), &limited)
+        .is_ok());
+    assert!(breakers.request((web.as_ref(), 81, None), &limited).is_ok());
+    drop(first);
+    let third = breakers.request(at, &limited).expect("a place came back");
+    // A policy without limits counts nothing.
+    assert!(breakers
+        .request(at, &pool(|p| p.idle_timeout = Some(Duration::from_secs(1))))
+        .expect("no limit")
+        .is_none());
+    drop((second, third));
+}
+
+#[test]
+fn retries_beyond_max_retries_are_not_made() {
+    let breakers = Breakers::default();
+    let web = web();
+    let limited = pool(|p| p.max_retries = Some(1));
+    let at = (web.as_ref(), 80, None);
+    let retrying = breakers.retry(at, &limited).expect("the first retry");
+    assert!(breakers.retry(at, &limited).is_none(), "one in flight");
+    drop(retrying);
+    assert!(
+        breakers.retry(at, &limited).is_some(),
+        "none in flight again"
+    );
+    // No `maxRetries`: no slot, no limit (the caller retries as its rule says).
+    assert!(breakers.retry(at, &ConnectionPool::default()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_wait_for_a_connection_as_http1_max_pending_requests_allows() {
+    let breakers = Arc::new(Breakers::default());
+    let web = web();
+    // Istio's circuit-breaking task: one connection, one request waiting.
+    let limited = Arc::new(pool(|p| {
+        p.max_connections = Some(1);
+        p.http1_max_pending_requests = Some(1);
+    }));
+    let endpoint = "10.0.0.1:8080".parse().unwrap();
+    let at = (web.as_ref(), 80, None);
+    let held = breakers
+        .connection(at, &limited, endpoint, true)
+        .await
+        .expect("the one connection")
+        .expect("counted");
+    // The second waits...
+    let waiting = {
+        let (breakers, web, limited) = (
+            Arc::clone(&breakers),
+            Arc::clone(&web),
+            Arc::clone(&limited),
+        );
+        tokio::spawn(async move {
+            breakers
+                .connection((web.as_ref(), 80, None), &limited, endpoint, true)
+                .await
+                .map(|slot| slot.is_some())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        !waiting.is_finished(),
+        "waits while the connection is in use"
+    );
+    // ...the third finds the queue full.
+    assert_eq!(
+        breakers
+            .connection(at, &limited, endpoint, true)
+            .await
+            .err(),
+        Some(Overflow::Connections(1, 1))
+    );
+    // A tunnel does not wait at all.
+    assert_eq!(
+        breakers
+            .connection(at, &limited, endpoint, false)
+            .await
+            .err(),
+        Some(Overflow::Connections(1, 0))
+    );
+    // An endpoint without a connection in use may have one (as Envoy's pools open their first).
+    let other = "10.0.0.2:8080".parse().unwrap();
+    let elsewhere = breakers
+        .connection(at, &limited, other, false)
+        .await
+        .expect("its first connection");
+    // The connection freed: the waiting request gets it.
+    drop(held);
+    assert_eq!(waiting.await.unwrap(), Ok(true));
+    drop(elsewhere);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_gives_up_waiting_leaves_the_queue() {
+    let breakers = Breakers::default();
+    let web = web();
+    let limited = pool(|p| {
+        p.max_connections = Some(1);
+        p.http1_max_pending_requests = Some(1);
+    });
+    let endpoint = "10.0.0.1:8080".parse().unwrap();
+    let at = (web.as_ref(), 80, None);
+    let _held = breakers.connection(at, &limited, endpoint, true).await;
+    // A request times out while waiting (its route's timeout)...
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(1),
+        breakers.connection(at, &limited, endpoint, true),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    // ...and its place in the queue is free for the next.
+    let next = tokio::time::timeout(
+        Duration::from_secs(1),
+        breakers.connection(at, &limited, endpoint, true),
+    )
+    .await;
+    assert!(
+        next.is_err(),
+        "waits (not refused): the queue has room again"
+    );
+}
