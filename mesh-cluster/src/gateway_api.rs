@@ -181,6 +181,8 @@ pub enum RouteSchemaError {
     TooShort(&'static str),
     #[error("http.h2UpgradePolicy UPGRADE and http.useClientProtocol true contradict each other")]
     UpgradeAndClientProtocol,
+    #[error("trafficPolicy.portLevelSettings: port {0} is set more than once")]
+    DuplicatePortLevel(u16),
     #[error(
         "trafficPolicy.tls.mode {0}: the waypoint reaches the mesh's endpoints over HBONE, mutual TLS with their \
          identities (ISTIO_MUTUAL, the only mode it takes); it does not originate TLS to servers \

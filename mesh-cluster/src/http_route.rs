@@ -415,7 +415,7 @@ impl HttpRouteIndex {
         Backend::Service {
             service: Arc::clone(service),
             port,
-            policy: self.policies.of(service),
+            policy: self.policies.of(service, port),
         }
     }
 
@@ -625,7 +625,7 @@ fn resolve_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
     Backend::Service {
         service: Arc::clone(service),
         port,
-        policy: policies.of(service),
+        policy: policies.of(service, port),
     }
 }
 

@@ -26,8 +26,10 @@ use super::{
 };
 
 mod de_fields;
+mod policy;
 mod pool;
 
+pub use policy::{merged, PolicyParts, PortPolicy, TrafficPolicy};
 pub use pool::{ConnectionPool, Http2Keepalive, TcpKeepalive};
 
 /// `apiVersion`s of `VirtualService` and `DestinationRule` read.
@@ -186,12 +188,8 @@ pub struct DestinationRule {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DestinationRuleSpec {
     pub host: String,
-    /// `trafficPolicy.loadBalancer`; round robin when absent.
-    pub load_balancer: Option<LoadBalancer>,
-    /// `trafficPolicy.outlierDetection`.
-    pub outlier_detection: Option<OutlierDetection>,
-    /// `trafficPolicy.connectionPool`.
-    pub connection_pool: Option<ConnectionPool>,
+    /// `trafficPolicy`.
+    pub traffic_policy: TrafficPolicy,
     pub subsets: Vec<Subset>,
 }
 
@@ -223,12 +221,8 @@ pub struct Subset {
     pub name: String,
     /// `labels`: the endpoints' pods have all of them.
     pub labels: Labels,
-    /// Its own `trafficPolicy.loadBalancer`, over the rule's.
-    pub load_balancer: Option<LoadBalancer>,
-    /// Its own `trafficPolicy.outlierDetection`, over the rule's.
-    pub outlier_detection: Option<OutlierDetection>,
-    /// Its own `trafficPolicy.connectionPool`, in place of the rule's.
-    pub connection_pool: Option<ConnectionPool>,
+    /// Its own `trafficPolicy`, over the rule's ([`merged`]).
+    pub traffic_policy: TrafficPolicy,
 }
 
 /// How the waypoint picks an endpoint.

@@ -1972,9 +1972,9 @@ fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
     let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
     let mut bed = bed_with(&route, &[], &[]);
     let client = bed.client().clone();
-    let apply = |bed: &mut Bed, pool: &str| {
+    let apply = |bed: &mut Bed, policy: &str| {
         let rule = format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}\n    connectionPool: {pool}\n"
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}\n    {policy}\n"
         );
         let from = bed.waypoint.process.line_count();
         bed.mesh
@@ -1996,7 +1996,7 @@ fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
     // the third is refused at once.
     apply(
         &mut bed,
-        "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}",
+        "connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}",
     );
     let answers = at_once(&client, 3, &slow, Duration::from_millis(300));
     let statuses: Vec<u16> = answers.iter().map(|a| a.0 .0).collect();
@@ -2021,8 +2021,12 @@ fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
         answers[1].1
     );
 
-    // `http2MaxRequests: 2`: two in flight; a third at once is refused, whatever the endpoint.
-    apply(&mut bed, "{http: {http2MaxRequests: 2}}");
+    // `http2MaxRequests: 2` for port 80 (`portLevelSettings`, over the rule's pool): two in
+    // flight; a third at once is refused, whatever the endpoint.
+    apply(
+        &mut bed,
+        "connectionPool: {http: {http2MaxRequests: 50}}\n    portLevelSettings: [{port: {number: 80}, connectionPool: {http: {http2MaxRequests: 2}}}]",
+    );
     let mixed = |user: &str| vec![format!("x-user: {user}"), "x-delay-ms: 1500".to_owned()];
     let answers: Vec<u16> = std::thread::scope(|scope| {
         let running: Vec<_> = ["a", "b", "c"]
@@ -2059,7 +2063,7 @@ fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
     );
 
     // Without the rule's pool, nothing is limited: three at once are served.
-    apply(&mut bed, "{http: {idleTimeout: 1h}}");
+    apply(&mut bed, "connectionPool: {http: {idleTimeout: 1h}}");
     let answers = at_once(&client, 3, &slow, Duration::from_millis(100));
     assert!(answers.iter().all(|a| a.0 .0 == 200), "{answers:#?}");
 }

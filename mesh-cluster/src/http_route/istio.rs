@@ -27,7 +27,8 @@ use crate::{
         Retry, RetryOn, Rewrite, RouteMatch, StringMatch, Timeouts, ValueMatch,
     },
     istio_traffic::{
-        DestinationRule, VirtualService, VsHeaderOps, VsHttpRoute, VsMatch, VsString, VsTarget,
+        merged, DestinationRule, Subset, TrafficPolicy, VirtualService, VsHeaderOps, VsHttpRoute,
+        VsMatch, VsString, VsTarget,
     },
     meta::{Kind, MetaExt, ObjectRef},
     model::{Protocol, Service},
@@ -42,8 +43,55 @@ pub(crate) struct Policies {
 #[derive(Debug)]
 struct ServicePolicy {
     rule: ObjectRef,
-    default: Arc<EndpointPolicy>,
-    subsets: BTreeMap<String, Arc<EndpointPolicy>>,
+    /// Without a subset.
+    default: ByPort,
+    subsets: BTreeMap<String, ByPort>,
+}
+
+/// A destination's policies: for the ports with their own `portLevelSettings` (the rule's or
+/// the subset's), and for the others.
+#[derive(Debug)]
+struct ByPort {
+    others: Arc<EndpointPolicy>,
+    ports: Vec<(u16, Arc<EndpointPolicy>)>,
+}
+
+impl ByPort {
+    /// The policies of `service`'s destination of `rule` (in `subset`, when one), merged as
+    /// Istio merges them ([`merged`]).
+    fn build(service: &Service, rule: &TrafficPolicy, subset: Option<&Subset>) -> Self {
+        let policy = |port: Option<u16>| {
+            let parts = merged(rule, subset.map(|s| &s.traffic_policy), port);
+            Arc::new(EndpointPolicy {
+                subset: subset.map(|s| s.name.clone()),
+                labels: subset.map(|s| s.labels.clone()).unwrap_or_default(),
+                load_balancer: parts.load_balancer.unwrap_or_default(),
+                outlier_detection: parts.outlier_detection,
+                connection_pool: parts.connection_pool.map(Arc::new),
+            })
+        };
+        let named = |port: u16| {
+            rule.port_level.iter().any(|p| p.port == port)
+                || subset
+                    .is_some_and(|s| s.traffic_policy.port_level.iter().any(|p| p.port == port))
+        };
+        let ports = service
+            .ports
+            .iter()
+            .map(|p| p.port)
+            .filter(|p| named(*p))
+            .map(|p| (p, policy(Some(p))))
+            .collect();
+        Self {
+            others: policy(None),
+            ports,
+        }
+    }
+
+    fn at(&self, port: u16) -> Arc<EndpointPolicy> {
+        let found = self.ports.iter().find(|(p, _)| *p == port);
+        Arc::clone(found.map_or(&self.others, |(_, policy)| policy))
+    }
 }
 
 impl Policies {
@@ -81,36 +129,28 @@ impl Policies {
                 ));
                 continue;
             }
-            let lb = rule.spec.load_balancer.clone().unwrap_or_default();
-            let pool = rule.spec.connection_pool.clone().map(Arc::new);
-            let subsets = rule
-                .spec
+            let spec = &rule.spec;
+            for level in spec.traffic_policy.port_level.iter().chain(
+                spec.subsets
+                    .iter()
+                    .flat_map(|s| &s.traffic_policy.port_level),
+            ) {
+                if !service.ports.iter().any(|p| p.port == level.port) {
+                    warnings.push(format!(
+                        "{object}: portLevelSettings for port {}: Service {service} has no such port; the setting applies to nothing",
+                        level.port
+                    ));
+                }
+            }
+            let default = ByPort::build(service, &spec.traffic_policy, None);
+            let subsets = spec
                 .subsets
                 .iter()
                 .map(|subset| {
-                    let policy = EndpointPolicy {
-                        subset: Some(subset.name.clone()),
-                        labels: subset.labels.clone(),
-                        load_balancer: subset.load_balancer.clone().unwrap_or_else(|| lb.clone()),
-                        outlier_detection: subset
-                            .outlier_detection
-                            .clone()
-                            .or_else(|| rule.spec.outlier_detection.clone()),
-                        connection_pool: subset
-                            .connection_pool
-                            .as_ref()
-                            .map(|p| Arc::new(p.clone()))
-                            .or_else(|| pool.clone()),
-                    };
-                    (subset.name.clone(), Arc::new(policy))
+                    let by_port = ByPort::build(service, &spec.traffic_policy, Some(subset));
+                    (subset.name.clone(), by_port)
                 })
                 .collect();
-            let default = Arc::new(EndpointPolicy {
-                load_balancer: lb,
-                outlier_detection: rule.spec.outlier_detection.clone(),
-                connection_pool: pool,
-                ..EndpointPolicy::default()
-            });
             policies.by_service.insert(
                 key,
                 ServicePolicy {
@@ -123,18 +163,18 @@ impl Policies {
         policies
     }
 
-    /// The policy of `service` without a subset.
-    pub(crate) fn of(&self, service: &Service) -> Arc<EndpointPolicy> {
+    /// The policy of `service`'s `port` without a subset.
+    pub(crate) fn of(&self, service: &Service, port: u16) -> Arc<EndpointPolicy> {
         self.by_service
             .get(&(service.namespace.clone(), service.name.clone()))
-            .map_or_else(Arc::default, |p| Arc::clone(&p.default))
+            .map_or_else(Arc::default, |p| p.default.at(port))
     }
 
-    fn subset(&self, service: &Service, name: &str) -> Option<Arc<EndpointPolicy>> {
+    fn subset(&self, service: &Service, name: &str, port: u16) -> Option<Arc<EndpointPolicy>> {
         let policy = self
             .by_service
             .get(&(service.namespace.clone(), service.name.clone()))?;
-        policy.subsets.get(name).cloned()
+        policy.subsets.get(name).map(|by_port| by_port.at(port))
     }
 }
 
@@ -384,8 +424,8 @@ impl HttpRouteIndex {
             });
         };
         let policy = match &target.subset {
-            None => self.policies.of(service),
-            Some(name) => match self.policies.subset(service, name) {
+            None => self.policies.of(service, chosen),
+            Some(name) => match self.policies.subset(service, name, chosen) {
                 Some(policy) => policy,
                 None => {
                     return Backend::Invalid(InvalidBackend::NoSubset {

@@ -5,10 +5,11 @@ use std::{collections::BTreeMap, str::FromStr, time::Duration};
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    parse_istio_duration, percentage, unsupported, ConnectionPool, DestinationRuleSpec, Fault,
-    HashKey, LoadBalancer, OutlierDetection, Subset, VirtualServiceSpec, VsDestination,
-    VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
-    VsTarget,
+    parse_istio_duration, percentage,
+    policy::{PortPolicy, TrafficPolicyFields},
+    unsupported, ConnectionPool, DestinationRuleSpec, Fault, HashKey, LoadBalancer,
+    OutlierDetection, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders,
+    VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
 };
 use crate::{
     gateway_api::{Pattern, RetryOn, RouteSchemaError},
@@ -35,7 +36,8 @@ checked!(
     VsTarget,
     Subset,
     LoadBalancer,
-    ConnectionPool
+    ConnectionPool,
+    PortPolicy
 );
 
 /// Refuses a field that is present (a feature this waypoint does not implement).
@@ -477,16 +479,6 @@ impl FromStr for IstioDuration {
     }
 }
 
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct TrafficPolicyFields {
-    load_balancer: Option<LoadBalancer>,
-    connection_pool: Option<ConnectionPool>,
-    outlier_detection: Option<OutlierFields>,
-    tls: Option<ClientTls>,
-    port_level_settings: Option<IgnoredAny>,
-}
-
 /// `trafficPolicy.tls`: `ISTIO_MUTUAL` (often written in `DestinationRules` from older Istio
 /// docs) is what the waypoint does toward the mesh's endpoints anyway; other modes, and the
 /// fields that go with them, are refused.
@@ -494,6 +486,15 @@ pub(crate) struct TrafficPolicyFields {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct ClientTls {
     mode: Option<String>,
+}
+
+impl ClientTls {
+    pub(crate) fn check(self) -> Result<(), RouteSchemaError> {
+        match self.mode {
+            Some(mode) if mode != "ISTIO_MUTUAL" => Err(RouteSchemaError::TlsMode(mode)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `outlierDetection`, as Istio writes it.
@@ -514,7 +515,7 @@ pub(crate) struct OutlierFields {
 }
 
 impl OutlierFields {
-    fn check(self) -> Result<OutlierDetection, RouteSchemaError> {
+    pub(crate) fn check(self) -> Result<OutlierDetection, RouteSchemaError> {
         if self.split_external_local_origin_errors == Some(true) {
             return Err(unsupported(
                 "outlierDetection.splitExternalLocalOriginErrors",
@@ -555,34 +556,6 @@ impl OutlierFields {
     }
 }
 
-/// What a `trafficPolicy` sets.
-#[derive(Default)]
-struct PolicyParts {
-    load_balancer: Option<LoadBalancer>,
-    outlier_detection: Option<OutlierDetection>,
-    connection_pool: Option<ConnectionPool>,
-}
-
-impl TrafficPolicyFields {
-    fn check(self) -> Result<PolicyParts, RouteSchemaError> {
-        let outlier = self
-            .outlier_detection
-            .map(OutlierFields::check)
-            .transpose()?;
-        if let Some(ClientTls { mode: Some(mode) }) = self.tls {
-            if mode != "ISTIO_MUTUAL" {
-                return Err(RouteSchemaError::TlsMode(mode));
-            }
-        }
-        refuse(self.port_level_settings.as_ref(), "portLevelSettings")?;
-        Ok(PolicyParts {
-            load_balancer: self.load_balancer,
-            outlier_detection: outlier,
-            connection_pool: self.connection_pool,
-        })
-    }
-}
-
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct DrSpecFields {
@@ -604,16 +577,14 @@ impl Checked for DestinationRuleSpec {
             return Err(RouteSchemaError::Empty);
         }
         let _ = f.export_to;
-        let policy = f
+        let traffic_policy = f
             .traffic_policy
             .map(TrafficPolicyFields::check)
             .transpose()?
             .unwrap_or_default();
         Ok(Self {
             host: f.host,
-            load_balancer: policy.load_balancer,
-            outlier_detection: policy.outlier_detection,
-            connection_pool: policy.connection_pool,
+            traffic_policy,
             subsets: f.subsets.0,
         })
     }
@@ -637,7 +608,7 @@ impl Checked for Subset {
         if f.name.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
-        let policy = f
+        let traffic_policy = f
             .traffic_policy
             .map(TrafficPolicyFields::check)
             .transpose()?
@@ -645,9 +616,7 @@ impl Checked for Subset {
         Ok(Self {
             name: f.name,
             labels: f.labels,
-            load_balancer: policy.load_balancer,
-            outlier_detection: policy.outlier_detection,
-            connection_pool: policy.connection_pool,
+            traffic_policy,
         })
     }
 }

@@ -87,12 +87,9 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     assert_eq!(ab.timeout, Some(Duration::from_secs(2)));
     assert_eq!(ab.mirror_percentage, Some(12.5));
     assert_eq!(vs.spec.http[1].route[0].weight, Some(90));
-    assert_eq!(dr.spec.load_balancer, Some(LoadBalancer::LeastRequest));
-    let outlier = dr
-        .spec
-        .outlier_detection
-        .as_ref()
-        .expect("outlierDetection");
+    let parts = &dr.spec.traffic_policy.parts;
+    assert_eq!(parts.load_balancer, Some(LoadBalancer::LeastRequest));
+    let outlier = parts.outlier_detection.as_ref().expect("outlierDetection");
     assert_eq!(
         (outlier.consecutive_5xx, outlier.consecutive_gateway),
         (3, 0),
@@ -107,11 +104,11 @@ fn parses_a_virtual_service_and_a_destination_rule() {
         (50, 0)
     );
     assert_eq!(
-        dr.spec.subsets[0].outlier_detection, None,
+        dr.spec.subsets[0].traffic_policy.parts.outlier_detection, None,
         "the rule's applies"
     );
     assert_eq!(
-        dr.spec.subsets[1].load_balancer,
+        dr.spec.subsets[1].traffic_policy.parts.load_balancer,
         Some(LoadBalancer::ConsistentHash(HashKey::Header(
             "x-user".into()
         )))
@@ -153,7 +150,13 @@ fn parses_a_connection_pool_as_istio_writes_it() {
     let Object::DestinationRule(dr) = &objects[0] else {
         panic!("{objects:?}");
     };
-    let pool = dr.spec.connection_pool.as_ref().expect("connectionPool");
+    let pool = dr
+        .spec
+        .traffic_policy
+        .parts
+        .connection_pool
+        .as_ref()
+        .expect("connectionPool");
     let secs = Duration::from_secs;
     assert_eq!(pool.max_connections, Some(100));
     assert_eq!(pool.connect_timeout, Some(Duration::from_millis(30)));
@@ -172,9 +175,14 @@ fn parses_a_connection_pool_as_istio_writes_it() {
     let ping = pool.http2_keepalive.as_ref().expect("http2KeepAlive");
     assert_eq!((ping.interval, ping.timeout), (secs(30), secs(3)));
     assert!(pool.limits());
-    assert_eq!(dr.spec.subsets[0].connection_pool, None);
+    assert_eq!(
+        dr.spec.subsets[0].traffic_policy.parts.connection_pool,
+        None
+    );
     assert_eq!(
         dr.spec.subsets[1]
+            .traffic_policy
+            .parts
             .connection_pool
             .as_ref()
             .map(|p| (p.http1_max_pending_requests, p.max_connections)),
@@ -213,8 +221,103 @@ fn parses_a_connection_pool_as_istio_writes_it() {
 }
 
 #[test]
+fn port_level_settings_override_part_by_part_as_istio_merges() {
+    let two_ports = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{name: a, port: 80, targetPort: 8080}, {name: b, port: 81, targetPort: 8081}]\n  selector: {app: web}\n";
+    let rule = dr(r"  host: web
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {http: {http2MaxRequests: 10}}
+    portLevelSettings:
+    - port: {number: 80}
+      loadBalancer: {simple: LEAST_REQUEST}
+    - port: {number: 9999}
+      connectionPool: {http: {maxRetries: 1}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      outlierDetection: {consecutive5xxErrors: 1}
+      portLevelSettings:
+      - port: {number: 81}
+        connectionPool: {http: {http2MaxRequests: 1}}
+");
+    let to_subset = vs(r"  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /a}}]
+    route: [{destination: {host: web, subset: v1, port: {number: 80}}}]
+  - route: [{destination: {host: web, subset: v1, port: {number: 81}}}]
+");
+    let state = ClusterState::build(
+        &parse(&docs(&[
+            pod("shop", "web-0", "n1", "10.0.0.1", "app: web, version: v1"),
+            two_ports.to_owned(),
+            rule,
+            to_subset,
+        ])),
+        &opts(),
+    )
+    .expect("builds");
+    assert!(
+        state.warnings().iter().any(|w| w.contains(
+            "DestinationRule shop/web: portLevelSettings for port 9999: Service shop/web has no such port"
+        )),
+        "{:?}",
+        state.warnings()
+    );
+    // (load balancer, http2MaxRequests, consecutive5xxErrors) of a backend.
+    let seen = |backend: &Backend| match backend {
+        Backend::Service { policy, .. } => (
+            policy.load_balancer.clone(),
+            policy
+                .connection_pool
+                .as_ref()
+                .and_then(|p| p.http2_max_requests),
+            policy.outlier_detection.as_ref().map(|o| o.consecutive_5xx),
+        ),
+        Backend::Invalid(why) => panic!("{why}"),
+    };
+    let service = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    // Without a subset: port 80's own load balancer, the rule's pool; port 81 the rule's.
+    assert_eq!(
+        seen(&state.default_backend(&service, 80)),
+        (LoadBalancer::LeastRequest, Some(10), None)
+    );
+    assert_eq!(
+        seen(&state.default_backend(&service, 81)),
+        (LoadBalancer::Random, Some(10), None)
+    );
+    // Subset v1: its outlier detection everywhere, on port 81 its own pool, and the rule's
+    // port-level load balancer on port 80 (the subset sets none).
+    for (path, expected) in [
+        ("/a", (LoadBalancer::LeastRequest, Some(10), Some(1))),
+        ("/b", (LoadBalancer::Random, Some(1), Some(1))),
+    ] {
+        let RouteDecision::Matched { rule, .. } = decide(&state, path, &[]) else {
+            panic!("{path}: the VirtualService's rule");
+        };
+        assert_eq!(seen(&rule.backends[0].backend), expected, "{path}");
+    }
+}
+
+#[test]
 fn connection_pool_checks_name_the_field_and_line() {
     assert_errors(&[
+        (
+            dr("  host: web\n  trafficPolicy:\n    portLevelSettings:\n    - {port: {number: 80}}\n    - {port: {number: 80}, loadBalancer: {simple: RANDOM}}\n"),
+            &["spec: trafficPolicy.portLevelSettings: port 80 is set more than once"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy:\n    portLevelSettings:\n    - {loadBalancer: {simple: RANDOM}}\n"),
+            &["spec.trafficPolicy.portLevelSettings[0]: set exactly one of `port.number`", "line 10"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy:\n    portLevelSettings:\n    - {port: {number: 80}, tls: {mode: SIMPLE}}\n"),
+            &["spec.trafficPolicy.portLevelSettings[0]: trafficPolicy.tls.mode SIMPLE"],
+        ),
         (
             dr("  host: web\n  trafficPolicy: {connectionPool: {}}\n"),
             &["spec.trafficPolicy.connectionPool: set exactly one of `tcp` or `http`, or both"],

@@ -148,6 +148,7 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
         }
     }
     cases.push(jwt_case(&mesh, &mut waypoint, &client, how)?);
+    cases.push(pool_case(&mesh, &mut waypoint, &client, how)?);
     record_pages("round")?;
     drop(waypoint);
     if plan.waypoint_only() {
@@ -423,36 +424,72 @@ fn echo(pod: &Pod, name: &str) -> Result<Process> {
 /// JWT validation adds (the same token each time, as a client sends it until it expires).
 fn jwt_case(mesh: &Mesh, waypoint: &mut Waypoint, client: &Pod, how: How<'_>) -> Result<Case> {
     let jwks = serde_json::to_string(mesh_tests::jwt::JWKS_EC)?;
-    mesh.files.write(
-        "authn-local.yaml",
-        &format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: local-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: local}}]\n  jwtRules: [{{issuer: https://idp.example, jwks: {jwks}}}]\n"),
-    )?;
-    mesh.files.write(
-        "authz-local.yaml",
-        &format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: local-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: local}}]\n  rules: [{{from: [{{source: {{requestPrincipals: [\"https://idp.example/*\"]}}}}]}}]\n"),
-    )?;
-    waypoint
-        .process
-        .wait_for_line("the JWT policies", Duration::from_secs(15), |l| {
-            l.contains("cluster state updated")
-                && l.contains("authorization_policies=1")
-                && l.contains("request_authentications=1")
-        })?;
+    let objects = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: local-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: local}}]\n  jwtRules: [{{issuer: https://idp.example, jwks: {jwks}}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: local-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: local}}]\n  rules: [{{from: [{{source: {{requestPrincipals: [\"https://idp.example/*\"]}}}}]}}]\n"
+    );
     let claims =
         json!({"iss": "https://idp.example", "sub": "bench", "exp": mesh_tests::jwt::now() + 3600});
     let token = mesh_tests::jwt::sign(mesh_tests::jwt::TestKey::Ec, &claims);
-    println!("l7: same node, HTTP/1.1, through the waypoint, with a JWT");
-    let url = format!("http://{}/", plan::service_vip_v4(0));
     let header = format!("authorization: Bearer {token}");
+    case_with(
+        mesh,
+        (waypoint, client),
+        how,
+        &objects,
+        ("waypoint, JWT", &[header]),
+    )
+}
+
+/// Same node, HTTP/1.1 through the waypoint, with a `DestinationRule` whose `connectionPool`
+/// limits every count the waypoint keeps, high enough not to be reached: what counting
+/// requests, connections and retries against them adds.
+fn pool_case(mesh: &Mesh, waypoint: &mut Waypoint, client: &Pod, how: How<'_>) -> Result<Case> {
+    let objects = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: local-pool, namespace: {NS}}}\nspec:\n  host: local\n  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnections: 1024}}\n      http: {{http1MaxPendingRequests: 1024, http2MaxRequests: 1024, maxRetries: 3}}\n"
+    );
+    case_with(
+        mesh,
+        (waypoint, client),
+        how,
+        &objects,
+        ("waypoint, connectionPool", &[]),
+    )
+}
+
+/// Same node, HTTP/1.1 through the waypoint with `objects` (YAML documents) in force, each
+/// request with `headers`: measured as `mode`, once the waypoint's view has them; they are
+/// removed afterwards.
+fn case_with(
+    mesh: &Mesh,
+    (waypoint, client): (&mut Waypoint, &Pod),
+    how: How<'_>,
+    objects: &str,
+    (mode, headers): (&'static str, &[String]),
+) -> Result<Case> {
+    const FILE: &str = "bench-case.yaml";
+    let from = waypoint.process.line_count();
+    mesh.files.write(FILE, objects)?;
+    waypoint
+        .process
+        .wait_for_line_from(from, mode, Duration::from_secs(15), |l| {
+            l.contains("cluster state updated")
+        })?;
+    println!("l7: same node, HTTP/1.1, through the {mode}");
+    let url = format!("http://{}/", plan::service_vip_v4(0));
     let case = measure(
         client,
         &url,
-        ("same node", "HTTP/1.1", "waypoint, JWT"),
+        ("same node", "HTTP/1.1", mode),
         how,
-        (Some(waypoint.process.pid()), &[header]),
+        (Some(waypoint.process.pid()), headers),
     )?;
-    mesh.files.remove("authn-local.yaml")?;
-    mesh.files.remove("authz-local.yaml")?;
+    let from = waypoint.process.line_count();
+    mesh.files.remove(FILE)?;
+    waypoint
+        .process
+        .wait_for_line_from(from, mode, Duration::from_secs(15), |l| {
+            l.contains("cluster state updated")
+        })?;
     Ok(case)
 }
 
