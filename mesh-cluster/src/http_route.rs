@@ -260,8 +260,13 @@ struct PortRoutes {
     producer: Vec<Entry>,
     consumers: BTreeMap<String, Vec<Entry>>,
     /// `VirtualService` rules, in order (the first match wins); used when no `HTTPRoute`
-    /// attaches to the port.
+    /// attaches to the port: those of the Service's namespace and the root namespace, for every
+    /// client...
     ordered: Vec<Entry>,
+    /// ...and those of other namespaces, each for the clients of its own namespace only, in
+    /// place of the others (as GAMMA's consumer routes): a tenant routes its own requests,
+    /// never another's.
+    ordered_consumers: BTreeMap<String, Vec<Entry>>,
 }
 
 /// Every Service port's routes.
@@ -285,10 +290,14 @@ impl HttpRouteIndex {
             impl IntoIterator<Item = &'a crate::istio_traffic::DestinationRule>,
         ),
         grants: &ServiceGrants,
-        services: &Services<'_>,
+        (services, root_namespace): (&Services<'_>, &str),
     ) -> Self {
         let mut index = Self::default();
-        index.policies = istio::Policies::build(destination_rules, services, &mut index.warnings);
+        index.policies = istio::Policies::build(
+            destination_rules,
+            (services, root_namespace),
+            &mut index.warnings,
+        );
         for (kind, meta, spec) in routes {
             index.attach(
                 (ObjectRef::namespaced(kind, meta), meta, spec),
@@ -306,7 +315,7 @@ impl HttpRouteIndex {
             )
         });
         for vs in virtual_services {
-            index.attach_virtual_service(vs, services);
+            index.attach_virtual_service(vs, services, root_namespace);
         }
         for port in index.ports.values_mut() {
             port.producer.sort_by(|a, b| a.key.cmp(&b.key));
@@ -426,7 +435,11 @@ impl HttpRouteIndex {
         self.ports.get(&key).is_some_and(|routes| {
             !routes.producer.is_empty()
                 || !routes.ordered.is_empty()
-                || routes.consumers.values().any(|entries| !entries.is_empty())
+                || routes
+                    .consumers
+                    .values()
+                    .chain(routes.ordered_consumers.values())
+                    .any(|entries| !entries.is_empty())
         })
     }
 
@@ -447,7 +460,10 @@ impl HttpRouteIndex {
             .get(client_namespace)
             .unwrap_or(&routes.producer);
         if entries.is_empty() {
-            entries = &routes.ordered;
+            entries = routes
+                .ordered_consumers
+                .get(client_namespace)
+                .unwrap_or(&routes.ordered);
         }
         if entries.is_empty() {
             return RouteDecision::Default;

@@ -150,6 +150,7 @@ impl ClusterState {
             (&http_routes, &grpc_routes),
             (&virtual_services, &destination_rules),
             &reference_grants,
+            &opts.root_namespace,
         )?;
         state.waypoints = WaypointIndex::build(gateways.values().copied(), &state.workloads)?;
         let accounts = crate::waypoint::service_accounts(&state.services, &state.workloads);
@@ -293,6 +294,7 @@ impl ClusterState {
             &Named<'_, k8s::DestinationRule>,
         ),
         reference_grants: &Named<'_, k8s::ReferenceGrant>,
+        root_namespace: &str,
     ) -> Result<(), StateError> {
         let routes = http_routes
             .values()
@@ -335,7 +337,7 @@ impl ClusterState {
                 destination_rules.values().copied(),
             ),
             &ServiceGrants::build(reference_grants.values().copied()),
-            &by_name,
+            (&by_name, root_namespace),
         );
         Ok(())
     }

@@ -2067,3 +2067,51 @@ fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
     let answers = at_once(&client, 3, &slow, Duration::from_millis(100));
     assert!(answers.iter().all(|a| a.0 .0 == 200), "{answers:#?}");
 }
+
+#[test]
+fn another_namespaces_virtual_service_or_destination_rule_cannot_take_a_services_traffic() {
+    // The attack: a tenant with rights over its own namespace `evil` only writes, for `web`:
+    // a VirtualService aborting every request, and a DestinationRule (first by name, so the one
+    // in force before) whose subset v2 selects v1's pod. Before, both applied to every client:
+    // the mesh's requests got 503, or went to the pod the tenant chose.
+    let own = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http: [{{route: [{{destination: {{host: web, subset: v2}}}}]}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    let mut bed = bed(&own);
+    let client = bed.client().clone();
+    let attack = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: grab, namespace: evil}}\nspec:\n  hosts: [web.{NS}.svc.cluster.local]\n  http:\n  - fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: web.{NS}.svc.cluster.local}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: grab, namespace: evil}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  subsets: [{{name: v2, labels: {{version: v1}}}}]\n"
+    );
+    let from = bed.waypoint.process.line_count();
+    bed.mesh.files.write("evil.yaml", &attack).unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the tenant's rules", LOG_WAIT, |l| {
+            l.contains(&format!(
+                "DestinationRule evil/grab: spec.host: Service {NS}/web is in another namespace"
+            ))
+        })
+        .unwrap();
+    let urls: Vec<String> = (0..10).map(|i| url(&format!("/own/{i}"))).collect();
+    assert_eq!(
+        backends(&curl(&client, &urls)),
+        BTreeMap::from([("v2".to_owned(), 10)]),
+        "the mesh's own routes and subsets"
+    );
+    // Then `web`'s own namespace aborts: its rules are the producer's, for every client.
+    bed.mesh
+        .files
+        .write(
+            "httproute-web.yaml",
+            &own.replace(
+                "http: [{route:",
+                "http: [{fault: {abort: {httpStatus: 418, percentage: {value: 100}}}, route:",
+            ),
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    while curl_answer(&client, "/", &[]).0 != 418 {
+        assert!(std::time::Instant::now() < deadline, "own abort never applied");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -7,9 +7,13 @@
 //!   `name.namespace.svc[.<domain>]`); a host that names none is reported as a warning.
 //! - Its rules apply to every TCP port of the Service (a `match.port` narrows a match to one);
 //!   when `HTTPRoute`s attach to the port, they are used instead (Gateway API first).
+//! - One of the Service's namespace or the root namespace applies to every client; one of
+//!   another namespace only to the clients of its own namespace, in place of those (as GAMMA's
+//!   consumer routes): a tenant routes its own requests, never another's.
 //! - A destination's port is its `port.number`, else the port the request came to, else the
-//!   Service's only port; a `subset` is a `DestinationRule`'s (the oldest rule of the host that
-//!   defines it); a destination that does not resolve gets a 500 for its share.
+//!   Service's only port; a `subset` is a `DestinationRule`'s: the rule of the Service's
+//!   namespace, else the oldest of the root namespace (a rule of another namespace applies to
+//!   nothing, with a warning); a destination that does not resolve gets a 500 for its share.
 //! - Rules without `retries` get Istio's default: 2 retries on connection failures and 503.
 
 use std::{
@@ -97,34 +101,51 @@ impl ByPort {
 impl Policies {
     pub(crate) fn build<'a>(
         rules: impl IntoIterator<Item = &'a DestinationRule>,
-        services: &Services<'_>,
+        (services, root_namespace): (&Services<'_>, &str),
         warnings: &mut Vec<String>,
     ) -> Self {
-        let mut rules: Vec<&DestinationRule> = rules.into_iter().collect();
-        rules.sort_by_key(|r| {
-            let created = r.metadata.creation_timestamp.clone();
-            (
-                created.is_none(),
-                created,
-                r.metadata.namespace().to_owned(),
-                r.metadata.name().to_owned(),
-            )
-        });
-        let mut policies = Self::default();
+        // Each rule with the Service it names. A rule applies to a Service of its own namespace,
+        // or from the root namespace to any: a tenant's rule never sets another's subsets, load
+        // balancer or limits (Istio's waypoints read the rules of the Service's namespace and
+        // the root namespace).
+        let mut resolved = Vec::new();
         for rule in rules {
             let object = ObjectRef::namespaced(Kind::DestinationRule, &rule.metadata);
-            let Some(service) = lookup_host(&rule.spec.host, rule.metadata.namespace(), services)
-            else {
+            let namespace = rule.metadata.namespace();
+            let Some(service) = lookup_host(&rule.spec.host, namespace, services) else {
                 warnings.push(format!(
                     "{object}: spec.host: {:?} names no Service; the rule applies to nothing",
                     rule.spec.host
                 ));
                 continue;
             };
+            if namespace != service.namespace && namespace != root_namespace {
+                warnings.push(format!(
+                    "{object}: spec.host: Service {service} is in another namespace; a \
+                     DestinationRule applies to the Services of its own namespace (from the root \
+                     namespace {root_namespace}, to any), so this one applies to nothing"
+                ));
+                continue;
+            }
+            resolved.push((rule, object, service));
+        }
+        // The Service's own namespace first, then the oldest.
+        resolved.sort_by_key(|(rule, _, service)| {
+            let created = rule.metadata.creation_timestamp.clone();
+            (
+                rule.metadata.namespace() != service.namespace,
+                created.is_none(),
+                created,
+                rule.metadata.namespace().to_owned(),
+                rule.metadata.name().to_owned(),
+            )
+        });
+        let mut policies = Self::default();
+        for (rule, object, service) in resolved {
             let key = (service.namespace.clone(), service.name.clone());
             if let Some(first) = policies.by_service.get(&key) {
                 warnings.push(format!(
-                    "{object}: Service {service} already has {}, the older; this one is ignored",
+                    "{object}: Service {service} already has {} (of its own namespace, or the older); this one is ignored",
                     first.rule
                 ));
                 continue;
@@ -195,7 +216,12 @@ fn lookup_host<'a>(
 
 impl HttpRouteIndex {
     /// Adds `vs`'s rules, in order, to every TCP port of each Service it names.
-    pub(super) fn attach_virtual_service(&mut self, vs: &VirtualService, services: &Services<'_>) {
+    pub(super) fn attach_virtual_service(
+        &mut self,
+        vs: &VirtualService,
+        services: &Services<'_>,
+        root_namespace: &str,
+    ) {
         if !vs.spec.mesh {
             return;
         }
@@ -227,7 +253,16 @@ impl HttpRouteIndex {
                     rules,
                 });
                 let key = (service.namespace.clone(), service.name.clone(), port);
-                add_ordered(&mut self.ports.entry(key).or_default().ordered, &attached);
+                let routes = self.ports.entry(key).or_default();
+                let entries = if namespace == service.namespace || namespace == root_namespace {
+                    &mut routes.ordered
+                } else {
+                    routes
+                        .ordered_consumers
+                        .entry(namespace.to_owned())
+                        .or_default()
+                };
+                add_ordered(entries, &attached);
             }
         }
     }

@@ -303,6 +303,86 @@ fn port_level_settings_override_part_by_part_as_istio_merges() {
     }
 }
 
+/// The Service (namespace, name) and subset a request from `client_ns` to `shop/web:80` goes
+/// to, by its first backend.
+fn routed_from(state: &ClusterState, client_ns: &str) -> (String, String, Option<String>) {
+    let service = Arc::clone(state.service_by_hostname("web.shop.svc.cluster.local").unwrap());
+    let facts = RequestFacts {
+        method: &http::Method::GET,
+        path: "/",
+        query: None,
+        headers: &http::HeaderMap::new(),
+    };
+    let backend = match state.route_http(&service, 80, client_ns, &facts) {
+        RouteDecision::Matched { rule, .. } => rule.backends[0].backend.clone(),
+        RouteDecision::Default => state.default_backend(&service, 80),
+        RouteDecision::NoMatch => panic!("no match from {client_ns}"),
+    };
+    match backend {
+        Backend::Service {
+            service, policy, ..
+        } => (
+            service.namespace.clone(),
+            service.name.clone(),
+            policy
+                .labels
+                .get("version")
+                .cloned()
+                .or_else(|| policy.connection_pool.as_ref().map(|_| "pool".into())),
+        ),
+        Backend::Invalid(why) => panic!("{why}"),
+    }
+}
+
+#[test]
+fn a_tenants_virtual_service_or_destination_rule_never_steers_another_namespaces_traffic() {
+    // Before, rules from any namespace applied to any Service: namespace `evil` could send
+    // every client's requests for `shop/web` to its own `sink` (a VirtualService), or take over
+    // `web`'s subsets and limits (a DestinationRule, older or first by name).
+    let evil_vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grab, namespace: evil}\nspec:\n  hosts: [web.shop.svc.cluster.local]\n  http: [{route: [{destination: {host: sink}}]}]\n";
+    let evil_dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grab, namespace: evil}\nspec:\n  host: web.shop\n  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}\n  subsets: [{name: v1, labels: {version: v2}}]\n";
+    let own_dr = dr("  host: web\n  subsets: [{name: v1, labels: {version: v1}}]\n");
+    let own_vs = vs("  hosts: [web]\n  http: [{route: [{destination: {host: web, subset: v1}}]}]\n");
+    let state = cluster(&[
+        pod("evil", "sink-0", "n1", "10.0.1.1", "app: sink"),
+        service("evil", "sink", "10.96.1.1", "80", "8080", "app: sink"),
+        evil_vs.to_owned(),
+        evil_dr.to_owned(),
+        own_dr,
+        own_vs,
+    ]);
+    let web_v1 = ("shop".to_owned(), "web".to_owned(), Some("v1".to_owned()));
+    assert_eq!(routed_from(&state, "shop"), web_v1, "shop's own rules");
+    assert_eq!(routed_from(&state, "client"), web_v1, "any other client too");
+    // `evil`'s VirtualService routes `evil`'s own requests only (a consumer route).
+    assert_eq!(
+        routed_from(&state, "evil"),
+        ("evil".to_owned(), "sink".to_owned(), None)
+    );
+    assert!(
+        state.warnings().iter().any(|w| w.contains(
+            "DestinationRule evil/grab: spec.host: Service shop/web is in another namespace"
+        )),
+        "{:?}",
+        state.warnings()
+    );
+
+    // From the root namespace a rule applies to any Service (the mesh's operators), after the
+    // Service's own namespace's.
+    let root_dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: mesh-wide, namespace: istio-system}\nspec:\n  host: web.shop.svc.cluster.local\n  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}\n";
+    let state = cluster(&[root_dr.to_owned()]);
+    assert_eq!(
+        routed_from(&state, "client"),
+        ("shop".to_owned(), "web".to_owned(), Some("pool".to_owned()))
+    );
+    let state = cluster(&[root_dr.to_owned(), dr("  host: web\n")]);
+    assert_eq!(
+        routed_from(&state, "client"),
+        ("shop".to_owned(), "web".to_owned(), None),
+        "the Service's own namespace's rule, though younger by name"
+    );
+}
+
 #[test]
 fn connection_pool_checks_name_the_field_and_line() {
     assert_errors(&[
