@@ -108,11 +108,43 @@ impl TokenLocation {
 pub enum JwtKeys {
     /// `jwks`, inline.
     Inline(Arc<[JwtKey]>),
-    /// `jwksUri`, which the waypoint fetches.
-    Remote(String),
-    /// Neither: Istio would discover the set from the issuer's discovery document, which
-    /// the waypoint does not do; every token of the issuer is refused.
+    /// Fetched by the waypoint: from `jwksUri`, or (with neither `jwks` nor `jwksUri`) from the
+    /// `jwks_uri` of the issuer's OpenID discovery document, as istiod does.
+    Remote(KeySource),
+    /// Neither, and an issuer that is not an http or https URL (no discovery document to
+    /// read): every token of the issuer is refused.
     Missing,
+}
+
+/// Where a key set is fetched from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    /// A rule's `jwksUri`.
+    Uri(String),
+    /// An issuer's OpenID discovery document (`<issuer>/.well-known/openid-configuration`),
+    /// whose `jwks_uri` names the set.
+    Discovery(String),
+}
+
+impl KeySource {
+    /// The URL fetched first, by which the fetched set is known.
+    pub fn url(&self) -> &str {
+        match self {
+            KeySource::Uri(url) | KeySource::Discovery(url) => url,
+        }
+    }
+
+    /// The discovery document of `issuer`, when it is an http or https URL (OpenID Connect
+    /// Discovery 1.0, section 4: the issuer with `/.well-known/openid-configuration`).
+    fn discovery(issuer: &str) -> Option<Self> {
+        let parsed: http::Uri = issuer.parse().ok()?;
+        let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+        (scheme_ok && parsed.host().is_some_and(|h| !h.is_empty()) && parsed.query().is_none())
+            .then(|| {
+                let base = issuer.trim_end_matches('/');
+                KeySource::Discovery(format!("{base}/.well-known/openid-configuration"))
+            })
+    }
 }
 
 /// One `jwtRules` entry, as enforced.
@@ -367,15 +399,19 @@ fn provider_of(
     let keys = match (&r.jwks, &r.jwks_uri) {
         // Checked when read.
         (Some(jwks), _) => JwtKeys::Inline(parse_jwks(jwks).unwrap_or_default().into()),
-        (None, Some(uri)) => JwtKeys::Remote(uri.clone()),
-        (None, None) => {
-            warnings.push(format!(
-                "{what}: jwtRules[{rule}] (issuer {:?}) has neither jwks nor jwksUri: the \
-                 waypoint does not discover keys from the issuer, so its tokens are refused",
-                r.issuer
-            ));
-            JwtKeys::Missing
-        }
+        (None, Some(uri)) => JwtKeys::Remote(KeySource::Uri(uri.clone())),
+        (None, None) => match KeySource::discovery(&r.issuer) {
+            Some(discovery) => JwtKeys::Remote(discovery),
+            None => {
+                warnings.push(format!(
+                    "{what}: jwtRules[{rule}] (issuer {:?}) has neither jwks nor jwksUri, and \
+                     its issuer is not an http or https URL to discover them from: its tokens \
+                     are refused",
+                    r.issuer
+                ));
+                JwtKeys::Missing
+            }
+        },
     };
     JwtProvider {
         policy: Arc::clone(policy),
@@ -469,7 +505,9 @@ fn keys_of<'k>(
 ) -> Result<&'k Arc<[JwtKey]>, JwtRefusal> {
     match &provider.keys {
         JwtKeys::Inline(keys) => Ok(keys),
-        JwtKeys::Remote(uri) => fetched.get(uri).ok_or(JwtRefusal::KeysUnavailable),
+        JwtKeys::Remote(source) => fetched
+            .get(source.url())
+            .ok_or(JwtRefusal::KeysUnavailable),
         JwtKeys::Missing => Err(JwtRefusal::KeysUnavailable),
     }
 }

@@ -595,12 +595,13 @@ impl ClusterState {
             .unwrap_or_default()
     }
 
-    /// The `jwksUri`s of the `RequestAuthentication` rules waypoint `namespace/name` may
-    /// apply (its class's, its own, its Services'), with their fetch `timeout`s, each once.
-    pub fn jwks_uris_at_waypoint(
+    /// Where the key sets of the `RequestAuthentication` rules waypoint `namespace/name` may
+    /// apply (its class's, its own, its Services') are fetched from (their `jwksUri`s, or
+    /// their issuers' discovery documents), with their fetch `timeout`s, each once.
+    pub fn key_sources_at_waypoint(
         &self,
         (namespace, name): (&str, &str),
-    ) -> Vec<(String, Option<std::time::Duration>)> {
+    ) -> Vec<(crate::authn::KeySource, Option<std::time::Duration>)> {
         let ours = |ra_namespace: &str, target: &PolicyTarget| match target {
             PolicyTarget::GatewayClass(_) => true,
             PolicyTarget::Gateway(gateway) => ra_namespace == namespace && gateway == name,
@@ -613,20 +614,20 @@ impl ClusterState {
                     _ => false,
                 }),
         };
-        let mut uris: Vec<(String, Option<std::time::Duration>)> = Vec::new();
+        let mut sources: Vec<(crate::authn::KeySource, Option<std::time::Duration>)> = Vec::new();
         for ra in self.authn.all() {
             if !ra.targets.iter().any(|t| ours(&ra.namespace, t)) {
                 continue;
             }
             for provider in &ra.providers {
-                if let crate::authn::JwtKeys::Remote(uri) = &provider.keys {
-                    if !uris.iter().any(|(u, _)| u == uri) {
-                        uris.push((uri.clone(), provider.timeout));
+                if let crate::authn::JwtKeys::Remote(source) = &provider.keys {
+                    if !sources.iter().any(|(s, _)| s == source) {
+                        sources.push((source.clone(), provider.timeout));
                     }
                 }
             }
         }
-        uris
+        sources
     }
 
     /// The `RequestAuthentication` rules that apply at waypoint `namespace/name` to a request

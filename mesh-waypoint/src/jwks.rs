@@ -2,7 +2,10 @@
 //! (in Istio, istiod fetches them and hands them to its Envoy waypoints inline).
 //!
 //! For every `jwksUri` of the rules this waypoint may apply
-//! ([`ClusterState::jwks_uris_at_waypoint`]), a `GET` over HTTP or HTTPS (the server's
+//! ([`ClusterState::key_sources_at_waypoint`]), and for every issuer of a rule with neither
+//! `jwks` nor `jwksUri` first its OpenID discovery document
+//! (`<issuer>/.well-known/openid-configuration`, as istiod reads it) and then the set its
+//! `jwks_uri` names, a `GET` over HTTP or HTTPS (the server's
 //! certificate checked against the Mozilla roots), within the rule's `timeout` (5 s by
 //! default, Istio's), a body of at most [`MAX_BODY`] that must be a JSON Web Key Set. A set is
 //! fetched again every [`REFRESH`] (Istio's default refresh interval); a failed fetch is
@@ -26,7 +29,10 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use mesh_cluster::{authn::FetchedKeys, ClusterState};
+use mesh_cluster::{
+    authn::{FetchedKeys, KeySource},
+    ClusterState,
+};
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 use tracing::{info, warn};
 
@@ -70,6 +76,8 @@ pub(crate) enum JwksError {
     Keys(#[from] mesh_cluster::jwks::JwksError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("not an OpenID discovery document with a `jwks_uri`: {0}")]
+    Discovery(String),
 }
 
 /// The fetched sets, by URI, as requests read them.
@@ -110,17 +118,17 @@ pub(crate) async fn keep_fetched(
     waypoint: (String, String),
     mut state: watch::Receiver<Arc<ClusterState>>,
 ) {
-    let mut due: HashMap<String, Due> = HashMap::new();
+    let mut due: HashMap<KeySource, Due> = HashMap::new();
     loop {
         let wanted = state
             .borrow_and_update()
-            .jwks_uris_at_waypoint((&waypoint.0, &waypoint.1));
+            .key_sources_at_waypoint((&waypoint.0, &waypoint.1));
         let mut keys: FetchedKeys = (*cache.fetched()).clone();
-        keys.retain(|uri, _| wanted.iter().any(|(u, _)| u == uri));
-        due.retain(|uri, _| wanted.iter().any(|(u, _)| u == uri));
+        keys.retain(|url, _| wanted.iter().any(|(s, _)| s.url() == url));
+        due.retain(|source, _| wanted.iter().any(|(s, _)| s == source));
         let now = Instant::now();
-        for (uri, timeout) in &wanted {
-            let entry = due.entry(uri.clone()).or_insert(Due {
+        for (source, timeout) in &wanted {
+            let entry = due.entry(source.clone()).or_insert(Due {
                 at: now,
                 backoff: RETRY.0,
             });
@@ -128,10 +136,10 @@ pub(crate) async fn keep_fetched(
                 continue;
             }
             let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
-            match fetch(uri, timeout).await {
+            match fetch(source, timeout).await {
                 Ok(set) => {
-                    info!(jwks_uri = %uri, keys = set.len(), "fetched a JSON Web Key Set");
-                    keys.insert(uri.clone(), set.into());
+                    info!(?source, keys = set.len(), "fetched a JSON Web Key Set");
+                    keys.insert(source.url().to_owned(), set.into());
                     *entry = Due {
                         at: Instant::now() + REFRESH,
                         backoff: RETRY.0,
@@ -139,10 +147,10 @@ pub(crate) async fn keep_fetched(
                 }
                 Err(error) => {
                     warn!(
-                        jwks_uri = %uri,
+                        ?source,
                         %error,
                         retry_in = ?entry.backoff,
-                        kept = keys.contains_key(uri),
+                        kept = keys.contains_key(source.url()),
                         "cannot fetch a JSON Web Key Set: its tokens are refused until it is \
                          (a set fetched before stays in use)"
                     );
@@ -197,21 +205,45 @@ impl Reach {
     }
 }
 
-/// Fetches and reads the key set at `uri`.
-async fn fetch(uri: &str, timeout: Duration) -> Result<Vec<mesh_cluster::jwks::JwtKey>, JwksError> {
-    fetch_within(uri, timeout, Reach::Remote).await
+/// Fetches and reads the key set `source` names.
+async fn fetch(
+    source: &KeySource,
+    timeout: Duration,
+) -> Result<Vec<mesh_cluster::jwks::JwtKey>, JwksError> {
+    fetch_within(source, timeout, Reach::Remote).await
 }
 
+/// The set at `source`, each `GET` within `timeout`: a `jwksUri`'s, or the one at the
+/// `jwks_uri` of an issuer's discovery document (which must be an http or https URL, fetched
+/// with the same care).
 async fn fetch_within(
-    uri: &str,
+    source: &KeySource,
     timeout: Duration,
     reach: Reach,
 ) -> Result<Vec<mesh_cluster::jwks::JwtKey>, JwksError> {
-    let body = tokio::time::timeout(timeout, get(uri, reach))
-        .await
-        .map_err(|_| JwksError::Timeout(timeout))??;
+    let get = |uri: String| async move {
+        tokio::time::timeout(timeout, get(&uri, reach))
+            .await
+            .map_err(|_| JwksError::Timeout(timeout))?
+    };
+    let uri = match source {
+        KeySource::Uri(uri) => uri.clone(),
+        KeySource::Discovery(document) => {
+            let body = get(document.clone()).await?;
+            let discovered: Discovery = serde_json::from_slice(&body)
+                .map_err(|e| JwksError::Discovery(e.to_string()))?;
+            discovered.jwks_uri
+        }
+    };
+    let body = get(uri).await?;
     let text = String::from_utf8_lossy(&body);
     Ok(mesh_cluster::jwks::parse_jwks(&text)?)
+}
+
+/// What the waypoint reads of an OpenID discovery document.
+#[derive(serde::Deserialize)]
+struct Discovery {
+    jwks_uri: String,
 }
 
 async fn get(uri: &str, reach: Reach) -> Result<Bytes, JwksError> {
@@ -314,7 +346,13 @@ mod tests {
         net::TcpListener,
     };
 
+    use mesh_cluster::authn::KeySource;
+
     use super::{fetch, fetch_within, JwksError, Reach, MAX_BODY};
+
+    fn at(uri: &str) -> KeySource {
+        KeySource::Uri(uri.to_owned())
+    }
 
     const JWKS: &str = r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k", "x": "WmuLj1s4rSYpKgUUoqmKT1jLWS8U0qHsc7cmXs4nJQ4", "y": "RNh5kTV1HSLbS1gmv3DpGDjmgHr58xoKwJDAe9059nw"}]}"#;
 
@@ -352,10 +390,41 @@ mod tests {
     #[tokio::test]
     async fn a_key_set_served_over_http_is_read() {
         let uri = serve("200 OK", Arc::new(JWKS.as_bytes().to_vec()), false).await;
-        let keys = fetch_within(&uri, short(), Reach::Loopback)
+        let keys = fetch_within(&at(&uri), short(), Reach::Loopback)
             .await
             .expect("fetched");
         assert_eq!(keys.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_issuers_discovery_document_names_its_key_set() {
+        let keys = serve("200 OK", Arc::new(JWKS.as_bytes().to_vec()), false).await;
+        let document = |jwks_uri: &str| {
+            let body = format!(r#"{{"issuer": "https://idp.example", "jwks_uri": "{jwks_uri}"}}"#);
+            Arc::new(body.into_bytes())
+        };
+        let discovery = serve("200 OK", document(&keys), false).await;
+        let fetched = fetch_within(
+            &KeySource::Discovery(discovery),
+            short(),
+            Reach::Loopback,
+        )
+        .await
+        .expect("the document, then its set");
+        assert_eq!(fetched.len(), 1);
+        // A document that names no set, or sends the waypoint where it does not go.
+        let garbage = serve("200 OK", Arc::new(b"{\"issuer\": \"x\"}".to_vec()), false).await;
+        let metadata = serve("200 OK", document("http://169.254.169.254/latest/"), false).await;
+        for (uri, expected) in [
+            (garbage, "not an OpenID discovery document with a `jwks_uri`"),
+            (metadata, "is only at loopback, link-local"),
+        ] {
+            let error = fetch_within(&KeySource::Discovery(uri.clone()), short(), Reach::Loopback)
+                .await
+                .expect_err(&uri)
+                .to_string();
+            assert!(error.contains(expected), "{expected:?} in {error:?}");
+        }
     }
 
     #[tokio::test]
@@ -378,7 +447,7 @@ mod tests {
             (closed, "connecting: Connection refused"),
             ("ftp://example.com/k".to_owned(), "not an http or https URL"),
         ] {
-            let error = fetch_within(&uri, short(), Reach::Loopback)
+            let error = fetch_within(&at(&uri), short(), Reach::Loopback)
                 .await
                 .expect_err(&uri)
                 .to_string();
@@ -415,7 +484,7 @@ mod tests {
             }
         });
         let uri = format!("https://localhost:{port}/keys.json");
-        let error = fetch_within(&uri, short(), Reach::Loopback)
+        let error = fetch_within(&at(&uri), short(), Reach::Loopback)
             .await
             .expect_err("an untrusted certificate");
         assert!(matches!(error, JwksError::Tls(_)), "{error}");
@@ -433,7 +502,7 @@ mod tests {
             "http://0.0.0.0/k",
             "http://[::ffff:127.0.0.1]/k",
         ] {
-            let error = fetch(uri, short()).await.expect_err(uri);
+            let error = fetch(&at(uri), short()).await.expect_err(uri);
             assert!(
                 matches!(error, JwksError::Forbidden { .. }),
                 "{uri}: {error}"

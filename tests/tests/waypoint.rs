@@ -1608,10 +1608,14 @@ fn write_jwt_policies(bed: &mut Bed, keys_addr: SocketAddr) {
     let jwks_rsa = serde_json::to_string(&format!("http://{keys_addr}/jwks.json")).unwrap();
     let jwks_ec = serde_json::to_string(jwt::JWKS_EC).unwrap();
     let authn = format!(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: web-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: web}}]\n  jwtRules:\n  - issuer: https://a.example\n    jwks: {jwks_ec}\n    outputClaimToHeaders: [{{header: x-jwt-team, claim: team}}]\n  - issuer: https://b.example\n    jwksUri: {jwks_rsa}\n"
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: web-jwt, namespace: {NS}}}\nspec:\n  targetRefs: [{{kind: Service, name: web}}]\n  jwtRules:\n  - issuer: https://a.example\n    jwks: {jwks_ec}\n    outputClaimToHeaders: [{{header: x-jwt-team, claim: team}}]\n  - issuer: https://b.example\n    jwksUri: {jwks_rsa}\n  - issuer: http://{keys_addr}\n"
     );
     let require = "  targetRefs: [{kind: Service, name: web}]\n  action: DENY\n  rules:\n  - from: [{source: {notRequestPrincipals: [\"*\"]}}]\n";
     let allow = "  targetRefs: [{kind: Service, name: web}]\n  rules:\n  - from: [{source: {requestPrincipals: [\"https://a.example/*\"]}}]\n    when: [{key: \"request.auth.claims[groups]\", values: [dev]}]\n  - from: [{source: {requestPrincipals: [\"https://b.example/*\"]}}]\n";
+    // The third issuer's keys are discovered from its OpenID configuration.
+    let allow = format!(
+        "{allow}  - from: [{{source: {{requestPrincipals: [\"http://{keys_addr}/*\"]}}}}]\n"
+    );
     let files = &bed.mesh.files;
     files.write("authn-web.yaml", &authn).unwrap();
     files
@@ -1621,7 +1625,7 @@ fn write_jwt_policies(bed: &mut Bed, keys_addr: SocketAddr) {
         )
         .unwrap();
     files
-        .write("authz-allow.yaml", &authz_policy(NS, "jwt-allow", allow))
+        .write("authz-allow.yaml", &authz_policy(NS, "jwt-allow", &allow))
         .unwrap();
     wait_for_policies(bed, 2);
     wait_for_objects(bed, "request_authentications", 1);
@@ -1787,10 +1791,25 @@ fn request_authentication_validates_tokens_for_the_waypoints_policies() {
         assert!(notes.contains(&expected), "{expected:?} in {notes:?}");
     }
 
-    // Serve the key set: the waypoint fetches it (retrying), and the token passes.
+    // The issuer whose keys are discovered: refused until its document and set are served.
+    let discovered = sign(
+        TestKey::Rsa,
+        &serde_json::json!({"iss": format!("http://{keys_addr}"), "sub": "dora", "exp": jwt::now() + 600}),
+    );
+    let with_discovered = [format!("Authorization: Bearer {discovered}")];
+    let (status, _, body) = curl_answer(&client, "/", &with_discovered);
+    assert_eq!((status, body.trim()), (401, "Jwks remote fetch is failed"));
+
+    // Serve the key set, and the discovery document naming it: the waypoint fetches them
+    // (retrying), and both tokens pass.
     let keys_dir = std::env::temp_dir().join(format!("mesh-jwks-{}", std::process::id()));
-    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::create_dir_all(keys_dir.join(".well-known")).unwrap();
     std::fs::write(keys_dir.join("jwks.json"), jwt::JWKS_RSA).unwrap();
+    std::fs::write(
+        keys_dir.join(".well-known/openid-configuration"),
+        format!(r#"{{"issuer": "http://{keys_addr}", "jwks_uri": "http://{keys_addr}/jwks.json"}}"#),
+    )
+    .unwrap();
     let mut server_cmd = waypoint_pod.command("python3");
     server_cmd
         .args(["-u", "-m", "http.server", "18080", "--bind"])
@@ -1798,15 +1817,25 @@ fn request_authentication_validates_tokens_for_the_waypoints_policies() {
         .arg("--directory")
         .arg(&keys_dir);
     let _keys_server = Process::spawn("jwks", &mut server_cmd).expect("python3 http.server");
-    bed.waypoint
-        .process
-        .wait_for_line("the key set fetched", Duration::from_secs(90), |l| {
-            l.contains("fetched a JSON Web Key Set")
-        })
-        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let fetched = |lines: Vec<String>| {
+        lines
+            .iter()
+            .filter(|l| l.contains("fetched a JSON Web Key Set"))
+            .count()
+    };
+    while fetched(bed.waypoint.process.lines()) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both sets fetched within 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (status, head, body) = curl_answer(&client, "/", &[format!("Authorization: Bearer {b}")]);
+    let discovered = curl_answer(&client, "/", &with_discovered);
     let _ = std::fs::remove_dir_all(&keys_dir);
     assert_eq!(status, 200, "{head} {body}");
+    assert_eq!(discovered.0, 200, "{discovered:?}");
 }
 
 /// An `EnvoyFilter` as Istio documents local rate limiting, for a waypoint: `name`, targeting

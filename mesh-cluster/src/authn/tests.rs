@@ -7,7 +7,9 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use super::{authenticate, Authenticated, FetchedKeys, JwtRefusal, TokenSource, VerifiedTokens};
+use super::{
+    authenticate, Authenticated, FetchedKeys, JwtRefusal, KeySource, TokenSource, VerifiedTokens,
+};
 use crate::{k8s::parse_documents, ClusterState, EnrollmentOptions};
 
 /// Test-only keys (generated for these tests; never used elsewhere).
@@ -77,6 +79,15 @@ fn check(
     headers: &[(&str, &str)],
     query: Option<&str>,
 ) -> Result<Authenticated, JwtRefusal> {
+    check_in(state, (service, headers, query), &FetchedKeys::new())
+}
+
+/// As [`check`], with the key sets `fetched`.
+fn check_in(
+    state: &ClusterState,
+    (service, headers, query): (&str, &[(&str, &str)], Option<&str>),
+    fetched: &FetchedKeys,
+) -> Result<Authenticated, JwtRefusal> {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
         map.append(
@@ -91,11 +102,7 @@ fn check(
         headers: &map,
         query,
     };
-    authenticate(
-        &rules,
-        &source,
-        (&FetchedKeys::new(), &VerifiedTokens::default()),
-    )
+    authenticate(&rules, &source, (fetched, &VerifiedTokens::default()))
 }
 
 fn bearer(token: &str) -> String {
@@ -324,13 +331,13 @@ fn keys_from_a_uri_fail_closed_until_fetched() {
     );
     let state = state(&[remote]);
     assert_eq!(
-        state.jwks_uris_at_waypoint(("shop", "waypoint")),
+        state.key_sources_at_waypoint(("shop", "waypoint")),
         [(
-            "http://keys.example/jwks.json".to_owned(),
+            KeySource::Uri("http://keys.example/jwks.json".to_owned()),
             Some(std::time::Duration::from_secs(2))
         )]
     );
-    assert!(state.jwks_uris_at_waypoint(("shop", "other")).is_empty());
+    assert!(state.key_sources_at_waypoint(("shop", "other")).is_empty());
     let header = bearer(&token(&good_claims()));
     assert_eq!(
         check(&state, "web", &[("authorization", &header)], None).err(),
@@ -374,6 +381,37 @@ fn keys_from_a_uri_fail_closed_until_fetched() {
 }
 
 #[test]
+fn keys_of_an_issuer_without_jwks_are_discovered_from_its_openid_configuration() {
+    // As istiod: neither `jwks` nor `jwksUri`, so the issuer's discovery document names them.
+    let discovered = request_authn(
+        "discovered",
+        "  targetRefs: [{kind: Service, name: web}]\n  jwtRules:\n  - issuer: https://idp.example/realms/shop/\n",
+    );
+    let state = state(&[discovered]);
+    let source = KeySource::Discovery(
+        "https://idp.example/realms/shop/.well-known/openid-configuration".to_owned(),
+    );
+    assert_eq!(
+        state.key_sources_at_waypoint(("shop", "waypoint")),
+        [(source.clone(), None)]
+    );
+    // Its tokens are refused until the set is fetched, then verify with it.
+    let claims = json!({"iss": "https://idp.example/realms/shop/", "sub": "a", "exp": 4_000_000_000_u64});
+    let header = bearer(&token(&claims));
+    assert_eq!(
+        check(&state, "web", &[("authorization", &header)], None).err(),
+        Some(JwtRefusal::KeysUnavailable)
+    );
+    let mut fetched = FetchedKeys::new();
+    fetched.insert(
+        source.url().to_owned(),
+        crate::jwks::parse_jwks(JWKS).unwrap().into(),
+    );
+    let verified = check_in(&state, ("web", &[("authorization", &header)], None), &fetched);
+    assert!(verified.unwrap().jwt.is_some());
+}
+
+#[test]
 fn policies_nothing_applies_are_warned_about() {
     let selector = request_authn(
         "sidecar",
@@ -381,14 +419,14 @@ fn policies_nothing_applies_are_warned_about() {
     );
     let unbound = request_authn(
         "nowhere",
-        &format!("  targetRefs: [{{kind: Service, name: missing-waypoint}}, {{kind: ServiceEntry, group: networking.istio.io, name: x}}]\n  jwtRules: [{{issuer: {ISSUER}}}]\n"),
+        "  targetRefs: [{kind: Service, name: missing-waypoint}, {kind: ServiceEntry, group: networking.istio.io, name: x}]\n  jwtRules: [{issuer: accounts.example}]\n",
     );
     let state = state(&[selector, unbound]);
     let warnings = state.warnings().join("\n");
     for expected in [
         "RequestAuthentication shop/sidecar has no targetRefs: it is for sidecars",
         "RequestAuthentication shop/nowhere: targetRefs[1] (ServiceEntry/x, group \"networking.istio.io\") applies to nothing",
-        "RequestAuthentication shop/nowhere: jwtRules[0] (issuer \"https://issuer.example\") has neither jwks nor jwksUri",
+        "RequestAuthentication shop/nowhere: jwtRules[0] (issuer \"accounts.example\") has neither jwks nor jwksUri, and its issuer is not an http or https URL",
     ] {
         assert!(warnings.contains(expected), "{expected:?} in {warnings}");
     }
