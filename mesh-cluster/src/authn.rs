@@ -400,9 +400,10 @@ fn provider_of(
         // Checked when read.
         (Some(jwks), _) => JwtKeys::Inline(parse_jwks(jwks).unwrap_or_default().into()),
         (None, Some(uri)) => JwtKeys::Remote(KeySource::Uri(uri.clone())),
-        (None, None) => match KeySource::discovery(&r.issuer) {
-            Some(discovery) => JwtKeys::Remote(discovery),
-            None => {
+        (None, None) => {
+            if let Some(discovery) = KeySource::discovery(&r.issuer) {
+                JwtKeys::Remote(discovery)
+            } else {
                 warnings.push(format!(
                     "{what}: jwtRules[{rule}] (issuer {:?}) has neither jwks nor jwksUri, and \
                      its issuer is not an http or https URL to discover them from: its tokens \
@@ -411,7 +412,7 @@ fn provider_of(
                 ));
                 JwtKeys::Missing
             }
-        },
+        }
     };
     JwtProvider {
         policy: Arc::clone(policy),
@@ -505,9 +506,7 @@ fn keys_of<'k>(
 ) -> Result<&'k Arc<[JwtKey]>, JwtRefusal> {
     match &provider.keys {
         JwtKeys::Inline(keys) => Ok(keys),
-        JwtKeys::Remote(source) => fetched
-            .get(source.url())
-            .ok_or(JwtRefusal::KeysUnavailable),
+        JwtKeys::Remote(source) => fetched.get(source.url()).ok_or(JwtRefusal::KeysUnavailable),
         JwtKeys::Missing => Err(JwtRefusal::KeysUnavailable),
     }
 }

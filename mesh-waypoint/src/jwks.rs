@@ -230,8 +230,8 @@ async fn fetch_within(
         KeySource::Uri(uri) => uri.clone(),
         KeySource::Discovery(document) => {
             let body = get(document.clone()).await?;
-            let discovered: Discovery = serde_json::from_slice(&body)
-                .map_err(|e| JwksError::Discovery(e.to_string()))?;
+            let discovered: Discovery =
+                serde_json::from_slice(&body).map_err(|e| JwksError::Discovery(e.to_string()))?;
             discovered.jwks_uri
         }
     };
@@ -404,19 +404,18 @@ mod tests {
             Arc::new(body.into_bytes())
         };
         let discovery = serve("200 OK", document(&keys), false).await;
-        let fetched = fetch_within(
-            &KeySource::Discovery(discovery),
-            short(),
-            Reach::Loopback,
-        )
-        .await
-        .expect("the document, then its set");
+        let fetched = fetch_within(&KeySource::Discovery(discovery), short(), Reach::Loopback)
+            .await
+            .expect("the document, then its set");
         assert_eq!(fetched.len(), 1);
         // A document that names no set, or sends the waypoint where it does not go.
         let garbage = serve("200 OK", Arc::new(b"{\"issuer\": \"x\"}".to_vec()), false).await;
         let metadata = serve("200 OK", document("http://169.254.169.254/latest/"), false).await;
         for (uri, expected) in [
-            (garbage, "not an OpenID discovery document with a `jwks_uri`"),
+            (
+                garbage,
+                "not an OpenID discovery document with a `jwks_uri`",
+            ),
             (metadata, "is only at loopback, link-local"),
         ] {
             let error = fetch_within(&KeySource::Discovery(uri.clone()), short(), Reach::Loopback)

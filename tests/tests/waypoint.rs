@@ -1807,7 +1807,9 @@ fn request_authentication_validates_tokens_for_the_waypoints_policies() {
     std::fs::write(keys_dir.join("jwks.json"), jwt::JWKS_RSA).unwrap();
     std::fs::write(
         keys_dir.join(".well-known/openid-configuration"),
-        format!(r#"{{"issuer": "http://{keys_addr}", "jwks_uri": "http://{keys_addr}/jwks.json"}}"#),
+        format!(
+            r#"{{"issuer": "http://{keys_addr}", "jwks_uri": "http://{keys_addr}/jwks.json"}}"#
+        ),
     )
     .unwrap();
     let mut server_cmd = waypoint_pod.command("python3");
@@ -2116,16 +2118,36 @@ fn another_namespaces_virtual_service_or_destination_rule_cannot_take_a_services
     bed.waypoint
         .process
         .wait_for_line_from(from, "the tenant's rules", LOG_WAIT, |l| {
-            l.contains(&format!(
-                "DestinationRule evil/grab: spec.host: Service {NS}/web is in another namespace"
-            ))
+            l.contains("cluster state updated")
         })
         .unwrap();
     let urls: Vec<String> = (0..10).map(|i| url(&format!("/own/{i}"))).collect();
+    let answers = curl_raw(
+        &client,
+        &[
+            ["-s", "-w", "\\n%{http_code}\\n"].as_slice(),
+            &urls.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert!(
+        !answers.lines().any(|l| l == "503"),
+        "the tenant's abort applied: {answers}"
+    );
     assert_eq!(
         backends(&curl(&client, &urls)),
         BTreeMap::from([("v2".to_owned(), 10)]),
         "the mesh's own routes and subsets"
+    );
+    let warning =
+        format!("DestinationRule evil/grab: spec.host: Service {NS}/web is in another namespace");
+    assert!(
+        bed.waypoint
+            .process
+            .lines()
+            .iter()
+            .any(|l| l.contains(&warning)),
+        "{warning:?} logged"
     );
     // Then `web`'s own namespace aborts: its rules are the producer's, for every client.
     bed.mesh
@@ -2140,7 +2162,10 @@ fn another_namespaces_virtual_service_or_destination_rule_cannot_take_a_services
         .unwrap();
     let deadline = std::time::Instant::now() + LOG_WAIT;
     while curl_answer(&client, "/", &[]).0 != 418 {
-        assert!(std::time::Instant::now() < deadline, "own abort never applied");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "own abort never applied"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

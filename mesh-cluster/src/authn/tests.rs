@@ -396,7 +396,8 @@ fn keys_of_an_issuer_without_jwks_are_discovered_from_its_openid_configuration()
         [(source.clone(), None)]
     );
     // Its tokens are refused until the set is fetched, then verify with it.
-    let claims = json!({"iss": "https://idp.example/realms/shop/", "sub": "a", "exp": 4_000_000_000_u64});
+    let claims =
+        json!({"iss": "https://idp.example/realms/shop/", "sub": "a", "exp": 4_000_000_000_u64});
     let header = bearer(&token(&claims));
     assert_eq!(
         check(&state, "web", &[("authorization", &header)], None).err(),
@@ -407,7 +408,11 @@ fn keys_of_an_issuer_without_jwks_are_discovered_from_its_openid_configuration()
         source.url().to_owned(),
         crate::jwks::parse_jwks(JWKS).unwrap().into(),
     );
-    let verified = check_in(&state, ("web", &[("authorization", &header)], None), &fetched);
+    let verified = check_in(
+        &state,
+        ("web", &[("authorization", &header)], None),
+        &fetched,
+    );
     assert!(verified.unwrap().jwt.is_some());
 }
 

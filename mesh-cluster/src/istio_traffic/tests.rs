@@ -306,7 +306,11 @@ fn port_level_settings_override_part_by_part_as_istio_merges() {
 /// The Service (namespace, name) and subset a request from `client_ns` to `shop/web:80` goes
 /// to, by its first backend.
 fn routed_from(state: &ClusterState, client_ns: &str) -> (String, String, Option<String>) {
-    let service = Arc::clone(state.service_by_hostname("web.shop.svc.cluster.local").unwrap());
+    let service = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
     let facts = RequestFacts {
         method: &http::Method::GET,
         path: "/",
@@ -342,7 +346,8 @@ fn a_tenants_virtual_service_or_destination_rule_never_steers_another_namespaces
     let evil_vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: grab, namespace: evil}\nspec:\n  hosts: [web.shop.svc.cluster.local]\n  http: [{route: [{destination: {host: sink}}]}]\n";
     let evil_dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: grab, namespace: evil}\nspec:\n  host: web.shop\n  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}\n  subsets: [{name: v1, labels: {version: v2}}]\n";
     let own_dr = dr("  host: web\n  subsets: [{name: v1, labels: {version: v1}}]\n");
-    let own_vs = vs("  hosts: [web]\n  http: [{route: [{destination: {host: web, subset: v1}}]}]\n");
+    let own_vs =
+        vs("  hosts: [web]\n  http: [{route: [{destination: {host: web, subset: v1}}]}]\n");
     let state = cluster(&[
         pod("evil", "sink-0", "n1", "10.0.1.1", "app: sink"),
         service("evil", "sink", "10.96.1.1", "80", "8080", "app: sink"),
@@ -353,7 +358,11 @@ fn a_tenants_virtual_service_or_destination_rule_never_steers_another_namespaces
     ]);
     let web_v1 = ("shop".to_owned(), "web".to_owned(), Some("v1".to_owned()));
     assert_eq!(routed_from(&state, "shop"), web_v1, "shop's own rules");
-    assert_eq!(routed_from(&state, "client"), web_v1, "any other client too");
+    assert_eq!(
+        routed_from(&state, "client"),
+        web_v1,
+        "any other client too"
+    );
     // `evil`'s VirtualService routes `evil`'s own requests only (a consumer route).
     assert_eq!(
         routed_from(&state, "evil"),
