@@ -15,7 +15,7 @@
 //! conditions Envoy knows or status codes; a `DestinationRule`'s load balancer sets one of
 //! `simple` and `consistentHash`, and a consistent hash one key.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 
@@ -290,6 +290,25 @@ pub fn parse_istio_duration(text: &str) -> Result<Duration, RouteSchemaError> {
         total += Duration::try_from_secs_f64(number * seconds).map_err(|_| invalid())?;
     }
     Ok(total)
+}
+
+/// An Istio duration.
+pub(crate) struct IstioDuration(pub(crate) Duration);
+
+impl FromStr for IstioDuration {
+    type Err = RouteSchemaError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        parse_istio_duration(value).map(IstioDuration)
+    }
+}
+
+/// Refuses a field that is present (a feature this waypoint does not implement).
+pub(crate) fn refuse<T>(value: Option<&T>, field: &'static str) -> Result<(), RouteSchemaError> {
+    match value {
+        Some(_) => Err(unsupported(field)),
+        None => Ok(()),
+    }
 }
 
 /// A list field that Istio allows and this waypoint does not implement.

@@ -1941,6 +1941,21 @@ fn local_rate_limits_by_envoy_filter_refuse_with_429() {
     assert_eq!(status, 200, "{head}");
 }
 
+/// Writes `web`'s `DestinationRule` (`rule`), and waits for the waypoint's view to have it.
+fn write_destination_rule(bed: &mut Bed, rule: &str) {
+    let from = bed.waypoint.process.line_count();
+    bed.mesh
+        .files
+        .write("destinationrule-web.yaml", rule)
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the DestinationRule", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+}
+
 #[test]
 fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
     // Before, a `DestinationRule` with `outlierDetection` was refused whole. Now the waypoint
@@ -1952,17 +1967,7 @@ fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
     let rule = format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    tls: {{mode: ISTIO_MUTUAL}}\n    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}\n"
     );
-    let from = bed.waypoint.process.line_count();
-    bed.mesh
-        .files
-        .write("destinationrule-web.yaml", &rule)
-        .unwrap();
-    bed.waypoint
-        .process
-        .wait_for_line_from(from, "the DestinationRule", LOG_WAIT, |l| {
-            l.contains("cluster state updated")
-        })
-        .unwrap();
+    write_destination_rule(&mut bed, &rule);
     let statuses: Vec<u16> = (0..20).map(|_| curl_answer(&client, "/", &[]).0).collect();
     let failed = statuses.iter().filter(|s| **s == 503).count();
     assert_eq!(
@@ -2007,17 +2012,7 @@ fn connection_pool_limits_refuse_with_503_uo_and_queue_as_envoy() {
         let rule = format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}\n    {policy}\n"
         );
-        let from = bed.waypoint.process.line_count();
-        bed.mesh
-            .files
-            .write("destinationrule-web.yaml", &rule)
-            .unwrap();
-        bed.waypoint
-            .process
-            .wait_for_line_from(from, "the DestinationRule", LOG_WAIT, |l| {
-                l.contains("cluster state updated")
-            })
-            .unwrap();
+        write_destination_rule(bed, &rule);
     };
     // Every request to one endpoint (the same `x-user`), each answered after 1.5 s.
     let slow = ["x-user: alice".to_owned(), "x-delay-ms: 1500".to_owned()];

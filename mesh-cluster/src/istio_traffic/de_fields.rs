@@ -1,15 +1,15 @@
 //! The fields of `VirtualService` and `DestinationRule` as written, and their checks.
 
-use std::{collections::BTreeMap, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, str::FromStr};
 
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    parse_istio_duration, percentage,
+    percentage,
     policy::{PortPolicy, TrafficPolicyFields},
-    unsupported, ConnectionPool, DestinationRuleSpec, Fault, HashKey, LoadBalancer,
-    OutlierDetection, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders,
-    VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
+    refuse, unsupported, ConnectionPool, DestinationRuleSpec, Fault, HashKey, IstioDuration,
+    LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
+    VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
 };
 use crate::{
     gateway_api::{Pattern, RetryOn, RouteSchemaError},
@@ -39,14 +39,6 @@ checked!(
     ConnectionPool,
     PortPolicy
 );
-
-/// Refuses a field that is present (a feature this waypoint does not implement).
-fn refuse<T>(value: Option<&T>, field: &'static str) -> Result<(), RouteSchemaError> {
-    match value {
-        Some(_) => Err(unsupported(field)),
-        None => Ok(()),
-    }
-}
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -466,94 +458,6 @@ fn istio_port(port: u32) -> Result<u16, RouteSchemaError> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or(RouteSchemaError::Port(i64::from(port)))
-}
-
-/// An Istio duration.
-pub(crate) struct IstioDuration(pub(crate) Duration);
-
-impl FromStr for IstioDuration {
-    type Err = RouteSchemaError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        parse_istio_duration(value).map(IstioDuration)
-    }
-}
-
-/// `trafficPolicy.tls`: `ISTIO_MUTUAL` (often written in `DestinationRules` from older Istio
-/// docs) is what the waypoint does toward the mesh's endpoints anyway; other modes, and the
-/// fields that go with them, are refused.
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct ClientTls {
-    mode: Option<String>,
-}
-
-impl ClientTls {
-    pub(crate) fn check(self) -> Result<(), RouteSchemaError> {
-        match self.mode {
-            Some(mode) if mode != "ISTIO_MUTUAL" => Err(RouteSchemaError::TlsMode(mode)),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// `outlierDetection`, as Istio writes it.
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct OutlierFields {
-    #[serde(rename = "consecutive5xxErrors")]
-    consecutive_5xx_errors: Option<u32>,
-    consecutive_gateway_errors: Option<u32>,
-    /// Deprecated in Istio for `consecutive5xxErrors`.
-    consecutive_errors: Option<u32>,
-    interval: Option<Parsed<IstioDuration>>,
-    base_ejection_time: Option<Parsed<IstioDuration>>,
-    max_ejection_percent: Option<u32>,
-    min_health_percent: Option<u32>,
-    split_external_local_origin_errors: Option<bool>,
-    consecutive_local_origin_failures: Option<IgnoredAny>,
-}
-
-impl OutlierFields {
-    pub(crate) fn check(self) -> Result<OutlierDetection, RouteSchemaError> {
-        if self.split_external_local_origin_errors == Some(true) {
-            return Err(unsupported(
-                "outlierDetection.splitExternalLocalOriginErrors",
-            ));
-        }
-        refuse(
-            self.consecutive_local_origin_failures.as_ref(),
-            "outlierDetection.consecutiveLocalOriginFailures",
-        )?;
-        for value in [self.max_ejection_percent, self.min_health_percent]
-            .into_iter()
-            .flatten()
-        {
-            percentage(f64::from(value))?;
-        }
-        let time = |d: Option<Parsed<IstioDuration>>, default: u64| {
-            d.map_or(Duration::from_secs(default), |d| d.0 .0)
-        };
-        let outlier = OutlierDetection {
-            consecutive_5xx: self
-                .consecutive_5xx_errors
-                .or(self.consecutive_errors)
-                .unwrap_or(5),
-            consecutive_gateway: self.consecutive_gateway_errors.unwrap_or(0),
-            interval: time(self.interval, 10),
-            base_ejection_time: time(self.base_ejection_time, 30),
-            max_ejection_percent: self.max_ejection_percent.unwrap_or(10),
-            min_health_percent: self.min_health_percent.unwrap_or(0),
-        };
-        if outlier.interval < Duration::from_millis(1)
-            || outlier.base_ejection_time < Duration::from_millis(1)
-        {
-            return Err(RouteSchemaError::Unsupported(
-                "outlierDetection with an interval or baseEjectionTime under 1ms",
-            ));
-        }
-        Ok(outlier)
-    }
 }
 
 #[derive(Default, Deserialize)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{de_fields::IstioDuration, unsupported};
+use super::{unsupported, IstioDuration};
 use crate::{
     gateway_api::RouteSchemaError,
     schema::{Checked, Parsed},

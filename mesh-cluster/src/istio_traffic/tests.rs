@@ -311,13 +311,7 @@ fn routed_from(state: &ClusterState, client_ns: &str) -> (String, String, Option
             .service_by_hostname("web.shop.svc.cluster.local")
             .unwrap(),
     );
-    let facts = RequestFacts {
-        method: &http::Method::GET,
-        path: "/",
-        query: None,
-        headers: &http::HeaderMap::new(),
-    };
-    let backend = match state.route_http(&service, 80, client_ns, &facts) {
+    let backend = match decide_from(state, ("/", &[]), client_ns) {
         RouteDecision::Matched { rule, .. } => rule.backends[0].backend.clone(),
         RouteDecision::Default => state.default_backend(&service, 80),
         RouteDecision::NoMatch => panic!("no match from {client_ns}"),
@@ -541,6 +535,16 @@ fn cluster(extra: &[String]) -> ClusterState {
 }
 
 fn decide<'a>(state: &'a ClusterState, path: &str, headers: &[(&str, &str)]) -> RouteDecision<'a> {
+    decide_from(state, (path, headers), "client")
+}
+
+/// What `state` decides for a GET of `path` with `headers` to `shop/web:80` from a client in
+/// `client_ns`.
+fn decide_from<'a>(
+    state: &'a ClusterState,
+    (path, headers): (&str, &[(&str, &str)]),
+    client_ns: &str,
+) -> RouteDecision<'a> {
     let mut map = http::HeaderMap::new();
     for (k, v) in headers {
         map.insert(
@@ -562,7 +566,7 @@ fn decide<'a>(state: &'a ClusterState, path: &str, headers: &[(&str, &str)]) -> 
         query: None,
         headers: map,
     };
-    state.route_http(&service, 80, "client", &facts)
+    state.route_http(&service, 80, client_ns, &facts)
 }
 
 #[test]
