@@ -303,6 +303,14 @@ impl FromStr for IstioDuration {
     }
 }
 
+/// A port number as Istio writes it (a `uint32`): 1-65535.
+pub(crate) fn istio_port(port: u32) -> Result<u16, RouteSchemaError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(RouteSchemaError::Port(i64::from(port)))
+}
+
 /// Refuses a field that is present (a feature this waypoint does not implement).
 pub(crate) fn refuse<T>(value: Option<&T>, field: &'static str) -> Result<(), RouteSchemaError> {
     match value {

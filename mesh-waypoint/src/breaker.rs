@@ -140,42 +140,44 @@ fn take(count: &AtomicU32, limit: Option<u32>) -> bool {
 }
 
 impl Breakers {
-    fn counts(&self, service: &Service, port: u16, subset: Option<&str>) -> Arc<Counts> {
-        let key = (service.to_string(), port, subset.map(str::to_owned));
-        Arc::clone(lock(&self.by_destination).entry(key).or_default())
-    }
-
-    /// A request to the destination, unless `http2MaxRequests` are in flight; `None` when
-    /// `pool` limits nothing that is counted.
-    pub(crate) fn request(
+    /// The counts of a destination (a Service, its port and the subset), for a request or
+    /// tunnel whose `pool` limits any (`None` otherwise: nothing to count, nothing looked up).
+    pub(crate) fn at(
         &self,
         (service, port, subset): (&Service, u16, Option<&str>),
         pool: &ConnectionPool,
-    ) -> Result<Option<Slot>, Overflow> {
+    ) -> Option<Breaker> {
         if !pool.limits() {
-            return Ok(None);
+            return None;
         }
-        let counts = self.counts(service, port, subset);
-        if !take(&counts.requests, pool.http2_max_requests) {
+        let key = (service.to_string(), port, subset.map(str::to_owned));
+        let counts = Arc::clone(lock(&self.by_destination).entry(key).or_default());
+        Some(Breaker(counts))
+    }
+}
+
+/// One destination's counts, looked up once for all a request takes of them.
+pub(crate) struct Breaker(Arc<Counts>);
+
+impl Breaker {
+    /// A request to the destination, unless `http2MaxRequests` are in flight.
+    pub(crate) fn request(&self, pool: &ConnectionPool) -> Result<Slot, Overflow> {
+        if !take(&self.0.requests, pool.http2_max_requests) {
             return Err(Overflow::Requests(pool.http2_max_requests.unwrap_or(0)));
         }
-        Ok(Some(Slot {
-            counts,
+        Ok(Slot {
+            counts: Arc::clone(&self.0),
             which: Which::Request,
-        }))
+        })
     }
 
-    /// A retry of a request to the destination, unless `maxRetries` are in flight.
-    pub(crate) fn retry(
-        &self,
-        (service, port, subset): (&Service, u16, Option<&str>),
-        pool: &ConnectionPool,
-    ) -> Option<Slot> {
+    /// A retry of a request to the destination, unless `maxRetries` are in flight; `None`
+    /// also when `pool` sets no `maxRetries` (nothing counted: the rule's retries hold).
+    pub(crate) fn retry(&self, pool: &ConnectionPool) -> Option<Slot> {
         let limit = pool.max_retries?;
-        let counts = self.counts(service, port, subset);
         // Built only when taken: a slot dropped gives its place back.
-        take(&counts.retries, Some(limit)).then(|| Slot {
-            counts,
+        take(&self.0.retries, Some(limit)).then(|| Slot {
+            counts: Arc::clone(&self.0),
             which: Which::Retry,
         })
     }
@@ -185,7 +187,6 @@ impl Breakers {
     /// `maxConnections`.
     pub(crate) async fn connection(
         &self,
-        (service, port, subset): (&Service, u16, Option<&str>),
         pool: &ConnectionPool,
         endpoint: SocketAddr,
         wait: bool,
@@ -198,7 +199,7 @@ impl Breakers {
         } else {
             0
         };
-        let counts = self.counts(service, port, subset);
+        let counts = &self.0;
         let mut pending = None;
         loop {
             let freed = counts.freed.notified();
@@ -212,7 +213,7 @@ impl Breakers {
                     drop(connections);
                     drop(pending);
                     return Ok(Some(Slot {
-                        counts: Arc::clone(&counts),
+                        counts: Arc::clone(counts),
                         which: Which::Connection(endpoint),
                     }));
                 }
@@ -221,7 +222,7 @@ impl Breakers {
                         return Err(Overflow::Connections(max, max_pending));
                     }
                     connections.pending += 1;
-                    pending = Some(Pending(&counts));
+                    pending = Some(Pending(counts));
                 }
                 // Registered before the lock is let go, so a connection freed in between wakes
                 // this request.

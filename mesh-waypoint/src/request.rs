@@ -647,7 +647,10 @@ async fn send(
             let mut done = !retry_this || attempt >= retries || !replay.can_replay();
             if let (false, Some(pool)) = (done, policy.connection_pool.as_deref()) {
                 let destination = (service.as_ref(), port, policy.subset.as_deref());
-                retrying = ctx.breakers.retry(destination, pool);
+                retrying = ctx
+                    .breakers
+                    .at(destination, pool)
+                    .and_then(|breaker| breaker.retry(pool));
                 if retrying.is_none() {
                     debug!("not retried: as many retries in flight as maxRetries allows");
                     done = true;
@@ -818,7 +821,11 @@ where
                 return relay(ctx, (&endpoint, addr, &host), source, &mut down, None).await;
             };
             let at = (service.as_ref(), port, policy.subset.as_deref());
-            match ctx.breakers.connection(at, &pool, addr, false).await {
+            let counted = match ctx.breakers.at(at, &pool) {
+                Some(breaker) => breaker.connection(&pool, addr, false).await,
+                None => Ok(None),
+            };
+            match counted {
                 Ok(slot) => (Some(in_flight), Some(pool), slot),
                 Err(overflow) => {
                     warn!(%overflow, ?target, "TCP tunnel refused by the destination's circuit breaker (UO)");
@@ -868,11 +875,10 @@ async fn one_attempt(
 ) -> Result<Response<Body>, Failure> {
     let pool = policy.connection_pool.as_ref();
     let destination = (service.as_ref(), port, policy.subset.as_deref());
-    let in_flight = match pool {
-        Some(pool) => ctx
-            .breakers
-            .request(destination, pool)
-            .map_err(Failure::Overflow)?,
+    // The destination's counts, looked up once, when its pool limits any.
+    let breaker = pool.and_then(|pool| Some((ctx.breakers.at(destination, pool)?, pool)));
+    let in_flight = match &breaker {
+        Some((breaker, pool)) => Some(breaker.request(pool).map_err(Failure::Overflow)?),
         None => None,
     };
     let keys = Keys {
@@ -883,10 +889,9 @@ async fn one_attempt(
         return Err(Failure::NoEndpoint);
     };
     // An HTTP/1.1 request holds one of the destination's connections until its answer is read.
-    let connection = match pool {
-        Some(pool) if request.version() != http::Version::HTTP_2 => ctx
-            .breakers
-            .connection(destination, pool, addr, true)
+    let connection = match &breaker {
+        Some((breaker, pool)) if request.version() != http::Version::HTTP_2 => breaker
+            .connection(pool, addr, true)
             .await
             .map_err(Failure::Overflow)?,
         _ => None,
@@ -989,17 +994,17 @@ fn spawn_mirror(
         return;
     };
     // A mirror counts among its destination's requests in flight, and is skipped beyond them.
-    let counted = match policy.connection_pool.as_deref() {
-        Some(pool) => match ctx
-            .breakers
-            .request((&service, port, policy.subset.as_deref()), pool)
-        {
-            Ok(slot) => slot,
-            Err(overflow) => {
-                debug!(service = %service, %overflow, "mirror skipped");
-                return;
-            }
-        },
+    let destination = (service.as_ref(), port, policy.subset.as_deref());
+    let breaker = policy
+        .connection_pool
+        .as_deref()
+        .and_then(|pool| Some((ctx.breakers.at(destination, pool)?, pool)));
+    let counted = match breaker.map(|(breaker, pool)| breaker.request(pool)) {
+        Some(Ok(slot)) => Some(slot),
+        Some(Err(overflow)) => {
+            debug!(service = %service, %overflow, "mirror skipped");
+            return;
+        }
         None => None,
     };
     let keys = Keys {

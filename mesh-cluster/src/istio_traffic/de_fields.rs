@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, str::FromStr};
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    percentage,
+    istio_port, percentage,
     policy::{PortPolicy, TrafficPolicyFields},
     refuse, unsupported, ConnectionPool, DestinationRuleSpec, Fault, HashKey, IstioDuration,
     LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
@@ -450,14 +450,6 @@ impl FaultFields {
             .transpose()?;
         Ok(Fault { delay, abort })
     }
-}
-
-/// A port number as Istio writes it (a `uint32`): 1-65535.
-fn istio_port(port: u32) -> Result<u16, RouteSchemaError> {
-    u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(RouteSchemaError::Port(i64::from(port)))
 }
 
 #[derive(Default, Deserialize)]

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    percentage, refuse, unsupported, ConnectionPool, IstioDuration, LoadBalancer, OutlierDetection,
+    istio_port, percentage, refuse, unsupported, ConnectionPool, IstioDuration, LoadBalancer,
+    OutlierDetection,
 };
 use crate::{
     gateway_api::RouteSchemaError,
@@ -162,10 +163,7 @@ impl Checked for PortPolicy {
             .port
             .and_then(|p| p.number)
             .ok_or(RouteSchemaError::OneOf("`port.number`"))?;
-        let port = u16::try_from(number)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or(RouteSchemaError::Port(i64::from(number)))?;
+        let port = istio_port(number)?;
         Ok(PortPolicy {
             port,
             parts: parts(

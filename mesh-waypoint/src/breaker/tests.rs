@@ -33,24 +33,23 @@ fn requests_beyond_http2_max_requests_are_refused_and_their_places_come_back() {
     let web = web();
     let limited = pool(|p| p.http2_max_requests = Some(2));
     let at = (web.as_ref(), 80, None);
-    let first = breakers.request(at, &limited).expect("1 of 2");
-    let second = breakers.request(at, &limited).expect("2 of 2");
-    assert!(first.is_some() && second.is_some());
-    assert_eq!(
-        breakers.request(at, &limited).err(),
-        Some(Overflow::Requests(2))
-    );
+    let request = |at| {
+        breakers
+            .at(at, &limited)
+            .expect("limited")
+            .request(&limited)
+    };
+    let first = request(at).expect("1 of 2");
+    let second = request(at).expect("2 of 2");
+    assert_eq!(request(at).err(), Some(Overflow::Requests(2)));
     // Another subset and another port are other destinations.
-    assert!(breakers
-        .request((web.as_ref(), 80, Some("v2")), &limited)
-        .is_ok());
-    assert!(breakers.request((web.as_ref(), 81, None), &limited).is_ok());
+    assert!(request((web.as_ref(), 80, Some("v2"))).is_ok());
+    assert!(request((web.as_ref(), 81, None)).is_ok());
     drop(first);
-    let third = breakers.request(at, &limited).expect("a place came back");
+    let third = request(at).expect("a place came back");
     // A policy without limits counts nothing.
     assert!(breakers
-        .request(at, &pool(|p| p.idle_timeout = Some(Duration::from_secs(1))))
-        .expect("no limit")
+        .at(at, &pool(|p| p.idle_timeout = Some(Duration::from_secs(1))))
         .is_none());
     drop((second, third));
 }
@@ -61,15 +60,13 @@ fn retries_beyond_max_retries_are_not_made() {
     let web = web();
     let limited = pool(|p| p.max_retries = Some(1));
     let at = (web.as_ref(), 80, None);
-    let retrying = breakers.retry(at, &limited).expect("the first retry");
-    assert!(breakers.retry(at, &limited).is_none(), "one in flight");
+    let retry = || breakers.at(at, &limited).expect("limited").retry(&limited);
+    let retrying = retry().expect("the first retry");
+    assert!(retry().is_none(), "one in flight");
     drop(retrying);
-    assert!(
-        breakers.retry(at, &limited).is_some(),
-        "none in flight again"
-    );
+    assert!(retry().is_some(), "none in flight again");
     // No `maxRetries`: no slot, no limit (the caller retries as its rule says).
-    assert!(breakers.retry(at, &ConnectionPool::default()).is_none());
+    assert!(breakers.at(at, &ConnectionPool::default()).is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -84,7 +81,9 @@ async fn requests_wait_for_a_connection_as_http1_max_pending_requests_allows() {
     let endpoint = "10.0.0.1:8080".parse().unwrap();
     let at = (web.as_ref(), 80, None);
     let held = breakers
-        .connection(at, &limited, endpoint, true)
+        .at(at, &limited)
+        .unwrap()
+        .connection(&limited, endpoint, true)
         .await
         .expect("the one connection")
         .expect("counted");
@@ -97,7 +96,9 @@ async fn requests_wait_for_a_connection_as_http1_max_pending_requests_allows() {
         );
         tokio::spawn(async move {
             breakers
-                .connection((web.as_ref(), 80, None), &limited, endpoint, true)
+                .at((web.as_ref(), 80, None), &limited)
+                .unwrap()
+                .connection(&limited, endpoint, true)
                 .await
                 .map(|slot| slot.is_some())
         })
@@ -110,7 +111,9 @@ async fn requests_wait_for_a_connection_as_http1_max_pending_requests_allows() {
     // ...the third finds the queue full.
     assert_eq!(
         breakers
-            .connection(at, &limited, endpoint, true)
+            .at(at, &limited)
+            .unwrap()
+            .connection(&limited, endpoint, true)
             .await
             .err(),
         Some(Overflow::Connections(1, 1))
@@ -118,7 +121,9 @@ async fn requests_wait_for_a_connection_as_http1_max_pending_requests_allows() {
     // A tunnel does not wait at all.
     assert_eq!(
         breakers
-            .connection(at, &limited, endpoint, false)
+            .at(at, &limited)
+            .unwrap()
+            .connection(&limited, endpoint, false)
             .await
             .err(),
         Some(Overflow::Connections(1, 0))
@@ -126,7 +131,9 @@ async fn requests_wait_for_a_connection_as_http1_max_pending_requests_allows() {
     // An endpoint without a connection in use may have one (as Envoy's pools open their first).
     let other = "10.0.0.2:8080".parse().unwrap();
     let elsewhere = breakers
-        .connection(at, &limited, other, false)
+        .at(at, &limited)
+        .unwrap()
+        .connection(&limited, other, false)
         .await
         .expect("its first connection");
     // The connection freed: the waiting request gets it.
@@ -145,18 +152,28 @@ async fn a_request_that_gives_up_waiting_leaves_the_queue() {
     });
     let endpoint = "10.0.0.1:8080".parse().unwrap();
     let at = (web.as_ref(), 80, None);
-    let _held = breakers.connection(at, &limited, endpoint, true).await;
+    let _held = breakers
+        .at(at, &limited)
+        .unwrap()
+        .connection(&limited, endpoint, true)
+        .await;
     // A request times out while waiting (its route's timeout)...
     let gave_up = tokio::time::timeout(
         Duration::from_secs(1),
-        breakers.connection(at, &limited, endpoint, true),
+        breakers
+            .at(at, &limited)
+            .unwrap()
+            .connection(&limited, endpoint, true),
     )
     .await;
     assert!(gave_up.is_err());
     // ...and its place in the queue is free for the next.
     let next = tokio::time::timeout(
         Duration::from_secs(1),
-        breakers.connection(at, &limited, endpoint, true),
+        breakers
+            .at(at, &limited)
+            .unwrap()
+            .connection(&limited, endpoint, true),
     )
     .await;
     assert!(
