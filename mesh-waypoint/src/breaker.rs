@@ -62,6 +62,9 @@ pub(crate) enum Overflow {
     /// `http.http2MaxRequests` requests were in flight.
     #[error("{0} requests in flight to the destination (http.http2MaxRequests)")]
     Requests(u32),
+    /// `http.maxRetries` retries were in flight.
+    #[error("{0} retries in flight to the destination (http.maxRetries)")]
+    Retries(u32),
     /// `tcp.maxConnections` connections were in use, and `http.http1MaxPendingRequests`
     /// requests waited for one (none for a tunnel).
     #[error("{0} connections in use at the destination (tcp.maxConnections), and {1} requests waiting (http.http1MaxPendingRequests)")]
@@ -156,6 +159,31 @@ impl Breakers {
     }
 }
 
+impl Breakers {
+    /// A place for one more retry to the destination: `Ok(None)` when `pool` sets no
+    /// `maxRetries` (nothing counted: the rule's retries hold), `Err` when `maxRetries` are in
+    /// flight.
+    pub(crate) fn retry(
+        &self,
+        destination: (&Service, u16, Option<&str>),
+        pool: &ConnectionPool,
+    ) -> Result<Option<Slot>, Overflow> {
+        let Some(limit) = pool.max_retries else {
+            return Ok(None);
+        };
+        let Some(Breaker(counts)) = self.at(destination, pool) else {
+            return Ok(None);
+        };
+        if !take(&counts.retries, Some(limit)) {
+            return Err(Overflow::Retries(limit));
+        }
+        Ok(Some(Slot {
+            counts,
+            which: Which::Retry,
+        }))
+    }
+}
+
 /// One destination's counts, looked up once for all a request takes of them.
 pub(crate) struct Breaker(Arc<Counts>);
 
@@ -168,17 +196,6 @@ impl Breaker {
         Ok(Slot {
             counts: Arc::clone(&self.0),
             which: Which::Request,
-        })
-    }
-
-    /// A retry of a request to the destination, unless `maxRetries` are in flight; `None`
-    /// also when `pool` sets no `maxRetries` (nothing counted: the rule's retries hold).
-    pub(crate) fn retry(&self, pool: &ConnectionPool) -> Option<Slot> {
-        let limit = pool.max_retries?;
-        // Built only when taken: a slot dropped gives its place back.
-        take(&self.0.retries, Some(limit)).then(|| Slot {
-            counts: Arc::clone(&self.0),
-            which: Which::Retry,
         })
     }
 

@@ -647,13 +647,12 @@ async fn send(
             let mut done = !retry_this || attempt >= retries || !replay.can_replay();
             if let (false, Some(pool)) = (done, policy.connection_pool.as_deref()) {
                 let destination = (service.as_ref(), port, policy.subset.as_deref());
-                retrying = ctx
-                    .breakers
-                    .at(destination, pool)
-                    .and_then(|breaker| breaker.retry(pool));
-                if retrying.is_none() {
-                    debug!("not retried: as many retries in flight as maxRetries allows");
-                    done = true;
+                match ctx.breakers.retry(destination, pool) {
+                    Ok(place) => retrying = place,
+                    Err(overflow) => {
+                        debug!(%overflow, "not retried");
+                        done = true;
+                    }
                 }
             }
             if done {

@@ -917,8 +917,12 @@ fn retries_turn_503s_into_200s_and_stop_at_the_attempt_limit() {
             "backendRefs: [{{name: {backend}, port: 80}}]\n    retry: {{codes: [503], attempts: 2, backoff: 10ms}}\n"
         ))
     };
+    // A `connectionPool` without `maxRetries` limits no retry (it stopped them all before).
+    let pool = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web-v1, namespace: {NS}}}\nspec:\n  host: web-v1\n  trafficPolicy: {{connectionPool: {{http: {{http2MaxRequests: 100, idleTimeout: 1h}}}}}}\n"
+    );
     let bed = bed_with(
-        &route("web-v1"),
+        &format!("{}{pool}", route("web-v1")),
         &["--fail-first", "2"],
         &["--fail-first", "5"],
     );

@@ -60,13 +60,24 @@ fn retries_beyond_max_retries_are_not_made() {
     let web = web();
     let limited = pool(|p| p.max_retries = Some(1));
     let at = (web.as_ref(), 80, None);
-    let retry = || breakers.at(at, &limited).expect("limited").retry(&limited);
-    let retrying = retry().expect("the first retry");
-    assert!(retry().is_none(), "one in flight");
+    let retrying = breakers.retry(at, &limited).expect("the first retry");
+    assert!(retrying.is_some(), "counted");
+    assert_eq!(
+        breakers.retry(at, &limited).err(),
+        Some(Overflow::Retries(1)),
+        "one in flight"
+    );
     drop(retrying);
-    assert!(retry().is_some(), "none in flight again");
-    // No `maxRetries`: no slot, no limit (the caller retries as its rule says).
-    assert!(breakers.at(at, &ConnectionPool::default()).is_none());
+    assert!(breakers.retry(at, &limited).is_ok(), "none in flight again");
+    // No `maxRetries`, even with other limits or settings: retries are not limited (before,
+    // any `connectionPool` without `maxRetries` stopped every retry).
+    for pool in [
+        ConnectionPool::default(),
+        pool(|p| p.http2_max_requests = Some(1)),
+        pool(|p| p.idle_timeout = Some(Duration::from_secs(1))),
+    ] {
+        assert!(matches!(breakers.retry(at, &pool), Ok(None)), "{pool:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
