@@ -205,6 +205,14 @@ pub enum RouteSchemaError {
     EmptyMethodMatch,
     #[error("filter type {0} is not a GRPCRoute filter")]
     NotGrpcFilter(FilterType),
+    #[error("{0:?} is not a gRPC status name (OK, CANCELLED, UNKNOWN, …, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED, in capitals)")]
+    GrpcStatus(String),
+    #[error("cookie {what} {value:?} {problem}")]
+    Cookie {
+        what: &'static str,
+        value: String,
+        problem: &'static str,
+    },
 }
 
 /// An `HTTPRoute`: the routes for the traffic of the `parentRefs` it attaches to. See the module
@@ -314,7 +322,7 @@ impl RouteMatch {
             .headers
             .iter()
             .chain(&self.query_params)
-            .filter(|m| matches!(m.value, StringMatch::Regex(_)))
+            .filter(|m| m.value.has_pattern())
             .count();
         path + values
     }
@@ -329,6 +337,33 @@ pub enum StringMatch {
     Regex(Pattern),
     /// A `VirtualService`'s `prefix`.
     Prefix(String),
+    /// A `VirtualService`'s `{}`: the header or parameter is there, whatever its value.
+    Present,
+    /// A `VirtualService`'s `withoutHeaders`: the header is absent, or its value does not match.
+    Not(Box<StringMatch>),
+}
+
+impl StringMatch {
+    /// Whether it holds a regular expression.
+    fn has_pattern(&self) -> bool {
+        match self {
+            StringMatch::Regex(_) => true,
+            StringMatch::Not(inner) => inner.has_pattern(),
+            StringMatch::Exact(_) | StringMatch::Prefix(_) | StringMatch::Present => false,
+        }
+    }
+
+    /// Whether a value (`None`: the header or parameter is absent) meets it.
+    pub fn admits(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (StringMatch::Not(inner), value) => !inner.admits(value),
+            (_, None) => false,
+            (StringMatch::Present, Some(_)) => true,
+            (StringMatch::Exact(expected), Some(value)) => value == expected,
+            (StringMatch::Regex(pattern), Some(value)) => pattern.is_match(value),
+            (StringMatch::Prefix(prefix), Some(value)) => value.starts_with(prefix.as_str()),
+        }
+    }
 }
 
 /// A compiled regular expression, anchored at both ends; compared by its text.

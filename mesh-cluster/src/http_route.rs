@@ -43,9 +43,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::{
-    gateway_api::{
-        BackendTarget, Filter, HttpRouteSpec, PathMatch, Retry, RouteMatch, StringMatch, Timeouts,
-    },
+    gateway_api::{BackendTarget, Filter, HttpRouteSpec, PathMatch, Retry, RouteMatch, Timeouts},
     meta::{Kind, MetaExt, ObjectMeta, ObjectRef},
     model::Service,
     reference_grant::ServiceGrants,
@@ -62,6 +60,10 @@ pub struct RequestFacts<'a> {
     pub query: Option<&'a str>,
     /// Headers.
     pub headers: &'a http::HeaderMap,
+    /// `:authority` (HTTP/2), else `Host`.
+    pub authority: Option<&'a str>,
+    /// `:scheme`: `http` unless the request says otherwise.
+    pub scheme: &'a str,
 }
 
 /// A route as the waypoint applies it: its rules with their backends resolved.
@@ -658,11 +660,16 @@ pub fn matches(m: &RouteMatch, request: &RequestFacts<'_>) -> bool {
             .as_ref()
             .is_none_or(|method| method == request.method)
         && m.headers.iter().all(|h| {
-            header_value(request.headers, &h.name)
-                .is_some_and(|value| value_matches(&h.value, &value))
+            let value = match h.name.as_str() {
+                ":authority" => request.authority.map(str::to_owned),
+                ":scheme" => Some(request.scheme.to_owned()),
+                name => header_value(request.headers, name),
+            };
+            h.value.admits(value.as_deref())
         })
         && m.query_params.iter().all(|q| {
-            query_value(request.query, &q.name).is_some_and(|value| value_matches(&q.value, &value))
+            q.value
+                .admits(query_value(request.query, &q.name).as_deref())
         })
 }
 
@@ -672,14 +679,6 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
-    }
-}
-
-fn value_matches(m: &StringMatch, value: &str) -> bool {
-    match m {
-        StringMatch::Exact(expected) => value == expected,
-        StringMatch::Regex(pattern) => pattern.is_match(value),
-        StringMatch::Prefix(prefix) => value.starts_with(prefix.as_str()),
     }
 }
 

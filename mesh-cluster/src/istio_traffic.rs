@@ -9,13 +9,13 @@
 //! fields it does not know, and the fields of features this waypoint does not implement
 //! (`tcp`, `tls`, `corsPolicy`, `delegate`, `directResponse`, `sourceLabels`, …) are refused by
 //! name rather than ignored; `gateways` other than `mesh` make the `VirtualService` an ingress
-//! one, skipped by the waypoint; string matches set exactly one of `exact`, `prefix`, `regex`;
-//! regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
+//! one, skipped by the waypoint; string matches set at most one of `exact`, `prefix`, `regex`
+//! (none: Istio's presence match); regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
 //! 308; abort statuses 200-599; durations are Istio's (`1h`, `1.5s`, `100ms`); `retryOn` names
 //! conditions Envoy knows or status codes; a `DestinationRule`'s load balancer sets one of
 //! `simple` and `consistentHash`, and a consistent hash one key.
 
-use std::{collections::BTreeMap, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer};
 
@@ -81,9 +81,16 @@ pub struct VsHttpRoute {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VsMatch {
     pub uri: Option<VsString>,
+    /// `headers`, by lower-case name.
     pub headers: BTreeMap<String, VsString>,
+    /// `withoutHeaders`, by lower-case name: each must not match (absent, or another value).
+    pub without_headers: BTreeMap<String, VsString>,
     pub query_params: BTreeMap<String, VsString>,
     pub method: Option<VsString>,
+    /// `authority`: the request's `:authority` (its `Host`).
+    pub authority: Option<VsString>,
+    /// `scheme`: the request's `:scheme` (`http` for plain-text requests).
+    pub scheme: Option<VsString>,
     pub port: Option<u16>,
     pub ignore_uri_case: bool,
 }
@@ -94,8 +101,11 @@ impl VsMatch {
         self.uri
             .iter()
             .chain(self.headers.values())
+            .chain(self.without_headers.values())
             .chain(self.query_params.values())
             .chain(&self.method)
+            .chain(&self.authority)
+            .chain(&self.scheme)
             .filter(|s| matches!(s, VsString::Regex(_)))
             .count()
     }
@@ -107,6 +117,8 @@ pub enum VsString {
     Exact(String),
     Prefix(String),
     Regex(Pattern),
+    /// `{}`: Istio's presence match (the header or parameter is there, whatever its value).
+    Present,
 }
 
 /// A `route` entry.
@@ -173,9 +185,40 @@ pub struct VsRetries {
 pub struct Fault {
     /// `delay.fixedDelay` for `delay.percentage.value` per cent of requests.
     pub delay: Option<(Duration, f64)>,
-    /// `abort.httpStatus` for `abort.percentage.value` per cent of requests.
-    pub abort: Option<(u16, f64)>,
+    /// `abort` for `abort.percentage.value` per cent of requests.
+    pub abort: Option<(Abort, f64)>,
 }
+
+/// What an injected abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// `httpStatus`.
+    Http(u16),
+    /// `grpcStatus`, as its code (`UNAVAILABLE`: 14): a gRPC request gets it trailers-only
+    /// (HTTP 200), any other request a 503, as Envoy's fault filter answers.
+    Grpc(u8),
+}
+
+/// gRPC's status codes by name, as `grpcStatus` writes them.
+pub const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 /// A `DestinationRule`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -242,10 +285,54 @@ pub enum LoadBalancer {
 pub enum HashKey {
     /// `httpHeaderName`.
     Header(String),
-    /// `httpCookie.name`.
-    Cookie(String),
+    /// `httpCookie`.
+    Cookie(HashCookie),
     /// `useSourceIp`.
     SourceIp,
+    /// `httpQueryParameterName`: the parameter's first value.
+    QueryParameter(String),
+}
+
+/// `httpCookie`: the hash is over the cookie's value. Without `ttl`, a request without the cookie
+/// has no key (any endpoint); with it, the waypoint makes the cookie up for such a request, keys
+/// on it, and sets it on the answer (Envoy's sticky sessions), so the client's next requests
+/// carry it to the same endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashCookie {
+    /// `name`: an RFC 6265 token.
+    pub name: String,
+    /// `ttl`: the made-up cookie's `Max-Age`; zero makes it a session cookie (no `Max-Age`);
+    /// `None`: no cookie is made.
+    pub ttl: Option<Duration>,
+    /// `path`: the made-up cookie's `Path`.
+    pub path: Option<String>,
+    /// `attributes`: more of the made-up cookie's attributes (`SameSite=Strict`, `Secure`).
+    pub attributes: Vec<(String, Option<String>)>,
+}
+
+impl HashCookie {
+    /// The `Set-Cookie` value for a cookie made up with `value` (Envoy's form: the value quoted,
+    /// `Max-Age`, `Path`, the attributes, `HttpOnly`).
+    pub fn set_cookie(&self, value: &str) -> String {
+        let mut out = format!("{}=\"{value}\"", self.name);
+        if let Some(ttl) = self.ttl.filter(|t| t.as_secs() > 0) {
+            let _ = write!(out, "; Max-Age={}", ttl.as_secs());
+        }
+        if let Some(path) = self.path.as_deref().filter(|p| !p.is_empty()) {
+            out.push_str("; Path=");
+            out.push_str(path);
+        }
+        for (name, value) in &self.attributes {
+            out.push_str("; ");
+            out.push_str(name);
+            if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+                out.push('=');
+                out.push_str(value);
+            }
+        }
+        out.push_str("; HttpOnly");
+        out
+    }
 }
 
 impl<'de> Deserialize<'de> for VirtualServiceSpec {

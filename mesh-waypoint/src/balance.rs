@@ -3,6 +3,9 @@
 //! (per backend), random, least request (two drawn at random, the one with fewer requests in
 //! flight, as Envoy does) or a consistent hash (rendezvous hashing over the endpoints, so a key
 //! keeps its endpoint while that endpoint stays, and only the keys of an endpoint that goes move).
+//! A consistent hash keys on a header, a cookie, a query parameter or the source IP; a request
+//! without its key goes to any endpoint, except that a cookie with a `ttl` is made up for it
+//! ([`cookie_to_set`]: Envoy's sticky sessions).
 //!
 //! **Outlier detection** (the policy's `outlierDetection`, as Envoy's): every answer of an
 //! endpoint is recorded ([`Balancer::record`]); `consecutive5xxErrors` 5xx answers in a row (a
@@ -17,14 +20,14 @@
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use mesh_cluster::{
-    k8s::{HashKey, LoadBalancer, OutlierDetection},
+    k8s::{HashCookie, HashKey, LoadBalancer, OutlierDetection},
     Endpoint, EndpointPolicy, Service,
 };
 
@@ -80,8 +83,10 @@ impl Health {
 
 /// What a consistent hash can key on.
 pub(crate) struct Keys<'a> {
-    pub(crate) client: IpAddr,
-    pub(crate) headers: &'a HeaderMap,
+    /// The client's address (its IP for `useSourceIp`; with its port, a made-up cookie's seed).
+    pub(crate) client: SocketAddr,
+    /// An HTTP request's headers and query; `None` for a TCP tunnel.
+    pub(crate) request: Option<(&'a HeaderMap, Option<&'a str>)>,
 }
 
 /// The load balancers' state: round-robin cursors and requests in flight per endpoint.
@@ -296,20 +301,66 @@ fn candidates<'s>(service: &'s Service, port: u16, policy: &EndpointPolicy) -> V
 
 /// The bytes a consistent hash keys on; `None` when the request has no such key.
 fn hash_key(key: &HashKey, keys: &Keys<'_>) -> Option<Vec<u8>> {
-    match key {
-        HashKey::SourceIp => Some(keys.client.to_string().into_bytes()),
-        HashKey::Header(name) => keys.headers.get(name).map(|v| v.as_bytes().to_vec()),
-        HashKey::Cookie(name) => keys
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                (k == name).then(|| v.as_bytes().to_vec())
-            }),
+    if let HashKey::SourceIp = key {
+        return Some(keys.client.ip().to_string().into_bytes());
     }
+    let (headers, query) = keys.request?;
+    match key {
+        HashKey::SourceIp => None,
+        HashKey::Header(name) => headers.get(name).map(|v| v.as_bytes().to_vec()),
+        HashKey::Cookie(cookie) => match cookie_value(headers, &cookie.name) {
+            Some(value) => Some(value.as_bytes().to_vec()),
+            None if cookie.ttl.is_some() => Some(made_up_cookie(keys.client).into_bytes()),
+            None => None,
+        },
+        HashKey::QueryParameter(name) => query?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| v.as_bytes().to_vec())
+        }),
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers, without the quotes Envoy's
+/// made-up cookies have.
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| {
+                v.strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v)
+            })
+        })
+}
+
+/// The value of a cookie made up for a client: the same for every request of one connection
+/// (retries, streams of one HTTP/2 connection), as Envoy's.
+fn made_up_cookie(client: SocketAddr) -> String {
+    let mut hasher = DefaultHasher::new();
+    client.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// The `Set-Cookie` for an answer, when `policy` hashes on a cookie with a `ttl` and the request
+/// did not carry it: the cookie [`Balancer::pick`] keyed on, so that the client's next requests
+/// go to the same endpoint.
+pub(crate) fn cookie_to_set(policy: &EndpointPolicy, keys: &Keys<'_>) -> Option<HeaderValue> {
+    let LoadBalancer::ConsistentHash(HashKey::Cookie(cookie @ HashCookie { ttl: Some(_), .. })) =
+        &policy.load_balancer
+    else {
+        return None;
+    };
+    let (headers, _) = keys.request?;
+    if cookie_value(headers, &cookie.name).is_some() {
+        return None;
+    }
+    // The name, path and attributes were checked to be tokens and visible ASCII when parsed.
+    HeaderValue::from_str(&cookie.set_cookie(&made_up_cookie(keys.client))).ok()
 }
 
 /// The endpoint with the highest hash of (key, endpoint).

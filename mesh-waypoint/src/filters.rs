@@ -73,14 +73,16 @@ pub(crate) fn replace_path(path: &str, modifier: &PathModifier, matched: &RouteM
     }
 }
 
+/// The request's authority: `:authority` (HTTP/2, or an absolute URI) or `Host` (HTTP/1.1).
+pub(crate) fn request_authority<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(http::uri::Authority::as_str)
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+}
+
 /// The request's host, without port: `:authority` (HTTP/2) or `Host` (HTTP/1.1).
 pub(crate) fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    let authority = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
-        headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-    })?;
+    let authority = request_authority(uri, headers)?.to_owned();
     let host = match authority.rsplit_once(':') {
         // An IPv6 literal keeps its brackets; only a trailing `:port` goes.
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use mesh_cluster::{
     http_route::{Backend, EndpointPolicy, RequestFacts, ResolvedRule},
-    k8s::{Filter, HeaderModifier, RouteMatch},
+    k8s::{Abort, Filter, HeaderModifier, RouteMatch},
     Authenticated, AuthzDecision, ClusterState, HttpFacts, JwtRefusal, RouteDecision, Service,
     TokenSource, Verdict, WaypointFacts,
 };
@@ -28,7 +28,7 @@ use crate::{
     balance::{Answer, Keys},
     body::full,
     breaker::Overflow,
-    filters::{modify_headers, redirect_location, replace_path},
+    filters::{modify_headers, redirect_location, replace_path, request_authority},
     grpc_reply::{for_grpc, GrpcCode, LocalReply},
     ratelimit::Limited,
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
@@ -445,6 +445,8 @@ async fn route(
         path: request.uri().path(),
         query: request.uri().query(),
         headers: request.headers(),
+        authority: request_authority(request.uri(), request.headers()),
+        scheme: request.uri().scheme_str().unwrap_or("http"),
     };
     match state.route_http(service, port, source.identity.namespace(), &facts) {
         RouteDecision::Default => {
@@ -509,11 +511,26 @@ async fn matched_rule(
                 delayed = true;
             }
         }
-        if let Some((status, share)) = fault.abort {
+        if let Some((abort, share)) = fault.abort {
             if fastrand::f64() * 100.0 < share {
-                let status =
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                return local(status, Flag::FaultAbort, "fault filter abort");
+                return match abort {
+                    Abort::Http(status) => local(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        Flag::FaultAbort,
+                        "fault filter abort",
+                    ),
+                    // A gRPC request gets the code trailers-only ([`crate::grpc_reply`]), any
+                    // other a 503, as from Envoy's fault filter.
+                    Abort::Grpc(code) => {
+                        let mut response = local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Flag::FaultAbort,
+                            "fault filter abort",
+                        );
+                        response.extensions_mut().insert(GrpcCode(code));
+                        response
+                    }
+                };
             }
         }
     }
@@ -795,8 +812,8 @@ where
                 return None;
             };
             let keys = Keys {
-                client: source.addr.ip(),
-                headers: &HeaderMap::new(),
+                client: source.addr,
+                request: None,
             };
             let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
             let host = service.hostname.clone();
@@ -881,12 +898,13 @@ async fn one_attempt(
         None => None,
     };
     let keys = Keys {
-        client: source.addr.ip(),
-        headers: request.headers(),
+        client: source.addr,
+        request: Some((request.headers(), request.uri().query())),
     };
     let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
         return Err(Failure::NoEndpoint);
     };
+    let set_cookie = crate::balance::cookie_to_set(policy, &keys);
     // An HTTP/1.1 request holds one of the destination's connections until its answer is read.
     let connection = match &breaker {
         Some((breaker, pool)) if request.version() != http::Version::HTTP_2 => breaker
@@ -915,6 +933,9 @@ async fn one_attempt(
         .record((service, port, policy), addr, answer, Instant::now());
     let result = result.map_err(|_| Failure::Timeout)?;
     let mut response = result.map_err(Failure::Upstream)?.map(BodyExt::boxed);
+    if let Some(cookie) = set_cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     if in_flight.is_some() || connection.is_some() {
         response = response.map(|body| crate::body::hold(body, (in_flight, connection)));
     }
@@ -1007,8 +1028,8 @@ fn spawn_mirror(
         None => None,
     };
     let keys = Keys {
-        client: client.ip(),
-        headers: request.headers(),
+        client,
+        request: Some((request.headers(), request.uri().query())),
     };
     let Some((endpoint, addr, in_flight)) = ctx.balancer.pick(&service, port, &policy, &keys)
     else {

@@ -312,18 +312,9 @@ impl RequestLog {
         request_bytes: Arc<AtomicU64>,
         trace: (TraceContext, Option<u64>),
     ) -> Self {
-        let authority = parts
-            .uri
-            .authority()
-            .map(ToString::to_string)
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
+        let authority = crate::filters::request_authority(&parts.uri, &parts.headers)
+            .unwrap_or_default()
+            .to_owned();
         let grpc = crate::grpc_reply::is_grpc(&parts.headers);
         let protocol = match (grpc, parts.version) {
             (true, _) => "grpc",

@@ -2168,3 +2168,119 @@ fn another_namespaces_virtual_service_or_destination_rule_cannot_take_a_services
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The `Set-Cookie` values of an answer's head.
+fn set_cookies(head: &str) -> Vec<String> {
+    head.lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("set-cookie")
+                .then(|| value.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn sticky_sessions_presence_matches_and_grpc_aborts() {
+    // Before, a `DestinationRule`'s `httpCookie` `ttl` was read and ignored (no sticky session),
+    // and `withoutHeaders`, an empty (presence) match and `abort.grpcStatus` refused the
+    // `VirtualService` whole.
+    let istio = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http:\n  - name: grpc-fault\n    match: [{{headers: {{x-fault: {{}}}}}}]\n    fault: {{abort: {{grpcStatus: UNAVAILABLE, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: web, subset: v1}}}}]\n  - name: canary\n    match: [{{headers: {{x-canary: {{}}}}, withoutHeaders: {{x-opt-out: {{}}}}}}]\n    route: [{{destination: {{host: web, subset: v2}}}}]\n  - name: rest\n    route: [{{destination: {{host: web}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {{consistentHash: {{httpCookie: {{name: route, ttl: 0s, path: /}}}}}}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    let bed = bed(&istio);
+    let client = bed.client().clone();
+    let backend_of = |body: &str| -> String {
+        let line: Value = serde_json::from_str(body.trim()).expect(body);
+        line["backend"].as_str().unwrap_or("?").to_owned()
+    };
+
+    // Sticky sessions: a client without the cookie gets one (a session cookie: no Max-Age), set
+    // by the waypoint; every request that carries it goes where the first went.
+    let mut first = Vec::new();
+    for _ in 0..16 {
+        let (status, head, body) = curl_answer(&client, "/", &[]);
+        assert_eq!(status, 200, "{head}");
+        let cookies = set_cookies(&head);
+        assert_eq!(cookies.len(), 1, "{head}");
+        first.push((cookies[0].clone(), backend_of(&body)));
+    }
+    let (cookie, backend) = first[0].clone();
+    assert!(
+        cookie.starts_with("route=\"") && cookie.ends_with("\"; Path=/; HttpOnly"),
+        "{cookie}"
+    );
+    let values: std::collections::BTreeSet<&str> = first.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(values.len(), 16, "a cookie per connection: {first:?}");
+    let landed: std::collections::BTreeSet<&str> = first.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(
+        landed.len(),
+        2,
+        "new clients spread over v1 and v2: {first:?}"
+    );
+    let value = cookie.split(';').next().unwrap().to_owned();
+    for sent in [format!("cookie: {value}"), format!("cookie: a=1; {value}")] {
+        for _ in 0..10 {
+            let (status, head, body) = curl_answer(&client, "/", std::slice::from_ref(&sent));
+            assert_eq!(
+                (status, backend_of(&body)),
+                (200, backend.clone()),
+                "{sent}"
+            );
+            assert!(
+                set_cookies(&head).is_empty(),
+                "nothing set once it is sent: {head}"
+            );
+        }
+    }
+
+    // Presence and absence: a header with any value, unless the opt-out header is there.
+    let canary = |headers: &[&str]| {
+        let headers: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+        (0..6)
+            .map(|_| backend_of(&curl_answer(&client, "/", &headers).2))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let v2 = std::collections::BTreeSet::from(["v2".to_owned()]);
+    assert_eq!(canary(&["x-canary: 1", &format!("cookie: {value}")]), v2);
+    assert_eq!(canary(&["x-canary: anything"]), v2);
+    let opted_out = canary(&["x-canary: 1", "x-opt-out: yes", &format!("cookie: {value}")]);
+    assert_eq!(
+        opted_out,
+        std::collections::BTreeSet::from([backend.clone()])
+    );
+
+    // `grpcStatus`: a gRPC request gets the status trailers-only (HTTP 200), any other a 503.
+    let served_before = served(&bed.backends[0]) + served(&bed.backends[1]);
+    let grpc = curl_raw(
+        &client,
+        &[
+            "-i",
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            "x-fault: 1",
+            "--data-binary",
+            "",
+            &url("/echo.Echo/Say"),
+        ],
+    );
+    let grpc = grpc.to_ascii_lowercase();
+    assert!(grpc.starts_with("http/2 200"), "{grpc}");
+    assert!(grpc.contains("grpc-status: 14"), "{grpc}");
+    assert!(grpc.contains("grpc-message: fault filter abort"), "{grpc}");
+    let (status, _, body) = curl_answer(&client, "/", &["x-fault: 1".to_owned()]);
+    assert_eq!((status, body.trim()), (503, "fault filter abort"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        served(&bed.backends[0]) + served(&bed.backends[1]),
+        served_before,
+        "aborted requests reach no backend"
+    );
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    let aborted = [("response_flags", "FI"), ("grpc_response_status", "14")];
+    assert_eq!(count(&samples, "istio_requests_total", &aborted), 1);
+}

@@ -361,7 +361,7 @@ impl HttpRouteIndex {
 
     fn route_match(&mut self, m: &VsMatch, object: &ObjectRef) -> Option<RouteMatch> {
         let path = match &m.uri {
-            None => PathMatch::RawPrefix(String::new()),
+            None | Some(VsString::Present) => PathMatch::RawPrefix(String::new()),
             Some(VsString::Exact(path)) if m.ignore_uri_case => {
                 PathMatch::Regex(Pattern::ignoring_case(path, false))
             }
@@ -373,7 +373,7 @@ impl HttpRouteIndex {
             Some(VsString::Regex(pattern)) => PathMatch::Regex(pattern.clone()),
         };
         let method = match &m.method {
-            None => None,
+            None | Some(VsString::Present) => None,
             Some(VsString::Exact(method)) => {
                 let Ok(parsed) = method.parse::<http::Method>() else {
                     self.warnings.push(format!(
@@ -392,22 +392,40 @@ impl HttpRouteIndex {
                 return None;
             }
         };
-        let values = |map: &BTreeMap<String, VsString>| {
-            map.iter()
-                .map(|(name, value)| ValueMatch {
-                    name: name.clone(),
-                    value: match value {
-                        VsString::Exact(v) => StringMatch::Exact(v.clone()),
-                        VsString::Prefix(v) => StringMatch::Prefix(v.clone()),
-                        VsString::Regex(p) => StringMatch::Regex(p.clone()),
-                    },
-                })
-                .collect()
+        let value = |value: &VsString| match value {
+            VsString::Exact(v) => StringMatch::Exact(v.clone()),
+            VsString::Prefix(v) => StringMatch::Prefix(v.clone()),
+            VsString::Regex(p) => StringMatch::Regex(p.clone()),
+            VsString::Present => StringMatch::Present,
         };
+        let condition = |name: &str, matched: StringMatch| ValueMatch {
+            name: name.to_owned(),
+            value: matched,
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(|(name, v)| condition(name, value(v)))
+            .chain(
+                m.without_headers
+                    .iter()
+                    .map(|(name, v)| condition(name, StringMatch::Not(Box::new(value(v))))),
+            )
+            .chain(
+                m.authority
+                    .iter()
+                    .map(|v| condition(":authority", value(v))),
+            )
+            .chain(m.scheme.iter().map(|v| condition(":scheme", value(v))))
+            .collect();
         Some(RouteMatch {
             path,
-            headers: values(&m.headers),
-            query_params: values(&m.query_params),
+            headers,
+            query_params: m
+                .query_params
+                .iter()
+                .map(|(name, v)| condition(name, value(v)))
+                .collect(),
             method,
         })
     }

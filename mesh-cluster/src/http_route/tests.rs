@@ -73,6 +73,8 @@ fn rule_for(state: &ClusterState, client_ns: &str, request: &Req) -> Option<Stri
         path: &request.path,
         query: request.query.as_deref(),
         headers: &request.headers,
+        authority: None,
+        scheme: "http",
     };
     match state.route_http(web(state), 80, client_ns, &facts) {
         RouteDecision::Default => None,
@@ -107,6 +109,8 @@ fn no_route_is_the_default_and_an_unmatched_request_a_404() {
         path: &request.path,
         query: None,
         headers: &request.headers,
+        authority: None,
+        scheme: "http",
     };
     assert!(matches!(
         state.route_http(v1, 80, "shop", &facts),
@@ -300,6 +304,8 @@ fn port_and_section_name_pick_the_ports_a_route_attaches_to() {
             path: &request.path,
             query: None,
             headers: &request.headers,
+            authority: None,
+            scheme: "http",
         };
         matches!(
             state.route_http(web(state), port, "shop", &facts),
@@ -334,6 +340,8 @@ fn rule_of<'a>(state: &'a ClusterState, client_ns: &str) -> &'a ResolvedRule {
         path: &request.path,
         query: None,
         headers: &request.headers,
+        authority: None,
+        scheme: "http",
     };
     match state.route_http(web(state), 80, client_ns, &facts) {
         RouteDecision::Matched { rule, .. } => rule,

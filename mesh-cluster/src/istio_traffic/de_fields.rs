@@ -7,9 +7,9 @@ use serde::{de::IgnoredAny, Deserialize};
 use super::{
     istio_port, percentage,
     policy::{PortPolicy, TrafficPolicyFields},
-    refuse, unsupported, ConnectionPool, DestinationRuleSpec, Fault, HashKey, IstioDuration,
-    LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute,
-    VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget,
+    refuse, unsupported, Abort, ConnectionPool, DestinationRuleSpec, Fault, HashCookie, HashKey,
+    IstioDuration, LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders,
+    VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget, GRPC_STATUS_NAMES,
 };
 use crate::{
     gateway_api::{Pattern, RetryOn, RouteSchemaError},
@@ -156,11 +156,12 @@ pub(crate) struct MatchFields {
     method: Option<VsString>,
     port: Option<u32>,
     ignore_uri_case: bool,
-    scheme: Option<IgnoredAny>,
-    authority: Option<IgnoredAny>,
+    scheme: Option<VsString>,
+    authority: Option<VsString>,
+    #[serde(deserialize_with = "nullable")]
+    without_headers: BTreeMap<String, VsString>,
     source_labels: Option<IgnoredAny>,
     source_namespace: Option<IgnoredAny>,
-    without_headers: Option<IgnoredAny>,
     gateways: Option<IgnoredAny>,
 }
 
@@ -170,23 +171,24 @@ impl Checked for VsMatch {
     const WHAT: &'static str = "a match";
 
     fn check(f: MatchFields) -> Result<Self, RouteSchemaError> {
-        refuse(f.scheme.as_ref(), "scheme")?;
-        refuse(f.authority.as_ref(), "authority")?;
         refuse(f.source_labels.as_ref(), "sourceLabels")?;
         refuse(f.source_namespace.as_ref(), "sourceNamespace")?;
-        refuse(f.without_headers.as_ref(), "withoutHeaders")?;
         refuse(f.gateways.as_ref(), "gateways")?;
         let _ = f.name;
         let port = f.port.map(istio_port).transpose()?;
+        let lower = |map: BTreeMap<String, VsString>| {
+            map.into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect()
+        };
         Ok(Self {
             uri: f.uri,
-            headers: f
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect(),
+            headers: lower(f.headers),
+            without_headers: lower(f.without_headers),
             query_params: f.query_params,
             method: f.method,
+            authority: f.authority,
+            scheme: f.scheme,
             port,
             ignore_uri_case: f.ignore_uri_case,
         })
@@ -211,6 +213,7 @@ impl Checked for VsString {
             (Some(exact), None, None) => Ok(VsString::Exact(exact)),
             (None, Some(prefix), None) => Ok(VsString::Prefix(prefix)),
             (None, None, Some(regex)) => Ok(VsString::Regex(Pattern::from_str(&regex)?)),
+            (None, None, None) => Ok(VsString::Present),
             _ => Err(RouteSchemaError::OneOf("`exact`, `prefix`, `regex`")),
         }
     }
@@ -415,7 +418,8 @@ pub(crate) struct DelayFields {
 pub(crate) struct AbortFields {
     http_status: Option<i64>,
     percentage: Option<PercentFields>,
-    grpc_status: Option<IgnoredAny>,
+    grpc_status: Option<String>,
+    http2_error: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -438,11 +442,17 @@ impl FaultFields {
         let abort = self
             .abort
             .map(|a| {
-                refuse(a.grpc_status.as_ref(), "grpcStatus")?;
-                let status = match a.http_status {
-                    Some(code @ 200..=599) => u16::try_from(code).unwrap_or(500),
-                    Some(code) => return Err(RouteSchemaError::Status(code)),
-                    None => return Err(RouteSchemaError::OneOf("`httpStatus`")),
+                refuse(a.http2_error.as_ref(), "http2Error")?;
+                let status = match (a.http_status, a.grpc_status) {
+                    (Some(code @ 200..=599), None) => {
+                        Abort::Http(u16::try_from(code).unwrap_or(500))
+                    }
+                    (Some(code), None) => return Err(RouteSchemaError::Status(code)),
+                    (None, Some(name)) => match GRPC_STATUS_NAMES.iter().position(|n| *n == name) {
+                        Some(code) => Abort::Grpc(u8::try_from(code).unwrap_or(2)),
+                        None => return Err(RouteSchemaError::GrpcStatus(name)),
+                    },
+                    _ => return Err(RouteSchemaError::OneOf("`httpStatus`, `grpcStatus`")),
                 };
                 let share = a.percentage.map_or(Ok(100.0), |p| percentage(p.value))?;
                 Ok((status, share))
@@ -521,8 +531,75 @@ impl Checked for Subset {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CookieFields {
     name: String,
-    ttl: Option<IgnoredAny>,
-    path: Option<IgnoredAny>,
+    ttl: Option<Parsed<IstioDuration>>,
+    path: Option<String>,
+    #[serde(default)]
+    attributes: List<AttributeFields>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AttributeFields {
+    name: String,
+    value: Option<String>,
+}
+
+/// Whether `text` is an RFC 6265 token (a cookie's or attribute's name).
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `text` may stand in a `Set-Cookie` attribute's value: visible ASCII but `;`.
+fn is_attribute_value(text: &str) -> bool {
+    text.bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b';')
+}
+
+impl CookieFields {
+    fn check(self) -> Result<HashCookie, RouteSchemaError> {
+        let bad = |what, value: &str, problem| RouteSchemaError::Cookie {
+            what,
+            value: value.to_owned(),
+            problem,
+        };
+        if !is_token(&self.name) {
+            return Err(bad(
+                "name",
+                &self.name,
+                "is not a token (letters, digits and !#$%&'*+-.^_`|~)",
+            ));
+        }
+        if let Some(path) = self.path.as_deref().filter(|p| !is_attribute_value(p)) {
+            return Err(bad(
+                "path",
+                path,
+                "has a space, a `;` or a character outside visible ASCII",
+            ));
+        }
+        let mut attributes = Vec::new();
+        for a in self.attributes.0 {
+            if !is_token(&a.name) {
+                return Err(bad("attribute", &a.name, "is not a token"));
+            }
+            if let Some(value) = a.value.as_deref().filter(|v| !is_attribute_value(v)) {
+                return Err(bad(
+                    "attribute value",
+                    value,
+                    "has a space, a `;` or a character outside visible ASCII",
+                ));
+            }
+            attributes.push((a.name, a.value));
+        }
+        Ok(HashCookie {
+            name: self.name,
+            ttl: self.ttl.map(|t| t.0 .0),
+            path: self.path,
+            attributes,
+        })
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -531,7 +608,7 @@ pub(crate) struct HashFields {
     http_header_name: Option<String>,
     http_cookie: Option<CookieFields>,
     use_source_ip: Option<bool>,
-    http_query_parameter_name: Option<IgnoredAny>,
+    http_query_parameter_name: Option<String>,
     ring_hash: Option<IgnoredAny>,
     maglev: Option<IgnoredAny>,
     minimum_ring_size: Option<IgnoredAny>,
@@ -565,25 +642,27 @@ impl Checked for LoadBalancer {
                 "ROUND_ROBIN, LEAST_REQUEST, RANDOM for `simple`",
             )),
             (None, Some(hash)) => {
-                refuse(
-                    hash.http_query_parameter_name.as_ref(),
-                    "httpQueryParameterName",
-                )?;
+                // The ring's or table's size tunes how evenly keys spread; the waypoint's
+                // rendezvous hash spreads them evenly and moves as few when endpoints change.
                 let _ = (hash.ring_hash, hash.maglev, hash.minimum_ring_size);
-                let key = match (hash.http_header_name, hash.http_cookie, hash.use_source_ip) {
-                    (Some(header), None, None | Some(false)) => {
+                let source_ip = hash.use_source_ip.filter(|on| *on);
+                let key = match (
+                    hash.http_header_name,
+                    hash.http_cookie,
+                    source_ip,
+                    hash.http_query_parameter_name,
+                ) {
+                    (Some(header), None, None, None) => {
                         HashKey::Header(header.to_ascii_lowercase())
                     }
-                    (None, Some(cookie), None | Some(false)) => {
-                        let _ = (cookie.ttl, cookie.path);
-                        HashKey::Cookie(cookie.name)
+                    (None, Some(cookie), None, None) => HashKey::Cookie(cookie.check()?),
+                    (None, None, Some(_), None) => HashKey::SourceIp,
+                    (None, None, None, Some(name)) if !name.is_empty() => {
+                        HashKey::QueryParameter(name)
                     }
-                    (None, None, Some(true)) => HashKey::SourceIp,
-                    _ => {
-                        return Err(RouteSchemaError::OneOf(
-                            "`httpHeaderName`, `httpCookie`, `useSourceIp`",
-                        ))
-                    }
+                    _ => return Err(RouteSchemaError::OneOf(
+                        "`httpHeaderName`, `httpCookie`, `useSourceIp`, `httpQueryParameterName`",
+                    )),
                 };
                 Ok(LoadBalancer::ConsistentHash(key))
             }

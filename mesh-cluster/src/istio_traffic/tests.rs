@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
-use super::{parse_istio_duration, HashKey, LoadBalancer, VsString};
+use super::{parse_istio_duration, Abort, HashKey, LoadBalancer, VsString};
 use crate::{
     http_route::{Backend, RequestFacts, RouteDecision},
     k8s::{parse_documents, Filter, Object, PathMatch, PathModifier},
@@ -79,7 +79,7 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     assert_eq!(ab.matches[0].port, Some(80));
     let fault = ab.fault.as_ref().expect("fault");
     assert_eq!(fault.delay, Some((Duration::from_millis(1500), 10.0)));
-    assert_eq!(fault.abort, Some((503, 2.5)));
+    assert_eq!(fault.abort, Some((Abort::Http(503), 2.5)));
     let retries = ab.retries.as_ref().expect("retries");
     assert_eq!(retries.attempts, 3);
     assert!(retries.retry_on.server_errors && retries.retry_on.connect_failure);
@@ -523,6 +523,44 @@ fn checks_name_the_field_and_line() {
     ]);
 }
 
+#[test]
+fn match_abort_and_cookie_checks_name_the_field_and_line() {
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {abort: {grpcStatus: \"14\"}}\n"),
+            &["spec.http[0]: \"14\" is not a gRPC status name", "line 9"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {abort: {httpStatus: 503, grpcStatus: UNAVAILABLE}}\n"),
+            &["set exactly one of `httpStatus`, `grpcStatus`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {abort: {http2Error: REFUSED_STREAM}}\n"),
+            &["`http2Error` is not supported"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - match: [{withoutHeaders: {x-a: {exact: a, regex: b}}}]\n    route: [{destination: {host: web}}]\n"),
+            &["spec.http[0].match[0].withoutHeaders.x-a: set exactly one of `exact`, `prefix`, `regex`"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: \"a;b\", ttl: 0s}}}}\n"),
+            &["spec.trafficPolicy.loadBalancer", "cookie name \"a;b\" is not a token"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: a, path: \"/x; Domain=evil\"}}}}\n"),
+            &["cookie path \"/x; Domain=evil\" has a space, a `;`"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: a, ttl: forever}}}}\n"),
+            &["\"forever\" is not a duration"],
+        ),
+        (
+            dr("  host: web\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x, httpQueryParameterName: y}}}\n"),
+            &["set exactly one of `httpHeaderName`, `httpCookie`, `useSourceIp`, `httpQueryParameterName`"],
+        ),
+    ]);
+}
+
 /// `shop/web` (VIP 10.96.0.1:80, pods web-0 `version: v1`, web-1 `version: v2`) with `extra`.
 fn cluster(extra: &[String]) -> ClusterState {
     let mut parts = vec![
@@ -565,6 +603,8 @@ fn decide_from<'a>(
         path,
         query: None,
         headers: map,
+        authority: None,
+        scheme: "http",
     };
     state.route_http(&service, 80, client_ns, &facts)
 }
@@ -610,7 +650,7 @@ fn virtual_service_rules_route_in_order_to_subsets() {
     };
     assert_eq!(
         alice.fault.as_ref().and_then(|f| f.abort),
-        Some((418, 100.0))
+        Some((Abort::Http(418), 100.0))
     );
     match &alice.backends[0].backend {
         Backend::Service { policy, .. } => {
@@ -652,6 +692,111 @@ fn virtual_service_rules_route_in_order_to_subsets() {
         state.warnings().iter().any(|w| w.contains("VirtualService shop/web: destination web: no DestinationRule of Service shop/web defines subset \"v3\"")),
         "{:?}",
         state.warnings()
+    );
+}
+
+#[test]
+fn matches_on_presence_absence_authority_and_scheme_and_a_grpc_abort() {
+    let state = cluster(&[
+        vs(r"  hosts: [web]
+  http:
+  - name: canary-testers
+    match: [{headers: {x-canary: {}}, withoutHeaders: {x-opt-out: {}}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: web, subset: v2}}]
+  - name: not-internal
+    match: [{withoutHeaders: {x-team: {prefix: internal-}}, authority: {prefix: web.shop}, scheme: {exact: http}}]
+    route: [{destination: {host: web, subset: v2}}]
+  - name: rest
+    match: [{uri: {}, method: {}}]
+    route: [{destination: {host: web, subset: v1}}]
+"),
+        dr("  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n"),
+    ]);
+    let service = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    let rule = |headers: &[(&str, &str)], authority: Option<&str>| {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let facts = RequestFacts {
+            method: &http::Method::GET,
+            path: "/",
+            query: None,
+            headers: &map,
+            authority,
+            scheme: "http",
+        };
+        match state.route_http(&service, 80, "shop", &facts) {
+            RouteDecision::Matched { rule, .. } => (
+                rule.name.clone().unwrap_or_default(),
+                rule.fault.as_ref().and_then(|f| f.abort),
+            ),
+            other => panic!("{other:?}"),
+        }
+    };
+    let web = Some("web.shop.svc.cluster.local");
+    // `{}`: the header is there, whatever its value (empty too); `withoutHeaders` `{}`: absent.
+    assert_eq!(rule(&[("x-canary", "")], web).0, "canary-testers");
+    assert_eq!(
+        rule(&[("x-canary", "yes")], None),
+        ("canary-testers".to_owned(), Some((Abort::Grpc(14), 100.0)))
+    );
+    assert_eq!(
+        rule(&[("x-canary", "yes"), ("x-opt-out", "1")], web).0,
+        "not-internal"
+    );
+    // `withoutHeaders` with a value: absent, or another value; the authority by prefix.
+    assert_eq!(rule(&[("x-team", "internal-ops")], web).0, "rest");
+    assert_eq!(rule(&[("x-team", "sales")], web).0, "not-internal");
+    assert_eq!(rule(&[], web).0, "not-internal");
+    assert_eq!(rule(&[], Some("other.shop")).0, "rest");
+    assert_eq!(rule(&[], None).0, "rest", "no authority: its match fails");
+}
+
+#[test]
+fn a_destination_rule_hashes_on_a_made_up_cookie_or_a_query_parameter() {
+    let text = dr(r"  host: web
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie:
+          name: route
+          ttl: 1h
+          path: /
+          attributes: [{name: SameSite, value: Lax}, {name: Secure}]
+        ringHash: {minimumRingSize: 1024}
+  subsets:
+  - name: by-user
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpQueryParameterName: user, maglev: {tableSize: 65537}}}}
+");
+    let objects = parse_documents("istio.yaml", &text).expect("parses");
+    let Object::DestinationRule(dr) = &objects[0] else {
+        panic!("{objects:?}");
+    };
+    let Some(LoadBalancer::ConsistentHash(HashKey::Cookie(cookie))) =
+        &dr.spec.traffic_policy.parts.load_balancer
+    else {
+        panic!("{dr:?}");
+    };
+    assert_eq!(cookie.ttl, Some(Duration::from_secs(3600)));
+    assert_eq!(
+        cookie.set_cookie("0123abcd"),
+        "route=\"0123abcd\"; Max-Age=3600; Path=/; SameSite=Lax; Secure; HttpOnly"
+    );
+    assert_eq!(
+        dr.spec.subsets[0].traffic_policy.parts.load_balancer,
+        Some(LoadBalancer::ConsistentHash(HashKey::QueryParameter(
+            "user".into()
+        )))
     );
 }
 

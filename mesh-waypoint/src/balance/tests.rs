@@ -1,14 +1,14 @@
 //! Tests of endpoint picking.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::HeaderMap;
 use mesh_cluster::{
-    k8s::{parse_documents, HashKey, LoadBalancer, OutlierDetection},
+    k8s::{parse_documents, HashCookie, HashKey, LoadBalancer, OutlierDetection},
     ClusterState, EndpointPolicy, EnrollmentOptions, Service,
 };
 
-use super::{Answer, Balancer, Keys};
+use super::{cookie_to_set, Answer, Balancer, Keys};
 
 /// Service `shop/web` with pods `web-0..n` (labels `version: v<i % 2>`), all ready.
 fn service(n: usize) -> (ClusterState, Arc<Service>) {
@@ -46,11 +46,22 @@ fn policy(lb: LoadBalancer, labels: &[(&str, &str)]) -> EndpointPolicy {
     }
 }
 
+const CLIENT: &str = "10.1.0.1:40000";
+
 fn keys(headers: &HeaderMap) -> Keys<'_> {
     Keys {
-        client: "10.1.0.1".parse::<IpAddr>().unwrap(),
-        headers,
+        client: CLIENT.parse().unwrap(),
+        request: Some((headers, None)),
     }
+}
+
+fn cookie(name: &str, ttl: Option<Duration>) -> HashKey {
+    HashKey::Cookie(HashCookie {
+        name: name.to_owned(),
+        ttl,
+        path: None,
+        attributes: Vec::new(),
+    })
 }
 
 fn picks(
@@ -130,15 +141,115 @@ fn consistent_hash_keeps_a_key_on_its_endpoint() {
     // A cookie, and the source address.
     let mut headers = HeaderMap::new();
     headers.insert("cookie", "a=1; session=abc".parse().unwrap());
-    let by_cookie = policy(
-        LoadBalancer::ConsistentHash(HashKey::Cookie("session".into())),
-        &[],
-    );
+    let by_cookie = policy(LoadBalancer::ConsistentHash(cookie("session", None)), &[]);
     assert_eq!(picks(&balancer, &svc, &by_cookie, &headers, 5).len(), 1);
     let by_ip = policy(LoadBalancer::ConsistentHash(HashKey::SourceIp), &[]);
     assert_eq!(
         picks(&balancer, &svc, &by_ip, &HeaderMap::new(), 5).len(),
         1
+    );
+}
+
+#[test]
+fn a_cookie_with_a_ttl_is_made_up_once_and_then_keeps_its_endpoint() {
+    // Envoy's sticky sessions: `httpCookie` with a `ttl`.
+    let (_state, svc) = service(4);
+    let balancer = Arc::new(Balancer::default());
+    let sticky = policy(
+        LoadBalancer::ConsistentHash(HashKey::Cookie(HashCookie {
+            name: "route".into(),
+            ttl: Some(Duration::from_secs(3600)),
+            path: Some("/shop".into()),
+            attributes: vec![
+                ("SameSite".into(), Some("Strict".into())),
+                ("Secure".into(), None),
+            ],
+        })),
+        &[],
+    );
+    // A first request without the cookie: one is made up, keyed on, and to be set.
+    let none = HeaderMap::new();
+    let set = cookie_to_set(&sticky, &keys(&none)).expect("a cookie to set");
+    let set = set.to_str().unwrap();
+    let value = set
+        .strip_prefix("route=\"")
+        .and_then(|rest| rest.split_once('"'))
+        .map(|(value, _)| value.to_owned())
+        .expect(set);
+    assert_eq!(
+        set,
+        format!("route=\"{value}\"; Max-Age=3600; Path=/shop; SameSite=Strict; Secure; HttpOnly")
+    );
+    let first = picks(&balancer, &svc, &sticky, &none, 5);
+    assert_eq!(
+        first.len(),
+        1,
+        "one connection's requests keep the made-up key: {first:?}"
+    );
+    // The client's next requests carry it, quoted as set or not: the same endpoint, nothing set.
+    for sent in [format!("a=1; route=\"{value}\""), format!("route={value}")] {
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", sent.parse().unwrap());
+        assert_eq!(
+            picks(&balancer, &svc, &sticky, &headers, 5),
+            BTreeMap::from([(first.keys().next().unwrap().clone(), 5)])
+        );
+        assert!(cookie_to_set(&sticky, &keys(&headers)).is_none(), "{sent}");
+    }
+    // Another connection gets another cookie; a TCP tunnel none.
+    let other = Keys {
+        client: "10.1.0.1:40001".parse::<SocketAddr>().unwrap(),
+        request: Some((&none, None)),
+    };
+    assert_ne!(
+        cookie_to_set(&sticky, &other).unwrap().to_str().unwrap(),
+        set
+    );
+    let tunnel = Keys {
+        client: CLIENT.parse().unwrap(),
+        request: None,
+    };
+    assert!(cookie_to_set(&sticky, &tunnel).is_none());
+    // A session cookie (`ttl: 0s`) has no `Max-Age`; without a `ttl` none is made up.
+    let session = policy(
+        LoadBalancer::ConsistentHash(cookie("route", Some(Duration::ZERO))),
+        &[],
+    );
+    let set = cookie_to_set(&session, &keys(&none)).unwrap();
+    assert!(!set.to_str().unwrap().contains("Max-Age"), "{set:?}");
+    let plain = policy(LoadBalancer::ConsistentHash(cookie("route", None)), &[]);
+    assert!(cookie_to_set(&plain, &keys(&none)).is_none());
+}
+
+#[test]
+fn a_query_parameter_keys_a_consistent_hash() {
+    let (_state, svc) = service(4);
+    let balancer = Arc::new(Balancer::default());
+    let by_query = policy(
+        LoadBalancer::ConsistentHash(HashKey::QueryParameter("user".into())),
+        &[],
+    );
+    let none = HeaderMap::new();
+    let mut spread = BTreeMap::new();
+    for user in 0..40 {
+        let query = format!("page=2&user=u{user}&user=other");
+        let mut counts = BTreeMap::new();
+        for _ in 0..5 {
+            let keys = Keys {
+                client: CLIENT.parse().unwrap(),
+                request: Some((&none, Some(&query))),
+            };
+            let (endpoint, _, _guard) = balancer.pick(&svc, 80, &by_query, &keys).unwrap();
+            *counts.entry(endpoint.addr).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 1, "u{user} on one endpoint: {counts:?}");
+        *spread
+            .entry(counts.into_keys().next().unwrap())
+            .or_insert(0) += 1;
+    }
+    assert!(
+        spread.len() >= 3,
+        "40 users spread over the endpoints: {spread:?}"
     );
 }
 
@@ -187,8 +298,8 @@ fn outliers(consecutive_5xx: u32, max_ejection_percent: u32) -> OutlierDetection
     OutlierDetection {
         consecutive_5xx,
         consecutive_gateway: 0,
-        interval: std::time::Duration::from_secs(10),
-        base_ejection_time: std::time::Duration::from_secs(30),
+        interval: Duration::from_secs(10),
+        base_ejection_time: Duration::from_secs(30),
         max_ejection_percent,
         min_health_percent: 0,
     }
@@ -200,7 +311,7 @@ fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
     let mut policy = policy(LoadBalancer::RoundRobin, &[]);
     policy.outlier_detection = Some(outliers(2, 100));
     let balancer = Arc::new(Balancer::default());
-    let bad: std::net::SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let bad: SocketAddr = "10.0.0.1:8080".parse().unwrap();
     let now = std::time::Instant::now();
     let record = |answer, at| balancer.record((&svc, 80, &policy), bad, answer, at);
     // A 503, a 200 (the count starts over), then two failures in a row: ejected.
@@ -218,7 +329,7 @@ fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
     assert!(!counts.contains_key("10.0.0.1:8080"), "{counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 30);
     // Back after its ejection time (30 s); the second ejection lasts twice as long.
-    let later = now + std::time::Duration::from_secs(31);
+    let later = now + Duration::from_secs(31);
     let mut candidates: Vec<&mesh_cluster::Endpoint> = super::candidates(&svc, 80, &policy);
     balancer.leave_out_ejected(
         &mut candidates,
@@ -229,7 +340,7 @@ fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
     record(Answer::Status(500), later);
     record(Answer::Status(500), later);
     let mut candidates = super::candidates(&svc, 80, &policy);
-    let after_first_length = later + std::time::Duration::from_secs(31);
+    let after_first_length = later + Duration::from_secs(31);
     balancer.leave_out_ejected(
         &mut candidates,
         policy.outlier_detection.as_ref().unwrap(),
