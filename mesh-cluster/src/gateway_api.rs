@@ -42,6 +42,7 @@ use super::{
     schema::{deserialize_checked, Checked, List, Parsed},
 };
 
+pub(crate) mod cors_fields;
 mod de_fields;
 
 /// `apiVersion`s of `HTTPRoute` read.
@@ -205,6 +206,10 @@ pub enum RouteSchemaError {
     EmptyMethodMatch,
     #[error("filter type {0} is not a GRPCRoute filter")]
     NotGrpcFilter(FilterType),
+    #[error("{0:?} is not a CORS origin (`*`, or http(s)://host[:port] with `*` or `*.` before the host's name)")]
+    Origin(String),
+    #[error("{0:?} is not an HTTP method")]
+    Method(String),
     #[error("{0:?} is not a gRPC status name (OK, CANCELLED, UNKNOWN, …, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED, in capitals)")]
     GrpcStatus(String),
     #[error("cookie {what} {value:?} {problem}")]
@@ -343,6 +348,15 @@ pub enum StringMatch {
     Not(Box<StringMatch>),
 }
 
+/// A route's CORS policy: its origins matched as the route's other strings.
+pub type RouteCors = crate::cors::CorsPolicy<StringMatch>;
+
+impl crate::cors::OriginMatch for StringMatch {
+    fn matches(&self, origin: &str) -> bool {
+        self.admits(Some(origin))
+    }
+}
+
 impl StringMatch {
     /// Whether it holds a regular expression.
     fn has_pattern(&self) -> bool {
@@ -468,6 +482,9 @@ pub enum Filter {
     UrlRewrite(Rewrite),
     /// A copy of the request sent to another backend, its answer dropped.
     RequestMirror(Mirror),
+    /// Cross-origin resource sharing: preflights answered, answers marked (`CORS`, or a
+    /// `VirtualService`'s `corsPolicy`).
+    Cors(Box<RouteCors>),
 }
 
 impl Filter {
@@ -479,6 +496,7 @@ impl Filter {
             Filter::RequestRedirect(_) => FilterType::RequestRedirect,
             Filter::UrlRewrite(_) => FilterType::UrlRewrite,
             Filter::RequestMirror(_) => FilterType::RequestMirror,
+            Filter::Cors(_) => FilterType::Cors,
         }
     }
 }

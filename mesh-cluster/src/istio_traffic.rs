@@ -7,7 +7,7 @@
 //!
 //! Checked when parsed, each error naming the field path and the line: every struct refuses
 //! fields it does not know, and the fields of features this waypoint does not implement
-//! (`tcp`, `tls`, `corsPolicy`, `delegate`, `directResponse`, `sourceLabels`, …) are refused by
+//! (`tcp`, `tls`, `delegate`, `directResponse`, `sourceLabels`, …) are refused by
 //! name rather than ignored; `gateways` other than `mesh` make the `VirtualService` an ingress
 //! one, skipped by the waypoint; string matches set at most one of `exact`, `prefix`, `regex`
 //! (none: Istio's presence match); regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
@@ -75,6 +75,8 @@ pub struct VsHttpRoute {
     /// `mirrorPercentage.value`; all requests when a mirror is set without it.
     pub mirror_percentage: Option<f64>,
     pub headers: VsHeaders,
+    /// `corsPolicy`.
+    pub cors: Option<crate::gateway_api::RouteCors>,
 }
 
 /// A `match`.
@@ -119,6 +121,19 @@ pub enum VsString {
     Regex(Pattern),
     /// `{}`: Istio's presence match (the header or parameter is there, whatever its value).
     Present,
+}
+
+impl VsString {
+    /// The same condition as a route's string match.
+    pub(crate) fn to_match(&self) -> crate::gateway_api::StringMatch {
+        use crate::gateway_api::StringMatch;
+        match self {
+            VsString::Exact(v) => StringMatch::Exact(v.clone()),
+            VsString::Prefix(v) => StringMatch::Prefix(v.clone()),
+            VsString::Regex(p) => StringMatch::Regex(p.clone()),
+            VsString::Present => StringMatch::Present,
+        }
+    }
 }
 
 /// A `route` entry.

@@ -51,6 +51,7 @@ mod assemble;
 pub mod authn;
 pub mod authz;
 mod by_kind;
+pub mod cors;
 mod decision;
 mod endpoints;
 mod error;

@@ -35,6 +35,7 @@ mod admin;
 mod balance;
 mod body;
 mod breaker;
+mod cors;
 mod filters;
 mod grpc_reply;
 mod jwks;

@@ -28,6 +28,7 @@ use crate::{
     balance::{Answer, Keys},
     body::full,
     breaker::Overflow,
+    cors::Cors,
     filters::{modify_headers, redirect_location, replace_path, request_authority},
     grpc_reply::{for_grpc, GrpcCode, LocalReply},
     ratelimit::Limited,
@@ -455,7 +456,18 @@ async fn route(
         }
         RouteDecision::NoMatch => local(StatusCode::NOT_FOUND, Flag::NoRoute, "no route matches"),
         RouteDecision::Matched { rule, matched, .. } => {
-            matched_rule(ctx, rule, matched, request, port, source).await
+            // CORS first, as Envoy's filter runs before the route's: a preflight it answers
+            // goes nowhere; the marks go on whatever answer the rule gives (a redirect, a fault).
+            let marks = match crate::cors::check(rule, &request) {
+                Some(Cors::Answered(response)) => return response,
+                Some(Cors::Mark(marks)) => Some(marks),
+                None => None,
+            };
+            let mut response = matched_rule(ctx, rule, matched, request, port, source).await;
+            if let Some(marks) = marks {
+                crate::cors::mark(&mut response, &marks);
+            }
+            response
         }
     }
 }
@@ -495,6 +507,8 @@ async fn matched_rule(
                 return redirect_response(status, &location);
             }
             Filter::UrlRewrite(rewrite) => rewrite_request(&mut request, rewrite, matched),
+            // Applied before the rule ([`crate::cors`]).
+            Filter::Cors(_) => {}
             Filter::RequestMirror(mirror) => {
                 if let Some(backend) = mirrors.next() {
                     plan.mirrors
@@ -545,8 +559,11 @@ async fn matched_rule(
         match filter {
             Filter::RequestHeaderModifier(m) => modify_headers(request.headers_mut(), m),
             Filter::ResponseHeaderModifier(m) => plan.response_headers.push(m),
-            // Parsing refuses redirects, rewrites and mirrors on a backend.
-            Filter::RequestRedirect(_) | Filter::UrlRewrite(_) | Filter::RequestMirror(_) => {}
+            // Parsing refuses any other filter on a backend.
+            Filter::RequestRedirect(_)
+            | Filter::UrlRewrite(_)
+            | Filter::RequestMirror(_)
+            | Filter::Cors(_) => {}
         }
     }
     let mut response = send(ctx, &chosen.backend, request, plan, source).await;

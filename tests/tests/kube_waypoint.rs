@@ -122,6 +122,7 @@ fn route(default: &str) -> DynamicObject {
             "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
             "rules": [
                 {"matches": [{"headers": [{"name": "x-version", "value": "v2"}]}],
+                 "filters": [{"type": "CORS", "cors": {"allowOrigins": ["https://*.example"]}}],
                  "backendRefs": [{"name": "web-v2", "port": 80}]},
                 {"backendRefs": [{"name": default, "port": 80}]},
             ],
@@ -277,11 +278,34 @@ fn ab_requests(mesh: &KubeMesh, vip: &str) {
         "for i in $(seq 1 10); do curl -sS --max-time 10 http://{vip}/a -w '\\n' || exit 1; done; \
          for i in $(seq 1 5); do curl -sS --max-time 10 -H 'x-version: v2' http://{vip}/b -w '\\n' || exit 1; done"
     );
-    client(mesh, "ab", "n0", &script);
+    // The A/B rule's `CORS` filter, as the API server stores it (its `maxAge` default of 5
+    // filled in): a preflight answered, and an answer marked, for an origin it allows.
+    let cors = format!(
+        "{script}; curl -sS --max-time 10 -o /dev/null -D - -X OPTIONS -H 'x-version: v2' \
+         -H 'origin: https://app.example' -H 'access-control-request-method: GET' http://{vip}/p \
+         && curl -sS --max-time 10 -o /dev/null -D - -H 'x-version: v2' \
+         -H 'origin: https://app.example' http://{vip}/q"
+    );
+    client(mesh, "ab", "n0", &cors);
     let seen = backends(mesh, 0, "ab");
     assert_eq!(seen.len(), 15, "{seen:?}");
     assert!(seen[..10].iter().all(|b| b == "v1"), "{seen:?}");
     assert!(seen[10..].iter().all(|b| b == "v2"), "header A/B: {seen:?}");
+    let lines: Vec<String> = mesh.kubelets[0]
+        .logs(NS, "ab", "client")
+        .iter()
+        .map(|l| l.trim().to_ascii_lowercase())
+        .collect();
+    let origin = "access-control-allow-origin: https://app.example";
+    assert_eq!(
+        lines.iter().filter(|l| *l == origin).count(),
+        2,
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "access-control-max-age: 5"),
+        "{lines:?}"
+    );
 }
 
 /// The route changed through the API (the default to v2) applies.

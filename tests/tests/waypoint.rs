@@ -2284,3 +2284,105 @@ fn sticky_sessions_presence_matches_and_grpc_aborts() {
     let aborted = [("response_flags", "FI"), ("grpc_response_status", "14")];
     assert_eq!(count(&samples, "istio_requests_total", &aborted), 1);
 }
+
+/// The value of header `name` in an answer's head, if there.
+fn header_in(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+#[test]
+fn cors_preflights_are_answered_and_answers_marked_for_allowed_origins() {
+    // Before, a `VirtualService` with `corsPolicy` (and an `HTTPRoute` with a `CORS` filter) was
+    // refused whole: a browser application's Service lost its routes.
+    let istio = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http:\n  - name: app\n    corsPolicy:\n      allowOrigins: [{{exact: \"https://app.example\"}}, {{regex: 'https://[a-z]+\\.shop\\.example'}}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-user]\n      exposeHeaders: [x-trace]\n      maxAge: 1h\n      allowCredentials: true\n    route: [{{destination: {{host: web}}}}]\n"
+    );
+    let bed = bed(&istio);
+    let client = bed.client().clone();
+    let total = |bed: &Bed| served(&bed.backends[0]) + served(&bed.backends[1]);
+    let preflight = |origin: &str| {
+        let out = curl_raw(
+            &client,
+            &[
+                "-i",
+                "-X",
+                "OPTIONS",
+                "-H",
+                &format!("origin: {origin}"),
+                "-H",
+                "access-control-request-method: POST",
+                "-H",
+                "access-control-request-headers: x-user",
+                &url("/api"),
+            ],
+        );
+        out.split_once("\r\n\r\n")
+            .map_or(out.clone(), |(h, _)| h.to_owned())
+    };
+
+    // A preflight from an allowed origin: answered by the waypoint, never forwarded.
+    let before = total(&bed);
+    for origin in ["https://app.example", "https://eu.shop.example"] {
+        let head = preflight(origin);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let expected = [
+            ("access-control-allow-origin", origin),
+            ("access-control-allow-methods", "GET,POST"),
+            ("access-control-allow-headers", "x-user"),
+            ("access-control-max-age", "3600"),
+            ("access-control-allow-credentials", "true"),
+        ];
+        for (name, value) in expected {
+            assert_eq!(
+                header_in(&head, name).as_deref(),
+                Some(value),
+                "{name} in {head}"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(total(&bed), before, "preflights answered at the waypoint");
+
+    // A request from an allowed origin: the backend's answer, marked.
+    let (status, head, body) =
+        curl_answer(&client, "/api", &["origin: https://app.example".to_owned()]);
+    assert_eq!(status, 200, "{head}");
+    assert!(body.contains("\"backend\""), "{body}");
+    assert_eq!(
+        header_in(&head, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        header_in(&head, "access-control-expose-headers").as_deref(),
+        Some("x-trace")
+    );
+
+    // Another origin: its request served unmarked, its preflight forwarded (FORWARD, the
+    // default) and answered by the backend without CORS headers.
+    for origin in ["https://evil.example", "https://app.example.evil"] {
+        let (status, head, _) = curl_answer(&client, "/api", &[format!("origin: {origin}")]);
+        assert_eq!(status, 200);
+        assert_eq!(
+            header_in(&head, "access-control-allow-origin"),
+            None,
+            "{head}"
+        );
+        let before = total(&bed);
+        let head = preflight(origin);
+        assert_eq!(
+            header_in(&head, "access-control-allow-origin"),
+            None,
+            "{head}"
+        );
+        assert_eq!(
+            served_settled(&[&bed.backends[0], &bed.backends[1]], before + 1)
+                .iter()
+                .sum::<usize>(),
+            before + 1,
+            "forwarded"
+        );
+    }
+}

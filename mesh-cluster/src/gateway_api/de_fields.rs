@@ -332,7 +332,7 @@ pub(crate) struct FilterFields {
     request_mirror: Option<MirrorFields>,
     extension_ref: Option<IgnoredAny>,
     #[serde(rename = "cors")]
-    cors: Option<IgnoredAny>,
+    cors: Option<super::cors_fields::CorsFilterFields>,
     external_auth: Option<IgnoredAny>,
 }
 
@@ -424,7 +424,15 @@ impl Checked for Filter {
                         field: "requestMirror",
                     })?,
             ),
-            kind @ (FilterType::ExtensionRef | FilterType::Cors | FilterType::ExternalAuth) => {
+            FilterType::Cors => Filter::Cors(Box::new(
+                f.cors
+                    .ok_or(RouteSchemaError::FilterField {
+                        kind: f.kind,
+                        field: "cors",
+                    })?
+                    .check()?,
+            )),
+            kind @ (FilterType::ExtensionRef | FilterType::ExternalAuth) => {
                 return Err(RouteSchemaError::UnsupportedFilter(kind))
             }
         })
@@ -691,12 +699,14 @@ impl Checked for BackendRef {
             w => return Err(RouteSchemaError::Weight(w)),
         };
         check_count(&f.filters.0, 16)?;
-        if let Some(filter) = f
-            .filters
-            .0
-            .iter()
-            .find(|filter| matches!(filter, Filter::RequestRedirect(_) | Filter::UrlRewrite(_)))
-        {
+        if let Some(filter) = f.filters.0.iter().find(|filter| {
+            !matches!(
+                filter,
+                Filter::RequestHeaderModifier(_) | Filter::ResponseHeaderModifier(_)
+            )
+        }) {
+            // A backend's own filters: header modifiers (Gateway API's core support), nothing
+            // that would be dropped unseen.
             return Err(RouteSchemaError::UnsupportedFilter(filter.kind()));
         }
         Ok(Self {
@@ -848,7 +858,7 @@ fn check_section_name(name: &str) -> Result<(), RouteSchemaError> {
 }
 
 /// An HTTP header or query parameter name (an RFC 7230 token, at most 256 characters).
-fn header_name(name: String) -> Result<String, RouteSchemaError> {
+pub(super) fn header_name(name: String) -> Result<String, RouteSchemaError> {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
         return Err(RouteSchemaError::HeaderName(name));
@@ -916,12 +926,12 @@ impl Checked for GrpcRule {
     const WHAT: &'static str = "a rule";
 
     fn check(f: GrpcRuleFields) -> Result<Self, RouteSchemaError> {
-        if let Some(filter) = f
-            .filters
-            .0
-            .iter()
-            .find(|filter| matches!(filter, Filter::RequestRedirect(_) | Filter::UrlRewrite(_)))
-        {
+        if let Some(filter) = f.filters.0.iter().find(|filter| {
+            matches!(
+                filter,
+                Filter::RequestRedirect(_) | Filter::UrlRewrite(_) | Filter::Cors(_)
+            )
+        }) {
             return Err(RouteSchemaError::NotGrpcFilter(filter.kind()));
         }
         let rule = RouteRule::check(RuleFields {

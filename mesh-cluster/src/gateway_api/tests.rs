@@ -174,6 +174,55 @@ fn defaults() {
 }
 
 #[test]
+fn cors_and_backend_filter_errors_name_field_and_line() {
+    assert_parse_errors(&[
+        ("  rules:\n  - filters: [{type: CORS, cors: {allowOrigins: [\"https://*.a.com/x\"]}}]\n", &["spec.rules[0].filters[0]: \"https://*.a.com/x\" is not a CORS origin", "line 8"]),
+        ("  rules:\n  - filters: [{type: CORS, cors: {allowOrigins: [\"ftp://a.com\"]}}]\n", &["\"ftp://a.com\" is not a CORS origin"]),
+        ("  rules:\n  - filters: [{type: CORS, cors: {allowMethods: [GET, \"*\"]}}]\n", &["\"*\" is not an HTTP method"]),
+        ("  rules:\n  - filters: [{type: CORS, cors: {allowHeaders: [\"x a\"]}}]\n", &["\"x a\" is not an HTTP header"]),
+        ("  rules:\n  - filters: [{type: CORS, cors: {maxAge: 0}}]\n", &["maxAge must not be negative or over"]),
+        ("  rules:\n  - filters: [{type: CORS, cors: {}}, {type: CORS, cors: {}}]\n", &["a rule has at most one CORS filter"]),
+        ("  rules:\n  - backendRefs: [{name: web, port: 80, filters: [{type: RequestMirror, requestMirror: {backendRef: {name: b, port: 80}}}]}]\n", &["filter type RequestMirror is not supported"]),
+    ]);
+}
+
+#[test]
+fn cors_filters_read_as_gateway_api_writes_them() {
+    let route = parse_one(&doc(
+        "  rules:\n  - filters:\n    - type: CORS\n      cors:\n        allowOrigins: [\"https://www.foo.com\", \"https://*.bar.com\", \"http://*:8080\"]\n        allowMethods: [GET, OPTIONS]\n        allowHeaders: [x-header-1]\n        exposeHeaders: [x-header-3]\n        allowCredentials: true\n",
+    ));
+    let Filter::Cors(cors) = &route.spec.rules[0].filters[0] else {
+        panic!("{route:?}");
+    };
+    for (origin, allowed) in [
+        ("https://www.foo.com", true),
+        ("https://www.bar.com", true),
+        ("https://xpto.www.bar.com", true),
+        ("http://a.example:8080", true),
+        ("https://bar.com", false),
+        ("https://www.bar.com.evil", false),
+        ("https://evil-bar.com", false),
+        ("http://www.bar.com", false),
+        ("http://a.example", false),
+        ("https://www.foo.com:443", false),
+    ] {
+        assert_eq!(cors.allows(origin), allowed, "{origin}");
+    }
+    assert_eq!(cors.max_age, Some(5), "Gateway API's default");
+    assert!(cors.allow_credentials);
+    // `*` alone allows any origin.
+    let any = parse_one(&doc(
+        "  rules:\n  - filters: [{type: CORS, cors: {allowOrigins: [\"*\"], allowMethods: [\"*\"], maxAge: 600}}]\n",
+    ));
+    let Filter::Cors(any) = &any.spec.rules[0].filters[0] else {
+        panic!("{any:?}");
+    };
+    assert!(any.allows("https://anything.example:1234"));
+    assert_eq!(any.allow_methods, crate::cors::Allowed::Any);
+    assert_eq!(any.max_age, Some(600));
+}
+
+#[test]
 fn durations() {
     assert_eq!(
         parse_duration("1h2m3s4ms").ok(),
@@ -287,7 +336,6 @@ fn schema_errors_name_field_and_line() {
             &["field `urlRewrite` does not go with type RequestMirror"],
         ),
         ("  rules:\n  - filters: [{type: ExtensionRef, extensionRef: {group: a, kind: b, name: c}}]\n", &["filter type ExtensionRef is not supported"]),
-        ("  rules:\n  - filters: [{type: CORS, cors: {}}]\n", &["filter type CORS is not supported"]),
         (
             "  rules:\n  - filters:\n    - {type: RequestRedirect, requestRedirect: {hostname: a.b}}\n    - {type: URLRewrite, urlRewrite: {hostname: c.d}}\n",
             &["spec.rules[0]: a rule cannot have both a RequestRedirect and a URLRewrite filter"],

@@ -285,6 +285,9 @@ impl HttpRouteIndex {
                 .collect()
         };
         let mut filters = Vec::new();
+        if let Some(cors) = &http.cors {
+            filters.push(Filter::Cors(Box::new(cors.clone())));
+        }
         filters.extend(header_filters(
             &http.headers.request,
             &http.headers.response,
@@ -392,12 +395,7 @@ impl HttpRouteIndex {
                 return None;
             }
         };
-        let value = |value: &VsString| match value {
-            VsString::Exact(v) => StringMatch::Exact(v.clone()),
-            VsString::Prefix(v) => StringMatch::Prefix(v.clone()),
-            VsString::Regex(p) => StringMatch::Regex(p.clone()),
-            VsString::Present => StringMatch::Present,
-        };
+        let value = VsString::to_match;
         let condition = |name: &str, matched: StringMatch| ValueMatch {
             name: name.to_owned(),
             value: matched,

@@ -12,7 +12,8 @@ use super::{
     VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget, GRPC_STATUS_NAMES,
 };
 use crate::{
-    gateway_api::{Pattern, RetryOn, RouteSchemaError},
+    cors::{Allowed, CorsPolicy, UnmatchedPreflights},
+    gateway_api::{cors_fields, Pattern, RetryOn, RouteCors, RouteSchemaError, StringMatch},
     meta::{nullable, Labels},
     schema::{Checked, List, Parsed},
 };
@@ -94,7 +95,7 @@ pub(crate) struct HttpFields {
     mirror: Option<VsTarget>,
     mirror_percentage: Option<PercentFields>,
     headers: Option<HeadersFields>,
-    cors_policy: Option<IgnoredAny>,
+    cors_policy: Option<CorsFields>,
     delegate: Option<IgnoredAny>,
     direct_response: Option<IgnoredAny>,
     mirrors: Option<IgnoredAny>,
@@ -106,7 +107,6 @@ impl Checked for VsHttpRoute {
     const WHAT: &'static str = "an http route";
 
     fn check(f: HttpFields) -> Result<Self, RouteSchemaError> {
-        refuse(f.cors_policy.as_ref(), "corsPolicy")?;
         refuse(f.delegate.as_ref(), "delegate")?;
         refuse(f.direct_response.as_ref(), "directResponse")?;
         refuse(f.mirrors.as_ref(), "mirrors")?;
@@ -140,6 +140,54 @@ impl Checked for VsHttpRoute {
                 .map(|p| percentage(p.value))
                 .transpose()?,
             headers: f.headers.map(HeadersFields::check).unwrap_or_default(),
+            cors: f.cors_policy.map(CorsFields::check).transpose()?,
+        })
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CorsFields {
+    allow_origins: List<VsString>,
+    /// Deprecated in Istio for `allowOrigins`: exact origins, `*` any.
+    allow_origin: List<String>,
+    allow_methods: List<String>,
+    allow_headers: List<String>,
+    expose_headers: List<String>,
+    max_age: Option<Parsed<IstioDuration>>,
+    allow_credentials: Option<bool>,
+    unmatched_preflights: Option<String>,
+}
+
+impl CorsFields {
+    fn check(self) -> Result<RouteCors, RouteSchemaError> {
+        let allow_origins = self
+            .allow_origins
+            .0
+            .iter()
+            .map(VsString::to_match)
+            .chain(self.allow_origin.0.into_iter().map(StringMatch::Exact))
+            .collect();
+        let unmatched_preflights = match self.unmatched_preflights.as_deref() {
+            None | Some("UNSPECIFIED" | "FORWARD") => UnmatchedPreflights::Forward,
+            Some("IGNORE") => UnmatchedPreflights::Ignore,
+            Some(_) => {
+                return Err(RouteSchemaError::OneOf(
+                    "FORWARD, IGNORE for `unmatchedPreflights`",
+                ))
+            }
+        };
+        Ok(CorsPolicy {
+            allow_origins,
+            allow_methods: cors_fields::methods(self.allow_methods.0)?,
+            allow_headers: cors_fields::header_names(self.allow_headers.0, true)?,
+            expose_headers: match cors_fields::header_names(self.expose_headers.0, true)? {
+                Allowed::Any => vec!["*".to_owned()],
+                Allowed::Listed(list) => list,
+            },
+            max_age: self.max_age.map(|age| age.0 .0.as_secs()),
+            allow_credentials: self.allow_credentials.unwrap_or(false),
+            unmatched_preflights,
         })
     }
 }

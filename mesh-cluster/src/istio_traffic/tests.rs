@@ -463,8 +463,8 @@ fn checks_name_the_field_and_line() {
             &["VirtualService shop/web: spec", "at most 64 regular expressions across all rules, found 65"],
         ),
         (
-            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {}\n"),
-            &["VirtualService shop/web: spec.http[0]: `corsPolicy` is not supported", "line 9"],
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    delegate: {name: other}\n"),
+            &["VirtualService shop/web: spec.http[0]: `delegate` is not supported", "line 9"],
         ),
         (vs("  hosts: [web]\n  tcp: []\n"), &["`tcp` is not supported"]),
         (
@@ -541,6 +541,18 @@ fn match_abort_and_cookie_checks_name_the_field_and_line() {
         (
             vs("  hosts: [web]\n  http:\n  - match: [{withoutHeaders: {x-a: {exact: a, regex: b}}}]\n    route: [{destination: {host: web}}]\n"),
             &["spec.http[0].match[0].withoutHeaders.x-a: set exactly one of `exact`, `prefix`, `regex`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {allowMethods: [\"GET POST\"]}\n"),
+            &["spec.http[0]: \"GET POST\" is not an HTTP method"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {exposeHeaders: [\"x\\r\\nset-cookie: a=b\"]}\n"),
+            &["is not an HTTP header or parameter name"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {unmatchedPreflights: DROP}\n"),
+            &["set exactly one of FORWARD, IGNORE for `unmatchedPreflights`"],
         ),
         (
             dr("  host: web\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: \"a;b\", ttl: 0s}}}}\n"),
@@ -759,6 +771,52 @@ fn matches_on_presence_absence_authority_and_scheme_and_a_grpc_abort() {
     assert_eq!(rule(&[], web).0, "not-internal");
     assert_eq!(rule(&[], Some("other.shop")).0, "rest");
     assert_eq!(rule(&[], None).0, "rest", "no authority: its match fails");
+}
+
+#[test]
+fn a_cors_policy_reads_as_istio_writes_it_and_goes_first_among_the_filters() {
+    let state = cluster(&[vs(r#"  hosts: [web]
+  http:
+  - name: app
+    corsPolicy:
+      allowOrigins: [{exact: "https://app.example"}, {regex: 'https://.*\.shop\.example'}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-user]
+      exposeHeaders: [x-trace]
+      maxAge: 24h
+      allowCredentials: true
+      unmatchedPreflights: IGNORE
+    headers: {response: {set: {x-served: waypoint}}}
+    route: [{destination: {host: web}}]
+"#)]);
+    let RouteDecision::Matched { rule, .. } = decide(&state, "/", &[]) else {
+        panic!("app");
+    };
+    let [Filter::Cors(cors), Filter::ResponseHeaderModifier(_)] = rule.filters.as_slice() else {
+        panic!("{:?}", rule.filters);
+    };
+    assert!(cors.allows("https://app.example") && cors.allows("https://a.shop.example"));
+    assert!(!cors.allows("https://app.example.evil"));
+    assert_eq!(cors.max_age, Some(86_400));
+    assert!(cors.allow_credentials);
+    assert_eq!(
+        cors.unmatched_preflights,
+        crate::cors::UnmatchedPreflights::Ignore
+    );
+    // The deprecated `allowOrigin`: `*` allows every origin.
+    let objects = parse_documents(
+        "istio.yaml",
+        &vs("  hosts: [web]\n  http:\n  - corsPolicy: {allowOrigin: [\"*\"]}\n    route: [{destination: {host: web}}]\n"),
+    )
+    .expect("parses");
+    let Object::VirtualService(vs) = &objects[0] else {
+        panic!("{objects:?}");
+    };
+    assert!(vs.spec.http[0]
+        .cors
+        .as_ref()
+        .unwrap()
+        .allows("https://any.example"));
 }
 
 #[test]
