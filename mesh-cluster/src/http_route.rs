@@ -94,6 +94,9 @@ pub struct ResolvedRule {
     pub retry: Option<Retry>,
     /// A `VirtualService`'s `fault`: delays and aborts the waypoint injects.
     pub fault: Option<crate::istio_traffic::Fault>,
+    /// A `VirtualService`'s `directResponse`: answered by the waypoint after the filters and
+    /// faults, sent nowhere.
+    pub direct_response: Option<crate::istio_traffic::DirectResponse>,
     /// Sum of the backends' weights.
     total_weight: u64,
 }
@@ -595,6 +598,7 @@ fn resolve_rule(
         timeouts: rule.timeouts,
         retry: rule.retry.clone(),
         fault: None,
+        direct_response: None,
     }
 }
 

@@ -7,7 +7,7 @@
 //!
 //! Checked when parsed, each error naming the field path and the line: every struct refuses
 //! fields it does not know, and the fields of features this waypoint does not implement
-//! (`tcp`, `tls`, `delegate`, `directResponse`, `sourceLabels`, …) are refused by
+//! (`tcp`, `tls`, `delegate`, `sourceLabels`, …) are refused by
 //! name rather than ignored; `gateways` other than `mesh` make the `VirtualService` an ingress
 //! one, skipped by the waypoint; string matches set at most one of `exact`, `prefix`, `regex`
 //! (none: Istio's presence match); regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
@@ -71,9 +71,11 @@ pub struct VsHttpRoute {
     pub timeout: Option<Duration>,
     pub retries: Option<VsRetries>,
     pub fault: Option<Fault>,
-    pub mirror: Option<VsTarget>,
-    /// `mirrorPercentage.value`; all requests when a mirror is set without it.
-    pub mirror_percentage: Option<f64>,
+    /// `mirror` with `mirrorPercentage.value` (all requests without it), or `mirrors`, each
+    /// with its `percentage`.
+    pub mirrors: Vec<(VsTarget, f64)>,
+    /// `directResponse`: answered by the waypoint, sent nowhere.
+    pub direct_response: Option<DirectResponse>,
     pub headers: VsHeaders,
     /// `corsPolicy`.
     pub cors: Option<crate::gateway_api::RouteCors>,
@@ -167,6 +169,18 @@ pub struct VsHeaderOps {
     pub add: BTreeMap<String, String>,
     pub remove: Vec<String>,
 }
+
+/// `directResponse`: the status and body the waypoint answers with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectResponse {
+    /// `status`: 200-599.
+    pub status: u16,
+    /// `body.string` or `body.bytes` (at most [`DIRECT_RESPONSE_LIMIT`]); empty without.
+    pub body: std::sync::Arc<[u8]>,
+}
+
+/// The largest `directResponse` body read (Istio's limit).
+pub const DIRECT_RESPONSE_LIMIT: usize = 1 << 20;
 
 /// `redirect`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -57,11 +57,11 @@ pub use super::istio_envoy_filter::{
 };
 use super::istio_traffic::ISTIO_NETWORKING_VERSIONS;
 pub use super::istio_traffic::{
-    parse_istio_duration, Abort, ConnectionPool, DestinationRule, DestinationRuleSpec, Fault,
-    HashCookie, HashKey, Http2Keepalive, LoadBalancer, OutlierDetection, PolicyParts, PortPolicy,
-    Subset, TcpKeepalive, TrafficPolicy, VirtualService, VirtualServiceSpec, VsDestination,
-    VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
-    VsTarget,
+    parse_istio_duration, Abort, ConnectionPool, DestinationRule, DestinationRuleSpec,
+    DirectResponse, Fault, HashCookie, HashKey, Http2Keepalive, LoadBalancer, OutlierDetection,
+    PolicyParts, PortPolicy, Subset, TcpKeepalive, TrafficPolicy, VirtualService,
+    VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect,
+    VsRetries, VsRewrite, VsString, VsTarget,
 };
 use super::reference_grant::REFERENCE_GRANT_VERSIONS;
 pub use super::reference_grant::{GrantFrom, GrantTo, ReferenceGrant, ReferenceGrantSpec};

@@ -548,6 +548,13 @@ async fn matched_rule(
             }
         }
     }
+    if let Some(direct) = &rule.direct_response {
+        let mut response = direct_response(direct);
+        for modifier in &plan.response_headers {
+            modify_headers(response.headers_mut(), modifier);
+        }
+        return response;
+    }
     let Some(chosen) = rule.pick_backend(fastrand::u64(..)) else {
         return local(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -1097,6 +1104,21 @@ pub(crate) fn local(status: StatusCode, flag: Flag, text: &'static str) -> Respo
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// A `VirtualService`'s `directResponse`: its status and body (`text/plain` when it has one and
+/// the rule's response headers set no other, as Envoy answers), the flag none.
+fn direct_response(direct: &mesh_cluster::k8s::DirectResponse) -> Response<Body> {
+    let body = Bytes::from_owner(Arc::clone(&direct.body));
+    let empty = body.is_empty();
+    let mut response = Response::new(full(body));
+    *response.status_mut() = StatusCode::from_u16(direct.status).unwrap_or(StatusCode::OK);
+    if !empty {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
     response
 }
 

@@ -2386,3 +2386,40 @@ fn cors_preflights_are_answered_and_answers_marked_for_allowed_origins() {
         );
     }
 }
+
+#[test]
+fn direct_responses_and_several_mirrors_of_a_virtual_service() {
+    // Before, `directResponse` and `mirrors` refused the `VirtualService` whole.
+    let istio = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http:\n  - name: down\n    match: [{{uri: {{prefix: /down}}}}]\n    directResponse: {{status: 503, body: {{string: '{{\"error\": \"down for maintenance\"}}'}}}}\n    headers: {{response: {{set: {{content-type: application/json}}}}}}\n  - name: shadowed\n    route: [{{destination: {{host: web, subset: v1}}}}]\n    mirrors:\n    - {{destination: {{host: web, subset: v2}}, percentage: {{value: 100}}}}\n    - {{destination: {{host: web, subset: v2}}, percentage: {{value: 0}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    let bed = bed(&istio);
+    let client = bed.client().clone();
+    let pods = [&bed.backends[0], &bed.backends[1]];
+
+    // The direct response: its status, body and the rule's response header; no backend sees it.
+    let (status, head, body) = curl_answer(&client, "/down/now", &[]);
+    assert_eq!(
+        (status, body.as_str()),
+        (503, r#"{"error": "down for maintenance"}"#)
+    );
+    assert_eq!(
+        header_in(&head, "content-type").as_deref(),
+        Some("application/json"),
+        "{head}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(served_settled(&pods, 0), [0, 0], "answered at the waypoint");
+
+    // Ten requests answered by v1, each mirrored once to v2 (the second mirror at 0 %).
+    let urls: Vec<String> = (0..10).map(|i| url(&format!("/shadow/{i}"))).collect();
+    let answered = curl(&client, &urls);
+    assert_eq!(backends(&answered), BTreeMap::from([("v1".to_owned(), 10)]));
+    assert_eq!(
+        served_settled(&pods, 20),
+        [10, 10],
+        "one mirror each at 100 %, none at 0 %"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(served(&bed.backends[1]), 10);
+}

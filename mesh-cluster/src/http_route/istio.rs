@@ -308,10 +308,10 @@ impl HttpRouteIndex {
             }));
         }
         let mut mirrors = Vec::new();
-        if let Some(mirror) = &http.mirror {
+        for (mirror, share) in &http.mirrors {
             // Percent with four decimals, as a fraction of a million.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0-100 checked.
-            let numerator = (http.mirror_percentage.unwrap_or(100.0) * 10_000.0).round() as u32;
+            let numerator = (share * 10_000.0).round() as u32;
             filters.push(Filter::RequestMirror(Mirror {
                 backend: placeholder_target(&mirror.host),
                 numerator,
@@ -359,6 +359,7 @@ impl HttpRouteIndex {
             },
             retry,
             fault: http.fault.clone(),
+            direct_response: http.direct_response.clone(),
         }
     }
 

@@ -7,9 +7,10 @@ use serde::{de::IgnoredAny, Deserialize};
 use super::{
     istio_port, percentage,
     policy::{PortPolicy, TrafficPolicyFields},
-    refuse, unsupported, Abort, ConnectionPool, DestinationRuleSpec, Fault, HashCookie, HashKey,
-    IstioDuration, LoadBalancer, Subset, VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders,
-    VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString, VsTarget, GRPC_STATUS_NAMES,
+    refuse, unsupported, Abort, ConnectionPool, DestinationRuleSpec, DirectResponse, Fault,
+    HashCookie, HashKey, IstioDuration, LoadBalancer, Subset, VirtualServiceSpec, VsDestination,
+    VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
+    VsTarget, DIRECT_RESPONSE_LIMIT, GRPC_STATUS_NAMES,
 };
 use crate::{
     cors::{Allowed, CorsPolicy, UnmatchedPreflights},
@@ -94,11 +95,58 @@ pub(crate) struct HttpFields {
     fault: Option<FaultFields>,
     mirror: Option<VsTarget>,
     mirror_percentage: Option<PercentFields>,
+    mirrors: List<MirrorFields>,
     headers: Option<HeadersFields>,
     cors_policy: Option<CorsFields>,
     delegate: Option<IgnoredAny>,
-    direct_response: Option<IgnoredAny>,
-    mirrors: Option<IgnoredAny>,
+    direct_response: Option<DirectResponseFields>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MirrorFields {
+    destination: VsTarget,
+    percentage: Option<PercentFields>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DirectResponseFields {
+    status: i64,
+    body: Option<BodyFields>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct BodyFields {
+    string: Option<String>,
+    /// base64, as protobuf's JSON writes bytes.
+    bytes: Option<k8s_openapi::ByteString>,
+}
+
+impl DirectResponseFields {
+    fn check(self) -> Result<DirectResponse, RouteSchemaError> {
+        let status = match self.status {
+            code @ 200..=599 => u16::try_from(code).unwrap_or(500),
+            code => return Err(RouteSchemaError::Status(code)),
+        };
+        let body: Vec<u8> = match self.body.map(|b| (b.string, b.bytes)) {
+            None => Vec::new(),
+            Some((Some(text), None)) => text.into_bytes(),
+            Some((None, Some(bytes))) => bytes.0,
+            Some(_) => return Err(RouteSchemaError::OneOf("`string`, `bytes` in `body`")),
+        };
+        if body.len() > DIRECT_RESPONSE_LIMIT {
+            return Err(RouteSchemaError::TooMany {
+                max: DIRECT_RESPONSE_LIMIT,
+                found: body.len(),
+            });
+        }
+        Ok(DirectResponse {
+            status,
+            body: body.into(),
+        })
+    }
 }
 
 impl Checked for VsHttpRoute {
@@ -108,13 +156,35 @@ impl Checked for VsHttpRoute {
 
     fn check(f: HttpFields) -> Result<Self, RouteSchemaError> {
         refuse(f.delegate.as_ref(), "delegate")?;
-        refuse(f.direct_response.as_ref(), "directResponse")?;
-        refuse(f.mirrors.as_ref(), "mirrors")?;
-        if f.redirect.is_some() && !f.route.0.is_empty() {
-            return Err(RouteSchemaError::OneOf("`route` and `redirect`"));
+        let actions = [
+            !f.route.0.is_empty(),
+            f.redirect.is_some(),
+            f.direct_response.is_some(),
+        ];
+        if actions.iter().filter(|set| **set).count() != 1 {
+            return Err(RouteSchemaError::OneOf(
+                "`route`, `redirect` and `directResponse`",
+            ));
         }
-        if f.redirect.is_none() && f.route.0.is_empty() {
-            return Err(RouteSchemaError::OneOf("`route` and `redirect`"));
+        if f.mirror.is_some() && !f.mirrors.0.is_empty() {
+            return Err(RouteSchemaError::OneOf("`mirror` and `mirrors`"));
+        }
+        if f.direct_response.is_some() && (f.mirror.is_some() || !f.mirrors.0.is_empty()) {
+            // Nothing is sent on for a direct response, so a mirror would never be.
+            return Err(RouteSchemaError::OneOf("`directResponse` and a mirror"));
+        }
+        let mut mirrors = Vec::new();
+        if let Some(mirror) = f.mirror {
+            let share = f
+                .mirror_percentage
+                .map_or(Ok(100.0), |p| percentage(p.value))?;
+            mirrors.push((mirror, share));
+        }
+        for mirror in f.mirrors.0 {
+            let share = mirror
+                .percentage
+                .map_or(Ok(100.0), |p| percentage(p.value))?;
+            mirrors.push((mirror.destination, share));
         }
         let weights: Vec<Option<u32>> = f.route.0.iter().map(|d| d.weight).collect();
         if weights.len() > 1 && weights.iter().any(Option::is_none) {
@@ -134,10 +204,10 @@ impl Checked for VsHttpRoute {
             timeout: f.timeout.map(|d| d.0 .0),
             retries: f.retries.map(RetriesFields::check).transpose()?,
             fault: f.fault.map(FaultFields::check).transpose()?,
-            mirror: f.mirror,
-            mirror_percentage: f
-                .mirror_percentage
-                .map(|p| percentage(p.value))
+            mirrors,
+            direct_response: f
+                .direct_response
+                .map(DirectResponseFields::check)
                 .transpose()?,
             headers: f.headers.map(HeadersFields::check).unwrap_or_default(),
             cors: f.cors_policy.map(CorsFields::check).transpose()?,

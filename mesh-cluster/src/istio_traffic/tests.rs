@@ -85,7 +85,11 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     assert!(retries.retry_on.server_errors && retries.retry_on.connect_failure);
     assert_eq!(retries.retry_on.codes, vec![418]);
     assert_eq!(ab.timeout, Some(Duration::from_secs(2)));
-    assert_eq!(ab.mirror_percentage, Some(12.5));
+    assert_eq!(ab.mirrors.len(), 1);
+    assert_eq!(
+        (ab.mirrors[0].0.host.as_str(), ab.mirrors[0].1),
+        ("shadow", 12.5)
+    );
     assert_eq!(vs.spec.http[1].route[0].weight, Some(90));
     let parts = &dr.spec.traffic_policy.parts;
     assert_eq!(parts.load_balancer, Some(LoadBalancer::LeastRequest));
@@ -491,7 +495,7 @@ fn checks_name_the_field_and_line() {
             vs("  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n      weight: 50\n    - destination: {host: web2}\n"),
             &["set exactly one of `weight` on every destination"],
         ),
-        (vs("  hosts: [web]\n  http:\n  - {}\n"), &["set exactly one of `route` and `redirect`"]),
+        (vs("  hosts: [web]\n  http:\n  - {}\n"), &["set exactly one of `route`, `redirect` and `directResponse`"]),
         (
             dr("  host: web\n  trafficPolicy: {loadBalancer: {simple: FASTEST}}\n"),
             &["DestinationRule shop/web: spec.trafficPolicy.loadBalancer: set exactly one of ROUND_ROBIN"],
@@ -541,6 +545,26 @@ fn match_abort_and_cookie_checks_name_the_field_and_line() {
         (
             vs("  hosts: [web]\n  http:\n  - match: [{withoutHeaders: {x-a: {exact: a, regex: b}}}]\n    route: [{destination: {host: web}}]\n"),
             &["spec.http[0].match[0].withoutHeaders.x-a: set exactly one of `exact`, `prefix`, `regex`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - directResponse: {status: 99}\n"),
+            &["spec.http[0]: 99 is not an HTTP status"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - directResponse: {status: 200, body: {string: a, bytes: YQ==}}\n"),
+            &["set exactly one of `string`, `bytes` in `body`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - directResponse: {status: 200}\n    route: [{destination: {host: web}}]\n"),
+            &["set exactly one of `route`, `redirect` and `directResponse`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - directResponse: {status: 200}\n    mirror: {host: web}\n"),
+            &["set exactly one of `directResponse` and a mirror"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    mirror: {host: a}\n    mirrors: [{destination: {host: b}}]\n"),
+            &["set exactly one of `mirror` and `mirrors`"],
         ),
         (
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    corsPolicy: {allowMethods: [\"GET POST\"]}\n"),
@@ -817,6 +841,73 @@ fn a_cors_policy_reads_as_istio_writes_it_and_goes_first_among_the_filters() {
         .as_ref()
         .unwrap()
         .allows("https://any.example"));
+}
+
+#[test]
+fn direct_responses_and_several_mirrors_read_as_istio_writes_them() {
+    let text = vs(r#"  hosts: [web]
+  http:
+  - name: down
+    match: [{uri: {prefix: /down}}]
+    directResponse: {status: 503, body: {string: '{"error": "down"}'}}
+    headers: {response: {set: {content-type: application/json}}}
+  - name: bytes
+    match: [{uri: {prefix: /bytes}}]
+    directResponse: {status: 200, body: {bytes: aGVsbG8=}}
+  - name: empty
+    match: [{uri: {prefix: /empty}}]
+    directResponse: {status: 204}
+  - name: shadowed
+    route: [{destination: {host: web, subset: v1}}]
+    mirrors:
+    - {destination: {host: web, subset: v2}, percentage: {value: 25}}
+    - destination: {host: shadow}
+"#);
+    let objects = parse_documents("istio.yaml", &text).expect("parses");
+    let Object::VirtualService(vs) = &objects[0] else {
+        panic!("{objects:?}");
+    };
+    let direct = |i: usize| {
+        let d = vs.spec.http[i]
+            .direct_response
+            .as_ref()
+            .expect("directResponse");
+        (d.status, String::from_utf8_lossy(&d.body).into_owned())
+    };
+    assert_eq!(direct(0), (503, r#"{"error": "down"}"#.to_owned()));
+    assert_eq!(direct(1), (200, "hello".to_owned()), "bytes are base64");
+    assert_eq!(direct(2), (204, String::new()));
+    let mirrors: Vec<(&str, Option<&str>, f64)> = vs.spec.http[3]
+        .mirrors
+        .iter()
+        .map(|(t, share)| (t.host.as_str(), t.subset.as_deref(), *share))
+        .collect();
+    assert_eq!(
+        mirrors,
+        [("web", Some("v2"), 25.0), ("shadow", None, 100.0)]
+    );
+    // In the waypoint's rules: the direct response, and a mirror filter per mirror.
+    let state = cluster(&[
+        text,
+        dr("  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n"),
+    ]);
+    let RouteDecision::Matched { rule, .. } = decide(&state, "/down/x", &[]) else {
+        panic!("down");
+    };
+    assert_eq!(rule.direct_response.as_ref().map(|d| d.status), Some(503));
+    let RouteDecision::Matched { rule, .. } = decide(&state, "/", &[]) else {
+        panic!("shadowed");
+    };
+    let shares: Vec<u32> = rule
+        .filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::RequestMirror(m) => Some(m.numerator),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shares, [250_000, 1_000_000]);
+    assert_eq!(rule.mirrors.len(), 2);
 }
 
 #[test]
