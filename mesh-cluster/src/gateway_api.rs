@@ -630,14 +630,19 @@ pub struct RetryOn {
     pub reset: bool,
     /// Status codes retried (`retriable-status-codes`, `codes`).
     pub codes: Vec<u16>,
+    /// gRPC statuses retried (`cancelled` 1, `deadline-exceeded` 4, `resource-exhausted` 8,
+    /// `internal` 13, `unavailable` 14), when an answer carries one in its headers (gRPC's
+    /// trailers-only answer, as Envoy decides on the answer's head).
+    pub grpc: Vec<u8>,
 }
 
 impl RetryOn {
-    /// Whether an answer with `status` is retried.
-    pub fn status(&self, status: u16) -> bool {
+    /// Whether an answer with `status`, and `grpc` in its headers, is retried.
+    pub fn answer(&self, status: u16, grpc: Option<u8>) -> bool {
         self.codes.contains(&status)
             || (self.server_errors && status >= 500)
             || (self.gateway_errors && (502..=504).contains(&status))
+            || grpc.is_some_and(|code| self.grpc.contains(&code))
     }
 
     /// Whether an attempt that broke or timed out after it was sent is retried.

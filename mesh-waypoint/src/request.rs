@@ -740,7 +740,13 @@ fn worth_retrying(
 ) -> bool {
     let on = retry.map(|r| &r.on);
     match result {
-        Ok(response) => on.is_some_and(|on| on.status(response.status().as_u16())),
+        Ok(response) => on.is_some_and(|on| {
+            let grpc = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            on.answer(response.status().as_u16(), grpc)
+        }),
         Err(Failure::NoEndpoint | Failure::Overflow(_)) => false,
         Err(Failure::Upstream(UpstreamError::Connect { .. })) => {
             on.is_some_and(|on| on.connect_failure)

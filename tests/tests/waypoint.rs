@@ -2423,3 +2423,65 @@ fn direct_responses_and_several_mirrors_of_a_virtual_service() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(served(&bed.backends[1]), 10);
 }
+
+#[test]
+fn grpc_statuses_in_retry_on_retry_a_trailers_only_unavailable() {
+    // Before, `retryOn: unavailable` (and Istio's default, which has it) was read and never
+    // retried on: a gRPC server's UNAVAILABLE went straight to the client.
+    let istio = |retry_on: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http:\n  - route: [{{destination: {{host: web, subset: v1}}}}]\n    retries: {{attempts: 3, retryOn: \"{retry_on}\"}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n"
+        )
+    };
+    // v1 sheds its first 2 gRPC calls with a trailers-only UNAVAILABLE.
+    let mut bed = bed_with(&istio("unavailable"), &["--fail-first", "2"], &[]);
+    let client = bed.client().clone();
+    let call = |client: &Pod| {
+        curl_raw(
+            client,
+            &[
+                "-i",
+                "--http2-prior-knowledge",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "--data-binary",
+                "",
+                &url("/grpc.health.v1.Health/Check"),
+            ],
+        )
+        .to_ascii_lowercase()
+    };
+    let answer = call(&client);
+    assert!(answer.starts_with("http/2 200"), "{answer}");
+    assert!(
+        !answer.contains("grpc-status: 14"),
+        "retried into v1's third answer: {answer}"
+    );
+    assert!(answer.contains("\"backend\":\"v1\""), "{answer}");
+    assert_eq!(served_settled(&[&bed.backends[0]], 3), [3], "two retries");
+
+    // Retried on `5xx` only, a gRPC UNAVAILABLE (HTTP 200) is the answer. The backend restarts
+    // its count of failures with a fresh process, so restart it.
+    let from = bed.waypoint.process.line_count();
+    bed.mesh
+        .files
+        .write("httproute-web.yaml", &istio("5xx"))
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the new rule", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    drop(bed.backends.remove(0));
+    let fresh = echo(bed.mesh.pod(1, 0), "v1", &["--fail-first", "1"]);
+    bed.backends.insert(0, fresh);
+    let answer = call(&client);
+    assert!(
+        answer.contains("grpc-status: 14"),
+        "not retried on 5xx: {answer}"
+    );
+    assert!(answer.contains("grpc-message: shedding load"), "{answer}");
+}

@@ -337,9 +337,12 @@ impl HttpRouteIndex {
                 backoff: None,
             }),
             None => Some(Retry {
+                // Istio's default: connect-failure, refused-stream, unavailable, cancelled,
+                // retriable-status-codes (503).
                 on: RetryOn {
                     connect_failure: true,
                     codes: vec![503],
+                    grpc: vec![1, 14],
                     ..RetryOn::default()
                 },
                 attempts: Some(2),

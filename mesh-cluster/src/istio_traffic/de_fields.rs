@@ -496,9 +496,11 @@ impl RetriesFields {
                 "connect-failure" | "refused-stream" => on.connect_failure = true,
                 "reset" | "reset-before-request" => on.reset = true,
                 "retriable-status-codes" => retriable_codes = true,
-                // gRPC conditions: the status is in the trailers; not retried on here.
-                "unavailable" | "cancelled" | "deadline-exceeded" | "internal"
-                | "resource-exhausted" => {}
+                "cancelled" => on.grpc.push(1),
+                "deadline-exceeded" => on.grpc.push(4),
+                "resource-exhausted" => on.grpc.push(8),
+                "internal" => on.grpc.push(13),
+                "unavailable" => on.grpc.push(14),
                 code => match code.parse::<u16>() {
                     Ok(code @ 100..=599) => on.codes.push(code),
                     _ => return Err(RouteSchemaError::RetryOn(code.to_owned())),

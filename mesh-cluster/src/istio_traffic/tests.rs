@@ -41,7 +41,7 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     fault:
       delay: {fixedDelay: 1.5s, percentage: {value: 10}}
       abort: {httpStatus: 503, percentage: {value: 2.5}}
-    retries: {attempts: 3, perTryTimeout: 200ms, retryOn: "5xx,connect-failure,418"}
+    retries: {attempts: 3, perTryTimeout: 200ms, retryOn: "5xx,connect-failure,418,unavailable,resource-exhausted"}
     timeout: 2s
     rewrite: {uri: /v2, authority: api.internal}
     mirror: {host: shadow}
@@ -84,6 +84,7 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     assert_eq!(retries.attempts, 3);
     assert!(retries.retry_on.server_errors && retries.retry_on.connect_failure);
     assert_eq!(retries.retry_on.codes, vec![418]);
+    assert_eq!(retries.retry_on.grpc, vec![14, 8], "gRPC statuses by name");
     assert_eq!(ab.timeout, Some(Duration::from_secs(2)));
     assert_eq!(ab.mirrors.len(), 1);
     assert_eq!(
@@ -706,8 +707,13 @@ fn virtual_service_rules_route_in_order_to_subsets() {
     }
     let retry = alice.retry.as_ref().expect("Istio's default retries");
     assert_eq!(
-        (retry.attempts, retry.on.codes.clone()),
-        (Some(2), vec![503])
+        (
+            retry.attempts,
+            retry.on.codes.clone(),
+            retry.on.grpc.clone()
+        ),
+        (Some(2), vec![503], vec![1, 14]),
+        "Istio's default: 503, connection failures, CANCELLED and UNAVAILABLE"
     );
     let RouteDecision::Matched {
         rule: api, matched, ..

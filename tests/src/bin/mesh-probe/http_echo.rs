@@ -3,7 +3,9 @@
 //! what the Gateway API conformance echo answers: one line of JSON per request with the backend
 //! (`N`), method, path (with the query), host, protocol and request headers. Serves HTTP/1.1 and
 //! h2c (HTTP/2 without TLS, told apart by its preface) on each connection. With `--fail-first K`
-//! the first K requests get `503` (for retry tests), still with the JSON line; with `--delay-ms D`
+//! the first K requests get `503` (for retry tests), still with the JSON line, or, a gRPC request
+//! (`content-type: application/grpc`), gRPC's trailers-only `UNAVAILABLE` (HTTP 200,
+//! `grpc-status: 14`), as a gRPC server shedding load answers; with `--delay-ms D`
 //! every answer waits D ms (for timeout tests), and a request with `x-delay-ms: D` waits D ms
 //! itself (at most 10 s). Prints `served <n> <method> <path> <status>` per
 //! request, so tests count what reached the backend.
@@ -140,8 +142,17 @@ async fn answer(
     if let Some(delay) = asked.or(options.delay) {
         tokio::time::sleep(delay).await;
     }
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let failing = n < options.fail_first;
+    if failing && grpc {
+        println!("served {n} {} {} grpc-14", parts.method, parts.uri.path());
+        return Ok(grpc_unavailable());
+    }
     let mut response = Response::new(Full::new(Bytes::from(format!("{line}\n"))));
-    if n < options.fail_first {
+    if failing {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
     println!(
@@ -155,6 +166,22 @@ async fn answer(
         http::HeaderValue::from_static("application/json"),
     );
     Ok(response)
+}
+
+/// gRPC's trailers-only `UNAVAILABLE`: HTTP 200, the status in the headers, no body.
+fn grpc_unavailable() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", http::HeaderValue::from_static("14"));
+    headers.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("shedding load"),
+    );
+    response
 }
 
 /// The `Sec-WebSocket-Key` of a WebSocket upgrade request.
