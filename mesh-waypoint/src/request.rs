@@ -935,9 +935,10 @@ async fn one_attempt(
         return Err(Failure::NoEndpoint);
     };
     let set_cookie = crate::balance::cookie_to_set(policy, &keys);
-    // An HTTP/1.1 request holds one of the destination's connections until its answer is read.
+    // An HTTP/1.1 request (not upgraded to HTTP/2) holds one of the destination's connections
+    // until its answer is read.
     let connection = match &breaker {
-        Some((breaker, pool)) if request.version() != http::Version::HTTP_2 => breaker
+        Some((breaker, pool)) if !crate::upstream::multiplexed(&request, Some(pool)) => breaker
             .connection(pool, addr, true)
             .await
             .map_err(Failure::Overflow)?,

@@ -222,12 +222,16 @@ impl Upstream {
         // Connections are kept by destination settings too: a destination's limits never apply
         // to another's connections.
         let key = (addr, identity, pool.cloned());
-        let h2 = request.version() == http::Version::HTTP_2;
+        let asked = request.version();
+        let h2 = multiplexed(&request, pool.map(AsRef::as_ref));
+        if h2 && asked != http::Version::HTTP_2 {
+            upgrade_to_h2(&mut request);
+        }
         let upgrade = request.headers().contains_key(http::header::UPGRADE);
         if h2 {
             if let Some(mut sender) = self.reuse.h2(&key) {
                 match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(response),
+                    Ok(response) => return Ok(as_asked(response, asked)),
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => request = unsent,
                         None => return Err(http(e.into_error())),
@@ -271,7 +275,8 @@ impl Upstream {
                 }
             });
             self.reuse.keep_h2(key, sender.clone());
-            return sender.send_request(request).await.map_err(http);
+            let response = sender.send_request(request).await.map_err(http)?;
+            return Ok(as_asked(response, asked));
         }
         let (mut sender, connection) = http1::handshake(io).await.map_err(http)?;
         tokio::spawn(async move {
@@ -341,6 +346,45 @@ impl Upstream {
 
 /// Turns on TCP keep-alive on `tcp` as `keepalive` says (the kernel's defaults for what it
 /// leaves out).
+/// Whether `request` goes to its endpoint multiplexed on HTTP/2: an HTTP/2 request, or an
+/// HTTP/1.1 one the destination's `h2UpgradePolicy: UPGRADE` upgrades (not a WebSocket).
+pub(crate) fn multiplexed<B>(request: &Request<B>, pool: Option<&ConnectionPool>) -> bool {
+    request.version() == http::Version::HTTP_2
+        || (pool.is_some_and(|p| p.h2_upgrade)
+            && !request.headers().contains_key(http::header::UPGRADE))
+}
+
+/// An HTTP/1.1 request as HTTP/2: its `Host` as `:authority`, scheme `http`. One without a
+/// `Host` keeps its version and relative URI, which h2 sends as a forwarded HTTP/1.1 request
+/// (scheme `http`, no `:authority`).
+fn upgrade_to_h2(request: &mut Request<Body>) {
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    if let Some(authority) = host.or_else(|| request.uri().authority().cloned()) {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+            request.headers_mut().remove(http::header::HOST);
+            *request.version_mut() = http::Version::HTTP_2;
+        }
+    }
+}
+
+/// `response` in the version its request was asked in (an upgraded request's answer goes back
+/// as HTTP/1.1).
+fn as_asked<B>(mut response: Response<B>, asked: http::Version) -> Response<B> {
+    *response.version_mut() = asked;
+    response
+}
+
 fn keep_alive(tcp: &TcpStream, keepalive: &mesh_cluster::k8s::TcpKeepalive) -> io::Result<()> {
     let mut params = socket2::TcpKeepalive::new();
     if let Some(time) = keepalive.time {
@@ -398,3 +442,6 @@ impl AsyncWrite for UpStream {
         delegate!(self, poll_shutdown(cx))
     }
 }
+
+#[cfg(test)]
+mod tests;

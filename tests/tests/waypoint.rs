@@ -2485,3 +2485,40 @@ fn grpc_statuses_in_retry_on_retry_a_trailers_only_unavailable() {
     );
     assert!(answer.contains("grpc-message: shedding load"), "{answer}");
 }
+
+#[test]
+fn h2_upgrade_policy_sends_http1_requests_to_the_endpoints_over_http2() {
+    // Before, a `DestinationRule` with `h2UpgradePolicy: UPGRADE` was refused whole.
+    let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
+    let mut bed = bed(&route);
+    let client = bed.client().clone();
+    let protocols = |client: &Pod| {
+        let urls: Vec<String> = (0..4).map(|i| url(&format!("/p/{i}"))).collect();
+        curl(client, &urls)
+            .iter()
+            .map(|l| {
+                let host = l["host"].as_str().unwrap_or("?").to_owned();
+                (l["protocol"].as_str().unwrap_or("?").to_owned(), host)
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let vip = plan::service_vip_v4(0).to_string();
+    assert_eq!(
+        protocols(&client),
+        std::collections::BTreeSet::from([("HTTP/1.1".to_owned(), vip.clone())]),
+        "as the client spoke"
+    );
+    let rule = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    connectionPool: {{http: {{h2UpgradePolicy: UPGRADE}}}}\n"
+    );
+    write_destination_rule(&mut bed, &rule);
+    // The client still speaks and hears HTTP/1.1; the endpoints hear HTTP/2, the `Host` as
+    // `:authority`.
+    assert_eq!(
+        protocols(&client),
+        std::collections::BTreeSet::from([("HTTP/2.0".to_owned(), vip)]),
+        "upgraded"
+    );
+    let (status, head, _) = curl_answer(&client, "/p/x", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{status}: {head}");
+}

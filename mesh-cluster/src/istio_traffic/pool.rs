@@ -51,6 +51,10 @@ pub struct ConnectionPool {
     pub idle_timeout: Option<Duration>,
     /// `http.http2KeepAlive`: HTTP/2 PINGs on the HTTP/2 connections to endpoints.
     pub http2_keepalive: Option<Http2Keepalive>,
+    /// `http.h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests go to the endpoints over HTTP/2,
+    /// multiplexed on each endpoint's HTTP/2 connection (a WebSocket upgrade excepted, as in
+    /// Envoy); the endpoints must speak HTTP/2 without TLS (h2c).
+    pub h2_upgrade: bool,
 }
 
 /// `tcp.tcpKeepalive`: `SO_KEEPALIVE`, with the kernel's defaults for what is left out.
@@ -201,7 +205,7 @@ impl Checked for ConnectionPool {
                     if http.use_client_protocol == Some(true) {
                         return Err(RouteSchemaError::UpgradeAndClientProtocol);
                     }
-                    return Err(unsupported("http.h2UpgradePolicy: UPGRADE"));
+                    pool.h2_upgrade = true;
                 }
                 Some(_) => {
                     return Err(RouteSchemaError::OneOf(
@@ -209,7 +213,7 @@ impl Checked for ConnectionPool {
                     ))
                 }
             }
-            // The waypoint speaks to an endpoint as the client spoke to it: what
+            // Otherwise the waypoint speaks to an endpoint as the client spoke to it: what
             // `useClientProtocol: true` asks for, and what `false` comes to without an upgrade.
             let _ = http.use_client_protocol;
             pool.http2_keepalive = http

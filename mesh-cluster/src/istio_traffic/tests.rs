@@ -149,7 +149,7 @@ fn parses_a_connection_pool_as_istio_writes_it() {
   - {name: v1, labels: {version: v1}}
   - name: v2
     labels: {version: v2}
-    trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 1}}}
+    trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 1, h2UpgradePolicy: UPGRADE}}}
 ");
     let objects = parse_documents("istio.yaml", &text).expect("parses");
     let Object::DestinationRule(dr) = &objects[0] else {
@@ -179,6 +179,7 @@ fn parses_a_connection_pool_as_istio_writes_it() {
     assert_eq!(pool.idle_timeout, Some(secs(600)));
     let ping = pool.http2_keepalive.as_ref().expect("http2KeepAlive");
     assert_eq!((ping.interval, ping.timeout), (secs(30), secs(3)));
+    assert!(!pool.h2_upgrade, "DEFAULT: as the client spoke");
     assert!(pool.limits());
     assert_eq!(
         dr.spec.subsets[0].traffic_policy.parts.connection_pool,
@@ -190,8 +191,12 @@ fn parses_a_connection_pool_as_istio_writes_it() {
             .parts
             .connection_pool
             .as_ref()
-            .map(|p| (p.http1_max_pending_requests, p.max_connections)),
-        Some((Some(1), None))
+            .map(|p| (
+                p.http1_max_pending_requests,
+                p.max_connections,
+                p.h2_upgrade
+            )),
+        Some((Some(1), None, true))
     );
 
     // A subset's pool replaces the rule's whole (Istio's merge), the others keep the rule's.
@@ -427,8 +432,8 @@ fn connection_pool_checks_name_the_field_and_line() {
             &["h2UpgradePolicy UPGRADE and http.useClientProtocol true contradict each other"],
         ),
         (
-            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}\n"),
-            &["`http.h2UpgradePolicy: UPGRADE` is not supported"],
+            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: ALWAYS}}}\n"),
+            &["set exactly one of DEFAULT, DO_NOT_UPGRADE, UPGRADE for `http.h2UpgradePolicy`"],
         ),
         (
             dr("  host: web\n  trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: 10}}}\n"),
