@@ -611,8 +611,29 @@ pub struct Retry {
     pub on: RetryOn,
     /// `attempts`: retries after the first attempt; the waypoint's default when absent.
     pub attempts: Option<u32>,
-    /// `backoff`: the wait before a retry.
+    /// `backoff`: the shortest wait before a retry (the base of [`Retry::wait`]); Envoy's 25 ms
+    /// when absent.
     pub backoff: Option<Duration>,
+}
+
+/// Envoy's base retry back-off, when a route sets none.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+impl Retry {
+    /// The wait before retry number `retry` (1 for the first), `roll` a random number in
+    /// [0, 1): exponential with jitter, as Envoy backs off: between the base and the base times
+    /// 2^`retry`, at most ten times the base (Envoy's default longest back-off). Never shorter
+    /// than the base, which Gateway API's `backoff` is ("the minimum duration between
+    /// attempts"). So retries never hammer a failing endpoint in a tight loop, whatever
+    /// `attempts` says.
+    pub fn wait(&self, retry: u32, roll: f64) -> Duration {
+        let base = self.backoff.unwrap_or(DEFAULT_RETRY_BACKOFF);
+        let most = base.saturating_mul(10);
+        let upper = base
+            .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX))
+            .min(most);
+        base + (upper.saturating_sub(base)).mul_f64(roll.clamp(0.0, 1.0))
+    }
 }
 
 /// When a failed attempt is retried (Envoy's `retryOn` conditions the waypoint implements).

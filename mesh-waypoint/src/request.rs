@@ -705,8 +705,8 @@ async fn send(
             }
             attempt += 1;
             debug!(attempt, "retrying");
-            if let Some(backoff) = plan.retry.and_then(|r| r.backoff) {
-                tokio::time::sleep(backoff).await;
+            if let Some(retry) = plan.retry {
+                tokio::time::sleep(retry.wait(attempt, fastrand::f64())).await;
             }
         }
     };

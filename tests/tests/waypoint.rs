@@ -2453,7 +2453,10 @@ fn grpc_statuses_in_retry_on_retry_a_trailers_only_unavailable() {
         )
         .to_ascii_lowercase()
     };
+    let started = std::time::Instant::now();
     let answer = call(&client);
+    // Envoy's default back-off before each retry: at least 25 ms (a lower bound only).
+    assert!(started.elapsed() >= Duration::from_millis(50), "{:?}", started.elapsed());
     assert!(answer.starts_with("http/2 200"), "{answer}");
     assert!(
         !answer.contains("grpc-status: 14"),

@@ -451,3 +451,32 @@ fn grpc_routes_read_as_path_matches() {
     );
     assert!(bad("  - matches: [{path: {value: /}}]").contains("unknown field `path`"));
 }
+
+#[test]
+fn retries_back_off_exponentially_with_jitter_from_the_base() {
+    use super::{Retry, DEFAULT_RETRY_BACKOFF};
+    let ms = Duration::from_millis;
+    let default = Retry::default();
+    assert_eq!(DEFAULT_RETRY_BACKOFF, ms(25), "Envoy's base");
+    // The first retry waits between the base and twice it, the second up to four times, ...
+    assert_eq!(
+        (default.wait(1, 0.0), default.wait(1, 1.0)),
+        (ms(25), ms(50))
+    );
+    assert_eq!(default.wait(2, 1.0), ms(100));
+    assert_eq!(default.wait(3, 0.5), ms(25) + ms(175) / 2);
+    // ... never longer than ten times the base, however many retries.
+    assert_eq!(
+        (default.wait(4, 1.0), default.wait(1_000, 1.0)),
+        (ms(250), ms(250))
+    );
+    // A route's `backoff` is the base: never a shorter wait (Gateway API's minimum).
+    let route = Retry {
+        backoff: Some(ms(100)),
+        ..Retry::default()
+    };
+    assert_eq!(
+        (route.wait(1, 0.0), route.wait(9, 0.99)),
+        (ms(100), ms(100) + ms(900).mul_f64(0.99))
+    );
+}

@@ -24,8 +24,15 @@ fn an_upgrade_policy_multiplexes_http1_requests_but_not_websockets() {
     assert!(!multiplexed(&plain, None), "as the client spoke");
     assert!(!multiplexed(&plain, Some(&ConnectionPool::default())));
     assert!(multiplexed(&plain, Some(&upgrade)));
-    let ws = request(&[("host", "web"), ("connection", "upgrade"), ("upgrade", "websocket")]);
-    assert!(!multiplexed(&ws, Some(&upgrade)), "a WebSocket stays HTTP/1.1");
+    let ws = request(&[
+        ("host", "web"),
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+    ]);
+    assert!(
+        !multiplexed(&ws, Some(&upgrade)),
+        "a WebSocket stays HTTP/1.1"
+    );
     let mut h2 = request(&[]);
     *h2.version_mut() = Version::HTTP_2;
     assert!(multiplexed(&h2, None));
@@ -49,5 +56,8 @@ fn an_upgraded_request_has_its_host_as_authority_and_its_answer_goes_back_as_ask
     );
     let mut answer = http::Response::new(());
     *answer.version_mut() = Version::HTTP_2;
-    assert_eq!(as_asked(answer, Version::HTTP_11).version(), Version::HTTP_11);
+    assert_eq!(
+        as_asked(answer, Version::HTTP_11).version(),
+        Version::HTTP_11
+    );
 }
