@@ -14,9 +14,11 @@
 pub mod access_log;
 mod context;
 mod export;
+mod request_id;
 
 pub use access_log::{rfc3339, AccessLog, AccessLogError, AccessLogTarget};
 
 pub use context::{Sampler, SamplerError, TraceContext, TraceparentError, TRACEPARENT, TRACESTATE};
 pub use export::{ExportError, FinishedSpan, SpanKind, TraceConfig, Tracer};
 pub use opentelemetry::KeyValue;
+pub use request_id::{ensure_request_id, new_request_id, X_REQUEST_ID};

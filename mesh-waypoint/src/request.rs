@@ -301,6 +301,8 @@ pub(crate) async fn handle(
     let parent = TraceContext::from_headers(&parts.headers).or(source.trace);
     let trace = TraceContext::child_or_root(parent.as_ref(), ctx.reporters.tracer.sampler());
     parts.headers.insert(TRACEPARENT, trace.header_value());
+    // Envoy's request id: kept, or made up for a request without one.
+    mesh_trace::ensure_request_id(&mut parts.headers);
     // One view of the cluster for the whole request.
     let state = Arc::clone(&ctx.state.borrow());
     let source_workload = state.workload_by_ip(source.addr.ip()).cloned();

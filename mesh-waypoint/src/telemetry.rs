@@ -179,6 +179,8 @@ struct AccessLine<'a> {
     bytes_sent: u64,
     /// W3C trace id, 32 hex digits.
     trace_id: String,
+    /// `x-request-id` (Istio's `request_id`).
+    request_id: &'a str,
     response_flags: &'static str,
     /// The policy that denied the request, or those that audited it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,6 +283,8 @@ pub(crate) struct Outcome {
 /// One request's record, completed when its response ends.
 pub(crate) struct RequestLog {
     started: Instant,
+    /// `x-request-id`, as the request came or as the waypoint gave it.
+    request_id: String,
     method: String,
     authority: String,
     path: String,
@@ -324,6 +328,12 @@ impl RequestLog {
         request_bytes.fetch_add(head_size(&parts.headers), Ordering::Relaxed);
         Self {
             started: Instant::now(),
+            request_id: parts
+                .headers
+                .get(&mesh_trace::X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
             method: parts.method.to_string(),
             authority,
             path: parts
@@ -459,6 +469,7 @@ impl RequestLog {
             bytes_received: request_bytes,
             bytes_sent: response_bytes,
             trace_id: self.trace.0.trace_id_hex(),
+            request_id: &self.request_id,
             response_flags: self.outcome.flag.as_str(),
             authz: self.authz.as_deref(),
         });
@@ -475,6 +486,7 @@ impl RequestLog {
         #[allow(clippy::cast_possible_wrap, reason = "byte counts far below 2^63")]
         let mut attributes = vec![
             KeyValue::new("http.request.method", self.method.clone()),
+            KeyValue::new("guid:x-request-id", self.request_id.clone()),
             KeyValue::new("url.path", self.path.clone()),
             KeyValue::new("server.address", self.authority.clone()),
             KeyValue::new("http.response.status_code", i64::from(self.status)),

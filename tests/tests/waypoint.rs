@@ -264,59 +264,9 @@ fn backends(lines: &[Value]) -> BTreeMap<String, usize> {
     })
 }
 
-#[test]
-fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
-    let bed = bed(&canary_route());
-    let client = bed.client().clone();
-    // 1,000 requests on one kept-alive connection: the waypoint routes each on its own.
-    let urls: Vec<String> = (0..1000).map(|i| url(&format!("/canary/{i}"))).collect();
-    let lines = curl(&client, &urls);
-    assert_eq!(lines.len(), 1000);
-    let counts = backends(&lines);
-    let v2 = counts.get("v2").copied().unwrap_or(0);
-    eprintln!("canary split: {counts:?}");
-    // Binomial(1000, 0.1): mean 100, standard deviation 9.5; ±4 standard deviations.
-    assert!((62..=138).contains(&v2), "v2 took {v2} of 1000: {counts:?}");
-    assert_eq!(
-        counts.get("v1").copied().unwrap_or(0) + v2,
-        1000,
-        "{counts:?}"
-    );
-    // What the backend received: the path, the Service's host, the client's address appended.
-    let first = &lines[0];
-    assert_eq!(first["path"], "/canary/0");
-    assert_eq!(first["method"], "GET");
-    assert_eq!(first["host"], plan::service_vip_v4(0).to_string());
-    let xff = first["headers"]["x-forwarded-for"][0]
-        .as_str()
-        .unwrap_or_default();
-    assert_eq!(
-        xff,
-        client.ipv4.to_string(),
-        "x-forwarded-for is the client's address"
-    );
-
-    // Header-based A/B: every request with `x-version: v2` lands on v2.
-    let mut args: Vec<String> = vec!["-H".into(), "x-version: v2".into()];
-    args.extend((0..50).map(|i| url(&format!("/ab/{i}"))));
-    let counts = backends(&curl(&client, &args));
-    assert_eq!(counts, BTreeMap::from([("v2".to_owned(), 50)]));
-
-    // h2c through the waypoint: HTTP/2 end to end.
-    let lines = curl(
-        &client,
-        &[
-            "--http2-prior-knowledge".into(),
-            "-H".into(),
-            "x-version: v2".into(),
-            url("/h2"),
-        ],
-    );
-    assert_eq!(lines.len(), 1);
-    assert_eq!(lines[0]["protocol"], "HTTP/2.0");
-    assert_eq!(lines[0]["backend"], "v2");
-
-    // The waypoint's request metrics, with Istio's names and labels, and its access log.
+/// The canary test's telemetry: the waypoint's request metrics, with Istio's names and labels,
+/// and its access log (the request ids the backend saw).
+fn canary_telemetry(bed: &Bed, client: &Pod, v2: usize, request_id: &str) {
     let principal = format!("spiffe://cluster.local/ns/{NS}/sa/sa-{}", client.name);
     let to_v2 = [
         ("reporter", "waypoint"),
@@ -364,12 +314,91 @@ fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
     assert_eq!(first["method"], "GET");
     assert_eq!(first["src"]["identity"], principal.as_str());
     assert_eq!(first["response_flags"], "-");
+    assert_eq!(
+        first["request_id"],
+        request_id,
+        "the id the backend saw"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["path"] == "/h2" && r["request_id"] == "the-client-s-own"),
+        "the client's own id in the log"
+    );
     assert!(
         first["upstream"]
             .as_str()
             .is_some_and(|u| u.ends_with(":8080")),
         "{first}"
     );
+}
+
+#[test]
+fn canary_90_10_over_1000_requests_and_header_based_ab_routing() {
+    let bed = bed(&canary_route());
+    let client = bed.client().clone();
+    // 1,000 requests on one kept-alive connection: the waypoint routes each on its own.
+    let urls: Vec<String> = (0..1000).map(|i| url(&format!("/canary/{i}"))).collect();
+    let lines = curl(&client, &urls);
+    assert_eq!(lines.len(), 1000);
+    let counts = backends(&lines);
+    let v2 = counts.get("v2").copied().unwrap_or(0);
+    eprintln!("canary split: {counts:?}");
+    // Binomial(1000, 0.1): mean 100, standard deviation 9.5; ±4 standard deviations.
+    assert!((62..=138).contains(&v2), "v2 took {v2} of 1000: {counts:?}");
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + v2,
+        1000,
+        "{counts:?}"
+    );
+    // What the backend received: the path, the Service's host, the client's address appended.
+    let first = &lines[0];
+    assert_eq!(first["path"], "/canary/0");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["host"], plan::service_vip_v4(0).to_string());
+    let xff = first["headers"]["x-forwarded-for"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        xff,
+        client.ipv4.to_string(),
+        "x-forwarded-for is the client's address"
+    );
+    // Envoy's request id, made up for a request without one (a UUID), one per request.
+    let request_id = first["headers"]["x-request-id"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(request_id.len(), 36, "{first}");
+    assert_ne!(lines[1]["headers"]["x-request-id"][0], request_id.as_str());
+
+    // Header-based A/B: every request with `x-version: v2` lands on v2.
+    let mut args: Vec<String> = vec!["-H".into(), "x-version: v2".into()];
+    args.extend((0..50).map(|i| url(&format!("/ab/{i}"))));
+    let counts = backends(&curl(&client, &args));
+    assert_eq!(counts, BTreeMap::from([("v2".to_owned(), 50)]));
+
+    // h2c through the waypoint: HTTP/2 end to end.
+    let lines = curl(
+        &client,
+        &[
+            "--http2-prior-knowledge".into(),
+            "-H".into(),
+            "x-version: v2".into(),
+            "-H".into(),
+            "x-request-id: the-client-s-own".into(),
+            url("/h2"),
+        ],
+    );
+    assert_eq!(lines.len(), 1);
+    assert_eq!(
+        lines[0]["headers"]["x-request-id"][0], "the-client-s-own",
+        "kept"
+    );
+    assert_eq!(lines[0]["protocol"], "HTTP/2.0");
+    assert_eq!(lines[0]["backend"], "v2");
+
+    canary_telemetry(&bed, &client, v2, &request_id);
 }
 
 /// The waypoint's metrics, scraped from inside its pod.
@@ -2456,7 +2485,11 @@ fn grpc_statuses_in_retry_on_retry_a_trailers_only_unavailable() {
     let started = std::time::Instant::now();
     let answer = call(&client);
     // Envoy's default back-off before each retry: at least 25 ms (a lower bound only).
-    assert!(started.elapsed() >= Duration::from_millis(50), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(answer.starts_with("http/2 200"), "{answer}");
     assert!(
         !answer.contains("grpc-status: 14"),
