@@ -272,6 +272,10 @@ struct PortRoutes {
     /// place of the others (as GAMMA's consumer routes): a tenant routes its own requests,
     /// never another's.
     ordered_consumers: BTreeMap<String, Vec<Entry>>,
+    /// `VirtualService` `tcp` rules for the port, in order, for every client...
+    tcp: Vec<Arc<ResolvedRule>>,
+    /// ...and those of other namespaces, for their own clients, in place of the others.
+    tcp_consumers: BTreeMap<String, Vec<Arc<ResolvedRule>>>,
 }
 
 /// Every Service port's routes.
@@ -446,6 +450,23 @@ impl HttpRouteIndex {
                     .chain(routes.ordered_consumers.values())
                     .any(|entries| !entries.is_empty())
         })
+    }
+
+    /// The `tcp` rule of a `VirtualService` that takes a connection from a client in
+    /// `client_namespace` to `service`'s `port`, passed on as TCP; `None`: the Service itself.
+    pub(crate) fn decide_tcp(
+        &self,
+        service: &Service,
+        port: u16,
+        client_namespace: &str,
+    ) -> Option<&ResolvedRule> {
+        let key = (service.namespace.clone(), service.name.clone(), port);
+        let routes = self.ports.get(&key)?;
+        let rules = routes
+            .tcp_consumers
+            .get(client_namespace)
+            .unwrap_or(&routes.tcp);
+        rules.first().map(AsRef::as_ref)
     }
 
     /// What to do with `request` from a client in `client_namespace` for `service`'s `port`.

@@ -7,7 +7,7 @@
 //!
 //! Checked when parsed, each error naming the field path and the line: every struct refuses
 //! fields it does not know, and the fields of features this waypoint does not implement
-//! (`tcp`, `tls`, `delegate`, `sourceLabels`, …) are refused by
+//! (`tls`, `delegate`, `sourceLabels`, …) are refused by
 //! name rather than ignored; `gateways` other than `mesh` make the `VirtualService` an ingress
 //! one, skipped by the waypoint; string matches set at most one of `exact`, `prefix`, `regex`
 //! (none: Istio's presence match); regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
@@ -57,6 +57,18 @@ pub struct VirtualServiceSpec {
     pub mesh: bool,
     /// `http`, in order: the first rule that matches takes the request.
     pub http: Vec<VsHttpRoute>,
+    /// `tcp`, in order: the first rule whose port matches takes a connection the waypoint
+    /// passes on as TCP.
+    pub tcp: Vec<VsTcpRoute>,
+}
+
+/// A `tcp` rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VsTcpRoute {
+    /// The ports of its `match` entries (none: every port).
+    pub ports: Vec<u16>,
+    /// `route`: destinations by weight.
+    pub route: Vec<VsDestination>,
 }
 
 /// An `http` rule.

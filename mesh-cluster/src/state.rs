@@ -661,6 +661,19 @@ impl ClusterState {
             .decide(service, port, client_namespace, request)
     }
 
+    /// The `VirtualService` `tcp` rule that takes a connection a waypoint passes on as TCP to
+    /// `service`'s `port`, from a client in `client_namespace` (a rule of the Service's or the
+    /// root namespace for every client, one of another namespace for its own clients, as for
+    /// HTTP); `None`: the connection goes to the Service itself ([`Self::default_backend`]).
+    pub fn route_tcp(
+        &self,
+        service: &Service,
+        port: u16,
+        client_namespace: &str,
+    ) -> Option<&crate::http_route::ResolvedRule> {
+        self.http_routes.decide_tcp(service, port, client_namespace)
+    }
+
     /// What a waypoint serves on `service`'s `port`: what the port declares, except that an
     /// undeclared port ([`AppProtocol::Unknown`]) to which routes attach is HTTP. Routes say the
     /// port carries HTTP; were it sniffed, a client that sent something the sniffer does not

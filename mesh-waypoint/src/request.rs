@@ -833,13 +833,18 @@ where
             };
             (endpoint, *addr, w.to_string(), None)
         }),
-        // The Service's own backend, picked as its `DestinationRule` says, as for HTTP.
+        // A `VirtualService` `tcp` rule's destination, by weight, else the Service's own
+        // backend; an endpoint picked as its `DestinationRule` says, as for HTTP.
         Target::Service { port, .. } => addressed.as_ref().and_then(|service| {
+            let backend = match state.route_tcp(service, *port, source.identity.namespace()) {
+                Some(rule) => rule.pick_backend(fastrand::u64(..))?.backend.clone(),
+                None => state.default_backend(service, *port),
+            };
             let Backend::Service {
                 service,
                 port,
                 policy,
-            } = state.default_backend(service, *port)
+            } = backend
             else {
                 return None;
             };

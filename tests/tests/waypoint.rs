@@ -314,11 +314,7 @@ fn canary_telemetry(bed: &Bed, client: &Pod, v2: usize, request_id: &str) {
     assert_eq!(first["method"], "GET");
     assert_eq!(first["src"]["identity"], principal.as_str());
     assert_eq!(first["response_flags"], "-");
-    assert_eq!(
-        first["request_id"],
-        request_id,
-        "the id the backend saw"
-    );
+    assert_eq!(first["request_id"], request_id, "the id the backend saw");
     assert!(
         records
             .iter()
@@ -2557,4 +2553,67 @@ fn h2_upgrade_policy_sends_http1_requests_to_the_endpoints_over_http2() {
     );
     let (status, head, _) = curl_answer(&client, "/p/x", &[]);
     assert!(head.starts_with("HTTP/1.1 200"), "{status}: {head}");
+}
+
+#[test]
+fn virtual_service_tcp_routes_split_connections_by_weight() {
+    // Before, a `VirtualService` with `tcp` rules was refused whole: no canary for a TCP
+    // Service behind the waypoint.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let servers: Vec<Process> = [bed.mesh.pod(1, 0).clone(), bed.mesh.pod(1, 1).clone()]
+        .iter()
+        .map(|pod| {
+            mesh_tests::probe::serve(pod, SocketAddr::new(IpAddr::V4(pod.ipv4), 9000))
+                .expect("TCP echo server")
+        })
+        .collect();
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let text = port_service_yaml("raw", 3, ("svc", "web"), &bound, ("name: tcp", 9000, 9000));
+    bed.mesh.files.write("service-raw.yaml", &text).unwrap();
+    bed.wait_for_services(4, "the TCP Service");
+    let rules = |weights: (u32, u32)| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: raw, namespace: {NS}}}\nspec:\n  hosts: [raw]\n  tcp:\n  - match: [{{port: 9000}}]\n    route:\n    - {{destination: {{host: raw, subset: v1}}, weight: {}}}\n    - {{destination: {{host: raw, subset: v2}}, weight: {}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: raw, namespace: {NS}}}\nspec:\n  host: raw\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n",
+            weights.0, weights.1
+        )
+    };
+    let accepted = |servers: &[Process]| -> Vec<usize> {
+        servers
+            .iter()
+            .map(|s| {
+                s.lines()
+                    .iter()
+                    .filter(|l| l.starts_with("accepted "))
+                    .count()
+            })
+            .collect()
+    };
+    let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 9000);
+    let connections = |n: usize| {
+        for i in 0..n {
+            let out = mesh_tests::probe::connect(&client, addr, &format!("bytes {i}"))
+                .unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert!(out.starts_with("echo ok"), "{out}");
+        }
+    };
+    for (generation, weights, expected) in [(1, (0, 100), [0, 10]), (2, (100, 0), [10, 10])] {
+        let from = bed.waypoint.process.line_count();
+        bed.mesh
+            .files
+            .write("virtualservice-raw.yaml", &rules(weights))
+            .unwrap();
+        bed.waypoint
+            .process
+            .wait_for_line_from(
+                from,
+                &format!("the TCP rules, take {generation}"),
+                LOG_WAIT,
+                |l| l.contains("cluster state updated"),
+            )
+            .unwrap();
+        connections(10);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(accepted(&servers), expected, "weights {weights:?}");
+    }
 }

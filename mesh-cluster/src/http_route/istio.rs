@@ -32,7 +32,7 @@ use crate::{
     },
     istio_traffic::{
         merged, DestinationRule, Subset, TrafficPolicy, VirtualService, VsHeaderOps, VsHttpRoute,
-        VsMatch, VsString, VsTarget,
+        VsMatch, VsString, VsTarget, VsTcpRoute,
     },
     meta::{Kind, MetaExt, ObjectRef},
     model::{Protocol, Service},
@@ -252,9 +252,19 @@ impl HttpRouteIndex {
                     object: object.clone(),
                     rules,
                 });
+                let tcp: Vec<Arc<ResolvedRule>> = vs
+                    .spec
+                    .tcp
+                    .iter()
+                    .filter(|rule| rule.ports.is_empty() || rule.ports.contains(&port))
+                    .map(|rule| {
+                        Arc::new(self.translate_tcp(rule, (namespace, port), services, &object))
+                    })
+                    .collect();
                 let key = (service.namespace.clone(), service.name.clone(), port);
                 let routes = self.ports.entry(key).or_default();
-                let entries = if namespace == service.namespace || namespace == root_namespace {
+                let everyone = namespace == service.namespace || namespace == root_namespace;
+                let entries = if everyone {
                     &mut routes.ordered
                 } else {
                     routes
@@ -263,6 +273,15 @@ impl HttpRouteIndex {
                         .or_default()
                 };
                 add_ordered(entries, &attached);
+                let tcp_rules = if everyone {
+                    &mut routes.tcp
+                } else {
+                    routes
+                        .tcp_consumers
+                        .entry(namespace.to_owned())
+                        .or_default()
+                };
+                tcp_rules.extend(tcp);
             }
         }
     }
@@ -363,6 +382,39 @@ impl HttpRouteIndex {
             retry,
             fault: http.fault.clone(),
             direct_response: http.direct_response.clone(),
+        }
+    }
+
+    /// One `tcp` rule, for the Service port `port`: its destinations by weight, nothing else.
+    fn translate_tcp(
+        &mut self,
+        tcp: &VsTcpRoute,
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+        object: &ObjectRef,
+    ) -> ResolvedRule {
+        let single = tcp.route.len() == 1;
+        let backends: Vec<ResolvedBackend> = tcp
+            .route
+            .iter()
+            .map(|d| ResolvedBackend {
+                backend: self.destination(&d.destination, (namespace, port), services, object),
+                weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
+                filters: Vec::new(),
+            })
+            .filter(|b| b.weight > 0)
+            .collect();
+        ResolvedRule {
+            name: None,
+            matches: vec![any_request()],
+            filters: Vec::new(),
+            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+            backends,
+            mirrors: Vec::new(),
+            timeouts: Timeouts::default(),
+            retry: None,
+            fault: None,
+            direct_response: None,
         }
     }
 

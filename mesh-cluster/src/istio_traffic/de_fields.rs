@@ -10,7 +10,7 @@ use super::{
     refuse, unsupported, Abort, ConnectionPool, DestinationRuleSpec, DirectResponse, Fault,
     HashCookie, HashKey, IstioDuration, LoadBalancer, Subset, VirtualServiceSpec, VsDestination,
     VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
-    VsTarget, DIRECT_RESPONSE_LIMIT, GRPC_STATUS_NAMES,
+    VsTarget, VsTcpRoute, DIRECT_RESPONSE_LIMIT, GRPC_STATUS_NAMES,
 };
 use crate::{
     cors::{Allowed, CorsPolicy, UnmatchedPreflights},
@@ -32,6 +32,7 @@ macro_rules! checked {
 
 checked!(
     VsHttpRoute,
+    VsTcpRoute,
     VsMatch,
     VsString,
     VsDestination,
@@ -49,8 +50,84 @@ pub(crate) struct VsSpecFields {
     gateways: List<String>,
     http: List<VsHttpRoute>,
     export_to: List<String>,
-    tcp: Option<IgnoredAny>,
+    tcp: List<VsTcpRoute>,
     tls: Option<IgnoredAny>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TcpRouteFields {
+    #[serde(rename = "match")]
+    matches: List<TcpMatchFields>,
+    route: List<TcpDestinationFields>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct TcpMatchFields {
+    port: Option<u32>,
+    destination_subnets: Option<IgnoredAny>,
+    source_labels: Option<IgnoredAny>,
+    source_namespace: Option<IgnoredAny>,
+    source_subnet: Option<IgnoredAny>,
+    gateways: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TcpDestinationFields {
+    destination: VsTarget,
+    weight: Option<u32>,
+}
+
+impl Checked for VsTcpRoute {
+    type Error = RouteSchemaError;
+    type Fields = TcpRouteFields;
+    const WHAT: &'static str = "a tcp route";
+
+    fn check(f: TcpRouteFields) -> Result<Self, RouteSchemaError> {
+        let mut ports = Vec::new();
+        let mut every_port = f.matches.0.is_empty();
+        for m in f.matches.0 {
+            refuse(m.destination_subnets.as_ref(), "destinationSubnets")?;
+            refuse(m.source_labels.as_ref(), "sourceLabels")?;
+            refuse(m.source_namespace.as_ref(), "sourceNamespace")?;
+            refuse(m.source_subnet.as_ref(), "sourceSubnet")?;
+            refuse(m.gateways.as_ref(), "gateways")?;
+            // A match without a port matches every port.
+            match m.port.map(istio_port).transpose()? {
+                Some(port) => ports.push(port),
+                None => every_port = true,
+            }
+        }
+        if every_port {
+            ports.clear();
+        }
+        if f.route.0.is_empty() {
+            return Err(RouteSchemaError::OneOf("`route`"));
+        }
+        let route: Vec<VsDestination> = f
+            .route
+            .0
+            .into_iter()
+            .map(|d| {
+                if let Some(w) = d.weight.filter(|w| *w > 100) {
+                    return Err(RouteSchemaError::Weight(i64::from(w)));
+                }
+                Ok(VsDestination {
+                    destination: d.destination,
+                    weight: d.weight,
+                    headers: VsHeaders::default(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if route.len() > 1 && route.iter().any(|d| d.weight.is_none()) {
+            return Err(RouteSchemaError::OneOf(
+                "`weight` on every destination of a route with several",
+            ));
+        }
+        Ok(VsTcpRoute { ports, route })
+    }
 }
 
 impl Checked for VirtualServiceSpec {
@@ -59,7 +136,6 @@ impl Checked for VirtualServiceSpec {
     const WHAT: &'static str = "a VirtualService spec";
 
     fn check(f: VsSpecFields) -> Result<Self, RouteSchemaError> {
-        refuse(f.tcp.as_ref(), "tcp")?;
         refuse(f.tls.as_ref(), "tls")?;
         if f.hosts.0.is_empty() {
             return Err(RouteSchemaError::Empty);
@@ -77,6 +153,7 @@ impl Checked for VirtualServiceSpec {
             hosts: f.hosts.0,
             mesh: gateways.is_empty() || gateways.iter().any(|g| g == "mesh"),
             http: f.http.0,
+            tcp: f.tcp.0,
         })
     }
 }

@@ -476,7 +476,7 @@ fn checks_name_the_field_and_line() {
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    delegate: {name: other}\n"),
             &["VirtualService shop/web: spec.http[0]: `delegate` is not supported", "line 9"],
         ),
-        (vs("  hosts: [web]\n  tcp: []\n"), &["`tcp` is not supported"]),
+        (vs("  hosts: [web]\n  tls: []\n"), &["`tls` is not supported"]),
         (
             vs("  hosts: [web]\n  http:\n  - match: [{uri: {exact: /a, prefix: /b}}]\n    route: [{destination: {host: web}}]\n"),
             &["spec.http[0].match[0].uri: set exactly one of `exact`, `prefix`, `regex`", "line 9"],
@@ -919,6 +919,67 @@ fn direct_responses_and_several_mirrors_read_as_istio_writes_them() {
         .collect();
     assert_eq!(shares, [250_000, 1_000_000]);
     assert_eq!(rule.mirrors.len(), 2);
+}
+
+#[test]
+fn tcp_rules_take_a_ports_connections_by_weight_for_their_clients() {
+    let subsets = dr("  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n");
+    let tenant = r"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mine, namespace: evil}
+spec:
+  hosts: [web.shop]
+  tcp:
+  - route: [{destination: {host: web.shop, subset: v1}}]
+";
+    let state = cluster(&[
+        vs(r"  hosts: [web]
+  tcp:
+  - match: [{port: 9999}]
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{port: 80}, {port: 9999}]
+    route:
+    - {destination: {host: web, subset: v1}, weight: 90}
+    - {destination: {host: web, subset: v2}, weight: 10}
+"),
+        subsets,
+        tenant.to_owned(),
+    ]);
+    let web = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    let rule = state.route_tcp(&web, 80, "shop").expect("port 80's rule");
+    let subset_of = |roll: u64| match &rule.pick_backend(roll).unwrap().backend {
+        Backend::Service { policy, .. } => policy.subset.clone().unwrap_or_default(),
+        other @ Backend::Invalid(_) => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (subset_of(0), subset_of(89), subset_of(90), subset_of(99)),
+        ("v1".into(), "v1".into(), "v2".into(), "v2".into())
+    );
+    // Another namespace's rule routes its own clients only.
+    let evil = state.route_tcp(&web, 80, "evil").expect("its own rule");
+    assert_eq!(evil.backends.len(), 1);
+    assert!(
+        state.route_tcp(&web, 81, "shop").is_none(),
+        "no such port: the Service itself"
+    );
+    // A `tcp` rule alone does not make a port HTTP.
+    let port = &web.ports[0];
+    assert_eq!(state.waypoint_protocol(&web, port), port.app_protocol);
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  tcp:\n  - match: [{sourceLabels: {app: a}}]\n    route: [{destination: {host: web}}]\n"),
+            &["spec.tcp[0]: `sourceLabels` is not supported"],
+        ),
+        (
+            vs("  hosts: [web]\n  tcp:\n  - route:\n    - {destination: {host: web}, weight: 50}\n    - {destination: {host: web}}\n"),
+            &["set exactly one of `weight` on every destination"],
+        ),
+        (vs("  hosts: [web]\n  tcp:\n  - match: [{port: 80}]\n"), &["spec.tcp[0]: set exactly one of `route`"]),
+    ]);
 }
 
 #[test]
