@@ -813,7 +813,8 @@ fn istio_objects_from_the_api(mesh: &KubeMesh, vip: &str) {
         "metadata": {"name": "web", "namespace": NS},
         "spec": {"host": "web", "subsets": [
             {"name": "v1", "labels": {"version": "v1"}},
-            {"name": "v2", "labels": {"version": "v2"}},
+            {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"loadBalancer":
+                {"consistentHash": {"httpCookie": {"name": "route", "ttl": "0s", "path": "/"}}}}},
         ], "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}},
     }));
     let vs: DynamicObject = from_json(json!({
@@ -823,20 +824,44 @@ fn istio_objects_from_the_api(mesh: &KubeMesh, vip: &str) {
             {"name": "abort", "match": [{"uri": {"prefix": "/abort"}}],
              "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
              "route": [{"destination": {"host": "web", "subset": "v1"}}]},
-            {"name": "alice", "match": [{"headers": {"x-user": {"exact": "alice"}}}],
+            {"name": "down", "match": [{"uri": {"prefix": "/down"}}],
+             "directResponse": {"status": 503, "body": {"string": "down"}}},
+            {"name": "alice",
+             "match": [{"headers": {"x-user": {"exact": "alice"}}, "withoutHeaders": {"x-opt-out": {}}}],
              "route": [{"destination": {"host": "web", "subset": "v2"}}]},
-            {"name": "rest", "route": [{"destination": {"host": "web", "subset": "v1"}}]},
+            {"name": "rest", "route": [{"destination": {"host": "web", "subset": "v1"}}],
+             "corsPolicy": {"allowOrigins": [{"exact": "https://app.example"}], "maxAge": "1h"}},
         ]},
     }));
     create(mesh, &destination_rules(mesh), &dr, "the DestinationRule");
     create(mesh, &virtual_services(mesh), &vs, "the VirtualService");
+    // Then, as the API server stores them: a direct response, a presence match in
+    // `withoutHeaders`, a CORS preflight answered, and the subset's sticky cookie set.
     let script = format!(
         "curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/abort/1; \
          for i in 1 2 3; do curl -sS --max-time 10 -H 'x-user: alice' http://{vip}/a -w '\\n' || exit 1; done; \
-         for i in 1 2 3; do curl -sS --max-time 10 http://{vip}/b -w '\\n' || exit 1; done"
+         for i in 1 2 3; do curl -sS --max-time 10 http://{vip}/b -w '\\n' || exit 1; done; \
+         curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{vip}/down; \
+         curl -sS --max-time 10 -H 'x-user: alice' -H 'x-opt-out: 1' http://{vip}/a -w '\\n'; \
+         curl -sS --max-time 10 -o /dev/null -D - -X OPTIONS -H 'origin: https://app.example' \
+           -H 'access-control-request-method: GET' http://{vip}/c | grep -i '^access-control-max-age'; \
+         curl -sS --max-time 10 -o /dev/null -D - -H 'x-user: alice' http://{vip}/a \
+           | grep -i '^set-cookie' | cut -d'\"' -f1"
     );
     let seen = until_seen(mesh, 0, "istio", &script, |seen| {
-        seen == ["418", "v2", "v2", "v2", "v1", "v1", "v1"]
+        seen == [
+            "418",
+            "v2",
+            "v2",
+            "v2",
+            "v1",
+            "v1",
+            "v1",
+            "503",
+            "v1",
+            "access-control-max-age: 3600",
+            "set-cookie: route=",
+        ]
     });
     eprintln!("VirtualService on Kubernetes: {seen:?}");
 }
