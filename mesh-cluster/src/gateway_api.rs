@@ -714,6 +714,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, RouteSchemaError> {
 }
 
 /// A length limit of a value.
+/// An HTTP header or query parameter name (an RFC 7230 token, at most 256 characters).
+pub(crate) fn header_name(name: String) -> Result<String, RouteSchemaError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
+        return Err(RouteSchemaError::HeaderName(name));
+    }
+    Ok(name)
+}
+
 fn check_len(value: &str, max: usize) -> Result<(), RouteSchemaError> {
     if value.len() > max {
         return Err(RouteSchemaError::TooLong(value.to_owned(), max));

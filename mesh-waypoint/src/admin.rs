@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::{telemetry::Metrics, WaypointError};
+use crate::{context::WaypointError, telemetry::Metrics};
 
 /// How long a connection may take to send a request head (from connecting, or after the
 /// previous response) before it is closed: the agent's admin endpoints' limit.

@@ -8,7 +8,8 @@
 //! ([`cookie_to_set`]: Envoy's sticky sessions).
 //!
 //! **Outlier detection** (the policy's `outlierDetection`, as Envoy's): every answer of an
-//! endpoint is recorded ([`Balancer::record`]); `consecutive5xxErrors` 5xx answers in a row (a
+//! endpoint, and every TCP tunnel's connection to it made or not, is recorded
+//! ([`Balancer::record`]); `consecutive5xxErrors` 5xx answers in a row (a
 //! failure to reach it counts as one), or `consecutiveGatewayErrors` 502/503/504 in a row, eject
 //! it for `baseEjectionTime` times its ejections so far (at most 300 s), provided fewer than
 //! `maxEjectionPercent` of the candidates are ejected already (the first ejection among few
@@ -41,6 +42,8 @@ pub(crate) enum Answer {
     Status(u16),
     /// It could not be reached, or did not answer in time.
     Unreachable,
+    /// A TCP tunnel's connection to it was made: a success, as Envoy's TCP proxy counts one.
+    Connected,
 }
 
 /// An endpoint's record for outlier detection.
@@ -228,6 +231,7 @@ impl Balancer {
         let (is_5xx, is_gateway) = match answer {
             Answer::Status(code) => ((500..600).contains(&code), matches!(code, 502..=504)),
             Answer::Unreachable => (true, true),
+            Answer::Connected => (false, false),
         };
         if !is_5xx {
             // A success: its counts start over (nothing to keep for an endpoint never failing).

@@ -35,7 +35,9 @@ mod admin;
 mod balance;
 mod body;
 mod breaker;
+mod context;
 mod cors;
+mod drain;
 mod filters;
 mod grpc_reply;
 mod jwks;
@@ -46,87 +48,9 @@ mod ratelimit;
 mod relay;
 mod request;
 mod telemetry;
+mod tunnel;
 mod upgrade;
 mod upstream;
 
-use std::{net::SocketAddr, sync::Arc};
-
-use mesh_cluster::ClusterState;
-use mesh_identity::{CryptoProvider, Identity};
-use tokio::sync::watch;
-
+pub use context::{WaypointConfig, WaypointError, DEFAULT_MAX_MIRRORS_IN_FLIGHT, MIRROR_TIMEOUT};
 pub use listener::serve;
-
-/// What a waypoint process is.
-#[derive(Clone, Debug)]
-pub struct WaypointConfig {
-    /// Namespace of the waypoint `Gateway` (and of its pods).
-    pub namespace: String,
-    /// Name of the waypoint `Gateway`.
-    pub name: String,
-    /// The waypoint's own identity: its pods' service account.
-    pub identity: Identity,
-    /// Where HBONE is served: port 15008 of the pod's addresses.
-    pub listen: SocketAddr,
-    /// Where `/metrics` is served (15020).
-    pub metrics: SocketAddr,
-    /// Where `/healthz/ready` is served (15021).
-    pub readiness: SocketAddr,
-    /// TLS crypto provider.
-    pub provider: CryptoProvider,
-    /// At shutdown, how long in-flight requests may take to finish.
-    pub drain_timeout: std::time::Duration,
-    /// Where the JSON access log (a line per request) goes.
-    pub access_log: mesh_trace::AccessLogTarget,
-    /// Most mirrored requests in flight at once; a mirror beyond it is skipped and counted
-    /// (`mesh_waypoint_mirrors_skipped_total`), so clients cannot pile up copies of their
-    /// requests toward a slow mirror. Each also ends at the route's request timeout, else after
-    /// [`MIRROR_TIMEOUT`].
-    pub max_mirrors_in_flight: u32,
-}
-
-/// How long a mirrored request may take when its route sets no request timeout (Envoy's default
-/// route timeout).
-pub const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// The default of [`WaypointConfig::max_mirrors_in_flight`] (Envoy's default circuit breaker:
-/// 1,024 requests per cluster).
-pub const DEFAULT_MAX_MIRRORS_IN_FLIGHT: u32 = 1024;
-
-/// Why the waypoint stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum WaypointError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("TLS configuration for {identity}: {source}")]
-    Tls {
-        identity: Identity,
-        source: mesh_identity::TlsError,
-    },
-    #[error(transparent)]
-    AccessLog(#[from] mesh_trace::AccessLogError),
-}
-
-/// What every request of the waypoint shares.
-pub(crate) struct Ctx {
-    pub(crate) config: WaypointConfig,
-    pub(crate) state: watch::Receiver<Arc<ClusterState>>,
-    pub(crate) upstream: Arc<upstream::Upstream>,
-    pub(crate) hbone: mesh_hbone::ServerConfig,
-    pub(crate) reporters: Arc<telemetry::Reporters>,
-    pub(crate) drain: listener::Drain,
-    pub(crate) balancer: Arc<balance::Balancer>,
-    /// Permits for mirrored requests in flight ([`WaypointConfig::max_mirrors_in_flight`]).
-    pub(crate) mirrors: Arc<tokio::sync::Semaphore>,
-    /// The key sets of `RequestAuthentication` rules with `jwksUri`.
-    pub(crate) jwks: Arc<jwks::JwksCache>,
-    /// Tokens verified recently ([`mesh_cluster::authn::VerifiedTokens`]).
-    pub(crate) verified_tokens: mesh_cluster::authn::VerifiedTokens,
-    /// The waypoint's token buckets of local rate limits ([`ratelimit`]).
-    pub(crate) buckets: ratelimit::Buckets,
-    /// The destinations' circuit breakers (`connectionPool` limits, [`breaker`]).
-    pub(crate) breakers: breaker::Breakers,
-}

@@ -13,10 +13,7 @@ use std::{
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+    server::conn::auto,
 };
 use mesh_cluster::ClusterState;
 use mesh_hbone::{InboundRequest, Responder};
@@ -30,11 +27,13 @@ use mesh_cluster::AppProtocol;
 
 use crate::{
     admin::{self, Admin},
+    context::{Ctx, WaypointConfig, WaypointError},
+    drain::Drain,
     protocol::{sniff, Prefixed, Sniffed},
-    request::{handle, pass_through, Source, Target},
+    request::{handle, Source, Target},
     telemetry::Reporters,
+    tunnel::pass_through,
     upstream::Upstream,
-    Ctx, WaypointConfig, WaypointError,
 };
 
 /// How long a client has to send a request's head (HTTP/1.1), from when the connection waits
@@ -54,54 +53,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// The drain at shutdown: every HTTP connection served on a tunnel is watched; draining asks each
-/// to finish the requests it has and close (HTTP/2 `GOAWAY`, HTTP/1.1 `Connection: close` or
-/// closing when idle), and waits for them, at most the drain timeout. `None` once draining.
-pub(crate) struct Drain(std::sync::Mutex<Option<GracefulShutdown>>);
-
-impl Default for Drain {
-    fn default() -> Self {
-        Self(std::sync::Mutex::new(Some(GracefulShutdown::new())))
-    }
-}
-
-impl Drain {
-    /// A watcher for a new connection; `None` once draining.
-    fn watcher(&self) -> Option<Watcher> {
-        let graceful = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        graceful.as_ref().map(GracefulShutdown::watcher)
-    }
-
-    /// Drains, waiting at most `timeout`.
-    async fn run(&self, timeout: Duration) {
-        let graceful = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let Some(graceful) = graceful else {
-            return;
-        };
-        let open = graceful.count();
-        info!(
-            open,
-            timeout_s = timeout.as_secs_f64(),
-            "draining the waypoint's connections"
-        );
-        if tokio::time::timeout(timeout, graceful.shutdown())
-            .await
-            .is_ok()
-        {
-            info!("drained");
-        } else {
-            warn!("drain timeout: closing the connections still open");
-        }
     }
 }
 

@@ -28,6 +28,7 @@ use crate::{
     balance::{Answer, Keys},
     body::full,
     breaker::Overflow,
+    context::Ctx,
     cors::Cors,
     filters::{modify_headers, redirect_location, replace_path, request_authority},
     grpc_reply::{for_grpc, GrpcCode, LocalReply},
@@ -35,7 +36,6 @@ use crate::{
     telemetry::{Counted, Flag, Outcome, Recorded, RequestLog},
     upgrade::{splice, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade, UpgradeAsk},
     upstream::UpstreamError,
-    Ctx,
 };
 
 /// Largest request body kept so that the request can be retried or mirrored; a larger one is
@@ -116,7 +116,7 @@ impl Target {
 
 /// The `AuthorizationPolicies` of waypoint `ctx` on a request (`http`) or a TCP tunnel
 /// (`None`) to `target` (`addressed`: its Service, when it is one) from `source`.
-fn authorize(
+pub(crate) fn authorize(
     ctx: &Ctx,
     state: &ClusterState,
     (target, addressed): (&Target, Option<&Service>),
@@ -253,7 +253,7 @@ fn unauthenticated(refusal: JwtRefusal, authority: &str, path: &str) -> Response
 }
 
 /// What the access log says of a decision that denied or audited; `None` otherwise.
-fn authz_note(decision: &AuthzDecision) -> Option<String> {
+pub(crate) fn authz_note(decision: &AuthzDecision) -> Option<String> {
     let audited = decision.audited.iter().map(|p| format!("audited by {p}"));
     let denied = (decision.verdict == Verdict::Deny).then(|| match &decision.policy {
         Some(policy) => format!("denied by {policy}"),
@@ -803,122 +803,6 @@ impl Failure {
     }
 }
 
-/// A tunnel that is not HTTP: its bytes go to an endpoint of the Service (`HTTPRoutes` do not
-/// apply), or to the pod it was for, both ways until both sides are done.
-pub(crate) async fn pass_through<IO>(ctx: &Ctx, target: &Target, source: &Source, mut down: IO)
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let state = Arc::clone(&ctx.state.borrow());
-    let addressed = match target {
-        Target::Service { hostname, .. } => state.service_by_hostname(hostname).cloned(),
-        Target::Workload { .. } => None,
-    };
-    // The policies as a connection sees them: an ALLOW rule with HTTP fields matches nothing.
-    let decision = authorize(ctx, &state, (target, addressed.as_deref()), source, None);
-    if decision.verdict == Verdict::Deny {
-        warn!(
-            src = %source.identity,
-            ?target,
-            authz = authz_note(&decision).unwrap_or_default(),
-            "TCP tunnel refused by policy"
-        );
-        return;
-    }
-    let picked = match target {
-        Target::Workload { addr } => state.workload_by_ip(addr.ip()).map(|w| {
-            let endpoint = mesh_cluster::Endpoint {
-                addr: *addr,
-                workload: Some(Arc::clone(w)),
-            };
-            (endpoint, *addr, w.to_string(), None)
-        }),
-        // A `VirtualService` `tcp` rule's destination, by weight, else the Service's own
-        // backend; an endpoint picked as its `DestinationRule` says, as for HTTP.
-        Target::Service { port, .. } => addressed.as_ref().and_then(|service| {
-            let backend = match state.route_tcp(service, *port, source.identity.namespace()) {
-                Some(rule) => rule.pick_backend(fastrand::u64(..))?.backend.clone(),
-                None => state.default_backend(service, *port),
-            };
-            let Backend::Service {
-                service,
-                port,
-                policy,
-            } = backend
-            else {
-                return None;
-            };
-            let keys = Keys {
-                client: source.addr,
-                request: None,
-            };
-            let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
-            let host = service.hostname.clone();
-            Some((
-                endpoint,
-                addr,
-                host,
-                Some((in_flight, service, port, policy)),
-            ))
-        }),
-    };
-    let Some((endpoint, addr, host, destination)) = picked else {
-        warn!(?target, "no endpoint for a TCP tunnel");
-        return;
-    };
-    // `_in_flight`: counted for least request while the tunnel lasts; `_connection`: one of
-    // the destination's `maxConnections`, refused beyond them.
-    let (_in_flight, pool, _connection) = match destination {
-        Some((in_flight, service, port, policy)) => {
-            let Some(pool) = policy.connection_pool.clone() else {
-                return relay(ctx, (&endpoint, addr, &host), source, &mut down, None).await;
-            };
-            let at = (service.as_ref(), port, policy.subset.as_deref());
-            let counted = match ctx.breakers.at(at, &pool) {
-                Some(breaker) => breaker.connection(&pool, addr, false).await,
-                None => Ok(None),
-            };
-            match counted {
-                Ok(slot) => (Some(in_flight), Some(pool), slot),
-                Err(overflow) => {
-                    warn!(%overflow, ?target, "TCP tunnel refused by the destination's circuit breaker (UO)");
-                    return;
-                }
-            }
-        }
-        None => (None, None, None),
-    };
-    relay(
-        ctx,
-        (&endpoint, addr, &host),
-        source,
-        &mut down,
-        pool.as_deref(),
-    )
-    .await;
-}
-
-/// Relays a TCP tunnel's bytes to `endpoint` and back.
-async fn relay<IO>(
-    ctx: &Ctx,
-    (endpoint, addr, host): (&mesh_cluster::Endpoint, SocketAddr, &str),
-    source: &Source,
-    down: &mut IO,
-    pool: Option<&mesh_cluster::k8s::ConnectionPool>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let client = (source.addr, source.trace);
-    match ctx
-        .upstream
-        .relay(endpoint, (addr, host), client, down, pool)
-        .await
-    {
-        Ok((sent, received)) => debug!(%addr, sent, received, "TCP tunnel done"),
-        Err(e) => warn!(error = %e, "TCP tunnel failed"),
-    }
-}
-
 async fn one_attempt(
     ctx: &Ctx,
     (service, port, policy): (&Arc<Service>, u16, &EndpointPolicy),
@@ -1038,7 +922,7 @@ async fn replayable(request: Request<Body>, plan: &Plan<'_>) -> Replay {
 }
 
 /// Sends a copy of a request to a mirror, its answer read and dropped, within `timeout` (else
-/// [`crate::MIRROR_TIMEOUT`]); skipped and counted when as many mirrors are in flight as the
+/// [`crate::context::MIRROR_TIMEOUT`]); skipped and counted when as many mirrors are in flight as the
 /// waypoint allows.
 fn spawn_mirror(
     ctx: &Ctx,
@@ -1083,7 +967,7 @@ fn spawn_mirror(
         drop(response.into_body().collect().await);
         Ok::<_, UpstreamError>(())
     };
-    let timeout = timeout.unwrap_or(crate::MIRROR_TIMEOUT);
+    let timeout = timeout.unwrap_or(crate::context::MIRROR_TIMEOUT);
     tokio::spawn(
         async move {
             match tokio::time::timeout(timeout, exchange).await {

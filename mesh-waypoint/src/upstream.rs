@@ -292,6 +292,7 @@ impl Upstream {
     }
 
     /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP) for `client`,
+    /// telling `reached` whether the endpoint could be reached (for outlier detection),
     /// in the trace of the tunnel it came in (`trace`), within the destination's `pool`
     /// (its `connectTimeout`, `idleTimeout` and `maxConnectionDuration`); returns the bytes
     /// sent and received.
@@ -301,13 +302,22 @@ impl Upstream {
         to: (SocketAddr, &str),
         client: (SocketAddr, Option<TraceContext>),
         down: &mut D,
-        pool: Option<&ConnectionPool>,
+        (pool, reached): (Option<&ConnectionPool>, impl FnOnce(bool)),
     ) -> Result<(u64, u64), UpstreamError>
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
         let addr = to.0;
-        let mut up = self.connect(endpoint, to, client, pool).await?;
+        let mut up = match self.connect(endpoint, to, client, pool).await {
+            Ok(up) => {
+                reached(true);
+                up
+            }
+            Err(e) => {
+                reached(false);
+                return Err(e);
+            }
+        };
         let idle = match pool.and_then(|p| p.tcp_idle_timeout) {
             None => Some(self.idle.watch()),
             Some(Duration::ZERO) => None,

@@ -2617,3 +2617,59 @@ fn virtual_service_tcp_routes_split_connections_by_weight() {
         assert_eq!(accepted(&servers), expected, "weights {weights:?}");
     }
 }
+
+#[test]
+fn outlier_detection_ejects_an_endpoint_tcp_tunnels_cannot_reach() {
+    // Before, outlier detection counted HTTP answers only: a TCP Service's endpoint that
+    // refused every connection kept getting its share of the tunnels.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    // Only v2 listens on 9000: tunnels to v1 cannot be made.
+    let v2 = bed.mesh.pod(1, 1).clone();
+    let _server = mesh_tests::probe::serve(&v2, SocketAddr::new(IpAddr::V4(v2.ipv4), 9000))
+        .expect("TCP echo server");
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let text = port_service_yaml("raw", 3, ("svc", "web"), &bound, ("name: tcp", 9000, 9000));
+    bed.mesh.files.write("service-raw.yaml", &text).unwrap();
+    bed.wait_for_services(4, "the TCP Service");
+    let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 9000);
+    let answered = |n: usize| {
+        (0..n)
+            .filter(|i| {
+                mesh_tests::probe::connect(&client, addr, &format!("bytes {i}"))
+                    .is_ok_and(|out| out.starts_with("echo ok"))
+            })
+            .count()
+    };
+    let rule = |outlier: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: raw, namespace: {NS}}}\nspec:\n  host: raw\n  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    {outlier}\n"
+        )
+    };
+    let from = bed.waypoint.process.line_count();
+    bed.mesh
+        .files
+        .write("destinationrule-raw.yaml", &rule(""))
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the DestinationRule", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    assert_eq!(answered(10), 5, "round robin: v1's half cannot be reached");
+    let from = bed.waypoint.process.line_count();
+    let outlier = "outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}";
+    bed.mesh
+        .files
+        .write("destinationrule-raw.yaml", &rule(outlier))
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the outlier detection", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    // Two failed tunnels to v1 in a row eject it: of 20, two fail, then v2 takes them all.
+    assert_eq!(answered(20), 18, "v1 left out after two failures");
+}

@@ -6,9 +6,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::{
-    check_count, de_fields::header_name, Pattern, RouteCors, RouteSchemaError, StringMatch,
-};
+use super::{check_count, header_name, Pattern, RouteCors, RouteSchemaError, StringMatch};
 use crate::cors::{Allowed, CorsPolicy, UnmatchedPreflights};
 
 #[derive(Default, Deserialize)]

@@ -314,9 +314,12 @@ fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
     let bad: SocketAddr = "10.0.0.1:8080".parse().unwrap();
     let now = std::time::Instant::now();
     let record = |answer, at| balancer.record((&svc, 80, &policy), bad, answer, at);
-    // A 503, a 200 (the count starts over), then two failures in a row: ejected.
+    // A 503, a 200 (the count starts over), a tunnel that could not connect, one that could
+    // (over again), then two failures in a row: ejected.
     record(Answer::Status(503), now);
     record(Answer::Status(200), now);
+    record(Answer::Unreachable, now);
+    record(Answer::Connected, now);
     record(Answer::Status(503), now);
     let headers = HeaderMap::new();
     assert_eq!(
