@@ -206,6 +206,8 @@ pub enum RouteSchemaError {
     EmptyMethodMatch,
     #[error("filter type {0} is not a GRPCRoute filter")]
     NotGrpcFilter(FilterType),
+    #[error("exportTo: {0:?} is not `.`, `*` (alone) or a namespace name")]
+    ExportTo(String),
     #[error("{0:?} is not a CORS origin (`*`, or http(s)://host[:port] with `*` or `*.` before the host's name)")]
     Origin(String),
     #[error("{0:?} is not an HTTP method")]

@@ -244,6 +244,16 @@ struct Entry {
     route: Arc<AttachedRoute>,
     rule: usize,
     index: usize,
+    /// The client namespaces it applies to (a `VirtualService`'s `exportTo`); `None`: all.
+    visible: Visibility,
+}
+
+/// The client namespaces a rule applies to; `None`: every namespace's.
+pub(crate) type Visibility = Option<Arc<std::collections::BTreeSet<String>>>;
+
+/// Whether a rule of `visible` applies to a client of `namespace`.
+fn sees(visible: &Visibility, namespace: &str) -> bool {
+    visible.as_ref().is_none_or(|set| set.contains(namespace))
 }
 
 /// Sorts ascending from the highest precedence.
@@ -272,8 +282,9 @@ struct PortRoutes {
     /// place of the others (as GAMMA's consumer routes): a tenant routes its own requests,
     /// never another's.
     ordered_consumers: BTreeMap<String, Vec<Entry>>,
-    /// `VirtualService` `tcp` rules for the port, in order, for every client...
-    tcp: Vec<Arc<ResolvedRule>>,
+    /// `VirtualService` `tcp` rules for the port, in order, for every client (as far as their
+    /// `exportTo` lets them)...
+    tcp: Vec<(Arc<ResolvedRule>, Visibility)>,
     /// ...and those of other namespaces, for their own clients, in place of the others.
     tcp_consumers: BTreeMap<String, Vec<Arc<ResolvedRule>>>,
 }
@@ -462,11 +473,14 @@ impl HttpRouteIndex {
     ) -> Option<&ResolvedRule> {
         let key = (service.namespace.clone(), service.name.clone(), port);
         let routes = self.ports.get(&key)?;
-        let rules = routes
-            .tcp_consumers
-            .get(client_namespace)
-            .unwrap_or(&routes.tcp);
-        rules.first().map(AsRef::as_ref)
+        match routes.tcp_consumers.get(client_namespace) {
+            Some(rules) => rules.first().map(AsRef::as_ref),
+            None => routes
+                .tcp
+                .iter()
+                .find(|(_, visible)| sees(visible, client_namespace))
+                .map(|(rule, _)| rule.as_ref()),
+        }
     }
 
     /// What to do with `request` from a client in `client_namespace` for `service`'s `port`.
@@ -491,7 +505,12 @@ impl HttpRouteIndex {
                 .get(client_namespace)
                 .unwrap_or(&routes.ordered);
         }
-        if entries.is_empty() {
+        // Only the rules exported to the client's namespace; none: the Service itself.
+        let mut entries = entries
+            .iter()
+            .filter(|e| sees(&e.visible, client_namespace))
+            .peekable();
+        if entries.peek().is_none() {
             return RouteDecision::Default;
         }
         for entry in entries {
@@ -511,7 +530,7 @@ impl HttpRouteIndex {
 
 /// Adds every match of `attached`'s rules, in order (a `VirtualService`'s: no precedence but
 /// their order).
-fn add_ordered(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>) {
+fn add_ordered(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, visible: &Visibility) {
     for (rule_index, rule) in attached.rules.iter().enumerate() {
         for index in 0..rule.matches.len() {
             entries.push(Entry {
@@ -529,6 +548,7 @@ fn add_ordered(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>) {
                 route: Arc::clone(attached),
                 rule: rule_index,
                 index,
+                visible: visible.clone(),
             });
         }
     }
@@ -560,6 +580,7 @@ fn add_entries(entries: &mut Vec<Entry>, attached: &Arc<AttachedRoute>, meta: &O
                 route: Arc::clone(attached),
                 rule: rule_index,
                 index,
+                visible: None,
             });
         }
     }

@@ -60,6 +60,9 @@ pub struct VirtualServiceSpec {
     /// `tcp`, in order: the first rule whose port matches takes a connection the waypoint
     /// passes on as TCP.
     pub tcp: Vec<VsTcpRoute>,
+    /// `exportTo`: the namespaces whose clients it applies to (`.`: its own); empty, or `*`:
+    /// every namespace's.
+    pub export_to: Vec<String>,
 }
 
 /// A `tcp` rule.
@@ -275,6 +278,9 @@ pub struct DestinationRuleSpec {
     /// `trafficPolicy`.
     pub traffic_policy: TrafficPolicy,
     pub subsets: Vec<Subset>,
+    /// `exportTo`, as written: the waypoint applies a rule to every client of its Service,
+    /// and says so when this narrows it ([`crate::http_route`]).
+    pub export_to: Vec<String>,
 }
 
 /// `outlierDetection`: endpoints that keep failing are left out for a while (Envoy's outlier

@@ -127,6 +127,13 @@ impl Policies {
                 ));
                 continue;
             }
+            let export_to = &rule.spec.export_to;
+            if !export_to.is_empty() && !export_to.iter().any(|e| e == "*") {
+                warnings.push(format!(
+                    "{object}: exportTo {export_to:?}: a waypoint applies a DestinationRule to \
+                     every client of its Service, whatever their namespace"
+                ));
+            }
             resolved.push((rule, object, service));
         }
         // The Service's own namespace first, then the oldest.
@@ -227,6 +234,7 @@ impl HttpRouteIndex {
         }
         let object = ObjectRef::namespaced(Kind::VirtualService, &vs.metadata);
         let namespace = vs.metadata.namespace();
+        let visible = exported(&vs.spec.export_to, namespace);
         for (index, host) in vs.spec.hosts.iter().enumerate() {
             let Some(service) = lookup_host(host, namespace, services) else {
                 self.warnings.push(format!(
@@ -261,27 +269,39 @@ impl HttpRouteIndex {
                         Arc::new(self.translate_tcp(rule, (namespace, port), services, &object))
                     })
                     .collect();
+                let everyone = namespace == service.namespace || namespace == root_namespace;
+                if !everyone && !super::sees(&visible, namespace) {
+                    // Another namespace's rules apply to its own clients only; exported
+                    // elsewhere, they apply to nobody.
+                    let warning = format!(
+                        "{object}: exportTo leaves out its own namespace, the only one whose \
+                         clients a VirtualService of another namespace than the Service's may \
+                         route; it applies to nobody"
+                    );
+                    if !self.warnings.contains(&warning) {
+                        self.warnings.push(warning);
+                    }
+                    continue;
+                }
                 let key = (service.namespace.clone(), service.name.clone(), port);
                 let routes = self.ports.entry(key).or_default();
-                let everyone = namespace == service.namespace || namespace == root_namespace;
-                let entries = if everyone {
-                    &mut routes.ordered
-                } else {
+                if everyone {
+                    add_ordered(&mut routes.ordered, &attached, &visible);
                     routes
+                        .tcp
+                        .extend(tcp.into_iter().map(|rule| (rule, visible.clone())));
+                } else {
+                    let consumers = routes
                         .ordered_consumers
                         .entry(namespace.to_owned())
-                        .or_default()
-                };
-                add_ordered(entries, &attached);
-                let tcp_rules = if everyone {
-                    &mut routes.tcp
-                } else {
+                        .or_default();
+                    add_ordered(consumers, &attached, &None);
                     routes
                         .tcp_consumers
                         .entry(namespace.to_owned())
                         .or_default()
-                };
-                tcp_rules.extend(tcp);
+                        .extend(tcp);
+                }
             }
         }
     }
@@ -548,6 +568,20 @@ impl HttpRouteIndex {
             policy,
         }
     }
+}
+
+/// The client namespaces a `VirtualService` of `namespace` applies to by its `exportTo` (`.`:
+/// its own); `None`: every namespace's.
+fn exported(export_to: &[String], namespace: &str) -> super::Visibility {
+    if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
+        return None;
+    }
+    let names = export_to
+        .iter()
+        .map(|e| if e == "." { namespace } else { e.as_str() })
+        .map(str::to_owned)
+        .collect();
+    Some(Arc::new(names))
 }
 
 /// A match of every request.

@@ -140,7 +140,7 @@ impl Checked for VirtualServiceSpec {
         if f.hosts.0.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
-        let _ = f.export_to;
+        let export_to = check_export_to(f.export_to.0)?;
         crate::gateway_api::check_patterns(
             f.http
                 .0
@@ -154,8 +154,24 @@ impl Checked for VirtualServiceSpec {
             mesh: gateways.is_empty() || gateways.iter().any(|g| g == "mesh"),
             http: f.http.0,
             tcp: f.tcp.0,
+            export_to,
         })
     }
+}
+
+/// `exportTo` as Istio checks it: `.`, `*` or namespace names, and `*` alone.
+fn check_export_to(list: Vec<String>) -> Result<Vec<String>, RouteSchemaError> {
+    for entry in &list {
+        if entry != "." && entry != "*" && !crate::names::is_dns_label(entry) {
+            return Err(RouteSchemaError::ExportTo(entry.clone()));
+        }
+    }
+    if list.len() > 1 && list.iter().any(|e| e == "*") {
+        return Err(RouteSchemaError::ExportTo(
+            "* with other entries".to_owned(),
+        ));
+    }
+    Ok(list)
 }
 
 #[derive(Default, Deserialize)]
@@ -679,7 +695,6 @@ impl Checked for DestinationRuleSpec {
         if f.host.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
-        let _ = f.export_to;
         let traffic_policy = f
             .traffic_policy
             .map(TrafficPolicyFields::check)
@@ -689,6 +704,7 @@ impl Checked for DestinationRuleSpec {
             host: f.host,
             traffic_policy,
             subsets: f.subsets.0,
+            export_to: check_export_to(f.export_to.0)?,
         })
     }
 }

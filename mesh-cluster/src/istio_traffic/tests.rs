@@ -983,6 +983,58 @@ spec:
 }
 
 #[test]
+fn export_to_narrows_the_clients_a_virtual_service_routes() {
+    let subsets = dr("  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n");
+    let own = vs("  hosts: [web]\n  exportTo: [\".\", team]\n  http:\n  - route: [{destination: {host: web, subset: v2}}]\n  tcp:\n  - route: [{destination: {host: web, subset: v2}}]\n");
+    let tenant = r"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mine, namespace: evil}
+spec:
+  hosts: [web.shop]
+  exportTo: [shop]
+  http:
+  - route: [{destination: {host: web.shop, subset: v1}}]
+";
+    let state = cluster(&[own, subsets, tenant.to_owned()]);
+    let version = |client: &str| routed_from(&state, client).2;
+    // Its own namespace's and `team`'s clients: routed; any other's: the Service itself.
+    assert_eq!(version("shop").as_deref(), Some("v2"));
+    assert_eq!(version("team").as_deref(), Some("v2"));
+    assert_eq!(
+        version("other"),
+        None,
+        "not exported there: the Service itself"
+    );
+    let web = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    assert!(state.route_tcp(&web, 80, "team").is_some());
+    assert!(state.route_tcp(&web, 80, "other").is_none());
+    // A tenant's rule exported only to the Service's namespace applies to nobody, said so.
+    assert_eq!(version("evil"), None);
+    assert!(
+        state
+            .warnings()
+            .iter()
+            .any(|w| w.contains("VirtualService evil/mine: exportTo leaves out its own namespace")),
+        "{:?}",
+        state.warnings()
+    );
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  exportTo: [\"*\", shop]\n"),
+            &["spec: exportTo: \"* with other entries\""],
+        ),
+        (
+            vs("  hosts: [web]\n  exportTo: [Not_A_Namespace]\n"),
+            &["exportTo: \"Not_A_Namespace\" is not `.`, `*` (alone) or a namespace name"],
+        ),
+    ]);
+}
+
+#[test]
 fn a_destination_rule_hashes_on_a_made_up_cookie_or_a_query_parameter() {
     let text = dr(r"  host: web
   trafficPolicy:
