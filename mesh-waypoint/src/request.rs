@@ -421,8 +421,7 @@ async fn route(
                 .send(&endpoint, (*addr, &host), source.addr, request, None)
                 .await
             {
-                Ok(response) => {
-                    let mut response = response.map(BodyExt::boxed);
+                Ok(mut response) => {
                     response.extensions_mut().insert(Outcome {
                         flag: Flag::None,
                         upstream: Some(*addr),
@@ -854,7 +853,7 @@ async fn one_attempt(
     ctx.balancer
         .record((service, port, policy), addr, answer, Instant::now());
     let result = result.map_err(|_| Failure::Timeout)?;
-    let mut response = result.map_err(Failure::Upstream)?.map(BodyExt::boxed);
+    let mut response = result.map_err(Failure::Upstream)?;
     if let Some(cookie) = set_cookie {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }

@@ -212,7 +212,7 @@ impl Upstream {
         client: SocketAddr,
         mut request: Request<Body>,
         pool: Option<&Arc<ConnectionPool>>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let http = |source| UpstreamError::Http { addr, source };
         let identity = endpoint
             .workload
@@ -227,23 +227,17 @@ impl Upstream {
         if h2 && asked != http::Version::HTTP_2 {
             upgrade_to_h2(&mut request);
         }
-        let upgrade = request.headers().contains_key(http::header::UPGRADE);
+        let to = (endpoint, addr, host);
         if h2 {
-            if let Some(mut sender) = self.reuse.h2(&key) {
-                match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(as_asked(response, asked)),
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(http(e.into_error())),
-                    },
-                }
-            }
-        } else if !upgrade {
+            return self.send_h2(to, client, request, (key, asked)).await;
+        }
+        let upgrade = request.headers().contains_key(http::header::UPGRADE);
+        if !upgrade {
             while let Some(mut kept) = self.reuse.h1(&key) {
                 match kept.sender.try_send_request(request).await {
                     Ok(response) => {
                         self.reuse.keep_h1(key, kept);
-                        return Ok(response);
+                        return Ok(response.map(http_body_util::BodyExt::boxed));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => request = unsent,
@@ -252,32 +246,7 @@ impl Upstream {
                 }
             }
         }
-        // A new connection's tunnel is traced as the request that opens it.
-        let trace = TraceContext::from_headers(request.headers());
-        let pool = pool.map(AsRef::as_ref);
-        let stream = self
-            .connect(endpoint, (addr, host), (client, trace), pool)
-            .await?;
-        let io = TokioIo::new(stream);
-        if h2 {
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            if let Some(ping) = pool.and_then(|p| p.http2_keepalive.as_ref()) {
-                builder
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(ping.interval)
-                    .keep_alive_timeout(ping.timeout)
-                    .keep_alive_while_idle(true);
-            }
-            let (mut sender, connection) = builder.handshake(io).await.map_err(http)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    debug!(error = %e, "HTTP/2 connection to the endpoint ended");
-                }
-            });
-            self.reuse.keep_h2(key, sender.clone());
-            let response = sender.send_request(request).await.map_err(http)?;
-            return Ok(as_asked(response, asked));
-        }
+        let io = self.open(to, client, &request, key.2.as_deref()).await?;
         let (mut sender, connection) = http1::handshake(io).await.map_err(http)?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
@@ -288,7 +257,76 @@ impl Upstream {
         if !upgrade {
             self.reuse.keep_h1(key, reuse::Kept::new(sender));
         }
-        Ok(response)
+        Ok(response.map(http_body_util::BodyExt::boxed))
+    }
+
+    /// [`Self::send`] over HTTP/2: on a kept connection with room, else on a new one. A new one
+    /// is opened by one request at a time per endpoint, so that requests that come together
+    /// share it (as Envoy's pool has pending requests wait for the connection it opens), up to
+    /// the destination's `maxConcurrentStreams`.
+    async fn send_h2(
+        &self,
+        (endpoint, addr, host): (&Endpoint, SocketAddr, &str),
+        client: SocketAddr,
+        mut request: Request<Body>,
+        (key, asked): (reuse::EndpointKey, http::Version),
+    ) -> Result<Response<Body>, UpstreamError> {
+        let http = |source| UpstreamError::Http { addr, source };
+        let mut opening = None;
+        loop {
+            if let Some((mut sender, stream)) = self.reuse.h2(&key) {
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(counted(as_asked(response, asked), stream)),
+                    Err(mut e) => match e.take_message() {
+                        // It closed meanwhile.
+                        Some(unsent) => request = unsent,
+                        None => return Err(http(e.into_error())),
+                    },
+                }
+            }
+            if opening.is_some() {
+                break;
+            }
+            // Then again once this request's turn to open one comes: another may have.
+            opening = Some(self.reuse.opening(&key).lock_owned().await);
+        }
+        let pool = key.2.clone();
+        let io = self
+            .open((endpoint, addr, host), client, &request, pool.as_deref())
+            .await?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        if let Some(ping) = pool.as_deref().and_then(|p| p.http2_keepalive.as_ref()) {
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(ping.interval)
+                .keep_alive_timeout(ping.timeout)
+                .keep_alive_while_idle(true);
+        }
+        let (mut sender, connection) = builder.handshake(io).await.map_err(http)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "HTTP/2 connection to the endpoint ended");
+            }
+        });
+        let stream = self.reuse.keep_h2(key, sender.clone());
+        drop(opening);
+        let response = sender.send_request(request).await.map_err(http)?;
+        Ok(counted(as_asked(response, asked), stream))
+    }
+
+    /// A new connection to the endpoint for `request`, whose tunnel is traced as the request.
+    async fn open(
+        &self,
+        (endpoint, addr, host): (&Endpoint, SocketAddr, &str),
+        client: SocketAddr,
+        request: &Request<Body>,
+        pool: Option<&ConnectionPool>,
+    ) -> Result<TokioIo<UpStream>, UpstreamError> {
+        let trace = TraceContext::from_headers(request.headers());
+        let stream = self
+            .connect(endpoint, (addr, host), (client, trace), pool)
+            .await?;
+        Ok(TokioIo::new(stream))
     }
 
     /// Relays `down`'s bytes to `endpoint` and back (a tunnel that is not HTTP) for `client`,
@@ -385,6 +423,16 @@ fn upgrade_to_h2(request: &mut Request<Body>) {
             request.headers_mut().remove(http::header::HOST);
             *request.version_mut() = http::Version::HTTP_2;
         }
+    }
+}
+
+/// `response` with its body, holding `stream` (its place on an HTTP/2 connection with a cap)
+/// until the body's end.
+fn counted(response: Response<Incoming>, stream: Option<reuse::Stream>) -> Response<Body> {
+    let response = response.map(http_body_util::BodyExt::boxed);
+    match stream {
+        Some(stream) => response.map(|body| crate::body::hold(body, stream)),
+        None => response,
     }
 }
 

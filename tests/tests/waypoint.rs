@@ -2673,3 +2673,60 @@ fn outlier_detection_ejects_an_endpoint_tcp_tunnels_cannot_reach() {
     // Two failed tunnels to v1 in a row eject it: of 20, two fail, then v2 takes them all.
     assert_eq!(answered(20), 18, "v1 left out after two failures");
 }
+
+#[test]
+fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
+    // Before, `maxConcurrentStreams` refused the `DestinationRule` whole, and the waypoint kept
+    // one HTTP/2 connection per endpoint whatever the load.
+    let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
+    let mut bed = bed(&route);
+    let client = bed.client().clone();
+    // The connections the endpoints' agent (node 1) has taken in, all from the waypoint.
+    let opened = |bed: &Bed| {
+        let samples = mesh_tests::telemetry::scrape(bed.mesh.tb.node(1)).expect("metrics");
+        count(
+            &samples,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")],
+        )
+    };
+    // 40 h2c requests, 10 at a time on one client connection, each held 200 ms by the echo.
+    let burst = |client: &Pod| {
+        let out = client
+            .command("h2load")
+            .args([
+                "-n",
+                "40",
+                "-c",
+                "1",
+                "-m",
+                "10",
+                "-H",
+                "x-delay-ms: 200",
+                &url("/s"),
+            ])
+            .output()
+            .expect("running h2load");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("40 succeeded"), "{text}");
+    };
+    let before = opened(&bed);
+    burst(&client);
+    let shared = opened(&bed) - before;
+    assert!(
+        shared <= 2,
+        "one HTTP/2 connection per endpoint: {shared} opened"
+    );
+    let rule = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    connectionPool: {{http: {{maxConcurrentStreams: 1}}}}\n"
+    );
+    write_destination_rule(&mut bed, &rule);
+    let before = opened(&bed);
+    burst(&client);
+    let capped = opened(&bed) - before;
+    // Ten requests in flight at a time, one per connection: about ten connections.
+    assert!(
+        capped >= 6,
+        "a connection per request in flight: {capped} opened"
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{unsupported, IstioDuration};
+use super::IstioDuration;
 use crate::{
     gateway_api::RouteSchemaError,
     schema::{Checked, Parsed},
@@ -51,6 +51,9 @@ pub struct ConnectionPool {
     pub idle_timeout: Option<Duration>,
     /// `http.http2KeepAlive`: HTTP/2 PINGs on the HTTP/2 connections to endpoints.
     pub http2_keepalive: Option<Http2Keepalive>,
+    /// `http.maxConcurrentStreams`: the most requests in flight on one HTTP/2 connection to an
+    /// endpoint; past it, another connection (Envoy's pool opens more).
+    pub max_concurrent_streams: Option<u32>,
     /// `http.h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests go to the endpoints over HTTP/2,
     /// multiplexed on each endpoint's HTTP/2 connection (a WebSocket upgrade excepted, as in
     /// Envoy); the endpoints must speak HTTP/2 without TLS (h2c).
@@ -194,11 +197,8 @@ impl Checked for ConnectionPool {
             )?;
             pool.max_retries = count(http.max_retries, "http.maxRetries")?;
             pool.idle_timeout = at_least_1ms(http.idle_timeout, "http.idleTimeout")?;
-            // The waypoint keeps one HTTP/2 connection per endpoint; a cap on its streams (Envoy
-            // opens more connections past it) is not offered.
-            if count(http.max_concurrent_streams, "http.maxConcurrentStreams")?.is_some() {
-                return Err(unsupported("http.maxConcurrentStreams"));
-            }
+            pool.max_concurrent_streams =
+                count(http.max_concurrent_streams, "http.maxConcurrentStreams")?;
             match http.h2_upgrade_policy.as_deref() {
                 None | Some("DEFAULT" | "DO_NOT_UPGRADE") => {}
                 Some("UPGRADE") => {

@@ -141,6 +141,7 @@ fn parses_a_connection_pool_as_istio_writes_it() {
         http2MaxRequests: 1000
         maxRequestsPerConnection: 10
         maxRetries: 3
+        maxConcurrentStreams: 100
         idleTimeout: 10m
         h2UpgradePolicy: DEFAULT
         useClientProtocol: true
@@ -175,7 +176,10 @@ fn parses_a_connection_pool_as_istio_writes_it() {
     assert_eq!(pool.http1_max_pending_requests, None, "0 is no limit");
     assert_eq!(pool.http2_max_requests, Some(1000));
     assert_eq!(pool.max_requests_per_connection, Some(10));
-    assert_eq!(pool.max_retries, Some(3));
+    assert_eq!(
+        (pool.max_retries, pool.max_concurrent_streams),
+        (Some(3), Some(100))
+    );
     assert_eq!(pool.idle_timeout, Some(secs(600)));
     let ping = pool.http2_keepalive.as_ref().expect("http2KeepAlive");
     assert_eq!((ping.interval, ping.timeout), (secs(30), secs(3)));
@@ -191,12 +195,8 @@ fn parses_a_connection_pool_as_istio_writes_it() {
             .parts
             .connection_pool
             .as_ref()
-            .map(|p| (
-                p.http1_max_pending_requests,
-                p.max_connections,
-                p.h2_upgrade
-            )),
-        Some((Some(1), None, true))
+            .map(|p| (p.http1_max_pending_requests, p.h2_upgrade)),
+        Some((Some(1), true))
     );
 
     // A subset's pool replaces the rule's whole (Istio's merge), the others keep the rule's.
@@ -436,8 +436,8 @@ fn connection_pool_checks_name_the_field_and_line() {
             &["set exactly one of DEFAULT, DO_NOT_UPGRADE, UPGRADE for `http.h2UpgradePolicy`"],
         ),
         (
-            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: 10}}}\n"),
-            &["`http.maxConcurrentStreams` is not supported"],
+            dr("  host: web\n  trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: -1}}}\n"),
+            &["http.maxConcurrentStreams must not be negative"],
         ),
         (
             dr("  host: web\n  subsets:\n  - name: v1\n    trafficPolicy: {connectionPool: {http: {http2KeepAlive: {timeout: 1s}}}}\n"),

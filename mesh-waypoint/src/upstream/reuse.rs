@@ -1,6 +1,8 @@
 //! HTTP connections to endpoints kept open for the next requests: idle HTTP/1.1 connections
-//! (one request at a time each), and one HTTP/2 connection per endpoint that every request
-//! shares. A kept connection unused for [`KEPT_IDLE`] (or its destination's
+//! (one request at a time each), and HTTP/2 connections that requests share: one per endpoint,
+//! or, under a destination's `maxConcurrentStreams`, as many as keep each within that many
+//! requests in flight (the least busy one with room takes a request; none has room: a new
+//! connection, as Envoy's pool opens one). A kept connection unused for [`KEPT_IDLE`] (or its destination's
 //! `connectionPool.http.idleTimeout`) is let go (its handle dropped, so hyper closes it once its
 //! last response is read), as Envoy ends an idle upstream connection: an endpoint a client
 //! stopped calling does not keep connections, tunnels and the far agent's legs open for ever.
@@ -76,12 +78,36 @@ impl<S> Kept<S> {
 }
 
 type H1 = Kept<http1::SendRequest<Body>>;
-type H2 = Kept<http2::SendRequest<Body>>;
+type H2 = Kept<Shared>;
+
+/// A kept HTTP/2 connection: its handle, and its requests in flight.
+pub(super) struct Shared {
+    sender: http2::SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A request counted on its HTTP/2 connection until dropped (with its answer's end), when its
+/// destination caps the requests per connection.
+pub(crate) struct Stream(Arc<AtomicUsize>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The most requests in flight per HTTP/2 connection under `pool` (`None`: no cap).
+fn stream_cap(pool: Option<&ConnectionPool>) -> Option<usize> {
+    pool.and_then(|p| p.max_concurrent_streams)
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+}
 
 #[derive(Default)]
 pub(super) struct Reuse {
     h1: Mutex<HashMap<EndpointKey, Vec<H1>>>,
-    h2: Mutex<HashMap<EndpointKey, H2>>,
+    h2: Mutex<HashMap<EndpointKey, Vec<H2>>>,
+    /// One request at a time opens an HTTP/2 connection to an endpoint ([`Reuse::opening`]).
+    opening: Mutex<HashMap<EndpointKey, Arc<tokio::sync::Mutex<()>>>>,
     /// HTTP/1.1 connections kept so far (the sweep's clock).
     keeps: AtomicUsize,
 }
@@ -132,37 +158,68 @@ impl Reuse {
         }
     }
 
-    /// The HTTP/2 connection to `key`, unless it closed or went unused too long (or has carried
-    /// its destination's `maxRequestsPerConnection`: then this request is its last).
-    pub(super) fn h2(&self, key: &EndpointKey) -> Option<http2::SendRequest<Body>> {
+    /// An HTTP/2 connection to `key` for a request: the least busy one that did not close, go
+    /// unused too long or carry its share (`maxRequestsPerConnection`: then this request is its
+    /// last), and has room under the destination's `maxConcurrentStreams`; the request counted
+    /// on it when there is a cap.
+    pub(super) fn h2(
+        &self,
+        key: &EndpointKey,
+    ) -> Option<(http2::SendRequest<Body>, Option<Stream>)> {
         let now = Instant::now();
         let pool = key.2.as_deref();
+        let cap = stream_cap(pool);
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = shared.get_mut(key)?;
-        if kept.sender.is_closed() || !kept.fresh(now, pool) {
-            shared.remove(key);
-            return None;
+        kept.retain(|k| !k.sender.sender.is_closed() && k.fresh(now, pool));
+        let busy = |k: &H2| k.sender.streams.load(Ordering::Acquire);
+        let chosen = kept
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| cap.is_none_or(|cap| busy(k) < cap))
+            .min_by_key(|(_, k)| busy(k))
+            .map(|(i, _)| i)?;
+        let k = &mut kept[chosen];
+        k.used = now;
+        k.uses += 1;
+        let sender = k.sender.sender.clone();
+        let stream = cap.map(|_| {
+            k.sender.streams.fetch_add(1, Ordering::AcqRel);
+            Stream(Arc::clone(&k.sender.streams))
+        });
+        if !k.fresh(now, pool) {
+            kept.swap_remove(chosen);
         }
-        kept.used = now;
-        kept.uses += 1;
-        let sender = kept.sender.clone();
-        if !kept.fresh(now, pool) {
-            shared.remove(key);
-        }
-        Some(sender)
+        Some((sender, stream))
     }
 
-    /// Keeps a new HTTP/2 connection (which carries its first request) for the next requests.
-    pub(super) fn keep_h2(&self, key: EndpointKey, sender: http2::SendRequest<Body>) {
+    /// Keeps a new HTTP/2 connection (which carries its first request) for the next requests;
+    /// that request counted on it when there is a cap.
+    pub(super) fn keep_h2(
+        &self,
+        key: EndpointKey,
+        sender: http2::SendRequest<Body>,
+    ) -> Option<Stream> {
         let now = Instant::now();
-        let kept = Kept::new(sender);
+        let cap = stream_cap(key.2.as_deref());
+        let streams = Arc::new(AtomicUsize::new(usize::from(cap.is_some())));
+        let stream = cap.map(|_| Stream(Arc::clone(&streams)));
+        let kept = Kept::new(Shared { sender, streams });
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        // A new connection is kept only when the last one closed, expired or none was: the time
-        // to drop the other closed and expired ones.
-        shared.retain(|key, k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
+        // A new connection is opened when the others closed, expired or were busy: the time
+        // to drop the closed and expired ones.
+        sweep_h2(&mut shared, now);
         if kept.fresh(now, key.2.as_deref()) {
-            shared.insert(key, kept);
+            shared.entry(key).or_default().push(kept);
         }
+        stream
+    }
+
+    /// The turn to open an HTTP/2 connection to `key`: requests that find no connection with
+    /// room take it one at a time, and each looks again once it has it.
+    pub(super) fn opening(&self, key: &EndpointKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut opening = self.opening.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(opening.entry(key.clone()).or_default())
     }
 
     /// Drops the closed and expired connections of every endpoint (on a timer, so that an
@@ -173,10 +230,15 @@ impl Reuse {
             &mut self.h1.lock().unwrap_or_else(PoisonError::into_inner),
             now,
         );
-        self.h2
+        sweep_h2(
+            &mut self.h2.lock().unwrap_or_else(PoisonError::into_inner),
+            now,
+        );
+        // Turns nobody waits for or holds.
+        self.opening
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|key, k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
+            .retain(|_, turn| Arc::strong_count(turn) > 1);
     }
 
     /// How many connections are kept (HTTP/1.1, HTTP/2).
@@ -184,8 +246,18 @@ impl Reuse {
     fn kept(&self) -> (usize, usize) {
         let h1 = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        (h1.values().map(Vec::len).sum(), h2.len())
+        (
+            h1.values().map(Vec::len).sum(),
+            h2.values().map(Vec::len).sum(),
+        )
     }
+}
+
+fn sweep_h2(shared: &mut HashMap<EndpointKey, Vec<H2>>, now: Instant) {
+    shared.retain(|key, kept| {
+        kept.retain(|k| !k.sender.sender.is_closed() && k.fresh(now, key.2.as_deref()));
+        !kept.is_empty()
+    });
 }
 
 fn sweep_h1(idle: &mut HashMap<EndpointKey, Vec<H1>>, now: Instant) {
@@ -201,7 +273,7 @@ mod tests {
 
     use http_body_util::BodyExt as _;
     use hyper::{client::conn::http1, Request, Response};
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use mesh_cluster::k8s::ConnectionPool;
 
     use super::{Kept, Reuse, KEPT_IDLE};
@@ -340,5 +412,60 @@ mod tests {
         }
         assert!(reuse.h1(&key).is_some() && reuse.h1(&key).is_some());
         assert!(reuse.h1(&key).is_none(), "the third was not kept");
+    }
+
+    /// An HTTP/2 connection to an in-memory server.
+    async fn h2_connection() -> hyper::client::conn::http2::SendRequest<Body> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let service = hyper::service::service_fn(|_: Request<hyper::body::Incoming>| async {
+            Ok::<_, Infallible>(Response::new(String::from("ok")))
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_concurrent_streams_spreads_requests_over_more_http2_connections() {
+        let reuse = Reuse::default();
+        let addr: std::net::SocketAddr = "10.0.0.4:80".parse().unwrap();
+        // No cap: one connection for every request, nothing counted.
+        let plain = (addr, None, None);
+        assert!(reuse
+            .keep_h2(plain.clone(), h2_connection().await)
+            .is_none());
+        let shared: Vec<_> = (0..5).map(|_| reuse.h2(&plain).expect("shared")).collect();
+        assert!(shared.iter().all(|(_, stream)| stream.is_none()));
+        assert_eq!(reuse.kept(), (0, 1));
+
+        // `maxConcurrentStreams: 2`: a connection takes two requests at a time.
+        let pool = ConnectionPool {
+            max_concurrent_streams: Some(2),
+            ..ConnectionPool::default()
+        };
+        let key = (addr, None, Some(Arc::new(pool)));
+        let first = reuse.keep_h2(key.clone(), h2_connection().await);
+        assert!(first.is_some(), "its first request counted");
+        let second = reuse.h2(&key).expect("room for a second");
+        assert!(
+            reuse.h2(&key).is_none(),
+            "full: the next one opens a connection"
+        );
+        let third = reuse.keep_h2(key.clone(), h2_connection().await);
+        assert_eq!(reuse.kept(), (0, 3));
+        // The least busy connection takes the next request; one that finished frees its place.
+        let fourth = reuse.h2(&key).expect("the second connection has room");
+        assert!(reuse.h2(&key).is_none());
+        drop(second);
+        let fifth = reuse.h2(&key).expect("a place given back");
+        drop((first, third, fourth, fifth));
     }
 }
