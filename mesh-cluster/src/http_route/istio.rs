@@ -31,8 +31,8 @@ use crate::{
         Retry, RetryOn, Rewrite, RouteMatch, StringMatch, Timeouts, ValueMatch,
     },
     istio_traffic::{
-        merged, DestinationRule, Subset, TrafficPolicy, VirtualService, VsHeaderOps, VsHttpRoute,
-        VsMatch, VsString, VsTarget, VsTcpRoute,
+        merged, DestinationRule, Subset, TrafficPolicy, VirtualService, VsDestination, VsHeaderOps,
+        VsHttpRoute, VsMatch, VsString, VsTarget, VsTcpRoute,
     },
     meta::{Kind, MetaExt, ObjectRef},
     model::{Protocol, Service},
@@ -358,17 +358,7 @@ impl HttpRouteIndex {
             }));
             mirrors.push(self.destination(mirror, (namespace, port), services, object));
         }
-        let single = http.route.len() == 1;
-        let backends: Vec<ResolvedBackend> = http
-            .route
-            .iter()
-            .map(|d| ResolvedBackend {
-                backend: self.destination(&d.destination, (namespace, port), services, object),
-                weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
-                filters: header_filters(&d.headers.request, &d.headers.response).collect(),
-            })
-            .filter(|b| b.weight > 0)
-            .collect();
+        let backends = self.weighted(&http.route, (namespace, port), services, object);
         let retry = match &http.retries {
             Some(r) => Some(Retry {
                 on: r.retry_on.clone(),
@@ -405,6 +395,27 @@ impl HttpRouteIndex {
         }
     }
 
+    /// A route's destinations with a weight above zero (the only one takes all when none has
+    /// one), resolved for the Service port `port`, each with its header operations.
+    fn weighted(
+        &mut self,
+        route: &[VsDestination],
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+        object: &ObjectRef,
+    ) -> Vec<ResolvedBackend> {
+        let single = route.len() == 1;
+        route
+            .iter()
+            .map(|d| ResolvedBackend {
+                backend: self.destination(&d.destination, (namespace, port), services, object),
+                weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
+                filters: header_filters(&d.headers.request, &d.headers.response).collect(),
+            })
+            .filter(|b| b.weight > 0)
+            .collect()
+    }
+
     /// One `tcp` rule, for the Service port `port`: its destinations by weight, nothing else.
     fn translate_tcp(
         &mut self,
@@ -413,17 +424,7 @@ impl HttpRouteIndex {
         services: &Services<'_>,
         object: &ObjectRef,
     ) -> ResolvedRule {
-        let single = tcp.route.len() == 1;
-        let backends: Vec<ResolvedBackend> = tcp
-            .route
-            .iter()
-            .map(|d| ResolvedBackend {
-                backend: self.destination(&d.destination, (namespace, port), services, object),
-                weight: d.weight.unwrap_or(if single { 100 } else { 0 }),
-                filters: Vec::new(),
-            })
-            .filter(|b| b.weight > 0)
-            .collect();
+        let backends = self.weighted(&tcp.route, (namespace, port), services, object);
         ResolvedRule {
             name: None,
             matches: vec![any_request()],

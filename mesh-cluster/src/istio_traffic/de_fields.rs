@@ -121,11 +121,7 @@ impl Checked for VsTcpRoute {
                 })
             })
             .collect::<Result<_, _>>()?;
-        if route.len() > 1 && route.iter().any(|d| d.weight.is_none()) {
-            return Err(RouteSchemaError::OneOf(
-                "`weight` on every destination of a route with several",
-            ));
-        }
+        check_weights(&route)?;
         Ok(VsTcpRoute { ports, route })
     }
 }
@@ -157,6 +153,16 @@ impl Checked for VirtualServiceSpec {
             export_to,
         })
     }
+}
+
+/// A route's weights: on every destination when it has several.
+fn check_weights(route: &[VsDestination]) -> Result<(), RouteSchemaError> {
+    if route.len() > 1 && route.iter().any(|d| d.weight.is_none()) {
+        return Err(RouteSchemaError::OneOf(
+            "`weight` on every destination of a route with several",
+        ));
+    }
+    Ok(())
 }
 
 /// `exportTo` as Istio checks it: `.`, `*` or namespace names, and `*` alone.
@@ -279,12 +285,7 @@ impl Checked for VsHttpRoute {
                 .map_or(Ok(100.0), |p| percentage(p.value))?;
             mirrors.push((mirror.destination, share));
         }
-        let weights: Vec<Option<u32>> = f.route.0.iter().map(|d| d.weight).collect();
-        if weights.len() > 1 && weights.iter().any(Option::is_none) {
-            return Err(RouteSchemaError::OneOf(
-                "`weight` on every destination of a route with several",
-            ));
-        }
+        check_weights(&f.route.0)?;
         Ok(Self {
             name: f.name,
             matches: f.matches.0,
