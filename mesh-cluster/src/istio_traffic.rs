@@ -303,6 +303,10 @@ pub struct OutlierDetection {
     /// `minHealthPercent`: below this share of endpoints not ejected, ejections are ignored
     /// (Envoy's panic mode; 0, off).
     pub min_health_percent: u32,
+    /// With `splitExternalLocalOriginErrors`: `consecutiveLocalOriginFailures` (5 when absent),
+    /// the failures to reach an endpoint in a row that eject it, counted apart from the
+    /// answers' 5xx; `None`: such failures count as 5xx (and gateway) errors.
+    pub consecutive_local_origin: Option<u32>,
 }
 
 /// A `subset`.

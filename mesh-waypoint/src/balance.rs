@@ -53,6 +53,8 @@ struct Health {
     errors_5xx: u32,
     /// 502/503/504 answers in a row.
     errors_gateway: u32,
+    /// Failures to reach it in a row (counted apart with `splitExternalLocalOriginErrors`).
+    local_failures: u32,
     /// Ejected until then.
     ejected_until: Option<Instant>,
     /// Its ejections so far (the next lasts this many base times, plus one).
@@ -228,16 +230,24 @@ impl Balancer {
         };
         let candidates = candidates(service, port, policy);
         let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        let (is_5xx, is_gateway) = match answer {
+        // With `splitExternalLocalOriginErrors`, failures to reach the endpoint are counted on
+        // their own (`consecutiveLocalOriginFailures`), apart from the answers' 5xx.
+        let split = outlier.consecutive_local_origin.is_some();
+        let local = matches!(answer, Answer::Unreachable | Answer::Connected);
+        let (failed, gateway) = match answer {
             Answer::Status(code) => ((500..600).contains(&code), matches!(code, 502..=504)),
             Answer::Unreachable => (true, true),
             Answer::Connected => (false, false),
         };
-        if !is_5xx {
-            // A success: its counts start over (nothing to keep for an endpoint never failing).
+        if !failed {
+            // A success: its counts start over (nothing to keep for an endpoint never failing);
+            // split, a connection made says nothing of the answers.
             if let Some(h) = health.get_mut(&addr) {
-                h.errors_5xx = 0;
-                h.errors_gateway = 0;
+                h.local_failures = 0;
+                if !(split && local) {
+                    h.errors_5xx = 0;
+                    h.errors_gateway = 0;
+                }
             }
             return;
         }
@@ -250,14 +260,25 @@ impl Balancer {
         if h.ejected(now) {
             return;
         }
-        h.errors_5xx += 1;
-        if is_gateway {
-            h.errors_gateway += 1;
-        } else {
-            h.errors_gateway = 0;
-        }
-        let tripped = (outlier.consecutive_5xx > 0 && h.errors_5xx >= outlier.consecutive_5xx)
-            || (outlier.consecutive_gateway > 0 && h.errors_gateway >= outlier.consecutive_gateway);
+        let tripped = match outlier.consecutive_local_origin {
+            Some(most) if local => {
+                h.local_failures += 1;
+                most > 0 && h.local_failures >= most
+            }
+            _ => {
+                // An answer, however bad, shows the endpoint could be reached.
+                h.local_failures = 0;
+                h.errors_5xx += 1;
+                if gateway {
+                    h.errors_gateway += 1;
+                } else {
+                    h.errors_gateway = 0;
+                }
+                (outlier.consecutive_5xx > 0 && h.errors_5xx >= outlier.consecutive_5xx)
+                    || (outlier.consecutive_gateway > 0
+                        && h.errors_gateway >= outlier.consecutive_gateway)
+            }
+        };
         let room = already * 100 < outlier.max_ejection_percent as usize * candidates.len().max(1);
         if tripped && room {
             h.ejections += 1;
@@ -269,6 +290,7 @@ impl Balancer {
             h.back_since = None;
             h.errors_5xx = 0;
             h.errors_gateway = 0;
+            h.local_failures = 0;
             tracing::debug!(endpoint = %addr, ejected_for = ?time, "outlier ejected");
         }
     }

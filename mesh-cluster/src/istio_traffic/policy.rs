@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use serde::{de::IgnoredAny, Deserialize};
+use serde::Deserialize;
 
 use super::{
-    istio_port, percentage, refuse, unsupported, ConnectionPool, IstioDuration, LoadBalancer,
-    OutlierDetection,
+    istio_port, percentage, ConnectionPool, IstioDuration, LoadBalancer, OutlierDetection,
 };
 use crate::{
     gateway_api::RouteSchemaError,
@@ -208,20 +207,14 @@ pub(crate) struct OutlierFields {
     max_ejection_percent: Option<u32>,
     min_health_percent: Option<u32>,
     split_external_local_origin_errors: Option<bool>,
-    consecutive_local_origin_failures: Option<IgnoredAny>,
+    consecutive_local_origin_failures: Option<u32>,
 }
 
 impl OutlierFields {
     pub(crate) fn check(self) -> Result<OutlierDetection, RouteSchemaError> {
-        if self.split_external_local_origin_errors == Some(true) {
-            return Err(unsupported(
-                "outlierDetection.splitExternalLocalOriginErrors",
-            ));
-        }
-        refuse(
-            self.consecutive_local_origin_failures.as_ref(),
-            "outlierDetection.consecutiveLocalOriginFailures",
-        )?;
+        // `consecutiveLocalOriginFailures` counts only when the errors are split, as in Envoy.
+        let consecutive_local_origin = (self.split_external_local_origin_errors == Some(true))
+            .then(|| self.consecutive_local_origin_failures.unwrap_or(5));
         for value in [self.max_ejection_percent, self.min_health_percent]
             .into_iter()
             .flatten()
@@ -241,6 +234,7 @@ impl OutlierFields {
             base_ejection_time: time(self.base_ejection_time, 30),
             max_ejection_percent: self.max_ejection_percent.unwrap_or(10),
             min_health_percent: self.min_health_percent.unwrap_or(0),
+            consecutive_local_origin,
         };
         if outlier.interval < Duration::from_millis(1)
             || outlier.base_ejection_time < Duration::from_millis(1)

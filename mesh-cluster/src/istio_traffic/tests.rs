@@ -56,7 +56,7 @@ fn parses_a_virtual_service_and_a_destination_rule() {
   trafficPolicy:
     loadBalancer: {simple: LEAST_REQUEST}
     tls: {mode: ISTIO_MUTUAL}
-    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 50}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 50, splitExternalLocalOriginErrors: true}
   subsets:
   - {name: v1, labels: {version: v1}}
   - name: v2
@@ -104,10 +104,8 @@ fn parses_a_virtual_service_and_a_destination_rule() {
         (outlier.interval, outlier.base_ejection_time),
         (Duration::from_secs(5), Duration::from_secs(60))
     );
-    assert_eq!(
-        (outlier.max_ejection_percent, outlier.min_health_percent),
-        (50, 0)
-    );
+    let rest = (outlier.max_ejection_percent, outlier.min_health_percent);
+    assert_eq!((rest, outlier.consecutive_local_origin), ((50, 0), Some(5)));
     assert_eq!(
         dr.spec.subsets[0].traffic_policy.parts.outlier_detection, None,
         "the rule's applies"
@@ -507,8 +505,8 @@ fn checks_name_the_field_and_line() {
             &["DestinationRule shop/web: spec.trafficPolicy.loadBalancer: set exactly one of ROUND_ROBIN"],
         ),
         (
-            dr("  host: web\n  trafficPolicy: {outlierDetection: {splitExternalLocalOriginErrors: true}}\n"),
-            &["`outlierDetection.splitExternalLocalOriginErrors` is not supported"],
+            dr("  host: web\n  trafficPolicy: {outlierDetection: {consecutiveLocalOriginFailures: -1}}\n"),
+            &["outlierDetection"],
         ),
         (
             dr("  host: web\n  trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}\n"),

@@ -302,7 +302,55 @@ fn outliers(consecutive_5xx: u32, max_ejection_percent: u32) -> OutlierDetection
         base_ejection_time: Duration::from_secs(30),
         max_ejection_percent,
         min_health_percent: 0,
+        consecutive_local_origin: None,
     }
+}
+
+#[test]
+fn split_local_origin_failures_count_apart_from_the_answers() {
+    // `splitExternalLocalOriginErrors` with `consecutiveLocalOriginFailures: 2` (and 3 5xx).
+    let (_state, svc) = service(3);
+    let mut policy = policy(LoadBalancer::RoundRobin, &[]);
+    policy.outlier_detection = Some(OutlierDetection {
+        consecutive_local_origin: Some(2),
+        ..outliers(3, 100)
+    });
+    let balancer = Arc::new(Balancer::default());
+    let bad: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let now = std::time::Instant::now();
+    let record = |answer| balancer.record((&svc, 80, &policy), bad, answer, now);
+    let ejected = || {
+        let counts = picks(&balancer, &svc, &policy, &HeaderMap::new(), 30);
+        !counts.contains_key("10.0.0.1")
+    };
+    // Two 5xx answers, an unreachable attempt, a third 5xx (the answer shows it reachable, so
+    // the local count starts over), another unreachable one: no count at its limit.
+    for answer in [
+        Answer::Status(503),
+        Answer::Status(500),
+        Answer::Unreachable,
+    ] {
+        record(answer);
+    }
+    record(Answer::Status(502));
+    assert!(
+        ejected(),
+        "three 5xx answers in a row, the failure to reach it apart"
+    );
+    let (_state, svc) = service(3);
+    let balancer = Arc::new(Balancer::default());
+    let record = |answer| balancer.record((&svc, 80, &policy), bad, answer, now);
+    record(Answer::Unreachable);
+    record(Answer::Status(200));
+    record(Answer::Unreachable);
+    let counts = picks(&balancer, &svc, &policy, &HeaderMap::new(), 30);
+    assert!(
+        counts.contains_key("10.0.0.1"),
+        "an answer in between: {counts:?}"
+    );
+    record(Answer::Unreachable);
+    let counts = picks(&balancer, &svc, &policy, &HeaderMap::new(), 30);
+    assert!(!counts.contains_key("10.0.0.1"), "two in a row: {counts:?}");
 }
 
 #[test]
