@@ -287,7 +287,15 @@ struct PortRoutes {
     tcp: Vec<(Arc<ResolvedRule>, Visibility)>,
     /// ...and those of other namespaces, for their own clients, in place of the others.
     tcp_consumers: BTreeMap<String, Vec<Arc<ResolvedRule>>>,
+    /// `VirtualService` `tls` rules for the port with their `sniHosts`, in order, for every
+    /// client (as far as their `exportTo` lets them)...
+    tls: Vec<(TlsRule, Visibility)>,
+    /// ...and those of other namespaces, for their own clients, in place of the others.
+    tls_consumers: BTreeMap<String, Vec<TlsRule>>,
 }
+
+/// A `tls` rule: the server names it takes, and its destinations.
+pub(crate) type TlsRule = (Vec<String>, Arc<ResolvedRule>);
 
 /// Every Service port's routes.
 #[derive(Debug, Default)]
@@ -481,6 +489,43 @@ impl HttpRouteIndex {
                 .find(|(_, visible)| sees(visible, client_namespace))
                 .map(|(rule, _)| rule.as_ref()),
         }
+    }
+
+    /// The `tls` rule of a `VirtualService` that takes a TLS connection asking for server name
+    /// `sni` from a client in `client_namespace` to `service`'s `port`; `None`: none does.
+    pub(crate) fn decide_tls(
+        &self,
+        service: &Service,
+        port: u16,
+        client_namespace: &str,
+        sni: &str,
+    ) -> Option<&ResolvedRule> {
+        let key = (service.namespace.clone(), service.name.clone(), port);
+        let routes = self.ports.get(&key)?;
+        let takes = |(hosts, _): &&TlsRule| {
+            hosts
+                .iter()
+                .any(|h| crate::istio_traffic::sni_matches(h, sni))
+        };
+        let rule = match routes.tls_consumers.get(client_namespace) {
+            Some(rules) => rules.iter().find(takes),
+            None => routes
+                .tls
+                .iter()
+                .filter(|(_, visible)| sees(visible, client_namespace))
+                .map(|(rule, _)| rule)
+                .find(takes),
+        };
+        rule.map(|(_, rule)| rule.as_ref())
+    }
+
+    /// Whether `tls` rules attach to `service`'s `port` (its connections' server names are
+    /// read).
+    pub(crate) fn tls_routes_attach(&self, service: &Service, port: u16) -> bool {
+        let key = (service.namespace.clone(), service.name.clone(), port);
+        self.ports
+            .get(&key)
+            .is_some_and(|r| !r.tls.is_empty() || !r.tls_consumers.is_empty())
     }
 
     /// What to do with `request` from a client in `client_namespace` for `service`'s `port`.

@@ -7,7 +7,7 @@
 //!
 //! Checked when parsed, each error naming the field path and the line: every struct refuses
 //! fields it does not know, and the fields of features this waypoint does not implement
-//! (`tls`, `delegate`, `sourceLabels`, …) are refused by
+//! (`delegate`, `sourceLabels`, …) are refused by
 //! name rather than ignored; `gateways` other than `mesh` make the `VirtualService` an ingress
 //! one, skipped by the waypoint; string matches set at most one of `exact`, `prefix`, `regex`
 //! (none: Istio's presence match); regular expressions compile; percentages are 0-100; redirect codes are 301, 302, 303, 307 or
@@ -63,6 +63,32 @@ pub struct VirtualServiceSpec {
     /// `exportTo`: the namespaces whose clients it applies to (`.`: its own); empty, or `*`:
     /// every namespace's.
     pub export_to: Vec<String>,
+    /// `tls`, in order: the first rule whose match names the port and the server name a TLS
+    /// client asks for (SNI) takes a connection the waypoint passes on as TCP.
+    pub tls: Vec<VsTlsRoute>,
+}
+
+/// A `tls` rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VsTlsRoute {
+    /// `match`: each with its `sniHosts` and `port` (`None`: every port).
+    pub matches: Vec<(Vec<String>, Option<u16>)>,
+    /// `route`: destinations by weight.
+    pub route: Vec<VsDestination>,
+}
+
+/// Whether `pattern` (an `sniHosts` entry: a name, `*.` and a domain, or `*`) takes `name`.
+pub fn sni_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(domain) => {
+            name.len() > domain.len()
+                && name
+                    .get(name.len() - domain.len()..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(domain))
+        }
+        None => pattern.eq_ignore_ascii_case(name),
+    }
 }
 
 /// A `tcp` rule.

@@ -674,6 +674,26 @@ impl ClusterState {
         self.http_routes.decide_tcp(service, port, client_namespace)
     }
 
+    /// The `VirtualService` `tls` rule that takes a TLS connection asking for server name `sni`
+    /// (its client hello's SNI), passed on as TCP to `service`'s `port`, from a client in
+    /// `client_namespace`; `None`: none (the `tcp` rules, then the Service itself, apply).
+    pub fn route_tls(
+        &self,
+        service: &Service,
+        port: u16,
+        client_namespace: &str,
+        sni: &str,
+    ) -> Option<&crate::http_route::ResolvedRule> {
+        self.http_routes
+            .decide_tls(service, port, client_namespace, sni)
+    }
+
+    /// Whether `tls` rules attach to `service`'s `port`: a waypoint reads the server name its
+    /// TLS connections ask for.
+    pub fn tls_routes_attach(&self, service: &Service, port: u16) -> bool {
+        self.http_routes.tls_routes_attach(service, port)
+    }
+
     /// What a waypoint serves on `service`'s `port`: what the port declares, except that an
     /// undeclared port ([`AppProtocol::Unknown`]) to which routes attach is HTTP. Routes say the
     /// port carries HTTP; were it sniffed, a client that sent something the sniffer does not

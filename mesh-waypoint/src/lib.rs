@@ -47,6 +47,7 @@ mod protocol;
 mod ratelimit;
 mod relay;
 mod request;
+mod sni;
 mod telemetry;
 mod tunnel;
 mod upgrade;

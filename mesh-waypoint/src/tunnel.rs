@@ -1,6 +1,7 @@
 //! Tunnels that are not HTTP (a port declared TCP, or sniffed as not HTTP): after the
 //! `AuthorizationPolicies` as a connection sees them, their bytes go both ways to an endpoint of
-//! the Service (a `VirtualService` `tcp` rule's destination by weight, else the Service itself,
+//! the Service (a `VirtualService` `tls` rule's destination for the server name the client hello
+//! asks for, or a `tcp` rule's, by weight, else the Service itself,
 //! the endpoint picked by its `DestinationRule`) or to the pod the tunnel was for, until both
 //! sides are done; within the destination's `connectionPool` (`maxConnections`: one more is
 //! refused), and with every connection made or not recorded for its outlier detection.
@@ -51,9 +52,30 @@ where
         );
         return;
     }
-    let Some((endpoint, addr, host, destination)) =
-        pick(ctx, &state, (target, addressed.as_ref()), source)
-    else {
+    // With `tls` rules on the port, the server name its client hello asks for; the bytes read
+    // go on first.
+    let tls_rules = match (target, addressed.as_deref()) {
+        (Target::Service { port, .. }, Some(service)) => state.tls_routes_attach(service, *port),
+        _ => false,
+    };
+    let (sni, first) = if tls_rules {
+        match crate::sni::read_server_name(&mut down).await {
+            Ok(read) => read,
+            Err(e) => {
+                debug!(error = %e, "tunnel closed while reading its client hello");
+                return;
+            }
+        }
+    } else {
+        (None, Vec::new())
+    };
+    let mut down = crate::protocol::Prefixed::new(first, down);
+    let Some((endpoint, addr, host, destination)) = pick(
+        ctx,
+        &state,
+        (target, addressed.as_ref()),
+        (source, sni.as_deref()),
+    ) else {
         warn!(?target, "no endpoint for a TCP tunnel");
         return;
     };
@@ -103,7 +125,7 @@ fn pick(
     ctx: &Ctx,
     state: &ClusterState,
     (target, addressed): (&Target, Option<&Arc<Service>>),
-    source: &Source,
+    (source, sni): (&Source, Option<&str>),
 ) -> Option<Picked> {
     match target {
         Target::Workload { addr } => state.workload_by_ip(addr.ip()).map(|w| {
@@ -113,11 +135,16 @@ fn pick(
             };
             (endpoint, *addr, w.to_string(), None)
         }),
-        // A `VirtualService` `tcp` rule's destination, by weight, else the Service's own
-        // backend; an endpoint picked as its `DestinationRule` says, as for HTTP.
+        // A `VirtualService` `tls` rule's destination for the server name, else a `tcp` rule's,
+        // by weight, else the Service's own backend; an endpoint picked as its
+        // `DestinationRule` says, as for HTTP.
         Target::Service { port, .. } => {
             let service = addressed?;
-            let backend = match state.route_tcp(service, *port, source.identity.namespace()) {
+            let client_ns = source.identity.namespace();
+            let rule = sni
+                .and_then(|sni| state.route_tls(service, *port, client_ns, sni))
+                .or_else(|| state.route_tcp(service, *port, client_ns));
+            let backend = match rule {
                 Some(rule) => rule.pick_backend(fastrand::u64(..))?.backend.clone(),
                 None => state.default_backend(service, *port),
             };

@@ -2730,3 +2730,99 @@ fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
         "a connection per request in flight: {capped} opened"
     );
 }
+
+/// A TLS server (`openssl s_server`) in `pod` on port 9443 whose certificate names `name`.
+fn tls_server(bed: &Bed, pod: &Pod, name: &str) -> Process {
+    let dir = bed.mesh.tb.scratch_dir();
+    let (key, cert) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.crt")),
+    );
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl req");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut cmd = pod.command("openssl");
+    cmd.args(["s_server", "-accept", "9443", "-www", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key);
+    let mut server = Process::spawn(format!("tls server {name}"), &mut cmd).expect("s_server");
+    server
+        .wait_for_line("s_server to listen", LOG_WAIT, |l| l.contains("ACCEPT"))
+        .expect("s_server listens");
+    server
+}
+
+#[test]
+fn virtual_service_tls_routes_go_by_the_server_name_asked_for() {
+    // Before, a `VirtualService` with `tls` rules was refused whole.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let _servers = [
+        tls_server(&bed, &bed.mesh.pod(1, 0).clone(), "v1"),
+        tls_server(&bed, &bed.mesh.pod(1, 1).clone(), "v2"),
+    ];
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let text = port_service_yaml(
+        "secure",
+        3,
+        ("svc", "web"),
+        &bound,
+        ("name: tls", 443, 9443),
+    );
+    bed.mesh.files.write("service-secure.yaml", &text).unwrap();
+    bed.wait_for_services(4, "the TLS Service");
+    let from = bed.waypoint.process.line_count();
+    let rules = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: secure, namespace: {NS}}}\nspec:\n  hosts: [secure]\n  tls:\n  - match: [{{sniHosts: [a.example], port: 443}}]\n    route: [{{destination: {{host: secure, subset: v1}}}}]\n  - match: [{{sniHosts: [\"*.example\"]}}]\n    route: [{{destination: {{host: secure, subset: v2}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: secure, namespace: {NS}}}\nspec:\n  host: secure\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+    );
+    bed.mesh
+        .files
+        .write("virtualservice-secure.yaml", &rules)
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the TLS rules", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    let vip = plan::service_vip_v4(3);
+    // The server that answered, from its certificate (the client's TLS goes through untouched).
+    let answered = |name: &str| {
+        let out = client
+            .command("curl")
+            .args(["-sk", "-v", "--max-time", "10", "-o", "/dev/null"])
+            .args(["--connect-to", &format!("{name}:443:{vip}:443")])
+            .arg(format!("https://{name}/"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{name}: {text}");
+        ["v1", "v2"]
+            .into_iter()
+            .find(|v| text.contains(&format!("subject: CN={v}")))
+            .unwrap_or_else(|| panic!("{name}: no subject: {text}"))
+    };
+    for _ in 0..5 {
+        assert_eq!(answered("a.example"), "v1");
+        assert_eq!(answered("b.example"), "v2");
+    }
+}

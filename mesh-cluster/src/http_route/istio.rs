@@ -260,15 +260,8 @@ impl HttpRouteIndex {
                     object: object.clone(),
                     rules,
                 });
-                let tcp: Vec<Arc<ResolvedRule>> = vs
-                    .spec
-                    .tcp
-                    .iter()
-                    .filter(|rule| rule.ports.is_empty() || rule.ports.contains(&port))
-                    .map(|rule| {
-                        Arc::new(self.translate_tcp(rule, (namespace, port), services, &object))
-                    })
-                    .collect();
+                let tcp = self.tcp_rules(vs, (namespace, port), services, &object);
+                let tls = self.tls_rules(vs, (namespace, port), services, &object);
                 let everyone = namespace == service.namespace || namespace == root_namespace;
                 if !everyone && !super::sees(&visible, namespace) {
                     // Another namespace's rules apply to its own clients only; exported
@@ -290,6 +283,9 @@ impl HttpRouteIndex {
                     routes
                         .tcp
                         .extend(tcp.into_iter().map(|rule| (rule, visible.clone())));
+                    routes
+                        .tls
+                        .extend(tls.into_iter().map(|rule| (rule, visible.clone())));
                 } else {
                     let consumers = routes
                         .ordered_consumers
@@ -301,6 +297,11 @@ impl HttpRouteIndex {
                         .entry(namespace.to_owned())
                         .or_default()
                         .extend(tcp);
+                    routes
+                        .tls_consumers
+                        .entry(namespace.to_owned())
+                        .or_default()
+                        .extend(tls);
                 }
             }
         }
@@ -393,6 +394,55 @@ impl HttpRouteIndex {
             fault: http.fault.clone(),
             direct_response: http.direct_response.clone(),
         }
+    }
+
+    /// `vs`'s `tcp` rules for the Service port `port`.
+    fn tcp_rules(
+        &mut self,
+        vs: &VirtualService,
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+        object: &ObjectRef,
+    ) -> Vec<Arc<ResolvedRule>> {
+        vs.spec
+            .tcp
+            .iter()
+            .filter(|rule| rule.ports.is_empty() || rule.ports.contains(&port))
+            .map(|rule| Arc::new(self.translate_tcp(rule, (namespace, port), services, object)))
+            .collect()
+    }
+
+    /// `vs`'s `tls` rules for the Service port `port`, each with the server names its matches
+    /// for the port take.
+    fn tls_rules(
+        &mut self,
+        vs: &VirtualService,
+        (namespace, port): (&str, u16),
+        services: &Services<'_>,
+        object: &ObjectRef,
+    ) -> Vec<super::TlsRule> {
+        vs.spec
+            .tls
+            .iter()
+            .filter_map(|rule| {
+                let hosts: Vec<String> = rule
+                    .matches
+                    .iter()
+                    .filter(|(_, p)| p.is_none_or(|p| p == port))
+                    .flat_map(|(hosts, _)| hosts.iter().cloned())
+                    .collect();
+                if hosts.is_empty() {
+                    return None;
+                }
+                let destinations = VsTcpRoute {
+                    ports: Vec::new(),
+                    route: rule.route.clone(),
+                };
+                let resolved =
+                    self.translate_tcp(&destinations, (namespace, port), services, object);
+                Some((hosts, Arc::new(resolved)))
+            })
+            .collect()
     }
 
     /// A route's destinations with a weight above zero (the only one takes all when none has

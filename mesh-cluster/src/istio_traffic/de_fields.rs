@@ -10,7 +10,7 @@ use super::{
     refuse, unsupported, Abort, ConnectionPool, DestinationRuleSpec, DirectResponse, Fault,
     HashCookie, HashKey, IstioDuration, LoadBalancer, Subset, VirtualServiceSpec, VsDestination,
     VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
-    VsTarget, VsTcpRoute, DIRECT_RESPONSE_LIMIT, GRPC_STATUS_NAMES,
+    VsTarget, VsTcpRoute, VsTlsRoute, DIRECT_RESPONSE_LIMIT, GRPC_STATUS_NAMES,
 };
 use crate::{
     cors::{Allowed, CorsPolicy, UnmatchedPreflights},
@@ -33,6 +33,7 @@ macro_rules! checked {
 checked!(
     VsHttpRoute,
     VsTcpRoute,
+    VsTlsRoute,
     VsMatch,
     VsString,
     VsDestination,
@@ -51,7 +52,57 @@ pub(crate) struct VsSpecFields {
     http: List<VsHttpRoute>,
     export_to: List<String>,
     tcp: List<VsTcpRoute>,
-    tls: Option<IgnoredAny>,
+    tls: List<VsTlsRoute>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TlsRouteFields {
+    #[serde(rename = "match")]
+    matches: List<TlsMatchFields>,
+    route: List<TcpDestinationFields>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct TlsMatchFields {
+    sni_hosts: List<String>,
+    port: Option<u32>,
+    destination_subnets: Option<IgnoredAny>,
+    source_labels: Option<IgnoredAny>,
+    source_namespace: Option<IgnoredAny>,
+    gateways: Option<IgnoredAny>,
+}
+
+impl Checked for VsTlsRoute {
+    type Error = RouteSchemaError;
+    type Fields = TlsRouteFields;
+    const WHAT: &'static str = "a tls route";
+
+    fn check(f: TlsRouteFields) -> Result<Self, RouteSchemaError> {
+        if f.matches.0.is_empty() {
+            return Err(RouteSchemaError::OneOf("`match` (with `sniHosts`)"));
+        }
+        let mut matches = Vec::new();
+        for m in f.matches.0 {
+            refuse(m.destination_subnets.as_ref(), "destinationSubnets")?;
+            refuse(m.source_labels.as_ref(), "sourceLabels")?;
+            refuse(m.source_namespace.as_ref(), "sourceNamespace")?;
+            refuse(m.gateways.as_ref(), "gateways")?;
+            if m.sni_hosts.0.is_empty() {
+                return Err(RouteSchemaError::OneOf("`sniHosts`"));
+            }
+            for host in &m.sni_hosts.0 {
+                let name = host.strip_prefix("*.").unwrap_or(host);
+                if host != "*" && !crate::names::is_dns_subdomain(name) {
+                    return Err(RouteSchemaError::Hostname(host.clone(), ""));
+                }
+            }
+            matches.push((m.sni_hosts.0, m.port.map(istio_port).transpose()?));
+        }
+        let route = destinations(f.route.0)?;
+        Ok(VsTlsRoute { matches, route })
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -103,27 +154,32 @@ impl Checked for VsTcpRoute {
         if every_port {
             ports.clear();
         }
-        if f.route.0.is_empty() {
-            return Err(RouteSchemaError::OneOf("`route`"));
-        }
-        let route: Vec<VsDestination> = f
-            .route
-            .0
-            .into_iter()
-            .map(|d| {
-                if let Some(w) = d.weight.filter(|w| *w > 100) {
-                    return Err(RouteSchemaError::Weight(i64::from(w)));
-                }
-                Ok(VsDestination {
-                    destination: d.destination,
-                    weight: d.weight,
-                    headers: VsHeaders::default(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        check_weights(&route)?;
+        let route = destinations(f.route.0)?;
         Ok(VsTcpRoute { ports, route })
     }
+}
+
+/// A `tcp` or `tls` rule's `route`: destinations with weights up to 100, on every one when
+/// there are several.
+fn destinations(route: Vec<TcpDestinationFields>) -> Result<Vec<VsDestination>, RouteSchemaError> {
+    if route.is_empty() {
+        return Err(RouteSchemaError::OneOf("`route`"));
+    }
+    let route: Vec<VsDestination> = route
+        .into_iter()
+        .map(|d| {
+            if let Some(w) = d.weight.filter(|w| *w > 100) {
+                return Err(RouteSchemaError::Weight(i64::from(w)));
+            }
+            Ok(VsDestination {
+                destination: d.destination,
+                weight: d.weight,
+                headers: VsHeaders::default(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    check_weights(&route)?;
+    Ok(route)
 }
 
 impl Checked for VirtualServiceSpec {
@@ -132,7 +188,6 @@ impl Checked for VirtualServiceSpec {
     const WHAT: &'static str = "a VirtualService spec";
 
     fn check(f: VsSpecFields) -> Result<Self, RouteSchemaError> {
-        refuse(f.tls.as_ref(), "tls")?;
         if f.hosts.0.is_empty() {
             return Err(RouteSchemaError::Empty);
         }
@@ -151,6 +206,7 @@ impl Checked for VirtualServiceSpec {
             http: f.http.0,
             tcp: f.tcp.0,
             export_to,
+            tls: f.tls.0,
         })
     }
 }

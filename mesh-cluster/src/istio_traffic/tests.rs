@@ -474,7 +474,7 @@ fn checks_name_the_field_and_line() {
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    delegate: {name: other}\n"),
             &["VirtualService shop/web: spec.http[0]: `delegate` is not supported", "line 9"],
         ),
-        (vs("  hosts: [web]\n  tls: []\n"), &["`tls` is not supported"]),
+        (vs("  hosts: [web]\n  delegate: {name: x}\n"), &["unknown field `delegate`"]),
         (
             vs("  hosts: [web]\n  http:\n  - match: [{uri: {exact: /a, prefix: /b}}]\n    route: [{destination: {host: web}}]\n"),
             &["spec.http[0].match[0].uri: set exactly one of `exact`, `prefix`, `regex`", "line 9"],
@@ -1028,6 +1028,66 @@ spec:
         (
             vs("  hosts: [web]\n  exportTo: [Not_A_Namespace]\n"),
             &["exportTo: \"Not_A_Namespace\" is not `.`, `*` (alone) or a namespace name"],
+        ),
+    ]);
+}
+
+#[test]
+fn tls_rules_take_connections_by_the_server_name_they_ask_for() {
+    let subsets = dr("  host: web\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n");
+    let state = cluster(&[
+        vs(r#"  hosts: [web]
+  tls:
+  - match: [{sniHosts: [a.example], port: 80}]
+    route: [{destination: {host: web, subset: v1}}]
+  - match: [{sniHosts: ["*.example"]}, {sniHosts: [other.test], port: 9999}]
+    route: [{destination: {host: web, subset: v2}}]
+"#),
+        subsets,
+    ]);
+    let web = Arc::clone(
+        state
+            .service_by_hostname("web.shop.svc.cluster.local")
+            .unwrap(),
+    );
+    assert!(state.tls_routes_attach(&web, 80));
+    let subset = |sni: &str| {
+        state
+            .route_tls(&web, 80, "shop", sni)
+            .map(|rule| match &rule.backends[0].backend {
+                Backend::Service { policy, .. } => policy.subset.clone().unwrap_or_default(),
+                other @ Backend::Invalid(_) => panic!("{other:?}"),
+            })
+    };
+    assert_eq!(
+        subset("a.example").as_deref(),
+        Some("v1"),
+        "the first rule that takes it"
+    );
+    assert_eq!(
+        subset("B.Example").as_deref(),
+        Some("v2"),
+        "by wildcard, any case"
+    );
+    assert_eq!(
+        subset("example"),
+        None,
+        "a wildcard takes names under the domain only"
+    );
+    assert_eq!(subset("other.test"), None, "that match is for port 9999");
+    assert!(super::sni_matches("*", "anything.at.all"));
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  tls:\n  - route: [{destination: {host: web}}]\n"),
+            &["spec.tls[0]: set exactly one of `match` (with `sniHosts`)"],
+        ),
+        (
+            vs("  hosts: [web]\n  tls:\n  - match: [{sniHosts: [\"bad name\"]}]\n    route: [{destination: {host: web}}]\n"),
+            &["\"bad name\" is not a hostname"],
+        ),
+        (
+            vs("  hosts: [web]\n  tls:\n  - match: [{sniHosts: [a.example], sourceLabels: {app: a}}]\n    route: [{destination: {host: web}}]\n"),
+            &["`sourceLabels` is not supported"],
         ),
     ]);
 }
