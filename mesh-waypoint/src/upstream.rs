@@ -272,6 +272,7 @@ impl Upstream {
         (key, asked): (reuse::EndpointKey, http::Version),
     ) -> Result<Response<Body>, UpstreamError> {
         let http = |source| UpstreamError::Http { addr, source };
+        let waited_since = tokio::time::Instant::now();
         let mut opening = None;
         loop {
             if let Some((mut sender, stream)) = self.reuse.h2(&key) {
@@ -287,13 +288,29 @@ impl Upstream {
             if opening.is_some() {
                 break;
             }
-            // Then again once this request's turn to open one comes: another may have.
-            opening = Some(self.reuse.opening(&key).lock_owned().await);
+            // Then again once this request's turn to open one comes: another may have (or
+            // failed to, while this one waited: then this one fails as well).
+            let turn = self.reuse.opening(&key).lock_owned().await;
+            if let Some((at, reason)) = turn.as_ref().filter(|(at, _)| *at > waited_since) {
+                let reason = format!("{reason} (the connection opened {:?} ago)", at.elapsed());
+                return Err(UpstreamError::Connect { addr, reason });
+            }
+            opening = Some(turn);
         }
         let pool = key.2.clone();
-        let io = self
+        let io = match self
             .open((endpoint, addr, host), client, &request, pool.as_deref())
-            .await?;
+            .await
+        {
+            Ok(io) => io,
+            Err(e) => {
+                if let (Some(turn), UpstreamError::Connect { reason, .. }) = (opening.as_mut(), &e)
+                {
+                    **turn = Some((tokio::time::Instant::now(), reason.clone()));
+                }
+                return Err(e);
+            }
+        };
         let mut builder = http2::Builder::new(TokioExecutor::new());
         if let Some(ping) = pool.as_deref().and_then(|p| p.http2_keepalive.as_ref()) {
             builder

@@ -96,6 +96,12 @@ impl Drop for Stream {
     }
 }
 
+/// The turn to open an HTTP/2 connection to an endpoint, and the last attempt's failure: when
+/// the connection a request waited for could not be made, the requests that waited with it fail
+/// at once too (as Envoy fails the requests pending on a connection that fails), rather than
+/// each trying again in turn.
+pub(super) type Turn = tokio::sync::Mutex<Option<(Instant, String)>>;
+
 /// The most requests in flight per HTTP/2 connection under `pool` (`None`: no cap).
 fn stream_cap(pool: Option<&ConnectionPool>) -> Option<usize> {
     pool.and_then(|p| p.max_concurrent_streams)
@@ -107,7 +113,7 @@ pub(super) struct Reuse {
     h1: Mutex<HashMap<EndpointKey, Vec<H1>>>,
     h2: Mutex<HashMap<EndpointKey, Vec<H2>>>,
     /// One request at a time opens an HTTP/2 connection to an endpoint ([`Reuse::opening`]).
-    opening: Mutex<HashMap<EndpointKey, Arc<tokio::sync::Mutex<()>>>>,
+    opening: Mutex<HashMap<EndpointKey, Arc<Turn>>>,
     /// HTTP/1.1 connections kept so far (the sweep's clock).
     keeps: AtomicUsize,
 }
@@ -217,7 +223,7 @@ impl Reuse {
 
     /// The turn to open an HTTP/2 connection to `key`: requests that find no connection with
     /// room take it one at a time, and each looks again once it has it.
-    pub(super) fn opening(&self, key: &EndpointKey) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn opening(&self, key: &EndpointKey) -> Arc<Turn> {
         let mut opening = self.opening.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(opening.entry(key.clone()).or_default())
     }
