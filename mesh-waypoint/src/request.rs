@@ -321,7 +321,8 @@ pub(crate) async fn handle(
         (trace, parent.map(|p| p.span_id)),
     );
     let grpc = log.is_grpc();
-    let mut request = Request::from_parts(parts, Counted::new(body, read).boxed());
+    let counted = Counted::new(body, read, log.request_messages());
+    let mut request = Request::from_parts(parts, counted.boxed());
     // An HTTP/1.1 upgrade: WebSocket's bytes are spliced once both sides have switched; `h2c`
     // is served without it (`route` removes it with the other hop-by-hop headers); any other
     // is refused (see the `upgrade` module).

@@ -28,6 +28,8 @@ use prometheus_client::{
 };
 use serde::Serialize;
 
+use crate::grpc_messages::MessageCount;
+
 /// Istio's duration buckets, in milliseconds.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5,
@@ -93,6 +95,9 @@ pub(crate) struct Metrics {
     duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
+    /// gRPC messages sent by clients, and by servers.
+    request_messages: Family<Labels, Counter>,
+    response_messages: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -124,6 +129,17 @@ impl Metrics {
             "Response size: headers and body",
             response_bytes.clone(),
         );
+        let (request_messages, response_messages) = (Family::default(), Family::default());
+        registry.register(
+            "istio_request_messages",
+            "gRPC messages sent by the client",
+            request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages sent by the server",
+            response_messages.clone(),
+        );
         Self {
             registry,
             requests,
@@ -131,6 +147,38 @@ impl Metrics {
             duration,
             request_bytes,
             response_bytes,
+            request_messages,
+            response_messages,
+        }
+    }
+
+    /// A finished request's samples: its count, duration and sizes, and its gRPC messages
+    /// (`None` for a request that is not gRPC).
+    fn record(
+        &self,
+        labels: &Labels,
+        elapsed: std::time::Duration,
+        (request_bytes, response_bytes): (u64, u64),
+        (sent, answered): (Option<u64>, Option<u64>),
+    ) {
+        self.requests.get_or_create(labels).inc();
+        if let Some(sent) = sent {
+            self.request_messages.get_or_create(labels).inc_by(sent);
+            let answered = answered.unwrap_or(0);
+            self.response_messages
+                .get_or_create(labels)
+                .inc_by(answered);
+        }
+        let millis = elapsed.as_secs_f64() * 1000.0;
+        self.duration.get_or_create(labels).observe(millis);
+        #[allow(clippy::cast_precision_loss)] // Byte counts far below 2^52.
+        {
+            self.request_bytes
+                .get_or_create(labels)
+                .observe(request_bytes as f64);
+            self.response_bytes
+                .get_or_create(labels)
+                .observe(response_bytes as f64);
         }
     }
 
@@ -295,6 +343,8 @@ pub(crate) struct RequestLog {
     source: Identity,
     source_workload: Option<Arc<Workload>>,
     request_bytes: Arc<AtomicU64>,
+    /// A gRPC request's messages, as its body is read.
+    request_messages: Option<Arc<AtomicU64>>,
     /// The Service the tunnel was addressed to (its VIP), if any: what the metrics name as the
     /// destination service when the response says no other (the waypoint's own answers).
     addressed: Option<Arc<Service>>,
@@ -346,6 +396,7 @@ impl RequestLog {
             source,
             source_workload,
             request_bytes,
+            request_messages: grpc.then(Arc::default),
             addressed,
             status: 0,
             grpc_status: None,
@@ -369,6 +420,11 @@ impl RequestLog {
         self.protocol == "grpc"
     }
 
+    /// Where a gRPC request's body counts its messages ([`Counted`]).
+    pub(crate) fn request_messages(&self) -> Option<Arc<AtomicU64>> {
+        self.request_messages.clone()
+    }
+
     /// Adds the response's head and what it says about where the request went.
     pub(crate) fn respond(&mut self, response: &http::Response<impl Body>) {
         self.status = response.status().as_u16();
@@ -381,7 +437,7 @@ impl RequestLog {
     fn finish(
         mut self,
         reporters: &Reporters,
-        response_bytes: u64,
+        (response_bytes, response_messages): (u64, Option<u64>),
         trailers_status: Option<GrpcStatus>,
         complete: bool,
     ) {
@@ -433,21 +489,15 @@ impl RequestLog {
                 "none"
             },
         };
-        let metrics = &reporters.metrics;
-        metrics.requests.get_or_create(&labels).inc();
-        let millis = elapsed.as_secs_f64() * 1000.0;
-        metrics.duration.get_or_create(&labels).observe(millis);
-        #[allow(clippy::cast_precision_loss)] // Byte counts far below 2^52.
-        {
-            metrics
-                .request_bytes
-                .get_or_create(&labels)
-                .observe(request_bytes as f64);
-            metrics
-                .response_bytes
-                .get_or_create(&labels)
-                .observe(response_bytes as f64);
-        }
+        let messages = (
+            self.request_messages
+                .as_ref()
+                .map(|m| m.load(Ordering::Relaxed)),
+            response_messages,
+        );
+        reporters
+            .metrics
+            .record(&labels, elapsed, (request_bytes, response_bytes), messages);
         reporters.access_log.write(&AccessLine {
             log: "access",
             time: mesh_trace::rfc3339(SystemTime::now()),
@@ -531,15 +581,24 @@ fn head_size(headers: &http::HeaderMap) -> u64 {
         .sum()
 }
 
-/// A request body that counts the bytes read from it.
+/// A request body that counts the bytes read from it, and a gRPC request's messages.
 pub(crate) struct Counted {
     inner: Incoming,
     bytes: Arc<AtomicU64>,
+    messages: Option<(MessageCount, Arc<AtomicU64>)>,
 }
 
 impl Counted {
-    pub(crate) fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
+    pub(crate) fn new(
+        inner: Incoming,
+        bytes: Arc<AtomicU64>,
+        messages: Option<Arc<AtomicU64>>,
+    ) -> Self {
+        Self {
+            inner,
+            bytes,
+            messages: messages.map(|m| (MessageCount::default(), m)),
+        }
     }
 }
 
@@ -556,6 +615,10 @@ impl Body for Counted {
         if let Poll::Ready(Some(Ok(frame))) = &frame {
             if let Some(data) = frame.data_ref() {
                 this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some((count, total)) = &mut this.messages {
+                    count.feed(data);
+                    total.store(count.messages, Ordering::Relaxed);
+                }
             }
         }
         frame
@@ -574,6 +637,8 @@ impl Body for Counted {
 pub(crate) struct Recorded {
     inner: crate::body::Body,
     bytes: u64,
+    /// A gRPC response's messages.
+    messages: Option<MessageCount>,
     grpc_status: Option<GrpcStatus>,
     log: Option<(RequestLog, Arc<Reporters>)>,
 }
@@ -586,9 +651,11 @@ impl Recorded {
         reporters: Arc<Reporters>,
     ) -> http::Response<Self> {
         let head = head_size(response.headers());
+        let messages = log.is_grpc().then(MessageCount::default);
         response.map(|inner| Self {
             inner,
             bytes: head,
+            messages,
             grpc_status: None,
             log: Some((log, reporters)),
         })
@@ -596,7 +663,13 @@ impl Recorded {
 
     fn finish(&mut self, complete: bool) {
         if let Some((log, reporters)) = self.log.take() {
-            log.finish(&reporters, self.bytes, self.grpc_status.take(), complete);
+            let messages = self.messages.as_ref().map(|m| m.messages);
+            log.finish(
+                &reporters,
+                (self.bytes, messages),
+                self.grpc_status.take(),
+                complete,
+            );
         }
     }
 }
@@ -615,6 +688,9 @@ impl Body for Recorded {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    if let Some(count) = &mut this.messages {
+                        count.feed(data);
+                    }
                 }
                 if let Some(trailers) = frame.trailers_ref() {
                     this.grpc_status = trailers.get("grpc-status").map(GrpcStatus::of);
@@ -691,7 +767,7 @@ mod tests {
             ..Outcome::default()
         });
         log.respond(&response);
-        log.finish(reporters, 0, None, true);
+        log.finish(reporters, (0, None), None, true);
     }
 
     fn request_series(metrics: &Metrics) -> Vec<String> {

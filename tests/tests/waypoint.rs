@@ -734,6 +734,11 @@ fn grpc_unary_and_streaming_calls_routed_by_a_grpc_route() {
         )
     };
     assert_eq!(grpc("0"), v1 as u64, "the SERVING checks");
+    // Istio's gRPC message counters: a unary call is one message each way.
+    let ok = [("request_protocol", "grpc"), ("grpc_response_status", "0")];
+    let messages = |name: &str| count(&samples, name, &ok);
+    assert_eq!(messages("istio_request_messages_total"), v1 as u64);
+    assert_eq!(messages("istio_response_messages_total"), v1 as u64);
     assert_eq!(
         grpc("5"),
         v2 as u64 + 1,
