@@ -421,6 +421,69 @@ impl PartialEq for Pattern {
     }
 }
 
+/// A `VirtualService`'s `rewrite.uriRegexRewrite`: every part of the path `match` takes is
+/// replaced by `rewrite`, whose `\1`..`\9` are the capture groups (RE2's and Envoy's form); a
+/// pattern held to the same size limits as [`Pattern`]'s. Compared by its text.
+#[derive(Clone, Debug)]
+pub struct RegexRewrite {
+    regex: regex::Regex,
+    /// `rewrite` in the regex crate's form (`${1}`, `$$`).
+    replacement: String,
+}
+
+impl RegexRewrite {
+    /// Checks and compiles `match` and `rewrite`.
+    pub fn new(pattern: &str, rewrite: &str) -> Result<Self, RouteSchemaError> {
+        if pattern.is_empty() {
+            return Err(RouteSchemaError::Empty);
+        }
+        check_len(pattern, 1024)?;
+        check_len(rewrite, 1024)?;
+        let regex = regex::RegexBuilder::new(pattern)
+            .size_limit(PATTERN_SIZE_LIMIT)
+            .dfa_size_limit(PATTERN_SIZE_LIMIT)
+            .build()
+            .map_err(|error| RouteSchemaError::Regex {
+                pattern: pattern.to_owned(),
+                reason: error.to_string(),
+            })?;
+        let mut replacement = String::with_capacity(rewrite.len());
+        let mut chars = rewrite.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, chars.peek().copied()) {
+                ('\\', Some(d)) if d.is_ascii_digit() => {
+                    replacement.push_str("${");
+                    replacement.push(d);
+                    replacement.push('}');
+                    chars.next();
+                }
+                ('\\', Some('\\')) => {
+                    replacement.push('\\');
+                    chars.next();
+                }
+                ('$', _) => replacement.push_str("$$"),
+                (c, _) => replacement.push(c),
+            }
+        }
+        Ok(Self { regex, replacement })
+    }
+
+    /// `path` rewritten.
+    pub fn apply(&self, path: &str) -> String {
+        self.regex
+            .replace_all(path, self.replacement.as_str())
+            .into_owned()
+    }
+}
+
+impl PartialEq for RegexRewrite {
+    fn eq(&self, other: &Self) -> bool {
+        self.regex.as_str() == other.regex.as_str() && self.replacement == other.replacement
+    }
+}
+
+impl Eq for RegexRewrite {}
+
 impl FromStr for Pattern {
     type Err = RouteSchemaError;
 
@@ -549,6 +612,8 @@ pub enum PathModifier {
     /// A `VirtualService`'s `rewrite.uri`: replaces the matched prefix when the request matched
     /// a prefix, the whole path otherwise.
     Matched(String),
+    /// A `VirtualService`'s `rewrite.uriRegexRewrite`.
+    Regex(RegexRewrite),
 }
 
 /// `requestMirror`.

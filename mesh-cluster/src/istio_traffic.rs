@@ -240,6 +240,8 @@ pub struct VsRewrite {
     /// Replaces the matched prefix (a `prefix` match) or the whole path.
     pub uri: Option<String>,
     pub authority: Option<String>,
+    /// `uriRegexRewrite`: the parts of the path its `match` takes replaced.
+    pub uri_regex: Option<crate::gateway_api::RegexRewrite>,
 }
 
 /// `retries`.

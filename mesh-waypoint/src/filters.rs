@@ -42,6 +42,7 @@ pub(crate) fn modify_headers(headers: &mut HeaderMap, modifier: &HeaderModifier)
 pub(crate) fn replace_path(path: &str, modifier: &PathModifier, matched: &RouteMatch) -> String {
     match modifier {
         PathModifier::Full(full) => full.clone(),
+        PathModifier::Regex(rewrite) => rewrite.apply(path),
         // A `VirtualService`'s `rewrite.uri`: the matched prefix, else the whole path.
         PathModifier::Matched(replacement) => match &matched.path {
             PathMatch::RawPrefix(prefix) => {

@@ -2831,3 +2831,15 @@ fn virtual_service_tls_routes_go_by_the_server_name_asked_for() {
         assert_eq!(answered("b.example"), "v2");
     }
 }
+
+#[test]
+fn uri_regex_rewrite_of_a_virtual_service() {
+    // Before, `rewrite.uriRegexRewrite` refused the `VirtualService` whole.
+    let istio = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  hosts: [web]\n  http:\n  - match: [{{uri: {{prefix: /service/}}}}]\n    rewrite: {{uriRegexRewrite: {{match: '^/service/([^/]+)(/.*)$', rewrite: '/customprefix\\2/\\1'}}}}\n    route: [{{destination: {{host: web}}}}]\n"
+    );
+    let bed = bed(&istio);
+    let client = bed.client().clone();
+    let lines = curl(&client, &[url("/service/update/v1/api?x=1")]);
+    assert_eq!(lines[0]["path"], "/customprefix/v1/api/update?x=1");
+}

@@ -344,7 +344,11 @@ impl HttpRouteIndex {
         if let Some(rewrite) = &http.rewrite {
             filters.push(Filter::UrlRewrite(Rewrite {
                 hostname: rewrite.authority.clone(),
-                path: rewrite.uri.clone().map(PathModifier::Matched),
+                path: rewrite
+                    .uri
+                    .clone()
+                    .map(PathModifier::Matched)
+                    .or_else(|| rewrite.uri_regex.clone().map(PathModifier::Regex)),
             }));
         }
         let mut mirrors = Vec::new();

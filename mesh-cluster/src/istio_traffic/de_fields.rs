@@ -14,7 +14,9 @@ use super::{
 };
 use crate::{
     cors::{Allowed, CorsPolicy, UnmatchedPreflights},
-    gateway_api::{cors_fields, Pattern, RetryOn, RouteCors, RouteSchemaError, StringMatch},
+    gateway_api::{
+        cors_fields, Pattern, RegexRewrite, RetryOn, RouteCors, RouteSchemaError, StringMatch,
+    },
     meta::{nullable, Labels},
     schema::{Checked, List, Parsed},
 };
@@ -192,12 +194,19 @@ impl Checked for VirtualServiceSpec {
             return Err(RouteSchemaError::Empty);
         }
         let export_to = check_export_to(f.export_to.0)?;
+        let rewrites = f.http.0.iter().filter(|route| {
+            route
+                .rewrite
+                .as_ref()
+                .is_some_and(|r| r.uri_regex.is_some())
+        });
         crate::gateway_api::check_patterns(
             f.http
                 .0
                 .iter()
                 .flat_map(|route| &route.matches)
-                .map(VsMatch::patterns),
+                .map(VsMatch::patterns)
+                .chain(rewrites.map(|_| 1)),
         )?;
         let gateways = f.gateways.0;
         Ok(Self {
@@ -347,10 +356,7 @@ impl Checked for VsHttpRoute {
             matches: f.matches.0,
             route: f.route.0,
             redirect: f.redirect.map(RedirectFields::check).transpose()?,
-            rewrite: f.rewrite.map(|r| VsRewrite {
-                uri: r.uri,
-                authority: r.authority,
-            }),
+            rewrite: f.rewrite.map(RewriteFields::check).transpose()?,
             timeout: f.timeout.map(|d| d.0 .0),
             retries: f.retries.map(RetriesFields::check).transpose()?,
             fault: f.fault.map(FaultFields::check).transpose()?,
@@ -612,6 +618,32 @@ impl RedirectFields {
 pub(crate) struct RewriteFields {
     uri: Option<String>,
     authority: Option<String>,
+    uri_regex_rewrite: Option<RegexRewriteFields>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegexRewriteFields {
+    #[serde(rename = "match")]
+    pattern: String,
+    rewrite: String,
+}
+
+impl RewriteFields {
+    fn check(self) -> Result<VsRewrite, RouteSchemaError> {
+        if self.uri.is_some() && self.uri_regex_rewrite.is_some() {
+            return Err(RouteSchemaError::OneOf("`uri`, `uriRegexRewrite`"));
+        }
+        let uri_regex = self
+            .uri_regex_rewrite
+            .map(|r| RegexRewrite::new(&r.pattern, &r.rewrite))
+            .transpose()?;
+        Ok(VsRewrite {
+            uri: self.uri,
+            authority: self.authority,
+            uri_regex,
+        })
+    }
 }
 
 #[derive(Deserialize)]

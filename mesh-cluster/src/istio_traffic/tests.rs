@@ -1093,6 +1093,45 @@ fn tls_rules_take_connections_by_the_server_name_they_ask_for() {
 }
 
 #[test]
+fn uri_regex_rewrites_as_istio_documents_them() {
+    use crate::gateway_api::RegexRewrite;
+    // Istio's example, its second group starting with its own `/`.
+    let groups = RegexRewrite::new("^/service/([^/]+)(/.*)$", r"/customprefix\2/\1").unwrap();
+    assert_eq!(
+        groups.apply("/service/update/v1/api"),
+        "/customprefix/v1/api/update"
+    );
+    let any_case = RegexRewrite::new("(?i)/xxx/", "/yyy/").unwrap();
+    assert_eq!(any_case.apply("/aaa/XxX/bbb"), "/aaa/yyy/bbb");
+    // A `$` in the rewrite is itself; `\\` a backslash; no match: the path as it was.
+    let literal = RegexRewrite::new("^/a", r"/$x\\").unwrap();
+    assert_eq!(literal.apply("/a/b"), r"/$x\/b");
+    assert_eq!(literal.apply("/z"), "/z");
+    let state = cluster(&[vs(r"  hosts: [web]
+  http:
+  - rewrite: {uriRegexRewrite: {match: '^/v1/(.*)$', rewrite: '/api/\1'}}
+    route: [{destination: {host: web}}]
+")]);
+    let RouteDecision::Matched { rule, .. } = decide(&state, "/", &[]) else {
+        panic!("the rule");
+    };
+    assert!(matches!(
+        &rule.filters[0],
+        Filter::UrlRewrite(r) if matches!(&r.path, Some(PathModifier::Regex(_)))
+    ));
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  http:\n  - rewrite: {uri: /a, uriRegexRewrite: {match: a, rewrite: b}}\n    route: [{destination: {host: web}}]\n"),
+            &["set exactly one of `uri`, `uriRegexRewrite`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - rewrite: {uriRegexRewrite: {match: \"(\", rewrite: b}}\n    route: [{destination: {host: web}}]\n"),
+            &["\"(\" is not a regular expression"],
+        ),
+    ]);
+}
+
+#[test]
 fn a_destination_rule_hashes_on_a_made_up_cookie_or_a_query_parameter() {
     let text = dr(r"  host: web
   trafficPolicy:
