@@ -220,6 +220,20 @@ impl Checked for VirtualServiceSpec {
     }
 }
 
+/// A share of requests: Istio's `Percent`, or the whole per cent its deprecated field gives
+/// (`names` the two fields); all of them without either.
+fn share(
+    (precise, whole): (Option<PercentFields>, Option<u32>),
+    names: &'static str,
+) -> Result<f64, RouteSchemaError> {
+    match (precise, whole) {
+        (Some(p), None) => percentage(p.value),
+        (None, Some(whole)) => percentage(f64::from(whole)),
+        (None, None) => Ok(100.0),
+        (Some(_), Some(_)) => Err(RouteSchemaError::OneOf(names)),
+    }
+}
+
 /// A route's weights: on every destination when it has several.
 fn check_weights(route: &[VsDestination]) -> Result<(), RouteSchemaError> {
     if route.len() > 1 && route.iter().any(|d| d.weight.is_none()) {
@@ -259,6 +273,8 @@ pub(crate) struct HttpFields {
     fault: Option<FaultFields>,
     mirror: Option<VsTarget>,
     mirror_percentage: Option<PercentFields>,
+    /// Deprecated in Istio for `mirrorPercentage`: a whole per cent.
+    mirror_percent: Option<u32>,
     mirrors: List<MirrorFields>,
     headers: Option<HeadersFields>,
     cors_policy: Option<CorsFields>,
@@ -339,9 +355,10 @@ impl Checked for VsHttpRoute {
         }
         let mut mirrors = Vec::new();
         if let Some(mirror) = f.mirror {
-            let share = f
-                .mirror_percentage
-                .map_or(Ok(100.0), |p| percentage(p.value))?;
+            let share = share(
+                (f.mirror_percentage, f.mirror_percent),
+                "`mirrorPercentage`, `mirrorPercent`",
+            )?;
             mirrors.push((mirror, share));
         }
         for mirror in f.mirrors.0 {
@@ -652,15 +669,16 @@ pub(crate) struct RetriesFields {
     attempts: u32,
     per_try_timeout: Option<Parsed<IstioDuration>>,
     retry_on: Option<String>,
-    retry_remote_localities: Option<IgnoredAny>,
+    retry_remote_localities: Option<bool>,
 }
 
 impl RetriesFields {
     fn check(self) -> Result<VsRetries, RouteSchemaError> {
-        refuse(
-            self.retry_remote_localities.as_ref(),
-            "retryRemoteLocalities",
-        )?;
+        // Retries go to any endpoint of the destination (the waypoint knows no localities), as
+        // `true` asks; `false` cannot be held to.
+        if self.retry_remote_localities == Some(false) {
+            return Err(unsupported("retryRemoteLocalities: false"));
+        }
         let mut on = RetryOn::default();
         // Istio's default conditions when `retryOn` is absent.
         let conditions = self.retry_on.as_deref().unwrap_or(
@@ -712,7 +730,8 @@ pub(crate) struct PercentFields {
 pub(crate) struct DelayFields {
     fixed_delay: Parsed<IstioDuration>,
     percentage: Option<PercentFields>,
-    percent: Option<IgnoredAny>,
+    /// Deprecated in Istio for `percentage`: a whole per cent.
+    percent: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -736,8 +755,7 @@ impl FaultFields {
         let delay = self
             .delay
             .map(|d| {
-                refuse(d.percent.as_ref(), "percent (use percentage)")?;
-                let share = d.percentage.map_or(Ok(100.0), |p| percentage(p.value))?;
+                let share = share((d.percentage, d.percent), "`percentage`, `percent`")?;
                 Ok::<_, RouteSchemaError>((d.fixed_delay.0 .0, share))
             })
             .transpose()?;

@@ -1132,6 +1132,42 @@ fn uri_regex_rewrites_as_istio_documents_them() {
 }
 
 #[test]
+fn deprecated_whole_percentages_still_read() {
+    let text = vs(r"  hosts: [web]
+  http:
+  - route: [{destination: {host: web}}]
+    fault: {delay: {fixedDelay: 1s, percent: 30}}
+    mirror: {host: web}
+    mirrorPercent: 20
+    retries: {attempts: 2, retryRemoteLocalities: true}
+");
+    let objects = parse_documents("istio.yaml", &text).expect("parses");
+    let Object::VirtualService(read) = &objects[0] else {
+        panic!("{objects:?}");
+    };
+    let http = &read.spec.http[0];
+    assert_eq!(
+        http.fault.as_ref().and_then(|f| f.delay),
+        Some((Duration::from_secs(1), 30.0))
+    );
+    assert!((http.mirrors[0].1 - 20.0).abs() < f64::EPSILON);
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {delay: {fixedDelay: 1s, percent: 30, percentage: {value: 1}}}\n"),
+            &["set exactly one of `percentage`, `percent`"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    mirror: {host: web}\n    mirrorPercent: 101\n"),
+            &["percentage 101 is out of range"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    retries: {attempts: 2, retryRemoteLocalities: false}\n"),
+            &["`retryRemoteLocalities: false` is not supported"],
+        ),
+    ]);
+}
+
+#[test]
 fn a_destination_rule_hashes_on_a_made_up_cookie_or_a_query_parameter() {
     let text = dr(r"  host: web
   trafficPolicy:
