@@ -196,7 +196,7 @@ pub enum RouteSchemaError {
     OneOf(&'static str),
     #[error("{0} is not an HTTP status (200-599)")]
     Status(i64),
-    #[error("unknown retryOn condition {0:?} (5xx, gateway-error, connect-failure, refused-stream, reset, retriable-status-codes, or a status code)")]
+    #[error("unknown retryOn condition {0:?} (5xx, gateway-error, connect-failure, refused-stream, reset, retriable-4xx, envoy-ratelimited, retriable-status-codes, a gRPC status name, or a status code)")]
     RetryOn(String),
     #[error("{0:?} is not a Service host (`name`, `name.namespace`, or `name.namespace.svc[.<domain>]`)")]
     Host(String),
@@ -722,12 +722,16 @@ pub struct RetryOn {
     /// `internal` 13, `unavailable` 14), when an answer carries one in its headers (gRPC's
     /// trailers-only answer, as Envoy decides on the answer's head).
     pub grpc: Vec<u8>,
+    /// `envoy-ratelimited`: an answer with `x-envoy-ratelimited` (a rate limit's refusal).
+    pub rate_limited: bool,
 }
 
 impl RetryOn {
-    /// Whether an answer with `status`, and `grpc` in its headers, is retried.
-    pub fn answer(&self, status: u16, grpc: Option<u8>) -> bool {
-        self.codes.contains(&status)
+    /// Whether an answer with `status`, `grpc` in its headers, and `x-envoy-ratelimited` or
+    /// not (`rate_limited`), is retried.
+    pub fn answer(&self, status: u16, grpc: Option<u8>, rate_limited: bool) -> bool {
+        (self.rate_limited && rate_limited)
+            || self.codes.contains(&status)
             || (self.server_errors && status >= 500)
             || (self.gateway_errors && (502..=504).contains(&status))
             || grpc.is_some_and(|code| self.grpc.contains(&code))

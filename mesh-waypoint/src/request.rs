@@ -747,7 +747,8 @@ fn worth_retrying(
                 .headers()
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok()?.parse().ok());
-            on.answer(response.status().as_u16(), grpc)
+            let limited = response.headers().contains_key("x-envoy-ratelimited");
+            on.answer(response.status().as_u16(), grpc, limited)
         }),
         Err(Failure::NoEndpoint | Failure::Overflow(_)) => false,
         Err(Failure::Upstream(UpstreamError::Connect { .. })) => {

@@ -695,6 +695,9 @@ impl RetriesFields {
                 "gateway-error" => on.gateway_errors = true,
                 "connect-failure" | "refused-stream" => on.connect_failure = true,
                 "reset" | "reset-before-request" => on.reset = true,
+                // Envoy's: a 409 (Conflict).
+                "retriable-4xx" => on.codes.push(409),
+                "envoy-ratelimited" => on.rate_limited = true,
                 "retriable-status-codes" => retriable_codes = true,
                 "cancelled" => on.grpc.push(1),
                 "deadline-exceeded" => on.grpc.push(4),

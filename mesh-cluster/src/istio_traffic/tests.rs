@@ -1139,7 +1139,7 @@ fn deprecated_whole_percentages_still_read() {
     fault: {delay: {fixedDelay: 1s, percent: 30}}
     mirror: {host: web}
     mirrorPercent: 20
-    retries: {attempts: 2, retryRemoteLocalities: true}
+    retries: {attempts: 2, retryRemoteLocalities: true, retryOn: 'retriable-4xx,envoy-ratelimited'}
 ");
     let objects = parse_documents("istio.yaml", &text).expect("parses");
     let Object::VirtualService(read) = &objects[0] else {
@@ -1151,6 +1151,10 @@ fn deprecated_whole_percentages_still_read() {
         Some((Duration::from_secs(1), 30.0))
     );
     assert!((http.mirrors[0].1 - 20.0).abs() < f64::EPSILON);
+    let on = &http.retries.as_ref().expect("retries").retry_on;
+    assert!(
+        on.answer(409, None, false) && on.answer(429, None, true) && !on.answer(429, None, false)
+    );
     assert_errors(&[
         (
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {delay: {fixedDelay: 1s, percent: 30, percentage: {value: 1}}}\n"),
