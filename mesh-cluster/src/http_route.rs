@@ -251,6 +251,21 @@ struct Entry {
 /// The client namespaces a rule applies to; `None`: every namespace's.
 pub(crate) type Visibility = Option<Arc<std::collections::BTreeSet<String>>>;
 
+/// The rules for a client of `namespace`, in order: those of its own namespace (another than
+/// the Service's), in place of the ones for every client exported to it.
+fn for_client<'a: 'n, 'n, T>(
+    consumers: &'a BTreeMap<String, Vec<T>>,
+    everyone: &'a [(T, Visibility)],
+    namespace: &'n str,
+) -> impl Iterator<Item = &'a T> + 'n {
+    let own = consumers.get(namespace);
+    let exported = everyone
+        .iter()
+        .filter(move |(_, visible)| own.is_none() && sees(visible, namespace))
+        .map(|(rule, _)| rule);
+    own.into_iter().flatten().chain(exported)
+}
+
 /// Whether a rule of `visible` applies to a client of `namespace`.
 fn sees(visible: &Visibility, namespace: &str) -> bool {
     visible.as_ref().is_none_or(|set| set.contains(namespace))
@@ -481,14 +496,8 @@ impl HttpRouteIndex {
     ) -> Option<&ResolvedRule> {
         let key = (service.namespace.clone(), service.name.clone(), port);
         let routes = self.ports.get(&key)?;
-        match routes.tcp_consumers.get(client_namespace) {
-            Some(rules) => rules.first().map(AsRef::as_ref),
-            None => routes
-                .tcp
-                .iter()
-                .find(|(_, visible)| sees(visible, client_namespace))
-                .map(|(rule, _)| rule.as_ref()),
-        }
+        let mut rules = for_client(&routes.tcp_consumers, &routes.tcp, client_namespace);
+        rules.next().map(AsRef::as_ref)
     }
 
     /// The `tls` rule of a `VirtualService` that takes a TLS connection asking for server name
@@ -507,16 +516,9 @@ impl HttpRouteIndex {
                 .iter()
                 .any(|h| crate::istio_traffic::sni_matches(h, sni))
         };
-        let rule = match routes.tls_consumers.get(client_namespace) {
-            Some(rules) => rules.iter().find(takes),
-            None => routes
-                .tls
-                .iter()
-                .filter(|(_, visible)| sees(visible, client_namespace))
-                .map(|(rule, _)| rule)
-                .find(takes),
-        };
-        rule.map(|(_, rule)| rule.as_ref())
+        for_client(&routes.tls_consumers, &routes.tls, client_namespace)
+            .find(takes)
+            .map(|(_, rule)| rule.as_ref())
     }
 
     /// Whether `tls` rules attach to `service`'s `port` (its connections' server names are

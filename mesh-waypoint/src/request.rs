@@ -529,24 +529,18 @@ async fn matched_rule(
         }
         if let Some((abort, share)) = fault.abort {
             if fastrand::f64() * 100.0 < share {
-                return match abort {
-                    Abort::Http(status) => local(
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                        Flag::FaultAbort,
-                        "fault filter abort",
-                    ),
-                    // A gRPC request gets the code trailers-only ([`crate::grpc_reply`]), any
-                    // other a 503, as from Envoy's fault filter.
-                    Abort::Grpc(code) => {
-                        let mut response = local(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            Flag::FaultAbort,
-                            "fault filter abort",
-                        );
-                        response.extensions_mut().insert(GrpcCode(code));
-                        response
-                    }
+                // A gRPC status goes to a gRPC request trailers-only ([`crate::grpc_reply`]),
+                // and any other request gets a 503, as from Envoy's fault filter.
+                let (status, grpc) = match abort {
+                    Abort::Http(status) => (StatusCode::from_u16(status).ok(), None),
+                    Abort::Grpc(code) => (None, Some(GrpcCode(code))),
                 };
+                let status = status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                let mut response = local(status, Flag::FaultAbort, "fault filter abort");
+                if let Some(code) = grpc {
+                    response.extensions_mut().insert(code);
+                }
+                return response;
             }
         }
     }
@@ -743,11 +737,12 @@ fn worth_retrying(
     let on = retry.map(|r| &r.on);
     match result {
         Ok(response) => on.is_some_and(|on| {
-            let grpc = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok()?.parse().ok());
-            let limited = response.headers().contains_key("x-envoy-ratelimited");
+            // The headers read only when a condition looks at them.
+            let headers = response.headers();
+            let grpc = (!on.grpc.is_empty())
+                .then(|| headers.get("grpc-status")?.to_str().ok()?.parse().ok())
+                .flatten();
+            let limited = on.rate_limited && headers.contains_key("x-envoy-ratelimited");
             on.answer(response.status().as_u16(), grpc, limited)
         }),
         Err(Failure::NoEndpoint | Failure::Overflow(_)) => false,

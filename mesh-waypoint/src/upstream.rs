@@ -272,7 +272,6 @@ impl Upstream {
         (key, asked): (reuse::EndpointKey, http::Version),
     ) -> Result<Response<Body>, UpstreamError> {
         let http = |source| UpstreamError::Http { addr, source };
-        let waited_since = tokio::time::Instant::now();
         let mut opening = None;
         loop {
             if let Some((mut sender, stream)) = self.reuse.h2(&key) {
@@ -290,6 +289,7 @@ impl Upstream {
             }
             // Then again once this request's turn to open one comes: another may have (or
             // failed to, while this one waited: then this one fails as well).
+            let waited_since = tokio::time::Instant::now();
             let turn = self.reuse.opening(&key).lock_owned().await;
             if let Some((at, reason)) = turn.as_ref().filter(|(at, _)| *at > waited_since) {
                 let reason = format!("{reason} (the connection opened {:?} ago)", at.elapsed());
@@ -409,8 +409,6 @@ impl Upstream {
     }
 }
 
-/// Turns on TCP keep-alive on `tcp` as `keepalive` says (the kernel's defaults for what it
-/// leaves out).
 /// Whether `request` goes to its endpoint multiplexed on HTTP/2: an HTTP/2 request, or an
 /// HTTP/1.1 one the destination's `h2UpgradePolicy: UPGRADE` upgrades (not a WebSocket).
 pub(crate) fn multiplexed<B>(request: &Request<B>, pool: Option<&ConnectionPool>) -> bool {
@@ -460,6 +458,8 @@ fn as_asked<B>(mut response: Response<B>, asked: http::Version) -> Response<B> {
     response
 }
 
+/// Turns on TCP keep-alive on `tcp` as `keepalive` says (the kernel's defaults for what it
+/// leaves out).
 fn keep_alive(tcp: &TcpStream, keepalive: &mesh_cluster::k8s::TcpKeepalive) -> io::Result<()> {
     let mut params = socket2::TcpKeepalive::new();
     if let Some(time) = keepalive.time {

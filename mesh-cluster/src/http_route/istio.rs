@@ -32,7 +32,7 @@ use crate::{
     },
     istio_traffic::{
         merged, DestinationRule, Subset, TrafficPolicy, VirtualService, VsDestination, VsHeaderOps,
-        VsHttpRoute, VsMatch, VsString, VsTarget, VsTcpRoute,
+        VsHttpRoute, VsMatch, VsString, VsTarget,
     },
     meta::{Kind, MetaExt, ObjectRef},
     model::{Protocol, Service},
@@ -412,7 +412,10 @@ impl HttpRouteIndex {
             .tcp
             .iter()
             .filter(|rule| rule.ports.is_empty() || rule.ports.contains(&port))
-            .map(|rule| Arc::new(self.translate_tcp(rule, (namespace, port), services, object)))
+            .map(|rule| {
+                let resolved = self.translate_tcp(&rule.route, (namespace, port), services, object);
+                Arc::new(resolved)
+            })
             .collect()
     }
 
@@ -438,12 +441,7 @@ impl HttpRouteIndex {
                 if hosts.is_empty() {
                     return None;
                 }
-                let destinations = VsTcpRoute {
-                    ports: Vec::new(),
-                    route: rule.route.clone(),
-                };
-                let resolved =
-                    self.translate_tcp(&destinations, (namespace, port), services, object);
+                let resolved = self.translate_tcp(&rule.route, (namespace, port), services, object);
                 Some((hosts, Arc::new(resolved)))
             })
             .collect()
@@ -470,15 +468,16 @@ impl HttpRouteIndex {
             .collect()
     }
 
-    /// One `tcp` rule, for the Service port `port`: its destinations by weight, nothing else.
+    /// A `tcp` or `tls` rule's `route`, for the Service port `port`: its destinations by weight,
+    /// nothing else.
     fn translate_tcp(
         &mut self,
-        tcp: &VsTcpRoute,
+        route: &[VsDestination],
         (namespace, port): (&str, u16),
         services: &Services<'_>,
         object: &ObjectRef,
     ) -> ResolvedRule {
-        let backends = self.weighted(&tcp.route, (namespace, port), services, object);
+        let backends = self.weighted(route, (namespace, port), services, object);
         ResolvedRule {
             name: None,
             matches: vec![any_request()],

@@ -64,6 +64,14 @@ impl<S> Kept<S> {
         }
     }
 
+    /// Whether it is open and may carry another request, now, under `pool`.
+    fn usable(&self, now: Instant, pool: Option<&ConnectionPool>) -> bool
+    where
+        S: Handle,
+    {
+        !self.sender.is_closed() && self.fresh(now, pool)
+    }
+
     /// Whether it may carry another request, now, under `pool`.
     fn fresh(&self, now: Instant, pool: Option<&ConnectionPool>) -> bool {
         let idle = pool.and_then(|p| p.idle_timeout).unwrap_or(KEPT_IDLE);
@@ -79,6 +87,23 @@ impl<S> Kept<S> {
 
 type H1 = Kept<http1::SendRequest<Body>>;
 type H2 = Kept<Shared>;
+
+/// A kept connection's handle, which knows whether the connection closed.
+trait Handle {
+    fn is_closed(&self) -> bool;
+}
+
+impl Handle for http1::SendRequest<Body> {
+    fn is_closed(&self) -> bool {
+        http1::SendRequest::is_closed(self)
+    }
+}
+
+impl Handle for Shared {
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
 
 /// A kept HTTP/2 connection: its handle, and its requests in flight.
 pub(super) struct Shared {
@@ -125,7 +150,7 @@ impl Reuse {
         let now = Instant::now();
         let mut idle = self.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = idle.get_mut(key)?;
-        kept.retain(|k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
+        kept.retain(|k| k.usable(now, key.2.as_deref()));
         let ready = kept.iter().rposition(|k| k.sender.is_ready())?;
         let mut chosen = kept.swap_remove(ready);
         chosen.uses += 1;
@@ -156,7 +181,7 @@ impl Reuse {
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(SWEEP_EVERY)
         {
-            sweep_h1(&mut idle, now);
+            drop_unusable(&mut idle, now);
         }
         let kept_there = idle.entry(key).or_default();
         if kept_there.len() < most {
@@ -177,7 +202,7 @@ impl Reuse {
         let cap = stream_cap(pool);
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = shared.get_mut(key)?;
-        kept.retain(|k| !k.sender.sender.is_closed() && k.fresh(now, pool));
+        kept.retain(|k| k.usable(now, pool));
         let busy = |k: &H2| k.sender.streams.load(Ordering::Acquire);
         let chosen = kept
             .iter()
@@ -214,7 +239,7 @@ impl Reuse {
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         // A new connection is opened when the others closed, expired or were busy: the time
         // to drop the closed and expired ones.
-        sweep_h2(&mut shared, now);
+        drop_unusable(&mut shared, now);
         if kept.fresh(now, key.2.as_deref()) {
             shared.entry(key).or_default().push(kept);
         }
@@ -232,11 +257,11 @@ impl Reuse {
     /// endpoint no request asks for any more lets its connections go too).
     pub(super) fn sweep(&self) {
         let now = Instant::now();
-        sweep_h1(
+        drop_unusable(
             &mut self.h1.lock().unwrap_or_else(PoisonError::into_inner),
             now,
         );
-        sweep_h2(
+        drop_unusable(
             &mut self.h2.lock().unwrap_or_else(PoisonError::into_inner),
             now,
         );
@@ -259,16 +284,10 @@ impl Reuse {
     }
 }
 
-fn sweep_h2(shared: &mut HashMap<EndpointKey, Vec<H2>>, now: Instant) {
-    shared.retain(|key, kept| {
-        kept.retain(|k| !k.sender.sender.is_closed() && k.fresh(now, key.2.as_deref()));
-        !kept.is_empty()
-    });
-}
-
-fn sweep_h1(idle: &mut HashMap<EndpointKey, Vec<H1>>, now: Instant) {
-    idle.retain(|key, kept| {
-        kept.retain(|k| !k.sender.is_closed() && k.fresh(now, key.2.as_deref()));
+/// Drops the closed and expired connections of every endpoint.
+fn drop_unusable<S: Handle>(kept: &mut HashMap<EndpointKey, Vec<Kept<S>>>, now: Instant) {
+    kept.retain(|key, kept| {
+        kept.retain(|k| k.usable(now, key.2.as_deref()));
         !kept.is_empty()
     });
 }
