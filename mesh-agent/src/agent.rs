@@ -163,6 +163,25 @@ impl Resolve for ClusterResolver {
     fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision {
         self.state.borrow().admit(&subject.as_inbound())
     }
+
+    fn direct_targets(
+        &self,
+        client: &Workload,
+        client_addr: SocketAddr,
+        dst: SocketAddr,
+        max: usize,
+    ) -> Result<Vec<SocketAddr>, mesh_cluster::NotDirect> {
+        let state = Arc::clone(&self.state.borrow());
+        state.direct_targets(client, client_addr, dst, &self.node, max)
+    }
+
+    fn service_at(&self, dst: SocketAddr) -> Option<Arc<Service>> {
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        self.state
+            .borrow()
+            .service_by_addr(dst)
+            .map(|(service, _)| Arc::clone(service))
+    }
 }
 
 impl ClusterResolver {
@@ -411,6 +430,7 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
         &config.bpffs_dir,
         config.on_exit == OnExit::Keep,
         shortcut,
+        config.kernel_direct,
         &config.agent_cgroup,
     )?;
     let certs = certificate_manager(&config, state_rx.clone())?;
@@ -454,6 +474,7 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     // Once the copies go quiet, what a burst freed goes back at once too (`memory.rs`).
     let on_quiet = crate::memory::release_freed;
     tokio::spawn(crate::proxy::trim_copy_buffers(on_quiet));
+    tokio::spawn(crate::proxy::run_direct_events(Arc::clone(pods.ctx())));
     tokio::spawn(become_ready(
         state_rx.clone(),
         config.node_name.clone(),
@@ -548,6 +569,7 @@ impl Serving<'_> {
                     let desired = desired_pods(&state, self.node, self.handles.as_deref());
                     self.certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
                     pods.reconcile(&desired).await;
+                    new_direct_generation(pods);
                     recheck(self.tracker, &state);
                 }
                 changed = wait_handles(self.handles_rx.as_mut()) => {
@@ -556,6 +578,7 @@ impl Serving<'_> {
                         let desired = desired_pods(&state, self.node, self.handles.as_deref());
                         self.certs.set_wanted(desired.iter().map(|d| d.identity.clone()));
                         pods.reconcile(&desired).await;
+                        new_direct_generation(pods);
                     }
                 }
                 _ = retry.tick(), if pods.has_failures() => {
@@ -687,6 +710,26 @@ async fn become_ready(
     }
     drop(certs_ready);
     crate::memory::release_freed();
+}
+
+/// The cluster view or the node's pods changed: no kernel-direct route decided before may be used
+/// again (the agent offers new ones as connections come through it).
+fn new_direct_generation(pods: &PodManager) {
+    let direct = pods.ctx().conn.direct();
+    if !direct.enabled() {
+        return;
+    }
+    match direct.next_generation() {
+        Ok(generation) => {
+            let stale = direct.clear_routes();
+            debug!(generation, stale, "kernel-direct routes renewed");
+        }
+        // The routes of the old generation would stay current: refuse them all instead.
+        Err(error) => {
+            let stale = direct.clear_routes();
+            warn!(%error, stale, "could not move kernel-direct routes to a new generation; removed them");
+        }
+    }
 }
 
 /// Checks every connection this agent authorized against `state`'s policies and closes those

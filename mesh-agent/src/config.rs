@@ -82,6 +82,9 @@ pub struct AgentConfig {
     pub sockmap: bool,
     /// Bytes a short-cut sender may leave unread at its peer before it takes the TCP path.
     pub shortcut_budget: u32,
+    /// Same-node connections the policy allows go straight from pod to pod in the kernel once
+    /// the agent authorized a first one (`--kernel-direct`).
+    pub kernel_direct: bool,
     /// Label key whose value `ambient` enrolls a namespace or pod (`none` opts a pod out).
     pub label_key: String,
     pub trust_domain: String,
@@ -411,7 +414,7 @@ impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "node={} {} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} label_key={} \
+            "node={} {} bpffs_dir={} agent_cgroup={} sockmap={} shortcut_budget={} kernel_direct={} label_key={} \
              trust_domain={} root_namespace={} cluster_domain={} on_exit={} worker_threads={} ca_dir={} ca_address={} crypto_provider={} \
              cert_lifetime={}s max_streams_per_connection={} pool_idle_timeout={}s \
              stream_idle_timeout={} access_log={} \
@@ -422,6 +425,7 @@ impl fmt::Display for AgentConfig {
             self.agent_cgroup.display(),
             self.sockmap,
             self.shortcut_budget,
+            self.kernel_direct,
             self.label_key,
             self.trust_domain,
             self.root_namespace,
@@ -520,6 +524,7 @@ mod tests {
             agent_cgroup: "/nonexistent-cgroup".into(),
             sockmap: true,
             shortcut_budget: MAX_SHORTCUT_BUDGET,
+            kernel_direct: false,
             label_key: DEFAULT_LABEL_KEY.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             root_namespace: "istio-system".into(),
@@ -690,7 +695,7 @@ mod tests {
             config("n0").to_string(),
             "node=n0 source=files config_dir=/nonexistent-config config_max_file_bytes=4194304 \
              config_max_depth=64 bpffs_dir=/nonexistent \
-             agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 label_key=istio.io/dataplane-mode \
+             agent_cgroup=/nonexistent-cgroup sockmap=true shortcut_budget=4194304 kernel_direct=false label_key=istio.io/dataplane-mode \
              trust_domain=cluster.local root_namespace=istio-system cluster_domain=cluster.local on_exit=release worker_threads=2 \
              ca_dir=/nonexistent-ca ca_address=none crypto_provider=aws-lc-rs cert_lifetime=86400s \
              max_streams_per_connection=128 pool_idle_timeout=300s stream_idle_timeout=3600s access_log=stdout admin=127.0.0.1:15000 metrics=0.0.0.0:15020 readiness=0.0.0.0:15021 tracing=off"

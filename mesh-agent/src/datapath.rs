@@ -39,8 +39,10 @@ use tracing::{debug, info, warn};
 use crate::netns::Netns;
 
 mod conn_maps;
+mod direct_maps;
 
 pub use conn_maps::{ConnMaps, Paired};
+pub use direct_maps::DirectMaps;
 
 /// The name of the directory that holds every agent's pin directory in the default layout
 /// (`/sys/fs/bpf/mesh-agent/<node>`, `config::DEFAULT_BPFFS_ROOT`, and the chart's).
@@ -224,10 +226,13 @@ impl Datapath {
     /// `agent_cgroup` (the agent's sockets are the other end of every pod-local leg).
     ///
     /// `shortcut`: the short-cut's settings, or `None` to keep every leg on the TCP path.
+    /// `kernel_direct`: pods are registered for kernel-direct connections
+    /// ([`PodInfo::KERNEL_DIRECT`]).
     pub fn load(
         pin_dir: &Path,
         keep_pins: bool,
         shortcut: Option<Shortcut>,
+        kernel_direct: bool,
         agent_cgroup: &Path,
     ) -> Result<Self, DatapathError> {
         fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
@@ -291,6 +296,7 @@ impl Datapath {
             pairs: Mutex::new(take_map(&mut ebpf, names::PAIRS)?),
             shortcut: shortcut.is_some(),
             fastpath: take_map(&mut ebpf, names::FASTPATH)?,
+            direct: DirectMaps::load(&mut ebpf, kernel_direct)?,
         });
         // An earlier agent's connections ended with it (its sockets closed when it exited), and
         // the kernel never sends direct through a closed agent socket; what it left paired is
@@ -323,6 +329,10 @@ impl Datapath {
     /// Tells the connect hooks of the pod in namespace `netns_cookie` where its outbound
     /// listener is.
     pub fn register_pod(&mut self, netns_cookie: u64, info: PodInfo) -> Result<(), DatapathError> {
+        let mut info = info;
+        if self.conn.direct.enabled() {
+            info.flags |= PodInfo::KERNEL_DIRECT;
+        }
         self.pods
             .insert(netns_cookie, info, 0)
             .map_err(map_err(names::PODS))

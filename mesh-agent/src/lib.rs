@@ -32,6 +32,7 @@ pub mod node_taint;
 pub mod pods;
 pub mod proxy;
 pub mod readiness;
+pub mod sock_destroy;
 pub mod stats;
 pub mod status;
 pub mod telemetry;

@@ -70,6 +70,11 @@ enum Command {
         /// TCP path (64 KiB to 4 MiB).
         #[arg(long, default_value_t = mesh_agent::config::MAX_SHORTCUT_BUDGET)]
         shortcut_budget_bytes: u32,
+        /// Connect same-node connections the policy allows straight from pod to pod in the
+        /// kernel, once the agent has authorized a first one (see ARCHITECTURE.md,
+        /// "Kernel-direct").
+        #[arg(long)]
+        kernel_direct: bool,
         /// Label whose value `ambient` enrolls a namespace or pod.
         #[arg(long, default_value = DEFAULT_LABEL_KEY)]
         label_key: String,
@@ -210,6 +215,7 @@ fn main() -> anyhow::Result<()> {
             agent_cgroup,
             no_sockmap,
             shortcut_budget_bytes,
+            kernel_direct,
             label_key,
             trust_domain,
             root_namespace,
@@ -246,6 +252,7 @@ fn main() -> anyhow::Result<()> {
                 agent_cgroup,
                 sockmap: !no_sockmap,
                 shortcut_budget: shortcut_budget_bytes,
+                kernel_direct,
                 label_key,
                 trust_domain,
                 root_namespace,

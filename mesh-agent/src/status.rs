@@ -52,6 +52,7 @@ impl AdminSource for AgentStatus {
         self.write_agent(&mut out);
         self.write_api(&mut out);
         self.write_fastpath(&mut out);
+        self.write_kernel_direct(&mut out);
         write_process(&mut out, self.started);
         out.encode()
     }
@@ -310,6 +311,30 @@ impl AgentStatus {
         for (identity, expiry) in certs {
             family.sample(&[("identity", identity)], expiry);
         }
+    }
+
+    fn write_kernel_direct(&self, out: &mut Exposition) {
+        let direct = self.ctx.conn.direct();
+        if !direct.enabled() {
+            return;
+        }
+        let counts = match direct.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "reading the kernel-direct counters failed");
+                return;
+            }
+        };
+        out.counter(
+            "mesh_kernel_direct_connections_total",
+            "Same-node connections the connect hook sent straight to the endpoint under a route the agent authorized (kernel-direct)",
+            counts.connects,
+        );
+        out.counter(
+            "mesh_kernel_direct_events_lost_total",
+            "Reports of kernel-direct connections the kernel's ring had no room for (their metrics and access-log lines are missing)",
+            counts.events_lost,
+        );
     }
 
     fn write_fastpath(&self, out: &mut Exposition) {

@@ -53,6 +53,7 @@ pub mod authz;
 mod by_kind;
 pub mod cors;
 mod decision;
+mod direct;
 mod endpoints;
 mod error;
 mod files;
@@ -91,6 +92,7 @@ pub use authz::{
     ServiceAccountMatch, StringMatch, Verdict, WaypointFacts,
 };
 pub use decision::{Inbound, Origin};
+pub use direct::NotDirect;
 pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};

@@ -36,6 +36,23 @@ pub mod names {
     /// socket's [`super::NsSockKey`]: a [`super::DirectPair`] (the agent's socket toward the
     /// other application, and the bytes sent straight to it). Written by the agent only.
     pub const PAIRS: &str = "MESH_PAIRS";
+    /// Kernel-direct routes: [`super::DirectRouteKey`] to [`super::DirectRoute`]. Written by the
+    /// agent only.
+    pub const DIRECT_ROUTES: &str = "MESH_DIRECT_ROUTES";
+    /// One `u64` at index 0: the agent's current route generation (0: no route is valid).
+    pub const DIRECT_GENERATION: &str = "MESH_DIRECT_GENERATION";
+    /// Client sockets sent kernel-direct, by socket cookie (`u64`): [`super::DirectSock`].
+    pub const DIRECT_SOCKS: &str = "MESH_DIRECT_SOCKS";
+    /// Kernel-direct connections by the client socket's [`super::SockKey`]:
+    /// [`super::DirectConn`].
+    pub const DIRECT_CONNS: &str = "MESH_DIRECT_CONNS";
+    /// Ring of [`super::DirectEvent`]s.
+    pub const DIRECT_EVENTS: &str = "MESH_DIRECT_EVENTS";
+    /// Per-CPU array of one [`super::DirectCounters`] at index 0.
+    pub const DIRECT_COUNTERS: &str = "MESH_DIRECT_COUNTERS";
+    /// The other socket of a kernel-direct connection in the short-cut, by each socket's
+    /// [`super::NsSockKey`]: [`super::DirectPeer`]. Written by `sockops` only.
+    pub const DIRECT_PEERS: &str = "MESH_DIRECT_PEERS";
 
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_CONNECT6: &str = "mesh_connect6";
@@ -58,115 +75,10 @@ pub const MAX_CONNS: u32 = 262_144;
 /// queue before it takes the TCP path (and TCP's flow control) instead.
 pub const MAX_SHORTCUT_BUDGET: u32 = 4 << 20;
 
-/// Port of the agent's outbound listener in each meshed pod (Istio's 15001).
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Where the agent's outbound listener is in each meshed pod, IPv4: the pod's loopback address.
-/// The connect hooks send captured connections here from the pod's own address. A loopback
-/// destination keeps the application's address as it was and lets `connect()` reuse a
-/// `TIME_WAIT` port (`tcp_tw_reuse` = 2, the default, is for loopback), so connections the
-/// application closes first do not use up the pod's ports (see ARCHITECTURE.md, "Outbound").
-pub const OUTBOUND_IPV4: [u8; 4] = [127, 0, 0, 1];
-/// The same for IPv6: `::1`.
-pub const OUTBOUND_IPV6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-/// Port of the agent's inbound plaintext listener in each meshed pod (Istio's 15006).
-pub const INBOUND_PORT: u16 = 15006;
-/// Port of the agent's HBONE (HTTP/2 CONNECT over mutual TLS) listener in each meshed pod
-/// (Istio's 15008). Reserved: an application of a meshed pod must not listen on it.
-pub const HBONE_PORT: u16 = 15008;
-/// The ports the agent listens on inside every meshed pod. A meshed pod's own processes may not
-/// bind them (TCP, any address): the `cgroup/bind` hooks refuse with `EPERM`.
-pub const RESERVED_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
-
-/// `AF_INET` and `AF_INET6` as the kernel numbers them.
-pub const AF_INET: u32 = 2;
-pub const AF_INET6: u32 = 10;
-
-/// An IP address and port as the kernel programs store them: the address in network byte order,
-/// IPv4 in `ip[0]` (rest zero), the port in host byte order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockAddr {
-    pub ip: [u32; 4],
-    pub port: u32,
-    /// [`AF_INET`] or [`AF_INET6`].
-    pub family: u32,
-}
-
-impl SockAddr {
-    /// The agent's outbound listener ([`OUTBOUND_IPV4`] or [`OUTBOUND_IPV6`], [`OUTBOUND_PORT`])
-    /// for connections of `family`.
-    #[must_use]
-    #[allow(clippy::cast_lossless)] // `u32::from` is not `const`
-    pub const fn outbound_listener(family: u32) -> Self {
-        let ip = if family == AF_INET {
-            [u32::from_ne_bytes(OUTBOUND_IPV4), 0, 0, 0]
-        } else {
-            let b = OUTBOUND_IPV6;
-            [
-                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
-            ]
-        };
-        Self {
-            ip,
-            port: OUTBOUND_PORT as u32,
-            family,
-        }
-    }
-
-    /// The address with port 0: the key of [`names::LISTENERS`].
-    #[must_use]
-    pub const fn without_port(self) -> Self {
-        Self {
-            ip: self.ip,
-            port: 0,
-            family: self.family,
-        }
-    }
-}
-
-/// Both ends of a TCP socket, from that socket's point of view.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockKey {
-    pub local: SockAddr,
-    pub remote: SockAddr,
-}
-
-impl SockKey {
-    /// The same connection seen from the other socket.
-    #[must_use]
-    pub const fn reversed(self) -> Self {
-        Self {
-            local: self.remote,
-            remote: self.local,
-        }
-    }
-}
-
-/// A socket's [`SockKey`] qualified by its network namespace's cookie: addresses (even a pod's
-/// own, and always loopback) repeat across namespaces, so a key without the namespace could
-/// name another pod's socket.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct NsSockKey {
-    /// Cookie of the socket's network namespace (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
-    pub netns: u64,
-    pub sock: SockKey,
-}
-
-impl NsSockKey {
-    /// The other socket of the same connection (same namespace).
-    #[must_use]
-    pub const fn peer(self) -> Self {
-        Self {
-            netns: self.netns,
-            sock: self.sock.reversed(),
-        }
-    }
-}
+pub use addr::{
+    NsSockKey, SockAddr, SockKey, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PORT, OUTBOUND_IPV4,
+    OUTBOUND_IPV6, OUTBOUND_PORT, RESERVED_PORTS,
+};
 
 /// A meshed pod's addresses: its connect hook binds captured sockets to them (so the
 /// application's address stays the pod's), and its short-cut legs must be on them.
@@ -177,7 +89,7 @@ pub struct PodInfo {
     pub ipv4: u32,
     /// IPv6 address, network byte order words; all zero if the pod has none.
     pub ipv6: [u32; 4],
-    /// [`PodInfo::SHORTCUT`]; other bits zero.
+    /// [`PodInfo::SHORTCUT`], [`PodInfo::KERNEL_DIRECT`]; other bits zero.
     pub flags: u32,
     pub reserved: [u32; 2],
 }
@@ -185,6 +97,8 @@ pub struct PodInfo {
 impl PodInfo {
     /// The pod opted into the `sk_msg` short-cut: its mesh legs enter `MESH_SOCKS`.
     pub const SHORTCUT: u32 = 1;
+    /// The pod's connections may go kernel-direct ([`DirectRoute`]) to pods of this node.
+    pub const KERNEL_DIRECT: u32 = 2;
 }
 
 /// Settings the agent gives the kernel programs.
@@ -315,6 +229,13 @@ impl FastpathCounters {
     }
 }
 
+mod addr;
+mod direct;
+pub use direct::{
+    DirectConn, DirectCounters, DirectEvent, DirectPeer, DirectRoute, DirectRouteKey, DirectSock,
+    DIRECT_EVENTS_BYTES, MAX_DIRECT_ROUTES, MAX_DIRECT_TARGETS,
+};
+
 #[cfg(feature = "user")]
 mod user;
 #[cfg(feature = "user")]
@@ -339,6 +260,17 @@ mod tests {
         assert_eq!(size_of::<super::KernelOffsets>(), 24);
         assert_eq!(size_of::<super::MeshConfig>(), 32);
         assert_eq!(size_of::<super::DirectPair>(), 64);
+        assert_eq!(size_of::<super::DirectRouteKey>(), 32);
+        assert_eq!(
+            size_of::<super::DirectRoute>(),
+            16 + 24 * super::MAX_DIRECT_TARGETS
+        );
+        assert_eq!(size_of::<super::DirectSock>(), 40);
+        assert_eq!(size_of::<super::DirectConn>(), 72);
+        assert_eq!(size_of::<super::DirectEvent>(), 8 + 48 + 72 + 24);
+        assert_eq!(size_of::<super::DirectPeer>(), 56 + 48 + 8);
+        assert_eq!(align_of::<super::DirectEvent>(), 8);
+        assert_eq!(size_of::<super::DirectCounters>(), 16);
     }
 
     #[test]

@@ -6,11 +6,12 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    CgroupCounters, DirectPair, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr,
+    CgroupCounters, DirectConn, DirectCounters, DirectEvent, DirectPair, DirectPeer, DirectRoute,
+    DirectRouteKey, DirectSock, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr,
     SockKey, AF_INET, AF_INET6,
 };
 
-// SAFETY (all eight): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
+// SAFETY (all fifteen): `repr(C)`, only fixed-width integers and arrays of them, no padding (checked
 // by the `shared_types_have_no_padding` test), and every bit pattern is a valid value.
 unsafe impl aya::Pod for CgroupCounters {}
 unsafe impl aya::Pod for FastpathCounters {}
@@ -20,6 +21,13 @@ unsafe impl aya::Pod for NsSockKey {}
 unsafe impl aya::Pod for PodInfo {}
 unsafe impl aya::Pod for MeshConfig {}
 unsafe impl aya::Pod for DirectPair {}
+unsafe impl aya::Pod for DirectRouteKey {}
+unsafe impl aya::Pod for DirectRoute {}
+unsafe impl aya::Pod for DirectSock {}
+unsafe impl aya::Pod for DirectConn {}
+unsafe impl aya::Pod for DirectEvent {}
+unsafe impl aya::Pod for DirectCounters {}
+unsafe impl aya::Pod for DirectPeer {}
 
 /// The agent's outbound listener in a pod, for connections from the pod's address `ip` (the same
 /// family).

@@ -20,7 +20,7 @@ use mesh_common::{
 };
 
 use crate::{
-    addr,
+    addr, direct,
     maps::{MESH_CGROUP_COUNTERS, MESH_ORIG_DST, MESH_PEER_ADDR, MESH_PODS},
     source::{bind4, bind6},
 };
@@ -134,11 +134,12 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Error> {
     let cgroup = count(Family::V4)?;
     let dst = addr::v4(sa.user_ip4, addr::port_be_low(sa.user_port));
     let target = capture(ctx, dst)?;
-    if let Some(pod) = target {
+    if let Some(Captured { pod, to }) = target {
         bind4(ctx, pod.ipv4);
         // A connect4 program may only write the IPv4 fields.
-        sa.user_ip4 = SockAddr::outbound_listener(AF_INET).ip[0];
-        sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+        let to = to.unwrap_or(SockAddr::outbound_listener(AF_INET));
+        sa.user_ip4 = to.ip[0];
+        sa.user_port = u32::from(addr::port_host(to.port).to_be());
     }
     let captured = target.is_some();
     debug!(
@@ -166,15 +167,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Error> {
         return Ok(());
     };
     let target = capture(ctx, dst)?;
-    if let Some(pod) = target {
+    if let Some(Captured { pod, to }) = target {
         let own = if dst.family == AF_INET {
             [pod.ipv4, 0, 0, 0]
         } else {
             pod.ipv6
         };
         bind6(ctx, dst.family, own);
-        let listener = SockAddr::outbound_listener(dst.family);
-        set_user6(sa, dst.family, listener.ip, OUTBOUND_PORT);
+        let to = to.unwrap_or(SockAddr::outbound_listener(dst.family));
+        set_user6(sa, dst.family, to.ip, addr::port_host(to.port));
     }
     let captured = target.is_some();
     let mut bytes = [0u8; 16];
@@ -219,11 +220,19 @@ struct PodAddrs {
     ipv6: [u32; 4],
 }
 
-/// Decides whether to capture a connection to `dst` and, if so, records `dst` under the
-/// socket's cookie and returns the pod's addresses. The caller binds the socket to the pod's
-/// address and rewrites the destination to the agent's outbound listener (each program may only
-/// write its own family's fields).
-fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<PodAddrs>, Error> {
+/// A connection the hook takes: from the pod's own address, to the agent's outbound listener
+/// (`to` is `None`) or kernel-direct to an endpoint (`to`).
+#[derive(Clone, Copy)]
+struct Captured {
+    pod: PodAddrs,
+    to: Option<SockAddr>,
+}
+
+/// Decides whether to capture a connection to `dst` and, if so, where it goes: kernel-direct
+/// when a current route of the agent's allows it (`direct::route`), else to the agent, with
+/// `dst` recorded under the socket's cookie. The caller binds the socket to the pod's address
+/// and rewrites the destination (each program may only write its own family's fields).
+fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<Captured>, Error> {
     // Local destinations stay local: loopback, and the unspecified address.
     let skip = if dst.family == AF_INET {
         addr::is_loopback4(dst.ip[0]) || dst.ip[0] == 0
@@ -257,12 +266,22 @@ fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<PodAddrs>, Err
     }
     // SAFETY: helper available to cgroup/sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let addrs = PodAddrs {
+        ipv4: pod.ipv4,
+        ipv6: pod.ipv6,
+    };
+    if let Some(target) = direct::route(ctx, netns, &pod, dst, cookie) {
+        return Ok(Some(Captured {
+            pod: addrs,
+            to: Some(target),
+        }));
+    }
     MESH_ORIG_DST
         .insert(cookie, dst, u64::from(BPF_ANY))
         .map_err(|_| Error::OrigDstMapFull)?;
-    Ok(Some(PodAddrs {
-        ipv4: pod.ipv4,
-        ipv6: pod.ipv6,
+    Ok(Some(Captured {
+        pod: addrs,
+        to: None,
     }))
 }
 
@@ -270,7 +289,9 @@ fn capture(ctx: &SockAddrContext, dst: SockAddr) -> Result<Option<PodAddrs>, Err
 /// client the agent registered for the socket it connected (`MESH_PEER_ADDR`), or, for an
 /// application's captured connection (connected to the agent's outbound listener), the
 /// destination the application asked for (`MESH_ORIG_DST`, kept until the socket closes), as
-/// a `REDIRECT` rule's connection tracking would show it. Reads only: the caller writes the
+/// a `REDIRECT` rule's connection tracking would show it, or for a kernel-direct connection the
+/// destination it asked for (a Service VIP, as a load balancer's connection tracking would
+/// show it). Reads only: the caller writes the
 /// address fields its program type may write.
 fn original_peer(ctx: &SockAddrContext, sa: &bpf_sock_addr, family: Family) -> Option<SockAddr> {
     // SAFETY: reading the union's pointer member; checked for null before use.
@@ -298,11 +319,12 @@ fn original_peer(ctx: &SockAddrContext, sa: &bpf_sock_addr, family: Family) -> O
     if let Some(client) = unsafe { MESH_PEER_ADDR.get(SockKey { local, remote }) }.copied() {
         return Some(client);
     }
-    if remote != SockAddr::outbound_listener(remote.family) {
-        return None;
-    }
     // SAFETY: helper available to cgroup/sock_addr programs; the context pointer is valid.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if remote != SockAddr::outbound_listener(remote.family) {
+        // A kernel-direct connection shows what it asked for, as a captured one does.
+        return direct::orig_dst(cookie);
+    }
     // SAFETY: plain data copied out at once.
     unsafe { MESH_ORIG_DST.get(cookie) }.copied()
 }

@@ -1,16 +1,17 @@
 //! `sk_lookup`, attached to each meshed pod's network namespace: every TCP connection that
 //! arrives for the pod's address from elsewhere is given to the agent's inbound listener, so
 //! nothing reaches the application without passing the agent. The HBONE port is the exception:
-//! the agent's own HBONE listener is bound to it in the pod, and the normal lookup finds it.
+//! the agent's own HBONE listener is bound to it in the pod, and the normal lookup finds it;
+//! so are the kernel-direct connections the agent authorized (`direct`).
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use mesh_common::{SockAddr, AF_INET, HBONE_PORT};
+use mesh_common::{SockAddr, SockKey, AF_INET, HBONE_PORT};
 
-use crate::{addr, maps::MESH_LISTENERS};
+use crate::{addr, direct, maps::MESH_LISTENERS};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -58,6 +59,15 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         || remote.ip == local.ip
         || local.port == u32::from(HBONE_PORT)
     {
+        return sk_action::SK_PASS;
+    }
+    // A kernel-direct connection: its client's connect hook had a current route of the agent's
+    // for it (the agent authorized exactly this client pod for this endpoint), and `sockops`
+    // recorded this exact 4-tuple from the client's own socket as its SYN went out.
+    if direct::admitted(SockKey {
+        local: remote,
+        remote: local,
+    }) {
         return sk_action::SK_PASS;
     }
     let key = local.without_port();

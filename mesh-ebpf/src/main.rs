@@ -23,6 +23,7 @@
 mod addr;
 mod budget;
 mod capture;
+mod direct;
 mod inbound;
 mod maps;
 mod sockmap;

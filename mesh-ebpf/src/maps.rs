@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
 };
 use mesh_common::{
-    CgroupCounters, DirectPair, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr,
-    SockKey, MAX_CGROUPS, MAX_CONNS, MAX_PODS,
+    CgroupCounters, DirectConn, DirectCounters, DirectPair, DirectPeer, DirectRoute,
+    DirectRouteKey, DirectSock, FastpathCounters, MeshConfig, NsSockKey, PodInfo, SockAddr,
+    SockKey, DIRECT_EVENTS_BYTES, MAX_CGROUPS, MAX_CONNS, MAX_DIRECT_ROUTES, MAX_PODS,
 };
 
 #[map(name = "MESH_CGROUP_COUNTERS")]
@@ -52,6 +53,36 @@ pub static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
 /// What `sk_msg` did, one entry (index 0), one copy per CPU.
 #[map(name = "MESH_FASTPATH")]
 pub static MESH_FASTPATH: PerCpuArray<FastpathCounters> = PerCpuArray::pinned(1, 0);
+
+/// Kernel-direct routes (see `mesh_common::DirectRoute`); only the agent writes them.
+#[map(name = "MESH_DIRECT_ROUTES")]
+pub static MESH_DIRECT_ROUTES: HashMap<DirectRouteKey, DirectRoute> =
+    HashMap::pinned(MAX_DIRECT_ROUTES, 0);
+
+/// The agent's route generation at index 0 (0: none valid).
+#[map(name = "MESH_DIRECT_GENERATION")]
+pub static MESH_DIRECT_GENERATION: Array<u64> = Array::pinned(1, 0);
+
+/// Client sockets the connect hook sent kernel-direct, by socket cookie.
+#[map(name = "MESH_DIRECT_SOCKS")]
+pub static MESH_DIRECT_SOCKS: LruHashMap<u64, DirectSock> = LruHashMap::pinned(MAX_CONNS, 0);
+
+/// Kernel-direct connections by the client socket's addresses; the destination's `sk_lookup`
+/// lets exactly these through to the application.
+#[map(name = "MESH_DIRECT_CONNS")]
+pub static MESH_DIRECT_CONNS: HashMap<SockKey, DirectConn> = HashMap::pinned(MAX_CONNS, 0);
+
+/// What happens to kernel-direct connections, for the agent.
+#[map(name = "MESH_DIRECT_EVENTS")]
+pub static MESH_DIRECT_EVENTS: RingBuf = RingBuf::pinned(DIRECT_EVENTS_BYTES, 0);
+
+/// The other socket of each kernel-direct connection's socket in the short-cut.
+#[map(name = "MESH_DIRECT_PEERS")]
+pub static MESH_DIRECT_PEERS: HashMap<NsSockKey, DirectPeer> = HashMap::pinned(MAX_CONNS, 0);
+
+/// Kernel-direct counts, one entry (index 0), one copy per CPU.
+#[map(name = "MESH_DIRECT_COUNTERS")]
+pub static MESH_DIRECT_COUNTERS: PerCpuArray<DirectCounters> = PerCpuArray::pinned(1, 0);
 
 /// The agent's settings, if the short-cut is available at all.
 pub fn shortcut_config() -> Option<&'static MeshConfig> {

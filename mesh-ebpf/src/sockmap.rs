@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{
         bpf_sock_ops, sk_action, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
     macros::{sk_msg, sock_ops},
@@ -31,14 +31,15 @@ use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
 };
 
-use mesh_common::{DirectPair, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET};
+use mesh_common::{DirectPair, DirectPeer, NsSockKey, PodInfo, SockAddr, SockKey, AF_INET};
 
 use crate::{
     addr,
     budget::{self, Verdict},
+    direct,
     maps::{
-        shortcut_config, MESH_CONN_DST, MESH_FASTPATH, MESH_ORIG_DST, MESH_PAIRS, MESH_PEER_ADDR,
-        MESH_PODS, MESH_SOCKS, MESH_SOCK_PTRS,
+        shortcut_config, MESH_CONN_DST, MESH_DIRECT_PEERS, MESH_FASTPATH, MESH_ORIG_DST,
+        MESH_PAIRS, MESH_PEER_ADDR, MESH_PODS, MESH_SOCKS, MESH_SOCK_PTRS,
     },
 };
 
@@ -82,7 +83,21 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             established(ctx, ops, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
         }
-        // args[1]: the new state. Only sockets we inserted or captured asked for this callback.
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if let Some(key) = ops_key(ops) {
+                // SAFETY: helpers available to sockops programs; the context pointer is valid.
+                let (netns, cookie) = unsafe {
+                    (
+                        bpf_get_netns_cookie(ctx.as_ptr()),
+                        bpf_get_socket_cookie(ctx.as_ptr()),
+                    )
+                };
+                direct::connecting(ctx, key, netns, cookie);
+            }
+            Ok(())
+        }
+        // args[0]: the old state, args[1]: the new one. Only sockets we inserted, captured or
+        // sent kernel-direct asked for this callback.
         // SAFETY: `args` is the union's member for state callbacks.
         BPF_SOCK_OPS_STATE_CB if unsafe { ops.__bindgen_anon_1.args[1] } == BPF_TCP_CLOSE => {
             // SAFETY: helper available to sockops programs.
@@ -92,6 +107,10 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
                 // SAFETY: helper available to sockops programs; the context pointer is valid.
                 let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
                 let _ = MESH_SOCK_PTRS.remove(NsSockKey { netns, sock: key });
+                let _ = MESH_DIRECT_PEERS.remove(NsSockKey { netns, sock: key });
+                // SAFETY: as above, the state callback's member.
+                let old_state = unsafe { ops.__bindgen_anon_1.args[0] };
+                direct::closed(ops, key, cookie, old_state);
             }
             Ok(())
         }
@@ -107,6 +126,7 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let mut captured = false;
     if active {
+        direct::established(key);
         // SAFETY: helper available to sockops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: plain data copied out at once.
@@ -128,10 +148,70 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
     if shortcut_config().is_none() {
         return Ok(());
     }
+    if direct_join(ctx, ops, key, netns, active)? {
+        return Ok(());
+    }
     match mesh_leg(&key, active, captured) {
         Some(pod_end) if on_shortcut_pod(netns, pod_end) => {}
         _ => return Ok(()),
     }
+    enter_shortcut(ctx, ops, NsSockKey { netns, sock: key })
+}
+
+/// A kernel-direct connection (`direct`) of two pods that both opted into the short-cut: its
+/// two application sockets enter it, each the other's peer (`MESH_DIRECT_PEERS`). The client's
+/// socket enters at its `ACTIVE_ESTABLISHED`; the server's at its `PASSIVE_ESTABLISHED` (before
+/// the application can accept it), once the client's is in, and then pairs them. `Ok(false)`:
+/// not such a socket.
+fn direct_join(
+    ctx: &SockOpsContext,
+    ops: &mut bpf_sock_ops,
+    key: SockKey,
+    netns: u64,
+    active: bool,
+) -> Result<bool, i32> {
+    let client_key = if active { key } else { key.reversed() };
+    let Some(client_netns) = direct::client_netns(client_key) else {
+        return Ok(false);
+    };
+    if !on_shortcut_pod(netns, key.local) {
+        return Ok(true);
+    }
+    let own = NsSockKey { netns, sock: key };
+    if active {
+        enter_shortcut(ctx, ops, own)?;
+        return Ok(true);
+    }
+    let client = NsSockKey {
+        netns: client_netns,
+        sock: client_key,
+    };
+    // SAFETY: only tested for presence.
+    if unsafe { MESH_SOCK_PTRS.get(client) }.is_none() {
+        return Ok(true);
+    }
+    enter_shortcut(ctx, ops, own)?;
+    // One value, written twice (stack space is tight here).
+    let mut entry = DirectPeer {
+        peer: client,
+        conn: client_key,
+        direction: 1,
+        reserved: 0,
+    };
+    MESH_DIRECT_PEERS.insert(own, entry, u64::from(BPF_ANY))?;
+    entry.peer = own;
+    entry.direction = 0;
+    MESH_DIRECT_PEERS.insert(client, entry, u64::from(BPF_ANY))?;
+    Ok(true)
+}
+
+/// Puts the socket `nskey` into the short-cut (`MESH_SOCKS`, its address in `MESH_SOCK_PTRS`)
+/// and asks for its close.
+fn enter_shortcut(
+    ctx: &SockOpsContext,
+    ops: &mut bpf_sock_ops,
+    nskey: NsSockKey,
+) -> Result<(), i32> {
     // SAFETY: reading the union's pointer member; the helper accepts a null or full socket.
     let sk = unsafe { ops.__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -142,7 +222,7 @@ fn established(ctx: &SockOpsContext, ops: &mut bpf_sock_ops, active: bool) -> Re
     if tp.is_null() {
         return Ok(());
     }
-    let mut nskey = NsSockKey { netns, sock: key };
+    let mut nskey = nskey;
     // The address is only ever read back with `bpf_probe_read_kernel` (see `budget`).
     MESH_SOCK_PTRS.insert(nskey, tp as u64, u64::from(BPF_ANY))?;
     let cb_flags = ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
@@ -229,18 +309,33 @@ fn send(ctx: &SkMsgContext, size: u32) -> Outcome {
         return Outcome::Passed;
     };
     let mut peer = key.peer();
+    // A leg's peer is in the same namespace; a kernel-direct socket's is the other pod's.
     // SAFETY: plain data copied out at once.
-    let Some(peer_sk) = (unsafe { MESH_SOCK_PTRS.get(peer) }).copied() else {
-        return Outcome::Passed;
+    let (peer_sk, kernel_direct) = match unsafe { MESH_SOCK_PTRS.get(peer) }.copied() {
+        Some(sk) => (sk, None),
+        // SAFETY: plain data copied out at once.
+        None => match unsafe { MESH_DIRECT_PEERS.get(key) }.copied() {
+            Some(other) => {
+                peer = other.peer;
+                // SAFETY: plain data copied out at once.
+                let Some(sk) = (unsafe { MESH_SOCK_PTRS.get(peer) }).copied() else {
+                    return Outcome::Passed;
+                };
+                (sk, Some(other))
+            }
+            None => return Outcome::Passed,
+        },
     };
     let Some(config) = shortcut_config() else {
         return Outcome::Passed;
     };
     // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the call.
     let own = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
-    if let Some(pair) = MESH_PAIRS.get_ptr_mut(key) {
-        if send_direct(ctx, config, own, peer_sk, pair, size) {
-            return Outcome::Direct;
+    if kernel_direct.is_none() {
+        if let Some(pair) = MESH_PAIRS.get_ptr_mut(key) {
+            if send_direct(ctx, config, own, peer_sk, pair, size) {
+                return Outcome::Direct;
+            }
         }
     }
     match budget::verdict(config, own, peer_sk, size) {
@@ -249,12 +344,14 @@ fn send(ctx: &SkMsgContext, size: u32) -> Outcome {
         Verdict::NoPeer => return Outcome::Passed,
     }
     if MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS))
-        == c_long::from(sk_action::SK_PASS)
+        != c_long::from(sk_action::SK_PASS)
     {
-        Outcome::Redirected
-    } else {
-        Outcome::Passed
+        return Outcome::Passed;
     }
+    if let Some(other) = kernel_direct {
+        direct::count_redirected(other.conn, other.direction, size);
+    }
+    Outcome::Redirected
 }
 
 /// Sends the message straight to the other application's socket if nothing of this direction

@@ -103,7 +103,8 @@ pub struct AgentOptions {
 /// The tests' log directives: the default `info`, plus the per-connection lines a production
 /// agent does not write (the kernel's `connect4`/`connect6` records and "connection closed"),
 /// which the tests read.
-pub const TEST_LOG: &str = "info,mesh_ebpf=debug,mesh_agent::telemetry=debug";
+pub const TEST_LOG: &str =
+    "info,mesh_ebpf=debug,mesh_agent::telemetry=debug,mesh_agent::proxy::direct=debug";
 
 impl AgentOptions {
     /// Options for agents serving the pods of `config_dir`. The certificate authority's

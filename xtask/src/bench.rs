@@ -2,7 +2,9 @@
 //!
 //! One testbed (two nodes; a client pod and a server pod on node 0, a server pod on node 1) and
 //! three modes over the same pods: **direct** (no agent, no programs), **mesh, sockmap off**
-//! (`--no-sockmap`) and **mesh, sockmap on** (the pods opt into the short-cut), plus, with
+//! (`--no-sockmap`), **mesh, sockmap on** (the pods opt into the short-cut) and **mesh,
+//! kernel-direct** (sockmap on, and `--kernel-direct`: same-node connections go straight from
+//! pod to pod once the agent authorized a first one), plus, with
 //! `--compare-agent <binary>`, **mesh, compared agent**: another build of the agent (an earlier
 //! commit) with the pods opted in, so two designs are measured in one run. For each mode and each path (same node, across nodes) it measures bulk
 //! throughput with iperf3 (1 and 8 streams), request/response latency with `mesh-probe rr`
@@ -124,15 +126,18 @@ enum Mode {
     Direct,
     MeshNoSockmap,
     MeshSockmap,
+    /// Sockmap on, pods opted in, and `--kernel-direct`.
+    MeshKernelDirect,
     /// `--compare-agent`: another build, pods opted in.
     MeshCompared,
 }
 
 impl Mode {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::Direct,
         Self::MeshNoSockmap,
         Self::MeshSockmap,
+        Self::MeshKernelDirect,
         Self::MeshCompared,
     ];
 
@@ -141,6 +146,7 @@ impl Mode {
             Self::Direct => "direct",
             Self::MeshNoSockmap => "mesh, sockmap off",
             Self::MeshSockmap => "mesh, sockmap on",
+            Self::MeshKernelDirect => "mesh, kernel-direct",
             Self::MeshCompared => "mesh, compared agent",
         }
     }
@@ -151,6 +157,7 @@ impl Mode {
             Self::Direct => "direct",
             Self::MeshNoSockmap => "sockmap-off",
             Self::MeshSockmap => "sockmap-on",
+            Self::MeshKernelDirect => "kernel-direct",
             Self::MeshCompared => "compared",
         }
     }
@@ -327,7 +334,10 @@ impl Bench {
     /// Writes the config for `mode` (pods meshed or not) and starts the agents it needs.
     fn start(&mut self, mode: Mode) -> Result<Vec<Agent>> {
         let ns = if mode == Mode::Direct { PLAIN_NS } else { NS };
-        let opted_in = matches!(mode, Mode::MeshSockmap | Mode::MeshCompared);
+        let opted_in = matches!(
+            mode,
+            Mode::MeshSockmap | Mode::MeshKernelDirect | Mode::MeshCompared
+        );
         let annotations: &[(&str, &str)] = if opted_in {
             &[(SHORTCUT, "enabled")]
         } else {
@@ -368,7 +378,11 @@ impl Bench {
             kubepods_cgroup: None,
             sockmap: mode != Mode::MeshNoSockmap,
             keep_pins: false,
-            extra_args: Vec::new(),
+            extra_args: if mode == Mode::MeshKernelDirect {
+                vec!["--kernel-direct".to_owned()]
+            } else {
+                Vec::new()
+            },
             // A production agent's level: no per-connection log lines.
             log: "info".into(),
         };
@@ -1033,7 +1047,7 @@ impl Bench {
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"20\" font-size=\"15\">Throughput, Gbit/s (median)</text>\n",
             top + height + 90.0
         );
-        let colors = ["#888888", "#4c78a8", "#f58518", "#54a24b"];
+        let colors = ["#888888", "#4c78a8", "#f58518", "#e45756", "#54a24b"];
         for (g, (label, values)) in bars.iter().enumerate() {
             #[allow(clippy::cast_precision_loss)]
             let x0 = left + group_w * g as f64;

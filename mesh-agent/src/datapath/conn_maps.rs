@@ -25,6 +25,8 @@ pub struct ConnMaps {
     pub(super) shortcut: bool,
     /// Read-only from here (the kernel writes it), so no lock.
     pub(super) fastpath: PerCpuArray<MapData, FastpathCounters>,
+    /// Kernel-direct routes and connections.
+    pub(super) direct: super::DirectMaps,
 }
 
 impl std::fmt::Debug for ConnMaps {
@@ -69,6 +71,11 @@ impl ConnMaps {
 
     pub fn clear_peer(&self, app: &SockKey) {
         let _ = self.peer_addr.lock().expect("peer_addr lock").remove(app);
+    }
+
+    /// Kernel-direct routes and connections.
+    pub fn direct(&self) -> &super::DirectMaps {
+        &self.direct
     }
 
     /// Whether this agent's kernel programs put sockets into the `sk_msg` short-cut at all.

@@ -16,6 +16,7 @@
 mod buffers;
 #[cfg(test)]
 mod copy_tests;
+mod direct;
 pub mod hbone;
 pub use mesh_hbone::idle;
 mod inbound;
@@ -38,6 +39,7 @@ use mesh_common::{SockAddr, SockKey, HBONE_PORT, INBOUND_PORT};
 use mesh_identity::{CertManager, CryptoProvider, Identity};
 
 pub use self::buffers::trim_when_idle as trim_copy_buffers;
+pub use self::direct::run_events as run_direct_events;
 pub use crate::local_pod::{LocalPod, LocalPods};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
@@ -125,6 +127,18 @@ pub trait Resolve: Send + Sync + 'static {
     /// The destination's decision for a connection (at the destination's agent):
     /// `PeerAuthentication` STRICT refuses plaintext, then `AuthorizationPolicy`.
     fn authorize(&self, subject: &AuthzSubject) -> AuthzDecision;
+    /// The endpoints a connection of `client` (a pod of this node, at `client_addr`) to `dst`
+    /// may reach kernel-direct (at most `max`), or why not
+    /// ([`mesh_cluster::ClusterState::direct_targets`]).
+    fn direct_targets(
+        &self,
+        client: &Workload,
+        client_addr: SocketAddr,
+        dst: SocketAddr,
+        max: usize,
+    ) -> Result<Vec<SocketAddr>, mesh_cluster::NotDirect>;
+    /// The Service whose VIP and port `dst` is, if any.
+    fn service_at(&self, dst: SocketAddr) -> Option<Arc<Service>>;
 }
 
 /// Identity and HBONE: certificates, the client pool and the server settings.

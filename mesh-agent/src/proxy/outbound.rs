@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    authorize, dial_app, dial_from, hbone,
+    authorize, dial_app, dial_from, direct, hbone,
     relay::{relay, Conn, Relay},
     LocalPod, ProxyCtx, Route, WaypointRoute,
 };
@@ -90,6 +90,7 @@ pub(super) async fn handle(
             match dial_app(&target, upstream, peer, &ctx.conn).await {
                 Ok((up, peer_guard)) => {
                     debug!(%upstream, target = %target.name, "same-node connection");
+                    direct::offer_route(&ctx, &pod, info.src_workload.as_deref(), peer, dst);
                     let server = NsSockKey {
                         netns: target.netns_cookie,
                         sock: peer_guard.app_view(),

@@ -47,7 +47,7 @@
 //!   `ok=<n> failed=<m>`.
 //! - `raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]`: sends the bytes (again every
 //!   R ms), prints `sent <n> bytes`, then `received <total>` as bytes arrive, and waits up to W ms
-//!   for the peer to close: `closed_after_ms=<t> how=eof|reset|write:<error> received=<n>` or
+//!   for the peer to close: `closed_after_ms=<t> how=eof|reset|aborted|write:<error> received=<n>` or
 //!   `still_open received=<n>`.
 //!
 //! HTTP server (the workload behind the waypoint): `http-echo <addr> --name N [--fail-first K]
@@ -1621,6 +1621,8 @@ fn raw(addr: &str, rest: &[&str]) -> Result<(), String> {
                 continue;
             }
             Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
+            // The socket itself aborted (`SOCK_DESTROY`: a kernel-direct connection revoked).
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted => "aborted",
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(e) => return Err(format!("read: {e}")),
         };

@@ -1,0 +1,442 @@
+//! Privileged: kernel-direct same-node connections (`--kernel-direct`). Once the agent has
+//! authorized a pod's connection to a Service through itself, the kernel connects the pod's next
+//! connections there straight to an endpoint; the agent still counts them in Istio's metrics and
+//! its access log, re-checks them on policy changes (closing those no longer allowed), never
+//! lets a pod the policy refuses go direct, and while it is down no route is used.
+//!
+//! Every refusal is paired with an allowed control in the same testbed.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    mesh::{Mesh, Shortcut, NS},
+    probe,
+    telemetry::{access_records, count, scrape},
+    Pod, Process, TestbedSpec,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+const APP_PORT: u16 = 8080;
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 7, 7));
+const SVC_PORT: u16 = 80;
+
+/// One node: pods 0 and 1 behind Service `web` (`VIP:80`), pods 2 and 3 clients.
+fn mesh() -> Mesh {
+    mesh_with(Shortcut::Default)
+}
+
+fn mesh_with(shortcut: Shortcut) -> Mesh {
+    let spec = TestbedSpec {
+        nodes: 1,
+        pods_per_node: 4,
+    };
+    let mesh = Mesh::new_with(spec, shortcut, &[], |_| vec!["--kernel-direct".to_owned()])
+        .expect("meshed testbed");
+    for j in 0..2 {
+        mesh.files
+            .pod(mesh.pod(0, j), &mesh.tb.node(0).name, NS, &[("app", "web")])
+            .expect("pod");
+    }
+    mesh.files
+        .service(NS, "web", &[VIP], SVC_PORT, APP_PORT, ("app", "web"))
+        .expect("service");
+    mesh
+}
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP, SVC_PORT)
+}
+
+fn app(pod: &Pod) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod.ipv4), APP_PORT)
+}
+
+fn principal(pod: &Pod) -> String {
+    format!("cluster.local/ns/{NS}/sa/sa-{}", pod.name)
+}
+
+fn direct_connects(mesh: &Mesh) -> u64 {
+    let m = scrape(mesh.tb.node(0)).expect("metrics");
+    count(&m, "mesh_kernel_direct_connections_total", &[])
+}
+
+/// Connects through the Service until the agent has the Service in its view and the echo
+/// comes back (the first connections go through the agent), then leaves the agent the time to
+/// read the kernel's reports of any that went kernel-direct (it reads them every 100 ms), so
+/// that their access-log lines come before the caller's. A spurious `EAGAIN`, which blocking
+/// readers in the short-cut can see, is retried.
+fn wait_service(from: &Pod) {
+    let deadline = Instant::now() + WAIT;
+    while !probe::connect_with(from, vip(), "warm-up", probe::Eagain::Retry)
+        .is_ok_and(|l| l.starts_with("echo ok"))
+    {
+        assert!(Instant::now() < deadline, "the Service never answered");
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(300));
+}
+
+fn deny(mesh: &Mesh, name: &str, who: &Pod) {
+    let text = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
+        principal(who)
+    );
+    mesh.files
+        .write(&format!("authz-{name}.yaml"), &text)
+        .expect("policy");
+}
+
+/// Waits until the agent's access log (from line `from`) has `n` records of connections from
+/// `src` with `decision`; returns them.
+fn records(mesh: &Mesh, from: usize, src: &Pod, decision: &str, n: usize) -> Vec<Value> {
+    let prefix = format!("{}:", src.ipv4);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found: Vec<Value> = access_records(&mesh.agents[0], from)
+            .into_iter()
+            .filter(|r| {
+                r["src"]["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&prefix))
+                    && r["authz"]["decision"] == decision
+            })
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} {decision} records from {prefix}: {:#?}",
+            found.len(),
+            access_records(&mesh.agents[0], from)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Which of the two endpoints accepted the connections from `client` since their lines `from`.
+fn accepted(servers: &[Process], from: &[usize], client: &Pod) -> Vec<usize> {
+    let needle = format!("accepted {}:", client.ipv4);
+    servers
+        .iter()
+        .zip(from)
+        .map(|(s, &f)| {
+            s.lines()[f..]
+                .iter()
+                .filter(|l| l.starts_with(&needle))
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn connections_go_kernel_direct_to_every_endpoint_and_are_counted_and_logged() {
+    const N: usize = 20;
+    const BYTES: u64 = 10_000;
+    let mesh = mesh();
+    let (web0, web1, client) = (mesh.pod(0, 0), mesh.pod(0, 1), mesh.pod(0, 2));
+    let servers = [
+        probe::serve(web0, app(web0)).expect("server"),
+        probe::serve(web1, app(web1)).expect("server"),
+    ];
+    wait_service(client);
+    let before = direct_connects(&mesh);
+    let log_from = mesh.agents[0].log_len();
+    let srv_from: Vec<usize> = servers.iter().map(|s| s.lines().len()).collect();
+    for _ in 0..N {
+        let out = probe::echo_bytes(client, vip(), BYTES).expect("transfer");
+        assert!(out.contains("ok=1 failed=0"), "{out}");
+    }
+    let went_direct = direct_connects(&mesh) - before;
+    assert_eq!(
+        went_direct, N as u64,
+        "every connection after the first went kernel-direct"
+    );
+    let spread = accepted(&servers, &srv_from, client);
+    assert_eq!(spread.iter().sum::<usize>(), N, "{spread:?}");
+    assert!(
+        spread.iter().all(|&n| n > 0),
+        "both endpoints served: {spread:?}"
+    );
+    // The agent saw them all the same: one allow record each, with the bytes both ways and the
+    // Service, and Istio's metrics count them as any other same-node connection.
+    let recs = records(&mesh, log_from, client, "allow", N);
+    for r in &recs {
+        assert_eq!(r["bytes_to_destination"], BYTES, "{r:#}");
+        assert_eq!(r["bytes_to_source"], BYTES, "{r:#}");
+        assert_eq!(r["connection_security_policy"], "same_node", "{r:#}");
+        assert_eq!(r["dst"]["addr"], vip().to_string(), "{r:#}");
+        assert_eq!(r["service"], format!("web.{NS}.svc.cluster.local"), "{r:#}");
+    }
+    // The client sees the Service's address as its peer, as through the agent; the endpoint
+    // sees the client's own address and port.
+    let srv_from: Vec<usize> = servers.iter().map(|s| s.lines().len()).collect();
+    let line = probe::connect(client, vip(), "peer").expect("connect");
+    assert!(line.ends_with(&format!("-> {}", vip())), "{line}");
+    let local = line
+        .strip_prefix("echo ok ")
+        .and_then(|l| l.split(' ').next())
+        .expect("local address");
+    let deadline = Instant::now() + WAIT;
+    while !servers.iter().zip(&srv_from).any(|(s, &f)| {
+        s.lines()[f..]
+            .iter()
+            .any(|l| l.starts_with(&format!("accepted {local} ")))
+    }) {
+        assert!(Instant::now() < deadline, "no endpoint accepted {local}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(direct_connects(&mesh) - before, N as u64 + 1);
+    let m = scrape(mesh.tb.node(0)).expect("metrics");
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", client.name.as_str()),
+        ("connection_security_policy", "same_node"),
+    ];
+    assert!(count(&m, "istio_tcp_connections_closed_total", &labels) > N as u64);
+    assert!(count(&m, "istio_tcp_received_bytes_total", &labels) >= N as u64 * BYTES);
+    assert_eq!(
+        count(&m, "mesh_kernel_direct_events_lost_total", &[]),
+        0,
+        "no report lost"
+    );
+}
+
+#[test]
+fn a_pod_the_policy_refuses_never_goes_direct_and_never_reaches_the_endpoint() {
+    let mesh = mesh();
+    let (web0, web1, allowed, refused) = (
+        mesh.pod(0, 0),
+        mesh.pod(0, 1),
+        mesh.pod(0, 2),
+        mesh.pod(0, 3),
+    );
+    let servers = [
+        probe::serve(web0, app(web0)).expect("server"),
+        probe::serve(web1, app(web1)).expect("server"),
+    ];
+    wait_service(allowed);
+    deny(&mesh, "deny-refused", refused);
+    let deadline = Instant::now() + WAIT;
+    while probe::connect(refused, vip(), "probe").is_ok_and(|l| l.starts_with("echo ok")) {
+        assert!(
+            Instant::now() < deadline,
+            "the DENY policy never took effect"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let before = direct_connects(&mesh);
+    let srv_from: Vec<usize> = servers.iter().map(|s| s.lines().len()).collect();
+    let log_from = mesh.agents[0].log_len();
+    for _ in 0..5 {
+        assert!(
+            !probe::connect(refused, vip(), "refused").is_ok_and(|l| l.starts_with("echo ok")),
+            "the refused pod got an echo"
+        );
+        // Also straight to an endpoint's address.
+        assert!(
+            !probe::connect(refused, app(web0), "refused").is_ok_and(|l| l.starts_with("echo ok"))
+        );
+    }
+    records(&mesh, log_from, refused, "deny", 10);
+    assert_eq!(accepted(&servers, &srv_from, refused), [0, 0]);
+    assert_eq!(
+        direct_connects(&mesh),
+        before,
+        "a refused pod went kernel-direct"
+    );
+    // Control: the allowed client, through the same Service, now goes direct.
+    for _ in 0..3 {
+        assert!(probe::connect(allowed, vip(), "allowed").is_ok_and(|l| l.starts_with("echo ok")));
+    }
+    assert!(
+        direct_connects(&mesh) > before,
+        "control: the allowed pod goes direct"
+    );
+}
+
+/// A `raw` probe from `from` holding a connection to `to` for up to 30 s; it prints
+/// `closed_after_ms=... how=...` when the connection is closed under it.
+fn hold(from: &Pod, to: SocketAddr) -> Process {
+    let options = probe::Raw {
+        send_hex: "68656c6c6f",
+        wait: Duration::from_secs(30),
+        resend: None,
+    };
+    let mut p = probe::raw(from, to, &from.name, &options).expect("raw probe");
+    p.wait_for_line("the held connection's echo", WAIT, |l| l == "received 5")
+        .expect("echo");
+    p
+}
+
+#[test]
+fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
+    let mesh = mesh();
+    let (web0, web1, victim, control) = (
+        mesh.pod(0, 0),
+        mesh.pod(0, 1),
+        mesh.pod(0, 2),
+        mesh.pod(0, 3),
+    );
+    let _servers = [
+        probe::serve(web0, app(web0)).expect("server"),
+        probe::serve(web1, app(web1)).expect("server"),
+    ];
+    wait_service(victim);
+    wait_service(control);
+    let before = direct_connects(&mesh);
+    let mut held = [hold(victim, vip()), hold(control, vip())];
+    assert_eq!(
+        direct_connects(&mesh) - before,
+        2,
+        "both held connections are kernel-direct"
+    );
+    let log_from = mesh.agents[0].log_len();
+    deny(&mesh, "deny-victim", victim);
+    let line = held[0]
+        .wait_for_line("the revoked connection to close", WAIT, |l| {
+            l.starts_with("closed_after_ms=")
+        })
+        .expect("closed");
+    assert!(line.contains("received=5"), "{line}");
+    let r = &records(&mesh, log_from, victim, "revoked", 1)[0];
+    assert_eq!(r["authz"]["policy"], format!("{NS}/deny-victim"), "{r:#}");
+    assert_eq!(r["bytes_to_destination"], 5, "{r:#}");
+    assert_eq!(r["bytes_to_source"], 5, "{r:#}");
+    // New connections of the victim go through the agent again, and are refused.
+    assert!(!probe::connect(victim, vip(), "after").is_ok_and(|l| l.starts_with("echo ok")));
+    // Control: the other held connection stays.
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !held[1]
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("closed_after_ms=")),
+        "the allowed connection was closed: {:?}",
+        held[1].lines()
+    );
+}
+
+#[test]
+fn no_route_is_used_while_the_agent_is_down_and_a_restarted_agent_checks_what_stayed_open() {
+    let mut mesh = mesh();
+    let (web0, web1, victim, control) = (
+        mesh.pod(0, 0),
+        mesh.pod(0, 1),
+        mesh.pod(0, 2),
+        mesh.pod(0, 3),
+    );
+    let (web0, web1, victim, control) =
+        (web0.clone(), web1.clone(), victim.clone(), control.clone());
+    let _servers = [
+        probe::serve(&web0, app(&web0)).expect("server"),
+        probe::serve(&web1, app(&web1)).expect("server"),
+    ];
+    wait_service(&victim);
+    wait_service(&control);
+    let mut held = [hold(&victim, vip()), hold(&control, vip())];
+    mesh.agents.remove(0).kill().expect("agent killed");
+    // Fail closed: the routes are there, the agent is not, so the connection is captured for
+    // the absent agent and refused at once.
+    let started = Instant::now();
+    let err = probe::connect(&victim, vip(), "while down").expect_err("must fail");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The policy changes while no agent runs; the restarted agent applies it to what stayed
+    // open.
+    deny(&mesh, "deny-victim", &victim);
+    let agent = mesh.start_agent(0).expect("restarted agent");
+    mesh.agents.push(agent);
+    held[0]
+        .wait_for_line(
+            "the connection the new policy refuses to close",
+            WAIT,
+            |l| l.starts_with("closed_after_ms="),
+        )
+        .expect("closed");
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !held[1]
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("closed_after_ms=")),
+        "the allowed connection was closed: {:?}",
+        held[1].lines()
+    );
+    assert!(probe::connect(&control, vip(), "after").is_ok_and(|l| l.starts_with("echo ok")));
+    assert!(!probe::connect(&victim, vip(), "after").is_ok_and(|l| l.starts_with("echo ok")));
+}
+
+/// IPv6: a pod's address dialled over IPv6 goes kernel-direct after the first connection, and
+/// the endpoint sees the client's own IPv6 address.
+#[test]
+fn ipv6_connections_go_kernel_direct_too() {
+    let mesh = mesh();
+    let (server, client) = (mesh.pod(0, 0), mesh.pod(0, 2));
+    let dst = SocketAddr::new(IpAddr::V6(server.ipv6), APP_PORT);
+    let srv = probe::serve(server, dst).expect("server");
+    // The Service in the agent's view first: the view settled (a change drops the routes).
+    let _v4 = probe::serve(mesh.pod(0, 1), app(mesh.pod(0, 1))).expect("server");
+    wait_service(client);
+    let deadline = Instant::now() + WAIT;
+    while !probe::connect(client, dst, "warm-up").is_ok_and(|l| l.starts_with("echo ok")) {
+        assert!(Instant::now() < deadline, "no echo over IPv6");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let before = direct_connects(&mesh);
+    let from = srv.lines().len();
+    for _ in 0..3 {
+        let line = probe::connect(client, dst, "v6").expect("connect");
+        assert!(line.ends_with(&format!("-> {dst}")), "{line}");
+    }
+    assert_eq!(direct_connects(&mesh) - before, 3);
+    let needle = format!("accepted [{}]:", client.ipv6);
+    let deadline = Instant::now() + WAIT;
+    while srv.lines()[from..]
+        .iter()
+        .filter(|l| l.starts_with(&needle))
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "{:?}", &srv.lines()[from..]);
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn fastpath_bytes(mesh: &Mesh, outcome: &str) -> u64 {
+    let m = scrape(mesh.tb.node(0)).expect("metrics");
+    count(&m, "mesh_fastpath_bytes_total", &[("outcome", outcome)])
+}
+
+/// Both pods opted into the short-cut: a kernel-direct connection's two sockets enter it and
+/// send to each other past TCP, and the agent's record still has the exact bytes.
+#[test]
+fn kernel_direct_connections_of_pods_in_the_short_cut_take_it_and_count_every_byte() {
+    const BYTES: u64 = 1_000_000;
+    let mesh = mesh_with(Shortcut::OptedIn);
+    let (web0, web1, client) = (mesh.pod(0, 0), mesh.pod(0, 1), mesh.pod(0, 2));
+    let _servers = [
+        probe::serve(web0, app(web0)).expect("server"),
+        probe::serve(web1, app(web1)).expect("server"),
+    ];
+    wait_service(client);
+    let (before, redirected) = (direct_connects(&mesh), fastpath_bytes(&mesh, "redirected"));
+    let log_from = mesh.agents[0].log_len();
+    let out = probe::echo_bytes(client, vip(), BYTES).expect("transfer");
+    assert!(out.contains("ok=1 failed=0"), "{out}");
+    assert_eq!(direct_connects(&mesh) - before, 1, "kernel-direct");
+    let r = &records(&mesh, log_from, client, "allow", 1)[0];
+    assert_eq!(r["bytes_to_destination"], BYTES, "{r:#}");
+    assert_eq!(r["bytes_to_source"], BYTES, "{r:#}");
+    let moved = fastpath_bytes(&mesh, "redirected") - redirected;
+    assert!(
+        moved > BYTES && moved <= 2 * BYTES,
+        "{moved} bytes redirected of the {} sent both ways",
+        2 * BYTES
+    );
+}
