@@ -48,6 +48,14 @@ fn mesh_with(shortcut: Shortcut) -> Mesh {
     mesh
 }
 
+/// Echo servers on both endpoints of `web`; they stop when dropped.
+fn serve_web(mesh: &Mesh) -> [Process; 2] {
+    [0, 1].map(|j| {
+        let pod = mesh.pod(0, j);
+        probe::serve(pod, app(pod)).expect("server")
+    })
+}
+
 fn vip() -> SocketAddr {
     SocketAddr::new(VIP, SVC_PORT)
 }
@@ -139,11 +147,8 @@ fn connections_go_kernel_direct_to_every_endpoint_and_are_counted_and_logged() {
     const N: usize = 20;
     const BYTES: u64 = 10_000;
     let mesh = mesh();
-    let (web0, web1, client) = (mesh.pod(0, 0), mesh.pod(0, 1), mesh.pod(0, 2));
-    let servers = [
-        probe::serve(web0, app(web0)).expect("server"),
-        probe::serve(web1, app(web1)).expect("server"),
-    ];
+    let client = mesh.pod(0, 2);
+    let servers = serve_web(&mesh);
     wait_service(client);
     let before = direct_connects(&mesh);
     let log_from = mesh.agents[0].log_len();
@@ -210,16 +215,8 @@ fn connections_go_kernel_direct_to_every_endpoint_and_are_counted_and_logged() {
 #[test]
 fn a_pod_the_policy_refuses_never_goes_direct_and_never_reaches_the_endpoint() {
     let mesh = mesh();
-    let (web0, web1, allowed, refused) = (
-        mesh.pod(0, 0),
-        mesh.pod(0, 1),
-        mesh.pod(0, 2),
-        mesh.pod(0, 3),
-    );
-    let servers = [
-        probe::serve(web0, app(web0)).expect("server"),
-        probe::serve(web1, app(web1)).expect("server"),
-    ];
+    let (web0, allowed, refused) = (mesh.pod(0, 0), mesh.pod(0, 2), mesh.pod(0, 3));
+    let servers = serve_web(&mesh);
     wait_service(allowed);
     deny(&mesh, "deny-refused", refused);
     let deadline = Instant::now() + WAIT;
@@ -277,16 +274,8 @@ fn hold(from: &Pod, to: SocketAddr) -> Process {
 #[test]
 fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
     let mesh = mesh();
-    let (web0, web1, victim, control) = (
-        mesh.pod(0, 0),
-        mesh.pod(0, 1),
-        mesh.pod(0, 2),
-        mesh.pod(0, 3),
-    );
-    let _servers = [
-        probe::serve(web0, app(web0)).expect("server"),
-        probe::serve(web1, app(web1)).expect("server"),
-    ];
+    let (victim, control) = (mesh.pod(0, 2), mesh.pod(0, 3));
+    let _servers = serve_web(&mesh);
     wait_service(victim);
     wait_service(control);
     let before = direct_connects(&mesh);
@@ -325,18 +314,8 @@ fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
 #[test]
 fn no_route_is_used_while_the_agent_is_down_and_a_restarted_agent_checks_what_stayed_open() {
     let mut mesh = mesh();
-    let (web0, web1, victim, control) = (
-        mesh.pod(0, 0),
-        mesh.pod(0, 1),
-        mesh.pod(0, 2),
-        mesh.pod(0, 3),
-    );
-    let (web0, web1, victim, control) =
-        (web0.clone(), web1.clone(), victim.clone(), control.clone());
-    let _servers = [
-        probe::serve(&web0, app(&web0)).expect("server"),
-        probe::serve(&web1, app(&web1)).expect("server"),
-    ];
+    let (victim, control) = (mesh.pod(0, 2).clone(), mesh.pod(0, 3).clone());
+    let _servers = serve_web(&mesh);
     wait_service(&victim);
     wait_service(&control);
     let mut held = [hold(&victim, vip()), hold(&control, vip())];
@@ -419,11 +398,8 @@ fn fastpath_bytes(mesh: &Mesh, outcome: &str) -> u64 {
 fn kernel_direct_connections_of_pods_in_the_short_cut_take_it_and_count_every_byte() {
     const BYTES: u64 = 1_000_000;
     let mesh = mesh_with(Shortcut::OptedIn);
-    let (web0, web1, client) = (mesh.pod(0, 0), mesh.pod(0, 1), mesh.pod(0, 2));
-    let _servers = [
-        probe::serve(web0, app(web0)).expect("server"),
-        probe::serve(web1, app(web1)).expect("server"),
-    ];
+    let client = mesh.pod(0, 2);
+    let _servers = serve_web(&mesh);
     wait_service(client);
     let (before, redirected) = (direct_connects(&mesh), fastpath_bytes(&mesh, "redirected"));
     let log_from = mesh.agents[0].log_len();

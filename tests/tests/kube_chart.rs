@@ -166,6 +166,10 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
         !args(agent).contains(&"--no-sockmap"),
         "sockmap on by default"
     );
+    assert!(
+        !args(agent).contains(&"--kernel-direct"),
+        "kernel-direct off by default"
+    );
     let mounts: Vec<&str> = pod["volumes"]
         .as_array()
         .expect("volumes")
@@ -201,9 +205,12 @@ fn values_reach_the_agent() {
         "trustDomain=example.org",
         "--set",
         "logLevel=debug",
+        "--set",
+        "kernelDirect=true",
     ]);
     let agent = container(one(&objects, "DaemonSet"), "agent");
     assert!(args(agent).contains(&"--no-sockmap"));
+    assert!(args(agent).contains(&"--kernel-direct"));
     assert!(args(agent).contains(&"--trust-domain=example.org"));
     let log = agent["env"]
         .as_array()
