@@ -114,11 +114,7 @@ pub async fn run_events(ctx: Arc<ProxyCtx>) {
             _ = tick.tick() => {}
         }
         for event in drain(ring.get_mut()) {
-            match event.kind {
-                DirectEvent::OPENED => live.opened(&ctx, event.conn, event.info),
-                DirectEvent::CLOSED => live.closed(&ctx, &event),
-                kind => warn!(kind, "unknown kernel-direct event"),
-            }
+            live.handle(&ctx, &event);
         }
         // A lost opening would leave a connection untracked (no policy re-check): take the
         // kernel's table of open connections again and track what is missing.
@@ -129,9 +125,20 @@ pub async fn run_events(ctx: Arc<ProxyCtx>) {
                 "the kernel-direct ring was full; reading the open connections from the kernel"
             );
             lost = now_lost;
-            for (key, conn) in direct.open_conns() {
+            // The kernel reports a close before it forgets the connection, so once the ring is
+            // read again after this snapshot, a tracked connection missing from it whose close
+            // was not reported had its report lost.
+            let tracked: HashSet<u64> = live.open.keys().copied().collect();
+            let open_now = direct.open_conns();
+            let mut missing = tracked;
+            for (key, conn) in open_now {
+                missing.remove(&conn.cookie);
                 live.opened(&ctx, key, conn);
             }
+            for event in drain(ring.get_mut()) {
+                live.handle(&ctx, &event);
+            }
+            live.end_unreported(&ctx, &missing);
         }
     }
 }
@@ -199,6 +206,36 @@ impl Live {
                 watcher,
             },
         );
+    }
+
+    fn handle(&mut self, ctx: &Arc<ProxyCtx>, event: &DirectEvent) {
+        match event.kind {
+            DirectEvent::OPENED => self.opened(ctx, event.conn, event.info),
+            DirectEvent::CLOSED => self.closed(ctx, event),
+            kind => warn!(kind, "unknown kernel-direct event"),
+        }
+    }
+
+    /// Ends the records of the connections in `missing` (tracked, but gone from the kernel's
+    /// table) that are still open here: their close report was lost, their bytes are unknown,
+    /// and the record says so.
+    fn end_unreported(&mut self, ctx: &Arc<ProxyCtx>, missing: &HashSet<u64>) {
+        for &cookie in missing {
+            if let Some(open) = self.open.remove(&cookie) {
+                open.watcher.abort();
+                let lost = Err(std::io::Error::other(
+                    "its close report was lost (the kernel-direct ring was full): bytes unknown",
+                ));
+                ctx.telemetry.close(
+                    &open.info,
+                    &open.counters,
+                    open.started,
+                    [0, 0],
+                    &lost,
+                    None,
+                );
+            }
+        }
     }
 
     fn closed(&mut self, ctx: &Arc<ProxyCtx>, event: &DirectEvent) {
