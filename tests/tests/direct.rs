@@ -73,18 +73,26 @@ fn direct_connects(mesh: &Mesh) -> u64 {
     count(&m, "mesh_kernel_direct_connections_total", &[])
 }
 
-/// Connects through the Service until the agent has the Service in its view and the echo
-/// comes back (the first connections go through the agent), then leaves the agent the time to
-/// read the kernel's reports of any that went kernel-direct (it reads them every 100 ms), so
-/// that their access-log lines come before the caller's. A spurious `EAGAIN`, which blocking
-/// readers in the short-cut can see, is retried.
-fn wait_service(from: &Pod) {
+/// Connects through the Service until the echo comes back over a kernel-direct connection:
+/// the agent has the Service and both endpoints in its view and, from a connection through
+/// itself, wrote the route (a later view, as the test's files arrive one by one, drops the
+/// routes of the one before). Then leaves the agent the time to read the kernel's reports (it
+/// reads them every 100 ms), so that the warm-up's access-log lines come before the caller's.
+/// A spurious `EAGAIN`, which blocking readers in the short-cut can see, is retried.
+fn wait_service(mesh: &Mesh, from: &Pod) {
     let deadline = Instant::now() + WAIT;
-    while !probe::connect_with(from, vip(), "warm-up", probe::Eagain::Retry)
-        .is_ok_and(|l| l.starts_with("echo ok"))
-    {
-        assert!(Instant::now() < deadline, "the Service never answered");
-        thread::sleep(Duration::from_millis(100));
+    loop {
+        let before = direct_connects(mesh);
+        let echoed = probe::connect_with(from, vip(), "warm-up", probe::Eagain::Retry)
+            .is_ok_and(|l| l.starts_with("echo ok"));
+        if echoed && direct_connects(mesh) > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no kernel-direct echo through the Service"
+        );
+        thread::sleep(Duration::from_millis(50));
     }
     thread::sleep(Duration::from_millis(300));
 }
@@ -149,7 +157,7 @@ fn connections_go_kernel_direct_to_every_endpoint_and_are_counted_and_logged() {
     let mesh = mesh();
     let client = mesh.pod(0, 2);
     let servers = serve_web(&mesh);
-    wait_service(client);
+    wait_service(&mesh, client);
     let before = direct_connects(&mesh);
     let log_from = mesh.agents[0].log_len();
     let srv_from: Vec<usize> = servers.iter().map(|s| s.lines().len()).collect();
@@ -217,7 +225,7 @@ fn a_pod_the_policy_refuses_never_goes_direct_and_never_reaches_the_endpoint() {
     let mesh = mesh();
     let (web0, allowed, refused) = (mesh.pod(0, 0), mesh.pod(0, 2), mesh.pod(0, 3));
     let servers = serve_web(&mesh);
-    wait_service(allowed);
+    wait_service(&mesh, allowed);
     deny(&mesh, "deny-refused", refused);
     let deadline = Instant::now() + WAIT;
     while probe::connect(refused, vip(), "probe").is_ok_and(|l| l.starts_with("echo ok")) {
@@ -276,8 +284,8 @@ fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
     let mesh = mesh();
     let (victim, control) = (mesh.pod(0, 2), mesh.pod(0, 3));
     let _servers = serve_web(&mesh);
-    wait_service(victim);
-    wait_service(control);
+    wait_service(&mesh, victim);
+    wait_service(&mesh, control);
     let before = direct_connects(&mesh);
     let mut held = [hold(victim, vip()), hold(control, vip())];
     assert_eq!(
@@ -316,8 +324,8 @@ fn no_route_is_used_while_the_agent_is_down_and_a_restarted_agent_checks_what_st
     let mut mesh = mesh();
     let (victim, control) = (mesh.pod(0, 2).clone(), mesh.pod(0, 3).clone());
     let _servers = serve_web(&mesh);
-    wait_service(&victim);
-    wait_service(&control);
+    wait_service(&mesh, &victim);
+    wait_service(&mesh, &control);
     let mut held = [hold(&victim, vip()), hold(&control, vip())];
     mesh.agents.remove(0).kill().expect("agent killed");
     // Fail closed: the routes are there, the agent is not, so the connection is captured for
@@ -361,7 +369,7 @@ fn ipv6_connections_go_kernel_direct_too() {
     let srv = probe::serve(server, dst).expect("server");
     // The Service in the agent's view first: the view settled (a change drops the routes).
     let _v4 = probe::serve(mesh.pod(0, 1), app(mesh.pod(0, 1))).expect("server");
-    wait_service(client);
+    wait_service(&mesh, client);
     let deadline = Instant::now() + WAIT;
     while !probe::connect(client, dst, "warm-up").is_ok_and(|l| l.starts_with("echo ok")) {
         assert!(Instant::now() < deadline, "no echo over IPv6");
@@ -400,7 +408,7 @@ fn kernel_direct_connections_of_pods_in_the_short_cut_take_it_and_count_every_by
     let mesh = mesh_with(Shortcut::OptedIn);
     let client = mesh.pod(0, 2);
     let _servers = serve_web(&mesh);
-    wait_service(client);
+    wait_service(&mesh, client);
     let (before, redirected) = (direct_connects(&mesh), fastpath_bytes(&mesh, "redirected"));
     let log_from = mesh.agents[0].log_len();
     let out = probe::echo_bytes(client, vip(), BYTES).expect("transfer");
