@@ -56,6 +56,24 @@ fn serve_web(mesh: &Mesh) -> [Process; 2] {
     })
 }
 
+/// Connects from `from` to `to` and sends a line: whether its echo came back.
+fn echoes(from: &Pod, to: SocketAddr) -> bool {
+    probe::connect(from, to, "probe").is_ok_and(|l| l.starts_with("echo ok"))
+}
+
+/// Half a second on, the held connection `held` (a control) is still open.
+fn assert_still_open(held: &Process) {
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        !held
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("closed_after_ms=")),
+        "the allowed connection was closed: {:?}",
+        held.lines()
+    );
+}
+
 fn vip() -> SocketAddr {
     SocketAddr::new(VIP, SVC_PORT)
 }
@@ -228,7 +246,7 @@ fn a_pod_the_policy_refuses_never_goes_direct_and_never_reaches_the_endpoint() {
     wait_service(&mesh, allowed);
     deny(&mesh, "deny-refused", refused);
     let deadline = Instant::now() + WAIT;
-    while probe::connect(refused, vip(), "probe").is_ok_and(|l| l.starts_with("echo ok")) {
+    while echoes(refused, vip()) {
         assert!(
             Instant::now() < deadline,
             "the DENY policy never took effect"
@@ -239,14 +257,9 @@ fn a_pod_the_policy_refuses_never_goes_direct_and_never_reaches_the_endpoint() {
     let srv_from: Vec<usize> = servers.iter().map(|s| s.lines().len()).collect();
     let log_from = mesh.agents[0].log_len();
     for _ in 0..5 {
-        assert!(
-            !probe::connect(refused, vip(), "refused").is_ok_and(|l| l.starts_with("echo ok")),
-            "the refused pod got an echo"
-        );
+        assert!(!echoes(refused, vip()), "the refused pod got an echo");
         // Also straight to an endpoint's address.
-        assert!(
-            !probe::connect(refused, app(web0), "refused").is_ok_and(|l| l.starts_with("echo ok"))
-        );
+        assert!(!echoes(refused, app(web0)));
     }
     records(&mesh, log_from, refused, "deny", 10);
     assert_eq!(accepted(&servers, &srv_from, refused), [0, 0]);
@@ -257,7 +270,7 @@ fn a_pod_the_policy_refuses_never_goes_direct_and_never_reaches_the_endpoint() {
     );
     // Control: the allowed client, through the same Service, now goes direct.
     for _ in 0..3 {
-        assert!(probe::connect(allowed, vip(), "allowed").is_ok_and(|l| l.starts_with("echo ok")));
+        assert!(echoes(allowed, vip()));
     }
     assert!(
         direct_connects(&mesh) > before,
@@ -306,17 +319,9 @@ fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
     assert_eq!(r["bytes_to_destination"], 5, "{r:#}");
     assert_eq!(r["bytes_to_source"], 5, "{r:#}");
     // New connections of the victim go through the agent again, and are refused.
-    assert!(!probe::connect(victim, vip(), "after").is_ok_and(|l| l.starts_with("echo ok")));
+    assert!(!echoes(victim, vip()));
     // Control: the other held connection stays.
-    thread::sleep(Duration::from_millis(500));
-    assert!(
-        !held[1]
-            .lines()
-            .iter()
-            .any(|l| l.starts_with("closed_after_ms=")),
-        "the allowed connection was closed: {:?}",
-        held[1].lines()
-    );
+    assert_still_open(&held[1]);
 }
 
 #[test]
@@ -346,17 +351,9 @@ fn no_route_is_used_while_the_agent_is_down_and_a_restarted_agent_checks_what_st
             |l| l.starts_with("closed_after_ms="),
         )
         .expect("closed");
-    thread::sleep(Duration::from_millis(500));
-    assert!(
-        !held[1]
-            .lines()
-            .iter()
-            .any(|l| l.starts_with("closed_after_ms=")),
-        "the allowed connection was closed: {:?}",
-        held[1].lines()
-    );
-    assert!(probe::connect(&control, vip(), "after").is_ok_and(|l| l.starts_with("echo ok")));
-    assert!(!probe::connect(&victim, vip(), "after").is_ok_and(|l| l.starts_with("echo ok")));
+    assert_still_open(&held[1]);
+    assert!(echoes(&control, vip()));
+    assert!(!echoes(&victim, vip()));
 }
 
 /// IPv6: a pod's address dialled over IPv6 goes kernel-direct after the first connection, and
@@ -371,7 +368,7 @@ fn ipv6_connections_go_kernel_direct_too() {
     let _v4 = probe::serve(mesh.pod(0, 1), app(mesh.pod(0, 1))).expect("server");
     wait_service(&mesh, client);
     let deadline = Instant::now() + WAIT;
-    while !probe::connect(client, dst, "warm-up").is_ok_and(|l| l.starts_with("echo ok")) {
+    while !echoes(client, dst) {
         assert!(Instant::now() < deadline, "no echo over IPv6");
         thread::sleep(Duration::from_millis(100));
     }

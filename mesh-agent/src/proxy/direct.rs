@@ -62,6 +62,24 @@ struct Open {
     watcher: JoinHandle<()>,
 }
 
+impl Open {
+    /// Records the connection's end: its bytes `[to the server, to the client]` counted, the
+    /// close and the access-log line (revoked, if a policy change closed it).
+    fn end(self, ctx: &ProxyCtx, totals: [u64; 2], result: &std::io::Result<()>) {
+        self.watcher.abort();
+        self.counters.add_bytes(totals[0], totals[1]);
+        let revoked = self.tracked.revoked_by();
+        ctx.telemetry.close(
+            &self.info,
+            &self.counters,
+            self.started,
+            totals,
+            result,
+            revoked.as_ref(),
+        );
+    }
+}
+
 /// The kernel-direct connections open now, by their client socket's cookie.
 #[derive(Default)]
 struct Live {
@@ -182,6 +200,12 @@ impl Live {
             return;
         }
         let Some((mut info, started)) = describe(ctx, key, &conn) else {
+            // Not this agent's to allow: closed, if its client is still a pod of this node.
+            let client = key.local.to_std().map(|a| a.ip());
+            let pod = client.and_then(|ip| ctx.local.borrow().get(&ip).cloned());
+            if let Some(pod) = pod {
+                destroy(pod, key);
+            }
             return;
         };
         let Some(tracked) = authorize(ctx, &mut info, started) else {
@@ -222,18 +246,10 @@ impl Live {
     fn end_unreported(&mut self, ctx: &Arc<ProxyCtx>, missing: &HashSet<u64>) {
         for &cookie in missing {
             if let Some(open) = self.open.remove(&cookie) {
-                open.watcher.abort();
                 let lost = Err(std::io::Error::other(
                     "its close report was lost (the kernel-direct ring was full): bytes unknown",
                 ));
-                ctx.telemetry.close(
-                    &open.info,
-                    &open.counters,
-                    open.started,
-                    [0, 0],
-                    &lost,
-                    None,
-                );
+                open.end(ctx, [0, 0], &lost);
             }
         }
     }
@@ -252,17 +268,7 @@ impl Live {
         }
         let totals = event.app_bytes();
         if let Some(open) = self.open.remove(&cookie) {
-            open.watcher.abort();
-            open.counters.add_bytes(totals[0], totals[1]);
-            let revoked = open.tracked.revoked_by();
-            ctx.telemetry.close(
-                &open.info,
-                &open.counters,
-                open.started,
-                totals,
-                &Ok(()),
-                revoked.as_ref(),
-            );
+            open.end(ctx, totals, &Ok(()));
             return;
         }
         let Some((info, started)) = describe(ctx, event.conn, &event.info) else {
@@ -300,9 +306,6 @@ fn describe(ctx: &ProxyCtx, key: SockKey, conn: &DirectConn) -> Option<(ConnInfo
     let (Some(client_pod), Some(server_pod)) = (pods.get(&client.ip()), pods.get(&server.ip()))
     else {
         warn!(%client, %server, "kernel-direct connection between pods this agent no longer serves");
-        if let Some(pod) = pods.get(&client.ip()) {
-            destroy(Arc::clone(pod), key);
-        }
         return None;
     };
     let mut info = ConnInfo::new(Direction::Outbound, client_pod, client, dst, server);
