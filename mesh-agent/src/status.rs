@@ -335,6 +335,11 @@ impl AgentStatus {
             "Reports of kernel-direct connections the kernel's ring had no room for (their metrics and access-log lines are missing)",
             counts.events_lost,
         );
+        out.counter(
+            "mesh_kernel_direct_ring_busy_total",
+            "Connections a kernel-direct route would have taken that went through the agent because half the kernel's ring of reports was unread (the agent was behind)",
+            counts.ring_busy,
+        );
     }
 
     fn write_fastpath(&self, out: &mut Exposition) {

@@ -13,6 +13,12 @@ pub const MAX_DIRECT_TARGETS: usize = 8;
 pub const MAX_DIRECT_ROUTES: u32 = 65_536;
 /// Bytes of the ring the kernel reports kernel-direct connections on.
 pub const DIRECT_EVENTS_BYTES: u32 = 1 << 20;
+/// Unread bytes of the ring at which the connect hook stops sending connections kernel-direct
+/// (they go through the agent, which sees them itself) until the agent has read it: a pod that
+/// opens connections faster than the agent reads their reports cannot fill the ring with them,
+/// so every kernel-direct connection's opening is reported, and the other half stays for the
+/// closes of those already open.
+pub const DIRECT_RING_GATE: u64 = DIRECT_EVENTS_BYTES as u64 / 2;
 
 /// A client pod (its network namespace's cookie) and a destination it dials (a Service VIP and
 /// port, or a pod's address and port).
@@ -148,6 +154,9 @@ pub struct DirectCounters {
     pub connects: u64,
     /// Events the ring had no room for (the agent then misses a connection's record).
     pub events_lost: u64,
+    /// Connections a current route would have sent kernel-direct that went through the agent
+    /// instead, because half the ring was unread ([`DIRECT_RING_GATE`]).
+    pub ring_busy: u64,
 }
 
 impl DirectCounters {
@@ -157,6 +166,7 @@ impl DirectCounters {
         Self {
             connects: self.connects.wrapping_add(other.connects),
             events_lost: self.events_lost.wrapping_add(other.events_lost),
+            ring_busy: self.ring_busy.wrapping_add(other.ring_busy),
         }
     }
 }

@@ -233,7 +233,7 @@ mod addr;
 mod direct;
 pub use direct::{
     DirectConn, DirectCounters, DirectEvent, DirectPeer, DirectRoute, DirectRouteKey, DirectSock,
-    DIRECT_EVENTS_BYTES, MAX_DIRECT_ROUTES, MAX_DIRECT_TARGETS,
+    DIRECT_EVENTS_BYTES, DIRECT_RING_GATE, MAX_DIRECT_ROUTES, MAX_DIRECT_TARGETS,
 };
 
 #[cfg(feature = "user")]
@@ -270,7 +270,7 @@ mod tests {
         assert_eq!(size_of::<super::DirectEvent>(), 8 + 48 + 72 + 24);
         assert_eq!(size_of::<super::DirectPeer>(), 56 + 48 + 8);
         assert_eq!(align_of::<super::DirectEvent>(), 8);
-        assert_eq!(size_of::<super::DirectCounters>(), 16);
+        assert_eq!(size_of::<super::DirectCounters>(), 24);
     }
 
     #[test]

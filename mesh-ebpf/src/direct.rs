@@ -22,8 +22,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use mesh_common::{
-    DirectConn, DirectEvent, DirectRouteKey, DirectSock, PodInfo, SockAddr, SockKey, AF_INET,
-    DIRECT_EVENTS_BYTES, MAX_DIRECT_TARGETS, OUTBOUND_PORT,
+    DirectConn, DirectCounters, DirectEvent, DirectRouteKey, DirectSock, PodInfo, SockAddr,
+    SockKey, AF_INET, DIRECT_EVENTS_BYTES, DIRECT_RING_GATE, MAX_DIRECT_TARGETS, OUTBOUND_PORT,
 };
 
 use crate::maps::{
@@ -73,6 +73,11 @@ pub fn route(
     if !agent_serving(ctx, dst.family) {
         return None;
     }
+    if MESH_DIRECT_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= DIRECT_RING_GATE {
+        // The agent is behind on the reports: this connection goes through it instead.
+        bump(|c| &mut c.ring_busy);
+        return None;
+    }
     let sock = DirectSock {
         generation,
         orig_dst: dst,
@@ -81,7 +86,7 @@ pub fn route(
     MESH_DIRECT_SOCKS
         .insert(cookie, sock, u64::from(BPF_ANY))
         .ok()?;
-    count_connect();
+    bump(|c| &mut c.connects);
     Some(target)
 }
 
@@ -246,10 +251,7 @@ fn report(kind: u32, old_state: u32, conn: SockKey, info: *const DirectConn, byt
         BPF_RB_NO_WAKEUP
     };
     let Some(mut entry) = MESH_DIRECT_EVENTS.reserve::<DirectEvent>(0) else {
-        if let Some(c) = MESH_DIRECT_COUNTERS.get_ptr_mut(0) {
-            // SAFETY: this CPU's value; programs do not migrate while running.
-            unsafe { (*c).events_lost += 1 };
-        }
+        bump(|c| &mut c.events_lost);
         return;
     };
     let event = entry.as_mut_ptr();
@@ -268,9 +270,11 @@ fn report(kind: u32, old_state: u32, conn: SockKey, info: *const DirectConn, byt
     entry.submit(u64::from(flags));
 }
 
-fn count_connect() {
+/// Adds one to this CPU's counter that `field` picks.
+fn bump(field: impl FnOnce(&mut DirectCounters) -> &mut u64) {
     if let Some(c) = MESH_DIRECT_COUNTERS.get_ptr_mut(0) {
-        // SAFETY: this CPU's value; programs do not migrate while running.
-        unsafe { (*c).connects += 1 };
+        // SAFETY: this CPU's value, live and aligned for the program's run; programs do not
+        // migrate while running, so nothing else holds it meanwhile.
+        *field(unsafe { &mut *c }) += 1;
     }
 }

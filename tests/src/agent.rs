@@ -350,6 +350,28 @@ impl Agent {
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
+
+    /// Stops the agent (SIGSTOP), as a starved or stalled agent would be: its sockets and the
+    /// kernel's programs stay, nothing of it runs. It continues (SIGCONT) when the guard drops.
+    pub fn pause(&self) -> Result<Paused<'_>> {
+        self.process.signal(nix::sys::signal::Signal::SIGSTOP)?;
+        Ok(Paused { agent: self })
+    }
+}
+
+/// A stopped agent ([`Agent::pause`]); dropping it lets the agent continue.
+#[derive(Debug)]
+#[must_use = "the agent continues when this is dropped"]
+pub struct Paused<'a> {
+    agent: &'a Agent,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self.agent.process.signal(nix::sys::signal::Signal::SIGCONT) {
+            eprintln!("continuing the agent: {error}");
+        }
+    }
 }
 
 /// Path of a binary built from this workspace: `$MESH_<NAME>_BIN` if set, otherwise next to the

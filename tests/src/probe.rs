@@ -95,6 +95,24 @@ pub fn echo_bytes(pod: &Pod, addr: SocketAddr, bytes: u64) -> Result<String> {
     Ok(out.trim().to_string())
 }
 
+/// Connects from `pod` to an `rr` server at `addr`, exchanges a request and reply and closes,
+/// again and again for `duration` (`connrate`, one connection at a time). Returns its report:
+/// `connections`, `errors`, `cps` and the latencies.
+pub fn connrate(pod: &Pod, addr: SocketAddr, duration: Duration) -> Result<serde_json::Value> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let out = run(pod.command(bin).args([
+        "connrate",
+        &addr.to_string(),
+        "--duration-ms",
+        &duration.as_millis().to_string(),
+    ]))?;
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).map_err(|e| crate::Error::Output {
+        what: "connrate's report".to_owned(),
+        detail: format!("{last:?}: {e}"),
+    })
+}
+
 /// One connection from `pod` to an `echo` server at `addr` that exchanges 1,000 bytes, then
 /// stays open for `hold_ms` before the client half-closes it (`parallel --conns 1 --hold-ms`).
 /// Returns once the connection is open; the process ends when the client is done.

@@ -137,10 +137,14 @@ impl Process {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.output;
         let mut out = lock.lock().expect("output lock");
+        // Each line is looked at once: a chatty process adds lines faster than rescanning all
+        // of them each time would keep up with (and the scan holds the lock its reader needs).
+        let mut next = from;
         loop {
-            if let Some(line) = out.lines.iter().skip(from).find(|l| pred(l)) {
+            if let Some(line) = out.lines.iter().skip(next).find(|l| pred(l)) {
                 return Ok(line.clone());
             }
+            next = next.max(out.lines.len());
             if out.open == 0 {
                 drop(out);
                 let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();

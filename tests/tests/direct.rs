@@ -392,6 +392,316 @@ fn ipv6_connections_go_kernel_direct_too() {
     }
 }
 
+/// A second Service on `web`'s endpoints, to `rr` servers (a request, a reply; the server
+/// closes when the client asks it to, as `connrate` does): what the floods below dial.
+const RR_VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 7, 8));
+const RR_PORT: u16 = 81;
+const RR_APP_PORT: u16 = 9090;
+
+/// `rr` servers on both endpoints of `web` and the Service `rr` in front of them; they stop
+/// when dropped.
+fn serve_rr(mesh: &Mesh) -> [Process; 2] {
+    let servers = [0, 1].map(|j| {
+        let pod = mesh.pod(0, j);
+        probe::serve_mode(
+            pod,
+            SocketAddr::new(IpAddr::V4(pod.ipv4), RR_APP_PORT),
+            "rr",
+        )
+        .expect("rr server")
+    });
+    mesh.files
+        .service(NS, "rr", &[RR_VIP], RR_PORT, RR_APP_PORT, ("app", "web"))
+        .expect("service");
+    servers
+}
+
+fn rr() -> SocketAddr {
+    SocketAddr::new(RR_VIP, RR_PORT)
+}
+
+/// Until `from`'s connections to `rr` go kernel-direct (after a first one through the agent).
+fn warm_rr(mesh: &Mesh, from: &Pod) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let before = direct_connects(mesh);
+        let warm = probe::connrate(from, rr(), Duration::from_millis(300)).expect("warm-up");
+        assert_eq!(warm["errors"], 0, "{warm}");
+        if direct_connects(mesh) > before {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no kernel-direct connection to rr"
+        );
+    }
+}
+
+fn direct_counter(mesh: &Mesh, name: &str) -> u64 {
+    let m = scrape(mesh.tb.node(0)).expect("metrics");
+    count(&m, name, &[])
+}
+
+/// `mesh-probe` run in `pod` in the background with `args`.
+fn spawn_probe(pod: &Pod, name: &str, args: &[String]) -> Process {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    Process::spawn(name, pod.command(bin).args(args)).expect("probe started")
+}
+
+/// Access records (from line `from`) of connections from `src` to `dst`.
+fn records_to(mesh: &Mesh, from: usize, src: &Pod, dst: SocketAddr) -> Vec<Value> {
+    let prefix = format!("{}:", src.ipv4);
+    access_records(&mesh.agents[0], from)
+        .into_iter()
+        .filter(|r| {
+            r["dst"]["addr"] == dst.to_string()
+                && r["src"]["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// Waits until there are at least `n` access records (from line `from`) of connections from
+/// `src` to `dst`; returns them.
+fn wait_records_to(mesh: &Mesh, from: usize, src: &Pod, dst: SocketAddr, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found = records_to(mesh, from, src, dst);
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} records of connections from {} to {dst}",
+            found.len(),
+            src.name
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The attack: a pod opens and closes connections kernel-direct faster than the agent reads
+/// the kernel's reports of them (here the agent is stalled outright), to fill the ring, so that
+/// the connection it wants kept goes unreported, and then a policy that refuses the pod
+/// arrives. The connect hook stops sending connections kernel-direct once half the ring is
+/// unread: the flood's later connections, and the one the pod wants kept, go through the
+/// agent, which sees each itself. No report is lost, every connection that went kernel-direct
+/// has its access-log line, the pod's kept connection is closed by the policy, and an allowed
+/// pod's connection opened in the same moment stays open, tracked (a later policy closes it).
+#[test]
+fn a_pod_that_floods_kernel_direct_connections_cannot_blind_the_agent() {
+    let mesh = mesh();
+    let (attacker, control) = (mesh.pod(0, 2).clone(), mesh.pod(0, 3).clone());
+    let (attacker, control) = (&attacker, &control);
+    let _servers = serve_web(&mesh);
+    let _rr = serve_rr(&mesh);
+    wait_service(&mesh, attacker);
+    wait_service(&mesh, control);
+    warm_rr(&mesh, attacker);
+    thread::sleep(Duration::from_millis(300));
+    let log_from = mesh.agents[0].log_len();
+    let direct_before = direct_connects(&mesh);
+    let busy_before = direct_counter(&mesh, "mesh_kernel_direct_ring_busy_total");
+
+    let paused = mesh.agents[0].pause().expect("agent stopped");
+    // The ring holds 1 MiB of 168-byte reports, two per connection: half of it is about 1,560
+    // connections, which the flood opens and closes well within its 2 s. Its connection after
+    // that waits on the stalled agent.
+    let args = [
+        "connrate".to_owned(),
+        rr().to_string(),
+        "--duration-ms".to_owned(),
+        "2000".to_owned(),
+    ];
+    let mut flood = spawn_probe(attacker, "flood", &args);
+    thread::sleep(Duration::from_secs(3));
+    let options = probe::Raw {
+        send_hex: "68656c6c6f",
+        wait: Duration::from_secs(30),
+        resend: None,
+    };
+    let mut held = [
+        probe::raw(attacker, vip(), "attacker", &options).expect("raw probe"),
+        probe::raw(control, vip(), "control", &options).expect("raw probe"),
+    ];
+    deny(&mesh, "deny-attacker", attacker);
+    drop(paused);
+
+    flood.wait(WAIT).expect("the flood ends");
+    let report: Value = serde_json::from_str(flood.lines().last().map_or("", String::as_str))
+        .expect("the flood's report");
+    // The connection that waited on the agent may meet the new policy.
+    assert!(report["errors"].as_u64() <= Some(1), "{report}");
+    // Through the agent: refused, or served and then closed if the agent authorized it before
+    // it read the policy.
+    held[0]
+        .wait_for_line("the attacker's kept connection to close", WAIT, |l| {
+            l.starts_with("closed_after_ms=")
+        })
+        .expect("closed");
+    held[1]
+        .wait_for_line("the control's echo", WAIT, |l| l == "received 5")
+        .expect("the control's connection is served");
+
+    assert_eq!(
+        direct_counter(&mesh, "mesh_kernel_direct_events_lost_total"),
+        0,
+        "a report was lost"
+    );
+    let went_direct = direct_connects(&mesh) - direct_before;
+    assert!(
+        went_direct > 1_000,
+        "the flood went kernel-direct only {went_direct} times: {report}"
+    );
+    let busy = direct_counter(&mesh, "mesh_kernel_direct_ring_busy_total") - busy_before;
+    assert!(
+        busy >= 3,
+        "the flood's last connection and both kept ones went through the agent: {busy}"
+    );
+    // One access-log line for every connection of the flood: those that went kernel-direct,
+    // and the one through the agent.
+    let n = usize::try_from(went_direct).expect("count");
+    let recs = wait_records_to(&mesh, log_from, attacker, rr(), n);
+    assert!(
+        recs.len() <= n + 1,
+        "{} records of {n} connections",
+        recs.len()
+    );
+    assert!(
+        recs.iter()
+            .all(|r| r["error"].is_null() || r["authz"]["decision"] == "deny"),
+        "{:#?}",
+        recs.iter().find(|r| !r["error"].is_null())
+    );
+    let kept = records_to(&mesh, log_from, attacker, vip());
+    assert!(
+        kept.iter()
+            .any(|r| r["authz"]["policy"] == format!("{NS}/deny-attacker")
+                && (r["authz"]["decision"] == "deny" || r["authz"]["decision"] == "revoked")),
+        "the attacker's kept connection was not closed by the policy: {kept:#?}"
+    );
+    // Control: the allowed pod's connection stays open, and the agent tracks it: a policy
+    // against it closes it.
+    assert_still_open(&held[1]);
+    deny(&mesh, "deny-control", control);
+    held[1]
+        .wait_for_line("the control's connection to close", WAIT, |l| {
+            l.starts_with("closed_after_ms=")
+        })
+        .expect("closed");
+}
+
+/// More kernel-direct connections close at once than the ring has room for while the agent is
+/// stalled: the kernel counts the reports it drops, and the agent, once it reads the ring
+/// again, reads the kernel's table of open connections and ends the record of every tracked
+/// connection missing from it whose close it never read, saying its bytes are unknown. Every
+/// connection has exactly one access-log line.
+#[test]
+fn closes_the_ring_had_no_room_for_still_end_their_records() {
+    // The ring's 1 MiB holds about 6,240 reports; one close each.
+    const HELD: usize = 8_000;
+    let mut mesh = mesh();
+    let client = mesh.pod(0, 2).clone();
+    let _servers = serve_web(&mesh);
+    let _rr = serve_rr(&mesh);
+    wait_service(&mesh, &client);
+    warm_rr(&mesh, &client);
+    let before = direct_connects(&mesh);
+    let args = [
+        "hold".to_owned(),
+        rr().to_string(),
+        "--conns".to_owned(),
+        HELD.to_string(),
+        "--hold-ms".to_owned(),
+        "120000".to_owned(),
+    ];
+    let mut holder = spawn_probe(&client, "holder", &args);
+    holder
+        .wait_for_line(
+            "the connections to be open",
+            Duration::from_secs(120),
+            |l| l == format!("holding {HELD}"),
+        )
+        .expect("held");
+    let went_direct = direct_connects(&mesh) - before;
+    assert!(
+        went_direct > 6_500,
+        "only {went_direct} of {HELD} held connections went kernel-direct"
+    );
+    // The agent reads every opening (it reads the ring every 100 ms).
+    thread::sleep(Duration::from_secs(1));
+    let log_from = mesh.agents[0].log_len();
+
+    let paused = mesh.agents[0].pause().expect("agent stopped");
+    holder
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .expect("killed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while connections_to(&client, RR_APP_PORT) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the held connections never closed"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    drop(paused);
+
+    mesh.agents[0]
+        .wait_for_log_from(
+            log_from,
+            "the agent's warning of the full ring",
+            WAIT,
+            |l| l.contains("the kernel-direct ring was full"),
+        )
+        .expect("warned");
+    assert!(direct_counter(&mesh, "mesh_kernel_direct_events_lost_total") > 0);
+    let recs = wait_records_to(&mesh, log_from, &client, rr(), HELD);
+    thread::sleep(Duration::from_millis(500));
+    let recs_now = records_to(&mesh, log_from, &client, rr());
+    assert_eq!(
+        recs_now.len(),
+        recs.len(),
+        "a connection was recorded twice"
+    );
+    assert_eq!(recs.len(), HELD, "one record per connection");
+    let unknown = recs
+        .iter()
+        .filter(|r| {
+            r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("bytes unknown"))
+        })
+        .count();
+    assert!(unknown > 0, "no record says its bytes are unknown");
+    let exact = recs.iter().filter(|r| r["error"].is_null()).count();
+    assert_eq!(
+        unknown + exact,
+        HELD,
+        "{:#?}",
+        recs.iter().find(|r| {
+            !r["error"].is_null()
+                && !r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("bytes unknown"))
+        })
+    );
+}
+
+/// TCP connections of `pod` to port `port` that are not closed yet (any state but `TIME-WAIT`).
+fn connections_to(pod: &Pod, port: u16) -> usize {
+    let out = mesh_tests::process::run(pod.command("ss").args([
+        "-Htn",
+        "state",
+        "connected",
+        "exclude",
+        "time-wait",
+        &format!("dport = :{port}"),
+    ]))
+    .expect("ss");
+    out.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
 fn fastpath_bytes(mesh: &Mesh, outcome: &str) -> u64 {
     let m = scrape(mesh.tb.node(0)).expect("metrics");
     count(&m, "mesh_fastpath_bytes_total", &[("outcome", outcome)])

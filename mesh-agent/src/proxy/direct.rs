@@ -84,7 +84,8 @@ impl Open {
 #[derive(Default)]
 struct Live {
     open: HashMap<u64, Open>,
-    /// Connections closed for a refusal already recorded: their close is not recorded again.
+    /// Connections closed for a refusal already recorded: their close is not recorded again
+    /// (an entry leaves with the close report, or at the next resync if that was lost).
     refused: HashSet<u64>,
 }
 
@@ -143,20 +144,7 @@ pub async fn run_events(ctx: Arc<ProxyCtx>) {
                 "the kernel-direct ring was full; reading the open connections from the kernel"
             );
             lost = now_lost;
-            // The kernel reports a close before it forgets the connection, so once the ring is
-            // read again after this snapshot, a tracked connection missing from it whose close
-            // was not reported had its report lost.
-            let tracked: HashSet<u64> = live.open.keys().copied().collect();
-            let open_now = direct.open_conns();
-            let mut missing = tracked;
-            for (key, conn) in open_now {
-                missing.remove(&conn.cookie);
-                live.opened(&ctx, key, conn);
-            }
-            for event in drain(ring.get_mut()) {
-                live.handle(&ctx, &event);
-            }
-            live.end_unreported(&ctx, &missing);
+            live.resync(&ctx, ring.get_mut());
         }
     }
 }
@@ -240,17 +228,35 @@ impl Live {
         }
     }
 
-    /// Ends the records of the connections in `missing` (tracked, but gone from the kernel's
-    /// table) that are still open here: their close report was lost, their bytes are unknown,
-    /// and the record says so.
-    fn end_unreported(&mut self, ctx: &Arc<ProxyCtx>, missing: &HashSet<u64>) {
-        for &cookie in missing {
+    /// After reports were lost: tracks every connection open in the kernel's table that it
+    /// missed, and ends the records of those it tracked that closed unreported (their bytes
+    /// unknown, which the record says).
+    ///
+    /// The kernel reports a close before it forgets the connection, so once the ring has been
+    /// read again after the table, a connection known here that is missing from the table and
+    /// whose close was not read had its report lost.
+    fn resync(&mut self, ctx: &Arc<ProxyCtx>, ring: &mut RingBuf<MapData>) {
+        let mut missing: HashSet<u64> = self.open.keys().copied().collect();
+        let mut refused_gone = self.refused.clone();
+        for (key, conn) in ctx.conn.direct().open_conns() {
+            missing.remove(&conn.cookie);
+            refused_gone.remove(&conn.cookie);
+            self.opened(ctx, key, conn);
+        }
+        for event in drain(ring) {
+            self.handle(ctx, &event);
+        }
+        for cookie in missing {
             if let Some(open) = self.open.remove(&cookie) {
                 let lost = Err(std::io::Error::other(
                     "its close report was lost (the kernel-direct ring was full): bytes unknown",
                 ));
                 open.end(ctx, [0, 0], &lost);
             }
+        }
+        // Refused connections whose close report was lost: nothing more to record.
+        for cookie in refused_gone {
+            self.refused.remove(&cookie);
         }
     }
 
