@@ -19,7 +19,7 @@
 //! being ejected. Per waypoint replica, as Envoy's per proxy.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -29,7 +29,7 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use mesh_cluster::{
     k8s::{HashCookie, HashKey, LoadBalancer, OutlierDetection},
-    Endpoint, EndpointPolicy, Service,
+    ClusterState, Endpoint, EndpointPolicy, Service,
 };
 
 /// The longest ejection (Envoy's default `max_ejection_time`).
@@ -68,6 +68,17 @@ impl Health {
         self.ejected_until.is_some_and(|until| until > now)
     }
 
+    /// Whether it says nothing a fresh record would not: no failures counted, not ejected and
+    /// no ejection still counting against it. Back in after an ejection, the count decays
+    /// only as it is settled, so such a record is kept until its endpoint goes.
+    fn forgettable(&self, now: Instant) -> bool {
+        self.errors_5xx == 0
+            && self.errors_gateway == 0
+            && self.local_failures == 0
+            && self.ejections == 0
+            && !self.ejected(now)
+    }
+
     /// The ejection count, lowered for every `interval` spent back in.
     fn settle(&mut self, policy: &OutlierDetection, now: Instant) {
         if let Some(until) = self.ejected_until.filter(|until| *until <= now) {
@@ -94,10 +105,16 @@ pub(crate) struct Keys<'a> {
     pub(crate) request: Option<(&'a HeaderMap, Option<&'a str>)>,
 }
 
+/// A round-robin cursor's backend: a Service's hostname, its port and the subset.
+type Backend = (String, u16, Option<String>);
+
 /// The load balancers' state: round-robin cursors and requests in flight per endpoint.
+///
+/// What is kept of backends and endpoints that are gone is let go by [`Balancer::forget_gone`],
+/// which the waypoint runs on a timer: Services and pods come and go for as long as it runs.
 #[derive(Default)]
 pub(crate) struct Balancer {
-    cursors: Mutex<HashMap<String, usize>>,
+    cursors: Mutex<HashMap<Backend, usize>>,
     in_flight: Mutex<HashMap<SocketAddr, usize>>,
     /// Outlier detection's records, by endpoint.
     health: Mutex<HashMap<SocketAddr, Health>>,
@@ -144,11 +161,7 @@ impl Balancer {
         }
         let chosen = match &policy.load_balancer {
             LoadBalancer::RoundRobin => {
-                let key = format!(
-                    "{}:{port}/{}",
-                    service,
-                    policy.subset.as_deref().unwrap_or_default()
-                );
+                let key = (service.hostname.clone(), port, policy.subset.clone());
                 let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
                 let cursor = cursors.entry(key).or_default();
                 let turn = *cursor % candidates.len();
@@ -293,6 +306,39 @@ impl Balancer {
             h.local_failures = 0;
             tracing::debug!(endpoint = %addr, ejected_for = ?time, "outlier ejected");
         }
+    }
+
+    /// Lets go of the cursors of backends `state` no longer has and of the outlier records of
+    /// endpoints no Service of it has, and of records with nothing left to remember.
+    pub(crate) fn forget_gone(&self, state: &ClusterState, now: Instant) {
+        self.cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(hostname, port, _), _| {
+                state
+                    .service_by_hostname(hostname)
+                    .is_some_and(|s| s.ports.iter().any(|p| p.port == *port))
+            });
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if health.is_empty() {
+            return;
+        }
+        let live: HashSet<SocketAddr> = state
+            .services()
+            .iter()
+            .flat_map(|s| &s.ports)
+            .flat_map(|p| &p.endpoints)
+            .map(|e| e.addr)
+            .collect();
+        health.retain(|addr, h| live.contains(addr) && !h.forgettable(now));
+    }
+
+    /// How many cursors and outlier records are kept.
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
+        let cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        (cursors.len(), health.len())
     }
 
     /// Requests in flight to `addr` now.

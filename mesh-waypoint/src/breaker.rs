@@ -160,6 +160,21 @@ impl Breakers {
 }
 
 impl Breakers {
+    /// Lets go of the counts of destinations nothing is counted against now (no request,
+    /// retry or connection holds them): all zero, as a fresh one. Destinations come and go for
+    /// as long as the waypoint runs.
+    pub(crate) fn forget_idle(&self) {
+        lock(&self.by_destination).retain(|_, counts| Arc::strong_count(counts) > 1);
+    }
+
+    /// How many destinations have counts kept.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        lock(&self.by_destination).len()
+    }
+}
+
+impl Breakers {
     /// A place for one more retry to the destination: `Ok(None)` when `pool` sets no
     /// `maxRetries` (nothing counted: the rule's retries hold), `Err` when `maxRetries` are in
     /// flight.

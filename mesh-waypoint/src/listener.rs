@@ -118,14 +118,8 @@ pub async fn serve(
     // Kept connections to endpoints no request uses any more are let go on a timer.
     let _sweeper = AbortOnDrop(upstream.sweep_on_a_timer());
     let drain_timeout = config.drain_timeout;
-    let jwks = Arc::new(crate::jwks::JwksCache::default());
-    let _jwks_task = AbortOnDrop(tokio::spawn(crate::jwks::keep_fetched(
-        Arc::clone(&jwks),
-        (config.namespace.clone(), config.name.clone()),
-        state.clone(),
-    )));
     let ctx = Arc::new(Ctx {
-        jwks,
+        jwks: Arc::new(crate::jwks::JwksCache::default()),
         verified_tokens: mesh_cluster::authn::VerifiedTokens::default(),
         buckets: crate::ratelimit::Buckets::default(),
         breakers: crate::breaker::Breakers::default(),
@@ -144,6 +138,7 @@ pub async fn serve(
         drain: Drain::default(),
         balancer: Arc::default(),
     });
+    let _background = background(&ctx);
     let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);
     loop {
@@ -168,6 +163,36 @@ pub async fn serve(
                 }
             },
         }
+    }
+}
+
+/// The tasks that keep the waypoint's state current while it serves: the JWT keys its
+/// `RequestAuthentication`s name fetched, and what is gone let go.
+fn background(ctx: &Arc<Ctx>) -> [AbortOnDrop; 2] {
+    let jwks = tokio::spawn(crate::jwks::keep_fetched(
+        Arc::clone(&ctx.jwks),
+        (ctx.config.namespace.clone(), ctx.config.name.clone()),
+        ctx.state.clone(),
+    ));
+    let forget = tokio::spawn(forget_gone(Arc::clone(ctx)));
+    [AbortOnDrop(jwks), AbortOnDrop(forget)]
+}
+
+/// How often the balancers and breakers let go of backends, endpoints and destinations that
+/// are gone or idle.
+const FORGET_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps what the balancers and breakers remember to what the newest view has and what is in
+/// use, for as long as the waypoint runs.
+async fn forget_gone(ctx: Arc<Ctx>) {
+    let mut every = tokio::time::interval(FORGET_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let state = Arc::clone(&ctx.state.borrow());
+        ctx.balancer.forget_gone(&state, std::time::Instant::now());
+        ctx.breakers.forget_idle();
     }
 }
 

@@ -424,3 +424,34 @@ fn no_more_than_max_ejection_percent_are_ejected() {
 fn policy_without_outliers() -> EndpointPolicy {
     policy(LoadBalancer::Random, &[])
 }
+
+#[test]
+fn what_is_kept_of_gone_backends_and_endpoints_is_let_go() {
+    let (_state, svc) = service(4);
+    let mut policy = policy(LoadBalancer::RoundRobin, &[]);
+    policy.outlier_detection = Some(outliers(3, 100));
+    let balancer = Arc::new(Balancer::default());
+    let now = std::time::Instant::now();
+    let _ = picks(&balancer, &svc, &policy, &HeaderMap::new(), 4);
+    let addr = |i: u8| -> SocketAddr { format!("10.0.0.{i}:8080").parse().unwrap() };
+    // web-3 (10.0.0.4) failing, web-0 (10.0.0.1) failing, web-1 (10.0.0.2) failed and then
+    // answered (nothing left to remember).
+    balancer.record((&svc, 80, &policy), addr(4), Answer::Status(503), now);
+    balancer.record((&svc, 80, &policy), addr(1), Answer::Status(503), now);
+    balancer.record((&svc, 80, &policy), addr(2), Answer::Status(503), now);
+    balancer.record((&svc, 80, &policy), addr(2), Answer::Status(200), now);
+    assert_eq!(balancer.kept(), (1, 3));
+
+    // The same view: the failing endpoints' records stay, the answered one's goes.
+    let (same, _) = service(4);
+    balancer.forget_gone(&same, now);
+    assert_eq!(balancer.kept(), (1, 2));
+    // Two pods gone (web-2, web-3): web-3's record goes, web-0's stays, and so does the cursor.
+    let (fewer, _) = service(2);
+    balancer.forget_gone(&fewer, now);
+    assert_eq!(balancer.kept(), (1, 1));
+    // The Service gone: its cursor and its endpoints' records go.
+    let empty = ClusterState::build(&[], &EnrollmentOptions::new("n0")).expect("builds");
+    balancer.forget_gone(&empty, now);
+    assert_eq!(balancer.kept(), (0, 0));
+}

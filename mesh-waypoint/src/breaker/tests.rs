@@ -192,3 +192,32 @@ async fn a_request_that_gives_up_waiting_leaves_the_queue() {
         "waits (not refused): the queue has room again"
     );
 }
+
+#[test]
+fn idle_destinations_are_let_go_and_those_in_use_kept() {
+    let breakers = Breakers::default();
+    let web = web();
+    let limited = pool(|p| p.http2_max_requests = Some(2));
+    let held = breakers
+        .at((web.as_ref(), 80, None), &limited)
+        .expect("limited")
+        .request(&limited)
+        .expect("a place");
+    let _ = breakers
+        .at((web.as_ref(), 81, None), &limited)
+        .expect("limited")
+        .request(&limited)
+        .expect("a place");
+    assert_eq!(breakers.kept(), 2);
+    breakers.forget_idle();
+    assert_eq!(breakers.kept(), 1, "port 80 has a request in flight");
+    // Its count is the one in use: one more place of two, then none.
+    let again = breakers.at((web.as_ref(), 80, None), &limited).expect("limited");
+    let second = again.request(&limited).expect("the second place");
+    assert_eq!(again.request(&limited).err(), Some(Overflow::Requests(2)));
+    drop((held, second));
+    breakers.forget_idle();
+    drop(again);
+    breakers.forget_idle();
+    assert_eq!(breakers.kept(), 0);
+}
