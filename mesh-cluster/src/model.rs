@@ -337,6 +337,10 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 /// Label of a waypoint `Gateway`: which traffic it takes.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// Annotation of a waypoint `Gateway` (Istio 1.30's): `"true"` (any case) makes the waypoint
+/// set `x-forwarded-client-cert` on the requests it sends on to the source's identity, for
+/// applications that want to know who called them through the waypoint.
+pub const XFCC_CLIENT_IDENTITY: &str = "ambient.istio.io/xfcc-include-client-identity";
 /// Label of a waypoint's pods naming their `Gateway`; the pods also run under the service account
 /// named after it.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
@@ -413,6 +417,8 @@ pub struct Waypoint {
     pub traffic: WaypointFor,
     /// Its ready pods with an address, sorted by namespace and name.
     pub workloads: Vec<Arc<Workload>>,
+    /// Whether it tells the endpoints who called ([`XFCC_CLIENT_IDENTITY`]).
+    pub xfcc_client_identity: bool,
     /// Round-robin cursor over `workloads`.
     next: AtomicUsize,
 }
@@ -437,6 +443,7 @@ impl Waypoint {
             name,
             traffic,
             workloads,
+            xfcc_client_identity: false,
             next: AtomicUsize::new(0),
         }
     }

@@ -746,6 +746,11 @@ impl ClusterState {
         self.bindings.check(dst, src_ip.to_canonical(), src)
     }
 
+    /// The waypoint of `Gateway` `namespace/name`, if it is one.
+    pub fn waypoint(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
+        self.waypoints.named(namespace, name)
+    }
+
     /// All waypoints (`Gateways` of class `istio-waypoint`), sorted by namespace and name.
     pub fn waypoints(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
         self.waypoints.all()

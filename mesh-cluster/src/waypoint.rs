@@ -37,8 +37,28 @@ use crate::{
 pub use crate::model::{
     service_account_waypoint, Unavailable, Waypoint, WaypointBinding, WaypointFor,
     FOR_SERVICE_ACCOUNT, GATEWAY_NAME_LABEL, PER_SERVICE_ACCOUNT, USE_WAYPOINT,
-    USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS, WAYPOINT_FOR, WAYPOINT_MODE,
+    USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS, WAYPOINT_FOR, WAYPOINT_MODE, XFCC_CLIENT_IDENTITY,
 };
+
+/// Whether the waypoint `Gateway` of `meta` asks for the client's identity in
+/// `x-forwarded-client-cert` ([`XFCC_CLIENT_IDENTITY`]): `true` or `false` in any case, as
+/// Istio reads it; any other value is warned about and read as `false`.
+fn xfcc_client_identity(meta: &crate::meta::ObjectMeta, warnings: &mut Vec<String>) -> bool {
+    let Some(value) = meta.annotations().get(XFCC_CLIENT_IDENTITY) else {
+        return false;
+    };
+    if value.eq_ignore_ascii_case("true") {
+        return true;
+    }
+    if !value.eq_ignore_ascii_case("false") {
+        warnings.push(format!(
+            "{}: metadata.annotations[{XFCC_CLIENT_IDENTITY}]: {value:?} is not true or false; \
+             read as false",
+            ObjectRef::namespaced(Kind::Gateway, meta)
+        ));
+    }
+    false
+}
 
 /// What kind of object a binding is for.
 #[derive(Clone, Copy)]
@@ -103,7 +123,8 @@ impl WaypointIndex {
                     pods.push(Arc::clone(pod));
                 }
             }
-            let waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
+            let mut waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
+            waypoint.xfcc_client_identity = xfcc_client_identity(meta, &mut warnings);
             waypoints.insert((namespace, name), Arc::new(waypoint));
         }
         // Per-service-account waypoints, in name order: a second one for an account is reported
@@ -146,6 +167,10 @@ impl WaypointIndex {
     }
 
     /// The waypoint whose pod `workload` is, if any.
+    pub(crate) fn named(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
     pub(crate) fn of_pod(&self, workload: &Workload) -> Option<&Arc<Waypoint>> {
         let name = workload.labels.get(GATEWAY_NAME_LABEL)?;
         self.waypoints

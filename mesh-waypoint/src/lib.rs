@@ -39,6 +39,7 @@ mod context;
 mod cors;
 mod drain;
 mod filters;
+mod forwarded;
 mod grpc_messages;
 mod grpc_reply;
 mod jwks;

@@ -3,7 +3,7 @@
 
 use std::{
     convert::Infallible,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
@@ -401,7 +401,12 @@ async fn route(
     (target, addressed): (&Target, Option<&Arc<Service>>),
     source: &Source,
 ) -> Response<Body> {
-    append_forwarded_for(request.headers_mut(), source.addr.ip());
+    crate::forwarded::append_forwarded_for(request.headers_mut(), source.addr.ip());
+    let tell_client = state
+        .waypoint(&ctx.config.namespace, &ctx.config.name)
+        .is_some_and(|w| w.xfcc_client_identity);
+    let client = tell_client.then_some((&ctx.config.identity, &source.identity));
+    crate::forwarded::forward_client_cert(request.headers_mut(), client);
     strip_hop_by_hop_keeping_upgrade(request.headers_mut());
     let port = match target {
         Target::Workload { addr } => {
@@ -1029,16 +1034,5 @@ fn redirect_response(status: StatusCode, location: &str) -> Response<Body> {
             Flag::None,
             "the redirect is not a valid URL",
         ),
-    }
-}
-
-/// `x-forwarded-for` gets the client's address appended, as proxies do.
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(before) => format!("{before}, {client}"),
-        None => client.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", value);
     }
 }

@@ -2843,3 +2843,50 @@ fn uri_regex_rewrite_of_a_virtual_service() {
     let lines = curl(&client, &[url("/service/update/v1/api?x=1")]);
     assert_eq!(lines[0]["path"], "/customprefix/v1/api/update?x=1");
 }
+
+/// `x-forwarded-client-cert`: a client's own is never passed on (it could claim anyone), and
+/// with Istio 1.30's annotation on the waypoint's `Gateway` the endpoint gets the source's
+/// identity as the waypoint proved it (`By` the waypoint, `URI` the client).
+#[test]
+fn the_client_identity_reaches_the_endpoint_only_as_the_waypoint_proved_it() {
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: web, port: 80}}\n  rules:\n  - backendRefs: [{{name: web-v1, port: 80}}]\n"
+    );
+    let bed = bed(&route);
+    let client = bed.client().clone();
+    let forged = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/istio-system/sa/gw;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
+    let ask = || curl(&client, &["-H".to_owned(), forged.to_owned(), url("/who")]);
+    let line = &ask()[0];
+    assert!(
+        line["headers"]["x-forwarded-client-cert"].is_null(),
+        "the client's own XFCC reached the endpoint: {line}"
+    );
+
+    bed.mesh
+        .files
+        .write(
+            "gateway-wp.yaml",
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: {PLAIN_NS}\n  labels: {{istio.io/waypoint-for: service}}\n  annotations: {{ambient.istio.io/xfcc-include-client-identity: \"true\"}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+            ),
+        )
+        .unwrap();
+    let expected = format!(
+        "By=spiffe://cluster.local/ns/{PLAIN_NS}/sa/wp;URI=spiffe://cluster.local/ns/{NS}/sa/sa-{}",
+        client.name
+    );
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        let line = &ask()[0];
+        let seen = &line["headers"]["x-forwarded-client-cert"];
+        if !seen.is_null() {
+            assert_eq!(seen, &serde_json::json!([expected]), "{line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no XFCC after the annotation: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

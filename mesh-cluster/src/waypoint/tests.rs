@@ -603,3 +603,38 @@ fn the_nodes_own_plaintext_connection_is_no_bypass() {
         DecisionReason::WaypointBypass
     );
 }
+
+#[test]
+fn the_xfcc_annotation_is_read_as_istio_reads_it() {
+    let with = |value: Option<&str>| {
+        let mut gw = gateway("shop", "wp", "istio-waypoint", "");
+        if let Some(value) = value {
+            gw = gw.replace(
+                "  labels: {}\n",
+                &format!(
+                    "  labels: {{}}\n  annotations: {{ambient.istio.io/xfcc-include-client-identity: \"{value}\"}}\n"
+                ),
+            );
+        }
+        let state = ClusterState::build(&parse(&docs(&[gw])), &opts()).expect("builds");
+        let on = state
+            .waypoint("shop", "wp")
+            .expect("a waypoint")
+            .xfcc_client_identity;
+        (on, state.warnings().to_vec())
+    };
+    assert_eq!(with(None), (false, vec![]));
+    assert_eq!(with(Some("true")), (true, vec![]));
+    assert_eq!(with(Some("TRUE")), (true, vec![]));
+    assert_eq!(with(Some("False")), (false, vec![]));
+    let (on, warnings) = with(Some("1"));
+    assert!(!on, "only true is true, as in Istio");
+    assert_eq!(
+        warnings,
+        ["Gateway shop/wp: metadata.annotations[ambient.istio.io/xfcc-include-client-identity]: \"1\" is not true or false; read as false"]
+    );
+    assert!(ClusterState::build(&parse(&docs(&[])), &opts())
+        .expect("builds")
+        .waypoint("shop", "wp")
+        .is_none());
+}
