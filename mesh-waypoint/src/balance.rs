@@ -105,8 +105,9 @@ pub(crate) struct Keys<'a> {
     pub(crate) request: Option<(&'a HeaderMap, Option<&'a str>)>,
 }
 
-/// A round-robin cursor's backend: a Service's hostname, its port and the subset.
-type Backend = (String, u16, Option<String>);
+/// Round-robin cursors of one Service, by port and subset (looked up without an allocation
+/// for a backend without a subset, the usual one).
+type Cursors = HashMap<(u16, Option<String>), usize>;
 
 /// The load balancers' state: round-robin cursors and requests in flight per endpoint.
 ///
@@ -114,7 +115,8 @@ type Backend = (String, u16, Option<String>);
 /// which the waypoint runs on a timer: Services and pods come and go for as long as it runs.
 #[derive(Default)]
 pub(crate) struct Balancer {
-    cursors: Mutex<HashMap<Backend, usize>>,
+    /// By the Service's hostname.
+    cursors: Mutex<HashMap<String, Cursors>>,
     in_flight: Mutex<HashMap<SocketAddr, usize>>,
     /// Outlier detection's records, by endpoint.
     health: Mutex<HashMap<SocketAddr, Health>>,
@@ -161,12 +163,9 @@ impl Balancer {
         }
         let chosen = match &policy.load_balancer {
             LoadBalancer::RoundRobin => {
-                let key = (service.hostname.clone(), port, policy.subset.clone());
                 let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
-                let cursor = cursors.entry(key).or_default();
-                let turn = *cursor % candidates.len();
-                *cursor = cursor.wrapping_add(1);
-                candidates[turn]
+                let turn = next_turn(&mut cursors, service, (port, &policy.subset));
+                candidates[turn % candidates.len()]
             }
             LoadBalancer::Random => candidates[fastrand::usize(..candidates.len())],
             LoadBalancer::LeastRequest => {
@@ -314,10 +313,12 @@ impl Balancer {
         self.cursors
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(hostname, port, _), _| {
-                state
-                    .service_by_hostname(hostname)
-                    .is_some_and(|s| s.ports.iter().any(|p| p.port == *port))
+            .retain(|hostname, by_port| {
+                let Some(service) = state.service_by_hostname(hostname) else {
+                    return false;
+                };
+                by_port.retain(|(port, _), _| service.ports.iter().any(|p| p.port == *port));
+                !by_port.is_empty()
             });
         let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         if health.is_empty() {
@@ -338,7 +339,7 @@ impl Balancer {
     fn kept(&self) -> (usize, usize) {
         let cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
         let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
-        (cursors.len(), health.len())
+        (cursors.values().map(HashMap::len).sum(), health.len())
     }
 
     /// Requests in flight to `addr` now.
@@ -350,6 +351,25 @@ impl Balancer {
             .unwrap_or_else(PoisonError::into_inner);
         counts.get(&addr).copied().unwrap_or(0)
     }
+}
+
+/// The turn of the next request to `service`'s `port` and `subset` (round robin), counted.
+fn next_turn(
+    cursors: &mut HashMap<String, Cursors>,
+    service: &Service,
+    (port, subset): (u16, &Option<String>),
+) -> usize {
+    let by_port = match cursors.get_mut(service.hostname.as_str()) {
+        Some(by_port) => by_port,
+        None => cursors.entry(service.hostname.clone()).or_default(),
+    };
+    let cursor = match by_port.get_mut(&(port, subset.clone())) {
+        Some(cursor) => cursor,
+        None => by_port.entry((port, subset.clone())).or_default(),
+    };
+    let turn = *cursor;
+    *cursor = cursor.wrapping_add(1);
+    turn
 }
 
 /// The endpoints of `service`'s `port` that `policy` admits: its IPv4 ones, else its IPv6 ones.

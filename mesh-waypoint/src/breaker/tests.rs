@@ -212,7 +212,9 @@ fn idle_destinations_are_let_go_and_those_in_use_kept() {
     breakers.forget_idle();
     assert_eq!(breakers.kept(), 1, "port 80 has a request in flight");
     // Its count is the one in use: one more place of two, then none.
-    let again = breakers.at((web.as_ref(), 80, None), &limited).expect("limited");
+    let again = breakers
+        .at((web.as_ref(), 80, None), &limited)
+        .expect("limited");
     let second = again.request(&limited).expect("the second place");
     assert_eq!(again.request(&limited).err(), Some(Overflow::Requests(2)));
     drop((held, second));
