@@ -71,6 +71,9 @@ pub(crate) enum BoundKind {
 #[derive(Debug, Default)]
 pub(crate) struct WaypointIndex {
     waypoints: BTreeMap<(String, String), Arc<Waypoint>>,
+    /// The same, by namespace, then name: looked up by `&str`s, without an allocation (a
+    /// waypoint looks up its own `Gateway`'s settings per request).
+    by_namespace: HashMap<String, HashMap<String, Arc<Waypoint>>>,
     /// Per-service-account waypoints ([`FOR_SERVICE_ACCOUNT`]), by namespace and account.
     accounts: HashMap<(String, String), Arc<Waypoint>>,
     warnings: Vec<String>,
@@ -142,15 +145,24 @@ impl WaypointIndex {
             let slot = (key.0.clone(), account.clone());
             if let Some(first) = accounts.get(&slot) {
                 warnings.push(format!(
-                    "waypoint {waypoint} is also for service account {}/{account}, which                      waypoint {first} serves; ignored",
+                    "waypoint {waypoint} is also for service account {}/{account}, which \
+                     waypoint {first} serves; ignored",
                     key.0
                 ));
                 continue;
             }
             accounts.insert(slot, Arc::clone(waypoint));
         }
+        let mut by_namespace: HashMap<String, HashMap<String, Arc<Waypoint>>> = HashMap::new();
+        for ((namespace, name), waypoint) in &waypoints {
+            by_namespace
+                .entry(namespace.clone())
+                .or_default()
+                .insert(name.clone(), Arc::clone(waypoint));
+        }
         Ok(Self {
             waypoints,
+            by_namespace,
             accounts,
             warnings,
         })
@@ -166,11 +178,12 @@ impl WaypointIndex {
         self.waypoints.values()
     }
 
-    /// The waypoint whose pod `workload` is, if any.
+    /// The waypoint of `Gateway` `namespace/name`, if it is one.
     pub(crate) fn named(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
-        self.waypoints.get(&(namespace.to_owned(), name.to_owned()))
+        self.by_namespace.get(namespace)?.get(name)
     }
 
+    /// The waypoint whose pod `workload` is, if any.
     pub(crate) fn of_pod(&self, workload: &Workload) -> Option<&Arc<Waypoint>> {
         let name = workload.labels.get(GATEWAY_NAME_LABEL)?;
         self.waypoints
