@@ -125,32 +125,52 @@ fn deny(mesh: &Mesh, name: &str, who: &Pod) {
         .expect("policy");
 }
 
-/// Waits until the agent's access log (from line `from`) has `n` records of connections from
-/// `src` with `decision`; returns them.
-fn records(mesh: &Mesh, from: usize, src: &Pod, decision: &str, n: usize) -> Vec<Value> {
+/// The agent's access-log records (from line `from`) of connections from `src` that `pick`
+/// takes.
+fn records_where(mesh: &Mesh, from: usize, src: &Pod, pick: impl Fn(&Value) -> bool) -> Vec<Value> {
     let prefix = format!("{}:", src.ipv4);
+    access_records(&mesh.agents[0], from)
+        .into_iter()
+        .filter(|r| {
+            r["src"]["addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&prefix))
+                && pick(r)
+        })
+        .collect()
+}
+
+/// Waits until there are `n` of [`records_where`]'s records (`what`: which, for the error);
+/// returns them.
+fn wait_records_where(
+    mesh: &Mesh,
+    (from, src, n): (usize, &Pod, usize),
+    what: &str,
+    pick: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let found: Vec<Value> = access_records(&mesh.agents[0], from)
-            .into_iter()
-            .filter(|r| {
-                r["src"]["addr"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with(&prefix))
-                    && r["authz"]["decision"] == decision
-            })
-            .collect();
+        let found = records_where(mesh, from, src, &pick);
         if found.len() >= n {
             return found;
         }
         assert!(
             Instant::now() < deadline,
-            "{} of {n} {decision} records from {prefix}: {:#?}",
+            "{} of {n} {what} records from {}: {:#?}",
             found.len(),
+            src.name,
             access_records(&mesh.agents[0], from)
         );
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until the agent's access log (from line `from`) has `n` records of connections from
+/// `src` with `decision`; returns them.
+fn records(mesh: &Mesh, from: usize, src: &Pod, decision: &str, n: usize) -> Vec<Value> {
+    wait_records_where(mesh, (from, src, n), decision, |r| {
+        r["authz"]["decision"] == decision
+    })
 }
 
 /// Which of the two endpoints accepted the connections from `client` since their lines `from`.
@@ -450,35 +470,16 @@ fn spawn_probe(pod: &Pod, name: &str, args: &[String]) -> Process {
 
 /// Access records (from line `from`) of connections from `src` to `dst`.
 fn records_to(mesh: &Mesh, from: usize, src: &Pod, dst: SocketAddr) -> Vec<Value> {
-    let prefix = format!("{}:", src.ipv4);
-    access_records(&mesh.agents[0], from)
-        .into_iter()
-        .filter(|r| {
-            r["dst"]["addr"] == dst.to_string()
-                && r["src"]["addr"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with(&prefix))
-        })
-        .collect()
+    records_where(mesh, from, src, |r| r["dst"]["addr"] == dst.to_string())
 }
 
 /// Waits until there are at least `n` access records (from line `from`) of connections from
 /// `src` to `dst`; returns them.
 fn wait_records_to(mesh: &Mesh, from: usize, src: &Pod, dst: SocketAddr, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let found = records_to(mesh, from, src, dst);
-        if found.len() >= n {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} records of connections from {} to {dst}",
-            found.len(),
-            src.name
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    let what = format!("to {dst}");
+    wait_records_where(mesh, (from, src, n), &what, |r| {
+        r["dst"]["addr"] == dst.to_string()
+    })
 }
 
 /// The attack: a pod opens and closes connections kernel-direct faster than the agent reads
