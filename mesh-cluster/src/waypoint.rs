@@ -70,10 +70,9 @@ pub(crate) enum BoundKind {
 /// The waypoints, by namespace and name, and by the service account they serve.
 #[derive(Debug, Default)]
 pub(crate) struct WaypointIndex {
-    waypoints: BTreeMap<(String, String), Arc<Waypoint>>,
-    /// The same, by namespace, then name: looked up by `&str`s, without an allocation (a
+    /// By namespace, then name: sorted, and looked up by `&str`s without an allocation (a
     /// waypoint looks up its own `Gateway`'s settings per request).
-    by_namespace: HashMap<String, HashMap<String, Arc<Waypoint>>>,
+    waypoints: BTreeMap<String, BTreeMap<String, Arc<Waypoint>>>,
     /// Per-service-account waypoints ([`FOR_SERVICE_ACCOUNT`]), by namespace and account.
     accounts: HashMap<(String, String), Arc<Waypoint>>,
     warnings: Vec<String>,
@@ -86,7 +85,7 @@ impl WaypointIndex {
         gateways: impl IntoIterator<Item = &'a Gateway> + Clone,
         workloads: &[Arc<Workload>],
     ) -> Result<Self, StateError> {
-        let mut waypoints = BTreeMap::new();
+        let mut waypoints: BTreeMap<String, BTreeMap<String, Arc<Waypoint>>> = BTreeMap::new();
         let mut warnings = Vec::new();
         let gateways_for_accounts = gateways.clone().into_iter();
         for gateway in gateways {
@@ -128,7 +127,10 @@ impl WaypointIndex {
             }
             let mut waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
             waypoint.xfcc_client_identity = xfcc_client_identity(meta, &mut warnings);
-            waypoints.insert((namespace, name), Arc::new(waypoint));
+            waypoints
+                .entry(namespace)
+                .or_default()
+                .insert(name, Arc::new(waypoint));
         }
         // Per-service-account waypoints, in name order: a second one for an account is reported
         // and ignored.
@@ -138,31 +140,23 @@ impl WaypointIndex {
             let Some(account) = meta.labels().get(FOR_SERVICE_ACCOUNT) else {
                 continue;
             };
-            let key = (meta.namespace().to_owned(), meta.name().to_owned());
-            let Some(waypoint) = waypoints.get(&key) else {
+            let namespace = meta.namespace();
+            let Some(waypoint) = waypoints.get(namespace).and_then(|w| w.get(meta.name())) else {
                 continue;
             };
-            let slot = (key.0.clone(), account.clone());
+            let slot = (namespace.to_owned(), account.clone());
             if let Some(first) = accounts.get(&slot) {
                 warnings.push(format!(
                     "waypoint {waypoint} is also for service account {}/{account}, which \
                      waypoint {first} serves; ignored",
-                    key.0
+                    slot.0
                 ));
                 continue;
             }
             accounts.insert(slot, Arc::clone(waypoint));
         }
-        let mut by_namespace: HashMap<String, HashMap<String, Arc<Waypoint>>> = HashMap::new();
-        for ((namespace, name), waypoint) in &waypoints {
-            by_namespace
-                .entry(namespace.clone())
-                .or_default()
-                .insert(name.clone(), Arc::clone(waypoint));
-        }
         Ok(Self {
             waypoints,
-            by_namespace,
             accounts,
             warnings,
         })
@@ -175,19 +169,18 @@ impl WaypointIndex {
 
     /// All waypoints, sorted by namespace and name.
     pub(crate) fn all(&self) -> impl Iterator<Item = &Arc<Waypoint>> {
-        self.waypoints.values()
+        self.waypoints.values().flat_map(BTreeMap::values)
     }
 
     /// The waypoint of `Gateway` `namespace/name`, if it is one.
     pub(crate) fn named(&self, namespace: &str, name: &str) -> Option<&Arc<Waypoint>> {
-        self.by_namespace.get(namespace)?.get(name)
+        self.waypoints.get(namespace)?.get(name)
     }
 
     /// The waypoint whose pod `workload` is, if any.
     pub(crate) fn of_pod(&self, workload: &Workload) -> Option<&Arc<Waypoint>> {
         let name = workload.labels.get(GATEWAY_NAME_LABEL)?;
-        self.waypoints
-            .get(&(workload.namespace.clone(), name.clone()))
+        self.named(&workload.namespace, name)
             .filter(|w| w.has_pod(workload))
     }
 
@@ -221,7 +214,7 @@ impl WaypointIndex {
         let waypoint_ns = from
             .get(USE_WAYPOINT_NAMESPACE)
             .map_or(namespace, String::as_str);
-        let Some(waypoint) = self.waypoints.get(&(waypoint_ns.to_owned(), name.clone())) else {
+        let Some(waypoint) = self.named(waypoint_ns, name) else {
             return WaypointBinding::Unavailable(Unavailable::NotFound {
                 namespace: waypoint_ns.to_owned(),
                 name: name.clone(),
