@@ -5,7 +5,8 @@
 //! kernel's aya-log records into `tracing` events. Later issues add the capture listeners, HBONE,
 //! policy and telemetry on top of the same structure.
 // Syscalls without a safe wrapper (`netns::netns_cookie`, `map_take::take`) and the allocator's
-// control (`memory::release_freed`) are allowed case by case.
+// control (`memory::release_freed`) and the one C symbol the binaries define (`pow::pow`) are
+// allowed case by case.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod netns;
 pub mod node_addrs;
 pub mod node_taint;
 pub mod pods;
+pub mod pow;
 pub mod proxy;
 pub mod readiness;
 pub mod sock_destroy;
