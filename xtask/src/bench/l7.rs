@@ -116,7 +116,7 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
     // At `info`, as a deployed waypoint runs (the tests' `mesh_waypoint=debug` writes lines per
     // request).
     std::env::set_var("MESH_WAYPOINT_LOG", "info");
-    let copy = waypoint_copy(plan)?;
+    let copy = WaypointCopy::new(plan, out)?;
     let mut waypoint = Waypoint::start(&wp_pod, &mesh.options, PLAIN_NS, "wp")?;
     waypoint
         .process
@@ -126,8 +126,10 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let waypoint_pid = waypoint.process.pid();
     let record_pages = |when: &str| -> Result<()> {
-        let Some(copy) = &copy else { return Ok(()) };
-        let pages = residency::file_pages(copy, &[waypoint_pid])?;
+        if !copy.profiled {
+            return Ok(());
+        }
+        let pages = residency::file_pages(&copy.path, &[waypoint_pid])?;
         let file = out.join(format!("{WAYPOINT_RESIDENT_PREFIX}{when}.txt"));
         residency::write_pages(&file, &pages)
     };
@@ -202,19 +204,53 @@ fn write_results(cases: &[Case], plan: &Plan, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask order`: the waypoint runs a copy of the profiling build's from the file system
-/// without read-ahead, its pages out of the cache; `None` otherwise.
-fn waypoint_copy(plan: &Plan) -> Result<Option<PathBuf>> {
-    let Some(r) = &plan.residency else {
-        return Ok(None);
-    };
-    let copy = r.scratch.join("mesh-waypoint");
-    let build = r.build.join("mesh-waypoint");
-    fs::copy(&build, &copy)
-        .with_context(|| format!("copying {} to {}", build.display(), copy.display()))?;
-    residency::drop_cached(&copy)?;
-    std::env::set_var("MESH_MESH_WAYPOINT_BIN", &copy);
-    Ok(Some(copy))
+/// The waypoint runs a fresh copy of its binary, as the agents do (`bench.rs`: a proxy's
+/// file-backed RSS depends on how its file's pages sit in the page cache, and a copy, written
+/// in one go as an image layer is, is how a node gets it): the release build's, in `out`
+/// (removed when the run is done); for `cargo xtask order`, the profiling build's, on the file
+/// system without read-ahead, its pages out of the cache.
+struct WaypointCopy {
+    path: PathBuf,
+    /// What it copies (the variable points there again when the copy is gone).
+    build: PathBuf,
+    /// `cargo xtask order`: its resident pages are read.
+    profiled: bool,
+}
+
+impl WaypointCopy {
+    fn new(plan: &Plan, out: &Path) -> Result<Self> {
+        let (build, path) = match &plan.residency {
+            Some(r) => (
+                r.build.join("mesh-waypoint"),
+                r.scratch.join("mesh-waypoint"),
+            ),
+            None => (
+                mesh_tests::agent::binary("mesh-waypoint", "mesh-agent")?,
+                out.join("mesh-waypoint"),
+            ),
+        };
+        fs::copy(&build, &path)
+            .with_context(|| format!("copying {} to {}", build.display(), path.display()))?;
+        let profiled = plan.residency.is_some();
+        if profiled {
+            residency::drop_cached(&path)?;
+        }
+        std::env::set_var("MESH_MESH_WAYPOINT_BIN", &path);
+        Ok(Self {
+            path,
+            build,
+            profiled,
+        })
+    }
+}
+
+impl Drop for WaypointCopy {
+    fn drop(&mut self) {
+        if !self.profiled {
+            std::env::set_var("MESH_MESH_WAYPOINT_BIN", &self.build);
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// "same node" for the backend on the client's node, "cross node" for the other.
