@@ -475,6 +475,8 @@ pub async fn run(config: AgentConfig, log: LogControl) -> Result<(), AgentError>
     let on_quiet = crate::memory::release_freed;
     tokio::spawn(crate::proxy::trim_copy_buffers(on_quiet));
     tokio::spawn(crate::proxy::run_direct_events(Arc::clone(pods.ctx())));
+    // A flood of per-connection warnings held back is said even when no warning follows it.
+    tokio::spawn(Arc::clone(&pods.ctx().telemetry.log_budget).report_held(Duration::from_secs(10)));
     tokio::spawn(become_ready(
         state_rx.clone(),
         config.node_name.clone(),

@@ -16,7 +16,9 @@ use mesh_tests::{
     http::http,
     mesh::{Mesh, Shortcut, NS},
     probe,
-    telemetry::{access_records, access_records_once, count, scrape, Sample, ADMIN, READINESS},
+    telemetry::{
+        access_records, access_records_once, count, lines_once, scrape, Sample, ADMIN, READINESS,
+    },
     Agent, Pod, Process, TestbedSpec,
 };
 use serde_json::Value;
@@ -767,4 +769,138 @@ fn strict_mtls_closes_open_plaintext_connections() {
             l.contains("connection closed: no longer allowed by policy")
         })
         .unwrap();
+}
+
+/// `connrate` from `pod` to `addr` for `duration`, where every connection is refused: its
+/// report (`errors` counts the refused ones; it exits non-zero for want of a connection).
+fn denied_flood(pod: &Pod, addr: SocketAddr, duration: Duration) -> Value {
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let out = pod
+        .command(bin)
+        .args(["connrate", &addr.to_string(), "--conns", "2"])
+        .args(["--duration-ms", &duration.as_millis().to_string()])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("running connrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("connrate's report {last:?}: {e}"))
+}
+
+/// Per-connection warnings an agent writes in any one second, at most
+/// (`mesh-agent/src/telemetry/log_budget.rs`).
+const WARNINGS_PER_SECOND: usize = 20;
+
+/// The attack: a pod opens connections a policy denies, as fast as it can, to make the agent
+/// (shared by every pod of its node) write a warning per connection. The agent writes at most
+/// its budget of warnings a second and one line saying how many it held back; the access log
+/// still has a record of every denied connection. The allowed control pod reaches the server
+/// throughout.
+#[test]
+fn a_flood_of_denied_connections_does_not_flood_the_agents_log() {
+    let mesh = mesh(1, 3, Shortcut::Default);
+    let (attacker, control, dst) = (
+        mesh.pod(0, 0).clone(),
+        mesh.pod(0, 1).clone(),
+        mesh.pod(0, 2).clone(),
+    );
+    let _server = probe::serve_mode(&dst, app(&dst), "rr").expect("rr server");
+    write_policy(
+        &mesh,
+        "deny-attacker",
+        &format!(
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
+            principal(&attacker)
+        ),
+    );
+    wait_policy(&mesh, 0, "deny-attacker", "DENY");
+    let log_from = mesh.agents[0].log_len();
+    let started = Instant::now();
+    let flood = denied_flood(&attacker, app(&dst), Duration::from_secs(2));
+    let flood_secs = started.elapsed().as_secs_f64();
+    let denied = flood["errors"].as_u64().expect("connrate's errors");
+    assert_eq!(
+        flood["connections"], 0,
+        "a denied connection got through: {flood}"
+    );
+    // Enough to overrun the budget several times over, or the test shows nothing.
+    assert!(
+        denied > 10 * WARNINGS_PER_SECOND as u64,
+        "the flood made only {denied} connections: {flood}"
+    );
+    let control_run =
+        probe::connrate(&control, app(&dst), Duration::from_millis(300)).expect("control");
+    assert_eq!(
+        control_run["errors"], 0,
+        "the allowed pod was refused: {control_run}"
+    );
+    // Every denial is either written or counted in a line saying how many were held back (the
+    // next second's first warning, or the agent's report every 10 s, within LOG_WAIT).
+    let warnings_in = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("connection denied by policy"))
+            .count()
+    };
+    let held_in = |lines: &[String]| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l.contains("per-connection warnings held back"))
+            .filter_map(|l| {
+                l.split("held=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let agent = &mesh.agents[0];
+    let logs = lines_once(
+        || agent.logs()[log_from..].to_vec(),
+        LOG_WAIT,
+        |l| warnings_in(l) as u64 + held_in(l) >= denied,
+    );
+    let (warnings, held) = (warnings_in(&logs), held_in(&logs));
+    eprintln!(
+        "{denied} denied connections in {flood_secs:.1} s: {warnings} warnings written, {held} \
+         held back"
+    );
+    // The flood's seconds, each with its budget, and one window begun before it.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let most = (flood_secs.ceil() as usize + 1) * WARNINGS_PER_SECOND;
+    assert!(
+        (1..=most).contains(&warnings),
+        "{warnings} denial warnings for {denied} denied connections in {flood_secs:.1} s \
+         (budget {most})"
+    );
+    assert_eq!(
+        warnings as u64 + held,
+        denied,
+        "denials written ({warnings}) and held back ({held}) against the denied connections"
+    );
+    // Every denied connection has its record, whatever the log held back.
+    let src = format!("{}:", attacker.ipv4);
+    let deny_records = |lines: &[Value]| {
+        lines
+            .iter()
+            .filter(|r| {
+                r["src"]["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&src))
+                    && r["authz"]["decision"] == "deny"
+            })
+            .count()
+    };
+    let records = access_records_once(
+        || agent.logs()[log_from..].to_vec(),
+        LOG_WAIT,
+        |r| deny_records(r) as u64 >= denied,
+    );
+    assert_eq!(
+        deny_records(&records) as u64,
+        denied,
+        "access records of denied connections against connrate's errors"
+    );
 }

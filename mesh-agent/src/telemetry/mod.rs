@@ -10,6 +10,7 @@
 pub mod access_log;
 pub mod exposition;
 pub mod labels;
+pub mod log_budget;
 pub mod metrics;
 
 use std::{
@@ -29,6 +30,7 @@ use mesh_cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload};
 use self::{
     access_log::{AccessRecord, Authz, Endpoint},
     labels::{workload_name, Peer, PeerLabels, ServiceLabels, TrafficLabels},
+    log_budget::{Admit, LogBudget},
 };
 pub use mesh_trace::{rfc3339, AccessLog, AccessLogError, AccessLogTarget};
 
@@ -232,6 +234,8 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub tracer: Tracer,
+    /// How many per-connection warnings are written each second (`log_budget.rs`).
+    pub log_budget: Arc<LogBudget>,
 }
 
 impl Telemetry {
@@ -240,6 +244,19 @@ impl Telemetry {
             metrics: Metrics::default(),
             access_log,
             tracer,
+            log_budget: Arc::default(),
+        }
+    }
+
+    /// Whether a per-connection warning may be written now (within the log budget), having
+    /// first said how many were held back since the last one.
+    fn may_warn(&self) -> bool {
+        match self.log_budget.admit(tokio::time::Instant::now()) {
+            Admit::Write { held_before } => {
+                log_budget::say_held(held_before);
+                true
+            }
+            Admit::Hold => false,
         }
     }
 
@@ -274,22 +291,28 @@ impl Telemetry {
             Refusal::Policy(d) if d.reason == DecisionReason::MtlsRequired => {
                 agent.plaintext_refused.fetch_add(1, Ordering::Relaxed);
                 let policy = d.policy.as_deref().unwrap_or("");
-                warn!(dst = %info.dst, src = %info.src, policy, "plaintext connection refused: mTLS is STRICT");
+                if self.may_warn() {
+                    warn!(dst = %info.dst, src = %info.src, policy, "plaintext connection refused: mTLS is STRICT");
+                }
                 (ResponseFlags::Denied, Some(authz_of(d, false)), None)
             }
             Refusal::Policy(d) => {
                 count_decision(&self.metrics, d);
-                warn!(
-                    src = %info.src, dst = %info.dst,
-                    src_identity = info.identities().0.map_or("", Identity::as_str),
-                    policy = d.policy.as_deref().unwrap_or(""),
-                    reason = reason_str(d.reason),
-                    "connection denied by policy"
-                );
+                if self.may_warn() {
+                    warn!(
+                        src = %info.src, dst = %info.dst,
+                        src_identity = info.identities().0.map_or("", Identity::as_str),
+                        policy = d.policy.as_deref().unwrap_or(""),
+                        reason = reason_str(d.reason),
+                        "connection denied by policy"
+                    );
+                }
                 (ResponseFlags::Denied, Some(authz_of(d, false)), None)
             }
             Refusal::PeerDenied(e) => {
-                warn!(src = %info.src, dst = %info.dst, error = %e, "the destination denied the connection");
+                if self.may_warn() {
+                    warn!(src = %info.src, dst = %info.dst, error = %e, "the destination denied the connection");
+                }
                 (ResponseFlags::Denied, None, Some(e.clone()))
             }
             Refusal::Connect(e) => {
@@ -391,7 +414,11 @@ impl Telemetry {
             None => info.authz.as_ref().map(|d| authz_of(d, false)),
         };
         let error = result.as_ref().err().map(ToString::to_string);
-        log_close(info, started, totals, error.as_deref(), revoked);
+        // A warning (failed, or closed by a policy change) within the log budget; the debug line
+        // of a clean close always.
+        if (error.is_none() && revoked.is_none()) || self.may_warn() {
+            log_close(info, started, totals, error.as_deref(), revoked);
+        }
         let span_error = error
             .clone()
             .or_else(|| revoked.map(|_| "closed by a policy change".to_owned()));
