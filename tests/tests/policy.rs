@@ -794,8 +794,8 @@ const WARNINGS_PER_SECOND: usize = 20;
 /// The attack: a pod opens connections a policy denies, as fast as it can, to make the agent
 /// (shared by every pod of its node) write a warning per connection. The agent writes at most
 /// its budget of warnings a second and one line saying how many it held back; the access log
-/// still has a record of every denied connection. The allowed control pod reaches the server
-/// throughout.
+/// still has a record of every denied connection. An allowed control pod, right after the
+/// flood, reaches the server without an error.
 #[test]
 fn a_flood_of_denied_connections_does_not_flood_the_agents_log() {
     let mesh = mesh(1, 3, Shortcut::Default);
