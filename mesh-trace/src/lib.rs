@@ -5,6 +5,8 @@
 //! - [`Tracer`]: samples new traces and exports each finished, sampled span over OTLP/gRPC
 //!   through the OpenTelemetry SDK.
 //! - [`AccessLog`]: the JSON access log, written by a thread of its own in batches.
+//! - [`LogBudget`]: how many per-connection or per-request warnings a proxy writes a second, per
+//!   source and in all (a pod that floods the proxy with failing connections cannot flood its log).
 //!
 //! Who makes which span (ARCHITECTURE.md, "Tracing"): the source agent one per outbound
 //! connection (a new trace, its context in the HBONE CONNECT), the waypoint one per request
@@ -14,9 +16,11 @@
 pub mod access_log;
 mod context;
 mod export;
+pub mod log_budget;
 mod request_id;
 
 pub use access_log::{rfc3339, AccessLog, AccessLogError, AccessLogTarget};
+pub use log_budget::LogBudget;
 
 pub use context::{Sampler, SamplerError, TraceContext, TraceparentError, TRACEPARENT, TRACESTATE};
 pub use export::{ExportError, FinishedSpan, SpanKind, TraceConfig, Tracer};

@@ -134,6 +134,7 @@ pub async fn serve(
             metrics,
             tracer,
             access_log,
+            log_budget: Arc::default(),
         }),
         drain: Drain::default(),
         balancer: Arc::default(),
@@ -167,16 +168,22 @@ pub async fn serve(
 }
 
 /// The tasks that keep the waypoint's state current while it serves: the JWT keys its
-/// `RequestAuthentication`s name fetched, and what is gone let go.
-fn background(ctx: &Arc<Ctx>) -> [AbortOnDrop; 2] {
+/// `RequestAuthentication`s name fetched, what is gone let go, and the held-back warnings
+/// counted.
+fn background(ctx: &Arc<Ctx>) -> [AbortOnDrop; 3] {
     let jwks = tokio::spawn(crate::jwks::keep_fetched(
         Arc::clone(&ctx.jwks),
         (ctx.config.namespace.clone(), ctx.config.name.clone()),
         ctx.state.clone(),
     ));
     let forget = tokio::spawn(forget_gone(Arc::clone(ctx)));
-    [AbortOnDrop(jwks), AbortOnDrop(forget)]
+    let held = tokio::spawn(Arc::clone(&ctx.reporters.log_budget).report_held(HELD_REPORT_EVERY));
+    [AbortOnDrop(jwks), AbortOnDrop(forget), AbortOnDrop(held)]
 }
+
+/// How often the warnings held back by the log budget are counted in a line, when no later
+/// warning has said so.
+const HELD_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// How often the balancers and breakers let go of backends, endpoints and destinations that
 /// are gone or idle.
@@ -218,16 +225,22 @@ async fn connection(
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            warn!(error = %e, "TLS handshake on the HBONE port failed");
+            if ctx.reporters.log_budget.may_warn(peer.ip()) {
+                warn!(%peer, error = %e, "TLS handshake on the HBONE port failed");
+            }
             return;
         }
         Err(_) => {
-            warn!("TLS handshake on the HBONE port timed out");
+            if ctx.reporters.log_budget.may_warn(peer.ip()) {
+                warn!(%peer, "TLS handshake on the HBONE port timed out");
+            }
             return;
         }
     };
     let Some(src) = mesh_identity::peer_identity(tls.get_ref().1) else {
-        warn!("HBONE peer without a SPIFFE identity; closing");
+        if ctx.reporters.log_budget.may_warn(peer.ip()) {
+            warn!(%peer, "HBONE peer without a SPIFFE identity; closing");
+        }
         return;
     };
     debug!(%src, "HBONE connection established");
@@ -259,7 +272,10 @@ async fn tunnel(
     let target = match target {
         Ok(target) => target,
         Err(why) => {
-            warn!(%src, authority = %request.authority, %why, "HBONE request refused");
+            let client = request.forwarded_for.unwrap_or(peer);
+            if ctx.reporters.log_budget.may_warn(client.ip()) {
+                warn!(%src, %client, authority = %request.authority, %why, "HBONE request refused");
+            }
             let _ = responder.reject(http::StatusCode::BAD_REQUEST);
             return;
         }

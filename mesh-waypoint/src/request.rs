@@ -436,7 +436,7 @@ async fn route(
                     });
                     response
                 }
-                Err(e) => upstream_failed(&e),
+                Err(e) => upstream_failed(ctx, source, &e),
             };
         }
         Target::Service { port, .. } => *port,
@@ -701,7 +701,7 @@ async fn send(
                 drop(retrying);
                 return match result {
                     Ok(response) => response,
-                    Err(failure) => failure.response(),
+                    Err(failure) => failure.response(ctx, source),
                 };
             }
             attempt += 1;
@@ -775,7 +775,8 @@ enum Failure {
 }
 
 impl Failure {
-    fn response(&self) -> Response<Body> {
+    /// The answer to `source`'s request that failed so.
+    fn response(&self, ctx: &Ctx, source: &Source) -> Response<Body> {
         match self {
             Failure::NoEndpoint => local(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -794,7 +795,7 @@ impl Failure {
                     .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
                 refused
             }
-            Failure::Upstream(e) => upstream_failed(e),
+            Failure::Upstream(e) => upstream_failed(ctx, source, e),
             Failure::Timeout => local(
                 StatusCode::GATEWAY_TIMEOUT,
                 Flag::Timeout,
@@ -982,8 +983,12 @@ fn spawn_mirror(
     );
 }
 
-fn upstream_failed(error: &UpstreamError) -> Response<Body> {
-    warn!(%error, "no response from the endpoint");
+/// 503 for a request no endpoint answered; a warning within the source's share of the log
+/// budget (a client sending requests it knows will fail cannot flood the waypoint's log).
+fn upstream_failed(ctx: &Ctx, source: &Source, error: &UpstreamError) -> Response<Body> {
+    if ctx.reporters.log_budget.may_warn(source.addr.ip()) {
+        warn!(src = %source.addr, %error, "no response from the endpoint");
+    }
     local(
         StatusCode::SERVICE_UNAVAILABLE,
         Flag::UpstreamFailure,

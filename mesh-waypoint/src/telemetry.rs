@@ -20,7 +20,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use mesh_cluster::{Service, Workload};
 use mesh_identity::Identity;
-use mesh_trace::{AccessLog, FinishedSpan, KeyValue, SpanKind, TraceContext, Tracer};
+use mesh_trace::{AccessLog, FinishedSpan, KeyValue, LogBudget, SpanKind, TraceContext, Tracer};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -201,6 +201,9 @@ pub(crate) struct Reporters {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tracer: Tracer,
     pub(crate) access_log: AccessLog,
+    /// How many per-connection and per-request warnings are written each second, per client
+    /// and in all (`mesh_trace::log_budget`).
+    pub(crate) log_budget: Arc<LogBudget>,
 }
 
 /// A request's access log line.
@@ -730,6 +733,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             tracer: Tracer::disabled(),
             access_log: AccessLog::start(&AccessLogTarget::Off).expect("a log that is off"),
+            log_budget: Arc::default(),
         }
     }
 

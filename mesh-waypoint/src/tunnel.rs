@@ -43,13 +43,17 @@ where
     };
     // The policies as a connection sees them: an ALLOW rule with HTTP fields matches nothing.
     let decision = authorize(ctx, &state, (target, addressed.as_deref()), source, None);
+    let may_warn = || ctx.reporters.log_budget.may_warn(source.addr.ip());
     if decision.verdict == Verdict::Deny {
-        warn!(
-            src = %source.identity,
-            ?target,
-            authz = authz_note(&decision).unwrap_or_default(),
-            "TCP tunnel refused by policy"
-        );
+        if may_warn() {
+            warn!(
+                src = %source.identity,
+                client = %source.addr,
+                ?target,
+                authz = authz_note(&decision).unwrap_or_default(),
+                "TCP tunnel refused by policy"
+            );
+        }
         return;
     }
     // With `tls` rules on the port, the server name its client hello asks for; the bytes read
@@ -76,7 +80,9 @@ where
         (target, addressed.as_ref()),
         (source, sni.as_deref()),
     ) else {
-        warn!(?target, "no endpoint for a TCP tunnel");
+        if may_warn() {
+            warn!(client = %source.addr, ?target, "no endpoint for a TCP tunnel");
+        }
         return;
     };
     // `_in_flight`: counted for least request while the tunnel lasts; `_connection`: one of
@@ -86,7 +92,9 @@ where
             let slot = match connection_slot(ctx, (&service, port, &policy), addr).await {
                 Ok(slot) => slot,
                 Err(overflow) => {
-                    warn!(%overflow, ?target, "TCP tunnel refused by the destination's circuit breaker (UO)");
+                    if may_warn() {
+                        warn!(client = %source.addr, %overflow, ?target, "TCP tunnel refused by the destination's circuit breaker (UO)");
+                    }
                     return;
                 }
             };
@@ -206,6 +214,10 @@ async fn relay<IO>(
         .await
     {
         Ok((sent, received)) => debug!(%addr, sent, received, "TCP tunnel done"),
-        Err(e) => warn!(error = %e, "TCP tunnel failed"),
+        Err(e) => {
+            if ctx.reporters.log_budget.may_warn(source.addr.ip()) {
+                warn!(client = %source.addr, %addr, error = %e, "TCP tunnel failed");
+            }
+        }
     }
 }

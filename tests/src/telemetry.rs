@@ -159,6 +159,40 @@ pub fn lines_once(
     }
 }
 
+/// The warnings a proxy's log budget held back, as its "warnings held back" lines count them
+/// (`mesh-trace/src/log_budget.rs`).
+pub fn warnings_held_back(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .filter(|l| l.contains("warnings held back"))
+        .filter_map(|l| {
+            l.split("held=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The `warning` lines about connections or requests from `source` (their `src=<address>:`).
+pub fn warnings_from(lines: &[String], warning: &str, source: std::net::Ipv4Addr) -> usize {
+    let from = format!("src={source}:");
+    lines
+        .iter()
+        .filter(|l| l.contains(warning) && l.contains(&from))
+        .count()
+}
+
+/// Whether a "warnings held back" line names `source` as the one most of them came from.
+pub fn held_back_most_from(lines: &[String], source: std::net::Ipv4Addr) -> bool {
+    let named = format!("most_from={source} ");
+    lines
+        .iter()
+        .any(|l| l.contains("warnings held back") && l.contains(&named))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,8 @@ use mesh_tests::{
     mesh::{Mesh, Shortcut, NS},
     probe,
     telemetry::{
-        access_records, access_records_once, count, lines_once, scrape, Sample, ADMIN, READINESS,
+        access_records, access_records_once, count, held_back_most_from, lines_once, scrape,
+        warnings_from, warnings_held_back, Sample, ADMIN, READINESS,
     },
     Agent, Pod, Process, TestbedSpec,
 };
@@ -787,15 +788,51 @@ fn denied_flood(pod: &Pod, addr: SocketAddr, duration: Duration) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("connrate's report {last:?}: {e}"))
 }
 
-/// Per-connection warnings an agent writes in any one second, at most
-/// (`mesh-agent/src/telemetry/log_budget.rs`).
-const WARNINGS_PER_SECOND: usize = 20;
+/// Per-connection warnings an agent writes in any one second about one source pod's
+/// connections, at most (`mesh-trace/src/log_budget.rs`).
+const WARNINGS_PER_SOURCE_PER_SECOND: usize = 10;
+
+/// A port of the destination a policy denies the victim, for its own warnings during the flood.
+const VICTIM_PORT: u16 = 9099;
+
+/// The victim's denied connections during the flood, each of which must have its warning.
+const VICTIM_CONNECTIONS: usize = 3;
+
+/// The flood of [`denied_flood`] from `attacker` to `dst`'s app for 2 s, while `control` makes
+/// [`VICTIM_CONNECTIONS`] connections to its [`VICTIM_PORT`], which are denied too; the flood's
+/// report and how long it took.
+fn flood_with_a_victim(attacker: &Pod, control: &Pod, dst: &Pod) -> (Value, f64) {
+    let started = Instant::now();
+    let victim_addr = SocketAddr::new(IpAddr::V4(dst.ipv4), VICTIM_PORT);
+    let (flood, victim_refused) = thread::scope(|scope| {
+        let victim = scope.spawn(|| {
+            (0..VICTIM_CONNECTIONS)
+                .filter(|_| {
+                    thread::sleep(Duration::from_millis(400));
+                    probe::connect(control, victim_addr, "victim").is_err()
+                })
+                .count()
+        });
+        let flood = denied_flood(attacker, app(dst), Duration::from_secs(2));
+        (flood, victim.join().expect("the victim's connections"))
+    });
+    assert_eq!(
+        flood["connections"], 0,
+        "a denied connection got through: {flood}"
+    );
+    assert_eq!(
+        victim_refused, VICTIM_CONNECTIONS,
+        "the victim's connections to port {VICTIM_PORT} were not all denied"
+    );
+    (flood, started.elapsed().as_secs_f64())
+}
 
 /// The attack: a pod opens connections a policy denies, as fast as it can, to make the agent
-/// (shared by every pod of its node) write a warning per connection. The agent writes at most
-/// its budget of warnings a second and one line saying how many it held back; the access log
-/// still has a record of every denied connection. An allowed control pod, right after the
-/// flood, reaches the server without an error.
+/// (shared by every pod of its node) write a warning per connection, and so bury the other
+/// pods' warnings. The agent writes at most the attacker's share of warnings a second and a
+/// line saying how many it held back and from whom; the access log still has a record of every
+/// denied connection. Another pod's denied connections during the flood each have their
+/// warning, and an allowed pod, right after the flood, reaches the server without an error.
 #[test]
 fn a_flood_of_denied_connections_does_not_flood_the_agents_log() {
     let mesh = mesh(1, 3, Shortcut::Default);
@@ -809,23 +846,18 @@ fn a_flood_of_denied_connections_does_not_flood_the_agents_log() {
         &mesh,
         "deny-attacker",
         &format!(
-            "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n",
-            principal(&attacker)
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"{}\"]\n  - from:\n    - source:\n        principals: [\"{}\"]\n    to:\n    - operation:\n        ports: [\"{VICTIM_PORT}\"]\n",
+            principal(&attacker),
+            principal(&control),
         ),
     );
     wait_policy(&mesh, 0, "deny-attacker", "DENY");
     let log_from = mesh.agents[0].log_len();
-    let started = Instant::now();
-    let flood = denied_flood(&attacker, app(&dst), Duration::from_secs(2));
-    let flood_secs = started.elapsed().as_secs_f64();
+    let (flood, flood_secs) = flood_with_a_victim(&attacker, &control, &dst);
     let denied = flood["errors"].as_u64().expect("connrate's errors");
-    assert_eq!(
-        flood["connections"], 0,
-        "a denied connection got through: {flood}"
-    );
     // Enough to overrun the budget several times over, or the test shows nothing.
     assert!(
-        denied > 10 * WARNINGS_PER_SECOND as u64,
+        denied > 10 * WARNINGS_PER_SOURCE_PER_SECOND as u64,
         "the flood made only {denied} connections: {flood}"
     );
     let control_run =
@@ -835,50 +867,46 @@ fn a_flood_of_denied_connections_does_not_flood_the_agents_log() {
         "the allowed pod was refused: {control_run}"
     );
     // Every denial is either written or counted in a line saying how many were held back (the
-    // next second's first warning, or the agent's report every 10 s, within LOG_WAIT).
-    let warnings_in = |lines: &[String]| {
-        lines
-            .iter()
-            .filter(|l| l.contains("connection denied by policy"))
-            .count()
-    };
-    let held_in = |lines: &[String]| -> u64 {
-        lines
-            .iter()
-            .filter(|l| l.contains("per-connection warnings held back"))
-            .filter_map(|l| {
-                l.split("held=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum()
-    };
+    // next warning, or the agent's report every 10 s, within LOG_WAIT).
+    let warnings_in =
+        |lines: &[String], pod: &Pod| warnings_from(lines, "connection denied by policy", pod.ipv4);
+    let victims = VICTIM_CONNECTIONS as u64;
     let agent = &mesh.agents[0];
     let logs = lines_once(
         || agent.logs()[log_from..].to_vec(),
         LOG_WAIT,
-        |l| warnings_in(l) as u64 + held_in(l) >= denied,
+        |l| {
+            (warnings_in(l, &attacker) + warnings_in(l, &control)) as u64 + warnings_held_back(l)
+                >= denied + victims
+        },
     );
-    let (warnings, held) = (warnings_in(&logs), held_in(&logs));
+    let (warnings, held) = (warnings_in(&logs, &attacker), warnings_held_back(&logs));
     eprintln!(
         "{denied} denied connections in {flood_secs:.1} s: {warnings} warnings written, {held} \
          held back"
     );
-    // The flood's seconds, each with its budget, and one window begun before it.
+    // The flood's seconds, each with the attacker's share, and one window begun before it.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let most = (flood_secs.ceil() as usize + 1) * WARNINGS_PER_SECOND;
+    let most = (flood_secs.ceil() as usize + 1) * WARNINGS_PER_SOURCE_PER_SECOND;
     assert!(
         (1..=most).contains(&warnings),
         "{warnings} denial warnings for {denied} denied connections in {flood_secs:.1} s \
          (budget {most})"
     );
+    // The victim's warnings were not buried: every one was written.
+    assert_eq!(
+        warnings_in(&logs, &control),
+        VICTIM_CONNECTIONS,
+        "the victim's denial warnings during the flood"
+    );
     assert_eq!(
         warnings as u64 + held,
         denied,
         "denials written ({warnings}) and held back ({held}) against the denied connections"
+    );
+    assert!(
+        held_back_most_from(&logs, attacker.ipv4),
+        "no held-back line names the attacker"
     );
     // Every denied connection has its record, whatever the log held back.
     let src = format!("{}:", attacker.ipv4);

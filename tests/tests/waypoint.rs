@@ -18,7 +18,10 @@ use mesh_tests::{
     jwt::{self, sign, TestKey},
     mesh::{Mesh, Shortcut, NS, PLAIN_NS},
     plan,
-    telemetry::{access_records_once, count, parse_prometheus, sum},
+    telemetry::{
+        access_records_in, access_records_once, count, held_back_most_from, lines_once,
+        parse_prometheus, sum, warnings_from, warnings_held_back,
+    },
     waypoint::Waypoint,
     Pod, Process, TestbedSpec,
 };
@@ -2889,4 +2892,103 @@ fn the_client_identity_reaches_the_endpoint_only_as_the_waypoint_proved_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Warnings a waypoint writes in any one second about one client's requests, at most
+/// (`mesh-trace/src/log_budget.rs`).
+const WARNINGS_PER_CLIENT_PER_SECOND: usize = 10;
+
+/// The victim's failing requests during the flood, each of which must have its warning.
+const VICTIM_REQUESTS: usize = 3;
+
+/// The attack on a waypoint's log: a client sends requests it knows no endpoint will answer, as
+/// fast as it can (h2load, 20 streams at a time), to make the waypoint (shared by every client
+/// of its services) write a warning per request and bury the others' warnings. The waypoint
+/// writes at most the attacker's share a second and a line saying how many it held back and
+/// from whom; the access log has every request; another client's failed requests during the
+/// flood each have their warning.
+#[test]
+fn a_flood_of_failing_requests_does_not_flood_the_waypoints_log() {
+    let route = one_rule_route("backendRefs: [{name: web-v1, port: 80}]\n");
+    let mut bed = bed(&route);
+    // v1's server gone: its endpoint stays, and nothing answers on its port.
+    drop(bed.backends.remove(0));
+    let (attacker, victim) = (bed.client().clone(), bed.mesh.pod(1, 1).clone());
+    let log_from = bed.waypoint.process.lines().len();
+    let started = std::time::Instant::now();
+    let (flood, victim_codes) = std::thread::scope(|scope| {
+        let victim = scope.spawn(|| {
+            (0..VICTIM_REQUESTS)
+                .map(|_| {
+                    std::thread::sleep(Duration::from_millis(400));
+                    curl_answer(&victim, "/victim", &[]).0
+                })
+                .collect::<Vec<u16>>()
+        });
+        let out = attacker
+            .command("h2load")
+            .args(["-D", "2", "-c", "2", "-m", "10", &url("/flood")])
+            .output()
+            .expect("running h2load");
+        let flood = String::from_utf8_lossy(&out.stdout).into_owned();
+        (flood, victim.join().expect("the victim's requests"))
+    });
+    let flood_secs = started.elapsed().as_secs_f64();
+    assert!(flood.contains("Application protocol: h2c"), "{flood}");
+    assert_eq!(victim_codes, [503; VICTIM_REQUESTS], "the victim's answers");
+    // The failed requests, as the access log has them.
+    let failed_of = |records: &[Value], pod: &Pod| {
+        records
+            .iter()
+            .filter(|r| r["response_flags"] == "UF" && r["src"]["workload"] == pod.name.as_str())
+            .count()
+    };
+    // Every failure is either written or counted in a line saying how many were held back (the
+    // next warning, or the waypoint's report every 10 s, within LOG_WAIT).
+    let warnings_in = |lines: &[String], pod: &Pod| {
+        warnings_from(lines, "no response from the endpoint", pod.ipv4)
+    };
+    // One snapshot of the log, once the access records and the warnings agree (the last
+    // records come in the log's next batch, the last held-back count within 10 s).
+    let logs = lines_once(
+        || bed.waypoint.process.lines()[log_from..].to_vec(),
+        LOG_WAIT,
+        |l| {
+            let records = access_records_in(l);
+            failed_of(&records, &victim) == VICTIM_REQUESTS
+                && (warnings_in(l, &attacker) + warnings_in(l, &victim)) as u64
+                    + warnings_held_back(l)
+                    == (failed_of(&records, &attacker) + VICTIM_REQUESTS) as u64
+        },
+    );
+    let failed = failed_of(&access_records_in(&logs), &attacker);
+    assert!(
+        failed > 10 * WARNINGS_PER_CLIENT_PER_SECOND,
+        "the flood made only {failed} failed requests: {flood}"
+    );
+    let (warnings, held) = (warnings_in(&logs, &attacker), warnings_held_back(&logs));
+    eprintln!(
+        "{failed} failed requests in {flood_secs:.1} s: {warnings} warnings written, {held} held \
+         back"
+    );
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let most = (flood_secs.ceil() as usize + 1) * WARNINGS_PER_CLIENT_PER_SECOND;
+    assert!(
+        (1..=most).contains(&warnings),
+        "{warnings} warnings for {failed} failed requests in {flood_secs:.1} s (budget {most})"
+    );
+    assert_eq!(
+        warnings_in(&logs, &victim),
+        VICTIM_REQUESTS,
+        "the victim's warnings during the flood"
+    );
+    assert_eq!(
+        warnings as u64 + held,
+        failed as u64,
+        "warnings written ({warnings}) and held back ({held}) against the failed requests"
+    );
+    assert!(
+        held_back_most_from(&logs, attacker.ipv4),
+        "no held-back line names the attacker"
+    );
 }

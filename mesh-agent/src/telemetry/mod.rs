@@ -10,7 +10,6 @@
 pub mod access_log;
 pub mod exposition;
 pub mod labels;
-pub mod log_budget;
 pub mod metrics;
 
 use std::{
@@ -21,7 +20,7 @@ use std::{
 };
 
 use mesh_identity::Identity;
-use mesh_trace::{FinishedSpan, KeyValue, SpanKind, TraceContext, Tracer};
+use mesh_trace::{FinishedSpan, KeyValue, LogBudget, SpanKind, TraceContext, Tracer};
 use tracing::{debug, warn};
 
 use crate::local_pod::LocalPod;
@@ -30,7 +29,6 @@ use mesh_cluster::{AuthzDecision, DecisionReason, Service, Verdict, Workload};
 use self::{
     access_log::{AccessRecord, Authz, Endpoint},
     labels::{workload_name, Peer, PeerLabels, ServiceLabels, TrafficLabels},
-    log_budget::{Admit, LogBudget},
 };
 pub use mesh_trace::{rfc3339, AccessLog, AccessLogError, AccessLogTarget};
 
@@ -234,7 +232,7 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub tracer: Tracer,
-    /// How many per-connection warnings are written each second (`log_budget.rs`).
+    /// How many per-connection warnings are written each second (`mesh_trace::log_budget`).
     pub log_budget: Arc<LogBudget>,
 }
 
@@ -248,16 +246,10 @@ impl Telemetry {
         }
     }
 
-    /// Whether a per-connection warning may be written now (within the log budget), having
-    /// first said how many were held back since the last one.
-    fn may_warn(&self) -> bool {
-        match self.log_budget.admit(tokio::time::Instant::now()) {
-            Admit::Write { held_before } => {
-                log_budget::say_held(held_before);
-                true
-            }
-            Admit::Hold => false,
-        }
+    /// Whether a warning about `info`'s connection may be written now: within its source
+    /// pod's share of the log budget, and all pods' (`mesh_trace::log_budget`).
+    fn may_warn(&self, info: &ConnInfo) -> bool {
+        self.log_budget.may_warn(info.src.ip())
     }
 
     /// Counts a connection that opened and will be relayed; returns its counters.
@@ -291,14 +283,14 @@ impl Telemetry {
             Refusal::Policy(d) if d.reason == DecisionReason::MtlsRequired => {
                 agent.plaintext_refused.fetch_add(1, Ordering::Relaxed);
                 let policy = d.policy.as_deref().unwrap_or("");
-                if self.may_warn() {
+                if self.may_warn(info) {
                     warn!(dst = %info.dst, src = %info.src, policy, "plaintext connection refused: mTLS is STRICT");
                 }
                 (ResponseFlags::Denied, Some(authz_of(d, false)), None)
             }
             Refusal::Policy(d) => {
                 count_decision(&self.metrics, d);
-                if self.may_warn() {
+                if self.may_warn(info) {
                     warn!(
                         src = %info.src, dst = %info.dst,
                         src_identity = info.identities().0.map_or("", Identity::as_str),
@@ -310,7 +302,7 @@ impl Telemetry {
                 (ResponseFlags::Denied, Some(authz_of(d, false)), None)
             }
             Refusal::PeerDenied(e) => {
-                if self.may_warn() {
+                if self.may_warn(info) {
                     warn!(src = %info.src, dst = %info.dst, error = %e, "the destination denied the connection");
                 }
                 (ResponseFlags::Denied, None, Some(e.clone()))
@@ -416,7 +408,7 @@ impl Telemetry {
         let error = result.as_ref().err().map(ToString::to_string);
         // A warning (failed, or closed by a policy change) within the log budget; the debug line
         // of a clean close always.
-        if (error.is_none() && revoked.is_none()) || self.may_warn() {
+        if (error.is_none() && revoked.is_none()) || self.may_warn(info) {
             log_close(info, started, totals, error.as_deref(), revoked);
         }
         let span_error = error
