@@ -44,6 +44,11 @@ use super::{
 
 pub(crate) mod cors_fields;
 mod de_fields;
+pub mod l4;
+
+pub use l4::{
+    L4Rule, TcpRoute, TcpRouteSpec, TlsRoute, TlsRouteSpec, TCP_ROUTE_VERSIONS, TLS_ROUTE_VERSIONS,
+};
 
 /// `apiVersion`s of `HTTPRoute` read.
 pub const HTTP_ROUTE_VERSIONS: [&str; 2] = [
@@ -214,6 +219,8 @@ pub enum RouteSchemaError {
     Method(String),
     #[error("{0:?} is not a gRPC status name (OK, CANCELLED, UNKNOWN, …, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED, in capitals)")]
     GrpcStatus(String),
+    #[error("rules: exactly one rule, found {0} (the rule of a TCPRoute or TLSRoute has no matches: a second could never be chosen)")]
+    OneRule(usize),
     #[error("cookie {what} {value:?} {problem}")]
     Cookie {
         what: &'static str,

@@ -43,7 +43,9 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::{
-    gateway_api::{BackendTarget, Filter, HttpRouteSpec, PathMatch, Retry, RouteMatch, Timeouts},
+    gateway_api::{
+        BackendTarget, Filter, HttpRouteSpec, ParentRef, PathMatch, Retry, RouteMatch, Timeouts,
+    },
     meta::{Kind, MetaExt, ObjectMeta, ObjectRef},
     model::Service,
     reference_grant::ServiceGrants,
@@ -316,6 +318,8 @@ pub(crate) type TlsRule = (Vec<String>, Arc<ResolvedRule>);
 #[derive(Debug, Default)]
 pub(crate) struct HttpRouteIndex {
     ports: HashMap<(String, String, u16), PortRoutes>,
+    /// The Service ports a `TCPRoute` or `TLSRoute` attaches to.
+    gateway_l4: std::collections::BTreeSet<(String, String, u16)>,
     policies: istio::Policies,
     warnings: Vec<String>,
 }
@@ -324,10 +328,14 @@ pub(crate) struct HttpRouteIndex {
 pub(crate) type Services<'a> = HashMap<(&'a str, &'a str), &'a Arc<Service>>;
 
 impl HttpRouteIndex {
-    /// Attaches `routes` and `virtual_services` to `services` (found by namespace and name), with
-    /// the subsets and load balancers of `destination_rules`.
+    /// Attaches `routes` (HTTP and gRPC), `l4_routes` (TCP and TLS) and `virtual_services` to
+    /// `services` (found by namespace and name), with the subsets and load balancers of
+    /// `destination_rules`.
     pub(crate) fn build<'a>(
-        routes: impl IntoIterator<Item = (Kind, &'a ObjectMeta, &'a HttpRouteSpec)>,
+        (routes, l4_routes): (
+            impl IntoIterator<Item = (Kind, &'a ObjectMeta, &'a HttpRouteSpec)>,
+            Vec<L4Route<'a>>,
+        ),
         (virtual_services, destination_rules): (
             impl IntoIterator<Item = &'a crate::istio_traffic::VirtualService>,
             impl IntoIterator<Item = &'a crate::istio_traffic::DestinationRule>,
@@ -347,6 +355,7 @@ impl HttpRouteIndex {
                 (services, grants),
             );
         }
+        index.attach_l4(l4_routes, (services, grants));
         let mut virtual_services: Vec<_> = virtual_services.into_iter().collect();
         virtual_services.sort_by_key(|vs| {
             let created = vs.metadata.creation_timestamp.clone();
@@ -360,6 +369,7 @@ impl HttpRouteIndex {
         for vs in virtual_services {
             index.attach_virtual_service(vs, services, root_namespace);
         }
+        index.warn_l4_on_http(services);
         for port in index.ports.values_mut() {
             port.producer.sort_by(|a, b| a.key.cmp(&b.key));
             for entries in port.consumers.values_mut() {
@@ -377,39 +387,11 @@ impl HttpRouteIndex {
         let namespace = meta.namespace();
         let mut attached_any = false;
         for (index, parent) in spec.parent_refs.iter().enumerate() {
-            if !parent.is_service() {
-                continue;
-            }
-            let field = format!("spec.parentRefs[{index}]");
-            let parent_ns = parent.namespace.as_deref().unwrap_or(namespace);
-            let Some(service) = services.get(&(parent_ns, parent.name.as_str())) else {
-                self.warnings.push(format!(
-                    "{object}: {field}: Service {parent_ns}/{} does not exist; the route does not \
-                     attach to it",
-                    parent.name
-                ));
+            let Some((service, ports)) =
+                self.parent_ports(&object, (index, parent), namespace, services)
+            else {
                 continue;
             };
-            let ports: Vec<u16> = service
-                .ports
-                .iter()
-                .filter(|p| p.protocol == crate::model::Protocol::Tcp)
-                .filter(|p| parent.port.is_none_or(|port| p.port == port))
-                .filter(|p| {
-                    parent
-                        .section_name
-                        .as_ref()
-                        .is_none_or(|section| p.name.as_ref() == Some(section))
-                })
-                .map(|p| p.port)
-                .collect();
-            if ports.is_empty() {
-                self.warnings.push(format!(
-                    "{object}: {field}: Service {service} has no TCP port that `port` or \
-                     `sectionName` names; the route does not attach to it"
-                ));
-                continue;
-            }
             attached_any = true;
             // Resolved for each parent: a backend in the parent's namespace may be the parent.
             let mut warnings = Vec::new();
@@ -436,7 +418,7 @@ impl HttpRouteIndex {
                 object: object.clone(),
                 rules,
             });
-            let consumer = parent_ns != namespace;
+            let consumer = service.namespace != namespace;
             for port in ports {
                 let key = (service.namespace.clone(), service.name.clone(), port);
                 let routes = self.ports.entry(key).or_default();
@@ -454,6 +436,52 @@ impl HttpRouteIndex {
                  applies only routes attached to Services"
             ));
         }
+    }
+
+    /// The Service a route's `parentRef` (`index`, `parent`) names and the TCP ports of it the
+    /// route attaches to (all, or the one its `port` or `sectionName` names); `None`, with a
+    /// warning, when the parent is not a Service, does not exist or has no such port.
+    fn parent_ports<'s>(
+        &mut self,
+        object: &ObjectRef,
+        (index, parent): (usize, &ParentRef),
+        namespace: &str,
+        services: &Services<'s>,
+    ) -> Option<(&'s Arc<Service>, Vec<u16>)> {
+        if !parent.is_service() {
+            return None;
+        }
+        let field = format!("spec.parentRefs[{index}]");
+        let parent_ns = parent.namespace.as_deref().unwrap_or(namespace);
+        let Some(&service) = services.get(&(parent_ns, parent.name.as_str())) else {
+            self.warnings.push(format!(
+                "{object}: {field}: Service {parent_ns}/{} does not exist; the route does not \
+                 attach to it",
+                parent.name
+            ));
+            return None;
+        };
+        let ports: Vec<u16> = service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == crate::model::Protocol::Tcp)
+            .filter(|p| parent.port.is_none_or(|port| p.port == port))
+            .filter(|p| {
+                parent
+                    .section_name
+                    .as_ref()
+                    .is_none_or(|section| p.name.as_ref() == Some(section))
+            })
+            .map(|p| p.port)
+            .collect();
+        if ports.is_empty() {
+            self.warnings.push(format!(
+                "{object}: {field}: Service {service} has no TCP port that `port` or \
+                 `sectionName` names; the route does not attach to it"
+            ));
+            return None;
+        }
+        Some((service, ports))
     }
 
     /// The warnings found while attaching, one line each.
@@ -652,8 +680,12 @@ fn resolve_rule(
     let mut resolve = |target: &BackendTarget| {
         let backend = resolve_backend(target, context);
         if let Backend::Invalid(problem) = &backend {
+            let share = match context.route.kind {
+                Kind::TcpRoute | Kind::TlsRoute => "its share of the connections is refused",
+                _ => "its share of the requests gets a 500",
+            };
             warnings.push(format!(
-                "{}: backend {}: {problem}; its share of the requests gets a 500",
+                "{}: backend {}: {problem}; {share}",
                 context.route, target.name
             ));
         }
@@ -815,6 +847,9 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 mod istio;
+mod l4;
+
+pub(crate) use l4::L4Route;
 
 #[cfg(test)]
 mod tests;

@@ -28,13 +28,14 @@ use serde::{
 use serde_yaml::Value;
 use tracing::debug;
 
-use super::gateway_api::HTTP_ROUTE_VERSIONS;
 pub use super::gateway_api::{
     parse_duration, BackendRef, BackendTarget, Filter, FilterType, Gateway, GatewaySpec, GrpcRoute,
     GrpcRouteSpec, HeaderModifier, HttpRoute, HttpRouteSpec, Mirror, ParentRef, PathMatch,
     PathModifier, Pattern, Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule,
     RouteSchemaError, StringMatch, Timeouts, ValueMatch, GATEWAY_GROUP,
 };
+pub use super::gateway_api::{L4Rule, TcpRoute, TcpRouteSpec, TlsRoute, TlsRouteSpec};
+use super::gateway_api::{HTTP_ROUTE_VERSIONS, TCP_ROUTE_VERSIONS, TLS_ROUTE_VERSIONS};
 use super::istio::{has_match_labels, PeerAuthSeed, PEER_AUTHENTICATION_VERSIONS};
 pub use super::istio::{
     MutualTls, PeerAuthMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
@@ -103,6 +104,10 @@ pub enum Object {
     RequestAuthentication(RequestAuthentication),
     /// A `networking.istio.io` `EnvoyFilter`.
     EnvoyFilter(EnvoyFilter),
+    /// A `gateway.networking.k8s.io` `TCPRoute`.
+    TcpRoute(TcpRoute),
+    /// A `gateway.networking.k8s.io` `TLSRoute`.
+    TlsRoute(TlsRoute),
 }
 
 impl Object {
@@ -122,6 +127,8 @@ impl Object {
             Object::HttpRoute(o) => ObjectRef::namespaced(Kind::HttpRoute, &o.metadata),
             Object::Gateway(o) => ObjectRef::namespaced(Kind::Gateway, &o.metadata),
             Object::GrpcRoute(o) => ObjectRef::namespaced(Kind::GrpcRoute, &o.metadata),
+            Object::TcpRoute(o) => ObjectRef::namespaced(Kind::TcpRoute, &o.metadata),
+            Object::TlsRoute(o) => ObjectRef::namespaced(Kind::TlsRoute, &o.metadata),
             Object::VirtualService(o) => ObjectRef::namespaced(Kind::VirtualService, &o.metadata),
             Object::DestinationRule(o) => ObjectRef::namespaced(Kind::DestinationRule, &o.metadata),
             Object::ReferenceGrant(o) => ObjectRef::namespaced(Kind::ReferenceGrant, &o.metadata),
@@ -220,6 +227,8 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         (version, "HTTPRoute") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::HttpRoute),
         (version, "Gateway") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::Gateway),
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => Some(Kind::GrpcRoute),
+        (version, "TCPRoute") if TCP_ROUTE_VERSIONS.contains(&version) => Some(Kind::TcpRoute),
+        (version, "TLSRoute") if TLS_ROUTE_VERSIONS.contains(&version) => Some(Kind::TlsRoute),
         (version, "VirtualService") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
             Some(Kind::VirtualService)
         }
@@ -480,6 +489,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::HttpRoute
         | Kind::Gateway
         | Kind::GrpcRoute
+        | Kind::TcpRoute
+        | Kind::TlsRoute
         | Kind::VirtualService
         | Kind::DestinationRule
         | Kind::ReferenceGrant
@@ -523,6 +534,8 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 Kind::HttpRoute => Object::HttpRoute(HttpRoute::deserialize(deserializer)?),
                 Kind::Gateway => Object::Gateway(Gateway::deserialize(deserializer)?),
                 Kind::GrpcRoute => Object::GrpcRoute(GrpcRoute::deserialize(deserializer)?),
+                Kind::TcpRoute => Object::TcpRoute(TcpRoute::deserialize(deserializer)?),
+                Kind::TlsRoute => Object::TlsRoute(TlsRoute::deserialize(deserializer)?),
                 Kind::VirtualService => {
                     Object::VirtualService(VirtualService::deserialize(deserializer)?)
                 }

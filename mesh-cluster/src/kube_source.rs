@@ -445,6 +445,8 @@ fn watched_kinds(routes: bool) -> Vec<Kind> {
         kinds.extend([
             Kind::HttpRoute,
             Kind::GrpcRoute,
+            Kind::TcpRoute,
+            Kind::TlsRoute,
             Kind::VirtualService,
             Kind::DestinationRule,
             Kind::ReferenceGrant,
@@ -482,6 +484,10 @@ fn dynamic_resource(kind: Kind) -> Option<ApiResource> {
         Kind::Gateway => ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
         Kind::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
         Kind::GrpcRoute => ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+        // v1: standard since Gateway API 1.5 (a cluster with older CRDs serves none: not found,
+        // as a kind whose CRD is not installed).
+        Kind::TcpRoute => ("gateway.networking.k8s.io", "v1", "TCPRoute", "tcproutes"),
+        Kind::TlsRoute => ("gateway.networking.k8s.io", "v1", "TLSRoute", "tlsroutes"),
         // v1beta1: served by every release with the kind (v1 since Gateway API 1.5).
         Kind::ReferenceGrant => (
             "gateway.networking.k8s.io",

@@ -46,6 +46,10 @@ pub enum Kind {
     RequestAuthentication,
     /// `EnvoyFilter` (`networking.istio.io`).
     EnvoyFilter,
+    /// `TCPRoute` (`gateway.networking.k8s.io`).
+    TcpRoute,
+    /// `TLSRoute` (`gateway.networking.k8s.io`).
+    TlsRoute,
 }
 
 impl fmt::Display for Kind {
@@ -65,6 +69,8 @@ impl fmt::Display for Kind {
             Kind::ReferenceGrant => "ReferenceGrant",
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::TlsRoute => "TLSRoute",
         })
     }
 }

@@ -103,6 +103,8 @@ impl ServiceGrants {
                 let kind = match (from.group.as_str(), from.kind.as_str()) {
                     (GATEWAY_GROUP, "HTTPRoute") => Kind::HttpRoute,
                     (GATEWAY_GROUP, "GRPCRoute") => Kind::GrpcRoute,
+                    (GATEWAY_GROUP, "TCPRoute") => Kind::TcpRoute,
+                    (GATEWAY_GROUP, "TLSRoute") => Kind::TlsRoute,
                     _ => continue,
                 };
                 for to in &services {

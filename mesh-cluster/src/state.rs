@@ -19,7 +19,7 @@ use super::{
     by_kind::{ByKind, Named},
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
-    http_route::{HttpRouteIndex, RequestFacts, RouteDecision},
+    http_route::{HttpRouteIndex, L4Route, RequestFacts, RouteDecision},
     k8s::{self, Kind, Object, ObjectRef},
     model::{AppProtocol, Protocol, Resolution, Service, ServicePort, Workload},
     names::{check_name, NameRule},
@@ -102,6 +102,8 @@ impl ClusterState {
             http_routes,
             gateways,
             grpc_routes,
+            tcp_routes,
+            tls_routes,
             virtual_services,
             destination_rules,
             reference_grants,
@@ -148,6 +150,7 @@ impl ClusterState {
             RateLimitIndex::build(envoy_filters.into_values(), &opts.root_namespace)?;
         state.index_routes(
             (&http_routes, &grpc_routes),
+            (&tcp_routes, &tls_routes),
             (&virtual_services, &destination_rules),
             &reference_grants,
             &opts.root_namespace,
@@ -289,6 +292,7 @@ impl ClusterState {
     fn index_routes(
         &mut self,
         (http_routes, grpc_routes): (&Named<'_, k8s::HttpRoute>, &Named<'_, k8s::GrpcRoute>),
+        (tcp_routes, tls_routes): (&Named<'_, k8s::TcpRoute>, &Named<'_, k8s::TlsRoute>),
         (virtual_services, destination_rules): (
             &Named<'_, k8s::VirtualService>,
             &Named<'_, k8s::DestinationRule>,
@@ -317,9 +321,27 @@ impl ClusterState {
                     .values()
                     .map(|o| (Kind::ReferenceGrant, &o.metadata)),
             );
+        let l4_routes: Vec<L4Route<'_>> = tcp_routes
+            .values()
+            .map(|r| L4Route {
+                kind: Kind::TcpRoute,
+                meta: &r.metadata,
+                parent_refs: &r.spec.parent_refs,
+                hostnames: None,
+                rule: &r.spec.rule,
+            })
+            .chain(tls_routes.values().map(|r| L4Route {
+                kind: Kind::TlsRoute,
+                meta: &r.metadata,
+                parent_refs: &r.spec.parent_refs,
+                hostnames: Some(&r.spec.hostnames),
+                rule: &r.spec.rule,
+            }))
+            .collect();
         let names = routes
             .clone()
             .map(|(kind, meta, _)| (kind, meta))
+            .chain(l4_routes.iter().map(|r| (r.kind, r.meta)))
             .chain(istio);
         for (kind, meta) in names {
             let object = ObjectRef::namespaced(kind, meta);
@@ -331,7 +353,7 @@ impl ClusterState {
             .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
             .collect();
         self.http_routes = HttpRouteIndex::build(
-            routes,
+            (routes, l4_routes),
             (
                 virtual_services.values().copied(),
                 destination_rules.values().copied(),
@@ -695,7 +717,8 @@ impl ClusterState {
     }
 
     /// What a waypoint serves on `service`'s `port`: what the port declares, except that an
-    /// undeclared port ([`AppProtocol::Unknown`]) to which routes attach is HTTP. Routes say the
+    /// undeclared port ([`AppProtocol::Unknown`]) to which routes attach is HTTP (TCP, passed on
+    /// unsniffed, when only `TCPRoute`s or `TLSRoute`s attach). Routes say the
     /// port carries HTTP; were it sniffed, a client that sent something the sniffer does not
     /// take for HTTP (a method it does not list, a blank line first), or nothing for a while,
     /// would pass as TCP to the Service around the routes, to a server that may read it as
@@ -705,6 +728,16 @@ impl ClusterState {
         match port.app_protocol {
             AppProtocol::Unknown if self.http_routes.routes_attach(service, port.port) => {
                 AppProtocol::Http
+            }
+            // Only TCPRoutes or TLSRoutes: TCP, passed on without sniffing.
+            AppProtocol::Unknown
+                if self.http_routes.l4_routes_attach(&(
+                    service.namespace.clone(),
+                    service.name.clone(),
+                    port.port,
+                )) =>
+            {
+                AppProtocol::Opaque
             }
             declared => declared,
         }

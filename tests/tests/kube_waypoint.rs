@@ -316,6 +316,62 @@ fn route_change(mesh: &KubeMesh, vip: &str) {
     until_seen(mesh, 1, "after", &script_once, |seen| seen == ["v2"]);
 }
 
+/// A `TCPRoute` (Gateway API v1, the standard channel's CRD) created through the API: `raw`, a
+/// Service of both echoes whose port declares no protocol, sends every connection to `web-v2`.
+/// The waypoint passes them on as TCP, unread: the echo gets curl's request without the
+/// `x-request-id` the waypoint gives every request it routes as HTTP.
+fn tcp_route(mesh: &KubeMesh) {
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    let raw: Service = from_json(json!({
+        "metadata": {"name": "raw", "namespace": NS, "labels": {"istio.io/use-waypoint": "wp"}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 9000, "targetPort": 8080}]},
+    }));
+    create(mesh, &services, &raw, "Service raw");
+    let raw_vip = mesh
+        .cp
+        .block_on(services.get("raw"))
+        .expect("raw")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("raw's VIP");
+    let route: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "TCPRoute",
+        "metadata": {"name": "raw", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "raw", "port": 9000}],
+            "rules": [{"backendRefs": [{"name": "web-v2", "port": 80}]}],
+        },
+    }));
+    let api = Api::namespaced_with(
+        mesh.cp.client(),
+        NS,
+        &gvk("gateway.networking.k8s.io", "TCPRoute", "tcproutes"),
+    );
+    create(mesh, &api, &route, "the TCPRoute");
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do curl -sS --max-time 10 http://{raw_vip}:9000/t -w '\\n' || exit 1; done"
+    );
+    // Fails, naming it, when the route never applies (both echoes answer `raw` by itself).
+    until_seen(mesh, 0, "tcp", &script, |seen| {
+        seen.len() == 6 && seen.iter().all(|b| b == "v2")
+    });
+    client(
+        mesh,
+        "tcp-headers",
+        "n0",
+        &format!("curl -sS --max-time 10 http://{raw_vip}:9000/h"),
+    );
+    let last = mesh.kubelets[0].logs(NS, "tcp-headers", "client");
+    assert_eq!(backends(mesh, 0, "tcp-headers"), ["v2"], "{last:?}");
+    for line in last.iter().filter(|l| l.trim_start().starts_with('{')) {
+        let echo: Value = serde_json::from_str(line).expect("an echo line");
+        assert!(
+            echo["headers"].get("x-request-id").is_none(),
+            "routed as HTTP, not passed on as TCP: {echo}"
+        );
+    }
+}
+
 /// The `Gateway` deleted: what the controller made goes, and web's traffic fails closed.
 fn delete_gateway(mesh: &KubeMesh, vip: &str) {
     mesh.cp
@@ -545,6 +601,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     ab_requests(&mesh, &vip);
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
+    tcp_route(&mesh);
     waypoint_policy(&mesh, &vip);
     waypoint_jwt(&mesh, &vip);
     waypoint_rate_limit(&mesh, &vip);

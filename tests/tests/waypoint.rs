@@ -2586,17 +2586,6 @@ fn virtual_service_tcp_routes_split_connections_by_weight() {
             weights.0, weights.1
         )
     };
-    let accepted = |servers: &[Process]| -> Vec<usize> {
-        servers
-            .iter()
-            .map(|s| {
-                s.lines()
-                    .iter()
-                    .filter(|l| l.starts_with("accepted "))
-                    .count()
-            })
-            .collect()
-    };
     let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 9000);
     let connections = |n: usize| {
         for i in 0..n {
@@ -2813,25 +2802,9 @@ fn virtual_service_tls_routes_go_by_the_server_name_asked_for() {
         })
         .unwrap();
     let vip = plan::service_vip_v4(3);
-    // The server that answered, from its certificate (the client's TLS goes through untouched).
-    let answered = |name: &str| {
-        let out = client
-            .command("curl")
-            .args(["-sk", "-v", "--max-time", "10", "-o", "/dev/null"])
-            .args(["--connect-to", &format!("{name}:443:{vip}:443")])
-            .arg(format!("https://{name}/"))
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{name}: {text}");
-        ["v1", "v2"]
-            .into_iter()
-            .find(|v| text.contains(&format!("subject: CN={v}")))
-            .unwrap_or_else(|| panic!("{name}: no subject: {text}"))
-    };
     for _ in 0..5 {
-        assert_eq!(answered("a.example"), "v1");
-        assert_eq!(answered("b.example"), "v2");
+        assert_eq!(tls_answered(&client, vip, "a.example"), "v1");
+        assert_eq!(tls_answered(&client, vip, "b.example"), "v2");
     }
 }
 
@@ -2991,4 +2964,141 @@ fn a_flood_of_failing_requests_does_not_flood_the_waypoints_log() {
         held_back_most_from(&logs, attacker.ipv4),
         "no held-back line names the attacker"
     );
+}
+
+/// Gateway API's L4 routes at the waypoint: a `TCPRoute` on an undeclared port splits its
+/// connections by weight (all to `v2`, then all to `v1`), and `TLSRoute`s send TLS connections
+/// by the server name they ask for, the exact name before the older wildcard route.
+#[test]
+fn tcp_routes_split_connections_and_tls_routes_go_by_server_name() {
+    // Before, `TCPRoute` and `TLSRoute` were not read: Istio's "TCP traffic shifting" task
+    // could not be followed, and its connections went to the Service whatever the route said.
+    let mut bed = bed(&canary_route());
+    let client = bed.client().clone();
+    let (v1, v2) = (bed.mesh.pod(1, 0).clone(), bed.mesh.pod(1, 1).clone());
+    let servers: Vec<Process> = [&v1, &v2]
+        .iter()
+        .map(|pod| {
+            mesh_tests::probe::serve(pod, SocketAddr::new(IpAddr::V4(pod.ipv4), 9000))
+                .expect("TCP echo server")
+        })
+        .collect();
+    let _tls_servers = [tls_server(&bed, &v1, "v1"), tls_server(&bed, &v2, "v2")];
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    // `raw`'s port declares no protocol: only the TCPRoute says what it carries.
+    let undeclared = ("protocol: TCP", 9000, 9000);
+    let tls = ("name: tls", 443, 9443);
+    for (name, vip, selector, labels, port) in [
+        ("raw", 3, ("svc", "web"), bound.as_str(), undeclared),
+        ("raw-v1", 4, ("version", "v1"), "", undeclared),
+        ("raw-v2", 5, ("version", "v2"), "", undeclared),
+        ("secure", 6, ("svc", "web"), bound.as_str(), tls),
+        ("secure-v1", 7, ("version", "v1"), "", tls),
+        ("secure-v2", 8, ("version", "v2"), "", tls),
+    ] {
+        let text = port_service_yaml(name, vip, selector, labels, port);
+        bed.mesh
+            .files
+            .write(&format!("service-{name}.yaml"), &text)
+            .unwrap();
+    }
+    bed.wait_for_services(9, "the TCP and TLS Services");
+
+    let tcp_route = |weights: (u32, u32)| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {{name: raw, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: raw, port: 9000}}]\n  rules:\n  - backendRefs:\n    - {{name: raw-v1, port: 9000, weight: {}}}\n    - {{name: raw-v2, port: 9000, weight: {}}}\n",
+            weights.0, weights.1
+        )
+    };
+    let addr = SocketAddr::new(IpAddr::V4(plan::service_vip_v4(3)), 9000);
+    for (generation, weights, expected) in [(1, (0, 100), [0, 10]), (2, (100, 0), [10, 10])] {
+        let from = bed.waypoint.process.line_count();
+        bed.mesh
+            .files
+            .write("tcproute-raw.yaml", &tcp_route(weights))
+            .unwrap();
+        bed.waypoint
+            .process
+            .wait_for_line_from(
+                from,
+                &format!("the TCPRoute, take {generation}"),
+                LOG_WAIT,
+                |l| l.contains("cluster state updated"),
+            )
+            .unwrap();
+        for i in 0..10 {
+            let out = mesh_tests::probe::connect(&client, addr, &format!("bytes {i}"))
+                .unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert!(out.starts_with("echo ok"), "{out}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(accepted(&servers), expected, "weights {weights:?}");
+    }
+
+    // The wildcard route is the older; the exact name takes its connections all the same.
+    let tls_route = |name: &str, created: &str, hostname: &str, backend: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: TLSRoute\nmetadata: {{name: {name}, namespace: {NS}, creationTimestamp: \"{created}\"}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: secure, sectionName: tls}}]\n  hostnames: [\"{hostname}\"]\n  rules:\n  - backendRefs: [{{name: {backend}, port: 443}}]\n"
+        )
+    };
+    let from = bed.waypoint.process.line_count();
+    let routes = [
+        tls_route("wild", "2026-01-01T00:00:00Z", "*.example", "secure-v2"),
+        tls_route("exact", "2026-02-01T00:00:00Z", "a.example", "secure-v1"),
+    ]
+    .join("---\n");
+    bed.mesh
+        .files
+        .write("tlsroute-secure.yaml", &routes)
+        .unwrap();
+    bed.waypoint
+        .process
+        .wait_for_line_from(from, "the TLSRoutes", LOG_WAIT, |l| {
+            l.contains("cluster state updated")
+        })
+        .unwrap();
+    let vip = plan::service_vip_v4(6);
+    for _ in 0..3 {
+        assert_eq!(tls_answered(&client, vip, "a.example"), "v1");
+        assert_eq!(tls_answered(&client, vip, "b.example"), "v2");
+    }
+    assert!(
+        !bed.waypoint
+            .process
+            .lines()
+            .iter()
+            .any(|l| l.contains("TCPRoute") || l.contains("TLSRoute")),
+        "no warning about the routes"
+    );
+}
+
+/// Which TLS server (`v1` or `v2`, from its certificate's subject) answered curl in `client`
+/// asking for server name `name` at `vip`:443 (the client's TLS goes through untouched).
+fn tls_answered(client: &Pod, vip: std::net::Ipv4Addr, name: &str) -> &'static str {
+    let out = client
+        .command("curl")
+        .args(["-sk", "-v", "--max-time", "10", "-o", "/dev/null"])
+        .args(["--connect-to", &format!("{name}:443:{vip}:443")])
+        .arg(format!("https://{name}/"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: {text}");
+    ["v1", "v2"]
+        .into_iter()
+        .find(|v| text.contains(&format!("subject: CN={v}")))
+        .unwrap_or_else(|| panic!("{name}: no subject: {text}"))
+}
+
+/// How many connections each TCP echo server of `servers` accepted.
+fn accepted(servers: &[Process]) -> Vec<usize> {
+    servers
+        .iter()
+        .map(|s| {
+            s.lines()
+                .iter()
+                .filter(|l| l.starts_with("accepted "))
+                .count()
+        })
+        .collect()
 }

@@ -13,6 +13,8 @@ use super::{
     GATEWAY_GROUP,
 };
 
+mod l4;
+
 /// Implements `Deserialize` through [`Checked`] for each type.
 macro_rules! checked {
     ($($ty:ty),*) => {$(
