@@ -10,14 +10,22 @@
 //!   `http.http1MaxPendingRequests`, until one is free; beyond that it is refused. A tunnel is
 //!   refused at once. An endpoint none of whose connections is in use may always have one (so a
 //!   limit below the number of endpoints does not leave endpoints out), as Envoy's pools always
-//!   may open their first. HTTP/2 requests share one connection per endpoint and are limited by
-//!   `http2MaxRequests`.
+//!   may open their first. HTTP/2 requests share a connection per endpoint (limited by
+//!   `http2MaxRequests`); a connection counts while it is kept. Under `maxConcurrentStreams`,
+//!   a request that finds every connection to its endpoint full opens another only within
+//!   `maxConnections`; beyond them it waits, as one of at most `http1MaxPendingRequests`, for
+//!   room on one (a request that ends) or a connection that closes, as requests pend in
+//!   Envoy's HTTP/2 pool; beyond that it is refused.
 //! - `http.maxRetries`: retries in flight to the destination; a request that would be retried
 //!   beyond them gets the answer it had.
 //!
 //! A refusal is Envoy's: 503 with `x-envoy-overloaded: true`, flag `UO`. The counts are kept
-//! by destination (not by policy object): a new cluster view keeps them, and new limits apply
-//! to what is counted already.
+//! by destination and its `connectionPool` settings (not by policy object): a new cluster view
+//! with the same settings keeps them; changed settings start afresh, as Envoy's new cluster
+//! does, while what the old ones counted (kept HTTP/2 connections among them) ends on its own.
+//! Kept across a change, an old connection's place would hold the new limits until it idled
+//! out (minutes), with requests waiting for room on connections of the new settings that
+//! their limit would not let open.
 
 use std::{
     collections::HashMap,
@@ -31,8 +39,8 @@ use std::{
 use mesh_cluster::{k8s::ConnectionPool, Service};
 use tokio::sync::Notify;
 
-/// A destination: the Service (namespace/name), its port and the subset.
-type Destination = (String, u16, Option<String>);
+/// A destination: the Service (namespace/name), its port and the subset, with its settings.
+type Destination = (String, u16, Option<String>, ConnectionPool);
 
 /// What is in use at one destination.
 #[derive(Default)]
@@ -42,8 +50,8 @@ struct Counts {
     /// Retries in flight.
     retries: AtomicU32,
     connections: Mutex<Connections>,
-    /// Woken when a connection is free again.
-    freed: Notify,
+    /// Woken when a connection is free again, or an HTTP/2 connection has room again.
+    freed: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -153,7 +161,12 @@ impl Breakers {
         if !pool.limits() {
             return None;
         }
-        let key = (service.to_string(), port, subset.map(str::to_owned));
+        let key = (
+            service.to_string(),
+            port,
+            subset.map(str::to_owned),
+            pool.clone(),
+        );
         let counts = Arc::clone(lock(&self.by_destination).entry(key).or_default());
         Some(Breaker(counts))
     }
@@ -202,6 +215,15 @@ impl Breakers {
 /// One destination's counts, looked up once for all a request takes of them.
 pub(crate) struct Breaker(Arc<Counts>);
 
+/// Where an HTTP/2 request that found no room on its endpoint's connections goes.
+pub(crate) enum H2Place {
+    /// On a new connection, counted by the slot while the connection is kept (`None`: the
+    /// destination does not limit connections).
+    Open(Option<Slot>),
+    /// On a connection that has room now: look again.
+    Room,
+}
+
 impl Breaker {
     /// A request to the destination, unless `http2MaxRequests` are in flight.
     pub(crate) fn request(&self, pool: &ConnectionPool) -> Result<Slot, Overflow> {
@@ -231,11 +253,65 @@ impl Breaker {
         } else {
             0
         };
+        match self
+            .take_connection((max, max_pending), endpoint, || false)
+            .await
+        {
+            Ok(slot) => Ok(Some(slot)),
+            // Never without room to wait for.
+            Err(overflow) => Err(overflow.unwrap_or(Overflow::Connections(max, max_pending))),
+        }
+    }
+
+    /// A new HTTP/2 connection to `endpoint`, for a request that found no room on the kept
+    /// ones: within `maxConnections` at once; beyond them, waiting as one of
+    /// `http1MaxPendingRequests` until one is free or `room` says a kept one has room.
+    pub(crate) async fn h2_connection(
+        &self,
+        pool: &ConnectionPool,
+        endpoint: SocketAddr,
+        room: impl Fn() -> bool,
+    ) -> Result<H2Place, Overflow> {
+        let Some(max) = pool.max_connections else {
+            return Ok(H2Place::Open(None));
+        };
+        let max_pending = pool.http1_max_pending_requests.unwrap_or(u32::MAX);
+        match self
+            .take_connection((max, max_pending), endpoint, room)
+            .await
+        {
+            Ok(slot) => Ok(H2Place::Open(Some(slot))),
+            Err(Some(overflow)) => Err(overflow),
+            Err(None) => Ok(H2Place::Room),
+        }
+    }
+
+    /// What wakes the requests waiting for a connection: rung when a request on an HTTP/2
+    /// connection of the destination ends (its connection has room again).
+    pub(crate) fn room_signal(&self) -> Arc<Notify> {
+        Arc::clone(&self.0.freed)
+    }
+
+    /// One of `max` connections to `endpoint` (an endpoint with none in use may always have
+    /// one), waiting as one of `max_pending` until one is free; `Err(None)` as soon as `room`
+    /// holds (checked before each try), `Err(Some)` past `max_pending`.
+    async fn take_connection(
+        &self,
+        (max, max_pending): (u32, u32),
+        endpoint: SocketAddr,
+        room: impl Fn() -> bool,
+    ) -> Result<Slot, Option<Overflow>> {
         let counts = &self.0;
         let mut pending = None;
         loop {
             let freed = counts.freed.notified();
             tokio::pin!(freed);
+            // Registered before looking, so a connection freed (or room made) in between wakes
+            // this request.
+            freed.as_mut().enable();
+            if room() {
+                return Err(None);
+            }
             {
                 let mut connections = lock(&counts.connections);
                 let at_endpoint = connections.by_endpoint.get(&endpoint).copied();
@@ -244,21 +320,18 @@ impl Breaker {
                     *connections.by_endpoint.entry(endpoint).or_default() += 1;
                     drop(connections);
                     drop(pending);
-                    return Ok(Some(Slot {
+                    return Ok(Slot {
                         counts: Arc::clone(counts),
                         which: Which::Connection(endpoint),
-                    }));
+                    });
                 }
                 if pending.is_none() {
                     if connections.pending >= max_pending {
-                        return Err(Overflow::Connections(max, max_pending));
+                        return Err(Some(Overflow::Connections(max, max_pending)));
                     }
                     connections.pending += 1;
                     pending = Some(Pending(counts));
                 }
-                // Registered before the lock is let go, so a connection freed in between wakes
-                // this request.
-                freed.as_mut().enable();
             }
             freed.await;
         }

@@ -424,7 +424,13 @@ async fn route(
             let host = workload.to_string();
             return match ctx
                 .upstream
-                .send(&endpoint, (*addr, &host), source.addr, request, None)
+                .send(
+                    &endpoint,
+                    (*addr, &host),
+                    source.addr,
+                    request,
+                    (None, None),
+                )
                 .await
             {
                 Ok(mut response) => {
@@ -750,7 +756,11 @@ fn worth_retrying(
             let limited = on.rate_limited && headers.contains_key("x-envoy-ratelimited");
             on.answer(response.status().as_u16(), grpc, limited)
         }),
-        Err(Failure::NoEndpoint | Failure::Overflow(_)) => false,
+        Err(
+            Failure::NoEndpoint
+            | Failure::Overflow(_)
+            | Failure::Upstream(UpstreamError::Overflow(_)),
+        ) => false,
         Err(Failure::Upstream(UpstreamError::Connect { .. })) => {
             on.is_some_and(|on| on.connect_failure)
         }
@@ -842,7 +852,7 @@ async fn one_attempt(
         (addr, &service.hostname),
         source.addr,
         request,
-        pool,
+        (pool, breaker.as_ref().map(|(breaker, _)| breaker)),
     );
     let result = match timeout {
         Some(limit) => tokio::time::timeout(limit, sent).await,
@@ -850,13 +860,20 @@ async fn one_attempt(
     };
     // What the endpoint did, for outlier detection (its `DestinationRule`'s).
     let answer = match &result {
-        Ok(Ok(response)) => Answer::Status(response.status().as_u16()),
-        Ok(Err(_)) | Err(_) => Answer::Unreachable,
+        Ok(Ok(response)) => Some(Answer::Status(response.status().as_u16())),
+        // Refused by the destination's limits: nothing the endpoint did.
+        Ok(Err(UpstreamError::Overflow(_))) => None,
+        Ok(Err(_)) | Err(_) => Some(Answer::Unreachable),
     };
-    ctx.balancer
-        .record((service, port, policy), addr, answer, Instant::now());
+    if let Some(answer) = answer {
+        ctx.balancer
+            .record((service, port, policy), addr, answer, Instant::now());
+    }
     let result = result.map_err(|_| Failure::Timeout)?;
-    let mut response = result.map_err(Failure::Upstream)?;
+    let mut response = result.map_err(|e| match e {
+        UpstreamError::Overflow(overflow) => Failure::Overflow(overflow),
+        e => Failure::Upstream(e),
+    })?;
     if let Some(cookie) = set_cookie {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
@@ -943,7 +960,10 @@ fn spawn_mirror(
         .connection_pool
         .as_deref()
         .and_then(|pool| Some((ctx.breakers.at(destination, pool)?, pool)));
-    let counted = match breaker.map(|(breaker, pool)| breaker.request(pool)) {
+    let counted = match breaker
+        .as_ref()
+        .map(|(breaker, pool)| breaker.request(pool))
+    {
         Some(Ok(slot)) => Some(slot),
         Some(Err(overflow)) => {
             debug!(service = %service, %overflow, "mirror skipped");
@@ -951,6 +971,8 @@ fn spawn_mirror(
         }
         None => None,
     };
+    // Only the counts go with the mirror (the pool is the policy's, which goes too).
+    let breaker = breaker.map(|(breaker, _)| breaker);
     let keys = Keys {
         client,
         request: Some((request.headers(), request.uri().query())),
@@ -964,7 +986,9 @@ fn spawn_mirror(
     let exchange = async move {
         let to = (addr, service.hostname.as_str());
         let pool = policy.connection_pool.as_ref();
-        let response = upstream.send(&endpoint, to, client, request, pool).await?;
+        let response = upstream
+            .send(&endpoint, to, client, request, (pool, breaker.as_ref()))
+            .await?;
         // The mirror's answer is read and dropped.
         drop(response.into_body().collect().await);
         Ok::<_, UpstreamError>(())

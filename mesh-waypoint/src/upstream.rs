@@ -37,7 +37,10 @@ use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use tracing::debug;
 
-use crate::body::Body;
+use crate::{
+    body::Body,
+    breaker::{Breaker, H2Place},
+};
 use reuse::Reuse;
 
 /// How often kept connections to endpoints are looked over, to let go of those unused for
@@ -65,6 +68,10 @@ pub(crate) enum UpstreamError {
     /// A TCP tunnel reached its `maxConnectionDuration`.
     #[error("tunnel to {addr} ended at its maxConnectionDuration ({limit:?})")]
     Lasted { addr: SocketAddr, limit: Duration },
+    /// Nothing was sent: every HTTP/2 connection to the endpoint was full, the destination's
+    /// `maxConnections` were open and `http1MaxPendingRequests` requests waited already.
+    #[error("{0}")]
+    Overflow(crate::breaker::Overflow),
     /// The exchange failed after the request was (maybe) sent.
     #[error("request to {addr} failed: {source}")]
     Http {
@@ -204,14 +211,16 @@ impl Upstream {
     /// Sends `request` to `endpoint` (address `addr`, of the Service `host`) for `client`, on a
     /// kept connection when one is ready (a request it could not take goes on a new one), else
     /// on a new connection, kept afterwards as the destination's `pool` allows. An upgrade
-    /// (WebSocket) always gets a connection of its own.
+    /// (WebSocket) always gets a connection of its own. `breaker`: the destination's counts,
+    /// when its `pool` limits any (the HTTP/2 connections opened are among its
+    /// `maxConnections`).
     pub(crate) async fn send(
         &self,
         endpoint: &Endpoint,
         (addr, host): (SocketAddr, &str),
         client: SocketAddr,
         mut request: Request<Body>,
-        pool: Option<&Arc<ConnectionPool>>,
+        (pool, breaker): (Option<&Arc<ConnectionPool>>, Option<&Breaker>),
     ) -> Result<Response<Body>, UpstreamError> {
         let http = |source| UpstreamError::Http { addr, source };
         let identity = endpoint
@@ -229,7 +238,9 @@ impl Upstream {
         }
         let to = (endpoint, addr, host);
         if h2 {
-            return self.send_h2(to, client, request, (key, asked)).await;
+            return self
+                .send_h2(to, client, request, (key, asked, breaker))
+                .await;
         }
         let upgrade = request.headers().contains_key(http::header::UPGRADE);
         if !upgrade {
@@ -263,16 +274,19 @@ impl Upstream {
     /// [`Self::send`] over HTTP/2: on a kept connection with room, else on a new one. A new one
     /// is opened by one request at a time per endpoint, so that requests that come together
     /// share it (as Envoy's pool has pending requests wait for the connection it opens), up to
-    /// the destination's `maxConcurrentStreams`.
+    /// the destination's `maxConcurrentStreams`, and, past it, within its `maxConnections`
+    /// (else waiting for room, as one of its `http1MaxPendingRequests`).
     async fn send_h2(
         &self,
         (endpoint, addr, host): (&Endpoint, SocketAddr, &str),
         client: SocketAddr,
         mut request: Request<Body>,
-        (key, asked): (reuse::EndpointKey, http::Version),
+        (key, asked, breaker): (reuse::EndpointKey, http::Version, Option<&Breaker>),
     ) -> Result<Response<Body>, UpstreamError> {
         let http = |source| UpstreamError::Http { addr, source };
         let mut opening = None;
+        // The new connection's place among the destination's connections, once taken.
+        let mut limited = None;
         loop {
             if let Some((mut sender, stream)) = self.reuse.h2(&key) {
                 match sender.try_send_request(request).await {
@@ -286,6 +300,25 @@ impl Upstream {
             }
             if opening.is_some() {
                 break;
+            }
+            // No room: a new connection, within the destination's `maxConnections`, or room
+            // on a kept one, waited for.
+            if let (None, Some(breaker), Some(pool)) = (&limited, breaker, key.2.as_deref()) {
+                let room = || self.reuse.has_room(&key);
+                match breaker
+                    .h2_connection(pool, addr, room)
+                    .await
+                    .map_err(UpstreamError::Overflow)?
+                {
+                    H2Place::Room => continue,
+                    H2Place::Open(Some(slot)) => {
+                        limited = Some(reuse::Limited {
+                            slot,
+                            room: breaker.room_signal(),
+                        });
+                    }
+                    H2Place::Open(None) => {}
+                }
             }
             // Then again once this request's turn to open one comes: another may have (or
             // failed to, while this one waited: then this one fails as well).
@@ -325,7 +358,7 @@ impl Upstream {
                 debug!(error = %e, "HTTP/2 connection to the endpoint ended");
             }
         });
-        let stream = self.reuse.keep_h2(key, sender.clone());
+        let stream = self.reuse.keep_h2(key, sender.clone(), limited);
         drop(opening);
         let response = sender.send_request(request).await.map_err(http)?;
         Ok(counted(as_asked(response, asked), stream))

@@ -2687,8 +2687,9 @@ fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
             &[("reporter", "destination")],
         )
     };
-    // 40 h2c requests, 10 at a time on one client connection, each held 200 ms by the echo.
-    let burst = |client: &Pod| {
+    // 40 h2c requests, 10 at a time on one client connection, each held 200 ms by the echo;
+    // h2load's report.
+    let burst = |client: &Pod| -> String {
         let out = client
             .command("h2load")
             .args([
@@ -2704,11 +2705,16 @@ fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
             ])
             .output()
             .expect("running h2load");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(text.contains("40 succeeded"), "{text}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let all_served = |text: &str| {
+        assert!(
+            text.contains("40 succeeded") && text.contains("status codes: 40 2xx"),
+            "{text}"
+        );
     };
     let before = opened(&bed);
-    burst(&client);
+    all_served(&burst(&client));
     let shared = opened(&bed) - before;
     assert!(
         shared <= 2,
@@ -2719,13 +2725,45 @@ fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
     );
     write_destination_rule(&mut bed, &rule);
     let before = opened(&bed);
-    burst(&client);
+    all_served(&burst(&client));
     let capped = opened(&bed) - before;
     // Ten requests in flight at a time, one per connection: about ten connections.
     assert!(
         capped >= 6,
         "a connection per request in flight: {capped} opened"
     );
+    // With `maxConnections: 2` too, the two endpoints' connections are all there are: the
+    // other requests wait for room on them, as in Envoy's pool (before, they opened more).
+    let pool = |extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: 2}}, http: {{maxConcurrentStreams: 1{extra}}}}}\n"
+        )
+    };
+    write_destination_rule(&mut bed, &pool(""));
+    let before = opened(&bed);
+    all_served(&burst(&client));
+    let bounded = opened(&bed) - before;
+    assert!(bounded <= 2, "within maxConnections: {bounded} opened");
+    // And with one request allowed to wait, those beyond it are refused at once (503, `UO`).
+    write_destination_rule(&mut bed, &pool(", http1MaxPendingRequests: 1"));
+    let text = burst(&client);
+    let refused = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("status codes: "))
+        .and_then(|codes| codes.split(", ").find_map(|c| c.strip_suffix(" 5xx")))
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no status codes: {text}"));
+    assert!(
+        (1..40).contains(&refused),
+        "some refused, some served: {refused} of 40 refused\n{text}"
+    );
+    let metrics = waypoint_metrics(&bed.mesh.pod(0, 1).clone());
+    let overflowed = count(
+        &metrics,
+        "istio_requests_total",
+        &[("response_code", "503"), ("response_flags", "UO")],
+    );
+    assert_eq!(u64::from(refused), overflowed, "counted UO");
 }
 
 /// A TLS server (`openssl s_server`) in `pod` on port 9443 whose certificate names `name`.

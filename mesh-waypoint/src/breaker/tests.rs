@@ -223,3 +223,98 @@ fn idle_destinations_are_let_go_and_those_in_use_kept() {
     breakers.forget_idle();
     assert_eq!(breakers.kept(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_request_opens_a_connection_within_max_connections_else_waits_for_room() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::H2Place;
+
+    let breakers = Arc::new(Breakers::default());
+    let web = web();
+    let limited = Arc::new(pool(|p| {
+        p.max_connections = Some(1);
+        p.http1_max_pending_requests = Some(1);
+        p.max_concurrent_streams = Some(1);
+    }));
+    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
+        "10.0.0.1:8080".parse().unwrap(),
+        "10.0.0.2:8080".parse().unwrap(),
+    );
+    let at = (web.as_ref(), 80, None);
+    let breaker = breakers.at(at, &limited).unwrap();
+    let open = |place: H2Place| match place {
+        H2Place::Open(slot) => slot.expect("counted"),
+        H2Place::Room => panic!("room, not a connection"),
+    };
+    // Each endpoint may have its first connection; the destination's one is taken then.
+    let first_a = open(breaker.h2_connection(&limited, a, || false).await.unwrap());
+    let first_b = open(breaker.h2_connection(&limited, b, || false).await.unwrap());
+    // A second to `a` waits, as the one request allowed to...
+    let room = Arc::new(AtomicBool::new(false));
+    let waiting = {
+        let (breakers, web, limited, room) = (
+            Arc::clone(&breakers),
+            Arc::clone(&web),
+            Arc::clone(&limited),
+            Arc::clone(&room),
+        );
+        tokio::spawn(async move {
+            let breaker = breakers.at((web.as_ref(), 80, None), &limited).unwrap();
+            matches!(
+                breaker
+                    .h2_connection(&limited, a, || room.load(Ordering::Acquire))
+                    .await,
+                Ok(H2Place::Room)
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // ...so a third is refused at once.
+    assert_eq!(
+        breaker.h2_connection(&limited, a, || false).await.err(),
+        Some(Overflow::Connections(1, 1))
+    );
+    // A request on `a`'s connection ends: the one waiting finds room there.
+    room.store(true, Ordering::Release);
+    breaker.room_signal().notify_waiters();
+    assert!(waiting.await.unwrap(), "room on the kept connection");
+    // Without `maxConnections`, nothing is counted.
+    let unlimited = pool(|p| p.max_concurrent_streams = Some(1));
+    let requests = pool(|p| {
+        p.max_concurrent_streams = Some(1);
+        p.http2_max_requests = Some(10);
+    });
+    let breaker = breakers.at(at, &requests).unwrap();
+    assert!(matches!(
+        breaker.h2_connection(&unlimited, a, || false).await,
+        Ok(H2Place::Open(None))
+    ));
+    drop((first_a, first_b));
+}
+
+#[test]
+fn changed_settings_count_afresh_and_the_same_settings_keep_their_counts() {
+    let breakers = Breakers::default();
+    let web = web();
+    let at = (web.as_ref(), 80, None);
+    let one = pool(|p| p.http2_max_requests = Some(1));
+    let held = breakers
+        .at(at, &one)
+        .unwrap()
+        .request(&one)
+        .expect("the one place");
+    // The same settings, read again from a new view: the same counts.
+    let again = one.clone();
+    assert_eq!(
+        breakers.at(at, &again).unwrap().request(&again).err(),
+        Some(Overflow::Requests(1))
+    );
+    // Changed settings: a new destination's counts, as Envoy's new cluster.
+    let changed = pool(|p| {
+        p.http2_max_requests = Some(1);
+        p.max_connections = Some(4);
+    });
+    assert!(breakers.at(at, &changed).unwrap().request(&changed).is_ok());
+    drop(held);
+}

@@ -8,7 +8,8 @@
 //! stopped calling does not keep connections, tunnels and the far agent's legs open for ever.
 //! Closed ones leave as they are found. A destination's `maxRequestsPerConnection` and
 //! `maxConnectionDuration` end a connection's reuse too, and its `maxConnections` bounds the
-//! idle ones kept.
+//! idle ones kept and the HTTP/2 ones opened (`crate::breaker`: a kept HTTP/2 connection holds
+//! one of them, and a request ending on one rings the destination's waiters).
 
 use std::{
     collections::HashMap,
@@ -25,7 +26,9 @@ use mesh_cluster::k8s::ConnectionPool;
 use mesh_identity::Identity;
 use tokio::time::Instant;
 
-use crate::body::Body;
+use tokio::sync::Notify;
+
+use crate::{body::Body, breaker::Slot};
 
 /// What HTTP connections to an endpoint are kept by: its address and, in the mesh, the identity
 /// its tunnel proved (a new pod at a gone pod's address never gets the gone pod's connections),
@@ -105,19 +108,50 @@ impl Handle for Shared {
     }
 }
 
-/// A kept HTTP/2 connection: its handle, and its requests in flight.
+/// A kept HTTP/2 connection: its handle, its requests in flight, and, when its destination
+/// limits connections, the place it holds among them and what to ring when a request on it
+/// ends.
 pub(super) struct Shared {
     sender: http2::SendRequest<Body>,
     streams: Arc<AtomicUsize>,
+    limited: Option<Limited>,
 }
 
-/// A request counted on its HTTP/2 connection until dropped (with its answer's end), when its
-/// destination caps the requests per connection.
-pub(crate) struct Stream(Arc<AtomicUsize>);
+/// What a connection of a destination that limits connections holds.
+pub(crate) struct Limited {
+    /// Its place among the destination's `maxConnections`.
+    pub(crate) slot: Slot,
+    /// Rung when a request on it ends: requests waiting for a connection look again.
+    pub(crate) room: Arc<Notify>,
+}
+
+/// What a request holds on its HTTP/2 connection until dropped (with its answer's end): its
+/// count on the connection when its destination caps the requests per connection, and the
+/// connection's place among the destination's connections when the request is the last the
+/// connection carries.
+#[derive(Default)]
+pub(crate) struct Stream {
+    streams: Option<Arc<AtomicUsize>>,
+    room: Option<Arc<Notify>>,
+    slot: Option<Slot>,
+}
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if let Some(streams) = &self.streams {
+            streams.fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(self.slot.take());
+        if let Some(room) = &self.room {
+            room.notify_waiters();
+        }
+    }
+}
+
+impl Stream {
+    /// Nothing held: no count, no place.
+    fn is_empty(&self) -> bool {
+        self.streams.is_none() && self.slot.is_none()
     }
 }
 
@@ -214,36 +248,68 @@ impl Reuse {
         k.used = now;
         k.uses += 1;
         let sender = k.sender.sender.clone();
-        let stream = cap.map(|_| {
-            k.sender.streams.fetch_add(1, Ordering::AcqRel);
-            Stream(Arc::clone(&k.sender.streams))
-        });
+        let mut stream = Stream {
+            streams: cap.map(|_| {
+                k.sender.streams.fetch_add(1, Ordering::AcqRel);
+                Arc::clone(&k.sender.streams)
+            }),
+            room: k.sender.limited.as_ref().map(|l| Arc::clone(&l.room)),
+            slot: None,
+        };
         if !k.fresh(now, pool) {
-            kept.swap_remove(chosen);
+            // Its last request: the connection's place goes with it.
+            let last = kept.swap_remove(chosen);
+            stream.slot = last.sender.limited.map(|l| l.slot);
         }
-        Some((sender, stream))
+        Some((sender, (!stream.is_empty()).then_some(stream)))
     }
 
-    /// Keeps a new HTTP/2 connection (which carries its first request) for the next requests;
-    /// that request counted on it when there is a cap.
+    /// Whether a kept HTTP/2 connection to `key` has room for one more request now.
+    pub(super) fn has_room(&self, key: &EndpointKey) -> bool {
+        let now = Instant::now();
+        let pool = key.2.as_deref();
+        let cap = stream_cap(pool);
+        let shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.get(key).is_some_and(|kept| {
+            kept.iter().any(|k| {
+                k.usable(now, pool)
+                    && cap.is_none_or(|cap| k.sender.streams.load(Ordering::Acquire) < cap)
+            })
+        })
+    }
+
+    /// Keeps a new HTTP/2 connection (which carries its first request) for the next requests,
+    /// with its place among the destination's connections (`limited`); that request counted
+    /// on it when there is a cap (and holding the place when the connection is not kept).
     pub(super) fn keep_h2(
         &self,
         key: EndpointKey,
         sender: http2::SendRequest<Body>,
+        limited: Option<Limited>,
     ) -> Option<Stream> {
         let now = Instant::now();
         let cap = stream_cap(key.2.as_deref());
         let streams = Arc::new(AtomicUsize::new(usize::from(cap.is_some())));
-        let stream = cap.map(|_| Stream(Arc::clone(&streams)));
-        let kept = Kept::new(Shared { sender, streams });
+        let mut stream = Stream {
+            streams: cap.map(|_| Arc::clone(&streams)),
+            room: limited.as_ref().map(|l| Arc::clone(&l.room)),
+            slot: None,
+        };
+        let kept = Kept::new(Shared {
+            sender,
+            streams,
+            limited,
+        });
         let mut shared = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
         // A new connection is opened when the others closed, expired or were busy: the time
         // to drop the closed and expired ones.
         drop_unusable(&mut shared, now);
         if kept.fresh(now, key.2.as_deref()) {
             shared.entry(key).or_default().push(kept);
+        } else {
+            stream.slot = kept.sender.limited.map(|l| l.slot);
         }
-        stream
+        (!stream.is_empty()).then_some(stream)
     }
 
     /// The turn to open an HTTP/2 connection to `key`: requests that find no connection with
@@ -465,7 +531,7 @@ mod tests {
         // No cap: one connection for every request, nothing counted.
         let plain = (addr, None, None);
         assert!(reuse
-            .keep_h2(plain.clone(), h2_connection().await)
+            .keep_h2(plain.clone(), h2_connection().await, None)
             .is_none());
         let shared: Vec<_> = (0..5).map(|_| reuse.h2(&plain).expect("shared")).collect();
         assert!(shared.iter().all(|(_, stream)| stream.is_none()));
@@ -477,19 +543,21 @@ mod tests {
             ..ConnectionPool::default()
         };
         let key = (addr, None, Some(Arc::new(pool)));
-        let first = reuse.keep_h2(key.clone(), h2_connection().await);
+        let first = reuse.keep_h2(key.clone(), h2_connection().await, None);
         assert!(first.is_some(), "its first request counted");
         let second = reuse.h2(&key).expect("room for a second");
         assert!(
             reuse.h2(&key).is_none(),
             "full: the next one opens a connection"
         );
-        let third = reuse.keep_h2(key.clone(), h2_connection().await);
+        let third = reuse.keep_h2(key.clone(), h2_connection().await, None);
         assert_eq!(reuse.kept(), (0, 3));
         // The least busy connection takes the next request; one that finished frees its place.
         let fourth = reuse.h2(&key).expect("the second connection has room");
         assert!(reuse.h2(&key).is_none());
+        assert!(!reuse.has_room(&key));
         drop(second);
+        assert!(reuse.has_room(&key));
         let fifth = reuse.h2(&key).expect("a place given back");
         drop((first, third, fourth, fifth));
     }
