@@ -125,6 +125,8 @@ pub enum RouteSchemaError {
     Regex { pattern: String, reason: String },
     #[error("{0:?} is not an HTTP header or parameter name (letters, digits and !#$%&'*+-.^_`|~)")]
     HeaderName(String),
+    #[error("the value of header {0:?} holds a control character (only tab is allowed)")]
+    HeaderValue(String),
     #[error("header {0:?} is listed twice")]
     DuplicateHeader(String),
     #[error("rule name {0:?} is not a DNS label (lowercase letters, digits and `-`)")]
@@ -799,6 +801,17 @@ pub(crate) fn header_name(name: String) -> Result<String, RouteSchemaError> {
         return Err(RouteSchemaError::HeaderName(name));
     }
     Ok(name)
+}
+
+/// A header value a filter sets or adds: at most 4,096 bytes (Gateway API's limit), and bytes
+/// HTTP allows in a field value (no control character but tab, such as a line break that would
+/// end the header), so that it is refused when read rather than skipped at every request.
+pub(crate) fn header_value(name: &str, value: String) -> Result<String, RouteSchemaError> {
+    check_len(&value, 4096)?;
+    if http::HeaderValue::from_bytes(value.as_bytes()).is_err() {
+        return Err(RouteSchemaError::HeaderValue(name.to_owned()));
+    }
+    Ok(value)
 }
 
 fn check_len(value: &str, max: usize) -> Result<(), RouteSchemaError> {

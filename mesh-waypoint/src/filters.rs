@@ -10,12 +10,13 @@ pub(crate) fn modify_headers(headers: &mut HeaderMap, modifier: &HeaderModifier)
     let pair = |name: &str, value: &str| {
         let parsed = (
             HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
+            HeaderValue::from_bytes(value.as_bytes()),
         );
         if let (Ok(name), Ok(value)) = parsed {
             Some((name, value))
         } else {
-            // Names are checked when the route is parsed; values may hold bytes HTTP refuses.
+            // Names and values are checked when the route is read (`header_name`,
+            // `header_value`): not expected.
             warn!(name, value, "header not set: not a valid HTTP header value");
             None
         }

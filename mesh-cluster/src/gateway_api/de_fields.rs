@@ -6,11 +6,11 @@ use std::{collections::HashSet, str::FromStr, time::Duration};
 use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
-    check_count, check_len, check_patterns, check_rule_names, header_name, parse_duration,
-    BackendRef, BackendTarget, Checked, Filter, FilterType, GrpcRouteSpec, HeaderModifier,
-    HttpRouteSpec, Int, List, ParentRef, Parsed, PathMatch, PathModifier, Pattern, Redirect, Retry,
-    RetryOn, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch, Timeouts, ValueMatch,
-    GATEWAY_GROUP,
+    check_count, check_len, check_patterns, check_rule_names, header_name, header_value,
+    parse_duration, BackendRef, BackendTarget, Checked, Filter, FilterType, GrpcRouteSpec,
+    HeaderModifier, HttpRouteSpec, Int, List, ParentRef, Parsed, PathMatch, PathModifier, Pattern,
+    Redirect, Retry, RetryOn, Rewrite, RouteMatch, RouteRule, RouteSchemaError, StringMatch,
+    Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 
 mod l4;
@@ -473,8 +473,8 @@ impl Checked for HeaderModifier {
                     if !seen.insert(name.to_ascii_lowercase()) {
                         return Err(RouteSchemaError::DuplicateHeader(name));
                     }
-                    check_len(&header.value, 4096)?;
-                    Ok((name, header.value))
+                    let value = header_value(&name, header.value)?;
+                    Ok((name, value))
                 })
                 .collect()
         }

@@ -480,3 +480,30 @@ fn retries_back_off_exponentially_with_jitter_from_the_base() {
         (ms(100), ms(100) + ms(900).mul_f64(0.99))
     );
 }
+
+#[test]
+fn header_modifier_values_are_checked_when_read() {
+    let route = |filter: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  rules:\n  - filters: [{filter}]\n"
+        )
+    };
+    let err = parse_documents(
+        "r.yaml",
+        &route("{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: \"a\\u0000b\"}]}}"),
+    )
+    .expect_err("a NUL in a header value")
+    .to_string();
+    assert!(
+        err.contains("spec.rules[0].filters[0].requestHeaderModifier")
+            && err.contains("the value of header \"x-a\" holds a control character")
+            && err.contains("line 6"),
+        "{err}"
+    );
+    // Tabs and bytes past ASCII are allowed.
+    parse_documents(
+        "r.yaml",
+        &route("{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-b, value: \"a\\tcafé\"}]}}"),
+    )
+    .expect("a tab and UTF-8");
+}

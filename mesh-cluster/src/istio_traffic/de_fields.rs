@@ -15,7 +15,8 @@ use super::{
 use crate::{
     cors::{Allowed, CorsPolicy, UnmatchedPreflights},
     gateway_api::{
-        cors_fields, Pattern, RegexRewrite, RetryOn, RouteCors, RouteSchemaError, StringMatch,
+        cors_fields, header_name, header_value, Pattern, RegexRewrite, RetryOn, RouteCors,
+        RouteSchemaError, StringMatch,
     },
     meta::{nullable, Labels},
     schema::{Checked, List, Parsed},
@@ -382,7 +383,11 @@ impl Checked for VsHttpRoute {
                 .direct_response
                 .map(DirectResponseFields::check)
                 .transpose()?,
-            headers: f.headers.map(HeadersFields::check).unwrap_or_default(),
+            headers: f
+                .headers
+                .map(HeadersFields::check)
+                .transpose()?
+                .unwrap_or_default(),
             cors: f.cors_policy.map(CorsFields::check).transpose()?,
         })
     }
@@ -530,7 +535,11 @@ impl Checked for VsDestination {
         Ok(Self {
             destination: f.destination,
             weight: f.weight,
-            headers: f.headers.map(HeadersFields::check).unwrap_or_default(),
+            headers: f
+                .headers
+                .map(HeadersFields::check)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -585,19 +594,37 @@ pub(crate) struct HeadersFields {
 }
 
 impl HeadersFields {
-    fn check(self) -> VsHeaders {
-        let ops = |o: Option<HeaderOpsFields>| {
-            o.map(|o| VsHeaderOps {
-                set: o.set,
-                add: o.add,
-                remove: o.remove.0,
-            })
-            .unwrap_or_default()
+    /// Header names are HTTP tokens, values bytes HTTP allows: checked when read, rather than
+    /// skipped with a warning at every request.
+    fn check(self) -> Result<VsHeaders, RouteSchemaError> {
+        let pairs = |map: BTreeMap<String, String>| {
+            map.into_iter()
+                .map(|(name, value)| {
+                    let name = header_name(name)?;
+                    let value = header_value(&name, value)?;
+                    Ok((name, value))
+                })
+                .collect::<Result<BTreeMap<_, _>, RouteSchemaError>>()
         };
-        VsHeaders {
-            request: ops(self.request),
-            response: ops(self.response),
-        }
+        let ops = |o: Option<HeaderOpsFields>| -> Result<VsHeaderOps, RouteSchemaError> {
+            let Some(o) = o else {
+                return Ok(VsHeaderOps::default());
+            };
+            Ok(VsHeaderOps {
+                set: pairs(o.set)?,
+                add: pairs(o.add)?,
+                remove: o
+                    .remove
+                    .0
+                    .into_iter()
+                    .map(header_name)
+                    .collect::<Result<_, _>>()?,
+            })
+        };
+        Ok(VsHeaders {
+            request: ops(self.request)?,
+            response: ops(self.response)?,
+        })
     }
 }
 

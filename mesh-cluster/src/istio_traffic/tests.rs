@@ -1241,3 +1241,28 @@ fn http_routes_come_first_and_ingress_virtual_services_are_skipped() {
         "{warnings}"
     );
 }
+
+#[test]
+fn header_operations_are_checked_when_read() {
+    // Before, a name or value HTTP refuses was read, then skipped with a warning at every
+    // request.
+    assert_errors(&[
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    headers: {request: {set: {\"x a\": b}}}\n"),
+            &["VirtualService shop/web: spec.http[0]", "\"x a\" is not an HTTP header", "line 9"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    headers: {response: {add: {x-a: \"line\\nbreak\"}}}\n"),
+            &["spec.http[0]", "the value of header \"x-a\" holds a control character", "line 9"],
+        ),
+        (
+            vs("  hosts: [web]\n  http:\n  - route:\n    - destination: {host: web}\n      headers: {request: {remove: [\"x:y\"]}}\n"),
+            &["spec.http[0].route[0]", "\"x:y\" is not an HTTP header"],
+        ),
+    ]);
+    // Bytes past ASCII are allowed, as Envoy allows them.
+    let state = cluster(&[vs(
+        "  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    headers: {request: {set: {x-name: café}}}\n",
+    )]);
+    assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+}
