@@ -130,6 +130,17 @@ fn route(default: &str) -> DynamicObject {
     }))
 }
 
+/// The cluster IP of Service `name`.
+fn vip(mesh: &KubeMesh, name: &str) -> String {
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    mesh.cp
+        .block_on(services.get(name))
+        .unwrap_or_else(|e| panic!("Service {name}: {e}"))
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap_or_else(|| panic!("Service {name} has no cluster IP"))
+}
+
 /// A client pod on `node` running `script` with `sh -c` (curl is on its path).
 fn client(mesh: &KubeMesh, name: &str, node: &str, script: &str) {
     let pod: Pod = from_json(json!({
@@ -201,12 +212,7 @@ fn deploy_echoes(mesh: &KubeMesh, account: &str, web_labels: &Value) -> String {
     let web = service("web", &json!({"app": "web"}), web_labels);
     create(mesh, &services, &web, "web");
     create(mesh, &routes(mesh), &route("web-v1"), "the HTTPRoute");
-    mesh.cp
-        .block_on(services.get("web"))
-        .expect("web")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("web's VIP")
+    vip(mesh, "web")
 }
 
 /// The controller's objects, owned by the `Gateway`; the waypoint pod ready under its account;
@@ -327,13 +333,7 @@ fn tcp_route(mesh: &KubeMesh) {
         "spec": {"selector": {"app": "web"}, "ports": [{"port": 9000, "targetPort": 8080}]},
     }));
     create(mesh, &services, &raw, "Service raw");
-    let raw_vip = mesh
-        .cp
-        .block_on(services.get("raw"))
-        .expect("raw")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("raw's VIP");
+    let raw_vip = vip(mesh, "raw");
     let route: DynamicObject = from_json(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "TCPRoute",
         "metadata": {"name": "raw", "namespace": NS},
@@ -1298,14 +1298,7 @@ fn protocols_through_the_waypoint(mesh: &KubeMesh, vip: &str) {
 /// Skipping the waypoint is refused: `web-v1`'s pods serve `web`, bound to `wp`, so their
 /// agent refuses connections by `web-v1`'s own address or the pod's.
 fn bypass_refused(mesh: &KubeMesh) {
-    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
-    let v1_vip = mesh
-        .cp
-        .block_on(services.get("web-v1"))
-        .expect("web-v1")
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("VIP");
+    let v1_vip = vip(mesh, "web-v1");
     let selector = ListParams::default().labels("app=web,version=v1");
     let v1_pod = mesh
         .cp

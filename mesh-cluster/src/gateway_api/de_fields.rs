@@ -13,14 +13,12 @@ use super::{
     Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 
-mod l4;
-
 /// Implements `Deserialize` through [`Checked`] for each type.
 macro_rules! checked {
     ($($ty:ty),*) => {$(
         impl<'de> Deserialize<'de> for $ty {
             fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                super::deserialize_checked(deserializer)
+                crate::schema::deserialize_checked(deserializer)
             }
         }
     )*};
@@ -36,6 +34,9 @@ checked!(
     HeaderModifier,
     Retry
 );
+
+// After the macro, which it uses too.
+mod l4;
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]

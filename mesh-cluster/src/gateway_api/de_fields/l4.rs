@@ -4,25 +4,11 @@
 use serde::Deserialize;
 
 use super::{check_section_name, BackendFields, Hostname};
-use crate::{
-    gateway_api::{
-        check_count,
-        l4::{L4Rule, TcpRouteSpec, TlsRouteSpec},
-        BackendRef, Checked, Int, List, ParentRef, Parsed, RouteSchemaError,
-    },
-    schema::deserialize_checked,
+use crate::gateway_api::{
+    check_count,
+    l4::{L4Rule, TcpRouteSpec, TlsRouteSpec},
+    BackendRef, Checked, Int, List, ParentRef, Parsed, RouteSchemaError,
 };
-
-/// Implements `Deserialize` through [`Checked`].
-macro_rules! checked {
-    ($($ty:ty),*) => {$(
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                deserialize_checked(deserializer)
-            }
-        }
-    )*};
-}
 
 checked!(TcpRouteSpec, TlsRouteSpec, L4Rule, L4Backend);
 
