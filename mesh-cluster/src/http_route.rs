@@ -357,15 +357,7 @@ impl HttpRouteIndex {
         }
         index.attach_l4(l4_routes, (services, grants));
         let mut virtual_services: Vec<_> = virtual_services.into_iter().collect();
-        virtual_services.sort_by_key(|vs| {
-            let created = vs.metadata.creation_timestamp.clone();
-            (
-                created.is_none(),
-                created,
-                vs.metadata.namespace().to_owned(),
-                vs.metadata.name().to_owned(),
-            )
-        });
+        virtual_services.sort_by_key(|vs| age_order(&vs.metadata));
         for vs in virtual_services {
             index.attach_virtual_service(vs, services, root_namespace);
         }
@@ -601,6 +593,18 @@ impl HttpRouteIndex {
         }
         RouteDecision::NoMatch
     }
+}
+
+/// Where an object stands when objects of one kind conflict: the older first (one without a
+/// creation time last), then by `namespace/name`, as Gateway API resolves conflicts.
+fn age_order(meta: &ObjectMeta) -> (bool, Option<Time>, String, String) {
+    let created = meta.creation_timestamp.clone();
+    (
+        created.is_none(),
+        created,
+        meta.namespace().to_owned(),
+        meta.name().to_owned(),
+    )
 }
 
 /// Adds every match of `attached`'s rules, in order (a `VirtualService`'s: no precedence but

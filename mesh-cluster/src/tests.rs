@@ -86,6 +86,19 @@ fn list(items: &str, prefix: &str) -> String {
         .concat()
 }
 
+/// Parses each text (one file of YAML documents) and checks that its error contains every
+/// expected part.
+pub(crate) fn assert_parse_errors(table: &[(String, &[&str])]) {
+    for (text, expected) in table {
+        let err = parse_documents("objects.yaml", text)
+            .expect_err("must not parse")
+            .to_string();
+        for part in *expected {
+            assert!(err.contains(part), "error {err:?} lacks {part:?}");
+        }
+    }
+}
+
 pub(crate) fn docs(parts: &[String]) -> String {
     parts.join("---\n")
 }

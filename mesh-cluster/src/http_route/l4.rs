@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use super::{resolve_rule, HttpRouteIndex, ResolvedRule, Resolving, Services, TlsRule};
+use super::{age_order, resolve_rule, HttpRouteIndex, ResolvedRule, Resolving, Services, TlsRule};
 use crate::{
     gateway_api::{l4::L4Rule, ParentRef, RouteRule, Timeouts},
     meta::{Kind, MetaExt, ObjectMeta, ObjectRef},
@@ -55,15 +55,7 @@ impl HttpRouteIndex {
         (services, grants): (&Services<'_>, &ServiceGrants),
     ) {
         let mut routes = routes;
-        routes.sort_by_key(|r| {
-            let created = r.meta.creation_timestamp.clone();
-            (
-                created.is_none(),
-                created,
-                r.meta.namespace().to_owned(),
-                r.meta.name().to_owned(),
-            )
-        });
+        routes.sort_by_key(|r| age_order(r.meta));
         let mut tls: Vec<(Placement, TlsRule)> = Vec::new();
         for route in &routes {
             let object = ObjectRef::namespaced(route.kind, route.meta);

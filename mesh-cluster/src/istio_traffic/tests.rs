@@ -7,7 +7,7 @@ use super::{parse_istio_duration, Abort, HashKey, LoadBalancer, VsString};
 use crate::{
     http_route::{Backend, RequestFacts, RouteDecision},
     k8s::{parse_documents, Filter, Object, PathMatch, PathModifier},
-    tests::{docs, opts, parse, pod, service},
+    tests::{assert_parse_errors, docs, opts, parse, pod, service},
     ClusterState,
 };
 
@@ -396,7 +396,7 @@ fn a_tenants_virtual_service_or_destination_rule_never_steers_another_namespaces
 
 #[test]
 fn connection_pool_checks_name_the_field_and_line() {
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             dr("  host: web\n  trafficPolicy:\n    portLevelSettings:\n    - {port: {number: 80}}\n    - {port: {number: 80}, loadBalancer: {simple: RANDOM}}\n"),
             &["spec: trafficPolicy.portLevelSettings: port 80 is set more than once"],
@@ -444,17 +444,6 @@ fn connection_pool_checks_name_the_field_and_line() {
     ]);
 }
 
-fn assert_errors(table: &[(String, &[&str])]) {
-    for (text, expected) in table {
-        let err = parse_documents("istio.yaml", text)
-            .expect_err("must not parse")
-            .to_string();
-        for part in *expected {
-            assert!(err.contains(part), "error {err:?} lacks {part:?}");
-        }
-    }
-}
-
 #[test]
 fn checks_name_the_field_and_line() {
     // 65 regular expressions in one object: more than a waypoint compiles for it.
@@ -465,7 +454,7 @@ fn checks_name_the_field_and_line() {
         );
         text
     });
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs(&format!("  hosts: [web]\n  http:\n{many}")),
             &["VirtualService shop/web: spec", "at most 64 regular expressions across all rules, found 65"],
@@ -533,7 +522,7 @@ fn checks_name_the_field_and_line() {
 
 #[test]
 fn match_abort_and_cookie_checks_name_the_field_and_line() {
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {abort: {grpcStatus: \"14\"}}\n"),
             &["spec.http[0]: \"14\" is not a gRPC status name", "line 9"],
@@ -967,7 +956,7 @@ spec:
     // A `tcp` rule alone does not make a port HTTP.
     let port = &web.ports[0];
     assert_eq!(state.waypoint_protocol(&web, port), port.app_protocol);
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  tcp:\n  - match: [{sourceLabels: {app: a}}]\n    route: [{destination: {host: web}}]\n"),
             &["spec.tcp[0]: `sourceLabels` is not supported"],
@@ -1020,7 +1009,7 @@ spec:
         "{:?}",
         state.warnings()
     );
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  exportTo: [\"*\", shop]\n"),
             &["spec: exportTo: \"* with other entries\""],
@@ -1076,7 +1065,7 @@ fn tls_rules_take_connections_by_the_server_name_they_ask_for() {
     );
     assert_eq!(subset("other.test"), None, "that match is for port 9999");
     assert!(super::sni_matches("*", "anything.at.all"));
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  tls:\n  - route: [{destination: {host: web}}]\n"),
             &["spec.tls[0]: set exactly one of `match` (with `sniHosts`)"],
@@ -1119,7 +1108,7 @@ fn uri_regex_rewrites_as_istio_documents_them() {
         &rule.filters[0],
         Filter::UrlRewrite(r) if matches!(&r.path, Some(PathModifier::Regex(_)))
     ));
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  http:\n  - rewrite: {uri: /a, uriRegexRewrite: {match: a, rewrite: b}}\n    route: [{destination: {host: web}}]\n"),
             &["set exactly one of `uri`, `uriRegexRewrite`"],
@@ -1155,7 +1144,7 @@ fn deprecated_whole_percentages_still_read() {
     assert!(
         on.answer(409, None, false) && on.answer(429, None, true) && !on.answer(429, None, false)
     );
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    fault: {delay: {fixedDelay: 1s, percent: 30, percentage: {value: 1}}}\n"),
             &["set exactly one of `percentage`, `percent`"],
@@ -1246,7 +1235,7 @@ fn http_routes_come_first_and_ingress_virtual_services_are_skipped() {
 fn header_operations_are_checked_when_read() {
     // Before, a name or value HTTP refuses was read, then skipped with a warning at every
     // request.
-    assert_errors(&[
+    assert_parse_errors(&[
         (
             vs("  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    headers: {request: {set: {\"x a\": b}}}\n"),
             &["VirtualService shop/web: spec.http[0]", "\"x a\" is not an HTTP header", "line 9"],

@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use crate::{
     http_route::{Backend, ResolvedRule},
-    k8s::parse_documents,
     model::AppProtocol,
-    tests::{docs, opts, parse, pod, service},
+    tests::{assert_parse_errors, docs, opts, parse, pod, service},
     ClusterState, Service,
 };
 
@@ -336,7 +335,7 @@ fn checks_name_the_field_and_line() {
             &["spec.rules", "line 9"],
         ),
     ];
-    assert_errors(table);
+    assert_parse_errors(table);
 }
 
 #[test]
@@ -381,16 +380,5 @@ fn tls_hostname_checks_name_the_field_and_line() {
             &["weight 2000000 is out of range", "line 10"],
         ),
     ];
-    assert_errors(table);
-}
-
-fn assert_errors(table: &[(String, &[&str])]) {
-    for (text, expected) in table {
-        let err = parse_documents("routes.yaml", text)
-            .expect_err("must not parse")
-            .to_string();
-        for part in *expected {
-            assert!(err.contains(part), "error {err:?} lacks {part:?}");
-        }
-    }
+    assert_parse_errors(table);
 }
