@@ -328,6 +328,13 @@ pub(crate) struct HttpRouteIndex {
 pub(crate) type Services<'a> = HashMap<(&'a str, &'a str), &'a Arc<Service>>;
 
 impl HttpRouteIndex {
+    /// Every `connectionPool` a `DestinationRule` gives a destination.
+    pub(crate) fn connection_pools(
+        &self,
+    ) -> impl Iterator<Item = &crate::istio_traffic::ConnectionPool> {
+        self.policies.connection_pools()
+    }
+
     /// Attaches `routes` (HTTP and gRPC), `l4_routes` (TCP and TLS) and `virtual_services` to
     /// `services` (found by namespace and name), with the subsets and load balancers of
     /// `destination_rules`.

@@ -213,40 +213,27 @@ impl PodExt for Pod {
 
 /// The kind read for `apiVersion` and `kind`, if the agent reads it.
 fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
-    match (api_version, kind) {
-        ("v1", "Namespace") => Some(Kind::Namespace),
-        ("v1", "Pod") => Some(Kind::Pod),
-        ("v1", "Service") => Some(Kind::Service),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
-        (version, "PeerAuthentication") if PEER_AUTHENTICATION_VERSIONS.contains(&version) => {
-            Some(Kind::PeerAuthentication)
-        }
-        (version, "AuthorizationPolicy") if AUTHORIZATION_POLICY_VERSIONS.contains(&version) => {
-            Some(Kind::AuthorizationPolicy)
-        }
-        (version, "HTTPRoute") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::HttpRoute),
-        (version, "Gateway") if HTTP_ROUTE_VERSIONS.contains(&version) => Some(Kind::Gateway),
-        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Some(Kind::GrpcRoute),
-        (version, "TCPRoute") if TCP_ROUTE_VERSIONS.contains(&version) => Some(Kind::TcpRoute),
-        (version, "TLSRoute") if TLS_ROUTE_VERSIONS.contains(&version) => Some(Kind::TlsRoute),
-        (version, "VirtualService") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
-            Some(Kind::VirtualService)
-        }
-        (version, "DestinationRule") if ISTIO_NETWORKING_VERSIONS.contains(&version) => {
-            Some(Kind::DestinationRule)
-        }
-        (version, "ReferenceGrant") if REFERENCE_GRANT_VERSIONS.contains(&version) => {
-            Some(Kind::ReferenceGrant)
-        }
-        (version, "RequestAuthentication")
-            if REQUEST_AUTHENTICATION_VERSIONS.contains(&version) =>
-        {
-            Some(Kind::RequestAuthentication)
-        }
-        (version, "EnvoyFilter") if ENVOY_FILTER_VERSIONS.contains(&version) => {
-            Some(Kind::EnvoyFilter)
-        }
-        _ => None,
+    Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == kind && api_versions(*k).contains(&api_version))
+}
+
+/// The `apiVersion`s `kind` is read at, the newest first: the Kubernetes source watches the
+/// first one its API server serves.
+pub(crate) fn api_versions(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Namespace | Kind::Pod | Kind::Service => &["v1"],
+        Kind::EndpointSlice => &["discovery.k8s.io/v1"],
+        Kind::PeerAuthentication => &PEER_AUTHENTICATION_VERSIONS,
+        Kind::AuthorizationPolicy => &AUTHORIZATION_POLICY_VERSIONS,
+        Kind::HttpRoute | Kind::Gateway => &HTTP_ROUTE_VERSIONS,
+        Kind::GrpcRoute => &["gateway.networking.k8s.io/v1"],
+        Kind::TcpRoute => &TCP_ROUTE_VERSIONS,
+        Kind::TlsRoute => &TLS_ROUTE_VERSIONS,
+        Kind::VirtualService | Kind::DestinationRule => &ISTIO_NETWORKING_VERSIONS,
+        Kind::ReferenceGrant => &REFERENCE_GRANT_VERSIONS,
+        Kind::RequestAuthentication => &REQUEST_AUTHENTICATION_VERSIONS,
+        Kind::EnvoyFilter => &ENVOY_FILTER_VERSIONS,
     }
 }
 

@@ -20,6 +20,10 @@
 //! - **Last good per object.** An object that does not read or that breaks the state keeps its
 //!   previous version, and its error is listed in the snapshot ([`ClusterState::errors`]), as
 //!   the directory source does per file.
+//! - **Versions.** A custom kind is watched at the newest of the versions the parser reads that
+//!   the API server serves ([`crate::k8s::api_versions`]): `TCPRoute` at `v1`, or at `v1alpha2`
+//!   on a cluster with a Gateway API older than 1.5; Istio's kinds at `v1`, or `v1beta1` before
+//!   Istio 1.22. A version that stops being served moves the watch to the next.
 //! - **First sync.** [`KubeSource::start`] returns once every kind has been listed in full (a
 //!   kind whose CRD is not installed counts as empty, and is watched again with backoff), so the
 //!   agent never acts on a partial view. A kind it cannot list at all keeps it waiting, saying
@@ -47,7 +51,7 @@ use k8s_openapi::{
 };
 use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{watcher, WatchStreamExt as _},
+    runtime::{utils::Backoff as _, watcher, WatchStreamExt as _},
     Api, Client, Resource,
 };
 use tokio::{
@@ -63,7 +67,7 @@ use self::{
 };
 use crate::{
     error::StateError,
-    k8s::{parse_documents, Object},
+    k8s::{api_versions, parse_documents, Object},
     meta::{Kind, ObjectRef},
     options::{EndpointsFrom, EnrollmentOptions, RuntimeHandles},
     state::ClusterState,
@@ -246,13 +250,9 @@ impl KubeSource {
             ),
         ];
         for &kind in &shared.expected {
-            let Some(resource) = dynamic_resource(kind) else {
-                continue;
-            };
-            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            tasks.push(spawn_kind(api, kind, max_backoff, &shared, move |object| {
-                dynamic_object(kind, &object)
-            }));
+            if let Some(plural) = custom_plural(kind) {
+                tasks.push(spawn_custom(&client, kind, plural, max_backoff, &shared));
+            }
         }
         let mut synced = false;
         while !synced {
@@ -285,18 +285,101 @@ impl KubeSource {
     }
 }
 
-/// Spawns the watch of one kind, feeding `shared`.
+/// Spawns the watch of one built-in kind, feeding `shared`.
 fn spawn_kind<K>(
     api: Api<K>,
     kind: Kind,
     max_backoff: Duration,
     shared: &Arc<Shared>,
-    convert: impl Fn(K) -> Converted + Send + 'static,
+    convert: impl Fn(K) -> Converted + Send + Sync + 'static,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .backoff(WatchBackoff::new(max_backoff))
+            .boxed();
+        follow(stream, kind, &shared, &convert, None).await;
+    })
+}
+
+/// Spawns the watch of a custom kind at the first of its versions
+/// ([`crate::k8s::api_versions`], the newest first) the API server serves: a cluster with an
+/// older release of the Gateway API or Istio serves only older versions (`TCPRoute` was
+/// `v1alpha2` before Gateway API 1.5). A version that stops being served (CRDs upgraded or
+/// downgraded) moves the watch to the next; when none is served, the kind reads as empty and
+/// the versions are tried again after a backoff.
+fn spawn_custom(
+    client: &Client,
+    kind: Kind,
+    plural: &'static str,
+    max_backoff: Duration,
+    shared: &Arc<Shared>,
+) -> JoinHandle<()> {
+    let shared = Arc::clone(shared);
+    let client = client.clone();
+    let convert = move |object: DynamicObject| dynamic_object(kind, &object);
+    tokio::spawn(async move {
+        let versions = api_versions(kind);
+        let mut rest = WatchBackoff::new(max_backoff);
+        loop {
+            let mut served = false;
+            for &api_version in versions {
+                let resource = custom_resource(kind, plural, api_version);
+                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+                let stream = watcher(api, watcher::Config::default())
+                    .backoff(WatchBackoff::new(max_backoff))
+                    .boxed();
+                let at = Version {
+                    api_version,
+                    newest: api_version == versions[0],
+                };
+                match follow(stream, kind, &shared, &convert, Some(at)).await {
+                    Followed::NotServed { after_events } => served |= after_events,
+                    Followed::Ended => return,
+                }
+            }
+            if served {
+                rest.reset();
+                continue;
+            }
+            shared.not_served(kind, versions);
+            tokio::time::sleep(rest.next().unwrap_or(max_backoff)).await;
+        }
+    })
+}
+
+/// The version a custom kind's watch reads.
+#[derive(Clone, Copy, Debug)]
+struct Version {
+    api_version: &'static str,
+    /// The first of the kind's versions.
+    newest: bool,
+}
+
+/// How a watch ended.
+enum Followed {
+    /// The API server does not serve the watched version (only for a custom kind's watch);
+    /// `after_events` when it did serve it for a while.
+    NotServed { after_events: bool },
+    /// The stream ended (not expected: the watcher retries forever).
+    Ended,
+}
+
+/// Feeds one watch's events to `shared` until its stream ends or, for a custom kind's watch
+/// (`at`), the API server says it does not serve that version.
+async fn follow<K>(
+    mut stream: futures_util::stream::BoxStream<'static, watcher::Result<watcher::Event<K>>>,
+    kind: Kind,
+    shared: &Shared,
+    convert: &impl Fn(K) -> Converted,
+    at: Option<Version>,
+) -> Followed
+where
+    K: Resource + Clone + Debug,
+{
     let key = move |object: &K| {
         let meta = object.meta();
         ObjectRef {
@@ -306,38 +389,55 @@ where
             name: crate::meta::MetaExt::name(meta).to_owned(),
         }
     };
-    tokio::spawn(async move {
-        let mut listed = BTreeSet::new();
-        let mut stream = watcher(api, watcher::Config::default())
-            .backoff(WatchBackoff::new(max_backoff))
-            .boxed();
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => {
-                    shared.healthy(kind);
-                    match event {
-                        watcher::Event::Init => listed.clear(),
-                        watcher::Event::InitApply(object) => {
-                            let key = key(&object);
-                            listed.insert(key.clone());
-                            shared.send(Change::Apply(key, Box::new(convert(object))));
-                        }
-                        watcher::Event::InitDone => {
-                            shared.send(Change::Relisted(kind, std::mem::take(&mut listed)));
-                            shared.synced(kind, false);
-                        }
-                        watcher::Event::Apply(object) => {
-                            shared.send(Change::Apply(key(&object), Box::new(convert(object))));
-                        }
-                        watcher::Event::Delete(object) => {
-                            shared.send(Change::Delete(key(&object)));
-                        }
-                    }
+    let mut listed = BTreeSet::new();
+    let mut after_events = false;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) if at.is_some() && is_not_found(&e) => {
+                return Followed::NotServed { after_events };
+            }
+            Err(e) => {
+                shared.failed(kind, &e);
+                continue;
+            }
+        };
+        // `Init` comes before a list is asked for: only what follows shows the server answers.
+        if !matches!(event, watcher::Event::Init) {
+            if !after_events {
+                after_events = true;
+                match at {
+                    Some(at) if !at.newest => info!(
+                        %kind,
+                        api_version = at.api_version,
+                        "watched at an older version: the API server does not serve the newer ones"
+                    ),
+                    Some(at) => debug!(%kind, api_version = at.api_version, "watched"),
+                    None => {}
                 }
-                Err(e) => shared.failed(kind, &e),
+            }
+            shared.healthy(kind);
+        }
+        match event {
+            watcher::Event::Init => listed.clear(),
+            watcher::Event::InitApply(object) => {
+                let key = key(&object);
+                listed.insert(key.clone());
+                shared.send(Change::Apply(key, Box::new(convert(object))));
+            }
+            watcher::Event::InitDone => {
+                shared.send(Change::Relisted(kind, std::mem::take(&mut listed)));
+                shared.synced(kind, false);
+            }
+            watcher::Event::Apply(object) => {
+                shared.send(Change::Apply(key(&object), Box::new(convert(object))));
+            }
+            watcher::Event::Delete(object) => {
+                shared.send(Change::Delete(key(&object)));
             }
         }
-    })
+    }
+    Followed::Ended
 }
 
 impl Shared {
@@ -369,14 +469,32 @@ impl Shared {
         self.publish(&kinds);
     }
 
+    /// The API server serves `kind` at none of `versions` (its CRD is not installed): it reads
+    /// as empty, and counts as listed.
+    fn not_served(&self, kind: Kind, versions: &[&str]) {
+        let mut kinds = lock(&self.kinds);
+        let state = kinds.entry(kind).or_default();
+        if !state.not_served {
+            warn!(
+                %kind,
+                api_versions = ?versions,
+                "the API server does not serve this kind (CRD not installed?); read as empty, watched again"
+            );
+        }
+        // It answered: whatever failed before (the server out of reach) is over.
+        if let Some((_, error)) = state.error.take() {
+            info!(%kind, previous_error = %error, "the Kubernetes API answers again");
+        }
+        drop(kinds);
+        // Objects read at a version no longer served go.
+        self.send(Change::Relisted(kind, BTreeSet::new()));
+        self.synced(kind, true);
+    }
+
     fn failed(&self, kind: Kind, error: &watcher::Error) {
         let message = error.to_string();
         if is_not_found(error) {
-            let first = !lock(&self.kinds).get(&kind).is_some_and(|s| s.not_served);
-            if first {
-                warn!(%kind, "the API server does not serve this kind (CRD not installed?); read as empty, watched again");
-            }
-            self.synced(kind, true);
+            self.not_served(kind, &[]);
             return;
         }
         let mut kinds = lock(&self.kinds);
@@ -457,75 +575,44 @@ fn watched_kinds(routes: bool) -> Vec<Kind> {
     kinds
 }
 
+/// Whether the API server does not serve the resource: `404`, with a `NotFound` status, or
+/// with the plain `404 page not found` it answers for a version or group it does not serve
+/// (kube reads that body as a status with an unknown reason, which its `is_not_found` does not
+/// take).
 fn is_not_found(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+            status.is_not_found() || status.code == 404
+        }
         _ => false,
     }
 }
 
-/// The API resource of a custom kind (Istio's, the Gateway API's), at the version the source
-/// reads; `None` for the built-in kinds, watched with their typed APIs.
-fn dynamic_resource(kind: Kind) -> Option<ApiResource> {
-    let (group, version, name, plural) = match kind {
-        Kind::PeerAuthentication => (
-            "security.istio.io",
-            "v1",
-            "PeerAuthentication",
-            "peerauthentications",
-        ),
-        Kind::AuthorizationPolicy => (
-            "security.istio.io",
-            "v1",
-            "AuthorizationPolicy",
-            "authorizationpolicies",
-        ),
-        Kind::Gateway => ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
-        Kind::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
-        Kind::GrpcRoute => ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
-        // v1: standard since Gateway API 1.5 (a cluster with older CRDs serves none: not found,
-        // as a kind whose CRD is not installed).
-        Kind::TcpRoute => ("gateway.networking.k8s.io", "v1", "TCPRoute", "tcproutes"),
-        Kind::TlsRoute => ("gateway.networking.k8s.io", "v1", "TLSRoute", "tlsroutes"),
-        // v1beta1: served by every release with the kind (v1 since Gateway API 1.5).
-        Kind::ReferenceGrant => (
-            "gateway.networking.k8s.io",
-            "v1beta1",
-            "ReferenceGrant",
-            "referencegrants",
-        ),
-        Kind::RequestAuthentication => (
-            "security.istio.io",
-            "v1",
-            "RequestAuthentication",
-            "requestauthentications",
-        ),
-        // v1alpha3: its only version.
-        Kind::EnvoyFilter => (
-            "networking.istio.io",
-            "v1alpha3",
-            "EnvoyFilter",
-            "envoyfilters",
-        ),
-        Kind::VirtualService => (
-            "networking.istio.io",
-            "v1",
-            "VirtualService",
-            "virtualservices",
-        ),
-        Kind::DestinationRule => (
-            "networking.istio.io",
-            "v1",
-            "DestinationRule",
-            "destinationrules",
-        ),
+/// The plural of a custom kind (Istio's, the Gateway API's); `None` for the built-in kinds,
+/// watched with their typed APIs.
+fn custom_plural(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::PeerAuthentication => "peerauthentications",
+        Kind::AuthorizationPolicy => "authorizationpolicies",
+        Kind::Gateway => "gateways",
+        Kind::HttpRoute => "httproutes",
+        Kind::GrpcRoute => "grpcroutes",
+        Kind::TcpRoute => "tcproutes",
+        Kind::TlsRoute => "tlsroutes",
+        Kind::ReferenceGrant => "referencegrants",
+        Kind::RequestAuthentication => "requestauthentications",
+        Kind::EnvoyFilter => "envoyfilters",
+        Kind::VirtualService => "virtualservices",
+        Kind::DestinationRule => "destinationrules",
         Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => return None,
-    };
-    Some(ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(group, version, name),
-        plural,
-    ))
+    })
+}
+
+/// The API resource of custom `kind` at `api_version` (`group/version`).
+fn custom_resource(kind: Kind, plural: &str, api_version: &str) -> ApiResource {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind.name()), plural)
 }
 
 /// A custom object from the API, read by the same parser as a file's.
@@ -553,4 +640,62 @@ fn dynamic_object(kind: Kind, object: &DynamicObject) -> Converted {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::{core::Status, runtime::watcher};
+
+    use super::{custom_plural, custom_resource, is_not_found};
+    use crate::{k8s::api_versions, meta::Kind};
+
+    fn list_failed(status: Status) -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status.boxed()))
+    }
+
+    #[test]
+    fn a_plain_404_says_the_resource_is_not_served() {
+        // What the API server answers for a version or group it does not serve: a plain-text
+        // body, which kube reads as a status with a reason of its own.
+        let plain = Status::failure("404 page not found", "Failed to parse error data");
+        assert!(is_not_found(&list_failed(plain.with_code(404))));
+        let status = Status::failure("the server could not find the resource", "NotFound");
+        assert!(is_not_found(&list_failed(status.with_code(404))));
+        let forbidden = Status::failure("tcproutes is forbidden", "Forbidden");
+        assert!(!is_not_found(&list_failed(forbidden.with_code(403))));
+    }
+
+    #[test]
+    fn a_custom_kind_is_watched_at_the_versions_the_parser_reads_newest_first() {
+        let at = |kind: Kind| -> Vec<(String, String)> {
+            let plural = custom_plural(kind).expect("a custom kind");
+            api_versions(kind)
+                .iter()
+                .map(|v| custom_resource(kind, plural, v))
+                .map(|r| (r.api_version, r.plural))
+                .collect()
+        };
+        let tcp = |v: &str| (format!("gateway.networking.k8s.io/{v}"), "tcproutes".into());
+        assert_eq!(at(Kind::TcpRoute), [tcp("v1"), tcp("v1alpha2")]);
+        let tls: Vec<_> = at(Kind::TlsRoute).into_iter().map(|r| r.0).collect();
+        assert_eq!(
+            tls,
+            [
+                "gateway.networking.k8s.io/v1",
+                "gateway.networking.k8s.io/v1alpha3",
+                "gateway.networking.k8s.io/v1alpha2"
+            ]
+        );
+        assert_eq!(at(Kind::VirtualService)[0].0, "networking.istio.io/v1");
+        // Every custom kind has a group; the built-in ones are watched with their typed APIs.
+        for kind in Kind::ALL {
+            match custom_plural(kind) {
+                Some(_) => assert!(at(kind).iter().all(|(v, _)| v.contains('/')), "{kind}"),
+                None => assert!(matches!(
+                    kind,
+                    Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice
+                )),
+            }
+        }
+    }
 }

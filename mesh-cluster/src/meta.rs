@@ -52,9 +52,31 @@ pub enum Kind {
     TlsRoute,
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 16] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
+        Kind::HttpRoute,
+        Kind::Gateway,
+        Kind::GrpcRoute,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::ReferenceGrant,
+        Kind::RequestAuthentication,
+        Kind::EnvoyFilter,
+        Kind::TcpRoute,
+        Kind::TlsRoute,
+    ];
+
+    /// The kind's name, as in an object's `kind`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
@@ -71,7 +93,13 @@ impl fmt::Display for Kind {
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::TcpRoute => "TCPRoute",
             Kind::TlsRoute => "TLSRoute",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

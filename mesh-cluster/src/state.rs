@@ -20,7 +20,7 @@ use super::{
     endpoints::{BuiltPod, SliceIndex},
     error::{SourceError, StateError},
     http_route::{HttpRouteIndex, L4Route, RequestFacts, RouteDecision},
-    k8s::{self, Kind, Object, ObjectRef},
+    k8s::{self, ConnectionPool, Kind, Object, ObjectRef},
     model::{AppProtocol, Protocol, Resolution, Service, ServicePort, Workload},
     names::{check_name, NameRule},
     options::EnrollmentOptions,
@@ -708,6 +708,14 @@ impl ClusterState {
     ) -> Option<&crate::http_route::ResolvedRule> {
         self.http_routes
             .decide_tls(service, port, client_namespace, sni)
+    }
+
+    /// Every `connectionPool` this view's `DestinationRules` give a destination (merged with
+    /// their subsets' and ports' settings, as requests get them): a waypoint lets go of the
+    /// connections it keeps under settings no longer given, as Envoy drains a changed
+    /// cluster's.
+    pub fn connection_pools(&self) -> std::collections::HashSet<&ConnectionPool> {
+        self.http_routes.connection_pools().collect()
     }
 
     /// Whether `tls` rules attach to `service`'s `port`: a waypoint reads the server name its

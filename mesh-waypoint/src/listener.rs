@@ -168,9 +168,9 @@ pub async fn serve(
 }
 
 /// The tasks that keep the waypoint's state current while it serves: the JWT keys its
-/// `RequestAuthentication`s name fetched, what is gone let go, and the held-back warnings
-/// counted.
-fn background(ctx: &Arc<Ctx>) -> [AbortOnDrop; 3] {
+/// `RequestAuthentication`s name fetched, what is gone let go (connections kept under changed
+/// `connectionPool` settings at each new view), and the held-back warnings counted.
+fn background(ctx: &Arc<Ctx>) -> [AbortOnDrop; 4] {
     let jwks = tokio::spawn(crate::jwks::keep_fetched(
         Arc::clone(&ctx.jwks),
         (ctx.config.namespace.clone(), ctx.config.name.clone()),
@@ -178,7 +178,23 @@ fn background(ctx: &Arc<Ctx>) -> [AbortOnDrop; 3] {
     ));
     let forget = tokio::spawn(forget_gone(Arc::clone(ctx)));
     let held = tokio::spawn(Arc::clone(&ctx.reporters.log_budget).report_held(HELD_REPORT_EVERY));
-    [AbortOnDrop(jwks), AbortOnDrop(forget), AbortOnDrop(held)]
+    let retire = tokio::spawn(retire_changed_settings(Arc::clone(ctx)));
+    [
+        AbortOnDrop(jwks),
+        AbortOnDrop(forget),
+        AbortOnDrop(held),
+        AbortOnDrop(retire),
+    ]
+}
+
+/// At each new view, lets go of the connections kept under `connectionPool` settings it no
+/// longer gives (a `DestinationRule` changed).
+async fn retire_changed_settings(ctx: Arc<Ctx>) {
+    let mut state = ctx.state.clone();
+    while state.changed().await.is_ok() {
+        let view = Arc::clone(&state.borrow_and_update());
+        ctx.upstream.retire_changed_settings(&view);
+    }
 }
 
 /// How often the warnings held back by the log budget are counted in a line, when no later

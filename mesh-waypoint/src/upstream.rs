@@ -35,7 +35,7 @@ use tokio::{
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::{
     body::Body,
@@ -201,6 +201,19 @@ impl Upstream {
         tokio::spawn(async move {
             tokio::join!(kept, idle);
         })
+    }
+
+    /// Lets go of the kept connections opened under `connectionPool` settings the view
+    /// `state` no longer gives any destination ([`Reuse::retire`]).
+    pub(crate) fn retire_changed_settings(&self, state: &mesh_cluster::ClusterState) {
+        let retired = self.reuse.retire(&state.connection_pools());
+        if retired > 0 {
+            info!(
+                retired,
+                generation = state.generation(),
+                "connections kept under changed connectionPool settings let go"
+            );
+        }
     }
 
     /// A place on the relays' idle clock, for a connection relayed from now on.

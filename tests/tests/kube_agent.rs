@@ -19,7 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
 use kube::{
     api::{
         ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -161,6 +164,7 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
         .expect("the agent's kubeconfig");
 
     least_privilege(&cp, &kubeconfig);
+    without_the_gateway_crd(&cp);
 
     let mut options = AgentOptions::new(tb.scratch_dir().join("config"));
     options.kubeconfig = Some(kubeconfig.clone());
@@ -168,6 +172,15 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
     // kubelet's.
     options.kubepods_cgroup = Some(tb.cgroup_dir().join("kubelet-n0"));
     let agent = Agent::start(node, &options).expect("agent on the API");
+    // Ready without the kind (before, the API server's plain `404 page not found` was not
+    // taken for "not served", and the agent waited for the kind's first list for ever).
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("does not serve this kind") && l.contains("Gateway")),
+        "the agent says the Gateway kind is not served"
+    );
 
     // The first full list is the view: a workload with its identity, a service with its
     // hostname and endpoint.
@@ -193,6 +206,23 @@ fn the_agent_reads_the_cluster_from_the_api_server_with_least_privilege() {
         std::fs::remove_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     }
     cp.teardown().expect("teardown");
+}
+
+/// The Gateway API's `Gateway` CRD deleted: a cluster without it (Istio's kinds do not need
+/// the Gateway API), where the agent reads no waypoint `Gateway`.
+fn without_the_gateway_crd(cp: &ControlPlane) {
+    let crds: Api<CustomResourceDefinition> = Api::all(cp.client());
+    let name = "gateways.gateway.networking.k8s.io";
+    cp.block_on(async {
+        crds.delete(name, &DeleteParams::default())
+            .await
+            .expect("the Gateway CRD deleted");
+        let deadline = Instant::now() + WAIT;
+        while crds.get_opt(name).await.expect("CRDs").is_some() {
+            assert!(Instant::now() < deadline, "the Gateway CRD never went");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 }
 
 fn wait_readiness(node: &Node, check: impl Fn(u16, &str) -> bool) -> (u16, String) {

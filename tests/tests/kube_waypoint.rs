@@ -25,10 +25,13 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{Namespace, Pod, Service, ServiceAccount},
-    rbac::v1::ClusterRoleBinding,
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Namespace, Pod, Service, ServiceAccount},
+        rbac::v1::ClusterRoleBinding,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     api::{
@@ -322,6 +325,13 @@ fn route_change(mesh: &KubeMesh, vip: &str) {
     until_seen(mesh, 1, "after", &script_once, |seen| seen == ["v2"]);
 }
 
+/// Six curl requests to `raw`'s port 9000, each on its own connection.
+fn six_connections(raw_vip: &str) -> String {
+    format!(
+        "for i in 1 2 3 4 5 6; do curl -sS --max-time 10 http://{raw_vip}:9000/t -w '\\n' || exit 1; done"
+    )
+}
+
 /// A `TCPRoute` (Gateway API v1, the standard channel's CRD) created through the API: `raw`, a
 /// Service of both echoes whose port declares no protocol, sends every connection to `web-v2`.
 /// The waypoint passes them on as TCP, unread: the echo gets curl's request without the
@@ -348,9 +358,7 @@ fn tcp_route(mesh: &KubeMesh) {
         &gvk("gateway.networking.k8s.io", "TCPRoute", "tcproutes"),
     );
     create(mesh, &api, &route, "the TCPRoute");
-    let script = format!(
-        "for i in 1 2 3 4 5 6; do curl -sS --max-time 10 http://{raw_vip}:9000/t -w '\\n' || exit 1; done"
-    );
+    let script = six_connections(&raw_vip);
     // Fails, naming it, when the route never applies (both echoes answer `raw` by itself).
     until_seen(mesh, 0, "tcp", &script, |seen| {
         seen.len() == 6 && seen.iter().all(|b| b == "v2")
@@ -370,6 +378,70 @@ fn tcp_route(mesh: &KubeMesh) {
             "routed as HTTP, not passed on as TCP: {echo}"
         );
     }
+}
+
+/// A cluster whose Gateway API is older than 1.5 serves `TCPRoute` only at `v1alpha2` (its
+/// experimental channel): the CRD changed in place to serve that version alone (the standard
+/// CRD's own `v1alpha2` schema, made the stored one), and the waypoint's pod replaced, so that
+/// the new waypoint starts on such a cluster. Its watch at `v1` fails as not found and moves to
+/// `v1alpha2`, where a route created at that version routes `raw` (to `web-v1` now; `web-v2`
+/// before, so only the new route explains it).
+fn tcp_route_at_an_older_version(mesh: &KubeMesh) {
+    let routes = Api::<DynamicObject>::namespaced_with(
+        mesh.cp.client(),
+        NS,
+        &gvk("gateway.networking.k8s.io", "TCPRoute", "tcproutes"),
+    );
+    mesh.cp
+        .block_on(routes.delete("raw", &DeleteParams::default()))
+        .expect("the v1 TCPRoute deleted");
+    let crds: Api<CustomResourceDefinition> = Api::all(mesh.cp.client());
+    let name = "tcproutes.gateway.networking.k8s.io";
+    let mut crd = mesh.cp.block_on(crds.get(name)).expect("the TCPRoute CRD");
+    for version in &mut crd.spec.versions {
+        let old = version.name == "v1alpha2";
+        version.served = old;
+        version.storage = old;
+    }
+    mesh.cp
+        .block_on(crds.replace(name, &PostParams::default(), &crd))
+        .expect("the TCPRoute CRD serves v1alpha2 alone");
+    let old = gvk_at(
+        "gateway.networking.k8s.io",
+        "v1alpha2",
+        "TCPRoute",
+        "tcproutes",
+    );
+    let old_routes = Api::<DynamicObject>::namespaced_with(mesh.cp.client(), NS, &old);
+    let route: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+        "metadata": {"name": "raw-old", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "raw", "port": 9000}],
+            "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}],
+        },
+    }));
+    // The API server serves the version once the CRD's new handler is in place.
+    mesh.cp
+        .block_on(eventually(
+            "the v1alpha2 TCPRoute created",
+            WAIT,
+            || async { old_routes.create(&PostParams::default(), &route).await.ok() },
+        ))
+        .expect("a v1alpha2 TCPRoute");
+    replace_the_waypoint_pod(mesh);
+    let raw_vip = vip(mesh, "raw");
+    let script = six_connections(&raw_vip);
+    until_seen(mesh, 0, "tcp-old", &script, |seen| {
+        seen.len() == 6 && seen.iter().all(|b| b == "v1")
+    });
+    let logs = pod_logs(mesh, "wp-", "waypoint");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("watched at an older version") && l.contains("v1alpha2")),
+        "the waypoint says which version it reads: {:?}",
+        logs.iter().rev().take(20).collect::<Vec<_>>()
+    );
 }
 
 /// The `Gateway` deleted: what the controller made goes, and web's traffic fails closed.
@@ -403,6 +475,40 @@ fn delete_gateway(mesh: &KubeMesh, vip: &str) {
         "Succeeded",
         "web fails closed"
     );
+}
+
+/// Deletes the waypoint's pod and waits until the one its `Deployment` starts instead is ready.
+fn replace_the_waypoint_pod(mesh: &KubeMesh) {
+    let selector = ListParams::default().labels(&format!("{GATEWAY_NAME}=wp"));
+    let names = |pods: &[Pod]| -> Vec<String> {
+        pods.iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect()
+    };
+    let old = mesh
+        .cp
+        .block_on(mesh.pods().list(&selector))
+        .expect("the waypoint pod");
+    let old = names(&old.items);
+    mesh.cp
+        .block_on(
+            mesh.pods()
+                .delete_collection(&DeleteParams::default(), &selector),
+        )
+        .expect("the waypoint pod deleted");
+    mesh.cp
+        .block_on(eventually("a new waypoint pod ready", WAIT, || async {
+            let pods = mesh.pods().list(&selector).await.ok()?.items;
+            let ready = |p: &Pod| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            };
+            let all_new = names(&pods).iter().all(|n| !old.contains(n));
+            (all_new && pods.len() == 1 && pods.iter().all(ready)).then_some(())
+        }))
+        .expect("the waypoint replaced");
 }
 
 /// The echo pods stay ready behind the waypoint: their HTTP probes come from the node, which is
@@ -602,6 +708,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     tcp_route(&mesh);
+    tcp_route_at_an_older_version(&mesh);
     waypoint_policy(&mesh, &vip);
     waypoint_jwt(&mesh, &vip);
     waypoint_rate_limit(&mesh, &vip);

@@ -2678,15 +2678,14 @@ fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
     let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
     let mut bed = bed(&route);
     let client = bed.client().clone();
-    // The connections the endpoints' agent (node 1) has taken in, all from the waypoint.
-    let opened = |bed: &Bed| {
+    // The connections the endpoints' agent (node 1) has taken in (or seen closed), all from
+    // the waypoint.
+    let at_endpoints = |bed: &Bed, metric: &str| {
         let samples = mesh_tests::telemetry::scrape(bed.mesh.tb.node(1)).expect("metrics");
-        count(
-            &samples,
-            "istio_tcp_connections_opened_total",
-            &[("reporter", "destination")],
-        )
+        count(&samples, metric, &[("reporter", "destination")])
     };
+    let opened = |bed: &Bed| at_endpoints(bed, "istio_tcp_connections_opened_total");
+    let closed = |bed: &Bed| at_endpoints(bed, "istio_tcp_connections_closed_total");
     // 40 h2c requests, 10 at a time on one client connection, each held 200 ms by the echo;
     // h2load's report.
     let burst = |client: &Pod| -> String {
@@ -2739,7 +2738,19 @@ fn max_concurrent_streams_opens_more_http2_connections_to_an_endpoint() {
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: 2}}, http: {{maxConcurrentStreams: 1{extra}}}}}\n"
         )
     };
+    let closed_before = closed(&bed);
     write_destination_rule(&mut bed, &pool(""));
+    // The connections kept under the settings just replaced are let go at once (before, they
+    // stayed until they had been idle for 5 minutes).
+    let started = std::time::Instant::now();
+    while closed(&bed) - closed_before < capped {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} of the {capped} connections kept under the old settings closed",
+            closed(&bed) - closed_before
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let before = opened(&bed);
     all_served(&burst(&client));
     let bounded = opened(&bed) - before;

@@ -31,8 +31,8 @@ use crate::{
         Retry, RetryOn, Rewrite, RouteMatch, StringMatch, Timeouts, ValueMatch,
     },
     istio_traffic::{
-        merged, DestinationRule, Subset, TrafficPolicy, VirtualService, VsDestination, VsHeaderOps,
-        VsHttpRoute, VsMatch, VsString, VsTarget,
+        merged, ConnectionPool, DestinationRule, Subset, TrafficPolicy, VirtualService,
+        VsDestination, VsHeaderOps, VsHttpRoute, VsMatch, VsString, VsTarget,
     },
     meta::{Kind, MetaExt, ObjectRef},
     model::{Protocol, Service},
@@ -189,6 +189,17 @@ impl Policies {
             );
         }
         policies
+    }
+
+    /// Every `connectionPool` the rules give a destination (merged, as requests get them).
+    pub(crate) fn connection_pools(&self) -> impl Iterator<Item = &ConnectionPool> {
+        self.by_service
+            .values()
+            .flat_map(|p| std::iter::once(&p.default).chain(p.subsets.values()))
+            .flat_map(|by_port| {
+                std::iter::once(&by_port.others).chain(by_port.ports.iter().map(|(_, p)| p))
+            })
+            .filter_map(|policy| policy.connection_pool.as_deref())
     }
 
     /// The policy of `service`'s `port` without a subset.

@@ -229,6 +229,45 @@ fn parses_a_connection_pool_as_istio_writes_it() {
 }
 
 #[test]
+fn a_view_gives_each_merged_connection_pool_once() {
+    let text = dr(r"  host: web
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 100}}
+    portLevelSettings:
+    - port: {number: 80}
+      connectionPool: {http: {maxRetries: 1}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: 1}}}
+");
+    let state = cluster(&[text]);
+    let mut given: Vec<_> = state
+        .connection_pools()
+        .into_iter()
+        .map(|p| {
+            (
+                p.max_connections,
+                p.max_retries,
+                p.http1_max_pending_requests,
+            )
+        })
+        .collect();
+    given.sort_unstable();
+    // The rule's (its subset `v1` has the same), port 80's (which replaces it there), and
+    // `v2`'s (the rule's port 80 setting replaces `v2`'s pool there too, Istio's merge).
+    assert_eq!(
+        given,
+        [
+            (None, None, Some(1)),
+            (None, Some(1), None),
+            (Some(100), None, None)
+        ]
+    );
+}
+
+#[test]
 fn port_level_settings_override_part_by_part_as_istio_merges() {
     let two_ports = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{name: a, port: 80, targetPort: 8080}, {name: b, port: 81, targetPort: 8081}]\n  selector: {app: web}\n";
     let rule = dr(r"  host: web

@@ -12,7 +12,7 @@
 //! one of them, and a request ending on one rings the destination's waiters).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -338,6 +338,24 @@ impl Reuse {
             .retain(|_, turn| Arc::strong_count(turn) > 1);
     }
 
+    /// Lets go of the connections kept under settings (`connectionPool`) that `current`, the
+    /// newest view's, no longer has: a `DestinationRule` changed, so its destination's requests
+    /// now look for connections under the new settings, and the old ones would sit unused (and
+    /// hold their places among the old settings' `maxConnections`) until they idled out.
+    /// Requests in flight on them finish first: hyper closes a connection once its last handle
+    /// and stream are gone. Returns how many connections went.
+    pub(super) fn retire(&self, current: &HashSet<&ConnectionPool>) -> usize {
+        let h1 = retire(
+            &mut self.h1.lock().unwrap_or_else(PoisonError::into_inner),
+            current,
+        );
+        let h2 = retire(
+            &mut self.h2.lock().unwrap_or_else(PoisonError::into_inner),
+            current,
+        );
+        h1 + h2
+    }
+
     /// How many connections are kept (HTTP/1.1, HTTP/2).
     #[cfg(test)]
     fn kept(&self) -> (usize, usize) {
@@ -348,6 +366,22 @@ impl Reuse {
             h2.values().map(Vec::len).sum(),
         )
     }
+}
+
+/// Drops the connections kept under settings not in `current`; returns how many.
+fn retire<S>(
+    kept: &mut HashMap<EndpointKey, Vec<Kept<S>>>,
+    current: &HashSet<&ConnectionPool>,
+) -> usize {
+    let mut retired = 0;
+    kept.retain(|key, conns| {
+        let keep = key.2.as_deref().is_none_or(|p| current.contains(p));
+        if !keep {
+            retired += conns.len();
+        }
+        keep
+    });
+    retired
 }
 
 /// Drops the closed and expired connections of every endpoint.
@@ -560,5 +594,39 @@ mod tests {
         assert!(reuse.has_room(&key));
         let fifth = reuse.h2(&key).expect("a place given back");
         drop((first, third, fourth, fifth));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_kept_under_settings_a_new_view_no_longer_gives_are_let_go() {
+        let reuse = Reuse::default();
+        let addr: std::net::SocketAddr = "10.0.0.5:80".parse().unwrap();
+        let pool = |streams| ConnectionPool {
+            max_concurrent_streams: Some(streams),
+            ..ConnectionPool::default()
+        };
+        let (old, new) = (pool(1), pool(2));
+        let old_key = (addr, None, Some(Arc::new(old.clone())));
+        let new_key = (addr, None, Some(Arc::new(new.clone())));
+        let plain = (addr, None, None);
+        let (h1, served) = connection().await;
+        reuse.keep_h1(old_key.clone(), Kept::new(h1));
+        let in_flight = reuse.keep_h2(old_key.clone(), h2_connection().await, None);
+        drop(reuse.keep_h2(new_key.clone(), h2_connection().await, None));
+        drop(reuse.keep_h2(plain.clone(), h2_connection().await, None));
+        assert_eq!(reuse.kept(), (1, 3));
+        // The same settings in a new view (another allocation): nothing goes.
+        let same = pool(1);
+        assert_eq!(reuse.retire(&[&same, &new].into_iter().collect()), 0);
+        // The old settings gone: their connections go, those of the new settings and of no
+        // settings stay; a request in flight on a retired connection keeps its count.
+        assert_eq!(reuse.retire(&[&new].into_iter().collect()), 2);
+        assert_eq!(reuse.kept(), (0, 2));
+        assert!(reuse.h1(&old_key).is_none() && reuse.h2(&old_key).is_none());
+        assert!(reuse.h2(&new_key).is_some() && reuse.h2(&plain).is_some());
+        assert!(in_flight.is_some());
+        tokio::time::timeout(Duration::from_secs(1), served)
+            .await
+            .expect("the retired HTTP/1.1 connection closes")
+            .unwrap();
     }
 }
