@@ -115,6 +115,11 @@ impl AgentStatus {
                     "labels": w.labels,
                     "ready": w.ready,
                     "enrolled": w.enrolled,
+                    "locality": {
+                        "region": w.locality.region,
+                        "zone": w.locality.zone,
+                        "subzone": w.locality.subzone,
+                    },
                     "captured_by_this_agent": served.contains(name.as_str()),
                 });
                 if let Some(reason) = uncaptured.get(&name) {
@@ -155,6 +160,7 @@ fn services_json(state: &ClusterState) -> Vec<Value> {
                 "name": s.name,
                 "vips": s.vips,
                 "ports": ports,
+                "traffic_distribution": s.traffic_distribution.map(mesh_cluster::locality::TrafficDistribution::as_str),
             })
         })
         .collect()

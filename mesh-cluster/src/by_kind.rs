@@ -30,6 +30,7 @@ pub(crate) struct ByKind<'a> {
     pub(crate) reference_grants: Named<'a, k8s::ReferenceGrant>,
     pub(crate) request_authns: Named<'a, k8s::RequestAuthentication>,
     pub(crate) envoy_filters: Named<'a, k8s::EnvoyFilter>,
+    pub(crate) nodes: BTreeMap<&'a str, &'a k8s::Node>,
 }
 
 impl<'a> ByKind<'a> {
@@ -58,6 +59,7 @@ impl<'a> ByKind<'a> {
                 Object::ReferenceGrant(o) => put(&mut sorted.reference_grants, &o.metadata, o),
                 Object::RequestAuthentication(o) => put(&mut sorted.request_authns, &o.metadata, o),
                 Object::EnvoyFilter(o) => put(&mut sorted.envoy_filters, &o.metadata, o),
+                Object::Node(node) => sorted.nodes.insert(node.metadata.name(), node).is_some(),
             };
             if duplicate {
                 return Err(StateError::Duplicate {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use crate::{
     authz::Verdict,
     decision::{Inbound, Origin},
+    locality::keep_closest,
     model::Workload,
     state::ClusterState,
     waypoint::WaypointBinding,
@@ -52,11 +53,19 @@ impl ClusterState {
                 if !matches!(self.service_waypoint(service), WaypointBinding::None) {
                     return Err(NotDirect::Waypoint);
                 }
-                port.endpoints
+                // Those the agent could pick: under a traffic distribution, the closest.
+                let mut candidates: Vec<_> = port
+                    .endpoints
                     .iter()
-                    .map(|e| e.addr)
-                    .filter(|a| a.is_ipv4() == dst.is_ipv4())
-                    .collect()
+                    .filter(|e| e.addr.is_ipv4() == dst.is_ipv4())
+                    .collect();
+                keep_closest(
+                    &mut candidates,
+                    service.traffic_distribution,
+                    Some(client.place()),
+                    |e| e.workload.as_deref().map(Workload::place),
+                );
+                candidates.into_iter().map(|e| e.addr).collect()
             }
             None if self.workload_by_ip(dst.ip()).is_some() => vec![dst],
             None => return Err(NotDirect::Unknown),
@@ -185,6 +194,24 @@ mod tests {
             s.direct_targets(w, addr("10.0.0.9:1"), addr("10.96.0.1:80"), "n1", 8),
             Err(NotDirect::NotLocal(addr("10.0.0.2:8080"))),
             "as another node's agent sees it"
+        );
+    }
+
+    #[test]
+    fn a_service_preferring_the_same_node_goes_direct_to_this_nodes_endpoints() {
+        // `web` with a third pod on another node: not all local, so the agent's.
+        let far_web = pod("a", "web-2", "n1", "10.0.1.3", "app: web");
+        let spread = state(std::slice::from_ref(&far_web));
+        assert_eq!(
+            targets(&spread, "10.0.0.9", "10.96.0.1:80"),
+            Err(NotDirect::NotLocal(addr("10.0.1.3:8080")))
+        );
+        // `PreferSameNode`: the agent would pick only this node's, so the kernel may too.
+        let web = web("").replace("spec:\n", "spec:\n  trafficDistribution: PreferSameNode\n");
+        let near = state_with(&web, &[far_web]);
+        assert_eq!(
+            targets(&near, "10.0.0.9", "10.96.0.1:80"),
+            Ok(vec!["10.0.0.2:8080".to_owned(), "10.0.0.3:8080".to_owned()])
         );
     }
 

@@ -108,6 +108,8 @@ pub enum Object {
     TcpRoute(TcpRoute),
     /// A `gateway.networking.k8s.io` `TLSRoute`.
     TlsRoute(TlsRoute),
+    /// A `v1` Node (its locality labels).
+    Node(Node),
 }
 
 impl Object {
@@ -136,14 +138,15 @@ impl Object {
                 ObjectRef::namespaced(Kind::RequestAuthentication, &o.metadata)
             }
             Object::EnvoyFilter(o) => ObjectRef::namespaced(Kind::EnvoyFilter, &o.metadata),
+            Object::Node(o) => ObjectRef::cluster_scoped(Kind::Node, &o.metadata),
         }
     }
 }
 
 pub use k8s_openapi::{
     api::core::v1::{
-        Container, ContainerPort, Namespace, Pod, PodCondition, PodIP, PodSpec, PodStatus, Service,
-        ServicePort, ServiceSpec,
+        Container, ContainerPort, Namespace, Node, Pod, PodCondition, PodIP, PodSpec, PodStatus,
+        Service, ServicePort, ServiceSpec,
     },
     api::discovery::v1::{
         Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
@@ -222,7 +225,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
 /// first one its API server serves.
 pub(crate) fn api_versions(kind: Kind) -> &'static [&'static str] {
     match kind {
-        Kind::Namespace | Kind::Pod | Kind::Service => &["v1"],
+        Kind::Namespace | Kind::Pod | Kind::Service | Kind::Node => &["v1"],
         Kind::EndpointSlice => &["discovery.k8s.io/v1"],
         Kind::PeerAuthentication => &PEER_AUTHENTICATION_VERSIONS,
         Kind::AuthorizationPolicy => &AUTHORIZATION_POLICY_VERSIONS,
@@ -467,7 +470,7 @@ fn display_name(kind: Kind, value: &Value) -> String {
     let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
     let name = field("name").unwrap_or("<no name>");
     match kind {
-        Kind::Namespace => format!("{kind} {name}"),
+        Kind::Namespace | Kind::Node => format!("{kind} {name}"),
         Kind::Pod
         | Kind::Service
         | Kind::EndpointSlice
@@ -536,6 +539,7 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                     Object::RequestAuthentication(RequestAuthentication::deserialize(deserializer)?)
                 }
                 Kind::EnvoyFilter => Object::EnvoyFilter(EnvoyFilter::deserialize(deserializer)?),
+                Kind::Node => Object::Node(Node::deserialize(deserializer)?),
             },
         }))
     }

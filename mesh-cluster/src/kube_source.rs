@@ -45,7 +45,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service},
+    api::core::v1::{Namespace, Node, Pod, Service},
     api::discovery::v1::EndpointSlice,
     serde::de::DeserializeOwned,
 };
@@ -228,6 +228,13 @@ impl KubeSource {
                 |ns| Ok(Object::Namespace(ns)),
             ),
             spawn_kind(
+                Api::<Node>::all(client.clone()),
+                Kind::Node,
+                max_backoff,
+                &shared,
+                |node| Ok(Object::Node(strip::node(node))),
+            ),
+            spawn_kind(
                 Api::<Pod>::all(client.clone()),
                 Kind::Pod,
                 max_backoff,
@@ -384,7 +391,7 @@ where
         let meta = object.meta();
         ObjectRef {
             kind,
-            namespace: (kind != Kind::Namespace)
+            namespace: (!matches!(kind, Kind::Namespace | Kind::Node))
                 .then(|| crate::meta::MetaExt::namespace(meta).to_owned()),
             name: crate::meta::MetaExt::name(meta).to_owned(),
         }
@@ -552,6 +559,7 @@ impl Shared {
 fn watched_kinds(routes: bool) -> Vec<Kind> {
     let mut kinds = vec![
         Kind::Namespace,
+        Kind::Node,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
@@ -605,7 +613,9 @@ fn custom_plural(kind: Kind) -> Option<&'static str> {
         Kind::EnvoyFilter => "envoyfilters",
         Kind::VirtualService => "virtualservices",
         Kind::DestinationRule => "destinationrules",
-        Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => return None,
+        Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice | Kind::Node => {
+            return None
+        }
     })
 }
 
@@ -693,7 +703,7 @@ mod tests {
                 Some(_) => assert!(at(kind).iter().all(|(v, _)| v.contains('/')), "{kind}"),
                 None => assert!(matches!(
                     kind,
-                    Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice
+                    Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice | Kind::Node
                 )),
             }
         }

@@ -70,6 +70,7 @@ pub mod k8s;
 mod kube_client;
 mod kube_source;
 pub mod limits;
+pub mod locality;
 pub mod meta;
 mod model;
 mod names;

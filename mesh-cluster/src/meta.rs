@@ -50,11 +50,13 @@ pub enum Kind {
     TcpRoute,
     /// `TLSRoute` (`gateway.networking.k8s.io`).
     TlsRoute,
+    /// `Node`: its locality labels.
+    Node,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -71,6 +73,7 @@ impl Kind {
         Kind::EnvoyFilter,
         Kind::TcpRoute,
         Kind::TlsRoute,
+        Kind::Node,
     ];
 
     /// The kind's name, as in an object's `kind`.
@@ -93,6 +96,7 @@ impl Kind {
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::TcpRoute => "TCPRoute",
             Kind::TlsRoute => "TLSRoute",
+            Kind::Node => "Node",
         }
     }
 }

@@ -14,7 +14,10 @@ use std::{
 use mesh_common::HBONE_PORT;
 use mesh_identity::Identity;
 
-use crate::meta::Labels;
+use crate::{
+    locality::{keep_closest, Locality, Place, TrafficDistribution},
+    meta::Labels,
+};
 
 /// A pod, as the data path needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +51,19 @@ pub struct Workload {
     pub cgroup: Option<PathBuf>,
     /// Whether the pod's mesh legs take the `sk_msg` short-cut ([`crate::SHORTCUT_ANNOTATION`]).
     pub shortcut: Shortcut,
+    /// Region, zone and subzone: its node's, or its own `istio-locality` label's.
+    pub locality: Locality,
+}
+
+impl Workload {
+    /// Where it runs: its locality and node.
+    #[must_use]
+    pub fn place(&self) -> Place<'_> {
+        Place {
+            locality: &self.locality,
+            node: self.node.as_deref(),
+        }
+    }
 }
 
 /// Whether a workload's mesh legs take the kernel's `sk_msg` short-cut: opt-in, by the
@@ -188,6 +204,9 @@ pub struct Service {
     pub selector: Labels,
     /// Ports with their endpoints.
     pub ports: Vec<ServicePort>,
+    /// Which of its endpoints a client prefers (`spec.trafficDistribution`, or Istio's
+    /// annotation); `None`: all alike.
+    pub traffic_distribution: Option<TrafficDistribution>,
 }
 
 /// A port of a Service, with its endpoints.
@@ -263,9 +282,29 @@ impl ServicePort {
         }
     }
 
-    /// Picks the next endpoint with an address of `dst`'s family, round-robin.
-    pub(crate) fn pick(&self, family: IpAddr) -> Option<(&Endpoint, SocketAddr)> {
-        let candidates = if family.is_ipv4() { &self.v4 } else { &self.v6 };
+    /// Picks the next endpoint with an address of `dst`'s family, round-robin; under a
+    /// `distribution`, among the closest to `from` ([`crate::locality`]).
+    pub(crate) fn pick(
+        &self,
+        family: IpAddr,
+        (distribution, from): (Option<TrafficDistribution>, Option<Place<'_>>),
+    ) -> Option<(&Endpoint, SocketAddr)> {
+        let all = if family.is_ipv4() { &self.v4 } else { &self.v6 };
+        let closest;
+        let candidates = match (distribution, from) {
+            (Some(_), Some(_)) => {
+                let mut kept = all.clone();
+                keep_closest(&mut kept, distribution, from, |(index, _)| {
+                    self.endpoints[*index]
+                        .workload
+                        .as_deref()
+                        .map(Workload::place)
+                });
+                closest = kept;
+                &closest
+            }
+            _ => all,
+        };
         if candidates.is_empty() {
             return None;
         }
@@ -419,6 +458,9 @@ pub struct Waypoint {
     pub workloads: Vec<Arc<Workload>>,
     /// Whether it tells the endpoints who called ([`XFCC_CLIENT_IDENTITY`]).
     pub xfcc_client_identity: bool,
+    /// Which of its pods a client prefers (its `Gateway`'s
+    /// [`crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION`]): a waypoint per zone.
+    pub traffic_distribution: Option<TrafficDistribution>,
     /// Round-robin cursor over `workloads`.
     next: AtomicUsize,
 }
@@ -444,18 +486,30 @@ impl Waypoint {
             traffic,
             workloads,
             xfcc_client_identity: false,
+            traffic_distribution: None,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Picks a ready pod with an address of `family`'s family, round-robin: the pod and its HBONE
-    /// address (port 15008).
-    pub fn pick(&self, family: IpAddr) -> Option<(&Arc<Workload>, SocketAddr)> {
-        let candidates: Vec<(&Arc<Workload>, IpAddr)> = self
+    /// Picks a ready pod with an address of `family`'s family, round-robin (under a traffic
+    /// distribution, among those closest to `from`): the pod and its HBONE address (port
+    /// 15008).
+    pub fn pick(
+        &self,
+        family: IpAddr,
+        from: Option<Place<'_>>,
+    ) -> Option<(&Arc<Workload>, SocketAddr)> {
+        let mut candidates: Vec<(&Arc<Workload>, IpAddr)> = self
             .workloads
             .iter()
             .filter_map(|w| w.ip_like(family).map(|ip| (w, ip)))
             .collect();
+        keep_closest(
+            &mut candidates,
+            self.traffic_distribution,
+            from,
+            |(w, _)| Some(w.place()),
+        );
         if candidates.is_empty() {
             return None;
         }

@@ -8,7 +8,7 @@
 //! port (an atomic), which restarts at the first endpoint in each new state.
 
 use std::{
-    collections::{hash_map::Entry, HashMap},
+    collections::{hash_map::Entry, BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -21,13 +21,15 @@ use super::{
     error::{SourceError, StateError},
     http_route::{HttpRouteIndex, L4Route, RequestFacts, RouteDecision},
     k8s::{self, ConnectionPool, Kind, Object, ObjectRef},
+    locality::Locality,
     model::{AppProtocol, Protocol, Resolution, Service, ServicePort, Workload},
     names::{check_name, NameRule},
     options::EnrollmentOptions,
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy},
     ratelimit::{RateLimit, RateLimitIndex},
     translate::{
-        pod_ref, service_from, service_ref, shortcut_annotation, workload_from, workload_ref,
+        pod_ref, service_distribution, service_from, service_ref, shortcut_annotation,
+        workload_from, workload_ref,
     },
     waypoint::{Bindings, Waypoint, WaypointBinding, WaypointIndex},
 };
@@ -109,6 +111,7 @@ impl ClusterState {
             reference_grants,
             request_authns,
             envoy_filters,
+            nodes,
         } = ByKind::sort(objects)?;
         for namespace in namespaces.values() {
             let object = ObjectRef::cluster_scoped(Kind::Namespace, &namespace.metadata);
@@ -122,21 +125,15 @@ impl ClusterState {
         }
 
         let mut state = ClusterState::empty();
-        let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
-        for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
-            let ns_meta = namespaces.get(namespace).map(|ns| &ns.metadata);
-            let workload = Arc::new(workload_from(pod, ns_meta, opts)?);
-            state.index_workload(&workload, pod)?;
-            by_namespace
-                .entry(namespace)
-                .or_default()
-                .push(BuiltPod { workload, pod });
-        }
+        let by_namespace = state.index_workloads(&pods, (&namespaces, &nodes), opts)?;
         let slices = SliceIndex::build(slices.into_values())?;
+        let mut service_warnings = Vec::new();
         for (&(namespace, _), &svc) in &services {
             let pods = by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
             let from = (&slices.index, &state.by_ip);
-            let service = Arc::new(service_from(svc, pods, from, opts)?);
+            let mut service = service_from(svc, pods, from, opts)?;
+            service.traffic_distribution = service_distribution(svc, &mut service_warnings);
+            let service = Arc::new(service);
             state.index_service(&service, svc)?;
         }
         state.peer_auth = PeerAuthIndex::build(
@@ -173,6 +170,7 @@ impl ClusterState {
         let unenforced = state.unenforced_waypoint_policies();
         state.warnings = [
             slices.warnings,
+            service_warnings,
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
             state.authn.warnings().to_vec(),
@@ -183,6 +181,35 @@ impl ClusterState {
         ]
         .concat();
         Ok(state)
+    }
+
+    /// The workloads of the pods that have not finished (their localities their nodes'),
+    /// indexed, and by namespace.
+    fn index_workloads<'a>(
+        &mut self,
+        pods: &Named<'a, k8s::Pod>,
+        (namespaces, nodes): (
+            &BTreeMap<&str, &k8s::Namespace>,
+            &BTreeMap<&str, &k8s::Node>,
+        ),
+        opts: &EnrollmentOptions,
+    ) -> Result<HashMap<&'a str, Vec<BuiltPod<'a>>>, StateError> {
+        let localities: HashMap<&str, Locality> = nodes
+            .iter()
+            .map(|(&name, node)| (name, Locality::of_node(node.metadata.labels())))
+            .collect();
+        let mut by_namespace: HashMap<&str, Vec<BuiltPod>> = HashMap::new();
+        for (&(namespace, _), &pod) in pods.iter().filter(|(_, pod)| !pod.is_terminated()) {
+            let ns_meta = namespaces.get(namespace).map(|ns| &ns.metadata);
+            let node = pod.node_name().and_then(|n| localities.get(n));
+            let workload = Arc::new(workload_from(pod, (ns_meta, node), opts)?);
+            self.index_workload(&workload, pod)?;
+            by_namespace
+                .entry(namespace)
+                .or_default()
+                .push(BuiltPod { workload, pod });
+        }
+        Ok(by_namespace)
     }
 
     /// The pods served by Services that waypoints' policies target, with those Services.
@@ -819,7 +846,9 @@ impl ClusterState {
         };
         match binding {
             WaypointBinding::None if service.is_some() => self.through_endpoint_waypoint(src, dst),
-            binding => self.through(binding, src, service.cloned(), dst, || self.resolve(dst)),
+            binding => self.through(binding, src, service.cloned(), dst, || {
+                self.resolve_near(src, dst)
+            }),
         }
     }
 
@@ -828,7 +857,7 @@ impl ClusterState {
     /// waypoint, or its own label), through that waypoint with the endpoint as `:authority`
     /// (as ztunnel does), so that the destination's agent sees it come through its waypoint.
     fn through_endpoint_waypoint(&self, src: Option<&Workload>, dst: SocketAddr) -> Resolution {
-        let resolved = self.resolve(dst);
+        let resolved = self.resolve_near(src, dst);
         let Resolution::Service {
             service,
             endpoint,
@@ -858,21 +887,23 @@ impl ClusterState {
             WaypointBinding::Bound(waypoint) if src.is_some_and(|s| waypoint.has_pod(s)) => {
                 direct()
             }
-            WaypointBinding::Bound(waypoint) => match waypoint.pick(authority.ip()) {
-                Some((pod, addr)) => Resolution::Waypoint {
-                    service,
-                    waypoint: Arc::clone(waypoint),
-                    pod: Arc::clone(pod),
-                    addr,
-                    authority,
-                },
-                None => Resolution::WaypointUnavailable {
-                    service,
-                    reason: crate::waypoint::Unavailable::NotReady {
-                        waypoint: format!("{waypoint} (no pod of the destination's family)"),
+            WaypointBinding::Bound(waypoint) => {
+                match waypoint.pick(authority.ip(), src.map(Workload::place)) {
+                    Some((pod, addr)) => Resolution::Waypoint {
+                        service,
+                        waypoint: Arc::clone(waypoint),
+                        pod: Arc::clone(pod),
+                        addr,
+                        authority,
                     },
-                },
-            },
+                    None => Resolution::WaypointUnavailable {
+                        service,
+                        reason: crate::waypoint::Unavailable::NotReady {
+                            waypoint: format!("{waypoint} (no pod of the destination's family)"),
+                        },
+                    },
+                }
+            }
             WaypointBinding::Unavailable(_)
                 if src.is_some_and(|s| self.waypoint_of_pod(s).is_some()) =>
             {
@@ -891,9 +922,17 @@ impl ClusterState {
     /// concurrent callers spread over the endpoints; a new snapshot starts again at the first.
     /// IPv4-mapped IPv6 destinations are treated as IPv4.
     pub fn resolve(&self, dst: SocketAddr) -> Resolution {
+        self.resolve_near(None, dst)
+    }
+
+    /// [`Self::resolve`] for a connection from `src`: under the Service's traffic distribution
+    /// (`spec.trafficDistribution`), among the endpoints closest to `src`
+    /// ([`crate::locality`]).
+    pub fn resolve_near(&self, src: Option<&Workload>, dst: SocketAddr) -> Resolution {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         if let Some((service, index)) = self.by_addr.get(&dst) {
-            return match service.ports[*index].pick(dst.ip()) {
+            let near = (service.traffic_distribution, src.map(Workload::place));
+            return match service.ports[*index].pick(dst.ip(), near) {
                 Some((endpoint, addr)) => Resolution::Service {
                     service: Arc::clone(service),
                     endpoint: addr,

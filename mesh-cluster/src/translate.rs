@@ -11,6 +11,7 @@ use super::{
     endpoints::{BuiltPod, PortSources, SliceIndex},
     error::StateError,
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
+    locality::{Locality, TrafficDistribution, TRAFFIC_DISTRIBUTION_ANNOTATION},
     model::{AppProtocol, Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
     names::{check_name, check_namespaced, NameRule},
     options::{
@@ -38,7 +39,7 @@ pub(super) fn workload_ref(workload: &Workload) -> ObjectRef {
 /// `pod` as a workload; `ns_meta` is its Namespace object's metadata, if there is one.
 pub(super) fn workload_from(
     pod: &k8s::Pod,
-    ns_meta: Option<&k8s::ObjectMeta>,
+    (ns_meta, node_locality): (Option<&k8s::ObjectMeta>, Option<&Locality>),
     opts: &EnrollmentOptions,
 ) -> Result<Workload, StateError> {
     let ns_labels: Option<&Labels> = ns_meta.map(MetaExt::labels);
@@ -127,6 +128,7 @@ pub(super) fn workload_from(
         netns,
         cgroup,
         shortcut,
+        locality: Locality::of_pod(meta.labels(), node_locality),
     })
 }
 
@@ -353,7 +355,45 @@ pub(super) fn service_from(
         vips,
         selector,
         ports,
+        // Read with the warnings of the view ([`service_distribution`]).
+        traffic_distribution: None,
     })
+}
+
+/// The traffic distribution `svc` asks for ([`traffic_distribution`]).
+pub(super) fn service_distribution(
+    svc: &k8s::Service,
+    warnings: &mut Vec<String>,
+) -> Option<TrafficDistribution> {
+    let field = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref());
+    traffic_distribution(&service_ref(svc), field, &svc.metadata, warnings)
+}
+
+/// The traffic distribution `object` asks for: its `spec.trafficDistribution` (`field`, a
+/// Service's), else Istio's annotation. A value this mesh does not know (a newer Kubernetes
+/// may add some) spreads the traffic as without one, with a warning naming it.
+pub(crate) fn traffic_distribution(
+    object: &ObjectRef,
+    field: Option<&str>,
+    meta: &k8s::ObjectMeta,
+    warnings: &mut Vec<String>,
+) -> Option<TrafficDistribution> {
+    let (value, from) = match field {
+        Some(value) => (value, "spec.trafficDistribution"),
+        None => (
+            meta.annotations
+                .as_ref()?
+                .get(TRAFFIC_DISTRIBUTION_ANNOTATION)?
+                .as_str(),
+            TRAFFIC_DISTRIBUTION_ANNOTATION,
+        ),
+    };
+    TrafficDistribution::parse(value)
+        .map_err(|why| warnings.push(format!("{object}: {from}: {why}")))
+        .ok()
 }
 
 fn check_port(object: &ObjectRef, field: String, value: i64) -> Result<u16, StateError> {

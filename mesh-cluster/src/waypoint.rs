@@ -127,6 +127,9 @@ impl WaypointIndex {
             }
             let mut waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
             waypoint.xfcc_client_identity = xfcc_client_identity(meta, &mut warnings);
+            let object = ObjectRef::namespaced(Kind::Gateway, meta);
+            waypoint.traffic_distribution =
+                crate::translate::traffic_distribution(&object, None, meta, &mut warnings);
             waypoints
                 .entry(namespace)
                 .or_default()

@@ -29,7 +29,8 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use mesh_cluster::{
     k8s::{HashCookie, HashKey, LoadBalancer, OutlierDetection},
-    ClusterState, Endpoint, EndpointPolicy, Service,
+    locality::{keep_closest, Place},
+    ClusterState, Endpoint, EndpointPolicy, Service, Workload,
 };
 
 /// The longest ejection (Envoy's default `max_ejection_time`).
@@ -103,6 +104,9 @@ pub(crate) struct Keys<'a> {
     pub(crate) client: SocketAddr,
     /// An HTTP request's headers and query; `None` for a TCP tunnel.
     pub(crate) request: Option<(&'a HeaderMap, Option<&'a str>)>,
+    /// Where the waypoint runs, when known: a Service with a `trafficDistribution` has the
+    /// endpoints closest to it take its requests.
+    pub(crate) near: Option<Place<'a>>,
 }
 
 /// Round-robin cursors of one Service, by port and subset (looked up without an allocation
@@ -161,6 +165,14 @@ impl Balancer {
         if let Some(outlier) = &policy.outlier_detection {
             self.leave_out_ejected(&mut candidates, outlier, Instant::now());
         }
+        // After the ejections: with the closest endpoints ejected, the next closest take over
+        // (Envoy's locality failover).
+        keep_closest(
+            &mut candidates,
+            service.traffic_distribution,
+            keys.near,
+            |e| e.workload.as_deref().map(Workload::place),
+        );
         let chosen = match &policy.load_balancer {
             LoadBalancer::RoundRobin => {
                 let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);

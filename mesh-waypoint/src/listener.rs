@@ -253,6 +253,14 @@ async fn connection(
             return;
         }
     };
+    // The waypoint's own address on this connection: which of its pods it is, and so where it
+    // runs (a Service's `trafficDistribution` prefers the endpoints closest to it).
+    let local = tls
+        .get_ref()
+        .0
+        .local_addr()
+        .ok()
+        .map(|a| a.ip().to_canonical());
     let Some(src) = mesh_identity::peer_identity(tls.get_ref().1) else {
         if ctx.reporters.log_budget.may_warn(peer.ip()) {
             warn!(%peer, "HBONE peer without a SPIFFE identity; closing");
@@ -263,7 +271,8 @@ async fn connection(
     let handler = {
         let ctx = Arc::clone(&ctx);
         move |request: InboundRequest, responder: Responder| {
-            tunnel(request, responder, peer, src.clone(), Arc::clone(&ctx)).in_current_span()
+            let addrs = (peer, local);
+            tunnel(request, responder, addrs, src.clone(), Arc::clone(&ctx)).in_current_span()
         }
     };
     if let Err(e) = mesh_hbone::serve_connection(tls, &ctx.hbone, handler).await {
@@ -276,14 +285,15 @@ async fn connection(
 async fn tunnel(
     request: InboundRequest,
     responder: Responder,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, Option<std::net::IpAddr>),
     src: Identity,
     ctx: Arc<Ctx>,
 ) {
-    let target = {
+    let (target, own) = {
         let state = ctx.state.borrow();
         let ours = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
-        Target::of(&state, ours, request.authority)
+        let own = local.and_then(|ip| state.workload_by_ip(ip)).cloned();
+        (Target::of(&state, ours, request.authority), own)
     };
     let target = match target {
         Ok(target) => target,
@@ -302,6 +312,7 @@ async fn tunnel(
         addr: request.forwarded_for.unwrap_or(peer),
         trace: TraceContext::from_headers(&request.headers),
         buckets: Arc::default(),
+        own,
     };
     let stream = match responder.accept() {
         Ok(stream) => stream,

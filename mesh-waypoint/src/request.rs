@@ -274,6 +274,9 @@ pub(crate) struct Source {
     pub(crate) trace: Option<TraceContext>,
     /// The tunnel's own token buckets (limits with `local_rate_limit_per_downstream_connection`).
     pub(crate) buckets: Arc<crate::ratelimit::Buckets>,
+    /// The waypoint's pod the tunnel came to (by its address), when the view has it: where
+    /// the waypoint runs, for the Services that prefer close endpoints.
+    pub(crate) own: Option<Arc<mesh_cluster::Workload>>,
 }
 
 /// Serves one request.
@@ -833,6 +836,7 @@ async fn one_attempt(
     let keys = Keys {
         client: source.addr,
         request: Some((request.headers(), request.uri().query())),
+        near: source.own.as_deref().map(mesh_cluster::Workload::place),
     };
     let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
         return Err(Failure::NoEndpoint);
@@ -973,9 +977,11 @@ fn spawn_mirror(
     };
     // Only the counts go with the mirror (the pool is the policy's, which goes too).
     let breaker = breaker.map(|(breaker, _)| breaker);
+    // A mirror spreads over the mirror's endpoints, wherever they run.
     let keys = Keys {
         client,
         request: Some((request.headers(), request.uri().query())),
+        near: None,
     };
     let Some((endpoint, addr, in_flight)) = ctx.balancer.pick(&service, port, &policy, &keys)
     else {

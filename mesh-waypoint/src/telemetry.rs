@@ -745,6 +745,7 @@ mod tests {
             vips: Vec::new(),
             selector: std::collections::BTreeMap::default(),
             ports: Vec::new(),
+            traffic_distribution: None,
         })
     }
 

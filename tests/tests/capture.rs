@@ -202,6 +202,26 @@ fn ipv6_same_node_and_cross_node() {
     }
 }
 
+/// How many connections each of `servers` accepted, once they accepted `total` together (or
+/// after [`LOG_WAIT`]). A server prints `accepted` before it echoes, but its output reaches us
+/// through a reader thread: the lines are waited for rather than read once.
+fn accepted_by(servers: &[Process], total: usize) -> Vec<usize> {
+    let accepted = |server: &Process| {
+        server
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with("accepted "))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    while servers.iter().map(accepted).sum::<usize>() < total
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    servers.iter().map(accepted).collect()
+}
+
 #[test]
 fn service_with_two_endpoints_spreads_connections_over_both() {
     let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
@@ -249,21 +269,7 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
             "{out}"
         );
     }
-    // A server prints `accepted` before it echoes, but its output reaches us through a reader
-    // thread: wait for the lines rather than read them once.
-    let accepted = |server: &Process| {
-        server
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with("accepted "))
-            .count()
-    };
-    let deadline = std::time::Instant::now() + LOG_WAIT;
-    while servers.iter().map(accepted).sum::<usize>() < 4 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for (pod, server) in web.iter().zip(&servers) {
-        let hits = accepted(server);
+    for (pod, hits) in web.iter().zip(accepted_by(&servers, 4)) {
         assert_eq!(hits, 2, "endpoint {} got {hits} of 4 connections", pod.name);
     }
     let line = closed_line(
@@ -294,6 +300,66 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Nodes n0 in zone `eu-a` and n1 in zone `eu-b`, and `web` (one pod on each) asking for
+/// `trafficDistribution: PreferClose`: each node's clients reach their own zone's endpoint,
+/// and n0's the other zone's once theirs is gone. Without the setting they spread over both
+/// (`service_with_two_endpoints_spreads_connections_over_both`).
+#[test]
+fn a_service_preferring_close_endpoints_keeps_connections_in_the_clients_zone() {
+    let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
+    let web = [mesh.pod(0, 1).clone(), mesh.pod(1, 0).clone()];
+    for pod in &web {
+        mesh.files
+            .pod(pod, &format!("n{}", pod.node), NS, &[("tier", "web")])
+            .unwrap();
+    }
+    for (node, zone) in [("n0", "eu-a"), ("n1", "eu-b")] {
+        let text = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    topology.kubernetes.io/region: eu\n    topology.kubernetes.io/zone: {zone}\n"
+        );
+        mesh.files
+            .write(&format!("node-{node}.yaml"), &text)
+            .unwrap();
+    }
+    let vip = plan::service_vip_v4(0);
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  clusterIP: {vip}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080}}\n  selector: {{tier: web}}\n  trafficDistribution: PreferClose\n"
+    );
+    let known = |mesh: &mut Mesh, from: &[usize]| {
+        for (agent, from) in mesh.agents.iter_mut().zip(from) {
+            agent
+                .wait_for_log_from(*from, "the change to be read", LOG_WAIT, |l| {
+                    l.contains("cluster state updated") && l.contains("services=1")
+                })
+                .unwrap();
+        }
+    };
+    let from: Vec<usize> = mesh.agents.iter().map(Agent::log_len).collect();
+    mesh.files.write("service-web.yaml", &service).unwrap();
+    known(&mut mesh, &from);
+    let servers: Vec<Process> = web.iter().map(|p| serve(p, "echo")).collect();
+    let connect = |client: &Pod, n: usize| {
+        for i in 0..n {
+            probe::connect(
+                client,
+                SocketAddr::new(IpAddr::V4(vip), 80),
+                &format!("r{i}"),
+            )
+            .expect("connect through the service");
+        }
+    };
+    connect(&mesh.pod(0, 0).clone(), 6);
+    assert_eq!(accepted_by(&servers, 6), [6, 0], "n0's client: zone eu-a");
+    connect(&mesh.pod(1, 1).clone(), 6);
+    assert_eq!(accepted_by(&servers, 12), [6, 6], "n1's client: zone eu-b");
+    // Zone eu-a's endpoint gone (no longer selected): n0's client fails over to eu-b.
+    let from: Vec<usize> = mesh.agents.iter().map(Agent::log_len).collect();
+    mesh.files.pod(&web[0], "n0", NS, &[]).unwrap();
+    known(&mut mesh, &from);
+    connect(&mesh.pod(0, 0).clone(), 4);
+    assert_eq!(accepted_by(&servers, 16), [6, 10], "failed over to eu-b");
 }
 
 #[test]

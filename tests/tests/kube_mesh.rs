@@ -20,9 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     Api,
 };
 use mesh_tests::{
@@ -259,6 +262,52 @@ fn pods_on_two_nodes_talk_over_hbone_with_their_identities() {
     )
     .expect("config dump");
     endpoints_from_slices(&mesh, &mesh.kubelets[0]);
+    locality_from_the_api(&mesh);
+}
+
+/// Node n1 labelled with a region and zone through the API, and `echo` asking for
+/// `trafficDistribution: PreferClose`: n0's agent reads both (the echo pod's locality is its
+/// node's; the Service prefers close endpoints), from the Nodes it may list and watch. The
+/// data path this feeds is shown in the netns testbed (`capture.rs`, `waypoint.rs`).
+fn locality_from_the_api(mesh: &KubeMesh) {
+    let cp = &mesh.cp;
+    let zone = json!({"metadata": {"labels": {
+        "topology.kubernetes.io/region": "eu",
+        "topology.kubernetes.io/zone": "eu-b",
+    }}});
+    cp.block_on(Api::<Node>::all(cp.client()).patch(
+        "n1",
+        &PatchParams::default(),
+        &Patch::Merge(&zone),
+    ))
+    .expect("n1 labelled");
+    let close = json!({"spec": {"trafficDistribution": "PreferClose"}});
+    cp.block_on(Api::<Service>::namespaced(cp.client(), NS).patch(
+        "echo",
+        &PatchParams::default(),
+        &Patch::Merge(&close),
+    ))
+    .expect("echo prefers close endpoints");
+    let (echo, _) = mesh.echo_pod().expect("echo pod");
+    let echo = echo.metadata.name.expect("a name");
+    wait_dump(
+        mesh.tb.node(0),
+        "the echo pod's zone and the Service's preference",
+        |d| {
+            let in_zone = d["workloads"].as_array().is_some_and(|w| {
+                w.iter().any(|w| {
+                    w["name"] == echo.as_str()
+                        && w["locality"] == json!({"region": "eu", "zone": "eu-b", "subzone": ""})
+                })
+            });
+            let preferring = d["services"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["name"] == "echo" && s["traffic_distribution"] == "PreferSameZone")
+            });
+            in_zone && preferring
+        },
+    )
+    .expect("config dump");
 }
 
 /// Endpoints come from `EndpointSlices`: the controller manager's for `echo` (the agent shows

@@ -3151,3 +3151,51 @@ fn accepted(servers: &[Process]) -> Vec<usize> {
         })
         .collect()
 }
+
+/// A Service asking for `trafficDistribution: PreferClose` behind the waypoint: its requests go
+/// to the endpoints of the waypoint's own zone (the waypoint finds its pod by the address its
+/// tunnels come to, and the pod's node's zone), and to the others once those are gone. Both
+/// backends run on n1; their own `istio-locality` labels place v1 in the waypoint's zone and
+/// v2 in another.
+#[test]
+fn a_service_preferring_close_endpoints_is_served_from_the_waypoints_zone() {
+    let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
+    let bed = bed(&route);
+    let client = bed.client().clone();
+    let files = &bed.mesh.files;
+    let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n0\n  labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-a}\n";
+    files.write("node-n0.yaml", node).unwrap();
+    for (j, version, zone) in [(0, "v1", "eu.eu-a"), (1, "v2", "eu.eu-b")] {
+        let pod = bed.mesh.pod(1, j).clone();
+        let labels = [
+            ("svc", "web"),
+            ("version", version),
+            ("istio-locality", zone),
+        ];
+        files.pod(&pod, "n1", NS, &labels).unwrap();
+    }
+    let bound = format!("istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}");
+    let web = service_yaml("web", 0, ("svc", "web"), &bound)
+        .replace("spec:\n", "spec:\n  trafficDistribution: PreferClose\n");
+    files.write("service-web.yaml", &web).unwrap();
+    let urls: Vec<String> = (0..20).map(|i| url(&format!("/near/{i}"))).collect();
+    let only_v1 = BTreeMap::from([("v1".to_owned(), 20)]);
+    let started = std::time::Instant::now();
+    while backends(&curl(&client, &urls)) != only_v1 {
+        assert!(
+            started.elapsed() < LOG_WAIT,
+            "never only the waypoint's zone"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(backends(&curl(&client, &urls)), only_v1);
+    // v1 no longer selected: v2, in the other zone, takes over.
+    let v1 = bed.mesh.pod(1, 0).clone();
+    files.pod(&v1, "n1", NS, &[("version", "v1")]).unwrap();
+    let only_v2 = BTreeMap::from([("v2".to_owned(), 20)]);
+    let started = std::time::Instant::now();
+    while backends(&curl(&client, &urls)) != only_v2 {
+        assert!(started.elapsed() < LOG_WAIT, "never failed over");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

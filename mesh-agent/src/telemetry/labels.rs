@@ -266,6 +266,7 @@ mod tests {
             netns: None,
             cgroup: None,
             shortcut: mesh_cluster::Shortcut::Disabled,
+            locality: mesh_cluster::locality::Locality::default(),
         }
     }
 

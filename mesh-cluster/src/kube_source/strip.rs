@@ -1,11 +1,16 @@
 //! Objects cut down, on arrival, to the fields the model reads: every Pod of the cluster is
 //! held, so what is not read is not kept.
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Node, Pod, PodCondition, PodSpec, PodStatus,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::options::{CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION};
+use crate::{
+    locality::{REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL},
+    options::{CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION},
+};
 
 /// Annotations the model reads; the others (often large: `kubectl.kubernetes.io/
 /// last-applied-configuration`) are dropped.
@@ -48,6 +53,27 @@ pub(super) fn pod(pod: Pod) -> Pod {
         }),
     }
 }
+
+/// `node` with only its name and its locality labels (a node carries many others).
+pub(super) fn node(node: Node) -> Node {
+    let labels = node.metadata.labels.map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(key, _)| LOCALITY_LABELS.contains(&key.as_str()))
+            .collect()
+    });
+    Node {
+        metadata: ObjectMeta {
+            name: node.metadata.name,
+            labels,
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    }
+}
+
+/// The node labels the model reads.
+const LOCALITY_LABELS: [&str; 3] = [REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL];
 
 /// `slice` with only: name, namespace, labels (its service), address type, ports, and of each
 /// endpoint its addresses and conditions (no `targetRef`, hostname, node, zone or hints: the

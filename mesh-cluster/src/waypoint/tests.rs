@@ -78,7 +78,7 @@ fn a_service_label_binds_it_and_the_waypoint_pods_take_turns() {
     assert_eq!(waypoint.traffic, WaypointFor::Service, "the default");
     let picked: BTreeSet<String> = (0..4)
         .map(|_| {
-            let (pod, addr) = waypoint.pick(ip("10.96.0.1")).expect("a pod");
+            let (pod, addr) = waypoint.pick(ip("10.96.0.1"), None).expect("a pod");
             assert_eq!(addr.port(), 15008);
             assert_eq!(Some(addr.ip()), pod.ips.first().copied());
             pod.name.clone()
@@ -88,7 +88,7 @@ fn a_service_label_binds_it_and_the_waypoint_pods_take_turns() {
         picked,
         BTreeSet::from(["wp-0".to_owned(), "wp-1".to_owned()])
     );
-    assert!(waypoint.pick(ip("fd00::1")).is_none(), "no IPv6 pod");
+    assert!(waypoint.pick(ip("fd00::1"), None).is_none(), "no IPv6 pod");
     let wp0 = state.workload_by_name("shop", "wp-0").expect("wp-0");
     assert!(waypoint.has_pod(wp0));
     assert_eq!(

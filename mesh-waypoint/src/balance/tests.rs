@@ -52,6 +52,7 @@ fn keys(headers: &HeaderMap) -> Keys<'_> {
     Keys {
         client: CLIENT.parse().unwrap(),
         request: Some((headers, None)),
+        near: None,
     }
 }
 
@@ -200,6 +201,7 @@ fn a_cookie_with_a_ttl_is_made_up_once_and_then_keeps_its_endpoint() {
     let other = Keys {
         client: "10.1.0.1:40001".parse::<SocketAddr>().unwrap(),
         request: Some((&none, None)),
+        near: None,
     };
     assert_ne!(
         cookie_to_set(&sticky, &other).unwrap().to_str().unwrap(),
@@ -208,6 +210,7 @@ fn a_cookie_with_a_ttl_is_made_up_once_and_then_keeps_its_endpoint() {
     let tunnel = Keys {
         client: CLIENT.parse().unwrap(),
         request: None,
+        near: None,
     };
     assert!(cookie_to_set(&sticky, &tunnel).is_none());
     // A session cookie (`ttl: 0s`) has no `Max-Age`; without a `ttl` none is made up.
@@ -238,6 +241,7 @@ fn a_query_parameter_keys_a_consistent_hash() {
             let keys = Keys {
                 client: CLIENT.parse().unwrap(),
                 request: Some((&none, Some(&query))),
+                near: None,
             };
             let (endpoint, _, _guard) = balancer.pick(&svc, 80, &by_query, &keys).unwrap();
             *counts.entry(endpoint.addr).or_insert(0) += 1;
@@ -454,4 +458,52 @@ fn what_is_kept_of_gone_backends_and_endpoints_is_let_go() {
     let empty = ClusterState::build(&[], &EnrollmentOptions::new("n0")).expect("builds");
     balancer.forget_gone(&empty, now);
     assert_eq!(balancer.kept(), (0, 0));
+}
+
+#[test]
+fn a_service_preferring_close_endpoints_is_served_by_those_of_the_waypoints_zone() {
+    // `web-0` and `web-1` in zone `a` (nodes n1, n2), `web-2` in zone `b` (node n3).
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, targetPort: 8080}]\n  selector: {app: web}\n  trafficDistribution: PreferClose\n",
+    );
+    for (i, node, zone) in [(0, "n1", "a"), (1, "n2", "a"), (2, "n3", "b")] {
+        let _ = write!(
+            text,
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {node}, labels: {{topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: {zone}}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: shop, labels: {{app: web}}}}\nspec: {{nodeName: {node}}}\nstatus: {{phase: Running, podIPs: [{{ip: 10.0.0.{}}}]}}\n",
+            i + 1
+        );
+    }
+    let objects = parse_documents("t.yaml", &text).expect("parses");
+    let state = ClusterState::build(&objects, &EnrollmentOptions::new("n0")).expect("builds");
+    let svc = state
+        .service_by_hostname("web.shop.svc.cluster.local")
+        .expect("web");
+    let balancer = Arc::new(Balancer::default());
+    let round_robin = policy(LoadBalancer::RoundRobin, &[]);
+    let none = HeaderMap::new();
+    let from = |pod: &str| state.workload_by_name("shop", pod).expect("pod").place();
+    let picked = |near| {
+        let mut counts = BTreeMap::new();
+        for _ in 0..12 {
+            let keys = Keys {
+                near,
+                ..keys(&none)
+            };
+            let (endpoint, _, _guard) = balancer.pick(svc, 80, &round_robin, &keys).unwrap();
+            *counts.entry(endpoint.addr.ip().to_string()).or_insert(0) += 1;
+        }
+        counts
+    };
+    // A waypoint in zone `a` (where web-0 runs): zone `a`'s two, evenly.
+    assert_eq!(
+        picked(Some(from("web-0"))),
+        BTreeMap::from([("10.0.0.1".into(), 6), ("10.0.0.2".into(), 6)])
+    );
+    // In zone `b`: its one.
+    assert_eq!(
+        picked(Some(from("web-2"))),
+        BTreeMap::from([("10.0.0.3".into(), 12)])
+    );
+    // Where the waypoint runs unknown: all three.
+    assert_eq!(picked(None).len(), 3);
 }

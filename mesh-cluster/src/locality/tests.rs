@@ -1,0 +1,268 @@
+use std::collections::BTreeSet;
+
+use super::{
+    closeness, keep_closest, Locality, Place, TrafficDistribution,
+    TrafficDistribution::{PreferSameNode, PreferSameZone},
+};
+use crate::meta::Labels;
+
+fn at(region: &str, zone: &str, subzone: &str) -> Locality {
+    Locality {
+        region: region.into(),
+        zone: zone.into(),
+        subzone: subzone.into(),
+    }
+}
+
+fn place<'a>(locality: &'a Locality, node: &'a str) -> Place<'a> {
+    Place {
+        locality,
+        node: Some(node),
+    }
+}
+
+#[test]
+fn closeness_counts_the_scopes_shared_from_the_region_down() {
+    let here = at("eu", "eu-1a", "");
+    let (same_zone, other_zone, other_region) = (
+        at("eu", "eu-1a", ""),
+        at("eu", "eu-1b", ""),
+        at("us", "eu-1a", ""),
+    );
+    let from = place(&here, "n0");
+    assert_eq!(closeness(PreferSameZone, from, place(&same_zone, "n1")), 3);
+    assert_eq!(closeness(PreferSameZone, from, place(&other_zone, "n1")), 1);
+    // A zone of the same name in another region is not the same zone.
+    assert_eq!(
+        closeness(PreferSameZone, from, place(&other_region, "n1")),
+        0
+    );
+    // The node counts only for `PreferSameNode`.
+    assert_eq!(closeness(PreferSameZone, from, place(&same_zone, "n0")), 3);
+    assert_eq!(closeness(PreferSameNode, from, place(&same_zone, "n0")), 4);
+    assert_eq!(closeness(PreferSameNode, from, place(&same_zone, "n1")), 3);
+    // Unknown localities are equal: nodes without labels are all "close".
+    let unknown = Locality::default();
+    assert_eq!(
+        closeness(PreferSameZone, place(&unknown, "n0"), place(&unknown, "n1")),
+        3
+    );
+}
+
+/// An endpoint's name, locality and node.
+type Named<'a> = (&'static str, &'a Locality, &'static str);
+
+/// The names of the `items` closest to node `n0` at `here`.
+fn names_closest(
+    distribution: Option<TrafficDistribution>,
+    items: &[Named<'_>],
+    here: &Locality,
+) -> Vec<&'static str> {
+    let mut kept = items.to_vec();
+    keep_closest(
+        &mut kept,
+        distribution,
+        Some(place(here, "n0")),
+        |&(_, l, n)| Some(place(l, n)),
+    );
+    kept.into_iter().map(|(name, _, _)| name).collect()
+}
+
+#[test]
+fn the_closest_endpoints_are_kept_and_the_next_ones_only_when_none_is_left() {
+    let (a, b, c) = (at("eu", "a", ""), at("eu", "b", ""), at("us", "a", ""));
+    let endpoints = [
+        ("x", &a, "n0"),
+        ("y", &a, "n1"),
+        ("z", &b, "n2"),
+        ("w", &c, "n3"),
+    ];
+    let closest = |distribution, items: &[Named<'_>]| names_closest(distribution, items, &a);
+    assert_eq!(closest(Some(PreferSameZone), &endpoints), ["x", "y"]);
+    assert_eq!(closest(Some(PreferSameNode), &endpoints), ["x"]);
+    // Zone `a`'s endpoints gone: the region's, then any.
+    assert_eq!(closest(Some(PreferSameZone), &endpoints[2..]), ["z"]);
+    assert_eq!(closest(Some(PreferSameZone), &endpoints[3..]), ["w"]);
+    // No preference: all of them.
+    assert_eq!(closest(None, &endpoints).len(), 4);
+}
+
+#[test]
+fn a_pods_locality_is_its_nodes_unless_its_own_label_says() {
+    let node_labels: Labels = [
+        ("topology.kubernetes.io/region", "eu"),
+        ("topology.kubernetes.io/zone", "eu-1a"),
+        ("topology.istio.io/subzone", "rack-4"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let node = Locality::of_node(&node_labels);
+    assert_eq!(node, at("eu", "eu-1a", "rack-4"));
+    assert_eq!(Locality::of_pod(&Labels::new(), Some(&node)), node);
+    let pod: Labels = [("istio-locality".to_owned(), "us.us-2b".to_owned())].into();
+    assert_eq!(Locality::of_pod(&pod, Some(&node)), at("us", "us-2b", ""));
+    assert_eq!(Locality::of_pod(&Labels::new(), None), Locality::default());
+}
+
+#[test]
+fn traffic_distributions_are_kubernetes_values() {
+    assert_eq!(
+        TrafficDistribution::parse("PreferClose"),
+        Ok(PreferSameZone)
+    );
+    assert_eq!(
+        TrafficDistribution::parse("PreferSameZone"),
+        Ok(PreferSameZone)
+    );
+    assert_eq!(
+        TrafficDistribution::parse("PreferSameNode"),
+        Ok(PreferSameNode)
+    );
+    let refused = TrafficDistribution::parse("PreferRegion").unwrap_err();
+    assert!(
+        refused.contains("\"PreferRegion\"") && refused.contains("PreferClose"),
+        "{refused}"
+    );
+}
+
+/// Node `name` in region `eu`, zone `zone`.
+fn node(name: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: {zone}, kubernetes.io/os: linux}}\n"
+    )
+}
+
+/// Nodes n0, n1 (zone `a`) and n2 (zone `b`); a client pod on n0; Service `web` with
+/// `metadata` and `spec` lines added, and its pods on the nodes `web_nodes`; `extra` objects.
+fn cluster(
+    (metadata, spec): (&str, &str),
+    web_nodes: &[&str],
+    extra: &[String],
+) -> crate::ClusterState {
+    let mut parts = vec![
+        node("n0", "a"),
+        node("n1", "a"),
+        node("n2", "b"),
+        crate::tests::pod("shop", "client", "n0", "10.0.0.100", "app: client"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n{metadata}spec:\n  clusterIP: 10.96.0.1\n  ports: [{{port: 80, targetPort: 8080}}]\n  selector: {{app: web}}\n{spec}"
+        ),
+    ];
+    for (i, n) in web_nodes.iter().enumerate() {
+        let ip = format!("10.0.0.{}", i + 1);
+        parts.push(crate::tests::pod(
+            "shop",
+            &format!("web-{n}"),
+            n,
+            &ip,
+            "app: web",
+        ));
+    }
+    parts.extend(extra.iter().cloned());
+    let objects = crate::tests::parse(&crate::tests::docs(&parts));
+    crate::ClusterState::build(&objects, &crate::tests::opts()).expect("builds")
+}
+
+/// The pods `client`'s connections to `web` reach (through its waypoint, if bound), over 12
+/// connections.
+fn reached(state: &crate::ClusterState) -> BTreeSet<String> {
+    let client = state.workload_by_name("shop", "client").expect("client");
+    (0..12)
+        .map(
+            |_| match state.resolve_from(Some(client), "10.96.0.1:80".parse().unwrap()) {
+                crate::Resolution::Service {
+                    workload: Some(w), ..
+                } => w.name.clone(),
+                crate::Resolution::Waypoint { pod, .. } => pod.name.clone(),
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[test]
+fn a_client_reaches_the_endpoints_of_its_zone_then_the_others() {
+    let close = ("", "  trafficDistribution: PreferClose\n");
+    assert_eq!(
+        reached(&cluster(close, &["n1", "n2"], &[])),
+        set(&["web-n1"])
+    );
+    // Zone `a` without an endpoint: zone `b`'s.
+    assert_eq!(reached(&cluster(close, &["n2"], &[])), set(&["web-n2"]));
+    // `PreferSameNode`: the client's node first, then its zone.
+    let node = ("", "  trafficDistribution: PreferSameNode\n");
+    assert_eq!(
+        reached(&cluster(node, &["n0", "n1", "n2"], &[])),
+        set(&["web-n0"])
+    );
+    assert_eq!(
+        reached(&cluster(node, &["n1", "n2"], &[])),
+        set(&["web-n1"])
+    );
+    // Istio's annotation, for an API server without the field.
+    let annotated = (
+        "  annotations: {networking.istio.io/traffic-distribution: PreferClose}\n",
+        "",
+    );
+    assert_eq!(
+        reached(&cluster(annotated, &["n1", "n2"], &[])),
+        set(&["web-n1"])
+    );
+    // No preference: all.
+    assert_eq!(
+        reached(&cluster(("", ""), &["n1", "n2"], &[])),
+        set(&["web-n1", "web-n2"])
+    );
+    // An unknown value: all, and a warning names the Service and the value.
+    let unknown = cluster(
+        ("", "  trafficDistribution: PreferMoon\n"),
+        &["n1", "n2"],
+        &[],
+    );
+    assert_eq!(reached(&unknown), set(&["web-n1", "web-n2"]));
+    assert!(
+        unknown
+            .warnings()
+            .iter()
+            .any(|w| w.contains("Service shop/web: spec.trafficDistribution: \"PreferMoon\"")),
+        "{:?}",
+        unknown.warnings()
+    );
+}
+
+#[test]
+fn a_waypoints_gateway_annotation_keeps_clients_on_its_pods_in_their_zone() {
+    let gateway = |annotations: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: shop\n  annotations: {{{annotations}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+        )
+    };
+    let wp_pod = |name: &str, node: &str, ip: &str| {
+        crate::tests::pod(
+            "shop",
+            name,
+            node,
+            ip,
+            "gateway.networking.k8s.io/gateway-name: wp",
+        )
+        .replace("spec:\n", "spec:\n  serviceAccountName: wp\n")
+    };
+    // `web` bound to waypoint `wp`, whose pods run in zones `a` and `b`.
+    let waypoints = |annotations: &str| {
+        let extra = [
+            gateway(annotations),
+            wp_pod("wp-a", "n1", "10.0.1.1"),
+            wp_pod("wp-b", "n2", "10.0.1.2"),
+        ];
+        let bound = ("  labels: {istio.io/use-waypoint: wp}\n", "");
+        reached(&cluster(bound, &["n1"], &extra))
+    };
+    let close = "networking.istio.io/traffic-distribution: PreferClose";
+    assert_eq!(waypoints(close), set(&["wp-a"]));
+    assert_eq!(waypoints(""), set(&["wp-a", "wp-b"]));
+}
