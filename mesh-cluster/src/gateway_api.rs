@@ -199,6 +199,20 @@ pub enum RouteSchemaError {
     TlsMode(String),
     #[error("percentage {0} is out of range (0-100)")]
     PercentValue(f64),
+    #[error("{0:?} is not a locality (`region`, `region/zone` or `region/zone/subzone`, with `*` only as the last part)")]
+    LocalityPattern(String),
+    #[error("`distribute` and `failover` cannot both be set")]
+    DistributeAndFailover,
+    #[error("distribute from {from:?}: the weights add up to {total}, not 100")]
+    DistributeWeights { from: String, total: u64 },
+    #[error("{0:?} is given twice")]
+    LocalityTwice(String),
+    #[error("failover: {0:?} is not a region (not empty, no `/`)")]
+    FailoverRegion(String),
+    #[error("failover from {0:?} to itself")]
+    FailoverToItself(String),
+    #[error("failoverPriority: {0:?} is not a label (`key`, or `key=value`)")]
+    PriorityLabel(String),
     #[error("set exactly one of {0}")]
     OneOf(&'static str),
     #[error("{0} is not an HTTP status (200-599)")]

@@ -159,6 +159,9 @@ pub struct EndpointPolicy {
     pub labels: crate::meta::Labels,
     /// How an endpoint is picked.
     pub load_balancer: crate::istio_traffic::LoadBalancer,
+    /// By locality too (`localityLbSetting`; on by default with `outlier_detection`, as in
+    /// Istio: [`Self::locality`]).
+    pub locality_lb: Option<Arc<crate::locality::LocalityLbSetting>>,
     /// Which endpoints are left out for failing (`outlierDetection`).
     pub outlier_detection: Option<crate::istio_traffic::OutlierDetection>,
     /// Limits and settings of the connections and requests (`connectionPool`).
@@ -166,6 +169,17 @@ pub struct EndpointPolicy {
 }
 
 impl EndpointPolicy {
+    /// The locality settings the waypoint applies: with `outlierDetection` (which tells which
+    /// endpoints to fail over from), the rule's `localityLbSetting`, or the default (prefer
+    /// the waypoint's locality) without one; none without `outlierDetection`.
+    #[must_use]
+    pub fn locality(&self) -> Option<&crate::locality::LocalityLbSetting> {
+        static DEFAULT: std::sync::LazyLock<crate::locality::LocalityLbSetting> =
+            std::sync::LazyLock::new(crate::locality::LocalityLbSetting::default);
+        self.outlier_detection.as_ref()?;
+        Some(self.locality_lb.as_deref().unwrap_or(&DEFAULT))
+    }
+
     /// Whether `endpoint` is in the subset.
     pub fn admits(&self, endpoint: &crate::model::Endpoint) -> bool {
         self.labels.is_empty()

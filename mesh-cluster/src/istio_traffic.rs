@@ -347,6 +347,15 @@ pub struct Subset {
     pub traffic_policy: TrafficPolicy,
 }
 
+/// `loadBalancer`: how the waypoint picks an endpoint, and by locality.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadBalancerSettings {
+    /// `simple` or `consistentHash`.
+    pub algorithm: LoadBalancer,
+    /// `localityLbSetting`, when given.
+    pub locality: Option<crate::locality::LocalityLbSetting>,
+}
+
 /// How the waypoint picks an endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum LoadBalancer {

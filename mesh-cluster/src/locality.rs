@@ -14,7 +14,7 @@
 //! Istio's `topology.istio.io/subzone`, or the pod's own label `istio-locality`
 //! (`region.zone.subzone`), which Istio lets override them.
 
-use crate::meta::Labels;
+use crate::{meta::Labels, model::Workload};
 
 /// The node label naming its region.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
@@ -154,6 +154,178 @@ pub fn keep_closest<'p, T>(
         return;
     };
     items.retain(|item| rank(item) == best);
+}
+
+/// A `DestinationRule`'s `loadBalancer.localityLbSetting`: how the waypoint prefers endpoints
+/// by where they run, from where it runs. As in Istio, it applies only to a destination with
+/// `outlierDetection` (which tells which endpoints to fail over from), and is on by default
+/// there: the endpoints sharing the most of region, zone and subzone with the waypoint take
+/// the requests, then those of a `failover` region, then any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalityLbSetting {
+    /// `enabled` (default true).
+    pub enabled: bool,
+    /// `distribute`: the share of requests each locality gets, by the waypoint's locality.
+    pub distribute: Vec<Distribute>,
+    /// `failover`: the region to fail over to from a region (before any other).
+    pub failover: Vec<(String, String)>,
+    /// `failoverPriority`: labels whose values the endpoints should share with the waypoint,
+    /// in order.
+    pub failover_priority: Vec<PriorityLabel>,
+}
+
+impl Default for LocalityLbSetting {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            distribute: Vec::new(),
+            failover: Vec::new(),
+            failover_priority: Vec::new(),
+        }
+    }
+}
+
+/// One of `distribute`: from the waypoint's locality `from`, the weights (adding up to 100) of
+/// the localities `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Distribute {
+    /// The waypoints it is for.
+    pub from: LocalityPattern,
+    /// The localities and their weights.
+    pub to: Vec<(LocalityPattern, u32)>,
+}
+
+/// `region`, `region/zone` or `region/zone/subzone`, with `*` as its last part for any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalityPattern {
+    parts: Vec<String>,
+    wildcard: bool,
+}
+
+impl LocalityPattern {
+    /// Reads a pattern; `None` when it is not one.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts: Vec<String> = text.split('/').map(str::to_owned).collect();
+        let wildcard = parts.last().is_some_and(|p| p == "*");
+        if wildcard {
+            parts.pop();
+        }
+        let valid = parts.len() <= 3
+            && (wildcard || !parts.is_empty())
+            && parts.iter().all(|p| !p.is_empty() && !p.contains('*'));
+        valid.then_some(Self { parts, wildcard })
+    }
+
+    /// Whether `locality` is one it names.
+    #[must_use]
+    pub fn matches(&self, locality: &Locality) -> bool {
+        let own = [&locality.region, &locality.zone, &locality.subzone];
+        let named = self.parts.iter().zip(own).all(|(p, l)| p == l);
+        named && (self.wildcard || own[self.parts.len()..].iter().all(|l| l.is_empty()))
+    }
+}
+
+/// One of `failoverPriority`: a label (`key`), or a label with the value to match instead of
+/// the waypoint's own (`key=value`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriorityLabel {
+    /// The label's key.
+    pub key: String,
+    /// The value endpoints should have, when given.
+    pub value: Option<String>,
+}
+
+/// The value of label `key` for a workload: its locality's for the topology labels (a single
+/// network and cluster: the same for all), else its own label's.
+fn label_value<'a>(workload: &'a Workload, key: &str) -> Option<&'a str> {
+    match key {
+        REGION_LABEL => Some(&workload.locality.region),
+        ZONE_LABEL => Some(&workload.locality.zone),
+        SUBZONE_LABEL => Some(&workload.locality.subzone),
+        "topology.istio.io/network" | "topology.istio.io/cluster" => Some(""),
+        _ => workload.labels.get(key).map(String::as_str),
+    }
+}
+
+impl LocalityLbSetting {
+    /// Keeps the `items` the waypoint `from` should send a request to now: under `distribute`,
+    /// those of the locality `roll` (0-99) falls on among those that have any, by their
+    /// weights; else the best-ranked (`failoverPriority`'s labels shared in order, then the
+    /// scopes of the locality shared, a `failover` region counting over other regions). An item
+    /// without a workload ranks last.
+    pub fn keep_preferred<T>(
+        &self,
+        items: &mut Vec<T>,
+        from: &Workload,
+        workload: impl Fn(&T) -> Option<&Workload>,
+        roll: u32,
+    ) {
+        if !self.enabled || items.is_empty() {
+            return;
+        }
+        if let Some(rule) = self
+            .distribute
+            .iter()
+            .find(|d| d.from.matches(&from.locality))
+        {
+            let present: Vec<(&LocalityPattern, u32)> = rule
+                .to
+                .iter()
+                .filter(|(pattern, weight)| {
+                    *weight > 0
+                        && items
+                            .iter()
+                            .any(|i| workload(i).is_some_and(|w| pattern.matches(&w.locality)))
+                })
+                .map(|(pattern, weight)| (pattern, *weight))
+                .collect();
+            let total: u32 = present.iter().map(|(_, w)| w).sum();
+            if total == 0 {
+                return;
+            }
+            let mut point = roll % 100 * total / 100;
+            for (pattern, weight) in present {
+                if point < weight {
+                    items.retain(|i| workload(i).is_some_and(|w| pattern.matches(&w.locality)));
+                    return;
+                }
+                point -= weight;
+            }
+            return;
+        }
+        let rank = |item: &T| -> (usize, u8) {
+            let Some(to) = workload(item) else {
+                return (0, 0);
+            };
+            let labels = self
+                .failover_priority
+                .iter()
+                .take_while(|label| {
+                    let wanted = match &label.value {
+                        Some(value) => Some(value.as_str()),
+                        None => label_value(from, &label.key),
+                    };
+                    wanted.is_some() && wanted == label_value(to, &label.key)
+                })
+                .count();
+            let shared = closeness(
+                TrafficDistribution::PreferSameZone,
+                from.place(),
+                to.place(),
+            );
+            let failover = shared == 0
+                && self
+                    .failover
+                    .iter()
+                    .any(|(f, t)| *f == from.locality.region && *t == to.locality.region);
+            (labels, shared * 2 + u8::from(failover))
+        };
+        let Some(best) = items.iter().map(rank).max() else {
+            return;
+        };
+        items.retain(|item| rank(item) == best);
+    }
 }
 
 #[cfg(test)]

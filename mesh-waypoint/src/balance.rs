@@ -29,7 +29,7 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use mesh_cluster::{
     k8s::{HashCookie, HashKey, LoadBalancer, OutlierDetection},
-    locality::{keep_closest, Place},
+    locality::keep_closest,
     ClusterState, Endpoint, EndpointPolicy, Service, Workload,
 };
 
@@ -104,9 +104,9 @@ pub(crate) struct Keys<'a> {
     pub(crate) client: SocketAddr,
     /// An HTTP request's headers and query; `None` for a TCP tunnel.
     pub(crate) request: Option<(&'a HeaderMap, Option<&'a str>)>,
-    /// Where the waypoint runs, when known: a Service with a `trafficDistribution` has the
-    /// endpoints closest to it take its requests.
-    pub(crate) near: Option<Place<'a>>,
+    /// The waypoint's own pod, when known: where it runs, for a destination's
+    /// `localityLbSetting` and a Service's `trafficDistribution`.
+    pub(crate) near: Option<&'a Workload>,
 }
 
 /// Round-robin cursors of one Service, by port and subset (looked up without an allocation
@@ -166,13 +166,22 @@ impl Balancer {
             self.leave_out_ejected(&mut candidates, outlier, Instant::now());
         }
         // After the ejections: with the closest endpoints ejected, the next closest take over
-        // (Envoy's locality failover).
-        keep_closest(
-            &mut candidates,
-            service.traffic_distribution,
-            keys.near,
-            |e| e.workload.as_deref().map(Workload::place),
-        );
+        // (Envoy's locality failover). A `DestinationRule`'s locality settings (with its
+        // outlier detection) over the Service's `trafficDistribution`.
+        match (policy.locality(), keys.near) {
+            (Some(locality), Some(own)) => locality.keep_preferred(
+                &mut candidates,
+                own,
+                |e| e.workload.as_deref(),
+                fastrand::u32(..100),
+            ),
+            _ => keep_closest(
+                &mut candidates,
+                service.traffic_distribution,
+                keys.near.map(Workload::place),
+                |e| e.workload.as_deref().map(Workload::place),
+            ),
+        }
         let chosen = match &policy.load_balancer {
             LoadBalancer::RoundRobin => {
                 let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);

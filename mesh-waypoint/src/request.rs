@@ -836,7 +836,7 @@ async fn one_attempt(
     let keys = Keys {
         client: source.addr,
         request: Some((request.headers(), request.uri().query())),
-        near: source.own.as_deref().map(mesh_cluster::Workload::place),
+        near: source.own.as_deref(),
     };
     let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
         return Err(Failure::NoEndpoint);

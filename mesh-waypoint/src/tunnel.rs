@@ -167,7 +167,7 @@ fn pick(
             let keys = Keys {
                 client: source.addr,
                 request: None,
-                near: source.own.as_deref().map(mesh_cluster::Workload::place),
+                near: source.own.as_deref(),
             };
             let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
             let host = service.hostname.clone();

@@ -3156,11 +3156,12 @@ fn accepted(servers: &[Process]) -> Vec<usize> {
 /// to the endpoints of the waypoint's own zone (the waypoint finds its pod by the address its
 /// tunnels come to, and the pod's node's zone), and to the others once those are gone. Both
 /// backends run on n1; their own `istio-locality` labels place v1 in the waypoint's zone and
-/// v2 in another.
+/// v2 in another. Then a `DestinationRule`'s `localityLbSetting`
+/// ([`locality_distribution_at_the_waypoint`]).
 #[test]
 fn a_service_preferring_close_endpoints_is_served_from_the_waypoints_zone() {
     let route = one_rule_route("backendRefs: [{name: web, port: 80}]\n");
-    let bed = bed(&route);
+    let mut bed = bed(&route);
     let client = bed.client().clone();
     let files = &bed.mesh.files;
     let node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n0\n  labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-a}\n";
@@ -3198,4 +3199,35 @@ fn a_service_preferring_close_endpoints_is_served_from_the_waypoints_zone() {
         assert!(started.elapsed() < LOG_WAIT, "never failed over");
         std::thread::sleep(Duration::from_millis(200));
     }
+    locality_distribution_at_the_waypoint(&mut bed, &v1);
+}
+
+/// Istio's "locality weighted distribution" task at the waypoint: a `DestinationRule` with
+/// outlier detection and `distribute` from eu-a (the waypoint's zone) of 80 to eu-a and 20 to
+/// eu-b (over the Service's preference), then v1 (eu-a) back: of 200 requests, v1's share lands
+/// within ±5 standard deviations of 160.
+fn locality_distribution_at_the_waypoint(bed: &mut Bed, v1: &Pod) {
+    let rule = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  host: web.{NS}.svc.cluster.local\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        distribute:\n        - from: eu/eu-a/*\n          to: {{\"eu/eu-a/*\": 80, \"eu/eu-b/*\": 20}}\n    outlierDetection: {{consecutive5xxErrors: 100, interval: 1s, baseEjectionTime: 1m}}\n"
+    );
+    write_destination_rule(bed, &rule);
+    let labels = [
+        ("svc", "web"),
+        ("version", "v1"),
+        ("istio-locality", "eu.eu-a"),
+    ];
+    bed.mesh.files.pod(v1, "n1", NS, &labels).unwrap();
+    let client = bed.client().clone();
+    let probes: Vec<String> = (0..20).map(|i| url(&format!("/back/{i}"))).collect();
+    let started = std::time::Instant::now();
+    while !backends(&curl(&client, &probes)).contains_key("v1") {
+        assert!(started.elapsed() < LOG_WAIT, "v1 never back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let urls: Vec<String> = (0..200).map(|i| url(&format!("/spread/{i}"))).collect();
+    let counts = backends(&curl(&client, &urls));
+    let v1 = counts.get("v1").copied().unwrap_or(0);
+    eprintln!("locality distribute 80/20: {counts:?}");
+    // Binomial(200, 0.8): standard deviation 5.7.
+    assert!((132..=188).contains(&v1), "{counts:?}");
 }

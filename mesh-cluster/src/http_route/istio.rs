@@ -69,7 +69,12 @@ impl ByPort {
             Arc::new(EndpointPolicy {
                 subset: subset.map(|s| s.name.clone()),
                 labels: subset.map(|s| s.labels.clone()).unwrap_or_default(),
-                load_balancer: parts.load_balancer.unwrap_or_default(),
+                load_balancer: parts
+                    .load_balancer
+                    .as_ref()
+                    .map(|l| l.algorithm.clone())
+                    .unwrap_or_default(),
+                locality_lb: parts.load_balancer.and_then(|l| l.locality).map(Arc::new),
                 outlier_detection: parts.outlier_detection,
                 connection_pool: parts.connection_pool.map(Arc::new),
             })

@@ -8,9 +8,10 @@ use super::{
     istio_port, percentage,
     policy::{PortPolicy, TrafficPolicyFields},
     refuse, unsupported, Abort, ConnectionPool, DestinationRuleSpec, DirectResponse, Fault,
-    HashCookie, HashKey, IstioDuration, LoadBalancer, Subset, VirtualServiceSpec, VsDestination,
-    VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect, VsRetries, VsRewrite, VsString,
-    VsTarget, VsTcpRoute, VsTlsRoute, DIRECT_RESPONSE_LIMIT, GRPC_STATUS_NAMES,
+    HashCookie, HashKey, IstioDuration, LoadBalancer, LoadBalancerSettings, Subset,
+    VirtualServiceSpec, VsDestination, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsRedirect,
+    VsRetries, VsRewrite, VsString, VsTarget, VsTcpRoute, VsTlsRoute, DIRECT_RESPONSE_LIMIT,
+    GRPC_STATUS_NAMES,
 };
 use crate::{
     cors::{Allowed, CorsPolicy, UnmatchedPreflights},
@@ -18,6 +19,7 @@ use crate::{
         cors_fields, header_name, header_value, Pattern, RegexRewrite, RetryOn, RouteCors,
         RouteSchemaError, StringMatch,
     },
+    locality::{Distribute, LocalityLbSetting, LocalityPattern, PriorityLabel},
     meta::{nullable, Labels},
     schema::{Checked, List, Parsed},
 };
@@ -42,7 +44,8 @@ checked!(
     VsDestination,
     VsTarget,
     Subset,
-    LoadBalancer,
+    LoadBalancerSettings,
+    LocalityLbSetting,
     ConnectionPool,
     PortPolicy
 );
@@ -969,54 +972,166 @@ pub(crate) struct HashFields {
 pub(crate) struct LoadBalancerFields {
     simple: Option<String>,
     consistent_hash: Option<HashFields>,
-    locality_lb_setting: Option<IgnoredAny>,
+    locality_lb_setting: Option<LocalityLbSetting>,
     warmup_duration_secs: Option<IgnoredAny>,
     warmup: Option<IgnoredAny>,
 }
 
-impl Checked for LoadBalancer {
+impl Checked for LoadBalancerSettings {
     type Error = RouteSchemaError;
     type Fields = LoadBalancerFields;
     const WHAT: &'static str = "a load balancer";
 
     fn check(f: LoadBalancerFields) -> Result<Self, RouteSchemaError> {
-        refuse(f.locality_lb_setting.as_ref(), "localityLbSetting")?;
         refuse(f.warmup_duration_secs.as_ref(), "warmupDurationSecs")?;
         refuse(f.warmup.as_ref(), "warmup")?;
-        match (f.simple.as_deref(), f.consistent_hash) {
-            (Some("ROUND_ROBIN" | "UNSPECIFIED"), None) => Ok(LoadBalancer::RoundRobin),
-            (Some("LEAST_REQUEST" | "LEAST_CONN"), None) => Ok(LoadBalancer::LeastRequest),
-            (Some("RANDOM"), None) => Ok(LoadBalancer::Random),
-            (Some("PASSTHROUGH"), None) => Err(unsupported("simple: PASSTHROUGH")),
-            (Some(_), None) => Err(RouteSchemaError::OneOf(
-                "ROUND_ROBIN, LEAST_REQUEST, RANDOM for `simple`",
-            )),
-            (None, Some(hash)) => {
-                // The ring's or table's size tunes how evenly keys spread; the waypoint's
-                // rendezvous hash spreads them evenly and moves as few when endpoints change.
-                let _ = (hash.ring_hash, hash.maglev, hash.minimum_ring_size);
-                let source_ip = hash.use_source_ip.filter(|on| *on);
-                let key = match (
-                    hash.http_header_name,
-                    hash.http_cookie,
-                    source_ip,
-                    hash.http_query_parameter_name,
-                ) {
-                    (Some(header), None, None, None) => {
-                        HashKey::Header(header.to_ascii_lowercase())
-                    }
-                    (None, Some(cookie), None, None) => HashKey::Cookie(cookie.check()?),
-                    (None, None, Some(_), None) => HashKey::SourceIp,
-                    (None, None, None, Some(name)) if !name.is_empty() => {
-                        HashKey::QueryParameter(name)
-                    }
-                    _ => return Err(RouteSchemaError::OneOf(
+        let locality = f.locality_lb_setting;
+        let algorithm = match (f.simple, f.consistent_hash) {
+            // Only `localityLbSetting`: round robin, within the localities it picks.
+            (None, None) if locality.is_some() => LoadBalancer::RoundRobin,
+            (simple, hash) => algorithm(simple.as_deref(), hash)?,
+        };
+        Ok(Self {
+            algorithm,
+            locality,
+        })
+    }
+}
+
+/// `simple` or `consistentHash`, checked.
+fn algorithm(
+    simple: Option<&str>,
+    hash: Option<HashFields>,
+) -> Result<LoadBalancer, RouteSchemaError> {
+    match (simple, hash) {
+        (Some("ROUND_ROBIN" | "UNSPECIFIED"), None) => Ok(LoadBalancer::RoundRobin),
+        (Some("LEAST_REQUEST" | "LEAST_CONN"), None) => Ok(LoadBalancer::LeastRequest),
+        (Some("RANDOM"), None) => Ok(LoadBalancer::Random),
+        (Some("PASSTHROUGH"), None) => Err(unsupported("simple: PASSTHROUGH")),
+        (Some(_), None) => Err(RouteSchemaError::OneOf(
+            "ROUND_ROBIN, LEAST_REQUEST, RANDOM for `simple`",
+        )),
+        (None, Some(hash)) => {
+            // The ring's or table's size tunes how evenly keys spread; the waypoint's
+            // rendezvous hash spreads them evenly and moves as few when endpoints change.
+            let _ = (hash.ring_hash, hash.maglev, hash.minimum_ring_size);
+            let source_ip = hash.use_source_ip.filter(|on| *on);
+            let key = match (
+                hash.http_header_name,
+                hash.http_cookie,
+                source_ip,
+                hash.http_query_parameter_name,
+            ) {
+                (Some(header), None, None, None) => HashKey::Header(header.to_ascii_lowercase()),
+                (None, Some(cookie), None, None) => HashKey::Cookie(cookie.check()?),
+                (None, None, Some(_), None) => HashKey::SourceIp,
+                (None, None, None, Some(name)) if !name.is_empty() => HashKey::QueryParameter(name),
+                _ => {
+                    return Err(RouteSchemaError::OneOf(
                         "`httpHeaderName`, `httpCookie`, `useSourceIp`, `httpQueryParameterName`",
-                    )),
-                };
-                Ok(LoadBalancer::ConsistentHash(key))
-            }
-            _ => Err(RouteSchemaError::OneOf("`simple`, `consistentHash`")),
+                    ))
+                }
+            };
+            Ok(LoadBalancer::ConsistentHash(key))
         }
+        _ => Err(RouteSchemaError::OneOf(
+            "`simple`, `consistentHash`, or only `localityLbSetting`",
+        )),
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct LocalityFields {
+    enabled: Option<bool>,
+    distribute: List<DistributeFields>,
+    failover: List<FailoverFields>,
+    failover_priority: List<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct DistributeFields {
+    from: String,
+    to: BTreeMap<String, u32>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct FailoverFields {
+    from: String,
+    to: String,
+}
+
+/// A locality pattern of `distribute`, checked.
+fn locality_pattern(text: &str) -> Result<LocalityPattern, RouteSchemaError> {
+    LocalityPattern::parse(text).ok_or_else(|| RouteSchemaError::LocalityPattern(text.to_owned()))
+}
+
+impl Checked for LocalityLbSetting {
+    type Error = RouteSchemaError;
+    type Fields = LocalityFields;
+    const WHAT: &'static str = "a locality load balancer setting";
+
+    fn check(f: LocalityFields) -> Result<Self, RouteSchemaError> {
+        if !f.distribute.0.is_empty() && !f.failover.0.is_empty() {
+            return Err(RouteSchemaError::DistributeAndFailover);
+        }
+        let mut distribute: Vec<Distribute> = Vec::new();
+        for rule in f.distribute.0 {
+            let from = locality_pattern(&rule.from)?;
+            if distribute.iter().any(|d| d.from == from) {
+                return Err(RouteSchemaError::LocalityTwice(rule.from));
+            }
+            let total: u64 = rule.to.values().map(|w| u64::from(*w)).sum();
+            if total != 100 {
+                return Err(RouteSchemaError::DistributeWeights {
+                    from: rule.from,
+                    total,
+                });
+            }
+            let to = rule
+                .to
+                .iter()
+                .map(|(pattern, weight)| Ok((locality_pattern(pattern)?, *weight)))
+                .collect::<Result<_, RouteSchemaError>>()?;
+            distribute.push(Distribute { from, to });
+        }
+        let mut failover: Vec<(String, String)> = Vec::new();
+        for rule in f.failover.0 {
+            for region in [&rule.from, &rule.to] {
+                if region.is_empty() || region.contains('/') {
+                    return Err(RouteSchemaError::FailoverRegion(region.clone()));
+                }
+            }
+            if rule.from == rule.to {
+                return Err(RouteSchemaError::FailoverToItself(rule.from));
+            }
+            if failover.iter().any(|(from, _)| *from == rule.from) {
+                return Err(RouteSchemaError::LocalityTwice(rule.from));
+            }
+            failover.push((rule.from, rule.to));
+        }
+        let failover_priority = f
+            .failover_priority
+            .0
+            .into_iter()
+            .map(|label| {
+                let (key, value) = match label.split_once('=') {
+                    Some((key, value)) => (key.to_owned(), Some(value.to_owned())),
+                    None => (label.clone(), None),
+                };
+                if key.is_empty() || key.contains(char::is_whitespace) {
+                    return Err(RouteSchemaError::PriorityLabel(label));
+                }
+                Ok(PriorityLabel { key, value })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            enabled: f.enabled.unwrap_or(true),
+            distribute,
+            failover,
+            failover_priority,
+        })
     }
 }

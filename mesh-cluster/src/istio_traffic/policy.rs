@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    istio_port, percentage, ConnectionPool, IstioDuration, LoadBalancer, OutlierDetection,
+    istio_port, percentage, ConnectionPool, IstioDuration, LoadBalancerSettings, OutlierDetection,
 };
 use crate::{
     gateway_api::RouteSchemaError,
@@ -19,7 +19,7 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyParts {
     /// `loadBalancer`; round robin when no level sets it.
-    pub load_balancer: Option<LoadBalancer>,
+    pub load_balancer: Option<LoadBalancerSettings>,
     /// `outlierDetection`.
     pub outlier_detection: Option<OutlierDetection>,
     /// `connectionPool`.
@@ -89,7 +89,7 @@ pub fn merged(
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct TrafficPolicyFields {
-    load_balancer: Option<LoadBalancer>,
+    load_balancer: Option<LoadBalancerSettings>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierFields>,
     tls: Option<ClientTls>,
@@ -99,7 +99,7 @@ pub(crate) struct TrafficPolicyFields {
 /// The parts a level sets, checked: its outlier detection, and its `tls` (only what the
 /// waypoint does anyway).
 fn parts(
-    load_balancer: Option<LoadBalancer>,
+    load_balancer: Option<LoadBalancerSettings>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierFields>,
     tls: Option<ClientTls>,
@@ -146,7 +146,7 @@ pub(crate) struct PortSelector {
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct PortPolicyFields {
     port: Option<PortSelector>,
-    load_balancer: Option<LoadBalancer>,
+    load_balancer: Option<LoadBalancerSettings>,
     connection_pool: Option<ConnectionPool>,
     outlier_detection: Option<OutlierFields>,
     tls: Option<ClientTls>,

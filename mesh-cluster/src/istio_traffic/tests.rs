@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
-use super::{parse_istio_duration, Abort, HashKey, LoadBalancer, VsString};
+use super::{parse_istio_duration, Abort, HashKey, LoadBalancer, LoadBalancerSettings, VsString};
 use crate::{
     http_route::{Backend, RequestFacts, RouteDecision},
     k8s::{parse_documents, Filter, Object, PathMatch, PathModifier},
@@ -15,6 +15,11 @@ fn vs(body: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\n  namespace: shop\nspec:\n{body}"
     )
+}
+
+/// The algorithm of a `loadBalancer`, when set.
+fn algorithm(settings: Option<&LoadBalancerSettings>) -> Option<LoadBalancer> {
+    settings.map(|s| s.algorithm.clone())
 }
 
 fn dr(body: &str) -> String {
@@ -93,28 +98,29 @@ fn parses_a_virtual_service_and_a_destination_rule() {
     );
     assert_eq!(vs.spec.http[1].route[0].weight, Some(90));
     let parts = &dr.spec.traffic_policy.parts;
-    assert_eq!(parts.load_balancer, Some(LoadBalancer::LeastRequest));
+    let least = algorithm(parts.load_balancer.as_ref());
+    assert_eq!(least, Some(LoadBalancer::LeastRequest));
     let outlier = parts.outlier_detection.as_ref().expect("outlierDetection");
-    assert_eq!(
-        (outlier.consecutive_5xx, outlier.consecutive_gateway),
-        (3, 0),
-        "gateway errors off unless set"
-    );
-    assert_eq!(
-        (outlier.interval, outlier.base_ejection_time),
-        (Duration::from_secs(5), Duration::from_secs(60))
-    );
+    // Gateway errors off unless set.
+    let counts = (outlier.consecutive_5xx, outlier.consecutive_gateway);
+    assert_eq!(counts, (3, 0));
+    let times = (outlier.interval, outlier.base_ejection_time);
+    assert_eq!(times, (Duration::from_secs(5), Duration::from_secs(60)));
     let rest = (outlier.max_ejection_percent, outlier.min_health_percent);
     assert_eq!((rest, outlier.consecutive_local_origin), ((50, 0), Some(5)));
     assert_eq!(
         dr.spec.subsets[0].traffic_policy.parts.outlier_detection, None,
         "the rule's applies"
     );
+    let by_header = dr.spec.subsets[1]
+        .traffic_policy
+        .parts
+        .load_balancer
+        .as_ref();
+    let header = HashKey::Header("x-user".into());
     assert_eq!(
-        dr.spec.subsets[1].traffic_policy.parts.load_balancer,
-        Some(LoadBalancer::ConsistentHash(HashKey::Header(
-            "x-user".into()
-        )))
+        algorithm(by_header),
+        Some(LoadBalancer::ConsistentHash(header))
     );
     assert_eq!(
         parse_istio_duration("1m30.5s").ok(),
@@ -1221,7 +1227,7 @@ fn a_destination_rule_hashes_on_a_made_up_cookie_or_a_query_parameter() {
         panic!("{objects:?}");
     };
     let Some(LoadBalancer::ConsistentHash(HashKey::Cookie(cookie))) =
-        &dr.spec.traffic_policy.parts.load_balancer
+        algorithm(dr.spec.traffic_policy.parts.load_balancer.as_ref())
     else {
         panic!("{dr:?}");
     };
@@ -1231,7 +1237,13 @@ fn a_destination_rule_hashes_on_a_made_up_cookie_or_a_query_parameter() {
         "route=\"0123abcd\"; Max-Age=3600; Path=/; SameSite=Lax; Secure; HttpOnly"
     );
     assert_eq!(
-        dr.spec.subsets[0].traffic_policy.parts.load_balancer,
+        algorithm(
+            dr.spec.subsets[0]
+                .traffic_policy
+                .parts
+                .load_balancer
+                .as_ref()
+        ),
         Some(LoadBalancer::ConsistentHash(HashKey::QueryParameter(
             "user".into()
         )))
@@ -1293,4 +1305,99 @@ fn header_operations_are_checked_when_read() {
         "  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    headers: {request: {set: {x-name: café}}}\n",
     )]);
     assert!(state.warnings().is_empty(), "{:?}", state.warnings());
+}
+
+#[test]
+fn a_locality_lb_setting_is_read_as_istio_writes_it() {
+    let text = dr(r#"  host: web
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        enabled: true
+        distribute:
+        - from: region1/zone1/*
+          to: {"region1/zone1/*": 70, "region1/zone2/*": 20, "region3/zone4/*": 10}
+    outlierDetection: {consecutive5xxErrors: 100, interval: 1s, baseEjectionTime: 1m}
+  subsets:
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        simple: RANDOM
+        localityLbSetting:
+          failover: [{from: region1, to: region2}]
+          failoverPriority: [topology.kubernetes.io/zone, "tier=gold"]
+"#);
+    let objects = parse_documents("istio.yaml", &text).expect("parses");
+    let Object::DestinationRule(rule) = &objects[0] else {
+        panic!("{objects:?}");
+    };
+    let own = rule
+        .spec
+        .traffic_policy
+        .parts
+        .load_balancer
+        .as_ref()
+        .expect("loadBalancer");
+    // Only `localityLbSetting`: round robin within it.
+    assert_eq!(own.algorithm, LoadBalancer::RoundRobin);
+    let locality = own.locality.as_ref().expect("localityLbSetting");
+    assert!(locality.enabled && locality.failover.is_empty());
+    assert_eq!(locality.distribute[0].to.len(), 3);
+    let subset = rule.spec.subsets[0]
+        .traffic_policy
+        .parts
+        .load_balancer
+        .as_ref()
+        .unwrap();
+    assert_eq!(subset.algorithm, LoadBalancer::Random);
+    let subset = subset.locality.as_ref().unwrap();
+    assert_eq!(
+        subset.failover,
+        [("region1".to_owned(), "region2".to_owned())]
+    );
+    assert_eq!(subset.failover_priority[1].value.as_deref(), Some("gold"));
+}
+
+#[test]
+fn locality_lb_setting_checks_name_the_field_and_line() {
+    let lb = |setting: &str| {
+        dr(&format!(
+            "  host: web\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n{setting}"
+        ))
+    };
+    assert_parse_errors(&[
+        (
+            lb("        distribute: [{from: r1/z1/*, to: {r1/z1/*: 70}}]\n        failover: [{from: r1, to: r2}]\n"),
+            &["spec.trafficPolicy.loadBalancer.localityLbSetting: `distribute` and `failover` cannot both be set", "line 11"],
+        ),
+        (
+            lb("        distribute: [{from: r1/z1/*, to: {r1/z1/*: 70, r1/z2/*: 20}}]\n"),
+            &["distribute from \"r1/z1/*\": the weights add up to 90, not 100"],
+        ),
+        (
+            lb("        distribute: [{from: r1/*/z1, to: {r1/*: 100}}]\n"),
+            &["\"r1/*/z1\" is not a locality"],
+        ),
+        (
+            lb("        failover: [{from: r1/z1, to: r2}]\n"),
+            &["failover: \"r1/z1\" is not a region"],
+        ),
+        (
+            lb("        failover: [{from: r1, to: r1}]\n"),
+            &["failover from \"r1\" to itself"],
+        ),
+        (
+            lb("        failover: [{from: r1, to: r2}, {from: r1, to: r3}]\n"),
+            &["\"r1\" is given twice"],
+        ),
+        (
+            lb("        failoverPriority: [\"=gold\"]\n"),
+            &["failoverPriority: \"=gold\" is not a label"],
+        ),
+        (
+            lb("        spread: true\n"),
+            &["unknown field `spread`"],
+        ),
+    ]);
 }

@@ -1,8 +1,10 @@
 use std::collections::BTreeSet;
 
 use super::{
-    closeness, keep_closest, Locality, Place, TrafficDistribution,
+    closeness, keep_closest, Distribute, Locality, LocalityLbSetting, LocalityPattern, Place,
+    PriorityLabel, TrafficDistribution,
     TrafficDistribution::{PreferSameNode, PreferSameZone},
+    ZONE_LABEL,
 };
 use crate::meta::Labels;
 
@@ -265,4 +267,140 @@ fn a_waypoints_gateway_annotation_keeps_clients_on_its_pods_in_their_zone() {
     let close = "networking.istio.io/traffic-distribution: PreferClose";
     assert_eq!(waypoints(close), set(&["wp-a"]));
     assert_eq!(waypoints(""), set(&["wp-a", "wp-b"]));
+}
+
+#[test]
+fn locality_patterns_name_a_region_zone_or_subzone_with_a_last_wildcard() {
+    let locality = at("eu", "eu-a", "rack-1");
+    for (pattern, matches) in [
+        ("eu/eu-a/rack-1", true),
+        ("eu/eu-a/*", true),
+        ("eu/*", true),
+        ("*", true),
+        ("eu/eu-a", false),
+        ("eu/eu-b/*", false),
+        ("us/*", false),
+    ] {
+        let parsed = LocalityPattern::parse(pattern).expect(pattern);
+        assert_eq!(parsed.matches(&locality), matches, "{pattern}");
+    }
+    assert!(LocalityPattern::parse("eu/eu-a")
+        .unwrap()
+        .matches(&at("eu", "eu-a", "")));
+    for bad in ["", "eu//a", "*/eu-a", "eu/*/rack", "a/b/c/d", "eu/a*"] {
+        assert!(LocalityPattern::parse(bad).is_none(), "{bad:?}");
+    }
+}
+
+/// Workloads in these localities (`name` at region/zone/subzone, with `labels`).
+fn workloads(spec: &[(&str, &str, &str, &str, &str)]) -> Vec<crate::Workload> {
+    spec.iter()
+        .map(|&(name, region, zone, subzone, labels)| {
+            let text = crate::tests::pod("shop", name, "n0", "10.0.0.1", labels);
+            let objects = crate::tests::parse(&text);
+            let state = crate::ClusterState::build(&objects, &crate::tests::opts()).unwrap();
+            let mut workload = (**state.workload_by_name("shop", name).unwrap()).clone();
+            workload.locality = at(region, zone, subzone);
+            workload
+        })
+        .collect()
+}
+
+fn preferred(
+    setting: &LocalityLbSetting,
+    from: &crate::Workload,
+    to: &[crate::Workload],
+    roll: u32,
+) -> Vec<String> {
+    let mut kept: Vec<&crate::Workload> = to.iter().collect();
+    setting.keep_preferred(&mut kept, from, |w| Some(*w), roll);
+    kept.into_iter().map(|w| w.name.clone()).collect()
+}
+
+#[test]
+fn locality_failover_goes_to_the_zone_then_the_region_then_the_failover_region() {
+    let from = &workloads(&[("waypoint", "r1", "z1", "", "")])[0];
+    let all = workloads(&[
+        ("same-zone", "r1", "z1", "", ""),
+        ("same-region", "r1", "z2", "", ""),
+        ("failover", "r2", "z3", "", ""),
+        ("other", "r3", "z4", "", ""),
+    ]);
+    let setting = LocalityLbSetting {
+        failover: vec![("r1".into(), "r2".into())],
+        ..LocalityLbSetting::default()
+    };
+    // Istio's failover task: priority 0 the zone, then the region, then r2 (failover), then r3.
+    for (i, expected) in ["same-zone", "same-region", "failover", "other"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(preferred(&setting, from, &all[i..], 0), [*expected]);
+    }
+    // Without `failover`, r2 and r3 alike.
+    let plain = LocalityLbSetting::default();
+    assert_eq!(preferred(&plain, from, &all[2..], 0), ["failover", "other"]);
+    // Disabled: all.
+    let off = LocalityLbSetting {
+        enabled: false,
+        ..LocalityLbSetting::default()
+    };
+    assert_eq!(preferred(&off, from, &all, 0).len(), 4);
+}
+
+#[test]
+fn failover_priority_ranks_by_the_labels_shared_in_order() {
+    let from = &workloads(&[("waypoint", "r1", "z1", "", "tier: gold, rack: a")])[0];
+    let all = workloads(&[
+        ("gold-a", "r2", "z9", "", "tier: gold, rack: a"),
+        ("gold-b", "r1", "z1", "", "tier: gold, rack: b"),
+        ("silver", "r1", "z1", "", "tier: silver, rack: a"),
+    ]);
+    let label = |key: &str, value: Option<&str>| PriorityLabel {
+        key: key.into(),
+        value: value.map(Into::into),
+    };
+    let setting = LocalityLbSetting {
+        failover_priority: vec![label("tier", None), label("rack", None)],
+        ..LocalityLbSetting::default()
+    };
+    assert_eq!(preferred(&setting, from, &all, 0), ["gold-a"]);
+    assert_eq!(preferred(&setting, from, &all[1..], 0), ["gold-b"]);
+    // A value given overrides the waypoint's own; the topology labels read the locality.
+    let setting = LocalityLbSetting {
+        failover_priority: vec![label("tier", Some("silver")), label(ZONE_LABEL, None)],
+        ..LocalityLbSetting::default()
+    };
+    assert_eq!(preferred(&setting, from, &all, 0), ["silver"]);
+}
+
+#[test]
+fn distribute_shares_requests_among_localities_by_weight() {
+    let from = &workloads(&[("waypoint", "r1", "z1", "", "")])[0];
+    let all = workloads(&[
+        ("z1-a", "r1", "z1", "", ""),
+        ("z1-b", "r1", "z1", "", ""),
+        ("z2", "r1", "z2", "", ""),
+    ]);
+    let pattern = |p: &str| LocalityPattern::parse(p).unwrap();
+    let setting = LocalityLbSetting {
+        distribute: vec![Distribute {
+            from: pattern("r1/z1/*"),
+            to: vec![
+                (pattern("r1/z1/*"), 80),
+                (pattern("r1/z2/*"), 20),
+                (pattern("r9/*"), 0),
+            ],
+        }],
+        ..LocalityLbSetting::default()
+    };
+    assert_eq!(preferred(&setting, from, &all, 0), ["z1-a", "z1-b"]);
+    assert_eq!(preferred(&setting, from, &all, 79), ["z1-a", "z1-b"]);
+    assert_eq!(preferred(&setting, from, &all, 80), ["z2"]);
+    assert_eq!(preferred(&setting, from, &all, 99), ["z2"]);
+    // z1 empty: z2 takes every request.
+    assert_eq!(preferred(&setting, from, &all[2..], 10), ["z2"]);
+    // A waypoint no rule is from: by priority, as without `distribute`.
+    let elsewhere = &workloads(&[("waypoint", "r1", "z2", "", "")])[0];
+    assert_eq!(preferred(&setting, elsewhere, &all, 0), ["z2"]);
 }

@@ -41,6 +41,7 @@ fn policy(lb: LoadBalancer, labels: &[(&str, &str)]) -> EndpointPolicy {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         load_balancer: lb,
+        locality_lb: None,
         outlier_detection: None,
         connection_pool: None,
     }
@@ -460,11 +461,11 @@ fn what_is_kept_of_gone_backends_and_endpoints_is_let_go() {
     assert_eq!(balancer.kept(), (0, 0));
 }
 
-#[test]
-fn a_service_preferring_close_endpoints_is_served_by_those_of_the_waypoints_zone() {
-    // `web-0` and `web-1` in zone `a` (nodes n1, n2), `web-2` in zone `b` (node n3).
-    let mut text = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80, targetPort: 8080}]\n  selector: {app: web}\n  trafficDistribution: PreferClose\n",
+/// Service `shop/web` (with `spec` lines added) with `web-0` and `web-1` in zone `a` (nodes
+/// n1, n2) and `web-2` in zone `b` (node n3).
+fn zoned_service(spec: &str) -> ClusterState {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{{port: 80, targetPort: 8080}}]\n  selector: {{app: web}}\n{spec}",
     );
     for (i, node, zone) in [(0, "n1", "a"), (1, "n2", "a"), (2, "n3", "b")] {
         let _ = write!(
@@ -474,14 +475,19 @@ fn a_service_preferring_close_endpoints_is_served_by_those_of_the_waypoints_zone
         );
     }
     let objects = parse_documents("t.yaml", &text).expect("parses");
-    let state = ClusterState::build(&objects, &EnrollmentOptions::new("n0")).expect("builds");
+    ClusterState::build(&objects, &EnrollmentOptions::new("n0")).expect("builds")
+}
+
+#[test]
+fn a_service_preferring_close_endpoints_is_served_by_those_of_the_waypoints_zone() {
+    let state = zoned_service("  trafficDistribution: PreferClose\n");
     let svc = state
         .service_by_hostname("web.shop.svc.cluster.local")
         .expect("web");
     let balancer = Arc::new(Balancer::default());
     let round_robin = policy(LoadBalancer::RoundRobin, &[]);
     let none = HeaderMap::new();
-    let from = |pod: &str| state.workload_by_name("shop", pod).expect("pod").place();
+    let from = |pod: &str| state.workload_by_name("shop", pod).map(AsRef::as_ref);
     let picked = |near| {
         let mut counts = BTreeMap::new();
         for _ in 0..12 {
@@ -496,14 +502,60 @@ fn a_service_preferring_close_endpoints_is_served_by_those_of_the_waypoints_zone
     };
     // A waypoint in zone `a` (where web-0 runs): zone `a`'s two, evenly.
     assert_eq!(
-        picked(Some(from("web-0"))),
+        picked(from("web-0")),
         BTreeMap::from([("10.0.0.1".into(), 6), ("10.0.0.2".into(), 6)])
     );
     // In zone `b`: its one.
     assert_eq!(
-        picked(Some(from("web-2"))),
+        picked(from("web-2")),
         BTreeMap::from([("10.0.0.3".into(), 12)])
     );
     // Where the waypoint runs unknown: all three.
     assert_eq!(picked(None).len(), 3);
+}
+
+#[test]
+fn outlier_detection_prefers_the_waypoints_zone_and_fails_over_from_ejected_endpoints() {
+    // No `trafficDistribution`: the `DestinationRule`'s outlier detection turns on Istio's
+    // locality load balancing (its `localityLbSetting`, or the default).
+    let state = zoned_service("");
+    let svc = state
+        .service_by_hostname("web.shop.svc.cluster.local")
+        .expect("web");
+    let own = state.workload_by_name("shop", "web-0").map(AsRef::as_ref);
+    let balancer = Arc::new(Balancer::default());
+    let mut with_outliers = policy(LoadBalancer::RoundRobin, &[]);
+    with_outliers.outlier_detection = Some(outliers(1, 100));
+    let none = HeaderMap::new();
+    let picked = |policy: &EndpointPolicy| {
+        let mut counts = BTreeMap::new();
+        for _ in 0..12 {
+            let keys = Keys {
+                near: own,
+                ..keys(&none)
+            };
+            let (endpoint, _, _guard) = balancer.pick(svc, 80, policy, &keys).unwrap();
+            *counts.entry(endpoint.addr.ip().to_string()).or_insert(0) += 1;
+        }
+        counts
+    };
+    let zone_a = BTreeMap::from([("10.0.0.1".into(), 6), ("10.0.0.2".into(), 6)]);
+    assert_eq!(picked(&with_outliers), zone_a);
+    // Zone `a`'s endpoints ejected: zone `b`'s takes every request.
+    let now = std::time::Instant::now();
+    for addr in ["10.0.0.1:8080", "10.0.0.2:8080"] {
+        let answer = Answer::Status(503);
+        balancer.record(
+            (svc, 80, &with_outliers),
+            addr.parse().unwrap(),
+            answer,
+            now,
+        );
+    }
+    assert_eq!(
+        picked(&with_outliers),
+        BTreeMap::from([("10.0.0.3".into(), 12)])
+    );
+    // Without outlier detection the setting does not apply: all three.
+    assert_eq!(picked(&policy(LoadBalancer::RoundRobin, &[])).len(), 3);
 }
