@@ -99,6 +99,18 @@ pub(crate) fn assert_parse_errors(table: &[(String, &[&str])]) {
     }
 }
 
+/// A pod of waypoint `shop/wp`, under its own service account `wp`.
+pub(crate) fn waypoint_pod(name: &str, node: &str, ip: &str) -> String {
+    pod(
+        "shop",
+        name,
+        node,
+        ip,
+        "gateway.networking.k8s.io/gateway-name: wp",
+    )
+    .replace("spec:\n", "spec:\n  serviceAccountName: wp\n")
+}
+
 pub(crate) fn docs(parts: &[String]) -> String {
     parts.join("---\n")
 }

@@ -222,16 +222,22 @@ fn accepted_by(servers: &[Process], total: usize) -> Vec<usize> {
     servers.iter().map(accepted).collect()
 }
 
-#[test]
-fn service_with_two_endpoints_spreads_connections_over_both() {
-    let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
-    // Endpoints: one on the client's node, one on the other node.
+/// Pods (0, 1) and (1, 0), labelled `tier: web`: an endpoint on each node.
+fn web_on_both_nodes(mesh: &Mesh) -> [Pod; 2] {
     let web = [mesh.pod(0, 1).clone(), mesh.pod(1, 0).clone()];
     for pod in &web {
         mesh.files
             .pod(pod, &format!("n{}", pod.node), NS, &[("tier", "web")])
             .unwrap();
     }
+    web
+}
+
+#[test]
+fn service_with_two_endpoints_spreads_connections_over_both() {
+    let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
+    // Endpoints: one on the client's node, one on the other node.
+    let web = web_on_both_nodes(&mesh);
     let vip = plan::service_vip_v4(0);
     let from: Vec<usize> = mesh.agents.iter().map(Agent::log_len).collect();
     mesh.files
@@ -309,12 +315,7 @@ fn service_with_two_endpoints_spreads_connections_over_both() {
 #[test]
 fn a_service_preferring_close_endpoints_keeps_connections_in_the_clients_zone() {
     let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
-    let web = [mesh.pod(0, 1).clone(), mesh.pod(1, 0).clone()];
-    for pod in &web {
-        mesh.files
-            .pod(pod, &format!("n{}", pod.node), NS, &[("tier", "web")])
-            .unwrap();
-    }
+    let web = web_on_both_nodes(&mesh);
     for (node, zone) in [("n0", "eu-a"), ("n1", "eu-b")] {
         let text = format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels:\n    topology.kubernetes.io/region: eu\n    topology.kubernetes.io/zone: {zone}\n"

@@ -244,22 +244,12 @@ fn a_waypoints_gateway_annotation_keeps_clients_on_its_pods_in_their_zone() {
             "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: shop\n  annotations: {{{annotations}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
         )
     };
-    let wp_pod = |name: &str, node: &str, ip: &str| {
-        crate::tests::pod(
-            "shop",
-            name,
-            node,
-            ip,
-            "gateway.networking.k8s.io/gateway-name: wp",
-        )
-        .replace("spec:\n", "spec:\n  serviceAccountName: wp\n")
-    };
     // `web` bound to waypoint `wp`, whose pods run in zones `a` and `b`.
     let waypoints = |annotations: &str| {
         let extra = [
             gateway(annotations),
-            wp_pod("wp-a", "n1", "10.0.1.1"),
-            wp_pod("wp-b", "n2", "10.0.1.2"),
+            crate::tests::waypoint_pod("wp-a", "n1", "10.0.1.1"),
+            crate::tests::waypoint_pod("wp-b", "n2", "10.0.1.2"),
         ];
         let bound = ("  labels: {istio.io/use-waypoint: wp}\n", "");
         reached(&cluster(bound, &["n1"], &extra))

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::{Unavailable, WaypointBinding, WaypointFor};
 use crate::{
-    tests::{docs, ip, opts, parse, pod},
+    tests::{docs, ip, opts, parse, pod, waypoint_pod},
     ClusterState,
 };
 
@@ -23,18 +23,6 @@ fn service(ns: &str, name: &str, vip: &str, labels: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80, targetPort: 8080}}]\n  selector: {{app: {name}}}\n"
     )
-}
-
-/// A pod of waypoint `shop/wp`, under its own service account `wp`.
-fn waypoint_pod(name: &str, node: &str, ip: &str) -> String {
-    pod(
-        "shop",
-        name,
-        node,
-        ip,
-        "gateway.networking.k8s.io/gateway-name: wp",
-    )
-    .replace("spec:\n", "spec:\n  serviceAccountName: wp\n")
 }
 
 /// Namespace `shop` (labels `ns_labels`), waypoint `shop/wp` for `traffic` with two pods,
