@@ -14,7 +14,7 @@
 //! Istio's `topology.istio.io/subzone`, or the pod's own label `istio-locality`
 //! (`region.zone.subzone`), which Istio lets override them.
 
-use crate::{meta::Labels, model::Workload};
+use crate::meta::Labels;
 
 /// The node label naming its region.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
@@ -110,6 +110,16 @@ pub struct Place<'a> {
     pub locality: &'a Locality,
     /// The node's name, when known.
     pub node: Option<&'a str>,
+}
+
+/// A workload as locality load balancing sees it: where it runs, and its labels
+/// (`failoverPriority`).
+#[derive(Clone, Copy, Debug)]
+pub struct Site<'a> {
+    /// Where it runs.
+    pub place: Place<'a>,
+    /// Its labels.
+    pub labels: &'a Labels,
 }
 
 /// How close `to` is to `from` under `distribution`: the number of scopes (region, zone,
@@ -238,13 +248,14 @@ pub struct PriorityLabel {
 
 /// The value of label `key` for a workload: its locality's for the topology labels (a single
 /// network and cluster: the same for all), else its own label's.
-fn label_value<'a>(workload: &'a Workload, key: &str) -> Option<&'a str> {
+fn label_value<'a>(site: Site<'a>, key: &str) -> Option<&'a str> {
+    let locality = site.place.locality;
     match key {
-        REGION_LABEL => Some(&workload.locality.region),
-        ZONE_LABEL => Some(&workload.locality.zone),
-        SUBZONE_LABEL => Some(&workload.locality.subzone),
+        REGION_LABEL => Some(&locality.region),
+        ZONE_LABEL => Some(&locality.zone),
+        SUBZONE_LABEL => Some(&locality.subzone),
         "topology.istio.io/network" | "topology.istio.io/cluster" => Some(""),
-        _ => workload.labels.get(key).map(String::as_str),
+        _ => site.labels.get(key).map(String::as_str),
     }
 }
 
@@ -254,29 +265,30 @@ impl LocalityLbSetting {
     /// weights; else the best-ranked (`failoverPriority`'s labels shared in order, then the
     /// scopes of the locality shared, a `failover` region counting over other regions). An item
     /// without a workload ranks last.
-    pub fn keep_preferred<T>(
+    pub fn keep_preferred<'s, T>(
         &self,
         items: &mut Vec<T>,
-        from: &Workload,
-        workload: impl Fn(&T) -> Option<&Workload>,
+        from: Site<'_>,
+        site: impl Fn(&T) -> Option<Site<'s>>,
         roll: u32,
     ) {
         if !self.enabled || items.is_empty() {
             return;
         }
+        let in_pattern = |item: &T, pattern: &LocalityPattern| {
+            site(item).is_some_and(|s| pattern.matches(s.place.locality))
+        };
+        let from_locality = from.place.locality;
         if let Some(rule) = self
             .distribute
             .iter()
-            .find(|d| d.from.matches(&from.locality))
+            .find(|d| d.from.matches(from_locality))
         {
             let present: Vec<(&LocalityPattern, u32)> = rule
                 .to
                 .iter()
                 .filter(|(pattern, weight)| {
-                    *weight > 0
-                        && items
-                            .iter()
-                            .any(|i| workload(i).is_some_and(|w| pattern.matches(&w.locality)))
+                    *weight > 0 && items.iter().any(|i| in_pattern(i, pattern))
                 })
                 .map(|(pattern, weight)| (pattern, *weight))
                 .collect();
@@ -287,7 +299,7 @@ impl LocalityLbSetting {
             let mut point = roll % 100 * total / 100;
             for (pattern, weight) in present {
                 if point < weight {
-                    items.retain(|i| workload(i).is_some_and(|w| pattern.matches(&w.locality)));
+                    items.retain(|i| in_pattern(i, pattern));
                     return;
                 }
                 point -= weight;
@@ -295,7 +307,7 @@ impl LocalityLbSetting {
             return;
         }
         let rank = |item: &T| -> (usize, u8) {
-            let Some(to) = workload(item) else {
+            let Some(to) = site(item) else {
                 return (0, 0);
             };
             let labels = self
@@ -309,16 +321,13 @@ impl LocalityLbSetting {
                     wanted.is_some() && wanted == label_value(to, &label.key)
                 })
                 .count();
-            let shared = closeness(
-                TrafficDistribution::PreferSameZone,
-                from.place(),
-                to.place(),
-            );
+            let shared = closeness(TrafficDistribution::PreferSameZone, from.place, to.place);
+            let to_region = &to.place.locality.region;
             let failover = shared == 0
                 && self
                     .failover
                     .iter()
-                    .any(|(f, t)| *f == from.locality.region && *t == to.locality.region);
+                    .any(|(f, t)| *f == from_locality.region && t == to_region);
             (labels, shared * 2 + u8::from(failover))
         };
         let Some(best) = items.iter().map(rank).max() else {

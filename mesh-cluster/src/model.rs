@@ -15,7 +15,7 @@ use mesh_common::HBONE_PORT;
 use mesh_identity::Identity;
 
 use crate::{
-    locality::{keep_closest, Locality, Place, TrafficDistribution},
+    locality::{keep_closest, Locality, Place, Site, TrafficDistribution},
     meta::Labels,
 };
 
@@ -62,6 +62,15 @@ impl Workload {
         Place {
             locality: &self.locality,
             node: self.node.as_deref(),
+        }
+    }
+
+    /// Where it runs, with its labels (locality load balancing).
+    #[must_use]
+    pub fn site(&self) -> Site<'_> {
+        Site {
+            place: self.place(),
+            labels: &self.labels,
         }
     }
 }

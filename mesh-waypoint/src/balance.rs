@@ -171,8 +171,8 @@ impl Balancer {
         match (policy.locality(), keys.near) {
             (Some(locality), Some(own)) => locality.keep_preferred(
                 &mut candidates,
-                own,
-                |e| e.workload.as_deref(),
+                own.site(),
+                |e| e.workload.as_deref().map(Workload::site),
                 fastrand::u32(..100),
             ),
             _ => keep_closest(

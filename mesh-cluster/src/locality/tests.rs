@@ -303,7 +303,7 @@ fn preferred(
     roll: u32,
 ) -> Vec<String> {
     let mut kept: Vec<&crate::Workload> = to.iter().collect();
-    setting.keep_preferred(&mut kept, from, |w| Some(*w), roll);
+    setting.keep_preferred(&mut kept, from.site(), |w| Some(w.site()), roll);
     kept.into_iter().map(|w| w.name.clone()).collect()
 }
 
