@@ -979,7 +979,12 @@ fn istio_objects_from_the_api(mesh: &KubeMesh, vip: &str) {
             {"name": "v1", "labels": {"version": "v1"}},
             {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"loadBalancer":
                 {"consistentHash": {"httpCookie": {"name": "route", "ttl": "0s", "path": "/"}}}}},
-        ], "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}},
+        // Istio's locality failover, as its task writes it (the nodes carry no zones here, so
+        // it changes nothing; a rule that did not read would leave the subsets unknown).
+        ], "trafficPolicy": {
+            "loadBalancer": {"simple": "LEAST_REQUEST", "localityLbSetting": {
+                "enabled": true, "failover": [{"from": "region1", "to": "region2"}]}},
+            "outlierDetection": {"consecutive5xxErrors": 100, "interval": "1s", "baseEjectionTime": "1m"}}},
     }));
     let vs: DynamicObject = from_json(json!({
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
