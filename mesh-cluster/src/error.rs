@@ -152,6 +152,14 @@ pub enum StateError {
         object: ObjectRef,
         source: mesh_identity::IdentityError,
     },
+    #[error(
+        "{object}: spec.hostnames: at least one is required at {api_version} (only v1alpha2 \
+         reads none as every server name)"
+    )]
+    HostnamesRequired {
+        object: ObjectRef,
+        api_version: String,
+    },
 }
 
 impl StateError {
@@ -180,7 +188,8 @@ impl StateError {
             | StateError::InvalidLabel { object, .. }
             | StateError::MissingAnnotation { object, .. }
             | StateError::RepeatedPort { object, .. }
-            | StateError::Identity { object, .. } => vec![object],
+            | StateError::Identity { object, .. }
+            | StateError::HostnamesRequired { object, .. } => vec![object],
         }
     }
 }

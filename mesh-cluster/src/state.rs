@@ -348,6 +348,17 @@ impl ClusterState {
                     .values()
                     .map(|o| (Kind::ReferenceGrant, &o.metadata)),
             );
+        // `v1` and `v1alpha3` require hostnames (the API server refuses a route without);
+        // from files too.
+        if let Some(route) = tls_routes
+            .values()
+            .find(|r| r.spec.hostnames.is_empty() && !r.api_version.ends_with("/v1alpha2"))
+        {
+            return Err(StateError::HostnamesRequired {
+                object: ObjectRef::namespaced(Kind::TlsRoute, &route.metadata),
+                api_version: route.api_version.clone(),
+            });
+        }
         let l4_routes: Vec<L4Route<'_>> = tcp_routes
             .values()
             .map(|r| L4Route {

@@ -54,6 +54,9 @@ pub struct TcpRouteSpec {
 /// A `TLSRoute`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct TlsRoute {
+    /// Its version: `hostnames` may be empty only at `v1alpha2`.
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
     /// Name, namespace and creation time (the older route wins a tie).
     pub metadata: ObjectMeta,
     /// `spec`.

@@ -271,6 +271,25 @@ fn older_api_versions_read_the_same() {
         };
         assert_eq!(routed, Some(vec!["v1:1".into()]), "{kind} {version}");
     }
+    // Only `v1alpha2` reads a `TLSRoute` without hostnames (every server name); `v1` and
+    // `v1alpha3` require one, as their CRDs do.
+    for version in ["v1", "v1alpha3"] {
+        let text = l4_route("TLSRoute", "shop", "r", "", &rule(&[("v1", 1)])).replace(
+            "gateway.networking.k8s.io/v1\n",
+            &format!("gateway.networking.k8s.io/{version}\n"),
+        );
+        let parts = [pod("shop", "web-0", "n0", "10.0.0.1", "app: web"), text];
+        let err = ClusterState::build(&parse(&docs(&parts)), &opts())
+            .expect_err("refused")
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "TLSRoute shop/r: spec.hostnames: at least one is required at \
+                 gateway.networking.k8s.io/{version} (only v1alpha2 reads none as every server name)"
+            )
+        );
+    }
 }
 
 #[test]
