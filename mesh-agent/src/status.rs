@@ -113,7 +113,8 @@ impl AgentStatus {
                     "identity": w.identity.as_str(),
                     "ips": w.ips,
                     "labels": w.labels,
-                    "ready": w.ready,
+                    "ready": w.readiness.serving(),
+                    "terminating": w.readiness == mesh_cluster::Readiness::Terminating,
                     "enrolled": w.enrolled,
                     "locality": {
                         "region": w.locality.region,

@@ -57,8 +57,12 @@ pub struct WaypointArgs {
     identity_flags: crate::identity_flags::IdentityFlags,
     #[command(flatten)]
     tracing_flags: crate::tracing_flags::TracingFlags,
-    /// At SIGTERM, how long in-flight requests may take to finish (readiness says not ready
-    /// meanwhile, and no new connection is taken).
+    /// At SIGTERM, how long the waypoint serves on, not ready, before it drains: the time the
+    /// clients' agents take to learn that its pod is going and, for a single replica, its
+    /// replacement's readiness (Istio's `terminationDrainDuration` is 5 s too).
+    #[arg(long, default_value_t = 5)]
+    drain_delay_secs: u64,
+    /// Then, how long in-flight requests may take to finish (no new connection is taken).
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
     /// Where the JSON access log (a line per request) goes: `-` (standard output), `off`, or a
@@ -103,6 +107,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         metrics: args.metrics_addr,
         readiness: args.readiness_addr,
         provider,
+        drain_delay: Duration::from_secs(args.drain_delay_secs),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         access_log: args.access_log.clone(),
         max_mirrors_in_flight: args.max_mirrors_in_flight,
@@ -129,6 +134,8 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         crypto_provider = config.provider.name(),
         access_log = %config.access_log,
         max_mirrors_in_flight = config.max_mirrors_in_flight,
+        drain_delay_s = config.drain_delay.as_secs(),
+        drain_timeout_s = config.drain_timeout.as_secs(),
         %tracing,
         "waypoint configuration"
     );

@@ -165,8 +165,13 @@ pub trait PodExt {
     /// Whether the pod has finished (`Succeeded` or `Failed`): its address may already belong
     /// to another pod.
     fn is_terminated(&self) -> bool;
-    /// Whether the pod is ready: it has not finished and no `Ready` condition says `False`.
+    /// Whether the pod is ready (serving): it has not finished and no `Ready` condition says
+    /// `False`.
     fn is_ready(&self) -> bool;
+    /// Whether the pod is being deleted (`metadata.deletionTimestamp`): as the `EndpointSlice`
+    /// controller has it, it takes new connections only when no other pod can (Kubernetes'
+    /// serving-terminating endpoints), and finishes those it has.
+    fn is_terminating(&self) -> bool;
 }
 
 impl PodExt for Pod {
@@ -200,6 +205,10 @@ impl PodExt for Pod {
             self.status.as_ref().and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
         )
+    }
+
+    fn is_terminating(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
     }
 
     fn is_ready(&self) -> bool {

@@ -105,8 +105,8 @@ pub use kube_client::{client as kube_client, KubeClientError};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
 pub use limits::{FileLimits, LimitError};
 pub use model::{
-    AppProtocol, Endpoint, Protocol, Resolution, Service, ServicePort, Shortcut, TargetPort,
-    Workload,
+    AppProtocol, Endpoint, Protocol, Readiness, Resolution, Service, ServicePort, Shortcut,
+    TargetPort, Workload,
 };
 pub use options::{
     EndpointsFrom, EnrollmentOptions, RuntimeHandles, AMBIENT, CGROUP_ANNOTATION,

@@ -38,8 +38,8 @@ pub struct Workload {
     pub labels: Labels,
     /// Addresses, primary first, at most one IPv4 and one IPv6. Empty while none is assigned.
     pub ips: Vec<IpAddr>,
-    /// Ready to serve: no `Ready` condition says `False`.
-    pub ready: bool,
+    /// Whether it takes new connections.
+    pub readiness: Readiness,
     /// Traffic of this pod is captured by the mesh.
     pub enrolled: bool,
     /// The pod uses its node's network namespace: it is never enrolled, and its addresses (the
@@ -73,6 +73,39 @@ impl Workload {
             labels: &self.labels,
         }
     }
+}
+
+/// Whether a pod takes new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready (no `Ready` condition says `False`), and not being deleted.
+    Ready,
+    /// Ready, but being deleted (`deletionTimestamp`): it takes new connections only when no
+    /// other pod can (Kubernetes' serving-terminating endpoints), and finishes those it has.
+    Terminating,
+    /// A `Ready` condition says `False`.
+    NotReady,
+}
+
+impl Readiness {
+    /// Ready or terminating: it serves.
+    #[must_use]
+    pub fn serving(self) -> bool {
+        self != Self::NotReady
+    }
+}
+
+/// Of serving pods, those that take new connections: the ones not being deleted, or, when every
+/// one is, all of them (a Deployment of one replica keeps serving while its replacement starts).
+pub(crate) fn not_terminating_first<T>(
+    mut serving: Vec<T>,
+    workload: impl Fn(&T) -> &Workload,
+) -> Vec<T> {
+    let ready = |p: &T| workload(p).readiness == Readiness::Ready;
+    if serving.iter().any(ready) {
+        serving.retain(ready);
+    }
+    serving
 }
 
 /// Whether a workload's mesh legs take the kernel's `sk_msg` short-cut: opt-in, by the
@@ -463,8 +496,12 @@ pub struct Waypoint {
     pub name: String,
     /// Which traffic it takes.
     pub traffic: WaypointFor,
-    /// Its ready pods with an address, sorted by namespace and name.
+    /// Its ready pods with an address, sorted by namespace and name: those that take new
+    /// connections.
     pub workloads: Vec<Arc<Workload>>,
+    /// All its pods with an address, ready or not (one being deleted finishes what it has):
+    /// what comes from them came through the waypoint.
+    pub members: Vec<Arc<Workload>>,
     /// Whether it tells the endpoints who called ([`XFCC_CLIENT_IDENTITY`]).
     pub xfcc_client_identity: bool,
     /// Which of its pods a client prefers (its `Gateway`'s
@@ -493,6 +530,7 @@ impl Waypoint {
             namespace,
             name,
             traffic,
+            members: workloads.clone(),
             workloads,
             xfcc_client_identity: false,
             traffic_distribution: None,

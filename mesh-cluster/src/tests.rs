@@ -191,7 +191,7 @@ fn parses_a_list_and_ignores_unknown_fields_and_kinds() {
     );
     let state = ClusterState::build(&objects, &opts()).expect("builds");
     let echo = state.workload_by_ip(ip("198.19.1.7")).expect("pod");
-    assert!(echo.enrolled && echo.ready);
+    assert!(echo.enrolled && echo.readiness == crate::Readiness::Ready);
     assert_eq!(
         echo.identity.as_str(),
         "spiffe://cluster.local/ns/demo/sa/echo"
@@ -517,7 +517,7 @@ fn workload_fields() {
     assert_eq!(web0.labels.get("app").map(String::as_str), Some("web"));
     assert_eq!(web0.ips, [ip("198.19.0.2"), ip("fd00:6d65:7368::2")]);
     assert_eq!(web0.ip_like(ip("::1")), Some(ip("fd00:6d65:7368::2")));
-    assert!(web0.ready && web0.enrolled && !web0.host_network);
+    assert!(web0.readiness == crate::Readiness::Ready && web0.enrolled && !web0.host_network);
     assert_eq!(
         web0.netns.as_deref(),
         Some(Path::new("/run/netns/n0-web-0"))
@@ -550,16 +550,22 @@ fn readiness_and_finished_pods() {
     let finished = pod("a", "c", "n1", "10.0.0.2", "app: x").replace("Running", "Succeeded");
     let unknown = pod("a", "d", "n1", "10.0.0.3", "app: x")
         + "  conditions:\n  - {type: Ready, status: \"Unknown\"}\n";
+    // Being deleted: it finishes what it has and takes nothing new.
+    let terminating = pod("a", "e", "n1", "10.0.0.4", "app: x").replace(
+        "metadata:\n",
+        "metadata:\n  deletionTimestamp: \"2026-12-07T07:00:00Z\"\n",
+    );
     let state = build(&docs(&[
         pod("a", "a", "n1", "10.0.0.1", "app: x"),
         not_ready,
         finished,
         unknown,
+        terminating,
         service("a", "x", "10.96.0.1", "80", "8080", "app: x"),
     ]));
     assert!(state
         .workload_by_ip(ip("10.0.0.2"))
-        .is_some_and(|w| w.name == "b" && !w.ready));
+        .is_some_and(|w| w.name == "b" && w.readiness == crate::Readiness::NotReady));
     assert!(
         state.workloads().iter().all(|w| w.name != "c"),
         "a finished pod is left out"
@@ -576,6 +582,25 @@ fn readiness_and_finished_pods() {
         endpoints,
         ["a", "d"],
         "only ready pods (Unknown counts as ready)"
+    );
+    assert!(state
+        .workload_by_ip(ip("10.0.0.4"))
+        .is_some_and(|w| w.name == "e" && w.readiness == crate::Readiness::Terminating));
+    // Every ready pod being deleted: they serve on (serving-terminating endpoints).
+    let state = build(&docs(&[
+        pod("a", "e", "n1", "10.0.0.4", "app: x").replace(
+            "metadata:\n",
+            "metadata:\n  deletionTimestamp: \"2026-12-07T07:00:00Z\"\n",
+        ),
+        service("a", "x", "10.96.0.1", "80", "8080", "app: x"),
+    ]));
+    let (_, port) = state
+        .service_by_addr(addr("10.96.0.1:80"))
+        .expect("service");
+    assert_eq!(
+        port.endpoints.len(),
+        1,
+        "the terminating pod, for want of another"
     );
 }
 

@@ -12,7 +12,10 @@ use super::{
     error::StateError,
     k8s::{self, IntOrString, Kind, Labels, ObjectRef},
     locality::{Locality, TrafficDistribution, TRAFFIC_DISTRIBUTION_ANNOTATION},
-    model::{AppProtocol, Protocol, Service, ServicePort, Shortcut, TargetPort, Workload},
+    model::{
+        not_terminating_first, AppProtocol, Protocol, Readiness, Service, ServicePort, Shortcut,
+        TargetPort, Workload,
+    },
     names::{check_name, check_namespaced, NameRule},
     options::{
         EnrollmentOptions, RuntimeHandles, CGROUP_ANNOTATION, NETNS_ANNOTATION, SHORTCUT_ANNOTATION,
@@ -122,7 +125,11 @@ pub(super) fn workload_from(
         )?,
         labels: meta.labels().clone(),
         ips,
-        ready: pod.is_ready(),
+        readiness: match (pod.is_ready(), pod.is_terminating()) {
+            (false, _) => Readiness::NotReady,
+            (true, false) => Readiness::Ready,
+            (true, true) => Readiness::Terminating,
+        },
         enrolled,
         host_network,
         netns,
@@ -289,13 +296,15 @@ pub(super) fn service_from(
     let selected: Vec<&BuiltPod> = if selector.is_empty() {
         Vec::new()
     } else {
-        pods.iter()
-            .filter(|p| p.workload.ready && !p.workload.ips.is_empty())
+        let ready = pods
+            .iter()
+            .filter(|p| p.workload.readiness.serving() && !p.workload.ips.is_empty())
             .filter(|p| {
                 let labels = &p.workload.labels;
                 selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             })
-            .collect()
+            .collect();
+        not_terminating_first(ready, |p| &p.workload)
     };
     let sources = PortSources {
         from: opts.endpoints,

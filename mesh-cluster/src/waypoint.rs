@@ -108,7 +108,7 @@ impl WaypointIndex {
             let labelled = workloads.iter().filter(|w| {
                 w.namespace == namespace && w.labels.get(GATEWAY_NAME_LABEL) == Some(&name)
             });
-            let mut pods = Vec::new();
+            let (mut pods, mut members) = (Vec::new(), Vec::new());
             for pod in labelled {
                 // A waypoint runs under its own service account, named after its Gateway (as
                 // istiod and the controller create it): a pod merely labelled is not it.
@@ -121,11 +121,17 @@ impl WaypointIndex {
                     ));
                     continue;
                 }
-                if pod.ready && !pod.ips.is_empty() {
+                if pod.ips.is_empty() {
+                    continue;
+                }
+                members.push(Arc::clone(pod));
+                if pod.readiness.serving() {
                     pods.push(Arc::clone(pod));
                 }
             }
+            let pods = crate::model::not_terminating_first(pods, |p| p);
             let mut waypoint = Waypoint::new(namespace.clone(), name.clone(), traffic, pods);
+            waypoint.members = members;
             waypoint.xfcc_client_identity = xfcc_client_identity(meta, &mut warnings);
             let object = ObjectRef::namespaced(Kind::Gateway, meta);
             waypoint.traffic_distribution =
@@ -409,10 +415,12 @@ impl Bindings {
         let Some(waypoints) = self.guards.get(&key) else {
             return Guard::Open;
         };
+        // Any of its pods, ready or not: one being deleted (or failing its probe) takes no new
+        // connections but finishes those it has.
         let through = src.is_some_and(|src| {
             waypoints
                 .iter()
-                .flat_map(|w| &w.workloads)
+                .flat_map(|w| &w.members)
                 .any(|pod| &pod.identity == src && pod.ips.contains(&src_ip))
         });
         if through {

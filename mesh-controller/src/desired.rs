@@ -183,7 +183,11 @@ impl WaypointGateway {
         }))
     }
 
-    /// Its `Deployment`.
+    /// Its `Deployment`, without `replicas`: one pod when created (Kubernetes' default), then
+    /// as many as its users or an autoscaler set (`kubectl scale`, a `HorizontalPodAutoscaler`):
+    /// the controller's server-side apply does not own the field, so it never scales them
+    /// back. Its rolling update starts a new pod before the old one goes (one replica: `maxSurge`
+    /// 25 % rounds up to one, `maxUnavailable` down to none).
     pub fn deployment(&self, template: &WaypointTemplate) -> Deployment {
         let mut args = vec![
             format!("--namespace={}", self.namespace),
@@ -204,7 +208,6 @@ impl WaypointGateway {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": self.metadata(),
             "spec": {
-                "replicas": 1,
                 "selector": {"matchLabels": {GATEWAY_NAME_LABEL: self.name}},
                 "template": {
                     "metadata": {"labels": pod_labels},
@@ -341,6 +344,8 @@ mod tests {
             .filter_map(Value::as_str)
             .collect();
         assert_eq!(pod["spec"]["containers"][0]["command"][0], "mesh-waypoint");
+        // The replicas are its users' (or an autoscaler's): never applied, never scaled back.
+        assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
         for expected in [
             "--namespace=shop",
             "--name=reviews-wp",

@@ -24,6 +24,10 @@ pub struct WaypointConfig {
     pub readiness: SocketAddr,
     /// TLS crypto provider.
     pub provider: CryptoProvider,
+    /// At shutdown, how long the waypoint serves on, not ready, before it drains: the time the
+    /// clients' agents take to learn that its pod is going (a pod being deleted is no longer a
+    /// ready waypoint pod to them), so that none sends a new connection to it once it drains.
+    pub drain_delay: std::time::Duration,
     /// At shutdown, how long in-flight requests may take to finish.
     pub drain_timeout: std::time::Duration,
     /// Where the JSON access log (a line per request) goes.

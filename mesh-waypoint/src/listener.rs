@@ -117,7 +117,7 @@ pub async fn serve(
     ));
     // Kept connections to endpoints no request uses any more are let go on a timer.
     let _sweeper = AbortOnDrop(upstream.sweep_on_a_timer());
-    let drain_timeout = config.drain_timeout;
+    let (drain_delay, drain_timeout) = (config.drain_delay, config.drain_timeout);
     let ctx = Arc::new(Ctx {
         jwks: Arc::new(crate::jwks::JwksCache::default()),
         verified_tokens: mesh_cluster::authn::VerifiedTokens::default(),
@@ -141,20 +141,45 @@ pub async fn serve(
     });
     let _background = background(&ctx);
     let acceptor = TlsAcceptor::from(tls);
+    let drain = (drain_delay, drain_timeout);
+    accept_until_drained((listener, acceptor), &ctx, (shutdown, &admin_ready), drain).await;
+    Ok(())
+}
+
+/// Takes HBONE connections until `shutdown`; then, not ready, for `drain_delay` more, the time
+/// the clients' agents take to learn that this pod is going; then drains (within
+/// `drain_timeout`).
+async fn accept_until_drained(
+    (listener, acceptor): (TcpListener, TlsAcceptor),
+    ctx: &Arc<Ctx>,
+    (shutdown, ready): (impl Future<Output = ()>, &AtomicBool),
+    (drain_delay, drain_timeout): (Duration, Duration),
+) {
     tokio::pin!(shutdown);
+    // Set at shutdown: until then the waypoint serves on, not ready.
+    let mut drain_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            () = &mut shutdown => {
+            () = &mut shutdown, if drain_at.is_none() => {
+                ready.store(false, Ordering::Relaxed);
+                info!(
+                    delay_s = drain_delay.as_secs_f64(),
+                    "shutting down: not ready, serving on while the clients' agents learn it, then draining"
+                );
+                drain_at = Some(tokio::time::Instant::now() + drain_delay);
+            }
+            () = tokio::time::sleep_until(drain_at.unwrap_or_else(tokio::time::Instant::now)),
+                if drain_at.is_some() =>
+            {
                 drop(listener);
-                admin_ready.store(false, Ordering::Relaxed);
-                shut_down(&ctx, drain_timeout).await;
-                return Ok(());
+                shut_down(ctx, drain_timeout).await;
+                return;
             }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     let span = tracing::debug_span!("hbone", %peer);
-                    let task = connection(tcp, peer, acceptor.clone(), Arc::clone(&ctx));
+                    let task = connection(tcp, peer, acceptor.clone(), Arc::clone(ctx));
                     tokio::spawn(task.instrument(span));
                 }
                 Err(e) => {

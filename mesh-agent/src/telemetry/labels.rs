@@ -260,7 +260,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             ips: Vec::new(),
-            ready: true,
+            readiness: mesh_cluster::Readiness::Ready,
             enrolled: true,
             host_network: false,
             netns: None,

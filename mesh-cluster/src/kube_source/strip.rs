@@ -118,6 +118,8 @@ fn meta(metadata: ObjectMeta) -> ObjectMeta {
                 .collect()
         }),
         creation_timestamp: metadata.creation_timestamp,
+        // A pod being deleted takes no new connections.
+        deletion_timestamp: metadata.deletion_timestamp,
         ..ObjectMeta::default()
     }
 }

@@ -626,3 +626,50 @@ fn the_xfcc_annotation_is_read_as_istio_reads_it() {
         .waypoint("shop", "wp")
         .is_none());
 }
+
+#[test]
+fn a_waypoint_pod_being_deleted_takes_no_new_connections_but_finishes_its_own() {
+    use crate::{decision::Inbound, tests::addr, Resolution, Verdict};
+    // `wp-1` (10.0.1.2) being deleted; `a` bound to the waypoint.
+    let going = waypoint_pod("wp-1", "n1", "10.0.1.2").replace(
+        "metadata:\n",
+        "metadata:\n  deletionTimestamp: \"2026-12-07T07:00:00Z\"\n",
+    );
+    let parts = vec![
+        namespace("shop", ""),
+        gateway("shop", "wp", "istio-waypoint", ""),
+        going,
+        pod("shop", "a-0", "n0", "10.0.0.1", "app: a"),
+        service("shop", "a", "10.96.0.1", "istio.io/use-waypoint: wp"),
+        pod("shop", "b-0", "n1", "10.0.0.2", "app: b"),
+    ];
+    let picked = |parts: &[String]| -> BTreeSet<String> {
+        let state = ClusterState::build(&parse(&docs(parts)), &opts()).expect("builds");
+        let client = state.workload_by_name("shop", "b-0").expect("b-0");
+        (0..6)
+            .map(
+                |_| match state.resolve_from(Some(client), addr("10.96.0.1:80")) {
+                    Resolution::Waypoint { pod, .. } => pod.name.clone(),
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect()
+    };
+    // Alone, it serves on (while its replacement starts, as Kubernetes' serving-terminating
+    // endpoints); with another pod ready, new connections go to that one.
+    assert_eq!(picked(&parts), BTreeSet::from(["wp-1".to_owned()]));
+    let mut parts = parts;
+    parts.push(waypoint_pod("wp-0", "n0", "10.0.1.1"));
+    assert_eq!(picked(&parts), BTreeSet::from(["wp-0".to_owned()]));
+    let state = ClusterState::build(&parse(&docs(&parts)), &opts()).expect("builds");
+    // Its connections to the endpoints still came through the waypoint (before, a pod no
+    // longer ready was taken for a bypass, and its requests in flight were cut).
+    let going = state.workload_by_name("shop", "wp-1").expect("wp-1");
+    let decision = state.admit(&Inbound {
+        src: addr("10.0.1.2:40000"),
+        dst: addr("10.0.0.1:8080"),
+        src_identity: Some(&going.identity),
+        origin: crate::Origin::Network,
+    });
+    assert_eq!(decision.verdict, Verdict::Allow, "{decision:?}");
+}
