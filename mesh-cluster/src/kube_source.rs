@@ -51,6 +51,7 @@ use k8s_openapi::{
 };
 use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
+    core::PartialObjectMeta,
     runtime::{utils::Backoff as _, watcher, WatchStreamExt as _},
     Api, Client, Resource,
 };
@@ -227,8 +228,10 @@ impl KubeSource {
                 &shared,
                 |ns| Ok(Object::Namespace(ns)),
             ),
+            // Metadata only: a node's status (often tens of kB, with its images) is updated
+            // every few minutes, and every agent watches every node.
             spawn_kind(
-                Api::<Node>::all(client.clone()),
+                Api::<PartialObjectMeta<Node>>::all(client.clone()),
                 Kind::Node,
                 max_backoff,
                 &shared,

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
 
 use crate::{
     locality::{REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL},
@@ -54,8 +55,9 @@ pub(super) fn pod(pod: Pod) -> Pod {
     }
 }
 
-/// `node` with only its name and its locality labels (a node carries many others).
-pub(super) fn node(node: Node) -> Node {
+/// `node` (its metadata, as a metadata-only watch gives it) with only its name and its locality
+/// labels (a node carries many others).
+pub(super) fn node(node: PartialObjectMeta<Node>) -> Node {
     let labels = node.metadata.labels.map(|labels| {
         labels
             .into_iter()
@@ -209,5 +211,35 @@ mod tests {
             size(&small),
             size(&full)
         );
+    }
+
+    #[test]
+    fn a_node_keeps_its_name_and_locality_labels_only() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": "n1", "uid": "u1",
+                "labels": {
+                    "kubernetes.io/hostname": "n1",
+                    "topology.kubernetes.io/region": "eu",
+                    "topology.kubernetes.io/zone": "eu-a",
+                    "topology.istio.io/subzone": "rack-4"
+                },
+                "managedFields": [{"manager": "kubelet"}]
+            }
+        });
+        let full: PartialObjectMeta<Node> = serde_json::from_value(json).expect("a node");
+        let small = node(full);
+        assert_eq!(small.metadata.name.as_deref(), Some("n1"));
+        let labels = small.metadata.labels.expect("labels");
+        assert_eq!(
+            labels.keys().map(String::as_str).collect::<Vec<_>>(),
+            [
+                "topology.istio.io/subzone",
+                "topology.kubernetes.io/region",
+                "topology.kubernetes.io/zone"
+            ]
+        );
+        assert!(small.metadata.managed_fields.is_none() && small.status.is_none());
     }
 }
