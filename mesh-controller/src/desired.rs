@@ -84,6 +84,9 @@ pub struct WaypointGateway {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// `spec.infrastructure.labels` and `.annotations`: Gateway API asks that they be put on
+    /// every object made for the `Gateway` (the controller's own labels win over them).
+    pub infrastructure: (BTreeMap<String, String>, BTreeMap<String, String>),
 }
 
 impl WaypointGateway {
@@ -102,10 +105,24 @@ impl WaypointGateway {
                 .map(str::to_owned)
                 .ok_or(NotAWaypoint::Incomplete(name))
         };
+        let strings = |map: &Value| -> BTreeMap<String, String> {
+            map.as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let infrastructure = &gateway["spec"]["infrastructure"];
         Ok(Self {
             namespace: field("namespace")?,
             name: field("name")?,
             uid: field("uid")?,
+            infrastructure: (
+                strings(&infrastructure["labels"]),
+                strings(&infrastructure["annotations"]),
+            ),
         })
     }
 
@@ -121,11 +138,14 @@ impl WaypointGateway {
         }
     }
 
+    /// Its objects' labels: the `Gateway`'s infrastructure labels, then the controller's.
     fn labels(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut labels = self.infrastructure.0.clone();
+        labels.extend([
             (GATEWAY_NAME_LABEL.to_owned(), self.name.clone()),
             (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
-        ])
+        ]);
+        labels
     }
 
     fn metadata(&self) -> Value {
@@ -133,6 +153,7 @@ impl WaypointGateway {
             "name": self.name,
             "namespace": self.namespace,
             "labels": self.labels(),
+            "annotations": self.infrastructure.1,
             "ownerReferences": [self.owner()],
         })
     }
@@ -199,18 +220,17 @@ impl WaypointGateway {
             format!("--ca-token-file={TOKEN_DIR}/istio-token"),
         ];
         args.extend(template.extra_args.iter().cloned());
-        let mut pod_labels = BTreeMap::from([
-            (GATEWAY_NAME_LABEL.to_owned(), self.name.clone()),
-            (DATAPLANE_MODE.to_owned(), "none".to_owned()),
-        ]);
-        pod_labels.insert(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned());
+        // The infrastructure labels first: never the controller's (a pod labelled into the
+        // capture, or as another waypoint's, is not this waypoint).
+        let mut pod_labels = self.labels();
+        pod_labels.insert(DATAPLANE_MODE.to_owned(), "none".to_owned());
         from_json(json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": self.metadata(),
             "spec": {
                 "selector": {"matchLabels": {GATEWAY_NAME_LABEL: self.name}},
                 "template": {
-                    "metadata": {"labels": pod_labels},
+                    "metadata": {"labels": pod_labels, "annotations": self.infrastructure.1},
                     "spec": {
                         "serviceAccountName": self.name,
                         // The drain (5 s by default) fits well inside.
@@ -386,5 +406,38 @@ mod tests {
         let cm = serde_json::to_value(ca_root_copy(&template(), "shop", "PEM")).unwrap();
         assert_eq!(cm["metadata"]["namespace"], "shop");
         assert_eq!(cm["data"]["root-cert.pem"], "PEM");
+    }
+
+    #[test]
+    fn the_gateways_infrastructure_labels_and_annotations_go_on_what_is_made() {
+        let mut gw = gateway(WAYPOINT_CLASS);
+        gw["spec"]["infrastructure"] = json!({
+            "labels": {
+                "team": "shop",
+                // Neither into the capture, nor another waypoint's.
+                "istio.io/dataplane-mode": "ambient",
+                GATEWAY_NAME_LABEL: "other",
+            },
+            "annotations": {"example.com/owner": "shop-team"},
+        });
+        let wp = WaypointGateway::of(&gw).unwrap();
+        let deployment = serde_json::to_value(wp.deployment(&template())).unwrap();
+        let service = serde_json::to_value(wp.service()).unwrap();
+        let account = serde_json::to_value(wp.service_account()).unwrap();
+        let pod = &deployment["spec"]["template"]["metadata"];
+        for meta in [
+            &deployment["metadata"],
+            &service["metadata"],
+            &account["metadata"],
+            pod,
+        ] {
+            assert_eq!(meta["labels"]["team"], "shop", "{meta}");
+            assert_eq!(meta["labels"][GATEWAY_NAME_LABEL], "reviews-wp", "{meta}");
+            assert_eq!(
+                meta["annotations"]["example.com/owner"], "shop-team",
+                "{meta}"
+            );
+        }
+        assert_eq!(pod["labels"][DATAPLANE_MODE], "none");
     }
 }

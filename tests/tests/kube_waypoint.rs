@@ -186,7 +186,9 @@ fn deploy(mesh: &KubeMesh) -> String {
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "wp", "namespace": NS, "labels": {"istio.io/waypoint-for": "service"}},
         "spec": {"gatewayClassName": "istio-waypoint",
-                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+                 "infrastructure": {"labels": {"team": "shop"},
+                                    "annotations": {"example.com/owner": "shop-team"}}},
     }));
     create(mesh, &gateways(mesh), &gateway, "the waypoint Gateway");
     vip
@@ -249,6 +251,16 @@ fn check_controller_objects(mesh: &KubeMesh) {
         .cp
         .block_on(deployments.get("wp"))
         .expect("Deployment wp");
+    // The Gateway's `spec.infrastructure` labels and annotations, on what is made for it.
+    let template = wp_deployment.spec.template.metadata.as_ref();
+    let team = template.and_then(|m| m.labels.as_ref()?.get("team").cloned());
+    assert_eq!(team.as_deref(), Some("shop"), "{template:?}");
+    let owner_note = wp_service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("example.com/owner").cloned());
+    assert_eq!(owner_note.as_deref(), Some("shop-team"));
     let owner = &wp_deployment
         .metadata
         .owner_references
