@@ -484,7 +484,8 @@ impl Shared {
     fn not_served(&self, kind: Kind, versions: &[&str]) {
         let mut kinds = lock(&self.kinds);
         let state = kinds.entry(kind).or_default();
-        if !state.not_served {
+        let newly = !state.not_served;
+        if newly {
             warn!(
                 %kind,
                 api_versions = ?versions,
@@ -496,8 +497,11 @@ impl Shared {
             info!(%kind, previous_error = %error, "the Kubernetes API answers again");
         }
         drop(kinds);
-        // Objects read at a version no longer served go.
-        self.send(Change::Relisted(kind, BTreeSet::new()));
+        // Objects read at a version no longer served go, once: sent at every try, the change
+        // would rebuild the whole view every backoff for each kind not installed.
+        if newly {
+            self.send(Change::Relisted(kind, BTreeSet::new()));
+        }
         self.synced(kind, true);
     }
 
