@@ -496,8 +496,9 @@ pub struct Waypoint {
     pub name: String,
     /// Which traffic it takes.
     pub traffic: WaypointFor,
-    /// Its ready pods with an address, sorted by namespace and name: those that take new
-    /// connections.
+    /// Its pods with an address that take new connections, sorted by namespace and name: the
+    /// ready ones not being deleted, or, when every ready one is, those
+    /// (`not_terminating_first`).
     pub workloads: Vec<Arc<Workload>>,
     /// All its pods with an address, ready or not (one being deleted finishes what it has):
     /// what comes from them came through the waypoint.
