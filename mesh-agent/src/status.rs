@@ -162,6 +162,11 @@ fn services_json(state: &ClusterState) -> Vec<Value> {
                 "vips": s.vips,
                 "ports": ports,
                 "traffic_distribution": s.traffic_distribution.map(mesh_cluster::locality::TrafficDistribution::as_str),
+                "kind": s.kind_name(),
+                "entry": match &s.kind {
+                    mesh_cluster::ServiceKind::Entry(facts) => json!(facts),
+                    mesh_cluster::ServiceKind::Kubernetes => Value::Null,
+                },
             })
         })
         .collect()

@@ -319,7 +319,7 @@ impl AuthnIndex {
     pub(crate) fn providers(
         &self,
         waypoint: (&str, &str),
-        services: &[(&str, &str)],
+        services: &[policy_target::Addressed<'_>],
     ) -> Vec<&JwtProvider> {
         let mut policies: Vec<&Arc<RequestAuthn>> = self
             .by_target

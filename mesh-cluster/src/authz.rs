@@ -597,7 +597,7 @@ impl AuthzIndex {
     pub(super) fn decide_at_waypoint(
         &self,
         waypoint: (&str, &str),
-        services: &[(&str, &str)],
+        services: &[crate::policy_target::Addressed<'_>],
         facts: &WaypointFacts<'_>,
     ) -> AuthzDecision {
         let groups = self.waypoints.groups(waypoint, services);

@@ -48,7 +48,7 @@ impl ClusterState {
         max: usize,
     ) -> Result<Vec<SocketAddr>, NotDirect> {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-        let endpoints: Vec<SocketAddr> = match self.service_by_addr(dst) {
+        let endpoints: Vec<SocketAddr> = match self.service_for_client(&client.namespace, dst) {
             Some((service, port)) => {
                 if !matches!(self.service_waypoint(service), WaypointBinding::None) {
                     return Err(NotDirect::Waypoint);

@@ -140,6 +140,21 @@ pub enum StateError {
         port: u16,
         protocol: Protocol,
     },
+    #[error("{object}: {field}: host {host:?} is already {other}'s")]
+    DuplicateHost {
+        object: ObjectRef,
+        field: String,
+        host: String,
+        other: Box<ObjectRef>,
+    },
+    #[error(
+        "{object}: metadata.name: {other} has this name; routes and policies name a ServiceEntry \
+         and a Service of its namespace alike, so give the entry another name"
+    )]
+    EntryNameTaken {
+        object: ObjectRef,
+        other: Box<ObjectRef>,
+    },
     #[error("{object}: {field}: {addr} (TCP) is already claimed by {other}")]
     DuplicateServicePort {
         object: ObjectRef,
@@ -171,7 +186,9 @@ impl StateError {
             | StateError::RootNamespace(_)
             | StateError::ClusterDomain(_) => Vec::new(),
             StateError::DuplicateIp { object, other, .. }
-            | StateError::DuplicateServicePort { object, other, .. } => vec![object, &**other],
+            | StateError::DuplicateServicePort { object, other, .. }
+            | StateError::DuplicateHost { object, other, .. }
+            | StateError::EntryNameTaken { object, other } => vec![object, &**other],
             StateError::Duplicate { object }
             | StateError::InvalidName { object, .. }
             | StateError::InvalidIp { object, .. }

@@ -285,9 +285,11 @@ pub struct ParentRef {
 }
 
 impl ParentRef {
-    /// Whether the parent is a core `Service` (a GAMMA route).
+    /// Whether the parent is a core `Service` (a GAMMA route) or an Istio `ServiceEntry`
+    /// (`networking.istio.io`, as Istio's waypoints take routes for entries).
     pub fn is_service(&self) -> bool {
-        self.group.is_empty() && self.kind == "Service"
+        (self.group.is_empty() && self.kind == "Service")
+            || (self.group == crate::model::ISTIO_NETWORKING_GROUP && self.kind == "ServiceEntry")
     }
 }
 
@@ -667,9 +669,16 @@ pub struct BackendTarget {
 }
 
 impl BackendTarget {
-    /// Whether the backend is a core `Service`.
+    /// Whether the backend is a core `Service` or an Istio `ServiceEntry` (by name).
     pub fn is_service(&self) -> bool {
-        self.group.is_empty() && self.kind == "Service"
+        (self.group.is_empty() && self.kind == "Service")
+            || (self.group == crate::model::ISTIO_NETWORKING_GROUP && self.kind == "ServiceEntry")
+    }
+
+    /// Whether the backend is Istio's `Hostname` (`networking.istio.io`): the Service or
+    /// `ServiceEntry` that answers to that host.
+    pub fn is_hostname(&self) -> bool {
+        self.group == crate::model::ISTIO_NETWORKING_GROUP && self.kind == "Hostname"
     }
 }
 

@@ -211,7 +211,10 @@ impl fmt::Display for InvalidBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InvalidBackend::Kind { group, kind } => {
-                write!(f, "kind {kind} (group {group:?}) is not a Service")
+                write!(
+                    f,
+                    "kind {kind} (group {group:?}) is not a Service, a ServiceEntry or a Hostname"
+                )
             }
             InvalidBackend::CrossNamespace { namespace } => write!(
                 f,
@@ -445,8 +448,9 @@ impl HttpRouteIndex {
         }
         if !attached_any && spec.parent_refs.iter().all(|p| !p.is_service()) {
             self.warnings.push(format!(
-                "{object}: no parentRef is a Service (group \"\", kind Service): a waypoint \
-                 applies only routes attached to Services"
+                "{object}: no parentRef is a Service (group \"\", kind Service) or a \
+                 ServiceEntry (group networking.istio.io): a waypoint applies only routes \
+                 attached to them"
             ));
         }
     }
@@ -466,11 +470,14 @@ impl HttpRouteIndex {
         }
         let field = format!("spec.parentRefs[{index}]");
         let parent_ns = parent.namespace.as_deref().unwrap_or(namespace);
-        let Some(&service) = services.get(&(parent_ns, parent.name.as_str())) else {
+        let Some(&service) = services
+            .get(&(parent_ns, parent.name.as_str()))
+            .filter(|s| s.is_kind(&parent.group, &parent.kind))
+        else {
             self.warnings.push(format!(
-                "{object}: {field}: Service {parent_ns}/{} does not exist; the route does not \
+                "{object}: {field}: {} {parent_ns}/{} does not exist; the route does not \
                  attach to it",
-                parent.name
+                parent.kind, parent.name
             ));
             return None;
         };
@@ -489,8 +496,9 @@ impl HttpRouteIndex {
             .collect();
         if ports.is_empty() {
             self.warnings.push(format!(
-                "{object}: {field}: Service {service} has no TCP port that `port` or \
-                 `sectionName` names; the route does not attach to it"
+                "{object}: {field}: {} {service} has no TCP port that `port` or \
+                 `sectionName` names; the route does not attach to it",
+                service.kind_name()
             ));
             return None;
         }
@@ -758,6 +766,9 @@ fn resolve_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
         route,
     } = context;
     let namespace = route.namespace.as_deref().unwrap_or_default();
+    if target.is_hostname() {
+        return hostname_backend(target, context);
+    }
     if !target.is_service() {
         return Backend::Invalid(InvalidBackend::Kind {
             group: target.group.clone(),
@@ -772,12 +783,59 @@ fn resolve_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
             namespace: target_ns.to_owned(),
         });
     }
-    let Some(service) = services.get(&(target_ns, target.name.as_str())) else {
+    let found = services
+        .get(&(target_ns, target.name.as_str()))
+        .filter(|s| s.is_kind(&target.group, &target.kind));
+    let Some(service) = found else {
         return Backend::Invalid(InvalidBackend::NotFound {
             namespace: target_ns.to_owned(),
             name: target.name.clone(),
         });
     };
+    backend_port(service, target, policies)
+}
+
+/// Istio's `Hostname` backend: the Service or `ServiceEntry` answering to the host, when the
+/// route may send there: of the route's namespace, the parent itself, or an entry captured for
+/// the route's namespace's clients (the root namespace's); another namespace's Service needs a
+/// `ReferenceGrant` as by name.
+fn hostname_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
+    let Resolving {
+        services,
+        policies,
+        grants,
+        parent,
+        route,
+    } = context;
+    let namespace = route.namespace.as_deref().unwrap_or_default();
+    let Some(service) = services
+        .values()
+        .find(|s| s.hosts().any(|h| h == target.name))
+    else {
+        return Backend::Invalid(InvalidBackend::UnknownHost {
+            host: target.name.clone(),
+        });
+    };
+    let is_parent = service.namespace == parent.namespace && service.name == parent.name;
+    let reachable = service.namespace == namespace
+        || is_parent
+        || (matches!(service.kind, crate::model::ServiceKind::Entry(_))
+            && service.captured_for(namespace))
+        || grants.allows(route.kind, namespace, &service.namespace, &service.name);
+    if !reachable {
+        return Backend::Invalid(InvalidBackend::CrossNamespace {
+            namespace: service.namespace.clone(),
+        });
+    }
+    backend_port(service, target, policies)
+}
+
+/// The backend `service` at `target`'s port, with its `DestinationRule`'s policy.
+fn backend_port(
+    service: &Arc<Service>,
+    target: &BackendTarget,
+    policies: &istio::Policies,
+) -> Backend {
     // Parsing refuses a Service backend without a port.
     let port = target.port.unwrap_or_default();
     let has_port = service

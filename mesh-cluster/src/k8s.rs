@@ -110,6 +110,8 @@ pub enum Object {
     TlsRoute(TlsRoute),
     /// A `v1` Node (its locality labels).
     Node(Node),
+    /// A `networking.istio.io` `ServiceEntry`.
+    ServiceEntry(crate::service_entry::ServiceEntry),
 }
 
 impl Object {
@@ -139,6 +141,7 @@ impl Object {
             }
             Object::EnvoyFilter(o) => ObjectRef::namespaced(Kind::EnvoyFilter, &o.metadata),
             Object::Node(o) => ObjectRef::cluster_scoped(Kind::Node, &o.metadata),
+            Object::ServiceEntry(o) => ObjectRef::namespaced(Kind::ServiceEntry, &o.metadata),
         }
     }
 }
@@ -246,6 +249,7 @@ pub(crate) fn api_versions(kind: Kind) -> &'static [&'static str] {
         Kind::ReferenceGrant => &REFERENCE_GRANT_VERSIONS,
         Kind::RequestAuthentication => &REQUEST_AUTHENTICATION_VERSIONS,
         Kind::EnvoyFilter => &ENVOY_FILTER_VERSIONS,
+        Kind::ServiceEntry => &crate::service_entry::SERVICE_ENTRY_VERSIONS,
     }
 }
 
@@ -494,7 +498,8 @@ fn display_name(kind: Kind, value: &Value) -> String {
         | Kind::DestinationRule
         | Kind::ReferenceGrant
         | Kind::RequestAuthentication
-        | Kind::EnvoyFilter => {
+        | Kind::EnvoyFilter
+        | Kind::ServiceEntry => {
             let namespace = field("namespace").filter(|ns| !ns.is_empty());
             format!("{kind} {}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
         }
@@ -549,6 +554,9 @@ impl<'de> DeserializeSeed<'de> for KindSeed {
                 }
                 Kind::EnvoyFilter => Object::EnvoyFilter(EnvoyFilter::deserialize(deserializer)?),
                 Kind::Node => Object::Node(Node::deserialize(deserializer)?),
+                Kind::ServiceEntry => Object::ServiceEntry(
+                    crate::service_entry::ServiceEntry::deserialize(deserializer)?,
+                ),
             },
         }))
     }

@@ -573,6 +573,7 @@ fn watched_kinds(routes: bool) -> Vec<Kind> {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Gateway,
+        Kind::ServiceEntry,
     ];
     if routes {
         kinds.extend([
@@ -620,6 +621,7 @@ fn custom_plural(kind: Kind) -> Option<&'static str> {
         Kind::EnvoyFilter => "envoyfilters",
         Kind::VirtualService => "virtualservices",
         Kind::DestinationRule => "destinationrules",
+        Kind::ServiceEntry => "serviceentries",
         Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice | Kind::Node => {
             return None
         }

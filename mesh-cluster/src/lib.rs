@@ -11,6 +11,8 @@
 //!   ([`ClusterState::authorize_at_waypoint`]).
 //! - [`authn`]: `RequestAuthentication` at the waypoints: which JWT rules apply, and whether a
 //!   request's tokens are valid.
+//! - [`service_entry`]: Istio's `ServiceEntry`: services outside the cluster's (or picked by
+//!   labels) with addresses the mesh captures, reached directly or through a waypoint.
 //! - [`ratelimit`]: the local rate limits of Istio's `EnvoyFilter` at the waypoints.
 //! - [`ClusterState::build`]: the one translation from objects to the agent's immutable,
 //!   indexed state; every source (files today, a Kubernetes watch later) goes through it.
@@ -81,6 +83,7 @@ mod policy_target;
 pub mod ratelimit;
 mod reference_grant;
 mod schema;
+pub mod service_entry;
 mod state;
 pub mod string_match;
 mod translate;
@@ -105,8 +108,9 @@ pub use kube_client::{client as kube_client, KubeClientError};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
 pub use limits::{FileLimits, LimitError};
 pub use model::{
-    AppProtocol, Endpoint, Protocol, Readiness, Resolution, Service, ServicePort, Shortcut,
-    TargetPort, Workload,
+    AppProtocol, Endpoint, EntryFacts, EntryResolution, EntryScope, MeshLocation, Protocol,
+    Readiness, Resolution, Service, ServiceKind, ServicePort, Shortcut, TargetPort, Workload,
+    ISTIO_NETWORKING_GROUP,
 };
 pub use options::{
     EndpointsFrom, EnrollmentOptions, RuntimeHandles, AMBIENT, CGROUP_ANNOTATION,

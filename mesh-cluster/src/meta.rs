@@ -52,11 +52,13 @@ pub enum Kind {
     TlsRoute,
     /// `Node`: its locality labels.
     Node,
+    /// `ServiceEntry` (`networking.istio.io`).
+    ServiceEntry,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -74,6 +76,7 @@ impl Kind {
         Kind::TcpRoute,
         Kind::TlsRoute,
         Kind::Node,
+        Kind::ServiceEntry,
     ];
 
     /// The kind's name, as in an object's `kind`.
@@ -97,6 +100,7 @@ impl Kind {
             Kind::TcpRoute => "TCPRoute",
             Kind::TlsRoute => "TLSRoute",
             Kind::Node => "Node",
+            Kind::ServiceEntry => "ServiceEntry",
         }
     }
 }

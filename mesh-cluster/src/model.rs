@@ -249,7 +249,132 @@ pub struct Service {
     /// Which of its endpoints a client prefers (`spec.trafficDistribution`, or Istio's
     /// annotation); `None`: all alike.
     pub traffic_distribution: Option<TrafficDistribution>,
+    /// A Kubernetes `Service`, or an Istio `ServiceEntry` ([`crate::service_entry`]).
+    pub kind: ServiceKind,
 }
+
+/// What a [`Service`] of the model was written as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// A Kubernetes `Service`: its hostname is `<name>.<namespace>.svc.<cluster domain>`.
+    Kubernetes,
+    /// An Istio `ServiceEntry`: its hostname is the first of its `hosts`.
+    Entry(EntryFacts),
+}
+
+/// What a `ServiceEntry` says beyond what every Service has.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EntryFacts {
+    /// `hosts`, in order (the first is the Service's hostname).
+    pub hosts: Vec<String>,
+    /// `location`.
+    pub location: MeshLocation,
+    /// `resolution`.
+    pub resolution: EntryResolution,
+    /// Whose connections its addresses capture.
+    pub scope: EntryScope,
+}
+
+/// Which client namespaces a `ServiceEntry`'s addresses are captured for
+/// ([`crate::service_entry`]): its own, or, for an entry of the root namespace, every namespace
+/// its `exportTo` lets.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum EntryScope {
+    /// The clients of its namespace.
+    Namespace,
+    /// The clients of these namespaces (`None`: every namespace).
+    Mesh(Option<std::collections::BTreeSet<String>>),
+}
+
+/// A `ServiceEntry`'s `location`: whether its endpoints are part of the mesh. Shown, and in
+/// telemetry; an endpoint's identity comes from its address either way (a pod's address is the
+/// pod's, whatever the entry says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum MeshLocation {
+    /// `MESH_EXTERNAL` (the default): outside the mesh.
+    #[serde(rename = "MESH_EXTERNAL")]
+    External,
+    /// `MESH_INTERNAL`: part of the mesh (pods picked by its `workloadSelector`).
+    #[serde(rename = "MESH_INTERNAL")]
+    Internal,
+}
+
+/// How a `ServiceEntry`'s connections find their endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum EntryResolution {
+    /// `NONE` (the default): the connection goes on to the address it was opened to (one of
+    /// the entry's `addresses`), at the port's `targetPort`.
+    #[serde(rename = "NONE")]
+    OriginalDestination,
+    /// `STATIC`: to one of its `endpoints`, or of the pods its `workloadSelector` picks.
+    #[serde(rename = "STATIC")]
+    Static,
+}
+
+impl Service {
+    /// Whether `parent` names this Service: a core `Service` of that name, or a `ServiceEntry`
+    /// (`networking.istio.io`) of that name.
+    #[must_use]
+    pub fn is_kind(&self, group: &str, kind: &str) -> bool {
+        match &self.kind {
+            ServiceKind::Kubernetes => (group.is_empty() || group == "core") && kind == "Service",
+            ServiceKind::Entry(_) => group == ISTIO_NETWORKING_GROUP && kind == "ServiceEntry",
+        }
+    }
+
+    /// Whether it is a `ServiceEntry`'s.
+    #[must_use]
+    pub fn is_entry(&self) -> bool {
+        matches!(self.kind, ServiceKind::Entry(_))
+    }
+
+    /// The kind it was written as, for messages (`Service`, `ServiceEntry`).
+    #[must_use]
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ServiceKind::Kubernetes => "Service",
+            ServiceKind::Entry(_) => "ServiceEntry",
+        }
+    }
+
+    /// Every name it answers to: its hostname, and a `ServiceEntry`'s other hosts.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        let others: &[String] = match &self.kind {
+            ServiceKind::Kubernetes => &[],
+            ServiceKind::Entry(facts) => facts.hosts.get(1..).unwrap_or_default(),
+        };
+        std::iter::once(self.hostname.as_str()).chain(others.iter().map(String::as_str))
+    }
+
+    /// Whether a client of `client_namespace` reaches it by its addresses: always for a
+    /// Kubernetes `Service`; for a `ServiceEntry`, as its scope says.
+    #[must_use]
+    pub fn captured_for(&self, client_namespace: &str) -> bool {
+        match &self.kind {
+            ServiceKind::Kubernetes => true,
+            ServiceKind::Entry(facts) => match &facts.scope {
+                EntryScope::Namespace => client_namespace == self.namespace,
+                EntryScope::Mesh(None) => true,
+                EntryScope::Mesh(Some(namespaces)) => namespaces.contains(client_namespace),
+            },
+        }
+    }
+
+    /// Whether connections go on to the address they were opened to (`resolution: NONE`).
+    #[must_use]
+    pub fn keeps_destination(&self) -> bool {
+        matches!(
+            &self.kind,
+            ServiceKind::Entry(EntryFacts {
+                resolution: EntryResolution::OriginalDestination,
+                ..
+            })
+        )
+    }
+}
+
+/// Istio's networking API group (`ServiceEntry`, `VirtualService`, `DestinationRule`).
+pub const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 
 /// A port of a Service, with its endpoints.
 #[derive(Debug)]
@@ -322,6 +447,15 @@ impl ServicePort {
             v6,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// The endpoint at `ip` (a `ServiceEntry` of `resolution: NONE`, whose connections go on to
+    /// the address they were opened to).
+    pub(crate) fn endpoint_at(&self, ip: IpAddr) -> Option<(&Endpoint, SocketAddr)> {
+        self.endpoints
+            .iter()
+            .find(|e| e.addr.ip() == ip)
+            .map(|e| (e, e.addr))
     }
 
     /// Picks the next endpoint with an address of `dst`'s family, round-robin; under a

@@ -7,11 +7,12 @@
 //! - `Service` (core): what is addressed to that Service, at whichever waypoint serves it (and,
 //!   stricter than Istio, what a workload waypoint takes to a pod of the Service's namespace
 //!   that it serves: see [`crate::ClusterState::authorize_at_waypoint`]);
+//! - `ServiceEntry` (`networking.istio.io`): what is addressed to that entry, at its waypoint
+//!   (Istio's egress waypoint policies);
 //! - `GatewayClass` `istio-waypoint` (`gateway.networking.k8s.io`), only from the root
 //!   namespace: every waypoint.
 //!
-//! Any other target (a `ServiceEntry`, which this mesh does not model, another kind, another
-//! class) applies to nothing, with a warning.
+//! Any other target (another kind, another class) applies to nothing, with a warning.
 
 use std::collections::HashMap;
 
@@ -35,6 +36,41 @@ pub enum PolicyTarget {
     GatewayClass(String),
     /// A `Service`: what is addressed to it, at its waypoint.
     Service(String),
+    /// A `ServiceEntry`: what is addressed to it, at its waypoint.
+    ServiceEntry(String),
+}
+
+impl PolicyTarget {
+    /// The Service or `ServiceEntry` it names: the name, and whether it is an entry.
+    pub(crate) fn addressed_name(&self) -> Option<(&str, bool)> {
+        match self {
+            PolicyTarget::Service(name) => Some((name, false)),
+            PolicyTarget::ServiceEntry(name) => Some((name, true)),
+            PolicyTarget::Gateway(_) | PolicyTarget::GatewayClass(_) => None,
+        }
+    }
+}
+
+/// What a request is addressed to, as policies target it: a `Service` or a `ServiceEntry`
+/// (namespace, name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Addressed<'a> {
+    Service(&'a str, &'a str),
+    Entry(&'a str, &'a str),
+}
+
+impl<'a> Addressed<'a> {
+    /// What a request for `service` is addressed to.
+    pub(crate) fn of(service: &'a crate::model::Service) -> Self {
+        match service.kind {
+            crate::model::ServiceKind::Kubernetes => {
+                Addressed::Service(&service.namespace, &service.name)
+            }
+            crate::model::ServiceKind::Entry(_) => {
+                Addressed::Entry(&service.namespace, &service.name)
+            }
+        }
+    }
 }
 
 /// The targets of policy `what` (`AuthorizationPolicy shop/web`) in `namespace`, and a warning
@@ -66,9 +102,16 @@ pub(crate) fn targets(
             "GatewayClass" if group == GATEWAY_GROUP => {
                 Err("only the waypoints' class, `istio-waypoint`, has waypoints")
             }
-            "ServiceEntry" => Err("this mesh does not model ServiceEntries"),
-            "Gateway" | "GatewayClass" | "Service" => Err("not of the kind's API group"),
-            _ => Err("waypoints enforce policies on Gateways, GatewayClasses and Services"),
+            "ServiceEntry" if group == crate::model::ISTIO_NETWORKING_GROUP => {
+                Ok(PolicyTarget::ServiceEntry(target.name.clone()))
+            }
+            "Gateway" | "GatewayClass" | "Service" | "ServiceEntry" => {
+                Err("not of the kind's API group")
+            }
+            _ => Err(
+                "waypoints enforce policies on Gateways, GatewayClasses, Services and \
+                 ServiceEntries",
+            ),
         };
         match found {
             Ok(target) => targets.push(target),
@@ -90,6 +133,8 @@ pub(crate) struct ByTarget<T> {
     gateways: HashMap<String, HashMap<String, T>>,
     /// By the `Service`'s namespace, then name.
     services: HashMap<String, HashMap<String, T>>,
+    /// By the `ServiceEntry`'s namespace, then name.
+    entries: HashMap<String, HashMap<String, T>>,
 }
 
 impl<T: Default> ByTarget<T> {
@@ -99,6 +144,7 @@ impl<T: Default> ByTarget<T> {
             PolicyTarget::GatewayClass(_) => return &mut self.every,
             PolicyTarget::Gateway(name) => (&mut self.gateways, name),
             PolicyTarget::Service(name) => (&mut self.services, name),
+            PolicyTarget::ServiceEntry(name) => (&mut self.entries, name),
         };
         map.entry(namespace.to_owned())
             .or_default()
@@ -111,11 +157,14 @@ impl<T: Default> ByTarget<T> {
     pub(crate) fn applying<'s, 'q>(
         &'s self,
         waypoint: (&'q str, &'q str),
-        services: &'q [(&'q str, &'q str)],
+        services: &'q [Addressed<'q>],
     ) -> impl Iterator<Item = &'s T> + Clone + use<'s, 'q, T> {
         std::iter::once(&self.every)
             .chain(lookup(&self.gateways, waypoint))
-            .chain(services.iter().filter_map(|&s| lookup(&self.services, s)))
+            .chain(services.iter().filter_map(|&s| match s {
+                Addressed::Service(namespace, name) => lookup(&self.services, (namespace, name)),
+                Addressed::Entry(namespace, name) => lookup(&self.entries, (namespace, name)),
+            }))
     }
 }
 

@@ -131,7 +131,7 @@ impl RateLimitIndex {
     pub(crate) fn applying(
         &self,
         waypoint: (&str, &str),
-        services: &[(&str, &str)],
+        services: &[policy_target::Addressed<'_>],
         dst: SocketAddr,
     ) -> Vec<&Arc<RateLimit>> {
         let mut limits: Vec<&Arc<RateLimit>> = self

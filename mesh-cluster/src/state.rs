@@ -28,8 +28,8 @@ use super::{
     peer_auth::{PeerAuthDecision, PeerAuthIndex, PeerAuthPolicy},
     ratelimit::{RateLimit, RateLimitIndex},
     translate::{
-        pod_ref, service_distribution, service_from, service_ref, shortcut_annotation,
-        workload_from, workload_ref,
+        entry_ref, pod_ref, service_distribution, service_from, service_from_entry, service_ref,
+        shortcut_annotation, workload_from, workload_ref,
     },
     waypoint::{Bindings, Waypoint, WaypointBinding, WaypointIndex},
 };
@@ -108,6 +108,7 @@ impl ClusterState {
             tls_routes,
             virtual_services,
             destination_rules,
+            service_entries,
             reference_grants,
             request_authns,
             envoy_filters,
@@ -127,15 +128,9 @@ impl ClusterState {
         let mut state = ClusterState::empty();
         let by_namespace = state.index_workloads(&pods, (&namespaces, &nodes), opts)?;
         let slices = SliceIndex::build(slices.into_values())?;
-        let mut service_warnings = Vec::new();
-        for (&(namespace, _), &svc) in &services {
-            let pods = by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
-            let from = (&slices.index, &state.by_ip);
-            let mut service = service_from(svc, pods, from, opts)?;
-            service.traffic_distribution = service_distribution(svc, &mut service_warnings);
-            let service = Arc::new(service);
-            state.index_service(&service, svc)?;
-        }
+        let slices = (&slices.index, slices.warnings);
+        let service_warnings =
+            state.index_services((&services, &service_entries), &by_namespace, slices.0, opts)?;
         state.peer_auth = PeerAuthIndex::build(
             peer_auths.into_values(),
             &opts.root_namespace,
@@ -157,10 +152,19 @@ impl ClusterState {
         state.bindings = Bindings::build(
             &state.waypoints,
             |ns| namespaces.get(ns).map(|n| n.metadata.labels()),
-            services.iter().map(|(&(ns, name), svc)| {
-                let account = accounts.get(&(ns.to_owned(), name.to_owned()));
-                (ns, name, svc.metadata.labels(), account.map(String::as_str))
-            }),
+            services
+                .iter()
+                .map(|(&(ns, name), svc)| {
+                    let account = accounts.get(&(ns.to_owned(), name.to_owned()));
+                    (ns, name, svc.metadata.labels(), account.map(String::as_str))
+                })
+                // An entry is bound by its own label or its namespace's, never by a service
+                // account's waypoint (its endpoints are not the account's pods).
+                .chain(
+                    service_entries
+                        .iter()
+                        .map(|(&(ns, name), entry)| (ns, name, entry.metadata.labels(), None)),
+                ),
             &state.workloads,
         );
         state
@@ -169,7 +173,7 @@ impl ClusterState {
         state.policy_services = state.index_policy_services();
         let unenforced = state.unenforced_waypoint_policies();
         state.warnings = [
-            slices.warnings,
+            slices.1,
             service_warnings,
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),
@@ -181,6 +185,70 @@ impl ClusterState {
         ]
         .concat();
         Ok(state)
+    }
+
+    /// Indexes the Services, then the `ServiceEntries` (an entry never takes a Service's
+    /// address or host); the warnings of both.
+    fn index_services(
+        &mut self,
+        (services, service_entries): (
+            &Named<'_, k8s::Service>,
+            &Named<'_, crate::service_entry::ServiceEntry>,
+        ),
+        by_namespace: &HashMap<&str, Vec<BuiltPod<'_>>>,
+        slices: &SliceIndex<'_>,
+        opts: &EnrollmentOptions,
+    ) -> Result<Vec<String>, StateError> {
+        let mut service_warnings = Vec::new();
+        for (&(namespace, _), &svc) in services {
+            let pods = by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+            let from = (slices, &self.by_ip);
+            let mut service = service_from(svc, pods, from, opts)?;
+            service.traffic_distribution = service_distribution(svc, &mut service_warnings);
+            let service = Arc::new(service);
+            let object = service_ref(svc);
+            let listed = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ips.as_ref())
+                .is_some_and(|ips| !ips.is_empty());
+            let vip_field = |index: usize| {
+                if listed {
+                    format!("spec.clusterIPs[{index}]")
+                } else {
+                    "spec.clusterIP".to_owned()
+                }
+            };
+            let port_field = |index: usize| format!("spec.ports[{index}].port");
+            self.index_service(&service, &object, (&vip_field, &port_field))?;
+        }
+        // After the Services: an entry never takes a Service's address or host.
+        for entry in service_entries.values() {
+            let namespace = entry.metadata.namespace();
+            let pods = by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+            let service = service_from_entry(
+                entry,
+                pods,
+                &self.by_ip,
+                &opts.root_namespace,
+                &mut service_warnings,
+            )?;
+            let from_status = entry.spec.addresses.is_empty();
+            let vip_field = |index: usize| {
+                if from_status {
+                    format!("status.addresses[{index}].value")
+                } else {
+                    format!("spec.addresses[{index}]")
+                }
+            };
+            let port_field = |index: usize| format!("spec.ports[{index}].number");
+            self.index_service(
+                &Arc::new(service),
+                &entry_ref(entry),
+                (&vip_field, &port_field),
+            )?;
+        }
+        Ok(service_warnings)
     }
 
     /// The workloads of the pods that have not finished (their localities their nodes'),
@@ -219,13 +287,16 @@ impl ClusterState {
             .waypoint_policy_targets()
             .filter_map(|(_, namespace, target)| match target {
                 PolicyTarget::Service(name) => Some((namespace, name.as_str())),
-                PolicyTarget::Gateway(_) | PolicyTarget::GatewayClass(_) => None,
+                // An entry's policies hold for what is addressed to the entry.
+                PolicyTarget::ServiceEntry(_)
+                | PolicyTarget::Gateway(_)
+                | PolicyTarget::GatewayClass(_) => None,
             });
         for (namespace, name) in targeted {
             let Some(service) = self
                 .services
                 .iter()
-                .find(|s| s.namespace == namespace && s.name == name)
+                .find(|s| s.namespace == namespace && s.name == name && !s.is_entry())
             else {
                 continue;
             };
@@ -279,18 +350,20 @@ impl ClusterState {
         for (policy, namespace, target) in self.waypoint_policy_targets() {
             {
                 match target {
-                    PolicyTarget::Service(name) => {
-                        let unbound = self
-                            .services
-                            .iter()
-                            .find(|s| s.namespace == namespace && &s.name == name)
-                            .is_some_and(|s| {
-                                matches!(self.service_waypoint(s), WaypointBinding::None)
-                            });
+                    PolicyTarget::Service(_) | PolicyTarget::ServiceEntry(_) => {
+                        let unbound = self.targeted_service(namespace, target).is_some_and(|s| {
+                            matches!(self.service_waypoint(s), WaypointBinding::None)
+                        });
                         if unbound {
+                            let kind = if matches!(target, PolicyTarget::Service(_)) {
+                                "Service"
+                            } else {
+                                "ServiceEntry"
+                            };
+                            let name = target.addressed_name().map_or("", |(n, _)| n);
                             warnings.push(format!(
-                                "{policy} targets Service {namespace}/{name}, \
-                                 which no waypoint serves: nothing enforces it (bind the Service \
+                                "{policy} targets {kind} {namespace}/{name}, \
+                                 which no waypoint serves: nothing enforces it (bind the {kind} \
                                  to a waypoint with `istio.io/use-waypoint`, or use a selector)"
                             ));
                         }
@@ -429,31 +502,34 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Indexes `service` (written as `object`) by its addresses' TCP ports and its hosts.
+    /// `vip_field(index)` and `port_field(index)` name the fields of its `index`th address and
+    /// port in errors. An address that is a pod's, or an address and port another Service (or
+    /// entry) claims, is refused; so is a `ServiceEntry` host another Service answers to.
     fn index_service(
         &mut self,
         service: &Arc<Service>,
-        svc: &k8s::Service,
+        object: &ObjectRef,
+        (vip_field, port_field): (&dyn Fn(usize) -> String, &dyn Fn(usize) -> String),
     ) -> Result<(), StateError> {
-        let object = || service_ref(svc);
         for (index, vip) in service.vips.iter().enumerate() {
             if let Some(owner) = self.by_ip.get(vip) {
                 return Err(StateError::DuplicateIp {
-                    object: object(),
-                    field: if svc
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.cluster_ips.as_ref())
-                        .is_none_or(Vec::is_empty)
-                    {
-                        "spec.clusterIP".to_owned()
-                    } else {
-                        format!("spec.clusterIPs[{index}]")
-                    },
+                    object: object.clone(),
+                    field: vip_field(index),
                     ip: *vip,
                     other: Box::new(workload_ref(owner)),
                 });
             }
         }
+        let claimed_by = |other: &Service| ObjectRef {
+            kind: match other.kind {
+                crate::model::ServiceKind::Kubernetes => Kind::Service,
+                crate::model::ServiceKind::Entry(_) => Kind::ServiceEntry,
+            },
+            namespace: Some(other.namespace.clone()),
+            name: other.name.clone(),
+        };
         for (index, port) in service.ports.iter().enumerate() {
             if port.protocol != Protocol::Tcp {
                 continue;
@@ -462,16 +538,11 @@ impl ClusterState {
                 let addr = SocketAddr::new(*vip, port.port);
                 match self.by_addr.entry(addr) {
                     Entry::Occupied(entry) => {
-                        let other = &entry.get().0;
                         return Err(StateError::DuplicateServicePort {
-                            object: object(),
-                            field: format!("spec.ports[{index}].port"),
+                            object: object.clone(),
+                            field: port_field(index),
                             addr,
-                            other: Box::new(ObjectRef {
-                                kind: Kind::Service,
-                                namespace: Some(other.namespace.clone()),
-                                name: other.name.clone(),
-                            }),
+                            other: Box::new(claimed_by(&entry.get().0)),
                         });
                     }
                     Entry::Vacant(entry) => {
@@ -480,9 +551,42 @@ impl ClusterState {
                 }
             }
         }
+        let entry_hosts = match &service.kind {
+            crate::model::ServiceKind::Kubernetes => 0,
+            crate::model::ServiceKind::Entry(facts) => facts.hosts.len(),
+        };
+        for (index, host) in service.hosts().enumerate() {
+            if let Some(other) = self.by_hostname.get(host) {
+                if entry_hosts > 0 {
+                    return Err(StateError::DuplicateHost {
+                        object: object.clone(),
+                        field: format!("spec.hosts[{index}]"),
+                        host: host.to_owned(),
+                        other: Box::new(claimed_by(other)),
+                    });
+                }
+            }
+        }
+        if let crate::model::ServiceKind::Entry(_) = service.kind {
+            if let Some(other) = self
+                .services
+                .iter()
+                .find(|s| s.namespace == service.namespace && s.name == service.name)
+            {
+                return Err(StateError::EntryNameTaken {
+                    object: object.clone(),
+                    other: Box::new(claimed_by(other)),
+                });
+            }
+        }
         self.services.push(Arc::clone(service));
-        self.by_hostname
-            .insert(service.hostname.clone(), Arc::clone(service));
+        for host in service.hosts() {
+            // A wildcard host names the entry for routes; no lookup is by a wildcard.
+            if !host.starts_with('*') {
+                self.by_hostname
+                    .insert(host.to_owned(), Arc::clone(service));
+            }
+        }
         Ok(())
     }
 
@@ -548,7 +652,34 @@ impl ClusterState {
         self.by_hostname.get(host)
     }
 
-    /// The service and port at VIP `addr` (TCP ports only).
+    /// The Service (and the index of its port) whose address and port `dst` is, when its
+    /// address captures the connections of a client of `client_namespace` (`None`: a client
+    /// the view does not know): a `ServiceEntry`'s only those of its scope.
+    fn captured(
+        &self,
+        client_namespace: Option<&str>,
+        dst: SocketAddr,
+    ) -> Option<&(Arc<Service>, usize)> {
+        self.by_addr.get(&dst).filter(|(service, _)| {
+            matches!(service.kind, crate::model::ServiceKind::Kubernetes)
+                || client_namespace.is_some_and(|ns| service.captured_for(ns))
+                || service.captured_for("")
+        })
+    }
+
+    /// The Service and port at address `addr` whose address captures the connections of a
+    /// client of `client_namespace` ([`Self::service_by_addr`], with a `ServiceEntry`'s scope).
+    pub fn service_for_client(
+        &self,
+        client_namespace: &str,
+        addr: SocketAddr,
+    ) -> Option<(&Arc<Service>, &ServicePort)> {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        let (service, index) = self.captured(Some(client_namespace), addr)?;
+        Some((service, &service.ports[*index]))
+    }
+
+    /// The service and port at VIP `addr` (TCP ports only), whoever the client.
     pub fn service_by_addr(&self, addr: SocketAddr) -> Option<(&Arc<Service>, &ServicePort)> {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let (service, index) = self.by_addr.get(&addr)?;
@@ -631,15 +762,23 @@ impl ClusterState {
         self.authz.decide_at_waypoint(waypoint, &serving, facts)
     }
 
+    /// The Service or `ServiceEntry` of `namespace` that policy `target` names, if any.
+    fn targeted_service(&self, namespace: &str, target: &PolicyTarget) -> Option<&Arc<Service>> {
+        let (name, entry) = target.addressed_name()?;
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name && s.is_entry() == entry)
+    }
+
     /// The Services whose waypoint policies apply to a request: `service`, when addressed to
     /// one; else the Services of the pod at `dst` that waypoints' policies target.
     fn policy_services_of<'s>(
         &'s self,
         service: Option<&'s Service>,
         dst: IpAddr,
-    ) -> Vec<(&'s str, &'s str)> {
+    ) -> Vec<crate::policy_target::Addressed<'s>> {
         if let Some(s) = service {
-            return vec![(s.namespace.as_str(), s.name.as_str())];
+            return vec![crate::policy_target::Addressed::of(s)];
         }
         self.workload_by_ip(dst)
             .and_then(|w| {
@@ -649,7 +788,7 @@ impl ClusterState {
             .map(|services| {
                 services
                     .iter()
-                    .map(|(ns, name)| (ns.as_str(), name.as_str()))
+                    .map(|(ns, name)| crate::policy_target::Addressed::Service(ns, name))
                     .collect()
             })
             .unwrap_or_default()
@@ -665,10 +804,8 @@ impl ClusterState {
         let ours = |ra_namespace: &str, target: &PolicyTarget| match target {
             PolicyTarget::GatewayClass(_) => true,
             PolicyTarget::Gateway(gateway) => ra_namespace == namespace && gateway == name,
-            PolicyTarget::Service(service) => self
-                .services
-                .iter()
-                .find(|s| s.namespace == ra_namespace && &s.name == service)
+            PolicyTarget::Service(_) | PolicyTarget::ServiceEntry(_) => self
+                .targeted_service(ra_namespace, target)
                 .is_some_and(|s| match self.service_waypoint(s) {
                     WaypointBinding::Bound(w) => w.namespace == namespace && w.name == name,
                     _ => false,
@@ -848,7 +985,7 @@ impl ClusterState {
     /// [`Self::resolve`].
     pub fn resolve_from(&self, src: Option<&Workload>, dst: SocketAddr) -> Resolution {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-        let (service, binding) = match self.by_addr.get(&dst) {
+        let (service, binding) = match self.captured(src.map(|s| s.namespace.as_str()), dst) {
             Some((service, _)) => (Some(service), self.service_waypoint(service)),
             None => match self.by_ip.get(&dst.ip()) {
                 Some(workload) => (None, self.workload_waypoint(workload)),
@@ -941,9 +1078,17 @@ impl ClusterState {
     /// ([`crate::locality`]).
     pub fn resolve_near(&self, src: Option<&Workload>, dst: SocketAddr) -> Resolution {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-        if let Some((service, index)) = self.by_addr.get(&dst) {
-            let near = (service.traffic_distribution, src.map(Workload::place));
-            return match service.ports[*index].pick(dst.ip(), near) {
+        if let Some((service, index)) = self.captured(src.map(|s| s.namespace.as_str()), dst) {
+            let port = &service.ports[*index];
+            let picked = if service.keeps_destination() {
+                port.endpoint_at(dst.ip())
+            } else {
+                port.pick(
+                    dst.ip(),
+                    (service.traffic_distribution, src.map(Workload::place)),
+                )
+            };
+            return match picked {
                 Some((endpoint, addr)) => Resolution::Service {
                     service: Arc::clone(service),
                     endpoint: addr,

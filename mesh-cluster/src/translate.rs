@@ -23,6 +23,9 @@ use super::{
 };
 use crate::{k8s::PodExt, meta::MetaExt};
 
+mod entry;
+pub(super) use entry::{entry_ref, service_from_entry};
+
 pub(super) fn pod_ref(pod: &k8s::Pod) -> ObjectRef {
     ObjectRef::namespaced(Kind::Pod, &pod.metadata)
 }
@@ -366,6 +369,7 @@ pub(super) fn service_from(
         ports,
         // Read with the warnings of the view ([`service_distribution`]).
         traffic_distribution: None,
+        kind: crate::model::ServiceKind::Kubernetes,
     })
 }
 

@@ -281,7 +281,10 @@ pub(crate) fn service_accounts(
 }
 
 /// The pods that serve `service`: those its selector picks in its namespace, ready or not, and
-/// its endpoints' (a Service without selector has only those).
+/// its endpoints' of its namespace (a Service without selector has only those). An endpoint
+/// address of another namespace's pod (an `EndpointSlice` or a `ServiceEntry` may name any
+/// address) does not make that pod the Service's: a tenant binding such a Service to a waypoint
+/// would otherwise have the other tenant's pod refuse every connection that skipped it.
 pub(crate) fn serving<'a>(
     service: &'a crate::model::Service,
     workloads: &'a [Arc<Workload>],
@@ -298,7 +301,8 @@ pub(crate) fn serving<'a>(
         .ports
         .iter()
         .flat_map(|p| &p.endpoints)
-        .filter_map(|e| e.workload.as_ref());
+        .filter_map(|e| e.workload.as_ref())
+        .filter(move |w| w.namespace == service.namespace);
     selected.chain(endpoints)
 }
 

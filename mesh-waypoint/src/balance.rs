@@ -107,6 +107,9 @@ pub(crate) struct Keys<'a> {
     /// The waypoint's own pod, when known: where it runs, for a destination's
     /// `localityLbSetting` and a Service's `trafficDistribution`.
     pub(crate) near: Option<&'a Workload>,
+    /// The address the client dialled, when the request is the client's own (not a mirror):
+    /// a `ServiceEntry` of `resolution: NONE` sends it on there.
+    pub(crate) dialled: Option<std::net::IpAddr>,
 }
 
 /// Round-robin cursors of one Service, by port and subset (looked up without an allocation
@@ -159,6 +162,13 @@ impl Balancer {
         keys: &Keys<'_>,
     ) -> Option<(Endpoint, SocketAddr, InFlight)> {
         let mut candidates = candidates(service, port, policy);
+        // `resolution: NONE`: on to the address dialled, when it is one of the entry's (a route
+        // from elsewhere to the entry spreads over its addresses).
+        if let Some(dialled) = keys.dialled.filter(|_| service.keeps_destination()) {
+            if candidates.iter().any(|e| e.addr.ip() == dialled) {
+                candidates.retain(|e| e.addr.ip() == dialled);
+            }
+        }
         if candidates.is_empty() {
             return None;
         }

@@ -318,7 +318,10 @@ async fn tunnel(
         let state = ctx.state.borrow();
         let ours = (ctx.config.namespace.as_str(), ctx.config.name.as_str());
         let own = local.and_then(|ip| state.workload_by_ip(ip)).cloned();
-        (Target::of(&state, ours, request.authority), own)
+        (
+            Target::of(&state, ours, (src.namespace(), request.authority)),
+            own,
+        )
     };
     let target = match target {
         Ok(target) => target,
@@ -338,6 +341,7 @@ async fn tunnel(
         trace: TraceContext::from_headers(&request.headers),
         buckets: Arc::default(),
         own,
+        dialled: target.dialled().ip(),
     };
     let stream = match responder.accept() {
         Ok(stream) => stream,

@@ -71,11 +71,12 @@ pub(crate) enum NotOurs {
 }
 
 impl Target {
-    /// What `authority` is for this waypoint (`namespace/name`).
+    /// What `authority` is for this waypoint (`namespace/name`), for a client of
+    /// `client_namespace` (a `ServiceEntry`'s address is only its scope's).
     pub(crate) fn of(
         state: &ClusterState,
         (namespace, name): (&str, &str),
-        authority: SocketAddr,
+        (client_namespace, authority): (&str, SocketAddr),
     ) -> Result<Self, NotOurs> {
         let ours = |binding: &mesh_cluster::WaypointBinding| match binding {
             mesh_cluster::WaypointBinding::Bound(w) => w.namespace == namespace && w.name == name,
@@ -85,9 +86,9 @@ impl Target {
             target,
             waypoint: format!("{namespace}/{name}"),
         };
-        if let Some((service, port)) = state.service_by_addr(authority) {
+        if let Some((service, port)) = state.service_for_client(client_namespace, authority) {
             if !ours(state.service_waypoint(service)) {
-                return Err(other(format!("Service {service}")));
+                return Err(other(format!("{} {service}", service.kind_name())));
             }
             return Ok(Target::Service {
                 hostname: service.hostname.clone(),
@@ -106,7 +107,7 @@ impl Target {
     }
 
     /// The address the client dialled.
-    fn dialled(&self) -> SocketAddr {
+    pub(crate) fn dialled(&self) -> SocketAddr {
         match self {
             Target::Service { vip, .. } => *vip,
             Target::Workload { addr } => *addr,
@@ -277,6 +278,9 @@ pub(crate) struct Source {
     /// The waypoint's pod the tunnel came to (by its address), when the view has it: where
     /// the waypoint runs, for the Services that prefer close endpoints.
     pub(crate) own: Option<Arc<mesh_cluster::Workload>>,
+    /// The address the client dialled (the tunnel's `:authority`): where a `ServiceEntry` of
+    /// `resolution: NONE` sends it on.
+    pub(crate) dialled: std::net::IpAddr,
 }
 
 /// Serves one request.
@@ -837,6 +841,7 @@ async fn one_attempt(
         client: source.addr,
         request: Some((request.headers(), request.uri().query())),
         near: source.own.as_deref(),
+        dialled: Some(source.dialled),
     };
     let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
         return Err(Failure::NoEndpoint);
@@ -982,6 +987,7 @@ fn spawn_mirror(
         client,
         request: Some((request.headers(), request.uri().query())),
         near: None,
+        dialled: None,
     };
     let Some((endpoint, addr, in_flight)) = ctx.balancer.pick(&service, port, &policy, &keys)
     else {

@@ -746,6 +746,7 @@ mod tests {
             selector: std::collections::BTreeMap::default(),
             ports: Vec::new(),
             traffic_distribution: None,
+            kind: mesh_cluster::ServiceKind::Kubernetes,
         })
     }
 

@@ -168,6 +168,7 @@ fn pick(
                 client: source.addr,
                 request: None,
                 near: source.own.as_deref(),
+                dialled: Some(source.dialled),
             };
             let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
             let host = service.hostname.clone();

@@ -737,3 +737,87 @@ fn legs_that_left_the_short_cut_count_as_passed() {
         "destination node, send: {dst_send:?}"
     );
 }
+
+/// A server on a node's own address (outside every pod): the stand-in for a host outside the
+/// cluster.
+fn serve_outside(mesh: &Mesh, node: usize, port: u16) -> (Process, SocketAddr) {
+    let node = mesh.tb.node(node);
+    let addr = SocketAddr::new(IpAddr::V4(node.link_ipv4), port);
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let mut cmd = node.command(bin);
+    cmd.args(["serve", &addr.to_string(), "--mode", "echo"]);
+    let mut process = Process::spawn("server outside the cluster", &mut cmd).expect("server");
+    process
+        .wait_for_line("the outside server to listen", LOG_WAIT, |l| {
+            l.starts_with("listening ")
+        })
+        .expect("listens");
+    (process, addr)
+}
+
+#[test]
+fn a_service_entry_sends_its_namespaces_connections_outside_and_no_one_elses() {
+    let mut mesh = mesh(2, 2, Shortcut::Default, &[]);
+    // `n0-p1` moves to namespace `other` (meshed too).
+    let other = mesh.pod(0, 1).clone();
+    mesh.files.namespace("other", true).unwrap();
+    mesh.files
+        .remove(&format!("pod-{NS}-{}.yaml", other.name))
+        .unwrap();
+    mesh.files.pod(&other, "n0", "other", &[]).unwrap();
+    let (mut outside, outside_addr) = serve_outside(&mesh, 1, 9443);
+    // The entry's address is another host's, which namespace `other` talks to: the attack of a
+    // tenant redirecting others' connections to a destination to its own endpoint.
+    let (mut real, real_addr) = serve_outside(&mesh, 0, 443);
+    let vip = real_addr.ip();
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: payments\n  namespace: {NS}\nspec:\n  hosts: [payments.example.com]\n  addresses: [{vip}]\n  exportTo: ['*']\n  ports:\n  - {{number: 443, name: tls, protocol: TLS, targetPort: {port}}}\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  endpoints:\n  - address: {ip}\n",
+        ip = outside_addr.ip(),
+        port = outside_addr.port(),
+    );
+    let from: Vec<usize> = mesh.agents.iter().map(Agent::log_len).collect();
+    mesh.files
+        .write("serviceentry-payments.yaml", &entry)
+        .unwrap();
+    for (agent, from) in mesh.agents.iter_mut().zip(from) {
+        agent
+            .wait_for_log_from(from, "the entry to be read", LOG_WAIT, |l| {
+                l.contains("cluster state updated") && l.contains("services=1")
+            })
+            .unwrap();
+    }
+    let dst = real_addr;
+    // Its namespace's client, on either node, reaches the server outside through the entry.
+    for client in [mesh.pod(0, 0).clone(), mesh.pod(1, 1).clone()] {
+        let answer = probe::connect(&client, dst, "to payments").expect("through the entry");
+        assert!(answer.starts_with("echo ok"), "{answer}");
+        assert_eq!(last_peer(&mut outside), IpAddr::V4(client.ipv4));
+    }
+    let first = IpAddr::V4(mesh.pod(0, 0).ipv4);
+    let line = closed_line(&mut mesh.agents[0], "outbound", first, dst);
+    assert!(
+        line.contains("service=\"payments.example.com\"")
+            && line.contains(&format!("upstream={outside_addr}")),
+        "{line}"
+    );
+    // Another namespace's client is not captured by a tenant's entry (its `exportTo: ['*']`
+    // narrowed, with a warning): its connection goes to the host it dialled.
+    let answer = probe::connect(&other, dst, "not ours").expect("to the real host");
+    assert!(answer.starts_with("echo ok"), "{answer}");
+    assert_eq!(last_peer(&mut real), IpAddr::V4(other.ipv4));
+    mesh.agents[0]
+        .wait_for_log("the narrowed exportTo", LOG_WAIT, |l| {
+            l.contains("ServiceEntry mesh/payments: spec.exportTo")
+                && l.contains("is narrowed to its own namespace")
+        })
+        .unwrap();
+    assert_eq!(
+        outside
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with("accepted "))
+            .count(),
+        2,
+        "only the entry's namespace reached the server"
+    );
+}

@@ -778,7 +778,52 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     waypoint_policy(&mesh, &vip);
     waypoint_jwt(&mesh, &vip);
     waypoint_rate_limit(&mesh, &vip);
+    service_entry_from_the_api(&mesh);
     delete_gateway(&mesh, &vip);
+}
+
+/// A `ServiceEntry` created through the API (watched by the agents and the waypoint, as the
+/// chart's roles let them): its address is captured, its `workloadSelector` picks `v2`'s pod,
+/// through the waypoint it is bound to; then a route attached to the entry sends its requests
+/// to `web-v1` by Istio's `Hostname` backend.
+fn service_entry_from_the_api(mesh: &KubeMesh) {
+    let entries: Api<DynamicObject> = Api::namespaced_with(
+        mesh.cp.client(),
+        NS,
+        &gvk("networking.istio.io", "ServiceEntry", "serviceentries"),
+    );
+    let entry: DynamicObject = from_json(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "echo-entry", "namespace": NS,
+                     "labels": {"istio.io/use-waypoint": "wp"}},
+        "spec": {
+            "hosts": ["echo.internal.example"],
+            "addresses": ["240.240.0.77"],
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 8080}],
+            "location": "MESH_INTERNAL",
+            "resolution": "STATIC",
+            "workloadSelector": {"labels": {"app": "web", "version": "v2"}},
+        },
+    }));
+    create(mesh, &entries, &entry, "the ServiceEntry");
+    let once = "curl -sS --max-time 10 http://240.240.0.77/e -w '\\n'";
+    until_seen(mesh, 0, "entry", once, |seen| seen == ["v2"]);
+    let route: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "echo-entry", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "networking.istio.io", "kind": "ServiceEntry",
+                            "name": "echo-entry", "port": 80}],
+            "rules": [{"backendRefs": [{"group": "networking.istio.io", "kind": "Hostname",
+                                        "name": format!("web-v1.{NS}.svc.cluster.local"),
+                                        "port": 80}]}],
+        },
+    }));
+    create(mesh, &routes(mesh), &route, "the entry's HTTPRoute");
+    until_seen(mesh, 0, "entry-routed", once, |seen| seen == ["v1"]);
+    mesh.cp
+        .block_on(entries.delete("echo-entry", &DeleteParams::default()))
+        .expect("entry deleted");
 }
 
 /// The echo `Deployments` under service account `reviews`, their Services (no waypoint label)

@@ -3231,3 +3231,93 @@ fn locality_distribution_at_the_waypoint(bed: &mut Bed, v1: &Pod) {
     // Binomial(200, 0.8): standard deviation 5.7.
     assert!((132..=188).contains(&v1), "{counts:?}");
 }
+
+#[test]
+fn an_egress_waypoint_routes_and_authorizes_a_service_entrys_requests() {
+    // Istio's egress waypoint: a `ServiceEntry` for a host outside the cluster (an HTTP echo
+    // server on node n1's own address), bound to the waypoint; a route on the entry and a
+    // policy targeting it, as Istio's users write them.
+    let mut bed = bed(&canary_route());
+    let node = bed.mesh.tb.node(1).clone();
+    let outside = SocketAddr::new(IpAddr::V4(node.link_ipv4), 9080);
+    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
+    let mut cmd = node.command(bin);
+    cmd.args(["http-echo", &outside.to_string(), "--name", "outside"]);
+    let mut server = Process::spawn("echo outside the cluster", &mut cmd).expect("echo server");
+    server
+        .wait_for_line("the outside server", LOG_WAIT, |l| {
+            l.starts_with("listening ")
+        })
+        .expect("listens");
+    let vip = plan::service_vip_v4(9);
+    let files = &bed.mesh.files;
+    files
+        .write(
+            "serviceentry-api.yaml",
+            &format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: {NS}\n  labels: {{istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}}}\nspec:\n  hosts: [api.example.com]\n  addresses: [{vip}]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]\n  resolution: STATIC\n  endpoints: [{{address: {ip}}}]\n",
+                ip = outside.ip(),
+                port = outside.port(),
+            ),
+        )
+        .unwrap();
+    files
+        .write(
+            "httproute-api.yaml",
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: api\n  namespace: {NS}\nspec:\n  parentRefs: [{{group: networking.istio.io, kind: ServiceEntry, name: api, port: 80}}]\n  rules:\n  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-egress, value: waypoint}}]}}\n    backendRefs: [{{group: networking.istio.io, kind: Hostname, name: api.example.com, port: 80}}]\n"
+            ),
+        )
+        .unwrap();
+    files
+        .write(
+            "authz-api.yaml",
+            &authz_policy(
+                NS,
+                "api-no-admin",
+                "  targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: api}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]\n",
+            ),
+        )
+        .unwrap();
+    bed.wait_for_services(4, "the entry");
+    wait_for_policies(&mut bed, 1);
+    let client = bed.client().clone();
+    let lines = curl(&client, &[format!("http://{vip}/hello")]);
+    assert_eq!(lines[0]["backend"], "outside", "{}", lines[0]);
+    assert_eq!(
+        lines[0]["headers"]["x-egress"][0], "waypoint",
+        "{}",
+        lines[0]
+    );
+    let code = curl_raw(
+        &client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{vip}/admin/keys"),
+        ],
+    );
+    assert_eq!(code, "403", "the policy on the entry refuses /admin");
+    let samples = waypoint_metrics(bed.mesh.pod(0, 1));
+    let requests = |code: &str| {
+        count(
+            &samples,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("destination_service", "api.example.com"),
+                ("response_code", code),
+            ],
+        )
+    };
+    assert_eq!((requests("200"), requests("403")), (1, 1));
+    // Bypassing the waypoint is not possible for the entry's address: the client's agent sends
+    // it there, and nothing else serves the address.
+    assert_eq!(
+        served_settled(&[&server], 1),
+        [1],
+        "only the allowed request reached the host outside"
+    );
+}

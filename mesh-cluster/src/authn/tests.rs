@@ -424,13 +424,13 @@ fn policies_nothing_applies_are_warned_about() {
     );
     let unbound = request_authn(
         "nowhere",
-        "  targetRefs: [{kind: Service, name: missing-waypoint}, {kind: ServiceEntry, group: networking.istio.io, name: x}]\n  jwtRules: [{issuer: accounts.example}]\n",
+        "  targetRefs: [{kind: Service, name: missing-waypoint}, {kind: WorkloadEntry, group: networking.istio.io, name: x}]\n  jwtRules: [{issuer: accounts.example}]\n",
     );
     let state = state(&[selector, unbound]);
     let warnings = state.warnings().join("\n");
     for expected in [
         "RequestAuthentication shop/sidecar has no targetRefs: it is for sidecars",
-        "RequestAuthentication shop/nowhere: targetRefs[1] (ServiceEntry/x, group \"networking.istio.io\") applies to nothing",
+        "RequestAuthentication shop/nowhere: targetRefs[1] (WorkloadEntry/x, group \"networking.istio.io\") applies to nothing",
         "RequestAuthentication shop/nowhere: jwtRules[0] (issuer \"accounts.example\") has neither jwks nor jwksUri, and its issuer is not an http or https URL",
     ] {
         assert!(warnings.contains(expected), "{expected:?} in {warnings}");

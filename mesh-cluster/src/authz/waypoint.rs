@@ -149,7 +149,7 @@ impl WaypointPolicies {
     pub(super) fn groups<'a>(
         &'a self,
         waypoint: (&'a str, &'a str),
-        services: &'a [(&'a str, &'a str)],
+        services: &'a [crate::policy_target::Addressed<'a>],
     ) -> impl Iterator<Item = &'a Group> + Clone + 'a {
         self.0.applying(waypoint, services)
     }

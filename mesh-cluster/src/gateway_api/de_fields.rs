@@ -665,7 +665,7 @@ impl Checked for BackendTarget {
             namespace: f.namespace,
             port: f.port.map(port).transpose()?,
         };
-        if target.is_service() && target.port.is_none() {
+        if (target.is_service() || target.is_hostname()) && target.port.is_none() {
             return Err(RouteSchemaError::ServiceWithoutPort);
         }
         Ok(target)

@@ -222,19 +222,26 @@ impl Policies {
     }
 }
 
-/// The Service an Istio host names, from `namespace`.
+/// The Service an Istio host names, from `namespace`: the `ServiceEntry` with that host, else
+/// the Kubernetes Service a short (`name`, `name.namespace`) or full name names.
 fn lookup_host<'a>(
     host: &str,
     namespace: &str,
     services: &Services<'a>,
 ) -> Option<&'a Arc<Service>> {
+    if let Some(entry) = services
+        .values()
+        .find(|s| s.is_entry() && s.hosts().any(|h| h == host))
+    {
+        return Some(entry);
+    }
     let parts: Vec<&str> = host.split('.').collect();
     let (name, ns) = match parts.as_slice() {
         [name] => (*name, namespace),
         [name, ns] | [name, ns, "svc", ..] => (*name, *ns),
         _ => return None,
     };
-    services.get(&(ns, name)).copied()
+    services.get(&(ns, name)).copied().filter(|s| !s.is_entry())
 }
 
 impl HttpRouteIndex {

@@ -136,8 +136,9 @@ impl HttpRouteIndex {
         }
         if placed.is_empty() && route.parent_refs.iter().all(|p| !p.is_service()) {
             self.warnings.push(format!(
-                "{object}: no parentRef is a Service (group \"\", kind Service): a waypoint \
-                 applies only routes attached to Services"
+                "{object}: no parentRef is a Service (group \"\", kind Service) or a \
+                 ServiceEntry (group networking.istio.io): a waypoint applies only routes \
+                 attached to them"
             ));
         }
         placed

@@ -54,6 +54,7 @@ fn keys(headers: &HeaderMap) -> Keys<'_> {
         client: CLIENT.parse().unwrap(),
         request: Some((headers, None)),
         near: None,
+        dialled: None,
     }
 }
 
@@ -203,6 +204,7 @@ fn a_cookie_with_a_ttl_is_made_up_once_and_then_keeps_its_endpoint() {
         client: "10.1.0.1:40001".parse::<SocketAddr>().unwrap(),
         request: Some((&none, None)),
         near: None,
+        dialled: None,
     };
     assert_ne!(
         cookie_to_set(&sticky, &other).unwrap().to_str().unwrap(),
@@ -212,6 +214,7 @@ fn a_cookie_with_a_ttl_is_made_up_once_and_then_keeps_its_endpoint() {
         client: CLIENT.parse().unwrap(),
         request: None,
         near: None,
+        dialled: None,
     };
     assert!(cookie_to_set(&sticky, &tunnel).is_none());
     // A session cookie (`ttl: 0s`) has no `Max-Age`; without a `ttl` none is made up.
@@ -243,6 +246,7 @@ fn a_query_parameter_keys_a_consistent_hash() {
                 client: CLIENT.parse().unwrap(),
                 request: Some((&none, Some(&query))),
                 near: None,
+                dialled: None,
             };
             let (endpoint, _, _guard) = balancer.pick(&svc, 80, &by_query, &keys).unwrap();
             *counts.entry(endpoint.addr).or_insert(0) += 1;
@@ -532,6 +536,7 @@ fn outlier_detection_prefers_the_waypoints_zone_and_fails_over_from_ejected_endp
         for _ in 0..12 {
             let keys = Keys {
                 near: own,
+                dialled: None,
                 ..keys(&none)
             };
             let (endpoint, _, _guard) = balancer.pick(svc, 80, policy, &keys).unwrap();

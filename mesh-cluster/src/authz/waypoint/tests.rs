@@ -414,17 +414,17 @@ fn targets_that_apply_to_nothing_are_warned_about() {
     let p = policy(
         "shop",
         "t",
-        "  targetRefs:\n  - {kind: ServiceEntry, group: networking.istio.io, name: ext}\n  - {kind: Service, name: web, namespace: front}\n  - {kind: Gateway, name: waypoint}\n  - {kind: GatewayClass, group: gateway.networking.k8s.io, name: istio}\n  - {kind: Pod, name: web}\n  action: DENY\n  rules: [{}]\n",
+        "  targetRefs:\n  - {kind: ServiceEntry, group: networking.example, name: ext}\n  - {kind: Service, name: web, namespace: front}\n  - {kind: Gateway, name: waypoint}\n  - {kind: GatewayClass, group: gateway.networking.k8s.io, name: istio}\n  - {kind: Pod, name: web}\n  action: DENY\n  rules: [{}]\n",
     );
     let state = cluster(&[&p]);
     assert_eq!(
         state.warnings(),
         [
-            "AuthorizationPolicy shop/t: targetRefs[0] (ServiceEntry/ext, group \"networking.istio.io\") applies to nothing: this mesh does not model ServiceEntries",
+            "AuthorizationPolicy shop/t: targetRefs[0] (ServiceEntry/ext, group \"networking.example\") applies to nothing: not of the kind's API group",
             "AuthorizationPolicy shop/t: targetRefs[1] (Service/web, group \"\") applies to nothing: a policy can only target objects of its own namespace (Istio refuses others)",
             "AuthorizationPolicy shop/t: targetRefs[2] (Gateway/waypoint, group \"\") applies to nothing: not of the kind's API group",
             "AuthorizationPolicy shop/t: targetRefs[3] (GatewayClass/istio, group \"gateway.networking.k8s.io\") applies to nothing: only the waypoints' class, `istio-waypoint`, has waypoints",
-            "AuthorizationPolicy shop/t: targetRefs[4] (Pod/web, group \"\") applies to nothing: waypoints enforce policies on Gateways, GatewayClasses and Services",
+            "AuthorizationPolicy shop/t: targetRefs[4] (Pod/web, group \"\") applies to nothing: waypoints enforce policies on Gateways, GatewayClasses, Services and ServiceEntries",
         ]
     );
     assert_table(&state, &[(ask("web", "GET", "/"), NO_POLICY)]);
@@ -517,7 +517,7 @@ fn a_waypoint_policy_serializes_for_the_config_dump() {
     let p = policy(
         "shop",
         "web-viewer",
-        "  targetRefs: [{kind: Service, name: web}, {kind: ServiceEntry, group: networking.istio.io, name: x}]\n  rules:\n  - to: [{operation: {methods: [GET], hosts: [Web.Example], paths: [\"/a/{*}\"]}}]\n    when: [{key: \"request.headers[X-Team]\", notValues: [red]}]\n",
+        "  targetRefs: [{kind: Service, name: web}, {kind: ServiceEntry, group: networking.example, name: x}]\n  rules:\n  - to: [{operation: {methods: [GET], hosts: [Web.Example], paths: [\"/a/{*}\"]}}]\n    when: [{key: \"request.headers[X-Team]\", notValues: [red]}]\n",
     );
     let state = cluster(&[&p]);
     let dump = serde_json::to_value(&*state.authorization_policies()[0]).expect("serializes");
