@@ -82,8 +82,9 @@ impl<'de> Deserialize<'de> for GrpcRouteSpec {
 
 /// A Gateway API `Gateway` (`v1` or `v1beta1`). Only its class is read: a Gateway of class
 /// [`crate::waypoint::WAYPOINT_CLASS`] is a waypoint (see [`crate::waypoint`]); Gateways of other
-/// classes are ingress gateways, not the mesh's, and are kept without effect. The rest of the
-/// spec (listeners, addresses) is not read: a waypoint listens on 15008 (HBONE) only.
+/// classes are ingress gateways, not the mesh's, and are kept without effect. Of the listeners,
+/// only the HBONE one's `allowedRoutes` is read (which namespaces may use the waypoint): a
+/// waypoint listens on 15008 (HBONE) only.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Gateway {
     /// Name, namespace and labels (`istio.io/waypoint-for`).
@@ -93,11 +94,47 @@ pub struct Gateway {
 }
 
 /// What is read of a `Gateway`'s `spec`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewaySpec {
     /// `gatewayClassName`.
     pub gateway_class_name: String,
+    /// `listeners`: of a waypoint, its HBONE listener's `allowedRoutes` say which namespaces may
+    /// use it.
+    #[serde(default, deserialize_with = "crate::meta::nullable")]
+    pub listeners: Vec<Listener>,
+}
+
+/// What is read of a `Gateway` listener.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    /// `port`.
+    pub port: i64,
+    /// `protocol`.
+    pub protocol: String,
+    /// `allowedRoutes.namespaces`.
+    #[serde(default)]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+/// A listener's `allowedRoutes`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct AllowedRoutes {
+    /// `namespaces`.
+    #[serde(default)]
+    pub namespaces: Option<RouteNamespaces>,
+}
+
+/// `allowedRoutes.namespaces`: `from` (`Same`, the default; `All`; `Selector`) and `selector`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct RouteNamespaces {
+    /// `from`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// `selector`, for `from: Selector`.
+    #[serde(default)]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// Gateway API's group, the default `group` of a `parentRef`.

@@ -71,6 +71,7 @@ pub mod jwks;
 pub mod k8s;
 mod kube_client;
 mod kube_source;
+pub mod label_selector;
 pub mod limits;
 pub mod locality;
 pub mod meta;

@@ -642,6 +642,9 @@ pub struct Waypoint {
     /// Which of its pods a client prefers (its `Gateway`'s
     /// [`crate::locality::TRAFFIC_DISTRIBUTION_ANNOTATION`]): a waypoint per zone.
     pub traffic_distribution: Option<TrafficDistribution>,
+    /// Which namespaces' Services and pods may use it: its HBONE listener's
+    /// `allowedRoutes.namespaces`, as Istio reads them.
+    pub attachment: Attachment,
     /// Round-robin cursor over `workloads`.
     next: AtomicUsize,
 }
@@ -669,6 +672,7 @@ impl Waypoint {
             workloads,
             xfcc_client_identity: false,
             traffic_distribution: None,
+            attachment: Attachment::SameNamespace,
             next: AtomicUsize::new(0),
         }
     }
@@ -710,6 +714,33 @@ impl Waypoint {
     }
 }
 
+/// Which namespaces may bind their Services and pods to a waypoint (Istio reads its `Gateway`'s
+/// HBONE listener, port 15008: `allowedRoutes.namespaces.from`, `Same` when absent). A waypoint
+/// is its namespace's own; another namespace uses it only with its owner's consent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// `Same` (the default): its own namespace only.
+    SameNamespace,
+    /// `All`.
+    AllNamespaces,
+    /// `Selector`: the namespaces whose labels match.
+    Selector(crate::label_selector::LabelSelector),
+}
+
+impl Attachment {
+    /// Whether an object of `namespace` (its Namespace's labels `ns_labels`) may use a
+    /// waypoint of `waypoint_namespace` with this attachment.
+    #[must_use]
+    pub fn admits(&self, waypoint_namespace: &str, namespace: &str, ns_labels: &Labels) -> bool {
+        namespace == waypoint_namespace
+            || match self {
+                Attachment::SameNamespace => false,
+                Attachment::AllNamespaces => true,
+                Attachment::Selector(selector) => selector.matches(ns_labels),
+            }
+    }
+}
+
 /// Whether a Service's (or pod's) traffic goes through a waypoint.
 #[derive(Clone, Debug, Default)]
 pub enum WaypointBinding {
@@ -734,6 +765,8 @@ pub enum Unavailable {
     },
     /// The waypoint has no ready pod with an address.
     NotReady { waypoint: String },
+    /// The waypoint's `Gateway` does not let the object's namespace use it.
+    AttachmentDenied { waypoint: String, namespace: String },
 }
 
 impl fmt::Display for Unavailable {
@@ -752,6 +785,14 @@ impl fmt::Display for Unavailable {
             Unavailable::NotReady { waypoint } => {
                 write!(f, "waypoint {waypoint} has no ready pod")
             }
+            Unavailable::AttachmentDenied {
+                waypoint,
+                namespace,
+            } => write!(
+                f,
+                "waypoint {waypoint} does not let namespace {namespace} use it (its HBONE \
+                 listener's allowedRoutes.namespaces)"
+            ),
         }
     }
 }

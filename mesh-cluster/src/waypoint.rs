@@ -35,7 +35,7 @@ use crate::{
 };
 
 pub use crate::model::{
-    service_account_waypoint, Unavailable, Waypoint, WaypointBinding, WaypointFor,
+    service_account_waypoint, Attachment, Unavailable, Waypoint, WaypointBinding, WaypointFor,
     FOR_SERVICE_ACCOUNT, GATEWAY_NAME_LABEL, PER_SERVICE_ACCOUNT, USE_WAYPOINT,
     USE_WAYPOINT_NAMESPACE, WAYPOINT_CLASS, WAYPOINT_FOR, WAYPOINT_MODE, XFCC_CLIENT_IDENTITY,
 };
@@ -58,6 +58,52 @@ fn xfcc_client_identity(meta: &crate::meta::ObjectMeta, warnings: &mut Vec<Strin
         ));
     }
     false
+}
+
+/// Which namespaces may use the waypoint of `gateway` (`object`): its HBONE listener's (port
+/// 15008) `allowedRoutes.namespaces`, as Istio reads them; `Same` without one. A value that
+/// cannot be read is warned about and read as `Same`, the narrowest.
+fn attachment(object: &ObjectRef, gateway: &Gateway, warnings: &mut Vec<String>) -> Attachment {
+    let Some((index, listener)) = gateway
+        .spec
+        .listeners
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.protocol == "HBONE" && l.port == i64::from(mesh_common::HBONE_PORT))
+    else {
+        return Attachment::SameNamespace;
+    };
+    let Some(namespaces) = listener
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.namespaces.as_ref())
+    else {
+        return Attachment::SameNamespace;
+    };
+    let field = format!("spec.listeners[{index}].allowedRoutes.namespaces");
+    match namespaces.from.as_deref() {
+        None | Some("Same") => Attachment::SameNamespace,
+        Some("All") => Attachment::AllNamespaces,
+        Some("Selector") => {
+            let selector = namespaces.selector.clone().unwrap_or_default();
+            match crate::label_selector::LabelSelector::parse(&selector) {
+                Ok(selector) => Attachment::Selector(selector),
+                Err(e) => {
+                    warnings.push(format!(
+                        "{object}: {field}.selector: {e}; only its own namespace may use it"
+                    ));
+                    Attachment::SameNamespace
+                }
+            }
+        }
+        Some(other) => {
+            warnings.push(format!(
+                "{object}: {field}.from: {other:?} is not Same, All or Selector; only its own \
+                 namespace may use it"
+            ));
+            Attachment::SameNamespace
+        }
+    }
 }
 
 /// What kind of object a binding is for.
@@ -136,6 +182,7 @@ impl WaypointIndex {
             let object = ObjectRef::namespaced(Kind::Gateway, meta);
             waypoint.traffic_distribution =
                 crate::translate::traffic_distribution(&object, None, meta, &mut warnings);
+            waypoint.attachment = attachment(&object, gateway, &mut warnings);
             waypoints
                 .entry(namespace)
                 .or_default()
@@ -229,6 +276,17 @@ impl WaypointIndex {
                 name: name.clone(),
             });
         };
+        let unlabelled = Labels::new();
+        if !waypoint.attachment.admits(
+            &waypoint.namespace,
+            namespace,
+            ns_labels.unwrap_or(&unlabelled),
+        ) {
+            return WaypointBinding::Unavailable(Unavailable::AttachmentDenied {
+                waypoint: waypoint.to_string(),
+                namespace: namespace.to_owned(),
+            });
+        }
         Self::binding_to(waypoint, kind)
     }
 

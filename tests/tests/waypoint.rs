@@ -151,7 +151,7 @@ fn bed_full(
         .write(
             "gateway-wp.yaml",
             &format!(
-                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: {PLAIN_NS}\n  labels: {{istio.io/waypoint-for: service}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: {PLAIN_NS}\n  labels: {{istio.io/waypoint-for: service}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {{namespaces: {{from: All}}}}}}\n"
             ),
         )
         .unwrap();
@@ -2892,7 +2892,7 @@ fn the_client_identity_reaches_the_endpoint_only_as_the_waypoint_proved_it() {
         .write(
             "gateway-wp.yaml",
             &format!(
-                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: {PLAIN_NS}\n  labels: {{istio.io/waypoint-for: service}}\n  annotations: {{ambient.istio.io/xfcc-include-client-identity: \"true\"}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE}}\n"
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: {PLAIN_NS}\n  labels: {{istio.io/waypoint-for: service}}\n  annotations: {{ambient.istio.io/xfcc-include-client-identity: \"true\"}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {{namespaces: {{from: All}}}}}}\n"
             ),
         )
         .unwrap();

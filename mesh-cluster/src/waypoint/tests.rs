@@ -99,31 +99,69 @@ fn the_namespace_label_binds_every_service_but_those_labelled_none() {
     );
     assert_eq!(binding(&state, "a"), "none");
     assert_eq!(binding(&state, "b"), "bound shop/wp");
-    // A waypoint in another namespace.
-    let other = [
-        namespace("infra", ""),
-        gateway(
-            "infra",
-            "shared",
-            "istio-waypoint",
-            "istio.io/waypoint-for: all",
-        ),
-        pod(
-            "infra",
-            "shared-0",
-            "n0",
-            "10.0.2.1",
-            "gateway.networking.k8s.io/gateway-name: shared",
-        )
-        .replace("spec:\n", "spec:\n  serviceAccountName: shared\n"),
-    ];
+    // A waypoint in another namespace: used only as its HBONE listener's `allowedRoutes` let
+    // (Istio's rule; `Same` when absent).
+    let other = |allowed: &str| {
+        [
+            namespace("infra", ""),
+            gateway(
+                "infra",
+                "shared",
+                "istio-waypoint",
+                "istio.io/waypoint-for: all",
+            )
+            .replace("protocol: HBONE}", &format!("protocol: HBONE{allowed}}}")),
+            pod(
+                "infra",
+                "shared-0",
+                "n0",
+                "10.0.2.1",
+                "gateway.networking.k8s.io/gateway-name: shared",
+            )
+            .replace("spec:\n", "spec:\n  serviceAccountName: shared\n"),
+        ]
+    };
+    let bound_elsewhere = |ns_labels: &str, allowed: &str| {
+        let state = cluster(
+            ns_labels,
+            "istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra",
+            "",
+            &other(allowed),
+        );
+        binding(&state, "a")
+    };
+    let denied = "unavailable: waypoint infra/shared does not let namespace shop use it (its \
+                  HBONE listener's allowedRoutes.namespaces)";
+    assert_eq!(bound_elsewhere("", ""), denied);
+    assert_eq!(
+        bound_elsewhere("", ", allowedRoutes: {namespaces: {from: Same}}"),
+        denied
+    );
+    assert_eq!(
+        bound_elsewhere("", ", allowedRoutes: {namespaces: {from: All}}"),
+        "bound infra/shared"
+    );
+    let by_label = ", allowedRoutes: {namespaces: {from: Selector, selector: {matchExpressions: [{key: team, operator: In, values: [shop, web]}]}}}";
+    assert_eq!(
+        bound_elsewhere("team: shop", by_label),
+        "bound infra/shared"
+    );
+    assert_eq!(bound_elsewhere("team: ads", by_label), denied);
+    // An unreadable `from` is the narrowest, with a warning.
     let state = cluster(
         "",
         "istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra",
         "",
-        &other,
+        &other(", allowedRoutes: {namespaces: {from: Everyone}}"),
     );
-    assert_eq!(binding(&state, "a"), "bound infra/shared");
+    assert_eq!(binding(&state, "a"), denied);
+    assert!(
+        state.warnings().iter().any(|w| w.contains(
+            "Gateway infra/shared: spec.listeners[0].allowedRoutes.namespaces.from: \"Everyone\" is not Same, All or Selector"
+        )),
+        "{:?}",
+        state.warnings()
+    );
 }
 
 #[test]

@@ -424,7 +424,7 @@ fn write_objects(mesh: &Mesh, wp_pod: &Pod, backends: &[(&str, Pod); 2]) -> Resu
     )?;
     files.write(
         "gateway-wp.yaml",
-        &format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: {PLAIN_NS}}}\nspec: {{gatewayClassName: istio-waypoint}}\n"),
+        &format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: {PLAIN_NS}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {{namespaces: {{from: All}}}}}}\n"),
     )?;
     for (index, (name, pod)) in backends.iter().enumerate() {
         files.pod(pod, &format!("n{}", pod.node), NS, &[("role", name)])?;
