@@ -800,15 +800,10 @@ fn resolve_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
 /// the route's namespace's clients (the root namespace's); another namespace's Service needs a
 /// `ReferenceGrant` as by name.
 fn hostname_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend {
-    let Resolving {
-        services,
-        policies,
-        grants,
-        parent,
-        route,
-    } = context;
+    let (route, parent) = (context.route, context.parent);
     let namespace = route.namespace.as_deref().unwrap_or_default();
-    let Some(service) = services
+    let Some(service) = context
+        .services
         .values()
         .find(|s| s.hosts().any(|h| h == target.name))
     else {
@@ -821,13 +816,15 @@ fn hostname_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend 
         || is_parent
         || (matches!(service.kind, crate::model::ServiceKind::Entry(_))
             && service.captured_for(namespace))
-        || grants.allows(route.kind, namespace, &service.namespace, &service.name);
+        || context
+            .grants
+            .allows(route.kind, namespace, &service.namespace, &service.name);
     if !reachable {
         return Backend::Invalid(InvalidBackend::CrossNamespace {
             namespace: service.namespace.clone(),
         });
     }
-    backend_port(service, target, policies)
+    backend_port(service, target, context.policies)
 }
 
 /// The backend `service` at `target`'s port, with its `DestinationRule`'s policy.

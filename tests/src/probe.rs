@@ -2,7 +2,22 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crate::{agent::binary, process::run, Pod, Process, Result};
+use crate::{agent::binary, process::run, Node, Pod, Process, Result};
+
+/// Starts `mesh-probe` with `args` (a server: `serve …`, `http-echo …`) in `node`'s own network
+/// namespace, outside every pod (a host outside the cluster), and waits until it listens.
+pub fn on_node(node: &Node, args: &[&str]) -> Result<Process> {
+    let bin = binary("mesh-probe", "mesh-tests")?;
+    let mut cmd = node.command(bin);
+    cmd.args(args);
+    let mut process = Process::spawn(format!("server on {}", node.name), &mut cmd)?;
+    process.wait_for_line(
+        "the server on the node to listen",
+        Duration::from_secs(10),
+        |l| l.starts_with("listening "),
+    )?;
+    Ok(process)
+}
 
 /// Starts an echo server in `pod` listening on `addr` and waits until it is bound.
 pub fn serve(pod: &Pod, addr: SocketAddr) -> Result<Process> {

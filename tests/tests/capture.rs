@@ -743,15 +743,8 @@ fn legs_that_left_the_short_cut_count_as_passed() {
 fn serve_outside(mesh: &Mesh, node: usize, port: u16) -> (Process, SocketAddr) {
     let node = mesh.tb.node(node);
     let addr = SocketAddr::new(IpAddr::V4(node.link_ipv4), port);
-    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
-    let mut cmd = node.command(bin);
-    cmd.args(["serve", &addr.to_string(), "--mode", "echo"]);
-    let mut process = Process::spawn("server outside the cluster", &mut cmd).expect("server");
-    process
-        .wait_for_line("the outside server to listen", LOG_WAIT, |l| {
-            l.starts_with("listening ")
-        })
-        .expect("listens");
+    let process =
+        probe::on_node(node, &["serve", &addr.to_string(), "--mode", "echo"]).expect("server");
     (process, addr)
 }
 

@@ -3240,15 +3240,11 @@ fn an_egress_waypoint_routes_and_authorizes_a_service_entrys_requests() {
     let mut bed = bed(&canary_route());
     let node = bed.mesh.tb.node(1).clone();
     let outside = SocketAddr::new(IpAddr::V4(node.link_ipv4), 9080);
-    let bin = mesh_tests::agent::binary("mesh-probe", "mesh-tests").expect("mesh-probe");
-    let mut cmd = node.command(bin);
-    cmd.args(["http-echo", &outside.to_string(), "--name", "outside"]);
-    let mut server = Process::spawn("echo outside the cluster", &mut cmd).expect("echo server");
-    server
-        .wait_for_line("the outside server", LOG_WAIT, |l| {
-            l.starts_with("listening ")
-        })
-        .expect("listens");
+    let server = mesh_tests::probe::on_node(
+        &node,
+        &["http-echo", &outside.to_string(), "--name", "outside"],
+    )
+    .expect("echo server outside the cluster");
     let vip = plan::service_vip_v4(9);
     let files = &bed.mesh.files;
     files
