@@ -322,6 +322,16 @@ impl Service {
         }
     }
 
+    /// Its `destination_service_name` in Istio's telemetry: a Kubernetes Service's name, a
+    /// `ServiceEntry`'s host (as istiod names an entry's services).
+    #[must_use]
+    pub fn telemetry_name(&self) -> &str {
+        match self.kind {
+            ServiceKind::Kubernetes => &self.name,
+            ServiceKind::Entry(_) => &self.hostname,
+        }
+    }
+
     /// Whether it is a `ServiceEntry`'s.
     #[must_use]
     pub fn is_entry(&self) -> bool {

@@ -476,7 +476,7 @@ impl RequestLog {
             destination_service: service
                 .map_or_else(|| "unknown".to_owned(), |s| s.hostname.clone()),
             destination_service_name: service
-                .map_or_else(|| "unknown".to_owned(), |s| s.name.clone()),
+                .map_or_else(|| "unknown".to_owned(), |s| s.telemetry_name().to_owned()),
             destination_service_namespace: service
                 .map_or_else(|| "unknown".to_owned(), |s| s.namespace.clone()),
             request_protocol: self.protocol,

@@ -3304,6 +3304,8 @@ fn an_egress_waypoint_routes_and_authorizes_a_service_entrys_requests() {
             &[
                 ("reporter", "waypoint"),
                 ("destination_service", "api.example.com"),
+                ("destination_service_name", "api.example.com"),
+                ("destination_service_namespace", NS),
                 ("response_code", code),
             ],
         )

@@ -120,7 +120,7 @@ impl ServiceLabels {
         match service {
             Some(s) => Self {
                 host: s.hostname.clone(),
-                name: s.name.clone(),
+                name: s.telemetry_name().to_owned(),
                 namespace: s.namespace.clone(),
             },
             None => Self {
