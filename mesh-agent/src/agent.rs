@@ -100,6 +100,12 @@ impl Resolve for ClusterResolver {
                 identity: workload.as_deref().and_then(|w| self.remote_identity(w)),
                 workload,
             },
+            Resolution::NoEndpoint { service } if service.dns_first_answer().is_some() => {
+                Route::Refuse(format!(
+                    "ServiceEntry {service} is resolved by DNS, which only a waypoint does: \
+                     bind it to one (istio.io/use-waypoint)"
+                ))
+            }
             Resolution::NoEndpoint { service } => {
                 Route::Refuse(format!("service {service} has no ready endpoint for {dst}"))
             }

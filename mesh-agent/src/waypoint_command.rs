@@ -73,9 +73,23 @@ pub struct WaypointArgs {
     /// beyond it a mirror is skipped and counted.
     #[arg(long, default_value_t = mesh_waypoint::DEFAULT_MAX_MIRRORS_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_mirrors_in_flight: u32,
+    /// A name server for the names of `ServiceEntries` of resolution DNS (`IP` or `IP:port`;
+    /// repeat for more) [default: the system's, `/etc/resolv.conf`].
+    #[arg(long = "dns-server", value_parser = parse_name_server)]
+    dns_servers: Vec<SocketAddr>,
     /// Threads of the async runtime [default: as the agent's, 1 below 4 CPUs, else 2].
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
+}
+
+/// A name server: `IP:port`, or an IP (port 53).
+fn parse_name_server(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{text:?} is neither an IP address nor IP:port"))
 }
 
 /// Validates the flags, then serves until SIGTERM or SIGINT.
@@ -111,6 +125,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         access_log: args.access_log.clone(),
         max_mirrors_in_flight: args.max_mirrors_in_flight,
+        dns_servers: args.dns_servers.clone(),
     };
     let tracing = args
         .tracing_flags
@@ -136,6 +151,11 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
         max_mirrors_in_flight = config.max_mirrors_in_flight,
         drain_delay_s = config.drain_delay.as_secs(),
         drain_timeout_s = config.drain_timeout.as_secs(),
+        dns_servers = %if config.dns_servers.is_empty() {
+            "the system's".to_owned()
+        } else {
+            format!("{:?}", config.dns_servers)
+        },
         %tracing,
         "waypoint configuration"
     );

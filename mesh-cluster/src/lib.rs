@@ -109,9 +109,9 @@ pub use kube_client::{client as kube_client, KubeClientError};
 pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
 pub use limits::{FileLimits, LimitError};
 pub use model::{
-    AppProtocol, Endpoint, EntryFacts, EntryResolution, EntryScope, MeshLocation, Protocol,
-    Readiness, Resolution, Service, ServiceKind, ServicePort, Shortcut, TargetPort, Workload,
-    ISTIO_NETWORKING_GROUP,
+    AppProtocol, DnsName, Endpoint, EntryFacts, EntryResolution, EntryScope, MeshLocation,
+    Protocol, Readiness, Resolution, Service, ServiceKind, ServicePort, Shortcut, TargetPort,
+    Workload, ISTIO_NETWORKING_GROUP,
 };
 pub use options::{
     EndpointsFrom, EnrollmentOptions, RuntimeHandles, AMBIENT, CGROUP_ANNOTATION,

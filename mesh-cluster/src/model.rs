@@ -309,6 +309,23 @@ pub enum EntryResolution {
     /// `STATIC`: to one of its `endpoints`, or of the pods its `workloadSelector` picks.
     #[serde(rename = "STATIC")]
     Static,
+    /// `DNS`: to one of the addresses its endpoints' names (or its hosts) resolve to, every
+    /// answer an endpoint (Envoy's `STRICT_DNS`). Resolved by its waypoint.
+    #[serde(rename = "DNS")]
+    Dns,
+    /// `DNS_ROUND_ROBIN`: to the first address each name resolves to (Envoy's `LOGICAL_DNS`).
+    #[serde(rename = "DNS_ROUND_ROBIN")]
+    DnsFirstAnswer,
+}
+
+/// A name a waypoint resolves for a `ServiceEntry` port of resolution `DNS`: each answer is an
+/// endpoint at `port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct DnsName {
+    /// The name, absolute.
+    pub host: String,
+    /// The endpoints' port.
+    pub port: u16,
 }
 
 impl Service {
@@ -329,6 +346,23 @@ impl Service {
         match self.kind {
             ServiceKind::Kubernetes => &self.name,
             ServiceKind::Entry(_) => &self.hostname,
+        }
+    }
+
+    /// How an entry's names resolve (`None` for a Kubernetes Service and an entry not resolved
+    /// by DNS): `Some(true)` when only each name's first answer is used.
+    #[must_use]
+    pub fn dns_first_answer(&self) -> Option<bool> {
+        match &self.kind {
+            ServiceKind::Entry(EntryFacts {
+                resolution: EntryResolution::Dns,
+                ..
+            }) => Some(false),
+            ServiceKind::Entry(EntryFacts {
+                resolution: EntryResolution::DnsFirstAnswer,
+                ..
+            }) => Some(true),
+            _ => None,
         }
     }
 
@@ -403,6 +437,9 @@ pub struct ServicePort {
     /// picks (target port resolved per pod), or from the service's `EndpointSlices` (see
     /// [`crate::EndpointsFrom`]).
     pub endpoints: Vec<Endpoint>,
+    /// The names whose answers are endpoints too (a `ServiceEntry` of resolution `DNS`),
+    /// resolved by the waypoint when it connects.
+    pub dns: Vec<DnsName>,
     /// Endpoint addresses per family (index into `endpoints`, address).
     v4: Vec<(usize, SocketAddr)>,
     v6: Vec<(usize, SocketAddr)>,
@@ -448,6 +485,7 @@ impl ServicePort {
         let (v4, v6) = (family(true), family(false));
         Self {
             app_protocol: AppProtocol::Unknown,
+            dns: Vec::new(),
             name,
             port,
             protocol,

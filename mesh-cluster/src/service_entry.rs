@@ -12,10 +12,14 @@
 //!   the addresses Istio's allocator wrote in `status.addresses`;
 //! - `ports` (`number`, `name`, `protocol`, `targetPort`): `protocol` chooses how a waypoint
 //!   reads the port, as a Service port's `appProtocol` does;
-//! - `resolution`: `NONE` (the default: a connection goes on to the address it was opened to)
-//!   or `STATIC` (to one of the `endpoints`, by address, or of the pods its `workloadSelector`
-//!   picks in its namespace). `DNS` and `DNS_ROUND_ROBIN` are refused with the reason: the mesh
-//!   has no DNS proxy, so it cannot resolve a host, nor answer for one;
+//! - `resolution`: `NONE` (the default: a connection goes on to the address it was opened to),
+//!   `STATIC` (to one of the `endpoints`, by address, or of the pods its `workloadSelector`
+//!   picks in its namespace), or `DNS` / `DNS_ROUND_ROBIN`: the endpoints' names (or, without
+//!   endpoints, the hosts) are resolved by the entry's waypoint when it connects, every answer
+//!   an endpoint (Envoy's `STRICT_DNS`), or each name's first (`LOGICAL_DNS`). The node agents
+//!   resolve nothing: an entry of resolution `DNS` needs a waypoint (a warning says so), and
+//!   the mesh has no DNS proxy answering for the hosts, so clients reach an entry by its
+//!   `addresses`;
 //! - `location` (`MESH_EXTERNAL`, the default, or `MESH_INTERNAL`), shown in the view;
 //! - `exportTo`, as below; `subjectAltNames` is accepted (it checks a TLS origination this
 //!   mesh does not do). An endpoint's `weight`, `locality`, `network` and `serviceAccount` are
@@ -118,12 +122,19 @@ pub struct EntryPort {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntryEndpoint {
     /// `address`.
-    pub address: IpAddr,
+    pub address: EndpointAddress,
     /// `ports`: its port for each of the entry's port names.
     pub ports: BTreeMap<String, u16>,
     /// `labels` (a `DestinationRule` subset picks endpoints by them... of pods only: kept for
     /// the view).
     pub labels: Labels,
+}
+
+/// An endpoint's `address`: an IP address, or (resolution `DNS`) a name its waypoint resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointAddress {
+    Ip(IpAddr),
+    Name(String),
 }
 
 /// Why a `ServiceEntry`'s spec is refused.
@@ -164,11 +175,10 @@ pub enum ServiceEntrySchemaError {
     #[error("{0:?} is not a resolution (NONE, STATIC, DNS or DNS_ROUND_ROBIN)")]
     Resolution(String),
     #[error(
-        "resolution {0} is not supported: this mesh has no DNS proxy to resolve the hosts or \
-         answer for them; give the endpoints' addresses (STATIC) or the addresses to capture \
-         (NONE)"
+        "host {0:?} is a wildcard: with resolution DNS and no endpoints every host is resolved, \
+         and a wildcard cannot be"
     )]
-    DnsResolution(String),
+    WildcardResolved(String),
     #[error(
         "resolution NONE takes no endpoints: connections go on to the address they were opened to"
     )]
@@ -178,9 +188,11 @@ pub enum ServiceEntrySchemaError {
     #[error("endpoints and workloadSelector cannot both be given")]
     SelectorAndEndpoints,
     #[error(
-        "{0:?} is not an IP address: with resolution STATIC an endpoint is an address (a host \
-         name needs DNS resolution, which this mesh does not do; a unix socket is not reached)"
+        "endpoints[{index}]: {address:?} is not an IP address: with resolution STATIC an \
+         endpoint is an address (a host name needs resolution DNS)"
     )]
+    StaticName { index: usize, address: String },
+    #[error("{0:?} is neither an IP address nor a host name (a unix socket is not reached)")]
     EndpointAddress(String),
     #[error("port name {0:?} is not one of the entry's ports")]
     EndpointPort(String),
@@ -360,9 +372,8 @@ impl Checked for ServiceEntrySpec {
         let resolution = match f.resolution.as_deref() {
             None | Some("NONE") => EntryResolution::OriginalDestination,
             Some("STATIC") => EntryResolution::Static,
-            Some(dns @ ("DNS" | "DNS_ROUND_ROBIN")) => {
-                return Err(ServiceEntrySchemaError::DnsResolution(dns.to_owned()))
-            }
+            Some("DNS") => EntryResolution::Dns,
+            Some("DNS_ROUND_ROBIN") => EntryResolution::DnsFirstAnswer,
             Some(other) => return Err(ServiceEntrySchemaError::Resolution(other.to_owned())),
         };
         let workload_selector = f.workload_selector.map(|s| s.labels);
@@ -370,13 +381,30 @@ impl Checked for ServiceEntrySpec {
             (EntryResolution::OriginalDestination, false, _) => {
                 return Err(ServiceEntrySchemaError::EndpointsWithNone)
             }
-            (EntryResolution::OriginalDestination, true, Some(_)) => {
-                return Err(ServiceEntrySchemaError::SelectorWithoutStatic)
-            }
             (EntryResolution::Static, false, Some(_)) => {
                 return Err(ServiceEntrySchemaError::SelectorAndEndpoints)
             }
-            _ => {}
+            (EntryResolution::Static, _, _) | (_, _, None) => {}
+            (_, _, Some(_)) => return Err(ServiceEntrySchemaError::SelectorWithoutStatic),
+        }
+        let dns = matches!(
+            resolution,
+            EntryResolution::Dns | EntryResolution::DnsFirstAnswer
+        );
+        if dns && f.endpoints.0.is_empty() {
+            if let Some(host) = hosts.iter().find(|h| h.starts_with('*')) {
+                return Err(ServiceEntrySchemaError::WildcardResolved(host.clone()));
+            }
+        }
+        if !dns {
+            for (index, endpoint) in f.endpoints.0.iter().enumerate() {
+                if let EndpointAddress::Name(name) = &endpoint.address {
+                    return Err(ServiceEntrySchemaError::StaticName {
+                        index,
+                        address: name.clone(),
+                    });
+                }
+            }
         }
         for endpoint in &f.endpoints.0 {
             if let Some(name) = endpoint
@@ -452,16 +480,19 @@ impl Checked for EntryEndpoint {
                 return Err(ServiceEntrySchemaError::Unsupported(field));
             }
         }
-        let address: IpAddr = f
-            .address
-            .parse()
-            .map_err(|_| ServiceEntrySchemaError::EndpointAddress(f.address.clone()))?;
+        let address = match f.address.parse::<IpAddr>() {
+            Ok(ip) => EndpointAddress::Ip(usable(ip.to_canonical())?),
+            Err(_) if crate::names::is_dns_subdomain(&f.address) => {
+                EndpointAddress::Name(f.address.clone())
+            }
+            Err(_) => return Err(ServiceEntrySchemaError::EndpointAddress(f.address.clone())),
+        };
         let mut ports = BTreeMap::new();
         for (name, port) in f.ports {
             ports.insert(name, port_number(port)?);
         }
         Ok(Self {
-            address: usable(address.to_canonical())?,
+            address,
             ports,
             labels: f.labels,
         })

@@ -171,7 +171,8 @@ impl ClusterState {
             .bindings
             .guard_endpoints(&state.services, &state.workloads, &state.waypoints);
         state.policy_services = state.index_policy_services();
-        let unenforced = state.unenforced_waypoint_policies();
+        let mut unenforced = state.unenforced_waypoint_policies();
+        unenforced.extend(state.unresolved_entries());
         state.warnings = [
             slices.1,
             service_warnings,
@@ -760,6 +761,24 @@ impl ClusterState {
     ) -> AuthzDecision {
         let serving = self.policy_services_of(service, facts.dst.ip());
         self.authz.decide_at_waypoint(waypoint, &serving, facts)
+    }
+
+    /// A warning for each `ServiceEntry` of resolution `DNS` that no waypoint serves: only a
+    /// waypoint resolves names, so the node agents refuse its connections (unless it also has
+    /// endpoints by address).
+    fn unresolved_entries(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|s| s.dns_first_answer().is_some())
+            .filter(|s| !matches!(self.service_waypoint(s), WaypointBinding::Bound(_)))
+            .map(|s| {
+                format!(
+                    "ServiceEntry {s} is resolved by DNS, which only a waypoint does: bind it to \
+                     one (istio.io/use-waypoint); the node agents refuse its connections to \
+                     names meanwhile"
+                )
+            })
+            .collect()
     }
 
     /// The Service or `ServiceEntry` of `namespace` that policy `target` names, if any.

@@ -161,7 +161,19 @@ impl Balancer {
         policy: &EndpointPolicy,
         keys: &Keys<'_>,
     ) -> Option<(Endpoint, SocketAddr, InFlight)> {
-        let mut candidates = candidates(service, port, policy);
+        self.pick_among(service, (port, &[]), policy, keys)
+    }
+
+    /// [`Self::pick`], among `resolved` too: the answers of the port's names (a
+    /// `ServiceEntry` of resolution `DNS`, [`crate::dns`]).
+    pub(crate) fn pick_among(
+        self: &Arc<Self>,
+        service: &Service,
+        (port, resolved): (u16, &[Endpoint]),
+        policy: &EndpointPolicy,
+        keys: &Keys<'_>,
+    ) -> Option<(Endpoint, SocketAddr, InFlight)> {
+        let mut candidates = candidates(service, (port, resolved), policy);
         // `resolution: NONE`: on to the address dialled, when it is one of the entry's (a route
         // from elsewhere to the entry spreads over its addresses).
         if let Some(dialled) = keys.dialled.filter(|_| service.keeps_destination()) {
@@ -271,7 +283,7 @@ impl Balancer {
         let Some(outlier) = &policy.outlier_detection else {
             return;
         };
-        let candidates = candidates(service, port, policy);
+        let candidates = candidates(service, (port, &[]), policy);
         let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         // With `splitExternalLocalOriginErrors`, failures to reach the endpoint are counted on
         // their own (`consecutiveLocalOriginFailures`), apart from the answers' 5xx.
@@ -404,7 +416,11 @@ fn next_turn(
 }
 
 /// The endpoints of `service`'s `port` that `policy` admits: its IPv4 ones, else its IPv6 ones.
-fn candidates<'s>(service: &'s Service, port: u16, policy: &EndpointPolicy) -> Vec<&'s Endpoint> {
+fn candidates<'s>(
+    service: &'s Service,
+    (port, resolved): (u16, &'s [Endpoint]),
+    policy: &EndpointPolicy,
+) -> Vec<&'s Endpoint> {
     let Some(endpoints) = service
         .ports
         .iter()
@@ -413,7 +429,10 @@ fn candidates<'s>(service: &'s Service, port: u16, policy: &EndpointPolicy) -> V
     else {
         return Vec::new();
     };
-    let admitted = endpoints.iter().filter(|e| policy.admits(e));
+    let admitted = endpoints
+        .iter()
+        .chain(resolved)
+        .filter(|e| policy.admits(e));
     let (v4, v6): (Vec<&Endpoint>, Vec<&Endpoint>) = admitted.partition(|e| e.addr.is_ipv4());
     if v4.is_empty() {
         v6

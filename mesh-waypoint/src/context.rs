@@ -37,6 +37,9 @@ pub struct WaypointConfig {
     /// requests toward a slow mirror. Each also ends at the route's request timeout, else after
     /// [`MIRROR_TIMEOUT`].
     pub max_mirrors_in_flight: u32,
+    /// The name servers asked for the names of `ServiceEntries` of resolution `DNS`; empty:
+    /// the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 /// How long a mirrored request may take when its route sets no request timeout (Envoy's default
@@ -83,4 +86,6 @@ pub(crate) struct Ctx {
     pub(crate) buckets: crate::ratelimit::Buckets,
     /// The destinations' circuit breakers (`connectionPool` limits, [`crate::breaker`]).
     pub(crate) breakers: crate::breaker::Breakers,
+    /// The resolver of `ServiceEntries` of resolution `DNS`.
+    pub(crate) dns: crate::dns::Dns,
 }

@@ -37,6 +37,7 @@ mod body;
 mod breaker;
 mod context;
 mod cors;
+mod dns;
 mod drain;
 mod filters;
 mod forwarded;

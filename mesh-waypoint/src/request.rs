@@ -837,13 +837,17 @@ async fn one_attempt(
         Some((breaker, pool)) => Some(breaker.request(pool).map_err(Failure::Overflow)?),
         None => None,
     };
+    let resolved = ctx.dns.endpoints_of(service, port).await;
     let keys = Keys {
         client: source.addr,
         request: Some((request.headers(), request.uri().query())),
         near: source.own.as_deref(),
         dialled: Some(source.dialled),
     };
-    let Some((endpoint, addr, _in_flight)) = ctx.balancer.pick(service, port, policy, &keys) else {
+    let picked = ctx
+        .balancer
+        .pick_among(service, (port, &resolved), policy, &keys);
+    let Some((endpoint, addr, _in_flight)) = picked else {
         return Err(Failure::NoEndpoint);
     };
     let set_cookie = crate::balance::cookie_to_set(policy, &keys);

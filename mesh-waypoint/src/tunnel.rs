@@ -79,7 +79,9 @@ where
         &state,
         (target, addressed.as_ref()),
         (source, sni.as_deref()),
-    ) else {
+    )
+    .await
+    else {
         if may_warn() {
             warn!(client = %source.addr, ?target, "no endpoint for a TCP tunnel");
         }
@@ -129,7 +131,7 @@ where
 
 /// The endpoint of a tunnel to `target`: the pod it names, or one of its Service's (or of the
 /// Service its `tcp` rule picks).
-fn pick(
+async fn pick(
     ctx: &Ctx,
     state: &ClusterState,
     (target, addressed): (&Target, Option<&Arc<Service>>),
@@ -164,13 +166,16 @@ fn pick(
             else {
                 return None;
             };
+            let resolved = ctx.dns.endpoints_of(&service, port).await;
             let keys = Keys {
                 client: source.addr,
                 request: None,
                 near: source.own.as_deref(),
                 dialled: Some(source.dialled),
             };
-            let (endpoint, addr, in_flight) = ctx.balancer.pick(&service, port, &policy, &keys)?;
+            let (endpoint, addr, in_flight) =
+                ctx.balancer
+                    .pick_among(&service, (port, &resolved), &policy, &keys)?;
             let host = service.hostname.clone();
             Some((
                 endpoint,

@@ -3319,3 +3319,84 @@ fn an_egress_waypoint_routes_and_authorizes_a_service_entrys_requests() {
         "only the allowed request reached the host outside"
     );
 }
+
+#[test]
+fn an_egress_waypoint_resolves_a_dns_service_entry() {
+    // A `ServiceEntry` of resolution DNS: its host resolved by the waypoint, through the name
+    // server `--dns-server` names (on node n1's own address; it knows `api.dns.example` as n1's
+    // address too, where the HTTP server outside the cluster listens).
+    let dns_addr = SocketAddr::new(IpAddr::V4(plan::node_link_v4(1)), 5353);
+    let mut bed = bed_full(
+        &canary_route(),
+        (&[], &[]),
+        false,
+        &["--dns-server", &dns_addr.to_string()],
+    );
+    let node = bed.mesh.tb.node(1).clone();
+    let outside = SocketAddr::new(IpAddr::V4(node.link_ipv4), 9080);
+    let answer = format!("api.dns.example={}", node.link_ipv4);
+    let mut dns = mesh_tests::probe::on_node(
+        &node,
+        &["dns-serve", &dns_addr.to_string(), "--answer", &answer],
+    )
+    .expect("name server");
+    let server = mesh_tests::probe::on_node(
+        &node,
+        &["http-echo", &outside.to_string(), "--name", "outside"],
+    )
+    .expect("echo server outside the cluster");
+    let vip = plan::service_vip_v4(9);
+    let entry = |hosts: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: {NS}\n  labels: {{istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: {PLAIN_NS}}}\nspec:\n  hosts: [{hosts}]\n  addresses: [{vip}]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]\n  resolution: DNS\n",
+            port = outside.port(),
+        )
+    };
+    bed.mesh
+        .files
+        .write("serviceentry-api.yaml", &entry("api.dns.example"))
+        .unwrap();
+    bed.wait_for_services(4, "the entry");
+    let client = bed.client().clone();
+    let lines = curl(
+        &client,
+        &[format!("http://{vip}/a"), format!("http://{vip}/b")],
+    );
+    assert_eq!(backends(&lines).get("outside"), Some(&2), "{lines:?}");
+    dns.wait_for_line("the waypoint's query", LOG_WAIT, |l| {
+        l == "query api.dns.example A"
+    })
+    .expect("the waypoint asked the name server");
+    assert_eq!(served_settled(&[&server], 2), [2]);
+    // A name nobody answers: the request is answered 503 by the waypoint (no endpoint), which
+    // says why in its log.
+    bed.mesh
+        .files
+        .write("serviceentry-api.yaml", &entry("nowhere.dns.example"))
+        .unwrap();
+    let code_after_change = || {
+        curl_raw(
+            &client,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{vip}/c"),
+            ],
+        )
+    };
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    let mut code = code_after_change();
+    while code != "503" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        code = code_after_change();
+    }
+    assert_eq!(code, "503");
+    bed.waypoint
+        .process
+        .wait_for_line("the resolution failure", LOG_WAIT, |l| {
+            l.contains("the entry's names did not resolve") && l.contains("nowhere.dns.example")
+        })
+        .expect("the waypoint says why");
+}

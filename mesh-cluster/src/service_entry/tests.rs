@@ -365,8 +365,8 @@ fn the_spec_is_checked_with_field_and_line() {
             &["spec.ports[0]", "\"QUIC\" is not a protocol Istio knows"],
         ),
         (
-            e(&format!("  hosts: [a.example]\n  resolution: DNS\n{port}")),
-            &["resolution DNS is not supported", "no DNS proxy"],
+            e(&format!("  hosts: [\"*.a.example\"]\n  resolution: DNS\n{port}")),
+            &["host \"*.a.example\" is a wildcard", "cannot be"],
         ),
         (
             e(&format!("  hosts: [a.example]\n  endpoints: [{{address: 192.0.2.1}}]\n{port}")),
@@ -374,7 +374,7 @@ fn the_spec_is_checked_with_field_and_line() {
         ),
         (
             e(&format!("  hosts: [a.example]\n  resolution: STATIC\n  endpoints: [{{address: api.example}}]\n{port}")),
-            &["spec.endpoints[0]", "\"api.example\" is not an IP address"],
+            &["endpoints[0]: \"api.example\" is not an IP address", "needs resolution DNS"],
         ),
         (
             e(&format!("  hosts: [a.example]\n  resolution: STATIC\n  endpoints: [{{address: 192.0.2.1, weight: 3}}]\n{port}")),
@@ -470,4 +470,63 @@ fn virtual_services_and_destination_rules_name_an_entry_by_its_host() {
         ),
         Backend::Invalid(why) => panic!("{why}"),
     }
+}
+
+#[test]
+fn resolution_dns_names_are_resolved_by_the_waypoint_only() {
+    let mut parts = clients();
+    parts.extend([
+        // Its hosts are the names (no endpoints).
+        entry(
+            "shop",
+            "search",
+            "",
+            "  hosts: [search.example.com, search.example.org]\n  addresses: [240.240.0.30]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS_ROUND_ROBIN\n",
+        ),
+        // Its endpoints' names, and an address.
+        entry(
+            "shop",
+            "mail",
+            "",
+            "  hosts: [mail.internal]\n  addresses: [240.240.0.31]\n  ports: [{number: 25, name: smtp, targetPort: 2525}]\n  resolution: DNS\n  endpoints:\n  - {address: mx1.example.net}\n  - {address: mx2.example.net, ports: {smtp: 587}}\n  - {address: 192.0.2.25}\n",
+        ),
+    ]);
+    let state = build(&parts);
+    let names = |host: &str| -> Vec<String> {
+        state.service_by_hostname(host).expect("entry").ports[0]
+            .dns
+            .iter()
+            .map(|n| format!("{}:{}", n.host, n.port))
+            .collect()
+    };
+    assert_eq!(
+        names("search.example.com"),
+        ["search.example.com:443", "search.example.org:443"]
+    );
+    assert_eq!(
+        names("mail.internal"),
+        ["mx1.example.net:2525", "mx2.example.net:587"]
+    );
+    let search = state.service_by_hostname("search.example.com").unwrap();
+    assert_eq!(search.dns_first_answer(), Some(true));
+    // Without a waypoint the node agent cannot resolve them: its names' connections are
+    // refused (the address endpoint still serves), with a warning for each entry.
+    assert!(matches!(
+        state.resolve_from(
+            state.workload_by_name("shop", "client").map(AsRef::as_ref),
+            addr("240.240.0.30:443")
+        ),
+        Resolution::NoEndpoint { .. }
+    ));
+    assert_eq!(
+        resolve(&state, "shop", "240.240.0.31:25"),
+        "ServiceEntry shop/mail -> 192.0.2.25:2525"
+    );
+    let warnings = state.warnings().join("\n");
+    assert!(
+        warnings
+            .contains("ServiceEntry shop/search is resolved by DNS, which only a waypoint does")
+            && warnings.contains("ServiceEntry shop/mail is resolved by DNS"),
+        "{warnings}"
+    );
 }

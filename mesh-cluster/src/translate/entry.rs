@@ -8,10 +8,12 @@ use crate::{
     k8s::{Kind, ObjectRef},
     meta::MetaExt,
     model::{
-        not_terminating_first, AppProtocol, Endpoint, EntryFacts, EntryResolution, EntryScope,
-        Protocol, Service, ServiceKind, ServicePort, TargetPort, Workload,
+        not_terminating_first, AppProtocol, DnsName, Endpoint, EntryFacts, EntryResolution,
+        EntryScope, Protocol, Service, ServiceKind, ServicePort, TargetPort, Workload,
     },
-    service_entry::{single_address, ServiceEntry},
+    service_entry::{
+        single_address, EndpointAddress, EntryEndpoint, EntryPort, ServiceEntry, ServiceEntrySpec,
+    },
 };
 
 /// The reference to an entry, for errors and warnings.
@@ -83,46 +85,10 @@ pub(crate) fn service_from_entry(
             not_terminating_first(ready, |p| &p.workload)
         }
     };
-    let endpoint = |ip: IpAddr, port: u16| Endpoint {
-        addr: std::net::SocketAddr::new(ip, port),
-        workload: by_ip.get(&ip).cloned(),
-    };
     let ports = spec
         .ports
         .iter()
-        .map(|p| {
-            let target = p.target_port.unwrap_or(p.number);
-            let mut endpoints: Vec<Endpoint> = match spec.resolution {
-                EntryResolution::OriginalDestination => {
-                    vips.iter().map(|ip| endpoint(*ip, target)).collect()
-                }
-                EntryResolution::Static if spec.workload_selector.is_some() => selected
-                    .iter()
-                    .flat_map(|pod| pod.workload.ips.iter())
-                    .map(|ip| endpoint(*ip, target))
-                    .collect(),
-                EntryResolution::Static => spec
-                    .endpoints
-                    .iter()
-                    .map(|e| endpoint(e.address, e.ports.get(&p.name).copied().unwrap_or(target)))
-                    .collect(),
-            };
-            endpoints.sort_by_key(|e| e.addr);
-            endpoints.dedup_by_key(|e| e.addr);
-            let protocol = if p.protocol.as_deref() == Some("UDP") {
-                Protocol::Udp
-            } else {
-                Protocol::Tcp
-            };
-            let mut port = ServicePort::new(
-                Some(p.name.clone()),
-                (p.number, protocol),
-                TargetPort::Number(target),
-                endpoints,
-            );
-            port.app_protocol = AppProtocol::of(p.protocol.as_deref(), Some(&p.name));
-            port
-        })
+        .map(|p| entry_port(spec, p, (&vips, &selected), by_ip))
         .collect();
     let namespace = entry.metadata.namespace();
     let scope = entry_scope(
@@ -146,6 +112,72 @@ pub(crate) fn service_from_entry(
             scope,
         }),
     })
+}
+
+/// The model's port of `spec`'s port `p`, with its endpoints: the entry's addresses
+/// (resolution `NONE`), the `selected` pods' (a `workloadSelector`), or its endpoints' addresses;
+/// and the names its waypoint resolves (resolution `DNS`: its endpoints' names, else its hosts).
+fn entry_port(
+    spec: &ServiceEntrySpec,
+    p: &EntryPort,
+    (vips, selected): (&[IpAddr], &[&BuiltPod]),
+    by_ip: &HashMap<IpAddr, Arc<Workload>>,
+) -> ServicePort {
+    let endpoint = |ip: IpAddr, port: u16| Endpoint {
+        addr: std::net::SocketAddr::new(ip, port),
+        workload: by_ip.get(&ip).cloned(),
+    };
+    let target = p.target_port.unwrap_or(p.number);
+    let port_of = |e: &EntryEndpoint| e.ports.get(&p.name).copied().unwrap_or(target);
+    let mut dns: Vec<DnsName> = Vec::new();
+    let mut endpoints: Vec<Endpoint> = match spec.resolution {
+        EntryResolution::OriginalDestination => {
+            vips.iter().map(|ip| endpoint(*ip, target)).collect()
+        }
+        EntryResolution::Static if spec.workload_selector.is_some() => selected
+            .iter()
+            .flat_map(|pod| pod.workload.ips.iter())
+            .map(|ip| endpoint(*ip, target))
+            .collect(),
+        EntryResolution::Static | EntryResolution::Dns | EntryResolution::DnsFirstAnswer => {
+            let mut ips = Vec::new();
+            for e in &spec.endpoints {
+                match &e.address {
+                    EndpointAddress::Ip(ip) => ips.push(endpoint(*ip, port_of(e))),
+                    EndpointAddress::Name(host) => dns.push(DnsName {
+                        host: host.clone(),
+                        port: port_of(e),
+                    }),
+                }
+            }
+            // Resolution DNS without endpoints: the hosts are the names.
+            if spec.endpoints.is_empty() && spec.resolution != EntryResolution::Static {
+                dns.extend(spec.hosts.iter().map(|host| DnsName {
+                    host: host.clone(),
+                    port: target,
+                }));
+            }
+            ips
+        }
+    };
+    dns.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+    dns.dedup();
+    endpoints.sort_by_key(|e| e.addr);
+    endpoints.dedup_by_key(|e| e.addr);
+    let protocol = if p.protocol.as_deref() == Some("UDP") {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
+    let mut port = ServicePort::new(
+        Some(p.name.clone()),
+        (p.number, protocol),
+        TargetPort::Number(target),
+        endpoints,
+    );
+    port.app_protocol = AppProtocol::of(p.protocol.as_deref(), Some(&p.name));
+    port.dns = dns;
+    port
 }
 
 /// The entry's addresses: `spec.addresses`, else those of `status.addresses` (Istio's

@@ -390,7 +390,7 @@ fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
     assert_eq!(counts.values().sum::<usize>(), 30);
     // Back after its ejection time (30 s); the second ejection lasts twice as long.
     let later = now + Duration::from_secs(31);
-    let mut candidates: Vec<&mesh_cluster::Endpoint> = super::candidates(&svc, 80, &policy);
+    let mut candidates: Vec<&mesh_cluster::Endpoint> = super::candidates(&svc, (80, &[]), &policy);
     balancer.leave_out_ejected(
         &mut candidates,
         policy.outlier_detection.as_ref().unwrap(),
@@ -399,7 +399,7 @@ fn an_endpoint_failing_in_a_row_is_ejected_for_a_while() {
     assert_eq!(candidates.len(), 3, "back in");
     record(Answer::Status(500), later);
     record(Answer::Status(500), later);
-    let mut candidates = super::candidates(&svc, 80, &policy);
+    let mut candidates = super::candidates(&svc, (80, &[]), &policy);
     let after_first_length = later + Duration::from_secs(31);
     balancer.leave_out_ejected(
         &mut candidates,

@@ -55,6 +55,7 @@
 //! HTTP/1.1 and h2c; one line of JSON per request naming the backend, method, path, host,
 //! protocol and headers (see `http_echo`); a WebSocket upgrade to it echoes each message as
 //! `<name>: <message>`. WebSocket client: `ws <addr> <message> [--count N]` checks N echoes.
+//! Name server: `dns-serve <addr> --answer NAME=IPV4...` (see `dns_serve`).
 //! gRPC: `grpc-serve <addr> --name N` and `grpc <addr> --service S [--count C] [--watch]` (the
 //! standard health service, see `grpc`).
 //!
@@ -64,6 +65,7 @@
 //!   response (the caller checks the code), 1 when it cannot connect or read a response.
 #![forbid(unsafe_code)]
 
+mod dns_serve;
 mod grpc;
 mod http_echo;
 mod http_load;
@@ -138,6 +140,8 @@ const USAGE: &str = "usage: mesh-probe <command>
   grpc <addr> --service S [--count C] [--watch]
   raw <addr> --send-hex HEX --wait-close-ms W [--resend-ms R]
   http <METHOD> <host:port> <path>
+  dns-serve <addr> --answer NAME=IPV4...
+      A name server (UDP): A records for the names given, NXDOMAIN for others.
 rr, connrate and hold talk to `serve --mode rr` and print one line of JSON (times in µs).";
 
 /// A blocking socket's reads, watching for `EAGAIN` before the read timeout. On a socket in a
@@ -274,6 +278,9 @@ fn subcommand(args: &[&str], usage: impl Fn(String) -> String) -> Result<(), Str
         ["parallel", addr, rest @ ..] => parallel(addr, rest),
         ["raw", addr, rest @ ..] => raw(addr, rest),
         ["http", method, addr, path] => http(method, addr, path),
+        ["dns-serve", addr, rest @ ..] => dns_serve::parse(rest)
+            .map_err(usage)
+            .and_then(|answers| dns_serve::run(addr, &answers)),
         [command @ ("grpc-serve" | "grpc" | "http-load" | "ws" | "http-echo"), ..] => {
             l7_command(command, &args[1..])
                 .map_err(usage)
