@@ -5,7 +5,7 @@
 //! kernel's aya-log records into `tracing` events. Later issues add the capture listeners, HBONE,
 //! policy and telemetry on top of the same structure.
 // Syscalls without a safe wrapper (`netns::netns_cookie`, `map_take::take`) and the allocator's
-// control (`memory::release_freed`) and the one C symbol the binaries define (`pow::pow`) are
+// control (`memory::release_freed`) and the C symbols the binaries define (`pow::pow`, `pow::exp`) are
 // allowed case by case.
 #![deny(unsafe_code)]
 

@@ -1,5 +1,5 @@
 //! What the built binaries need from the system: glibc's `libc.so.6` and `libgcc_s.so.1`, and
-//! no `libm.so.6` (the binaries define the one function they took from it, `pow`:
+//! no `libm.so.6` (the binaries define the functions they took from it, `pow` and `exp`:
 //! `mesh-agent/src/pow.rs`; a loaded libm kept about 0.5 MiB resident in every process). A new
 //! dependency that calls another libm function (`exp`, `log`, …) brings libm back and fails
 //! here, naming the functions.
