@@ -17,7 +17,7 @@ use super::{
     authn::{AuthnIndex, JwtProvider},
     authz::{AuthzDecision, AuthzIndex, AuthzPolicy, ConnFacts, PolicyTarget, WaypointFacts},
     by_kind::{ByKind, Named},
-    endpoints::{BuiltPod, SliceIndex},
+    endpoints::{BuiltPod, IndexedSlices, SliceIndex},
     error::{SourceError, StateError},
     http_route::{HttpRouteIndex, L4Route, RequestFacts, RouteDecision},
     k8s::{self, ConnectionPool, Kind, Object, ObjectRef},
@@ -127,10 +127,12 @@ impl ClusterState {
 
         let mut state = ClusterState::empty();
         let by_namespace = state.index_workloads(&pods, (&namespaces, &nodes), opts)?;
-        let slices = SliceIndex::build(slices.into_values())?;
-        let slices = (&slices.index, slices.warnings);
+        let IndexedSlices {
+            index: slices,
+            warnings: slice_warnings,
+        } = SliceIndex::build(slices.into_values())?;
         let service_warnings =
-            state.index_services((&services, &service_entries), &by_namespace, slices.0, opts)?;
+            state.index_services((&services, &service_entries), &by_namespace, &slices, opts)?;
         state.peer_auth = PeerAuthIndex::build(
             peer_auths.into_values(),
             &opts.root_namespace,
@@ -174,7 +176,7 @@ impl ClusterState {
         let mut unenforced = state.unenforced_waypoint_policies();
         unenforced.extend(state.unresolved_entries());
         state.warnings = [
-            slices.1,
+            slice_warnings,
             service_warnings,
             state.peer_auth.warnings().to_vec(),
             state.authz.warnings().to_vec(),

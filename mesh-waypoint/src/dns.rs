@@ -3,7 +3,8 @@
 //! tell), as Envoy's `STRICT_DNS` cluster has them; `DNS_ROUND_ROBIN` takes each name's first
 //! answer (Envoy's `LOGICAL_DNS`). Answers are kept for their TTL by the resolver's cache, so a
 //! request resolves only when a name's answer has expired. The name servers are the pod's
-//! (`/etc/resolv.conf`), or those `--dns-server` names.
+//! (`/etc/resolv.conf`), or those `--dns-server` names. The resolver is made when the first
+//! name is asked for: a waypoint without such entries keeps none of it.
 
 use std::{
     collections::HashMap,
@@ -34,16 +35,31 @@ pub(crate) enum DnsError {
 
 /// The waypoint's resolver.
 pub(crate) struct Dns {
-    resolver: Result<TokioResolver, String>,
+    /// The name servers given (`--dns-server`); empty: the system's.
+    servers: Vec<SocketAddr>,
+    resolver: std::sync::OnceLock<Result<TokioResolver, String>>,
     /// When each Service's failure was last warned about.
     warned: Mutex<HashMap<String, Instant>>,
 }
 
 impl Dns {
-    /// A resolver asking `servers` (UDP, then TCP), or, when none is given, the name servers of
-    /// the system's configuration. A configuration that cannot be read leaves names unresolved,
-    /// each failure naming why.
+    /// A resolver (made at its first use) asking `servers` (UDP, then TCP), or, when none is
+    /// given, the name servers of the system's configuration. A configuration that cannot be
+    /// read leaves names unresolved, each failure naming why.
     pub(crate) fn new(servers: &[SocketAddr]) -> Self {
+        Self {
+            servers: servers.to_vec(),
+            resolver: std::sync::OnceLock::new(),
+            warned: Mutex::default(),
+        }
+    }
+
+    /// The resolver, made now if not yet.
+    fn resolver(&self) -> &Result<TokioResolver, String> {
+        self.resolver.get_or_init(|| Self::make(&self.servers))
+    }
+
+    fn make(servers: &[SocketAddr]) -> Result<TokioResolver, String> {
         let resolver = if servers.is_empty() {
             TokioResolver::builder_tokio()
                 .map(hickory_resolver::ResolverBuilder::build)
@@ -66,10 +82,7 @@ impl Dns {
         if let Err(e) = &resolver {
             warn!(error = %e, "no DNS resolver: ServiceEntries of resolution DNS have no endpoint");
         }
-        Self {
-            resolver,
-            warned: Mutex::default(),
-        }
+        resolver
     }
 
     /// The endpoints `service`'s `port` has by its names (none for a Service without); a
@@ -111,7 +124,7 @@ impl Dns {
         first_only: bool,
     ) -> Result<Vec<Endpoint>, DnsError> {
         let resolver = self
-            .resolver
+            .resolver()
             .as_ref()
             .map_err(|e| DnsError::NoResolver(e.clone()))?;
         let mut endpoints = Vec::new();
