@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod dns_reply;
 pub mod host;
 pub mod http;
 pub mod jaeger;

@@ -15,11 +15,8 @@ use std::{
     pin::pin,
 };
 
+use crate::dns_reply::Known;
 use futures_util::StreamExt as _;
-use hickory_proto::{
-    op::{Message, MessageType, Metadata, ResponseCode},
-    rr::{rdata::A, RData, Record, RecordType},
-};
 use k8s_openapi::api::core::v1::Service;
 use kube::{
     api::{Patch, PatchParams},
@@ -123,37 +120,11 @@ async fn serve(socket: UdpSocket, services: reflector::Store<Service>) {
 
 /// The answer to the query in `packet`; `None` for what is no query (nothing is sent back).
 fn answer(packet: &[u8], services: &reflector::Store<Service>) -> Option<Vec<u8>> {
-    let request = Message::from_vec(packet).ok()?;
-    if request.metadata.message_type != MessageType::Query {
-        return None;
-    }
-    let mut response = Message::new(
-        request.metadata.id,
-        MessageType::Response,
-        request.metadata.op_code,
-    );
-    response.metadata = Metadata::response_from_request(&request.metadata);
-    response.metadata.authoritative = true;
-    let Some(query) = request.queries.first() else {
-        response.metadata.response_code = ResponseCode::FormErr;
-        return response.to_vec().ok();
-    };
-    response.queries.push(query.clone());
-    let name = query.name().to_lowercase().to_ascii();
-    match resolve(name.trim_end_matches('.'), services) {
-        Resolved::Outside => response.metadata.response_code = ResponseCode::Refused,
-        Resolved::Unknown => response.metadata.response_code = ResponseCode::NXDomain,
-        Resolved::Address(ip) => {
-            if query.query_type() == RecordType::A {
-                response.answers.push(Record::from_rdata(
-                    query.name().clone(),
-                    TTL,
-                    RData::A(A(ip)),
-                ));
-            }
-        }
-    }
-    response.to_vec().ok()
+    crate::dns_reply::reply(packet, TTL, |name, _| match resolve(name, services) {
+        Resolved::Outside => Known::Refused,
+        Resolved::Unknown => Known::NoSuchName,
+        Resolved::Address(ip) => Known::Addresses(vec![ip]),
+    })
 }
 
 /// What a name is.

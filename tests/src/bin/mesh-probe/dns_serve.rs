@@ -5,10 +5,7 @@
 
 use std::{collections::HashMap, io::Write as _, net::Ipv4Addr, net::UdpSocket};
 
-use hickory_proto::{
-    op::{Message, MessageType, Metadata, ResponseCode},
-    rr::{rdata::A, RData, Record, RecordType},
-};
+use mesh_tests::dns_reply::{reply, Known};
 
 /// Time to live of the answers, in seconds.
 const TTL: u32 = 5;
@@ -53,38 +50,12 @@ pub fn run(addr: &str, answers: &HashMap<String, Vec<Ipv4Addr>>) -> Result<(), S
 
 /// The reply to the query in `packet`; `None` for what is no query.
 fn answer(packet: &[u8], answers: &HashMap<String, Vec<Ipv4Addr>>) -> Option<Vec<u8>> {
-    let request = Message::from_vec(packet).ok()?;
-    if request.metadata.message_type != MessageType::Query {
-        return None;
-    }
-    let mut response = Message::new(
-        request.metadata.id,
-        MessageType::Response,
-        request.metadata.op_code,
-    );
-    response.metadata = Metadata::response_from_request(&request.metadata);
-    response.metadata.authoritative = true;
-    let Some(query) = request.queries.first() else {
-        response.metadata.response_code = ResponseCode::FormErr;
-        return response.to_vec().ok();
-    };
-    response.queries.push(query.clone());
-    let name = query.name().to_lowercase().to_ascii();
-    let name = name.trim_end_matches('.');
-    println!("query {name} {}", query.query_type());
-    let _ = std::io::stdout().flush();
-    match answers.get(name) {
-        None => response.metadata.response_code = ResponseCode::NXDomain,
-        Some(ips) if query.query_type() == RecordType::A => {
-            for ip in ips {
-                response.answers.push(Record::from_rdata(
-                    query.name().clone(),
-                    TTL,
-                    RData::A(A(*ip)),
-                ));
-            }
+    reply(packet, TTL, |name, query_type| {
+        println!("query {name} {query_type}");
+        let _ = std::io::stdout().flush();
+        match answers.get(name) {
+            None => Known::NoSuchName,
+            Some(ips) => Known::Addresses(ips.clone()),
         }
-        Some(_) => {}
-    }
-    response.to_vec().ok()
+    })
 }
