@@ -814,8 +814,7 @@ fn hostname_backend(target: &BackendTarget, context: &Resolving<'_>) -> Backend 
     let is_parent = service.namespace == parent.namespace && service.name == parent.name;
     let reachable = service.namespace == namespace
         || is_parent
-        || (matches!(service.kind, crate::model::ServiceKind::Entry(_))
-            && service.captured_for(namespace))
+        || (service.is_entry() && service.captured_for(Some(namespace)))
         || context
             .grants
             .allows(route.kind, namespace, &service.namespace, &service.name);

@@ -390,17 +390,19 @@ impl Service {
         std::iter::once(self.hostname.as_str()).chain(others.iter().map(String::as_str))
     }
 
-    /// Whether a client of `client_namespace` reaches it by its addresses: always for a
-    /// Kubernetes `Service`; for a `ServiceEntry`, as its scope says.
+    /// Whether a client of `client_namespace` (`None`: a client the view does not know)
+    /// reaches it by its addresses: always for a Kubernetes `Service`; for a `ServiceEntry`, as
+    /// its scope says (an unknown client only an entry exported everywhere).
     #[must_use]
-    pub fn captured_for(&self, client_namespace: &str) -> bool {
-        match &self.kind {
-            ServiceKind::Kubernetes => true,
-            ServiceKind::Entry(facts) => match &facts.scope {
-                EntryScope::Namespace => client_namespace == self.namespace,
-                EntryScope::Mesh(None) => true,
-                EntryScope::Mesh(Some(namespaces)) => namespaces.contains(client_namespace),
-            },
+    pub fn captured_for(&self, client_namespace: Option<&str>) -> bool {
+        let ServiceKind::Entry(facts) = &self.kind else {
+            return true;
+        };
+        match (&facts.scope, client_namespace) {
+            (EntryScope::Mesh(None), _) => true,
+            (_, None) => false,
+            (EntryScope::Namespace, Some(ns)) => ns == self.namespace,
+            (EntryScope::Mesh(Some(namespaces)), Some(ns)) => namespaces.contains(ns),
         }
     }
 

@@ -30,6 +30,11 @@ fn is_label_part(part: &str) -> bool {
         && !part.ends_with('-')
 }
 
+/// Whether `entry` may stand in an Istio `exportTo`: `.`, `*` or a namespace name.
+pub(crate) fn is_export_target(entry: &str) -> bool {
+    entry == "." || entry == "*" || is_dns_label(entry)
+}
+
 /// RFC 1123 subdomain: dot-separated labels, 253 bytes at most.
 pub(crate) fn is_dns_subdomain(value: &str) -> bool {
     value.len() <= 253 && value.split('.').all(is_label_part)

@@ -23,6 +23,18 @@ pub(crate) trait Checked: Sized {
     fn check(fields: Self::Fields) -> Result<Self, Self::Error>;
 }
 
+/// Implements `Deserialize` through [`Checked`] for each type.
+macro_rules! checked {
+    ($($ty:ty),*) => {$(
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                crate::schema::deserialize_checked(deserializer)
+            }
+        }
+    )*};
+}
+pub(crate) use checked;
+
 pub(crate) fn deserialize_checked<'de, T: Checked, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<T, D::Error> {

@@ -46,7 +46,7 @@ use crate::{
     address::unusable_pod_address,
     meta::{nullable, Labels, ObjectMeta},
     model::{EntryResolution, MeshLocation},
-    schema::{deserialize_checked, Checked, List, Parsed},
+    schema::{Checked, List, Parsed},
 };
 
 /// `apiVersion`s of `ServiceEntry` read, the newest first.
@@ -202,23 +202,7 @@ pub enum ServiceEntrySchemaError {
     Unsupported(&'static str),
 }
 
-impl<'de> Deserialize<'de> for ServiceEntrySpec {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_checked(deserializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for EntryPort {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_checked(deserializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for EntryEndpoint {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_checked(deserializer)
-    }
-}
+crate::schema::checked!(ServiceEntrySpec, EntryPort, EntryEndpoint);
 
 #[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -416,7 +400,7 @@ impl Checked for ServiceEntrySpec {
             }
         }
         for entry in &f.export_to.0 {
-            if entry != "." && entry != "*" && !crate::names::is_dns_label(entry) {
+            if !crate::names::is_export_target(entry) {
                 return Err(ServiceEntrySchemaError::ExportTo(entry.clone()));
             }
         }

@@ -663,11 +663,9 @@ impl ClusterState {
         client_namespace: Option<&str>,
         dst: SocketAddr,
     ) -> Option<&(Arc<Service>, usize)> {
-        self.by_addr.get(&dst).filter(|(service, _)| {
-            matches!(service.kind, crate::model::ServiceKind::Kubernetes)
-                || client_namespace.is_some_and(|ns| service.captured_for(ns))
-                || service.captured_for("")
-        })
+        self.by_addr
+            .get(&dst)
+            .filter(|(service, _)| service.captured_for(client_namespace))
     }
 
     /// The Service and port at address `addr` whose address captures the connections of a

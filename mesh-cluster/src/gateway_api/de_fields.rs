@@ -13,16 +13,7 @@ use super::{
     Timeouts, ValueMatch, GATEWAY_GROUP,
 };
 
-/// Implements `Deserialize` through [`Checked`] for each type.
-macro_rules! checked {
-    ($($ty:ty),*) => {$(
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                crate::schema::deserialize_checked(deserializer)
-            }
-        }
-    )*};
-}
+use crate::schema::checked;
 
 checked!(
     ParentRef,

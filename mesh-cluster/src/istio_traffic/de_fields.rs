@@ -24,16 +24,7 @@ use crate::{
     schema::{Checked, List, Parsed},
 };
 
-/// Implements `Deserialize` through [`Checked`].
-macro_rules! checked {
-    ($($ty:ty),*) => {$(
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                crate::schema::deserialize_checked(deserializer)
-            }
-        }
-    )*};
-}
+use crate::schema::checked;
 
 checked!(
     VsHttpRoute,
@@ -251,7 +242,7 @@ fn check_weights(route: &[VsDestination]) -> Result<(), RouteSchemaError> {
 /// `exportTo` as Istio checks it: `.`, `*` or namespace names, and `*` alone.
 fn check_export_to(list: Vec<String>) -> Result<Vec<String>, RouteSchemaError> {
     for entry in &list {
-        if entry != "." && entry != "*" && !crate::names::is_dns_label(entry) {
+        if !crate::names::is_export_target(entry) {
             return Err(RouteSchemaError::ExportTo(entry.clone()));
         }
     }

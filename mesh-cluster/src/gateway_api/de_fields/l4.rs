@@ -10,7 +10,7 @@ use crate::gateway_api::{
     BackendRef, Checked, Int, List, ParentRef, Parsed, RouteSchemaError,
 };
 
-checked!(TcpRouteSpec, TlsRouteSpec, L4Rule, L4Backend);
+crate::schema::checked!(TcpRouteSpec, TlsRouteSpec, L4Rule, L4Backend);
 
 /// A backend of an L4 rule: a `backendRef` without `filters`.
 pub(crate) struct L4Backend(BackendRef);
