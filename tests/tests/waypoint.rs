@@ -3396,7 +3396,7 @@ fn an_egress_waypoint_resolves_a_dns_service_entry() {
     bed.waypoint
         .process
         .wait_for_line("the resolution failure", LOG_WAIT, |l| {
-            l.contains("the entry's names did not resolve") && l.contains("nowhere.dns.example")
+            l.contains("the entry's names did not all resolve") && l.contains("nowhere.dns.example")
         })
         .expect("the waypoint says why");
 }
