@@ -152,8 +152,8 @@ impl Drop for InFlight {
 }
 
 impl Balancer {
-    /// An endpoint of `service`'s `port` that `policy` admits (IPv4 first), and its request
-    /// counted in flight until the guard drops.
+    /// [`Self::pick_among`] the port's endpoints alone.
+    #[cfg(test)]
     pub(crate) fn pick(
         self: &Arc<Self>,
         service: &Service,
@@ -164,8 +164,9 @@ impl Balancer {
         self.pick_among(service, (port, &[]), policy, keys)
     }
 
-    /// [`Self::pick`], among `resolved` too: the answers of the port's names (a
-    /// `ServiceEntry` of resolution `DNS`, [`crate::dns`]).
+    /// An endpoint of `service`'s `port` (or of `resolved`, the answers of the port's names: a
+    /// `ServiceEntry` of resolution `DNS`, [`crate::dns`]) that `policy` admits (IPv4 first),
+    /// and its request counted in flight until the guard drops.
     pub(crate) fn pick_among(
         self: &Arc<Self>,
         service: &Service,

@@ -87,5 +87,5 @@ pub(crate) struct Ctx {
     /// The destinations' circuit breakers (`connectionPool` limits, [`crate::breaker`]).
     pub(crate) breakers: crate::breaker::Breakers,
     /// The resolver of `ServiceEntries` of resolution `DNS`.
-    pub(crate) dns: crate::dns::Dns,
+    pub(crate) dns: Arc<crate::dns::Dns>,
 }

@@ -123,7 +123,7 @@ pub async fn serve(
         verified_tokens: mesh_cluster::authn::VerifiedTokens::default(),
         buckets: crate::ratelimit::Buckets::default(),
         breakers: crate::breaker::Breakers::default(),
-        dns: crate::dns::Dns::new(&config.dns_servers),
+        dns: Arc::new(crate::dns::Dns::new(&config.dns_servers)),
         mirrors: Arc::new(tokio::sync::Semaphore::new(
             config.max_mirrors_in_flight as usize,
         )),

@@ -986,20 +986,26 @@ fn spawn_mirror(
     };
     // Only the counts go with the mirror (the pool is the policy's, which goes too).
     let breaker = breaker.map(|(breaker, _)| breaker);
-    // A mirror spreads over the mirror's endpoints, wherever they run.
-    let keys = Keys {
-        client,
-        request: Some((request.headers(), request.uri().query())),
-        near: None,
-        dialled: None,
-    };
-    let Some((endpoint, addr, in_flight)) = ctx.balancer.pick(&service, port, &policy, &keys)
-    else {
-        debug!(service = %service, "no endpoint to mirror to");
-        return;
-    };
-    let upstream = Arc::clone(&ctx.upstream);
+    let (upstream, balancer, dns) = (
+        Arc::clone(&ctx.upstream),
+        Arc::clone(&ctx.balancer),
+        Arc::clone(&ctx.dns),
+    );
     let exchange = async move {
+        // A mirror spreads over the mirror's endpoints, wherever they run; a `ServiceEntry`'s
+        // names are resolved here, off the request's path.
+        let resolved = dns.endpoints_of(&service, port).await;
+        let keys = Keys {
+            client,
+            request: Some((request.headers(), request.uri().query())),
+            near: None,
+            dialled: None,
+        };
+        let picked = balancer.pick_among(&service, (port, &resolved), &policy, &keys);
+        let Some((endpoint, addr, _in_flight)) = picked else {
+            debug!(service = %service, "no endpoint to mirror to");
+            return Ok(());
+        };
         let to = (addr, service.hostname.as_str());
         let pool = policy.connection_pool.as_ref();
         let response = upstream
@@ -1017,7 +1023,7 @@ fn spawn_mirror(
                 Ok(Err(e)) => debug!(error = %e, "mirrored request failed"),
                 Err(_) => debug!(?timeout, "mirrored request timed out"),
             }
-            drop((in_flight, permit, counted));
+            drop((permit, counted));
         }
         .in_current_span(),
     );

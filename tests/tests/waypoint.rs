@@ -3368,6 +3368,27 @@ fn an_egress_waypoint_resolves_a_dns_service_entry() {
     })
     .expect("the waypoint asked the name server");
     assert_eq!(served_settled(&[&server], 2), [2]);
+    // A mirror of web's requests to the entry (Istio's `Hostname` backend): the entry's names
+    // resolved off the request's path, the copy reaches the host outside.
+    bed.mesh
+        .files
+        .write(
+            "httproute-web.yaml",
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs:\n  - {{group: \"\", kind: Service, name: web, port: 80}}\n  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror: {{backendRef: {{group: networking.istio.io, kind: Hostname, name: api.dns.example, port: 80}}}}\n    backendRefs: [{{name: web-v1, port: 80}}]\n"
+            ),
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    while served(&server) < 3 && std::time::Instant::now() < deadline {
+        let lines = curl(&client, &[url("/mirrored")]);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        served(&server) >= 3,
+        "a mirrored request reached the host outside"
+    );
     // A name nobody answers: the request is answered 503 by the waypoint (no endpoint), which
     // says why in its log.
     bed.mesh
