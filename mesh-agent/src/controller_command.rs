@@ -78,6 +78,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         log_level: args.waypoint_log_level,
         extra_args,
     };
+    // The cluster view, read as the waypoints read it, for the bound objects' conditions.
+    let mut options = mesh_cluster::EnrollmentOptions::new("");
+    options.trust_domain.clone_from(&template.trust_domain);
+    options.cluster_domain.clone_from(&template.cluster_domain);
+    options.validate().context("invalid configuration")?;
     info!(?template, "waypoint controller configuration");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -98,10 +103,12 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 }
                 let _ = stop_tx.send(());
             });
+            let bound = tokio::spawn(mesh_controller::bound_status::run(client.clone(), options));
             mesh_controller::run(client, template, async move {
                 let _ = stop_rx.await;
             })
             .await;
+            bound.abort();
             anyhow::Ok(())
         })
 }

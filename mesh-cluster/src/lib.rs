@@ -89,6 +89,7 @@ mod state;
 pub mod string_match;
 mod translate;
 pub mod waypoint;
+pub mod waypoint_bound;
 
 pub use authn::{Authenticated, JwtRefusal, TokenSource, VerifiedJwt};
 pub use authz::{
@@ -121,6 +122,7 @@ pub use options::{
 pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
 pub use state::ClusterState;
 pub use waypoint::{Guard, Unavailable, Waypoint, WaypointBinding, WaypointFor};
+pub use waypoint_bound::{BoundCondition, BoundKind, BoundObject, BoundReason, WAYPOINT_BOUND};
 
 #[cfg(test)]
 mod tests;

@@ -5,11 +5,13 @@
 //! `mesh-agent waypoint` pods, their `Service`, the CA's root in the `Gateway`'s namespace, and
 //! a binding to the read-only waypoint role; then it writes the `Gateway`'s status
 //! ([`reconcile`]). It also gives each service account that asks for one (a label on it or on
-//! its namespace) a waypoint `Gateway` of its own ([`accounts`]). It runs as `mesh-agent waypoint-controller`, a `Deployment` of the chart
+//! its namespace) a waypoint `Gateway` of its own ([`accounts`]), and tells each Service and
+//! `ServiceEntry` that asks for a waypoint whether it is bound to one ([`bound_status`]). It runs as `mesh-agent waypoint-controller`, a `Deployment` of the chart
 //! with its own account and RBAC (apart from the CA, which holds the signing key).
 
 pub mod account_loop;
 pub mod accounts;
+pub mod bound_status;
 pub mod desired;
 pub mod reconcile;
 pub mod resources;

@@ -127,6 +127,7 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
+            "ClusterRoleBinding",
             "DaemonSet",
             "Deployment",
             "Deployment",
@@ -567,6 +568,30 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
         .collect();
     assert_eq!(bind.len(), 1, "{bind:?}");
     assert_eq!(bind[0]["resourceNames"], json!(["mesh-waypoint"]));
+    // Besides, it writes only status (the Gateways' and the bound objects' conditions), and
+    // reads the cluster view through the waypoint role.
+    let status: Vec<&Value> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| {
+            r["resources"].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|r| r.as_str().is_some_and(|r| r.ends_with("/status")))
+            })
+        })
+        .collect();
+    for rule in &status {
+        assert_eq!(rule["verbs"], json!(["patch"]), "{rule}");
+    }
+    assert_eq!(status.len(), 3, "{status:?}");
+    let view = named(
+        &objects,
+        "ClusterRoleBinding",
+        "mesh-waypoint-controller-view",
+    );
+    assert_eq!(view["roleRef"]["name"], "mesh-waypoint");
+    assert_eq!(view["subjects"][0]["name"], "mesh-waypoint-controller");
     // The waypoint role reads only.
     let waypoint = named(&objects, "ClusterRole", "mesh-waypoint");
     for rule in waypoint["rules"].as_array().expect("rules") {

@@ -178,6 +178,44 @@ fn condition(gateway: &Value, kind: &str) -> Option<String> {
         .and_then(|c| c["status"].as_str().map(str::to_owned))
 }
 
+/// Waits until `name` (through `api`) has the controller's `istio.io/WaypointBound` condition
+/// with `status` and a message starting with `message`, or (`status` none) has none.
+fn waypoint_bound(
+    mesh: &KubeMesh,
+    api: &Api<DynamicObject>,
+    name: &str,
+    status: Option<&str>,
+    message: &str,
+) {
+    let what = format!("{name}'s istio.io/WaypointBound {status:?} {message:?}");
+    mesh.cp
+        .block_on(eventually(&what, WAIT, || async {
+            let object = api.get(name).await.ok()?;
+            let found = object.data["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "istio.io/WaypointBound"))
+                .cloned();
+            let matches = match (&found, status) {
+                (None, None) => true,
+                (Some(c), Some(status)) => {
+                    c["status"] == status
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with(message))
+                        && c["lastTransitionTime"].is_string()
+                }
+                _ => false,
+            };
+            matches.then_some(())
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `Services` of the namespace, as dynamic objects (their status read as it is written).
+fn services_dyn(mesh: &KubeMesh) -> Api<DynamicObject> {
+    Api::namespaced_with(mesh.cp.client(), NS, &ApiResource::erase::<Service>(&()))
+}
+
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
 /// `HTTPRoute`. Returns `web`'s VIP.
 fn deploy(mesh: &KubeMesh) -> String {
@@ -487,6 +525,20 @@ fn delete_gateway(mesh: &KubeMesh, vip: &str) {
         "Succeeded",
         "web fails closed"
     );
+    // ... and is told why; its label removed, the condition goes.
+    let services = services_dyn(mesh);
+    waypoint_bound(
+        mesh,
+        &services,
+        "web",
+        Some("False"),
+        "no waypoint Gateway shop/wp",
+    );
+    let unlabelled = json!({"metadata": {"labels": {"istio.io/use-waypoint": null}}});
+    mesh.cp
+        .block_on(services.patch("web", &PatchParams::default(), &Patch::Merge(&unlabelled)))
+        .expect("web's label removed");
+    waypoint_bound(mesh, &services, "web", None, "");
 }
 
 /// Deletes the waypoint's pod and waits until the one its `Deployment` starts instead is ready.
@@ -770,6 +822,15 @@ fn waypoint_rate_limit(mesh: &KubeMesh, vip: &str) {
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
     let (_serial, mesh, vip) = deployed();
     ab_requests(&mesh, &vip);
+    // The controller tells web it is bound (the other Services ask for no waypoint).
+    waypoint_bound(
+        &mesh,
+        &services_dyn(&mesh),
+        "web",
+        Some("True"),
+        "bound to shop/wp",
+    );
+    waypoint_bound(&mesh, &services_dyn(&mesh), "web-v1", None, "");
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     tcp_route(&mesh);
@@ -808,6 +869,13 @@ fn service_entry_from_the_api(mesh: &KubeMesh) {
     create(mesh, &entries, &entry, "the ServiceEntry");
     let once = "curl -sS --max-time 10 http://240.240.0.77/e -w '\\n'";
     until_seen(mesh, 0, "entry", once, |seen| seen == ["v2"]);
+    waypoint_bound(
+        mesh,
+        &entries,
+        "echo-entry",
+        Some("True"),
+        "bound to shop/wp",
+    );
     let route: DynamicObject = from_json(json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
         "metadata": {"name": "echo-entry", "namespace": NS},

@@ -711,3 +711,54 @@ fn a_waypoint_pod_being_deleted_takes_no_new_connections_but_finishes_its_own() 
     });
     assert_eq!(decision.verdict, Verdict::Allow, "{decision:?}");
 }
+
+#[test]
+fn what_asks_for_a_waypoint_is_told_whether_it_is_bound_and_why_not() {
+    use crate::{BoundKind, BoundObject};
+    let entry = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: shop\n  labels: {istio.io/use-waypoint: wp}\nspec:\n  hosts: [api.example.com]\n  addresses: [240.240.0.9]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  location: MESH_EXTERNAL\n";
+    let missing = service("shop", "c", "10.96.0.3", "istio.io/use-waypoint: nowhere");
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "",
+        &[missing.clone(), entry.to_owned()],
+    );
+    let conditions = state.bound_conditions();
+    let of = |kind, name: &str| {
+        let object = BoundObject {
+            kind,
+            namespace: "shop".to_owned(),
+            name: name.to_owned(),
+        };
+        let condition = conditions.get(&object)?;
+        Some((
+            condition.bound,
+            condition.reason.as_str(),
+            condition.message.clone(),
+        ))
+    };
+    let bound = Some((true, "WaypointAccepted", "bound to shop/wp".to_owned()));
+    assert_eq!(of(BoundKind::Service, "a"), bound);
+    assert_eq!(of(BoundKind::ServiceEntry, "api"), bound);
+    // `b` asks for none: no condition.
+    assert_eq!(conditions.len(), 3, "{conditions:?}");
+    let (ok, reason, message) = of(BoundKind::Service, "c").expect("c's condition");
+    assert_eq!((ok, reason), (false, "WaypointNotFound"));
+    assert!(
+        message.starts_with("no waypoint Gateway shop/nowhere"),
+        "{message}"
+    );
+    // A waypoint for workloads only.
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "istio.io/waypoint-for: workload",
+        &[],
+    );
+    let reasons: Vec<_> = state
+        .bound_conditions()
+        .values()
+        .map(|c| (c.bound, c.reason.as_str()))
+        .collect();
+    assert_eq!(reasons, [(false, "WaypointUnsupportedTraffic")]);
+}
