@@ -122,7 +122,9 @@ pub use options::{
 pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
 pub use state::ClusterState;
 pub use waypoint::{Guard, Unavailable, Waypoint, WaypointBinding, WaypointFor};
-pub use waypoint_bound::{BoundCondition, BoundKind, BoundObject, BoundReason, WAYPOINT_BOUND};
+pub use waypoint_bound::{
+    BoundCondition, BoundKind, BoundObject, BoundReason, WAYPOINT_ACCEPTED, WAYPOINT_BOUND,
+};
 
 #[cfg(test)]
 mod tests;

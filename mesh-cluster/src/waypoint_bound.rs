@@ -1,18 +1,29 @@
-//! What a Service or `ServiceEntry` that asks for a waypoint is told in its status: Istio's
-//! condition [`WAYPOINT_BOUND`], `True` when its traffic goes through the waypoint, else `False`
-//! with the reason the source agents refuse its connections (an unavailable waypoint fails
-//! closed, [`crate::waypoint`]). Users see there why a label took no effect, as Istio's do, without
-//! reading an agent's log. Objects that ask for no waypoint get no condition.
+//! What an object that depends on a waypoint is told in its status, as Istio tells it:
+//!
+//! - a Service or `ServiceEntry` that asks for a waypoint: Istio's condition [`WAYPOINT_BOUND`],
+//!   `True` when its traffic goes through the waypoint, else `False` with the reason the source
+//!   agents refuse its connections (an unavailable waypoint fails closed, [`crate::waypoint`]);
+//! - an `AuthorizationPolicy` with `targetRefs`: Istio's condition [`WAYPOINT_ACCEPTED`], `True`
+//!   when a waypoint enforces it for every target, else `False` naming the target that no
+//!   waypoint serves (a policy on a Service without waypoint is enforced nowhere: Istio's users
+//!   meet that as an ALLOW or DENY that silently does nothing).
+//!
+//! Users see there why a label or a policy took no effect without reading an agent's log.
+//! Objects that depend on no waypoint get no condition.
 
 use std::collections::BTreeMap;
 
 use crate::{
+    authz::AuthzPolicy,
     model::{Unavailable, WaypointBinding},
+    policy_target::PolicyTarget,
     state::ClusterState,
 };
 
-/// The condition's type, Istio's.
+/// The condition type of Services and `ServiceEntries`, Istio's.
 pub const WAYPOINT_BOUND: &str = "istio.io/WaypointBound";
+/// The condition type of `AuthorizationPolicies` with `targetRefs`, Istio's.
+pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
 
 /// Which object the condition is written on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -21,9 +32,22 @@ pub enum BoundKind {
     Service,
     /// An Istio `ServiceEntry`.
     ServiceEntry,
+    /// An Istio `AuthorizationPolicy` with `targetRefs`.
+    AuthorizationPolicy,
 }
 
-/// An object that asks for a waypoint.
+impl BoundKind {
+    /// The type of the condition written on objects of this kind.
+    #[must_use]
+    pub fn condition_type(self) -> &'static str {
+        match self {
+            BoundKind::Service | BoundKind::ServiceEntry => WAYPOINT_BOUND,
+            BoundKind::AuthorizationPolicy => WAYPOINT_ACCEPTED,
+        }
+    }
+}
+
+/// An object that depends on a waypoint.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BoundObject {
     pub kind: BoundKind,
@@ -36,6 +60,12 @@ pub struct BoundObject {
 pub enum BoundReason {
     /// Its traffic goes through the waypoint.
     Accepted,
+    /// A waypoint enforces the policy for every target.
+    PolicyAccepted,
+    /// A policy's target does not exist.
+    TargetNotFound,
+    /// A policy's target has no waypoint: nothing enforces the policy for it.
+    NoWaypoint,
     /// No waypoint `Gateway` of that name.
     NotFound,
     /// The waypoint does not take Service traffic.
@@ -52,10 +82,25 @@ impl BoundReason {
     pub fn as_str(self) -> &'static str {
         match self {
             BoundReason::Accepted => "WaypointAccepted",
+            BoundReason::PolicyAccepted => "Accepted",
+            BoundReason::TargetNotFound => "TargetNotFound",
+            BoundReason::NoWaypoint => "NoWaypoint",
             BoundReason::NotFound => "WaypointNotFound",
             BoundReason::UnsupportedTraffic => "WaypointUnsupportedTraffic",
             BoundReason::NotReady => "WaypointNotReady",
             BoundReason::AttachmentDenied => "WaypointAttachmentDenied",
+        }
+    }
+}
+
+impl BoundReason {
+    /// Why a waypoint asked for cannot take the traffic.
+    fn of(why: &Unavailable) -> Self {
+        match why {
+            Unavailable::NotFound { .. } => BoundReason::NotFound,
+            Unavailable::WrongTraffic { .. } => BoundReason::UnsupportedTraffic,
+            Unavailable::NotReady { .. } => BoundReason::NotReady,
+            Unavailable::AttachmentDenied { .. } => BoundReason::AttachmentDenied,
         }
     }
 }
@@ -80,16 +125,11 @@ impl WaypointBinding {
             WaypointBinding::Bound(waypoint) => {
                 (true, BoundReason::Accepted, format!("bound to {waypoint}"))
             }
-            WaypointBinding::Unavailable(why) => {
-                let reason = match why {
-                    Unavailable::NotFound { .. } => BoundReason::NotFound,
-                    Unavailable::WrongTraffic { .. } => BoundReason::UnsupportedTraffic,
-                    Unavailable::NotReady { .. } => BoundReason::NotReady,
-                    Unavailable::AttachmentDenied { .. } => BoundReason::AttachmentDenied,
-                };
-                let message = format!("{why}: its connections are refused until it is");
-                (false, reason, message)
-            }
+            WaypointBinding::Unavailable(why) => (
+                false,
+                BoundReason::of(why),
+                format!("{why}: its connections are refused until it is"),
+            ),
         };
         Some(BoundCondition {
             bound,
@@ -100,25 +140,107 @@ impl WaypointBinding {
 }
 
 impl ClusterState {
-    /// The [`WAYPOINT_BOUND`] condition of every Service and `ServiceEntry` that asks for a
-    /// waypoint.
+    /// The condition of every object that depends on a waypoint: [`WAYPOINT_BOUND`] of the
+    /// Services and `ServiceEntries` that ask for one, [`WAYPOINT_ACCEPTED`] of the
+    /// `AuthorizationPolicies` with `targetRefs`.
     #[must_use]
     pub fn bound_conditions(&self) -> BTreeMap<BoundObject, BoundCondition> {
-        self.services()
+        let services = self.services().iter().filter_map(|service| {
+            let condition = self.service_waypoint(service).condition()?;
+            let object = BoundObject {
+                kind: if service.is_entry() {
+                    BoundKind::ServiceEntry
+                } else {
+                    BoundKind::Service
+                },
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+            };
+            Some((object, condition))
+        });
+        let policies = self
+            .authorization_policies()
             .iter()
-            .filter_map(|service| {
-                let condition = self.service_waypoint(service).condition()?;
+            .filter(|policy| !policy.targets.is_empty())
+            .map(|policy| {
                 let object = BoundObject {
-                    kind: if service.is_entry() {
-                        BoundKind::ServiceEntry
-                    } else {
-                        BoundKind::Service
-                    },
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
+                    kind: BoundKind::AuthorizationPolicy,
+                    namespace: policy.namespace.clone(),
+                    name: policy.name.clone(),
                 };
-                Some((object, condition))
-            })
-            .collect()
+                (object, self.policy_condition(policy))
+            });
+        services.chain(policies).collect()
+    }
+
+    /// `policy`'s [`WAYPOINT_ACCEPTED`]: the waypoints that enforce it, or the first target
+    /// none does.
+    fn policy_condition(&self, policy: &AuthzPolicy) -> BoundCondition {
+        let mut waypoints: Vec<String> = Vec::new();
+        for target in &policy.targets {
+            match self.target_waypoint(&policy.namespace, target) {
+                Ok(waypoint) if !waypoints.contains(&waypoint) => waypoints.push(waypoint),
+                Ok(_) => {}
+                Err((reason, message)) => {
+                    return BoundCondition {
+                        bound: false,
+                        reason,
+                        message,
+                    }
+                }
+            }
+        }
+        BoundCondition {
+            bound: true,
+            reason: BoundReason::PolicyAccepted,
+            message: format!("bound to {}", waypoints.join(", ")),
+        }
+    }
+
+    /// The waypoint that enforces a policy of `namespace` for `target`, or why none does.
+    fn target_waypoint(
+        &self,
+        namespace: &str,
+        target: &PolicyTarget,
+    ) -> Result<String, (BoundReason, String)> {
+        let (name, entry) = match target {
+            PolicyTarget::Gateway(name) => {
+                return match self.waypoint(namespace, name) {
+                    Some(waypoint) => Ok(waypoint.to_string()),
+                    None => Err((
+                        BoundReason::TargetNotFound,
+                        format!("no waypoint Gateway {namespace}/{name}"),
+                    )),
+                };
+            }
+            PolicyTarget::GatewayClass(class) => return Ok(format!("every {class} waypoint")),
+            PolicyTarget::Service(name) => (name, false),
+            PolicyTarget::ServiceEntry(name) => (name, true),
+        };
+        let kind = if entry { "ServiceEntry" } else { "Service" };
+        let found = self
+            .services()
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == *name && s.is_entry() == entry);
+        let Some(service) = found else {
+            return Err((
+                BoundReason::TargetNotFound,
+                format!("no {kind} {namespace}/{name}"),
+            ));
+        };
+        match self.service_waypoint(service) {
+            WaypointBinding::Bound(waypoint) => Ok(waypoint.to_string()),
+            WaypointBinding::None => Err((
+                BoundReason::NoWaypoint,
+                format!(
+                    "{kind} {namespace}/{name} has no waypoint (istio.io/use-waypoint): \
+                     nothing enforces this policy for it"
+                ),
+            )),
+            WaypointBinding::Unavailable(why) => Err((
+                BoundReason::of(why),
+                format!("{kind} {namespace}/{name}: {why}"),
+            )),
+        }
     }
 }

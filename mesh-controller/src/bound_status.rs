@@ -1,9 +1,10 @@
-//! The `istio.io/WaypointBound` condition ([`mesh_cluster::waypoint_bound`]) on every `Service`
-//! and `ServiceEntry` that asks for a waypoint, kept true to the cluster view. The controller
+//! The conditions of [`mesh_cluster::waypoint_bound`], kept true to the cluster view:
+//! `istio.io/WaypointBound` on every `Service` and `ServiceEntry` that asks for a waypoint,
+//! `WaypointAccepted` on every `AuthorizationPolicy` with `targetRefs`. The controller
 //! reads the view as a waypoint reads it (the chart binds it to the waypoint role) and, at every
 //! change of the view, applies the conditions that changed (server-side apply to the status
 //! subresource, field manager [`FIELD_MANAGER`]); an object that no longer asks for a waypoint
-//! has its condition removed. The conditions already written are read when it starts, so a
+//! (or a policy that no longer targets any) has its condition removed. The conditions already written are read when it starts, so a
 //! label removed while it was down is seen too. A write that fails is warned about and retried
 //! at the next change or after [`RETRY`]; an object that is gone is forgotten.
 
@@ -20,7 +21,7 @@ use kube::{
 };
 use mesh_cluster::{
     BoundCondition, BoundKind, BoundObject, ClusterState, EnrollmentOptions, KubeOptions,
-    KubeSource, WAYPOINT_BOUND,
+    KubeSource,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -31,12 +32,27 @@ use crate::{resources::FIELD_MANAGER, ControllerError};
 /// How soon writes that failed are tried again when the view does not change.
 const RETRY: Duration = Duration::from_secs(10);
 
-/// `networking.istio.io/v1` `ServiceEntry`.
-fn service_entry_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry"),
-        "serviceentries",
-    )
+/// The kinds written on.
+const KINDS: [BoundKind; 3] = [
+    BoundKind::Service,
+    BoundKind::ServiceEntry,
+    BoundKind::AuthorizationPolicy,
+];
+
+/// The API resource of `kind`.
+fn resource(kind: BoundKind) -> ApiResource {
+    let istio = |group, kind, plural| {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), plural)
+    };
+    match kind {
+        BoundKind::Service => ApiResource::erase::<Service>(&()),
+        BoundKind::ServiceEntry => istio("networking.istio.io", "ServiceEntry", "serviceentries"),
+        BoundKind::AuthorizationPolicy => istio(
+            "security.istio.io",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        ),
+    }
 }
 
 /// A condition as written on an object.
@@ -56,13 +72,13 @@ impl Written {
             && self.message == condition.message
     }
 
-    /// The condition of `status` (an object's), if it has one.
-    fn of(status: Option<&Value>) -> Option<Self> {
+    /// The condition of type `kind` in `status` (an object's), if it has one.
+    fn of(status: Option<&Value>, kind: &str) -> Option<Self> {
         let condition = status?
             .get("conditions")?
             .as_array()?
             .iter()
-            .find(|c| c.get("type").and_then(Value::as_str) == Some(WAYPOINT_BOUND))?;
+            .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))?;
         let text = |field: &str| {
             condition
                 .get(field)
@@ -128,42 +144,33 @@ async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>) {
     }
 }
 
-/// The conditions the objects have now (those that cannot be listed are taken as having none,
-/// and warned about).
+/// The conditions the objects have now (a kind that cannot be listed is taken as having none,
+/// and warned about; one not served has no objects).
 async fn read_written(client: &Client) -> BTreeMap<BoundObject, Written> {
     let mut written = BTreeMap::new();
-    let object = |kind, meta: &kube::api::ObjectMeta| BoundObject {
-        kind,
-        namespace: meta.namespace.clone().unwrap_or_default(),
-        name: meta.name.clone().unwrap_or_default(),
-    };
-    match Api::<Service>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-    {
-        Ok(services) => {
-            for service in services {
-                let status = service.status.as_ref().map(|s| json!(s));
-                if let Some(condition) = Written::of(status.as_ref()) {
-                    written.insert(object(BoundKind::Service, &service.metadata), condition);
-                }
+    for kind in KINDS {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource(kind));
+        let objects = match api.list(&ListParams::default()).await {
+            Ok(objects) => objects,
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                debug!(?kind, "not served: no conditions to read");
+                continue;
+            }
+            Err(e) => {
+                warn!(?kind, error = %e, "listing objects for their waypoint conditions");
+                continue;
+            }
+        };
+        for object in objects {
+            if let Some(condition) = Written::of(object.data.get("status"), kind.condition_type()) {
+                let at = BoundObject {
+                    kind,
+                    namespace: object.metadata.namespace.clone().unwrap_or_default(),
+                    name: object.metadata.name.clone().unwrap_or_default(),
+                };
+                written.insert(at, condition);
             }
         }
-        Err(e) => warn!(error = %e, "listing Services for their WaypointBound conditions"),
-    }
-    let entries = Api::<DynamicObject>::all_with(client.clone(), &service_entry_resource());
-    match entries.list(&ListParams::default()).await {
-        Ok(entries) => {
-            for entry in entries {
-                if let Some(condition) = Written::of(entry.data.get("status")) {
-                    written.insert(object(BoundKind::ServiceEntry, &entry.metadata), condition);
-                }
-            }
-        }
-        Err(kube::Error::Api(e)) if e.code == 404 => {
-            debug!("ServiceEntries are not served: none to write on");
-        }
-        Err(e) => warn!(error = %e, "listing ServiceEntries for their WaypointBound conditions"),
     }
     written
 }
@@ -188,7 +195,7 @@ async fn sync(
         };
         match apply(client, &object, want, &since).await {
             Ok(Applied::Done) => {
-                debug!(?object, ?want, "WaypointBound written");
+                debug!(?object, ?want, "waypoint condition written");
                 match want {
                     Some(want) => written.insert(
                         object,
@@ -206,7 +213,7 @@ async fn sync(
                 written.remove(&object);
             }
             Err(e) => {
-                warn!(error = %e, "the WaypointBound condition not written: retried");
+                warn!(error = %e, "a waypoint condition not written: retried");
                 failed = true;
             }
         }
@@ -224,7 +231,7 @@ async fn apply(
     let conditions: Vec<Value> = condition
         .map(|c| {
             json!({
-                "type": WAYPOINT_BOUND,
+                "type": object.kind.condition_type(),
                 "status": if c.bound { "True" } else { "False" },
                 "reason": c.reason.as_str(),
                 "message": c.message,
@@ -234,67 +241,25 @@ async fn apply(
         .into_iter()
         .collect();
     let (ns, name) = (object.namespace.as_str(), object.name.as_str());
+    let resource = resource(object.kind);
+    let status = json!({
+        "apiVersion": resource.api_version, "kind": resource.kind,
+        "status": {"conditions": conditions},
+    });
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let result = match object.kind {
-        BoundKind::Service => {
-            let status = json!({
-                "apiVersion": "v1", "kind": "Service",
-                "status": {"conditions": conditions},
-            });
-            Api::<Service>::namespaced(client.clone(), ns)
-                .patch_status(name, &params, &Patch::Apply(&status))
-                .await
-                .map(drop)
-        }
-        BoundKind::ServiceEntry => {
-            let status = json!({
-                "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
-                "status": {"conditions": conditions},
-            });
-            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &service_entry_resource())
-                .patch_status(name, &params, &Patch::Apply(&status))
-                .await
-                .map(drop)
-        }
-    };
+    let result = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
+        .patch_status(name, &params, &Patch::Apply(&status))
+        .await;
     match result {
-        Ok(()) => Ok(Applied::Done),
+        Ok(_) => Ok(Applied::Done),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(Applied::Gone),
         Err(source) => Err(ControllerError::Api {
             what: format!(
-                "writing the WaypointBound condition of {kind:?} {ns}/{name}",
-                kind = object.kind
+                "writing the {} condition of {} {ns}/{name}",
+                object.kind.condition_type(),
+                resource.kind
             ),
             source,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use mesh_cluster::{BoundCondition, BoundReason};
-    use serde_json::json;
-
-    use super::Written;
-
-    #[test]
-    fn the_condition_written_is_read_back_and_compared() {
-        let status = json!({"conditions": [
-            {"type": "Ready", "status": "True"},
-            {"type": "istio.io/WaypointBound", "status": "False", "reason": "WaypointNotFound",
-             "message": "no waypoint Gateway shop/wp", "lastTransitionTime": "2026-12-07T12:00:00Z"},
-        ]});
-        let written = Written::of(Some(&status)).expect("the condition");
-        assert_eq!(written.since, "2026-12-07T12:00:00Z");
-        let mut condition = BoundCondition {
-            bound: false,
-            reason: BoundReason::NotFound,
-            message: "no waypoint Gateway shop/wp".to_owned(),
-        };
-        assert!(written.says(&condition));
-        condition.reason = BoundReason::NotReady;
-        assert!(!written.says(&condition));
-        assert!(Written::of(Some(&json!({"conditions": [{"type": "Ready"}]}))).is_none());
-        assert!(Written::of(None).is_none());
     }
 }

@@ -584,7 +584,7 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
     for rule in &status {
         assert_eq!(rule["verbs"], json!(["patch"]), "{rule}");
     }
-    assert_eq!(status.len(), 3, "{status:?}");
+    assert_eq!(status.len(), 4, "{status:?}");
     let view = named(
         &objects,
         "ClusterRoleBinding",

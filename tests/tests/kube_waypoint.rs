@@ -211,6 +211,33 @@ fn waypoint_bound(
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Waits until the policy `name` has the controller's `WaypointAccepted` condition with
+/// `status` and a message starting with `message`.
+fn waypoint_accepted(
+    mesh: &KubeMesh,
+    policies: &Api<DynamicObject>,
+    name: &str,
+    status: &str,
+    message: &str,
+) {
+    let what = format!("{name}'s WaypointAccepted {status} {message:?}");
+    mesh.cp
+        .block_on(eventually(&what, WAIT, || async {
+            let policy = policies.get(name).await.ok()?;
+            let condition = policy.data["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "WaypointAccepted")?
+                .clone();
+            (condition["status"] == status
+                && condition["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message)))
+            .then_some(())
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// `Services` of the namespace, as dynamic objects (their status read as it is written).
 fn services_dyn(mesh: &KubeMesh) -> Api<DynamicObject> {
     Api::namespaced_with(mesh.cp.client(), NS, &ApiResource::erase::<Service>(&()))
@@ -682,6 +709,34 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
         },
     }));
     create(mesh, &policies, &policy, "the AuthorizationPolicy");
+    // The controller tells the policy which waypoint enforces it; one on a Service without
+    // waypoint is told that nothing does.
+    waypoint_accepted(mesh, &policies, "web-read-only", "True", "bound to shop/wp");
+    let nowhere: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "web-v1-deny", "namespace": NS},
+        "spec": {
+            "targetRefs": [{"kind": "Service", "group": "", "name": "web-v1"}],
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}],
+        },
+    }));
+    create(
+        mesh,
+        &policies,
+        &nowhere,
+        "a policy on a Service without waypoint",
+    );
+    waypoint_accepted(
+        mesh,
+        &policies,
+        "web-v1-deny",
+        "False",
+        "Service shop/web-v1 has no waypoint",
+    );
+    mesh.cp
+        .block_on(policies.delete("web-v1-deny", &DeleteParams::default()))
+        .expect("policy deleted");
     let statuses = format!(
         "for req in 'GET /x' 'POST /x' 'GET /admin' 'GET /%61dmin/a' 'GET /b/../admin' 'GET //admin'; do \
          set -- $req; curl -sS --max-time 10 --path-as-is -X $1 -o /dev/null -w '%{{http_code}}\n' \

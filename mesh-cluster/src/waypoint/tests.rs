@@ -762,3 +762,60 @@ fn what_asks_for_a_waypoint_is_told_whether_it_is_bound_and_why_not() {
         .collect();
     assert_eq!(reasons, [(false, "WaypointUnsupportedTraffic")]);
 }
+
+#[test]
+fn a_policy_with_target_refs_is_told_which_waypoint_enforces_it_or_that_none_does() {
+    use crate::{BoundKind, BoundObject};
+    let policy = |name: &str, target: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  {target}\n  action: DENY\n  rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]\n"
+        )
+    };
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "",
+        &[
+            policy("on-a", "targetRefs: [{kind: Service, group: \"\", name: a}]"),
+            policy("on-b", "targetRefs: [{kind: Service, group: \"\", name: b}]"),
+            policy("on-gone", "targetRefs: [{kind: Service, group: \"\", name: gone}]"),
+            policy(
+                "on-wp",
+                "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]",
+            ),
+            policy("on-both", "targetRefs: [{kind: Service, group: \"\", name: a}, {kind: Service, group: \"\", name: b}]"),
+            policy("on-pods", "selector: {matchLabels: {app: a}}"),
+        ],
+    );
+    let conditions = state.bound_conditions();
+    let of = |name: &str| {
+        let object = BoundObject {
+            kind: BoundKind::AuthorizationPolicy,
+            namespace: "shop".to_owned(),
+            name: name.to_owned(),
+        };
+        let c = conditions.get(&object)?;
+        Some((c.bound, c.reason.as_str(), c.message.clone()))
+    };
+    let accepted = Some((true, "Accepted", "bound to shop/wp".to_owned()));
+    assert_eq!(of("on-a"), accepted);
+    assert_eq!(of("on-wp"), accepted);
+    let (ok, reason, message) = of("on-b").expect("on-b's condition");
+    assert_eq!((ok, reason), (false, "NoWaypoint"));
+    assert!(
+        message.starts_with("Service shop/b has no waypoint"),
+        "{message}"
+    );
+    // One target without waypoint is enough for the policy to be told.
+    assert_eq!(of("on-both").map(|c| c.1), Some("NoWaypoint"));
+    assert_eq!(
+        of("on-gone").map(|c| (c.1, c.2)),
+        Some(("TargetNotFound", "no Service shop/gone".to_owned()))
+    );
+    // A policy of pods (a selector, enforced by the node agents) gets none.
+    assert_eq!(of("on-pods"), None);
+    assert_eq!(
+        BoundKind::AuthorizationPolicy.condition_type(),
+        "WaypointAccepted"
+    );
+}
