@@ -201,6 +201,10 @@ pub struct AuthzPolicy {
     /// (an ALLOW or AUDIT rule with a field nothing evaluates is left out).
     #[serde(rename = "httpRules", skip_serializing_if = "Vec::is_empty")]
     pub http_rules: Vec<AuthzRule>,
+    /// For a policy of the node agents (no `targetRefs`): how each rule with HTTP fields is
+    /// narrowed, since the agents see connections, not requests (empty: enforced as written).
+    #[serde(skip)]
+    pub unenforced_by_agents: Vec<String>,
     /// `namespace/name`, shared by the decisions that name the policy.
     #[serde(skip)]
     key: Arc<str>,

@@ -124,6 +124,7 @@ pub use state::ClusterState;
 pub use waypoint::{Guard, Unavailable, Waypoint, WaypointBinding, WaypointFor};
 pub use waypoint_bound::{
     BoundCondition, BoundKind, BoundObject, BoundReason, WAYPOINT_ACCEPTED, WAYPOINT_BOUND,
+    ZTUNNEL_ACCEPTED,
 };
 
 #[cfg(test)]

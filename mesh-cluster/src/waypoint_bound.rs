@@ -6,7 +6,11 @@
 //! - an `AuthorizationPolicy` with `targetRefs`: Istio's condition [`WAYPOINT_ACCEPTED`], `True`
 //!   when a waypoint enforces it for every target, else `False` naming the target that no
 //!   waypoint serves (a policy on a Service without waypoint is enforced nowhere: Istio's users
-//!   meet that as an ALLOW or DENY that silently does nothing).
+//!   meet that as an ALLOW or DENY that silently does nothing);
+//! - every other `AuthorizationPolicy` (the node agents enforce it): Istio's [`ZTUNNEL_ACCEPTED`],
+//!   `True`, or `False` (`UnsupportedValue`) when a rule has HTTP fields the agents cannot
+//!   evaluate, saying how each such rule is narrowed (an ALLOW matches nothing, a DENY denies
+//!   more).
 //!
 //! Users see there why a label or a policy took no effect without reading an agent's log.
 //! Objects that depend on no waypoint get no condition.
@@ -14,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    authz::AuthzPolicy,
+    authz::{AuthzPolicy, AuthzScope},
     model::{Unavailable, WaypointBinding},
     policy_target::PolicyTarget,
     state::ClusterState,
@@ -24,6 +28,9 @@ use crate::{
 pub const WAYPOINT_BOUND: &str = "istio.io/WaypointBound";
 /// The condition type of `AuthorizationPolicies` with `targetRefs`, Istio's.
 pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
+/// The condition type of the other `AuthorizationPolicies` (the node agents', ztunnel's in
+/// Istio), Istio's.
+pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
 
 /// Which object the condition is written on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,12 +44,12 @@ pub enum BoundKind {
 }
 
 impl BoundKind {
-    /// The type of the condition written on objects of this kind.
+    /// The types of the conditions written on objects of this kind.
     #[must_use]
-    pub fn condition_type(self) -> &'static str {
+    pub fn condition_types(self) -> &'static [&'static str] {
         match self {
-            BoundKind::Service | BoundKind::ServiceEntry => WAYPOINT_BOUND,
-            BoundKind::AuthorizationPolicy => WAYPOINT_ACCEPTED,
+            BoundKind::Service | BoundKind::ServiceEntry => &[WAYPOINT_BOUND],
+            BoundKind::AuthorizationPolicy => &[WAYPOINT_ACCEPTED, ZTUNNEL_ACCEPTED],
         }
     }
 }
@@ -66,6 +73,8 @@ pub enum BoundReason {
     TargetNotFound,
     /// A policy's target has no waypoint: nothing enforces the policy for it.
     NoWaypoint,
+    /// A rule of a node agents' policy has HTTP fields they cannot evaluate.
+    UnsupportedValue,
     /// No waypoint `Gateway` of that name.
     NotFound,
     /// The waypoint does not take Service traffic.
@@ -85,6 +94,7 @@ impl BoundReason {
             BoundReason::PolicyAccepted => "Accepted",
             BoundReason::TargetNotFound => "TargetNotFound",
             BoundReason::NoWaypoint => "NoWaypoint",
+            BoundReason::UnsupportedValue => "UnsupportedValue",
             BoundReason::NotFound => "WaypointNotFound",
             BoundReason::UnsupportedTraffic => "WaypointUnsupportedTraffic",
             BoundReason::NotReady => "WaypointNotReady",
@@ -108,8 +118,10 @@ impl BoundReason {
 /// The condition of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundCondition {
-    /// Whether its traffic goes through the waypoint (`status`).
-    pub bound: bool,
+    /// Its `type`: [`WAYPOINT_BOUND`], [`WAYPOINT_ACCEPTED`] or [`ZTUNNEL_ACCEPTED`].
+    pub condition_type: &'static str,
+    /// Whether it holds (`status`): bound, or enforced as written.
+    pub ok: bool,
     pub reason: BoundReason,
     /// For people: the waypoint, or why it cannot take the traffic.
     pub message: String,
@@ -120,7 +132,7 @@ impl WaypointBinding {
     /// no waypoint.
     #[must_use]
     pub fn condition(&self) -> Option<BoundCondition> {
-        let (bound, reason, message) = match self {
+        let (ok, reason, message) = match self {
             WaypointBinding::None => return None,
             WaypointBinding::Bound(waypoint) => {
                 (true, BoundReason::Accepted, format!("bound to {waypoint}"))
@@ -132,7 +144,8 @@ impl WaypointBinding {
             ),
         };
         Some(BoundCondition {
-            bound,
+            condition_type: WAYPOINT_BOUND,
+            ok,
             reason,
             message,
         })
@@ -158,24 +171,35 @@ impl ClusterState {
             };
             Some((object, condition))
         });
-        let policies = self
-            .authorization_policies()
-            .iter()
-            .filter(|policy| !policy.targets.is_empty())
-            .map(|policy| {
-                let object = BoundObject {
-                    kind: BoundKind::AuthorizationPolicy,
-                    namespace: policy.namespace.clone(),
-                    name: policy.name.clone(),
-                };
-                (object, self.policy_condition(policy))
-            });
+        let policies = self.authorization_policies().iter().map(|policy| {
+            let object = BoundObject {
+                kind: BoundKind::AuthorizationPolicy,
+                namespace: policy.namespace.clone(),
+                name: policy.name.clone(),
+            };
+            let condition = if policy.scope == AuthzScope::Waypoint {
+                self.policy_condition(policy)
+            } else {
+                agents_condition(policy)
+            };
+            (object, condition)
+        });
         services.chain(policies).collect()
     }
 
     /// `policy`'s [`WAYPOINT_ACCEPTED`]: the waypoints that enforce it, or the first target
     /// none does.
     fn policy_condition(&self, policy: &AuthzPolicy) -> BoundCondition {
+        if policy.targets.is_empty() {
+            return BoundCondition {
+                condition_type: WAYPOINT_ACCEPTED,
+                ok: false,
+                reason: BoundReason::TargetNotFound,
+                message: "none of its targetRefs names a waypoint Gateway, its GatewayClass, a \
+                          Service or a ServiceEntry of its namespace: it applies to nothing"
+                    .to_owned(),
+            };
+        }
         let mut waypoints: Vec<String> = Vec::new();
         for target in &policy.targets {
             match self.target_waypoint(&policy.namespace, target) {
@@ -183,7 +207,8 @@ impl ClusterState {
                 Ok(_) => {}
                 Err((reason, message)) => {
                     return BoundCondition {
-                        bound: false,
+                        condition_type: WAYPOINT_ACCEPTED,
+                        ok: false,
                         reason,
                         message,
                     }
@@ -191,7 +216,8 @@ impl ClusterState {
             }
         }
         BoundCondition {
-            bound: true,
+            condition_type: WAYPOINT_ACCEPTED,
+            ok: true,
             reason: BoundReason::PolicyAccepted,
             message: format!("bound to {}", waypoints.join(", ")),
         }
@@ -242,5 +268,27 @@ impl ClusterState {
                 format!("{kind} {namespace}/{name}: {why}"),
             )),
         }
+    }
+}
+
+/// A node agents' `policy`'s [`ZTUNNEL_ACCEPTED`]: enforced as written, or how its rules with
+/// HTTP fields are narrowed.
+fn agents_condition(policy: &AuthzPolicy) -> BoundCondition {
+    if policy.unenforced_by_agents.is_empty() {
+        return BoundCondition {
+            condition_type: ZTUNNEL_ACCEPTED,
+            ok: true,
+            reason: BoundReason::PolicyAccepted,
+            message: "enforced by the node agents".to_owned(),
+        };
+    }
+    BoundCondition {
+        condition_type: ZTUNNEL_ACCEPTED,
+        ok: false,
+        reason: BoundReason::UnsupportedValue,
+        message: format!(
+            "{}; HTTP fields are enforced by a waypoint, for a policy with targetRefs",
+            policy.unenforced_by_agents.join("; ")
+        ),
     }
 }

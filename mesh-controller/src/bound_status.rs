@@ -1,6 +1,7 @@
 //! The conditions of [`mesh_cluster::waypoint_bound`], kept true to the cluster view:
 //! `istio.io/WaypointBound` on every `Service` and `ServiceEntry` that asks for a waypoint,
-//! `WaypointAccepted` on every `AuthorizationPolicy` with `targetRefs`. The controller
+//! `WaypointAccepted` on every `AuthorizationPolicy` with `targetRefs`, `ZtunnelAccepted` on
+//! every other. The controller
 //! reads the view as a waypoint reads it (the chart binds it to the waypoint role) and, at every
 //! change of the view, applies the conditions that changed (server-side apply to the status
 //! subresource, field manager [`FIELD_MANAGER`]); an object that no longer asks for a waypoint
@@ -58,7 +59,8 @@ fn resource(kind: BoundKind) -> ApiResource {
 /// A condition as written on an object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Written {
-    bound: bool,
+    condition_type: String,
+    ok: bool,
     reason: String,
     message: String,
     /// Its `lastTransitionTime`: kept while `bound` stays.
@@ -67,18 +69,19 @@ struct Written {
 
 impl Written {
     fn says(&self, condition: &BoundCondition) -> bool {
-        self.bound == condition.bound
+        self.condition_type == condition.condition_type
+            && self.ok == condition.ok
             && self.reason == condition.reason.as_str()
             && self.message == condition.message
     }
 
-    /// The condition of type `kind` in `status` (an object's), if it has one.
-    fn of(status: Option<&Value>, kind: &str) -> Option<Self> {
-        let condition = status?
-            .get("conditions")?
-            .as_array()?
-            .iter()
-            .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))?;
+    /// The first condition of one of `types` in `status` (an object's), if it has one.
+    fn of(status: Option<&Value>, types: &[&str]) -> Option<Self> {
+        let condition = status?.get("conditions")?.as_array()?.iter().find(|c| {
+            c.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| types.contains(&t))
+        })?;
         let text = |field: &str| {
             condition
                 .get(field)
@@ -87,7 +90,8 @@ impl Written {
                 .to_owned()
         };
         Some(Self {
-            bound: text("status") == "True",
+            condition_type: text("type"),
+            ok: text("status") == "True",
             reason: text("reason"),
             message: text("message"),
             since: text("lastTransitionTime"),
@@ -162,7 +166,8 @@ async fn read_written(client: &Client) -> BTreeMap<BoundObject, Written> {
             }
         };
         for object in objects {
-            if let Some(condition) = Written::of(object.data.get("status"), kind.condition_type()) {
+            if let Some(condition) = Written::of(object.data.get("status"), kind.condition_types())
+            {
                 let at = BoundObject {
                     kind,
                     namespace: object.metadata.namespace.clone().unwrap_or_default(),
@@ -190,7 +195,11 @@ async fn sync(
         let since = match (want, have) {
             (Some(want), Some(have)) if have.says(want) => continue,
             (None, None) => continue,
-            (Some(want), Some(have)) if have.bound == want.bound => have.since.clone(),
+            (Some(want), Some(have))
+                if have.ok == want.ok && have.condition_type == want.condition_type =>
+            {
+                have.since.clone()
+            }
             _ => Timestamp::now().to_string(),
         };
         match apply(client, &object, want, &since).await {
@@ -200,7 +209,8 @@ async fn sync(
                     Some(want) => written.insert(
                         object,
                         Written {
-                            bound: want.bound,
+                            condition_type: want.condition_type.to_owned(),
+                            ok: want.ok,
                             reason: want.reason.as_str().to_owned(),
                             message: want.message.clone(),
                             since,
@@ -231,8 +241,8 @@ async fn apply(
     let conditions: Vec<Value> = condition
         .map(|c| {
             json!({
-                "type": object.kind.condition_type(),
-                "status": if c.bound { "True" } else { "False" },
+                "type": c.condition_type,
+                "status": if c.ok { "True" } else { "False" },
                 "reason": c.reason.as_str(),
                 "message": c.message,
                 "lastTransitionTime": since,
@@ -256,10 +266,46 @@ async fn apply(
         Err(source) => Err(ControllerError::Api {
             what: format!(
                 "writing the {} condition of {} {ns}/{name}",
-                object.kind.condition_type(),
+                condition.map_or("waypoint", |c| c.condition_type),
                 resource.kind
             ),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_cluster::{BoundCondition, BoundReason, WAYPOINT_BOUND, ZTUNNEL_ACCEPTED};
+    use serde_json::json;
+
+    use super::Written;
+
+    #[test]
+    fn the_condition_written_is_read_back_and_compared() {
+        let status = json!({"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "istio.io/WaypointBound", "status": "False", "reason": "WaypointNotFound",
+             "message": "no waypoint Gateway shop/wp", "lastTransitionTime": "2026-12-07T12:00:00Z"},
+        ]});
+        let written = Written::of(Some(&status), &[WAYPOINT_BOUND]).expect("the condition");
+        assert_eq!(written.since, "2026-12-07T12:00:00Z");
+        assert!(Written::of(Some(&status), &["WaypointAccepted"]).is_none());
+        let mut condition = BoundCondition {
+            condition_type: WAYPOINT_BOUND,
+            ok: false,
+            reason: BoundReason::NotFound,
+            message: "no waypoint Gateway shop/wp".to_owned(),
+        };
+        assert!(written.says(&condition));
+        condition.reason = BoundReason::NotReady;
+        assert!(!written.says(&condition));
+        // The same words under another type are another condition.
+        condition.reason = BoundReason::NotFound;
+        condition.condition_type = ZTUNNEL_ACCEPTED;
+        assert!(!written.says(&condition));
+        let ready = json!({"conditions": [{"type": "Ready"}]});
+        assert!(Written::of(Some(&ready), &[WAYPOINT_BOUND]).is_none());
+        assert!(Written::of(None, &[WAYPOINT_BOUND]).is_none());
     }
 }

@@ -211,23 +211,23 @@ fn waypoint_bound(
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Waits until the policy `name` has the controller's `WaypointAccepted` condition with
-/// `status` and a message starting with `message`.
-fn waypoint_accepted(
+/// Waits until the policy `name` has the controller's condition `kind` (`WaypointAccepted`,
+/// `ZtunnelAccepted`) with `status` and a message starting with `message`.
+fn policy_condition(
     mesh: &KubeMesh,
     policies: &Api<DynamicObject>,
-    name: &str,
+    (name, kind): (&str, &str),
     status: &str,
     message: &str,
 ) {
-    let what = format!("{name}'s WaypointAccepted {status} {message:?}");
+    let what = format!("{name}'s {kind} {status} {message:?}");
     mesh.cp
         .block_on(eventually(&what, WAIT, || async {
             let policy = policies.get(name).await.ok()?;
             let condition = policy.data["status"]["conditions"]
                 .as_array()?
                 .iter()
-                .find(|c| c["type"] == "WaypointAccepted")?
+                .find(|c| c["type"] == kind)?
                 .clone();
             (condition["status"] == status
                 && condition["message"]
@@ -711,7 +711,14 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
     create(mesh, &policies, &policy, "the AuthorizationPolicy");
     // The controller tells the policy which waypoint enforces it; one on a Service without
     // waypoint is told that nothing does.
-    waypoint_accepted(mesh, &policies, "web-read-only", "True", "bound to shop/wp");
+    let accepted = "WaypointAccepted";
+    policy_condition(
+        mesh,
+        &policies,
+        ("web-read-only", accepted),
+        "True",
+        "bound to shop/wp",
+    );
     let nowhere: DynamicObject = from_json(json!({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
         "metadata": {"name": "web-v1-deny", "namespace": NS},
@@ -727,16 +734,43 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
         &nowhere,
         "a policy on a Service without waypoint",
     );
-    waypoint_accepted(
+    policy_condition(
         mesh,
         &policies,
-        "web-v1-deny",
+        ("web-v1-deny", accepted),
         "False",
         "Service shop/web-v1 has no waypoint",
     );
-    mesh.cp
-        .block_on(policies.delete("web-v1-deny", &DeleteParams::default()))
-        .expect("policy deleted");
+    // A policy of pods (the node agents'): its HTTP field is one they cannot evaluate, and the
+    // policy says what that does to its rule.
+    let agents: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "pods-get-only", "namespace": NS},
+        "spec": {
+            "selector": {"matchLabels": {"app": "nobody"}},
+            "action": "ALLOW",
+            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
+        },
+    }));
+    create(
+        mesh,
+        &policies,
+        &agents,
+        "a policy of the node agents with an HTTP field",
+    );
+    policy_condition(
+        mesh,
+        &policies,
+        ("pods-get-only", "ZtunnelAccepted"),
+        "False",
+        "rules[0].to[0].operation.methods is an HTTP (L7) field the node agent does not \
+         enforce: this ALLOW rule matches nothing",
+    );
+    for name in ["web-v1-deny", "pods-get-only"] {
+        mesh.cp
+            .block_on(policies.delete(name, &DeleteParams::default()))
+            .expect("policy deleted");
+    }
     let statuses = format!(
         "for req in 'GET /x' 'POST /x' 'GET /admin' 'GET /%61dmin/a' 'GET /b/../admin' 'GET //admin'; do \
          set -- $req; curl -sS --max-time 10 --path-as-is -X $1 -o /dev/null -w '%{{http_code}}\n' \

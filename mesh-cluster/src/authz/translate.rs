@@ -59,13 +59,16 @@ pub(super) fn policy_from(
     }
     let mut rules = Vec::new();
     let mut http_rules = Vec::new();
+    let mut unenforced_by_agents = Vec::new();
     for (index, rule) in spec.rules.iter().enumerate() {
         let (enforced, http_fields) =
             rule_from(index, rule, namespace, spec.action, Layer::Connection);
         // A waypoint's policy is enforced with its HTTP fields on requests; its rules as a
         // connection sees them only apply to TCP it passes through (see the `waypoint` module).
         if !for_waypoints && !http_fields.is_empty() {
-            warnings.push(http_warning(&key, spec.action, &http_fields));
+            let narrowed = http_narrowing(spec.action, &http_fields);
+            warnings.push(format!("AuthorizationPolicy {key}: {narrowed}"));
+            unenforced_by_agents.push(narrowed);
         }
         rules.extend(enforced);
         if for_waypoints {
@@ -90,6 +93,7 @@ pub(super) fn policy_from(
         rules,
         targets,
         http_rules,
+        unenforced_by_agents,
         key,
     })
 }
@@ -292,8 +296,8 @@ fn patterns(values: &[String]) -> Vec<StringMatch> {
     values.iter().map(|v| StringMatch::new(v)).collect()
 }
 
-/// The warning for a rule with HTTP fields (`fields`: their paths).
-fn http_warning(policy: &str, action: AuthzAction, fields: &[String]) -> String {
+/// How a rule with HTTP fields (`fields`: their paths) is narrowed at the node agents.
+fn http_narrowing(action: AuthzAction, fields: &[String]) -> String {
     let (are, them) = if fields.len() == 1 {
         ("is an HTTP (L7) field", "it")
     } else {
@@ -305,7 +309,7 @@ fn http_warning(policy: &str, action: AuthzAction, fields: &[String]) -> String 
         format!("this {action} rule matches nothing")
     };
     format!(
-        "AuthorizationPolicy {policy}: {} {are} the node agent does not enforce: {effect}",
+        "{} {are} the node agent does not enforce: {effect}",
         fields.join(", ")
     )
 }

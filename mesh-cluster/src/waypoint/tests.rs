@@ -732,7 +732,7 @@ fn what_asks_for_a_waypoint_is_told_whether_it_is_bound_and_why_not() {
         };
         let condition = conditions.get(&object)?;
         Some((
-            condition.bound,
+            condition.ok,
             condition.reason.as_str(),
             condition.message.clone(),
         ))
@@ -758,13 +758,13 @@ fn what_asks_for_a_waypoint_is_told_whether_it_is_bound_and_why_not() {
     let reasons: Vec<_> = state
         .bound_conditions()
         .values()
-        .map(|c| (c.bound, c.reason.as_str()))
+        .map(|c| (c.ok, c.reason.as_str()))
         .collect();
     assert_eq!(reasons, [(false, "WaypointUnsupportedTraffic")]);
 }
 
 #[test]
-fn a_policy_with_target_refs_is_told_which_waypoint_enforces_it_or_that_none_does() {
+fn policies_are_told_which_waypoint_enforces_them_or_how_the_agents_narrow_them() {
     use crate::{BoundKind, BoundObject};
     let policy = |name: &str, target: &str| {
         format!(
@@ -785,6 +785,9 @@ fn a_policy_with_target_refs_is_told_which_waypoint_enforces_it_or_that_none_doe
             ),
             policy("on-both", "targetRefs: [{kind: Service, group: \"\", name: a}, {kind: Service, group: \"\", name: b}]"),
             policy("on-pods", "selector: {matchLabels: {app: a}}"),
+            policy("on-deployment", "targetRefs: [{kind: Deployment, group: apps, name: a}]"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: l4\n  namespace: shop\nspec:\n  selector: {matchLabels: {app: a}}\n  action: DENY\n  rules: [{from: [{source: {namespaces: [evil]}}]}]\n"
+                .to_owned(),
         ],
     );
     let conditions = state.bound_conditions();
@@ -795,7 +798,7 @@ fn a_policy_with_target_refs_is_told_which_waypoint_enforces_it_or_that_none_doe
             name: name.to_owned(),
         };
         let c = conditions.get(&object)?;
-        Some((c.bound, c.reason.as_str(), c.message.clone()))
+        Some((c.ok, c.reason.as_str(), c.message.clone()))
     };
     let accepted = Some((true, "Accepted", "bound to shop/wp".to_owned()));
     assert_eq!(of("on-a"), accepted);
@@ -812,10 +815,34 @@ fn a_policy_with_target_refs_is_told_which_waypoint_enforces_it_or_that_none_doe
         of("on-gone").map(|c| (c.1, c.2)),
         Some(("TargetNotFound", "no Service shop/gone".to_owned()))
     );
-    // A policy of pods (a selector, enforced by the node agents) gets none.
-    assert_eq!(of("on-pods"), None);
+    assert_eq!(of("on-deployment").map(|c| c.1), Some("TargetNotFound"));
+    let types = |name: &str| {
+        let object = BoundObject {
+            kind: BoundKind::AuthorizationPolicy,
+            namespace: "shop".to_owned(),
+            name: name.to_owned(),
+        };
+        conditions.get(&object).map(|c| c.condition_type)
+    };
+    assert_eq!(types("on-a"), Some("WaypointAccepted"));
+    // A policy of pods (a selector, enforced by the node agents) is told whether the agents
+    // enforce it as written: its HTTP field makes its DENY rule deny more.
+    assert_eq!(types("on-pods"), Some("ZtunnelAccepted"));
+    let (ok, reason, message) = of("on-pods").expect("on-pods' condition");
+    assert_eq!((ok, reason), (false, "UnsupportedValue"));
+    assert!(
+        message.starts_with(
+            "rules[0].to[0].operation.methods is an HTTP (L7) field the node agent does not \
+             enforce: this DENY rule is enforced without it, so it denies more"
+        ),
+        "{message}"
+    );
     assert_eq!(
-        BoundKind::AuthorizationPolicy.condition_type(),
-        "WaypointAccepted"
+        of("l4"),
+        Some((true, "Accepted", "enforced by the node agents".to_owned()))
+    );
+    assert_eq!(
+        BoundKind::AuthorizationPolicy.condition_types(),
+        ["WaypointAccepted", "ZtunnelAccepted"]
     );
 }
