@@ -6,8 +6,9 @@
 //! change of the view, applies the conditions that changed (server-side apply to the status
 //! subresource, field manager [`FIELD_MANAGER`]); an object that no longer asks for a waypoint
 //! (or a policy that no longer targets any) has its condition removed. The conditions already written are read when it starts, so a
-//! label removed while it was down is seen too. A write that fails is warned about and retried
-//! at the next change or after [`RETRY`]; an object that is gone is forgotten.
+//! label removed while it was down is seen too, and again every [`RESYNC`], so that a condition
+//! someone else changed is put right. A write that fails is warned about and retried at the
+//! next change or after [`RETRY`]; an object that is gone is forgotten.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,6 +33,9 @@ use crate::{resources::FIELD_MANAGER, ControllerError};
 
 /// How soon writes that failed are tried again when the view does not change.
 const RETRY: Duration = Duration::from_secs(10);
+/// How often the conditions on the objects are read again, so that one someone else changed
+/// is put right.
+const RESYNC: Duration = Duration::from_secs(600);
 
 /// The kinds written on.
 const KINDS: [BoundKind; 3] = [
@@ -129,11 +133,12 @@ pub async fn run(client: Client, options: EnrollmentOptions) {
 
 /// Keeps the conditions true to `state` until the view's sender is dropped.
 async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>) {
-    let mut written = read_written(client).await;
+    let mut written = read_written(client, &BTreeMap::new()).await;
     info!(
         written = written.len(),
-        "writing istio.io/WaypointBound conditions"
+        "writing the waypoint conditions of Services, ServiceEntries and AuthorizationPolicies"
     );
+    let mut resync = tokio::time::Instant::now() + RESYNC;
     loop {
         let view = Arc::clone(&state.borrow_and_update());
         let failed = sync(client, &view, &mut written).await;
@@ -144,13 +149,21 @@ async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>) {
                 }
             }
             () = tokio::time::sleep(RETRY), if failed => {}
+            () = tokio::time::sleep_until(resync) => {
+                // What someone else changed since is put right by the next sync.
+                written = read_written(client, &written).await;
+                resync = tokio::time::Instant::now() + RESYNC;
+            }
         }
     }
 }
 
-/// The conditions the objects have now (a kind that cannot be listed is taken as having none,
-/// and warned about; one not served has no objects).
-async fn read_written(client: &Client) -> BTreeMap<BoundObject, Written> {
+/// The conditions the objects have now (for a kind that cannot be listed, warned about, those
+/// of `before`; one not served has no objects).
+async fn read_written(
+    client: &Client,
+    before: &BTreeMap<BoundObject, Written>,
+) -> BTreeMap<BoundObject, Written> {
     let mut written = BTreeMap::new();
     for kind in KINDS {
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource(kind));
@@ -162,6 +175,8 @@ async fn read_written(client: &Client) -> BTreeMap<BoundObject, Written> {
             }
             Err(e) => {
                 warn!(?kind, error = %e, "listing objects for their waypoint conditions");
+                let kept = before.iter().filter(|(object, _)| object.kind == kind);
+                written.extend(kept.map(|(object, w)| (object.clone(), w.clone())));
                 continue;
             }
         };
