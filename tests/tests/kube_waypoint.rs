@@ -709,64 +709,43 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
         },
     }));
     create(mesh, &policies, &policy, "the AuthorizationPolicy");
-    // The controller tells the policy which waypoint enforces it; one on a Service without
-    // waypoint is told that nothing does.
-    let accepted = "WaypointAccepted";
+    // The controller tells each policy what enforces it: web's, its waypoint; one on a Service
+    // without waypoint, that nothing does; one of pods (the node agents'), what its HTTP field,
+    // which they cannot evaluate, does to its rule.
+    let others = [
+        (
+            "web-v1-deny",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web-v1"}],
+                   "action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}),
+            ("WaypointAccepted", "Service shop/web-v1 has no waypoint"),
+        ),
+        (
+            "pods-get-only",
+            json!({"selector": {"matchLabels": {"app": "nobody"}},
+                   "action": "ALLOW", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+            (
+                "ZtunnelAccepted",
+                "rules[0].to[0].operation.methods is an HTTP (L7) field the node agent does not \
+                 enforce: this ALLOW rule matches nothing",
+            ),
+        ),
+    ];
+    for (name, spec, _) in &others {
+        let other: DynamicObject = from_json(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": NS}, "spec": spec,
+        }));
+        create(mesh, &policies, &other, name);
+    }
     policy_condition(
         mesh,
         &policies,
-        ("web-read-only", accepted),
+        ("web-read-only", "WaypointAccepted"),
         "True",
         "bound to shop/wp",
     );
-    let nowhere: DynamicObject = from_json(json!({
-        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "web-v1-deny", "namespace": NS},
-        "spec": {
-            "targetRefs": [{"kind": "Service", "group": "", "name": "web-v1"}],
-            "action": "DENY",
-            "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}],
-        },
-    }));
-    create(
-        mesh,
-        &policies,
-        &nowhere,
-        "a policy on a Service without waypoint",
-    );
-    policy_condition(
-        mesh,
-        &policies,
-        ("web-v1-deny", accepted),
-        "False",
-        "Service shop/web-v1 has no waypoint",
-    );
-    // A policy of pods (the node agents'): its HTTP field is one they cannot evaluate, and the
-    // policy says what that does to its rule.
-    let agents: DynamicObject = from_json(json!({
-        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "pods-get-only", "namespace": NS},
-        "spec": {
-            "selector": {"matchLabels": {"app": "nobody"}},
-            "action": "ALLOW",
-            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
-        },
-    }));
-    create(
-        mesh,
-        &policies,
-        &agents,
-        "a policy of the node agents with an HTTP field",
-    );
-    policy_condition(
-        mesh,
-        &policies,
-        ("pods-get-only", "ZtunnelAccepted"),
-        "False",
-        "rules[0].to[0].operation.methods is an HTTP (L7) field the node agent does not \
-         enforce: this ALLOW rule matches nothing",
-    );
-    for name in ["web-v1-deny", "pods-get-only"] {
+    for (name, _, (kind, message)) in &others {
+        policy_condition(mesh, &policies, (name, kind), "False", message);
         mesh.cp
             .block_on(policies.delete(name, &DeleteParams::default()))
             .expect("policy deleted");
