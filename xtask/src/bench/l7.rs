@@ -531,6 +531,12 @@ fn case_with(
 
 /// Saturation, then 1,000 req/s, for one URL and protocol; `waypoint`: the proxy's process, and
 /// `headers` sent with every request.
+/// Where `pid`'s memory is, mapping by mapping (`smaps`), written to `file`.
+fn save_smaps(pid: u32, file: &Path) -> Result<()> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    fs::write(file, smaps).with_context(|| format!("writing {}", file.display()))
+}
+
 fn measure(
     client: &Pod,
     url: &str,
@@ -621,6 +627,7 @@ fn measure(
                 path.replace(' ', "-"),
                 if h1 { "h1" } else { "h2c" }
             );
+            save_smaps(pid, &dir.join(format!("smaps-{tag}.txt")))?;
             Some(profile_paced(client, &rate, pid, secs, &dir.join(tag))?)
         }
         _ => None,
