@@ -782,7 +782,11 @@ impl ClusterState {
     }
 
     /// The Service or `ServiceEntry` of `namespace` that policy `target` names, if any.
-    fn targeted_service(&self, namespace: &str, target: &PolicyTarget) -> Option<&Arc<Service>> {
+    pub(crate) fn targeted_service(
+        &self,
+        namespace: &str,
+        target: &PolicyTarget,
+    ) -> Option<&Arc<Service>> {
         let (name, entry) = target.addressed_name()?;
         self.services
             .iter()

@@ -39,7 +39,7 @@ pub enum BoundKind {
     Service,
     /// An Istio `ServiceEntry`.
     ServiceEntry,
-    /// An Istio `AuthorizationPolicy` with `targetRefs`.
+    /// An Istio `AuthorizationPolicy` (of a waypoint, with `targetRefs`, or of the node agents).
     AuthorizationPolicy,
 }
 
@@ -67,7 +67,8 @@ pub struct BoundObject {
 pub enum BoundReason {
     /// Its traffic goes through the waypoint.
     Accepted,
-    /// A waypoint enforces the policy for every target.
+    /// The policy is enforced as written: by the waypoint of every target, or by the node
+    /// agents.
     PolicyAccepted,
     /// A policy's target does not exist.
     TargetNotFound,
@@ -101,9 +102,7 @@ impl BoundReason {
             BoundReason::AttachmentDenied => "WaypointAttachmentDenied",
         }
     }
-}
 
-impl BoundReason {
     /// Why a waypoint asked for cannot take the traffic.
     fn of(why: &Unavailable) -> Self {
         match why {
@@ -155,7 +154,7 @@ impl WaypointBinding {
 impl ClusterState {
     /// The condition of every object that depends on a waypoint: [`WAYPOINT_BOUND`] of the
     /// Services and `ServiceEntries` that ask for one, [`WAYPOINT_ACCEPTED`] of the
-    /// `AuthorizationPolicies` with `targetRefs`.
+    /// `AuthorizationPolicies` with `targetRefs`, [`ZTUNNEL_ACCEPTED`] of the others.
     #[must_use]
     pub fn bound_conditions(&self) -> BTreeMap<BoundObject, BoundCondition> {
         let services = self.services().iter().filter_map(|service| {
@@ -229,7 +228,7 @@ impl ClusterState {
         namespace: &str,
         target: &PolicyTarget,
     ) -> Result<String, (BoundReason, String)> {
-        let (name, entry) = match target {
+        let (kind, name) = match target {
             PolicyTarget::Gateway(name) => {
                 return match self.waypoint(namespace, name) {
                     Some(waypoint) => Ok(waypoint.to_string()),
@@ -240,15 +239,10 @@ impl ClusterState {
                 };
             }
             PolicyTarget::GatewayClass(class) => return Ok(format!("every {class} waypoint")),
-            PolicyTarget::Service(name) => (name, false),
-            PolicyTarget::ServiceEntry(name) => (name, true),
+            PolicyTarget::Service(name) => ("Service", name),
+            PolicyTarget::ServiceEntry(name) => ("ServiceEntry", name),
         };
-        let kind = if entry { "ServiceEntry" } else { "Service" };
-        let found = self
-            .services()
-            .iter()
-            .find(|s| s.namespace == namespace && s.name == *name && s.is_entry() == entry);
-        let Some(service) = found else {
+        let Some(service) = self.targeted_service(namespace, target) else {
             return Err((
                 BoundReason::TargetNotFound,
                 format!("no {kind} {namespace}/{name}"),

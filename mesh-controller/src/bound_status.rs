@@ -1,14 +1,14 @@
 //! The conditions of [`mesh_cluster::waypoint_bound`], kept true to the cluster view:
 //! `istio.io/WaypointBound` on every `Service` and `ServiceEntry` that asks for a waypoint,
 //! `WaypointAccepted` on every `AuthorizationPolicy` with `targetRefs`, `ZtunnelAccepted` on
-//! every other. The controller
-//! reads the view as a waypoint reads it (the chart binds it to the waypoint role) and, at every
-//! change of the view, applies the conditions that changed (server-side apply to the status
-//! subresource, field manager [`FIELD_MANAGER`]); an object that no longer asks for a waypoint
-//! (or a policy that no longer targets any) has its condition removed. The conditions already written are read when it starts, so a
-//! label removed while it was down is seen too, and again every [`RESYNC`], so that a condition
-//! someone else changed is put right. A write that fails is warned about and retried at the
-//! next change or after [`RETRY`]; an object that is gone is forgotten.
+//! every other. The controller reads the view as a waypoint reads it (the chart binds it to the
+//! waypoint role) and, at every change of the view, applies the conditions that changed
+//! (server-side apply to the status subresource, field manager [`FIELD_MANAGER`]); an object
+//! that no longer asks for a waypoint has its condition removed. The conditions already
+//! written are read when it starts, so a label removed while it was down is seen too, and again
+//! every [`RESYNC`], so that a condition someone else changed is put right. A write that fails
+//! is warned about and retried at the next change or after [`RETRY`]; an object that is gone is
+//! forgotten.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -29,7 +29,10 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::{resources::FIELD_MANAGER, ControllerError};
+use crate::{
+    resources::{self, FIELD_MANAGER},
+    ControllerError,
+};
 
 /// How soon writes that failed are tried again when the view does not change.
 const RETRY: Duration = Duration::from_secs(10);
@@ -67,7 +70,7 @@ struct Written {
     ok: bool,
     reason: String,
     message: String,
-    /// Its `lastTransitionTime`: kept while `bound` stays.
+    /// Its `lastTransitionTime`: kept while its type and `ok` stay.
     since: String,
 }
 
@@ -114,17 +117,14 @@ enum Applied {
 /// keeps the conditions true to it. Runs until dropped; a view that cannot be read is an error
 /// in the log, and the controller's other work goes on without the conditions.
 pub async fn run(client: Client, options: EnrollmentOptions) {
-    let source = match KubeSource::new(client.clone(), options, KubeOptions::default()) {
-        Ok(source) => source,
-        Err(e) => {
-            error!(error = %e, "no cluster view: WaypointBound conditions are not written");
-            return;
-        }
+    let started = match KubeSource::new(client.clone(), options, KubeOptions::default()) {
+        Ok(source) => source.start().await,
+        Err(e) => Err(e),
     };
-    let view = match source.start().await {
+    let view = match started {
         Ok(view) => view,
         Err(e) => {
-            error!(error = %e, "no cluster view: WaypointBound conditions are not written");
+            error!(error = %e, "no cluster view: the waypoint conditions are not written");
             return;
         }
     };
@@ -255,13 +255,8 @@ async fn apply(
 ) -> Result<Applied, ControllerError> {
     let conditions: Vec<Value> = condition
         .map(|c| {
-            json!({
-                "type": c.condition_type,
-                "status": if c.ok { "True" } else { "False" },
-                "reason": c.reason.as_str(),
-                "message": c.message,
-                "lastTransitionTime": since,
-            })
+            let words = (c.reason.as_str(), c.message.as_str());
+            resources::condition(c.condition_type, c.ok, words, since)
         })
         .into_iter()
         .collect();

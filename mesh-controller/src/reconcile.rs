@@ -162,10 +162,9 @@ async fn write_status(
     let generation = gateway.metadata.generation.unwrap_or(0);
     let now = Timestamp::now().to_string();
     let condition = |kind: &str, ok: bool, reason: &str, message: &str| {
-        json!({
-            "type": kind, "status": if ok { "True" } else { "False" }, "reason": reason,
-            "message": message, "observedGeneration": generation, "lastTransitionTime": now,
-        })
+        let mut condition = crate::resources::condition(kind, ok, (reason, message), &now);
+        condition["observedGeneration"] = json!(generation);
+        condition
     };
     let addresses: Vec<_> = address
         .filter(|a| !a.is_empty() && *a != "None")

@@ -146,7 +146,10 @@ impl Dns {
                 Ok(Servers::given(&self.given))
             };
             match &servers {
-                Ok(s) => info!(servers = ?s.addrs, timeout = ?s.timeout, attempts = s.attempts, "DNS name servers"),
+                Ok(s) => {
+                    let (timeout, attempts) = (s.timeout, s.attempts);
+                    info!(servers = ?s.addrs, ?timeout, attempts, "DNS name servers");
+                }
                 Err(e) => warn!(error = %e, "ServiceEntries of resolution DNS have no endpoint"),
             }
             servers

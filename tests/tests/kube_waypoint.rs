@@ -178,22 +178,26 @@ fn condition(gateway: &Value, kind: &str) -> Option<String> {
         .and_then(|c| c["status"].as_str().map(str::to_owned))
 }
 
-/// Waits until `name` (through `api`) has the controller's `istio.io/WaypointBound` condition
-/// with `status` and a message starting with `message`, or (`status` none) has none.
-fn waypoint_bound(
+/// The condition the controller writes on Services and `ServiceEntries` that ask for a waypoint.
+const BOUND: &str = "istio.io/WaypointBound";
+
+/// Waits until `name` (through `api`) has the controller's condition `kind` (`BOUND`,
+/// `WaypointAccepted`, `ZtunnelAccepted`) with `status` and a message starting with `message`,
+/// or (`status` none) has none.
+fn condition_is(
     mesh: &KubeMesh,
     api: &Api<DynamicObject>,
-    name: &str,
+    (name, kind): (&str, &str),
     status: Option<&str>,
     message: &str,
 ) {
-    let what = format!("{name}'s istio.io/WaypointBound {status:?} {message:?}");
+    let what = format!("{name}'s {kind} {status:?} {message:?}");
     mesh.cp
         .block_on(eventually(&what, WAIT, || async {
             let object = api.get(name).await.ok()?;
             let found = object.data["status"]["conditions"]
                 .as_array()
-                .and_then(|c| c.iter().find(|c| c["type"] == "istio.io/WaypointBound"))
+                .and_then(|c| c.iter().find(|c| c["type"] == kind))
                 .cloned();
             let matches = match (&found, status) {
                 (None, None) => true,
@@ -207,33 +211,6 @@ fn waypoint_bound(
                 _ => false,
             };
             matches.then_some(())
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// Waits until the policy `name` has the controller's condition `kind` (`WaypointAccepted`,
-/// `ZtunnelAccepted`) with `status` and a message starting with `message`.
-fn policy_condition(
-    mesh: &KubeMesh,
-    policies: &Api<DynamicObject>,
-    (name, kind): (&str, &str),
-    status: &str,
-    message: &str,
-) {
-    let what = format!("{name}'s {kind} {status} {message:?}");
-    mesh.cp
-        .block_on(eventually(&what, WAIT, || async {
-            let policy = policies.get(name).await.ok()?;
-            let condition = policy.data["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .find(|c| c["type"] == kind)?
-                .clone();
-            (condition["status"] == status
-                && condition["message"]
-                    .as_str()
-                    .is_some_and(|m| m.starts_with(message)))
-            .then_some(())
         }))
         .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -554,10 +531,10 @@ fn delete_gateway(mesh: &KubeMesh, vip: &str) {
     );
     // ... and is told why; its label removed, the condition goes.
     let services = services_dyn(mesh);
-    waypoint_bound(
+    condition_is(
         mesh,
         &services,
-        "web",
+        ("web", BOUND),
         Some("False"),
         "no waypoint Gateway shop/wp",
     );
@@ -565,7 +542,7 @@ fn delete_gateway(mesh: &KubeMesh, vip: &str) {
     mesh.cp
         .block_on(services.patch("web", &PatchParams::default(), &Patch::Merge(&unlabelled)))
         .expect("web's label removed");
-    waypoint_bound(mesh, &services, "web", None, "");
+    condition_is(mesh, &services, ("web", BOUND), None, "");
 }
 
 /// Deletes the waypoint's pod and waits until the one its `Deployment` starts instead is ready.
@@ -737,15 +714,15 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
         }));
         create(mesh, &policies, &other, name);
     }
-    policy_condition(
+    condition_is(
         mesh,
         &policies,
         ("web-read-only", "WaypointAccepted"),
-        "True",
+        Some("True"),
         "bound to shop/wp",
     );
     for (name, _, (kind, message)) in &others {
-        policy_condition(mesh, &policies, (name, kind), "False", message);
+        condition_is(mesh, &policies, (name, kind), Some("False"), message);
         mesh.cp
             .block_on(policies.delete(name, &DeleteParams::default()))
             .expect("policy deleted");
@@ -891,14 +868,14 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     let (_serial, mesh, vip) = deployed();
     ab_requests(&mesh, &vip);
     // The controller tells web it is bound (the other Services ask for no waypoint).
-    waypoint_bound(
+    condition_is(
         &mesh,
         &services_dyn(&mesh),
-        "web",
+        ("web", BOUND),
         Some("True"),
         "bound to shop/wp",
     );
-    waypoint_bound(&mesh, &services_dyn(&mesh), "web-v1", None, "");
+    condition_is(&mesh, &services_dyn(&mesh), ("web-v1", BOUND), None, "");
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     tcp_route(&mesh);
@@ -937,10 +914,10 @@ fn service_entry_from_the_api(mesh: &KubeMesh) {
     create(mesh, &entries, &entry, "the ServiceEntry");
     let once = "curl -sS --max-time 10 http://240.240.0.77/e -w '\\n'";
     until_seen(mesh, 0, "entry", once, |seen| seen == ["v2"]);
-    waypoint_bound(
+    condition_is(
         mesh,
         &entries,
-        "echo-entry",
+        ("echo-entry", BOUND),
         Some("True"),
         "bound to shop/wp",
     );
