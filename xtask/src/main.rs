@@ -76,11 +76,18 @@ enum Cmd {
     /// Profile which functions the agent and the waypoint run (a build with a function per
     /// page, the bench's rounds from a file system with read-ahead off) and write them to
     /// `mesh-agent/hot-functions.txt` and `mesh-agent/waypoint-hot-functions.txt`, the release
-    /// links' order (see BENCHMARKS.md).
+    /// links' order (see BENCHMARKS.md); then run the rounds on the release build so linked
+    /// and add to the lists what it ran outside them.
     Order {
         /// Only these programs' lists (repeatable): agent, waypoint [default: both].
         #[arg(long, value_parser = ["agent", "waypoint"])]
         only: Vec<String>,
+        /// Only the last step: run the rounds on the release build as linked, report section
+        /// by section the pages they touch and what fault-around maps around them
+        /// (`bench-results/<run>/order-check-*.md`), and add the functions run outside the
+        /// list's span to the list.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -114,9 +121,9 @@ fn main() -> ExitCode {
                 let plan = bench::Plan::new(quick, profile, only, compare_agent);
                 bench::run(&root, plan).map(drop)
             }),
-        Cmd::Order { only } => setup::run(&root)
+        Cmd::Order { only, check } => setup::run(&root)
             .and_then(|()| bench::check_tools())
-            .and_then(|()| order::run(&root, &only)),
+            .and_then(|()| order::run(&root, &only, check)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

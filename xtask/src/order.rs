@@ -15,9 +15,13 @@
 //!    read-ahead is off, its pages dropped from the cache first: the pages mapped are then those
 //!    touched ([`residency`]). The agent's: throughput, latency and new connections, sockmap off
 //!    and on. The waypoint's: the L7 group's waypoint cases (HTTP/1.1 and h2c, same node and
-//!    cross node);
+//!    cross node, JWT, `connectionPool`);
 //! 3. the functions touched at rest (start-up, the config, idle) first, then those the round
-//!    added, each group in the default order.
+//!    added, each group in the default order;
+//! 4. the release build linked with the new lists and the same rounds run on it ([`check`]):
+//!    the functions on the code pages it touched outside the lists' span (rare paths the
+//!    profiled round did not take) are added to the lists as a last group. `--check` runs this
+//!    step alone, on the lists as they are, and reports what the layout costs section by section.
 //!
 //! The names are the linker's (mangled, with a hash of the crate and the instance), stable
 //! across edits of the code but not across a compiler or dependency upgrade, nor across builds
@@ -39,6 +43,8 @@ use crate::{
     functions::{mib, Function, Functions, HOT_FUNCTIONS, WAYPOINT_HOT_FUNCTIONS},
     residency::{self, ScratchFs},
 };
+
+mod check;
 
 /// Where the profiling build goes (its own target directory: other flags).
 const PROFILE_TARGET: &str = "target/order";
@@ -74,22 +80,41 @@ const PROGRAMS: [(&str, Program); 2] = [
     ),
 ];
 
-/// Writes the lists of the programs named in `only` (all when empty).
-pub fn run(root: &Path, only: &[String]) -> Result<()> {
-    let build = profiling_build(root)?;
+/// Writes the lists of the programs named in `only` (all when empty), then checks them against
+/// the release build and adds what it ran outside them ([`check`]); with `check`, only the
+/// latter.
+pub fn run(root: &Path, only: &[String], check: bool) -> Result<()> {
     let scratch = ScratchFs::new(&root.join(PROFILE_TARGET).join("scratch"))
         .context("a file system with read-ahead off (a loop device)")?;
-    for (name, program) in &PROGRAMS {
-        if only.is_empty() || only.iter().any(|o| o == name) {
+    let programs: Vec<&(&str, Program)> = PROGRAMS
+        .iter()
+        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+        .collect();
+    if !check {
+        let build = profiling_build(root)?;
+        for (name, program) in &programs {
             order(root, &build, &scratch, program)
                 .with_context(|| format!("ordering the {name}'s functions"))?;
         }
     }
+    // The release link with the lists as they are now.
+    crate::build(root, true)?;
+    let release = root.join("target/release");
+    for (name, program) in &programs {
+        check::check(root, &release, &scratch, (name, program))
+            .with_context(|| format!("checking the {name}'s layout"))?;
+    }
     Ok(())
 }
 
-/// Profiles `program` (the profiling `build`, run from `scratch`) and writes its list.
-fn order(root: &Path, build: &Path, scratch: &ScratchFs, program: &Program) -> Result<()> {
+/// The bench's rounds for `program`, running a copy of it from `build` on `scratch`: the results
+/// directory and the pages of the binary mapped at rest and after the round.
+fn rounds(
+    root: &Path,
+    build: &Path,
+    scratch: &ScratchFs,
+    program: &Program,
+) -> Result<(PathBuf, BTreeSet<u64>, BTreeSet<u64>)> {
     let plan = bench::Plan::new(
         true,
         false,
@@ -102,6 +127,12 @@ fn order(root: &Path, build: &Path, scratch: &ScratchFs, program: &Program) -> R
     });
     let out = bench::run(root, plan)?;
     let (rest, round) = collect_pages(&out, program.readings)?;
+    Ok((out, rest, round))
+}
+
+/// Profiles `program` (the profiling `build`, run from `scratch`) and writes its list.
+fn order(root: &Path, build: &Path, scratch: &ScratchFs, program: &Program) -> Result<()> {
+    let (out, rest, round) = rounds(root, build, scratch, program)?;
     let functions = Functions::of(&build.join(program.binary))?;
     let at_rest = functions.touching(&rest);
     let rest_names: BTreeSet<&str> = at_rest.iter().map(|f| f.name.as_str()).collect();

@@ -16,7 +16,10 @@
 //! - **1,000 req/s**: `mesh-probe http-load`, open loop (a request held back by the one before
 //!   is timed from when it was due), 10 HTTP/1.1 connections or 2 h2c connections: p50, p99 and
 //!   max latency, and, through the waypoint, the waypoint's CPU time over the run (vCPU at
-//!   1,000 req/s) and its resident memory after it.
+//!   1,000 req/s) and its resident memory after it. Through a proxy the paced run starts 10 s
+//!   after the saturation run ([`SETTLE`], jemalloc's decay time), so the memory read is what
+//!   1,000 req/s holds, not what the burst freed and the allocator was still returning; the
+//!   resident memory right after the burst is reported too.
 //!
 //! Then the references (`nginx.rs`), the agents stopped, measured the same way (the proxy
 //! columns are nginx's process): nginx in the waypoint's pod as a plain reverse proxy, and nginx
@@ -50,6 +53,9 @@ use crate::residency;
 pub const WAYPOINT_RESIDENT_PREFIX: &str = "resident-waypoint-";
 
 const APP_PORT: u16 = 8080;
+/// The pause between a proxy's saturation run and its paced run: jemalloc's decay time (the
+/// waypoint's default, 10 s), after which what the burst freed has gone back to the kernel.
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// One measured case.
 #[derive(Debug)]
@@ -68,6 +74,9 @@ struct Case {
     /// the run, warm-up included, against the requests/s h2load measured): the cost of a
     /// request's work when requests queue up, without a wake-up for each.
     saturation_vcpu: Option<f64>,
+    /// Through a proxy: its RSS right after the saturation run, in bytes (before the pause and
+    /// the paced run).
+    saturation_rss: Option<u64>,
     /// `--profile`, through a proxy: its system calls and context switches per request at
     /// 1,000 req/s (a second paced run, under `perf stat` and `perf record`).
     per_request: Option<PerRequest>,
@@ -152,6 +161,7 @@ pub(super) fn run(plan: &Plan, out: &Path) -> Result<()> {
     cases.push(jwt_case(&mesh, &mut waypoint, &client, how)?);
     cases.push(pool_case(&mesh, &mut waypoint, &client, how)?);
     record_pages("round")?;
+    save_warnings(&waypoint.process, out)?;
     drop(waypoint);
     if plan.waypoint_only() {
         return write_results(&cases, plan, out);
@@ -532,6 +542,27 @@ fn case_with(
 /// Saturation, then 1,000 req/s, for one URL and protocol; `waypoint`: the proxy's process, and
 /// `headers` sent with every request.
 /// Where `pid`'s memory is, mapping by mapping (`smaps`), written to `file`.
+/// The waypoint's warnings, errors and panics over the run, to `waypoint-warnings.log` under
+/// `out` (none expected: a line there is a path the measurement took that a healthy waypoint
+/// does not).
+fn save_warnings(waypoint: &Process, out: &Path) -> Result<()> {
+    let file = out.join("waypoint-warnings.log");
+    let lines = waypoint.lines();
+    let kept: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
+        .collect();
+    if !kept.is_empty() {
+        println!(
+            "l7: the waypoint wrote {} warnings ({})",
+            kept.len(),
+            file.display()
+        );
+    }
+    fs::write(&file, kept.join("\n")).with_context(|| format!("writing {}", file.display()))
+}
+
 fn save_smaps(pid: u32, file: &Path) -> Result<()> {
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     fs::write(file, smaps).with_context(|| format!("writing {}", file.display()))
@@ -546,26 +577,7 @@ fn measure(
 ) -> Result<Case> {
     let secs = how.secs;
     let h1 = protocol == "HTTP/1.1";
-    let mut saturation: Vec<String> = vec![
-        "-D".into(),
-        secs.to_string(),
-        "--warm-up-time".into(),
-        "1".into(),
-    ];
-    if h1 {
-        saturation.extend([
-            "--h1".into(),
-            "-c".into(),
-            "8".into(),
-            "-m".into(),
-            "1".into(),
-        ]);
-    } else {
-        saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
-    }
-    for header in headers {
-        saturation.extend(["-H".into(), header.clone()]);
-    }
+    let saturation = saturation_args(secs, h1, headers);
     // At most this many requests are in flight when h2load's timed run ends (and may be cut).
     let in_flight = if h1 { 8 } else { 2 * 16 };
     let sat_before = waypoint.map(process_ticks).transpose()?;
@@ -577,6 +589,12 @@ fn measure(
         }
         _ => None,
     };
+    let saturation_rss = waypoint.map(rss_bytes).transpose()?;
+    if waypoint.is_some() {
+        // The memory held at 1,000 req/s is measured, not what the burst before it freed and
+        // the allocator has not returned yet: jemalloc returns freed pages over its decay time.
+        std::thread::sleep(SETTLE);
+    }
     let host = url.trim_start_matches("http://").trim_end_matches('/');
     let host = if host.contains(':') {
         host.to_owned()
@@ -642,8 +660,35 @@ fn measure(
         max_ms: us("max_us")? / 1000.0,
         waypoint: proxy,
         saturation_vcpu,
+        saturation_rss,
         per_request,
     })
+}
+
+/// h2load's arguments for the saturation run: 8 HTTP/1.1 connections or 2 h2c connections of
+/// 16 streams, for `secs` after a second's warm-up.
+fn saturation_args(secs: u64, h1: bool, headers: &[String]) -> Vec<String> {
+    let mut saturation: Vec<String> = vec![
+        "-D".into(),
+        secs.to_string(),
+        "--warm-up-time".into(),
+        "1".into(),
+    ];
+    if h1 {
+        saturation.extend([
+            "--h1".into(),
+            "-c".into(),
+            "8".into(),
+            "-m".into(),
+            "1".into(),
+        ]);
+    } else {
+        saturation.extend(["-c".into(), "2".into(), "-m".into(), "16".into()]);
+    }
+    for header in headers {
+        saturation.extend(["-H".into(), header.clone()]);
+    }
+    saturation
 }
 
 /// The CPUs process `pid` kept busy on average over the `elapsed` time since its CPU time was
@@ -789,7 +834,7 @@ fn h2load(client: &Pod, args: &[String], url: &str, in_flight: u64) -> Result<H2
 
 fn markdown(cases: &[Case]) -> String {
     let mut t = String::from(
-        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | proxy vCPU at 1,000 req/s (per 1,000 req/s at saturation) | proxy RSS (file-backed) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| path | protocol | mode | req/s at saturation | vs direct | p50 / p99 / max at 1,000 req/s (ms) | added p50 / p99 | proxy vCPU at 1,000 req/s (per 1,000 req/s at saturation) | proxy RSS after the paced run (file-backed); right after saturation |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in cases {
         let direct = cases
@@ -813,9 +858,12 @@ fn markdown(cases: &[Case]) -> String {
                 let at_load = c
                     .saturation_vcpu
                     .map_or(String::new(), |s| format!(" ({s:.3})"));
+                let after_burst = c.saturation_rss.map_or(String::new(), |s| {
+                    format!("; {:.1} after saturation", mib(s))
+                });
                 (
                     format!("{v:.3}{at_load}"),
-                    format!("{:.1} MiB ({:.1} file)", mib(r), mib(file)),
+                    format!("{:.1} MiB ({:.1} file){after_burst}", mib(r), mib(file)),
                 )
             });
         let _ = writeln!(
@@ -854,6 +902,7 @@ fn json_of(cases: &[Case]) -> Value {
                     "proxy_vcpu_per_1000_at_saturation": c.saturation_vcpu,
                     "waypoint_rss_bytes": c.waypoint.map(|w| w.1),
                     "waypoint_rss_file_bytes": c.waypoint.map(|w| w.2),
+                    "proxy_rss_after_saturation_bytes": c.saturation_rss,
                     "proxy_syscalls_per_request": c.per_request.map(|p| p.syscalls),
                     "proxy_voluntary_switches_per_request": c.per_request.map(|p| p.voluntary),
                     "proxy_involuntary_switches_per_request": c.per_request.map(|p| p.involuntary),
