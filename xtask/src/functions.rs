@@ -82,22 +82,52 @@ impl Functions {
     }
 }
 
+/// A section of a binary, from `readelf -SW`: where it is in memory and in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub name: String,
+    pub addr: u64,
+    pub offset: u64,
+    pub size: u64,
+    /// Whether the file holds its contents and the program maps them (allocated, not `NOBITS`).
+    pub loaded: bool,
+}
+
+impl Section {
+    /// The file pages it covers.
+    pub fn pages(&self) -> std::ops::Range<u64> {
+        self.offset / PAGE..(self.offset + self.size).div_ceil(PAGE)
+    }
+}
+
+/// The sections listed by `readelf -SW`.
+pub fn sections(readelf: &str) -> Vec<Section> {
+    readelf
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim_start().strip_prefix('[')?.split_once(']')?.1;
+            // name type address offset size entsize flags ...
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let hex = |i: usize| u64::from_str_radix(fields.get(i)?, 16).ok();
+            let (name, kind) = (*fields.first()?, *fields.get(1)?);
+            let flags = fields.get(6).copied().unwrap_or_default();
+            Some(Section {
+                name: name.to_owned(),
+                addr: hex(2)?,
+                offset: hex(3)?,
+                size: hex(4)?,
+                loaded: flags.contains('A') && kind != "NOBITS",
+            })
+        })
+        .collect()
+}
+
 /// `.text`'s address, file offset and size from `readelf -SW`.
 fn text_section(readelf: &str) -> Option<(u64, u64, u64)> {
-    readelf.lines().find_map(|line| {
-        let rest = line.trim_start().strip_prefix('[')?.split_once(']')?.1;
-        let mut fields = rest.split_whitespace();
-        if fields.next()? != ".text" {
-            return None;
-        }
-        let _kind = fields.next()?;
-        let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-        Some((
-            hex(fields.next()?)?,
-            hex(fields.next()?)?,
-            hex(fields.next()?)?,
-        ))
-    })
+    sections(readelf)
+        .into_iter()
+        .find(|s| s.name == ".text")
+        .map(|s| (s.addr, s.offset, s.size))
 }
 
 /// Function symbols (`t`, `T`, `w`, `W`) with a size, inside `.text`, from `nm -n -S`.

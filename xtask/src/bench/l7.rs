@@ -539,9 +539,6 @@ fn case_with(
     Ok(case)
 }
 
-/// Saturation, then 1,000 req/s, for one URL and protocol; `waypoint`: the proxy's process, and
-/// `headers` sent with every request.
-/// Where `pid`'s memory is, mapping by mapping (`smaps`), written to `file`.
 /// The waypoint's warnings, errors and panics over the run, to `waypoint-warnings.log` under
 /// `out` (none expected: a line there is a path the measurement took that a healthy waypoint
 /// does not).
@@ -563,11 +560,14 @@ fn save_warnings(waypoint: &Process, out: &Path) -> Result<()> {
     fs::write(&file, kept.join("\n")).with_context(|| format!("writing {}", file.display()))
 }
 
+/// Where `pid`'s memory is, mapping by mapping (`smaps`), written to `file`.
 fn save_smaps(pid: u32, file: &Path) -> Result<()> {
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     fs::write(file, smaps).with_context(|| format!("writing {}", file.display()))
 }
 
+/// Saturation, then 1,000 req/s, for one URL and protocol; `waypoint`: the proxy's process, and
+/// `headers` sent with every request.
 fn measure(
     client: &Pod,
     url: &str,

@@ -20,27 +20,13 @@ use anyhow::{Context as _, Result};
 
 use super::{rounds, Program};
 use crate::{
-    functions::{listed_names, mib, Function, Functions},
+    functions::{listed_names, mib, sections, Function, Functions, Section},
     residency::{ScratchFs, PAGE},
     setup::capture,
 };
 
 /// Pages in a fault-around window (64 KiB, the kernel's default).
 const WINDOW: u64 = 16;
-
-/// An allocated section of the binary's file: name and file range.
-#[derive(Debug, PartialEq, Eq)]
-struct Section {
-    name: String,
-    offset: u64,
-    size: u64,
-}
-
-impl Section {
-    fn pages(&self) -> std::ops::Range<u64> {
-        self.offset / PAGE..(self.offset + self.size).div_ceil(PAGE)
-    }
-}
 
 /// Runs the program's rounds on the release build in `build`, writes the report under the
 /// bench's results directory and adds the functions run outside the list to it.
@@ -55,7 +41,7 @@ pub(super) fn check(
     let binary = build.join(program.binary);
     let mut readelf = Command::new("readelf");
     readelf.arg("-SW").arg(&binary);
-    let sections = parse_sections(&capture(readelf, "readelf comes with binutils")?);
+    let sections = with_contents(&capture(readelf, "readelf comes with binutils")?);
     let functions = Functions::of(&binary)?;
     let list_path = root.join(program.list);
     let list = fs::read_to_string(&list_path)
@@ -150,23 +136,11 @@ fn with_misses(list: &str, misses: &[&Function], run: &str) -> String {
     text
 }
 
-/// The allocated sections with file contents, from `readelf -SW`.
-fn parse_sections(readelf: &str) -> Vec<Section> {
-    readelf
-        .lines()
-        .filter_map(|line| {
-            let rest = line.trim_start().strip_prefix('[')?.split_once(']')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // name type address offset size entsize flags ...
-            let (name, kind, flags) = (*fields.first()?, *fields.get(1)?, *fields.get(6)?);
-            let hex = |s: &str| u64::from_str_radix(s, 16).ok();
-            let (offset, size) = (hex(fields.get(3)?)?, hex(fields.get(4)?)?);
-            (flags.contains('A') && kind != "NOBITS" && size > 0).then(|| Section {
-                name: name.to_owned(),
-                offset,
-                size,
-            })
-        })
+/// The sections of `readelf -SW` the program maps from the file.
+fn with_contents(readelf: &str) -> Vec<Section> {
+    sections(readelf)
+        .into_iter()
+        .filter(|s| s.loaded && s.size > 0)
         .collect()
 }
 
@@ -255,10 +229,7 @@ mod tests {
   [31] .bss              NOBITS   00000000014d2500 14cf500 04d85c 00  WA  0   0 64
   [32] .comment          PROGBITS 0000000000000000 14cf500 0000cb 01  MS  0   0  1
 ";
-        let names: Vec<String> = parse_sections(readelf)
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
+        let names: Vec<String> = with_contents(readelf).into_iter().map(|s| s.name).collect();
         assert_eq!(names, [".gcc_except_table", ".rodata", ".text"]);
     }
 
@@ -272,7 +243,7 @@ mod tests {
 0000000000403800 0000000000000010 t rare_neighbour
 ";
         let functions = Functions::parse(readelf, nm).expect(".text");
-        let sections = parse_sections(readelf);
+        let sections = sections(readelf);
         let list = "# header\nhot\n";
         let listed: BTreeSet<&str> = listed_names(list).collect();
         // The hot page and the rare one were touched: both functions on the rare page miss.
