@@ -47,6 +47,10 @@ pub struct ControllerArgs {
     /// The waypoints' sampling percentage (`--tracing-sampling` of each).
     #[arg(long, default_value_t = 1.0)]
     waypoint_tracing_sampling: f64,
+    /// How often, in seconds, the waypoint conditions on the objects are read again, so that
+    /// one someone else changed is put right.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    status_resync_secs: u64,
 }
 
 /// Validates the flags, then runs until SIGTERM or SIGINT.
@@ -83,7 +87,8 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     options.trust_domain.clone_from(&template.trust_domain);
     options.cluster_domain.clone_from(&template.cluster_domain);
     options.validate().context("invalid configuration")?;
-    info!(?template, "waypoint controller configuration");
+    let resync = std::time::Duration::from_secs(args.status_resync_secs);
+    info!(?template, ?resync, "waypoint controller configuration");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -103,7 +108,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 }
                 let _ = stop_tx.send(());
             });
-            let bound = tokio::spawn(mesh_controller::bound_status::run(client.clone(), options));
+            let bound = tokio::spawn(mesh_controller::bound_status::run(
+                client.clone(),
+                options,
+                resync,
+            ));
             mesh_controller::run(client, template, async move {
                 let _ = stop_rx.await;
             })

@@ -169,6 +169,10 @@ pub struct JwtProvider {
 pub struct RequestAuthn {
     pub key: Arc<str>,
     pub namespace: String,
+    pub name: String,
+    /// How many `targetRefs` it has (each valid one is in `targets`): none, and it is for
+    /// sidecars.
+    pub target_refs: usize,
     pub targets: Vec<PolicyTarget>,
     pub providers: Vec<JwtProvider>,
 }
@@ -363,6 +367,8 @@ fn translate(
     Ok(RequestAuthn {
         key,
         namespace: namespace.to_owned(),
+        name: ra.metadata.name().to_owned(),
+        target_refs: spec.target_refs.len(),
         targets,
         providers,
     })

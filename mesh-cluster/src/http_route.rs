@@ -338,13 +338,57 @@ pub(crate) struct HttpRouteIndex {
     /// The Service ports a `TCPRoute` or `TLSRoute` attaches to.
     gateway_l4: std::collections::BTreeSet<(String, String, u16)>,
     policies: istio::Policies,
+    /// What each Service `parentRef` of each route came to, for the routes' status.
+    parents: Vec<ParentRecord>,
     warnings: Vec<String>,
+}
+
+/// What one Service `parentRef` of a route came to ([`crate::route_status`]).
+#[derive(Clone, Debug)]
+pub(crate) struct ParentRecord {
+    /// The route.
+    pub(crate) route: ObjectRef,
+    /// Its `metadata.generation`.
+    pub(crate) generation: Option<i64>,
+    /// The `parentRef`, as written.
+    pub(crate) parent: ParentRef,
+    /// The Service (namespace, name) the route attaches to through it, and the first backend
+    /// of its rules that does not resolve for it, if any; or why it attaches to nothing.
+    pub(crate) outcome: Result<((String, String), Option<InvalidBackend>), String>,
 }
 
 /// The Services by namespace and name.
 pub(crate) type Services<'a> = HashMap<(&'a str, &'a str), &'a Arc<Service>>;
 
 impl HttpRouteIndex {
+    /// What each Service `parentRef` of each route came to.
+    pub(crate) fn parents(&self) -> &[ParentRecord] {
+        &self.parents
+    }
+
+    /// Records that `parent` of `route` attaches it to `service`, with the first backend of
+    /// `rules` that does not resolve.
+    pub(super) fn record_attached<'r>(
+        &mut self,
+        (route, meta, parent): (&ObjectRef, &ObjectMeta, &ParentRef),
+        service: &Service,
+        rules: impl IntoIterator<Item = &'r ResolvedRule>,
+    ) {
+        let invalid = rules.into_iter().find_map(|rule| {
+            let backends = rule.backends.iter().map(|b| &b.backend);
+            backends.chain(&rule.mirrors).find_map(|b| match b {
+                Backend::Invalid(problem) => Some(problem.clone()),
+                Backend::Service { .. } => None,
+            })
+        });
+        self.parents.push(ParentRecord {
+            route: route.clone(),
+            generation: meta.generation,
+            parent: parent.clone(),
+            outcome: Ok(((service.namespace.clone(), service.name.clone()), invalid)),
+        });
+    }
+
     /// Every `connectionPool` a `DestinationRule` gives a destination.
     pub(crate) fn connection_pools(
         &self,
@@ -404,7 +448,7 @@ impl HttpRouteIndex {
         let mut attached_any = false;
         for (index, parent) in spec.parent_refs.iter().enumerate() {
             let Some((service, ports)) =
-                self.parent_ports(&object, (index, parent), namespace, services)
+                self.parent_ports((&object, meta), (index, parent), services)
             else {
                 continue;
             };
@@ -434,6 +478,7 @@ impl HttpRouteIndex {
                 object: object.clone(),
                 rules,
             });
+            self.record_attached((&object, meta, parent), service, &attached.rules);
             let consumer = service.namespace != namespace;
             for port in ports {
                 let key = (service.namespace.clone(), service.name.clone(), port);
@@ -457,28 +502,37 @@ impl HttpRouteIndex {
 
     /// The Service a route's `parentRef` (`index`, `parent`) names and the TCP ports of it the
     /// route attaches to (all, or the one its `port` or `sectionName` names); `None`, with a
-    /// warning, when the parent is not a Service, does not exist or has no such port.
+    /// warning (and, for a Service parent, a record for the route's status), when the parent is
+    /// not a Service, does not exist or has no such port.
     fn parent_ports<'s>(
         &mut self,
-        object: &ObjectRef,
+        (object, meta): (&ObjectRef, &ObjectMeta),
         (index, parent): (usize, &ParentRef),
-        namespace: &str,
         services: &Services<'s>,
     ) -> Option<(&'s Arc<Service>, Vec<u16>)> {
         if !parent.is_service() {
             return None;
         }
+        let namespace = meta.namespace();
         let field = format!("spec.parentRefs[{index}]");
         let parent_ns = parent.namespace.as_deref().unwrap_or(namespace);
+        let not_attached = |index: &mut Self, why: String| {
+            index.warnings.push(format!(
+                "{object}: {field}: {why}; the route does not attach to it"
+            ));
+            index.parents.push(ParentRecord {
+                route: object.clone(),
+                generation: meta.generation,
+                parent: parent.clone(),
+                outcome: Err(why),
+            });
+        };
         let Some(&service) = services
             .get(&(parent_ns, parent.name.as_str()))
             .filter(|s| s.is_kind(&parent.group, &parent.kind))
         else {
-            self.warnings.push(format!(
-                "{object}: {field}: {} {parent_ns}/{} does not exist; the route does not \
-                 attach to it",
-                parent.kind, parent.name
-            ));
+            let why = format!("{} {parent_ns}/{} does not exist", parent.kind, parent.name);
+            not_attached(self, why);
             return None;
         };
         let ports: Vec<u16> = service
@@ -495,11 +549,11 @@ impl HttpRouteIndex {
             .map(|p| p.port)
             .collect();
         if ports.is_empty() {
-            self.warnings.push(format!(
-                "{object}: {field}: {} {service} has no TCP port that `port` or \
-                 `sectionName` names; the route does not attach to it",
+            let why = format!(
+                "{} {service} has no TCP port that `port` or `sectionName` names",
                 service.kind_name()
-            ));
+            );
+            not_attached(self, why);
             return None;
         }
         Some((service, ports))

@@ -100,9 +100,11 @@ pub struct KubeOptions {
     pub max_wait: Duration,
     /// The longest a failing watch waits between tries (see `backoff.rs`).
     pub max_backoff: Duration,
-    /// Also watch the objects only a waypoint reads (`HTTPRoute`, `GRPCRoute`,
-    /// `VirtualService`, `DestinationRule`). A node agent watches `Gateways` (which Service or
-    /// pod goes through which waypoint) but not these, and its RBAC does not grant them.
+    /// Also watch the objects only a waypoint reads (the routes, `VirtualService`,
+    /// `DestinationRule`, `ReferenceGrant`, `RequestAuthentication`, `EnvoyFilter`): the
+    /// waypoint and the controller that writes the waypoint conditions. A node agent watches
+    /// `Gateways` (which Service or pod goes through which waypoint) but not these, and its RBAC
+    /// does not grant them.
     pub routes: bool,
 }
 

@@ -83,6 +83,7 @@ pub mod peer_auth;
 mod policy_target;
 pub mod ratelimit;
 mod reference_grant;
+pub mod route_status;
 mod schema;
 pub mod service_entry;
 mod state;
@@ -102,6 +103,7 @@ pub use direct::NotDirect;
 pub use endpoints::SERVICE_NAME_LABEL;
 pub use error::{SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
+pub use gateway_api::ParentRef;
 pub use http_route::{
     AttachedRoute, Backend, EndpointPolicy, InvalidBackend, RequestFacts, ResolvedBackend,
     ResolvedRule, RouteDecision,
@@ -120,6 +122,9 @@ pub use options::{
     NETNS_ANNOTATION, OPT_OUT, SHORTCUT_ANNOTATION,
 };
 pub use peer_auth::{MtlsMode, PeerAuthDecision, PeerAuthPolicy, PeerAuthScope};
+pub use route_status::{
+    ParentStatus, RouteCondition, RouteKind, RouteObject, RouteReason, ROUTE_CONTROLLER,
+};
 pub use state::ClusterState;
 pub use waypoint::{Guard, Unavailable, Waypoint, WaypointBinding, WaypointFor};
 pub use waypoint_bound::{

@@ -71,11 +71,17 @@ pub struct RateLimit {
 
 /// A waypoint's `EnvoyFilter`: its targets and limits.
 #[derive(Debug)]
-struct Filter {
+pub(crate) struct Filter {
     key: Arc<str>,
-    namespace: String,
-    targets: Vec<PolicyTarget>,
-    limits: Vec<Arc<RateLimit>>,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    /// How many `targetRefs` it has (each valid one is in `targets`): none, and it is for
+    /// sidecars and gateways.
+    pub(crate) target_refs: usize,
+    pub(crate) targets: Vec<PolicyTarget>,
+    pub(crate) limits: Vec<Arc<RateLimit>>,
+    /// Why each patch that is not applied is not (`configPatches[i]: ...`).
+    pub(crate) unapplied: Vec<String>,
 }
 
 /// The `EnvoyFilters` of a state, their rate limits indexed by target.
@@ -108,6 +114,11 @@ impl RateLimitIndex {
 
     pub(crate) fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// The `EnvoyFilters`, sorted by namespace and name.
+    pub(crate) fn filters(&self) -> &[Filter] {
+        &self.filters
     }
 
     /// How many `EnvoyFilters` there are.
@@ -161,24 +172,30 @@ fn translate(
         &spec.target_refs,
         warnings,
     );
-    let mut limits = Vec::new();
+    let (mut limits, mut unapplied) = (Vec::new(), Vec::new());
     for (index, patch) in spec.config_patches.iter().enumerate() {
         let at = format!("{what}: configPatches[{index}]");
-        match patch {
-            ConfigPatch::Other { apply_to, filter } => warnings.push(format!(
-                "{at} ({apply_to}{}) is not applied: a waypoint here applies only local rate \
-                 limits (an HTTP_FILTER patch adding envoy.filters.http.local_ratelimit)",
+        let not_applied = match patch {
+            ConfigPatch::Other { apply_to, filter } => format!(
+                "({apply_to}{}) is not applied: a waypoint here applies only local rate limits \
+                 (an HTTP_FILTER patch adding envoy.filters.http.local_ratelimit)",
                 filter
                     .as_deref()
                     .map(|f| format!(", {f}"))
                     .unwrap_or_default()
-            )),
+            ),
             ConfigPatch::LocalRateLimit(patch) => {
-                if let Some(limit) = limit_of(&key, index, patch, (&at, warnings)) {
-                    limits.push(Arc::new(limit));
+                match limit_of(&key, index, patch, (&at, warnings)) {
+                    Ok(limit) => {
+                        limits.push(Arc::new(limit));
+                        continue;
+                    }
+                    Err(why) => why,
                 }
             }
-        }
+        };
+        warnings.push(format!("{at} {not_applied}"));
+        unapplied.push(format!("configPatches[{index}] {not_applied}"));
     }
     if spec.target_refs.is_empty() && !limits.is_empty() {
         warnings.push(format!(
@@ -190,30 +207,34 @@ fn translate(
     Ok(Filter {
         key,
         namespace: namespace.to_owned(),
+        name: ef.metadata.name().to_owned(),
+        target_refs: spec.target_refs.len(),
         targets,
         limits,
+        unapplied,
     })
 }
 
-/// The limit of a patch, or `None` (with a warning) when it does not apply to waypoints.
+/// The limit of a patch (with a warning at `at` when it refuses nothing), or why it does not
+/// apply to waypoints (after the patch's place: "is not applied: ...").
 fn limit_of(
     policy: &Arc<str>,
     patch: usize,
     p: &RateLimitPatch,
     (at, warnings): (&str, &mut Vec<String>),
-) -> Option<RateLimit> {
+) -> Result<RateLimit, String> {
     if !["WAYPOINT", "ANY"].contains(&p.context.as_str()) {
-        warnings.push(format!(
-            "{at}: context {} does not apply to waypoints (WAYPOINT or ANY)",
+        return Err(format!(
+            "is not applied: its context {} is not the waypoints' (WAYPOINT or ANY)",
             p.context
         ));
-        return None;
     }
     if p.route_match {
-        warnings.push(format!(
-            "{at}: it matches Envoy route names, which a waypoint here does not have: not applied"
-        ));
-        return None;
+        return Err(
+            "is not applied: it matches Envoy route names, which a waypoint here does \
+                    not have"
+                .to_owned(),
+        );
     }
     let config = &p.config;
     // Checked when read.
@@ -234,7 +255,7 @@ fn limit_of(
         ));
     }
     let bucket = &config.token_bucket;
-    Some(RateLimit {
+    Ok(RateLimit {
         policy: Arc::clone(policy),
         patch,
         stat_prefix: config.stat_prefix.clone(),

@@ -715,6 +715,21 @@ impl ClusterState {
         self.rate_limits.len()
     }
 
+    /// The `EnvoyFilters`, as the waypoints read them, sorted by namespace and name.
+    pub(crate) fn envoy_filter_list(&self) -> &[crate::ratelimit::Filter] {
+        self.rate_limits.filters()
+    }
+
+    /// What each Service `parentRef` of each route came to.
+    pub(crate) fn route_parents(&self) -> &[crate::http_route::ParentRecord] {
+        self.http_routes.parents()
+    }
+
+    /// The `RequestAuthentications`, sorted by namespace and name.
+    pub(crate) fn request_authentication_list(&self) -> &[Arc<crate::authn::RequestAuthn>] {
+        self.authn.all()
+    }
+
     /// The local rate limits (`EnvoyFilter`) that apply at waypoint `namespace/name` to a
     /// request to `dst` (a Service's VIP and port, or a pod's address and port) for `service`
     /// (`None`: addressed to a pod), in order; see [`super::ratelimit`].

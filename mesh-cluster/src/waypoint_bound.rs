@@ -10,7 +10,15 @@
 //! - every other `AuthorizationPolicy` (the node agents enforce it): Istio's [`ZTUNNEL_ACCEPTED`],
 //!   `True`, or `False` (`UnsupportedValue`) when a rule has HTTP fields the agents cannot
 //!   evaluate, saying how each such rule is narrowed (an ALLOW matches nothing, a DENY denies
-//!   more).
+//!   more);
+//! - a `RequestAuthentication` ([`crate::authn`]): [`WAYPOINT_ACCEPTED`] as an
+//!   `AuthorizationPolicy` with `targetRefs`; without `targetRefs` (a selector, for sidecars)
+//!   `False` (`NoTargetRefs`): nothing validates its tokens, where Istio's users meet a JWT
+//!   requirement that silently does nothing;
+//! - an `EnvoyFilter` with `targetRefs`, or with a local rate limit ([`crate::ratelimit`]):
+//!   [`WAYPOINT_ACCEPTED`] as a policy with `targetRefs`, `False` (`UnsupportedValue`) naming
+//!   each patch a waypoint does not apply, `False` (`NoTargetRefs`) for a rate limit without
+//!   `targetRefs`. An `EnvoyFilter` of neither kind is for sidecars and gateways: no condition.
 //!
 //! Users see there why a label or a policy took no effect without reading an agent's log.
 //! Objects that depend on no waypoint get no condition.
@@ -21,6 +29,7 @@ use crate::{
     authz::{AuthzPolicy, AuthzScope},
     model::{Unavailable, WaypointBinding},
     policy_target::PolicyTarget,
+    ratelimit::Filter,
     state::ClusterState,
 };
 
@@ -41,6 +50,10 @@ pub enum BoundKind {
     ServiceEntry,
     /// An Istio `AuthorizationPolicy` (of a waypoint, with `targetRefs`, or of the node agents).
     AuthorizationPolicy,
+    /// An Istio `RequestAuthentication`.
+    RequestAuthentication,
+    /// An Istio `EnvoyFilter` (a waypoint's local rate limit).
+    EnvoyFilter,
 }
 
 impl BoundKind {
@@ -50,6 +63,7 @@ impl BoundKind {
         match self {
             BoundKind::Service | BoundKind::ServiceEntry => &[WAYPOINT_BOUND],
             BoundKind::AuthorizationPolicy => &[WAYPOINT_ACCEPTED, ZTUNNEL_ACCEPTED],
+            BoundKind::RequestAuthentication | BoundKind::EnvoyFilter => &[WAYPOINT_ACCEPTED],
         }
     }
 }
@@ -60,6 +74,17 @@ pub struct BoundObject {
     pub kind: BoundKind,
     pub namespace: String,
     pub name: String,
+}
+
+impl BoundObject {
+    #[must_use]
+    pub fn new(kind: BoundKind, namespace: &str, name: &str) -> Self {
+        Self {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
 }
 
 /// Why the condition has its status (the condition's `reason`).
@@ -74,8 +99,12 @@ pub enum BoundReason {
     TargetNotFound,
     /// A policy's target has no waypoint: nothing enforces the policy for it.
     NoWaypoint,
-    /// A rule of a node agents' policy has HTTP fields they cannot evaluate.
+    /// A rule of a node agents' policy has HTTP fields they cannot evaluate; a patch of an
+    /// `EnvoyFilter` is not applied.
     UnsupportedValue,
+    /// A waypoint's kind of policy without `targetRefs`: it is for sidecars, and applies to
+    /// nothing here.
+    NoTargetRefs,
     /// No waypoint `Gateway` of that name.
     NotFound,
     /// The waypoint does not take Service traffic.
@@ -96,6 +125,7 @@ impl BoundReason {
             BoundReason::TargetNotFound => "TargetNotFound",
             BoundReason::NoWaypoint => "NoWaypoint",
             BoundReason::UnsupportedValue => "UnsupportedValue",
+            BoundReason::NoTargetRefs => "NoTargetRefs",
             BoundReason::NotFound => "WaypointNotFound",
             BoundReason::UnsupportedTraffic => "WaypointUnsupportedTraffic",
             BoundReason::NotReady => "WaypointNotReady",
@@ -154,7 +184,9 @@ impl WaypointBinding {
 impl ClusterState {
     /// The condition of every object that depends on a waypoint: [`WAYPOINT_BOUND`] of the
     /// Services and `ServiceEntries` that ask for one, [`WAYPOINT_ACCEPTED`] of the
-    /// `AuthorizationPolicies` with `targetRefs`, [`ZTUNNEL_ACCEPTED`] of the others.
+    /// `AuthorizationPolicies` with `targetRefs`, [`ZTUNNEL_ACCEPTED`] of the others,
+    /// [`WAYPOINT_ACCEPTED`] of the `RequestAuthentications` and of the `EnvoyFilters` for
+    /// waypoints.
     #[must_use]
     pub fn bound_conditions(&self) -> BTreeMap<BoundObject, BoundCondition> {
         let services = self.services().iter().filter_map(|service| {
@@ -171,25 +203,76 @@ impl ClusterState {
             Some((object, condition))
         });
         let policies = self.authorization_policies().iter().map(|policy| {
-            let object = BoundObject {
-                kind: BoundKind::AuthorizationPolicy,
-                namespace: policy.namespace.clone(),
-                name: policy.name.clone(),
-            };
+            let object = BoundObject::new(
+                BoundKind::AuthorizationPolicy,
+                &policy.namespace,
+                &policy.name,
+            );
             let condition = if policy.scope == AuthzScope::Waypoint {
-                self.policy_condition(policy)
+                self.targets_condition(&policy.namespace, &policy.targets)
             } else {
                 agents_condition(policy)
             };
             (object, condition)
         });
-        services.chain(policies).collect()
+        let authentications = self.request_authentication_list().iter().map(|ra| {
+            let object =
+                BoundObject::new(BoundKind::RequestAuthentication, &ra.namespace, &ra.name);
+            let condition = if ra.target_refs == 0 {
+                no_target_refs(
+                    "no waypoint validates its tokens: without targetRefs a \
+                     RequestAuthentication is for sidecars, which this mesh does not have",
+                )
+            } else {
+                self.targets_condition(&ra.namespace, &ra.targets)
+            };
+            (object, condition)
+        });
+        let filters = self.envoy_filter_list().iter().filter_map(|filter| {
+            let object = BoundObject::new(BoundKind::EnvoyFilter, &filter.namespace, &filter.name);
+            Some((object, self.filter_condition(filter)?))
+        });
+        services
+            .chain(policies)
+            .chain(authentications)
+            .chain(filters)
+            .collect()
     }
 
-    /// `policy`'s [`WAYPOINT_ACCEPTED`]: the waypoints that enforce it, or the first target
-    /// none does.
-    fn policy_condition(&self, policy: &AuthzPolicy) -> BoundCondition {
-        if policy.targets.is_empty() {
+    /// An `EnvoyFilter`'s [`WAYPOINT_ACCEPTED`]: none for one of neither a waypoint's nor a
+    /// local rate limit (for sidecars and gateways); else as a policy's with `targetRefs`, and
+    /// `False` while a patch is not applied.
+    fn filter_condition(&self, filter: &Filter) -> Option<BoundCondition> {
+        if filter.target_refs == 0 {
+            if filter.limits.is_empty() {
+                return None;
+            }
+            return Some(no_target_refs(
+                "no waypoint applies its local rate limits: without targetRefs an EnvoyFilter \
+                 is for sidecars and gateways, which this mesh does not have",
+            ));
+        }
+        let condition = self.targets_condition(&filter.namespace, &filter.targets);
+        if !condition.ok || filter.unapplied.is_empty() {
+            return Some(condition);
+        }
+        let applied = if filter.limits.is_empty() {
+            "no patch is applied".to_owned()
+        } else {
+            format!("its local rate limits are applied, {}", condition.message)
+        };
+        Some(BoundCondition {
+            condition_type: WAYPOINT_ACCEPTED,
+            ok: false,
+            reason: BoundReason::UnsupportedValue,
+            message: format!("{}; {applied}", filter.unapplied.join("; ")),
+        })
+    }
+
+    /// The [`WAYPOINT_ACCEPTED`] of a policy of `namespace` with `targetRefs` (`targets`, those
+    /// that are valid): the waypoints that enforce it, or the first target none does.
+    fn targets_condition(&self, namespace: &str, targets: &[PolicyTarget]) -> BoundCondition {
+        if targets.is_empty() {
             return BoundCondition {
                 condition_type: WAYPOINT_ACCEPTED,
                 ok: false,
@@ -200,8 +283,8 @@ impl ClusterState {
             };
         }
         let mut waypoints: Vec<String> = Vec::new();
-        for target in &policy.targets {
-            match self.target_waypoint(&policy.namespace, target) {
+        for target in targets {
+            match self.target_waypoint(namespace, target) {
                 Ok(waypoint) if !waypoints.contains(&waypoint) => waypoints.push(waypoint),
                 Ok(_) => {}
                 Err((reason, message)) => {
@@ -262,6 +345,20 @@ impl ClusterState {
                 format!("{kind} {namespace}/{name}: {why}"),
             )),
         }
+    }
+}
+
+/// The [`WAYPOINT_ACCEPTED`] of a policy of a waypoint's kind without `targetRefs`: `message`
+/// says what does not happen.
+fn no_target_refs(message: &str) -> BoundCondition {
+    BoundCondition {
+        condition_type: WAYPOINT_ACCEPTED,
+        ok: false,
+        reason: BoundReason::NoTargetRefs,
+        message: format!(
+            "{message}; target a waypoint Gateway, a Service it serves or (from the root \
+             namespace) the istio-waypoint GatewayClass"
+        ),
     }
 }
 

@@ -1,12 +1,15 @@
 //! The conditions of [`mesh_cluster::waypoint_bound`], kept true to the cluster view:
 //! `istio.io/WaypointBound` on every `Service` and `ServiceEntry` that asks for a waypoint,
-//! `WaypointAccepted` on every `AuthorizationPolicy` with `targetRefs`, `ZtunnelAccepted` on
-//! every other. The controller reads the view as a waypoint reads it (the chart binds it to the
+//! `WaypointAccepted` on every `AuthorizationPolicy` with `targetRefs` and every
+//! `RequestAuthentication`, `ZtunnelAccepted` on every other `AuthorizationPolicy`,
+//! `WaypointAccepted` on every `EnvoyFilter` for waypoints (with `targetRefs` or a local rate
+//! limit). The controller reads the view as a waypoint reads it (the chart binds it to the
 //! waypoint role) and, at every change of the view, applies the conditions that changed
 //! (server-side apply to the status subresource, field manager [`FIELD_MANAGER`]); an object
 //! that no longer asks for a waypoint has its condition removed. The conditions already
 //! written are read when it starts, so a label removed while it was down is seen too, and again
-//! every [`RESYNC`], so that a condition someone else changed is put right. A write that fails
+//! at every resync (`--status-resync-secs`, 10 minutes by default), so that a condition someone
+//! else changed is put right. A write that fails
 //! is warned about and retried at the next change or after [`RETRY`]; an object that is gone is
 //! forgotten.
 
@@ -18,7 +21,7 @@ use std::{
 
 use k8s_openapi::{api::core::v1::Service, jiff::Timestamp};
 use kube::{
-    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
     Api, Client,
 };
 use mesh_cluster::{
@@ -31,34 +34,41 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     resources::{self, FIELD_MANAGER},
-    ControllerError,
+    route_status, ControllerError,
 };
 
 /// How soon writes that failed are tried again when the view does not change.
 const RETRY: Duration = Duration::from_secs(10);
-/// How often the conditions on the objects are read again, so that one someone else changed
-/// is put right.
-const RESYNC: Duration = Duration::from_secs(600);
 
 /// The kinds written on.
-const KINDS: [BoundKind; 3] = [
+const KINDS: [BoundKind; 5] = [
     BoundKind::Service,
     BoundKind::ServiceEntry,
     BoundKind::AuthorizationPolicy,
+    BoundKind::RequestAuthentication,
+    BoundKind::EnvoyFilter,
 ];
 
 /// The API resource of `kind`.
 fn resource(kind: BoundKind) -> ApiResource {
-    let istio = |group, kind, plural| {
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), plural)
+    let istio = |(group, version), kind, plural| {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
     };
+    let (networking, security) = (("networking.istio.io", "v1"), ("security.istio.io", "v1"));
     match kind {
         BoundKind::Service => ApiResource::erase::<Service>(&()),
-        BoundKind::ServiceEntry => istio("networking.istio.io", "ServiceEntry", "serviceentries"),
-        BoundKind::AuthorizationPolicy => istio(
-            "security.istio.io",
-            "AuthorizationPolicy",
-            "authorizationpolicies",
+        BoundKind::ServiceEntry => istio(networking, "ServiceEntry", "serviceentries"),
+        BoundKind::AuthorizationPolicy => {
+            istio(security, "AuthorizationPolicy", "authorizationpolicies")
+        }
+        BoundKind::RequestAuthentication => {
+            istio(security, "RequestAuthentication", "requestauthentications")
+        }
+        // Served at v1alpha3 only.
+        BoundKind::EnvoyFilter => istio(
+            ("networking.istio.io", "v1alpha3"),
+            "EnvoyFilter",
+            "envoyfilters",
         ),
     }
 }
@@ -113,11 +123,17 @@ enum Applied {
     Gone,
 }
 
-/// Reads the cluster view through `client` (the waypoints' reading of it, with `options`), then
-/// keeps the conditions true to it. Runs until dropped; a view that cannot be read is an error
-/// in the log, and the controller's other work goes on without the conditions.
-pub async fn run(client: Client, options: EnrollmentOptions) {
-    let started = match KubeSource::new(client.clone(), options, KubeOptions::default()) {
+/// Reads the cluster view through `client` (the waypoints' reading of it, with `options`: every
+/// kind a waypoint watches, its policies included), then keeps the conditions true to it. Runs
+/// until dropped; a view that cannot be read is an error in the log, and the controller's other
+/// work goes on without the conditions. The conditions on the objects are read again every
+/// `resync`.
+pub async fn run(client: Client, options: EnrollmentOptions, resync: Duration) {
+    let kube = KubeOptions {
+        routes: true,
+        ..KubeOptions::default()
+    };
+    let started = match KubeSource::new(client.clone(), options, kube) {
         Ok(source) => source.start().await,
         Err(e) => Err(e),
     };
@@ -128,20 +144,25 @@ pub async fn run(client: Client, options: EnrollmentOptions) {
             return;
         }
     };
-    keep(&client, view.state.clone()).await;
+    keep(&client, view.state.clone(), resync).await;
 }
 
-/// Keeps the conditions true to `state` until the view's sender is dropped.
-async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>) {
+/// Keeps the conditions and the routes' entries ([`route_status`]) true to `state` until the
+/// view's sender is dropped, reading those on the objects again every `every`.
+async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>, every: Duration) {
     let mut written = read_written(client, &BTreeMap::new()).await;
+    let mut routes = route_status::read_written(client, &route_status::Written::new()).await;
     info!(
         written = written.len(),
-        "writing the waypoint conditions of Services, ServiceEntries and AuthorizationPolicies"
+        routes = routes.len(),
+        "writing the waypoint conditions of Services, ServiceEntries and Istio's policies, and \
+         the status of routes attached to Services"
     );
-    let mut resync = tokio::time::Instant::now() + RESYNC;
+    let mut resync = tokio::time::Instant::now() + every;
     loop {
         let view = Arc::clone(&state.borrow_and_update());
-        let failed = sync(client, &view, &mut written).await;
+        let conditions_failed = sync(client, &view, &mut written).await;
+        let failed = route_status::sync(client, &view, &mut routes).await || conditions_failed;
         tokio::select! {
             changed = state.changed() => {
                 if changed.is_err() {
@@ -152,7 +173,8 @@ async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>) {
             () = tokio::time::sleep_until(resync) => {
                 // What someone else changed since is put right by the next sync.
                 written = read_written(client, &written).await;
-                resync = tokio::time::Instant::now() + RESYNC;
+                routes = route_status::read_written(client, &routes).await;
+                resync = tokio::time::Instant::now() + every;
             }
         }
     }
@@ -164,35 +186,16 @@ async fn read_written(
     client: &Client,
     before: &BTreeMap<BoundObject, Written>,
 ) -> BTreeMap<BoundObject, Written> {
-    let mut written = BTreeMap::new();
-    for kind in KINDS {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &resource(kind));
-        let objects = match api.list(&ListParams::default()).await {
-            Ok(objects) => objects,
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                debug!(?kind, "not served: no conditions to read");
-                continue;
-            }
-            Err(e) => {
-                warn!(?kind, error = %e, "listing objects for their waypoint conditions");
-                let kept = before.iter().filter(|(object, _)| object.kind == kind);
-                written.extend(kept.map(|(object, w)| (object.clone(), w.clone())));
-                continue;
-            }
+    let read = |kind: BoundKind, object: &DynamicObject| {
+        let condition = Written::of(object.data.get("status"), kind.condition_types())?;
+        let at = BoundObject {
+            kind,
+            namespace: object.metadata.namespace.clone().unwrap_or_default(),
+            name: object.metadata.name.clone().unwrap_or_default(),
         };
-        for object in objects {
-            if let Some(condition) = Written::of(object.data.get("status"), kind.condition_types())
-            {
-                let at = BoundObject {
-                    kind,
-                    namespace: object.metadata.namespace.clone().unwrap_or_default(),
-                    name: object.metadata.name.clone().unwrap_or_default(),
-                };
-                written.insert(at, condition);
-            }
-        }
-    }
-    written
+        Some((at, condition))
+    };
+    resources::read_back(client, (&KINDS, resource), before, |o| o.kind, read).await
 }
 
 /// Applies the conditions that differ from those written; whether any write failed.

@@ -15,6 +15,7 @@ pub mod bound_status;
 pub mod desired;
 pub mod reconcile;
 pub mod resources;
+pub mod route_status;
 
 pub use desired::{WaypointGateway, WaypointTemplate};
 pub use reconcile::run;

@@ -86,6 +86,35 @@ fn principal(pod: &Pod) -> String {
     format!("cluster.local/ns/{NS}/sa/sa-{}", pod.name)
 }
 
+/// Connections from `pod` the agent has counted as opened (Istio's metric, every reporter and
+/// flag): a kernel-direct one once the agent has read its report.
+fn opened_from(mesh: &Mesh, pod: &Pod) -> u64 {
+    let m = scrape(mesh.tb.node(0)).expect("metrics");
+    let principal = format!("spiffe://{}", principal(pod));
+    count(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[("source_principal", &principal)],
+    )
+}
+
+/// Waits until the agent has counted one more opened connection from each of `pods` than
+/// `before` (the kernel's reports are read every 100 ms).
+fn wait_opened(mesh: &Mesh, pods: &[&Pod], before: &[u64]) {
+    let deadline = Instant::now() + WAIT;
+    while pods
+        .iter()
+        .zip(before)
+        .any(|(pod, &was)| opened_from(mesh, pod) <= was)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never counted the connections"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn direct_connects(mesh: &Mesh) -> u64 {
     let m = scrape(mesh.tb.node(0)).expect("metrics");
     count(&m, "mesh_kernel_direct_connections_total", &[])
@@ -320,12 +349,16 @@ fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
     wait_service(&mesh, victim);
     wait_service(&mesh, control);
     let before = direct_connects(&mesh);
+    let opened = [opened_from(&mesh, victim), opened_from(&mesh, control)];
     let mut held = [hold(victim, vip()), hold(control, vip())];
     assert_eq!(
         direct_connects(&mesh) - before,
         2,
         "both held connections are kernel-direct"
     );
+    // The agent tracks both before the policy changes (else it finds the victim's refused
+    // when it first reads of it, which the access log records as a plain denial).
+    wait_opened(&mesh, &[victim, control], &opened);
     let log_from = mesh.agents[0].log_len();
     deny(&mesh, "deny-victim", victim);
     let line = held[0]

@@ -542,6 +542,7 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
         "--ca-address=https://mesh-ca.mesh-system.svc:15012",
         "--ca-root-configmap=mesh-system/mesh-ca-root-cert",
         "--waypoint-cluster-role=mesh-waypoint",
+        "--status-resync-secs=600",
     ] {
         assert!(
             controller_args.contains(&expected),
@@ -568,8 +569,8 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
         .collect();
     assert_eq!(bind.len(), 1, "{bind:?}");
     assert_eq!(bind[0]["resourceNames"], json!(["mesh-waypoint"]));
-    // Besides, it writes only status (the Gateways' and the bound objects' conditions), and
-    // reads the cluster view through the waypoint role.
+    // Besides, it writes only status (the Gateways', the bound objects' conditions, the
+    // routes' entries), and reads the cluster view through the waypoint role.
     let status: Vec<&Value> = role["rules"]
         .as_array()
         .expect("rules")
@@ -584,7 +585,16 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
     for rule in &status {
         assert_eq!(rule["verbs"], json!(["patch"]), "{rule}");
     }
-    assert_eq!(status.len(), 4, "{status:?}");
+    assert_eq!(status.len(), 5, "{status:?}");
+    // The routes it tells their status it reads one by one, and nothing else of them.
+    let routes: Vec<&Value> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["resources"] == json!(["httproutes", "grpcroutes"]))
+        .collect();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0]["verbs"], json!(["get"]));
     let view = named(
         &objects,
         "ClusterRoleBinding",

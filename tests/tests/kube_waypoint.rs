@@ -182,7 +182,8 @@ fn condition(gateway: &Value, kind: &str) -> Option<String> {
 const BOUND: &str = "istio.io/WaypointBound";
 
 /// Waits until `name` (through `api`) has the controller's condition `kind` (`BOUND`,
-/// `WaypointAccepted`, `ZtunnelAccepted`) with `status` and a message starting with `message`,
+/// `WaypointAccepted`, `ZtunnelAccepted`; on a Service, `ServiceEntry`, `AuthorizationPolicy`,
+/// `RequestAuthentication` or `EnvoyFilter`) with `status` and a message starting with `message`,
 /// or (`status` none) has none.
 fn condition_is(
     mesh: &KubeMesh,
@@ -218,6 +219,151 @@ fn condition_is(
 /// `Services` of the namespace, as dynamic objects (their status read as it is written).
 fn services_dyn(mesh: &KubeMesh) -> Api<DynamicObject> {
     Api::namespaced_with(mesh.cp.client(), NS, &ApiResource::erase::<Service>(&()))
+}
+
+/// Someone else (another field manager, forcing) rewrites the condition `kind` of `name`
+/// (through `api`, of `api_version` and `object_kind`) to `False`: the controller's next read
+/// of the conditions puts it right (`True`, its message starting with `message`), although
+/// nothing in the cluster view changed. (The other manager keeps a share of the condition, so
+/// the controller could not remove it later: the object is one the test deletes.)
+fn tampered_condition_put_right(
+    mesh: &KubeMesh,
+    api: &Api<DynamicObject>,
+    (api_version, object_kind): (&str, &str),
+    (name, kind): (&str, &str),
+    message: &str,
+) {
+    let tampered = json!({
+        "apiVersion": api_version, "kind": object_kind,
+        "status": {"conditions": [{
+            "type": kind, "status": "False", "reason": "Tampered",
+            "message": "not so, says someone else",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]},
+    });
+    let written = mesh
+        .cp
+        .block_on(api.patch_status(
+            name,
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(&tampered),
+        ))
+        .expect("the condition rewritten");
+    assert_eq!(
+        condition(&written.data, kind).as_deref(),
+        Some("False"),
+        "the rewrite took: {:?}",
+        written.data["status"]
+    );
+    condition_is(mesh, api, (name, kind), Some("True"), message);
+}
+
+/// The controller's entry in `status.parents` of route `name` (through `api`) for the Service
+/// parent `parent`, once it holds `accepted` and `resolved` (status, reason; `None`: no such
+/// condition) with `observedGeneration` the route's generation; returns the route's parents.
+fn route_entry_is(
+    mesh: &KubeMesh,
+    api: &Api<DynamicObject>,
+    (name, parent): (&str, &Value),
+    accepted: (&str, &str),
+    resolved: Option<(&str, &str)>,
+) -> Vec<Value> {
+    let what = format!("{name}'s entry for {parent}: {accepted:?} {resolved:?}");
+    mesh.cp
+        .block_on(eventually(&what, WAIT, || async {
+            let route = api.get(name).await.ok()?;
+            let generation = route.metadata.generation?;
+            let parents = route.data["status"]["parents"].as_array()?.clone();
+            let ours = parents.iter().find(|p| {
+                p["controllerName"] == "mesh.local/waypoint" && &p["parentRef"] == parent
+            })?;
+            let condition = |kind: &str| {
+                let conditions = ours["conditions"].as_array()?;
+                let c = conditions.iter().find(|c| c["type"] == kind)?;
+                let fresh =
+                    c["observedGeneration"] == generation && c["lastTransitionTime"].is_string();
+                fresh.then(|| (c["status"].as_str(), c["reason"].as_str()))
+            };
+            let holds = condition("Accepted")? == (Some(accepted.0), Some(accepted.1))
+                && condition("ResolvedRefs") == resolved.map(|(s, r)| (Some(s), Some(r)));
+            holds.then_some(parents)
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `web`'s route is told, for its Service parent, that web's waypoint applies it and that its
+/// backends resolve; another controller's entry (a `Gateway` parent) is left as it is when the
+/// controller writes its own; a route on `web-v1` (no waypoint) with a missing backend is told
+/// both.
+fn route_status(mesh: &KubeMesh) {
+    let api = routes(mesh);
+    let web = json!({"group": "", "kind": "Service", "name": "web", "port": 80});
+    let parents = route_entry_is(
+        mesh,
+        &api,
+        ("web", &web),
+        ("True", "Accepted"),
+        Some(("True", "ResolvedRefs")),
+    );
+    // Another controller's entry, beside the mesh's.
+    let mut with_foreign = parents;
+    with_foreign.push(json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"},
+        "controllerName": "example.com/gateway-controller",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": "someone else's", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    }));
+    mesh.cp
+        .block_on(api.patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"parents": with_foreign}})),
+        ))
+        .expect("another controller's entry added");
+    let lonely: DynamicObject = from_json(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "lonely", "namespace": NS},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web-v1"}],
+            "rules": [{"backendRefs": [{"name": "missing", "port": 80}]}],
+        },
+    }));
+    create(mesh, &api, &lonely, "the HTTPRoute on web-v1");
+    route_entry_is(
+        mesh,
+        &api,
+        (
+            "lonely",
+            &json!({"group": "", "kind": "Service", "name": "web-v1"}),
+        ),
+        ("False", "NoWaypoint"),
+        Some(("False", "BackendNotFound")),
+    );
+    mesh.cp
+        .block_on(api.delete("lonely", &DeleteParams::default()))
+        .expect("deleted");
+}
+
+/// After `route_change` (a new generation of `web`'s route) the controller's entry says the new
+/// generation, and the other controller's entry is still there.
+fn route_status_follows_its_generation(mesh: &KubeMesh) {
+    let web = json!({"group": "", "kind": "Service", "name": "web", "port": 80});
+    let parents = route_entry_is(
+        mesh,
+        &routes(mesh),
+        ("web", &web),
+        ("True", "Accepted"),
+        Some(("True", "ResolvedRefs")),
+    );
+    let controllers: Vec<&str> = parents
+        .iter()
+        .filter_map(|p| p["controllerName"].as_str())
+        .collect();
+    assert_eq!(
+        controllers,
+        ["example.com/gateway-controller", "mesh.local/waypoint"],
+        "{parents:?}"
+    );
 }
 
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
@@ -660,7 +806,10 @@ fn deployed() -> (std::sync::MutexGuard<'static, ()>, KubeMesh, String) {
     let serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mesh = KubeMesh::install(2, NS, true, &[]).expect("the chart installed");
+    // The controller reads the conditions back every 5 s (not every 10 minutes), so that the
+    // test sees one someone else changed put right.
+    let values = [("waypointController.statusResyncSeconds", "5")];
+    let mesh = KubeMesh::install(2, NS, true, &values).expect("the chart installed");
     let vip = deploy(&mesh);
     check_controller_objects(&mesh);
     (serial, mesh, vip)
@@ -721,6 +870,13 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
         Some("True"),
         "bound to shop/wp",
     );
+    tampered_condition_put_right(
+        mesh,
+        &policies,
+        ("security.istio.io/v1", "AuthorizationPolicy"),
+        ("web-read-only", "WaypointAccepted"),
+        "bound to shop/wp",
+    );
     for (name, _, (kind, message)) in &others {
         condition_is(mesh, &policies, (name, kind), Some("False"), message);
         mesh.cp
@@ -744,8 +900,9 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
 }
 
 /// A `RequestAuthentication` targeting `web` (its key set inline) and Istio's "require a JWT"
-/// policy, created through the API: a valid token is served, a request without one is denied
-/// (403), an expired one refused (401); deleted, everything is served again.
+/// policy, created through the API: the controller tells it the waypoint validates its tokens
+/// (and one with a selector, that nothing does); a valid token is served, a request without
+/// one is denied (403), an expired one refused (401); deleted, everything is served again.
 fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
     let authns: Api<DynamicObject> = Api::namespaced_with(
         mesh.cp.client(),
@@ -784,6 +941,39 @@ fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
     }));
     create(mesh, &authns, &authn, "the RequestAuthentication");
     create(mesh, &policies, &require, "the AuthorizationPolicy");
+    // The controller tells each what validates its tokens: web's waypoint; for one with a
+    // selector (a sidecar's, in Istio), nothing.
+    let of_pods: DynamicObject = from_json(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+        "metadata": {"name": "pods-jwt", "namespace": NS},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "jwtRules": [{"issuer": "https://idp.example", "jwks": mesh_tests::jwt::JWKS_EC}],
+        },
+    }));
+    create(
+        mesh,
+        &authns,
+        &of_pods,
+        "the sidecars' RequestAuthentication",
+    );
+    condition_is(
+        mesh,
+        &authns,
+        ("web-jwt", "WaypointAccepted"),
+        Some("True"),
+        "bound to shop/wp",
+    );
+    condition_is(
+        mesh,
+        &authns,
+        ("pods-jwt", "WaypointAccepted"),
+        Some("False"),
+        "no waypoint validates its tokens",
+    );
+    mesh.cp
+        .block_on(authns.delete("pods-jwt", &DeleteParams::default()))
+        .expect("deleted");
     let now = mesh_tests::jwt::now();
     let token = |exp: u64| {
         let claims = json!({"iss": "https://idp.example", "sub": "alice", "exp": exp});
@@ -809,8 +999,8 @@ fn waypoint_jwt(mesh: &KubeMesh, vip: &str) {
 }
 
 /// Istio's documented local rate limit (an `EnvoyFilter`) targeting `web`, created through the
-/// API: a bucket of 3 (never refilled within the test), then 429 with Envoy's body; deleted,
-/// everything is served again.
+/// API: the controller tells it the waypoint applies it; a bucket of 3 (never refilled within
+/// the test), then 429 with Envoy's body; deleted, everything is served again.
 fn waypoint_rate_limit(mesh: &KubeMesh, vip: &str) {
     let filters: Api<DynamicObject> = Api::namespaced_with(
         mesh.cp.client(),
@@ -844,6 +1034,13 @@ fn waypoint_rate_limit(mesh: &KubeMesh, vip: &str) {
         },
     }));
     create(mesh, &filters, &filter, "the EnvoyFilter");
+    condition_is(
+        mesh,
+        &filters,
+        ("web-limit", "WaypointAccepted"),
+        Some("True"),
+        "bound to shop/wp",
+    );
     let statuses = format!(
         "for i in 1 2 3 4 5 6; do \
          curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\n' http://{vip}/x || exit 1; done"
@@ -876,8 +1073,10 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
         "bound to shop/wp",
     );
     condition_is(&mesh, &services_dyn(&mesh), ("web-v1", BOUND), None, "");
+    route_status(&mesh);
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
+    route_status_follows_its_generation(&mesh);
     tcp_route(&mesh);
     tcp_route_at_an_older_version(&mesh);
     scaled_by_its_user(&mesh);

@@ -1919,7 +1919,7 @@ fn local_rate_limits_by_envoy_filter_refuse_with_429() {
     bed.waypoint
         .process
         .wait_for_line("the warning", LOG_WAIT, |l| {
-            l.contains("context SIDECAR_INBOUND does not apply to waypoints")
+            l.contains("context SIDECAR_INBOUND is not the waypoints'")
         })
         .unwrap();
 

@@ -102,7 +102,7 @@ impl HttpRouteIndex {
         let mut placed = Vec::new();
         for (index, parent) in route.parent_refs.iter().enumerate() {
             let Some((service, ports)) =
-                self.parent_ports(object, (index, parent), namespace, services)
+                self.parent_ports((object, route.meta), (index, parent), services)
             else {
                 continue;
             };
@@ -123,6 +123,7 @@ impl HttpRouteIndex {
                 route: object,
             };
             let rule = Arc::new(resolve_rule(&rule, &context, &mut warnings));
+            self.record_attached((object, route.meta, parent), service, [&*rule]);
             for warning in warnings {
                 if !self.warnings.contains(&warning) {
                     self.warnings.push(warning);

@@ -171,8 +171,8 @@ fn what_a_waypoint_does_not_apply_is_warned_about() {
     let warnings = state.warnings().join("\n");
     for expected in [
         "EnvoyFilter shop/lua: configPatches[0] (HTTP_FILTER, envoy.filters.http.lua) is not applied",
-        "EnvoyFilter shop/inbound: configPatches[0]: context SIDECAR_INBOUND does not apply to waypoints",
-        "EnvoyFilter shop/route: configPatches[0]: it matches Envoy route names",
+        "EnvoyFilter shop/inbound: configPatches[0] is not applied: its context SIDECAR_INBOUND is not the waypoints'",
+        "EnvoyFilter shop/route: configPatches[0] is not applied: it matches Envoy route names",
         "EnvoyFilter shop/disabled: configPatches[0]: it refuses no request: filter_enabled and filter_enforced are 0 % and 0 %",
     ] {
         assert!(warnings.contains(expected), "{expected:?} in {warnings}");

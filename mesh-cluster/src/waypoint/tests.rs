@@ -846,3 +846,218 @@ fn policies_are_told_which_waypoint_enforces_them_or_how_the_agents_narrow_them(
         ["WaypointAccepted", "ZtunnelAccepted"]
     );
 }
+
+#[test]
+fn jwt_rules_and_rate_limits_are_told_which_waypoint_applies_them_or_why_none_does() {
+    use crate::{BoundKind, BoundObject};
+    let authn = |name: &str, target: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  {target}\n  jwtRules: [{{issuer: https://idp.example, jwksUri: https://idp.example/keys}}]\n"
+        )
+    };
+    let limit = "- applyTo: HTTP_FILTER\n    match: {context: WAYPOINT, waypoint: {}}\n    patch:\n      operation: INSERT_BEFORE\n      value:\n        name: envoy.filters.http.local_ratelimit\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit\n          stat_prefix: x\n          token_bucket: {max_tokens: 3, fill_interval: 60s}\n          filter_enabled: {default_value: {numerator: 100, denominator: HUNDRED}}\n          filter_enforced: {default_value: {numerator: 100, denominator: HUNDRED}}\n";
+    let lua = "- applyTo: HTTP_FILTER\n    match: {context: SIDECAR_INBOUND}\n    patch:\n      operation: INSERT_BEFORE\n      value: {name: envoy.filters.http.lua}\n";
+    let filter = |name: &str, target: &str, patches: &[&str]| {
+        format!(
+            "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  {target}\n  configPatches:\n  {}",
+            patches.join("  ")
+        )
+    };
+    let on_a = "targetRefs: [{kind: Service, group: \"\", name: a}]";
+    let on_b = "targetRefs: [{kind: Service, group: \"\", name: b}]";
+    let pods = "workloadSelector: {labels: {app: a}}";
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "",
+        &[
+            authn("jwt-on-a", on_a),
+            authn("jwt-on-b", on_b),
+            authn("jwt-of-pods", "selector: {matchLabels: {app: a}}"),
+            filter("limit-on-a", on_a, &[limit]),
+            filter("limit-and-lua-on-a", on_a, &[limit, lua]),
+            filter("lua-on-a", on_a, &[lua]),
+            filter("limit-of-pods", pods, &[limit]),
+            filter("lua-of-pods", pods, &[lua]),
+        ],
+    );
+    let conditions = state.bound_conditions();
+    let of = |kind, name: &str| {
+        let c = conditions.get(&BoundObject::new(kind, "shop", name))?;
+        assert_eq!(c.condition_type, "WaypointAccepted");
+        Some((c.ok, c.reason.as_str(), c.message.clone()))
+    };
+    let accepted = Some((true, "Accepted", "bound to shop/wp".to_owned()));
+    let ra = BoundKind::RequestAuthentication;
+    assert_eq!(of(ra, "jwt-on-a"), accepted);
+    let (ok, reason, message) = of(ra, "jwt-on-b").expect("jwt-on-b's condition");
+    assert_eq!((ok, reason), (false, "NoWaypoint"));
+    assert!(
+        message.starts_with("Service shop/b has no waypoint"),
+        "{message}"
+    );
+    // A selector is for sidecars: nothing validates its tokens, and it is told so.
+    let (ok, reason, message) = of(ra, "jwt-of-pods").expect("jwt-of-pods' condition");
+    assert_eq!((ok, reason), (false, "NoTargetRefs"));
+    assert!(
+        message.starts_with("no waypoint validates its tokens"),
+        "{message}"
+    );
+    let ef = BoundKind::EnvoyFilter;
+    assert_eq!(of(ef, "limit-on-a"), accepted);
+    // A patch not applied is named, with what is.
+    let (ok, reason, message) = of(ef, "limit-and-lua-on-a").expect("its condition");
+    assert_eq!((ok, reason), (false, "UnsupportedValue"));
+    assert!(
+        message
+            .starts_with("configPatches[1] (HTTP_FILTER, envoy.filters.http.lua) is not applied")
+            && message.ends_with("; its local rate limits are applied, bound to shop/wp"),
+        "{message}"
+    );
+    let (ok, reason, message) = of(ef, "lua-on-a").expect("its condition");
+    assert_eq!((ok, reason), (false, "UnsupportedValue"));
+    assert!(message.ends_with("; no patch is applied"), "{message}");
+    let (ok, reason, message) = of(ef, "limit-of-pods").expect("its condition");
+    assert_eq!((ok, reason), (false, "NoTargetRefs"));
+    assert!(
+        message.starts_with("no waypoint applies its local rate limits"),
+        "{message}"
+    );
+    // A filter for sidecars that is no rate limit is not a waypoint's business.
+    assert_eq!(of(ef, "lua-of-pods"), None);
+    assert_eq!(ra.condition_types(), ["WaypointAccepted"]);
+    assert_eq!(ef.condition_types(), ["WaypointAccepted"]);
+}
+
+/// A route's entries, per parent: its name, `Accepted` (status, reason) and message, and
+/// `ResolvedRefs` (status, reason, message); every entry for generation 3.
+type Entries = Vec<(
+    String,
+    (bool, &'static str),
+    String,
+    Option<(bool, &'static str, String)>,
+)>;
+
+fn route_entries(
+    statuses: &std::collections::BTreeMap<crate::RouteObject, Vec<crate::ParentStatus>>,
+    kind: crate::RouteKind,
+    name: &str,
+) -> Entries {
+    let object = crate::RouteObject {
+        kind,
+        namespace: "shop".to_owned(),
+        name: name.to_owned(),
+    };
+    statuses
+        .get(&object)
+        .unwrap_or_else(|| panic!("{name} has a status"))
+        .iter()
+        .map(|p| {
+            assert_eq!(p.generation, Some(3));
+            let refs = p
+                .resolved_refs
+                .as_ref()
+                .map(|c| (c.ok, c.reason.as_str(), c.message.clone()));
+            (
+                p.parent.name.clone(),
+                (p.accepted.ok, p.accepted.reason.as_str()),
+                p.accepted.message.clone(),
+                refs,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn routes_are_told_per_parent_whether_a_waypoint_applies_them_and_their_backends_resolve() {
+    use crate::RouteKind;
+    let route = |kind: &str, name: &str, parents: &str, backend: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata:\n  name: {name}\n  namespace: shop\n  generation: 3\nspec:\n  parentRefs: {parents}\n  rules:\n  - backendRefs: [{backend}]\n"
+        )
+    };
+    let to_a = "{name: a, port: 80}";
+    let on = |name: &str| format!("[{{group: \"\", kind: Service, name: {name}}}]");
+    let state = cluster(
+        "",
+        "istio.io/use-waypoint: wp",
+        "",
+        &[
+            route("HTTPRoute", "on-a", &on("a"), to_a),
+            route(
+                "HTTPRoute",
+                "on-a-and-b-and-gone",
+                "[{group: \"\", kind: Service, name: a, port: 80}, {group: \"\", kind: Service, name: b}, {group: \"\", kind: Service, name: gone}, {name: some-gateway}, {group: \"\", kind: Service, name: a, port: 81}]",
+                to_a,
+            ),
+            route("GRPCRoute", "grpc-on-a", &on("a"), "{name: missing, port: 80}"),
+            route(
+                "HTTPRoute",
+                "elsewhere",
+                &on("a"),
+                "{name: a, namespace: other, port: 80}",
+            ),
+            route(
+                "HTTPRoute",
+                "odd-kind",
+                &on("a"),
+                "{group: apps, kind: Deployment, name: a, port: 80}",
+            ),
+        ],
+    );
+    let statuses = state.route_statuses();
+    let of = |kind, name: &str| route_entries(&statuses, kind, name);
+    let resolves = Some((true, "ResolvedRefs", "every backend resolves".to_owned()));
+    let on_a = of(RouteKind::Http, "on-a");
+    assert_eq!(
+        on_a,
+        [(
+            "a".to_owned(),
+            (true, "Accepted"),
+            "applied by waypoint shop/wp".to_owned(),
+            resolves.clone()
+        )]
+    );
+    // One entry per Service parent, in order (the Gateway parent is not a waypoint's): a
+    // Service without waypoint applies nothing, a missing one or a missing port attaches
+    // nothing.
+    let many = of(RouteKind::Http, "on-a-and-b-and-gone");
+    let summary: Vec<_> = many
+        .iter()
+        .map(|(n, a, _, r)| (n.as_str(), *a, r.is_some()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("a", (true, "Accepted"), true),
+            ("b", (false, "NoWaypoint"), true),
+            ("gone", (false, "NoMatchingParent"), false),
+            ("a", (false, "NoMatchingParent"), false),
+        ]
+    );
+    assert!(
+        many[1].2.starts_with("Service shop/b has no waypoint"),
+        "{}",
+        many[1].2
+    );
+    assert_eq!(
+        many[2].2,
+        "Service shop/gone does not exist: the route does not attach to it"
+    );
+    assert!(many[3].2.contains("has no TCP port"), "{}", many[3].2);
+    // Backends that do not resolve, by Gateway API's reasons.
+    let refs = |kind, name: &str| of(kind, name)[0].3.clone().expect("attached");
+    let (ok, reason, message) = refs(RouteKind::Grpc, "grpc-on-a");
+    assert_eq!((ok, reason), (false, "BackendNotFound"));
+    assert_eq!(
+        message,
+        "Service shop/missing does not exist: its share of the requests gets a 500"
+    );
+    assert_eq!(
+        refs(RouteKind::Http, "elsewhere").1,
+        "RefNotPermitted",
+        "another namespace without a ReferenceGrant"
+    );
+    assert_eq!(refs(RouteKind::Http, "odd-kind").1, "InvalidKind");
+    assert_eq!(statuses.len(), 5, "{statuses:?}");
+}

@@ -300,7 +300,54 @@ impl KubeBench {
         let (_, _, _, one_arena) =
             self.fresh_agent(node, left, self.created, Some((ONE_ARENA, "1")))?;
         self.report.one_arena = Some((self.created, one_arena));
+
+        // The waypoint controller holds the view a waypoint reads (every pod, and the routes
+        // and policies besides): what its Deployment's memory limit must allow.
+        println!("fresh waypoint controller");
+        let controller = self.fresh_controller(cp)?;
+        self.report.controller = Some((self.created, controller));
         Ok(())
+    }
+
+    /// Starts the release `mesh-agent waypoint-controller` (admin credentials: its RBAC is not
+    /// what is measured), waits until its view holds the cluster's workloads, and returns its
+    /// memory 2 s later; stopped when it returns.
+    fn fresh_controller(&self, cp: &ControlPlane) -> Result<Memory> {
+        let binary = mesh_tests::agent::binary("mesh-agent", "mesh-agent")?;
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "waypoint-controller",
+                "--log-format=text",
+                "--waypoint-image=mesh-agent:bench",
+                "--ca-address=https://mesh-ca.mesh-system.svc:15012",
+                "--ca-root-configmap=mesh-system/mesh-ca-root-cert",
+                "--waypoint-cluster-role=mesh-waypoint",
+            ])
+            .arg("--kubeconfig")
+            .arg(cp.kubeconfig_path())
+            .env("RUST_LOG", "info");
+        let start = Instant::now();
+        let mut controller = process::Process::spawn("waypoint-controller", &mut command)
+            .context("starting the waypoint controller")?;
+        let pods = self.created;
+        controller
+            .wait_for_line(
+                &format!("{pods} workloads in the controller's view"),
+                Duration::from_secs(180),
+                |l| workloads_in(l).is_some_and(|w| w >= pods),
+            )
+            .context("the waypoint controller's view")?;
+        let ready = start.elapsed();
+        thread::sleep(Duration::from_secs(2));
+        let settled = memory(controller.pid())?;
+        println!(
+            "  fresh waypoint controller, {pods} pods: view in {:.2}s, VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+            ready.as_secs_f64(),
+            mib(settled.rss),
+            mib(settled.hwm)
+        );
+        Ok(settled)
     }
 
     /// The agent's RBAC and token, the nodes (with heartbeats), the counting forwarder in the
@@ -843,16 +890,20 @@ fn wait_workloads(agent: &mut Agent, n: usize, timeout: Duration) -> Result<()> 
             0,
             &format!("{n} workloads in the agent's view"),
             timeout,
-            |l| {
-                l.contains("cluster state updated")
-                    && l.split_whitespace()
-                        .find_map(|f| f.strip_prefix("workloads="))
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .is_some_and(|w| w >= n)
-            },
+            |l| workloads_in(l).is_some_and(|w| w >= n),
         )
         .map(drop)
         .map_err(Into::into)
+}
+
+/// The workloads a `cluster state updated` line (text format) counts.
+fn workloads_in(line: &str) -> Option<usize> {
+    if !line.contains("cluster state updated") {
+        return None;
+    }
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("workloads="))
+        .and_then(|v| v.parse().ok())
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ pub(super) struct Report {
     pub(super) capture: Option<Capture>,
     /// A fresh agent's memory with one malloc arena, with this many pods.
     pub(super) one_arena: Option<(usize, Memory)>,
+    /// A fresh waypoint controller's memory (the waypoints' view), with this many pods.
+    pub(super) controller: Option<(usize, Memory)>,
     pub(super) notes: Vec<String>,
     pub(super) total: Duration,
 }
@@ -166,6 +168,14 @@ impl Report {
             let _ = writeln!(
                 t,
                 "\nA fresh agent with `{ONE_ARENA}=1` (one glibc malloc arena), {pods} pods: VmRSS {:.1} / VmHWM {:.1} MiB.",
+                mib(m.rss),
+                mib(m.hwm)
+            );
+        }
+        if let Some((pods, m)) = &self.controller {
+            let _ = writeln!(
+                t,
+                "\nA fresh waypoint controller (the view a waypoint reads: every pod, the routes and policies), {pods} pods: VmRSS {:.1} / VmHWM {:.1} MiB.",
                 mib(m.rss),
                 mib(m.hwm)
             );
@@ -297,6 +307,7 @@ impl Report {
                 "release_ms": c.release_ms, "problems": c.problems,
             })),
             "one_arena": self.one_arena.as_ref().map(|(pods, m)| json!({"pods": pods, "memory": mem(m)})),
+            "controller": self.controller.as_ref().map(|(pods, m)| json!({"pods": pods, "memory": mem(m)})),
             "notes": self.notes,
             "seconds": self.total.as_secs_f64(),
         })

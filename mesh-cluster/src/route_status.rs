@@ -1,0 +1,222 @@
+//! What a route attached to a Service (GAMMA) or a `ServiceEntry` is told in its status, as
+//! Gateway API specifies for a route's parents: for each of its Service `parentRef`s, an entry
+//! of `status.parents` with this mesh's [`ROUTE_CONTROLLER`] and two conditions.
+//!
+//! - **`Accepted`**: `True` when the route attaches to the parent and a waypoint serves the
+//!   parent, so the route is applied. `False` with `NoMatchingParent` when the parent does not
+//!   exist or has no port that `port` or `sectionName` names; with `NoWaypoint` when nothing
+//!   applies it: a Service without waypoint has its connections go straight to its pods, whose
+//!   agents route nothing (the same silent no-op that Istio's users meet with an L7 policy on
+//!   such a Service). A parent whose waypoint is asked for but unavailable still accepts the
+//!   route; the Service's own `istio.io/WaypointBound` says why its traffic is refused.
+//! - **`ResolvedRefs`** (for a parent it attaches to): `True` when every backend (and mirror)
+//!   of the route's rules resolves for that parent; else `False` naming the first that does not: `BackendNotFound` (no such
+//!   Service, port or host), `RefNotPermitted` (another namespace without a `ReferenceGrant`),
+//!   `InvalidKind` (not a Service, a `ServiceEntry` or Istio's `Hostname`). Its share of the
+//!   requests gets a 500, as Gateway API requires.
+//!
+//! `parentRef`s of other kinds (a `Gateway`) are not a waypoint's and get no entry. Only
+//! `HTTPRoute` and `GRPCRoute` are told (the `TCPRoute` and `TLSRoute` versions vary by Gateway
+//! API release).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{
+    gateway_api::ParentRef,
+    http_route::{InvalidBackend, ParentRecord},
+    meta::Kind,
+    model::WaypointBinding,
+    state::ClusterState,
+};
+
+/// The `controllerName` of this mesh's entries in a route's `status.parents`.
+pub const ROUTE_CONTROLLER: &str = "mesh.local/waypoint";
+
+/// A route kind that is told its status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteKind {
+    /// `HTTPRoute` (`gateway.networking.k8s.io/v1`).
+    Http,
+    /// `GRPCRoute` (`gateway.networking.k8s.io/v1`).
+    Grpc,
+}
+
+/// A route that is told its status.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteObject {
+    pub kind: RouteKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A condition's `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteReason {
+    /// The route is attached and applied.
+    Accepted,
+    /// The parent does not exist, or has no port the `parentRef` names.
+    NoMatchingParent,
+    /// No waypoint serves the parent: nothing applies the route.
+    NoWaypoint,
+    /// Every backend resolves.
+    ResolvedRefs,
+    /// A backend names no Service, port or host.
+    BackendNotFound,
+    /// A backend in another namespace without a `ReferenceGrant`.
+    RefNotPermitted,
+    /// A backend of a kind no waypoint sends to.
+    InvalidKind,
+}
+
+impl RouteReason {
+    /// The condition's `reason` (one CamelCase word; Gateway API's, but `NoWaypoint`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Accepted => "Accepted",
+            RouteReason::NoMatchingParent => "NoMatchingParent",
+            RouteReason::NoWaypoint => "NoWaypoint",
+            RouteReason::ResolvedRefs => "ResolvedRefs",
+            RouteReason::BackendNotFound => "BackendNotFound",
+            RouteReason::RefNotPermitted => "RefNotPermitted",
+            RouteReason::InvalidKind => "InvalidKind",
+        }
+    }
+
+    /// Why `backend` does not resolve.
+    fn of(backend: &InvalidBackend) -> Self {
+        match backend {
+            InvalidBackend::Kind { .. } => RouteReason::InvalidKind,
+            InvalidBackend::CrossNamespace { .. } => RouteReason::RefNotPermitted,
+            InvalidBackend::NotFound { .. }
+            | InvalidBackend::NoPort { .. }
+            | InvalidBackend::NoSubset { .. }
+            | InvalidBackend::UnknownHost { .. } => RouteReason::BackendNotFound,
+        }
+    }
+}
+
+/// One condition of a parent's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteCondition {
+    /// Whether it holds (`status`).
+    pub ok: bool,
+    pub reason: RouteReason,
+    /// For people: what the route came to, or what is wrong.
+    pub message: String,
+}
+
+/// A route's entry for one of its Service `parentRef`s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentStatus {
+    /// The `parentRef`, as the route writes it.
+    pub parent: ParentRef,
+    /// The route's `metadata.generation` it was decided for (`observedGeneration`).
+    pub generation: Option<i64>,
+    pub accepted: RouteCondition,
+    /// None for a parent the route does not attach to: its backends are resolved for none.
+    pub resolved_refs: Option<RouteCondition>,
+}
+
+impl ClusterState {
+    /// Each `HTTPRoute` and `GRPCRoute` with Service or `ServiceEntry` parents, and its entry for
+    /// each of them, in `parentRefs` order.
+    #[must_use]
+    pub fn route_statuses(&self) -> BTreeMap<RouteObject, Vec<ParentStatus>> {
+        let services: HashMap<(&str, &str, bool), &crate::model::Service> = self
+            .services()
+            .iter()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str(), s.is_entry()), &**s))
+            .collect();
+        let mut statuses: BTreeMap<RouteObject, Vec<ParentStatus>> = BTreeMap::new();
+        for record in self.route_parents() {
+            let kind = match record.route.kind {
+                Kind::HttpRoute => RouteKind::Http,
+                Kind::GrpcRoute => RouteKind::Grpc,
+                _ => continue,
+            };
+            let route = RouteObject {
+                kind,
+                namespace: record.route.namespace.clone().unwrap_or_default(),
+                name: record.route.name.clone(),
+            };
+            let binding = |(namespace, name): &(String, String)| {
+                let entry = record.parent.kind == "ServiceEntry";
+                services
+                    .get(&(namespace.as_str(), name.as_str(), entry))
+                    .map(|s| self.service_waypoint(s))
+            };
+            statuses
+                .entry(route)
+                .or_default()
+                .push(parent_status(record, binding));
+        }
+        statuses
+    }
+}
+
+/// `record`'s entry; `binding` finds the waypoint binding of the parent it attached to.
+fn parent_status<'s>(
+    record: &ParentRecord,
+    binding: impl Fn(&(String, String)) -> Option<&'s WaypointBinding>,
+) -> ParentStatus {
+    let (accepted, resolved_refs) = match &record.outcome {
+        Err(why) => (
+            RouteCondition {
+                ok: false,
+                reason: RouteReason::NoMatchingParent,
+                message: format!("{why}: the route does not attach to it"),
+            },
+            None,
+        ),
+        Ok((parent, invalid)) => {
+            let (kind, (namespace, name)) = (&record.parent.kind, parent);
+            let accepted = match binding(parent) {
+                Some(WaypointBinding::Bound(waypoint)) => RouteCondition {
+                    ok: true,
+                    reason: RouteReason::Accepted,
+                    message: format!("applied by waypoint {waypoint}"),
+                },
+                Some(WaypointBinding::Unavailable(why)) => RouteCondition {
+                    ok: true,
+                    reason: RouteReason::Accepted,
+                    message: format!(
+                        "applied by its waypoint once available ({why}; {kind} \
+                         {namespace}/{name}'s connections are refused until it is)"
+                    ),
+                },
+                Some(WaypointBinding::None) | None => RouteCondition {
+                    ok: false,
+                    reason: RouteReason::NoWaypoint,
+                    message: format!(
+                        "{kind} {namespace}/{name} has no waypoint (istio.io/use-waypoint): \
+                         nothing applies this route to its traffic"
+                    ),
+                },
+            };
+            (accepted, Some(resolved(invalid.as_ref())))
+        }
+    };
+    ParentStatus {
+        parent: record.parent.clone(),
+        generation: record.generation,
+        accepted,
+        resolved_refs,
+    }
+}
+
+/// The `ResolvedRefs` condition: the first backend that does not resolve, if any.
+fn resolved(invalid: Option<&InvalidBackend>) -> RouteCondition {
+    match invalid {
+        None => RouteCondition {
+            ok: true,
+            reason: RouteReason::ResolvedRefs,
+            message: "every backend resolves".to_owned(),
+        },
+        Some(problem) => RouteCondition {
+            ok: false,
+            reason: RouteReason::of(problem),
+            message: format!("{problem}: its share of the requests gets a 500"),
+        },
+    }
+}

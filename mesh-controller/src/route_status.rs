@@ -1,0 +1,276 @@
+//! The routes' entries of [`mesh_cluster::route_status`], kept true to the cluster view: on
+//! every `HTTPRoute` and `GRPCRoute` with a Service or `ServiceEntry` parent, one entry of
+//! `status.parents` per such parent, with `controllerName` [`ROUTE_CONTROLLER`] and the
+//! conditions `Accepted` and `ResolvedRefs` (with `observedGeneration`).
+//!
+//! `status.parents` is one list that every controller of a route's parents writes its own
+//! entries into (a `Gateway`'s controller, for a route that also has a `Gateway` parent), so
+//! it cannot be applied as a whole: the route is read, the other controllers' entries are kept
+//! as they are, this controller's replaced, and the list written with the route's
+//! `resourceVersion` (a route changed meanwhile is refused by the API server, and written again
+//! at the next try). A condition's `lastTransitionTime` is kept while its status stays. Like
+//! [`crate::bound_status`], it writes only what changed, reads its entries back at start and
+//! at every resync, and removes its entries from a route that no longer has such parents.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    Api, Client,
+};
+use mesh_cluster::{
+    ClusterState, ParentRef, ParentStatus, RouteCondition, RouteKind, RouteObject, ROUTE_CONTROLLER,
+};
+use serde_json::{json, Map, Value};
+use tracing::{debug, warn};
+
+use crate::{resources, ControllerError};
+
+/// The route kinds written on.
+const KINDS: [RouteKind; 2] = [RouteKind::Http, RouteKind::Grpc];
+
+/// The API resource of `kind`.
+fn resource(kind: RouteKind) -> ApiResource {
+    let (kind, plural) = match kind {
+        RouteKind::Http => ("HTTPRoute", "httproutes"),
+        RouteKind::Grpc => ("GRPCRoute", "grpcroutes"),
+    };
+    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
+    ApiResource::from_gvk_with_plural(&gvk, plural)
+}
+
+/// This controller's entries of a route as written, without their `lastTransitionTime`s (what
+/// is compared).
+pub(crate) type Written = BTreeMap<RouteObject, Vec<Value>>;
+
+/// The entries of this controller in `status` (a route's), without `lastTransitionTime`.
+fn ours(status: Option<&Value>) -> Vec<Value> {
+    let Some(parents) = status
+        .and_then(|s| s.get("parents"))
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
+    };
+    parents
+        .iter()
+        .filter(|p| p.get("controllerName").and_then(Value::as_str) == Some(ROUTE_CONTROLLER))
+        .map(|p| {
+            let mut p = p.clone();
+            if let Some(conditions) = p.get_mut("conditions").and_then(Value::as_array_mut) {
+                for c in conditions.iter_mut().filter_map(Value::as_object_mut) {
+                    c.remove("lastTransitionTime");
+                }
+            }
+            p
+        })
+        .collect()
+}
+
+/// The entries this controller has on the routes now (for a kind that cannot be listed,
+/// warned about, those of `before`; one not served has no routes).
+pub(crate) async fn read_written(client: &Client, before: &Written) -> Written {
+    let read = |kind, route: &DynamicObject| {
+        let entries = ours(route.data.get("status"));
+        let at = RouteObject {
+            kind,
+            namespace: route.metadata.namespace.clone().unwrap_or_default(),
+            name: route.metadata.name.clone().unwrap_or_default(),
+        };
+        (!entries.is_empty()).then_some((at, entries))
+    };
+    resources::read_back(client, (&KINDS, resource), before, |r| r.kind, read).await
+}
+
+/// Writes the entries that differ from those written; whether any write failed.
+pub(crate) async fn sync(client: &Client, view: &ClusterState, written: &mut Written) -> bool {
+    let wanted = view.route_statuses();
+    let routes: BTreeSet<RouteObject> = wanted.keys().chain(written.keys()).cloned().collect();
+    let mut failed = false;
+    for route in routes {
+        let want = wanted.get(&route).map(Vec::as_slice).unwrap_or_default();
+        let compared: Vec<Value> = want.iter().map(|p| entry(p, |_, _| None)).collect();
+        if written.get(&route).map(Vec::as_slice).unwrap_or_default() == compared.as_slice() {
+            continue;
+        }
+        match write(client, &route, want).await {
+            Ok(true) => {
+                debug!(?route, "route status written");
+                if compared.is_empty() {
+                    written.remove(&route);
+                } else {
+                    written.insert(route, compared);
+                }
+            }
+            Ok(false) => {
+                written.remove(&route);
+            }
+            Err(e) => {
+                warn!(error = %e, "a route's status not written: retried");
+                failed = true;
+            }
+        }
+    }
+    failed
+}
+
+/// `status`'s entry; `since` gives the `lastTransitionTime` of a condition (type, status),
+/// `None`: none (the compared form).
+fn entry(status: &ParentStatus, since: impl Fn(&str, bool) -> Option<String>) -> Value {
+    let condition = |kind: &str, c: &RouteCondition| {
+        let mut value = json!({
+            "type": kind, "status": if c.ok { "True" } else { "False" },
+            "reason": c.reason.as_str(), "message": c.message,
+        });
+        if let Some(generation) = status.generation {
+            value["observedGeneration"] = json!(generation);
+        }
+        if let Some(since) = since(kind, c.ok) {
+            value["lastTransitionTime"] = json!(since);
+        }
+        value
+    };
+    let mut conditions = vec![condition("Accepted", &status.accepted)];
+    conditions.extend(
+        status
+            .resolved_refs
+            .as_ref()
+            .map(|c| condition("ResolvedRefs", c)),
+    );
+    json!({
+        "parentRef": parent_ref(&status.parent),
+        "controllerName": ROUTE_CONTROLLER,
+        "conditions": conditions,
+    })
+}
+
+/// A `parentRef` as the route writes it (a Service's `group` is `""`).
+fn parent_ref(parent: &ParentRef) -> Value {
+    let mut value = Map::new();
+    value.insert("group".into(), json!(parent.group));
+    value.insert("kind".into(), json!(parent.kind));
+    value.insert("name".into(), json!(parent.name));
+    if let Some(namespace) = &parent.namespace {
+        value.insert("namespace".into(), json!(namespace));
+    }
+    if let Some(section) = &parent.section_name {
+        value.insert("sectionName".into(), json!(section));
+    }
+    if let Some(port) = parent.port {
+        value.insert("port".into(), json!(port));
+    }
+    Value::Object(value)
+}
+
+/// Replaces this controller's entries of `route` with `want`'s, keeping the others'; `false`:
+/// the route is gone.
+async fn write(
+    client: &Client,
+    route: &RouteObject,
+    want: &[ParentStatus],
+) -> Result<bool, ControllerError> {
+    let resource = resource(route.kind);
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), &route.namespace, &resource);
+    let what = |doing: &str| {
+        format!(
+            "{doing} {} {}/{}",
+            resource.kind, route.namespace, route.name
+        )
+    };
+    let current = match api.get_opt(&route.name).await {
+        Ok(Some(current)) => current,
+        Ok(None) => return Ok(false),
+        Err(source) => {
+            let what = what("reading the status of");
+            return Err(ControllerError::Api { what, source });
+        }
+    };
+    let parents: Vec<Value> = current
+        .data
+        .get("status")
+        .and_then(|s| s.get("parents"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let (before, others): (Vec<Value>, Vec<Value>) = parents
+        .into_iter()
+        .partition(|p| p.get("controllerName").and_then(Value::as_str) == Some(ROUTE_CONTROLLER));
+    let now = Timestamp::now().to_string();
+    let mut list = others;
+    list.extend(want.iter().map(|status| {
+        let parent = parent_ref(&status.parent);
+        entry(status, |kind, ok| {
+            Some(kept_since(&before, (&parent, kind, ok)).unwrap_or_else(|| now.clone()))
+        })
+    }));
+    let patch = json!({
+        "metadata": {"resourceVersion": current.metadata.resource_version},
+        "status": {"parents": list},
+    });
+    let result = api
+        .patch_status(&route.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(source) => Err(ControllerError::Api {
+            what: what("writing the status of"),
+            source,
+        }),
+    }
+}
+
+/// The `lastTransitionTime` of the condition `kind` of `parent` among the entries `before`,
+/// while its status is still `ok`.
+fn kept_since(before: &[Value], (parent, kind, ok): (&Value, &str, bool)) -> Option<String> {
+    let entry = before.iter().find(|p| p.get("parentRef") == Some(parent))?;
+    let condition = entry
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))?;
+    let status = if ok { "True" } else { "False" };
+    if condition.get("status").and_then(Value::as_str) != Some(status) {
+        return None;
+    }
+    Some(condition.get("lastTransitionTime")?.as_str()?.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{kept_since, ours};
+
+    #[test]
+    fn only_this_controllers_entries_are_read_and_their_times_kept_while_the_status_stays() {
+        let service = json!({"group": "", "kind": "Service", "name": "web"});
+        let status = json!({"parents": [
+            {"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
+             "conditions": [{"type": "Accepted", "status": "True"}]},
+            {"parentRef": service, "controllerName": "mesh.local/waypoint",
+             "conditions": [
+                {"type": "Accepted", "status": "True", "reason": "Accepted",
+                 "lastTransitionTime": "2026-12-07T12:00:00Z"},
+                {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound",
+                 "lastTransitionTime": "2026-12-07T13:00:00Z"},
+             ]},
+        ]});
+        let read = ours(Some(&status));
+        assert_eq!(read.len(), 1, "the Gateway controller's entry is not ours");
+        assert_eq!(
+            read[0]["conditions"][0],
+            json!({"type": "Accepted", "status": "True", "reason": "Accepted"}),
+            "compared without its time"
+        );
+        let before = status["parents"].as_array().unwrap();
+        assert_eq!(
+            kept_since(before, (&service, "Accepted", true)).as_deref(),
+            Some("2026-12-07T12:00:00Z")
+        );
+        assert_eq!(kept_since(before, (&service, "ResolvedRefs", true)), None);
+        let other = json!({"group": "", "kind": "Service", "name": "web", "port": 80});
+        assert_eq!(kept_since(before, (&other, "Accepted", true)), None);
+        assert!(ours(None).is_empty());
+    }
+}
