@@ -631,7 +631,7 @@ fn custom_plural(kind: Kind) -> Option<&'static str> {
 }
 
 /// The API resource of custom `kind` at `api_version` (`group/version`).
-fn custom_resource(kind: Kind, plural: &str, api_version: &str) -> ApiResource {
+pub(crate) fn custom_resource(kind: Kind, plural: &str, api_version: &str) -> ApiResource {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind.name()), plural)
 }

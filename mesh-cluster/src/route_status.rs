@@ -13,11 +13,12 @@
 //!   of the route's rules resolves for that parent; else `False` naming the first that does not: `BackendNotFound` (no such
 //!   Service, port or host), `RefNotPermitted` (another namespace without a `ReferenceGrant`),
 //!   `InvalidKind` (not a Service, a `ServiceEntry` or Istio's `Hostname`). Its share of the
-//!   requests gets a 500, as Gateway API requires.
+//!   requests gets a 500, as Gateway API requires (of a `TCPRoute`'s or `TLSRoute`'s
+//!   connections: refused).
 //!
-//! `parentRef`s of other kinds (a `Gateway`) are not a waypoint's and get no entry. Only
-//! `HTTPRoute` and `GRPCRoute` are told (the `TCPRoute` and `TLSRoute` versions vary by Gateway
-//! API release).
+//! `parentRef`s of other kinds (a `Gateway`) are not a waypoint's and get no entry. Every route
+//! kind a waypoint reads is told: `HTTPRoute`, `GRPCRoute`, `TCPRoute`, `TLSRoute` (at whichever
+//! of their versions the API server serves, [`RouteKind::resources`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -35,10 +36,58 @@ pub const ROUTE_CONTROLLER: &str = "mesh.local/waypoint";
 /// A route kind that is told its status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RouteKind {
-    /// `HTTPRoute` (`gateway.networking.k8s.io/v1`).
+    /// `HTTPRoute`.
     Http,
-    /// `GRPCRoute` (`gateway.networking.k8s.io/v1`).
+    /// `GRPCRoute`.
     Grpc,
+    /// `TCPRoute`.
+    Tcp,
+    /// `TLSRoute`.
+    Tls,
+}
+
+impl RouteKind {
+    /// Every route kind.
+    pub const ALL: [RouteKind; 4] = [
+        RouteKind::Http,
+        RouteKind::Grpc,
+        RouteKind::Tcp,
+        RouteKind::Tls,
+    ];
+
+    fn model_kind(self) -> Kind {
+        match self {
+            RouteKind::Http => Kind::HttpRoute,
+            RouteKind::Grpc => Kind::GrpcRoute,
+            RouteKind::Tcp => Kind::TcpRoute,
+            RouteKind::Tls => Kind::TlsRoute,
+        }
+    }
+
+    /// The kind's API resource at each version the mesh reads it at, the newest first (a
+    /// cluster with an older Gateway API serves only older ones: `TCPRoute` was `v1alpha2`).
+    #[must_use]
+    pub fn resources(self) -> Vec<kube::api::ApiResource> {
+        let plural = match self {
+            RouteKind::Http => "httproutes",
+            RouteKind::Grpc => "grpcroutes",
+            RouteKind::Tcp => "tcproutes",
+            RouteKind::Tls => "tlsroutes",
+        };
+        let kind = self.model_kind();
+        crate::k8s::api_versions(kind)
+            .iter()
+            .map(|version| crate::kube_source::custom_resource(kind, plural, version))
+            .collect()
+    }
+
+    /// What a backend that does not resolve costs a route of this kind.
+    fn unresolved_share(self) -> &'static str {
+        match self {
+            RouteKind::Http | RouteKind::Grpc => "its share of the requests gets a 500",
+            RouteKind::Tcp | RouteKind::Tls => "its share of the connections is refused",
+        }
+    }
 }
 
 /// A route that is told its status.
@@ -119,8 +168,8 @@ pub struct ParentStatus {
 }
 
 impl ClusterState {
-    /// Each `HTTPRoute` and `GRPCRoute` with Service or `ServiceEntry` parents, and its entry for
-    /// each of them, in `parentRefs` order.
+    /// Each route with Service or `ServiceEntry` parents, and its entry for each of them, in
+    /// `parentRefs` order.
     #[must_use]
     pub fn route_statuses(&self) -> BTreeMap<RouteObject, Vec<ParentStatus>> {
         let services: HashMap<(&str, &str, bool), &crate::model::Service> = self
@@ -130,10 +179,11 @@ impl ClusterState {
             .collect();
         let mut statuses: BTreeMap<RouteObject, Vec<ParentStatus>> = BTreeMap::new();
         for record in self.route_parents() {
-            let kind = match record.route.kind {
-                Kind::HttpRoute => RouteKind::Http,
-                Kind::GrpcRoute => RouteKind::Grpc,
-                _ => continue,
+            let Some(kind) = RouteKind::ALL
+                .into_iter()
+                .find(|k| k.model_kind() == record.route.kind)
+            else {
+                continue;
             };
             let route = RouteObject {
                 kind,
@@ -149,15 +199,17 @@ impl ClusterState {
             statuses
                 .entry(route)
                 .or_default()
-                .push(parent_status(record, binding));
+                .push(parent_status(record, kind, binding));
         }
         statuses
     }
 }
 
-/// `record`'s entry; `binding` finds the waypoint binding of the parent it attached to.
+/// `record`'s entry (a route of `route_kind`); `binding` finds the waypoint binding of the parent it
+/// attached to.
 fn parent_status<'s>(
     record: &ParentRecord,
+    route_kind: RouteKind,
     binding: impl Fn(&(String, String)) -> Option<&'s WaypointBinding>,
 ) -> ParentStatus {
     let (accepted, resolved_refs) = match &record.outcome {
@@ -194,7 +246,7 @@ fn parent_status<'s>(
                     ),
                 },
             };
-            (accepted, Some(resolved(invalid.as_ref())))
+            (accepted, Some(resolved(invalid.as_ref(), route_kind)))
         }
     };
     ParentStatus {
@@ -205,8 +257,9 @@ fn parent_status<'s>(
     }
 }
 
-/// The `ResolvedRefs` condition: the first backend that does not resolve, if any.
-fn resolved(invalid: Option<&InvalidBackend>) -> RouteCondition {
+/// The `ResolvedRefs` condition of a route of `kind`: the first backend that does not resolve,
+/// if any.
+fn resolved(invalid: Option<&InvalidBackend>, kind: RouteKind) -> RouteCondition {
     match invalid {
         None => RouteCondition {
             ok: true,
@@ -216,7 +269,7 @@ fn resolved(invalid: Option<&InvalidBackend>) -> RouteCondition {
         Some(problem) => RouteCondition {
             ok: false,
             reason: RouteReason::of(problem),
-            message: format!("{problem}: its share of the requests gets a 500"),
+            message: format!("{problem}: {}", kind.unresolved_share()),
         },
     }
 }

@@ -151,7 +151,7 @@ pub async fn run(client: Client, options: EnrollmentOptions, resync: Duration) {
 /// view's sender is dropped, reading those on the objects again every `every`.
 async fn keep(client: &Client, mut state: watch::Receiver<Arc<ClusterState>>, every: Duration) {
     let mut written = read_written(client, &BTreeMap::new()).await;
-    let mut routes = route_status::read_written(client, &route_status::Written::new()).await;
+    let mut routes = route_status::read_written(client, &route_status::Written::default()).await;
     info!(
         written = written.len(),
         routes = routes.len(),
@@ -195,7 +195,10 @@ async fn read_written(
         };
         Some((at, condition))
     };
-    resources::read_back(client, (&KINDS, resource), before, |o| o.kind, read).await
+    let resources = |kind| vec![resource(kind)];
+    let (held, _) =
+        resources::read_back(client, (&KINDS, resources), before, |o| o.kind, read).await;
+    held
 }
 
 /// Applies the conditions that differ from those written; whether any write failed.

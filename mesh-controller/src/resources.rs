@@ -30,30 +30,47 @@ pub fn condition(kind: &str, ok: bool, (reason, message): (&str, &str), since: &
     })
 }
 
-/// What the objects of `kinds` (each of API resource `resource(kind)`) hold now: what `read`
-/// finds on each object (its key and what is written), all namespaces. A kind that cannot be
-/// listed is warned about and keeps what `before` holds of it (`kind_of` a key's kind); a kind
-/// the API server does not serve has no objects.
+/// The objects of the first of `resources` (one kind at its versions, the newest first) that
+/// the API server serves, all namespaces, with that resource; `None` when it serves none.
+pub(crate) async fn list_served(
+    client: &Client,
+    resources: &[ApiResource],
+) -> Result<Option<(ApiResource, Vec<DynamicObject>)>, kube::Error> {
+    for resource in resources {
+        let api = Api::<DynamicObject>::all_with(client.clone(), resource);
+        match api.list(&ListParams::default()).await {
+            Ok(objects) => return Ok(Some((resource.clone(), objects.items))),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// What the objects of `kinds` hold now: what `read` finds on each object (its key and what is
+/// written), all namespaces, each kind at the first of its `resources` the API server serves;
+/// and those resources. A kind that cannot be listed is warned about and keeps what `before`
+/// holds of it (`kind_of` a key's kind); a kind the API server does not serve has no objects.
 pub(crate) async fn read_back<K, O, W>(
     client: &Client,
-    (kinds, resource): (&[K], impl Fn(K) -> ApiResource),
+    (kinds, resources): (&[K], impl Fn(K) -> Vec<ApiResource>),
     before: &BTreeMap<O, W>,
     kind_of: impl Fn(&O) -> K,
     read: impl Fn(K, &DynamicObject) -> Option<(O, W)>,
-) -> BTreeMap<O, W>
+) -> (BTreeMap<O, W>, BTreeMap<K, ApiResource>)
 where
-    K: Copy + Debug + PartialEq,
+    K: Copy + Debug + Ord,
     O: Ord + Clone,
     W: Clone,
 {
-    let mut held = BTreeMap::new();
+    let (mut held, mut served) = (BTreeMap::new(), BTreeMap::new());
     for &kind in kinds {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &resource(kind));
-        match api.list(&ListParams::default()).await {
-            Ok(objects) => held.extend(objects.iter().filter_map(|o| read(kind, o))),
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                debug!(?kind, "not served: nothing written to read back");
+        match list_served(client, &resources(kind)).await {
+            Ok(Some((resource, objects))) => {
+                held.extend(objects.iter().filter_map(|o| read(kind, o)));
+                served.insert(kind, resource);
             }
+            Ok(None) => debug!(?kind, "not served: nothing written to read back"),
             Err(e) => {
                 warn!(?kind, error = %e, "listing objects to read back what is written");
                 let kept = before.iter().filter(|(object, _)| kind_of(object) == kind);
@@ -61,5 +78,5 @@ where
             }
         }
     }
-    held
+    (held, served)
 }

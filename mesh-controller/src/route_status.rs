@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::{
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
     Api, Client,
 };
 use mesh_cluster::{
@@ -27,22 +27,29 @@ use tracing::{debug, warn};
 
 use crate::{resources, ControllerError};
 
-/// The route kinds written on.
-const KINDS: [RouteKind; 2] = [RouteKind::Http, RouteKind::Grpc];
-
-/// The API resource of `kind`.
-fn resource(kind: RouteKind) -> ApiResource {
-    let (kind, plural) = match kind {
-        RouteKind::Http => ("HTTPRoute", "httproutes"),
-        RouteKind::Grpc => ("GRPCRoute", "grpcroutes"),
-    };
-    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
-    ApiResource::from_gvk_with_plural(&gvk, plural)
+/// This controller's entries of the routes as written, without their `lastTransitionTime`s
+/// (what is compared), and the version of each route kind the API server was last found to
+/// serve.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    entries: BTreeMap<RouteObject, Vec<Value>>,
+    served: BTreeMap<RouteKind, ApiResource>,
 }
 
-/// This controller's entries of a route as written, without their `lastTransitionTime`s (what
-/// is compared).
-pub(crate) type Written = BTreeMap<RouteObject, Vec<Value>>;
+impl Written {
+    /// How many routes have entries of this controller.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The resource of `kind` at the version last found served, else the newest.
+    fn resource(&self, kind: RouteKind) -> ApiResource {
+        self.served
+            .get(&kind)
+            .cloned()
+            .unwrap_or_else(|| kind.resources().swap_remove(0))
+    }
+}
 
 /// The entries of this controller in `status` (a route's), without `lastTransitionTime`.
 fn ours(status: Option<&Value>) -> Vec<Value> {
@@ -67,8 +74,9 @@ fn ours(status: Option<&Value>) -> Vec<Value> {
         .collect()
 }
 
-/// The entries this controller has on the routes now (for a kind that cannot be listed,
-/// warned about, those of `before`; one not served has no routes).
+/// The entries this controller has on the routes now, each kind read at the version the API
+/// server serves (for a kind that cannot be listed, warned about, those of `before`; one not
+/// served has no routes).
 pub(crate) async fn read_written(client: &Client, before: &Written) -> Written {
     let read = |kind, route: &DynamicObject| {
         let entries = ours(route.data.get("status"));
@@ -79,31 +87,44 @@ pub(crate) async fn read_written(client: &Client, before: &Written) -> Written {
         };
         (!entries.is_empty()).then_some((at, entries))
     };
-    resources::read_back(client, (&KINDS, resource), before, |r| r.kind, read).await
+    let kinds = (&RouteKind::ALL[..], RouteKind::resources);
+    let (entries, served) =
+        resources::read_back(client, kinds, &before.entries, |r| r.kind, read).await;
+    Written { entries, served }
 }
 
 /// Writes the entries that differ from those written; whether any write failed.
 pub(crate) async fn sync(client: &Client, view: &ClusterState, written: &mut Written) -> bool {
     let wanted = view.route_statuses();
-    let routes: BTreeSet<RouteObject> = wanted.keys().chain(written.keys()).cloned().collect();
+    let routes: BTreeSet<RouteObject> = wanted
+        .keys()
+        .chain(written.entries.keys())
+        .cloned()
+        .collect();
     let mut failed = false;
     for route in routes {
         let want = wanted.get(&route).map(Vec::as_slice).unwrap_or_default();
         let compared: Vec<Value> = want.iter().map(|p| entry(p, |_, _| None)).collect();
-        if written.get(&route).map(Vec::as_slice).unwrap_or_default() == compared.as_slice() {
+        if written
+            .entries
+            .get(&route)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            == compared.as_slice()
+        {
             continue;
         }
-        match write(client, &route, want).await {
+        match write(client, &route, want, written).await {
             Ok(true) => {
                 debug!(?route, "route status written");
                 if compared.is_empty() {
-                    written.remove(&route);
+                    written.entries.remove(&route);
                 } else {
-                    written.insert(route, compared);
+                    written.entries.insert(route, compared);
                 }
             }
             Ok(false) => {
-                written.remove(&route);
+                written.entries.remove(&route);
             }
             Err(e) => {
                 warn!(error = %e, "a route's status not written: retried");
@@ -162,28 +183,68 @@ fn parent_ref(parent: &ParentRef) -> Value {
     Value::Object(value)
 }
 
+/// Reads `route` at the version of its kind last found served; when it is not found there, the
+/// version the API server serves now is looked for (the route's CRD may have changed), and the
+/// route read again at it. `None`: the route is gone.
+async fn read_route(
+    client: &Client,
+    route: &RouteObject,
+    written: &mut Written,
+) -> Result<Option<(ApiResource, DynamicObject)>, ControllerError> {
+    let what = |resource: &ApiResource| {
+        format!(
+            "reading the status of {} {}/{}",
+            resource.kind, route.namespace, route.name
+        )
+    };
+    let mut resource = written.resource(route.kind);
+    for retry in [false, true] {
+        let api =
+            Api::<DynamicObject>::namespaced_with(client.clone(), &route.namespace, &resource);
+        match api.get_opt(&route.name).await {
+            Ok(Some(current)) => return Ok(Some((resource, current))),
+            Ok(None) if !retry => {
+                let served = resources::list_served(client, &route.kind.resources())
+                    .await
+                    .map_err(|source| ControllerError::Api {
+                        what: what(&resource),
+                        source,
+                    })?;
+                match served {
+                    Some((now, _)) if now != resource => {
+                        written.served.insert(route.kind, now.clone());
+                        resource = now;
+                    }
+                    _ => return Ok(None),
+                }
+            }
+            Ok(None) => return Ok(None),
+            Err(source) => {
+                let what = what(&resource);
+                return Err(ControllerError::Api { what, source });
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Replaces this controller's entries of `route` with `want`'s, keeping the others'; `false`:
 /// the route is gone.
 async fn write(
     client: &Client,
     route: &RouteObject,
     want: &[ParentStatus],
+    written: &mut Written,
 ) -> Result<bool, ControllerError> {
-    let resource = resource(route.kind);
+    let Some((resource, current)) = read_route(client, route, written).await? else {
+        return Ok(false);
+    };
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), &route.namespace, &resource);
     let what = |doing: &str| {
         format!(
             "{doing} {} {}/{}",
             resource.kind, route.namespace, route.name
         )
-    };
-    let current = match api.get_opt(&route.name).await {
-        Ok(Some(current)) => current,
-        Ok(None) => return Ok(false),
-        Err(source) => {
-            let what = what("reading the status of");
-            return Err(ControllerError::Api { what, source });
-        }
     };
     let parents: Vec<Value> = current
         .data

@@ -591,7 +591,7 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
         .as_array()
         .expect("rules")
         .iter()
-        .filter(|r| r["resources"] == json!(["httproutes", "grpcroutes"]))
+        .filter(|r| r["resources"] == json!(["httproutes", "grpcroutes", "tcproutes", "tlsroutes"]))
         .collect();
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0]["verbs"], json!(["get"]));

@@ -558,6 +558,14 @@ fn tcp_route(mesh: &KubeMesh) {
         &gvk("gateway.networking.k8s.io", "TCPRoute", "tcproutes"),
     );
     create(mesh, &api, &route, "the TCPRoute");
+    let raw = json!({"group": "", "kind": "Service", "name": "raw", "port": 9000});
+    route_entry_is(
+        mesh,
+        &api,
+        ("raw", &raw),
+        ("True", "Accepted"),
+        Some(("True", "ResolvedRefs")),
+    );
     let script = six_connections(&raw_vip);
     // Fails, naming it, when the route never applies (both echoes answer `raw` by itself).
     until_seen(mesh, 0, "tcp", &script, |seen| {
@@ -629,6 +637,15 @@ fn tcp_route_at_an_older_version(mesh: &KubeMesh) {
             || async { old_routes.create(&PostParams::default(), &route).await.ok() },
         ))
         .expect("a v1alpha2 TCPRoute");
+    // The controller writes its status at the version now served.
+    let raw = json!({"group": "", "kind": "Service", "name": "raw", "port": 9000});
+    route_entry_is(
+        mesh,
+        &old_routes,
+        ("raw-old", &raw),
+        ("True", "Accepted"),
+        Some(("True", "ResolvedRefs")),
+    );
     replace_the_waypoint_pod(mesh);
     let raw_vip = vip(mesh, "raw");
     let script = six_connections(&raw_vip);

@@ -1003,6 +1003,8 @@ fn routes_are_told_per_parent_whether_a_waypoint_applies_them_and_their_backends
                 &on("a"),
                 "{group: apps, kind: Deployment, name: a, port: 80}",
             ),
+            route("TCPRoute", "tcp-on-a", &on("a"), "{name: missing, port: 80}")
+                .replace("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"),
         ],
     );
     let statuses = state.route_statuses();
@@ -1059,5 +1061,10 @@ fn routes_are_told_per_parent_whether_a_waypoint_applies_them_and_their_backends
         "another namespace without a ReferenceGrant"
     );
     assert_eq!(refs(RouteKind::Http, "odd-kind").1, "InvalidKind");
-    assert_eq!(statuses.len(), 5, "{statuses:?}");
+    // A TCPRoute's share is connections, refused.
+    assert_eq!(
+        refs(RouteKind::Tcp, "tcp-on-a").2,
+        "Service shop/missing does not exist: its share of the connections is refused"
+    );
+    assert_eq!(statuses.len(), 6, "{statuses:?}");
 }
