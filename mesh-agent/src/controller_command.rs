@@ -51,6 +51,15 @@ pub struct ControllerArgs {
     /// one someone else changed is put right.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     status_resync_secs: u64,
+    /// The CPU each waypoint requests (a Kubernetes quantity).
+    #[arg(long, default_value = "100m")]
+    waypoint_cpu_request: String,
+    /// The memory each waypoint requests.
+    #[arg(long, default_value = "128Mi")]
+    waypoint_memory_request: String,
+    /// The memory each waypoint may use at most.
+    #[arg(long, default_value = "1Gi")]
+    waypoint_memory_limit: String,
 }
 
 /// Validates the flags, then runs until SIGTERM or SIGINT.
@@ -70,6 +79,15 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
             args.waypoint_tracing_sampling
         ));
     }
+    let resources = mesh_controller::WaypointResources {
+        cpu_request: args.waypoint_cpu_request,
+        memory_request: args.waypoint_memory_request,
+        memory_limit: args.waypoint_memory_limit,
+    };
+    resources
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
     let template = mesh_controller::WaypointTemplate {
         image: args.waypoint_image,
         pull_policy: args.waypoint_image_pull_policy,
@@ -81,6 +99,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         cluster_domain: args.cluster_domain,
         log_level: args.waypoint_log_level,
         extra_args,
+        resources,
     };
     // The cluster view, read as the waypoints read it, for the bound objects' conditions.
     let mut options = mesh_cluster::EnrollmentOptions::new("");

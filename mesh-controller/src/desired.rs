@@ -65,6 +65,56 @@ pub struct WaypointTemplate {
     pub log_level: String,
     /// Extra arguments of every waypoint (`--tracing-endpoint=…`).
     pub extra_args: Vec<String>,
+    /// The waypoint container's `resources` (requests and limits, Kubernetes quantities).
+    pub resources: WaypointResources,
+}
+
+/// A waypoint container's resources. A waypoint holds the cluster view (about 28 kB a pod,
+/// BENCHMARKS.md, "The waypoint controller's view") besides its connections: without a request
+/// it would be the first pod a node under memory pressure evicts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaypointResources {
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+}
+
+impl WaypointResources {
+    /// Checks each value is a Kubernetes quantity, naming the first that is not.
+    pub fn validate(&self) -> Result<(), String> {
+        for (what, value) in [
+            ("cpu request", &self.cpu_request),
+            ("memory request", &self.memory_request),
+            ("memory limit", &self.memory_limit),
+        ] {
+            if !is_quantity(value) {
+                return Err(format!(
+                    "the waypoints' {what} {value:?} is not a Kubernetes quantity (such as 100m, \
+                     128Mi, 1Gi)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `value` is a Kubernetes quantity of the forms used for CPU and memory: a decimal
+/// number with an optional binary (`Ki`..`Ei`) or decimal (`m`, `k`..`E`) suffix.
+fn is_quantity(value: &str) -> bool {
+    const SUFFIXES: [&str; 13] = [
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E",
+    ];
+    let number = SUFFIXES
+        .iter()
+        .find_map(|s| value.strip_suffix(s))
+        .unwrap_or(value);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, "0"));
+    !whole.is_empty()
+        && !fraction.is_empty()
+        && whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|b| b.is_ascii_digit())
 }
 
 /// Why a `Gateway` is not turned into a waypoint.
@@ -251,6 +301,13 @@ impl WaypointGateway {
                                 "httpGet": {"path": "/healthz/ready", "port": 15021},
                                 "periodSeconds": 2,
                             },
+                            "resources": {
+                                "requests": {
+                                    "cpu": template.resources.cpu_request,
+                                    "memory": template.resources.memory_request,
+                                },
+                                "limits": {"memory": template.resources.memory_limit},
+                            },
                             "securityContext": {
                                 "allowPrivilegeEscalation": false,
                                 "readOnlyRootFilesystem": true,
@@ -314,7 +371,33 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             log_level: "info".into(),
             extra_args: vec!["--tracing-endpoint=http://jaeger:4317".into()],
+            resources: WaypointResources {
+                cpu_request: "100m".into(),
+                memory_request: "128Mi".into(),
+                memory_limit: "1Gi".into(),
+            },
         }
+    }
+
+    #[test]
+    fn waypoint_resources_are_kubernetes_quantities() {
+        for good in ["100m", "1", "0.5", "128Mi", "1Gi", "2G", "1.5Gi"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "Mi", "1.", ".5", "12MB", "1 Gi", "-1", "1e3", "lots"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+        let mut resources = template().resources;
+        assert_eq!(resources.validate(), Ok(()));
+        resources.memory_limit = "1GB".into();
+        assert_eq!(
+            resources.validate(),
+            Err(
+                "the waypoints' memory limit \"1GB\" is not a Kubernetes quantity (such as \
+                 100m, 128Mi, 1Gi)"
+                    .to_owned()
+            )
+        );
     }
 
     fn gateway(class: &str) -> Value {
@@ -364,6 +447,10 @@ mod tests {
             .filter_map(Value::as_str)
             .collect();
         assert_eq!(pod["spec"]["containers"][0]["command"][0], "mesh-waypoint");
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"],
+            json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}})
+        );
         // The replicas are its users' (or an autoscaler's): never applied, never scaled back.
         assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
         for expected in [

@@ -17,7 +17,7 @@ pub mod reconcile;
 pub mod resources;
 pub mod route_status;
 
-pub use desired::{WaypointGateway, WaypointTemplate};
+pub use desired::{WaypointGateway, WaypointResources, WaypointTemplate};
 pub use reconcile::run;
 
 /// Why a reconcile failed (retried with backoff).

@@ -517,6 +517,10 @@ fn misspelt_or_mistyped_values_are_refused_by_name() {
             "at '/ca/external/address'",
         ),
         ("ca.maxCertLifetime=soon", "at '/ca/maxCertLifetime'"),
+        (
+            "waypointController.waypointResources.limits.memory=1GB",
+            "at '/waypointController/waypointResources/limits/memory'",
+        ),
     ] {
         let refused = helm(&["template", RELEASE, chart, "--set", value])
             .expect_err(&format!("{value} must be refused"));
@@ -543,6 +547,9 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
         "--ca-root-configmap=mesh-system/mesh-ca-root-cert",
         "--waypoint-cluster-role=mesh-waypoint",
         "--status-resync-secs=600",
+        "--waypoint-cpu-request=100m",
+        "--waypoint-memory-request=128Mi",
+        "--waypoint-memory-limit=1Gi",
     ] {
         assert!(
             controller_args.contains(&expected),

@@ -439,6 +439,20 @@ fn check_controller_objects(mesh: &KubeMesh) {
         .cp
         .block_on(deployments.get("wp"))
         .expect("Deployment wp");
+    // The waypoint container's requests and memory limit (the chart's defaults).
+    let container = wp_deployment
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .map(|p| p.containers[0].clone())
+        .expect("the waypoint container");
+    let resources = serde_json::to_value(&container.resources).expect("JSON");
+    assert_eq!(
+        resources,
+        json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}),
+        "{container:?}"
+    );
     // The Gateway's `spec.infrastructure` labels and annotations, on what is made for it.
     let template = wp_deployment.spec.template.metadata.as_ref();
     let team = template.and_then(|m| m.labels.as_ref()?.get("team").cloned());
