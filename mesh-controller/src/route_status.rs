@@ -139,15 +139,16 @@ pub(crate) async fn sync(client: &Client, view: &ClusterState, written: &mut Wri
 /// `None`: none (the compared form).
 fn entry(status: &ParentStatus, since: impl Fn(&str, bool) -> Option<String>) -> Value {
     let condition = |kind: &str, c: &RouteCondition| {
-        let mut value = json!({
-            "type": kind, "status": if c.ok { "True" } else { "False" },
-            "reason": c.reason.as_str(), "message": c.message,
-        });
+        let since = since(kind, c.ok);
+        let words = (c.reason.as_str(), c.message.as_str());
+        let mut value = resources::condition(kind, c.ok, words, since.as_deref().unwrap_or(""));
         if let Some(generation) = status.generation {
             value["observedGeneration"] = json!(generation);
         }
-        if let Some(since) = since(kind, c.ok) {
-            value["lastTransitionTime"] = json!(since);
+        if since.is_none() {
+            if let Some(fields) = value.as_object_mut() {
+                fields.remove("lastTransitionTime");
+            }
         }
         value
     };
@@ -191,41 +192,30 @@ async fn read_route(
     route: &RouteObject,
     written: &mut Written,
 ) -> Result<Option<(ApiResource, DynamicObject)>, ControllerError> {
-    let what = |resource: &ApiResource| {
-        format!(
+    let api_error = |resource: &ApiResource, source| ControllerError::Api {
+        what: format!(
             "reading the status of {} {}/{}",
             resource.kind, route.namespace, route.name
-        )
+        ),
+        source,
     };
-    let mut resource = written.resource(route.kind);
-    for retry in [false, true] {
-        let api =
-            Api::<DynamicObject>::namespaced_with(client.clone(), &route.namespace, &resource);
-        match api.get_opt(&route.name).await {
-            Ok(Some(current)) => return Ok(Some((resource, current))),
-            Ok(None) if !retry => {
-                let served = resources::list_served(client, &route.kind.resources())
-                    .await
-                    .map_err(|source| ControllerError::Api {
-                        what: what(&resource),
-                        source,
-                    })?;
-                match served {
-                    Some((now, _)) if now != resource => {
-                        written.served.insert(route.kind, now.clone());
-                        resource = now;
-                    }
-                    _ => return Ok(None),
-                }
-            }
-            Ok(None) => return Ok(None),
-            Err(source) => {
-                let what = what(&resource);
-                return Err(ControllerError::Api { what, source });
-            }
-        }
+    let get = |resource: &ApiResource| {
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), &route.namespace, resource);
+        async move { api.get_opt(&route.name).await }
+    };
+    let last = written.resource(route.kind);
+    if let Some(current) = get(&last).await.map_err(|e| api_error(&last, e))? {
+        return Ok(Some((last, current)));
     }
-    Ok(None)
+    let served = resources::list_served(client, &route.kind.resources())
+        .await
+        .map_err(|e| api_error(&last, e))?;
+    let Some((now, _)) = served.filter(|(now, _)| *now != last) else {
+        return Ok(None);
+    };
+    written.served.insert(route.kind, now.clone());
+    let current = get(&now).await.map_err(|e| api_error(&now, e))?;
+    Ok(current.map(|current| (now, current)))
 }
 
 /// Replaces this controller's entries of `route` with `want`'s, keeping the others'; `false`:
