@@ -2,16 +2,31 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::{meta::ObjectRef, model::Protocol};
+use crate::{gateway_api::ParentRef, meta::ObjectRef, model::Protocol};
 
 /// A problem reported by a source (for the directory source, one per file), shown by the admin
 /// interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceError {
-    /// Where: for the directory source, the file's path.
+    /// Where: for the directory source, the file's path; for the Kubernetes source, the object.
     pub source: String,
     /// What, in one line.
     pub message: String,
+    /// The one object the problem is about, when the source keeps objects one by one (the
+    /// Kubernetes source): what a route's status is told when its current version is not applied.
+    pub object: Option<ErrorObject>,
+}
+
+/// The object a [`SourceError`] is about, and what could still be read of its version that is
+/// not applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorObject {
+    pub object: ObjectRef,
+    /// That version's `metadata.generation`.
+    pub generation: Option<i64>,
+    /// A route's `spec.parentRefs` that read, in order (an entry that does not read is left
+    /// out); none for other kinds.
+    pub parents: Vec<ParentRef>,
 }
 
 /// Why objects do not make a valid state. Each variant names the object (`Kind ns/name`) and the

@@ -583,6 +583,7 @@ impl ConfigDir {
             errors.push(SourceError {
                 source: self.dir.display().to_string(),
                 message: message.clone(),
+                object: None,
             });
         }
         for (path, file) in &self.files {
@@ -590,6 +591,7 @@ impl ConfigDir {
                 errors.push(SourceError {
                     source: path.display().to_string(),
                     message: message.clone(),
+                    object: None,
                 });
             }
         }

@@ -507,7 +507,7 @@ impl RegexRewrite {
             .build()
             .map_err(|error| RouteSchemaError::Regex {
                 pattern: pattern.to_owned(),
-                reason: error.to_string(),
+                reason: regex_reason(&error),
             })?;
         let mut replacement = String::with_capacity(rewrite.len());
         let mut chars = rewrite.chars().peekable();
@@ -538,6 +538,21 @@ impl RegexRewrite {
     }
 }
 
+/// Why a pattern does not compile, in one line: the regex crate writes a syntax error as the
+/// pattern with a caret under the place, on lines of their own, and the problem last.
+fn regex_reason(error: &regex::Error) -> String {
+    match error {
+        regex::Error::Syntax(text) => text
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("error: "))
+            .unwrap_or(text)
+            .to_owned(),
+        // Too big compiled (one line), or a kind of a later release.
+        other => other.to_string().replace('\n', " "),
+    }
+}
+
 impl PartialEq for RegexRewrite {
     fn eq(&self, other: &Self) -> bool {
         self.regex.as_str() == other.regex.as_str() && self.replacement == other.replacement
@@ -561,7 +576,7 @@ impl FromStr for Pattern {
             .map(Pattern)
             .map_err(|error| RouteSchemaError::Regex {
                 pattern: value.to_owned(),
-                reason: error.to_string(),
+                reason: regex_reason(&error),
             })
     }
 }

@@ -144,6 +144,17 @@ impl Object {
             Object::ServiceEntry(o) => ObjectRef::namespaced(Kind::ServiceEntry, &o.metadata),
         }
     }
+
+    /// A route's `metadata.generation` and `spec.parentRefs`; `None` for other kinds.
+    pub(crate) fn route_parents(&self) -> Option<(Option<i64>, &[ParentRef])> {
+        match self {
+            Object::HttpRoute(o) => Some((o.metadata.generation, &o.spec.parent_refs)),
+            Object::GrpcRoute(o) => Some((o.metadata.generation, &o.spec.0.parent_refs)),
+            Object::TcpRoute(o) => Some((o.metadata.generation, &o.spec.parent_refs)),
+            Object::TlsRoute(o) => Some((o.metadata.generation, &o.spec.parent_refs)),
+            _ => None,
+        }
+    }
 }
 
 pub use k8s_openapi::{

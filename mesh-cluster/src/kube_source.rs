@@ -55,6 +55,7 @@ use kube::{
     runtime::{utils::Backoff as _, watcher, WatchStreamExt as _},
     Api, Client, Resource,
 };
+use serde::Deserialize as _;
 use tokio::{
     sync::{oneshot, watch},
     task::JoinHandle,
@@ -64,11 +65,12 @@ use tracing::{debug, info, warn};
 use self::{
     backoff::WatchBackoff,
     builder::{Change, Pacing},
-    units::{Converted, Units},
+    units::{Converted, Units, Unreadable},
 };
 use crate::{
     error::StateError,
-    k8s::{api_versions, parse_documents, Object},
+    gateway_api::ParentRef,
+    k8s::{api_versions, parse_documents, Object, ParseError},
     meta::{Kind, ObjectRef},
     options::{EndpointsFrom, EnrollmentOptions, RuntimeHandles},
     state::ClusterState,
@@ -636,14 +638,22 @@ pub(crate) fn custom_resource(kind: Kind, plural: &str, api_version: &str) -> Ap
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind.name()), plural)
 }
 
-/// A custom object from the API, read by the same parser as a file's.
+/// A custom object from the API, read by the same parser as a file's. When it does not read,
+/// the error names the field (not the line of the text it was rendered to here, which no one
+/// sees), with the object's generation and, of a route, the `parentRefs` that read (what its
+/// status is told).
 fn dynamic_object(kind: Kind, object: &DynamicObject) -> Converted {
     let name = format!(
         "{kind} {}/{}",
         object.metadata.namespace.as_deref().unwrap_or_default(),
         object.metadata.name.as_deref().unwrap_or_default()
     );
-    let mut value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    let unreadable = |message: String| Unreadable {
+        message,
+        generation: object.metadata.generation,
+        parents: readable_parents(kind, object),
+    };
+    let mut value = serde_json::to_value(object).map_err(|e| unreadable(e.to_string()))?;
     if let Some(map) = value.as_object_mut() {
         // Read-only bookkeeping the parser need not see.
         if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
@@ -651,12 +661,51 @@ fn dynamic_object(kind: Kind, object: &DynamicObject) -> Converted {
         }
         map.remove("status");
     }
-    let text = serde_yaml::to_string(&value).map_err(|e| e.to_string())?;
-    let mut objects = parse_documents(&name, &text).map_err(|e| e.to_string())?;
+    let text = serde_yaml::to_string(&value).map_err(|e| unreadable(e.to_string()))?;
+    let mut objects = parse_documents(&name, &text).map_err(|e| unreadable(parse_message(e)))?;
     match (objects.pop(), objects.is_empty()) {
         (Some(object), true) => Ok(object),
-        _ => Err(format!("{name}: not one {kind}")),
+        _ => Err(unreadable(format!("not one {kind}"))),
     }
+}
+
+/// What `error` says is wrong with an object: for a field, its path and the problem, without the
+/// place in the text.
+fn parse_message(error: ParseError) -> String {
+    match error {
+        ParseError::Invalid { source, .. } => {
+            let text = source.to_string();
+            let place = source
+                .location()
+                .map(|at| format!(" at line {} column {}", at.line(), at.column()));
+            match place.and_then(|place| text.strip_suffix(&place).map(str::to_owned)) {
+                Some(message) => message,
+                None => text,
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The entries of a route's `spec.parentRefs` that read as one; none for other kinds.
+fn readable_parents(kind: Kind, object: &DynamicObject) -> Vec<ParentRef> {
+    if !matches!(
+        kind,
+        Kind::HttpRoute | Kind::GrpcRoute | Kind::TcpRoute | Kind::TlsRoute
+    ) {
+        return Vec::new();
+    }
+    object
+        .data
+        .get("spec")
+        .and_then(|spec| spec.get("parentRefs"))
+        .and_then(serde_json::Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| ParentRef::deserialize(r).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -718,5 +767,127 @@ mod tests {
                 )),
             }
         }
+    }
+
+    /// `web`'s `HTTPRoute` at `generation`, whose path match is `path` (a regular expression).
+    fn web_route(generation: i64, path: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop", "generation": generation},
+            "spec": {
+                "parentRefs": [
+                    {"group": "", "kind": "Service", "name": "web", "port": 80},
+                    {"name": "edge"},
+                ],
+                "rules": [{
+                    "matches": [{"path": {"type": "RegularExpression", "value": path}}],
+                    "backendRefs": [{"name": "web", "port": 80}],
+                }],
+            },
+        })
+    }
+
+    fn read_route(route: serde_json::Value) -> super::Converted {
+        let object = serde_json::from_value(route).expect("a DynamicObject");
+        super::dynamic_object(Kind::HttpRoute, &object)
+    }
+
+    #[test]
+    fn a_route_that_does_not_read_is_told_so_at_its_generation_while_its_last_good_stays() {
+        use super::units::Units;
+        use crate::{k8s::parse_documents, options::EnrollmentOptions, RouteKind, RouteObject};
+
+        let mut units = Units::new(EnrollmentOptions::new("n0"));
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                       spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        for object in parse_documents("test", service).expect("a Service") {
+            units.apply(&object.object_ref(), Ok(object));
+        }
+        let key = crate::meta::ObjectRef {
+            kind: Kind::HttpRoute,
+            namespace: Some("shop".to_owned()),
+            name: "web".to_owned(),
+        };
+        let route = RouteObject {
+            kind: RouteKind::Http,
+            namespace: "shop".to_owned(),
+            name: "web".to_owned(),
+        };
+        let accepted = |units: &mut Units| {
+            let state = units.rebuild().expect("builds");
+            let entries = state.route_statuses().remove(&route).expect("entries");
+            let summary: Vec<_> = entries
+                .iter()
+                .map(|e| {
+                    let a = &e.accepted;
+                    (
+                        e.parent.name.clone(),
+                        e.generation,
+                        a.reason.as_str(),
+                        a.message.clone(),
+                    )
+                })
+                .collect();
+            (summary, state.errors().len())
+        };
+        units.apply(&key, read_route(web_route(1, "/a.*")));
+        let (good, errors) = accepted(&mut units);
+        assert_eq!(errors, 0);
+        assert_eq!(good.len(), 1, "one Service parent: {good:?}");
+        assert_eq!(good[0].1, Some(1));
+
+        // Generation 2's regular expression does not compile: not applied, generation 1 stays;
+        // a parentRef that does not read (no name) would get no entry.
+        let mut unnamed = web_route(2, "/a.*");
+        let parent = serde_json::json!({"group": "", "kind": "Service"});
+        unnamed["spec"]["parentRefs"]
+            .as_array_mut()
+            .expect("a list")
+            .push(parent);
+        let unnamed = read_route(unnamed).expect_err("does not read");
+        assert_eq!(unnamed.message, "spec.parentRefs[2]: missing field `name`");
+        let names: Vec<&str> = unnamed.parents.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["web", "edge"]);
+        let bad = read_route(web_route(2, "/(unclosed"));
+        let problem = bad.as_ref().expect_err("does not read");
+        // The field, not the line of a text no one sees; in one line.
+        assert_eq!(
+            problem.message,
+            "spec.rules[0].matches[0]: \"/(unclosed\" is not a regular expression: unclosed group"
+        );
+        assert_eq!(problem.generation, Some(2));
+        let names: Vec<&str> = problem.parents.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["web", "edge"]);
+        units.apply(&key, bad);
+        let (told, errors) = accepted(&mut units);
+        assert_eq!(errors, 1);
+        let [(parent, generation, reason, message)] = &told[..] else {
+            panic!("one entry: {told:?}");
+        };
+        assert_eq!(
+            (parent.as_str(), *generation, *reason),
+            ("web", Some(2), "UnsupportedValue")
+        );
+        assert!(
+            message.starts_with("not applied: spec.rules[0]"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("the route's generation 1 stays in force"),
+            "{message}"
+        );
+        let state = units.rebuild().expect("builds");
+        let in_force: Vec<_> = state.route_parents().iter().map(|r| r.generation).collect();
+        assert_eq!(
+            in_force,
+            [Some(1)],
+            "the last good version is still applied"
+        );
+
+        // Generation 3 reads again: applied, told so.
+        units.apply(&key, read_route(web_route(3, "/b.*")));
+        let (fixed, errors) = accepted(&mut units);
+        assert_eq!(errors, 0);
+        assert_eq!((fixed[0].1, fixed[0].2), (Some(3), "NoWaypoint"));
     }
 }

@@ -16,6 +16,12 @@
 //!   requests gets a 500, as Gateway API requires (of a `TCPRoute`'s or `TLSRoute`'s
 //!   connections: refused).
 //!
+//! A route whose current version does not read (a field this mesh refuses, a regular expression
+//! that does not compile) or is rejected is told so for each of that version's Service parents:
+//! `Accepted` `False` with `UnsupportedValue` and the problem, at that version's generation, and
+//! no `ResolvedRefs`. Its last good version stays in force (as a file's does), and the message
+//! says which generation that is.
+//!
 //! `parentRef`s of other kinds (a `Gateway`) are not a waypoint's and get no entry. Every route
 //! kind a waypoint reads is told: `HTTPRoute`, `GRPCRoute`, `TCPRoute`, `TLSRoute` (at whichever
 //! of their versions the API server serves, [`RouteKind::resources`]).
@@ -23,6 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
+    error::ErrorObject,
     gateway_api::ParentRef,
     http_route::{InvalidBackend, ParentRecord},
     meta::Kind,
@@ -54,6 +61,11 @@ impl RouteKind {
         RouteKind::Tcp,
         RouteKind::Tls,
     ];
+
+    /// The route kind of model `kind`, if it is one.
+    fn of(kind: Kind) -> Option<Self> {
+        RouteKind::ALL.into_iter().find(|k| k.model_kind() == kind)
+    }
 
     fn model_kind(self) -> Kind {
         match self {
@@ -115,6 +127,8 @@ pub enum RouteReason {
     RefNotPermitted,
     /// A backend of a kind no waypoint sends to.
     InvalidKind,
+    /// The route's current version does not read or is rejected: not applied.
+    UnsupportedValue,
 }
 
 impl RouteReason {
@@ -129,6 +143,7 @@ impl RouteReason {
             RouteReason::BackendNotFound => "BackendNotFound",
             RouteReason::RefNotPermitted => "RefNotPermitted",
             RouteReason::InvalidKind => "InvalidKind",
+            RouteReason::UnsupportedValue => "UnsupportedValue",
         }
     }
 
@@ -179,10 +194,7 @@ impl ClusterState {
             .collect();
         let mut statuses: BTreeMap<RouteObject, Vec<ParentStatus>> = BTreeMap::new();
         for record in self.route_parents() {
-            let Some(kind) = RouteKind::ALL
-                .into_iter()
-                .find(|k| k.model_kind() == record.route.kind)
-            else {
+            let Some(kind) = RouteKind::of(record.route.kind) else {
                 continue;
             };
             let route = RouteObject {
@@ -201,8 +213,54 @@ impl ClusterState {
                 .or_default()
                 .push(parent_status(record, kind, binding));
         }
+        for error in self.errors() {
+            let Some(about) = &error.object else {
+                continue;
+            };
+            let Some(kind) = RouteKind::of(about.object.kind) else {
+                continue;
+            };
+            let route = RouteObject {
+                kind,
+                namespace: about.object.namespace.clone().unwrap_or_default(),
+                name: about.object.name.clone(),
+            };
+            let in_force = statuses
+                .remove(&route)
+                .and_then(|entries| entries.first()?.generation);
+            let entries = not_applied(about, &error.message, in_force);
+            if !entries.is_empty() {
+                statuses.insert(route, entries);
+            }
+        }
         statuses
     }
+}
+
+/// The entries of a route whose version `about` is not applied for `message`, one per Service
+/// parent it names; `in_force`: the generation of the version applied instead, if one is.
+fn not_applied(about: &ErrorObject, message: &str, in_force: Option<i64>) -> Vec<ParentStatus> {
+    let message = match in_force {
+        Some(generation) => {
+            format!("not applied: {message}; the route's generation {generation} stays in force")
+        }
+        None => format!("not applied: {message}"),
+    };
+    about
+        .parents
+        .iter()
+        .filter(|parent| parent.is_service())
+        .map(|parent| ParentStatus {
+            parent: parent.clone(),
+            generation: about.generation,
+            accepted: RouteCondition {
+                ok: false,
+                reason: RouteReason::UnsupportedValue,
+                message: message.clone(),
+            },
+            resolved_refs: None,
+        })
+        .collect()
 }
 
 /// `record`'s entry (a route of `route_kind`); `binding` finds the waypoint binding of the parent it

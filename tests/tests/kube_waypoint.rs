@@ -366,6 +366,57 @@ fn route_status_follows_its_generation(mesh: &KubeMesh) {
     );
 }
 
+/// A change of `web`'s route that does not read (a regular expression that does not compile,
+/// which the CRD's schema lets through) is told so at its generation, `Accepted` `False` with
+/// `UnsupportedValue` naming the field, while the version before (`route_change`'s, default to
+/// v2) stays in force; put right, it is accepted again.
+fn invalid_route_keeps_its_last_good(mesh: &KubeMesh, vip: &str) {
+    let api = routes(mesh);
+    let before = mesh
+        .cp
+        .block_on(api.get("web"))
+        .expect("web's route")
+        .metadata
+        .generation
+        .expect("a generation");
+    let mut invalid = serde_json::to_value(route("web-v1")).expect("JSON");
+    invalid["spec"]["rules"][1]["matches"] =
+        json!([{"path": {"type": "RegularExpression", "value": "/(unclosed"}}]);
+    patch_route(mesh, &from_json(invalid));
+    let web = json!({"group": "", "kind": "Service", "name": "web", "port": 80});
+    let parents = route_entry_is(
+        mesh,
+        &api,
+        ("web", &web),
+        ("False", "UnsupportedValue"),
+        None,
+    );
+    let message = parents
+        .iter()
+        .find(|p| p["controllerName"] == "mesh.local/waypoint")
+        .and_then(|p| p["conditions"][0]["message"].as_str())
+        .expect("a message")
+        .to_owned();
+    assert_eq!(
+        message,
+        format!(
+            "not applied: spec.rules[1].matches[0]: \"/(unclosed\" is not a regular expression: \
+             unclosed group; the route's generation {before} stays in force"
+        )
+    );
+    // The waypoint still routes by the version before: the default is v2, not v1.
+    let once = format!("for i in 1 2 3; do curl -sS --max-time 10 http://{vip}/c -w '\\n'; done");
+    until_seen(mesh, 1, "kept", &once, |seen| seen == ["v2", "v2", "v2"]);
+    patch_route(mesh, &route("web-v2"));
+    route_entry_is(
+        mesh,
+        &api,
+        ("web", &web),
+        ("True", "Accepted"),
+        Some(("True", "ResolvedRefs")),
+    );
+}
+
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
 /// `HTTPRoute`. Returns `web`'s VIP.
 fn deploy(mesh: &KubeMesh) -> String {
@@ -1108,6 +1159,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     echo_pods_stay_ready(&mesh);
     route_change(&mesh, &vip);
     route_status_follows_its_generation(&mesh);
+    invalid_route_keeps_its_last_good(&mesh, &vip);
     tcp_route(&mesh);
     tcp_route_at_an_older_version(&mesh);
     scaled_by_its_user(&mesh);

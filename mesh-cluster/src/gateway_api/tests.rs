@@ -318,7 +318,7 @@ fn schema_errors_name_field_and_line() {
         ("  rules:\n  - matches: [{path: {type: Prefix, value: /}}]\n", &["unknown variant `Prefix`"]),
         (
             "  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/(a\"}}]\n",
-            &["\"/(a\" is not a regular expression"],
+            &["\"/(a\" is not a regular expression: unclosed group at line"],
         ),
         (
             // Nine characters that compile to about 10 MiB: refused, not built.

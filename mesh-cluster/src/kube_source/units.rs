@@ -10,7 +10,8 @@ use tracing::{error, info};
 
 use crate::{
     assemble::{build_last_good, others_note, Publisher},
-    error::{SourceError, StateError},
+    error::{ErrorObject, SourceError, StateError},
+    gateway_api::ParentRef,
     k8s::Object,
     meta::{Kind, ObjectRef},
     options::EnrollmentOptions,
@@ -27,7 +28,7 @@ struct Unit {
     /// Its objects in the published state.
     applied: Arc<[Object]>,
     /// Why its current version could not be read (an Istio spec that does not parse).
-    problem: Option<String>,
+    problem: Option<Unreadable>,
     /// Why its current version is not applied (it breaks the state).
     rejection: Option<String>,
 }
@@ -53,7 +54,18 @@ impl Unit {
 }
 
 /// What a watch reported of one object: it, or why it could not be read.
-pub(crate) type Converted = Result<Object, String>;
+pub(crate) type Converted = Result<Object, Unreadable>;
+
+/// Why an object could not be read, and what could be read of it all the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Unreadable {
+    /// What is wrong, naming the field.
+    pub(crate) message: String,
+    /// Its `metadata.generation`.
+    pub(crate) generation: Option<i64>,
+    /// A route's `spec.parentRefs` that read.
+    pub(crate) parents: Vec<ParentRef>,
+}
 
 /// Every watched object, keyed by kind, namespace and name.
 #[derive(Debug)]
@@ -84,8 +96,8 @@ impl Units {
                 unit.candidate = Some(Arc::from(vec![object]));
             }
             Err(problem) => {
-                if unit.problem.as_ref() != Some(&problem) {
-                    error!(object = %key, error = %problem, "object not read; its last good version stays");
+                if unit.problem.as_ref().map(|p| &p.message) != Some(&problem.message) {
+                    error!(object = %key, error = %problem.message, "object not read; its last good version stays");
                 }
                 unit.candidate = None;
                 unit.problem = Some(problem);
@@ -168,17 +180,33 @@ impl Units {
     }
 
     fn errors(&self) -> Vec<SourceError> {
-        self.objects
-            .iter()
-            .flat_map(|(key, unit)| {
-                [&unit.problem, &unit.rejection]
-                    .into_iter()
-                    .flatten()
-                    .map(|message| SourceError {
-                        source: key.to_string(),
-                        message: message.clone(),
-                    })
-            })
-            .collect()
+        let error = |key: &ObjectRef, message: &str, (generation, parents): (_, &[ParentRef])| {
+            SourceError {
+                source: key.to_string(),
+                message: message.to_owned(),
+                object: Some(ErrorObject {
+                    object: key.clone(),
+                    generation,
+                    parents: parents.to_vec(),
+                }),
+            }
+        };
+        let mut errors = Vec::new();
+        for (key, unit) in &self.objects {
+            if let Some(problem) = &unit.problem {
+                let read = (problem.generation, &problem.parents[..]);
+                errors.push(error(key, &problem.message, read));
+            }
+            if let Some(rejection) = &unit.rejection {
+                // The version rejected read: what it says of itself.
+                let read = unit
+                    .candidate
+                    .as_ref()
+                    .and_then(|objects| objects.first()?.route_parents())
+                    .unwrap_or((None, &[]));
+                errors.push(error(key, rejection, read));
+            }
+        }
+        errors
     }
 }
