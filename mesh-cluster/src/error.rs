@@ -24,9 +24,21 @@ pub struct ErrorObject {
     pub object: ObjectRef,
     /// That version's `metadata.generation`.
     pub generation: Option<i64>,
-    /// A route's `spec.parentRefs` that read, in order (an entry that does not read is left
-    /// out); none for other kinds.
-    pub parents: Vec<ParentRef>,
+    /// What its status is decided from, as far as that version read.
+    pub read: ReadPart,
+}
+
+/// What the status of an object that is not applied is decided from, as far as it read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadPart {
+    /// A route: its `spec.parentRefs` that read, in order (an entry that does not read is left
+    /// out).
+    Route { parents: Vec<ParentRef> },
+    /// A policy (`AuthorizationPolicy`, `RequestAuthentication`, `EnvoyFilter`): whether it
+    /// names `targetRefs` or `targetRef` (a waypoint's) or not (the node agents', a sidecar's).
+    Policy { targeted: bool },
+    /// Any other kind.
+    Other,
 }
 
 /// Why objects do not make a valid state. Each variant names the object (`Kind ns/name`) and the

@@ -21,6 +21,7 @@
 
 use std::{cell::Cell, fmt};
 
+use crate::error::ReadPart;
 use serde::{
     de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
     Deserialize, Deserializer,
@@ -145,14 +146,36 @@ impl Object {
         }
     }
 
-    /// A route's `metadata.generation` and `spec.parentRefs`; `None` for other kinds.
-    pub(crate) fn route_parents(&self) -> Option<(Option<i64>, &[ParentRef])> {
+    /// Its `metadata.generation` (of the kinds whose status the mesh writes) and what that status
+    /// is decided from: a route's `parentRefs`, whether a policy names `targetRefs`.
+    pub(crate) fn status_part(&self) -> (Option<i64>, ReadPart) {
+        let route = |meta: &ObjectMeta, parents: &[ParentRef]| {
+            let parents = parents.to_vec();
+            (meta.generation, ReadPart::Route { parents })
+        };
+        let policy = |meta: &ObjectMeta, targets: &[PolicyTargetRef]| {
+            let targeted = !targets.is_empty();
+            (meta.generation, ReadPart::Policy { targeted })
+        };
         match self {
-            Object::HttpRoute(o) => Some((o.metadata.generation, &o.spec.parent_refs)),
-            Object::GrpcRoute(o) => Some((o.metadata.generation, &o.spec.0.parent_refs)),
-            Object::TcpRoute(o) => Some((o.metadata.generation, &o.spec.parent_refs)),
-            Object::TlsRoute(o) => Some((o.metadata.generation, &o.spec.parent_refs)),
-            _ => None,
+            Object::HttpRoute(o) => route(&o.metadata, &o.spec.parent_refs),
+            Object::GrpcRoute(o) => route(&o.metadata, &o.spec.0.parent_refs),
+            Object::TcpRoute(o) => route(&o.metadata, &o.spec.parent_refs),
+            Object::TlsRoute(o) => route(&o.metadata, &o.spec.parent_refs),
+            Object::AuthorizationPolicy(o) => policy(&o.metadata, &o.spec.target_refs),
+            Object::RequestAuthentication(o) => policy(&o.metadata, &o.spec.target_refs),
+            Object::EnvoyFilter(o) => policy(&o.metadata, &o.spec.target_refs),
+            Object::Namespace(_)
+            | Object::Pod(_)
+            | Object::Service(_)
+            | Object::EndpointSlice(_)
+            | Object::PeerAuthentication(_)
+            | Object::Gateway(_)
+            | Object::VirtualService(_)
+            | Object::DestinationRule(_)
+            | Object::ReferenceGrant(_)
+            | Object::Node(_)
+            | Object::ServiceEntry(_) => (None, ReadPart::Other),
         }
     }
 }

@@ -68,7 +68,7 @@ use self::{
     units::{Converted, Units, Unreadable},
 };
 use crate::{
-    error::StateError,
+    error::{ReadPart, StateError},
     gateway_api::ParentRef,
     k8s::{api_versions, parse_documents, Object, ParseError},
     meta::{Kind, ObjectRef},
@@ -651,7 +651,7 @@ fn dynamic_object(kind: Kind, object: &DynamicObject) -> Converted {
     let unreadable = |message: String| Unreadable {
         message,
         generation: object.metadata.generation,
-        parents: readable_parents(kind, object),
+        read: readable_part(kind, object),
     };
     let mut value = serde_json::to_value(object).map_err(|e| unreadable(e.to_string()))?;
     if let Some(map) = value.as_object_mut() {
@@ -687,25 +687,34 @@ fn parse_message(error: ParseError) -> String {
     }
 }
 
-/// The entries of a route's `spec.parentRefs` that read as one; none for other kinds.
-fn readable_parents(kind: Kind, object: &DynamicObject) -> Vec<ParentRef> {
-    if !matches!(
-        kind,
-        Kind::HttpRoute | Kind::GrpcRoute | Kind::TcpRoute | Kind::TlsRoute
-    ) {
-        return Vec::new();
+/// What the status of `object` (of `kind`) is decided from, read from its parts one by one, so
+/// that a version that does not read as a whole still tells that much: a route's `parentRefs`
+/// that read, whether a policy names `targetRefs`.
+fn readable_part(kind: Kind, object: &DynamicObject) -> ReadPart {
+    let spec = object.data.get("spec");
+    match kind {
+        Kind::HttpRoute | Kind::GrpcRoute | Kind::TcpRoute | Kind::TlsRoute => {
+            let parents = spec
+                .and_then(|spec| spec.get("parentRefs"))
+                .and_then(serde_json::Value::as_array)
+                .map(|refs| {
+                    refs.iter()
+                        .filter_map(|r| ParentRef::deserialize(r).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            ReadPart::Route { parents }
+        }
+        Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::EnvoyFilter => {
+            let named = |field: &str| spec.and_then(|spec| spec.get(field));
+            let targeted = named("targetRef").is_some_and(serde_json::Value::is_object)
+                || named("targetRefs")
+                    .and_then(serde_json::Value::as_array)
+                    .is_some_and(|refs| !refs.is_empty());
+            ReadPart::Policy { targeted }
+        }
+        _ => ReadPart::Other,
     }
-    object
-        .data
-        .get("spec")
-        .and_then(|spec| spec.get("parentRefs"))
-        .and_then(serde_json::Value::as_array)
-        .map(|refs| {
-            refs.iter()
-                .filter_map(|r| ParentRef::deserialize(r).ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -846,7 +855,10 @@ mod tests {
             .push(parent);
         let unnamed = read_route(unnamed).expect_err("does not read");
         assert_eq!(unnamed.message, "spec.parentRefs[2]: missing field `name`");
-        let names: Vec<&str> = unnamed.parents.iter().map(|p| p.name.as_str()).collect();
+        let crate::ReadPart::Route { parents } = &unnamed.read else {
+            panic!("a route's part: {:?}", unnamed.read);
+        };
+        let names: Vec<&str> = parents.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["web", "edge"]);
         let bad = read_route(web_route(2, "/(unclosed"));
         let problem = bad.as_ref().expect_err("does not read");
@@ -856,8 +868,6 @@ mod tests {
             "spec.rules[0].matches[0]: \"/(unclosed\" is not a regular expression: unclosed group"
         );
         assert_eq!(problem.generation, Some(2));
-        let names: Vec<&str> = problem.parents.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["web", "edge"]);
         units.apply(&key, bad);
         let (told, errors) = accepted(&mut units);
         assert_eq!(errors, 1);
@@ -889,5 +899,80 @@ mod tests {
         let (fixed, errors) = accepted(&mut units);
         assert_eq!(errors, 0);
         assert_eq!((fixed[0].1, fixed[0].2), (Some(3), "NoWaypoint"));
+    }
+
+    #[test]
+    fn a_policy_that_does_not_read_is_told_so_in_its_condition_while_its_last_good_stays() {
+        use super::units::Units;
+        use crate::options::EnrollmentOptions;
+
+        let read = |kind: Kind, name: &str, spec: serde_json::Value| {
+            let (api_version, kind_name) = match kind {
+                Kind::EnvoyFilter => ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+                _ => ("security.istio.io/v1", "AuthorizationPolicy"),
+            };
+            let object = serde_json::from_value(serde_json::json!({
+                "apiVersion": api_version, "kind": kind_name,
+                "metadata": {"name": name, "namespace": "shop", "generation": 1},
+                "spec": spec,
+            }))
+            .expect("a DynamicObject");
+            let key = crate::meta::ObjectRef {
+                kind,
+                namespace: Some("shop".to_owned()),
+                name: name.to_owned(),
+            };
+            (key, super::dynamic_object(kind, &object))
+        };
+        let mut units = Units::new(EnrollmentOptions::new("n0"));
+        let conditions = |units: &mut Units| {
+            let state = units.rebuild().expect("builds");
+            state
+                .bound_conditions()
+                .into_iter()
+                .map(|(o, c)| (o.name, (c.condition_type, c.reason.as_str(), c.message)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let on_web = serde_json::json!([{"kind": "Service", "group": "", "name": "web"}]);
+        let good = serde_json::json!({"targetRefs": on_web, "action": "DENY",
+            "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]});
+        let (key, object) = read(Kind::AuthorizationPolicy, "deny", good);
+        units.apply(&key, object);
+        let told = conditions(&mut units);
+        assert_eq!(told["deny"].1, "TargetNotFound", "{told:?}");
+
+        // Its next version names a port by name; a new policy of the agents' does too; a new
+        // EnvoyFilter for sidecars does not read either.
+        let named = serde_json::json!([{"to": [{"operation": {"ports": ["http"]}}]}]);
+        let bad = serde_json::json!({"targetRefs": on_web, "action": "DENY", "rules": named});
+        let agents = serde_json::json!({"action": "DENY", "rules": named});
+        let sidecars = serde_json::json!({"priority": "first"});
+        for (kind, name, spec) in [
+            (Kind::AuthorizationPolicy, "deny", bad),
+            (Kind::AuthorizationPolicy, "agents", agents),
+            (Kind::EnvoyFilter, "sidecars", sidecars),
+        ] {
+            let (key, object) = read(kind, name, spec);
+            assert!(object.is_err(), "{name} does not read");
+            units.apply(&key, object);
+        }
+        let told = conditions(&mut units);
+        let (kind, reason, message) = &told["deny"];
+        assert_eq!((*kind, *reason), ("WaypointAccepted", "UnsupportedValue"));
+        assert!(
+            message.starts_with("not applied: spec.rules[0].to[0].operation.ports[0]")
+                && message.ends_with("; its last good version stays in force"),
+            "{message}"
+        );
+        let (kind, reason, message) = &told["agents"];
+        assert_eq!((*kind, *reason), ("ZtunnelAccepted", "UnsupportedValue"));
+        assert!(!message.contains("last good"), "none: {message}");
+        assert!(!told.contains_key("sidecars"), "{told:?}");
+        let state = units.rebuild().expect("builds");
+        assert_eq!(
+            state.authorization_policies().len(),
+            1,
+            "the last good stays"
+        );
     }
 }

@@ -101,7 +101,7 @@ pub use authz::{
 pub use decision::{Inbound, Origin};
 pub use direct::NotDirect;
 pub use endpoints::SERVICE_NAME_LABEL;
-pub use error::{ErrorObject, SourceError, StateError};
+pub use error::{ErrorObject, ReadPart, SourceError, StateError};
 pub use files::{spawn_watcher, ConfigDir, FilesError, Watcher};
 pub use gateway_api::ParentRef;
 pub use http_route::{

@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
-    error::ErrorObject,
+    error::{ErrorObject, ReadPart},
     gateway_api::ParentRef,
     http_route::{InvalidBackend, ParentRecord},
     meta::Kind,
@@ -246,8 +246,10 @@ fn not_applied(about: &ErrorObject, message: &str, in_force: Option<i64>) -> Vec
         }
         None => format!("not applied: {message}"),
     };
-    about
-        .parents
+    let ReadPart::Route { parents } = &about.read else {
+        return Vec::new();
+    };
+    parents
         .iter()
         .filter(|parent| parent.is_service())
         .map(|parent| ParentStatus {

@@ -20,6 +20,10 @@
 //!   each patch a waypoint does not apply, `False` (`NoTargetRefs`) for a rate limit without
 //!   `targetRefs`. An `EnvoyFilter` of neither kind is for sidecars and gateways: no condition.
 //!
+//! A policy whose current version does not read (a field the mesh refuses) or is rejected is
+//! told so instead, `False` (`UnsupportedValue`) with the problem: its last good version stays
+//! in force, and the message says that too.
+//!
 //! Users see there why a label or a policy took no effect without reading an agent's log.
 //! Objects that depend on no waypoint get no condition.
 
@@ -27,6 +31,8 @@ use std::collections::BTreeMap;
 
 use crate::{
     authz::{AuthzPolicy, AuthzScope},
+    error::{ErrorObject, ReadPart},
+    meta::Kind,
     model::{Unavailable, WaypointBinding},
     policy_target::PolicyTarget,
     ratelimit::Filter,
@@ -100,7 +106,7 @@ pub enum BoundReason {
     /// A policy's target has no waypoint: nothing enforces the policy for it.
     NoWaypoint,
     /// A rule of a node agents' policy has HTTP fields they cannot evaluate; a patch of an
-    /// `EnvoyFilter` is not applied.
+    /// `EnvoyFilter` is not applied; the policy's current version does not read or is rejected.
     UnsupportedValue,
     /// A waypoint's kind of policy without `targetRefs`: it is for sidecars, and applies to
     /// nothing here.
@@ -232,11 +238,21 @@ impl ClusterState {
             let object = BoundObject::new(BoundKind::EnvoyFilter, &filter.namespace, &filter.name);
             Some((object, self.filter_condition(filter)?))
         });
-        services
+        let mut conditions: BTreeMap<BoundObject, BoundCondition> = services
             .chain(policies)
             .chain(authentications)
             .chain(filters)
-            .collect()
+            .collect();
+        for error in self.errors() {
+            if let Some((object, condition)) = error
+                .object
+                .as_ref()
+                .and_then(|about| not_applied(about, &error.message, &mut conditions))
+            {
+                conditions.insert(object, condition);
+            }
+        }
+        conditions
     }
 
     /// An `EnvoyFilter`'s [`WAYPOINT_ACCEPTED`]: none for one of neither a waypoint's nor a
@@ -382,4 +398,44 @@ fn agents_condition(policy: &AuthzPolicy) -> BoundCondition {
             policy.unenforced_by_agents.join("; ")
         ),
     }
+}
+
+/// The condition of a policy whose current version `about` is not applied for `message`, in
+/// place of the condition of its version in force (taken out of `conditions`), if any: of that
+/// condition's type, else of the type the version would have (an `EnvoyFilter` without
+/// `targetRefs` is for sidecars: none). `None` for other kinds.
+fn not_applied(
+    about: &ErrorObject,
+    message: &str,
+    conditions: &mut BTreeMap<BoundObject, BoundCondition>,
+) -> Option<(BoundObject, BoundCondition)> {
+    let ReadPart::Policy { targeted } = about.read else {
+        return None;
+    };
+    let kind = match about.object.kind {
+        Kind::AuthorizationPolicy => BoundKind::AuthorizationPolicy,
+        Kind::RequestAuthentication => BoundKind::RequestAuthentication,
+        Kind::EnvoyFilter => BoundKind::EnvoyFilter,
+        _ => return None,
+    };
+    let namespace = about.object.namespace.as_deref().unwrap_or_default();
+    let object = BoundObject::new(kind, namespace, &about.object.name);
+    let (condition_type, message) = if let Some(before) = conditions.remove(&object) {
+        let message = format!("not applied: {message}; its last good version stays in force");
+        (before.condition_type, message)
+    } else {
+        let condition_type = match (kind, targeted) {
+            (BoundKind::EnvoyFilter, false) => return None,
+            (BoundKind::AuthorizationPolicy, false) => ZTUNNEL_ACCEPTED,
+            _ => WAYPOINT_ACCEPTED,
+        };
+        (condition_type, format!("not applied: {message}"))
+    };
+    let condition = BoundCondition {
+        condition_type,
+        ok: false,
+        reason: BoundReason::UnsupportedValue,
+        message,
+    };
+    Some((object, condition))
 }

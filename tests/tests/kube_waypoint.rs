@@ -959,6 +959,24 @@ fn waypoint_policy(mesh: &KubeMesh, vip: &str) {
         ("web-read-only", "WaypointAccepted"),
         "bound to shop/wp",
     );
+    // A change the CRD lets through but the mesh does not read (a port by name) is told so, and
+    // the version before stays in force (checked by the requests below).
+    mesh.cp
+        .block_on(policies.patch(
+            "web-read-only",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}}),
+            ),
+        ))
+        .expect("policy patched");
+    condition_is(
+        mesh,
+        &policies,
+        ("web-read-only", "WaypointAccepted"),
+        Some("False"),
+        "not applied: spec.rules[0].to[0].operation.ports[0]",
+    );
     for (name, _, (kind, message)) in &others {
         condition_is(mesh, &policies, (name, kind), Some("False"), message);
         mesh.cp

@@ -10,8 +10,7 @@ use tracing::{error, info};
 
 use crate::{
     assemble::{build_last_good, others_note, Publisher},
-    error::{ErrorObject, SourceError, StateError},
-    gateway_api::ParentRef,
+    error::{ErrorObject, ReadPart, SourceError, StateError},
     k8s::Object,
     meta::{Kind, ObjectRef},
     options::EnrollmentOptions,
@@ -63,8 +62,8 @@ pub(crate) struct Unreadable {
     pub(crate) message: String,
     /// Its `metadata.generation`.
     pub(crate) generation: Option<i64>,
-    /// A route's `spec.parentRefs` that read.
-    pub(crate) parents: Vec<ParentRef>,
+    /// What its status is decided from.
+    pub(crate) read: ReadPart,
 }
 
 /// Every watched object, keyed by kind, namespace and name.
@@ -180,21 +179,20 @@ impl Units {
     }
 
     fn errors(&self) -> Vec<SourceError> {
-        let error = |key: &ObjectRef, message: &str, (generation, parents): (_, &[ParentRef])| {
-            SourceError {
+        let error =
+            |key: &ObjectRef, message: &str, (generation, read): (_, ReadPart)| SourceError {
                 source: key.to_string(),
                 message: message.to_owned(),
                 object: Some(ErrorObject {
                     object: key.clone(),
                     generation,
-                    parents: parents.to_vec(),
+                    read,
                 }),
-            }
-        };
+            };
         let mut errors = Vec::new();
         for (key, unit) in &self.objects {
             if let Some(problem) = &unit.problem {
-                let read = (problem.generation, &problem.parents[..]);
+                let read = (problem.generation, problem.read.clone());
                 errors.push(error(key, &problem.message, read));
             }
             if let Some(rejection) = &unit.rejection {
@@ -202,8 +200,8 @@ impl Units {
                 let read = unit
                     .candidate
                     .as_ref()
-                    .and_then(|objects| objects.first()?.route_parents())
-                    .unwrap_or((None, &[]));
+                    .and_then(|objects| objects.first())
+                    .map_or((None, ReadPart::Other), Object::status_part);
                 errors.push(error(key, rejection, read));
             }
         }
