@@ -356,8 +356,8 @@ fn a_policy_change_closes_kernel_direct_connections_it_no_longer_allows() {
         2,
         "both held connections are kernel-direct"
     );
-    // The agent tracks both before the policy changes (else it finds the victim's refused
-    // when it first reads of it, which the access log records as a plain denial).
+    // The agent tracks both before the policy changes (the restart test below replays it
+    // reading of a connection only after the change).
     wait_opened(&mesh, &[victim, control], &opened);
     let log_from = mesh.agents[0].log_len();
     deny(&mesh, "deny-victim", victim);
@@ -404,6 +404,17 @@ fn no_route_is_used_while_the_agent_is_down_and_a_restarted_agent_checks_what_st
             |l| l.starts_with("closed_after_ms="),
         )
         .expect("closed");
+    // The agent read of it only under the new policy, but it opened under the one before:
+    // revoked, with the bytes it moved, not a denial of nothing.
+    let r = &records(&mesh, 0, &victim, "revoked", 1)[0];
+    assert_eq!(r["authz"]["policy"], format!("{NS}/deny-victim"), "{r:#}");
+    assert_eq!(r["bytes_to_destination"], 5, "{r:#}");
+    assert_eq!(r["bytes_to_source"], 5, "{r:#}");
+    assert!(
+        records_where(&mesh, 0, &victim, |r| r["authz"]["decision"] == "deny").is_empty(),
+        "{:#?}",
+        access_records(&mesh.agents[0], 0)
+    );
     assert_still_open(&held[1]);
     assert!(echoes(&control, vip()));
     assert!(!echoes(&victim, vip()));
@@ -604,8 +615,9 @@ fn a_pod_that_floods_kernel_direct_connections_cannot_blind_the_agent() {
         recs.len()
     );
     assert!(
-        recs.iter()
-            .all(|r| r["error"].is_null() || r["authz"]["decision"] == "deny"),
+        recs.iter().all(|r| r["error"].is_null()
+            || r["authz"]["decision"] == "deny"
+            || r["authz"]["decision"] == "revoked"),
         "{:#?}",
         recs.iter().find(|r| !r["error"].is_null())
     );

@@ -17,7 +17,9 @@ use mesh_common::{DirectConn, DirectEvent, SockKey, MAX_DIRECT_TARGETS};
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::{authorize, tracker::Tracked, LocalPod, ProxyCtx};
+use mesh_cluster::AuthzDecision;
+
+use super::{check, tracker::Tracked, LocalPod, ProxyCtx};
 use crate::telemetry::{ConnInfo, Counters, Direction, Refusal, Security};
 
 /// How often the agent reads the ring when no event woke it (the kernel wakes it only when a
@@ -52,23 +54,37 @@ pub(super) fn offer_route(
     }
 }
 
-/// A kernel-direct connection the agent counts and tracks.
+/// A kernel-direct connection the agent counts, until the kernel reports its close.
 struct Open {
     info: ConnInfo,
     counters: Counters,
     started: Instant,
-    tracked: Arc<Tracked>,
-    /// Closes the connection when a policy change revokes it.
-    watcher: JoinHandle<()>,
+    policy: Policy,
+}
+
+/// What the policy does to an open kernel-direct connection.
+enum Policy {
+    /// Allowed: tracked, and closed by `watcher` when a policy change revokes it.
+    Tracked {
+        tracked: Arc<Tracked>,
+        watcher: JoinHandle<()>,
+    },
+    /// Already revoked when the agent first read of it (`decision`): closed, its close awaited.
+    Revoked(AuthzDecision),
 }
 
 impl Open {
     /// Records the connection's end: its bytes `[to the server, to the client]` counted, the
     /// close and the access-log line (revoked, if a policy change closed it).
     fn end(self, ctx: &ProxyCtx, totals: [u64; 2], result: &std::io::Result<()>) {
-        self.watcher.abort();
         self.counters.add_bytes(totals[0], totals[1]);
-        let revoked = self.tracked.revoked_by();
+        let revoked = match self.policy {
+            Policy::Tracked { tracked, watcher } => {
+                watcher.abort();
+                tracked.revoked_by()
+            }
+            Policy::Revoked(decision) => Some(decision),
+        };
         ctx.telemetry.close(
             &self.info,
             &self.counters,
@@ -84,9 +100,6 @@ impl Open {
 #[derive(Default)]
 struct Live {
     open: HashMap<u64, Open>,
-    /// Connections closed for a refusal already recorded: their close is not recorded again
-    /// (an entry leaves with the close report, or at the next resync if that was lost).
-    refused: HashSet<u64>,
 }
 
 /// Reads the kernel's reports of kernel-direct connections for as long as the agent runs. First
@@ -184,7 +197,7 @@ fn read_event(bytes: &[u8]) -> Option<DirectEvent> {
 
 impl Live {
     fn opened(&mut self, ctx: &Arc<ProxyCtx>, key: SockKey, conn: DirectConn) {
-        if self.open.contains_key(&conn.cookie) || self.refused.contains(&conn.cookie) {
+        if self.open.contains_key(&conn.cookie) {
             return;
         }
         let Some((mut info, started)) = describe(ctx, key, &conn) else {
@@ -196,28 +209,33 @@ impl Live {
             }
             return;
         };
-        let Some(tracked) = authorize(ctx, &mut info, started) else {
-            // Refused and recorded: the route it came by was decided under an earlier view.
-            self.refused.insert(conn.cookie);
-            destroy(Arc::clone(&info.pod), key);
-            return;
+        let policy = match check(ctx, &mut info) {
+            Ok(tracked) => {
+                let watcher = tokio::spawn(close_when_revoked(
+                    Arc::clone(&tracked),
+                    Arc::clone(&info.pod),
+                    key,
+                ));
+                Policy::Tracked { tracked, watcher }
+            }
+            Err(decision) => {
+                // The kernel takes only a route of the current generation, which a view change
+                // moves on: the connection opened under the view before this one, which
+                // allowed it (or before this agent started, under its predecessor's). A policy
+                // change since revokes it, as it would had the agent read of it sooner: closed
+                // now, and recorded as revoked, with its bytes, when its close is reported.
+                destroy(Arc::clone(&info.pod), key);
+                Policy::Revoked(decision)
+            }
         };
         let counters = ctx.telemetry.open(&info);
-        let watcher = tokio::spawn(close_when_revoked(
-            Arc::clone(&tracked),
-            Arc::clone(&info.pod),
-            key,
-        ));
-        self.open.insert(
-            conn.cookie,
-            Open {
-                info,
-                counters,
-                started,
-                tracked,
-                watcher,
-            },
-        );
+        let open = Open {
+            info,
+            counters,
+            started,
+            policy,
+        };
+        self.open.insert(conn.cookie, open);
     }
 
     fn handle(&mut self, ctx: &Arc<ProxyCtx>, event: &DirectEvent) {
@@ -237,10 +255,8 @@ impl Live {
     /// whose close was not read had its report lost.
     fn resync(&mut self, ctx: &Arc<ProxyCtx>, ring: &mut RingBuf<MapData>) {
         let mut missing: HashSet<u64> = self.open.keys().copied().collect();
-        let mut refused_gone = self.refused.clone();
         for (key, conn) in ctx.conn.direct().open_conns() {
             missing.remove(&conn.cookie);
-            refused_gone.remove(&conn.cookie);
             self.opened(ctx, key, conn);
         }
         for event in drain(ring) {
@@ -254,10 +270,6 @@ impl Live {
                 open.end(ctx, [0, 0], &lost);
             }
         }
-        // Refused connections whose close report was lost: nothing more to record.
-        for cookie in refused_gone {
-            self.refused.remove(&cookie);
-        }
     }
 
     fn closed(&mut self, ctx: &Arc<ProxyCtx>, event: &DirectEvent) {
@@ -269,9 +281,6 @@ impl Live {
             received = event.bytes_received,
             "kernel-direct connection closed"
         );
-        if self.refused.remove(&cookie) {
-            return;
-        }
         let totals = event.app_bytes();
         if let Some(open) = self.open.remove(&cookie) {
             open.end(ctx, totals, &Ok(()));

@@ -233,6 +233,18 @@ fn authorize(
     info: &mut ConnInfo,
     started: std::time::Instant,
 ) -> Option<Arc<Tracked>> {
+    match check(ctx, info) {
+        Ok(tracked) => Some(tracked),
+        Err(decision) => {
+            ctx.telemetry
+                .refused(info, started, &Refusal::Policy(decision));
+            None
+        }
+    }
+}
+
+/// [`authorize`] without recording a refusal: the denying decision instead.
+fn check(ctx: &ProxyCtx, info: &mut ConnInfo) -> Result<Arc<Tracked>, AuthzDecision> {
     let src_identity = info.identities().0.cloned();
     let origin = if src_identity.is_none() && ctx.node.contains(info.src.ip()) {
         mesh_cluster::Origin::Node
@@ -250,14 +262,9 @@ fn authorize(
     match decision.verdict {
         Verdict::Allow => {
             info.authz = Some(decision);
-            Some(tracked)
+            Ok(tracked)
         }
-        Verdict::Deny => {
-            drop(tracked);
-            ctx.telemetry
-                .refused(info, started, &Refusal::Policy(decision));
-            None
-        }
+        Verdict::Deny => Err(decision),
     }
 }
 
