@@ -127,10 +127,13 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 }
                 let _ = stop_tx.send(());
             });
+            // Once the view is built, the first list's pages go back at once, not over
+            // jemalloc's decay (`memory.rs`): a fresh controller is measured at its resting size.
             let bound = tokio::spawn(mesh_controller::bound_status::run(
                 client.clone(),
                 options,
                 resync,
+                crate::memory::release_freed,
             ));
             mesh_controller::run(client, template, async move {
                 let _ = stop_rx.await;

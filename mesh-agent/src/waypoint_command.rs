@@ -230,5 +230,7 @@ async fn cluster_source(
     let watcher = mesh_cluster::KubeSource::new(client, options, kube)?
         .start()
         .await?;
+    // The first list's transients (as large as the view) go back now, not over seconds.
+    crate::memory::release_freed();
     Ok((watcher.state.clone(), SourceTasks::Kubernetes(watcher)))
 }

@@ -127,8 +127,14 @@ enum Applied {
 /// kind a waypoint watches, its policies included), then keeps the conditions true to it. Runs
 /// until dropped; a view that cannot be read is an error in the log, and the controller's other
 /// work goes on without the conditions. The conditions on the objects are read again every
-/// `resync`.
-pub async fn run(client: Client, options: EnrollmentOptions, resync: Duration) {
+/// `resync`. `on_view` is called once the first full view is built: the first list's transients
+/// (as large as the view) are free then, for the allocator to give back.
+pub async fn run(
+    client: Client,
+    options: EnrollmentOptions,
+    resync: Duration,
+    on_view: impl FnOnce(),
+) {
     let kube = KubeOptions {
         routes: true,
         ..KubeOptions::default()
@@ -144,6 +150,7 @@ pub async fn run(client: Client, options: EnrollmentOptions, resync: Duration) {
             return;
         }
     };
+    on_view();
     keep(&client, view.state.clone(), resync).await;
 }
 
