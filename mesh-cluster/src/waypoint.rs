@@ -124,6 +124,24 @@ pub(crate) struct WaypointIndex {
     warnings: Vec<String>,
 }
 
+/// The traffic waypoint `Gateway` `object` takes by its [`WAYPOINT_FOR`] label (`label`;
+/// `service` when absent), or why the model refuses the `Gateway` for it: the one check of the
+/// label, for the model and for the controller that tells the `Gateway` so in its status.
+pub fn waypoint_traffic(
+    object: &ObjectRef,
+    label: Option<&str>,
+) -> Result<WaypointFor, StateError> {
+    let Some(value) = label else {
+        return Ok(WaypointFor::Service);
+    };
+    WaypointFor::parse(value).ok_or_else(|| StateError::InvalidLabel {
+        object: object.clone(),
+        label: WAYPOINT_FOR,
+        value: value.to_owned(),
+        expected: "service, workload, all or none",
+    })
+}
+
 impl WaypointIndex {
     /// The waypoints among `gateways` (sorted by namespace and name), with their ready pods
     /// among `workloads`.
@@ -139,17 +157,10 @@ impl WaypointIndex {
                 continue;
             }
             let meta = &gateway.metadata;
-            let traffic = match meta.labels().get(WAYPOINT_FOR) {
-                None => WaypointFor::Service,
-                Some(value) => {
-                    WaypointFor::parse(value).ok_or_else(|| StateError::InvalidLabel {
-                        object: ObjectRef::namespaced(Kind::Gateway, meta),
-                        label: WAYPOINT_FOR,
-                        value: value.clone(),
-                        expected: "service, workload, all or none",
-                    })?
-                }
-            };
+            let traffic = waypoint_traffic(
+                &ObjectRef::namespaced(Kind::Gateway, meta),
+                meta.labels().get(WAYPOINT_FOR).map(String::as_str),
+            )?;
             let (namespace, name) = (meta.namespace().to_owned(), meta.name().to_owned());
             let labelled = workloads.iter().filter(|w| {
                 w.namespace == namespace && w.labels.get(GATEWAY_NAME_LABEL) == Some(&name)

@@ -28,7 +28,10 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
-use mesh_cluster::waypoint::{GATEWAY_NAME_LABEL, WAYPOINT_CLASS};
+use mesh_cluster::{
+    meta::{Kind, ObjectRef},
+    waypoint::{waypoint_traffic, GATEWAY_NAME_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR},
+};
 use serde_json::{json, Value};
 
 /// The label on everything the controller makes.
@@ -137,6 +140,10 @@ pub struct WaypointGateway {
     /// `spec.infrastructure.labels` and `.annotations`: Gateway API asks that they be put on
     /// every object made for the `Gateway` (the controller's own labels win over them).
     pub infrastructure: (BTreeMap<String, String>, BTreeMap<String, String>),
+    /// Why the mesh's model refuses this version of the `Gateway` (its `istio.io/waypoint-for`
+    /// label), if it does: the agents keep its last good version, if any. Its waypoint still
+    /// runs (for that version), and its status says `Accepted` `False`.
+    pub invalid: Option<String>,
 }
 
 impl WaypointGateway {
@@ -165,9 +172,20 @@ impl WaypointGateway {
                 .unwrap_or_default()
         };
         let infrastructure = &gateway["spec"]["infrastructure"];
+        let (namespace, name) = (field("namespace")?, field("name")?);
+        let object = ObjectRef {
+            kind: Kind::Gateway,
+            namespace: Some(namespace.clone()),
+            name: name.clone(),
+        };
+        let traffic = waypoint_traffic(
+            &object,
+            gateway["metadata"]["labels"][WAYPOINT_FOR].as_str(),
+        );
         Ok(Self {
-            namespace: field("namespace")?,
-            name: field("name")?,
+            invalid: traffic.err().map(|e| e.to_string()),
+            namespace,
+            name,
             uid: field("uid")?,
             infrastructure: (
                 strings(&infrastructure["labels"]),
@@ -407,6 +425,23 @@ mod tests {
             "spec": {"gatewayClassName": class,
                      "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
         })
+    }
+
+    #[test]
+    fn a_waypoint_for_label_the_model_refuses_is_named() {
+        let wp = WaypointGateway::of(&gateway(WAYPOINT_CLASS)).unwrap();
+        assert_eq!(wp.invalid, None, "no label: service");
+        let mut labelled = gateway(WAYPOINT_CLASS);
+        labelled["metadata"]["labels"] = json!({"istio.io/waypoint-for": "all"});
+        assert_eq!(WaypointGateway::of(&labelled).unwrap().invalid, None);
+        labelled["metadata"]["labels"] = json!({"istio.io/waypoint-for": "everything"});
+        assert_eq!(
+            WaypointGateway::of(&labelled).unwrap().invalid.as_deref(),
+            Some(
+                "Gateway shop/reviews-wp: metadata.labels[istio.io/waypoint-for]: \"everything\" \
+                 is not service, workload, all or none"
+            )
+        );
     }
 
     #[test]

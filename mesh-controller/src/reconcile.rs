@@ -1,8 +1,9 @@
 //! The control loop: kube-rs' `Controller` over waypoint `Gateways` and the `Deployments` they
 //! own. Each reconcile applies the desired objects (`desired.rs`) with server-side apply (field
 //! manager [`FIELD_MANAGER`]: a user's changes to other fields stay), then writes the
-//! `Gateway`'s status: its address (the `Service`'s) and `Accepted`/`Programmed` (its pods
-//! ready). Failures are retried with backoff; nothing else stops the loop. A sweep removes the
+//! `Gateway`'s status: its address (the `Service`'s) and `Accepted` (`False`, `Invalid`, when the
+//! mesh's model refuses this version of it: its `istio.io/waypoint-for` label) and `Programmed`
+//! (its pods ready). Failures are retried with backoff; nothing else stops the loop. A sweep removes the
 //! bindings of `Gateways` that are gone.
 
 use std::{sync::Arc, time::Duration};
@@ -140,7 +141,8 @@ async fn reconcile(gateway: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action,
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
     let address = service.spec.and_then(|s| s.cluster_ip);
-    write_status(client, &gateway, address.as_deref(), ready > 0).await?;
+    let invalid = waypoint.invalid.as_deref();
+    write_status(client, &gateway, address.as_deref(), (ready > 0, invalid)).await?;
     Ok(if ready > 0 {
         Action::await_change()
     } else {
@@ -148,12 +150,13 @@ async fn reconcile(gateway: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action,
     })
 }
 
-/// The `Gateway`'s status: its address and whether its waypoint is ready.
+/// The `Gateway`'s status: its address, whether the mesh takes this version of it (`invalid`:
+/// why not) and whether its waypoint is ready.
 async fn write_status(
     client: &Client,
     gateway: &DynamicObject,
     address: Option<&str>,
-    ready: bool,
+    (ready, invalid): (bool, Option<&str>),
 ) -> Result<(), ControllerError> {
     let (ns, name) = (
         gateway.metadata.namespace.clone().unwrap_or_default(),
@@ -176,7 +179,18 @@ async fn write_status(
         "status": {
             "addresses": addresses,
             "conditions": [
-                condition("Accepted", true, "Accepted", "waypoint resources applied"),
+                match invalid {
+                    None => condition("Accepted", true, "Accepted", "waypoint resources applied"),
+                    Some(why) => condition(
+                        "Accepted",
+                        false,
+                        "Invalid",
+                        &format!(
+                            "{why}: the mesh does not take this version; its last good one, if \
+                             any, stays in force"
+                        ),
+                    ),
+                },
                 if ready {
                     condition("Programmed", true, "Programmed", "a waypoint pod is ready")
                 } else {

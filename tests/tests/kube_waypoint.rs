@@ -417,6 +417,41 @@ fn invalid_route_keeps_its_last_good(mesh: &KubeMesh, vip: &str) {
     );
 }
 
+/// The waypoint `Gateway` labelled with an `istio.io/waypoint-for` the mesh does not know is
+/// told `Accepted` `False` (`Invalid`) naming the label, and the version before stays in
+/// force: `web`'s requests still go through the waypoint, by its route (default v2). The label
+/// removed, the `Gateway` is accepted again.
+fn invalid_gateway_label(mesh: &KubeMesh, vip: &str) {
+    let label = |value: Value| {
+        mesh.cp
+            .block_on(gateways(mesh).patch(
+                "wp",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"istio.io/waypoint-for": value}}})),
+            ))
+            .expect("Gateway labelled");
+    };
+    label(json!("everything"));
+    condition_is(
+        mesh,
+        &gateways(mesh),
+        ("wp", "Accepted"),
+        Some("False"),
+        "Gateway shop/wp: metadata.labels[istio.io/waypoint-for]: \"everything\" is not \
+         service, workload, all or none: the mesh does not take this version",
+    );
+    let once = format!("for i in 1 2 3; do curl -sS --max-time 10 http://{vip}/c -w '\\n'; done");
+    until_seen(mesh, 1, "kept-wp", &once, |seen| seen == ["v2", "v2", "v2"]);
+    label(Value::Null);
+    condition_is(
+        mesh,
+        &gateways(mesh),
+        ("wp", "Accepted"),
+        Some("True"),
+        "waypoint resources applied",
+    );
+}
+
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
 /// `HTTPRoute`. Returns `web`'s VIP.
 fn deploy(mesh: &KubeMesh) -> String {
@@ -1178,6 +1213,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     route_change(&mesh, &vip);
     route_status_follows_its_generation(&mesh);
     invalid_route_keeps_its_last_good(&mesh, &vip);
+    invalid_gateway_label(&mesh, &vip);
     tcp_route(&mesh);
     tcp_route_at_an_older_version(&mesh);
     scaled_by_its_user(&mesh);
