@@ -32,7 +32,7 @@ use crate::{
     error::{ErrorObject, ReadPart},
     gateway_api::ParentRef,
     http_route::{InvalidBackend, ParentRecord},
-    meta::Kind,
+    meta::{Kind, ObjectRef},
     model::WaypointBinding,
     state::ClusterState,
 };
@@ -108,6 +108,17 @@ pub struct RouteObject {
     pub kind: RouteKind,
     pub namespace: String,
     pub name: String,
+}
+
+impl RouteObject {
+    /// The route `object` names, if it is one.
+    fn of(object: &ObjectRef) -> Option<Self> {
+        Some(Self {
+            kind: RouteKind::of(object.kind)?,
+            namespace: object.namespace.clone().unwrap_or_default(),
+            name: object.name.clone(),
+        })
+    }
 }
 
 /// A condition's `reason`.
@@ -194,14 +205,10 @@ impl ClusterState {
             .collect();
         let mut statuses: BTreeMap<RouteObject, Vec<ParentStatus>> = BTreeMap::new();
         for record in self.route_parents() {
-            let Some(kind) = RouteKind::of(record.route.kind) else {
+            let Some(route) = RouteObject::of(&record.route) else {
                 continue;
             };
-            let route = RouteObject {
-                kind,
-                namespace: record.route.namespace.clone().unwrap_or_default(),
-                name: record.route.name.clone(),
-            };
+            let kind = route.kind;
             let binding = |(namespace, name): &(String, String)| {
                 let entry = record.parent.kind == "ServiceEntry";
                 services
@@ -217,13 +224,8 @@ impl ClusterState {
             let Some(about) = &error.object else {
                 continue;
             };
-            let Some(kind) = RouteKind::of(about.object.kind) else {
+            let Some(route) = RouteObject::of(&about.object) else {
                 continue;
-            };
-            let route = RouteObject {
-                kind,
-                namespace: about.object.namespace.clone().unwrap_or_default(),
-                name: about.object.name.clone(),
             };
             let in_force = statuses
                 .remove(&route)
