@@ -21,7 +21,6 @@
 
 use std::{cell::Cell, fmt};
 
-use crate::error::ReadPart;
 use serde::{
     de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
     Deserialize, Deserializer,
@@ -67,6 +66,7 @@ pub use super::istio_traffic::{
 };
 use super::reference_grant::REFERENCE_GRANT_VERSIONS;
 pub use super::reference_grant::{GrantFrom, GrantTo, ReferenceGrant, ReferenceGrantSpec};
+use crate::error::ReadPart;
 pub use crate::meta::{
     Kind, Labels, MetaExt, ObjectMeta, ObjectRef, DEFAULT_NAMESPACE, DEFAULT_SERVICE_ACCOUNT,
 };
