@@ -304,7 +304,7 @@ impl WaypointGateway {
                         // The drain (5 s by default) fits well inside.
                         "terminationGracePeriodSeconds": 30,
                         "containers": [{
-                            "name": "waypoint",
+                            "name": crate::parameters::WAYPOINT_CONTAINER,
                             "image": template.image,
                             "imagePullPolicy": template.pull_policy,
                             "command": ["mesh-waypoint"],

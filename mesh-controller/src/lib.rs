@@ -3,7 +3,8 @@
 //! It watches `Gateways` of class `istio-waypoint` and makes, for each, the objects that run it
 //! ([`desired`]): its `ServiceAccount` (the waypoint's own identity), a `Deployment` of
 //! `mesh-agent waypoint` pods, their `Service`, the CA's root in the `Gateway`'s namespace, and
-//! a binding to the read-only waypoint role; then it writes the `Gateway`'s status
+//! a binding to the read-only waypoint role, each patched by the `Gateway`'s own settings
+//! ([`parameters`], Istio's customization by a `ConfigMap`); then it writes the `Gateway`'s status
 //! ([`reconcile`]). It also gives each service account that asks for one (a label on it or on
 //! its namespace) a waypoint `Gateway` of its own ([`accounts`]), and tells each Service and
 //! `ServiceEntry` that asks for a waypoint whether it is bound to one ([`bound_status`]). It runs as `mesh-agent waypoint-controller`, a `Deployment` of the chart
@@ -13,6 +14,7 @@ pub mod account_loop;
 pub mod accounts;
 pub mod bound_status;
 pub mod desired;
+pub mod parameters;
 pub mod reconcile;
 pub mod resources;
 pub mod route_status;

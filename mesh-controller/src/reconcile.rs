@@ -18,8 +18,8 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
-    runtime::{controller::Action, watcher, Controller},
+    api::{DeleteParams, DynamicObject, ListParams, PartialObjectMeta, Patch, PatchParams},
+    runtime::{controller::Action, reflector::ObjectRef, watcher, Controller},
     Api, Client, Resource,
 };
 use serde_json::json;
@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 pub use crate::resources::{gateway_resource, FIELD_MANAGER};
 use crate::{
     desired::{ca_root_copy, NotAWaypoint, WaypointGateway, WaypointTemplate, MANAGED_BY},
+    parameters::{Parameters, ParametersError},
     ControllerError,
 };
 
@@ -35,6 +36,9 @@ use crate::{
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How soon a waypoint whose pods are not ready yet is looked at again.
 const NOT_READY_RECHECK: Duration = Duration::from_secs(5);
+/// How soon a waypoint whose parameters could not be applied is looked at again (at once when
+/// its `ConfigMap` changes).
+const PARAMETERS_RECHECK: Duration = Duration::from_secs(60);
 
 struct Ctx {
     client: Client,
@@ -58,8 +62,29 @@ pub async fn run(
     });
     let sweeper = tokio::spawn(sweep_forever(Arc::clone(&ctx)));
     info!(image = %ctx.template.image, "waypoint controller started");
-    let waypoints = Controller::new_with(gateways, watcher::Config::default(), resource)
-        .owns(deployments, watcher::Config::default().labels(&managed))
+    let controller = Controller::new_with(gateways, watcher::Config::default(), resource.clone())
+        .owns(deployments, watcher::Config::default().labels(&managed));
+    // A Gateway's parameters (`parameters.rs`) apply when their ConfigMap changes: every
+    // ConfigMap's metadata is watched (no data, nothing kept), and a change reconciles the
+    // Gateways of its namespace that name it.
+    let store = controller.store();
+    let config_maps = Api::<PartialObjectMeta<ConfigMap>>::all(client.clone());
+    let waypoints = controller
+        .watches(config_maps, watcher::Config::default(), move |config_map| {
+            let (ns, name) = (config_map.metadata.namespace, config_map.metadata.name);
+            store
+                .state()
+                .into_iter()
+                .filter(|gateway| gateway.metadata.namespace == ns)
+                .filter(|gateway| {
+                    serde_json::to_value(&**gateway)
+                        .ok()
+                        .and_then(|g| crate::parameters::reference(&g).ok().flatten())
+                        == name
+                })
+                .map(|gateway| ObjectRef::from_obj_with(&*gateway, resource.clone()))
+                .collect::<Vec<_>>()
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -112,6 +137,10 @@ async fn reconcile(gateway: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action,
             .map_err(failed(format!("applying ConfigMap {ns}/{root_name}")))?;
     }
     let name = waypoint.name.as_str();
+    let parameters = match parameters(client, &value, ns).await? {
+        Ok(parameters) => parameters,
+        Err(problem) => return not_applied(client, &gateway, &waypoint, &problem).await,
+    };
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .patch(name, &apply, &Patch::Apply(waypoint.service_account()))
         .await
@@ -127,27 +156,140 @@ async fn reconcile(gateway: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action,
             "applying ClusterRoleBinding {}",
             waypoint.binding_name()
         )))?;
-    let service = Api::<Service>::namespaced(client.clone(), ns)
-        .patch(name, &apply, &Patch::Apply(waypoint.service()))
-        .await
-        .map_err(failed(format!("applying Service {ns}/{name}")))?;
-    let deployment = Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(name, &apply, &Patch::Apply(waypoint.deployment(template)))
-        .await
-        .map_err(failed(format!("applying Deployment {ns}/{name}")))?;
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    let service = match apply_patched(
+        &services,
+        name,
+        waypoint.service(),
+        parameters.service.as_ref(),
+    )
+    .await?
+    {
+        Ok(service) => service,
+        Err(refused) => return not_applied(client, &gateway, &waypoint, &refused).await,
+    };
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    let desired = waypoint.deployment(template);
+    let deployment =
+        match apply_patched(&deployments, name, desired, parameters.deployment.as_ref()).await? {
+            Ok(deployment) => deployment,
+            Err(refused) => return not_applied(client, &gateway, &waypoint, &refused).await,
+        };
     let ready = deployment
         .status
         .as_ref()
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
     let address = service.spec.and_then(|s| s.cluster_ip);
-    let invalid = waypoint.invalid.as_deref();
-    write_status(client, &gateway, address.as_deref(), (ready > 0, invalid)).await?;
+    let accepted = match &waypoint.invalid {
+        None => Acceptance::Accepted,
+        Some(why) => Acceptance::Invalid(why.clone()),
+    };
+    write_status(client, &gateway, address.as_deref(), (ready > 0, accepted)).await?;
     Ok(if ready > 0 {
         Action::await_change()
     } else {
         Action::requeue(NOT_READY_RECHECK)
     })
+}
+
+/// Whether the mesh takes the `Gateway` as written (its `Accepted` condition).
+enum Acceptance {
+    Accepted,
+    /// The model refuses this version of it (its `istio.io/waypoint-for` label).
+    Invalid(String),
+    /// Its `parametersRef` cannot be applied: its objects are left as they are.
+    InvalidParameters(String),
+}
+
+/// The patches of `gateway`'s (of namespace `ns`) `parametersRef`, or why they cannot be used.
+async fn parameters(
+    client: &Client,
+    gateway: &serde_json::Value,
+    ns: &str,
+) -> Result<Result<Parameters, ParametersError>, ControllerError> {
+    let name = match crate::parameters::reference(gateway) {
+        Ok(Some(name)) => name,
+        Ok(None) => return Ok(Ok(Parameters::default())),
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(&name)
+        .await
+        .map_err(|source| ControllerError::Api {
+            what: format!("reading ConfigMap {ns}/{name}"),
+            source,
+        })?;
+    let at = format!("{ns}/{name}");
+    Ok(match config_map {
+        None => Err(ParametersError::NotFound(at)),
+        Some(config_map) => crate::parameters::parse(&at, &config_map.data.unwrap_or_default()),
+    })
+}
+
+/// Applies `object` (named `name`) with `patch` merged over it; `Err` (inner) when the API server
+/// refuses the patched object (a value of the `ConfigMap` it does not take), with its message.
+async fn apply_patched<K>(
+    api: &Api<K>,
+    name: &str,
+    object: K,
+    patch: Option<&serde_json::Value>,
+) -> Result<Result<K, String>, ControllerError>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let mut value = serde_json::to_value(&object)
+        .map_err(|e| ControllerError::Gateway(format!("the {kind} as JSON: {e}")))?;
+    if let Some(patch) = patch {
+        crate::parameters::merge(&mut value, patch);
+    }
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    match api.patch(name, &apply, &Patch::Apply(&value)).await {
+        Ok(applied) => Ok(Ok(applied)),
+        Err(kube::Error::Api(e)) if patch.is_some() && matches!(e.code, 400 | 422) => {
+            Ok(Err(format!(
+                "the {kind} patched by the parametersRef's ConfigMap is refused: {}",
+                e.message
+            )))
+        }
+        Err(source) => Err(ControllerError::Api {
+            what: format!("applying {kind} {name}"),
+            source,
+        }),
+    }
+}
+
+/// The `Gateway`'s objects are left as they are for `problem` (its parameters): its status says
+/// so, with the address and readiness of what runs already. Looked at again in a minute (at
+/// once when the `ConfigMap` changes).
+async fn not_applied(
+    client: &Client,
+    gateway: &DynamicObject,
+    waypoint: &WaypointGateway,
+    problem: &impl std::fmt::Display,
+) -> Result<Action, ControllerError> {
+    let (ns, name) = (waypoint.namespace.as_str(), waypoint.name.as_str());
+    warn!(gateway = %format_args!("{ns}/{name}"), %problem, "waypoint parameters not applied");
+    let read = |what: &str| {
+        let what = format!("reading {what} {ns}/{name}");
+        move |source| ControllerError::Api { what, source }
+    };
+    let address = Api::<Service>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(read("Service"))?
+        .and_then(|s| s.spec?.cluster_ip);
+    let ready = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(read("Deployment"))?
+        .and_then(|d| d.status?.ready_replicas)
+        .unwrap_or(0);
+    let accepted = Acceptance::InvalidParameters(problem.to_string());
+    write_status(client, gateway, address.as_deref(), (ready > 0, accepted)).await?;
+    Ok(Action::requeue(PARAMETERS_RECHECK))
 }
 
 /// The `Gateway`'s status: its address, whether the mesh takes this version of it (`invalid`:
@@ -156,7 +298,7 @@ async fn write_status(
     client: &Client,
     gateway: &DynamicObject,
     address: Option<&str>,
-    (ready, invalid): (bool, Option<&str>),
+    (ready, accepted): (bool, Acceptance),
 ) -> Result<(), ControllerError> {
     let (ns, name) = (
         gateway.metadata.namespace.clone().unwrap_or_default(),
@@ -164,8 +306,12 @@ async fn write_status(
     );
     let generation = gateway.metadata.generation.unwrap_or(0);
     let now = Timestamp::now().to_string();
+    // A condition's time changes only with its status: else every status write would change
+    // the Gateway, and wake its reconcile again.
+    let before = gateway.data.get("status").and_then(|s| s.get("conditions"));
     let condition = |kind: &str, ok: bool, reason: &str, message: &str| {
-        let mut condition = crate::resources::condition(kind, ok, (reason, message), &now);
+        let since = crate::resources::kept_since(before, kind, ok).unwrap_or_else(|| now.clone());
+        let mut condition = crate::resources::condition(kind, ok, (reason, message), &since);
         condition["observedGeneration"] = json!(generation);
         condition
     };
@@ -179,9 +325,11 @@ async fn write_status(
         "status": {
             "addresses": addresses,
             "conditions": [
-                match invalid {
-                    None => condition("Accepted", true, "Accepted", "waypoint resources applied"),
-                    Some(why) => condition(
+                match accepted {
+                    Acceptance::Accepted => {
+                        condition("Accepted", true, "Accepted", "waypoint resources applied")
+                    }
+                    Acceptance::Invalid(why) => condition(
                         "Accepted",
                         false,
                         "Invalid",
@@ -189,6 +337,12 @@ async fn write_status(
                             "{why}: the mesh does not take this version; its last good one, if \
                              any, stays in force"
                         ),
+                    ),
+                    Acceptance::InvalidParameters(why) => condition(
+                        "Accepted",
+                        false,
+                        "InvalidParameters",
+                        &format!("{why}; its waypoint's objects are left as they are"),
                     ),
                 },
                 if ready {

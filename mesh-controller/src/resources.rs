@@ -30,6 +30,20 @@ pub fn condition(kind: &str, ok: bool, (reason, message): (&str, &str), since: &
     })
 }
 
+/// The `lastTransitionTime` of condition `kind` in `conditions` (a `status.conditions` list)
+/// while its status is still `ok`: a condition's time changes only when its status does.
+pub(crate) fn kept_since(conditions: Option<&Value>, kind: &str, ok: bool) -> Option<String> {
+    let condition = conditions?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))?;
+    let status = if ok { "True" } else { "False" };
+    if condition.get("status").and_then(Value::as_str) != Some(status) {
+        return None;
+    }
+    Some(condition.get("lastTransitionTime")?.as_str()?.to_owned())
+}
+
 /// The objects of the first of `resources` (one kind at its versions, the newest first) that
 /// the API server serves, all namespaces, with that resource; `None` when it serves none.
 pub(crate) async fn list_served(

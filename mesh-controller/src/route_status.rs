@@ -275,16 +275,7 @@ async fn write(
 /// while its status is still `ok`.
 fn kept_since(before: &[Value], (parent, kind, ok): (&Value, &str, bool)) -> Option<String> {
     let entry = before.iter().find(|p| p.get("parentRef") == Some(parent))?;
-    let condition = entry
-        .get("conditions")?
-        .as_array()?
-        .iter()
-        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))?;
-    let status = if ok { "True" } else { "False" };
-    if condition.get("status").and_then(Value::as_str) != Some(status) {
-        return None;
-    }
-    Some(condition.get("lastTransitionTime")?.as_str()?.to_owned())
+    resources::kept_since(entry.get("conditions"), kind, ok)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod, Service, ServiceAccount},
+        core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount},
         rbac::v1::ClusterRoleBinding,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -452,6 +452,137 @@ fn invalid_gateway_label(mesh: &KubeMesh, vip: &str) {
     );
 }
 
+/// The waypoint's `ConfigMap` of settings: its container requests `cpu`; `extra`: one more key.
+fn waypoint_options(cpu: &str, extra: Option<(&str, &str)>) -> ConfigMap {
+    let mut data = json!({
+        "deployment": format!(
+            "spec:\n  template:\n    metadata:\n      annotations: {{example.com/tuned: \"yes\"}}\n    \
+             spec:\n      containers:\n      - name: istio-proxy\n        resources: \
+             {{requests: {{cpu: {cpu}}}}}\n"
+        ),
+        "service": "metadata:\n  annotations: {example.com/svc: tuned}\n",
+    });
+    if let Some((key, value)) = extra {
+        data[key] = json!(value);
+    }
+    from_json(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "wp-options", "namespace": NS}, "data": data,
+    }))
+}
+
+/// Waits until the waypoint's `Deployment` and `Service` carry `waypoint_options`' patches, its
+/// one container requesting `cpu`.
+fn wait_patched(mesh: &KubeMesh, cpu: &'static str) {
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
+    let (deployments, services) = (&deployments, &services);
+    mesh.cp
+        .block_on(eventually(
+            &format!("the waypoint patched, {cpu}"),
+            WAIT,
+            || async move {
+                let d = deployments.get("wp").await.ok()?;
+                let pod = d.spec.template;
+                let containers = pod.spec?.containers;
+                let requests = containers.first()?.resources.clone()?.requests?;
+                let tuned = pod.metadata?.annotations?.get("example.com/tuned").cloned();
+                let svc = services.get("wp").await.ok()?.metadata.annotations?;
+                let done = containers.len() == 1
+                    && containers[0].name == "waypoint"
+                    && requests.get("cpu").map(|q| q.0.as_str()) == Some(cpu)
+                    && tuned.as_deref() == Some("yes")
+                    && svc.get("example.com/svc").map(String::as_str) == Some("tuned");
+                done.then_some(())
+            },
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The waypoint `Gateway`'s own settings, as Istio's users write them: a `ConfigMap` named by
+/// `spec.infrastructure.parametersRef` patches its `Deployment` (the container by Istio's name,
+/// `istio-proxy`; a pod annotation) and its `Service`; a change of the `ConfigMap` applies at
+/// once (it is watched); a key the mesh does not apply is told on the `Gateway`
+/// (`InvalidParameters`); without the reference, the patches are gone again (server-side apply).
+fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
+    let config_maps: Api<ConfigMap> = Api::namespaced(mesh.cp.client(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    create(
+        mesh,
+        &config_maps,
+        &waypoint_options("150m", None),
+        "the waypoint's ConfigMap",
+    );
+    let old = pod_names(
+        &mesh
+            .cp
+            .block_on(
+                mesh.pods()
+                    .list(&ListParams::default().labels(&format!("{GATEWAY_NAME}=wp"))),
+            )
+            .expect("the waypoint pod")
+            .items,
+    );
+    let reference = |r: Value| {
+        let patch = json!({"spec": {"infrastructure": {"parametersRef": r}}});
+        mesh.cp
+            .block_on(gateways(mesh).patch("wp", &PatchParams::default(), &Patch::Merge(&patch)))
+            .expect("Gateway patched");
+    };
+    reference(json!({"group": "", "kind": "ConfigMap", "name": "wp-options"}));
+    let patched = |cpu| wait_patched(mesh, cpu);
+    patched("150m");
+    // The template changed: a new pod, which serves.
+    waypoint_pods_ready(mesh, 1, &old);
+    let once = format!("curl -sS --max-time 10 http://{vip}/tuned -w '\\n'");
+    until_seen(mesh, 1, "tuned", &once, |seen| seen == ["v2"]);
+    // The ConfigMap changed: applied without touching the Gateway.
+    mesh.cp
+        .block_on(config_maps.replace(
+            "wp-options",
+            &PostParams::default(),
+            &waypoint_options("200m", None),
+        ))
+        .expect("ConfigMap replaced");
+    patched("200m");
+    let pdb = Some(("podDisruptionBudget", "spec: {minAvailable: 1}\n"));
+    mesh.cp
+        .block_on(config_maps.replace(
+            "wp-options",
+            &PostParams::default(),
+            &waypoint_options("300m", pdb),
+        ))
+        .expect("ConfigMap replaced");
+    condition_is(
+        mesh,
+        &gateways(mesh),
+        ("wp", "Accepted"),
+        Some("False"),
+        "ConfigMap shop/wp-options: data.podDisruptionBudget: not a key this mesh applies \
+         (deployment, service); its waypoint's objects are left as they are",
+    );
+    patched("200m");
+    reference(Value::Null);
+    condition_is(
+        mesh,
+        &gateways(mesh),
+        ("wp", "Accepted"),
+        Some("True"),
+        "waypoint",
+    );
+    mesh.cp
+        .block_on(eventually("the patches gone", WAIT, || async {
+            let d = deployments.get("wp").await.ok()?;
+            let annotations = d.spec.template.metadata?.annotations.unwrap_or_default();
+            (!annotations.contains_key("example.com/tuned")).then_some(())
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+    waypoint_pods_ready(mesh, 1, &[]);
+    mesh.cp
+        .block_on(config_maps.delete("wp-options", &DeleteParams::default()))
+        .expect("ConfigMap deleted");
+}
+
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
 /// `HTTPRoute`. Returns `web`'s VIP.
 fn deploy(mesh: &KubeMesh) -> String {
@@ -871,12 +1002,32 @@ fn scaled_by_its_user(mesh: &KubeMesh) {
     let scale = |replicas| scale_waypoint(mesh, replicas);
     scale(2);
     waypoint_pods_ready(mesh, 2, &[]);
-    // A reconcile of the Gateway (its label changed) applies the Deployment again.
+    // A reconcile of the Gateway (its label changed) applies the Deployment again, and keeps
+    // the time of its conditions, whose status stays.
+    let accepted_since = || {
+        let gateway = mesh
+            .cp
+            .block_on(gateways(mesh).get("wp"))
+            .expect("Gateway wp");
+        let conditions = gateway.data["status"]["conditions"].as_array().cloned();
+        conditions
+            .unwrap_or_default()
+            .iter()
+            .find(|c| c["type"] == "Accepted")
+            .map(|c| c["lastTransitionTime"].clone())
+    };
+    let since = accepted_since();
     let label = json!({"metadata": {"labels": {"touched": "yes"}}});
     mesh.cp
         .block_on(gateways(mesh).patch("wp", &PatchParams::default(), &Patch::Merge(&label)))
         .expect("Gateway patched");
     std::thread::sleep(Duration::from_secs(3));
+    assert!(since.is_some());
+    assert_eq!(
+        accepted_since(),
+        since,
+        "the Accepted condition's time stays"
+    );
     let replicas = mesh
         .cp
         .block_on(deployments.get("wp"))
@@ -1217,6 +1368,7 @@ fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_p
     tcp_route(&mesh);
     tcp_route_at_an_older_version(&mesh);
     scaled_by_its_user(&mesh);
+    gateway_parameters(&mesh, &vip);
     waypoint_policy(&mesh, &vip);
     waypoint_jwt(&mesh, &vip);
     waypoint_rate_limit(&mesh, &vip);
