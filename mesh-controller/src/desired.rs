@@ -23,7 +23,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
+        autoscaling::v2::HorizontalPodAutoscaler,
         core::v1::{Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
         rbac::v1::ClusterRoleBinding,
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -252,6 +254,30 @@ impl WaypointGateway {
                      "protocol": "TCP"},
                 ],
             },
+        }))
+    }
+
+    /// A `HorizontalPodAutoscaler` of its `Deployment`, for its parameters to complete
+    /// (`maxReplicas` at least: [`crate::parameters`]).
+    pub fn autoscaler(&self) -> HorizontalPodAutoscaler {
+        from_json(json!({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": self.metadata(),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                   "name": self.name},
+                "maxReplicas": 1,
+            },
+        }))
+    }
+
+    /// A `PodDisruptionBudget` of its pods, for its parameters to complete (`minAvailable` or
+    /// `maxUnavailable`).
+    pub fn disruption_budget(&self) -> PodDisruptionBudget {
+        from_json(json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": self.metadata(),
+            "spec": {"selector": {"matchLabels": {GATEWAY_NAME_LABEL: self.name}}},
         }))
     }
 

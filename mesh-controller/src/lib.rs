@@ -12,6 +12,7 @@
 
 pub mod account_loop;
 pub mod accounts;
+mod apply;
 pub mod bound_status;
 pub mod desired;
 pub mod parameters;

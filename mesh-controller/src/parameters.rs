@@ -5,14 +5,17 @@
 //! - `deployment`: merged over its `Deployment` (resources, replicas, affinity, tolerations, node
 //!   selector, pod annotations, more containers or volumes...); the waypoint's container is
 //!   `waypoint`, and `istio-proxy` (what Istio's `ConfigMaps` name) means it too.
-//! - `service`: merged over its `Service`.
+//! - `service`: merged over its `Service`; `serviceAccount` over its `ServiceAccount`.
+//! - `horizontalPodAutoscaler`: a `HorizontalPodAutoscaler` (`autoscaling/v2`) of its
+//!   `Deployment` is made, this merged over it (`minReplicas`, `maxReplicas`, `metrics`...);
+//!   `podDisruptionBudget`: a `PodDisruptionBudget` of its pods (`minAvailable` or
+//!   `maxUnavailable`). Each is owned by the `Gateway`, and deleted when its key goes.
 //!
 //! Each is YAML, merged by Kubernetes' strategic merge rules for the lists these objects hold
-//! ([`merge`]). Istio's other keys (`serviceAccount`, `horizontalPodAutoscaler`,
-//! `podDisruptionBudget`) and any other are refused, naming the key: the `Gateway` is told
-//! `Accepted` `False` (`InvalidParameters`, as Gateway API names a `parametersRef` that is
-//! invalid or does not exist) and its objects are left as they are until the `ConfigMap` is put
-//! right. The `ConfigMap` is watched: a change applies at once.
+//! ([`merge`]). Any other key is refused, naming it: the `Gateway` is told `Accepted` `False`
+//! (`InvalidParameters`, as Gateway API names a `parametersRef` that is invalid or does not
+//! exist) and its objects are left as they are until the `ConfigMap` is put right. The
+//! `ConfigMap` is watched: a change applies at once.
 
 use std::collections::BTreeMap;
 
@@ -40,7 +43,8 @@ pub enum ParametersError {
     NotFound(String),
     /// A key the controller does not apply.
     #[error(
-        "ConfigMap {config_map}: data.{key}: not a key this mesh applies (deployment, service)"
+        "ConfigMap {config_map}: data.{key}: not a key this mesh applies (deployment, service, \
+         serviceAccount, horizontalPodAutoscaler, podDisruptionBudget)"
     )]
     UnknownKey { config_map: String, key: String },
     /// A key's value is not a YAML mapping.
@@ -59,6 +63,12 @@ pub struct Parameters {
     pub deployment: Option<Value>,
     /// Merged over the `Service`.
     pub service: Option<Value>,
+    /// Merged over the `ServiceAccount`.
+    pub service_account: Option<Value>,
+    /// Merged over a `HorizontalPodAutoscaler` of the `Deployment`; none: no autoscaler.
+    pub autoscaler: Option<Value>,
+    /// Merged over a `PodDisruptionBudget` of its pods; none: no budget.
+    pub disruption_budget: Option<Value>,
 }
 
 /// The name of the `ConfigMap` `gateway`'s `spec.infrastructure.parametersRef` names, if any.
@@ -93,6 +103,9 @@ pub fn parse(
         let slot = match key.as_str() {
             "deployment" => &mut parameters.deployment,
             "service" => &mut parameters.service,
+            "serviceAccount" => &mut parameters.service_account,
+            "horizontalPodAutoscaler" => &mut parameters.autoscaler,
+            "podDisruptionBudget" => &mut parameters.disruption_budget,
             _ => {
                 return Err(ParametersError::UnknownKey {
                     config_map: config_map.to_owned(),
@@ -244,11 +257,19 @@ mod tests {
             "Istio's container name is the waypoint's"
         );
         assert_eq!(read.service.unwrap()["metadata"]["annotations"]["a"], "b");
+        let pdb = parse(
+            "shop/x",
+            &data(&[("podDisruptionBudget", "spec: {minAvailable: 1}")]),
+        );
         assert_eq!(
-            parse("shop/x", &data(&[("podDisruptionBudget", "spec: {}")])),
+            pdb.unwrap().disruption_budget,
+            Some(json!({"spec": {"minAvailable": 1}}))
+        );
+        assert_eq!(
+            parse("shop/x", &data(&[("proxyConfig", "drainDuration: 30s")])),
             Err(ParametersError::UnknownKey {
                 config_map: "shop/x".into(),
-                key: "podDisruptionBudget".into()
+                key: "proxyConfig".into()
             })
         );
         let bad = parse("shop/x", &data(&[("deployment", "- a list")])).unwrap_err();

@@ -1,10 +1,12 @@
-//! The control loop: kube-rs' `Controller` over waypoint `Gateways` and the `Deployments` they
-//! own. Each reconcile applies the desired objects (`desired.rs`) with server-side apply (field
-//! manager [`FIELD_MANAGER`]: a user's changes to other fields stay), then writes the
-//! `Gateway`'s status: its address (the `Service`'s) and `Accepted` (`False`, `Invalid`, when the
-//! mesh's model refuses this version of it: its `istio.io/waypoint-for` label) and `Programmed`
-//! (its pods ready). Failures are retried with backoff; nothing else stops the loop. A sweep removes the
-//! bindings of `Gateways` that are gone.
+//! The control loop: kube-rs' `Controller` over waypoint `Gateways`, the `Deployments` they own
+//! and the `ConfigMaps` of their parameters. Each reconcile applies the desired objects
+//! (`apply.rs`, from `desired.rs` and the `Gateway`'s parameters) with server-side apply
+//! (field manager [`FIELD_MANAGER`]: a user's changes to other fields stay), then writes the
+//! `Gateway`'s status: its address (the `Service`'s), `Accepted` (`False`, `Invalid`, when the
+//! mesh's model refuses this version of it: its `istio.io/waypoint-for` label;
+//! `InvalidParameters` when its parameters cannot be applied) and `Programmed` (its pods ready).
+//! Failures are retried with backoff; nothing else stops the loop. A sweep removes the bindings
+//! of `Gateways` that are gone.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +14,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{ConfigMap, Service, ServiceAccount},
+        core::v1::{ConfigMap, Service},
         rbac::v1::ClusterRoleBinding,
     },
     jiff::Timestamp,
@@ -27,8 +29,8 @@ use tracing::{debug, info, warn};
 
 pub use crate::resources::{gateway_resource, FIELD_MANAGER};
 use crate::{
-    desired::{ca_root_copy, NotAWaypoint, WaypointGateway, WaypointTemplate, MANAGED_BY},
-    parameters::{Parameters, ParametersError},
+    apply::{self, Applied},
+    desired::{NotAWaypoint, WaypointGateway, WaypointTemplate, MANAGED_BY},
     ControllerError,
 };
 
@@ -117,76 +119,18 @@ async fn reconcile(gateway: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action,
         return Ok(Action::await_change());
     }
     let (client, template) = (&ctx.client, &ctx.template);
-    let ns = waypoint.namespace.as_str();
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let failed = |what: String| move |source| ControllerError::Api { what, source };
-    // The CA's root where the waypoint's pods can mount it.
-    let (root_ns, root_name) = &template.ca_root;
-    if root_ns != ns {
-        let roots: Api<ConfigMap> = Api::namespaced(client.clone(), root_ns);
-        let root = roots
-            .get_opt(root_name)
-            .await
-            .map_err(failed(format!("reading ConfigMap {root_ns}/{root_name}")))?
-            .and_then(|cm| cm.data?.remove("root-cert.pem"))
-            .ok_or_else(|| ControllerError::CaRoot(format!("{root_ns}/{root_name}")))?;
-        let copy = ca_root_copy(template, ns, &root);
-        Api::<ConfigMap>::namespaced(client.clone(), ns)
-            .patch(root_name, &apply, &Patch::Apply(&copy))
-            .await
-            .map_err(failed(format!("applying ConfigMap {ns}/{root_name}")))?;
-    }
-    let name = waypoint.name.as_str();
-    let parameters = match parameters(client, &value, ns).await? {
-        Ok(parameters) => parameters,
-        Err(problem) => return not_applied(client, &gateway, &waypoint, &problem).await,
+    let (address, ready) = match apply::objects(client, template, &waypoint, &value).await? {
+        Applied::Done { address, ready } => (address, ready),
+        Applied::Refused(problem) => {
+            return not_applied(client, &gateway, &waypoint, &problem).await
+        }
     };
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .patch(name, &apply, &Patch::Apply(waypoint.service_account()))
-        .await
-        .map_err(failed(format!("applying ServiceAccount {ns}/{name}")))?;
-    Api::<ClusterRoleBinding>::all(client.clone())
-        .patch(
-            &waypoint.binding_name(),
-            &apply,
-            &Patch::Apply(waypoint.cluster_role_binding(template)),
-        )
-        .await
-        .map_err(failed(format!(
-            "applying ClusterRoleBinding {}",
-            waypoint.binding_name()
-        )))?;
-    let services = Api::<Service>::namespaced(client.clone(), ns);
-    let service = match apply_patched(
-        &services,
-        name,
-        waypoint.service(),
-        parameters.service.as_ref(),
-    )
-    .await?
-    {
-        Ok(service) => service,
-        Err(refused) => return not_applied(client, &gateway, &waypoint, &refused).await,
-    };
-    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
-    let desired = waypoint.deployment(template);
-    let deployment =
-        match apply_patched(&deployments, name, desired, parameters.deployment.as_ref()).await? {
-            Ok(deployment) => deployment,
-            Err(refused) => return not_applied(client, &gateway, &waypoint, &refused).await,
-        };
-    let ready = deployment
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    let address = service.spec.and_then(|s| s.cluster_ip);
     let accepted = match &waypoint.invalid {
         None => Acceptance::Accepted,
         Some(why) => Acceptance::Invalid(why.clone()),
     };
-    write_status(client, &gateway, address.as_deref(), (ready > 0, accepted)).await?;
-    Ok(if ready > 0 {
+    write_status(client, &gateway, address.as_deref(), (ready, accepted)).await?;
+    Ok(if ready {
         Action::await_change()
     } else {
         Action::requeue(NOT_READY_RECHECK)
@@ -200,65 +144,6 @@ enum Acceptance {
     Invalid(String),
     /// Its `parametersRef` cannot be applied: its objects are left as they are.
     InvalidParameters(String),
-}
-
-/// The patches of `gateway`'s (of namespace `ns`) `parametersRef`, or why they cannot be used.
-async fn parameters(
-    client: &Client,
-    gateway: &serde_json::Value,
-    ns: &str,
-) -> Result<Result<Parameters, ParametersError>, ControllerError> {
-    let name = match crate::parameters::reference(gateway) {
-        Ok(Some(name)) => name,
-        Ok(None) => return Ok(Ok(Parameters::default())),
-        Err(problem) => return Ok(Err(problem)),
-    };
-    let config_map = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt(&name)
-        .await
-        .map_err(|source| ControllerError::Api {
-            what: format!("reading ConfigMap {ns}/{name}"),
-            source,
-        })?;
-    let at = format!("{ns}/{name}");
-    Ok(match config_map {
-        None => Err(ParametersError::NotFound(at)),
-        Some(config_map) => crate::parameters::parse(&at, &config_map.data.unwrap_or_default()),
-    })
-}
-
-/// Applies `object` (named `name`) with `patch` merged over it; `Err` (inner) when the API server
-/// refuses the patched object (a value of the `ConfigMap` it does not take), with its message.
-async fn apply_patched<K>(
-    api: &Api<K>,
-    name: &str,
-    object: K,
-    patch: Option<&serde_json::Value>,
-) -> Result<Result<K, String>, ControllerError>
-where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let mut value = serde_json::to_value(&object)
-        .map_err(|e| ControllerError::Gateway(format!("the {kind} as JSON: {e}")))?;
-    if let Some(patch) = patch {
-        crate::parameters::merge(&mut value, patch);
-    }
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
-    match api.patch(name, &apply, &Patch::Apply(&value)).await {
-        Ok(applied) => Ok(Ok(applied)),
-        Err(kube::Error::Api(e)) if patch.is_some() && matches!(e.code, 400 | 422) => {
-            Ok(Err(format!(
-                "the {kind} patched by the parametersRef's ConfigMap is refused: {}",
-                e.message
-            )))
-        }
-        Err(source) => Err(ControllerError::Api {
-            what: format!("applying {kind} {name}"),
-            source,
-        }),
-    }
 }
 
 /// The `Gateway`'s objects are left as they are for `problem` (its parameters): its status says

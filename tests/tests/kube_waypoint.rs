@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
+        autoscaling::v2::HorizontalPodAutoscaler,
         core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
         rbac::v1::ClusterRoleBinding,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -452,8 +454,8 @@ fn invalid_gateway_label(mesh: &KubeMesh, vip: &str) {
     );
 }
 
-/// The waypoint's `ConfigMap` of settings: its container requests `cpu`; `extra`: one more key.
-fn waypoint_options(cpu: &str, extra: Option<(&str, &str)>) -> ConfigMap {
+/// The waypoint's `ConfigMap` of settings: its container requests `cpu`; `extra`: more keys.
+fn waypoint_options(cpu: &str, extra: &[(&str, &str)]) -> ConfigMap {
     let mut data = json!({
         "deployment": format!(
             "spec:\n  template:\n    metadata:\n      annotations: {{example.com/tuned: \"yes\"}}\n    \
@@ -462,8 +464,8 @@ fn waypoint_options(cpu: &str, extra: Option<(&str, &str)>) -> ConfigMap {
         ),
         "service": "metadata:\n  annotations: {example.com/svc: tuned}\n",
     });
-    if let Some((key, value)) = extra {
-        data[key] = json!(value);
+    for (key, value) in extra {
+        data[*key] = json!(value);
     }
     from_json(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -510,7 +512,7 @@ fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
     create(
         mesh,
         &config_maps,
-        &waypoint_options("150m", None),
+        &waypoint_options("150m", &[]),
         "the waypoint's ConfigMap",
     );
     let old = pod_names(
@@ -536,21 +538,34 @@ fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
     waypoint_pods_ready(mesh, 1, &old);
     let once = format!("curl -sS --max-time 10 http://{vip}/tuned -w '\\n'");
     until_seen(mesh, 1, "tuned", &once, |seen| seen == ["v2"]);
-    // The ConfigMap changed: applied without touching the Gateway.
+    // The ConfigMap changed (an autoscaler and a disruption budget asked for too): applied
+    // without touching the Gateway.
+    let scaling = [
+        (
+            "horizontalPodAutoscaler",
+            "spec: {minReplicas: 1, maxReplicas: 3}\n",
+        ),
+        ("podDisruptionBudget", "spec: {minAvailable: 1}\n"),
+    ];
     mesh.cp
         .block_on(config_maps.replace(
             "wp-options",
             &PostParams::default(),
-            &waypoint_options("200m", None),
+            &waypoint_options("200m", &scaling),
         ))
         .expect("ConfigMap replaced");
     patched("200m");
-    let pdb = Some(("podDisruptionBudget", "spec: {minAvailable: 1}\n"));
+    optional_objects(mesh, true);
+    let unknown = [
+        scaling[0],
+        scaling[1],
+        ("proxyConfig", "drainDuration: 30s\n"),
+    ];
     mesh.cp
         .block_on(config_maps.replace(
             "wp-options",
             &PostParams::default(),
-            &waypoint_options("300m", pdb),
+            &waypoint_options("300m", &unknown),
         ))
         .expect("ConfigMap replaced");
     condition_is(
@@ -558,10 +573,12 @@ fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
         &gateways(mesh),
         ("wp", "Accepted"),
         Some("False"),
-        "ConfigMap shop/wp-options: data.podDisruptionBudget: not a key this mesh applies \
-         (deployment, service); its waypoint's objects are left as they are",
+        "ConfigMap shop/wp-options: data.proxyConfig: not a key this mesh applies (deployment, \
+         service, serviceAccount, horizontalPodAutoscaler, podDisruptionBudget); its waypoint's \
+         objects are left as they are",
     );
     patched("200m");
+    optional_objects(mesh, true);
     reference(Value::Null);
     condition_is(
         mesh,
@@ -577,10 +594,47 @@ fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
             (!annotations.contains_key("example.com/tuned")).then_some(())
         }))
         .unwrap_or_else(|e| panic!("{e}"));
+    optional_objects(mesh, false);
     waypoint_pods_ready(mesh, 1, &[]);
     mesh.cp
         .block_on(config_maps.delete("wp-options", &DeleteParams::default()))
         .expect("ConfigMap deleted");
+}
+
+/// Waits until the waypoint's `HorizontalPodAutoscaler` (1 to 3 replicas) and
+/// `PodDisruptionBudget` (`minAvailable` 1), owned by its `Gateway`, are there, or (`present`
+/// false) gone.
+fn optional_objects(mesh: &KubeMesh, present: bool) {
+    let autoscalers: Api<HorizontalPodAutoscaler> = Api::namespaced(mesh.cp.client(), NS);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(mesh.cp.client(), NS);
+    let (autoscalers, budgets) = (&autoscalers, &budgets);
+    let what = format!("the waypoint's autoscaler and budget, present: {present}");
+    mesh.cp
+        .block_on(eventually(&what, WAIT, || async move {
+            let hpa = autoscalers.get_opt("wp").await.ok()?;
+            let pdb = budgets.get_opt("wp").await.ok()?;
+            if !present {
+                return (hpa.is_none() && pdb.is_none()).then_some(());
+            }
+            let (hpa, pdb) = (hpa?, pdb?);
+            let owned = |owners: &Option<Vec<_>>| {
+                owners.iter().flatten().any(
+                    |o: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference| {
+                        o.kind == "Gateway" && o.name == "wp"
+                    },
+                )
+            };
+            let spec = hpa.spec;
+            let target = &spec.scale_target_ref;
+            let done = owned(&hpa.metadata.owner_references)
+                && owned(&pdb.metadata.owner_references)
+                && (target.kind.as_str(), target.name.as_str()) == ("Deployment", "wp")
+                && (spec.min_replicas, spec.max_replicas) == (Some(1), 3)
+                && pdb.spec?.min_available
+                    == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1));
+            done.then_some(())
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// What a user writes: the echo `Deployments` and `Services`, the waypoint `Gateway`, the
