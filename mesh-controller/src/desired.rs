@@ -43,7 +43,7 @@ pub const GATEWAY_NAMESPACE_LABEL: &str = "mesh.local/waypoint-namespace";
 /// See [`GATEWAY_NAMESPACE_LABEL`].
 pub const GATEWAY_LABEL: &str = "mesh.local/waypoint-name";
 /// Istio's enrolment label: `none` keeps the waypoint's pods out of the node agent's capture.
-const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub(crate) const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// Where the waypoint container finds the CA's root and its token.
 const CA_ROOT_DIR: &str = "/var/run/secrets/mesh-ca";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";

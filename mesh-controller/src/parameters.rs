@@ -12,7 +12,13 @@
 //!   `maxUnavailable`). Each is owned by the `Gateway`, and deleted when its key goes.
 //!
 //! Each is YAML, merged by Kubernetes' strategic merge rules for the lists these objects hold
-//! ([`merge`]). Any other key is refused, naming it: the `Gateway` is told `Accepted` `False`
+//! ([`merge`]). What makes the waypoint the waypoint is the controller's, and a `deployment`
+//! patch that sets it is refused ([`protected`]): the pods' account (its identity, and the
+//! role bound to it), selector and labels (which pods the model takes as the waypoint's, out of
+//! the capture), the container's image, command and arguments, and the node's namespaces.
+//! Else whoever may write a `Gateway` and a `ConfigMap` could run any program under the
+//! waypoint's identity, which a destination trusts as having come through its waypoint. Any
+//! other key is refused too, naming it: the `Gateway` is told `Accepted` `False`
 //! (`InvalidParameters`, as Gateway API names a `parametersRef` that is invalid or does not
 //! exist) and its objects are left as they are until the `ConfigMap` is put right. The
 //! `ConfigMap` is watched: a change applies at once.
@@ -47,6 +53,16 @@ pub enum ParametersError {
          serviceAccount, horizontalPodAutoscaler, podDisruptionBudget)"
     )]
     UnknownKey { config_map: String, key: String },
+    /// A patch sets a field the controller keeps.
+    #[error(
+        "ConfigMap {config_map}: data.{key}: {field} is the controller's (it makes the \
+         waypoint what it is) and cannot be set"
+    )]
+    Protected {
+        config_map: String,
+        key: String,
+        field: String,
+    },
     /// A key's value is not a YAML mapping.
     #[error("ConfigMap {config_map}: data.{key}: {problem}")]
     NotAMapping {
@@ -118,16 +134,95 @@ pub fn parse(
             key: key.clone(),
             problem,
         };
-        let value: Value = serde_yaml::from_str(text).map_err(|e| problem(e.to_string()))?;
+        let mut value: Value = serde_yaml::from_str(text).map_err(|e| problem(e.to_string()))?;
         if !value.is_object() {
             return Err(problem("not a mapping of the object's fields".to_owned()));
         }
+        if key == "deployment" {
+            rename_istio_container(&mut value);
+        }
+        if let Some(field) = protected_field(key, &value) {
+            return Err(ParametersError::Protected {
+                config_map: config_map.to_owned(),
+                key: key.clone(),
+                field,
+            });
+        }
         *slot = Some(value);
     }
-    if let Some(deployment) = &mut parameters.deployment {
-        rename_istio_container(deployment);
-    }
     Ok(parameters)
+}
+
+/// The fields no patch of the object of `key` may set (JSON pointers): for every object, its
+/// name, namespace and owner; for the `Deployment`, also what its pods are and run as (its pod
+/// labels and the waypoint container's fields are checked besides); what the `Service`, the
+/// autoscaler and the budget apply to.
+pub fn protected(key: &str) -> &'static [&'static str] {
+    match key {
+        "deployment" => &[
+            "/metadata/name",
+            "/metadata/namespace",
+            "/metadata/ownerReferences",
+            "/spec/selector",
+            "/spec/template/spec/serviceAccountName",
+            "/spec/template/spec/serviceAccount",
+            "/spec/template/spec/hostNetwork",
+            "/spec/template/spec/hostPID",
+            "/spec/template/spec/hostIPC",
+        ],
+        "service" | "podDisruptionBudget" => &[
+            "/metadata/name",
+            "/metadata/namespace",
+            "/metadata/ownerReferences",
+            "/spec/selector",
+        ],
+        "horizontalPodAutoscaler" => &[
+            "/metadata/name",
+            "/metadata/namespace",
+            "/metadata/ownerReferences",
+            "/spec/scaleTargetRef",
+        ],
+        _ => &[
+            "/metadata/name",
+            "/metadata/namespace",
+            "/metadata/ownerReferences",
+        ],
+    }
+}
+
+/// The first field of `patch` (of the object of `key`) that is the controller's, if any.
+fn protected_field(key: &str, patch: &Value) -> Option<String> {
+    let dotted = |pointer: &str| pointer.trim_start_matches('/').replace('/', ".");
+    if let Some(pointer) = protected(key).iter().find(|p| patch.pointer(p).is_some()) {
+        return Some(dotted(pointer));
+    }
+    if key != "deployment" {
+        return None;
+    }
+    let deployment = patch;
+    let labels = deployment.pointer("/spec/template/metadata/labels");
+    let kept = [
+        mesh_cluster::waypoint::GATEWAY_NAME_LABEL,
+        crate::desired::DATAPLANE_MODE,
+        crate::desired::MANAGED_BY.0,
+    ];
+    if let Some(label) = kept
+        .iter()
+        .find(|l| labels.and_then(|m| m.get(**l)).is_some())
+    {
+        return Some(format!("spec.template.metadata.labels[{label}]"));
+    }
+    let containers = deployment
+        .pointer("/spec/template/spec/containers")
+        .and_then(Value::as_array);
+    let waypoint = containers
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == WAYPOINT_CONTAINER)?;
+    ["image", "command", "args"]
+        .iter()
+        .find(|f| waypoint.get(**f).is_some())
+        .map(|f| format!("spec.template.spec.containers[{WAYPOINT_CONTAINER}].{f}"))
 }
 
 /// `istio-proxy` in a `Deployment` patch's containers is the waypoint's container.
@@ -272,6 +367,47 @@ mod tests {
                 key: "proxyConfig".into()
             })
         );
+        for (patch, field) in [
+            (
+                "spec: {template: {spec: {serviceAccountName: admin}}}",
+                "spec.template.spec.serviceAccountName",
+            ),
+            (
+                "spec: {template: {spec: {containers: [{name: istio-proxy, image: evil}]}}}",
+                "spec.template.spec.containers[waypoint].image",
+            ),
+            (
+                "spec: {template: {metadata: {labels: {istio.io/dataplane-mode: ambient}}}}",
+                "spec.template.metadata.labels[istio.io/dataplane-mode]",
+            ),
+            ("spec: {selector: {matchLabels: {a: b}}}", "spec.selector"),
+            (
+                "spec: {template: {spec: {hostIPC: true}}}",
+                "spec.template.spec.hostIPC",
+            ),
+        ] {
+            assert_eq!(
+                parse("shop/x", &data(&[("deployment", patch)])),
+                Err(ParametersError::Protected {
+                    config_map: "shop/x".into(),
+                    key: "deployment".into(),
+                    field: field.into()
+                }),
+                "{patch}"
+            );
+        }
+        let retarget = "spec: {scaleTargetRef: {kind: Deployment, name: other}}";
+        assert_eq!(
+            parse("shop/x", &data(&[("horizontalPodAutoscaler", retarget)]))
+                .unwrap_err()
+                .to_string(),
+            "ConfigMap shop/x: data.horizontalPodAutoscaler: spec.scaleTargetRef is the \
+             controller's (it makes the waypoint what it is) and cannot be set"
+        );
+        // A sidecar of its own may set its image; pod labels of the user's are theirs.
+        let own = "spec: {template: {metadata: {labels: {team: a}}, spec: {containers: \
+                   [{name: helper, image: busybox}]}}}";
+        assert!(parse("shop/x", &data(&[("deployment", own)])).is_ok());
         let bad = parse("shop/x", &data(&[("deployment", "- a list")])).unwrap_err();
         assert_eq!(
             bad.to_string(),

@@ -501,6 +501,65 @@ fn wait_patched(mesh: &KubeMesh, cpu: &'static str) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// What the waypoint's `ConfigMap` may not do is told on the `Gateway` (`InvalidParameters`),
+/// and its objects stay as `gateway_parameters` left them (200m, the autoscaler, the budget):
+/// a key the mesh does not apply, and a patch of what makes the waypoint the waypoint.
+fn parameters_refused(mesh: &KubeMesh, scaling: &[(&str, &str); 2]) {
+    let config_maps: Api<ConfigMap> = Api::namespaced(mesh.cp.client(), NS);
+    let unknown = [
+        scaling[0],
+        scaling[1],
+        ("proxyConfig", "drainDuration: 30s\n"),
+    ];
+    mesh.cp
+        .block_on(config_maps.replace(
+            "wp-options",
+            &PostParams::default(),
+            &waypoint_options("300m", &unknown),
+        ))
+        .expect("ConfigMap replaced");
+    condition_is(
+        mesh,
+        &gateways(mesh),
+        ("wp", "Accepted"),
+        Some("False"),
+        "ConfigMap shop/wp-options: data.proxyConfig: not a key this mesh applies (deployment, \
+         service, serviceAccount, horizontalPodAutoscaler, podDisruptionBudget); its waypoint's \
+         objects are left as they are",
+    );
+    wait_patched(mesh, "200m");
+    optional_objects(mesh, true);
+    // The attack: whoever may write the ConfigMap runs a program of theirs as the waypoint (its
+    // identity is what destinations trust as the waypoint's). Refused, nothing changed.
+    let mut hijack = waypoint_options("300m", &[]);
+    hijack.data.get_or_insert_with(Default::default).insert(
+        "deployment".into(),
+        "spec:\n  template:\n    spec:\n      containers:\n      - name: istio-proxy\n        \
+         image: example.com/not-the-waypoint\n"
+            .into(),
+    );
+    mesh.cp
+        .block_on(config_maps.replace("wp-options", &PostParams::default(), &hijack))
+        .expect("ConfigMap replaced");
+    condition_is(
+        mesh,
+        &gateways(mesh),
+        ("wp", "Accepted"),
+        Some("False"),
+        "ConfigMap shop/wp-options: data.deployment: \
+         spec.template.spec.containers[waypoint].image is the controller's",
+    );
+    wait_patched(mesh, "200m");
+    let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
+    let deployment = mesh
+        .cp
+        .block_on(deployments.get("wp"))
+        .expect("Deployment wp");
+    let pod = deployment.spec.template.spec;
+    let image = pod.and_then(|p| p.containers.first()?.image.clone());
+    assert_ne!(image.as_deref(), Some("example.com/not-the-waypoint"));
+}
+
 /// The waypoint `Gateway`'s own settings, as Istio's users write them: a `ConfigMap` named by
 /// `spec.infrastructure.parametersRef` patches its `Deployment` (the container by Istio's name,
 /// `istio-proxy`; a pod annotation) and its `Service`; a change of the `ConfigMap` applies at
@@ -556,29 +615,7 @@ fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
         .expect("ConfigMap replaced");
     patched("200m");
     optional_objects(mesh, true);
-    let unknown = [
-        scaling[0],
-        scaling[1],
-        ("proxyConfig", "drainDuration: 30s\n"),
-    ];
-    mesh.cp
-        .block_on(config_maps.replace(
-            "wp-options",
-            &PostParams::default(),
-            &waypoint_options("300m", &unknown),
-        ))
-        .expect("ConfigMap replaced");
-    condition_is(
-        mesh,
-        &gateways(mesh),
-        ("wp", "Accepted"),
-        Some("False"),
-        "ConfigMap shop/wp-options: data.proxyConfig: not a key this mesh applies (deployment, \
-         service, serviceAccount, horizontalPodAutoscaler, podDisruptionBudget); its waypoint's \
-         objects are left as they are",
-    );
-    patched("200m");
-    optional_objects(mesh, true);
+    parameters_refused(mesh, &scaling);
     reference(Value::Null);
     condition_is(
         mesh,
