@@ -44,6 +44,8 @@ pub const GATEWAY_NAMESPACE_LABEL: &str = "mesh.local/waypoint-namespace";
 pub const GATEWAY_LABEL: &str = "mesh.local/waypoint-name";
 /// Istio's enrolment label: `none` keeps the waypoint's pods out of the node agent's capture.
 pub(crate) const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The waypoint's container in its `Deployment` (Istio's `ConfigMaps` name it `istio-proxy`).
+pub(crate) const WAYPOINT_CONTAINER: &str = "waypoint";
 /// Where the waypoint container finds the CA's root and its token.
 const CA_ROOT_DIR: &str = "/var/run/secrets/mesh-ca";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
@@ -330,7 +332,7 @@ impl WaypointGateway {
                         // The drain (5 s by default) fits well inside.
                         "terminationGracePeriodSeconds": 30,
                         "containers": [{
-                            "name": crate::parameters::WAYPOINT_CONTAINER,
+                            "name": WAYPOINT_CONTAINER,
                             "image": template.image,
                             "imagePullPolicy": template.pull_policy,
                             "command": ["mesh-waypoint"],

@@ -27,10 +27,10 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::desired::{DATAPLANE_MODE, MANAGED_BY, WAYPOINT_CONTAINER};
+
 /// The name waypoint containers have in Istio's `ConfigMaps`.
 const ISTIO_CONTAINER: &str = "istio-proxy";
-/// The waypoint's container in the `Deployment` the controller makes.
-pub(crate) const WAYPOINT_CONTAINER: &str = "waypoint";
 
 /// Why a `Gateway`'s parameters cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -203,8 +203,8 @@ fn protected_field(key: &str, patch: &Value) -> Option<String> {
     let labels = deployment.pointer("/spec/template/metadata/labels");
     let kept = [
         mesh_cluster::waypoint::GATEWAY_NAME_LABEL,
-        crate::desired::DATAPLANE_MODE,
-        crate::desired::MANAGED_BY.0,
+        DATAPLANE_MODE,
+        MANAGED_BY.0,
     ];
     if let Some(label) = kept
         .iter()
