@@ -501,23 +501,24 @@ fn wait_patched(mesh: &KubeMesh, cpu: &'static str) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Replaces the waypoint's `ConfigMap` of settings with `options`.
+fn replace_options(mesh: &KubeMesh, options: &ConfigMap) {
+    let config_maps: Api<ConfigMap> = Api::namespaced(mesh.cp.client(), NS);
+    mesh.cp
+        .block_on(config_maps.replace("wp-options", &PostParams::default(), options))
+        .expect("ConfigMap replaced");
+}
+
 /// What the waypoint's `ConfigMap` may not do is told on the `Gateway` (`InvalidParameters`),
 /// and its objects stay as `gateway_parameters` left them (200m, the autoscaler, the budget):
 /// a key the mesh does not apply, and a patch of what makes the waypoint the waypoint.
 fn parameters_refused(mesh: &KubeMesh, scaling: &[(&str, &str); 2]) {
-    let config_maps: Api<ConfigMap> = Api::namespaced(mesh.cp.client(), NS);
     let unknown = [
         scaling[0],
         scaling[1],
         ("proxyConfig", "drainDuration: 30s\n"),
     ];
-    mesh.cp
-        .block_on(config_maps.replace(
-            "wp-options",
-            &PostParams::default(),
-            &waypoint_options("300m", &unknown),
-        ))
-        .expect("ConfigMap replaced");
+    replace_options(mesh, &waypoint_options("300m", &unknown));
     condition_is(
         mesh,
         &gateways(mesh),
@@ -538,9 +539,7 @@ fn parameters_refused(mesh: &KubeMesh, scaling: &[(&str, &str); 2]) {
          image: example.com/not-the-waypoint\n"
             .into(),
     );
-    mesh.cp
-        .block_on(config_maps.replace("wp-options", &PostParams::default(), &hijack))
-        .expect("ConfigMap replaced");
+    replace_options(mesh, &hijack);
     condition_is(
         mesh,
         &gateways(mesh),
@@ -606,13 +605,7 @@ fn gateway_parameters(mesh: &KubeMesh, vip: &str) {
         ),
         ("podDisruptionBudget", "spec: {minAvailable: 1}\n"),
     ];
-    mesh.cp
-        .block_on(config_maps.replace(
-            "wp-options",
-            &PostParams::default(),
-            &waypoint_options("200m", &scaling),
-        ))
-        .expect("ConfigMap replaced");
+    replace_options(mesh, &waypoint_options("200m", &scaling));
     patched("200m");
     optional_objects(mesh, true);
     parameters_refused(mesh, &scaling);
