@@ -4,7 +4,8 @@
 //! (field manager [`FIELD_MANAGER`]: a user's changes to other fields stay), then writes the
 //! `Gateway`'s status: its address (the `Service`'s), `Accepted` (`False`, `Invalid`, when the
 //! mesh's model refuses this version of it: its `istio.io/waypoint-for` label;
-//! `InvalidParameters` when its parameters cannot be applied) and `Programmed` (its pods ready).
+//! `InvalidParameters` when its parameters cannot be applied), `Programmed` (its pods ready) and
+//! each listener's status.
 //! Failures are retried with backoff; nothing else stops the loop. A sweep removes the bindings
 //! of `Gateways` that are gone.
 
@@ -205,10 +206,12 @@ async fn write_status(
         .map(|a| json!({"type": "IPAddress", "value": a}))
         .into_iter()
         .collect();
+    let listeners = listener_statuses(gateway, ready, (&now, generation));
     let status = json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "status": {
             "addresses": addresses,
+            "listeners": listeners,
             "conditions": [
                 match accepted {
                     Acceptance::Accepted => {
@@ -247,6 +250,73 @@ async fn write_status(
             what: format!("writing the status of Gateway {ns}/{name}"),
             source,
         })
+}
+
+/// The status of each of the `Gateway`'s listeners, as Gateway API asks: a waypoint takes HBONE
+/// on port 15008 (Istio's `mesh` listener) and nothing else; routes attach to the Services it
+/// serves, never to it, so it has no route kinds and no attached routes. A condition keeps its
+/// time while its status stays (`now` else, with `generation` observed).
+fn listener_statuses(
+    gateway: &DynamicObject,
+    ready: bool,
+    (now, generation): (&str, i64),
+) -> Vec<serde_json::Value> {
+    let before = gateway.data["status"]["listeners"].as_array();
+    let listeners = gateway.data["spec"]["listeners"].as_array();
+    listeners
+        .into_iter()
+        .flatten()
+        .map(|listener| {
+            let name = listener["name"].as_str().unwrap_or_default();
+            let (protocol, port) = (
+                listener["protocol"].as_str().unwrap_or_default(),
+                &listener["port"],
+            );
+            let hbone = protocol == "HBONE" && port == 15008;
+            let prior = before
+                .and_then(|b| b.iter().find(|l| l["name"] == name))
+                .and_then(|l| l.get("conditions"));
+            let condition = |kind: &str, ok: bool, (reason, message): (&str, &str)| {
+                let since =
+                    crate::resources::kept_since(prior, kind, ok).unwrap_or_else(|| now.to_owned());
+                let mut condition =
+                    crate::resources::condition(kind, ok, (reason, message), &since);
+                condition["observedGeneration"] = json!(generation);
+                condition
+            };
+            let unsupported =
+                format!("a waypoint listens for HBONE on port 15008, not {protocol} on {port}");
+            let conditions = if hbone {
+                vec![
+                    condition("Accepted", true, ("Accepted", "HBONE on port 15008")),
+                    if ready {
+                        condition(
+                            "Programmed",
+                            true,
+                            ("Programmed", "a waypoint pod is ready"),
+                        )
+                    } else {
+                        condition(
+                            "Programmed",
+                            false,
+                            ("Pending", "no waypoint pod is ready yet"),
+                        )
+                    },
+                    condition("ResolvedRefs", true, ("ResolvedRefs", "no references")),
+                ]
+            } else {
+                vec![
+                    condition("Accepted", false, ("UnsupportedProtocol", &unsupported)),
+                    condition("Programmed", false, ("Invalid", "not accepted")),
+                    condition("ResolvedRefs", true, ("ResolvedRefs", "no references")),
+                ]
+            };
+            json!({
+                "name": name, "supportedKinds": [], "attachedRoutes": 0,
+                "conditions": conditions,
+            })
+        })
+        .collect()
 }
 
 #[allow(

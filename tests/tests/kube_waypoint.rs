@@ -722,6 +722,28 @@ fn check_controller_objects(mesh: &KubeMesh) {
         }))
         .expect("the waypoint runs");
     eprintln!("Gateway programmed after {:?}", started.elapsed());
+    // Its one listener's status, as Gateway API asks (routes attach to Services, not to it).
+    let listener = &programmed["status"]["listeners"][0];
+    assert_eq!(
+        (&listener["name"], &listener["attachedRoutes"]),
+        (&json!("mesh"), &json!(0)),
+        "{listener}"
+    );
+    let conditions: Vec<(&str, &str)> = listener["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c["type"].as_str()?, c["status"].as_str()?)))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Accepted", "True"),
+            ("Programmed", "True"),
+            ("ResolvedRefs", "True")
+        ],
+        "{listener}"
+    );
     let address = programmed["status"]["addresses"][0]["value"]
         .as_str()
         .unwrap_or_default();
