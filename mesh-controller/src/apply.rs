@@ -108,24 +108,17 @@ pub(crate) async fn objects(
             Ok(deployment) => deployment,
             Err(refused) => return Ok(Applied::Refused(refused)),
         };
-    let optional = Optional(waypoint);
     let autoscalers = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns);
-    let made = optional
-        .keep(
-            &autoscalers,
-            waypoint.autoscaler(),
-            parameters.autoscaler.as_ref(),
-        )
-        .await?;
-    if let Err(refused) = made {
+    let autoscaler = (waypoint.autoscaler(), parameters.autoscaler.as_ref());
+    if let Err(refused) = keep_optional(&autoscalers, waypoint, autoscaler).await? {
         return Ok(Applied::Refused(refused));
     }
     let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
-    let budget = waypoint.disruption_budget();
-    let made = optional
-        .keep(&budgets, budget, parameters.disruption_budget.as_ref())
-        .await?;
-    if let Err(refused) = made {
+    let budget = (
+        waypoint.disruption_budget(),
+        parameters.disruption_budget.as_ref(),
+    );
+    if let Err(refused) = keep_optional(&budgets, waypoint, budget).await? {
         return Ok(Applied::Refused(refused));
     }
     let ready = deployment
@@ -196,47 +189,41 @@ where
     }
 }
 
-/// The objects a `Gateway` has only when its parameters ask for them (an autoscaler, a
-/// disruption budget).
-struct Optional<'a>(&'a WaypointGateway);
-
-impl Optional<'_> {
-    /// Applies `object` with `patch` merged over it when there is a patch; else deletes the
-    /// object of the waypoint's name if the `Gateway` owns it (one of the user's own stays).
-    async fn keep<K>(
-        &self,
-        api: &Api<K>,
-        object: K,
-        patch: Option<&serde_json::Value>,
-    ) -> Result<Result<(), String>, ControllerError>
-    where
-        K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-        K::DynamicType: Default,
-    {
-        let name = self.0.name.as_str();
-        if patch.is_some() {
-            return Ok(apply_patched(api, name, object, patch).await?.map(drop));
-        }
-        let kind = K::kind(&K::DynamicType::default()).into_owned();
-        let failed = |doing: &str| {
-            let what = format!("{doing} {kind} {}/{name}", self.0.namespace);
-            move |source| ControllerError::Api { what, source }
-        };
-        let Some(current) = api.get_opt(name).await.map_err(failed("reading"))? else {
-            return Ok(Ok(()));
-        };
-        let ours = current
-            .meta()
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|owner| owner.uid == self.0.uid);
-        if ours {
-            api.delete(name, &DeleteParams::default())
-                .await
-                .map_err(failed("deleting"))?;
-            info!(kind = %kind, name, "waypoint parameters no longer ask for it: deleted");
-        }
-        Ok(Ok(()))
+/// An object `waypoint` has only when its parameters ask for it (an autoscaler, a disruption
+/// budget): applied with `patch` merged over it when there is a patch; else the object of the
+/// waypoint's name is deleted if its `Gateway` owns it (one of the user's own stays).
+async fn keep_optional<K>(
+    api: &Api<K>,
+    waypoint: &WaypointGateway,
+    (object, patch): (K, Option<&serde_json::Value>),
+) -> Result<Result<(), String>, ControllerError>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = waypoint.name.as_str();
+    if patch.is_some() {
+        return Ok(apply_patched(api, name, object, patch).await?.map(drop));
     }
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let failed = |doing: &str| {
+        let what = format!("{doing} {kind} {}/{name}", waypoint.namespace);
+        move |source| ControllerError::Api { what, source }
+    };
+    let Some(current) = api.get_opt(name).await.map_err(failed("reading"))? else {
+        return Ok(Ok(()));
+    };
+    let ours = current
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.uid == waypoint.uid);
+    if ours {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .map_err(failed("deleting"))?;
+        info!(kind = %kind, name, "waypoint parameters no longer ask for it: deleted");
+    }
+    Ok(Ok(()))
 }

@@ -87,7 +87,8 @@ pub struct Parameters {
     pub disruption_budget: Option<Value>,
 }
 
-/// The name of the `ConfigMap` `gateway`'s `spec.infrastructure.parametersRef` names, if any.
+/// The name of the `ConfigMap` `gateway`'s `spec.infrastructure.parametersRef` names, if any
+/// (`gateway`: the `Gateway` as JSON, or a `DynamicObject`'s data: what holds its `spec`).
 pub fn reference(gateway: &Value) -> Result<Option<String>, ParametersError> {
     let reference = &gateway["spec"]["infrastructure"]["parametersRef"];
     if reference.is_null() {

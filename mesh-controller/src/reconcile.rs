@@ -80,10 +80,7 @@ pub async fn run(
                 .into_iter()
                 .filter(|gateway| gateway.metadata.namespace == ns)
                 .filter(|gateway| {
-                    serde_json::to_value(&**gateway)
-                        .ok()
-                        .and_then(|g| crate::parameters::reference(&g).ok().flatten())
-                        == name
+                    crate::parameters::reference(&gateway.data).ok().flatten() == name
                 })
                 .map(|gateway| ObjectRef::from_obj_with(&*gateway, resource.clone()))
                 .collect::<Vec<_>>()
@@ -178,8 +175,8 @@ async fn not_applied(
     Ok(Action::requeue(PARAMETERS_RECHECK))
 }
 
-/// The `Gateway`'s status: its address, whether the mesh takes this version of it (`invalid`:
-/// why not) and whether its waypoint is ready.
+/// The `Gateway`'s status: its address, whether its waypoint is ready, whether the mesh takes
+/// this version of it (`accepted`), and its listeners'.
 async fn write_status(
     client: &Client,
     gateway: &DynamicObject,
@@ -196,10 +193,8 @@ async fn write_status(
     // the Gateway, and wake its reconcile again.
     let before = gateway.data.get("status").and_then(|s| s.get("conditions"));
     let condition = |kind: &str, ok: bool, reason: &str, message: &str| {
-        let since = crate::resources::kept_since(before, kind, ok).unwrap_or_else(|| now.clone());
-        let mut condition = crate::resources::condition(kind, ok, (reason, message), &since);
-        condition["observedGeneration"] = json!(generation);
-        condition
+        let at = (now.as_str(), generation);
+        crate::resources::observed_condition(before, (kind, ok), (reason, message), at)
     };
     let addresses: Vec<_> = address
         .filter(|a| !a.is_empty() && *a != "None")
@@ -276,13 +271,8 @@ fn listener_statuses(
             let prior = before
                 .and_then(|b| b.iter().find(|l| l["name"] == name))
                 .and_then(|l| l.get("conditions"));
-            let condition = |kind: &str, ok: bool, (reason, message): (&str, &str)| {
-                let since =
-                    crate::resources::kept_since(prior, kind, ok).unwrap_or_else(|| now.to_owned());
-                let mut condition =
-                    crate::resources::condition(kind, ok, (reason, message), &since);
-                condition["observedGeneration"] = json!(generation);
-                condition
+            let condition = |kind: &str, ok: bool, words: (&str, &str)| {
+                crate::resources::observed_condition(prior, (kind, ok), words, (now, generation))
             };
             let unsupported =
                 format!("a waypoint listens for HBONE on port 15008, not {protocol} on {port}");

@@ -30,6 +30,20 @@ pub fn condition(kind: &str, ok: bool, (reason, message): (&str, &str), since: &
     })
 }
 
+/// A [`condition`] observed at `generation`, whose time is kept from `before` (the conditions it
+/// replaces) while its status stays ([`kept_since`]), else `now`.
+pub(crate) fn observed_condition(
+    before: Option<&Value>,
+    (kind, ok): (&str, bool),
+    words: (&str, &str),
+    (now, generation): (&str, i64),
+) -> Value {
+    let since = kept_since(before, kind, ok).unwrap_or_else(|| now.to_owned());
+    let mut value = condition(kind, ok, words, &since);
+    value["observedGeneration"] = json!(generation);
+    value
+}
+
 /// The `lastTransitionTime` of condition `kind` in `conditions` (a `status.conditions` list)
 /// while its status is still `ok`: a condition's time changes only when its status does.
 pub(crate) fn kept_since(conditions: Option<&Value>, kind: &str, ok: bool) -> Option<String> {
