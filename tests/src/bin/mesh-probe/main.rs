@@ -497,6 +497,11 @@ fn serve(addr: &str, options: ServeOptions) -> Result<(), String> {
         raise_nofile_limit(0);
     }
     let listener = TcpListener::bind(parse(addr)?).map_err(|e| format!("bind {addr}: {e}"))?;
+    // std listens with a backlog of 128: a burst of a thousand connections through the mesh
+    // overflows it, and the kernel's SYN cookies then reset the streams whose data came first.
+    // A server sized for the tests' bursts, as real servers are (nginx, envoy: 4096 or more).
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXCONN)
+        .map_err(|e| format!("listen {addr}: {e}"))?;
     println!(
         "listening {}",
         listener.local_addr().map_err(|e| e.to_string())?
