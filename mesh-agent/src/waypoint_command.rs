@@ -1,7 +1,9 @@
 //! `mesh-agent waypoint`: the L7 waypoint ([`mesh_waypoint`]) in a waypoint's pod, under the
-//! waypoint's own identity, reading the cluster from the Kubernetes API (in-cluster, or
-//! `--kubeconfig`; its `ServiceAccount` bound to the chart's `mesh-waypoint` role) or from a
-//! directory of YAML files (`--config-dir`, the netns testbed's source).
+//! waypoint's own identity, reading the cluster through the waypoint controller's view
+//! (`--view-address`, as the controller runs its waypoints: their account may read nothing of
+//! the API server), from the Kubernetes API (in-cluster, or `--kubeconfig`, for a waypoint run
+//! by hand with an account bound to the chart's `mesh-waypoint` role) or from a directory of
+//! YAML files (`--config-dir`, the netns testbed's source).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -30,8 +32,16 @@ pub struct WaypointArgs {
     #[arg(long, env = "MESH_CONFIG_DIR", conflicts_with = "kubeconfig")]
     config_dir: Option<PathBuf>,
     /// Kubeconfig for the Kubernetes API [default: in-cluster].
-    #[arg(long, env = "KUBECONFIG")]
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "view_address")]
     kubeconfig: Option<PathBuf>,
+    /// The waypoint controller's view of the cluster, `https://<host>:<port>`, instead of the
+    /// Kubernetes API: authenticated with `--ca-token-file`, its certificate verified with
+    /// `--ca-root-cert` and `--view-identity`.
+    #[arg(long, conflicts_with = "config_dir", requires_all = ["view_identity", "ca_root_cert"])]
+    view_address: Option<String>,
+    /// The SPIFFE id of the view's certificate (the controller's).
+    #[arg(long, requires = "view_address")]
+    view_identity: Option<Identity>,
     /// Largest config file read, in bytes.
     #[arg(long, default_value_t = mesh_cluster::limits::DEFAULT_MAX_FILE_BYTES)]
     config_max_file_bytes: u64,
@@ -80,6 +90,22 @@ pub struct WaypointArgs {
     /// Threads of the async runtime [default: as the agent's, 1 below 4 CPUs, else 2].
     #[arg(long, env = "MESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
+}
+
+/// Where the cluster view comes from, for the configuration's log line.
+fn source_description(args: &WaypointArgs) -> String {
+    match (&args.config_dir, &args.view_address, &args.kubeconfig) {
+        (Some(dir), _, _) => format!("files {}", dir.display()),
+        (None, Some(view), _) => format!(
+            "the waypoint controller's view {view} ({})",
+            args.view_identity
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        ),
+        (None, None, Some(path)) => format!("kubernetes {}", path.display()),
+        (None, None, None) => "kubernetes in-cluster".to_owned(),
+    }
 }
 
 /// A name server: `IP:port`, or an IP (port 53).
@@ -138,11 +164,7 @@ pub fn run(args: WaypointArgs) -> anyhow::Result<()> {
     info!(
         waypoint = %format_args!("{}/{}", config.namespace, config.name),
         %identity,
-        source = %match (&args.config_dir, &args.kubeconfig) {
-            (Some(dir), _) => format!("files {}", dir.display()),
-            (None, Some(path)) => format!("kubernetes {}", path.display()),
-            (None, None) => "kubernetes in-cluster".to_owned(),
-        },
+        source = %source_description(&args),
         listen = %config.listen,
         metrics = %config.metrics,
         readiness = %config.readiness,
@@ -219,9 +241,24 @@ async fn cluster_source(
             mesh_cluster::ConfigDir::with_limits(dir, options, limits)?.into_watcher(POLL)?;
         return Ok((state, SourceTasks::Files(task)));
     }
-    let client = mesh_cluster::kube_client(args.kubeconfig.as_deref())
-        .await
-        .context("Kubernetes client")?;
+    let client = match (&args.view_address, &args.view_identity) {
+        (Some(view), Some(expected)) => {
+            let flags = &args.identity_flags;
+            let root = flags
+                .ca_root_cert
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            let roots = mesh_ca::read_roots(root).context("the view's roots (--ca-root-cert)")?;
+            let tls =
+                mesh_identity::https_client_config(flags.crypto_provider, roots, expected.clone())
+                    .context("the view's TLS configuration")?;
+            mesh_cluster::view_client(view, tls, &flags.ca_token_file)
+                .context("the waypoint controller's view")?
+        }
+        _ => mesh_cluster::kube_client(args.kubeconfig.as_deref())
+            .await
+            .context("Kubernetes client")?,
+    };
     let kube = mesh_cluster::KubeOptions {
         routes: true,
         ..mesh_cluster::KubeOptions::default()

@@ -384,7 +384,11 @@ pub fn parse_address(address: &str) -> Result<(String, u16), ClientError> {
 }
 
 /// The roots of the PEM file at `path`, as a trust bundle.
-fn read_roots(path: &Path) -> Result<TrustBundle, ClientError> {
+///
+/// # Errors
+///
+/// When the file cannot be read, holds no certificate, or one that is not a root.
+pub fn read_roots(path: &Path) -> Result<TrustBundle, ClientError> {
     let pem = std::fs::read(path).map_err(|source| ClientError::RootsUnreadable {
         path: path.to_owned(),
         source,

@@ -18,4 +18,6 @@ pub mod client;
 pub mod proto;
 pub mod server;
 
-pub use client::{IstioCaClient, IstioCaOptions, Resolve, StaticResolver, SystemResolver};
+pub use client::{
+    read_roots, IstioCaClient, IstioCaOptions, Resolve, StaticResolver, SystemResolver,
+};

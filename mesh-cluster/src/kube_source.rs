@@ -36,6 +36,8 @@ mod builder;
 mod strip;
 mod units;
 
+pub use strip::for_view;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,

@@ -108,8 +108,10 @@ pub use http_route::{
     AttachedRoute, Backend, EndpointPolicy, InvalidBackend, RequestFacts, ResolvedBackend,
     ResolvedRule, RouteDecision,
 };
-pub use kube_client::{client as kube_client, KubeClientError};
-pub use kube_source::{ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher};
+pub use kube_client::{client as kube_client, view_address, view_client, KubeClientError};
+pub use kube_source::{
+    for_view as view_object, ApiStatus, KubeOptions, KubeSource, KubeSourceError, KubeWatcher,
+};
 pub use limits::{FileLimits, LimitError};
 pub use model::{
     AppProtocol, DnsName, Endpoint, EntryFacts, EntryResolution, EntryScope, MeshLocation,

@@ -9,7 +9,6 @@ use k8s_openapi::api::{
     autoscaling::v2::HorizontalPodAutoscaler,
     core::v1::{ConfigMap, Service, ServiceAccount},
     policy::v1::PodDisruptionBudget,
-    rbac::v1::ClusterRoleBinding,
 };
 use kube::{
     api::{DeleteParams, Patch, PatchParams},
@@ -78,17 +77,6 @@ pub(crate) async fn objects(
     {
         return Ok(Applied::Refused(refused));
     }
-    Api::<ClusterRoleBinding>::all(client.clone())
-        .patch(
-            &waypoint.binding_name(),
-            &apply,
-            &Patch::Apply(waypoint.cluster_role_binding(template)),
-        )
-        .await
-        .map_err(failed(format!(
-            "applying ClusterRoleBinding {}",
-            waypoint.binding_name()
-        )))?;
     let services = Api::<Service>::namespaced(client.clone(), ns);
     let service = match apply_patched(
         &services,

@@ -127,13 +127,14 @@ enum Applied {
 /// kind a waypoint watches, its policies included), then keeps the conditions true to it. Runs
 /// until dropped; a view that cannot be read is an error in the log, and the controller's other
 /// work goes on without the conditions. The conditions on the objects are read again every
-/// `resync`. `on_view` is called once the first full view is built: the first list's transients
-/// (as large as the view) are free then, for the allocator to give back.
+/// `resync`. `on_view` is called with the view once it is first built in full: the first list's
+/// transients (as large as the view) are free then, for the allocator to give back, and the
+/// controller's own certificate can be asked for (the CA's address resolves through the view).
 pub async fn run(
     client: Client,
     options: EnrollmentOptions,
     resync: Duration,
-    on_view: impl FnOnce(),
+    on_view: impl FnOnce(&watch::Receiver<Arc<ClusterState>>),
 ) {
     let kube = KubeOptions {
         routes: true,
@@ -150,7 +151,7 @@ pub async fn run(
             return;
         }
     };
-    on_view();
+    on_view(&view.state);
     keep(&client, view.state.clone(), resync).await;
 }
 

@@ -8,15 +8,15 @@
 //! - `Deployment` `<gateway>`: pods labelled `gateway.networking.k8s.io/gateway-name=<gateway>`
 //!   and `istio.io/dataplane-mode=none` (they speak HBONE themselves), running
 //!   `mesh-agent waypoint` with their certificate from the mesh's CA (a projected token of the
-//!   CA's audience, the CA's root from a `ConfigMap`), ready when `/healthz/ready` (15021) is.
+//!   CA's audience, the CA's root from a `ConfigMap`), reading the cluster through the
+//!   controller's view (`view.rs`) with the same token, ready when `/healthz/ready` (15021) is.
 //! - `Service` `<gateway>`: 15008 (HBONE) and 15021, the Gateway's address.
 //! - The CA's root `ConfigMap`, copied into the Gateway's namespace (a pod mounts only its own
 //!   namespace's).
-//! - `ClusterRoleBinding` `mesh-waypoint.<namespace>.<gateway>`: the waypoint's account to the
-//!   chart's read-only waypoint role (the cluster view with its routes).
 //!
-//! The namespaced objects are owned by the `Gateway` (deleted with it by the garbage
-//! collector); the binding is cluster-scoped, so the controller deletes it itself.
+//! The waypoint's account is bound to no role: any pod of its namespace may run under it, so
+//! what it may read, its namespace may. The objects are owned by the `Gateway` (deleted with it
+//! by the garbage collector).
 
 use std::collections::BTreeMap;
 
@@ -26,7 +26,6 @@ use k8s_openapi::{
         autoscaling::v2::HorizontalPodAutoscaler,
         core::v1::{Service, ServiceAccount},
         policy::v1::PodDisruptionBudget,
-        rbac::v1::ClusterRoleBinding,
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
@@ -38,10 +37,6 @@ use serde_json::{json, Value};
 
 /// The label on everything the controller makes.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "mesh-waypoint-controller");
-/// The labels of a binding naming the `Gateway` it is for.
-pub const GATEWAY_NAMESPACE_LABEL: &str = "mesh.local/waypoint-namespace";
-/// See [`GATEWAY_NAMESPACE_LABEL`].
-pub const GATEWAY_LABEL: &str = "mesh.local/waypoint-name";
 /// Istio's enrolment label: `none` keeps the waypoint's pods out of the node agent's capture.
 pub(crate) const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The waypoint's container in its `Deployment` (Istio's `ConfigMaps` name it `istio-proxy`).
@@ -63,8 +58,10 @@ pub struct WaypointTemplate {
     pub ca_root: (String, String),
     /// The audience of the token sent to the CA.
     pub ca_audience: String,
-    /// The `ClusterRole` that lets a waypoint read its cluster view.
-    pub cluster_role: String,
+    /// The controller's view (`https://<host>:<port>`), where waypoints read the cluster.
+    pub view_address: String,
+    /// The view's SPIFFE id, which the waypoints expect of its certificate.
+    pub view_identity: mesh_identity::Identity,
     /// SPIFFE trust domain and cluster DNS domain.
     pub trust_domain: String,
     pub cluster_domain: String,
@@ -230,11 +227,6 @@ impl WaypointGateway {
         })
     }
 
-    /// The name of its `ClusterRoleBinding`.
-    pub fn binding_name(&self) -> String {
-        format!("mesh-waypoint.{}.{}", self.namespace, self.name)
-    }
-
     /// Its `ServiceAccount`.
     pub fn service_account(&self) -> ServiceAccount {
         from_json(json!({
@@ -283,23 +275,6 @@ impl WaypointGateway {
         }))
     }
 
-    /// Its binding to the waypoints' read-only `ClusterRole`.
-    pub fn cluster_role_binding(&self, template: &WaypointTemplate) -> ClusterRoleBinding {
-        let mut labels = BTreeMap::from([
-            (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
-            (GATEWAY_NAMESPACE_LABEL.to_owned(), self.namespace.clone()),
-        ]);
-        labels.insert(GATEWAY_LABEL.to_owned(), self.name.clone());
-        from_json(json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": self.binding_name(), "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": template.cluster_role},
-            "subjects": [{"kind": "ServiceAccount", "name": self.name,
-                          "namespace": self.namespace}],
-        }))
-    }
-
     /// Its `Deployment`, without `replicas`: one pod when created (Kubernetes' default), then
     /// as many as its users or an autoscaler set (`kubectl scale`, a `HorizontalPodAutoscaler`):
     /// the controller's server-side apply does not own the field, so it never scales them
@@ -314,6 +289,8 @@ impl WaypointGateway {
             format!("--ca-address={}", template.ca_address),
             format!("--ca-root-cert={CA_ROOT_DIR}/root-cert.pem"),
             format!("--ca-token-file={TOKEN_DIR}/istio-token"),
+            format!("--view-address={}", template.view_address),
+            format!("--view-identity={}", template.view_identity),
         ];
         args.extend(template.extra_args.iter().cloned());
         // The infrastructure labels first: never the controller's (a pod labelled into the
@@ -412,7 +389,13 @@ mod tests {
             ca_address: "https://mesh-ca.mesh-system.svc:15012".into(),
             ca_root: ("mesh-system".into(), "mesh-ca-root-cert".into()),
             ca_audience: "istio-ca".into(),
-            cluster_role: "mesh-waypoint".into(),
+            view_address: "https://mesh-waypoint-controller.mesh-system.svc:15012".into(),
+            view_identity: mesh_identity::Identity::new(
+                "cluster.local",
+                "mesh-system",
+                "mesh-waypoint-controller",
+            )
+            .unwrap(),
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
             log_level: "info".into(),
@@ -520,6 +503,8 @@ mod tests {
             "--namespace=shop",
             "--name=reviews-wp",
             "--ca-address=https://mesh-ca.mesh-system.svc:15012",
+            "--view-address=https://mesh-waypoint-controller.mesh-system.svc:15012",
+            "--view-identity=spiffe://cluster.local/ns/mesh-system/sa/mesh-waypoint-controller",
             "--tracing-endpoint=http://jaeger:4317",
         ] {
             assert!(args.contains(&expected), "{expected} in {args:?}");
@@ -540,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn account_service_and_binding() {
+    fn account_and_service() {
         let wp = WaypointGateway::of(&gateway(WAYPOINT_CLASS)).unwrap();
         let sa = serde_json::to_value(wp.service_account()).unwrap();
         assert_eq!(sa["metadata"]["name"], "reviews-wp");
@@ -548,11 +533,6 @@ mod tests {
         let svc = serde_json::to_value(wp.service()).unwrap();
         assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
         assert_eq!(svc["spec"]["selector"][GATEWAY_NAME_LABEL], "reviews-wp");
-        let crb = serde_json::to_value(wp.cluster_role_binding(&template())).unwrap();
-        assert_eq!(crb["metadata"]["name"], "mesh-waypoint.shop.reviews-wp");
-        assert_eq!(crb["roleRef"]["name"], "mesh-waypoint");
-        assert_eq!(crb["subjects"][0]["namespace"], "shop");
-        assert_eq!(crb["metadata"]["labels"][GATEWAY_LABEL], "reviews-wp");
         let cm = serde_json::to_value(ca_root_copy(&template(), "shop", "PEM")).unwrap();
         assert_eq!(cm["metadata"]["namespace"], "shop");
         assert_eq!(cm["data"]["root-cert.pem"], "PEM");

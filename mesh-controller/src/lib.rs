@@ -19,6 +19,7 @@ pub mod parameters;
 pub mod reconcile;
 pub mod resources;
 pub mod route_status;
+pub mod view;
 
 pub use desired::{WaypointGateway, WaypointResources, WaypointTemplate};
 pub use reconcile::run;

@@ -6,8 +6,9 @@
 //! mesh's model refuses this version of it: its `istio.io/waypoint-for` label;
 //! `InvalidParameters` when its parameters cannot be applied), `Programmed` (its pods ready) and
 //! each listener's status.
-//! Failures are retried with backoff; nothing else stops the loop. A sweep removes the bindings
-//! of `Gateways` that are gone.
+//! Failures are retried with backoff; nothing else stops the loop. A sweep removes the
+//! `ClusterRoleBindings` controllers before this one gave the waypoints' accounts (they read the
+//! API server then; now the controller's view, `view.rs`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,7 +36,7 @@ use crate::{
     ControllerError,
 };
 
-/// How often bindings of deleted `Gateways` are looked for.
+/// How soon a failed sweep of the old bindings is tried again.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How soon a waypoint whose pods are not ready yet is looked at again.
 const NOT_READY_RECHECK: Duration = Duration::from_secs(5);
@@ -327,57 +328,35 @@ fn error_policy(gateway: Arc<DynamicObject>, error: &ControllerError, _ctx: Arc<
 }
 
 async fn sweep_forever(ctx: Arc<Ctx>) {
-    loop {
-        if let Err(e) = sweep(&ctx.client).await {
-            warn!(error = %e, "sweeping the bindings of deleted waypoints failed");
-        }
+    while let Err(e) = sweep(&ctx.client).await {
+        warn!(error = %e, "deleting the waypoints' old ClusterRoleBindings failed; retrying");
         tokio::time::sleep(SWEEP_EVERY).await;
     }
 }
 
-/// Deletes the bindings whose `Gateway` is gone or no longer a waypoint.
+/// Deletes every binding the controller made (those before this version bound each waypoint's
+/// account to the cluster-wide read role, which any pod of the waypoint's namespace could use).
 async fn sweep(client: &Client) -> Result<(), ControllerError> {
-    use crate::desired::{GATEWAY_LABEL, GATEWAY_NAMESPACE_LABEL};
     let bindings = Api::<ClusterRoleBinding>::all(client.clone());
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let list = bindings
         .list(&ListParams::default().labels(&managed))
         .await
         .map_err(|source| ControllerError::Api {
-            what: "listing the waypoints' ClusterRoleBindings".into(),
+            what: "listing the waypoints' old ClusterRoleBindings".into(),
             source,
         })?;
     for binding in list.items {
-        let labels = binding.meta().labels.clone().unwrap_or_default();
-        let (Some(ns), Some(name)) = (
-            labels.get(GATEWAY_NAMESPACE_LABEL),
-            labels.get(GATEWAY_LABEL),
-        ) else {
-            continue;
-        };
-        let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &gateway_resource());
-        let gateway = api
-            .get_opt(name)
+        let name = binding.meta().name.clone().unwrap_or_default();
+        info!(binding = %name, "deleting a waypoint's ClusterRoleBinding: waypoints read the controller's view now");
+        bindings
+            .delete(&name, &DeleteParams::default())
             .await
+            .map(drop)
             .map_err(|source| ControllerError::Api {
-                what: format!("reading Gateway {ns}/{name}"),
+                what: format!("deleting ClusterRoleBinding {name}"),
                 source,
             })?;
-        let current = gateway
-            .and_then(|g| serde_json::to_value(g).ok())
-            .is_some_and(|g| WaypointGateway::of(&g).is_ok());
-        if !current {
-            let binding_name = binding.meta().name.clone().unwrap_or_default();
-            info!(binding = %binding_name, gateway = %format_args!("{ns}/{name}"), "waypoint gone; deleting its ClusterRoleBinding");
-            bindings
-                .delete(&binding_name, &DeleteParams::default())
-                .await
-                .map(drop)
-                .map_err(|source| ControllerError::Api {
-                    what: format!("deleting ClusterRoleBinding {binding_name}"),
-                    source,
-                })?;
-        }
     }
     Ok(())
 }

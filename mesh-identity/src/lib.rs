@@ -40,4 +40,7 @@ pub use ca::{
 pub use cert::{spiffe_ids_of, CertError, WorkloadCert, WorkloadKey};
 pub use manager::{CertManager, CertSnapshot, ManagerError, ManagerOptions};
 pub use spiffe::{Identity, IdentityError};
-pub use tls::{client_config, peer_identity, server_config, CryptoProvider, TlsError};
+pub use tls::{
+    client_config, https_client_config, https_server_config, peer_identity, server_config,
+    CryptoProvider, TlsError, ALPN_HTTP11,
+};

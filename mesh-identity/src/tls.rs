@@ -120,29 +120,20 @@ pub fn server_config(
         peers: PeerVerifier::new(&rustls_provider, certs.clone()),
         trust_domain: own.trust_domain().to_owned(),
     });
-    let resolver = Arc::new(SnapshotCertResolver {
-        certs,
-        own,
-        provider,
-        rustls_provider: Arc::clone(&rustls_provider),
-    });
-    let mut config = ServerConfig::builder_with_provider(rustls_provider)
+    let resolver = SnapshotCertResolver::new(provider, &rustls_provider, certs, own);
+    let config = ServerConfig::builder_with_provider(rustls_provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Config { provider, source })?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    Ok(Arc::new(server_without_resumption(config, ALPN_H2)))
 }
 
 /// The client side of a mesh connection from `own` to `expected_server`.
 ///
 /// Presents `own`'s current certificate from `certs`, sends no SNI, and accepts only a server
 /// certificate that chains to the current trust bundle, is valid now, allows server
-/// authentication and has `expected_server` among its URI SANs. The server name given to
-/// rustls when connecting is ignored (any syntactically valid name or IP address will do).
+/// authentication and has `expected_server` among its URI SANs.
 pub fn client_config(
     provider: CryptoProvider,
     certs: watch::Receiver<Arc<CertSnapshot>>,
@@ -154,22 +145,79 @@ pub fn client_config(
         peers: PeerVerifier::new(&rustls_provider, certs.clone()),
         expected: expected_server,
     });
-    let resolver = Arc::new(SnapshotCertResolver {
-        certs,
-        own,
-        provider,
-        rustls_provider: Arc::clone(&rustls_provider),
-    });
-    let mut config = ClientConfig::builder_with_provider(rustls_provider)
+    let resolver = SnapshotCertResolver::new(provider, &rustls_provider, certs, own);
+    let config = ClientConfig::builder_with_provider(rustls_provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Config { provider, source })?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(resolver);
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(client_without_resumption(config, ALPN_H2)))
+}
+
+/// The application protocol of the mesh's HTTPS control connections (the waypoint
+/// controller's view): HTTP/1.1, as the Kubernetes API's clients speak it.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The server side of an HTTPS control connection, as `own`: presents `own`'s current
+/// certificate from `certs`, asks for no client certificate (the client proves itself with a
+/// token), ALPN `http/1.1`.
+pub fn https_server_config(
+    provider: CryptoProvider,
+    certs: watch::Receiver<Arc<CertSnapshot>>,
+    own: Identity,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let rustls_provider = Arc::new(provider.build());
+    let resolver = SnapshotCertResolver::new(provider, &rustls_provider, certs, own);
+    let config = ServerConfig::builder_with_provider(rustls_provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Config { provider, source })?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    Ok(Arc::new(server_without_resumption(config, ALPN_HTTP11)))
+}
+
+/// The client side of an HTTPS control connection: no client certificate (the client sends a
+/// token), ALPN `http/1.1`, and only a server certificate that chains to `bundle` (the mesh's
+/// root, read from a file: the client may have no certificate yet), is valid now, allows server
+/// authentication and has `expected_server` among its URI SANs.
+pub fn https_client_config(
+    provider: CryptoProvider,
+    bundle: TrustBundle,
+    expected_server: Identity,
+) -> Result<ClientConfig, TlsError> {
+    let rustls_provider = Arc::new(provider.build());
+    // A snapshot that never changes: the bundle is the file's, and no certificate is presented.
+    let (_, roots) = watch::channel(Arc::new(CertSnapshot::empty(bundle)));
+    let verifier = Arc::new(SpiffeServerVerifier {
+        peers: PeerVerifier::new(&rustls_provider, roots),
+        expected: expected_server,
+    });
+    let config = ClientConfig::builder_with_provider(rustls_provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Config { provider, source })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(client_without_resumption(config, ALPN_HTTP11))
+}
+
+/// A server configuration speaking only `alpn`, with neither session storage nor tickets: every
+/// connection is a full handshake, checked against the certificates of its time.
+fn server_without_resumption(mut config: ServerConfig, alpn: &[u8]) -> ServerConfig {
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config
+}
+
+/// A client configuration speaking only `alpn`, sending no SNI (peers are named by SPIFFE id,
+/// not by DNS name) and never resuming a session.
+fn client_without_resumption(mut config: ClientConfig, alpn: &[u8]) -> ClientConfig {
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
-    Ok(Arc::new(config))
+    config
 }
 
 /// The SPIFFE id of the peer's end-entity certificate (its first, for a certificate naming
@@ -224,6 +272,22 @@ struct SnapshotCertResolver {
 }
 
 impl SnapshotCertResolver {
+    /// A resolver presenting `own`'s certificate from `certs`, signing with `rustls_provider`
+    /// (built from `provider`).
+    fn new(
+        provider: CryptoProvider,
+        rustls_provider: &Arc<rustls::crypto::CryptoProvider>,
+        certs: watch::Receiver<Arc<CertSnapshot>>,
+        own: Identity,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            certs,
+            own,
+            provider,
+            rustls_provider: Arc::clone(rustls_provider),
+        })
+    }
+
     fn current(&self) -> Option<Arc<CertifiedKey>> {
         let cert = self.certs.borrow().certs.get(&self.own).cloned();
         let Some(cert) = cert else {

@@ -137,6 +137,7 @@ fn the_chart_lints_strictly_and_renders_the_agent_with_its_least_privileges() {
             "RoleBinding",
             "RoleBinding",
             "Service",
+            "Service",
             "ServiceAccount",
             "ServiceAccount",
             "ServiceAccount"
@@ -528,8 +529,36 @@ fn misspelt_or_mistyped_values_are_refused_by_name() {
     }
 }
 
+/// The controller's identity (the view's), from the downward API, its token for the CA, and the
+/// view's Service: headless, to the controller's pod.
+fn view_wiring(objects: &[Value], deployment: &Value) {
+    let pod = &deployment["spec"]["template"]["spec"];
+    let controller = container(deployment, "controller");
+    let env = controller["env"].as_array().expect("env");
+    for (name, field) in [
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ] {
+        let var = env.iter().find(|e| e["name"] == name).expect(name);
+        assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], field);
+    }
+    let token = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "istio-token")
+        .expect("the CA token volume");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "istio-ca"
+    );
+    let service = named(objects, "Service", "mesh-waypoint-controller");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(service["spec"]["ports"][0]["port"], 15012);
+}
+
 #[test]
-fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
+fn the_waypoint_controller_renders_serving_the_view_and_binding_no_role() {
     let objects = render(&[]);
     let deployment = named(&objects, "Deployment", "mesh-waypoint-controller");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -545,7 +574,9 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
         "--waypoint-image=mesh-agent:0.1.0",
         "--ca-address=https://mesh-ca.mesh-system.svc:15012",
         "--ca-root-configmap=mesh-system/mesh-ca-root-cert",
-        "--waypoint-cluster-role=mesh-waypoint",
+        "--ca-root-cert=/var/run/secrets/mesh-ca/root-cert.pem",
+        "--ca-token-file=/var/run/secrets/tokens/istio-token",
+        "--view-address=https://mesh-waypoint-controller.mesh-system.svc:15012",
         "--status-resync-secs=600",
         "--waypoint-cpu-request=100m",
         "--waypoint-memory-request=128Mi",
@@ -562,20 +593,24 @@ fn the_waypoint_controller_renders_with_bind_on_the_waypoint_role_only() {
             .any(|a| a.starts_with("--waypoint-tracing")),
         "no tracing unless asked"
     );
-    // It may bind the waypoint role and no other.
+    view_wiring(&objects, deployment);
+    // It binds no role (no `bind`, no binding written): the waypoints' accounts stay bound
+    // to nothing. It may review tokens (the view's clients), and delete old bindings.
     let role = named(&objects, "ClusterRole", "mesh-waypoint-controller");
-    let bind: Vec<&Value> = role["rules"]
-        .as_array()
-        .expect("rules")
-        .iter()
-        .filter(|r| {
-            r["verbs"]
-                .as_array()
-                .is_some_and(|v| v.contains(&json!("bind")))
-        })
-        .collect();
-    assert_eq!(bind.len(), 1, "{bind:?}");
-    assert_eq!(bind[0]["resourceNames"], json!(["mesh-waypoint"]));
+    let rules = role["rules"].as_array().expect("rules");
+    for rule in rules {
+        let verbs = rule["verbs"].as_array().expect("verbs");
+        assert!(!verbs.contains(&json!("bind")), "{rule}");
+        if rule["resources"] == json!(["clusterrolebindings"]) {
+            assert_eq!(rule["verbs"], json!(["list", "delete"]), "{rule}");
+        }
+    }
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["resources"] == json!(["tokenreviews"]) && r["verbs"] == json!(["create"])),
+        "{rules:?}"
+    );
     // Besides, it writes only status (the Gateways', the bound objects' conditions, the
     // routes' entries), and reads the cluster view through the waypoint role.
     let status: Vec<&Value> = role["rules"]

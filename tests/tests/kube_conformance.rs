@@ -13,7 +13,6 @@
 
 use mesh_tests::kube::{
     conformance::{istio_echo_image, results_dir, run_suite, summary},
-    dns::CLUSTER_DNS_IP,
     mesh::KubeMesh,
     Kubelet,
 };
@@ -23,13 +22,8 @@ fn the_gateway_api_mesh_conformance_suite_passes() {
     let echo = istio_echo_image().expect("the echo image");
     let mesh = KubeMesh::install_with(2, "conformance-harness", false, &[], |options| {
         options.images.insert("echo-advanced".into(), echo);
-        options.cluster_dns = Some(CLUSTER_DNS_IP.into());
     })
-    .expect("the chart installed");
-    let _dns = mesh
-        .cp
-        .serve_dns_on(mesh.tb.nodes())
-        .expect("the cluster DNS");
+    .expect("the chart installed (with the cluster DNS)");
     let exec_dirs: Vec<_> = mesh.kubelets.iter().map(Kubelet::exec_dir).collect();
     let dir = results_dir().expect("the results directory");
     let run = run_suite(mesh.cp.kubeconfig_path(), &exec_dirs, &dir).expect("the suite ran");

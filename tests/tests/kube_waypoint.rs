@@ -5,14 +5,15 @@
 //! and an `HTTPRoute`, through the API.
 //!
 //! Proven here: the controller turns the `Gateway` into a `ServiceAccount`, `Deployment` and
-//! `Service` owned by it, copies the CA's root and binds the waypoint role; the kubelet runs the
-//! waypoint pod under its own account, it gets its certificate from the CA with its own token
-//! and reads its routes from the API; the `Gateway`'s status gets the `Service`'s address and
+//! `Service` owned by it and copies the CA's root; the kubelet runs the waypoint pod under its
+//! own account, bound to no role, it gets its certificate from the CA with its own token and
+//! reads its routes through the controller's view (that account's token reads nothing of the
+//! API server: the attack of a pod run under it is replayed); the `Gateway`'s status gets the `Service`'s address and
 //! `Programmed`; a client pod's requests (real curl) are routed by the `HTTPRoute` (header A/B
 //! to `web-v2`, the rest to `web-v1`) through its node agent, the waypoint and the endpoints'
 //! agents; the route changed through the API applies; an `AuthorizationPolicy` targeting the
 //! Service is enforced by the waypoint with its HTTP fields, and lifted when deleted; deleting the `Gateway` removes what the
-//! controller made (the garbage collector the namespaced objects, the controller the binding),
+//! controller made (the garbage collector does),
 //! and the Service's traffic then fails closed (its waypoint is gone). The echo pods' HTTP
 //! readiness probes (the kubelet's, from the node) pass although the pods are behind the
 //! waypoint: the node's own connections are no bypass.
@@ -25,6 +26,7 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -45,6 +47,7 @@ use kube::{
 use mesh_tests::kube::{
     eventually,
     mesh::{from_json, KubeMesh, WAIT},
+    Credentials,
 };
 use serde_json::{json, Value};
 
@@ -811,10 +814,132 @@ fn check_controller_objects(mesh: &KubeMesh) {
             .and_then(|s| s.service_account_name.as_deref()),
         Some("wp")
     );
-    let bindings: Api<ClusterRoleBinding> = Api::all(mesh.cp.client());
+}
+
+/// A token of service account `namespace`/`name` for `audience`, from the `TokenRequest` API:
+/// what a pod run under that account is given.
+fn account_token(mesh: &KubeMesh, namespace: &str, name: &str, audience: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(mesh.cp.client(), namespace);
+    let request: TokenRequest = from_json(json!({
+        "spec": {"audiences": [audience], "expirationSeconds": 3600}
+    }));
     mesh.cp
-        .block_on(bindings.get("mesh-waypoint.shop.wp"))
-        .expect("the waypoint's binding");
+        .block_on(accounts.create_token_request(name, &PostParams::default(), &request))
+        .expect("a token")
+        .status
+        .and_then(|s| s.token)
+        .expect("a token in the answer")
+}
+
+/// `curl` from node `n0`'s namespace (it routes to every pod) to the controller's view:
+/// `path` with `token`; the answer's status code and body. `-k`: this asks who is served what;
+/// the waypoints verify the view's certificate by its SPIFFE id.
+fn ask_view(mesh: &KubeMesh, path: &str, token: Option<&str>) -> (u16, String) {
+    let controllers = mesh
+        .cp
+        .block_on(
+            Api::<Pod>::namespaced(mesh.cp.client(), "mesh-system").list(
+                &ListParams::default().labels("app.kubernetes.io/name=mesh-waypoint-controller"),
+            ),
+        )
+        .expect("the controller's pod");
+    let ip = controllers
+        .items
+        .iter()
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .expect("the controller's pod address");
+    let mut curl = std::process::Command::new("ip");
+    curl.args([
+        "netns",
+        "exec",
+        &mesh.tb.nodes()[0].netns,
+        "curl",
+        "-sk",
+        "--max-time",
+        "10",
+    ])
+    .args(["-w", "\n%{http_code}"]);
+    if let Some(token) = token {
+        curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let out = curl
+        .arg(format!("https://{ip}:15012{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("curl's status line");
+    (code.trim().parse().expect("a status code"), body.to_owned())
+}
+
+/// The attack of a pod run under the waypoint's account (any pod of its namespace may be):
+/// with that account's token the API server lists no pod, and the account has no binding. The
+/// waypoint reads through the controller's view, which serves the waypoints' accounts only,
+/// only what a waypoint reads, and Pods without what the model does not read (their
+/// environment, for one).
+fn the_waypoint_account_reads_nothing(mesh: &KubeMesh) {
+    let api_token = mesh
+        .cp
+        .service_account_token(NS, "wp")
+        .expect("a token of the waypoint's account");
+    let as_waypoint = mesh
+        .cp
+        .client_for(&Credentials::Token(api_token))
+        .expect("a client as the waypoint's account");
+    let listed = mesh
+        .cp
+        .block_on(Api::<Pod>::all(as_waypoint).list(&ListParams::default().limit(1)));
+    match listed {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => panic!("the waypoint's account must not list pods: {other:?}"),
+    }
+    let bindings = mesh
+        .cp
+        .block_on(Api::<ClusterRoleBinding>::all(mesh.cp.client()).list(
+            &ListParams::default().labels("app.kubernetes.io/managed-by=mesh-waypoint-controller"),
+        ))
+        .expect("bindings");
+    assert!(bindings.items.is_empty(), "{:?}", bindings.items);
+    // The view: nobody without a token, a token of another account of the namespace, a kind
+    // a waypoint does not read.
+    let (code, body) = ask_view(mesh, "/api/v1/pods", None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("no bearer token"), "{body}");
+    let other = account_token(mesh, NS, "default", "istio-ca");
+    let (code, body) = ask_view(mesh, "/api/v1/pods", Some(&other));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("shop/default is not a waypoint's"), "{body}");
+    let token = account_token(mesh, NS, "wp", "istio-ca");
+    let (code, body) = ask_view(mesh, "/api/v1/secrets", Some(&token));
+    assert_eq!(code, 403, "{body}");
+    // The waypoint's own token: Pods, cut. The waypoint's pod has RUST_LOG in its
+    // environment, as the API server holds it.
+    let (code, body) = ask_view(mesh, "/api/v1/pods", Some(&token));
+    assert_eq!(code, 200, "{body}");
+    let pods: Value = serde_json::from_str(&body).expect("a pod list");
+    let items = pods["items"].as_array().expect("items");
+    let wp = items
+        .iter()
+        .find(|p| p["metadata"]["labels"][GATEWAY_NAME] == "wp")
+        .expect("the waypoint's pod in the view");
+    assert_eq!(wp["spec"]["serviceAccountName"], "wp");
+    assert!(wp["status"]["podIP"].is_string(), "{wp}");
+    assert!(
+        !body.contains("RUST_LOG"),
+        "the view holds pods' environment: {body}"
+    );
+    let raw = mesh
+        .cp
+        .block_on(
+            mesh.pods()
+                .list(&ListParams::default().labels(&format!("{GATEWAY_NAME}=wp"))),
+        )
+        .expect("the waypoint's pods");
+    assert!(
+        serde_json::to_string(&raw.items)
+            .expect("JSON")
+            .contains("RUST_LOG"),
+        "the API server holds the environment the view leaves out"
+    );
 }
 
 /// Header A/B from a meshed client pod (real curl): 10 plain requests to v1, 5 with
@@ -1005,19 +1130,13 @@ fn delete_gateway(mesh: &KubeMesh, vip: &str) {
         .expect("Gateway deleted");
     let deployments: Api<Deployment> = Api::namespaced(mesh.cp.client(), NS);
     let services: Api<Service> = Api::namespaced(mesh.cp.client(), NS);
-    let bindings: Api<ClusterRoleBinding> = Api::all(mesh.cp.client());
     mesh.cp
         .block_on(eventually("the waypoint's objects gone", WAIT, || async {
             let gone = deployments.get_opt("wp").await.ok()?.is_none()
-                && services.get_opt("wp").await.ok()?.is_none()
-                && bindings
-                    .get_opt("mesh-waypoint.shop.wp")
-                    .await
-                    .ok()?
-                    .is_none();
+                && services.get_opt("wp").await.ok()?.is_none();
             gone.then_some(())
         }))
-        .expect("garbage collected and swept");
+        .expect("garbage collected");
     client(
         mesh,
         "closed",
@@ -1456,6 +1575,7 @@ fn waypoint_rate_limit(mesh: &KubeMesh, vip: &str) {
 fn the_controller_runs_a_waypoint_that_routes_by_httproute_on_the_real_control_plane() {
     let (_serial, mesh, vip) = deployed();
     ab_requests(&mesh, &vip);
+    the_waypoint_account_reads_nothing(&mesh);
     // The controller tells web it is bound (the other Services ask for no waypoint).
     condition_is(
         &mesh,

@@ -17,6 +17,44 @@ use crate::{
 /// last-applied-configuration`) are dropped.
 const READ_ANNOTATIONS: [&str; 3] = [NETNS_ANNOTATION, CGROUP_ANNOTATION, SHORTCUT_ANNOTATION];
 
+/// What the waypoint controller's view gives its readers of an object of the core kind `plural`
+/// (the API's JSON, a list's item or a watch event's object): a Pod cut as on arrival here
+/// ([`pod`]), a Node reduced to its name and locality labels ([`node`], kept in the form asked
+/// for: a full or a metadata-only object); other kinds whole. Each keeps its
+/// `metadata.resourceVersion`, which a reader's watch resumes from.
+///
+/// # Errors
+///
+/// When the object does not read as its kind.
+pub fn for_view(
+    plural: &str,
+    mut object: serde_json::Value,
+) -> Result<serde_json::Value, serde_json::Error> {
+    let version = object
+        .pointer_mut("/metadata/resourceVersion")
+        .map(serde_json::Value::take);
+    let mut trimmed = match plural {
+        "pods" => serde_json::to_value(pod(serde_json::from_value::<Pod>(object)?))?,
+        "nodes" => {
+            let (api_version, kind) = (object["apiVersion"].take(), object["kind"].take());
+            let node = node(serde_json::from_value::<PartialObjectMeta<Node>>(object)?);
+            let mut value = serde_json::json!({"metadata": serde_json::to_value(node.metadata)?});
+            // A list's items carry no type; a metadata-only object stays one.
+            for (key, type_field) in [("apiVersion", api_version), ("kind", kind)] {
+                if !type_field.is_null() {
+                    value[key] = type_field;
+                }
+            }
+            value
+        }
+        _ => object,
+    };
+    if let (Some(version), Some(metadata)) = (version, trimmed.get_mut("metadata")) {
+        metadata["resourceVersion"] = version;
+    }
+    Ok(trimmed)
+}
+
 /// `pod` with only: name, namespace, uid, labels, the annotations the model reads, creation
 /// time; node, service account, host network, containers' names and ports; phase, addresses
 /// and the `Ready` condition.

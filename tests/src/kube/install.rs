@@ -55,8 +55,7 @@ impl KubeMesh {
         Self::install_with(nodes, namespace, meshed, values, |_| {})
     }
 
-    /// [`Self::install`] with the kubelets' options changed by `adjust` (more images, the
-    /// cluster DNS).
+    /// [`Self::install`] with the kubelets' options changed by `adjust` (more images).
     pub fn install_with(
         nodes: usize,
         namespace: &str,
@@ -88,14 +87,17 @@ impl KubeMesh {
         adjust: impl FnOnce(&mut KubeletOptions),
     ) -> Result<Self> {
         let (mut cp, tb) = super::mesh::control_plane_and_testbed(nodes)?;
+        // Pods resolve names with the cluster DNS, as on a real cluster (`CoreDNS`).
         let mut options = KubeletOptions {
             mesh_cni: false,
             images: [("mesh-agent".to_owned(), binary("mesh-agent", "mesh-agent")?)].into(),
             register_with_taints: taints.iter().map(|t| (*t).to_owned()).collect(),
+            cluster_dns: Some(super::dns::CLUSTER_DNS_IP.into()),
             ..KubeletOptions::default()
         };
         adjust(&mut options);
         let kubelets = Kubelet::start_all(&cp, &tb, &options)?;
+        let dns = cp.serve_dns_on(tb.nodes())?;
         super::mesh::create_namespace(&mut cp, namespace, meshed)?;
         Ok(Self {
             kubelets,
@@ -104,6 +106,7 @@ impl KubeMesh {
             tb,
             cp,
             namespace: namespace.to_owned(),
+            dns: Some(dns),
         })
     }
 

@@ -44,6 +44,9 @@ pub struct KubeMesh {
     pub cp: ControlPlane,
     /// The namespace the workloads go in.
     pub namespace: String,
+    /// The cluster DNS, for the clusters the chart is installed in (as on a real cluster:
+    /// waypoints reach the controller's view by name).
+    pub dns: Option<super::dns::ClusterDns>,
 }
 
 impl KubeMesh {
@@ -81,6 +84,7 @@ impl KubeMesh {
             tb,
             cp,
             namespace: namespace.to_owned(),
+            dns: None,
         })
     }
 

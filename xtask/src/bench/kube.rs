@@ -322,7 +322,11 @@ impl KubeBench {
                 "--waypoint-image=mesh-agent:bench",
                 "--ca-address=https://mesh-ca.mesh-system.svc:15012",
                 "--ca-root-configmap=mesh-system/mesh-ca-root-cert",
-                "--waypoint-cluster-role=mesh-waypoint",
+                "--view-address=https://mesh-waypoint-controller.mesh-system.svc:15012",
+                "--view-listen=127.0.0.1:0",
+                "--namespace=mesh-system",
+                "--service-account=mesh-waypoint-controller",
+                "--ca-root-cert=/nonexistent/root-cert.pem",
             ])
             .arg("--kubeconfig")
             .arg(cp.kubeconfig_path())
