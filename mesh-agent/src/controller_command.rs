@@ -160,7 +160,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 listener,
                 view,
             ));
-            mesh_controller::run(client, template, async move {
+            mesh_controller::reconcile::run(client, template, async move {
                 let _ = stop_rx.await;
             })
             .await;

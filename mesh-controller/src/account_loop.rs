@@ -16,8 +16,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     accounts::{gateway, is_accounts, wants_waypoint},
+    error::ControllerError,
     resources::{gateway_resource, FIELD_MANAGER},
-    ControllerError,
 };
 
 /// How soon a failed reconcile is tried again.

@@ -18,9 +18,9 @@ use tracing::info;
 
 use crate::{
     desired::{ca_root_copy, WaypointGateway, WaypointTemplate},
+    error::ControllerError,
     parameters::{Parameters, ParametersError},
     resources::FIELD_MANAGER,
-    ControllerError,
 };
 
 /// What became of a `Gateway`'s objects.

@@ -33,8 +33,9 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    error::ControllerError,
     resources::{self, FIELD_MANAGER},
-    route_status, ControllerError,
+    route_status,
 };
 
 /// How soon writes that failed are tried again when the view does not change.

@@ -33,7 +33,7 @@ pub use crate::resources::{gateway_resource, FIELD_MANAGER};
 use crate::{
     apply::{self, Applied},
     desired::{NotAWaypoint, WaypointGateway, WaypointTemplate, MANAGED_BY},
-    ControllerError,
+    error::ControllerError,
 };
 
 /// How soon a failed sweep of the old bindings is tried again.

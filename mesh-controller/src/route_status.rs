@@ -25,7 +25,7 @@ use mesh_cluster::{
 use serde_json::{json, Map, Value};
 use tracing::{debug, warn};
 
-use crate::{resources, ControllerError};
+use crate::{error::ControllerError, resources};
 
 /// This controller's entries of the routes as written, without their `lastTransitionTime`s
 /// (what is compared), and the version of each route kind the API server was last found to
