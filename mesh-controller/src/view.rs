@@ -10,12 +10,18 @@
 //!   ([`mesh_cluster::view_object`]); everything else is refused (`403`), and only `GET`.
 //! - **Who is served**: a client sends its projected service-account token (audience
 //!   `istio-ca`, the one it sends the CA), checked by a `TokenReview`; the account must be a
-//!   waypoint's: a `Gateway` of class `istio-waypoint` of that name in its namespace. Checked
-//!   at every request, so a `Gateway` deleted stops its account's next watch.
+//!   waypoint's: a `Gateway` of class `istio-waypoint` of that name in its namespace. The
+//!   review answers for its token for a minute ([`reviews`]: a waypoint opens a watch per kind
+//!   at once); the `Gateway` is read at every request, so a `Gateway` deleted stops its
+//!   account's next watch.
 //! - **Over** TLS 1.3 with the controller's own certificate from the mesh's CA (its SPIFFE id,
 //!   which the waypoints expect: [`mesh_identity::https_server_config`]).
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -35,8 +41,10 @@ use tracing::{debug, info, info_span, warn, Instrument as _};
 use crate::{desired::WaypointGateway, resources::gateway_resource};
 
 mod cut;
+mod reviews;
 
 use cut::{full, BoxError, ViewBody};
+use reviews::{Account, Reviews};
 
 /// The kinds a waypoint reads, by API group (the chart's `mesh-waypoint` role): the only
 /// collections served.
@@ -160,11 +168,13 @@ impl Refusal {
     }
 }
 
-/// What the view needs: the controller's client, and the audience of the tokens it takes.
+/// What the view needs: the controller's client, the audience of the tokens it takes, and
+/// the tokens it has reviewed lately.
 #[derive(Clone)]
 pub struct View {
     client: Client,
     audience: String,
+    reviews: Arc<Reviews>,
 }
 
 impl std::fmt::Debug for View {
@@ -181,6 +191,7 @@ impl View {
         Self {
             client,
             audience: audience.into(),
+            reviews: Arc::default(),
         }
     }
 }
@@ -261,8 +272,8 @@ async fn forward(view: &View, request: &Request<Incoming>) -> Result<Response<Vi
     }
     let path = request.uri().path();
     let plural = collection(path).ok_or_else(|| Refusal::Path(path.to_owned()))?;
-    let (namespace, name) = authenticate(view, request).await?;
-    waypoint_account(&view.client, &namespace, &name).await?;
+    let account = authenticate(view, request).await?;
+    waypoint_account(&view.client, &account).await?;
     let query = request.uri().query().unwrap_or_default();
     let watch = query
         .split('&')
@@ -295,7 +306,7 @@ async fn forward(view: &View, request: &Request<Incoming>) -> Result<Response<Vi
             what: format!("GET {target}"),
             source,
         })?;
-    debug!(account = %format_args!("{namespace}/{name}"), %target, status = %response.status(), "view request forwarded");
+    debug!(%account, %target, status = %response.status(), "view request forwarded");
     let (mut parts, body) = response.into_parts();
     let content_type = parts.headers.remove(header::CONTENT_TYPE);
     parts.headers.clear();
@@ -343,11 +354,8 @@ pub fn collection(path: &str) -> Option<&str> {
 }
 
 /// The service account whose token the request carries (`namespace`, `name`), by a
-/// `TokenReview` for the view's audience.
-async fn authenticate(
-    view: &View,
-    request: &Request<Incoming>,
-) -> Result<(String, String), Refusal> {
+/// `TokenReview` for the view's audience (or a recent one of the same token).
+async fn authenticate(view: &View, request: &Request<Incoming>) -> Result<Account, Refusal> {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -356,6 +364,9 @@ async fn authenticate(
         .map(str::trim)
         .filter(|token| !token.is_empty())
         .ok_or_else(|| Refusal::NoToken(view.audience.clone()))?;
+    if let Some(account) = view.reviews.get(token, Instant::now()) {
+        return Ok(account);
+    }
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: token.to_owned(),
@@ -379,21 +390,15 @@ async fn authenticate(
         ));
     }
     let username = status.user.and_then(|u| u.username).unwrap_or_default();
-    account(&username).ok_or(Refusal::NotAnAccount(username))
+    let account = Account::of_username(&username).ok_or(Refusal::NotAnAccount(username))?;
+    view.reviews.put(token, account.clone(), Instant::now());
+    Ok(account)
 }
 
-/// `system:serviceaccount:<namespace>:<name>` as (`namespace`, `name`).
-fn account(username: &str) -> Option<(String, String)> {
-    let (namespace, name) = username
-        .strip_prefix("system:serviceaccount:")?
-        .split_once(':')?;
-    (!namespace.is_empty() && !name.is_empty() && !name.contains(':'))
-        .then(|| (namespace.to_owned(), name.to_owned()))
-}
-
-/// Whether the account `namespace`/`name` is a waypoint's: the `Gateway` of that name in its
-/// namespace is of class `istio-waypoint` (a waypoint's pods run under its Gateway's name).
-async fn waypoint_account(client: &Client, namespace: &str, name: &str) -> Result<(), Refusal> {
+/// Whether `account` is a waypoint's: the `Gateway` of its name in its namespace is of class
+/// `istio-waypoint` (a waypoint's pods run under its Gateway's name).
+async fn waypoint_account(client: &Client, account: &Account) -> Result<(), Refusal> {
+    let Account { namespace, name } = account;
     let gateway =
         Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &gateway_resource())
             .get_opt(name)
@@ -448,24 +453,6 @@ mod tests {
             "api/v1/pods",
         ] {
             assert_eq!(collection(refused), None, "{refused}");
-        }
-    }
-
-    #[test]
-    fn a_token_names_a_service_account_or_nothing() {
-        assert_eq!(
-            account("system:serviceaccount:shop:wp"),
-            Some(("shop".into(), "wp".into()))
-        );
-        for other in [
-            "system:admin",
-            "system:serviceaccount:shop",
-            "system:serviceaccount::wp",
-            "system:serviceaccount:shop:",
-            "system:serviceaccount:a:b:c",
-            "alice",
-        ] {
-            assert_eq!(account(other), None, "{other}");
         }
     }
 }
