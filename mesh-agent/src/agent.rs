@@ -635,32 +635,58 @@ pub fn certificate_manager_for(
     cluster_domain: &str,
     state: watch::Receiver<Arc<ClusterState>>,
 ) -> Result<Arc<CertManager>, AgentError> {
-    let ca: Arc<dyn mesh_identity::CertificateAuthority> = if let Some(remote) = &t.remote_ca {
-        let options = mesh_ca::IstioCaOptions::new(
-            remote.address.clone(),
-            remote.root_cert.clone(),
-            remote.token_file.clone(),
-            trust_domain.to_owned(),
-        );
-        let resolver = crate::ca_resolver::ClusterCaResolver::new(state, cluster_domain);
-        let client = mesh_ca::IstioCaClient::new(options, Arc::new(resolver))?;
-        info!(
-            ca = %remote.address,
-            root_cert = %remote.root_cert.display(),
-            token_file = %remote.token_file.display(),
+    if let Some(remote) = &t.remote_ca {
+        return remote_certificate_manager(
+            remote,
+            t.cert_lifetime,
             trust_domain,
-            "certificates come from a remote CA (Istio's certificate API)"
+            cluster_domain,
+            state,
         );
-        Arc::new(client)
-    } else {
-        let ca = BuiltinCa::load_or_create(&t.ca_dir, trust_domain, BuiltinCaOptions::default())?;
-        info!(ca_dir = %t.ca_dir.display(), trust_domain, "certificates come from the built-in CA");
-        Arc::new(ca)
-    };
+    }
+    let ca = BuiltinCa::load_or_create(&t.ca_dir, trust_domain, BuiltinCaOptions::default())?;
+    info!(ca_dir = %t.ca_dir.display(), trust_domain, "certificates come from the built-in CA");
+    manager_of(Arc::new(ca), t.cert_lifetime)
+}
+
+/// The certificate manager for the `remote` CA (Istio's certificate API), certificates of
+/// `lifetime` in `trust_domain`; the CA's host is resolved through `state`'s services of
+/// `cluster_domain`, then DNS. Shared with `mesh-agent waypoint-controller`, which needs no
+/// transport of its own.
+pub fn remote_certificate_manager(
+    remote: &crate::config::RemoteCa,
+    lifetime: Duration,
+    trust_domain: &str,
+    cluster_domain: &str,
+    state: watch::Receiver<Arc<ClusterState>>,
+) -> Result<Arc<CertManager>, AgentError> {
+    let options = mesh_ca::IstioCaOptions::new(
+        remote.address.clone(),
+        remote.root_cert.clone(),
+        remote.token_file.clone(),
+        trust_domain.to_owned(),
+    );
+    let resolver = crate::ca_resolver::ClusterCaResolver::new(state, cluster_domain);
+    let client = mesh_ca::IstioCaClient::new(options, Arc::new(resolver))?;
+    info!(
+        ca = %remote.address,
+        root_cert = %remote.root_cert.display(),
+        token_file = %remote.token_file.display(),
+        trust_domain,
+        "certificates come from a remote CA (Istio's certificate API)"
+    );
+    manager_of(Arc::new(client), lifetime)
+}
+
+/// A manager of certificates of `lifetime` from `ca`.
+fn manager_of(
+    ca: Arc<dyn mesh_identity::CertificateAuthority>,
+    lifetime: Duration,
+) -> Result<Arc<CertManager>, AgentError> {
     Ok(Arc::new(CertManager::new(
         ca,
         ManagerOptions {
-            lifetime: Some(t.cert_lifetime),
+            lifetime: Some(lifetime),
             ..ManagerOptions::default()
         },
     )?))

@@ -237,17 +237,9 @@ async fn serve_view(
         tracing::error!("no cluster view: the waypoints' view is not served");
         return;
     };
-    let transport = crate::config::TransportConfig {
-        ca_dir: PathBuf::new(),
-        remote_ca: Some(own.remote_ca),
-        crypto_provider: own.provider,
-        cert_lifetime: Duration::from_secs(86_400),
-        max_streams_per_connection: mesh_hbone::DEFAULT_MAX_STREAMS,
-        pool_idle_timeout: Duration::from_secs(300),
-        stream_idle_timeout: None,
-    };
-    let certs = match crate::agent::certificate_manager_for(
-        &transport,
+    let certs = match crate::agent::remote_certificate_manager(
+        &own.remote_ca,
+        crate::config::DEFAULT_CERT_LIFETIME,
         &own.trust_domain,
         &own.cluster_domain,
         state,

@@ -244,10 +244,11 @@ async fn cluster_source(
     let client = match (&args.view_address, &args.view_identity) {
         (Some(view), Some(expected)) => {
             let flags = &args.identity_flags;
+            // `--view-address` requires `--ca-root-cert` (clap checks it).
             let root = flags
                 .ca_root_cert
                 .as_deref()
-                .unwrap_or(std::path::Path::new(""));
+                .context("invalid configuration: --view-address needs --ca-root-cert")?;
             let roots = mesh_ca::read_roots(root).context("the view's roots (--ca-root-cert)")?;
             let tls =
                 mesh_identity::https_client_config(flags.crypto_provider, roots, expected.clone())

@@ -336,7 +336,7 @@ fn is_metadata_form(accept: &str) -> bool {
 
 /// The plural of the collection `path` names, if it is one of [`KINDS`], cluster-wide:
 /// `/api/v1/<plural>` or `/apis/<group>/<version>/<plural>`.
-pub fn collection(path: &str) -> Option<&str> {
+pub fn collection(path: &str) -> Option<&'static str> {
     let parts: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
     let (group, version, plural) = match parts.as_slice() {
         ["api", "v1", plural] => ("", "v1", *plural),
@@ -349,8 +349,8 @@ pub fn collection(path: &str) -> Option<&str> {
     KINDS
         .iter()
         .find(|(g, _)| *g == group)
-        .filter(|(_, plurals)| plurals.contains(&plural))
-        .map(|_| plural)
+        .and_then(|(_, plurals)| plurals.iter().find(|known| **known == plural))
+        .copied()
 }
 
 /// The service account whose token the request carries (`namespace`, `name`), by a

@@ -26,7 +26,6 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -816,21 +815,6 @@ fn check_controller_objects(mesh: &KubeMesh) {
     );
 }
 
-/// A token of service account `namespace`/`name` for `audience`, from the `TokenRequest` API:
-/// what a pod run under that account is given.
-fn account_token(mesh: &KubeMesh, namespace: &str, name: &str, audience: &str) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(mesh.cp.client(), namespace);
-    let request: TokenRequest = from_json(json!({
-        "spec": {"audiences": [audience], "expirationSeconds": 3600}
-    }));
-    mesh.cp
-        .block_on(accounts.create_token_request(name, &PostParams::default(), &request))
-        .expect("a token")
-        .status
-        .and_then(|s| s.token)
-        .expect("a token in the answer")
-}
-
 /// `curl` from node `n0`'s namespace (it routes to every pod) to the controller's view:
 /// `path` with `token`; the answer's status code and body. `-k`: this asks who is served what;
 /// the waypoints verify the view's certificate by its SPIFFE id.
@@ -904,11 +888,17 @@ fn the_waypoint_account_reads_nothing(mesh: &KubeMesh) {
     let (code, body) = ask_view(mesh, "/api/v1/pods", None);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("no bearer token"), "{body}");
-    let other = account_token(mesh, NS, "default", "istio-ca");
+    let other = mesh
+        .cp
+        .service_account_token_for(NS, "default", Some("istio-ca"))
+        .expect("a token of shop/default");
     let (code, body) = ask_view(mesh, "/api/v1/pods", Some(&other));
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("shop/default is not a waypoint's"), "{body}");
-    let token = account_token(mesh, NS, "wp", "istio-ca");
+    let token = mesh
+        .cp
+        .service_account_token_for(NS, "wp", Some("istio-ca"))
+        .expect("a token of the waypoint's account");
     let (code, body) = ask_view(mesh, "/api/v1/secrets", Some(&token));
     assert_eq!(code, 403, "{body}");
     // The waypoint's own token: Pods, cut. The waypoint's pod has RUST_LOG in its

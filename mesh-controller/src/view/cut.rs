@@ -22,70 +22,64 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let bad = |reason: String| reason;
     let bytes = Limited::new(body, MAX_LIST_BYTES)
         .collect()
         .await
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .to_bytes();
-    let mut list: Value = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut list: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     if let Some(items) = list.get_mut("items").and_then(Value::as_array_mut) {
         for item in items {
-            *item =
-                mesh_cluster::view_object(plural, item.take()).map_err(|e| bad(e.to_string()))?;
+            *item = mesh_cluster::view_object(plural, item.take()).map_err(|e| e.to_string())?;
         }
     }
-    let out = serde_json::to_vec(&list).map_err(|e| bad(e.to_string()))?;
+    let out = serde_json::to_vec(&list).map_err(|e| e.to_string())?;
     Ok(full(Bytes::from(out)))
 }
 
 /// A watch answer (a JSON event per line) with each event's object cut down; bookmarks and
 /// errors as they are. An event that does not read ends the answer (the reader's watch starts
 /// again), never passes whole.
-pub(super) fn watch_events<B>(body: B, plural: &str) -> ViewBody
+pub(super) fn watch_events<B>(body: B, plural: &'static str) -> ViewBody
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let plural = plural.to_owned();
     let events = stream::unfold(
         (body, Vec::<u8>::new(), false),
-        move |(mut body, mut pending, mut ended)| {
-            let plural = plural.clone();
-            async move {
-                loop {
-                    if let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = pending.drain(..=end).collect();
-                        let cut = cut_event(&plural, &line[..end]);
-                        return Some((cut.map(Frame::data), (body, pending, ended)));
+        move |(mut body, mut pending, mut ended)| async move {
+            loop {
+                if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let cut = cut_event(plural, &line[..end]);
+                    return Some((cut.map(Frame::data), (body, pending, ended)));
+                }
+                if ended {
+                    if pending.is_empty() {
+                        return None;
                     }
-                    if ended {
-                        if pending.is_empty() {
-                            return None;
+                    let line = std::mem::take(&mut pending);
+                    return Some((
+                        cut_event(plural, &line).map(Frame::data),
+                        (body, pending, true),
+                    ));
+                }
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            pending.extend_from_slice(&data);
                         }
-                        let line = std::mem::take(&mut pending);
-                        return Some((
-                            cut_event(&plural, &line).map(Frame::data),
-                            (body, pending, true),
-                        ));
-                    }
-                    match body.frame().await {
-                        Some(Ok(frame)) => {
-                            if let Ok(data) = frame.into_data() {
-                                pending.extend_from_slice(&data);
-                            }
-                            if pending.len() > MAX_EVENT_BYTES {
-                                return Some((
-                                    Err(BoxError::from(format!(
-                                        "a watch event of over {MAX_EVENT_BYTES} bytes"
-                                    ))),
-                                    (body, Vec::new(), true),
-                                ));
-                            }
+                        if pending.len() > MAX_EVENT_BYTES {
+                            return Some((
+                                Err(BoxError::from(format!(
+                                    "a watch event of over {MAX_EVENT_BYTES} bytes"
+                                ))),
+                                (body, Vec::new(), true),
+                            ));
                         }
-                        Some(Err(e)) => return Some((Err(e.into()), (body, Vec::new(), true))),
-                        None => ended = true,
                     }
+                    Some(Err(e)) => return Some((Err(e.into()), (body, Vec::new(), true))),
+                    None => ended = true,
                 }
             }
         },

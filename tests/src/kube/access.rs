@@ -27,10 +27,23 @@ impl ControlPlane {
 
     /// A token for service account `namespace/name` from the `TokenRequest` API (one hour).
     pub fn service_account_token(&self, namespace: &str, name: &str) -> Result<String> {
+        self.service_account_token_for(namespace, name, None)
+    }
+
+    /// A token for service account `namespace/name` from the `TokenRequest` API (one hour), for
+    /// `audience` (the API server's own when `None`): what a pod run under that account is
+    /// given in a projected volume.
+    pub fn service_account_token_for(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: Option<&str>,
+    ) -> Result<String> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
         let request = TokenRequest {
             spec: Some(TokenRequestSpec {
                 expiration_seconds: Some(3600),
+                audiences: audience.map(|a| vec![a.to_owned()]),
                 ..TokenRequestSpec::default()
             }),
             ..TokenRequest::default()
